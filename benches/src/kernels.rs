@@ -1,0 +1,1 @@
+//! Kernel benchmarks (owned by the geomx-kernels work).

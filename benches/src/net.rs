@@ -1,0 +1,1 @@
+//! Transport benchmarks (owned by the geomx-net work).

@@ -1,0 +1,1 @@
+//! geomx-kernels: compression math for geo-distributed training.

@@ -1,0 +1,1 @@
+//! geomx-net: zero-copy transport for geo-distributed parameter servers.

@@ -1,0 +1,1 @@
+//! Cluster configuration: the TOML topology file, defaults and validation.

@@ -1,0 +1,1 @@
+//! Data sets: the built-in UCI digits, synthetic data, IDX files, and sharding.

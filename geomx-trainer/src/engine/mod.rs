@@ -1,0 +1,1 @@
+//! Model engines: the built-in CPU MLP and the engine interface.

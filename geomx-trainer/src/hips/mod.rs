@@ -1,0 +1,1 @@
+//! The HiPS roles: coordinator, global server, local server and worker.

@@ -1,0 +1,13 @@
+//! geomx-trainer: the reference trainer for geo-distributed training.
+//!
+//! It wires `geomx-net` (transport) and `geomx-kernels` (compression math) into the HiPS hierarchy:
+//! workers → one local server per data center → global server(s), started by one `geomx` binary.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod data;
+pub mod engine;
+pub mod hips;
+pub mod launch;
+pub mod placement;
+pub mod report;

@@ -1,0 +1,1 @@
+//! MultiGPS key placement across global servers.
