@@ -1,0 +1,258 @@
+//! Coordinator: registration, deterministic ids, membership, barriers, liveness, done / abort.
+//!
+//! [`state::CoordState`] is the sans-IO logic; [`Coordinator`] runs it behind a
+//! [`crate::KvServer`], and [`CoordClient`] is what every other process uses.
+
+mod client;
+mod codec;
+mod server;
+pub mod state;
+
+use std::time::Duration;
+
+pub use client::CoordClient;
+pub use server::{CoordOutcome, Coordinator};
+
+use crate::driver::NetOptions;
+use crate::error::NetError;
+use codec::{Reader, Writer};
+
+/// Protocol version of the coordinator messages; a mismatch is rejected at registration.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What a process announces when it registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Role name (e.g. "worker", "local_server", "global_server").
+    pub role: String,
+    /// Data-center index.
+    pub dc: u32,
+    /// Rank within (dc, role).
+    pub rank: u32,
+    /// Address other processes connect to (empty if the process serves nothing).
+    pub listen_addr: String,
+    /// The process's [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// Hash of the configuration; every process of a job must agree.
+    pub config_hash: u64,
+}
+
+impl Hello {
+    /// Encodes into the wire payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.str(&self.role)
+            .u32(self.dc)
+            .u32(self.rank)
+            .str(&self.listen_addr);
+        w.u32(self.protocol_version).u64(self.config_hash);
+        w.0
+    }
+
+    /// Decodes a wire payload (bounded, total: malformed input is an error).
+    pub fn decode(buf: &[u8]) -> Result<Hello, NetError> {
+        let mut r = Reader::new(buf, "register");
+        let h = Hello {
+            role: r.str()?,
+            dc: r.u32()?,
+            rank: r.u32()?,
+            listen_addr: r.str()?,
+            protocol_version: r.u32()?,
+            config_hash: r.u64()?,
+        };
+        r.end()?;
+        Ok(h)
+    }
+
+    /// The (dc, role, rank) identity.
+    pub fn node_key(&self) -> NodeKey {
+        NodeKey {
+            dc: self.dc,
+            role: self.role.clone(),
+            rank: self.rank,
+        }
+    }
+}
+
+/// Identity of an expected process. Ids are assigned in this type's order: (dc, role, rank).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeKey {
+    /// Data-center index.
+    pub dc: u32,
+    /// Role name.
+    pub role: String,
+    /// Rank within (dc, role).
+    pub rank: u32,
+}
+
+impl NodeKey {
+    /// Builds a key.
+    pub fn new(role: impl Into<String>, dc: u32, rank: u32) -> NodeKey {
+        NodeKey {
+            dc,
+            role: role.into(),
+            rank,
+        }
+    }
+}
+
+impl std::fmt::Display for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (dc {}, rank {})", self.role, self.dc, self.rank)
+    }
+}
+
+/// One row of the membership table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Assigned node id (1-based; 0 is the coordinator).
+    pub id: u32,
+    /// Role name.
+    pub role: String,
+    /// Data-center index.
+    pub dc: u32,
+    /// Rank within (dc, role).
+    pub rank: u32,
+    /// Announced listen address.
+    pub addr: String,
+}
+
+/// The membership table sent to every process once all expected processes registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// The receiving process's own id.
+    pub my_id: u32,
+    /// All nodes, in id order.
+    pub nodes: Vec<NodeInfo>,
+}
+
+impl Membership {
+    /// The node with this (role, dc, rank).
+    pub fn find(&self, role: &str, dc: u32, rank: u32) -> Option<&NodeInfo> {
+        self.nodes
+            .iter()
+            .find(|n| n.role == role && n.dc == dc && n.rank == rank)
+    }
+
+    /// The node with this id.
+    pub fn by_id(&self, id: u32) -> Option<&NodeInfo> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// This process's own row.
+    pub fn me(&self) -> Option<&NodeInfo> {
+        self.by_id(self.my_id)
+    }
+
+    /// Encodes into the wire payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u32(self.my_id).u32(self.nodes.len() as u32);
+        for n in &self.nodes {
+            w.u32(n.id).str(&n.role).u32(n.dc).u32(n.rank).str(&n.addr);
+        }
+        w.0
+    }
+
+    /// Decodes a wire payload (bounded, total: malformed input is an error).
+    pub fn decode(buf: &[u8]) -> Result<Membership, NetError> {
+        let mut r = Reader::new(buf, "membership");
+        let my_id = r.u32()?;
+        let n = r.count()?;
+        let mut nodes = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            nodes.push(NodeInfo {
+                id: r.u32()?,
+                role: r.str()?,
+                dc: r.u32()?,
+                rank: r.u32()?,
+                addr: r.str()?,
+            });
+        }
+        r.end()?;
+        Ok(Membership { my_id, nodes })
+    }
+}
+
+/// Why the job was aborted, naming the process responsible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbortNotice {
+    /// Role of the failed or aborting process ("coordinator" for registration timeouts).
+    pub role: String,
+    /// Its data center.
+    pub dc: u32,
+    /// Its rank.
+    pub rank: u32,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+impl std::fmt::Display for AbortNotice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (dc {}, rank {}): {}",
+            self.role, self.dc, self.rank, self.reason
+        )
+    }
+}
+
+impl AbortNotice {
+    /// Encodes into the wire payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.str(&self.role)
+            .u32(self.dc)
+            .u32(self.rank)
+            .str(&self.reason);
+        w.0
+    }
+
+    /// Decodes a wire payload (bounded, total: malformed input is an error).
+    pub fn decode(buf: &[u8]) -> Result<AbortNotice, NetError> {
+        let mut r = Reader::new(buf, "abort");
+        let a = AbortNotice {
+            role: r.str()?,
+            dc: r.u32()?,
+            rank: r.u32()?,
+            reason: r.str()?,
+        };
+        r.end()?;
+        Ok(a)
+    }
+}
+
+/// A broadcast from the coordinator, or the loss of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordEvent {
+    /// Every process sent Done: flush, close and exit 0.
+    Shutdown,
+    /// The job is aborted: print the reason and exit non-zero.
+    Abort(AbortNotice),
+    /// The connection to the coordinator failed (treat as abort).
+    CoordinatorLost(String),
+}
+
+/// Coordinator settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoordOptions {
+    /// Transport options (driver, heartbeat and liveness timeouts).
+    pub net: NetOptions,
+    /// Expected [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// Expected configuration hash.
+    pub config_hash: u64,
+    /// Abort if not every expected process registered within this time (hips.md: 60 s).
+    pub registration_timeout: Duration,
+}
+
+impl Default for CoordOptions {
+    fn default() -> Self {
+        CoordOptions {
+            net: NetOptions::default(),
+            protocol_version: PROTOCOL_VERSION,
+            config_hash: 0,
+            registration_timeout: Duration::from_secs(60),
+        }
+    }
+}

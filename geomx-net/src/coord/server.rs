@@ -1,0 +1,240 @@
+//! The coordinator process endpoint: [`CoordState`] behind a [`KvServer`].
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::state::{Action, CoordState, Phase};
+use super::{AbortNotice, CoordOptions, Hello, NodeInfo, NodeKey};
+use crate::error::NetError;
+use crate::kv::{Handler, KvServer, PeerHandle, Request, Responder};
+use crate::wire::{MsgKind, PayloadCodec};
+
+/// How a coordinated job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordOutcome {
+    /// Every process sent Done; Shutdown was broadcast.
+    Shutdown,
+    /// The job was aborted; the notice was broadcast.
+    Aborted(AbortNotice),
+}
+
+/// The coordinator: accepts registrations, assigns ids, runs barriers, watches liveness and
+/// broadcasts Shutdown / Abort.
+pub struct Coordinator {
+    server: KvServer,
+    shared: Arc<Shared>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    state: Mutex<CoordState<usize>>,
+    tickets: Mutex<HashMap<u64, Responder>>,
+    peers: Mutex<HashMap<usize, PeerHandle>>,
+    next_ticket: AtomicU64,
+    outcome: Mutex<Option<CoordOutcome>>,
+    outcome_cv: Condvar,
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Runs `f` on the state and carries out its actions, in order, under the state lock (so two
+    /// threads' actions never interleave).
+    fn step(&self, f: impl FnOnce(&mut CoordState<usize>) -> Vec<Action<usize>>) {
+        let mut st = lock(&self.state);
+        let actions = f(&mut st);
+        for a in actions {
+            match a {
+                Action::Reply { ticket, result } => {
+                    if let Some(r) = lock(&self.tickets).remove(&ticket) {
+                        let _ = match result {
+                            Ok(p) => r.send(0, PayloadCodec::Raw, &p),
+                            Err(m) => r.error(&m),
+                        };
+                    }
+                }
+                Action::Shutdown(conns) => {
+                    self.broadcast(&conns, MsgKind::Shutdown, &[]);
+                    self.finish(CoordOutcome::Shutdown);
+                }
+                Action::Abort(conns, notice) => {
+                    tracing::error!(%notice, "aborting the job");
+                    self.broadcast(&conns, MsgKind::AbortNotice, &notice.encode());
+                    self.finish(CoordOutcome::Aborted(notice));
+                }
+            }
+        }
+    }
+
+    fn broadcast(&self, conns: &[usize], kind: MsgKind, payload: &[u8]) {
+        let peers: Vec<PeerHandle> = {
+            let p = lock(&self.peers);
+            conns.iter().filter_map(|c| p.get(c).cloned()).collect()
+        };
+        for p in peers {
+            if let Err(e) = p.notify(kind, payload) {
+                tracing::debug!(peer = %p.addr(), error = %e, "broadcast not delivered");
+            }
+        }
+    }
+
+    fn finish(&self, o: CoordOutcome) {
+        let mut g = lock(&self.outcome);
+        if g.is_none() {
+            *g = Some(o);
+        }
+        self.outcome_cv.notify_all();
+    }
+
+    fn ticket(&self, r: Responder) -> u64 {
+        let t = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        lock(&self.tickets).insert(t, r);
+        t
+    }
+}
+
+struct CoordHandler(Arc<Shared>);
+
+impl Handler for CoordHandler {
+    fn on_request(&self, req: Request, reply: Responder) {
+        let conn = reply.peer().conn_id();
+        let sh = &self.0;
+        match req.kind {
+            MsgKind::Register => match Hello::decode(&req.payload) {
+                Ok(h) => {
+                    let t = sh.ticket(reply);
+                    sh.step(|s| s.on_register(conn, t, h));
+                }
+                Err(e) => {
+                    let _ = reply.error(&e.to_string());
+                }
+            },
+            MsgKind::Barrier => {
+                let group = String::from_utf8_lossy(&req.payload).into_owned();
+                let t = sh.ticket(reply);
+                sh.step(|s| s.on_barrier(conn, t, &group));
+            }
+            MsgKind::Done => {
+                let t = sh.ticket(reply);
+                sh.step(|s| s.on_done(conn, t));
+            }
+            MsgKind::Abort => {
+                let reason = String::from_utf8_lossy(&req.payload).into_owned();
+                let t = sh.ticket(reply);
+                sh.step(|s| s.on_abort(conn, t, &reason));
+            }
+            other => {
+                let _ = reply.error(&format!("the coordinator does not serve {other:?}"));
+            }
+        }
+    }
+
+    fn on_connect(&self, peer: &PeerHandle) {
+        lock(&self.0.peers).insert(peer.conn_id(), peer.clone());
+    }
+
+    fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
+        let conn = peer.conn_id();
+        let reason = reason.to_string();
+        self.0.step(|s| s.on_disconnect(conn, &reason));
+        lock(&self.0.peers).remove(&conn);
+    }
+}
+
+impl Coordinator {
+    /// Binds `addr` and waits for exactly the `expected` (role, dc, rank) processes.
+    pub fn bind(
+        addr: impl ToSocketAddrs,
+        expected: Vec<(String, u32, u32)>,
+        opts: CoordOptions,
+    ) -> Result<Coordinator, NetError> {
+        let keys = expected.into_iter().map(|(r, d, k)| NodeKey::new(r, d, k));
+        let state = CoordState::new(
+            keys,
+            opts.protocol_version,
+            opts.config_hash,
+            Instant::now() + opts.registration_timeout,
+        );
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            tickets: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            next_ticket: AtomicU64::new(1),
+            outcome: Mutex::new(None),
+            outcome_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        // Requests to the coordinator (registration, barriers) may legitimately wait long.
+        let server =
+            KvServer::bind_with_id(addr, 0, Arc::new(CoordHandler(shared.clone())), opts.net)?;
+        let sh = shared.clone();
+        let tick = opts.net.tick.max(Duration::from_millis(10));
+        let ticker = std::thread::Builder::new()
+            .name("geomx-coord-tick".into())
+            .spawn(move || {
+                while !sh.stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(tick);
+                    sh.step(|s| s.on_tick(Instant::now()));
+                }
+            })?;
+        Ok(Coordinator {
+            server,
+            shared,
+            ticker: Some(ticker),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The membership table once every expected process registered.
+    pub fn membership(&self) -> Option<Vec<NodeInfo>> {
+        let st = lock(&self.shared.state);
+        (!st.nodes().is_empty()).then(|| st.nodes().to_vec())
+    }
+
+    /// True while waiting for registrations.
+    pub fn is_registering(&self) -> bool {
+        matches!(lock(&self.shared.state).phase(), Phase::Registering { .. })
+    }
+
+    /// Waits up to `timeout` for the job to end (Shutdown or Abort broadcast); `None` if it has not.
+    pub fn wait(&self, timeout: Duration) -> Option<CoordOutcome> {
+        let g = lock(&self.shared.outcome);
+        let (g, _) = self
+            .shared
+            .outcome_cv
+            .wait_timeout_while(g, timeout, |o| o.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        g.clone()
+    }
+
+    /// Traffic counted at the coordinator's sockets.
+    pub fn stats(&self) -> crate::Counters {
+        self.server.stats()
+    }
+
+    /// Stops the coordinator (closes every connection).
+    pub fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+        self.server.shutdown();
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,553 @@
+//! Sans-IO coordinator logic: fed requests, disconnects and `now`; returns actions.
+//!
+//! Connections are named by a caller-chosen id `C`, requests by a caller-chosen ticket (u64) that
+//! the caller maps to its way of answering.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
+use std::time::Instant;
+
+use super::{AbortNotice, Hello, Membership, NodeInfo, NodeKey};
+
+/// What the coordinator wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<C> {
+    /// Answer request `ticket`: `Ok(payload)` or an error message.
+    Reply {
+        /// The request.
+        ticket: u64,
+        /// Payload or error.
+        result: Result<Vec<u8>, String>,
+    },
+    /// Send Shutdown to these connections.
+    Shutdown(Vec<C>),
+    /// Send this abort notice to these connections.
+    Abort(Vec<C>, AbortNotice),
+}
+
+/// Where the job stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for registrations until the deadline.
+    Registering {
+        /// Registration deadline.
+        deadline: Instant,
+    },
+    /// Everyone registered.
+    Running,
+    /// Everyone sent Done; Shutdown was broadcast.
+    Finished,
+    /// Aborted; the notice was broadcast.
+    Aborted(AbortNotice),
+}
+
+/// The coordinator state machine.
+#[derive(Debug)]
+pub struct CoordState<C> {
+    expected: BTreeSet<NodeKey>,
+    protocol_version: u32,
+    config_hash: u64,
+    phase: Phase,
+    registered: BTreeMap<NodeKey, (C, Hello)>,
+    register_tickets: Vec<(C, u64)>,
+    conn_node: HashMap<C, NodeKey>,
+    barriers: HashMap<String, Vec<(NodeKey, u64)>>,
+    done: BTreeSet<NodeKey>,
+    membership: Vec<NodeInfo>,
+}
+
+impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
+    /// Expects exactly `expected` processes, each with this version and config hash, by `deadline`.
+    pub fn new(
+        expected: impl IntoIterator<Item = NodeKey>,
+        protocol_version: u32,
+        config_hash: u64,
+        deadline: Instant,
+    ) -> Self {
+        CoordState {
+            expected: expected.into_iter().collect(),
+            protocol_version,
+            config_hash,
+            phase: Phase::Registering { deadline },
+            registered: BTreeMap::new(),
+            register_tickets: Vec::new(),
+            conn_node: HashMap::new(),
+            barriers: HashMap::new(),
+            done: BTreeSet::new(),
+            membership: Vec::new(),
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// The membership table once everyone registered (empty before).
+    pub fn nodes(&self) -> &[NodeInfo] {
+        &self.membership
+    }
+
+    fn err(ticket: u64, msg: String) -> Vec<Action<C>> {
+        vec![Action::Reply {
+            ticket,
+            result: Err(msg),
+        }]
+    }
+
+    /// A Register request from connection `conn`.
+    pub fn on_register(&mut self, conn: C, ticket: u64, hello: Hello) -> Vec<Action<C>> {
+        if !matches!(self.phase, Phase::Registering { .. }) {
+            return Self::err(ticket, "registration is closed".into());
+        }
+        if hello.protocol_version != self.protocol_version {
+            return Self::err(
+                ticket,
+                format!(
+                    "protocol version {} does not match the coordinator's {}",
+                    hello.protocol_version, self.protocol_version
+                ),
+            );
+        }
+        if hello.config_hash != self.config_hash {
+            return Self::err(
+                ticket,
+                format!(
+                    "config hash {:#018x} does not match the coordinator's {:#018x}",
+                    hello.config_hash, self.config_hash
+                ),
+            );
+        }
+        let key = hello.node_key();
+        if !self.expected.contains(&key) {
+            return Self::err(ticket, format!("{key} is not an expected process"));
+        }
+        if self.registered.contains_key(&key) || self.conn_node.contains_key(&conn) {
+            return Self::err(ticket, format!("{key} registered twice"));
+        }
+        self.conn_node.insert(conn, key.clone());
+        self.registered.insert(key, (conn, hello));
+        self.register_tickets.push((conn, ticket));
+        if self.registered.len() < self.expected.len() {
+            return Vec::new();
+        }
+        // Everyone is here: ids by (dc, role, rank), 1-based.
+        self.membership = self
+            .registered
+            .iter()
+            .enumerate()
+            .map(|(i, (k, (_, h)))| NodeInfo {
+                id: i as u32 + 1,
+                role: k.role.clone(),
+                dc: k.dc,
+                rank: k.rank,
+                addr: h.listen_addr.clone(),
+            })
+            .collect();
+        self.phase = Phase::Running;
+        let tickets = std::mem::take(&mut self.register_tickets);
+        tickets
+            .into_iter()
+            .map(|(c, t)| {
+                let key = &self.conn_node[&c];
+                let my_id = self
+                    .membership
+                    .iter()
+                    .find(|n| n.role == key.role && n.dc == key.dc && n.rank == key.rank)
+                    .map_or(0, |n| n.id);
+                let m = Membership {
+                    my_id,
+                    nodes: self.membership.clone(),
+                };
+                Action::Reply {
+                    ticket: t,
+                    result: Ok(m.encode()),
+                }
+            })
+            .collect()
+    }
+
+    fn group_members(&self, group: &str) -> Result<BTreeSet<NodeKey>, String> {
+        let filter: Box<dyn Fn(&NodeKey) -> bool> = if group == "all" {
+            Box::new(|_| true)
+        } else if let Some(dc) = group.strip_prefix("dc:") {
+            let dc: u32 = dc.parse().map_err(|_| format!("bad group {group:?}"))?;
+            Box::new(move |k| k.dc == dc)
+        } else if let Some(role) = group.strip_prefix("role:") {
+            let role = role.to_string();
+            Box::new(move |k| k.role == role)
+        } else {
+            return Err(format!(
+                "bad group {group:?} (expected \"all\", \"dc:N\" or \"role:NAME\")"
+            ));
+        };
+        Ok(self
+            .registered
+            .keys()
+            .filter(|k| filter(k))
+            .cloned()
+            .collect())
+    }
+
+    /// A Barrier request for `group` ("all", "dc:N" or "role:NAME").
+    pub fn on_barrier(&mut self, conn: C, ticket: u64, group: &str) -> Vec<Action<C>> {
+        if self.phase != Phase::Running {
+            return Self::err(
+                ticket,
+                format!(
+                    "barrier {group:?} outside the running phase ({:?})",
+                    self.phase
+                ),
+            );
+        }
+        let Some(key) = self.conn_node.get(&conn).cloned() else {
+            return Self::err(ticket, "barrier from an unregistered connection".into());
+        };
+        let members = match self.group_members(group) {
+            Ok(m) => m,
+            Err(e) => return Self::err(ticket, e),
+        };
+        if !members.contains(&key) {
+            return Self::err(ticket, format!("{key} is not in group {group:?}"));
+        }
+        let waiting = self.barriers.entry(group.to_string()).or_default();
+        if waiting.iter().any(|(k, _)| *k == key) {
+            return Self::err(ticket, format!("{key} entered barrier {group:?} twice"));
+        }
+        waiting.push((key, ticket));
+        if waiting.len() < members.len() {
+            return Vec::new();
+        }
+        let waiting = self.barriers.remove(group).unwrap_or_default();
+        waiting
+            .into_iter()
+            .map(|(_, t)| Action::Reply {
+                ticket: t,
+                result: Ok(Vec::new()),
+            })
+            .collect()
+    }
+
+    /// A Done request.
+    pub fn on_done(&mut self, conn: C, ticket: u64) -> Vec<Action<C>> {
+        let Some(key) = self.conn_node.get(&conn).cloned() else {
+            return Self::err(ticket, "done from an unregistered connection".into());
+        };
+        if self.phase != Phase::Running {
+            return Self::err(
+                ticket,
+                format!("done outside the running phase ({:?})", self.phase),
+            );
+        }
+        self.done.insert(key);
+        let mut out = vec![Action::Reply {
+            ticket,
+            result: Ok(Vec::new()),
+        }];
+        if self.done.len() == self.expected.len() {
+            self.phase = Phase::Finished;
+            out.push(Action::Shutdown(
+                self.registered.values().map(|(c, _)| *c).collect(),
+            ));
+        }
+        out
+    }
+
+    /// An Abort request carrying `reason`.
+    pub fn on_abort(&mut self, conn: C, ticket: u64, reason: &str) -> Vec<Action<C>> {
+        let Some(key) = self.conn_node.get(&conn).cloned() else {
+            return Self::err(ticket, "abort from an unregistered connection".into());
+        };
+        let mut out = vec![Action::Reply {
+            ticket,
+            result: Ok(Vec::new()),
+        }];
+        out.extend(self.abort(&key, reason.to_string()));
+        out
+    }
+
+    /// A connection closed or went silent. Fatal for a registered process that has not sent Done.
+    pub fn on_disconnect(&mut self, conn: C, reason: &str) -> Vec<Action<C>> {
+        let Some(key) = self.conn_node.get(&conn).cloned() else {
+            return Vec::new(); // never admitted: nothing to do
+        };
+        if self.done.contains(&key) {
+            return Vec::new();
+        }
+        self.abort(&key, format!("lost connection: {reason}"))
+    }
+
+    /// Advances time: the registration deadline.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Action<C>> {
+        match self.phase {
+            Phase::Registering { deadline } if now >= deadline => {
+                let missing: Vec<String> = self
+                    .expected
+                    .iter()
+                    .filter(|k| !self.registered.contains_key(*k))
+                    .map(|k| k.to_string())
+                    .collect();
+                let who = NodeKey::new("coordinator", 0, 0);
+                self.abort(
+                    &who,
+                    format!("registration timed out; missing: {}", missing.join(", ")),
+                )
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn abort(&mut self, key: &NodeKey, reason: String) -> Vec<Action<C>> {
+        if matches!(self.phase, Phase::Finished | Phase::Aborted(_)) {
+            return Vec::new();
+        }
+        let notice = AbortNotice {
+            role: key.role.clone(),
+            dc: key.dc,
+            rank: key.rank,
+            reason,
+        };
+        self.phase = Phase::Aborted(notice.clone());
+        let msg = format!("job aborted: {notice}");
+        let mut out: Vec<Action<C>> = std::mem::take(&mut self.register_tickets)
+            .into_iter()
+            .map(|(_, t)| Action::Reply {
+                ticket: t,
+                result: Err(msg.clone()),
+            })
+            .collect();
+        for (_, waiting) in self.barriers.drain() {
+            out.extend(waiting.into_iter().map(|(_, t)| Action::Reply {
+                ticket: t,
+                result: Err(msg.clone()),
+            }));
+        }
+        out.push(Action::Abort(
+            self.registered.values().map(|(c, _)| *c).collect(),
+            notice,
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn hello(role: &str, dc: u32, rank: u32) -> Hello {
+        Hello {
+            role: role.into(),
+            dc,
+            rank,
+            listen_addr: format!("10.0.{dc}.{rank}:9000"),
+            protocol_version: 1,
+            config_hash: 42,
+        }
+    }
+
+    fn expected() -> Vec<NodeKey> {
+        vec![
+            NodeKey::new("worker", 1, 0),
+            NodeKey::new("server", 0, 0),
+            NodeKey::new("worker", 0, 1),
+            NodeKey::new("worker", 0, 0),
+        ]
+    }
+
+    fn running(t0: Instant) -> CoordState<u32> {
+        let mut s = CoordState::new(expected(), 1, 42, t0 + Duration::from_secs(60));
+        // Register in scrambled order; conn id = ticket = 10 + i.
+        for (i, (r, d, k)) in [
+            ("worker", 0, 1),
+            ("worker", 1, 0),
+            ("server", 0, 0),
+            ("worker", 0, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            s.on_register(10 + i as u32, 10 + i as u64, hello(r, *d, *k));
+        }
+        s
+    }
+
+    #[test]
+    fn ids_are_deterministic_by_dc_role_rank() {
+        let t0 = Instant::now();
+        let mut s = CoordState::new(expected(), 1, 42, t0 + Duration::from_secs(60));
+        assert!(s.on_register(1u32, 1, hello("worker", 0, 1)).is_empty());
+        assert!(s.on_register(2, 2, hello("worker", 1, 0)).is_empty());
+        assert!(s.on_register(3, 3, hello("server", 0, 0)).is_empty());
+        let acts = s.on_register(4, 4, hello("worker", 0, 0));
+        assert_eq!(acts.len(), 4);
+        let table: Vec<(u32, String, u32, u32)> = s
+            .nodes()
+            .iter()
+            .map(|n| (n.id, n.role.clone(), n.dc, n.rank))
+            .collect();
+        assert_eq!(
+            table,
+            vec![
+                (1, "server".into(), 0, 0),
+                (2, "worker".into(), 0, 0),
+                (3, "worker".into(), 0, 1),
+                (4, "worker".into(), 1, 0)
+            ]
+        );
+        for a in acts {
+            let Action::Reply {
+                ticket,
+                result: Ok(bytes),
+            } = a
+            else {
+                panic!("{a:?}")
+            };
+            let m = Membership::decode(&bytes).unwrap();
+            let want = match ticket {
+                1 => 3,
+                2 => 4,
+                3 => 1,
+                4 => 2,
+                _ => unreachable!(),
+            };
+            assert_eq!(m.my_id, want);
+            assert_eq!(m.me().unwrap().addr, s.nodes()[want as usize - 1].addr);
+        }
+        assert_eq!(s.phase(), &Phase::Running);
+    }
+
+    #[test]
+    fn rejects_mismatch_unknown_and_duplicate() {
+        let t0 = Instant::now();
+        let mut s: CoordState<u32> =
+            CoordState::new(expected(), 1, 42, t0 + Duration::from_secs(60));
+        let reject = |acts: Vec<Action<u32>>| match &acts[..] {
+            [Action::Reply { result: Err(m), .. }] => m.clone(),
+            other => panic!("{other:?}"),
+        };
+        let mut h = hello("worker", 0, 0);
+        h.protocol_version = 2;
+        assert!(reject(s.on_register(1, 1, h)).contains("protocol version 2"));
+        let mut h = hello("worker", 0, 0);
+        h.config_hash = 7;
+        assert!(reject(s.on_register(1, 1, h)).contains("config hash"));
+        assert!(reject(s.on_register(1, 1, hello("worker", 5, 0))).contains("not an expected"));
+        assert!(s.on_register(1, 1, hello("worker", 0, 0)).is_empty());
+        assert!(reject(s.on_register(2, 2, hello("worker", 0, 0))).contains("twice"));
+        // The rejected attempts left no trace: an unknown peer disconnecting is harmless.
+        assert!(s.on_disconnect(2, "gone").is_empty());
+    }
+
+    #[test]
+    fn barrier_releases_when_group_complete() {
+        let t0 = Instant::now();
+        let mut s = running(t0);
+        // dc:0 = conns 10 (worker 0/1), 12 (server 0/0), 13 (worker 0/0)
+        assert!(s.on_barrier(10, 100, "dc:0").is_empty());
+        assert!(s.on_barrier(12, 101, "dc:0").is_empty());
+        let bad = s.on_barrier(11, 102, "dc:0");
+        assert!(matches!(
+            &bad[..],
+            [Action::Reply {
+                ticket: 102,
+                result: Err(_)
+            }]
+        ));
+        let acts = s.on_barrier(13, 103, "dc:0");
+        let mut tickets: Vec<u64> = acts
+            .iter()
+            .map(|a| match a {
+                Action::Reply {
+                    ticket,
+                    result: Ok(_),
+                } => *ticket,
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        tickets.sort();
+        assert_eq!(tickets, vec![100, 101, 103]);
+        // A barrier can be reused.
+        assert!(s.on_barrier(10, 104, "dc:0").is_empty());
+    }
+
+    #[test]
+    fn done_from_all_broadcasts_shutdown() {
+        let t0 = Instant::now();
+        let mut s = running(t0);
+        for c in 10..13 {
+            assert_eq!(s.on_done(c, u64::from(c)).len(), 1);
+        }
+        // A finished node may disconnect without aborting.
+        assert!(s.on_disconnect(10, "closed").is_empty());
+        let acts = s.on_done(13, 13);
+        assert!(matches!(&acts[1], Action::Shutdown(c) if c.len() == 4));
+        assert_eq!(s.phase(), &Phase::Finished);
+    }
+
+    #[test]
+    fn lost_node_aborts_naming_it_and_fails_barriers() {
+        let t0 = Instant::now();
+        let mut s = running(t0);
+        assert!(s.on_barrier(10, 100, "all").is_empty());
+        let acts = s.on_disconnect(11, "connection reset");
+        assert!(
+            matches!(&acts[0], Action::Reply { ticket: 100, result: Err(m) } if m.contains("worker (dc 1, rank 0)"))
+        );
+        match &acts[1] {
+            Action::Abort(conns, n) => {
+                assert_eq!(conns.len(), 4);
+                assert_eq!((n.role.as_str(), n.dc, n.rank), ("worker", 1, 0));
+                assert!(n.reason.contains("connection reset"));
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(s.on_disconnect(12, "x").is_empty(), "only one abort");
+    }
+
+    #[test]
+    fn registration_timeout_names_missing() {
+        let t0 = Instant::now();
+        let mut s: CoordState<u32> =
+            CoordState::new(expected(), 1, 42, t0 + Duration::from_secs(60));
+        s.on_register(1, 1, hello("worker", 0, 0));
+        assert!(s.on_tick(t0 + Duration::from_secs(59)).is_empty());
+        let acts = s.on_tick(t0 + Duration::from_secs(60));
+        assert!(
+            matches!(&acts[0], Action::Reply { ticket: 1, result: Err(m) } if m.contains("server (dc 0, rank 0)") && m.contains("worker (dc 1, rank 0)"))
+        );
+        assert!(matches!(s.phase(), Phase::Aborted(_)));
+    }
+
+    #[test]
+    fn payload_codecs_round_trip_and_reject_garbage() {
+        let h = hello("local_server", 3, 2);
+        assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        let m = Membership {
+            my_id: 2,
+            nodes: vec![NodeInfo {
+                id: 2,
+                role: "w".into(),
+                dc: 1,
+                rank: 0,
+                addr: "a".into(),
+            }],
+        };
+        assert_eq!(Membership::decode(&m.encode()).unwrap(), m);
+        let a = AbortNotice {
+            role: "w".into(),
+            dc: 1,
+            rank: 2,
+            reason: "r".into(),
+        };
+        assert_eq!(AbortNotice::decode(&a.encode()).unwrap(), a);
+        let enc = h.encode();
+        for cut in 0..enc.len() {
+            assert!(Hello::decode(&enc[..cut]).is_err());
+        }
+        let mut long = enc.clone();
+        long.push(0);
+        assert!(Hello::decode(&long).is_err());
+        assert!(Hello::decode(&[0xff; 64]).is_err());
+    }
+}

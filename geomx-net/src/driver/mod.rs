@@ -1,0 +1,190 @@
+//! I/O drivers: move bytes between sockets and [`Link`]s.
+//!
+//! * [`DriverKind::Portable`]: std sockets, one reader thread per connection, writes on the
+//!   caller's thread.
+//! * [`DriverKind::IoUring`] (Linux): one ring thread per endpoint (see `uring`).
+//! * [`DriverKind::Auto`]: io_uring when the kernel allows it, otherwise portable, with one log line
+//!   saying why.
+
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::conn::{ConnConfig, Connection};
+use crate::error::NetError;
+use crate::link::{Dispatch, Link, ReplyTx};
+use crate::stats::LiveCounters;
+use crate::wire::MAX_FRAME;
+
+mod portable;
+#[cfg(target_os = "linux")]
+mod uring;
+
+/// Which I/O driver an endpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DriverKind {
+    /// io_uring if available, else portable (logged once, with the reason).
+    #[default]
+    Auto,
+    /// io_uring; endpoint creation fails with [`NetError::DriverUnavailable`] if it cannot run.
+    IoUring,
+    /// std sockets and threads; runs everywhere.
+    Portable,
+}
+
+impl DriverKind {
+    /// The name used in logs, configuration and benchmark output.
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::Auto => "auto",
+            DriverKind::IoUring => "io-uring",
+            DriverKind::Portable => "portable",
+        }
+    }
+}
+
+impl std::str::FromStr for DriverKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DriverKind::Auto),
+            "io-uring" | "io_uring" | "iouring" => Ok(DriverKind::IoUring),
+            "portable" => Ok(DriverKind::Portable),
+            other => Err(format!(
+                "unknown driver {other:?} (expected auto, io-uring or portable)"
+            )),
+        }
+    }
+}
+
+/// Transport options shared by every endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetOptions {
+    /// I/O driver.
+    pub driver: DriverKind,
+    /// Handshake, request, heartbeat and liveness timing.
+    pub conn: ConnConfig,
+    /// Time allowed for the TCP connect.
+    pub connect_timeout: Duration,
+    /// Largest frame (header + payload) sent or accepted.
+    pub max_frame: usize,
+    /// Timer granularity of the drivers (how often timeouts are checked).
+    pub tick: Duration,
+    /// io_uring: payloads at least this large go out with `SEND_ZC`.
+    pub zerocopy_threshold: usize,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            driver: DriverKind::Auto,
+            conn: ConnConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+            max_frame: MAX_FRAME,
+            tick: Duration::from_millis(50),
+            zerocopy_threshold: 64 << 10,
+        }
+    }
+}
+
+/// A driver instance owned by one endpoint.
+pub(crate) enum Driver {
+    Portable(portable::PortableDriver),
+    #[cfg(target_os = "linux")]
+    Uring(Arc<uring::UringDriver>),
+}
+
+impl Driver {
+    /// Creates the driver `opts.driver` asks for.
+    pub(crate) fn new(opts: &NetOptions) -> Result<Driver, NetError> {
+        match opts.driver {
+            DriverKind::Portable => Ok(Driver::Portable(portable::PortableDriver::new(opts))),
+            DriverKind::IoUring => Self::uring(opts),
+            DriverKind::Auto => match uring_unavailable_reason() {
+                None => Self::uring(opts).or_else(|e| {
+                    tracing::info!(reason = %e, "io_uring driver failed to start; using the portable driver");
+                    Ok(Driver::Portable(portable::PortableDriver::new(opts)))
+                }),
+                Some(_) => Ok(Driver::Portable(portable::PortableDriver::new(opts))),
+            },
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn uring(opts: &NetOptions) -> Result<Driver, NetError> {
+        if let Some(why) = uring_unavailable_reason() {
+            return Err(NetError::DriverUnavailable(why));
+        }
+        Ok(Driver::Uring(uring::UringDriver::start(opts)?))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn uring(_opts: &NetOptions) -> Result<Driver, NetError> {
+        Err(NetError::DriverUnavailable(
+            "io_uring exists only on Linux".into(),
+        ))
+    }
+
+    /// The resolved kind (never `Auto`).
+    pub(crate) fn kind(&self) -> DriverKind {
+        match self {
+            Driver::Portable(_) => DriverKind::Portable,
+            #[cfg(target_os = "linux")]
+            Driver::Uring(_) => DriverKind::IoUring,
+        }
+    }
+
+    /// Wraps a connected stream in a [`Link`] and starts moving its bytes.
+    pub(crate) fn attach(
+        &self,
+        stream: TcpStream,
+        conn: Connection<ReplyTx>,
+        counters: Arc<LiveCounters>,
+        dispatch: Arc<dyn Dispatch>,
+    ) -> Result<Arc<Link>, NetError> {
+        stream.set_nodelay(true)?;
+        let link = match self {
+            Driver::Portable(d) => d.attach(stream, conn, counters, dispatch)?,
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.attach(stream, conn, counters, dispatch)?,
+        };
+        link.flush();
+        Ok(link)
+    }
+
+    /// Stops driver threads (links must have been closed first).
+    pub(crate) fn shutdown(&self) {
+        match self {
+            Driver::Portable(_) => {}
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.shutdown(),
+        }
+    }
+}
+
+/// Why io_uring cannot be used here, or `None` if it can. Probed once per process; the reason is
+/// logged once (one line) the first time it is asked.
+pub fn uring_unavailable_reason() -> Option<String> {
+    use std::sync::OnceLock;
+    static PROBE: OnceLock<Option<String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let why = probe_uring();
+            if let Some(why) = &why {
+                tracing::info!(reason = %why, "io_uring unavailable; using the portable driver");
+            }
+            why
+        })
+        .clone()
+}
+
+#[cfg(target_os = "linux")]
+fn probe_uring() -> Option<String> {
+    uring::probe()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn probe_uring() -> Option<String> {
+    Some("io_uring exists only on Linux".into())
+}

@@ -1,0 +1,212 @@
+//! The key-value server endpoint.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::conn::{Connection, Side};
+use crate::driver::{Driver, DriverKind, NetOptions};
+use crate::error::NetError;
+use crate::link::{Dispatch, Link};
+use crate::stats::{Counters, LiveCounters};
+use crate::wire::Frame;
+
+use super::{Handler, PeerHandle, Request, Responder};
+
+/// A server accepting key-value connections and passing their requests to a [`Handler`].
+pub struct KvServer {
+    inner: Arc<ServerInner>,
+    accept: Option<JoinHandle<()>>,
+}
+
+struct ServerInner {
+    node_id: u32,
+    opts: NetOptions,
+    driver: Driver,
+    counters: Arc<LiveCounters>,
+    stop: AtomicBool,
+    local_addr: SocketAddr,
+    dispatch: Arc<ServerDispatch>,
+}
+
+struct ServerDispatch {
+    handler: Arc<dyn Handler>,
+    links: Mutex<HashMap<usize, Arc<Link>>>,
+}
+
+impl Dispatch for ServerDispatch {
+    fn on_established(&self, link: &Arc<Link>, _peer_id: u32) {
+        self.handler.on_connect(&PeerHandle { link: link.clone() });
+    }
+
+    fn on_request(&self, link: &Arc<Link>, frame: Frame) {
+        let reply = Responder::new(link.clone(), frame.header);
+        self.handler.on_request(Request::from_frame(frame), reply);
+    }
+
+    fn on_closed(&self, link: &Arc<Link>, reason: crate::NetError) {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(Arc::as_ptr(link) as usize));
+        tracing::debug!(peer = %link.peer_addr(), %reason, "connection closed");
+        self.handler
+            .on_disconnect(&PeerHandle { link: link.clone() }, &reason);
+    }
+}
+
+impl KvServer {
+    /// Binds `addr` (port 0 picks a free port) and serves with node id 0.
+    pub fn bind(
+        addr: impl ToSocketAddrs,
+        handler: impl Handler,
+        opts: NetOptions,
+    ) -> Result<KvServer, NetError> {
+        Self::bind_with_id(addr, 0, Arc::new(handler), opts)
+    }
+
+    /// Binds `addr` and serves as node `node_id` (announced in HelloAck and reply frames).
+    pub fn bind_with_id(
+        addr: impl ToSocketAddrs,
+        node_id: u32,
+        handler: Arc<dyn Handler>,
+        opts: NetOptions,
+    ) -> Result<KvServer, NetError> {
+        let listener = TcpListener::bind(addr)?;
+        let local_addr = listener.local_addr()?;
+        let driver = Driver::new(&opts)?;
+        let dispatch = Arc::new(ServerDispatch {
+            handler,
+            links: Mutex::new(HashMap::new()),
+        });
+        let inner = Arc::new(ServerInner {
+            node_id,
+            opts,
+            driver,
+            counters: Arc::new(LiveCounters::default()),
+            stop: AtomicBool::new(false),
+            local_addr,
+            dispatch,
+        });
+        let i2 = inner.clone();
+        let accept = std::thread::Builder::new()
+            .name("geomx-net-accept".into())
+            .spawn(move || accept_loop(i2, listener))?;
+        Ok(KvServer {
+            inner,
+            accept: Some(accept),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The driver actually in use.
+    pub fn driver(&self) -> DriverKind {
+        self.inner.driver.kind()
+    }
+
+    /// Traffic counted at this server's sockets, all connections together.
+    pub fn stats(&self) -> Counters {
+        self.inner.counters.snapshot()
+    }
+
+    /// Number of open connections.
+    pub fn connections(&self) -> usize {
+        self.inner
+            .dispatch
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Stops accepting, closes every connection (their pending requests fail) and stops the driver.
+    pub fn shutdown(&mut self) {
+        if self.inner.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake the blocking accept.
+        let mut wake = self.inner.local_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(if wake.is_ipv4() {
+                [127, 0, 0, 1].into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, std::time::Duration::from_secs(1));
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let links: Vec<Arc<Link>> = self
+            .inner
+            .dispatch
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for l in links {
+            l.close();
+        }
+        self.inner.driver.shutdown();
+    }
+}
+
+impl Drop for KvServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn accept_loop(inner: Arc<ServerInner>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                if inner.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        if inner.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let conn = Connection::new(
+            Side::Acceptor,
+            inner.node_id,
+            inner.opts.conn,
+            Instant::now(),
+        );
+        let dispatch: Arc<dyn Dispatch> = inner.dispatch.clone();
+        match inner
+            .driver
+            .attach(stream, conn, inner.counters.clone(), dispatch)
+        {
+            Ok(link) => {
+                let id = Arc::as_ptr(&link) as usize;
+                let mut links = inner
+                    .dispatch
+                    .links
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                links.insert(id, link.clone());
+                // It may have closed (and run on_closed) before it was inserted.
+                if link.is_closed() {
+                    links.remove(&id);
+                }
+            }
+            Err(e) => tracing::warn!(%peer, error = %e, "could not start connection"),
+        }
+    }
+}

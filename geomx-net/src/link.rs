@@ -1,0 +1,240 @@
+//! One live connection: the sans-IO [`Connection`] behind a lock, plus the driver's write half.
+//!
+//! Drivers call `on_input` / `on_tick` / `on_wire_error` / `on_io_closed`; the link applies them to
+//! the state machine, sends the control frames it asks for and hands events to the endpoint's
+//! [`Dispatch`] (outside the lock).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+
+use crate::conn::{Connection, Event};
+use crate::error::NetError;
+use crate::stats::LiveCounters;
+use crate::wire::{Frame, FrameHeader, MsgKind, WireError, HEADER_LEN};
+
+/// Where a request's outcome goes.
+pub(crate) type ReplyTx = Sender<Result<Frame, NetError>>;
+
+/// Endpoint callbacks (run on driver threads; must not block for long).
+pub(crate) trait Dispatch: Send + Sync + 'static {
+    fn on_established(&self, _link: &Arc<Link>, _peer_id: u32) {}
+    fn on_request(&self, link: &Arc<Link>, frame: Frame);
+    fn on_notify(&self, _link: &Arc<Link>, _frame: Frame) {}
+    fn on_closed(&self, link: &Arc<Link>, reason: NetError);
+}
+
+/// The write half a driver provides.
+pub(crate) trait LinkIo: Send + Sync {
+    /// Writes one whole frame; blocks until the kernel has the bytes (or owns a copy).
+    fn send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> std::io::Result<()>;
+    /// Like `send` but gives up at once (returning false) when another send is in progress.
+    fn try_send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> std::io::Result<bool>;
+    /// Shuts the socket down in both directions (idempotent).
+    fn shutdown(&self);
+}
+
+pub(crate) struct Link {
+    conn: Mutex<Connection<ReplyTx>>,
+    io: Box<dyn LinkIo>,
+    counters: Arc<LiveCounters>,
+    max_frame: usize,
+    peer_addr: SocketAddr,
+    dispatch: Arc<dyn Dispatch>,
+}
+
+impl Link {
+    pub(crate) fn new(
+        conn: Connection<ReplyTx>,
+        io: Box<dyn LinkIo>,
+        counters: Arc<LiveCounters>,
+        max_frame: usize,
+        peer_addr: SocketAddr,
+        dispatch: Arc<dyn Dispatch>,
+    ) -> Arc<Link> {
+        Arc::new(Link {
+            conn: Mutex::new(conn),
+            io,
+            counters,
+            max_frame,
+            peer_addr,
+            dispatch,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection<ReplyTx>> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    pub(crate) fn peer_id(&self) -> Option<u32> {
+        self.lock().peer_id()
+    }
+
+    pub(crate) fn local_id(&self) -> u32 {
+        self.lock().local_id()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().is_closed()
+    }
+
+    pub(crate) fn close_reason(&self) -> Option<NetError> {
+        self.lock().close_reason().cloned()
+    }
+
+    pub(crate) fn counters(&self) -> &LiveCounters {
+        &self.counters
+    }
+
+    fn check_len(&self, len: usize) -> Result<(), NetError> {
+        if len + HEADER_LEN > self.max_frame {
+            return Err(NetError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        Ok(())
+    }
+
+    fn write(&self, header: &FrameHeader, payload: &[u8]) -> Result<(), NetError> {
+        let mut h = *header;
+        h.payload_len = payload.len() as u32;
+        self.io.send(&h.encode(), payload)?;
+        self.counters.add_sent(HEADER_LEN + payload.len(), 1);
+        self.lock().note_sent(Instant::now());
+        Ok(())
+    }
+
+    /// Starts a request; its outcome is delivered on `tx`.
+    pub(crate) fn send_request(
+        self: &Arc<Self>,
+        header: FrameHeader,
+        payload: &[u8],
+        tx: ReplyTx,
+    ) -> Result<(), NetError> {
+        self.check_len(payload.len())?;
+        let header = self
+            .lock()
+            .start_request(Instant::now(), header, tx)
+            .map_err(|(e, _)| e)?;
+        if let Err(e) = self.write(&header, payload) {
+            self.lock().cancel_request(header.request_id);
+            self.on_io_closed(format!("send failed: {e}"));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Sends a reply or notification frame.
+    pub(crate) fn send_frame(
+        self: &Arc<Self>,
+        header: &FrameHeader,
+        payload: &[u8],
+    ) -> Result<(), NetError> {
+        self.check_len(payload.len())?;
+        if let Some(reason) = self.close_reason() {
+            return Err(reason);
+        }
+        let mut h = *header;
+        h.sender = self.local_id();
+        if let Err(e) = self.write(&h, payload) {
+            self.on_io_closed(format!("send failed: {e}"));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Frames (possibly none, for a partial read) arrived at `now`.
+    pub(crate) fn on_input(self: &Arc<Self>, now: Instant, frames: &mut Vec<Frame>) {
+        {
+            let mut c = self.lock();
+            c.note_recv(now);
+            self.counters.add_recv_frames(frames.len() as u64);
+            for f in frames.drain(..) {
+                c.handle_frame(now, f);
+            }
+        }
+        self.flush();
+    }
+
+    pub(crate) fn on_tick(self: &Arc<Self>, now: Instant) {
+        self.lock().handle_timeout(now);
+        self.flush();
+    }
+
+    pub(crate) fn on_wire_error(self: &Arc<Self>, err: WireError) {
+        tracing::warn!(peer = %self.peer_addr, error = %err, "dropping connection: malformed frame");
+        self.lock().handle_wire_error(err);
+        self.flush();
+    }
+
+    pub(crate) fn on_io_closed(self: &Arc<Self>, reason: String) {
+        self.lock().handle_io_closed(reason);
+        self.flush();
+    }
+
+    /// Closes from this side: Goodbye, fail pending requests, shut the socket.
+    pub(crate) fn close(self: &Arc<Self>) {
+        self.lock().close_local();
+        self.flush();
+    }
+
+    /// Sends queued control frames and dispatches queued events.
+    pub(crate) fn flush(self: &Arc<Self>) {
+        loop {
+            let (tx, ev) = {
+                let mut c = self.lock();
+                (c.poll_transmit(), c.poll_event())
+            };
+            if tx.is_none() && ev.is_none() {
+                return;
+            }
+            if let Some(f) = tx {
+                let hdr = f.header.encode();
+                let res = if f.header.kind == MsgKind::Heartbeat {
+                    // Never block a reader on a heartbeat: a send in progress proves liveness.
+                    self.io.try_send(&hdr, &f.payload).map(|sent| sent as u64)
+                } else {
+                    self.io.send(&hdr, &f.payload).map(|_| 1)
+                };
+                match res {
+                    Ok(n) => {
+                        self.counters
+                            .add_sent(n as usize * (HEADER_LEN + f.payload.len()), n);
+                        if n > 0 {
+                            self.lock().note_sent(Instant::now());
+                        }
+                    }
+                    Err(e) if f.header.kind == MsgKind::Goodbye => {
+                        tracing::debug!(peer = %self.peer_addr, error = %e, "goodbye not sent");
+                    }
+                    Err(e) => self.lock().handle_io_closed(format!("send failed: {e}")),
+                }
+            }
+            if let Some(ev) = ev {
+                match ev {
+                    Event::Established { peer_id } => self.dispatch.on_established(self, peer_id),
+                    Event::Request(f) => self.dispatch.on_request(self, f),
+                    Event::Notify(f) => self.dispatch.on_notify(self, f),
+                    Event::Response { token, result } => {
+                        let _ = token.send(result);
+                    }
+                    Event::Closed(reason) => {
+                        // Flush a pending Goodbye before the socket goes.
+                        while let Some(f) = self.lock().poll_transmit() {
+                            let _ = self.io.send(&f.header.encode(), &f.payload);
+                        }
+                        self.io.shutdown();
+                        self.dispatch.on_closed(self, reason);
+                    }
+                }
+            }
+        }
+    }
+}

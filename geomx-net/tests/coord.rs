@@ -1,0 +1,225 @@
+//! Coordinator over loopback: registration, ids, barriers, shutdown, abort on a lost node.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use geomx_net::coord::{
+    CoordClient, CoordEvent, CoordOptions, CoordOutcome, Coordinator, Hello, PROTOCOL_VERSION,
+};
+use geomx_net::{ConnConfig, DriverKind, NetError, NetOptions};
+
+fn net(driver: DriverKind) -> NetOptions {
+    NetOptions {
+        driver,
+        conn: ConnConfig {
+            handshake_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(20),
+            heartbeat_interval: Duration::from_millis(100),
+            peer_timeout: Duration::from_millis(800),
+        },
+        tick: Duration::from_millis(20),
+        ..NetOptions::default()
+    }
+}
+
+fn drivers() -> Vec<DriverKind> {
+    let mut d = vec![DriverKind::Portable];
+    if geomx_net::uring_unavailable_reason().is_none() {
+        d.push(DriverKind::IoUring);
+    }
+    d
+}
+
+fn hello(role: &str, dc: u32, rank: u32) -> Hello {
+    Hello {
+        role: role.into(),
+        dc,
+        rank,
+        listen_addr: format!("127.0.0.1:{}", 9000 + dc * 10 + rank),
+        protocol_version: PROTOCOL_VERSION,
+        config_hash: 0xfeed,
+    }
+}
+
+fn expected() -> Vec<(String, u32, u32)> {
+    vec![
+        ("server".into(), 0, 0),
+        ("worker".into(), 0, 0),
+        ("worker".into(), 1, 0),
+    ]
+}
+
+fn coord(driver: DriverKind) -> Coordinator {
+    let o = CoordOptions {
+        net: net(driver),
+        config_hash: 0xfeed,
+        registration_timeout: Duration::from_secs(10),
+        ..CoordOptions::default()
+    };
+    Coordinator::bind("127.0.0.1:0", expected(), o).unwrap()
+}
+
+const W: Duration = Duration::from_secs(10);
+
+#[test]
+fn register_barrier_done_shutdown() {
+    for d in drivers() {
+        let c = coord(d);
+        let addr = c.local_addr();
+        // A garbage peer first: never admitted, nothing crashes.
+        let mut g = TcpStream::connect(addr).unwrap();
+        g.write_all(&[0xAB; 300]).unwrap();
+        let procs: Vec<_> = [("worker", 1, 0), ("server", 0, 0), ("worker", 0, 0)]
+            .into_iter()
+            .map(|(r, dc, k)| {
+                thread::spawn(move || {
+                    let (cl, m) = CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap();
+                    cl.barrier("all").unwrap();
+                    cl.barrier(&format!("dc:{dc}")).unwrap();
+                    cl.done().unwrap();
+                    let ev = cl.wait_event(W);
+                    (m, ev)
+                })
+            })
+            .collect();
+        let results: Vec<_> = procs.into_iter().map(|p| p.join().unwrap()).collect();
+        let ids: Vec<u32> = results.iter().map(|(m, _)| m.my_id).collect();
+        assert_eq!(ids, vec![3, 1, 2], "{d:?}: ids by (dc, role, rank)");
+        for (m, ev) in &results {
+            assert_eq!(m.nodes.len(), 3);
+            assert_eq!(m.find("worker", 1, 0).unwrap().addr, "127.0.0.1:9010");
+            assert_eq!(ev, &Some(CoordEvent::Shutdown));
+        }
+        assert_eq!(c.wait(W), Some(CoordOutcome::Shutdown));
+    }
+}
+
+#[test]
+fn mismatch_rejected_and_lost_worker_aborts_everyone() {
+    for d in drivers() {
+        let c = coord(d);
+        let addr = c.local_addr();
+        let mut bad = hello("worker", 0, 0);
+        bad.config_hash = 1;
+        let e = CoordClient::register(addr, bad, net(d)).err().unwrap();
+        assert!(
+            matches!(e, NetError::Rejected(ref m) if m.contains("config hash")),
+            "{e}"
+        );
+        let mut bad = hello("worker", 0, 0);
+        bad.protocol_version = 99;
+        let e = CoordClient::register(addr, bad, net(d)).err().unwrap();
+        assert!(
+            matches!(e, NetError::Rejected(ref m) if m.contains("protocol version")),
+            "{e}"
+        );
+        let e = CoordClient::register(addr, hello("worker", 7, 0), net(d))
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, NetError::Rejected(ref m) if m.contains("not an expected")),
+            "{e}"
+        );
+
+        let survivors: Vec<_> = [("server", 0, 0), ("worker", 0, 0)]
+            .into_iter()
+            .map(|(r, dc, k)| {
+                thread::spawn(move || {
+                    let (cl, _) = CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap();
+                    let barrier = cl.barrier("all");
+                    (barrier, cl.wait_event(W))
+                })
+            })
+            .collect();
+        let victim = thread::spawn(move || {
+            let (cl, _) = CoordClient::register(addr, hello("worker", 1, 0), net(d)).unwrap();
+            thread::sleep(Duration::from_millis(200));
+            drop(cl); // the process "dies": connection closed without Done
+        });
+        victim.join().unwrap();
+        let t0 = Instant::now();
+        for s in survivors {
+            let (barrier, ev) = s.join().unwrap();
+            assert!(barrier.is_err(), "barrier released by the abort");
+            match ev {
+                Some(CoordEvent::Abort(n)) => {
+                    assert_eq!((n.role.as_str(), n.dc, n.rank), ("worker", 1, 0), "{n}");
+                }
+                other => panic!("{d:?}: {other:?}"),
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(matches!(c.wait(W), Some(CoordOutcome::Aborted(_))));
+    }
+}
+
+#[test]
+fn registration_timeout_names_missing() {
+    for d in drivers() {
+        let o = CoordOptions {
+            net: net(d),
+            config_hash: 0xfeed,
+            registration_timeout: Duration::from_millis(1500),
+            ..CoordOptions::default()
+        };
+        let c = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
+        let addr = c.local_addr();
+        // Only one of three registers: the registration timeout names the missing ones.
+        let h = thread::spawn(move || CoordClient::register(addr, hello("server", 0, 0), net(d)));
+        let e = h.join().unwrap().err().unwrap();
+        assert!(
+            matches!(e, NetError::Rejected(ref m) if m.contains("worker (dc 1, rank 0)")),
+            "{e}"
+        );
+        match c.wait(W) {
+            Some(CoordOutcome::Aborted(n)) => {
+                assert!(n.reason.contains("registration timed out"), "{n}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn silent_node_detected_by_heartbeat_timeout() {
+    use geomx_net::wire::{encode, Frame, FrameHeader};
+    use geomx_net::MsgKind;
+    for d in drivers() {
+        let c = coord(d);
+        let addr = c.local_addr();
+        let real: Vec<_> = [("server", 0, 0), ("worker", 0, 0)]
+            .into_iter()
+            .map(|(r, dc, k)| {
+                thread::spawn(move || {
+                    let (cl, _) = CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap();
+                    cl.wait_event(W)
+                })
+            })
+            .collect();
+        // A hand-made peer: Hello, Register, then silence (no heartbeats).
+        let mut raw = TcpStream::connect(addr).unwrap();
+        let mut reg = FrameHeader::new(MsgKind::Register);
+        reg.request_id = 1;
+        let mut bytes = encode(&Frame::new(FrameHeader::new(MsgKind::Hello), vec![]));
+        bytes.extend(encode(&Frame::new(reg, hello("worker", 1, 0).encode())));
+        raw.write_all(&bytes).unwrap();
+        let t0 = Instant::now();
+        for r in real {
+            match r.join().unwrap() {
+                Some(CoordEvent::Abort(n)) => {
+                    assert_eq!((n.role.as_str(), n.dc, n.rank), ("worker", 1, 0));
+                    assert!(n.reason.contains("no traffic"), "{n}");
+                }
+                other => panic!("{d:?}: {other:?}"),
+            }
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_millis(600),
+            "{:?}",
+            t0.elapsed()
+        );
+        drop(raw);
+    }
+}

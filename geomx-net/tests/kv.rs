@@ -1,0 +1,399 @@
+//! Key-value layer over real loopback sockets, run once per available driver.
+
+#[path = "../examples/kv_sum.rs"]
+#[allow(dead_code)]
+mod kv_sum;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use geomx_net::wire::{encode, Frame, FrameHeader};
+use geomx_net::{
+    ConnConfig, DriverKind, Handler, KvClient, KvServer, MsgKind, NetError, NetOptions,
+    PayloadCodec, PeerHandle, Request, Responder,
+};
+
+/// Portable always; io_uring where this kernel allows it.
+fn drivers() -> Vec<DriverKind> {
+    let mut d = vec![DriverKind::Portable];
+    match geomx_net::uring_unavailable_reason() {
+        None => d.push(DriverKind::IoUring),
+        Some(why) => eprintln!("io_uring tests skipped: {why}"),
+    }
+    d
+}
+
+fn opts(driver: DriverKind) -> NetOptions {
+    NetOptions {
+        driver,
+        conn: ConnConfig {
+            handshake_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_millis(200),
+            peer_timeout: Duration::from_secs(2),
+        },
+        connect_timeout: Duration::from_secs(2),
+        tick: Duration::from_millis(20),
+        ..NetOptions::default()
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn kv_sum_example_is_exact() {
+    for d in drivers() {
+        assert_eq!(kv_sum::run(d).unwrap(), 0.0, "{d:?}");
+    }
+}
+
+/// Echoes the payload back with version + 1.
+struct Echo;
+impl Handler for Echo {
+    fn on_request(&self, req: Request, reply: Responder) {
+        let _ = reply.send(req.version + 1, req.codec, &req.payload);
+    }
+}
+
+#[test]
+fn echo_round_trips_small_and_large_and_counts_bytes() {
+    for d in drivers() {
+        let server = KvServer::bind("127.0.0.1:0", Echo, opts(d)).unwrap();
+        assert_eq!(server.driver(), d);
+        let client = KvClient::connect(server.local_addr(), 7, opts(d)).unwrap();
+        assert_eq!(client.driver(), d);
+        for len in [0usize, 4, 4096, 1 << 20, 9 << 20] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let r = client
+                .push(3, 41, PayloadCodec::Raw, 10, 20, &payload)
+                .unwrap()
+                .wait(WAIT)
+                .unwrap();
+            assert_eq!(
+                (r.key, r.version, r.offset, r.total, r.sender),
+                (3, 42, 10, 20, 0)
+            );
+            assert!(r.payload == payload, "{d:?} len {len}");
+        }
+        let c = client.stats();
+        assert_eq!(
+            c.frames_sent, c.frames_recv,
+            "{d:?}: one reply per push (plus hello/ack): {c:?}"
+        );
+        assert!(
+            c.bytes_sent >= 10 << 20 && c.bytes_recv >= 10 << 20,
+            "{c:?}"
+        );
+        let s = server.stats();
+        assert!(s.bytes_recv >= c.bytes_sent - 56 * 4, "{s:?} vs {c:?}");
+    }
+}
+
+/// Collects requests and answers them from another thread in reverse order.
+#[derive(Default)]
+struct Parker {
+    parked: Mutex<Vec<(Request, Responder)>>,
+}
+impl Handler for Parker {
+    fn on_request(&self, req: Request, reply: Responder) {
+        self.parked.lock().unwrap().push((req, reply));
+    }
+}
+
+#[test]
+fn many_in_flight_answered_later_from_another_thread_out_of_order() {
+    for d in drivers() {
+        let parker = Arc::new(Parker::default());
+        let server = KvServer::bind_with_id("127.0.0.1:0", 5, parker.clone(), opts(d)).unwrap();
+        let client = KvClient::connect(server.local_addr(), 9, opts(d)).unwrap();
+        assert_eq!(client.server_id(), 5);
+        let n = 300u64;
+        let pending: Vec<_> = (0..n)
+            .map(|k| {
+                client
+                    .push(
+                        k,
+                        k,
+                        PayloadCodec::DenseF32,
+                        0,
+                        1,
+                        &(k as f32).to_le_bytes(),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        let deadline = Instant::now() + WAIT;
+        while parker.parked.lock().unwrap().len() < n as usize {
+            assert!(Instant::now() < deadline, "requests did not arrive");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let parked = std::mem::take(&mut *parker.parked.lock().unwrap());
+        std::thread::spawn(move || {
+            for (req, reply) in parked.into_iter().rev() {
+                assert_eq!(req.sender, 9);
+                let _ = reply.send(req.key * 10, PayloadCodec::DenseF32, &req.payload);
+            }
+        })
+        .join()
+        .unwrap();
+        for (k, p) in pending.into_iter().enumerate() {
+            let r = p.wait(WAIT).unwrap();
+            assert_eq!((r.key, r.version), (k as u64, k as u64 * 10));
+            assert_eq!(r.payload, (k as f32).to_le_bytes());
+        }
+    }
+}
+
+#[test]
+fn unanswered_request_times_out_and_dropped_responder_reports_error() {
+    for d in drivers() {
+        let parker = Arc::new(Parker::default());
+        let server = KvServer::bind_with_id("127.0.0.1:0", 0, parker.clone(), opts(d)).unwrap();
+        let mut o = opts(d);
+        o.conn.request_timeout = Duration::from_millis(300);
+        let client = KvClient::connect(server.local_addr(), 1, o).unwrap();
+        let t0 = Instant::now();
+        let e = client.pull(1, 0, 0, 0).unwrap().wait(WAIT).unwrap_err();
+        assert!(matches!(e, NetError::Timeout(_)), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(3));
+        // The connection still works; a responder dropped unanswered yields a remote error.
+        let p = client.pull(2, 0, 0, 0).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while parker.parked.lock().unwrap().len() < 2 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        parker.parked.lock().unwrap().clear();
+        let e = p.wait(WAIT).unwrap_err();
+        assert!(
+            matches!(e, NetError::Remote(ref m) if m.contains("dropped")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn server_loss_fails_pending_at_once() {
+    for d in drivers() {
+        let parker = Arc::new(Parker::default());
+        let mut server = KvServer::bind_with_id("127.0.0.1:0", 0, parker.clone(), opts(d)).unwrap();
+        let mut o = opts(d);
+        o.conn.request_timeout = Duration::from_secs(60);
+        let client = KvClient::connect(server.local_addr(), 1, o).unwrap();
+        let p = client.push(1, 0, PayloadCodec::Raw, 0, 0, b"x").unwrap();
+        let deadline = Instant::now() + WAIT;
+        while parker.parked.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t0 = Instant::now();
+        std::mem::forget(std::mem::take(&mut *parker.parked.lock().unwrap()));
+        server.shutdown();
+        let e = p.wait(WAIT).unwrap_err();
+        assert!(matches!(e, NetError::PeerClosed(_)), "{d:?}: {e}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(client.closed_reason().is_some());
+        assert!(client.push(1, 0, PayloadCodec::Raw, 0, 0, b"x").is_err());
+    }
+}
+
+#[test]
+fn connect_and_handshake_timeouts() {
+    for d in drivers() {
+        // Nothing listens: refused quickly.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(KvClient::connect(port, 1, opts(d)).is_err());
+        // A listener that never answers the Hello.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let t0 = Instant::now();
+        let e = KvClient::connect(silent.local_addr().unwrap(), 1, opts(d))
+            .err()
+            .unwrap();
+        assert!(matches!(e, NetError::Timeout(_)), "{e}");
+        assert!(t0.elapsed() >= Duration::from_secs(2) && t0.elapsed() < Duration::from_secs(5));
+    }
+}
+
+#[derive(Default)]
+struct Watcher {
+    closed: Mutex<Vec<(u32, String)>>,
+}
+impl Handler for Watcher {
+    fn on_request(&self, req: Request, reply: Responder) {
+        let _ = reply.send(req.version, PayloadCodec::Raw, &[]);
+    }
+    fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
+        self.closed
+            .lock()
+            .unwrap()
+            .push((peer.node_id(), reason.to_string()));
+    }
+}
+
+#[test]
+fn silent_peer_is_dropped_after_peer_timeout() {
+    for d in drivers() {
+        let w = Arc::new(Watcher::default());
+        let server = KvServer::bind_with_id("127.0.0.1:0", 0, w.clone(), opts(d)).unwrap();
+        let mut raw = TcpStream::connect(server.local_addr()).unwrap();
+        let mut hello = FrameHeader::new(MsgKind::Hello);
+        hello.sender = 77;
+        raw.write_all(&encode(&Frame::new(hello, vec![]))).unwrap();
+        let t0 = Instant::now();
+        while w.closed.lock().unwrap().is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (id, why) = w.closed.lock().unwrap()[0].clone();
+        assert_eq!(id, 77);
+        assert!(why.contains("no traffic"), "{why}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(1500),
+            "{:?}",
+            t0.elapsed()
+        );
+        // Everything the server sent (HelloAck + heartbeats) then EOF.
+        let mut sink = Vec::new();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = raw.read_to_end(&mut sink);
+        assert!(sink.len() >= 56);
+    }
+}
+
+#[test]
+fn garbage_peer_is_dropped_while_good_peers_keep_pushing() {
+    for d in drivers() {
+        let handler = Arc::new(kv_sum::SumHandler::default());
+        let w = Arc::new(Watcher::default());
+        struct Both(Arc<kv_sum::SumHandler>, Arc<Watcher>);
+        impl Handler for Both {
+            fn on_request(&self, req: Request, reply: Responder) {
+                self.0.on_request(req, reply)
+            }
+            fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
+                self.1.on_disconnect(peer, reason)
+            }
+        }
+        let server = KvServer::bind_with_id(
+            "127.0.0.1:0",
+            0,
+            Arc::new(Both(handler, w.clone())),
+            opts(d),
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let good: Vec<_> = (0..2u32)
+            .map(|wk| {
+                std::thread::spawn(move || {
+                    let c = KvClient::connect(addr, 10 + wk, opts(d)).unwrap();
+                    let one = 1.0f32.to_le_bytes();
+                    for round in 0..200u64 {
+                        c.push(u64::from(wk), round, PayloadCodec::DenseF32, 0, 1, &one)
+                            .unwrap()
+                            .wait(WAIT)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Garbage peers of several kinds, interleaved with the good traffic.
+        let mut rng = 12345u64;
+        let mut bad_conns = 0;
+        for i in 0..12 {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let bytes: Vec<u8> = match i % 4 {
+                0 => (0..4096)
+                    .map(|_| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng as u8
+                    })
+                    .collect(),
+                1 => {
+                    // Valid Hello, then a header announcing 4 GiB.
+                    let mut b = encode(&Frame::new(FrameHeader::new(MsgKind::Hello), vec![]));
+                    let mut h = FrameHeader::new(MsgKind::Push).encode();
+                    h[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+                    b.extend_from_slice(&h);
+                    b
+                }
+                2 => {
+                    // Valid Hello, then an unknown kind.
+                    let mut b = encode(&Frame::new(FrameHeader::new(MsgKind::Hello), vec![]));
+                    let mut h = FrameHeader::new(MsgKind::Push).encode();
+                    h[5] = 99;
+                    b.extend_from_slice(&h);
+                    b
+                }
+                _ => encode(&Frame::new(FrameHeader::new(MsgKind::Push), vec![1, 2, 3])), // no Hello
+            };
+            let _ = s.write_all(&bytes);
+            bad_conns += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for g in good {
+            g.join().unwrap();
+        }
+        let c = KvClient::connect(addr, 99, opts(d)).unwrap();
+        for wk in 0..2u64 {
+            let r = c.pull(wk, 0, 0, 1).unwrap().wait(WAIT).unwrap();
+            assert_eq!(
+                r.payload,
+                200.0f32.to_le_bytes(),
+                "{d:?}: nothing lost for good peers"
+            );
+        }
+        let t0 = Instant::now();
+        while w.closed.lock().unwrap().len() < bad_conns {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                w.closed.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let reasons = w.closed.lock().unwrap().clone();
+        assert!(
+            reasons.iter().any(|(_, r)| r.contains("malformed")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|(_, r)| r.contains("before the handshake")),
+            "{reasons:?}"
+        );
+    }
+}
+
+#[test]
+fn oversize_payload_is_refused_locally() {
+    for d in drivers() {
+        let mut o = opts(d);
+        o.max_frame = 4096;
+        let server = KvServer::bind("127.0.0.1:0", Echo, o).unwrap();
+        let client = KvClient::connect(server.local_addr(), 1, o).unwrap();
+        let e = client
+            .push(0, 0, PayloadCodec::Raw, 0, 0, &[0u8; 4096])
+            .err()
+            .unwrap();
+        assert!(matches!(
+            e,
+            NetError::TooLarge {
+                len: 4096,
+                max: 4096
+            }
+        ));
+        assert!(client
+            .push(0, 0, PayloadCodec::Raw, 0, 0, &[0u8; 4000])
+            .unwrap()
+            .wait(WAIT)
+            .is_ok());
+    }
+}
