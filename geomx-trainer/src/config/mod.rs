@@ -1,1 +1,577 @@
 //! Cluster configuration: the TOML topology file, defaults and validation.
+//!
+//! [`Config::default`] is the built-in run (central DC with one global server, 2 data centers × 2
+//! workers, FSA, an MLP on the UCI digits). A TOML file overrides any subset of it; unknown keys and
+//! bad values are rejected with a message naming the field. [`Config::from_dmlc_env`] builds the
+//! configuration and this process's [`RoleSpec`] from the original GeoMX `DMLC_*` variables.
+
+mod dmlc;
+mod role;
+mod validate;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use role::{Role, RoleSpec};
+
+use crate::data::synthetic::SyntheticSpec;
+use crate::data::ShardStrategy;
+use crate::engine::{Fnv1a, OptimizerConfig};
+
+/// Rounds of the default run when neither `train.rounds` nor `train.epochs` is given.
+pub const DEFAULT_ROUNDS: u64 = 400;
+
+/// Errors from reading, parsing or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file, or `<string>`.
+        origin: String,
+        /// The parser's message (names the key and line).
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `cluster.data_centers[1].workers`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A `DMLC_*` variable is missing, malformed or inconsistent.
+    #[error("{var}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Topology and addresses.
+    pub cluster: ClusterConfig,
+    /// Model back end and architecture.
+    pub model: ModelConfig,
+    /// Data set, sharding and batch size.
+    pub data: DataConfig,
+    /// Length of training, evaluation cadence, optimizer.
+    pub train: TrainConfig,
+    /// Synchronisation algorithm of the global tier.
+    pub sync: SyncConfig,
+    /// Codecs per tier.
+    pub compression: CompressionConfig,
+    /// Transport per tier and I/O driver.
+    pub transport: TransportConfig,
+    /// Timeouts of the control plane.
+    pub timeouts: TimeoutsConfig,
+    /// MultiGPS key placement.
+    pub placement: PlacementConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[cluster]`: data centers, global servers and addresses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Number of global servers S (MultiGPS when > 1).
+    pub global_servers: usize,
+    /// Name of the central data center, which hosts the coordinator and the global servers. It may
+    /// name one of `data_centers` (that DC then also trains) or a separate site.
+    pub central_dc: String,
+    /// Host every process binds and advertises when no per-role address is given.
+    pub host: String,
+    /// First port for the launcher to hand out; 0 = OS-assigned ports (discovered at registration).
+    pub base_port: u16,
+    /// Address `host:port` of the coordinator (multi-host runs); `None` = chosen by the launcher.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// Addresses `host:port` of the global servers in order (multi-host runs); empty = automatic.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub global_server_addrs: Vec<String>,
+    /// The data centers that train, in order (their index is the `dc` of their processes).
+    pub data_centers: Vec<DataCenterConfig>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            global_servers: 1,
+            central_dc: "central".into(),
+            host: "127.0.0.1".into(),
+            base_port: 0,
+            coordinator: None,
+            global_server_addrs: Vec::new(),
+            data_centers: vec![
+                DataCenterConfig::new("dc0", 2),
+                DataCenterConfig::new("dc1", 2),
+            ],
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Total number of workers W.
+    pub fn total_workers(&self) -> usize {
+        self.data_centers.iter().map(|d| d.workers).sum()
+    }
+
+    /// Global worker index of (dc, rank): DCs in order, ranks in order within each.
+    pub fn global_worker_index(&self, dc: usize, rank: usize) -> Option<usize> {
+        let d = self.data_centers.get(dc)?;
+        (rank < d.workers).then(|| {
+            self.data_centers[..dc]
+                .iter()
+                .map(|d| d.workers)
+                .sum::<usize>()
+                + rank
+        })
+    }
+}
+
+/// One `[[cluster.data_centers]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataCenterConfig {
+    /// Unique name (letters, digits, `-`, `_`).
+    pub name: String,
+    /// Number of workers n_d (≥ 1).
+    pub workers: usize,
+    /// Address `host:port` of this DC's local server (multi-host runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_server: Option<String>,
+    /// Addresses `host:port` of its workers by rank (multi-host runs); empty = automatic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub worker_addrs: Vec<String>,
+}
+
+impl DataCenterConfig {
+    /// A DC with `workers` workers and automatic addresses.
+    pub fn new(name: &str, workers: usize) -> Self {
+        Self {
+            name: name.into(),
+            workers,
+            local_server: None,
+            worker_addrs: Vec::new(),
+        }
+    }
+}
+
+/// Model back ends. Open: a libtorch back end joins later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ModelKind {
+    /// The built-in CPU MLP ([`crate::engine::Mlp`]).
+    #[default]
+    Mlp,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Back end.
+    pub kind: ModelKind,
+    /// Hidden layer widths (empty = softmax regression).
+    pub hidden: Vec<usize>,
+    /// Seed of the initial parameters θ_0.
+    pub seed: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: ModelKind::Mlp,
+            hidden: vec![64],
+            seed: 42,
+        }
+    }
+}
+
+/// Data sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// The embedded UCI 8×8 digits (1,437 train / 360 test).
+    #[default]
+    Digits,
+    /// The seeded teacher-labelled task of `[data.synthetic]`.
+    Synthetic,
+    /// MNIST-format IDX files named in `[data.idx]`.
+    Idx,
+}
+
+/// `[data.idx]`: four IDX files (gzip or raw).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdxConfig {
+    /// Training images (u8, count × rows × cols).
+    pub train_images: PathBuf,
+    /// Training labels (u8, count).
+    pub train_labels: PathBuf,
+    /// Test images.
+    pub test_images: PathBuf,
+    /// Test labels.
+    pub test_labels: PathBuf,
+    /// Number of classes (labels must be below it).
+    pub classes: usize,
+}
+
+impl Default for IdxConfig {
+    fn default() -> Self {
+        Self {
+            train_images: PathBuf::new(),
+            train_labels: PathBuf::new(),
+            test_images: PathBuf::new(),
+            test_labels: PathBuf::new(),
+            classes: 10,
+        }
+    }
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Which data set.
+    pub dataset: DatasetKind,
+    /// How the training set is cut across workers.
+    pub split: ShardStrategy,
+    /// Samples per worker per round.
+    pub batch_size: usize,
+    /// Seed of sharding and of the per-epoch batch shuffles.
+    pub seed: u64,
+    /// Synthetic task parameters (used when `dataset = "synthetic"`).
+    pub synthetic: SyntheticSpec,
+    /// IDX file paths (used when `dataset = "idx"`).
+    pub idx: IdxConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: DatasetKind::Digits,
+            split: ShardStrategy::Iid,
+            batch_size: 32,
+            seed: 7,
+            synthetic: SyntheticSpec::default(),
+            idx: IdxConfig::default(),
+        }
+    }
+}
+
+/// `[train]`. Give `rounds` or `epochs`, not both; with neither, [`DEFAULT_ROUNDS`] rounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Number of synchronous rounds (one batch per worker each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<u64>,
+    /// Number of epochs over each worker's shard (converted to rounds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u64>,
+    /// Evaluate on the test set every this many rounds (0 = only at the end).
+    #[serde(default = "default_eval_every")]
+    pub eval_every: u64,
+    /// The optimizer the global servers run.
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+}
+
+fn default_eval_every() -> u64 {
+    50
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            rounds: Some(DEFAULT_ROUNDS),
+            epochs: None,
+            eval_every: default_eval_every(),
+            optimizer: OptimizerConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rounds to run, given how many full batches one worker's shard holds.
+    pub fn total_rounds(&self, batches_per_epoch: usize) -> u64 {
+        match (self.rounds, self.epochs) {
+            (Some(r), _) => r,
+            (None, Some(e)) => e.saturating_mul(batches_per_epoch as u64),
+            (None, None) => DEFAULT_ROUNDS,
+        }
+    }
+}
+
+/// Synchronisation algorithms of the global tier (sync.md). Open: `mixed`, `hfa` and `esync` join
+/// with their parameters in later work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum SyncAlgorithm {
+    /// Fully synchronous: every round the optimizer applies the mean gradient of all W workers.
+    #[default]
+    Fsa,
+}
+
+/// `[sync]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// The algorithm.
+    pub algorithm: SyncAlgorithm,
+}
+
+/// A codec of one tier (compression.md), selected by `codec`. Open: `fp16`, `bf16`, `bisparse` and
+/// `mpq` join with their parameters in later work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "codec", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Codec {
+    /// Dense f32, unchanged.
+    #[default]
+    None,
+}
+
+/// `[compression]`: `intra` = worker ↔ local server, `inter` = local ↔ global server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// Codec inside a DC.
+    pub intra: Codec,
+    /// Codec on the WAN tier.
+    pub inter: Codec,
+}
+
+/// Transport protocols of a tier. Open: `dgt` joins later (inter tier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// Framed TCP.
+    #[default]
+    Tcp,
+}
+
+/// I/O drivers of the transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Driver {
+    /// io_uring where the kernel allows it, else portable.
+    #[default]
+    Auto,
+    /// io_uring only (fail if unavailable).
+    IoUring,
+    /// Portable blocking sockets.
+    Portable,
+}
+
+/// `[transport]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportConfig {
+    /// Transport inside a DC.
+    pub intra: TransportKind,
+    /// Transport on the WAN tier.
+    pub inter: TransportKind,
+    /// I/O driver.
+    pub driver: Driver,
+}
+
+/// `[timeouts]`, in milliseconds (defaults from hips.md where it gives them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// Establishing a connection to a peer.
+    pub connect_ms: u64,
+    /// A request waiting for its answer (e.g. a push for its fused reply).
+    pub request_ms: u64,
+    /// A peer is dead after this long without any message (hips.md: 10 s).
+    pub peer_dead_ms: u64,
+    /// Registration must complete within this; the error names missing roles (hips.md: 60 s).
+    pub registration_ms: u64,
+    /// Heartbeat interval; any message counts (hips.md: 1 s).
+    pub heartbeat_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect_ms: 10_000,
+            request_ms: 120_000,
+            peer_dead_ms: 10_000,
+            registration_ms: 60_000,
+            heartbeat_ms: 1_000,
+        }
+    }
+}
+
+impl TimeoutsConfig {
+    /// Connect timeout.
+    pub fn connect(&self) -> Duration {
+        Duration::from_millis(self.connect_ms)
+    }
+    /// Request timeout.
+    pub fn request(&self) -> Duration {
+        Duration::from_millis(self.request_ms)
+    }
+    /// Peer-dead timeout.
+    pub fn peer_dead(&self) -> Duration {
+        Duration::from_millis(self.peer_dead_ms)
+    }
+    /// Registration timeout.
+    pub fn registration(&self) -> Duration {
+        Duration::from_millis(self.registration_ms)
+    }
+    /// Heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+}
+
+/// `[placement]`: the size-balanced MultiGPS placement (hips.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// Split bound B_max in elements (`MXNET_KVSTORE_BIGARRAY_BOUND`).
+    pub split_bound: usize,
+    /// Minimum range size in elements.
+    pub min_range: usize,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            split_bound: 1_000_000,
+            min_range: 4_096,
+        }
+    }
+}
+
+/// Log levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Progress (default).
+    #[default]
+    Info,
+    /// Protocol detail (`PS_VERBOSE=1`).
+    Debug,
+    /// Every message (`PS_VERBOSE=2`).
+    Trace,
+}
+
+impl LogLevel {
+    /// The `tracing` filter directive.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Level.
+    pub level: LogLevel,
+}
+
+impl Config {
+    /// Parses and validates a TOML configuration; absent keys keep their defaults.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with_origin(text, "<string>")
+    }
+
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_with_origin(&text, &path.display().to_string())
+    }
+
+    fn parse_with_origin(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        if cfg.train.rounds.is_none() && cfg.train.epochs.is_none() {
+            cfg.train.rounds = Some(DEFAULT_ROUNDS);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The configuration as TOML (every field spelled out).
+    pub fn to_toml_string(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
+    /// Stable 64-bit hash of everything that must agree across processes for a correct run: model,
+    /// data, training, sync, compression, transport kinds and placement. Addresses, ports, the I/O
+    /// driver, timeouts, log level and the cluster's shape are left out: they legitimately differ
+    /// between processes (e.g. in `DMLC_*` mode each process sees part of the topology), and the
+    /// coordinator checks the shape itself at registration. FNV-1a over canonical JSON.
+    pub fn config_hash(&self) -> u64 {
+        let view = serde_json::json!({
+            "model": self.model,
+            "data": self.data,
+            "train": self.train,
+            "sync": self.sync,
+            "compression": self.compression,
+            "transport": { "intra": self.transport.intra, "inter": self.transport.inter },
+            "placement": self.placement,
+        });
+        let mut h = Fnv1a::new();
+        h.write(view.to_string().as_bytes());
+        h.finish()
+    }
+
+    /// The configuration as pretty JSON (the report's "resolved configuration").
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,282 @@
 //! Data sets: the built-in UCI digits, synthetic data, IDX files, and sharding.
+//!
+//! A [`Dataset`] is a dense row-major `f32` feature matrix plus `u32` class labels. Models read a
+//! borrowed [`Samples`] view of it. [`load`] builds the train/test pair a configuration names;
+//! [`shard_indices`] cuts the training set across workers and [`Batcher`] iterates one worker's shard.
+
+mod batch;
+pub mod digits;
+pub mod idx;
+pub mod rng;
+mod shard;
+pub mod synthetic;
+
+use std::path::PathBuf;
+
+pub use batch::Batcher;
+pub use shard::{shard_indices, ShardStrategy};
+
+use crate::config::{DataConfig, DatasetKind};
+
+/// Errors from loading, validating or slicing data.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The embedded digits file could not be decompressed or parsed.
+    #[error("digits data, line {line}: {reason}")]
+    Digits {
+        /// 1-based line of the CSV (0 for decompression errors).
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An IDX file could not be read or is malformed.
+    #[error("IDX file {}: {source}", path.display())]
+    Idx {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: idx::IdxError,
+    },
+    /// Two IDX files that must agree (images and labels) do not.
+    #[error("IDX files {} and {}: {reason}", images.display(), labels.display())]
+    IdxPair {
+        /// Images file.
+        images: PathBuf,
+        /// Labels file.
+        labels: PathBuf,
+        /// What disagrees.
+        reason: String,
+    },
+    /// Buffers that do not form a valid data set.
+    #[error("invalid data set: {0}")]
+    Shape(String),
+    /// A sharding or batching request that cannot be met.
+    #[error("cannot split data: {0}")]
+    Split(String),
+}
+
+/// A borrowed view of `n` samples: `features` is row-major `n × n_features`, `labels` has `n` entries.
+#[derive(Debug, Clone, Copy)]
+pub struct Samples<'a> {
+    /// Row-major features.
+    pub features: &'a [f32],
+    /// One class label per row.
+    pub labels: &'a [u32],
+    /// Features per row.
+    pub n_features: usize,
+}
+
+impl Samples<'_> {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// An owned, validated labelled data set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    features: Vec<f32>,
+    labels: Vec<u32>,
+    n_features: usize,
+    n_classes: usize,
+}
+
+impl Dataset {
+    /// Builds a data set, checking that `features` has `labels.len() × n_features` finite values and
+    /// every label is below `n_classes`.
+    pub fn new(
+        features: Vec<f32>,
+        labels: Vec<u32>,
+        n_features: usize,
+        n_classes: usize,
+    ) -> Result<Self, DataError> {
+        if n_features == 0 || n_classes == 0 {
+            return Err(DataError::Shape(format!(
+                "n_features ({n_features}) and n_classes ({n_classes}) must be >= 1"
+            )));
+        }
+        if labels.len().checked_mul(n_features) != Some(features.len()) {
+            return Err(DataError::Shape(format!(
+                "{} feature values for {} samples of {} features",
+                features.len(),
+                labels.len(),
+                n_features
+            )));
+        }
+        if let Some(i) = features.iter().position(|v| !v.is_finite()) {
+            return Err(DataError::Shape(format!(
+                "non-finite feature at sample {}, feature {}",
+                i / n_features,
+                i % n_features
+            )));
+        }
+        if let Some(i) = labels.iter().position(|&l| l as usize >= n_classes) {
+            return Err(DataError::Shape(format!(
+                "label {} of sample {i} is not below n_classes = {n_classes}",
+                labels[i]
+            )));
+        }
+        Ok(Self {
+            features,
+            labels,
+            n_features,
+            n_classes,
+        })
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Features per sample.
+    pub fn n_features(&self) -> usize {
+        self.n_features
+    }
+
+    /// Number of classes (labels are `0..n_classes`).
+    pub fn n_classes(&self) -> usize {
+        self.n_classes
+    }
+
+    /// Row-major features.
+    pub fn features(&self) -> &[f32] {
+        &self.features
+    }
+
+    /// Labels.
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    /// The features of sample `i` (panics if `i >= len()`).
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.features[i * self.n_features..(i + 1) * self.n_features]
+    }
+
+    /// A borrowed view of all samples.
+    pub fn view(&self) -> Samples<'_> {
+        Samples {
+            features: &self.features,
+            labels: &self.labels,
+            n_features: self.n_features,
+        }
+    }
+
+    /// A new data set of the given samples, in the given order (panics on an index out of range:
+    /// indices come from this crate's sharding, never from input).
+    pub fn gather(&self, indices: &[usize]) -> Dataset {
+        let mut features = Vec::with_capacity(indices.len() * self.n_features);
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            features.extend_from_slice(self.row(i));
+            labels.push(self.labels[i]);
+        }
+        Dataset {
+            features,
+            labels,
+            n_features: self.n_features,
+            n_classes: self.n_classes,
+        }
+    }
+}
+
+/// A training set and a held-out test set with the same feature count and classes.
+#[derive(Debug, Clone)]
+pub struct TrainTest {
+    /// Training samples (sharded across workers).
+    pub train: Dataset,
+    /// Test samples (evaluation only).
+    pub test: Dataset,
+}
+
+/// The batcher of global worker `worker` out of `workers`: the training set is sharded with
+/// `cfg.split` and `cfg.seed`, and the worker's batches are shuffled per epoch with the same seed.
+pub fn batcher_for(
+    cfg: &DataConfig,
+    train: &Dataset,
+    workers: usize,
+    worker: usize,
+) -> Result<Batcher, DataError> {
+    let mut shards = shard_indices(train.labels(), workers, cfg.split, cfg.seed)?;
+    if worker >= shards.len() {
+        return Err(DataError::Split(format!(
+            "worker {worker} of {workers} does not exist"
+        )));
+    }
+    Batcher::new(
+        shards.swap_remove(worker),
+        cfg.batch_size,
+        cfg.seed,
+        worker as u64,
+    )
+}
+
+/// Loads the train/test pair that a `[data]` configuration names.
+pub fn load(cfg: &DataConfig) -> Result<TrainTest, DataError> {
+    match cfg.dataset {
+        DatasetKind::Digits => digits::train_test(),
+        DatasetKind::Synthetic => synthetic::generate(&cfg.synthetic),
+        DatasetKind::Idx => {
+            let paths = &cfg.idx;
+            let train = idx::load_pair(&paths.train_images, &paths.train_labels, paths.classes)?;
+            let test = idx::load_pair(&paths.test_images, &paths.test_labels, paths.classes)?;
+            if train.n_features() != test.n_features() {
+                return Err(DataError::IdxPair {
+                    images: paths.train_images.clone(),
+                    labels: paths.test_images.clone(),
+                    reason: format!(
+                        "train images have {} pixels, test images {}",
+                        train.n_features(),
+                        test.n_features()
+                    ),
+                });
+            }
+            Ok(TrainTest { train, test })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataset_new_rejects_bad_shapes() {
+        assert!(Dataset::new(vec![0.0; 6], vec![0, 1], 3, 2).is_ok());
+        assert!(matches!(
+            Dataset::new(vec![0.0; 5], vec![0, 1], 3, 2),
+            Err(DataError::Shape(_))
+        ));
+        assert!(matches!(
+            Dataset::new(vec![0.0; 6], vec![0, 2], 3, 2),
+            Err(DataError::Shape(_))
+        ));
+        let mut f = vec![0.0; 6];
+        f[4] = f32::NAN;
+        let err = Dataset::new(f, vec![0, 1], 3, 2).unwrap_err().to_string();
+        assert!(err.contains("sample 1, feature 1"), "{err}");
+        assert!(Dataset::new(vec![], vec![], 0, 2).is_err());
+    }
+
+    #[test]
+    fn gather_copies_rows_in_order() {
+        let d = Dataset::new((0..12).map(|v| v as f32).collect(), vec![0, 1, 2, 0], 3, 3).unwrap();
+        let g = d.gather(&[3, 1]);
+        assert_eq!(g.features(), &[9.0, 10.0, 11.0, 3.0, 4.0, 5.0]);
+        assert_eq!(g.labels(), &[0, 1]);
+        assert_eq!(g.view().len(), 2);
+    }
+}

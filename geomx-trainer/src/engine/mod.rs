@@ -1,1 +1,265 @@
 //! Model engines: the built-in CPU MLP and the engine interface.
+//!
+//! Every back end implements [`Model`]. Parameters are a list of flat `f32` tensors in a fixed layer
+//! order; a tensor's index in that list is its HiPS *key*. [`Model::backward_layerwise`] hands each
+//! tensor's gradient to a callback as soon as it is ready (last layer first) so that communication
+//! can overlap the rest of the backward pass; [`Model::loss_and_grad`] collects them instead.
+
+mod gemm;
+pub mod mlp;
+pub mod optim;
+pub mod reference;
+
+use serde::Serialize;
+
+use crate::config::{ModelConfig, ModelKind};
+use crate::data::Samples;
+
+pub use mlp::Mlp;
+pub use optim::{Optimizer, OptimizerConfig};
+
+/// Name and shape of one parameter tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TensorSpec {
+    /// Stable name, e.g. `fc0.weight`.
+    pub name: String,
+    /// Shape, outermost first (row-major layout of the flat tensor).
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for a tensor without elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Errors from running a model on given parameters and data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The parameter list has the wrong number of tensors.
+    #[error("expected {expected} parameter tensors, got {got}")]
+    TensorCount {
+        /// Tensors the model has.
+        expected: usize,
+        /// Tensors passed.
+        got: usize,
+    },
+    /// A parameter tensor has the wrong number of elements.
+    #[error("tensor {key} ({name}) has {got} elements, expected {expected}")]
+    TensorLen {
+        /// Key (index) of the tensor.
+        key: usize,
+        /// Its name.
+        name: String,
+        /// Elements expected.
+        expected: usize,
+        /// Elements passed.
+        got: usize,
+    },
+    /// The samples have another feature count than the model's input.
+    #[error("samples have {got} features, the model expects {expected}")]
+    Features {
+        /// Model input size.
+        expected: usize,
+        /// Samples' feature count.
+        got: usize,
+    },
+    /// The feature buffer does not hold `labels × n_features` values.
+    #[error("{values} feature values for {samples} samples of {n_features} features")]
+    Ragged {
+        /// Feature values passed.
+        values: usize,
+        /// Labels passed.
+        samples: usize,
+        /// Features per sample.
+        n_features: usize,
+    },
+    /// A label is not below the model's class count.
+    #[error("label {label} of sample {index} is not below {classes} classes")]
+    Label {
+        /// Sample index within the batch.
+        index: usize,
+        /// The label.
+        label: u32,
+        /// Model output size.
+        classes: usize,
+    },
+    /// A model architecture that cannot be built (e.g. a layer of zero units).
+    #[error("invalid architecture: {0}")]
+    Architecture(String),
+    /// An optimizer step got a gradient of another length than its parameters or state.
+    #[error("gradient has {got} elements, the optimizer holds {expected}")]
+    Length {
+        /// Elements of the parameters and the optimizer state.
+        expected: usize,
+        /// Elements of the gradient or parameters passed.
+        got: usize,
+    },
+    /// A gradient step was asked for on an empty batch.
+    #[error("empty batch")]
+    EmptyBatch,
+}
+
+/// Loss and accuracy of a model on a data set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Evaluation {
+    /// Mean cross-entropy loss.
+    pub loss: f64,
+    /// Fraction of samples whose arg-max prediction equals the label.
+    pub accuracy: f64,
+    /// Samples evaluated.
+    pub samples: usize,
+}
+
+/// The interface every model back end implements.
+pub trait Model: Send + Sync {
+    /// The parameter tensors in key order.
+    fn tensors(&self) -> &[TensorSpec];
+
+    /// Total number of parameters.
+    fn num_params(&self) -> usize {
+        self.tensors().iter().map(TensorSpec::len).sum()
+    }
+
+    /// Deterministic initial parameters for `seed`, one flat tensor per key.
+    fn init(&self, seed: u64) -> Vec<Vec<f32>>;
+
+    /// Output logits (`n × classes`, row-major) for row-major `features` of `n` samples.
+    fn forward(&self, params: &[Vec<f32>], features: &[f32]) -> Result<Vec<f32>, EngineError>;
+
+    /// Computes the mean loss over `batch` and its gradient. Each tensor's gradient goes to
+    /// `on_grad(key, grad)` as soon as it is ready, in descending key order (last layer first).
+    /// Returns the mean loss.
+    fn backward_layerwise(
+        &self,
+        params: &[Vec<f32>],
+        batch: Samples<'_>,
+        on_grad: &mut dyn FnMut(usize, Vec<f32>),
+    ) -> Result<f32, EngineError>;
+
+    /// Mean loss over `batch` and the gradient of every tensor, in key order.
+    fn loss_and_grad(
+        &self,
+        params: &[Vec<f32>],
+        batch: Samples<'_>,
+    ) -> Result<(f32, Vec<Vec<f32>>), EngineError> {
+        let mut grads: Vec<Vec<f32>> = vec![Vec::new(); self.tensors().len()];
+        let loss = self.backward_layerwise(params, batch, &mut |key, g| grads[key] = g)?;
+        Ok((loss, grads))
+    }
+
+    /// Mean loss and accuracy over `data`.
+    fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError>;
+}
+
+/// Builds the model a `[model]` configuration names for `inputs` features and `classes` classes.
+pub fn build_model(
+    cfg: &ModelConfig,
+    inputs: usize,
+    classes: usize,
+) -> Result<Box<dyn Model>, EngineError> {
+    match cfg.kind {
+        ModelKind::Mlp => Ok(Box::new(Mlp::new(inputs, &cfg.hidden, classes)?)),
+    }
+}
+
+/// Checks `params` against `specs` (count and lengths).
+pub fn check_params(specs: &[TensorSpec], params: &[Vec<f32>]) -> Result<(), EngineError> {
+    if specs.len() != params.len() {
+        return Err(EngineError::TensorCount {
+            expected: specs.len(),
+            got: params.len(),
+        });
+    }
+    for (key, (spec, p)) in specs.iter().zip(params).enumerate() {
+        if spec.len() != p.len() {
+            return Err(EngineError::TensorLen {
+                key,
+                name: spec.name.clone(),
+                expected: spec.len(),
+                got: p.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// 64-bit FNV-1a hash of parameter tensors (key order, little-endian f32 bits, each tensor preceded
+/// by its length): the replica check of hips.md compares these.
+pub fn params_hash(params: &[Vec<f32>]) -> u64 {
+    let mut h = Fnv1a::new();
+    for t in params {
+        h.write(&(t.len() as u64).to_le_bytes());
+        for v in t {
+            h.write(&v.to_bits().to_le_bytes());
+        }
+    }
+    h.finish()
+}
+
+/// Incremental 64-bit FNV-1a.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv1a(u64);
+
+impl Fnv1a {
+    /// A hasher at the FNV offset basis.
+    pub fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    /// Feeds bytes.
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// The hash so far.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_known_vectors() {
+        // Published FNV-1a 64 test vectors.
+        let h = |s: &str| {
+            let mut f = Fnv1a::new();
+            f.write(s.as_bytes());
+            f.finish()
+        };
+        assert_eq!(h(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(h("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(h("foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn params_hash_sees_every_bit_and_the_split() {
+        let a = vec![vec![1.0f32, 2.0], vec![3.0]];
+        let b = vec![vec![1.0f32], vec![2.0, 3.0]];
+        let c = vec![
+            vec![1.0f32, 2.0],
+            vec![f32::from_bits(3.0f32.to_bits() + 1)],
+        ];
+        assert_ne!(params_hash(&a), params_hash(&b));
+        assert_ne!(params_hash(&a), params_hash(&c));
+        assert_eq!(params_hash(&a), params_hash(&a.clone()));
+    }
+}

@@ -1,0 +1,498 @@
+//! Tests of parsing, defaults, validation, hashing, DMLC variables and the default run.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::data;
+use crate::engine::optim::{AdamConfig, SgdConfig};
+use crate::engine::reference::fsa_reference;
+
+const VANILLA: &str = include_str!("../../../examples/vanilla-hips.toml");
+const MULTI_GPS: &str = include_str!("../../../examples/multi-gps.toml");
+
+#[test]
+fn default_validates_and_has_the_documented_shape() {
+    let c = Config::default();
+    c.validate().unwrap();
+    assert_eq!(c.cluster.global_servers, 1);
+    assert_eq!(c.cluster.data_centers.len(), 2);
+    assert_eq!(c.cluster.total_workers(), 4);
+    assert_eq!(c.sync.algorithm, SyncAlgorithm::Fsa);
+    assert_eq!(c.timeouts.heartbeat(), Duration::from_secs(1));
+    assert_eq!(c.timeouts.peer_dead(), Duration::from_secs(10));
+    assert_eq!(c.timeouts.registration(), Duration::from_secs(60));
+    assert_eq!(
+        (c.placement.split_bound, c.placement.min_range),
+        (1_000_000, 4_096)
+    );
+    assert_eq!(c.cluster.global_worker_index(1, 1), Some(3));
+    assert_eq!(c.cluster.global_worker_index(1, 2), None);
+    assert_eq!(c.cluster.global_worker_index(2, 0), None);
+}
+
+#[test]
+fn empty_file_is_the_default_and_examples_parse() {
+    assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    assert_eq!(Config::from_toml_str(VANILLA).unwrap(), Config::default());
+    let m = Config::from_toml_str(MULTI_GPS).unwrap();
+    assert_eq!(m.cluster.global_servers, 3);
+    assert_eq!(m.cluster.total_workers(), 5);
+    assert_eq!(m.cluster.central_dc, "dc0");
+    assert_eq!(m.model.hidden, vec![128, 64]);
+    assert_eq!(m.placement.split_bound, 4096);
+}
+
+#[test]
+fn load_reads_files_and_names_them_in_errors() {
+    let dir = std::env::temp_dir().join(format!("geomx-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, MULTI_GPS).unwrap();
+    assert_eq!(Config::load(&good).unwrap().cluster.global_servers, 3);
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[cluster]\nglobal_server = 2\n").unwrap();
+    let err = Config::load(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.toml") && err.contains("global_server"),
+        "{err}"
+    );
+    let err = Config::load(dir.join("missing.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing.toml"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn toml_round_trip_keeps_every_field() {
+    let mut c = Config::default();
+    c.cluster.global_servers = 2;
+    c.cluster.coordinator = Some("10.0.0.1:9092".into());
+    c.cluster.global_server_addrs = vec!["10.0.0.1:9100".into(), "[::1]:9101".into()];
+    c.cluster.data_centers[1].workers = 3;
+    c.cluster.data_centers[1].local_server = Some("10.0.2.1:9200".into());
+    c.cluster.data_centers[0].worker_addrs = vec!["a:1".into(), "b:2".into()];
+    c.model.hidden = vec![32, 16];
+    c.data.split = ShardStrategy::ByClass;
+    c.data.dataset = DatasetKind::Synthetic;
+    c.train.rounds = None;
+    c.train.epochs = Some(3);
+    c.train.optimizer = OptimizerConfig::Adam(AdamConfig {
+        lr: 0.002,
+        ..AdamConfig::default()
+    });
+    c.transport.driver = Driver::IoUring;
+    c.log.level = LogLevel::Trace;
+    c.validate().unwrap();
+    let text = c.to_toml_string().unwrap();
+    assert_eq!(Config::from_toml_str(&text).unwrap(), c, "{text}");
+    let default_text = Config::default().to_toml_string().unwrap();
+    assert_eq!(
+        Config::from_toml_str(&default_text).unwrap(),
+        Config::default()
+    );
+    // JSON (the report's resolved configuration) round-trips too.
+    let json = c.to_json();
+    assert_eq!(json["cluster"]["data_centers"][1]["workers"], 3);
+    assert_eq!(serde_json::from_value::<Config>(json).unwrap(), c);
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_name() {
+    for (text, key) in [
+        ("colour = 1", "colour"),
+        ("[cluster]\nglobal_server = 2", "global_server"),
+        (
+            "[[cluster.data_centers]]\nname = \"a\"\nworkers = 1\nwokers = 2",
+            "wokers",
+        ),
+        (
+            "[train.optimizer]\nkind = \"sgd\"\nmomentun = 0.5",
+            "momentun",
+        ),
+        (
+            "[train.optimizer]\nkind = \"adam\"\nmomentum = 0.5",
+            "momentum",
+        ),
+        ("[sync]\nalgorithm = \"hfa\"", "hfa"),
+        (
+            "[compression]\ninter = { codec = \"bisparse\" }",
+            "bisparse",
+        ),
+        ("[transport]\ninter = \"dgt\"", "dgt"),
+        ("[data]\nsplit = \"by_label\"", "by_label"),
+        ("[placement]\nbound = 5", "bound"),
+    ] {
+        let err = Config::from_toml_str(text).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{text}: {msg}");
+        assert!(msg.contains(key), "{text}: {msg}");
+    }
+}
+
+#[test]
+fn every_bad_value_names_its_field() {
+    let dcs = |a: &str, b: &str| {
+        format!("[[cluster.data_centers]]\n{a}\n[[cluster.data_centers]]\n{b}\n")
+    };
+    let cases: Vec<(String, &str)> = vec![
+        ("[cluster]\nglobal_servers = 0".into(), "cluster.global_servers"),
+        ("[cluster]\ncentral_dc = \"\"".into(), "cluster.central_dc"),
+        ("[cluster]\nhost = \" \"".into(), "cluster.host"),
+        ("[cluster]\ncoordinator = \"nohost\"".into(), "cluster.coordinator"),
+        (
+            "[cluster]\nglobal_servers = 2\nglobal_server_addrs = [\"a:1\"]".into(),
+            "cluster.global_server_addrs",
+        ),
+        ("[cluster]\nglobal_server_addrs = [\"a:x\"]".into(), "cluster.global_server_addrs[0]"),
+        ("[cluster]\ndata_centers = []".into(), "cluster.data_centers"),
+        (dcs("name = \"a\"\nworkers = 1", "name = \"b\"\nworkers = 0"), "cluster.data_centers[1].workers"),
+        (dcs("name = \"a\"\nworkers = 1", "name = \"a\"\nworkers = 1"), "cluster.data_centers[1].name"),
+        (dcs("name = \"a b\"\nworkers = 1", "name = \"c\"\nworkers = 1"), "cluster.data_centers[0].name"),
+        (
+            dcs("name = \"a\"\nworkers = 1\nlocal_server = \"x\"", "name = \"b\"\nworkers = 1"),
+            "cluster.data_centers[0].local_server",
+        ),
+        (
+            dcs("name = \"a\"\nworkers = 2\nworker_addrs = [\"h:1\"]", "name = \"b\"\nworkers = 1"),
+            "cluster.data_centers[0].worker_addrs",
+        ),
+        (
+            dcs("name = \"a\"\nworkers = 1", "name = \"b\"\nworkers = 2\nworker_addrs = [\"h:1\", \"h\"]"),
+            "cluster.data_centers[1].worker_addrs[1]",
+        ),
+        ("[model]\nhidden = [64, 0]".into(), "model.hidden[1]"),
+        ("[data]\nbatch_size = 0".into(), "data.batch_size"),
+        ("[data]\nbatch_size = 400".into(), "data.batch_size"),
+        ("[data]\ndataset = \"idx\"".into(), "data.idx.train_images"),
+        (
+            "[data]\ndataset = \"idx\"\n[data.idx]\ntrain_images = \"a\"\ntrain_labels = \"b\"\ntest_images = \"c\"\ntest_labels = \"d\"\nclasses = 1".into(),
+            "data.idx.classes",
+        ),
+        ("[data.synthetic]\nfeatures = 0".into(), "data.synthetic.features"),
+        ("[data.synthetic]\nclasses = 1".into(), "data.synthetic.classes"),
+        ("[data.synthetic]\ntrain_samples = 0".into(), "data.synthetic.train_samples"),
+        ("[data.synthetic]\ntest_samples = 0".into(), "data.synthetic.test_samples"),
+        ("[train]\nrounds = 0".into(), "train.rounds"),
+        ("[train]\nepochs = 0".into(), "train.epochs"),
+        ("[train]\nrounds = 5\nepochs = 2".into(), "train.epochs"),
+        ("[train.optimizer]\nkind = \"sgd\"\nlr = 0.0".into(), "train.optimizer.lr"),
+        ("[train.optimizer]\nkind = \"sgd\"\nlr = nan".into(), "train.optimizer.lr"),
+        ("[train.optimizer]\nkind = \"sgd\"\nmomentum = 1.0".into(), "train.optimizer.momentum"),
+        ("[train.optimizer]\nkind = \"sgd\"\nmomentum = 0.0\nnesterov = true".into(), "train.optimizer.nesterov"),
+        ("[train.optimizer]\nkind = \"sgd\"\nweight_decay = -1.0".into(), "train.optimizer.weight_decay"),
+        ("[train.optimizer]\nkind = \"adam\"\nlr = inf".into(), "train.optimizer.lr"),
+        ("[train.optimizer]\nkind = \"adam\"\nbeta1 = 1.5".into(), "train.optimizer.beta1"),
+        ("[train.optimizer]\nkind = \"adam\"\nbeta2 = -0.1".into(), "train.optimizer.beta2"),
+        ("[train.optimizer]\nkind = \"adam\"\nepsilon = 0.0".into(), "train.optimizer.epsilon"),
+        ("[train.optimizer]\nkind = \"adam\"\nweight_decay = inf".into(), "train.optimizer.weight_decay"),
+        ("[timeouts]\nconnect_ms = 0".into(), "timeouts.connect_ms"),
+        ("[timeouts]\nrequest_ms = 0".into(), "timeouts.request_ms"),
+        ("[timeouts]\nregistration_ms = 0".into(), "timeouts.registration_ms"),
+        ("[timeouts]\npeer_dead_ms = 0".into(), "timeouts.peer_dead_ms"),
+        ("[timeouts]\nheartbeat_ms = 0".into(), "timeouts.heartbeat_ms"),
+        ("[timeouts]\nheartbeat_ms = 10000".into(), "timeouts.heartbeat_ms"),
+        ("[placement]\nmin_range = 0".into(), "placement.min_range"),
+        ("[placement]\nsplit_bound = 100".into(), "placement.split_bound"),
+        ("[placement]\nsplit_bound = 5000000000".into(), "placement.split_bound"),
+    ];
+    for (text, field) in &cases {
+        match Config::from_toml_str(text) {
+            Err(ConfigError::Invalid { field: f, message }) => {
+                assert_eq!(&f, field, "{text}: {message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{text}: expected an error naming {field}, got {other:?}"),
+        }
+    }
+    // A type error is a parse error that names the key.
+    let err = Config::from_toml_str("[cluster]\nglobal_servers = \"two\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("global_servers"), "{err}");
+}
+
+#[test]
+fn partial_tables_keep_other_defaults_and_rounds_or_epochs_resolve() {
+    let c = Config::from_toml_str("[train.optimizer]\nkind = \"sgd\"\nlr = 0.05").unwrap();
+    assert_eq!(
+        c.train.optimizer,
+        OptimizerConfig::Sgd(SgdConfig {
+            lr: 0.05,
+            ..SgdConfig::default()
+        })
+    );
+    assert_eq!(c.train.rounds, Some(DEFAULT_ROUNDS));
+    let e = Config::from_toml_str("[train]\nepochs = 3").unwrap();
+    assert_eq!((e.train.rounds, e.train.epochs), (None, Some(3)));
+    assert_eq!(e.train.total_rounds(11), 33);
+    assert_eq!(e.train.eval_every, 50);
+    let a = Config::from_toml_str("[train.optimizer]\nkind = \"adam\"").unwrap();
+    assert_eq!(
+        a.train.optimizer,
+        OptimizerConfig::Adam(AdamConfig::default())
+    );
+}
+
+#[test]
+fn config_hash_is_stable_and_covers_training_fields_only() {
+    let a = Config::default();
+    let h = a.config_hash();
+    assert_eq!(h, Config::from_toml_str(VANILLA).unwrap().config_hash());
+    assert_eq!(h, a.clone().config_hash());
+    let mut host = a.clone();
+    host.cluster.host = "10.1.1.1".into();
+    host.timeouts.request_ms = 5;
+    host.transport.driver = Driver::Portable;
+    host.log.level = LogLevel::Debug;
+    assert_eq!(host.config_hash(), h);
+    let mut seed = a.clone();
+    seed.model.seed = 43;
+    assert_ne!(seed.config_hash(), h);
+    let mut lr = a.clone();
+    lr.train.optimizer = OptimizerConfig::Sgd(SgdConfig {
+        lr: 0.1000001,
+        ..SgdConfig::default()
+    });
+    assert_ne!(lr.config_hash(), h);
+    let mut split = a.clone();
+    split.placement.min_range = 4_095;
+    assert_ne!(split.config_hash(), h);
+}
+
+/// The default run learns: the same model trained in-process on the mean gradient of the 4
+/// worker shards (exactly what FSA computes) reaches >= 0.93 test accuracy.
+#[test]
+fn default_run_reaches_093_test_accuracy_in_process() {
+    let cfg = Config::default();
+    let data = data::load(&cfg.data).unwrap();
+    let run = fsa_reference(&cfg, &data, None).unwrap();
+    assert_eq!(run.rounds, DEFAULT_ROUNDS);
+    let last = run.final_eval().unwrap();
+    assert!(last.accuracy >= 0.93, "{:?}", run.evals);
+    assert_eq!(last.samples, data::digits::TEST_SAMPLES);
+    let early: f32 = run.train_loss[..10].iter().sum::<f32>() / 10.0;
+    let late: f32 = run.train_loss[run.train_loss.len() - 10..]
+        .iter()
+        .sum::<f32>()
+        / 10.0;
+    assert!(late < 0.25 * early, "loss {early} -> {late}");
+}
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The environment sets of GeoMX's `run_vanilla_hips.sh` (central party + parties A and B).
+#[test]
+fn dmlc_env_of_the_original_vanilla_script() {
+    let global = [
+        ("DMLC_PS_GLOBAL_ROOT_URI", "127.0.0.1"),
+        ("DMLC_PS_GLOBAL_ROOT_PORT", "9092"),
+        ("DMLC_NUM_GLOBAL_SERVER", "1"),
+        ("DMLC_NUM_GLOBAL_WORKER", "2"),
+        ("PS_VERBOSE", "1"),
+        ("DMLC_INTERFACE", "eth0"),
+    ];
+    let party = |port: &'static str, workers: &'static str| {
+        vec![
+            ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+            ("DMLC_PS_ROOT_PORT", port),
+            ("DMLC_NUM_SERVER", "1"),
+            ("DMLC_NUM_WORKER", workers),
+        ]
+    };
+
+    // Global scheduler: geomx needs W as well (it registers every worker).
+    let mut sched = global.to_vec();
+    sched.push(("DMLC_ROLE_GLOBAL", "global_scheduler"));
+    let err = Config::from_dmlc_env(&env(&sched)).unwrap_err().to_string();
+    assert!(err.starts_with("DMLC_NUM_ALL_WORKER"), "{err}");
+    sched.push(("DMLC_NUM_ALL_WORKER", "4"));
+    let (c, r) = Config::from_dmlc_env(&env(&sched)).unwrap();
+    assert_eq!(r.role, Role::Coordinator);
+    assert_eq!(c.cluster.coordinator.as_deref(), Some("127.0.0.1:9092"));
+    assert_eq!(
+        c.cluster
+            .data_centers
+            .iter()
+            .map(|d| d.workers)
+            .collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    assert_eq!(c.log.level, LogLevel::Debug);
+    assert_eq!(r.interface.as_deref(), Some("eth0"));
+
+    // Global server (central party).
+    let mut gs = global.to_vec();
+    gs.extend(party("9093", "1"));
+    gs.extend([
+        ("DMLC_ROLE_GLOBAL", "global_server"),
+        ("DMLC_ROLE", "server"),
+        ("DMLC_ENABLE_CENTRAL_WORKER", "0"),
+        ("DMLC_NUM_ALL_WORKER", "4"),
+    ]);
+    let (c, r) = Config::from_dmlc_env(&env(&gs)).unwrap();
+    assert_eq!(r.role, Role::GlobalServer);
+    assert_eq!(
+        (c.cluster.global_servers, c.cluster.total_workers()),
+        (1, 4)
+    );
+    assert_eq!(c.cluster.central_dc, "central");
+    assert_eq!(r.dc_coordinator.as_deref(), Some("127.0.0.1:9093"));
+
+    // Master worker.
+    let mut mw = party("9093", "1");
+    mw.extend([
+        ("DMLC_ROLE", "worker"),
+        ("DMLC_ROLE_MASTER_WORKER", "1"),
+        ("DMLC_NUM_ALL_WORKER", "4"),
+    ]);
+    assert_eq!(
+        Config::from_dmlc_env(&env(&mw)).unwrap().1.role,
+        Role::MasterWorker
+    );
+
+    // Party scheduler → DC coordinator.
+    let mut ps = party("9094", "2");
+    ps.push(("DMLC_ROLE", "scheduler"));
+    let (c, r) = Config::from_dmlc_env(&env(&ps)).unwrap();
+    assert_eq!(r.role, Role::DcCoordinator);
+    assert_eq!(c.cluster.data_centers[0].workers, 2);
+    assert_eq!(r.dc_coordinator.as_deref(), Some("127.0.0.1:9094"));
+
+    // Local server of party A.
+    let mut ls = global.to_vec();
+    ls.extend(party("9094", "2"));
+    ls.push(("DMLC_ROLE", "server"));
+    let (c, r) = Config::from_dmlc_env(&env(&ls)).unwrap();
+    assert_eq!(r.role, Role::LocalServer);
+    assert_eq!(
+        (c.cluster.data_centers.len(), c.cluster.total_workers()),
+        (2, 4)
+    );
+    assert_eq!((r.dc, r.rank), (None, None));
+
+    // Worker of party B, with our optional DC/rank and advertised address.
+    let mut wk = party("9095", "2");
+    wk.extend([
+        ("DMLC_ROLE", "worker"),
+        ("DMLC_NUM_ALL_WORKER", "4"),
+        ("GEOMX_DC", "1"),
+        ("GEOMX_RANK", "0"),
+        ("DMLC_NODE_HOST", "10.0.0.7"),
+        ("PORT", "9300"),
+    ]);
+    let (c, r) = Config::from_dmlc_env(&env(&wk)).unwrap();
+    assert_eq!(r.role, Role::Worker);
+    assert_eq!((r.dc, r.rank, r.port), (Some(1), Some(0), Some(9300)));
+    assert_eq!(r.node_host.as_deref(), Some("10.0.0.7"));
+    assert_eq!(c.cluster.host, "10.0.0.7");
+    assert_eq!(c.cluster.total_workers(), 4);
+    assert_eq!(c.cluster.data_centers.len(), 2);
+    // Every process agrees on the training hash.
+    let hashes: Vec<u64> = [&sched, &gs, &mw, &ps, &ls, &wk]
+        .iter()
+        .map(|e| Config::from_dmlc_env(&env(e)).unwrap().0.config_hash())
+        .collect();
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+}
+
+#[test]
+fn dmlc_env_mappings_and_errors() {
+    // MultiGPS, central worker enabled, big-array bound, verbose 2.
+    let (c, r) = Config::from_dmlc_env(&env(&[
+        ("DMLC_ROLE_GLOBAL", "global_server"),
+        ("DMLC_NUM_SERVER", "3"),
+        ("DMLC_NUM_GLOBAL_WORKER", "3"),
+        ("DMLC_NUM_ALL_WORKER", "6"),
+        ("DMLC_ENABLE_CENTRAL_WORKER", "1"),
+        ("MXNET_KVSTORE_BIGARRAY_BOUND", "2048"),
+        ("PS_VERBOSE", "2"),
+        ("DMLC_PS_GLOBAL_ROOT_URI", "::1"),
+        ("DMLC_PS_GLOBAL_ROOT_PORT", "9000"),
+    ]))
+    .unwrap();
+    assert_eq!(r.role, Role::GlobalServer);
+    assert_eq!(c.cluster.global_servers, 3);
+    assert_eq!(c.cluster.central_dc, "dc0");
+    assert_eq!(c.cluster.total_workers(), 6);
+    assert_eq!(
+        (c.placement.split_bound, c.placement.min_range),
+        (2048, 2048)
+    );
+    assert_eq!(c.log.level, LogLevel::Trace);
+    assert_eq!(c.cluster.coordinator.as_deref(), Some("[::1]:9000"));
+
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[], "DMLC_ROLE"),
+        (&[("DMLC_ROLE", "boss")], "DMLC_ROLE"),
+        (&[("DMLC_ROLE_GLOBAL", "worker")], "DMLC_ROLE_GLOBAL"),
+        (
+            &[
+                ("DMLC_ROLE_GLOBAL", "global_server"),
+                ("DMLC_ROLE", "worker"),
+            ],
+            "DMLC_ROLE",
+        ),
+        (
+            &[("DMLC_ROLE", "worker"), ("DMLC_ROLE_MASTER_WORKER", "yes")],
+            "DMLC_ROLE_MASTER_WORKER",
+        ),
+        (
+            &[("DMLC_ROLE", "worker"), ("DMLC_NUM_WORKER", "two")],
+            "DMLC_NUM_WORKER",
+        ),
+        (
+            &[("DMLC_ROLE", "worker"), ("DMLC_NUM_WORKER", "0")],
+            "DMLC_NUM_WORKER",
+        ),
+        (
+            &[
+                ("DMLC_ROLE", "worker"),
+                ("DMLC_NUM_WORKER", "2"),
+                ("DMLC_NUM_ALL_WORKER", "5"),
+            ],
+            "DMLC_NUM_ALL_WORKER",
+        ),
+        (
+            &[
+                ("DMLC_ROLE", "server"),
+                ("DMLC_NUM_WORKER", "3"),
+                ("DMLC_NUM_GLOBAL_WORKER", "2"),
+                ("DMLC_NUM_ALL_WORKER", "4"),
+            ],
+            "DMLC_NUM_WORKER",
+        ),
+        (
+            &[("DMLC_ROLE_GLOBAL", "global_scheduler")],
+            "DMLC_NUM_GLOBAL_WORKER",
+        ),
+        (
+            &[("DMLC_ROLE", "worker"), ("DMLC_PS_ROOT_URI", "h")],
+            "DMLC_PS_ROOT_PORT",
+        ),
+        (
+            &[
+                ("DMLC_ROLE", "worker"),
+                ("DMLC_PS_ROOT_URI", "h"),
+                ("DMLC_PS_ROOT_PORT", "70000"),
+            ],
+            "DMLC_PS_ROOT_PORT",
+        ),
+        (&[("DMLC_ROLE", "worker"), ("GEOMX_DC", "1")], "GEOMX_DC"),
+        (
+            &[("DMLC_ROLE", "worker"), ("PS_VERBOSE", "-1")],
+            "PS_VERBOSE",
+        ),
+    ];
+    for (vars, var) in cases {
+        match Config::from_dmlc_env(&env(vars)) {
+            Err(ConfigError::Env { var: v, message }) => assert_eq!(&v, var, "{vars:?}: {message}"),
+            other => panic!("{vars:?}: expected an error naming {var}, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! `Config::validate`: value ranges and cross-field rules, each error naming its field.
+
+use super::{Config, ConfigError, DatasetKind};
+use crate::data::digits;
+use crate::engine::OptimizerConfig;
+
+type Result = std::result::Result<(), ConfigError>;
+
+fn check(ok: bool, field: impl FnOnce() -> String, message: impl FnOnce() -> String) -> Result {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(field(), message()))
+    }
+}
+
+/// Accepts `host:port` and `[v6]:port` with a non-empty host and a numeric port.
+fn valid_addr(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner
+            .strip_suffix(']')
+            .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty() && !host.contains(':') && !host.contains(char::is_whitespace)
+    };
+    host_ok && port.parse::<u16>().is_ok()
+}
+
+fn check_addr(field: &str, addr: &str) -> Result {
+    check(
+        valid_addr(addr),
+        || field.to_string(),
+        || format!("{addr:?} is not a host:port address"),
+    )
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn positive_finite(field: &str, v: f32) -> Result {
+    check(
+        v.is_finite() && v > 0.0,
+        || field.into(),
+        || format!("{v} must be a finite number > 0"),
+    )
+}
+
+fn unit_interval(field: &str, v: f32) -> Result {
+    check(
+        (0.0..1.0).contains(&v),
+        || field.into(),
+        || format!("{v} must be in [0, 1)"),
+    )
+}
+
+fn non_negative(field: &str, v: f32) -> Result {
+    check(
+        v.is_finite() && v >= 0.0,
+        || field.into(),
+        || format!("{v} must be a finite number >= 0"),
+    )
+}
+
+impl Config {
+    /// Checks every value and cross-field rule; the first violation is returned with its field.
+    pub fn validate(&self) -> Result {
+        self.validate_cluster()?;
+        self.validate_model_and_data()?;
+        self.validate_train()?;
+        self.validate_timeouts_and_placement()
+    }
+
+    fn validate_cluster(&self) -> Result {
+        let c = &self.cluster;
+        check(
+            c.global_servers >= 1,
+            || "cluster.global_servers".into(),
+            || "must be >= 1".into(),
+        )?;
+        check(
+            valid_name(&c.central_dc),
+            || "cluster.central_dc".into(),
+            || {
+                format!(
+                    "{:?} must be non-empty letters, digits, '-' or '_'",
+                    c.central_dc
+                )
+            },
+        )?;
+        check(
+            !c.host.trim().is_empty(),
+            || "cluster.host".into(),
+            || "must not be empty".into(),
+        )?;
+        if let Some(addr) = &c.coordinator {
+            check_addr("cluster.coordinator", addr)?;
+        }
+        check(
+            c.global_server_addrs.is_empty() || c.global_server_addrs.len() == c.global_servers,
+            || "cluster.global_server_addrs".into(),
+            || {
+                format!(
+                    "{} addresses for {} global servers",
+                    c.global_server_addrs.len(),
+                    c.global_servers
+                )
+            },
+        )?;
+        for (i, a) in c.global_server_addrs.iter().enumerate() {
+            check_addr(&format!("cluster.global_server_addrs[{i}]"), a)?;
+        }
+        check(
+            !c.data_centers.is_empty(),
+            || "cluster.data_centers".into(),
+            || "at least one data center is required".into(),
+        )?;
+        for (i, dc) in c.data_centers.iter().enumerate() {
+            let f = |name: &str| format!("cluster.data_centers[{i}].{name}");
+            check(
+                valid_name(&dc.name),
+                || f("name"),
+                || {
+                    format!(
+                        "{:?} must be non-empty letters, digits, '-' or '_'",
+                        dc.name
+                    )
+                },
+            )?;
+            check(
+                !c.data_centers[..i].iter().any(|o| o.name == dc.name),
+                || f("name"),
+                || format!("{:?} is used by an earlier data center", dc.name),
+            )?;
+            check(dc.workers >= 1, || f("workers"), || "must be >= 1".into())?;
+            if let Some(addr) = &dc.local_server {
+                check_addr(&f("local_server"), addr)?;
+            }
+            check(
+                dc.worker_addrs.is_empty() || dc.worker_addrs.len() == dc.workers,
+                || f("worker_addrs"),
+                || {
+                    format!(
+                        "{} addresses for {} workers",
+                        dc.worker_addrs.len(),
+                        dc.workers
+                    )
+                },
+            )?;
+            for (r, a) in dc.worker_addrs.iter().enumerate() {
+                check_addr(&format!("cluster.data_centers[{i}].worker_addrs[{r}]"), a)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_model_and_data(&self) -> Result {
+        for (i, &h) in self.model.hidden.iter().enumerate() {
+            check(
+                h >= 1,
+                || format!("model.hidden[{i}]"),
+                || "must be >= 1".into(),
+            )?;
+        }
+        let d = &self.data;
+        check(
+            d.batch_size >= 1,
+            || "data.batch_size".into(),
+            || "must be >= 1".into(),
+        )?;
+        let s = &d.synthetic;
+        check(
+            s.features >= 1,
+            || "data.synthetic.features".into(),
+            || "must be >= 1".into(),
+        )?;
+        check(
+            s.classes >= 2,
+            || "data.synthetic.classes".into(),
+            || "must be >= 2".into(),
+        )?;
+        check(
+            s.train_samples >= 1,
+            || "data.synthetic.train_samples".into(),
+            || "must be >= 1".into(),
+        )?;
+        check(
+            s.test_samples >= 1,
+            || "data.synthetic.test_samples".into(),
+            || "must be >= 1".into(),
+        )?;
+        let train_samples = match d.dataset {
+            DatasetKind::Digits => Some(digits::TRAIN_SAMPLES),
+            DatasetKind::Synthetic => Some(s.train_samples),
+            DatasetKind::Idx => {
+                let idx = &d.idx;
+                for (name, p) in [
+                    ("train_images", &idx.train_images),
+                    ("train_labels", &idx.train_labels),
+                    ("test_images", &idx.test_images),
+                    ("test_labels", &idx.test_labels),
+                ] {
+                    check(
+                        !p.as_os_str().is_empty(),
+                        || format!("data.idx.{name}"),
+                        || "a path is required when data.dataset = \"idx\"".into(),
+                    )?;
+                }
+                check(
+                    idx.classes >= 2,
+                    || "data.idx.classes".into(),
+                    || "must be >= 2".into(),
+                )?;
+                None
+            }
+        };
+        if let Some(n) = train_samples {
+            let workers = self.cluster.total_workers().max(1);
+            let per = n / workers;
+            check(
+                d.batch_size <= per,
+                || "data.batch_size".into(),
+                || {
+                    format!(
+                        "{} exceeds the {per} samples of each of the {workers} worker shards",
+                        d.batch_size
+                    )
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn validate_train(&self) -> Result {
+        let t = &self.train;
+        check(
+            !(t.rounds.is_some() && t.epochs.is_some()),
+            || "train.epochs".into(),
+            || "give train.rounds or train.epochs, not both".into(),
+        )?;
+        check(
+            t.rounds != Some(0),
+            || "train.rounds".into(),
+            || "must be >= 1".into(),
+        )?;
+        check(
+            t.epochs != Some(0),
+            || "train.epochs".into(),
+            || "must be >= 1".into(),
+        )?;
+        match &t.optimizer {
+            OptimizerConfig::Sgd(c) => {
+                positive_finite("train.optimizer.lr", c.lr)?;
+                unit_interval("train.optimizer.momentum", c.momentum)?;
+                check(
+                    !c.nesterov || c.momentum > 0.0,
+                    || "train.optimizer.nesterov".into(),
+                    || "needs train.optimizer.momentum > 0".into(),
+                )?;
+                non_negative("train.optimizer.weight_decay", c.weight_decay)
+            }
+            OptimizerConfig::Adam(c) => {
+                positive_finite("train.optimizer.lr", c.lr)?;
+                unit_interval("train.optimizer.beta1", c.beta1)?;
+                unit_interval("train.optimizer.beta2", c.beta2)?;
+                positive_finite("train.optimizer.epsilon", c.epsilon)?;
+                non_negative("train.optimizer.weight_decay", c.weight_decay)
+            }
+        }
+    }
+
+    fn validate_timeouts_and_placement(&self) -> Result {
+        let t = &self.timeouts;
+        for (name, v) in [
+            ("connect_ms", t.connect_ms),
+            ("request_ms", t.request_ms),
+            ("peer_dead_ms", t.peer_dead_ms),
+            ("registration_ms", t.registration_ms),
+            ("heartbeat_ms", t.heartbeat_ms),
+        ] {
+            check(
+                v >= 1,
+                || format!("timeouts.{name}"),
+                || "must be >= 1".into(),
+            )?;
+        }
+        check(
+            t.heartbeat_ms < t.peer_dead_ms,
+            || "timeouts.heartbeat_ms".into(),
+            || {
+                format!(
+                    "{} must be below timeouts.peer_dead_ms ({}), or live peers are declared dead",
+                    t.heartbeat_ms, t.peer_dead_ms
+                )
+            },
+        )?;
+        let p = &self.placement;
+        check(
+            p.min_range >= 1,
+            || "placement.min_range".into(),
+            || "must be >= 1".into(),
+        )?;
+        check(
+            p.split_bound >= p.min_range,
+            || "placement.split_bound".into(),
+            || {
+                format!(
+                    "{} must be >= placement.min_range ({})",
+                    p.split_bound, p.min_range
+                )
+            },
+        )?;
+        check(
+            p.split_bound <= u32::MAX as usize,
+            || "placement.split_bound".into(),
+            || {
+                format!(
+                    "{} must fit in u32 (range element counts are u32)",
+                    p.split_bound
+                )
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_addr;
+
+    #[test]
+    fn address_syntax() {
+        for ok in [
+            "127.0.0.1:9000",
+            "host-a:0",
+            "[::1]:80",
+            "dc0.example:65535",
+        ] {
+            assert!(valid_addr(ok), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1",
+            ":80",
+            "h:99999",
+            "::1:80",
+            "[zz]:1",
+            "a b:1",
+            "h:",
+        ] {
+            assert!(!valid_addr(bad), "{bad}");
+        }
+    }
+}
