@@ -1,0 +1,141 @@
+// fp32 <-> fp16 / bf16 casts, bit-exact with /work/shared/specs/compression.md
+// ("FP16 and BF16 transmission") and with geomx-kernels' CPU casts.
+//
+// Everything is integer arithmetic on the bit patterns: no hardware conversion instruction, so the
+// NaN rules (quiet NaN with the same sign and the top mantissa bits kept) and the overflow rule
+// (>= 65520 becomes inf, never saturates) hold on every architecture.
+//
+// Launch: 1-D grid, any size; every kernel is a grid-stride loop with 64-bit indices, so element
+// counts above 2^32 work. The kernels need 16-byte aligned f32 and 8-byte aligned u16 buffers,
+// which whole cudarc allocations are (the host API only takes whole allocations).
+
+__device__ __forceinline__ u16 f32_bits_to_f16_bits(u32 x) {
+    const u32 sign = (x >> 16) & 0x8000u;
+    const u32 a = x & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) {
+        // NaN: quiet, same sign, top 10 mantissa bits kept.
+        return (u16)(sign | 0x7C00u | 0x0200u | ((x & 0x007FFFFFu) >> 13));
+    }
+    if (a >= 0x477FF000u) {
+        // |x| >= 65520 (or inf): IEEE overflow to inf.
+        return (u16)(sign | 0x7C00u);
+    }
+    if (a >= 0x38800000u) {
+        // Normal half (|x| >= 2^-14): rebias the exponent (127 -> 15), round the mantissa RNE.
+        u32 m = a - 0x38000000u;
+        m = m + 0x0FFFu + ((m >> 13) & 1u);
+        return (u16)(sign | (m >> 13));
+    }
+    if (a <= 0x33000000u) {
+        // |x| <= 2^-25 (f32 subnormals included): +-0; exactly 2^-25 is a tie that goes to even 0.
+        return (u16)sign;
+    }
+    // 2^-25 < |x| < 2^-14: subnormal half, unit 2^-24. value = sig * 2^(e - 150).
+    const u32 e = a >> 23;                       // 102..112
+    const u32 sig = (a & 0x007FFFFFu) | 0x00800000u;
+    const u32 shift = 126u - e;                  // 14..24
+    u32 q = sig >> shift;
+    const u32 rem = sig & ((1u << shift) - 1u);
+    const u32 halfway = 1u << (shift - 1u);
+    if (rem > halfway || (rem == halfway && (q & 1u))) {
+        q += 1u;                                 // may carry into 0x400 = 2^-14, which is right
+    }
+    return (u16)(sign | q);
+}
+
+__device__ __forceinline__ u32 f16_bits_to_f32_bits(u16 hbits) {
+    const u32 h = (u32)hbits;
+    const u32 sign = (h & 0x8000u) << 16;
+    const u32 exp = (h >> 10) & 0x1Fu;
+    const u32 man = h & 0x03FFu;
+    if (exp == 0x1Fu) {
+        // inf stays inf; NaN widens quiet with its payload (as the `half` crate and F16C do).
+        return man == 0u ? (sign | 0x7F800000u) : (sign | 0x7FC00000u | (man << 13));
+    }
+    if (exp == 0u) {
+        if (man == 0u) {
+            return sign;
+        }
+        // Subnormal half man * 2^-24: normalise. p = index of the leading one (0..9).
+        const u32 p = 31u - (u32)__clz(man);
+        return sign | ((p + 103u) << 23) | ((man << (23u - p)) & 0x007FFFFFu);
+    }
+    return sign | ((exp + 112u) << 23) | (man << 13);
+}
+
+__device__ __forceinline__ u16 f32_bits_to_bf16_bits(u32 x) {
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) {
+        return (u16)((x >> 16) | 0x0040u);
+    }
+    return (u16)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ u32 bf16_bits_to_f32_bits(u16 b) {
+    return ((u32)b) << 16;
+}
+
+
+// ---- kernels: 4 elements per step (16-byte f32 loads, 8-byte u16 stores), then the tail ----
+
+__device__ __forceinline__ uint2 pack4(u16 a, u16 b, u16 c, u16 d) {
+    return make_uint2((u32)a | ((u32)b << 16), (u32)c | ((u32)d << 16));
+}
+
+extern "C" __global__ void cast_f32_to_f16(const float* __restrict__ src, u16* __restrict__ dst, u64 n) {
+    const u64 n4 = n / 4;
+    const uint4* s4 = (const uint4*)src;
+    uint2* d4 = (uint2*)dst;
+    GRID_STRIDE(i, n4) {
+        const uint4 v = s4[i];
+        d4[i] = pack4(f32_bits_to_f16_bits(v.x), f32_bits_to_f16_bits(v.y),
+                      f32_bits_to_f16_bits(v.z), f32_bits_to_f16_bits(v.w));
+    }
+    GRID_STRIDE(j, n - n4 * 4) {
+        const u64 i = n4 * 4 + j;
+        dst[i] = f32_bits_to_f16_bits(__float_as_uint(src[i]));
+    }
+}
+
+extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ src, u16* __restrict__ dst, u64 n) {
+    const u64 n4 = n / 4;
+    const uint4* s4 = (const uint4*)src;
+    uint2* d4 = (uint2*)dst;
+    GRID_STRIDE(i, n4) {
+        const uint4 v = s4[i];
+        d4[i] = pack4(f32_bits_to_bf16_bits(v.x), f32_bits_to_bf16_bits(v.y),
+                      f32_bits_to_bf16_bits(v.z), f32_bits_to_bf16_bits(v.w));
+    }
+    GRID_STRIDE(j, n - n4 * 4) {
+        const u64 i = n4 * 4 + j;
+        dst[i] = f32_bits_to_bf16_bits(__float_as_uint(src[i]));
+    }
+}
+
+extern "C" __global__ void cast_f16_to_f32(const u16* __restrict__ src, float* __restrict__ dst, u64 n) {
+    const u64 n4 = n / 4;
+    const uint2* s4 = (const uint2*)src;
+    uint4* d4 = (uint4*)dst;
+    GRID_STRIDE(i, n4) {
+        const uint2 v = s4[i];
+        d4[i] = make_uint4(f16_bits_to_f32_bits((u16)(v.x & 0xFFFFu)), f16_bits_to_f32_bits((u16)(v.x >> 16)),
+                           f16_bits_to_f32_bits((u16)(v.y & 0xFFFFu)), f16_bits_to_f32_bits((u16)(v.y >> 16)));
+    }
+    GRID_STRIDE(j, n - n4 * 4) {
+        const u64 i = n4 * 4 + j;
+        dst[i] = __uint_as_float(f16_bits_to_f32_bits(src[i]));
+    }
+}
+
+extern "C" __global__ void cast_bf16_to_f32(const u16* __restrict__ src, float* __restrict__ dst, u64 n) {
+    const u64 n4 = n / 4;
+    const uint2* s4 = (const uint2*)src;
+    uint4* d4 = (uint4*)dst;
+    GRID_STRIDE(i, n4) {
+        const uint2 v = s4[i];
+        d4[i] = make_uint4(v.x << 16, v.x & 0xFFFF0000u, v.y << 16, v.y & 0xFFFF0000u);
+    }
+    GRID_STRIDE(j, n - n4 * 4) {
+        const u64 i = n4 * 4 + j;
+        dst[i] = __uint_as_float(bf16_bits_to_f32_bits(src[i]));
+    }
+}

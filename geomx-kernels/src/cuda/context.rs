@@ -1,0 +1,197 @@
+//! [`CudaDevice`]: one CUDA context and stream, with the kernel modules loaded lazily.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
+
+use super::error::CudaError;
+use super::source::{compile_cached, Family};
+
+/// Threads per block of the elementwise kernels.
+pub(crate) const THREADS: u32 = 256;
+
+/// One GPU: a (primary) context, the stream every operation of this handle runs on, and the
+/// kernel modules, each compiled and loaded at first use.
+///
+/// Operations are stream-ordered; methods that return host data synchronise the stream.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    arch: String,
+    sm_count: u32,
+    modules: [OnceLock<Arc<CudaModule>>; Family::ALL.len()],
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("name", &self.name)
+            .field("arch", &self.arch)
+            .field("sm_count", &self.sm_count)
+            .finish()
+    }
+}
+
+/// Whether the CUDA driver library can be loaded (never panics).
+pub fn driver_available() -> Result<(), CudaError> {
+    // SAFETY: only tries to dlopen the candidate library names.
+    let present =
+        catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false);
+    if present {
+        Ok(())
+    } else {
+        Err(CudaError::NoCudaDevice {
+            reason: "CUDA driver library (libcuda.so*) not found on the library path".into(),
+        })
+    }
+}
+
+/// Number of CUDA devices, or why there are none. Never panics.
+pub fn device_count() -> Result<usize, CudaError> {
+    driver_available()?;
+    match catch_unwind(CudaContext::device_count) {
+        Ok(Ok(n)) => Ok(n.max(0) as usize),
+        Ok(Err(e)) => Err(CudaError::NoCudaDevice {
+            reason: format!("driver reports no device ({e:?})"),
+        }),
+        Err(_) => Err(CudaError::NoCudaDevice {
+            reason: "CUDA driver library is missing a required symbol (driver too old?)".into(),
+        }),
+    }
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`. Errors (never panics) when the driver, the device or NVRTC is
+    /// missing; kernels are compiled later, at first use.
+    pub fn new(ordinal: usize) -> Result<Arc<CudaDevice>, CudaError> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(CudaError::NoCudaDevice {
+                reason: format!("ordinal {ordinal} requested, {count} device(s) present"),
+            });
+        }
+        super::source::nvrtc_available()?;
+        let opened = catch_unwind(AssertUnwindSafe(|| -> Result<CudaDevice, CudaError> {
+            let ctx = CudaContext::new(ordinal).map_err(CudaError::driver("open context"))?;
+            let name = ctx.name().map_err(CudaError::driver("device name"))?;
+            let (major, minor) = ctx
+                .compute_capability()
+                .map_err(CudaError::driver("compute capability"))?;
+            let sm_count = ctx
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(CudaError::driver("SM count"))?;
+            let stream = ctx.new_stream().map_err(CudaError::driver("new stream"))?;
+            Ok(CudaDevice {
+                ctx,
+                stream,
+                name,
+                arch: format!("compute_{major}{minor}"),
+                sm_count: sm_count.max(1) as u32,
+                modules: Default::default(),
+            })
+        }));
+        match opened {
+            Ok(r) => r.map(Arc::new),
+            Err(_) => Err(CudaError::NoCudaDevice {
+                reason: "CUDA driver library is missing a required symbol (driver too old?)".into(),
+            }),
+        }
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// NVRTC virtual architecture the kernels are compiled for (`compute_XY`).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// The stream all operations of this handle are queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize), CudaError> {
+        self.ctx
+            .mem_get_info()
+            .map_err(CudaError::driver("memory info"))
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream
+            .synchronize()
+            .map_err(CudaError::driver("synchronize"))
+    }
+
+    /// Compiles (once per process) and loads (once per device) every kernel family, so that
+    /// later calls do not pay for NVRTC. Optional: families also load at first use.
+    pub fn load_all(&self) -> Result<(), CudaError> {
+        for family in Family::ALL {
+            self.module(family)?;
+        }
+        Ok(())
+    }
+
+    fn module(&self, family: Family) -> Result<&Arc<CudaModule>, CudaError> {
+        let slot = &self.modules[family.index()];
+        if let Some(m) = slot.get() {
+            return Ok(m);
+        }
+        let ptx = compile_cached(family, &self.arch)?;
+        let module = self
+            .ctx
+            .load_module(ptx)
+            .map_err(CudaError::driver("load module"))?;
+        // A concurrent first use may have won the race; either module is equivalent.
+        Ok(slot.get_or_init(|| module))
+    }
+
+    /// A kernel of `family` by name.
+    pub(crate) fn function(
+        &self,
+        family: Family,
+        name: &'static str,
+    ) -> Result<CudaFunction, CudaError> {
+        self.module(family)?
+            .load_function(name)
+            .map_err(CudaError::driver("load function"))
+    }
+
+    /// Grid-stride launch configuration for `work` items (64-bit): enough blocks to fill the
+    /// device, never more than needed, and at least `work / 2^24` blocks so that no block sees
+    /// 2^32 elements (its shared u32 counters cannot overflow).
+    pub(crate) fn grid_for(&self, work: u64) -> LaunchConfig {
+        let wanted = work.div_ceil(THREADS as u64).max(1);
+        let fill = self.sm_count as u64 * 16;
+        let floor = work >> 24;
+        let blocks = wanted.min(fill).max(floor).clamp(1, i32::MAX as u64) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
