@@ -48,7 +48,7 @@ pub mod wire;
 pub use conn::ConnConfig;
 pub use driver::{uring_unavailable_reason, DriverKind, NetOptions};
 pub use error::{NetError, Result};
-pub use kv::{Handler, KvClient, KvServer, Pending, PeerHandle, Request, Responder, Response};
+pub use kv::{Handler, KvClient, KvServer, PeerHandle, Pending, Request, Responder, Response};
 pub use stats::Counters;
 pub use wire::{
     Frame, FrameDecoder, FrameHeader, MsgKind, PayloadCodec, WireError, HEADER_LEN, MAX_FRAME,

@@ -13,6 +13,11 @@ pub struct Counters {
     pub frames_sent: u64,
     /// Frames read.
     pub frames_recv: u64,
+    /// io_uring `SEND_ZC` notifications reporting true zero copy.
+    pub zerocopy_sent: u64,
+    /// io_uring `SEND_ZC` notifications reporting that the kernel copied instead (always the
+    /// case on loopback).
+    pub zerocopy_copied: u64,
 }
 
 /// Live, shareable counters updated by the drivers.
@@ -22,6 +27,8 @@ pub struct LiveCounters {
     bytes_recv: AtomicU64,
     frames_sent: AtomicU64,
     frames_recv: AtomicU64,
+    zerocopy_sent: AtomicU64,
+    zerocopy_copied: AtomicU64,
 }
 
 impl LiveCounters {
@@ -41,6 +48,16 @@ impl LiveCounters {
         self.frames_recv.fetch_add(frames, Ordering::Relaxed);
     }
 
+    /// Records one zero-copy notification.
+    pub fn add_zerocopy(&self, copied: bool) {
+        let c = if copied {
+            &self.zerocopy_copied
+        } else {
+            &self.zerocopy_sent
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Reads the counters.
     pub fn snapshot(&self) -> Counters {
         Counters {
@@ -48,6 +65,8 @@ impl LiveCounters {
             bytes_recv: self.bytes_recv.load(Ordering::Relaxed),
             frames_sent: self.frames_sent.load(Ordering::Relaxed),
             frames_recv: self.frames_recv.load(Ordering::Relaxed),
+            zerocopy_sent: self.zerocopy_sent.load(Ordering::Relaxed),
+            zerocopy_copied: self.zerocopy_copied.load(Ordering::Relaxed),
         }
     }
 }

@@ -88,6 +88,12 @@ fn echo_round_trips_small_and_large_and_counts_bytes() {
         );
         let s = server.stats();
         assert!(s.bytes_recv >= c.bytes_sent - 56 * 4, "{s:?} vs {c:?}");
+        if d == DriverKind::IoUring {
+            // The 1 MiB and 9 MiB pushes went out with SEND_ZC (copied on loopback).
+            assert!(c.zerocopy_sent + c.zerocopy_copied >= 2, "{c:?}");
+        } else {
+            assert_eq!(c.zerocopy_sent + c.zerocopy_copied, 0);
+        }
     }
 }
 

@@ -1,0 +1,805 @@
+//! io_uring driver (Linux): one ring thread per endpoint moves the bytes of all its connections.
+//!
+//! * Receives: one `RECV` per connection in flight, all submitted in one batch per loop turn; into
+//!   a registered buffer (`READ_FIXED`) when the memlock limit allowed registering the pool, into a
+//!   plain scratch buffer otherwise, and straight into the frame's payload buffer for large frames.
+//! * Sends: small frames are copied, queued and coalesced into one `SEND` per connection and turn;
+//!   payloads at or above `NetOptions::zerocopy_threshold` go out with `SEND_ZC` from the caller's
+//!   buffer while the caller waits (so no copy is made), completed only after the notification CQE
+//!   (see [`send_track`]).
+//! * Commands from other threads arrive over a channel; an eventfd wakes the ring when it sleeps.
+
+mod send_track;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+
+use self::send_track::{Next, SendTrack, SEND_ZC_REPORT_USAGE};
+use super::NetOptions;
+use crate::conn::Connection;
+use crate::error::NetError;
+use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
+use crate::stats::LiveCounters;
+use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
+
+/// Scratch receive buffer per connection.
+const SCRATCH: usize = 256 << 10;
+/// Registered receive buffers: count and size (4 MiB pinned per ring at most).
+const REG_BUFS: usize = 16;
+/// Coalesce queued small frames up to this many bytes per `SEND`.
+const COALESCE: usize = 1 << 20;
+/// Senders wait while this many bytes are queued for one connection.
+const MAX_QUEUED: usize = 16 << 20;
+const RING_ENTRIES: u32 = 512;
+
+const KIND_RECV: u64 = 1;
+const KIND_SEND: u64 = 2;
+const UD_WAKE: u64 = u64::MAX;
+
+fn ud(kind: u64, idx: usize) -> u64 {
+    (kind << 56) | idx as u64
+}
+
+/// Why io_uring cannot be used, or `None`.
+pub(crate) fn probe() -> Option<String> {
+    if std::env::var_os("GEOMX_NET_DISABLE_URING").is_some_and(|v| v != "0") {
+        return Some("disabled by GEOMX_NET_DISABLE_URING".into());
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        if s.trim() == "2" {
+            return Some("kernel.io_uring_disabled = 2 (sysctl)".into());
+        }
+    }
+    let ring = match IoUring::new(8) {
+        Ok(r) => r,
+        Err(e) => {
+            return Some(match e.raw_os_error() {
+                Some(libc::ENOSYS) => "io_uring_setup: ENOSYS (kernel too old or built without io_uring)".into(),
+                Some(libc::EPERM) => {
+                    "io_uring_setup: EPERM (kernel.io_uring_disabled = 1 without group membership, or seccomp)"
+                        .into()
+                }
+                _ => format!("io_uring_setup failed: {e}"),
+            })
+        }
+    };
+    if !ring.params().is_feature_ext_arg() {
+        return Some("kernel lacks IORING_FEAT_EXT_ARG (needs Linux 5.11+)".into());
+    }
+    let mut p = Probe::new();
+    if let Err(e) = ring.submitter().register_probe(&mut p) {
+        return Some(format!("io_uring probe failed: {e}"));
+    }
+    for (code, name) in [
+        (opcode::Recv::CODE, "RECV"),
+        (opcode::Send::CODE, "SEND"),
+        (opcode::Read::CODE, "READ"),
+    ] {
+        if !p.is_supported(code) {
+            return Some(format!("kernel io_uring lacks {name}"));
+        }
+    }
+    ZC_SUPPORTED.get_or_init(|| p.is_supported(opcode::SendZc::CODE));
+    FIXED_SUPPORTED.get_or_init(|| p.is_supported(opcode::ReadFixed::CODE));
+    None
+}
+
+static ZC_SUPPORTED: OnceLock<bool> = OnceLock::new();
+static FIXED_SUPPORTED: OnceLock<bool> = OnceLock::new();
+
+enum Cmd {
+    Attach(usize, Box<UConn>),
+    Small(usize, Vec<u8>),
+    Big {
+        idx: usize,
+        header: [u8; HEADER_LEN],
+        ptr: usize,
+        len: usize,
+        done: Sender<io::Result<()>>,
+    },
+    Close(usize),
+    Stop,
+}
+
+struct Shared {
+    tx: Sender<Cmd>,
+    sleeping: AtomicBool,
+    efd: RawFd,
+    ring_thread: OnceLock<ThreadId>,
+    next_idx: AtomicUsize,
+}
+
+impl Shared {
+    fn send(&self, cmd: Cmd) -> bool {
+        if self.tx.send(cmd).is_err() {
+            return false;
+        }
+        if self.sleeping.load(Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(self.efd, &one as *const u64 as *const libc::c_void, 8) };
+        }
+        true
+    }
+
+    fn on_ring_thread(&self) -> bool {
+        self.ring_thread.get() == Some(&std::thread::current().id())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: we own the eventfd.
+        unsafe { libc::close(self.efd) };
+    }
+}
+
+pub(crate) struct UringDriver {
+    shared: Arc<Shared>,
+    opts: NetOptions,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl UringDriver {
+    pub(crate) fn start(opts: &NetOptions) -> Result<Arc<UringDriver>, NetError> {
+        let ring = IoUring::new(RING_ENTRIES)
+            .map_err(|e| NetError::DriverUnavailable(format!("io_uring_setup: {e}")))?;
+        // SAFETY: plain syscall.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            tx,
+            sleeping: AtomicBool::new(false),
+            efd,
+            ring_thread: OnceLock::new(),
+            next_idx: AtomicUsize::new(0),
+        });
+        let s2 = shared.clone();
+        let o = *opts;
+        let handle = std::thread::Builder::new()
+            .name("geomx-net-uring".into())
+            .spawn(move || {
+                let _ = s2.ring_thread.set(std::thread::current().id());
+                let mut r = Ring::new(ring, rx, s2, o);
+                r.run();
+            })?;
+        Ok(Arc::new(UringDriver {
+            shared,
+            opts: *opts,
+            thread: std::sync::Mutex::new(Some(handle)),
+        }))
+    }
+
+    pub(crate) fn attach(
+        &self,
+        stream: TcpStream,
+        conn: Connection<ReplyTx>,
+        counters: Arc<LiveCounters>,
+        dispatch: Arc<dyn Dispatch>,
+    ) -> Result<Arc<Link>, NetError> {
+        let peer = stream.peer_addr()?;
+        let idx = self.shared.next_idx.fetch_add(1, Ordering::Relaxed);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let io = Box::new(UringIo {
+            idx,
+            shared: self.shared.clone(),
+            zc_threshold: self.opts.zerocopy_threshold.max(HEADER_LEN + 1),
+            queued: queued.clone(),
+        });
+        let link = Link::new(conn, io, counters, self.opts.max_frame, peer, dispatch);
+        let uc = UConn {
+            fd: stream.as_raw_fd(),
+            _stream: stream,
+            link: link.clone(),
+            dec: FrameDecoder::new(self.opts.max_frame),
+            scratch: Vec::new(),
+            frames: Vec::new(),
+            recv: RecvState::Idle,
+            queue: VecDeque::new(),
+            cur: None,
+            queued,
+            dead: false,
+        };
+        if !self.shared.send(Cmd::Attach(idx, Box::new(uc))) {
+            return Err(NetError::Shutdown);
+        }
+        Ok(link)
+    }
+
+    pub(crate) fn shutdown(&self) {
+        self.shared.send(Cmd::Stop);
+        if self.shared.on_ring_thread() {
+            return; // cannot join ourselves; the thread exits on its own
+        }
+        if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+struct UringIo {
+    idx: usize,
+    shared: Arc<Shared>,
+    zc_threshold: usize,
+    queued: Arc<AtomicUsize>,
+}
+
+impl LinkIo for UringIo {
+    fn send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<()> {
+        let on_ring = self.shared.on_ring_thread();
+        if payload.len() >= self.zc_threshold && !on_ring {
+            // Zero copy: the ring sends from `payload` while we wait for the completion (and the
+            // zero-copy notification), so the borrow outlives every kernel access.
+            let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+            let cmd = Cmd::Big {
+                idx: self.idx,
+                header: *header,
+                ptr: payload.as_ptr() as usize,
+                len: payload.len(),
+                done: done_tx,
+            };
+            if !self.shared.send(cmd) {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "io_uring driver stopped",
+                ));
+            }
+            return done_rx.recv().unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "io_uring driver stopped",
+                ))
+            });
+        }
+        if !on_ring {
+            // Back-pressure: do not queue without bound.
+            let mut spins = 0u32;
+            while self.queued.load(Ordering::Acquire) > MAX_QUEUED {
+                spins += 1;
+                if spins < 100 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+        buf.extend_from_slice(header);
+        buf.extend_from_slice(payload);
+        self.queued.fetch_add(buf.len(), Ordering::AcqRel);
+        if self.shared.send(Cmd::Small(self.idx, buf)) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "io_uring driver stopped",
+            ))
+        }
+    }
+
+    fn try_send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<bool> {
+        // Queueing never blocks on the ring thread; elsewhere skip when the queue is full.
+        if self.queued.load(Ordering::Acquire) > MAX_QUEUED {
+            return Ok(false);
+        }
+        self.send(header, payload).map(|_| true)
+    }
+
+    fn shutdown(&self) {
+        self.shared.send(Cmd::Close(self.idx));
+    }
+}
+
+enum OutItem {
+    Bytes(Vec<u8>),
+    Big {
+        ptr: usize,
+        len: usize,
+        done: Sender<io::Result<()>>,
+    },
+}
+
+impl OutItem {
+    fn ptr_len(&self) -> (*const u8, usize) {
+        match self {
+            OutItem::Bytes(b) => (b.as_ptr(), b.len()),
+            OutItem::Big { ptr, len, .. } => (*ptr as *const u8, *len),
+        }
+    }
+
+    fn finish(self, res: io::Result<()>) {
+        if let OutItem::Big { done, .. } = self {
+            let _ = done.send(res);
+        }
+    }
+}
+
+struct CurSend {
+    item: OutItem,
+    track: SendTrack,
+    zc: bool,
+}
+
+#[derive(PartialEq, Eq)]
+enum RecvState {
+    Idle,
+    Scratch,
+    Fixed(u16),
+    Direct,
+}
+
+struct UConn {
+    fd: RawFd,
+    _stream: TcpStream,
+    link: Arc<Link>,
+    dec: FrameDecoder,
+    scratch: Vec<u8>,
+    frames: Vec<Frame>,
+    recv: RecvState,
+    queue: VecDeque<OutItem>,
+    cur: Option<CurSend>,
+    queued: Arc<AtomicUsize>,
+    dead: bool,
+}
+
+impl UConn {
+    fn busy(&self) -> bool {
+        self.recv != RecvState::Idle || self.cur.as_ref().is_some_and(|c| c.track.in_flight())
+    }
+
+    fn fail_queue(&mut self) {
+        for it in self.queue.drain(..) {
+            it.finish(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection closed",
+            )));
+        }
+        self.queued.store(0, Ordering::Release);
+    }
+}
+
+struct Ring {
+    ring: IoUring,
+    rx: Receiver<Cmd>,
+    shared: Arc<Shared>,
+    opts: NetOptions,
+    conns: HashMap<usize, Box<UConn>>,
+    /// Registered receive pool (None when registration failed) and its free slots.
+    pool: Option<Vec<u8>>,
+    free_fixed: Vec<u16>,
+    wake_buf: &'static mut u64,
+    wake_armed: bool,
+    stopping: bool,
+    zc: bool,
+}
+
+impl Ring {
+    fn new(ring: IoUring, rx: Receiver<Cmd>, shared: Arc<Shared>, opts: NetOptions) -> Ring {
+        let zc = *ZC_SUPPORTED.get().unwrap_or(&false);
+        let mut r = Ring {
+            ring,
+            rx,
+            shared,
+            opts,
+            conns: HashMap::new(),
+            pool: None,
+            free_fixed: Vec::new(),
+            // Leaked on purpose: a cancelled eventfd read may still name it as the ring closes.
+            wake_buf: Box::leak(Box::new(0u64)),
+            wake_armed: false,
+            stopping: false,
+            zc,
+        };
+        if *FIXED_SUPPORTED.get().unwrap_or(&false) {
+            r.register_pool();
+        }
+        r
+    }
+
+    fn register_pool(&mut self) {
+        let mut pool = vec![0u8; REG_BUFS * SCRATCH];
+        let iovs: Vec<libc::iovec> = (0..REG_BUFS)
+            .map(|i| libc::iovec {
+                iov_base: pool[i * SCRATCH..].as_mut_ptr() as *mut libc::c_void,
+                iov_len: SCRATCH,
+            })
+            .collect();
+        // SAFETY: the pool lives in `self.pool` for the ring's lifetime and is not moved (Vec heap).
+        match unsafe { self.ring.submitter().register_buffers(&iovs) } {
+            Ok(()) => {
+                self.pool = Some(pool);
+                self.free_fixed = (0..REG_BUFS as u16).rev().collect();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "registered buffers unavailable (memlock limit?); plain receives")
+            }
+        }
+    }
+
+    fn push(&mut self, e: squeue::Entry) {
+        loop {
+            // SAFETY: every buffer named by the entries we build stays valid until its CQE (see the
+            // owners: UConn scratch/decoder/cur, the registered pool, the leaked wake buffer).
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            if let Err(err) = self.ring.submit() {
+                tracing::warn!(error = %err, "io_uring submit failed");
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        let mut next_tick = Instant::now() + self.opts.tick;
+        loop {
+            self.drain_commands();
+            if !self.wake_armed {
+                let e = opcode::Read::new(
+                    types::Fd(self.shared.efd),
+                    self.wake_buf as *mut u64 as *mut u8,
+                    8,
+                )
+                .build()
+                .user_data(UD_WAKE);
+                self.push(e);
+                self.wake_armed = true;
+            }
+            let idxs: Vec<usize> = self.conns.keys().copied().collect();
+            for idx in &idxs {
+                self.arm(*idx);
+            }
+            self.reap();
+            if self.stopping && self.conns.is_empty() {
+                break;
+            }
+            self.wait(next_tick);
+            self.complete();
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + self.opts.tick;
+                let links: Vec<Arc<Link>> = self
+                    .conns
+                    .values()
+                    .filter(|c| !c.dead)
+                    .map(|c| c.link.clone())
+                    .collect();
+                for l in links {
+                    l.on_tick(now);
+                }
+            }
+        }
+        // Late commands: fail waiting senders.
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let Cmd::Big { done, .. } = cmd {
+                let _ = done.send(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "io_uring driver stopped",
+                )));
+            }
+        }
+    }
+
+    fn wait(&mut self, next_tick: Instant) {
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        let want = if self.rx.is_empty() { 1 } else { 0 };
+        let ts = types::Timespec::from(
+            next_tick
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_micros(100)),
+        );
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(want, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => tracing::warn!(error = %e, "io_uring wait failed"),
+        }
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    fn drain_commands(&mut self) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Cmd::Attach(idx, c) => {
+                    if self.stopping {
+                        c.link.on_io_closed("io_uring driver stopped".into());
+                    }
+                    self.conns.insert(idx, c);
+                    if self.stopping {
+                        self.kill(idx);
+                    }
+                }
+                Cmd::Small(idx, bytes) => match self.conns.get_mut(&idx) {
+                    Some(c) if !c.dead => match c.queue.back_mut() {
+                        Some(OutItem::Bytes(b)) if b.len() + bytes.len() <= COALESCE => {
+                            b.extend_from_slice(&bytes)
+                        }
+                        _ => c.queue.push_back(OutItem::Bytes(bytes)),
+                    },
+                    _ => {}
+                },
+                Cmd::Big {
+                    idx,
+                    header,
+                    ptr,
+                    len,
+                    done,
+                } => match self.conns.get_mut(&idx) {
+                    Some(c) if !c.dead => {
+                        c.queued.fetch_add(HEADER_LEN, Ordering::AcqRel);
+                        match c.queue.back_mut() {
+                            Some(OutItem::Bytes(b)) => b.extend_from_slice(&header),
+                            _ => c.queue.push_back(OutItem::Bytes(header.to_vec())),
+                        }
+                        c.queue.push_back(OutItem::Big { ptr, len, done });
+                    }
+                    _ => {
+                        let _ = done.send(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "connection closed",
+                        )));
+                    }
+                },
+                Cmd::Close(idx) => self.kill(idx),
+                Cmd::Stop => {
+                    self.stopping = true;
+                    let idxs: Vec<usize> = self.conns.keys().copied().collect();
+                    for idx in idxs {
+                        if let Some(c) = self.conns.get(&idx) {
+                            c.link.on_io_closed("io_uring driver stopped".into());
+                        }
+                        self.kill(idx);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks a connection dead and shuts its socket, which completes its outstanding receive.
+    fn kill(&mut self, idx: usize) {
+        if let Some(c) = self.conns.get_mut(&idx) {
+            if !c.dead {
+                c.dead = true;
+                // SAFETY: plain syscall on a socket we own.
+                unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+                c.fail_queue();
+            }
+        }
+    }
+
+    fn arm(&mut self, idx: usize) {
+        let zc = self.zc;
+        let Some(c) = self.conns.get_mut(&idx) else {
+            return;
+        };
+        if c.dead {
+            return;
+        }
+        let mut entries = Vec::with_capacity(2);
+        if c.recv == RecvState::Idle {
+            let fd = types::Fd(c.fd);
+            if let Some(t) = c.dec.direct_target(SCRATCH) {
+                let len = t.len().min(1 << 30) as u32;
+                entries.push(
+                    opcode::Recv::new(fd, t.as_mut_ptr(), len)
+                        .build()
+                        .user_data(ud(KIND_RECV, idx)),
+                );
+                c.recv = RecvState::Direct;
+            } else if let (Some(pool), Some(slot)) = (self.pool.as_mut(), self.free_fixed.pop()) {
+                let ptr = pool[slot as usize * SCRATCH..].as_mut_ptr();
+                entries.push(
+                    opcode::ReadFixed::new(fd, ptr, SCRATCH as u32, slot)
+                        .build()
+                        .user_data(ud(KIND_RECV, idx)),
+                );
+                c.recv = RecvState::Fixed(slot);
+            } else {
+                if c.scratch.is_empty() {
+                    c.scratch = vec![0u8; SCRATCH];
+                }
+                entries.push(
+                    opcode::Recv::new(fd, c.scratch.as_mut_ptr(), SCRATCH as u32)
+                        .build()
+                        .user_data(ud(KIND_RECV, idx)),
+                );
+                c.recv = RecvState::Scratch;
+            }
+        }
+        if c.cur.is_none() {
+            if let Some(item) = c.queue.pop_front() {
+                let is_big = matches!(item, OutItem::Big { .. });
+                let (_, len) = item.ptr_len();
+                c.cur = Some(CurSend {
+                    item,
+                    track: SendTrack::new(len),
+                    zc: is_big && zc,
+                });
+            }
+        }
+        if let Some(cur) = &mut c.cur {
+            if !cur.track.in_flight() && cur.track.sent < cur.track.total {
+                let (ptr, len) = cur.item.ptr_len();
+                // SAFETY: offset within the item's buffer.
+                let p = unsafe { ptr.add(cur.track.sent) };
+                let n = (len - cur.track.sent).min(1 << 30) as u32;
+                let fd = types::Fd(c.fd);
+                let e = if cur.zc {
+                    opcode::SendZc::new(fd, p, n)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .zc_flags(SEND_ZC_REPORT_USAGE)
+                        .build()
+                } else {
+                    opcode::Send::new(fd, p, n)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                };
+                entries.push(e.user_data(ud(KIND_SEND, idx)));
+                cur.track.submitted();
+            }
+        }
+        for e in entries {
+            self.push(e);
+        }
+    }
+
+    fn complete(&mut self) {
+        let cqes: Vec<(u64, i32, u32)> = self
+            .ring
+            .completion()
+            .map(|c: cqueue::Entry| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        for (data, res, flags) in cqes {
+            if data == UD_WAKE {
+                self.wake_armed = false;
+                continue;
+            }
+            let idx = (data & 0x00ff_ffff_ffff_ffff) as usize;
+            match data >> 56 {
+                KIND_RECV => self.on_recv(idx, res),
+                KIND_SEND => self.on_send(idx, res, flags),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_recv(&mut self, idx: usize, res: i32) {
+        let Some(c) = self.conns.get_mut(&idx) else {
+            return;
+        };
+        let state = std::mem::replace(&mut c.recv, RecvState::Idle);
+        if let RecvState::Fixed(slot) = state {
+            self.free_fixed.push(slot);
+        }
+        if c.dead {
+            return;
+        }
+        let link = c.link.clone();
+        if res == 0 {
+            let reason = match c.dec.finish() {
+                Ok(()) => "connection closed by peer".to_string(),
+                Err(e) => format!("connection closed by peer mid-frame ({e})"),
+            };
+            link.on_io_closed(reason);
+            self.kill(idx);
+            return;
+        }
+        if res < 0 {
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                return;
+            }
+            link.on_io_closed(format!(
+                "connection reset: {}",
+                io::Error::from_raw_os_error(-res)
+            ));
+            self.kill(idx);
+            return;
+        }
+        let n = res as usize;
+        link.counters().add_recv_bytes(n);
+        let fed = match state {
+            RecvState::Direct => {
+                c.dec.commit_direct(n, &mut c.frames);
+                Ok(())
+            }
+            RecvState::Fixed(slot) => {
+                let pool = self.pool.as_ref().expect("fixed receive without a pool");
+                let off = slot as usize * SCRATCH;
+                c.dec.feed(&pool[off..off + n], &mut c.frames)
+            }
+            _ => c.dec.feed(&c.scratch[..n], &mut c.frames),
+        };
+        let mut frames = std::mem::take(&mut c.frames);
+        link.on_input(Instant::now(), &mut frames);
+        if let Some(c) = self.conns.get_mut(&idx) {
+            c.frames = frames;
+        }
+        if let Err(e) = fed {
+            link.on_wire_error(e);
+            self.kill(idx);
+        }
+    }
+
+    fn on_send(&mut self, idx: usize, res: i32, flags: u32) {
+        let Some(c) = self.conns.get_mut(&idx) else {
+            return;
+        };
+        let Some(cur) = c.cur.as_mut() else { return };
+        let next = cur.track.on_cqe(res, flags);
+        if flags & send_track::CQE_F_NOTIF != 0 {
+            c.link
+                .counters()
+                .add_zerocopy((res as u32) & send_track::NOTIF_USAGE_ZC_COPIED != 0);
+        }
+        match next {
+            Next::Wait | Next::Resubmit => {} // `arm` resubmits the remainder
+            Next::Done => {
+                let cur = c.cur.take().expect("checked");
+                if let OutItem::Bytes(b) = &cur.item {
+                    c.queued.fetch_sub(
+                        b.len().min(c.queued.load(Ordering::Acquire)),
+                        Ordering::AcqRel,
+                    );
+                }
+                cur.item.finish(Ok(()));
+            }
+            Next::Failed(errno) => {
+                let cur = c.cur.take().expect("checked");
+                let err = io::Error::from_raw_os_error(errno);
+                let link = c.link.clone();
+                cur.item
+                    .finish(Err(io::Error::new(err.kind(), err.to_string())));
+                if !c.dead {
+                    link.on_io_closed(format!("send failed: {err}"));
+                    self.kill(idx);
+                }
+            }
+        }
+    }
+
+    /// Drops dead connections with nothing in flight (closing their sockets).
+    fn reap(&mut self) {
+        let done: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.dead && !c.busy())
+            .map(|(i, _)| *i)
+            .collect();
+        for idx in done {
+            if let Some(mut c) = self.conns.remove(&idx) {
+                if let Some(cur) = c.cur.take() {
+                    cur.item.finish(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "connection closed",
+                    )));
+                }
+                c.fail_queue();
+            }
+        }
+        // A dead connection with a send in flight: its buffer is released by the CQE; the
+        // receive completes because the socket was shut down.
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if self.pool.is_some() {
+            let _ = self.ring.submitter().unregister_buffers();
+        }
+    }
+}
