@@ -10,6 +10,7 @@
 //! bit-identical results, except [`Device::block_mean_abs`] (f64 sums in a different order:
 //! relative difference ≤ 1e-12).
 
+#[cfg(feature = "cuda")]
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -71,6 +72,7 @@ fn check_len(expected: usize, got: usize) -> Result<(), DeviceError> {
     }
 }
 
+#[cfg(feature = "cuda")]
 fn count_nonfinite(halves: &[u16], exp_mask: u16) -> usize {
     halves.iter().filter(|&&h| h & exp_mask == exp_mask).count()
 }
@@ -297,22 +299,6 @@ mod gpu {
     use super::{DeviceError, SparseVec};
     use crate::cuda::{CudaDevice, CudaError};
 
-    fn upload<T: DeviceRepr>(d: &CudaDevice, x: &[T]) -> Result<CudaSlice<T>, CudaError> {
-        d.stream()
-            .clone_htod(x)
-            .map_err(CudaError::driver("upload"))
-    }
-
-    fn download<T: DeviceRepr>(
-        d: &CudaDevice,
-        x: &CudaSlice<T>,
-        out: &mut [T],
-    ) -> Result<(), CudaError> {
-        d.stream()
-            .memcpy_dtoh(x, out)
-            .map_err(CudaError::driver("download"))
-    }
-
     /// Runs an elementwise kernel from `src` into `dst`.
     pub(super) fn map<S: DeviceRepr, D: DeviceRepr + ValidAsZeroBits>(
         d: &CudaDevice,
@@ -323,13 +309,10 @@ mod gpu {
         if src.is_empty() {
             return Ok(());
         }
-        let a = upload(d, src)?;
-        let mut b = d
-            .stream()
-            .alloc_zeros::<D>(dst.len())
-            .map_err(CudaError::driver("alloc"))?;
+        let a = d.upload(src)?;
+        let mut b = d.zeros::<D>(dst.len())?;
         op(d, &a, &mut b)?;
-        download(d, &b, dst)?;
+        d.download_into(&b, dst)?;
         Ok(())
     }
 
@@ -343,24 +326,21 @@ mod gpu {
         if v.is_empty() {
             return Ok(());
         }
-        let mut vd = upload(d, v)?;
-        let gd = upload(d, g)?;
+        let mut vd = d.upload(v)?;
+        let gd = d.upload(g)?;
         match u {
             Some(u) => {
-                let mut ud = upload(d, u)?;
+                let mut ud = d.upload(u)?;
                 d.ef_update(&mut ud, &mut vd, &gd, m)?;
-                download(d, &ud, u)?;
+                d.download_into(&ud, u)?;
             }
             None => {
                 // Momentum-free error feedback: v ← v + g (the kernel's u is a scratch copy of g).
-                let mut ud = d
-                    .stream()
-                    .alloc_zeros::<f32>(v.len())
-                    .map_err(CudaError::driver("alloc"))?;
+                let mut ud = d.zeros::<f32>(v.len())?;
                 d.ef_update(&mut ud, &mut vd, &gd, 0.0)?;
             }
         }
-        download(d, &vd, v)?;
+        d.download_into(&vd, v)?;
         Ok(())
     }
 
@@ -375,17 +355,17 @@ mod gpu {
         if v.is_empty() || k == 0 {
             return Ok(SparseVec::empty(n));
         }
-        let mut vd = upload(d, v)?;
+        let mut vd = d.upload(v)?;
         let mut ud = match u.as_deref() {
-            Some(u) => Some(upload(d, u)?),
+            Some(u) => Some(d.upload(u)?),
             None => None,
         };
         let sel = d.topk(&mut vd, ud.as_mut(), k, move_values)?;
         let (idx, val) = sel.to_host(d)?;
         if move_values {
-            download(d, &vd, v)?;
+            d.download_into(&vd, v)?;
             if let (Some(u), Some(ud)) = (u, ud.as_ref()) {
-                download(d, ud, u)?;
+                d.download_into(ud, u)?;
             }
         }
         // Indices are < n ≤ u32::MAX (checked above).
@@ -401,11 +381,11 @@ mod gpu {
         if sparse.is_empty() {
             return Ok(());
         }
-        let mut dd = upload(d, dense)?;
-        let id = upload(d, sparse.indices())?;
-        let vd = upload(d, sparse.values())?;
+        let mut dd = d.upload(dense)?;
+        let id = d.upload(sparse.indices())?;
+        let vd = d.upload(sparse.values())?;
         d.scatter_add(&mut dd, 0, &id, &vd)?;
-        download(d, &dd, dense)?;
+        d.download_into(&dd, dense)?;
         Ok(())
     }
 
@@ -418,13 +398,10 @@ mod gpu {
         if x.is_empty() {
             return Ok(());
         }
-        let xd = upload(d, x)?;
-        let mut od = d
-            .stream()
-            .alloc_zeros::<f64>(out.len())
-            .map_err(CudaError::driver("alloc"))?;
+        let xd = d.upload(x)?;
+        let mut od = d.zeros::<f64>(out.len())?;
         d.block_mean_abs(&xd, per_block, &mut od)?;
-        download(d, &od, out)?;
+        d.download_into(&od, out)?;
         Ok(())
     }
 }

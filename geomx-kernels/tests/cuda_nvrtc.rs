@@ -8,7 +8,13 @@ use geomx_kernels::cuda::{compile, nvrtc_available, Family};
 fn kernel_names(src: &str) -> Vec<String> {
     src.split("extern \"C\" __global__ void ")
         .skip(1)
-        .map(|rest| rest.split('(').next().unwrap_or_default().trim().to_string())
+        .map(|rest| {
+            rest.split('(')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
         .collect()
 }
 
@@ -33,7 +39,10 @@ fn every_kernel_family_compiles_with_nvrtc() {
             }
             if let Some(arch) = arch {
                 let sm = arch.replace("compute_", "sm_");
-                assert!(text.contains(&format!(".target {sm}")), "PTX target is not {sm}");
+                assert!(
+                    text.contains(&format!(".target {sm}")),
+                    "PTX target is not {sm}"
+                );
             }
         }
     }

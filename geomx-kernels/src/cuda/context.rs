@@ -4,7 +4,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    ValidAsZeroBits,
+};
 
 use super::error::CudaError;
 use super::source::{compile_cached, Family};
@@ -144,6 +147,42 @@ impl CudaDevice {
         self.stream
             .synchronize()
             .map_err(CudaError::driver("synchronize"))
+    }
+
+    /// A zeroed device buffer of `len` elements (stream-ordered).
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>, CudaError> {
+        self.stream
+            .alloc_zeros(len)
+            .map_err(CudaError::driver("alloc"))
+    }
+
+    /// Copies a host slice into a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, src: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        self.stream
+            .clone_htod(src)
+            .map_err(CudaError::driver("upload"))
+    }
+
+    /// Copies a whole device buffer into `dst` (same length). Synchronises.
+    pub fn download_into<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        dst: &mut [T],
+    ) -> Result<(), CudaError> {
+        super::error::check_len("download", src.len(), dst.len())?;
+        self.stream
+            .memcpy_dtoh(src, dst)
+            .map_err(CudaError::driver("download"))
+    }
+
+    /// Copies a whole device buffer to a new host vector. Synchronises.
+    pub fn download<T: DeviceRepr>(&self, src: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
+        self.stream
+            .clone_dtoh(src)
+            .map_err(CudaError::driver("download"))
     }
 
     /// Compiles (once per process) and loads (once per device) every kernel family, so that
