@@ -4,6 +4,7 @@
 //! workers → one local server per data center → global server(s), started by one `geomx` binary.
 #![warn(missing_docs)]
 
+pub mod bench_cmd;
 pub mod config;
 pub mod data;
 pub mod engine;

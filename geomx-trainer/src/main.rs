@@ -1,1 +1,159 @@
-fn main() {}
+//! The `geomx` binary: `run` one role, `launch` a whole cluster on this machine, `bench`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use geomx_trainer::config::{Config, LogLevel, Role, RoleSpec};
+use geomx_trainer::launch::role::{exit_hook, run_role, RoleArgs};
+use geomx_trainer::launch::{launch, LaunchOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "geomx",
+    version,
+    about = "Geo-distributed training with the HiPS hierarchy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one role of a job (multi-host use). Without --role, reads the original's DMLC_* variables.
+    Run(RunArgs),
+    /// Start the whole cluster on this machine as separate processes and wait for it.
+    Launch {
+        /// Topology file (TOML); without it the built-in default runs.
+        file: Option<PathBuf>,
+        /// Write a JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Print no progress lines.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Micro-benchmarks; print one JSON line.
+    Bench {
+        /// What to measure.
+        #[arg(value_enum)]
+        what: BenchKind,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchKind {
+    /// Compression kernels against memcpy.
+    Kernels,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Coordinator,
+    GlobalServer,
+    LocalServer,
+    Worker,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The role; omit to take it from DMLC_ROLE / DMLC_ROLE_GLOBAL.
+    #[arg(long, value_enum)]
+    role: Option<RoleArg>,
+    /// Topology file (TOML); default: the built-in configuration.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data-center index (local servers, workers).
+    #[arg(long)]
+    dc: Option<u32>,
+    /// Rank within the role (workers, global servers).
+    #[arg(long)]
+    rank: Option<u32>,
+    /// Coordinator address: where it binds (coordinator) or where to register (others).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Host to bind and advertise (default: cluster.host).
+    #[arg(long)]
+    bind: Option<String>,
+}
+
+fn init_tracing(level: LogLevel) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.as_str()));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    let (cfg, spec) = match args.role {
+        Some(r) => {
+            let cfg = match &args.config {
+                Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+                None => Config::default(),
+            };
+            let role = match r {
+                RoleArg::Coordinator => Role::Coordinator,
+                RoleArg::GlobalServer => Role::GlobalServer,
+                RoleArg::LocalServer => Role::LocalServer,
+                RoleArg::Worker => Role::Worker,
+            };
+            let mut spec = RoleSpec::new(role, 0, 0);
+            spec.dc = args.dc;
+            spec.rank = args.rank;
+            (cfg, spec)
+        }
+        None => {
+            let vars: HashMap<String, String> = std::env::vars().collect();
+            let (mut cfg, spec) = Config::from_dmlc_env(&vars).map_err(|e| e.to_string())?;
+            if let Some(p) = &args.config {
+                // A topology file overrides what the variables implied about the job.
+                cfg = Config::load(p).map_err(|e| e.to_string())?;
+            }
+            (cfg, spec)
+        }
+    };
+    init_tracing(cfg.log.level);
+    let role_args = RoleArgs {
+        spec,
+        coordinator: args.coordinator,
+        bind_host: args.bind,
+    };
+    run_role(&cfg, &role_args, exit_hook())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Launch {
+            file,
+            report,
+            quiet,
+        } => {
+            init_tracing(LogLevel::Warn);
+            let opts = LaunchOptions {
+                config: file,
+                report,
+                exe: None,
+                quiet,
+            };
+            launch(&opts).map(|_| ()).map_err(|e| e.to_string())
+        }
+        Cmd::Bench { what } => geomx_trainer::bench_cmd::run(match what {
+            BenchKind::Kernels => geomx_trainer::bench_cmd::Bench::Kernels,
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,172 @@
-//! The JSON run report.
+//! The JSON run report of `geomx launch --report PATH`, assembled from the processes' final stats.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hips::plan::roles;
+use crate::hips::worker::Progress;
+use crate::hips::RoleStats;
+
+/// Summary of one launched run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Test accuracy after the last round (worker dc 0 rank 0).
+    pub final_test_accuracy: f64,
+    /// Training loss of that worker's last batch.
+    pub final_loss: f64,
+    /// Rounds run.
+    pub rounds: u64,
+    /// Wall-clock seconds from the first spawn to the last exit.
+    pub wall_seconds: f64,
+    /// Bytes on the inter-DC tier (local ↔ global servers), sent + received, counted once at the
+    /// local servers' client sockets, headers and heartbeats included.
+    pub wan_bytes: u64,
+    /// Bytes inside the DCs (workers ↔ local server), counted once at the local servers' server
+    /// sockets.
+    pub lan_bytes: u64,
+    /// Bytes to and from the coordinator (control plane), counted at its sockets.
+    pub control_bytes: u64,
+    /// Bytes through each global server's sockets, by global server rank.
+    pub per_global_server_bytes: Vec<u64>,
+    /// Parameter bytes each global server owns under the MultiGPS placement.
+    pub per_global_server_param_bytes: Vec<u64>,
+    /// FNV-1a hash of the final parameters (hex), as every worker computed it.
+    pub param_hash: String,
+    /// True when every worker ended with the same parameters.
+    pub replicas_identical: bool,
+    /// Progress lines (round, loss, test metrics).
+    pub progress: Vec<Progress>,
+    /// Each process's final stats.
+    pub processes: Vec<RoleStats>,
+    /// The resolved configuration.
+    pub config: serde_json::Value,
+}
+
+impl Report {
+    /// Aggregates the processes' stats. `param_bytes` is the placement's per-server ownership.
+    pub fn assemble(
+        stats: Vec<RoleStats>,
+        progress: Vec<Progress>,
+        rounds: u64,
+        wall_seconds: f64,
+        param_bytes: Vec<u64>,
+        config: serde_json::Value,
+    ) -> Self {
+        let sum = |role: &str, f: fn(&RoleStats) -> u64| -> u64 {
+            stats.iter().filter(|s| s.role == role).map(f).sum()
+        };
+        let lan_bytes = sum(roles::LOCAL_SERVER, |s| s.served_bytes);
+        let wan_bytes = sum(roles::LOCAL_SERVER, |s| s.client_bytes);
+        let control_bytes = sum(roles::COORDINATOR, |s| s.served_bytes);
+        let mut per_global_server_bytes = vec![0; param_bytes.len()];
+        for s in stats.iter().filter(|s| s.role == roles::GLOBAL_SERVER) {
+            if let Some(slot) = per_global_server_bytes.get_mut(s.rank as usize) {
+                *slot = s.served_bytes;
+            }
+        }
+        let workers: Vec<&RoleStats> = stats.iter().filter(|s| s.role == roles::WORKER).collect();
+        let hashes: Vec<u64> = workers.iter().filter_map(|s| s.param_hash).collect();
+        let replicas_identical = !hashes.is_empty()
+            && hashes.len() == workers.len()
+            && hashes.iter().all(|h| *h == hashes[0]);
+        let reporter = workers.iter().find(|s| s.dc == 0 && s.rank == 0);
+        Self {
+            final_test_accuracy: reporter
+                .and_then(|s| s.final_test_accuracy)
+                .unwrap_or(f64::NAN),
+            final_loss: reporter.and_then(|s| s.final_loss).unwrap_or(f64::NAN),
+            rounds,
+            wall_seconds,
+            wan_bytes,
+            lan_bytes,
+            control_bytes,
+            per_global_server_bytes,
+            per_global_server_param_bytes: param_bytes,
+            param_hash: hashes
+                .first()
+                .map(|h| format!("{h:016x}"))
+                .unwrap_or_default(),
+            replicas_identical,
+            progress,
+            processes: stats,
+            config,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(
+        role: &str,
+        dc: u32,
+        rank: u32,
+        served: u64,
+        client: u64,
+        hash: Option<u64>,
+    ) -> RoleStats {
+        RoleStats {
+            role: role.into(),
+            dc,
+            rank,
+            served_bytes: served,
+            client_bytes: client,
+            param_hash: hash,
+            final_loss: hash.map(|_| 0.5),
+            final_test_accuracy: (dc == 0 && rank == 0 && hash.is_some()).then_some(0.9),
+        }
+    }
+
+    #[test]
+    fn assembles_tiers_and_replica_check() {
+        let stats = vec![
+            st("coordinator", 2, 0, 7, 0, None),
+            st("global_server", 2, 1, 30, 0, None),
+            st("global_server", 2, 0, 20, 0, None),
+            st("local_server", 0, 0, 100, 25, None),
+            st("local_server", 1, 0, 200, 25, None),
+            st("worker", 0, 0, 0, 50, Some(9)),
+            st("worker", 1, 0, 0, 50, Some(9)),
+        ];
+        let r = Report::assemble(stats, vec![], 10, 1.5, vec![8, 8], serde_json::json!({}));
+        assert_eq!(r.lan_bytes, 300);
+        assert_eq!(r.wan_bytes, 50);
+        assert_eq!(r.control_bytes, 7);
+        assert_eq!(r.per_global_server_bytes, vec![20, 30]);
+        assert!(r.replicas_identical);
+        assert_eq!(r.param_hash, "0000000000000009");
+        assert_eq!(r.final_test_accuracy, 0.9);
+        let json = serde_json::to_value(&r).unwrap();
+        for k in [
+            "final_test_accuracy",
+            "rounds",
+            "wall_seconds",
+            "wan_bytes",
+            "lan_bytes",
+            "per_global_server_bytes",
+            "config",
+        ] {
+            assert!(json.get(k).is_some(), "{k}");
+        }
+    }
+
+    #[test]
+    fn differing_or_missing_hashes_are_not_identical() {
+        let a = vec![
+            st("worker", 0, 0, 0, 0, Some(1)),
+            st("worker", 0, 1, 0, 0, Some(2)),
+        ];
+        assert!(
+            !Report::assemble(a, vec![], 1, 0.0, vec![], serde_json::Value::Null)
+                .replicas_identical
+        );
+        let b = vec![
+            st("worker", 0, 0, 0, 0, Some(1)),
+            st("worker", 0, 1, 0, 0, None),
+        ];
+        assert!(
+            !Report::assemble(b, vec![], 1, 0.0, vec![], serde_json::Value::Null)
+                .replicas_identical
+        );
+    }
+}

@@ -1,1 +1,157 @@
-//! The HiPS roles: coordinator, global server, local server and worker.
+//! The HiPS roles: coordinator, global server, local server and worker (hips.md).
+//!
+//! Round logic is sans-IO: [`LocalAggregator`] and [`GlobalAggregator`] take pushes and return what
+//! to answer; the role drivers ([`coordinator`], [`global_server`], [`local_server`], [`worker`])
+//! wrap them around geomx-net servers and clients. [`JobSpec`] is the resolved configuration every
+//! role starts from; [`RoleStats`] is what each process reports at its end.
+
+pub mod coordinator;
+mod global_agg;
+pub mod global_server;
+mod job;
+mod local_agg;
+pub mod local_server;
+pub mod msg;
+pub mod node;
+pub mod plan;
+pub mod worker;
+
+use serde::{Deserialize, Serialize};
+
+pub use global_agg::{GlobalAggregator, RangeOptimizer};
+pub use job::JobSpec;
+pub use local_agg::LocalAggregator;
+pub use plan::ClusterPlan;
+
+/// Locks a mutex, recovering the data of a poisoned one (a panicked thread already logged).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a role failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Data could not be loaded or split.
+    #[error("data: {0}")]
+    Data(crate::data::DataError),
+    /// The model rejected its input.
+    #[error("model: {0}")]
+    Engine(crate::engine::EngineError),
+    /// A transport operation failed.
+    #[error("{0}: {1}")]
+    Net(String, geomx_net::NetError),
+    /// A peer broke the HiPS protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A process the membership table should list is missing.
+    #[error("membership: {0}")]
+    Membership(String),
+    /// A wait ran out.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The job was aborted (the notice names the failed process).
+    #[error("job aborted: {0}")]
+    Aborted(String),
+    /// An operating-system error.
+    #[error("{0}: {1}")]
+    Io(String, String),
+}
+
+/// What one process reports when it ends (printed as one JSON line, collected by the launcher).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoleStats {
+    /// Role name.
+    pub role: String,
+    /// Data-center index.
+    pub dc: u32,
+    /// Rank within (dc, role).
+    pub rank: u32,
+    /// Bytes sent + received at this process's server sockets (the coordinator's for it).
+    pub served_bytes: u64,
+    /// Bytes sent + received at this process's client sockets to data-plane servers.
+    pub client_bytes: u64,
+    /// FNV-1a hash of the final parameters (workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param_hash: Option<u64>,
+    /// Training loss of the last batch (workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_loss: Option<f64>,
+    /// Final test accuracy (the reporting worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_test_accuracy: Option<f64>,
+}
+
+impl RoleStats {
+    /// Stats of `me` with its server-side counters.
+    pub fn new(me: &node::Identity, served: geomx_net::Counters) -> Self {
+        Self {
+            role: me.role.to_string(),
+            dc: me.dc,
+            rank: me.rank,
+            served_bytes: served.bytes_sent + served.bytes_recv,
+            client_bytes: 0,
+            param_hash: None,
+            final_loss: None,
+            final_test_accuracy: None,
+        }
+    }
+}
+
+/// Protocol errors of the FSA round.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AggError {
+    /// A push for a key or range this process does not hold.
+    #[error("unknown key or range {0}")]
+    UnknownKey(usize),
+    /// A push for another round than the one being collected (a protocol error in FSA).
+    #[error("push for key {key} at version {got}, expected {expected}")]
+    WrongVersion {
+        /// Key or range id.
+        key: usize,
+        /// Version being collected.
+        expected: u64,
+        /// Version received.
+        got: u64,
+    },
+    /// The pushed tensor has the wrong number of elements.
+    #[error("push for key {key} has {got} elements, expected {expected}")]
+    LengthMismatch {
+        /// Key or range id.
+        key: usize,
+        /// Expected elements.
+        expected: usize,
+        /// Received elements.
+        got: usize,
+    },
+    /// A sender index (worker rank or DC) out of range.
+    #[error("sender {sender} out of range (only {n})")]
+    BadSender {
+        /// Rank or DC index.
+        sender: usize,
+        /// Number of senders.
+        n: usize,
+    },
+    /// The same sender pushed twice in one round.
+    #[error("duplicate push from {sender} for key {key} round {round}")]
+    Duplicate {
+        /// Key or range id.
+        key: usize,
+        /// Round.
+        round: u64,
+        /// Rank or DC index.
+        sender: usize,
+    },
+    /// The DCs' worker counts do not add up to W.
+    #[error("worker counts for range {key} sum to {got}, expected W = {expected}")]
+    CountMismatch {
+        /// Range id.
+        key: usize,
+        /// Sum of counts.
+        got: u64,
+        /// W.
+        expected: u32,
+    },
+}

@@ -1,1 +1,507 @@
-//! The local launcher: a whole multi-data-center cluster as processes on one machine.
+//! `geomx launch`: the whole cluster on this machine as separate processes.
+//!
+//! The launcher resolves the configuration, writes it to a temporary file, starts the coordinator
+//! (`geomx run --role coordinator` on port 0) and reads its address from the child's stdout, then
+//! starts every global server, local server and worker with that address; all other ports are
+//! OS-assigned and travel through the coordinator's membership table. Children print
+//! machine-readable lines (see [`lines`]); the launcher turns progress lines into text, collects the
+//! final stats into a [`Report`], and if any child fails kills the rest and returns its error.
+
+pub mod role;
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::{Config, ConfigError};
+use crate::hips::plan::roles;
+use crate::hips::worker::Progress;
+use crate::hips::{JobSpec, RoleStats, RunError};
+use crate::report::Report;
+
+/// Prefixes of the lines children print on stdout for the launcher.
+pub mod lines {
+    /// The coordinator's bound address.
+    pub const COORDINATOR: &str = "GEOMX_COORDINATOR ";
+    /// A [`crate::hips::worker::Progress`] as JSON.
+    pub const PROGRESS: &str = "GEOMX_PROGRESS ";
+    /// A process's final [`crate::hips::RoleStats`] as JSON.
+    pub const STATS: &str = "GEOMX_STATS ";
+}
+
+/// How long the coordinator may take to print its address.
+const COORDINATOR_START: Duration = Duration::from_secs(30);
+/// Stderr lines kept per child for error messages.
+const TAIL: usize = 12;
+
+/// Errors of `geomx launch`.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The configuration file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The configuration cannot be turned into a job.
+    #[error(transparent)]
+    Job(#[from] RunError),
+    /// A process could not be started or watched.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// The coordinator did not come up.
+    #[error("coordinator did not start: {0}")]
+    Coordinator(String),
+    /// A child process failed; the others were stopped.
+    #[error("{name} failed ({status}): {detail}")]
+    ChildFailed {
+        /// The child, e.g. `worker (dc 0, rank 1)`.
+        name: String,
+        /// How it ended.
+        status: String,
+        /// Its last error lines and the job's abort reason, if any.
+        detail: String,
+    },
+}
+
+/// What to launch.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchOptions {
+    /// Topology file; `None` runs [`Config::default`].
+    pub config: Option<PathBuf>,
+    /// Write the JSON report here.
+    pub report: Option<PathBuf>,
+    /// The `geomx` executable to start children from (default: this executable).
+    pub exe: Option<PathBuf>,
+    /// Do not print progress lines.
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Out,
+    Err,
+}
+
+struct Event {
+    child: usize,
+    stream: Stream,
+    line: String,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+    /// The launcher killed it (after another child failed).
+    killed: bool,
+    tail: VecDeque<String>,
+}
+
+struct Cluster {
+    procs: Vec<Proc>,
+    readers: Vec<JoinHandle<()>>,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    progress: Vec<Progress>,
+    stats: Vec<RoleStats>,
+    coordinator: Option<String>,
+    quiet: bool,
+}
+
+fn forward(
+    child: usize,
+    stream: Stream,
+    r: impl std::io::Read + Send + 'static,
+    tx: Sender<Event>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("geomx-launch-io-{child}"))
+        .spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                if tx
+                    .send(Event {
+                        child,
+                        stream,
+                        line,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+}
+
+fn describe(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+impl Cluster {
+    fn new(quiet: bool) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Self {
+            procs: Vec::new(),
+            readers: Vec::new(),
+            tx,
+            rx,
+            progress: Vec::new(),
+            stats: Vec::new(),
+            coordinator: None,
+            quiet,
+        }
+    }
+
+    fn spawn(&mut self, exe: &Path, name: String, args: &[String]) -> Result<(), LaunchError> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| LaunchError::Io(format!("starting {name}"), e))?;
+        let idx = self.procs.len();
+        let io_err = |e| LaunchError::Io(format!("watching {name}"), e);
+        if let Some(o) = child.stdout.take() {
+            self.readers
+                .push(forward(idx, Stream::Out, o, self.tx.clone()).map_err(io_err)?);
+        }
+        if let Some(e) = child.stderr.take() {
+            self.readers
+                .push(forward(idx, Stream::Err, e, self.tx.clone()).map_err(io_err)?);
+        }
+        eprintln!("geomx launch: started {name} pid {}", child.id());
+        self.procs.push(Proc {
+            name,
+            child,
+            status: None,
+            killed: false,
+            tail: VecDeque::new(),
+        });
+        Ok(())
+    }
+
+    fn handle(&mut self, ev: Event) {
+        let p = &mut self.procs[ev.child];
+        match ev.stream {
+            Stream::Err => {
+                eprintln!("[{}] {}", p.name, ev.line);
+                if p.tail.len() == TAIL {
+                    p.tail.pop_front();
+                }
+                p.tail.push_back(ev.line);
+            }
+            Stream::Out => {
+                if let Some(a) = ev.line.strip_prefix(lines::COORDINATOR) {
+                    self.coordinator = Some(a.trim().to_string());
+                } else if let Some(j) = ev.line.strip_prefix(lines::PROGRESS) {
+                    match serde_json::from_str::<Progress>(j) {
+                        Ok(pr) => {
+                            if !self.quiet {
+                                let mut out = std::io::stdout().lock();
+                                let _ = writeln!(
+                                    out,
+                                    "round {:>6}  loss {:.4}  test loss {:.4}  test accuracy {:.4}",
+                                    pr.round, pr.loss, pr.test_loss, pr.test_accuracy
+                                );
+                                let _ = out.flush();
+                            }
+                            self.progress.push(pr);
+                        }
+                        Err(e) => eprintln!("[{}] unreadable progress line ({e}): {j}", p.name),
+                    }
+                } else if let Some(j) = ev.line.strip_prefix(lines::STATS) {
+                    match serde_json::from_str::<RoleStats>(j) {
+                        Ok(s) => self.stats.push(s),
+                        Err(e) => eprintln!("[{}] unreadable stats line ({e}): {j}", p.name),
+                    }
+                } else {
+                    println!("[{}] {}", p.name, ev.line);
+                }
+            }
+        }
+    }
+
+    fn pump(&mut self, wait: Duration) {
+        if let Ok(ev) = self.rx.recv_timeout(wait) {
+            self.handle(ev);
+        }
+        while let Ok(ev) = self.rx.try_recv() {
+            self.handle(ev);
+        }
+    }
+
+    /// Polls every child; returns the index of the first that failed.
+    fn poll(&mut self) -> Result<Option<usize>, LaunchError> {
+        let mut failed = None;
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            if p.status.is_none() {
+                p.status = p
+                    .child
+                    .try_wait()
+                    .map_err(|e| LaunchError::Io(format!("waiting for {}", p.name), e))?;
+                if let Some(s) = p.status {
+                    if !s.success() && failed.is_none() {
+                        failed = Some(i);
+                    }
+                }
+            }
+        }
+        Ok(failed)
+    }
+
+    fn all_exited(&self) -> bool {
+        self.procs.iter().all(|p| p.status.is_some())
+    }
+
+    /// Waits for the readers to reach end of file and handles what they read.
+    fn drain(&mut self) {
+        drop(std::mem::replace(
+            &mut self.tx,
+            crossbeam_channel::unbounded().0,
+        ));
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        while let Ok(ev) = self.rx.try_recv() {
+            self.handle(ev);
+        }
+    }
+
+    /// Stops every child still running and builds the error for the failed one.
+    fn fail(&mut self, first: usize) -> LaunchError {
+        // Let the job's own abort reach the others briefly, so their messages name the cause.
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until && !self.all_exited() {
+            self.pump(Duration::from_millis(20));
+            let _ = self.poll();
+        }
+        self.kill_all();
+        self.drain();
+        // A child killed from outside (by a signal the launcher did not send) is the root cause;
+        // otherwise the first that failed.
+        use std::os::unix::process::ExitStatusExt;
+        let primary = self
+            .procs
+            .iter()
+            .position(|p| !p.killed && p.status.is_some_and(|s| s.signal().is_some()))
+            .unwrap_or(first);
+        let p = &self.procs[primary];
+        let abort = self
+            .procs
+            .iter()
+            .flat_map(|q| q.tail.iter())
+            .find(|l| l.contains("job aborted:"))
+            .cloned();
+        let mut detail: Vec<String> = p
+            .tail
+            .iter()
+            .filter(|l| l.starts_with("error"))
+            .cloned()
+            .collect();
+        if detail.is_empty() {
+            detail.extend(p.tail.back().cloned());
+        }
+        if let Some(a) = abort {
+            if !detail.contains(&a) {
+                detail.push(a);
+            }
+        }
+        LaunchError::ChildFailed {
+            name: p.name.clone(),
+            status: p
+                .status
+                .as_ref()
+                .map(describe)
+                .unwrap_or_else(|| "unknown".into()),
+            detail: if detail.is_empty() {
+                "no error output".into()
+            } else {
+                detail.join("; ")
+            },
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for p in self.procs.iter_mut().filter(|p| p.status.is_none()) {
+            p.killed = true;
+            let _ = p.child.kill();
+            p.status = p.child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Name of a child process.
+fn child_name(role: &str, dc: u32, rank: u32) -> String {
+    format!("{role} (dc {dc}, rank {rank})")
+}
+
+/// Launches the cluster `opts` describes and waits for it; returns the run report (also written
+/// to `opts.report`).
+pub fn launch(opts: &LaunchOptions) -> Result<Report, LaunchError> {
+    let cfg = match &opts.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let job = JobSpec::from_config(&cfg)?;
+    let exe = match &opts.exe {
+        Some(e) => e.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| LaunchError::Io("locating the geomx executable".into(), e))?,
+    };
+    let text = cfg.to_toml_string().map_err(|e| {
+        LaunchError::Io(
+            "writing the resolved configuration".into(),
+            std::io::Error::other(e),
+        )
+    })?;
+    let file = TempFile::new(&text)?;
+    let conf = file.0.display().to_string();
+    let host = cfg.cluster.host.clone();
+    let started = Instant::now();
+
+    let mut cl = Cluster::new(opts.quiet);
+    let coord_bind = cfg
+        .cluster
+        .coordinator
+        .clone()
+        .unwrap_or_else(|| format!("{host}:0"));
+    cl.spawn(
+        &exe,
+        roles::COORDINATOR.into(),
+        &[
+            "--role".into(),
+            "coordinator".into(),
+            "--config".into(),
+            conf.clone(),
+            "--coordinator".into(),
+            coord_bind,
+        ],
+    )?;
+    let deadline = Instant::now() + COORDINATOR_START;
+    let coord = loop {
+        cl.pump(Duration::from_millis(20));
+        if let Some(a) = cl.coordinator.clone() {
+            break a;
+        }
+        if let Some(i) = cl.poll()? {
+            return Err(cl.fail(i));
+        }
+        if Instant::now() > deadline {
+            return Err(LaunchError::Coordinator(format!(
+                "no address within {COORDINATOR_START:?}"
+            )));
+        }
+    };
+    let plan = &job.plan;
+    let common = |role: &str, dc: u32, rank: u32| -> Vec<String> {
+        vec![
+            "--role".into(),
+            role.into(),
+            "--config".into(),
+            conf.clone(),
+            "--coordinator".into(),
+            coord.clone(),
+            "--dc".into(),
+            dc.to_string(),
+            "--rank".into(),
+            rank.to_string(),
+        ]
+    };
+    for s in 0..plan.num_global_servers() as u32 {
+        cl.spawn(
+            &exe,
+            child_name(roles::GLOBAL_SERVER, plan.central_dc, s),
+            &common("global-server", plan.central_dc, s),
+        )?;
+    }
+    for (d, &n) in plan.workers_per_dc.iter().enumerate() {
+        let d = d as u32;
+        cl.spawn(
+            &exe,
+            child_name(roles::LOCAL_SERVER, d, 0),
+            &common("local-server", d, 0),
+        )?;
+        for r in 0..n as u32 {
+            cl.spawn(
+                &exe,
+                child_name(roles::WORKER, d, r),
+                &common("worker", d, r),
+            )?;
+        }
+    }
+    loop {
+        cl.pump(Duration::from_millis(20));
+        if let Some(i) = cl.poll()? {
+            return Err(cl.fail(i));
+        }
+        if cl.all_exited() {
+            break;
+        }
+    }
+    cl.drain();
+    let wall = started.elapsed().as_secs_f64();
+    let report = Report::assemble(
+        std::mem::take(&mut cl.stats),
+        std::mem::take(&mut cl.progress),
+        job.rounds,
+        wall,
+        plan.placement.server_bytes.clone(),
+        cfg.to_json(),
+    );
+    if !opts.quiet {
+        println!(
+            "done: {} rounds in {:.2} s, test accuracy {:.4}, WAN {} bytes, LAN {} bytes, per global server {:?}",
+            report.rounds, report.wall_seconds, report.final_test_accuracy, report.wan_bytes, report.lan_bytes, report.per_global_server_bytes
+        );
+    }
+    if let Some(path) = &opts.report {
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| LaunchError::Io("encoding the report".into(), std::io::Error::other(e)))?;
+        std::fs::write(path, json)
+            .map_err(|e| LaunchError::Io(format!("writing {}", path.display()), e))?;
+    }
+    Ok(report)
+}
+
+/// The resolved configuration on disk for the children; removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(text: &str) -> Result<Self, LaunchError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path =
+            std::env::temp_dir().join(format!("geomx-launch-{}-{nanos}.toml", std::process::id()));
+        std::fs::write(&path, text)
+            .map_err(|e| LaunchError::Io(format!("writing {}", path.display()), e))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,202 @@
+//! The global server role: owns its MultiGPS ranges, sums the DCs' pushes, runs the optimizer and
+//! answers each push with the new values (fused push-reply).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crossbeam_channel::Sender;
+use geomx_net::{Handler, KvServer, MsgKind, PayloadCodec, Request, Responder};
+
+use super::msg::{f32_bytes, UpPush};
+use super::node::{Aborter, FatalHook, Identity, Node};
+use super::plan::roles;
+use super::{lock, GlobalAggregator, JobSpec, RoleStats, RunError};
+use crate::engine::Optimizer;
+
+impl super::RangeOptimizer for Optimizer {
+    fn step(&mut self, params: &mut [f32], mean_grad: &[f32]) {
+        if let Err(e) = Optimizer::step(self, params, mean_grad) {
+            // Lengths are checked by the aggregator before it calls the optimizer.
+            tracing::error!(error = %e, "optimizer step rejected");
+        }
+    }
+}
+
+/// Mutable state behind the server handler.
+struct State {
+    agg: GlobalAggregator,
+    /// Pushes of the round being collected, per range, answered when the round completes.
+    parked: HashMap<usize, Vec<Responder>>,
+    /// Pulls waiting for a version: (range, min_version, responder).
+    pulls: Vec<(usize, u64, Responder)>,
+    /// Owned ranges that reached the last round.
+    finished: usize,
+}
+
+struct GlobalHandler {
+    state: Mutex<State>,
+    /// Node id → DC of the local servers, known once registration completed.
+    dc_of: OnceLock<HashMap<u32, usize>>,
+    aborter: OnceLock<Aborter>,
+    range_lens: Vec<usize>,
+    owned: usize,
+    rounds: u64,
+    all_done: Sender<()>,
+}
+
+impl GlobalHandler {
+    fn fail(&self, reply: Responder, msg: String) {
+        tracing::error!(%msg, "protocol error at the global server");
+        let _ = reply.error(&msg);
+        if let Some(a) = self.aborter.get() {
+            a.abort(msg);
+        }
+    }
+
+    fn on_push(&self, req: Request, reply: Responder) {
+        let id = req.key as usize;
+        let Some(&len) = self.range_lens.get(id) else {
+            return self.fail(reply, format!("push for unknown range {id}"));
+        };
+        let Some(&dc) = self.dc_of.get().and_then(|m| m.get(&req.sender)) else {
+            return self.fail(
+                reply,
+                format!("push from node {} which is no local server", req.sender),
+            );
+        };
+        let up = match UpPush::decode(&req.payload, id, len) {
+            Ok(u) => u,
+            Err(e) => return self.fail(reply, format!("range push from dc {dc}: {e}")),
+        };
+        let mut st = lock(&self.state);
+        let done = match st.agg.push(id, dc, req.version, up.sum, up.count) {
+            Ok(None) => {
+                st.parked.entry(id).or_default().push(reply);
+                return;
+            }
+            Ok(Some(theta)) => f32_bytes(theta),
+            Err(e) => {
+                drop(st);
+                return self.fail(reply, format!("range push from dc {dc}: {e}"));
+            }
+        };
+        let version = req.version + 1;
+        let mut waiting = st.parked.remove(&id).unwrap_or_default();
+        waiting.push(reply);
+        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pulls)
+            .into_iter()
+            .partition(|(r, v, _)| *r == id && *v <= version);
+        st.pulls = rest;
+        if version == self.rounds {
+            st.finished += 1;
+            if st.finished == self.owned {
+                let _ = self.all_done.send(());
+            }
+        }
+        drop(st);
+        for r in waiting
+            .into_iter()
+            .chain(ready.into_iter().map(|(_, _, r)| r))
+        {
+            if let Err(e) = r.send(version, PayloadCodec::DenseF32, &done) {
+                tracing::warn!(error = %e, range = id, "reply not delivered");
+            }
+        }
+    }
+
+    fn on_pull(&self, req: Request, reply: Responder) {
+        let id = req.key as usize;
+        let mut st = lock(&self.state);
+        match st.agg.pull(id, req.version) {
+            Ok(Some(v)) => {
+                let bytes = f32_bytes(v);
+                let version = st.agg.get(id).map_or(0, |(v, _)| v);
+                drop(st);
+                let _ = reply.send(version, PayloadCodec::DenseF32, &bytes);
+            }
+            Ok(None) => st.pulls.push((id, req.version, reply)),
+            Err(e) => {
+                drop(st);
+                self.fail(reply, format!("pull: {e}"));
+            }
+        }
+    }
+}
+
+impl Handler for GlobalHandler {
+    fn on_request(&self, req: Request, reply: Responder) {
+        match req.kind {
+            MsgKind::Push => self.on_push(req, reply),
+            MsgKind::Pull => self.on_pull(req, reply),
+            other => {
+                let _ = reply.error(&format!("a global server does not serve {other:?}"));
+            }
+        }
+    }
+}
+
+/// Runs global server `rank` until the job shuts down; returns its traffic.
+pub fn run(
+    job: &JobSpec,
+    rank: u32,
+    coord_addr: &str,
+    bind_host: &str,
+    fatal: FatalHook,
+) -> Result<RoleStats, RunError> {
+    let plan = &job.plan;
+    let me = Identity {
+        role: roles::GLOBAL_SERVER,
+        dc: plan.central_dc,
+        rank,
+    };
+    // θ_0 from the seed (the one source of initial parameters); keep our own ranges.
+    let theta0 = job.model.init(job.seed);
+    let mut agg = GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32);
+    let mut owned = 0;
+    for (id, r) in plan.placement.ranges.iter().enumerate() {
+        if r.server == rank as usize {
+            let vals = theta0[r.key][r.offset..r.offset + r.len].to_vec();
+            agg.add_range(id, vals, 0, Box::new(Optimizer::new(&job.optimizer, r.len)));
+            owned += 1;
+        }
+    }
+    drop(theta0);
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    let handler = Arc::new(GlobalHandler {
+        state: Mutex::new(State {
+            agg,
+            parked: HashMap::new(),
+            pulls: Vec::new(),
+            finished: 0,
+        }),
+        dc_of: OnceLock::new(),
+        aborter: OnceLock::new(),
+        range_lens: plan.placement.ranges.iter().map(|r| r.len).collect(),
+        owned,
+        rounds: job.rounds,
+        all_done: done_tx,
+    });
+    let mut server = KvServer::bind_with_id((bind_host, 0), 0, handler.clone(), job.net)
+        .map_err(|e| RunError::Net(format!("binding {me}"), e))?;
+    let listen = server.local_addr().to_string();
+    let node = Node::join(coord_addr, me, listen, job.config_hash, job.net, fatal)?;
+    let dc_of = node
+        .membership
+        .nodes
+        .iter()
+        .filter(|n| n.role == roles::LOCAL_SERVER)
+        .map(|n| (n.id, n.dc as usize))
+        .collect();
+    let _ = handler.dc_of.set(dc_of);
+    let _ = handler.aborter.set(node.aborter());
+    node.barrier("all")?;
+    if owned > 0 && job.rounds > 0 {
+        // Every round needs every DC, so the wait is bounded by the job's total length; the
+        // coordinator aborts the job (ending this process) if any peer dies meanwhile.
+        let _ = done_rx.recv();
+    }
+    node.finish(job.wait_limit())?;
+    let stats = server.stats();
+    server.shutdown();
+    Ok(RoleStats::new(&node.me, stats))
+}

@@ -1,0 +1,138 @@
+//! Everything a role needs to know about the job, resolved once from the configuration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use geomx_net::NetOptions;
+
+use super::plan::ClusterPlan;
+use super::RunError;
+use crate::config::{Config, ConfigError, Driver, ModelKind};
+use crate::data::TrainTest;
+use crate::engine::{Mlp, Model, OptimizerConfig};
+
+/// The resolved job: topology, model, training settings and transport options.
+#[derive(Clone)]
+pub struct JobSpec {
+    /// Topology and placement.
+    pub plan: ClusterPlan,
+    /// The model every role builds (global servers initialise θ_0 from it).
+    pub model: Arc<dyn Model>,
+    /// Optimizer run by the global servers.
+    pub optimizer: OptimizerConfig,
+    /// Seed of θ_0, data sharding and batch order.
+    pub seed: u64,
+    /// FSA rounds to run.
+    pub rounds: u64,
+    /// Samples per worker batch.
+    pub batch_size: usize,
+    /// How the training set is cut across workers.
+    pub shard: crate::data::ShardStrategy,
+    /// Seed of sharding and batch order.
+    pub data_seed: u64,
+    /// Training and test data (loaded by every role: the model's shape depends on it).
+    pub data: Arc<TrainTest>,
+    /// Worker (dc 0, rank 0) evaluates on the test set every this many rounds (0: only at the end).
+    pub eval_every: u64,
+    /// Transport options (timeouts, driver).
+    pub net: NetOptions,
+    /// The coordinator aborts if not every process registered within this time.
+    pub registration_timeout: Duration,
+    /// Hash of the resolved configuration (registration rejects mismatches).
+    pub config_hash: u64,
+}
+
+impl std::fmt::Debug for JobSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobSpec")
+            .field("plan", &self.plan)
+            .field("rounds", &self.rounds)
+            .field("seed", &self.seed)
+            .field("config_hash", &self.config_hash)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobSpec {
+    /// Resolves a validated configuration: loads the data, builds the model and the placement.
+    pub fn from_config(cfg: &Config) -> Result<Self, RunError> {
+        let data = crate::data::load(&cfg.data).map_err(RunError::Data)?;
+        let model: Arc<dyn Model> = match cfg.model.kind {
+            ModelKind::Mlp => Arc::new(
+                Mlp::new(
+                    data.train.n_features(),
+                    &cfg.model.hidden,
+                    data.train.n_classes(),
+                )
+                .map_err(RunError::Engine)?,
+            ),
+        };
+        let workers_per_dc: Vec<usize> =
+            cfg.cluster.data_centers.iter().map(|d| d.workers).collect();
+        let w = workers_per_dc.iter().sum::<usize>().max(1);
+        let central_dc = cfg
+            .cluster
+            .data_centers
+            .iter()
+            .position(|d| d.name == cfg.cluster.central_dc)
+            .unwrap_or(cfg.cluster.data_centers.len()) as u32;
+        let key_lens = model.tensors().iter().map(|t| t.len()).collect();
+        let plan = ClusterPlan::new(
+            workers_per_dc,
+            cfg.cluster.global_servers,
+            central_dc,
+            key_lens,
+            cfg.placement.split_bound,
+            cfg.placement.min_range,
+        )
+        .map_err(|e| RunError::Config(ConfigError::invalid("placement", e.to_string())))?;
+        let batches_per_epoch = (data.train.len() / w) / cfg.data.batch_size.max(1);
+        let rounds = cfg.train.total_rounds(batches_per_epoch);
+        let t = &cfg.timeouts;
+        let base = NetOptions::default();
+        let net = NetOptions {
+            driver: match cfg.transport.driver {
+                Driver::Auto => geomx_net::DriverKind::Auto,
+                Driver::IoUring => geomx_net::DriverKind::IoUring,
+                Driver::Portable => geomx_net::DriverKind::Portable,
+            },
+            connect_timeout: t.connect(),
+            conn: geomx_net::ConnConfig {
+                request_timeout: t.request(),
+                peer_timeout: t.peer_dead(),
+                heartbeat_interval: t.heartbeat(),
+                ..base.conn
+            },
+            ..base
+        };
+        let mut h = crate::engine::Fnv1a::new();
+        h.write(&cfg.config_hash().to_le_bytes());
+        h.write(&plan.hash().to_le_bytes());
+        h.write(&rounds.to_le_bytes());
+        Ok(Self {
+            plan,
+            model,
+            optimizer: cfg.train.optimizer.clone(),
+            seed: cfg.model.seed,
+            rounds,
+            batch_size: cfg.data.batch_size,
+            shard: cfg.data.split,
+            data_seed: cfg.data.seed,
+            data: Arc::new(data),
+            eval_every: cfg.train.eval_every,
+            net,
+            registration_timeout: t.registration(),
+            config_hash: h.finish(),
+        })
+    }
+
+    /// The longest a role waits for any single step of the protocol before it gives up.
+    pub fn wait_limit(&self) -> Duration {
+        self.net.conn.request_timeout
+    }
+
+    /// Global index of worker `rank` of DC `dc` (DCs in order, ranks within).
+    pub fn worker_index(&self, dc: usize, rank: usize) -> usize {
+        self.plan.workers_per_dc[..dc].iter().sum::<usize>() + rank
+    }
+}

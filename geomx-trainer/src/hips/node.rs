@@ -1,0 +1,186 @@
+//! What every non-coordinator role does around its own work: register with the coordinator,
+//! watch for Shutdown / Abort, report Done, and fail loudly instead of hanging.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use geomx_net::coord::{CoordClient, CoordEvent, Hello, Membership, PROTOCOL_VERSION};
+use geomx_net::NetOptions;
+
+use super::RunError;
+
+/// Called with a message when the job must end at once (Abort broadcast, coordinator lost).
+/// The `geomx` binary prints the message and exits non-zero.
+pub type FatalHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Who a process is in the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Role name (see [`super::plan::roles`]).
+    pub role: &'static str,
+    /// Data-center index.
+    pub dc: u32,
+    /// Rank within (dc, role).
+    pub rank: u32,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (dc {}, rank {})", self.role, self.dc, self.rank)
+    }
+}
+
+/// A registered process: its coordinator connection, the membership table and the Shutdown signal.
+pub struct Node {
+    /// This process.
+    pub me: Identity,
+    /// Connection to the coordinator.
+    pub coord: CoordClient,
+    /// The membership table.
+    pub membership: Membership,
+    shutdown: Receiver<()>,
+    fatal: FatalHook,
+}
+
+impl Node {
+    /// Registers `me` (serving at `listen_addr`, empty if it serves nothing) with the coordinator at
+    /// `coord_addr` and starts the event watcher. Blocks until every process registered.
+    pub fn join(
+        coord_addr: &str,
+        me: Identity,
+        listen_addr: String,
+        config_hash: u64,
+        net: NetOptions,
+        fatal: FatalHook,
+    ) -> Result<Self, RunError> {
+        let hello = Hello {
+            role: me.role.to_string(),
+            dc: me.dc,
+            rank: me.rank,
+            listen_addr,
+            protocol_version: PROTOCOL_VERSION,
+            config_hash,
+        };
+        let (coord, membership) = CoordClient::register(coord_addr, hello, net)
+            .map_err(|e| RunError::Net(format!("registering {me} with {coord_addr}"), e))?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        spawn_watcher(coord.clone(), tx, fatal.clone(), me.to_string())?;
+        Ok(Self {
+            me,
+            coord,
+            membership,
+            shutdown: rx,
+            fatal,
+        })
+    }
+
+    /// Node id the coordinator assigned to this process.
+    pub fn id(&self) -> u32 {
+        self.membership.my_id
+    }
+
+    /// Address of the process (role, dc, rank), from the membership table.
+    pub fn addr_of(&self, role: &str, dc: u32, rank: u32) -> Result<String, RunError> {
+        self.membership
+            .find(role, dc, rank)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| RunError::Membership(format!("{role} (dc {dc}, rank {rank}) missing")))
+    }
+
+    /// Enters the barrier of `group`.
+    pub fn barrier(&self, group: &str) -> Result<(), RunError> {
+        self.coord
+            .barrier(group)
+            .map_err(|e| RunError::Net(format!("barrier {group}"), e))
+    }
+
+    /// Asks the coordinator to abort the job naming this process, then ends it through the fatal
+    /// hook (the Abort broadcast usually does first). Never returns normally in the binary.
+    pub fn abort(&self, reason: &str) {
+        abort_via(&self.coord, &self.fatal, &self.me.to_string(), reason);
+    }
+
+    /// A handle that aborts the job from any thread (e.g. a server callback).
+    pub fn aborter(&self) -> Aborter {
+        Aborter {
+            coord: self.coord.clone(),
+            fatal: self.fatal.clone(),
+            me: self.me.to_string(),
+        }
+    }
+
+    /// Reports Done and waits up to `timeout` for the coordinator's Shutdown.
+    pub fn finish(&self, timeout: Duration) -> Result<(), RunError> {
+        self.coord
+            .done()
+            .map_err(|e| RunError::Net("reporting done".into(), e))?;
+        self.shutdown.recv_timeout(timeout).map_err(|_| {
+            RunError::Timeout(format!(
+                "no shutdown from the coordinator within {timeout:?}"
+            ))
+        })?;
+        self.coord.close();
+        Ok(())
+    }
+}
+
+/// Aborts the job from any thread; see [`Node::aborter`].
+#[derive(Clone)]
+pub struct Aborter {
+    coord: CoordClient,
+    fatal: FatalHook,
+    me: String,
+}
+
+impl Aborter {
+    /// Aborts the job with `reason` without blocking the caller.
+    pub fn abort(&self, reason: String) {
+        let a = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("geomx-abort".into())
+            .spawn(move || abort_via(&a.coord, &a.fatal, &a.me, &reason));
+        if let Err(e) = spawned {
+            (self.fatal)(&format!("{}: cannot start abort thread: {e}", self.me));
+        }
+    }
+}
+
+fn abort_via(coord: &CoordClient, fatal: &FatalHook, me: &str, reason: &str) {
+    tracing::error!(%me, %reason, "aborting the job");
+    if let Err(e) = coord.abort(reason) {
+        tracing::warn!(error = %e, "abort request not acknowledged");
+    }
+    // The Abort broadcast normally ends the process first; this covers a lost coordinator.
+    std::thread::sleep(Duration::from_millis(500));
+    fatal(&format!("{me}: {reason}"));
+}
+
+fn spawn_watcher(
+    coord: CoordClient,
+    shutdown: Sender<()>,
+    fatal: FatalHook,
+    me: String,
+) -> Result<(), RunError> {
+    std::thread::Builder::new()
+        .name("geomx-coord-watch".into())
+        .spawn(move || loop {
+            match coord.wait_event(Duration::from_secs(1)) {
+                None => continue,
+                Some(CoordEvent::Shutdown) => {
+                    let _ = shutdown.send(());
+                    return;
+                }
+                Some(CoordEvent::Abort(n)) => {
+                    fatal(&format!("job aborted: {n}"));
+                    return;
+                }
+                Some(CoordEvent::CoordinatorLost(m)) => {
+                    fatal(&format!("{me}: lost the coordinator: {m}"));
+                    return;
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| RunError::Io("starting the coordinator watcher".into(), e.to_string()))
+}

@@ -1,0 +1,172 @@
+//! The worker role: gradients of its data shard, pushed key by key as the backward pass produces
+//! them; each push's reply carries θ_{r+1} of that key (fused push-reply).
+
+use std::sync::Arc;
+
+use geomx_net::{KvClient, NetError, PayloadCodec, Pending};
+use serde::{Deserialize, Serialize};
+
+use super::msg::{f32_bytes, f32_from_bytes};
+use super::node::{FatalHook, Identity, Node};
+use super::plan::roles;
+use super::{JobSpec, RoleStats, RunError};
+use crate::data::{shard_indices, Batcher};
+use crate::engine::params_hash;
+
+/// One progress line of worker (dc 0, rank 0).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Rounds completed.
+    pub round: u64,
+    /// Mean training loss of this worker's last batch.
+    pub loss: f64,
+    /// Mean loss on the test set.
+    pub test_loss: f64,
+    /// Accuracy on the test set.
+    pub test_accuracy: f64,
+}
+
+/// Receives progress lines.
+pub type ProgressSink = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+fn decode_key(
+    key: usize,
+    want_version: u64,
+    len: usize,
+    resp: Result<geomx_net::Response, NetError>,
+) -> Result<Vec<f32>, RunError> {
+    let resp =
+        resp.map_err(|e| RunError::Net(format!("key {key} at version {want_version}"), e))?;
+    if resp.version != want_version {
+        return Err(RunError::Protocol(format!(
+            "key {key}: got version {}, expected {want_version}",
+            resp.version
+        )));
+    }
+    f32_from_bytes(&resp.payload)
+        .filter(|v| v.len() == len)
+        .ok_or_else(|| {
+            RunError::Protocol(format!("key {key}: reply of {} bytes", resp.payload.len()))
+        })
+}
+
+/// Runs worker `rank` of DC `dc` for the job's rounds; returns its traffic, final parameter hash
+/// and (for dc 0 rank 0) final test accuracy.
+pub fn run(
+    job: &JobSpec,
+    dc: u32,
+    rank: u32,
+    coord_addr: &str,
+    fatal: FatalHook,
+    progress: ProgressSink,
+) -> Result<RoleStats, RunError> {
+    let plan = &job.plan;
+    let me = Identity {
+        role: roles::WORKER,
+        dc,
+        rank,
+    };
+    let n_d = plan.workers_per_dc.get(dc as usize).copied().unwrap_or(0);
+    if rank as usize >= n_d {
+        return Err(RunError::Membership(format!("no {me} in the topology")));
+    }
+    let w = job.worker_index(dc as usize, rank as usize);
+    let train = &job.data.train;
+    let mut shards = shard_indices(
+        train.labels(),
+        plan.total_workers(),
+        job.shard,
+        job.data_seed,
+    )
+    .map_err(RunError::Data)?;
+    let shard = std::mem::take(&mut shards[w]);
+    let mut batcher =
+        Batcher::new(shard, job.batch_size, job.data_seed, w as u64).map_err(RunError::Data)?;
+    let reporter = dc == 0 && rank == 0;
+
+    let node = Node::join(
+        coord_addr,
+        me,
+        String::new(),
+        job.config_hash,
+        job.net,
+        fatal,
+    )?;
+    let addr = node.addr_of(roles::LOCAL_SERVER, dc, 0)?;
+    let client = KvClient::connect(addr.as_str(), node.id(), job.net).map_err(|e| {
+        RunError::Net(
+            format!("connecting to the local server of dc {dc} at {addr}"),
+            e,
+        )
+    })?;
+    let lens = &plan.key_lens;
+    // θ_0 from the local server (which has it from the global servers).
+    let pulls: Vec<Pending> = (0..lens.len())
+        .map(|k| client.pull(k as u64, 0, 0, lens[k] as u64))
+        .collect::<Result<_, _>>()
+        .map_err(|e| RunError::Net("pulling θ_0".into(), e))?;
+    let mut params = Vec::with_capacity(lens.len());
+    for (k, p) in pulls.into_iter().enumerate() {
+        params.push(decode_key(k, 0, lens[k], p.wait(job.wait_limit()))?);
+    }
+    node.barrier("all")?;
+
+    let mut loss = f64::NAN;
+    let mut last_eval = None;
+    for round in 0..job.rounds {
+        let batch = batcher.next_batch(train);
+        let mut pending: Vec<Option<Result<Pending, NetError>>> =
+            (0..lens.len()).map(|_| None).collect();
+        let l = job
+            .model
+            .backward_layerwise(&params, batch.view(), &mut |key, grad| {
+                pending[key] = Some(client.push(
+                    key as u64,
+                    round,
+                    PayloadCodec::DenseF32,
+                    0,
+                    grad.len() as u64,
+                    &f32_bytes(&grad),
+                ));
+            })
+            .map_err(RunError::Engine)?;
+        loss = f64::from(l);
+        for (k, p) in pending.into_iter().enumerate() {
+            let p = p
+                .ok_or_else(|| {
+                    RunError::Protocol(format!("the model produced no gradient for key {k}"))
+                })?
+                .map_err(|e| RunError::Net(format!("pushing key {k} round {round}"), e))?;
+            params[k] = decode_key(k, round + 1, lens[k], p.wait(job.wait_limit()))?;
+        }
+        let done = round + 1;
+        let due = job.eval_every > 0 && done % job.eval_every == 0;
+        if reporter && (due || done == job.rounds) {
+            let ev = job
+                .model
+                .evaluate(&params, job.data.test.view())
+                .map_err(RunError::Engine)?;
+            let p = Progress {
+                round: done,
+                loss,
+                test_loss: ev.loss,
+                test_accuracy: ev.accuracy,
+            };
+            progress(&p);
+            last_eval = Some(p);
+        }
+    }
+    let hash = params_hash(&params);
+    tracing::info!(%dc, %rank, hash = format!("{hash:016x}"), "worker finished");
+    node.finish(job.wait_limit())?;
+    let mut stats = RoleStats::new(&node.me, client.stats());
+    stats.served_bytes = 0;
+    stats.client_bytes = {
+        let c = client.stats();
+        c.bytes_sent + c.bytes_recv
+    };
+    stats.param_hash = Some(hash);
+    stats.final_loss = Some(loss);
+    stats.final_test_accuracy = last_eval.map(|p| p.test_accuracy);
+    Ok(stats)
+}

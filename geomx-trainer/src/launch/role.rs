@@ -1,0 +1,133 @@
+//! `geomx run`: one role of a job in this process.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use super::lines;
+use crate::config::{Config, Role, RoleSpec};
+use crate::hips::node::FatalHook;
+use crate::hips::worker::{Progress, ProgressSink};
+use crate::hips::{coordinator, global_server, local_server, worker, JobSpec, RoleStats, RunError};
+
+/// Where a role finds the rest of the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleArgs {
+    /// Who this process is.
+    pub spec: RoleSpec,
+    /// Coordinator address: where to bind (coordinator) or connect (everyone else).
+    pub coordinator: Option<String>,
+    /// Host to bind and advertise (default `cluster.host`).
+    pub bind_host: Option<String>,
+}
+
+/// Errors of `geomx run` before or while the role runs.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    /// The arguments do not say enough to run the role.
+    #[error("{0}")]
+    Usage(String),
+    /// The role failed.
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+fn print_line(prefix: &str, json: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{prefix}{json}");
+    let _ = out.flush();
+}
+
+/// The fatal hook of the binary: print the reason and exit non-zero at once.
+pub fn exit_hook() -> FatalHook {
+    Arc::new(|msg: &str| {
+        eprintln!("error: {msg}");
+        std::process::exit(2);
+    })
+}
+
+/// Prints progress as machine-readable lines on stdout (the launcher turns them into text).
+pub fn stdout_progress() -> ProgressSink {
+    Arc::new(|p: &Progress| {
+        if let Ok(j) = serde_json::to_string(p) {
+            print_line(lines::PROGRESS, &j);
+        }
+    })
+}
+
+/// Runs the role `args` describes with configuration `cfg`; prints the coordinator address and
+/// the final stats as lines on stdout.
+pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleStats, RoleError> {
+    let job = JobSpec::from_config(cfg)?;
+    let host = args
+        .bind_host
+        .clone()
+        .or_else(|| args.spec.node_host.clone())
+        .unwrap_or_else(|| cfg.cluster.host.clone());
+    let coord = args
+        .coordinator
+        .clone()
+        .or_else(|| cfg.cluster.coordinator.clone());
+    let need = |what: &str| -> Result<u32, RoleError> {
+        let v = match what {
+            "dc" => args.spec.dc,
+            _ => args.spec.rank,
+        };
+        v.ok_or_else(|| {
+            RoleError::Usage(format!(
+                "the {} role needs --{what} (or GEOMX_{})",
+                args.spec.role,
+                what.to_uppercase()
+            ))
+        })
+    };
+    let coord_addr = || {
+        coord.clone().ok_or_else(|| {
+            RoleError::Usage(
+                "no coordinator address: pass --coordinator HOST:PORT or set cluster.coordinator"
+                    .into(),
+            )
+        })
+    };
+    let stats = match args.spec.role {
+        Role::Coordinator => {
+            let addr = coord.clone().unwrap_or_else(|| {
+                format!("{host}:{}", args.spec.port.unwrap_or(cfg.cluster.base_port))
+            });
+            coordinator::run(&job, &addr, |a| {
+                print_line(lines::COORDINATOR, &a.to_string())
+            })?
+        }
+        Role::GlobalServer => {
+            let rank = args.spec.rank.unwrap_or(0);
+            global_server::run(&job, rank, &coord_addr()?, &host, fatal)?
+        }
+        Role::LocalServer => local_server::run(&job, need("dc")?, &coord_addr()?, &host, fatal)?,
+        Role::Worker => worker::run(
+            &job,
+            need("dc")?,
+            need("rank")?,
+            &coord_addr()?,
+            fatal,
+            stdout_progress(),
+        )?,
+        Role::DcCoordinator | Role::MasterWorker => {
+            // geomx merges the party schedulers into the one coordinator and takes the optimizer
+            // and θ_0 from the configuration, so these roles of the original have nothing to do.
+            tracing::info!(role = %args.spec.role, "merged into the coordinator; exiting");
+            return Ok(RoleStats {
+                role: args.spec.role.as_str().to_string(),
+                dc: args.spec.dc.unwrap_or(0),
+                rank: args.spec.rank.unwrap_or(0),
+                served_bytes: 0,
+                client_bytes: 0,
+                param_hash: None,
+                final_loss: None,
+                final_test_accuracy: None,
+            });
+        }
+    };
+    if let Ok(j) = serde_json::to_string(&stats) {
+        print_line(lines::STATS, &j);
+    }
+    Ok(stats)
+}
