@@ -101,6 +101,9 @@ pub enum EngineError {
         /// Elements of the gradient or parameters passed.
         got: usize,
     },
+    /// The optimizer configuration was rejected by the kernels.
+    #[error("optimizer: {0}")]
+    Optimizer(String),
     /// A gradient step was asked for on an empty batch.
     #[error("empty batch")]
     EmptyBatch,

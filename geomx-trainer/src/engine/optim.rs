@@ -1,10 +1,13 @@
-//! Element-wise optimizers (SGD with momentum/Nesterov/weight decay, Adam) over flat `f32` slices.
+//! Optimizer configuration (`[train.optimizer]`) and per-range optimizer state.
 //!
 //! One [`Optimizer`] holds the state of one tensor or range; global servers keep one per range they
-//! own and apply it to the mean gradient (hips.md). SGD follows PyTorch's convention
-//! (`v ← μ·v + g`, `θ ← θ − lr·v`, Nesterov `θ ← θ − lr·(g + μ·v)`); weight decay adds `wd·θ` to `g`.
+//! own and apply it to the mean gradient (hips.md). The update math lives in
+//! `geomx_kernels::optim`: SGD follows PyTorch's convention (`v ← μ·v + g`, `θ ← θ − lr·v`,
+//! Nesterov `θ ← θ − lr·(g + μ·v)`, weight decay adds `wd·θ` to `g`); Adam is bias-corrected.
 
 use serde::{Deserialize, Serialize};
+
+use geomx_kernels::optim as kernel;
 
 use super::EngineError;
 
@@ -71,8 +74,10 @@ pub struct AdamConfig {
     pub beta2: f32,
     /// ε added to the root of the second moment.
     pub epsilon: f32,
-    /// L2 weight decay added to the gradient.
+    /// Weight decay: added to the gradient (L2), or decoupled when `decoupled`.
     pub weight_decay: f32,
+    /// Decoupled weight decay (AdamW: `θ ← θ − lr·wd·θ` before the Adam step).
+    pub decoupled: bool,
 }
 
 impl Default for AdamConfig {
@@ -83,39 +88,70 @@ impl Default for AdamConfig {
             beta2: 0.999,
             epsilon: 1e-8,
             weight_decay: 0.0,
+            decoupled: false,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// The equivalent `geomx-kernels` configuration (the kernels hold the update math).
+    pub fn to_kernel(&self) -> kernel::OptimizerConfig {
+        match self {
+            Self::Sgd(c) => kernel::OptimizerConfig::Sgd(kernel::SgdConfig {
+                lr: c.lr,
+                momentum: c.momentum,
+                nesterov: c.nesterov,
+                weight_decay: c.weight_decay,
+            }),
+            Self::Adam(c) => kernel::OptimizerConfig::Adam(kernel::AdamConfig {
+                lr: c.lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.epsilon,
+                weight_decay: c.weight_decay,
+                decoupled: c.decoupled,
+            }),
         }
     }
 }
 
 #[derive(Debug, Clone)]
-enum State {
-    Sgd { velocity: Vec<f32> },
-    Adam { m: Vec<f32>, v: Vec<f32> },
+enum Inner {
+    Ready(kernel::Optimizer),
+    Invalid(String),
 }
 
-/// Optimizer state for one flat tensor (or range) of `len` elements.
+/// Optimizer state for one flat tensor (or range) of `len` elements: a thin layer over
+/// `geomx_kernels::optim::Optimizer` that takes the configuration's types and counts steps.
 #[derive(Debug, Clone)]
 pub struct Optimizer {
-    config: OptimizerConfig,
-    state: State,
+    inner: Inner,
+    len: usize,
     steps: u64,
 }
 
 impl Optimizer {
-    /// Fresh state (zero moments) for `len` elements.
+    /// Fresh state (zero moments) for `len` elements, or an error for an invalid configuration.
+    pub fn try_new(config: &OptimizerConfig, len: usize) -> Result<Self, EngineError> {
+        let opt = Self::new(config, len);
+        match &opt.inner {
+            Inner::Invalid(msg) => Err(EngineError::Optimizer(msg.clone())),
+            Inner::Ready(_) => Ok(opt),
+        }
+    }
+
+    /// Fresh state (zero moments) for `len` elements. The configuration is expected to have
+    /// passed `Config::validate`; if it is invalid anyway, every [`Optimizer::step`] returns
+    /// [`EngineError::Optimizer`].
     pub fn new(config: &OptimizerConfig, len: usize) -> Self {
-        let state = match config {
-            OptimizerConfig::Sgd(_) => State::Sgd {
-                velocity: vec![0.0; len],
-            },
-            OptimizerConfig::Adam(_) => State::Adam {
-                m: vec![0.0; len],
-                v: vec![0.0; len],
-            },
+        // θ_0 only matters to DC-ASGD's backups, which this configuration cannot select.
+        let inner = match kernel::Optimizer::new(config.to_kernel(), &vec![0.0; len], 1) {
+            Ok(o) => Inner::Ready(o),
+            Err(e) => Inner::Invalid(e.to_string()),
         };
         Self {
-            config: config.clone(),
-            state,
+            inner,
+            len,
             steps: 0,
         }
     }
@@ -127,68 +163,31 @@ impl Optimizer {
 
     /// Elements this state covers.
     pub fn len(&self) -> usize {
-        match &self.state {
-            State::Sgd { velocity } => velocity.len(),
-            State::Adam { m, .. } => m.len(),
-        }
+        self.len
     }
 
     /// True for a state of zero elements.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     /// Applies one step: `params ← opt(params, grad)`.
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) -> Result<(), EngineError> {
-        let len = self.len();
         for got in [params.len(), grad.len()] {
-            if got != len {
-                return Err(EngineError::Length { expected: len, got });
+            if got != self.len {
+                return Err(EngineError::Length {
+                    expected: self.len,
+                    got,
+                });
             }
+        }
+        match &mut self.inner {
+            Inner::Ready(o) => o
+                .step(params, grad, 0)
+                .map_err(|e| EngineError::Optimizer(e.to_string()))?,
+            Inner::Invalid(msg) => return Err(EngineError::Optimizer(msg.clone())),
         }
         self.steps += 1;
-        match (&self.config, &mut self.state) {
-            (OptimizerConfig::Sgd(c), State::Sgd { velocity }) => {
-                for ((p, &g), v) in params.iter_mut().zip(grad).zip(velocity.iter_mut()) {
-                    let g = if c.weight_decay != 0.0 {
-                        g + c.weight_decay * *p
-                    } else {
-                        g
-                    };
-                    if c.momentum == 0.0 {
-                        *p -= c.lr * g;
-                        continue;
-                    }
-                    *v = c.momentum * *v + g;
-                    let d = if c.nesterov { g + c.momentum * *v } else { *v };
-                    *p -= c.lr * d;
-                }
-            }
-            (OptimizerConfig::Adam(c), State::Adam { m, v }) => {
-                let t = i32::try_from(self.steps).unwrap_or(i32::MAX);
-                let bc1 = (1.0 - f64::from(c.beta1).powi(t)) as f32;
-                let bc2 = (1.0 - f64::from(c.beta2).powi(t)) as f32;
-                for (((p, &g), m), v) in params
-                    .iter_mut()
-                    .zip(grad)
-                    .zip(m.iter_mut())
-                    .zip(v.iter_mut())
-                {
-                    let g = if c.weight_decay != 0.0 {
-                        g + c.weight_decay * *p
-                    } else {
-                        g
-                    };
-                    *m = c.beta1 * *m + (1.0 - c.beta1) * g;
-                    *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
-                    let m_hat = *m / bc1;
-                    let v_hat = *v / bc2;
-                    *p -= c.lr * m_hat / (v_hat.sqrt() + c.epsilon);
-                }
-            }
-            // `new` builds the state from the same config, so the kinds always match.
-            _ => unreachable!("optimizer state does not match its configuration"),
-        }
         Ok(())
     }
 }
@@ -281,6 +280,37 @@ mod tests {
             let rel = (f64::from(p[i]) - rp[i]).abs() / rp[i].abs().max(1e-3);
             assert!(rel < 1e-5, "elem {i}: {} vs {}", p[i], rp[i]);
         }
+    }
+
+    #[test]
+    fn adamw_decay_is_decoupled() {
+        // g = 0 keeps both moments at 0, so only the decoupled decay moves θ: 2 − 0.5·0.5·2.
+        let cfg = OptimizerConfig::Adam(AdamConfig {
+            lr: 0.5,
+            weight_decay: 0.5,
+            decoupled: true,
+            ..AdamConfig::default()
+        });
+        let mut opt = Optimizer::try_new(&cfg, 1).unwrap();
+        let mut p = vec![2.0f32];
+        opt.step(&mut p, &[0.0]).unwrap();
+        assert_eq!(p, vec![1.5]);
+    }
+
+    #[test]
+    fn invalid_configuration_fails_without_panicking() {
+        let bad = sgd(0.1, 0.0, true, 0.0); // Nesterov without momentum
+        assert!(matches!(
+            Optimizer::try_new(&bad, 2),
+            Err(EngineError::Optimizer(_))
+        ));
+        let mut opt = Optimizer::new(&bad, 2);
+        let mut p = vec![1.0f32; 2];
+        assert!(matches!(
+            opt.step(&mut p, &[1.0; 2]),
+            Err(EngineError::Optimizer(_))
+        ));
+        assert_eq!((p, opt.steps()), (vec![1.0; 2], 0));
     }
 
     #[test]
