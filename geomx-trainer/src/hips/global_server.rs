@@ -140,7 +140,7 @@ pub fn run(
     job: &JobSpec,
     rank: u32,
     coord_addr: &str,
-    bind_host: &str,
+    bind_addr: &str,
     fatal: FatalHook,
 ) -> Result<RoleStats, RunError> {
     let plan = &job.plan;
@@ -176,8 +176,8 @@ pub fn run(
         rounds: job.rounds,
         all_done: done_tx,
     });
-    let mut server = KvServer::bind_with_id((bind_host, 0), 0, handler.clone(), job.net)
-        .map_err(|e| RunError::Net(format!("binding {me}"), e))?;
+    let mut server = KvServer::bind_with_id(bind_addr, 0, handler.clone(), job.net)
+        .map_err(|e| RunError::Net(format!("binding {me} at {bind_addr}"), e))?;
     let listen = server.local_addr().to_string();
     let node = Node::join(coord_addr, me, listen, job.config_hash, job.net, fatal)?;
     let dc_of = node

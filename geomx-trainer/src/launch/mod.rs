@@ -384,7 +384,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report, LaunchError> {
         .cluster
         .coordinator
         .clone()
-        .unwrap_or_else(|| format!("{host}:0"));
+        .unwrap_or_else(|| format!("{host}:{}", cfg.cluster.base_port));
     cl.spawn(
         &exe,
         roles::COORDINATOR.into(),

@@ -63,6 +63,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
         .clone()
         .or_else(|| args.spec.node_host.clone())
         .unwrap_or_else(|| cfg.cluster.host.clone());
+    let port = args.spec.port.unwrap_or(0);
     let coord = args
         .coordinator
         .clone()
@@ -99,9 +100,24 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
         }
         Role::GlobalServer => {
             let rank = args.spec.rank.unwrap_or(0);
-            global_server::run(&job, rank, &coord_addr()?, &host, fatal)?
+            let bind = cfg
+                .cluster
+                .global_server_addrs
+                .get(rank as usize)
+                .cloned()
+                .unwrap_or_else(|| format!("{host}:{port}"));
+            global_server::run(&job, rank, &coord_addr()?, &bind, fatal)?
         }
-        Role::LocalServer => local_server::run(&job, need("dc")?, &coord_addr()?, &host, fatal)?,
+        Role::LocalServer => {
+            let dc = need("dc")?;
+            let bind = cfg
+                .cluster
+                .data_centers
+                .get(dc as usize)
+                .and_then(|d| d.local_server.clone())
+                .unwrap_or_else(|| format!("{host}:{port}"));
+            local_server::run(&job, dc, &coord_addr()?, &bind, fatal)?
+        }
         Role::Worker => worker::run(
             &job,
             need("dc")?,

@@ -1,0 +1,256 @@
+//! End-to-end tests of the `geomx` binary: `geomx launch` starts every role as its own process on
+//! loopback. Round counts and timeouts are small so the whole file runs in seconds.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
+
+/// A unique scratch file path for this test process.
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("geomx-test-{}-{name}", std::process::id()))
+}
+
+fn write_config(name: &str, toml: &str) -> PathBuf {
+    let p = scratch(name);
+    std::fs::write(&p, toml).unwrap();
+    p
+}
+
+fn launch(config: Option<&Path>, report: &Path) -> Output {
+    let mut cmd = Command::new(GEOMX);
+    cmd.arg("launch").arg("--quiet").arg("--report").arg(report);
+    if let Some(c) = config {
+        cmd.arg(c);
+    }
+    cmd.output().unwrap()
+}
+
+fn read_report(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "launch failed: {}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The built-in default (2 DCs × 2 workers, one global server, MLP on digits) converges.
+#[test]
+fn default_launch_reaches_093_on_digits_within_60s() {
+    let report = scratch("default.json");
+    let t = Instant::now();
+    let out = launch(None, &report);
+    let elapsed = t.elapsed();
+    assert_ok(&out);
+    let r = read_report(&report);
+    let acc = r["final_test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.93, "final test accuracy {acc}");
+    assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
+    assert!(r["wall_seconds"].as_f64().unwrap() < 60.0);
+    assert_eq!(r["rounds"], 400);
+    assert!(r["replicas_identical"].as_bool().unwrap());
+    assert!(r["wan_bytes"].as_u64().unwrap() > 0);
+    // Every worker push crosses the LAN, one sum per DC crosses the WAN: LAN ≈ 2 × WAN here.
+    let (lan, wan) = (
+        r["lan_bytes"].as_u64().unwrap(),
+        r["wan_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        lan > wan * 3 / 2 && lan < wan * 5 / 2,
+        "lan {lan} wan {wan}"
+    );
+    assert_eq!(r["per_global_server_bytes"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        r["config"]["cluster"]["data_centers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let _ = std::fs::remove_file(report);
+}
+
+fn multigps_config(servers: usize) -> String {
+    format!(
+        "[cluster]\nglobal_servers = {servers}\n[train]\nrounds = 20\neval_every = 10\n\
+         [placement]\nmin_range = 64\n"
+    )
+}
+
+/// hips.md oracle 5: 1, 2 and 3 global servers give bit-identical parameters after 20 rounds, and
+/// two servers carry bytes within 10 % of each other.
+#[test]
+fn global_server_count_does_not_change_parameters_and_balances_bytes() {
+    let mut hashes = Vec::new();
+    for s in 1..=3 {
+        let cfg = write_config(&format!("gps{s}.toml"), &multigps_config(s));
+        let report = scratch(&format!("gps{s}.json"));
+        let out = launch(Some(&cfg), &report);
+        assert_ok(&out);
+        let r = read_report(&report);
+        assert!(r["replicas_identical"].as_bool().unwrap());
+        let per: Vec<u64> = r["per_global_server_bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(per.len(), s);
+        let (max, min) = (*per.iter().max().unwrap(), *per.iter().min().unwrap());
+        assert!(min > 0);
+        if s == 2 {
+            assert!(max as f64 <= 1.10 * min as f64, "unbalanced: {per:?}");
+        }
+        hashes.push(r["param_hash"].as_str().unwrap().to_string());
+        let _ = std::fs::remove_file(cfg);
+        let _ = std::fs::remove_file(report);
+    }
+    assert_eq!(hashes[0], hashes[1]);
+    assert_eq!(hashes[0], hashes[2]);
+}
+
+/// hips.md oracle 7: a worker killed mid-run fails the run with an error naming its dc and rank,
+/// well within the peer timeout plus 5 s.
+#[test]
+fn killed_worker_fails_the_run_naming_dc_and_rank() {
+    let cfg = write_config(
+        "kill.toml",
+        "[train]\nrounds = 100000000\neval_every = 0\n[timeouts]\npeer_dead_ms = 2000\n",
+    );
+    let mut child = Command::new(GEOMX)
+        .arg("launch")
+        .arg("--quiet")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let victim: u32 = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("no worker started");
+        lines.push(line.clone());
+        if let Some(pid) = line.strip_prefix("geomx launch: started worker (dc 1, rank 0) pid ") {
+            break pid.trim().parse().unwrap();
+        }
+    };
+    // Let the job get into its rounds.
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Instant::now();
+    let st = Command::new("kill")
+        .arg("-9")
+        .arg(victim.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(7),
+            "launcher still running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        lines.push(l);
+    }
+    assert!(!status.success());
+    let last = lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in {lines:#?}"));
+    assert!(last.contains("worker (dc 1, rank 0)"), "{last}");
+    let _ = std::fs::remove_file(cfg);
+}
+
+fn launch_error(name: &str, toml: &str) -> String {
+    let cfg = write_config(name, toml);
+    let out = Command::new(GEOMX)
+        .arg("launch")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(cfg);
+    assert!(!out.status.success(), "{name} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Bad topology files end with an error naming the field, before any process starts.
+#[test]
+fn bad_topology_files_get_clear_errors() {
+    let cases = [
+        (
+            "zero-gs.toml",
+            "[cluster]\nglobal_servers = 0\n",
+            "cluster.global_servers",
+        ),
+        (
+            "zero-workers.toml",
+            "[[cluster.data_centers]]\nname = \"a\"\nworkers = 0\n",
+            "workers",
+        ),
+        (
+            "unknown-key.toml",
+            "[cluster]\nglobal_serverz = 2\n",
+            "global_serverz",
+        ),
+        ("bad-type.toml", "[train]\nrounds = \"many\"\n", "rounds"),
+        ("bad-toml.toml", "[cluster\n", "bad-toml.toml"),
+    ];
+    for (name, toml, needle) in cases {
+        let err = launch_error(name, toml);
+        assert!(err.contains(needle), "{name}: {err}");
+        assert!(
+            !err.contains("started"),
+            "{name}: processes were started: {err}"
+        );
+    }
+    let missing = Command::new(GEOMX)
+        .args(["launch", "/nonexistent/geomx.toml"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/geomx.toml"));
+}
+
+/// `geomx run` without enough identity fails with a usage error, not a hang.
+#[test]
+fn run_without_role_or_dmlc_env_is_an_error() {
+    let out = Command::new(GEOMX)
+        .args(["run"])
+        .env_remove("DMLC_ROLE")
+        .env_remove("DMLC_ROLE_GLOBAL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DMLC_ROLE"));
+    let out = Command::new(GEOMX)
+        .args(["run", "--role", "worker", "--dc", "0", "--rank", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("coordinator"));
+}
