@@ -1,0 +1,319 @@
+//! The HiPS roles in one process (threads) over loopback, with a model whose gradients are known:
+//! the FSA round's arithmetic through the real transport (hips.md oracles 1, 4 and 5), and a
+//! coordinator that survives garbage bytes (oracle 7, second part).
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use geomx_net::NetOptions;
+use geomx_trainer::data::{shard_indices, Batcher, Dataset, Samples, ShardStrategy, TrainTest};
+use geomx_trainer::engine::optim::SgdConfig;
+use geomx_trainer::engine::{
+    params_hash, EngineError, Evaluation, Model, OptimizerConfig, TensorSpec,
+};
+use geomx_trainer::hips::node::FatalHook;
+use geomx_trainer::hips::worker::ProgressSink;
+use geomx_trainer::hips::{
+    coordinator, global_server, local_server, worker, ClusterPlan, JobSpec, RoleStats,
+};
+
+const SAMPLES: usize = 48;
+const DATA_SEED: u64 = 5;
+
+/// A model whose gradient depends only on the batch's single sample: g[key][i] = grad(x, key, i).
+struct KnownGrads {
+    specs: Vec<TensorSpec>,
+}
+
+/// An "awkward" value (not a short binary fraction) so that summation order shows in the bits.
+fn grad(x: f32, key: usize, i: usize) -> f32 {
+    ((x + 1.0) * 0.123_456_7 * (i + 1 + 100 * key) as f32).sin() * 3.7
+}
+
+impl Model for KnownGrads {
+    fn tensors(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    fn init(&self, seed: u64) -> Vec<Vec<f32>> {
+        self.specs
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                (0..s.len())
+                    .map(|i| (seed as f32 + (i * 7 + k) as f32 * 0.377).cos())
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn forward(&self, _params: &[Vec<f32>], features: &[f32]) -> Result<Vec<f32>, EngineError> {
+        Ok(vec![0.0; features.len() * 2])
+    }
+
+    fn backward_layerwise(
+        &self,
+        _params: &[Vec<f32>],
+        batch: Samples<'_>,
+        on_grad: &mut dyn FnMut(usize, Vec<f32>),
+    ) -> Result<f32, EngineError> {
+        let x = batch.features[0];
+        for (key, s) in self.specs.iter().enumerate().rev() {
+            on_grad(key, (0..s.len()).map(|i| grad(x, key, i)).collect());
+        }
+        Ok(0.0)
+    }
+
+    fn evaluate(&self, _params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError> {
+        Ok(Evaluation {
+            loss: 0.0,
+            accuracy: 0.0,
+            samples: data.len(),
+        })
+    }
+}
+
+fn data() -> TrainTest {
+    let features: Vec<f32> = (0..SAMPLES).map(|i| i as f32).collect();
+    let labels: Vec<u32> = (0..SAMPLES as u32).map(|i| i % 2).collect();
+    let train = Dataset::new(features, labels, 1, 2).unwrap();
+    TrainTest {
+        test: train.clone(),
+        train,
+    }
+}
+
+fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
+    let model = KnownGrads {
+        specs: vec![
+            TensorSpec {
+                name: "w".into(),
+                shape: vec![37],
+            },
+            TensorSpec {
+                name: "b".into(),
+                shape: vec![5],
+            },
+        ],
+    };
+    let lens = vec![37, 5];
+    let mut net = NetOptions::default();
+    net.conn.request_timeout = Duration::from_secs(20);
+    JobSpec {
+        // min_range 4 so that the 37-element key is split across servers.
+        plan: ClusterPlan::new(workers, servers, 99, lens, 1_000_000, 4).unwrap(),
+        model: Arc::new(model),
+        optimizer: OptimizerConfig::Sgd(SgdConfig {
+            lr: 1.0,
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        }),
+        seed: 3,
+        rounds,
+        batch_size: 1,
+        shard: ShardStrategy::Iid,
+        data_seed: DATA_SEED,
+        data: Arc::new(data()),
+        eval_every: 0,
+        net,
+        registration_timeout: Duration::from_secs(20),
+        config_hash: 77,
+    }
+}
+
+/// Runs every role of `job` on its own thread; returns their stats (coordinator first).
+fn run_cluster(job: &JobSpec, before_roles: impl FnOnce(&str)) -> Vec<RoleStats> {
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let e2 = errors.clone();
+    let fatal: FatalHook = Arc::new(move |m: &str| e2.lock().unwrap().push(m.to_string()));
+    let progress: ProgressSink = Arc::new(|_| {});
+    let (res_tx, res_rx) = std::sync::mpsc::channel();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    {
+        let (j, tx) = (job.clone(), res_tx.clone());
+        std::thread::spawn(move || {
+            let r = coordinator::run(&j, "127.0.0.1:0", |a| addr_tx.send(a.to_string()).unwrap());
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+    }
+    let coord = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    before_roles(&coord);
+    let plan = &job.plan;
+    let spawn = |f: Box<dyn FnOnce() -> Result<RoleStats, String> + Send>| {
+        let tx = res_tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+    };
+    for s in 0..plan.num_global_servers() as u32 {
+        let (j, c, f) = (job.clone(), coord.clone(), fatal.clone());
+        spawn(Box::new(move || {
+            global_server::run(&j, s, &c, "127.0.0.1:0", f).map_err(|e| e.to_string())
+        }));
+    }
+    for (d, &n) in plan.workers_per_dc.iter().enumerate() {
+        let d = d as u32;
+        let (j, c, f) = (job.clone(), coord.clone(), fatal.clone());
+        spawn(Box::new(move || {
+            local_server::run(&j, d, &c, "127.0.0.1:0", f).map_err(|e| e.to_string())
+        }));
+        for r in 0..n as u32 {
+            let (j, c, f, p) = (job.clone(), coord.clone(), fatal.clone(), progress.clone());
+            spawn(Box::new(move || {
+                worker::run(&j, d, r, &c, f, p).map_err(|e| e.to_string())
+            }));
+        }
+    }
+    let total = 1 + plan.num_global_servers() + plan.num_dcs() + plan.total_workers();
+    let mut out = Vec::new();
+    for _ in 0..total {
+        match res_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(s)) => out.push(s),
+            Ok(Err(e)) => panic!("role failed: {e}; fatal: {:?}", errors.lock().unwrap()),
+            Err(_) => panic!("cluster hung; fatal: {:?}", errors.lock().unwrap()),
+        }
+    }
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    out
+}
+
+/// The feature value of the sample each worker uses in each round, by (round, dc, rank).
+fn samples(job: &JobSpec) -> Vec<Vec<Vec<f32>>> {
+    let w = job.plan.total_workers();
+    let train = &job.data.train;
+    let shards = shard_indices(train.labels(), w, ShardStrategy::Iid, DATA_SEED).unwrap();
+    let mut batchers: Vec<Batcher> = shards
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| Batcher::new(s, 1, DATA_SEED, i as u64).unwrap())
+        .collect();
+    (0..job.rounds)
+        .map(|_| {
+            let mut i = 0;
+            job.plan
+                .workers_per_dc
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| {
+                            let idx = batchers[i].next_indices()[0];
+                            i += 1;
+                            train.row(idx)[0]
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Reference FSA: per element, sum each DC's workers in rank order, the DCs in DC order, divide
+/// by W, θ ← θ − 1·ḡ. `dc_major = false` sums in a different (wrong) order, to show the
+/// comparison can tell.
+fn reference(job: &JobSpec, dc_major: bool) -> Vec<Vec<f32>> {
+    let mut theta = job.model.init(job.seed);
+    let w = job.plan.total_workers() as f32;
+    for round in samples(job) {
+        for (key, t) in theta.iter_mut().enumerate() {
+            for (i, v) in t.iter_mut().enumerate() {
+                let g = if dc_major {
+                    let mut total: Option<f32> = None;
+                    for dc in &round {
+                        let mut s: Option<f32> = None;
+                        for &x in dc {
+                            let gx = grad(x, key, i);
+                            s = Some(s.map_or(gx, |a| a + gx));
+                        }
+                        let s = s.unwrap();
+                        total = Some(total.map_or(s, |a| a + s));
+                    }
+                    total.unwrap()
+                } else {
+                    round
+                        .iter()
+                        .flatten()
+                        .rev()
+                        .map(|&x| grad(x, key, i))
+                        .sum::<f32>()
+                };
+                *v -= g / w;
+            }
+        }
+    }
+    theta
+}
+
+fn worker_hashes(stats: &[RoleStats]) -> Vec<u64> {
+    let h: Vec<u64> = stats
+        .iter()
+        .filter(|s| s.role == "worker")
+        .map(|s| s.param_hash.unwrap())
+        .collect();
+    assert!(!h.is_empty());
+    h
+}
+
+/// Oracle 1: 2 DCs × 2 workers, SGD lr 1: θ_1 = θ_0 − ((g11+g12)+(g21+g22))/4 bit-exactly.
+#[test]
+fn oracle1_two_by_two_bit_exact_through_the_network() {
+    let j = job(vec![2, 2], 1, 1);
+    let want = params_hash(&reference(&j, true));
+    assert_ne!(
+        want,
+        params_hash(&reference(&j, false)),
+        "test cannot see the order"
+    );
+    let stats = run_cluster(&j, |_| {});
+    for h in worker_hashes(&stats) {
+        assert_eq!(h, want);
+    }
+}
+
+/// Oracle 1, uneven DCs: 3 workers + 1 worker still weigh 1/4 each.
+#[test]
+fn oracle1_three_plus_one_weights_every_worker_a_quarter() {
+    let j = job(vec![3, 1], 1, 1);
+    let want = params_hash(&reference(&j, true));
+    let stats = run_cluster(&j, |_| {});
+    for h in worker_hashes(&stats) {
+        assert_eq!(h, want);
+    }
+}
+
+/// Oracles 4 and 5: several rounds with keys split over 1, 2 and 3 global servers all match the
+/// reference bit for bit, and every replica agrees.
+#[test]
+fn split_ranges_over_servers_match_reference_over_rounds() {
+    for servers in 1..=3 {
+        let j = job(vec![2, 1], servers, 6);
+        assert!(j.plan.placement.key_ranges(0).len() > 1 || servers == 1);
+        let want = params_hash(&reference(&j, true));
+        let stats = run_cluster(&j, |_| {});
+        for h in worker_hashes(&stats) {
+            assert_eq!(h, want, "{servers} global servers");
+        }
+    }
+}
+
+/// Oracle 7, second part: garbage on the coordinator's port does not disturb the job.
+#[test]
+fn garbage_bytes_to_the_coordinator_do_not_change_the_result() {
+    let j = job(vec![2, 2], 2, 3);
+    let want = params_hash(&reference(&j, true));
+    let stats = run_cluster(&j, |coord| {
+        let mut s = TcpStream::connect(coord).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage that is no frame");
+        let mut s2 = TcpStream::connect(coord).unwrap();
+        let _ = s2.write_all(&[0x47, 0x4d, 0x58, 0x46, 9, 9, 9, 9]);
+    });
+    for h in worker_hashes(&stats) {
+        assert_eq!(h, want);
+    }
+}
