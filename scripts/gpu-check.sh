@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (no Rust, no registry; CUDA driver, nvcc and python3 with torch):
+# locates libcuda / libnvrtc, runs the CUDA test binaries and the GPU benchmark built by
+# scripts/gpu-prepare.sh (in .gpu-bundle/), times torch.topk and torch casts on the same sizes,
+# and prints ONE JSON summary line on stdout (progress goes to stderr). Budget: < 8 minutes on
+# one H200. See docs/gpu.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bundle=.gpu-bundle
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+log() { echo "[gpu-check] $*" >&2; }
+
+if [ ! -x "$bundle/bin/gpu_bench" ]; then
+  echo '{"error":"no .gpu-bundle/bin/gpu_bench: run scripts/gpu-prepare.sh first"}'
+  exit 2
+fi
+
+# ---- 1. libraries -------------------------------------------------------------------------
+# cudarc dlopens libcuda.so / libcuda.so.1 and libnvrtc.so / libnvrtc.so.{13,12,...}.
+libdirs=()
+torch_dir=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))' 2>/dev/null || true)
+for d in /usr/local/cuda/lib64 /usr/local/cuda-*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && libdirs+=("$d")
+done
+if [ -n "$torch_dir" ]; then
+  site=$(dirname "$torch_dir")
+  for d in "$torch_dir/lib" "$site"/nvidia/*/lib; do
+    [ -d "$d" ] && libdirs+=("$d")
+  done
+fi
+nvrtc=""
+for d in "${libdirs[@]}"; do
+  f=$(ls "$d"/libnvrtc.so* 2>/dev/null | grep -v builtins | grep -v '\.alt\.' | head -1)
+  if [ -n "$f" ]; then nvrtc=$f; break; fi
+done
+if [ -z "$nvrtc" ]; then
+  # torch may ship it under a hashed name (libnvrtc-<hash>.so.N): expose it as libnvrtc.so.
+  for d in "${libdirs[@]}"; do
+    f=$(ls "$d"/libnvrtc-*.so* 2>/dev/null | grep -v builtins | head -1)
+    if [ -n "$f" ]; then nvrtc=$f; ln -s "$f" "$work/libnvrtc.so"; break; fi
+  done
+fi
+libcuda=$( (ldconfig -p 2>/dev/null | grep -o '/[^ ]*libcuda\.so\.1$' | head -1) || true)
+if [ -z "$libcuda" ]; then
+  libcuda=$(ls /usr/lib/x86_64-linux-gnu/libcuda.so* /usr/lib64/libcuda.so* 2>/dev/null | head -1)
+fi
+ldpath="$work"
+[ -n "$nvrtc" ] && ldpath="$ldpath:$(dirname "$nvrtc")"
+[ -n "$libcuda" ] && ldpath="$ldpath:$(dirname "$libcuda")"
+export LD_LIBRARY_PATH="$ldpath${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+log "libcuda: ${libcuda:-not found}; libnvrtc: ${nvrtc:-not found}"
+gpu_info=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
+log "gpu: ${gpu_info:-nvidia-smi unavailable}"
+
+# ---- 2. test binaries -----------------------------------------------------------------------
+tests_json="{"
+first=1
+for exe in "$bundle"/bin/test-cuda_*; do
+  name=$(basename "$exe" | sed 's/^test-//')
+  log "running $name"
+  start=$(date +%s)
+  timeout 240 "$exe" --test-threads=4 --nocapture >"$work/$name.out" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  passed=$(grep -o '[0-9]* passed' "$work/$name.out" | awk '{s+=$1} END {print s+0}')
+  failed=$(grep -o '[0-9]* failed' "$work/$name.out" | awk '{s+=$1} END {print s+0}')
+  skipped=$(grep -c '^skipping' "$work/$name.out")
+  failures=$(grep -E '^(---- |thread .* panicked)' "$work/$name.out" | head -5 | tr '"\\' "'/" | tr '\n' ';')
+  tail -n 30 "$work/$name.out" >&2
+  [ $first -eq 1 ] || tests_json+=","
+  first=0
+  tests_json+="\"$name\":{\"rc\":$rc,\"passed\":$passed,\"failed\":$failed,\"skipped\":$skipped,\"seconds\":$secs,\"failures\":\"$failures\"}"
+done
+tests_json+="}"
+
+# ---- 3. our benchmark -------------------------------------------------------------------------
+log "running gpu_bench"
+bench_json=$(timeout 180 "$bundle/bin/gpu_bench" 2>"$work/bench.err" | tail -1)
+brc=$?
+[ -n "$bench_json" ] || bench_json="{\"error\":\"gpu_bench printed nothing (rc $brc)\"}"
+tail -n 5 "$work/bench.err" >&2
+
+# ---- 4. torch on the same sizes, then the summary -----------------------------------------------
+log "running torch comparison"
+BENCH_JSON="$bench_json" TESTS_JSON="$tests_json" GPU_INFO="$gpu_info" LIBCUDA="$libcuda" NVRTC="$nvrtc" \
+timeout 150 python3 - <<'PY'
+import json, os
+
+def load(name):
+    try:
+        return json.loads(os.environ[name])
+    except Exception as e:
+        return {"error": f"unparsable {name}: {e}", "raw": os.environ.get(name, "")[:500]}
+
+summary = {
+    "gpu": os.environ.get("GPU_INFO", ""),
+    "libcuda": os.environ.get("LIBCUDA", ""),
+    "libnvrtc": os.environ.get("NVRTC", ""),
+    "tests": load("TESTS_JSON"),
+    "geomx": load("BENCH_JSON"),
+}
+torch_res = {}
+try:
+    import torch
+    dev = torch.device("cuda")
+    n_topk = summary["geomx"].get("topk", {}).get("n", 100_000_000)
+    k = summary["geomx"].get("topk", {}).get("k", 1_000_000)
+    iters = 20
+
+    def time_ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(iters):
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        ts.sort()
+        return {"ms_median": round(ts[len(ts) // 2], 4), "ms_min": round(ts[0], 4)}
+
+    x = torch.rand(n_topk, device=dev) * 2 - 1
+    ax = x.abs()
+    torch_res["topk_abs_precomputed"] = time_ms(lambda: torch.topk(ax, k, sorted=False))
+    torch_res["topk_including_abs"] = time_ms(lambda: torch.topk(x.abs(), k, sorted=False))
+    del x, ax
+    n_cast = 1 << 28  # 1 GiB of f32
+    y = torch.rand(n_cast, device=dev)
+    t = time_ms(lambda: y.half())
+    t["gbs"] = round(n_cast * 6 / (t["ms_median"] * 1e-3) / 1e9, 1)
+    torch_res["cast_f32_to_f16"] = t
+    torch_res["version"] = torch.__version__
+except Exception as e:  # torch missing or failing: still print the summary
+    torch_res["error"] = str(e)
+summary["torch"] = torch_res
+
+g = summary["geomx"]
+targets = {}
+try:
+    targets["cast_hbm_fraction"] = g["cast"]["f32_to_f16"]["hbm_fraction"]
+    targets["cast_ge_70pct_hbm"] = targets["cast_hbm_fraction"] >= 0.70
+except Exception:
+    pass
+try:
+    ours = g["topk"]["ms_median"]
+    theirs = torch_res["topk_abs_precomputed"]["ms_median"]
+    targets["topk_ms_geomx"] = ours
+    targets["topk_ms_torch"] = theirs
+    targets["topk_faster_than_torch"] = ours < theirs
+except Exception:
+    pass
+tests = summary["tests"]
+targets["tests_all_passed"] = bool(tests) and all(
+    isinstance(v, dict) and v.get("rc") == 0 and v.get("failed") == 0 and v.get("skipped") == 0
+    for v in tests.values()
+)
+summary["targets"] = targets
+print(json.dumps(summary, separators=(",", ":")))
+PY
