@@ -254,3 +254,71 @@ fn run_without_role_or_dmlc_env_is_an_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("coordinator"));
 }
+
+/// A worker that stops answering (SIGSTOP, connection still open) is declared dead after the
+/// configured peer timeout; the run fails naming it instead of hanging.
+#[test]
+fn stopped_worker_is_declared_dead_within_the_peer_timeout() {
+    let cfg = write_config(
+        "stop.toml",
+        "[train]\nrounds = 100000000\neval_every = 0\n[timeouts]\npeer_dead_ms = 1500\nheartbeat_ms = 300\n",
+    );
+    let mut child = Command::new(GEOMX)
+        .arg("launch")
+        .arg("--quiet")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let victim: u32 = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("no worker started");
+        lines.push(line.clone());
+        if let Some(pid) = line.strip_prefix("geomx launch: started worker (dc 0, rank 1) pid ") {
+            break pid.trim().parse().unwrap();
+        }
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopped = Instant::now();
+    let st = Command::new("kill")
+        .arg("-STOP")
+        .arg(victim.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        // Peer timeout 1.5 s + 5 s (hips.md oracle 7).
+        assert!(
+            stopped.elapsed() < Duration::from_millis(6500),
+            "launcher still running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        lines.push(l);
+    }
+    assert!(!status.success());
+    let last = lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in {lines:#?}"));
+    assert!(last.contains("worker (dc 0, rank 1)"), "{last}");
+    let _ = std::fs::remove_file(cfg);
+}

@@ -54,6 +54,9 @@ pub enum LaunchError {
     /// The coordinator did not come up.
     #[error("coordinator did not start: {0}")]
     Coordinator(String),
+    /// The job aborted itself; the notice names the failed process and why.
+    #[error("job aborted: {0}")]
+    Aborted(String),
     /// A child process failed; the others were stopped.
     #[error("{name} failed ({status}): {detail}")]
     ChildFailed {
@@ -292,20 +295,21 @@ impl Cluster {
         self.kill_all();
         self.drain();
         // A child killed from outside (by a signal the launcher did not send) is the root cause;
-        // otherwise the first that failed.
+        // otherwise the job's abort notice names it; otherwise the first child that failed.
         use std::os::unix::process::ExitStatusExt;
-        let primary = self
+        let signalled = self
             .procs
             .iter()
-            .position(|p| !p.killed && p.status.is_some_and(|s| s.signal().is_some()))
-            .unwrap_or(first);
-        let p = &self.procs[primary];
+            .position(|p| !p.killed && p.status.is_some_and(|s| s.signal().is_some()));
         let abort = self
             .procs
             .iter()
             .flat_map(|q| q.tail.iter())
-            .find(|l| l.contains("job aborted:"))
-            .cloned();
+            .find_map(|l| l.split_once("job aborted: ").map(|(_, n)| n.to_string()));
+        if let (None, Some(notice)) = (signalled, &abort) {
+            return LaunchError::Aborted(notice.clone());
+        }
+        let p = &self.procs[signalled.unwrap_or(first)];
         let mut detail: Vec<String> = p
             .tail
             .iter()
@@ -316,9 +320,7 @@ impl Cluster {
             detail.extend(p.tail.back().cloned());
         }
         if let Some(a) = abort {
-            if !detail.contains(&a) {
-                detail.push(a);
-            }
+            detail.push(format!("job aborted: {a}"));
         }
         LaunchError::ChildFailed {
             name: p.name.clone(),
