@@ -12,6 +12,12 @@
 __device__ __forceinline__ u16 f32_bits_to_f16_bits(u32 x) {
     const u32 sign = (x >> 16) & 0x8000u;
     const u32 a = x & 0x7FFFFFFFu;
+    // Fast path, one unsigned compare: 2^-14 <= |x| < 65520 gives a normal half. Rebias the
+    // exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even.
+    if (a - 0x38800000u < 0x477FF000u - 0x38800000u) {
+        const u32 m = a - 0x38000000u;
+        return (u16)(sign | ((m + 0x0FFFu + ((m >> 13) & 1u)) >> 13));
+    }
     if (a > 0x7F800000u) {
         // NaN: quiet, same sign, top 10 mantissa bits kept.
         return (u16)(sign | 0x7C00u | 0x0200u | ((x & 0x007FFFFFu) >> 13));
@@ -19,12 +25,6 @@ __device__ __forceinline__ u16 f32_bits_to_f16_bits(u32 x) {
     if (a >= 0x477FF000u) {
         // |x| >= 65520 (or inf): IEEE overflow to inf.
         return (u16)(sign | 0x7C00u);
-    }
-    if (a >= 0x38800000u) {
-        // Normal half (|x| >= 2^-14): rebias the exponent (127 -> 15), round the mantissa RNE.
-        u32 m = a - 0x38000000u;
-        m = m + 0x0FFFu + ((m >> 13) & 1u);
-        return (u16)(sign | (m >> 13));
     }
     if (a <= 0x33000000u) {
         // |x| <= 2^-25 (f32 subnormals included): +-0; exactly 2^-25 is a tie that goes to even 0.

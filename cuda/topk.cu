@@ -167,8 +167,9 @@ extern "C" __global__ void topk_chunk_counts(const float* __restrict__ v, u64 n,
     for (u64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
         u64 gt = 0ull, eq = 0ull;
         const u64 base = c * (u64)CHUNK;
-        for (u32 j = threadIdx.x; j < CHUNK; j += blockDim.x) {
-            const u64 i = base + j;
+#pragma unroll
+        for (u32 t = 0; t < CHUNK_TILES; ++t) {
+            const u64 i = base + (u64)t * TILE + threadIdx.x;
             if (i < n) {
                 const u32 key = abs_key(v[i]);
                 gt += (key > T) ? 1ull : 0ull;
@@ -233,15 +234,19 @@ extern "C" __global__ void topk_compact(float* __restrict__ v, float* __restrict
     for (u64 c = blockIdx.x; c < nchunks; c += gridDim.x) {
         u64 gt_base = prefix[2 * c];
         u64 eq_base = prefix[2 * c + 1];
+        // Load the whole chunk first (16 independent loads in flight per thread), then scan it.
+        float xs[CHUNK_TILES];
+#pragma unroll
         for (u32 tile = 0; tile < CHUNK_TILES; ++tile) {
             const u64 i = c * (u64)CHUNK + (u64)tile * TILE + threadIdx.x;
-            float x = 0.0f;
-            u32 key = 0u;
+            xs[tile] = (i < n) ? v[i] : 0.0f;
+        }
+#pragma unroll
+        for (u32 tile = 0; tile < CHUNK_TILES; ++tile) {
+            const u64 i = c * (u64)CHUNK + (u64)tile * TILE + threadIdx.x;
             const bool in = i < n;
-            if (in) {
-                x = v[i];
-                key = abs_key(x);
-            }
+            const float x = xs[tile];
+            const u32 key = abs_key(x);
             const bool is_gt = in && key > T;
             const bool is_eq = in && key == T;
             const u32 bgt = __ballot_sync(0xFFFFFFFFu, is_gt);
