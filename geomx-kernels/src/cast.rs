@@ -203,11 +203,15 @@ pub fn f16_bytes_to_f32(src: &[u8], dst: &mut [f32]) {
 /// If `dst.len() != 2 * src.len()`.
 pub fn f32_to_bf16_bytes(src: &[f32], dst: &mut [u8]) -> usize {
     assert_eq!(dst.len(), 2 * src.len(), "bf16 destination length");
-    let mut nonfinite = 0usize;
-    for (d, &s) in dst.chunks_exact_mut(2).zip(src) {
-        let h = f32_to_bf16(s);
-        nonfinite += (h & 0x7F80 == 0x7F80) as usize;
-        d.copy_from_slice(&h.to_le_bytes());
+    // Convert in blocks through a u16 buffer so the vectorised slice kernel does the work.
+    let mut buf = [0u16; 1024];
+    let mut nonfinite = 0;
+    for (s, d) in src.chunks(1024).zip(dst.chunks_mut(2048)) {
+        let b = &mut buf[..s.len()];
+        nonfinite += f32_to_bf16_slice(s, b);
+        for (o, h) in d.chunks_exact_mut(2).zip(b.iter()) {
+            o.copy_from_slice(&h.to_le_bytes());
+        }
     }
     nonfinite
 }
@@ -218,12 +222,34 @@ pub fn f32_to_bf16_bytes(src: &[f32], dst: &mut [u8]) -> usize {
 /// If the lengths differ.
 pub fn f32_to_bf16_slice(src: &[f32], dst: &mut [u16]) -> usize {
     assert_eq!(dst.len(), src.len(), "bf16 destination length");
-    let mut nonfinite = 0usize;
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = f32_to_bf16(s);
-        nonfinite += (*d & 0x7F80 == 0x7F80) as usize;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is available (checked above).
+        return unsafe { bf16_narrow_avx2(src, dst) };
     }
-    nonfinite
+    bf16_narrow_body(src, dst)
+}
+
+/// Branch-free form of [`f32_to_bf16`] over a slice (auto-vectorised).
+#[inline(always)]
+fn bf16_narrow_body(src: &[f32], dst: &mut [u16]) -> usize {
+    let mut nonfinite = 0u32;
+    for (d, &s) in dst.iter_mut().zip(src) {
+        let bits = s.to_bits();
+        let nan = (bits & 0x7FFF_FFFF) > 0x7F80_0000;
+        let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
+        let quiet = (bits >> 16) | 0x0040;
+        let h = if nan { quiet } else { rounded } as u16;
+        nonfinite += u32::from(h & 0x7F80 == 0x7F80);
+        *d = h;
+    }
+    nonfinite as usize
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bf16_narrow_avx2(src: &[f32], dst: &mut [u16]) -> usize {
+    bf16_narrow_body(src, dst)
 }
 
 /// Widens little-endian BF16 bytes into `dst`.

@@ -282,9 +282,20 @@ fn bf16_exhaustive() {
     assert_eq!(f32_to_bf16(f32::from_bits(0x0000_8000)), 0x0000); // tie → even
     assert_eq!(f32_to_bf16(f32::from_bits(0x0001_8000)), 0x0002); // tie → even
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
-    for _ in 0..1_000_000 {
-        let x = f32::from_bits(rng.random());
-        assert_eq!(f32_to_bf16(x), ref_f32_to_bf16(x), "{:#010x}", x.to_bits());
+    let mut xs: Vec<f32> = (0..1_000_000)
+        .map(|_| f32::from_bits(rng.random()))
+        .collect();
+    // Plus every tie and its neighbours, so the vectorised kernel sees them too.
+    for h in 0..=u16::MAX {
+        let mid = (u32::from(h) << 16) | 0x8000;
+        xs.extend([mid - 1, mid, mid + 1].map(f32::from_bits));
+    }
+    let mut fast = vec![0u16; xs.len()];
+    f32_to_bf16_slice(&xs, &mut fast);
+    for (x, &h) in xs.iter().zip(&fast) {
+        let want = ref_f32_to_bf16(*x);
+        assert_eq!(f32_to_bf16(*x), want, "{:#010x}", x.to_bits());
+        assert_eq!(h, want, "slice kernel {:#010x}", x.to_bits());
     }
     // The byte kernels agree with the scalar definition.
     let xs: Vec<f32> = (0..=u16::MAX)

@@ -71,18 +71,22 @@ impl SparseVec {
         }
     }
 
-    /// The non-zero entries of `dense` (±0.0 omitted), ascending.
+    /// The non-zero entries of `dense` (±0.0 omitted), ascending (a vectorised scan).
     pub fn from_dense_nonzero(dense: &[f32]) -> Result<SparseVec, KernelError> {
-        let n = check_u32_len(dense.len())?;
-        let mut indices = Vec::new();
-        let mut values = Vec::new();
-        for (i, &v) in dense.iter().enumerate() {
-            if v != 0.0 {
-                indices.push(i as u32);
-                values.push(v);
-            }
-        }
-        Ok(SparseVec::from_parts(n, indices, values))
+        let mut s = SparseVec::default();
+        s.assign_dense_nonzero(dense)?;
+        Ok(s)
+    }
+
+    /// Replaces `self` with the non-zero entries of `dense`, reusing the buffers.
+    pub fn assign_dense_nonzero(&mut self, dense: &[f32]) -> Result<(), KernelError> {
+        self.n_total = check_u32_len(dense.len())?;
+        self.indices.clear();
+        self.values.clear();
+        crate::topk::scan_ge(dense, 1, |i, _| self.indices.push(i as u32));
+        self.values
+            .extend(self.indices.iter().map(|&i| dense[i as usize]));
+        Ok(())
     }
 
     /// Logical length.
@@ -159,43 +163,23 @@ impl SparseVec {
         let mut next_i = Vec::new();
         let mut next_v = Vec::new();
         for s in &inputs[1..] {
-            next_i.clear();
-            next_v.clear();
-            next_i.reserve(acc_i.len() + s.count());
-            next_v.reserve(acc_i.len() + s.count());
-            let (mut a, mut b) = (0, 0);
-            while a < acc_i.len() && b < s.indices.len() {
-                let (ia, ib) = (acc_i[a], s.indices[b]);
-                if ia < ib {
-                    next_i.push(ia);
-                    next_v.push(acc_v[a]);
-                    a += 1;
-                } else if ib < ia {
-                    next_i.push(ib);
-                    next_v.push(0.0 + s.values[b]);
-                    b += 1;
-                } else {
-                    next_i.push(ia);
-                    next_v.push(acc_v[a] + s.values[b]);
-                    a += 1;
-                    b += 1;
-                }
-            }
-            next_i.extend_from_slice(&acc_i[a..]);
-            next_v.extend_from_slice(&acc_v[a..]);
-            next_i.extend_from_slice(&s.indices[b..]);
-            next_v.extend(s.values[b..].iter().map(|&v| 0.0 + v));
+            merge_two(
+                &acc_i,
+                &acc_v,
+                &s.indices,
+                &s.values,
+                &mut next_i,
+                &mut next_v,
+            );
             std::mem::swap(&mut acc_i, &mut next_i);
             std::mem::swap(&mut acc_v, &mut next_v);
         }
-        // Drop entries that summed to ±0.
+        // Drop entries that summed to ±0 (branch-free compaction).
         let mut w = 0;
         for r in 0..acc_i.len() {
-            if acc_v[r] != 0.0 {
-                acc_i[w] = acc_i[r];
-                acc_v[w] = acc_v[r];
-                w += 1;
-            }
+            acc_i[w] = acc_i[r];
+            acc_v[w] = acc_v[r];
+            w += usize::from(acc_v[r] != 0.0);
         }
         acc_i.truncate(w);
         acc_v.truncate(w);
@@ -268,6 +252,83 @@ impl SparseVec {
         decode_values(h, val_bytes, &mut self.values);
         Ok(h)
     }
+}
+
+/// Merges accumulated entries (`acc`, never -0.0) with the next input: common indices give
+/// `acc + x`, entries only in `acc` keep their value, entries only in the input give `0.0 + x`,
+/// exactly what scatter-adding into a zeroed buffer computes. Branch-free inner loop (the
+/// interleaving of two index sets is unpredictable).
+fn merge_two(
+    acc_i: &[u32],
+    acc_v: &[f32],
+    in_i: &[u32],
+    in_v: &[f32],
+    out_i: &mut Vec<u32>,
+    out_v: &mut Vec<f32>,
+) {
+    let cap = acc_i.len() + in_i.len();
+    out_i.clear();
+    out_v.clear();
+    out_i.resize(cap, 0);
+    out_v.resize(cap, 0.0);
+    let (mut a, mut b, mut w) = (0usize, 0usize, 0usize);
+    while a < acc_i.len() && b < in_i.len() {
+        let (ia, ib) = (acc_i[a], in_i[b]);
+        let take_a = ia <= ib;
+        let take_b = ib <= ia;
+        let va = if take_a { acc_v[a] } else { 0.0 };
+        let vb = if take_b { in_v[b] } else { 0.0 };
+        out_i[w] = ia.min(ib);
+        out_v[w] = va + vb;
+        a += usize::from(take_a);
+        b += usize::from(take_b);
+        w += 1;
+    }
+    for r in a..acc_i.len() {
+        out_i[w] = acc_i[r];
+        out_v[w] = acc_v[r];
+        w += 1;
+    }
+    for r in b..in_i.len() {
+        out_i[w] = in_i[r];
+        out_v[w] = 0.0 + in_v[r];
+        w += 1;
+    }
+    out_i.truncate(w);
+    out_v.truncate(w);
+}
+
+/// Elements per block of [`scatter_add_many`] (64 KiB of f32: stays in L2 while every input
+/// adds into it).
+const SCATTER_BLOCK: usize = 1 << 14;
+
+/// `dense += Σ parts`, adding the parts in order for every element (bit-identical to calling
+/// [`SparseVec::scatter_add_into`] for each part in turn), but walking the dense buffer in
+/// cache-sized blocks so each block is loaded once for all parts instead of once per part.
+pub fn scatter_add_many(parts: &[&SparseVec], dense: &mut [f32]) -> Result<(), KernelError> {
+    if let Some(bad) = parts.iter().find(|p| p.n_total as usize != dense.len()) {
+        return Err(KernelError::LengthMismatch {
+            expected: bad.n_total as usize,
+            got: dense.len(),
+        });
+    }
+    if parts.len() == 1 {
+        scatter_add_unchecked(&parts[0].indices, &parts[0].values, dense);
+        return Ok(());
+    }
+    let mut cursors = vec![0usize; parts.len()];
+    let mut start = 0usize;
+    while start < dense.len() {
+        let end = (start + SCATTER_BLOCK).min(dense.len()) as u64;
+        for (p, c) in parts.iter().zip(cursors.iter_mut()) {
+            let idx = &p.indices[*c..];
+            let take = idx.partition_point(|&i| u64::from(i) < end);
+            scatter_add_unchecked(&idx[..take], &p.values[*c..*c + take], dense);
+            *c += take;
+        }
+        start = end as usize;
+    }
+    Ok(())
 }
 
 /// Adds a sparse payload directly into `dense` (the key's full range), without an intermediate

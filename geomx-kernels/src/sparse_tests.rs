@@ -199,7 +199,8 @@ fn fuzz_decoders_never_panic() {
 #[test]
 fn scatter_add_and_merge_equal_dense_sum() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    let n = 5000;
+    // Longer than one scatter block, so blocks and cursors are exercised.
+    let n = 70_000;
     for d in [1usize, 2, 3, 7] {
         let parts: Vec<SparseVec> = (0..d).map(|_| random_sparse(&mut rng, n, 0.05)).collect();
         let mut want = vec![0.0f32; n as usize];
@@ -214,6 +215,12 @@ fn scatter_add_and_merge_equal_dense_sum() {
         }
         assert_eq!(got, want);
         let refs: Vec<&SparseVec> = parts.iter().collect();
+        let mut blocked = vec![0.0f32; n as usize];
+        scatter_add_many(&refs, &mut blocked).unwrap();
+        assert!(blocked
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
         let merged = SparseVec::merge(&refs).unwrap();
         assert_eq!(merged, SparseVec::from_dense_nonzero(&want).unwrap());
     }
@@ -226,6 +233,7 @@ fn scatter_add_and_merge_equal_dense_sum() {
     // Length mismatches are errors.
     assert!(SparseVec::merge(&[&a, &SparseVec::empty(5)]).is_err());
     assert!(a.scatter_add_into(&mut [0.0; 3]).is_err());
+    assert!(scatter_add_many(&[&a], &mut [0.0; 3]).is_err());
     assert!(SparseVec::new(4, vec![1, 1], vec![1.0, 1.0]).is_err());
     assert!(SparseVec::new(4, vec![4], vec![1.0]).is_err());
     assert!(SparseVec::new(4, vec![1], vec![]).is_err());

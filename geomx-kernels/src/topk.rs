@@ -23,8 +23,13 @@ pub struct SampledParams {
     pub sample_fraction: f64,
     /// Minimum expected sampled hits h (default 20): s = min(N, max(⌈f·N⌉, ⌈h/ρ⌉)).
     pub min_hits: u32,
-    /// Tolerance τ (default 0.2): counts within (1 ± τ)·k are accepted as they are. τ = 0 makes
-    /// the selection return exactly k entries (or all non-zeros when fewer exist).
+    /// Tolerance τ (default 0.2): counts within (1 ± τ)·k are accepted as they are.
+    ///
+    /// τ = 0 is the exact-count mode: the selection returns exactly k entries (or all non-zeros
+    /// when fewer exist). In that mode the sample rank is raised by three binomial standard
+    /// deviations, r = ⌈ρs + 3·√(ρs)⌉, so that the candidate set almost always holds at least k
+    /// entries and is cut down to exactly k by exact selection within it (a cheap refinement
+    /// instead of a full exact fallback).
     pub tolerance: f64,
 }
 
@@ -141,6 +146,58 @@ pub fn topk_exact(
     if k == 0 || v.is_empty() {
         return Ok(0);
     }
+    if prefiltered_exact(v, k, scratch, out) {
+        return Ok(out.len());
+    }
+    radix_exact(v, k, scratch, out);
+    Ok(out.len())
+}
+
+/// Smallest tensor for which [`topk_exact`] first tries a sampled prefilter.
+const PREFILTER_MIN_N: usize = 1 << 16;
+/// Sample size of the prefilter.
+const PREFILTER_SAMPLE: usize = 4096;
+
+/// Exact top-k through a sampled lower bound: a fixed-seed sample gives a threshold t expected
+/// to lie a little below the k-th largest key; one vectorised scan collects C = {i : key ≥ t}.
+/// If |C| ≥ k, every one of the k largest entries (ties included) has key ≥ t and lies in C, so
+/// exact selection within C is the exact answer. Returns `false` (and leaves the work to the
+/// radix path) when the prefilter does not apply or C is too small. The sample only affects
+/// speed, never the result.
+fn prefiltered_exact(v: &[f32], k: usize, scratch: &mut TopkScratch, out: &mut Vec<u32>) -> bool {
+    let n = v.len();
+    if n < PREFILTER_MIN_N || k.saturating_mul(16) > n {
+        return false;
+    }
+    let mut rng = SampleRng::new(0x746F_706B ^ n as u64);
+    scratch.keys.clear();
+    scratch
+        .keys
+        .extend((0..PREFILTER_SAMPLE).map(|_| abs_key(v[rng.below(n as u64) as usize])));
+    let expected = k as f64 * PREFILTER_SAMPLE as f64 / n as f64;
+    let rank = ((expected + 3.0 * expected.sqrt()).ceil() as usize + 1).clamp(1, PREFILTER_SAMPLE);
+    let (_, &mut t, _) = scratch.keys.select_nth_unstable(PREFILTER_SAMPLE - rank);
+    let t = t.max(1);
+    // Give up early (radix path) if the threshold admits far more than needed (e.g. many ties).
+    let cap = n / 4;
+    let mut overflow = false;
+    scan_ge(v, t, |i, _| {
+        if out.len() < cap {
+            out.push(i as u32);
+        } else {
+            overflow = true;
+        }
+    });
+    if overflow || out.len() < k {
+        out.clear();
+        return false;
+    }
+    refine_within(v, k, scratch, out);
+    true
+}
+
+/// Exact top-k by three-level radix select over the whole tensor, then one emitting scan.
+fn radix_exact(v: &[f32], k: usize, scratch: &mut TopkScratch, out: &mut Vec<u32>) {
     match kth_key(&SliceKeys(v), k, scratch) {
         None => scan_ge(v, 1, |i, _| out.push(i as u32)),
         Some((t, greater)) => {
@@ -156,7 +213,6 @@ pub fn topk_exact(
             });
         }
     }
-    Ok(out.len())
 }
 
 /// Sampled top-k with density ρ (k = [`k_for_density`]) and the sample drawn from `seed`
@@ -196,7 +252,13 @@ pub fn topk_sampled(
     scratch
         .keys
         .extend((0..s).map(|_| abs_key(v[rng.below(n as u64) as usize])));
-    let rank = ((density * s as f64).ceil() as usize).clamp(1, s);
+    let expected_hits = density * s as f64;
+    let rank = if params.tolerance == 0.0 {
+        expected_hits + 3.0 * expected_hits.sqrt()
+    } else {
+        expected_hits
+    };
+    let rank = (rank.ceil() as usize).clamp(1, s);
     let (_, &mut t, _) = scratch.keys.select_nth_unstable(s - rank);
     let t = t.max(1);
 
@@ -386,7 +448,7 @@ fn kth_key<K: Keys>(src: &K, k: usize, scratch: &mut TopkScratch) -> Option<(u32
 
 /// Calls `f(i, key)` in ascending i for every element with key ≥ `t` (`t ≥ 1`).
 #[inline]
-fn scan_ge<F: FnMut(usize, u32)>(v: &[f32], t: u32, mut f: F) {
+pub(crate) fn scan_ge<F: FnMut(usize, u32)>(v: &[f32], t: u32, mut f: F) {
     debug_assert!(t >= 1);
     #[cfg(target_arch = "x86_64")]
     {
