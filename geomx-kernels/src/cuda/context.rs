@@ -15,8 +15,9 @@ use super::source::{compile_cached, Family};
 /// Threads per block of the elementwise kernels.
 pub(crate) const THREADS: u32 = 256;
 
-/// One GPU: a (primary) context, the stream every operation of this handle runs on, and the
-/// kernel modules, each compiled and loaded at first use.
+/// One GPU: its primary context, the context's default stream (every operation of every handle
+/// on this device runs there, in order), and the kernel modules, each compiled and loaded at
+/// first use.
 ///
 /// Operations are stream-ordered; methods that return host data synchronise the stream.
 pub struct CudaDevice {
@@ -87,7 +88,10 @@ impl CudaDevice {
             let sm_count = ctx
                 .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(CudaError::driver("SM count"))?;
-            let stream = ctx.new_stream().map_err(CudaError::driver("new stream"))?;
+            // The context's default stream: with a single stream cudarc needs no per-buffer
+            // events (it records them only once a second stream exists), which saves a few
+            // microseconds per kernel argument.
+            let stream = ctx.default_stream();
             Ok(CudaDevice {
                 ctx,
                 stream,
