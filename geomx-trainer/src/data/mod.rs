@@ -272,6 +272,57 @@ mod tests {
     }
 
     #[test]
+    fn load_dispatches_on_the_configured_data_set() {
+        let mut cfg = DataConfig::default();
+        let digits = load(&cfg).unwrap();
+        assert_eq!((digits.train.len(), digits.test.len()), (1_437, 360));
+        cfg.dataset = DatasetKind::Synthetic;
+        cfg.synthetic.features = 12;
+        cfg.synthetic.train_samples = 50;
+        cfg.synthetic.test_samples = 10;
+        let syn = load(&cfg).unwrap();
+        assert_eq!((syn.train.len(), syn.test.n_features()), (50, 12));
+
+        let dir = std::env::temp_dir().join(format!("geomx-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tri"), idx::encode_u8(&[2, 2, 2], &[7; 8])).unwrap();
+        std::fs::write(dir.join("tei"), idx::encode_u8(&[1, 3, 3], &[9; 9])).unwrap();
+        std::fs::write(dir.join("trl"), idx::encode_u8(&[2], &[0, 1])).unwrap();
+        std::fs::write(dir.join("tel"), idx::encode_u8(&[1], &[1])).unwrap();
+        cfg.dataset = DatasetKind::Idx;
+        cfg.idx.train_images = dir.join("tri");
+        cfg.idx.train_labels = dir.join("trl");
+        cfg.idx.test_images = dir.join("tri");
+        cfg.idx.test_labels = dir.join("trl");
+        let same = load(&cfg).unwrap();
+        assert_eq!(same.train, same.test);
+        cfg.idx.test_images = dir.join("tei");
+        cfg.idx.test_labels = dir.join("tel");
+        let err = load(&cfg).unwrap_err().to_string();
+        assert!(err.contains("4 pixels, test images 9"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn batcher_for_uses_the_worker_shard() {
+        let d = Dataset::new((0..40).map(|v| v as f32).collect(), vec![0; 40], 1, 1).unwrap();
+        let cfg = DataConfig {
+            batch_size: 5,
+            ..DataConfig::default()
+        };
+        let shards = shard_indices(d.labels(), 4, cfg.split, cfg.seed).unwrap();
+        let mut b = batcher_for(&cfg, &d, 4, 2).unwrap();
+        assert_eq!(b.batches_per_epoch(), 2);
+        let mut seen: Vec<usize> = b.next_indices().to_vec();
+        seen.extend_from_slice(b.next_indices());
+        seen.sort_unstable();
+        let mut want = shards[2].clone();
+        want.sort_unstable();
+        assert_eq!(seen, want);
+        assert!(batcher_for(&cfg, &d, 4, 4).is_err());
+    }
+
+    #[test]
     fn gather_copies_rows_in_order() {
         let d = Dataset::new((0..12).map(|v| v as f32).collect(), vec![0, 1, 2, 0], 3, 3).unwrap();
         let g = d.gather(&[3, 1]);

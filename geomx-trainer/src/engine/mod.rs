@@ -241,6 +241,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn build_model_follows_the_config() {
+        let cfg = ModelConfig {
+            hidden: vec![5, 4],
+            ..ModelConfig::default()
+        };
+        let m = build_model(&cfg, 3, 2).unwrap();
+        let shapes: Vec<Vec<usize>> = m.tensors().iter().map(|t| t.shape.clone()).collect();
+        assert_eq!(
+            shapes,
+            vec![
+                vec![5, 3],
+                vec![5],
+                vec![4, 5],
+                vec![4],
+                vec![2, 4],
+                vec![2]
+            ]
+        );
+        assert_eq!(m.num_params(), 15 + 5 + 20 + 4 + 8 + 2);
+        assert_eq!(m.tensors()[2].name, "fc1.weight");
+        assert!(build_model(&cfg, 0, 2).is_err());
+    }
+
+    #[test]
     fn fnv1a_known_vectors() {
         // Published FNV-1a 64 test vectors.
         let h = |s: &str| {
