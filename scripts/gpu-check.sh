@@ -31,13 +31,13 @@ if [ -n "$torch_dir" ]; then
   done
 fi
 nvrtc=""
-for d in "${libdirs[@]}"; do
+for d in ${libdirs[@]+"${libdirs[@]}"}; do
   f=$(ls "$d"/libnvrtc.so* 2>/dev/null | grep -v builtins | grep -v '\.alt\.' | head -1)
   if [ -n "$f" ]; then nvrtc=$f; break; fi
 done
 if [ -z "$nvrtc" ]; then
   # torch may ship it under a hashed name (libnvrtc-<hash>.so.N): expose it as libnvrtc.so.
-  for d in "${libdirs[@]}"; do
+  for d in ${libdirs[@]+"${libdirs[@]}"}; do
     f=$(ls "$d"/libnvrtc-*.so* 2>/dev/null | grep -v builtins | head -1)
     if [ -n "$f" ]; then nvrtc=$f; ln -s "$f" "$work/libnvrtc.so"; break; fi
   done

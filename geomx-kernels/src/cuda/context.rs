@@ -223,18 +223,43 @@ impl CudaDevice {
             .map_err(CudaError::driver("load function"))
     }
 
-    /// Grid-stride launch configuration for `work` items (64-bit): enough blocks to fill the
-    /// device, never more than needed, and at least `work / 2^24` blocks so that no block sees
-    /// 2^32 elements (its shared u32 counters cannot overflow).
+    /// Grid-stride launch configuration for `work` items on this device ([`grid_for`]).
     pub(crate) fn grid_for(&self, work: u64) -> LaunchConfig {
-        let wanted = work.div_ceil(THREADS as u64).max(1);
-        let fill = self.sm_count as u64 * 16;
-        let floor = work >> 24;
-        let blocks = wanted.min(fill).max(floor).clamp(1, i32::MAX as u64) as u32;
-        LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        grid_for(work, self.sm_count)
+    }
+}
+
+/// Grid-stride launch configuration for `work` items (64-bit) on `sm_count` SMs: enough blocks
+/// of [`THREADS`] to fill the device (16 per SM), never more than the work needs, and at least
+/// `work / 2^24` blocks so that no block sees 2^32 elements (its shared u32 counters cannot
+/// overflow).
+pub(crate) fn grid_for(work: u64, sm_count: u32) -> LaunchConfig {
+    let wanted = work.div_ceil(THREADS as u64).max(1);
+    let fill = u64::from(sm_count.max(1)) * 16;
+    let floor = work >> 24;
+    let blocks = wanted.min(fill).max(floor).clamp(1, i32::MAX as u64) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_sizes() {
+        assert_eq!(grid_for(0, 132).grid_dim.0, 1);
+        assert_eq!(grid_for(1, 132).grid_dim.0, 1);
+        assert_eq!(grid_for(257, 132).grid_dim.0, 2);
+        assert_eq!(grid_for(1 << 28, 132).grid_dim.0, 132 * 16);
+        // Per-block work stays below 2^24 items (of up to 4 elements) even on a tiny device.
+        let work = 1u64 << 40;
+        let g = grid_for(work, 1).grid_dim.0 as u64;
+        assert!(work.div_ceil(g) <= 1 << 24, "{g} blocks");
+        assert_eq!(grid_for(u64::MAX, 1).grid_dim.0, i32::MAX as u32);
+        assert_eq!(grid_for(1000, 0).block_dim.0, THREADS);
     }
 }

@@ -54,3 +54,25 @@ impl CudaDevice {
         self.launch_fill("fill_uniform", dst, seed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_values_are_in_range_on_the_grid_and_seeded() {
+        for i in 0..10_000u64 {
+            let x = uniform_at(3, i);
+            assert!((-1.0..1.0).contains(&x));
+            assert_eq!(((x + 1.0) * 8_388_608.0).fract(), 0.0);
+        }
+        assert_ne!(uniform_at(3, 1), uniform_at(4, 1));
+        assert_eq!(bits_at(7, 5), splitmix64(7 ^ 5) as u32);
+    }
+
+    #[test]
+    fn splitmix64_reference_value() {
+        // First output of the reference splitmix64 generator seeded with 0.
+        assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
+    }
+}

@@ -149,3 +149,32 @@ pub fn compile_cached(family: Family, arch: &str) -> Result<Ptx, CudaError> {
         .insert(key, ptx.clone());
     Ok(ptx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_kernels_and_the_prelude() {
+        for (i, family) in Family::ALL.into_iter().enumerate() {
+            assert_eq!(family.index(), i);
+            assert!(
+                family.source().contains("extern \"C\" __global__"),
+                "{}",
+                family.name()
+            );
+            let p = family.program();
+            assert!(p.starts_with(COMMON));
+            assert!(p.ends_with(family.source()));
+        }
+    }
+
+    #[test]
+    fn compile_reports_missing_nvrtc_as_an_error() {
+        // With libnvrtc on the library path this compiles; without it, a typed error, no panic.
+        match compile(Family::Scatter, None) {
+            Ok(ptx) => assert!(ptx.to_src().contains(".entry scatter_add_f32(")),
+            Err(e) => assert!(matches!(e, CudaError::NvrtcUnavailable { .. }), "{e}"),
+        }
+    }
+}
