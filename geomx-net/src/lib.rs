@@ -36,6 +36,7 @@
 //! See `docs/net.md` for the embedding guide and `docs/wire-format.md` for the frame layout.
 #![warn(missing_docs)]
 
+pub mod bufpool;
 pub mod conn;
 pub mod coord;
 mod driver;

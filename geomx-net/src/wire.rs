@@ -21,6 +21,8 @@
 //! configured maximum frame size is ever allocated. The incremental [`FrameDecoder`] accepts the
 //! byte stream in arbitrary chunks.
 
+use core::mem::MaybeUninit;
+
 use zerocopy::byteorder::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -377,14 +379,16 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Frame, WireError> {
 ///
 /// It never allocates more than the announced payload, which is bounded by the maximum frame size,
 /// and it reports the first malformed header as an error (after which the connection must be
-/// closed; further input is refused with the same error).
+/// closed; further input is refused with the same error). Large payload buffers come from the
+/// [`crate::bufpool`] when a recycled one fits, and are never zero-filled: bytes are only exposed
+/// once received.
 #[derive(Debug)]
 pub struct FrameDecoder {
     max_frame: usize,
     head: [u8; HEADER_LEN],
     head_len: usize,
-    /// Header, payload buffer of the announced length, bytes filled so far.
-    body: Option<(FrameHeader, Vec<u8>, usize)>,
+    /// Header and payload buffer (capacity >= announced length, length = bytes received).
+    body: Option<(FrameHeader, Vec<u8>)>,
     failed: Option<WireError>,
 }
 
@@ -411,10 +415,9 @@ impl FrameDecoder {
             return Err(e.clone());
         }
         while !data.is_empty() {
-            if let Some((_, body, filled)) = &mut self.body {
-                let take = (body.len() - *filled).min(data.len());
-                body[*filled..*filled + take].copy_from_slice(&data[..take]);
-                *filled += take;
+            if let Some((h, body)) = &mut self.body {
+                let take = (h.payload_len as usize - body.len()).min(data.len());
+                body.extend_from_slice(&data[..take]);
                 data = &data[take..];
                 self.finish_body(out);
             } else {
@@ -434,7 +437,7 @@ impl FrameDecoder {
         self.head_len = 0;
         match FrameHeader::decode(&self.head, self.max_frame) {
             Ok(h) => {
-                self.body = Some((h, vec![0u8; h.payload_len as usize], 0));
+                self.body = Some((h, crate::bufpool::take(h.payload_len as usize)));
                 self.finish_body(out);
                 Ok(())
             }
@@ -446,35 +449,42 @@ impl FrameDecoder {
     }
 
     fn finish_body(&mut self, out: &mut Vec<Frame>) {
-        if matches!(&self.body, Some((_, body, filled)) if *filled == body.len()) {
-            let (header, payload, _) = self.body.take().expect("checked above");
+        if matches!(&self.body, Some((h, body)) if body.len() == h.payload_len as usize) {
+            let (header, payload) = self.body.take().expect("checked above");
             out.push(Frame { header, payload });
         }
     }
 
-    /// When at least `min` more payload bytes are expected, the unfilled part of the payload
-    /// buffer, so a driver can read large payloads straight into place (then call
-    /// [`FrameDecoder::commit_direct`]). `None` otherwise.
-    pub fn direct_target(&mut self, min: usize) -> Option<&mut [u8]> {
-        let (_, body, filled) = self.body.as_mut()?;
-        if body.len() - *filled < min.max(1) {
+    /// When at least `min` (and at least 1) more payload bytes are expected, the unfilled part of
+    /// the payload buffer, so a driver can receive large payloads straight into place and then
+    /// call [`FrameDecoder::commit_direct`]. `None` otherwise.
+    pub fn direct_target(&mut self, min: usize) -> Option<&mut [MaybeUninit<u8>]> {
+        let (h, body) = self.body.as_mut()?;
+        let want = h.payload_len as usize - body.len();
+        if want < min.max(1) {
             return None;
         }
-        Some(&mut body[*filled..])
+        Some(&mut body.spare_capacity_mut()[..want])
     }
 
-    /// Records that `n` bytes were written into the slice returned by
-    /// [`FrameDecoder::direct_target`]; completes the frame when its payload is full.
-    pub fn commit_direct(&mut self, n: usize, out: &mut Vec<Frame>) {
-        if let Some((_, body, filled)) = &mut self.body {
-            *filled = (*filled + n).min(body.len());
+    /// Records that the first `n` bytes of the slice last returned by
+    /// [`FrameDecoder::direct_target`] were written; completes the frame when its payload is full.
+    ///
+    /// # Safety
+    /// Those `n` bytes must have been initialised (e.g. by a successful `recv` returning `n`), and
+    /// `n` must not exceed that slice's length.
+    pub unsafe fn commit_direct(&mut self, n: usize, out: &mut Vec<Frame>) {
+        if let Some((h, body)) = &mut self.body {
+            let n = n.min(h.payload_len as usize - body.len());
+            // SAFETY: guaranteed by the caller: n initialised bytes follow the current length.
+            unsafe { body.set_len(body.len() + n) };
             self.finish_body(out);
         }
     }
 
     /// Bytes of an unfinished frame held by the decoder (0 at a frame boundary).
     pub fn buffered(&self) -> usize {
-        self.head_len + self.body.as_ref().map_or(0, |(_, _, f)| HEADER_LEN + f)
+        self.head_len + self.body.as_ref().map_or(0, |(_, b)| HEADER_LEN + b.len())
     }
 
     /// Checks the stream may end here: an error if a frame is half-received.

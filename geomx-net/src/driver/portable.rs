@@ -15,7 +15,7 @@ use crate::wire::{FrameDecoder, HEADER_LEN};
 use super::NetOptions;
 
 /// Reads go through a scratch buffer of this size unless a larger payload can be read in place.
-const SCRATCH: usize = 256 << 10;
+const SCRATCH: usize = 64 << 10;
 
 pub(crate) struct PortableDriver {
     max_frame: usize,
@@ -107,7 +107,7 @@ fn read_loop(link: Arc<Link>, mut stream: TcpStream, tick: Duration, max_frame: 
     while !link.is_closed() {
         let direct = dec.direct_target(SCRATCH).is_some();
         let res = match dec.direct_target(SCRATCH) {
-            Some(target) => stream.read(target),
+            Some(target) => read_uninit(&mut stream, target),
             None => stream.read(&mut buf),
         };
         match res {
@@ -122,7 +122,8 @@ fn read_loop(link: Arc<Link>, mut stream: TcpStream, tick: Duration, max_frame: 
             Ok(n) => {
                 link.counters().add_recv_bytes(n);
                 let res = if direct {
-                    dec.commit_direct(n, &mut frames);
+                    // SAFETY: `read_uninit` initialised exactly n bytes of the direct target.
+                    unsafe { dec.commit_direct(n, &mut frames) };
                     Ok(())
                 } else {
                     dec.feed(&buf[..n], &mut frames)
@@ -149,4 +150,42 @@ fn read_loop(link: Arc<Link>, mut stream: TcpStream, tick: Duration, max_frame: 
             next_tick = now + tick;
         }
     }
+}
+
+/// Reads into uninitialised memory (the kernel writes it; nothing reads it before).
+#[cfg(unix)]
+fn read_uninit(
+    stream: &mut TcpStream,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let len = buf.len().min(1 << 30);
+    // SAFETY: `buf` is valid for `len` writable bytes; recv writes at most that many.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            len,
+            0,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Portable fallback: zero the target first, then read into it.
+#[cfg(not(unix))]
+fn read_uninit(
+    stream: &mut TcpStream,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+) -> std::io::Result<usize> {
+    for b in buf.iter_mut() {
+        b.write(0);
+    }
+    // SAFETY: every byte was initialised just above.
+    let init = unsafe { &mut *(buf as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
+    stream.read(init)
 }

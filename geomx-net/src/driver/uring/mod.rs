@@ -275,7 +275,7 @@ impl LinkIo for UringIo {
                 }
             }
         }
-        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+        let mut buf = crate::bufpool::take(HEADER_LEN + payload.len());
         buf.extend_from_slice(header);
         buf.extend_from_slice(payload);
         self.queued.fetch_add(buf.len(), Ordering::AcqRel);
@@ -596,7 +596,7 @@ impl Ring {
             if let Some(t) = c.dec.direct_target(SCRATCH) {
                 let len = t.len().min(1 << 30) as u32;
                 entries.push(
-                    opcode::Recv::new(fd, t.as_mut_ptr(), len)
+                    opcode::Recv::new(fd, t.as_mut_ptr() as *mut u8, len)
                         .build()
                         .user_data(ud(KIND_RECV, idx)),
                 );
@@ -714,7 +714,8 @@ impl Ring {
         link.counters().add_recv_bytes(n);
         let fed = match state {
             RecvState::Direct => {
-                c.dec.commit_direct(n, &mut c.frames);
+                // SAFETY: the kernel wrote n bytes into the direct target we submitted.
+                unsafe { c.dec.commit_direct(n, &mut c.frames) };
                 Ok(())
             }
             RecvState::Fixed(slot) => {
@@ -750,13 +751,14 @@ impl Ring {
             Next::Wait | Next::Resubmit => {} // `arm` resubmits the remainder
             Next::Done => {
                 let cur = c.cur.take().expect("checked");
-                if let OutItem::Bytes(b) = &cur.item {
-                    c.queued.fetch_sub(
-                        b.len().min(c.queued.load(Ordering::Acquire)),
-                        Ordering::AcqRel,
-                    );
+                match cur.item {
+                    OutItem::Bytes(b) => {
+                        let n = b.len().min(c.queued.load(Ordering::Acquire));
+                        c.queued.fetch_sub(n, Ordering::AcqRel);
+                        crate::bufpool::recycle(b);
+                    }
+                    big => big.finish(Ok(())),
                 }
-                cur.item.finish(Ok(()));
             }
             Next::Failed(errno) => {
                 let cur = c.cur.take().expect("checked");
