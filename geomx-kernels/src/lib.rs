@@ -16,6 +16,33 @@
 //!
 //! All kernels are CPU code; they are also the oracle the CUDA kernels (feature `cuda`) are
 //! checked against.
+//!
+//! A Bi-Sparse round trip (local server push → wire → global server scatter-add):
+//!
+//! ```
+//! use geomx_kernels::{selection_seed, BiSparse, BiSparseConfig, PushPayload, Scaling, SparseVec,
+//!                     Tier, ValueType};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (n, key, round) = (1000, 7u64, 0u64);
+//! let mut state = BiSparse::new(BiSparseConfig::default(), n)?; // ρ = 0.01, sampled selection
+//! let g: Vec<f32> = (0..n).map(|i| (i as f32).sin()).collect();
+//! let out = state.push(&g, round, selection_seed(42, Tier::Inter, 0, key, round))?;
+//! let PushPayload::Sparse(sent) = out.payload else { unreachable!("1 % of 1000 is sparse") };
+//! assert_eq!(sent.count(), 10);
+//!
+//! let mut bytes = Vec::new();
+//! sent.encode(ValueType::F32, Scaling::None, &mut bytes);
+//! assert_eq!(bytes.len(), 12 + 8 * 10);
+//! let received = SparseVec::decode(&bytes, key, n)?; // validated: errors name the key
+//! let mut sum = vec![0.0f32; n];
+//! received.scatter_add_into(&mut sum)?;
+//! // What was sent plus what stays behind is exactly the input.
+//! for i in 0..n {
+//!     assert_eq!(sum[i] + state.residual()[i], g[i]);
+//! }
+//! # Ok(())
+//! # }
+//! ```
 #![warn(missing_docs)]
 
 pub mod bisparse;
@@ -41,6 +68,6 @@ pub use error::{DecodeError, KernelError};
 pub use mpq::{choose_codec, is_large, MpqCodec};
 pub use optim::{DilocoOuter, Optimizer, OptimizerConfig};
 pub use rng::{selection_seed, Tier};
-pub use sparse::SparseVec;
+pub use sparse::{scatter_add_many, scatter_add_payload, SparseVec};
 pub use topk::{topk_exact, topk_sampled, SampledParams, Selection, TopkScratch};
 pub use wire::{Layout, PayloadHeader, ValueType, HEADER_LEN};

@@ -255,3 +255,43 @@ fn mpq_byte_counts() {
     assert!(sparse_is_smaller(124, ValueType::F32, 250));
     assert!(!sparse_is_smaller(125, ValueType::F32, 250));
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sparse(n: u32) -> impl Strategy<Value = SparseVec> {
+        proptest::collection::btree_map(0..n, -1000i32..1000, 0..(n as usize).min(64)).prop_map(
+            move |m| {
+                let (i, v): (Vec<u32>, Vec<f32>) =
+                    m.into_iter().map(|(i, v)| (i, v as f32 * 0.37)).unzip();
+                SparseVec::new(n, i, v).unwrap()
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn merge_equals_scatter_bit_for_bit(parts in proptest::collection::vec(sparse(100), 1..6)) {
+            let refs: Vec<&SparseVec> = parts.iter().collect();
+            let mut dense = vec![0.0f32; 100];
+            for p in &parts {
+                p.scatter_add_into(&mut dense).unwrap();
+            }
+            let merged = SparseVec::merge(&refs).unwrap();
+            let want = SparseVec::from_dense_nonzero(&dense).unwrap();
+            prop_assert_eq!(merged.indices(), want.indices());
+            prop_assert!(merged.values().iter().zip(want.values()).all(|(a, b)| a.to_bits() == b.to_bits()));
+            let mut blocked = vec![0.0f32; 100];
+            scatter_add_many(&refs, &mut blocked).unwrap();
+            prop_assert!(blocked.iter().zip(&dense).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+
+        #[test]
+        fn codec_round_trip(s in sparse(1000)) {
+            let mut buf = Vec::new();
+            s.encode(ValueType::F32, Scaling::None, &mut buf);
+            prop_assert_eq!(SparseVec::decode(&buf, 1, 1000).unwrap(), s);
+        }
+    }
+}

@@ -243,3 +243,45 @@ fn k_and_sample_size_formulas() {
     assert_eq!(sample_size(&p, 0.01, 100_000), 2_000);
     assert_eq!(sample_size(&p, 0.001, 100), 100);
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            Just(0.0f32),
+            Just(-0.0f32),
+            Just(f32::NAN),
+            Just(-f32::NAN),
+            Just(f32::INFINITY),
+            Just(f32::NEG_INFINITY),
+            Just(f32::from_bits(1)),
+            (-4i8..=4).prop_map(f32::from),
+            any::<u32>().prop_map(f32::from_bits),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn exact_equals_reference(v in proptest::collection::vec(value(), 0..300), k in 0usize..320) {
+            let mut scratch = TopkScratch::default();
+            let mut out = Vec::new();
+            topk_exact(&v, k, &mut scratch, &mut out).unwrap();
+            prop_assert_eq!(out, reference_topk(&reference_order(&v), k));
+        }
+
+        #[test]
+        fn sampled_keeps_invariants(
+            v in proptest::collection::vec(value(), 1..3000),
+            density in 0.001f64..1.0,
+            seed in any::<u64>(),
+        ) {
+            let p = SampledParams { sample_fraction: 0.01, min_hits: 2, tolerance: 0.2 };
+            let mut scratch = TopkScratch::default();
+            let mut out = Vec::new();
+            let o = topk_sampled(&v, density, &p, seed, &mut scratch, &mut out).unwrap();
+            check_sampled_invariants(&v, &out, &o, p.tolerance);
+        }
+    }
+}
