@@ -305,7 +305,15 @@ pub fn run(
     let mut server = KvServer::bind_with_id(bind_addr, 0, handler.clone(), job.net)
         .map_err(|e| RunError::Net(format!("binding {me} at {bind_addr}"), e))?;
     let listen = server.local_addr().to_string();
-    let node = Node::join(coord_addr, me, listen, job.config_hash, job.net, fatal)?;
+    let node = Node::join(
+        coord_addr,
+        me,
+        listen,
+        job.config_hash,
+        job.net,
+        job.registration_timeout,
+        fatal,
+    )?;
     let _ = handler.aborter.set(node.aborter());
     let rank_of = node
         .membership

@@ -2,11 +2,11 @@
 //! watch for Shutdown / Abort, report Done, and fail loudly instead of hanging.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use geomx_net::coord::{CoordClient, CoordEvent, Hello, Membership, PROTOCOL_VERSION};
-use geomx_net::NetOptions;
+use geomx_net::{NetError, NetOptions};
 
 use super::RunError;
 
@@ -45,13 +45,15 @@ pub struct Node {
 
 impl Node {
     /// Registers `me` (serving at `listen_addr`, empty if it serves nothing) with the coordinator at
-    /// `coord_addr` and starts the event watcher. Blocks until every process registered.
+    /// `coord_addr` (retrying for `retry_for` while nothing listens there) and starts the event
+    /// watcher. Blocks until every process registered.
     pub fn join(
         coord_addr: &str,
         me: Identity,
         listen_addr: String,
         config_hash: u64,
         net: NetOptions,
+        retry_for: Duration,
         fatal: FatalHook,
     ) -> Result<Self, RunError> {
         let hello = Hello {
@@ -62,8 +64,26 @@ impl Node {
             protocol_version: PROTOCOL_VERSION,
             config_hash,
         };
-        let (coord, membership) = CoordClient::register(coord_addr, hello, net)
-            .map_err(|e| RunError::Net(format!("registering {me} with {coord_addr}"), e))?;
+        // Processes of a job start in any order: retry while the coordinator is not listening
+        // yet, up to the registration timeout.
+        let deadline = Instant::now() + retry_for;
+        let (coord, membership) = loop {
+            match CoordClient::register(coord_addr, hello.clone(), net) {
+                Ok(r) => break r,
+                Err(NetError::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(RunError::Net(
+                        format!("registering {me} with the coordinator at {coord_addr}"),
+                        e,
+                    ))
+                }
+            }
+        };
         let (tx, rx) = crossbeam_channel::bounded(1);
         spawn_watcher(coord.clone(), tx, fatal.clone(), me.to_string())?;
         Ok(Self {

@@ -90,6 +90,7 @@ pub fn run(
         String::new(),
         job.config_hash,
         job.net,
+        job.registration_timeout,
         fatal,
     )?;
     let addr = node.addr_of(roles::LOCAL_SERVER, dc, 0)?;

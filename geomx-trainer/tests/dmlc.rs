@@ -1,0 +1,90 @@
+//! `geomx run` driven only by the original GeoMX `DMLC_*` variables (plus `GEOMX_DC` /
+//! `GEOMX_RANK`): 2 DCs × 2 workers and one global server, each role its own process.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(port: u16, vars: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(GEOMX);
+    cmd.arg("run")
+        .env("DMLC_PS_GLOBAL_ROOT_URI", "127.0.0.1")
+        .env("DMLC_PS_GLOBAL_ROOT_PORT", port.to_string())
+        .env("DMLC_NUM_GLOBAL_SERVER", "1")
+        .env("DMLC_NUM_GLOBAL_WORKER", "2")
+        .env("DMLC_NUM_ALL_WORKER", "4")
+        .env("DMLC_NUM_WORKER", "2")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn stats_line(out: &str) -> Value {
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("GEOMX_STATS "))
+        .unwrap_or_else(|| panic!("no stats in {out}"));
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+fn dmlc_variables_run_a_full_cluster() {
+    let port = free_port();
+    let mut children = vec![spawn(port, &[("DMLC_ROLE_GLOBAL", "global_scheduler")])];
+    children.push(spawn(
+        port,
+        &[
+            ("DMLC_ROLE", "server"),
+            ("DMLC_ROLE_GLOBAL", "global_server"),
+        ],
+    ));
+    for d in ["0", "1"] {
+        children.push(spawn(port, &[("DMLC_ROLE", "server"), ("GEOMX_DC", d)]));
+        for r in ["0", "1"] {
+            children.push(spawn(
+                port,
+                &[("DMLC_ROLE", "worker"), ("GEOMX_DC", d), ("GEOMX_RANK", r)],
+            ));
+        }
+    }
+    let start = Instant::now();
+    let mut outputs = Vec::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(stdout);
+    }
+    assert!(start.elapsed() < Duration::from_secs(60));
+    let workers: Vec<Value> = outputs[2..]
+        .iter()
+        .map(|o| stats_line(o))
+        .filter(|s| s["role"] == "worker")
+        .collect();
+    assert_eq!(workers.len(), 4);
+    assert!(workers
+        .iter()
+        .all(|w| w["param_hash"] == workers[0]["param_hash"]));
+    let acc = workers[0]["final_test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.93, "accuracy {acc}");
+}
