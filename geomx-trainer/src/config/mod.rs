@@ -5,6 +5,7 @@
 //! bad values are rejected with a message naming the field. [`Config::from_dmlc_env`] builds the
 //! configuration and this process's [`RoleSpec`] from the original GeoMX `DMLC_*` variables.
 
+mod cluster_toml;
 mod dmlc;
 mod role;
 mod validate;
@@ -97,8 +98,11 @@ pub struct Config {
 }
 
 /// `[cluster]`: data centers, global servers and addresses.
+///
+/// Data centers are a list of `[[cluster.data_centers]]` tables, or the shorthand
+/// `data_centers = N` with `workers_per_dc = n` (default 2), which names them `dc0`, `dc1`, ….
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "cluster_toml::RawCluster")]
 pub struct ClusterConfig {
     /// Number of global servers S (MultiGPS when > 1).
     pub global_servers: usize,

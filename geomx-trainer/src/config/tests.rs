@@ -43,6 +43,48 @@ fn empty_file_is_the_default_and_examples_parse() {
 }
 
 #[test]
+fn data_center_shorthand_expands_to_named_dcs() {
+    let c = Config::from_toml_str("[cluster]\ndata_centers = 3\nworkers_per_dc = 4").unwrap();
+    let dcs: Vec<(&str, usize)> = c
+        .cluster
+        .data_centers
+        .iter()
+        .map(|d| (d.name.as_str(), d.workers))
+        .collect();
+    assert_eq!(dcs, vec![("dc0", 4), ("dc1", 4), ("dc2", 4)]);
+    let two = Config::from_toml_str("[cluster]\ndata_centers = 2").unwrap();
+    assert_eq!(two.cluster, Config::default().cluster);
+    // The shorthand serialises as the list form, which parses back to the same value.
+    let text = c.to_toml_string().unwrap();
+    assert_eq!(Config::from_toml_str(&text).unwrap(), c);
+    for (text, needle) in [
+        ("[cluster]\nworkers_per_dc = 2", "cluster.workers_per_dc"),
+        (
+            "[cluster]\nworkers_per_dc = 2\n[[cluster.data_centers]]\nname = \"a\"\nworkers = 1",
+            "cluster.workers_per_dc",
+        ),
+        ("[cluster]\ndata_centers = -1", "-1"),
+        (
+            "[cluster]\ndata_centers = \"two\"",
+            "number of data centers",
+        ),
+    ] {
+        let err = Config::from_toml_str(text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{text}: {err}");
+    }
+    match Config::from_toml_str("[cluster]\ndata_centers = 0") {
+        Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "cluster.data_centers"),
+        other => panic!("{other:?}"),
+    }
+    match Config::from_toml_str("[cluster]\ndata_centers = 2\nworkers_per_dc = 0") {
+        Err(ConfigError::Invalid { field, .. }) => {
+            assert_eq!(field, "cluster.data_centers[0].workers")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn load_reads_files_and_names_them_in_errors() {
     let dir = std::env::temp_dir().join(format!("geomx-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
