@@ -223,13 +223,7 @@ impl BiSparse {
         let n = self.n as usize;
         let k = k_for_density(density, n);
         if !sparse_is_smaller(k, self.cfg.value_type, n) {
-            let dense = std::mem::replace(&mut self.v, vec![0.0; n]);
-            self.u.iter_mut().for_each(|u| *u = 0.0);
-            return Ok(PushOutput {
-                payload: PushPayload::Dense(dense),
-                density,
-                selection: None,
-            });
+            return Ok(self.take_dense(density, None));
         }
         let outcome = match self.cfg.selection {
             Selection::Exact => {
@@ -246,6 +240,10 @@ impl BiSparse {
         };
         if outcome.path == SelectPath::Fallback {
             self.fallbacks += 1;
+        }
+        if !sparse_is_smaller(outcome.count, self.cfg.value_type, n) {
+            // The sampled count overshot k so far that dense is smaller: send everything.
+            return Ok(self.take_dense(density, Some(outcome)));
         }
         let mut values = Vec::with_capacity(self.sel.len());
         for &i in &self.sel {
@@ -265,6 +263,33 @@ impl BiSparse {
             selection: Some(outcome),
         })
     }
+
+    /// Moves the whole accumulator out (a dense push) and clears u and v.
+    fn take_dense(&mut self, density: f64, selection: Option<SelectOutcome>) -> PushOutput {
+        let dense = std::mem::replace(&mut self.v, vec![0.0; self.n as usize]);
+        self.u.iter_mut().for_each(|u| *u = 0.0);
+        PushOutput {
+            payload: PushPayload::Dense(dense),
+            density,
+            selection,
+        }
+    }
+}
+
+/// The momentum rule: DGC momentum correction (m > 0) replaces the receiver's momentum, so it is
+/// only allowed when the optimizer applied to the pulled mean is momentum-free.
+pub fn check_momentum_rule(
+    cfg: &BiSparseConfig,
+    receiver: &crate::optim::OptimizerConfig,
+) -> Result<(), KernelError> {
+    if cfg.momentum > 0.0 && receiver.has_momentum() {
+        return Err(KernelError::InvalidConfig(format!(
+            "Bi-Sparse momentum correction m = {} needs a momentum-free optimizer at the receiver \
+             (got {receiver:?}); set m = 0 or use SGD without momentum",
+            cfg.momentum
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -365,6 +390,25 @@ mod tests {
                 assert_eq!(sum_sent[i] + s.residual()[i], sum_g[i]);
             }
         }
+    }
+
+    #[test]
+    fn momentum_rule() {
+        use crate::optim::{AdamConfig, OptimizerConfig, SgdConfig};
+        let m = BiSparseConfig {
+            momentum: 0.9,
+            ..BiSparseConfig::default()
+        };
+        let plain = OptimizerConfig::Sgd(SgdConfig::default());
+        let heavy = OptimizerConfig::Sgd(SgdConfig {
+            momentum: 0.9,
+            ..SgdConfig::default()
+        });
+        let adam = OptimizerConfig::Adam(AdamConfig::default());
+        assert!(check_momentum_rule(&m, &plain).is_ok());
+        assert!(check_momentum_rule(&m, &heavy).is_err());
+        assert!(check_momentum_rule(&m, &adam).is_err());
+        assert!(check_momentum_rule(&BiSparseConfig::default(), &adam).is_ok());
     }
 
     #[test]

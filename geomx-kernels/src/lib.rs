@@ -60,7 +60,7 @@ pub mod sparse;
 pub mod topk;
 pub mod wire;
 
-pub use bisparse::{BiSparse, BiSparseConfig, PushOutput, PushPayload};
+pub use bisparse::{check_momentum_rule, BiSparse, BiSparseConfig, PushOutput, PushPayload};
 pub use cast::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 pub use dense::{decode_dense, decode_dense_into, encode_dense, Scaling};
 pub use dgt_score::BlockScores;
