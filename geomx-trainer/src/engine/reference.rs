@@ -135,6 +135,25 @@ mod tests {
     }
 
     #[test]
+    fn synthetic_task_is_learnable() {
+        // Linear teacher, 4 classes (chance 0.25): the default MLP and optimizer learn it.
+        let mut cfg = Config::default();
+        cfg.data.dataset = crate::config::DatasetKind::Synthetic;
+        cfg.data.synthetic = SyntheticSpec {
+            features: 16,
+            classes: 4,
+            train_samples: 1_024,
+            test_samples: 256,
+            seed: 5,
+        };
+        cfg.validate().unwrap();
+        let data = crate::data::load(&cfg.data).unwrap();
+        let run = fsa_reference(&cfg, &data, Some(150)).unwrap();
+        let acc = run.final_eval().unwrap().accuracy;
+        assert!(acc >= 0.85, "{:?}", run.evals);
+    }
+
+    #[test]
     fn deterministic_and_evaluates_on_schedule() {
         let (cfg, data) = small();
         let a = fsa_reference(&cfg, &data, Some(12)).unwrap();
