@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use geomx_net::NetOptions;
+use geomx_trainer::config::{Config, DataCenterConfig, DataConfig};
 use geomx_trainer::data::{shard_indices, Batcher, Dataset, Samples, ShardStrategy, TrainTest};
-use geomx_trainer::engine::optim::SgdConfig;
+use geomx_trainer::engine::optim::{AdamConfig, SgdConfig};
+use geomx_trainer::engine::reference::fsa_reference;
 use geomx_trainer::engine::{
     params_hash, EngineError, Evaluation, Model, OptimizerConfig, TensorSpec,
 };
@@ -113,9 +115,12 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         }),
         seed: 3,
         rounds,
-        batch_size: 1,
-        shard: ShardStrategy::Iid,
-        data_seed: DATA_SEED,
+        data_config: DataConfig {
+            batch_size: 1,
+            split: ShardStrategy::Iid,
+            seed: DATA_SEED,
+            ..DataConfig::default()
+        },
         data: Arc::new(data()),
         eval_every: 0,
         net,
@@ -315,5 +320,36 @@ fn garbage_bytes_to_the_coordinator_do_not_change_the_result() {
     });
     for h in worker_hashes(&stats) {
         assert_eq!(h, want);
+    }
+}
+
+/// The real MLP on digits, distributed over 2 global servers with uneven DCs, ends bit-identical
+/// to TRAINER's single-process FSA reference, for SGD with momentum and for Adam.
+#[test]
+fn mlp_run_matches_the_single_process_fsa_reference() {
+    for adam in [false, true] {
+        let mut cfg = Config::default();
+        cfg.cluster.global_servers = 2;
+        cfg.cluster.data_centers =
+            vec![DataCenterConfig::new("a", 3), DataCenterConfig::new("b", 1)];
+        cfg.placement.min_range = 64;
+        cfg.train.rounds = Some(15);
+        cfg.train.eval_every = 0;
+        if adam {
+            cfg.train.optimizer = OptimizerConfig::Adam(AdamConfig::default());
+        }
+        cfg.validate().unwrap();
+        let j = JobSpec::from_config(&cfg).unwrap();
+        assert!(
+            j.plan.placement.ranges.len() > j.plan.key_lens.len(),
+            "no key was split"
+        );
+        let reference = fsa_reference(&cfg, &j.data, None).unwrap();
+        assert_eq!(reference.rounds, 15);
+        let want = params_hash(&reference.params);
+        let stats = run_cluster(&j, |_| {});
+        for h in worker_hashes(&stats) {
+            assert_eq!(h, want, "adam = {adam}");
+        }
     }
 }

@@ -7,9 +7,9 @@ use geomx_net::NetOptions;
 
 use super::plan::ClusterPlan;
 use super::RunError;
-use crate::config::{Config, ConfigError, Driver, ModelKind};
+use crate::config::{Config, ConfigError, DataConfig, Driver};
 use crate::data::TrainTest;
-use crate::engine::{Mlp, Model, OptimizerConfig};
+use crate::engine::{build_model, Model, OptimizerConfig};
 
 /// The resolved job: topology, model, training settings and transport options.
 #[derive(Clone)]
@@ -24,12 +24,8 @@ pub struct JobSpec {
     pub seed: u64,
     /// FSA rounds to run.
     pub rounds: u64,
-    /// Samples per worker batch.
-    pub batch_size: usize,
-    /// How the training set is cut across workers.
-    pub shard: crate::data::ShardStrategy,
-    /// Seed of sharding and batch order.
-    pub data_seed: u64,
+    /// Data set, sharding, batch size and batch-order seed (`[data]`).
+    pub data_config: DataConfig,
     /// Training and test data (loaded by every role: the model's shape depends on it).
     pub data: Arc<TrainTest>,
     /// Worker (dc 0, rank 0) evaluates on the test set every this many rounds (0: only at the end).
@@ -57,16 +53,10 @@ impl JobSpec {
     /// Resolves a validated configuration: loads the data, builds the model and the placement.
     pub fn from_config(cfg: &Config) -> Result<Self, RunError> {
         let data = crate::data::load(&cfg.data).map_err(RunError::Data)?;
-        let model: Arc<dyn Model> = match cfg.model.kind {
-            ModelKind::Mlp => Arc::new(
-                Mlp::new(
-                    data.train.n_features(),
-                    &cfg.model.hidden,
-                    data.train.n_classes(),
-                )
+        let model: Arc<dyn Model> = Arc::from(
+            build_model(&cfg.model, data.train.n_features(), data.train.n_classes())
                 .map_err(RunError::Engine)?,
-            ),
-        };
+        );
         let workers_per_dc: Vec<usize> =
             cfg.cluster.data_centers.iter().map(|d| d.workers).collect();
         let w = workers_per_dc.iter().sum::<usize>().max(1);
@@ -115,9 +105,7 @@ impl JobSpec {
             optimizer: cfg.train.optimizer.clone(),
             seed: cfg.model.seed,
             rounds,
-            batch_size: cfg.data.batch_size,
-            shard: cfg.data.split,
-            data_seed: cfg.data.seed,
+            data_config: cfg.data.clone(),
             data: Arc::new(data),
             eval_every: cfg.train.eval_every,
             net,

@@ -10,7 +10,7 @@ use super::msg::{f32_bytes, f32_from_bytes};
 use super::node::{FatalHook, Identity, Node};
 use super::plan::roles;
 use super::{JobSpec, RoleStats, RunError};
-use crate::data::{shard_indices, Batcher};
+use crate::data::batcher_for;
 use crate::engine::params_hash;
 
 /// One progress line of worker (dc 0, rank 0).
@@ -72,16 +72,8 @@ pub fn run(
     }
     let w = job.worker_index(dc as usize, rank as usize);
     let train = &job.data.train;
-    let mut shards = shard_indices(
-        train.labels(),
-        plan.total_workers(),
-        job.shard,
-        job.data_seed,
-    )
-    .map_err(RunError::Data)?;
-    let shard = std::mem::take(&mut shards[w]);
     let mut batcher =
-        Batcher::new(shard, job.batch_size, job.data_seed, w as u64).map_err(RunError::Data)?;
+        batcher_for(&job.data_config, train, plan.total_workers(), w).map_err(RunError::Data)?;
     let reporter = dc == 0 && rank == 0;
 
     let node = Node::join(
