@@ -28,7 +28,7 @@ mod topk;
 
 pub use context::{device_count, driver_available, CudaDevice};
 pub use error::CudaError;
-pub use source::{compile, nvrtc_available, Family};
+pub use source::{compile, nvrtc_available, ptxas_resources, Family, KernelResources};
 pub use topk::{GpuSelection, TopkWorkspace};
 
 /// Re-export of the cudarc driver types the API takes (`CudaSlice`, `CudaStream`, …).

@@ -127,6 +127,84 @@ pub fn compile(family: Family, arch: Option<&str>) -> Result<Ptx, CudaError> {
     }
 }
 
+/// Register and spill use of one kernel, from ptxas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelResources {
+    /// Kernel name.
+    pub name: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Bytes of register spill stores.
+    pub spill_stores: u32,
+}
+
+/// Compiles `family` for the real architecture `sm` (e.g. `sm_90`) with `ptxas -v` and returns
+/// each kernel's resource use: a check of launchability (registers × threads per block) that
+/// needs NVRTC but no GPU.
+pub fn ptxas_resources(family: Family, sm: &str) -> Result<Vec<KernelResources>, CudaError> {
+    use cudarc::nvrtc::result;
+    use std::ffi::{CStr, CString};
+
+    nvrtc_available()?;
+    let err = |log: String| CudaError::Compile {
+        family: family.name(),
+        log,
+    };
+    let src = CString::new(family.program()).map_err(|e| err(e.to_string()))?;
+    let name = CString::new(format!("{}.cu", family.name())).map_err(|e| err(e.to_string()))?;
+    let options = vec![
+        "--std=c++17".to_string(),
+        format!("--gpu-architecture={sm}"),
+        "--ptxas-options=-v".to_string(),
+    ];
+    let log = catch_unwind(AssertUnwindSafe(|| -> Result<String, CudaError> {
+        let prog = result::create_program(&src, Some(&name)).map_err(|e| err(format!("{e:?}")))?;
+        // SAFETY: prog is a live program; it is destroyed exactly once below.
+        let compiled = unsafe { result::compile_program(prog, &options) };
+        // SAFETY: as above.
+        let raw = unsafe { result::get_program_log(prog) };
+        // SAFETY: as above; prog is not used afterwards.
+        let _ = unsafe { result::destroy_program(prog) };
+        let raw = raw.map_err(|e| err(format!("{e:?}")))?;
+        // SAFETY: NVRTC returns a NUL-terminated log.
+        let log = unsafe { CStr::from_ptr(raw.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        compiled.map_err(|_| err(log.clone()))?;
+        Ok(log)
+    }))
+    .map_err(|_| CudaError::NvrtcUnavailable {
+        reason: "NVRTC library is missing a required symbol".into(),
+    })??;
+    Ok(parse_ptxas_log(&log))
+}
+
+/// Parses `ptxas -v` output into per-kernel resources.
+fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
+    let mut out: Vec<KernelResources> = Vec::new();
+    let number_before = |line: &str, word: &str| -> Option<u32> {
+        let pos = line.find(word)?;
+        line[..pos].split_whitespace().last()?.parse().ok()
+    };
+    for line in log.lines() {
+        if let Some(rest) = line.split("Function properties for ").nth(1) {
+            out.push(KernelResources {
+                name: rest.trim().to_string(),
+                registers: 0,
+                spill_stores: 0,
+            });
+        } else if let Some(k) = out.last_mut() {
+            if let Some(v) = number_before(line, "bytes spill stores") {
+                k.spill_stores = v;
+            }
+            if let Some(v) = number_before(line, "registers") {
+                k.registers = v;
+            }
+        }
+    }
+    out
+}
+
 type PtxCache = Mutex<HashMap<(Family, String), Ptx>>;
 
 /// [`compile`] with a process-wide cache keyed by (family, arch).
@@ -167,6 +245,26 @@ mod tests {
             assert!(p.starts_with(COMMON));
             assert!(p.ends_with(family.source()));
         }
+    }
+
+    #[test]
+    fn ptxas_log_parsing() {
+        let log = "ptxas info    : Compiling entry function 'k' for 'sm_90'\n\
+            ptxas info    : Function properties for k\n\
+            ptxas         .     0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n\
+            ptxas info    : Used 76 registers, used 1 barriers, 64 bytes smem\n\
+            ptxas info    : Function properties for j\n\
+            ptxas info    : Used 12 registers, used 0 barriers\n";
+        let r = parse_ptxas_log(log);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (r[0].name.as_str(), r[0].registers, r[0].spill_stores),
+            ("k", 76, 8)
+        );
+        assert_eq!(
+            (r[1].name.as_str(), r[1].registers, r[1].spill_stores),
+            ("j", 12, 0)
+        );
     }
 
     #[test]
