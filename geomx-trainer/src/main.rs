@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use geomx_trainer::bench_cmd::{summary, Bench};
 use geomx_trainer::config::{Config, LogLevel, Role, RoleSpec};
 use geomx_trainer::launch::role::{exit_hook, run_role, RoleArgs};
 use geomx_trainer::launch::{launch, LaunchOptions};
@@ -40,11 +41,16 @@ enum Cmd {
         /// What to measure.
         #[arg(value_enum)]
         what: BenchKind,
+        /// A short smoke-size run instead of the full measurement.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BenchKind {
+    /// Transport goodput and request rate against raw sockets.
+    Net,
     /// Compression kernels against memcpy.
     Kernels,
 }
@@ -146,9 +152,14 @@ fn main() -> ExitCode {
             };
             launch(&opts).map(|_| ()).map_err(|e| e.to_string())
         }
-        Cmd::Bench { what } => geomx_trainer::bench_cmd::run(match what {
-            BenchKind::Kernels => geomx_trainer::bench_cmd::Bench::Kernels,
-        }),
+        Cmd::Bench { what, quick } => {
+            let what = match what {
+                BenchKind::Net => Bench::Net,
+                BenchKind::Kernels => Bench::Kernels,
+            };
+            println!("{}", summary(what, quick));
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

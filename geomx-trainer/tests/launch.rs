@@ -322,3 +322,19 @@ fn stopped_worker_is_declared_dead_within_the_peer_timeout() {
     assert!(last.contains("worker (dc 0, rank 1)"), "{last}");
     let _ = std::fs::remove_file(cfg);
 }
+
+/// `geomx bench net|kernels --quick` print one JSON object each.
+#[test]
+fn bench_subcommands_print_one_json_line() {
+    for what in ["net", "kernels"] {
+        let out = Command::new(GEOMX)
+            .args(["bench", what, "--quick"])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let v: Value = serde_json::from_str(text.trim()).unwrap();
+        assert!(v.is_object() && v.get("error").is_none(), "{what}: {v}");
+    }
+}
