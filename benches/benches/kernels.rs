@@ -9,7 +9,7 @@ use geomx_bench::kernels::{memcpy, normal_data, sparse_data};
 use geomx_kernels::cast;
 use geomx_kernels::dense::{encode_dense, Scaling};
 use geomx_kernels::rng::{selection_seed, Tier};
-use geomx_kernels::sparse::{scatter_add_many, SparseVec};
+use geomx_kernels::sparse::{scatter_add_many, MergeScratch, SparseVec};
 use geomx_kernels::topk::{topk_exact, topk_sampled, SampledParams, TopkScratch};
 use geomx_kernels::wire::ValueType;
 
@@ -118,8 +118,9 @@ fn scatter(c: &mut Criterion) {
         g.bench_function("scatter_add_many_x4", |b| {
             b.iter(|| scatter_add_many(&refs, &mut dense).expect("length"))
         });
+        let mut scratch = MergeScratch::default();
         g.bench_function("merge_x4", |b| {
-            b.iter(|| black_box(SparseVec::merge(&refs)))
+            b.iter(|| black_box(SparseVec::merge_with(&refs, &mut scratch)))
         });
         g.finish();
     }

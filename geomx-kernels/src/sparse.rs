@@ -18,6 +18,14 @@ pub struct SparseVec {
     values: Vec<f32>,
 }
 
+/// Reusable O(N) scratch for [`SparseVec::merge_with`] (a zeroed dense buffer and a bitmap;
+/// both are left zeroed after every merge).
+#[derive(Debug, Clone, Default)]
+pub struct MergeScratch {
+    dense: Vec<f32>,
+    bits: Vec<u64>,
+}
+
 /// Payload size in bytes of a sparse payload with `count` values of `value_type`.
 pub fn sparse_payload_len(count: usize, value_type: ValueType) -> usize {
     HEADER_LEN + count * (4 + value_type.size())
@@ -146,8 +154,19 @@ impl SparseVec {
     ///
     /// Values are summed in input order starting from +0.0, exactly as scatter-adding the inputs
     /// in order into a zeroed dense buffer would, and entries whose sum is ±0.0 are omitted; the
-    /// result equals `from_dense_nonzero` of that dense sum bit for bit.
+    /// result equals `from_dense_nonzero` of that dense sum bit for bit. Allocates an O(N)
+    /// scratch; use [`SparseVec::merge_with`] to reuse one across rounds.
     pub fn merge(inputs: &[&SparseVec]) -> Result<SparseVec, KernelError> {
+        SparseVec::merge_with(inputs, &mut MergeScratch::default())
+    }
+
+    /// [`SparseVec::merge`] with a reusable scratch: the inputs are scatter-added into the
+    /// scratch's dense buffer while a bitmap records the touched indices; the bitmap is then
+    /// walked in index order to emit the non-zero sums and reset the buffer to zero.
+    pub fn merge_with(
+        inputs: &[&SparseVec],
+        scratch: &mut MergeScratch,
+    ) -> Result<SparseVec, KernelError> {
         let Some(first) = inputs.first() else {
             return Err(KernelError::InvalidConfig("merge of zero vectors".into()));
         };
@@ -158,32 +177,40 @@ impl SparseVec {
                 got: bad.n_total as usize,
             });
         }
-        let mut acc_i: Vec<u32> = first.indices.clone();
-        let mut acc_v: Vec<f32> = first.values.iter().map(|&v| 0.0 + v).collect();
-        let mut next_i = Vec::new();
-        let mut next_v = Vec::new();
-        for s in &inputs[1..] {
-            merge_two(
-                &acc_i,
-                &acc_v,
-                &s.indices,
-                &s.values,
-                &mut next_i,
-                &mut next_v,
-            );
-            std::mem::swap(&mut acc_i, &mut next_i);
-            std::mem::swap(&mut acc_v, &mut next_v);
+        let n = n_total as usize;
+        // Invariant between calls: `dense` and `bits` are all zero.
+        if scratch.dense.len() < n {
+            scratch.dense.resize(n, 0.0);
         }
-        // Drop entries that summed to ±0 (branch-free compaction).
-        let mut w = 0;
-        for r in 0..acc_i.len() {
-            acc_i[w] = acc_i[r];
-            acc_v[w] = acc_v[r];
-            w += usize::from(acc_v[r] != 0.0);
+        let words = n.div_ceil(64);
+        if scratch.bits.len() < words {
+            scratch.bits.resize(words, 0);
         }
-        acc_i.truncate(w);
-        acc_v.truncate(w);
-        Ok(SparseVec::from_parts(n_total, acc_i, acc_v))
+        let dense = &mut scratch.dense[..n];
+        let bits = &mut scratch.bits[..words];
+        let mut touched = 0usize;
+        for s in inputs {
+            touched += s.indices.len();
+            for (&i, &v) in s.indices.iter().zip(&s.values) {
+                dense[i as usize] += v;
+                bits[(i >> 6) as usize] |= 1u64 << (i & 63);
+            }
+        }
+        let mut indices = Vec::with_capacity(touched);
+        let mut values = Vec::with_capacity(touched);
+        for (w, word) in bits.iter_mut().enumerate() {
+            let mut m = std::mem::take(word);
+            while m != 0 {
+                let i = w * 64 + m.trailing_zeros() as usize;
+                let x = std::mem::take(&mut dense[i]);
+                if x != 0.0 {
+                    indices.push(i as u32);
+                    values.push(x);
+                }
+                m &= m - 1;
+            }
+        }
+        Ok(SparseVec::from_parts(n_total, indices, values))
     }
 
     /// Encodes into a payload of `value_type` values, replacing the contents of `out`.
@@ -252,50 +279,6 @@ impl SparseVec {
         decode_values(h, val_bytes, &mut self.values);
         Ok(h)
     }
-}
-
-/// Merges accumulated entries (`acc`, never -0.0) with the next input: common indices give
-/// `acc + x`, entries only in `acc` keep their value, entries only in the input give `0.0 + x`,
-/// exactly what scatter-adding into a zeroed buffer computes. Branch-free inner loop (the
-/// interleaving of two index sets is unpredictable).
-fn merge_two(
-    acc_i: &[u32],
-    acc_v: &[f32],
-    in_i: &[u32],
-    in_v: &[f32],
-    out_i: &mut Vec<u32>,
-    out_v: &mut Vec<f32>,
-) {
-    let cap = acc_i.len() + in_i.len();
-    out_i.clear();
-    out_v.clear();
-    out_i.resize(cap, 0);
-    out_v.resize(cap, 0.0);
-    let (mut a, mut b, mut w) = (0usize, 0usize, 0usize);
-    while a < acc_i.len() && b < in_i.len() {
-        let (ia, ib) = (acc_i[a], in_i[b]);
-        let take_a = ia <= ib;
-        let take_b = ib <= ia;
-        let va = if take_a { acc_v[a] } else { 0.0 };
-        let vb = if take_b { in_v[b] } else { 0.0 };
-        out_i[w] = ia.min(ib);
-        out_v[w] = va + vb;
-        a += usize::from(take_a);
-        b += usize::from(take_b);
-        w += 1;
-    }
-    for r in a..acc_i.len() {
-        out_i[w] = acc_i[r];
-        out_v[w] = acc_v[r];
-        w += 1;
-    }
-    for r in b..in_i.len() {
-        out_i[w] = in_i[r];
-        out_v[w] = 0.0 + in_v[r];
-        w += 1;
-    }
-    out_i.truncate(w);
-    out_v.truncate(w);
 }
 
 /// Elements per block of [`scatter_add_many`] (64 KiB of f32: stays in L2 while every input

@@ -280,6 +280,12 @@ mod prop {
             }
             let merged = SparseVec::merge(&refs).unwrap();
             let want = SparseVec::from_dense_nonzero(&dense).unwrap();
+            // A reused scratch gives the same result (it is left zeroed), also for a shorter key.
+            let mut scratch = MergeScratch::default();
+            let short = SparseVec::new(7, vec![6], vec![f32::NAN]).unwrap();
+            SparseVec::merge_with(&[&short], &mut scratch).unwrap();
+            prop_assert_eq!(SparseVec::merge_with(&refs, &mut scratch).unwrap(), merged.clone());
+            prop_assert_eq!(SparseVec::merge_with(&refs, &mut scratch).unwrap(), merged.clone());
             prop_assert_eq!(merged.indices(), want.indices());
             prop_assert!(merged.values().iter().zip(want.values()).all(|(a, b)| a.to_bits() == b.to_bits()));
             let mut blocked = vec![0.0f32; 100];
