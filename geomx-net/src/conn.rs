@@ -135,6 +135,11 @@ impl<T> Connection<T> {
         c
     }
 
+    /// Which end this is.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
     /// The peer's node id once the handshake is done.
     pub fn peer_id(&self) -> Option<u32> {
         self.peer_id

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
@@ -36,8 +36,16 @@ pub(crate) trait LinkIo: Send + Sync {
     fn shutdown(&self);
 }
 
+/// Reads a connection's input on the calling thread (drivers that read inline provide one).
+pub(crate) trait Pump: Send + Sync {
+    /// Reads and processes input once (blocking up to one tick). False if another thread is
+    /// reading or the connection has ended (nothing was done).
+    fn pump(&self, link: &Arc<Link>) -> bool;
+}
+
 pub(crate) struct Link {
     conn: Mutex<Connection<ReplyTx>>,
+    pump: std::sync::OnceLock<Arc<dyn Pump>>,
     io: Box<dyn LinkIo>,
     counters: Arc<LiveCounters>,
     max_frame: usize,
@@ -56,12 +64,57 @@ impl Link {
     ) -> Arc<Link> {
         Arc::new(Link {
             conn: Mutex::new(conn),
+            pump: std::sync::OnceLock::new(),
             io,
             counters,
             max_frame,
             peer_addr,
             dispatch,
         })
+    }
+
+    pub(crate) fn set_pump(&self, pump: Arc<dyn Pump>) {
+        let _ = self.pump.set(pump);
+    }
+
+    /// Receives from `rx` by `deadline`, reading the connection on this thread meanwhile when the
+    /// driver reads inline (no thread hand-off for the response).
+    pub(crate) fn wait_recv<T>(
+        self: &Arc<Self>,
+        rx: &crossbeam_channel::Receiver<T>,
+        deadline: Instant,
+    ) -> Result<T, crossbeam_channel::RecvTimeoutError> {
+        use crossbeam_channel::{RecvTimeoutError, TryRecvError};
+        loop {
+            match rx.try_recv() {
+                Ok(v) => return Ok(v),
+                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(RecvTimeoutError::Timeout);
+            }
+            let pumped = match self.pump.get() {
+                Some(p) => p.pump(self),
+                None => return rx.recv_timeout(deadline - now),
+            };
+            if !pumped {
+                // Someone else is reading (and will hand our result over), or the link ended.
+                let slice = if self.is_closed() {
+                    deadline - now
+                } else {
+                    Duration::from_micros(200)
+                };
+                match rx.recv_timeout(slice.min(deadline - now)) {
+                    Ok(v) => return Ok(v),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(RecvTimeoutError::Disconnected)
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection<ReplyTx>> {

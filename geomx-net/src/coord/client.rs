@@ -77,7 +77,7 @@ impl CoordClient {
 
     /// The next coordinator event, waiting up to `timeout`; `None` if none came.
     pub fn wait_event(&self, timeout: Duration) -> Option<CoordEvent> {
-        let r = self.kv.notifications().recv_timeout(timeout).ok()?;
+        let r = self.kv.next_notification(timeout)?;
         Some(match r {
             Ok(f) if f.header.kind == MsgKind::Shutdown => CoordEvent::Shutdown,
             Ok(f) => match AbortNotice::decode(&f.payload) {

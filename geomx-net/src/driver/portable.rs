@@ -1,16 +1,24 @@
-//! Portable driver: std sockets, one reader thread per connection; writes happen on the calling
-//! thread under a per-connection lock (vectored, header + payload in one call).
+//! Portable driver: std sockets and threads.
+//!
+//! * Writes happen on the calling thread under a per-connection lock (vectored: header and
+//!   payload in one call, no copy).
+//! * Accepted connections get a reader thread that decodes frames and runs the handler.
+//! * Initiated (client) connections are read **inline** by the thread that waits for a response
+//!   (whoever holds the reader lock reads and dispatches for everyone), so a response costs no
+//!   extra thread wake-up; a background ticker drives timeouts and heartbeats and reads only while
+//!   no caller is waiting.
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
-use crate::conn::Connection;
+use crate::conn::{Connection, Side};
 use crate::error::NetError;
-use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
+use crate::link::{Dispatch, Link, LinkIo, Pump, ReplyTx};
 use crate::stats::LiveCounters;
-use crate::wire::{FrameDecoder, HEADER_LEN};
+use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
 use super::NetOptions;
 
@@ -37,21 +45,36 @@ impl PortableDriver {
         counters: Arc<LiveCounters>,
         dispatch: Arc<dyn Dispatch>,
     ) -> Result<Arc<Link>, NetError> {
+        let side = conn.side();
         let peer = stream.peer_addr()?;
-        let reader = stream.try_clone()?;
-        reader.set_read_timeout(Some(self.tick))?;
+        let read_half = stream.try_clone()?;
+        read_half.set_read_timeout(Some(self.tick))?;
         let ctl = stream.try_clone()?;
         let io = Box::new(StreamIo {
             stream: Mutex::new(stream),
             ctl,
         });
         let link = Link::new(conn, io, counters, self.max_frame, peer, dispatch);
+        let reader = Reader::new(read_half, self.max_frame);
         let l2 = link.clone();
         let tick = self.tick;
-        let max_frame = self.max_frame;
-        std::thread::Builder::new()
-            .name("geomx-net-rd".into())
-            .spawn(move || read_loop(l2, reader, tick, max_frame))?;
+        match side {
+            Side::Acceptor => {
+                std::thread::Builder::new()
+                    .name("geomx-net-rd".into())
+                    .spawn(move || read_loop(l2, reader, tick))?;
+            }
+            Side::Initiator => {
+                let pump = Arc::new(InlinePump {
+                    reader: Mutex::new(reader),
+                    user_active: AtomicBool::new(false),
+                });
+                link.set_pump(pump.clone());
+                std::thread::Builder::new()
+                    .name("geomx-net-tick".into())
+                    .spawn(move || tick_loop(l2, pump, tick))?;
+            }
+        }
         Ok(link)
     }
 }
@@ -99,39 +122,59 @@ impl LinkIo for StreamIo {
     }
 }
 
-fn read_loop(link: Arc<Link>, mut stream: TcpStream, tick: Duration, max_frame: usize) {
-    let mut dec = FrameDecoder::new(max_frame);
-    let mut buf = vec![0u8; SCRATCH];
-    let mut frames = Vec::new();
-    let mut next_tick = Instant::now() + tick;
-    while !link.is_closed() {
-        let direct = dec.direct_target(SCRATCH).is_some();
-        let res = match dec.direct_target(SCRATCH) {
-            Some(target) => read_uninit(&mut stream, target),
-            None => stream.read(&mut buf),
+/// The read half of a connection: socket, decoder and buffers.
+struct Reader {
+    stream: TcpStream,
+    dec: FrameDecoder,
+    buf: Vec<u8>,
+    frames: Vec<Frame>,
+    done: bool,
+}
+
+impl Reader {
+    fn new(stream: TcpStream, max_frame: usize) -> Reader {
+        Reader {
+            stream,
+            dec: FrameDecoder::new(max_frame),
+            buf: vec![0u8; SCRATCH],
+            frames: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// One read (blocking up to the socket's read timeout) and its processing. Sets `done` when
+    /// the connection ended.
+    fn read_once(&mut self, link: &Arc<Link>) {
+        if self.done {
+            return;
+        }
+        let direct = self.dec.direct_target(SCRATCH).is_some();
+        let res = match self.dec.direct_target(SCRATCH) {
+            Some(target) => read_uninit(&mut self.stream, target),
+            None => self.stream.read(&mut self.buf),
         };
         match res {
             Ok(0) => {
-                let reason = match dec.finish() {
+                let reason = match self.dec.finish() {
                     Ok(()) => "connection closed by peer".to_string(),
                     Err(e) => format!("connection closed by peer mid-frame ({e})"),
                 };
+                self.done = true;
                 link.on_io_closed(reason);
-                break;
             }
             Ok(n) => {
                 link.counters().add_recv_bytes(n);
                 let res = if direct {
                     // SAFETY: `read_uninit` initialised exactly n bytes of the direct target.
-                    unsafe { dec.commit_direct(n, &mut frames) };
+                    unsafe { self.dec.commit_direct(n, &mut self.frames) };
                     Ok(())
                 } else {
-                    dec.feed(&buf[..n], &mut frames)
+                    self.dec.feed(&self.buf[..n], &mut self.frames)
                 };
-                link.on_input(Instant::now(), &mut frames);
+                link.on_input(Instant::now(), &mut self.frames);
                 if let Err(e) = res {
+                    self.done = true;
                     link.on_wire_error(e);
-                    break;
                 }
             }
             Err(e)
@@ -140,16 +183,71 @@ fn read_loop(link: Arc<Link>, mut stream: TcpStream, tick: Duration, max_frame: 
                     ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
                 ) => {}
             Err(e) => {
+                self.done = true;
                 link.on_io_closed(format!("connection reset: {e}"));
-                break;
             }
         }
+        if link.is_closed() {
+            self.done = true;
+        }
+    }
+}
+
+/// Server side: a dedicated reader thread per accepted connection.
+fn read_loop(link: Arc<Link>, mut reader: Reader, tick: Duration) {
+    let mut next_tick = Instant::now() + tick;
+    while !reader.done {
+        reader.read_once(&link);
         let now = Instant::now();
         if now >= next_tick {
             link.on_tick(now);
             next_tick = now + tick;
         }
     }
+}
+
+/// Client side: reading done by whichever thread waits (see the module docs).
+struct InlinePump {
+    reader: Mutex<Reader>,
+    /// A caller read since the ticker last looked.
+    user_active: AtomicBool,
+}
+
+impl Pump for InlinePump {
+    fn pump(&self, link: &Arc<Link>) -> bool {
+        let mut r = match self.reader.try_lock() {
+            Ok(r) => r,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        self.user_active.store(true, Ordering::Relaxed);
+        if r.done {
+            return false;
+        }
+        r.read_once(link);
+        true
+    }
+}
+
+/// Client side: timers and heartbeats every tick; reads only while no caller is reading.
+fn tick_loop(link: Arc<Link>, pump: Arc<InlinePump>, tick: Duration) {
+    loop {
+        if !pump.user_active.swap(false, Ordering::Relaxed) {
+            let mut r = pump.reader.lock().unwrap_or_else(|p| p.into_inner());
+            r.read_once(&link); // blocks up to one tick
+            if r.done {
+                break;
+            }
+        } else {
+            std::thread::sleep(tick);
+        }
+        link.on_tick(Instant::now());
+        if link.is_closed() {
+            break;
+        }
+    }
+    // Wake callers blocked on the reader with the final state.
+    link.flush();
 }
 
 /// Reads into uninitialised memory (the kernel writes it; nothing reads it before).

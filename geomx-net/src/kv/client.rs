@@ -64,16 +64,24 @@ impl Dispatch for ClientDispatch {
 }
 
 /// The outcome of one request, to be awaited.
-#[derive(Debug)]
 pub struct Pending {
     rx: Receiver<Result<Frame, NetError>>,
+    link: Arc<Link>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("peer", &self.link.peer_addr())
+            .finish()
+    }
 }
 
 impl Pending {
     /// Waits up to `timeout` for the response. A request also fails on its own after the
     /// connection's request timeout, or at once when the connection fails.
     pub fn wait(self, timeout: Duration) -> Result<Response, NetError> {
-        match self.rx.recv_timeout(timeout) {
+        match self.link.wait_recv(&self.rx, Instant::now() + timeout) {
             Ok(r) => r.map(Response::from_frame),
             Err(RecvTimeoutError::Timeout) => {
                 Err(NetError::Timeout(format!("no response within {timeout:?}")))
@@ -137,7 +145,7 @@ impl KvClient {
         let link = driver.attach(stream, conn, counters.clone(), dispatch)?;
         // The connection enforces the handshake timeout itself; the margin covers timer ticks.
         let wait = opts.conn.handshake_timeout + opts.tick * 4 + Duration::from_millis(100);
-        let server_id = match state_rx.recv_timeout(wait) {
+        let server_id = match link.wait_recv(&state_rx, Instant::now() + wait) {
             Ok(Ok(id)) => id,
             Ok(Err(e)) => {
                 driver.shutdown();
@@ -210,7 +218,10 @@ impl KvClient {
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.inner.link.send_request(header, payload, tx)?;
-        Ok(Pending { rx })
+        Ok(Pending {
+            rx,
+            link: self.inner.link.clone(),
+        })
     }
 
     /// The node id the server announced.
@@ -238,9 +249,13 @@ impl KvClient {
         self.inner.link.close_reason()
     }
 
-    /// Unsolicited frames from the server (coordinator broadcasts); `Err` once the connection closed.
-    pub(crate) fn notifications(&self) -> &Receiver<Result<Frame, NetError>> {
-        &self.inner.notify_rx
+    /// The next unsolicited frame from the server (coordinator broadcast) within `timeout`;
+    /// `Some(Err)` once the connection closed.
+    pub(crate) fn next_notification(&self, timeout: Duration) -> Option<Result<Frame, NetError>> {
+        self.inner
+            .link
+            .wait_recv(&self.inner.notify_rx, Instant::now() + timeout)
+            .ok()
     }
 
     /// Closes the connection now (for every clone); pending requests fail with `Shutdown`.
