@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use geomx_net::NetOptions;
+use geomx_net::{KvClient, NetOptions, PayloadCodec};
 use geomx_trainer::config::{Config, DataCenterConfig, DataConfig};
 use geomx_trainer::data::{shard_indices, Batcher, Dataset, Samples, ShardStrategy, TrainTest};
 use geomx_trainer::engine::optim::{AdamConfig, SgdConfig};
@@ -131,6 +131,11 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
 
 /// Runs every role of `job` on its own thread; returns their stats (coordinator first).
 fn run_cluster(job: &JobSpec, before_roles: impl FnOnce(&str)) -> Vec<RoleStats> {
+    run_cluster_at(job, "127.0.0.1:0", before_roles)
+}
+
+/// [`run_cluster`] with DC 0's local server bound at `local0`.
+fn run_cluster_at(job: &JobSpec, local0: &str, before_roles: impl FnOnce(&str)) -> Vec<RoleStats> {
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let e2 = errors.clone();
     let fatal: FatalHook = Arc::new(move |m: &str| e2.lock().unwrap().push(m.to_string()));
@@ -162,8 +167,9 @@ fn run_cluster(job: &JobSpec, before_roles: impl FnOnce(&str)) -> Vec<RoleStats>
     for (d, &n) in plan.workers_per_dc.iter().enumerate() {
         let d = d as u32;
         let (j, c, f) = (job.clone(), coord.clone(), fatal.clone());
+        let bind = if d == 0 { local0 } else { "127.0.0.1:0" }.to_string();
         spawn(Box::new(move || {
-            local_server::run(&j, d, &c, "127.0.0.1:0", f).map_err(|e| e.to_string())
+            local_server::run(&j, d, &c, &bind, f).map_err(|e| e.to_string())
         }));
         for r in 0..n as u32 {
             let (j, c, f, p) = (job.clone(), coord.clone(), fatal.clone(), progress.clone());
@@ -352,4 +358,48 @@ fn mlp_run_matches_the_single_process_fsa_reference() {
             assert_eq!(h, want, "adam = {adam}");
         }
     }
+}
+
+/// Oracle 7, second part, on the data plane: a stranger pushing to a local server and raw garbage
+/// on its port are refused without disturbing the job.
+#[test]
+fn strangers_and_garbage_at_a_local_server_do_not_change_the_result() {
+    let j = job(vec![2, 2], 1, 300);
+    let want = params_hash(&reference(&j, true));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (a, st) = (addr.clone(), stop.clone());
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let r2 = refused.clone();
+    let intruder = std::thread::spawn(move || {
+        while !st.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Ok(mut s) = TcpStream::connect(&a) {
+                let _ = s.write_all(b"\x00\x01garbage, not a frame\r\n");
+            }
+            if let Ok(c) = KvClient::connect(a.as_str(), 4242, NetOptions::default()) {
+                let p = c.push(0, 0, PayloadCodec::DenseF32, 0, 37, &[0u8; 37 * 4]);
+                if let Ok(p) = p {
+                    r2.lock()
+                        .unwrap()
+                        .push(p.wait(Duration::from_secs(2)).is_err());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let stats = run_cluster_at(&j, &addr, |_| {});
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    intruder.join().unwrap();
+    for h in worker_hashes(&stats) {
+        assert_eq!(h, want);
+    }
+    let refused = refused.lock().unwrap();
+    eprintln!("stranger pushes refused: {}", refused.len());
+    assert!(!refused.is_empty(), "the stranger never got to push");
+    assert!(refused.iter().all(|&e| e), "a stranger's push was accepted");
 }

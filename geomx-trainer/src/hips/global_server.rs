@@ -44,6 +44,12 @@ struct GlobalHandler {
     all_done: Sender<()>,
 }
 
+/// Refuses a request from a process outside the membership (logged, not fatal).
+pub(crate) fn reject(reply: Responder, msg: String) {
+    tracing::warn!(%msg, "request from a non-member refused");
+    let _ = reply.error(&msg);
+}
+
 impl GlobalHandler {
     fn fail(&self, reply: Responder, msg: String) {
         tracing::error!(%msg, "protocol error at the global server");
@@ -59,7 +65,8 @@ impl GlobalHandler {
             return self.fail(reply, format!("push for unknown range {id}"));
         };
         let Some(&dc) = self.dc_of.get().and_then(|m| m.get(&req.sender)) else {
-            return self.fail(
+            // Not a member: refuse the request but keep the job running.
+            return reject(
                 reply,
                 format!("push from node {} which is no local server", req.sender),
             );

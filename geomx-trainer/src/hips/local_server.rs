@@ -13,6 +13,7 @@ use geomx_net::{
     Responder,
 };
 
+use super::global_server::reject;
 use super::msg::{f32_bytes, f32_from_bytes, UpPush};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
@@ -66,7 +67,8 @@ impl LocalHandler {
     fn on_push(&self, req: Request, reply: Responder) {
         let key = req.key as usize;
         let Some(&rank) = self.rank_of.get().and_then(|m| m.get(&req.sender)) else {
-            return self.fail(
+            // Not a member: refuse the request but keep the job running.
+            return reject(
                 reply,
                 format!(
                     "push from node {} which is no worker of dc {}",
