@@ -32,9 +32,31 @@ __device__ __forceinline__ void pass_params(u32 pass, u32* shift, u32* digit_mas
     }
 }
 
-__device__ __forceinline__ void hist_add(u32* sh, u32 key, u32 shift, u32 digit_mask, u32 hi_mask, u32 prefix) {
+// Per-thread run-length counter in front of the shared histogram: consecutive keys of a thread
+// that fall into the same bin cost one shared atomic, so constant or clustered data does not
+// serialise on a single bin. `flush` must be called once at the end.
+struct BinRun {
+    u32 bin;
+    u32 count;
+    __device__ __forceinline__ void add(u32* sh, u32 b) {
+        if (b == bin) {
+            ++count;
+        } else {
+            if (count != 0u) atomicAdd(&sh[bin], count);
+            bin = b;
+            count = 1u;
+        }
+    }
+    __device__ __forceinline__ void flush(u32* sh) {
+        if (count != 0u) atomicAdd(&sh[bin], count);
+        count = 0u;
+    }
+};
+
+__device__ __forceinline__ void hist_add(BinRun& run, u32* sh, u32 key, u32 shift, u32 digit_mask, u32 hi_mask,
+                                         u32 prefix) {
     if (key != 0u && (key & hi_mask) == prefix) {
-        atomicAdd(&sh[(key >> shift) & digit_mask], 1u);
+        run.add(sh, (key >> shift) & digit_mask);
     }
 }
 
@@ -67,16 +89,18 @@ extern "C" __global__ void topk_hist(const float* __restrict__ v, u64 n, const u
     hist_clear(sh);
     const u64 n4 = n / 4;
     const uint4* v4 = (const uint4*)v;
+    BinRun run = {0u, 0u};
     GRID_STRIDE(i, n4) {
         const uint4 x = v4[i];
-        hist_add(sh, x.x & 0x7FFFFFFFu, shift, digit_mask, hi_mask, prefix);
-        hist_add(sh, x.y & 0x7FFFFFFFu, shift, digit_mask, hi_mask, prefix);
-        hist_add(sh, x.z & 0x7FFFFFFFu, shift, digit_mask, hi_mask, prefix);
-        hist_add(sh, x.w & 0x7FFFFFFFu, shift, digit_mask, hi_mask, prefix);
+        hist_add(run, sh, x.x & 0x7FFFFFFFu, shift, digit_mask, hi_mask, prefix);
+        hist_add(run, sh, x.y & 0x7FFFFFFFu, shift, digit_mask, hi_mask, prefix);
+        hist_add(run, sh, x.z & 0x7FFFFFFFu, shift, digit_mask, hi_mask, prefix);
+        hist_add(run, sh, x.w & 0x7FFFFFFFu, shift, digit_mask, hi_mask, prefix);
     }
     GRID_STRIDE(j, n - n4 * 4) {
-        hist_add(sh, abs_key(v[n4 * 4 + j]), shift, digit_mask, hi_mask, prefix);
+        hist_add(run, sh, abs_key(v[n4 * 4 + j]), shift, digit_mask, hi_mask, prefix);
     }
+    run.flush(sh);
     hist_flush(sh, hist);
 }
 
@@ -86,13 +110,15 @@ extern "C" __global__ void ef_update_hist(float* __restrict__ u, float* __restri
                                           float m, u64 n, u64* __restrict__ hist) {
     __shared__ u32 sh[HIST_BINS];
     hist_clear(sh);
+    BinRun run = {0u, 0u};
     GRID_STRIDE(i, n) {
         const float un = (m == 0.0f) ? g[i] : __fadd_rn(__fmul_rn(m, u[i]), g[i]);
         u[i] = un;
         const float vn = __fadd_rn(v[i], un);
         v[i] = vn;
-        hist_add(sh, abs_key(vn), 21u, 0x7FFu, 0u, 0u);
+        hist_add(run, sh, abs_key(vn), 21u, 0x7FFu, 0u, 0u);
     }
+    run.flush(sh);
     hist_flush(sh, hist);
 }
 

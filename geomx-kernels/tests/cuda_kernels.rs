@@ -154,7 +154,8 @@ fn device_fill_matches_its_cpu_mirror() {
 }
 
 /// Test vectors for top-k: `kind` 0 = small integer set with zeros and ±0 (many ties),
-/// 1 = uniform, 2 = random bit patterns (NaN, inf, subnormals).
+/// 1 = uniform, 2 = random bit patterns (NaN, inf, subnormals), 3 = one constant with every
+/// seventh element zero (all ties: the lowest indices win).
 fn topk_input(n: usize, kind: u32, seed: u64) -> Vec<f32> {
     (0..n as u64)
         .map(|i| {
@@ -166,7 +167,14 @@ fn topk_input(n: usize, kind: u32, seed: u64) -> Vec<f32> {
                     m => (m as f32 - 5.0) * 0.5,
                 },
                 1 => uniform_at(seed, i),
-                _ => f32::from_bits(r as u32),
+                2 => f32::from_bits(r as u32),
+                _ => {
+                    if i % 7 == 0 {
+                        0.0
+                    } else {
+                        -1.25
+                    }
+                }
             }
         })
         .collect()
@@ -184,7 +192,7 @@ fn topk_equals_the_cpu_selection() {
     let mut ws = TopkWorkspace::new(&d, 1_000_000).unwrap();
     for n in [1usize, 7, 1000, 4097, 1_000_000] {
         let ks = [1, n.div_ceil(1000), n.div_ceil(100), n];
-        for kind in 0..3 {
+        for kind in 0..4 {
             let v = topk_input(n, kind, n as u64 * 31 + kind as u64);
             let vd0 = up(&d, &v);
             for &k in &ks {
