@@ -4,7 +4,8 @@
 //! `[j·B/e, min(N, (j+1)·B/e))`. Per (key, block) the contribution
 //! `c_j ← α·c_j + (1 − α)·mean_i |x_i|` (sum in f64) is kept across rounds, starting at 0.
 //! Blocks whose values are all zero are not sent but still update. Ranking: c descending, ties
-//! by block id ascending.
+//! by block id ascending. [`assign_channels`] maps the ranking to channels (step 4) and
+//! [`AdaptiveK`] computes k_t from the reported loss.
 
 use crate::error::KernelError;
 
@@ -133,6 +134,84 @@ impl BlockScores {
     }
 }
 
+/// Marker in `channel_of_block` for a block that is not sent.
+pub const NOT_SENT: u8 = 0xFF;
+
+/// Channel of every block (step 4): the first n_rel = ⌈k_t·n⌉ ranked blocks go on the reliable
+/// channel 0; unreliable rank q (0-based among the remaining n − n_rel) goes to channel
+/// 1 + ⌊q·C/(n − n_rel)⌋. Blocks not in `ranked` get [`NOT_SENT`]. `ranked` holds block ids
+/// below `num_blocks` (as from [`BlockScores::ranked_sendable`]); `channels` is C in 1..=7.
+pub fn assign_channels(
+    ranked: &[u32],
+    num_blocks: usize,
+    k_t: f64,
+    channels: u8,
+) -> Result<Vec<u8>, KernelError> {
+    if !(1..=7).contains(&channels) {
+        return Err(KernelError::InvalidConfig(format!(
+            "unreliable channels {channels} not in 1..=7"
+        )));
+    }
+    if !(0.0..=1.0).contains(&k_t) {
+        return Err(KernelError::InvalidConfig(format!(
+            "k_t {k_t} not in [0, 1]"
+        )));
+    }
+    let mut out = vec![NOT_SENT; num_blocks];
+    let n = ranked.len();
+    let n_rel = ((k_t * n as f64).ceil() as usize).min(n);
+    let n_unrel = n - n_rel;
+    for (rank, &b) in ranked.iter().enumerate() {
+        let slot = out.get_mut(b as usize).ok_or_else(|| {
+            KernelError::InvalidConfig(format!("block {b} out of range ({num_blocks} blocks)"))
+        })?;
+        *slot = if rank < n_rel {
+            0
+        } else {
+            let q = rank - n_rel;
+            1 + (q * usize::from(channels) / n_unrel) as u8
+        };
+    }
+    Ok(out)
+}
+
+/// Adaptive reliable share (the DGT repository): L_0 is the first reported loss (> 0);
+/// k_t = min(1, max(k·L_t/L_0, k_min)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptiveK {
+    k: f64,
+    k_min: f64,
+    l0: Option<f64>,
+}
+
+impl AdaptiveK {
+    /// Starts with base share k (default 0.8) and floor k_min (default 0.2).
+    pub fn new(k: f64, k_min: f64) -> Result<AdaptiveK, KernelError> {
+        if !(0.0..=1.0).contains(&k) || !(0.0..=k).contains(&k_min) {
+            return Err(KernelError::InvalidConfig(format!(
+                "need 0 ≤ k_min ≤ k ≤ 1, got k = {k}, k_min = {k_min}"
+            )));
+        }
+        Ok(AdaptiveK { k, k_min, l0: None })
+    }
+
+    /// Reports this round's training loss and returns k_t. Losses before the first positive,
+    /// finite one (and any non-finite loss) leave k_t = k.
+    pub fn update(&mut self, loss: f64) -> f64 {
+        if !loss.is_finite() {
+            return self.k;
+        }
+        match self.l0 {
+            None if loss > 0.0 => {
+                self.l0 = Some(loss);
+                self.k.min(1.0)
+            }
+            None => self.k,
+            Some(l0) => (self.k * loss / l0).max(self.k_min).min(1.0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +231,33 @@ mod tests {
         // Blocks 0 and 2 are all zero now: only block 1 is sendable.
         assert_eq!(s.ranked_sendable(), vec![1]);
         assert_eq!(s.block_nonzero(), &[false, true, false]);
+    }
+
+    #[test]
+    fn channels_follow_the_formula() {
+        // 10 blocks, block 9 not sent; ranking 8, 7, …, 0; k = 0.5, C = 3.
+        let ranked: Vec<u32> = (0..9).rev().collect();
+        let ch = assign_channels(&ranked, 10, 0.5, 3).unwrap();
+        // n = 9, n_rel = 5: ranks 0..5 reliable; unreliable q = 0..4 → 1 + ⌊3q/4⌋ = 1, 1, 2, 3.
+        assert_eq!(ch, vec![3, 2, 1, 1, 0, 0, 0, 0, 0, NOT_SENT]);
+        assert_eq!(assign_channels(&[], 3, 0.8, 3).unwrap(), vec![NOT_SENT; 3]);
+        assert_eq!(assign_channels(&[1, 0], 2, 1.0, 1).unwrap(), vec![0, 0]);
+        assert!(assign_channels(&[5], 2, 0.5, 3).is_err());
+        assert!(assign_channels(&[0], 2, 0.5, 8).is_err());
+    }
+
+    #[test]
+    fn adaptive_k_oracle() {
+        // dgt.md oracle 9: k = 0.8, k_min = 0.2, losses [2, 1, 0.5, 0.1] → [0.8, 0.4, 0.2, 0.2].
+        let mut a = AdaptiveK::new(0.8, 0.2).unwrap();
+        let got: Vec<f64> = [2.0, 1.0, 0.5, 0.1].iter().map(|&l| a.update(l)).collect();
+        assert_eq!(got, vec![0.8, 0.4, 0.2, 0.2]);
+        let mut b = AdaptiveK::new(0.8, 0.2).unwrap();
+        assert_eq!(b.update(0.0), 0.8);
+        assert_eq!(b.update(f64::NAN), 0.8);
+        assert_eq!(b.update(1.0), 0.8);
+        assert_eq!(b.update(4.0), 1.0);
+        assert!(AdaptiveK::new(0.5, 0.6).is_err());
     }
 
     #[test]
