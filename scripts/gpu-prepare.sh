@@ -11,7 +11,7 @@ mkdir -p "$out/bin"
 
 echo "== building CUDA test binaries (cargo test -p geomx-kernels --features cuda --no-run)" >&2
 # The JSON messages name every test executable; keep the cuda_* integration tests.
-cargo test -p geomx-kernels --features cuda --no-run --message-format=json 2>/dev/null \
+cargo test -p geomx-kernels --features cuda --no-run --message-format=json \
   | grep '"kind":\["test"\]' \
   | grep -o '"name":"cuda_[a-z_]*".*"executable":"[^"]*"' \
   | sed 's/.*"executable":"\([^"]*\)"/\1/' \
