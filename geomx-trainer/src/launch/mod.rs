@@ -173,6 +173,7 @@ impl Cluster {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
+        die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .map_err(|e| LaunchError::Io(format!("starting {name}"), e))?;
@@ -351,6 +352,25 @@ impl Drop for Cluster {
         self.kill_all();
     }
 }
+
+/// Children get SIGKILL when the launcher dies, so a killed launcher leaves no cluster behind.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
 
 /// Name of a child process.
 fn child_name(role: &str, dc: u32, rank: u32) -> String {
