@@ -428,8 +428,8 @@ mod x86 {
 }
 
 /// Test hooks: run a specific implementation regardless of CPU detection.
-#[doc(hidden)]
-pub mod paths {
+#[cfg(test)]
+pub(crate) mod paths {
     /// Portable f32 → f16 bytes.
     pub fn narrow_portable(src: &[f32], dst: &mut [u8]) -> usize {
         super::narrow_f16_portable(src, None, dst)

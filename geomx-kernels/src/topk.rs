@@ -507,9 +507,9 @@ mod x86 {
     }
 }
 
-/// Test hooks: the portable scan path.
-#[doc(hidden)]
-pub fn scan_ge_portable_for_tests(v: &[f32], t: u32) -> Vec<u32> {
+/// Test hook: the portable scan path.
+#[cfg(test)]
+pub(crate) fn scan_ge_portable_for_tests(v: &[f32], t: u32) -> Vec<u32> {
     let mut out = Vec::new();
     scan_ge_portable(v, t, 0, &mut |i, _| out.push(i as u32));
     out
