@@ -240,6 +240,12 @@ impl BiSparse {
         };
         if outcome.path == SelectPath::Fallback {
             self.fallbacks += 1;
+            tracing::debug!(
+                n,
+                k,
+                fallbacks = self.fallbacks,
+                "sampled top-k found too few candidates; exact fallback"
+            );
         }
         if !sparse_is_smaller(outcome.count, self.cfg.value_type, n) {
             // The sampled count overshot k so far that dense is smaller: send everything.
