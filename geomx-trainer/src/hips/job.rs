@@ -124,3 +124,64 @@ impl JobSpec {
         self.plan.workers_per_dc[..dc].iter().sum::<usize>() + rank
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DataCenterConfig;
+
+    #[test]
+    fn default_config_resolves_to_the_built_in_job() {
+        let cfg = Config::default();
+        let job = JobSpec::from_config(&cfg).unwrap();
+        assert_eq!(job.plan.workers_per_dc, vec![2, 2]);
+        assert_eq!(job.plan.num_global_servers(), 1);
+        // "central" is a separate site after the two training DCs.
+        assert_eq!(job.plan.central_dc, 2);
+        assert_eq!(job.rounds, crate::config::DEFAULT_ROUNDS);
+        let lens: usize = job.plan.key_lens.iter().sum();
+        assert_eq!(lens, job.model.num_params());
+        assert_eq!(job.plan.expected_processes().len(), 1 + 2 + 4);
+        assert_eq!(job.worker_index(1, 1), 3);
+    }
+
+    #[test]
+    fn central_dc_epochs_and_timeouts_are_resolved() {
+        let mut cfg = Config::default();
+        cfg.cluster.central_dc = "dc1".into();
+        cfg.cluster.data_centers = vec![
+            DataCenterConfig::new("dc0", 3),
+            DataCenterConfig::new("dc1", 1),
+        ];
+        cfg.train.rounds = None;
+        cfg.train.epochs = Some(2);
+        cfg.timeouts.peer_dead_ms = 1234;
+        cfg.timeouts.request_ms = 5678;
+        cfg.validate().unwrap();
+        let job = JobSpec::from_config(&cfg).unwrap();
+        assert_eq!(job.plan.central_dc, 1);
+        let per_epoch = (job.data.train.len() / 4) / cfg.data.batch_size;
+        assert_eq!(job.rounds, 2 * per_epoch as u64);
+        assert_eq!(job.net.conn.peer_timeout, Duration::from_millis(1234));
+        assert_eq!(job.wait_limit(), Duration::from_millis(5678));
+    }
+
+    #[test]
+    fn config_hash_changes_with_topology_and_training() {
+        let base = JobSpec::from_config(&Config::default())
+            .unwrap()
+            .config_hash;
+        let mut two = Config::default();
+        two.cluster.global_servers = 2;
+        assert_ne!(JobSpec::from_config(&two).unwrap().config_hash, base);
+        let mut lr = Config::default();
+        lr.train.rounds = Some(7);
+        assert_ne!(JobSpec::from_config(&lr).unwrap().config_hash, base);
+        assert_eq!(
+            JobSpec::from_config(&Config::default())
+                .unwrap()
+                .config_hash,
+            base
+        );
+    }
+}
