@@ -301,3 +301,63 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn dense_pow2_extreme_ranges() {
+    use crate::dense::pow2_exponent;
+    // max·2^e ∈ [2^14, 2^15) for normal and subnormal maxima; 0 for zero or non-finite.
+    for bits in [
+        1u32,
+        0x0000_0400,
+        0x007F_FFFF,
+        0x0080_0000,
+        0x3F80_0000,
+        0x7F7F_FFFF,
+    ] {
+        let e = i32::from(pow2_exponent(bits));
+        let scaled = f64::from(f32::from_bits(bits)) * 2f64.powi(e);
+        assert!((16384.0..32768.0).contains(&scaled), "{bits:#x}: e = {e}");
+    }
+    assert_eq!(pow2_exponent(0), 0);
+    assert_eq!(pow2_exponent(0x7F80_0000), 0);
+    assert_eq!(pow2_exponent(0x7FC0_0000), 0);
+    // Round trips keep 11 significant bits at both ends of the f32 range.
+    let mut buf = Vec::new();
+    for scale in [1e-41f32, 1e-30, 1.0, 1e30, 3e38] {
+        let x: Vec<f32> = (1..=200)
+            .map(|i| scale * (i as f32 / 200.0) * if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let st = encode_dense(&x, ValueType::F16, Scaling::Pow2, &mut buf).unwrap();
+        assert_eq!(st.nonfinite, 0, "scale {scale:e}");
+        let y = decode_dense(&buf, 2, x.len()).unwrap();
+        for (a, b) in x.iter().zip(&y) {
+            // Relative 2^-11 for values in the FP16 normal range after scaling (≥ max/2^15·2^-14·…);
+            // small ones are absolute-bounded by the subnormal step.
+            let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let tol = (f64::from(a.abs()) * 2f64.powi(-11)).max(f64::from(max) * 2f64.powi(-39));
+            // f32-subnormal inputs carry fewer bits themselves.
+            let tol = tol.max(f64::from(f32::from_bits(1)));
+            assert!(
+                (f64::from(*a) - f64::from(*b)).abs() <= tol,
+                "scale {scale:e}: {a:e} vs {b:e}"
+            );
+        }
+    }
+    // Without scaling, values past 65504 become inf and are counted.
+    let st = encode_dense(
+        &[1e5, -1e6, 1.0, f32::NAN],
+        ValueType::F16,
+        Scaling::None,
+        &mut buf,
+    )
+    .unwrap();
+    assert_eq!(st.nonfinite, 3);
+    let st = encode_dense(
+        &[1e5, f32::INFINITY],
+        ValueType::F16,
+        Scaling::Pow2,
+        &mut buf,
+    )
+    .unwrap();
+    assert_eq!((st.scale_exp, st.nonfinite), (0, 2));
+}
