@@ -5,8 +5,11 @@
 //! Zeros (±0.0) are never selected. Internally |x| is the integer key `bits & 0x7FFF_FFFF`, whose
 //! integer order is exactly that total order.
 //!
-//! - [`topk_exact`]: the first k non-zero entries in that order, by a three-level radix select
-//!   (11 + 11 + 9 key bits) and one emitting scan; no sort.
+//! - [`topk_exact`]: the first k non-zero entries in that order; no sort. Large tensors first try
+//!   a sampled prefilter (a lower bound on the k-th key from a fixed-seed sample, one vectorised
+//!   scan, exact selection within the candidates — the sample only affects speed); otherwise, or
+//!   when the candidates do not cover k, a three-level radix select (11 + 11 + 9 key bits) and
+//!   one emitting scan.
 //! - [`topk_sampled`]: DGC's sampled threshold with the spec's tolerance band, exact
 //!   re-selection when too many pass and an exact fallback (reported) when too few.
 //!
