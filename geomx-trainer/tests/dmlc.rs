@@ -1,20 +1,13 @@
 //! `geomx run` driven only by the original GeoMX `DMLC_*` variables (plus `GEOMX_DC` /
 //! `GEOMX_RANK`): 2 DCs × 2 workers and one global server, each role its own process.
 
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn(port: u16, vars: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(GEOMX);
@@ -44,8 +37,23 @@ fn stats_line(out: &str) -> Value {
 
 #[test]
 fn dmlc_variables_run_a_full_cluster() {
-    let port = free_port();
-    let mut children = vec![spawn(port, &[("DMLC_ROLE_GLOBAL", "global_scheduler")])];
+    // The coordinator binds port 0 and prints the port it got; everyone else registers there.
+    let mut coord = spawn(0, &[("DMLC_ROLE_GLOBAL", "global_scheduler")]);
+    let mut coord_out = BufReader::new(coord.stdout.take().unwrap());
+    let mut first = String::new();
+    coord_out.read_line(&mut first).unwrap();
+    let port: u16 = first
+        .trim()
+        .strip_prefix("GEOMX_COORDINATOR 127.0.0.1:")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .parse()
+        .unwrap();
+    let coord_rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        coord_out.read_to_string(&mut rest).unwrap();
+        rest
+    });
+    let mut children = Vec::new();
     children.push(spawn(
         port,
         &[
@@ -75,8 +83,10 @@ fn dmlc_variables_run_a_full_cluster() {
         );
         outputs.push(stdout);
     }
+    assert!(coord.wait().unwrap().success());
+    assert!(coord_rest.join().unwrap().contains("GEOMX_STATS "));
     assert!(start.elapsed() < Duration::from_secs(60));
-    let workers: Vec<Value> = outputs[2..]
+    let workers: Vec<Value> = outputs[1..]
         .iter()
         .map(|o| stats_line(o))
         .filter(|s| s["role"] == "worker")

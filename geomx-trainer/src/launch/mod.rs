@@ -112,6 +112,7 @@ struct Cluster {
     stats: Vec<RoleStats>,
     coordinator: Option<String>,
     quiet: bool,
+    started: Instant,
 }
 
 fn forward(
@@ -160,6 +161,7 @@ impl Cluster {
             stats: Vec::new(),
             coordinator: None,
             quiet,
+            started: Instant::now(),
         }
     }
 
@@ -218,8 +220,12 @@ impl Cluster {
                                 let mut out = std::io::stdout().lock();
                                 let _ = writeln!(
                                     out,
-                                    "round {:>6}  loss {:.4}  test loss {:.4}  test accuracy {:.4}",
-                                    pr.round, pr.loss, pr.test_loss, pr.test_accuracy
+                                    "round {:>6}  loss {:.4}  test loss {:.4}  test accuracy {:.4}  ({:.2} s)",
+                                    pr.round,
+                                    pr.loss,
+                                    pr.test_loss,
+                                    pr.test_accuracy,
+                                    self.started.elapsed().as_secs_f64()
                                 );
                                 let _ = out.flush();
                             }
