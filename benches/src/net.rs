@@ -101,10 +101,14 @@ pub struct KvPair {
 impl KvPair {
     /// Starts a [`StoreHandler`] server and connects a client, both on `driver`.
     pub fn new(driver: DriverKind) -> Result<KvPair, geomx_net::NetError> {
-        let opts = NetOptions {
+        Self::with_options(NetOptions {
             driver,
             ..NetOptions::default()
-        };
+        })
+    }
+
+    /// Like [`KvPair::new`] with explicit options.
+    pub fn with_options(opts: NetOptions) -> Result<KvPair, geomx_net::NetError> {
         let server = KvServer::bind("127.0.0.1:0", StoreHandler::default(), opts)?;
         let client = KvClient::connect(server.local_addr(), 1, opts)?;
         Ok(KvPair { server, client })
@@ -232,22 +236,44 @@ fn goodput(size: usize, rounds: usize, secs: f64) -> f64 {
     (2 * size * rounds) as f64 / secs / 1e6
 }
 
-fn drivers() -> Vec<DriverKind> {
-    let mut d = vec![DriverKind::Portable];
+/// The transports compared: portable, io_uring, and io_uring with `SEND_ZC` disabled (to measure
+/// what zero copy costs or gains here).
+fn variants() -> Vec<(String, NetOptions)> {
+    let base = NetOptions::default();
+    let mut v = vec![(
+        "portable".to_string(),
+        NetOptions {
+            driver: DriverKind::Portable,
+            ..base
+        },
+    )];
     if geomx_net::uring_unavailable_reason().is_none() {
-        d.push(DriverKind::IoUring);
+        v.push((
+            "io-uring".into(),
+            NetOptions {
+                driver: DriverKind::IoUring,
+                ..base
+            },
+        ));
+        v.push((
+            "io-uring-nozc".into(),
+            NetOptions {
+                driver: DriverKind::IoUring,
+                zerocopy_threshold: usize::MAX,
+                ..base
+            },
+        ));
     }
-    d
+    v
 }
 
 /// Runs every measurement once in this process and returns the figures as JSON:
 /// goodput (MB/s) of raw TCP and of push + pull per driver and size, ratios ours / raw, and
 /// pipelined 4 KiB pushes per second per driver.
 pub fn summary(opts: &SummaryOptions) -> Value {
-    let drivers = drivers();
-    let pairs: Vec<(DriverKind, KvPair)> = drivers
-        .iter()
-        .filter_map(|d| KvPair::new(*d).ok().map(|p| (*d, p)))
+    let pairs: Vec<(String, KvPair)> = variants()
+        .into_iter()
+        .filter_map(|(n, o)| KvPair::with_options(o).ok().map(|p| (n, p)))
         .collect();
     let mut rows = Vec::new();
     for &size in &opts.sizes {
@@ -294,10 +320,9 @@ pub fn summary(opts: &SummaryOptions) -> Value {
             "raw_tcp_echo_MBps": round2(best_raw[1]),
         });
         for (i, (d, _)) in pairs.iter().enumerate() {
-            row[format!("{}_MBps", d.name())] = json!(round2(best[i]));
-            row[format!("{}_ratio", d.name())] = json!(round3(best[i] / best_raw[0].max(1e-9)));
-            row[format!("{}_ratio_vs_echo", d.name())] =
-                json!(round3(best[i] / best_raw[1].max(1e-9)));
+            row[format!("{d}_MBps")] = json!(round2(best[i]));
+            row[format!("{d}_ratio")] = json!(round3(best[i] / best_raw[0].max(1e-9)));
+            row[format!("{d}_ratio_vs_echo")] = json!(round3(best[i] / best_raw[1].max(1e-9)));
         }
         rows.push(row);
     }
@@ -310,14 +335,14 @@ pub fn summary(opts: &SummaryOptions) -> Value {
                 best = best.max(r);
             }
         }
-        pipelined.insert(d.name().into(), json!(best.round()));
+        pipelined.insert(d.clone(), json!(best.round()));
     }
     let counters: serde_json::Map<String, Value> = pairs
         .iter()
         .map(|(d, p)| {
             let c = p.client.stats();
             (
-                d.name().to_string(),
+                d.clone(),
                 json!({ "bytes_sent": c.bytes_sent, "bytes_recv": c.bytes_recv, "frames_sent": c.frames_sent,
                         "frames_recv": c.frames_recv, "zerocopy_sent": c.zerocopy_sent, "zerocopy_copied": c.zerocopy_copied }),
             )

@@ -97,12 +97,13 @@ pub(crate) enum Driver {
 
 impl Driver {
     /// Creates the driver `opts.driver` asks for.
-    pub(crate) fn new(opts: &NetOptions) -> Result<Driver, NetError> {
+    /// `inline`: a client endpoint, whose waiting callers may drive the I/O themselves.
+    pub(crate) fn new(opts: &NetOptions, inline: bool) -> Result<Driver, NetError> {
         match opts.driver {
             DriverKind::Portable => Ok(Driver::Portable(portable::PortableDriver::new(opts))),
-            DriverKind::IoUring => Self::uring(opts),
+            DriverKind::IoUring => Self::uring(opts, inline),
             DriverKind::Auto => match uring_unavailable_reason() {
-                None => Self::uring(opts).or_else(|e| {
+                None => Self::uring(opts, inline).or_else(|e| {
                     tracing::info!(reason = %e, "io_uring driver failed to start; using the portable driver");
                     Ok(Driver::Portable(portable::PortableDriver::new(opts)))
                 }),
@@ -112,15 +113,15 @@ impl Driver {
     }
 
     #[cfg(target_os = "linux")]
-    fn uring(opts: &NetOptions) -> Result<Driver, NetError> {
+    fn uring(opts: &NetOptions, inline: bool) -> Result<Driver, NetError> {
         if let Some(why) = uring_unavailable_reason() {
             return Err(NetError::DriverUnavailable(why));
         }
-        Ok(Driver::Uring(uring::UringDriver::start(opts)?))
+        Ok(Driver::Uring(uring::UringDriver::start(opts, inline)?))
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn uring(_opts: &NetOptions) -> Result<Driver, NetError> {
+    fn uring(_opts: &NetOptions, _inline: bool) -> Result<Driver, NetError> {
         Err(NetError::DriverUnavailable(
             "io_uring exists only on Linux".into(),
         ))

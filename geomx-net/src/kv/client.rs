@@ -133,7 +133,7 @@ impl KvClient {
                 NetError::from(e)
             }
         })?;
-        let driver = Driver::new(&opts)?;
+        let driver = Driver::new(&opts, true)?;
         let counters = Arc::new(LiveCounters::default());
         let (state_tx, state_rx) = crossbeam_channel::unbounded();
         let (notify_tx, notify_rx) = crossbeam_channel::unbounded();

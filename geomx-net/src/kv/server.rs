@@ -77,7 +77,7 @@ impl KvServer {
     ) -> Result<KvServer, NetError> {
         let listener = TcpListener::bind(addr)?;
         let local_addr = listener.local_addr()?;
-        let driver = Driver::new(&opts)?;
+        let driver = Driver::new(&opts, false)?;
         let dispatch = Arc::new(ServerDispatch {
             handler,
             links: Mutex::new(HashMap::new()),

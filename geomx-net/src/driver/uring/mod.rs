@@ -4,10 +4,14 @@
 //!   a registered buffer (`READ_FIXED`) when the memlock limit allowed registering the pool, into a
 //!   plain scratch buffer otherwise, and straight into the frame's payload buffer for large frames.
 //! * Sends: small frames are copied, queued and coalesced into one `SEND` per connection and turn;
-//!   payloads at or above `NetOptions::zerocopy_threshold` go out with `SEND_ZC` from the caller's
-//!   buffer while the caller waits (so no copy is made), completed only after the notification CQE
-//!   (see [`send_track`]).
+//!   payloads at or above `NetOptions::zerocopy_threshold` go out from the caller's buffer while
+//!   the caller waits (so no copy is made), with `SEND_ZC`, completed only after the notification
+//!   CQE (see [`send_track`]). When the notifications keep saying the kernel copied anyway (as on
+//!   loopback, where zero copy measured ~25 % slower), the connection falls back to plain `SEND`.
 //! * Commands from other threads arrive over a channel; an eventfd wakes the ring when it sleeps.
+//! * Client endpoints are *inline*: a caller waiting for a response (or for its zero-copy send)
+//!   drives the ring itself, so responses need no thread hand-off; the ring thread steps aside
+//!   while callers are active and keeps timers, heartbeats and idle reads going otherwise.
 
 mod send_track;
 
@@ -16,8 +20,7 @@ use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::thread::ThreadId;
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -40,6 +43,8 @@ const COALESCE: usize = 1 << 20;
 /// Senders wait while this many bytes are queued for one connection.
 const MAX_QUEUED: usize = 16 << 20;
 const RING_ENTRIES: u32 = 512;
+/// After this many consecutive "copied" zero-copy notifications a connection uses plain `SEND`.
+const ZC_GIVE_UP: u32 = 2;
 
 const KIND_RECV: u64 = 1;
 const KIND_SEND: u64 = 2;
@@ -114,8 +119,24 @@ struct Shared {
     tx: Sender<Cmd>,
     sleeping: AtomicBool,
     efd: RawFd,
-    ring_thread: OnceLock<ThreadId>,
     next_idx: AtomicUsize,
+    /// Client endpoints: callers drive the ring while they wait (no hand-off per response).
+    inline: bool,
+    /// A caller drove the ring or sent since the ring thread last looked.
+    user_active: AtomicBool,
+    /// The ring stopped and every connection is gone.
+    finished: AtomicBool,
+    /// `shutdown` was called: the ring thread stops stepping aside.
+    stop_requested: AtomicBool,
+}
+
+thread_local! {
+    /// True while this thread runs a ring turn (its callbacks must not wait on the ring).
+    static IN_TURN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn in_turn() -> bool {
+    IN_TURN.with(|f| f.get())
 }
 
 impl Shared {
@@ -131,8 +152,73 @@ impl Shared {
         true
     }
 
-    fn on_ring_thread(&self) -> bool {
-        self.ring_thread.get() == Some(&std::thread::current().id())
+    fn kick(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.efd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+/// Runs one ring turn if nobody else is: the shared lock around the ring.
+struct RingCell {
+    ring: Mutex<Ring>,
+    shared: Arc<Shared>,
+}
+
+impl RingCell {
+    /// One turn waiting up to `max_wait` for completions; false if another thread holds the ring.
+    fn try_turn(&self, max_wait: Duration) -> bool {
+        let mut r = match self.ring.try_lock() {
+            Ok(r) => r,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        r.turn(max_wait);
+        if r.is_finished() {
+            self.shared.finished.store(true, Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// Waits for `rx`, driving the ring meanwhile when the endpoint is inline.
+    fn drive_until<T>(&self, rx: &Receiver<T>, deadline: Option<Instant>) -> Option<T> {
+        loop {
+            match rx.try_recv() {
+                Ok(v) => return Some(v),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return None;
+            }
+            let slice = deadline.map_or(Duration::from_millis(50), |d| {
+                (d - now).min(Duration::from_millis(50))
+            });
+            self.shared.user_active.store(true, Ordering::Relaxed);
+            if in_turn() || self.shared.finished.load(Ordering::SeqCst) || !self.try_turn(slice) {
+                // Another thread holds the ring: make it return soon, then look again.
+                self.shared.kick();
+                if let Ok(v) = rx.recv_timeout(slice.min(Duration::from_micros(200))) {
+                    return Some(v);
+                }
+            }
+        }
+    }
+}
+
+impl crate::link::Pump for RingCell {
+    fn pump(&self, _link: &Arc<Link>) -> bool {
+        if in_turn() || self.shared.finished.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.shared.user_active.store(true, Ordering::Relaxed);
+        if self.try_turn(Duration::from_millis(50)) {
+            true
+        } else {
+            self.shared.kick();
+            false
+        }
     }
 }
 
@@ -145,16 +231,18 @@ impl Drop for Shared {
 
 pub(crate) struct UringDriver {
     shared: Arc<Shared>,
+    cell: Arc<RingCell>,
     opts: NetOptions,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl UringDriver {
-    pub(crate) fn start(opts: &NetOptions) -> Result<Arc<UringDriver>, NetError> {
+    /// Starts a ring; `inline` (client endpoints) lets waiting callers drive it.
+    pub(crate) fn start(opts: &NetOptions, inline: bool) -> Result<Arc<UringDriver>, NetError> {
         let ring = IoUring::new(RING_ENTRIES)
             .map_err(|e| NetError::DriverUnavailable(format!("io_uring_setup: {e}")))?;
         // SAFETY: plain syscall.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
             return Err(io::Error::last_os_error().into());
         }
@@ -163,20 +251,24 @@ impl UringDriver {
             tx,
             sleeping: AtomicBool::new(false),
             efd,
-            ring_thread: OnceLock::new(),
             next_idx: AtomicUsize::new(0),
+            inline,
+            user_active: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
         });
-        let s2 = shared.clone();
-        let o = *opts;
+        let cell = Arc::new(RingCell {
+            ring: Mutex::new(Ring::new(ring, rx, shared.clone(), *opts)),
+            shared: shared.clone(),
+        });
+        let c2 = cell.clone();
+        let tick = opts.tick;
         let handle = std::thread::Builder::new()
             .name("geomx-net-uring".into())
-            .spawn(move || {
-                let _ = s2.ring_thread.set(std::thread::current().id());
-                let mut r = Ring::new(ring, rx, s2, o);
-                r.run();
-            })?;
+            .spawn(move || ring_thread(c2, tick))?;
         Ok(Arc::new(UringDriver {
             shared,
+            cell,
             opts: *opts,
             thread: std::sync::Mutex::new(Some(handle)),
         }))
@@ -194,11 +286,14 @@ impl UringDriver {
         let queued = Arc::new(AtomicUsize::new(0));
         let io = Box::new(UringIo {
             idx,
-            shared: self.shared.clone(),
+            cell: self.cell.clone(),
             zc_threshold: self.opts.zerocopy_threshold.max(HEADER_LEN + 1),
             queued: queued.clone(),
         });
         let link = Link::new(conn, io, counters, self.opts.max_frame, peer, dispatch);
+        if self.shared.inline {
+            link.set_pump(self.cell.clone());
+        }
         let uc = UConn {
             fd: stream.as_raw_fd(),
             _stream: stream,
@@ -211,6 +306,7 @@ impl UringDriver {
             cur: None,
             queued,
             dead: false,
+            zc_copies: 0,
         };
         if !self.shared.send(Cmd::Attach(idx, Box::new(uc))) {
             return Err(NetError::Shutdown);
@@ -219,9 +315,11 @@ impl UringDriver {
     }
 
     pub(crate) fn shutdown(&self) {
+        self.shared.stop_requested.store(true, Ordering::SeqCst);
         self.shared.send(Cmd::Stop);
-        if self.shared.on_ring_thread() {
-            return; // cannot join ourselves; the thread exits on its own
+        self.shared.kick();
+        if in_turn() {
+            return; // called from a callback: cannot wait for ourselves; the thread exits on its own
         }
         if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();
@@ -229,17 +327,45 @@ impl UringDriver {
     }
 }
 
+/// The ring thread: turns the ring, except on inline endpoints while callers are driving it.
+fn ring_thread(cell: Arc<RingCell>, tick: Duration) {
+    IN_TURN.with(|f| f.set(false));
+    while !cell.shared.finished.load(Ordering::SeqCst) {
+        if cell.shared.inline
+            && cell.shared.user_active.swap(false, Ordering::Relaxed)
+            && !cell.shared.stop_requested.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(tick);
+            continue;
+        }
+        let mut r = cell.ring.lock().unwrap_or_else(|p| p.into_inner());
+        r.turn(tick);
+        if r.is_finished() {
+            cell.shared.finished.store(true, Ordering::SeqCst);
+        }
+    }
+    let mut r = cell.ring.lock().unwrap_or_else(|p| p.into_inner());
+    r.fail_late_commands();
+}
+
 struct UringIo {
     idx: usize,
-    shared: Arc<Shared>,
+    cell: Arc<RingCell>,
     zc_threshold: usize,
     queued: Arc<AtomicUsize>,
 }
 
+impl UringIo {
+    fn stopped() -> io::Error {
+        io::Error::new(io::ErrorKind::BrokenPipe, "io_uring driver stopped")
+    }
+}
+
 impl LinkIo for UringIo {
     fn send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<()> {
-        let on_ring = self.shared.on_ring_thread();
-        if payload.len() >= self.zc_threshold && !on_ring {
+        let shared = &self.cell.shared;
+        let in_turn = in_turn();
+        if payload.len() >= self.zc_threshold && !in_turn {
             // Zero copy: the ring sends from `payload` while we wait for the completion (and the
             // zero-copy notification), so the borrow outlives every kernel access.
             let (done_tx, done_rx) = crossbeam_channel::bounded(1);
@@ -250,27 +376,22 @@ impl LinkIo for UringIo {
                 len: payload.len(),
                 done: done_tx,
             };
-            if !self.shared.send(cmd) {
-                return Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "io_uring driver stopped",
-                ));
+            if !shared.send(cmd) {
+                return Err(Self::stopped());
             }
-            return done_rx.recv().unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "io_uring driver stopped",
-                ))
-            });
+            let res = if shared.inline {
+                self.cell.drive_until(&done_rx, None)
+            } else {
+                shared.kick();
+                done_rx.recv().ok()
+            };
+            // `None` only when the ring stopped, after it released every borrowed buffer.
+            return res.unwrap_or_else(|| Err(Self::stopped()));
         }
-        if !on_ring {
+        if !in_turn {
             // Back-pressure: do not queue without bound.
-            let mut spins = 0u32;
             while self.queued.load(Ordering::Acquire) > MAX_QUEUED {
-                spins += 1;
-                if spins < 100 {
-                    std::thread::yield_now();
-                } else {
+                if !(shared.inline && self.cell.try_turn(Duration::from_millis(1))) {
                     std::thread::sleep(Duration::from_micros(50));
                 }
             }
@@ -279,14 +400,17 @@ impl LinkIo for UringIo {
         buf.extend_from_slice(header);
         buf.extend_from_slice(payload);
         self.queued.fetch_add(buf.len(), Ordering::AcqRel);
-        if self.shared.send(Cmd::Small(self.idx, buf)) {
-            Ok(())
-        } else {
-            Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "io_uring driver stopped",
-            ))
+        if !shared.send(Cmd::Small(self.idx, buf)) {
+            return Err(Self::stopped());
         }
+        if shared.inline && !in_turn {
+            // Submit now on this thread (non-blocking turn) rather than waking the ring thread.
+            shared.user_active.store(true, Ordering::Relaxed);
+            if !self.cell.try_turn(Duration::ZERO) {
+                shared.kick();
+            }
+        }
+        Ok(())
     }
 
     fn try_send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<bool> {
@@ -298,7 +422,7 @@ impl LinkIo for UringIo {
     }
 
     fn shutdown(&self) {
-        self.shared.send(Cmd::Close(self.idx));
+        self.cell.shared.send(Cmd::Close(self.idx));
     }
 }
 
@@ -352,6 +476,8 @@ struct UConn {
     cur: Option<CurSend>,
     queued: Arc<AtomicUsize>,
     dead: bool,
+    /// Consecutive zero-copy notifications that reported a copy.
+    zc_copies: u32,
 }
 
 impl UConn {
@@ -383,6 +509,7 @@ struct Ring {
     wake_armed: bool,
     stopping: bool,
     zc: bool,
+    next_tick: Instant,
 }
 
 impl Ring {
@@ -401,6 +528,7 @@ impl Ring {
             wake_armed: false,
             stopping: false,
             zc,
+            next_tick: Instant::now() + opts.tick,
         };
         if *FIXED_SUPPORTED.get().unwrap_or(&false) {
             r.register_pool();
@@ -441,46 +569,61 @@ impl Ring {
         }
     }
 
-    fn run(&mut self) {
-        let mut next_tick = Instant::now() + self.opts.tick;
-        loop {
-            self.drain_commands();
-            if !self.wake_armed {
-                let e = opcode::Read::new(
-                    types::Fd(self.shared.efd),
-                    self.wake_buf as *mut u64 as *mut u8,
-                    8,
-                )
-                .build()
-                .user_data(UD_WAKE);
-                self.push(e);
-                self.wake_armed = true;
-            }
-            let idxs: Vec<usize> = self.conns.keys().copied().collect();
-            for idx in &idxs {
-                self.arm(*idx);
-            }
-            self.reap();
-            if self.stopping && self.conns.is_empty() {
-                break;
-            }
-            self.wait(next_tick);
+    fn is_finished(&self) -> bool {
+        self.stopping && self.conns.is_empty()
+    }
+
+    /// One turn: commands, submissions, a wait of at most `max_wait`, completions, timers.
+    fn turn(&mut self, max_wait: Duration) {
+        IN_TURN.with(|f| f.set(true));
+        self.drain_commands();
+        if !self.wake_armed {
+            let e = opcode::Read::new(
+                types::Fd(self.shared.efd),
+                self.wake_buf as *mut u64 as *mut u8,
+                8,
+            )
+            .build()
+            .user_data(UD_WAKE);
+            self.push(e);
+            self.wake_armed = true;
+        }
+        let idxs: Vec<usize> = self.conns.keys().copied().collect();
+        for idx in &idxs {
+            self.arm(*idx);
+        }
+        self.reap();
+        if !self.is_finished() {
+            let until = (Instant::now() + max_wait).min(self.next_tick);
+            self.wait(until, !max_wait.is_zero());
             self.complete();
-            let now = Instant::now();
-            if now >= next_tick {
-                next_tick = now + self.opts.tick;
-                let links: Vec<Arc<Link>> = self
-                    .conns
-                    .values()
-                    .filter(|c| !c.dead)
-                    .map(|c| c.link.clone())
-                    .collect();
-                for l in links {
-                    l.on_tick(now);
-                }
+        }
+        let now = Instant::now();
+        if now >= self.next_tick {
+            self.next_tick = now + self.opts.tick;
+            let links: Vec<Arc<Link>> = self
+                .conns
+                .values()
+                .filter(|c| !c.dead)
+                .map(|c| c.link.clone())
+                .collect();
+            for l in links {
+                l.on_tick(now);
             }
         }
-        // Late commands: fail waiting senders.
+        // Callbacks may have queued sends: submit them without waiting.
+        if !self.rx.is_empty() {
+            self.drain_commands();
+            for idx in self.conns.keys().copied().collect::<Vec<_>>() {
+                self.arm(idx);
+            }
+            let _ = self.ring.submit();
+        }
+        IN_TURN.with(|f| f.set(false));
+    }
+
+    /// After the last turn: fail senders whose commands came too late.
+    fn fail_late_commands(&mut self) {
         while let Ok(cmd) = self.rx.try_recv() {
             if let Cmd::Big { done, .. } = cmd {
                 let _ = done.send(Err(io::Error::new(
@@ -491,13 +634,13 @@ impl Ring {
         }
     }
 
-    fn wait(&mut self, next_tick: Instant) {
+    fn wait(&mut self, until: Instant, block: bool) {
         self.shared.sleeping.store(true, Ordering::SeqCst);
-        let want = if self.rx.is_empty() { 1 } else { 0 };
+        let want = if block && self.rx.is_empty() { 1 } else { 0 };
         let ts = types::Timespec::from(
-            next_tick
+            until
                 .saturating_duration_since(Instant::now())
-                .max(Duration::from_micros(100)),
+                .max(Duration::from_micros(1)),
         );
         let args = types::SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(want, &args) {
@@ -628,7 +771,7 @@ impl Ring {
                 c.cur = Some(CurSend {
                     item,
                     track: SendTrack::new(len),
-                    zc: is_big && zc,
+                    zc: is_big && zc && c.zc_copies < ZC_GIVE_UP,
                 });
             }
         }
@@ -743,9 +886,11 @@ impl Ring {
         let Some(cur) = c.cur.as_mut() else { return };
         let next = cur.track.on_cqe(res, flags);
         if flags & send_track::CQE_F_NOTIF != 0 {
-            c.link
-                .counters()
-                .add_zerocopy((res as u32) & send_track::NOTIF_USAGE_ZC_COPIED != 0);
+            let copied = (res as u32) & send_track::NOTIF_USAGE_ZC_COPIED != 0;
+            c.link.counters().add_zerocopy(copied);
+            // The kernel copies anyway on this path (loopback, some NICs): zero copy only adds
+            // the notification round, so the connection stops asking for it.
+            c.zc_copies = if copied { c.zc_copies + 1 } else { 0 };
         }
         match next {
             Next::Wait | Next::Resubmit => {} // `arm` resubmits the remainder
