@@ -178,32 +178,14 @@ impl Placement {
 
     /// 64-bit FNV-1a hash of the table (part of the configuration hash).
     pub fn hash(&self) -> u64 {
-        let mut h = Fnv::default();
-        h.write(self.bound as u64);
+        let mut h = crate::engine::Fnv1a::new();
+        h.write(&(self.bound as u64).to_le_bytes());
         for r in &self.ranges {
             for v in [r.key, r.index, r.offset, r.len, r.server] {
-                h.write(v as u64);
+                h.write(&(v as u64).to_le_bytes());
             }
         }
-        h.0
-    }
-}
-
-/// FNV-1a over 64-bit words, enough for a table fingerprint.
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn write(&mut self, v: u64) {
-        for b in v.to_le_bytes() {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
+        h.finish()
     }
 }
 

@@ -81,7 +81,7 @@ impl GlobalHandler {
                 st.parked.entry(id).or_default().push(reply);
                 return;
             }
-            Ok(Some(theta)) => f32_bytes(theta),
+            Ok(Some(theta)) => f32_bytes(theta).into_owned(),
             Err(e) => {
                 drop(st);
                 return self.fail(reply, format!("range push from dc {dc}: {e}"));
@@ -116,7 +116,7 @@ impl GlobalHandler {
         let mut st = lock(&self.state);
         match st.agg.pull(id, req.version) {
             Ok(Some(v)) => {
-                let bytes = f32_bytes(v);
+                let bytes = f32_bytes(v).into_owned();
                 let version = st.agg.get(id).map_or(0, |(v, _)| v);
                 drop(st);
                 let _ = reply.send(version, PayloadCodec::DenseF32, &bytes);

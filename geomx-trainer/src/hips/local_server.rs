@@ -129,7 +129,7 @@ impl LocalHandler {
 
     /// Stores θ of `key` at `version` and answers `replies` plus the pulls it satisfies.
     fn publish(&self, key: usize, version: u64, theta: Vec<f32>, replies: Vec<Responder>) {
-        let bytes = Arc::new(f32_bytes(&theta));
+        let bytes = Arc::new(f32_bytes(&theta).into_owned());
         let mut st = lock(&self.state);
         st.theta[key] = Some((version, bytes.clone()));
         let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pulls)
@@ -197,11 +197,7 @@ fn exchange(
         let c = &clients[r.server];
         let p = match sum {
             Some(s) => {
-                let payload = UpPush {
-                    count,
-                    sum: s[r.offset..r.offset + r.len].to_vec(),
-                }
-                .encode();
+                let payload = UpPush::encode(count, &s[r.offset..r.offset + r.len]);
                 c.push(
                     *id as u64,
                     round,

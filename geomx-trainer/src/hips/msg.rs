@@ -8,15 +8,17 @@
 //! | global → local reply | range id | r + 1 | | DenseF32 | θ_{r+1} of the range |
 //! | `Pull` (both tiers) | key or range id | min version | | — | empty |
 
+use std::borrow::Cow;
+
 use super::AggError;
 
-/// Little-endian f32 bytes of `v`.
-pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 4);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
+/// Little-endian f32 bytes of `v`: borrowed without a copy on little-endian machines.
+pub fn f32_bytes(v: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(zerocopy::IntoBytes::as_bytes(v))
+    } else {
+        Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
-    out
 }
 
 /// Decodes little-endian f32 values; `None` if the length is not a multiple of 4.
@@ -41,13 +43,11 @@ pub struct UpPush {
 }
 
 impl UpPush {
-    /// Encodes as `count` (u32 LE) followed by the f32 values.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.sum.len() * 4);
-        out.extend_from_slice(&self.count.to_le_bytes());
-        for x in &self.sum {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
+    /// Encodes `count` (u32 LE) followed by the f32 values of `sum`, in one allocation.
+    pub fn encode(count: u32, sum: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + sum.len() * 4);
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&f32_bytes(sum));
         out
     }
 
@@ -78,6 +78,8 @@ mod tests {
     fn f32_roundtrip_keeps_bits() {
         let v = vec![1.5f32, -0.0, f32::MIN_POSITIVE, 3.0e38];
         let back = f32_from_bytes(&f32_bytes(&v)).unwrap();
+        let manual: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(&*f32_bytes(&v), &manual[..]);
         assert_eq!(
             v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
             back.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
@@ -91,7 +93,7 @@ mod tests {
             count: 3,
             sum: vec![1.0, 2.0],
         };
-        let b = p.encode();
+        let b = UpPush::encode(p.count, &p.sum);
         assert_eq!(UpPush::decode(&b, 7, 2).unwrap(), p);
         assert!(UpPush::decode(&b, 7, 3).is_err());
         assert!(UpPush::decode(&b[..3], 7, 2).is_err());
