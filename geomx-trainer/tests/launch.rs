@@ -3,7 +3,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -118,48 +119,60 @@ fn global_server_count_does_not_change_parameters_and_balances_bytes() {
     assert_eq!(hashes[0], hashes[2]);
 }
 
-/// hips.md oracle 7: a worker killed mid-run fails the run with an error naming its dc and rank,
-/// well within the peer timeout plus 5 s.
-#[test]
-fn killed_worker_fails_the_run_naming_dc_and_rank() {
-    let cfg = write_config(
-        "kill.toml",
-        "[train]\nrounds = 100000000\neval_every = 0\n[timeouts]\npeer_dead_ms = 2000\n",
-    );
+/// Launches `toml` (a long run), waits until rounds are running (the first progress line), sends
+/// `signal` to `worker` (e.g. "worker (dc 1, rank 0)") and waits for the launcher to exit.
+/// Returns its status, the time from the signal to its exit, and its stderr lines.
+fn disturb_worker(
+    name: &str,
+    toml: &str,
+    signal: &str,
+    worker: &str,
+) -> (ExitStatus, Duration, Vec<String>) {
+    let cfg = write_config(name, toml);
     let mut child = Command::new(GEOMX)
         .arg("launch")
-        .arg("--quiet")
         .arg(&cfg)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let err_lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let stderr = child.stderr.take().unwrap();
+    let el = err_lines.clone();
+    let err_reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            el.lock().unwrap().push(line);
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
         }
     });
-    let mut lines = Vec::new();
-    let victim: u32 = loop {
+    // Everyone registered and the rounds run once a progress line shows up.
+    loop {
         let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("no worker started");
-        lines.push(line.clone());
-        if let Some(pid) = line.strip_prefix("geomx launch: started worker (dc 1, rank 0) pid ") {
-            break pid.trim().parse().unwrap();
+            .recv_timeout(Duration::from_secs(60))
+            .expect("no progress line");
+        if line.starts_with("round") {
+            break;
         }
-    };
-    // Let the job get into its rounds.
-    std::thread::sleep(Duration::from_millis(1500));
-    let killed = Instant::now();
+    }
+    let prefix = format!("geomx launch: started {worker} pid ");
+    let victim = err_lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|l| l.strip_prefix(&prefix).map(|p| p.trim().to_string()))
+        .expect("victim pid");
+    let sent = Instant::now();
     let st = Command::new("kill")
-        .arg("-9")
-        .arg(victim.to_string())
+        .arg(signal)
+        .arg(&victim)
         .status()
         .unwrap();
     assert!(st.success());
@@ -167,23 +180,41 @@ fn killed_worker_fails_the_run_naming_dc_and_rank() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            killed.elapsed() < Duration::from_secs(7),
-            "launcher still running"
-        );
+        if sent.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("launcher still running 30 s after {signal}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     };
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
-        lines.push(l);
-    }
-    assert!(!status.success());
-    let last = lines
+    let took = sent.elapsed();
+    err_reader.join().unwrap();
+    let _ = std::fs::remove_file(cfg);
+    let lines = err_lines.lock().unwrap().clone();
+    (status, took, lines)
+}
+
+fn final_error(lines: &[String]) -> &str {
+    lines
         .iter()
         .rev()
         .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line in {lines:#?}"));
-    assert!(last.contains("worker (dc 1, rank 0)"), "{last}");
-    let _ = std::fs::remove_file(cfg);
+        .unwrap_or_else(|| panic!("no error line in {lines:#?}"))
+}
+
+/// hips.md oracle 7: a worker killed mid-run fails the run at once with an error naming its dc
+/// and rank (well within the peer timeout plus 5 s).
+#[test]
+fn killed_worker_fails_the_run_naming_dc_and_rank() {
+    let (status, took, lines) = disturb_worker(
+        "kill.toml",
+        "[train]\nrounds = 100000000\neval_every = 20\n[timeouts]\npeer_dead_ms = 2000\n",
+        "-9",
+        "worker (dc 1, rank 0)",
+    );
+    assert!(!status.success());
+    assert!(took < Duration::from_secs(7), "took {took:?}");
+    let err = final_error(&lines);
+    assert!(err.contains("worker (dc 1, rank 0)"), "{err}");
 }
 
 fn launch_error(name: &str, toml: &str) -> String {
@@ -259,68 +290,17 @@ fn run_without_role_or_dmlc_env_is_an_error() {
 /// configured peer timeout; the run fails naming it instead of hanging.
 #[test]
 fn stopped_worker_is_declared_dead_within_the_peer_timeout() {
-    let cfg = write_config(
+    let (status, took, lines) = disturb_worker(
         "stop.toml",
-        "[train]\nrounds = 100000000\neval_every = 0\n[timeouts]\npeer_dead_ms = 1500\nheartbeat_ms = 300\n",
+        "[train]\nrounds = 100000000\neval_every = 20\n[timeouts]\npeer_dead_ms = 1500\nheartbeat_ms = 300\n",
+        "-STOP",
+        "worker (dc 0, rank 1)",
     );
-    let mut child = Command::new(GEOMX)
-        .arg("launch")
-        .arg("--quiet")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let victim: u32 = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("no worker started");
-        lines.push(line.clone());
-        if let Some(pid) = line.strip_prefix("geomx launch: started worker (dc 0, rank 1) pid ") {
-            break pid.trim().parse().unwrap();
-        }
-    };
-    std::thread::sleep(Duration::from_millis(1500));
-    let stopped = Instant::now();
-    let st = Command::new("kill")
-        .arg("-STOP")
-        .arg(victim.to_string())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        // Peer timeout 1.5 s + 5 s (hips.md oracle 7).
-        assert!(
-            stopped.elapsed() < Duration::from_millis(6500),
-            "launcher still running"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
-        lines.push(l);
-    }
     assert!(!status.success());
-    let last = lines
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line in {lines:#?}"));
-    assert!(last.contains("worker (dc 0, rank 1)"), "{last}");
-    let _ = std::fs::remove_file(cfg);
+    // Peer timeout 1.5 s + 5 s (hips.md oracle 7).
+    assert!(took < Duration::from_millis(6500), "took {took:?}");
+    let err = final_error(&lines);
+    assert!(err.contains("worker (dc 0, rank 1)"), "{err}");
 }
 
 /// `geomx bench net|kernels --quick` print one JSON object each.
