@@ -368,13 +368,7 @@ pub fn run(
     }
     node.finish(job.wait_limit())?;
     let lan = server.stats();
-    let wan: u64 = clients
-        .iter()
-        .map(|c| {
-            let s = c.stats();
-            s.bytes_sent + s.bytes_recv
-        })
-        .sum();
+    let wan: u64 = clients.iter().map(|c| super::total_bytes(c.stats())).sum();
     server.shutdown();
     let mut stats = RoleStats::new(&node.me, lan);
     stats.client_bytes = wan;

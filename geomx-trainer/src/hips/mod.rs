@@ -28,6 +28,11 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Bytes sent plus received of a counter snapshot.
+pub(crate) fn total_bytes(c: geomx_net::Counters) -> u64 {
+    c.bytes_sent + c.bytes_recv
+}
+
 /// Why a role failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -91,7 +96,7 @@ impl RoleStats {
             role: me.role.to_string(),
             dc: me.dc,
             rank: me.rank,
-            served_bytes: served.bytes_sent + served.bytes_recv,
+            served_bytes: total_bytes(served),
             client_bytes: 0,
             param_hash: None,
             final_loss: None,

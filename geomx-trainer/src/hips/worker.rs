@@ -152,12 +152,8 @@ pub fn run(
     let hash = params_hash(&params);
     tracing::info!(%dc, %rank, hash = format!("{hash:016x}"), "worker finished");
     node.finish(job.wait_limit())?;
-    let mut stats = RoleStats::new(&node.me, client.stats());
-    stats.served_bytes = 0;
-    stats.client_bytes = {
-        let c = client.stats();
-        c.bytes_sent + c.bytes_recv
-    };
+    let mut stats = RoleStats::new(&node.me, Default::default());
+    stats.client_bytes = super::total_bytes(client.stats());
     stats.param_hash = Some(hash);
     stats.final_loss = Some(loss);
     stats.final_test_accuracy = last_eval.map(|p| p.test_accuracy);
