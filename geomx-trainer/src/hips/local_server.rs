@@ -302,7 +302,7 @@ pub fn run(
     });
     let mut server = KvServer::bind_with_id(bind_addr, 0, handler.clone(), job.net)
         .map_err(|e| RunError::Net(format!("binding {me} at {bind_addr}"), e))?;
-    let listen = server.local_addr().to_string();
+    let listen = super::node::advertised(server.local_addr())?;
     let node = Node::join(
         coord_addr,
         me,

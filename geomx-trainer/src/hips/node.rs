@@ -14,6 +14,18 @@ use super::RunError;
 /// The `geomx` binary prints the message and exits non-zero.
 pub type FatalHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// The address peers are told to connect to: the bound one, which must be routable (binding
+/// `0.0.0.0` or `::` would advertise an address no peer can reach).
+pub fn advertised(bound: std::net::SocketAddr) -> Result<String, RunError> {
+    if bound.ip().is_unspecified() {
+        return Err(RunError::Membership(format!(
+            "bound to {bound}, which peers cannot connect to: bind an address they can reach \
+             (--bind, cluster.host, or the role's address in the topology file)"
+        )));
+    }
+    Ok(bound.to_string())
+}
+
 /// Who a process is in the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -203,4 +215,21 @@ fn spawn_watcher(
         })
         .map(|_| ())
         .map_err(|e| RunError::Io("starting the coordinator watcher".into(), e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_bind_addresses_are_not_advertised() {
+        assert_eq!(
+            advertised("127.0.0.1:5000".parse().unwrap()).unwrap(),
+            "127.0.0.1:5000"
+        );
+        assert_eq!(advertised("[::1]:7".parse().unwrap()).unwrap(), "[::1]:7");
+        let e = advertised("0.0.0.0:5000".parse().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("--bind"), "{e}");
+        assert!(advertised("[::]:5000".parse().unwrap()).is_err());
+    }
 }
