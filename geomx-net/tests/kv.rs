@@ -403,3 +403,47 @@ fn oversize_payload_is_refused_locally() {
             .is_ok());
     }
 }
+
+#[test]
+fn one_client_shared_by_many_threads() {
+    for d in drivers() {
+        let server = KvServer::bind("127.0.0.1:0", Echo, opts(d)).unwrap();
+        let client = KvClient::connect(server.local_addr(), 3, opts(d)).unwrap();
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let c = client.clone();
+                std::thread::spawn(move || {
+                    for i in 0..300u64 {
+                        // Mix sizes so some threads wait on large (zero-copy path) sends.
+                        let len = if i % 50 == 0 {
+                            300_000
+                        } else {
+                            64 + (i as usize % 7) * 100
+                        };
+                        let payload: Vec<u8> = (0..len).map(|j| (j as u64 ^ t ^ i) as u8).collect();
+                        let key = t * 1000 + i;
+                        let r = c
+                            .push(key, i, PayloadCodec::Raw, 0, 0, &payload)
+                            .unwrap()
+                            .wait(WAIT)
+                            .unwrap();
+                        assert_eq!((r.key, r.version), (key, i + 1));
+                        assert!(r.payload == payload);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Some requests in flight, waited on from another thread than the sender.
+        let ps: Vec<_> = (0..50).map(|k| client.pull(k, 0, 0, 0).unwrap()).collect();
+        std::thread::spawn(move || {
+            for p in ps {
+                p.wait(WAIT).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}

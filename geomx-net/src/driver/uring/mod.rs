@@ -843,7 +843,9 @@ impl Ring {
             return;
         }
         if res < 0 {
-            if res == -libc::EINTR || res == -libc::EAGAIN {
+            // ECANCELED: the thread that submitted it exited (callers drive inline endpoints);
+            // the connection is fine, so the receive is simply re-armed.
+            if res == -libc::EINTR || res == -libc::EAGAIN || res == -libc::ECANCELED {
                 return;
             }
             link.on_io_closed(format!(

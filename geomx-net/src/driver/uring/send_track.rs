@@ -84,7 +84,9 @@ impl SendTrack {
                 self.notifs_pending += 1;
             }
             if res < 0 {
-                if res != -libc::EINTR && res != -libc::EAGAIN {
+                // Retryable: interrupted, would block, or cancelled because the submitting thread
+                // exited (io_uring ties requests to their submitter).
+                if ![-libc::EINTR, -libc::EAGAIN, -libc::ECANCELED].contains(&res) {
                     self.error.get_or_insert(-res);
                 }
             } else {
@@ -154,9 +156,13 @@ mod tests {
     }
 
     #[test]
-    fn eagain_is_retried_not_failed() {
+    fn eagain_and_ecanceled_are_retried_not_failed() {
         let mut t = SendTrack::new(8);
         t.submitted();
         assert_eq!(t.on_cqe(-libc::EAGAIN, 0), Next::Resubmit);
+        t.submitted();
+        assert_eq!(t.on_cqe(-libc::ECANCELED, 0), Next::Resubmit);
+        t.submitted();
+        assert_eq!(t.on_cqe(8, 0), Next::Done);
     }
 }
