@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::Sender;
-use geomx_net::{Handler, KvServer, MsgKind, PayloadCodec, Request, Responder};
+use geomx_net::{Handler, MsgKind, PayloadCodec, Request, Responder};
 
 use super::msg::{f32_bytes, UpPush};
 use super::node::{Aborter, FatalHook, Identity, Node};
@@ -183,18 +183,8 @@ pub fn run(
         rounds: job.rounds,
         all_done: done_tx,
     });
-    let mut server = KvServer::bind_with_id(bind_addr, 0, handler.clone(), job.net)
-        .map_err(|e| RunError::Net(format!("binding {me} at {bind_addr}"), e))?;
-    let listen = super::node::advertised(server.local_addr())?;
-    let node = Node::join(
-        coord_addr,
-        me,
-        listen,
-        job.config_hash,
-        job.net,
-        job.registration_timeout,
-        fatal,
-    )?;
+    let (mut server, node) =
+        Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
     let dc_of = node
         .membership
         .nodes

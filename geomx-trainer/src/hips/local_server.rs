@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{Receiver, Sender};
 use geomx_net::{
-    Handler, KvClient, KvServer, MsgKind, NetError, PayloadCodec, PeerHandle, Pending, Request,
-    Responder,
+    Handler, KvClient, MsgKind, NetError, PayloadCodec, PeerHandle, Pending, Request, Responder,
 };
 
 use super::global_server::reject;
@@ -300,18 +299,8 @@ pub fn run(
         aborter: OnceLock::new(),
         all_done: done_tx,
     });
-    let mut server = KvServer::bind_with_id(bind_addr, 0, handler.clone(), job.net)
-        .map_err(|e| RunError::Net(format!("binding {me} at {bind_addr}"), e))?;
-    let listen = super::node::advertised(server.local_addr())?;
-    let node = Node::join(
-        coord_addr,
-        me,
-        listen,
-        job.config_hash,
-        job.net,
-        job.registration_timeout,
-        fatal,
-    )?;
+    let (mut server, node) =
+        Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
     let _ = handler.aborter.set(node.aborter());
     let rank_of = node
         .membership

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use geomx_net::coord::{CoordClient, CoordEvent, Hello, Membership, PROTOCOL_VERSION};
-use geomx_net::{NetError, NetOptions};
+use geomx_net::{Handler, KvServer, NetError};
 
-use super::RunError;
+use super::{JobSpec, RunError};
 
 /// Called with a message when the job must end at once (Abort broadcast, coordinator lost).
 /// The `geomx` binary prints the message and exits non-zero.
@@ -57,17 +57,16 @@ pub struct Node {
 
 impl Node {
     /// Registers `me` (serving at `listen_addr`, empty if it serves nothing) with the coordinator at
-    /// `coord_addr` (retrying for `retry_for` while nothing listens there) and starts the event
-    /// watcher. Blocks until every process registered.
+    /// `coord_addr` (retrying while nothing listens there, up to the job's registration timeout)
+    /// and starts the event watcher. Blocks until every process registered.
     pub fn join(
         coord_addr: &str,
         me: Identity,
         listen_addr: String,
-        config_hash: u64,
-        net: NetOptions,
-        retry_for: Duration,
+        job: &JobSpec,
         fatal: FatalHook,
     ) -> Result<Self, RunError> {
+        let (net, config_hash) = (job.net, job.config_hash);
         let hello = Hello {
             role: me.role.to_string(),
             dc: me.dc,
@@ -78,7 +77,7 @@ impl Node {
         };
         // Processes of a job start in any order: retry while the coordinator is not listening
         // yet, up to the registration timeout.
-        let deadline = Instant::now() + retry_for;
+        let deadline = Instant::now() + job.registration_timeout;
         let (coord, membership) = loop {
             match CoordClient::register(coord_addr, hello.clone(), net) {
                 Ok(r) => break r,
@@ -131,6 +130,22 @@ impl Node {
     /// hook (the Abort broadcast usually does first). Never returns normally in the binary.
     pub fn abort(&self, reason: &str) {
         abort_via(&self.coord, &self.fatal, &self.me.to_string(), reason);
+    }
+
+    /// Binds a server for `handler` at `bind_addr`, then registers `me` with its address.
+    pub fn serve_and_join(
+        coord_addr: &str,
+        me: Identity,
+        bind_addr: &str,
+        handler: Arc<dyn Handler>,
+        job: &JobSpec,
+        fatal: FatalHook,
+    ) -> Result<(KvServer, Self), RunError> {
+        let server = KvServer::bind_with_id(bind_addr, 0, handler, job.net)
+            .map_err(|e| RunError::Net(format!("binding {me} at {bind_addr}"), e))?;
+        let listen = advertised(server.local_addr())?;
+        let node = Self::join(coord_addr, me, listen, job, fatal)?;
+        Ok((server, node))
     }
 
     /// A handle that aborts the job from any thread (e.g. a server callback).

@@ -76,15 +76,7 @@ pub fn run(
         batcher_for(&job.data_config, train, plan.total_workers(), w).map_err(RunError::Data)?;
     let reporter = dc == 0 && rank == 0;
 
-    let node = Node::join(
-        coord_addr,
-        me,
-        String::new(),
-        job.config_hash,
-        job.net,
-        job.registration_timeout,
-        fatal,
-    )?;
+    let node = Node::join(coord_addr, me, String::new(), job, fatal)?;
     let addr = node.addr_of(roles::LOCAL_SERVER, dc, 0)?;
     let client = KvClient::connect(addr.as_str(), node.id(), job.net).map_err(|e| {
         RunError::Net(
