@@ -21,6 +21,8 @@ pub struct SummaryOptions {
     pub sizes: Vec<usize>,
     /// Bytes moved per measurement (per size; at least 4 round trips).
     pub bytes_per_measurement: usize,
+    /// At most this many round trips per measurement (bounds the small sizes' run time).
+    pub max_round_trips: usize,
     /// Measurements per (size, transport), interleaved; the best is reported.
     pub repeats: usize,
     /// Pushes in the pipelined-rate measurement.
@@ -35,7 +37,8 @@ impl Default for SummaryOptions {
         SummaryOptions {
             sizes: vec![4 << 10, 1 << 20, 64 << 20],
             bytes_per_measurement: 256 << 20,
-            repeats: 3,
+            max_round_trips: 10_000,
+            repeats: 5,
             pipelined_pushes: 100_000,
             window: 256,
         }
@@ -48,6 +51,7 @@ impl SummaryOptions {
         SummaryOptions {
             sizes: vec![4 << 10, 1 << 20],
             bytes_per_measurement: 8 << 20,
+            max_round_trips: 500,
             repeats: 1,
             pipelined_pushes: 5_000,
             window: 64,
@@ -278,7 +282,7 @@ pub fn summary(opts: &SummaryOptions) -> Value {
     let mut rows = Vec::new();
     for &size in &opts.sizes {
         let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-        let rounds = (opts.bytes_per_measurement / (2 * size)).max(4);
+        let rounds = (opts.bytes_per_measurement / (2 * size)).clamp(4, opts.max_round_trips);
         let mut raws = Vec::new();
         for mode in [RawMode::PushPull, RawMode::Echo] {
             match RawPair::new(size, mode) {
