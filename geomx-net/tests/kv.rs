@@ -447,3 +447,38 @@ fn one_client_shared_by_many_threads() {
         .unwrap();
     }
 }
+
+/// Forwards each request to an upstream server and answers with its response, waiting inside the
+/// handler (not recommended, but it must not deadlock: the upstream client has its own driver).
+struct Relay(KvClient);
+impl Handler for Relay {
+    fn on_request(&self, req: Request, reply: Responder) {
+        let up = self
+            .0
+            .push(req.key, req.version, req.codec, 0, 0, &req.payload)
+            .and_then(|p| p.wait(WAIT));
+        let _ = match up {
+            Ok(r) => reply.send(r.version, r.codec, &r.payload),
+            Err(e) => reply.error(&e.to_string()),
+        };
+    }
+}
+
+#[test]
+fn handler_may_wait_on_another_client() {
+    for d in drivers() {
+        let upstream = KvServer::bind("127.0.0.1:0", Echo, opts(d)).unwrap();
+        let up_client = KvClient::connect(upstream.local_addr(), 50, opts(d)).unwrap();
+        let relay = KvServer::bind("127.0.0.1:0", Relay(up_client), opts(d)).unwrap();
+        let client = KvClient::connect(relay.local_addr(), 51, opts(d)).unwrap();
+        for (i, len) in [10usize, 200_000, 3].into_iter().enumerate() {
+            let payload = vec![i as u8 + 1; len];
+            let r = client
+                .push(9, i as u64, PayloadCodec::Raw, 0, 0, &payload)
+                .unwrap()
+                .wait(WAIT)
+                .unwrap();
+            assert_eq!((r.version, r.payload.len()), (i as u64 + 1, len), "{d:?}");
+        }
+    }
+}

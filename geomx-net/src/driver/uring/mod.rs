@@ -128,15 +128,20 @@ struct Shared {
     finished: AtomicBool,
     /// `shutdown` was called: the ring thread stops stepping aside.
     stop_requested: AtomicBool,
+    /// This ring's identity (see [`in_turn`]).
+    ring_id: u64,
 }
 
 thread_local! {
-    /// True while this thread runs a ring turn (its callbacks must not wait on the ring).
-    static IN_TURN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The rings whose turn this thread is running (their callbacks must not wait on them).
+    static HELD: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn in_turn() -> bool {
-    IN_TURN.with(|f| f.get())
+/// Identity of each ring, for [`HELD`].
+static NEXT_RING_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn in_turn(ring: u64) -> bool {
+    HELD.with(|h| h.borrow().contains(&ring))
 }
 
 impl Shared {
@@ -196,7 +201,10 @@ impl RingCell {
                 (d - now).min(Duration::from_millis(50))
             });
             self.shared.user_active.store(true, Ordering::Relaxed);
-            if in_turn() || self.shared.finished.load(Ordering::SeqCst) || !self.try_turn(slice) {
+            if in_turn(self.shared.ring_id)
+                || self.shared.finished.load(Ordering::SeqCst)
+                || !self.try_turn(slice)
+            {
                 // Another thread holds the ring: make it return soon, then look again.
                 self.shared.kick();
                 if let Ok(v) = rx.recv_timeout(slice.min(Duration::from_micros(200))) {
@@ -209,7 +217,7 @@ impl RingCell {
 
 impl crate::link::Pump for RingCell {
     fn pump(&self, _link: &Arc<Link>) -> bool {
-        if in_turn() || self.shared.finished.load(Ordering::SeqCst) {
+        if in_turn(self.shared.ring_id) || self.shared.finished.load(Ordering::SeqCst) {
             return false;
         }
         self.shared.user_active.store(true, Ordering::Relaxed);
@@ -256,6 +264,7 @@ impl UringDriver {
             user_active: AtomicBool::new(false),
             finished: AtomicBool::new(false),
             stop_requested: AtomicBool::new(false),
+            ring_id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
         });
         let cell = Arc::new(RingCell {
             ring: Mutex::new(Ring::new(ring, rx, shared.clone(), *opts)),
@@ -318,7 +327,7 @@ impl UringDriver {
         self.shared.stop_requested.store(true, Ordering::SeqCst);
         self.shared.send(Cmd::Stop);
         self.shared.kick();
-        if in_turn() {
+        if in_turn(self.shared.ring_id) {
             return; // called from a callback: cannot wait for ourselves; the thread exits on its own
         }
         if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -329,7 +338,6 @@ impl UringDriver {
 
 /// The ring thread: turns the ring, except on inline endpoints while callers are driving it.
 fn ring_thread(cell: Arc<RingCell>, tick: Duration) {
-    IN_TURN.with(|f| f.set(false));
     while !cell.shared.finished.load(Ordering::SeqCst) {
         if cell.shared.inline
             && cell.shared.user_active.swap(false, Ordering::Relaxed)
@@ -364,7 +372,7 @@ impl UringIo {
 impl LinkIo for UringIo {
     fn send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<()> {
         let shared = &self.cell.shared;
-        let in_turn = in_turn();
+        let in_turn = in_turn(shared.ring_id);
         if payload.len() >= self.zc_threshold && !in_turn {
             // Zero copy: the ring sends from `payload` while we wait for the completion (and the
             // zero-copy notification), so the borrow outlives every kernel access.
@@ -575,7 +583,8 @@ impl Ring {
 
     /// One turn: commands, submissions, a wait of at most `max_wait`, completions, timers.
     fn turn(&mut self, max_wait: Duration) {
-        IN_TURN.with(|f| f.set(true));
+        let id = self.shared.ring_id;
+        HELD.with(|h| h.borrow_mut().push(id));
         self.drain_commands();
         if !self.wake_armed {
             let e = opcode::Read::new(
@@ -619,7 +628,7 @@ impl Ring {
             }
             let _ = self.ring.submit();
         }
-        IN_TURN.with(|f| f.set(false));
+        HELD.with(|h| h.borrow_mut().retain(|r| *r != id));
     }
 
     /// After the last turn: fail senders whose commands came too late.
