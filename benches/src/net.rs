@@ -355,6 +355,7 @@ pub fn summary(opts: &SummaryOptions) -> Value {
     json!({
         "what": "loopback goodput (MB/s, payload bytes both ways) of push+pull per driver vs raw blocking TCP doing the same exchange (raw_tcp: payload, 8-byte ack, 8-byte request, payload) and a plain echo (raw_tcp_echo); ratio = ours / raw_tcp; best of `repeats` interleaved runs; pipelined 4 KiB pushes per second",
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default(),
         "io_uring": geomx_net::uring_unavailable_reason().map_or(json!("available"), |r| json!(r)),
         "goodput": rows,
         "pipelined_4KiB_pushes_per_s": pipelined,
