@@ -156,7 +156,8 @@ fn many_in_flight_answered_later_from_another_thread_out_of_order() {
 fn unanswered_request_times_out_and_dropped_responder_reports_error() {
     for d in drivers() {
         let parker = Arc::new(Parker::default());
-        let server = KvServer::bind_with_id("127.0.0.1:0", 0, parker.clone(), opts(d)).unwrap();
+        // `bind` takes the handler by value; an `Arc` keeps a handle to its state.
+        let server = KvServer::bind("127.0.0.1:0", parker.clone(), opts(d)).unwrap();
         let mut o = opts(d);
         o.conn.request_timeout = Duration::from_millis(300);
         let client = KvClient::connect(server.local_addr(), 1, o).unwrap();

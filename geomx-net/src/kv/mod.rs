@@ -223,3 +223,18 @@ pub trait Handler: Send + Sync + 'static {
     /// responders now fail to send.
     fn on_disconnect(&self, _peer: &PeerHandle, _reason: &NetError) {}
 }
+
+/// A shared handler: lets a caller keep an `Arc` to its handler's state.
+impl<H: Handler + ?Sized> Handler for Arc<H> {
+    fn on_request(&self, req: Request, reply: Responder) {
+        (**self).on_request(req, reply)
+    }
+
+    fn on_connect(&self, peer: &PeerHandle) {
+        (**self).on_connect(peer)
+    }
+
+    fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
+        (**self).on_disconnect(peer, reason)
+    }
+}
