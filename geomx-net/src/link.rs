@@ -146,7 +146,7 @@ impl Link {
     }
 
     fn check_len(&self, len: usize) -> Result<(), NetError> {
-        if len + HEADER_LEN > self.max_frame {
+        if len + HEADER_LEN > self.max_frame || len > u32::MAX as usize {
             return Err(NetError::TooLarge {
                 len,
                 max: self.max_frame,

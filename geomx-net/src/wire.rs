@@ -337,11 +337,8 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Builds a frame, setting `header.payload_len` from the payload.
-    ///
-    /// # Panics
-    /// Never for payloads below 4 GiB; longer payloads are truncated in the length field, so callers
-    /// check sizes against their maximum frame size first (the kv layer does).
+    /// Builds a frame, setting `header.payload_len` from the payload. The length field is 32 bits:
+    /// callers keep payloads below 4 GiB (the kv layer refuses larger ones with `TooLarge`).
     pub fn new(mut header: FrameHeader, payload: Vec<u8>) -> Frame {
         header.payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
         Frame { header, payload }
