@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use geomx_bench::kernels::{memcpy, normal_data, sparse_data};
+use geomx_bench::kernels::{memcpy, normal_data, payload_words, sparse_data};
 use geomx_kernels::cast;
 use geomx_kernels::dense::{encode_dense, Scaling};
 use geomx_kernels::rng::{selection_seed, Tier};
@@ -92,15 +92,7 @@ fn scatter(c: &mut Criterion) {
     ] {
         let parts: Vec<SparseVec> = (0..4).map(|d| sparse_data(n, 0.01, 10 + d)).collect();
         let refs: Vec<&SparseVec> = parts.iter().collect();
-        let flat: Vec<u32> = parts
-            .iter()
-            .flat_map(|p| {
-                p.indices()
-                    .iter()
-                    .copied()
-                    .chain(p.values().iter().map(|v| v.to_bits()))
-            })
-            .collect();
+        let flat = payload_words(&parts);
         let mut flat_copy = vec![0u32; flat.len()];
         let mut dense = vec![0f32; n];
         let mut g = c.benchmark_group(name);

@@ -77,6 +77,20 @@ fn best(v: &[Duration]) -> f64 {
     v.iter().min().map_or(0.0, Duration::as_secs_f64)
 }
 
+/// The 32-bit words a sparse payload of `parts` moves (indices, then value bits, per part): the
+/// bytes a memcpy baseline for scatter-add copies.
+pub fn payload_words(parts: &[SparseVec]) -> Vec<u32> {
+    parts
+        .iter()
+        .flat_map(|p| {
+            p.indices()
+                .iter()
+                .copied()
+                .chain(p.values().iter().map(|v| v.to_bits()))
+        })
+        .collect()
+}
+
 /// A memcpy of `src` into `dst` (the baseline).
 pub fn memcpy<T: Copy>(src: &[T], dst: &mut [T]) {
     dst.copy_from_slice(black_box(src));
@@ -244,15 +258,7 @@ pub fn summary_with(n: usize, reps: usize) -> Value {
         let parts: Vec<SparseVec> = (0..4).map(|d| sparse_data(dn, 0.01, 10 + d)).collect();
         let refs: Vec<&SparseVec> = parts.iter().collect();
         let sparse_bytes: usize = parts.iter().map(|p| 8 * p.count()).sum();
-        let flat: Vec<u32> = parts
-            .iter()
-            .flat_map(|p| {
-                p.indices()
-                    .iter()
-                    .copied()
-                    .chain(p.values().iter().map(|v| v.to_bits()))
-            })
-            .collect();
+        let flat = payload_words(&parts);
         let mut flat_copy = vec![0u32; flat.len()];
         let mut dense = vec![0f32; dn];
         let mut merge_scratch = MergeScratch::default();
