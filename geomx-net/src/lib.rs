@@ -39,6 +39,8 @@
 pub mod bufpool;
 pub mod conn;
 pub mod coord;
+/// DGT (differential gradient transmission): sans-IO sender / receiver core, see `docs/dgt.md`.
+pub mod dgt;
 mod driver;
 pub mod error;
 pub mod kv;

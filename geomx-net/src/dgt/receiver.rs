@@ -1,0 +1,532 @@
+//! The DGT receiver: validation, duplicate / early / late / stale handling, deadline, delivery.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use super::header::{check_channel_map, DgtKind, Header};
+use super::{f16_bits_to_f32, DgtConfig, DgtError, ValueType, MAX_CHANNELS, NOT_SENT};
+
+const NCH: usize = (MAX_CHANNELS + 1) as usize;
+
+/// Receiver counters of one channel (0 = reliable). Identity: `sent = on_time + late + lost`
+/// over delivered rounds; `lost` becomes final when a round's late window closes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelCounters {
+    /// Blocks listed on this channel by delivered terminators.
+    pub sent: u64,
+    /// Blocks that arrived before their round's delivery.
+    pub on_time: u64,
+    /// Blocks that arrived after their round's delivery (folded into the next round).
+    pub late: u64,
+    /// Listed blocks not (yet) arrived.
+    pub lost: u64,
+    /// Blocks arriving after the late window (dropped).
+    pub stale: u64,
+    /// Duplicate messages (ignored).
+    pub dup: u64,
+    /// Blocks more than one round ahead (dropped).
+    pub future_dropped: u64,
+    /// Valid block messages received (any outcome).
+    pub received: u64,
+    /// Bytes of valid messages received (header + payload).
+    pub bytes: u64,
+}
+
+/// A delivered tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// Sender id.
+    pub sender: u32,
+    /// Key.
+    pub key: u32,
+    /// Round.
+    pub round: u32,
+    /// Values widened to f32: zeros + arrived blocks of this round + late blocks of the
+    /// previous round added (f32).
+    pub values: Vec<f32>,
+    /// Blocks listed as sent but missing at delivery (zero unless folded later).
+    pub missing: Vec<u32>,
+    /// Late blocks of the previous round folded in.
+    pub folded_late: u32,
+    /// True if delivery waited out the deadline (or was forced) instead of completing.
+    pub timed_out: bool,
+    /// First datagram of this round (`None` if nothing but the terminator arrived).
+    pub first_at: Option<Instant>,
+    /// When it was delivered.
+    pub delivered_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KeyInfo {
+    n: u32,
+    value_type: ValueType,
+    per: u32,
+    n_b: u32,
+}
+
+#[derive(Debug)]
+struct Slot {
+    values: Vec<f32>,
+    /// Channel each block arrived on, [`NOT_SENT`] if not arrived.
+    arrived: Vec<u8>,
+    end: Option<Vec<u8>>,
+    deadline: Option<Instant>,
+    first_at: Option<Instant>,
+}
+
+impl Slot {
+    fn new(k: &KeyInfo) -> Slot {
+        Slot {
+            values: Vec::new(),
+            arrived: vec![NOT_SENT; k.n_b as usize],
+            end: None,
+            deadline: None,
+            first_at: None,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.end.as_ref().is_some_and(|m| {
+            m.iter()
+                .zip(&self.arrived)
+                .all(|(&c, &a)| c == NOT_SENT || a != NOT_SENT)
+        })
+    }
+}
+
+/// The delivered round whose late window is open.
+#[derive(Debug)]
+struct Closed {
+    map: Vec<u8>,
+    seen: Vec<bool>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    cur: u32,
+    slots: [Option<Slot>; 2],
+    prev: Option<Closed>,
+    late: Vec<(u32, Vec<f32>)>,
+}
+
+/// Sans-IO DGT receiver for all senders and keys of one node.
+#[derive(Debug)]
+pub struct DgtReceiver {
+    cfg: DgtConfig,
+    keys: HashMap<u32, KeyInfo>,
+    streams: HashMap<(u32, u32), Stream>,
+    counters: [ChannelCounters; NCH],
+    invalid: u64,
+    deliveries: VecDeque<Delivery>,
+}
+
+impl DgtReceiver {
+    /// A receiver; keys must be added before their messages arrive.
+    pub fn new(cfg: DgtConfig) -> Result<DgtReceiver, DgtError> {
+        cfg.validate()?;
+        Ok(DgtReceiver {
+            cfg,
+            keys: HashMap::new(),
+            streams: HashMap::new(),
+            counters: [ChannelCounters::default(); NCH],
+            invalid: 0,
+            deliveries: VecDeque::new(),
+        })
+    }
+
+    /// Registers a key of `n` elements of `value_type` (the key table both sides share).
+    /// Rounds of every sender start at 0.
+    pub fn add_key(&mut self, key: u32, n: u32, value_type: ValueType) -> Result<(), DgtError> {
+        if n == 0 {
+            return Err(DgtError::Invalid(format!("key {key} has no elements")));
+        }
+        let per = (self.cfg.block_bytes / value_type.size()) as u32;
+        self.keys.insert(
+            key,
+            KeyInfo {
+                n,
+                value_type,
+                per,
+                n_b: n.div_ceil(per),
+            },
+        );
+        Ok(())
+    }
+
+    /// Per-channel counters (index = channel).
+    pub fn counters(&self) -> &[ChannelCounters; NCH] {
+        &self.counters
+    }
+
+    /// Messages rejected by validation.
+    pub fn invalid(&self) -> u64 {
+        self.invalid
+    }
+
+    /// Next delivered tensor, in delivery order.
+    pub fn poll_delivery(&mut self) -> Option<Delivery> {
+        self.deliveries.pop_front()
+    }
+
+    /// Earliest terminator deadline pending.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.streams
+            .values()
+            .filter_map(|s| s.slots[0].as_ref().and_then(|sl| sl.deadline))
+            .min()
+    }
+
+    /// Delivers every round whose deadline is ≤ `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<(u32, u32)> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| {
+                s.slots[0]
+                    .as_ref()
+                    .and_then(|sl| sl.deadline)
+                    .is_some_and(|d| d <= now)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.advance(id, now, true);
+        }
+    }
+
+    /// A datagram from unreliable channel socket (header channel must be 1..=C).
+    pub fn handle_datagram(&mut self, now: Instant, msg: &[u8]) -> Result<(), DgtError> {
+        let r = self.handle(now, msg, false);
+        if r.is_err() {
+            self.invalid += 1;
+        }
+        r
+    }
+
+    /// A message from the reliable transport (channel-0 block or terminator).
+    pub fn handle_reliable(&mut self, now: Instant, msg: &[u8]) -> Result<(), DgtError> {
+        let r = self.handle(now, msg, true);
+        if r.is_err() {
+            self.invalid += 1;
+        }
+        r
+    }
+
+    fn handle(&mut self, now: Instant, msg: &[u8], reliable: bool) -> Result<(), DgtError> {
+        let (h, payload) = Header::decode(msg)?;
+        let k = *self.keys.get(&h.key).ok_or(DgtError::UnknownKey(h.key))?;
+        if h.value_type != k.value_type {
+            return Err(DgtError::ValueTypeMismatch {
+                key: h.key,
+                got: h.value_type,
+                want: k.value_type,
+            });
+        }
+        if reliable != (h.channel == 0) || h.channel > self.cfg.channels {
+            return Err(DgtError::BadChannel(h.channel));
+        }
+        match h.kind {
+            DgtKind::Block => self.on_block(now, &h, &k, payload, msg.len()),
+            DgtKind::End => self.on_end(now, &h, &k, payload, msg.len()),
+        }
+    }
+
+    fn on_block(
+        &mut self,
+        now: Instant,
+        h: &Header,
+        k: &KeyInfo,
+        payload: &[u8],
+        len: usize,
+    ) -> Result<(), DgtError> {
+        if h.block >= k.n_b {
+            return Err(DgtError::BlockOutOfRange {
+                block: h.block,
+                n_b: k.n_b,
+            });
+        }
+        let off = h.block * k.per;
+        let cnt = (off + k.per).min(k.n) - off;
+        if h.elem_offset != off || h.elem_count != cnt {
+            return Err(DgtError::BadElemRange {
+                block: h.block,
+                offset: h.elem_offset,
+                count: h.elem_count,
+            });
+        }
+        let want = cnt as usize * k.value_type.size();
+        if payload.len() != want {
+            return Err(DgtError::BadPayloadLen {
+                got: payload.len(),
+                want,
+            });
+        }
+        let ch = usize::from(h.channel);
+        let b = h.block as usize;
+        let sid = (h.sender, h.key);
+        if h.channel == 0 {
+            self.force_until(sid, h.round, now);
+        }
+        let st = self.streams.entry(sid).or_insert_with(|| Stream {
+            cur: 0,
+            slots: [None, None],
+            prev: None,
+            late: Vec::new(),
+        });
+        let c = &mut self.counters[ch];
+        if h.round.wrapping_add(1) == st.cur {
+            // Late window of the delivered round.
+            let Some(prev) = st.prev.as_mut() else {
+                c.received += 1;
+                c.bytes += len as u64;
+                c.stale += 1;
+                return Ok(());
+            };
+            if prev.map[b] != h.channel {
+                return Err(DgtError::WrongChannel {
+                    block: h.block,
+                    got: h.channel,
+                    want: prev.map[b],
+                });
+            }
+            c.received += 1;
+            c.bytes += len as u64;
+            if prev.seen[b] {
+                c.dup += 1;
+            } else {
+                prev.seen[b] = true;
+                c.late += 1;
+                c.lost -= 1;
+                st.late.push((off, widen(k.value_type, payload)));
+            }
+            return Ok(());
+        }
+        let idx = match h.round.wrapping_sub(st.cur) {
+            0 => 0,
+            1 => 1,
+            d if d < u32::MAX / 2 => {
+                c.received += 1;
+                c.bytes += len as u64;
+                c.future_dropped += 1;
+                return Ok(());
+            }
+            _ => {
+                c.received += 1;
+                c.bytes += len as u64;
+                c.stale += 1;
+                return Ok(());
+            }
+        };
+        let slot = st.slots[idx].get_or_insert_with(|| Slot::new(k));
+        if let Some(map) = &slot.end {
+            if map[b] != h.channel {
+                return Err(DgtError::WrongChannel {
+                    block: h.block,
+                    got: h.channel,
+                    want: map[b],
+                });
+            }
+        }
+        c.received += 1;
+        c.bytes += len as u64;
+        if slot.arrived[b] != NOT_SENT {
+            c.dup += 1;
+            return Ok(());
+        }
+        slot.arrived[b] = h.channel;
+        slot.first_at.get_or_insert(now);
+        if slot.values.is_empty() {
+            slot.values = vec![0.0; k.n as usize];
+        }
+        write_block(
+            k.value_type,
+            payload,
+            &mut slot.values[off as usize..(off + cnt) as usize],
+        );
+        if idx == 0 && slot.complete() {
+            self.advance(sid, now, false);
+        }
+        Ok(())
+    }
+
+    fn on_end(
+        &mut self,
+        now: Instant,
+        h: &Header,
+        k: &KeyInfo,
+        payload: &[u8],
+        len: usize,
+    ) -> Result<(), DgtError> {
+        if h.block != k.n_b || h.elem_count != k.n || h.elem_offset != 0 {
+            return Err(DgtError::BlockOutOfRange {
+                block: h.block,
+                n_b: k.n_b,
+            });
+        }
+        check_channel_map(payload, k.n_b as usize, self.cfg.channels)?;
+        let sid = (h.sender, h.key);
+        self.force_until(sid, h.round, now);
+        let st = self.streams.entry(sid).or_insert_with(|| Stream {
+            cur: 0,
+            slots: [None, None],
+            prev: None,
+            late: Vec::new(),
+        });
+        let c = &mut self.counters[0];
+        let idx = match h.round.wrapping_sub(st.cur) {
+            0 => 0,
+            1 => 1,
+            _ => {
+                // Reliable and ordered: only a duplicate of a delivered round's terminator, or
+                // a sender more than a round ahead whose current round has no terminator yet.
+                c.bytes += len as u64;
+                c.stale += 1;
+                return Ok(());
+            }
+        };
+        let deadline = now + self.cfg.deadline;
+        let slot = st.slots[idx].get_or_insert_with(|| Slot::new(k));
+        if let Some(m) = &slot.end {
+            if m.as_slice() != payload {
+                return Err(DgtError::ConflictingEnd {
+                    key: h.key,
+                    round: h.round,
+                });
+            }
+            c.bytes += len as u64;
+            c.dup += 1;
+            return Ok(());
+        }
+        // Blocks that arrived on a channel the terminator does not list are discarded.
+        let mut discarded = 0;
+        for (j, (&m, a)) in payload.iter().zip(slot.arrived.iter_mut()).enumerate() {
+            if *a != NOT_SENT && *a != m {
+                *a = NOT_SENT;
+                let off = j * k.per as usize;
+                let end = (off + k.per as usize).min(k.n as usize);
+                slot.values[off..end].fill(0.0);
+                discarded += 1;
+            }
+        }
+        c.bytes += len as u64;
+        slot.end = Some(payload.to_vec());
+        slot.deadline = Some(deadline);
+        self.invalid += discarded;
+        if idx == 0 && slot.complete() {
+            self.advance(sid, now, false);
+        }
+        Ok(())
+    }
+
+    /// The reliable channel is ordered: a reliable message of round r ≥ cur + 2 means the
+    /// sender moved on, so rounds that already have their terminator are delivered now.
+    fn force_until(&mut self, sid: (u32, u32), round: u32, now: Instant) {
+        loop {
+            let Some(st) = self.streams.get(&sid) else {
+                return;
+            };
+            let ahead = round.wrapping_sub(st.cur);
+            let has_end = st.slots[0].as_ref().is_some_and(|s| s.end.is_some());
+            if (2..u32::MAX / 2).contains(&ahead) && has_end {
+                self.advance(sid, now, true);
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Delivers the current round of `sid` (it has its terminator), then any following round
+    /// that is already complete or past its deadline.
+    fn advance(&mut self, sid: (u32, u32), now: Instant, mut forced: bool) {
+        let Some(&k) = self.keys.get(&sid.1) else {
+            return;
+        };
+        loop {
+            let Some(st) = self.streams.get_mut(&sid) else {
+                return;
+            };
+            let Some(mut slot) = st.slots[0].take() else {
+                return;
+            };
+            let Some(map) = slot.end.take() else {
+                st.slots[0] = Some(slot);
+                return;
+            };
+            if slot.values.is_empty() {
+                slot.values = vec![0.0; k.n as usize];
+            }
+            let mut missing = Vec::new();
+            for (j, (&m, &a)) in map.iter().zip(&slot.arrived).enumerate() {
+                if m == NOT_SENT {
+                    continue;
+                }
+                let c = &mut self.counters[usize::from(m)];
+                c.sent += 1;
+                if a == NOT_SENT {
+                    c.lost += 1;
+                    missing.push(j as u32);
+                } else {
+                    c.on_time += 1;
+                }
+            }
+            let late = std::mem::take(&mut st.late);
+            let folded_late = late.len() as u32;
+            for (off, v) in late {
+                for (o, x) in slot.values[off as usize..].iter_mut().zip(v) {
+                    *o += x;
+                }
+            }
+            let seen = slot.arrived.iter().map(|&a| a != NOT_SENT).collect();
+            st.prev = Some(Closed { map, seen });
+            let round = st.cur;
+            st.cur = st.cur.wrapping_add(1);
+            st.slots[0] = st.slots[1].take();
+            tracing::trace!(
+                sender = sid.0,
+                key = sid.1,
+                round,
+                missing = missing.len(),
+                "dgt deliver"
+            );
+            self.deliveries.push_back(Delivery {
+                sender: sid.0,
+                key: sid.1,
+                round,
+                values: slot.values,
+                missing,
+                folded_late,
+                timed_out: forced,
+                first_at: slot.first_at,
+                delivered_at: now,
+            });
+            let next = st.slots[0].as_ref();
+            let ready = next.is_some_and(|s| s.complete());
+            let due = next.and_then(|s| s.deadline).is_some_and(|d| d <= now);
+            if !(ready || due) {
+                return;
+            }
+            forced = !ready;
+        }
+    }
+}
+
+fn widen(vt: ValueType, payload: &[u8]) -> Vec<f32> {
+    let mut v = vec![0.0; payload.len() / vt.size()];
+    write_block(vt, payload, &mut v);
+    v
+}
+
+fn write_block(vt: ValueType, payload: &[u8], out: &mut [f32]) {
+    match vt {
+        ValueType::F32 => {
+            for (o, b) in out.iter_mut().zip(payload.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        ValueType::F16 => {
+            for (o, b) in out.iter_mut().zip(payload.chunks_exact(2)) {
+                *o = f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The DGT sender: blocks, per-channel strict-priority queues, pacing, terminators.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use super::header::{DgtKind, Header, DGT_HEADER_LEN};
+use super::pacing::TokenBucket;
+use super::{DgtConfig, DgtError, TerminatorMode, ValueType, MAX_CHANNELS, NOT_SENT};
+
+/// The values of one (key, round).
+#[derive(Debug, Clone, Copy)]
+pub enum Values<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// IEEE binary16 bit patterns.
+    F16(&'a [u16]),
+}
+
+impl Values<'_> {
+    fn value_type(&self) -> ValueType {
+        match self {
+            Values::F32(_) => ValueType::F32,
+            Values::F16(_) => ValueType::F16,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F16(v) => v.len(),
+        }
+    }
+
+    fn all_zero(&self, r: std::ops::Range<usize>) -> bool {
+        match self {
+            Values::F32(v) => v[r].iter().all(|&x| x == 0.0),
+            Values::F16(v) => v[r].iter().all(|&h| h & 0x7fff == 0),
+        }
+    }
+
+    fn le_bytes(&self) -> Vec<u8> {
+        match self {
+            Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Values::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// One message handed out by [`DgtSender::poll_transmit`]; its bytes were appended to the
+/// caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// 0: a reliable message for the TCP transport; 1..=C: a datagram for that UDP channel.
+    pub channel: u8,
+    /// Block or terminator.
+    pub kind: DgtKind,
+    /// Key.
+    pub key: u32,
+    /// Round.
+    pub round: u32,
+    /// Block id (terminator: n_b).
+    pub block: u32,
+    /// Bytes appended (header + payload).
+    pub len: usize,
+}
+
+/// What the sender handed out, per channel (index = channel).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderCounters {
+    /// Block messages per channel.
+    pub blocks: [u64; 8],
+    /// Bytes (DGT header + payload) per channel.
+    pub bytes: [u64; 8],
+    /// Terminators sent.
+    pub terminators: u64,
+}
+
+#[derive(Debug)]
+struct Round {
+    key: u32,
+    round: u32,
+    value_type: ValueType,
+    n: u32,
+    data: Vec<u8>,
+    map: Vec<u8>,
+    unreliable_left: usize,
+    end_sent: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Item {
+    Block { id: u64, block: u32 },
+    End { id: u64 },
+}
+
+/// Sans-IO DGT sender for one node (all keys). See the module docs of [`crate::dgt`].
+#[derive(Debug)]
+pub struct DgtSender {
+    id: u32,
+    cfg: DgtConfig,
+    rounds: HashMap<u64, Round>,
+    next_id: u64,
+    queues: [VecDeque<Item>; (MAX_CHANNELS + 1) as usize],
+    bucket: Option<TokenBucket>,
+    counters: SenderCounters,
+}
+
+impl DgtSender {
+    /// A sender with node id `sender_id`.
+    pub fn new(sender_id: u32, cfg: DgtConfig, now: Instant) -> Result<DgtSender, DgtError> {
+        cfg.validate()?;
+        let max_dgram = (DGT_HEADER_LEN + cfg.block_bytes + cfg.ip_overhead) as u64;
+        let bucket = cfg
+            .rate_bps
+            .map(|r| TokenBucket::new(r, max_dgram * u64::from(cfg.burst), now));
+        Ok(DgtSender {
+            id: sender_id,
+            cfg,
+            rounds: HashMap::new(),
+            next_id: 0,
+            queues: Default::default(),
+            bucket,
+            counters: SenderCounters::default(),
+        })
+    }
+
+    /// Number of blocks n_b for a tensor of `n` elements of `value_type`.
+    pub fn num_blocks(&self, n: usize, value_type: ValueType) -> usize {
+        n.div_ceil(self.cfg.block_bytes / value_type.size())
+    }
+
+    /// Queues (key, round). `channel_of_block[j]` is block j's channel from the caller's ranking
+    /// (geomx-kernels `assign_channels`): 0 reliable, 1..=C unreliable, [`NOT_SENT`] skipped.
+    /// Blocks whose values are all zero are never sent, whatever the map says; a non-zero block
+    /// marked [`NOT_SENT`] is refused (its values would silently vanish). Within a channel,
+    /// blocks go in id order.
+    pub fn push(
+        &mut self,
+        key: u32,
+        round: u32,
+        values: Values<'_>,
+        channel_of_block: &[u8],
+    ) -> Result<(), DgtError> {
+        let vt = values.value_type();
+        let n = values.len();
+        let n32 = u32::try_from(n).map_err(|_| DgtError::Invalid(format!("{n} elements")))?;
+        if n == 0 {
+            return Err(DgtError::Invalid("empty tensor".into()));
+        }
+        let per = self.cfg.block_bytes / vt.size();
+        let n_b = n.div_ceil(per);
+        if channel_of_block.len() != n_b {
+            return Err(DgtError::Invalid(format!(
+                "channel map of {} entries for {n_b} blocks",
+                channel_of_block.len()
+            )));
+        }
+        let mut map = channel_of_block.to_vec();
+        for (j, c) in map.iter_mut().enumerate() {
+            let zero = values.all_zero(j * per..((j + 1) * per).min(n));
+            if zero {
+                *c = NOT_SENT;
+            } else if *c == NOT_SENT {
+                return Err(DgtError::Invalid(format!(
+                    "non-zero block {j} marked not sent"
+                )));
+            } else if *c > self.cfg.channels {
+                return Err(DgtError::BadChannel(*c));
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let unreliable_left = map.iter().filter(|&&c| c != 0 && c != NOT_SENT).count();
+        for (j, &c) in map.iter().enumerate() {
+            if c != NOT_SENT {
+                self.queues[usize::from(c)].push_back(Item::Block {
+                    id,
+                    block: j as u32,
+                });
+            }
+        }
+        if unreliable_left == 0 || self.cfg.terminator == TerminatorMode::AfterReliable {
+            self.queues[0].push_back(Item::End { id });
+        }
+        self.rounds.insert(
+            id,
+            Round {
+                key,
+                round,
+                value_type: vt,
+                n: n32,
+                data: values.le_bytes(),
+                map,
+                unreliable_left,
+                end_sent: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// True while anything is queued.
+    pub fn is_busy(&self) -> bool {
+        self.queues.iter().any(|q| !q.is_empty())
+    }
+
+    /// Next message to send at `now`, appended to `buf`: reliable messages first, then the
+    /// lowest non-empty unreliable channel if the pacer allows. `None` when nothing may go now
+    /// (see [`DgtSender::poll_timeout`]).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let ch = self.queues.iter().position(|q| !q.is_empty())?;
+        let item = *self.queues[ch].front()?;
+        if ch != 0 {
+            let size = self.item_len(item) + self.cfg.ip_overhead;
+            if let Some(b) = self.bucket.as_mut() {
+                if !b.try_take(size, now) {
+                    return None;
+                }
+            }
+        }
+        self.queues[ch].pop_front();
+        Some(self.emit(ch as u8, item, buf))
+    }
+
+    /// When the head unreliable datagram may go (pacing), if one waits and no reliable message
+    /// is queued; `None` otherwise (reliable messages are never paced: poll again at once).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let ch = self.queues.iter().position(|q| !q.is_empty())?;
+        if ch == 0 {
+            return None;
+        }
+        let item = *self.queues[ch].front()?;
+        let size = self.item_len(item) + self.cfg.ip_overhead;
+        self.bucket.as_ref().map(|b| b.ready_at(size))
+    }
+
+    /// Counts of what was handed out so far.
+    pub fn counters(&self) -> &SenderCounters {
+        &self.counters
+    }
+
+    /// Current pacing rate in bit/s (`None`: unpaced).
+    pub fn rate_bps(&self) -> Option<u64> {
+        self.bucket.as_ref().map(TokenBucket::rate_bps)
+    }
+
+    /// Sets the pacing rate (e.g. the reliable goodput measured in the first round).
+    pub fn set_rate(&mut self, rate_bps: u64, now: Instant) -> Result<(), DgtError> {
+        let b = self
+            .bucket
+            .as_mut()
+            .ok_or_else(|| DgtError::Invalid("sender is unpaced".into()))?;
+        if rate_bps == 0 {
+            return Err(DgtError::Invalid("rate 0".into()));
+        }
+        b.set_rate(rate_bps, now);
+        Ok(())
+    }
+
+    /// `auto` pacing step after a round, from the receiver's unreliable loss fraction:
+    /// R ← 0.8·R above 2 %, R ← 1.05·R below 0.5 %, clamped to [`min_bps`, `max_bps`].
+    /// Returns the new rate.
+    pub fn adapt_rate(
+        &mut self,
+        unreliable_loss: f64,
+        min_bps: u64,
+        max_bps: u64,
+        now: Instant,
+    ) -> Result<u64, DgtError> {
+        let r = self
+            .rate_bps()
+            .ok_or_else(|| DgtError::Invalid("sender is unpaced".into()))? as f64;
+        let next = if unreliable_loss > 0.02 {
+            0.8 * r
+        } else if unreliable_loss < 0.005 {
+            1.05 * r
+        } else {
+            r
+        };
+        let next = (next as u64).clamp(min_bps.max(1), max_bps.max(min_bps.max(1)));
+        self.set_rate(next, now)?;
+        Ok(next)
+    }
+
+    fn item_len(&self, item: Item) -> usize {
+        match item {
+            Item::Block { id, block } => {
+                let r = &self.rounds[&id];
+                let (_, cnt) = self.block_span(r, block);
+                DGT_HEADER_LEN + cnt as usize * r.value_type.size()
+            }
+            Item::End { id } => DGT_HEADER_LEN + self.rounds[&id].map.len(),
+        }
+    }
+
+    fn block_span(&self, r: &Round, block: u32) -> (u32, u32) {
+        let per = (self.cfg.block_bytes / r.value_type.size()) as u32;
+        let off = block * per;
+        (off, (off + per).min(r.n) - off)
+    }
+
+    fn emit(&mut self, channel: u8, item: Item, buf: &mut Vec<u8>) -> Transmit {
+        let start = buf.len();
+        match item {
+            Item::Block { id, block } => {
+                let r = &self.rounds[&id];
+                let (off, cnt) = self.block_span(r, block);
+                let e = r.value_type.size();
+                Header {
+                    kind: DgtKind::Block,
+                    channel,
+                    value_type: r.value_type,
+                    sender: self.id,
+                    key: r.key,
+                    round: r.round,
+                    block,
+                    elem_offset: off,
+                    elem_count: cnt,
+                }
+                .encode_into(buf);
+                buf.extend_from_slice(&r.data[off as usize * e..(off + cnt) as usize * e]);
+                let (key, round) = (r.key, r.round);
+                let len = buf.len() - start;
+                self.counters.blocks[usize::from(channel)] += 1;
+                self.counters.bytes[usize::from(channel)] += len as u64;
+                if channel != 0 {
+                    let r = self.rounds.get_mut(&id).expect("queued round exists");
+                    r.unreliable_left -= 1;
+                    if r.unreliable_left == 0 {
+                        if r.end_sent {
+                            self.rounds.remove(&id);
+                        } else if self.cfg.terminator == TerminatorMode::AfterAll {
+                            self.queues[0].push_back(Item::End { id });
+                        }
+                    }
+                }
+                Transmit {
+                    channel,
+                    kind: DgtKind::Block,
+                    key,
+                    round,
+                    block,
+                    len,
+                }
+            }
+            Item::End { id } => {
+                let r = self.rounds.get_mut(&id).expect("queued round exists");
+                r.end_sent = true;
+                let r = &self.rounds[&id];
+                let n_b = r.map.len() as u32;
+                Header {
+                    kind: DgtKind::End,
+                    channel: 0,
+                    value_type: r.value_type,
+                    sender: self.id,
+                    key: r.key,
+                    round: r.round,
+                    block: n_b,
+                    elem_offset: 0,
+                    elem_count: r.n,
+                }
+                .encode_into(buf);
+                buf.extend_from_slice(&r.map);
+                let (key, round) = (r.key, r.round);
+                let len = buf.len() - start;
+                self.counters.terminators += 1;
+                self.counters.bytes[0] += len as u64;
+                // In after_reliable mode unreliable blocks may still be queued.
+                if self.rounds[&id].unreliable_left == 0 {
+                    self.rounds.remove(&id);
+                }
+                Transmit {
+                    channel: 0,
+                    kind: DgtKind::End,
+                    key,
+                    round,
+                    block: n_b,
+                    len,
+                }
+            }
+        }
+    }
+}
