@@ -23,6 +23,11 @@ pub struct Report {
     /// Bytes inside the DCs (workers ↔ local server), counted once at the local servers' server
     /// sockets.
     pub lan_bytes: u64,
+    /// `wan_bytes` divided by the rounds run (0 without rounds).
+    pub wan_bytes_per_round: f64,
+    /// Inter-tier payload bytes (push + reply, frame headers excluded) by codec class: `f32`
+    /// (dense f32), `fp16`, `bf16` (dense 16-bit) and `sparse` (top-k payloads and updates).
+    pub codec_bytes: crate::hips::codec::CodecBytes,
     /// Bytes to and from the coordinator (control plane), counted at its sockets.
     pub control_bytes: u64,
     /// Bytes through each global server's sockets, by global server rank.
@@ -57,6 +62,12 @@ impl Report {
         let lan_bytes = sum(roles::LOCAL_SERVER, |s| s.served_bytes);
         let wan_bytes = sum(roles::LOCAL_SERVER, |s| s.client_bytes);
         let control_bytes = sum(roles::COORDINATOR, |s| s.served_bytes);
+        let mut codec_bytes = crate::hips::codec::CodecBytes::new();
+        for s in stats.iter().filter(|s| s.role == roles::LOCAL_SERVER) {
+            for (k, v) in &s.codec_bytes {
+                *codec_bytes.entry(k.clone()).or_default() += v;
+            }
+        }
         let mut per_global_server_bytes = vec![0; param_bytes.len()];
         for s in stats.iter().filter(|s| s.role == roles::GLOBAL_SERVER) {
             if let Some(slot) = per_global_server_bytes.get_mut(s.rank as usize) {
@@ -78,6 +89,12 @@ impl Report {
             wall_seconds,
             wan_bytes,
             lan_bytes,
+            wan_bytes_per_round: if rounds > 0 {
+                wan_bytes as f64 / rounds as f64
+            } else {
+                0.0
+            },
+            codec_bytes,
             control_bytes,
             per_global_server_bytes,
             per_global_server_param_bytes: param_bytes,
@@ -114,6 +131,7 @@ mod tests {
             param_hash: hash,
             final_loss: hash.map(|_| 0.5),
             final_test_accuracy: (dc == 0 && rank == 0 && hash.is_some()).then_some(0.9),
+            codec_bytes: Default::default(),
         }
     }
 

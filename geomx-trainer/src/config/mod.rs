@@ -354,8 +354,10 @@ pub struct SyncConfig {
     pub algorithm: SyncAlgorithm,
 }
 
-/// A codec of one tier (compression.md), selected by `codec`. Open: `fp16`, `bf16`, `bisparse` and
-/// `mpq` join with their parameters in later work.
+/// A codec of one tier (compression.md), selected by `codec`.
+///
+/// `bisparse` and `mpq` are inter-tier codecs (local ↔ global servers); `fp16` and `bf16` work on
+/// either tier, in both directions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(tag = "codec", rename_all = "kebab-case")]
 #[non_exhaustive]
@@ -363,6 +365,108 @@ pub enum Codec {
     /// Dense f32, unchanged.
     #[default]
     None,
+    /// Dense IEEE binary16 (compute stays f32).
+    Fp16(Fp16Codec),
+    /// Dense bfloat16 (compute stays f32).
+    Bf16,
+    /// Bi-Sparse: top-k push with error feedback, sparse pull of the global sum.
+    Bisparse(SparseCodec),
+    /// MPQ: tensors of N ≥ `min_size` go Bi-Sparse (f32 values), smaller ones dense FP16.
+    Mpq(SparseCodec),
+}
+
+/// 16-bit scaling of FP16 payloads (compression.md "Scaling").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScalingKind {
+    /// Power-of-two scaling of each payload into [2^14, 2^15).
+    #[default]
+    Pow2,
+    /// Values are sent as they are.
+    None,
+}
+
+/// Parameters of the `fp16` codec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fp16Codec {
+    /// Scaling of each payload.
+    pub scaling: ScalingKind,
+}
+
+/// Top-k selection mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SelectionKind {
+    /// DGC sampled threshold (sample fraction 0.01, 20 hits, tolerance 0.2).
+    #[default]
+    Sampled,
+    /// Exact top-k.
+    Exact,
+}
+
+/// Value type of sparse payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SparseValues {
+    /// f32 values.
+    #[default]
+    F32,
+    /// FP16 values (pow2-scaled); Bi-Sparse only.
+    Fp16,
+}
+
+/// Parameters of the `bisparse` and `mpq` codecs (defaults from compression.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SparseCodec {
+    /// Target density ρ: fraction of elements sent per push.
+    pub density: f64,
+    /// Tensors of fewer elements (T) go dense.
+    pub min_size: usize,
+    /// Top-k selection.
+    pub selection: SelectionKind,
+    /// Momentum correction m (> 0 needs momentum-free SGD as the optimizer).
+    pub momentum: f32,
+    /// Warm-up start density ρ_0.
+    pub warmup_density: f64,
+    /// Warm-up length in epochs (converted to rounds); ignored when `warmup_rounds` is given.
+    pub warmup_epochs: f64,
+    /// Warm-up length in rounds (overrides `warmup_epochs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_rounds: Option<u64>,
+    /// Clip each DC's gradient to this L2 norm before accumulating (off when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip: Option<f32>,
+    /// Every this many rounds the global server sends dense θ and replicas replace theirs (0: off).
+    pub resync_every: u64,
+    /// Value type of the sparse payloads (`mpq` requires f32).
+    pub values: SparseValues,
+}
+
+impl Default for SparseCodec {
+    fn default() -> Self {
+        Self {
+            density: 0.01,
+            min_size: geomx_kernels::mpq::DEFAULT_MIN_SIZE,
+            selection: SelectionKind::Sampled,
+            momentum: 0.0,
+            warmup_density: 0.25,
+            warmup_epochs: 4.0,
+            warmup_rounds: None,
+            clip: None,
+            resync_every: 0,
+            values: SparseValues::F32,
+        }
+    }
+}
+
+impl SparseCodec {
+    /// Warm-up length in rounds for `batches_per_epoch` rounds per epoch.
+    pub fn warmup_rounds(&self, batches_per_epoch: usize) -> u64 {
+        self.warmup_rounds
+            .unwrap_or_else(|| (self.warmup_epochs * batches_per_epoch as f64).ceil() as u64)
+    }
 }
 
 /// `[compression]`: `intra` = worker ↔ local server, `inter` = local ↔ global server.

@@ -157,9 +157,10 @@ fn unknown_keys_are_rejected_with_their_name() {
             "momentum",
         ),
         ("[sync]\nalgorithm = \"hfa\"", "hfa"),
+        ("[compression]\ninter = { codec = \"lz4\" }", "lz4"),
         (
-            "[compression]\ninter = { codec = \"bisparse\" }",
-            "bisparse",
+            "[compression]\ninter = { codec = \"bisparse\", densty = 0.1 }",
+            "densty",
         ),
         ("[transport]\ninter = \"dgt\"", "dgt"),
         ("[data]\nsplit = \"by_label\"", "by_label"),

@@ -1,6 +1,6 @@
 //! `Config::validate`: value ranges and cross-field rules, each error naming its field.
 
-use super::{Config, ConfigError, DatasetKind};
+use super::{Codec, Config, ConfigError, DatasetKind, SparseCodec, SparseValues};
 use crate::data::digits;
 use crate::engine::OptimizerConfig;
 
@@ -74,7 +74,61 @@ impl Config {
         self.validate_cluster()?;
         self.validate_model_and_data()?;
         self.validate_train()?;
+        self.validate_compression()?;
         self.validate_timeouts_and_placement()
+    }
+
+    fn validate_compression(&self) -> Result {
+        let c = &self.compression;
+        check(
+            !matches!(c.intra, Codec::Bisparse(_) | Codec::Mpq(_)),
+            || "compression.intra.codec".into(),
+            || "bisparse and mpq are inter-tier codecs (local <-> global servers)".into(),
+        )?;
+        match &c.inter {
+            Codec::Bisparse(s) => self.validate_sparse(s, "bisparse"),
+            Codec::Mpq(s) => {
+                check(
+                    s.values == SparseValues::F32,
+                    || "compression.inter.values".into(),
+                    || "mpq sends large tensors with f32 values (small ones go FP16)".into(),
+                )?;
+                self.validate_sparse(s, "mpq")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn validate_sparse(&self, s: &SparseCodec, name: &str) -> Result {
+        let f = |x: &str| format!("compression.inter.{x}");
+        for (field, d) in [("density", s.density), ("warmup_density", s.warmup_density)] {
+            check(
+                d > 0.0 && d <= 1.0,
+                || f(field),
+                || format!("{d} must be in (0, 1]"),
+            )?;
+        }
+        check(
+            s.warmup_epochs.is_finite() && s.warmup_epochs >= 0.0,
+            || f("warmup_epochs"),
+            || format!("{} must be a finite number >= 0", s.warmup_epochs),
+        )?;
+        check(s.min_size >= 1, || f("min_size"), || "must be >= 1".into())?;
+        unit_interval(&f("momentum"), s.momentum)?;
+        if let Some(c) = s.clip {
+            positive_finite(&f("clip"), c)?;
+        }
+        check(
+            s.momentum == 0.0 || !self.train.optimizer.to_kernel().has_momentum(),
+            || f("momentum"),
+            || {
+                format!(
+                    "{name} momentum correction m = {} replaces the optimizer's momentum: it needs \
+                     momentum-free SGD (train.optimizer), got {:?}",
+                    s.momentum, self.train.optimizer
+                )
+            },
+        )
     }
 
     fn validate_cluster(&self) -> Result {

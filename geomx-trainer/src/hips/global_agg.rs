@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use geomx_kernels::{Scaling, SparseVec, ValueType};
+
 use super::AggError;
 
 /// An optimizer step over one range: θ ← opt(θ, ḡ). Implementations keep their own state
@@ -28,6 +30,19 @@ struct RangeState {
     opt: Box<dyn RangeOptimizer>,
     pushes: Vec<Option<(Vec<f32>, u32)>>,
     received: usize,
+    /// Bi-Sparse pull: the reply carries G's non-zero entries in this value type.
+    sparse_reply: Option<(ValueType, Scaling)>,
+}
+
+/// A completed round of one range.
+#[derive(Debug)]
+pub struct RoundDone<'a> {
+    /// θ_{r+1} of the range.
+    pub theta: &'a [f32],
+    /// For Bi-Sparse ranges: the encoded sparse payload of the global sum G (non-zero entries,
+    /// ascending). The optimizer stepped with exactly what this payload decodes to, so replicas
+    /// applying it reproduce θ bit for bit.
+    pub sparse_sum: Option<Vec<u8>>,
 }
 
 /// Collects the DCs' pushes for the ranges one global server owns and applies the optimizer.
@@ -63,8 +78,16 @@ impl GlobalAggregator {
                 opt,
                 pushes: vec![None; self.n_dcs],
                 received: 0,
+                sparse_reply: None,
             },
         );
+    }
+
+    /// Makes range `id` answer with the sparse global sum in `value_type` (Bi-Sparse pull).
+    pub fn set_sparse_reply(&mut self, id: usize, value_type: ValueType, scaling: Scaling) {
+        if let Some(r) = self.ranges.get_mut(&id) {
+            r.sparse_reply = Some((value_type, scaling));
+        }
     }
 
     /// Ids of the owned ranges, ascending.
@@ -95,6 +118,18 @@ impl GlobalAggregator {
         sum: Vec<f32>,
         count: u32,
     ) -> Result<Option<&[f32]>, AggError> {
+        Ok(self.push_round(id, dc, round, sum, count)?.map(|d| d.theta))
+    }
+
+    /// [`GlobalAggregator::push`], also returning the sparse sum of Bi-Sparse ranges.
+    pub fn push_round(
+        &mut self,
+        id: usize,
+        dc: usize,
+        round: u64,
+        sum: Vec<f32>,
+        count: u32,
+    ) -> Result<Option<RoundDone<'_>>, AggError> {
         let n_dcs = self.n_dcs;
         let w = self.total_workers;
         let r = self.ranges.get_mut(&id).ok_or(AggError::UnknownKey(id))?;
@@ -146,14 +181,45 @@ impl GlobalAggregator {
                 expected: w,
             });
         }
+        let sparse_sum = match r.sparse_reply {
+            Some((vt, scaling)) => Some(quantize_sparse(&mut g, vt, scaling, id)?),
+            None => None,
+        };
         let wf = w as f32;
         for a in g.iter_mut() {
             *a /= wf;
         }
         r.opt.step(&mut r.params, &g);
         r.version += 1;
-        Ok(Some(r.params.as_slice()))
+        Ok(Some(RoundDone {
+            theta: r.params.as_slice(),
+            sparse_sum,
+        }))
     }
+}
+
+/// Encodes the non-zero entries of `g` with values of `vt` and replaces `g` with exactly what the
+/// payload decodes to (the same values every receiver will see).
+fn quantize_sparse(
+    g: &mut [f32],
+    vt: ValueType,
+    scaling: Scaling,
+    id: usize,
+) -> Result<Vec<u8>, AggError> {
+    let n = g.len();
+    let bad = |got| AggError::LengthMismatch {
+        key: id,
+        expected: n,
+        got,
+    };
+    let sparse = SparseVec::from_dense_nonzero(g).map_err(|_| bad(n))?;
+    let mut bytes = Vec::new();
+    sparse.encode(vt, scaling, &mut bytes);
+    // Also for f32: ±0 entries become the +0 a receiver reconstructs.
+    let back = SparseVec::decode(&bytes, id as u64, n).map_err(|_| bad(n))?;
+    g.fill(0.0);
+    back.scatter_add_into(g).map_err(|_| bad(n))?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crossbeam_channel::Sender;
 use geomx_net::{Handler, MsgKind, PayloadCodec, Request, Responder};
 
+use super::codec::{TierCodec, Update};
 use super::msg::{f32_bytes, UpPush};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
@@ -39,6 +40,9 @@ struct GlobalHandler {
     dc_of: OnceLock<HashMap<u32, usize>>,
     aborter: OnceLock<Aborter>,
     range_lens: Vec<usize>,
+    /// Length of each range's key (decides dense or Bi-Sparse).
+    key_of_range: Vec<usize>,
+    inter: TierCodec,
     owned: usize,
     rounds: u64,
     all_done: Sender<()>,
@@ -71,17 +75,30 @@ impl GlobalHandler {
                 format!("push from node {} which is no local server", req.sender),
             );
         };
-        let up = match UpPush::decode(&req.payload, id, len) {
+        let up = if self.inter.is_plain() {
+            UpPush::decode(&req.payload, id, len).map_err(|e| e.to_string())
+        } else {
+            UpPush::decode_coded(&req.payload, id, len)
+        };
+        let up = match up {
             Ok(u) => u,
             Err(e) => return self.fail(reply, format!("range push from dc {dc}: {e}")),
         };
+        let key_len = self.key_of_range[id];
+        let resync = self.inter.resync_due(req.version);
         let mut st = lock(&self.state);
-        let done = match st.agg.push(id, dc, req.version, up.sum, up.count) {
+        let (codec, done) = match st.agg.push_round(id, dc, req.version, up.sum, up.count) {
             Ok(None) => {
                 st.parked.entry(id).or_default().push(reply);
                 return;
             }
-            Ok(Some(theta)) => f32_bytes(theta).into_owned(),
+            Ok(Some(d)) => match d.sparse_sum {
+                Some(sparse) => (
+                    PayloadCodec::Raw,
+                    Update::encode_parts(&sparse, resync.then_some(d.theta)),
+                ),
+                None => self.inter.encode_dense(d.theta, key_len),
+            },
             Err(e) => {
                 drop(st);
                 return self.fail(reply, format!("range push from dc {dc}: {e}"));
@@ -105,7 +122,7 @@ impl GlobalHandler {
             .into_iter()
             .chain(ready.into_iter().map(|(_, _, r)| r))
         {
-            if let Err(e) = r.send(version, PayloadCodec::DenseF32, &done) {
+            if let Err(e) = r.send(version, codec, &done) {
                 tracing::warn!(error = %e, range = id, "reply not delivered");
             }
         }
@@ -164,6 +181,9 @@ pub fn run(
         if r.server == rank as usize {
             let vals = theta0[r.key][r.offset..r.offset + r.len].to_vec();
             agg.add_range(id, vals, 0, Box::new(Optimizer::new(&job.optimizer, r.len)));
+            if job.inter.is_sparse_key(plan.key_lens[r.key]) {
+                agg.set_sparse_reply(id, job.inter.sparse_values(), job.inter.scaling());
+            }
             owned += 1;
         }
     }
@@ -179,6 +199,13 @@ pub fn run(
         dc_of: OnceLock::new(),
         aborter: OnceLock::new(),
         range_lens: plan.placement.ranges.iter().map(|r| r.len).collect(),
+        key_of_range: plan
+            .placement
+            .ranges
+            .iter()
+            .map(|r| plan.key_lens[r.key])
+            .collect(),
+        inter: job.inter.clone(),
         owned,
         rounds: job.rounds,
         all_done: done_tx,

@@ -36,6 +36,10 @@ pub struct JobSpec {
     pub registration_timeout: Duration,
     /// Hash of the resolved configuration (registration rejects mismatches).
     pub config_hash: u64,
+    /// Codec of the worker ↔ local server tier.
+    pub intra: super::codec::TierCodec,
+    /// Codec of the local ↔ global server tier.
+    pub inter: super::codec::TierCodec,
 }
 
 impl std::fmt::Debug for JobSpec {
@@ -111,6 +115,8 @@ impl JobSpec {
             net,
             registration_timeout: t.registration(),
             config_hash: h.finish(),
+            intra: super::codec::TierCodec::from_config(&cfg.compression.intra, batches_per_epoch),
+            inter: super::codec::TierCodec::from_config(&cfg.compression.inter, batches_per_epoch),
         })
     }
 

@@ -12,8 +12,14 @@ use geomx_net::{
     Handler, KvClient, MsgKind, NetError, PayloadCodec, PeerHandle, Pending, Request, Responder,
 };
 
+use geomx_kernels::SparseVec;
+
+use super::codec::{
+    count_dense, count_payload, count_update, decode_values, CodecBytes, RangeCompressor,
+    TierCodec, Update,
+};
 use super::global_server::reject;
-use super::msg::{f32_bytes, f32_from_bytes, UpPush};
+use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::{lock, JobSpec, LocalAggregator, RoleStats, RunError};
@@ -26,10 +32,14 @@ struct UpJob {
     replies: Vec<Responder>,
 }
 
+/// A key's stored reply: (version, codec, bytes).
+type Stored = (u64, PayloadCodec, Arc<Vec<u8>>);
+
 struct State {
     agg: LocalAggregator,
-    /// Current (version, values) of every key; `None` until θ_0 arrived.
-    theta: Vec<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Current (version, reply codec, reply bytes) of every key; `None` until θ_0 arrived. For
+    /// Bi-Sparse keys after round 0 the bytes are the round's [`Update`], not θ.
+    theta: Vec<Option<Stored>>,
     /// Worker pushes of the round being collected, per key.
     parked: Vec<Vec<Responder>>,
     /// Worker pulls waiting for a version: (key, min_version, responder).
@@ -48,6 +58,12 @@ struct LocalHandler {
     uplinks: OnceLock<Vec<Sender<UpJob>>>,
     aborter: OnceLock<Aborter>,
     all_done: Sender<()>,
+    /// W, the divisor of the global sum.
+    total_workers: u32,
+    intra: TierCodec,
+    inter: TierCodec,
+    /// Inter-tier payload bytes by codec class.
+    codec_bytes: Mutex<CodecBytes>,
 }
 
 impl LocalHandler {
@@ -75,11 +91,14 @@ impl LocalHandler {
                 ),
             );
         };
-        let Some(grad) = f32_from_bytes(&req.payload) else {
-            return self.fail(
-                reply,
-                format!("worker (dc {}, rank {rank}): payload is not f32", self.dc),
-            );
+        let Some(&len) = self.key_lens.get(key) else {
+            return self.fail(reply, format!("dc {}: push of unknown key {key}", self.dc));
+        };
+        let grad = match decode_values(req.codec, &req.payload, key, len) {
+            Ok(g) => g,
+            Err(e) => {
+                return self.fail(reply, format!("worker (dc {}, rank {rank}): {e}", self.dc));
+            }
         };
         let mut st = lock(&self.state);
         match st.agg.push(key, req.version, rank, grad) {
@@ -117,20 +136,27 @@ impl LocalHandler {
                 drop(st);
                 self.fail(reply, format!("dc {}: pull of unknown key {key}", self.dc));
             }
-            Some(Some((v, bytes))) if *v >= req.version => {
-                let (v, bytes) = (*v, bytes.clone());
+            Some(Some((v, codec, bytes))) if *v >= req.version => {
+                let (v, codec, bytes) = (*v, *codec, bytes.clone());
                 drop(st);
-                let _ = reply.send(v, PayloadCodec::DenseF32, &bytes);
+                let _ = reply.send(v, codec, &bytes);
             }
             Some(_) => st.pulls.push((key, req.version, reply)),
         }
     }
 
-    /// Stores θ of `key` at `version` and answers `replies` plus the pulls it satisfies.
-    fn publish(&self, key: usize, version: u64, theta: Vec<f32>, replies: Vec<Responder>) {
-        let bytes = Arc::new(f32_bytes(&theta).into_owned());
+    /// Stores the reply of `key` at `version` and answers `replies` plus the pulls it satisfies.
+    fn publish(
+        &self,
+        key: usize,
+        version: u64,
+        codec: PayloadCodec,
+        bytes: Vec<u8>,
+        replies: Vec<Responder>,
+    ) {
+        let bytes = Arc::new(bytes);
         let mut st = lock(&self.state);
-        st.theta[key] = Some((version, bytes.clone()));
+        st.theta[key] = Some((version, codec, bytes.clone()));
         let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pulls)
             .into_iter()
             .partition(|(k, v, _)| *k == key && *v <= version);
@@ -146,7 +172,7 @@ impl LocalHandler {
             .into_iter()
             .chain(ready.into_iter().map(|(_, _, r)| r))
         {
-            if let Err(e) = r.send(version, PayloadCodec::DenseF32, &bytes) {
+            if let Err(e) = r.send(version, codec, &bytes) {
                 tracing::warn!(error = %e, key, "reply to a worker not delivered");
             }
         }
@@ -181,56 +207,153 @@ impl Handler for LocalHandler {
     }
 }
 
+/// What the global tier answered for one key.
+enum KeyReply {
+    /// θ of the key.
+    Dense(Vec<f32>),
+    /// Bi-Sparse: the global sum G of the key and, on resynchronisation rounds, θ.
+    Sparse {
+        sum: SparseVec,
+        theta: Option<Vec<f32>>,
+    },
+}
+
+/// How one key's ranges travel upward: `None` = dense θ pull (start-up).
+enum UpSum<'a> {
+    Pull,
+    Dense(&'a [f32]),
+    Sparse(&'a [f32], &'a mut [RangeCompressor]),
+}
+
 /// Pushes `sum` of `key` at `round` to the owners of its ranges and assembles their replies.
+#[allow(clippy::too_many_arguments)]
 fn exchange(
+    handler: &LocalHandler,
     clients: &[KvClient],
     ranges: &[(usize, Range)],
     key_len: usize,
     round: u64,
     count: u32,
-    sum: Option<&[f32]>,
+    sum: UpSum<'_>,
     job: &JobSpec,
-) -> Result<Vec<f32>, String> {
+) -> Result<KeyReply, String> {
     let mut pending: Vec<(usize, &Range, Pending)> = Vec::with_capacity(ranges.len());
-    for (id, r) in ranges {
+    let pushing = !matches!(sum, UpSum::Pull);
+    let sparse = matches!(sum, UpSum::Sparse(..));
+    let mut counts = CodecBytes::new();
+    let (values, mut compressors) = match sum {
+        UpSum::Pull => (None, None),
+        UpSum::Dense(s) => (Some(s), None),
+        UpSum::Sparse(s, c) => (Some(s), Some(c)),
+    };
+    for (i, (id, r)) in ranges.iter().enumerate() {
         let c = &clients[r.server];
-        let p = match sum {
-            Some(s) => {
-                let payload = UpPush::encode(count, &s[r.offset..r.offset + r.len]);
-                c.push(
-                    *id as u64,
-                    round,
-                    PayloadCodec::Raw,
-                    r.offset as u64,
-                    key_len as u64,
-                    &payload,
-                )
+        let slice = |s: &[f32]| s[r.offset..r.offset + r.len].to_vec();
+        let payload = match (values, compressors.as_mut()) {
+            (None, _) => None,
+            (Some(s), Some(comps)) => {
+                let comp = comps
+                    .get_mut(i)
+                    .ok_or_else(|| format!("range {id}: no compressor"))?;
+                let body = comp.push(&slice(s), round)?;
+                count_payload(&mut counts, &body);
+                Some(UpPush::encode_coded(count, &body))
             }
+            (Some(s), None) if handler.inter.is_plain() => {
+                let body = UpPush::encode(count, &slice(s));
+                count_dense(&mut counts, PayloadCodec::DenseF32, &body[4..]);
+                Some(body)
+            }
+            (Some(s), None) => {
+                let (codec, body) = handler.inter.encode_dense(&slice(s), key_len);
+                count_dense(&mut counts, codec, &body);
+                Some(UpPush::encode_coded(count, &raw_body(codec, body, r.len)))
+            }
+        };
+        let p = match payload {
+            Some(payload) => c.push(
+                *id as u64,
+                round,
+                PayloadCodec::Raw,
+                r.offset as u64,
+                key_len as u64,
+                &payload,
+            ),
             None => c.pull(*id as u64, round, r.offset as u64, key_len as u64),
         }
         .map_err(|e| format!("range {id} to global server {}: {e}", r.server))?;
         pending.push((*id, r, p));
     }
     let mut theta = vec![0.0f32; key_len];
-    let want = if sum.is_some() { round + 1 } else { round };
+    let (mut idx, mut vals, mut resync) = (Vec::new(), Vec::new(), 0usize);
+    let want = if pushing { round + 1 } else { round };
     for (id, r, p) in pending {
         let resp = p
             .wait(job.wait_limit())
             .map_err(|e| format!("range {id} from global server {}: {e}", r.server))?;
-        let vals = f32_from_bytes(&resp.payload)
-            .filter(|v| v.len() == r.len)
-            .ok_or_else(|| format!("range {id}: reply of {} bytes", resp.payload.len()))?;
         if resp.version < want {
             return Err(format!(
                 "range {id}: reply at version {}, expected {want}",
                 resp.version
             ));
         }
-        theta[r.offset..r.offset + r.len].copy_from_slice(&vals);
+        if sparse {
+            count_update(&mut counts, &resp.payload);
+            let up = Update::decode(&resp.payload, id, r.len)?;
+            idx.extend(up.grad.indices().iter().map(|&i| i + r.offset as u32));
+            vals.extend_from_slice(up.grad.values());
+            if let Some(t) = up.theta {
+                theta[r.offset..r.offset + r.len].copy_from_slice(&t);
+                resync += 1;
+            }
+        } else {
+            if pushing {
+                count_dense(&mut counts, resp.codec, &resp.payload);
+            }
+            let vals = decode_values(resp.codec, &resp.payload, id, r.len)?;
+            theta[r.offset..r.offset + r.len].copy_from_slice(&vals);
+        }
     }
-    Ok(theta)
+    if pushing {
+        let mut total = lock(&handler.codec_bytes);
+        for (k, v) in counts {
+            *total.entry(k).or_default() += v;
+        }
+    }
+    if !sparse {
+        return Ok(KeyReply::Dense(theta));
+    }
+    if resync != 0 && resync != ranges.len() {
+        return Err(format!(
+            "only {resync} of {} ranges resynchronised",
+            ranges.len()
+        ));
+    }
+    let sum = SparseVec::new(key_len as u32, idx, vals).map_err(|e| e.to_string())?;
+    Ok(KeyReply::Sparse {
+        sum,
+        theta: (resync > 0).then_some(theta),
+    })
 }
 
+/// The body of a coded up-push for a dense payload: f32 payloads get their codec header too.
+fn raw_body(codec: PayloadCodec, body: Vec<u8>, len: usize) -> Vec<u8> {
+    if codec == PayloadCodec::Raw {
+        return body;
+    }
+    let header = geomx_kernels::PayloadHeader {
+        layout: geomx_kernels::Layout::Dense,
+        value_type: geomx_kernels::ValueType::F32,
+        scale_exp: 0,
+        n_total: len as u32,
+        count: len as u32,
+    };
+    let mut out = header.to_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
 fn uplink(
     handler: Arc<LocalHandler>,
     key: usize,
@@ -239,25 +362,48 @@ fn uplink(
     count: u32,
     jobs: Receiver<UpJob>,
     job: JobSpec,
+    mut compressors: Vec<RangeCompressor>,
 ) {
     let key_len = handler.key_lens[key];
     for up in jobs {
-        match exchange(
-            &clients,
-            &ranges,
-            key_len,
-            up.round,
-            count,
-            Some(&up.sum),
-            &job,
-        ) {
-            Ok(theta) => handler.publish(key, up.round + 1, theta, up.replies),
+        let sum = if compressors.is_empty() {
+            UpSum::Dense(&up.sum)
+        } else {
+            UpSum::Sparse(&up.sum, &mut compressors)
+        };
+        let res = exchange(
+            &handler, &clients, &ranges, key_len, up.round, count, sum, &job,
+        )
+        .map(|reply| handler.down_reply(key, reply));
+        match res {
+            Ok((codec, bytes)) => handler.publish(key, up.round + 1, codec, bytes, up.replies),
             Err(e) => {
                 handler.abort(format!(
                     "dc {}: key {key} round {}: {e}",
                     handler.dc, up.round
                 ));
                 return;
+            }
+        }
+    }
+}
+
+impl LocalHandler {
+    /// The reply to the workers for what the global tier answered: θ in the intra codec, or for
+    /// Bi-Sparse keys the mean ḡ = G / W as an [`Update`] (with θ on resynchronisation rounds).
+    fn down_reply(&self, key: usize, reply: KeyReply) -> (PayloadCodec, Vec<u8>) {
+        match reply {
+            KeyReply::Dense(theta) => self.intra.encode_dense(&theta, theta.len()),
+            KeyReply::Sparse { mut sum, theta } => {
+                sum.div_values(self.total_workers as f32);
+                let _ = key;
+                let bytes = Update::encode(
+                    &sum,
+                    self.intra.sparse_values(),
+                    self.intra.scaling(),
+                    theta.as_deref(),
+                );
+                (PayloadCodec::Raw, bytes)
             }
         }
     }
@@ -298,6 +444,10 @@ pub fn run(
         uplinks: OnceLock::new(),
         aborter: OnceLock::new(),
         all_done: done_tx,
+        total_workers: plan.total_workers() as u32,
+        intra: job.intra.clone(),
+        inter: job.inter.clone(),
+        codec_bytes: Mutex::new(CodecBytes::new()),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -335,18 +485,50 @@ pub fn run(
         })
         .collect();
     for (k, ranges) in key_ranges.iter().enumerate() {
-        let theta = exchange(&clients, ranges, plan.key_lens[k], 0, 0, None, job)
-            .map_err(|e| RunError::Protocol(format!("dc {dc} pulling θ_0 of key {k}: {e}")))?;
-        handler.publish(k, 0, theta, Vec::new());
+        let theta = match exchange(
+            &handler,
+            &clients,
+            ranges,
+            plan.key_lens[k],
+            0,
+            0,
+            UpSum::Pull,
+            job,
+        ) {
+            Ok(KeyReply::Dense(t)) => t,
+            Ok(KeyReply::Sparse { .. }) => {
+                return Err(RunError::Protocol(format!(
+                    "dc {dc}: sparse θ_0 of key {k}"
+                )))
+            }
+            Err(e) => {
+                return Err(RunError::Protocol(format!(
+                    "dc {dc} pulling θ_0 of key {k}: {e}"
+                )))
+            }
+        };
+        // θ_0 travels exact (f32): Bi-Sparse replicas must start identical.
+        let bytes = super::msg::f32_bytes(&theta).into_owned();
+        handler.publish(k, 0, PayloadCodec::DenseF32, bytes, Vec::new());
     }
     let mut senders = Vec::with_capacity(n_keys);
     for (k, ranges) in key_ranges.into_iter().enumerate() {
         let (tx, rx) = crossbeam_channel::unbounded();
         senders.push(tx);
         let (h, c, j) = (handler.clone(), clients.clone(), job.clone());
+        let compressors = match job.inter.sparse() {
+            Some(spec) if job.inter.is_sparse_key(plan.key_lens[k]) => ranges
+                .iter()
+                .map(|(id, r)| {
+                    RangeCompressor::new(spec, job.inter.scaling(), job.seed, dc, *id, r.len)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| RunError::Protocol(format!("dc {dc} key {k}: {e}")))?,
+            _ => Vec::new(),
+        };
         std::thread::Builder::new()
             .name(format!("geomx-uplink-{k}"))
-            .spawn(move || uplink(h, k, c, ranges, n_d as u32, rx, j))
+            .spawn(move || uplink(h, k, c, ranges, n_d as u32, rx, j, compressors))
             .map_err(|e| RunError::Io("starting an uplink thread".into(), e.to_string()))?;
     }
     let _ = handler.uplinks.set(senders);
@@ -361,5 +543,6 @@ pub fn run(
     server.shutdown();
     let mut stats = RoleStats::new(&node.me, lan);
     stats.client_bytes = wan;
+    stats.codec_bytes = lock(&handler.codec_bytes).clone();
     Ok(stats)
 }

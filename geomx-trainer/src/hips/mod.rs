@@ -5,6 +5,7 @@
 //! wrap them around geomx-net servers and clients. [`JobSpec`] is the resolved configuration every
 //! role starts from; [`RoleStats`] is what each process reports at its end.
 
+pub mod codec;
 pub mod coordinator;
 mod global_agg;
 pub mod global_server;
@@ -18,7 +19,7 @@ pub mod worker;
 
 use serde::{Deserialize, Serialize};
 
-pub use global_agg::{GlobalAggregator, RangeOptimizer};
+pub use global_agg::{GlobalAggregator, RangeOptimizer, RoundDone};
 pub use job::JobSpec;
 pub use local_agg::LocalAggregator;
 pub use plan::ClusterPlan;
@@ -87,6 +88,9 @@ pub struct RoleStats {
     /// Final test accuracy (the reporting worker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_test_accuracy: Option<f64>,
+    /// Inter-tier payload bytes (push + reply) by codec class (local servers).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub codec_bytes: codec::CodecBytes,
 }
 
 impl RoleStats {
@@ -101,6 +105,7 @@ impl RoleStats {
             param_hash: None,
             final_loss: None,
             final_test_accuracy: None,
+            codec_bytes: Default::default(),
         }
     }
 }

@@ -51,6 +51,25 @@ impl UpPush {
         out
     }
 
+    /// Encodes `count` (u32 LE) followed by a codec payload (compressed tiers).
+    pub fn encode_coded(count: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + payload.len());
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Decodes a payload written by [`UpPush::encode_coded`] (dense or sparse codec payload) into
+    /// dense values of a range of `expected` elements.
+    pub fn decode_coded(b: &[u8], range: usize, expected: usize) -> Result<Self, String> {
+        if b.len() < 4 {
+            return Err(format!("range {range}: push of {} bytes", b.len()));
+        }
+        let count = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let sum = super::codec::decode_any(&b[4..], range, expected)?;
+        Ok(Self { count, sum })
+    }
+
     /// Decodes a payload written by [`UpPush::encode`] for a range of `expected` elements.
     pub fn decode(b: &[u8], range: usize, expected: usize) -> Result<Self, AggError> {
         let bad = |got| AggError::LengthMismatch {

@@ -3,15 +3,15 @@
 
 use std::sync::Arc;
 
-use geomx_net::{KvClient, NetError, PayloadCodec, Pending};
+use geomx_net::{KvClient, NetError, Pending};
 use serde::{Deserialize, Serialize};
 
-use super::msg::{f32_bytes, f32_from_bytes};
+use super::codec::{decode_values, Update};
 use super::node::{FatalHook, Identity, Node};
 use super::plan::roles;
 use super::{JobSpec, RoleStats, RunError};
 use crate::data::batcher_for;
-use crate::engine::params_hash;
+use crate::engine::{params_hash, Optimizer};
 
 /// One progress line of worker (dc 0, rank 0).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -29,12 +29,11 @@ pub struct Progress {
 /// Receives progress lines.
 pub type ProgressSink = Arc<dyn Fn(&Progress) + Send + Sync>;
 
-fn decode_key(
+fn reply_of(
     key: usize,
     want_version: u64,
-    len: usize,
     resp: Result<geomx_net::Response, NetError>,
-) -> Result<Vec<f32>, RunError> {
+) -> Result<geomx_net::Response, RunError> {
     let resp =
         resp.map_err(|e| RunError::Net(format!("key {key} at version {want_version}"), e))?;
     if resp.version != want_version {
@@ -43,11 +42,49 @@ fn decode_key(
             resp.version
         )));
     }
-    f32_from_bytes(&resp.payload)
-        .filter(|v| v.len() == len)
-        .ok_or_else(|| {
-            RunError::Protocol(format!("key {key}: reply of {} bytes", resp.payload.len()))
-        })
+    Ok(resp)
+}
+
+fn decode_key(
+    key: usize,
+    want_version: u64,
+    len: usize,
+    resp: Result<geomx_net::Response, NetError>,
+) -> Result<Vec<f32>, RunError> {
+    let resp = reply_of(key, want_version, resp)?;
+    decode_values(resp.codec, &resp.payload, key, len).map_err(RunError::Protocol)
+}
+
+/// The replica of a Bi-Sparse key: the worker applies the optimizer to the mean gradient it
+/// receives, as the global server does to the authoritative θ.
+struct Replica {
+    opt: Optimizer,
+    grad: Vec<f32>,
+}
+
+impl Replica {
+    /// Applies an [`Update`] reply to `params`; dense θ (resynchronisation) replaces the replica.
+    fn apply(
+        &mut self,
+        key: usize,
+        params: &mut [f32],
+        resp: &geomx_net::Response,
+    ) -> Result<(), RunError> {
+        let up = Update::decode(&resp.payload, key, params.len()).map_err(RunError::Protocol)?;
+        self.grad.fill(0.0);
+        up.grad
+            .scatter_add_into(&mut self.grad)
+            .map_err(|e| RunError::Protocol(format!("key {key}: {e}")))?;
+        self.opt
+            .step(params, &self.grad)
+            .map_err(RunError::Engine)?;
+        if let Some(theta) = up.theta {
+            let same = params_hash(&[params.to_vec()]) == params_hash(std::slice::from_ref(&theta));
+            tracing::debug!(key, same, "dense resynchronisation");
+            params.copy_from_slice(&theta);
+        }
+        Ok(())
+    }
 }
 
 /// Runs worker `rank` of DC `dc` for the job's rounds; returns its traffic, final parameter hash
@@ -95,6 +132,15 @@ pub fn run(
         params.push(decode_key(k, 0, lens[k], p.wait(job.wait_limit()))?);
     }
     node.barrier("all")?;
+    let mut replicas: Vec<Option<Replica>> = lens
+        .iter()
+        .map(|&n| {
+            job.inter.is_sparse_key(n).then(|| Replica {
+                opt: Optimizer::new(&job.optimizer, n),
+                grad: vec![0.0; n],
+            })
+        })
+        .collect();
 
     let mut loss = f64::NAN;
     let mut last_eval = None;
@@ -105,14 +151,9 @@ pub fn run(
         let l = job
             .model
             .backward_layerwise(&params, batch.view(), &mut |key, grad| {
-                pending[key] = Some(client.push(
-                    key as u64,
-                    round,
-                    PayloadCodec::DenseF32,
-                    0,
-                    grad.len() as u64,
-                    &f32_bytes(&grad),
-                ));
+                let (codec, bytes) = job.intra.encode_dense(&grad, grad.len());
+                pending[key] =
+                    Some(client.push(key as u64, round, codec, 0, grad.len() as u64, &bytes));
             })
             .map_err(RunError::Engine)?;
         loss = f64::from(l);
@@ -122,7 +163,15 @@ pub fn run(
                     RunError::Protocol(format!("the model produced no gradient for key {k}"))
                 })?
                 .map_err(|e| RunError::Net(format!("pushing key {k} round {round}"), e))?;
-            params[k] = decode_key(k, round + 1, lens[k], p.wait(job.wait_limit()))?;
+            match replicas[k].as_mut() {
+                Some(rep) => {
+                    let resp = reply_of(k, round + 1, p.wait(job.wait_limit()))?;
+                    rep.apply(k, &mut params[k], &resp)?;
+                }
+                None => {
+                    params[k] = decode_key(k, round + 1, lens[k], p.wait(job.wait_limit()))?;
+                }
+            }
         }
         let done = round + 1;
         let due = job.eval_every > 0 && done % job.eval_every == 0;

@@ -139,6 +139,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 param_hash: None,
                 final_loss: None,
                 final_test_accuracy: None,
+                codec_bytes: Default::default(),
             });
         }
     };
