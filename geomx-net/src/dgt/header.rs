@@ -219,7 +219,8 @@ mod tests {
     fn each_bad_field_is_typed() {
         let mut good = Vec::new();
         sample().encode_into(&mut good);
-        let cases: [(usize, u8, fn(&DgtError) -> bool); 6] = [
+        type Check = fn(&DgtError) -> bool;
+        let cases: [(usize, u8, Check); 6] = [
             (0, 0, |e| matches!(e, DgtError::BadMagic(_))),
             (2, 9, |e| matches!(e, DgtError::BadVersion(9))),
             (3, 50, |e| matches!(e, DgtError::BadKind(50))),
