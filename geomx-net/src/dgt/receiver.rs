@@ -376,11 +376,16 @@ impl DgtReceiver {
         let idx = match h.round.wrapping_sub(st.cur) {
             0 => 0,
             1 => 1,
-            _ => {
-                // Reliable and ordered: only a duplicate of a delivered round's terminator, or
-                // a sender more than a round ahead whose current round has no terminator yet.
+            d => {
+                // Reliable and ordered: a duplicate of a delivered round's terminator (stale),
+                // or a sender more than a round ahead while the current round has no
+                // terminator yet (dropped; the sender must not run two rounds ahead).
                 c.bytes += len as u64;
-                c.stale += 1;
+                if d < u32::MAX / 2 {
+                    c.future_dropped += 1;
+                } else {
+                    c.stale += 1;
+                }
                 return Ok(());
             }
         };
@@ -528,5 +533,176 @@ fn write_block(vt: ValueType, payload: &[u8], out: &mut [f32]) {
                 *o = f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dgt::{DgtSender, TerminatorMode, Values};
+    use std::time::Duration;
+
+    fn cfg() -> DgtConfig {
+        DgtConfig {
+            block_bytes: 16,
+            channels: 2,
+            rate_bps: None,
+            terminator: TerminatorMode::AfterAll,
+            ..DgtConfig::default()
+        }
+    }
+
+    /// Messages of one pushed round: (reliable, bytes).
+    fn round(key: u32, r: u32, x: &[f32], map: &[u8]) -> Vec<(bool, Vec<u8>)> {
+        let now = Instant::now();
+        let mut s = DgtSender::new(3, cfg(), now).unwrap();
+        s.push(key, r, Values::F32(x), map).unwrap();
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(t) = s.poll_transmit(now, &mut buf) {
+            out.push((t.channel == 0, std::mem::take(&mut buf)));
+        }
+        out
+    }
+
+    fn feed(rx: &mut DgtReceiver, now: Instant, msgs: &[(bool, Vec<u8>)]) {
+        for (rel, m) in msgs {
+            if *rel {
+                rx.handle_reliable(now, m).unwrap();
+            } else {
+                rx.handle_datagram(now, m).unwrap();
+            }
+        }
+    }
+
+    fn rx() -> DgtReceiver {
+        let mut rx = DgtReceiver::new(cfg()).unwrap();
+        rx.add_key(1, 12, ValueType::F32).unwrap();
+        rx
+    }
+
+    #[test]
+    fn terminator_only_round_delivers_zeros() {
+        let mut rx = rx();
+        let now = Instant::now();
+        feed(&mut rx, now, &round(1, 0, &[0.0; 12], &[0, 1, 2]));
+        let d = rx.poll_delivery().unwrap();
+        assert_eq!(d.values, vec![0.0; 12]);
+        assert!(d.first_at.is_none() && !d.timed_out);
+        assert_eq!(rx.counters()[0].sent, 0);
+    }
+
+    #[test]
+    fn deadline_then_late_then_stale() {
+        let mut rx = rx();
+        let t = Instant::now();
+        let x: Vec<f32> = (1..=12).map(|v| v as f32).collect();
+        let m0 = round(1, 0, &x, &[0, 1, 2]);
+        // Messages: block 0 (reliable), block 1 (ch 1), block 2 (ch 2), terminator.
+        // Hold the channel-2 datagram.
+        let held = m0[2].clone();
+        feed(&mut rx, t, &[m0[0].clone(), m0[1].clone(), m0[3].clone()]);
+        assert!(rx.poll_delivery().is_none());
+        assert_eq!(rx.poll_timeout(), Some(t + Duration::from_millis(5)));
+        rx.handle_timeout(t + Duration::from_millis(4));
+        assert!(rx.poll_delivery().is_none());
+        rx.handle_timeout(t + Duration::from_millis(5));
+        let d = rx.poll_delivery().unwrap();
+        assert!(d.timed_out);
+        assert_eq!(d.missing, vec![2]);
+        assert_eq!(&d.values[8..], &[0.0; 4]);
+        // Late: folded into round 1.
+        feed(&mut rx, t, std::slice::from_ref(&held));
+        feed(&mut rx, t, std::slice::from_ref(&held)); // duplicate of a late block
+        let k = rx.counters()[2];
+        assert_eq!((k.sent, k.on_time, k.late, k.lost, k.dup), (1, 0, 1, 0, 1));
+        feed(&mut rx, t, &round(1, 1, &x, &[0, 1, 2]));
+        let d1 = rx.poll_delivery().unwrap();
+        assert_eq!(d1.folded_late, 1);
+        assert_eq!(&d1.values[8..], &[18.0, 20.0, 22.0, 24.0]);
+        // Round 0's datagram again, now two deliveries on: stale.
+        feed(&mut rx, t, std::slice::from_ref(&held));
+        assert_eq!(rx.counters()[2].stale, 1);
+    }
+
+    #[test]
+    fn early_round_kept_further_ahead_dropped() {
+        let mut rx = rx();
+        let t = Instant::now();
+        let x = [1.5f32; 12];
+        let r1 = round(1, 1, &x, &[0, 1, 2]);
+        let r2 = round(1, 2, &x, &[0, 1, 2]);
+        // Unreliable datagrams of round 2 while round 0 is current: dropped.
+        feed(&mut rx, t, &r2[1..3]);
+        assert_eq!(
+            rx.counters()[1].future_dropped + rx.counters()[2].future_dropped,
+            2
+        );
+        // Round 1 entirely early, then round 0: both deliver in order.
+        feed(&mut rx, t, &r1);
+        assert!(rx.poll_delivery().is_none());
+        feed(&mut rx, t, &round(1, 0, &x, &[0, 1, 2]));
+        assert_eq!(rx.poll_delivery().unwrap().round, 0);
+        let d1 = rx.poll_delivery().unwrap();
+        assert_eq!((d1.round, d1.values.as_slice()), (1, &x[..]));
+    }
+
+    #[test]
+    fn reliable_message_two_rounds_ahead_forces_delivery() {
+        let mut rx = rx();
+        let t = Instant::now();
+        let x = [1.0f32; 12];
+        let r0 = round(1, 0, &x, &[0, 1, 2]);
+        // Round 0: the terminator but not the channel-1 datagram.
+        feed(&mut rx, t, &[r0[0].clone(), r0[2].clone(), r0[3].clone()]);
+        feed(&mut rx, t, &round(1, 1, &x, &[0, 1, 2]));
+        assert!(rx.poll_delivery().is_none());
+        feed(&mut rx, t, &round(1, 2, &x, &[0, 0, 0])[..1]);
+        let d0 = rx.poll_delivery().unwrap();
+        assert!(d0.timed_out && d0.missing == [1]);
+        assert_eq!(rx.poll_delivery().unwrap().round, 1);
+    }
+
+    #[test]
+    fn terminator_and_channel_checks() {
+        let mut rx = rx();
+        let t = Instant::now();
+        let x = [1.0f32; 12];
+        let m = round(1, 0, &x, &[0, 1, 2]);
+        let end = m.last().unwrap().1.clone();
+        // A datagram on the reliable transport, a reliable block as a datagram.
+        assert!(rx.handle_reliable(t, &m[1].1).is_err());
+        assert!(rx.handle_datagram(t, &m[0].1).is_err());
+        // A block arriving on another channel than the terminator lists.
+        let mut conflicting = end.clone();
+        *conflicting.last_mut().unwrap() = 1;
+        rx.handle_reliable(t, &conflicting).unwrap();
+        assert!(matches!(
+            rx.handle_datagram(t, &m[2].1),
+            Err(DgtError::WrongChannel {
+                block: 2,
+                got: 2,
+                want: 1
+            })
+        ));
+        // A different terminator for the same round; the same one again is a duplicate.
+        assert!(matches!(
+            rx.handle_reliable(t, &end),
+            Err(DgtError::ConflictingEnd { .. })
+        ));
+        rx.handle_reliable(t, &conflicting).unwrap();
+        assert_eq!(rx.counters()[0].dup, 1);
+        // Unknown key, wrong value type, bad map length.
+        let mut k = end.clone();
+        k[12] = 2;
+        assert_eq!(rx.handle_reliable(t, &k), Err(DgtError::UnknownKey(2)));
+        let mut vt = end.clone();
+        vt[5] = 1;
+        assert!(matches!(
+            rx.handle_reliable(t, &vt),
+            Err(DgtError::ValueTypeMismatch { .. })
+        ));
+        assert!(rx.handle_reliable(t, &end[..end.len() - 1]).is_err());
+        assert_eq!(rx.invalid(), 7);
     }
 }

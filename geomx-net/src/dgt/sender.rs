@@ -380,3 +380,126 @@ impl DgtSender {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(mode: TerminatorMode) -> DgtConfig {
+        DgtConfig {
+            block_bytes: 16,
+            channels: 2,
+            rate_bps: None,
+            terminator: mode,
+            ..DgtConfig::default()
+        }
+    }
+
+    fn drain(s: &mut DgtSender, now: Instant) -> Vec<Transmit> {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while let Some(t) = s.poll_transmit(now, &mut buf) {
+            out.push(t);
+        }
+        assert_eq!(buf.len(), out.iter().map(|t| t.len).sum::<usize>());
+        out
+    }
+
+    #[test]
+    fn push_checks_the_map() {
+        let now = Instant::now();
+        let mut s = DgtSender::new(1, cfg(TerminatorMode::AfterAll), now).unwrap();
+        let x = [1.0f32; 9]; // 3 blocks of 4
+        assert_eq!(s.num_blocks(9, ValueType::F32), 3);
+        assert!(s.push(1, 0, Values::F32(&x), &[0, 1]).is_err());
+        assert!(s.push(1, 0, Values::F32(&x), &[0, 1, NOT_SENT]).is_err());
+        assert!(matches!(
+            s.push(1, 0, Values::F32(&x), &[0, 1, 3]),
+            Err(DgtError::BadChannel(3))
+        ));
+        assert!(s.push(1, 0, Values::F32(&[]), &[]).is_err());
+        assert!(!s.is_busy());
+    }
+
+    #[test]
+    fn zero_blocks_are_skipped_and_listed_not_sent() {
+        let now = Instant::now();
+        let mut s = DgtSender::new(1, cfg(TerminatorMode::AfterAll), now).unwrap();
+        let mut x = [2.0f32; 12];
+        x[4..8].fill(-0.0);
+        s.push(1, 0, Values::F32(&x), &[1, 0, 2]).unwrap();
+        let mut buf = Vec::new();
+        let mut log = Vec::new();
+        while let Some(t) = s.poll_transmit(now, &mut buf) {
+            log.push((t.kind, t.channel, t.block));
+        }
+        assert_eq!(
+            log,
+            [
+                (DgtKind::Block, 1, 0),
+                (DgtKind::Block, 2, 2),
+                (DgtKind::End, 0, 3)
+            ]
+        );
+        // The terminator's map, at the end of the buffer, lists block 1 as not sent.
+        assert_eq!(&buf[buf.len() - 3..], &[1, NOT_SENT, 2]);
+        assert!(s.rounds.is_empty());
+        assert_eq!(s.counters().blocks[..3], [0, 1, 1]);
+        assert_eq!(s.counters().terminators, 1);
+    }
+
+    #[test]
+    fn f16_block_sizes_and_bytes() {
+        let now = Instant::now();
+        let mut s = DgtSender::new(9, cfg(TerminatorMode::AfterAll), now).unwrap();
+        let h: Vec<u16> = (1..=10).collect(); // 8 per block: blocks of 8 and 2
+        s.push(4, 7, Values::F16(&h), &[0, 0]).unwrap();
+        let mut buf = Vec::new();
+        let t = s.poll_transmit(now, &mut buf).unwrap();
+        assert_eq!(t.len, DGT_HEADER_LEN + 16);
+        let (hd, payload) = Header::decode(&buf).unwrap();
+        assert_eq!((hd.sender, hd.key, hd.round, hd.elem_count), (9, 4, 7, 8));
+        assert_eq!(payload[..4], [1, 0, 2, 0]);
+        let t = s.poll_transmit(now, &mut buf).unwrap();
+        assert_eq!((t.block, t.len), (1, DGT_HEADER_LEN + 4));
+    }
+
+    #[test]
+    fn after_reliable_frees_the_round_after_its_last_datagram() {
+        let now = Instant::now();
+        let mut s = DgtSender::new(1, cfg(TerminatorMode::AfterReliable), now).unwrap();
+        s.push(1, 0, Values::F32(&[1.0; 12]), &[0, 1, 2]).unwrap();
+        let log = drain(&mut s, now);
+        let kinds: Vec<(DgtKind, u8)> = log.iter().map(|t| (t.kind, t.channel)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (DgtKind::Block, 0),
+                (DgtKind::End, 0),
+                (DgtKind::Block, 1),
+                (DgtKind::Block, 2)
+            ]
+        );
+        assert!(s.rounds.is_empty());
+    }
+
+    #[test]
+    fn auto_rate_steps() {
+        let now = Instant::now();
+        let c = DgtConfig {
+            rate_bps: Some(100_000_000),
+            ..cfg(TerminatorMode::AfterAll)
+        };
+        let mut s = DgtSender::new(1, c, now).unwrap();
+        assert_eq!(s.adapt_rate(0.03, 1, u64::MAX, now).unwrap(), 80_000_000);
+        assert_eq!(s.adapt_rate(0.01, 1, u64::MAX, now).unwrap(), 80_000_000);
+        assert_eq!(s.adapt_rate(0.001, 1, u64::MAX, now).unwrap(), 84_000_000);
+        assert_eq!(
+            s.adapt_rate(0.5, 70_000_000, u64::MAX, now).unwrap(),
+            70_000_000
+        );
+        assert_eq!(s.adapt_rate(0.0, 1, 71_000_000, now).unwrap(), 71_000_000);
+        let mut unpaced = DgtSender::new(1, cfg(TerminatorMode::AfterAll), now).unwrap();
+        assert!(unpaced.adapt_rate(0.0, 1, 2, now).is_err());
+    }
+}
