@@ -132,6 +132,8 @@ mod tests {
             final_loss: hash.map(|_| 0.5),
             final_test_accuracy: (dc == 0 && rank == 0 && hash.is_some()).then_some(0.9),
             codec_bytes: Default::default(),
+            resyncs: 0,
+            resync_mismatches: 0,
         }
     }
 

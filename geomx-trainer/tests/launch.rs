@@ -318,3 +318,143 @@ fn bench_subcommands_print_one_json_line() {
         assert!(v.is_object() && v.get("error").is_none(), "{what}: {v}");
     }
 }
+
+/// 2 DCs × 2 workers, an MLP with hidden [512] on digits (weights of 32,768 and 5,120 elements
+/// exceed T = 1000; the biases stay below), `rounds` rounds, then `extra` TOML.
+fn codec_config(rounds: u64, extra: &str) -> String {
+    format!(
+        "[cluster]\ndata_centers = 2\nworkers_per_dc = 2\n[model]\nkind = \"mlp\"\nhidden = [512]\n\
+         [train]\nrounds = {rounds}\neval_every = {rounds}\n{extra}"
+    )
+}
+
+fn launch_report(name: &str, toml: &str) -> Value {
+    let cfg = write_config(&format!("{name}.toml"), toml);
+    let report = scratch(&format!("{name}.json"));
+    let out = launch(Some(&cfg), &report);
+    assert_ok(&out);
+    let r = read_report(&report);
+    let _ = std::fs::remove_file(cfg);
+    let _ = std::fs::remove_file(report);
+    r
+}
+
+fn codec_bytes(r: &Value, class: &str) -> u64 {
+    r["codec_bytes"][class].as_u64().unwrap_or(0)
+}
+
+/// compression.md on the WAN tier: Bi-Sparse at ρ = 0.01 with FP16 values moves ≤ 5 % of the WAN
+/// bytes of uncompressed FSA (push + pull, frame headers included) and ends within 1 accuracy
+/// point; FP16 on both tiers moves ≤ 52 % and ends within 0.5 point.
+#[test]
+fn bisparse_and_fp16_cut_wan_bytes_and_keep_accuracy() {
+    let rounds = 300;
+    let none = launch_report("codec-none", &codec_config(rounds, ""));
+    let fp16 = launch_report(
+        "codec-fp16",
+        &codec_config(
+            rounds,
+            "[compression]\nintra = { codec = \"fp16\" }\ninter = { codec = \"fp16\" }\n",
+        ),
+    );
+    let bisparse = launch_report(
+        "codec-bisparse",
+        &codec_config(
+            rounds,
+            "[compression.inter]\ncodec = \"bisparse\"\ndensity = 0.01\nmin_size = 1000\n\
+             values = \"fp16\"\nwarmup_rounds = 0\n",
+        ),
+    );
+    let wan = |r: &Value| r["wan_bytes"].as_u64().unwrap() as f64;
+    let acc = |r: &Value| r["final_test_accuracy"].as_f64().unwrap();
+    for (name, r) in [("none", &none), ("fp16", &fp16), ("bisparse", &bisparse)] {
+        eprintln!(
+            "{name}: wan_bytes {} ({:.1} % of none), per round {:.0}, lan_bytes {}, accuracy {:.4}, \
+             codec_bytes {}",
+            wan(r),
+            100.0 * wan(r) / wan(&none),
+            r["wan_bytes_per_round"].as_f64().unwrap(),
+            r["lan_bytes"],
+            acc(r),
+            r["codec_bytes"]
+        );
+        assert!(r["replicas_identical"].as_bool().unwrap(), "{name}");
+        assert_eq!(r["rounds"], rounds, "{name}");
+    }
+    assert!(
+        wan(&bisparse) <= 0.05 * wan(&none),
+        "bisparse {}",
+        wan(&bisparse)
+    );
+    assert!(acc(&bisparse) >= acc(&none) - 0.01, "bisparse accuracy");
+    assert!(wan(&fp16) <= 0.52 * wan(&none), "fp16 {}", wan(&fp16));
+    assert!(acc(&fp16) >= acc(&none) - 0.005, "fp16 accuracy");
+    // Payload classes: FP16 is all 16-bit; uncompressed all f32; Bi-Sparse sends the large
+    // tensors sparse and the biases (below T) dense f32.
+    assert_eq!(codec_bytes(&fp16, "f32"), 0);
+    assert!(codec_bytes(&fp16, "fp16") > 0);
+    assert_eq!(codec_bytes(&none, "fp16") + codec_bytes(&none, "sparse"), 0);
+    assert!(codec_bytes(&bisparse, "sparse") > 0);
+    // Dense f32 biases (512 + 10 elements; values counted): push and reply, both DCs.
+    assert_eq!(
+        codec_bytes(&bisparse, "f32"),
+        rounds * 2 * 2 * (4 * 512 + 4 * 10)
+    );
+    let wpr = bisparse["wan_bytes_per_round"].as_f64().unwrap();
+    assert!((wpr - wan(&bisparse) / rounds as f64).abs() < 1e-6);
+}
+
+/// MPQ: tensors of N ≥ T go Bi-Sparse with f32 values, smaller ones dense FP16, read from the
+/// per-codec byte counters (FP16 = 12 + 2N per payload, exactly).
+#[test]
+fn mpq_sends_small_tensors_fp16_and_large_ones_sparse() {
+    let rounds = 60;
+    let r = launch_report(
+        "codec-mpq",
+        &codec_config(
+            rounds,
+            "[compression.inter]\ncodec = \"mpq\"\nmin_size = 1000\ndensity = 0.01\n\
+             warmup_rounds = 0\n",
+        ),
+    );
+    assert!(r["replicas_identical"].as_bool().unwrap());
+    assert_eq!(codec_bytes(&r, "f32"), 0, "{}", r["codec_bytes"]);
+    assert_eq!(
+        codec_bytes(&r, "fp16"),
+        rounds * 2 * 2 * (12 + 2 * 512 + 12 + 2 * 10)
+    );
+    // Sparse f32 values: each push holds k = ⌈0.01·N⌉ entries of 8 bytes per large tensor (plus
+    // headers); the pull at most D·k.
+    let sparse = codec_bytes(&r, "sparse");
+    let k = 328 + 52;
+    assert!(sparse >= rounds * 2 * (12 * 2 + 8 * k), "sparse {sparse}");
+    assert!(sparse <= rounds * 2 * (12 * 2 + 8 * k + 2 * (5 + 12) + 8 * 2 * k));
+}
+
+/// Bi-Sparse replicas: workers apply the optimizer to the sparse mean gradient and match the global
+/// server's θ bit for bit at every dense resynchronisation (FP16 values, Adam, warm-up).
+#[test]
+fn bisparse_replicas_match_global_parameters_at_every_resync() {
+    let r = launch_report(
+        "codec-resync",
+        &codec_config(
+            40,
+            "[train.optimizer]\nkind = \"adam\"\nlr = 0.001\n[compression.inter]\n\
+             codec = \"bisparse\"\ndensity = 0.01\nmin_size = 1000\nvalues = \"fp16\"\n\
+             warmup_rounds = 10\nresync_every = 10\n",
+        ),
+    );
+    assert!(r["replicas_identical"].as_bool().unwrap());
+    let workers: Vec<&Value> = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "worker")
+        .collect();
+    assert_eq!(workers.len(), 4);
+    for w in workers {
+        // 4 resynchronisations × 2 sparse keys.
+        assert_eq!(w["resyncs"], 8, "{w}");
+        assert!(w.get("resync_mismatches").is_none(), "{w}");
+    }
+}

@@ -126,6 +126,8 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         net,
         registration_timeout: Duration::from_secs(20),
         config_hash: 77,
+        intra: Default::default(),
+        inter: Default::default(),
     }
 }
 

@@ -173,6 +173,44 @@ fn unknown_keys_are_rejected_with_their_name() {
     }
 }
 
+/// Every codec parses with its parameters; m > 0 is accepted with momentum-free SGD.
+#[test]
+fn codecs_parse_with_their_parameters() {
+    use super::{Codec, Fp16Codec, ScalingKind, SelectionKind, SparseCodec, SparseValues};
+    let cfg = Config::from_toml_str(
+        "[train.optimizer]\nkind = \"sgd\"\nmomentum = 0.0\n\
+         [compression]\nintra = { codec = \"fp16\", scaling = \"none\" }\n\
+         [compression.inter]\ncodec = \"bisparse\"\ndensity = 0.001\nselection = \"exact\"\n\
+         momentum = 0.9\nwarmup_rounds = 7\nclip = 2.5\nresync_every = 100\nvalues = \"fp16\"\n\
+         min_size = 1000",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.compression.intra,
+        Codec::Fp16(Fp16Codec {
+            scaling: ScalingKind::None
+        })
+    );
+    let expect = SparseCodec {
+        density: 0.001,
+        min_size: 1000,
+        selection: SelectionKind::Exact,
+        momentum: 0.9,
+        warmup_rounds: Some(7),
+        clip: Some(2.5),
+        resync_every: 100,
+        values: SparseValues::Fp16,
+        ..SparseCodec::default()
+    };
+    assert_eq!(cfg.compression.inter, Codec::Bisparse(expect));
+    let bf = Config::from_toml_str(
+        "[compression]\nintra = { codec = \"bf16\" }\ninter = { codec = \"mpq\" }",
+    )
+    .unwrap();
+    assert_eq!(bf.compression.intra, Codec::Bf16);
+    assert_eq!(bf.compression.inter, Codec::Mpq(SparseCodec::default()));
+}
+
 #[test]
 fn every_bad_value_names_its_field() {
     let dcs = |a: &str, b: &str| {
@@ -238,6 +276,22 @@ fn every_bad_value_names_its_field() {
         ("[placement]\nmin_range = 0".into(), "placement.min_range"),
         ("[placement]\nsplit_bound = 100".into(), "placement.split_bound"),
         ("[placement]\nsplit_bound = 5000000000".into(), "placement.split_bound"),
+        ("[compression]\nintra = { codec = \"bisparse\" }".into(), "compression.intra.codec"),
+        ("[compression]\nintra = { codec = \"mpq\" }".into(), "compression.intra.codec"),
+        // The Momentum rule: DGC momentum correction with the default SGD momentum 0.9.
+        ("[compression.inter]\ncodec = \"bisparse\"\nmomentum = 0.9".into(), "compression.inter.momentum"),
+        (
+            "[train.optimizer]\nkind = \"adam\"\n[compression.inter]\ncodec = \"bisparse\"\nmomentum = 0.5".into(),
+            "compression.inter.momentum",
+        ),
+        ("[compression.inter]\ncodec = \"bisparse\"\nmomentum = 1.0".into(), "compression.inter.momentum"),
+        ("[compression.inter]\ncodec = \"bisparse\"\ndensity = 0.0".into(), "compression.inter.density"),
+        ("[compression.inter]\ncodec = \"mpq\"\ndensity = 1.5".into(), "compression.inter.density"),
+        ("[compression.inter]\ncodec = \"bisparse\"\nwarmup_density = 2.0".into(), "compression.inter.warmup_density"),
+        ("[compression.inter]\ncodec = \"bisparse\"\nwarmup_epochs = -1.0".into(), "compression.inter.warmup_epochs"),
+        ("[compression.inter]\ncodec = \"bisparse\"\nmin_size = 0".into(), "compression.inter.min_size"),
+        ("[compression.inter]\ncodec = \"bisparse\"\nclip = 0.0".into(), "compression.inter.clip"),
+        ("[compression.inter]\ncodec = \"mpq\"\nvalues = \"fp16\"".into(), "compression.inter.values"),
     ];
     for (text, field) in &cases {
         match Config::from_toml_str(text) {

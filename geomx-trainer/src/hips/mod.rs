@@ -91,6 +91,16 @@ pub struct RoleStats {
     /// Inter-tier payload bytes (push + reply) by codec class (local servers).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub codec_bytes: codec::CodecBytes,
+    /// Dense resynchronisations a worker applied to its Bi-Sparse replicas.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resyncs: u64,
+    /// Resynchronisations where the replica differed from the global server's θ.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resync_mismatches: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 impl RoleStats {
@@ -106,6 +116,8 @@ impl RoleStats {
             final_loss: None,
             final_test_accuracy: None,
             codec_bytes: Default::default(),
+            resyncs: 0,
+            resync_mismatches: 0,
         }
     }
 }

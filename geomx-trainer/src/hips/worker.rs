@@ -60,6 +60,8 @@ fn decode_key(
 struct Replica {
     opt: Optimizer,
     grad: Vec<f32>,
+    resyncs: u64,
+    mismatches: u64,
 }
 
 impl Replica {
@@ -79,8 +81,13 @@ impl Replica {
             .step(params, &self.grad)
             .map_err(RunError::Engine)?;
         if let Some(theta) = up.theta {
-            let same = params_hash(&[params.to_vec()]) == params_hash(std::slice::from_ref(&theta));
+            let same = params
+                .iter()
+                .zip(&theta)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             tracing::debug!(key, same, "dense resynchronisation");
+            self.resyncs += 1;
+            self.mismatches += u64::from(!same);
             params.copy_from_slice(&theta);
         }
         Ok(())
@@ -138,6 +145,8 @@ pub fn run(
             job.inter.is_sparse_key(n).then(|| Replica {
                 opt: Optimizer::new(&job.optimizer, n),
                 grad: vec![0.0; n],
+                resyncs: 0,
+                mismatches: 0,
             })
         })
         .collect();
@@ -198,5 +207,9 @@ pub fn run(
     stats.param_hash = Some(hash);
     stats.final_loss = Some(loss);
     stats.final_test_accuracy = last_eval.map(|p| p.test_accuracy);
+    for r in replicas.iter().flatten() {
+        stats.resyncs += r.resyncs;
+        stats.resync_mismatches += r.mismatches;
+    }
     Ok(stats)
 }

@@ -140,6 +140,8 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 final_loss: None,
                 final_test_accuracy: None,
                 codec_bytes: Default::default(),
+                resyncs: 0,
+                resync_mismatches: 0,
             });
         }
     };
