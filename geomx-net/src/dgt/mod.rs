@@ -14,6 +14,7 @@ pub mod header;
 mod pacing;
 mod receiver;
 mod sender;
+pub mod udp;
 
 pub use config::{
     auto_block_bytes, DgtConfig, TerminatorMode, IPV4_UDP_OVERHEAD, IPV6_UDP_OVERHEAD,
@@ -22,6 +23,7 @@ pub use header::{DgtKind, Header, DGT_HEADER_LEN, DGT_MAGIC, DGT_VERSION};
 pub use pacing::TokenBucket;
 pub use receiver::{ChannelCounters, Delivery, DgtReceiver};
 pub use sender::{DgtSender, SenderCounters, Transmit, Values};
+pub use udp::UdpChannels;
 
 /// Marker in `channel_of_block` for a block that is not sent.
 pub const NOT_SENT: u8 = 0xFF;
