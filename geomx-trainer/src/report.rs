@@ -134,6 +134,7 @@ mod tests {
             codec_bytes: Default::default(),
             resyncs: 0,
             resync_mismatches: 0,
+            topk_fallbacks: 0,
         }
     }
 

@@ -190,6 +190,11 @@ pub fn decode_any(bytes: &[u8], key: usize, n: usize) -> Result<Vec<f32>, String
 
 /// The Bi-Sparse push of one range at a local server: error feedback and momentum state, seeded
 /// selection, and the encoded payload.
+///
+/// With 16-bit values and m = 0 the rounding error of the sent values is fed back too: it is added
+/// to the next round's input, so what the global server decodes plus what stays behind is the
+/// accumulated input (up to f32 addition rounding). With m > 0 it is dropped (feeding it through the
+/// velocity would count it 1/(1 − m) times).
 #[derive(Debug)]
 pub struct RangeCompressor {
     state: BiSparse,
@@ -197,6 +202,9 @@ pub struct RangeCompressor {
     run_seed: u64,
     dc: u32,
     range: u64,
+    /// Rounding error of the last 16-bit push, per element (empty when not fed back).
+    carry: Vec<f32>,
+    input: Vec<f32>,
 }
 
 impl RangeCompressor {
@@ -209,12 +217,20 @@ impl RangeCompressor {
         range: usize,
         len: usize,
     ) -> Result<Self, String> {
+        let b = &spec.bisparse;
+        let feed_back = b.value_type != ValueType::F32 && b.momentum == 0.0;
         Ok(Self {
-            state: BiSparse::new(spec.bisparse, len).map_err(|e| e.to_string())?,
+            state: BiSparse::new(*b, len).map_err(|e| e.to_string())?,
             scaling,
             run_seed,
             dc,
             range: range as u64,
+            carry: if feed_back {
+                vec![0.0; len]
+            } else {
+                Vec::new()
+            },
+            input: Vec::new(),
         })
     }
 
@@ -222,6 +238,15 @@ impl RangeCompressor {
     /// top-k, or dense f32 where the sparse form would not be smaller).
     pub fn push(&mut self, g: &[f32], round: u64) -> Result<Vec<u8>, String> {
         let seed = selection_seed(self.run_seed, Tier::Inter, self.dc, self.range, round);
+        let g = if self.carry.is_empty() {
+            g
+        } else {
+            self.input.clear();
+            self.input
+                .extend(g.iter().zip(&self.carry).map(|(&x, &c)| x + c));
+            self.carry.fill(0.0);
+            &self.input[..]
+        };
         let out = self
             .state
             .push(g, round, seed)
@@ -230,6 +255,14 @@ impl RangeCompressor {
         match out.payload {
             PushPayload::Sparse(s) => {
                 s.encode(self.state.config().value_type, self.scaling, &mut bytes);
+                if !self.carry.is_empty() {
+                    let n = self.carry.len();
+                    let sent = SparseVec::decode(&bytes, self.range, n)
+                        .map_err(|e| format!("range {}: {e}", self.range))?;
+                    for ((&i, &v), &d) in s.indices().iter().zip(s.values()).zip(sent.values()) {
+                        self.carry[i as usize] = v - d;
+                    }
+                }
             }
             PushPayload::Dense(d) => {
                 encode_dense(&d, ValueType::F32, Scaling::None, &mut bytes)
@@ -247,6 +280,11 @@ impl RangeCompressor {
     /// Exact-top-k fallbacks of sampled selection so far.
     pub fn fallbacks(&self) -> u64 {
         self.state.fallbacks()
+    }
+
+    /// The 16-bit rounding error carried into the next push (empty when not fed back).
+    pub fn carry(&self) -> &[f32] {
+        &self.carry
     }
 }
 
@@ -504,6 +542,42 @@ mod tests {
             }
         }
         assert_eq!(c.fallbacks(), 0);
+    }
+
+    /// With FP16 values the rounding error is fed back: decoded sent + residual + carry tracks the
+    /// accumulated input to f32 rounding (tolerance 1e-3 on sums of magnitude ≤ ~2000), while the
+    /// values lost without feedback would exceed it.
+    #[test]
+    fn fp16_values_feed_their_rounding_error_back() {
+        let n = 1500;
+        let mut sp = spec(0.02, 1000);
+        sp.bisparse.value_type = ValueType::F16;
+        let mut c = RangeCompressor::new(&sp, Scaling::Pow2, 1, 0, 0, n).unwrap();
+        let mut total_in = vec![0.0f64; n];
+        let mut total_sent = vec![0.0f64; n];
+        let mut lost = 0.0f64;
+        for round in 0..100u64 {
+            let g: Vec<f32> = (0..n)
+                .map(|i| {
+                    let h = (i as u64 * 2_654_435_761 + round * 40_503) % 1021;
+                    (h as f32 - 510.0) / 64.0 + 1.0 / 3.0
+                })
+                .collect();
+            let bytes = c.push(&g, round).unwrap();
+            let sent = decode_any(&bytes, 0, n).unwrap();
+            for i in 0..n {
+                total_in[i] += f64::from(g[i]);
+                total_sent[i] += f64::from(sent[i]);
+                lost += f64::from(c.carry()[i]).abs();
+            }
+        }
+        let mut worst = 0.0f64;
+        for i in 0..n {
+            let kept = f64::from(c.residual()[i]) + f64::from(c.carry()[i]);
+            worst = worst.max((total_sent[i] + kept - total_in[i]).abs());
+        }
+        assert!(worst < 1e-3, "worst {worst}");
+        assert!(lost > 1e-2, "rounding errors were fed back: {lost}");
     }
 
     #[test]

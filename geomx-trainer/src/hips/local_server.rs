@@ -64,6 +64,8 @@ struct LocalHandler {
     inter: TierCodec,
     /// Inter-tier payload bytes by codec class.
     codec_bytes: Mutex<CodecBytes>,
+    /// Sampled top-k selections that fell back to exact top-k.
+    fallbacks: std::sync::atomic::AtomicU64,
 }
 
 impl LocalHandler {
@@ -255,7 +257,12 @@ fn exchange(
                 let comp = comps
                     .get_mut(i)
                     .ok_or_else(|| format!("range {id}: no compressor"))?;
+                let before = comp.fallbacks();
                 let body = comp.push(&slice(s), round)?;
+                handler.fallbacks.fetch_add(
+                    comp.fallbacks() - before,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 count_payload(&mut counts, &body);
                 Some(UpPush::encode_coded(count, &body))
             }
@@ -448,6 +455,7 @@ pub fn run(
         intra: job.intra.clone(),
         inter: job.inter.clone(),
         codec_bytes: Mutex::new(CodecBytes::new()),
+        fallbacks: Default::default(),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -544,5 +552,6 @@ pub fn run(
     let mut stats = RoleStats::new(&node.me, lan);
     stats.client_bytes = wan;
     stats.codec_bytes = lock(&handler.codec_bytes).clone();
+    stats.topk_fallbacks = handler.fallbacks.load(std::sync::atomic::Ordering::Relaxed);
     Ok(stats)
 }

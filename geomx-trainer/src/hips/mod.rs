@@ -97,6 +97,9 @@ pub struct RoleStats {
     /// Resynchronisations where the replica differed from the global server's θ.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resync_mismatches: u64,
+    /// Sampled top-k selections that fell back to exact top-k (local servers).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub topk_fallbacks: u64,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -118,6 +121,7 @@ impl RoleStats {
             codec_bytes: Default::default(),
             resyncs: 0,
             resync_mismatches: 0,
+            topk_fallbacks: 0,
         }
     }
 }

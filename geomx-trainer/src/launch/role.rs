@@ -142,6 +142,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 codec_bytes: Default::default(),
                 resyncs: 0,
                 resync_mismatches: 0,
+                topk_fallbacks: 0,
             });
         }
     };
