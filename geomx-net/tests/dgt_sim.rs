@@ -284,6 +284,7 @@ fn unreliable_loss_keeps_reliable_share_and_counters_add_up() {
         );
         let mut rng = ChaCha8Rng::seed_from_u64(20 + i as u64);
         let mut lost_blocks = 0;
+        let mut prev_missing = 0;
         for round in 0..4u32 {
             let x = tensor(&mut rng, n, per, 11);
             let map = reference_map(&x, per, 0.8, c.channels);
@@ -307,6 +308,17 @@ fn unreliable_loss_keeps_reliable_share_and_counters_add_up() {
                 }
             }
             lost_blocks += d.missing.len() as u64;
+            // The previous round's report is final at this delivery.
+            if round > 0 {
+                let rep = sim.rx.poll_report().expect("report of the previous round");
+                assert_eq!(rep.round, round - 1);
+                assert_eq!(rep.channels[0].lost(), 0);
+                let lost: u64 = rep.channels.iter().map(|c| u64::from(c.lost())).sum();
+                assert_eq!(lost, prev_missing);
+                let sent: u32 = rep.channels[1..].iter().map(|c| c.sent).sum();
+                assert_eq!(rep.unreliable_loss(), prev_missing as f64 / f64::from(sent));
+            }
+            prev_missing = d.missing.len() as u64;
         }
         let rc = sim.rx.counters();
         let sc = sim.tx.counters();

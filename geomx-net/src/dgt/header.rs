@@ -4,7 +4,7 @@
 //! |----:|-----:|-------|
 //! | 0 | 2 | magic `0x4758` |
 //! | 2 | 1 | version ([`DGT_VERSION`]) |
-//! | 3 | 1 | kind ([`DgtKind`]: 48 block, 49 terminator) |
+//! | 3 | 1 | kind ([`DgtKind`]: 48 block, 49 terminator, 50 report) |
 //! | 4 | 1 | channel (0 reliable, 1..=C unreliable) |
 //! | 5 | 1 | value type ([`ValueType`]) |
 //! | 6 | 2 | flags (0) |
@@ -38,6 +38,8 @@ pub enum DgtKind {
     Block = 48,
     /// End of (key, round): `channel_of_block` follows the header.
     End = 49,
+    /// Receiver → sender: per-channel counters of a closed round ([`super::RoundReport`]).
+    Report = 50,
 }
 
 impl DgtKind {
@@ -46,6 +48,7 @@ impl DgtKind {
         match b {
             48 => Ok(DgtKind::Block),
             49 => Ok(DgtKind::End),
+            50 => Ok(DgtKind::Report),
             other => Err(DgtError::BadKind(other)),
         }
     }
@@ -147,7 +150,7 @@ impl Header {
         if raw.flags.get() != 0 {
             return Err(DgtError::BadFlags(raw.flags.get()));
         }
-        if kind == DgtKind::End && raw.channel != 0 {
+        if kind != DgtKind::Block && raw.channel != 0 {
             return Err(DgtError::BadChannel(raw.channel));
         }
         Ok((
@@ -223,7 +226,7 @@ mod tests {
         let cases: [(usize, u8, Check); 6] = [
             (0, 0, |e| matches!(e, DgtError::BadMagic(_))),
             (2, 9, |e| matches!(e, DgtError::BadVersion(9))),
-            (3, 50, |e| matches!(e, DgtError::BadKind(50))),
+            (3, 51, |e| matches!(e, DgtError::BadKind(51))),
             (4, 8, |e| matches!(e, DgtError::BadChannel(8))),
             (5, 2, |e| matches!(e, DgtError::BadValueType(2))),
             (6, 1, |e| matches!(e, DgtError::BadFlags(1))),

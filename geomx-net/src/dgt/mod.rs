@@ -13,6 +13,7 @@ mod config;
 pub mod header;
 mod pacing;
 mod receiver;
+mod report;
 mod sender;
 pub mod udp;
 
@@ -22,6 +23,7 @@ pub use config::{
 pub use header::{DgtKind, Header, DGT_HEADER_LEN, DGT_MAGIC, DGT_VERSION};
 pub use pacing::TokenBucket;
 pub use receiver::{ChannelCounters, Delivery, DgtReceiver};
+pub use report::{ChannelRound, RoundReport};
 pub use sender::{DgtSender, SenderCounters, Transmit, Values};
 pub use udp::UdpChannels;
 

@@ -4,6 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use super::header::{check_channel_map, DgtKind, Header};
+use super::report::{ChannelRound, RoundReport};
 use super::{f16_bits_to_f32, DgtConfig, DgtError, ValueType, MAX_CHANNELS, NOT_SENT};
 
 const NCH: usize = (MAX_CHANNELS + 1) as usize;
@@ -99,6 +100,7 @@ impl Slot {
 struct Closed {
     map: Vec<u8>,
     seen: Vec<bool>,
+    report: RoundReport,
 }
 
 #[derive(Debug)]
@@ -118,6 +120,7 @@ pub struct DgtReceiver {
     counters: [ChannelCounters; NCH],
     invalid: u64,
     deliveries: VecDeque<Delivery>,
+    reports: VecDeque<RoundReport>,
 }
 
 impl DgtReceiver {
@@ -131,6 +134,7 @@ impl DgtReceiver {
             counters: [ChannelCounters::default(); NCH],
             invalid: 0,
             deliveries: VecDeque::new(),
+            reports: VecDeque::new(),
         })
     }
 
@@ -166,6 +170,12 @@ impl DgtReceiver {
     /// Next delivered tensor, in delivery order.
     pub fn poll_delivery(&mut self) -> Option<Delivery> {
         self.deliveries.pop_front()
+    }
+
+    /// Next final per-round report (a round's report is final at the next round's delivery);
+    /// encode it with [`RoundReport::encode_into`] and send it back on the reliable channel.
+    pub fn poll_report(&mut self) -> Option<RoundReport> {
+        self.reports.pop_front()
     }
 
     /// Earliest terminator deadline pending.
@@ -228,6 +238,7 @@ impl DgtReceiver {
         match h.kind {
             DgtKind::Block => self.on_block(now, &h, &k, payload, msg.len()),
             DgtKind::End => self.on_end(now, &h, &k, payload, msg.len()),
+            DgtKind::Report => Err(DgtError::BadKind(DgtKind::Report as u8)),
         }
     }
 
@@ -246,7 +257,7 @@ impl DgtReceiver {
             });
         }
         let off = h.block * k.per;
-        let cnt = (off + k.per).min(k.n) - off;
+        let cnt = off.saturating_add(k.per).min(k.n) - off;
         if h.elem_offset != off || h.elem_count != cnt {
             return Err(DgtError::BadElemRange {
                 block: h.block,
@@ -295,6 +306,7 @@ impl DgtReceiver {
                 c.dup += 1;
             } else {
                 prev.seen[b] = true;
+                prev.report.channels[ch].late += 1;
                 c.late += 1;
                 c.lost -= 1;
                 st.late.push((off, widen(k.value_type, payload)));
@@ -461,17 +473,26 @@ impl DgtReceiver {
                 slot.values = vec![0.0; k.n as usize];
             }
             let mut missing = Vec::new();
+            let mut report = RoundReport {
+                sender: sid.0,
+                key: sid.1,
+                round: st.cur,
+                channels: vec![ChannelRound::default(); usize::from(self.cfg.channels) + 1],
+            };
             for (j, (&m, &a)) in map.iter().zip(&slot.arrived).enumerate() {
                 if m == NOT_SENT {
                     continue;
                 }
                 let c = &mut self.counters[usize::from(m)];
+                let r = &mut report.channels[usize::from(m)];
                 c.sent += 1;
+                r.sent += 1;
                 if a == NOT_SENT {
                     c.lost += 1;
                     missing.push(j as u32);
                 } else {
                     c.on_time += 1;
+                    r.on_time += 1;
                 }
             }
             let late = std::mem::take(&mut st.late);
@@ -482,7 +503,9 @@ impl DgtReceiver {
                 }
             }
             let seen = slot.arrived.iter().map(|&a| a != NOT_SENT).collect();
-            st.prev = Some(Closed { map, seen });
+            if let Some(old) = st.prev.replace(Closed { map, seen, report }) {
+                self.reports.push_back(old.report);
+            }
             let round = st.cur;
             st.cur = st.cur.wrapping_add(1);
             st.slots[0] = st.slots[1].take();
@@ -620,6 +643,17 @@ mod tests {
         let d1 = rx.poll_delivery().unwrap();
         assert_eq!(d1.folded_late, 1);
         assert_eq!(&d1.values[8..], &[18.0, 20.0, 22.0, 24.0]);
+        // Round 0's report is final now: channel 2 had its block late.
+        let rep = rx.poll_report().unwrap();
+        assert_eq!((rep.sender, rep.key, rep.round), (3, 1, 0));
+        let ch: Vec<(u32, u32, u32)> = rep
+            .channels
+            .iter()
+            .map(|c| (c.sent, c.on_time, c.late))
+            .collect();
+        assert_eq!(ch, [(1, 1, 0), (1, 1, 0), (1, 0, 1)]);
+        assert_eq!(rep.unreliable_loss(), 0.0);
+        assert!(rx.poll_report().is_none());
         // Round 0's datagram again, now two deliveries on: stale.
         feed(&mut rx, t, std::slice::from_ref(&held));
         assert_eq!(rx.counters()[2].stale, 1);
@@ -703,6 +737,15 @@ mod tests {
             Err(DgtError::ValueTypeMismatch { .. })
         ));
         assert!(rx.handle_reliable(t, &end[..end.len() - 1]).is_err());
-        assert_eq!(rx.invalid(), 7);
+        let mut report = Vec::new();
+        crate::dgt::RoundReport {
+            sender: 3,
+            key: 1,
+            round: 0,
+            channels: vec![Default::default(); 3],
+        }
+        .encode_into(&mut report);
+        assert_eq!(rx.handle_reliable(t, &report), Err(DgtError::BadKind(50)));
+        assert_eq!(rx.invalid(), 8);
     }
 }

@@ -295,7 +295,7 @@ impl DgtSender {
     fn block_span(&self, r: &Round, block: u32) -> (u32, u32) {
         let per = (self.cfg.block_bytes / r.value_type.size()) as u32;
         let off = block * per;
-        (off, (off + per).min(r.n) - off)
+        (off, off.saturating_add(per).min(r.n) - off)
     }
 
     fn emit(&mut self, channel: u8, item: Item, buf: &mut Vec<u8>) -> Transmit {
