@@ -1,13 +1,14 @@
 //! DGT (differential gradient transmission), sans-IO core: see `docs/dgt.md` and the spec.
 //!
-//! The caller ranks blocks (geomx-kernels `dgt_score`) and hands the per-block channel assignment
-//! to a [`DgtSender`]; the sender cuts values into blocks, queues them per channel with strict
-//! priority, paces the unreliable channels with a token bucket and emits the terminator. A
-//! [`DgtReceiver`] validates datagrams, drops duplicates, keeps early blocks, waits for the
-//! terminator (or its deadline) and delivers the tensor with late blocks of the previous round
-//! folded in. Neither reads a clock or owns a socket: `now` is passed in and transmits are
-//! returned ([`Transmit`]); channel 0 bytes go on the reliable (TCP) transport, channels 1..=C on
-//! unreliable datagram sockets.
+//! The caller ranks blocks (geomx-kernels `dgt_score`) and hands the per-block channel
+//! assignment to a [`DgtSender`](crate::dgt::DgtSender); the sender cuts values into blocks,
+//! queues them per channel with strict priority, paces the unreliable channels with a token
+//! bucket and emits the terminator. A [`DgtReceiver`](crate::dgt::DgtReceiver) validates
+//! datagrams, drops duplicates, keeps early blocks, waits for the terminator (or its deadline)
+//! and delivers the tensor with late blocks of the previous round folded in. Neither reads a
+//! clock or owns a socket: `now` is passed in and transmits are returned
+//! ([`Transmit`](crate::dgt::Transmit)); channel 0 bytes go on the reliable (TCP) transport,
+//! channels 1..=C on the unreliable datagram sockets of [`udp`](crate::dgt::udp).
 
 mod config;
 pub mod header;
