@@ -15,8 +15,7 @@ use std::collections::BTreeMap;
 
 use geomx_kernels::{
     decode_dense, encode_dense, is_large, selection_seed, BiSparse, BiSparseConfig, Layout,
-    PayloadHeader, PushPayload, SampledParams, Scaling, Selection, SparseVec, Tier, ValueType,
-    HEADER_LEN,
+    PushPayload, SampledParams, Scaling, Selection, SparseVec, Tier, ValueType, HEADER_LEN,
 };
 use geomx_net::PayloadCodec;
 
@@ -56,7 +55,7 @@ impl Default for TierCodec {
 }
 
 impl TierCodec {
-    /// Resolves `codec`; `warmup_rounds` converts a sparse codec's warm-up epochs to rounds.
+    /// Resolves `codec`; `batches_per_epoch` converts a sparse codec's warm-up epochs to rounds.
     pub fn from_config(codec: &Codec, batches_per_epoch: usize) -> Self {
         let sparse = |s: &SparseCodec, small: ValueType| SparseSpec {
             bisparse: BiSparseConfig {
@@ -112,15 +111,9 @@ impl TierCodec {
             .is_some_and(|s| is_large(key_len, s.min_size))
     }
 
-    /// Dense value type of a key of `key_len` elements.
-    pub fn dense_type(&self, key_len: usize) -> ValueType {
-        match &self.sparse {
-            Some(s) => s.small,
-            None => {
-                let _ = key_len;
-                self.dense
-            }
-        }
+    /// Value type of the keys this tier sends densely (for sparse codecs: those below T).
+    pub fn dense_type(&self) -> ValueType {
+        self.sparse.as_ref().map_or(self.dense, |s| s.small)
     }
 
     /// FP16 scaling of this tier's payloads.
@@ -142,10 +135,9 @@ impl TierCodec {
             .is_some_and(|s| s.resync_every > 0 && (round + 1) % s.resync_every == 0)
     }
 
-    /// Encodes dense values of a key of `key_len` elements: plain f32 as `DenseF32`, anything
-    /// else as a codec payload under `Raw`.
-    pub fn encode_dense(&self, x: &[f32], key_len: usize) -> (PayloadCodec, Vec<u8>) {
-        encode_values(x, self.dense_type(key_len), self.scaling)
+    /// Encodes dense values: plain f32 as `DenseF32`, anything else as a codec payload (`Raw`).
+    pub fn encode_dense(&self, x: &[f32]) -> (PayloadCodec, Vec<u8>) {
+        encode_values(x, self.dense_type(), self.scaling)
     }
 }
 
@@ -409,14 +401,14 @@ pub fn count_update(counts: &mut CodecBytes, b: &[u8]) {
     }
 }
 
-/// Parses the header of a codec payload (for tests and diagnostics).
-pub fn header_of(payload: &[u8], key: usize, n: usize) -> Option<PayloadHeader> {
-    PayloadHeader::parse(payload, key as u64, n).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use geomx_kernels::PayloadHeader;
+
+    fn header_of(payload: &[u8], key: usize, n: usize) -> Option<PayloadHeader> {
+        PayloadHeader::parse(payload, key as u64, n).ok()
+    }
     use crate::config::Fp16Codec;
 
     fn spec(density: f64, min_size: usize) -> SparseSpec {
@@ -438,7 +430,7 @@ mod tests {
         let none = TierCodec::from_config(&Codec::None, 10);
         assert!(none.is_plain() && !none.is_sparse_key(1 << 30));
         let fp16 = TierCodec::from_config(&Codec::Fp16(Fp16Codec::default()), 10);
-        assert_eq!(fp16.dense_type(5), ValueType::F16);
+        assert_eq!(fp16.dense_type(), ValueType::F16);
         assert!(!fp16.is_plain());
         let mpq = TierCodec::from_config(
             &Codec::Mpq(SparseCodec {
@@ -449,11 +441,11 @@ mod tests {
         );
         assert!(!mpq.is_sparse_key(99));
         assert!(mpq.is_sparse_key(100));
-        assert_eq!(mpq.dense_type(99), ValueType::F16);
+        assert_eq!(mpq.dense_type(), ValueType::F16);
         // Default warm-up: 4 epochs of 10 rounds.
         assert_eq!(mpq.sparse().unwrap().bisparse.warmup_rounds, 40);
         let bs = TierCodec::from_config(&Codec::Bisparse(SparseCodec::default()), 10);
-        assert_eq!(bs.dense_type(5), ValueType::F32);
+        assert_eq!(bs.dense_type(), ValueType::F32);
     }
 
     #[test]

@@ -40,8 +40,6 @@ struct GlobalHandler {
     dc_of: OnceLock<HashMap<u32, usize>>,
     aborter: OnceLock<Aborter>,
     range_lens: Vec<usize>,
-    /// Length of each range's key (decides dense or Bi-Sparse).
-    key_of_range: Vec<usize>,
     inter: TierCodec,
     owned: usize,
     rounds: u64,
@@ -84,7 +82,6 @@ impl GlobalHandler {
             Ok(u) => u,
             Err(e) => return self.fail(reply, format!("range push from dc {dc}: {e}")),
         };
-        let key_len = self.key_of_range[id];
         let resync = self.inter.resync_due(req.version);
         let mut st = lock(&self.state);
         let (codec, done) = match st.agg.push_round(id, dc, req.version, up.sum, up.count) {
@@ -97,7 +94,7 @@ impl GlobalHandler {
                     PayloadCodec::Raw,
                     Update::encode_parts(&sparse, resync.then_some(d.theta)),
                 ),
-                None => self.inter.encode_dense(d.theta, key_len),
+                None => self.inter.encode_dense(d.theta),
             },
             Err(e) => {
                 drop(st);
@@ -199,12 +196,6 @@ pub fn run(
         dc_of: OnceLock::new(),
         aborter: OnceLock::new(),
         range_lens: plan.placement.ranges.iter().map(|r| r.len).collect(),
-        key_of_range: plan
-            .placement
-            .ranges
-            .iter()
-            .map(|r| plan.key_lens[r.key])
-            .collect(),
         inter: job.inter.clone(),
         owned,
         rounds: job.rounds,

@@ -272,7 +272,7 @@ fn exchange(
                 Some(body)
             }
             (Some(s), None) => {
-                let (codec, body) = handler.inter.encode_dense(&slice(s), key_len);
+                let (codec, body) = handler.inter.encode_dense(&slice(s));
                 count_dense(&mut counts, codec, &body);
                 Some(UpPush::encode_coded(count, &raw_body(codec, body, r.len)))
             }
@@ -381,7 +381,7 @@ fn uplink(
         let res = exchange(
             &handler, &clients, &ranges, key_len, up.round, count, sum, &job,
         )
-        .map(|reply| handler.down_reply(key, reply));
+        .map(|reply| handler.down_reply(reply));
         match res {
             Ok((codec, bytes)) => handler.publish(key, up.round + 1, codec, bytes, up.replies),
             Err(e) => {
@@ -398,12 +398,11 @@ fn uplink(
 impl LocalHandler {
     /// The reply to the workers for what the global tier answered: θ in the intra codec, or for
     /// Bi-Sparse keys the mean ḡ = G / W as an [`Update`] (with θ on resynchronisation rounds).
-    fn down_reply(&self, key: usize, reply: KeyReply) -> (PayloadCodec, Vec<u8>) {
+    fn down_reply(&self, reply: KeyReply) -> (PayloadCodec, Vec<u8>) {
         match reply {
-            KeyReply::Dense(theta) => self.intra.encode_dense(&theta, theta.len()),
+            KeyReply::Dense(theta) => self.intra.encode_dense(&theta),
             KeyReply::Sparse { mut sum, theta } => {
                 sum.div_values(self.total_workers as f32);
-                let _ = key;
                 let bytes = Update::encode(
                     &sum,
                     self.intra.sparse_values(),

@@ -160,7 +160,7 @@ pub fn run(
         let l = job
             .model
             .backward_layerwise(&params, batch.view(), &mut |key, grad| {
-                let (codec, bytes) = job.intra.encode_dense(&grad, grad.len());
+                let (codec, bytes) = job.intra.encode_dense(&grad);
                 pending[key] =
                     Some(client.push(key as u64, round, codec, 0, grad.len() as u64, &bytes));
             })
