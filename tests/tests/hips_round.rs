@@ -128,6 +128,7 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         config_hash: 77,
         intra: Default::default(),
         inter: Default::default(),
+        slowdown: Vec::new(),
     }
 }
 

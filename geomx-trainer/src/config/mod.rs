@@ -8,6 +8,7 @@
 mod cluster_toml;
 mod dmlc;
 mod role;
+mod sync;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use role::{Role, RoleSpec};
+pub use sync::{
+    HfaConfig, HfaWeighting, LambdaMode, MixedConfig, MixedOptimizer, OuterOptimizer,
+    SyncAlgorithm, SyncConfig,
+};
 
 use crate::data::synthetic::SyntheticSpec;
 use crate::data::ShardStrategy;
@@ -173,6 +178,14 @@ pub struct DataCenterConfig {
     /// Addresses `host:port` of its workers by rank (multi-host runs); empty = automatic.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub worker_addrs: Vec<String>,
+    /// Compute slow-down factor f ≥ 1 of its workers (heterogeneity knob, sync.md): after a step
+    /// of measured duration d a worker sleeps (f − 1)·d. Default 1 (no slow-down).
+    #[serde(default = "default_slowdown")]
+    pub slowdown: f64,
+}
+
+fn default_slowdown() -> f64 {
+    1.0
 }
 
 impl DataCenterConfig {
@@ -183,6 +196,7 @@ impl DataCenterConfig {
             workers,
             local_server: None,
             worker_addrs: Vec::new(),
+            slowdown: default_slowdown(),
         }
     }
 }
@@ -333,25 +347,6 @@ impl TrainConfig {
             (None, None) => DEFAULT_ROUNDS,
         }
     }
-}
-
-/// Synchronisation algorithms of the global tier (sync.md). Open: `mixed`, `hfa` and `esync` join
-/// with their parameters in later work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum SyncAlgorithm {
-    /// Fully synchronous: every round the optimizer applies the mean gradient of all W workers.
-    #[default]
-    Fsa,
-}
-
-/// `[sync]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct SyncConfig {
-    /// The algorithm.
-    pub algorithm: SyncAlgorithm,
 }
 
 /// A codec of one tier (compression.md), selected by `codec`.

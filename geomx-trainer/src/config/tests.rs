@@ -156,7 +156,7 @@ fn unknown_keys_are_rejected_with_their_name() {
             "[train.optimizer]\nkind = \"adam\"\nmomentum = 0.5",
             "momentum",
         ),
-        ("[sync]\nalgorithm = \"hfa\"", "hfa"),
+        ("[sync]\nalgorithm = \"esync\"", "esync"),
         ("[compression]\ninter = { codec = \"lz4\" }", "lz4"),
         (
             "[compression]\ninter = { codec = \"bisparse\", densty = 0.1 }",
@@ -592,4 +592,130 @@ fn dmlc_env_mappings_and_errors() {
             other => panic!("{vars:?}: expected an error naming {var}, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn sync_algorithms_parse_with_their_parameters_and_defaults() {
+    let c = Config::from_toml_str("[sync]\nalgorithm = \"mixed\"").unwrap();
+    assert_eq!(c.sync.algorithm, SyncAlgorithm::Mixed);
+    assert_eq!(c.sync.mixed, MixedConfig::default());
+    let d = c.sync.mixed.dcasgd(0.1, 0.0);
+    assert_eq!(d.lambda, geomx_kernels::optim::DcAsgdLambda::Constant(0.04));
+    assert_eq!((d.lr, d.momentum, d.weight_decay), (0.1, 0.0, 0.0));
+
+    let c = Config::from_toml_str(
+        "[sync]\nalgorithm = \"mixed\"\n[sync.mixed]\nlambda_mode = \"adaptive\"\nlambda0 = 1.5\n\
+         m = 0.9\neps = 1e-6",
+    )
+    .unwrap();
+    assert_eq!(
+        c.sync.mixed.dcasgd(0.05, 1e-4).lambda,
+        geomx_kernels::optim::DcAsgdLambda::Adaptive {
+            lambda0: 1.5,
+            decay: 0.9,
+            eps: 1e-6
+        }
+    );
+
+    let c = Config::from_toml_str(
+        "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 20\nk2 = 10\nweighting = \"equal\"\n\
+         outer = \"nesterov\"\nouter_lr = 0.5\nouter_momentum = 0.8",
+    )
+    .unwrap();
+    assert_eq!(c.sync.algorithm, SyncAlgorithm::Hfa);
+    assert_eq!(
+        c.sync.hfa,
+        HfaConfig {
+            k1: 20,
+            k2: 10,
+            weighting: HfaWeighting::Equal,
+            outer: OuterOptimizer::Nesterov,
+            outer_lr: 0.5,
+            outer_momentum: 0.8,
+        }
+    );
+    let h = HfaConfig::default();
+    assert_eq!(
+        (h.k1, h.k2, h.weighting, h.outer),
+        (1, 1, HfaWeighting::Data, OuterOptimizer::Average)
+    );
+    assert_eq!((h.outer_lr, h.outer_momentum), (0.7, 0.9));
+
+    let c = Config::from_toml_str(
+        "[[cluster.data_centers]]\nname = \"a\"\nworkers = 1\nslowdown = 3.0\n\
+         [[cluster.data_centers]]\nname = \"b\"\nworkers = 1",
+    )
+    .unwrap();
+    let s: Vec<f64> = c.cluster.data_centers.iter().map(|d| d.slowdown).collect();
+    assert_eq!(s, [3.0, 1.0]);
+}
+
+#[test]
+fn bad_sync_values_name_their_field() {
+    let mixed = "[sync]\nalgorithm = \"mixed\"\n";
+    let hfa = "[sync]\nalgorithm = \"hfa\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("{mixed}[compression.inter]\ncodec = \"bisparse\""),
+            "compression.inter.codec",
+        ),
+        (
+            format!("{mixed}[compression.inter]\ncodec = \"mpq\""),
+            "compression.inter.codec",
+        ),
+        (
+            format!("{mixed}[train.optimizer]\nkind = \"adam\""),
+            "sync.mixed.optimizer",
+        ),
+        (
+            format!("{mixed}[sync.mixed]\nlambda = -0.1"),
+            "sync.mixed.lambda",
+        ),
+        (
+            format!("{mixed}[sync.mixed]\nlambda_mode = \"adaptive\"\nlambda0 = -1.0"),
+            "sync.mixed.lambda0",
+        ),
+        (
+            format!("{mixed}[sync.mixed]\nlambda_mode = \"adaptive\"\nm = 1.0"),
+            "sync.mixed.m",
+        ),
+        (
+            format!("{mixed}[sync.mixed]\nlambda_mode = \"adaptive\"\neps = 0.0"),
+            "sync.mixed.eps",
+        ),
+        (
+            format!("{mixed}[sync.mixed]\nmomentum = 1.5"),
+            "sync.mixed.momentum",
+        ),
+        (format!("{hfa}[sync.hfa]\nk1 = 0"), "sync.hfa.k1"),
+        (format!("{hfa}[sync.hfa]\nk2 = 0"), "sync.hfa.k2"),
+        (
+            format!("{hfa}[sync.hfa]\nouter = \"nesterov\"\nouter_lr = 0.0"),
+            "sync.hfa.outer_lr",
+        ),
+        (
+            format!("{hfa}[sync.hfa]\nouter = \"nesterov\"\nouter_momentum = 1.0"),
+            "sync.hfa.outer_momentum",
+        ),
+        (
+            "[[cluster.data_centers]]\nname = \"a\"\nworkers = 1\nslowdown = 0.5".into(),
+            "cluster.data_centers[0].slowdown",
+        ),
+    ];
+    for (text, field) in &cases {
+        match Config::from_toml_str(text) {
+            Err(ConfigError::Invalid { field: f, message }) => {
+                assert_eq!(&f, field, "{text}: {message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{text}: expected an error naming {field}, got {other:?}"),
+        }
+    }
+    // Plain optimizer: DC-ASGD parameters are not consulted, so Adam is fine.
+    Config::from_toml_str(&format!(
+        "{mixed}[train.optimizer]\nkind = \"adam\"\n[sync.mixed]\noptimizer = \"plain\"\nlambda = -1.0"
+    ))
+    .unwrap();
+    let err = Config::from_toml_str("[sync.hfa]\nk3 = 1").unwrap_err();
+    assert!(err.to_string().contains("k3"), "{err}");
 }

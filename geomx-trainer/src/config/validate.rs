@@ -1,6 +1,9 @@
 //! `Config::validate`: value ranges and cross-field rules, each error naming its field.
 
-use super::{Codec, Config, ConfigError, DatasetKind, SparseCodec, SparseValues};
+use super::{
+    Codec, Config, ConfigError, DatasetKind, LambdaMode, MixedOptimizer, OuterOptimizer,
+    SparseCodec, SparseValues, SyncAlgorithm,
+};
 use crate::data::digits;
 use crate::engine::OptimizerConfig;
 
@@ -75,7 +78,53 @@ impl Config {
         self.validate_model_and_data()?;
         self.validate_train()?;
         self.validate_compression()?;
+        self.validate_sync()?;
         self.validate_timeouts_and_placement()
+    }
+
+    fn validate_sync(&self) -> Result {
+        let s = &self.sync;
+        match s.algorithm {
+            SyncAlgorithm::Fsa => Ok(()),
+            SyncAlgorithm::Mixed => {
+                let m = &s.mixed;
+                check(
+                    !matches!(self.compression.inter, Codec::Bisparse(_) | Codec::Mpq(_)),
+                    || "compression.inter.codec".into(),
+                    || "Bi-Sparse is not defined for sync.algorithm = \"mixed\"".into(),
+                )?;
+                if m.optimizer == MixedOptimizer::Dcasgd {
+                    check(
+                        matches!(self.train.optimizer, OptimizerConfig::Sgd(_)),
+                        || "sync.mixed.optimizer".into(),
+                        || {
+                            "dcasgd takes its learning rate from train.optimizer, which must be sgd"
+                                .into()
+                        },
+                    )?;
+                    match m.lambda_mode {
+                        LambdaMode::Constant => non_negative("sync.mixed.lambda", m.lambda)?,
+                        LambdaMode::Adaptive => {
+                            non_negative("sync.mixed.lambda0", m.lambda0)?;
+                            unit_interval("sync.mixed.m", m.m)?;
+                            positive_finite("sync.mixed.eps", m.eps)?;
+                        }
+                    }
+                    unit_interval("sync.mixed.momentum", m.momentum)?;
+                }
+                Ok(())
+            }
+            SyncAlgorithm::Hfa => {
+                let h = &s.hfa;
+                check(h.k1 >= 1, || "sync.hfa.k1".into(), || "must be >= 1".into())?;
+                check(h.k2 >= 1, || "sync.hfa.k2".into(), || "must be >= 1".into())?;
+                if h.outer == OuterOptimizer::Nesterov {
+                    positive_finite("sync.hfa.outer_lr", h.outer_lr)?;
+                    unit_interval("sync.hfa.outer_momentum", h.outer_momentum)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     fn validate_compression(&self) -> Result {
@@ -193,6 +242,11 @@ impl Config {
                 || format!("{:?} is used by an earlier data center", dc.name),
             )?;
             check(dc.workers >= 1, || f("workers"), || "must be >= 1".into())?;
+            check(
+                dc.slowdown.is_finite() && dc.slowdown >= 1.0,
+                || f("slowdown"),
+                || format!("{} must be a finite number >= 1", dc.slowdown),
+            )?;
             if let Some(addr) = &dc.local_server {
                 check_addr(&f("local_server"), addr)?;
             }

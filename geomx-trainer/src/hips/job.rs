@@ -7,7 +7,7 @@ use geomx_net::NetOptions;
 
 use super::plan::ClusterPlan;
 use super::RunError;
-use crate::config::{Config, ConfigError, DataConfig, Driver};
+use crate::config::{Config, ConfigError, DataConfig, Driver, SyncAlgorithm};
 use crate::data::TrainTest;
 use crate::engine::{build_model, Model, OptimizerConfig};
 
@@ -40,6 +40,8 @@ pub struct JobSpec {
     pub intra: super::codec::TierCodec,
     /// Codec of the local ↔ global server tier.
     pub inter: super::codec::TierCodec,
+    /// Compute slow-down factor of each DC's workers (`cluster.data_centers[d].slowdown`).
+    pub slowdown: Vec<f64>,
 }
 
 impl std::fmt::Debug for JobSpec {
@@ -56,6 +58,16 @@ impl std::fmt::Debug for JobSpec {
 impl JobSpec {
     /// Resolves a validated configuration: loads the data, builds the model and the placement.
     pub fn from_config(cfg: &Config) -> Result<Self, RunError> {
+        if cfg.sync.algorithm != SyncAlgorithm::Fsa {
+            return Err(ConfigError::invalid(
+                "sync.algorithm",
+                format!(
+                    "{:?} is a valid configuration but this build's runtime runs only \"fsa\"",
+                    cfg.sync.algorithm.name()
+                ),
+            )
+            .into());
+        }
         let data = crate::data::load(&cfg.data).map_err(RunError::Data)?;
         let model: Arc<dyn Model> = Arc::from(
             build_model(&cfg.model, data.train.n_features(), data.train.n_classes())
@@ -117,6 +129,12 @@ impl JobSpec {
             config_hash: h.finish(),
             intra: super::codec::TierCodec::from_config(&cfg.compression.intra, batches_per_epoch),
             inter: super::codec::TierCodec::from_config(&cfg.compression.inter, batches_per_epoch),
+            slowdown: cfg
+                .cluster
+                .data_centers
+                .iter()
+                .map(|d| d.slowdown)
+                .collect(),
         })
     }
 
@@ -170,6 +188,23 @@ mod tests {
         assert_eq!(job.rounds, 2 * per_epoch as u64);
         assert_eq!(job.net.conn.peer_timeout, Duration::from_millis(1234));
         assert_eq!(job.wait_limit(), Duration::from_millis(5678));
+    }
+
+    #[test]
+    fn slowdown_is_resolved_per_dc_and_unimplemented_algorithms_are_refused() {
+        let mut cfg = Config::default();
+        cfg.cluster.data_centers[1].slowdown = 2.5;
+        assert_eq!(JobSpec::from_config(&cfg).unwrap().slowdown, [1.0, 2.5]);
+        for alg in [SyncAlgorithm::Mixed, SyncAlgorithm::Hfa] {
+            cfg.sync.algorithm = alg;
+            cfg.validate().unwrap();
+            match JobSpec::from_config(&cfg) {
+                Err(RunError::Config(ConfigError::Invalid { field, .. })) => {
+                    assert_eq!(field, "sync.algorithm")
+                }
+                other => panic!("{alg:?}: expected a refusal, got {other:?}"),
+            }
+        }
     }
 
     #[test]

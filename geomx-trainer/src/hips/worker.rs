@@ -2,6 +2,7 @@
 //! them; each push's reply carries θ_{r+1} of that key (fused push-reply).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use geomx_net::{KvClient, NetError, Pending};
 use serde::{Deserialize, Serialize};
@@ -94,6 +95,14 @@ impl Replica {
     }
 }
 
+/// The heterogeneity knob (sync.md): after a step of measured duration `step`, sleeps
+/// `(factor − 1)·step`.
+fn slow_down(factor: f64, step: Duration) {
+    if factor > 1.0 {
+        std::thread::sleep(step.mul_f64(factor - 1.0));
+    }
+}
+
 /// Runs worker `rank` of DC `dc` for the job's rounds; returns its traffic, final parameter hash
 /// and (for dc 0 rank 0) final test accuracy.
 pub fn run(
@@ -119,6 +128,7 @@ pub fn run(
     let mut batcher =
         batcher_for(&job.data_config, train, plan.total_workers(), w).map_err(RunError::Data)?;
     let reporter = dc == 0 && rank == 0;
+    let slowdown = job.slowdown.get(dc as usize).copied().unwrap_or(1.0);
 
     let node = Node::join(coord_addr, me, String::new(), job, fatal)?;
     let addr = node.addr_of(roles::LOCAL_SERVER, dc, 0)?;
@@ -155,6 +165,7 @@ pub fn run(
     let mut last_eval = None;
     for round in 0..job.rounds {
         let batch = batcher.next_batch(train);
+        let started = Instant::now();
         let mut pending: Vec<Option<Result<Pending, NetError>>> =
             (0..lens.len()).map(|_| None).collect();
         let l = job
@@ -166,6 +177,7 @@ pub fn run(
             })
             .map_err(RunError::Engine)?;
         loss = f64::from(l);
+        slow_down(slowdown, started.elapsed());
         for (k, p) in pending.into_iter().enumerate() {
             let p = p
                 .ok_or_else(|| {

@@ -1,0 +1,174 @@
+//! `[sync]`: the synchronisation algorithm of the global tier and its parameters (sync.md).
+
+use serde::{Deserialize, Serialize};
+
+use geomx_kernels::optim::{DcAsgdConfig, DcAsgdLambda};
+
+/// Synchronisation algorithms of the global tier (sync.md). Local tiers are synchronous in every
+/// mode. Open: `esync` joins with its parameters in later work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum SyncAlgorithm {
+    /// Fully synchronous: every round the optimizer applies the mean gradient of all W workers.
+    #[default]
+    Fsa,
+    /// Synchronous inside a DC, asynchronous between DCs (the global server applies each DC's
+    /// mean gradient as it arrives).
+    Mixed,
+    /// Hierarchical frequency aggregation: local model averaging every `k1` steps, global every
+    /// `k1 * k2` steps.
+    Hfa,
+}
+
+impl SyncAlgorithm {
+    /// The name used in the TOML file.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncAlgorithm::Fsa => "fsa",
+            SyncAlgorithm::Mixed => "mixed",
+            SyncAlgorithm::Hfa => "hfa",
+        }
+    }
+}
+
+/// `[sync]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// The algorithm.
+    pub algorithm: SyncAlgorithm,
+    /// MixedSync parameters (`[sync.mixed]`; ignored by other algorithms).
+    pub mixed: MixedConfig,
+    /// HFA parameters (`[sync.hfa]`; ignored by other algorithms).
+    pub hfa: HfaConfig,
+}
+
+/// Optimizer of the MixedSync global server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MixedOptimizer {
+    /// DC-ASGD with one backup per DC, learning rate and weight decay from `train.optimizer`.
+    #[default]
+    Dcasgd,
+    /// The plain `train.optimizer` (no delay compensation).
+    Plain,
+}
+
+/// DC-ASGD's λ mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LambdaMode {
+    /// Constant λ = `lambda`.
+    #[default]
+    Constant,
+    /// Element-wise λ = `lambda0 / sqrt(MS + eps)`, MS ← m·MS + (1 − m)·g⊙g.
+    Adaptive,
+}
+
+/// `[sync.mixed]` (defaults from sync.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MixedConfig {
+    /// Optimizer of the global server.
+    pub optimizer: MixedOptimizer,
+    /// λ mode of DC-ASGD.
+    pub lambda_mode: LambdaMode,
+    /// Constant λ (default 0.04).
+    pub lambda: f32,
+    /// Adaptive λ0 (default 2.0).
+    pub lambda0: f32,
+    /// Adaptive decay m of the mean square (default 0.95).
+    pub m: f32,
+    /// Adaptive ε (default 1e-7).
+    pub eps: f32,
+    /// DC-ASGD momentum μ (MXNet variant; default 0).
+    pub momentum: f32,
+}
+
+impl Default for MixedConfig {
+    fn default() -> Self {
+        Self {
+            optimizer: MixedOptimizer::Dcasgd,
+            lambda_mode: LambdaMode::Constant,
+            lambda: 0.04,
+            lambda0: 2.0,
+            m: 0.95,
+            eps: 1e-7,
+            momentum: 0.0,
+        }
+    }
+}
+
+impl MixedConfig {
+    /// DC-ASGD settings with learning rate `lr` and weight decay `weight_decay` (from the
+    /// configured training optimizer).
+    pub fn dcasgd(&self, lr: f32, weight_decay: f32) -> DcAsgdConfig {
+        DcAsgdConfig {
+            lr,
+            lambda: match self.lambda_mode {
+                LambdaMode::Constant => DcAsgdLambda::Constant(self.lambda),
+                LambdaMode::Adaptive => DcAsgdLambda::Adaptive {
+                    lambda0: self.lambda0,
+                    decay: self.m,
+                    eps: self.eps,
+                },
+            },
+            momentum: self.momentum,
+            weight_decay,
+        }
+    }
+}
+
+/// How HFA weights workers inside a DC and DCs at the global tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HfaWeighting {
+    /// By samples: N_i / N_d inside a DC, N_d / N between DCs.
+    #[default]
+    Data,
+    /// Equal: 1 / n_d inside a DC, 1 / D between DCs (GeoMX).
+    Equal,
+}
+
+/// HFA's outer optimizer at the global tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OuterOptimizer {
+    /// m ← m + Δ (plain averaging).
+    #[default]
+    Average,
+    /// DiLoCo Nesterov outer SGD with `outer_lr` and `outer_momentum`.
+    Nesterov,
+}
+
+/// `[sync.hfa]` (defaults from sync.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HfaConfig {
+    /// Local averaging every `k1` worker steps (≥ 1).
+    pub k1: u64,
+    /// Global averaging every `k2` local averagings (≥ 1).
+    pub k2: u64,
+    /// Weighting of workers and DCs.
+    pub weighting: HfaWeighting,
+    /// Outer optimizer.
+    pub outer: OuterOptimizer,
+    /// η_out of `nesterov` (default 0.7).
+    pub outer_lr: f32,
+    /// μ of `nesterov` (default 0.9).
+    pub outer_momentum: f32,
+}
+
+impl Default for HfaConfig {
+    fn default() -> Self {
+        Self {
+            k1: 1,
+            k2: 1,
+            weighting: HfaWeighting::Data,
+            outer: OuterOptimizer::Average,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+        }
+    }
+}
