@@ -12,6 +12,7 @@ pub mod global_server;
 mod job;
 mod local_agg;
 pub mod local_server;
+mod mixed_agg;
 pub mod msg;
 pub mod node;
 pub mod plan;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use global_agg::{GlobalAggregator, RangeOptimizer, RoundDone};
 pub use job::JobSpec;
 pub use local_agg::LocalAggregator;
+pub use mixed_agg::{MixedAggregator, Staleness};
 pub use plan::ClusterPlan;
 
 /// Locks a mutex, recovering the data of a poisoned one (a panicked thread already logged).
@@ -179,5 +181,13 @@ pub enum AggError {
         got: u64,
         /// W.
         expected: u32,
+    },
+    /// The range's optimizer refused its configuration or a step.
+    #[error("optimizer of range {key}: {message}")]
+    Optimizer {
+        /// Range id.
+        key: usize,
+        /// The optimizer's message.
+        message: String,
     },
 }

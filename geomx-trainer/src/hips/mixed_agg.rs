@@ -1,0 +1,301 @@
+//! MixedSync aggregation at a global server (sync.md "MixedSync"), without IO.
+//!
+//! Local tiers stay synchronous; between DCs the global server is asynchronous. A [`MixedAggregator`]
+//! applies DC d's mean gradient g_d = s_d / n_d to a range the moment it arrives (one optimizer
+//! step, no waiting for other DCs), bumps the range version and returns the new values for the
+//! reply. Each push carries the version it was computed from; the staleness τ = (current version) −
+//! (that version) is recorded per DC. The optimizer is `geomx_kernels`' (DC-ASGD keeps one backup per
+//! DC, set to the values replied to that DC; plain SGD / Adam ignore the sender).
+
+use std::collections::BTreeMap;
+
+use geomx_kernels::optim::{Optimizer, OptimizerConfig};
+
+use super::AggError;
+
+/// Staleness statistics of one DC's pushes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Staleness {
+    /// Pushes applied.
+    pub pushes: u64,
+    /// Sum of τ over them.
+    pub total: u64,
+    /// Largest τ.
+    pub max: u64,
+    /// τ of the latest push.
+    pub last: u64,
+}
+
+impl Staleness {
+    /// Mean τ (0 before the first push).
+    pub fn mean(&self) -> f64 {
+        if self.pushes == 0 {
+            0.0
+        } else {
+            self.total as f64 / self.pushes as f64
+        }
+    }
+
+    fn record(&mut self, tau: u64) {
+        self.pushes += 1;
+        self.total += tau;
+        self.max = self.max.max(tau);
+        self.last = tau;
+    }
+}
+
+/// State of one owned range.
+struct MixedRange {
+    params: Vec<f32>,
+    version: u64,
+    opt: Optimizer,
+}
+
+/// Applies each DC's pushes to the ranges one global server owns, asynchronously between DCs.
+pub struct MixedAggregator {
+    n_dcs: usize,
+    ranges: BTreeMap<usize, MixedRange>,
+    staleness: Vec<Staleness>,
+}
+
+impl MixedAggregator {
+    /// An aggregator for `n_dcs` DCs.
+    pub fn new(n_dcs: usize) -> Self {
+        Self {
+            n_dcs,
+            ranges: BTreeMap::new(),
+            staleness: vec![Staleness::default(); n_dcs],
+        }
+    }
+
+    /// Takes ownership of range `id` with initial values `params` (θ_0, DC-ASGD's initial backups)
+    /// at version `version`, stepped by an optimizer built from `cfg`.
+    pub fn add_range(
+        &mut self,
+        id: usize,
+        params: Vec<f32>,
+        version: u64,
+        cfg: OptimizerConfig,
+    ) -> Result<(), AggError> {
+        let opt =
+            Optimizer::new(cfg, &params, self.n_dcs.max(1)).map_err(|e| AggError::Optimizer {
+                key: id,
+                message: e.to_string(),
+            })?;
+        self.ranges.insert(
+            id,
+            MixedRange {
+                params,
+                version,
+                opt,
+            },
+        );
+        Ok(())
+    }
+
+    /// Current version and values of range `id`.
+    pub fn get(&self, id: usize) -> Option<(u64, &[f32])> {
+        self.ranges
+            .get(&id)
+            .map(|r| (r.version, r.params.as_slice()))
+    }
+
+    /// Staleness statistics of DC `dc`.
+    pub fn staleness(&self, dc: usize) -> Option<&Staleness> {
+        self.staleness.get(dc)
+    }
+
+    /// Applies DC `dc`'s push of its sum `sum` over `count` workers, computed from version
+    /// `base_version` of range `id`: one optimizer step with g = sum / count. Returns the new
+    /// version and values (the reply to `dc`).
+    pub fn push(
+        &mut self,
+        id: usize,
+        dc: usize,
+        base_version: u64,
+        mut sum: Vec<f32>,
+        count: u32,
+    ) -> Result<(u64, &[f32]), AggError> {
+        let n_dcs = self.n_dcs;
+        let r = self.ranges.get_mut(&id).ok_or(AggError::UnknownKey(id))?;
+        let stats = self.staleness.get_mut(dc).ok_or(AggError::BadSender {
+            sender: dc,
+            n: n_dcs,
+        })?;
+        if base_version > r.version {
+            return Err(AggError::WrongVersion {
+                key: id,
+                expected: r.version,
+                got: base_version,
+            });
+        }
+        if sum.len() != r.params.len() {
+            return Err(AggError::LengthMismatch {
+                key: id,
+                expected: r.params.len(),
+                got: sum.len(),
+            });
+        }
+        if count == 0 {
+            return Err(AggError::CountMismatch {
+                key: id,
+                got: 0,
+                expected: 1,
+            });
+        }
+        let n = count as f32;
+        for a in sum.iter_mut() {
+            *a /= n;
+        }
+        r.opt
+            .step(&mut r.params, &sum, dc)
+            .map_err(|e| AggError::Optimizer {
+                key: id,
+                message: e.to_string(),
+            })?;
+        stats.record(r.version - base_version);
+        r.version += 1;
+        Ok((r.version, r.params.as_slice()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geomx_kernels::optim::{DcAsgdConfig, DcAsgdLambda, SgdConfig};
+
+    fn dcasgd(lr: f32, lambda: f32) -> OptimizerConfig {
+        OptimizerConfig::DcAsgd(DcAsgdConfig {
+            lr,
+            lambda: DcAsgdLambda::Constant(lambda),
+            momentum: 0.0,
+            weight_decay: 0.0,
+        })
+    }
+
+    /// Fixed "awkward" gradients (sums not exactly representable).
+    fn grad(seed: u32, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((seed * 7919 + i as u32 * 104_729) % 1009) as f32 / 333.0 - 1.5)
+            .collect()
+    }
+
+    /// sync.md oracle 1: DC-ASGD with λ = 0 equals plain asynchronous SGD bit for bit on the
+    /// scripted arrival order DC 1, 2, 2, 1, 2 (DCs 0 and 1 here). The reference is written
+    /// independently: θ ← θ − η·(s / n) in arrival order.
+    #[test]
+    fn dcasgd_with_zero_lambda_is_plain_async_sgd() {
+        let n = 19;
+        let theta0 = grad(42, n);
+        let lr = 0.1f32;
+        let counts = [2u32, 3];
+        let mut agg = MixedAggregator::new(2);
+        agg.add_range(0, theta0.clone(), 0, dcasgd(lr, 0.0))
+            .unwrap();
+        let mut plain = MixedAggregator::new(2);
+        let sgd = OptimizerConfig::Sgd(SgdConfig {
+            lr,
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        });
+        plain.add_range(0, theta0.clone(), 0, sgd).unwrap();
+        let mut reference = theta0;
+        let mut seen = [0u64; 2];
+        for (step, dc) in [0usize, 1, 1, 0, 1].into_iter().enumerate() {
+            let s = grad(step as u32 + 1, n);
+            for (w, x) in reference.iter_mut().zip(&s) {
+                *w -= lr * (*x / counts[dc] as f32);
+            }
+            let (v, got) = agg.push(0, dc, seen[dc], s.clone(), counts[dc]).unwrap();
+            assert_eq!(v, step as u64 + 1);
+            for (i, (a, b)) in got.iter().zip(&reference).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "dcasgd step {step} element {i}");
+            }
+            let (_, got) = plain.push(0, dc, seen[dc], s, counts[dc]).unwrap();
+            for (a, b) in got.iter().zip(&reference) {
+                assert_eq!(a.to_bits(), b.to_bits(), "sgd step {step}");
+            }
+            seen[dc] = v;
+        }
+    }
+
+    /// sync.md oracle 2 through the aggregator: w = 1.0, w_bak = 0.5, g = 2.0, η = 0.1, λ = 0.04
+    /// → w = 0.792 (f32), and only the pushing DC's backup changes.
+    #[test]
+    fn dcasgd_hand_value_and_per_dc_backups() {
+        // θ_0 = 0.5 is every DC's backup. DC 1 pushes g = −5 from version 0 (λ term 0, since
+        // w = w_bak): w = 0.5 + 0.5 = 1.0 exactly, and only DC 1's backup becomes 1.0.
+        let mut agg = MixedAggregator::new(2);
+        agg.add_range(0, vec![0.5], 0, dcasgd(0.1, 0.04)).unwrap();
+        let (_, w) = agg.push(0, 1, 0, vec![-5.0], 1).unwrap();
+        assert_eq!(w, [1.0f32]);
+        // DC 0 (backup 0.5) pushes g = 2 computed from version 0.
+        let (v, w) = agg.push(0, 0, 0, vec![4.0], 2).unwrap();
+        assert_eq!(v, 2);
+        let expect = 1.0f32 - 0.1 * (2.0 + 0.04 * 2.0 * 2.0 * (1.0 - 0.5));
+        assert!((w[0] - 0.792).abs() < 1e-6, "{}", w[0]);
+        assert_eq!(w[0].to_bits(), expect.to_bits());
+        assert_eq!(agg.staleness(0).unwrap().last, 1);
+        assert_eq!(agg.staleness(1).unwrap().last, 0);
+    }
+
+    /// sync.md oracle 3: DC 1 pushes at t = 1…6, DC 2 at 3.5 and 6.5 with instant replies: DC 2's
+    /// τ is 3 both times.
+    #[test]
+    fn staleness_is_recorded_per_dc() {
+        let mut agg = MixedAggregator::new(2);
+        agg.add_range(0, vec![0.0; 3], 0, dcasgd(0.01, 0.04))
+            .unwrap();
+        let mut events: Vec<(f64, usize)> = (1..=6).map(|t| (t as f64, 0)).collect();
+        events.extend([(3.5, 1), (6.5, 1)]);
+        events.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut seen = [0u64; 2];
+        let mut taus = Vec::new();
+        for (_, dc) in events {
+            let (v, _) = agg.push(0, dc, seen[dc], vec![0.5; 3], 1).unwrap();
+            if dc == 1 {
+                taus.push(agg.staleness(1).unwrap().last);
+            }
+            seen[dc] = v;
+        }
+        assert_eq!(taus, [3, 3]);
+        let s1 = agg.staleness(1).unwrap();
+        assert_eq!((s1.pushes, s1.max, s1.mean()), (2, 3, 3.0));
+        let s0 = agg.staleness(0).unwrap();
+        // DC 0 after DC 1's pushes at 3.5 (before its t = 4 push) and 6.5 (after all of its own).
+        assert_eq!((s0.pushes, s0.max, s0.total), (6, 1, 1));
+    }
+
+    #[test]
+    fn rejects_bad_pushes() {
+        let mut agg = MixedAggregator::new(2);
+        agg.add_range(5, vec![0.0; 2], 0, dcasgd(0.1, 0.04))
+            .unwrap();
+        assert!(matches!(
+            agg.push(4, 0, 0, vec![0.0; 2], 1),
+            Err(AggError::UnknownKey(4))
+        ));
+        assert!(matches!(
+            agg.push(5, 2, 0, vec![0.0; 2], 1),
+            Err(AggError::BadSender { .. })
+        ));
+        assert!(matches!(
+            agg.push(5, 0, 1, vec![0.0; 2], 1),
+            Err(AggError::WrongVersion { .. })
+        ));
+        assert!(matches!(
+            agg.push(5, 0, 0, vec![0.0; 3], 1),
+            Err(AggError::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            agg.push(5, 0, 0, vec![0.0; 2], 0),
+            Err(AggError::CountMismatch { .. })
+        ));
+        assert!(matches!(
+            agg.add_range(6, vec![0.0], 0, dcasgd(-1.0, 0.04)),
+            Err(AggError::Optimizer { key: 6, .. })
+        ));
+        assert_eq!(agg.get(5).unwrap().0, 0);
+    }
+}
