@@ -133,6 +133,7 @@ mod tests {
             final_test_accuracy: (dc == 0 && rank == 0 && hash.is_some()).then_some(0.9),
             codec_bytes: Default::default(),
             resyncs: 0,
+            staleness: Vec::new(),
             resync_mismatches: 0,
             topk_fallbacks: 0,
         }

@@ -458,3 +458,50 @@ fn bisparse_replicas_match_global_parameters_at_every_resync() {
         assert!(w.get("resync_mismatches").is_none(), "{w}");
     }
 }
+
+/// sync.md oracle 9 for MixedSync: the DCs asynchronous at the global tier (DC-ASGD, and the plain
+/// optimizer) end within 2 accuracy points of FSA on digits; the global server records staleness
+/// for both DCs.
+#[test]
+fn mixed_sync_converges_within_two_points_of_fsa() {
+    let base = "[cluster]\ndata_centers = 2\nworkers_per_dc = 2\n[train]\nrounds = 300\neval_every = 300\n";
+    let fsa = launch_report("sync-fsa", base);
+    let acc = |r: &Value| r["final_test_accuracy"].as_f64().unwrap();
+    for (name, extra) in [
+        ("sync-mixed-dcasgd", "[sync]\nalgorithm = \"mixed\"\n"),
+        (
+            "sync-mixed-plain",
+            "[sync]\nalgorithm = \"mixed\"\n[sync.mixed]\noptimizer = \"plain\"\n",
+        ),
+    ] {
+        let r = launch_report(name, &format!("{base}{extra}"));
+        eprintln!(
+            "{name}: accuracy {:.4} (fsa {:.4}), wan_bytes {} (fsa {}), wall {:.2}s (fsa {:.2}s)",
+            acc(&r),
+            acc(&fsa),
+            r["wan_bytes"],
+            fsa["wan_bytes"],
+            r["wall_seconds"].as_f64().unwrap(),
+            fsa["wall_seconds"].as_f64().unwrap()
+        );
+        assert_eq!(r["rounds"], 300, "{name}");
+        assert!(
+            acc(&r) >= acc(&fsa) - 0.02,
+            "{name}: {} vs fsa {}",
+            acc(&r),
+            acc(&fsa)
+        );
+        let global = r["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["role"] == "global_server")
+            .unwrap_or_else(|| panic!("{name}: no global server stats"));
+        let st = global["staleness"].as_array().unwrap();
+        assert_eq!(st.len(), 2, "{name}");
+        for s in st {
+            // Every DC pushed each of the 300 rounds once per range.
+            assert!(s["pushes"].as_u64().unwrap() >= 300, "{name}: {s}");
+        }
+    }
+}

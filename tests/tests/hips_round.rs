@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use geomx_net::{KvClient, NetOptions, PayloadCodec};
-use geomx_trainer::config::{Config, DataCenterConfig, DataConfig};
+use geomx_trainer::config::{Config, DataCenterConfig, DataConfig, SyncAlgorithm};
 use geomx_trainer::data::{shard_indices, Batcher, Dataset, Samples, ShardStrategy, TrainTest};
 use geomx_trainer::engine::optim::{AdamConfig, SgdConfig};
 use geomx_trainer::engine::reference::fsa_reference;
@@ -129,6 +129,8 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         intra: Default::default(),
         inter: Default::default(),
         slowdown: Vec::new(),
+        sync: SyncAlgorithm::Fsa,
+        mixed_optimizer: geomx_kernels::optim::OptimizerConfig::Sgd(Default::default()),
     }
 }
 

@@ -719,3 +719,11 @@ fn bad_sync_values_name_their_field() {
     let err = Config::from_toml_str("[sync.hfa]\nk3 = 1").unwrap_err();
     assert!(err.to_string().contains("k3"), "{err}");
 }
+
+#[test]
+fn mixed_sync_example_parses() {
+    let c = Config::from_toml_str(include_str!("../../../examples/mixed-sync.toml")).unwrap();
+    assert_eq!(c.sync.algorithm, SyncAlgorithm::Mixed);
+    assert_eq!(c.sync.mixed, MixedConfig::default());
+    assert_eq!(c.cluster.data_centers[1].slowdown, 3.0);
+}

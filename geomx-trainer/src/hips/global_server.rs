@@ -11,7 +11,8 @@ use super::codec::{TierCodec, Update};
 use super::msg::{f32_bytes, UpPush};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
-use super::{lock, GlobalAggregator, JobSpec, RoleStats, RunError};
+use super::{lock, GlobalAggregator, JobSpec, MixedAggregator, RoleStats, RunError};
+use crate::config::SyncAlgorithm;
 use crate::engine::Optimizer;
 
 impl super::RangeOptimizer for Optimizer {
@@ -32,6 +33,9 @@ struct State {
     pulls: Vec<(usize, u64, Responder)>,
     /// Owned ranges that reached the last round.
     finished: usize,
+    /// MixedSync: the asynchronous aggregator (then `agg` holds no ranges) and the pushes applied
+    /// per range.
+    mixed: Option<(MixedAggregator, HashMap<usize, u64>)>,
 }
 
 struct GlobalHandler {
@@ -41,6 +45,7 @@ struct GlobalHandler {
     aborter: OnceLock<Aborter>,
     range_lens: Vec<usize>,
     inter: TierCodec,
+    n_dcs: usize,
     owned: usize,
     rounds: u64,
     all_done: Sender<()>,
@@ -84,6 +89,9 @@ impl GlobalHandler {
         };
         let resync = self.inter.resync_due(req.version);
         let mut st = lock(&self.state);
+        if st.mixed.is_some() {
+            return self.on_push_mixed(st, id, dc, req.version, up, reply);
+        }
         let (codec, done) = match st.agg.push_round(id, dc, req.version, up.sum, up.count) {
             Ok(None) => {
                 st.parked.entry(id).or_default().push(reply);
@@ -125,9 +133,64 @@ impl GlobalHandler {
         }
     }
 
+    /// MixedSync: applies DC `dc`'s push computed from `base` at once and answers it with the
+    /// range's new values; a range is finished after `rounds` pushes of every DC.
+    fn on_push_mixed(
+        &self,
+        mut st: std::sync::MutexGuard<'_, State>,
+        id: usize,
+        dc: usize,
+        base: u64,
+        up: UpPush,
+        reply: Responder,
+    ) {
+        let n_dcs = self.n_dcs as u64;
+        let Some((mixed, pushes)) = st.mixed.as_mut() else {
+            return;
+        };
+        let (version, codec, bytes) = match mixed.push(id, dc, base, up.sum, up.count) {
+            Ok((v, theta)) => {
+                let (codec, bytes) = self.inter.encode_dense(theta);
+                (v, codec, bytes)
+            }
+            Err(e) => {
+                drop(st);
+                return self.fail(reply, format!("range push from dc {dc}: {e}"));
+            }
+        };
+        let n = pushes.entry(id).or_default();
+        *n += 1;
+        let range_done = *n == self.rounds * n_dcs;
+        if range_done {
+            st.finished += 1;
+            if st.finished == self.owned {
+                let _ = self.all_done.send(());
+            }
+        }
+        drop(st);
+        if let Err(e) = reply.send(version, codec, &bytes) {
+            tracing::warn!(error = %e, range = id, "reply not delivered");
+        }
+    }
+
     fn on_pull(&self, req: Request, reply: Responder) {
         let id = req.key as usize;
         let mut st = lock(&self.state);
+        if let Some((mixed, _)) = st.mixed.as_ref() {
+            // MixedSync pulls only θ_0 (start-up); any version at least the one asked for serves.
+            return match mixed.get(id) {
+                Some((v, vals)) if v >= req.version => {
+                    let bytes = f32_bytes(vals).into_owned();
+                    drop(st);
+                    let _ = reply.send(v, PayloadCodec::DenseF32, &bytes);
+                }
+                Some(_) => st.pulls.push((id, req.version, reply)),
+                None => {
+                    drop(st);
+                    self.fail(reply, format!("pull: unknown range {id}"));
+                }
+            };
+        }
         match st.agg.pull(id, req.version) {
             Ok(Some(v)) => {
                 let bytes = f32_bytes(v).into_owned();
@@ -173,10 +236,18 @@ pub fn run(
     // θ_0 from the seed (the one source of initial parameters); keep our own ranges.
     let theta0 = job.model.init(job.seed);
     let mut agg = GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32);
+    let mut mixed = (job.sync == SyncAlgorithm::Mixed)
+        .then(|| (MixedAggregator::new(plan.num_dcs()), HashMap::new()));
     let mut owned = 0;
     for (id, r) in plan.placement.ranges.iter().enumerate() {
         if r.server == rank as usize {
             let vals = theta0[r.key][r.offset..r.offset + r.len].to_vec();
+            if let Some((m, _)) = mixed.as_mut() {
+                m.add_range(id, vals, 0, job.mixed_optimizer)
+                    .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?;
+                owned += 1;
+                continue;
+            }
             agg.add_range(id, vals, 0, Box::new(Optimizer::new(&job.optimizer, r.len)));
             if job.inter.is_sparse_key(plan.key_lens[r.key]) {
                 agg.set_sparse_reply(id, job.inter.sparse_values(), job.inter.scaling());
@@ -192,11 +263,13 @@ pub fn run(
             parked: HashMap::new(),
             pulls: Vec::new(),
             finished: 0,
+            mixed,
         }),
         dc_of: OnceLock::new(),
         aborter: OnceLock::new(),
         range_lens: plan.placement.ranges.iter().map(|r| r.len).collect(),
         inter: job.inter.clone(),
+        n_dcs: plan.num_dcs(),
         owned,
         rounds: job.rounds,
         all_done: done_tx,
@@ -219,7 +292,22 @@ pub fn run(
         let _ = done_rx.recv();
     }
     node.finish(job.wait_limit())?;
-    let stats = server.stats();
+    let served = server.stats();
     server.shutdown();
-    Ok(RoleStats::new(&node.me, stats))
+    let mut stats = RoleStats::new(&node.me, served);
+    if let Some((m, _)) = lock(&handler.state).mixed.as_ref() {
+        stats.staleness = (0..plan.num_dcs())
+            .filter_map(|d| m.staleness(d).copied())
+            .collect();
+        for (d, s) in stats.staleness.iter().enumerate() {
+            tracing::info!(
+                dc = d,
+                pushes = s.pushes,
+                mean = s.mean(),
+                max = s.max,
+                "staleness"
+            );
+        }
+    }
+    Ok(stats)
 }

@@ -7,7 +7,7 @@ use geomx_net::NetOptions;
 
 use super::plan::ClusterPlan;
 use super::RunError;
-use crate::config::{Config, ConfigError, DataConfig, Driver, SyncAlgorithm};
+use crate::config::{Config, ConfigError, DataConfig, Driver, MixedOptimizer, SyncAlgorithm};
 use crate::data::TrainTest;
 use crate::engine::{build_model, Model, OptimizerConfig};
 
@@ -40,6 +40,10 @@ pub struct JobSpec {
     pub intra: super::codec::TierCodec,
     /// Codec of the local ↔ global server tier.
     pub inter: super::codec::TierCodec,
+    /// Synchronisation algorithm of the global tier (`fsa` or `mixed`).
+    pub sync: SyncAlgorithm,
+    /// Optimizer of the MixedSync global server (DC-ASGD or the plain training optimizer).
+    pub mixed_optimizer: geomx_kernels::optim::OptimizerConfig,
     /// Compute slow-down factor of each DC's workers (`cluster.data_centers[d].slowdown`).
     pub slowdown: Vec<f64>,
 }
@@ -55,10 +59,24 @@ impl std::fmt::Debug for JobSpec {
     }
 }
 
+/// The MixedSync global optimizer: DC-ASGD with `train.optimizer`'s learning rate and weight
+/// decay, or the plain training optimizer.
+fn mixed_optimizer(cfg: &Config) -> geomx_kernels::optim::OptimizerConfig {
+    match (cfg.sync.mixed.optimizer, &cfg.train.optimizer) {
+        (MixedOptimizer::Dcasgd, OptimizerConfig::Sgd(s)) => {
+            geomx_kernels::optim::OptimizerConfig::DcAsgd(
+                cfg.sync.mixed.dcasgd(s.lr, s.weight_decay),
+            )
+        }
+        // Validation requires SGD with DC-ASGD; anything else runs the plain optimizer.
+        _ => cfg.train.optimizer.to_kernel(),
+    }
+}
+
 impl JobSpec {
     /// Resolves a validated configuration: loads the data, builds the model and the placement.
     pub fn from_config(cfg: &Config) -> Result<Self, RunError> {
-        if cfg.sync.algorithm != SyncAlgorithm::Fsa {
+        if cfg.sync.algorithm == SyncAlgorithm::Hfa {
             return Err(ConfigError::invalid(
                 "sync.algorithm",
                 format!(
@@ -135,6 +153,8 @@ impl JobSpec {
                 .iter()
                 .map(|d| d.slowdown)
                 .collect(),
+            sync: cfg.sync.algorithm,
+            mixed_optimizer: mixed_optimizer(cfg),
         })
     }
 
@@ -191,19 +211,32 @@ mod tests {
     }
 
     #[test]
-    fn slowdown_is_resolved_per_dc_and_unimplemented_algorithms_are_refused() {
+    fn slowdown_and_sync_resolve_and_unimplemented_algorithms_are_refused() {
         let mut cfg = Config::default();
         cfg.cluster.data_centers[1].slowdown = 2.5;
         assert_eq!(JobSpec::from_config(&cfg).unwrap().slowdown, [1.0, 2.5]);
-        for alg in [SyncAlgorithm::Mixed, SyncAlgorithm::Hfa] {
-            cfg.sync.algorithm = alg;
-            cfg.validate().unwrap();
-            match JobSpec::from_config(&cfg) {
-                Err(RunError::Config(ConfigError::Invalid { field, .. })) => {
-                    assert_eq!(field, "sync.algorithm")
-                }
-                other => panic!("{alg:?}: expected a refusal, got {other:?}"),
+        cfg.sync.algorithm = SyncAlgorithm::Mixed;
+        let job = JobSpec::from_config(&cfg).unwrap();
+        assert_eq!(job.sync, SyncAlgorithm::Mixed);
+        match job.mixed_optimizer {
+            geomx_kernels::optim::OptimizerConfig::DcAsgd(d) => {
+                assert_eq!((d.lr, d.momentum), (cfg.train.optimizer.lr(), 0.0));
+                assert_eq!(d.lambda, geomx_kernels::optim::DcAsgdLambda::Constant(0.04));
             }
+            other => panic!("expected DC-ASGD, got {other:?}"),
+        }
+        cfg.sync.mixed.optimizer = MixedOptimizer::Plain;
+        assert_eq!(
+            JobSpec::from_config(&cfg).unwrap().mixed_optimizer,
+            cfg.train.optimizer.to_kernel()
+        );
+        cfg.sync.algorithm = SyncAlgorithm::Hfa;
+        cfg.validate().unwrap();
+        match JobSpec::from_config(&cfg) {
+            Err(RunError::Config(ConfigError::Invalid { field, .. })) => {
+                assert_eq!(field, "sync.algorithm")
+            }
+            other => panic!("hfa: expected a refusal, got {other:?}"),
         }
     }
 

@@ -4,6 +4,7 @@
 //! owners of the key's ranges; when every range answered with θ_{r+1} the parked pushes are
 //! answered with the key's θ_{r+1}. One uplink thread per key keeps keys independent.
 
+use crate::config::SyncAlgorithm;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -228,6 +229,9 @@ enum UpSum<'a> {
 }
 
 /// Pushes `sum` of `key` at `round` to the owners of its ranges and assembles their replies.
+///
+/// MixedSync passes `base`, the global version of each range the DC's θ came from: pushes carry
+/// it instead of `round`, any later version answers, and `base` is advanced to the reply's.
 #[allow(clippy::too_many_arguments)]
 fn exchange(
     handler: &LocalHandler,
@@ -238,6 +242,7 @@ fn exchange(
     count: u32,
     sum: UpSum<'_>,
     job: &JobSpec,
+    mut base: Option<&mut [u64]>,
 ) -> Result<KeyReply, String> {
     let mut pending: Vec<(usize, &Range, Pending)> = Vec::with_capacity(ranges.len());
     let pushing = !matches!(sum, UpSum::Pull);
@@ -250,6 +255,7 @@ fn exchange(
     };
     for (i, (id, r)) in ranges.iter().enumerate() {
         let c = &clients[r.server];
+        let version = base.as_deref().map_or(round, |b| b[i]);
         let slice = |s: &[f32]| s[r.offset..r.offset + r.len].to_vec();
         let payload = match (values, compressors.as_mut()) {
             (None, _) => None,
@@ -280,7 +286,7 @@ fn exchange(
         let p = match payload {
             Some(payload) => c.push(
                 *id as u64,
-                round,
+                version,
                 PayloadCodec::Raw,
                 r.offset as u64,
                 key_len as u64,
@@ -293,8 +299,9 @@ fn exchange(
     }
     let mut theta = vec![0.0f32; key_len];
     let (mut idx, mut vals, mut resync) = (Vec::new(), Vec::new(), 0usize);
-    let want = if pushing { round + 1 } else { round };
-    for (id, r, p) in pending {
+    for (i, (id, r, p)) in pending.into_iter().enumerate() {
+        let sent = base.as_deref().map_or(round, |b| b[i]);
+        let want = if pushing { sent + 1 } else { sent };
         let resp = p
             .wait(job.wait_limit())
             .map_err(|e| format!("range {id} from global server {}: {e}", r.server))?;
@@ -303,6 +310,9 @@ fn exchange(
                 "range {id}: reply at version {}, expected {want}",
                 resp.version
             ));
+        }
+        if let Some(b) = base.as_deref_mut() {
+            b[i] = resp.version;
         }
         if sparse {
             count_update(&mut counts, &resp.payload);
@@ -372,6 +382,7 @@ fn uplink(
     mut compressors: Vec<RangeCompressor>,
 ) {
     let key_len = handler.key_lens[key];
+    let mut base = (job.sync == SyncAlgorithm::Mixed).then(|| vec![0u64; ranges.len()]);
     for up in jobs {
         let sum = if compressors.is_empty() {
             UpSum::Dense(&up.sum)
@@ -379,7 +390,15 @@ fn uplink(
             UpSum::Sparse(&up.sum, &mut compressors)
         };
         let res = exchange(
-            &handler, &clients, &ranges, key_len, up.round, count, sum, &job,
+            &handler,
+            &clients,
+            &ranges,
+            key_len,
+            up.round,
+            count,
+            sum,
+            &job,
+            base.as_deref_mut(),
         )
         .map(|reply| handler.down_reply(reply));
         match res {
@@ -501,6 +520,7 @@ pub fn run(
             0,
             UpSum::Pull,
             job,
+            None,
         ) {
             Ok(KeyReply::Dense(t)) => t,
             Ok(KeyReply::Sparse { .. }) => {

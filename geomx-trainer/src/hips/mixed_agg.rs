@@ -10,11 +10,12 @@
 use std::collections::BTreeMap;
 
 use geomx_kernels::optim::{Optimizer, OptimizerConfig};
+use serde::{Deserialize, Serialize};
 
 use super::AggError;
 
 /// Staleness statistics of one DC's pushes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Staleness {
     /// Pushes applied.
     pub pushes: u64,

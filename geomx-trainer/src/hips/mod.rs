@@ -102,6 +102,9 @@ pub struct RoleStats {
     /// Sampled top-k selections that fell back to exact top-k (local servers).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub topk_fallbacks: u64,
+    /// MixedSync staleness of each DC's pushes, by DC (global servers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub staleness: Vec<Staleness>,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -124,6 +127,7 @@ impl RoleStats {
             resyncs: 0,
             resync_mismatches: 0,
             topk_fallbacks: 0,
+            staleness: Vec::new(),
         }
     }
 }

@@ -138,6 +138,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 client_bytes: 0,
                 param_hash: None,
                 final_loss: None,
+                staleness: Vec::new(),
                 final_test_accuracy: None,
                 codec_bytes: Default::default(),
                 resyncs: 0,
