@@ -505,3 +505,47 @@ fn mixed_sync_converges_within_two_points_of_fsa() {
         }
     }
 }
+
+/// sync.md oracles 5 and 9 for HFA: K1 = 5, K2 = 4 (average) and DiLoCo's Nesterov outer step end
+/// within 2 accuracy points of FSA on digits, and the WAN carries one exchange per 20 steps.
+#[test]
+fn hfa_converges_within_two_points_of_fsa_with_a_twentieth_of_the_wan_rounds() {
+    let base = "[cluster]\ndata_centers = 2\nworkers_per_dc = 2\n[train]\nrounds = 300\neval_every = 300\n";
+    let fsa = launch_report("hfa-fsa", base);
+    let acc = |r: &Value| r["final_test_accuracy"].as_f64().unwrap();
+    let wan = |r: &Value| r["wan_bytes"].as_u64().unwrap();
+    for (name, extra) in [
+        (
+            "hfa-average",
+            "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\n",
+        ),
+        (
+            "hfa-nesterov",
+            "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\nouter = \"nesterov\"\n",
+        ),
+    ] {
+        let r = launch_report(name, &format!("{base}{extra}"));
+        eprintln!(
+            "{name}: accuracy {:.4} (fsa {:.4}), wan_bytes {} (fsa {}), lan_bytes {}, wall {:.2}s (fsa {:.2}s)",
+            acc(&r),
+            acc(&fsa),
+            wan(&r),
+            wan(&fsa),
+            r["lan_bytes"],
+            r["wall_seconds"].as_f64().unwrap(),
+            fsa["wall_seconds"].as_f64().unwrap()
+        );
+        assert_eq!(r["rounds"], 300, "{name}");
+        assert!(
+            acc(&r) >= acc(&fsa) - 0.02,
+            "{name}: {} vs fsa {}",
+            acc(&r),
+            acc(&fsa)
+        );
+        // After every global round all replicas hold the milestone.
+        assert!(r["replicas_identical"].as_bool().unwrap(), "{name}");
+        // 15 WAN exchanges instead of 300 (plus the θ_0 pull): about 1/20 of FSA's bytes.
+        let ratio = wan(&r) as f64 / wan(&fsa) as f64;
+        assert!(ratio > 0.045 && ratio < 0.06, "{name}: WAN ratio {ratio}");
+    }
+}

@@ -27,6 +27,17 @@ const DATA_SEED: u64 = 5;
 /// A model whose gradient depends only on the batch's single sample: g[key][i] = grad(x, key, i).
 struct KnownGrads {
     specs: Vec<TensorSpec>,
+    /// Gradients and θ_0 on a grid of 2^-6 and 2^-3 (sums and halvings stay exact in f32).
+    exact: bool,
+}
+
+/// The gradient [`KnownGrads`] produces.
+fn grad_of(exact: bool, x: f32, key: usize, i: usize) -> f32 {
+    if exact {
+        (grad(x, key, i) * 64.0).round() / 64.0
+    } else {
+        grad(x, key, i)
+    }
 }
 
 /// An "awkward" value (not a short binary fraction) so that summation order shows in the bits.
@@ -45,7 +56,14 @@ impl Model for KnownGrads {
             .enumerate()
             .map(|(k, s)| {
                 (0..s.len())
-                    .map(|i| (seed as f32 + (i * 7 + k) as f32 * 0.377).cos())
+                    .map(|i| {
+                        let v = (seed as f32 + (i * 7 + k) as f32 * 0.377).cos();
+                        if self.exact {
+                            (v * 8.0).round() / 8.0
+                        } else {
+                            v
+                        }
+                    })
                     .collect()
             })
             .collect()
@@ -63,7 +81,12 @@ impl Model for KnownGrads {
     ) -> Result<f32, EngineError> {
         let x = batch.features[0];
         for (key, s) in self.specs.iter().enumerate().rev() {
-            on_grad(key, (0..s.len()).map(|i| grad(x, key, i)).collect());
+            on_grad(
+                key,
+                (0..s.len())
+                    .map(|i| grad_of(self.exact, x, key, i))
+                    .collect(),
+            );
         }
         Ok(0.0)
     }
@@ -99,6 +122,7 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
                 shape: vec![5],
             },
         ],
+        exact: false,
     };
     let lens = vec![37, 5];
     let mut net = NetOptions::default();
@@ -130,6 +154,7 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         inter: Default::default(),
         slowdown: Vec::new(),
         sync: SyncAlgorithm::Fsa,
+        hfa: Default::default(),
         mixed_optimizer: geomx_kernels::optim::OptimizerConfig::Sgd(Default::default()),
     }
 }
@@ -407,4 +432,37 @@ fn strangers_and_garbage_at_a_local_server_do_not_change_the_result() {
     eprintln!("stranger pushes refused: {}", refused.len());
     assert!(!refused.is_empty(), "the stranger never got to push");
     assert!(refused.iter().all(|&e| e), "a stranger's push was accepted");
+}
+
+/// sync.md oracle 4: HFA with K1 = K2 = 1, equal shards and `average` is synchronous model
+/// averaging: after every step each worker holds the mean of the W locally updated models. With
+/// values on a 2^-6 grid every operation is exact, so the single-process reference below (each
+/// worker steps from the shared model, then the plain mean) must match bit for bit.
+#[test]
+fn hfa_with_unit_periods_is_synchronous_model_averaging() {
+    let rounds = 30;
+    let mut j = job(vec![2, 2], 1, rounds);
+    let specs = j.model.tensors().to_vec();
+    j.model = Arc::new(KnownGrads { specs, exact: true });
+    j.sync = SyncAlgorithm::Hfa;
+    let w = j.plan.total_workers() as f32;
+    let mut m = j.model.init(j.seed);
+    for round in samples(&j) {
+        for (key, mk) in m.iter_mut().enumerate() {
+            for (i, v) in mk.iter_mut().enumerate() {
+                // lr = 1: worker x holds v − g(x); the new model is their mean.
+                let models: Vec<f32> = round
+                    .iter()
+                    .flatten()
+                    .map(|&x| *v - grad_of(true, x, key, i))
+                    .collect();
+                *v = models.iter().sum::<f32>() / w;
+            }
+        }
+    }
+    let want = params_hash(&m);
+    let stats = run_cluster(&j, |_| {});
+    for h in worker_hashes(&stats) {
+        assert_eq!(h, want);
+    }
 }

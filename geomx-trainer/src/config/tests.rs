@@ -688,6 +688,10 @@ fn bad_sync_values_name_their_field() {
             "sync.mixed.momentum",
         ),
         (format!("{hfa}[sync.hfa]\nk1 = 0"), "sync.hfa.k1"),
+        (
+            format!("{hfa}[compression.inter]\ncodec = \"bisparse\""),
+            "compression.inter.codec",
+        ),
         (format!("{hfa}[sync.hfa]\nk2 = 0"), "sync.hfa.k2"),
         (
             format!("{hfa}[sync.hfa]\nouter = \"nesterov\"\nouter_lr = 0.0"),
@@ -721,9 +725,12 @@ fn bad_sync_values_name_their_field() {
 }
 
 #[test]
-fn mixed_sync_example_parses() {
+fn sync_examples_parse() {
     let c = Config::from_toml_str(include_str!("../../../examples/mixed-sync.toml")).unwrap();
     assert_eq!(c.sync.algorithm, SyncAlgorithm::Mixed);
     assert_eq!(c.sync.mixed, MixedConfig::default());
     assert_eq!(c.cluster.data_centers[1].slowdown, 3.0);
+    let c = Config::from_toml_str(include_str!("../../../examples/hfa.toml")).unwrap();
+    assert_eq!(c.sync.algorithm, SyncAlgorithm::Hfa);
+    assert_eq!((c.sync.hfa.k1, c.sync.hfa.k2), (20, 10));
 }

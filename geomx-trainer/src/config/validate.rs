@@ -116,6 +116,11 @@ impl Config {
             }
             SyncAlgorithm::Hfa => {
                 let h = &s.hfa;
+                check(
+                    !matches!(self.compression.inter, Codec::Bisparse(_) | Codec::Mpq(_)),
+                    || "compression.inter.codec".into(),
+                    || "sparse codecs are not implemented for sync.algorithm = \"hfa\"".into(),
+                )?;
                 check(h.k1 >= 1, || "sync.hfa.k1".into(), || "must be >= 1".into())?;
                 check(h.k2 >= 1, || "sync.hfa.k2".into(), || "must be >= 1".into())?;
                 if h.outer == OuterOptimizer::Nesterov {

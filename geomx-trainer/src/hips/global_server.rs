@@ -248,7 +248,14 @@ pub fn run(
                 owned += 1;
                 continue;
             }
-            agg.add_range(id, vals, 0, Box::new(Optimizer::new(&job.optimizer, r.len)));
+            let opt: Box<dyn super::RangeOptimizer> = match job.hfa_periods() {
+                Some(_) => Box::new(
+                    super::hfa::OuterStep::new(&job.hfa, r.len)
+                        .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?,
+                ),
+                None => Box::new(Optimizer::new(&job.optimizer, r.len)),
+            };
+            agg.add_range(id, vals, 0, opt);
             if job.inter.is_sparse_key(plan.key_lens[r.key]) {
                 agg.set_sparse_reply(id, job.inter.sparse_values(), job.inter.scaling());
             }
@@ -271,7 +278,7 @@ pub fn run(
         inter: job.inter.clone(),
         n_dcs: plan.num_dcs(),
         owned,
-        rounds: job.rounds,
+        rounds: job.global_rounds(),
         all_done: done_tx,
     });
     let (mut server, node) =
@@ -286,7 +293,7 @@ pub fn run(
     let _ = handler.dc_of.set(dc_of);
     let _ = handler.aborter.set(node.aborter());
     node.barrier("all")?;
-    if owned > 0 && job.rounds > 0 {
+    if owned > 0 && job.global_rounds() > 0 {
         // Every round needs every DC, so the wait is bounded by the job's total length; the
         // coordinator aborts the job (ending this process) if any peer dies meanwhile.
         let _ = done_rx.recv();

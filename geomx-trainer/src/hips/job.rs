@@ -7,7 +7,9 @@ use geomx_net::NetOptions;
 
 use super::plan::ClusterPlan;
 use super::RunError;
-use crate::config::{Config, ConfigError, DataConfig, Driver, MixedOptimizer, SyncAlgorithm};
+use crate::config::{
+    Config, ConfigError, DataConfig, Driver, HfaConfig, MixedOptimizer, SyncAlgorithm,
+};
 use crate::data::TrainTest;
 use crate::engine::{build_model, Model, OptimizerConfig};
 
@@ -42,6 +44,8 @@ pub struct JobSpec {
     pub inter: super::codec::TierCodec,
     /// Synchronisation algorithm of the global tier (`fsa` or `mixed`).
     pub sync: SyncAlgorithm,
+    /// HFA periods, weighting and outer optimizer (used when `sync` is `hfa`).
+    pub hfa: HfaConfig,
     /// Optimizer of the MixedSync global server (DC-ASGD or the plain training optimizer).
     pub mixed_optimizer: geomx_kernels::optim::OptimizerConfig,
     /// Compute slow-down factor of each DC's workers (`cluster.data_centers[d].slowdown`).
@@ -76,16 +80,6 @@ fn mixed_optimizer(cfg: &Config) -> geomx_kernels::optim::OptimizerConfig {
 impl JobSpec {
     /// Resolves a validated configuration: loads the data, builds the model and the placement.
     pub fn from_config(cfg: &Config) -> Result<Self, RunError> {
-        if cfg.sync.algorithm == SyncAlgorithm::Hfa {
-            return Err(ConfigError::invalid(
-                "sync.algorithm",
-                format!(
-                    "{:?} is a valid configuration but this build's runtime runs only \"fsa\"",
-                    cfg.sync.algorithm.name()
-                ),
-            )
-            .into());
-        }
         let data = crate::data::load(&cfg.data).map_err(RunError::Data)?;
         let model: Arc<dyn Model> = Arc::from(
             build_model(&cfg.model, data.train.n_features(), data.train.n_classes())
@@ -111,7 +105,19 @@ impl JobSpec {
         )
         .map_err(|e| RunError::Config(ConfigError::invalid("placement", e.to_string())))?;
         let batches_per_epoch = (data.train.len() / w) / cfg.data.batch_size.max(1);
-        let rounds = cfg.train.total_rounds(batches_per_epoch);
+        let mut rounds = cfg.train.total_rounds(batches_per_epoch);
+        if cfg.sync.algorithm == SyncAlgorithm::Hfa {
+            // Whole global periods only, so that every replica ends on the agreed milestone.
+            let period = cfg.sync.hfa.k1.saturating_mul(cfg.sync.hfa.k2).max(1);
+            if rounds < period {
+                return Err(ConfigError::invalid(
+                    "train.rounds",
+                    format!("{rounds} steps are less than one HFA period k1 * k2 = {period}"),
+                )
+                .into());
+            }
+            rounds -= rounds % period;
+        }
         let t = &cfg.timeouts;
         let base = NetOptions::default();
         let net = NetOptions {
@@ -154,6 +160,7 @@ impl JobSpec {
                 .map(|d| d.slowdown)
                 .collect(),
             sync: cfg.sync.algorithm,
+            hfa: cfg.sync.hfa,
             mixed_optimizer: mixed_optimizer(cfg),
         })
     }
@@ -161,6 +168,23 @@ impl JobSpec {
     /// The longest a role waits for any single step of the protocol before it gives up.
     pub fn wait_limit(&self) -> Duration {
         self.net.conn.request_timeout
+    }
+
+    /// HFA's `(k1, k2)`, or `None` for the other algorithms.
+    pub fn hfa_periods(&self) -> Option<(u64, u64)> {
+        (self.sync == SyncAlgorithm::Hfa).then_some((self.hfa.k1.max(1), self.hfa.k2.max(1)))
+    }
+
+    /// Exchanges between workers and their local server: `rounds`, or HFA's local averagings.
+    pub fn local_rounds(&self) -> u64 {
+        self.hfa_periods()
+            .map_or(self.rounds, |(k1, _)| self.rounds / k1)
+    }
+
+    /// Exchanges between local and global servers: `rounds`, or HFA's global averagings.
+    pub fn global_rounds(&self) -> u64 {
+        self.hfa_periods()
+            .map_or(self.rounds, |(k1, k2)| self.rounds / (k1 * k2))
     }
 
     /// Global index of worker `rank` of DC `dc` (DCs in order, ranks within).
@@ -211,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn slowdown_and_sync_resolve_and_unimplemented_algorithms_are_refused() {
+    fn slowdown_and_sync_settings_resolve() {
         let mut cfg = Config::default();
         cfg.cluster.data_centers[1].slowdown = 2.5;
         assert_eq!(JobSpec::from_config(&cfg).unwrap().slowdown, [1.0, 2.5]);
@@ -230,13 +254,20 @@ mod tests {
             JobSpec::from_config(&cfg).unwrap().mixed_optimizer,
             cfg.train.optimizer.to_kernel()
         );
+        // HFA runs whole periods only: 400 steps with k1 * k2 = 6 become 396.
         cfg.sync.algorithm = SyncAlgorithm::Hfa;
-        cfg.validate().unwrap();
+        cfg.sync.hfa.k1 = 2;
+        cfg.sync.hfa.k2 = 3;
+        let job = JobSpec::from_config(&cfg).unwrap();
+        assert_eq!(job.rounds, 396);
+        assert_eq!(job.hfa_periods(), Some((2, 3)));
+        assert_eq!((job.local_rounds(), job.global_rounds()), (198, 66));
+        cfg.train.rounds = Some(5);
         match JobSpec::from_config(&cfg) {
             Err(RunError::Config(ConfigError::Invalid { field, .. })) => {
-                assert_eq!(field, "sync.algorithm")
+                assert_eq!(field, "train.rounds")
             }
-            other => panic!("hfa: expected a refusal, got {other:?}"),
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 

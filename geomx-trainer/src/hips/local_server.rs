@@ -380,10 +380,37 @@ fn uplink(
     jobs: Receiver<UpJob>,
     job: JobSpec,
     mut compressors: Vec<RangeCompressor>,
+    mut milestone: Option<Vec<f32>>,
 ) {
     let key_len = handler.key_lens[key];
     let mut base = (job.sync == SyncAlgorithm::Mixed).then(|| vec![0u64; ranges.len()]);
-    for up in jobs {
+    for mut up in jobs {
+        if let (Some((_, k2)), Some(m)) = (job.hfa_periods(), milestone.as_mut()) {
+            let local = up.round + 1;
+            let res = hfa_round(
+                &handler,
+                &clients,
+                &ranges,
+                key_len,
+                local,
+                k2,
+                count,
+                &mut up.sum,
+                m,
+                &job,
+            );
+            match res {
+                Ok((codec, bytes)) => handler.publish(key, local, codec, bytes, up.replies),
+                Err(e) => {
+                    handler.abort(format!(
+                        "dc {}: key {key} averaging {local}: {e}",
+                        handler.dc
+                    ));
+                    return;
+                }
+            }
+            continue;
+        }
         let sum = if compressors.is_empty() {
             UpSum::Dense(&up.sum)
         } else {
@@ -412,6 +439,56 @@ fn uplink(
             }
         }
     }
+}
+
+/// HFA at a local server for averaging number `local` (1-based) of one key: `sum` holds Σ_i w_i
+/// (rank order). Forms w̄_d = sum / n_d; every `k2`-th averaging also sends f_d·(w̄_d − m) to the
+/// global tier and adopts the milestone it answers. Returns the reply to the workers (w̄_d or m).
+#[allow(clippy::too_many_arguments)]
+fn hfa_round(
+    handler: &LocalHandler,
+    clients: &[KvClient],
+    ranges: &[(usize, Range)],
+    key_len: usize,
+    local: u64,
+    k2: u64,
+    count: u32,
+    sum: &mut [f32],
+    m: &mut Vec<f32>,
+    job: &JobSpec,
+) -> Result<(PayloadCodec, Vec<u8>), String> {
+    let n_d = count as f32;
+    for a in sum.iter_mut() {
+        *a /= n_d;
+    }
+    if local % k2 != 0 {
+        return Ok(handler.intra.encode_dense(sum));
+    }
+    let f = super::hfa::delta_factor(
+        job.hfa.weighting,
+        count as usize,
+        job.plan.total_workers(),
+        job.plan.num_dcs(),
+    );
+    for (a, &mi) in sum.iter_mut().zip(m.iter()) {
+        *a = f * (*a - mi);
+    }
+    let global = local / k2 - 1;
+    match exchange(
+        handler,
+        clients,
+        ranges,
+        key_len,
+        global,
+        count,
+        UpSum::Dense(sum),
+        job,
+        None,
+    )? {
+        KeyReply::Dense(new_m) => *m = new_m,
+        KeyReply::Sparse { .. } => return Err("sparse reply to an HFA delta".into()),
+    }
+    Ok(handler.intra.encode_dense(m))
 }
 
 impl LocalHandler {
@@ -456,7 +533,7 @@ pub fn run(
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let handler = Arc::new(LocalHandler {
         dc,
-        rounds: job.rounds,
+        rounds: job.local_rounds(),
         key_lens: plan.key_lens.clone(),
         state: Mutex::new(State {
             agg: LocalAggregator::new(&plan.key_lens, n_d, 0),
@@ -510,6 +587,7 @@ pub fn run(
                 .collect()
         })
         .collect();
+    let mut milestones = Vec::with_capacity(n_keys);
     for (k, ranges) in key_ranges.iter().enumerate() {
         let theta = match exchange(
             &handler,
@@ -537,9 +615,11 @@ pub fn run(
         // θ_0 travels exact (f32): Bi-Sparse replicas must start identical.
         let bytes = super::msg::f32_bytes(&theta).into_owned();
         handler.publish(k, 0, PayloadCodec::DenseF32, bytes, Vec::new());
+        // HFA: the milestone starts at the global θ_0.
+        milestones.push(job.hfa_periods().map(|_| theta));
     }
     let mut senders = Vec::with_capacity(n_keys);
-    for (k, ranges) in key_ranges.into_iter().enumerate() {
+    for ((k, ranges), milestone) in key_ranges.into_iter().enumerate().zip(milestones) {
         let (tx, rx) = crossbeam_channel::unbounded();
         senders.push(tx);
         let (h, c, j) = (handler.clone(), clients.clone(), job.clone());
@@ -555,12 +635,12 @@ pub fn run(
         };
         std::thread::Builder::new()
             .name(format!("geomx-uplink-{k}"))
-            .spawn(move || uplink(h, k, c, ranges, n_d as u32, rx, j, compressors))
+            .spawn(move || uplink(h, k, c, ranges, n_d as u32, rx, j, compressors, milestone))
             .map_err(|e| RunError::Io("starting an uplink thread".into(), e.to_string()))?;
     }
     let _ = handler.uplinks.set(senders);
     node.barrier("all")?;
-    if job.rounds > 0 && n_keys > 0 {
+    if job.local_rounds() > 0 && n_keys > 0 {
         // Bounded by the job: a lost peer aborts the job, which ends this process.
         let _ = done_rx.recv();
     }

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod coordinator;
 mod global_agg;
 pub mod global_server;
+pub mod hfa;
 mod job;
 mod local_agg;
 pub mod local_server;

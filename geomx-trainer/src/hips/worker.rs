@@ -103,6 +103,29 @@ fn slow_down(factor: f64, step: Duration) {
     }
 }
 
+/// HFA: sends this worker's model for local averaging number `local` (1-based) and replaces it
+/// with the answer (the DC's average, or the new milestone on global rounds).
+fn average(
+    client: &KvClient,
+    params: &mut [Vec<f32>],
+    local: u64,
+    job: &JobSpec,
+) -> Result<(), RunError> {
+    let mut pending = Vec::with_capacity(params.len());
+    for (k, p) in params.iter().enumerate() {
+        let (codec, bytes) = job.intra.encode_dense(p);
+        let req = client
+            .push(k as u64, local - 1, codec, 0, p.len() as u64, &bytes)
+            .map_err(|e| RunError::Net(format!("pushing model key {k} averaging {local}"), e))?;
+        pending.push(req);
+    }
+    for (k, p) in pending.into_iter().enumerate() {
+        let n = params[k].len();
+        params[k] = decode_key(k, local, n, p.wait(job.wait_limit()))?;
+    }
+    Ok(())
+}
+
 /// Runs worker `rank` of DC `dc` for the job's rounds; returns its traffic, final parameter hash
 /// and (for dc 0 rank 0) final test accuracy.
 pub fn run(
@@ -163,34 +186,64 @@ pub fn run(
 
     let mut loss = f64::NAN;
     let mut last_eval = None;
+    // HFA: every worker runs its own optimizer (state kept across averagings).
+    let mut local_opts: Vec<Optimizer> = match job.hfa_periods() {
+        Some(_) => lens
+            .iter()
+            .map(|&n| Optimizer::new(&job.optimizer, n))
+            .collect(),
+        None => Vec::new(),
+    };
     for round in 0..job.rounds {
         let batch = batcher.next_batch(train);
-        let started = Instant::now();
-        let mut pending: Vec<Option<Result<Pending, NetError>>> =
-            (0..lens.len()).map(|_| None).collect();
-        let l = job
-            .model
-            .backward_layerwise(&params, batch.view(), &mut |key, grad| {
-                let (codec, bytes) = job.intra.encode_dense(&grad);
-                pending[key] =
-                    Some(client.push(key as u64, round, codec, 0, grad.len() as u64, &bytes));
-            })
-            .map_err(RunError::Engine)?;
-        loss = f64::from(l);
-        slow_down(slowdown, started.elapsed());
-        for (k, p) in pending.into_iter().enumerate() {
-            let p = p
-                .ok_or_else(|| {
+        if let Some((k1, _)) = job.hfa_periods() {
+            let started = Instant::now();
+            let mut grads: Vec<Option<Vec<f32>>> = (0..lens.len()).map(|_| None).collect();
+            let l = job
+                .model
+                .backward_layerwise(&params, batch.view(), &mut |key, grad| {
+                    grads[key] = Some(grad)
+                })
+                .map_err(RunError::Engine)?;
+            loss = f64::from(l);
+            for (k, (g, opt)) in grads.iter().zip(local_opts.iter_mut()).enumerate() {
+                let g = g.as_ref().ok_or_else(|| {
                     RunError::Protocol(format!("the model produced no gradient for key {k}"))
-                })?
-                .map_err(|e| RunError::Net(format!("pushing key {k} round {round}"), e))?;
-            match replicas[k].as_mut() {
-                Some(rep) => {
-                    let resp = reply_of(k, round + 1, p.wait(job.wait_limit()))?;
-                    rep.apply(k, &mut params[k], &resp)?;
-                }
-                None => {
-                    params[k] = decode_key(k, round + 1, lens[k], p.wait(job.wait_limit()))?;
+                })?;
+                opt.step(&mut params[k], g).map_err(RunError::Engine)?;
+            }
+            slow_down(slowdown, started.elapsed());
+            if (round + 1) % k1 == 0 {
+                average(&client, &mut params, (round + 1) / k1, job)?;
+            }
+        } else {
+            let started = Instant::now();
+            let mut pending: Vec<Option<Result<Pending, NetError>>> =
+                (0..lens.len()).map(|_| None).collect();
+            let l = job
+                .model
+                .backward_layerwise(&params, batch.view(), &mut |key, grad| {
+                    let (codec, bytes) = job.intra.encode_dense(&grad);
+                    pending[key] =
+                        Some(client.push(key as u64, round, codec, 0, grad.len() as u64, &bytes));
+                })
+                .map_err(RunError::Engine)?;
+            loss = f64::from(l);
+            slow_down(slowdown, started.elapsed());
+            for (k, p) in pending.into_iter().enumerate() {
+                let p = p
+                    .ok_or_else(|| {
+                        RunError::Protocol(format!("the model produced no gradient for key {k}"))
+                    })?
+                    .map_err(|e| RunError::Net(format!("pushing key {k} round {round}"), e))?;
+                match replicas[k].as_mut() {
+                    Some(rep) => {
+                        let resp = reply_of(k, round + 1, p.wait(job.wait_limit()))?;
+                        rep.apply(k, &mut params[k], &resp)?;
+                    }
+                    None => {
+                        params[k] = decode_key(k, round + 1, lens[k], p.wait(job.wait_limit()))?;
+                    }
                 }
             }
         }
