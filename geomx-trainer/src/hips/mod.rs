@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod coordinator;
+pub mod esync;
 mod global_agg;
 pub mod global_server;
 pub mod hfa;
