@@ -461,14 +461,18 @@ fn bisparse_replicas_match_global_parameters_at_every_resync() {
 
 /// sync.md oracle 9 for MixedSync: the DCs asynchronous at the global tier (DC-ASGD, and the plain
 /// optimizer) end within 2 accuracy points of FSA on digits; the global server records staleness
-/// for both DCs.
+/// for both DCs. DC-ASGD gets FSA's SGD momentum 0.9 (its own default is 0, which needs more
+/// rounds: about 0.94 after 300).
 #[test]
 fn mixed_sync_converges_within_two_points_of_fsa() {
     let base = "[cluster]\ndata_centers = 2\nworkers_per_dc = 2\n[train]\nrounds = 300\neval_every = 300\n";
     let fsa = launch_report("sync-fsa", base);
     let acc = |r: &Value| r["final_test_accuracy"].as_f64().unwrap();
     for (name, extra) in [
-        ("sync-mixed-dcasgd", "[sync]\nalgorithm = \"mixed\"\n"),
+        (
+            "sync-mixed-dcasgd",
+            "[sync]\nalgorithm = \"mixed\"\n[sync.mixed]\nmomentum = 0.9\n",
+        ),
         (
             "sync-mixed-plain",
             "[sync]\nalgorithm = \"mixed\"\n[sync.mixed]\noptimizer = \"plain\"\n",

@@ -27,14 +27,15 @@ const DATA_SEED: u64 = 5;
 /// A model whose gradient depends only on the batch's single sample: g[key][i] = grad(x, key, i).
 struct KnownGrads {
     specs: Vec<TensorSpec>,
-    /// Gradients and θ_0 on a grid of 2^-6 and 2^-3 (sums and halvings stay exact in f32).
+    /// Gradients on a grid of 2^-2 and θ_0 on 2^-3, so that a few rounds of sums and halvings
+    /// stay exact in f32.
     exact: bool,
 }
 
 /// The gradient [`KnownGrads`] produces.
 fn grad_of(exact: bool, x: f32, key: usize, i: usize) -> f32 {
     if exact {
-        (grad(x, key, i) * 64.0).round() / 64.0
+        (grad(x, key, i) * 4.0).round() / 4.0
     } else {
         grad(x, key, i)
     }
@@ -435,12 +436,13 @@ fn strangers_and_garbage_at_a_local_server_do_not_change_the_result() {
 }
 
 /// sync.md oracle 4: HFA with K1 = K2 = 1, equal shards and `average` is synchronous model
-/// averaging: after every step each worker holds the mean of the W locally updated models. With
-/// values on a 2^-6 grid every operation is exact, so the single-process reference below (each
-/// worker steps from the shared model, then the plain mean) must match bit for bit.
+/// averaging: after every step each worker holds the mean of the W locally updated models. Each
+/// round adds 2 bits to the grid (2^-3 at θ_0) and magnitudes stay below 32, so for 6 rounds every
+/// operation is exact and the single-process reference below (each worker steps from the shared
+/// model, then the plain mean) must match bit for bit.
 #[test]
 fn hfa_with_unit_periods_is_synchronous_model_averaging() {
-    let rounds = 30;
+    let rounds = 6;
     let mut j = job(vec![2, 2], 1, rounds);
     let specs = j.model.tensors().to_vec();
     j.model = Arc::new(KnownGrads { specs, exact: true });
@@ -464,5 +466,77 @@ fn hfa_with_unit_periods_is_synchronous_model_averaging() {
     let stats = run_cluster(&j, |_| {});
     for h in worker_hashes(&stats) {
         assert_eq!(h, want);
+    }
+}
+
+/// sync.md oracle 5 (cadence): K1 = 2, K2 = 3, 2 DCs × 2 workers, 16 steps. Every worker runs its
+/// own SGD; every 2 steps each DC averages its models (no WAN); every 6 steps the DC averages move
+/// the milestone, which everyone adopts. The run ends 4 steps after the last global round, so each
+/// DC holds its own average: another cadence would end elsewhere. Grids stay exact (one bit per
+/// averaging from 2^-3), so the reference matches bit for bit.
+#[test]
+fn hfa_cadence_averages_locally_every_k1_and_globally_every_k1_k2_steps() {
+    let (k1, k2, rounds) = (2u64, 3u64, 16u64);
+    let mut j = job(vec![2, 2], 1, rounds);
+    let specs = j.model.tensors().to_vec();
+    j.model = Arc::new(KnownGrads { specs, exact: true });
+    j.sync = SyncAlgorithm::Hfa;
+    j.hfa.k1 = k1;
+    j.hfa.k2 = k2;
+    let theta0 = j.model.init(j.seed);
+    // models[dc][rank][key][i]
+    let mut models = vec![vec![theta0.clone(); 2]; 2];
+    let mut m = theta0;
+    for (step, round) in samples(&j).into_iter().enumerate() {
+        for (dc, xs) in round.iter().enumerate() {
+            for (rank, &x) in xs.iter().enumerate() {
+                for (key, t) in models[dc][rank].iter_mut().enumerate() {
+                    for (i, v) in t.iter_mut().enumerate() {
+                        *v -= grad_of(true, x, key, i);
+                    }
+                }
+            }
+        }
+        let done = step as u64 + 1;
+        if done % k1 != 0 {
+            continue;
+        }
+        let avg: Vec<Vec<Vec<f32>>> = models
+            .iter()
+            .map(|dc| {
+                (0..dc[0].len())
+                    .map(|key| {
+                        (0..dc[0][key].len())
+                            .map(|i| (dc[0][key][i] + dc[1][key][i]) / 2.0)
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        if (done / k1) % k2 == 0 {
+            // Data weighting with equal DCs: the new milestone is the mean of the DC averages.
+            for (key, mk) in m.iter_mut().enumerate() {
+                for (i, v) in mk.iter_mut().enumerate() {
+                    *v = (avg[0][key][i] + avg[1][key][i]) / 2.0;
+                }
+            }
+            models = vec![vec![m.clone(); 2]; 2];
+        } else {
+            models = avg.into_iter().map(|a| vec![a.clone(), a]).collect();
+        }
+    }
+    let want: Vec<u64> = models.iter().map(|dc| params_hash(&dc[0])).collect();
+    assert_ne!(want[0], want[1], "the DCs' final averages should differ");
+    let stats = run_cluster(&j, |_| {});
+    let workers: Vec<&RoleStats> = stats.iter().filter(|s| s.role == "worker").collect();
+    assert_eq!(workers.len(), 4);
+    for s in workers {
+        assert_eq!(
+            s.param_hash,
+            Some(want[s.dc as usize]),
+            "dc {} rank {}",
+            s.dc,
+            s.rank
+        );
     }
 }

@@ -728,7 +728,8 @@ fn bad_sync_values_name_their_field() {
 fn sync_examples_parse() {
     let c = Config::from_toml_str(include_str!("../../../examples/mixed-sync.toml")).unwrap();
     assert_eq!(c.sync.algorithm, SyncAlgorithm::Mixed);
-    assert_eq!(c.sync.mixed, MixedConfig::default());
+    assert_eq!(c.sync.mixed.optimizer, MixedOptimizer::Dcasgd);
+    assert_eq!(c.sync.mixed.momentum, 0.9);
     assert_eq!(c.cluster.data_centers[1].slowdown, 3.0);
     let c = Config::from_toml_str(include_str!("../../../examples/hfa.toml")).unwrap();
     assert_eq!(c.sync.algorithm, SyncAlgorithm::Hfa);
