@@ -108,6 +108,16 @@ impl Report {
             config,
         }
     }
+
+    /// Wall seconds (the progress lines' `elapsed_s`, measured from the reporting worker's start)
+    /// at the first progress line whose test accuracy reached `target`; `None` if none did.
+    pub fn time_to_accuracy(&self, target: f64) -> Option<f64> {
+        self.progress
+            .iter()
+            .filter(|p| p.test_accuracy >= target)
+            .min_by_key(|p| p.round)
+            .map(|p| p.elapsed_s)
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +180,37 @@ mod tests {
         ] {
             assert!(json.get(k).is_some(), "{k}");
         }
+    }
+
+    fn line(round: u64, acc: f64, elapsed_s: f64) -> Progress {
+        Progress {
+            round,
+            loss: 1.0,
+            test_loss: 1.0,
+            test_accuracy: acc,
+            elapsed_s,
+        }
+    }
+
+    #[test]
+    fn time_to_accuracy_takes_the_first_line_reaching_the_target() {
+        // Lines out of round order (as they might be collected): the earliest round counts.
+        let progress = vec![
+            line(30, 0.95, 3.0),
+            line(10, 0.50, 1.0),
+            line(20, 0.91, 2.0),
+            line(40, 0.89, 4.0),
+        ];
+        let r = Report::assemble(vec![], progress, 40, 4.5, vec![], serde_json::Value::Null);
+        assert_eq!(r.time_to_accuracy(0.9), Some(2.0));
+        assert_eq!(r.time_to_accuracy(0.95), Some(3.0));
+        assert_eq!(r.time_to_accuracy(0.5), Some(1.0));
+        assert_eq!(r.time_to_accuracy(0.96), None);
+        // Old progress lines without `elapsed_s` still parse (0 seconds).
+        let old: Progress =
+            serde_json::from_str(r#"{"round":1,"loss":1.0,"test_loss":1.0,"test_accuracy":0.5}"#)
+                .unwrap();
+        assert_eq!(old.elapsed_s, 0.0);
     }
 
     #[test]

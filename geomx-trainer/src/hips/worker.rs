@@ -25,6 +25,9 @@ pub struct Progress {
     pub test_loss: f64,
     /// Accuracy on the test set.
     pub test_accuracy: f64,
+    /// Wall seconds from the worker's start (right after the launcher spawned it) to this line.
+    #[serde(default)]
+    pub elapsed_s: f64,
 }
 
 /// Receives progress lines.
@@ -136,6 +139,7 @@ pub fn run(
     fatal: FatalHook,
     progress: ProgressSink,
 ) -> Result<RoleStats, RunError> {
+    let launched = Instant::now();
     let plan = &job.plan;
     let me = Identity {
         role: roles::WORKER,
@@ -259,6 +263,7 @@ pub fn run(
                 loss,
                 test_loss: ev.loss,
                 test_accuracy: ev.accuracy,
+                elapsed_s: launched.elapsed().as_secs_f64(),
             };
             progress(&p);
             last_eval = Some(p);
