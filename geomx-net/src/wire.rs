@@ -85,6 +85,15 @@ pub enum WireError {
     /// Bytes follow a complete frame in a buffer given to [`decode`].
     #[error("{0} trailing bytes after frame")]
     TrailingBytes(usize),
+    /// A DGT frame whose codec is not `Raw` or whose payload length does not fit its kind
+    /// (see [`MsgKind::check_dgt_payload`]).
+    #[error("DGT frame of kind {kind} with a {len}-byte payload")]
+    BadDgtFrame {
+        /// The kind tag.
+        kind: u8,
+        /// The announced payload length.
+        len: u32,
+    },
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame ({0} bytes buffered)")]
     UnexpectedEof(usize),
@@ -108,7 +117,8 @@ macro_rules! wire_enum {
 }
 
 wire_enum!(
-    /// Message kinds. Tags 48..=63 are reserved for DGT (not yet spoken; rejected as unknown).
+    /// Message kinds. Tags 48..=63 are the DGT range: 48..=52 are spoken on a DGT reliable
+    /// channel (see [`crate::dgt::link`]), 53..=63 are reserved and rejected as unknown.
     MsgKind, UnknownKind {
         /// Connection opening: sender id announces the client's node id.
         Hello = 1,
@@ -138,10 +148,58 @@ wire_enum!(
         Shutdown = 36,
         /// Coordinator broadcast: the job is aborted (payload: encoded abort notice).
         AbortNotice = 37,
+        /// DGT reliable channel: one block (payload: a DGT message, 32-byte header + values).
+        DgtBlock = 48,
+        /// DGT reliable channel: terminator of (key, round) (payload: DGT header + channel map).
+        DgtEnd = 49,
+        /// DGT reliable channel, receiver → sender: per-round counters (payload: a DGT report).
+        DgtReport = 50,
+        /// DGT reliable channel opening, both directions (payload: [`DGT_HELLO_LEN`] bytes).
+        DgtHello = 51,
+        /// DGT reliable channel, receiver → sender: measured goodput in bit/s (u64 payload).
+        DgtRate = 52,
     }
 );
 
+/// Payload bytes of a [`MsgKind::DgtHello`] frame.
+pub const DGT_HELLO_LEN: usize = 24;
+/// Largest payload of a [`MsgKind::DgtBlock`] frame: a 32-byte DGT header + a 1 MiB block.
+pub const DGT_MAX_BLOCK_PAYLOAD: usize = 32 + (1 << 20);
+/// Largest payload of a [`MsgKind::DgtEnd`] frame: a 32-byte DGT header + 16 Mi channel bytes.
+pub const DGT_MAX_END_PAYLOAD: usize = 32 + (1 << 24);
+
 impl MsgKind {
+    /// True for the DGT kinds (48..=52), which only a DGT reliable channel speaks.
+    pub fn is_dgt(self) -> bool {
+        (48..=63).contains(&(self as u8))
+    }
+
+    /// Bounds of a DGT frame: codec `Raw` and a payload length that fits the kind (Block: a
+    /// header and 1..=1 MiB of values; End: a header and a non-empty channel map; Report: a
+    /// header and 1..=8 channels of 12 bytes; Hello: [`DGT_HELLO_LEN`]; Rate: 8 bytes).
+    pub fn check_dgt_payload(self, codec: PayloadCodec, len: u32) -> Result<(), WireError> {
+        let len_us = len as usize;
+        let ok = codec == PayloadCodec::Raw
+            && match self {
+                MsgKind::DgtBlock => (33..=DGT_MAX_BLOCK_PAYLOAD).contains(&len_us),
+                MsgKind::DgtEnd => (33..=DGT_MAX_END_PAYLOAD).contains(&len_us),
+                MsgKind::DgtReport => {
+                    (44..=32 + 8 * 12).contains(&len_us) && (len_us - 32) % 12 == 0
+                }
+                MsgKind::DgtHello => len_us == DGT_HELLO_LEN,
+                MsgKind::DgtRate => len_us == 8,
+                _ => true,
+            };
+        if ok {
+            Ok(())
+        } else {
+            Err(WireError::BadDgtFrame {
+                kind: self as u8,
+                len,
+            })
+        }
+    }
+
     /// True for kinds that expect a Reply/ErrorReply with the same request id.
     pub fn is_request(self) -> bool {
         matches!(
@@ -304,6 +362,9 @@ impl FrameHeader {
                 len,
                 max: max_frame,
             });
+        }
+        if kind.is_dgt() {
+            kind.check_dgt_payload(codec, payload_len)?;
         }
         let elem = codec.element_size();
         if payload_len % elem != 0 {

@@ -8,7 +8,14 @@ use proptest::prelude::*;
 
 fn arb_header() -> impl Strategy<Value = FrameHeader> {
     (
-        prop::sample::select(MsgKind::ALL.to_vec()),
+        // DGT kinds have payload bounds of their own (tested below).
+        prop::sample::select(
+            MsgKind::ALL
+                .iter()
+                .copied()
+                .filter(|k| !k.is_dgt())
+                .collect::<Vec<_>>(),
+        ),
         prop::sample::select(PayloadCodec::ALL.to_vec()),
         any::<u32>(),
         any::<(u64, u64, u64, u64, u64)>(),
@@ -126,7 +133,7 @@ fn unknown_version() {
 
 #[test]
 fn unknown_kind_including_reserved_dgt_range() {
-    for k in [0u8, 5, 15, 20, 31, 38, 48, 63, 255] {
+    for k in [0u8, 5, 15, 20, 31, 38, 53, 63, 255] {
         let mut b = good();
         b[5] = k;
         expect_err(&b, WireError::UnknownKind(k));
@@ -243,4 +250,66 @@ fn header_layout_is_little_endian_and_56_bytes() {
     assert_eq!(b[32], 6);
     assert_eq!(b[40], 7);
     assert_eq!(b[48], 8);
+}
+
+fn dgt_frame(kind: MsgKind, codec: PayloadCodec, len: usize) -> Vec<u8> {
+    let h = FrameHeader {
+        codec,
+        ..FrameHeader::new(kind)
+    };
+    encode(&Frame::new(h, vec![0u8; len]))
+}
+
+#[test]
+fn dgt_kinds_are_spoken_with_bounded_payloads() {
+    use geomx_net::wire::{DGT_HELLO_LEN, DGT_MAX_BLOCK_PAYLOAD};
+    let ok = [
+        (MsgKind::DgtBlock, 33),
+        (MsgKind::DgtBlock, DGT_MAX_BLOCK_PAYLOAD),
+        (MsgKind::DgtEnd, 33),
+        (MsgKind::DgtReport, 44),
+        (MsgKind::DgtReport, 32 + 8 * 12),
+        (MsgKind::DgtHello, DGT_HELLO_LEN),
+        (MsgKind::DgtRate, 8),
+    ];
+    for (k, len) in ok {
+        assert!(k.is_dgt());
+        let f = decode(&dgt_frame(k, PayloadCodec::Raw, len), 4 << 20).unwrap();
+        assert_eq!((f.header.kind, f.payload.len()), (k, len));
+    }
+    let bad = [
+        (MsgKind::DgtBlock, 0),
+        (MsgKind::DgtBlock, 32),
+        (MsgKind::DgtBlock, DGT_MAX_BLOCK_PAYLOAD + 1),
+        (MsgKind::DgtEnd, 32),
+        (MsgKind::DgtReport, 32),
+        (MsgKind::DgtReport, 45),
+        (MsgKind::DgtReport, 32 + 9 * 12),
+        (MsgKind::DgtHello, DGT_HELLO_LEN - 1),
+        (MsgKind::DgtRate, 7),
+        (MsgKind::DgtRate, 9),
+    ];
+    for (k, len) in bad {
+        let b = dgt_frame(k, PayloadCodec::Raw, len);
+        assert_eq!(
+            decode(&b, 4 << 20),
+            Err(WireError::BadDgtFrame {
+                kind: k as u8,
+                len: len as u32
+            }),
+            "{k:?} with {len} bytes"
+        );
+        // The incremental decoder fails on the header, before buffering the payload.
+        let mut dec = FrameDecoder::new(4 << 20);
+        let mut out = Vec::new();
+        assert!(dec.feed(&b[..HEADER_LEN], &mut out).is_err());
+        assert!(out.is_empty());
+    }
+    // DGT frames must say codec Raw.
+    let b = dgt_frame(MsgKind::DgtRate, PayloadCodec::DenseF32, 8);
+    assert_eq!(
+        decode(&b, 1 << 20),
+        Err(WireError::BadDgtFrame { kind: 52, len: 8 })
+    );
+    assert!(!MsgKind::Push.is_dgt());
 }

@@ -12,6 +12,7 @@
 
 mod config;
 pub mod header;
+pub mod link;
 mod pacing;
 mod receiver;
 mod report;

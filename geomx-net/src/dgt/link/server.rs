@@ -1,0 +1,569 @@
+//! The receiving endpoint: one [`DgtReceiver`] per connected sender, driven by one thread that
+//! polls the TCP listener, the reliable connections and the UDP channel sockets.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::sys::{self, Waker};
+use super::{dgt_header, mark_reliable, read_frames, write_frame, Hello, LinkError};
+use crate::dgt::udp::DEFAULT_RECV_BUFFER;
+use crate::dgt::ChannelCounters;
+use crate::dgt::{Delivery, DgtConfig, DgtKind, DgtReceiver, UdpChannels, ValueType, MAX_CHANNELS};
+use crate::wire::{Frame, FrameDecoder, MsgKind, DGT_MAX_END_PAYLOAD, HEADER_LEN};
+
+const NCH: usize = MAX_CHANNELS as usize + 1;
+/// Writes of reports / hello answers may wait this long for room.
+const WRITE_LIMIT: Duration = Duration::from_secs(10);
+
+/// What a [`DgtServer`] received so far, over all senders.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerStats {
+    /// Receiver counters per channel (index = channel), summed over senders.
+    pub channels: [ChannelCounters; NCH],
+    /// Messages rejected by validation (DGT header, key table, unknown sender).
+    pub invalid: u64,
+    /// Tensors delivered.
+    pub deliveries: u64,
+    /// Deliveries that waited out the deadline.
+    pub timed_out: u64,
+    /// Senders connected now.
+    pub peers: usize,
+    /// Connections refused or closed for a protocol error.
+    pub refused: u64,
+}
+
+impl ServerStats {
+    /// Unreliable blocks lost for good and listed as sent (channels 1..=C).
+    pub fn unreliable_lost_sent(&self) -> (u64, u64) {
+        self.channels
+            .iter()
+            .skip(1)
+            .fold((0, 0), |(l, s), c| (l + c.lost, s + c.sent))
+    }
+
+    /// Late blocks (folded into the next round) on all channels.
+    pub fn late(&self) -> u64 {
+        self.channels.iter().map(|c| c.late).sum()
+    }
+}
+
+struct Shared {
+    stats: Mutex<ServerStats>,
+    stop: AtomicBool,
+}
+
+/// Receiving endpoint of DGT links: accepts any number of [`super::DgtClient`]s (optionally only
+/// the listed sender ids) and delivers their tensors for the registered keys.
+pub struct DgtServer {
+    addr: SocketAddr,
+    udp_addrs: Vec<SocketAddr>,
+    deliveries: Receiver<Delivery>,
+    shared: Arc<Shared>,
+    wake: UnixDatagram,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for DgtServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DgtServer")
+            .field("addr", &self.addr)
+            .field("udp", &self.udp_addrs)
+            .finish()
+    }
+}
+
+impl DgtServer {
+    /// Binds a TCP listener (the reliable channels) and C UDP sockets on `ip` (ephemeral ports).
+    /// `cfg.channels` and `cfg.deadline` apply to every sender, `cfg.block_bytes` is the largest
+    /// block size a sender may announce. `keys` are (key, N, value type); `allowed` restricts
+    /// the sender ids (`None`: any).
+    pub fn bind(
+        ip: IpAddr,
+        cfg: DgtConfig,
+        keys: &[(u32, u32, ValueType)],
+        allowed: Option<Vec<u32>>,
+    ) -> Result<DgtServer, LinkError> {
+        cfg.validate()?;
+        let listener =
+            TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| LinkError::Io("tcp bind", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| LinkError::Io("set_nonblocking", e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| LinkError::Io("local_addr", e))?;
+        let udp = UdpChannels::bind(ip, cfg.channels, DEFAULT_RECV_BUFFER)
+            .map_err(|e| LinkError::Io("udp bind", e))?;
+        let udp_addrs = udp
+            .local_addrs()
+            .map_err(|e| LinkError::Io("local_addr", e))?;
+        // Validate the key table once, up front.
+        let mut probe = DgtReceiver::new(cfg.clone())?;
+        for &(k, n, vt) in keys {
+            probe.add_key(k, n, vt)?;
+        }
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(ServerStats::default()),
+            stop: AtomicBool::new(false),
+        });
+        let waker = Waker::new().map_err(|e| LinkError::Io("waker", e))?;
+        let wake = waker.handle().map_err(|e| LinkError::Io("waker", e))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut lp = Loop {
+            cfg,
+            keys: keys.to_vec(),
+            allowed,
+            listener,
+            udp,
+            conns: HashMap::new(),
+            next_conn: 0,
+            peers: HashMap::new(),
+            gone: Totals::default(),
+            waker,
+            out: tx,
+            shared: shared.clone(),
+            refused: 0,
+            deliveries: 0,
+            timed_out: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("geomx-dgt-rx".into())
+            .spawn(move || {
+                if let Err(e) = lp.run() {
+                    tracing::error!(error = %e, "dgt receiver stopped");
+                }
+                lp.publish();
+            })
+            .map_err(|e| LinkError::Io("spawn", e))?;
+        Ok(DgtServer {
+            addr,
+            udp_addrs,
+            deliveries: rx,
+            shared,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// The TCP address senders connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The UDP addresses of channels 1..=C.
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.udp_addrs
+    }
+
+    /// The next delivered tensor within `timeout`, in delivery order.
+    pub fn recv_delivery(&self, timeout: Duration) -> Option<Delivery> {
+        self.deliveries.recv_timeout(timeout).ok()
+    }
+
+    /// The delivery queue itself (e.g. for `select!` or a consumer thread).
+    pub fn deliveries(&self) -> &Receiver<Delivery> {
+        &self.deliveries
+    }
+
+    /// Counters so far (refreshed by the receiving thread every few milliseconds).
+    pub fn stats(&self) -> ServerStats {
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for DgtServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        sys::wake(&self.wake);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Conn {
+    tcp: TcpStream,
+    dec: FrameDecoder,
+    sender: Option<u32>,
+    first_reliable: Option<Instant>,
+    reliable_bytes: u64,
+    rate_sent: bool,
+}
+
+struct Peer {
+    rx: DgtReceiver,
+    conn: u64,
+}
+
+#[derive(Default)]
+struct Totals {
+    channels: [ChannelCounters; NCH],
+    invalid: u64,
+}
+
+impl Totals {
+    fn add(&mut self, c: &[ChannelCounters; NCH], invalid: u64) {
+        for (t, c) in self.channels.iter_mut().zip(c) {
+            t.sent += c.sent;
+            t.on_time += c.on_time;
+            t.late += c.late;
+            t.lost += c.lost;
+            t.stale += c.stale;
+            t.dup += c.dup;
+            t.future_dropped += c.future_dropped;
+            t.received += c.received;
+            t.bytes += c.bytes;
+        }
+        self.invalid += invalid;
+    }
+}
+
+struct Loop {
+    cfg: DgtConfig,
+    keys: Vec<(u32, u32, ValueType)>,
+    allowed: Option<Vec<u32>>,
+    listener: TcpListener,
+    udp: UdpChannels,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    peers: HashMap<u32, Peer>,
+    gone: Totals,
+    waker: Waker,
+    out: Sender<Delivery>,
+    shared: Arc<Shared>,
+    refused: u64,
+    deliveries: u64,
+    timed_out: u64,
+}
+
+impl Loop {
+    fn run(&mut self) -> Result<(), LinkError> {
+        let mut rbuf = vec![0u8; 64 * 1024];
+        let mut frames = Vec::new();
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            self.waker.drain();
+            self.accept();
+            let ids: Vec<u64> = self.conns.keys().copied().collect();
+            for id in ids {
+                let res = match self.conns.get_mut(&id) {
+                    Some(c) => read_frames(&mut c.tcp, &mut c.dec, &mut rbuf, &mut frames),
+                    None => continue,
+                };
+                let mut err = match res {
+                    Ok(true) => None,
+                    Ok(false) => Some("closed by the sender".to_string()),
+                    Err(e) => {
+                        self.refused += 1;
+                        Some(e.to_string())
+                    }
+                };
+                for f in frames.drain(..) {
+                    if err.is_none() {
+                        if let Err(e) = self.on_frame(id, f) {
+                            self.refused += 1;
+                            err = Some(e.to_string());
+                        }
+                    }
+                }
+                if let Some(reason) = err {
+                    self.drop_conn(id, &reason);
+                }
+            }
+            self.read_udp(&mut rbuf);
+            let now = Instant::now();
+            self.service(now);
+            self.publish();
+            let timeout = self
+                .peers
+                .values()
+                .filter_map(|p| p.rx.poll_timeout())
+                .min()
+                .map_or(Duration::from_millis(50), |t| sys::until(t, Instant::now()))
+                .min(Duration::from_millis(50));
+            let mut fds = Vec::with_capacity(3 + self.conns.len() + usize::from(self.cfg.channels));
+            for fd in [self.listener.as_raw_fd(), self.waker.fd()] {
+                fds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            for ch in 1..=self.cfg.channels {
+                if let Ok(s) = self.udp.socket(ch) {
+                    fds.push(libc::pollfd {
+                        fd: s.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+            for c in self.conns.values() {
+                fds.push(libc::pollfd {
+                    fd: c.tcp.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            sys::poll(&mut fds, Some(timeout)).map_err(|e| LinkError::Io("poll", e))?;
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((tcp, _)) => {
+                    if let Err(e) = tcp.set_nonblocking(true) {
+                        tracing::warn!(error = %e, "dgt: connection dropped");
+                        continue;
+                    }
+                    mark_reliable(&tcp, self.cfg.channels);
+                    let id = self.next_conn;
+                    self.next_conn += 1;
+                    self.conns.insert(
+                        id,
+                        Conn {
+                            tcp,
+                            dec: FrameDecoder::new(HEADER_LEN + DGT_MAX_END_PAYLOAD),
+                            sender: None,
+                            first_reliable: None,
+                            reliable_bytes: 0,
+                            rate_sent: false,
+                        },
+                    );
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "dgt: accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drop_conn(&mut self, id: u64, reason: &str) {
+        let Some(c) = self.conns.remove(&id) else {
+            return;
+        };
+        tracing::debug!(sender = ?c.sender, reason, "dgt: reliable channel closed");
+        if let Some(s) = c.sender {
+            if self.peers.get(&s).is_some_and(|p| p.conn == id) {
+                if let Some(mut p) = self.peers.remove(&s) {
+                    self.drain_peer(s, &mut p);
+                    self.gone.add(p.rx.counters(), p.rx.invalid());
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, id: u64, f: Frame) -> Result<(), LinkError> {
+        let now = Instant::now();
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return Ok(());
+        };
+        match (f.header.kind, conn.sender) {
+            (MsgKind::DgtHello, None) => {
+                let sender = f.header.sender;
+                let hello = Hello::decode(&f.payload)?;
+                if self.allowed.as_ref().is_some_and(|a| !a.contains(&sender)) {
+                    return Err(LinkError::Protocol(format!("sender {sender} not allowed")));
+                }
+                let b = hello.block_bytes as usize;
+                if hello.channels != self.cfg.channels || b > self.cfg.block_bytes {
+                    return Err(LinkError::Protocol(format!(
+                        "sender {sender} announced block {b} / {} channels, receiver allows \
+                         block ≤ {} / {} channels",
+                        hello.channels, self.cfg.block_bytes, self.cfg.channels
+                    )));
+                }
+                let cfg = DgtConfig {
+                    block_bytes: b,
+                    ..self.cfg.clone()
+                };
+                let mut rx = DgtReceiver::new(cfg)?;
+                for &(k, n, vt) in &self.keys {
+                    rx.add_key(k, n, vt)?;
+                }
+                let mut ports = [0u16; MAX_CHANNELS as usize];
+                for ch in 1..=self.cfg.channels {
+                    let s = self.udp.socket(ch).map_err(|e| LinkError::Io("udp", e))?;
+                    ports[usize::from(ch) - 1] =
+                        s.local_addr().map_err(|e| LinkError::Io("udp", e))?.port();
+                }
+                let ack = Hello {
+                    block_bytes: hello.block_bytes,
+                    channels: hello.channels,
+                    ports,
+                };
+                write_frame(
+                    &mut conn.tcp,
+                    &dgt_header(MsgKind::DgtHello, 0),
+                    &ack.encode(),
+                    WRITE_LIMIT,
+                )?;
+                conn.sender = Some(sender);
+                if let Some(mut old) = self.peers.insert(sender, Peer { rx, conn: id }) {
+                    // A reconnecting sender starts over at round 0.
+                    self.gone.add(old.rx.counters(), old.rx.invalid());
+                    while old.rx.poll_delivery().is_some() {}
+                    let stale: Vec<u64> = self
+                        .conns
+                        .iter()
+                        .filter(|(&c, k)| c != id && k.sender == Some(sender))
+                        .map(|(&c, _)| c)
+                        .collect();
+                    for c in stale {
+                        self.conns.remove(&c);
+                    }
+                }
+                Ok(())
+            }
+            (kind @ (MsgKind::DgtBlock | MsgKind::DgtEnd), Some(sender)) => {
+                let want = if kind == MsgKind::DgtBlock {
+                    DgtKind::Block
+                } else {
+                    DgtKind::End
+                };
+                // Frame kind, DGT kind and sender must agree (bounds were checked by the decoder).
+                let p = &f.payload;
+                let msg_sender = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
+                let peer = self
+                    .peers
+                    .get_mut(&sender)
+                    .ok_or_else(|| LinkError::Protocol("no receiver for the sender".into()))?;
+                if p[3] != want as u8 || msg_sender != sender {
+                    // Counted as invalid like any malformed message; the link stays up.
+                    let _ = peer.rx.handle_reliable(now, &[]);
+                    return Ok(());
+                }
+                if kind == MsgKind::DgtBlock {
+                    conn.first_reliable.get_or_insert(now);
+                    conn.reliable_bytes += p.len() as u64;
+                }
+                let end = kind == MsgKind::DgtEnd;
+                if let Err(e) = peer.rx.handle_reliable(now, p) {
+                    tracing::debug!(sender, error = %e, "dgt: reliable message rejected");
+                    return Ok(());
+                }
+                if end && !conn.rate_sent {
+                    if let Some(t0) = conn.first_reliable {
+                        let secs = now.duration_since(t0).as_secs_f64().max(1e-6);
+                        let bps = (conn.reliable_bytes as f64 * 8.0 / secs) as u64;
+                        conn.rate_sent = true;
+                        write_frame(
+                            &mut conn.tcp,
+                            &dgt_header(MsgKind::DgtRate, 0),
+                            &bps.max(1).to_le_bytes(),
+                            WRITE_LIMIT,
+                        )?;
+                    }
+                }
+                Ok(())
+            }
+            (kind, s) => Err(LinkError::Protocol(format!(
+                "{kind:?} on a reliable channel (hello done: {})",
+                s.is_some()
+            ))),
+        }
+    }
+
+    fn read_udp(&mut self, buf: &mut [u8]) {
+        let now = Instant::now();
+        // Bounded so a flood cannot starve the reliable channels and the timers.
+        for _ in 0..4096 {
+            let (n, ch) = match self.udp.try_recv(buf) {
+                Ok(Some((ch, n, _))) => (n, ch),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dgt: udp receive error");
+                    return;
+                }
+            };
+            let msg = &buf[..n];
+            let sender = (n >= 12).then(|| u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]));
+            match sender.and_then(|s| self.peers.get_mut(&s)) {
+                Some(p) => {
+                    if msg.get(4) != Some(&ch) {
+                        // A datagram must arrive on the socket of its own channel.
+                        let _ = p.rx.handle_datagram(now, &[]);
+                    } else if let Err(e) = p.rx.handle_datagram(now, msg) {
+                        tracing::trace!(error = %e, "dgt: datagram rejected");
+                    }
+                }
+                None => self.gone.invalid += 1,
+            }
+        }
+    }
+
+    fn service(&mut self, now: Instant) {
+        let senders: Vec<u32> = self.peers.keys().copied().collect();
+        for s in senders {
+            let Some(mut p) = self.peers.remove(&s) else {
+                continue;
+            };
+            p.rx.handle_timeout(now);
+            self.drain_peer(s, &mut p);
+            let mut broken = None;
+            while let Some(r) = p.rx.poll_report() {
+                let mut b = Vec::with_capacity(r.encoded_len());
+                r.encode_into(&mut b);
+                if let Some(c) = self.conns.get_mut(&p.conn) {
+                    if let Err(e) = write_frame(
+                        &mut c.tcp,
+                        &dgt_header(MsgKind::DgtReport, 0),
+                        &b,
+                        WRITE_LIMIT,
+                    ) {
+                        broken = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            let conn = p.conn;
+            self.peers.insert(s, p);
+            if let Some(reason) = broken {
+                self.drop_conn(conn, &reason);
+            }
+        }
+    }
+
+    fn drain_peer(&mut self, _sender: u32, p: &mut Peer) {
+        while let Some(d) = p.rx.poll_delivery() {
+            self.deliveries += 1;
+            self.timed_out += u64::from(d.timed_out);
+            let _ = self.out.send(d);
+        }
+    }
+
+    fn publish(&self) {
+        let mut t = Totals {
+            channels: self.gone.channels,
+            invalid: self.gone.invalid,
+        };
+        for p in self.peers.values() {
+            t.add(p.rx.counters(), p.rx.invalid());
+        }
+        let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        *st = ServerStats {
+            channels: t.channels,
+            invalid: t.invalid,
+            deliveries: self.deliveries,
+            timed_out: self.timed_out,
+            peers: self.peers.len(),
+            refused: self.refused,
+        };
+    }
+}
