@@ -156,6 +156,7 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         slowdown: Vec::new(),
         sync: SyncAlgorithm::Fsa,
         hfa: Default::default(),
+        esync: Default::default(),
         mixed_optimizer: geomx_kernels::optim::OptimizerConfig::Sgd(Default::default()),
     }
 }

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 pub use role::{Role, RoleSpec};
 pub use sync::{
-    HfaConfig, HfaWeighting, LambdaMode, MixedConfig, MixedOptimizer, OuterOptimizer,
-    SyncAlgorithm, SyncConfig,
+    EsyncConfig, EsyncNormalisation, HfaConfig, HfaWeighting, LambdaMode, MixedConfig,
+    MixedOptimizer, OuterOptimizer, SyncAlgorithm, SyncConfig,
 };
 
 use crate::data::synthetic::SyntheticSpec;

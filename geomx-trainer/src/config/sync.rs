@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use geomx_kernels::optim::{DcAsgdConfig, DcAsgdLambda};
 
 /// Synchronisation algorithms of the global tier (sync.md). Local tiers are synchronous in every
-/// mode. Open: `esync` joins with its parameters in later work.
+/// mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
@@ -19,6 +19,9 @@ pub enum SyncAlgorithm {
     /// Hierarchical frequency aggregation: local model averaging every `k1` steps, global every
     /// `k1 * k2` steps.
     Hfa,
+    /// ESync: fast workers take extra local steps while the slowest takes one (the coordinator
+    /// decides), then every worker pushes its model delta in one synchronous round.
+    Esync,
 }
 
 impl SyncAlgorithm {
@@ -28,6 +31,7 @@ impl SyncAlgorithm {
             SyncAlgorithm::Fsa => "fsa",
             SyncAlgorithm::Mixed => "mixed",
             SyncAlgorithm::Hfa => "hfa",
+            SyncAlgorithm::Esync => "esync",
         }
     }
 }
@@ -42,6 +46,8 @@ pub struct SyncConfig {
     pub mixed: MixedConfig,
     /// HFA parameters (`[sync.hfa]`; ignored by other algorithms).
     pub hfa: HfaConfig,
+    /// ESync parameters (`[sync.esync]`; ignored by other algorithms).
+    pub esync: EsyncConfig,
 }
 
 /// Optimizer of the MixedSync global server.
@@ -169,6 +175,40 @@ impl Default for HfaConfig {
             outer: OuterOptimizer::Average,
             outer_lr: 0.7,
             outer_momentum: 0.9,
+        }
+    }
+}
+
+/// How ESync combines the workers' model deltas when their local step counts differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum EsyncNormalisation {
+    /// w = w_prev + γ·Σ_r p_r·Δ_r.
+    #[default]
+    None,
+    /// FedNova: w = w_prev + γ·τ_eff·Σ_r p_r·Δ_r / k_r with τ_eff = Σ_r p_r·k_r.
+    Fednova,
+}
+
+/// `[sync.esync]` (defaults from sync.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EsyncConfig {
+    /// Tolerance ε in seconds: a worker pushes instead of stepping again when its step would end
+    /// later than ε before the slowest worker's (default 0.5).
+    pub eps: f64,
+    /// Global learning rate γ applied to the combined delta (default 1.0).
+    pub gamma: f32,
+    /// Normalisation of unequal local step counts.
+    pub normalisation: EsyncNormalisation,
+}
+
+impl Default for EsyncConfig {
+    fn default() -> Self {
+        Self {
+            eps: 0.5,
+            gamma: 1.0,
+            normalisation: EsyncNormalisation::None,
         }
     }
 }

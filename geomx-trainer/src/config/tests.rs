@@ -156,7 +156,7 @@ fn unknown_keys_are_rejected_with_their_name() {
             "[train.optimizer]\nkind = \"adam\"\nmomentum = 0.5",
             "momentum",
         ),
-        ("[sync]\nalgorithm = \"esync\"", "esync"),
+        ("[sync]\nalgorithm = \"bsp\"", "bsp"),
         ("[compression]\ninter = { codec = \"lz4\" }", "lz4"),
         (
             "[compression]\ninter = { codec = \"bisparse\", densty = 0.1 }",
@@ -648,6 +648,55 @@ fn sync_algorithms_parse_with_their_parameters_and_defaults() {
     .unwrap();
     let s: Vec<f64> = c.cluster.data_centers.iter().map(|d| d.slowdown).collect();
     assert_eq!(s, [3.0, 1.0]);
+}
+
+#[test]
+fn esync_parses_with_its_parameters_and_defaults() {
+    let c = Config::from_toml_str("[sync]\nalgorithm = \"esync\"").unwrap();
+    assert_eq!(c.sync.algorithm, SyncAlgorithm::Esync);
+    assert_eq!(c.sync.algorithm.name(), "esync");
+    let e = c.sync.esync;
+    assert_eq!(
+        (e.eps, e.gamma, e.normalisation),
+        (0.5, 1.0, EsyncNormalisation::None)
+    );
+    let c = Config::from_toml_str(
+        "[sync]\nalgorithm = \"esync\"\n[sync.esync]\neps = 0.01\ngamma = 0.5\n\
+         normalisation = \"fednova\"",
+    )
+    .unwrap();
+    assert_eq!(
+        c.sync.esync,
+        EsyncConfig {
+            eps: 0.01,
+            gamma: 0.5,
+            normalisation: EsyncNormalisation::Fednova,
+        }
+    );
+    let esync = "[sync]\nalgorithm = \"esync\"\n";
+    for (text, field) in [
+        (format!("{esync}[sync.esync]\neps = -0.1"), "sync.esync.eps"),
+        (
+            format!("{esync}[sync.esync]\ngamma = 0.0"),
+            "sync.esync.gamma",
+        ),
+        (
+            format!("{esync}[compression.inter]\ncodec = \"bisparse\""),
+            "compression.inter.codec",
+        ),
+    ] {
+        match Config::from_toml_str(&text) {
+            Err(ConfigError::Invalid { field: f, message }) => {
+                assert_eq!(f, field, "{text}: {message}");
+            }
+            other => panic!("{text}: expected an error naming {field}, got {other:?}"),
+        }
+    }
+    let err = Config::from_toml_str("[sync.esync]\nfednova = true").unwrap_err();
+    assert!(err.to_string().contains("fednova"), "{err}");
+    let c = Config::from_toml_str(include_str!("../../../examples/esync.toml")).unwrap();
+    assert_eq!(c.sync.algorithm, SyncAlgorithm::Esync);
+    assert_eq!(c.cluster.data_centers[1].slowdown, 3.0);
 }
 
 #[test]

@@ -129,6 +129,20 @@ impl Config {
                 }
                 Ok(())
             }
+            SyncAlgorithm::Esync => {
+                let e = &s.esync;
+                check(
+                    !matches!(self.compression.inter, Codec::Bisparse(_) | Codec::Mpq(_)),
+                    || "compression.inter.codec".into(),
+                    || "sparse codecs are not implemented for sync.algorithm = \"esync\"".into(),
+                )?;
+                check(
+                    e.eps.is_finite() && e.eps >= 0.0,
+                    || "sync.esync.eps".into(),
+                    || format!("{} must be a finite number of seconds >= 0", e.eps),
+                )?;
+                positive_finite("sync.esync.gamma", e.gamma)
+            }
         }
     }
 

@@ -1,10 +1,20 @@
 //! ESync (sync.md "ESync"), without IO: the state machine that decides, after each local step of
-//! each worker, whether it takes another step or pushes, and the combination of the workers'
-//! model deltas (plain or FedNova-normalised).
+//! each worker, whether it takes another step or pushes; the frames workers and the coordinator
+//! exchange for it; and the combination of the workers' model deltas (plain or FedNova).
 //!
-//! The machine runs inside the coordinator and is advanced with the coordinator's own monotonic
-//! `now` (seconds since any fixed origin); workers report only durations, never timestamps.
-//! Not wired into the runtime yet: `sync.algorithm = "esync"` is not accepted by the configuration.
+//! The machine runs inside the coordinator process (the `esync` endpoint it registers, see
+//! [`crate::hips::coordinator`]) and is advanced with the coordinator's own monotonic `now`
+//! (seconds since any fixed origin); workers report only durations, never timestamps.
+//!
+//! The deltas travel through HFA's model-averaging path with k1 = k2 = 1 and data weighting, which
+//! forms m' = m + Σ_r p_r·(u_r − m) with p_r = 1/W (equal shards). A worker pushes
+//! u_r = m + a_r·Δ_r ([`push_factor`]) and, once the round is over, sets
+//! w = w_prev + s·(m' − m) ([`round_scale`], [`apply_round`]); with a_r = 1/k_r and s = γ·τ_eff
+//! this is FedNova, with a_r = 1 and s = γ the plain rule. τ_eff needs every worker's k_r: the
+//! coordinator answers `Reset` with the step counts of the round just finished.
+
+/// Role name under which the coordinator registers its ESync endpoint in the membership table.
+pub const ROLE: &str = "esync";
 
 /// What a worker does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +41,7 @@ pub struct Esync {
     eps: f64,
     t: u64,
     workers: Vec<Worker>,
+    last_steps: Vec<u64>,
 }
 
 impl Esync {
@@ -50,6 +61,7 @@ impl Esync {
                 };
                 workers
             ],
+            last_steps: Vec::new(),
         }
     }
 
@@ -89,14 +101,18 @@ impl Esync {
     }
 
     /// `Reset{r, round}` at `now`, after worker `r` received the aggregated model. The first reset
-    /// with a new round starts it (every k ← 0, ready ← false). `None` for an unknown worker.
-    pub fn reset(&mut self, r: usize, round: u64, now: f64) -> Option<()> {
+    /// with a new round starts it (every k ← 0, ready ← false). Returns the local step counts of
+    /// every worker in the round that ended (what each had asked with when told to push); `None`
+    /// for an unknown worker.
+    pub fn reset(&mut self, r: usize, round: u64, now: f64) -> Option<&[u64]> {
         if r >= self.workers.len() {
             return None;
         }
         if round > self.t {
             self.t = round;
+            self.last_steps.clear();
             for w in &mut self.workers {
+                self.last_steps.push(w.k);
                 w.k = 0;
                 w.ready = false;
             }
@@ -105,18 +121,181 @@ impl Esync {
         let w = &mut self.workers[r];
         w.round = t;
         w.te = now;
-        Some(())
+        Some(&self.last_steps)
+    }
+
+    /// Answers one decoded request at `now`.
+    pub fn handle(&mut self, req: &Request, now: f64) -> Result<Reply, EsyncError> {
+        let n = self.workers.len();
+        match *req {
+            Request::Ask { worker, k, c } => {
+                if !(c.is_finite() && c >= 0.0) {
+                    return Err(EsyncError::Malformed(format!(
+                        "worker {worker} reported a step duration of {c} s"
+                    )));
+                }
+                self.ask(worker as usize, k, c, now)
+                    .map(Reply::Answer)
+                    .ok_or(EsyncError::UnknownWorker { worker, n })
+            }
+            Request::Reset { worker, round } => {
+                if round < self.t {
+                    return Err(EsyncError::StaleReset {
+                        worker,
+                        round,
+                        current: self.t,
+                    });
+                }
+                self.reset(worker as usize, round, now)
+                    .map(|s| Reply::Steps(s.to_vec()))
+                    .ok_or(EsyncError::UnknownWorker { worker, n })
+            }
+        }
     }
 }
 
-/// Normalisation of the combined delta.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Normalisation {
-    /// w = w_prev + γ·Σ_r p_r·Δ_r.
-    None,
-    /// FedNova: w = w_prev + γ·τ_eff·Σ_r p_r·Δ_r / k_r with τ_eff = Σ_r p_r·k_r.
-    FedNova,
+/// Why the coordinator refused an ESync request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EsyncError {
+    /// The frame does not decode.
+    #[error("malformed ESync request: {0}")]
+    Malformed(String),
+    /// A worker index outside the job.
+    #[error("ESync request from worker {worker}, but the job has {n} workers")]
+    UnknownWorker {
+        /// Index received.
+        worker: u32,
+        /// Number of workers.
+        n: usize,
+    },
+    /// A reset for a round that already ended.
+    #[error("worker {worker} reset to round {round}, but round {current} already started")]
+    StaleReset {
+        /// Worker index.
+        worker: u32,
+        /// Round received.
+        round: u64,
+        /// The current global round.
+        current: u64,
+    },
 }
+
+/// Frame key of an `Ask` request.
+const KEY_ASK: u64 = 0;
+/// Frame key of a `Reset` request.
+const KEY_RESET: u64 = 1;
+
+/// A worker's request to the coordinator's ESync endpoint. On the wire it is a push frame:
+/// `key` 0 = Ask (`version` = k, payload = worker u32 LE, c f64 LE), `key` 1 = Reset (`version` =
+/// round, payload = worker u32 LE).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Request {
+    /// `Ask{r, k, c}`: after `k` local steps this round, the last of which took `c` seconds.
+    Ask {
+        /// Worker index (DCs in order, ranks within).
+        worker: u32,
+        /// Local steps taken this round.
+        k: u64,
+        /// Duration of the last step in seconds (before the first, a warm-up step's).
+        c: f64,
+    },
+    /// `Reset{r, round}`: the worker received the aggregated model and starts `round`.
+    Reset {
+        /// Worker index.
+        worker: u32,
+        /// The round it starts.
+        round: u64,
+    },
+}
+
+impl Request {
+    /// `(key, version, payload)` of the push frame carrying this request.
+    pub fn to_frame(&self) -> (u64, u64, Vec<u8>) {
+        match *self {
+            Request::Ask { worker, k, c } => {
+                let mut p = worker.to_le_bytes().to_vec();
+                p.extend_from_slice(&c.to_le_bytes());
+                (KEY_ASK, k, p)
+            }
+            Request::Reset { worker, round } => (KEY_RESET, round, worker.to_le_bytes().to_vec()),
+        }
+    }
+
+    /// Decodes a push frame's `key`, `version` and `payload`.
+    pub fn from_frame(key: u64, version: u64, payload: &[u8]) -> Result<Self, EsyncError> {
+        let worker = |p: &[u8]| -> Result<u32, EsyncError> {
+            p.get(..4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+                .ok_or_else(|| EsyncError::Malformed(format!("{} payload bytes", p.len())))
+        };
+        match (key, payload.len()) {
+            (KEY_ASK, 12) => {
+                let c = payload[4..12]
+                    .try_into()
+                    .map(f64::from_le_bytes)
+                    .map_err(|_| EsyncError::Malformed("ask payload".into()))?;
+                Ok(Request::Ask {
+                    worker: worker(payload)?,
+                    k: version,
+                    c,
+                })
+            }
+            (KEY_RESET, 4) => Ok(Request::Reset {
+                worker: worker(payload)?,
+                round: version,
+            }),
+            (k, n) => Err(EsyncError::Malformed(format!(
+                "key {k} with {n} payload bytes (ask: key 0, 12 bytes; reset: key 1, 4 bytes)"
+            ))),
+        }
+    }
+}
+
+/// The coordinator's answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// To an Ask: step again or push (payload: one byte, 0 = step, 1 = push).
+    Answer(Answer),
+    /// To a Reset: every worker's local step count in the round that ended (u64 LE each).
+    Steps(Vec<u64>),
+}
+
+impl Reply {
+    /// The reply payload.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Reply::Answer(Answer::Step) => vec![0],
+            Reply::Answer(Answer::Push) => vec![1],
+            Reply::Steps(s) => s.iter().flat_map(|k| k.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Decodes the reply to an Ask.
+    pub fn decode_answer(payload: &[u8]) -> Result<Answer, EsyncError> {
+        match payload {
+            [0] => Ok(Answer::Step),
+            [1] => Ok(Answer::Push),
+            other => Err(EsyncError::Malformed(format!("answer {other:?}"))),
+        }
+    }
+
+    /// Decodes the reply to a Reset from a job of `workers` workers.
+    pub fn decode_steps(payload: &[u8], workers: usize) -> Result<Vec<u64>, EsyncError> {
+        if payload.len() != workers * 8 {
+            return Err(EsyncError::Malformed(format!(
+                "{} bytes of step counts for {workers} workers",
+                payload.len()
+            )));
+        }
+        Ok(payload
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
+    }
+}
+
+pub use crate::config::EsyncNormalisation as Normalisation;
 
 /// The increment γ·Σ_r p_r·Δ_r (or its FedNova form) of workers with deltas `deltas`, local step
 /// counts `steps` (≥ 1) and weights `p` (N_r / N). `None` on mismatched lengths or a zero count.
@@ -139,7 +318,7 @@ pub fn combine(
     for ((d, &k), &pr) in deltas.iter().zip(steps).zip(p) {
         let w = match norm {
             Normalisation::None => pr,
-            Normalisation::FedNova => pr / k as f64,
+            Normalisation::Fednova => pr / k as f64,
         };
         for (o, &x) in out.iter_mut().zip(d) {
             *o += w * f64::from(x);
@@ -147,25 +326,96 @@ pub fn combine(
     }
     let scale = match norm {
         Normalisation::None => gamma,
-        Normalisation::FedNova => gamma * tau_eff,
+        Normalisation::Fednova => gamma * tau_eff,
     };
     Some(out.into_iter().map(|x| (scale * x) as f32).collect())
+}
+
+/// a_r: the factor worker r applies to its delta Δ_r = w_r − w_prev before pushing
+/// u_r = m + a_r·Δ_r (1, or 1/k_r for FedNova).
+pub fn push_factor(norm: Normalisation, k: u64) -> f32 {
+    match norm {
+        Normalisation::None => 1.0,
+        Normalisation::Fednova => 1.0 / k.max(1) as f32,
+    }
+}
+
+/// The model a worker pushes: u = m + a·(w − w_prev), element-wise.
+pub fn push_model(m: &[f32], w: &[f32], w_prev: &[f32], a: f32) -> Vec<f32> {
+    m.iter()
+        .zip(w.iter().zip(w_prev))
+        .map(|(&m, (&w, &p))| m + a * (w - p))
+        .collect()
+}
+
+/// s: the factor on the averaged increment m' − m: γ, or for FedNova γ·τ_eff with
+/// τ_eff = Σ_r p_r·k_r = mean of `steps` (p_r = 1/W).
+pub fn round_scale(norm: Normalisation, gamma: f32, steps: &[u64]) -> f32 {
+    match norm {
+        Normalisation::None => gamma,
+        Normalisation::Fednova => {
+            let tau = steps.iter().map(|&k| k as f64).sum::<f64>() / steps.len().max(1) as f64;
+            (f64::from(gamma) * tau) as f32
+        }
+    }
+}
+
+/// The next agreed model w = w_prev + s·(m_new − m_old). With s = 1 and w_prev = m_old (plain
+/// ESync with γ = 1) it is m_new itself, bit for bit.
+pub fn apply_round(w_prev: &[f32], m_old: &[f32], m_new: &[f32], s: f32) -> Vec<f32> {
+    if s == 1.0 && w_prev == m_old {
+        return m_new.to_vec();
+    }
+    w_prev
+        .iter()
+        .zip(m_old.iter().zip(m_new))
+        .map(|(&p, (&o, &n))| p + s * (n - o))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Sends `req` as the runtime does: frame → decode → [`Esync::handle`] → reply bytes → decode.
+    fn over_wire(m: &mut Esync, req: Request, now: f64, workers: usize) -> Reply {
+        let (key, version, payload) = req.to_frame();
+        let decoded = Request::from_frame(key, version, &payload).unwrap();
+        assert_eq!(decoded, req);
+        let bytes = m.handle(&decoded, now).unwrap().encode();
+        match req {
+            Request::Ask { .. } => Reply::Answer(Reply::decode_answer(&bytes).unwrap()),
+            Request::Reset { .. } => Reply::Steps(Reply::decode_steps(&bytes, workers).unwrap()),
+        }
+    }
+
     /// Runs `rounds` rounds in virtual time with instant aggregation; `duration(r, round)` is
-    /// worker r's step time in that round. Returns per round (k, push times).
+    /// worker r's step time in that round. Returns per round (k, push times). With `wire`, every
+    /// request goes through the frames the runtime sends, and each Reset must answer the round's
+    /// step counts.
     fn simulate(
         eps: f64,
         warmup: &[f64],
         rounds: u64,
+        wire: bool,
         duration: impl Fn(usize, u64) -> f64,
     ) -> Vec<(Vec<u64>, Vec<f64>)> {
         let n = warmup.len();
         let mut m = Esync::new(n, eps);
+        let ask = |m: &mut Esync, r: usize, k: u64, c: f64, now: f64| -> Answer {
+            if !wire {
+                return m.ask(r, k, c, now).unwrap();
+            }
+            let req = Request::Ask {
+                worker: r as u32,
+                k,
+                c,
+            };
+            match over_wire(m, req, now, n) {
+                Reply::Answer(a) => a,
+                other => panic!("{other:?}"),
+            }
+        };
         let mut last: Vec<f64> = warmup.to_vec();
         let mut now = 0.0;
         let mut out = Vec::new();
@@ -174,7 +424,7 @@ mod tests {
             let mut next: Vec<Option<f64>> = vec![None; n];
             let mut steps = vec![0u64; n];
             for r in 0..n {
-                assert_eq!(m.ask(r, 0, last[r], now), Some(Answer::Step));
+                assert_eq!(ask(&mut m, r, 0, last[r], now), Answer::Step);
                 next[r] = Some(now + duration(r, round));
             }
             let mut pushed = vec![f64::NAN; n];
@@ -188,7 +438,7 @@ mod tests {
                 let d = duration(r, round);
                 steps[r] += 1;
                 last[r] = d;
-                match m.ask(r, steps[r], d, t).unwrap() {
+                match ask(&mut m, r, steps[r], d, t) {
                     Answer::Step => next[r] = Some(t + d),
                     Answer::Push => {
                         next[r] = None;
@@ -198,7 +448,15 @@ mod tests {
             }
             now = pushed.iter().copied().fold(f64::MIN, f64::max);
             for r in 0..n {
-                m.reset(r, round + 1, now).unwrap();
+                if wire {
+                    let req = Request::Reset {
+                        worker: r as u32,
+                        round: round + 1,
+                    };
+                    assert_eq!(over_wire(&mut m, req, now, n), Reply::Steps(steps.clone()));
+                } else {
+                    assert_eq!(m.reset(r, round + 1, now).unwrap(), &steps[..]);
+                }
             }
             assert_eq!(m.round(), round + 1);
             out.push((steps, pushed));
@@ -207,34 +465,131 @@ mod tests {
     }
 
     /// sync.md oracle 7: ε = 1.5, steps of 3, 5 and 12 → k = (3, 2, 1) every round, pushes at
-    /// 9, 10, 12 and 21, 22, 24.
+    /// 9, 10, 12 and 21, 22, 24 (directly and through the runtime's frames).
     #[test]
     fn timeline_of_steady_workers() {
         let d = [3.0, 5.0, 12.0];
-        let rounds = simulate(1.5, &d, 2, |r, _| d[r]);
-        assert_eq!(rounds[0], (vec![3, 2, 1], vec![9.0, 10.0, 12.0]));
-        assert_eq!(rounds[1], (vec![3, 2, 1], vec![21.0, 22.0, 24.0]));
+        for wire in [false, true] {
+            let rounds = simulate(1.5, &d, 2, wire, |r, _| d[r]);
+            assert_eq!(rounds[0], (vec![3, 2, 1], vec![9.0, 10.0, 12.0]), "{wire}");
+            assert_eq!(rounds[1], (vec![3, 2, 1], vec![21.0, 22.0, 24.0]), "{wire}");
+        }
     }
 
     /// Oracle 7, second part: worker 0 slows to 20 from round 2.
     #[test]
     fn timeline_when_a_worker_slows_down() {
         let d = [3.0, 5.0, 12.0];
-        let rounds = simulate(
-            1.5,
-            &d,
-            3,
-            |r, round| {
+        for wire in [false, true] {
+            let rounds = simulate(1.5, &d, 3, wire, |r, round| {
                 if r == 0 && round >= 2 {
                     20.0
                 } else {
                     d[r]
                 }
-            },
+            });
+            assert_eq!(rounds[0], (vec![3, 2, 1], vec![9.0, 10.0, 12.0]), "{wire}");
+            assert_eq!(rounds[1], (vec![1, 2, 1], vec![32.0, 22.0, 24.0]), "{wire}");
+            assert_eq!(rounds[2], (vec![1, 3, 1], vec![52.0, 47.0, 44.0]), "{wire}");
+        }
+    }
+
+    /// The benchmark's shape: 2 DCs × 2 workers, dc 1 about three times slower (ε small). A step
+    /// that would end just when the slowest worker's does is not taken (c + ε > rest): steps of 1
+    /// and 3 give k = (2, 2, 1, 1); steps of 1 and 3.5 give (3, 3, 1, 1).
+    #[test]
+    fn three_times_slower_dc_gives_two_or_three_local_steps() {
+        for (slow, fast_k) in [(3.0, 2), (3.5, 3)] {
+            let d = [1.0, 1.0, slow, slow];
+            for (k, pushes) in simulate(0.01, &d, 4, true, |r, _| d[r]) {
+                assert_eq!(k, vec![fast_k, fast_k, 1, 1], "slow {slow}");
+                assert!(pushes[0] <= pushes[2], "slow {slow}: {pushes:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_and_stale_requests_are_refused() {
+        let mut m = Esync::new(2, 0.5);
+        assert!(matches!(
+            Request::from_frame(0, 1, &[0; 11]),
+            Err(EsyncError::Malformed(_))
+        ));
+        assert!(matches!(
+            Request::from_frame(2, 1, &[0; 4]),
+            Err(EsyncError::Malformed(_))
+        ));
+        let nan = Request::Ask {
+            worker: 0,
+            k: 1,
+            c: f64::NAN,
+        };
+        assert!(matches!(m.handle(&nan, 0.0), Err(EsyncError::Malformed(_))));
+        let stranger = Request::Ask {
+            worker: 7,
+            k: 1,
+            c: 1.0,
+        };
+        assert_eq!(
+            m.handle(&stranger, 0.0),
+            Err(EsyncError::UnknownWorker { worker: 7, n: 2 })
         );
-        assert_eq!(rounds[0], (vec![3, 2, 1], vec![9.0, 10.0, 12.0]));
-        assert_eq!(rounds[1], (vec![1, 2, 1], vec![32.0, 22.0, 24.0]));
-        assert_eq!(rounds[2], (vec![1, 3, 1], vec![52.0, 47.0, 44.0]));
+        let reset = |round| Request::Reset { worker: 1, round };
+        assert_eq!(m.handle(&reset(2), 1.0), Ok(Reply::Steps(vec![0, 0])));
+        assert!(matches!(
+            m.handle(&reset(1), 1.0),
+            Err(EsyncError::StaleReset { current: 2, .. })
+        ));
+        assert!(Reply::decode_answer(&[2]).is_err());
+        assert!(Reply::decode_steps(&[0; 12], 2).is_err());
+    }
+
+    /// The runtime's path (push u_r = m + a_r·Δ_r, servers average, w = w_prev + s·(m' − m))
+    /// equals [`combine`] (f64 reference) within 1e-5, for both normalisations, γ = 0.5, and a
+    /// w_prev that differs from the servers' milestone (as after a FedNova round).
+    #[test]
+    fn worker_side_scaling_through_the_averaging_path_equals_combine() {
+        let n = 7;
+        let m: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
+        let w_prev: Vec<f32> = m.iter().map(|x| x + 0.01).collect();
+        let steps = [3u64, 1, 2];
+        let deltas: Vec<Vec<f32>> = (0..3)
+            .map(|r| {
+                (0..n)
+                    .map(|i| ((i * 5 + r * 3) as f32 * 0.7).cos() * 0.05 * steps[r] as f32)
+                    .collect()
+            })
+            .collect();
+        let p = [1.0 / 3.0; 3];
+        for norm in [Normalisation::None, Normalisation::Fednova] {
+            // What the HFA path forms: m' = m + (Σ_r (u_r − m)) / W.
+            let pushed: Vec<Vec<f32>> = (0..3)
+                .map(|r| {
+                    let w: Vec<f32> = w_prev.iter().zip(&deltas[r]).map(|(a, d)| a + d).collect();
+                    push_model(&m, &w, &w_prev, push_factor(norm, steps[r]))
+                })
+                .collect();
+            let m_new: Vec<f32> = (0..n)
+                .map(|i| m[i] + pushed.iter().map(|u| u[i] - m[i]).sum::<f32>() / 3.0)
+                .collect();
+            let w = apply_round(&w_prev, &m, &m_new, round_scale(norm, 0.5, &steps));
+            let want = combine(&deltas, &steps, &p, 0.5, norm).unwrap();
+            for i in 0..n {
+                let got = w[i] - w_prev[i];
+                assert!(
+                    (got - want[i]).abs() < 1e-5,
+                    "{norm:?} {i}: {got} vs {}",
+                    want[i]
+                );
+            }
+        }
+        // FedNova's τ_eff is the mean step count; plain ESync ignores the counts.
+        assert_eq!(round_scale(Normalisation::Fednova, 0.5, &steps), 1.0);
+        assert_eq!(round_scale(Normalisation::None, 0.5, &steps), 0.5);
+        assert_eq!(push_factor(Normalisation::Fednova, 4), 0.25);
+        // γ = 1 without normalisation from the milestone: the new milestone bit for bit.
+        let m2: Vec<f32> = m.iter().map(|x| x * 1.1 + 1e-3).collect();
+        assert_eq!(apply_round(&m, &m, &m2, 1.0), m2);
     }
 
     #[test]
@@ -260,7 +615,7 @@ mod tests {
             .collect();
         let p = [1.0 / 3.0; 3];
         let plain = combine(&deltas, &[3, 2, 1], &p, 1.0, Normalisation::None).unwrap();
-        let nova = combine(&deltas, &[3, 2, 1], &p, 1.0, Normalisation::FedNova).unwrap();
+        let nova = combine(&deltas, &[3, 2, 1], &p, 1.0, Normalisation::Fednova).unwrap();
         for i in 0..3 {
             assert!((plain[i] - 7.0 * a[i] / 3.0).abs() < 1e-6, "{i}");
             assert!((nova[i] - 8.0 * a[i] / 3.0).abs() < 1e-6, "{i}");

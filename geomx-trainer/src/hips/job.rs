@@ -8,7 +8,7 @@ use geomx_net::NetOptions;
 use super::plan::ClusterPlan;
 use super::RunError;
 use crate::config::{
-    Config, ConfigError, DataConfig, Driver, HfaConfig, MixedOptimizer, SyncAlgorithm,
+    Config, ConfigError, DataConfig, Driver, EsyncConfig, HfaConfig, MixedOptimizer, SyncAlgorithm,
 };
 use crate::data::TrainTest;
 use crate::engine::{build_model, Model, OptimizerConfig};
@@ -44,8 +44,11 @@ pub struct JobSpec {
     pub inter: super::codec::TierCodec,
     /// Synchronisation algorithm of the global tier (`fsa` or `mixed`).
     pub sync: SyncAlgorithm,
-    /// HFA periods, weighting and outer optimizer (used when `sync` is `hfa`).
+    /// HFA periods, weighting and outer optimizer (used when `sync` is `hfa`; ESync runs HFA's
+    /// model-averaging path with the defaults: k1 = k2 = 1, data weighting, plain averaging).
     pub hfa: HfaConfig,
+    /// ESync tolerance, global learning rate and normalisation (used when `sync` is `esync`).
+    pub esync: EsyncConfig,
     /// Optimizer of the MixedSync global server (DC-ASGD or the plain training optimizer).
     pub mixed_optimizer: geomx_kernels::optim::OptimizerConfig,
     /// Compute slow-down factor of each DC's workers (`cluster.data_centers[d].slowdown`).
@@ -160,7 +163,11 @@ impl JobSpec {
                 .map(|d| d.slowdown)
                 .collect(),
             sync: cfg.sync.algorithm,
-            hfa: cfg.sync.hfa,
+            hfa: match cfg.sync.algorithm {
+                SyncAlgorithm::Esync => HfaConfig::default(),
+                _ => cfg.sync.hfa,
+            },
+            esync: cfg.sync.esync,
             mixed_optimizer: mixed_optimizer(cfg),
         })
     }
@@ -170,9 +177,14 @@ impl JobSpec {
         self.net.conn.request_timeout
     }
 
-    /// HFA's `(k1, k2)`, or `None` for the other algorithms.
+    /// HFA's `(k1, k2)` (`(1, 1)` for ESync, which uses its averaging path), or `None`.
     pub fn hfa_periods(&self) -> Option<(u64, u64)> {
-        (self.sync == SyncAlgorithm::Hfa).then_some((self.hfa.k1.max(1), self.hfa.k2.max(1)))
+        match self.sync {
+            SyncAlgorithm::Hfa => Some((self.hfa.k1.max(1), self.hfa.k2.max(1))),
+            // ESync pushes its model deltas through HFA's averaging path, one per round.
+            SyncAlgorithm::Esync => Some((1, 1)),
+            _ => None,
+        }
     }
 
     /// Exchanges between workers and their local server: `rounds`, or HFA's local averagings.

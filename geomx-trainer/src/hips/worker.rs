@@ -4,13 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use geomx_net::{KvClient, NetError, Pending};
+use geomx_net::{KvClient, NetError, PayloadCodec, Pending};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{decode_values, Update};
+use super::esync::{self, Answer, Reply};
 use super::node::{FatalHook, Identity, Node};
 use super::plan::roles;
 use super::{JobSpec, RoleStats, RunError};
+use crate::config::SyncAlgorithm;
 use crate::data::batcher_for;
 use crate::engine::{params_hash, Optimizer};
 
@@ -129,6 +131,140 @@ fn average(
     Ok(())
 }
 
+/// One local step (HFA, ESync): gradients of `batch` at `params`, applied by the worker's own
+/// optimizers (`None`: a warm-up step, gradients discarded), then the slow-down. Returns the
+/// batch loss and the step's duration including the slow-down.
+fn local_step(
+    job: &JobSpec,
+    params: &mut [Vec<f32>],
+    batch: &crate::data::Dataset,
+    opts: Option<&mut [Optimizer]>,
+    slowdown: f64,
+) -> Result<(f64, Duration), RunError> {
+    let started = Instant::now();
+    let mut grads: Vec<Option<Vec<f32>>> = (0..params.len()).map(|_| None).collect();
+    let l = job
+        .model
+        .backward_layerwise(params, batch.view(), &mut |key, grad| {
+            if let Some(g) = grads.get_mut(key) {
+                *g = Some(grad)
+            }
+        })
+        .map_err(RunError::Engine)?;
+    if let Some(opts) = opts {
+        for (k, (g, opt)) in grads.iter().zip(opts.iter_mut()).enumerate() {
+            let g = g.as_ref().ok_or_else(|| {
+                RunError::Protocol(format!("the model produced no gradient for key {k}"))
+            })?;
+            opt.step(&mut params[k], g).map_err(RunError::Engine)?;
+        }
+    }
+    slow_down(slowdown, started.elapsed());
+    Ok((f64::from(l), started.elapsed()))
+}
+
+/// A worker's side of ESync: its connection to the coordinator's ESync endpoint, the duration of
+/// its last step and the servers' milestone m (see [`super::esync`]).
+struct EsyncWorker {
+    endpoint: KvClient,
+    index: u32,
+    workers: usize,
+    c: f64,
+    milestone: Vec<Vec<f32>>,
+    steps: u64,
+    slowdown: f64,
+}
+
+impl EsyncWorker {
+    /// Connects worker `index` (global index) to the endpoint; `theta0` is the first milestone,
+    /// `c` the warm-up step's duration, `slowdown` its DC's compute slow-down.
+    fn connect(
+        node: &Node,
+        job: &JobSpec,
+        index: u32,
+        theta0: &[Vec<f32>],
+        c: Duration,
+        slowdown: f64,
+    ) -> Result<Self, RunError> {
+        let addr = node.addr_of(super::esync::ROLE, job.plan.central_dc, 0)?;
+        let endpoint = KvClient::connect(addr.as_str(), node.id(), job.net)
+            .map_err(|e| RunError::Net(format!("connecting to the ESync endpoint at {addr}"), e))?;
+        Ok(Self {
+            endpoint,
+            index,
+            workers: job.plan.total_workers(),
+            c: c.as_secs_f64(),
+            milestone: theta0.to_vec(),
+            steps: 0,
+            slowdown,
+        })
+    }
+
+    fn call(&self, req: super::esync::Request, limit: Duration) -> Result<Vec<u8>, RunError> {
+        let (key, version, payload) = req.to_frame();
+        self.endpoint
+            .push(key, version, PayloadCodec::Raw, 0, 0, &payload)
+            .and_then(|p| p.wait(limit))
+            .map(|r| r.payload)
+            .map_err(|e| RunError::Net(format!("ESync {req:?}"), e))
+    }
+
+    /// `Ask{r, k, c}`.
+    fn ask(&self, k: u64, limit: Duration) -> Result<Answer, RunError> {
+        let req = super::esync::Request::Ask {
+            worker: self.index,
+            k,
+            c: self.c,
+        };
+        let p = self.call(req, limit)?;
+        Reply::decode_answer(&p).map_err(|e| RunError::Protocol(e.to_string()))
+    }
+
+    /// One ESync round (`round` 0-based): local steps until the coordinator says push, then the
+    /// synchronous model-delta round and the combination. Returns the last step's loss.
+    fn round(
+        &mut self,
+        job: &JobSpec,
+        client: &KvClient,
+        params: &mut [Vec<f32>],
+        opts: &mut [Optimizer],
+        round: u64,
+        next_batch: &mut dyn FnMut() -> crate::data::Dataset,
+    ) -> Result<f64, RunError> {
+        let limit = job.wait_limit();
+        let w_prev = params.to_vec();
+        let mut k = 0;
+        let mut loss = f64::NAN;
+        while self.ask(k, limit)? == Answer::Step {
+            let batch = next_batch();
+            let (l, d) = local_step(job, params, &batch, Some(&mut *opts), self.slowdown)?;
+            loss = l;
+            self.c = d.as_secs_f64();
+            k += 1;
+        }
+        self.steps += k;
+        let norm = job.esync.normalisation;
+        let a = esync::push_factor(norm, k);
+        let mut u: Vec<Vec<f32>> = (0..params.len())
+            .map(|i| esync::push_model(&self.milestone[i], &params[i], &w_prev[i], a))
+            .collect();
+        average(client, &mut u, round + 1, job)?;
+        let reset = super::esync::Request::Reset {
+            worker: self.index,
+            round: round + 2,
+        };
+        let p = self.call(reset, limit)?;
+        let steps =
+            Reply::decode_steps(&p, self.workers).map_err(|e| RunError::Protocol(e.to_string()))?;
+        let s = esync::round_scale(norm, job.esync.gamma, &steps);
+        for (i, p) in params.iter_mut().enumerate() {
+            *p = esync::apply_round(&w_prev[i], &self.milestone[i], &u[i], s);
+        }
+        self.milestone = u;
+        Ok(loss)
+    }
+}
+
 /// Runs worker `rank` of DC `dc` for the job's rounds; returns its traffic, final parameter hash
 /// and (for dc 0 rank 0) final test accuracy.
 pub fn run(
@@ -198,29 +334,35 @@ pub fn run(
             .collect(),
         None => Vec::new(),
     };
+    let mut esync = match job.sync {
+        SyncAlgorithm::Esync => {
+            // c before the first step: a warm-up step's duration (gradients discarded).
+            let warmup = batcher.next_batch(train);
+            let c = local_step(job, &mut params, &warmup, None, slowdown)?.1;
+            Some(EsyncWorker::connect(
+                &node, job, w as u32, &params, c, slowdown,
+            )?)
+        }
+        _ => None,
+    };
     for round in 0..job.rounds {
-        let batch = batcher.next_batch(train);
-        if let Some((k1, _)) = job.hfa_periods() {
-            let started = Instant::now();
-            let mut grads: Vec<Option<Vec<f32>>> = (0..lens.len()).map(|_| None).collect();
-            let l = job
-                .model
-                .backward_layerwise(&params, batch.view(), &mut |key, grad| {
-                    grads[key] = Some(grad)
-                })
-                .map_err(RunError::Engine)?;
-            loss = f64::from(l);
-            for (k, (g, opt)) in grads.iter().zip(local_opts.iter_mut()).enumerate() {
-                let g = g.as_ref().ok_or_else(|| {
-                    RunError::Protocol(format!("the model produced no gradient for key {k}"))
-                })?;
-                opt.step(&mut params[k], g).map_err(RunError::Engine)?;
-            }
-            slow_down(slowdown, started.elapsed());
+        if let Some(es) = esync.as_mut() {
+            loss = es.round(
+                job,
+                &client,
+                &mut params,
+                &mut local_opts,
+                round,
+                &mut || batcher.next_batch(train),
+            )?;
+        } else if let Some((k1, _)) = job.hfa_periods() {
+            let batch = batcher.next_batch(train);
+            loss = local_step(job, &mut params, &batch, Some(&mut local_opts), slowdown)?.0;
             if (round + 1) % k1 == 0 {
                 average(&client, &mut params, (round + 1) / k1, job)?;
             }
         } else {
+            let batch = batcher.next_batch(train);
             let started = Instant::now();
             let mut pending: Vec<Option<Result<Pending, NetError>>> =
                 (0..lens.len()).map(|_| None).collect();
@@ -270,6 +412,9 @@ pub fn run(
         }
     }
     let hash = params_hash(&params);
+    if let Some(es) = &esync {
+        tracing::info!(%dc, %rank, local_steps = es.steps, "ESync local steps");
+    }
     tracing::info!(%dc, %rank, hash = format!("{hash:016x}"), "worker finished");
     node.finish(job.wait_limit())?;
     let mut stats = RoleStats::new(&node.me, Default::default());

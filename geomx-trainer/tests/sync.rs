@@ -1,0 +1,102 @@
+//! End-to-end tests of the synchronisation algorithms through `geomx launch` (every role its own
+//! process on loopback): ESync with the coordinator's state machine, under one DC computing 3×
+//! slower. Round counts are small so each launch takes a second or two.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
+
+/// 2 DCs × 2 workers on digits (MLP hidden [64]), dc1 3× slower, 300 rounds, then `extra`.
+const BASE: &str = "[[cluster.data_centers]]\nname = \"dc0\"\nworkers = 2\n\
+                    [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 2\nslowdown = 3.0\n\
+                    [train]\nrounds = 300\neval_every = 300\n";
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("geomx-sync-test-{}-{name}", std::process::id()))
+}
+
+/// Launches `toml` with info logs; returns the report and the launcher's stderr lines.
+fn launch(name: &str, toml: &str) -> (Value, Vec<String>) {
+    let cfg = scratch(&format!("{name}.toml"));
+    let report = scratch(&format!("{name}.json"));
+    std::fs::write(&cfg, toml).unwrap();
+    let out = Command::new(GEOMX)
+        .args(["launch", "--quiet", "--report"])
+        .arg(&report)
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{name}: {}\n{stderr}", out.status);
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let _ = std::fs::remove_file(cfg);
+    let _ = std::fs::remove_file(report);
+    (r, stderr.lines().map(str::to_string).collect())
+}
+
+/// Local steps per DC from the workers' "ESync local steps" log lines.
+fn local_steps(lines: &[String]) -> [Vec<u64>; 2] {
+    let mut out = [Vec::new(), Vec::new()];
+    for l in lines.iter().filter(|l| l.contains("ESync local steps")) {
+        let field = |name: &str| -> u64 {
+            let rest = &l[l.find(&format!("{name}=")).unwrap() + name.len() + 1..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        out[field("dc") as usize].push(field("local_steps"));
+    }
+    out
+}
+
+/// sync.md oracle 9 for ESync: with dc1 3× slower, plain and FedNova ESync end within 2 accuracy
+/// points of FSA on digits; every replica ends identical; every worker takes at least one local
+/// step per round and the fast DC's workers take more than the slow DC's (the coordinator let
+/// them step while waiting); the WAN carries one model exchange per round, like FSA's gradients.
+#[test]
+fn esync_converges_within_two_points_of_fsa_with_a_slow_dc() {
+    let (fsa, _) = launch("fsa", BASE);
+    let acc = |r: &Value| r["final_test_accuracy"].as_f64().unwrap();
+    let wan = |r: &Value| r["wan_bytes"].as_u64().unwrap() as f64;
+    for (name, norm) in [("esync-none", "none"), ("esync-fednova", "fednova")] {
+        let toml = format!(
+            "{BASE}[sync]\nalgorithm = \"esync\"\n[sync.esync]\neps = 0.0001\n\
+             normalisation = \"{norm}\"\n"
+        );
+        let (r, lines) = launch(name, &toml);
+        let steps = local_steps(&lines);
+        eprintln!(
+            "{name}: accuracy {:.4} (fsa {:.4}), local steps {steps:?}, wan {} (fsa {}), \
+             wall {:.2}s (fsa {:.2}s)",
+            acc(&r),
+            acc(&fsa),
+            wan(&r),
+            wan(&fsa),
+            r["wall_seconds"].as_f64().unwrap(),
+            fsa["wall_seconds"].as_f64().unwrap()
+        );
+        assert_eq!(r["rounds"], 300, "{name}");
+        assert!(
+            acc(&r) >= acc(&fsa) - 0.02,
+            "{name}: {} vs fsa {}",
+            acc(&r),
+            acc(&fsa)
+        );
+        assert!(r["replicas_identical"].as_bool().unwrap(), "{name}");
+        assert!(steps.iter().all(|d| d.len() == 2), "{name}: {steps:?}");
+        assert!(
+            steps.iter().flatten().all(|&k| k >= 300),
+            "{name}: {steps:?}"
+        );
+        let per_dc: Vec<u64> = steps.iter().map(|d| d.iter().sum()).collect();
+        assert!(per_dc[0] > per_dc[1], "{name}: {steps:?}");
+        let ratio = wan(&r) / wan(&fsa);
+        assert!(ratio > 0.9 && ratio < 1.1, "{name}: WAN ratio {ratio}");
+    }
+}
