@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod bench_cmd;
+pub mod bench_e2e;
 pub mod config;
 pub mod data;
 pub mod engine;

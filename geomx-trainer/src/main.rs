@@ -44,6 +44,11 @@ enum Cmd {
         /// A short smoke-size run instead of the full measurement.
         #[arg(long)]
         quick: bool,
+        /// Output folder of the benchmarks that write files (e2e).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        e2e: geomx_trainer::bench_e2e::cli::E2eArgs,
     },
 }
 
@@ -53,6 +58,8 @@ enum BenchKind {
     Net,
     /// Compression kernels against memcpy.
     Kernels,
+    /// The end-to-end scenario matrix behind an emulated WAN (writes results into --out).
+    E2e,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -152,10 +159,27 @@ fn main() -> ExitCode {
             };
             launch(&opts).map(|_| ()).map_err(|e| e.to_string())
         }
-        Cmd::Bench { what, quick } => {
+        Cmd::Bench {
+            what: BenchKind::E2e,
+            quick,
+            out,
+            e2e,
+        } => {
+            init_tracing(LogLevel::Warn);
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let opts = e2e.to_options(quick, out, command);
+            geomx_trainer::bench_e2e::run(&opts)
+                .map(|r| {
+                    println!("{}", geomx_trainer::bench_e2e::results::render_markdown(&r));
+                    eprintln!("e2e: results in {}", opts.out.display());
+                })
+                .map_err(|e| e.to_string())
+        }
+        Cmd::Bench { what, quick, .. } => {
             let what = match what {
                 BenchKind::Net => Bench::Net,
                 BenchKind::Kernels => Bench::Kernels,
+                BenchKind::E2e => return ExitCode::FAILURE, // handled by the arm above
             };
             println!("{}", summary(what, quick));
             Ok(())
