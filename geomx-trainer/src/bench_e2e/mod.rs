@@ -30,6 +30,8 @@ use results::{apply_baseline, render_markdown, E2eResults, ScenarioResult, Statu
 use runner::{run_launch, LaunchFiles, Outcome};
 use scenario::{scenario_config, select, MatrixParams, ScenarioId};
 
+use crate::hips::worker::Progress;
+
 /// Errors of `geomx bench e2e` (a failing scenario is a result, not an error).
 #[derive(Debug, thiserror::Error)]
 pub enum E2eError {
@@ -139,6 +141,7 @@ fn result_of(
                 .map(String::from);
             let mut progress = report.progress.clone();
             progress.sort_by_key(|p| p.round);
+            r.note = hfa_note(id, p, &progress);
             r.progress = progress;
             r
         }
@@ -168,6 +171,22 @@ fn result_of(
         }
         Outcome::Failed(msg) => ScenarioResult::empty(id, Status::Failed, Some(msg), config),
     }
+}
+
+/// For HFA: a note when the reporting worker's own model reached the target before the first
+/// WAN exchange (round k1·k2), i.e. without any inter-DC synchronisation.
+fn hfa_note(id: ScenarioId, p: &MatrixParams, progress: &[Progress]) -> Option<String> {
+    let first_wan = p.hfa_k1 * p.hfa_k2;
+    let hit = progress
+        .iter()
+        .find(|x| x.test_accuracy >= p.target_accuracy)?;
+    (id.is_hfa() && hit.round < first_wan).then(|| {
+        format!(
+            "the reporting worker's model reached the target at round {} (LAN averaging every {} \
+             steps), before the first WAN exchange at round {first_wan}",
+            hit.round, p.hfa_k1
+        )
+    })
 }
 
 /// The lab mode(s) the launches reported; the requested mode when none did.
@@ -277,7 +296,6 @@ pub fn run(opts: &E2eOptions) -> Result<E2eResults, E2eError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hips::worker::Progress;
 
     fn pr(round: u64, acc: f64, t: f64) -> Progress {
         Progress {
@@ -381,6 +399,18 @@ mod tests {
         );
         assert_eq!(n.status, Status::NotReached);
         assert_eq!(n.time_to_target_s, None);
+    }
+
+    #[test]
+    fn hfa_reaching_the_target_before_any_wan_exchange_is_noted() {
+        let p = MatrixParams::full(); // k1 = 10, k2 = 5: first WAN exchange at round 50
+        let early = [pr(10, 0.9, 1.0), pr(20, 0.96, 2.0)];
+        let late = [pr(40, 0.9, 1.0), pr(50, 0.96, 2.0)];
+        let n = hfa_note(ScenarioId::Hfa, &p, &early).unwrap();
+        assert!(n.contains("round 20") && n.contains("round 50"), "{n}");
+        assert_eq!(hfa_note(ScenarioId::Hfa, &p, &late), None);
+        assert_eq!(hfa_note(ScenarioId::Hips, &p, &early), None);
+        assert_eq!(hfa_note(ScenarioId::HfaFp16, &p, &[pr(10, 0.5, 1.0)]), None);
     }
 
     #[test]
