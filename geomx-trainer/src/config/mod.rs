@@ -22,6 +22,7 @@ pub use sync::{
     MixedOptimizer, OuterOptimizer, SyncAlgorithm, SyncConfig,
 };
 
+use crate::data::cifar::CifarConfig;
 use crate::data::synthetic::SyntheticSpec;
 use crate::data::ShardStrategy;
 use crate::engine::{Fnv1a, OptimizerConfig};
@@ -209,6 +210,11 @@ pub enum ModelKind {
     /// The built-in CPU MLP ([`crate::engine::Mlp`]).
     #[default]
     Mlp,
+    /// GeoMX's demo CNN on libtorch (feature `tch`): conv 16@5×5 → pool → conv 32@5×5 → pool →
+    /// dense 256 → 128 → classes.
+    Cnn,
+    /// ResNet-18 for 32×32 images on libtorch (feature `tch`).
+    Resnet18,
 }
 
 /// `[model]`.
@@ -221,6 +227,8 @@ pub struct ModelConfig {
     pub hidden: Vec<usize>,
     /// Seed of the initial parameters θ_0.
     pub seed: u64,
+    /// Where the model computes: `"cpu"` or `"cuda:N"` (libtorch models only).
+    pub device: String,
 }
 
 impl Default for ModelConfig {
@@ -229,6 +237,7 @@ impl Default for ModelConfig {
             kind: ModelKind::Mlp,
             hidden: vec![64],
             seed: 42,
+            device: "cpu".into(),
         }
     }
 }
@@ -244,6 +253,8 @@ pub enum DatasetKind {
     Synthetic,
     /// MNIST-format IDX files named in `[data.idx]`.
     Idx,
+    /// The CIFAR-10 binary batches in `[data.cifar10] dir`.
+    Cifar10,
 }
 
 /// `[data.idx]`: four IDX files (gzip or raw).
@@ -290,6 +301,8 @@ pub struct DataConfig {
     pub synthetic: SyntheticSpec,
     /// IDX file paths (used when `dataset = "idx"`).
     pub idx: IdxConfig,
+    /// CIFAR-10 folder (used when `dataset = "cifar10"`).
+    pub cifar10: CifarConfig,
 }
 
 impl Default for DataConfig {
@@ -301,6 +314,7 @@ impl Default for DataConfig {
             seed: 7,
             synthetic: SyntheticSpec::default(),
             idx: IdxConfig::default(),
+            cifar10: CifarConfig::default(),
         }
     }
 }

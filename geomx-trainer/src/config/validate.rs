@@ -288,6 +288,8 @@ impl Config {
     }
 
     fn validate_model_and_data(&self) -> Result {
+        crate::engine::validate_model_config(&self.model)
+            .map_err(|(field, message)| ConfigError::invalid(field, message))?;
         for (i, &h) in self.model.hidden.iter().enumerate() {
             check(
                 h >= 1,
@@ -343,6 +345,14 @@ impl Config {
                     idx.classes >= 2,
                     || "data.idx.classes".into(),
                     || "must be >= 2".into(),
+                )?;
+                None
+            }
+            DatasetKind::Cifar10 => {
+                check(
+                    !d.cifar10.dir.as_os_str().is_empty(),
+                    || "data.cifar10.dir".into(),
+                    || "a folder is required when data.dataset = \"cifar10\"".into(),
                 )?;
                 None
             }

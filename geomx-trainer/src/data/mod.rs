@@ -1,10 +1,11 @@
-//! Data sets: the built-in UCI digits, synthetic data, IDX files, and sharding.
+//! Data sets: the built-in UCI digits, synthetic data, IDX files, CIFAR-10 batches, and sharding.
 //!
 //! A [`Dataset`] is a dense row-major `f32` feature matrix plus `u32` class labels. Models read a
 //! borrowed [`Samples`] view of it. [`load`] builds the train/test pair a configuration names;
 //! [`shard_indices`] cuts the training set across workers and [`Batcher`] iterates one worker's shard.
 
 mod batch;
+pub mod cifar;
 pub mod digits;
 pub mod idx;
 pub mod rng;
@@ -47,6 +48,24 @@ pub enum DataError {
         labels: PathBuf,
         /// What disagrees.
         reason: String,
+    },
+    /// A CIFAR-10 batch file could not be read or is malformed.
+    #[error("CIFAR-10 file {}: {reason}", path.display())]
+    Cifar {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Expected files of a data set are not in its folder.
+    #[error("{what}: missing in {}: {}", dir.display(), missing.join(", "))]
+    MissingFiles {
+        /// The folder searched.
+        dir: PathBuf,
+        /// The data set's description.
+        what: &'static str,
+        /// Expected file names that are absent.
+        missing: Vec<String>,
     },
     /// Buffers that do not form a valid data set.
     #[error("invalid data set: {0}")]
@@ -246,6 +265,7 @@ pub fn load(cfg: &DataConfig) -> Result<TrainTest, DataError> {
             }
             Ok(TrainTest { train, test })
         }
+        DatasetKind::Cifar10 => cifar::load(&cfg.cifar10),
     }
 }
 

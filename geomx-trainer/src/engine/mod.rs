@@ -1,20 +1,25 @@
-//! Model engines: the built-in CPU MLP and the engine interface.
+//! Model engines: the built-in CPU MLP, the libtorch CNN / ResNet-18 (feature `tch`, [`tch`]) and
+//! the engine interface.
 //!
 //! Every back end implements [`Model`]. Parameters are a list of flat `f32` tensors in a fixed layer
 //! order; a tensor's index in that list is its HiPS *key*. [`Model::backward_layerwise`] hands each
 //! tensor's gradient to a callback as soon as it is ready (last layer first) so that communication
 //! can overlap the rest of the backward pass; [`Model::loss_and_grad`] collects them instead.
 
+pub mod device;
 mod gemm;
 pub mod mlp;
 pub mod optim;
 pub mod reference;
+#[cfg(feature = "tch")]
+pub mod tch;
 
 use serde::Serialize;
 
 use crate::config::{ModelConfig, ModelKind};
 use crate::data::Samples;
 
+pub use device::{validate_model_config, Device};
 pub use mlp::Mlp;
 pub use optim::{Optimizer, OptimizerConfig};
 
@@ -107,6 +112,13 @@ pub enum EngineError {
     /// A gradient step was asked for on an empty batch.
     #[error("empty batch")]
     EmptyBatch,
+    /// The configured device cannot be used (e.g. `cuda:0` without a GPU), or the model kind is
+    /// not compiled in.
+    #[error("device: {0}")]
+    Device(String),
+    /// The libtorch back end failed.
+    #[error("libtorch: {0}")]
+    Backend(String),
 }
 
 /// Loss and accuracy of a model on a data set.
@@ -167,9 +179,47 @@ pub fn build_model(
     inputs: usize,
     classes: usize,
 ) -> Result<Box<dyn Model>, EngineError> {
+    let device = Device::parse(&cfg.device)
+        .ok_or_else(|| EngineError::Device(format!("{:?} is not cpu or cuda:N", cfg.device)))?;
     match cfg.kind {
-        ModelKind::Mlp => Ok(Box::new(Mlp::new(inputs, &cfg.hidden, classes)?)),
+        ModelKind::Mlp => {
+            if device != Device::Cpu {
+                return Err(EngineError::Device(format!(
+                    "the built-in mlp runs on the cpu only, not {device}"
+                )));
+            }
+            Ok(Box::new(Mlp::new(inputs, &cfg.hidden, classes)?))
+        }
+        ModelKind::Cnn | ModelKind::Resnet18 => build_tch_model(cfg.kind, device, inputs, classes),
     }
+}
+
+#[cfg(feature = "tch")]
+fn build_tch_model(
+    kind: ModelKind,
+    device: Device,
+    inputs: usize,
+    classes: usize,
+) -> Result<Box<dyn Model>, EngineError> {
+    let arch = match kind {
+        ModelKind::Resnet18 => self::tch::Arch::Resnet18,
+        _ => self::tch::Arch::Cnn,
+    };
+    Ok(Box::new(self::tch::TchModel::new(
+        arch, inputs, classes, device,
+    )?))
+}
+
+#[cfg(not(feature = "tch"))]
+fn build_tch_model(
+    kind: ModelKind,
+    _device: Device,
+    _inputs: usize,
+    _classes: usize,
+) -> Result<Box<dyn Model>, EngineError> {
+    Err(EngineError::Device(format!(
+        "model.kind = {kind:?} needs the libtorch back end: build with `--features tch`"
+    )))
 }
 
 /// Checks `params` against `specs` (count and lengths).

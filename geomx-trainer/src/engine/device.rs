@@ -1,0 +1,117 @@
+//! Where a model computes (`model.device`) and the `[model]` checks that do not need the data.
+
+use std::fmt;
+
+use crate::config::{ModelConfig, ModelKind};
+
+/// A compute device: the host CPU or one CUDA GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The host CPU.
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+}
+
+impl Device {
+    /// Parses `"cpu"` or `"cuda:N"` (`"cuda"` alone means `cuda:0`).
+    pub fn parse(s: &str) -> Option<Device> {
+        match s {
+            "cpu" => Some(Device::Cpu),
+            "cuda" => Some(Device::Cuda(0)),
+            _ => {
+                let n = s.strip_prefix("cuda:")?;
+                if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                n.parse().ok().map(Device::Cuda)
+            }
+        }
+    }
+
+    /// True for a CUDA device.
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// True when this binary has the libtorch back end (feature `tch`).
+pub const TCH_ENABLED: bool = cfg!(feature = "tch");
+
+/// Checks `[model]` without the data: the device string, that libtorch models are compiled in,
+/// and that the built-in MLP runs on the CPU. On error returns `(field, message)`.
+pub fn validate_model_config(cfg: &ModelConfig) -> Result<(), (String, String)> {
+    let Some(device) = Device::parse(&cfg.device) else {
+        return Err((
+            "model.device".into(),
+            format!("{:?} is not \"cpu\" or \"cuda:N\"", cfg.device),
+        ));
+    };
+    match cfg.kind {
+        ModelKind::Mlp if device != Device::Cpu => Err((
+            "model.device".into(),
+            format!(
+                "the built-in mlp runs on the cpu only, not {device}; use model.kind = \"cnn\" or \
+                 \"resnet18\" (feature tch) for GPUs"
+            ),
+        )),
+        ModelKind::Cnn | ModelKind::Resnet18 if !TCH_ENABLED => Err((
+            "model.kind".into(),
+            format!(
+                "{:?} needs the libtorch back end: build with `--features tch` (docs/tch.md)",
+                cfg.kind
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_cuda_ordinals() {
+        assert_eq!(Device::parse("cpu"), Some(Device::Cpu));
+        assert_eq!(Device::parse("cuda"), Some(Device::Cuda(0)));
+        assert_eq!(Device::parse("cuda:3"), Some(Device::Cuda(3)));
+        for bad in [
+            "", "gpu", "cuda:", "cuda:-1", "cuda:+1", "cuda:x", "CPU", "cuda:1 ",
+        ] {
+            assert_eq!(Device::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+        assert_eq!(
+            Device::parse(&Device::Cuda(7).to_string()),
+            Some(Device::Cuda(7))
+        );
+    }
+
+    #[test]
+    fn model_checks_name_their_field() {
+        let mut cfg = ModelConfig::default();
+        assert_eq!(validate_model_config(&cfg), Ok(()));
+        cfg.device = "tpu".into();
+        assert_eq!(validate_model_config(&cfg).unwrap_err().0, "model.device");
+        cfg.device = "cuda:0".into();
+        let (field, msg) = validate_model_config(&cfg).unwrap_err();
+        assert_eq!(field, "model.device");
+        assert!(msg.contains("cpu only"), "{msg}");
+        cfg.kind = ModelKind::Cnn;
+        let r = validate_model_config(&cfg);
+        if TCH_ENABLED {
+            assert_eq!(r, Ok(()));
+        } else {
+            assert_eq!(r.unwrap_err().0, "model.kind");
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The libtorch back end (feature `tch`): GeoMX's demo CNN and ResNet-18 behind [`Model`].
+//!
+//! The trainer owns the parameters as flat `Vec<f32>` per key, as for the built-in engine. Every
+//! call copies them into fresh libtorch leaf tensors on the model's device, runs the functional
+//! forward pass of [`arch::Net`] and autograd, and hands the gradients back. A [`TchModel`]
+//! therefore holds no tensors and is `Send + Sync` without any unsafe code.
+//!
+//! On a CUDA device [`TchModel::backward_on_device`] gives the gradients as device tensors, so
+//! that [`gpu::GpuCompressor`] can compress them in place and copy only the payload to the host.
+//!
+//! libtorch reports errors by panicking inside `tch`; every entry point runs under
+//! [`std::panic::catch_unwind`] and turns such a panic into [`EngineError::Backend`].
+
+pub mod arch;
+pub mod gpu;
+pub mod gpu_train;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use tch::{Kind, Tensor};
+
+use super::{check_params, Device, EngineError, Evaluation, Model, TensorSpec};
+use crate::data::Samples;
+pub use arch::{Arch, ImageShape, Net};
+
+/// Samples per forward pass when evaluating.
+const EVAL_CHUNK: usize = 256;
+
+/// A libtorch model: an architecture on a device.
+#[derive(Debug, Clone)]
+pub struct TchModel {
+    net: Net,
+    device: Device,
+}
+
+/// The libtorch device of `d`.
+pub fn torch_device(d: Device) -> tch::Device {
+    match d {
+        Device::Cpu => tch::Device::Cpu,
+        Device::Cuda(n) => tch::Device::Cuda(n),
+    }
+}
+
+/// Checks that libtorch can use `device`: CUDA must be available with enough devices.
+pub fn check_device(device: Device) -> Result<(), EngineError> {
+    let Device::Cuda(n) = device else {
+        return Ok(());
+    };
+    let count = catch_unwind(tch::Cuda::device_count).unwrap_or(0).max(0) as usize;
+    if n >= count {
+        return Err(EngineError::Device(format!(
+            "model.device = \"{device}\" but libtorch sees {count} CUDA device(s) (no GPU, no \
+             driver, or a CPU-only torch build); use model.device = \"cpu\""
+        )));
+    }
+    Ok(())
+}
+
+/// Runs libtorch code, turning a panic of `tch` into [`EngineError::Backend`].
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, EngineError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "libtorch error".into());
+        EngineError::Backend(msg.lines().next().unwrap_or_default().to_string())
+    })
+}
+
+/// Copies a host tensor of `shape` to a libtorch tensor of `kind` on `dev`.
+fn tensor_of(data: &[f32], shape: &[usize], kind: Kind, dev: tch::Device) -> Tensor {
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Tensor::from_slice(data)
+        .reshape(&shape)
+        .to_kind(kind)
+        .to_device(dev)
+}
+
+/// Copies a float tensor (any device) into a host vector.
+fn to_host(t: &Tensor) -> Vec<f32> {
+    let t = t
+        .to_device(tch::Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
+    let n = t.numel();
+    let mut out = vec![0f32; n];
+    t.copy_data(&mut out, n);
+    out
+}
+
+impl TchModel {
+    /// `arch` for samples of `inputs` features (a square image of 1 or 3 channels) and `classes`
+    /// classes on `device`. Errors when the input is not such an image, the architecture does not
+    /// fit it, or libtorch cannot use the device.
+    pub fn new(
+        arch: Arch,
+        inputs: usize,
+        classes: usize,
+        device: Device,
+    ) -> Result<TchModel, EngineError> {
+        let image = ImageShape::infer(inputs).ok_or_else(|| {
+            EngineError::Architecture(format!(
+                "{inputs} features are not a square image of 1 or 3 channels"
+            ))
+        })?;
+        let net = Net::new(arch, image, classes)?;
+        check_device(device)?;
+        Ok(TchModel { net, device })
+    }
+
+    /// The architecture.
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
+    /// The compute device.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Validates params and batch; returns the number of samples.
+    fn check(&self, params: &[Vec<f32>], batch: &Samples<'_>) -> Result<usize, EngineError> {
+        check_params(self.net.specs(), params)?;
+        let inputs = self.net.image().features();
+        if batch.n_features != inputs {
+            return Err(EngineError::Features {
+                expected: inputs,
+                got: batch.n_features,
+            });
+        }
+        let n = batch.labels.len();
+        if batch.features.len() != n * batch.n_features {
+            return Err(EngineError::Ragged {
+                values: batch.features.len(),
+                samples: n,
+                n_features: batch.n_features,
+            });
+        }
+        let classes = self.net.classes();
+        if let Some(index) = batch.labels.iter().position(|&l| l as usize >= classes) {
+            return Err(EngineError::Label {
+                index,
+                label: batch.labels[index],
+                classes,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Parameters as libtorch tensors of `kind` on `dev`, tracking gradients when `grad`.
+    fn params_on(
+        &self,
+        params: &[Vec<f32>],
+        kind: Kind,
+        dev: tch::Device,
+        grad: bool,
+    ) -> Vec<Tensor> {
+        self.net
+            .specs()
+            .iter()
+            .zip(params)
+            .map(|(s, p)| tensor_of(p, &s.shape, kind, dev).set_requires_grad(grad))
+            .collect()
+    }
+
+    /// Input images `[n, c, s, s]` and int64 labels of `batch` on `dev`.
+    fn batch_on(&self, batch: &Samples<'_>, kind: Kind, dev: tch::Device) -> (Tensor, Tensor) {
+        let img = self.net.image();
+        let n = batch.labels.len();
+        let x = tensor_of(
+            batch.features,
+            &[n, img.channels, img.side, img.side],
+            kind,
+            dev,
+        );
+        let labels: Vec<i64> = batch.labels.iter().map(|&l| i64::from(l)).collect();
+        (x, Tensor::from_slice(&labels).to_device(dev))
+    }
+
+    /// Mean loss over `batch` and the gradients (key order) on the model's device.
+    fn grads_on_device(
+        &self,
+        params: &[Vec<f32>],
+        batch: &Samples<'_>,
+    ) -> Result<(f32, Vec<Tensor>), EngineError> {
+        if self.check(params, batch)? == 0 {
+            return Err(EngineError::EmptyBatch);
+        }
+        let dev = torch_device(self.device);
+        guarded(|| {
+            let p = self.params_on(params, Kind::Float, dev, true);
+            let (x, y) = self.batch_on(batch, Kind::Float, dev);
+            let loss = arch::cross_entropy(&self.net.forward(&p, &x), &y, Kind::Float);
+            loss.backward();
+            let grads: Vec<Tensor> = p.iter().map(|t| t.grad().contiguous()).collect();
+            (loss.double_value(&[]) as f32, grads)
+        })
+    }
+
+    /// Mean loss over `batch` and its gradient, which stays on the model's device: each tensor's
+    /// gradient goes to `on_grad(key, grad)` (shaped as the parameter, `Float`, contiguous) in
+    /// descending key order, once autograd has finished. Returns the mean loss.
+    pub fn backward_on_device(
+        &self,
+        params: &[Vec<f32>],
+        batch: Samples<'_>,
+        on_grad: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<f32, EngineError> {
+        let (loss, grads) = self.grads_on_device(params, &batch)?;
+        for (key, g) in grads.iter().enumerate().rev() {
+            on_grad(key, g);
+        }
+        Ok(loss)
+    }
+
+    /// Mean loss over `batch` computed in double precision on the CPU: the reference for
+    /// finite-difference checks of the gradients.
+    pub fn loss_f64(&self, params: &[Vec<f32>], batch: Samples<'_>) -> Result<f64, EngineError> {
+        if self.check(params, &batch)? == 0 {
+            return Err(EngineError::EmptyBatch);
+        }
+        let dev = tch::Device::Cpu;
+        guarded(|| {
+            tch::no_grad(|| {
+                let p = self.params_on(params, Kind::Double, dev, false);
+                let (x, y) = self.batch_on(&batch, Kind::Double, dev);
+                arch::cross_entropy(&self.net.forward(&p, &x), &y, Kind::Double).double_value(&[])
+            })
+        })
+    }
+}
+
+impl Model for TchModel {
+    fn tensors(&self) -> &[TensorSpec] {
+        self.net.specs()
+    }
+
+    /// See [`Net::init`].
+    fn init(&self, seed: u64) -> Vec<Vec<f32>> {
+        self.net.init(seed)
+    }
+
+    fn forward(&self, params: &[Vec<f32>], features: &[f32]) -> Result<Vec<f32>, EngineError> {
+        check_params(self.net.specs(), params)?;
+        let inputs = self.net.image().features();
+        if features.len() % inputs != 0 {
+            return Err(EngineError::Ragged {
+                values: features.len(),
+                samples: features.len() / inputs,
+                n_features: inputs,
+            });
+        }
+        let dev = torch_device(self.device);
+        let img = self.net.image();
+        guarded(|| {
+            tch::no_grad(|| {
+                let p = self.params_on(params, Kind::Float, dev, false);
+                let mut out = Vec::with_capacity(features.len() / inputs * self.net.classes());
+                for chunk in features.chunks(EVAL_CHUNK * inputs) {
+                    let n = chunk.len() / inputs;
+                    let x = tensor_of(
+                        chunk,
+                        &[n, img.channels, img.side, img.side],
+                        Kind::Float,
+                        dev,
+                    );
+                    out.extend(to_host(&self.net.forward(&p, &x)));
+                }
+                out
+            })
+        })
+    }
+
+    fn backward_layerwise(
+        &self,
+        params: &[Vec<f32>],
+        batch: Samples<'_>,
+        on_grad: &mut dyn FnMut(usize, Vec<f32>),
+    ) -> Result<f32, EngineError> {
+        let (loss, grads) = self.grads_on_device(params, &batch)?;
+        for (key, g) in grads.iter().enumerate().rev() {
+            on_grad(key, guarded(|| to_host(g))?);
+        }
+        Ok(loss)
+    }
+
+    fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError> {
+        let n = self.check(params, &data)?;
+        if n == 0 {
+            return Ok(Evaluation {
+                loss: 0.0,
+                accuracy: 0.0,
+                samples: 0,
+            });
+        }
+        let dev = torch_device(self.device);
+        let inputs = data.n_features;
+        let (loss_sum, correct) = guarded(|| {
+            tch::no_grad(|| {
+                let p = self.params_on(params, Kind::Float, dev, false);
+                let (mut loss_sum, mut correct) = (0f64, 0i64);
+                for (f, l) in data
+                    .features
+                    .chunks(EVAL_CHUNK * inputs)
+                    .zip(data.labels.chunks(EVAL_CHUNK))
+                {
+                    let chunk = Samples {
+                        features: f,
+                        labels: l,
+                        n_features: inputs,
+                    };
+                    let (x, y) = self.batch_on(&chunk, Kind::Float, dev);
+                    let logits = self.net.forward(&p, &x);
+                    let loss = arch::cross_entropy(&logits, &y, Kind::Float);
+                    loss_sum += loss.double_value(&[]) * l.len() as f64;
+                    correct += logits
+                        .argmax(-1, false)
+                        .eq_tensor(&y)
+                        .sum(Kind::Int64)
+                        .int64_value(&[]);
+                }
+                (loss_sum, correct)
+            })
+        })?;
+        Ok(Evaluation {
+            loss: loss_sum / n as f64,
+            accuracy: correct as f64 / n as f64,
+            samples: n,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,257 @@
+//! Unit tests of the libtorch back end (CPU; the GPU path runs where CUDA is present and is
+//! reported as skipped otherwise).
+
+use geomx_kernels::{encode_dense, topk_exact, Scaling, SparseVec, TopkScratch, ValueType};
+
+use super::gpu::{GpuCompressError, GpuCompressor};
+use super::*;
+use crate::data::{rng, Dataset};
+
+/// `n` images of `channels × side × side`: noise U(0, 0.3) plus a bright horizontal band whose
+/// position encodes the label (labels cycle through `classes`).
+fn band_images(n: usize, channels: usize, side: usize, classes: usize, seed: u64) -> Dataset {
+    let mut r = rng::rng_for(seed, &[0xba4d]);
+    let per = channels * side * side;
+    let mut features = Vec::with_capacity(n * per);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = i % classes;
+        let (lo, hi) = (c * side / classes, (c + 1) * side / classes);
+        for _ch in 0..channels {
+            for row in 0..side {
+                for _col in 0..side {
+                    let band = if (lo..hi.max(lo + 1)).contains(&row) {
+                        0.7
+                    } else {
+                        0.0
+                    };
+                    features.push((0.3 * rng::unit_f64(&mut r) + band) as f32);
+                }
+            }
+        }
+        labels.push(c as u32);
+    }
+    Dataset::new(features, labels, per, classes).unwrap()
+}
+
+fn sgd(params: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f32) {
+    for (p, g) in params.iter_mut().zip(grads) {
+        p.iter_mut().zip(g).for_each(|(p, g)| *p -= lr * g);
+    }
+}
+
+#[test]
+fn cnn_training_steps_decrease_the_loss() {
+    let data = band_images(40, 1, 16, 4, 1);
+    let m = TchModel::new(Arch::Cnn, 256, 4, Device::Cpu).unwrap();
+    let mut p = m.init(3);
+    let before = m.evaluate(&p, data.view()).unwrap();
+    for _ in 0..15 {
+        let (_, g) = m.loss_and_grad(&p, data.view()).unwrap();
+        sgd(&mut p, &g, 0.05);
+    }
+    let after = m.evaluate(&p, data.view()).unwrap();
+    assert!(
+        after.loss < 0.7 * before.loss,
+        "loss {} -> {}",
+        before.loss,
+        after.loss
+    );
+    assert!(after.accuracy > before.accuracy, "{before:?} -> {after:?}");
+}
+
+/// Central differences of the f64 loss at the f32 parameters, compared with the f32 autograd
+/// gradient at `coords` (key, index): |g − fd| ≤ 2e-3 + 2e-2·|fd|.
+fn check_finite_differences(
+    m: &TchModel,
+    p: &[Vec<f32>],
+    data: &Dataset,
+    coords: &[(usize, usize)],
+) {
+    let (_, grads) = m.loss_and_grad(p, data.view()).unwrap();
+    for &(key, i) in coords {
+        let x = p[key][i];
+        let h = 1e-4f64.max(x.abs() as f64 * 1e-4);
+        let (xp, xm) = ((x as f64 + h) as f32, (x as f64 - h) as f32);
+        let mut q = p.to_vec();
+        q[key][i] = xp;
+        let lp = m.loss_f64(&q, data.view()).unwrap();
+        q[key][i] = xm;
+        let lm = m.loss_f64(&q, data.view()).unwrap();
+        let fd = (lp - lm) / (xp as f64 - xm as f64);
+        let g = grads[key][i] as f64;
+        assert!(
+            (g - fd).abs() <= 2e-3 + 2e-2 * fd.abs(),
+            "{} [{i}]: autograd {g}, finite difference {fd}",
+            m.tensors()[key].name
+        );
+    }
+}
+
+#[test]
+fn cnn_gradients_match_finite_differences() {
+    let data = band_images(6, 1, 16, 3, 2);
+    let m = TchModel::new(Arch::Cnn, 256, 3, Device::Cpu).unwrap();
+    let p = m.init(9);
+    // A few coordinates of every tensor, spread over each tensor.
+    let coords: Vec<(usize, usize)> = m
+        .tensors()
+        .iter()
+        .enumerate()
+        .flat_map(|(k, s)| [(k, 0), (k, s.len() / 2), (k, s.len() - 1)])
+        .collect();
+    check_finite_differences(&m, &p, &data, &coords);
+}
+
+#[test]
+fn resnet18_gradients_match_finite_differences_and_a_step_helps() {
+    let data = band_images(8, 3, 8, 2, 3);
+    let m = TchModel::new(Arch::Resnet18, 3 * 64, 2, Device::Cpu).unwrap();
+    let mut p = m.init(4);
+    let names: Vec<&str> = m.tensors().iter().map(|t| t.name.as_str()).collect();
+    let key = |n: &str| names.iter().position(|&x| x == n).unwrap();
+    let coords = [
+        (key("conv1.weight"), 5),
+        (key("layer2.0.shortcut.conv.weight"), 17),
+        (key("layer4.1.bn2.weight"), 3),
+        (key("fc.weight"), 100),
+        (key("fc.bias"), 1),
+    ];
+    check_finite_differences(&m, &p, &data, &coords);
+    let before = m.loss_f64(&p, data.view()).unwrap();
+    let (_, g) = m.loss_and_grad(&p, data.view()).unwrap();
+    sgd(&mut p, &g, 0.01);
+    let after = m.loss_f64(&p, data.view()).unwrap();
+    assert!(after < before, "loss {before} -> {after}");
+}
+
+#[test]
+fn layerwise_gradients_come_last_layer_first() {
+    let data = band_images(4, 1, 16, 2, 5);
+    let m = TchModel::new(Arch::Cnn, 256, 2, Device::Cpu).unwrap();
+    let p = m.init(1);
+    let mut order = Vec::new();
+    let mut grads = vec![Vec::new(); p.len()];
+    let loss = m
+        .backward_layerwise(&p, data.view(), &mut |k, g| {
+            order.push(k);
+            grads[k] = g;
+        })
+        .unwrap();
+    assert_eq!(order, (0..p.len()).rev().collect::<Vec<_>>());
+    let (loss2, grads2) = m.loss_and_grad(&p, data.view()).unwrap();
+    assert_eq!((loss, &grads), (loss2, &grads2));
+    let reference = m.loss_f64(&p, data.view()).unwrap();
+    assert!((f64::from(loss) - reference).abs() < 1e-5 * reference.max(1.0));
+}
+
+#[test]
+fn forward_and_evaluate_agree() {
+    let data = band_images(300, 1, 16, 3, 6);
+    let m = TchModel::new(Arch::Cnn, 256, 3, Device::Cpu).unwrap();
+    let p = m.init(2);
+    let logits = m.forward(&p, data.features()).unwrap();
+    assert_eq!(logits.len(), 300 * 3);
+    // Loss and accuracy recomputed on the host from the logits (two eval chunks: 256 + 44).
+    let (mut loss, mut correct) = (0f64, 0usize);
+    for (row, &y) in logits.chunks(3).zip(data.labels()) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        loss += lse - row[y as usize] as f64;
+        let arg = (0..3).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        correct += usize::from(arg == y as usize);
+    }
+    let e = m.evaluate(&p, data.view()).unwrap();
+    assert_eq!(e.samples, 300);
+    assert!(
+        (e.loss - loss / 300.0).abs() < 1e-5,
+        "{} vs {}",
+        e.loss,
+        loss / 300.0
+    );
+    assert_eq!(e.accuracy, correct as f64 / 300.0);
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    assert!(matches!(
+        TchModel::new(Arch::Cnn, 250, 10, Device::Cpu),
+        Err(EngineError::Architecture(_))
+    ));
+    let m = TchModel::new(Arch::Cnn, 256, 3, Device::Cpu).unwrap();
+    let p = m.init(1);
+    let data = band_images(4, 1, 16, 4, 1);
+    assert!(matches!(
+        m.loss_and_grad(&p, data.view()),
+        Err(EngineError::Label { label: 3, .. })
+    ));
+    let wide = band_images(2, 3, 16, 3, 1);
+    assert!(matches!(
+        m.evaluate(&p, wide.view()),
+        Err(EngineError::Features {
+            expected: 256,
+            got: 768
+        })
+    ));
+    assert!(matches!(
+        m.loss_and_grad(&p[1..], data.view()),
+        Err(EngineError::TensorCount { .. })
+    ));
+    let cuda = TchModel::new(Arch::Cnn, 256, 3, Device::Cuda(99));
+    let err = cuda.unwrap_err().to_string();
+    assert!(
+        err.contains("cuda:99") && err.contains("CUDA device"),
+        "{err}"
+    );
+}
+
+/// On a CUDA machine: GPU payloads equal the CPU encoders' bytes. Elsewhere: reports the reason.
+#[test]
+fn gpu_payloads_match_the_cpu_encoders_or_report_skipped() {
+    let device = Device::Cuda(0);
+    let mut c = match GpuCompressor::new(device) {
+        Ok(c) => c,
+        Err(GpuCompressError::Unavailable(reason)) => {
+            assert!(!reason.is_empty());
+            eprintln!("skipped: GPU-resident compression: {reason}");
+            return;
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    };
+    assert!(matches!(
+        GpuCompressor::new(Device::Cpu),
+        Err(GpuCompressError::Unavailable(_))
+    ));
+    let data = band_images(8, 1, 16, 2, 7);
+    let m = TchModel::new(Arch::Cnn, 256, 2, device).unwrap();
+    let p = m.init(1);
+    let mut checked = 0;
+    m.backward_on_device(&p, data.view(), &mut |key, g| {
+        let host = to_host(g);
+        for scaling in [Scaling::None, Scaling::Pow2] {
+            let mut want = Vec::new();
+            encode_dense(&host, ValueType::F16, scaling, &mut want).unwrap();
+            assert_eq!(c.fp16_payload(g, scaling).unwrap(), want, "fp16 key {key}");
+        }
+        let k = host.len().div_ceil(10);
+        let mut idx = Vec::new();
+        topk_exact(&host, k, &mut TopkScratch::default(), &mut idx).unwrap();
+        let val = idx.iter().map(|&i| host[i as usize]).collect();
+        let mut want = Vec::new();
+        SparseVec::new(host.len() as u32, idx, val).unwrap().encode(
+            ValueType::F32,
+            Scaling::None,
+            &mut want,
+        );
+        let got = c.topk_payload(g, k, ValueType::F32, Scaling::None).unwrap();
+        assert_eq!(got, want, "top-k key {key}");
+        checked += 1;
+    })
+    .unwrap();
+    assert_eq!(checked, p.len());
+}
