@@ -232,7 +232,8 @@ pub fn render_markdown(r: &E2eResults) -> String {
     for x in r
         .scenarios
         .iter()
-        .filter(|x| x.status != Status::Unavailable)
+        // Scenarios that did not run (unavailable) or failed appear under the notes only.
+        .filter(|x| !matches!(x.status, Status::Unavailable | Status::Failed))
     {
         let _ = writeln!(
             s,
@@ -336,6 +337,12 @@ mod tests {
             res(ScenarioId::Flat, Some(60.0), Some(0.97)),
             res(ScenarioId::HipsBisparse, Some(2.5), Some(0.98)),
             ScenarioResult::unavailable(ScenarioId::Dgt, "transport.inter:\n   | unknown"),
+            ScenarioResult::empty(
+                ScenarioId::Mixed,
+                Status::Failed,
+                Some("launch exit code 1".into()),
+                serde_json::Value::Null,
+            ),
         ];
         v[1].wan_bytes = Some(1_234_567);
         v[1].wan_bytes_per_round = Some(26_082.0);
@@ -360,6 +367,7 @@ mod tests {
             "| HiPS + Bi-Sparse | 2.5 | 24.0× | 0.9800 | +1.00 | 1,234,567 | 26.08 kB | 120 | — | reached |"
         );
         assert!(md.contains("- HiPS + DGT (unavailable): transport.inter: | unknown\n"));
+        assert!(md.contains("- MixedSync (DC-ASGD) (failed): launch exit code 1\n"));
         assert!(md.contains("![test accuracy vs wall time](accuracy.png)"));
         // Every table row has the header's number of cells.
         let cells = |l: &str| l.matches('|').count();
