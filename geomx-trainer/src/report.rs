@@ -146,6 +146,7 @@ mod tests {
             staleness: Vec::new(),
             resync_mismatches: 0,
             topk_fallbacks: 0,
+            dgt: None,
         }
     }
 

@@ -496,6 +496,9 @@ pub enum TransportKind {
     /// Framed TCP.
     #[default]
     Tcp,
+    /// DGT (inter tier only): local servers push their DC sums with differential gradient
+    /// transmission (`[transport.dgt]`); replies and pulls stay on TCP.
+    Dgt,
 }
 
 /// I/O drivers of the transport.
@@ -521,6 +524,55 @@ pub struct TransportConfig {
     pub inter: TransportKind,
     /// I/O driver.
     pub driver: Driver,
+    /// DGT parameters, used when `inter = "dgt"`.
+    pub dgt: DgtTransportConfig,
+}
+
+/// `[transport.dgt]`: differential gradient transmission of the local → global push.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DgtTransportConfig {
+    /// Unreliable UDP channels C, 1..=7.
+    pub channels: u8,
+    /// Reliable share k of the non-zero blocks (ranked by contribution), in [0, 1].
+    pub k: f64,
+    /// Contribution EMA factor α, in [0, 1).
+    pub alpha: f64,
+    /// Block size cap in bytes (a multiple of 64); blocks shrink to fit the path MTU.
+    pub block_bytes: usize,
+    /// Pacing rate of the unreliable channels in Mbit/s; absent = `auto` (start at the
+    /// reliable channel's measured goodput, then adapt to the reported loss).
+    pub rate_mbit: Option<f64>,
+    /// `auto` pacing bounds in Mbit/s.
+    pub min_rate_mbit: f64,
+    /// `auto` pacing bounds in Mbit/s.
+    pub max_rate_mbit: f64,
+    /// Token bucket depth in datagrams.
+    pub burst: u32,
+    /// How long the receiver waits for listed blocks after the terminator, in milliseconds.
+    pub deadline_ms: u64,
+    /// Use UDP GSO where the kernel supports it.
+    pub gso: bool,
+    /// Path MTU to size blocks for; absent = read the route's MTU from the kernel.
+    pub mtu: Option<usize>,
+}
+
+impl Default for DgtTransportConfig {
+    fn default() -> Self {
+        Self {
+            channels: 3,
+            k: 0.8,
+            alpha: 0.3,
+            block_bytes: 4096,
+            rate_mbit: None,
+            min_rate_mbit: 10.0,
+            max_rate_mbit: 10_000.0,
+            burst: 16,
+            deadline_ms: 5,
+            gso: true,
+            mtu: None,
+        }
+    }
 }
 
 /// `[timeouts]`, in milliseconds (defaults from hips.md where it gives them).

@@ -79,7 +79,77 @@ impl Config {
         self.validate_train()?;
         self.validate_compression()?;
         self.validate_sync()?;
+        self.validate_dgt()?;
         self.validate_timeouts_and_placement()
+    }
+
+    /// `transport.inter = "dgt"`: only on the inter tier, with plain f32 values and FSA
+    /// (DGT rounds are consecutive per range), and parameters in range.
+    fn validate_dgt(&self) -> Result {
+        use super::TransportKind;
+        check(
+            self.transport.intra != TransportKind::Dgt,
+            || "transport.intra".into(),
+            || "dgt is an inter-tier transport (local → global push)".into(),
+        )?;
+        if self.transport.inter != TransportKind::Dgt {
+            return Ok(());
+        }
+        let d = &self.transport.dgt;
+        check(
+            self.sync.algorithm == SyncAlgorithm::Fsa,
+            || "transport.inter".into(),
+            || "dgt needs sync.algorithm = \"fsa\"".into(),
+        )?;
+        check(
+            matches!(self.compression.inter, Codec::None),
+            || "compression.inter.codec".into(),
+            || "dgt sends dense f32 blocks: use codec \"none\" on the inter tier".into(),
+        )?;
+        check(
+            (1..=7).contains(&d.channels),
+            || "transport.dgt.channels".into(),
+            || format!("{} not in 1..=7", d.channels),
+        )?;
+        check(
+            (0.0..=1.0).contains(&d.k),
+            || "transport.dgt.k".into(),
+            || format!("{} not in [0, 1]", d.k),
+        )?;
+        check(
+            (0.0..1.0).contains(&d.alpha),
+            || "transport.dgt.alpha".into(),
+            || format!("{} not in [0, 1)", d.alpha),
+        )?;
+        check(
+            d.block_bytes >= 64 && d.block_bytes % 64 == 0 && d.block_bytes <= 1 << 20,
+            || "transport.dgt.block_bytes".into(),
+            || format!("{} must be a multiple of 64 in 64..=1048576", d.block_bytes),
+        )?;
+        let rate_ok = |r: f64| r.is_finite() && r > 0.0;
+        check(
+            d.rate_mbit.is_none_or(rate_ok)
+                && rate_ok(d.min_rate_mbit)
+                && rate_ok(d.max_rate_mbit)
+                && d.min_rate_mbit <= d.max_rate_mbit,
+            || "transport.dgt.rate_mbit".into(),
+            || "rates must be finite and > 0, min_rate_mbit <= max_rate_mbit".into(),
+        )?;
+        check(
+            d.burst >= 1,
+            || "transport.dgt.burst".into(),
+            || "must be >= 1".into(),
+        )?;
+        check(
+            (1..=60_000).contains(&d.deadline_ms),
+            || "transport.dgt.deadline_ms".into(),
+            || format!("{} not in 1..=60000", d.deadline_ms),
+        )?;
+        check(
+            d.mtu.is_none_or(|m| (576..=65536).contains(&m)),
+            || "transport.dgt.mtu".into(),
+            || "must be in 576..=65536".into(),
+        )
     }
 
     fn validate_sync(&self) -> Result {

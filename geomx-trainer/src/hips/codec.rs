@@ -20,7 +20,10 @@ use geomx_kernels::{
 use geomx_net::PayloadCodec;
 
 use super::msg::{f32_bytes, f32_from_bytes};
-use crate::config::{Codec, ScalingKind, SelectionKind, SparseCodec, SparseValues};
+use crate::config::{
+    Codec, DgtTransportConfig, ScalingKind, SelectionKind, SparseCodec, SparseValues,
+    TransportConfig, TransportKind,
+};
 
 /// Sparse (Bi-Sparse / MPQ) settings of the inter tier.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +45,8 @@ pub struct TierCodec {
     dense: ValueType,
     scaling: Scaling,
     sparse: Option<SparseSpec>,
+    /// DGT settings when the tier's pushes travel by DGT (`transport.inter = "dgt"`).
+    dgt: Option<DgtTransportConfig>,
 }
 
 impl Default for TierCodec {
@@ -50,11 +55,23 @@ impl Default for TierCodec {
             dense: ValueType::F32,
             scaling: Scaling::Pow2,
             sparse: None,
+            dgt: None,
         }
     }
 }
 
 impl TierCodec {
+    /// Attaches the DGT settings when `transport.inter = "dgt"` (this is the inter tier's codec).
+    pub fn with_transport(mut self, t: &TransportConfig) -> Self {
+        self.dgt = (t.inter == TransportKind::Dgt).then(|| t.dgt.clone());
+        self
+    }
+
+    /// The DGT settings of the tier's pushes, if they travel by DGT.
+    pub fn dgt(&self) -> Option<&DgtTransportConfig> {
+        self.dgt.as_ref()
+    }
+
     /// Resolves `codec`; `batches_per_epoch` converts a sparse codec's warm-up epochs to rounds.
     pub fn from_config(codec: &Codec, batches_per_epoch: usize) -> Self {
         let sparse = |s: &SparseCodec, small: ValueType| SparseSpec {

@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crossbeam_channel::Sender;
 use geomx_net::{Handler, MsgKind, PayloadCodec, Request, Responder};
 
+use std::net::ToSocketAddrs;
+
 use super::codec::{TierCodec, Update};
+use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
 use super::msg::{f32_bytes, UpPush};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
@@ -49,6 +52,22 @@ struct GlobalHandler {
     owned: usize,
     rounds: u64,
     all_done: Sender<()>,
+    /// `transport.inter = "dgt"`: the DGT receiver's port and the join of TCP pushes with
+    /// DGT deliveries.
+    dgt: Option<DgtJoin>,
+}
+
+/// One half of a DGT-mode push: the TCP request (worker count + responder) or the values the
+/// DGT receiver delivered, whichever came first.
+enum Half {
+    Push(u32, Responder),
+    Values(Vec<f32>),
+}
+
+/// Pairs TCP pushes with DGT deliveries by (dc, range, round).
+struct DgtJoin {
+    port: u16,
+    halves: Mutex<HashMap<(usize, usize, u64), Half>>,
 }
 
 /// Refuses a request from a process outside the membership (logged, not fatal).
@@ -78,6 +97,9 @@ impl GlobalHandler {
                 format!("push from node {} which is no local server", req.sender),
             );
         };
+        if let Some(join) = &self.dgt {
+            return self.on_push_dgt(join, id, dc, req, reply);
+        }
         let up = if self.inter.is_plain() {
             UpPush::decode(&req.payload, id, len).map_err(|e| e.to_string())
         } else {
@@ -87,12 +109,96 @@ impl GlobalHandler {
             Ok(u) => u,
             Err(e) => return self.fail(reply, format!("range push from dc {dc}: {e}")),
         };
-        let resync = self.inter.resync_due(req.version);
+        self.accept_push(id, dc, req.version, up, reply);
+    }
+
+    /// DGT mode: the request carries only the worker count; the values come from the DGT
+    /// receiver (joined in [`GlobalHandler::on_delivery`] if they are not here yet).
+    fn on_push_dgt(&self, join: &DgtJoin, id: usize, dc: usize, req: Request, reply: Responder) {
+        let Ok(count) = <[u8; DGT_PUSH_LEN]>::try_from(req.payload.as_slice()) else {
+            return self.fail(
+                reply,
+                format!(
+                    "dgt push of range {id} from dc {dc}: {} payload bytes, expected {DGT_PUSH_LEN}",
+                    req.payload.len()
+                ),
+            );
+        };
+        let count = u32::from_le_bytes(count);
+        let slot = (dc, id, req.version);
+        let mut halves = lock(&join.halves);
+        match halves.remove(&slot) {
+            Some(Half::Values(sum)) => {
+                drop(halves);
+                self.accept_push(id, dc, req.version, UpPush { count, sum }, reply);
+            }
+            Some(Half::Push(..)) => {
+                drop(halves);
+                self.fail(
+                    reply,
+                    format!(
+                        "second push of range {id} round {} from dc {dc}",
+                        req.version
+                    ),
+                );
+            }
+            None => {
+                halves.insert(slot, Half::Push(count, reply));
+            }
+        }
+    }
+
+    /// A tensor the DGT receiver delivered: joined with its TCP push.
+    fn on_delivery(&self, join: &DgtJoin, d: geomx_net::dgt::Delivery) {
+        let Some(&dc) = self.dc_of.get().and_then(|m| m.get(&d.sender)) else {
+            tracing::warn!(
+                sender = d.sender,
+                "dgt delivery from a node that is no local server"
+            );
+            return;
+        };
+        let id = d.key as usize;
+        if self.range_lens.get(id) != Some(&d.values.len()) {
+            tracing::warn!(range = id, "dgt delivery of the wrong length dropped");
+            return;
+        }
+        let version = u64::from(d.round);
+        if !d.missing.is_empty() || d.folded_late > 0 {
+            tracing::debug!(
+                range = id,
+                dc,
+                round = version,
+                missing = d.missing.len(),
+                folded = d.folded_late,
+                "dgt delivery"
+            );
+        }
+        let slot = (dc, id, version);
+        let mut halves = lock(&join.halves);
+        match halves.remove(&slot) {
+            Some(Half::Push(count, reply)) => {
+                drop(halves);
+                let up = UpPush {
+                    count,
+                    sum: d.values,
+                };
+                self.accept_push(id, dc, version, up, reply);
+            }
+            Some(Half::Values(_)) | None => {
+                halves.insert(slot, Half::Values(d.values));
+            }
+        }
+    }
+
+    /// Aggregates DC `dc`'s decoded push of range `id` at `version`.
+    fn accept_push(&self, id: usize, dc: usize, version: u64, up: UpPush, reply: Responder) {
+        let req_version = version;
+        let resync = self.inter.resync_due(req_version);
         let mut st = lock(&self.state);
         if st.mixed.is_some() {
-            return self.on_push_mixed(st, id, dc, req.version, up, reply);
+            return self.on_push_mixed(st, id, dc, req_version, up, reply);
         }
-        let (codec, done) = match st.agg.push_round(id, dc, req.version, up.sum, up.count) {
+        let (codec, done) = match st.agg.push_round(id, dc, req_version, up.sum, up.count) {
             Ok(None) => {
                 st.parked.entry(id).or_default().push(reply);
                 return;
@@ -109,7 +215,7 @@ impl GlobalHandler {
                 return self.fail(reply, format!("range push from dc {dc}: {e}"));
             }
         };
-        let version = req.version + 1;
+        let version = req_version + 1;
         let mut waiting = st.parked.remove(&id).unwrap_or_default();
         waiting.push(reply);
         let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pulls)
@@ -174,6 +280,16 @@ impl GlobalHandler {
     }
 
     fn on_pull(&self, req: Request, reply: Responder) {
+        if req.key == DGT_INFO_KEY {
+            return match &self.dgt {
+                Some(j) => {
+                    let _ = reply.send(0, PayloadCodec::Raw, &j.port.to_le_bytes());
+                }
+                None => {
+                    let _ = reply.error("this global server does not speak dgt");
+                }
+            };
+        }
         let id = req.key as usize;
         let mut st = lock(&self.state);
         if let Some((mixed, _)) = st.mixed.as_ref() {
@@ -263,6 +379,30 @@ pub fn run(
         }
     }
     drop(theta0);
+    // DGT: the receiver listens on the IP of our bind address before anyone can ask for it.
+    let dgt_server = match &job.inter.dgt() {
+        Some(d) => {
+            let ip = bind_addr
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .map(|a| a.ip())
+                .ok_or_else(|| RunError::Protocol(format!("dgt: cannot resolve {bind_addr}")))?;
+            let ranges: Vec<(usize, usize)> = plan
+                .placement
+                .ranges
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.server == rank as usize)
+                .map(|(id, r)| (id, r.len))
+                .collect();
+            let s = super::dgt::bind_server(ip, d, &ranges)
+                .map_err(|e| RunError::Protocol(format!("global server {rank}: dgt: {e}")))?;
+            tracing::info!(addr = %s.local_addr(), "dgt receiver listening");
+            Some(s)
+        }
+        None => None,
+    };
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let handler = Arc::new(GlobalHandler {
         state: Mutex::new(State {
@@ -280,6 +420,20 @@ pub fn run(
         owned,
         rounds: job.global_rounds(),
         all_done: done_tx,
+        dgt: dgt_server.as_ref().map(|s| DgtJoin {
+            port: s.local_addr().port(),
+            halves: Mutex::new(HashMap::new()),
+        }),
+    });
+    let consumer = dgt_server.as_ref().map(|s| {
+        let (h, rx) = (handler.clone(), s.deliveries().clone());
+        std::thread::spawn(move || {
+            for d in rx {
+                if let Some(j) = &h.dgt {
+                    h.on_delivery(j, d);
+                }
+            }
+        })
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -302,6 +456,21 @@ pub fn run(
     let served = server.stats();
     server.shutdown();
     let mut stats = RoleStats::new(&node.me, served);
+    if let Some(s) = dgt_server {
+        let d = super::dgt::DgtRoleStats::from_server(&s.stats());
+        tracing::info!(
+            lost = d.lost_blocks,
+            late = d.late_blocks,
+            timed_out = d.timed_out,
+            "dgt receiver"
+        );
+        stats.served_bytes += s.stats().channels.iter().map(|c| c.bytes).sum::<u64>();
+        stats.dgt = Some(d);
+        drop(s);
+        if let Some(c) = consumer {
+            let _ = c.join();
+        }
+    }
     if let Some((m, _)) = lock(&handler.state).mixed.as_ref() {
         stats.staleness = (0..plan.num_dcs())
             .filter_map(|d| m.staleness(d).copied())

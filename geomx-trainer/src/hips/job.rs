@@ -155,7 +155,8 @@ impl JobSpec {
             registration_timeout: t.registration(),
             config_hash: h.finish(),
             intra: super::codec::TierCodec::from_config(&cfg.compression.intra, batches_per_epoch),
-            inter: super::codec::TierCodec::from_config(&cfg.compression.inter, batches_per_epoch),
+            inter: super::codec::TierCodec::from_config(&cfg.compression.inter, batches_per_epoch)
+                .with_transport(&cfg.transport),
             slowdown: cfg
                 .cluster
                 .data_centers

@@ -14,11 +14,13 @@ use geomx_net::{
 };
 
 use geomx_kernels::SparseVec;
+use geomx_net::dgt::link::DgtClient;
 
 use super::codec::{
     count_dense, count_payload, count_update, decode_values, CodecBytes, RangeCompressor,
     TierCodec, Update,
 };
+use super::dgt::{DgtRoleStats, DgtUplink, DGT_INFO_KEY};
 use super::global_server::reject;
 use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
@@ -67,6 +69,10 @@ struct LocalHandler {
     codec_bytes: Mutex<CodecBytes>,
     /// Sampled top-k selections that fell back to exact top-k.
     fallbacks: std::sync::atomic::AtomicU64,
+    /// `transport.inter = "dgt"`: one DGT link per global server (index = server rank).
+    dgt_links: OnceLock<Vec<DgtClient>>,
+    /// Contribution scores and channel assignment of the DGT pushes.
+    dgt_up: Mutex<Option<DgtUplink>>,
 }
 
 impl LocalHandler {
@@ -271,6 +277,24 @@ fn exchange(
                 );
                 count_payload(&mut counts, &body);
                 Some(UpPush::encode_coded(count, &body))
+            }
+            (Some(s), None) if handler.dgt_links.get().is_some() => {
+                // DGT: the values go through the range's DGT link, the push carries the count.
+                let links = handler.dgt_links.get().ok_or("dgt links gone")?;
+                let link = links
+                    .get(r.server)
+                    .ok_or_else(|| format!("range {id}: no dgt link to server {}", r.server))?;
+                let x = slice(s);
+                count_dense(
+                    &mut counts,
+                    PayloadCodec::DenseF32,
+                    &super::msg::f32_bytes(&x),
+                );
+                lock(&handler.dgt_up)
+                    .as_mut()
+                    .ok_or("dgt uplink not set")?
+                    .push(link, *id, version, x)?;
+                Some(count.to_le_bytes().to_vec())
             }
             (Some(s), None) if handler.inter.is_plain() => {
                 let body = UpPush::encode(count, &slice(s));
@@ -551,6 +575,8 @@ pub fn run(
         inter: job.inter.clone(),
         codec_bytes: Mutex::new(CodecBytes::new()),
         fallbacks: Default::default(),
+        dgt_links: OnceLock::new(),
+        dgt_up: Mutex::new(job.inter.dgt().map(DgtUplink::new)),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -575,6 +601,37 @@ pub fn run(
             )
         })?;
         clients.push(c);
+    }
+    if let Some(d) = job.inter.dgt() {
+        // The global servers' DGT ports, then one link each (replies stay on TCP).
+        let mut links = Vec::with_capacity(clients.len());
+        for (s, c) in clients.iter().enumerate() {
+            let port = c
+                .pull(DGT_INFO_KEY, 0, 0, 0)
+                .and_then(|p| p.wait(job.wait_limit()))
+                .map_err(|e| {
+                    RunError::Net(
+                        format!("dc {dc} asking global server {s} for its dgt port"),
+                        e,
+                    )
+                })?;
+            let port = <[u8; 2]>::try_from(port.payload.as_slice())
+                .map(u16::from_le_bytes)
+                .map_err(|_| {
+                    RunError::Protocol(format!(
+                        "dc {dc}: bad dgt port answer from global server {s}"
+                    ))
+                })?;
+            let addr = std::net::SocketAddr::new(c.peer_addr().ip(), port);
+            let link = super::dgt::connect(addr, node.id(), d).map_err(|e| {
+                RunError::Protocol(format!(
+                    "dc {dc}: dgt link to global server {s} at {addr}: {e}"
+                ))
+            })?;
+            tracing::info!(%addr, block_bytes = link.block_bytes(), "dgt link up");
+            links.push(link);
+        }
+        let _ = handler.dgt_links.set(links);
     }
     // θ_0 comes from the global servers; workers pulling earlier wait for it.
     let key_ranges: Vec<Vec<(usize, Range)>> = (0..n_keys)
@@ -646,9 +703,24 @@ pub fn run(
     }
     node.finish(job.wait_limit())?;
     let lan = server.stats();
-    let wan: u64 = clients.iter().map(|c| super::total_bytes(c.stats())).sum();
+    let mut wan: u64 = clients.iter().map(|c| super::total_bytes(c.stats())).sum();
     server.shutdown();
     let mut stats = RoleStats::new(&node.me, lan);
+    if let Some(links) = handler.dgt_links.get() {
+        let cs: Vec<_> = links.iter().map(DgtClient::stats).collect();
+        wan += cs
+            .iter()
+            .map(|c| c.sent.bytes.iter().sum::<u64>())
+            .sum::<u64>();
+        let d = DgtRoleStats::from_clients(&cs);
+        tracing::info!(
+            lost = d.lost_blocks,
+            late = d.late_blocks,
+            datagrams = d.datagrams,
+            "dgt sender"
+        );
+        stats.dgt = Some(d);
+    }
     stats.client_bytes = wan;
     stats.codec_bytes = lock(&handler.codec_bytes).clone();
     stats.topk_fallbacks = handler.fallbacks.load(std::sync::atomic::Ordering::Relaxed);

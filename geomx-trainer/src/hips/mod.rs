@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod coordinator;
+pub mod dgt;
 pub mod esync;
 mod global_agg;
 pub mod global_server;
@@ -107,6 +108,9 @@ pub struct RoleStats {
     /// MixedSync staleness of each DC's pushes, by DC (global servers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub staleness: Vec<Staleness>,
+    /// DGT counters when `transport.inter = "dgt"` (local and global servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dgt: Option<dgt::DgtRoleStats>,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -130,6 +134,7 @@ impl RoleStats {
             resync_mismatches: 0,
             topk_fallbacks: 0,
             staleness: Vec::new(),
+            dgt: None,
         }
     }
 }

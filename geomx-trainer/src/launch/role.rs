@@ -144,6 +144,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 resyncs: 0,
                 resync_mismatches: 0,
                 topk_fallbacks: 0,
+                dgt: None,
             });
         }
     };

@@ -1,0 +1,246 @@
+//! DGT on the inter tier (`transport.inter = "dgt"`): local servers push their DC sums to the
+//! global servers with differential gradient transmission; the global reply (θ_{r+1}) and the
+//! θ_0 pull stay on TCP.
+//!
+//! Per push of range `id` at round r the local server
+//! 1. updates the range's block contributions ([`BlockScores`], EMA α) with the sum,
+//! 2. assigns channels (top ⌈k·n⌉ blocks reliable, the rest banded over C UDP channels),
+//! 3. hands the sum to its [`DgtClient`] for the range's global server (DGT key = range id,
+//!    DGT round = r), and
+//! 4. sends the usual TCP `Push` whose payload is only the worker count ([`DGT_PUSH_LEN`]).
+//!
+//! The global server joins the push with the tensor its [`DgtServer`] delivered for
+//! (sender, range, round) — lost blocks are zero, late blocks of round r − 1 folded in — and
+//! aggregates it like a dense push. Local servers learn the DGT port of a global server with a
+//! `Pull` of [`DGT_INFO_KEY`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use geomx_kernels::dgt_score::{assign_channels, BlockScores};
+use geomx_net::dgt::link::{ClientStats, DgtClient, DgtServer, LinkOptions, Pacing, ServerStats};
+use geomx_net::dgt::{DgtConfig, ValueType};
+use serde::{Deserialize, Serialize};
+
+use crate::config::DgtTransportConfig;
+
+/// Key of the `Pull` that asks a global server for its DGT port (answered with a u16 LE).
+pub const DGT_INFO_KEY: u64 = u64::MAX;
+/// Payload length of a DGT-mode up-push: the u32 worker count alone.
+pub const DGT_PUSH_LEN: usize = 4;
+
+/// DGT counters of one role (local server: sender side; global server: receiver side).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DgtRoleStats {
+    /// Blocks sent on the reliable channel 0.
+    pub reliable_blocks: u64,
+    /// Blocks sent (local) or listed by terminators (global) on the unreliable channels.
+    pub unreliable_blocks: u64,
+    /// Unreliable blocks lost for good (zero in the aggregate).
+    pub lost_blocks: u64,
+    /// Blocks that arrived after their round's delivery and were folded into the next round.
+    pub late_blocks: u64,
+    /// Deliveries that waited out the deadline (global servers).
+    #[serde(default)]
+    pub timed_out: u64,
+    /// Messages rejected as invalid (global servers).
+    #[serde(default)]
+    pub invalid: u64,
+    /// Datagrams and the system calls that sent them (local servers; fewer calls with GSO).
+    #[serde(default)]
+    pub datagrams: u64,
+    /// `sendmsg` / `sendto` calls.
+    #[serde(default)]
+    pub udp_sends: u64,
+    /// Last pacing rate in bit/s (local servers).
+    #[serde(default)]
+    pub rate_bps: u64,
+}
+
+impl DgtRoleStats {
+    /// Sender-side counters of a local server, summed over its links (loss and lateness as
+    /// the global servers reported them).
+    pub fn from_clients(stats: &[ClientStats]) -> Self {
+        let mut s = Self::default();
+        for c in stats {
+            s.reliable_blocks += c.sent.blocks[0];
+            s.unreliable_blocks += c.sent.blocks[1..].iter().sum::<u64>();
+            s.lost_blocks += c.report_totals[1..].iter().map(|t| t.3).sum::<u64>();
+            s.late_blocks += c.report_totals.iter().map(|t| t.2).sum::<u64>();
+            s.datagrams += c.datagrams;
+            s.udp_sends += c.udp_sends;
+            s.rate_bps = s.rate_bps.max(c.rate_bps.unwrap_or(0));
+        }
+        s
+    }
+
+    /// Receiver-side counters of a global server.
+    pub fn from_server(st: &ServerStats) -> Self {
+        let (lost, sent) = st.unreliable_lost_sent();
+        Self {
+            reliable_blocks: st.channels[0].sent,
+            unreliable_blocks: sent,
+            lost_blocks: lost,
+            late_blocks: st.late(),
+            timed_out: st.timed_out,
+            invalid: st.invalid,
+            ..Self::default()
+        }
+    }
+}
+
+/// The link settings of `d`: the DGT core's config and the driver options.
+pub fn link_config(d: &DgtTransportConfig) -> (DgtConfig, LinkOptions) {
+    let mbit = |r: f64| (r * 1e6).round().max(1.0) as u64;
+    let cfg = DgtConfig {
+        block_bytes: d.block_bytes,
+        channels: d.channels,
+        rate_bps: d.rate_mbit.map(mbit).or(Some(mbit(d.max_rate_mbit))),
+        burst: d.burst,
+        deadline: Duration::from_millis(d.deadline_ms),
+        ..DgtConfig::default()
+    };
+    let opts = LinkOptions {
+        pacing: match d.rate_mbit {
+            Some(_) => Pacing::Configured,
+            None => Pacing::Auto {
+                min_bps: mbit(d.min_rate_mbit),
+                max_bps: mbit(d.max_rate_mbit),
+            },
+        },
+        gso: d.gso,
+        mtu: d.mtu,
+        ..LinkOptions::default()
+    };
+    (cfg, opts)
+}
+
+/// A global server's DGT receiver for its ranges `(range id, length)`, bound on `ip`.
+pub fn bind_server(
+    ip: IpAddr,
+    d: &DgtTransportConfig,
+    ranges: &[(usize, usize)],
+) -> Result<DgtServer, String> {
+    let (cfg, _) = link_config(d);
+    let keys: Vec<(u32, u32, ValueType)> = ranges
+        .iter()
+        .map(|&(id, len)| Ok((id_u32(id)?, id_u32(len)?, ValueType::F32)))
+        .collect::<Result<_, String>>()?;
+    DgtServer::bind(ip, cfg, &keys, None).map_err(|e| e.to_string())
+}
+
+/// Connects a local server (node `node_id`) to the DGT receiver at `addr`.
+pub fn connect(
+    addr: SocketAddr,
+    node_id: u32,
+    d: &DgtTransportConfig,
+) -> Result<DgtClient, String> {
+    let (cfg, opts) = link_config(d);
+    DgtClient::connect(addr, node_id, cfg, opts).map_err(|e| e.to_string())
+}
+
+fn id_u32(v: usize) -> Result<u32, String> {
+    u32::try_from(v).map_err(|_| format!("{v} does not fit DGT's 32-bit fields"))
+}
+
+/// The sending half of a local server: contribution scores per range, channel assignment,
+/// and the push through the range's link.
+pub struct DgtUplink {
+    k: f64,
+    alpha: f64,
+    channels: u8,
+    scores: HashMap<usize, BlockScores>,
+}
+
+impl DgtUplink {
+    /// Scores start at 0 for every range.
+    pub fn new(d: &DgtTransportConfig) -> Self {
+        Self {
+            k: d.k,
+            alpha: d.alpha,
+            channels: d.channels,
+            scores: HashMap::new(),
+        }
+    }
+
+    /// The channel map of range `id`'s values `x` at this round (updating its scores).
+    pub fn channel_map(
+        &mut self,
+        id: usize,
+        x: &[f32],
+        block_bytes: usize,
+    ) -> Result<Vec<u8>, String> {
+        let per = block_bytes / 4;
+        let s = match self.scores.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(BlockScores::new(x.len(), per, self.alpha).map_err(|e| e.to_string())?)
+            }
+        };
+        s.update(x).map_err(|e| e.to_string())?;
+        let ranked = s.ranked_sendable();
+        assign_channels(&ranked, s.num_blocks(), self.k, self.channels).map_err(|e| e.to_string())
+    }
+
+    /// Pushes range `id`'s values of `round` through `link`.
+    pub fn push(
+        &mut self,
+        link: &DgtClient,
+        id: usize,
+        round: u64,
+        x: Vec<f32>,
+    ) -> Result<(), String> {
+        let map = self.channel_map(id, &x, link.block_bytes())?;
+        let round = u32::try_from(round).map_err(|_| format!("round {round} beyond DGT's u32"))?;
+        link.push_f32(id_u32(id)?, round, x, map)
+            .map_err(|e| format!("dgt push of range {id}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_map_follows_contribution_ranking() {
+        let d = DgtTransportConfig {
+            k: 0.5,
+            channels: 2,
+            alpha: 0.0,
+            ..DgtTransportConfig::default()
+        };
+        let mut up = DgtUplink::new(&d);
+        // 4 blocks of 16 elements (64-byte blocks): means 3, 0 (not sent), 1, 2.
+        let mut x = vec![0.0f32; 64];
+        for (b, v) in [(0, 3.0), (2, 1.0), (3, 2.0)] {
+            x[b * 16..(b + 1) * 16].fill(v);
+        }
+        let map = up.channel_map(9, &x, 64).unwrap();
+        // Ranked 0 (3), 3 (2), 2 (1): ⌈0.5·3⌉ = 2 reliable, block 2 on channel 1, block 1 unsent.
+        assert_eq!(map, vec![0, 0xFF, 1, 0]);
+    }
+
+    #[test]
+    fn rates_and_pacing_from_config() {
+        let fixed = DgtTransportConfig {
+            rate_mbit: Some(100.0),
+            ..DgtTransportConfig::default()
+        };
+        let (c, o) = link_config(&fixed);
+        assert_eq!(
+            (c.rate_bps, o.pacing),
+            (Some(100_000_000), Pacing::Configured)
+        );
+        let (_, o) = link_config(&DgtTransportConfig::default());
+        assert_eq!(
+            o.pacing,
+            Pacing::Auto {
+                min_bps: 10_000_000,
+                max_bps: 10_000_000_000
+            }
+        );
+        let s = DgtRoleStats::from_server(&ServerStats::default());
+        assert_eq!(s, DgtRoleStats::default());
+    }
+}
