@@ -6,6 +6,7 @@
 
 pub mod bench_cmd;
 pub mod bench_e2e;
+pub mod bench_sync;
 pub mod config;
 pub mod data;
 pub mod engine;

@@ -60,6 +60,12 @@ enum BenchKind {
     Kernels,
     /// The end-to-end scenario matrix behind an emulated WAN (writes results into --out).
     E2e,
+    /// DGT vs all-TCP round completion time on a 100 Mbit/s link with 1 / 5 / 10 % loss
+    /// (network namespaces, root only); prints a table and one JSON line.
+    Dgt,
+    /// FSA, MixedSync, HFA and ESync with one DC 3x slower: time to accuracy, WAN bytes (writes
+    /// sync.json and sync.md into --out, default bench-sync).
+    Sync,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -175,11 +181,47 @@ fn main() -> ExitCode {
                 })
                 .map_err(|e| e.to_string())
         }
+        Cmd::Bench {
+            what: BenchKind::Sync,
+            quick,
+            out,
+            ..
+        } => {
+            init_tracing(LogLevel::Warn);
+            let opts = geomx_trainer::bench_sync::SyncBenchOptions {
+                quick,
+                out: out.unwrap_or_else(|| PathBuf::from("bench-sync")),
+                exe: None,
+            };
+            geomx_trainer::bench_sync::run(&opts)
+                .map(|r| {
+                    println!("{}", geomx_trainer::bench_sync::render_markdown(&r));
+                    eprintln!("bench sync: results in {}", opts.out.display());
+                })
+                .map_err(|e| e.to_string())
+        }
+        Cmd::Bench {
+            what: BenchKind::Dgt,
+            quick,
+            ..
+        } => {
+            init_tracing(LogLevel::Warn);
+            let opts = if quick {
+                geomx_trainer::bench_dgt::DgtBenchOptions::quick()
+            } else {
+                geomx_trainer::bench_dgt::DgtBenchOptions::full()
+            };
+            geomx_trainer::bench_dgt::run(&opts).map(|r| {
+                eprint!("{}", geomx_trainer::bench_dgt::render_markdown(&r));
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            })
+        }
         Cmd::Bench { what, quick, .. } => {
             let what = match what {
                 BenchKind::Net => Bench::Net,
                 BenchKind::Kernels => Bench::Kernels,
-                BenchKind::E2e => return ExitCode::FAILURE, // handled by the arm above
+                // Handled by the arms above.
+                BenchKind::E2e | BenchKind::Sync | BenchKind::Dgt => return ExitCode::FAILURE,
             };
             println!("{}", summary(what, quick));
             Ok(())

@@ -127,18 +127,22 @@ impl Esync {
     /// Answers one decoded request at `now`.
     pub fn handle(&mut self, req: &Request, now: f64) -> Result<Reply, EsyncError> {
         let n = self.workers.len();
+        let (Request::Ask { worker, c, .. } | Request::Reset { worker, c, .. }) = *req;
+        if !(c.is_finite() && c >= 0.0) {
+            return Err(EsyncError::Malformed(format!(
+                "worker {worker} reported a step duration of {c} s"
+            )));
+        }
+        if worker as usize >= n {
+            return Err(EsyncError::UnknownWorker { worker, n });
+        }
+        let r = worker as usize;
         match *req {
-            Request::Ask { worker, k, c } => {
-                if !(c.is_finite() && c >= 0.0) {
-                    return Err(EsyncError::Malformed(format!(
-                        "worker {worker} reported a step duration of {c} s"
-                    )));
-                }
-                self.ask(worker as usize, k, c, now)
-                    .map(Reply::Answer)
-                    .ok_or(EsyncError::UnknownWorker { worker, n })
-            }
-            Request::Reset { worker, round } => {
+            Request::Ask { k, .. } => self
+                .ask(r, k, c, now)
+                .map(Reply::Answer)
+                .ok_or(EsyncError::UnknownWorker { worker, n }),
+            Request::Reset { round, .. } => {
                 if round < self.t {
                     return Err(EsyncError::StaleReset {
                         worker,
@@ -146,9 +150,13 @@ impl Esync {
                         current: self.t,
                     });
                 }
-                self.reset(worker as usize, round, now)
-                    .map(|s| Reply::Steps(s.to_vec()))
-                    .ok_or(EsyncError::UnknownWorker { worker, n })
+                let steps = self
+                    .reset(r, round, now)
+                    .map(<[u64]>::to_vec)
+                    .ok_or(EsyncError::UnknownWorker { worker, n })?;
+                // The Ask{r, 0, c} that follows every reset (its answer is always step).
+                self.ask(r, 0, c, now);
+                Ok(Reply::Steps(steps))
             }
         }
     }
@@ -186,8 +194,7 @@ const KEY_ASK: u64 = 0;
 const KEY_RESET: u64 = 1;
 
 /// A worker's request to the coordinator's ESync endpoint. On the wire it is a push frame:
-/// `key` 0 = Ask (`version` = k, payload = worker u32 LE, c f64 LE), `key` 1 = Reset (`version` =
-/// round, payload = worker u32 LE).
+/// `key` 0 = Ask, `key` 1 = Reset; `version` = k or the round; payload = worker u32 LE, c f64 LE.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Request {
     /// `Ask{r, k, c}`: after `k` local steps this round, the last of which took `c` seconds.
@@ -199,54 +206,56 @@ pub enum Request {
         /// Duration of the last step in seconds (before the first, a warm-up step's).
         c: f64,
     },
-    /// `Reset{r, round}`: the worker received the aggregated model and starts `round`.
+    /// `Reset{r, round}`: the worker received the aggregated model and starts `round`. It also
+    /// carries the `Ask{r, 0, c}` that follows every reset: that ask is always answered *step*,
+    /// so the worker starts its first local step without waiting for a reply.
     Reset {
         /// Worker index.
         worker: u32,
         /// The round it starts.
         round: u64,
+        /// Duration of its last step in seconds.
+        c: f64,
     },
 }
 
 impl Request {
     /// `(key, version, payload)` of the push frame carrying this request.
     pub fn to_frame(&self) -> (u64, u64, Vec<u8>) {
-        match *self {
-            Request::Ask { worker, k, c } => {
-                let mut p = worker.to_le_bytes().to_vec();
-                p.extend_from_slice(&c.to_le_bytes());
-                (KEY_ASK, k, p)
-            }
-            Request::Reset { worker, round } => (KEY_RESET, round, worker.to_le_bytes().to_vec()),
-        }
+        let (key, version, worker, c) = match *self {
+            Request::Ask { worker, k, c } => (KEY_ASK, k, worker, c),
+            Request::Reset { worker, round, c } => (KEY_RESET, round, worker, c),
+        };
+        let mut p = worker.to_le_bytes().to_vec();
+        p.extend_from_slice(&c.to_le_bytes());
+        (key, version, p)
     }
 
     /// Decodes a push frame's `key`, `version` and `payload`.
     pub fn from_frame(key: u64, version: u64, payload: &[u8]) -> Result<Self, EsyncError> {
-        let worker = |p: &[u8]| -> Result<u32, EsyncError> {
-            p.get(..4)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_le_bytes)
-                .ok_or_else(|| EsyncError::Malformed(format!("{} payload bytes", p.len())))
+        let (Ok(w), Ok(c)) = (
+            <[u8; 4]>::try_from(payload.get(..4).unwrap_or_default()),
+            <[u8; 8]>::try_from(payload.get(4..).unwrap_or_default()),
+        ) else {
+            return Err(EsyncError::Malformed(format!(
+                "{} payload bytes (expected 12)",
+                payload.len()
+            )));
         };
-        match (key, payload.len()) {
-            (KEY_ASK, 12) => {
-                let c = payload[4..12]
-                    .try_into()
-                    .map(f64::from_le_bytes)
-                    .map_err(|_| EsyncError::Malformed("ask payload".into()))?;
-                Ok(Request::Ask {
-                    worker: worker(payload)?,
-                    k: version,
-                    c,
-                })
-            }
-            (KEY_RESET, 4) => Ok(Request::Reset {
-                worker: worker(payload)?,
-                round: version,
+        let (worker, c) = (u32::from_le_bytes(w), f64::from_le_bytes(c));
+        match key {
+            KEY_ASK => Ok(Request::Ask {
+                worker,
+                k: version,
+                c,
             }),
-            (k, n) => Err(EsyncError::Malformed(format!(
-                "key {k} with {n} payload bytes (ask: key 0, 12 bytes; reset: key 1, 4 bytes)"
+            KEY_RESET => Ok(Request::Reset {
+                worker,
+                round: version,
+                c,
+            }),
+            k => Err(EsyncError::Malformed(format!(
+                "key {k} (ask: key 0, reset: key 1)"
             ))),
         }
     }
@@ -420,11 +429,14 @@ mod tests {
         let mut now = 0.0;
         let mut out = Vec::new();
         for round in 1..=rounds {
-            // Every worker asks after the reset (k = 0) and steps.
+            // Every worker asks after the reset (k = 0; over the wire the reset carried it, except
+            // before round 1) and steps.
             let mut next: Vec<Option<f64>> = vec![None; n];
             let mut steps = vec![0u64; n];
             for r in 0..n {
-                assert_eq!(ask(&mut m, r, 0, last[r], now), Answer::Step);
+                if !wire || round == 1 {
+                    assert_eq!(ask(&mut m, r, 0, last[r], now), Answer::Step);
+                }
                 next[r] = Some(now + duration(r, round));
             }
             let mut pushed = vec![f64::NAN; n];
@@ -447,11 +459,12 @@ mod tests {
                 }
             }
             now = pushed.iter().copied().fold(f64::MIN, f64::max);
-            for r in 0..n {
+            for (r, &c) in last.iter().enumerate() {
                 if wire {
                     let req = Request::Reset {
                         worker: r as u32,
                         round: round + 1,
+                        c,
                     };
                     assert_eq!(over_wire(&mut m, req, now, n), Reply::Steps(steps.clone()));
                 } else {
@@ -516,7 +529,7 @@ mod tests {
             Err(EsyncError::Malformed(_))
         ));
         assert!(matches!(
-            Request::from_frame(2, 1, &[0; 4]),
+            Request::from_frame(2, 1, &[0; 12]),
             Err(EsyncError::Malformed(_))
         ));
         let nan = Request::Ask {
@@ -534,7 +547,11 @@ mod tests {
             m.handle(&stranger, 0.0),
             Err(EsyncError::UnknownWorker { worker: 7, n: 2 })
         );
-        let reset = |round| Request::Reset { worker: 1, round };
+        let reset = |round| Request::Reset {
+            worker: 1,
+            round,
+            c: 1.0,
+        };
         assert_eq!(m.handle(&reset(2), 1.0), Ok(Reply::Steps(vec![0, 0])));
         assert!(matches!(
             m.handle(&reset(1), 1.0),

@@ -164,7 +164,7 @@ fn local_step(
 }
 
 /// A worker's side of ESync: its connection to the coordinator's ESync endpoint, the duration of
-/// its last step and the servers' milestone m (see [`super::esync`]).
+/// its last step, the servers' milestone m (see [`super::esync`]) and the Reset still in flight.
 struct EsyncWorker {
     endpoint: KvClient,
     index: u32,
@@ -173,6 +173,9 @@ struct EsyncWorker {
     milestone: Vec<Vec<f32>>,
     steps: u64,
     slowdown: f64,
+    /// A Reset sent but not yet answered (its reply is needed only for FedNova, or before the
+    /// next Ask, which the endpoint answers after it anyway).
+    pending: Option<Pending>,
 }
 
 impl EsyncWorker {
@@ -186,7 +189,7 @@ impl EsyncWorker {
         c: Duration,
         slowdown: f64,
     ) -> Result<Self, RunError> {
-        let addr = node.addr_of(super::esync::ROLE, job.plan.central_dc, 0)?;
+        let addr = node.addr_of(esync::ROLE, job.plan.central_dc, 0)?;
         let endpoint = KvClient::connect(addr.as_str(), node.id(), job.net)
             .map_err(|e| RunError::Net(format!("connecting to the ESync endpoint at {addr}"), e))?;
         Ok(Self {
@@ -197,27 +200,43 @@ impl EsyncWorker {
             milestone: theta0.to_vec(),
             steps: 0,
             slowdown,
+            pending: None,
         })
     }
 
-    fn call(&self, req: super::esync::Request, limit: Duration) -> Result<Vec<u8>, RunError> {
+    fn send(&self, req: esync::Request) -> Result<Pending, RunError> {
         let (key, version, payload) = req.to_frame();
         self.endpoint
             .push(key, version, PayloadCodec::Raw, 0, 0, &payload)
-            .and_then(|p| p.wait(limit))
-            .map(|r| r.payload)
             .map_err(|e| RunError::Net(format!("ESync {req:?}"), e))
+    }
+
+    fn wait(p: Pending, limit: Duration, what: &str) -> Result<Vec<u8>, RunError> {
+        p.wait(limit)
+            .map(|r| r.payload)
+            .map_err(|e| RunError::Net(format!("ESync {what}"), e))
     }
 
     /// `Ask{r, k, c}`.
     fn ask(&self, k: u64, limit: Duration) -> Result<Answer, RunError> {
-        let req = super::esync::Request::Ask {
+        let req = esync::Request::Ask {
             worker: self.index,
             k,
             c: self.c,
         };
-        let p = self.call(req, limit)?;
+        let p = Self::wait(self.send(req)?, limit, "ask")?;
         Reply::decode_answer(&p).map_err(|e| RunError::Protocol(e.to_string()))
+    }
+
+    /// Waits for the Reset in flight, if any; returns the step counts it answered.
+    fn settle(&mut self, limit: Duration) -> Result<Option<Vec<u64>>, RunError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(None);
+        };
+        let payload = Self::wait(p, limit, "reset")?;
+        Reply::decode_steps(&payload, self.workers)
+            .map(Some)
+            .map_err(|e| RunError::Protocol(e.to_string()))
     }
 
     /// One ESync round (`round` 0-based): local steps until the coordinator says push, then the
@@ -235,12 +254,26 @@ impl EsyncWorker {
         let w_prev = params.to_vec();
         let mut k = 0;
         let mut loss = f64::NAN;
-        while self.ask(k, limit)? == Answer::Step {
+        // After a reset, the Ask{k = 0} travelled with it (always answered step); the first round
+        // asks with the warm-up duration.
+        let mut answer = if round == 0 {
+            self.ask(0, limit)?
+        } else {
+            Answer::Step
+        };
+        while answer == Answer::Step {
             let batch = next_batch();
             let (l, d) = local_step(job, params, &batch, Some(&mut *opts), self.slowdown)?;
             loss = l;
             self.c = d.as_secs_f64();
             k += 1;
+            self.settle(limit)?;
+            answer = self.ask(k, limit)?;
+        }
+        if k == 0 {
+            return Err(RunError::Protocol(
+                "the ESync endpoint answered push before any local step".into(),
+            ));
         }
         self.steps += k;
         let norm = job.esync.normalisation;
@@ -249,14 +282,19 @@ impl EsyncWorker {
             .map(|i| esync::push_model(&self.milestone[i], &params[i], &w_prev[i], a))
             .collect();
         average(client, &mut u, round + 1, job)?;
-        let reset = super::esync::Request::Reset {
+        self.pending = Some(self.send(esync::Request::Reset {
             worker: self.index,
             round: round + 2,
+            c: self.c,
+        })?);
+        let s = match norm {
+            // FedNova's τ_eff needs every worker's step count now.
+            esync::Normalisation::Fednova => {
+                let steps = self.settle(limit)?.unwrap_or_default();
+                esync::round_scale(norm, job.esync.gamma, &steps)
+            }
+            esync::Normalisation::None => esync::round_scale(norm, job.esync.gamma, &[]),
         };
-        let p = self.call(reset, limit)?;
-        let steps =
-            Reply::decode_steps(&p, self.workers).map_err(|e| RunError::Protocol(e.to_string()))?;
-        let s = esync::round_scale(norm, job.esync.gamma, &steps);
         for (i, p) in params.iter_mut().enumerate() {
             *p = esync::apply_round(&w_prev[i], &self.milestone[i], &u[i], s);
         }
@@ -412,7 +450,8 @@ pub fn run(
         }
     }
     let hash = params_hash(&params);
-    if let Some(es) = &esync {
+    if let Some(es) = esync.as_mut() {
+        es.settle(job.wait_limit())?;
         tracing::info!(%dc, %rank, local_steps = es.steps, "ESync local steps");
     }
     tracing::info!(%dc, %rank, hash = format!("{hash:016x}"), "worker finished");
