@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (no Rust, no registry; CUDA driver, nvcc and python3 with torch):
 # locates libcuda / libnvrtc, runs the CUDA test binaries and the GPU benchmark built by
-# scripts/gpu-prepare.sh (in .gpu-bundle/), times torch.topk and torch casts on the same sizes,
-# and prints ONE JSON summary line on stdout (progress goes to stderr). Budget: < 8 minutes on
-# one H200. See docs/gpu.md.
+# scripts/gpu-prepare.sh (in .gpu-bundle/), trains the libtorch CNN with GPU-resident compression
+# (test-tch_gpu, when built and libtorch 2.13.0 is there), times torch.topk and torch casts on the
+# same sizes, and prints ONE JSON summary line on stdout (progress goes to stderr). Budget: < 8
+# minutes on one H200. See docs/gpu.md and docs/tch.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,9 +83,37 @@ brc=$?
 [ -n "$bench_json" ] || bench_json="{\"error\":\"gpu_bench printed nothing (rc $brc)\"}"
 tail -n 5 "$work/bench.err" >&2
 
-# ---- 4. torch on the same sizes, then the summary -----------------------------------------------
+# ---- 4. the libtorch CNN trained on the GPU with GPU-resident compression (feature tch) -------
+# test-tch_gpu links libtorch 2.13.0 (tch 0.26): take GEOMX_LIBTORCH_LIB, else python3's torch when
+# it is that version; otherwise the check is reported as skipped with the reason.
+tch_json='{"skipped":"no .gpu-bundle/bin/test-tch_gpu (gpu-prepare.sh ran without torch 2.13.0)"}'
+if [ -x "$bundle/bin/test-tch_gpu" ]; then
+  tlib=${GEOMX_LIBTORCH_LIB:-}
+  if [ -z "$tlib" ]; then
+    tver=$(python3 -c 'import torch;print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+    if [ "$tver" = "2.13.0" ] && [ -n "$torch_dir" ]; then
+      tlib="$torch_dir/lib"
+    else
+      tch_json="{\"skipped\":\"needs libtorch 2.13.0; python3 has torch ${tver:-none} (set GEOMX_LIBTORCH_LIB)\"}"
+    fi
+  fi
+  if [ -n "$tlib" ]; then
+    log "running test-tch_gpu (libtorch in $tlib)"
+    LD_LIBRARY_PATH="$tlib:$LD_LIBRARY_PATH" GEOMX_TCH_GPU_STEPS="${GEOMX_TCH_GPU_STEPS:-50}" \
+      timeout 240 "$bundle/bin/test-tch_gpu" --nocapture --test-threads=1 >"$work/tch.out" 2>&1
+    trc=$?
+    tail -n 20 "$work/tch.out" >&2
+    # libtest may print a test's output on the line of its name: match anywhere in the line.
+    runs=$(grep -o 'GPU_TRAIN {.*}' "$work/tch.out" | sed 's/^GPU_TRAIN //' | paste -sd, -)
+    tskip=$(grep -o -m1 'skipped: .*' "$work/tch.out" | tr '"\\' "'/" || true)
+    tpass=$(grep -c 'test result: ok' "$work/tch.out")
+    tch_json="{\"rc\":$trc,\"passed\":$tpass,\"skipped\":\"$tskip\",\"runs\":[${runs}]}"
+  fi
+fi
+
+# ---- 5. torch on the same sizes, then the summary -----------------------------------------------
 log "running torch comparison"
-BENCH_JSON="$bench_json" TESTS_JSON="$tests_json" GPU_INFO="$gpu_info" LIBCUDA="$libcuda" NVRTC="$nvrtc" \
+TCH_JSON="$tch_json" BENCH_JSON="$bench_json" TESTS_JSON="$tests_json" GPU_INFO="$gpu_info" LIBCUDA="$libcuda" NVRTC="$nvrtc" \
 timeout 150 python3 - <<'PY'
 import json, os
 
@@ -100,6 +129,7 @@ summary = {
     "libnvrtc": os.environ.get("NVRTC", ""),
     "tests": load("TESTS_JSON"),
     "geomx": load("BENCH_JSON"),
+    "tch": load("TCH_JSON"),
 }
 torch_res = {}
 try:
@@ -159,6 +189,15 @@ targets["tests_all_passed"] = bool(tests) and all(
     isinstance(v, dict) and v.get("rc") == 0 and v.get("failed") == 0 and v.get("skipped") == 0
     for v in tests.values()
 )
+tch = summary["tch"]
+try:
+    if tch.get("runs"):
+        targets["tch_gpu_trained"] = tch.get("rc") == 0 and tch.get("passed", 0) > 0
+        targets["tch_compress_fraction"] = {
+            r["options"]["codec"]["codec"]: round(r["compress_fraction"], 4) for r in tch["runs"]
+        }
+except Exception as e:
+    targets["tch_error"] = str(e)
 summary["targets"] = targets
 print(json.dumps(summary, separators=(",", ":")))
 PY

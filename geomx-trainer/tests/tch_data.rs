@@ -105,3 +105,23 @@ fn cifar10_batches_feed_resnet18_and_missing_files_are_named() {
     assert!(e.loss.is_finite());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn the_shipped_examples_parse_and_validate() {
+    for (text, kind, dataset) in [
+        (
+            include_str!("../../examples/cnn-mnist.toml"),
+            ModelKind::Cnn,
+            DatasetKind::Idx,
+        ),
+        (
+            include_str!("../../examples/resnet18-cifar10.toml"),
+            ModelKind::Resnet18,
+            DatasetKind::Cifar10,
+        ),
+    ] {
+        let cfg: Config = toml::from_str(text).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!((cfg.model.kind, cfg.data.dataset), (kind, dataset));
+    }
+}

@@ -342,6 +342,9 @@ mod tests {
                 vec![10],
             ]
         );
+        // 416 + 12,832 + 131,328 + 32,896 + 1,290 parameters.
+        let total: usize = mnist.specs().iter().map(TensorSpec::len).sum();
+        assert_eq!(total, 178_762);
         let cifar = Net::new(Arch::Cnn, ImageShape::infer(3_072).unwrap(), 10).unwrap();
         assert_eq!(cifar.specs()[0].shape, vec![16, 3, 5, 5]);
         assert_eq!(cifar.specs()[4].shape, vec![256, 800]);
