@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod bench_cmd;
+pub mod bench_dgt;
 pub mod bench_e2e;
 pub mod bench_sync;
 pub mod config;

@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod coordinator;
 pub mod dgt;
+pub mod dgt_lab;
 pub mod esync;
 mod global_agg;
 pub mod global_server;

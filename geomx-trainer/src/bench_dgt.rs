@@ -1,0 +1,341 @@
+//! `geomx bench dgt [--quick]`: round completion time of DGT versus all-TCP transfer of the same
+//! tensors over a rate-limited, lossy link (issue 7, dgt.md), measured in one run.
+//!
+//! Per loss rate p ∈ {1 %, 5 %, 10 %} a fresh two-namespace link ([`DgtLab`]: 100 Mbit/s each
+//! way, random loss p on every IP packet each way) carries `rounds` rounds of one tensor from the
+//! site to the central namespace:
+//! * **TCP**: a geomx-net `Push` of the whole tensor (one frame) answered by an empty reply;
+//!   the round ends when the reply arrives.
+//! * **DGT**: the same tensor through a [`DgtClient`](geomx_net::dgt::link::DgtClient) (k = 0.8, C = 3, paced at 90 % of the link,
+//!   blocks sized to the 1500-byte MTU, GSO off behind the loss filter); the round ends when the
+//!   [`DgtServer`] delivers it (lost blocks zero, 5 ms deadline after the terminator).
+//!
+//! Without root the benchmark cannot build the link and says so (no loopback stand-in: loopback
+//! has neither the rate limit nor the loss the comparison is about).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use geomx_net::dgt::link::DgtServer;
+use geomx_net::dgt::ValueType;
+use geomx_net::{Handler, KvClient, KvServer, NetOptions, PayloadCodec, Request, Responder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::config::DgtTransportConfig;
+use crate::hips::dgt::{link_config, DgtUplink};
+use crate::hips::dgt_lab::{self, DgtLab, LossScope, CENTRAL_ADDR};
+
+/// Settings of one benchmark run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DgtBenchOptions {
+    /// Elements (f32) of the tensor sent each round.
+    pub elems: usize,
+    /// Rounds per (loss, transport).
+    pub rounds: usize,
+    /// Link rate each way, Mbit/s.
+    pub rate_mbit: f64,
+    /// Loss probabilities.
+    pub losses: Vec<f64>,
+}
+
+impl DgtBenchOptions {
+    /// The full run: 2 MiB tensors, 40 rounds, 100 Mbit/s, 1 / 5 / 10 % loss.
+    pub fn full() -> Self {
+        Self {
+            elems: 1 << 19,
+            rounds: 40,
+            rate_mbit: 100.0,
+            losses: vec![0.01, 0.05, 0.10],
+        }
+    }
+
+    /// A smoke-size run: 512 KiB tensors, 8 rounds.
+    pub fn quick() -> Self {
+        Self {
+            elems: 1 << 17,
+            rounds: 8,
+            ..Self::full()
+        }
+    }
+}
+
+/// Round times of one transport at one loss rate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Series {
+    /// `tcp` or `dgt`.
+    pub transport: String,
+    /// Loss probability of the link.
+    pub loss: f64,
+    /// Median round completion time, ms.
+    pub median_ms: f64,
+    /// 99th percentile (nearest rank), ms.
+    pub p99_ms: f64,
+    /// Mean, ms.
+    pub mean_ms: f64,
+    /// DGT: fraction of the tensor's blocks missing at delivery (zeroed), over all rounds.
+    pub missing_fraction: f64,
+    /// Packets the link's loss filter dropped during the series (both directions).
+    pub link_drops: u64,
+}
+
+/// Result of the run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DgtBenchReport {
+    /// `netns`, or `not-run` with the reason in `note`.
+    pub mode: String,
+    /// Why it did not run, or remarks.
+    pub note: String,
+    /// Tensor elements per round.
+    pub elems: usize,
+    /// Rounds per series.
+    pub rounds: usize,
+    /// Link rate, Mbit/s.
+    pub rate_mbit: f64,
+    /// One series per (loss, transport).
+    pub series: Vec<Series>,
+}
+
+/// Nearest-rank quantile of sorted `v`.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+fn series(transport: &str, loss: f64, mut ms: Vec<f64>, missing: f64, drops: u64) -> Series {
+    ms.sort_by(f64::total_cmp);
+    Series {
+        transport: transport.into(),
+        loss,
+        median_ms: quantile(&ms, 0.5),
+        p99_ms: quantile(&ms, 0.99),
+        mean_ms: ms.iter().sum::<f64>() / ms.len().max(1) as f64,
+        missing_fraction: missing,
+        link_drops: drops,
+    }
+}
+
+struct Ack;
+impl Handler for Ack {
+    fn on_request(&self, req: Request, reply: Responder) {
+        let _ = reply.send(req.version + 1, PayloadCodec::Raw, &[]);
+    }
+}
+
+fn tensors(n: usize, rounds: usize) -> Vec<Vec<f32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    (0..rounds)
+        .map(|_| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+        .collect()
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// TCP round times (ms) on `lab`.
+fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>) -> Result<Vec<f64>, String> {
+    let opts = NetOptions::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let server = lab
+        .spawn_in(false, move || {
+            let s = KvServer::bind(format!("{CENTRAL_ADDR}:0"), Ack, opts);
+            let _ = tx.send(s.as_ref().map(|s| s.local_addr()).map_err(err));
+            // Serve until the client side is done.
+            let _ = stop_rx.recv();
+            drop(s);
+        })
+        .map_err(err)?;
+    let addr = rx.recv().map_err(err)??;
+    let data = data.clone();
+    let client = lab
+        .spawn_in(true, move || -> Result<Vec<f64>, String> {
+            let c = KvClient::connect(addr, 1, NetOptions::default()).map_err(err)?;
+            let mut out = Vec::with_capacity(data.len());
+            for (r, x) in data.iter().enumerate() {
+                let bytes = crate::hips::msg::f32_bytes(x);
+                let t0 = Instant::now();
+                let p = c
+                    .push(
+                        0,
+                        r as u64,
+                        PayloadCodec::DenseF32,
+                        0,
+                        x.len() as u64,
+                        &bytes,
+                    )
+                    .map_err(err)?;
+                p.wait(Duration::from_secs(120)).map_err(err)?;
+                out.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(out)
+        })
+        .map_err(err)?;
+    let res = client
+        .join()
+        .map_err(|_| "tcp client panicked".to_string())?;
+    drop(stop_tx);
+    let _ = server.join();
+    res
+}
+
+/// DGT round times (ms) and the fraction of blocks missing at delivery.
+fn run_dgt(
+    lab: &DgtLab,
+    data: &Arc<Vec<Vec<f32>>>,
+    rate_mbit: f64,
+) -> Result<(Vec<f64>, f64), String> {
+    let d = DgtTransportConfig {
+        rate_mbit: Some(rate_mbit * 0.9),
+        gso: false,
+        ..DgtTransportConfig::default()
+    };
+    let n = data[0].len();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let d2 = d.clone();
+    let server = lab
+        .spawn_in(false, move || {
+            let (cfg, _) = link_config(&d2);
+            let s = DgtServer::bind(
+                CENTRAL_ADDR.into(),
+                cfg,
+                &[(0, n as u32, ValueType::F32)],
+                None,
+            );
+            match s {
+                Ok(s) => {
+                    let _ = tx.send(Ok((s.local_addr(), s.deliveries().clone())));
+                    let _ = stop_rx.recv();
+                    drop(s);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        })
+        .map_err(err)?;
+    let (addr, deliveries) = rx.recv().map_err(err)??;
+    let data = data.clone();
+    let client = lab
+        .spawn_in(true, move || -> Result<(Vec<f64>, f64), String> {
+            let link = crate::hips::dgt::connect(addr, 1, &d)?;
+            let mut up = DgtUplink::new(&d);
+            let n_b = link.num_blocks(n, ValueType::F32);
+            let (mut out, mut missing) = (Vec::with_capacity(data.len()), 0usize);
+            for (r, x) in data.iter().enumerate() {
+                let t0 = Instant::now();
+                up.push(&link, 0, r as u64, x.clone())?;
+                let del = deliveries
+                    .recv_timeout(Duration::from_secs(120))
+                    .map_err(|_| format!("round {r}: no delivery"))?;
+                out.push(t0.elapsed().as_secs_f64() * 1e3);
+                missing += del.missing.len();
+            }
+            Ok((out, missing as f64 / (n_b * data.len()) as f64))
+        })
+        .map_err(err)?;
+    let res = client
+        .join()
+        .map_err(|_| "dgt client panicked".to_string())?;
+    drop(stop_tx);
+    let _ = server.join();
+    res
+}
+
+/// Runs the benchmark; `Ok` with mode `not-run` when namespaces cannot be created.
+pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
+    let mut report = DgtBenchReport {
+        mode: "netns".into(),
+        note: "loss on every IP packet, each way; DGT k = 0.8, C = 3, paced at 90 % of the link, \
+               GSO off, 5 ms deadline; no added delay"
+            .into(),
+        elems: opts.elems,
+        rounds: opts.rounds,
+        rate_mbit: opts.rate_mbit,
+        series: Vec::new(),
+    };
+    if let Err(e) = dgt_lab::root_available() {
+        report.mode = "not-run".into();
+        report.note = format!("cannot run: {e}");
+        return Ok(report);
+    }
+    let data = Arc::new(tensors(opts.elems, opts.rounds));
+    for &p in &opts.losses {
+        let lab = DgtLab::build(Some(opts.rate_mbit), p, LossScope::All).map_err(err)?;
+        let before = lab.drops();
+        let tcp = run_tcp(&lab, &data)?;
+        let mid = lab.drops();
+        let (dgt, missing) = run_dgt(&lab, &data, opts.rate_mbit)?;
+        let after = lab.drops();
+        let sum = |a: (u64, u64), b: (u64, u64)| (b.0 + b.1).saturating_sub(a.0 + a.1);
+        report
+            .series
+            .push(series("tcp", p, tcp, 0.0, sum(before, mid)));
+        report
+            .series
+            .push(series("dgt", p, dgt, missing, sum(mid, after)));
+    }
+    Ok(report)
+}
+
+/// The report as a markdown table.
+pub fn render_markdown(r: &DgtBenchReport) -> String {
+    let mut s = format!(
+        "DGT vs TCP, {} f32 per round ({:.1} MiB), {} rounds, {} Mbit/s, mode {}\n{}\n\n",
+        r.elems,
+        r.elems as f64 * 4.0 / (1 << 20) as f64,
+        r.rounds,
+        r.rate_mbit,
+        r.mode,
+        r.note
+    );
+    if r.series.is_empty() {
+        return s;
+    }
+    s.push_str(
+        "| loss | transport | median ms | p99 ms | mean ms | blocks missing | link drops |\n",
+    );
+    s.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
+    for x in &r.series {
+        s.push_str(&format!(
+            "| {:.0} % | {} | {:.1} | {:.1} | {:.1} | {:.2} % | {} |\n",
+            x.loss * 100.0,
+            x.transport,
+            x.median_ms,
+            x.p99_ms,
+            x.mean_ms,
+            x.missing_fraction * 100.0,
+            x.link_drops
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!((quantile(&v, 0.5), quantile(&v, 0.99)), (50.0, 99.0));
+        assert_eq!(quantile(&[3.0], 0.99), 3.0);
+        let s = series("tcp", 0.01, vec![5.0, 1.0, 3.0], 0.0, 2);
+        assert_eq!((s.median_ms, s.p99_ms, s.mean_ms), (3.0, 5.0, 3.0));
+        assert!(render_markdown(&DgtBenchReport {
+            mode: "netns".into(),
+            note: String::new(),
+            elems: 4,
+            rounds: 3,
+            rate_mbit: 100.0,
+            series: vec![s],
+        })
+        .contains("| 1 % | tcp | 3.0 | 5.0 | 3.0 |"));
+    }
+}

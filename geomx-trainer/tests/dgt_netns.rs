@@ -1,0 +1,160 @@
+//! DGT under real loss (dgt.md test oracle, wan-lab.md loss filter): every role of a 2-DC job runs
+//! on its own thread, the coordinator and global server inside a "central" network namespace,
+//! the local servers and workers inside a "site" namespace; the veth between them drops 10 % of
+//! the UDP datagrams each way (classic-BPF filter into a `pfifo limit 0` class). FSA training with
+//! `transport.inter = "dgt"` converges within 2 accuracy points of the all-TCP run on the same
+//! link, the DGT counters saw the loss, and they agree with the filter's drops.
+//! Root only: otherwise the test prints the SKIPPED line and returns.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use geomx_trainer::config::Config;
+use geomx_trainer::hips::dgt_lab::{self, DgtLab, LossScope, CENTRAL_ADDR};
+use geomx_trainer::hips::node::FatalHook;
+use geomx_trainer::hips::worker::ProgressSink;
+use geomx_trainer::hips::{coordinator, global_server, local_server, worker, JobSpec, RoleStats};
+
+const EXAMPLE: &str = include_str!("../../examples/dgt.toml");
+
+fn config(dgt: bool) -> Config {
+    // hidden [64]: at MTU 1500 the 4,096-element weight spans 12 blocks of 1,408 bytes, so with
+    // k = 0.5 half of them cross the lossy UDP channels.
+    let mut toml = EXAMPLE
+        .replace("rounds = 400", "rounds = 300")
+        .replace("eval_every = 100", "eval_every = 300")
+        .replace("k = 0.8 ", "k = 0.5 ")
+        .replace("gso = true ", "gso = false ");
+    if !dgt {
+        toml = toml.replace("inter = \"dgt\"", "inter = \"tcp\"");
+    }
+    let c = Config::from_toml_str(&toml).unwrap();
+    c.validate().unwrap();
+    c
+}
+
+/// Runs every role of `job` on `lab`; returns their stats.
+fn run_cluster(lab: &DgtLab, job: &JobSpec) -> Vec<RoleStats> {
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let e2 = errors.clone();
+    let fatal: FatalHook = Arc::new(move |m: &str| e2.lock().unwrap().push(m.to_string()));
+    let progress: ProgressSink = Arc::new(|_| {});
+    let (res_tx, res_rx) = std::sync::mpsc::channel();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let central = format!("{CENTRAL_ADDR}:0");
+    {
+        let (j, tx, a) = (job.clone(), res_tx.clone(), central.clone());
+        lab.spawn_in(false, move || {
+            let r = coordinator::run(&j, &a, |x| addr_tx.send(x.to_string()).unwrap());
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        })
+        .unwrap();
+    }
+    let coord = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let spawn = |site: bool, f: Box<dyn FnOnce() -> Result<RoleStats, String> + Send>| {
+        let tx = res_tx.clone();
+        lab.spawn_in(site, move || {
+            let _ = tx.send(f());
+        })
+        .unwrap();
+    };
+    let plan = &job.plan;
+    for s in 0..plan.num_global_servers() as u32 {
+        let (j, c, f, a) = (job.clone(), coord.clone(), fatal.clone(), central.clone());
+        spawn(
+            false,
+            Box::new(move || global_server::run(&j, s, &c, &a, f).map_err(|e| e.to_string())),
+        );
+    }
+    for (d, &n) in plan.workers_per_dc.iter().enumerate() {
+        let d = d as u32;
+        let (j, c, f) = (job.clone(), coord.clone(), fatal.clone());
+        spawn(
+            true,
+            Box::new(move || {
+                local_server::run(&j, d, &c, "127.0.0.1:0", f).map_err(|e| e.to_string())
+            }),
+        );
+        for r in 0..n as u32 {
+            let (j, c, f, p) = (job.clone(), coord.clone(), fatal.clone(), progress.clone());
+            spawn(
+                true,
+                Box::new(move || worker::run(&j, d, r, &c, f, p).map_err(|e| e.to_string())),
+            );
+        }
+    }
+    let total = 1 + plan.num_global_servers() + plan.num_dcs() + plan.total_workers();
+    let mut out = Vec::new();
+    for _ in 0..total {
+        match res_rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(Ok(s)) => out.push(s),
+            Ok(Err(e)) => panic!("role failed: {e}; fatal: {:?}", errors.lock().unwrap()),
+            Err(_) => panic!("cluster hung; fatal: {:?}", errors.lock().unwrap()),
+        }
+    }
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    out
+}
+
+fn accuracy(stats: &[RoleStats]) -> f64 {
+    stats
+        .iter()
+        .find_map(|s| s.final_test_accuracy)
+        .expect("the reporting worker's accuracy")
+}
+
+#[test]
+fn dgt_converges_with_ten_percent_udp_loss() {
+    if dgt_lab::root_available().is_err() {
+        println!(
+            "{}",
+            dgt_lab::skip_line("dgt_converges_with_ten_percent_udp_loss")
+        );
+        return;
+    }
+    let lab = DgtLab::build(Some(100.0), 0.10, LossScope::Udp).unwrap();
+    let tcp = run_cluster(&lab, &JobSpec::from_config(&config(false)).unwrap());
+    let (d0, d1) = lab.drops();
+    assert_eq!(d0 + d1, 0, "no UDP in the all-TCP run, so nothing dropped");
+    let dgt = run_cluster(&lab, &JobSpec::from_config(&config(true)).unwrap());
+    let (a_tcp, a_dgt) = (accuracy(&tcp), accuracy(&dgt));
+    eprintln!("accuracy: tcp {a_tcp:.4}, dgt {a_dgt:.4}");
+    assert!(a_tcp >= 0.9, "all-TCP accuracy {a_tcp}");
+    assert!(a_dgt >= a_tcp - 0.02, "dgt {a_dgt} vs tcp {a_tcp}");
+    let g = dgt
+        .iter()
+        .find(|s| s.role == "global_server")
+        .and_then(|s| s.dgt.clone())
+        .expect("global dgt stats");
+    let l: Vec<_> = dgt
+        .iter()
+        .filter(|s| s.role == "local_server")
+        .filter_map(|s| s.dgt.clone())
+        .collect();
+    assert_eq!(l.len(), 2);
+    eprintln!("global {g:?}\nlocal {l:?}");
+    let sent: u64 = l.iter().map(|s| s.unreliable_blocks).sum();
+    // Datagrams went out, about 10 % were lost for good, none was invalid.
+    assert_eq!(
+        g.unreliable_blocks, sent,
+        "terminators list what the senders sent"
+    );
+    let lost = g.lost_blocks as f64 / sent as f64;
+    assert!(
+        (0.06..0.14).contains(&lost),
+        "lost fraction {lost} of {sent}"
+    );
+    assert_eq!(g.invalid, 0);
+    // The filter dropped every lost datagram (late ones arrived, so drops ≥ lost); site → central
+    // carries the datagrams, central → site only TCP, which the UDP-only filter never drops.
+    let (up, down) = lab.drops();
+    assert_eq!(down, 0);
+    assert!(
+        up >= g.lost_blocks && up <= g.lost_blocks + g.late_blocks,
+        "drops {up}, {g:?}"
+    );
+}
