@@ -6,7 +6,8 @@
 //! site to the central namespace:
 //! * **TCP**: a geomx-net `Push` of the whole tensor (one frame) answered by an empty reply;
 //!   the round ends when the reply arrives.
-//! * **DGT**: the same tensor through a [`DgtClient`](geomx_net::dgt::link::DgtClient) (k = 0.8, C = 3, paced at 90 % of the link,
+//! * **DGT**: the same tensor through a [`DgtClient`](geomx_net::dgt::link::DgtClient) with
+//!   reliable share k = 0.8 (the spec's default) and k = 0.5 (C = 3, paced at 90 % of the link,
 //!   blocks sized to the 1500-byte MTU, GSO off behind the loss filter); the round ends when the
 //!   [`DgtServer`] delivers it (lost blocks zero, 5 ms deadline after the terminator).
 //!
@@ -64,7 +65,7 @@ impl DgtBenchOptions {
 /// Round times of one transport at one loss rate.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Series {
-    /// `tcp` or `dgt`.
+    /// `tcp`, or `dgt k=<share>`.
     pub transport: String,
     /// Loss probability of the link.
     pub loss: f64,
@@ -189,8 +190,10 @@ fn run_dgt(
     lab: &DgtLab,
     data: &Arc<Vec<Vec<f32>>>,
     rate_mbit: f64,
+    k: f64,
 ) -> Result<(Vec<f64>, f64), String> {
     let d = DgtTransportConfig {
+        k,
         rate_mbit: Some(rate_mbit * 0.9),
         gso: false,
         ..DgtTransportConfig::default()
@@ -252,8 +255,8 @@ fn run_dgt(
 pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
     let mut report = DgtBenchReport {
         mode: "netns".into(),
-        note: "loss on every IP packet, each way; DGT k = 0.8, C = 3, paced at 90 % of the link, \
-               GSO off, 5 ms deadline; no added delay"
+        note: "loss on every IP packet, each way; DGT C = 3, paced at 90 % of the link, GSO off, \
+               5 ms deadline; no added delay"
             .into(),
         elems: opts.elems,
         rounds: opts.rounds,
@@ -271,15 +274,20 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
         let before = lab.drops();
         let tcp = run_tcp(&lab, &data)?;
         let mid = lab.drops();
-        let (dgt, missing) = run_dgt(&lab, &data, opts.rate_mbit)?;
-        let after = lab.drops();
         let sum = |a: (u64, u64), b: (u64, u64)| (b.0 + b.1).saturating_sub(a.0 + a.1);
         report
             .series
             .push(series("tcp", p, tcp, 0.0, sum(before, mid)));
-        report
-            .series
-            .push(series("dgt", p, dgt, missing, sum(mid, after)));
+        let mut last = mid;
+        for k in [0.8, 0.5] {
+            let (dgt, missing) = run_dgt(&lab, &data, opts.rate_mbit, k)?;
+            let now = lab.drops();
+            let name = format!("dgt k={k}");
+            report
+                .series
+                .push(series(&name, p, dgt, missing, sum(last, now)));
+            last = now;
+        }
     }
     Ok(report)
 }
