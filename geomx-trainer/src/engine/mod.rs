@@ -14,6 +14,8 @@ pub mod reference;
 #[cfg(feature = "tch")]
 pub mod tch;
 
+use geomx_kernels::{Scaling, ValueType};
+use geomx_net::PayloadCodec;
 use serde::Serialize;
 
 use crate::config::{ModelConfig, ModelKind};
@@ -171,6 +173,45 @@ pub trait Model: Send + Sync {
 
     /// Mean loss and accuracy over `data`.
     fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError>;
+
+    /// [`Model::backward_layerwise`] with each gradient already encoded as a dense push payload
+    /// of `enc` (the bytes of [`crate::hips::codec::encode_values`]): `on_payload(key, elements,
+    /// codec, bytes)`, last layer first. The default ([`encode_on_host`]) encodes host
+    /// gradients; a back end that computes on a GPU may encode there and copy only the payload
+    /// (`engine::tch::TchModel`, feature `tch`).
+    fn backward_encoded(
+        &self,
+        params: &[Vec<f32>],
+        batch: Samples<'_>,
+        enc: DenseEncoding,
+        on_payload: &mut dyn FnMut(usize, usize, PayloadCodec, Vec<u8>),
+    ) -> Result<f32, EngineError> {
+        encode_on_host(self, params, batch, enc, on_payload)
+    }
+}
+
+/// [`Model::backward_encoded`] on the host: [`Model::backward_layerwise`], then
+/// [`crate::hips::codec::encode_values`] per key.
+pub fn encode_on_host<M: Model + ?Sized>(
+    model: &M,
+    params: &[Vec<f32>],
+    batch: Samples<'_>,
+    enc: DenseEncoding,
+    on_payload: &mut dyn FnMut(usize, usize, PayloadCodec, Vec<u8>),
+) -> Result<f32, EngineError> {
+    model.backward_layerwise(params, batch, &mut |key, grad| {
+        let (codec, bytes) = crate::hips::codec::encode_values(&grad, enc.value_type, enc.scaling);
+        on_payload(key, grad.len(), codec, bytes)
+    })
+}
+
+/// How a tier sends dense values: the element type and the FP16 scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DenseEncoding {
+    /// Element type on the wire.
+    pub value_type: ValueType,
+    /// Scaling of FP16 payloads.
+    pub scaling: Scaling,
 }
 
 /// Builds the model a `[model]` configuration names for `inputs` features and `classes` classes.
@@ -312,6 +353,39 @@ mod tests {
         assert_eq!(m.num_params(), 15 + 5 + 20 + 4 + 8 + 2);
         assert_eq!(m.tensors()[2].name, "fc1.weight");
         assert!(build_model(&cfg, 0, 2).is_err());
+    }
+
+    #[test]
+    fn encoded_backward_defaults_to_host_encoding() {
+        let m = Mlp::new(3, &[4], 2).unwrap();
+        let p = m.init(1);
+        let features = [0.5f32, -1.0, 2.0, 1.0, 0.0, -0.5];
+        let batch = Samples {
+            features: &features,
+            labels: &[1, 0],
+            n_features: 3,
+        };
+        let (loss, grads) = m.loss_and_grad(&p, batch).unwrap();
+        let enc = DenseEncoding {
+            value_type: ValueType::F16,
+            scaling: Scaling::None,
+        };
+        let mut keys = Vec::new();
+        let l = m
+            .backward_encoded(&p, batch, enc, &mut |key, n, codec, bytes| {
+                assert_eq!(codec, PayloadCodec::Raw);
+                assert_eq!(n, grads[key].len());
+                let back = crate::hips::codec::decode_any(&bytes, key, n).unwrap();
+                let want: Vec<f32> = grads[key]
+                    .iter()
+                    .map(|&g| half::f16::from_f32(g).to_f32())
+                    .collect();
+                assert_eq!(back, want);
+                keys.push(key);
+            })
+            .unwrap();
+        assert_eq!(l, loss);
+        assert_eq!(keys, vec![3, 2, 1, 0]);
     }
 
     #[test]

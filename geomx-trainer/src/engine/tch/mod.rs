@@ -16,12 +16,18 @@ pub mod gpu;
 pub mod gpu_train;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use geomx_kernels::ValueType;
+use geomx_net::PayloadCodec;
 use tch::{Kind, Tensor};
 
-use super::{check_params, Device, EngineError, Evaluation, Model, TensorSpec};
+use super::{
+    check_params, encode_on_host, DenseEncoding, Device, EngineError, Evaluation, Model, TensorSpec,
+};
 use crate::data::Samples;
 pub use arch::{Arch, ImageShape, Net};
+use gpu::GpuCompressor;
 
 /// Samples per forward pass when evaluating.
 const EVAL_CHUNK: usize = 256;
@@ -31,6 +37,19 @@ const EVAL_CHUNK: usize = 256;
 pub struct TchModel {
     net: Net,
     device: Device,
+    /// The GPU compressor of [`Model::backward_encoded`], opened at first use.
+    gpu: Arc<Mutex<GpuState>>,
+}
+
+/// Whether GPU-resident encoding is set up.
+#[derive(Debug)]
+enum GpuState {
+    /// Not tried yet.
+    Untried,
+    /// Ready.
+    Ready(Box<GpuCompressor>),
+    /// CUDA kernels unavailable: encode on the host.
+    Unavailable,
 }
 
 /// The libtorch device of `d`.
@@ -106,7 +125,11 @@ impl TchModel {
         })?;
         let net = Net::new(arch, image, classes)?;
         check_device(device)?;
-        Ok(TchModel { net, device })
+        Ok(TchModel {
+            net,
+            device,
+            gpu: Arc::new(Mutex::new(GpuState::Untried)),
+        })
     }
 
     /// The architecture.
@@ -281,6 +304,42 @@ impl Model for TchModel {
         let (loss, grads) = self.grads_on_device(params, &batch)?;
         for (key, g) in grads.iter().enumerate().rev() {
             on_grad(key, guarded(|| to_host(g))?);
+        }
+        Ok(loss)
+    }
+
+    /// On a CUDA device with an FP16 tier, the gradients stay on the device and are encoded
+    /// there ([`GpuCompressor::fp16_payload`]); only the payloads come to the host. Otherwise (CPU,
+    /// f32 or BF16 tiers, CUDA kernels unavailable) as the host default.
+    fn backward_encoded(
+        &self,
+        params: &[Vec<f32>],
+        batch: Samples<'_>,
+        enc: DenseEncoding,
+        on_payload: &mut dyn FnMut(usize, usize, PayloadCodec, Vec<u8>),
+    ) -> Result<f32, EngineError> {
+        if !self.device.is_cuda() || enc.value_type != ValueType::F16 {
+            return encode_on_host(self, params, batch, enc, on_payload);
+        }
+        let mut state = self.gpu.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*state, GpuState::Untried) {
+            *state = match GpuCompressor::new(self.device) {
+                Ok(c) => GpuState::Ready(Box::new(c)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "GPU-resident encoding off: encoding on the host");
+                    GpuState::Unavailable
+                }
+            };
+        }
+        let GpuState::Ready(comp) = &*state else {
+            return encode_on_host(self, params, batch, enc, on_payload);
+        };
+        let (loss, grads) = self.grads_on_device(params, &batch)?;
+        for (key, g) in grads.iter().enumerate().rev() {
+            let bytes = comp
+                .fp16_payload(g, enc.scaling)
+                .map_err(|e| EngineError::Backend(e.to_string()))?;
+            on_payload(key, g.numel(), PayloadCodec::Raw, bytes);
         }
         Ok(loss)
     }

@@ -6,6 +6,7 @@ use geomx_kernels::{encode_dense, topk_exact, Scaling, SparseVec, TopkScratch, V
 use super::gpu::{GpuCompressError, GpuCompressor};
 use super::*;
 use crate::data::{rng, Dataset};
+use crate::hips::codec::{decode_any, encode_values};
 
 /// `n` images of `channels × side × side`: noise U(0, 0.3) plus a bright horizontal band whose
 /// position encodes the label (labels cycle through `classes`).
@@ -210,6 +211,33 @@ fn bad_inputs_are_errors_not_panics() {
     );
 }
 
+#[test]
+fn encoded_backward_on_the_cpu_equals_host_encoding() {
+    let data = band_images(4, 1, 16, 2, 8);
+    let m = TchModel::new(Arch::Cnn, 256, 2, Device::Cpu).unwrap();
+    let p = m.init(1);
+    let (loss, grads) = m.loss_and_grad(&p, data.view()).unwrap();
+    for vt in [ValueType::F16, ValueType::F32] {
+        let enc = DenseEncoding {
+            value_type: vt,
+            scaling: Scaling::Pow2,
+        };
+        let mut keys = Vec::new();
+        let l = m
+            .backward_encoded(&p, data.view(), enc, &mut |key, n, codec, bytes| {
+                assert_eq!(n, grads[key].len());
+                assert_eq!(
+                    (codec, bytes),
+                    encode_values(&grads[key], vt, Scaling::Pow2)
+                );
+                keys.push(key);
+            })
+            .unwrap();
+        assert_eq!(l, loss);
+        assert_eq!(keys, (0..p.len()).rev().collect::<Vec<_>>());
+    }
+}
+
 /// On a CUDA machine: GPU payloads equal the CPU encoders' bytes. Elsewhere: reports the reason.
 #[test]
 fn gpu_payloads_match_the_cpu_encoders_or_report_skipped() {
@@ -254,4 +282,24 @@ fn gpu_payloads_match_the_cpu_encoders_or_report_skipped() {
     })
     .unwrap();
     assert_eq!(checked, p.len());
+
+    // The worker's hook: FP16 payloads encoded on the device decode to the gradient (another
+    // backward pass, so within FP16 rounding of it rather than bit for bit).
+    let (_, host) = m.loss_and_grad(&p, data.view()).unwrap();
+    let enc = DenseEncoding {
+        value_type: ValueType::F16,
+        scaling: Scaling::Pow2,
+    };
+    let mut seen = 0;
+    m.backward_encoded(&p, data.view(), enc, &mut |key, n, codec, bytes| {
+        assert_eq!((codec, n), (geomx_net::PayloadCodec::Raw, host[key].len()));
+        let got = decode_any(&bytes, key, n).unwrap();
+        let max = host[key].iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (g, h) in got.iter().zip(&host[key]) {
+            assert!((g - h).abs() <= 2e-3 * max + 1e-7, "key {key}: {g} vs {h}");
+        }
+        seen += 1;
+    })
+    .unwrap();
+    assert_eq!(seen, p.len());
 }
