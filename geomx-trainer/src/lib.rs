@@ -15,3 +15,4 @@ pub mod hips;
 pub mod launch;
 pub mod placement;
 pub mod report;
+pub mod wanlab;

@@ -10,6 +10,7 @@ mod dmlc;
 mod role;
 mod sync;
 mod validate;
+mod wan;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,6 +21,9 @@ pub use role::{Role, RoleSpec};
 pub use sync::{
     EsyncConfig, EsyncNormalisation, HfaConfig, HfaWeighting, LambdaMode, MixedConfig,
     MixedOptimizer, OuterOptimizer, SyncAlgorithm, SyncConfig,
+};
+pub use wan::{
+    LinkFigures, Site, WanCentralConfig, WanConfig, WanLossScope, WanMode, WanSiteConfig,
 };
 
 use crate::data::cifar::CifarConfig;
@@ -101,6 +105,8 @@ pub struct Config {
     pub placement: PlacementConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The emulated WAN of `geomx launch` (wan-lab.md).
+    pub wan: WanConfig,
 }
 
 /// `[cluster]`: data centers, global servers and addresses.
@@ -183,6 +189,10 @@ pub struct DataCenterConfig {
     /// of measured duration d a worker sleeps (f − 1)·d. Default 1 (no slow-down).
     #[serde(default = "default_slowdown")]
     pub slowdown: f64,
+    /// The WAN site (namespace and WAN link) this DC sits behind; default: its own name. Data
+    /// centers with the same site share one link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 fn default_slowdown() -> f64 {
@@ -198,6 +208,7 @@ impl DataCenterConfig {
             local_server: None,
             worker_addrs: Vec::new(),
             slowdown: default_slowdown(),
+            site: None,
         }
     }
 }
