@@ -162,7 +162,7 @@ fn unknown_keys_are_rejected_with_their_name() {
             "[compression]\ninter = { codec = \"bisparse\", densty = 0.1 }",
             "densty",
         ),
-        ("[transport]\ninter = \"dgt\"", "dgt"),
+        ("[transport]\ninter = \"quic\"", "quic"),
         ("[data]\nsplit = \"by_label\"", "by_label"),
         ("[placement]\nbound = 5", "bound"),
     ] {
