@@ -99,15 +99,14 @@ fn load_files(dir: &Path, names: &[&str]) -> Result<Dataset, DataError> {
 /// Loads the five training batches and the test batch from `cfg.dir`. When files are missing,
 /// the error lists every expected file that is absent.
 pub fn load(cfg: &CifarConfig) -> Result<TrainTest, DataError> {
-    let missing: Vec<String> = TRAIN_FILES
+    let missing: Vec<PathBuf> = TRAIN_FILES
         .iter()
         .chain([&TEST_FILE])
-        .filter(|name| !cfg.dir.join(name).is_file())
-        .map(|name| name.to_string())
+        .map(|name| cfg.dir.join(name))
+        .filter(|p| !p.is_file())
         .collect();
     if !missing.is_empty() {
         return Err(DataError::MissingFiles {
-            dir: cfg.dir.clone(),
             what: "CIFAR-10 binary batches (cifar-10-batches-bin)",
             missing,
         });

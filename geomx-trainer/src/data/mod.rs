@@ -57,15 +57,16 @@ pub enum DataError {
         /// What is wrong with it.
         reason: String,
     },
-    /// Expected files of a data set are not in its folder.
-    #[error("{what}: missing in {}: {}", dir.display(), missing.join(", "))]
+    /// Expected files of a data set do not exist.
+    #[error(
+        "{what}: missing {}",
+        missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
     MissingFiles {
-        /// The folder searched.
-        dir: PathBuf,
         /// The data set's description.
         what: &'static str,
-        /// Expected file names that are absent.
-        missing: Vec<String>,
+        /// Expected files that are absent.
+        missing: Vec<PathBuf>,
     },
     /// Buffers that do not form a valid data set.
     #[error("invalid data set: {0}")]
@@ -250,6 +251,22 @@ pub fn load(cfg: &DataConfig) -> Result<TrainTest, DataError> {
         DatasetKind::Synthetic => synthetic::generate(&cfg.synthetic),
         DatasetKind::Idx => {
             let paths = &cfg.idx;
+            let missing: Vec<PathBuf> = [
+                &paths.train_images,
+                &paths.train_labels,
+                &paths.test_images,
+                &paths.test_labels,
+            ]
+            .into_iter()
+            .filter(|p| !p.is_file())
+            .cloned()
+            .collect();
+            if !missing.is_empty() {
+                return Err(DataError::MissingFiles {
+                    what: "MNIST-format IDX files ([data.idx])",
+                    missing,
+                });
+            }
             let train = idx::load_pair(&paths.train_images, &paths.train_labels, paths.classes)?;
             let test = idx::load_pair(&paths.test_images, &paths.test_labels, paths.classes)?;
             if train.n_features() != test.n_features() {
@@ -320,6 +337,30 @@ mod tests {
         cfg.idx.test_labels = dir.join("tel");
         let err = load(&cfg).unwrap_err().to_string();
         assert!(err.contains("4 pixels, test images 9"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn missing_idx_files_are_all_named() {
+        let dir = std::env::temp_dir().join(format!("geomx-idx-missing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tri"), idx::encode_u8(&[2, 2, 2], &[7; 8])).unwrap();
+        let mut cfg = DataConfig {
+            dataset: DatasetKind::Idx,
+            ..DataConfig::default()
+        };
+        cfg.idx.train_images = dir.join("tri");
+        cfg.idx.train_labels = dir.join("train-labels-idx1-ubyte.gz");
+        cfg.idx.test_images = dir.join("tri");
+        cfg.idx.test_labels = dir.join("t10k-labels-idx1-ubyte");
+        let err = load(&cfg).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DataError::MissingFiles { ref missing, .. } if missing.len() == 2));
+        assert!(
+            msg.contains("train-labels-idx1-ubyte.gz") && msg.contains("t10k-labels-idx1-ubyte"),
+            "{msg}"
+        );
+        assert!(!msg.contains("tri,") && !msg.ends_with("tri"), "{msg}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
