@@ -409,6 +409,28 @@ mod tests {
     }
 
     #[test]
+    fn flat_workers_share_their_sites_wan_link_in_the_lab() {
+        let mut p = off();
+        p.wan.mode = "netns".into();
+        p.wan.rate_mbit = 50.0;
+        p.wan.delay_ms = 20.0;
+        for id in [ScenarioId::Flat, ScenarioId::Hips] {
+            let (_, cfg) = scenario_config(id, &p).unwrap();
+            assert_eq!(cfg.wan.mode, crate::config::WanMode::Netns);
+            let sites = cfg.wan_sites();
+            let names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["central", "dc0", "dc1"], "{id:?}");
+            let per_site: Vec<usize> = sites[1..].iter().map(|s| s.dcs.len()).collect();
+            let want = if id == ScenarioId::Flat { 2 } else { 1 };
+            assert_eq!(per_site, [want, want], "{id:?}: DCs behind each site link");
+            for s in &sites[1..] {
+                let l = cfg.wan_link(s);
+                assert_eq!((l.rate_mbit, l.delay_ms), (Some(50.0), 20.0));
+            }
+        }
+    }
+
+    #[test]
     fn scenarios_differ_in_the_intended_fields() {
         let p = off();
         let cfg = |id| scenario_config(id, &p).unwrap().1;
