@@ -12,6 +12,11 @@
 //! w = w_prev + s·(m' − m) ([`round_scale`], [`apply_round`]); with a_r = 1/k_r and s = γ·τ_eff
 //! this is FedNova, with a_r = 1 and s = γ the plain rule. τ_eff needs every worker's k_r: the
 //! coordinator answers `Reset` with the step counts of the round just finished.
+//!
+//! A `Reset` also carries the `Ask{r, 0, c}` the spec sends after every reset (always answered
+//! *step*), so a worker starts its next round's first step right away; without FedNova it does not
+//! even wait for the Reset's reply until its next Ask (requests on one connection are answered in
+//! order). Per round a worker thus sends k Asks, its push and one Reset.
 
 /// Role name under which the coordinator registers its ESync endpoint in the membership table.
 pub const ROLE: &str = "esync";
