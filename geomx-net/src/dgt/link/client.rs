@@ -246,6 +246,11 @@ impl DgtClient {
             .spawn(move || {
                 let reason = match lp.run() {
                     Ok(()) => "closed".to_string(),
+                    Err(e @ LinkError::Closed(_)) => {
+                        // The receiver went away (e.g. at the end of a job): not a fault here.
+                        tracing::debug!(error = %e, "dgt sender link closed by the receiver");
+                        e.to_string()
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "dgt sender link stopped");
                         e.to_string()
