@@ -50,6 +50,19 @@ enum Cmd {
         #[command(flatten)]
         e2e: geomx_trainer::bench_e2e::cli::E2eArgs,
     },
+    /// Launch the cluster inside the emulated WAN (network namespaces when root, else userspace
+    /// relays) and print the lab's figures.
+    WanLab {
+        /// Topology file (TOML); its [wan] section sets rate, delay and loss (mode: auto).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Write a JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Build the lab only, print `GEOMX_LAB <prefix>` and wait for a signal (clean-up tests).
+        #[arg(long, hide = true)]
+        hold: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -147,6 +160,45 @@ fn run(args: RunArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// `geomx wan-lab`.
+fn wan_lab(config: Option<PathBuf>, report: Option<PathBuf>, hold: bool) -> Result<(), String> {
+    if hold {
+        let cfg = match &config {
+            Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        return geomx_trainer::launch::wan::hold(&cfg).map_err(|e| e.to_string());
+    }
+    let opts = LaunchOptions {
+        config,
+        report,
+        exe: None,
+        quiet: false,
+    };
+    let r = geomx_trainer::launch::launch_with(&opts, Some(geomx_trainer::config::WanMode::Auto))
+        .map_err(|e| e.to_string())?;
+    let mut lab = r.wan_lab.clone().unwrap_or_default();
+    let qdisc = lab
+        .as_object_mut()
+        .and_then(|o| o.remove("qdisc_stats"))
+        .and_then(|q| q.as_str().map(str::to_string));
+    println!("WAN lab ({}):", r.wan_mode);
+    println!("{}", serde_json::to_string_pretty(&lab).unwrap_or_default());
+    if let Some(q) = qdisc {
+        println!("qdisc counters:\n{q}");
+    }
+    let secs = r.wall_seconds.max(1e-9);
+    println!(
+        "WAN bytes {} ({:.0} per round), WAN goodput {:.2} Mbit/s averaged over the run, time to final accuracy {:.4}: {:.2} s",
+        r.wan_bytes,
+        r.wan_bytes_per_round,
+        r.wan_bytes as f64 * 8.0 / secs / 1e6,
+        r.final_test_accuracy,
+        r.wall_seconds
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -164,6 +216,14 @@ fn main() -> ExitCode {
                 quiet,
             };
             launch(&opts).map(|_| ()).map_err(|e| e.to_string())
+        }
+        Cmd::WanLab {
+            config,
+            report,
+            hold,
+        } => {
+            init_tracing(LogLevel::Warn);
+            wan_lab(config, report, hold)
         }
         Cmd::Bench {
             what: BenchKind::E2e,

@@ -44,6 +44,16 @@ pub struct Report {
     pub processes: Vec<RoleStats>,
     /// The resolved configuration.
     pub config: serde_json::Value,
+    /// The WAN emulation the run had: `off`, `netns` or `userspace-relay` (wan-lab.md).
+    #[serde(default = "default_wan_mode")]
+    pub wan_mode: String,
+    /// The lab's own figures (link settings, relay lateness, qdisc drop counters), when one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan_lab: Option<serde_json::Value>,
+}
+
+fn default_wan_mode() -> String {
+    "off".into()
 }
 
 impl Report {
@@ -106,6 +116,8 @@ impl Report {
             progress,
             processes: stats,
             config,
+            wan_mode: default_wan_mode(),
+            wan_lab: None,
         }
     }
 

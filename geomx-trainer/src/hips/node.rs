@@ -26,6 +26,34 @@ pub fn advertised(bound: std::net::SocketAddr) -> Result<String, RunError> {
     Ok(bound.to_string())
 }
 
+/// Environment variable with the WAN relay routes of this process: `addr=relay,addr=relay,…`.
+/// `geomx launch` in relay mode sets it for the processes of a site, so that their connections to
+/// the central data center go through the site's userspace relay (wan-lab.md "Without root").
+pub const WAN_ROUTES_ENV: &str = "GEOMX_WAN_ROUTES";
+
+/// Parses `addr=relay,…` into pairs (malformed entries are skipped).
+pub fn parse_routes(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|e| e.split_once('='))
+        .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))
+        .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+        .collect()
+}
+
+/// `addr`, or the relay that [`WAN_ROUTES_ENV`] routes it through.
+fn wan_route(addr: &str) -> String {
+    static ROUTES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    let routes = ROUTES.get_or_init(|| {
+        std::env::var(WAN_ROUTES_ENV)
+            .map(|t| parse_routes(&t))
+            .unwrap_or_default()
+    });
+    routes
+        .iter()
+        .find(|(a, _)| a == addr)
+        .map_or_else(|| addr.to_string(), |(_, r)| r.clone())
+}
+
 /// Who a process is in the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -111,11 +139,12 @@ impl Node {
         self.membership.my_id
     }
 
-    /// Address of the process (role, dc, rank), from the membership table.
+    /// Address of the process (role, dc, rank), from the membership table, after the WAN
+    /// relay routes of [`WAN_ROUTES_ENV`] (the launcher's relay mode).
     pub fn addr_of(&self, role: &str, dc: u32, rank: u32) -> Result<String, RunError> {
         self.membership
             .find(role, dc, rank)
-            .map(|n| n.addr.clone())
+            .map(|n| wan_route(&n.addr))
             .ok_or_else(|| RunError::Membership(format!("{role} (dc {dc}, rank {rank}) missing")))
     }
 
@@ -235,6 +264,17 @@ fn spawn_watcher(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wan_routes_parse() {
+        assert_eq!(
+            parse_routes("127.0.0.1:5=127.0.0.1:9, bad,=x,[::1]:7=[::1]:8"),
+            vec![
+                ("127.0.0.1:5".to_string(), "127.0.0.1:9".to_string()),
+                ("[::1]:7".to_string(), "[::1]:8".to_string())
+            ]
+        );
+    }
 
     #[test]
     fn unspecified_bind_addresses_are_not_advertised() {

@@ -8,17 +8,18 @@
 //! final stats into a [`Report`], and if any child fails kills the rest and returns its error.
 
 pub mod role;
+pub mod wan;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, WanMode};
 use crate::hips::plan::roles;
 use crate::hips::worker::Progress;
 use crate::hips::{JobSpec, RoleStats, RunError};
@@ -165,8 +166,12 @@ impl Cluster {
         }
     }
 
-    fn spawn(&mut self, exe: &Path, name: String, args: &[String]) -> Result<(), LaunchError> {
-        let mut cmd = Command::new(exe);
+    fn spawn(
+        &mut self,
+        mut cmd: Command,
+        name: String,
+        args: &[String],
+    ) -> Result<(), LaunchError> {
         cmd.arg("run")
             .args(args)
             .stdin(Stdio::null())
@@ -386,11 +391,23 @@ fn child_name(role: &str, dc: u32, rank: u32) -> String {
 /// Launches the cluster `opts` describes and waits for it; returns the run report (also written
 /// to `opts.report`).
 pub fn launch(opts: &LaunchOptions) -> Result<Report, LaunchError> {
-    let cfg = match &opts.config {
+    launch_with(opts, None)
+}
+
+/// [`launch`] with the configuration's `wan.mode` replaced by `wan_mode` when given (`geomx
+/// wan-lab` runs with `auto`).
+pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Report, LaunchError> {
+    let mut cfg = match &opts.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
+    if let Some(m) = wan_mode {
+        cfg.wan.mode = m;
+    }
     let job = JobSpec::from_config(&cfg)?;
+    // Built before the configuration is written: relay mode pre-assigns global server ports.
+    // Declared before the cluster, so the children are stopped before the lab goes away.
+    let mut wan = wan::Wan::prepare(&mut cfg, opts.quiet)?;
     let exe = match &opts.exe {
         Some(e) => e.clone(),
         None => std::env::current_exe()
@@ -408,13 +425,12 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report, LaunchError> {
     let started = Instant::now();
 
     let mut cl = Cluster::new(opts.quiet);
-    let coord_bind = cfg
-        .cluster
-        .coordinator
-        .clone()
+    let coord_bind = wan
+        .coordinator_bind(cfg.cluster.base_port)
+        .or_else(|| cfg.cluster.coordinator.clone())
         .unwrap_or_else(|| format!("{host}:{}", cfg.cluster.base_port));
     cl.spawn(
-        &exe,
+        wan.command(&exe, None)?,
         roles::COORDINATOR.into(),
         &[
             "--role".into(),
@@ -440,41 +456,52 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report, LaunchError> {
             )));
         }
     };
+    wan.adopt(cl.procs[0].child.id());
+    wan.start_relays(&coord, &cfg.cluster.global_server_addrs)?;
     let plan = &job.plan;
-    let common = |role: &str, dc: u32, rank: u32| -> Vec<String> {
-        vec![
+    // `site` = the data center whose site the process runs in (`None`: the central DC's).
+    let common = |role: &str, dc: u32, rank: u32, site: Option<usize>| -> Vec<String> {
+        let mut a = vec![
             "--role".into(),
             role.into(),
             "--config".into(),
             conf.clone(),
             "--coordinator".into(),
-            coord.clone(),
+            wan.coordinator_for(site, &coord),
             "--dc".into(),
             dc.to_string(),
             "--rank".into(),
             rank.to_string(),
-        ]
+        ];
+        if let Some(h) = wan.bind_host(site) {
+            a.extend(["--bind".into(), h]);
+        }
+        a
     };
     for s in 0..plan.num_global_servers() as u32 {
         cl.spawn(
-            &exe,
+            wan.command(&exe, None)?,
             child_name(roles::GLOBAL_SERVER, plan.central_dc, s),
-            &common("global-server", plan.central_dc, s),
+            &common("global-server", plan.central_dc, s, None),
         )?;
+        wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
     }
     for (d, &n) in plan.workers_per_dc.iter().enumerate() {
+        let site = Some(d);
         let d = d as u32;
         cl.spawn(
-            &exe,
+            wan.command(&exe, site)?,
             child_name(roles::LOCAL_SERVER, d, 0),
-            &common("local-server", d, 0),
+            &common("local-server", d, 0, site),
         )?;
+        wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
         for r in 0..n as u32 {
             cl.spawn(
-                &exe,
+                wan.command(&exe, site)?,
                 child_name(roles::WORKER, d, r),
-                &common("worker", d, r),
+                &common("worker", d, r, site),
             )?;
+            wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
         }
     }
     loop {
@@ -488,7 +515,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report, LaunchError> {
     }
     cl.drain();
     let wall = started.elapsed().as_secs_f64();
-    let report = Report::assemble(
+    let mut report = Report::assemble(
         std::mem::take(&mut cl.stats),
         std::mem::take(&mut cl.progress),
         job.rounds,
@@ -496,6 +523,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report, LaunchError> {
         plan.placement.server_bytes.clone(),
         cfg.to_json(),
     );
+    report.wan_mode = wan.mode().to_string();
+    if wan.mode() != wan::modes::OFF {
+        report.wan_lab = Some(wan.figures());
+    }
     if !opts.quiet {
         println!(
             "done: {} rounds in {:.2} s, test accuracy {:.4}, WAN {} bytes, LAN {} bytes, per global server {:?}",

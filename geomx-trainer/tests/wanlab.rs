@@ -1,0 +1,514 @@
+//! The WAN lab's own oracles (wan-lab.md "Test oracles"): shaper rate, relay delay, BPF loss,
+//! clean-up after failure and SIGINT, the relay-only mode, and a small launch inside the lab.
+//!
+//! Tests that need namespaces print the spec's SKIPPED line and return when not root. Lab tests
+//! are serialised (one lab at a time) so rate measurements do not compete for the CPU.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use geomx_trainer::wanlab::netns::{links, list};
+use geomx_trainer::wanlab::relay::{self, RelayParams};
+use geomx_trainer::wanlab::{probe_root, skip_line, Lab, LabSpec, LinkSpec, LossFilter, LossScope};
+
+const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
+
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// True when namespaces can be made; otherwise prints the skip line.
+fn root(test: &str) -> bool {
+    match probe_root() {
+        Ok(()) => true,
+        Err(_) => {
+            println!("{}", skip_line(test));
+            false
+        }
+    }
+}
+
+/// Names in `ip netns list` and the root namespace's `ip link` that start with `prefix`.
+fn leftovers(prefix: &str) -> Vec<String> {
+    let dash = format!("{prefix}-");
+    list()
+        .unwrap()
+        .into_iter()
+        .chain(links().unwrap())
+        .filter(|n| n.starts_with(&dash))
+        .collect()
+}
+
+fn site(name: &str, rate: Option<f64>, delay_ms: f64) -> LinkSpec {
+    LinkSpec {
+        rate_mbit: rate,
+        delay_ms,
+        ..LinkSpec::new(name)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Bulk TCP from `send` to `recv_addr`; returns the receiver's goodput in Mbit/s between `skip`
+/// and `total` after the first byte.
+fn bulk_tcp_mbit(
+    lab: &Lab,
+    recv_ns: usize,
+    send_ns: usize,
+    skip: Duration,
+    total: Duration,
+) -> f64 {
+    let bind = SocketAddr::new(lab.node_addr(recv_ns).into(), 0);
+    let listener = lab
+        .node(recv_ns)
+        .run(move || TcpListener::bind(bind))
+        .unwrap()
+        .unwrap();
+    let to = listener.local_addr().unwrap();
+    let sender = lab
+        .node(send_ns)
+        .spawn(move || {
+            let mut s = TcpStream::connect(to).unwrap();
+            let buf = vec![7u8; 256 * 1024];
+            let t = Instant::now();
+            while t.elapsed() < total + Duration::from_millis(500) {
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        })
+        .unwrap();
+    let (mut c, _) = listener.accept().unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut first = None;
+    let mut counted = 0u64;
+    loop {
+        let n = c.read(&mut buf).unwrap();
+        let now = Instant::now();
+        let t0 = *first.get_or_insert(now);
+        let el = now - t0;
+        if el >= total || n == 0 {
+            break;
+        }
+        if el >= skip {
+            counted += n as u64;
+        }
+    }
+    drop(c);
+    sender.join().unwrap().unwrap();
+    counted as f64 * 8.0 / (total - skip).as_secs_f64() / 1e6
+}
+
+/// Median UDP round trip in ms from namespace `from` to an echo in namespace `to`.
+fn udp_rtt_ms(lab: &Lab, from: usize, to: usize, pings: usize) -> f64 {
+    let bind = SocketAddr::new(lab.node_addr(to).into(), 0);
+    let echo = lab
+        .node(to)
+        .run(move || UdpSocket::bind(bind))
+        .unwrap()
+        .unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    echo.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let e = std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        while let Ok((n, a)) = echo.recv_from(&mut b) {
+            if b[0] == 0xff {
+                break;
+            }
+            echo.send_to(&b[..n], a).unwrap();
+        }
+    });
+    let bind = SocketAddr::new(lab.node_addr(from).into(), 0);
+    let s = lab
+        .node(from)
+        .run(move || UdpSocket::bind(bind))
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut rtts = Vec::new();
+    let mut b = [0u8; 64];
+    for i in 0..pings {
+        let t = Instant::now();
+        s.send_to(&[i as u8; 32], echo_addr).unwrap();
+        let (n, _) = s.recv_from(&mut b).unwrap();
+        assert_eq!(n, 32);
+        rtts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    s.send_to(&[0xff], echo_addr).unwrap();
+    e.join().unwrap();
+    median(rtts)
+}
+
+/// Oracles 1 and 2: a 100 Mbit/s, 50 ms link moves bulk TCP at 90–100 Mbit/s (after the first
+/// 1.5 s of a 4 s transfer) and shows a UDP round trip of 2 × 50 ms within 10 %.
+#[test]
+fn shaper_rate_and_relay_delay_are_within_10_percent() {
+    if !root("shaper_rate_and_relay_delay_are_within_10_percent") {
+        return;
+    }
+    let _one = serial();
+    let lab = Lab::build(LabSpec {
+        links: vec![site("central", None, 0.0), site("dc1", Some(100.0), 50.0)],
+    })
+    .unwrap();
+    let rtt = udp_rtt_ms(&lab, 1, 0, 20);
+    println!("UDP round trip over a 50 ms link: {rtt:.2} ms (median of 20)");
+    assert!((rtt - 100.0).abs() <= 10.0, "rtt {rtt} ms");
+    let mbit = bulk_tcp_mbit(
+        &lab,
+        0,
+        1,
+        Duration::from_millis(1500),
+        Duration::from_secs(4),
+    );
+    let st = lab.relay_stats();
+    println!(
+        "TCP goodput over 100 Mbit/s, 50 ms: {mbit:.1} Mbit/s; relay p99 lateness {} µs, max queue {}",
+        st.lateness_quantile_ns(0.99) / 1000,
+        st.max_queue
+    );
+    assert!((90.0..=100.0).contains(&mbit), "{mbit} Mbit/s");
+    let prefix = lab.prefix();
+    drop(lab);
+    assert_eq!(leftovers(&prefix), Vec::<String>::new());
+}
+
+/// Oracle 3: p = 0.1 on UDP only: 20,000 datagrams lose [1,860, 2,140] in the drop class, a TCP
+/// flow on the same link none.
+#[test]
+fn bpf_loss_filter_drops_a_binomial_share_of_udp_only() {
+    if !root("bpf_loss_filter_drops_a_binomial_share_of_udp_only") {
+        return;
+    }
+    let _one = serial();
+    let mut dc = site("dc1", None, 0.0);
+    dc.loss = Some(LossFilter {
+        p: 0.1,
+        scope: LossScope::Udp,
+    });
+    let lab = Lab::build(LabSpec {
+        links: vec![site("central", None, 0.0), dc],
+    })
+    .unwrap();
+    // TCP first: 4 MB across, no drops.
+    let bind = SocketAddr::new(lab.node_addr(0).into(), 0);
+    let l = lab
+        .node(0)
+        .run(move || TcpListener::bind(bind))
+        .unwrap()
+        .unwrap();
+    let to = l.local_addr().unwrap();
+    let tx = lab
+        .node(1)
+        .spawn(move || {
+            let mut s = TcpStream::connect(to).unwrap();
+            s.write_all(&vec![1u8; 4 << 20]).unwrap();
+        })
+        .unwrap();
+    let (mut c, _) = l.accept().unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    tx.join().unwrap().unwrap();
+    assert_eq!(got.len(), 4 << 20);
+    assert_eq!(lab.loss_drops(1).unwrap(), (0, 0), "TCP hit the drop class");
+    // UDP: 20,000 datagrams, paced.
+    let bind = SocketAddr::new(lab.node_addr(0).into(), 0);
+    let r = lab
+        .node(0)
+        .run(move || UdpSocket::bind(bind))
+        .unwrap()
+        .unwrap();
+    r.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let to = r.local_addr().unwrap();
+    let counter = std::thread::spawn(move || {
+        let mut b = [0u8; 128];
+        let mut n = 0u64;
+        while r.recv_from(&mut b).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    let bind = SocketAddr::new(lab.node_addr(1).into(), 0);
+    lab.node(1)
+        .run(move || {
+            let s = UdpSocket::bind(bind).unwrap();
+            for i in 0..20_000u32 {
+                s.send_to(&i.to_le_bytes(), to).unwrap();
+                if i % 100 == 99 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        })
+        .unwrap();
+    let received = counter.join().unwrap();
+    let (up, down) = lab.loss_drops(1).unwrap();
+    println!("UDP p = 0.1: {up} of 20000 dropped by the filter, {received} received");
+    assert!((1860..=2140).contains(&up), "{up} drops");
+    assert_eq!(down, 0);
+    // Nothing else is lost beyond the odd socket-buffer overflow on this busy machine.
+    assert!(
+        received <= 20_000 - up && received + up >= 19_800,
+        "{received} received"
+    );
+}
+
+/// Oracle 5 (failure): a lab whose owner panics leaves nothing with its prefix.
+#[test]
+fn a_panicking_run_leaves_nothing_behind() {
+    if !root("a_panicking_run_leaves_nothing_behind") {
+        return;
+    }
+    let _one = serial();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r = std::thread::spawn(move || {
+        let mut dc = site("dc1", Some(50.0), 5.0);
+        dc.dscp_channels = Some(3);
+        dc.loss = Some(LossFilter {
+            p: 0.01,
+            scope: LossScope::All,
+        });
+        let lab = Lab::build(LabSpec {
+            links: vec![site("central", None, 0.0), dc, site("dc2", Some(10.0), 1.0)],
+        })
+        .unwrap();
+        let mine: Vec<String> = list()
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.starts_with(&lab.prefix()))
+            .collect();
+        tx.send((lab.prefix(), mine)).unwrap();
+        panic!("the run fails on purpose");
+    })
+    .join();
+    assert!(r.is_err());
+    let (prefix, had) = rx.recv().unwrap();
+    assert_eq!(had.len(), 4, "{had:?}");
+    assert_eq!(leftovers(&prefix), Vec::<String>::new());
+}
+
+/// Oracle 5 (SIGINT): `geomx wan-lab --hold` builds a lab and waits; SIGINT tears it down.
+#[test]
+fn sigint_tears_the_lab_down() {
+    if !root("sigint_tears_the_lab_down") {
+        return;
+    }
+    let _one = serial();
+    let mut child = Command::new(GEOMX)
+        .args(["wan-lab", "--hold"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let prefix = line
+        .trim()
+        .strip_prefix("GEOMX_LAB ")
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .to_string();
+    assert!(!leftovers(&prefix).is_empty());
+    // SAFETY: signalling our own child by pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert_eq!(leftovers(&prefix), Vec::<String>::new());
+}
+
+/// Oracle 6: the relay-only mode (no root) shapes TCP to its rate, delays UDP, drops UDP.
+#[test]
+fn userspace_relay_rate_delay_and_loss() {
+    let _one = serial();
+    // TCP: 100 Mbit/s, 10 ms one way.
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = RelayParams {
+        rate_mbit: Some(100.0),
+        delay_ms: 10.0,
+        loss: 0.0,
+        seed: 3,
+    };
+    let r = relay::tcp("127.0.0.1:0", sink.local_addr().unwrap(), p).unwrap();
+    let to = r.local_addr();
+    let total = Duration::from_millis(2500);
+    let skip = Duration::from_millis(500);
+    let tx = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(to).unwrap();
+        let buf = vec![3u8; 64 * 1024];
+        let t = Instant::now();
+        while t.elapsed() < total + Duration::from_millis(300) {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut c, _) = sink.accept().unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut first, mut counted) = (None, 0u64);
+    loop {
+        let n = c.read(&mut buf).unwrap();
+        let t0 = *first.get_or_insert(Instant::now());
+        if t0.elapsed() >= total || n == 0 {
+            break;
+        }
+        if t0.elapsed() >= skip {
+            counted += n as u64;
+        }
+    }
+    drop(c);
+    tx.join().unwrap();
+    let mbit = counted as f64 * 8.0 / (total - skip).as_secs_f64() / 1e6;
+    println!("relay TCP goodput at 100 Mbit/s: {mbit:.1} Mbit/s");
+    assert!((90.0..=105.0).contains(&mbit), "{mbit}");
+    drop(r);
+
+    // UDP: 20 ms one way each direction → 40 ms round trip; then p = 0.1 loss.
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    echo.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let p = RelayParams {
+        rate_mbit: None,
+        delay_ms: 20.0,
+        loss: 0.0,
+        seed: 4,
+    };
+    let r = relay::udp("127.0.0.1:0", echo.local_addr().unwrap(), p).unwrap();
+    let to = r.local_addr();
+    let e = std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        while let Ok((n, a)) = echo.recv_from(&mut b) {
+            echo.send_to(&b[..n], a).unwrap();
+        }
+    });
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut rtts = Vec::new();
+    let mut b = [0u8; 64];
+    for i in 0..20u8 {
+        let t = Instant::now();
+        s.send_to(&[i; 16], to).unwrap();
+        s.recv_from(&mut b).unwrap();
+        rtts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let rtt = median(rtts);
+    println!("relay UDP round trip at 20 ms one way: {rtt:.2} ms");
+    assert!((rtt - 40.0).abs() <= 4.0, "{rtt}");
+    drop(r);
+    e.join().unwrap();
+
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let p = RelayParams {
+        rate_mbit: None,
+        delay_ms: 0.0,
+        loss: 0.1,
+        seed: 5,
+    };
+    let r = relay::udp("127.0.0.1:0", sink.local_addr().unwrap(), p).unwrap();
+    for i in 0..20_000u32 {
+        s.send_to(&i.to_le_bytes(), r.local_addr()).unwrap();
+        if i % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let t = Instant::now();
+    while load(&r.counters().seen) < 20_000 && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        load(&r.counters().seen),
+        20_000,
+        "the relay missed datagrams"
+    );
+    let dropped = load(&r.counters().dropped);
+    println!("relay UDP p = 0.1: {dropped} of 20000 dropped");
+    assert!((1860..=2140).contains(&dropped), "{dropped}");
+}
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("geomx-wanlab-{}-{name}", std::process::id()))
+}
+
+/// `geomx launch` with `[wan] mode = MODE`: 2 DCs × 2 workers, a small MLP, 30 rounds over
+/// 100 Mbit/s, 5 ms links. Returns the report.
+fn launch_in(mode: &str) -> serde_json::Value {
+    let cfg = scratch(&format!("{mode}.toml"));
+    let report = scratch(&format!("{mode}.json"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[cluster]\ndata_centers = 2\nworkers_per_dc = 2\n[model]\nhidden = [16]\n\
+             [train]\nrounds = 30\neval_every = 30\n\
+             [wan]\nmode = \"{mode}\"\nrate_mbit = 100.0\ndelay_ms = 5.0\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(GEOMX)
+        .args(["launch", "--quiet", "--report"])
+        .arg(&report)
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "launch in {mode} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&cfg);
+    let _ = std::fs::remove_file(&report);
+    r
+}
+
+/// A small launch inside the lab completes, reports `wan_mode = "netns"`, sends its WAN bytes
+/// through the delay relay and leaves no namespace behind.
+#[test]
+fn launch_runs_inside_the_netns_lab() {
+    if !root("launch_runs_inside_the_netns_lab") {
+        return;
+    }
+    let _one = serial();
+    let r = launch_in("netns");
+    assert_eq!(r["wan_mode"], "netns");
+    assert_eq!(r["rounds"], 30);
+    assert!(
+        r["final_test_accuracy"].as_f64().unwrap() > 0.3,
+        "{}",
+        r["final_test_accuracy"]
+    );
+    let lab = &r["wan_lab"];
+    let relayed = lab["delay_relay"]["bytes"].as_u64().unwrap();
+    let wan = r["wan_bytes"].as_u64().unwrap();
+    println!("netns launch: WAN bytes {wan}, relayed {relayed} bytes");
+    // Every WAN byte crossed the relay (plus IP/TCP headers and the control plane).
+    assert!(relayed >= wan, "relayed {relayed} < WAN {wan}");
+    let prefix = lab["prefix"].as_str().unwrap();
+    assert_eq!(leftovers(prefix), Vec::<String>::new());
+}
+
+/// The same launch in relay mode (no root needed) reports `userspace-relay` and moves its WAN
+/// traffic through the relays.
+#[test]
+fn launch_runs_behind_userspace_relays() {
+    let _one = serial();
+    let r = launch_in("relay");
+    assert_eq!(r["wan_mode"], "userspace-relay");
+    assert_eq!(r["rounds"], 30);
+    let relayed = r["wan_lab"]["l4_relays"]["bytes"].as_u64().unwrap();
+    let wan = r["wan_bytes"].as_u64().unwrap();
+    println!("relay launch: WAN bytes {wan}, relayed {relayed} bytes");
+    assert!(relayed >= wan * 9 / 10, "relayed {relayed}, WAN {wan}");
+}
