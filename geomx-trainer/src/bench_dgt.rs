@@ -1,8 +1,8 @@
 //! `geomx bench dgt [--quick]`: round completion time of DGT versus all-TCP transfer of the same
 //! tensors over a rate-limited, lossy link (issue 7, dgt.md), measured in one run.
 //!
-//! Per loss rate p ∈ {1 %, 5 %, 10 %} a fresh two-namespace link ([`DgtLab`]: 100 Mbit/s each
-//! way, random loss p on every IP packet each way) carries `rounds` rounds of one tensor from the
+//! Per loss rate p ∈ {1 %, 5 %, 10 %} a fresh WAN-lab link ([`DgtLab`]: 100 Mbit/s each way,
+//! 10 ms one way, random loss p on every IP packet each way) carries `rounds` rounds of one tensor from the
 //! site to the central namespace:
 //! * **TCP**: a geomx-net `Push` of the whole tensor (one frame) answered by an empty reply;
 //!   the round ends when the reply arrives.
@@ -39,6 +39,8 @@ pub struct DgtBenchOptions {
     pub rate_mbit: f64,
     /// Loss probabilities.
     pub losses: Vec<f64>,
+    /// One-way delay of the link, ms (the WAN lab's TUN relay; 0 = none).
+    pub delay_ms: f64,
 }
 
 impl DgtBenchOptions {
@@ -49,6 +51,7 @@ impl DgtBenchOptions {
             rounds: 40,
             rate_mbit: 100.0,
             losses: vec![0.01, 0.05, 0.10],
+            delay_ms: 10.0,
         }
     }
 
@@ -179,7 +182,8 @@ fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>) -> Result<Vec<f64>, String> 
         .map_err(err)?;
     let res = client
         .join()
-        .map_err(|_| "tcp client panicked".to_string())?;
+        .map_err(|_| "tcp client panicked".to_string())?
+        .map_err(err)?;
     drop(stop_tx);
     let _ = server.join();
     res
@@ -245,7 +249,8 @@ fn run_dgt(
         .map_err(err)?;
     let res = client
         .join()
-        .map_err(|_| "dgt client panicked".to_string())?;
+        .map_err(|_| "dgt client panicked".to_string())?
+        .map_err(err)?;
     drop(stop_tx);
     let _ = server.join();
     res
@@ -255,9 +260,11 @@ fn run_dgt(
 pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
     let mut report = DgtBenchReport {
         mode: "netns".into(),
-        note: "loss on every IP packet, each way; DGT C = 3, paced at 90 % of the link, GSO off, \
-               5 ms deadline; no added delay"
-            .into(),
+        note: format!(
+            "loss on every IP packet, each way; {} ms one-way delay; DGT C = 3, paced at 90 % of \
+             the link, GSO off, 5 ms deadline",
+            opts.delay_ms
+        ),
         elems: opts.elems,
         rounds: opts.rounds,
         rate_mbit: opts.rate_mbit,
@@ -270,7 +277,8 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
     }
     let data = Arc::new(tensors(opts.elems, opts.rounds));
     for &p in &opts.losses {
-        let lab = DgtLab::build(Some(opts.rate_mbit), p, LossScope::All).map_err(err)?;
+        let lab =
+            DgtLab::build(Some(opts.rate_mbit), p, LossScope::All, opts.delay_ms).map_err(err)?;
         let before = lab.drops();
         let tcp = run_tcp(&lab, &data)?;
         let mid = lab.drops();

@@ -116,7 +116,7 @@ fn dgt_converges_with_ten_percent_udp_loss() {
         );
         return;
     }
-    let lab = DgtLab::build(Some(100.0), 0.10, LossScope::Udp).unwrap();
+    let lab = DgtLab::build(Some(100.0), 0.10, LossScope::Udp, 0.0).unwrap();
     let tcp = run_cluster(&lab, &JobSpec::from_config(&config(false)).unwrap());
     let (d0, d1) = lab.drops();
     assert_eq!(d0 + d1, 0, "no UDP in the all-TCP run, so nothing dropped");
@@ -125,6 +125,13 @@ fn dgt_converges_with_ten_percent_udp_loss() {
     eprintln!("accuracy: tcp {a_tcp:.4}, dgt {a_dgt:.4}");
     assert!(a_tcp >= 0.9, "all-TCP accuracy {a_tcp}");
     assert!(a_dgt >= a_tcp - 0.02, "dgt {a_dgt} vs tcp {a_tcp}");
+    // The zeroed blocks changed the trajectory: the final parameters differ from all-TCP's.
+    let hash = |st: &[RoleStats]| st.iter().find_map(|s| s.param_hash).unwrap();
+    assert_ne!(
+        hash(&tcp),
+        hash(&dgt),
+        "lost blocks must change the parameters"
+    );
     let g = dgt
         .iter()
         .find(|s| s.role == "global_server")
