@@ -27,10 +27,10 @@ pub struct E2eArgs {
     /// e2e: target test accuracy [default: 0.95; 0.90 with --quick].
     #[arg(long)]
     pub target: Option<f64>,
-    /// e2e: wall-time cap per scenario, seconds [default: 300; 60 with --quick].
+    /// e2e: wall-time cap per scenario, seconds [default: 420; 60 with --quick].
     #[arg(long)]
     pub cap_s: Option<f64>,
-    /// e2e: rounds of the synchronous scenarios [default: 120; 60 with --quick].
+    /// e2e: rounds of the synchronous scenarios [default: 100; 60 with --quick].
     #[arg(long)]
     pub rounds: Option<u64>,
 }
