@@ -214,6 +214,16 @@ pub struct DenseEncoding {
     pub scaling: Scaling,
 }
 
+impl From<&crate::hips::codec::TierCodec> for DenseEncoding {
+    /// The dense encoding of a tier (what its `encode_dense` writes).
+    fn from(t: &crate::hips::codec::TierCodec) -> Self {
+        DenseEncoding {
+            value_type: t.dense_type(),
+            scaling: t.scaling(),
+        }
+    }
+}
+
 /// Builds the model a `[model]` configuration names for `inputs` features and `classes` classes.
 pub fn build_model(
     cfg: &ModelConfig,
@@ -386,6 +396,21 @@ mod tests {
             .unwrap();
         assert_eq!(l, loss);
         assert_eq!(keys, vec![3, 2, 1, 0]);
+    }
+
+    #[test]
+    fn a_tier_codec_gives_its_dense_encoding() {
+        use crate::config::{Codec, Fp16Codec};
+        use crate::hips::codec::TierCodec;
+        let x = [1.5f32, -2.0e-3, 7.0];
+        for codec in [Codec::None, Codec::Fp16(Fp16Codec::default())] {
+            let tier = TierCodec::from_config(&codec, 10);
+            let enc = DenseEncoding::from(&tier);
+            assert_eq!(
+                crate::hips::codec::encode_values(&x, enc.value_type, enc.scaling),
+                tier.encode_dense(&x)
+            );
+        }
     }
 
     #[test]
