@@ -75,6 +75,20 @@ fn wait_readable(fd: i32, timeout: Duration) -> bool {
     n > 0 && p.revents & libc::POLLIN != 0
 }
 
+/// Makes the calling thread wake on time on a loaded machine: 1 ns timer slack, and real-time
+/// scheduling (SCHED_FIFO, low priority) where allowed. The relay blocks in `ppoll` between
+/// releases, so it never holds a CPU; the kernel's RT throttling bounds it anyway.
+fn realtime_thread() {
+    // SAFETY: prctl and sched_setscheduler on the calling thread with valid arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+        let p = libc::sched_param { sched_priority: 10 };
+        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) != 0 {
+            tracing::debug!("delay relay: no real-time scheduling; lateness may grow under load");
+        }
+    }
+}
+
 /// A running delay relay; stops (and joins its thread) on drop.
 pub struct TunRelay {
     stop: Arc<AtomicBool>,
@@ -93,6 +107,7 @@ impl TunRelay {
         let thread = std::thread::Builder::new()
             .name("geomx-wan-relay".into())
             .spawn(move || {
+                realtime_thread();
                 let opened = ns2.enter_current_thread().and_then(|_| open_tun(&name));
                 let dev = match opened {
                     Ok(f) => {
