@@ -240,6 +240,7 @@ impl DgtClient {
             datagrams: 0,
             udp_sends: 0,
             udp_errors: 0,
+            round_loss: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("geomx-dgt-tx-{sender_id}"))
@@ -395,6 +396,8 @@ struct Loop {
     datagrams: u64,
     udp_sends: u64,
     udp_errors: u64,
+    /// Unreliable (sent, lost) summed over the reports of the latest round: (round, sent, lost).
+    round_loss: Option<(u32, u64, u64)>,
 }
 
 impl Loop {
@@ -527,8 +530,33 @@ impl Loop {
                 t.3 += u64::from(c.lost());
             }
         }
+        // `auto` adapts once per round, from the unreliable loss over all keys of that round
+        // (one report per key and round; the reports of a round come together, rounds in order).
+        let (sent, lost) = r.channels.iter().skip(1).fold((0u64, 0u64), |(s, l), c| {
+            (s + u64::from(c.sent), l + u64::from(c.lost()))
+        });
+        match self.round_loss {
+            Some((round, s, l)) if round == r.round => {
+                self.round_loss = Some((round, s + sent, l + lost));
+            }
+            prev => {
+                if let Some((_, s, l)) = prev {
+                    self.adapt(s, l)?;
+                }
+                self.round_loss = Some((r.round, sent, lost));
+            }
+        }
+        Ok(())
+    }
+
+    /// One `auto` pacing step from a round's unreliable blocks `sent` and `lost`.
+    fn adapt(&mut self, sent: u64, lost: u64) -> Result<(), LinkError> {
         if let Pacing::Auto { min_bps, max_bps } = self.opts.pacing {
-            let loss = r.unreliable_loss();
+            let loss = if sent == 0 {
+                0.0
+            } else {
+                lost as f64 / sent as f64
+            };
             let rate = self
                 .sender
                 .adapt_rate(loss, min_bps, max_bps, Instant::now())?;
