@@ -3,8 +3,9 @@
 //! the local servers and workers inside a "site" namespace; the veth between them drops 10 % of
 //! the UDP datagrams each way (classic-BPF filter into a `pfifo limit 0` class). FSA training with
 //! `transport.inter = "dgt"` converges within 2 accuracy points of the all-TCP run on the same
-//! link, the DGT counters saw the loss, and they agree with the filter's drops.
-//! Root only: otherwise the test prints the SKIPPED line and returns.
+//! link, the DGT counters saw the loss, and they agree with the filter's drops. A second test runs
+//! the same job as processes through `geomx launch` with `[wan] mode = "netns"` (router, delay).
+//! Root only: otherwise each test prints its SKIPPED line and returns.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -164,4 +165,57 @@ fn dgt_converges_with_ten_percent_udp_loss() {
         up >= g.lost_blocks && up <= g.lost_blocks + g.late_blocks,
         "drops {up}, {g:?}"
     );
+}
+
+/// `geomx launch` inside the WAN lab (`[wan] mode = "netns"`: 100 Mbit/s, 10 ms one way, 5 % UDP
+/// loss): every role is a process in the lab's namespaces, DGT crosses the router and the delay
+/// relay, training converges and the receiver counted the loss.
+#[test]
+fn dgt_launch_in_the_wan_lab() {
+    if dgt_lab::root_available().is_err() {
+        println!("{}", dgt_lab::skip_line("dgt_launch_in_the_wan_lab"));
+        return;
+    }
+    let toml = format!(
+        "{}\n[wan]\nmode = \"netns\"\nrate_mbit = 100.0\ndelay_ms = 10.0\nloss = 0.05\n\
+         loss_scope = \"udp\"\n",
+        EXAMPLE
+            .replace("rounds = 400", "rounds = 200")
+            .replace("eval_every = 100", "eval_every = 200")
+            .replace("k = 0.8 ", "k = 0.5 ")
+            .replace("gso = true ", "gso = false ")
+    );
+    let dir = std::env::temp_dir();
+    let cfg = dir.join(format!("geomx-dgt-wan-{}.toml", std::process::id()));
+    let report = dir.join(format!("geomx-dgt-wan-{}.json", std::process::id()));
+    std::fs::write(&cfg, toml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_geomx"))
+        .args(["launch", "--quiet", "--report"])
+        .arg(&report)
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "launch failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let _ = (std::fs::remove_file(cfg), std::fs::remove_file(report));
+    assert_eq!(r["wan_mode"], "netns");
+    let acc = r["final_test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.9, "accuracy {acc}");
+    let g = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == "global_server")
+        .map(|p| p["dgt"].clone())
+        .unwrap();
+    let n = |k: &str| g[k].as_u64().unwrap_or(0);
+    assert!(n("unreliable_blocks") > 0 && n("lost_blocks") > 0, "{g}");
+    assert!(n("lost_blocks") < n("unreliable_blocks") / 5, "{g}");
+    assert_eq!(n("invalid"), 0, "{g}");
 }
