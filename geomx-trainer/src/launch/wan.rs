@@ -320,7 +320,7 @@ impl Wan {
                 "lateness_p99_us": st.lateness_quantile_ns(0.99) as f64 / 1e3,
                 "lateness_max_us": st.max_lateness_ns as f64 / 1e3,
             });
-            out["qdisc_stats"] = l.class_stats().into();
+            out["qdisc_stats"] = l.qdisc_stats().into();
         }
         if !self.relays.is_empty() {
             use std::sync::atomic::Ordering::Relaxed;

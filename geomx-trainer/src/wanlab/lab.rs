@@ -6,7 +6,7 @@ use super::delay::DelayStats;
 use super::guard;
 use super::naming::{link_addr, Tag, IFNAMSIZ_MAX, MAX_LINKS};
 use super::netns::{probe_root, sweep_stale, Netns};
-use super::shaper::{class_drops, class_stats, LossFilter, Shaper};
+use super::shaper::{class_drops, class_stats, qdisc_stats, LossFilter, Shaper};
 use super::tun::TunRelay;
 use super::WanLabError;
 
@@ -251,15 +251,24 @@ impl Lab {
         ))
     }
 
+    /// `tc -s qdisc show` of every shaped interface, labelled.
+    pub fn qdisc_stats(&self) -> String {
+        self.per_interface(qdisc_stats)
+    }
+
     /// `tc -s class show` of every shaped interface, labelled.
     pub fn class_stats(&self) -> String {
+        self.per_interface(class_stats)
+    }
+
+    fn per_interface(&self, show: fn(&Netns, &str) -> Result<String, WanLabError>) -> String {
         let mut out = String::new();
         for (i, l) in self.spec.links.iter().enumerate() {
             for (ns, dev) in [
                 (&self.nodes[i], self.node_if(i)),
                 (&self.wan, self.wan_if(i)),
             ] {
-                if let Ok(s) = class_stats(ns, &dev) {
+                if let Ok(s) = show(ns, &dev) {
                     if !s.trim().is_empty() {
                         out.push_str(&format!("# {} {dev}\n{s}", l.name));
                     }

@@ -170,7 +170,10 @@ fn epoch_ns(epoch: Instant) -> u64 {
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, WanLabError> {
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(f)
+        .spawn(move || {
+            super::tun::realtime_thread();
+            f()
+        })
         .map_err(|e| WanLabError::io("starting a relay thread", e))
 }
 

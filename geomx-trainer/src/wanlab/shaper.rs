@@ -242,6 +242,11 @@ pub fn class_stats(ns: &Netns, dev: &str) -> Result<String, WanLabError> {
     ns.tc(&args("-s class show dev DEV", dev))
 }
 
+/// `tc -s qdisc show dev <dev>` in `ns` (sent bytes and packets, drops, overlimits per qdisc).
+pub fn qdisc_stats(ns: &Netns, dev: &str) -> Result<String, WanLabError> {
+    ns.tc(&args("-s qdisc show dev DEV", dev))
+}
+
 /// Packets dropped by the leaf qdisc of the drop class on `dev` (0 when there is none).
 pub fn class_drops(ns: &Netns, dev: &str) -> Result<u64, WanLabError> {
     let out = ns.tc(&args("-s qdisc show dev DEV", dev))?;

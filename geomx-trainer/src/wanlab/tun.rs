@@ -78,13 +78,15 @@ fn wait_readable(fd: i32, timeout: Duration) -> bool {
 /// Makes the calling thread wake on time on a loaded machine: 1 ns timer slack, and real-time
 /// scheduling (SCHED_FIFO, low priority) where allowed. The relay blocks in `ppoll` between
 /// releases, so it never holds a CPU; the kernel's RT throttling bounds it anyway.
-fn realtime_thread() {
+pub(crate) fn realtime_thread() {
     // SAFETY: prctl and sched_setscheduler on the calling thread with valid arguments.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
         let p = libc::sched_param { sched_priority: 10 };
         if libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) != 0 {
-            tracing::debug!("delay relay: no real-time scheduling; lateness may grow under load");
+            tracing::debug!(
+                "no real-time scheduling for a relay thread; lateness may grow under load"
+            );
         }
     }
 }
