@@ -267,6 +267,98 @@ fn bpf_loss_filter_drops_a_binomial_share_of_udp_only() {
     );
 }
 
+/// Oracle 4: under 2× overload of a 10 Mbit/s uplink with DGT classes, the flow marked ToS 0x40
+/// (channel 1 of 3) gets most of the link, best effort (ToS 0) little.
+#[test]
+fn dscp_classes_prioritise_the_higher_tos() {
+    if !root("dscp_classes_prioritise_the_higher_tos") {
+        return;
+    }
+    let _one = serial();
+    let mut dc = site("dc1", Some(10.0), 0.0);
+    dc.dscp_channels = Some(3);
+    let lab = Lab::build(LabSpec {
+        links: vec![site("central", None, 0.0), dc],
+    })
+    .unwrap();
+    let mut sinks = Vec::new();
+    for _ in 0..2 {
+        let bind = SocketAddr::new(lab.node_addr(0).into(), 0);
+        let r = lab
+            .node(0)
+            .run(move || UdpSocket::bind(bind))
+            .unwrap()
+            .unwrap();
+        r.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        big_receive_buffer(&r);
+        let to = r.local_addr().unwrap();
+        let count = std::thread::spawn(move || {
+            let mut b = [0u8; 2048];
+            let mut n = 0u64;
+            while r.recv_from(&mut b).is_ok() {
+                n += 1;
+            }
+            n
+        });
+        sinks.push((to, count));
+    }
+    let targets: Vec<SocketAddr> = sinks.iter().map(|(a, _)| *a).collect();
+    let bind = SocketAddr::new(lab.node_addr(1).into(), 0);
+    lab.node(1)
+        .run(move || {
+            // Two flows of 1,200-byte datagrams, each about 10 Mbit/s, for 1.5 s.
+            let socks: Vec<UdpSocket> = [0x40, 0x00]
+                .iter()
+                .map(|&tos| {
+                    let s = UdpSocket::bind(bind).unwrap();
+                    set_tos(&s, tos);
+                    // A full send buffer must not hold up the other flow.
+                    s.set_nonblocking(true).unwrap();
+                    s
+                })
+                .collect();
+            let t = Instant::now();
+            let payload = [0u8; 1200];
+            let mut tick = 0u32;
+            while t.elapsed() < Duration::from_millis(1500) {
+                for _ in 0..10 {
+                    for (s, to) in socks.iter().zip(&targets) {
+                        let _ = s.send_to(&payload, to);
+                    }
+                }
+                tick += 1;
+                let due = Duration::from_millis(10) * tick;
+                if let Some(w) = due.checked_sub(t.elapsed()) {
+                    std::thread::sleep(w);
+                }
+            }
+        })
+        .unwrap();
+    let got: Vec<u64> = sinks.into_iter().map(|(_, c)| c.join().unwrap()).collect();
+    println!(
+        "10 Mbit/s uplink, 2 × ~10 Mbit/s offered: ToS 0x40 got {}, best effort {}",
+        got[0], got[1]
+    );
+    assert!(got[0] > 2 * got[1], "{got:?}");
+    assert!(got[0] > 0 && got[1] > 0, "{got:?}");
+}
+
+fn set_tos(s: &UdpSocket, tos: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt with a valid fd and a c_int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_TOS,
+            &tos as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+}
+
 /// Asks for an 8 MiB receive buffer (root may exceed rmem_max), so a loaded machine loses no
 /// datagrams at the receiver.
 fn big_receive_buffer(s: &UdpSocket) {
