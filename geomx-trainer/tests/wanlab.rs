@@ -437,13 +437,20 @@ fn stale_namespaces_of_dead_runs_are_swept() {
     assert!(names.contains(&live), "{live} was swept");
 }
 
-/// Oracle 5 (SIGINT): `geomx wan-lab --hold` builds a lab and waits; SIGINT tears it down.
+/// Oracle 5 (signals): `geomx wan-lab --hold` builds a lab and waits; SIGINT or SIGTERM tears it
+/// down.
 #[test]
 fn sigint_tears_the_lab_down() {
     if !root("sigint_tears_the_lab_down") {
         return;
     }
     let _one = serial();
+    for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        torn_down_on(sig, code);
+    }
+}
+
+fn torn_down_on(sig: libc::c_int, code: i32) {
     let mut child = Command::new(GEOMX)
         .args(["wan-lab", "--hold"])
         .stdout(Stdio::piped())
@@ -462,10 +469,10 @@ fn sigint_tears_the_lab_down() {
     assert!(!leftovers(&prefix).is_empty());
     // SAFETY: signalling our own child by pid.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
+        libc::kill(child.id() as i32, sig);
     }
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{status}");
+    assert_eq!(status.code(), Some(code), "{status}");
     assert_eq!(leftovers(&prefix), Vec::<String>::new());
 }
 
@@ -582,15 +589,20 @@ fn scratch(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("geomx-wanlab-{}-{name}", std::process::id()))
 }
 
-/// `geomx launch` with `[wan] mode = MODE`: 2 DCs × 2 workers, a small MLP, 30 rounds over
-/// 100 Mbit/s, 5 ms links. Returns the report.
+/// `geomx launch` with `[wan] mode = MODE`: DCs dc0 (2 workers) and dc1 (1) behind site `east`,
+/// dc2 (1) behind its own, a small MLP, 30 rounds over 100 Mbit/s, 5 ms links. Returns the
+/// report, after checking its sites.
+
 fn launch_in(mode: &str) -> serde_json::Value {
     let cfg = scratch(&format!("{mode}.toml"));
     let report = scratch(&format!("{mode}.json"));
     std::fs::write(
         &cfg,
         format!(
-            "[cluster]\ndata_centers = 2\nworkers_per_dc = 2\n[model]\nhidden = [16]\n\
+            "[[cluster.data_centers]]\nname = \"dc0\"\nworkers = 2\nsite = \"east\"\n\
+             [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 1\nsite = \"east\"\n\
+             [[cluster.data_centers]]\nname = \"dc2\"\nworkers = 1\n\
+             [model]\nhidden = [16]\n\
              [train]\nrounds = 30\neval_every = 30\n\
              [wan]\nmode = \"{mode}\"\nrate_mbit = 100.0\ndelay_ms = 5.0\n"
         ),
@@ -612,6 +624,19 @@ fn launch_in(mode: &str) -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let _ = std::fs::remove_file(&cfg);
     let _ = std::fs::remove_file(&report);
+    let links = r["wan_lab"]["links"].as_array().unwrap();
+    let sites: Vec<(&str, String)> = links
+        .iter()
+        .map(|l| (l["site"].as_str().unwrap(), l["data_centers"].to_string()))
+        .collect();
+    assert_eq!(
+        sites,
+        [
+            ("central", "[]".to_string()),
+            ("east", "[0,1]".to_string()),
+            ("dc2", "[2]".to_string())
+        ]
+    );
     r
 }
 
