@@ -592,7 +592,6 @@ fn scratch(name: &str) -> PathBuf {
 /// `geomx launch` with `[wan] mode = MODE`: DCs dc0 (2 workers) and dc1 (1) behind site `east`,
 /// dc2 (1) behind its own, a small MLP, 30 rounds over 100 Mbit/s, 5 ms links. Returns the
 /// report, after checking its sites.
-
 fn launch_in(mode: &str) -> serde_json::Value {
     let cfg = scratch(&format!("{mode}.toml"));
     let report = scratch(&format!("{mode}.json"));
