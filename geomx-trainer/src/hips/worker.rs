@@ -406,11 +406,16 @@ pub fn run(
                 (0..lens.len()).map(|_| None).collect();
             let l = job
                 .model
-                .backward_layerwise(&params, batch.view(), &mut |key, grad| {
-                    let (codec, bytes) = job.intra.encode_dense(&grad);
-                    pending[key] =
-                        Some(client.push(key as u64, round, codec, 0, grad.len() as u64, &bytes));
-                })
+                // Gradients encoded per key by the model (on its GPU for a CUDA tch model).
+                .backward_encoded(
+                    &params,
+                    batch.view(),
+                    (&job.intra).into(),
+                    &mut |key, n, codec, bytes| {
+                        pending[key] =
+                            Some(client.push(key as u64, round, codec, 0, n as u64, &bytes));
+                    },
+                )
                 .map_err(RunError::Engine)?;
             loss = f64::from(l);
             slow_down(slowdown, started.elapsed());
