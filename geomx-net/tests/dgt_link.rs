@@ -201,3 +201,24 @@ fn malformed_reliable_input_is_refused_and_counted() {
     assert_eq!((d.sender, d.values[99]), (7, 2.0));
     assert!(client.closed_reason().is_none());
 }
+
+#[test]
+fn datagrams_from_another_host_are_invalid() {
+    let server = DgtServer::bind(LO, cfg(), &[(1, 100, ValueType::F32)], None).unwrap();
+    let client = DgtClient::connect(server.local_addr(), 7, cfg(), LinkOptions::default()).unwrap();
+    // A well-formed block 0 of key 1, round 0, naming sender 7 on channel 1, but sent from
+    // 127.0.0.2 (any 127/8 address is local): without the source check it would be accepted.
+    let spoof = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    let mut d = vec![0u8; 32 + 400];
+    d[0..2].copy_from_slice(&0x4758u16.to_le_bytes());
+    d[2] = 1; // version
+    d[3] = 48; // block
+    d[4] = 1; // channel
+    d[8..12].copy_from_slice(&7u32.to_le_bytes());
+    d[12..16].copy_from_slice(&1u32.to_le_bytes());
+    d[28..32].copy_from_slice(&100u32.to_le_bytes());
+    spoof.send_to(&d, server.udp_addrs()[0]).unwrap();
+    wait_until(|| server.stats().invalid >= 1);
+    client.push_f32(1, 0, vec![3.0; 100], vec![0]).unwrap();
+    assert_eq!(server.recv_delivery(WAIT).unwrap().values, vec![3.0; 100]);
+}

@@ -205,6 +205,8 @@ struct Conn {
 struct Peer {
     rx: DgtReceiver,
     conn: u64,
+    /// The address of its reliable channel: its datagrams must come from the same host.
+    ip: IpAddr,
 }
 
 #[derive(Default)]
@@ -415,7 +417,13 @@ impl Loop {
                     WRITE_LIMIT,
                 )?;
                 conn.sender = Some(sender);
-                if let Some(mut old) = self.peers.insert(sender, Peer { rx, conn: id }) {
+                let ip = conn
+                    .tcp
+                    .peer_addr()
+                    .map_err(|e| LinkError::Io("peer_addr", e))?
+                    .ip();
+                let peer = Peer { rx, conn: id, ip };
+                if let Some(mut old) = self.peers.insert(sender, peer) {
                     // A reconnecting sender starts over at round 0.
                     self.gone.add(old.rx.counters(), old.rx.invalid());
                     while old.rx.poll_delivery().is_some() {}
@@ -484,8 +492,8 @@ impl Loop {
         let now = Instant::now();
         // Bounded so a flood cannot starve the reliable channels and the timers.
         for _ in 0..4096 {
-            let (n, ch) = match self.udp.try_recv(buf) {
-                Ok(Some((ch, n, _))) => (n, ch),
+            let (n, ch, from) = match self.udp.try_recv(buf) {
+                Ok(Some((ch, n, from))) => (n, ch, from),
                 Ok(None) => return,
                 Err(e) => {
                     tracing::debug!(error = %e, "dgt: udp receive error");
@@ -496,8 +504,9 @@ impl Loop {
             let sender = (n >= 12).then(|| u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]));
             match sender.and_then(|s| self.peers.get_mut(&s)) {
                 Some(p) => {
-                    if msg.get(4) != Some(&ch) {
-                        // A datagram must arrive on the socket of its own channel.
+                    if msg.get(4) != Some(&ch) || from.ip() != p.ip {
+                        // A datagram must arrive on the socket of its own channel, from the host
+                        // of its sender's reliable channel.
                         let _ = p.rx.handle_datagram(now, &[]);
                     } else if let Err(e) = p.rx.handle_datagram(now, msg) {
                         tracing::trace!(error = %e, "dgt: datagram rejected");
