@@ -16,7 +16,7 @@ pub mod gpu;
 pub mod gpu_train;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use geomx_kernels::ValueType;
 use geomx_net::PayloadCodec;
@@ -39,6 +39,8 @@ pub struct TchModel {
     device: Device,
     /// The GPU compressor of [`Model::backward_encoded`], opened at first use.
     gpu: Arc<Mutex<GpuState>>,
+    /// Whether libtorch can use `device`, checked at the first computation.
+    device_ok: Arc<OnceLock<Result<(), EngineError>>>,
 }
 
 /// Whether GPU-resident encoding is set up.
@@ -110,8 +112,9 @@ fn to_host(t: &Tensor) -> Vec<f32> {
 
 impl TchModel {
     /// `arch` for samples of `inputs` features (a square image of 1 or 3 channels) and `classes`
-    /// classes on `device`. Errors when the input is not such an image, the architecture does not
-    /// fit it, or libtorch cannot use the device.
+    /// classes on `device`. Errors when the input is not such an image or the architecture does
+    /// not fit it. The device is checked at the first computation ([`check_device`]), so that
+    /// roles that only need the shapes (servers) run on hosts without the GPU.
     pub fn new(
         arch: Arch,
         inputs: usize,
@@ -124,11 +127,11 @@ impl TchModel {
             ))
         })?;
         let net = Net::new(arch, image, classes)?;
-        check_device(device)?;
         Ok(TchModel {
             net,
             device,
             gpu: Arc::new(Mutex::new(GpuState::Untried)),
+            device_ok: Arc::new(OnceLock::new()),
         })
     }
 
@@ -140,6 +143,13 @@ impl TchModel {
     /// The compute device.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// [`check_device`] once per model.
+    fn ensure_device(&self) -> Result<(), EngineError> {
+        self.device_ok
+            .get_or_init(|| check_device(self.device))
+            .clone()
     }
 
     /// Validates params and batch; returns the number of samples.
@@ -210,6 +220,7 @@ impl TchModel {
         if self.check(params, batch)? == 0 {
             return Err(EngineError::EmptyBatch);
         }
+        self.ensure_device()?;
         let dev = torch_device(self.device);
         guarded(|| {
             let p = self.params_on(params, Kind::Float, dev, true);
@@ -274,6 +285,7 @@ impl Model for TchModel {
                 n_features: inputs,
             });
         }
+        self.ensure_device()?;
         let dev = torch_device(self.device);
         let img = self.net.image();
         guarded(|| {
@@ -353,6 +365,7 @@ impl Model for TchModel {
                 samples: 0,
             });
         }
+        self.ensure_device()?;
         let dev = torch_device(self.device);
         let inputs = data.n_features;
         let (loss_sum, correct) = guarded(|| {

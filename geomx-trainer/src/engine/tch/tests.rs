@@ -203,12 +203,20 @@ fn bad_inputs_are_errors_not_panics() {
         m.loss_and_grad(&p[1..], data.view()),
         Err(EngineError::TensorCount { .. })
     ));
-    let cuda = TchModel::new(Arch::Cnn, 256, 3, Device::Cuda(99));
-    let err = cuda.unwrap_err().to_string();
+    // The device is checked at the first computation: a server only needs the shapes.
+    let cuda = TchModel::new(Arch::Cnn, 256, 3, Device::Cuda(99)).unwrap();
+    assert_eq!(cuda.tensors(), m.tensors());
+    let small = band_images(2, 1, 16, 3, 1);
+    let err = cuda
+        .loss_and_grad(&p, small.view())
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("cuda:99") && err.contains("CUDA device"),
         "{err}"
     );
+    assert!(cuda.evaluate(&p, small.view()).is_err());
+    assert!(cuda.forward(&p, small.features()).is_err());
 }
 
 #[test]
