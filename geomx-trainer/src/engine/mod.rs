@@ -1,4 +1,4 @@
-//! Model engines: the built-in CPU MLP, the libtorch CNN / ResNet-18 (feature `tch`, [`tch`]) and
+//! Model engines: the built-in CPU MLP, the libtorch CNN / ResNet-18 (feature `tch`, module `tch`) and
 //! the engine interface.
 //!
 //! Every back end implements [`Model`]. Parameters are a list of flat `f32` tensors in a fixed layer
