@@ -1,40 +1,11 @@
 //! DGT on the inter tier: configuration rules, and `geomx launch` with `transport.inter = "dgt"`
 //! on loopback converging on digits with the sums really crossing the DGT channels.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod support;
 
 use geomx_trainer::config::{Config, TransportKind};
 use serde_json::Value;
-
-const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
 const EXAMPLE: &str = include_str!("../../examples/dgt.toml");
-
-fn scratch(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("geomx-dgt-test-{}-{name}", std::process::id()))
-}
-
-fn launch_report(name: &str, toml: &str) -> Value {
-    let cfg = scratch(&format!("{name}.toml"));
-    let report = scratch(&format!("{name}.json"));
-    std::fs::write(&cfg, toml).unwrap();
-    let out = Command::new(GEOMX)
-        .args(["launch", "--quiet", "--report"])
-        .arg(&report)
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "launch failed: {}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let _ = std::fs::remove_file(cfg);
-    let _ = std::fs::remove_file(report);
-    r
-}
 
 fn role<'a>(r: &'a Value, name: &str) -> &'a Value {
     r["processes"]
@@ -118,7 +89,7 @@ fn dgt_launch_converges_on_digits() {
         .replace("rounds = 400", "rounds = 300")
         .replace("hidden = [64]", "hidden = [512]")
         .replace("k = 0.8 ", "k = 0.5 ");
-    let r = launch_report("converge", &toml);
+    let r = support::launch_report("dgt-test", "converge", &toml);
     let acc = r["final_test_accuracy"].as_f64().unwrap();
     assert!(acc >= 0.9, "final test accuracy {acc}");
     assert_eq!(r["rounds"], 300);

@@ -16,6 +16,8 @@ use geomx_trainer::hips::node::FatalHook;
 use geomx_trainer::hips::worker::ProgressSink;
 use geomx_trainer::hips::{coordinator, global_server, local_server, worker, JobSpec, RoleStats};
 
+mod support;
+
 const EXAMPLE: &str = include_str!("../../examples/dgt.toml");
 
 fn config(dgt: bool) -> Config {
@@ -185,27 +187,9 @@ fn dgt_launch_in_the_wan_lab() {
             .replace("k = 0.8 ", "k = 0.5 ")
             .replace("gso = true ", "gso = false ")
     );
-    let dir = std::env::temp_dir();
-    let cfg = dir.join(format!("geomx-dgt-wan-{}.toml", std::process::id()));
-    let report = dir.join(format!("geomx-dgt-wan-{}.json", std::process::id()));
-    std::fs::write(&cfg, toml).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_geomx"))
-        .args(["launch", "--quiet", "--report"])
-        .arg(&report)
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "launch failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let _ = (std::fs::remove_file(cfg), std::fs::remove_file(report));
+    let r = support::launch_report("dgt-wan", "launch", &toml);
     assert_eq!(r["wan_mode"], "netns");
-    let acc = r["final_test_accuracy"].as_f64().unwrap();
+    let acc = support::accuracy(&r);
     assert!(acc >= 0.9, "accuracy {acc}");
     let g = r["processes"]
         .as_array()

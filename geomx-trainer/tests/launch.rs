@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
+mod support;
+
+use support::{accuracy, assert_within_two_points_of_fsa, wan_bytes, GEOMX};
 
 /// A unique scratch file path for this test process.
 fn scratch(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("geomx-test-{}-{name}", std::process::id()))
+    support::scratch("test", name)
 }
 
 fn write_config(name: &str, toml: &str) -> PathBuf {
@@ -329,14 +331,7 @@ fn codec_config(rounds: u64, extra: &str) -> String {
 }
 
 fn launch_report(name: &str, toml: &str) -> Value {
-    let cfg = write_config(&format!("{name}.toml"), toml);
-    let report = scratch(&format!("{name}.json"));
-    let out = launch(Some(&cfg), &report);
-    assert_ok(&out);
-    let r = read_report(&report);
-    let _ = std::fs::remove_file(cfg);
-    let _ = std::fs::remove_file(report);
-    r
+    support::launch_report("test", name, toml)
 }
 
 fn codec_bytes(r: &Value, class: &str) -> u64 {
@@ -366,7 +361,6 @@ fn bisparse_and_fp16_cut_wan_bytes_and_keep_accuracy() {
         ),
     );
     let wan = |r: &Value| r["wan_bytes"].as_u64().unwrap() as f64;
-    let acc = |r: &Value| r["final_test_accuracy"].as_f64().unwrap();
     for (name, r) in [("none", &none), ("fp16", &fp16), ("bisparse", &bisparse)] {
         eprintln!(
             "{name}: wan_bytes {} ({:.1} % of none), per round {:.0}, lan_bytes {}, accuracy {:.4}, \
@@ -375,7 +369,7 @@ fn bisparse_and_fp16_cut_wan_bytes_and_keep_accuracy() {
             100.0 * wan(r) / wan(&none),
             r["wan_bytes_per_round"].as_f64().unwrap(),
             r["lan_bytes"],
-            acc(r),
+            accuracy(r),
             r["codec_bytes"]
         );
         assert!(r["replicas_identical"].as_bool().unwrap(), "{name}");
@@ -386,9 +380,12 @@ fn bisparse_and_fp16_cut_wan_bytes_and_keep_accuracy() {
         "bisparse {}",
         wan(&bisparse)
     );
-    assert!(acc(&bisparse) >= acc(&none) - 0.01, "bisparse accuracy");
+    assert!(
+        accuracy(&bisparse) >= accuracy(&none) - 0.01,
+        "bisparse accuracy"
+    );
     assert!(wan(&fp16) <= 0.52 * wan(&none), "fp16 {}", wan(&fp16));
-    assert!(acc(&fp16) >= acc(&none) - 0.005, "fp16 accuracy");
+    assert!(accuracy(&fp16) >= accuracy(&none) - 0.005, "fp16 accuracy");
     // Payload classes: FP16 is all 16-bit; uncompressed all f32; Bi-Sparse sends the large
     // tensors sparse and the biases (below T) dense f32.
     assert_eq!(codec_bytes(&fp16, "f32"), 0);
@@ -467,7 +464,6 @@ fn bisparse_replicas_match_global_parameters_at_every_resync() {
 fn mixed_sync_converges_within_two_points_of_fsa() {
     let base = "[cluster]\ndata_centers = 2\nworkers_per_dc = 2\n[train]\nrounds = 300\neval_every = 300\n";
     let fsa = launch_report("sync-fsa", base);
-    let acc = |r: &Value| r["final_test_accuracy"].as_f64().unwrap();
     for (name, extra) in [
         (
             "sync-mixed-dcasgd",
@@ -479,22 +475,7 @@ fn mixed_sync_converges_within_two_points_of_fsa() {
         ),
     ] {
         let r = launch_report(name, &format!("{base}{extra}"));
-        eprintln!(
-            "{name}: accuracy {:.4} (fsa {:.4}), wan_bytes {} (fsa {}), wall {:.2}s (fsa {:.2}s)",
-            acc(&r),
-            acc(&fsa),
-            r["wan_bytes"],
-            fsa["wan_bytes"],
-            r["wall_seconds"].as_f64().unwrap(),
-            fsa["wall_seconds"].as_f64().unwrap()
-        );
-        assert_eq!(r["rounds"], 300, "{name}");
-        assert!(
-            acc(&r) >= acc(&fsa) - 0.02,
-            "{name}: {} vs fsa {}",
-            acc(&r),
-            acc(&fsa)
-        );
+        assert_within_two_points_of_fsa(name, &r, &fsa, 300, "");
         let global = r["processes"]
             .as_array()
             .unwrap()
@@ -516,8 +497,6 @@ fn mixed_sync_converges_within_two_points_of_fsa() {
 fn hfa_converges_within_two_points_of_fsa_with_a_twentieth_of_the_wan_rounds() {
     let base = "[cluster]\ndata_centers = 2\nworkers_per_dc = 2\n[train]\nrounds = 300\neval_every = 300\n";
     let fsa = launch_report("hfa-fsa", base);
-    let acc = |r: &Value| r["final_test_accuracy"].as_f64().unwrap();
-    let wan = |r: &Value| r["wan_bytes"].as_u64().unwrap();
     for (name, extra) in [
         (
             "hfa-average",
@@ -529,27 +508,12 @@ fn hfa_converges_within_two_points_of_fsa_with_a_twentieth_of_the_wan_rounds() {
         ),
     ] {
         let r = launch_report(name, &format!("{base}{extra}"));
-        eprintln!(
-            "{name}: accuracy {:.4} (fsa {:.4}), wan_bytes {} (fsa {}), lan_bytes {}, wall {:.2}s (fsa {:.2}s)",
-            acc(&r),
-            acc(&fsa),
-            wan(&r),
-            wan(&fsa),
-            r["lan_bytes"],
-            r["wall_seconds"].as_f64().unwrap(),
-            fsa["wall_seconds"].as_f64().unwrap()
-        );
-        assert_eq!(r["rounds"], 300, "{name}");
-        assert!(
-            acc(&r) >= acc(&fsa) - 0.02,
-            "{name}: {} vs fsa {}",
-            acc(&r),
-            acc(&fsa)
-        );
+        let lan = format!(", lan_bytes {}", r["lan_bytes"]);
+        assert_within_two_points_of_fsa(name, &r, &fsa, 300, &lan);
         // After every global round all replicas hold the milestone.
         assert!(r["replicas_identical"].as_bool().unwrap(), "{name}");
         // 15 WAN exchanges instead of 300 (plus the θ_0 pull): about 1/20 of FSA's bytes.
-        let ratio = wan(&r) as f64 / wan(&fsa) as f64;
+        let ratio = wan_bytes(&r) as f64 / wan_bytes(&fsa) as f64;
         assert!(ratio > 0.045 && ratio < 0.06, "{name}: WAN ratio {ratio}");
     }
 }

@@ -2,12 +2,10 @@
 //! process on loopback): ESync with the coordinator's state machine, under one DC computing 3×
 //! slower. Round counts are small so each launch takes a second or two.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod support;
 
 use serde_json::Value;
-
-const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
+use support::{assert_within_two_points_of_fsa, wan_bytes};
 
 /// dc1 3× slower, 300 rounds on digits: `workers` per DC, MLP hidden [`hidden`].
 fn base(workers: usize, hidden: usize) -> String {
@@ -19,28 +17,10 @@ fn base(workers: usize, hidden: usize) -> String {
     )
 }
 
-fn scratch(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("geomx-sync-test-{}-{name}", std::process::id()))
-}
-
 /// Launches `toml` with info logs; returns the report and the launcher's stderr lines.
 fn launch(name: &str, toml: &str) -> (Value, Vec<String>) {
-    let cfg = scratch(&format!("{name}.toml"));
-    let report = scratch(&format!("{name}.json"));
-    std::fs::write(&cfg, toml).unwrap();
-    let out = Command::new(GEOMX)
-        .args(["launch", "--quiet", "--report"])
-        .arg(&report)
-        .arg(&cfg)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{name}: {}\n{stderr}", out.status);
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let _ = std::fs::remove_file(cfg);
-    let _ = std::fs::remove_file(report);
-    (r, stderr.lines().map(str::to_string).collect())
+    let l = support::launch_with("sync-test", name, toml, &[("RUST_LOG", "info")]);
+    (l.report, l.stderr.lines().map(str::to_string).collect())
 }
 
 /// Local steps per DC from the workers' "ESync local steps" log lines.
@@ -69,8 +49,6 @@ fn local_steps(lines: &[String]) -> [Vec<u64>; 2] {
 /// them step while waiting); the WAN carries one model exchange per round, like FSA's gradients.
 #[test]
 fn esync_converges_within_two_points_of_fsa_with_a_slow_dc() {
-    let acc = |r: &Value| r["final_test_accuracy"].as_f64().unwrap();
-    let wan = |r: &Value| r["wan_bytes"].as_u64().unwrap() as f64;
     for (name, workers, hidden, norm) in [
         ("esync-none", 2, 64, "none"),
         ("esync-fednova", 1, 512, "fednova"),
@@ -83,23 +61,7 @@ fn esync_converges_within_two_points_of_fsa_with_a_slow_dc() {
         );
         let (r, lines) = launch(name, &toml);
         let steps = local_steps(&lines);
-        eprintln!(
-            "{name}: accuracy {:.4} (fsa {:.4}), local steps {steps:?}, wan {} (fsa {}), \
-             wall {:.2}s (fsa {:.2}s)",
-            acc(&r),
-            acc(&fsa),
-            wan(&r),
-            wan(&fsa),
-            r["wall_seconds"].as_f64().unwrap(),
-            fsa["wall_seconds"].as_f64().unwrap()
-        );
-        assert_eq!(r["rounds"], 300, "{name}");
-        assert!(
-            acc(&r) >= acc(&fsa) - 0.02,
-            "{name}: {} vs fsa {}",
-            acc(&r),
-            acc(&fsa)
-        );
+        assert_within_two_points_of_fsa(name, &r, &fsa, 300, &format!(", local steps {steps:?}"));
         assert!(r["replicas_identical"].as_bool().unwrap(), "{name}");
         assert!(
             steps.iter().all(|d| d.len() == workers),
@@ -111,7 +73,7 @@ fn esync_converges_within_two_points_of_fsa_with_a_slow_dc() {
         );
         let per_dc: Vec<u64> = steps.iter().map(|d| d.iter().sum()).collect();
         assert!(per_dc[0] > per_dc[1], "{name}: {steps:?}");
-        let ratio = wan(&r) / wan(&fsa);
+        let ratio = wan_bytes(&r) as f64 / wan_bytes(&fsa) as f64;
         assert!(ratio > 0.9 && ratio < 1.1, "{name}: WAN ratio {ratio}");
     }
 }

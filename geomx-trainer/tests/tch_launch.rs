@@ -4,16 +4,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use flate2::{write::GzEncoder, Compression};
 use geomx_trainer::data::idx::encode_u8;
-use serde_json::Value;
 
-const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
+mod support;
 
 fn scratch(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("geomx-tch-test-{}-{name}", std::process::id()))
+    support::scratch("tch-test", name)
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -96,25 +94,9 @@ momentum = 0.9
         tei.display(),
         tel.display()
     );
-    let cfg = dir.join("cnn.toml");
-    std::fs::write(&cfg, config).unwrap();
-    let report = dir.join("report.json");
-    let out = Command::new(GEOMX)
-        .args(["launch", "--quiet", "--report"])
-        .arg(&report)
-        .arg(&cfg)
-        // Several processes share the cores: one libtorch thread each.
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "launch failed: {}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let acc = r["final_test_accuracy"].as_f64().unwrap();
+    // Several processes share the cores: one libtorch thread each.
+    let r = support::launch_with("tch-test", "cnn", &config, &[("OMP_NUM_THREADS", "1")]).report;
+    let acc = support::accuracy(&r);
     assert!(acc >= 0.9, "final test accuracy {acc}");
     assert_eq!(r["rounds"], 40);
     assert!(r["replicas_identical"].as_bool().unwrap());

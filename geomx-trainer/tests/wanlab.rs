@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,7 +16,9 @@ use geomx_trainer::wanlab::{
     probe_root, skip_line, Lab, LabSpec, LinkSpec, LossFilter, LossScope, Netns, Tag,
 };
 
-const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
+mod support;
+
+use support::GEOMX;
 
 static ONE_LAB: Mutex<()> = Mutex::new(());
 
@@ -585,19 +586,14 @@ fn userspace_relay_rate_delay_and_loss() {
     assert!((1860..=2140).contains(&dropped), "{dropped}");
 }
 
-fn scratch(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("geomx-wanlab-{}-{name}", std::process::id()))
-}
-
 /// `geomx launch` with `[wan] mode = MODE`: DCs dc0 (2 workers) and dc1 (1) behind site `east`,
 /// dc2 (1) behind its own, a small MLP, 30 rounds over 100 Mbit/s, 5 ms links. Returns the
 /// report, after checking its sites.
 fn launch_in(mode: &str) -> serde_json::Value {
-    let cfg = scratch(&format!("{mode}.toml"));
-    let report = scratch(&format!("{mode}.json"));
-    std::fs::write(
-        &cfg,
-        format!(
+    let r = support::launch_report(
+        "wanlab",
+        mode,
+        &format!(
             "[[cluster.data_centers]]\nname = \"dc0\"\nworkers = 2\nsite = \"east\"\n\
              [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 1\nsite = \"east\"\n\
              [[cluster.data_centers]]\nname = \"dc2\"\nworkers = 1\n\
@@ -605,24 +601,7 @@ fn launch_in(mode: &str) -> serde_json::Value {
              [train]\nrounds = 30\neval_every = 30\n\
              [wan]\nmode = \"{mode}\"\nrate_mbit = 100.0\ndelay_ms = 5.0\n"
         ),
-    )
-    .unwrap();
-    let out = Command::new(GEOMX)
-        .args(["launch", "--quiet", "--report"])
-        .arg(&report)
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "launch in {mode} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
     );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&cfg);
-    let _ = std::fs::remove_file(&report);
     let links = r["wan_lab"]["links"].as_array().unwrap();
     let sites: Vec<(&str, String)> = links
         .iter()
