@@ -6,7 +6,7 @@
 //! batch.
 
 use super::gemm::{gemm, Layout};
-use super::{check_params, EngineError, Evaluation, Model, TensorSpec};
+use super::{check_batch, check_params, EngineError, Evaluation, Model, TensorSpec};
 use crate::data::{rng, Samples};
 
 /// Rows per chunk when evaluating large data sets.
@@ -73,33 +73,7 @@ impl Mlp {
 
     /// Validates params and batch shape; returns the number of samples.
     fn check(&self, params: &[Vec<f32>], batch: &Samples<'_>) -> Result<usize, EngineError> {
-        check_params(&self.specs, params)?;
-        if batch.n_features != self.inputs() {
-            return Err(EngineError::Features {
-                expected: self.inputs(),
-                got: batch.n_features,
-            });
-        }
-        let n = batch.labels.len();
-        if batch.features.len() != n * batch.n_features {
-            return Err(EngineError::Ragged {
-                values: batch.features.len(),
-                samples: n,
-                n_features: batch.n_features,
-            });
-        }
-        if let Some(index) = batch
-            .labels
-            .iter()
-            .position(|&l| l as usize >= self.classes())
-        {
-            return Err(EngineError::Label {
-                index,
-                label: batch.labels[index],
-                classes: self.classes(),
-            });
-        }
-        Ok(n)
+        check_batch(&self.specs, params, self.inputs(), self.classes(), batch)
     }
 
     /// Outputs of every layer for `n` rows of `x`: ReLU activations of the hidden layers, then the

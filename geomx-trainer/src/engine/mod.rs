@@ -294,6 +294,41 @@ pub fn check_params(specs: &[TensorSpec], params: &[Vec<f32>]) -> Result<(), Eng
     Ok(())
 }
 
+/// Checks `params` against `specs` and `batch` against a model of `inputs` features and `classes`
+/// classes (feature count, a `labels × n_features` buffer, every label below `classes`); returns
+/// the number of samples.
+pub fn check_batch(
+    specs: &[TensorSpec],
+    params: &[Vec<f32>],
+    inputs: usize,
+    classes: usize,
+    batch: &Samples<'_>,
+) -> Result<usize, EngineError> {
+    check_params(specs, params)?;
+    if batch.n_features != inputs {
+        return Err(EngineError::Features {
+            expected: inputs,
+            got: batch.n_features,
+        });
+    }
+    let n = batch.labels.len();
+    if batch.features.len() != n * batch.n_features {
+        return Err(EngineError::Ragged {
+            values: batch.features.len(),
+            samples: n,
+            n_features: batch.n_features,
+        });
+    }
+    if let Some(index) = batch.labels.iter().position(|&l| l as usize >= classes) {
+        return Err(EngineError::Label {
+            index,
+            label: batch.labels[index],
+            classes,
+        });
+    }
+    Ok(n)
+}
+
 /// 64-bit FNV-1a hash of parameter tensors (key order, little-endian f32 bits, each tensor preceded
 /// by its length): the replica check of hips.md compares these.
 pub fn params_hash(params: &[Vec<f32>]) -> u64 {

@@ -23,7 +23,8 @@ use geomx_net::PayloadCodec;
 use tch::{Kind, Tensor};
 
 use super::{
-    check_params, encode_on_host, DenseEncoding, Device, EngineError, Evaluation, Model, TensorSpec,
+    check_batch, check_params, encode_on_host, DenseEncoding, Device, EngineError, Evaluation,
+    Model, TensorSpec,
 };
 use crate::data::Samples;
 pub use arch::{Arch, ImageShape, Net};
@@ -154,31 +155,13 @@ impl TchModel {
 
     /// Validates params and batch; returns the number of samples.
     fn check(&self, params: &[Vec<f32>], batch: &Samples<'_>) -> Result<usize, EngineError> {
-        check_params(self.net.specs(), params)?;
-        let inputs = self.net.image().features();
-        if batch.n_features != inputs {
-            return Err(EngineError::Features {
-                expected: inputs,
-                got: batch.n_features,
-            });
-        }
-        let n = batch.labels.len();
-        if batch.features.len() != n * batch.n_features {
-            return Err(EngineError::Ragged {
-                values: batch.features.len(),
-                samples: n,
-                n_features: batch.n_features,
-            });
-        }
-        let classes = self.net.classes();
-        if let Some(index) = batch.labels.iter().position(|&l| l as usize >= classes) {
-            return Err(EngineError::Label {
-                index,
-                label: batch.labels[index],
-                classes,
-            });
-        }
-        Ok(n)
+        check_batch(
+            self.net.specs(),
+            params,
+            self.net.image().features(),
+            self.net.classes(),
+            batch,
+        )
     }
 
     /// Parameters as libtorch tensors of `kind` on `dev`, tracking gradients when `grad`.
