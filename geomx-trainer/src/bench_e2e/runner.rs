@@ -185,9 +185,9 @@ mod tests {
         assert_eq!(tail("", 3), "");
     }
 
-    #[test]
-    fn a_missing_executable_is_an_error() {
-        let dir = std::env::temp_dir().join(format!("geomx-e2e-runner-{}", std::process::id()));
+    /// A fresh scratch folder and the launch files inside it.
+    fn scratch_files(tag: &str) -> (PathBuf, LaunchFiles) {
+        let dir = std::env::temp_dir().join(format!("geomx-e2e-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let files = LaunchFiles {
             dir: dir.clone(),
@@ -195,6 +195,12 @@ mod tests {
             report: dir.join("r.json"),
             log: dir.join("l.log"),
         };
+        (dir, files)
+    }
+
+    #[test]
+    fn a_missing_executable_is_an_error() {
+        let (dir, files) = scratch_files("runner");
         let r = run_launch(
             Path::new("/nonexistent/geomx"),
             &files,
@@ -206,14 +212,7 @@ mod tests {
 
     #[test]
     fn a_failing_launch_reports_its_last_lines_and_a_slow_one_is_capped() {
-        let dir = std::env::temp_dir().join(format!("geomx-e2e-runner2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let files = LaunchFiles {
-            dir: dir.clone(),
-            config: dir.join("c.toml"),
-            report: dir.join("r.json"),
-            log: dir.join("l.log"),
-        };
+        let (dir, files) = scratch_files("runner2");
         // `sh launch FILE --report R` fails: "launch" is not a script; its error is reported.
         match run_launch(Path::new("/bin/sh"), &files, Duration::from_secs(10)).unwrap() {
             Outcome::Failed(m) => assert!(m.starts_with("launch exit code"), "{m}"),
