@@ -112,6 +112,29 @@ fn bulk_tcp_mbit(
 }
 
 /// Median UDP round trip in ms from namespace `from` to an echo in namespace `to`.
+/// A UDP socket in node `node`'s namespace and a thread counting the datagrams it receives until
+/// `quiet` passes without one.
+fn udp_sink(lab: &Lab, node: usize, quiet: Duration) -> (SocketAddr, std::thread::JoinHandle<u64>) {
+    let bind = SocketAddr::new(lab.node_addr(node).into(), 0);
+    let r = lab
+        .node(node)
+        .run(move || UdpSocket::bind(bind))
+        .unwrap()
+        .unwrap();
+    r.set_read_timeout(Some(quiet)).unwrap();
+    big_receive_buffer(&r);
+    let to = r.local_addr().unwrap();
+    let count = std::thread::spawn(move || {
+        let mut b = [0u8; 2048];
+        let mut n = 0u64;
+        while r.recv_from(&mut b).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    (to, count)
+}
+
 fn udp_rtt_ms(lab: &Lab, from: usize, to: usize, pings: usize) -> f64 {
     let bind = SocketAddr::new(lab.node_addr(to).into(), 0);
     let echo = lab
@@ -226,24 +249,7 @@ fn bpf_loss_filter_drops_a_binomial_share_of_udp_only() {
     assert_eq!(got.len(), 4 << 20);
     assert_eq!(lab.loss_drops(1).unwrap(), (0, 0), "TCP hit the drop class");
     // UDP: 20,000 datagrams, paced.
-    let bind = SocketAddr::new(lab.node_addr(0).into(), 0);
-    let r = lab
-        .node(0)
-        .run(move || UdpSocket::bind(bind))
-        .unwrap()
-        .unwrap();
-    r.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    big_receive_buffer(&r);
-    let to = r.local_addr().unwrap();
-    let counter = std::thread::spawn(move || {
-        let mut b = [0u8; 128];
-        let mut n = 0u64;
-        while r.recv_from(&mut b).is_ok() {
-            n += 1;
-        }
-        n
-    });
+    let (to, counter) = udp_sink(&lab, 0, Duration::from_millis(500));
     let bind = SocketAddr::new(lab.node_addr(1).into(), 0);
     lab.node(1)
         .run(move || {
@@ -284,25 +290,7 @@ fn dscp_classes_prioritise_the_higher_tos() {
     .unwrap();
     let mut sinks = Vec::new();
     for _ in 0..2 {
-        let bind = SocketAddr::new(lab.node_addr(0).into(), 0);
-        let r = lab
-            .node(0)
-            .run(move || UdpSocket::bind(bind))
-            .unwrap()
-            .unwrap();
-        r.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        big_receive_buffer(&r);
-        let to = r.local_addr().unwrap();
-        let count = std::thread::spawn(move || {
-            let mut b = [0u8; 2048];
-            let mut n = 0u64;
-            while r.recv_from(&mut b).is_ok() {
-                n += 1;
-            }
-            n
-        });
-        sinks.push((to, count));
+        sinks.push(udp_sink(&lab, 0, Duration::from_millis(300)));
     }
     let targets: Vec<SocketAddr> = sinks.iter().map(|(a, _)| *a).collect();
     let bind = SocketAddr::new(lab.node_addr(1).into(), 0);

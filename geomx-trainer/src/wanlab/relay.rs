@@ -163,6 +163,18 @@ struct Shared {
     broken: AtomicBool,
 }
 
+impl Shared {
+    /// A fresh one-direction pipe shaped by `p`.
+    fn new(p: &RelayParams) -> Arc<Self> {
+        Arc::new(Self {
+            pipe: Mutex::new(ShapedPipe::new(p)),
+            cv: Condvar::new(),
+            eof: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+        })
+    }
+}
+
 fn epoch_ns(epoch: Instant) -> u64 {
     epoch.elapsed().as_nanos() as u64
 }
@@ -236,12 +248,7 @@ fn splice(
         };
         let _ = src.set_nodelay(true);
         let _ = dst.set_nodelay(true);
-        let sh = Arc::new(Shared {
-            pipe: Mutex::new(ShapedPipe::new(&p)),
-            cv: Condvar::new(),
-            eof: AtomicBool::new(false),
-            broken: AtomicBool::new(false),
-        });
+        let sh = Shared::new(&p);
         let epoch = Instant::now();
         let (sh1, st1) = (sh.clone(), stop.clone());
         if let Ok(t) = spawn("geomx-relay-rd", move || read_side(src, &sh1, &st1, epoch)) {
@@ -373,12 +380,7 @@ pub fn udp(listen: &str, target: SocketAddr, p: RelayParams) -> Result<L4Relay, 
             0 => (clone_udp(&down)?, clone_udp(&up)?),
             _ => (clone_udp(&up)?, clone_udp(&down)?),
         };
-        let sh = Arc::new(Shared {
-            pipe: Mutex::new(ShapedPipe::new(&p)),
-            cv: Condvar::new(),
-            eof: AtomicBool::new(false),
-            broken: AtomicBool::new(false),
-        });
+        let sh = Shared::new(&p);
         let epoch = Instant::now();
         let (sh1, st1, c1, cl1) = (sh.clone(), stop.clone(), counters.clone(), client.clone());
         threads.push(spawn("geomx-relay-urd", move || {
