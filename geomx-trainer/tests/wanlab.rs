@@ -122,7 +122,7 @@ fn udp_sink(lab: &Lab, node: usize, quiet: Duration) -> (SocketAddr, std::thread
         .unwrap()
         .unwrap();
     r.set_read_timeout(Some(quiet)).unwrap();
-    big_receive_buffer(&r);
+    relay::enlarge_receive_buffer(&r);
     let to = r.local_addr().unwrap();
     let count = std::thread::spawn(move || {
         let mut b = [0u8; 2048];
@@ -348,23 +348,6 @@ fn set_tos(s: &UdpSocket, tos: libc::c_int) {
     assert_eq!(rc, 0);
 }
 
-/// Asks for an 8 MiB receive buffer (root may exceed rmem_max), so a loaded machine loses no
-/// datagrams at the receiver.
-fn big_receive_buffer(s: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let size: libc::c_int = 8 << 20;
-    // SAFETY: setsockopt with a valid fd and a c_int option value.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &size as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
 /// Oracle 5 (failure): a lab whose owner panics leaves nothing with its prefix.
 #[test]
 fn a_panicking_run_leaves_nothing_behind() {
@@ -555,7 +538,7 @@ fn userspace_relay_rate_delay_and_loss() {
     let r = relay::udp("127.0.0.1:0", sink.local_addr().unwrap(), p).unwrap();
     for i in 0..20_000u32 {
         s.send_to(&i.to_le_bytes(), r.local_addr()).unwrap();
-        if i % 100 == 99 {
+        if i % 50 == 49 {
             std::thread::sleep(Duration::from_millis(1));
         }
     }

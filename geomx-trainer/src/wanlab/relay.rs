@@ -370,6 +370,7 @@ pub fn udp(listen: &str, target: SocketAddr, p: RelayParams) -> Result<L4Relay, 
     for s in [&down, &up] {
         s.set_read_timeout(Some(POLL))
             .map_err(|e| WanLabError::io("relay socket", e))?;
+        enlarge_receive_buffer(s);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(RelayCounters::default());
@@ -445,6 +446,29 @@ pub fn udp(listen: &str, target: SocketAddr, p: RelayParams) -> Result<L4Relay, 
         counters,
         threads,
     })
+}
+
+/// Asks for an 8 MiB receive buffer on `s` (`SO_RCVBUFFORCE` as root, else `SO_RCVBUF`, which the
+/// kernel caps at `net.core.rmem_max`), so that a burst waits in the kernel instead of being
+/// dropped while the reading thread is descheduled. Best effort: failures keep the default size.
+pub fn enlarge_receive_buffer(s: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 8 << 20;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a valid, open fd with a c_int option value of the stated size.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
 }
 
 fn clone_udp(s: &UdpSocket) -> Result<UdpSocket, WanLabError> {
