@@ -27,6 +27,7 @@ use serde::Serialize;
 use crate::config::DgtTransportConfig;
 use crate::hips::dgt::{link_config, DgtUplink};
 use crate::hips::dgt_lab::{self, DgtLab, LossScope, CENTRAL_ADDR};
+use crate::wanlab::delay::Lateness;
 
 /// Settings of one benchmark run.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +100,17 @@ pub struct DgtBenchReport {
     pub rate_mbit: f64,
     /// One series per (loss, transport).
     pub series: Vec<Series>,
+    /// The delay relay's lateness of each loss rate's lab (all its series together).
+    pub lab_lateness: Vec<LabLateness>,
+}
+
+/// The delay relay's lateness of one lab.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabLateness {
+    /// The lab's loss probability.
+    pub loss: f64,
+    /// Its relay's lateness (`degraded` when p99 > 1 ms).
+    pub lateness: Lateness,
 }
 
 /// Nearest-rank quantile of sorted `v`.
@@ -269,6 +281,7 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
         rounds: opts.rounds,
         rate_mbit: opts.rate_mbit,
         series: Vec::new(),
+        lab_lateness: Vec::new(),
     };
     if let Err(e) = dgt_lab::root_available() {
         report.mode = "not-run".into();
@@ -295,6 +308,9 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
                 .series
                 .push(series(&name, p, dgt, missing, sum(last, now)));
             last = now;
+        }
+        if let Some(lateness) = lab.relay_lateness() {
+            report.lab_lateness.push(LabLateness { loss: p, lateness });
         }
     }
     Ok(report)
@@ -330,6 +346,21 @@ pub fn render_markdown(r: &DgtBenchReport) -> String {
             x.link_drops
         ));
     }
+    for l in &r.lab_lateness {
+        s.push_str(&format!(
+            "\nDelay relay at {:.0} % loss: {}{}",
+            l.loss * 100.0,
+            l.lateness.mark(),
+            if l.lateness.degraded {
+                " (the lab added more delay than configured)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if !r.lab_lateness.is_empty() {
+        s.push('\n');
+    }
     s
 }
 
@@ -351,6 +382,7 @@ mod tests {
             rounds: 3,
             rate_mbit: 100.0,
             series: vec![s],
+            lab_lateness: vec![],
         })
         .contains("| 1 % | tcp | 3.0 | 5.0 | 3.0 |"));
     }

@@ -62,6 +62,17 @@ enum Cmd {
         /// Build the lab only, print `GEOMX_LAB <prefix>` and wait for a signal (clean-up tests).
         #[arg(long, hide = true)]
         hold: bool,
+        /// Check the lab's own fidelity instead (root): a 100 Mbit/s, 50 ms link, UDP round trip
+        /// and 10 s of bulk TCP; prints one JSON line per run and fails unless p99 relay lateness
+        /// <= 1 ms, max <= 5 ms, goodput 90-100 % and round trip within 10 % (docs/wan-lab.md).
+        #[arg(long, conflicts_with_all = ["hold", "config", "report"])]
+        selftest: bool,
+        /// Self-test runs.
+        #[arg(long, default_value_t = 1, requires = "selftest")]
+        runs: usize,
+        /// Self-test without the keep-awake spinners (to measure what they are worth).
+        #[arg(long, requires = "selftest")]
+        allow_cpu_idle: bool,
     },
 }
 
@@ -160,6 +171,31 @@ fn run(args: RunArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// `geomx wan-lab --selftest`: one JSON line per run; fails if any run missed a bound.
+fn wan_lab_selftest(runs: usize, allow_cpu_idle: bool) -> Result<(), String> {
+    use geomx_trainer::wanlab::selftest::{self, SelftestOptions};
+    let o = SelftestOptions {
+        allow_cpu_idle,
+        ..SelftestOptions::default()
+    };
+    let mut failed = 0;
+    for i in 1..=runs.max(1) {
+        let r = selftest::run(&o).map_err(|e| format!("wan-lab self-test: {e}"))?;
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        if !r.ok {
+            failed += 1;
+            eprintln!("self-test run {i}: {}", r.failures.join("; "));
+        }
+    }
+    match failed {
+        0 => Ok(()),
+        n => Err(format!(
+            "wan-lab self-test: {n} of {} runs missed a bound",
+            runs.max(1)
+        )),
+    }
+}
+
 /// `geomx wan-lab`.
 fn wan_lab(config: Option<PathBuf>, report: Option<PathBuf>, hold: bool) -> Result<(), String> {
     if hold {
@@ -186,6 +222,9 @@ fn wan_lab(config: Option<PathBuf>, report: Option<PathBuf>, hold: bool) -> Resu
     println!("{}", serde_json::to_string_pretty(&lab).unwrap_or_default());
     if let Some(q) = qdisc {
         println!("qdisc counters:\n{q}");
+    }
+    if let Some(l) = r.relay_lateness() {
+        println!("delay relay lateness: {}", l.mark());
     }
     let secs = r.wall_seconds.max(1e-9);
     println!(
@@ -218,9 +257,19 @@ fn main() -> ExitCode {
             launch(&opts).map(|_| ()).map_err(|e| e.to_string())
         }
         Cmd::WanLab {
+            selftest: true,
+            runs,
+            allow_cpu_idle,
+            ..
+        } => {
+            init_tracing(LogLevel::Warn);
+            wan_lab_selftest(runs, allow_cpu_idle)
+        }
+        Cmd::WanLab {
             config,
             report,
             hold,
+            ..
         } => {
             init_tracing(LogLevel::Warn);
             wan_lab(config, report, hold)

@@ -121,6 +121,12 @@ impl Report {
         }
     }
 
+    /// The netns lab's delay-relay lateness, when the run had one.
+    pub fn relay_lateness(&self) -> Option<crate::wanlab::delay::Lateness> {
+        let relay = self.wan_lab.as_ref()?.get("delay_relay")?;
+        serde_json::from_value(relay.clone()).ok()
+    }
+
     /// Wall seconds (the progress lines' `elapsed_s`, measured from the reporting worker's start)
     /// at the first progress line whose test accuracy reached `target`; `None` if none did.
     pub fn time_to_accuracy(&self, target: f64) -> Option<f64> {

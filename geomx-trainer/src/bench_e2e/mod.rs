@@ -135,6 +135,7 @@ fn result_of(
             r.wall_seconds = Some(report.wall_seconds);
             r.wan_bytes = Some(report.wan_bytes);
             r.wan_bytes_per_round = Some(report.wan_bytes_per_round);
+            r.relay_lateness = report.relay_lateness();
             r.wan_mode = json
                 .get("wan_mode")
                 .and_then(|m| m.as_str())

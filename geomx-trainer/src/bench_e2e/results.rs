@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::scenario::{MatrixParams, ScenarioId};
 use crate::hips::worker::Progress;
+use crate::wanlab::delay::Lateness;
 
 /// How a scenario ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +70,10 @@ pub struct ScenarioResult {
     /// The lab mode the launch reported (`netns`, `userspace-relay`, `off`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan_mode: Option<String>,
+    /// The netns lab's delay-relay lateness during the run (`degraded` when its p99 exceeded
+    /// 1 ms: the emulated WAN delay was not kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_lateness: Option<Lateness>,
     /// The test evaluations of the reporting worker.
     pub progress: Vec<Progress>,
     /// The configuration it ran (as JSON).
@@ -107,6 +112,7 @@ impl ScenarioResult {
             speedup: None,
             accuracy_delta_points: None,
             wan_mode: None,
+            relay_lateness: None,
             progress: Vec::new(),
             config,
         }
@@ -224,11 +230,25 @@ pub fn render_markdown(r: &E2eResults) -> String {
         p.cap_s,
         r.total_wall_s,
     );
+    let degraded: Vec<&str> = r
+        .scenarios
+        .iter()
+        .filter(|x| x.relay_lateness.is_some_and(|l| l.degraded))
+        .map(|x| x.title.as_str())
+        .collect();
+    if !degraded.is_empty() {
+        let _ = writeln!(
+            s,
+            "**DEGRADED:** the delay relay's p99 lateness exceeded 1 ms in {}: those rows saw \
+             more WAN delay than configured.\n",
+            degraded.join(", ")
+        );
+    }
     let _ = writeln!(
         s,
-        "| Scenario | Time to {target_pct:.1} % (s) | Speed-up vs flat | Final accuracy | Δ vs flat (points) | WAN bytes | WAN bytes / round | Rounds | Wall (s) | Status |"
+        "| Scenario | Time to {target_pct:.1} % (s) | Speed-up vs flat | Final accuracy | Δ vs flat (points) | WAN bytes | WAN bytes / round | Rounds | Wall (s) | Relay lateness | Status |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
     for x in r
         .scenarios
         .iter()
@@ -237,7 +257,7 @@ pub fn render_markdown(r: &E2eResults) -> String {
     {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.title,
             opt(x.time_to_target_s, |t| format!("{t:.1}")),
             opt(x.speedup, |v| format!("{v:.1}×")),
@@ -247,6 +267,7 @@ pub fn render_markdown(r: &E2eResults) -> String {
             opt(x.wan_bytes_per_round, human_bytes),
             x.rounds,
             opt(x.wall_seconds, |w| format!("{w:.1}")),
+            opt(x.relay_lateness, |l| l.mark()),
             x.status.label(),
         );
     }
@@ -268,7 +289,9 @@ pub fn render_markdown(r: &E2eResults) -> String {
         "\nTimes are wall seconds from the reporting worker's start to its first test evaluation \
          at or above the target (so they resolve to {} rounds). WAN bytes are counted at the local \
          servers' sockets (headers included); the flat baseline's \"local servers\" are one \
-         pass-through per worker, so its WAN bytes are every worker's own traffic.\n",
+         pass-through per worker, so its WAN bytes are every worker's own traffic. Relay \
+         lateness is how late the netns lab's delay relay released packets (p99 and max; \
+         \"DEGRADED\" when p99 > 1 ms); \"—\" where no delay relay ran.\n",
         p.eval_every
     );
     let _ = writeln!(s, "![test accuracy vs wall time](accuracy.png)\n");
@@ -347,6 +370,17 @@ mod tests {
         v[1].wan_bytes = Some(1_234_567);
         v[1].wan_bytes_per_round = Some(26_082.0);
         v[1].rounds = 120;
+        let lateness = |p99: f64, max: f64| Lateness {
+            packets: 10,
+            p50_lateness_us: 50.0,
+            p99_lateness_us: p99,
+            max_lateness_us: max,
+            realtime: true,
+            keep_awake: true,
+            degraded: p99 > 1000.0,
+        };
+        v[0].relay_lateness = Some(lateness(1050.0, 7000.0));
+        v[1].relay_lateness = Some(lateness(250.0, 900.0));
         apply_baseline(&mut v);
         let r = E2eResults {
             command: "geomx bench e2e --quick".into(),
@@ -364,7 +398,16 @@ mod tests {
         assert_eq!(rows.len(), 3, "header + 2 run scenarios: {rows:?}");
         assert_eq!(
             rows[2],
-            "| HiPS + Bi-Sparse | 2.5 | 24.0× | 0.9800 | +1.00 | 1,234,567 | 26.08 kB | 120 | — | reached |"
+            "| HiPS + Bi-Sparse | 2.5 | 24.0× | 0.9800 | +1.00 | 1,234,567 | 26.08 kB | 120 | — | p99 0.25 ms, max 0.9 ms | reached |"
+        );
+        assert!(
+            rows[1].contains("| DEGRADED: p99 1.05 ms, max 7.0 ms |"),
+            "{}",
+            rows[1]
+        );
+        assert!(
+            md.contains("**DEGRADED:** the delay relay's p99 lateness exceeded 1 ms in Flat PS"),
+            "{md}"
         );
         assert!(md.contains("- HiPS + DGT (unavailable): transport.inter: | unknown\n"));
         assert!(md.contains("- MixedSync (DC-ASGD) (failed): launch exit code 1\n"));

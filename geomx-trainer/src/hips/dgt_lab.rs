@@ -60,6 +60,7 @@ impl DgtLab {
         };
         let lab = Lab::build(LabSpec {
             links: vec![LinkSpec::new("central"), site],
+            ..LabSpec::default()
         })?;
         debug_assert_eq!(
             (lab.node_addr(0), lab.node_addr(1)),
@@ -75,6 +76,12 @@ impl DgtLab {
     /// Packets the loss filter dropped so far: (site → central, central → site).
     pub fn drops(&self) -> (u64, u64) {
         self.lab.loss_drops(1).unwrap_or((0, 0))
+    }
+
+    /// The delay relay's lateness so far (`None` without a delay).
+    pub fn relay_lateness(&self) -> Option<crate::wanlab::delay::Lateness> {
+        let st = self.lab.relay_stats();
+        (st.packets > 0).then(|| st.lateness())
     }
 
     /// Runs `f` on a new thread inside the site (`site = true`) or central namespace.

@@ -55,7 +55,10 @@ pub fn lab_spec(cfg: &Config) -> LabSpec {
             }
         })
         .collect();
-    LabSpec { links }
+    LabSpec {
+        links,
+        ..LabSpec::default()
+    }
 }
 
 /// The relay between a site and the central DC: rates in series (the smaller), delays and
@@ -311,15 +314,11 @@ impl Wan {
         if let Some(l) = &self.lab {
             let st = l.relay_stats();
             out["prefix"] = l.prefix().into();
-            out["delay_relay"] = serde_json::json!({
-                "packets": st.packets,
-                "bytes": st.bytes,
-                "rejected": st.rejected,
-                "max_queue": st.max_queue,
-                "lateness_p50_us": st.lateness_quantile_ns(0.5) as f64 / 1e3,
-                "lateness_p99_us": st.lateness_quantile_ns(0.99) as f64 / 1e3,
-                "lateness_max_us": st.max_lateness_ns as f64 / 1e3,
-            });
+            let mut relay = serde_json::to_value(st.lateness()).unwrap_or_default();
+            relay["bytes"] = st.bytes.into();
+            relay["rejected"] = st.rejected.into();
+            relay["max_queue"] = st.max_queue.into();
+            out["delay_relay"] = relay;
             out["qdisc_stats"] = l.qdisc_stats().into();
         }
         if !self.relays.is_empty() {

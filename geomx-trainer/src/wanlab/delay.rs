@@ -29,6 +29,9 @@ pub struct DelayStats {
     pub bytes: u64,
     /// Packets released.
     pub released: u64,
+    /// Packets queued when the counters were taken.
+    #[serde(default)]
+    pub queued: u64,
     /// Packets rejected (not IPv4, not a lab address, queue full).
     pub rejected: u64,
     /// Largest total queue depth seen, in packets.
@@ -38,6 +41,54 @@ pub struct DelayStats {
     pub lateness_hist: Vec<u64>,
     /// Largest lateness seen, in nanoseconds.
     pub max_lateness_ns: u64,
+    /// Whether the relay thread runs with real-time priority (`SCHED_FIFO`).
+    #[serde(default)]
+    pub realtime: bool,
+    /// Whether the keep-awake spinners ran ([`super::awake`]).
+    #[serde(default)]
+    pub keep_awake: bool,
+    /// CPU time of the relay thread, in nanoseconds (its `schedstat`).
+    #[serde(default)]
+    pub cpu_ns: u64,
+    /// Time the relay thread spent runnable but waiting for a CPU, in nanoseconds.
+    #[serde(default)]
+    pub runqueue_wait_ns: u64,
+}
+
+/// The relay's fidelity bound on p99 lateness (wan-lab.md): above it a run is *degraded*.
+pub const P99_LATENESS_BOUND_NS: u64 = 1_000_000;
+/// The bound on the largest lateness that `geomx wan-lab --selftest` checks.
+pub const MAX_LATENESS_BOUND_NS: u64 = 5_000_000;
+
+/// The relay's lateness in the form every report and benchmark prints.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Lateness {
+    /// Packets released.
+    pub packets: u64,
+    /// Median lateness, µs (upper edge of its 50 µs bucket).
+    pub p50_lateness_us: f64,
+    /// 99th-percentile lateness, µs (upper edge of its 50 µs bucket).
+    pub p99_lateness_us: f64,
+    /// Largest lateness, µs.
+    pub max_lateness_us: f64,
+    /// Whether the relay thread had real-time priority.
+    pub realtime: bool,
+    /// Whether the keep-awake spinners ran.
+    pub keep_awake: bool,
+    /// p99 lateness above [`P99_LATENESS_BOUND_NS`]: the emulated delay was not kept.
+    pub degraded: bool,
+}
+
+impl Lateness {
+    /// A short mark for tables: `p99 0.15 ms, max 0.9 ms`, with `DEGRADED` in front when it is.
+    pub fn mark(&self) -> String {
+        format!(
+            "{}p99 {:.2} ms, max {:.1} ms",
+            if self.degraded { "DEGRADED: " } else { "" },
+            self.p99_lateness_us / 1e3,
+            self.max_lateness_us / 1e3
+        )
+    }
 }
 
 /// Width of one lateness bucket.
@@ -46,6 +97,20 @@ const BUCKET_NS: u64 = 50_000;
 const BUCKETS: usize = 201;
 
 impl DelayStats {
+    /// The lateness figures of these counters.
+    pub fn lateness(&self) -> Lateness {
+        let p99 = self.lateness_quantile_ns(0.99);
+        Lateness {
+            packets: self.released,
+            p50_lateness_us: self.lateness_quantile_ns(0.5) as f64 / 1e3,
+            p99_lateness_us: p99 as f64 / 1e3,
+            max_lateness_us: self.max_lateness_ns as f64 / 1e3,
+            realtime: self.realtime,
+            keep_awake: self.keep_awake,
+            degraded: p99 > P99_LATENESS_BOUND_NS,
+        }
+    }
+
     /// The q-quantile of lateness in nanoseconds (upper edge of its bucket); 0 without releases.
     pub fn lateness_quantile_ns(&self, q: f64) -> u64 {
         let total: u64 = self.lateness_hist.iter().sum();
@@ -267,5 +332,26 @@ mod tests {
         assert_eq!(s.stats().lateness_quantile_ns(0.5), BUCKET_NS);
         assert_eq!(s.stats().lateness_quantile_ns(0.99), BUCKET_NS);
         assert_eq!(s.stats().lateness_quantile_ns(1.0), 21 * BUCKET_NS);
+    }
+
+    #[test]
+    fn lateness_is_degraded_only_above_one_ms_at_p99() {
+        let run = |late_ns: u64| {
+            let mut s = DelayScheduler::new(vec![0, 0], 1000);
+            let (a, b) = ([198, 18, 1, 2], [198, 18, 0, 2]);
+            for i in 0..100u64 {
+                s.push(pkt(a, b, 0), i * MS).unwrap();
+                s.pop_due(i * MS + late_ns).unwrap();
+            }
+            s.stats().lateness()
+        };
+        // 960 µs lies in the bucket [950, 1000) µs: p99 reads 1000 µs, within the bound.
+        let ok = run(960_000);
+        assert_eq!((ok.p99_lateness_us, ok.degraded), (1000.0, false));
+        assert_eq!(ok.packets, 100);
+        assert_eq!(ok.mark(), "p99 1.00 ms, max 1.0 ms");
+        let bad = run(1_000_000);
+        assert_eq!((bad.p99_lateness_us, bad.degraded), (1050.0, true));
+        assert_eq!(bad.mark(), "DEGRADED: p99 1.05 ms, max 1.0 ms");
     }
 }

@@ -64,6 +64,11 @@ impl LinkSpec {
 pub struct LabSpec {
     /// The links in order.
     pub links: Vec<LinkSpec>,
+    /// Let the CPUs idle while the delay relay waits (no [`KeepAwake`] spinners). Only for
+    /// measuring what the spinners are worth: idle CPUs wake late on virtual machines.
+    ///
+    /// [`KeepAwake`]: super::awake::KeepAwake
+    pub allow_cpu_idle: bool,
 }
 
 impl LabSpec {
@@ -187,7 +192,12 @@ impl Lab {
                 .iter()
                 .map(|l| (l.delay_ms * 1e6).round() as u64)
                 .collect();
-            self.relay = Some(TunRelay::start(&wan, &tun, delays)?);
+            self.relay = Some(TunRelay::start(
+                &wan,
+                &tun,
+                delays,
+                !self.spec.allow_cpu_idle,
+            )?);
         }
         tracing::info!(tag = %t.as_str(), links = self.spec.links.len(), "WAN lab up");
         Ok(())

@@ -18,13 +18,16 @@
 //!   `apply`), with [`shaper::class_drops`] to read a class's drop counter;
 //! - [`Lab`] with [`LabSpec`]/[`LinkSpec`]: the whole topology behind one guard.
 
+pub mod awake;
 pub mod cmd;
 pub mod delay;
 pub mod guard;
 pub mod lab;
 pub mod naming;
 pub mod netns;
+pub mod probe;
 pub mod relay;
+pub mod selftest;
 pub mod shaper;
 pub mod tun;
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::awake::KeepAwake;
 use super::WanLabError;
 
 /// Smallest in-flight cap per connection direction.
@@ -132,6 +133,8 @@ pub struct L4Relay {
     stop: Arc<AtomicBool>,
     counters: Arc<RelayCounters>,
     threads: Vec<JoinHandle<()>>,
+    /// Relay threads sleep until chunks are due: keep the CPUs awake meanwhile.
+    _awake: KeepAwake,
 }
 
 impl L4Relay {
@@ -183,7 +186,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            super::tun::realtime_thread();
+            let _ = super::tun::realtime_thread();
             f()
         })
         .map_err(|e| WanLabError::io("starting a relay thread", e))
@@ -230,6 +233,7 @@ pub fn tcp(listen: &str, target: SocketAddr, p: RelayParams) -> Result<L4Relay, 
         stop,
         counters,
         threads: vec![t],
+        _awake: KeepAwake::acquire(),
     })
 }
 
@@ -445,6 +449,7 @@ pub fn udp(listen: &str, target: SocketAddr, p: RelayParams) -> Result<L4Relay, 
         stop,
         counters,
         threads,
+        _awake: KeepAwake::acquire(),
     })
 }
 
