@@ -29,7 +29,8 @@
 //! let p = client.push(7, 0, PayloadCodec::DenseF32, 0, 1, &1.5f32.to_le_bytes())?;
 //! let r = p.wait(Duration::from_secs(5))?;
 //! assert_eq!((r.key, r.version), (7, 1));
-//! assert_eq!(client.stats().frames_recv, 2); // HelloAck + the reply
+//! // HelloAck + the reply (+ a heartbeat if this took longer than the 1 s heartbeat interval).
+//! assert!(client.stats().frames_recv >= 2);
 //! # Ok::<(), geomx_net::NetError>(())
 //! ```
 //!

@@ -17,7 +17,9 @@ fn net(driver: DriverKind) -> NetOptions {
             handshake_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(20),
             heartbeat_interval: Duration::from_millis(100),
-            peer_timeout: Duration::from_millis(800),
+            // Long enough that a starved but healthy node is not declared dead on a loaded
+            // machine.
+            peer_timeout: Duration::from_secs(3),
         },
         tick: Duration::from_millis(20),
         ..NetOptions::default()
@@ -61,7 +63,7 @@ fn coord(driver: DriverKind) -> Coordinator {
     Coordinator::bind("127.0.0.1:0", expected(), o).unwrap()
 }
 
-const W: Duration = Duration::from_secs(10);
+const W: Duration = Duration::from_secs(30);
 
 #[test]
 fn register_barrier_done_shutdown() {
@@ -150,7 +152,7 @@ fn mismatch_rejected_and_lost_worker_aborts_everyone() {
                 other => panic!("{d:?}: {other:?}"),
             }
         }
-        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
         assert!(matches!(c.wait(W), Some(CoordOutcome::Aborted(_))));
     }
 }
@@ -161,7 +163,7 @@ fn registration_timeout_names_missing() {
         let o = CoordOptions {
             net: net(d),
             config_hash: 0xfeed,
-            registration_timeout: Duration::from_millis(1500),
+            registration_timeout: Duration::from_secs(5),
             ..CoordOptions::default()
         };
         let c = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
@@ -204,8 +206,9 @@ fn silent_node_detected_by_heartbeat_timeout() {
         reg.request_id = 1;
         let mut bytes = encode(&Frame::new(FrameHeader::new(MsgKind::Hello), vec![]));
         bytes.extend(encode(&Frame::new(reg, hello("worker", 1, 0).encode())));
-        raw.write_all(&bytes).unwrap();
+        // Taken before the Register leaves, so a stall here cannot shorten the measured time.
         let t0 = Instant::now();
+        raw.write_all(&bytes).unwrap();
         for r in real {
             match r.join().unwrap() {
                 Some(CoordEvent::Abort(n)) => {
@@ -215,8 +218,9 @@ fn silent_node_detected_by_heartbeat_timeout() {
                 other => panic!("{d:?}: {other:?}"),
             }
         }
+        // Detected by the 3 s peer timeout, not by anything sooner.
         assert!(
-            t0.elapsed() >= Duration::from_millis(600),
+            t0.elapsed() >= Duration::from_millis(2500),
             "{:?}",
             t0.elapsed()
         );

