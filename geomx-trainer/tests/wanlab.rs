@@ -133,12 +133,13 @@ fn shaper_rate_and_relay_delay_are_within_10_percent() {
     let st = lab.teardown().unwrap();
     let l = st.lateness();
     println!(
-        "TCP goodput over 100 Mbit/s, 50 ms: {mbit:.1} Mbit/s; relay: {} packets, {}, max queue {}, realtime {}, keep-awake {}",
+        "TCP goodput over 100 Mbit/s, 50 ms: {mbit:.1} Mbit/s; relay: {} packets, {}, max queue {}, realtime {}, keep-awake {}, NAPI thread {}",
         l.packets,
         l.mark(),
         st.max_queue,
         l.realtime,
-        l.keep_awake
+        l.keep_awake,
+        l.napi_thread
     );
     assert!((85.0..=100.0).contains(&mbit), "{mbit} Mbit/s");
     // Every packet queued was released or is still queued (none lost inside the relay).

@@ -20,6 +20,15 @@ mod portable;
 #[cfg(target_os = "linux")]
 mod uring;
 
+/// The most bytes one send or receive system call (or io_uring operation) moves.
+///
+/// Copying between user memory and a socket is kernel work that a kernel built without
+/// preemption (`preempt=none`, common on cloud VMs) does not interrupt: one 9 MB send on loopback
+/// or a veth holds its CPU for milliseconds, during which no other thread, real-time or not, runs
+/// there. 256 KiB bounds that to tens of microseconds at a cost too small to measure in
+/// `geomx bench net` (a few more system calls per megabyte).
+pub(crate) const IO_CHUNK: usize = 256 << 10;
+
 /// Which I/O driver an endpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DriverKind {

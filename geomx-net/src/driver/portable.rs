@@ -20,7 +20,7 @@ use crate::link::{Dispatch, Link, LinkIo, Pump, ReplyTx};
 use crate::stats::LiveCounters;
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
-use super::NetOptions;
+use super::{NetOptions, IO_CHUNK};
 
 /// Reads go through a scratch buffer of this size unless a larger payload can be read in place.
 const SCRATCH: usize = 64 << 10;
@@ -91,7 +91,18 @@ fn write_all(stream: &mut TcpStream, header: &[u8], payload: &[u8]) -> std::io::
         bufs = &mut bufs[..1];
     }
     while !bufs.is_empty() {
-        match stream.write_vectored(bufs) {
+        // At most IO_CHUNK bytes per call (see its docs): the first slice, or both when the
+        // header and the payload's start fit.
+        let first = bufs[0].len();
+        let res = if first >= IO_CHUNK {
+            stream.write(&bufs[0][..IO_CHUNK])
+        } else if bufs.len() > 1 {
+            let rest = (IO_CHUNK - first).min(bufs[1].len());
+            stream.write_vectored(&[IoSlice::new(&bufs[0]), IoSlice::new(&bufs[1][..rest])])
+        } else {
+            stream.write(&bufs[0])
+        };
+        match res {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut bufs, n),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -257,7 +268,7 @@ fn read_uninit(
     buf: &mut [std::mem::MaybeUninit<u8>],
 ) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
-    let len = buf.len().min(1 << 30);
+    let len = buf.len().min(IO_CHUNK);
     // SAFETY: `buf` is valid for `len` writable bytes; recv writes at most that many.
     let n = unsafe {
         libc::recv(

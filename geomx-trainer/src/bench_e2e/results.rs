@@ -377,6 +377,7 @@ mod tests {
             max_lateness_us: max,
             realtime: true,
             keep_awake: true,
+            napi_thread: true,
             degraded: p99 > 1000.0,
         };
         v[0].relay_lateness = Some(lateness(1050.0, 7000.0));

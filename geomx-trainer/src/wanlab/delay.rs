@@ -47,6 +47,10 @@ pub struct DelayStats {
     /// Whether the keep-awake spinners ran ([`super::awake`]).
     #[serde(default)]
     pub keep_awake: bool,
+    /// Whether the kernel forwarded released packets in the TUN device's own real-time NAPI
+    /// thread (otherwise inside the relay's writes).
+    #[serde(default)]
+    pub napi_thread: bool,
     /// CPU time of the relay thread, in nanoseconds (its `schedstat`).
     #[serde(default)]
     pub cpu_ns: u64,
@@ -75,6 +79,9 @@ pub struct Lateness {
     pub realtime: bool,
     /// Whether the keep-awake spinners ran.
     pub keep_awake: bool,
+    /// Whether the kernel forwarded released packets in its own real-time NAPI thread.
+    #[serde(default)]
+    pub napi_thread: bool,
     /// p99 lateness above [`P99_LATENESS_BOUND_NS`]: the emulated delay was not kept.
     pub degraded: bool,
 }
@@ -107,6 +114,7 @@ impl DelayStats {
             max_lateness_us: self.max_lateness_ns as f64 / 1e3,
             realtime: self.realtime,
             keep_awake: self.keep_awake,
+            napi_thread: self.napi_thread,
             degraded: p99 > P99_LATENESS_BOUND_NS,
         }
     }

@@ -6,7 +6,9 @@ use super::delay::DelayStats;
 use super::guard;
 use super::naming::{link_addr, Tag, IFNAMSIZ_MAX, MAX_LINKS};
 use super::netns::{probe_root, sweep_stale, Netns};
-use super::shaper::{class_drops, class_stats, qdisc_stats, LossFilter, Shaper};
+use super::shaper::{
+    class_drops, class_stats, qdisc_stats, relay_ingress_commands, LossFilter, Shaper,
+};
 use super::tun::TunRelay;
 use super::WanLabError;
 
@@ -186,6 +188,16 @@ impl Lab {
             wan.ip(&["link", "set", &tun, "mtu", "1500", "up"])?;
             wan.sysctl(&[&format!("net.ipv4.conf.{tun}.rp_filter=0")])?;
             wan.ip(&["route", "add", "default", "dev", &tun, "table", RELAY_TABLE])?;
+            let shaped: Vec<(usize, f64)> = self
+                .spec
+                .links
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| l.rate_mbit.map(|r| (i, r)))
+                .collect();
+            for c in relay_ingress_commands(&tun, &shaped) {
+                wan.tc(&c)?;
+            }
             let delays = self
                 .spec
                 .links

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
 
 use super::cmd::{run, run_str};
@@ -59,6 +59,38 @@ impl Netns {
         let mut a = vec!["-n".to_string(), self.name.clone()];
         a.extend(args.iter().map(|s| s.to_string()));
         run("ip", &a)
+    }
+
+    /// Writes `value` to `/sys/<path>` as the namespace sees it (`ip netns exec` mounts the
+    /// namespace's own sysfs), e.g. `class/net/<dev>/threaded`.
+    pub fn write_sysfs(&self, path: &str, value: &str) -> Result<(), WanLabError> {
+        use std::io::Write;
+        let target = format!("/sys/{path}");
+        let line = format!("ip netns exec {} tee {target}", self.name);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "tee", &target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| WanLabError::io(format!("starting `{line}`"), e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(value.as_bytes())
+                .map_err(|e| WanLabError::io(format!("writing to `{line}`"), e))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| WanLabError::io(format!("waiting for `{line}`"), e))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(WanLabError::Command {
+                command: line,
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
     }
 
     /// Runs `tc -n <ns> args…`.

@@ -82,6 +82,8 @@ pub struct SelftestReport {
     pub realtime: bool,
     /// Whether the keep-awake spinners ran.
     pub keep_awake: bool,
+    /// Whether the kernel forwarded released packets in its own real-time NAPI thread.
+    pub napi_thread: bool,
     /// CPU time of the relay thread, ms.
     pub relay_cpu_ms: f64,
     /// Time the relay thread waited for a CPU while runnable, ms.
@@ -159,6 +161,7 @@ pub fn run(o: &SelftestOptions) -> Result<SelftestReport, WanLabError> {
         max_queue: st.max_queue,
         realtime: st.realtime,
         keep_awake: st.keep_awake,
+        napi_thread: st.napi_thread,
         relay_cpu_ms: st.cpu_ns as f64 / 1e6,
         relay_runqueue_wait_ms: st.runqueue_wait_ns as f64 / 1e6,
         steal_ms: steal,
@@ -226,6 +229,7 @@ mod tests {
             max_queue: 1,
             realtime: true,
             keep_awake: true,
+            napi_thread: true,
             relay_cpu_ms: 1.0,
             relay_runqueue_wait_ms: 0.0,
             steal_ms: 0.0,

@@ -237,6 +237,45 @@ impl Shaper {
     }
 }
 
+/// The `tc` argument lists that shape the traffic *entering* the delay relay: on the TUN device's
+/// egress (where the router queues packets for the relay to read), one htb class per shaped link
+/// `(i, rate)` for packets destined to that link's `/24`, with a FIFO of 50 ms at that rate (as the
+/// link's own `tbf … latency 50ms`); everything else passes unshaped.
+///
+/// A link's downlink is also shaped after the relay (its router-side veth). Shaping before the
+/// delay as well changes no packet's timing (a constant delay and a FIFO rate limiter commute),
+/// but it keeps bursts from unshaped senders (the central site) from reaching the relay at
+/// gigabit rates only to be queued or dropped behind the link's shaper: the relay's work per
+/// second is then bounded by the links' rates.
+pub fn relay_ingress_commands(tun: &str, links: &[(usize, f64)]) -> Vec<Vec<String>> {
+    if links.is_empty() {
+        return Vec::new();
+    }
+    let mut out = vec![args(
+        "qdisc add dev DEV root handle 1: htb default 0 r2q 100",
+        tun,
+    )];
+    for &(i, rate) in links {
+        let (r, class) = (rate_arg(rate), 0x10 + i);
+        let limit = ((rate * 1e6 / 8.0 * 0.05 / 1500.0) as u64).max(100);
+        out.push(args(
+            &format!("class add dev DEV parent 1: classid 1:{class:x} htb rate {r} ceil {r}"),
+            tun,
+        ));
+        out.push(args(
+            &format!("qdisc add dev DEV parent 1:{class:x} handle {class:x}: pfifo limit {limit}"),
+            tun,
+        ));
+        out.push(args(
+            &format!(
+                "filter add dev DEV parent 1: protocol ip prio 1 u32 match ip dst 198.18.{i}.0/24 flowid 1:{class:x}"
+            ),
+            tun,
+        ));
+    }
+    out
+}
+
 /// `tc -s class show dev <dev>` in `ns` (the lab's qdisc drop counters).
 pub fn class_stats(ns: &Netns, dev: &str) -> Result<String, WanLabError> {
     ns.tc(&args("-s class show dev DEV", dev))
@@ -423,5 +462,26 @@ mod tests {
         assert_eq!(parse_qdisc_drops(out, "99:"), 1958);
         assert_eq!(parse_qdisc_drops(out, "1:"), 5);
         assert_eq!(parse_qdisc_drops(out, "7:"), 0);
+    }
+
+    #[test]
+    fn relay_ingress_gets_one_class_per_shaped_destination() {
+        assert!(relay_ingress_commands("gxt-t", &[]).is_empty());
+        let c: Vec<String> = relay_ingress_commands("gxt-t", &[(1, 100.0), (2, 10.0)])
+            .iter()
+            .map(|a| a.join(" "))
+            .collect();
+        assert_eq!(
+            c,
+            [
+                "qdisc add dev gxt-t root handle 1: htb default 0 r2q 100",
+                "class add dev gxt-t parent 1: classid 1:11 htb rate 100000kbit ceil 100000kbit",
+                "qdisc add dev gxt-t parent 1:11 handle 11: pfifo limit 416",
+                "filter add dev gxt-t parent 1: protocol ip prio 1 u32 match ip dst 198.18.1.0/24 flowid 1:11",
+                "class add dev gxt-t parent 1: classid 1:12 htb rate 10000kbit ceil 10000kbit",
+                "qdisc add dev gxt-t parent 1:12 handle 12: pfifo limit 100",
+                "filter add dev gxt-t parent 1: protocol ip prio 1 u32 match ip dst 198.18.2.0/24 flowid 1:12",
+            ]
+        );
     }
 }

@@ -40,8 +40,17 @@ struct IfReq {
 
 /// `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `IFF_NAPI`: written packets go to the device's NAPI instance instead of being forwarded inside
+/// the writer's system call.
+const IFF_NAPI: libc::c_int = 0x0010;
+/// Real-time priority of the relay threads: above the NAPI thread's, so a relay thread due to
+/// release packets preempts the forwarding of earlier ones.
+const RT_PRIORITY: libc::c_int = 20;
+/// Real-time priority of the TUN device's NAPI thread: above every normal thread.
+const NAPI_PRIORITY: libc::c_int = 10;
 
-/// Opens TUN device `name` (IFF_TUN | IFF_NO_PI, non-blocking) in the calling thread's namespace.
+/// Opens TUN device `name` (IFF_TUN | IFF_NO_PI | IFF_NAPI, non-blocking) in the calling thread's
+/// namespace.
 pub fn open_tun(name: &str) -> Result<File, WanLabError> {
     let f = OpenOptions::new()
         .read(true)
@@ -51,7 +60,7 @@ pub fn open_tun(name: &str) -> Result<File, WanLabError> {
         .map_err(|e| WanLabError::io("opening /dev/net/tun", e))?;
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI | IFF_NAPI) as libc::c_short,
         _pad: [0; 22],
     };
     if name.len() >= libc::IFNAMSIZ {
@@ -95,7 +104,9 @@ pub(crate) fn realtime_thread() -> bool {
     // SAFETY: prctl and sched_setscheduler on the calling thread with valid arguments.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
-        let p = libc::sched_param { sched_priority: 10 };
+        let p = libc::sched_param {
+            sched_priority: RT_PRIORITY,
+        };
         if libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) != 0 {
             tracing::warn!(
                 error = %std::io::Error::last_os_error(),
@@ -105,6 +116,57 @@ pub(crate) fn realtime_thread() -> bool {
         }
     }
     true
+}
+
+/// Pids of the kernel threads (children of kthreadd, pid 2) whose name starts with `prefix`.
+fn kernel_threads(prefix: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            field("PPid:") == "2" && field("Name:").starts_with(prefix)
+        })
+        .collect()
+}
+
+/// Moves the TUN device's packet processing into its own kernel thread (threaded NAPI) with
+/// real-time priority. A relay `write` then only queues the packet; forwarding, shaping and the
+/// receivers' TCP work run in that thread, on whichever CPU is free, instead of inside the
+/// relay's system call, where one burst of writes would hold the relay for milliseconds.
+fn thread_napi(ns: &Netns, tun: &str) -> Result<(), WanLabError> {
+    ns.write_sysfs(&format!("class/net/{tun}/threaded"), "1")?;
+    // The kernel names it napi/<dev>-<napi id>; thread names are cut to 15 bytes.
+    let prefix: String = format!("napi/{tun}-").chars().take(15).collect();
+    let pids = kernel_threads(&prefix);
+    if pids.is_empty() {
+        return Err(WanLabError::Invalid(format!(
+            "no NAPI thread {prefix}… after enabling threaded NAPI"
+        )));
+    }
+    let p = libc::sched_param {
+        sched_priority: NAPI_PRIORITY,
+    };
+    for pid in pids {
+        // SAFETY: sched_setscheduler with a valid sched_param on a pid we found.
+        if unsafe { libc::sched_setscheduler(pid, libc::SCHED_FIFO, &p) } != 0 {
+            return Err(WanLabError::io(
+                format!("real-time priority for NAPI thread {pid}"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The calling thread's CPU time and run-queue wait in nanoseconds (`/proc/thread-self/schedstat`).
@@ -133,6 +195,13 @@ impl TunRelay {
         let name = tun.to_string();
         // The device stays in the namespace it was opened in; any thread may read and write it.
         let dev = ns.run(move || open_tun(&name))??;
+        let napi_thread = match thread_napi(ns, tun) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "TUN packets are forwarded inside the relay's writes");
+                false
+            }
+        };
         // A packet queued while the backup sleeps is due no sooner than the smallest link delay
         // later: the backup looks at least that often.
         let backup_idle = delay_ns
@@ -166,6 +235,7 @@ impl TunRelay {
                 .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
                 .collect(),
             keep_awake,
+            napi_thread,
             backup_idle,
         });
         let awake = keep_awake.then(KeepAwake::acquire);
@@ -276,6 +346,7 @@ struct Core {
     /// Per thread: CPU time and run-queue wait (ns).
     times: Vec<[AtomicU64; 2]>,
     keep_awake: bool,
+    napi_thread: bool,
     /// The backup's longest sleep while nothing is queued.
     backup_idle: Duration,
 }
@@ -331,6 +402,7 @@ impl Core {
             s.queued = st.sched.depth() as u64;
             s.realtime = self.realtime.iter().all(|r| r.load(Ordering::Relaxed));
             s.keep_awake = self.keep_awake;
+            s.napi_thread = self.napi_thread;
             s.cpu_ns = self
                 .times
                 .iter()

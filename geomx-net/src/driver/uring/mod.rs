@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use self::send_track::{Next, SendTrack, SEND_ZC_REPORT_USAGE};
-use super::NetOptions;
+use super::{NetOptions, IO_CHUNK};
 use crate::conn::Connection;
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
@@ -746,7 +746,7 @@ impl Ring {
         if c.recv == RecvState::Idle {
             let fd = types::Fd(c.fd);
             if let Some(t) = c.dec.direct_target(SCRATCH) {
-                let len = t.len().min(1 << 30) as u32;
+                let len = t.len().min(IO_CHUNK) as u32;
                 entries.push(
                     opcode::Recv::new(fd, t.as_mut_ptr() as *mut u8, len)
                         .build()
@@ -785,11 +785,11 @@ impl Ring {
             }
         }
         if let Some(cur) = &mut c.cur {
-            if !cur.track.in_flight() && cur.track.sent < cur.track.total {
+            if cur.track.may_submit() {
                 let (ptr, len) = cur.item.ptr_len();
                 // SAFETY: offset within the item's buffer.
                 let p = unsafe { ptr.add(cur.track.sent) };
-                let n = (len - cur.track.sent).min(1 << 30) as u32;
+                let n = (len - cur.track.sent).min(IO_CHUNK) as u32;
                 let fd = types::Fd(c.fd);
                 let e = if cur.zc {
                     opcode::SendZc::new(fd, p, n)

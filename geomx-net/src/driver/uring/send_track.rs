@@ -69,6 +69,13 @@ impl SendTrack {
         self.result_pending || self.notifs_pending > 0
     }
 
+    /// Whether the next part may be submitted now: no result is awaited, nothing failed, bytes
+    /// remain. Zero-copy notifications of earlier parts may still be pending (each part has its
+    /// own); the buffer is released only once all of them arrived.
+    pub(crate) fn may_submit(&self) -> bool {
+        !self.result_pending && self.error.is_none() && self.sent < self.total
+    }
+
     /// Applies one CQE (`res`, `flags`) of this operation.
     pub(crate) fn on_cqe(&mut self, res: i32, flags: u32) -> Next {
         if flags & CQE_F_NOTIF != 0 {
@@ -93,16 +100,15 @@ impl SendTrack {
                 self.sent = (self.sent + res as usize).min(self.total);
             }
         }
+        if self.may_submit() {
+            return Next::Resubmit;
+        }
         if self.in_flight() {
             return Next::Wait;
         }
-        if let Some(e) = self.error {
-            return Next::Failed(e);
-        }
-        if self.sent == self.total {
-            Next::Done
-        } else {
-            Next::Resubmit
+        match self.error {
+            Some(e) => Next::Failed(e),
+            None => Next::Done,
         }
     }
 }
@@ -133,6 +139,37 @@ mod tests {
     }
 
     #[test]
+    fn zc_parts_go_out_while_earlier_notifications_are_pending() {
+        let mut t = SendTrack::new(300);
+        t.submitted();
+        // Part 1 sent; its notification is still to come, yet part 2 may go.
+        assert_eq!(t.on_cqe(100, CQE_F_MORE), Next::Resubmit);
+        assert!(t.in_flight() && t.may_submit());
+        t.submitted();
+        assert!(!t.may_submit(), "one submission at a time");
+        assert_eq!(
+            t.on_cqe(200, CQE_F_MORE),
+            Next::Wait,
+            "two notifications pending"
+        );
+        assert!(!t.may_submit());
+        assert_eq!(t.on_cqe(0, CQE_F_NOTIF), Next::Wait);
+        assert_eq!(t.on_cqe(0, CQE_F_NOTIF), Next::Done);
+        assert_eq!((t.zerocopied, t.sent), (2, 300));
+    }
+
+    #[test]
+    fn a_failed_part_waits_for_earlier_notifications_then_fails() {
+        let mut t = SendTrack::new(300);
+        t.submitted();
+        assert_eq!(t.on_cqe(100, CQE_F_MORE), Next::Resubmit);
+        t.submitted();
+        assert_eq!(t.on_cqe(-libc::EPIPE, 0), Next::Wait, "buffer still in use");
+        assert!(!t.may_submit());
+        assert_eq!(t.on_cqe(0, CQE_F_NOTIF), Next::Failed(libc::EPIPE));
+    }
+
+    #[test]
     fn zc_notification_may_arrive_before_result() {
         let mut t = SendTrack::new(10);
         t.submitted();
@@ -142,12 +179,16 @@ mod tests {
     }
 
     #[test]
-    fn zc_partial_send_resubmits_after_notif_and_errors_wait_for_release() {
+    fn zc_partial_send_resubmits_at_once_and_errors_wait_for_release() {
         let mut t = SendTrack::new(100);
         t.submitted();
-        assert_eq!(t.on_cqe(30, CQE_F_MORE), Next::Wait);
-        assert_eq!(t.on_cqe(0, CQE_F_NOTIF), Next::Resubmit);
+        assert_eq!(
+            t.on_cqe(30, CQE_F_MORE),
+            Next::Resubmit,
+            "the next part need not wait for this part's notification"
+        );
         t.submitted();
+        assert_eq!(t.on_cqe(0, CQE_F_NOTIF), Next::Wait, "a result is pending");
         assert_eq!(t.on_cqe(-libc::ECONNRESET, CQE_F_MORE), Next::Wait);
         assert_eq!(
             t.on_cqe(NOTIF_USAGE_ZC_COPIED as i32, CQE_F_NOTIF),
