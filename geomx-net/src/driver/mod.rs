@@ -25,8 +25,10 @@ mod uring;
 /// Copying between user memory and a socket is kernel work that a kernel built without
 /// preemption (`preempt=none`, common on cloud VMs) does not interrupt: one 9 MB send on loopback
 /// or a veth holds its CPU for milliseconds, during which no other thread, real-time or not, runs
-/// there. 256 KiB bounds that to tens of microseconds at a cost too small to measure in
-/// `geomx bench net` (a few more system calls per megabyte).
+/// there. 256 KiB bounds that to tens of microseconds, for four system calls (or io_uring
+/// operations) per megabyte. Measured with a real-time thread sharing the machine with two
+/// processes streaming over loopback: it waited 6.2 s for a CPU in 12 s at 8 MiB per call, 1.5 s
+/// at 1 MiB, 0.14 s at 256 KiB (docs/wan-lab.md, "Fidelity").
 pub(crate) const IO_CHUNK: usize = 256 << 10;
 
 /// Which I/O driver an endpoint uses.

@@ -8,6 +8,11 @@
 //! CPU usually runs meanwhile. Whoever acts holds one lock while it reads and writes, so packets
 //! of a pair leave in order. [`KeepAwake`] spinners keep idle CPUs from halting, so that neither
 //! thread's wake-up waits for the hypervisor to resume a halted CPU.
+//!
+//! The device runs in threaded-NAPI mode: a write only queues the packet, and the kernel forwards
+//! it (routing, shaping, the receiver's TCP) in the device's own real-time kernel thread, below
+//! the relay threads' priority, rather than inside the relay's system call. docs/wan-lab.md
+//! ("Fidelity") has the measurements behind each of these choices.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
