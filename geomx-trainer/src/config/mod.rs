@@ -346,6 +346,14 @@ pub struct TrainConfig {
     /// The optimizer the global servers run.
     #[serde(default)]
     pub optimizer: OptimizerConfig,
+    /// What a NaN or ±inf does: end the job (`abort`, the default) or drop that round's update
+    /// of the affected key everywhere (`skip`).
+    #[serde(default)]
+    pub nonfinite: NonFinitePolicy,
+    /// Fault injection for tests of the non-finite policy: each entry makes one worker push a NaN
+    /// as the first value of one key in one round. Empty in normal runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject_nan: Vec<InjectNan>,
 }
 
 fn default_eval_every() -> u64 {
@@ -359,8 +367,37 @@ impl Default for TrainConfig {
             epochs: None,
             eval_every: default_eval_every(),
             optimizer: OptimizerConfig::default(),
+            nonfinite: NonFinitePolicy::default(),
+            inject_nan: Vec::new(),
         }
     }
+}
+
+/// `train.nonfinite`: what a NaN or ±inf in a gradient, a sum, a step or a payload does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NonFinitePolicy {
+    /// End the job within the round, naming the role, dc, rank, key and round.
+    #[default]
+    Abort,
+    /// Drop that round's update of the affected key (range, on the global tier) everywhere, and
+    /// count it in the report.
+    Skip,
+}
+
+/// One `[[train.inject_nan]]` entry: worker (`dc`, `rank`) replaces the first value of its push
+/// of `key` in `round` (0-based; HFA and ESync: the averaging number) with NaN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectNan {
+    /// Data center of the worker.
+    pub dc: u32,
+    /// Rank of the worker in its data center.
+    pub rank: u32,
+    /// Round of the push.
+    pub round: u64,
+    /// Key (tensor index) of the push.
+    pub key: usize,
 }
 
 impl TrainConfig {

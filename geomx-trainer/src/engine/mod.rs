@@ -15,8 +15,9 @@ pub mod reference;
 pub mod tch;
 
 use geomx_kernels::{Scaling, ValueType};
-use geomx_net::PayloadCodec;
 use serde::Serialize;
+
+use crate::codec::Encoded;
 
 use crate::config::{ModelConfig, ModelKind};
 use crate::data::Samples;
@@ -175,33 +176,33 @@ pub trait Model: Send + Sync {
     fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError>;
 
     /// [`Model::backward_layerwise`] with each gradient already encoded as a dense push payload
-    /// of `enc` (the bytes of [`crate::hips::codec::encode_values`]): `on_payload(key, elements,
-    /// codec, bytes)`, last layer first. The default ([`encode_on_host`]) encodes host
-    /// gradients; a back end that computes on a GPU may encode there and copy only the payload
+    /// of `enc` (what [`crate::codec::encode_values`] returns): `on_payload(key, elements,
+    /// payload)`, last layer first. The default ([`encode_on_host`]) encodes host gradients; a
+    /// back end that computes on a GPU may encode there and copy only the payload
     /// (`engine::tch::TchModel`, feature `tch`).
     fn backward_encoded(
         &self,
         params: &[Vec<f32>],
         batch: Samples<'_>,
         enc: DenseEncoding,
-        on_payload: &mut dyn FnMut(usize, usize, PayloadCodec, Vec<u8>),
+        on_payload: &mut dyn FnMut(usize, usize, Encoded),
     ) -> Result<f32, EngineError> {
         encode_on_host(self, params, batch, enc, on_payload)
     }
 }
 
 /// [`Model::backward_encoded`] on the host: [`Model::backward_layerwise`], then
-/// [`crate::hips::codec::encode_values`] per key.
+/// [`crate::codec::encode_values`] per key.
 pub fn encode_on_host<M: Model + ?Sized>(
     model: &M,
     params: &[Vec<f32>],
     batch: Samples<'_>,
     enc: DenseEncoding,
-    on_payload: &mut dyn FnMut(usize, usize, PayloadCodec, Vec<u8>),
+    on_payload: &mut dyn FnMut(usize, usize, Encoded),
 ) -> Result<f32, EngineError> {
     model.backward_layerwise(params, batch, &mut |key, grad| {
-        let (codec, bytes) = crate::hips::codec::encode_values(&grad, enc.value_type, enc.scaling);
-        on_payload(key, grad.len(), codec, bytes)
+        let e = crate::codec::encode_values(&grad, enc.value_type, enc.scaling);
+        on_payload(key, grad.len(), e)
     })
 }
 
@@ -214,9 +215,9 @@ pub struct DenseEncoding {
     pub scaling: Scaling,
 }
 
-impl From<&crate::hips::codec::TierCodec> for DenseEncoding {
+impl From<&crate::codec::TierCodec> for DenseEncoding {
     /// The dense encoding of a tier (what its `encode_dense` writes).
-    fn from(t: &crate::hips::codec::TierCodec) -> Self {
+    fn from(t: &crate::codec::TierCodec) -> Self {
         DenseEncoding {
             value_type: t.dense_type(),
             scaling: t.scaling(),
@@ -417,10 +418,11 @@ mod tests {
         };
         let mut keys = Vec::new();
         let l = m
-            .backward_encoded(&p, batch, enc, &mut |key, n, codec, bytes| {
-                assert_eq!(codec, PayloadCodec::Raw);
+            .backward_encoded(&p, batch, enc, &mut |key, n, e| {
+                assert_eq!(e.codec, geomx_net::PayloadCodec::Raw);
                 assert_eq!(n, grads[key].len());
-                let back = crate::hips::codec::decode_any(&bytes, key, n).unwrap();
+                assert_eq!(e.overflow, 0);
+                let back = crate::codec::decode_any(&e.bytes, key, n).unwrap();
                 let want: Vec<f32> = grads[key]
                     .iter()
                     .map(|&g| half::f16::from_f32(g).to_f32())
@@ -435,14 +437,14 @@ mod tests {
 
     #[test]
     fn a_tier_codec_gives_its_dense_encoding() {
+        use crate::codec::TierCodec;
         use crate::config::{Codec, Fp16Codec};
-        use crate::hips::codec::TierCodec;
         let x = [1.5f32, -2.0e-3, 7.0];
         for codec in [Codec::None, Codec::Fp16(Fp16Codec::default())] {
             let tier = TierCodec::from_config(&codec, 10);
             let enc = DenseEncoding::from(&tier);
             assert_eq!(
-                crate::hips::codec::encode_values(&x, enc.value_type, enc.scaling),
+                crate::codec::encode_values(&x, enc.value_type, enc.scaling),
                 tier.encode_dense(&x)
             );
         }

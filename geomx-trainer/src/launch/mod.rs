@@ -8,6 +8,7 @@
 //! final stats into a [`Report`], and if any child fails kills the rest and returns its error.
 
 pub mod role;
+pub mod threads;
 pub mod wan;
 
 use std::collections::VecDeque;

@@ -26,6 +26,7 @@ use super::{
     check_batch, check_params, encode_on_host, DenseEncoding, Device, EngineError, Evaluation,
     Model, TensorSpec,
 };
+use crate::codec::Encoded;
 use crate::data::Samples;
 pub use arch::{Arch, ImageShape, Net};
 use gpu::GpuCompressor;
@@ -88,6 +89,23 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, EngineError> {
             .unwrap_or_else(|| "libtorch error".into());
         EngineError::Backend(msg.lines().next().unwrap_or_default().to_string())
     })
+}
+
+/// Finite values of `g` that FP16 encoding with `scaling` turns into ±inf: none under `pow2`
+/// (the maximum is scaled below 2^15), else the finite magnitudes of at least 65520 (counted on
+/// the device; only the count comes to the host).
+fn fp16_overflows(g: &Tensor, scaling: geomx_kernels::Scaling) -> Result<usize, EngineError> {
+    if scaling == geomx_kernels::Scaling::Pow2 {
+        return Ok(0);
+    }
+    guarded(|| {
+        g.abs()
+            .ge(65520.0)
+            .logical_and(&g.isfinite())
+            .sum(Kind::Int64)
+            .int64_value(&[])
+    })
+    .map(|n| n.max(0) as usize)
 }
 
 /// Copies a host tensor of `shape` to a libtorch tensor of `kind` on `dev`.
@@ -311,7 +329,7 @@ impl Model for TchModel {
         params: &[Vec<f32>],
         batch: Samples<'_>,
         enc: DenseEncoding,
-        on_payload: &mut dyn FnMut(usize, usize, PayloadCodec, Vec<u8>),
+        on_payload: &mut dyn FnMut(usize, usize, Encoded),
     ) -> Result<f32, EngineError> {
         if !self.device.is_cuda() || enc.value_type != ValueType::F16 {
             return encode_on_host(self, params, batch, enc, on_payload);
@@ -334,7 +352,16 @@ impl Model for TchModel {
             let bytes = comp
                 .fp16_payload(g, enc.scaling)
                 .map_err(|e| EngineError::Backend(e.to_string()))?;
-            on_payload(key, g.numel(), PayloadCodec::Raw, bytes);
+            let overflow = fp16_overflows(g, enc.scaling)?;
+            on_payload(
+                key,
+                g.numel(),
+                Encoded {
+                    codec: PayloadCodec::Raw,
+                    bytes,
+                    overflow,
+                },
+            );
         }
         Ok(loss)
     }

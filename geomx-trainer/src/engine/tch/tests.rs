@@ -5,8 +5,8 @@ use geomx_kernels::{encode_dense, topk_exact, Scaling, SparseVec, TopkScratch, V
 
 use super::gpu::{GpuCompressError, GpuCompressor};
 use super::*;
+use crate::codec::{decode_any, encode_values};
 use crate::data::{rng, Dataset};
-use crate::hips::codec::{decode_any, encode_values};
 
 /// `n` images of `channels × side × side`: noise U(0, 0.3) plus a bright horizontal band whose
 /// position encodes the label (labels cycle through `classes`).
@@ -232,12 +232,9 @@ fn encoded_backward_on_the_cpu_equals_host_encoding() {
         };
         let mut keys = Vec::new();
         let l = m
-            .backward_encoded(&p, data.view(), enc, &mut |key, n, codec, bytes| {
+            .backward_encoded(&p, data.view(), enc, &mut |key, n, e| {
                 assert_eq!(n, grads[key].len());
-                assert_eq!(
-                    (codec, bytes),
-                    encode_values(&grads[key], vt, Scaling::Pow2)
-                );
+                assert_eq!(e, encode_values(&grads[key], vt, Scaling::Pow2));
                 keys.push(key);
             })
             .unwrap();
@@ -299,9 +296,13 @@ fn gpu_payloads_match_the_cpu_encoders_or_report_skipped() {
         scaling: Scaling::Pow2,
     };
     let mut seen = 0;
-    m.backward_encoded(&p, data.view(), enc, &mut |key, n, codec, bytes| {
-        assert_eq!((codec, n), (geomx_net::PayloadCodec::Raw, host[key].len()));
-        let got = decode_any(&bytes, key, n).unwrap();
+    m.backward_encoded(&p, data.view(), enc, &mut |key, n, e| {
+        assert_eq!(
+            (e.codec, n),
+            (geomx_net::PayloadCodec::Raw, host[key].len())
+        );
+        assert_eq!(e.overflow, 0);
+        let got = decode_any(&e.bytes, key, n).unwrap();
         let max = host[key].iter().fold(0f32, |a, v| a.max(v.abs()));
         for (g, h) in got.iter().zip(&host[key]) {
             assert!((g - h).abs() <= 2e-3 * max + 1e-7, "key {key}: {g} vs {h}");
