@@ -119,9 +119,11 @@ impl Replica {
     }
 
     /// Applies a reply of per-range [`Update`] segments to `params`; dense θ (resynchronisation)
-    /// replaces the range after the step.
+    /// replaces the range after the step. A resynchronisation counts once per key (a mismatch
+    /// if any range differed).
     fn apply(&mut self, key: usize, params: &mut [f32], payload: &[u8]) -> Result<(), RunError> {
         let segs = split_segments(payload, self.parts.len(), key).map_err(RunError::Protocol)?;
+        let (mut resynced, mut differed) = (false, false);
         for ((seg, &(id, offset, len)), opt) in
             segs.into_iter().zip(&self.parts).zip(&mut self.opts)
         {
@@ -143,11 +145,13 @@ impl Replica {
                     .zip(&theta)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 tracing::debug!(key, range = id, same, "dense resynchronisation");
-                self.resyncs += 1;
-                self.mismatches += u64::from(!same);
+                resynced = true;
+                differed |= !same;
                 range.copy_from_slice(&finite_values(key, theta)?);
             }
         }
+        self.resyncs += u64::from(resynced);
+        self.mismatches += u64::from(differed);
         Ok(())
     }
 }
