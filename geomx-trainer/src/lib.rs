@@ -12,6 +12,7 @@ pub mod codec;
 pub mod config;
 pub mod data;
 pub mod engine;
+pub mod hash;
 pub mod hips;
 pub mod launch;
 pub mod placement;

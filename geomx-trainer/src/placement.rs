@@ -294,7 +294,7 @@ impl Placement {
 
     /// 64-bit FNV-1a hash of the table (part of the configuration hash).
     pub fn hash(&self) -> u64 {
-        let mut h = crate::engine::Fnv1a::new();
+        let mut h = crate::hash::Fnv1a::new();
         h.write(&(self.bound as u64).to_le_bytes());
         for r in &self.ranges {
             for v in [r.key, r.index, r.offset, r.len, r.server] {

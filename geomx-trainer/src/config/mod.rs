@@ -6,7 +6,10 @@
 //! configuration and this process's [`RoleSpec`] from the original GeoMX `DMLC_*` variables.
 
 mod cluster_toml;
+mod data;
+pub mod device;
 mod dmlc;
+mod optimizer;
 mod role;
 mod sync;
 mod validate;
@@ -26,10 +29,10 @@ pub use wan::{
     LinkFigures, Site, WanCentralConfig, WanConfig, WanLossScope, WanMode, WanSiteConfig,
 };
 
-use crate::data::cifar::CifarConfig;
-use crate::data::synthetic::SyntheticSpec;
-use crate::data::ShardStrategy;
-use crate::engine::{Fnv1a, OptimizerConfig};
+pub use data::{CifarConfig, ShardStrategy, SyntheticSpec, DIGITS_TRAIN_SAMPLES};
+pub use optimizer::{AdamConfig, OptimizerConfig, SgdConfig};
+
+use crate::hash::Fnv1a;
 
 /// Rounds of the default run when neither `train.rounds` nor `train.epochs` is given.
 pub const DEFAULT_ROUNDS: u64 = 400;
@@ -218,7 +221,7 @@ impl DataCenterConfig {
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum ModelKind {
-    /// The built-in CPU MLP ([`crate::engine::Mlp`]).
+    /// The built-in CPU MLP (`engine::Mlp`).
     #[default]
     Mlp,
     /// GeoMX's demo CNN on libtorch (feature `tch`): conv 16@5×5 → pool → conv 32@5×5 → pool →

@@ -152,10 +152,11 @@ impl JobSpec {
             },
             ..base
         };
-        let mut h = crate::engine::Fnv1a::new();
+        let mut h = crate::hash::Fnv1a::new();
         h.write(&cfg.config_hash().to_le_bytes());
         h.write(&plan.hash().to_le_bytes());
         h.write(&rounds.to_le_bytes());
+        h.write(&super::msg::PAYLOAD_VERSION.to_le_bytes());
         Ok(Self {
             plan,
             model,

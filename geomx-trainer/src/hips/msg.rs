@@ -13,6 +13,10 @@ use super::AggError;
 
 pub use crate::codec::{f32_bytes, f32_from_bytes};
 
+/// Version of the HiPS payload layouts (docs/wire-format.md, "HiPS payloads"). It is part of the
+/// job's configuration hash, so processes built with other layouts are refused at registration.
+pub const PAYLOAD_VERSION: u32 = 2;
+
 /// Flag bit of an up-push's count: the DC dropped this round under `train.nonfinite = "skip"`;
 /// no values follow.
 pub const SKIP_FLAG: u32 = 1 << 31;

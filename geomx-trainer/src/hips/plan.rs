@@ -94,7 +94,7 @@ impl ClusterPlan {
 
     /// Hash of the plan (topology, key lengths and placement table), part of the config hash.
     pub fn hash(&self) -> u64 {
-        let mut h = crate::engine::Fnv1a::new();
+        let mut h = crate::hash::Fnv1a::new();
         h.write(&(self.workers_per_dc.len() as u64).to_le_bytes());
         for &n in &self.workers_per_dc {
             h.write(&(n as u64).to_le_bytes());
