@@ -28,7 +28,7 @@ use super::{
 };
 use crate::codec::Encoded;
 use crate::data::Samples;
-pub use arch::{Arch, ImageShape, Net};
+pub use arch::{Arch, BnMode, BnStats, ImageShape, Net};
 use gpu::GpuCompressor;
 
 /// Samples per forward pass when evaluating.
@@ -43,6 +43,9 @@ pub struct TchModel {
     gpu: Arc<Mutex<GpuState>>,
     /// Whether libtorch can use `device`, checked at the first computation.
     device_ok: Arc<OnceLock<Result<(), EngineError>>>,
+    /// Batch norm's running statistics, created at the first training step (see [`BnMode`]).
+    /// Each process that trains keeps its own, as each PyTorch replica does.
+    bn: Arc<Mutex<Option<arch::BnStats>>>,
 }
 
 /// Whether GPU-resident encoding is set up.
@@ -151,7 +154,27 @@ impl TchModel {
             device,
             gpu: Arc::new(Mutex::new(GpuState::Untried)),
             device_ok: Arc::new(OnceLock::new()),
+            bn: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The running mean and variance of batch-norm layer `layer` (forward order), once a
+    /// training step created them.
+    pub fn bn_running(&self, layer: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+        let bn = self.bn.lock().unwrap_or_else(PoisonError::into_inner);
+        let (m, v) = bn.as_ref()?.get(layer)?;
+        Some((to_host(m), to_host(v)))
+    }
+
+    /// Runs `f` with the running statistics on `dev` (fresh ones until a training step made
+    /// them; only training keeps them).
+    fn with_bn<T>(&self, dev: tch::Device, train: bool, f: impl FnOnce(&arch::BnStats) -> T) -> T {
+        let mut bn = self.bn.lock().unwrap_or_else(PoisonError::into_inner);
+        match bn.as_ref() {
+            Some(s) => f(s),
+            None if train => f(bn.insert(self.net.bn_stats(dev))),
+            None => f(&self.net.bn_stats(dev)),
+        }
     }
 
     /// The architecture.
@@ -226,7 +249,8 @@ impl TchModel {
         guarded(|| {
             let p = self.params_on(params, Kind::Float, dev, true);
             let (x, y) = self.batch_on(batch, Kind::Float, dev);
-            let loss = arch::cross_entropy(&self.net.forward(&p, &x), &y, Kind::Float);
+            let logits = self.with_bn(dev, true, |s| self.net.forward(&p, &x, BnMode::Train(s)));
+            let loss = arch::cross_entropy(&logits, &y, Kind::Float);
             loss.backward();
             let grads: Vec<Tensor> = p.iter().map(|t| t.grad().contiguous()).collect();
             (loss.double_value(&[]) as f32, grads)
@@ -260,7 +284,8 @@ impl TchModel {
             tch::no_grad(|| {
                 let p = self.params_on(params, Kind::Double, dev, false);
                 let (x, y) = self.batch_on(&batch, Kind::Double, dev);
-                arch::cross_entropy(&self.net.forward(&p, &x), &y, Kind::Double).double_value(&[])
+                let logits = self.net.forward(&p, &x, BnMode::Batch);
+                arch::cross_entropy(&logits, &y, Kind::Double).double_value(&[])
             })
         })
     }
@@ -301,7 +326,9 @@ impl Model for TchModel {
                         Kind::Float,
                         dev,
                     );
-                    out.extend(to_host(&self.net.forward(&p, &x)));
+                    let logits =
+                        self.with_bn(dev, false, |s| self.net.forward(&p, &x, BnMode::Eval(s)));
+                    out.extend(to_host(&logits));
                 }
                 out
             })
@@ -393,7 +420,8 @@ impl Model for TchModel {
                         n_features: inputs,
                     };
                     let (x, y) = self.batch_on(&chunk, Kind::Float, dev);
-                    let logits = self.net.forward(&p, &x);
+                    let logits =
+                        self.with_bn(dev, false, |s| self.net.forward(&p, &x, BnMode::Eval(s)));
                     let loss = arch::cross_entropy(&logits, &y, Kind::Float);
                     loss_sum += loss.double_value(&[]) * l.len() as f64;
                     correct += logits
