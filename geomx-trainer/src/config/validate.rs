@@ -461,6 +461,18 @@ impl Config {
             || "train.epochs".into(),
             || "must be >= 1".into(),
         )?;
+        for (i, f) in t.inject_nan.iter().enumerate() {
+            let workers = self
+                .cluster
+                .data_centers
+                .get(f.dc as usize)
+                .map_or(0, |d| d.workers);
+            check(
+                (f.rank as usize) < workers,
+                || format!("train.inject_nan[{i}]"),
+                || format!("no worker (dc {}, rank {}) in the cluster", f.dc, f.rank),
+            )?;
+        }
         match &t.optimizer {
             OptimizerConfig::Sgd(c) => {
                 positive_finite("train.optimizer.lr", c.lr)?;
