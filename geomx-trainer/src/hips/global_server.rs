@@ -106,7 +106,7 @@ impl GlobalHandler {
     }
 
     /// "key K (range R)" for messages.
-    fn where_(&self, range: usize) -> String {
+    fn describe_range(&self, range: usize) -> String {
         match self.range_keys.get(range) {
             Some(k) => format!("key {k} (range {range})"),
             None => format!("range {range}"),
@@ -117,7 +117,7 @@ impl GlobalHandler {
     fn agg_message(&self, dc: usize, e: &AggError) -> String {
         match e {
             AggError::NonFinite { key, round, what } => {
-                format!("non-finite {what}: {}, round {round}", self.where_(*key))
+                format!("non-finite {what}: {}, round {round}", self.describe_range(*key))
             }
             other => format!("range push from dc {dc}: {other}"),
         }
@@ -264,7 +264,7 @@ impl GlobalHandler {
         if bad > 0 {
             let msg = format!(
                 "non-finite push from dc {dc}: {}, round {version}: {bad} values",
-                self.where_(id)
+                self.describe_range(id)
             );
             if self.policy == NonFinitePolicy::Abort {
                 return self.fail(reply, msg);
