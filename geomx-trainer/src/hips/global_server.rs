@@ -117,7 +117,10 @@ impl GlobalHandler {
     fn agg_message(&self, dc: usize, e: &AggError) -> String {
         match e {
             AggError::NonFinite { key, round, what } => {
-                format!("non-finite {what}: {}, round {round}", self.describe_range(*key))
+                format!(
+                    "non-finite {what}: {}, round {round}",
+                    self.describe_range(*key)
+                )
             }
             other => format!("range push from dc {dc}: {other}"),
         }

@@ -170,9 +170,11 @@ impl TchModel {
     /// them; only training keeps them).
     fn with_bn<T>(&self, dev: tch::Device, train: bool, f: impl FnOnce(&arch::BnStats) -> T) -> T {
         let mut bn = self.bn.lock().unwrap_or_else(PoisonError::into_inner);
+        if train && bn.is_none() {
+            *bn = Some(self.net.bn_stats(dev));
+        }
         match bn.as_ref() {
             Some(s) => f(s),
-            None if train => f(bn.insert(self.net.bn_stats(dev))),
             None => f(&self.net.bn_stats(dev)),
         }
     }
