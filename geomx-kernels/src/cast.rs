@@ -275,8 +275,11 @@ pub fn bf16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
 }
 
 /// Narrows `src·scale` into FP16 little-endian bytes; returns the count of non-finite halves.
+///
+/// # Panics
+/// If `dst.len() != 2 * src.len()` (checked in every build: the F16C loop indexes by `src`).
 pub(crate) fn narrow_f16(src: &[f32], scale: Option<Pow2>, dst: &mut [u8]) -> usize {
-    debug_assert_eq!(dst.len(), 2 * src.len());
+    assert_eq!(dst.len(), 2 * src.len(), "f16 destination length");
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("f16c")
@@ -305,8 +308,11 @@ pub(crate) fn narrow_f16_portable(src: &[f32], scale: Option<Pow2>, dst: &mut [u
 }
 
 /// Widens FP16 little-endian bytes into `dst`, multiplying by `scale` if given.
+///
+/// # Panics
+/// If `src.len() != 2 * dst.len()` (checked in every build: the F16C loop indexes by `dst`).
 pub(crate) fn widen_f16(src: &[u8], scale: Option<Pow2>, dst: &mut [f32]) {
-    debug_assert_eq!(src.len(), 2 * dst.len());
+    assert_eq!(src.len(), 2 * dst.len(), "f16 source length");
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("f16c")

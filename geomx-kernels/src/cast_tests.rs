@@ -362,3 +362,30 @@ fn mse_bounds_on_normal_tensor() {
         }
     }
 }
+
+/// The slice loops check their lengths in every build (the F16C path would otherwise read and
+/// write past the shorter buffer): a mismatch panics before any element is touched.
+#[test]
+fn f16_slice_loops_refuse_mismatched_lengths() {
+    let src = [1.0f32; 17];
+    for dst_len in [2 * 17 - 2, 2 * 17 + 2, 0] {
+        let mut dst = vec![0u8; dst_len];
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            super::narrow_f16(&src, None, &mut dst)
+        }));
+        assert!(r.is_err(), "narrow into {dst_len} bytes");
+        assert!(dst.iter().all(|&b| b == 0), "narrow wrote before refusing");
+    }
+    let bytes = [0u8; 2 * 17];
+    for dst_len in [16, 18] {
+        let mut dst = vec![7.0f32; dst_len];
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            super::widen_f16(&bytes, None, &mut dst)
+        }));
+        assert!(r.is_err(), "widen into {dst_len} values");
+        assert!(dst.iter().all(|&v| v == 7.0), "widen wrote before refusing");
+    }
+    // Matching lengths still convert.
+    let mut dst = vec![0u8; 34];
+    assert_eq!(super::narrow_f16(&src, None, &mut dst), 0);
+}

@@ -283,6 +283,21 @@ impl Optimizer {
         }
     }
 
+    /// Sets DC-ASGD's backup for `sender` to `values`: what that sender holds now, when it did not
+    /// receive the parameters exactly (a lossy reply codec). Other optimizers keep no backups and
+    /// ignore it.
+    pub fn set_backup(&mut self, sender: usize, values: &[f32]) -> Result<(), KernelError> {
+        check_len(self.n, values.len())?;
+        if let State::DcAsgd { backups, .. } = &mut self.state {
+            let senders = backups.len();
+            backups
+                .get_mut(sender)
+                .ok_or(KernelError::UnknownSender { sender, senders })?
+                .copy_from_slice(values);
+        }
+        Ok(())
+    }
+
     /// One step: updates `params` in place from `grad` pushed by `sender` (ignored except by
     /// DC-ASGD, which then sets that sender's backup to the new parameters).
     pub fn step(

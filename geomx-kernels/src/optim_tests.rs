@@ -239,3 +239,30 @@ fn config_validation() {
     assert!(!OptimizerConfig::Sgd(SgdConfig::default()).has_momentum());
     assert!(OptimizerConfig::Adam(AdamConfig::default()).has_momentum());
 }
+
+/// `set_backup` replaces one sender's backup (the next step compensates against it), rejects a
+/// wrong length or sender, and is a no-op for optimizers without backups.
+#[test]
+fn dcasgd_backups_can_be_set_to_what_a_sender_holds() {
+    let cfg = DcAsgdConfig {
+        lr: 0.1,
+        ..DcAsgdConfig::default()
+    };
+    let mut o = Optimizer::new(OptimizerConfig::DcAsgd(cfg), &[0.5], 2).unwrap();
+    o.set_backup(1, &[0.25]).unwrap();
+    assert_eq!(o.backup(1), Some(&[0.25f32][..]));
+    assert_eq!(o.backup(0), Some(&[0.5f32][..]));
+    assert!(o.set_backup(1, &[0.0, 1.0]).is_err());
+    assert!(matches!(
+        o.set_backup(2, &[0.0]),
+        Err(KernelError::UnknownSender { .. })
+    ));
+    // w = 1, w_bak = 0.25, g = 2: w − 0.1·(2 + 0.04·4·0.75) = 0.788.
+    let mut w = vec![1.0f32];
+    o.step(&mut w, &[2.0], 1).unwrap();
+    let want = 1.0f32 - 0.1 * (2.0 + 0.04 * 2.0 * 2.0 * (1.0 - 0.25));
+    assert_eq!(w[0].to_bits(), want.to_bits());
+    let mut sgd = Optimizer::new(OptimizerConfig::Sgd(SgdConfig::default()), &[0.5], 2).unwrap();
+    sgd.set_backup(0, &[1.0]).unwrap();
+    assert_eq!(sgd.backup(0), None);
+}

@@ -8,11 +8,18 @@ pub mod bench_cmd;
 pub mod bench_dgt;
 pub mod bench_e2e;
 pub mod bench_sync;
+pub mod codec;
 pub mod config;
 pub mod data;
 pub mod engine;
+pub mod hash;
 pub mod hips;
 pub mod launch;
 pub mod placement;
 pub mod report;
 pub mod wanlab;
+
+/// Locks a mutex, recovering the data of a poisoned one (a panicked thread already logged).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

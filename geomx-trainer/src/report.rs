@@ -27,7 +27,7 @@ pub struct Report {
     pub wan_bytes_per_round: f64,
     /// Inter-tier payload bytes (push + reply, frame headers excluded) by codec class: `f32`
     /// (dense f32), `fp16`, `bf16` (dense 16-bit) and `sparse` (top-k payloads and updates).
-    pub codec_bytes: crate::hips::codec::CodecBytes,
+    pub codec_bytes: crate::codec::CodecBytes,
     /// Bytes to and from the coordinator (control plane), counted at its sockets.
     pub control_bytes: u64,
     /// Bytes through each global server's sockets, by global server rank.
@@ -36,8 +36,21 @@ pub struct Report {
     pub per_global_server_param_bytes: Vec<u64>,
     /// FNV-1a hash of the final parameters (hex), as every worker computed it.
     pub param_hash: String,
-    /// True when every worker ended with the same parameters.
+    /// FNV-1a hash (hex) of the global servers' final θ, assembled in key order and hashed like
+    /// `param_hash` (every local server pulls it at the end and reports its hash).
+    #[serde(default)]
+    pub global_param_hash: String,
+    /// True when every worker and the global servers ended with the same parameters: all worker
+    /// hashes equal, every local server saw the same global θ, and the two agree.
     pub replicas_identical: bool,
+    /// Updates the global tier dropped under `train.nonfinite = "skip"`: (range, round) steps of
+    /// the global servers (under MixedSync, (range, push)).
+    #[serde(default)]
+    pub skipped_updates: u64,
+    /// Finite values that overflowed to ±inf in FP16 / BF16 encodings, by key, over all
+    /// processes.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cast_overflows: std::collections::BTreeMap<u64, u64>,
     /// Progress lines (round, loss, test metrics).
     pub progress: Vec<Progress>,
     /// Each process's final stats.
@@ -72,7 +85,7 @@ impl Report {
         let lan_bytes = sum(roles::LOCAL_SERVER, |s| s.served_bytes);
         let wan_bytes = sum(roles::LOCAL_SERVER, |s| s.client_bytes);
         let control_bytes = sum(roles::COORDINATOR, |s| s.served_bytes);
-        let mut codec_bytes = crate::hips::codec::CodecBytes::new();
+        let mut codec_bytes = crate::codec::CodecBytes::new();
         for s in stats.iter().filter(|s| s.role == roles::LOCAL_SERVER) {
             for (k, v) in &s.codec_bytes {
                 *codec_bytes.entry(k.clone()).or_default() += v;
@@ -86,9 +99,23 @@ impl Report {
         }
         let workers: Vec<&RoleStats> = stats.iter().filter(|s| s.role == roles::WORKER).collect();
         let hashes: Vec<u64> = workers.iter().filter_map(|s| s.param_hash).collect();
-        let replicas_identical = !hashes.is_empty()
-            && hashes.len() == workers.len()
-            && hashes.iter().all(|h| *h == hashes[0]);
+        let locals: Vec<&RoleStats> = stats
+            .iter()
+            .filter(|s| s.role == roles::LOCAL_SERVER)
+            .collect();
+        let globals: Vec<u64> = locals.iter().filter_map(|s| s.global_param_hash).collect();
+        let all_equal = |h: &[u64]| !h.is_empty() && h.iter().all(|x| *x == h[0]);
+        let replicas_identical = hashes.len() == workers.len()
+            && globals.len() == locals.len()
+            && all_equal(&hashes)
+            && all_equal(&globals)
+            && hashes[0] == globals[0];
+        let mut cast_overflows = std::collections::BTreeMap::new();
+        for s in &stats {
+            for (k, n) in &s.cast_overflows {
+                *cast_overflows.entry(*k).or_default() += n;
+            }
+        }
         let reporter = workers.iter().find(|s| s.dc == 0 && s.rank == 0);
         Self {
             final_test_accuracy: reporter
@@ -112,7 +139,13 @@ impl Report {
                 .first()
                 .map(|h| format!("{h:016x}"))
                 .unwrap_or_default(),
+            global_param_hash: globals
+                .first()
+                .map(|h| format!("{h:016x}"))
+                .unwrap_or_default(),
             replicas_identical,
+            skipped_updates: sum(roles::GLOBAL_SERVER, |s| s.skipped_updates),
+            cast_overflows,
             progress,
             processes: stats,
             config,
@@ -150,20 +183,24 @@ mod tests {
         client: u64,
         hash: Option<u64>,
     ) -> RoleStats {
+        let worker = role == roles::WORKER;
         RoleStats {
             role: role.into(),
             dc,
             rank,
             served_bytes: served,
             client_bytes: client,
-            param_hash: hash,
-            final_loss: hash.map(|_| 0.5),
-            final_test_accuracy: (dc == 0 && rank == 0 && hash.is_some()).then_some(0.9),
+            param_hash: hash.filter(|_| worker),
+            final_loss: hash.filter(|_| worker).map(|_| 0.5),
+            final_test_accuracy: (worker && dc == 0 && rank == 0 && hash.is_some()).then_some(0.9),
+            global_param_hash: hash.filter(|_| role == roles::LOCAL_SERVER),
             codec_bytes: Default::default(),
             resyncs: 0,
             staleness: Vec::new(),
             resync_mismatches: 0,
             topk_fallbacks: 0,
+            skipped_updates: 0,
+            cast_overflows: Default::default(),
             dgt: None,
         }
     }
@@ -174,8 +211,8 @@ mod tests {
             st("coordinator", 2, 0, 7, 0, None),
             st("global_server", 2, 1, 30, 0, None),
             st("global_server", 2, 0, 20, 0, None),
-            st("local_server", 0, 0, 100, 25, None),
-            st("local_server", 1, 0, 200, 25, None),
+            st("local_server", 0, 0, 100, 25, Some(9)),
+            st("local_server", 1, 0, 200, 25, Some(9)),
             st("worker", 0, 0, 0, 50, Some(9)),
             st("worker", 1, 0, 0, 50, Some(9)),
         ];
@@ -186,6 +223,7 @@ mod tests {
         assert_eq!(r.per_global_server_bytes, vec![20, 30]);
         assert!(r.replicas_identical);
         assert_eq!(r.param_hash, "0000000000000009");
+        assert_eq!(r.global_param_hash, "0000000000000009");
         assert_eq!(r.final_test_accuracy, 0.9);
         let json = serde_json::to_value(&r).unwrap();
         for k in [
@@ -234,7 +272,9 @@ mod tests {
 
     #[test]
     fn differing_or_missing_hashes_are_not_identical() {
+        let local = |h| st("local_server", 0, 0, 0, 0, Some(h));
         let a = vec![
+            local(1),
             st("worker", 0, 0, 0, 0, Some(1)),
             st("worker", 0, 1, 0, 0, Some(2)),
         ];
@@ -243,12 +283,67 @@ mod tests {
                 .replicas_identical
         );
         let b = vec![
+            local(1),
             st("worker", 0, 0, 0, 0, Some(1)),
             st("worker", 0, 1, 0, 0, None),
         ];
         assert!(
             !Report::assemble(b, vec![], 1, 0.0, vec![], serde_json::Value::Null)
                 .replicas_identical
+        );
+        // Workers agree with each other but not with the global θ.
+        let c = vec![
+            local(2),
+            st("worker", 0, 0, 0, 0, Some(1)),
+            st("worker", 0, 1, 0, 0, Some(1)),
+        ];
+        let r = Report::assemble(c, vec![], 1, 0.0, vec![], serde_json::Value::Null);
+        assert!(!r.replicas_identical);
+        assert_eq!(r.global_param_hash, "0000000000000002");
+        // Two local servers that saw different global θ.
+        let d = vec![
+            local(1),
+            st("local_server", 1, 0, 0, 0, Some(3)),
+            st("worker", 0, 0, 0, 0, Some(1)),
+        ];
+        assert!(
+            !Report::assemble(d, vec![], 1, 0.0, vec![], serde_json::Value::Null)
+                .replicas_identical
+        );
+        // A local server without a global hash.
+        let e = vec![
+            st("local_server", 0, 0, 0, 0, None),
+            st("worker", 0, 0, 0, 0, Some(1)),
+        ];
+        assert!(
+            !Report::assemble(e, vec![], 1, 0.0, vec![], serde_json::Value::Null)
+                .replicas_identical
+        );
+    }
+
+    #[test]
+    fn skips_and_overflows_are_summed() {
+        let mut g0 = st("global_server", 2, 0, 0, 0, None);
+        g0.skipped_updates = 2;
+        g0.cast_overflows.insert(3, 4);
+        let mut g1 = st("global_server", 2, 1, 0, 0, None);
+        g1.skipped_updates = 1;
+        let mut l = st("local_server", 0, 0, 0, 0, Some(1));
+        l.skipped_updates = 5;
+        l.cast_overflows.insert(3, 1);
+        l.cast_overflows.insert(0, 7);
+        let r = Report::assemble(
+            vec![g0, g1, l],
+            vec![],
+            1,
+            0.0,
+            vec![0, 0],
+            serde_json::Value::Null,
+        );
+        assert_eq!(r.skipped_updates, 3);
+        assert_eq!(
+            r.cast_overflows.into_iter().collect::<Vec<_>>(),
+            vec![(0, 7), (3, 5)]
         );
     }
 }

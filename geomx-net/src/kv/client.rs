@@ -142,7 +142,10 @@ impl KvClient {
             notify_tx,
         });
         let conn = Connection::new(Side::Initiator, my_node_id, opts.conn, Instant::now());
-        let link = driver.attach(stream, conn, counters.clone(), dispatch)?;
+        // A failed attach must not leave the driver's ring thread, eventfd and buffers behind.
+        let link = driver
+            .attach(stream, conn, counters.clone(), dispatch)
+            .inspect_err(|_| driver.shutdown())?;
         // The connection enforces the handshake timeout itself; the margin covers timer ticks.
         let wait = opts.conn.handshake_timeout + opts.tick * 4 + Duration::from_millis(100);
         let server_id = match link.wait_recv(&state_rx, Instant::now() + wait) {

@@ -44,7 +44,11 @@ impl Dispatch for ServerDispatch {
 
     fn on_request(&self, link: &Arc<Link>, frame: Frame) {
         let reply = Responder::new(link.clone(), frame.header);
-        self.handler.on_request(Request::from_frame(frame), reply);
+        let mut req = Request::from_frame(frame);
+        // The id the connection announced in its Hello, whatever this frame's header says: a
+        // handler that trusts `sender` trusts the connection, not each frame.
+        req.sender = link.peer_id().unwrap_or(0);
+        self.handler.on_request(req, reply);
     }
 
     fn on_closed(&self, link: &Arc<Link>, reason: crate::NetError) {

@@ -6,7 +6,10 @@
 //! configuration and this process's [`RoleSpec`] from the original GeoMX `DMLC_*` variables.
 
 mod cluster_toml;
+mod data;
+pub mod device;
 mod dmlc;
+mod optimizer;
 mod role;
 mod sync;
 mod validate;
@@ -26,10 +29,10 @@ pub use wan::{
     LinkFigures, Site, WanCentralConfig, WanConfig, WanLossScope, WanMode, WanSiteConfig,
 };
 
-use crate::data::cifar::CifarConfig;
-use crate::data::synthetic::SyntheticSpec;
-use crate::data::ShardStrategy;
-use crate::engine::{Fnv1a, OptimizerConfig};
+pub use data::{CifarConfig, ShardStrategy, SyntheticSpec, DIGITS_TRAIN_SAMPLES};
+pub use optimizer::{AdamConfig, OptimizerConfig, SgdConfig};
+
+use crate::hash::Fnv1a;
 
 /// Rounds of the default run when neither `train.rounds` nor `train.epochs` is given.
 pub const DEFAULT_ROUNDS: u64 = 400;
@@ -218,7 +221,7 @@ impl DataCenterConfig {
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum ModelKind {
-    /// The built-in CPU MLP ([`crate::engine::Mlp`]).
+    /// The built-in CPU MLP (`engine::Mlp`).
     #[default]
     Mlp,
     /// GeoMX's demo CNN on libtorch (feature `tch`): conv 16@5×5 → pool → conv 32@5×5 → pool →
@@ -346,6 +349,14 @@ pub struct TrainConfig {
     /// The optimizer the global servers run.
     #[serde(default)]
     pub optimizer: OptimizerConfig,
+    /// What a NaN or ±inf does: end the job (`abort`, the default) or drop that round's update
+    /// of the affected key everywhere (`skip`).
+    #[serde(default)]
+    pub nonfinite: NonFinitePolicy,
+    /// Fault injection for tests of the non-finite policy: each entry makes one worker push a NaN
+    /// as the first value of one key in one round. Empty in normal runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject_nan: Vec<InjectNan>,
 }
 
 fn default_eval_every() -> u64 {
@@ -359,8 +370,37 @@ impl Default for TrainConfig {
             epochs: None,
             eval_every: default_eval_every(),
             optimizer: OptimizerConfig::default(),
+            nonfinite: NonFinitePolicy::default(),
+            inject_nan: Vec::new(),
         }
     }
+}
+
+/// `train.nonfinite`: what a NaN or ±inf in a gradient, a sum, a step or a payload does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NonFinitePolicy {
+    /// End the job within the round, naming the role, dc, rank, key and round.
+    #[default]
+    Abort,
+    /// Drop that round's update of the affected key (range, on the global tier) everywhere, and
+    /// count it in the report.
+    Skip,
+}
+
+/// One `[[train.inject_nan]]` entry: worker (`dc`, `rank`) replaces the first value of its push
+/// of `key` in `round` (0-based; HFA and ESync: the averaging number) with NaN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectNan {
+    /// Data center of the worker.
+    pub dc: u32,
+    /// Rank of the worker in its data center.
+    pub rank: u32,
+    /// Round of the push.
+    pub round: u64,
+    /// Key (tensor index) of the push.
+    pub key: usize,
 }
 
 impl TrainConfig {

@@ -784,3 +784,41 @@ fn sync_examples_parse() {
     assert_eq!(c.sync.algorithm, SyncAlgorithm::Hfa);
     assert_eq!((c.sync.hfa.k1, c.sync.hfa.k2), (20, 10));
 }
+
+#[test]
+fn nonfinite_policy_and_injected_faults_parse_and_validate() {
+    let cfg = Config::default();
+    assert_eq!(cfg.train.nonfinite, NonFinitePolicy::Abort);
+    assert!(cfg.train.inject_nan.is_empty());
+    let cfg = Config::from_toml_str(
+        "[train]\nnonfinite = \"skip\"\n[[train.inject_nan]]\ndc = 1\nrank = 1\nround = 3\nkey = 2\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.train.nonfinite, NonFinitePolicy::Skip);
+    assert_eq!(
+        cfg.train.inject_nan,
+        vec![InjectNan {
+            dc: 1,
+            rank: 1,
+            round: 3,
+            key: 2
+        }]
+    );
+    // Round trip through TOML keeps both.
+    let back = Config::from_toml_str(&cfg.to_toml_string().unwrap()).unwrap();
+    assert_eq!(back, cfg);
+    for (toml, needle) in [
+        ("[train]\nnonfinite = \"ignore\"\n", "nonfinite"),
+        (
+            "[[train.inject_nan]]\ndc = 0\nrank = 2\nround = 0\nkey = 0\n",
+            "train.inject_nan[0]",
+        ),
+        (
+            "[[train.inject_nan]]\ndc = 5\nrank = 0\nround = 0\nkey = 0\n",
+            "train.inject_nan[0]",
+        ),
+    ] {
+        let e = Config::from_toml_str(toml).unwrap_err().to_string();
+        assert!(e.contains(needle), "{toml}: {e}");
+    }
+}

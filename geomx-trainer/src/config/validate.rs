@@ -1,11 +1,10 @@
 //! `Config::validate`: value ranges and cross-field rules, each error naming its field.
 
+use super::OptimizerConfig;
 use super::{
     Codec, Config, ConfigError, DatasetKind, LambdaMode, MixedOptimizer, OuterOptimizer,
     SparseCodec, SparseValues, SyncAlgorithm,
 };
-use crate::data::digits;
-use crate::engine::OptimizerConfig;
 
 type Result = std::result::Result<(), ConfigError>;
 
@@ -359,7 +358,7 @@ impl Config {
     }
 
     fn validate_model_and_data(&self) -> Result {
-        crate::engine::validate_model_config(&self.model)
+        super::device::validate_model_config(&self.model)
             .map_err(|(field, message)| ConfigError::invalid(field, message))?;
         for (i, &h) in self.model.hidden.iter().enumerate() {
             check(
@@ -396,7 +395,7 @@ impl Config {
             || "must be >= 1".into(),
         )?;
         let train_samples = match d.dataset {
-            DatasetKind::Digits => Some(digits::TRAIN_SAMPLES),
+            DatasetKind::Digits => Some(super::DIGITS_TRAIN_SAMPLES),
             DatasetKind::Synthetic => Some(s.train_samples),
             DatasetKind::Idx => {
                 let idx = &d.idx;
@@ -462,6 +461,18 @@ impl Config {
             || "train.epochs".into(),
             || "must be >= 1".into(),
         )?;
+        for (i, f) in t.inject_nan.iter().enumerate() {
+            let workers = self
+                .cluster
+                .data_centers
+                .get(f.dc as usize)
+                .map_or(0, |d| d.workers);
+            check(
+                (f.rank as usize) < workers,
+                || format!("train.inject_nan[{i}]"),
+                || format!("no worker (dc {}, rank {}) in the cluster", f.dc, f.rank),
+            )?;
+        }
         match &t.optimizer {
             OptimizerConfig::Sgd(c) => {
                 positive_finite("train.optimizer.lr", c.lr)?;

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use crate::config::CifarConfig;
 
 use super::{DataError, Dataset, TrainTest};
 
@@ -32,14 +32,6 @@ pub const TRAIN_FILES: [&str; 5] = [
 ];
 /// The test file.
 pub const TEST_FILE: &str = "test_batch.bin";
-
-/// `[data.cifar10]`: where the binary batches are.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CifarConfig {
-    /// Folder holding `data_batch_1.bin` … `data_batch_5.bin` and `test_batch.bin`.
-    pub dir: PathBuf,
-}
 
 /// Decodes the records of one batch file.
 pub fn decode(bytes: &[u8], path: &Path) -> Result<(Vec<f32>, Vec<u32>), DataError> {

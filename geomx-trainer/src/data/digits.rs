@@ -22,7 +22,7 @@ pub const FEATURES: usize = 64;
 /// Number of classes (digits 0..9).
 pub const CLASSES: usize = 10;
 /// Samples in the fixed training split.
-pub const TRAIN_SAMPLES: usize = 1_437;
+pub const TRAIN_SAMPLES: usize = crate::config::DIGITS_TRAIN_SAMPLES;
 /// Samples in the fixed test split.
 pub const TEST_SAMPLES: usize = SAMPLES - TRAIN_SAMPLES;
 /// Seed of the fixed train/test shuffle.

@@ -4,21 +4,9 @@
 //! within each. Every shard has the same size ⌊n / W⌋; the remaining `n mod W` samples are left out
 //! so that every worker runs the same number of batches per epoch.
 
-use serde::{Deserialize, Serialize};
+pub use crate::config::ShardStrategy;
 
 use super::{rng, DataError};
-
-/// How samples are assigned to workers (`data.split`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum ShardStrategy {
-    /// IID: a seeded shuffle of all samples, cut into equal contiguous shards.
-    #[default]
-    Iid,
-    /// Non-IID: samples sorted by label (stable, so ties keep data-set order), cut into equal
-    /// contiguous shards; each worker sees only one or a few classes.
-    ByClass,
-}
 
 /// Returns the sample indices of each of `workers` shards (each of length ⌊n / workers⌋).
 pub fn shard_indices(

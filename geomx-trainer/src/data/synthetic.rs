@@ -4,37 +4,9 @@
 //! uniformly from [-1, 1]^features: `label = argmax_c (T x)_c`. The classes are linearly separable, so
 //! an MLP can learn them; train and test samples come from the same teacher.
 
-use serde::{Deserialize, Serialize};
+pub use crate::config::SyntheticSpec;
 
 use super::{rng, DataError, Dataset, TrainTest};
-
-/// Size and seed of a synthetic task (`[data.synthetic]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SyntheticSpec {
-    /// Features per sample.
-    pub features: usize,
-    /// Number of classes.
-    pub classes: usize,
-    /// Training samples.
-    pub train_samples: usize,
-    /// Test samples.
-    pub test_samples: usize,
-    /// Seed of the teacher and the samples.
-    pub seed: u64,
-}
-
-impl Default for SyntheticSpec {
-    fn default() -> Self {
-        Self {
-            features: 256,
-            classes: 10,
-            train_samples: 8_192,
-            test_samples: 1_024,
-            seed: 1,
-        }
-    }
-}
 
 /// Generates the train/test pair of `spec`.
 pub fn generate(spec: &SyntheticSpec) -> Result<TrainTest, DataError> {

@@ -6,7 +6,6 @@
 //! tensor's gradient to a callback as soon as it is ready (last layer first) so that communication
 //! can overlap the rest of the backward pass; [`Model::loss_and_grad`] collects them instead.
 
-pub mod device;
 mod gemm;
 pub mod mlp;
 pub mod optim;
@@ -15,13 +14,15 @@ pub mod reference;
 pub mod tch;
 
 use geomx_kernels::{Scaling, ValueType};
-use geomx_net::PayloadCodec;
 use serde::Serialize;
+
+use crate::codec::Encoded;
 
 use crate::config::{ModelConfig, ModelKind};
 use crate::data::Samples;
 
-pub use device::{validate_model_config, Device};
+pub use crate::config::device::{validate_model_config, Device};
+pub use crate::hash::{params_hash, Fnv1a};
 pub use mlp::Mlp;
 pub use optim::{Optimizer, OptimizerConfig};
 
@@ -175,33 +176,33 @@ pub trait Model: Send + Sync {
     fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError>;
 
     /// [`Model::backward_layerwise`] with each gradient already encoded as a dense push payload
-    /// of `enc` (the bytes of [`crate::hips::codec::encode_values`]): `on_payload(key, elements,
-    /// codec, bytes)`, last layer first. The default ([`encode_on_host`]) encodes host
-    /// gradients; a back end that computes on a GPU may encode there and copy only the payload
+    /// of `enc` (what [`crate::codec::encode_values`] returns): `on_payload(key, elements,
+    /// payload)`, last layer first. The default ([`encode_on_host`]) encodes host gradients; a
+    /// back end that computes on a GPU may encode there and copy only the payload
     /// (`engine::tch::TchModel`, feature `tch`).
     fn backward_encoded(
         &self,
         params: &[Vec<f32>],
         batch: Samples<'_>,
         enc: DenseEncoding,
-        on_payload: &mut dyn FnMut(usize, usize, PayloadCodec, Vec<u8>),
+        on_payload: &mut dyn FnMut(usize, usize, Encoded),
     ) -> Result<f32, EngineError> {
         encode_on_host(self, params, batch, enc, on_payload)
     }
 }
 
 /// [`Model::backward_encoded`] on the host: [`Model::backward_layerwise`], then
-/// [`crate::hips::codec::encode_values`] per key.
+/// [`crate::codec::encode_values`] per key.
 pub fn encode_on_host<M: Model + ?Sized>(
     model: &M,
     params: &[Vec<f32>],
     batch: Samples<'_>,
     enc: DenseEncoding,
-    on_payload: &mut dyn FnMut(usize, usize, PayloadCodec, Vec<u8>),
+    on_payload: &mut dyn FnMut(usize, usize, Encoded),
 ) -> Result<f32, EngineError> {
     model.backward_layerwise(params, batch, &mut |key, grad| {
-        let (codec, bytes) = crate::hips::codec::encode_values(&grad, enc.value_type, enc.scaling);
-        on_payload(key, grad.len(), codec, bytes)
+        let e = crate::codec::encode_values(&grad, enc.value_type, enc.scaling);
+        on_payload(key, grad.len(), e)
     })
 }
 
@@ -214,9 +215,9 @@ pub struct DenseEncoding {
     pub scaling: Scaling,
 }
 
-impl From<&crate::hips::codec::TierCodec> for DenseEncoding {
+impl From<&crate::codec::TierCodec> for DenseEncoding {
     /// The dense encoding of a tier (what its `encode_dense` writes).
-    fn from(t: &crate::hips::codec::TierCodec) -> Self {
+    fn from(t: &crate::codec::TierCodec) -> Self {
         DenseEncoding {
             value_type: t.dense_type(),
             scaling: t.scaling(),
@@ -329,49 +330,6 @@ pub fn check_batch(
     Ok(n)
 }
 
-/// 64-bit FNV-1a hash of parameter tensors (key order, little-endian f32 bits, each tensor preceded
-/// by its length): the replica check of hips.md compares these.
-pub fn params_hash(params: &[Vec<f32>]) -> u64 {
-    let mut h = Fnv1a::new();
-    for t in params {
-        h.write(&(t.len() as u64).to_le_bytes());
-        for v in t {
-            h.write(&v.to_bits().to_le_bytes());
-        }
-    }
-    h.finish()
-}
-
-/// Incremental 64-bit FNV-1a.
-#[derive(Debug, Clone, Copy)]
-pub struct Fnv1a(u64);
-
-impl Fnv1a {
-    /// A hasher at the FNV offset basis.
-    pub fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-
-    /// Feeds bytes.
-    pub fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    /// The hash so far.
-    pub fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,10 +375,11 @@ mod tests {
         };
         let mut keys = Vec::new();
         let l = m
-            .backward_encoded(&p, batch, enc, &mut |key, n, codec, bytes| {
-                assert_eq!(codec, PayloadCodec::Raw);
+            .backward_encoded(&p, batch, enc, &mut |key, n, e| {
+                assert_eq!(e.codec, geomx_net::PayloadCodec::Raw);
                 assert_eq!(n, grads[key].len());
-                let back = crate::hips::codec::decode_any(&bytes, key, n).unwrap();
+                assert_eq!(e.overflow, 0);
+                let back = crate::codec::decode_any(&e.bytes, key, n).unwrap();
                 let want: Vec<f32> = grads[key]
                     .iter()
                     .map(|&g| half::f16::from_f32(g).to_f32())
@@ -435,42 +394,16 @@ mod tests {
 
     #[test]
     fn a_tier_codec_gives_its_dense_encoding() {
+        use crate::codec::TierCodec;
         use crate::config::{Codec, Fp16Codec};
-        use crate::hips::codec::TierCodec;
         let x = [1.5f32, -2.0e-3, 7.0];
         for codec in [Codec::None, Codec::Fp16(Fp16Codec::default())] {
             let tier = TierCodec::from_config(&codec, 10);
             let enc = DenseEncoding::from(&tier);
             assert_eq!(
-                crate::hips::codec::encode_values(&x, enc.value_type, enc.scaling),
+                crate::codec::encode_values(&x, enc.value_type, enc.scaling),
                 tier.encode_dense(&x)
             );
         }
-    }
-
-    #[test]
-    fn fnv1a_known_vectors() {
-        // Published FNV-1a 64 test vectors.
-        let h = |s: &str| {
-            let mut f = Fnv1a::new();
-            f.write(s.as_bytes());
-            f.finish()
-        };
-        assert_eq!(h(""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(h("a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(h("foobar"), 0x8594_4171_f739_67e8);
-    }
-
-    #[test]
-    fn params_hash_sees_every_bit_and_the_split() {
-        let a = vec![vec![1.0f32, 2.0], vec![3.0]];
-        let b = vec![vec![1.0f32], vec![2.0, 3.0]];
-        let c = vec![
-            vec![1.0f32, 2.0],
-            vec![f32::from_bits(3.0f32.to_bits() + 1)],
-        ];
-        assert_ne!(params_hash(&a), params_hash(&b));
-        assert_ne!(params_hash(&a), params_hash(&c));
-        assert_eq!(params_hash(&a), params_hash(&a.clone()));
     }
 }

@@ -7,8 +7,9 @@
 //! in the membership table) and answers workers' Ask / Reset requests with the machine, advanced
 //! with this process's monotonic clock.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use geomx_net::coord::{CoordOptions, CoordOutcome, Coordinator, PROTOCOL_VERSION};
@@ -78,14 +79,38 @@ pub fn run(
     }
 }
 
-/// The ESync endpoint: a KV server answering Ask / Reset with the state machine.
+/// The ESync endpoint: a KV server answering Ask / Reset / Steps with the state machine.
 struct EsyncEndpoint {
     server: KvServer,
 }
 
+/// The machine, and the `Steps` requests it cannot answer yet: (round, responder).
+struct Machine {
+    esync: Esync,
+    waiting: Vec<(u64, Responder)>,
+}
+
 struct EsyncHandler {
-    machine: Mutex<Esync>,
+    machine: Mutex<Machine>,
     origin: Instant,
+    /// Node id → global worker index, from the membership table (set before the start barrier).
+    workers: OnceLock<HashMap<u32, u32>>,
+}
+
+impl EsyncHandler {
+    /// Refuses a request naming a worker index the requesting connection does not own.
+    fn owner_check(&self, sender: u32, r: &esync::Request) -> Result<(), String> {
+        let claimed = r.worker();
+        match self.workers.get().and_then(|m| m.get(&sender)) {
+            Some(&w) if w == claimed => Ok(()),
+            Some(&w) => Err(format!(
+                "ESync request for worker {claimed} from node {sender}, which is worker {w}"
+            )),
+            None => Err(format!(
+                "ESync request for worker {claimed} from node {sender}, which is no worker"
+            )),
+        }
+    }
 }
 
 impl Handler for EsyncHandler {
@@ -94,17 +119,48 @@ impl Handler for EsyncHandler {
             let _ = reply.error(&format!("the ESync endpoint does not serve {:?}", req.kind));
             return;
         }
-        let answer = esync::Request::from_frame(req.key, req.version, &req.payload).and_then(|r| {
-            let mut m = lock(&self.machine);
-            m.handle(&r, self.origin.elapsed().as_secs_f64())
-        });
+        let parsed = esync::Request::from_frame(req.key, req.version, &req.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|r| self.owner_check(req.sender, &r).map(|()| r));
+        let r = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "ESync request refused");
+                let _ = reply.error(&e);
+                return;
+            }
+        };
+        let mut m = lock(&self.machine);
+        let answer = m.esync.handle(&r, self.origin.elapsed().as_secs_f64());
         let _ = match answer {
+            Ok(esync::Reply::Wait) => {
+                let round = req.version;
+                m.waiting.push((round, reply));
+                Ok(())
+            }
             Ok(a) => reply.send(req.version, PayloadCodec::Raw, &a.encode()),
             Err(e) => {
                 tracing::warn!(error = %e, "ESync request refused");
                 reply.error(&e.to_string())
             }
         };
+        // Any request may have completed a round's step counts.
+        let waiting = std::mem::take(&mut m.waiting);
+        for (round, r) in waiting {
+            match m.esync.round_steps(round) {
+                Ok(Some(steps)) => {
+                    let _ = r.send(
+                        round,
+                        PayloadCodec::Raw,
+                        &esync::Reply::Steps(steps).encode(),
+                    );
+                }
+                Ok(None) => m.waiting.push((round, r)),
+                Err(e) => {
+                    let _ = r.error(&e.to_string());
+                }
+            }
+        }
     }
 }
 
@@ -114,11 +170,15 @@ impl EsyncEndpoint {
     /// in); it enters the start barrier and reports Done at once, then only serves requests.
     fn start(job: &JobSpec, coord: SocketAddr) -> Result<Self, RunError> {
         let handler = Arc::new(EsyncHandler {
-            machine: Mutex::new(Esync::new(job.plan.total_workers(), job.esync.eps)),
+            machine: Mutex::new(Machine {
+                esync: Esync::new(job.plan.total_workers(), job.esync.eps),
+                waiting: Vec::new(),
+            }),
             origin: Instant::now(),
+            workers: OnceLock::new(),
         });
         let bind = SocketAddr::new(coord.ip(), 0);
-        let server = KvServer::bind_with_id(bind, 0, handler, job.net)
+        let server = KvServer::bind_with_id(bind, 0, handler.clone(), job.net)
             .map_err(|e| RunError::Net(format!("binding the ESync endpoint at {bind}"), e))?;
         let listen = super::node::advertised(server.local_addr())?;
         let me = Identity {
@@ -136,6 +196,19 @@ impl EsyncEndpoint {
                 // After Done the node's watcher keeps the coordinator connection open until the
                 // Shutdown broadcast.
                 let joined = Node::join(&coord_addr, me, listen, &job, fatal).and_then(|node| {
+                    let workers = node
+                        .membership
+                        .nodes
+                        .iter()
+                        .filter(|n| n.role == roles::WORKER)
+                        .map(|n| {
+                            (
+                                n.id,
+                                job.worker_index(n.dc as usize, n.rank as usize) as u32,
+                            )
+                        })
+                        .collect();
+                    let _ = handler.workers.set(workers);
                     node.barrier("all")?;
                     node.coord
                         .done()

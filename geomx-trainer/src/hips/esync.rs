@@ -7,16 +7,18 @@
 //! (seconds since any fixed origin); workers report only durations, never timestamps.
 //!
 //! The deltas travel through HFA's model-averaging path with k1 = k2 = 1 and data weighting, which
-//! forms m' = m + Σ_r p_r·(u_r − m) with p_r = 1/W (equal shards). A worker pushes
-//! u_r = m + a_r·Δ_r ([`push_factor`]) and, once the round is over, sets
-//! w = w_prev + s·(m' − m) ([`round_scale`], [`apply_round`]); with a_r = 1/k_r and s = γ·τ_eff
-//! this is FedNova, with a_r = 1 and s = γ the plain rule. τ_eff needs every worker's k_r: the
-//! coordinator answers `Reset` with the step counts of the round just finished.
+//! forms m' = m + Σ_r p_r·(u_r − m) with p_r = 1/W (equal shards). Every worker starts a round at
+//! the milestone (w_prev = m) and pushes u_r = m + s·a_r·Δ_r ([`push_factor`], [`round_scale`]):
+//! with a_r = 1/k_r and s = γ·τ_eff this is FedNova, with a_r = 1 and s = γ the plain rule. The
+//! new milestone m' is then the combined model itself, and every worker adopts it: the workers and
+//! the global servers hold the same θ after every round, bit for bit. τ_eff needs every worker's
+//! k_r before the push: a FedNova worker asks the coordinator for the round's step counts
+//! (`Steps`), answered once every worker has been told to push.
 //!
 //! A `Reset` also carries the `Ask{r, 0, c}` the spec sends after every reset (always answered
-//! *step*), so a worker starts its next round's first step right away; without FedNova it does not
-//! even wait for the Reset's reply until its next Ask (requests on one connection are answered in
-//! order). Per round a worker thus sends k Asks, its push and one Reset.
+//! *step*), so a worker starts its next round's first step right away; it does not wait for the
+//! Reset's reply until its next request (requests on one connection are answered in order). Per
+//! round a worker thus sends k Asks, its push, one Reset and (FedNova) one `Steps`.
 
 /// Role name under which the coordinator registers its ESync endpoint in the membership table.
 pub const ROLE: &str = "esync";
@@ -129,10 +131,29 @@ impl Esync {
         Some(&self.last_steps)
     }
 
+    /// The local step counts of every worker in `round`: known once every worker has been told
+    /// to push in the current round (`Ok(None)` until then), or the counts of the round that
+    /// ended last. An older round is an error.
+    pub fn round_steps(&self, round: u64) -> Result<Option<Vec<u64>>, EsyncError> {
+        if round + 1 == self.t {
+            return Ok(Some(self.last_steps.clone()));
+        }
+        if round != self.t {
+            return Err(EsyncError::StaleSteps {
+                round,
+                current: self.t,
+            });
+        }
+        let all = self.workers.iter().all(|w| w.ready && w.round == self.t);
+        Ok(all.then(|| self.workers.iter().map(|w| w.k).collect()))
+    }
+
     /// Answers one decoded request at `now`.
     pub fn handle(&mut self, req: &Request, now: f64) -> Result<Reply, EsyncError> {
         let n = self.workers.len();
-        let (Request::Ask { worker, c, .. } | Request::Reset { worker, c, .. }) = *req;
+        let (Request::Ask { worker, c, .. }
+        | Request::Reset { worker, c, .. }
+        | Request::Steps { worker, c, .. }) = *req;
         if !(c.is_finite() && c >= 0.0) {
             return Err(EsyncError::Malformed(format!(
                 "worker {worker} reported a step duration of {c} s"
@@ -163,6 +184,10 @@ impl Esync {
                 self.ask(r, 0, c, now);
                 Ok(Reply::Steps(steps))
             }
+            Request::Steps { round, .. } => Ok(match self.round_steps(round)? {
+                Some(steps) => Reply::Steps(steps),
+                None => Reply::Wait,
+            }),
         }
     }
 }
@@ -181,6 +206,14 @@ pub enum EsyncError {
         /// Number of workers.
         n: usize,
     },
+    /// Step counts asked for a round that is neither the current one nor the last that ended.
+    #[error("step counts of round {round} asked for, but round {current} is running")]
+    StaleSteps {
+        /// Round asked for.
+        round: u64,
+        /// The current global round.
+        current: u64,
+    },
     /// A reset for a round that already ended.
     #[error("worker {worker} reset to round {round}, but round {current} already started")]
     StaleReset {
@@ -197,9 +230,12 @@ pub enum EsyncError {
 const KEY_ASK: u64 = 0;
 /// Frame key of a `Reset` request.
 const KEY_RESET: u64 = 1;
+/// Frame key of a `Steps` request.
+const KEY_STEPS: u64 = 2;
 
 /// A worker's request to the coordinator's ESync endpoint. On the wire it is a push frame:
-/// `key` 0 = Ask, `key` 1 = Reset; `version` = k or the round; payload = worker u32 LE, c f64 LE.
+/// `key` 0 = Ask, 1 = Reset, 2 = Steps; `version` = k or the round; payload = worker u32 LE,
+/// c f64 LE.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Request {
     /// `Ask{r, k, c}`: after `k` local steps this round, the last of which took `c` seconds.
@@ -222,14 +258,34 @@ pub enum Request {
         /// Duration of its last step in seconds.
         c: f64,
     },
+    /// `Steps{r, round}`: the step counts of every worker in `round` (FedNova's τ_eff), answered
+    /// once all of them were told to push.
+    Steps {
+        /// Worker index.
+        worker: u32,
+        /// The round (the machine's t) whose counts are wanted.
+        round: u64,
+        /// Duration of its last step in seconds.
+        c: f64,
+    },
 }
 
 impl Request {
+    /// The worker index the request names.
+    pub fn worker(&self) -> u32 {
+        match *self {
+            Request::Ask { worker, .. }
+            | Request::Reset { worker, .. }
+            | Request::Steps { worker, .. } => worker,
+        }
+    }
+
     /// `(key, version, payload)` of the push frame carrying this request.
     pub fn to_frame(&self) -> (u64, u64, Vec<u8>) {
         let (key, version, worker, c) = match *self {
             Request::Ask { worker, k, c } => (KEY_ASK, k, worker, c),
             Request::Reset { worker, round, c } => (KEY_RESET, round, worker, c),
+            Request::Steps { worker, round, c } => (KEY_STEPS, round, worker, c),
         };
         let mut p = worker.to_le_bytes().to_vec();
         p.extend_from_slice(&c.to_le_bytes());
@@ -259,8 +315,13 @@ impl Request {
                 round: version,
                 c,
             }),
+            KEY_STEPS => Ok(Request::Steps {
+                worker,
+                round: version,
+                c,
+            }),
             k => Err(EsyncError::Malformed(format!(
-                "key {k} (ask: key 0, reset: key 1)"
+                "key {k} (ask: key 0, reset: key 1, steps: key 2)"
             ))),
         }
     }
@@ -271,8 +332,11 @@ impl Request {
 pub enum Reply {
     /// To an Ask: step again or push (payload: one byte, 0 = step, 1 = push).
     Answer(Answer),
-    /// To a Reset: every worker's local step count in the round that ended (u64 LE each).
+    /// To a Reset or Steps: every worker's local step count in the round (u64 LE each).
     Steps(Vec<u64>),
+    /// To a Steps request whose counts are not known yet: the endpoint holds the request and
+    /// answers it with [`Reply::Steps`] later (never sent).
+    Wait,
 }
 
 impl Reply {
@@ -282,6 +346,7 @@ impl Reply {
             Reply::Answer(Answer::Step) => vec![0],
             Reply::Answer(Answer::Push) => vec![1],
             Reply::Steps(s) => s.iter().flat_map(|k| k.to_le_bytes()).collect(),
+            Reply::Wait => Vec::new(),
         }
     }
 
@@ -374,19 +439,6 @@ pub fn round_scale(norm: Normalisation, gamma: f32, steps: &[u64]) -> f32 {
     }
 }
 
-/// The next agreed model w = w_prev + s·(m_new − m_old). With s = 1 and w_prev = m_old (plain
-/// ESync with γ = 1) it is m_new itself, bit for bit.
-pub fn apply_round(w_prev: &[f32], m_old: &[f32], m_new: &[f32], s: f32) -> Vec<f32> {
-    if s == 1.0 && w_prev == m_old {
-        return m_new.to_vec();
-    }
-    w_prev
-        .iter()
-        .zip(m_old.iter().zip(m_new))
-        .map(|(&p, (&o, &n))| p + s * (n - o))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,7 +451,9 @@ mod tests {
         let bytes = m.handle(&decoded, now).unwrap().encode();
         match req {
             Request::Ask { .. } => Reply::Answer(Reply::decode_answer(&bytes).unwrap()),
-            Request::Reset { .. } => Reply::Steps(Reply::decode_steps(&bytes, workers).unwrap()),
+            Request::Reset { .. } | Request::Steps { .. } => {
+                Reply::Steps(Reply::decode_steps(&bytes, workers).unwrap())
+            }
         }
     }
 
@@ -534,7 +588,7 @@ mod tests {
             Err(EsyncError::Malformed(_))
         ));
         assert!(matches!(
-            Request::from_frame(2, 1, &[0; 12]),
+            Request::from_frame(3, 1, &[0; 12]),
             Err(EsyncError::Malformed(_))
         ));
         let nan = Request::Ask {
@@ -566,14 +620,14 @@ mod tests {
         assert!(Reply::decode_steps(&[0; 12], 2).is_err());
     }
 
-    /// The runtime's path (push u_r = m + a_r·Δ_r, servers average, w = w_prev + s·(m' − m))
-    /// equals [`combine`] (f64 reference) within 1e-5, for both normalisations, γ = 0.5, and a
-    /// w_prev that differs from the servers' milestone (as after a FedNova round).
+    /// The runtime's path (every worker starts at the milestone, pushes u_r = m + s·a_r·Δ_r, the
+    /// servers average: the new milestone is the next model) equals [`combine`] (f64 reference)
+    /// within 1e-5, for both normalisations and γ = 0.5.
     #[test]
     fn worker_side_scaling_through_the_averaging_path_equals_combine() {
         let n = 7;
         let m: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
-        let w_prev: Vec<f32> = m.iter().map(|x| x + 0.01).collect();
+        let w_prev = m.clone();
         let steps = [3u64, 1, 2];
         let deltas: Vec<Vec<f32>> = (0..3)
             .map(|r| {
@@ -585,19 +639,19 @@ mod tests {
         let p = [1.0 / 3.0; 3];
         for norm in [Normalisation::None, Normalisation::Fednova] {
             // What the HFA path forms: m' = m + (Σ_r (u_r − m)) / W.
+            let s = round_scale(norm, 0.5, &steps);
             let pushed: Vec<Vec<f32>> = (0..3)
                 .map(|r| {
                     let w: Vec<f32> = w_prev.iter().zip(&deltas[r]).map(|(a, d)| a + d).collect();
-                    push_model(&m, &w, &w_prev, push_factor(norm, steps[r]))
+                    push_model(&m, &w, &w_prev, s * push_factor(norm, steps[r]))
                 })
                 .collect();
             let m_new: Vec<f32> = (0..n)
                 .map(|i| m[i] + pushed.iter().map(|u| u[i] - m[i]).sum::<f32>() / 3.0)
                 .collect();
-            let w = apply_round(&w_prev, &m, &m_new, round_scale(norm, 0.5, &steps));
             let want = combine(&deltas, &steps, &p, 0.5, norm).unwrap();
             for i in 0..n {
-                let got = w[i] - w_prev[i];
+                let got = m_new[i] - w_prev[i];
                 assert!(
                     (got - want[i]).abs() < 1e-5,
                     "{norm:?} {i}: {got} vs {}",
@@ -609,9 +663,34 @@ mod tests {
         assert_eq!(round_scale(Normalisation::Fednova, 0.5, &steps), 1.0);
         assert_eq!(round_scale(Normalisation::None, 0.5, &steps), 0.5);
         assert_eq!(push_factor(Normalisation::Fednova, 4), 0.25);
-        // γ = 1 without normalisation from the milestone: the new milestone bit for bit.
-        let m2: Vec<f32> = m.iter().map(|x| x * 1.1 + 1e-3).collect();
-        assert_eq!(apply_round(&m, &m, &m2, 1.0), m2);
+    }
+
+    /// `Steps` waits until every worker was told to push, then answers the round's counts; after
+    /// the next reset it answers the ended round's counts; older rounds are refused.
+    #[test]
+    fn step_counts_are_answered_once_every_worker_pushes() {
+        let mut m = Esync::new(2, 0.5);
+        let steps = |round| Request::Steps {
+            worker: 0,
+            round,
+            c: 1.0,
+        };
+        assert_eq!(m.handle(&steps(1), 0.0), Ok(Reply::Wait));
+        assert_eq!(m.ask(0, 0, 3.0, 0.0), Some(Answer::Step));
+        assert_eq!(m.ask(1, 0, 1.0, 0.0), Some(Answer::Step));
+        // Worker 0 (slowest) pushes after one step; worker 1 then pushes after its second.
+        assert_eq!(m.ask(1, 1, 1.0, 1.0), Some(Answer::Step));
+        assert_eq!(m.ask(0, 1, 3.0, 3.0), Some(Answer::Push));
+        assert_eq!(m.handle(&steps(1), 3.0), Ok(Reply::Wait));
+        assert_eq!(m.ask(1, 2, 1.0, 3.0), Some(Answer::Push));
+        assert_eq!(m.handle(&steps(1), 3.0), Ok(Reply::Steps(vec![1, 2])));
+        let (key, version, payload) = steps(1).to_frame();
+        assert_eq!(Request::from_frame(key, version, &payload), Ok(steps(1)));
+        m.reset(0, 2, 4.0);
+        assert_eq!(m.handle(&steps(1), 4.0), Ok(Reply::Steps(vec![1, 2])));
+        assert_eq!(m.handle(&steps(2), 4.0), Ok(Reply::Wait));
+        m.reset(1, 3, 5.0);
+        assert!(m.handle(&steps(1), 5.0).is_err());
     }
 
     #[test]

@@ -1,68 +1,153 @@
-//! Upper-tier aggregation at a global server (hips.md FSA step 4), without IO.
+//! Upper-tier aggregation at a global server (FSA step 4 and HFA's outer step), without IO.
 //!
 //! A [`GlobalAggregator`] owns some ranges of θ. For each it buffers the D local servers' pushes of
 //! round r; when all are in it checks Σ count = W, forms G = s_1 + … + s_D in DC order,
-//! ḡ = G / W (a division), applies the optimizer element-wise and bumps the range version to r+1.
+//! ḡ = G / W (a division), applies the optimizer element-wise, bumps the range version to r+1 and
+//! returns the reply every DC receives. What the reply carries depends on the range's
+//! [`ReplyMode`]: θ_{r+1} when both tiers are lossless, otherwise the increment quantized through
+//! both tiers' codecs (which the aggregator applies itself, so its θ is what every worker holds),
+//! or for sparse ranges the quantized global sum (the aggregator steps with exactly the mean the
+//! workers decode).
+//!
+//! Every value that enters the step is checked: a non-finite sum, quantized mean, increment or
+//! stepped θ either fails the push ([`NonFinitePolicy::Abort`]) or drops the round for the range
+//! ([`NonFinitePolicy::Skip`]: θ and the optimizer state stay as they were).
 
+use std::any::Any;
 use std::collections::BTreeMap;
 
-use geomx_kernels::{Scaling, SparseVec, ValueType};
+use geomx_kernels::SparseVec;
+use geomx_net::PayloadCodec;
 
 use super::AggError;
+use crate::codec::down::{dense_step, sparse_mean, ReplyMode};
+use crate::codec::{count_nonfinite, f32_bytes, TierCodec, Update};
+use crate::config::NonFinitePolicy;
+
+/// A copy of an optimizer's state, to undo a step (see [`RangeOptimizer::save`]).
+pub type SavedState = Box<dyn Any + Send>;
 
 /// An optimizer step over one range: θ ← opt(θ, ḡ). Implementations keep their own state
 /// (moments) for the range they were built for.
 pub trait RangeOptimizer: Send {
     /// Updates `params` in place with the mean gradient `mean_grad` (same length).
     fn step(&mut self, params: &mut [f32], mean_grad: &[f32]);
+
+    /// Writes into `out` the increment a step from `params` would add (`out = opt(θ, ḡ) − θ`),
+    /// advancing the optimizer's state as [`RangeOptimizer::step`] does. The default steps a copy
+    /// of `params`; an optimizer that forms its increment directly overrides it.
+    fn increment(&mut self, params: &[f32], mean_grad: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(params);
+        self.step(out, mean_grad);
+        for (o, &p) in out.iter_mut().zip(params) {
+            *o -= p;
+        }
+    }
+
+    /// A copy of the state a step changes.
+    fn save(&self) -> SavedState;
+
+    /// Restores a state from [`RangeOptimizer::save`] (undoing the steps since).
+    fn restore(&mut self, saved: SavedState);
 }
 
-impl<F: FnMut(&mut [f32], &[f32]) + Send> RangeOptimizer for F {
+impl<F: FnMut(&mut [f32], &[f32]) + Send + Clone + 'static> RangeOptimizer for F {
     fn step(&mut self, params: &mut [f32], mean_grad: &[f32]) {
         self(params, mean_grad)
     }
+
+    fn save(&self) -> SavedState {
+        Box::new(self.clone())
+    }
+
+    fn restore(&mut self, saved: SavedState) {
+        if let Ok(f) = saved.downcast::<F>() {
+            *self = *f;
+        }
+    }
 }
+
+/// One DC's push for a range: its sum over `count` workers, or `None` when the DC dropped the
+/// round (a non-finite value under [`NonFinitePolicy::Skip`]).
+pub type DcPush = (Option<Vec<f32>>, u32);
 
 /// State of one owned range.
 struct RangeState {
     params: Vec<f32>,
     version: u64,
     opt: Box<dyn RangeOptimizer>,
-    pushes: Vec<Option<(Vec<f32>, u32)>>,
+    pushes: Vec<Option<DcPush>>,
     received: usize,
-    /// Bi-Sparse pull: the reply carries G's non-zero entries in this value type.
-    sparse_reply: Option<(ValueType, Scaling)>,
+    mode: ReplyMode,
+    /// Delta mode with a lossy tier: the part of past increments the codecs did not carry, added
+    /// to the next increment (error feedback; empty otherwise).
+    carry: Vec<f32>,
+}
+
+/// Why a round was dropped for a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipCause {
+    /// A DC dropped its push.
+    Upstream,
+    /// A non-finite value at this server (`what`: sum, quantized mean, increment, step).
+    NonFinite(&'static str),
 }
 
 /// A completed round of one range.
 #[derive(Debug)]
-pub struct RoundDone<'a> {
-    /// θ_{r+1} of the range.
-    pub theta: &'a [f32],
-    /// For Bi-Sparse ranges: the encoded sparse payload of the global sum G (non-zero entries,
-    /// ascending). The optimizer stepped with exactly what this payload decodes to, so replicas
-    /// applying it reproduce θ bit for bit.
-    pub sparse_sum: Option<Vec<u8>>,
+pub struct RoundDone {
+    /// The range's version after the round (r + 1).
+    pub version: u64,
+    /// The payload codec of the reply.
+    pub codec: PayloadCodec,
+    /// The reply every DC receives (see the module docs).
+    pub reply: Vec<u8>,
+    /// Set when the round was dropped: θ and the optimizer state did not change.
+    pub skipped: Option<SkipCause>,
+    /// Finite values that overflowed to ±inf in this round's encodings.
+    pub overflow: usize,
 }
 
 /// Collects the DCs' pushes for the ranges one global server owns and applies the optimizer.
 pub struct GlobalAggregator {
     n_dcs: usize,
     total_workers: u32,
+    inter: TierCodec,
+    intra: TierCodec,
+    policy: NonFinitePolicy,
     ranges: BTreeMap<usize, RangeState>,
 }
 
 impl GlobalAggregator {
-    /// An aggregator for `n_dcs` DCs with `total_workers` (W) workers in all.
+    /// An aggregator for `n_dcs` DCs with `total_workers` (W) workers in all, plain f32 tiers and
+    /// the `abort` policy.
     pub fn new(n_dcs: usize, total_workers: u32) -> Self {
         Self {
             n_dcs,
             total_workers,
+            inter: TierCodec::default(),
+            intra: TierCodec::default(),
+            policy: NonFinitePolicy::Abort,
             ranges: BTreeMap::new(),
         }
     }
 
-    /// Takes ownership of range `id` with initial values `params` at version `version`.
+    /// Sets the tier codecs the replies travel through (inter: to the local servers; intra: on
+    /// to the workers).
+    pub fn with_codecs(mut self, inter: TierCodec, intra: TierCodec) -> Self {
+        self.inter = inter;
+        self.intra = intra;
+        self
+    }
+
+    /// Sets the non-finite policy.
+    pub fn with_policy(mut self, policy: NonFinitePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Takes ownership of range `id` with initial values `params` at version `version`; it
+    /// replies with θ until [`GlobalAggregator::set_mode`] says otherwise.
     pub fn add_range(
         &mut self,
         id: usize,
@@ -78,15 +163,23 @@ impl GlobalAggregator {
                 opt,
                 pushes: vec![None; self.n_dcs],
                 received: 0,
-                sparse_reply: None,
+                mode: ReplyMode::Theta,
+                carry: Vec::new(),
             },
         );
     }
 
-    /// Makes range `id` answer with the sparse global sum in `value_type` (Bi-Sparse pull).
-    pub fn set_sparse_reply(&mut self, id: usize, value_type: ValueType, scaling: Scaling) {
+    /// Sets how range `id` replies (see [`ReplyMode`]).
+    pub fn set_mode(&mut self, id: usize, mode: ReplyMode) {
+        let lossy = self.inter.dense_type() != geomx_kernels::ValueType::F32
+            || self.intra.dense_type() != geomx_kernels::ValueType::F32;
         if let Some(r) = self.ranges.get_mut(&id) {
-            r.sparse_reply = Some((value_type, scaling));
+            r.mode = mode;
+            r.carry = if mode == ReplyMode::Delta && lossy {
+                vec![0.0; r.params.len()]
+            } else {
+                Vec::new()
+            };
         }
     }
 
@@ -118,20 +211,25 @@ impl GlobalAggregator {
         sum: Vec<f32>,
         count: u32,
     ) -> Result<Option<&[f32]>, AggError> {
-        Ok(self.push_round(id, dc, round, sum, count)?.map(|d| d.theta))
+        if self
+            .push_round(id, dc, round, (Some(sum), count))?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        Ok(self.get(id).map(|(_, p)| p))
     }
 
-    /// [`GlobalAggregator::push`], also returning the sparse sum of Bi-Sparse ranges.
+    /// Records DC `dc`'s push for `(id, round)`; when it was the last missing DC, completes the
+    /// round and returns its reply.
     pub fn push_round(
         &mut self,
         id: usize,
         dc: usize,
         round: u64,
-        sum: Vec<f32>,
-        count: u32,
-    ) -> Result<Option<RoundDone<'_>>, AggError> {
+        push: DcPush,
+    ) -> Result<Option<RoundDone>, AggError> {
         let n_dcs = self.n_dcs;
-        let w = self.total_workers;
         let r = self.ranges.get_mut(&id).ok_or(AggError::UnknownKey(id))?;
         if round != r.version {
             return Err(AggError::WrongVersion {
@@ -140,12 +238,14 @@ impl GlobalAggregator {
                 got: round,
             });
         }
-        if sum.len() != r.params.len() {
-            return Err(AggError::LengthMismatch {
-                key: id,
-                expected: r.params.len(),
-                got: sum.len(),
-            });
+        if let Some(s) = &push.0 {
+            if s.len() != r.params.len() {
+                return Err(AggError::LengthMismatch {
+                    key: id,
+                    expected: r.params.len(),
+                    got: s.len(),
+                });
+            }
         }
         let cell = r.pushes.get_mut(dc).ok_or(AggError::BadSender {
             sender: dc,
@@ -158,19 +258,31 @@ impl GlobalAggregator {
                 sender: dc,
             });
         }
-        *cell = Some((sum, count));
+        *cell = Some(push);
         r.received += 1;
         if r.received < n_dcs {
             return Ok(None);
         }
+        self.complete(id).map(Some)
+    }
+
+    /// All D pushes of range `id` are in: sums them and steps (or drops the round).
+    fn complete(&mut self, id: usize) -> Result<RoundDone, AggError> {
+        let w = self.total_workers;
+        let r = self.ranges.get_mut(&id).ok_or(AggError::UnknownKey(id))?;
         let mut counted = 0u64;
-        let mut it = r.pushes.iter_mut().map(|p| p.take().unwrap_or_default());
-        let (mut g, c0) = it.next().unwrap_or_default();
-        counted += u64::from(c0);
-        for (s, c) in it {
+        let mut skipped_dc = false;
+        let mut g: Option<Vec<f32>> = None;
+        for (s, c) in r.pushes.iter_mut().map(|p| p.take().unwrap_or_default()) {
             counted += u64::from(c);
-            for (a, x) in g.iter_mut().zip(&s) {
-                *a += *x;
+            match (s, g.as_mut()) {
+                (None, _) => skipped_dc = true,
+                (Some(s), None) => g = Some(s),
+                (Some(s), Some(acc)) => {
+                    for (a, x) in acc.iter_mut().zip(&s) {
+                        *a += *x;
+                    }
+                }
             }
         }
         r.received = 0;
@@ -181,45 +293,208 @@ impl GlobalAggregator {
                 expected: w,
             });
         }
-        let sparse_sum = match r.sparse_reply {
-            Some((vt, scaling)) => Some(quantize_sparse(&mut g, vt, scaling, id)?),
-            None => None,
+        let round = r.version;
+        let mut overflow = 0;
+        let stepped = match g {
+            Some(g) if !skipped_dc => step_range(
+                r,
+                id,
+                g,
+                &self.inter,
+                &self.intra,
+                w,
+                self.policy,
+                &mut overflow,
+            ),
+            _ => Err(SkipCause::Upstream),
         };
-        let wf = w as f32;
-        for a in g.iter_mut() {
-            *a /= wf;
-        }
-        r.opt.step(&mut r.params, &g);
+        let (reply, skipped) = match stepped {
+            Ok(reply) => (reply, None),
+            Err(SkipCause::NonFinite(what)) if self.policy == NonFinitePolicy::Abort => {
+                return Err(AggError::NonFinite {
+                    key: id,
+                    round,
+                    what,
+                });
+            }
+            Err(cause) => (skip_reply(r, id, &self.inter, &self.intra)?, Some(cause)),
+        };
+        let (codec, reply) = match reply {
+            Reply::Dense(codec, bytes) => (codec, bytes),
+            Reply::Sparse(sparse) => {
+                let theta = self.inter.resync_due(round).then_some(&r.params[..]);
+                let bytes = Update::encode_parts(&sparse, theta, skipped.is_some());
+                (PayloadCodec::Raw, bytes)
+            }
+        };
         r.version += 1;
-        Ok(Some(RoundDone {
-            theta: r.params.as_slice(),
-            sparse_sum,
-        }))
+        Ok(RoundDone {
+            version: r.version,
+            codec,
+            reply,
+            skipped,
+            overflow,
+        })
     }
 }
 
-/// Encodes the non-zero entries of `g` with values of `vt` and replaces `g` with exactly what the
-/// payload decodes to (the same values every receiver will see).
-fn quantize_sparse(
-    g: &mut [f32],
-    vt: ValueType,
-    scaling: Scaling,
+/// Runs `f` on the range's optimizer; if `f` reports a non-finite result, the state saved before
+/// (under `skip`) is restored.
+fn guarded<T>(
+    r: &mut RangeState,
+    policy: NonFinitePolicy,
+    f: impl FnOnce(&mut RangeState) -> Result<T, SkipCause>,
+) -> Result<T, SkipCause> {
+    let saved = (policy == NonFinitePolicy::Skip).then(|| r.opt.save());
+    let out = f(r);
+    if let (Err(_), Some(s)) = (&out, saved) {
+        r.opt.restore(s);
+    }
+    out
+}
+
+fn finite(x: &[f32], what: &'static str) -> Result<(), SkipCause> {
+    if count_nonfinite(x) == 0 {
+        Ok(())
+    } else {
+        Err(SkipCause::NonFinite(what))
+    }
+}
+
+/// What a range answers, before a sparse update gets its θ and flags.
+enum Reply {
+    /// A dense payload.
+    Dense(PayloadCodec, Vec<u8>),
+    /// The encoded sparse sum of an [`Update`].
+    Sparse(Vec<u8>),
+}
+
+/// One round's step of range `r` (id `id`) with the DCs' sum `g`; returns the reply, or why the
+/// round is dropped (θ and the optimizer state then unchanged).
+#[allow(clippy::too_many_arguments)]
+fn step_range(
+    r: &mut RangeState,
     id: usize,
-) -> Result<Vec<u8>, AggError> {
-    let n = g.len();
-    let bad = |got| AggError::LengthMismatch {
-        key: id,
-        expected: n,
-        got,
-    };
-    let sparse = SparseVec::from_dense_nonzero(g).map_err(|_| bad(n))?;
-    let mut bytes = Vec::new();
-    sparse.encode(vt, scaling, &mut bytes);
-    // Also for f32: ±0 entries become the +0 a receiver reconstructs.
-    let back = SparseVec::decode(&bytes, id as u64, n).map_err(|_| bad(n))?;
-    g.fill(0.0);
-    back.scatter_add_into(g).map_err(|_| bad(n))?;
-    Ok(bytes)
+    mut g: Vec<f32>,
+    inter: &TierCodec,
+    intra: &TierCodec,
+    w: u32,
+    policy: NonFinitePolicy,
+    overflow: &mut usize,
+) -> Result<Reply, SkipCause> {
+    finite(&g, "global sum")?;
+    let wf = w as f32;
+    match r.mode {
+        ReplyMode::Theta => {
+            for a in g.iter_mut() {
+                *a /= wf;
+            }
+            let before = (policy == NonFinitePolicy::Skip).then(|| r.params.clone());
+            let res = guarded(r, policy, |r| {
+                r.opt.step(&mut r.params, &g);
+                finite(&r.params, "optimizer step")
+            });
+            if let (Err(_), Some(b)) = (&res, before) {
+                r.params = b;
+            }
+            res?;
+            Ok(Reply::Dense(
+                PayloadCodec::DenseF32,
+                f32_bytes(&r.params).into_owned(),
+            ))
+        }
+        ReplyMode::Delta => {
+            for a in g.iter_mut() {
+                *a /= wf;
+            }
+            let mut delta = vec![0.0f32; r.params.len()];
+            let step = guarded(r, policy, |r| {
+                r.opt.increment(&r.params, &g, &mut delta);
+                finite(&delta, "optimizer step")?;
+                for (d, &c) in delta.iter_mut().zip(&r.carry) {
+                    *d += c;
+                }
+                let s = dense_step(&delta, inter, intra, id)
+                    .map_err(|_| SkipCause::NonFinite("encoded increment"))?;
+                finite(&s.applied, "encoded increment")?;
+                if r.params
+                    .iter()
+                    .zip(&s.applied)
+                    .any(|(&p, &z)| !(p + z).is_finite())
+                {
+                    return Err(SkipCause::NonFinite("optimizer step"));
+                }
+                Ok(s)
+            })?;
+            *overflow += step.overflow;
+            for (c, (&d, &z)) in r.carry.iter_mut().zip(delta.iter().zip(&step.applied)) {
+                *c = d - z;
+            }
+            for (p, &z) in r.params.iter_mut().zip(&step.applied) {
+                *p += z;
+            }
+            Ok(Reply::Dense(step.reply.codec, step.reply.bytes))
+        }
+        ReplyMode::Sparse => {
+            let sparse = SparseVec::from_dense_nonzero(&g)
+                .map_err(|_| SkipCause::NonFinite("global sum"))?;
+            let mut inter_bytes = Vec::new();
+            let nonfinite = sparse.encode(inter.sparse_values(), inter.scaling(), &mut inter_bytes);
+            *overflow += nonfinite;
+            let sum = SparseVec::decode(&inter_bytes, id as u64, g.len())
+                .map_err(|_| SkipCause::NonFinite("encoded global sum"))?;
+            finite(sum.values(), "encoded global sum")?;
+            let (mean_bytes, of) = sparse_mean(&sum, w, intra);
+            *overflow += of;
+            let mean = SparseVec::decode(&mean_bytes, id as u64, g.len())
+                .map_err(|_| SkipCause::NonFinite("quantized mean"))?;
+            finite(mean.values(), "quantized mean")?;
+            // The dense mean every worker will step with: zeros and the decoded entries.
+            g.fill(0.0);
+            mean.scatter_add_into(&mut g)
+                .map_err(|_| SkipCause::NonFinite("quantized mean"))?;
+            let before = (policy == NonFinitePolicy::Skip).then(|| r.params.clone());
+            let res = guarded(r, policy, |r| {
+                r.opt.step(&mut r.params, &g);
+                finite(&r.params, "optimizer step")
+            });
+            if let (Err(_), Some(b)) = (&res, before) {
+                r.params = b;
+            }
+            res?;
+            Ok(Reply::Sparse(inter_bytes))
+        }
+    }
+}
+
+/// The reply of a dropped round: θ unchanged (Theta), a zero increment that every holder adds
+/// (Delta; the aggregator adds it too, so a −0 element turns +0 everywhere alike), or an empty
+/// sum (Sparse; flagged skipped by the caller).
+fn skip_reply(
+    r: &mut RangeState,
+    id: usize,
+    inter: &TierCodec,
+    intra: &TierCodec,
+) -> Result<Reply, AggError> {
+    let internal = |message: String| AggError::Optimizer { key: id, message };
+    Ok(match r.mode {
+        ReplyMode::Theta => Reply::Dense(PayloadCodec::DenseF32, f32_bytes(&r.params).into_owned()),
+        ReplyMode::Delta => {
+            let zeros = vec![0.0f32; r.params.len()];
+            let s = dense_step(&zeros, inter, intra, id).map_err(internal)?;
+            for (p, &z) in r.params.iter_mut().zip(&s.applied) {
+                *p += z;
+            }
+            Reply::Dense(s.reply.codec, s.reply.bytes)
+        }
+        ReplyMode::Sparse => {
+            let empty = SparseVec::new(r.params.len() as u32, Vec::new(), Vec::new())
+                .map_err(|e| internal(e.to_string()))?;
+            let mut bytes = Vec::new();
+            empty.encode(inter.sparse_values(), inter.scaling(), &mut bytes);
+            Reply::Sparse(bytes)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -233,6 +508,17 @@ mod tests {
                 *p -= lr * *g;
             }
         })
+    }
+
+    /// The engine's SGD with momentum (stateful: a skipped round must leave the momentum alone).
+    fn momentum(lr: f32, n: usize) -> Box<dyn RangeOptimizer> {
+        let cfg = crate::engine::OptimizerConfig::Sgd(crate::engine::optim::SgdConfig {
+            lr,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+        });
+        Box::new(crate::engine::Optimizer::new(&cfg, n))
     }
 
     /// Deterministic "awkward" f32 values (not exactly representable sums).
@@ -366,5 +652,209 @@ mod tests {
         global.push(0, 0, 0, vec![0.5], 1).unwrap();
         assert_eq!(global.pull(0, 1).unwrap(), Some(&[0.5f32][..]));
         assert_eq!(global.range_ids().collect::<Vec<_>>(), vec![0]);
+    }
+
+    fn tier(codec: crate::config::Codec) -> TierCodec {
+        TierCodec::from_config(&codec, 1)
+    }
+
+    fn fp16_unscaled() -> TierCodec {
+        tier(crate::config::Codec::Fp16(crate::config::Fp16Codec {
+            scaling: crate::config::ScalingKind::None,
+        }))
+    }
+
+    /// Delta mode (FP16 on the WAN, BF16 on the LAN): the aggregator's θ equals θ_0 plus what a
+    /// worker decodes after the local server's re-encoding, bit for bit, round after round; the
+    /// first increment matches an independent reference (−lr·ḡ through `half`'s FP16 then BF16
+    /// casts); and with error feedback the applied increments add up to the unquantized ones.
+    #[test]
+    fn delta_replies_are_what_the_aggregator_applies() {
+        let n = 29;
+        let theta0 = vals(5, n);
+        let (inter, intra) = (fp16_unscaled(), tier(crate::config::Codec::Bf16));
+        let mut global = GlobalAggregator::new(2, 2).with_codecs(inter.clone(), intra.clone());
+        global.add_range(0, theta0.clone(), 0, sgd(0.01));
+        global.set_mode(0, ReplyMode::Delta);
+        let mut replica = theta0.clone();
+        let mut exact = theta0.clone();
+        for round in 0..5u64 {
+            let (a, b) = (vals(round as u32 + 10, n), vals(round as u32 + 20, n));
+            assert!(global
+                .push_round(0, 0, round, (Some(a.clone()), 1))
+                .unwrap()
+                .is_none());
+            let d = global
+                .push_round(0, 1, round, (Some(b.clone()), 1))
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.version, round + 1);
+            assert!(d.skipped.is_none());
+            // Local server, then worker.
+            let y = inter.decode_dense(&d.reply, 0, n).unwrap();
+            let seg = crate::codec::down::forward_dense(&y, &intra);
+            let z = intra.decode_dense(&seg.bytes, 0, n).unwrap();
+            for (p, dz) in replica.iter_mut().zip(&z) {
+                *p += *dz;
+            }
+            let (_, theta) = global.get(0).unwrap();
+            for i in 0..n {
+                assert_eq!(
+                    theta[i].to_bits(),
+                    replica[i].to_bits(),
+                    "round {round} {i}"
+                );
+            }
+            for i in 0..n {
+                let g = (a[i] + b[i]) / 2.0;
+                if round == 0 {
+                    let step = theta0[i] - 0.01 * g - theta0[i];
+                    let want = half::bf16::from_f32(half::f16::from_f32(step).to_f32()).to_f32();
+                    assert_eq!(z[i].to_bits(), want.to_bits(), "element {i}");
+                }
+                exact[i] -= 0.01 * g;
+            }
+        }
+        // Error feedback keeps the quantized trajectory within one BF16 quantum of the exact one
+        // (|steps| ≤ 0.1, BF16 keeps 8 bits: tolerance 0.1·2^-7).
+        let (_, theta) = global.get(0).unwrap();
+        for i in 0..n {
+            assert!((theta[i] - exact[i]).abs() <= 0.1 / 128.0, "element {i}");
+        }
+    }
+
+    /// Sparse mode with FP16 values on the WAN and BF16 on the LAN: a worker replica running the
+    /// same optimizer on the mean it decodes ends bit-identical to the aggregator's θ.
+    #[test]
+    fn sparse_replies_let_replicas_step_to_the_same_theta() {
+        let n = 40;
+        let theta0 = vals(3, n);
+        let inter = tier(crate::config::Codec::Bisparse(crate::config::SparseCodec {
+            values: crate::config::SparseValues::Fp16,
+            min_size: 10,
+            ..Default::default()
+        }));
+        let intra = tier(crate::config::Codec::Bf16);
+        let mut global = GlobalAggregator::new(2, 4).with_codecs(inter.clone(), intra.clone());
+        global.add_range(0, theta0.clone(), 0, momentum(0.05, n));
+        global.set_mode(0, ReplyMode::Sparse);
+        let mut replica = theta0;
+        let mut opt = momentum(0.05, n);
+        for round in 0..4u64 {
+            let sparse = |seed: u32| {
+                let mut v = vals(seed, n);
+                for (i, x) in v.iter_mut().enumerate() {
+                    if (i as u32 + seed) % 3 != 0 {
+                        *x = 0.0;
+                    }
+                }
+                v
+            };
+            global
+                .push_round(0, 0, round, (Some(sparse(round as u32)), 2))
+                .unwrap();
+            let d = global
+                .push_round(0, 1, round, (Some(sparse(round as u32 + 1)), 2))
+                .unwrap()
+                .unwrap();
+            let up = Update::decode(&d.reply, 0, n).unwrap();
+            let (seg, _) = crate::codec::down::forward_sparse(&up, 4, &intra);
+            let at_worker = Update::decode(&seg, 0, n).unwrap();
+            let mut g = vec![0.0f32; n];
+            at_worker.grad.scatter_add_into(&mut g).unwrap();
+            opt.step(&mut replica, &g);
+            let (_, theta) = global.get(0).unwrap();
+            for i in 0..n {
+                assert_eq!(
+                    theta[i].to_bits(),
+                    replica[i].to_bits(),
+                    "round {round} {i}"
+                );
+            }
+        }
+    }
+
+    /// A NaN in one DC's sum: under `abort` the push fails naming the range and round; under
+    /// `skip` the round is dropped (θ and the momentum unchanged, version bumped), and the next
+    /// rounds end exactly where a run without the bad round ends.
+    #[test]
+    fn non_finite_sums_abort_or_drop_the_round() {
+        let n = 7;
+        let theta0 = vals(1, n);
+        let mut bad = vals(2, n);
+        bad[3] = f32::NAN;
+        let mut abort = GlobalAggregator::new(2, 2);
+        abort.add_range(4, theta0.clone(), 0, momentum(0.1, n));
+        abort.push_round(4, 0, 0, (Some(bad.clone()), 1)).unwrap();
+        assert_eq!(
+            abort.push_round(4, 1, 0, (Some(vals(3, n)), 1)).err(),
+            Some(AggError::NonFinite {
+                key: 4,
+                round: 0,
+                what: "global sum"
+            })
+        );
+        for mode in [ReplyMode::Theta, ReplyMode::Delta] {
+            let mut skip = GlobalAggregator::new(2, 2).with_policy(NonFinitePolicy::Skip);
+            let mut clean = GlobalAggregator::new(2, 2);
+            for a in [&mut skip, &mut clean] {
+                a.add_range(4, theta0.clone(), 0, momentum(0.1, n));
+                a.set_mode(4, mode);
+            }
+            skip.push_round(4, 0, 0, (Some(bad.clone()), 1)).unwrap();
+            let d = skip
+                .push_round(4, 1, 0, (Some(vals(3, n)), 1))
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.skipped, Some(SkipCause::NonFinite("global sum")));
+            assert_eq!(d.version, 1);
+            assert_eq!(skip.get(4).unwrap().1, &theta0[..]);
+            for round in 1..4u64 {
+                let (a, b) = (vals(round as u32 + 5, n), vals(round as u32 + 9, n));
+                skip.push_round(4, 0, round, (Some(a.clone()), 1)).unwrap();
+                skip.push_round(4, 1, round, (Some(b.clone()), 1)).unwrap();
+                clean.push_round(4, 0, round - 1, (Some(a), 1)).unwrap();
+                clean.push_round(4, 1, round - 1, (Some(b), 1)).unwrap();
+            }
+            assert_eq!(skip.get(4).unwrap().1, clean.get(4).unwrap().1, "{mode:?}");
+        }
+    }
+
+    /// A step that overflows θ (lr 1e30) is undone under `skip`; a DC's dropped push drops the
+    /// round too; a sparse range answers a dropped round with an empty update flagged skipped.
+    #[test]
+    fn overflowing_steps_and_dropped_pushes_are_skipped() {
+        let n = 5;
+        let theta0 = vals(8, n);
+        let mut agg = GlobalAggregator::new(2, 2).with_policy(NonFinitePolicy::Skip);
+        agg.add_range(0, theta0.clone(), 0, momentum(1.0e30, n));
+        agg.push_round(0, 0, 0, (Some(vec![1.0e10; n]), 1)).unwrap();
+        let d = agg
+            .push_round(0, 1, 0, (Some(vec![1.0e10; n]), 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.skipped, Some(SkipCause::NonFinite("optimizer step")));
+        assert_eq!(agg.get(0).unwrap().1, &theta0[..]);
+        agg.push_round(0, 0, 1, (None, 1)).unwrap();
+        let d = agg
+            .push_round(0, 1, 1, (Some(vec![0.0; n]), 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.skipped, Some(SkipCause::Upstream));
+        let inter = tier(crate::config::Codec::Bisparse(crate::config::SparseCodec {
+            min_size: 1,
+            ..Default::default()
+        }));
+        let mut sparse = GlobalAggregator::new(1, 1)
+            .with_codecs(inter, TierCodec::default())
+            .with_policy(NonFinitePolicy::Skip);
+        sparse.add_range(2, theta0.clone(), 0, sgd(1.0));
+        sparse.set_mode(2, ReplyMode::Sparse);
+        let mut g = vec![0.0f32; n];
+        g[1] = f32::INFINITY;
+        let d = sparse.push_round(2, 0, 0, (Some(g), 1)).unwrap().unwrap();
+        let up = Update::decode(&d.reply, 2, n).unwrap();
+        assert!(up.skipped && up.grad.is_empty());
+        assert_eq!(sparse.get(2).unwrap().1, &theta0[..]);
     }
 }

@@ -2,6 +2,7 @@
 //! answers each push with the new values (fused push-reply).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::Sender;
@@ -9,13 +10,15 @@ use geomx_net::{Handler, MsgKind, PayloadCodec, Request, Responder};
 
 use std::net::ToSocketAddrs;
 
-use super::codec::{TierCodec, Update};
 use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
-use super::msg::{f32_bytes, UpPush};
+use super::msg::{f32_bytes, UpPush, SKIP_FLAG};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
-use super::{lock, GlobalAggregator, JobSpec, MixedAggregator, RoleStats, RunError};
-use crate::config::SyncAlgorithm;
+use super::{
+    lock, AggError, GlobalAggregator, JobSpec, MixedAggregator, RoleStats, RunError, SkipCause,
+};
+use crate::codec::{count_nonfinite, KeyCounts, TierCodec};
+use crate::config::{NonFinitePolicy, SyncAlgorithm};
 use crate::engine::Optimizer;
 
 impl super::RangeOptimizer for Optimizer {
@@ -23,6 +26,16 @@ impl super::RangeOptimizer for Optimizer {
         if let Err(e) = Optimizer::step(self, params, mean_grad) {
             // Lengths are checked by the aggregator before it calls the optimizer.
             tracing::error!(error = %e, "optimizer step rejected");
+        }
+    }
+
+    fn save(&self) -> super::SavedState {
+        Box::new(self.clone())
+    }
+
+    fn restore(&mut self, saved: super::SavedState) {
+        if let Ok(o) = saved.downcast::<Optimizer>() {
+            *self = *o;
         }
     }
 }
@@ -47,7 +60,14 @@ struct GlobalHandler {
     dc_of: OnceLock<HashMap<u32, usize>>,
     aborter: OnceLock<Aborter>,
     range_lens: Vec<usize>,
+    /// The key of every range (for messages and per-key counters).
+    range_keys: Vec<usize>,
     inter: TierCodec,
+    policy: NonFinitePolicy,
+    /// Range rounds dropped under `nonfinite = "skip"`.
+    skipped: AtomicU64,
+    /// FP16 / BF16 overflows of the replies, by key.
+    overflows: KeyCounts,
     n_dcs: usize,
     owned: usize,
     rounds: u64,
@@ -58,7 +78,7 @@ struct GlobalHandler {
 }
 
 /// One half of a DGT-mode push: the TCP request (worker count + responder) or the values the
-/// DGT receiver delivered, whichever came first.
+/// DGT receiver delivered, whichever came first. A dropped round has no values half.
 enum Half {
     Push(u32, Responder),
     Values(Vec<f32>),
@@ -82,6 +102,44 @@ impl GlobalHandler {
         let _ = reply.error(&msg);
         if let Some(a) = self.aborter.get() {
             a.abort(msg);
+        }
+    }
+
+    /// "key K (range R)" for messages.
+    fn describe_range(&self, range: usize) -> String {
+        match self.range_keys.get(range) {
+            Some(k) => format!("key {k} (range {range})"),
+            None => format!("range {range}"),
+        }
+    }
+
+    /// The message of an aggregation error, naming the key of a range.
+    fn agg_message(&self, dc: usize, e: &AggError) -> String {
+        match e {
+            AggError::NonFinite { key, round, what } => {
+                format!(
+                    "non-finite {what}: {}, round {round}",
+                    self.describe_range(*key)
+                )
+            }
+            other => format!("range push from dc {dc}: {other}"),
+        }
+    }
+
+    /// Counts a completed round's overflows and a dropped round.
+    fn account(&self, id: usize, round: u64, skipped: Option<SkipCause>, overflow: usize) {
+        if let Some(k) = self.range_keys.get(id) {
+            self.overflows.add(*k, overflow);
+        }
+        if let Some(cause) = skipped {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                range = id,
+                key = self.range_keys.get(id).copied(),
+                round,
+                ?cause,
+                "non-finite values: round dropped"
+            );
         }
     }
 
@@ -125,12 +183,24 @@ impl GlobalHandler {
             );
         };
         let count = u32::from_le_bytes(count);
+        if count & SKIP_FLAG != 0 {
+            // A dropped round: no DGT values follow.
+            let up = UpPush {
+                count: count & !SKIP_FLAG,
+                sum: None,
+            };
+            return self.accept_push(id, dc, req.version, up, reply);
+        }
         let slot = (dc, id, req.version);
         let mut halves = lock(&join.halves);
         match halves.remove(&slot) {
             Some(Half::Values(sum)) => {
                 drop(halves);
-                self.accept_push(id, dc, req.version, UpPush { count, sum }, reply);
+                let up = UpPush {
+                    count,
+                    sum: Some(sum),
+                };
+                self.accept_push(id, dc, req.version, up, reply);
             }
             Some(Half::Push(..)) => {
                 drop(halves);
@@ -180,7 +250,7 @@ impl GlobalHandler {
                 drop(halves);
                 let up = UpPush {
                     count,
-                    sum: d.values,
+                    sum: Some(d.values),
                 };
                 self.accept_push(id, dc, version, up, reply);
             }
@@ -190,57 +260,76 @@ impl GlobalHandler {
         }
     }
 
-    /// Aggregates DC `dc`'s decoded push of range `id` at `version`.
-    fn accept_push(&self, id: usize, dc: usize, version: u64, up: UpPush, reply: Responder) {
-        let req_version = version;
-        let resync = self.inter.resync_due(req_version);
+    /// Aggregates DC `dc`'s decoded push of range `id` at `version` (decoded payloads and DGT
+    /// deliveries are checked for non-finite values here).
+    fn accept_push(&self, id: usize, dc: usize, version: u64, mut up: UpPush, reply: Responder) {
+        let bad = up.sum.as_deref().map_or(0, count_nonfinite);
+        if bad > 0 {
+            let msg = format!(
+                "non-finite push from dc {dc}: {}, round {version}: {bad} values",
+                self.describe_range(id)
+            );
+            if self.policy == NonFinitePolicy::Abort {
+                return self.fail(reply, msg);
+            }
+            tracing::warn!(%msg, "dropping the push's round");
+            up.sum = None;
+        }
         let mut st = lock(&self.state);
         if st.mixed.is_some() {
-            return self.on_push_mixed(st, id, dc, req_version, up, reply);
+            return self.on_push_mixed(st, id, dc, version, up, reply);
         }
-        let (codec, done) = match st.agg.push_round(id, dc, req_version, up.sum, up.count) {
+        let done = match st.agg.push_round(id, dc, version, (up.sum, up.count)) {
             Ok(None) => {
                 st.parked.entry(id).or_default().push(reply);
                 return;
             }
-            Ok(Some(d)) => match d.sparse_sum {
-                Some(sparse) => (
-                    PayloadCodec::Raw,
-                    Update::encode_parts(&sparse, resync.then_some(d.theta)),
-                ),
-                None => self.inter.encode_dense(d.theta),
-            },
+            Ok(Some(d)) => d,
             Err(e) => {
                 drop(st);
-                return self.fail(reply, format!("range push from dc {dc}: {e}"));
+                return self.fail(reply, self.agg_message(dc, &e));
             }
         };
-        let version = req_version + 1;
+        self.account(id, version, done.skipped, done.overflow);
         let mut waiting = st.parked.remove(&id).unwrap_or_default();
         waiting.push(reply);
-        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pulls)
-            .into_iter()
-            .partition(|(r, v, _)| *r == id && *v <= version);
-        st.pulls = rest;
-        if version == self.rounds {
+        let pulls = self.ready_pulls(&mut st, id, done.version);
+        if done.version == self.rounds {
             st.finished += 1;
             if st.finished == self.owned {
                 let _ = self.all_done.send(());
             }
         }
         drop(st);
-        for r in waiting
-            .into_iter()
-            .chain(ready.into_iter().map(|(_, _, r)| r))
-        {
-            if let Err(e) = r.send(version, codec, &done) {
+        for r in waiting {
+            if let Err(e) = r.send(done.version, done.codec, &done.reply) {
                 tracing::warn!(error = %e, range = id, "reply not delivered");
             }
         }
+        answer_pulls(pulls, done.version);
     }
 
-    /// MixedSync: applies DC `dc`'s push computed from `base` at once and answers it with the
-    /// range's new values; a range is finished after `rounds` pushes of every DC.
+    /// Takes the pulls of range `id` that `version` satisfies, with the range's θ (f32).
+    fn ready_pulls(&self, st: &mut State, id: usize, version: u64) -> (Vec<Responder>, Vec<u8>) {
+        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pulls)
+            .into_iter()
+            .partition(|(r, v, _)| *r == id && *v <= version);
+        st.pulls = rest;
+        if ready.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        let theta = match st.mixed.as_ref() {
+            Some((m, _)) => m.get(id).map(|(_, v)| f32_bytes(v).into_owned()),
+            None => st.agg.get(id).map(|(_, v)| f32_bytes(v).into_owned()),
+        };
+        (
+            ready.into_iter().map(|(_, _, r)| r).collect(),
+            theta.unwrap_or_default(),
+        )
+    }
+
+    /// MixedSync: applies DC `dc`'s push computed from `base` at once and answers it (θ, or the
+    /// difference to what the DC holds); a range is finished after `rounds` pushes of every DC.
     fn on_push_mixed(
         &self,
         mut st: std::sync::MutexGuard<'_, State>,
@@ -254,16 +343,14 @@ impl GlobalHandler {
         let Some((mixed, pushes)) = st.mixed.as_mut() else {
             return;
         };
-        let (version, codec, bytes) = match mixed.push(id, dc, base, up.sum, up.count) {
-            Ok((v, theta)) => {
-                let (codec, bytes) = self.inter.encode_dense(theta);
-                (v, codec, bytes)
-            }
+        let done = match mixed.push_reply(id, dc, base, (up.sum, up.count)) {
+            Ok(d) => d,
             Err(e) => {
                 drop(st);
-                return self.fail(reply, format!("range push from dc {dc}: {e}"));
+                return self.fail(reply, self.agg_message(dc, &e));
             }
         };
+        self.account(id, base, done.skipped, done.overflow);
         let n = pushes.entry(id).or_default();
         *n += 1;
         let range_done = *n == self.rounds * n_dcs;
@@ -273,10 +360,12 @@ impl GlobalHandler {
                 let _ = self.all_done.send(());
             }
         }
+        let pulls = self.ready_pulls(&mut st, id, done.version);
         drop(st);
-        if let Err(e) = reply.send(version, codec, &bytes) {
+        if let Err(e) = reply.send(done.version, done.codec, &done.reply) {
             tracing::warn!(error = %e, range = id, "reply not delivered");
         }
+        answer_pulls(pulls, done.version);
     }
 
     fn on_pull(&self, req: Request, reply: Responder) {
@@ -323,6 +412,15 @@ impl GlobalHandler {
     }
 }
 
+/// Answers pulls with the range's θ at `version` (exact f32).
+fn answer_pulls((pulls, theta): (Vec<Responder>, Vec<u8>), version: u64) {
+    for r in pulls {
+        if let Err(e) = r.send(version, PayloadCodec::DenseF32, &theta) {
+            tracing::warn!(error = %e, "pull answer not delivered");
+        }
+    }
+}
+
 impl Handler for GlobalHandler {
     fn on_request(&self, req: Request, reply: Responder) {
         match req.kind {
@@ -351,15 +449,22 @@ pub fn run(
     };
     // θ_0 from the seed (the one source of initial parameters); keep our own ranges.
     let theta0 = job.model.init(job.seed);
-    let mut agg = GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32);
-    let mut mixed = (job.sync == SyncAlgorithm::Mixed)
-        .then(|| (MixedAggregator::new(plan.num_dcs()), HashMap::new()));
+    let mut agg = GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32)
+        .with_codecs(job.inter.clone(), job.intra.clone())
+        .with_policy(job.nonfinite.policy);
+    let mut mixed = (job.sync == SyncAlgorithm::Mixed).then(|| {
+        let m = MixedAggregator::new(plan.num_dcs())
+            .with_codecs(job.inter.clone(), job.intra.clone())
+            .with_policy(job.nonfinite.policy);
+        (m, HashMap::new())
+    });
     let mut owned = 0;
     for (id, r) in plan.placement.ranges.iter().enumerate() {
         if r.server == rank as usize {
             let vals = theta0[r.key][r.offset..r.offset + r.len].to_vec();
+            let mode = job.reply_mode(r.key);
             if let Some((m, _)) = mixed.as_mut() {
-                m.add_range(id, vals, 0, job.mixed_optimizer)
+                m.add_range_with(id, vals, 0, job.mixed_optimizer, mode)
                     .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?;
                 owned += 1;
                 continue;
@@ -372,9 +477,7 @@ pub fn run(
                 None => Box::new(Optimizer::new(&job.optimizer, r.len)),
             };
             agg.add_range(id, vals, 0, opt);
-            if job.inter.is_sparse_key(plan.key_lens[r.key]) {
-                agg.set_sparse_reply(id, job.inter.sparse_values(), job.inter.scaling());
-            }
+            agg.set_mode(id, mode);
             owned += 1;
         }
     }
@@ -415,7 +518,11 @@ pub fn run(
         dc_of: OnceLock::new(),
         aborter: OnceLock::new(),
         range_lens: plan.placement.ranges.iter().map(|r| r.len).collect(),
+        range_keys: plan.placement.ranges.iter().map(|r| r.key).collect(),
         inter: job.inter.clone(),
+        policy: job.nonfinite.policy,
+        skipped: AtomicU64::new(0),
+        overflows: KeyCounts::default(),
         n_dcs: plan.num_dcs(),
         owned,
         rounds: job.global_rounds(),
@@ -456,6 +563,8 @@ pub fn run(
     let served = server.stats();
     server.shutdown();
     let mut stats = RoleStats::new(&node.me, served);
+    stats.skipped_updates = handler.skipped.load(Ordering::Relaxed);
+    stats.cast_overflows = handler.overflows.snapshot();
     if let Some(s) = dgt_server {
         let d = super::dgt::DgtRoleStats::from_server(&s.stats());
         tracing::info!(

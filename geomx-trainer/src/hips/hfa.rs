@@ -5,8 +5,9 @@
 //! shards are equal, so data weighting is 1/n_d) and every `k2` averagings pushes
 //! s_d = f_d·(w̄_d − m) with `count` n_d. The global aggregator divides Σ_d s_d by W, so with
 //! f_d = n_d (`data`) the mean is Σ_d (N_d/N)·Δ_d and with f_d = W/D (`equal`) it is Σ_d Δ_d / D.
-//! [`OuterStep`] then moves the milestone: m ← m + Δ (`average`) or DiLoCo's Nesterov step, and the
-//! new m is the reply every local server adopts, so all copies agree bit for bit.
+//! [`OuterStep`] then forms the increment δ: Δ (`average`) or DiLoCo's Nesterov step. The reply is
+//! δ, quantized through both tiers' codecs; every copy of the milestone (the global server's, the
+//! local servers', the workers') adds the same quantized δ, so all copies agree bit for bit.
 
 use geomx_kernels::optim::{apply_increment, DilocoOuter};
 
@@ -14,6 +15,7 @@ use super::RangeOptimizer;
 use crate::config::{HfaConfig, HfaWeighting, OuterOptimizer};
 
 /// The outer step of one range at the global server.
+#[derive(Debug, Clone)]
 pub struct OuterStep {
     nesterov: Option<DilocoOuter>,
     inc: Vec<f32>,
@@ -37,17 +39,38 @@ impl OuterStep {
 }
 
 impl RangeOptimizer for OuterStep {
-    /// `m` is the milestone, `delta` the weighted mean model delta Δ.
+    /// `m` is the milestone, `delta` the weighted mean model delta Δ: m ← m + δ.
     fn step(&mut self, m: &mut [f32], delta: &[f32]) {
-        let res = match self.nesterov.as_mut() {
-            None => apply_increment(m, delta),
-            Some(o) => o
-                .increment(delta, &mut self.inc)
-                .and_then(|()| apply_increment(m, &self.inc)),
-        };
-        if let Err(e) = res {
+        let mut inc = std::mem::take(&mut self.inc);
+        self.increment(m, delta, &mut inc);
+        if let Err(e) = apply_increment(m, &inc) {
             // Lengths are checked by the aggregator before it calls the optimizer.
             tracing::error!(error = %e, "outer step rejected");
+        }
+        self.inc = inc;
+    }
+
+    /// δ itself: Δ for `average`, DiLoCo's Nesterov increment otherwise (no subtraction).
+    fn increment(&mut self, _m: &[f32], delta: &[f32], out: &mut [f32]) {
+        let res = match self.nesterov.as_mut() {
+            None => {
+                out.copy_from_slice(delta);
+                Ok(())
+            }
+            Some(o) => o.increment(delta, out),
+        };
+        if let Err(e) = res {
+            tracing::error!(error = %e, "outer step rejected");
+        }
+    }
+
+    fn save(&self) -> super::global_agg::SavedState {
+        Box::new(self.nesterov.clone())
+    }
+
+    fn restore(&mut self, saved: super::global_agg::SavedState) {
+        if let Ok(n) = saved.downcast::<Option<DilocoOuter>>() {
+            self.nesterov = *n;
         }
     }
 }

@@ -7,8 +7,10 @@ use geomx_net::NetOptions;
 
 use super::plan::ClusterPlan;
 use super::RunError;
+use crate::codec::down::ReplyMode;
 use crate::config::{
-    Config, ConfigError, DataConfig, Driver, EsyncConfig, HfaConfig, MixedOptimizer, SyncAlgorithm,
+    Config, ConfigError, DataConfig, Driver, EsyncConfig, HfaConfig, InjectNan, MixedOptimizer,
+    NonFinitePolicy, SyncAlgorithm,
 };
 use crate::data::TrainTest;
 use crate::engine::{build_model, Model, OptimizerConfig};
@@ -39,9 +41,9 @@ pub struct JobSpec {
     /// Hash of the resolved configuration (registration rejects mismatches).
     pub config_hash: u64,
     /// Codec of the worker ↔ local server tier.
-    pub intra: super::codec::TierCodec,
+    pub intra: crate::codec::TierCodec,
     /// Codec of the local ↔ global server tier.
-    pub inter: super::codec::TierCodec,
+    pub inter: crate::codec::TierCodec,
     /// Synchronisation algorithm of the global tier (`fsa` or `mixed`).
     pub sync: SyncAlgorithm,
     /// HFA periods, weighting and outer optimizer (used when `sync` is `hfa`; ESync runs HFA's
@@ -53,6 +55,27 @@ pub struct JobSpec {
     pub mixed_optimizer: geomx_kernels::optim::OptimizerConfig,
     /// Compute slow-down factor of each DC's workers (`cluster.data_centers[d].slowdown`).
     pub slowdown: Vec<f64>,
+    /// The non-finite policy and its test faults (`train.nonfinite`, `train.inject_nan`).
+    pub nonfinite: NonFiniteSpec,
+}
+
+/// What the roles do with NaN and ±inf (`train.nonfinite`), and the faults a test injects
+/// (`train.inject_nan`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NonFiniteSpec {
+    /// Abort the job or drop the round.
+    pub policy: NonFinitePolicy,
+    /// Pushes whose first value a worker replaces with NaN.
+    pub inject: Vec<InjectNan>,
+}
+
+impl NonFiniteSpec {
+    /// Whether worker (`dc`, `rank`) injects a NaN into its push of `key` in `round`.
+    pub fn injects(&self, dc: u32, rank: u32, round: u64, key: usize) -> bool {
+        self.inject
+            .iter()
+            .any(|i| i.dc == dc && i.rank == rank && i.round == round && i.key == key)
+    }
 }
 
 impl std::fmt::Debug for JobSpec {
@@ -108,18 +131,9 @@ impl JobSpec {
         )
         .map_err(|e| RunError::Config(ConfigError::invalid("placement", e.to_string())))?;
         let batches_per_epoch = (data.train.len() / w) / cfg.data.batch_size.max(1);
-        let mut rounds = cfg.train.total_rounds(batches_per_epoch);
+        let rounds = cfg.train.total_rounds(batches_per_epoch);
         if cfg.sync.algorithm == SyncAlgorithm::Hfa {
-            // Whole global periods only, so that every replica ends on the agreed milestone.
-            let period = cfg.sync.hfa.k1.saturating_mul(cfg.sync.hfa.k2).max(1);
-            if rounds < period {
-                return Err(ConfigError::invalid(
-                    "train.rounds",
-                    format!("{rounds} steps are less than one HFA period k1 * k2 = {period}"),
-                )
-                .into());
-            }
-            rounds -= rounds % period;
+            check_hfa_rounds(rounds, cfg.sync.hfa.k1, cfg.sync.hfa.k2, cfg.train.epochs)?;
         }
         let t = &cfg.timeouts;
         let base = NetOptions::default();
@@ -138,10 +152,11 @@ impl JobSpec {
             },
             ..base
         };
-        let mut h = crate::engine::Fnv1a::new();
+        let mut h = crate::hash::Fnv1a::new();
         h.write(&cfg.config_hash().to_le_bytes());
         h.write(&plan.hash().to_le_bytes());
         h.write(&rounds.to_le_bytes());
+        h.write(&super::msg::PAYLOAD_VERSION.to_le_bytes());
         Ok(Self {
             plan,
             model,
@@ -154,8 +169,8 @@ impl JobSpec {
             net,
             registration_timeout: t.registration(),
             config_hash: h.finish(),
-            intra: super::codec::TierCodec::from_config(&cfg.compression.intra, batches_per_epoch),
-            inter: super::codec::TierCodec::from_config(&cfg.compression.inter, batches_per_epoch)
+            intra: crate::codec::TierCodec::from_config(&cfg.compression.intra, batches_per_epoch),
+            inter: crate::codec::TierCodec::from_config(&cfg.compression.inter, batches_per_epoch)
                 .with_transport(&cfg.transport),
             slowdown: cfg
                 .cluster
@@ -170,7 +185,17 @@ impl JobSpec {
             },
             esync: cfg.sync.esync,
             mixed_optimizer: mixed_optimizer(cfg),
+            nonfinite: NonFiniteSpec {
+                policy: cfg.train.nonfinite,
+                inject: cfg.train.inject_nan.clone(),
+            },
         })
+    }
+
+    /// How the global tier's answer for `key` travels to the workers.
+    pub fn reply_mode(&self, key: usize) -> ReplyMode {
+        let len = self.plan.key_lens.get(key).copied().unwrap_or(0);
+        ReplyMode::of(self.sync, &self.inter, &self.intra, len)
     }
 
     /// The longest a role waits for any single step of the protocol before it gives up.
@@ -204,6 +229,34 @@ impl JobSpec {
     pub fn worker_index(&self, dc: usize, rank: usize) -> usize {
         self.plan.workers_per_dc[..dc].iter().sum::<usize>() + rank
     }
+}
+
+/// HFA runs whole global periods only, so that every replica ends on the agreed milestone:
+/// `rounds` must be a positive multiple of k1 · k2. The error names the nearest valid values
+/// (and, for `train.epochs`, the steps the epochs came to).
+fn check_hfa_rounds(rounds: u64, k1: u64, k2: u64, epochs: Option<u64>) -> Result<(), ConfigError> {
+    let period = k1.saturating_mul(k2).max(1);
+    if rounds % period == 0 && rounds > 0 {
+        return Ok(());
+    }
+    let below = rounds - rounds % period;
+    let above = below.saturating_add(period);
+    let nearest = if below == 0 {
+        format!("{above}")
+    } else {
+        format!("{below} or {above}")
+    };
+    let source = match epochs {
+        Some(e) => format!("train.epochs = {e} comes to {rounds} steps"),
+        None => format!("{rounds} steps"),
+    };
+    Err(ConfigError::invalid(
+        "train.rounds",
+        format!(
+            "{source}, not a multiple of the HFA period k1 * k2 = {period}: \
+             use {nearest} (train.rounds)"
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -267,21 +320,28 @@ mod tests {
             JobSpec::from_config(&cfg).unwrap().mixed_optimizer,
             cfg.train.optimizer.to_kernel()
         );
-        // HFA runs whole periods only: 400 steps with k1 * k2 = 6 become 396.
+        // HFA runs whole periods only: 400 steps with k1 * k2 = 6 are refused, naming 396 and
+        // 402; 396 runs.
         cfg.sync.algorithm = SyncAlgorithm::Hfa;
         cfg.sync.hfa.k1 = 2;
         cfg.sync.hfa.k2 = 3;
+        let refusal = |cfg: &Config| match JobSpec::from_config(cfg) {
+            Err(RunError::Config(ConfigError::Invalid { field, message })) => {
+                assert_eq!(field, "train.rounds");
+                message
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let m = refusal(&cfg);
+        assert!(m.contains("396 or 402"), "{m}");
+        cfg.train.rounds = Some(396);
         let job = JobSpec::from_config(&cfg).unwrap();
         assert_eq!(job.rounds, 396);
         assert_eq!(job.hfa_periods(), Some((2, 3)));
         assert_eq!((job.local_rounds(), job.global_rounds()), (198, 66));
         cfg.train.rounds = Some(5);
-        match JobSpec::from_config(&cfg) {
-            Err(RunError::Config(ConfigError::Invalid { field, .. })) => {
-                assert_eq!(field, "train.rounds")
-            }
-            other => panic!("expected a refusal, got {other:?}"),
-        }
+        let m = refusal(&cfg);
+        assert!(m.contains("use 6 "), "{m}");
     }
 
     #[test]

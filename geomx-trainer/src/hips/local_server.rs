@@ -1,11 +1,21 @@
 //! The local server role: a server to its DC's workers and a worker to the global tier.
 //!
 //! Worker pushes of `(key, r)` are parked until all n_d are in; their rank-ordered sum goes to the
-//! owners of the key's ranges; when every range answered with θ_{r+1} the parked pushes are
-//! answered with the key's θ_{r+1}. One uplink thread per key keeps keys independent.
+//! owners of the key's ranges; when every range answered, the parked pushes are answered with
+//! what the workers apply (θ_{r+1}, or per-range segments re-encoded for the LAN, see
+//! [`crate::codec::down`]). One uplink thread per key keeps keys independent.
+//!
+//! Every decoded worker payload and every sum is checked for NaN and ±inf: under
+//! `train.nonfinite = "abort"` the job ends naming the worker (or the sum), key and round; under
+//! `skip` the key's round is dropped (the push carries only the count with a flag) and the global
+//! tier drops it for every DC.
+//!
+//! At the end the local server pulls the global servers' final θ (exact f32): its hash is the
+//! report's `global_param_hash`, and under MixedSync the workers adopt it (the final pull).
 
-use crate::config::SyncAlgorithm;
+use crate::config::{NonFinitePolicy, SyncAlgorithm};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -13,25 +23,27 @@ use geomx_net::{
     Handler, KvClient, MsgKind, NetError, PayloadCodec, PeerHandle, Pending, Request, Responder,
 };
 
-use geomx_kernels::SparseVec;
 use geomx_net::dgt::link::DgtClient;
 
-use super::codec::{
-    count_dense, count_payload, count_update, decode_values, CodecBytes, RangeCompressor,
-    TierCodec, Update,
-};
 use super::dgt::{DgtRoleStats, DgtUplink, DGT_INFO_KEY};
 use super::global_server::reject;
 use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::{lock, JobSpec, LocalAggregator, RoleStats, RunError};
+use crate::codec::down::{
+    decode_dense_segments, forward_dense, forward_sparse, join_segments, ReplyMode,
+};
+use crate::codec::{
+    count_dense, count_nonfinite, count_payload, count_update, decode_values, CodecBytes,
+    KeyCounts, RangeCompressor, TierCodec, Update,
+};
 use crate::placement::Range;
 
-/// A completed lower-tier sum to send upward.
+/// A completed lower-tier sum to send upward (`None`: the round is dropped).
 struct UpJob {
     round: u64,
-    sum: Vec<f32>,
+    sum: Option<Vec<f32>>,
     replies: Vec<Responder>,
 }
 
@@ -40,8 +52,7 @@ type Stored = (u64, PayloadCodec, Arc<Vec<u8>>);
 
 struct State {
     agg: LocalAggregator,
-    /// Current (version, reply codec, reply bytes) of every key; `None` until θ_0 arrived. For
-    /// Bi-Sparse keys after round 0 the bytes are the round's [`Update`], not θ.
+    /// Current (version, reply codec, reply bytes) of every key; `None` until θ_0 arrived.
     theta: Vec<Option<Stored>>,
     /// Worker pushes of the round being collected, per key.
     parked: Vec<Vec<Responder>>,
@@ -58,17 +69,27 @@ struct LocalHandler {
     state: Mutex<State>,
     /// Worker node id → rank, known once registration completed.
     rank_of: OnceLock<HashMap<u32, usize>>,
-    uplinks: OnceLock<Vec<Sender<UpJob>>>,
+    /// One job queue per key's uplink thread; emptied at the end so the threads exit.
+    uplinks: Mutex<Vec<Sender<UpJob>>>,
     aborter: OnceLock<Aborter>,
     all_done: Sender<()>,
     /// W, the divisor of the global sum.
     total_workers: u32,
     intra: TierCodec,
     inter: TierCodec,
+    /// How each key's answer travels (see [`ReplyMode`]).
+    modes: Vec<ReplyMode>,
+    /// HFA / ESync: workers push models, not gradients.
+    models: bool,
+    policy: NonFinitePolicy,
     /// Inter-tier payload bytes by codec class.
     codec_bytes: Mutex<CodecBytes>,
     /// Sampled top-k selections that fell back to exact top-k.
-    fallbacks: std::sync::atomic::AtomicU64,
+    fallbacks: AtomicU64,
+    /// Key rounds dropped here (non-finite worker values or sums).
+    skipped: AtomicU64,
+    /// FP16 / BF16 overflows of this process's encodings, by key.
+    overflows: KeyCounts,
     /// `transport.inter = "dgt"`: one DGT link per global server (index = server rank).
     dgt_links: OnceLock<Vec<DgtClient>>,
     /// Contribution scores and channel assignment of the DGT pushes.
@@ -86,6 +107,15 @@ impl LocalHandler {
     fn fail(&self, reply: Responder, msg: String) {
         let _ = reply.error(&msg);
         self.abort(msg);
+    }
+
+    /// What a worker pushes: gradients, or models under HFA / ESync.
+    fn pushed(&self) -> &'static str {
+        if self.models {
+            "model"
+        } else {
+            "gradient"
+        }
     }
 
     fn on_push(&self, req: Request, reply: Responder) {
@@ -109,6 +139,21 @@ impl LocalHandler {
                 return self.fail(reply, format!("worker (dc {}, rank {rank}): {e}", self.dc));
             }
         };
+        let bad = count_nonfinite(&grad);
+        if bad > 0 {
+            let msg = format!(
+                "non-finite {} from worker (dc {}, rank {rank}): key {key}, round {}: {bad} of \
+                 {len} values",
+                self.pushed(),
+                self.dc,
+                req.version
+            );
+            if self.policy == NonFinitePolicy::Abort {
+                return self.fail(reply, msg);
+            }
+            // Under `skip` the NaN makes the sum non-finite, which drops the round below.
+            tracing::warn!(%msg, "dropping the key's round");
+        }
         let mut st = lock(&self.state);
         match st.agg.push(key, req.version, rank, grad) {
             Ok(None) => st.parked[key].push(reply),
@@ -116,12 +161,16 @@ impl LocalHandler {
                 let mut replies = std::mem::take(&mut st.parked[key]);
                 replies.push(reply);
                 drop(st);
+                let Some(sum) = self.check_sum(key, req.version, sum) else {
+                    return;
+                };
                 let job = UpJob {
                     round: req.version,
                     sum,
                     replies,
                 };
-                match self.uplinks.get().and_then(|u| u.get(key)) {
+                let tx = lock(&self.uplinks).get(key).cloned();
+                match tx {
                     Some(tx) => {
                         if tx.send(job).is_err() {
                             self.abort(format!("dc {}: uplink of key {key} stopped", self.dc));
@@ -135,6 +184,26 @@ impl LocalHandler {
                 self.fail(reply, format!("worker (dc {}, rank {rank}): {e}", self.dc));
             }
         }
+    }
+
+    /// The local sum of `key` at `round`, checked: `Some(Some(sum))` to push, `Some(None)` to drop
+    /// the round (`skip`), `None` when the job is being aborted.
+    fn check_sum(&self, key: usize, round: u64, sum: Vec<f32>) -> Option<Option<Vec<f32>>> {
+        let bad = count_nonfinite(&sum);
+        if bad == 0 {
+            return Some(Some(sum));
+        }
+        let msg = format!(
+            "non-finite local sum: key {key}, round {round}: {bad} of {} values",
+            sum.len()
+        );
+        if self.policy == NonFinitePolicy::Abort {
+            self.abort(msg);
+            return None;
+        }
+        tracing::warn!(%msg, "round dropped");
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        Some(None)
     }
 
     fn on_pull(&self, req: Request, reply: Responder) {
@@ -190,6 +259,13 @@ impl LocalHandler {
     fn finished(&self) -> bool {
         lock(&self.state).finished_keys == self.key_lens.len()
     }
+
+    /// Encodes dense values for the workers in the intra codec, counting overflows of `key`.
+    fn encode_intra(&self, key: usize, x: &[f32]) -> (PayloadCodec, Vec<u8>) {
+        let e = self.intra.encode_dense(x);
+        self.overflows.add(key, e.overflow);
+        (e.codec, e.bytes)
+    }
 }
 
 impl Handler for LocalHandler {
@@ -216,25 +292,28 @@ impl Handler for LocalHandler {
     }
 }
 
-/// What the global tier answered for one key.
-enum KeyReply {
-    /// θ of the key.
+/// What the global tier answered for one range, decoded.
+enum RangeReply {
+    /// θ (pulls, Theta mode) or an increment (Delta mode), per the key's [`ReplyMode`].
     Dense(Vec<f32>),
-    /// Bi-Sparse: the global sum G of the key and, on resynchronisation rounds, θ.
-    Sparse {
-        sum: SparseVec,
-        theta: Option<Vec<f32>>,
-    },
+    /// A sparse range's update.
+    Sparse(Update),
 }
 
-/// How one key's ranges travel upward: `None` = dense θ pull (start-up).
+/// How one key's ranges travel upward.
 enum UpSum<'a> {
+    /// A θ pull at a version (start-up, end of run).
     Pull,
+    /// Dense values.
     Dense(&'a [f32]),
+    /// Bi-Sparse pushes through the ranges' compressors.
     Sparse(&'a [f32], &'a mut [RangeCompressor]),
+    /// A dropped round: the count with the skip flag.
+    Skip,
 }
 
-/// Pushes `sum` of `key` at `round` to the owners of its ranges and assembles their replies.
+/// Pushes `sum` of `key` at `round` to the owners of its ranges (or pulls them at `round`) and
+/// decodes their replies, in range order.
 ///
 /// MixedSync passes `base`, the global version of each range the DC's θ came from: pushes carry
 /// it instead of `round`, any later version answers, and `base` is advanced to the reply's.
@@ -242,39 +321,43 @@ enum UpSum<'a> {
 fn exchange(
     handler: &LocalHandler,
     clients: &[KvClient],
+    key: usize,
     ranges: &[(usize, Range)],
-    key_len: usize,
     round: u64,
     count: u32,
     sum: UpSum<'_>,
     job: &JobSpec,
     mut base: Option<&mut [u64]>,
-) -> Result<KeyReply, String> {
+) -> Result<Vec<RangeReply>, String> {
+    let key_len = handler.key_lens[key];
     let mut pending: Vec<(usize, &Range, Pending)> = Vec::with_capacity(ranges.len());
     let pushing = !matches!(sum, UpSum::Pull);
-    let sparse = matches!(sum, UpSum::Sparse(..));
+    let sparse =
+        matches!(sum, UpSum::Sparse(..)) || (pushing && handler.modes[key] == ReplyMode::Sparse);
     let mut counts = CodecBytes::new();
-    let (values, mut compressors) = match sum {
-        UpSum::Pull => (None, None),
-        UpSum::Dense(s) => (Some(s), None),
-        UpSum::Sparse(s, c) => (Some(s), Some(c)),
+    let (values, mut compressors, skip) = match sum {
+        UpSum::Pull => (None, None, false),
+        UpSum::Dense(s) => (Some(s), None, false),
+        UpSum::Sparse(s, c) => (Some(s), Some(c), false),
+        UpSum::Skip => (None, None, true),
     };
     for (i, (id, r)) in ranges.iter().enumerate() {
         let c = &clients[r.server];
         let version = base.as_deref().map_or(round, |b| b[i]);
         let slice = |s: &[f32]| s[r.offset..r.offset + r.len].to_vec();
         let payload = match (values, compressors.as_mut()) {
+            (None, _) if skip => Some(UpPush::encode_skip(count)),
             (None, _) => None,
             (Some(s), Some(comps)) => {
                 let comp = comps
                     .get_mut(i)
                     .ok_or_else(|| format!("range {id}: no compressor"))?;
                 let before = comp.fallbacks();
-                let body = comp.push(&slice(s), round)?;
-                handler.fallbacks.fetch_add(
-                    comp.fallbacks() - before,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                let (body, overflow) = comp.push(&slice(s), round)?;
+                handler.overflows.add(key, overflow);
+                handler
+                    .fallbacks
+                    .fetch_add(comp.fallbacks() - before, Ordering::Relaxed);
                 count_payload(&mut counts, &body);
                 Some(UpPush::encode_coded(count, &body))
             }
@@ -302,9 +385,13 @@ fn exchange(
                 Some(body)
             }
             (Some(s), None) => {
-                let (codec, body) = handler.inter.encode_dense(&slice(s));
-                count_dense(&mut counts, codec, &body);
-                Some(UpPush::encode_coded(count, &raw_body(codec, body, r.len)))
+                let e = handler.inter.encode_dense(&slice(s));
+                handler.overflows.add(key, e.overflow);
+                count_dense(&mut counts, e.codec, &e.bytes);
+                Some(UpPush::encode_coded(
+                    count,
+                    &raw_body(e.codec, e.bytes, r.len),
+                ))
             }
         };
         let p = match payload {
@@ -321,8 +408,7 @@ fn exchange(
         .map_err(|e| format!("range {id} to global server {}: {e}", r.server))?;
         pending.push((*id, r, p));
     }
-    let mut theta = vec![0.0f32; key_len];
-    let (mut idx, mut vals, mut resync) = (Vec::new(), Vec::new(), 0usize);
+    let mut out = Vec::with_capacity(ranges.len());
     for (i, (id, r, p)) in pending.into_iter().enumerate() {
         let sent = base.as_deref().map_or(round, |b| b[i]);
         let want = if pushing { sent + 1 } else { sent };
@@ -340,19 +426,21 @@ fn exchange(
         }
         if sparse {
             count_update(&mut counts, &resp.payload);
-            let up = Update::decode(&resp.payload, id, r.len)?;
-            idx.extend(up.grad.indices().iter().map(|&i| i + r.offset as u32));
-            vals.extend_from_slice(up.grad.values());
-            if let Some(t) = up.theta {
-                theta[r.offset..r.offset + r.len].copy_from_slice(&t);
-                resync += 1;
-            }
+            out.push(RangeReply::Sparse(Update::decode(
+                &resp.payload,
+                id,
+                r.len,
+            )?));
         } else {
             if pushing {
                 count_dense(&mut counts, resp.codec, &resp.payload);
             }
             let vals = decode_values(resp.codec, &resp.payload, id, r.len)?;
-            theta[r.offset..r.offset + r.len].copy_from_slice(&vals);
+            let bad = count_nonfinite(&vals);
+            if bad > 0 {
+                return Err(format!("range {id}: {bad} non-finite values in the reply"));
+            }
+            out.push(RangeReply::Dense(vals));
         }
     }
     if pushing {
@@ -361,20 +449,33 @@ fn exchange(
             *total.entry(k).or_default() += v;
         }
     }
-    if !sparse {
-        return Ok(KeyReply::Dense(theta));
-    }
+    let resync = out
+        .iter()
+        .filter(|r| matches!(r, RangeReply::Sparse(u) if u.theta.is_some()))
+        .count();
     if resync != 0 && resync != ranges.len() {
         return Err(format!(
             "only {resync} of {} ranges resynchronised",
             ranges.len()
         ));
     }
-    let sum = SparseVec::new(key_len as u32, idx, vals).map_err(|e| e.to_string())?;
-    Ok(KeyReply::Sparse {
-        sum,
-        theta: (resync > 0).then_some(theta),
-    })
+    Ok(out)
+}
+
+/// The key's θ assembled from dense range replies (θ pulls and Theta-mode replies).
+fn assemble(
+    ranges: &[(usize, Range)],
+    key_len: usize,
+    replies: Vec<RangeReply>,
+) -> Result<Vec<f32>, String> {
+    let mut theta = vec![0.0f32; key_len];
+    for ((id, r), reply) in ranges.iter().zip(replies) {
+        match reply {
+            RangeReply::Dense(v) => theta[r.offset..r.offset + r.len].copy_from_slice(&v),
+            RangeReply::Sparse(_) => return Err(format!("range {id}: sparse reply to a θ pull")),
+        }
+    }
+    Ok(theta)
 }
 
 /// The body of a coded up-push for a dense payload: f32 payloads get their codec header too.
@@ -394,145 +495,210 @@ fn raw_body(codec: PayloadCodec, body: Vec<u8>, len: usize) -> Vec<u8> {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn uplink(
+/// One key's uplink: its ranges, their compressors (Bi-Sparse) and, under HFA / ESync, the
+/// DC's copy of the milestone.
+struct Uplink {
     handler: Arc<LocalHandler>,
     key: usize,
     clients: Vec<KvClient>,
     ranges: Vec<(usize, Range)>,
     count: u32,
-    jobs: Receiver<UpJob>,
     job: JobSpec,
-    mut compressors: Vec<RangeCompressor>,
-    mut milestone: Option<Vec<f32>>,
-) {
-    let key_len = handler.key_lens[key];
-    let mut base = (job.sync == SyncAlgorithm::Mixed).then(|| vec![0u64; ranges.len()]);
-    for mut up in jobs {
-        if let (Some((_, k2)), Some(m)) = (job.hfa_periods(), milestone.as_mut()) {
-            let local = up.round + 1;
-            let res = hfa_round(
-                &handler,
-                &clients,
-                &ranges,
-                key_len,
-                local,
-                k2,
-                count,
-                &mut up.sum,
-                m,
-                &job,
-            );
+    compressors: Vec<RangeCompressor>,
+    milestone: Option<Vec<f32>>,
+}
+
+impl Uplink {
+    fn run(mut self, jobs: Receiver<UpJob>) {
+        let mut base =
+            (self.job.sync == SyncAlgorithm::Mixed).then(|| vec![0u64; self.ranges.len()]);
+        let h = self.handler.clone();
+        for up in jobs {
+            let (version, res) = match self.job.hfa_periods() {
+                Some((_, k2)) => {
+                    let local = up.round + 1;
+                    (local, self.hfa_round(local, k2, up.sum))
+                }
+                None => (
+                    up.round + 1,
+                    self.round(up.round, up.sum, base.as_deref_mut()),
+                ),
+            };
             match res {
-                Ok((codec, bytes)) => handler.publish(key, local, codec, bytes, up.replies),
+                Ok((codec, bytes)) => h.publish(self.key, version, codec, bytes, up.replies),
                 Err(e) => {
-                    handler.abort(format!(
-                        "dc {}: key {key} averaging {local}: {e}",
-                        handler.dc
+                    h.abort(format!(
+                        "dc {}: key {} round {}: {e}",
+                        h.dc, self.key, up.round
                     ));
                     return;
                 }
             }
-            continue;
         }
-        let sum = if compressors.is_empty() {
-            UpSum::Dense(&up.sum)
-        } else {
-            UpSum::Sparse(&up.sum, &mut compressors)
+    }
+
+    /// FSA / MixedSync: pushes the DC's sum (or a dropped round) and turns the global tier's
+    /// answer into the workers' reply.
+    fn round(
+        &mut self,
+        round: u64,
+        sum: Option<Vec<f32>>,
+        base: Option<&mut [u64]>,
+    ) -> Result<(PayloadCodec, Vec<u8>), String> {
+        let h = &self.handler;
+        let up = match (&sum, self.compressors.is_empty()) {
+            (None, _) => UpSum::Skip,
+            (Some(s), true) => UpSum::Dense(s),
+            (Some(s), false) => UpSum::Sparse(s, &mut self.compressors),
         };
-        let res = exchange(
-            &handler,
-            &clients,
-            &ranges,
-            key_len,
-            up.round,
-            count,
-            sum,
-            &job,
-            base.as_deref_mut(),
-        )
-        .map(|reply| handler.down_reply(reply));
-        match res {
-            Ok((codec, bytes)) => handler.publish(key, up.round + 1, codec, bytes, up.replies),
-            Err(e) => {
-                handler.abort(format!(
-                    "dc {}: key {key} round {}: {e}",
-                    handler.dc, up.round
-                ));
-                return;
-            }
+        let replies = exchange(
+            h,
+            &self.clients,
+            self.key,
+            &self.ranges,
+            round,
+            self.count,
+            up,
+            &self.job,
+            base,
+        )?;
+        self.down_reply(replies)
+    }
+
+    /// The workers' reply for the global tier's answers: θ as f32 (Theta), or one segment per
+    /// range re-encoded with the intra codec (Delta increments, Sparse updates).
+    fn down_reply(&self, replies: Vec<RangeReply>) -> Result<(PayloadCodec, Vec<u8>), String> {
+        let h = &self.handler;
+        let key_len = h.key_lens[self.key];
+        if h.modes[self.key] == ReplyMode::Theta {
+            let theta = assemble(&self.ranges, key_len, replies)?;
+            return Ok((
+                PayloadCodec::DenseF32,
+                super::msg::f32_bytes(&theta).into_owned(),
+            ));
         }
+        let mut segs = Vec::with_capacity(replies.len());
+        for reply in replies {
+            let seg = match reply {
+                RangeReply::Dense(y) => {
+                    let e = forward_dense(&y, &h.intra);
+                    h.overflows.add(self.key, e.overflow);
+                    e.bytes
+                }
+                RangeReply::Sparse(u) => {
+                    let (seg, overflow) = forward_sparse(&u, h.total_workers, &h.intra);
+                    h.overflows.add(self.key, overflow);
+                    seg
+                }
+            };
+            segs.push(seg);
+        }
+        Ok((PayloadCodec::Raw, join_segments(segs)))
+    }
+
+    /// HFA at a local server for averaging number `local` (1-based) of one key: `sum` holds
+    /// Σ_i w_i (rank order). Forms w̄_d = sum / n_d; every `k2`-th averaging also sends
+    /// f_d·(w̄_d − m) to the global tier and adds the increment it answers to m. Returns the
+    /// reply to the workers: w̄_d in the intra codec, the increment's segments on global rounds,
+    /// or an empty payload for a dropped local averaging (workers go back to m).
+    fn hfa_round(
+        &mut self,
+        local: u64,
+        k2: u64,
+        sum: Option<Vec<f32>>,
+    ) -> Result<(PayloadCodec, Vec<u8>), String> {
+        let h = self.handler.clone();
+        let n_d = self.count as f32;
+        let mean = sum.map(|mut s| {
+            for a in s.iter_mut() {
+                *a /= n_d;
+            }
+            s
+        });
+        if local % k2 != 0 {
+            return Ok(match mean {
+                Some(m) => h.encode_intra(self.key, &m),
+                None => (PayloadCodec::Raw, Vec::new()),
+            });
+        }
+        let m = self.milestone.as_mut().ok_or("no milestone")?;
+        let f = super::hfa::delta_factor(
+            self.job.hfa.weighting,
+            self.count as usize,
+            self.job.plan.total_workers(),
+            self.job.plan.num_dcs(),
+        );
+        let delta = mean.map(|mut w| {
+            for (a, &mi) in w.iter_mut().zip(m.iter()) {
+                *a = f * (*a - mi);
+            }
+            w
+        });
+        let global = local / k2 - 1;
+        let delta = match delta {
+            Some(d) => h
+                .check_sum(self.key, global, d)
+                .ok_or("non-finite milestone delta")?,
+            None => None,
+        };
+        let up = match &delta {
+            Some(d) => UpSum::Dense(d),
+            None => UpSum::Skip,
+        };
+        let replies = exchange(
+            &h,
+            &self.clients,
+            self.key,
+            &self.ranges,
+            global,
+            self.count,
+            up,
+            &self.job,
+            None,
+        )?;
+        let (codec, bytes) = self.down_reply(replies)?;
+        // The milestone moves by what the workers decode (the global server applied the same).
+        let z = decode_dense_segments(
+            &bytes,
+            self.key,
+            h.key_lens[self.key],
+            &self.job.plan.key_parts(self.key),
+            |seg, id, n| h.intra.decode_dense(seg, id, n),
+        )?;
+        let m = self.milestone.as_mut().ok_or("no milestone")?;
+        for (a, &d) in m.iter_mut().zip(&z) {
+            *a += d;
+        }
+        Ok((codec, bytes))
     }
 }
 
-/// HFA at a local server for averaging number `local` (1-based) of one key: `sum` holds Σ_i w_i
-/// (rank order). Forms w̄_d = sum / n_d; every `k2`-th averaging also sends f_d·(w̄_d − m) to the
-/// global tier and adopts the milestone it answers. Returns the reply to the workers (w̄_d or m).
-#[allow(clippy::too_many_arguments)]
-fn hfa_round(
+/// The global tier's final θ of every key (a pull at `version` of every range), assembled.
+fn final_theta(
     handler: &LocalHandler,
     clients: &[KvClient],
-    ranges: &[(usize, Range)],
-    key_len: usize,
-    local: u64,
-    k2: u64,
-    count: u32,
-    sum: &mut [f32],
-    m: &mut Vec<f32>,
+    key_ranges: &[Vec<(usize, Range)>],
+    version: u64,
     job: &JobSpec,
-) -> Result<(PayloadCodec, Vec<u8>), String> {
-    let n_d = count as f32;
-    for a in sum.iter_mut() {
-        *a /= n_d;
-    }
-    if local % k2 != 0 {
-        return Ok(handler.intra.encode_dense(sum));
-    }
-    let f = super::hfa::delta_factor(
-        job.hfa.weighting,
-        count as usize,
-        job.plan.total_workers(),
-        job.plan.num_dcs(),
-    );
-    for (a, &mi) in sum.iter_mut().zip(m.iter()) {
-        *a = f * (*a - mi);
-    }
-    let global = local / k2 - 1;
-    match exchange(
-        handler,
-        clients,
-        ranges,
-        key_len,
-        global,
-        count,
-        UpSum::Dense(sum),
-        job,
-        None,
-    )? {
-        KeyReply::Dense(new_m) => *m = new_m,
-        KeyReply::Sparse { .. } => return Err("sparse reply to an HFA delta".into()),
-    }
-    Ok(handler.intra.encode_dense(m))
-}
-
-impl LocalHandler {
-    /// The reply to the workers for what the global tier answered: θ in the intra codec, or for
-    /// Bi-Sparse keys the mean ḡ = G / W as an [`Update`] (with θ on resynchronisation rounds).
-    fn down_reply(&self, reply: KeyReply) -> (PayloadCodec, Vec<u8>) {
-        match reply {
-            KeyReply::Dense(theta) => self.intra.encode_dense(&theta),
-            KeyReply::Sparse { mut sum, theta } => {
-                sum.div_values(self.total_workers as f32);
-                let bytes = Update::encode(
-                    &sum,
-                    self.intra.sparse_values(),
-                    self.intra.scaling(),
-                    theta.as_deref(),
-                );
-                (PayloadCodec::Raw, bytes)
-            }
-        }
-    }
+) -> Result<Vec<Vec<f32>>, String> {
+    key_ranges
+        .iter()
+        .enumerate()
+        .map(|(k, ranges)| {
+            let replies = exchange(
+                handler,
+                clients,
+                k,
+                ranges,
+                version,
+                0,
+                UpSum::Pull,
+                job,
+                None,
+            )?;
+            assemble(ranges, handler.key_lens[k], replies)
+        })
+        .collect()
 }
 
 /// Runs the local server of DC `dc` until the job shuts down; returns its traffic.
@@ -567,14 +733,19 @@ pub fn run(
             finished_keys: 0,
         }),
         rank_of: OnceLock::new(),
-        uplinks: OnceLock::new(),
+        uplinks: Mutex::new(Vec::new()),
         aborter: OnceLock::new(),
         all_done: done_tx,
         total_workers: plan.total_workers() as u32,
         intra: job.intra.clone(),
         inter: job.inter.clone(),
+        modes: (0..n_keys).map(|k| job.reply_mode(k)).collect(),
+        models: job.hfa_periods().is_some(),
+        policy: job.nonfinite.policy,
         codec_bytes: Mutex::new(CodecBytes::new()),
-        fallbacks: Default::default(),
+        fallbacks: AtomicU64::new(0),
+        skipped: AtomicU64::new(0),
+        overflows: KeyCounts::default(),
         dgt_links: OnceLock::new(),
         dgt_up: Mutex::new(job.inter.dgt().map(DgtUplink::new)),
     });
@@ -644,42 +815,21 @@ pub fn run(
                 .collect()
         })
         .collect();
+    let theta0 = final_theta(&handler, &clients, &key_ranges, 0, job)
+        .map_err(|e| RunError::Protocol(format!("dc {dc} pulling θ_0: {e}")))?;
     let mut milestones = Vec::with_capacity(n_keys);
-    for (k, ranges) in key_ranges.iter().enumerate() {
-        let theta = match exchange(
-            &handler,
-            &clients,
-            ranges,
-            plan.key_lens[k],
-            0,
-            0,
-            UpSum::Pull,
-            job,
-            None,
-        ) {
-            Ok(KeyReply::Dense(t)) => t,
-            Ok(KeyReply::Sparse { .. }) => {
-                return Err(RunError::Protocol(format!(
-                    "dc {dc}: sparse θ_0 of key {k}"
-                )))
-            }
-            Err(e) => {
-                return Err(RunError::Protocol(format!(
-                    "dc {dc} pulling θ_0 of key {k}: {e}"
-                )))
-            }
-        };
-        // θ_0 travels exact (f32): Bi-Sparse replicas must start identical.
+    for (k, theta) in theta0.into_iter().enumerate() {
+        // θ_0 travels exact (f32): replicas start identical.
         let bytes = super::msg::f32_bytes(&theta).into_owned();
         handler.publish(k, 0, PayloadCodec::DenseF32, bytes, Vec::new());
         // HFA: the milestone starts at the global θ_0.
         milestones.push(job.hfa_periods().map(|_| theta));
     }
     let mut senders = Vec::with_capacity(n_keys);
-    for ((k, ranges), milestone) in key_ranges.into_iter().enumerate().zip(milestones) {
+    let mut threads = Vec::with_capacity(n_keys);
+    for ((k, ranges), milestone) in key_ranges.iter().cloned().enumerate().zip(milestones) {
         let (tx, rx) = crossbeam_channel::unbounded();
         senders.push(tx);
-        let (h, c, j) = (handler.clone(), clients.clone(), job.clone());
         let compressors = match job.inter.sparse() {
             Some(spec) if job.inter.is_sparse_key(plan.key_lens[k]) => ranges
                 .iter()
@@ -690,16 +840,46 @@ pub fn run(
                 .map_err(|e| RunError::Protocol(format!("dc {dc} key {k}: {e}")))?,
             _ => Vec::new(),
         };
-        std::thread::Builder::new()
+        let up = Uplink {
+            handler: handler.clone(),
+            key: k,
+            clients: clients.clone(),
+            ranges,
+            count: n_d as u32,
+            job: job.clone(),
+            compressors,
+            milestone,
+        };
+        let t = std::thread::Builder::new()
             .name(format!("geomx-uplink-{k}"))
-            .spawn(move || uplink(h, k, c, ranges, n_d as u32, rx, j, compressors, milestone))
+            .spawn(move || up.run(rx))
             .map_err(|e| RunError::Io("starting an uplink thread".into(), e.to_string()))?;
+        threads.push(t);
     }
-    let _ = handler.uplinks.set(senders);
+    *lock(&handler.uplinks) = senders;
     node.barrier("all")?;
     if job.local_rounds() > 0 && n_keys > 0 {
         // Bounded by the job: a lost peer aborts the job, which ends this process.
         let _ = done_rx.recv();
+    }
+    // The uplinks have answered their last round: close their queues and join them.
+    lock(&handler.uplinks).clear();
+    for t in threads {
+        let _ = t.join();
+    }
+    // The global tier's final θ: its hash for the report; under MixedSync the workers adopt it.
+    let last = match job.sync {
+        SyncAlgorithm::Mixed => job.global_rounds() * plan.num_dcs() as u64,
+        _ => job.global_rounds(),
+    };
+    let theta = final_theta(&handler, &clients, &key_ranges, last, job)
+        .map_err(|e| RunError::Protocol(format!("dc {dc} pulling the final θ: {e}")))?;
+    let global_hash = crate::engine::params_hash(&theta);
+    if job.sync == SyncAlgorithm::Mixed {
+        for (k, t) in theta.iter().enumerate() {
+            let bytes = super::msg::f32_bytes(t).into_owned();
+            handler.publish(k, job.rounds + 1, PayloadCodec::DenseF32, bytes, Vec::new());
+        }
     }
     node.finish(job.wait_limit())?;
     let lan = server.stats();
@@ -722,7 +902,10 @@ pub fn run(
         stats.dgt = Some(d);
     }
     stats.client_bytes = wan;
+    stats.global_param_hash = Some(global_hash);
     stats.codec_bytes = lock(&handler.codec_bytes).clone();
-    stats.topk_fallbacks = handler.fallbacks.load(std::sync::atomic::Ordering::Relaxed);
+    stats.topk_fallbacks = handler.fallbacks.load(Ordering::Relaxed);
+    stats.skipped_updates = handler.skipped.load(Ordering::Relaxed);
+    stats.cast_overflows = handler.overflows.snapshot();
     Ok(stats)
 }

@@ -5,7 +5,6 @@
 //! wrap them around geomx-net servers and clients. [`JobSpec`] is the resolved configuration every
 //! role starts from; [`RoleStats`] is what each process reports at its end.
 
-pub mod codec;
 pub mod coordinator;
 pub mod dgt;
 pub mod dgt_lab;
@@ -24,16 +23,13 @@ pub mod worker;
 
 use serde::{Deserialize, Serialize};
 
-pub use global_agg::{GlobalAggregator, RangeOptimizer, RoundDone};
+pub use global_agg::{DcPush, GlobalAggregator, RangeOptimizer, RoundDone, SavedState, SkipCause};
 pub use job::JobSpec;
 pub use local_agg::LocalAggregator;
 pub use mixed_agg::{MixedAggregator, Staleness};
 pub use plan::ClusterPlan;
 
-/// Locks a mutex, recovering the data of a poisoned one (a panicked thread already logged).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) use crate::lock;
 
 /// Bytes sent plus received of a counter snapshot.
 pub(crate) fn total_bytes(c: geomx_net::Counters) -> u64 {
@@ -94,9 +90,20 @@ pub struct RoleStats {
     /// Final test accuracy (the reporting worker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_test_accuracy: Option<f64>,
+    /// FNV-1a hash of the global servers' θ at the end of the run, assembled in key order and
+    /// hashed like `param_hash` (local servers, from their final pull).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_param_hash: Option<u64>,
     /// Inter-tier payload bytes (push + reply) by codec class (local servers).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub codec_bytes: codec::CodecBytes,
+    pub codec_bytes: crate::codec::CodecBytes,
+    /// Updates dropped under `train.nonfinite = "skip"`: (range, round) steps at a global server,
+    /// (key, round) sums at a local server, (key, averaging) resets at a worker.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_updates: u64,
+    /// Finite values that overflowed to ±inf in this process's FP16 / BF16 encodings, by key.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cast_overflows: std::collections::BTreeMap<u64, u64>,
     /// Dense resynchronisations a worker applied to its Bi-Sparse replicas.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resyncs: u64,
@@ -130,7 +137,10 @@ impl RoleStats {
             param_hash: None,
             final_loss: None,
             final_test_accuracy: None,
+            global_param_hash: None,
             codec_bytes: Default::default(),
+            skipped_updates: 0,
+            cast_overflows: Default::default(),
             resyncs: 0,
             resync_mismatches: 0,
             topk_fallbacks: 0,
@@ -193,6 +203,16 @@ pub enum AggError {
         got: u64,
         /// W.
         expected: u32,
+    },
+    /// A NaN or ±inf under `train.nonfinite = "abort"`.
+    #[error("non-finite {what} of range {key} at round {round}")]
+    NonFinite {
+        /// Range id.
+        key: usize,
+        /// Round (version) of the push.
+        round: u64,
+        /// Which value: global sum, quantized mean, encoded increment, optimizer step.
+        what: &'static str,
     },
     /// The range's optimizer refused its configuration or a step.
     #[error("optimizer of range {key}: {message}")]

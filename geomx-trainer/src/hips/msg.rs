@@ -1,45 +1,33 @@
-//! Payload layouts of the HiPS messages carried by geomx-net frames.
+//! Payload layouts of the HiPS messages carried by geomx-net frames (docs/wire-format.md, "HiPS
+//! payloads").
 //!
 //! | Message | key | version | offset / total | codec | payload |
 //! |---|---|---|---|---|---|
-//! | worker → local `Push` | key | round r | 0 / key length | DenseF32 | mean gradient g_i |
-//! | local → worker reply | key | r + 1 | | DenseF32 | θ_{r+1} of the key |
+//! | worker → local `Push` | key | round r | 0 / key length | intra | gradient g_i (HFA: model) |
+//! | local → worker reply | key | r + 1 | | see [`crate::codec::down`] | θ, segments or updates |
 //! | local → global `Push` | range id | round r | range offset / key length | Raw | [`UpPush`] |
-//! | global → local reply | range id | r + 1 | | DenseF32 | θ_{r+1} of the range |
-//! | `Pull` (both tiers) | key or range id | min version | | — | empty |
-
-use std::borrow::Cow;
+//! | global → local reply | range id | r + 1 | | see [`crate::codec::down`] | θ, increment or update |
+//! | `Pull` (both tiers) | key or range id | min version | | — | empty; answered with f32 θ |
 
 use super::AggError;
 
-/// Little-endian f32 bytes of `v`: borrowed without a copy on little-endian machines.
-pub fn f32_bytes(v: &[f32]) -> Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        Cow::Borrowed(zerocopy::IntoBytes::as_bytes(v))
-    } else {
-        Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-    }
-}
+pub use crate::codec::{f32_bytes, f32_from_bytes};
 
-/// Decodes little-endian f32 values; `None` if the length is not a multiple of 4.
-pub fn f32_from_bytes(b: &[u8]) -> Option<Vec<f32>> {
-    if b.len() % 4 != 0 {
-        return None;
-    }
-    Some(
-        b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    )
-}
+/// Version of the HiPS payload layouts (docs/wire-format.md, "HiPS payloads"). It is part of the
+/// job's configuration hash, so processes built with other layouts are refused at registration.
+pub const PAYLOAD_VERSION: u32 = 2;
+
+/// Flag bit of an up-push's count: the DC dropped this round under `train.nonfinite = "skip"`;
+/// no values follow.
+pub const SKIP_FLAG: u32 = 1 << 31;
 
 /// Upper-tier push: a DC's sum over `count` workers for one range.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpPush {
     /// Workers whose gradients the sum holds (n_d in FSA).
     pub count: u32,
-    /// s_d for the range.
-    pub sum: Vec<f32>,
+    /// s_d for the range, or `None` when the DC dropped the round.
+    pub sum: Option<Vec<f32>>,
 }
 
 impl UpPush {
@@ -59,33 +47,62 @@ impl UpPush {
         out
     }
 
-    /// Decodes a payload written by [`UpPush::encode_coded`] (dense or sparse codec payload) into
-    /// dense values of a range of `expected` elements.
-    pub fn decode_coded(b: &[u8], range: usize, expected: usize) -> Result<Self, String> {
-        if b.len() < 4 {
+    /// Encodes a dropped round of a DC of `count` workers: the count with [`SKIP_FLAG`], nothing
+    /// else.
+    pub fn encode_skip(count: u32) -> Vec<u8> {
+        (count | SKIP_FLAG).to_le_bytes().to_vec()
+    }
+
+    /// The count and, for a dropped round, `None` (the payload must then end after the count);
+    /// otherwise the bytes after the count.
+    fn split(b: &[u8], range: usize) -> Result<(u32, Option<&[u8]>), String> {
+        let Some(c) = b.get(..4) else {
             return Err(format!("range {range}: push of {} bytes", b.len()));
+        };
+        let count = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        if count & SKIP_FLAG == 0 {
+            return Ok((count, Some(&b[4..])));
         }
-        let count = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        let sum = super::codec::decode_any(&b[4..], range, expected)?;
+        if b.len() != 4 {
+            return Err(format!(
+                "range {range}: dropped-round push with {} value bytes",
+                b.len() - 4
+            ));
+        }
+        Ok((count & !SKIP_FLAG, None))
+    }
+
+    /// Decodes a payload written by [`UpPush::encode_coded`] (dense or sparse codec payload) or
+    /// [`UpPush::encode_skip`] into dense values of a range of `expected` elements.
+    pub fn decode_coded(b: &[u8], range: usize, expected: usize) -> Result<Self, String> {
+        let (count, body) = Self::split(b, range)?;
+        let sum = body
+            .map(|v| crate::codec::decode_any(v, range, expected))
+            .transpose()?;
         Ok(Self { count, sum })
     }
 
-    /// Decodes a payload written by [`UpPush::encode`] for a range of `expected` elements.
+    /// Decodes a payload written by [`UpPush::encode`] (or [`UpPush::encode_skip`]) for a range
+    /// of `expected` elements.
     pub fn decode(b: &[u8], range: usize, expected: usize) -> Result<Self, AggError> {
         let bad = |got| AggError::LengthMismatch {
             key: range,
             expected,
             got,
         };
-        if b.len() < 4 {
-            return Err(bad(0));
-        }
-        let count = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        let sum = f32_from_bytes(&b[4..]).ok_or(bad((b.len() - 4) / 4))?;
+        let (count, body) =
+            Self::split(b, range).map_err(|_| bad(b.len().saturating_sub(4) / 4))?;
+        let Some(body) = body else {
+            return Ok(Self { count, sum: None });
+        };
+        let sum = f32_from_bytes(body).ok_or(bad(body.len() / 4))?;
         if sum.len() != expected {
             return Err(bad(sum.len()));
         }
-        Ok(Self { count, sum })
+        Ok(Self {
+            count,
+            sum: Some(sum),
+        })
     }
 }
 
@@ -94,28 +111,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn f32_roundtrip_keeps_bits() {
-        let v = vec![1.5f32, -0.0, f32::MIN_POSITIVE, 3.0e38];
-        let back = f32_from_bytes(&f32_bytes(&v)).unwrap();
-        let manual: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert_eq!(&*f32_bytes(&v), &manual[..]);
-        assert_eq!(
-            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-        );
-        assert_eq!(f32_from_bytes(&[0; 5]), None);
-    }
-
-    #[test]
     fn up_push_roundtrip_and_rejects_bad_lengths() {
         let p = UpPush {
             count: 3,
-            sum: vec![1.0, 2.0],
+            sum: Some(vec![1.0, 2.0]),
         };
-        let b = UpPush::encode(p.count, &p.sum);
+        let b = UpPush::encode(p.count, p.sum.as_deref().unwrap());
         assert_eq!(UpPush::decode(&b, 7, 2).unwrap(), p);
         assert!(UpPush::decode(&b, 7, 3).is_err());
         assert!(UpPush::decode(&b[..3], 7, 2).is_err());
         assert!(UpPush::decode(&b[..9], 7, 2).is_err());
+    }
+
+    #[test]
+    fn dropped_rounds_carry_only_the_count() {
+        let b = UpPush::encode_skip(5);
+        let want = UpPush {
+            count: 5,
+            sum: None,
+        };
+        assert_eq!(UpPush::decode(&b, 1, 9).unwrap(), want);
+        assert_eq!(UpPush::decode_coded(&b, 1, 9).unwrap(), want);
+        let mut trailing = b.clone();
+        trailing.extend_from_slice(&[0; 4]);
+        assert!(UpPush::decode(&trailing, 1, 1).is_err());
+        assert!(UpPush::decode_coded(&trailing, 1, 1).is_err());
     }
 }

@@ -62,6 +62,21 @@ impl ClusterPlan {
         self.placement.num_servers()
     }
 
+    /// The ranges of `key` as (range id, offset, length), in offset order (empty for an unknown
+    /// key): the segments of a reply that travels per range.
+    pub fn key_parts(&self, key: usize) -> Vec<(usize, usize, usize)> {
+        self.placement
+            .key_ranges(key)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                self.placement
+                    .range_id(key, i)
+                    .map(|id| (id, r.offset, r.len))
+            })
+            .collect()
+    }
+
     /// Every process the coordinator must see register, as (role, dc, rank).
     pub fn expected_processes(&self) -> Vec<(String, u32, u32)> {
         let mut out = Vec::new();
@@ -79,7 +94,7 @@ impl ClusterPlan {
 
     /// Hash of the plan (topology, key lengths and placement table), part of the config hash.
     pub fn hash(&self) -> u64 {
-        let mut h = crate::engine::Fnv1a::new();
+        let mut h = crate::hash::Fnv1a::new();
         h.write(&(self.workers_per_dc.len() as u64).to_le_bytes());
         for &n in &self.workers_per_dc {
             h.write(&(n as u64).to_le_bytes());

@@ -1,5 +1,7 @@
 //! The worker role: gradients of its data shard, pushed key by key as the backward pass produces
-//! them; each push's reply carries θ_{r+1} of that key (fused push-reply).
+//! them; each push's reply carries what the global tier applied to that key (fused push-reply):
+//! θ_{r+1}, an increment, or a sparse mean the worker's replica steps with
+//! ([`crate::codec::down`]). Under HFA and ESync it pushes models and keeps the milestone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,12 +9,15 @@ use std::time::{Duration, Instant};
 use geomx_net::{KvClient, NetError, PayloadCodec, Pending};
 use serde::{Deserialize, Serialize};
 
-use super::codec::{decode_values, Update};
 use super::esync::{self, Answer, Reply};
 use super::node::{FatalHook, Identity, Node};
 use super::plan::roles;
 use super::{JobSpec, RoleStats, RunError};
-use crate::config::SyncAlgorithm;
+use crate::codec::down::{decode_dense_segments, split_segments, ReplyMode};
+use crate::codec::{
+    count_nonfinite, decode_values, payload_nonfinite, poison_first, KeyCounts, Update,
+};
+use crate::config::{NonFinitePolicy, SyncAlgorithm};
 use crate::data::batcher_for;
 use crate::engine::{params_hash, Optimizer};
 
@@ -51,6 +56,17 @@ fn reply_of(
     Ok(resp)
 }
 
+/// Decodes dense values of a key and refuses non-finite ones (the servers check everything they
+/// send, so a NaN here is a protocol error).
+fn finite_values(key: usize, vals: Vec<f32>) -> Result<Vec<f32>, RunError> {
+    match count_nonfinite(&vals) {
+        0 => Ok(vals),
+        n => Err(RunError::Protocol(format!(
+            "key {key}: {n} non-finite values in a reply"
+        ))),
+    }
+}
+
 fn decode_key(
     key: usize,
     want_version: u64,
@@ -58,46 +74,149 @@ fn decode_key(
     resp: Result<geomx_net::Response, NetError>,
 ) -> Result<Vec<f32>, RunError> {
     let resp = reply_of(key, want_version, resp)?;
-    decode_values(resp.codec, &resp.payload, key, len).map_err(RunError::Protocol)
+    let vals = decode_values(resp.codec, &resp.payload, key, len).map_err(RunError::Protocol)?;
+    finite_values(key, vals)
 }
 
-/// The replica of a Bi-Sparse key: the worker applies the optimizer to the mean gradient it
-/// receives, as the global server does to the authoritative θ.
+/// A key's increment from the segments of a reply (intra codec, one segment per range).
+fn decode_increment(
+    job: &JobSpec,
+    key: usize,
+    len: usize,
+    payload: &[u8],
+) -> Result<Vec<f32>, RunError> {
+    let z = decode_dense_segments(payload, key, len, &job.plan.key_parts(key), |seg, id, n| {
+        job.intra.decode_dense(seg, id, n)
+    })
+    .map_err(RunError::Protocol)?;
+    finite_values(key, z)
+}
+
+/// The replica of a Bi-Sparse key: one optimizer per range, as the global servers keep, applied
+/// to the mean gradient every range's update carries (not at all when the update is flagged
+/// skipped).
 struct Replica {
-    opt: Optimizer,
-    grad: Vec<f32>,
+    /// (range id, offset, length) of each range.
+    parts: Vec<(usize, usize, usize)>,
+    opts: Vec<Optimizer>,
     resyncs: u64,
     mismatches: u64,
 }
 
 impl Replica {
-    /// Applies an [`Update`] reply to `params`; dense θ (resynchronisation) replaces the replica.
+    fn new(job: &JobSpec, key: usize) -> Self {
+        let parts = job.plan.key_parts(key);
+        let opts = parts
+            .iter()
+            .map(|&(_, _, n)| Optimizer::new(&job.optimizer, n))
+            .collect();
+        Self {
+            parts,
+            opts,
+            resyncs: 0,
+            mismatches: 0,
+        }
+    }
+
+    /// Applies a reply of per-range [`Update`] segments to `params`; dense θ (resynchronisation)
+    /// replaces the range after the step. A resynchronisation counts once per key (a mismatch
+    /// if any range differed).
+    fn apply(&mut self, key: usize, params: &mut [f32], payload: &[u8]) -> Result<(), RunError> {
+        let segs = split_segments(payload, self.parts.len(), key).map_err(RunError::Protocol)?;
+        let (mut resynced, mut differed) = (false, false);
+        for ((seg, &(id, offset, len)), opt) in
+            segs.into_iter().zip(&self.parts).zip(&mut self.opts)
+        {
+            let up = Update::decode(seg, id, len).map_err(RunError::Protocol)?;
+            let range = params
+                .get_mut(offset..offset + len)
+                .ok_or_else(|| RunError::Protocol(format!("key {key}: range {id} outside")))?;
+            if !up.skipped {
+                let mut grad = vec![0.0f32; len];
+                up.grad
+                    .scatter_add_into(&mut grad)
+                    .map_err(|e| RunError::Protocol(format!("key {key}: {e}")))?;
+                finite_values(key, grad.clone())?;
+                opt.step(range, &grad).map_err(RunError::Engine)?;
+            }
+            if let Some(theta) = up.theta {
+                let same = range
+                    .iter()
+                    .zip(&theta)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                tracing::debug!(key, range = id, same, "dense resynchronisation");
+                resynced = true;
+                differed |= !same;
+                range.copy_from_slice(&finite_values(key, theta)?);
+            }
+        }
+        self.resyncs += u64::from(resynced);
+        self.mismatches += u64::from(differed);
+        Ok(())
+    }
+}
+
+/// How a worker applies its local server's answer for one key (see [`ReplyMode`]).
+enum KeyApply {
+    /// Replace the key with θ.
+    Theta,
+    /// Add the increment.
+    Delta,
+    /// Step the replica.
+    Sparse(Replica),
+}
+
+impl KeyApply {
     fn apply(
         &mut self,
+        job: &JobSpec,
         key: usize,
         params: &mut [f32],
         resp: &geomx_net::Response,
     ) -> Result<(), RunError> {
-        let up = Update::decode(&resp.payload, key, params.len()).map_err(RunError::Protocol)?;
-        self.grad.fill(0.0);
-        up.grad
-            .scatter_add_into(&mut self.grad)
-            .map_err(|e| RunError::Protocol(format!("key {key}: {e}")))?;
-        self.opt
-            .step(params, &self.grad)
-            .map_err(RunError::Engine)?;
-        if let Some(theta) = up.theta {
-            let same = params
-                .iter()
-                .zip(&theta)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            tracing::debug!(key, same, "dense resynchronisation");
-            self.resyncs += 1;
-            self.mismatches += u64::from(!same);
-            params.copy_from_slice(&theta);
+        match self {
+            KeyApply::Theta => {
+                let theta = decode_values(resp.codec, &resp.payload, key, params.len())
+                    .map_err(RunError::Protocol)?;
+                params.copy_from_slice(&finite_values(key, theta)?);
+            }
+            KeyApply::Delta => {
+                let z = decode_increment(job, key, params.len(), &resp.payload)?;
+                for (p, d) in params.iter_mut().zip(z) {
+                    *p += d;
+                }
+            }
+            KeyApply::Sparse(r) => r.apply(key, params, &resp.payload)?,
         }
         Ok(())
     }
+}
+
+/// Checks a payload this worker is about to push (`what`: gradient or model) for non-finite
+/// values; under `abort` the job ends naming this worker, the key and the round. Returns whether
+/// it was non-finite.
+#[allow(clippy::too_many_arguments)]
+fn check_push(
+    job: &JobSpec,
+    node: &Node,
+    what: &str,
+    key: usize,
+    round: u64,
+    codec: PayloadCodec,
+    bytes: &[u8],
+    n: usize,
+) -> Result<bool, RunError> {
+    let bad = payload_nonfinite(codec, bytes, n);
+    if bad == 0 {
+        return Ok(false);
+    }
+    let msg = format!("non-finite {what}: key {key}, round {round}: {bad} of {n} values");
+    if job.nonfinite.policy == NonFinitePolicy::Abort {
+        node.abort(&msg);
+        return Err(RunError::Aborted(format!("{}: {msg}", node.me)));
+    }
+    tracing::warn!(%msg, "pushing it: the round is dropped for this key");
+    Ok(true)
 }
 
 /// The heterogeneity knob (sync.md): after a step of measured duration `step`, sleeps
@@ -108,27 +227,101 @@ fn slow_down(factor: f64, step: Duration) {
     }
 }
 
-/// HFA: sends this worker's model for local averaging number `local` (1-based) and replaces it
-/// with the answer (the DC's average, or the new milestone on global rounds).
-fn average(
-    client: &KvClient,
-    params: &mut [Vec<f32>],
-    local: u64,
-    job: &JobSpec,
-) -> Result<(), RunError> {
-    let mut pending = Vec::with_capacity(params.len());
-    for (k, p) in params.iter().enumerate() {
-        let (codec, bytes) = job.intra.encode_dense(p);
-        let req = client
-            .push(k as u64, local - 1, codec, 0, p.len() as u64, &bytes)
-            .map_err(|e| RunError::Net(format!("pushing model key {k} averaging {local}"), e))?;
-        pending.push(req);
+/// A worker's side of HFA's model averaging (also ESync's): its copy of the milestone, and its
+/// own optimizers (state kept across averagings).
+struct Averaging<'a> {
+    client: &'a KvClient,
+    node: &'a Node,
+    job: &'a JobSpec,
+    overflows: &'a KeyCounts,
+    /// The last globally agreed model, exactly as the global servers hold it.
+    milestone: Vec<Vec<f32>>,
+    /// The worker's optimizer per key (HFA's local steps; ESync's too).
+    opts: Vec<Optimizer>,
+    /// Key averagings this worker dropped (a non-finite model under `skip`).
+    skipped: u64,
+}
+
+impl<'a> Averaging<'a> {
+    fn new(
+        client: &'a KvClient,
+        node: &'a Node,
+        job: &'a JobSpec,
+        overflows: &'a KeyCounts,
+        theta0: &[Vec<f32>],
+    ) -> Self {
+        Self {
+            client,
+            node,
+            job,
+            overflows,
+            milestone: theta0.to_vec(),
+            opts: theta0
+                .iter()
+                .map(|t| Optimizer::new(&job.optimizer, t.len()))
+                .collect(),
+            skipped: 0,
+        }
     }
-    for (k, p) in pending.into_iter().enumerate() {
-        let n = params[k].len();
-        params[k] = decode_key(k, local, n, p.wait(job.wait_limit()))?;
+
+    /// Sends this worker's model for local averaging number `local` (1-based) and replaces it
+    /// with the answer: the DC's average, or on global averagings (every `k2`-th) the milestone
+    /// moved by the increment every copy adds. A dropped local averaging (an empty reply) sends
+    /// the key back to the milestone. A key whose model was not finite also restarts its
+    /// optimizer state.
+    fn average(&mut self, params: &mut [Vec<f32>], local: u64, k2: u64) -> Result<(), RunError> {
+        let (job, me) = (self.job, &self.node.me);
+        let mut pending = Vec::with_capacity(params.len());
+        let mut poisoned = vec![false; params.len()];
+        for (k, p) in params.iter().enumerate() {
+            let mut e = job.intra.encode_dense(p);
+            self.overflows.add(k, e.overflow);
+            if job.nonfinite.injects(me.dc, me.rank, local - 1, k) {
+                poison_first(e.codec, &mut e.bytes);
+            }
+            poisoned[k] = check_push(
+                job,
+                self.node,
+                "model",
+                k,
+                local - 1,
+                e.codec,
+                &e.bytes,
+                p.len(),
+            )?;
+            let req = self
+                .client
+                .push(k as u64, local - 1, e.codec, 0, p.len() as u64, &e.bytes)
+                .map_err(|e| {
+                    RunError::Net(format!("pushing model key {k} averaging {local}"), e)
+                })?;
+            pending.push(req);
+        }
+        let global = local % k2 == 0;
+        for (k, p) in pending.into_iter().enumerate() {
+            let n = params[k].len();
+            let resp = reply_of(k, local, p.wait(job.wait_limit()))?;
+            if global {
+                let z = decode_increment(job, k, n, &resp.payload)?;
+                for (m, d) in self.milestone[k].iter_mut().zip(z) {
+                    *m += d;
+                }
+                params[k].clone_from(&self.milestone[k]);
+            } else if resp.payload.is_empty() {
+                tracing::warn!(key = k, local, "averaging dropped: back to the milestone");
+                self.skipped += 1;
+                params[k].clone_from(&self.milestone[k]);
+            } else {
+                let v =
+                    decode_values(resp.codec, &resp.payload, k, n).map_err(RunError::Protocol)?;
+                params[k] = finite_values(k, v)?;
+            }
+            if poisoned[k] {
+                self.opts[k] = Optimizer::new(&job.optimizer, n);
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// One local step (HFA, ESync): gradients of `batch` at `params`, applied by the worker's own
@@ -164,28 +357,26 @@ fn local_step(
 }
 
 /// A worker's side of ESync: its connection to the coordinator's ESync endpoint, the duration of
-/// its last step, the servers' milestone m (see [`super::esync`]) and the Reset still in flight.
+/// its last step and the Reset still in flight (see [`super::esync`]).
 struct EsyncWorker {
     endpoint: KvClient,
     index: u32,
     workers: usize,
     c: f64,
-    milestone: Vec<Vec<f32>>,
     steps: u64,
     slowdown: f64,
-    /// A Reset sent but not yet answered (its reply is needed only for FedNova, or before the
-    /// next Ask, which the endpoint answers after it anyway).
+    /// A Reset sent but not yet answered (settled before the next request, which the endpoint
+    /// answers after it anyway).
     pending: Option<Pending>,
 }
 
 impl EsyncWorker {
-    /// Connects worker `index` (global index) to the endpoint; `theta0` is the first milestone,
-    /// `c` the warm-up step's duration, `slowdown` its DC's compute slow-down.
+    /// Connects worker `index` (global index) to the endpoint; `c` is the warm-up step's
+    /// duration, `slowdown` its DC's compute slow-down.
     fn connect(
         node: &Node,
         job: &JobSpec,
         index: u32,
-        theta0: &[Vec<f32>],
         c: Duration,
         slowdown: f64,
     ) -> Result<Self, RunError> {
@@ -197,7 +388,6 @@ impl EsyncWorker {
             index,
             workers: job.plan.total_workers(),
             c: c.as_secs_f64(),
-            milestone: theta0.to_vec(),
             steps: 0,
             slowdown,
             pending: None,
@@ -228,30 +418,40 @@ impl EsyncWorker {
         Reply::decode_answer(&p).map_err(|e| RunError::Protocol(e.to_string()))
     }
 
-    /// Waits for the Reset in flight, if any; returns the step counts it answered.
-    fn settle(&mut self, limit: Duration) -> Result<Option<Vec<u64>>, RunError> {
-        let Some(p) = self.pending.take() else {
-            return Ok(None);
+    /// `Steps{r, round}`: every worker's step count in `round` (FedNova's τ_eff), once all were
+    /// told to push.
+    fn round_steps(&self, round: u64, limit: Duration) -> Result<Vec<u64>, RunError> {
+        let req = esync::Request::Steps {
+            worker: self.index,
+            round,
+            c: self.c,
         };
-        let payload = Self::wait(p, limit, "reset")?;
-        Reply::decode_steps(&payload, self.workers)
-            .map(Some)
-            .map_err(|e| RunError::Protocol(e.to_string()))
+        let p = Self::wait(self.send(req)?, limit, "steps")?;
+        Reply::decode_steps(&p, self.workers).map_err(|e| RunError::Protocol(e.to_string()))
     }
 
-    /// One ESync round (`round` 0-based): local steps until the coordinator says push, then the
-    /// synchronous model-delta round and the combination. Returns the last step's loss.
+    /// Waits for the Reset in flight, if any.
+    fn settle(&mut self, limit: Duration) -> Result<(), RunError> {
+        if let Some(p) = self.pending.take() {
+            let payload = Self::wait(p, limit, "reset")?;
+            Reply::decode_steps(&payload, self.workers)
+                .map_err(|e| RunError::Protocol(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// One ESync round (`round` 0-based): local steps from the milestone until the coordinator
+    /// says push, then u = m + s·a·(w − m) through the averaging path; the new milestone is the
+    /// round's model. Returns the last step's loss.
     fn round(
         &mut self,
         job: &JobSpec,
-        client: &KvClient,
+        avg: &mut Averaging<'_>,
         params: &mut [Vec<f32>],
-        opts: &mut [Optimizer],
         round: u64,
         next_batch: &mut dyn FnMut() -> crate::data::Dataset,
     ) -> Result<f64, RunError> {
         let limit = job.wait_limit();
-        let w_prev = params.to_vec();
         let mut k = 0;
         let mut loss = f64::NAN;
         // After a reset, the Ask{k = 0} travelled with it (always answered step); the first round
@@ -263,7 +463,7 @@ impl EsyncWorker {
         };
         while answer == Answer::Step {
             let batch = next_batch();
-            let (l, d) = local_step(job, params, &batch, Some(&mut *opts), self.slowdown)?;
+            let (l, d) = local_step(job, params, &batch, Some(&mut avg.opts), self.slowdown)?;
             loss = l;
             self.c = d.as_secs_f64();
             k += 1;
@@ -277,28 +477,27 @@ impl EsyncWorker {
         }
         self.steps += k;
         let norm = job.esync.normalisation;
-        let a = esync::push_factor(norm, k);
-        let mut u: Vec<Vec<f32>> = (0..params.len())
-            .map(|i| esync::push_model(&self.milestone[i], &params[i], &w_prev[i], a))
-            .collect();
-        average(client, &mut u, round + 1, job)?;
+        let s = match norm {
+            // FedNova's τ_eff needs every worker's step count before the push.
+            esync::Normalisation::Fednova => {
+                let steps = self.round_steps(round + 1, limit)?;
+                esync::round_scale(norm, job.esync.gamma, &steps)
+            }
+            esync::Normalisation::None => esync::round_scale(norm, job.esync.gamma, &[]),
+        };
+        let a = s * esync::push_factor(norm, k);
+        for (p, m) in params.iter_mut().zip(&avg.milestone) {
+            // Every worker started the round at the milestone: w_prev = m.
+            *p = esync::push_model(m, p, m, a);
+        }
+        // Every averaging is global (k1 = k2 = 1): the reply moves the milestone, which every
+        // worker and the global servers then hold.
+        avg.average(params, round + 1, 1)?;
         self.pending = Some(self.send(esync::Request::Reset {
             worker: self.index,
             round: round + 2,
             c: self.c,
         })?);
-        let s = match norm {
-            // FedNova's τ_eff needs every worker's step count now.
-            esync::Normalisation::Fednova => {
-                let steps = self.settle(limit)?.unwrap_or_default();
-                esync::round_scale(norm, job.esync.gamma, &steps)
-            }
-            esync::Normalisation::None => esync::round_scale(norm, job.esync.gamma, &[]),
-        };
-        for (i, p) in params.iter_mut().enumerate() {
-            *p = esync::apply_round(&w_prev[i], &self.milestone[i], &u[i], s);
-        }
-        self.milestone = u;
         Ok(loss)
     }
 }
@@ -341,102 +540,64 @@ pub fn run(
     })?;
     let lens = &plan.key_lens;
     // θ_0 from the local server (which has it from the global servers).
-    let pulls: Vec<Pending> = (0..lens.len())
-        .map(|k| client.pull(k as u64, 0, 0, lens[k] as u64))
-        .collect::<Result<_, _>>()
-        .map_err(|e| RunError::Net("pulling θ_0".into(), e))?;
-    let mut params = Vec::with_capacity(lens.len());
-    for (k, p) in pulls.into_iter().enumerate() {
-        params.push(decode_key(k, 0, lens[k], p.wait(job.wait_limit()))?);
-    }
+    let mut params = pull_all(&client, lens, 0, job)?;
     node.barrier("all")?;
-    let mut replicas: Vec<Option<Replica>> = lens
-        .iter()
-        .map(|&n| {
-            job.inter.is_sparse_key(n).then(|| Replica {
-                opt: Optimizer::new(&job.optimizer, n),
-                grad: vec![0.0; n],
-                resyncs: 0,
-                mismatches: 0,
-            })
+    let mut apply: Vec<KeyApply> = (0..lens.len())
+        .map(|k| match job.reply_mode(k) {
+            ReplyMode::Theta => KeyApply::Theta,
+            ReplyMode::Delta => KeyApply::Delta,
+            ReplyMode::Sparse => KeyApply::Sparse(Replica::new(job, k)),
         })
         .collect();
 
     let mut loss = f64::NAN;
     let mut last_eval = None;
-    // HFA: every worker runs its own optimizer (state kept across averagings).
-    let mut local_opts: Vec<Optimizer> = match job.hfa_periods() {
-        Some(_) => lens
-            .iter()
-            .map(|&n| Optimizer::new(&job.optimizer, n))
-            .collect(),
-        None => Vec::new(),
-    };
+    // HFA and ESync: the worker's milestone and its own optimizers.
+    let overflows = KeyCounts::default();
+    let mut avg = job
+        .hfa_periods()
+        .map(|_| Averaging::new(&client, &node, job, &overflows, &params));
     let mut esync = match job.sync {
         SyncAlgorithm::Esync => {
             // c before the first step: a warm-up step's duration (gradients discarded).
             let warmup = batcher.next_batch(train);
             let c = local_step(job, &mut params, &warmup, None, slowdown)?.1;
-            Some(EsyncWorker::connect(
-                &node, job, w as u32, &params, c, slowdown,
-            )?)
+            Some(EsyncWorker::connect(&node, job, w as u32, c, slowdown)?)
         }
         _ => None,
     };
     for round in 0..job.rounds {
-        if let Some(es) = esync.as_mut() {
-            loss = es.round(
-                job,
-                &client,
-                &mut params,
-                &mut local_opts,
-                round,
-                &mut || batcher.next_batch(train),
-            )?;
-        } else if let Some((k1, _)) = job.hfa_periods() {
+        if let (Some(es), Some(avg)) = (esync.as_mut(), avg.as_mut()) {
+            loss = es.round(job, avg, &mut params, round, &mut || {
+                batcher.next_batch(train)
+            })?;
+        } else if let (Some((k1, k2)), Some(avg)) = (job.hfa_periods(), avg.as_mut()) {
             let batch = batcher.next_batch(train);
-            loss = local_step(job, &mut params, &batch, Some(&mut local_opts), slowdown)?.0;
+            loss = local_step(job, &mut params, &batch, Some(&mut avg.opts), slowdown)?.0;
             if (round + 1) % k1 == 0 {
-                average(&client, &mut params, (round + 1) / k1, job)?;
+                avg.average(&mut params, (round + 1) / k1, k2)?;
             }
         } else {
-            let batch = batcher.next_batch(train);
-            let started = Instant::now();
-            let mut pending: Vec<Option<Result<Pending, NetError>>> =
-                (0..lens.len()).map(|_| None).collect();
-            let l = job
-                .model
-                // Gradients encoded per key by the model (on its GPU for a CUDA tch model).
-                .backward_encoded(
-                    &params,
-                    batch.view(),
-                    (&job.intra).into(),
-                    &mut |key, n, codec, bytes| {
-                        pending[key] =
-                            Some(client.push(key as u64, round, codec, 0, n as u64, &bytes));
-                    },
-                )
-                .map_err(RunError::Engine)?;
-            loss = f64::from(l);
-            slow_down(slowdown, started.elapsed());
-            for (k, p) in pending.into_iter().enumerate() {
-                let p = p
-                    .ok_or_else(|| {
-                        RunError::Protocol(format!("the model produced no gradient for key {k}"))
-                    })?
-                    .map_err(|e| RunError::Net(format!("pushing key {k} round {round}"), e))?;
-                match replicas[k].as_mut() {
-                    Some(rep) => {
-                        let resp = reply_of(k, round + 1, p.wait(job.wait_limit()))?;
-                        rep.apply(k, &mut params[k], &resp)?;
-                    }
-                    None => {
-                        params[k] = decode_key(k, round + 1, lens[k], p.wait(job.wait_limit()))?;
-                    }
-                }
-            }
+            let io = FsaIo {
+                node: &node,
+                client: &client,
+                overflows: &overflows,
+            };
+            loss = fsa_round(
+                job,
+                &io,
+                &mut params,
+                &mut apply,
+                &mut batcher,
+                round,
+                slowdown,
+            )?;
         }
         let done = round + 1;
+        if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
+            // The final pull: every replica adopts the global servers' final θ.
+            params = pull_all(&client, lens, job.rounds + 1, job)?;
+        }
         let due = job.eval_every > 0 && done % job.eval_every == 0;
         if reporter && (due || done == job.rounds) {
             let ev = job
@@ -459,6 +620,8 @@ pub fn run(
         es.settle(job.wait_limit())?;
         tracing::info!(%dc, %rank, local_steps = es.steps, "ESync local steps");
     }
+    let skipped = avg.as_ref().map_or(0, |a| a.skipped);
+    drop(avg);
     tracing::info!(%dc, %rank, hash = format!("{hash:016x}"), "worker finished");
     node.finish(job.wait_limit())?;
     let mut stats = RoleStats::new(&node.me, Default::default());
@@ -466,9 +629,87 @@ pub fn run(
     stats.param_hash = Some(hash);
     stats.final_loss = Some(loss);
     stats.final_test_accuracy = last_eval.map(|p| p.test_accuracy);
-    for r in replicas.iter().flatten() {
-        stats.resyncs += r.resyncs;
-        stats.resync_mismatches += r.mismatches;
+    stats.skipped_updates = skipped;
+    stats.cast_overflows = overflows.snapshot();
+    for a in &apply {
+        if let KeyApply::Sparse(r) = a {
+            stats.resyncs += r.resyncs;
+            stats.resync_mismatches += r.mismatches;
+        }
     }
     Ok(stats)
+}
+
+/// Pulls every key at `version` from the local server (exact f32 θ).
+fn pull_all(
+    client: &KvClient,
+    lens: &[usize],
+    version: u64,
+    job: &JobSpec,
+) -> Result<Vec<Vec<f32>>, RunError> {
+    let pulls: Vec<Pending> = (0..lens.len())
+        .map(|k| client.pull(k as u64, version, 0, lens[k] as u64))
+        .collect::<Result<_, _>>()
+        .map_err(|e| RunError::Net(format!("pulling θ at version {version}"), e))?;
+    pulls
+        .into_iter()
+        .enumerate()
+        .map(|(k, p)| decode_key(k, version, lens[k], p.wait(job.wait_limit())))
+        .collect()
+}
+
+/// What an FSA round talks to: the worker's node, its local server and its overflow counters.
+struct FsaIo<'a> {
+    node: &'a Node,
+    client: &'a KvClient,
+    overflows: &'a KeyCounts,
+}
+
+/// One FSA / MixedSync round: gradients pushed key by key as the backward pass produces them
+/// (checked for non-finite values first), then every key's reply applied. Returns the loss.
+fn fsa_round(
+    job: &JobSpec,
+    io: &FsaIo<'_>,
+    params: &mut [Vec<f32>],
+    apply: &mut [KeyApply],
+    batcher: &mut crate::data::Batcher,
+    round: u64,
+    slowdown: f64,
+) -> Result<f64, RunError> {
+    let (node, client, overflows) = (io.node, io.client, io.overflows);
+    let me = &node.me;
+    let batch = batcher.next_batch(&job.data.train);
+    let started = Instant::now();
+    let mut pending: Vec<Option<Result<Pending, RunError>>> =
+        (0..params.len()).map(|_| None).collect();
+    let l = job
+        .model
+        // Gradients encoded per key by the model (on its GPU for a CUDA tch model).
+        .backward_encoded(
+            params,
+            batch.view(),
+            (&job.intra).into(),
+            &mut |key, n, mut e| {
+                if job.nonfinite.injects(me.dc, me.rank, round, key) {
+                    poison_first(e.codec, &mut e.bytes);
+                }
+                overflows.add(key, e.overflow);
+                let checked = check_push(job, node, "gradient", key, round, e.codec, &e.bytes, n);
+                pending[key] = Some(checked.and_then(|_| {
+                    client
+                        .push(key as u64, round, e.codec, 0, n as u64, &e.bytes)
+                        .map_err(|e| RunError::Net(format!("pushing key {key} round {round}"), e))
+                }));
+            },
+        )
+        .map_err(RunError::Engine)?;
+    slow_down(slowdown, started.elapsed());
+    for (k, p) in pending.into_iter().enumerate() {
+        let p = p.ok_or_else(|| {
+            RunError::Protocol(format!("the model produced no gradient for key {k}"))
+        })??;
+        let resp = reply_of(k, round + 1, p.wait(job.wait_limit()))?;
+        apply[k].apply(job, k, &mut params[k], &resp)?;
+    }
+    Ok(f64::from(l))
 }

@@ -8,6 +8,7 @@
 //! final stats into a [`Report`], and if any child fails kills the rest and returns its error.
 
 pub mod role;
+pub mod threads;
 pub mod wan;
 
 use std::collections::VecDeque;
@@ -264,9 +265,7 @@ impl Cluster {
         let mut failed = None;
         for (i, p) in self.procs.iter_mut().enumerate() {
             if p.status.is_none() {
-                p.status = p
-                    .child
-                    .try_wait()
+                p.status = reap_if_exited(&mut p.child)
                     .map_err(|e| LaunchError::Io(format!("waiting for {}", p.name), e))?;
                 if let Some(s) = p.status {
                     if !s.success() && failed.is_none() {
@@ -353,6 +352,8 @@ impl Cluster {
         for p in self.procs.iter_mut().filter(|p| p.status.is_none()) {
             p.killed = true;
             let _ = p.child.kill();
+            // Not reaped yet, so the pid is still ours; the WAN lab's guard must forget it first.
+            crate::wanlab::guard::forget_pid(p.child.id());
             p.status = p.child.wait().ok();
         }
     }
@@ -362,6 +363,36 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill_all();
     }
+}
+
+/// The child's exit status if it has exited, reaping it only after the WAN lab's guard forgot its
+/// pid (a reaped pid may be reused; the guard signals lab pids as root).
+fn reap_if_exited(child: &mut Child) -> std::io::Result<Option<ExitStatus>> {
+    if !has_exited(child.id())? {
+        return Ok(None);
+    }
+    crate::wanlab::guard::forget_pid(child.id());
+    child.try_wait()
+}
+
+/// Whether process `pid` (our child) has exited, without reaping it (`waitid` with `WNOWAIT`).
+#[cfg(target_os = "linux")]
+fn has_exited(pid: u32) -> std::io::Result<bool> {
+    // SAFETY: a zeroed siginfo_t is valid for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: waitid on our own child with a valid out-pointer; WNOWAIT leaves it unreaped.
+    let r = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled `info` (si_pid is 0 when the child has not exited).
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn has_exited(_pid: u32) -> std::io::Result<bool> {
+    Ok(true)
 }
 
 /// Children get SIGKILL when the launcher dies, so a killed launcher leaves no cluster behind.
@@ -562,5 +593,50 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wanlab::guard;
+
+    /// A child that exited is seen without being reaped, its pid leaves the WAN lab's guard, and
+    /// only then is it reaped: the guard can no longer signal a pid the kernel may reuse.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn exited_children_are_forgotten_by_the_guard_before_they_are_reaped() {
+        let lab = guard::register(Vec::new());
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        guard::adopt_pid(lab, pid);
+        // Block until it exits, leaving it unreaped (WNOWAIT).
+        // SAFETY: as in `has_exited`, without WNOHANG.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        assert_eq!(r, 0);
+        assert_eq!(guard::pids(lab), vec![pid]);
+        assert!(has_exited(pid).unwrap());
+        let status = reap_if_exited(&mut child).unwrap();
+        assert!(status.is_some_and(|s| s.success()));
+        assert!(guard::pids(lab).is_empty());
+        guard::teardown(lab);
+        // A running child is neither reaped nor forgotten.
+        let lab = guard::register(Vec::new());
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        guard::adopt_pid(lab, sleeper.id());
+        assert_eq!(reap_if_exited(&mut sleeper).unwrap(), None);
+        assert_eq!(guard::pids(lab), vec![sleeper.id()]);
+        let _ = sleeper.kill();
+        guard::forget_pid(sleeper.id());
+        let _ = sleeper.wait();
+        guard::teardown(lab);
     }
 }

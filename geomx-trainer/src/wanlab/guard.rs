@@ -1,6 +1,11 @@
 //! Clean-up that always happens: a process-wide registry of what each live lab must undo (its
 //! processes, its namespaces), run by the lab's `Drop` (success, error, panic) and by a watcher
 //! thread on SIGINT/SIGTERM, which then ends the process with status 128 + signal.
+//!
+//! **Pids are signalled only while the registry lock is held, and a pid is forgotten
+//! ([`forget_pid`]) before its owner reaps it.** A reaped pid may be reused by an unrelated
+//! process; the launcher therefore checks that a child exited without reaping it, forgets its pid,
+//! and only then reaps it, so the guard can never kill a reused pid as root.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
@@ -46,21 +51,41 @@ pub fn adopt_pid(id: u64, pid: u32) {
     }
 }
 
-/// Undoes lab `id`: kills its processes by pid, then deletes its namespaces. Idempotent.
-pub fn teardown(id: u64) {
-    let c = registry().remove(&id);
-    if let Some(c) = c {
-        undo(&c);
+/// Forgets `pid` in every lab: its owner saw it exit and is about to reap it, after which the pid
+/// may belong to another process. Call it before reaping (see the module docs).
+pub fn forget_pid(pid: u32) {
+    for c in registry().values_mut() {
+        c.pids.retain(|&p| p != pid);
     }
 }
 
-fn undo(c: &Cleanup) {
+/// Undoes lab `id`: kills its processes by pid, then deletes its namespaces. Idempotent.
+pub fn teardown(id: u64) {
+    let c = {
+        let mut reg = registry();
+        let c = reg.remove(&id);
+        // Signalled under the lock: no pid can be forgotten and reaped meanwhile.
+        if let Some(c) = &c {
+            kill_pids(c);
+        }
+        c
+    };
+    if let Some(c) = c {
+        delete_namespaces(&c);
+    }
+}
+
+fn kill_pids(c: &Cleanup) {
     for &pid in &c.pids {
-        // SAFETY: kill(2) with a pid this lab started; no memory is touched.
+        // SAFETY: kill(2) with a pid this lab started and whose owner has not reaped it (pids
+        // are forgotten before reaping); no memory is touched.
         unsafe {
             libc::kill(pid as libc::pid_t, libc::SIGKILL);
         }
     }
+}
+
+fn delete_namespaces(c: &Cleanup) {
     for ns in c.namespaces.iter().rev() {
         if let Err(e) = Netns::existing(ns).delete() {
             tracing::warn!(namespace = %ns, error = %e, "could not delete a lab namespace");
@@ -96,11 +121,13 @@ pub fn install_signal_handlers() {
                 // SAFETY: read(2) of one byte into a valid location from our pipe.
                 let n = unsafe { libc::read(rd, &mut b as *mut u8 as *mut libc::c_void, 1) };
                 if n == 1 {
-                    let all: Vec<Cleanup> =
-                        std::mem::take(&mut *registry()).into_values().collect();
-                    for c in &all {
-                        undo(c);
-                    }
+                    let all: Vec<Cleanup> = {
+                        let mut reg = registry();
+                        let all: Vec<Cleanup> = std::mem::take(&mut *reg).into_values().collect();
+                        all.iter().for_each(kill_pids);
+                        all
+                    };
+                    all.iter().for_each(delete_namespaces);
                     eprintln!("geomx: signal {b}: WAN lab torn down");
                     std::process::exit(128 + b as i32);
                 }
@@ -121,4 +148,36 @@ pub fn install_signal_handlers() {
             }
         }
     });
+}
+
+/// The pids lab `id` would kill (tests).
+#[cfg(test)]
+pub(crate) fn pids(id: u64) -> Vec<u32> {
+    registry()
+        .get(&id)
+        .map(|c| c.pids.clone())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forgotten pid is never signalled: it leaves every lab's list, the others stay.
+    #[test]
+    fn forgotten_pids_leave_every_lab() {
+        let (a, b) = (register(Vec::new()), register(Vec::new()));
+        // Positive pids above the kernel's pid_max (at most 2^22) never name a process, so
+        // teardown signals nothing.
+        let (p, q) = ((i32::MAX - 7) as u32, (i32::MAX - 9) as u32);
+        adopt_pid(a, p);
+        adopt_pid(a, q);
+        adopt_pid(b, p);
+        forget_pid(p);
+        assert_eq!(pids(a), vec![q]);
+        assert_eq!(pids(b), Vec::<u32>::new());
+        teardown(a);
+        teardown(b);
+        assert!(pids(a).is_empty() && registry().get(&a).is_none());
+    }
 }

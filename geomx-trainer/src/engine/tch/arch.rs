@@ -8,9 +8,11 @@
 //! - [`Arch::Resnet18`]: ResNet-18 for 32×32 images (the CIFAR variant: 3×3 stem of 64 channels,
 //!   stride 1, no max-pool; four stages of two basic blocks with 64, 128, 256, 512 channels, strides
 //!   1, 2, 2, 2, 1×1 projection shortcuts where the shape changes; global average pool; dense
-//!   classes). Convolutions have no bias; batch norm has a learned scale and shift and always
-//!   normalises with the statistics of the batch it sees (the trainer keeps no running statistics:
-//!   the model state is exactly the parameters), also when evaluating, chunk by chunk.
+//!   classes). Convolutions have no bias; batch norm has a learned scale and shift (parameters,
+//!   synchronised like every key) and running statistics (buffers, kept by each process that
+//!   trains: [`BnStats`]). As in PyTorch, training normalises with the batch's statistics and
+//!   updates the running ones (momentum 0.1, unbiased variance); evaluation normalises with the
+//!   running statistics ([`BnMode::Eval`]), so a sample's output does not depend on the others.
 
 use tch::{Kind, Tensor};
 
@@ -19,6 +21,22 @@ use crate::data::rng;
 
 /// Batch-norm epsilon.
 const BN_EPS: f64 = 1e-5;
+
+/// The running mean and variance of every batch-norm layer, in forward order (PyTorch's
+/// `running_mean` / `running_var` buffers; fresh: 0 and 1).
+pub type BnStats = Vec<(Tensor, Tensor)>;
+
+/// How a forward pass normalises in its batch-norm layers.
+#[derive(Clone, Copy)]
+pub enum BnMode<'a> {
+    /// With the batch's statistics, updating nothing (a pure function of the parameters: the
+    /// double-precision reference of the gradient checks).
+    Batch,
+    /// Training: with the batch's statistics, updating the running ones in place.
+    Train(&'a BnStats),
+    /// Evaluation: with the running statistics.
+    Eval(&'a BnStats),
+}
 
 /// A libtorch architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +242,22 @@ impl Net {
         &self.specs
     }
 
+    /// Fresh running statistics (mean 0, variance 1) of every batch-norm layer, on `dev`; empty
+    /// for an architecture without batch norm.
+    pub fn bn_stats(&self, dev: tch::Device) -> BnStats {
+        self.specs
+            .iter()
+            .filter(|s| s.name.contains("bn") && s.name.ends_with(".weight"))
+            .map(|s| {
+                let c = s.len() as i64;
+                (
+                    Tensor::zeros([c], (Kind::Float, dev)),
+                    Tensor::ones([c], (Kind::Float, dev)),
+                )
+            })
+            .collect()
+    }
+
     /// Deterministic initial parameters: each tensor from its own stream of `(seed, key)`.
     pub fn init(&self, seed: u64) -> Vec<Vec<f32>> {
         self.specs
@@ -242,9 +276,12 @@ impl Net {
             .collect()
     }
 
-    /// Logits `[n, classes]` of `x` (`[n, c, s, s]`) under parameters `p` (key order, shaped).
-    pub fn forward(&self, p: &[Tensor], x: &Tensor) -> Tensor {
+    /// Logits `[n, classes]` of `x` (`[n, c, s, s]`) under parameters `p` (key order, shaped),
+    /// batch norm as `mode` says (its statistics must come from [`Net::bn_stats`] on `x`'s
+    /// device, in the parameters' kind).
+    pub fn forward(&self, p: &[Tensor], x: &Tensor, mode: BnMode<'_>) -> Tensor {
         let mut it = p.iter();
+        let layer = std::cell::Cell::new(0usize);
         let mut next = || it.next().expect("parameter count checked by the caller");
         match self.arch {
             Arch::Cnn => {
@@ -261,12 +298,19 @@ impl Net {
             }
             Arch::Resnet18 => {
                 let bn = |x: &Tensor, w: &Tensor, b: &Tensor| {
+                    let i = layer.get();
+                    layer.set(i + 1);
+                    let (stats, training) = match mode {
+                        BnMode::Batch => (None, true),
+                        BnMode::Train(s) => (s.get(i), true),
+                        BnMode::Eval(s) => (s.get(i), false),
+                    };
                     x.batch_norm(
                         Some(w),
                         Some(b),
-                        None::<&Tensor>,
-                        None::<&Tensor>,
-                        true,
+                        stats.map(|s| &s.0),
+                        stats.map(|s| &s.1),
+                        training || stats.is_none(),
                         0.1,
                         BN_EPS,
                         true,

@@ -3,7 +3,7 @@
 //!
 //! Each step computes the gradient on the device ([`TchModel::backward_on_device`]), compresses
 //! every key there ([`GpuCompressor`]), copies only the payloads to the host, decodes them as a
-//! server would ([`crate::hips::codec::decode_any`]) and applies plain SGD to the host parameters.
+//! server would ([`crate::codec::decode_any`]) and applies plain SGD to the host parameters.
 
 use std::time::Instant;
 
@@ -11,9 +11,9 @@ use serde::Serialize;
 
 use super::gpu::{GpuCompressError, GpuCompressor};
 use super::TchModel;
+use crate::codec::decode_any;
 use crate::data::Dataset;
 use crate::engine::{EngineError, Model};
-use crate::hips::codec::decode_any;
 use geomx_kernels::{Scaling, ValueType};
 
 /// The push codec applied on the device.

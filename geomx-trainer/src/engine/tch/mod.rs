@@ -26,8 +26,9 @@ use super::{
     check_batch, check_params, encode_on_host, DenseEncoding, Device, EngineError, Evaluation,
     Model, TensorSpec,
 };
+use crate::codec::Encoded;
 use crate::data::Samples;
-pub use arch::{Arch, ImageShape, Net};
+pub use arch::{Arch, BnMode, BnStats, ImageShape, Net};
 use gpu::GpuCompressor;
 
 /// Samples per forward pass when evaluating.
@@ -42,6 +43,9 @@ pub struct TchModel {
     gpu: Arc<Mutex<GpuState>>,
     /// Whether libtorch can use `device`, checked at the first computation.
     device_ok: Arc<OnceLock<Result<(), EngineError>>>,
+    /// Batch norm's running statistics, created at the first training step (see [`BnMode`]).
+    /// Each process that trains keeps its own, as each PyTorch replica does.
+    bn: Arc<Mutex<Option<arch::BnStats>>>,
 }
 
 /// Whether GPU-resident encoding is set up.
@@ -90,6 +94,23 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, EngineError> {
     })
 }
 
+/// Finite values of `g` that FP16 encoding with `scaling` turns into ±inf: none under `pow2`
+/// (the maximum is scaled below 2^15), else the finite magnitudes of at least 65520 (counted on
+/// the device; only the count comes to the host).
+fn fp16_overflows(g: &Tensor, scaling: geomx_kernels::Scaling) -> Result<usize, EngineError> {
+    if scaling == geomx_kernels::Scaling::Pow2 {
+        return Ok(0);
+    }
+    guarded(|| {
+        g.abs()
+            .ge(65520.0)
+            .logical_and(&g.isfinite())
+            .sum(Kind::Int64)
+            .int64_value(&[])
+    })
+    .map(|n| n.max(0) as usize)
+}
+
 /// Copies a host tensor of `shape` to a libtorch tensor of `kind` on `dev`.
 fn tensor_of(data: &[f32], shape: &[usize], kind: Kind, dev: tch::Device) -> Tensor {
     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
@@ -133,7 +154,29 @@ impl TchModel {
             device,
             gpu: Arc::new(Mutex::new(GpuState::Untried)),
             device_ok: Arc::new(OnceLock::new()),
+            bn: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The running mean and variance of batch-norm layer `layer` (forward order), once a
+    /// training step created them.
+    pub fn bn_running(&self, layer: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+        let bn = self.bn.lock().unwrap_or_else(PoisonError::into_inner);
+        let (m, v) = bn.as_ref()?.get(layer)?;
+        Some((to_host(m), to_host(v)))
+    }
+
+    /// Runs `f` with the running statistics on `dev` (fresh ones until a training step made
+    /// them; only training keeps them).
+    fn with_bn<T>(&self, dev: tch::Device, train: bool, f: impl FnOnce(&arch::BnStats) -> T) -> T {
+        let mut bn = self.bn.lock().unwrap_or_else(PoisonError::into_inner);
+        if train && bn.is_none() {
+            *bn = Some(self.net.bn_stats(dev));
+        }
+        match bn.as_ref() {
+            Some(s) => f(s),
+            None => f(&self.net.bn_stats(dev)),
+        }
     }
 
     /// The architecture.
@@ -208,7 +251,8 @@ impl TchModel {
         guarded(|| {
             let p = self.params_on(params, Kind::Float, dev, true);
             let (x, y) = self.batch_on(batch, Kind::Float, dev);
-            let loss = arch::cross_entropy(&self.net.forward(&p, &x), &y, Kind::Float);
+            let logits = self.with_bn(dev, true, |s| self.net.forward(&p, &x, BnMode::Train(s)));
+            let loss = arch::cross_entropy(&logits, &y, Kind::Float);
             loss.backward();
             let grads: Vec<Tensor> = p.iter().map(|t| t.grad().contiguous()).collect();
             (loss.double_value(&[]) as f32, grads)
@@ -242,7 +286,8 @@ impl TchModel {
             tch::no_grad(|| {
                 let p = self.params_on(params, Kind::Double, dev, false);
                 let (x, y) = self.batch_on(&batch, Kind::Double, dev);
-                arch::cross_entropy(&self.net.forward(&p, &x), &y, Kind::Double).double_value(&[])
+                let logits = self.net.forward(&p, &x, BnMode::Batch);
+                arch::cross_entropy(&logits, &y, Kind::Double).double_value(&[])
             })
         })
     }
@@ -283,7 +328,9 @@ impl Model for TchModel {
                         Kind::Float,
                         dev,
                     );
-                    out.extend(to_host(&self.net.forward(&p, &x)));
+                    let logits =
+                        self.with_bn(dev, false, |s| self.net.forward(&p, &x, BnMode::Eval(s)));
+                    out.extend(to_host(&logits));
                 }
                 out
             })
@@ -311,7 +358,7 @@ impl Model for TchModel {
         params: &[Vec<f32>],
         batch: Samples<'_>,
         enc: DenseEncoding,
-        on_payload: &mut dyn FnMut(usize, usize, PayloadCodec, Vec<u8>),
+        on_payload: &mut dyn FnMut(usize, usize, Encoded),
     ) -> Result<f32, EngineError> {
         if !self.device.is_cuda() || enc.value_type != ValueType::F16 {
             return encode_on_host(self, params, batch, enc, on_payload);
@@ -334,7 +381,16 @@ impl Model for TchModel {
             let bytes = comp
                 .fp16_payload(g, enc.scaling)
                 .map_err(|e| EngineError::Backend(e.to_string()))?;
-            on_payload(key, g.numel(), PayloadCodec::Raw, bytes);
+            let overflow = fp16_overflows(g, enc.scaling)?;
+            on_payload(
+                key,
+                g.numel(),
+                Encoded {
+                    codec: PayloadCodec::Raw,
+                    bytes,
+                    overflow,
+                },
+            );
         }
         Ok(loss)
     }
@@ -366,7 +422,8 @@ impl Model for TchModel {
                         n_features: inputs,
                     };
                     let (x, y) = self.batch_on(&chunk, Kind::Float, dev);
-                    let logits = self.net.forward(&p, &x);
+                    let logits =
+                        self.with_bn(dev, false, |s| self.net.forward(&p, &x, BnMode::Eval(s)));
                     let loss = arch::cross_entropy(&logits, &y, Kind::Float);
                     loss_sum += loss.double_value(&[]) * l.len() as f64;
                     correct += logits

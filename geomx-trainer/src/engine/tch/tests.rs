@@ -5,8 +5,8 @@ use geomx_kernels::{encode_dense, topk_exact, Scaling, SparseVec, TopkScratch, V
 
 use super::gpu::{GpuCompressError, GpuCompressor};
 use super::*;
+use crate::codec::{decode_any, encode_values};
 use crate::data::{rng, Dataset};
-use crate::hips::codec::{decode_any, encode_values};
 
 /// `n` images of `channels × side × side`: noise U(0, 0.3) plus a bright horizontal band whose
 /// position encodes the label (labels cycle through `classes`).
@@ -232,12 +232,9 @@ fn encoded_backward_on_the_cpu_equals_host_encoding() {
         };
         let mut keys = Vec::new();
         let l = m
-            .backward_encoded(&p, data.view(), enc, &mut |key, n, codec, bytes| {
+            .backward_encoded(&p, data.view(), enc, &mut |key, n, e| {
                 assert_eq!(n, grads[key].len());
-                assert_eq!(
-                    (codec, bytes),
-                    encode_values(&grads[key], vt, Scaling::Pow2)
-                );
+                assert_eq!(e, encode_values(&grads[key], vt, Scaling::Pow2));
                 keys.push(key);
             })
             .unwrap();
@@ -299,9 +296,13 @@ fn gpu_payloads_match_the_cpu_encoders_or_report_skipped() {
         scaling: Scaling::Pow2,
     };
     let mut seen = 0;
-    m.backward_encoded(&p, data.view(), enc, &mut |key, n, codec, bytes| {
-        assert_eq!((codec, n), (geomx_net::PayloadCodec::Raw, host[key].len()));
-        let got = decode_any(&bytes, key, n).unwrap();
+    m.backward_encoded(&p, data.view(), enc, &mut |key, n, e| {
+        assert_eq!(
+            (e.codec, n),
+            (geomx_net::PayloadCodec::Raw, host[key].len())
+        );
+        assert_eq!(e.overflow, 0);
+        let got = decode_any(&e.bytes, key, n).unwrap();
         let max = host[key].iter().fold(0f32, |a, v| a.max(v.abs()));
         for (g, h) in got.iter().zip(&host[key]) {
             assert!((g - h).abs() <= 2e-3 * max + 1e-7, "key {key}: {g} vs {h}");
@@ -310,4 +311,57 @@ fn gpu_payloads_match_the_cpu_encoders_or_report_skipped() {
     })
     .unwrap();
     assert_eq!(seen, p.len());
+}
+
+/// Batch norm evaluates like PyTorch's `eval()`: with running statistics (fresh: mean 0,
+/// variance 1), so one sample's logits are the same alone and inside a batch; a training step
+/// updates the first layer's running mean to 0.9·0 + 0.1·(the batch mean of conv1's output per
+/// channel), computed here independently with libtorch's conv2d (tolerance 1e-5), and the
+/// running variance with the unbiased batch variance; evaluation then uses them (the logits
+/// change), while the batch-statistics reference loss does not depend on them.
+#[test]
+fn batch_norm_uses_running_statistics_in_evaluation() {
+    let data = band_images(12, 3, 8, 3, 11);
+    let m = TchModel::new(Arch::Resnet18, 3 * 8 * 8, 3, Device::Cpu).unwrap();
+    let p = m.init(5);
+    let all = m.forward(&p, data.features()).unwrap();
+    let per = 3 * 8 * 8;
+    for i in [0usize, 5, 11] {
+        let one = m
+            .forward(&p, &data.features()[i * per..(i + 1) * per])
+            .unwrap();
+        for c in 0..3 {
+            let (a, b) = (one[c], all[i * 3 + c]);
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "sample {i} class {c}"
+            );
+        }
+    }
+    assert!(
+        m.bn_running(0).is_none(),
+        "evaluation must not create running statistics"
+    );
+    let loss_before = m.loss_f64(&p, data.view()).unwrap();
+    let mut seen = 0;
+    m.backward_on_device(&p, data.view(), &mut |_, _| seen += 1)
+        .unwrap();
+    assert_eq!(seen, p.len());
+    let (mean, var) = m.bn_running(0).unwrap();
+    assert_eq!(mean.len(), 64);
+    // conv1 (3×3, stride 1, padding 1, no bias) of the batch, per-channel mean and unbiased
+    // variance over (n, h, w).
+    let x = Tensor::from_slice(data.features()).reshape([12, 3, 8, 8]);
+    let w = Tensor::from_slice(&p[0]).reshape([64, 3, 3, 3]);
+    let y = x.conv2d(&w, None::<&Tensor>, [1, 1], [1, 1], [1, 1], 1);
+    let want_mean = to_host(&y.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Float));
+    let want_var = to_host(&y.var_dim([0i64, 2, 3].as_slice(), true, false));
+    for c in 0..64 {
+        assert!((mean[c] - 0.1 * want_mean[c]).abs() <= 1e-5, "mean {c}");
+        let v = 0.9 + 0.1 * want_var[c];
+        assert!((var[c] - v).abs() <= 1e-5 * v.max(1.0), "var {c}");
+    }
+    let after = m.forward(&p, data.features()).unwrap();
+    assert!(after.iter().zip(&all).any(|(a, b)| (a - b).abs() > 1e-4));
+    assert_eq!(m.loss_f64(&p, data.view()).unwrap(), loss_before);
 }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::config::{ModelConfig, ModelKind};
+use super::{ModelConfig, ModelKind};
 
 /// A compute device: the host CPU or one CUDA GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

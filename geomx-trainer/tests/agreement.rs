@@ -1,0 +1,158 @@
+//! One source of truth per round: for every tier-codec combination the configuration accepts
+//! (none, fp16, bf16, bisparse, mpq on the WAN tier; none, fp16, bf16 on the LAN tier) under FSA,
+//! and the dense ones under HFA and MixedSync, every worker ends bit-identical to the global
+//! servers' θ (`replicas_identical` with its full meaning, `global_param_hash == param_hash`).
+//!
+//! Each run is a whole cluster on loopback threads (`launch::threads`): 2 DCs (2 + 1 workers), 2
+//! global servers and a small split bound, so that keys are cut into several ranges and replies
+//! travel as per-range segments; a tiny MLP and a few rounds keep the matrix fast.
+
+use std::time::Duration;
+
+use geomx_trainer::config::Config;
+use geomx_trainer::hips::JobSpec;
+use geomx_trainer::launch::threads;
+use geomx_trainer::report::Report;
+
+/// The WAN codecs the configuration accepts, as `[compression.inter]` bodies.
+const INTER: [(&str, &str); 5] = [
+    ("none", "codec = \"none\""),
+    ("fp16", "codec = \"fp16\""),
+    ("bf16", "codec = \"bf16\""),
+    (
+        "bisparse",
+        "codec = \"bisparse\"\ndensity = 0.1\nmin_size = 100\nvalues = \"f32\"\n\
+         warmup_rounds = 0\nselection = \"exact\"\nresync_every = 0",
+    ),
+    (
+        "mpq",
+        "codec = \"mpq\"\ndensity = 0.1\nmin_size = 100\nwarmup_rounds = 0\nselection = \"exact\"",
+    ),
+];
+
+/// The LAN codecs.
+const INTRA: [&str; 3] = ["none", "fp16", "bf16"];
+
+/// A small job: digits, MLP hidden [16] (keys of 1024, 16, 160 and 10 elements), 2 global servers
+/// with ranges of about 64 elements.
+fn config(sync: &str, rounds: u64, inter: &str, intra: &str) -> Config {
+    let toml = format!(
+        "[cluster]\nglobal_servers = 2\n\
+         [[cluster.data_centers]]\nname = \"dc0\"\nworkers = 2\n\
+         [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 1\n\
+         [model]\nhidden = [16]\n[data]\nbatch_size = 8\n\
+         [train]\nrounds = {rounds}\neval_every = 0\n\
+         [placement]\nmin_range = 64\n\
+         {sync}\n\
+         [compression]\nintra = {{ codec = \"{intra}\" }}\n[compression.inter]\n{inter}\n"
+    );
+    Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"))
+}
+
+fn run(name: &str, cfg: &Config) -> Report {
+    let job = JobSpec::from_config(cfg).unwrap();
+    assert!(
+        job.plan.placement.ranges.len() > job.plan.key_lens.len() + 2,
+        "{name}: keys should be split into several ranges"
+    );
+    threads::run(&job, cfg.to_json(), Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Every worker and the global servers hold the same θ; no resync was needed or missed, no
+/// round was dropped.
+fn assert_agreement(name: &str, r: &Report) {
+    eprintln!(
+        "{name}: param_hash {} global {} accuracy {:.3} codec_bytes {:?}",
+        r.param_hash, r.global_param_hash, r.final_test_accuracy, r.codec_bytes
+    );
+    assert!(r.replicas_identical, "{name}");
+    assert_eq!(r.param_hash, r.global_param_hash, "{name}");
+    assert_eq!(r.param_hash.len(), 16, "{name}");
+    assert_eq!(r.skipped_updates, 0, "{name}");
+    for p in &r.processes {
+        assert_eq!(p.resync_mismatches, 0, "{name}: {p:?}");
+        assert_eq!(p.resyncs, 0, "{name}: {p:?}");
+    }
+    assert!(r.final_test_accuracy > 0.2, "{name}: training went nowhere");
+}
+
+/// The codec classes the WAN bytes show: the run really used the codec it names.
+fn assert_codec_used(name: &str, inter: &str, r: &Report) {
+    let has = |c: &str| r.codec_bytes.get(c).copied().unwrap_or(0) > 0;
+    match inter {
+        "none" => assert!(has("f32") && !has("fp16") && !has("bf16"), "{name}"),
+        "fp16" => assert!(has("fp16") && !has("f32"), "{name}"),
+        "bf16" => assert!(has("bf16") && !has("f32"), "{name}"),
+        "bisparse" => assert!(has("sparse") && has("f32"), "{name}"),
+        _ => assert!(has("sparse") && has("fp16"), "{name}"),
+    }
+}
+
+#[test]
+fn fsa_replicas_equal_the_global_theta_for_every_codec_pair() {
+    for (inter_name, inter) in INTER {
+        for intra in INTRA {
+            let name = format!("fsa inter={inter_name} intra={intra}");
+            let r = run(&name, &config("", 12, inter, intra));
+            assert_agreement(&name, &r);
+            assert_codec_used(&name, inter_name, &r);
+        }
+    }
+}
+
+#[test]
+fn hfa_milestones_equal_the_global_theta_for_every_codec_pair() {
+    let sync = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 2\nk2 = 2";
+    for (inter_name, inter) in &INTER[..3] {
+        for intra in INTRA {
+            let name = format!("hfa inter={inter_name} intra={intra}");
+            let r = run(&name, &config(sync, 16, inter, intra));
+            assert_agreement(&name, &r);
+            assert_codec_used(&name, inter_name, &r);
+        }
+    }
+}
+
+#[test]
+fn mixed_sync_replicas_equal_the_global_theta_after_the_final_pull() {
+    let sync = "[sync]\nalgorithm = \"mixed\"";
+    for (inter_name, inter) in &INTER[..3] {
+        for intra in INTRA {
+            let name = format!("mixed inter={inter_name} intra={intra}");
+            let r = run(&name, &config(sync, 12, inter, intra));
+            assert_agreement(&name, &r);
+            assert_codec_used(&name, inter_name, &r);
+        }
+    }
+}
+
+/// The combinations the configuration refuses are exactly the ones left out above: sparse codecs
+/// under HFA and MixedSync, and sparse codecs on the LAN.
+#[test]
+fn the_matrix_covers_every_accepted_combination() {
+    let accepted = |sync: &str, inter: &str, intra: &str| {
+        let toml = format!(
+            "{sync}\n[compression]\nintra = {{ codec = \"{intra}\" }}\n[compression.inter]\n{inter}\n"
+        );
+        Config::from_toml_str(&toml).is_ok()
+    };
+    let syncs = [
+        ("fsa", ""),
+        ("hfa", "[sync]\nalgorithm = \"hfa\""),
+        ("mixed", "[sync]\nalgorithm = \"mixed\""),
+    ];
+    for (sync_name, sync) in syncs {
+        for (inter_name, inter) in INTER {
+            for intra in ["none", "fp16", "bf16", "bisparse", "mpq"] {
+                let in_matrix = INTRA.contains(&intra)
+                    && (sync_name == "fsa" || !matches!(inter_name, "bisparse" | "mpq"));
+                assert_eq!(
+                    accepted(sync, inter, intra),
+                    in_matrix,
+                    "{sync_name} inter={inter_name} intra={intra}"
+                );
+            }
+        }
+    }
+}
