@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::delay::{MAX_LATENESS_BOUND_NS, P99_LATENESS_BOUND_NS};
-use super::probe::{bulk_tcp_mbit, median, udp_rtts_ms};
+use super::probe::{bulk_tcp_mbit, median, udp_pings};
 use super::{Lab, LabSpec, LinkSpec, WanLabError};
 
 /// What one self-test run sets up.
@@ -62,11 +62,13 @@ pub struct SelftestReport {
     pub goodput_mbit: f64,
     /// `goodput_mbit / rate_mbit`.
     pub rate_ratio: f64,
-    /// Median UDP round trip, ms.
+    /// Median UDP round trip of the packets (kernel receive timestamps), ms.
     pub rtt_ms: f64,
+    /// Median UDP round trip as the application saw it (its threads' wake-ups included), ms.
+    pub app_rtt_ms: f64,
     /// The round trip the link should show: 2 × delay, ms.
     pub expected_rtt_ms: f64,
-    /// Largest of the UDP round trips, ms.
+    /// Largest of the packets' UDP round trips, ms.
     pub rtt_max_ms: f64,
     /// Packets the delay relay released.
     pub packets: u64,
@@ -133,12 +135,13 @@ pub fn run(o: &SelftestOptions) -> Result<SelftestReport, WanLabError> {
         allow_cpu_idle: o.allow_cpu_idle,
     })?;
     let steal0 = steal_ms();
-    let rtts = udp_rtts_ms(&lab, 1, 0, o.pings)?;
+    let pings = udp_pings(&lab, 1, 0, o.pings)?;
     let goodput = bulk_tcp_mbit(&lab, 0, 1, o.skip, o.bulk)?;
     let steal = steal_ms() - steal0;
     let st = lab.teardown().unwrap_or_default();
     let l = st.lateness();
-    let rtt_max = rtts.iter().copied().fold(0.0, f64::max);
+    let path: Vec<f64> = pings.iter().map(|p| p.path_ms).collect();
+    let rtt_max = path.iter().copied().fold(0.0, f64::max);
     let mut r = SelftestReport {
         ok: false,
         failures: Vec::new(),
@@ -151,7 +154,8 @@ pub fn run(o: &SelftestOptions) -> Result<SelftestReport, WanLabError> {
         delay_ms: o.delay_ms,
         goodput_mbit: goodput,
         rate_ratio: goodput / o.rate_mbit,
-        rtt_ms: median(rtts),
+        rtt_ms: median(path),
+        app_rtt_ms: median(pings.iter().map(|p| p.app_ms).collect()),
         expected_rtt_ms: 2.0 * o.delay_ms,
         rtt_max_ms: rtt_max,
         packets: l.packets,
@@ -220,6 +224,7 @@ mod tests {
             goodput_mbit: 95.0,
             rate_ratio: 0.95,
             rtt_ms: 100.5,
+            app_rtt_ms: 100.7,
             expected_rtt_ms: 100.0,
             rtt_max_ms: 101.0,
             packets: 10,
