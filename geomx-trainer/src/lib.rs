@@ -10,6 +10,7 @@ pub mod bench_e2e;
 pub mod bench_sync;
 pub mod config;
 pub mod data;
+pub mod deploy;
 pub mod engine;
 pub mod hips;
 pub mod launch;
