@@ -18,8 +18,7 @@ use super::DeployError;
 use crate::config::{Config, Role};
 use crate::launch::role::RoleArgs;
 
-/// `model.device` value that takes the GPU from the launcher's local rank.
-pub const CUDA_LOCAL: &str = "cuda:local";
+pub use crate::engine::device::CUDA_LOCAL;
 
 /// The device `cuda:local` stands for: GPU `local_rank`, or `local_rank` mod the number of
 /// devices `CUDA_VISIBLE_DEVICES` lists when it is set (Slurm and Kubernetes narrow it to the
@@ -239,6 +238,17 @@ mod tests {
                 .starts_with("CUDA_VISIBLE_DEVICES: lists no device"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn processes_on_different_gpus_agree_on_the_config_hash() {
+        let mut a = Config::default();
+        a.model.device = "cuda:0".into();
+        let mut b = a.clone();
+        b.model.device = "cuda:1".into();
+        assert_eq!(a.config_hash(), b.config_hash());
+        b.model.seed += 1;
+        assert_ne!(a.config_hash(), b.config_hash());
     }
 
     fn env(pairs: &[(&str, &str)]) -> Env {
