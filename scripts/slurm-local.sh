@@ -21,6 +21,7 @@ CPUS=${GEOMX_SLURM_CPUS:-16}
 UP_TIMEOUT=${GEOMX_SLURM_UP_TIMEOUT:-60}
 CONF=/etc/slurm/slurm.conf
 MARKER="# written by geomx scripts/slurm-local.sh"
+HOSTS_MARKER="# geomx-slurm-local"
 
 log() { echo "slurm-local: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -116,7 +117,9 @@ cmd_up() {
   local host
   host=$(hostname -s)
   if [ -z "$(getent hosts "$host" || true)" ]; then
-    die "hostname $host does not resolve (add it to /etc/hosts)"
+    # Slurm and the jobs' coordinator address need the node's name to resolve.
+    log "hostname $host does not resolve: adding it to /etc/hosts (removed by down)"
+    echo "127.0.0.1 $host $HOSTS_MARKER" >>/etc/hosts
   fi
   write_config "$host"
   start_munge
@@ -169,6 +172,12 @@ cmd_down() {
     stop_pidfile /run/munge/munged.pid
   fi
   rm -rf "$STATE"
+  if grep -qF "$HOSTS_MARKER" /etc/hosts; then
+    # Rewrite in place (the file may be a bind mount that cannot be replaced).
+    local kept
+    kept=$(grep -vF "$HOSTS_MARKER" /etc/hosts)
+    printf '%s\n' "$kept" >/etc/hosts
+  fi
   if [ -f "$CONF" ] && grep -qF "$MARKER" "$CONF"; then
     rm -f "$CONF"
   fi
