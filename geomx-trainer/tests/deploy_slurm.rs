@@ -32,7 +32,11 @@ fn skip_reason() -> Option<String> {
         )),
         Ok(o) if !o.status.success() => Some(format!(
             "Slurm is not up (sinfo: {}); run scripts/slurm-local.sh up",
-            String::from_utf8_lossy(&o.stderr).trim()
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
         )),
         Ok(o) => {
             let states = String::from_utf8_lossy(&o.stdout).into_owned();

@@ -50,33 +50,35 @@ pub fn resolve_local_device(
 /// Resolves `ep`, retrying while the name is unknown (a Kubernetes Service name appears only
 /// once its pod exists) until `deadline`.
 fn resolve(ep: &Endpoint, deadline: Instant) -> Result<Vec<SocketAddr>, DeployError> {
+    resolve_with(ep, deadline, Duration::from_millis(250), |h, p| {
+        (h, p).to_socket_addrs().map(Iterator::collect)
+    })
+}
+
+/// [`resolve`] with the name lookup `lookup` and `pause` between tries.
+fn resolve_with(
+    ep: &Endpoint,
+    deadline: Instant,
+    pause: Duration,
+    lookup: impl Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>>,
+) -> Result<Vec<SocketAddr>, DeployError> {
     loop {
-        match (ep.host.as_str(), ep.port).to_socket_addrs() {
-            Ok(a) => {
-                let v: Vec<SocketAddr> = a.collect();
-                if !v.is_empty() {
-                    return Ok(v);
-                }
-            }
-            Err(e) if Instant::now() >= deadline => {
-                return Err(DeployError::env(
-                    COORDINATOR_VAR,
-                    format!(
-                        "the coordinator's host {:?} did not resolve within the registration \
-                         timeout ({e}); expected a name this host can resolve",
-                        ep.host
-                    ),
-                ))
-            }
-            Err(_) => {}
-        }
+        let why = match lookup(&ep.host, ep.port) {
+            Ok(v) if !v.is_empty() => return Ok(v),
+            Ok(_) => "no address".to_string(),
+            Err(e) => e.to_string(),
+        };
         if Instant::now() >= deadline {
             return Err(DeployError::env(
                 COORDINATOR_VAR,
-                format!("{:?} resolved to no address", ep.host),
+                format!(
+                    "the coordinator's host {:?} did not resolve within the registration timeout \
+                     ({why}); expected a name this host can resolve",
+                    ep.host
+                ),
             ));
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(pause);
     }
 }
 
@@ -237,6 +239,36 @@ mod tests {
             e.to_string()
                 .starts_with("CUDA_VISIBLE_DEVICES: lists no device"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn name_resolution_waits_for_the_name_but_not_forever() {
+        let ep = Endpoint {
+            host: "geomx-central-0.geomx-central".into(),
+            port: 9092,
+        };
+        let addr: SocketAddr = "198.19.0.10:9092".parse().unwrap();
+        let tries = std::cell::Cell::new(0);
+        let late = |_: &str, _: u16| {
+            tries.set(tries.get() + 1);
+            if tries.get() < 3 {
+                Err(std::io::Error::other("Name or service not known"))
+            } else {
+                Ok(vec![addr])
+            }
+        };
+        let far = Instant::now() + Duration::from_secs(600);
+        let got = resolve_with(&ep, far, Duration::from_millis(1), late).unwrap();
+        assert_eq!((got, tries.get()), (vec![addr], 3));
+        let never = |_: &str, _: u16| Err(std::io::Error::other("Name or service not known"));
+        let soon = Instant::now() + Duration::from_millis(50);
+        let e = resolve_with(&ep, soon, Duration::from_millis(5), never).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "GEOMX_COORDINATOR: the coordinator's host \"geomx-central-0.geomx-central\" did not \
+             resolve within the registration timeout (Name or service not known); expected a name \
+             this host can resolve"
         );
     }
 
