@@ -11,6 +11,7 @@ pub mod bench_sync;
 pub mod codec;
 pub mod config;
 pub mod data;
+pub mod deploy;
 pub mod engine;
 pub mod hash;
 pub mod hips;

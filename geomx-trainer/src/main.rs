@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run one role of a job (multi-host use). Without --role, reads the original's DMLC_* variables.
+    /// Run one role of a job (multi-host use). Without --role (or with --from-env), takes the role
+    /// from the launcher's variables: Slurm, Kubernetes, torchrun, ps-lite's DMLC_* (docs/deployment.md).
     Run(RunArgs),
     /// Start the whole cluster on this machine as separate processes and wait for it.
     Launch {
@@ -35,6 +36,11 @@ enum Cmd {
         /// Print no progress lines.
         #[arg(long)]
         quiet: bool,
+    },
+    /// Write a job's files for a scheduler: a Slurm sbatch script, Kubernetes manifests, a report.
+    Deploy {
+        #[command(subcommand)]
+        what: geomx_trainer::deploy::cli::DeployCmd,
     },
     /// Micro-benchmarks; print one JSON line.
     Bench {
@@ -102,9 +108,12 @@ enum RoleArg {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The role; omit to take it from DMLC_ROLE / DMLC_ROLE_GLOBAL.
+    /// The role; omit to take it from the launcher's variables (as --from-env does).
     #[arg(long, value_enum)]
     role: Option<RoleArg>,
+    /// Take the role, data center and rank from the launcher's variables (docs/deployment.md).
+    #[arg(long, conflicts_with_all = ["role", "dc", "rank"])]
+    from_env: bool,
     /// Topology file (TOML); default: the built-in configuration.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -151,7 +160,28 @@ fn run(args: RunArgs) -> Result<(), String> {
             (cfg, spec)
         }
         None => {
+            use geomx_trainer::deploy::{from_env, run::prepare};
             let vars: HashMap<String, String> = std::env::vars().collect();
+            let launcher = from_env::detect(&vars).map_err(|e| e.to_string())?;
+            if launcher != from_env::Launcher::Dmlc {
+                let p = prepare(
+                    launcher,
+                    &vars,
+                    args.config.as_deref(),
+                    args.coordinator.as_deref(),
+                    args.bind.as_deref(),
+                )
+                .map_err(|e| e.to_string())?;
+                init_tracing(p.config.log.level);
+                tracing::info!(
+                    "{}; binding {}",
+                    p.assignment,
+                    p.args.bind_host.as_deref().unwrap_or("")
+                );
+                return run_role(&p.config, &p.args, exit_hook())
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+            }
             let (mut cfg, spec) = Config::from_dmlc_env(&vars).map_err(|e| e.to_string())?;
             if let Some(p) = &args.config {
                 // A topology file overrides what the variables implied about the job.
@@ -256,6 +286,7 @@ fn main() -> ExitCode {
             };
             launch(&opts).map(|_| ()).map_err(|e| e.to_string())
         }
+        Cmd::Deploy { what } => geomx_trainer::deploy::cli::run(what).map_err(|e| e.to_string()),
         Cmd::WanLab {
             selftest: true,
             runs,

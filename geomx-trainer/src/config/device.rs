@@ -44,24 +44,36 @@ impl fmt::Display for Device {
     }
 }
 
+/// `model.device` that picks the GPU from the launcher's local rank (`geomx run --from-env`).
+pub const CUDA_LOCAL: &str = "cuda:local";
+
 /// True when this binary has the libtorch back end (feature `tch`).
 pub const TCH_ENABLED: bool = cfg!(feature = "tch");
 
 /// Checks `[model]` without the data: the device string, that libtorch models are compiled in,
 /// and that the built-in MLP runs on the CPU. On error returns `(field, message)`.
 pub fn validate_model_config(cfg: &ModelConfig) -> Result<(), (String, String)> {
-    let Some(device) = Device::parse(&cfg.device) else {
+    // `cuda:local` becomes `cuda:<local rank>` in `geomx run --from-env`; check it as a GPU.
+    let parsed = match cfg.device.as_str() {
+        CUDA_LOCAL => Some(Device::Cuda(0)),
+        d => Device::parse(d),
+    };
+    let Some(device) = parsed else {
         return Err((
             "model.device".into(),
-            format!("{:?} is not \"cpu\" or \"cuda:N\"", cfg.device),
+            format!(
+                "{:?} is not \"cpu\", \"cuda:N\" or \"cuda:local\"",
+                cfg.device
+            ),
         ));
     };
     match cfg.kind {
         ModelKind::Mlp if device != Device::Cpu => Err((
             "model.device".into(),
             format!(
-                "the built-in mlp runs on the cpu only, not {device}; use model.kind = \"cnn\" or \
-                 \"resnet18\" (feature tch) for GPUs"
+                "the built-in mlp runs on the cpu only, not {}; use model.kind = \"cnn\" or \
+                 \"resnet18\" (feature tch) for GPUs",
+                cfg.device
             ),
         )),
         ModelKind::Cnn | ModelKind::Resnet18 if !TCH_ENABLED => Err((
@@ -106,6 +118,10 @@ mod tests {
         let (field, msg) = validate_model_config(&cfg).unwrap_err();
         assert_eq!(field, "model.device");
         assert!(msg.contains("cpu only"), "{msg}");
+        cfg.device = CUDA_LOCAL.into();
+        let (field, msg) = validate_model_config(&cfg).unwrap_err();
+        assert_eq!(field, "model.device");
+        assert!(msg.contains("not cuda:local"), "{msg}");
         cfg.kind = ModelKind::Cnn;
         let r = validate_model_config(&cfg);
         if TCH_ENABLED {

@@ -241,7 +241,8 @@ pub struct ModelConfig {
     pub hidden: Vec<usize>,
     /// Seed of the initial parameters θ_0.
     pub seed: u64,
-    /// Where the model computes: `"cpu"` or `"cuda:N"` (libtorch models only).
+    /// Where the model computes: `"cpu"`, `"cuda:N"`, or `"cuda:local"` (the GPU of the launcher's
+    /// local rank, `geomx run --from-env`); CUDA for libtorch models only.
     pub device: String,
 }
 
@@ -769,12 +770,17 @@ impl Config {
 
     /// Stable 64-bit hash of everything that must agree across processes for a correct run: model,
     /// data, training, sync, compression, transport kinds and placement. Addresses, ports, the I/O
-    /// driver, timeouts, log level and the cluster's shape are left out: they legitimately differ
-    /// between processes (e.g. in `DMLC_*` mode each process sees part of the topology), and the
-    /// coordinator checks the shape itself at registration. FNV-1a over canonical JSON.
+    /// driver, timeouts, log level, the model's device and the cluster's shape are left out: they
+    /// legitimately differ between processes (e.g. in `DMLC_*` mode each process sees part of the
+    /// topology; `cuda:local` becomes each process's own GPU), and the coordinator checks the shape
+    /// itself at registration. FNV-1a over canonical JSON.
     pub fn config_hash(&self) -> u64 {
+        let mut model = serde_json::to_value(&self.model).unwrap_or_default();
+        if let Some(m) = model.as_object_mut() {
+            m.remove("device");
+        }
         let view = serde_json::json!({
-            "model": self.model,
+            "model": model,
             "data": self.data,
             "train": self.train,
             "sync": self.sync,

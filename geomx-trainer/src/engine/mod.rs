@@ -231,8 +231,15 @@ pub fn build_model(
     inputs: usize,
     classes: usize,
 ) -> Result<Box<dyn Model>, EngineError> {
-    let device = Device::parse(&cfg.device)
-        .ok_or_else(|| EngineError::Device(format!("{:?} is not cpu or cuda:N", cfg.device)))?;
+    let device = Device::parse(&cfg.device).ok_or_else(|| {
+        EngineError::Device(if cfg.device == device::CUDA_LOCAL {
+            "model.device = \"cuda:local\" takes the GPU from a launcher's local rank: start the \
+             process with `geomx run --from-env`, or give cuda:N"
+                .into()
+        } else {
+            format!("{:?} is not cpu or cuda:N", cfg.device)
+        })
+    })?;
     match cfg.kind {
         ModelKind::Mlp => {
             if device != Device::Cpu {
