@@ -18,7 +18,7 @@ use super::DeployError;
 use crate::config::{Config, Role};
 use crate::launch::role::RoleArgs;
 
-pub use crate::engine::device::CUDA_LOCAL;
+pub use crate::config::device::CUDA_LOCAL;
 
 /// The device `cuda:local` stands for: GPU `local_rank`, or `local_rank` mod the number of
 /// devices `CUDA_VISIBLE_DEVICES` lists when it is set (Slurm and Kubernetes narrow it to the

@@ -232,7 +232,7 @@ pub fn build_model(
     classes: usize,
 ) -> Result<Box<dyn Model>, EngineError> {
     let device = Device::parse(&cfg.device).ok_or_else(|| {
-        EngineError::Device(if cfg.device == device::CUDA_LOCAL {
+        EngineError::Device(if cfg.device == crate::config::device::CUDA_LOCAL {
             "model.device = \"cuda:local\" takes the GPU from a launcher's local rank: start the \
              process with `geomx run --from-env`, or give cuda:N"
                 .into()
