@@ -121,13 +121,25 @@ pub fn assemble(
 mod tests {
     use super::*;
 
+    /// One process's final-stats line; local servers also report the global
+    /// copy they last received (`global_hash`).
     fn stats(role: &str, dc: u32, rank: u32, hash: Option<u64>) -> String {
+        stats_with_global(role, dc, rank, hash, None)
+    }
+
+    fn stats_with_global(
+        role: &str,
+        dc: u32,
+        rank: u32,
+        hash: Option<u64>,
+        global_hash: Option<u64>,
+    ) -> String {
         format!(
             "{}{}",
             lines::STATS,
             serde_json::json!({
                 "role": role, "dc": dc, "rank": rank, "served_bytes": 10, "client_bytes": 5,
-                "param_hash": hash, "final_loss": 0.5, "staleness": [],
+                "param_hash": hash, "global_param_hash": global_hash, "final_loss": 0.5, "staleness": [],
                 "final_test_accuracy": if role == "worker" && dc == 0 && rank == 0 { Some(0.9) } else { None },
                 "codec_bytes": {}, "resyncs": 0, "resync_mismatches": 0, "topk_fallbacks": 0,
             })
@@ -135,12 +147,22 @@ mod tests {
     }
 
     fn full_output(prefix: bool) -> String {
+        full_output_with_globals(prefix, [0xabc, 0xabc])
+    }
+
+    fn full_output_with_globals(prefix: bool, globals: [u64; 2]) -> String {
         let mut lines_out = vec![
             stats("coordinator", 2, 0, None),
             stats("global_server", 2, 0, None),
         ];
         for dc in 0..2 {
-            lines_out.push(stats("local_server", dc, 0, None));
+            lines_out.push(stats_with_global(
+                "local_server",
+                dc,
+                0,
+                None,
+                Some(globals[dc as usize]),
+            ));
             for r in 0..2 {
                 lines_out.push(stats("worker", dc, r, Some(0xabc)));
             }
@@ -178,6 +200,15 @@ mod tests {
             assert_eq!(r.final_test_accuracy, 0.9);
             assert_eq!(r.wan_bytes, 10);
         }
+    }
+
+    #[test]
+    fn a_data_center_whose_global_copy_differs_breaks_replica_identity() {
+        let mut c = Collected::default();
+        scan(&full_output_with_globals(false, [0xabc, 0xabd]), "job.log", &mut c).unwrap();
+        let r = assemble(&Config::default(), c, 400, vec![100], 1.5).unwrap();
+        assert_eq!(r.param_hash, "0000000000000abc");
+        assert!(!r.replicas_identical);
     }
 
     #[test]
