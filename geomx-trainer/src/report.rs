@@ -202,6 +202,7 @@ mod tests {
             skipped_updates: 0,
             cast_overflows: Default::default(),
             dgt: None,
+            refused_requests: 0,
         }
     }
 

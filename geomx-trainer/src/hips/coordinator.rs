@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use geomx_net::coord::{CoordOptions, CoordOutcome, Coordinator, PROTOCOL_VERSION};
 use geomx_net::{Handler, KvServer, MsgKind, PayloadCodec, Request, Responder};
 
+use super::admit::Admission;
 use super::esync::{self, Esync};
 use super::node::{FatalHook, Node};
 use super::{lock, JobSpec, RoleStats, RunError};
@@ -95,14 +96,25 @@ struct EsyncHandler {
     origin: Instant,
     /// Node id → global worker index, from the membership table (set before the start barrier).
     workers: OnceLock<HashMap<u32, u32>>,
+    /// Which connection speaks for which worker; refused requests.
+    admission: Admission,
 }
 
 impl EsyncHandler {
     /// Refuses a request naming a worker index the requesting connection does not own.
-    fn owner_check(&self, sender: u32, r: &esync::Request) -> Result<(), String> {
+    fn owner_check(
+        &self,
+        sender: u32,
+        r: &esync::Request,
+        reply: &Responder,
+    ) -> Result<(), String> {
         let claimed = r.worker();
         match self.workers.get().and_then(|m| m.get(&sender)) {
-            Some(&w) if w == claimed => Ok(()),
+            Some(&w) if w == claimed && self.admission.claim(sender, &reply.peer()) => Ok(()),
+            Some(&w) if w == claimed => Err(format!(
+                "node {sender} (worker {w}) is already connected; a second connection may not \
+                 speak for it"
+            )),
             Some(&w) => Err(format!(
                 "ESync request for worker {claimed} from node {sender}, which is worker {w}"
             )),
@@ -116,19 +128,15 @@ impl EsyncHandler {
 impl Handler for EsyncHandler {
     fn on_request(&self, req: Request, reply: Responder) {
         if req.kind != MsgKind::Push {
-            let _ = reply.error(&format!("the ESync endpoint does not serve {:?}", req.kind));
-            return;
+            let msg = format!("the ESync endpoint does not serve {:?}", req.kind);
+            return self.admission.refuse(reply, msg);
         }
         let parsed = esync::Request::from_frame(req.key, req.version, &req.payload)
             .map_err(|e| e.to_string())
-            .and_then(|r| self.owner_check(req.sender, &r).map(|()| r));
+            .and_then(|r| self.owner_check(req.sender, &r, &reply).map(|()| r));
         let r = match parsed {
             Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "ESync request refused");
-                let _ = reply.error(&e);
-                return;
-            }
+            Err(e) => return self.admission.refuse(reply, e),
         };
         let mut m = lock(&self.machine);
         let answer = m.esync.handle(&r, self.origin.elapsed().as_secs_f64());
@@ -140,8 +148,8 @@ impl Handler for EsyncHandler {
             }
             Ok(a) => reply.send(req.version, PayloadCodec::Raw, &a.encode()),
             Err(e) => {
-                tracing::warn!(error = %e, "ESync request refused");
-                reply.error(&e.to_string())
+                self.admission.refuse(reply, e.to_string());
+                Ok(())
             }
         };
         // Any request may have completed a round's step counts.
@@ -176,6 +184,7 @@ impl EsyncEndpoint {
             }),
             origin: Instant::now(),
             workers: OnceLock::new(),
+            admission: Admission::default(),
         });
         let bind = SocketAddr::new(coord.ip(), 0);
         let server = KvServer::bind_with_id(bind, 0, handler.clone(), job.net)

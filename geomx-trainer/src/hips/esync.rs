@@ -176,6 +176,15 @@ impl Esync {
                         current: self.t,
                     });
                 }
+                // A reset starts the next round at most: a far-future round would make every
+                // genuine reset stale.
+                if round > self.t + 1 {
+                    return Err(EsyncError::FutureReset {
+                        worker,
+                        round,
+                        current: self.t,
+                    });
+                }
                 let steps = self
                     .reset(r, round, now)
                     .map(<[u64]>::to_vec)
@@ -212,6 +221,16 @@ pub enum EsyncError {
         /// Round asked for.
         round: u64,
         /// The current global round.
+        current: u64,
+    },
+    /// A reset for a round beyond the next one.
+    #[error("worker {worker} reset to round {round}, but the current round is {current}")]
+    FutureReset {
+        /// The worker index of the request.
+        worker: u32,
+        /// The round it named.
+        round: u64,
+        /// The current round t.
         current: u64,
     },
     /// A reset for a round that already ended.
@@ -578,6 +597,30 @@ mod tests {
                 assert!(pushes[0] <= pushes[2], "slow {slow}: {pushes:?}");
             }
         }
+    }
+
+    /// A reset to a far-future round is refused and leaves the round where it was, so the
+    /// genuine resets that follow are not stale.
+    #[test]
+    fn future_reset_is_refused_and_changes_nothing() {
+        let mut m = Esync::new(2, 0.5);
+        let reset = |worker, round| Request::Reset {
+            worker,
+            round,
+            c: 0.1,
+        };
+        assert!(matches!(
+            m.handle(&reset(1, u64::MAX), 1.0),
+            Err(EsyncError::FutureReset { current: 1, .. })
+        ));
+        assert!(matches!(
+            m.handle(&reset(0, 3), 1.0),
+            Err(EsyncError::FutureReset { current: 1, .. })
+        ));
+        assert_eq!(m.round(), 1);
+        assert!(m.handle(&reset(0, 2), 1.0).is_ok());
+        assert!(m.handle(&reset(1, 2), 1.0).is_ok());
+        assert_eq!(m.round(), 2);
     }
 
     #[test]

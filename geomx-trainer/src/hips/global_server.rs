@@ -10,6 +10,7 @@ use geomx_net::{Handler, MsgKind, PayloadCodec, Request, Responder};
 
 use std::net::ToSocketAddrs;
 
+use super::admit::Admission;
 use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
 use super::msg::{f32_bytes, UpPush, SKIP_FLAG};
 use super::node::{Aborter, FatalHook, Identity, Node};
@@ -58,6 +59,8 @@ struct GlobalHandler {
     state: Mutex<State>,
     /// Node id → DC of the local servers, known once registration completed.
     dc_of: OnceLock<HashMap<u32, usize>>,
+    /// Which connection speaks for which local server; refused requests.
+    admission: Admission,
     aborter: OnceLock<Aborter>,
     range_lens: Vec<usize>,
     /// The key of every range (for messages and per-key counters).
@@ -90,13 +93,30 @@ struct DgtJoin {
     halves: Mutex<HashMap<(usize, usize, u64), Half>>,
 }
 
-/// Refuses a request from a process outside the membership (logged, not fatal).
-pub(crate) fn reject(reply: Responder, msg: String) {
-    tracing::warn!(%msg, "request from a non-member refused");
-    let _ = reply.error(&msg);
-}
-
 impl GlobalHandler {
+    /// The DC of the local server whose connection sent `req`, or why the request is refused:
+    /// the sender is no local server, or another connection already speaks for it.
+    fn member(&self, req: &Request) -> Result<usize, String> {
+        let Some(&dc) = self.dc_of.get().and_then(|m| m.get(&req.sender)) else {
+            return Err(format!(
+                "{:?} from node {} which is no local server",
+                req.kind, req.sender
+            ));
+        };
+        Ok(dc)
+    }
+
+    /// An aggregation error: a non-finite value under `nonfinite = "abort"` ends the job (the
+    /// configured policy); anything else is the pushing peer's bad request, refused.
+    fn agg_error(&self, reply: Responder, dc: usize, e: &AggError) {
+        let msg = self.agg_message(dc, e);
+        if matches!(e, AggError::NonFinite { .. }) {
+            self.fail(reply, msg);
+        } else {
+            self.admission.refuse(reply, msg);
+        }
+    }
+
     fn fail(&self, reply: Responder, msg: String) {
         tracing::error!(%msg, "protocol error at the global server");
         let _ = reply.error(&msg);
@@ -145,16 +165,21 @@ impl GlobalHandler {
 
     fn on_push(&self, req: Request, reply: Responder) {
         let id = req.key as usize;
+        // A peer's bad request is refused, never fatal: a genuine local server fails on the
+        // error reply and ends the job itself, naming the cause.
+        let dc = match self.member(&req) {
+            Ok(dc) => dc,
+            Err(msg) => return self.admission.refuse(reply, msg),
+        };
         let Some(&len) = self.range_lens.get(id) else {
-            return self.fail(reply, format!("push for unknown range {id}"));
+            return self
+                .admission
+                .refuse(reply, format!("push for unknown range {id}"));
         };
-        let Some(&dc) = self.dc_of.get().and_then(|m| m.get(&req.sender)) else {
-            // Not a member: refuse the request but keep the job running.
-            return reject(
-                reply,
-                format!("push from node {} which is no local server", req.sender),
-            );
-        };
+        // A push for a known range binds the local server's id to this connection (admit.rs).
+        if let Err(msg) = self.admission.bind(req.sender, &reply) {
+            return self.admission.refuse(reply, msg);
+        }
         if let Some(join) = &self.dgt {
             return self.on_push_dgt(join, id, dc, req, reply);
         }
@@ -165,7 +190,10 @@ impl GlobalHandler {
         };
         let up = match up {
             Ok(u) => u,
-            Err(e) => return self.fail(reply, format!("range push from dc {dc}: {e}")),
+            Err(e) => {
+                let msg = format!("range push from dc {dc}: {e}");
+                return self.admission.refuse(reply, msg);
+            }
         };
         self.accept_push(id, dc, req.version, up, reply);
     }
@@ -174,7 +202,7 @@ impl GlobalHandler {
     /// receiver (joined in [`GlobalHandler::on_delivery`] if they are not here yet).
     fn on_push_dgt(&self, join: &DgtJoin, id: usize, dc: usize, req: Request, reply: Responder) {
         let Ok(count) = <[u8; DGT_PUSH_LEN]>::try_from(req.payload.as_slice()) else {
-            return self.fail(
+            return self.admission.refuse(
                 reply,
                 format!(
                     "dgt push of range {id} from dc {dc}: {} payload bytes, expected {DGT_PUSH_LEN}",
@@ -204,7 +232,7 @@ impl GlobalHandler {
             }
             Some(Half::Push(..)) => {
                 drop(halves);
-                self.fail(
+                self.admission.refuse(
                     reply,
                     format!(
                         "second push of range {id} round {} from dc {dc}",
@@ -287,7 +315,7 @@ impl GlobalHandler {
             Ok(Some(d)) => d,
             Err(e) => {
                 drop(st);
-                return self.fail(reply, self.agg_message(dc, &e));
+                return self.agg_error(reply, dc, &e);
             }
         };
         self.account(id, version, done.skipped, done.overflow);
@@ -347,7 +375,7 @@ impl GlobalHandler {
             Ok(d) => d,
             Err(e) => {
                 drop(st);
-                return self.fail(reply, self.agg_message(dc, &e));
+                return self.agg_error(reply, dc, &e);
             }
         };
         self.account(id, base, done.skipped, done.overflow);
@@ -380,6 +408,14 @@ impl GlobalHandler {
             };
         }
         let id = req.key as usize;
+        if let Err(msg) = self.member(&req) {
+            return self.admission.refuse(reply, msg);
+        }
+        if id < self.range_lens.len() {
+            if let Err(msg) = self.admission.bind(req.sender, &reply) {
+                return self.admission.refuse(reply, msg);
+            }
+        }
         let mut st = lock(&self.state);
         if let Some((mixed, _)) = st.mixed.as_ref() {
             // MixedSync pulls only θ_0 (start-up); any version at least the one asked for serves.
@@ -392,7 +428,8 @@ impl GlobalHandler {
                 Some(_) => st.pulls.push((id, req.version, reply)),
                 None => {
                     drop(st);
-                    self.fail(reply, format!("pull: unknown range {id}"));
+                    let msg = format!("pull: unknown range {id}");
+                    self.admission.refuse(reply, msg);
                 }
             };
         }
@@ -406,7 +443,7 @@ impl GlobalHandler {
             Ok(None) => st.pulls.push((id, req.version, reply)),
             Err(e) => {
                 drop(st);
-                self.fail(reply, format!("pull: {e}"));
+                self.admission.refuse(reply, format!("pull: {e}"));
             }
         }
     }
@@ -423,11 +460,16 @@ fn answer_pulls((pulls, theta): (Vec<Responder>, Vec<u8>), version: u64) {
 
 impl Handler for GlobalHandler {
     fn on_request(&self, req: Request, reply: Responder) {
+        let known = || self.dc_of.get().is_some();
+        let Some((req, reply)) = self.admission.hold_early(known, req, reply) else {
+            return;
+        };
         match req.kind {
             MsgKind::Push => self.on_push(req, reply),
             MsgKind::Pull => self.on_pull(req, reply),
             other => {
-                let _ = reply.error(&format!("a global server does not serve {other:?}"));
+                let msg = format!("a global server does not serve {other:?}");
+                self.admission.refuse(reply, msg);
             }
         }
     }
@@ -516,6 +558,7 @@ pub fn run(
             mixed,
         }),
         dc_of: OnceLock::new(),
+        admission: Admission::default(),
         aborter: OnceLock::new(),
         range_lens: plan.placement.ranges.iter().map(|r| r.len).collect(),
         range_keys: plan.placement.ranges.iter().map(|r| r.key).collect(),
@@ -551,7 +594,12 @@ pub fn run(
         .filter(|n| n.role == roles::LOCAL_SERVER)
         .map(|n| (n.id, n.dc as usize))
         .collect();
-    let _ = handler.dc_of.set(dc_of);
+    let early = handler.admission.open(|| {
+        let _ = handler.dc_of.set(dc_of);
+    });
+    for (req, reply) in early {
+        handler.on_request(req, reply);
+    }
     let _ = handler.aborter.set(node.aborter());
     node.barrier("all")?;
     if owned > 0 && job.global_rounds() > 0 {
@@ -564,6 +612,7 @@ pub fn run(
     server.shutdown();
     let mut stats = RoleStats::new(&node.me, served);
     stats.skipped_updates = handler.skipped.load(Ordering::Relaxed);
+    stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
     if let Some(s) = dgt_server {
         let d = super::dgt::DgtRoleStats::from_server(&s.stats());

@@ -25,8 +25,8 @@ use geomx_net::{
 
 use geomx_net::dgt::link::DgtClient;
 
+use super::admit::Admission;
 use super::dgt::{DgtRoleStats, DgtUplink, DGT_INFO_KEY};
-use super::global_server::reject;
 use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
@@ -94,6 +94,8 @@ struct LocalHandler {
     dgt_links: OnceLock<Vec<DgtClient>>,
     /// Contribution scores and channel assignment of the DGT pushes.
     dgt_up: Mutex<Option<DgtUplink>>,
+    /// Which connection speaks for which worker; refused requests.
+    admission: Admission,
 }
 
 impl LocalHandler {
@@ -109,6 +111,18 @@ impl LocalHandler {
         self.abort(msg);
     }
 
+    /// The rank of the worker whose connection sent `req`, or why the request is refused: the
+    /// sender is no worker of this DC, or another connection already speaks for it.
+    fn member(&self, req: &Request) -> Result<usize, String> {
+        let Some(&rank) = self.rank_of.get().and_then(|m| m.get(&req.sender)) else {
+            return Err(format!(
+                "{:?} from node {} which is no worker of dc {}",
+                req.kind, req.sender, self.dc
+            ));
+        };
+        Ok(rank)
+    }
+
     /// What a worker pushes: gradients, or models under HFA / ESync.
     fn pushed(&self) -> &'static str {
         if self.models {
@@ -120,25 +134,27 @@ impl LocalHandler {
 
     fn on_push(&self, req: Request, reply: Responder) {
         let key = req.key as usize;
-        let Some(&rank) = self.rank_of.get().and_then(|m| m.get(&req.sender)) else {
-            // Not a member: refuse the request but keep the job running.
-            return reject(
-                reply,
-                format!(
-                    "push from node {} which is no worker of dc {}",
-                    req.sender, self.dc
-                ),
-            );
+        // A peer's bad request is refused, never fatal: a genuine worker fails on the error
+        // reply and ends the job itself, naming the cause.
+        let rank = match self.member(&req) {
+            Ok(r) => r,
+            Err(msg) => return self.admission.refuse(reply, msg),
         };
         let Some(&len) = self.key_lens.get(key) else {
-            return self.fail(reply, format!("dc {}: push of unknown key {key}", self.dc));
+            let msg = format!("dc {}: push of unknown key {key}", self.dc);
+            return self.admission.refuse(reply, msg);
         };
         let grad = match decode_values(req.codec, &req.payload, key, len) {
             Ok(g) => g,
             Err(e) => {
-                return self.fail(reply, format!("worker (dc {}, rank {rank}): {e}", self.dc));
+                let msg = format!("worker (dc {}, rank {rank}): {e}", self.dc);
+                return self.admission.refuse(reply, msg);
             }
         };
+        // A well-formed push binds the worker's id to this connection (admit.rs).
+        if let Err(msg) = self.admission.bind(req.sender, &reply) {
+            return self.admission.refuse(reply, msg);
+        }
         let bad = count_nonfinite(&grad);
         if bad > 0 {
             let msg = format!(
@@ -181,7 +197,8 @@ impl LocalHandler {
             }
             Err(e) => {
                 drop(st);
-                self.fail(reply, format!("worker (dc {}, rank {rank}): {e}", self.dc));
+                let msg = format!("worker (dc {}, rank {rank}): {e}", self.dc);
+                self.admission.refuse(reply, msg);
             }
         }
     }
@@ -208,11 +225,20 @@ impl LocalHandler {
 
     fn on_pull(&self, req: Request, reply: Responder) {
         let key = req.key as usize;
+        if let Err(msg) = self.member(&req) {
+            return self.admission.refuse(reply, msg);
+        }
+        if key < self.key_lens.len() {
+            if let Err(msg) = self.admission.bind(req.sender, &reply) {
+                return self.admission.refuse(reply, msg);
+            }
+        }
         let mut st = lock(&self.state);
         match st.theta.get(key) {
             None => {
                 drop(st);
-                self.fail(reply, format!("dc {}: pull of unknown key {key}", self.dc));
+                let msg = format!("dc {}: pull of unknown key {key}", self.dc);
+                self.admission.refuse(reply, msg);
             }
             Some(Some((v, codec, bytes))) if *v >= req.version => {
                 let (v, codec, bytes) = (*v, *codec, bytes.clone());
@@ -270,11 +296,16 @@ impl LocalHandler {
 
 impl Handler for LocalHandler {
     fn on_request(&self, req: Request, reply: Responder) {
+        let known = || self.rank_of.get().is_some();
+        let Some((req, reply)) = self.admission.hold_early(known, req, reply) else {
+            return;
+        };
         match req.kind {
             MsgKind::Push => self.on_push(req, reply),
             MsgKind::Pull => self.on_pull(req, reply),
             other => {
-                let _ = reply.error(&format!("a local server does not serve {other:?}"));
+                let msg = format!("a local server does not serve {other:?}");
+                self.admission.refuse(reply, msg);
             }
         }
     }
@@ -283,6 +314,11 @@ impl Handler for LocalHandler {
         let Some(&rank) = self.rank_of.get().and_then(|m| m.get(&peer.node_id())) else {
             return;
         };
+        // Only the connection that speaks for the worker is the worker: a Hello that borrowed
+        // its id and went away is nobody's loss.
+        if !self.admission.holds(peer) {
+            return;
+        }
         if !self.finished() {
             self.abort(format!(
                 "worker (dc {}, rank {rank}) disconnected: {reason}",
@@ -748,6 +784,7 @@ pub fn run(
         overflows: KeyCounts::default(),
         dgt_links: OnceLock::new(),
         dgt_up: Mutex::new(job.inter.dgt().map(DgtUplink::new)),
+        admission: Admission::default(),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -759,7 +796,12 @@ pub fn run(
         .filter(|n| n.role == roles::WORKER && n.dc == dc)
         .map(|n| (n.id, n.rank as usize))
         .collect();
-    let _ = handler.rank_of.set(rank_of);
+    let early = handler.admission.open(|| {
+        let _ = handler.rank_of.set(rank_of);
+    });
+    for (req, reply) in early {
+        handler.on_request(req, reply);
+    }
 
     // Connect to every global server.
     let mut clients = Vec::with_capacity(plan.num_global_servers());
@@ -906,6 +948,7 @@ pub fn run(
     stats.codec_bytes = lock(&handler.codec_bytes).clone();
     stats.topk_fallbacks = handler.fallbacks.load(Ordering::Relaxed);
     stats.skipped_updates = handler.skipped.load(Ordering::Relaxed);
+    stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
     Ok(stats)
 }

@@ -5,6 +5,7 @@
 //! wrap them around geomx-net servers and clients. [`JobSpec`] is the resolved configuration every
 //! role starts from; [`RoleStats`] is what each process reports at its end.
 
+mod admit;
 pub mod coordinator;
 pub mod dgt;
 pub mod dgt_lab;
@@ -119,6 +120,10 @@ pub struct RoleStats {
     /// DGT counters when `transport.inter = "dgt"` (local and global servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dgt: Option<dgt::DgtRoleStats>,
+    /// Requests this process's servers refused with an error reply (unknown key, a push the
+    /// round does not expect, a non-member or a connection borrowing a member's id); never fatal.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused_requests: u64,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -146,6 +151,7 @@ impl RoleStats {
             topk_fallbacks: 0,
             staleness: Vec::new(),
             dgt: None,
+            refused_requests: 0,
         }
     }
 }

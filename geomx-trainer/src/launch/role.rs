@@ -148,6 +148,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 resync_mismatches: 0,
                 topk_fallbacks: 0,
                 dgt: None,
+                refused_requests: 0,
             });
         }
     };

@@ -1,0 +1,104 @@
+//! Which connection speaks for which member, and what happens to a request that is refused.
+//!
+//! A server of the job (local server, global server, the ESync endpoint) hears from its members
+//! and from anyone else who can reach its port. The node id a connection announced in its Hello is
+//! self-declared, so it is bound to a connection here: the first connection whose request is
+//! accepted for a member id holds that id until it closes. Requests for the same id from any
+//! other connection are refused, and only the holding connection's loss counts as the member's
+//! loss; a Hello that borrows a member's id and then disconnects changes nothing.
+//!
+//! A refused request gets an error reply, a `tracing` warning and a count in the process's
+//! [`super::RoleStats::refused_requests`]; it never ends the job. A genuine member that receives
+//! such an error fails its own request and ends the job itself, naming the cause, so real
+//! protocol bugs stay loud while a stranger's frames stay harmless (docs/security.md).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use geomx_net::{PeerHandle, Request, Responder};
+
+use super::lock;
+
+/// Requests that may wait for the membership (they arrived before registration completed here):
+/// beyond this many, further early requests are refused.
+pub(crate) const MAX_EARLY_REQUESTS: usize = 4096;
+
+/// Connection-bound member identities of one server and its count of refused requests.
+#[derive(Debug, Default)]
+pub(crate) struct Admission {
+    /// Requests that arrived before the membership was known, answered once it is.
+    early: Mutex<Vec<(Request, Responder)>>,
+    /// Member node id → the connection that holds it.
+    bound: Mutex<HashMap<u32, usize>>,
+    /// Requests refused with an error reply.
+    refused: AtomicU64,
+}
+
+impl Admission {
+    /// Holds `(req, reply)` while `known()` is false (the membership is not known yet): returns
+    /// them back when they can be served now. Beyond [`MAX_EARLY_REQUESTS`] they are refused.
+    pub(crate) fn hold_early(
+        &self,
+        known: impl Fn() -> bool,
+        req: Request,
+        reply: Responder,
+    ) -> Option<(Request, Responder)> {
+        if known() {
+            return Some((req, reply));
+        }
+        let mut early = lock(&self.early);
+        if known() {
+            return Some((req, reply));
+        }
+        if early.len() >= MAX_EARLY_REQUESTS {
+            drop(early);
+            self.refuse(reply, "request before the membership is known".into());
+            return None;
+        }
+        early.push((req, reply));
+        None
+    }
+
+    /// Makes the membership known (`publish`) and returns the requests held until then.
+    pub(crate) fn open(&self, publish: impl FnOnce()) -> Vec<(Request, Responder)> {
+        let mut early = lock(&self.early);
+        publish();
+        std::mem::take(&mut *early)
+    }
+
+    /// Binds member `id` to `peer`'s connection unless another connection holds it. True when
+    /// `peer` holds `id` afterwards.
+    pub(crate) fn claim(&self, id: u32, peer: &PeerHandle) -> bool {
+        let conn = peer.conn_id();
+        *lock(&self.bound).entry(id).or_insert(conn) == conn
+    }
+
+    /// [`Admission::claim`] for the connection of `reply`, with the refusal's message.
+    pub(crate) fn bind(&self, id: u32, reply: &Responder) -> Result<(), String> {
+        if self.claim(id, &reply.peer()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "node {id} is already connected; a second connection may not speak for it"
+            ))
+        }
+    }
+
+    /// True when `peer` is the connection holding its announced id (its loss is the member's).
+    pub(crate) fn holds(&self, peer: &PeerHandle) -> bool {
+        lock(&self.bound).get(&peer.node_id()) == Some(&peer.conn_id())
+    }
+
+    /// Refuses a request: error reply, warning, count. Never fatal.
+    pub(crate) fn refuse(&self, reply: Responder, msg: String) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %reply.peer().addr(), %msg, "request refused");
+        let _ = reply.error(&msg);
+    }
+
+    /// Requests refused so far.
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
