@@ -17,6 +17,8 @@ namespace ps {
 template <typename V>
 class SArray {
  public:
+  /// The element type.
+  using value_type = V;
   SArray() {}
   ~SArray() {}
   /// `size` value-initialized elements.
