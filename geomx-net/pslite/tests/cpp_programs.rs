@@ -102,6 +102,53 @@ fn run_job(bin: &Path, servers: u32, workers: u32, worker_procs: u32, args: &[&s
     assert!(failures.is_empty(), "{}: {failures:?}", bin.display());
 }
 
+/// The checked-in C header's struct layouts equal the Rust `#[repr(C)]` ones.
+#[test]
+fn c_header_layout_matches_the_rust_structs() {
+    use geomx_pslite::message::{GxMessage, GxOutgoing};
+    use std::mem::{offset_of, size_of};
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::env::temp_dir().join(format!("geomx-pslite-{}-layout", std::process::id()));
+    let Ok(status) = Command::new(&cc)
+        .args(["-std=c99", "-Wall", "-Werror", "-I"])
+        .arg(root.join("include"))
+        .arg(root.join("tests/cpp/layout.c"))
+        .arg("-o")
+        .arg(&out)
+        .status()
+    else {
+        eprintln!("skipping: no C compiler ({cc}) found");
+        return;
+    };
+    assert!(
+        status.success(),
+        "compiling tests/cpp/layout.c against geomx_pslite.h failed"
+    );
+    let printed = Command::new(&out).output().expect("run the layout program");
+    let _ = std::fs::remove_file(&out);
+    let text = String::from_utf8_lossy(&printed.stdout).into_owned();
+    let want = format!(
+        "gxps_message {} {} {} {} {} {}\ngxps_outgoing {} {} {} {} {} {}\n",
+        size_of::<GxMessage>(),
+        offset_of!(GxMessage, error),
+        offset_of!(GxMessage, keys),
+        offset_of!(GxMessage, lens),
+        offset_of!(GxMessage, body_len),
+        offset_of!(GxMessage, buffer),
+        size_of::<GxOutgoing>(),
+        offset_of!(GxOutgoing, urgent),
+        offset_of!(GxOutgoing, keys),
+        offset_of!(GxOutgoing, val_size),
+        offset_of!(GxOutgoing, lens),
+        offset_of!(GxOutgoing, body_len),
+    );
+    assert_eq!(
+        text, want,
+        "include/geomx_pslite.h and src/message.rs disagree"
+    );
+}
+
 #[test]
 fn cpp_programs_run_as_pslite_jobs() {
     let Some(cxx) = gxx() else {
