@@ -205,7 +205,12 @@ mod tests {
     #[test]
     fn a_data_center_whose_global_copy_differs_breaks_replica_identity() {
         let mut c = Collected::default();
-        scan(&full_output_with_globals(false, [0xabc, 0xabd]), "job.log", &mut c).unwrap();
+        scan(
+            &full_output_with_globals(false, [0xabc, 0xabd]),
+            "job.log",
+            &mut c,
+        )
+        .unwrap();
         let r = assemble(&Config::default(), c, 400, vec![100], 1.5).unwrap();
         assert_eq!(r.param_hash, "0000000000000abc");
         assert!(!r.replicas_identical);
