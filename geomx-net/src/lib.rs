@@ -50,7 +50,9 @@ pub mod stats;
 pub mod wire;
 
 pub use conn::ConnConfig;
-pub use driver::{uring_unavailable_reason, DriverKind, NetOptions};
+pub use driver::{
+    uring_unavailable_reason, DriverKind, NetOptions, DEFAULT_IO_CHUNK, MIN_IO_CHUNK,
+};
 pub use error::{NetError, Result};
 pub use kv::{Handler, KvClient, KvServer, PeerHandle, Pending, Request, Responder, Response};
 pub use stats::Counters;

@@ -44,6 +44,9 @@ pub type Callback = unsafe extern "C" fn(
 /// How long an unclaimed request without a user callback waits for a `Wait` before the completer
 /// thread takes it.
 const LAZY: Duration = Duration::from_millis(2);
+/// The completer polls (every [`LAZY`]) rather than sleeping until woken for this long after
+/// its last request, so a busy customer's sends do not wake it one by one.
+const IDLE_SLEEP: Duration = Duration::from_millis(100);
 /// Waits on a request are bounded only by the connection's failure.
 pub(crate) const FOREVER: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -65,8 +68,16 @@ unsafe impl Sync for Target {}
 /// A re-entrant lock serialising a customer's callback calls.
 #[derive(Default)]
 struct CallLock {
-    state: Mutex<(Option<ThreadId>, u32)>,
+    state: Mutex<CallState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct CallState {
+    holder: Option<ThreadId>,
+    depth: u32,
+    /// Threads waiting to enter (a release wakes one only if there is one).
+    waiting: u32,
 }
 
 struct CallGuard<'a>(&'a CallLock);
@@ -75,11 +86,13 @@ impl CallLock {
     fn enter(&self) -> CallGuard<'_> {
         let me = std::thread::current().id();
         let mut s = lock(&self.state);
-        while s.0.is_some() && s.0 != Some(me) {
+        while s.holder.is_some() && s.holder != Some(me) {
+            s.waiting += 1;
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.waiting -= 1;
         }
-        s.0 = Some(me);
-        s.1 += 1;
+        s.holder = Some(me);
+        s.depth += 1;
         CallGuard(self)
     }
 }
@@ -87,10 +100,12 @@ impl CallLock {
 impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
         let mut s = lock(&self.0.state);
-        s.1 -= 1;
-        if s.1 == 0 {
-            s.0 = None;
-            self.0.cv.notify_one();
+        s.depth -= 1;
+        if s.depth == 0 {
+            s.holder = None;
+            if s.waiting > 0 {
+                self.0.cv.notify_one();
+            }
         }
     }
 }
@@ -397,6 +412,7 @@ pub(crate) fn fail_everyone(reason: &str) {
 /// A completer thread: completes requests nobody waits for, oldest first; requests with a user
 /// callback at once, others after [`LAZY`] (a `Wait` usually takes them on its own thread first).
 fn completer(core: Arc<CustomerCore>) {
+    let mut busy_at = Instant::now();
     loop {
         let (ts, recver, pending) = {
             let mut t = lock(&core.table);
@@ -405,6 +421,9 @@ fn completer(core: Arc<CustomerCore>) {
                     return;
                 }
                 let now = Instant::now();
+                if !t.fifo.is_empty() {
+                    busy_at = now;
+                }
                 let mut next_due: Option<Duration> = None;
                 let mut pick = None;
                 let mut i = 0;
@@ -432,6 +451,9 @@ fn completer(core: Arc<CustomerCore>) {
                     s.claimed = true;
                     let p = s.pending.take().expect("claimable slice has a pending");
                     break (it.ts, it.recver, p);
+                }
+                if next_due.is_none() && now < busy_at + IDLE_SLEEP {
+                    next_due = Some(LAZY);
                 }
                 t = match next_due {
                     None => {

@@ -25,7 +25,13 @@ pub const VARIABLES: &[&str] = &[
     "GEOMX_PSLITE_REGISTRATION_TIMEOUT_MS",
     "GEOMX_PSLITE_PEER_TIMEOUT_MS",
     "GEOMX_PSLITE_CUSTOMER_WAIT_MS",
+    "GEOMX_PSLITE_IO_CHUNK",
 ];
+
+/// The default of `GEOMX_PSLITE_IO_CHUNK`: as ZeroMQ, whole messages of up to a few megabytes
+/// go to the kernel in one call (geomx-net's own default is smaller, see
+/// [`geomx_net::DEFAULT_IO_CHUNK`], for machines that run latency-critical threads beside it).
+pub const DEFAULT_IO_CHUNK: usize = 4 << 20;
 
 /// A process's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,6 +108,9 @@ pub struct PsEnv {
     /// `GEOMX_PSLITE_CUSTOMER_WAIT_MS` (default 30 s): how long a request for an app that does not
     /// exist yet (or has no request handler yet) waits before it is answered with an error.
     pub customer_wait: Duration,
+    /// `GEOMX_PSLITE_IO_CHUNK` (bytes, default [`DEFAULT_IO_CHUNK`], at least
+    /// [`geomx_net::MIN_IO_CHUNK`]): the most bytes one send or receive system call moves.
+    pub io_chunk: usize,
 }
 
 fn required(
@@ -189,6 +198,19 @@ impl PsEnv {
                 .map_err(|e: String| PsError::Env(format!("GEOMX_PSLITE_DRIVER: {e}")))?,
             _ => DriverKind::Auto,
         };
+        let io_chunk = match get("GEOMX_PSLITE_IO_CHUNK") {
+            Some(v) if !v.trim().is_empty() => {
+                let n: usize = number("GEOMX_PSLITE_IO_CHUNK", &v, "a number of bytes")?;
+                if n < geomx_net::MIN_IO_CHUNK {
+                    return Err(PsError::Env(format!(
+                        "GEOMX_PSLITE_IO_CHUNK={n}: expected at least {} bytes",
+                        geomx_net::MIN_IO_CHUNK
+                    )));
+                }
+                n
+            }
+            _ => DEFAULT_IO_CHUNK,
+        };
         let nonempty = |n: &str| {
             get(n)
                 .map(|v| v.trim().to_string())
@@ -209,6 +231,7 @@ impl PsEnv {
             registration_timeout: millis(get, "GEOMX_PSLITE_REGISTRATION_TIMEOUT_MS", 300_000)?,
             peer_timeout: millis(get, "GEOMX_PSLITE_PEER_TIMEOUT_MS", 10_000)?,
             customer_wait: millis(get, "GEOMX_PSLITE_CUSTOMER_WAIT_MS", 30_000)?,
+            io_chunk,
         })
     }
 
@@ -381,6 +404,20 @@ mod tests {
         let mut v = BASE.to_vec();
         v.push(("DMLC_INTERFACE", "no-such-itf0"));
         assert!(env(&v).unwrap().announce_host().is_err());
+    }
+
+    #[test]
+    fn io_chunk_has_a_default_and_a_lower_bound() {
+        assert_eq!(env(BASE).unwrap().io_chunk, DEFAULT_IO_CHUNK);
+        let mut v = BASE.to_vec();
+        v.push(("GEOMX_PSLITE_IO_CHUNK", "262144"));
+        assert_eq!(env(&v).unwrap().io_chunk, 256 << 10);
+        for bad in ["1024", "lots", "-1"] {
+            let mut v = BASE.to_vec();
+            v.push(("GEOMX_PSLITE_IO_CHUNK", bad));
+            let e = env(&v).unwrap_err().to_string();
+            assert!(e.contains("GEOMX_PSLITE_IO_CHUNK"), "{e}");
+        }
     }
 
     #[test]

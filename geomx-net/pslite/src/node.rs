@@ -303,6 +303,7 @@ impl Node {
                 ..ConnConfig::default()
             },
             max_frame: MAX_MESSAGE,
+            io_chunk: env.io_chunk,
             ..NetOptions::default()
         };
         let host = env.announce_host()?;

@@ -20,7 +20,8 @@ mod portable;
 #[cfg(target_os = "linux")]
 mod uring;
 
-/// The most bytes one send or receive system call (or io_uring operation) moves.
+/// The default of [`NetOptions::io_chunk`]: the most bytes one send or receive system call (or
+/// io_uring operation) moves.
 ///
 /// Copying between user memory and a socket is kernel work that a kernel built without
 /// preemption (`preempt=none`, common on cloud VMs) does not interrupt: one 9 MB send on loopback
@@ -28,8 +29,11 @@ mod uring;
 /// there. 256 KiB bounds that to tens of microseconds, for four system calls (or io_uring
 /// operations) per megabyte. Measured with a real-time thread sharing the machine with two
 /// processes streaming over loopback: it waited 6.2 s for a CPU in 12 s at 8 MiB per call, 1.5 s
-/// at 1 MiB, 0.14 s at 256 KiB (docs/wan-lab.md, "Fidelity").
-pub(crate) const IO_CHUNK: usize = 256 << 10;
+/// at 1 MiB, 0.14 s at 256 KiB (docs/wan-lab.md, "Fidelity"). Where no such thread shares the
+/// machine, larger calls cost fewer system calls and wake-ups per megabyte.
+pub const DEFAULT_IO_CHUNK: usize = 256 << 10;
+/// The smallest [`NetOptions::io_chunk`] used (smaller values are raised to it).
+pub const MIN_IO_CHUNK: usize = 4 << 10;
 
 /// Which I/O driver an endpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -84,6 +88,16 @@ pub struct NetOptions {
     pub tick: Duration,
     /// io_uring: payloads at least this large go out with `SEND_ZC`.
     pub zerocopy_threshold: usize,
+    /// The most bytes one send or receive call moves (at least [`MIN_IO_CHUNK`]); see
+    /// [`DEFAULT_IO_CHUNK`] for the trade-off.
+    pub io_chunk: usize,
+}
+
+impl NetOptions {
+    /// [`NetOptions::io_chunk`] as the drivers use it.
+    pub(crate) fn chunk(&self) -> usize {
+        self.io_chunk.max(MIN_IO_CHUNK)
+    }
 }
 
 impl Default for NetOptions {
@@ -95,6 +109,7 @@ impl Default for NetOptions {
             max_frame: MAX_FRAME,
             tick: Duration::from_millis(50),
             zerocopy_threshold: 64 << 10,
+            io_chunk: DEFAULT_IO_CHUNK,
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::link::{Dispatch, Link, LinkIo, Pump, ReplyTx};
 use crate::stats::LiveCounters;
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
-use super::{NetOptions, IO_CHUNK};
+use super::NetOptions;
 
 /// Reads go through a scratch buffer of this size unless a larger payload can be read in place.
 const SCRATCH: usize = 64 << 10;
@@ -28,6 +28,7 @@ const SCRATCH: usize = 64 << 10;
 pub(crate) struct PortableDriver {
     max_frame: usize,
     tick: Duration,
+    chunk: usize,
 }
 
 impl PortableDriver {
@@ -35,6 +36,7 @@ impl PortableDriver {
         PortableDriver {
             max_frame: opts.max_frame,
             tick: opts.tick,
+            chunk: opts.chunk(),
         }
     }
 
@@ -53,9 +55,10 @@ impl PortableDriver {
         let io = Box::new(StreamIo {
             stream: Mutex::new(stream),
             ctl,
+            chunk: self.chunk,
         });
         let link = Link::new(conn, io, counters, self.max_frame, peer, dispatch);
-        let reader = Reader::new(read_half, self.max_frame);
+        let reader = Reader::new(read_half, self.max_frame, self.chunk);
         let l2 = link.clone();
         let tick = self.tick;
         match side {
@@ -82,22 +85,29 @@ impl PortableDriver {
 struct StreamIo {
     stream: Mutex<TcpStream>,
     ctl: TcpStream,
+    /// At most this many bytes per call (`NetOptions::io_chunk`).
+    chunk: usize,
 }
 
-fn write_all(stream: &mut TcpStream, header: &[u8], payload: &[u8]) -> std::io::Result<()> {
+fn write_all(
+    stream: &mut TcpStream,
+    header: &[u8],
+    payload: &[u8],
+    chunk: usize,
+) -> std::io::Result<()> {
     let mut bufs = [IoSlice::new(header), IoSlice::new(payload)];
     let mut bufs: &mut [IoSlice<'_>] = &mut bufs;
     if payload.is_empty() {
         bufs = &mut bufs[..1];
     }
     while !bufs.is_empty() {
-        // At most IO_CHUNK bytes per call (see its docs): the first slice, or both when the
-        // header and the payload's start fit.
+        // At most `chunk` bytes per call (see `NetOptions::io_chunk`): the first slice, or both
+        // when the header and the payload's start fit.
         let first = bufs[0].len();
-        let res = if first >= IO_CHUNK {
-            stream.write(&bufs[0][..IO_CHUNK])
+        let res = if first >= chunk {
+            stream.write(&bufs[0][..chunk])
         } else if bufs.len() > 1 {
-            let rest = (IO_CHUNK - first).min(bufs[1].len());
+            let rest = (chunk - first).min(bufs[1].len());
             stream.write_vectored(&[IoSlice::new(&bufs[0]), IoSlice::new(&bufs[1][..rest])])
         } else {
             stream.write(&bufs[0])
@@ -115,7 +125,7 @@ fn write_all(stream: &mut TcpStream, header: &[u8], payload: &[u8]) -> std::io::
 impl LinkIo for StreamIo {
     fn send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> std::io::Result<()> {
         let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        write_all(&mut s, header, payload)
+        write_all(&mut s, header, payload, self.chunk)
     }
 
     fn try_send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> std::io::Result<bool> {
@@ -124,7 +134,7 @@ impl LinkIo for StreamIo {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return Ok(false),
         };
-        write_all(&mut s, header, payload).map(|_| true)
+        write_all(&mut s, header, payload, self.chunk).map(|_| true)
     }
 
     fn shutdown(&self) {
@@ -136,6 +146,8 @@ impl LinkIo for StreamIo {
 /// The read half of a connection: socket, decoder and buffers.
 struct Reader {
     stream: TcpStream,
+    /// At most this many bytes per read (`NetOptions::io_chunk`).
+    chunk: usize,
     dec: FrameDecoder,
     buf: Vec<u8>,
     frames: Vec<Frame>,
@@ -143,9 +155,10 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(stream: TcpStream, max_frame: usize) -> Reader {
+    fn new(stream: TcpStream, max_frame: usize, chunk: usize) -> Reader {
         Reader {
             stream,
+            chunk,
             dec: FrameDecoder::new(max_frame),
             buf: vec![0u8; SCRATCH],
             frames: Vec::new(),
@@ -161,7 +174,7 @@ impl Reader {
         }
         let direct = self.dec.direct_target(SCRATCH).is_some();
         let res = match self.dec.direct_target(SCRATCH) {
-            Some(target) => read_uninit(&mut self.stream, target),
+            Some(target) => read_uninit(&mut self.stream, target, self.chunk),
             None => self.stream.read(&mut self.buf),
         };
         match res {
@@ -266,9 +279,10 @@ fn tick_loop(link: Arc<Link>, pump: Arc<InlinePump>, tick: Duration) {
 fn read_uninit(
     stream: &mut TcpStream,
     buf: &mut [std::mem::MaybeUninit<u8>],
+    chunk: usize,
 ) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
-    let len = buf.len().min(IO_CHUNK);
+    let len = buf.len().min(chunk);
     // SAFETY: `buf` is valid for `len` writable bytes; recv writes at most that many.
     let n = unsafe {
         libc::recv(
@@ -290,7 +304,9 @@ fn read_uninit(
 fn read_uninit(
     stream: &mut TcpStream,
     buf: &mut [std::mem::MaybeUninit<u8>],
+    chunk: usize,
 ) -> std::io::Result<usize> {
+    let buf = &mut buf[..buf.len().min(chunk)];
     for b in buf.iter_mut() {
         b.write(0);
     }

@@ -152,7 +152,7 @@ fn write_frame(
     for part in [&head[..], payload] {
         let mut off = 0;
         while off < part.len() {
-            let end = part.len().min(off + crate::driver::IO_CHUNK);
+            let end = part.len().min(off + crate::driver::DEFAULT_IO_CHUNK);
             match s.write(&part[off..end]) {
                 Ok(0) => return Err(LinkError::Closed("peer closed the reliable channel".into())),
                 Ok(n) => off += n,

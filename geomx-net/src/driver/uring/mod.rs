@@ -3,16 +3,25 @@
 //! * Receives: one `RECV` per connection in flight, all submitted in one batch per loop turn; into
 //!   a registered buffer (`READ_FIXED`) when the memlock limit allowed registering the pool, into a
 //!   plain scratch buffer otherwise, and straight into the frame's payload buffer for large frames.
-//! * Sends: small frames are copied, queued and coalesced into one `SEND` per connection and turn;
-//!   payloads at or above `NetOptions::zerocopy_threshold` go out from the caller's buffer while
-//!   the caller waits (so no copy is made), with `SEND_ZC`, completed only after the notification
-//!   CQE (see [`send_track`]). When the notifications keep saying the kernel copied anyway (as on
-//!   loopback, where zero copy measured ~25 % slower), the connection falls back to plain `SEND`.
+//! * Sends: when nothing of the connection is queued in the ring, the sender first writes what the
+//!   socket takes at once with non-blocking calls from its own buffer ([`direct`]; no copy, no
+//!   round through the ring). The rest (or everything, when the ring has bytes queued) is
+//!   handed to the ring: small remainders are copied, queued and coalesced into one `SEND` per
+//!   connection and turn; remainders at or above `NetOptions::zerocopy_threshold` go out from the
+//!   caller's buffer while the caller waits, with `SEND_ZC`, completed only after the
+//!   notification CQE (see [`send_track`]). Large payloads skip the direct write while zero copy
+//!   is in use; when the notifications keep saying the kernel copied anyway (as on loopback,
+//!   where zero copy measured ~25 % slower), the connection falls back to plain `SEND` and to
+//!   direct writes. A send from the ring's own thread (a handler's reply) never waits: what the
+//!   socket does not take is copied.
+//! * After a receive, the rest of a frame's payload that has already arrived is read at once
+//!   into the frame ([`Ring::read_ready`]).
 //! * Commands from other threads arrive over a channel; an eventfd wakes the ring when it sleeps.
 //! * Client endpoints are *inline*: a caller waiting for a response (or for its zero-copy send)
 //!   drives the ring itself, so responses need no thread hand-off; the ring thread steps aside
 //!   while callers are active and keeps timers, heartbeats and idle reads going otherwise.
 
+mod direct;
 mod send_track;
 
 use std::collections::{HashMap, VecDeque};
@@ -27,7 +36,7 @@ use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use self::send_track::{Next, SendTrack, SEND_ZC_REPORT_USAGE};
-use super::{NetOptions, IO_CHUNK};
+use super::NetOptions;
 use crate::conn::Connection;
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
@@ -43,6 +52,8 @@ const COALESCE: usize = 1 << 20;
 /// Senders wait while this many bytes are queued for one connection.
 const MAX_QUEUED: usize = 16 << 20;
 const RING_ENTRIES: u32 = 512;
+/// Non-blocking reads of a frame's arrived payload per completed receive (see `read_ready`).
+const INLINE_READS: usize = 32;
 /// After this many consecutive "copied" zero-copy notifications a connection uses plain `SEND`.
 const ZC_GIVE_UP: u32 = 2;
 
@@ -104,9 +115,11 @@ static FIXED_SUPPORTED: OnceLock<bool> = OnceLock::new();
 enum Cmd {
     Attach(usize, Box<UConn>),
     Small(usize, Vec<u8>),
+    /// A payload sent from the caller's buffer while the caller waits; `head` (the unsent part
+    /// of the frame header, possibly empty) goes first.
     Big {
         idx: usize,
-        header: [u8; HEADER_LEN],
+        head: Vec<u8>,
         ptr: usize,
         len: usize,
         done: Sender<io::Result<()>>,
@@ -293,11 +306,17 @@ impl UringDriver {
         let peer = stream.peer_addr()?;
         let idx = self.shared.next_idx.fetch_add(1, Ordering::Relaxed);
         let queued = Arc::new(AtomicUsize::new(0));
+        let stream = Arc::new(stream);
+        let zc_off = Arc::new(AtomicBool::new(!*ZC_SUPPORTED.get().unwrap_or(&false)));
         let io = Box::new(UringIo {
             idx,
+            stream: stream.clone(),
             cell: self.cell.clone(),
             zc_threshold: self.opts.zerocopy_threshold.max(HEADER_LEN + 1),
+            chunk: self.opts.chunk(),
             queued: queued.clone(),
+            order: Mutex::new(()),
+            zc_off: zc_off.clone(),
         });
         let link = Link::new(conn, io, counters, self.opts.max_frame, peer, dispatch);
         if self.shared.inline {
@@ -316,6 +335,7 @@ impl UringDriver {
             queued,
             dead: false,
             zc_copies: 0,
+            zc_off,
         };
         if !self.shared.send(Cmd::Attach(idx, Box::new(uc))) {
             return Err(NetError::Shutdown);
@@ -358,9 +378,19 @@ fn ring_thread(cell: Arc<RingCell>, tick: Duration) {
 
 struct UringIo {
     idx: usize,
+    /// Shared with the ring's connection, so the descriptor stays this socket's while we exist.
+    stream: Arc<TcpStream>,
     cell: Arc<RingCell>,
     zc_threshold: usize,
+    /// At most this many bytes per call (`NetOptions::io_chunk`).
+    chunk: usize,
+    /// Bytes handed to the ring for this connection and not yet sent (0: nothing in flight).
     queued: Arc<AtomicUsize>,
+    /// Serialises this connection's senders: a direct write and a hand-off to the ring never
+    /// interleave, and frames keep the order of their `send` calls.
+    order: Mutex<()>,
+    /// The ring does not use zero copy for this connection (unsupported, or the kernel copied).
+    zc_off: Arc<AtomicBool>,
 }
 
 impl UringIo {
@@ -373,20 +403,50 @@ impl LinkIo for UringIo {
     fn send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<()> {
         let shared = &self.cell.shared;
         let in_turn = in_turn(shared.ring_id);
-        if payload.len() >= self.zc_threshold && !in_turn {
-            // Zero copy: the ring sends from `payload` while we wait for the completion (and the
-            // zero-copy notification), so the borrow outlives every kernel access.
+        let big = payload.len() >= self.zc_threshold;
+        // Zero copy pays only where the kernel does not copy anyway (not on loopback).
+        let zero_copy = big && !in_turn && !self.zc_off.load(Ordering::Acquire);
+        if !in_turn && !big {
+            // Back-pressure: do not queue without bound.
+            while self.queued.load(Ordering::Acquire) > MAX_QUEUED {
+                if !(shared.inline && self.cell.try_turn(Duration::from_millis(1))) {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let total = HEADER_LEN + payload.len();
+        // Nothing of this connection in the ring: write what the socket takes now, from here.
+        let sent = if !zero_copy && self.queued.load(Ordering::Acquire) == 0 {
+            direct::send_nonblocking(self.stream.as_raw_fd(), [header, payload], 0, self.chunk)?
+        } else {
+            0
+        };
+        if shared.inline && !in_turn {
+            shared.user_active.store(true, Ordering::Relaxed);
+        }
+        if sent == total {
+            return Ok(());
+        }
+        let head = &header[sent.min(HEADER_LEN)..];
+        let body = &payload[sent.saturating_sub(HEADER_LEN)..];
+        if body.len() >= self.zc_threshold && !in_turn {
+            // The ring sends from `body` while we wait for the completion (and the zero-copy
+            // notification), so the borrow outlives every kernel access.
             let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+            self.queued
+                .fetch_add(head.len() + body.len(), Ordering::AcqRel);
             let cmd = Cmd::Big {
                 idx: self.idx,
-                header: *header,
-                ptr: payload.as_ptr() as usize,
-                len: payload.len(),
+                head: head.to_vec(),
+                ptr: body.as_ptr() as usize,
+                len: body.len(),
                 done: done_tx,
             };
             if !shared.send(cmd) {
                 return Err(Self::stopped());
             }
+            drop(order);
             let res = if shared.inline {
                 self.cell.drive_until(&done_rx, None)
             } else {
@@ -396,24 +456,16 @@ impl LinkIo for UringIo {
             // `None` only when the ring stopped, after it released every borrowed buffer.
             return res.unwrap_or_else(|| Err(Self::stopped()));
         }
-        if !in_turn {
-            // Back-pressure: do not queue without bound.
-            while self.queued.load(Ordering::Acquire) > MAX_QUEUED {
-                if !(shared.inline && self.cell.try_turn(Duration::from_millis(1))) {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            }
-        }
-        let mut buf = crate::bufpool::take(HEADER_LEN + payload.len());
-        buf.extend_from_slice(header);
-        buf.extend_from_slice(payload);
+        let mut buf = crate::bufpool::take(head.len() + body.len());
+        buf.extend_from_slice(head);
+        buf.extend_from_slice(body);
         self.queued.fetch_add(buf.len(), Ordering::AcqRel);
         if !shared.send(Cmd::Small(self.idx, buf)) {
             return Err(Self::stopped());
         }
+        drop(order);
         if shared.inline && !in_turn {
             // Submit now on this thread (non-blocking turn) rather than waking the ring thread.
-            shared.user_active.store(true, Ordering::Relaxed);
             if !self.cell.try_turn(Duration::ZERO) {
                 shared.kick();
             }
@@ -474,7 +526,7 @@ enum RecvState {
 
 struct UConn {
     fd: RawFd,
-    _stream: TcpStream,
+    _stream: Arc<TcpStream>,
     link: Arc<Link>,
     dec: FrameDecoder,
     scratch: Vec<u8>,
@@ -486,11 +538,19 @@ struct UConn {
     dead: bool,
     /// Consecutive zero-copy notifications that reported a copy.
     zc_copies: u32,
+    /// Tells the senders that this connection no longer uses zero copy.
+    zc_off: Arc<AtomicBool>,
 }
 
 impl UConn {
     fn busy(&self) -> bool {
         self.recv != RecvState::Idle || self.cur.as_ref().is_some_and(|c| c.track.in_flight())
+    }
+
+    /// `n` bytes handed over by the senders were sent.
+    fn unqueue(&self, n: usize) {
+        let n = n.min(self.queued.load(Ordering::Acquire));
+        self.queued.fetch_sub(n, Ordering::AcqRel);
     }
 
     fn fail_queue(&mut self) {
@@ -687,16 +747,18 @@ impl Ring {
                 },
                 Cmd::Big {
                     idx,
-                    header,
+                    head,
                     ptr,
                     len,
                     done,
                 } => match self.conns.get_mut(&idx) {
                     Some(c) if !c.dead => {
-                        c.queued.fetch_add(HEADER_LEN, Ordering::AcqRel);
-                        match c.queue.back_mut() {
-                            Some(OutItem::Bytes(b)) => b.extend_from_slice(&header),
-                            _ => c.queue.push_back(OutItem::Bytes(header.to_vec())),
+                        // The sender counted `head` and `len` in `queued`.
+                        if !head.is_empty() {
+                            match c.queue.back_mut() {
+                                Some(OutItem::Bytes(b)) => b.extend_from_slice(&head),
+                                _ => c.queue.push_back(OutItem::Bytes(head)),
+                            }
                         }
                         c.queue.push_back(OutItem::Big { ptr, len, done });
                     }
@@ -736,6 +798,7 @@ impl Ring {
 
     fn arm(&mut self, idx: usize) {
         let zc = self.zc;
+        let chunk = self.opts.chunk();
         let Some(c) = self.conns.get_mut(&idx) else {
             return;
         };
@@ -746,7 +809,7 @@ impl Ring {
         if c.recv == RecvState::Idle {
             let fd = types::Fd(c.fd);
             if let Some(t) = c.dec.direct_target(SCRATCH) {
-                let len = t.len().min(IO_CHUNK) as u32;
+                let len = t.len().min(chunk) as u32;
                 entries.push(
                     opcode::Recv::new(fd, t.as_mut_ptr() as *mut u8, len)
                         .build()
@@ -789,7 +852,7 @@ impl Ring {
                 let (ptr, len) = cur.item.ptr_len();
                 // SAFETY: offset within the item's buffer.
                 let p = unsafe { ptr.add(cur.track.sent) };
-                let n = (len - cur.track.sent).min(IO_CHUNK) as u32;
+                let n = (len - cur.track.sent).min(chunk) as u32;
                 let fd = types::Fd(c.fd);
                 let e = if cur.zc {
                     opcode::SendZc::new(fd, p, n)
@@ -884,9 +947,44 @@ impl Ring {
         if let Some(c) = self.conns.get_mut(&idx) {
             c.frames = frames;
         }
-        if let Err(e) = fed {
-            link.on_wire_error(e);
-            self.kill(idx);
+        match fed {
+            Ok(()) => self.read_ready(idx),
+            Err(e) => {
+                link.on_wire_error(e);
+                self.kill(idx);
+            }
+        }
+    }
+
+    /// After a receive, reads the rest of the current frame's payload that has already arrived
+    /// straight into it, without a round through the ring (at most [`INLINE_READS`] calls, so a
+    /// busy peer cannot hold the ring). End of stream and errors are left to the next receive.
+    fn read_ready(&mut self, idx: usize) {
+        for _ in 0..INLINE_READS {
+            let Some(c) = self.conns.get_mut(&idx) else {
+                return;
+            };
+            // Only while no receive of the ring's can write into the same buffer.
+            if c.dead || c.recv != RecvState::Idle {
+                return;
+            }
+            let fd = c.fd;
+            let chunk = self.opts.chunk();
+            let Some(target) = c.dec.direct_target(1) else {
+                return;
+            };
+            let Some(n) = direct::recv_nonblocking(fd, target, chunk) else {
+                return;
+            };
+            let link = c.link.clone();
+            link.counters().add_recv_bytes(n);
+            // SAFETY: the kernel wrote n bytes into the direct target.
+            unsafe { c.dec.commit_direct(n, &mut c.frames) };
+            let mut frames = std::mem::take(&mut c.frames);
+            link.on_input(Instant::now(), &mut frames);
+            if let Some(c) = self.conns.get_mut(&idx) {
+                c.frames = frames;
+            }
         }
     }
 
@@ -902,6 +1000,9 @@ impl Ring {
             // The kernel copies anyway on this path (loopback, some NICs): zero copy only adds
             // the notification round, so the connection stops asking for it.
             c.zc_copies = if copied { c.zc_copies + 1 } else { 0 };
+            if c.zc_copies >= ZC_GIVE_UP {
+                c.zc_off.store(true, Ordering::Release);
+            }
         }
         match next {
             Next::Wait | Next::Resubmit => {} // `arm` resubmits the remainder
@@ -909,11 +1010,13 @@ impl Ring {
                 let cur = c.cur.take().expect("checked");
                 match cur.item {
                     OutItem::Bytes(b) => {
-                        let n = b.len().min(c.queued.load(Ordering::Acquire));
-                        c.queued.fetch_sub(n, Ordering::AcqRel);
+                        c.unqueue(b.len());
                         crate::bufpool::recycle(b);
                     }
-                    big => big.finish(Ok(())),
+                    big => {
+                        c.unqueue(big.ptr_len().1);
+                        big.finish(Ok(()))
+                    }
                 }
             }
             Next::Failed(errno) => {
