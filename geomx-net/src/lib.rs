@@ -46,6 +46,7 @@ mod driver;
 pub mod error;
 pub mod kv;
 mod link;
+mod owned;
 pub mod stats;
 pub mod wire;
 
@@ -55,6 +56,7 @@ pub use driver::{
 };
 pub use error::{NetError, Result};
 pub use kv::{Handler, KvClient, KvServer, PeerHandle, Pending, Request, Responder, Response};
+pub use owned::OwnedBytes;
 pub use stats::Counters;
 pub use wire::{
     Frame, FrameDecoder, FrameHeader, MsgKind, PayloadCodec, WireError, HEADER_LEN, MAX_FRAME,

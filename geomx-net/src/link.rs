@@ -12,6 +12,7 @@ use crossbeam_channel::Sender;
 
 use crate::conn::{Connection, Event};
 use crate::error::NetError;
+use crate::owned::OwnedBytes;
 use crate::stats::LiveCounters;
 use crate::wire::{Frame, FrameHeader, MsgKind, WireError, HEADER_LEN};
 
@@ -30,6 +31,11 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
 pub(crate) trait LinkIo: Send + Sync {
     /// Writes one whole frame; blocks until the kernel has the bytes (or owns a copy).
     fn send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> std::io::Result<()>;
+    /// Like `send` with a payload the driver may keep until the kernel is done with it: it may
+    /// return before the bytes are sent, without copying them (the default sends and drops).
+    fn send_owned(&self, header: &[u8; HEADER_LEN], payload: OwnedBytes) -> std::io::Result<()> {
+        self.send(header, (*payload).as_ref())
+    }
     /// Like `send` but gives up at once (returning false) when another send is in progress.
     fn try_send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> std::io::Result<bool>;
     /// Shuts the socket down in both directions (idempotent).
@@ -160,6 +166,30 @@ impl Link {
         h.payload_len = payload.len() as u32;
         self.io.send(&h.encode(), payload)?;
         self.counters.add_sent(HEADER_LEN + payload.len(), 1);
+        self.lock().note_sent(Instant::now());
+        Ok(())
+    }
+
+    /// Sends a reply or notification frame whose payload the driver may keep (no copy).
+    pub(crate) fn send_frame_owned(
+        self: &Arc<Self>,
+        header: &FrameHeader,
+        payload: OwnedBytes,
+    ) -> Result<(), NetError> {
+        let len = (*payload).as_ref().len();
+        self.check_len(len)?;
+        if let Some(reason) = self.close_reason() {
+            return Err(reason);
+        }
+        let mut h = *header;
+        h.sender = self.local_id();
+        h.payload_len = len as u32;
+        if let Err(e) = self.io.send_owned(&h.encode(), payload) {
+            let e = NetError::from(e);
+            self.on_io_closed(format!("send failed: {e}"));
+            return Err(e);
+        }
+        self.counters.add_sent(HEADER_LEN + len, 1);
         self.lock().note_sent(Instant::now());
         Ok(())
     }

@@ -111,6 +111,13 @@ int32_t gxps_customer_free(uint64_t handle);
 int32_t gxps_send(uint64_t handle, const gxps_outgoing* msg);
 int32_t gxps_wait(uint64_t handle, int32_t timestamp);
 int32_t gxps_respond(uint64_t handle, const gxps_outgoing* msg);
+/* Called once to release what gxps_respond_keep's caller kept alive (on any thread). */
+typedef void (*gxps_release_fn)(void* keep);
+/* Like gxps_respond; msg->vals stay valid and unchanged until release(keep), which is called
+   exactly once, on any thread: once they were sent, or before this returns when they were
+   copied or the call failed. A one-key KV response then goes out without a copy. */
+int32_t gxps_respond_keep(uint64_t handle, const gxps_outgoing* msg, void* keep,
+                          gxps_release_fn release);
 void gxps_buffer_free(gxps_buffer* buf);
 
 #ifdef __cplusplus

@@ -29,6 +29,7 @@ use geomx_net::{NetError, PayloadCodec, Pending, Responder, Response};
 
 use crate::codec::{self, Meta, F_DEFERRED, F_ERROR, F_PULL, F_PUSH, F_REQUEST, F_SIMPLE, MAX_ID};
 use crate::error::{PsError, Result};
+use crate::keep::{Keeper, Kept};
 use crate::message::{Delivery, GxMessage, Header, OutView};
 use crate::node;
 
@@ -632,7 +633,11 @@ impl CustomerCore {
     }
 
     /// Answers a request this customer received (`KVServer::Response`, `SimpleApp::Response`).
-    pub fn respond(self: &Arc<Self>, out: &OutView<'_>) -> Result<()> {
+    ///
+    /// With a `keeper`, the values of a one-key KV response (`out.kv.vals`) stay valid until the
+    /// keeper is dropped, so they go to the transport without a copy; it is dropped once they
+    /// were sent, or at once on any other path.
+    pub fn respond(self: &Arc<Self>, out: &OutView<'_>, keeper: Option<Keeper>) -> Result<()> {
         let key = (out.peer, out.peer_customer_id, out.timestamp);
         let rec = {
             let mut s = lock(&self.served);
@@ -662,15 +667,21 @@ impl CustomerCore {
             None => (F_SIMPLE, 0, 0, out.body),
             Some(o) => (o.flags(), o.aux(), o.key(), o.payload()),
         };
-        let result = match rec.responder {
-            Some(resp) => resp
-                .send(
-                    codec::encode_reply_version(flags, aux),
-                    PayloadCodec::Raw,
-                    payload,
-                )
+        let version = codec::encode_reply_version(flags, aux);
+        let result = match (rec.responder, keeper) {
+            (Some(resp), Some(keeper))
+                if matches!(laid, Some(codec::Outgoing::Compact { .. })) && !payload.is_empty() =>
+            {
+                // SAFETY: the compact payload is `out.kv.vals`, valid until the keeper is
+                // dropped (gxps_respond_keep's contract).
+                let kept = unsafe { Kept::new(payload, keeper) };
+                resp.send_owned(version, PayloadCodec::Raw, Box::new(kept))
+                    .map_err(PsError::Net)
+            }
+            (Some(resp), _) => resp
+                .send(version, PayloadCodec::Raw, payload)
                 .map_err(PsError::Net),
-            None => {
+            (None, _) => {
                 let meta = Meta {
                     flags: flags | (rec.meta.flags & (F_PUSH | F_PULL | F_SIMPLE)),
                     head: rec.meta.head,

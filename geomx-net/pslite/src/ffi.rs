@@ -7,6 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::customer::{self, Callback};
 use crate::error::{PsError, Result, GXPS_E_PANIC, GXPS_OK};
+use crate::keep::{Keeper, ReleaseFn};
 use crate::message::{GxOutgoing, RecvBuffer};
 use crate::node;
 
@@ -273,7 +274,35 @@ pub unsafe extern "C" fn gxps_respond(handle: u64, msg: *const GxOutgoing) -> i3
         let m = unsafe { msg.as_ref() }.ok_or_else(|| PsError::Invalid("msg is NULL".into()))?;
         // SAFETY: the arrays are valid for the call (contract).
         let v = unsafe { m.view()? };
-        customer::get(handle)?.respond(&v)
+        customer::get(handle)?.respond(&v, None)
+    })
+}
+
+/// Like `gxps_respond`, for responses whose values (`msg->vals`) the caller keeps valid and
+/// unchanged until `release(keep)` is called: a one-key KV response then goes to the transport
+/// without a copy, and this may return before it is sent. `release(keep)` is called exactly once,
+/// on any thread: once the values were sent, or before this returns when they were copied or
+/// the call failed. A NULL `release` makes this `gxps_respond`.
+///
+/// # Safety
+/// As `gxps_send`; `release(keep)` must be safe to call once from any thread, and the values
+/// must stay valid until it is called.
+#[no_mangle]
+pub unsafe extern "C" fn gxps_respond_keep(
+    handle: u64,
+    msg: *const GxOutgoing,
+    keep: *mut c_void,
+    release: Option<ReleaseFn>,
+) -> i32 {
+    // Built first, so that every path below releases it.
+    // SAFETY: the caller's contract for `release`.
+    let keeper = release.map(|f| unsafe { Keeper::new(keep, f) });
+    guard(move || {
+        // SAFETY: NULL is rejected; otherwise valid per the contract.
+        let m = unsafe { msg.as_ref() }.ok_or_else(|| PsError::Invalid("msg is NULL".into()))?;
+        // SAFETY: the arrays are valid for the call, the values until release (contract).
+        let v = unsafe { m.view()? };
+        customer::get(handle)?.respond(&v, keeper)
     })
 }
 

@@ -20,6 +20,7 @@ pub mod env;
 pub mod error;
 pub mod ffi;
 pub mod groups;
+pub mod keep;
 pub mod message;
 pub mod node;
 

@@ -16,6 +16,7 @@ pub use server::KvServer;
 use crate::conn::reply_header;
 use crate::error::NetError;
 use crate::link::Link;
+use crate::owned::OwnedBytes;
 use crate::wire::{Frame, FrameHeader, MsgKind, PayloadCodec};
 
 /// A request received by a server.
@@ -185,6 +186,21 @@ impl Responder {
         h.version = version;
         h.codec = codec;
         self.link.send_frame(&h, payload)
+    }
+
+    /// Like [`Responder::send`] with a payload handed over: the driver may send it after this
+    /// returns, without copying it (io_uring), and drops it once sent.
+    pub fn send_owned(
+        mut self,
+        version: u64,
+        codec: PayloadCodec,
+        payload: OwnedBytes,
+    ) -> Result<(), NetError> {
+        self.done = true;
+        let mut h = reply_header(&self.req, 0, true);
+        h.version = version;
+        h.codec = codec;
+        self.link.send_frame_owned(&h, payload)
     }
 
     /// Answers with an error message; the requester's `Pending::wait` returns `NetError::Remote`.

@@ -76,6 +76,11 @@ template <typename T>
 inline bool TakeWhole(std::vector<T>*, const SArray<T>&) {
   return false;
 }
+/// Releases a response's values kept alive for gxps_respond_keep.
+template <typename V>
+void ReleaseShared(void* keep) {
+  delete static_cast<std::shared_ptr<V>*>(keep);
+}
 }  // namespace detail
 
 /// A worker's key-value app: Push / Pull / PushPull to the servers.
@@ -369,6 +374,14 @@ class KVServer : public SimpleApp {
     out.val_size = sizeof(Val);
     out.lens = res.lens.data();
     out.num_lens = res.lens.size();
+    if (res.keys.size() == 1 && !res.vals.empty()) {
+      // As ps-lite hands its SArray to ZeroMQ: the values go out without a copy, kept alive by
+      // a reference until sent, so they must not be changed in place before then.
+      auto* keep = new std::shared_ptr<Val>(res.vals.ptr());
+      detail::Check(gxps_respond_keep(handle_, &out, keep, &detail::ReleaseShared<Val>),
+                    "ps::KVServer::Response");
+      return;
+    }
     detail::Check(gxps_respond(handle_, &out), "ps::KVServer::Response");
   }
 

@@ -40,6 +40,7 @@ use super::NetOptions;
 use crate::conn::Connection;
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
+use crate::owned::OwnedBytes;
 use crate::stats::LiveCounters;
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
@@ -124,6 +125,8 @@ enum Cmd {
         len: usize,
         done: Sender<io::Result<()>>,
     },
+    /// A payload handed over, from byte `off` on.
+    Owned(usize, OwnedBytes, usize),
     Close(usize),
     Stop,
 }
@@ -473,6 +476,46 @@ impl LinkIo for UringIo {
         Ok(())
     }
 
+    fn send_owned(&self, header: &[u8; HEADER_LEN], payload: OwnedBytes) -> io::Result<()> {
+        let shared = &self.cell.shared;
+        let in_turn = in_turn(shared.ring_id);
+        let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes: &[u8] = (*payload).as_ref();
+        let total = HEADER_LEN + bytes.len();
+        // As in `send`, but what the socket does not take now is queued without a copy and
+        // without waiting: the ring keeps `payload` until the kernel is done with it.
+        let sent =
+            if self.zc_off.load(Ordering::Acquire) && self.queued.load(Ordering::Acquire) == 0 {
+                direct::send_nonblocking(self.stream.as_raw_fd(), [header, bytes], 0, self.chunk)?
+            } else {
+                0
+            };
+        let rest = total - sent;
+        let off = sent.saturating_sub(HEADER_LEN);
+        if shared.inline && !in_turn {
+            shared.user_active.store(true, Ordering::Relaxed);
+        }
+        if rest == 0 {
+            return Ok(());
+        }
+        self.queued.fetch_add(rest, Ordering::AcqRel);
+        if sent < HEADER_LEN {
+            let mut buf = crate::bufpool::take(HEADER_LEN - sent);
+            buf.extend_from_slice(&header[sent..]);
+            if !shared.send(Cmd::Small(self.idx, buf)) {
+                return Err(Self::stopped());
+            }
+        }
+        if off < bytes.len() && !shared.send(Cmd::Owned(self.idx, payload, off)) {
+            return Err(Self::stopped());
+        }
+        drop(order);
+        if shared.inline && !in_turn && !self.cell.try_turn(Duration::ZERO) {
+            shared.kick();
+        }
+        Ok(())
+    }
+
     fn try_send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<bool> {
         // Queueing never blocks on the ring thread; elsewhere skip when the queue is full.
         if self.queued.load(Ordering::Acquire) > MAX_QUEUED {
@@ -488,6 +531,11 @@ impl LinkIo for UringIo {
 
 enum OutItem {
     Bytes(Vec<u8>),
+    /// A handed-over payload from byte `off` on.
+    Owned {
+        owner: OwnedBytes,
+        off: usize,
+    },
     Big {
         ptr: usize,
         len: usize,
@@ -500,6 +548,10 @@ impl OutItem {
         match self {
             OutItem::Bytes(b) => (b.as_ptr(), b.len()),
             OutItem::Big { ptr, len, .. } => (*ptr as *const u8, *len),
+            OutItem::Owned { owner, off } => {
+                let b: &[u8] = (**owner).as_ref();
+                (b[*off..].as_ptr(), b.len() - off)
+            }
         }
     }
 
@@ -769,6 +821,10 @@ impl Ring {
                         )));
                     }
                 },
+                Cmd::Owned(idx, owner, off) => match self.conns.get_mut(&idx) {
+                    Some(c) if !c.dead => c.queue.push_back(OutItem::Owned { owner, off }),
+                    _ => {} // dropped: the connection is gone
+                },
                 Cmd::Close(idx) => self.kill(idx),
                 Cmd::Stop => {
                     self.stopping = true;
@@ -838,7 +894,7 @@ impl Ring {
         }
         if c.cur.is_none() {
             if let Some(item) = c.queue.pop_front() {
-                let is_big = matches!(item, OutItem::Big { .. });
+                let is_big = !matches!(item, OutItem::Bytes(_));
                 let (_, len) = item.ptr_len();
                 c.cur = Some(CurSend {
                     item,
