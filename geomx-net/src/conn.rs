@@ -20,7 +20,8 @@ pub struct ConnConfig {
     pub request_timeout: Duration,
     /// Send a heartbeat after this long without sending anything.
     pub heartbeat_interval: Duration,
-    /// The peer is declared dead after this long without receiving any byte.
+    /// The peer is declared dead after this long without receiving any byte, and (in the
+    /// drivers) when a send makes no progress for this long: a peer that stopped reading.
     pub peer_timeout: Duration,
 }
 

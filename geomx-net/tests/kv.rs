@@ -371,6 +371,77 @@ fn silent_peer_is_dropped_after_peer_timeout() {
     }
 }
 
+/// Answers every request with 1 MiB; records disconnects.
+#[derive(Default)]
+struct BigReplies(Watcher);
+impl Handler for BigReplies {
+    fn on_request(&self, req: Request, reply: Responder) {
+        let _ = reply.send(req.version, PayloadCodec::Raw, &vec![7u8; 1 << 20]);
+    }
+    fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
+        self.0.on_disconnect(peer, reason)
+    }
+}
+
+#[test]
+fn peer_that_stops_reading_is_dropped_and_the_server_goes_on() {
+    for d in drivers() {
+        let h = Arc::new(BigReplies::default());
+        let mut o = opts(d);
+        o.conn.peer_timeout = Duration::from_secs(2);
+        o.conn.heartbeat_interval = Duration::from_millis(200);
+        let server = KvServer::bind_with_id("127.0.0.1:0", 0, h.clone(), o).unwrap();
+        let addr = server.local_addr();
+        // A hostile peer: a valid Hello, then pulls and heartbeats, and it never reads, so the
+        // server's replies pile up. Its receive side stays alive (it keeps sending).
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let hostile = std::thread::spawn(move || {
+            let mut raw = TcpStream::connect(addr).unwrap();
+            raw.set_write_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut hello = FrameHeader::new(MsgKind::Hello);
+            hello.sender = 66;
+            raw.write_all(&encode(&Frame::new(hello, vec![]))).unwrap();
+            let mut id = 0u64;
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                id += 1;
+                let mut pull = FrameHeader::new(MsgKind::Pull);
+                pull.request_id = id;
+                let mut bytes = encode(&Frame::new(pull, vec![]));
+                bytes.extend(encode(&Frame::new(FrameHeader::new(MsgKind::Heartbeat), vec![])));
+                if raw.write_all(&bytes).is_err() && id > 1000 {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            raw
+        });
+        // A good client keeps being served meanwhile.
+        let good = KvClient::connect(addr, 5, o).unwrap();
+        let t0 = Instant::now();
+        let dropped = loop {
+            let r = good.pull(1, 3, 0, 0).unwrap().wait(WAIT).unwrap();
+            assert_eq!(r.payload.len(), 1 << 20, "{d:?}");
+            let closed = h.0.closed.lock().unwrap().clone();
+            if let Some(c) = closed.iter().find(|(id, _)| *id == 66) {
+                break c.1.clone();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{d:?}: a peer that never reads was not dropped: {closed:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(dropped.contains("stopped reading"), "{d:?}: {dropped}");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(hostile.join().unwrap());
+        // And after it: still served.
+        let r = good.pull(2, 4, 0, 0).unwrap().wait(WAIT).unwrap();
+        assert_eq!(r.version, 4);
+    }
+}
+
 #[test]
 fn garbage_peer_is_dropped_while_good_peers_keep_pushing() {
     for d in drivers() {

@@ -1,6 +1,6 @@
 //! The coordinator process endpoint: [`CoordState`] behind a [`KvServer`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -32,6 +32,10 @@ pub struct Coordinator {
 
 struct Shared {
     state: Mutex<CoordState<usize>>,
+    /// Actions decided under the state lock, carried out after it is released, in order.
+    outbox: Mutex<VecDeque<Action<usize>>>,
+    /// Held by the one thread carrying out actions (so they never interleave or reorder).
+    sending: Mutex<()>,
     tickets: Mutex<HashMap<u64, Responder>>,
     peers: Mutex<HashMap<usize, PeerHandle>>,
     next_ticket: AtomicU64,
@@ -45,30 +49,59 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Runs `f` on the state and carries out its actions, in order, under the state lock (so two
-    /// threads' actions never interleave).
+    /// Runs `f` on the state, then carries out its actions in the order the state decided them.
+    /// No network I/O happens under the state lock: a peer that stops reading can delay a send,
+    /// never the coordinator's bookkeeping.
     fn step(&self, f: impl FnOnce(&mut CoordState<usize>) -> Vec<Action<usize>>) {
-        let mut st = lock(&self.state);
-        let actions = f(&mut st);
-        for a in actions {
-            match a {
-                Action::Reply { ticket, result } => {
-                    if let Some(r) = lock(&self.tickets).remove(&ticket) {
-                        let _ = match result {
-                            Ok(p) => r.send(0, PayloadCodec::Raw, &p),
-                            Err(m) => r.error(&m),
-                        };
-                    }
+        {
+            let mut st = lock(&self.state);
+            let actions = f(&mut st);
+            // Queued under the state lock, so the outbox keeps the state's order.
+            lock(&self.outbox).extend(actions);
+        }
+        self.drain();
+    }
+
+    /// Carries out queued actions. One thread at a time; a thread that finds another one doing
+    /// it leaves its actions to that one, which looks again after letting go.
+    fn drain(&self) {
+        loop {
+            if lock(&self.outbox).is_empty() {
+                return;
+            }
+            let _one = match self.sending.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            loop {
+                let next = lock(&self.outbox).pop_front();
+                match next {
+                    Some(a) => self.carry_out(a),
+                    None => break,
                 }
-                Action::Shutdown(conns) => {
-                    self.broadcast(&conns, MsgKind::Shutdown, &[]);
-                    self.finish(CoordOutcome::Shutdown);
+            }
+        }
+    }
+
+    fn carry_out(&self, a: Action<usize>) {
+        match a {
+            Action::Reply { ticket, result } => {
+                if let Some(r) = lock(&self.tickets).remove(&ticket) {
+                    let _ = match result {
+                        Ok(p) => r.send(0, PayloadCodec::Raw, &p),
+                        Err(m) => r.error(&m),
+                    };
                 }
-                Action::Abort(conns, notice) => {
-                    tracing::error!(%notice, "aborting the job");
-                    self.broadcast(&conns, MsgKind::AbortNotice, &notice.encode());
-                    self.finish(CoordOutcome::Aborted(notice));
-                }
+            }
+            Action::Shutdown(conns) => {
+                self.broadcast(&conns, MsgKind::Shutdown, &[]);
+                self.finish(CoordOutcome::Shutdown);
+            }
+            Action::Abort(conns, notice) => {
+                tracing::error!(%notice, "aborting the job");
+                self.broadcast(&conns, MsgKind::AbortNotice, &notice.encode());
+                self.finish(CoordOutcome::Aborted(notice));
             }
         }
     }
@@ -164,6 +197,8 @@ impl Coordinator {
         );
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
+            outbox: Mutex::new(VecDeque::new()),
+            sending: Mutex::new(()),
             tickets: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             next_ticket: AtomicU64::new(1),

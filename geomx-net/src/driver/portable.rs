@@ -29,6 +29,8 @@ pub(crate) struct PortableDriver {
     max_frame: usize,
     tick: Duration,
     chunk: usize,
+    /// A write that makes no progress for this long fails (the peer stopped reading).
+    stall: Duration,
 }
 
 impl PortableDriver {
@@ -37,6 +39,7 @@ impl PortableDriver {
             max_frame: opts.max_frame,
             tick: opts.tick,
             chunk: opts.chunk(),
+            stall: opts.conn.peer_timeout,
         }
     }
 
@@ -51,6 +54,8 @@ impl PortableDriver {
         let peer = stream.peer_addr()?;
         let read_half = stream.try_clone()?;
         read_half.set_read_timeout(Some(self.tick))?;
+        // SO_SNDTIMEO: each write call gives up after this long without progress.
+        stream.set_write_timeout(Some(self.stall.max(Duration::from_millis(1))))?;
         let ctl = stream.try_clone()?;
         let io = Box::new(StreamIo {
             stream: Mutex::new(stream),
@@ -116,6 +121,13 @@ fn write_all(
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut bufs, n),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // SO_SNDTIMEO expired: the socket took nothing for the peer timeout.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    "peer stopped reading (a write made no progress for the peer timeout)",
+                ))
+            }
             Err(e) => return Err(e),
         }
     }

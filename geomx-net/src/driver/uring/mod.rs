@@ -339,6 +339,7 @@ impl UringDriver {
             dead: false,
             zc_copies: 0,
             zc_off,
+            last_progress: Instant::now(),
         };
         if !self.shared.send(Cmd::Attach(idx, Box::new(uc))) {
             return Err(NetError::Shutdown);
@@ -592,9 +593,24 @@ struct UConn {
     zc_copies: u32,
     /// Tells the senders that this connection no longer uses zero copy.
     zc_off: Arc<AtomicBool>,
+    /// When output last moved (or became pending): a send that makes no progress for the peer
+    /// timeout means the peer stopped reading, and the connection is dropped.
+    last_progress: Instant,
 }
 
 impl UConn {
+    /// Output is being queued: an idle connection's stall clock starts now.
+    fn note_output(&mut self) -> &mut Self {
+        if !self.has_output() {
+            self.last_progress = Instant::now();
+        }
+        self
+    }
+
+    fn has_output(&self) -> bool {
+        self.cur.is_some() || !self.queue.is_empty()
+    }
+
     fn busy(&self) -> bool {
         self.recv != RecvState::Idle || self.cur.as_ref().is_some_and(|c| c.track.in_flight())
     }
@@ -722,6 +738,7 @@ impl Ring {
         let now = Instant::now();
         if now >= self.next_tick {
             self.next_tick = now + self.opts.tick;
+            self.drop_stalled(now);
             let links: Vec<Arc<Link>> = self
                 .conns
                 .values()
@@ -741,6 +758,37 @@ impl Ring {
             let _ = self.ring.submit();
         }
         HELD.with(|h| h.borrow_mut().retain(|r| *r != id));
+    }
+
+    /// Drops connections whose output made no progress for the peer timeout: the peer stopped
+    /// reading (it may still send, so the receive side's liveness check does not see it). Their
+    /// senders' waits end with the connection.
+    fn drop_stalled(&mut self, now: Instant) {
+        let limit = self.opts.conn.peer_timeout;
+        let stalled: Vec<(usize, Duration, usize)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.dead && c.has_output())
+            .map(|(i, c)| {
+                (
+                    *i,
+                    now.saturating_duration_since(c.last_progress),
+                    c.queued.load(Ordering::Acquire),
+                )
+            })
+            .filter(|(_, idle, _)| *idle >= limit)
+            .collect();
+        for (idx, idle, unsent) in stalled {
+            let Some(link) = self.conns.get(&idx).map(|c| c.link.clone()) else {
+                continue;
+            };
+            tracing::warn!(peer = %link.peer_addr(), unsent, ?idle, "dropping connection: the peer stopped reading");
+            link.on_io_closed(format!(
+                "peer stopped reading: {unsent} bytes unsent for {:.1} s",
+                idle.as_secs_f64()
+            ));
+            self.kill(idx);
+        }
     }
 
     /// After the last turn: fail senders whose commands came too late.
@@ -789,7 +837,7 @@ impl Ring {
                     }
                 }
                 Cmd::Small(idx, bytes) => match self.conns.get_mut(&idx) {
-                    Some(c) if !c.dead => match c.queue.back_mut() {
+                    Some(c) if !c.dead => match c.note_output().queue.back_mut() {
                         Some(OutItem::Bytes(b)) if b.len() + bytes.len() <= COALESCE => {
                             b.extend_from_slice(&bytes)
                         }
@@ -805,6 +853,7 @@ impl Ring {
                     done,
                 } => match self.conns.get_mut(&idx) {
                     Some(c) if !c.dead => {
+                        c.note_output();
                         // The sender counted `head` and `len` in `queued`.
                         if !head.is_empty() {
                             match c.queue.back_mut() {
@@ -822,7 +871,10 @@ impl Ring {
                     }
                 },
                 Cmd::Owned(idx, owner, off) => match self.conns.get_mut(&idx) {
-                    Some(c) if !c.dead => c.queue.push_back(OutItem::Owned { owner, off }),
+                    Some(c) if !c.dead => c
+                        .note_output()
+                        .queue
+                        .push_back(OutItem::Owned { owner, off }),
                     _ => {} // dropped: the connection is gone
                 },
                 Cmd::Close(idx) => self.kill(idx),
@@ -1049,6 +1101,9 @@ impl Ring {
             return;
         };
         let Some(cur) = c.cur.as_mut() else { return };
+        if res > 0 && flags & send_track::CQE_F_NOTIF == 0 {
+            c.last_progress = Instant::now();
+        }
         let next = cur.track.on_cqe(res, flags);
         if flags & send_track::CQE_F_NOTIF != 0 {
             let copied = (res as u32) & send_track::NOTIF_USAGE_ZC_COPIED != 0;
