@@ -24,7 +24,7 @@ use crate::data::Samples;
 pub use crate::config::device::{validate_model_config, Device};
 pub use crate::hash::{params_hash, Fnv1a};
 pub use mlp::Mlp;
-pub use optim::{Optimizer, OptimizerConfig};
+pub use optim::{OptimState, Optimizer, OptimizerConfig};
 
 /// Name and shape of one parameter tensor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
