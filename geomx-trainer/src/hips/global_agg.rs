@@ -49,6 +49,12 @@ pub trait RangeOptimizer: Send {
 
     /// Restores a state from [`RangeOptimizer::save`] (undoing the steps since).
     fn restore(&mut self, saved: SavedState);
+
+    /// The state as plain values for a checkpoint, or `None` for an optimizer whose state
+    /// checkpoints do not hold.
+    fn export_state(&self) -> Option<crate::engine::OptimState> {
+        None
+    }
 }
 
 impl<F: FnMut(&mut [f32], &[f32]) + Send + Clone + 'static> RangeOptimizer for F {
@@ -193,6 +199,17 @@ impl GlobalAggregator {
         self.ranges
             .get(&id)
             .map(|r| (r.version, r.params.as_slice()))
+    }
+
+    /// What a checkpoint saves of range `id`: its version, θ and the optimizer's state (`None`
+    /// when the optimizer keeps state checkpoints do not hold).
+    pub fn export_range(
+        &self,
+        id: usize,
+    ) -> Option<(u64, Vec<f32>, Option<crate::engine::OptimState>)> {
+        self.ranges
+            .get(&id)
+            .map(|r| (r.version, r.params.clone(), r.opt.export_state()))
     }
 
     /// Values of range `id` if its version is at least `min_version` (a `Pull`).

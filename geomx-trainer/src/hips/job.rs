@@ -1,5 +1,6 @@
 //! Everything a role needs to know about the job, resolved once from the configuration.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,13 @@ pub struct JobSpec {
     pub slowdown: Vec<f64>,
     /// The non-finite policy and its test faults (`train.nonfinite`, `train.inject_nan`).
     pub nonfinite: NonFiniteSpec,
+    /// Where and how often every role saves its state (`[checkpoint] dir`), if at all.
+    pub checkpoint: Option<crate::checkpoint::Policy>,
+    /// The checkpoint directory to continue from (`--resume DIR`), set by [`JobSpec::resume_from`].
+    pub resume: Option<PathBuf>,
+    /// Where worker (dc 0, rank 0) writes the final model as safetensors (`--save PATH`,
+    /// `[checkpoint] export`).
+    pub export: Option<PathBuf>,
 }
 
 /// What the roles do with NaN and ±inf (`train.nonfinite`), and the faults a test injects
@@ -189,7 +197,27 @@ impl JobSpec {
                 policy: cfg.train.nonfinite,
                 inject: cfg.train.inject_nan.clone(),
             },
+            checkpoint: cfg
+                .checkpoint
+                .dir
+                .clone()
+                .map(|dir| crate::checkpoint::Policy {
+                    dir,
+                    every_rounds: cfg.checkpoint.every_rounds,
+                    keep: cfg.checkpoint.keep,
+                }),
+            resume: None,
+            export: cfg.checkpoint.export.clone(),
         })
+    }
+
+    /// Makes every role continue from the newest complete round of checkpoint directory `dir`
+    /// (`--resume DIR`); refused for a job whose state checkpoints do not hold
+    /// ([`Config::checkpoint_support`]).
+    pub fn resume_from(&mut self, cfg: &Config, dir: PathBuf) -> Result<(), ConfigError> {
+        cfg.checkpoint_support("--resume")?;
+        self.resume = Some(dir);
+        Ok(())
     }
 
     /// How the global tier's answer for `key` travels to the workers.

@@ -31,6 +31,7 @@ use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::{lock, JobSpec, LocalAggregator, RoleStats, RunError};
+use crate::checkpoint::{RoundParts, Saver};
 use crate::codec::down::{
     decode_dense_segments, forward_dense, forward_sparse, join_segments, ReplyMode,
 };
@@ -96,6 +97,10 @@ struct LocalHandler {
     dgt_up: Mutex<Option<DgtUplink>>,
     /// Which connection speaks for which worker; refused requests.
     admission: Admission,
+    /// The round this run started from (0, or the checkpoint's round when resuming).
+    start: u64,
+    /// `[checkpoint]`: the saver and the state of the round being assembled, key by key.
+    ckpt: Option<(Saver, Mutex<RoundParts>)>,
 }
 
 impl LocalHandler {
@@ -272,6 +277,8 @@ impl LocalHandler {
             }
         }
         drop(st);
+        // Saved before the workers see the round's reply (they save their own state after it).
+        self.checkpoint(version);
         for r in replies
             .into_iter()
             .chain(ready.into_iter().map(|(_, _, r)| r))
@@ -279,6 +286,28 @@ impl LocalHandler {
             if let Err(e) = r.send(version, codec, &bytes) {
                 tracing::warn!(error = %e, key, "reply to a worker not delivered");
             }
+        }
+    }
+
+    /// Counts `key`'s reply at `version` towards that round's checkpoint, when one is due, and
+    /// writes it once every key is in. The FSA local server's state is its round: the
+    /// aggregator starts there and θ_r comes from the global servers. A failed write ends the
+    /// job (it asked for checkpoints).
+    fn checkpoint(&self, version: u64) {
+        let Some((saver, parts)) = &self.ckpt else {
+            return;
+        };
+        if version <= self.start || !saver.due(version) {
+            return;
+        }
+        let Some(state) = lock(parts).add(version, |_| {}) else {
+            return;
+        };
+        if let Err(e) = saver.save(&state) {
+            self.abort(format!(
+                "dc {}: writing the checkpoint of round {version}: {e}",
+                self.dc
+            ));
         }
     }
 
@@ -756,13 +785,14 @@ pub fn run(
         rank: 0,
     };
     let n_keys = plan.key_lens.len();
+    let start = super::ckpt::resume(job, &me)?.map_or(0, |r| r.round());
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let handler = Arc::new(LocalHandler {
         dc,
         rounds: job.local_rounds(),
         key_lens: plan.key_lens.clone(),
         state: Mutex::new(State {
-            agg: LocalAggregator::new(&plan.key_lens, n_d, 0),
+            agg: LocalAggregator::new(&plan.key_lens, n_d, start),
             theta: vec![None; n_keys],
             parked: (0..n_keys).map(|_| Vec::new()).collect(),
             pulls: Vec::new(),
@@ -785,6 +815,9 @@ pub fn run(
         dgt_links: OnceLock::new(),
         dgt_up: Mutex::new(job.inter.dgt().map(DgtUplink::new)),
         admission: Admission::default(),
+        start,
+        ckpt: super::ckpt::saver(job, &me)
+            .map(|s| (s, Mutex::new(RoundParts::new(n_keys, job.config_hash)))),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -857,13 +890,14 @@ pub fn run(
                 .collect()
         })
         .collect();
-    let theta0 = final_theta(&handler, &clients, &key_ranges, 0, job)
-        .map_err(|e| RunError::Protocol(format!("dc {dc} pulling θ_0: {e}")))?;
+    // A resumed job starts from θ_r of its checkpoint round, which the global servers hold.
+    let theta0 = final_theta(&handler, &clients, &key_ranges, start, job)
+        .map_err(|e| RunError::Protocol(format!("dc {dc} pulling θ_{start}: {e}")))?;
     let mut milestones = Vec::with_capacity(n_keys);
     for (k, theta) in theta0.into_iter().enumerate() {
         // θ_0 travels exact (f32): replicas start identical.
         let bytes = super::msg::f32_bytes(&theta).into_owned();
-        handler.publish(k, 0, PayloadCodec::DenseF32, bytes, Vec::new());
+        handler.publish(k, start, PayloadCodec::DenseF32, bytes, Vec::new());
         // HFA: the milestone starts at the global θ_0.
         milestones.push(job.hfa_periods().map(|_| theta));
     }

@@ -6,6 +6,7 @@
 //! role starts from; [`RoleStats`] is what each process reports at its end.
 
 mod admit;
+mod ckpt;
 pub mod coordinator;
 pub mod dgt;
 pub mod dgt_lab;
@@ -67,6 +68,9 @@ pub enum RunError {
     /// An operating-system error.
     #[error("{0}: {1}")]
     Io(String, String),
+    /// A checkpoint could not be written, or the one to resume from is unusable.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
 }
 
 /// What one process reports when it ends (printed as one JSON line, collected by the launcher).

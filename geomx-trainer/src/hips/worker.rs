@@ -529,6 +529,15 @@ pub fn run(
         batcher_for(&job.data_config, train, plan.total_workers(), w).map_err(RunError::Data)?;
     let reporter = dc == 0 && rank == 0;
     let slowdown = job.slowdown.get(dc as usize).copied().unwrap_or(1.0);
+    // A resumed worker continues its batch sequence where its checkpoint left it.
+    let mut resumed = super::ckpt::resume(job, &me)?;
+    let start = resumed.as_ref().map_or(0, |r| r.round());
+    if let Some(res) = resumed.as_mut() {
+        let c = res.u64("batcher", 2)?;
+        let pos = usize::try_from(c[1]).unwrap_or(usize::MAX);
+        batcher.seek(c[0], pos).map_err(|e| res.misfit(e))?;
+    }
+    let saver = super::ckpt::saver(job, &me);
 
     let node = Node::join(coord_addr, me, String::new(), job, fatal)?;
     let addr = node.addr_of(roles::LOCAL_SERVER, dc, 0)?;
@@ -539,8 +548,19 @@ pub fn run(
         )
     })?;
     let lens = &plan.key_lens;
-    // θ_0 from the local server (which has it from the global servers).
-    let mut params = pull_all(&client, lens, 0, job)?;
+    // θ_0 from the local server (which has it from the global servers); θ_r when resuming,
+    // which must be what this worker saved.
+    let mut params = pull_all(&client, lens, start, job)?;
+    if let Some(res) = resumed.as_mut() {
+        for (k, p) in params.iter().enumerate() {
+            let saved = res.f32(&format!("params.{k}"), p.len())?;
+            if params_hash(&[saved]) != params_hash(std::slice::from_ref(p)) {
+                return Err(res.misfit(format!(
+                    "key {k} differs from the global servers' θ of round {start}"
+                )));
+            }
+        }
+    }
     node.barrier("all")?;
     let mut apply: Vec<KeyApply> = (0..lens.len())
         .map(|k| match job.reply_mode(k) {
@@ -566,7 +586,7 @@ pub fn run(
         }
         _ => None,
     };
-    for round in 0..job.rounds {
+    for round in start..job.rounds {
         if let (Some(es), Some(avg)) = (esync.as_mut(), avg.as_mut()) {
             loss = es.round(job, avg, &mut params, round, &mut || {
                 batcher.next_batch(train)
@@ -594,6 +614,15 @@ pub fn run(
             )?;
         }
         let done = round + 1;
+        if let Some(saver) = saver.as_ref().filter(|s| s.due(done)) {
+            let mut state = saver.state(done);
+            for (k, p) in params.iter().enumerate() {
+                state.put_f32(format!("params.{k}"), p.clone());
+            }
+            let (epoch, pos) = batcher.cursor();
+            state.put_u64("batcher", vec![epoch, pos as u64]);
+            saver.save(&state)?;
+        }
         if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
             // The final pull: every replica adopts the global servers' final θ.
             params = pull_all(&client, lens, job.rounds + 1, job)?;
