@@ -6,6 +6,7 @@
 //! tensor's gradient to a callback as soon as it is ready (last layer first) so that communication
 //! can overlap the rest of the backward pass; [`Model::loss_and_grad`] collects them instead.
 
+pub mod export;
 mod gemm;
 pub mod mlp;
 pub mod optim;
@@ -139,6 +140,12 @@ pub struct Evaluation {
 pub trait Model: Send + Sync {
     /// The parameter tensors in key order.
     fn tensors(&self) -> &[TensorSpec];
+
+    /// The tensors' names in an exported model ([`export`]), in key order: the names under which
+    /// the equivalent PyTorch module's `state_dict` holds them. Default: the tensors' own names.
+    fn export_names(&self) -> Vec<String> {
+        self.tensors().iter().map(|t| t.name.clone()).collect()
+    }
 
     /// Total number of parameters.
     fn num_params(&self) -> usize {

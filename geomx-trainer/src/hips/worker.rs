@@ -645,6 +645,15 @@ pub fn run(
         }
     }
     let hash = params_hash(&params);
+    if let Some(path) = job.export.as_ref().filter(|_| reporter) {
+        crate::engine::export::write(path, job.model.as_ref(), &params).map_err(|e| {
+            RunError::Io(
+                format!("exporting the model to {}", path.display()),
+                e.to_string(),
+            )
+        })?;
+        tracing::info!(path = %path.display(), "final model written (safetensors)");
+    }
     if let Some(es) = esync.as_mut() {
         es.settle(job.wait_limit())?;
         tracing::info!(%dc, %rank, local_steps = es.steps, "ESync local steps");
