@@ -323,16 +323,16 @@ fn killed_launch_resumes_bit_identical_and_saves_the_model() {
 }
 
 /// The python interpreter with torch to check exports against, if any: `GEOMX_TORCH_PYTHON`,
-/// the venv of `.ci/tch-setup.sh`, or `python3`.
+/// `PYTHON_SYS_EXECUTABLE` (what `.ci/tch-setup.sh` exports), its default venv, or `python3`.
 fn torch_python() -> Option<PathBuf> {
     let venv = std::env::var_os("GEOMX_TORCH_VENV")
         .map(PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/geomx/torch-2.13.0"))
         });
-    let candidates = std::env::var_os("GEOMX_TORCH_PYTHON")
-        .map(PathBuf::from)
+    let candidates = ["GEOMX_TORCH_PYTHON", "PYTHON_SYS_EXECUTABLE"]
         .into_iter()
+        .filter_map(|v| std::env::var_os(v).map(PathBuf::from))
         .chain(venv.map(|v| v.join("bin/python")))
         .chain([PathBuf::from("python3")]);
     candidates.into_iter().find(|py| {
