@@ -489,6 +489,14 @@ impl DilocoOuter {
         &self.v
     }
 
+    /// Restores a velocity from [`DilocoOuter::velocity`] (checkpoints); a wrong length is
+    /// refused and nothing changes.
+    pub fn set_velocity(&mut self, v: Vec<f32>) -> Result<(), KernelError> {
+        check_len(self.v.len(), v.len())?;
+        self.v = v;
+        Ok(())
+    }
+
     /// Computes the increment δ from the weighted model delta Δ.
     pub fn increment(&mut self, delta: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
         check_len(self.v.len(), delta.len())?;

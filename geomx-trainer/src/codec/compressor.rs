@@ -107,6 +107,37 @@ impl RangeCompressor {
     pub fn carry(&self) -> &[f32] {
         &self.carry
     }
+
+    /// The state a checkpoint saves: the velocity u, the residual v and the 16-bit carry (each
+    /// empty where unused).
+    pub fn export_state(&self) -> Vec<Vec<f32>> {
+        vec![
+            self.state.velocity().to_vec(),
+            self.state.residual().to_vec(),
+            self.carry.clone(),
+        ]
+    }
+
+    /// Restores [`RangeCompressor::export_state`] of a compressor built alike; a state of
+    /// another shape is refused and nothing changes.
+    pub fn import_state(&mut self, state: Vec<Vec<f32>>) -> Result<(), String> {
+        let [u, v, carry]: [Vec<f32>; 3] = state
+            .try_into()
+            .map_err(|s: Vec<Vec<f32>>| format!("compressor state of {} tensors", s.len()))?;
+        if carry.len() != self.carry.len() {
+            return Err(format!(
+                "range {}: carry of {} values, expected {}",
+                self.range,
+                carry.len(),
+                self.carry.len()
+            ));
+        }
+        self.state
+            .set_state(u, v)
+            .map_err(|e| format!("range {}: {e}", self.range))?;
+        self.carry = carry;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

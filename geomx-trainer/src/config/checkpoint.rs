@@ -59,21 +59,33 @@ impl Config {
         }
         if c.dir.is_some() {
             self.checkpoint_support("checkpoint.dir")?;
+            let period = self.sync.hfa.k1.saturating_mul(self.sync.hfa.k2).max(1);
+            if self.sync.algorithm == SyncAlgorithm::Hfa && c.every_rounds % period != 0 {
+                return Err(ConfigError::invalid(
+                    "checkpoint.every_rounds",
+                    format!(
+                        "{} is not a multiple of the HFA period k1 * k2 = {period}: HFA saves \
+                         its state at global averagings",
+                        c.every_rounds
+                    ),
+                ));
+            }
         }
         Ok(())
     }
 
-    /// Whether the roles save the whole state of this job: FSA with uncompressed f32 tiers over
-    /// TCP. HFA, ESync, MixedSync, the lossy codecs (error feedback, residuals) and DGT (late
-    /// blocks) keep state that checkpoints do not hold yet; such a job is refused, naming `field`
+    /// Whether the roles save the whole state of this job: FSA or HFA with uncompressed f32
+    /// tiers or Bi-Sparse on the WAN tier, over TCP. ESync (the coordinator's state), MixedSync
+    /// (per-DC copies), the 16-bit dense codecs and MPQ (rounding carries) and DGT (late blocks)
+    /// keep state that checkpoints do not hold yet; such a job is refused, naming `field`
     /// (`checkpoint.dir`, or `--resume`).
     pub fn checkpoint_support(&self, field: &str) -> Result<(), ConfigError> {
-        let why = if self.sync.algorithm != SyncAlgorithm::Fsa {
-            Some("sync.algorithm must be \"fsa\"")
+        let why = if !matches!(self.sync.algorithm, SyncAlgorithm::Fsa | SyncAlgorithm::Hfa) {
+            Some("sync.algorithm must be \"fsa\" or \"hfa\"")
         } else if !matches!(self.compression.intra, Codec::None)
-            || !matches!(self.compression.inter, Codec::None)
+            || !matches!(self.compression.inter, Codec::None | Codec::Bisparse(_))
         {
-            Some("compression.intra and compression.inter must be codec \"none\"")
+            Some("compression.intra must be codec \"none\", compression.inter \"none\" or \"bisparse\"")
         } else if self.transport.inter == TransportKind::Dgt {
             Some("transport.inter must be \"tcp\"")
         } else {
@@ -82,7 +94,7 @@ impl Config {
         match why {
             Some(why) => Err(ConfigError::invalid(
                 field,
-                format!("checkpoints and resume support FSA with uncompressed tiers over TCP so far: {why}"),
+                format!("checkpoints and resume support FSA and HFA with uncompressed tiers (or Bi-Sparse on the WAN tier) over TCP so far: {why}"),
             )),
             None => Ok(()),
         }

@@ -852,9 +852,20 @@ fn checkpoint_section_parses_and_bad_values_name_their_field() {
     assert_eq!(err("[checkpoint]\ndir = \"\"").0, "checkpoint.dir");
     assert_eq!(err("[checkpoint]\nexport = \"\"").0, "checkpoint.export");
     // State the roles do not save yet is refused, naming what to change.
-    let (field, message) = err("[checkpoint]\ndir = \"ck\"\n[sync]\nalgorithm = \"hfa\"");
+    let (field, message) = err("[checkpoint]\ndir = \"ck\"\n[sync]\nalgorithm = \"mixed\"");
     assert_eq!(field, "checkpoint.dir");
     assert!(message.contains("sync.algorithm"), "{message}");
+    // HFA saves at global averagings: every_rounds must be a multiple of k1 * k2.
+    let hfa = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 2\nk2 = 3\n[train]\nrounds = 12\n";
+    let (field, message) = err(&format!(
+        "{hfa}[checkpoint]\ndir = \"ck\"\nevery_rounds = 4"
+    ));
+    assert_eq!(field, "checkpoint.every_rounds");
+    assert!(message.contains("k1 * k2 = 6"), "{message}");
+    Config::from_toml_str(&format!(
+        "{hfa}[checkpoint]\ndir = \"ck\"\nevery_rounds = 6"
+    ))
+    .unwrap();
     let (_, message) =
         err("[checkpoint]\ndir = \"ck\"\n[compression]\ninter = { codec = \"fp16\" }");
     assert!(message.contains("compression"), "{message}");

@@ -35,11 +35,21 @@ pub(crate) fn resume(job: &JobSpec, me: &Identity) -> Result<Option<Resumed>, Ru
         .collect();
     let id = id_of(me);
     let state = checkpoint::load(dir, &ids, &id, job.config_hash, job.rounds)?;
-    Ok(Some(Resumed {
+    let resumed = Resumed {
         dir: dir.clone(),
         id,
         state,
-    }))
+    };
+    // HFA continues only from a global averaging, where every copy holds the milestone.
+    let period = job.rounds_per_global();
+    if resumed.round() % period != 0 {
+        let why = format!(
+            "round {} is not at a global averaging (every {period} rounds)",
+            resumed.round()
+        );
+        return Err(resumed.misfit(why));
+    }
+    Ok(Some(resumed))
 }
 
 /// A role's loaded state, with what names its file in errors.
@@ -64,6 +74,12 @@ impl Resumed {
     /// Takes tensor `name` of `len` values.
     pub fn f32(&mut self, name: &str, len: usize) -> Result<Vec<f32>, RunError> {
         let r = self.state.take_f32(name, Some(len));
+        r.map_err(|e| self.misfit(e))
+    }
+
+    /// Takes tensor `name` of any length (the consumer checks it).
+    pub fn f32_any(&mut self, name: &str) -> Result<Vec<f32>, RunError> {
+        let r = self.state.take_f32(name, None);
         r.map_err(|e| self.misfit(e))
     }
 

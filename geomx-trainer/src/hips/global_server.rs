@@ -85,6 +85,9 @@ struct GlobalHandler {
     dgt: Option<DgtJoin>,
     /// `[checkpoint]`: the saver and the state of the round being assembled, range by range.
     ckpt: Option<(Saver, Mutex<RoundParts>)>,
+    /// Training rounds per global round (HFA's k1 · k2, else 1): checkpoints count training
+    /// rounds.
+    per_global: u64,
 }
 
 /// One half of a DGT-mode push: the TCP request (worker count + responder) or the values the
@@ -362,16 +365,17 @@ impl GlobalHandler {
     /// round's state once every owned range is in.
     fn snapshot(&self, st: &State, id: usize, version: u64) -> Option<StateFile> {
         let (saver, parts) = self.ckpt.as_ref()?;
-        if !saver.due(version) {
+        let round = version * self.per_global;
+        if !saver.due(round) {
             return None;
         }
         let Some((_, theta, Some(opt))) = st.agg.export_range(id) else {
             self.abort(format!(
-                "checkpoint of round {version}: range {id} has no saveable optimizer state"
+                "checkpoint of round {round}: range {id} has no saveable optimizer state"
             ));
             return None;
         };
-        lock(parts).add(version, |f| {
+        lock(parts).add(round, |f| {
             f.put_f32(format!("theta.{id}"), theta);
             super::ckpt::put_optim(f, &format!("opt.{id}"), &opt);
         })
@@ -544,7 +548,8 @@ pub fn run(
     // θ_0 from the seed (the one source of initial parameters); keep our own ranges. A resumed
     // job starts from its checkpoint's θ_r and optimizer state instead.
     let mut resumed = super::ckpt::resume(job, &me)?;
-    let start = resumed.as_ref().map_or(0, |r| r.round());
+    // Global rounds: training rounds / (k1 · k2) under HFA.
+    let start = resumed.as_ref().map_or(0, |r| r.round()) / job.rounds_per_global();
     let theta0 = job.model.init(job.seed);
     let mut agg = GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32)
         .with_codecs(job.inter.clone(), job.intra.clone())
@@ -570,10 +575,15 @@ pub fn run(
                 continue;
             }
             let opt: Box<dyn super::RangeOptimizer> = match job.hfa_periods() {
-                Some(_) => Box::new(
-                    super::hfa::OuterStep::new(&job.hfa, r.len)
-                        .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?,
-                ),
+                Some(_) => {
+                    let mut opt = super::hfa::OuterStep::new(&job.hfa, r.len)
+                        .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?;
+                    if let Some(res) = resumed.as_mut() {
+                        let saved = res.optim(&format!("opt.{id}"))?;
+                        opt.import_state(saved).map_err(|e| res.misfit(e))?;
+                    }
+                    Box::new(opt)
+                }
                 None => {
                     let mut opt = Optimizer::new(&job.optimizer, r.len);
                     if let Some(res) = resumed.as_mut() {
@@ -641,6 +651,7 @@ pub fn run(
         }),
         ckpt: super::ckpt::saver(job, &me)
             .map(|s| (s, Mutex::new(RoundParts::new(owned, job.config_hash)))),
+        per_global: job.rounds_per_global(),
     });
     let consumer = dgt_server.as_ref().map(|s| {
         let (h, rx) = (handler.clone(), s.deliveries().clone());

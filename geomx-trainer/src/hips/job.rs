@@ -253,6 +253,16 @@ impl JobSpec {
             .map_or(self.rounds, |(k1, k2)| self.rounds / (k1 * k2))
     }
 
+    /// Training rounds per exchange between workers and local servers: HFA's k1, else 1.
+    pub fn rounds_per_local(&self) -> u64 {
+        self.hfa_periods().map_or(1, |(k1, _)| k1)
+    }
+
+    /// Training rounds per exchange between local and global servers: HFA's k1 · k2, else 1.
+    pub fn rounds_per_global(&self) -> u64 {
+        self.hfa_periods().map_or(1, |(k1, k2)| k1 * k2)
+    }
+
     /// Global index of worker `rank` of DC `dc` (DCs in order, ranks within).
     pub fn worker_index(&self, dc: usize, rank: usize) -> usize {
         self.plan.workers_per_dc[..dc].iter().sum::<usize>() + rank

@@ -118,6 +118,22 @@ impl Replica {
         }
     }
 
+    /// Saves the optimizer of every range under `replica.<key>.<range index>`.
+    fn save(&self, key: usize, state: &mut crate::checkpoint::StateFile) {
+        for (i, o) in self.opts.iter().enumerate() {
+            super::ckpt::put_optim(state, &format!("replica.{key}.{i}"), &o.export_state());
+        }
+    }
+
+    /// Restores what [`Replica::save`] saved.
+    fn restore(&mut self, key: usize, res: &mut super::ckpt::Resumed) -> Result<(), RunError> {
+        for (i, o) in self.opts.iter_mut().enumerate() {
+            let saved = res.optim(&format!("replica.{key}.{i}"))?;
+            o.import_state(saved).map_err(|e| res.misfit(e))?;
+        }
+        Ok(())
+    }
+
     /// Applies a reply of per-range [`Update`] segments to `params`; dense θ (resynchronisation)
     /// replaces the range after the step. A resynchronisation counts once per key (a mismatch
     /// if any range differed).
@@ -550,7 +566,7 @@ pub fn run(
     let lens = &plan.key_lens;
     // θ_0 from the local server (which has it from the global servers); θ_r when resuming,
     // which must be what this worker saved.
-    let mut params = pull_all(&client, lens, start, job)?;
+    let mut params = pull_all(&client, lens, start / job.rounds_per_local(), job)?;
     if let Some(res) = resumed.as_mut() {
         for (k, p) in params.iter().enumerate() {
             let saved = res.f32(&format!("params.{k}"), p.len())?;
@@ -569,6 +585,13 @@ pub fn run(
             ReplyMode::Sparse => KeyApply::Sparse(Replica::new(job, k)),
         })
         .collect();
+    if let Some(res) = resumed.as_mut() {
+        for (k, a) in apply.iter_mut().enumerate() {
+            if let KeyApply::Sparse(r) = a {
+                r.restore(k, res)?;
+            }
+        }
+    }
 
     let mut loss = f64::NAN;
     let mut last_eval = None;
@@ -577,6 +600,14 @@ pub fn run(
     let mut avg = job
         .hfa_periods()
         .map(|_| Averaging::new(&client, &node, job, &overflows, &params));
+    // HFA: the worker's own optimizers continue with their saved state (the milestone is the
+    // θ just pulled: checkpoints are taken at global averagings).
+    if let (Some(avg), Some(res)) = (avg.as_mut(), resumed.as_mut()) {
+        for (k, opt) in avg.opts.iter_mut().enumerate() {
+            let saved = res.optim(&format!("opt.{k}"))?;
+            opt.import_state(saved).map_err(|e| res.misfit(e))?;
+        }
+    }
     let mut esync = match job.sync {
         SyncAlgorithm::Esync => {
             // c before the first step: a warm-up step's duration (gradients discarded).
@@ -621,6 +652,14 @@ pub fn run(
             }
             let (epoch, pos) = batcher.cursor();
             state.put_u64("batcher", vec![epoch, pos as u64]);
+            for (k, opt) in avg.iter().flat_map(|a| a.opts.iter().enumerate()) {
+                super::ckpt::put_optim(&mut state, &format!("opt.{k}"), &opt.export_state());
+            }
+            for (k, a) in apply.iter().enumerate() {
+                if let KeyApply::Sparse(r) = a {
+                    r.save(k, &mut state);
+                }
+            }
             saver.save(&state)?;
         }
         if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
