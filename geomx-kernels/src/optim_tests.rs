@@ -308,3 +308,18 @@ fn exported_state_restores_bit_identical_steps() {
         assert_eq!(b.export_state(), a.export_state(), "{cfg:?}");
     }
 }
+
+/// DiLoCo's velocity round-trips through `set_velocity`; a wrong length is refused.
+#[test]
+fn diloco_velocity_can_be_restored() {
+    let mut a = DilocoOuter::new(2, 0.9, 0.7).unwrap();
+    let mut out = [0.0f32; 2];
+    a.increment(&[0.5, -1.0], &mut out).unwrap();
+    let mut b = DilocoOuter::new(2, 0.9, 0.7).unwrap();
+    assert!(b.set_velocity(vec![0.0]).is_err());
+    b.set_velocity(a.velocity().to_vec()).unwrap();
+    let (mut oa, mut ob) = ([0.0f32; 2], [0.0f32; 2]);
+    a.increment(&[0.25, 0.5], &mut oa).unwrap();
+    b.increment(&[0.25, 0.5], &mut ob).unwrap();
+    assert_eq!(oa, ob);
+}

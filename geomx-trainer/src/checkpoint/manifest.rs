@@ -275,6 +275,15 @@ pub fn prune(dir: &Path, round: u64, every: u64, keep: usize, id: &str) {
                 }
             }
         }
+        // Temporary files of writes that a crash interrupted (nobody writes an old round).
+        if let Ok(entries) = std::fs::read_dir(&rd) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') && name.contains(".tmp.") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         // Other processes may still have files here; the last one out removes the directory.
         let _ = std::fs::remove_dir(&rd);
     }
