@@ -184,6 +184,37 @@ fn bisparse_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The oracle with lossy dense tiers (FP16 on the WAN tier, BF16 on the LAN tier: increments
+/// with the global servers' rounding carry) and with MPQ (Bi-Sparse large keys, FP16 small
+/// ones): resumed at round 5, the run ends bit-identical to an uninterrupted one.
+#[test]
+fn lossy_codecs_resume_bit_identical() {
+    let cases = [
+        (
+            "fp16",
+            "[compression]\nintra = { codec = \"bf16\" }\ninter = { codec = \"fp16\" }\n",
+        ),
+        (
+            "mpq",
+            "[compression.inter]\ncodec = \"mpq\"\ndensity = 0.1\nmin_size = 100\n\
+             warmup_rounds = 0\nselection = \"exact\"\n",
+        ),
+    ];
+    for (name, extra) in cases {
+        let plain = run(name, &config(None, 0.1, extra), None);
+        let dir = scratch(name);
+        let cfg = config(Some(&dir), 0.1, extra);
+        assert_eq!(run(name, &cfg, None).param_hash, plain.param_hash, "{name}");
+        std::fs::remove_dir_all(round_dir(&dir, 10)).unwrap();
+        let resumed = run(name, &cfg, Some(&dir));
+        assert_eq!(
+            resumed.param_hash, plain.param_hash,
+            "{name}: resumed at round 5"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// A corrupt state file in the newest round is refused (naming the file in the log) and resume
 /// falls back to the previous complete round, still ending bit-identical; with no intact round
 /// left, resume fails naming the files.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Codec, Config, ConfigError, SyncAlgorithm, TransportKind};
+use super::{Config, ConfigError, SyncAlgorithm, TransportKind};
 
 /// Rounds between checkpoints when `checkpoint.dir` is set and `every_rounds` is not.
 pub const DEFAULT_EVERY_ROUNDS: u64 = 100;
@@ -74,18 +74,13 @@ impl Config {
         Ok(())
     }
 
-    /// Whether the roles save the whole state of this job: FSA or HFA with uncompressed f32
-    /// tiers or Bi-Sparse on the WAN tier, over TCP. ESync (the coordinator's state), MixedSync
-    /// (per-DC copies), the 16-bit dense codecs and MPQ (rounding carries) and DGT (late blocks)
+    /// Whether the roles save the whole state of this job: FSA or HFA with any tier codec, over
+    /// TCP. ESync (the coordinator's state), MixedSync (per-DC copies) and DGT (late blocks)
     /// keep state that checkpoints do not hold yet; such a job is refused, naming `field`
     /// (`checkpoint.dir`, or `--resume`).
     pub fn checkpoint_support(&self, field: &str) -> Result<(), ConfigError> {
         let why = if !matches!(self.sync.algorithm, SyncAlgorithm::Fsa | SyncAlgorithm::Hfa) {
             Some("sync.algorithm must be \"fsa\" or \"hfa\"")
-        } else if !matches!(self.compression.intra, Codec::None)
-            || !matches!(self.compression.inter, Codec::None | Codec::Bisparse(_))
-        {
-            Some("compression.intra must be codec \"none\", compression.inter \"none\" or \"bisparse\"")
         } else if self.transport.inter == TransportKind::Dgt {
             Some("transport.inter must be \"tcp\"")
         } else {
@@ -94,7 +89,7 @@ impl Config {
         match why {
             Some(why) => Err(ConfigError::invalid(
                 field,
-                format!("checkpoints and resume support FSA and HFA with uncompressed tiers (or Bi-Sparse on the WAN tier) over TCP so far: {why}"),
+                format!("checkpoints and resume support FSA and HFA over TCP so far: {why}"),
             )),
             None => Ok(()),
         }

@@ -73,6 +73,20 @@ impl<F: FnMut(&mut [f32], &[f32]) + Send + Clone + 'static> RangeOptimizer for F
     }
 }
 
+/// What a checkpoint saves of one range ([`GlobalAggregator::export_range`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangeSnapshot {
+    /// The range's version (rounds applied).
+    pub version: u64,
+    /// θ of the range.
+    pub params: Vec<f32>,
+    /// The optimizer's state, `None` when it keeps state checkpoints do not hold.
+    pub opt: Option<crate::engine::OptimState>,
+    /// Delta replies with a lossy tier: the rounding remainder carried into the next increment
+    /// (empty otherwise).
+    pub carry: Vec<f32>,
+}
+
 /// One DC's push for a range: its sum over `count` workers, or `None` when the DC dropped the
 /// round (a non-finite value under [`NonFinitePolicy::Skip`]).
 pub type DcPush = (Option<Vec<f32>>, u32);
@@ -201,15 +215,32 @@ impl GlobalAggregator {
             .map(|r| (r.version, r.params.as_slice()))
     }
 
-    /// What a checkpoint saves of range `id`: its version, θ and the optimizer's state (`None`
-    /// when the optimizer keeps state checkpoints do not hold).
-    pub fn export_range(
-        &self,
-        id: usize,
-    ) -> Option<(u64, Vec<f32>, Option<crate::engine::OptimState>)> {
-        self.ranges
-            .get(&id)
-            .map(|r| (r.version, r.params.clone(), r.opt.export_state()))
+    /// What a checkpoint saves of range `id` (`None` for a range not owned).
+    pub fn export_range(&self, id: usize) -> Option<RangeSnapshot> {
+        self.ranges.get(&id).map(|r| RangeSnapshot {
+            version: r.version,
+            params: r.params.clone(),
+            opt: r.opt.export_state(),
+            carry: r.carry.clone(),
+        })
+    }
+
+    /// Restores range `id`'s rounding carry from a [`RangeSnapshot`] (after
+    /// [`GlobalAggregator::set_mode`], which sizes it); another length is refused.
+    pub fn set_carry(&mut self, id: usize, carry: Vec<f32>) -> Result<(), String> {
+        let r = self
+            .ranges
+            .get_mut(&id)
+            .ok_or_else(|| format!("range {id} is not owned here"))?;
+        if carry.len() != r.carry.len() {
+            return Err(format!(
+                "range {id}: carry of {} values, expected {}",
+                carry.len(),
+                r.carry.len()
+            ));
+        }
+        r.carry = carry;
+        Ok(())
     }
 
     /// Values of range `id` if its version is at least `min_version` (a `Pull`).

@@ -369,7 +369,13 @@ impl GlobalHandler {
         if !saver.due(round) {
             return None;
         }
-        let Some((_, theta, Some(opt))) = st.agg.export_range(id) else {
+        let Some(super::RangeSnapshot {
+            params: theta,
+            opt: Some(opt),
+            carry,
+            ..
+        }) = st.agg.export_range(id)
+        else {
             self.abort(format!(
                 "checkpoint of round {round}: range {id} has no saveable optimizer state"
             ));
@@ -377,6 +383,7 @@ impl GlobalHandler {
         };
         lock(parts).add(round, |f| {
             f.put_f32(format!("theta.{id}"), theta);
+            f.put_f32(format!("carry.{id}"), carry);
             super::ckpt::put_optim(f, &format!("opt.{id}"), &opt);
         })
     }
@@ -595,6 +602,10 @@ pub fn run(
             };
             agg.add_range(id, vals, start, opt);
             agg.set_mode(id, mode);
+            if let Some(res) = resumed.as_mut() {
+                let carry = res.f32_any(&format!("carry.{id}"))?;
+                agg.set_carry(id, carry).map_err(|e| res.misfit(e))?;
+            }
             owned += 1;
         }
     }

@@ -25,7 +25,9 @@ pub mod worker;
 
 use serde::{Deserialize, Serialize};
 
-pub use global_agg::{DcPush, GlobalAggregator, RangeOptimizer, RoundDone, SavedState, SkipCause};
+pub use global_agg::{
+    DcPush, GlobalAggregator, RangeOptimizer, RangeSnapshot, RoundDone, SavedState, SkipCause,
+};
 pub use job::JobSpec;
 pub use local_agg::LocalAggregator;
 pub use mixed_agg::{MixedAggregator, Staleness};
