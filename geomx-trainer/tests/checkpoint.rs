@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use geomx_trainer::config::Config;
+use geomx_trainer::config::{AdamConfig, Config, OptimizerConfig};
 use geomx_trainer::hips::JobSpec;
 use geomx_trainer::launch::threads;
 use geomx_trainer::report::Report;
@@ -185,10 +185,11 @@ fn bisparse_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 }
 
 /// The oracle with lossy dense tiers (FP16 on the WAN tier, BF16 on the LAN tier: increments
-/// with the global servers' rounding carry) and with MPQ (Bi-Sparse large keys, FP16 small
-/// ones): resumed at round 5, the run ends bit-identical to an uninterrupted one.
+/// with the global servers' rounding carry), with MPQ (Bi-Sparse large keys, FP16 small ones)
+/// and with Adam (moments and the bias-correction step): resumed at round 5, the run ends
+/// bit-identical to an uninterrupted one.
 #[test]
-fn lossy_codecs_resume_bit_identical() {
+fn lossy_codecs_and_adam_resume_bit_identical() {
     let cases = [
         (
             "fp16",
@@ -199,11 +200,22 @@ fn lossy_codecs_resume_bit_identical() {
             "[compression.inter]\ncodec = \"mpq\"\ndensity = 0.1\nmin_size = 100\n\
              warmup_rounds = 0\nselection = \"exact\"\n",
         ),
+        ("adam", ""),
     ];
+    let with_optimizer = |name: &str, mut cfg: Config| {
+        if name == "adam" {
+            cfg.train.optimizer = OptimizerConfig::Adam(AdamConfig {
+                lr: 0.01,
+                ..AdamConfig::default()
+            });
+            cfg.validate().unwrap();
+        }
+        cfg
+    };
     for (name, extra) in cases {
-        let plain = run(name, &config(None, 0.1, extra), None);
+        let plain = run(name, &with_optimizer(name, config(None, 0.1, extra)), None);
         let dir = scratch(name);
-        let cfg = config(Some(&dir), 0.1, extra);
+        let cfg = with_optimizer(name, config(Some(&dir), 0.1, extra));
         assert_eq!(run(name, &cfg, None).param_hash, plain.param_hash, "{name}");
         std::fs::remove_dir_all(round_dir(&dir, 10)).unwrap();
         let resumed = run(name, &cfg, Some(&dir));

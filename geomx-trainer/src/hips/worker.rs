@@ -570,7 +570,11 @@ pub fn run(
     if let Some(res) = resumed.as_mut() {
         for (k, p) in params.iter().enumerate() {
             let saved = res.f32(&format!("params.{k}"), p.len())?;
-            if params_hash(&[saved]) != params_hash(std::slice::from_ref(p)) {
+            if !saved
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(p.iter().map(|v| v.to_bits()))
+            {
                 return Err(res.misfit(format!(
                     "key {k} differs from the global servers' θ of round {start}"
                 )));
@@ -646,21 +650,10 @@ pub fn run(
         }
         let done = round + 1;
         if let Some(saver) = saver.as_ref().filter(|s| s.due(done)) {
-            let mut state = saver.state(done);
-            for (k, p) in params.iter().enumerate() {
-                state.put_f32(format!("params.{k}"), p.clone());
-            }
-            let (epoch, pos) = batcher.cursor();
-            state.put_u64("batcher", vec![epoch, pos as u64]);
-            for (k, opt) in avg.iter().flat_map(|a| a.opts.iter().enumerate()) {
-                super::ckpt::put_optim(&mut state, &format!("opt.{k}"), &opt.export_state());
-            }
-            for (k, a) in apply.iter().enumerate() {
-                if let KeyApply::Sparse(r) = a {
-                    r.save(k, &mut state);
-                }
-            }
-            saver.save(&state)?;
+            let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
+            saver.save(&checkpoint_state(
+                saver, done, &params, &batcher, opts, &apply,
+            ))?;
         }
         if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
             // The final pull: every replica adopts the global servers' final θ.
@@ -715,6 +708,33 @@ pub fn run(
         }
     }
     Ok(stats)
+}
+
+/// A worker's state after `done` rounds: its replica (`params.<k>`), its batch cursor
+/// (`batcher`), under HFA its own optimizers (`opt.<k>`), and its Bi-Sparse replicas' optimizers.
+fn checkpoint_state(
+    saver: &crate::checkpoint::Saver,
+    done: u64,
+    params: &[Vec<f32>],
+    batcher: &crate::data::Batcher,
+    opts: &[Optimizer],
+    apply: &[KeyApply],
+) -> crate::checkpoint::StateFile {
+    let mut state = saver.state(done);
+    for (k, p) in params.iter().enumerate() {
+        state.put_f32(format!("params.{k}"), p.clone());
+    }
+    let (epoch, pos) = batcher.cursor();
+    state.put_u64("batcher", vec![epoch, pos as u64]);
+    for (k, opt) in opts.iter().enumerate() {
+        super::ckpt::put_optim(&mut state, &format!("opt.{k}"), &opt.export_state());
+    }
+    for (k, a) in apply.iter().enumerate() {
+        if let KeyApply::Sparse(r) = a {
+            r.save(k, &mut state);
+        }
+    }
+    state
 }
 
 /// Pulls every key at `version` from the local server (exact f32 θ).
