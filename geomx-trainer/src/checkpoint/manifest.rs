@@ -187,6 +187,16 @@ pub fn read_checked(
         ));
     }
     let file = state_path(&rd, id);
+    if entry.bytes > super::MAX_STATE_BYTES {
+        return Err(corrupt(
+            &ep,
+            format!(
+                "a state file of {} bytes, more than the {} accepted",
+                entry.bytes,
+                super::MAX_STATE_BYTES
+            ),
+        ));
+    }
     let bytes = read_bounded(&file, entry.bytes)?;
     if bytes.len() as u64 != entry.bytes {
         return Err(corrupt(

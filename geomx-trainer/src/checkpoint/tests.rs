@@ -116,6 +116,22 @@ fn torn_corrupt_and_foreign_rounds_are_refused_naming_the_file() {
     let msg = e.to_string();
     assert!(msg.contains("configuration hash"), "{msg}");
     assert!(msg.contains("global-server-2-0.manifest.json"), "{msg}");
+    // An entry that claims an absurd size is refused before anything is read.
+    let ep = entry_path(&round_dir(&other, 5), "worker-0-1");
+    let text = std::fs::read_to_string(&ep).unwrap();
+    let size = std::fs::metadata(state_path(&round_dir(&other, 5), "worker-0-1"))
+        .unwrap()
+        .len();
+    std::fs::write(
+        &ep,
+        text.replace(
+            &format!("\"bytes\": {size}"),
+            "\"bytes\": 18446744073709551615",
+        ),
+    )
+    .unwrap();
+    let e = manifest::read_checked(&other, 5, "worker-0-1", HASH).unwrap_err();
+    assert!(e.to_string().contains("more than"), "{e}");
     // A manifest entry that is not JSON, and garbage in place of a state file.
     std::fs::write(entry_path(&round_dir(&other, 5), "worker-0-1"), b"\xff{").unwrap();
     let e = manifest::read_checked(&other, 5, "worker-0-1", HASH).unwrap_err();
