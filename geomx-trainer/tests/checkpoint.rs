@@ -118,6 +118,8 @@ fn fsa_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     with_export.checkpoint.export = Some(model.clone());
     let from10 = run("resumed at 10", &with_export, Some(&dir));
     assert_eq!(from10.param_hash, plain.param_hash, "resumed at round 10");
+    assert_eq!(from10.resumed_from_round, Some(10));
+    assert_eq!(plain.resumed_from_round, None);
     let job10 = JobSpec::from_config(&cfg).unwrap();
     let saved = geomx_trainer::engine::export::read_params(&model, job10.model.as_ref()).unwrap();
     assert_eq!(
@@ -129,6 +131,7 @@ fn fsa_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     std::fs::remove_dir_all(round_dir(&dir, 10)).unwrap();
     let from5 = run("resumed at 5", &cfg, Some(&dir));
     assert_eq!(from5.param_hash, plain.param_hash, "resumed at round 5");
+    assert_eq!(from5.resumed_from_round, Some(5));
     // The resumed run wrote round 10 again, identical to the first one's.
     assert!(round_dir(&dir, 10).join("worker-0-0.ckpt").exists());
 
@@ -401,6 +404,8 @@ fn killed_launch_resumes_bit_identical_and_saves_the_model() {
         &base.join("resumed.json"),
     );
     assert_eq!(resumed["param_hash"].as_str(), Some(hash.as_str()));
+    let from = resumed["resumed_from_round"].as_u64().unwrap();
+    assert!(from >= 5 && from % 5 == 0 && from < 150, "{from}");
     assert_eq!(resumed["replicas_identical"].as_bool(), Some(true));
     let job = JobSpec::from_config(&Config::load(&killed_cfg).unwrap()).unwrap();
     for m in [&full_model, &model] {

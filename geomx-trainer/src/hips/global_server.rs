@@ -703,6 +703,7 @@ pub fn run(
     stats.skipped_updates = handler.skipped.load(Ordering::Relaxed);
     stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
+    stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
     if let Some(s) = dgt_server {
         let d = super::dgt::DgtRoleStats::from_server(&s.stats());
         tracing::info!(

@@ -1013,5 +1013,6 @@ pub fn run(
     stats.skipped_updates = handler.skipped.load(Ordering::Relaxed);
     stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
+    stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
     Ok(stats)
 }

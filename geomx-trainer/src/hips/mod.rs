@@ -130,6 +130,9 @@ pub struct RoleStats {
     /// round does not expect, a non-member or a connection borrowing a member's id); never fatal.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub refused_requests: u64,
+    /// The checkpoint round this process resumed from (`--resume`), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_round: Option<u64>,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -158,6 +161,7 @@ impl RoleStats {
             staleness: Vec::new(),
             dgt: None,
             refused_requests: 0,
+            resumed_from_round: None,
         }
     }
 }

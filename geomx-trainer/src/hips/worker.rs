@@ -700,6 +700,7 @@ pub fn run(
     stats.final_loss = Some(loss);
     stats.final_test_accuracy = last_eval.map(|p| p.test_accuracy);
     stats.skipped_updates = skipped;
+    stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
     stats.cast_overflows = overflows.snapshot();
     for a in &apply {
         if let KeyApply::Sparse(r) = a {

@@ -155,6 +155,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 topk_fallbacks: 0,
                 dgt: None,
                 refused_requests: 0,
+                resumed_from_round: None,
             });
         }
     };
