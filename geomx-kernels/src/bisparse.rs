@@ -174,6 +174,17 @@ impl BiSparse {
         &self.u
     }
 
+    /// Restores the velocity u and the residual v from [`BiSparse::velocity`] and
+    /// [`BiSparse::residual`] of a state of the same configuration and length (checkpoints);
+    /// wrong lengths are refused and nothing changes.
+    pub fn set_state(&mut self, velocity: Vec<f32>, residual: Vec<f32>) -> Result<(), KernelError> {
+        check_len(self.u.len(), velocity.len())?;
+        check_len(self.v.len(), residual.len())?;
+        self.u = velocity;
+        self.v = residual;
+        Ok(())
+    }
+
     /// Number of sampled selections that fell back to exact over the whole tensor.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks

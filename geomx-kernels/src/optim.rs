@@ -298,6 +298,57 @@ impl Optimizer {
         Ok(())
     }
 
+    /// The state as flat tensors and a step counter, for checkpoints: SGD `[momentum buffer]`
+    /// (empty without momentum) and 0; Adam `[m, v]` and t; DC-ASGD the backups of every sender,
+    /// then the momentum and mean-square buffers (empty when unused), and 0.
+    pub fn export_state(&self) -> (Vec<Vec<f32>>, u64) {
+        match &self.state {
+            State::Sgd { buf } => (vec![buf.clone()], 0),
+            State::Adam { m, v, t } => (vec![m.clone(), v.clone()], *t),
+            State::DcAsgd { backups, mom, ms } => {
+                let mut out = backups.clone();
+                out.push(mom.clone());
+                out.push(ms.clone());
+                (out, 0)
+            }
+        }
+    }
+
+    /// Restores a state from [`Optimizer::export_state`] of an optimizer of the same
+    /// configuration and length. The number of tensors and every tensor's length must equal this
+    /// optimizer's own; otherwise nothing changes and the mismatch is returned.
+    pub fn import_state(&mut self, tensors: Vec<Vec<f32>>, step: u64) -> Result<(), KernelError> {
+        let (own, _) = self.export_state();
+        if own.len() != tensors.len() {
+            return Err(KernelError::InvalidConfig(format!(
+                "optimizer state of {} tensors, expected {}",
+                tensors.len(),
+                own.len()
+            )));
+        }
+        for (a, b) in own.iter().zip(&tensors) {
+            check_len(a.len(), b.len())?;
+        }
+        let mut it = tensors.into_iter();
+        let mut next = || it.next().unwrap_or_default();
+        match &mut self.state {
+            State::Sgd { buf } => *buf = next(),
+            State::Adam { m, v, t } => {
+                *m = next();
+                *v = next();
+                *t = step;
+            }
+            State::DcAsgd { backups, mom, ms } => {
+                for b in backups.iter_mut() {
+                    *b = next();
+                }
+                *mom = next();
+                *ms = next();
+            }
+        }
+        Ok(())
+    }
+
     /// One step: updates `params` in place from `grad` pushed by `sender` (ignored except by
     /// DC-ASGD, which then sets that sender's backup to the new parameters).
     pub fn step(
@@ -436,6 +487,14 @@ impl DilocoOuter {
     /// The velocity v.
     pub fn velocity(&self) -> &[f32] {
         &self.v
+    }
+
+    /// Restores a velocity from [`DilocoOuter::velocity`] (checkpoints); a wrong length is
+    /// refused and nothing changes.
+    pub fn set_velocity(&mut self, v: Vec<f32>) -> Result<(), KernelError> {
+        check_len(self.v.len(), v.len())?;
+        self.v = v;
+        Ok(())
     }
 
     /// Computes the increment δ from the weighted model delta Δ.

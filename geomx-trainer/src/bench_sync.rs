@@ -258,6 +258,7 @@ pub fn run(opts: &SyncBenchOptions) -> Result<SyncBenchResult, SyncBenchError> {
             report: Some(report),
             exe: opts.exe.clone(),
             quiet: true,
+            ..LaunchOptions::default()
         })
         .map_err(|source| SyncBenchError::Launch {
             algorithm: s.name.into(),

@@ -36,6 +36,12 @@ enum Cmd {
         /// Print no progress lines.
         #[arg(long)]
         quiet: bool,
+        /// Continue the job from the newest complete round of this checkpoint directory.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
+        /// Write the final model here as safetensors.
+        #[arg(long, value_name = "PATH")]
+        save: Option<PathBuf>,
     },
     /// Write a job's files for a scheduler: a Slurm sbatch script, Kubernetes manifests, a report.
     Deploy {
@@ -129,6 +135,13 @@ struct RunArgs {
     /// Host to bind and advertise (default: cluster.host).
     #[arg(long)]
     bind: Option<String>,
+    /// Continue from the newest complete round of this checkpoint directory (every process of
+    /// the job must be given the same directory).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Write the final model here as safetensors (used by worker dc 0, rank 0).
+    #[arg(long, value_name = "PATH")]
+    save: Option<PathBuf>,
 }
 
 fn init_tracing(level: LogLevel) {
@@ -178,7 +191,15 @@ fn run(args: RunArgs) -> Result<(), String> {
                     p.assignment,
                     p.args.bind_host.as_deref().unwrap_or("")
                 );
-                return run_role(&p.config, &p.args, exit_hook())
+                let mut cfg = p.config;
+                if args.save.is_some() {
+                    cfg.checkpoint.export.clone_from(&args.save);
+                }
+                let role_args = RoleArgs {
+                    resume: args.resume,
+                    ..p.args
+                };
+                return run_role(&cfg, &role_args, exit_hook())
                     .map(|_| ())
                     .map_err(|e| e.to_string());
             }
@@ -191,10 +212,15 @@ fn run(args: RunArgs) -> Result<(), String> {
         }
     };
     init_tracing(cfg.log.level);
+    let mut cfg = cfg;
+    if args.save.is_some() {
+        cfg.checkpoint.export = args.save;
+    }
     let role_args = RoleArgs {
         spec,
         coordinator: args.coordinator,
         bind_host: args.bind,
+        resume: args.resume,
     };
     run_role(&cfg, &role_args, exit_hook())
         .map(|_| ())
@@ -240,6 +266,7 @@ fn wan_lab(config: Option<PathBuf>, report: Option<PathBuf>, hold: bool) -> Resu
         report,
         exe: None,
         quiet: false,
+        ..LaunchOptions::default()
     };
     let r = geomx_trainer::launch::launch_with(&opts, Some(geomx_trainer::config::WanMode::Auto))
         .map_err(|e| e.to_string())?;
@@ -276,6 +303,8 @@ fn main() -> ExitCode {
             file,
             report,
             quiet,
+            resume,
+            save,
         } => {
             init_tracing(LogLevel::Warn);
             let opts = LaunchOptions {
@@ -283,6 +312,8 @@ fn main() -> ExitCode {
                 report,
                 exe: None,
                 quiet,
+                resume,
+                save,
             };
             launch(&opts).map(|_| ()).map_err(|e| e.to_string())
         }

@@ -63,6 +63,10 @@ pub struct Report {
     /// The lab's own figures (link settings, relay lateness, qdisc drop counters), when one ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan_lab: Option<serde_json::Value>,
+    /// The checkpoint round the job resumed from (`--resume`), if it did: the lowest any
+    /// process reports (all report the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_round: Option<u64>,
 }
 
 fn default_wan_mode() -> String {
@@ -117,6 +121,7 @@ impl Report {
             }
         }
         let reporter = workers.iter().find(|s| s.dc == 0 && s.rank == 0);
+        let resumed_from_round = stats.iter().filter_map(|s| s.resumed_from_round).min();
         Self {
             final_test_accuracy: reporter
                 .and_then(|s| s.final_test_accuracy)
@@ -151,6 +156,7 @@ impl Report {
             config,
             wan_mode: default_wan_mode(),
             wan_lab: None,
+            resumed_from_round,
         }
     }
 
@@ -203,6 +209,7 @@ mod tests {
             cast_overflows: Default::default(),
             dgt: None,
             refused_requests: 0,
+            resumed_from_round: None,
         }
     }
 

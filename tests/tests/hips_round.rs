@@ -159,6 +159,9 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         esync: Default::default(),
         mixed_optimizer: geomx_kernels::optim::OptimizerConfig::Sgd(Default::default()),
         nonfinite: Default::default(),
+        checkpoint: None,
+        resume: None,
+        export: None,
     }
 }
 

@@ -5,6 +5,7 @@
 //! bad values are rejected with a message naming the field. [`Config::from_dmlc_env`] builds the
 //! configuration and this process's [`RoleSpec`] from the original GeoMX `DMLC_*` variables.
 
+mod checkpoint;
 mod cluster_toml;
 mod data;
 pub mod device;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use checkpoint::{CheckpointConfig, DEFAULT_EVERY_ROUNDS, DEFAULT_KEEP};
 pub use role::{Role, RoleSpec};
 pub use sync::{
     EsyncConfig, EsyncNormalisation, HfaConfig, HfaWeighting, LambdaMode, MixedConfig,
@@ -110,6 +112,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The emulated WAN of `geomx launch` (wan-lab.md).
     pub wan: WanConfig,
+    /// Checkpoints of every role and the final model's export.
+    pub checkpoint: CheckpointConfig,
 }
 
 /// `[cluster]`: data centers, global servers and addresses.

@@ -822,3 +822,58 @@ fn nonfinite_policy_and_injected_faults_parse_and_validate() {
         assert!(e.contains(needle), "{toml}: {e}");
     }
 }
+
+#[test]
+fn checkpoint_section_parses_and_bad_values_name_their_field() {
+    let c = Config::from_toml_str(
+        "[checkpoint]\ndir = \"ck\"\nevery_rounds = 5\nkeep = 3\nexport = \"m.safetensors\"",
+    )
+    .unwrap();
+    assert_eq!(
+        c.checkpoint.dir.as_deref(),
+        Some(std::path::Path::new("ck"))
+    );
+    assert_eq!((c.checkpoint.every_rounds, c.checkpoint.keep), (5, 3));
+    assert_eq!(
+        c.checkpoint.export.as_deref(),
+        Some(std::path::Path::new("m.safetensors"))
+    );
+    // Checkpoint settings are local to each process: they leave the configuration hash alone.
+    assert_eq!(c.config_hash(), Config::default().config_hash());
+    let err = |text: &str| match Config::from_toml_str(text) {
+        Err(ConfigError::Invalid { field, message }) => (field, message),
+        other => panic!("{text}: expected a refusal, got {other:?}"),
+    };
+    assert_eq!(
+        err("[checkpoint]\nevery_rounds = 0").0,
+        "checkpoint.every_rounds"
+    );
+    assert_eq!(err("[checkpoint]\nkeep = 0").0, "checkpoint.keep");
+    assert_eq!(err("[checkpoint]\ndir = \"\"").0, "checkpoint.dir");
+    assert_eq!(err("[checkpoint]\nexport = \"\"").0, "checkpoint.export");
+    // State the roles do not save yet is refused, naming what to change.
+    let (field, message) = err("[checkpoint]\ndir = \"ck\"\n[sync]\nalgorithm = \"mixed\"");
+    assert_eq!(field, "checkpoint.dir");
+    assert!(message.contains("sync.algorithm"), "{message}");
+    // HFA saves at global averagings: every_rounds must be a multiple of k1 * k2.
+    let hfa = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 2\nk2 = 3\n[train]\nrounds = 12\n";
+    let (field, message) = err(&format!(
+        "{hfa}[checkpoint]\ndir = \"ck\"\nevery_rounds = 4"
+    ));
+    assert_eq!(field, "checkpoint.every_rounds");
+    assert!(message.contains("k1 * k2 = 6"), "{message}");
+    Config::from_toml_str(&format!(
+        "{hfa}[checkpoint]\ndir = \"ck\"\nevery_rounds = 6"
+    ))
+    .unwrap();
+    let (_, message) = err("[checkpoint]\ndir = \"ck\"\n[transport]\ninter = \"dgt\"");
+    assert!(message.contains("transport.inter"), "{message}");
+    Config::from_toml_str(
+        "[checkpoint]\ndir = \"ck\"\n[compression]\ninter = { codec = \"fp16\" }",
+    )
+    .unwrap();
+    assert!(matches!(
+        Config::from_toml_str("[checkpoint]\nevery = 3"),
+        Err(ConfigError::Parse { .. })
+    ));
+}

@@ -80,6 +80,7 @@ impl Config {
         self.validate_sync()?;
         self.validate_dgt()?;
         self.validate_wan()?;
+        self.validate_checkpoint()?;
         self.validate_timeouts_and_placement()
     }
 

@@ -62,6 +62,27 @@ impl Batcher {
         self.epoch
     }
 
+    /// Where the iteration stands, `(epoch, position in the epoch's order)`: with the
+    /// constructor's arguments, all a checkpoint needs to continue it ([`Batcher::seek`]).
+    pub fn cursor(&self) -> (u64, usize) {
+        (self.epoch, self.pos)
+    }
+
+    /// Continues from a [`Batcher::cursor`] of a batcher built with the same arguments; a
+    /// position past the epoch's order is refused.
+    pub fn seek(&mut self, epoch: u64, pos: usize) -> Result<(), DataError> {
+        if pos > self.shard.len() {
+            return Err(DataError::Split(format!(
+                "batch cursor {pos} is past a shard of {} samples",
+                self.shard.len()
+            )));
+        }
+        self.epoch = epoch;
+        self.reshuffle();
+        self.pos = pos;
+        Ok(())
+    }
+
     /// Indices of the next batch.
     pub fn next_indices(&mut self) -> &[usize] {
         if self.pos + self.batch_size > self.order.len() {
@@ -83,6 +104,23 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sought_cursor_continues_the_same_sequence() {
+        let shard: Vec<usize> = (0..10).collect();
+        let mut a = Batcher::new(shard.clone(), 3, 4, 1).unwrap();
+        for _ in 0..4 {
+            a.next_indices();
+        }
+        let (epoch, pos) = a.cursor();
+        assert_eq!((epoch, pos), (1, 3));
+        let mut b = Batcher::new(shard.clone(), 3, 4, 1).unwrap();
+        b.seek(epoch, pos).unwrap();
+        for _ in 0..7 {
+            assert_eq!(a.next_indices(), b.next_indices());
+        }
+        assert!(b.seek(0, 11).is_err());
+    }
 
     #[test]
     fn epochs_cover_the_shard_once_and_reshuffle() {

@@ -201,6 +201,7 @@ pub fn prepare(
             spec: a.task.spec(),
             coordinator: Some(coordinator_arg),
             bind_host: Some(bind_host),
+            resume: None,
         },
         config: cfg,
         assignment: a,

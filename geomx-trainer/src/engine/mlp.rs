@@ -141,6 +141,20 @@ impl Model for Mlp {
         &self.specs
     }
 
+    /// `layers.{2l}.weight` / `layers.{2l}.bias` for layer l: a module whose `layers` is an
+    /// `nn.Sequential` of `Linear` layers with a `ReLU` between each two (docs/architecture.md,
+    /// "Model export").
+    fn export_names(&self) -> Vec<String> {
+        (0..self.layers())
+            .flat_map(|l| {
+                [
+                    format!("layers.{}.weight", 2 * l),
+                    format!("layers.{}.bias", 2 * l),
+                ]
+            })
+            .collect()
+    }
+
     /// Weights: He-uniform `U(±√(6/fan_in))` for hidden layers, Glorot-uniform
     /// `U(±√(6/(fan_in + fan_out)))` for the output layer; biases zero. Each tensor has its own
     /// stream derived from `(seed, key)`, so a range of one tensor can be rebuilt alone.

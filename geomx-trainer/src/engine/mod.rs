@@ -6,6 +6,7 @@
 //! tensor's gradient to a callback as soon as it is ready (last layer first) so that communication
 //! can overlap the rest of the backward pass; [`Model::loss_and_grad`] collects them instead.
 
+pub mod export;
 mod gemm;
 pub mod mlp;
 pub mod optim;
@@ -24,7 +25,7 @@ use crate::data::Samples;
 pub use crate::config::device::{validate_model_config, Device};
 pub use crate::hash::{params_hash, Fnv1a};
 pub use mlp::Mlp;
-pub use optim::{Optimizer, OptimizerConfig};
+pub use optim::{OptimState, Optimizer, OptimizerConfig};
 
 /// Name and shape of one parameter tensor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -139,6 +140,12 @@ pub struct Evaluation {
 pub trait Model: Send + Sync {
     /// The parameter tensors in key order.
     fn tensors(&self) -> &[TensorSpec];
+
+    /// The tensors' names in an exported model ([`export`]), in key order: the names under which
+    /// the equivalent PyTorch module's `state_dict` holds them. Default: the tensors' own names.
+    fn export_names(&self) -> Vec<String> {
+        self.tensors().iter().map(|t| t.name.clone()).collect()
+    }
 
     /// Total number of parameters.
     fn num_params(&self) -> usize {

@@ -17,6 +17,18 @@ enum Inner {
     Invalid(String),
 }
 
+/// An optimizer's state as plain values (checkpoints): the moment tensors, the kernel's step
+/// counter (Adam's t) and the steps applied.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OptimState {
+    /// Moment tensors in the kernel optimizer's order.
+    pub tensors: Vec<Vec<f32>>,
+    /// The kernel optimizer's own step counter (Adam's bias correction; 0 otherwise).
+    pub kernel_step: u64,
+    /// Steps applied through [`Optimizer::step`].
+    pub steps: u64,
+}
+
 /// Optimizer state for one flat tensor (or range) of `len` elements: a thin layer over
 /// `geomx_kernels::optim::Optimizer` that takes the configuration's types and counts steps.
 #[derive(Debug, Clone)]
@@ -65,6 +77,34 @@ impl Optimizer {
     /// True for a state of zero elements.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The state for a checkpoint: the kernel optimizer's tensors (see
+    /// `geomx_kernels::optim::Optimizer::export_state`), its own step counter and this layer's
+    /// count of applied steps.
+    pub fn export_state(&self) -> OptimState {
+        let (tensors, kernel_step) = match &self.inner {
+            Inner::Ready(o) => o.export_state(),
+            Inner::Invalid(_) => (Vec::new(), 0),
+        };
+        OptimState {
+            tensors,
+            kernel_step,
+            steps: self.steps,
+        }
+    }
+
+    /// Restores a state from [`Optimizer::export_state`] of an optimizer of the same configuration
+    /// and length; a state of another shape is refused and nothing changes.
+    pub fn import_state(&mut self, state: OptimState) -> Result<(), EngineError> {
+        match &mut self.inner {
+            Inner::Ready(o) => o
+                .import_state(state.tensors, state.kernel_step)
+                .map_err(|e| EngineError::Optimizer(e.to_string()))?,
+            Inner::Invalid(msg) => return Err(EngineError::Optimizer(msg.clone())),
+        }
+        self.steps = state.steps;
+        Ok(())
     }
 
     /// Applies one step: `params ← opt(params, grad)`.

@@ -49,6 +49,12 @@ pub trait RangeOptimizer: Send {
 
     /// Restores a state from [`RangeOptimizer::save`] (undoing the steps since).
     fn restore(&mut self, saved: SavedState);
+
+    /// The state as plain values for a checkpoint, or `None` for an optimizer whose state
+    /// checkpoints do not hold.
+    fn export_state(&self) -> Option<crate::engine::OptimState> {
+        None
+    }
 }
 
 impl<F: FnMut(&mut [f32], &[f32]) + Send + Clone + 'static> RangeOptimizer for F {
@@ -65,6 +71,20 @@ impl<F: FnMut(&mut [f32], &[f32]) + Send + Clone + 'static> RangeOptimizer for F
             *self = *f;
         }
     }
+}
+
+/// What a checkpoint saves of one range ([`GlobalAggregator::export_range`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangeSnapshot {
+    /// The range's version (rounds applied).
+    pub version: u64,
+    /// θ of the range.
+    pub params: Vec<f32>,
+    /// The optimizer's state, `None` when it keeps state checkpoints do not hold.
+    pub opt: Option<crate::engine::OptimState>,
+    /// Delta replies with a lossy tier: the rounding remainder carried into the next increment
+    /// (empty otherwise).
+    pub carry: Vec<f32>,
 }
 
 /// One DC's push for a range: its sum over `count` workers, or `None` when the DC dropped the
@@ -193,6 +213,34 @@ impl GlobalAggregator {
         self.ranges
             .get(&id)
             .map(|r| (r.version, r.params.as_slice()))
+    }
+
+    /// What a checkpoint saves of range `id` (`None` for a range not owned).
+    pub fn export_range(&self, id: usize) -> Option<RangeSnapshot> {
+        self.ranges.get(&id).map(|r| RangeSnapshot {
+            version: r.version,
+            params: r.params.clone(),
+            opt: r.opt.export_state(),
+            carry: r.carry.clone(),
+        })
+    }
+
+    /// Restores range `id`'s rounding carry from a [`RangeSnapshot`] (after
+    /// [`GlobalAggregator::set_mode`], which sizes it); another length is refused.
+    pub fn set_carry(&mut self, id: usize, carry: Vec<f32>) -> Result<(), String> {
+        let r = self
+            .ranges
+            .get_mut(&id)
+            .ok_or_else(|| format!("range {id} is not owned here"))?;
+        if carry.len() != r.carry.len() {
+            return Err(format!(
+                "range {id}: carry of {} values, expected {}",
+                carry.len(),
+                r.carry.len()
+            ));
+        }
+        r.carry = carry;
+        Ok(())
     }
 
     /// Values of range `id` if its version is at least `min_version` (a `Pull`).

@@ -18,6 +18,7 @@ use super::plan::roles;
 use super::{
     lock, AggError, GlobalAggregator, JobSpec, MixedAggregator, RoleStats, RunError, SkipCause,
 };
+use crate::checkpoint::{RoundParts, Saver, StateFile};
 use crate::codec::{count_nonfinite, KeyCounts, TierCodec};
 use crate::config::{NonFinitePolicy, SyncAlgorithm};
 use crate::engine::Optimizer;
@@ -38,6 +39,10 @@ impl super::RangeOptimizer for Optimizer {
         if let Ok(o) = saved.downcast::<Optimizer>() {
             *self = *o;
         }
+    }
+
+    fn export_state(&self) -> Option<crate::engine::OptimState> {
+        Some(Optimizer::export_state(self))
     }
 }
 
@@ -78,6 +83,11 @@ struct GlobalHandler {
     /// `transport.inter = "dgt"`: the DGT receiver's port and the join of TCP pushes with
     /// DGT deliveries.
     dgt: Option<DgtJoin>,
+    /// `[checkpoint]`: the saver and the state of the round being assembled, range by range.
+    ckpt: Option<(Saver, Mutex<RoundParts>)>,
+    /// Training rounds per global round (HFA's k1 · k2, else 1): checkpoints count training
+    /// rounds.
+    per_global: u64,
 }
 
 /// One half of a DGT-mode push: the TCP request (worker count + responder) or the values the
@@ -120,6 +130,14 @@ impl GlobalHandler {
     fn fail(&self, reply: Responder, msg: String) {
         tracing::error!(%msg, "protocol error at the global server");
         let _ = reply.error(&msg);
+        if let Some(a) = self.aborter.get() {
+            a.abort(msg);
+        }
+    }
+
+    /// Ends the job with `msg` (a failure of this process, not of a peer's request).
+    fn abort(&self, msg: String) {
+        tracing::error!(%msg, "global server failure");
         if let Some(a) = self.aborter.get() {
             a.abort(msg);
         }
@@ -319,6 +337,7 @@ impl GlobalHandler {
             }
         };
         self.account(id, version, done.skipped, done.overflow);
+        let snapshot = self.snapshot(&st, id, done.version);
         let mut waiting = st.parked.remove(&id).unwrap_or_default();
         waiting.push(reply);
         let pulls = self.ready_pulls(&mut st, id, done.version);
@@ -329,12 +348,56 @@ impl GlobalHandler {
             }
         }
         drop(st);
+        // The state is written before the replies go out: a worker that saw round r's reply can
+        // rely on the global tier's checkpoint of r being on disk.
+        if let Some(state) = snapshot {
+            self.save(&state);
+        }
         for r in waiting {
             if let Err(e) = r.send(done.version, done.codec, &done.reply) {
                 tracing::warn!(error = %e, range = id, "reply not delivered");
             }
         }
         answer_pulls(pulls, done.version);
+    }
+
+    /// Adds range `id` at `version` to the checkpoint of that round when one is due; returns the
+    /// round's state once every owned range is in.
+    fn snapshot(&self, st: &State, id: usize, version: u64) -> Option<StateFile> {
+        let (saver, parts) = self.ckpt.as_ref()?;
+        let round = version * self.per_global;
+        if !saver.due(round) {
+            return None;
+        }
+        let Some(super::RangeSnapshot {
+            params: theta,
+            opt: Some(opt),
+            carry,
+            ..
+        }) = st.agg.export_range(id)
+        else {
+            self.abort(format!(
+                "checkpoint of round {round}: range {id} has no saveable optimizer state"
+            ));
+            return None;
+        };
+        lock(parts).add(round, |f| {
+            f.put_f32(format!("theta.{id}"), theta);
+            f.put_f32(format!("carry.{id}"), carry);
+            super::ckpt::put_optim(f, &format!("opt.{id}"), &opt);
+        })
+    }
+
+    /// Writes a checkpoint; a failure ends the job (it asked for checkpoints).
+    fn save(&self, state: &StateFile) {
+        if let Some((saver, _)) = &self.ckpt {
+            if let Err(e) = saver.save(state) {
+                self.abort(format!(
+                    "writing the checkpoint of round {}: {e}",
+                    state.round
+                ));
+            }
+        }
     }
 
     /// Takes the pulls of range `id` that `version` satisfies, with the range's θ (f32).
@@ -489,7 +552,11 @@ pub fn run(
         dc: plan.central_dc,
         rank,
     };
-    // θ_0 from the seed (the one source of initial parameters); keep our own ranges.
+    // θ_0 from the seed (the one source of initial parameters); keep our own ranges. A resumed
+    // job starts from its checkpoint's θ_r and optimizer state instead.
+    let mut resumed = super::ckpt::resume(job, &me)?;
+    // Global rounds: training rounds / (k1 · k2) under HFA.
+    let start = resumed.as_ref().map_or(0, |r| r.round()) / job.rounds_per_global();
     let theta0 = job.model.init(job.seed);
     let mut agg = GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32)
         .with_codecs(job.inter.clone(), job.intra.clone())
@@ -503,7 +570,10 @@ pub fn run(
     let mut owned = 0;
     for (id, r) in plan.placement.ranges.iter().enumerate() {
         if r.server == rank as usize {
-            let vals = theta0[r.key][r.offset..r.offset + r.len].to_vec();
+            let vals = match resumed.as_mut() {
+                Some(res) => res.f32(&format!("theta.{id}"), r.len)?,
+                None => theta0[r.key][r.offset..r.offset + r.len].to_vec(),
+            };
             let mode = job.reply_mode(r.key);
             if let Some((m, _)) = mixed.as_mut() {
                 m.add_range_with(id, vals, 0, job.mixed_optimizer, mode)
@@ -512,14 +582,30 @@ pub fn run(
                 continue;
             }
             let opt: Box<dyn super::RangeOptimizer> = match job.hfa_periods() {
-                Some(_) => Box::new(
-                    super::hfa::OuterStep::new(&job.hfa, r.len)
-                        .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?,
-                ),
-                None => Box::new(Optimizer::new(&job.optimizer, r.len)),
+                Some(_) => {
+                    let mut opt = super::hfa::OuterStep::new(&job.hfa, r.len)
+                        .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?;
+                    if let Some(res) = resumed.as_mut() {
+                        let saved = res.optim(&format!("opt.{id}"))?;
+                        opt.import_state(saved).map_err(|e| res.misfit(e))?;
+                    }
+                    Box::new(opt)
+                }
+                None => {
+                    let mut opt = Optimizer::new(&job.optimizer, r.len);
+                    if let Some(res) = resumed.as_mut() {
+                        let saved = res.optim(&format!("opt.{id}"))?;
+                        opt.import_state(saved).map_err(|e| res.misfit(e))?;
+                    }
+                    Box::new(opt)
+                }
             };
-            agg.add_range(id, vals, 0, opt);
+            agg.add_range(id, vals, start, opt);
             agg.set_mode(id, mode);
+            if let Some(res) = resumed.as_mut() {
+                let carry = res.f32_any(&format!("carry.{id}"))?;
+                agg.set_carry(id, carry).map_err(|e| res.misfit(e))?;
+            }
             owned += 1;
         }
     }
@@ -574,6 +660,9 @@ pub fn run(
             port: s.local_addr().port(),
             halves: Mutex::new(HashMap::new()),
         }),
+        ckpt: super::ckpt::saver(job, &me)
+            .map(|s| (s, Mutex::new(RoundParts::new(owned, job.config_hash)))),
+        per_global: job.rounds_per_global(),
     });
     let consumer = dgt_server.as_ref().map(|s| {
         let (h, rx) = (handler.clone(), s.deliveries().clone());
@@ -614,6 +703,7 @@ pub fn run(
     stats.skipped_updates = handler.skipped.load(Ordering::Relaxed);
     stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
+    stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
     if let Some(s) = dgt_server {
         let d = super::dgt::DgtRoleStats::from_server(&s.stats());
         tracing::info!(

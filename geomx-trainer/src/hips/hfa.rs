@@ -36,6 +36,17 @@ impl OuterStep {
             inc: vec![0.0; len],
         })
     }
+
+    /// Restores the state [`RangeOptimizer::export_state`] gave: the Nesterov velocity (one
+    /// tensor), or nothing for plain averaging.
+    pub fn import_state(&mut self, state: crate::engine::OptimState) -> Result<(), String> {
+        let mut t = state.tensors;
+        match (self.nesterov.as_mut(), t.len()) {
+            (None, 0) => Ok(()),
+            (Some(o), 1) => o.set_velocity(t.remove(0)).map_err(|e| e.to_string()),
+            (_, n) => Err(format!("outer step state of {n} tensors")),
+        }
+    }
 }
 
 impl RangeOptimizer for OuterStep {
@@ -72,6 +83,17 @@ impl RangeOptimizer for OuterStep {
         if let Ok(n) = saved.downcast::<Option<DilocoOuter>>() {
             self.nesterov = *n;
         }
+    }
+
+    fn export_state(&self) -> Option<crate::engine::OptimState> {
+        Some(crate::engine::OptimState {
+            tensors: self
+                .nesterov
+                .iter()
+                .map(|o| o.velocity().to_vec())
+                .collect(),
+            ..Default::default()
+        })
     }
 }
 

@@ -1,5 +1,6 @@
 //! Everything a role needs to know about the job, resolved once from the configuration.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,13 @@ pub struct JobSpec {
     pub slowdown: Vec<f64>,
     /// The non-finite policy and its test faults (`train.nonfinite`, `train.inject_nan`).
     pub nonfinite: NonFiniteSpec,
+    /// Where and how often every role saves its state (`[checkpoint] dir`), if at all.
+    pub checkpoint: Option<crate::checkpoint::Policy>,
+    /// The checkpoint directory to continue from (`--resume DIR`), set by [`JobSpec::resume_from`].
+    pub resume: Option<PathBuf>,
+    /// Where worker (dc 0, rank 0) writes the final model as safetensors (`--save PATH`,
+    /// `[checkpoint] export`).
+    pub export: Option<PathBuf>,
 }
 
 /// What the roles do with NaN and ±inf (`train.nonfinite`), and the faults a test injects
@@ -189,7 +197,27 @@ impl JobSpec {
                 policy: cfg.train.nonfinite,
                 inject: cfg.train.inject_nan.clone(),
             },
+            checkpoint: cfg
+                .checkpoint
+                .dir
+                .clone()
+                .map(|dir| crate::checkpoint::Policy {
+                    dir,
+                    every_rounds: cfg.checkpoint.every_rounds,
+                    keep: cfg.checkpoint.keep,
+                }),
+            resume: None,
+            export: cfg.checkpoint.export.clone(),
         })
+    }
+
+    /// Makes every role continue from the newest complete round of checkpoint directory `dir`
+    /// (`--resume DIR`); refused for a job whose state checkpoints do not hold
+    /// ([`Config::checkpoint_support`]).
+    pub fn resume_from(&mut self, cfg: &Config, dir: PathBuf) -> Result<(), ConfigError> {
+        cfg.checkpoint_support("--resume")?;
+        self.resume = Some(dir);
+        Ok(())
     }
 
     /// How the global tier's answer for `key` travels to the workers.
@@ -223,6 +251,16 @@ impl JobSpec {
     pub fn global_rounds(&self) -> u64 {
         self.hfa_periods()
             .map_or(self.rounds, |(k1, k2)| self.rounds / (k1 * k2))
+    }
+
+    /// Training rounds per exchange between workers and local servers: HFA's k1, else 1.
+    pub fn rounds_per_local(&self) -> u64 {
+        self.hfa_periods().map_or(1, |(k1, _)| k1)
+    }
+
+    /// Training rounds per exchange between local and global servers: HFA's k1 · k2, else 1.
+    pub fn rounds_per_global(&self) -> u64 {
+        self.hfa_periods().map_or(1, |(k1, k2)| k1 * k2)
     }
 
     /// Global index of worker `rank` of DC `dc` (DCs in order, ranks within).

@@ -31,6 +31,7 @@ use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::{lock, JobSpec, LocalAggregator, RoleStats, RunError};
+use crate::checkpoint::{RoundParts, Saver};
 use crate::codec::down::{
     decode_dense_segments, forward_dense, forward_sparse, join_segments, ReplyMode,
 };
@@ -96,6 +97,12 @@ struct LocalHandler {
     dgt_up: Mutex<Option<DgtUplink>>,
     /// Which connection speaks for which worker; refused requests.
     admission: Admission,
+    /// The local round this run started from (0, or the checkpoint's when resuming).
+    start: u64,
+    /// Training rounds per local round (HFA's k1, else 1): checkpoints count training rounds.
+    per_local: u64,
+    /// `[checkpoint]`: the saver and the state of the round being assembled, key by key.
+    ckpt: Option<(Saver, Mutex<RoundParts>)>,
 }
 
 impl LocalHandler {
@@ -279,6 +286,38 @@ impl LocalHandler {
             if let Err(e) = r.send(version, codec, &bytes) {
                 tracing::warn!(error = %e, key, "reply to a worker not delivered");
             }
+        }
+    }
+
+    /// Counts `key` at local round `version` towards that round's checkpoint, when one is due,
+    /// with its Bi-Sparse compressors' state (`comp.<key>.<range index>.<tensor>`), and writes
+    /// the checkpoint once every key is in. Besides that, the local server's state is its round:
+    /// the aggregator starts there, and θ_r (FSA) or the milestone (HFA, saved at global
+    /// averagings only) comes from the global servers. Called before the round's reply is
+    /// published, so it is saved before the workers see it (they save their own state after).
+    /// A failed write ends the job (it asked for checkpoints).
+    fn checkpoint(&self, version: u64, key: usize, compressors: &[RangeCompressor]) {
+        let Some((saver, parts)) = &self.ckpt else {
+            return;
+        };
+        let round = version * self.per_local;
+        if version <= self.start || !saver.due(round) {
+            return;
+        }
+        let Some(state) = lock(parts).add(round, |f| {
+            for (i, c) in compressors.iter().enumerate() {
+                for (j, t) in c.export_state().into_iter().enumerate() {
+                    f.put_f32(format!("comp.{key}.{i}.{j}"), t);
+                }
+            }
+        }) else {
+            return;
+        };
+        if let Err(e) = saver.save(&state) {
+            self.abort(format!(
+                "dc {}: writing the checkpoint of round {round}: {e}",
+                self.dc
+            ));
         }
     }
 
@@ -561,7 +600,10 @@ impl Uplink {
                 ),
             };
             match res {
-                Ok((codec, bytes)) => h.publish(self.key, version, codec, bytes, up.replies),
+                Ok((codec, bytes)) => {
+                    h.checkpoint(version, self.key, &self.compressors);
+                    h.publish(self.key, version, codec, bytes, up.replies)
+                }
                 Err(e) => {
                     h.abort(format!(
                         "dc {}: key {} round {}: {e}",
@@ -756,13 +798,20 @@ pub fn run(
         rank: 0,
     };
     let n_keys = plan.key_lens.len();
+    // Resuming at training round r: the local round r / k1, the global round r / (k1 · k2).
+    let mut resumed = super::ckpt::resume(job, &me)?;
+    let round0 = resumed.as_ref().map_or(0, |r| r.round());
+    let (start, start_global) = (
+        round0 / job.rounds_per_local(),
+        round0 / job.rounds_per_global(),
+    );
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let handler = Arc::new(LocalHandler {
         dc,
         rounds: job.local_rounds(),
         key_lens: plan.key_lens.clone(),
         state: Mutex::new(State {
-            agg: LocalAggregator::new(&plan.key_lens, n_d, 0),
+            agg: LocalAggregator::new(&plan.key_lens, n_d, start),
             theta: vec![None; n_keys],
             parked: (0..n_keys).map(|_| Vec::new()).collect(),
             pulls: Vec::new(),
@@ -785,6 +834,10 @@ pub fn run(
         dgt_links: OnceLock::new(),
         dgt_up: Mutex::new(job.inter.dgt().map(DgtUplink::new)),
         admission: Admission::default(),
+        start,
+        per_local: job.rounds_per_local(),
+        ckpt: super::ckpt::saver(job, &me)
+            .map(|s| (s, Mutex::new(RoundParts::new(n_keys, job.config_hash)))),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -857,13 +910,15 @@ pub fn run(
                 .collect()
         })
         .collect();
-    let theta0 = final_theta(&handler, &clients, &key_ranges, 0, job)
-        .map_err(|e| RunError::Protocol(format!("dc {dc} pulling θ_0: {e}")))?;
+    // A resumed job starts from θ_r of its checkpoint round (HFA: the milestone), which the
+    // global servers hold.
+    let theta0 = final_theta(&handler, &clients, &key_ranges, start_global, job)
+        .map_err(|e| RunError::Protocol(format!("dc {dc} pulling θ_{start_global}: {e}")))?;
     let mut milestones = Vec::with_capacity(n_keys);
     for (k, theta) in theta0.into_iter().enumerate() {
         // θ_0 travels exact (f32): replicas start identical.
         let bytes = super::msg::f32_bytes(&theta).into_owned();
-        handler.publish(k, 0, PayloadCodec::DenseF32, bytes, Vec::new());
+        handler.publish(k, start, PayloadCodec::DenseF32, bytes, Vec::new());
         // HFA: the milestone starts at the global θ_0.
         milestones.push(job.hfa_periods().map(|_| theta));
     }
@@ -872,7 +927,7 @@ pub fn run(
     for ((k, ranges), milestone) in key_ranges.iter().cloned().enumerate().zip(milestones) {
         let (tx, rx) = crossbeam_channel::unbounded();
         senders.push(tx);
-        let compressors = match job.inter.sparse() {
+        let mut compressors = match job.inter.sparse() {
             Some(spec) if job.inter.is_sparse_key(plan.key_lens[k]) => ranges
                 .iter()
                 .map(|(id, r)| {
@@ -882,6 +937,14 @@ pub fn run(
                 .map_err(|e| RunError::Protocol(format!("dc {dc} key {k}: {e}")))?,
             _ => Vec::new(),
         };
+        if let Some(res) = resumed.as_mut() {
+            for (i, c) in compressors.iter_mut().enumerate() {
+                let state = (0..3)
+                    .map(|j| res.f32_any(&format!("comp.{k}.{i}.{j}")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                c.import_state(state).map_err(|e| res.misfit(e))?;
+            }
+        }
         let up = Uplink {
             handler: handler.clone(),
             key: k,
@@ -950,5 +1013,6 @@ pub fn run(
     stats.skipped_updates = handler.skipped.load(Ordering::Relaxed);
     stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
+    stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
     Ok(stats)
 }

@@ -6,6 +6,7 @@
 //! role starts from; [`RoleStats`] is what each process reports at its end.
 
 mod admit;
+mod ckpt;
 pub mod coordinator;
 pub mod dgt;
 pub mod dgt_lab;
@@ -24,7 +25,9 @@ pub mod worker;
 
 use serde::{Deserialize, Serialize};
 
-pub use global_agg::{DcPush, GlobalAggregator, RangeOptimizer, RoundDone, SavedState, SkipCause};
+pub use global_agg::{
+    DcPush, GlobalAggregator, RangeOptimizer, RangeSnapshot, RoundDone, SavedState, SkipCause,
+};
 pub use job::JobSpec;
 pub use local_agg::LocalAggregator;
 pub use mixed_agg::{MixedAggregator, Staleness};
@@ -67,6 +70,9 @@ pub enum RunError {
     /// An operating-system error.
     #[error("{0}: {1}")]
     Io(String, String),
+    /// A checkpoint could not be written, or the one to resume from is unusable.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
 }
 
 /// What one process reports when it ends (printed as one JSON line, collected by the launcher).
@@ -124,6 +130,9 @@ pub struct RoleStats {
     /// round does not expect, a non-member or a connection borrowing a member's id); never fatal.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub refused_requests: u64,
+    /// The checkpoint round this process resumed from (`--resume`), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_round: Option<u64>,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -152,6 +161,7 @@ impl RoleStats {
             staleness: Vec::new(),
             dgt: None,
             refused_requests: 0,
+            resumed_from_round: None,
         }
     }
 }

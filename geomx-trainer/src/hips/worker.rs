@@ -118,6 +118,22 @@ impl Replica {
         }
     }
 
+    /// Saves the optimizer of every range under `replica.<key>.<range index>`.
+    fn save(&self, key: usize, state: &mut crate::checkpoint::StateFile) {
+        for (i, o) in self.opts.iter().enumerate() {
+            super::ckpt::put_optim(state, &format!("replica.{key}.{i}"), &o.export_state());
+        }
+    }
+
+    /// Restores what [`Replica::save`] saved.
+    fn restore(&mut self, key: usize, res: &mut super::ckpt::Resumed) -> Result<(), RunError> {
+        for (i, o) in self.opts.iter_mut().enumerate() {
+            let saved = res.optim(&format!("replica.{key}.{i}"))?;
+            o.import_state(saved).map_err(|e| res.misfit(e))?;
+        }
+        Ok(())
+    }
+
     /// Applies a reply of per-range [`Update`] segments to `params`; dense θ (resynchronisation)
     /// replaces the range after the step. A resynchronisation counts once per key (a mismatch
     /// if any range differed).
@@ -529,6 +545,15 @@ pub fn run(
         batcher_for(&job.data_config, train, plan.total_workers(), w).map_err(RunError::Data)?;
     let reporter = dc == 0 && rank == 0;
     let slowdown = job.slowdown.get(dc as usize).copied().unwrap_or(1.0);
+    // A resumed worker continues its batch sequence where its checkpoint left it.
+    let mut resumed = super::ckpt::resume(job, &me)?;
+    let start = resumed.as_ref().map_or(0, |r| r.round());
+    if let Some(res) = resumed.as_mut() {
+        let c = res.u64("batcher", 2)?;
+        let pos = usize::try_from(c[1]).unwrap_or(usize::MAX);
+        batcher.seek(c[0], pos).map_err(|e| res.misfit(e))?;
+    }
+    let saver = super::ckpt::saver(job, &me);
 
     let node = Node::join(coord_addr, me, String::new(), job, fatal)?;
     let addr = node.addr_of(roles::LOCAL_SERVER, dc, 0)?;
@@ -539,8 +564,23 @@ pub fn run(
         )
     })?;
     let lens = &plan.key_lens;
-    // θ_0 from the local server (which has it from the global servers).
-    let mut params = pull_all(&client, lens, 0, job)?;
+    // θ_0 from the local server (which has it from the global servers); θ_r when resuming,
+    // which must be what this worker saved.
+    let mut params = pull_all(&client, lens, start / job.rounds_per_local(), job)?;
+    if let Some(res) = resumed.as_mut() {
+        for (k, p) in params.iter().enumerate() {
+            let saved = res.f32(&format!("params.{k}"), p.len())?;
+            if !saved
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(p.iter().map(|v| v.to_bits()))
+            {
+                return Err(res.misfit(format!(
+                    "key {k} differs from the global servers' θ of round {start}"
+                )));
+            }
+        }
+    }
     node.barrier("all")?;
     let mut apply: Vec<KeyApply> = (0..lens.len())
         .map(|k| match job.reply_mode(k) {
@@ -549,6 +589,13 @@ pub fn run(
             ReplyMode::Sparse => KeyApply::Sparse(Replica::new(job, k)),
         })
         .collect();
+    if let Some(res) = resumed.as_mut() {
+        for (k, a) in apply.iter_mut().enumerate() {
+            if let KeyApply::Sparse(r) = a {
+                r.restore(k, res)?;
+            }
+        }
+    }
 
     let mut loss = f64::NAN;
     let mut last_eval = None;
@@ -557,6 +604,14 @@ pub fn run(
     let mut avg = job
         .hfa_periods()
         .map(|_| Averaging::new(&client, &node, job, &overflows, &params));
+    // HFA: the worker's own optimizers continue with their saved state (the milestone is the
+    // θ just pulled: checkpoints are taken at global averagings).
+    if let (Some(avg), Some(res)) = (avg.as_mut(), resumed.as_mut()) {
+        for (k, opt) in avg.opts.iter_mut().enumerate() {
+            let saved = res.optim(&format!("opt.{k}"))?;
+            opt.import_state(saved).map_err(|e| res.misfit(e))?;
+        }
+    }
     let mut esync = match job.sync {
         SyncAlgorithm::Esync => {
             // c before the first step: a warm-up step's duration (gradients discarded).
@@ -566,7 +621,7 @@ pub fn run(
         }
         _ => None,
     };
-    for round in 0..job.rounds {
+    for round in start..job.rounds {
         if let (Some(es), Some(avg)) = (esync.as_mut(), avg.as_mut()) {
             loss = es.round(job, avg, &mut params, round, &mut || {
                 batcher.next_batch(train)
@@ -594,6 +649,12 @@ pub fn run(
             )?;
         }
         let done = round + 1;
+        if let Some(saver) = saver.as_ref().filter(|s| s.due(done)) {
+            let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
+            saver.save(&checkpoint_state(
+                saver, done, &params, &batcher, opts, &apply,
+            ))?;
+        }
         if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
             // The final pull: every replica adopts the global servers' final θ.
             params = pull_all(&client, lens, job.rounds + 1, job)?;
@@ -616,6 +677,15 @@ pub fn run(
         }
     }
     let hash = params_hash(&params);
+    if let Some(path) = job.export.as_ref().filter(|_| reporter) {
+        crate::engine::export::write(path, job.model.as_ref(), &params).map_err(|e| {
+            RunError::Io(
+                format!("exporting the model to {}", path.display()),
+                e.to_string(),
+            )
+        })?;
+        tracing::info!(path = %path.display(), "final model written (safetensors)");
+    }
     if let Some(es) = esync.as_mut() {
         es.settle(job.wait_limit())?;
         tracing::info!(%dc, %rank, local_steps = es.steps, "ESync local steps");
@@ -630,6 +700,7 @@ pub fn run(
     stats.final_loss = Some(loss);
     stats.final_test_accuracy = last_eval.map(|p| p.test_accuracy);
     stats.skipped_updates = skipped;
+    stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
     stats.cast_overflows = overflows.snapshot();
     for a in &apply {
         if let KeyApply::Sparse(r) = a {
@@ -638,6 +709,33 @@ pub fn run(
         }
     }
     Ok(stats)
+}
+
+/// A worker's state after `done` rounds: its replica (`params.<k>`), its batch cursor
+/// (`batcher`), under HFA its own optimizers (`opt.<k>`), and its Bi-Sparse replicas' optimizers.
+fn checkpoint_state(
+    saver: &crate::checkpoint::Saver,
+    done: u64,
+    params: &[Vec<f32>],
+    batcher: &crate::data::Batcher,
+    opts: &[Optimizer],
+    apply: &[KeyApply],
+) -> crate::checkpoint::StateFile {
+    let mut state = saver.state(done);
+    for (k, p) in params.iter().enumerate() {
+        state.put_f32(format!("params.{k}"), p.clone());
+    }
+    let (epoch, pos) = batcher.cursor();
+    state.put_u64("batcher", vec![epoch, pos as u64]);
+    for (k, opt) in opts.iter().enumerate() {
+        super::ckpt::put_optim(&mut state, &format!("opt.{k}"), &opt.export_state());
+    }
+    for (k, a) in apply.iter().enumerate() {
+        if let KeyApply::Sparse(r) = a {
+            r.save(k, &mut state);
+        }
+    }
+    state
 }
 
 /// Pulls every key at `version` from the local server (exact f32 θ).

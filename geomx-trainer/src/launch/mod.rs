@@ -82,6 +82,10 @@ pub struct LaunchOptions {
     pub exe: Option<PathBuf>,
     /// Do not print progress lines.
     pub quiet: bool,
+    /// Continue the job from the newest complete round of this checkpoint directory.
+    pub resume: Option<PathBuf>,
+    /// Write the final model here as safetensors (overrides `checkpoint.export`).
+    pub save: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy)]
@@ -435,7 +439,14 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
     if let Some(m) = wan_mode {
         cfg.wan.mode = m;
     }
-    let job = JobSpec::from_config(&cfg)?;
+    if opts.save.is_some() {
+        cfg.checkpoint.export.clone_from(&opts.save);
+    }
+    let mut job = JobSpec::from_config(&cfg)?;
+    if let Some(dir) = &opts.resume {
+        // Checked here once; every child is then told the same directory.
+        job.resume_from(&cfg, dir.clone())?;
+    }
     // Built before the configuration is written: relay mode pre-assigns global server ports.
     // Declared before the cluster, so the children are stopped before the lab goes away.
     let mut wan = wan::Wan::prepare(&mut cfg, opts.quiet)?;
@@ -506,6 +517,9 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         ];
         if let Some(h) = wan.bind_host(site) {
             a.extend(["--bind".into(), h]);
+        }
+        if let Some(dir) = &opts.resume {
+            a.extend(["--resume".into(), dir.display().to_string()]);
         }
         a
     };

@@ -18,6 +18,8 @@ pub struct RoleArgs {
     pub coordinator: Option<String>,
     /// Host to bind and advertise (default `cluster.host`).
     pub bind_host: Option<String>,
+    /// Continue from the newest complete round of this checkpoint directory (`--resume DIR`).
+    pub resume: Option<std::path::PathBuf>,
 }
 
 /// Errors of `geomx run` before or while the role runs.
@@ -57,7 +59,11 @@ pub fn stdout_progress() -> ProgressSink {
 /// Runs the role `args` describes with configuration `cfg`; prints the coordinator address and
 /// the final stats as lines on stdout.
 pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleStats, RoleError> {
-    let job = JobSpec::from_config(cfg)?;
+    let mut job = JobSpec::from_config(cfg)?;
+    if let Some(dir) = &args.resume {
+        job.resume_from(cfg, dir.clone())
+            .map_err(RunError::Config)?;
+    }
     let host = args
         .bind_host
         .clone()
@@ -149,6 +155,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 topk_fallbacks: 0,
                 dgt: None,
                 refused_requests: 0,
+                resumed_from_round: None,
             });
         }
     };
