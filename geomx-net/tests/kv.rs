@@ -409,7 +409,10 @@ fn peer_that_stops_reading_is_dropped_and_the_server_goes_on() {
                 let mut pull = FrameHeader::new(MsgKind::Pull);
                 pull.request_id = id;
                 let mut bytes = encode(&Frame::new(pull, vec![]));
-                bytes.extend(encode(&Frame::new(FrameHeader::new(MsgKind::Heartbeat), vec![])));
+                bytes.extend(encode(&Frame::new(
+                    FrameHeader::new(MsgKind::Heartbeat),
+                    vec![],
+                )));
                 if raw.write_all(&bytes).is_err() && id > 1000 {
                     std::thread::sleep(Duration::from_millis(50));
                 }

@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+mod support;
+
 use geomx_trainer::config::Config;
 use geomx_trainer::hips::JobSpec;
 use geomx_trainer::launch::threads;
@@ -37,14 +39,11 @@ const INTRA: [&str; 3] = ["none", "fp16", "bf16"];
 /// with ranges of about 64 elements.
 fn config(sync: &str, rounds: u64, inter: &str, intra: &str) -> Config {
     let toml = format!(
-        "[cluster]\nglobal_servers = 2\n\
-         [[cluster.data_centers]]\nname = \"dc0\"\nworkers = 2\n\
-         [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 1\n\
-         [model]\nhidden = [16]\n[data]\nbatch_size = 8\n\
-         [train]\nrounds = {rounds}\neval_every = 0\n\
+        "{}[train]\nrounds = {rounds}\neval_every = 0\n\
          [placement]\nmin_range = 64\n\
          {sync}\n\
-         [compression]\nintra = {{ codec = \"{intra}\" }}\n[compression.inter]\n{inter}\n"
+         [compression]\nintra = {{ codec = \"{intra}\" }}\n[compression.inter]\n{inter}\n",
+        support::SMALL_JOB
     );
     Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"))
 }

@@ -40,13 +40,10 @@ fn config_with(dir: Option<&Path>, lr: f32, rounds: u64, every: u64, extra: &str
         )
     });
     let toml = format!(
-        "[cluster]\nglobal_servers = 2\n\
-         [[cluster.data_centers]]\nname = \"dc0\"\nworkers = 2\n\
-         [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 1\n\
-         [model]\nhidden = [16]\n[data]\nbatch_size = 8\n\
-         [train]\nrounds = {rounds}\neval_every = 0\n\
+        "{}[train]\nrounds = {rounds}\neval_every = 0\n\
          [train.optimizer]\nkind = \"sgd\"\nlr = {lr}\nmomentum = 0.9\n\
-         [placement]\nmin_range = 64\n{ckpt}{extra}"
+         [placement]\nmin_range = 64\n{ckpt}{extra}",
+        support::SMALL_JOB
     );
     Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"))
 }

@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The small in-process job of the agreement and checkpoint tests: digits, MLP hidden [16] (keys
+/// of 1024, 16, 160 and 10 elements), 2 global servers, dc0 with 2 workers and dc1 with 1; the
+/// `[train]` table and what follows are the test's own.
+pub const SMALL_JOB: &str = "[cluster]\nglobal_servers = 2\n\
+     [[cluster.data_centers]]\nname = \"dc0\"\nworkers = 2\n\
+     [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 1\n\
+     [model]\nhidden = [16]\n[data]\nbatch_size = 8\n";
+
 /// The `geomx` binary under test.
 pub const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
 
