@@ -177,6 +177,17 @@ impl Link {
         payload: OwnedBytes,
     ) -> Result<(), NetError> {
         let len = (*payload).as_ref().len();
+        self.send_unsolicited(header, len, |h| self.io.send_owned(h, payload))
+    }
+
+    /// The checks and accounting around a reply or notification frame of `len` payload bytes
+    /// that `io` writes after its encoded header.
+    fn send_unsolicited(
+        self: &Arc<Self>,
+        header: &FrameHeader,
+        len: usize,
+        io: impl FnOnce(&[u8; HEADER_LEN]) -> std::io::Result<()>,
+    ) -> Result<(), NetError> {
         self.check_len(len)?;
         if let Some(reason) = self.close_reason() {
             return Err(reason);
@@ -184,7 +195,7 @@ impl Link {
         let mut h = *header;
         h.sender = self.local_id();
         h.payload_len = len as u32;
-        if let Err(e) = self.io.send_owned(&h.encode(), payload) {
+        if let Err(e) = io(&h.encode()) {
             let e = NetError::from(e);
             self.on_io_closed(format!("send failed: {e}"));
             return Err(e);
@@ -220,17 +231,7 @@ impl Link {
         header: &FrameHeader,
         payload: &[u8],
     ) -> Result<(), NetError> {
-        self.check_len(payload.len())?;
-        if let Some(reason) = self.close_reason() {
-            return Err(reason);
-        }
-        let mut h = *header;
-        h.sender = self.local_id();
-        if let Err(e) = self.write(&h, payload) {
-            self.on_io_closed(format!("send failed: {e}"));
-            return Err(e);
-        }
-        Ok(())
+        self.send_unsolicited(header, payload.len(), |h| self.io.send(h, payload))
     }
 
     /// Frames (possibly none, for a partial read) arrived at `now`.

@@ -82,6 +82,32 @@ fn round_dir(dir: &Path, r: u64) -> PathBuf {
     dir.join(format!("round-{r}"))
 }
 
+/// The resume oracle: `plain` (uninterrupted) and `cfg` (checkpointing into `dir`) end with one
+/// `param_hash`; so does `cfg` resumed at `rounds[0]` (its checkpoint present), and, once that
+/// round's directory is removed (the job ended after the earlier checkpoint), at `rounds[1]`.
+fn assert_resumes_bit_identical(
+    name: &str,
+    plain: &Config,
+    cfg: &Config,
+    dir: &Path,
+    rounds: [u64; 2],
+) {
+    let plain = run(&format!("{name} uninterrupted"), plain, None);
+    let full = run(&format!("{name} checkpointed"), cfg, None);
+    assert_eq!(full.param_hash, plain.param_hash);
+    assert!(round_dir(dir, rounds[0])
+        .join("global-server-2-0.ckpt")
+        .exists());
+    let resumed_at = |r: u64| {
+        let resumed = run(&format!("{name} resumed at {r}"), cfg, Some(dir));
+        assert_eq!(resumed.param_hash, plain.param_hash, "resumed at round {r}");
+    };
+    resumed_at(rounds[0]);
+    std::fs::remove_dir_all(round_dir(dir, rounds[0])).unwrap();
+    resumed_at(rounds[1]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// The oracle: checkpointed at round r, ended, resumed → the uninterrupted run's `param_hash`,
 /// for r = 10 and r = 5 (the job ended after its round-5 checkpoint: later rounds removed).
 #[test]
@@ -146,22 +172,14 @@ fn fsa_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 #[test]
 fn hfa_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let hfa = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 2\nk2 = 2\nouter = \"nesterov\"\n";
-    let plain = run(
-        "hfa uninterrupted",
-        &config_with(None, 0.1, 20, 8, hfa),
-        None,
-    );
     let dir = scratch("hfa");
-    let cfg = config_with(Some(&dir), 0.1, 20, 8, hfa);
-    let full = run("hfa checkpointed", &cfg, None);
-    assert_eq!(full.param_hash, plain.param_hash);
-    assert!(round_dir(&dir, 16).join("global-server-2-0.ckpt").exists());
-    let from16 = run("hfa resumed at 16", &cfg, Some(&dir));
-    assert_eq!(from16.param_hash, plain.param_hash, "resumed at round 16");
-    std::fs::remove_dir_all(round_dir(&dir, 16)).unwrap();
-    let from8 = run("hfa resumed at 8", &cfg, Some(&dir));
-    assert_eq!(from8.param_hash, plain.param_hash, "resumed at round 8");
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_resumes_bit_identical(
+        "hfa",
+        &config_with(None, 0.1, 20, 8, hfa),
+        &config_with(Some(&dir), 0.1, 20, 8, hfa),
+        &dir,
+        [16, 8],
+    );
 }
 
 /// The oracle under Bi-Sparse on the WAN tier: the local servers' error-feedback residuals and
@@ -171,17 +189,14 @@ fn hfa_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 fn bisparse_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let bisparse = "[compression.inter]\ncodec = \"bisparse\"\ndensity = 0.1\nmin_size = 100\n\
                     values = \"f32\"\nwarmup_rounds = 0\nselection = \"exact\"\nresync_every = 0\n";
-    let plain = run("bisparse uninterrupted", &config(None, 0.1, bisparse), None);
     let dir = scratch("bisparse");
-    let cfg = config(Some(&dir), 0.1, bisparse);
-    let full = run("bisparse checkpointed", &cfg, None);
-    assert_eq!(full.param_hash, plain.param_hash);
-    let from10 = run("bisparse resumed at 10", &cfg, Some(&dir));
-    assert_eq!(from10.param_hash, plain.param_hash, "resumed at round 10");
-    std::fs::remove_dir_all(round_dir(&dir, 10)).unwrap();
-    let from5 = run("bisparse resumed at 5", &cfg, Some(&dir));
-    assert_eq!(from5.param_hash, plain.param_hash, "resumed at round 5");
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_resumes_bit_identical(
+        "bisparse",
+        &config(None, 0.1, bisparse),
+        &config(Some(&dir), 0.1, bisparse),
+        &dir,
+        [10, 5],
+    );
 }
 
 /// The oracle with lossy dense tiers (FP16 on the WAN tier, BF16 on the LAN tier: increments

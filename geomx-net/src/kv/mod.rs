@@ -181,10 +181,7 @@ impl Responder {
         codec: PayloadCodec,
         payload: &[u8],
     ) -> Result<(), NetError> {
-        self.done = true;
-        let mut h = reply_header(&self.req, 0, true);
-        h.version = version;
-        h.codec = codec;
+        let h = self.data_reply(version, codec);
         self.link.send_frame(&h, payload)
     }
 
@@ -196,11 +193,17 @@ impl Responder {
         codec: PayloadCodec,
         payload: OwnedBytes,
     ) -> Result<(), NetError> {
+        let h = self.data_reply(version, codec);
+        self.link.send_frame_owned(&h, payload)
+    }
+
+    /// Marks the request answered and builds the header of its data reply.
+    fn data_reply(&mut self, version: u64, codec: PayloadCodec) -> FrameHeader {
         self.done = true;
         let mut h = reply_header(&self.req, 0, true);
         h.version = version;
         h.codec = codec;
-        self.link.send_frame_owned(&h, payload)
+        h
     }
 
     /// Answers with an error message; the requester's `Pending::wait` returns `NetError::Remote`.

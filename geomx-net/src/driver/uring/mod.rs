@@ -401,6 +401,36 @@ impl UringIo {
     fn stopped() -> io::Error {
         io::Error::new(io::ErrorKind::BrokenPipe, "io_uring driver stopped")
     }
+
+    /// With `self.order` held: when `allowed` and nothing of this connection is in the ring,
+    /// writes what the socket takes now from the caller's buffers; returns the bytes written.
+    fn write_now(
+        &self,
+        header: &[u8; HEADER_LEN],
+        payload: &[u8],
+        allowed: bool,
+        in_turn: bool,
+    ) -> io::Result<usize> {
+        let sent = if allowed && self.queued.load(Ordering::Acquire) == 0 {
+            direct::send_nonblocking(self.stream.as_raw_fd(), [header, payload], 0, self.chunk)?
+        } else {
+            0
+        };
+        let shared = &self.cell.shared;
+        if shared.inline && !in_turn {
+            shared.user_active.store(true, Ordering::Relaxed);
+        }
+        Ok(sent)
+    }
+
+    /// After handing bytes to the ring: a client's caller submits them now on its own thread
+    /// (a non-blocking turn) rather than waking the ring thread.
+    fn submit(&self, in_turn: bool) {
+        let shared = &self.cell.shared;
+        if shared.inline && !in_turn && !self.cell.try_turn(Duration::ZERO) {
+            shared.kick();
+        }
+    }
 }
 
 impl LinkIo for UringIo {
@@ -420,15 +450,7 @@ impl LinkIo for UringIo {
         }
         let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let total = HEADER_LEN + payload.len();
-        // Nothing of this connection in the ring: write what the socket takes now, from here.
-        let sent = if !zero_copy && self.queued.load(Ordering::Acquire) == 0 {
-            direct::send_nonblocking(self.stream.as_raw_fd(), [header, payload], 0, self.chunk)?
-        } else {
-            0
-        };
-        if shared.inline && !in_turn {
-            shared.user_active.store(true, Ordering::Relaxed);
-        }
+        let sent = self.write_now(header, payload, !zero_copy, in_turn)?;
         if sent == total {
             return Ok(());
         }
@@ -468,12 +490,7 @@ impl LinkIo for UringIo {
             return Err(Self::stopped());
         }
         drop(order);
-        if shared.inline && !in_turn {
-            // Submit now on this thread (non-blocking turn) rather than waking the ring thread.
-            if !self.cell.try_turn(Duration::ZERO) {
-                shared.kick();
-            }
-        }
+        self.submit(in_turn);
         Ok(())
     }
 
@@ -485,17 +502,10 @@ impl LinkIo for UringIo {
         let total = HEADER_LEN + bytes.len();
         // As in `send`, but what the socket does not take now is queued without a copy and
         // without waiting: the ring keeps `payload` until the kernel is done with it.
-        let sent =
-            if self.zc_off.load(Ordering::Acquire) && self.queued.load(Ordering::Acquire) == 0 {
-                direct::send_nonblocking(self.stream.as_raw_fd(), [header, bytes], 0, self.chunk)?
-            } else {
-                0
-            };
+        let zc_off = self.zc_off.load(Ordering::Acquire);
+        let sent = self.write_now(header, bytes, zc_off, in_turn)?;
         let rest = total - sent;
         let off = sent.saturating_sub(HEADER_LEN);
-        if shared.inline && !in_turn {
-            shared.user_active.store(true, Ordering::Relaxed);
-        }
         if rest == 0 {
             return Ok(());
         }
@@ -511,9 +521,7 @@ impl LinkIo for UringIo {
             return Err(Self::stopped());
         }
         drop(order);
-        if shared.inline && !in_turn && !self.cell.try_turn(Duration::ZERO) {
-            shared.kick();
-        }
+        self.submit(in_turn);
         Ok(())
     }
 
