@@ -39,6 +39,10 @@ pub enum NetError {
     /// The requested driver cannot run here.
     #[error("driver unavailable: {0}")]
     DriverUnavailable(String),
+    /// Authentication or encryption failed: a failed handshake, an unknown or wrong identity, a
+    /// tampered record.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// An operating-system I/O error.
     #[error("i/o error: {0}")]
     Io(Arc<std::io::Error>),

@@ -48,6 +48,7 @@ pub mod kv;
 mod link;
 mod owned;
 pub mod stats;
+pub mod tls;
 pub mod wire;
 
 pub use conn::ConnConfig;

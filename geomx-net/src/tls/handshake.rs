@@ -1,0 +1,171 @@
+//! The blocking mutual-TLS 1.3 handshake on a fresh TCP connection, bounded in time and size.
+//!
+//! Records are read one at a time (header, then exactly its body), so when rustls reports the
+//! handshake finished, no byte of the application stream has been consumed: the traffic keys
+//! are then extracted and the connection's driver carries on with [`Sealer`] / [`Opener`].
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, ConnectionCommon, ServerConnection};
+
+use super::identity::{Identity, JOB_SERVER_NAME};
+use super::record::{Opener, RecordKey, Sealer, RECORD_HEADER};
+use super::{Session, TlsContext, TlsError};
+
+/// Largest handshake record body accepted (RFC 8446 ciphertext bound).
+const MAX_HANDSHAKE_RECORD: usize = (1 << 14) + 256;
+/// Most bytes a peer may send before its handshake completes (certificate chains are ~1 KiB).
+const MAX_HANDSHAKE_BYTES: usize = 64 << 10;
+/// Label of the exporter that keys DGT datagrams (RFC 8446 §7.5).
+pub const DGT_EXPORTER_LABEL: &[u8] = b"EXPORTER-geomx-dgt-datagrams-v1";
+
+/// Which end of the handshake this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeSide {
+    /// Connected: TLS client.
+    Client,
+    /// Accepted: TLS server.
+    Server,
+}
+
+/// Runs the handshake on `stream` (blocking), finishing by `deadline`. On success the stream's
+/// timeouts are cleared and the returned [`Session`] holds the record keys and the peer's
+/// verified identity.
+pub fn handshake(
+    stream: &mut TcpStream,
+    ctx: &TlsContext,
+    side: HandshakeSide,
+    deadline: Instant,
+) -> Result<Session, TlsError> {
+    let res = match side {
+        HandshakeSide::Client => {
+            let name = ServerName::try_from(JOB_SERVER_NAME)
+                .map_err(|e| TlsError::Handshake(e.to_string()))?;
+            let conn = ClientConnection::new(Arc::clone(&ctx.client), name)
+                .map_err(|e| TlsError::Handshake(e.to_string()))?;
+            run(stream, conn, deadline)
+        }
+        HandshakeSide::Server => {
+            let conn = ServerConnection::new(Arc::clone(&ctx.server))
+                .map_err(|e| TlsError::Handshake(e.to_string()))?;
+            run(stream, conn, deadline)
+        }
+    };
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    res
+}
+
+/// What [`run`] needs of a client or server connection.
+trait Extract: Sized {
+    fn extract(self) -> Result<rustls::ExtractedSecrets, rustls::Error>;
+}
+
+impl Extract for ClientConnection {
+    #[allow(deprecated)]
+    fn extract(self) -> Result<rustls::ExtractedSecrets, rustls::Error> {
+        self.dangerous_extract_secrets()
+    }
+}
+
+impl Extract for ServerConnection {
+    #[allow(deprecated)]
+    fn extract(self) -> Result<rustls::ExtractedSecrets, rustls::Error> {
+        self.dangerous_extract_secrets()
+    }
+}
+
+fn set_timeouts(stream: &TcpStream, deadline: Instant) -> Result<(), TlsError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(TlsError::Timeout);
+    }
+    stream.set_read_timeout(Some(left))?;
+    stream.set_write_timeout(Some(left))?;
+    Ok(())
+}
+
+fn io_err(e: std::io::Error) -> TlsError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => TlsError::Timeout,
+        std::io::ErrorKind::UnexpectedEof => {
+            TlsError::Handshake("the peer closed the connection during the handshake".into())
+        }
+        _ => TlsError::Io(e.to_string()),
+    }
+}
+
+fn run<C, D>(stream: &mut TcpStream, mut conn: C, deadline: Instant) -> Result<Session, TlsError>
+where
+    C: std::ops::DerefMut<Target = ConnectionCommon<D>> + Extract,
+{
+    let mut received = 0usize;
+    let mut rec = Vec::with_capacity(RECORD_HEADER + 4096);
+    loop {
+        while conn.wants_write() {
+            set_timeouts(stream, deadline)?;
+            conn.write_tls(stream).map_err(io_err)?;
+        }
+        if !conn.is_handshaking() {
+            break;
+        }
+        // One record: the header, then exactly its body.
+        set_timeouts(stream, deadline)?;
+        rec.resize(RECORD_HEADER, 0);
+        stream.read_exact(&mut rec).map_err(io_err)?;
+        let body = usize::from(u16::from_be_bytes([rec[3], rec[4]]));
+        if !(20..=23).contains(&rec[0]) || rec[1] != 3 || body > MAX_HANDSHAKE_RECORD {
+            return Err(TlsError::Handshake(
+                "the peer did not start a TLS handshake (plaintext geomx peer, or a stranger?)"
+                    .into(),
+            ));
+        }
+        received += RECORD_HEADER + body;
+        if received > MAX_HANDSHAKE_BYTES {
+            return Err(TlsError::Handshake(format!(
+                "handshake larger than {MAX_HANDSHAKE_BYTES} bytes"
+            )));
+        }
+        rec.resize(RECORD_HEADER + body, 0);
+        set_timeouts(stream, deadline)?;
+        stream
+            .read_exact(&mut rec[RECORD_HEADER..])
+            .map_err(io_err)?;
+        let mut input = &rec[..];
+        while !input.is_empty() {
+            conn.read_tls(&mut input).map_err(io_err)?;
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // Tell the peer why (best effort), then fail.
+            let _ = conn.write_tls(stream);
+            let _ = stream.flush();
+            return Err(TlsError::Handshake(e.to_string()));
+        }
+    }
+    let peer = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or_else(|| TlsError::Handshake("the peer presented no certificate".into()))
+        .and_then(Identity::from_cert)?;
+    let mut dgt_key = [0u8; 32];
+    conn.export_keying_material(&mut dgt_key, DGT_EXPORTER_LABEL, None)
+        .map_err(|e| TlsError::Handshake(format!("exporter: {e}")))?;
+    let aes = match conn.negotiated_cipher_suite() {
+        Some(s) => format!("{:?}", s.suite()).contains("AES"),
+        None => false,
+    };
+    let secrets = conn
+        .extract()
+        .map_err(|e| TlsError::Handshake(format!("extracting traffic keys: {e}")))?;
+    Ok(Session {
+        peer,
+        sealer: Sealer::new(RecordKey::from_rustls(secrets.tx.0, &secrets.tx.1)?),
+        opener: Opener::new(RecordKey::from_rustls(secrets.rx.0, &secrets.rx.1)?),
+        dgt_key,
+        aes,
+    })
+}
