@@ -78,10 +78,11 @@ pub fn run(driver: DriverKind) -> Result<f64, geomx_net::NetError> {
         driver,
         ..NetOptions::default()
     };
-    let server = KvServer::bind("127.0.0.1:0", SumHandler::default(), opts)?;
+    let server = KvServer::bind("127.0.0.1:0", SumHandler::default(), opts.clone())?;
     let addr = server.local_addr();
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
+            let opts = opts.clone();
             std::thread::spawn(move || -> Result<(), geomx_net::NetError> {
                 let client = KvClient::connect(addr, 100 + w, opts)?;
                 let vals: Vec<Vec<u8>> =

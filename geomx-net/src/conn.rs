@@ -250,6 +250,11 @@ impl<T> Connection<T> {
         self.close(NetError::Wire(err));
     }
 
+    /// The input failed otherwise (e.g. TLS authentication): close with `err`.
+    pub fn handle_error(&mut self, err: NetError) {
+        self.close(err);
+    }
+
     /// The socket failed (reset, EOF, ...): close at once, failing every pending request.
     pub fn handle_io_closed(&mut self, reason: String) {
         self.close(NetError::PeerClosed(reason));

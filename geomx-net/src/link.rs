@@ -56,6 +56,8 @@ pub(crate) struct Link {
     counters: Arc<LiveCounters>,
     max_frame: usize,
     peer_addr: SocketAddr,
+    /// The peer's certificate identity (mutual TLS), verified by the handshake.
+    identity: Option<crate::tls::Identity>,
     dispatch: Arc<dyn Dispatch>,
 }
 
@@ -66,6 +68,7 @@ impl Link {
         counters: Arc<LiveCounters>,
         max_frame: usize,
         peer_addr: SocketAddr,
+        identity: Option<crate::tls::Identity>,
         dispatch: Arc<dyn Dispatch>,
     ) -> Arc<Link> {
         Arc::new(Link {
@@ -75,6 +78,7 @@ impl Link {
             counters,
             max_frame,
             peer_addr,
+            identity,
             dispatch,
         })
     }
@@ -129,6 +133,10 @@ impl Link {
 
     pub(crate) fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
+    }
+
+    pub(crate) fn identity(&self) -> Option<&crate::tls::Identity> {
+        self.identity.as_ref()
     }
 
     pub(crate) fn peer_id(&self) -> Option<u32> {
@@ -256,6 +264,18 @@ impl Link {
         tracing::warn!(peer = %self.peer_addr, error = %err, "dropping connection: malformed frame");
         self.lock().handle_wire_error(err);
         self.flush();
+    }
+
+    /// Input could not be used: a malformed frame, or (TLS) a record that failed authentication.
+    pub(crate) fn on_input_error(self: &Arc<Self>, err: NetError) {
+        match err {
+            NetError::Wire(e) => self.on_wire_error(e),
+            other => {
+                tracing::warn!(peer = %self.peer_addr, error = %other, "dropping connection");
+                self.lock().handle_error(other);
+                self.flush();
+            }
+        }
     }
 
     pub(crate) fn on_io_closed(self: &Arc<Self>, reason: String) {

@@ -24,7 +24,7 @@ fn auto_falls_back_to_portable_and_explicit_io_uring_fails_clearly() {
         driver: DriverKind::Auto,
         ..NetOptions::default()
     };
-    let server = KvServer::bind("127.0.0.1:0", Echo, auto).unwrap();
+    let server = KvServer::bind("127.0.0.1:0", Echo, auto.clone()).unwrap();
     assert_eq!(server.driver(), DriverKind::Portable);
     let client = KvClient::connect(server.local_addr(), 1, auto).unwrap();
     assert_eq!(client.driver(), DriverKind::Portable);

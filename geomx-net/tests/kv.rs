@@ -66,7 +66,7 @@ fn echo_round_trips_small_and_large_and_counts_bytes() {
         let mut o = opts(d);
         o.conn.heartbeat_interval = Duration::from_secs(60);
         o.conn.peer_timeout = Duration::from_secs(120);
-        let server = KvServer::bind("127.0.0.1:0", Echo, o).unwrap();
+        let server = KvServer::bind("127.0.0.1:0", Echo, o.clone()).unwrap();
         assert_eq!(server.driver(), d);
         let client = KvClient::connect(server.local_addr(), 7, o).unwrap();
         assert_eq!(client.driver(), d);
@@ -150,7 +150,8 @@ fn owned_replies_arrive_intact_in_order_and_are_dropped_once_sent() {
                 io_chunk: chunk,
                 ..opts(d)
             };
-            let server = KvServer::bind("127.0.0.1:0", OwnedReplies(dropped.clone()), o).unwrap();
+            let server =
+                KvServer::bind("127.0.0.1:0", OwnedReplies(dropped.clone()), o.clone()).unwrap();
             let client = KvClient::connect(server.local_addr(), 3, o).unwrap();
             // Pipelined: the replies (up to 24 MiB, more than the socket buffers hold) queue
             // behind each other in the server's driver while the client has not read them.
@@ -390,7 +391,7 @@ fn peer_that_stops_reading_is_dropped_and_the_server_goes_on() {
         let mut o = opts(d);
         o.conn.peer_timeout = Duration::from_secs(2);
         o.conn.heartbeat_interval = Duration::from_millis(200);
-        let server = KvServer::bind_with_id("127.0.0.1:0", 0, h.clone(), o).unwrap();
+        let server = KvServer::bind_with_id("127.0.0.1:0", 0, h.clone(), o.clone()).unwrap();
         let addr = server.local_addr();
         // A hostile peer: a valid Hello, then pulls and heartbeats, and it never reads, so the
         // server's replies pile up. Its receive side stays alive (it keeps sending).
@@ -557,7 +558,7 @@ fn oversize_payload_is_refused_locally() {
     for d in drivers() {
         let mut o = opts(d);
         o.max_frame = 4096;
-        let server = KvServer::bind("127.0.0.1:0", Echo, o).unwrap();
+        let server = KvServer::bind("127.0.0.1:0", Echo, o.clone()).unwrap();
         let client = KvClient::connect(server.local_addr(), 1, o).unwrap();
         let e = client
             .push(0, 0, PayloadCodec::Raw, 0, 0, &[0u8; 4096])

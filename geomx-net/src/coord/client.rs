@@ -27,8 +27,8 @@ impl CoordClient {
         hello: Hello,
         opts: NetOptions,
     ) -> Result<(CoordClient, Membership), NetError> {
-        let kv = KvClient::connect(coord_addr, u32::MAX, opts)?;
         let wait_limit = opts.conn.request_timeout + Duration::from_secs(1);
+        let kv = KvClient::connect(coord_addr, u32::MAX, opts)?;
         let resp = kv
             .request(FrameHeader::new(MsgKind::Register), &hello.encode())?
             .wait(wait_limit)

@@ -234,7 +234,7 @@ pub enum CoordEvent {
 }
 
 /// Coordinator settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoordOptions {
     /// Transport options (driver, heartbeat and liveness timeouts).
     pub net: NetOptions,

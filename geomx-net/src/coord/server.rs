@@ -207,8 +207,12 @@ impl Coordinator {
             stop: AtomicBool::new(false),
         });
         // Requests to the coordinator (registration, barriers) may legitimately wait long.
-        let server =
-            KvServer::bind_with_id(addr, 0, Arc::new(CoordHandler(shared.clone())), opts.net)?;
+        let server = KvServer::bind_with_id(
+            addr,
+            0,
+            Arc::new(CoordHandler(shared.clone())),
+            opts.net.clone(),
+        )?;
         let sh = shared.clone();
         let tick = opts.net.tick.max(Duration::from_millis(10));
         let ticker = std::thread::Builder::new()

@@ -14,7 +14,8 @@ use crate::conn::{ConnConfig, Connection};
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, ReplyTx};
 use crate::stats::LiveCounters;
-use crate::wire::MAX_FRAME;
+use crate::tls::{Identity, Opener, Sealer, Session};
+use crate::wire::{Frame, FrameDecoder, MAX_FRAME};
 
 mod portable;
 #[cfg(target_os = "linux")]
@@ -74,7 +75,7 @@ impl std::str::FromStr for DriverKind {
 }
 
 /// Transport options shared by every endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetOptions {
     /// I/O driver.
     pub driver: DriverKind,
@@ -91,6 +92,8 @@ pub struct NetOptions {
     /// The most bytes one send or receive call moves (at least [`MIN_IO_CHUNK`]); see
     /// [`DEFAULT_IO_CHUNK`] for the trade-off.
     pub io_chunk: usize,
+    /// Plaintext, or mutual TLS 1.3 with the job's certificates ([`crate::tls`]).
+    pub security: crate::tls::Security,
 }
 
 impl NetOptions {
@@ -110,8 +113,51 @@ impl Default for NetOptions {
             tick: Duration::from_millis(50),
             zerocopy_threshold: 64 << 10,
             io_chunk: DEFAULT_IO_CHUNK,
+            security: crate::tls::Security::Off,
         }
     }
+}
+
+/// A connection's TLS state as the drivers take it apart: the identity goes to the link, the
+/// sealer to the write side, the opener to the read side.
+pub(crate) struct Secure {
+    pub(crate) identity: Option<Identity>,
+    pub(crate) sealer: Option<Sealer>,
+    pub(crate) opener: Option<Opener>,
+}
+
+/// Reads from the socket go through here: opened first on an encrypted connection (into
+/// `plain`, reused), then decoded into frames.
+pub(crate) fn feed_input(
+    opener: Option<&mut Opener>,
+    plain: &mut Vec<u8>,
+    dec: &mut FrameDecoder,
+    bytes: &[u8],
+    frames: &mut Vec<Frame>,
+) -> Result<(), NetError> {
+    match opener {
+        None => dec.feed(bytes, frames).map_err(NetError::Wire),
+        Some(o) => {
+            plain.clear();
+            // Frames decoded before a failure are still delivered.
+            let opened = o.open(bytes, plain);
+            dec.feed(plain, frames)?;
+            opened.map_err(NetError::Tls)
+        }
+    }
+}
+
+/// Seals a frame into `out` (cleared first) for an encrypted connection.
+pub(crate) fn seal_frame(
+    sealer: &mut Sealer,
+    header: &[u8],
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    out.clear();
+    sealer
+        .seal(&[header, payload], out)
+        .map_err(|e| std::io::Error::other(NetError::Tls(e)))
 }
 
 /// A driver instance owned by one endpoint.
@@ -162,19 +208,30 @@ impl Driver {
         }
     }
 
-    /// Wraps a connected stream in a [`Link`] and starts moving its bytes.
+    /// Wraps a connected stream in a [`Link`] and starts moving its bytes; with a TLS `session`
+    /// (its handshake done on `stream`), every byte is sealed and opened with its keys.
     pub(crate) fn attach(
         &self,
         stream: TcpStream,
         conn: Connection<ReplyTx>,
         counters: Arc<LiveCounters>,
         dispatch: Arc<dyn Dispatch>,
+        session: Option<Session>,
     ) -> Result<Arc<Link>, NetError> {
         stream.set_nodelay(true)?;
+        let (identity, sealer, opener) = match session {
+            Some(s) => (Some(s.peer), Some(s.sealer), Some(s.opener)),
+            None => (None, None, None),
+        };
+        let secure = Secure {
+            identity,
+            sealer,
+            opener,
+        };
         let link = match self {
-            Driver::Portable(d) => d.attach(stream, conn, counters, dispatch)?,
+            Driver::Portable(d) => d.attach(stream, conn, counters, dispatch, secure)?,
             #[cfg(target_os = "linux")]
-            Driver::Uring(d) => d.attach(stream, conn, counters, dispatch)?,
+            Driver::Uring(d) => d.attach(stream, conn, counters, dispatch, secure)?,
         };
         link.flush();
         Ok(link)

@@ -18,9 +18,11 @@ use crate::conn::{Connection, Side};
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, Pump, ReplyTx};
 use crate::stats::LiveCounters;
+use crate::tls::record::MAX_PLAINTEXT;
+use crate::tls::{Opener, Sealer};
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
-use super::NetOptions;
+use super::{feed_input, seal_frame, NetOptions, Secure};
 
 /// Reads go through a scratch buffer of this size unless a larger payload can be read in place.
 const SCRATCH: usize = 64 << 10;
@@ -49,6 +51,7 @@ impl PortableDriver {
         conn: Connection<ReplyTx>,
         counters: Arc<LiveCounters>,
         dispatch: Arc<dyn Dispatch>,
+        secure: Secure,
     ) -> Result<Arc<Link>, NetError> {
         let side = conn.side();
         let peer = stream.peer_addr()?;
@@ -58,12 +61,25 @@ impl PortableDriver {
         stream.set_write_timeout(Some(self.stall.max(Duration::from_millis(1))))?;
         let ctl = stream.try_clone()?;
         let io = Box::new(StreamIo {
-            stream: Mutex::new(stream),
+            stream: Mutex::new(Writer {
+                stream,
+                sealer: secure.sealer,
+                sealed: Vec::new(),
+            }),
             ctl,
             chunk: self.chunk,
         });
-        let link = Link::new(conn, io, counters, self.max_frame, peer, dispatch);
-        let reader = Reader::new(read_half, self.max_frame, self.chunk);
+        let link = Link::new(
+            conn,
+            io,
+            counters,
+            self.max_frame,
+            peer,
+            secure.identity,
+            dispatch,
+        );
+        let mut reader = Reader::new(read_half, self.max_frame, self.chunk);
+        reader.opener = secure.opener;
         let l2 = link.clone();
         let tick = self.tick;
         match side {
@@ -87,8 +103,40 @@ impl PortableDriver {
     }
 }
 
+/// The write half: the socket and, on an encrypted connection, the sealer and its buffer.
+struct Writer {
+    stream: TcpStream,
+    sealer: Option<Sealer>,
+    sealed: Vec<u8>,
+}
+
+impl Writer {
+    fn write_frame(&mut self, header: &[u8], payload: &[u8], chunk: usize) -> std::io::Result<()> {
+        let Some(sealer) = self.sealer.as_mut() else {
+            return write_all(&mut self.stream, header, payload, chunk);
+        };
+        // Sealed in windows of about `chunk` bytes (whole records), each written before the
+        // next is sealed: bounded memory, and the socket is busy while the CPU seals.
+        let window = (chunk / MAX_PLAINTEXT).max(1) * MAX_PLAINTEXT;
+        let mut first = true;
+        let mut rest = payload;
+        while first || !rest.is_empty() {
+            let head: &[u8] = if first { header } else { &[] };
+            let take = window.saturating_sub(head.len()).min(rest.len());
+            seal_frame(sealer, head, &rest[..take], &mut self.sealed)?;
+            write_all(&mut self.stream, &self.sealed, &[], chunk)?;
+            rest = &rest[take..];
+            first = false;
+        }
+        if self.sealed.capacity() > 4 * window {
+            self.sealed = Vec::new();
+        }
+        Ok(())
+    }
+}
+
 struct StreamIo {
-    stream: Mutex<TcpStream>,
+    stream: Mutex<Writer>,
     ctl: TcpStream,
     /// At most this many bytes per call (`NetOptions::io_chunk`).
     chunk: usize,
@@ -137,7 +185,7 @@ fn write_all(
 impl LinkIo for StreamIo {
     fn send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> std::io::Result<()> {
         let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        write_all(&mut s, header, payload, self.chunk)
+        s.write_frame(header, payload, self.chunk)
     }
 
     fn try_send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> std::io::Result<bool> {
@@ -146,7 +194,7 @@ impl LinkIo for StreamIo {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return Ok(false),
         };
-        write_all(&mut s, header, payload, self.chunk).map(|_| true)
+        s.write_frame(header, payload, self.chunk).map(|_| true)
     }
 
     fn shutdown(&self) {
@@ -164,6 +212,9 @@ struct Reader {
     buf: Vec<u8>,
     frames: Vec<Frame>,
     done: bool,
+    /// Encrypted connection: opens records before decoding; `plain` is its reused output.
+    opener: Option<Opener>,
+    plain: Vec<u8>,
 }
 
 impl Reader {
@@ -175,6 +226,8 @@ impl Reader {
             buf: vec![0u8; SCRATCH],
             frames: Vec::new(),
             done: false,
+            opener: None,
+            plain: Vec::new(),
         }
     }
 
@@ -184,10 +237,12 @@ impl Reader {
         if self.done {
             return;
         }
-        let direct = self.dec.direct_target(SCRATCH).is_some();
+        // Encrypted input is opened before decoding, so it never goes straight to a payload.
+        let plain = self.opener.is_none();
+        let direct = plain && self.dec.direct_target(SCRATCH).is_some();
         let res = match self.dec.direct_target(SCRATCH) {
-            Some(target) => read_uninit(&mut self.stream, target, self.chunk),
-            None => self.stream.read(&mut self.buf),
+            Some(target) if plain => read_uninit(&mut self.stream, target, self.chunk),
+            _ => self.stream.read(&mut self.buf),
         };
         match res {
             Ok(0) => {
@@ -205,12 +260,18 @@ impl Reader {
                     unsafe { self.dec.commit_direct(n, &mut self.frames) };
                     Ok(())
                 } else {
-                    self.dec.feed(&self.buf[..n], &mut self.frames)
+                    feed_input(
+                        self.opener.as_mut(),
+                        &mut self.plain,
+                        &mut self.dec,
+                        &self.buf[..n],
+                        &mut self.frames,
+                    )
                 };
                 link.on_input(Instant::now(), &mut self.frames);
                 if let Err(e) = res {
                     self.done = true;
-                    link.on_wire_error(e);
+                    link.on_input_error(e);
                 }
             }
             Err(e)

@@ -11,6 +11,7 @@ use crate::driver::{Driver, DriverKind, NetOptions};
 use crate::error::NetError;
 use crate::link::{Dispatch, Link};
 use crate::stats::{Counters, LiveCounters};
+use crate::tls::{handshake, HandshakeSide, Identity};
 use crate::wire::{Frame, FrameHeader, MsgKind, PayloadCodec};
 
 use super::Response;
@@ -110,7 +111,7 @@ impl KvClient {
     ) -> Result<KvClient, NetError> {
         let mut last = NetError::Timeout("no address to connect to".into());
         for a in addr.to_socket_addrs()? {
-            match Self::connect_one(a, my_node_id, opts) {
+            match Self::connect_one(a, my_node_id, opts.clone()) {
                 Ok(c) => return Ok(c),
                 Err(e) => last = e,
             }
@@ -123,7 +124,7 @@ impl KvClient {
         my_node_id: u32,
         opts: NetOptions,
     ) -> Result<KvClient, NetError> {
-        let stream = TcpStream::connect_timeout(&addr, opts.connect_timeout).map_err(|e| {
+        let mut stream = TcpStream::connect_timeout(&addr, opts.connect_timeout).map_err(|e| {
             if e.kind() == std::io::ErrorKind::TimedOut {
                 NetError::Timeout(format!(
                     "connect to {addr} within {:?}",
@@ -133,6 +134,18 @@ impl KvClient {
                 NetError::from(e)
             }
         })?;
+        let session = match opts.security.context() {
+            None => None,
+            Some(ctx) => {
+                let deadline = Instant::now() + opts.conn.handshake_timeout;
+                Some(handshake(
+                    &mut stream,
+                    ctx,
+                    HandshakeSide::Client,
+                    deadline,
+                )?)
+            }
+        };
         let driver = Driver::new(&opts, true)?;
         let counters = Arc::new(LiveCounters::default());
         let (state_tx, state_rx) = crossbeam_channel::unbounded();
@@ -144,7 +157,7 @@ impl KvClient {
         let conn = Connection::new(Side::Initiator, my_node_id, opts.conn, Instant::now());
         // A failed attach must not leave the driver's ring thread, eventfd and buffers behind.
         let link = driver
-            .attach(stream, conn, counters.clone(), dispatch)
+            .attach(stream, conn, counters.clone(), dispatch, session)
             .inspect_err(|_| driver.shutdown())?;
         // The connection enforces the handshake timeout itself; the margin covers timer ticks.
         let wait = opts.conn.handshake_timeout + opts.tick * 4 + Duration::from_millis(100);
@@ -245,6 +258,11 @@ impl KvClient {
     /// Traffic counted at this client's socket.
     pub fn stats(&self) -> Counters {
         self.inner.counters.snapshot()
+    }
+
+    /// The identity in the server's job certificate (mutual TLS), `None` on plaintext.
+    pub fn peer_identity(&self) -> Option<&Identity> {
+        self.inner.link.identity()
     }
 
     /// Why the connection closed, or `None` while it is open.

@@ -121,6 +121,12 @@ impl PeerHandle {
         Arc::as_ptr(&self.link) as usize
     }
 
+    /// The identity in the peer's job certificate, when the connection uses mutual TLS
+    /// ([`crate::tls::Security::Mtls`]); `None` on plaintext connections.
+    pub fn identity(&self) -> Option<&crate::tls::Identity> {
+        self.link.identity()
+    }
+
     /// True once the connection is closed.
     pub fn is_closed(&self) -> bool {
         self.link.is_closed()

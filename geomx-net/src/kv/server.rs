@@ -1,7 +1,7 @@
 //! The key-value server endpoint.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -12,6 +12,7 @@ use crate::driver::{Driver, DriverKind, NetOptions};
 use crate::error::NetError;
 use crate::link::{Dispatch, Link};
 use crate::stats::{Counters, LiveCounters};
+use crate::tls::{handshake, HandshakeSide, Session, TlsContext};
 use crate::wire::Frame;
 
 use super::{Handler, PeerHandle, Request, Responder};
@@ -30,6 +31,8 @@ struct ServerInner {
     stop: AtomicBool,
     local_addr: SocketAddr,
     dispatch: Arc<ServerDispatch>,
+    /// Connections in their TLS handshake, per peer IP address.
+    handshaking: Mutex<HashMap<IpAddr, usize>>,
 }
 
 struct ServerDispatch {
@@ -94,6 +97,7 @@ impl KvServer {
             stop: AtomicBool::new(false),
             local_addr,
             dispatch,
+            handshaking: Mutex::new(HashMap::new()),
         });
         let i2 = inner.clone();
         let accept = std::thread::Builder::new()
@@ -170,6 +174,108 @@ impl Drop for KvServer {
     }
 }
 
+/// At most this many connections may be in their TLS handshake at once (before authentication)…
+pub const MAX_HANDSHAKES: usize = 64;
+/// …and at most this many of them from one IP address.
+pub const MAX_HANDSHAKES_PER_ADDR: usize = 8;
+
+/// Counts a connection in the handshake bounds; `None` when a bound is reached.
+fn handshake_slot(inner: &Arc<ServerInner>, ip: IpAddr) -> Option<HandshakeSlot> {
+    let mut h = inner.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+    let total: usize = h.values().sum();
+    let mine = h.entry(ip).or_insert(0);
+    if total >= MAX_HANDSHAKES || *mine >= MAX_HANDSHAKES_PER_ADDR {
+        return None;
+    }
+    *mine += 1;
+    Some(HandshakeSlot {
+        inner: inner.clone(),
+        ip,
+    })
+}
+
+/// A connection counted in the handshake bounds until dropped.
+struct HandshakeSlot {
+    inner: Arc<ServerInner>,
+    ip: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut h = self
+            .inner
+            .handshaking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = h.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                h.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Authenticates an accepted connection on its own short-lived thread (bounded in number, time
+/// and bytes), then admits it; a stranger is dropped before any frame is read.
+fn authenticate(
+    inner: &Arc<ServerInner>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<TlsContext>,
+) {
+    let Some(slot) = handshake_slot(inner, peer.ip()) else {
+        tracing::warn!(%peer, "refused connection: too many unauthenticated connections");
+        return;
+    };
+    let deadline = Instant::now() + inner.opts.conn.handshake_timeout;
+    let spawned = std::thread::Builder::new()
+        .name("geomx-net-tls".into())
+        .spawn(move || {
+            match handshake(&mut stream, &ctx, HandshakeSide::Server, deadline) {
+                Ok(session) => admit(&slot.inner, stream, peer, Some(session)),
+                Err(e) => tracing::warn!(%peer, error = %e, "refused connection: TLS"),
+            }
+            drop(slot);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(%peer, error = %e, "refused connection: no thread for its handshake");
+    }
+}
+
+/// Starts an accepted (and, with TLS, authenticated) connection.
+fn admit(inner: &Arc<ServerInner>, stream: TcpStream, peer: SocketAddr, session: Option<Session>) {
+    if inner.stop.load(Ordering::SeqCst) {
+        return;
+    }
+    let conn = Connection::new(
+        Side::Acceptor,
+        inner.node_id,
+        inner.opts.conn,
+        Instant::now(),
+    );
+    let dispatch: Arc<dyn Dispatch> = inner.dispatch.clone();
+    match inner
+        .driver
+        .attach(stream, conn, inner.counters.clone(), dispatch, session)
+    {
+        Ok(link) => {
+            let id = Arc::as_ptr(&link) as usize;
+            let mut links = inner
+                .dispatch
+                .links
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            links.insert(id, link.clone());
+            // It may have closed (and run on_closed) before it was inserted.
+            if link.is_closed() {
+                links.remove(&id);
+            }
+        }
+        Err(e) => tracing::warn!(%peer, error = %e, "could not start connection"),
+    }
+}
+
 fn accept_loop(inner: Arc<ServerInner>, listener: TcpListener) {
     loop {
         let (stream, peer) = match listener.accept() {
@@ -186,31 +292,9 @@ fn accept_loop(inner: Arc<ServerInner>, listener: TcpListener) {
         if inner.stop.load(Ordering::SeqCst) {
             return;
         }
-        let conn = Connection::new(
-            Side::Acceptor,
-            inner.node_id,
-            inner.opts.conn,
-            Instant::now(),
-        );
-        let dispatch: Arc<dyn Dispatch> = inner.dispatch.clone();
-        match inner
-            .driver
-            .attach(stream, conn, inner.counters.clone(), dispatch)
-        {
-            Ok(link) => {
-                let id = Arc::as_ptr(&link) as usize;
-                let mut links = inner
-                    .dispatch
-                    .links
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                links.insert(id, link.clone());
-                // It may have closed (and run on_closed) before it was inserted.
-                if link.is_closed() {
-                    links.remove(&id);
-                }
-            }
-            Err(e) => tracing::warn!(%peer, error = %e, "could not start connection"),
+        match inner.opts.security.context() {
+            None => admit(&inner, stream, peer, None),
+            Some(ctx) => authenticate(&inner, stream, peer, ctx.clone()),
         }
     }
 }

@@ -36,12 +36,13 @@ use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use self::send_track::{Next, SendTrack, SEND_ZC_REPORT_USAGE};
-use super::NetOptions;
+use super::{feed_input, seal_frame, NetOptions, Secure};
 use crate::conn::Connection;
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
 use crate::owned::OwnedBytes;
 use crate::stats::LiveCounters;
+use crate::tls::{Opener, Sealer};
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
 /// Scratch receive buffer per connection.
@@ -283,7 +284,7 @@ impl UringDriver {
             ring_id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
         });
         let cell = Arc::new(RingCell {
-            ring: Mutex::new(Ring::new(ring, rx, shared.clone(), *opts)),
+            ring: Mutex::new(Ring::new(ring, rx, shared.clone(), opts.clone())),
             shared: shared.clone(),
         });
         let c2 = cell.clone();
@@ -294,7 +295,7 @@ impl UringDriver {
         Ok(Arc::new(UringDriver {
             shared,
             cell,
-            opts: *opts,
+            opts: opts.clone(),
             thread: std::sync::Mutex::new(Some(handle)),
         }))
     }
@@ -305,6 +306,7 @@ impl UringDriver {
         conn: Connection<ReplyTx>,
         counters: Arc<LiveCounters>,
         dispatch: Arc<dyn Dispatch>,
+        secure: Secure,
     ) -> Result<Arc<Link>, NetError> {
         let peer = stream.peer_addr()?;
         let idx = self.shared.next_idx.fetch_add(1, Ordering::Relaxed);
@@ -318,10 +320,19 @@ impl UringDriver {
             zc_threshold: self.opts.zerocopy_threshold.max(HEADER_LEN + 1),
             chunk: self.opts.chunk(),
             queued: queued.clone(),
-            order: Mutex::new(()),
+            sealed: secure.sealer.is_some(),
+            order: Mutex::new(secure.sealer),
             zc_off: zc_off.clone(),
         });
-        let link = Link::new(conn, io, counters, self.opts.max_frame, peer, dispatch);
+        let link = Link::new(
+            conn,
+            io,
+            counters,
+            self.opts.max_frame,
+            peer,
+            secure.identity,
+            dispatch,
+        );
         if self.shared.inline {
             link.set_pump(self.cell.clone());
         }
@@ -340,6 +351,8 @@ impl UringDriver {
             zc_copies: 0,
             zc_off,
             last_progress: Instant::now(),
+            opener: secure.opener,
+            plain: Vec::new(),
         };
         if !self.shared.send(Cmd::Attach(idx, Box::new(uc))) {
             return Err(NetError::Shutdown);
@@ -391,8 +404,11 @@ struct UringIo {
     /// Bytes handed to the ring for this connection and not yet sent (0: nothing in flight).
     queued: Arc<AtomicUsize>,
     /// Serialises this connection's senders: a direct write and a hand-off to the ring never
-    /// interleave, and frames keep the order of their `send` calls.
-    order: Mutex<()>,
+    /// interleave, and frames keep the order of their `send` calls. Holds the sealer of an
+    /// encrypted connection (records must leave in the order of their sequence numbers).
+    order: Mutex<Option<Sealer>>,
+    /// The connection is encrypted (`order` holds a sealer).
+    sealed: bool,
     /// The ring does not use zero copy for this connection (unsupported, or the kernel copied).
     zc_off: Arc<AtomicBool>,
 }
@@ -433,8 +449,54 @@ impl UringIo {
     }
 }
 
+impl UringIo {
+    /// An encrypted connection's send: the frame is sealed into a pooled buffer (the copy that
+    /// encryption makes anyway), written at once as far as the socket takes it, and the rest is
+    /// handed to the ring without another copy or a wait.
+    fn send_sealed(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<()> {
+        let shared = &self.cell.shared;
+        let in_turn = in_turn(shared.ring_id);
+        if !in_turn {
+            // Back-pressure: do not queue without bound.
+            while self.queued.load(Ordering::Acquire) > MAX_QUEUED {
+                if !(shared.inline && self.cell.try_turn(Duration::from_millis(1))) {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sealer) = order.as_mut() else {
+            return Err(io::Error::other("sealed send without a sealer"));
+        };
+        let mut buf = crate::bufpool::take(Sealer::sealed_len(HEADER_LEN + payload.len()));
+        seal_frame(sealer, header, payload, &mut buf)?;
+        let sent = if self.queued.load(Ordering::Acquire) == 0 {
+            direct::send_nonblocking(self.stream.as_raw_fd(), [&buf, &[]], 0, self.chunk)?
+        } else {
+            0
+        };
+        if shared.inline && !in_turn {
+            shared.user_active.store(true, Ordering::Relaxed);
+        }
+        if sent == buf.len() {
+            crate::bufpool::recycle(buf);
+            return Ok(());
+        }
+        self.queued.fetch_add(buf.len() - sent, Ordering::AcqRel);
+        if !shared.send(Cmd::Owned(self.idx, Box::new(buf), sent)) {
+            return Err(Self::stopped());
+        }
+        drop(order);
+        self.submit(in_turn);
+        Ok(())
+    }
+}
+
 impl LinkIo for UringIo {
     fn send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> io::Result<()> {
+        if self.sealed {
+            return self.send_sealed(header, payload);
+        }
         let shared = &self.cell.shared;
         let in_turn = in_turn(shared.ring_id);
         let big = payload.len() >= self.zc_threshold;
@@ -495,6 +557,9 @@ impl LinkIo for UringIo {
     }
 
     fn send_owned(&self, header: &[u8; HEADER_LEN], payload: OwnedBytes) -> io::Result<()> {
+        if self.sealed {
+            return self.send_sealed(header, (*payload).as_ref());
+        }
         let shared = &self.cell.shared;
         let in_turn = in_turn(shared.ring_id);
         let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
@@ -604,6 +669,9 @@ struct UConn {
     /// When output last moved (or became pending): a send that makes no progress for the peer
     /// timeout means the peer stopped reading, and the connection is dropped.
     last_progress: Instant,
+    /// Encrypted connection: opens records before decoding; `plain` is its reused output.
+    opener: Option<Opener>,
+    plain: Vec<u8>,
 }
 
 impl UConn {
@@ -663,6 +731,7 @@ impl Ring {
             ring,
             rx,
             shared,
+            next_tick: Instant::now() + opts.tick,
             opts,
             conns: HashMap::new(),
             pool: None,
@@ -672,7 +741,6 @@ impl Ring {
             wake_armed: false,
             stopping: false,
             zc,
-            next_tick: Instant::now() + opts.tick,
         };
         if *FIXED_SUPPORTED.get().unwrap_or(&false) {
             r.register_pool();
@@ -924,7 +992,12 @@ impl Ring {
         let mut entries = Vec::with_capacity(2);
         if c.recv == RecvState::Idle {
             let fd = types::Fd(c.fd);
-            if let Some(t) = c.dec.direct_target(SCRATCH) {
+            // Encrypted input is opened before decoding, so it never goes straight to a payload.
+            let direct = match c.opener {
+                None => c.dec.direct_target(SCRATCH),
+                Some(_) => None,
+            };
+            if let Some(t) = direct {
                 let len = t.len().min(chunk) as u32;
                 entries.push(
                     opcode::Recv::new(fd, t.as_mut_ptr() as *mut u8, len)
@@ -1054,9 +1127,25 @@ impl Ring {
             RecvState::Fixed(slot) => {
                 let pool = self.pool.as_ref().expect("fixed receive without a pool");
                 let off = slot as usize * SCRATCH;
-                c.dec.feed(&pool[off..off + n], &mut c.frames)
+                let bytes = &pool[off..off + n];
+                feed_input(
+                    c.opener.as_mut(),
+                    &mut c.plain,
+                    &mut c.dec,
+                    bytes,
+                    &mut c.frames,
+                )
             }
-            _ => c.dec.feed(&c.scratch[..n], &mut c.frames),
+            _ => {
+                let bytes = &c.scratch[..n];
+                feed_input(
+                    c.opener.as_mut(),
+                    &mut c.plain,
+                    &mut c.dec,
+                    bytes,
+                    &mut c.frames,
+                )
+            }
         };
         let mut frames = std::mem::take(&mut c.frames);
         link.on_input(Instant::now(), &mut frames);
@@ -1066,7 +1155,7 @@ impl Ring {
         match fed {
             Ok(()) => self.read_ready(idx),
             Err(e) => {
-                link.on_wire_error(e);
+                link.on_input_error(e);
                 self.kill(idx);
             }
         }
@@ -1080,8 +1169,9 @@ impl Ring {
             let Some(c) = self.conns.get_mut(&idx) else {
                 return;
             };
-            // Only while no receive of the ring's can write into the same buffer.
-            if c.dead || c.recv != RecvState::Idle {
+            // Only while no receive of the ring's can write into the same buffer (and never on
+            // an encrypted connection, whose input is opened before decoding).
+            if c.dead || c.recv != RecvState::Idle || c.opener.is_some() {
                 return;
             }
             let fd = c.fd;

@@ -1,0 +1,253 @@
+//! Mutual TLS on real loopback connections, once per available driver: identities on both ends,
+//! every frame size through the record layer, strangers refused, tampering detected.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use geomx_net::tls::{Identity, JobCa, Security, TlsContext};
+use geomx_net::{
+    ConnConfig, DriverKind, Handler, KvClient, KvServer, NetError, NetOptions, PayloadCodec,
+    PeerHandle, Request, Responder,
+};
+
+fn drivers() -> Vec<DriverKind> {
+    let mut d = vec![DriverKind::Portable];
+    match geomx_net::uring_unavailable_reason() {
+        None => d.push(DriverKind::IoUring),
+        Some(why) => eprintln!("io_uring tests skipped: {why}"),
+    }
+    d
+}
+
+fn member(ca: &JobCa, role: &str, dc: u32, rank: u32) -> Security {
+    let creds = ca.issue(&Identity::new(role, dc, rank).unwrap()).unwrap();
+    Security::Mtls(Arc::new(TlsContext::new(&creds).unwrap()))
+}
+
+fn opts(driver: DriverKind, security: Security) -> NetOptions {
+    NetOptions {
+        driver,
+        conn: ConnConfig {
+            handshake_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(20),
+            heartbeat_interval: Duration::from_millis(200),
+            peer_timeout: Duration::from_secs(10),
+        },
+        connect_timeout: Duration::from_secs(3),
+        tick: Duration::from_millis(20),
+        security,
+        ..NetOptions::default()
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Echoes with version + 1 (odd keys through `send_owned`), and records who connected.
+#[derive(Default)]
+struct Echo {
+    seen: Mutex<Vec<Option<Identity>>>,
+}
+
+impl Handler for Echo {
+    fn on_request(&self, req: Request, reply: Responder) {
+        if req.key % 2 == 1 {
+            let _ = reply.send_owned(req.version + 1, req.codec, Box::new(req.payload));
+        } else {
+            let _ = reply.send(req.version + 1, req.codec, &req.payload);
+        }
+    }
+    fn on_connect(&self, peer: &PeerHandle) {
+        self.seen.lock().unwrap().push(peer.identity().cloned());
+    }
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed) >> 7) as u8)
+        .collect()
+}
+
+#[test]
+fn every_frame_size_crosses_the_record_layer_and_both_ends_know_who_is_there() {
+    let ca = JobCa::generate("t", 1).unwrap();
+    for d in drivers() {
+        let echo = Arc::new(Echo::default());
+        let server = KvServer::bind_with_id(
+            "127.0.0.1:0",
+            9,
+            echo.clone(),
+            opts(d, member(&ca, "local-server", 0, 0)),
+        )
+        .unwrap();
+        let client =
+            KvClient::connect(server.local_addr(), 4, opts(d, member(&ca, "worker", 0, 3)))
+                .unwrap();
+        assert_eq!(
+            client.peer_identity(),
+            Some(&Identity::new("local-server", 0, 0).unwrap())
+        );
+        let sizes = [0usize, 1, 16_327, 16_328, 16_329, 100_000, 1 << 20, 9 << 20];
+        // Pipelined: every request in flight before the first wait.
+        let mut pending = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let p = pattern(len, i as u64);
+            pending.push((
+                i,
+                p.clone(),
+                client.push(i as u64, 5, PayloadCodec::Raw, 0, 1, &p),
+            ));
+        }
+        for (i, p, pend) in pending {
+            let r = pend.unwrap().wait(WAIT).unwrap();
+            assert_eq!((r.key, r.version), (i as u64, 6), "{d:?}");
+            assert!(
+                r.payload == p,
+                "{d:?}: payload {i} of {} bytes differs",
+                p.len()
+            );
+        }
+        assert_eq!(
+            echo.seen.lock().unwrap().as_slice(),
+            &[Some(Identity::new("worker", 0, 3).unwrap())]
+        );
+    }
+}
+
+/// A client that is not a job member: plaintext, another job's CA, or raw garbage.
+fn strangers(addr: SocketAddr, d: DriverKind) {
+    let other = JobCa::generate("t", 1).unwrap();
+    let plain = KvClient::connect(addr, 4, opts(d, Security::Off));
+    assert!(plain.is_err(), "{d:?}: a plaintext client was admitted");
+    let foreign = KvClient::connect(addr, 4, opts(d, member(&other, "worker", 0, 0)));
+    assert!(
+        matches!(foreign, Err(NetError::Tls(_))),
+        "{d:?}: {:?}",
+        foreign.err()
+    );
+    let mut raw = TcpStream::connect(addr).unwrap();
+    let _ = raw.write_all(&[0x16, 3, 1, 0xff, 0xff, 1, 2, 3]);
+    let _ = raw.write_all(&[0u8; 4096]);
+}
+
+#[test]
+fn strangers_and_floods_are_refused_and_members_are_still_served() {
+    let ca = JobCa::generate("t", 1).unwrap();
+    for d in drivers() {
+        let echo = Arc::new(Echo::default());
+        let server = KvServer::bind_with_id(
+            "127.0.0.1:0",
+            9,
+            echo.clone(),
+            opts(d, member(&ca, "local-server", 0, 0)),
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        strangers(addr, d);
+        // A flood of silent connections from another loopback address: they hold at most the
+        // per-address handshake slots, and only until the handshake timeout.
+        let flood: Vec<TcpStream> = (0..40)
+            .filter_map(|_| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .ok()?;
+                s.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+                    .ok()?;
+                s.connect(&addr.into()).ok()?;
+                Some(s.into())
+            })
+            .collect();
+        let client = KvClient::connect(addr, 4, opts(d, member(&ca, "worker", 0, 1))).unwrap();
+        let r = client
+            .push(2, 1, PayloadCodec::Raw, 0, 1, b"still here")
+            .unwrap()
+            .wait(WAIT)
+            .unwrap();
+        assert_eq!(r.payload, b"still here");
+        assert_eq!(
+            echo.seen.lock().unwrap().len(),
+            1,
+            "only the member connected"
+        );
+        assert_eq!(server.connections(), 1);
+        drop(flood);
+    }
+}
+
+/// Forwards bytes both ways; once `tamper` is set, flips one bit of the next client bytes.
+fn tampering_proxy(target: SocketAddr, tamper: Arc<AtomicBool>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut s = TcpStream::connect(target).unwrap();
+        let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = s2.read(&mut buf) {
+                if n == 0 || c2.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = c2.shutdown(std::net::Shutdown::Both);
+        });
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if tamper.swap(false, Ordering::SeqCst) {
+                buf[n / 2] ^= 0x10;
+            }
+            if s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+#[test]
+fn a_tampered_record_fails_the_connection_and_the_server_goes_on() {
+    let ca = JobCa::generate("t", 1).unwrap();
+    for d in drivers() {
+        let server = KvServer::bind_with_id(
+            "127.0.0.1:0",
+            9,
+            Arc::new(Echo::default()),
+            opts(d, member(&ca, "local-server", 0, 0)),
+        )
+        .unwrap();
+        let tamper = Arc::new(AtomicBool::new(false));
+        let proxy = tampering_proxy(server.local_addr(), tamper.clone());
+        let client = KvClient::connect(proxy, 4, opts(d, member(&ca, "worker", 0, 0))).unwrap();
+        let ok = client
+            .push(2, 1, PayloadCodec::Raw, 0, 1, &[7u8; 1000])
+            .unwrap();
+        assert_eq!(ok.wait(WAIT).unwrap().payload, vec![7u8; 1000]);
+        tamper.store(true, Ordering::SeqCst);
+        let bad = client
+            .push(2, 2, PayloadCodec::Raw, 0, 1, &[8u8; 1000])
+            .unwrap();
+        let err = bad.wait(WAIT).unwrap_err();
+        assert!(
+            matches!(err, NetError::PeerClosed(_)),
+            "{d:?}: the server must drop the connection, got {err}"
+        );
+        let start = Instant::now();
+        while server.connections() > 0 && start.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(server.connections(), 0);
+        // The server goes on.
+        let client =
+            KvClient::connect(server.local_addr(), 5, opts(d, member(&ca, "worker", 0, 1)))
+                .unwrap();
+        let r = client
+            .push(4, 1, PayloadCodec::Raw, 0, 1, b"after")
+            .unwrap();
+        assert_eq!(r.wait(WAIT).unwrap().payload, b"after");
+    }
+}
