@@ -113,7 +113,7 @@ impl KvPair {
 
     /// Like [`KvPair::new`] with explicit options.
     pub fn with_options(opts: NetOptions) -> Result<KvPair, geomx_net::NetError> {
-        let server = KvServer::bind("127.0.0.1:0", StoreHandler::default(), opts)?;
+        let server = KvServer::bind("127.0.0.1:0", StoreHandler::default(), opts.clone())?;
         let client = KvClient::connect(server.local_addr(), 1, opts)?;
         Ok(KvPair { server, client })
     }
@@ -248,7 +248,7 @@ fn variants() -> Vec<(String, NetOptions)> {
         "portable".to_string(),
         NetOptions {
             driver: DriverKind::Portable,
-            ..base
+            ..base.clone()
         },
     )];
     if geomx_net::uring_unavailable_reason().is_none() {
@@ -256,7 +256,7 @@ fn variants() -> Vec<(String, NetOptions)> {
             "io-uring".into(),
             NetOptions {
                 driver: DriverKind::IoUring,
-                ..base
+                ..base.clone()
             },
         ));
         v.push((
@@ -264,7 +264,7 @@ fn variants() -> Vec<(String, NetOptions)> {
             NetOptions {
                 driver: DriverKind::IoUring,
                 zerocopy_threshold: usize::MAX,
-                ..base
+                ..base.clone()
             },
         ));
     }

@@ -19,6 +19,7 @@ pub mod hips;
 pub mod launch;
 pub mod placement;
 pub mod report;
+pub mod security;
 pub mod wanlab;
 
 /// Locks a mutex, recovering the data of a poisoned one (a panicked thread already logged).

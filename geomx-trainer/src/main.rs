@@ -142,6 +142,9 @@ struct RunArgs {
     /// Write the final model here as safetensors (used by worker dc 0, rank 0).
     #[arg(long, value_name = "PATH")]
     save: Option<PathBuf>,
+    /// Read this process's credentials from stdin (how `geomx launch` hands them over).
+    #[arg(long, hide = true)]
+    credentials_stdin: bool,
 }
 
 fn init_tracing(level: LogLevel) {
@@ -197,6 +200,7 @@ fn run(args: RunArgs) -> Result<(), String> {
                 }
                 let role_args = RoleArgs {
                     resume: args.resume,
+                    credentials_stdin: args.credentials_stdin,
                     ..p.args
                 };
                 return run_role(&cfg, &role_args, exit_hook())
@@ -221,6 +225,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         coordinator: args.coordinator,
         bind_host: args.bind,
         resume: args.resume,
+        credentials_stdin: args.credentials_stdin,
     };
     run_role(&cfg, &role_args, exit_hook())
         .map(|_| ())

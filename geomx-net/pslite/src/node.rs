@@ -315,14 +315,18 @@ impl Node {
         let handler = Arc::new(DataHandler {
             node: OnceLock::new(),
         });
-        let server =
-            KvServer::bind_with_id(format!("{any}:{}", env.port), 0, handler.clone(), opts)
-                .map_err(|e| {
-                    PsError::Env(format!(
-                        "cannot bind this node's endpoint on port {}: {e}",
-                        env.port
-                    ))
-                })?;
+        let server = KvServer::bind_with_id(
+            format!("{any}:{}", env.port),
+            0,
+            handler.clone(),
+            opts.clone(),
+        )
+        .map_err(|e| {
+            PsError::Env(format!(
+                "cannot bind this node's endpoint on port {}: {e}",
+                env.port
+            ))
+        })?;
         let data_addr = join_host_port(&host, server.local_addr().port());
         let (coordinator, coord_addr) = if env.role == Role::Scheduler {
             let mut expected = vec![(Role::Scheduler.name().to_string(), 0, 0)];
@@ -337,7 +341,7 @@ impl Node {
                 format!("{root_any}:{}", env.root_port),
                 expected,
                 CoordOptions {
-                    net: opts,
+                    net: opts.clone(),
                     protocol_version: PROTOCOL_VERSION,
                     config_hash: env.config_hash(),
                     registration_timeout: env.registration_timeout,
@@ -561,7 +565,7 @@ impl Node {
                 protocol_version: PROTOCOL_VERSION,
                 config_hash: self.env.config_hash(),
             };
-            match CoordClient::register(self.coord_addr.as_str(), hello, self.opts) {
+            match CoordClient::register(self.coord_addr.as_str(), hello, self.opts.clone()) {
                 Ok(r) => return Ok(r),
                 Err(NetError::Rejected(m)) if m.contains("registered twice") => tried += 1,
                 Err(NetError::Rejected(m)) => {
@@ -601,7 +605,7 @@ impl Node {
             }
         }
         self.check_alive()?;
-        let c = KvClient::connect(addr.as_str(), topo.my_id as u32, self.opts)
+        let c = KvClient::connect(addr.as_str(), topo.my_id as u32, self.opts.clone())
             .map_err(|e| self.explain(e))?;
         let mut m = lock(&self.clients);
         if let Some(r) = self.failed() {

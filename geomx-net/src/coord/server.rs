@@ -141,6 +141,23 @@ impl Handler for CoordHandler {
         let sh = &self.0;
         match req.kind {
             MsgKind::Register => match Hello::decode(&req.payload) {
+                // With mutual TLS a process registers only as what its certificate states.
+                Ok(h)
+                    if reply.peer().identity().is_some_and(|id| {
+                        (id.role.as_str(), id.dc, id.rank) != (h.role.as_str(), h.dc, h.rank)
+                    }) =>
+                {
+                    let cert = reply.peer().identity().map(ToString::to_string);
+                    let msg = format!(
+                        "the certificate of {} may not register as {} dc {} rank {}",
+                        cert.unwrap_or_default(),
+                        h.role,
+                        h.dc,
+                        h.rank
+                    );
+                    tracing::warn!(peer = %reply.peer().addr(), %msg, "registration refused");
+                    let _ = reply.error(&msg);
+                }
                 Ok(h) => {
                     let t = sh.ticket(reply);
                     sh.step(|s| s.on_register(conn, t, h));

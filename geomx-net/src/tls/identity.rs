@@ -20,8 +20,8 @@ const MAX_ROLE: usize = 32;
 /// A job member's identity, as its certificate states it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
-    /// Role name (`worker`, `local-server`, `global-server`, `coordinator`, …): lower-case
-    /// letters, digits and inner dashes, at most 32 characters.
+    /// Role name (`worker`, `local_server`, `global_server`, `coordinator`, …): lower-case
+    /// letters, digits, underscores and inner dashes, at most 32 characters.
     pub role: String,
     /// Data center index.
     pub dc: u32,
@@ -30,7 +30,8 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// An identity; the role must be a valid DNS label of lower-case letters, digits and dashes.
+    /// An identity; the role must be a DNS label of lower-case letters, digits, underscores and
+    /// inner dashes.
     pub fn new(role: &str, dc: u32, rank: u32) -> Result<Identity, TlsError> {
         let ok = !role.is_empty()
             && role.len() <= MAX_ROLE
@@ -38,10 +39,11 @@ impl Identity {
             && !role.ends_with('-')
             && role
                 .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
         if !ok {
             return Err(TlsError::Identity(format!(
-                "role {role:?} must be 1-{MAX_ROLE} lower-case letters, digits or inner dashes"
+                "role {role:?} must be 1-{MAX_ROLE} lower-case letters, digits, underscores or inner \
+                 dashes"
             )));
         }
         Ok(Identity {
@@ -102,8 +104,8 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_strangers_do_not_parse() {
-        let id = Identity::new("global-server", 3, 12).unwrap();
-        assert_eq!(id.dns_name(), "global-server.dc3.rank12.id.geomx");
+        let id = Identity::new("global_server", 3, 12).unwrap();
+        assert_eq!(id.dns_name(), "global_server.dc3.rank12.id.geomx");
         assert_eq!(Identity::from_dns_name(&id.dns_name()), Some(id));
         for bad in [
             "job.geomx",

@@ -12,6 +12,7 @@ pub mod device;
 mod dmlc;
 mod optimizer;
 mod role;
+mod security;
 mod sync;
 mod validate;
 mod wan;
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{CheckpointConfig, DEFAULT_EVERY_ROUNDS, DEFAULT_KEEP};
 pub use role::{Role, RoleSpec};
+pub use security::{SecurityConfig, SecurityMode};
 pub use sync::{
     EsyncConfig, EsyncNormalisation, HfaConfig, HfaWeighting, LambdaMode, MixedConfig,
     MixedOptimizer, OuterOptimizer, SyncAlgorithm, SyncConfig,
@@ -114,6 +116,8 @@ pub struct Config {
     pub wan: WanConfig,
     /// Checkpoints of every role and the final model's export.
     pub checkpoint: CheckpointConfig,
+    /// Authentication and encryption of every link.
+    pub security: SecurityConfig,
 }
 
 /// `[cluster]`: data centers, global servers and addresses.
@@ -772,12 +776,13 @@ impl Config {
         toml::to_string(self)
     }
 
-    /// Stable 64-bit hash of everything that must agree across processes for a correct run: model,
-    /// data, training, sync, compression, transport kinds and placement. Addresses, ports, the I/O
-    /// driver, timeouts, log level, the model's device and the cluster's shape are left out: they
-    /// legitimately differ between processes (e.g. in `DMLC_*` mode each process sees part of the
-    /// topology; `cuda:local` becomes each process's own GPU), and the coordinator checks the shape
-    /// itself at registration. FNV-1a over canonical JSON.
+    /// Stable 64-bit hash of everything that must agree across processes for a correct run: the
+    /// cluster's shape (data centers, their workers and slow-downs, global servers, the central
+    /// DC), model, data, training, sync, compression, transport (kinds and DGT settings) and
+    /// placement. Addresses, ports, the I/O driver, timeouts, log level, security settings and
+    /// the model's device are left out: they legitimately differ between processes (`cuda:local`
+    /// becomes each process's own GPU). FNV-1a over canonical JSON; registration keys it with the
+    /// job secret ([`crate::security::Keyring::registration_hash`]).
     pub fn config_hash(&self) -> u64 {
         let mut model = serde_json::to_value(&self.model).unwrap_or_default();
         if let Some(m) = model.as_object_mut() {
@@ -789,7 +794,18 @@ impl Config {
             "train": self.train,
             "sync": self.sync,
             "compression": self.compression,
-            "transport": { "intra": self.transport.intra, "inter": self.transport.inter },
+            "cluster": {
+                "global_servers": self.cluster.global_servers,
+                "central_dc": self.cluster.central_dc,
+                "data_centers": self.cluster.data_centers.iter()
+                    .map(|d| serde_json::json!([d.name, d.workers, d.slowdown]))
+                    .collect::<Vec<_>>(),
+            },
+            "transport": {
+                "intra": self.transport.intra,
+                "inter": self.transport.inter,
+                "dgt": self.transport.dgt,
+            },
             "placement": self.placement,
         });
         let mut h = Fnv1a::new();

@@ -332,7 +332,7 @@ fn partial_tables_keep_other_defaults_and_rounds_or_epochs_resolve() {
 }
 
 #[test]
-fn config_hash_is_stable_and_covers_training_fields_only() {
+fn config_hash_is_stable_and_covers_what_results_and_placement_depend_on() {
     let a = Config::default();
     let h = a.config_hash();
     assert_eq!(h, Config::from_toml_str(VANILLA).unwrap().config_hash());
@@ -355,6 +355,23 @@ fn config_hash_is_stable_and_covers_training_fields_only() {
     let mut split = a.clone();
     split.placement.min_range = 4_095;
     assert_ne!(split.config_hash(), h);
+    // Two processes that disagree on a DC's workers would shard the data differently.
+    let mut shape = a.clone();
+    shape.cluster.data_centers[0].workers += 1;
+    assert_ne!(shape.config_hash(), h);
+    let mut servers = a.clone();
+    servers.cluster.global_servers += 1;
+    assert_ne!(servers.config_hash(), h);
+    let mut dgt = a.clone();
+    dgt.transport.dgt.channels = 2;
+    assert_ne!(dgt.config_hash(), h);
+    let mut sec = a.clone();
+    sec.security.mode = crate::config::SecurityMode::Off;
+    assert_eq!(
+        sec.config_hash(),
+        h,
+        "security settings may differ per process"
+    );
 }
 
 /// The default run learns: the same model trained in-process on the mean gradient of the 4

@@ -81,6 +81,7 @@ impl Config {
         self.validate_dgt()?;
         self.validate_wan()?;
         self.validate_checkpoint()?;
+        self.validate_security()?;
         self.validate_timeouts_and_placement()
     }
 

@@ -202,6 +202,7 @@ pub fn prepare(
             coordinator: Some(coordinator_arg),
             bind_host: Some(bind_host),
             resume: None,
+            credentials_stdin: false,
         },
         config: cfg,
         assignment: a,

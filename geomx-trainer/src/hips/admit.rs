@@ -7,6 +7,11 @@
 //! other connection are refused, and only the holding connection's loss counts as the member's
 //! loss; a Hello that borrows a member's id and then disconnects changes nothing.
 //!
+//! With mutual TLS (`[security] mode = "mtls"`, the default) a connection also carries the
+//! identity of its job certificate, and a member id is only granted to the connection whose
+//! certificate names that member's (role, dc, rank): a worker of another data center, or a
+//! process of another role, cannot speak for a member even with a valid certificate.
+//!
 //! A refused request gets an error reply, a `tracing` warning and a count in the process's
 //! [`super::RoleStats::refused_requests`]; it never ends the job. A genuine member that receives
 //! such an error fails its own request and ends the job itself, naming the cause, so real
@@ -14,8 +19,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
+use geomx_net::coord::NodeInfo;
+use geomx_net::tls::Identity as CertIdentity;
 use geomx_net::{PeerHandle, Request, Responder};
 
 use super::lock;
@@ -33,6 +40,8 @@ pub(crate) struct Admission {
     bound: Mutex<HashMap<u32, usize>>,
     /// Requests refused with an error reply.
     refused: AtomicU64,
+    /// The members this server serves: node id → the identity its certificate must state.
+    members: OnceLock<HashMap<u32, CertIdentity>>,
 }
 
 impl Admission {
@@ -67,22 +76,55 @@ impl Admission {
         std::mem::take(&mut *early)
     }
 
-    /// Binds member `id` to `peer`'s connection unless another connection holds it. True when
-    /// `peer` holds `id` afterwards.
-    pub(crate) fn claim(&self, id: u32, peer: &PeerHandle) -> bool {
-        let conn = peer.conn_id();
-        *lock(&self.bound).entry(id).or_insert(conn) == conn
+    /// Sets the members this server serves (`nodes` that pass `serves`), whose certificates
+    /// must state their (role, dc, rank).
+    pub(crate) fn set_members<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = &'a NodeInfo>,
+        serves: impl Fn(&NodeInfo) -> bool,
+    ) {
+        let m = nodes
+            .into_iter()
+            .filter(|n| serves(n))
+            .filter_map(|n| Some((n.id, CertIdentity::new(&n.role, n.dc, n.rank).ok()?)))
+            .collect();
+        let _ = self.members.set(m);
     }
 
-    /// [`Admission::claim`] for the connection of `reply`, with the refusal's message.
-    pub(crate) fn bind(&self, id: u32, reply: &Responder) -> Result<(), String> {
-        if self.claim(id, &reply.peer()) {
+    /// Why `peer`'s certificate may not speak for member `id` (`None`: it may, or the
+    /// connection is plaintext).
+    fn certificate_refusal(&self, id: u32, peer: &PeerHandle) -> Option<String> {
+        let cert = peer.identity()?;
+        match self.members.get().and_then(|m| m.get(&id)) {
+            Some(want) if want == cert => None,
+            Some(want) => Some(format!(
+                "the certificate of {cert} may not speak for node {id} ({want})"
+            )),
+            None => Some(format!(
+                "the certificate of {cert} names no member this server serves (node {id})"
+            )),
+        }
+    }
+
+    /// Binds member `id` to `peer`'s connection unless another connection holds it or the
+    /// connection's certificate names someone else.
+    fn claim(&self, id: u32, peer: &PeerHandle) -> Result<(), String> {
+        if let Some(why) = self.certificate_refusal(id, peer) {
+            return Err(why);
+        }
+        let conn = peer.conn_id();
+        if *lock(&self.bound).entry(id).or_insert(conn) == conn {
             Ok(())
         } else {
             Err(format!(
                 "node {id} is already connected; a second connection may not speak for it"
             ))
         }
+    }
+
+    /// [`Admission::claim`] for the connection of `reply`, with the refusal's message.
+    pub(crate) fn bind(&self, id: u32, reply: &Responder) -> Result<(), String> {
+        self.claim(id, &reply.peer())
     }
 
     /// True when `peer` is the connection holding its announced id (its loss is the member's).

@@ -31,9 +31,9 @@ pub fn run(
     on_bound: impl FnOnce(std::net::SocketAddr),
 ) -> Result<RoleStats, RunError> {
     let opts = CoordOptions {
-        net: job.net,
+        net: job.net_as(roles::COORDINATOR, job.plan.central_dc, 0)?,
         protocol_version: PROTOCOL_VERSION,
-        config_hash: job.config_hash,
+        config_hash: job.registration_hash()?,
         registration_timeout: job.registration_timeout,
     };
     let with_esync = job.sync == SyncAlgorithm::Esync;
@@ -110,11 +110,7 @@ impl EsyncHandler {
     ) -> Result<(), String> {
         let claimed = r.worker();
         match self.workers.get().and_then(|m| m.get(&sender)) {
-            Some(&w) if w == claimed && self.admission.claim(sender, &reply.peer()) => Ok(()),
-            Some(&w) if w == claimed => Err(format!(
-                "node {sender} (worker {w}) is already connected; a second connection may not \
-                 speak for it"
-            )),
+            Some(&w) if w == claimed => self.admission.bind(sender, reply),
             Some(&w) => Err(format!(
                 "ESync request for worker {claimed} from node {sender}, which is worker {w}"
             )),
@@ -187,8 +183,13 @@ impl EsyncEndpoint {
             admission: Admission::default(),
         });
         let bind = SocketAddr::new(coord.ip(), 0);
-        let server = KvServer::bind_with_id(bind, 0, handler.clone(), job.net)
-            .map_err(|e| RunError::Net(format!("binding the ESync endpoint at {bind}"), e))?;
+        let server = KvServer::bind_with_id(
+            bind,
+            0,
+            handler.clone(),
+            job.net_as(esync::ROLE, job.plan.central_dc, 0)?,
+        )
+        .map_err(|e| RunError::Net(format!("binding the ESync endpoint at {bind}"), e))?;
         let listen = super::node::advertised(server.local_addr())?;
         let me = Identity {
             role: esync::ROLE,
@@ -217,6 +218,9 @@ impl EsyncEndpoint {
                             )
                         })
                         .collect();
+                    handler
+                        .admission
+                        .set_members(&node.membership.nodes, |n| n.role == roles::WORKER);
                     let _ = handler.workers.set(workers);
                     node.barrier("all")?;
                     node.coord

@@ -683,6 +683,9 @@ pub fn run(
         .filter(|n| n.role == roles::LOCAL_SERVER)
         .map(|n| (n.id, n.dc as usize))
         .collect();
+    handler
+        .admission
+        .set_members(&node.membership.nodes, |n| n.role == roles::LOCAL_SERVER);
     let early = handler.admission.open(|| {
         let _ = handler.dc_of.set(dc_of);
     });

@@ -1,7 +1,7 @@
 //! Everything a role needs to know about the job, resolved once from the configuration.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use geomx_net::NetOptions;
@@ -11,10 +11,11 @@ use super::RunError;
 use crate::codec::down::ReplyMode;
 use crate::config::{
     Config, ConfigError, DataConfig, Driver, EsyncConfig, HfaConfig, InjectNan, MixedOptimizer,
-    NonFinitePolicy, SyncAlgorithm,
+    NonFinitePolicy, SecurityMode, SyncAlgorithm,
 };
 use crate::data::TrainTest;
 use crate::engine::{build_model, Model, OptimizerConfig};
+use crate::security::Keyring;
 
 /// The resolved job: topology, model, training settings and transport options.
 #[derive(Clone)]
@@ -65,6 +66,11 @@ pub struct JobSpec {
     /// Where worker (dc 0, rank 0) writes the final model as safetensors (`--save PATH`,
     /// `[checkpoint] export`).
     pub export: Option<PathBuf>,
+    /// `security.mode`: mutual TLS (the default) or plaintext.
+    pub security: SecurityMode,
+    /// This process's certificates ([`JobSpec::with_keyring`]); with mutual TLS and none given,
+    /// the first [`JobSpec::net_as`] makes an ephemeral CA (in-process clusters).
+    pub keyring: Arc<OnceLock<Arc<Keyring>>>,
 }
 
 /// What the roles do with NaN and ±inf (`train.nonfinite`), and the faults a test injects
@@ -208,7 +214,51 @@ impl JobSpec {
                 }),
             resume: None,
             export: cfg.checkpoint.export.clone(),
+            security: cfg.security.mode,
+            keyring: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Uses `keyring` for this process's certificates.
+    pub fn with_keyring(mut self, keyring: Arc<Keyring>) -> Self {
+        let cell = OnceLock::new();
+        let _ = cell.set(keyring);
+        self.keyring = Arc::new(cell);
+        self
+    }
+
+    /// The keyring in use (an ephemeral one is made on first use when none was given).
+    pub fn keyring(&self) -> Result<&Arc<Keyring>, RunError> {
+        if let Some(k) = self.keyring.get() {
+            return Ok(k);
+        }
+        let k = Keyring::ephemeral("in-process").map_err(RunError::Security)?;
+        Ok(self.keyring.get_or_init(|| Arc::new(k)))
+    }
+
+    /// The transport options of the process that is (`role`, `dc`, `rank`): with mutual TLS, its
+    /// certificate from the keyring.
+    pub fn net_as(&self, role: &str, dc: u32, rank: u32) -> Result<NetOptions, RunError> {
+        let mut net = self.net.clone();
+        if self.security == SecurityMode::Mtls {
+            let id = geomx_net::tls::Identity::new(role, dc, rank)
+                .map_err(|e| RunError::Security(e.to_string()))?;
+            let ctx = self.keyring()?.context(&id).map_err(RunError::Security)?;
+            net.security = geomx_net::tls::Security::Mtls(ctx);
+        }
+        Ok(net)
+    }
+
+    /// The configuration hash as registration sends it: keyed with the job secret when the
+    /// keyring has one (HMAC-SHA256, first 8 bytes), so only members can produce it.
+    pub fn registration_hash(&self) -> Result<u64, RunError> {
+        match self.security {
+            SecurityMode::Off => Ok(self.config_hash),
+            SecurityMode::Mtls => self
+                .keyring()?
+                .registration_hash(self.config_hash)
+                .map_err(RunError::Security),
+        }
     }
 
     /// Makes every role continue from the newest complete round of checkpoint directory `dir`

@@ -849,6 +849,9 @@ pub fn run(
         .filter(|n| n.role == roles::WORKER && n.dc == dc)
         .map(|n| (n.id, n.rank as usize))
         .collect();
+    handler.admission.set_members(&node.membership.nodes, |n| {
+        n.role == roles::WORKER && n.dc == dc
+    });
     let early = handler.admission.open(|| {
         let _ = handler.rank_of.set(rank_of);
     });
@@ -860,7 +863,7 @@ pub fn run(
     let mut clients = Vec::with_capacity(plan.num_global_servers());
     for s in 0..plan.num_global_servers() as u32 {
         let addr = node.addr_of(roles::GLOBAL_SERVER, plan.central_dc, s)?;
-        let c = KvClient::connect(addr.as_str(), node.id(), job.net).map_err(|e| {
+        let c = KvClient::connect(addr.as_str(), node.id(), node.net(job)?).map_err(|e| {
             RunError::Net(
                 format!("dc {dc} connecting to global server {s} at {addr}"),
                 e,

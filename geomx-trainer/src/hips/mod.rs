@@ -55,6 +55,9 @@ pub enum RunError {
     /// A transport operation failed.
     #[error("{0}: {1}")]
     Net(String, geomx_net::NetError),
+    /// This process has no usable certificate (`[security]`).
+    #[error("security: {0}")]
+    Security(String),
     /// A peer broke the HiPS protocol.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -94,7 +94,8 @@ impl Node {
         job: &JobSpec,
         fatal: FatalHook,
     ) -> Result<Self, RunError> {
-        let (net, config_hash) = (job.net, job.config_hash);
+        let net = job.net_as(me.role, me.dc, me.rank)?;
+        let config_hash = job.registration_hash()?;
         let hello = Hello {
             role: me.role.to_string(),
             dc: me.dc,
@@ -107,7 +108,7 @@ impl Node {
         // yet, up to the registration timeout.
         let deadline = Instant::now() + job.registration_timeout;
         let (coord, membership) = loop {
-            match CoordClient::register(coord_addr, hello.clone(), net) {
+            match CoordClient::register(coord_addr, hello.clone(), net.clone()) {
                 Ok(r) => break r,
                 Err(NetError::Io(e))
                     if e.kind() == std::io::ErrorKind::ConnectionRefused
@@ -170,11 +171,17 @@ impl Node {
         job: &JobSpec,
         fatal: FatalHook,
     ) -> Result<(KvServer, Self), RunError> {
-        let server = KvServer::bind_with_id(bind_addr, 0, handler, job.net)
-            .map_err(|e| RunError::Net(format!("binding {me} at {bind_addr}"), e))?;
+        let server =
+            KvServer::bind_with_id(bind_addr, 0, handler, job.net_as(me.role, me.dc, me.rank)?)
+                .map_err(|e| RunError::Net(format!("binding {me} at {bind_addr}"), e))?;
         let listen = advertised(server.local_addr())?;
         let node = Self::join(coord_addr, me, listen, job, fatal)?;
         Ok((server, node))
+    }
+
+    /// This process's transport options: with mutual TLS, under its own certificate.
+    pub fn net(&self, job: &JobSpec) -> Result<geomx_net::NetOptions, RunError> {
+        job.net_as(self.me.role, self.me.dc, self.me.rank)
     }
 
     /// A handle that aborts the job from any thread (e.g. a server callback).

@@ -397,7 +397,7 @@ impl EsyncWorker {
         slowdown: f64,
     ) -> Result<Self, RunError> {
         let addr = node.addr_of(esync::ROLE, job.plan.central_dc, 0)?;
-        let endpoint = KvClient::connect(addr.as_str(), node.id(), job.net)
+        let endpoint = KvClient::connect(addr.as_str(), node.id(), node.net(job)?)
             .map_err(|e| RunError::Net(format!("connecting to the ESync endpoint at {addr}"), e))?;
         Ok(Self {
             endpoint,
@@ -557,7 +557,7 @@ pub fn run(
 
     let node = Node::join(coord_addr, me, String::new(), job, fatal)?;
     let addr = node.addr_of(roles::LOCAL_SERVER, dc, 0)?;
-    let client = KvClient::connect(addr.as_str(), node.id(), job.net).map_err(|e| {
+    let client = KvClient::connect(addr.as_str(), node.id(), node.net(job)?).map_err(|e| {
         RunError::Net(
             format!("connecting to the local server of dc {dc} at {addr}"),
             e,

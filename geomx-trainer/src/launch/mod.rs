@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::config::{Config, ConfigError, WanMode};
+use crate::config::{Config, ConfigError, SecurityMode, WanMode};
 use crate::hips::plan::roles;
 use crate::hips::worker::Progress;
 use crate::hips::{JobSpec, RoleStats, RunError};
 use crate::report::Report;
+use crate::security::Keyring;
+use geomx_net::tls::Identity;
 
 /// Prefixes of the lines children print on stdout for the launcher.
 pub mod lines {
@@ -171,17 +173,22 @@ impl Cluster {
         }
     }
 
+    /// Starts a child `geomx run ARGS`; `keys`, when given, is written to its stdin (its
+    /// credentials, see [`Keys`]).
     fn spawn(
         &mut self,
         mut cmd: Command,
         name: String,
         args: &[String],
+        keys: Option<String>,
     ) -> Result<(), LaunchError> {
-        cmd.arg("run")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.arg("run").args(args);
+        if keys.is_some() {
+            cmd.arg("--credentials-stdin").stdin(Stdio::piped());
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
@@ -189,6 +196,12 @@ impl Cluster {
         let mut child = cmd
             .spawn()
             .map_err(|e| LaunchError::Io(format!("starting {name}"), e))?;
+        if let (Some(text), Some(mut stdin)) = (keys, child.stdin.take()) {
+            // A few KiB into an empty pipe: never blocks. Closing it ends the child's read.
+            stdin
+                .write_all(text.as_bytes())
+                .map_err(|e| LaunchError::Io(format!("handing {name} its credentials"), e))?;
+        }
         let idx = self.procs.len();
         let io_err = |e| LaunchError::Io(format!("watching {name}"), e);
         if let Some(o) = child.stdout.take() {
@@ -419,6 +432,36 @@ fn die_with_parent(cmd: &mut Command) {
 fn die_with_parent(_cmd: &mut Command) {}
 
 /// Name of a child process.
+/// The credentials `geomx launch` hands its children: an ephemeral job CA in memory, each
+/// child's key and certificate written to its stdin (`None` when `security.mode = "off"` or
+/// `security.dir` provides them).
+struct Keys(Option<Keyring>);
+
+impl Keys {
+    fn new(cfg: &Config) -> Result<Keys, LaunchError> {
+        if cfg.security.mode != SecurityMode::Mtls || cfg.security.dir.is_some() {
+            return Ok(Keys(None));
+        }
+        Keyring::ephemeral("launch")
+            .map(|k| Keys(Some(k)))
+            .map_err(|e| LaunchError::Io("making the job CA".into(), std::io::Error::other(e)))
+    }
+
+    /// The stdin text of the child that is each of `ids` (role, dc, rank).
+    fn for_child(&self, ids: &[(&str, u32, u32)]) -> Result<Option<String>, LaunchError> {
+        let Some(k) = &self.0 else {
+            return Ok(None);
+        };
+        let err =
+            |e: String| LaunchError::Io("issuing credentials".into(), std::io::Error::other(e));
+        let ids = ids
+            .iter()
+            .map(|&(role, dc, rank)| Identity::new(role, dc, rank).map_err(|e| err(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        k.hand_over(&ids).map(Some).map_err(err)
+    }
+}
+
 fn child_name(role: &str, dc: u32, rank: u32) -> String {
     format!("{role} (dc {dc}, rank {rank})")
 }
@@ -466,6 +509,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
     let host = cfg.cluster.host.clone();
     let started = Instant::now();
 
+    let keys = Keys::new(&cfg)?;
     let mut cl = Cluster::new(opts.quiet);
     let coord_bind = wan
         .coordinator_bind(cfg.cluster.base_port)
@@ -482,6 +526,10 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             "--coordinator".into(),
             coord_bind,
         ],
+        keys.for_child(&[
+            (roles::COORDINATOR, job.plan.central_dc, 0),
+            (crate::hips::esync::ROLE, job.plan.central_dc, 0),
+        ])?,
     )?;
     let deadline = Instant::now() + COORDINATOR_START;
     let coord = loop {
@@ -528,6 +576,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             wan.command(&exe, None)?,
             child_name(roles::GLOBAL_SERVER, plan.central_dc, s),
             &common("global-server", plan.central_dc, s, None),
+            keys.for_child(&[(roles::GLOBAL_SERVER, plan.central_dc, s)])?,
         )?;
         wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
     }
@@ -538,6 +587,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             wan.command(&exe, site)?,
             child_name(roles::LOCAL_SERVER, d, 0),
             &common("local-server", d, 0, site),
+            keys.for_child(&[(roles::LOCAL_SERVER, d, 0)])?,
         )?;
         wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
         for r in 0..n as u32 {
@@ -545,6 +595,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
                 wan.command(&exe, site)?,
                 child_name(roles::WORKER, d, r),
                 &common("worker", d, r, site),
+                keys.for_child(&[(roles::WORKER, d, r)])?,
             )?;
             wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
         }

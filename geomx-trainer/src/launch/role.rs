@@ -4,10 +4,11 @@ use std::io::Write;
 use std::sync::Arc;
 
 use super::lines;
-use crate::config::{Config, Role, RoleSpec};
+use crate::config::{Config, Role, RoleSpec, SecurityMode};
 use crate::hips::node::FatalHook;
 use crate::hips::worker::{Progress, ProgressSink};
 use crate::hips::{coordinator, global_server, local_server, worker, JobSpec, RoleStats, RunError};
+use crate::security::Keyring;
 
 /// Where a role finds the rest of the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +21,44 @@ pub struct RoleArgs {
     pub bind_host: Option<String>,
     /// Continue from the newest complete round of this checkpoint directory (`--resume DIR`).
     pub resume: Option<std::path::PathBuf>,
+    /// Read this process's credentials from stdin (`--credentials-stdin`, how `geomx launch`
+    /// hands them over); otherwise from `security.dir`.
+    pub credentials_stdin: bool,
+}
+
+/// The keyring of a process of a job with `security.mode = "mtls"`: its stdin (from `geomx
+/// launch`) or `security.dir`; with `"off"`, none (and a warning when `host` is not loopback).
+pub fn process_keyring(
+    cfg: &Config,
+    args: &RoleArgs,
+    host: &str,
+) -> Result<Option<Arc<Keyring>>, RoleError> {
+    match (cfg.security.mode, args.credentials_stdin, &cfg.security.dir) {
+        (SecurityMode::Off, _, _) => {
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                tracing::warn!(
+                    host,
+                    "security.mode = \"off\": this process binds a non-loopback address; every \
+                     link is plaintext and unauthenticated"
+                );
+            }
+            Ok(None)
+        }
+        (SecurityMode::Mtls, true, _) => Keyring::read_bundles(std::io::stdin().lock())
+            .map(|k| Some(Arc::new(k)))
+            .map_err(RoleError::Usage),
+        (SecurityMode::Mtls, false, Some(dir)) => Ok(Some(Arc::new(Keyring::from_dir(dir)))),
+        (SecurityMode::Mtls, false, None) => Err(RoleError::Usage(
+            "security.mode = \"mtls\" (the default) and this process has no credentials: start \
+             the job with `geomx launch`, or make them with `geomx pki` and set security.dir \
+             (or GEOMX_SECURITY_DIR); security.mode = \"off\" runs plaintext"
+                .into(),
+        )),
+    }
 }
 
 /// Errors of `geomx run` before or while the role runs.
@@ -69,6 +108,9 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
         .clone()
         .or_else(|| args.spec.node_host.clone())
         .unwrap_or_else(|| cfg.cluster.host.clone());
+    if let Some(k) = process_keyring(cfg, args, &host)? {
+        job = job.with_keyring(k);
+    }
     let port = args.spec.port.unwrap_or(0);
     let coord = args
         .coordinator
