@@ -48,6 +48,12 @@ enum Cmd {
         #[command(subcommand)]
         what: geomx_trainer::deploy::cli::DeployCmd,
     },
+    /// Credentials for jobs not started by `geomx launch` (docs/security.md): `init` makes a job
+    /// CA and secret, `issue` a key and certificate for every process of a job.
+    Pki {
+        #[command(subcommand)]
+        what: PkiCmd,
+    },
     /// Micro-benchmarks; print one JSON line.
     Bench {
         /// What to measure.
@@ -86,6 +92,61 @@ enum Cmd {
         #[arg(long, requires = "selftest")]
         allow_cpu_idle: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Make a job CA (`ca.pem`, `ca.key`) and the job secret (`job.secret`) in DIR (mode 0600).
+    Init {
+        /// The credentials directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity of the CA and of the certificates it issues, in days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Issue `<role>-dc<d>-rank<r>.pem` / `.key` for every process of the job in DIR (its CA
+    /// from `geomx pki init`); point `security.dir` (or GEOMX_SECURITY_DIR) at DIR.
+    Issue {
+        /// The credentials directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Topology file (TOML); default: the built-in configuration.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Validity of the certificates, in days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+}
+
+fn pki(what: PkiCmd) -> Result<(), String> {
+    use geomx_net::tls::JobCa;
+    use geomx_trainer::security::{ensure_secret_file, issue_job};
+    match what {
+        PkiCmd::Init { dir, days } => {
+            if dir.join("ca.key").exists() {
+                return Err(format!("{} already holds a CA (ca.key)", dir.display()));
+            }
+            JobCa::generate("geomx", days)
+                .and_then(|ca| ca.write(&dir))
+                .map_err(|e| e.to_string())?;
+            ensure_secret_file(&dir)?;
+            eprintln!("geomx pki: CA and job secret in {}", dir.display());
+            Ok(())
+        }
+        PkiCmd::Issue { dir, config, days } => {
+            let cfg = match &config {
+                Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+                None => Config::default(),
+            };
+            let job = geomx_trainer::hips::JobSpec::from_config(&cfg).map_err(|e| e.to_string())?;
+            let ca = JobCa::read(&dir, days).map_err(|e| e.to_string())?;
+            let n = issue_job(&ca, &job.plan, &dir)?;
+            eprintln!("geomx pki: {n} processes' credentials in {}", dir.display());
+            Ok(())
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -323,6 +384,7 @@ fn main() -> ExitCode {
             launch(&opts).map(|_| ()).map_err(|e| e.to_string())
         }
         Cmd::Deploy { what } => geomx_trainer::deploy::cli::run(what).map_err(|e| e.to_string()),
+        Cmd::Pki { what } => pki(what),
         Cmd::WanLab {
             selftest: true,
             runs,

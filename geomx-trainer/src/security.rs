@@ -28,10 +28,27 @@ pub fn file_stem(id: &Identity) -> String {
 /// Every (role, dc, rank) of a job: coordinator, ESync endpoint, global and local servers,
 /// workers.
 pub fn job_identities(plan: &ClusterPlan) -> Vec<Identity> {
-    let c = plan.central_dc;
+    identities(
+        &plan.workers_per_dc,
+        plan.num_global_servers(),
+        plan.central_dc,
+    )
+}
+
+/// [`job_identities`] of the job `cfg` describes (without loading its data).
+pub fn config_identities(cfg: &crate::config::Config) -> Vec<Identity> {
+    let workers: Vec<usize> = cfg.cluster.data_centers.iter().map(|d| d.workers).collect();
+    identities(
+        &workers,
+        cfg.cluster.global_servers,
+        cfg.cluster.central_index(),
+    )
+}
+
+fn identities(workers_per_dc: &[usize], global_servers: usize, c: u32) -> Vec<Identity> {
     let mut v = vec![(roles::COORDINATOR, c, 0), (crate::hips::esync::ROLE, c, 0)];
-    v.extend((0..plan.num_global_servers() as u32).map(|s| (roles::GLOBAL_SERVER, c, s)));
-    for (d, &n) in plan.workers_per_dc.iter().enumerate() {
+    v.extend((0..global_servers as u32).map(|s| (roles::GLOBAL_SERVER, c, s)));
+    for (d, &n) in workers_per_dc.iter().enumerate() {
         v.push((roles::LOCAL_SERVER, d as u32, 0));
         v.extend((0..n as u32).map(|r| (roles::WORKER, d as u32, r)));
     }
@@ -43,9 +60,13 @@ pub fn job_identities(plan: &ClusterPlan) -> Vec<Identity> {
 /// Issues credentials for every process of the job into `dir` (`geomx pki issue`), and the
 /// job secret if `dir` has none yet.
 pub fn issue_job(ca: &JobCa, plan: &ClusterPlan, dir: &Path) -> Result<usize, String> {
+    issue_identities(ca, &job_identities(plan), dir)
+}
+
+/// Issues credentials for `ids` into `dir`, and the job secret if `dir` has none yet.
+pub fn issue_identities(ca: &JobCa, ids: &[Identity], dir: &Path) -> Result<usize, String> {
     ensure_secret_file(dir)?;
-    let ids = job_identities(plan);
-    for id in &ids {
+    for id in ids {
         ca.issue(id)
             .and_then(|c| c.write(dir, &file_stem(id)))
             .map_err(|e| format!("issuing {id}: {e}"))?;
@@ -309,7 +330,7 @@ mod tests {
     fn a_pki_directory_serves_every_process_of_the_job() {
         let dir = std::env::temp_dir().join(format!("geomx-pki-{}", std::process::id()));
         let ca = JobCa::generate("t", 1).unwrap();
-        let plan = ClusterPlan::new(vec![2, 1], 2, 0, vec![10, 20], 0, 1).unwrap();
+        let plan = ClusterPlan::new(vec![2, 1], 2, 0, vec![10, 20], 1 << 20, 1).unwrap();
         let n = issue_job(&ca, &plan, &dir).unwrap();
         assert_eq!(n, 2 + 2 + 2 + 3);
         let k = Keyring::from_dir(&dir);

@@ -289,7 +289,13 @@ fn pods_in_network_namespaces_match_launch() {
         };
         assert_eq!(p.command[0], "geomx", "{:?}", p.command);
         let args: Vec<String> = p.command[1..].iter().map(|a| fix(a)).collect();
-        let env = p.environment(&ip_of(i)).unwrap();
+        // Variables naming a mount path (GEOMX_SECURITY_DIR) are pointed at the files too.
+        let env: Vec<(String, String)> = p
+            .environment(&ip_of(i))
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, fix(&v)))
+            .collect();
         let out_path = logs.join(format!("{}.out", p.hostname));
         let err_path = logs.join(format!("{}.err", p.hostname));
         let child = Command::new("ip")

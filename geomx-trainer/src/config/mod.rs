@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{CheckpointConfig, DEFAULT_EVERY_ROUNDS, DEFAULT_KEEP};
 pub use role::{Role, RoleSpec};
-pub use security::{SecurityConfig, SecurityMode};
+pub use security::{SecurityConfig, SecurityMode, SECURITY_DIR_ENV, SECURITY_MODE_ENV};
 pub use sync::{
     EsyncConfig, EsyncNormalisation, HfaConfig, HfaWeighting, LambdaMode, MixedConfig,
     MixedOptimizer, OuterOptimizer, SyncAlgorithm, SyncConfig,
@@ -208,6 +208,17 @@ pub struct DataCenterConfig {
 
 fn default_slowdown() -> f64 {
     1.0
+}
+
+impl ClusterConfig {
+    /// The central DC's index: the position of `central_dc` among the data centers, or one past
+    /// them when it is a separate site.
+    pub fn central_index(&self) -> u32 {
+        self.data_centers
+            .iter()
+            .position(|d| d.name == self.central_dc)
+            .unwrap_or(self.data_centers.len()) as u32
+    }
 }
 
 impl DataCenterConfig {

@@ -31,7 +31,35 @@ pub struct SecurityConfig {
     pub dir: Option<PathBuf>,
 }
 
+/// Overrides `security.dir` (a `geomx pki` directory): how schedulers point tasks at their keys.
+pub const SECURITY_DIR_ENV: &str = "GEOMX_SECURITY_DIR";
+/// Overrides `security.mode` (`mtls` or `off`).
+pub const SECURITY_MODE_ENV: &str = "GEOMX_SECURITY_MODE";
+
 impl Config {
+    /// Applies [`SECURITY_MODE_ENV`] and [`SECURITY_DIR_ENV`] from `get` (the environment).
+    pub fn security_from_env(
+        &mut self,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(m) = get(SECURITY_MODE_ENV) {
+            self.security.mode = match m.as_str() {
+                "mtls" => SecurityMode::Mtls,
+                "off" => SecurityMode::Off,
+                other => {
+                    return Err(ConfigError::invalid(
+                        SECURITY_MODE_ENV,
+                        format!("{other:?}: expected \"mtls\" or \"off\""),
+                    ))
+                }
+            };
+        }
+        if let Some(d) = get(SECURITY_DIR_ENV).filter(|d| !d.is_empty()) {
+            self.security.dir = Some(PathBuf::from(d));
+        }
+        Ok(())
+    }
+
     /// `[security]`: a non-empty credentials directory.
     pub(crate) fn validate_security(&self) -> Result<(), ConfigError> {
         if self

@@ -24,7 +24,7 @@ use super::from_env::{BIND_HOST_VAR, COORDINATOR_VAR, TIER_VAR};
 use super::roles::{RoleTable, Tier};
 use super::slurm::uses_gpu;
 use super::DeployError;
-use crate::config::{Config, ModelKind};
+use crate::config::{Config, ModelKind, SecurityMode, SECURITY_DIR_ENV};
 
 /// Where the ConfigMap with the job file is mounted.
 pub const CONFIG_DIR: &str = "/etc/geomx";
@@ -127,6 +127,20 @@ pub fn manifests(cfg: &Config, job_file: &str, o: &K8sOptions) -> Result<Vec<Val
         "metadata": metadata(o, &config_map, None),
         "data": {CONFIG_KEY: job_file},
     })];
+    // Mutual TLS without a `geomx pki` directory of the user's: a job CA made now, every pod's
+    // key in one Secret, mounted read-only for the job's pods (docs/security.md).
+    let pki = cfg.security.mode == SecurityMode::Mtls && cfg.security.dir.is_none();
+    let secret = format!("{}-pki", o.name);
+    let secret_doc = match pki {
+        true => Some(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": metadata(o, &secret, None),
+            "type": "Opaque",
+            "stringData": pki_files(cfg)?,
+        })),
+        false => None,
+    };
     for pos in 0..table.tiers() {
         let tier = Tier::from_position(pos);
         let name = tier_name(&o.name, tier);
@@ -153,6 +167,18 @@ pub fn manifests(cfg: &Config, job_file: &str, o: &K8sOptions) -> Result<Vec<Val
             "resources": {"requests": {"cpu": o.cpu, "memory": o.memory}},
             "volumeMounts": [{"name": "job", "mountPath": CONFIG_DIR, "readOnly": true}],
         });
+        let mut volumes = vec![json!({"name": "job", "configMap": {"name": config_map}})];
+        if pki {
+            container["env"]
+                .as_array_mut()
+                .map(|e| e.push(json!({"name": SECURITY_DIR_ENV, "value": PKI_DIR})));
+            container["volumeMounts"]
+                .as_array_mut()
+                .map(|m| m.push(json!({"name": "pki", "mountPath": PKI_DIR, "readOnly": true})));
+            volumes.push(
+                json!({"name": "pki", "secret": {"secretName": secret, "defaultMode": 0o400}}),
+            );
+        }
         if tier == Tier::Central {
             let port = json!([{"name": "coordinator", "port": o.coordinator_port,
                                "targetPort": o.coordinator_port, "protocol": "TCP"}]);
@@ -178,7 +204,7 @@ pub fn manifests(cfg: &Config, job_file: &str, o: &K8sOptions) -> Result<Vec<Val
                         "restartPolicy": "Never",
                         "subdomain": name,
                         "containers": [container],
-                        "volumes": [{"name": "job", "configMap": {"name": config_map}}],
+                        "volumes": volumes,
                     },
                 },
             },
@@ -186,8 +212,42 @@ pub fn manifests(cfg: &Config, job_file: &str, o: &K8sOptions) -> Result<Vec<Val
         docs.push(svc);
         docs.push(job);
     }
+    docs.extend(secret_doc);
     Ok(docs)
 }
+
+/// Where the Secret with the job's keys is mounted.
+pub const PKI_DIR: &str = "/etc/geomx-pki";
+
+/// The files of a fresh `geomx pki` directory for the job: the CA certificate, the job secret,
+/// every process's key and certificate (the CA's key is not kept).
+fn pki_files(cfg: &Config) -> Result<Value, DeployError> {
+    let tmp = std::env::temp_dir().join(format!(
+        "geomx-deploy-pki-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let err = |e: String| DeployError::Invalid(format!("making the job's keys: {e}"));
+    let ca = geomx_net::tls::JobCa::generate("geomx", PKI_DAYS).map_err(|e| err(e.to_string()))?;
+    let res =
+        crate::security::issue_identities(&ca, &crate::security::config_identities(cfg), &tmp)
+            .map_err(err)
+            .and_then(|_| {
+                let mut files = serde_json::Map::new();
+                let entries = std::fs::read_dir(&tmp).map_err(|e| err(e.to_string()))?;
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let text = std::fs::read_to_string(e.path()).map_err(|e| err(e.to_string()))?;
+                    files.insert(name, Value::String(text));
+                }
+                Ok(Value::Object(files))
+            });
+    let _ = std::fs::remove_dir_all(&tmp);
+    res
+}
+
+/// Validity of the certificates a Kubernetes deployment carries, in days.
+const PKI_DAYS: u32 = 365;
 
 /// Whether the job's model needs the libtorch back end.
 fn needs_tch(cfg: &Config) -> bool {
@@ -267,7 +327,7 @@ pub struct Pod {
     pub command: Vec<String>,
     /// Its environment as written.
     pub env: Vec<(String, EnvSource)>,
-    /// ConfigMap mounts: (mount path, the ConfigMap's data).
+    /// ConfigMap and Secret mounts: (mount path, the files).
     pub mounts: Vec<(String, BTreeMap<String, String>)>,
 }
 
@@ -333,10 +393,18 @@ pub fn pods(docs: &[Value]) -> Result<Vec<Pod>, DeployError> {
             .to_string()
     };
     let mut maps: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    for d in docs.iter().filter(|d| kind(d) == "ConfigMap") {
-        let data = field(d, "data")?
+    for d in docs
+        .iter()
+        .filter(|d| kind(d) == "ConfigMap" || kind(d) == "Secret")
+    {
+        let key = if kind(d) == "Secret" {
+            "stringData"
+        } else {
+            "data"
+        };
+        let data = field(d, key)?
             .as_object()
-            .ok_or_else(|| DeployError::Invalid("manifest: ConfigMap data is not a map".into()))?
+            .ok_or_else(|| DeployError::Invalid(format!("manifest: {key} is not a map")))?
             .iter()
             .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
             .collect();
@@ -364,9 +432,14 @@ pub fn pods(docs: &[Value]) -> Result<Vec<Pod>, DeployError> {
             .into_iter()
             .flatten()
             .filter_map(|v| {
+                let source = match (v.get("configMap"), v.get("secret")) {
+                    (Some(cm), _) => cm.get("name")?,
+                    (None, Some(s)) => s.get("secretName")?,
+                    (None, None) => return None,
+                };
                 Some((
                     v.get("name")?.as_str()?.to_string(),
-                    v.get("configMap")?.get("name")?.as_str()?.to_string(),
+                    source.as_str()?.to_string(),
                 ))
             })
             .collect();
@@ -405,10 +478,12 @@ pub fn pods(docs: &[Value]) -> Result<Vec<Pod>, DeployError> {
         {
             let vol = text(m, "name")?;
             let cm = volumes.get(&vol).ok_or_else(|| {
-                DeployError::Invalid(format!("Job {job}: volume {vol} is not a ConfigMap volume"))
+                DeployError::Invalid(format!(
+                    "Job {job}: volume {vol} is neither a ConfigMap nor a Secret volume"
+                ))
             })?;
             let data = maps.get(cm).ok_or_else(|| {
-                DeployError::Invalid(format!("Job {job}: ConfigMap {cm} is not in the manifests"))
+                DeployError::Invalid(format!("Job {job}: {cm} is not in the manifests"))
             })?;
             mounts.push((text(m, "mountPath")?, data.clone()));
         }
@@ -460,6 +535,7 @@ mod tests {
                 k("Job", "geomx-vanilla-hips-dc0"),
                 k("Service", "geomx-vanilla-hips-dc1"),
                 k("Job", "geomx-vanilla-hips-dc1"),
+                k("Secret", "geomx-vanilla-hips-pki"),
             ]
         );
         assert_eq!(docs[1]["spec"]["clusterIP"], "None");
@@ -497,6 +573,22 @@ mod tests {
         );
         assert_eq!(p.mounts[0].0, "/etc/geomx");
         assert_eq!(p.mounts[0].1["job.toml"], "x = 1\n");
+        // Mutual TLS: every pod's key in the Secret, its directory named to the process.
+        assert_eq!(env["GEOMX_SECURITY_DIR"], PKI_DIR);
+        assert_eq!(p.mounts[1].0, PKI_DIR);
+        let files = &p.mounts[1].1;
+        for f in [
+            "ca.pem",
+            "job.secret",
+            "worker-dc0-rank1.pem",
+            "worker-dc0-rank1.key",
+        ] {
+            assert!(files.contains_key(f), "{f}: {:?}", files.keys());
+        }
+        assert!(
+            !files.contains_key("ca.key"),
+            "the CA's key stays out of the cluster"
+        );
         // The coordinator is pod 0 of the central Job, which the central Service names.
         assert_eq!(
             format!("{}:9092", pods[0].dns_name()),

@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 
 use super::roles::{RoleTable, Tier};
 use super::DeployError;
-use crate::config::Config;
+use crate::config::{Config, SecurityMode};
 
 /// How the job's processes map onto Slurm tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -189,6 +189,22 @@ pub fn sbatch(cfg: &Config, o: &SlurmOptions) -> Result<String, DeployError> {
     if let Some(p) = o.coordinator_port {
         let _ = writeln!(w, "export GEOMX_COORDINATOR_PORT={p}");
     }
+    if cfg.security.mode == SecurityMode::Mtls && cfg.security.dir.is_none() {
+        // A fresh CA and every task's key per job, on the shared folder, readable by the job's
+        // user only; removed when the script ends.
+        let _ = writeln!(
+            w,
+            "# Mutual TLS: a job CA and every task's key, private to this job (docs/security.md)."
+        );
+        let _ = writeln!(w, "export GEOMX_SECURITY_DIR=\"$DIR/pki-$SLURM_JOB_ID\"");
+        let _ = writeln!(w, "(umask 077 && mkdir -p \"$GEOMX_SECURITY_DIR\")");
+        let _ = writeln!(w, "trap 'rm -rf \"$GEOMX_SECURITY_DIR\"' EXIT");
+        let _ = writeln!(w, "\"$GEOMX\" pki init --dir \"$GEOMX_SECURITY_DIR\"");
+        let _ = writeln!(
+            w,
+            "\"$GEOMX\" pki issue --dir \"$GEOMX_SECURITY_DIR\" --config \"$CONFIG\""
+        );
+    }
     let _ = writeln!(w, "LOG=\"$DIR/job-$SLURM_JOB_ID.log\"");
     let _ = writeln!(w, "started=$(date +%s.%N)");
     let _ = writeln!(
@@ -238,6 +254,10 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("hetjob") && !s.contains("--gpus"), "{s}");
+        assert!(
+            s.contains("pki issue --dir \"$GEOMX_SECURITY_DIR\" --config \"$CONFIG\"\n"),
+            "{s}"
+        );
         assert!(
             s.contains("#   task   0  tier central  coordinator (dc 2, rank 0)"),
             "{s}"

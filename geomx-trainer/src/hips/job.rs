@@ -128,12 +128,7 @@ impl JobSpec {
         let workers_per_dc: Vec<usize> =
             cfg.cluster.data_centers.iter().map(|d| d.workers).collect();
         let w = workers_per_dc.iter().sum::<usize>().max(1);
-        let central_dc = cfg
-            .cluster
-            .data_centers
-            .iter()
-            .position(|d| d.name == cfg.cluster.central_dc)
-            .unwrap_or(cfg.cluster.data_centers.len()) as u32;
+        let central_dc = cfg.cluster.central_index();
         let key_lens = model.tensors().iter().map(|t| t.len()).collect();
         let plan = ClusterPlan::new(
             workers_per_dc,

@@ -482,6 +482,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
     if let Some(m) = wan_mode {
         cfg.wan.mode = m;
     }
+    cfg.security_from_env(|k| std::env::var(k).ok())?;
     if opts.save.is_some() {
         cfg.checkpoint.export.clone_from(&opts.save);
     }

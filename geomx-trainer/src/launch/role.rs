@@ -98,6 +98,11 @@ pub fn stdout_progress() -> ProgressSink {
 /// Runs the role `args` describes with configuration `cfg`; prints the coordinator address and
 /// the final stats as lines on stdout.
 pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleStats, RoleError> {
+    let mut owned = cfg.clone();
+    owned
+        .security_from_env(|k| std::env::var(k).ok())
+        .map_err(RunError::Config)?;
+    let cfg = &owned;
     let mut job = JobSpec::from_config(cfg)?;
     if let Some(dir) = &args.resume {
         job.resume_from(cfg, dir.clone())
