@@ -131,7 +131,7 @@ enum Source {
     /// A `geomx pki` directory.
     Dir(PathBuf),
     /// A CA in this process that issues on demand.
-    Ca(JobCa),
+    Ca(Box<JobCa>),
 }
 
 /// The certificates this process may use, by identity.
@@ -195,13 +195,13 @@ impl Keyring {
     /// A keyring with a fresh in-memory CA that issues any identity on demand.
     pub fn ephemeral(job: &str) -> Result<Keyring, String> {
         let ca = JobCa::generate(job, EPHEMERAL_DAYS).map_err(|e| e.to_string())?;
-        Ok(Keyring::new(Source::Ca(ca)).with_secret(new_secret()?))
+        Ok(Keyring::new(Source::Ca(Box::new(ca))).with_secret(new_secret()?))
     }
 
     /// The CA of an ephemeral keyring (the launcher issues its children's credentials with it).
     pub fn ca(&self) -> Option<&JobCa> {
         match &self.source {
-            Source::Ca(ca) => Some(ca),
+            Source::Ca(ca) => Some(&**ca),
             _ => None,
         }
     }

@@ -9,9 +9,25 @@ use serde_json::Value;
 
 const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
 
+/// The job's credentials, as an operator would make them for processes a launcher of their own
+/// starts: `geomx pki init` and `geomx pki issue` (the built-in configuration has this job's
+/// shape: 2 DCs × 2 workers, one global server).
+fn pki_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("geomx-dmlc-pki-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for args in [vec!["pki", "init", "--dir"], vec!["pki", "issue", "--dir"]] {
+        let st = Command::new(GEOMX).args(&args).arg(&dir).status().unwrap();
+        assert!(st.success(), "geomx {args:?}");
+    }
+    dir
+}
+
 fn spawn(port: u16, vars: &[(&str, &str)]) -> Child {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(pki_dir);
     let mut cmd = Command::new(GEOMX);
     cmd.arg("run")
+        .env("GEOMX_SECURITY_DIR", dir)
         .env("DMLC_PS_GLOBAL_ROOT_URI", "127.0.0.1")
         .env("DMLC_PS_GLOBAL_ROOT_PORT", port.to_string())
         .env("DMLC_NUM_GLOBAL_SERVER", "1")

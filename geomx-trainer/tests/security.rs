@@ -2,7 +2,13 @@
 //! connect to every server port (coordinator, global server, both local servers) and send forged
 //! frames — Pulls and Pushes of unknown keys, malformed pushes, Hellos that borrow a member's node
 //! id and then disconnect, bytes that are no frame at all. The job must finish with the same
-//! parameters as an undisturbed run, and the servers must have refused (and counted) the frames.
+//! parameters as an undisturbed run.
+//!
+//! * With `security.mode = "off"` the frames reach the servers, which must refuse (and count)
+//!   them.
+//! * With mutual TLS (the default) a stranger never gets past the handshake, on any port; a
+//!   member's certificate presented for the wrong role or data center is refused too.
+//! * A packet capture of a default launch holds no frame magic; with `"off"` it does.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -28,7 +34,12 @@ fn free_ports(n: usize) -> Vec<u16> {
     ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
-/// The job: 2 DCs × 2 workers, one global server, fixed addresses so the strangers know them.
+/// The job: 2 DCs × 2 workers, one global server, fixed addresses so the strangers know them;
+/// `security` is the job file's `[security]` table.
+fn config_with(ports: &[u16], security: &str) -> String {
+    config(ports) + "[security]\n" + security
+}
+
 fn config(ports: &[u16]) -> String {
     format!(
         "[cluster]\nglobal_servers = 1\ncoordinator = \"127.0.0.1:{}\"\n\
@@ -118,9 +129,62 @@ fn assert_ok(out: &Output) {
     );
 }
 
+/// Runs the job behind `ports` with `security` while strangers attack every port; returns the
+/// report and how many stranger sessions got their bytes out.
+fn attacked(name: &str, ports: &[u16], security: &str) -> (Value, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = ports
+        .iter()
+        .map(|&p| {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            let addr = SocketAddr::from(([127, 0, 0, 1], p));
+            std::thread::spawn(move || stranger(addr, stop, sent))
+        })
+        .collect();
+    let (out, rep) = run_job(name, &config_with(ports, security));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_ok(&out);
+    (report(&rep), sent.load(Ordering::Relaxed))
+}
+
+fn refused(r: &Value) -> u64 {
+    r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["refused_requests"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn assert_same_result(r: &Value, base: &Value) {
+    assert_eq!(r["rounds"], base["rounds"]);
+    assert_eq!(
+        r["param_hash"], base["param_hash"],
+        "the strangers changed the result"
+    );
+    assert_eq!(r["global_param_hash"], base["global_param_hash"]);
+    assert!(r["replicas_identical"].as_bool().unwrap());
+}
+
+#[test]
+fn with_mutual_tls_strangers_never_get_past_the_handshake() {
+    let (out, base) = run_job("tls-baseline", &config(&free_ports(4)));
+    assert_ok(&out);
+    let base = report(&base);
+    let (r, sent) = attacked("tls-attacked", &free_ports(4), "mode = \"mtls\"\n");
+    assert!(sent > 0, "no stranger session got its bytes out");
+    assert_eq!(refused(&r), 0, "a stranger's frame reached a handler: {r}");
+    assert_same_result(&r, &base);
+}
+
 #[test]
 fn forged_frames_from_strangers_never_end_the_job() {
-    let (out, base) = run_job("baseline", &config(&free_ports(4)));
+    let off = "mode = \"off\"\n";
+    let (out, base) = run_job("baseline", &config_with(&free_ports(4), off));
     assert_ok(&out);
     let base = report(&base);
 
@@ -135,7 +199,7 @@ fn forged_frames_from_strangers_never_end_the_job() {
             std::thread::spawn(move || stranger(addr, stop, sent))
         })
         .collect();
-    let (out, attacked) = run_job("attacked", &config(&ports));
+    let (out, attacked) = run_job("attacked", &config_with(&ports, off));
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap();
@@ -160,4 +224,143 @@ fn forged_frames_from_strangers_never_end_the_job() {
     );
     assert_eq!(r["global_param_hash"], base["global_param_hash"]);
     assert!(r["replicas_identical"].as_bool().unwrap());
+}
+
+/// A job member's client under `dir`'s certificate for (`role`, `dc`, `rank`).
+fn member_client(
+    dir: &Path,
+    role: &str,
+    dc: u32,
+    rank: u32,
+    addr: SocketAddr,
+) -> Result<geomx_net::KvClient, geomx_net::NetError> {
+    use geomx_net::tls::{Credentials, Identity, Security, TlsContext};
+    let id = Identity::new(role, dc, rank).unwrap();
+    let stem = geomx_trainer::security::file_stem(&id);
+    let creds = Credentials::read(
+        &dir.join("ca.pem"),
+        &dir.join(format!("{stem}.pem")),
+        &dir.join(format!("{stem}.key")),
+    )
+    .unwrap();
+    let opts = geomx_net::NetOptions {
+        security: Security::Mtls(Arc::new(TlsContext::new(&creds).unwrap())),
+        connect_timeout: Duration::from_secs(2),
+        ..geomx_net::NetOptions::default()
+    };
+    geomx_net::KvClient::connect(addr, 999, opts)
+}
+
+#[test]
+fn a_members_certificate_is_refused_for_another_role_or_data_center() {
+    use geomx_trainer::config::Config;
+    let dir = support::scratch("security", "pki");
+    let _ = std::fs::remove_dir_all(&dir);
+    let ports = free_ports(4);
+    let sec = format!("dir = {:?}\n", dir.display().to_string());
+    let toml = config_with(&ports, &sec);
+    let cfg = Config::from_toml_str(&toml).unwrap();
+    let ca = geomx_net::tls::JobCa::generate("test", 1).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    ca.write(&dir).unwrap();
+    let ids = geomx_trainer::security::config_identities(&cfg);
+    geomx_trainer::security::issue_identities(&ca, &ids, &dir).unwrap();
+
+    let (out, base) = run_job("pki-baseline", &toml);
+    assert_ok(&out);
+    let base = report(&base);
+
+    // During a second run: worker dc1 rank 0's certificate pushes and pulls at dc0's local
+    // server, a local server's at the global server as if it were dc1's, and worker dc1's
+    // registers at the coordinator as worker dc0 rank 0.
+    let ports2 = free_ports(4);
+    let toml2 = config_with(&ports2, &sec);
+    let stop = Arc::new(AtomicBool::new(false));
+    let refusals = Arc::new(AtomicU64::new(0));
+    let (d2, s2, r2) = (dir.clone(), stop.clone(), refusals.clone());
+    let intruder = std::thread::spawn(move || {
+        let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        while !s2.load(Ordering::Relaxed) {
+            let tries = [
+                (("worker", 1, 0), at(ports2[2])),
+                (("local_server", 0, 0), at(ports2[3])),
+                (("worker", 0, 1), at(ports2[1])),
+            ];
+            for ((role, dc, rank), addr) in tries {
+                let Ok(c) = member_client(&d2, role, dc, rank, addr) else {
+                    continue;
+                };
+                let push = c.push(0, 1, PayloadCodec::DenseF32, 0, 2, &[0u8; 8]);
+                let pull = c.pull(1 << 40, 0, 0, 1);
+                for p in [push, pull].into_iter().flatten() {
+                    if let Err(geomx_net::NetError::Remote(_)) = p.wait(Duration::from_secs(10)) {
+                        r2.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            // Registration under another identity.
+            let hello = geomx_net::coord::Hello {
+                role: "worker".into(),
+                dc: 0,
+                rank: 0,
+                listen_addr: String::new(),
+                protocol_version: geomx_net::coord::PROTOCOL_VERSION,
+                config_hash: 0,
+            };
+            if let Ok(c) = member_client(&d2, "worker", 1, 0, at(ports2[0])) {
+                let p = c.request(FrameHeader::new(MsgKind::Register), &hello.encode());
+                if let Ok(Err(geomx_net::NetError::Remote(m))) =
+                    p.map(|p| p.wait(Duration::from_secs(10)))
+                {
+                    assert!(m.contains("may not register as worker dc 0 rank 0"), "{m}");
+                    r2.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let (out, rep) = run_job("pki-attacked", &toml2);
+    stop.store(true, Ordering::Relaxed);
+    intruder.join().unwrap();
+    assert_ok(&out);
+    let r = report(&rep);
+    assert!(
+        refusals.load(Ordering::Relaxed) > 0,
+        "no wrong-role request was answered with a refusal"
+    );
+    assert!(refused(&r) > 0, "the servers counted no refusal: {r}");
+    assert_same_result(&r, &base);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_capture_of_a_default_launch_holds_no_frame_magic() {
+    let magic = b"GMXF".to_vec();
+    let run = |name: &str, security: &str| {
+        let cap = match support::capture::Capture::start(vec![magic.clone()]) {
+            Ok(c) => c,
+            Err(why) => {
+                eprintln!("capture test skipped: {why}");
+                return None;
+            }
+        };
+        let (out, _) = run_job(name, &config_with(&free_ports(4), security));
+        let seen = cap.stop();
+        assert_ok(&out);
+        Some(seen)
+    };
+    let Some(tls) = run("capture-tls", "mode = \"mtls\"\n") else {
+        return;
+    };
+    let plain = run("capture-off", "mode = \"off\"\n").unwrap();
+    eprintln!("captured: mtls {tls:?}, off {plain:?}");
+    assert!(tls.packets > 100, "the capture saw almost nothing: {tls:?}");
+    assert_eq!(
+        tls.hits[0], 0,
+        "a GMXF frame header crossed lo in the clear"
+    );
+    assert!(
+        plain.hits[0] > 100,
+        "the capture misses plaintext frames: {plain:?}"
+    );
 }

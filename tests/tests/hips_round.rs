@@ -162,6 +162,9 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         checkpoint: None,
         resume: None,
         export: None,
+        // Mutual TLS with an in-process CA, made on first use.
+        security: Default::default(),
+        keyring: Default::default(),
     }
 }
 

@@ -169,12 +169,12 @@ pub fn manifests(cfg: &Config, job_file: &str, o: &K8sOptions) -> Result<Vec<Val
         });
         let mut volumes = vec![json!({"name": "job", "configMap": {"name": config_map}})];
         if pki {
-            container["env"]
-                .as_array_mut()
-                .map(|e| e.push(json!({"name": SECURITY_DIR_ENV, "value": PKI_DIR})));
-            container["volumeMounts"]
-                .as_array_mut()
-                .map(|m| m.push(json!({"name": "pki", "mountPath": PKI_DIR, "readOnly": true})));
+            if let Some(e) = container["env"].as_array_mut() {
+                e.push(json!({"name": SECURITY_DIR_ENV, "value": PKI_DIR}));
+            }
+            if let Some(m) = container["volumeMounts"].as_array_mut() {
+                m.push(json!({"name": "pki", "mountPath": PKI_DIR, "readOnly": true}));
+            }
             volumes.push(
                 json!({"name": "pki", "secret": {"secretName": secret, "defaultMode": 0o400}}),
             );

@@ -113,9 +113,6 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
         .clone()
         .or_else(|| args.spec.node_host.clone())
         .unwrap_or_else(|| cfg.cluster.host.clone());
-    if let Some(k) = process_keyring(cfg, args, &host)? {
-        job = job.with_keyring(k);
-    }
     let port = args.spec.port.unwrap_or(0);
     let coord = args
         .coordinator
@@ -142,6 +139,15 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
             )
         })
     };
+    if matches!(
+        args.spec.role,
+        Role::GlobalServer | Role::LocalServer | Role::Worker
+    ) {
+        coord_addr()?;
+    }
+    if let Some(k) = process_keyring(cfg, args, &host)? {
+        job = job.with_keyring(k);
+    }
     let stats = match args.spec.role {
         Role::Coordinator => {
             let addr = coord.clone().unwrap_or_else(|| {

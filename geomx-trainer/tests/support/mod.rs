@@ -17,6 +17,8 @@ pub const SMALL_JOB: &str = "[cluster]\nglobal_servers = 2\n\
      [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 1\n\
      [model]\nhidden = [16]\n[data]\nbatch_size = 8\n";
 
+pub mod capture;
+
 /// The `geomx` binary under test.
 pub const GEOMX: &str = env!("CARGO_BIN_EXE_geomx");
 
