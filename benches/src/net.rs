@@ -4,9 +4,12 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use geomx_net::tls::{
+    Identity, JobCa, Opener, RecordAead, RecordKey, Sealer, Security, TlsContext,
+};
 use geomx_net::{
     DriverKind, Handler, KvClient, KvServer, MsgKind, NetOptions, PayloadCodec, Request, Responder,
 };
@@ -29,6 +32,8 @@ pub struct SummaryOptions {
     pub pipelined_pushes: usize,
     /// Requests kept in flight in the pipelined measurement.
     pub window: usize,
+    /// Plaintext bytes through the record layer per AEAD in the per-core measurement.
+    pub aead_bytes: usize,
 }
 
 impl Default for SummaryOptions {
@@ -41,6 +46,7 @@ impl Default for SummaryOptions {
             repeats: 5,
             pipelined_pushes: 100_000,
             window: 256,
+            aead_bytes: 256 << 20,
         }
     }
 }
@@ -55,6 +61,7 @@ impl SummaryOptions {
             repeats: 1,
             pipelined_pushes: 5_000,
             window: 64,
+            aead_bytes: 4 << 20,
         }
     }
 }
@@ -113,8 +120,16 @@ impl KvPair {
 
     /// Like [`KvPair::new`] with explicit options.
     pub fn with_options(opts: NetOptions) -> Result<KvPair, geomx_net::NetError> {
-        let server = KvServer::bind("127.0.0.1:0", StoreHandler::default(), opts.clone())?;
-        let client = KvClient::connect(server.local_addr(), 1, opts)?;
+        Self::with_server_client(opts.clone(), opts)
+    }
+
+    /// With the server's and the client's own options (e.g. their certificates).
+    pub fn with_server_client(
+        server: NetOptions,
+        client: NetOptions,
+    ) -> Result<KvPair, geomx_net::NetError> {
+        let server = KvServer::bind("127.0.0.1:0", StoreHandler::default(), server)?;
+        let client = KvClient::connect(server.local_addr(), 1, client)?;
         Ok(KvPair { server, client })
     }
 
@@ -240,9 +255,35 @@ fn goodput(size: usize, rounds: usize, secs: f64) -> f64 {
     (2 * size * rounds) as f64 / secs / 1e6
 }
 
+/// The same options under mutual TLS: server and client certificates of one in-memory job CA.
+fn with_mtls(o: &NetOptions, ca: &JobCa, role: &str) -> Option<NetOptions> {
+    let creds = ca.issue(&Identity::new(role, 0, 0).ok()?).ok()?;
+    let ctx = Arc::new(TlsContext::new(&creds).ok()?);
+    Some(NetOptions {
+        security: Security::Mtls(ctx),
+        ..o.clone()
+    })
+}
+
 /// The transports compared: portable, io_uring, and io_uring with `SEND_ZC` disabled (to measure
-/// what zero copy costs or gains here).
-fn variants() -> Vec<(String, NetOptions)> {
+/// what zero copy costs or gains here), each plaintext and (`-mtls`) encrypted.
+fn variants() -> Vec<(String, NetOptions, NetOptions)> {
+    let plain = plain_variants();
+    let Ok(ca) = JobCa::generate("bench", 1) else {
+        return plain.into_iter().map(|(n, o)| (n, o.clone(), o)).collect();
+    };
+    let mut v = Vec::new();
+    for (n, o) in plain {
+        let tls = with_mtls(&o, &ca, "local_server").zip(with_mtls(&o, &ca, "worker"));
+        v.push((n.clone(), o.clone(), o));
+        if let Some((s, c)) = tls {
+            v.push((format!("{n}-mtls"), s, c));
+        }
+    }
+    v
+}
+
+fn plain_variants() -> Vec<(String, NetOptions)> {
     let base = NetOptions::default();
     let mut v = vec![(
         "portable".to_string(),
@@ -277,7 +318,7 @@ fn variants() -> Vec<(String, NetOptions)> {
 pub fn summary(opts: &SummaryOptions) -> Value {
     let pairs: Vec<(String, KvPair)> = variants()
         .into_iter()
-        .filter_map(|(n, o)| KvPair::with_options(o).ok().map(|p| (n, p)))
+        .filter_map(|(n, s, c)| KvPair::with_server_client(s, c).ok().map(|p| (n, p)))
         .collect();
     let mut rows = Vec::new();
     for &size in &opts.sizes {
@@ -327,6 +368,12 @@ pub fn summary(opts: &SummaryOptions) -> Value {
             row[format!("{d}_MBps")] = json!(round2(best[i]));
             row[format!("{d}_ratio")] = json!(round3(best[i] / best_raw[0].max(1e-9)));
             row[format!("{d}_ratio_vs_echo")] = json!(round3(best[i] / best_raw[1].max(1e-9)));
+            // Encrypted / plaintext of the same driver, measured in the same run.
+            if let Some(plain) = d.strip_suffix("-mtls") {
+                if let Some(j) = pairs.iter().position(|(n, _)| n == plain) {
+                    row[format!("{d}_vs_plaintext")] = json!(round3(best[i] / best[j].max(1e-9)));
+                }
+            }
         }
         rows.push(row);
     }
@@ -353,7 +400,7 @@ pub fn summary(opts: &SummaryOptions) -> Value {
         })
         .collect();
     json!({
-        "what": "loopback goodput (MB/s, payload bytes both ways) of push+pull per driver vs raw blocking TCP doing the same exchange (raw_tcp: payload, 8-byte ack, 8-byte request, payload) and a plain echo (raw_tcp_echo); ratio = ours / raw_tcp; best of `repeats` interleaved runs; pipelined 4 KiB pushes per second",
+        "what": "loopback goodput (MB/s, payload bytes both ways) of push+pull per driver, plaintext and mutual TLS (-mtls; _vs_plaintext = encrypted / plaintext of the same driver), vs raw blocking TCP doing the same exchange (raw_tcp: payload, 8-byte ack, 8-byte request, payload) and a plain echo (raw_tcp_echo); ratio = ours / raw_tcp; best of `repeats` interleaved runs; pipelined 4 KiB pushes per second; one core's seal and open throughput per AEAD beside openssl speed",
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default(),
         "io_uring": geomx_net::uring_unavailable_reason().map_or(json!("available"), |r| json!(r)),
@@ -361,8 +408,91 @@ pub fn summary(opts: &SummaryOptions) -> Value {
         "pipelined_4KiB_pushes_per_s": pipelined,
         "window": opts.window,
         "client_counters": counters,
-        "targets": { "ratio_for_1MiB_and_up": 0.9, "pipelined_4KiB_pushes_per_s": 100000 },
+        "aead_per_core_MBps": aead_per_core(opts.aead_bytes),
+        "openssl_speed_16KiB_MBps": openssl_speed(),
+        "targets": { "ratio_for_1MiB_and_up": 0.9, "pipelined_4KiB_pushes_per_s": 100000, "mtls_vs_plaintext_1MiB_and_up": 0.5 },
     })
+}
+
+/// Sealing plus opening throughput of one core through geomx's record layer, in MB/s of
+/// plaintext, per AEAD: `bytes` through 16 KiB records, best of 3.
+fn aead_per_core(bytes: usize) -> Value {
+    let data = vec![0x5au8; 1 << 20];
+    let mut out = serde_json::Map::new();
+    for (name, alg) in [
+        ("aes_256_gcm", RecordAead::Aes256Gcm),
+        ("chacha20_poly1305", RecordAead::ChaCha20Poly1305),
+    ] {
+        let mut best_seal = 0.0f64;
+        let mut best_open = 0.0f64;
+        for _ in 0..3 {
+            let key = |iv| RecordKey::with_key(alg, &[7; 32], iv);
+            let (Ok(tx), Ok(rx)) = (key([1; 12]), key([1; 12])) else {
+                continue;
+            };
+            let (mut s, mut o) = (Sealer::new(tx), Opener::new(rx));
+            let (mut sealed, mut plain) = (Vec::new(), Vec::new());
+            let reps = (bytes / data.len()).max(1);
+            let (mut t_seal, mut t_open) = (0.0, 0.0);
+            for _ in 0..reps {
+                sealed.clear();
+                plain.clear();
+                let t0 = Instant::now();
+                if s.seal(&[&data], &mut sealed).is_err() {
+                    break;
+                }
+                t_seal += t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                if o.open(&sealed, &mut plain).is_err() {
+                    break;
+                }
+                t_open += t1.elapsed().as_secs_f64();
+            }
+            let mb = (reps * data.len()) as f64 / 1e6;
+            best_seal = best_seal.max(mb / t_seal.max(1e-9));
+            best_open = best_open.max(mb / t_open.max(1e-9));
+        }
+        out.insert(
+            name.into(),
+            json!({ "seal": round2(best_seal), "open": round2(best_open) }),
+        );
+    }
+    out.insert(
+        "aes_hardware".into(),
+        json!(geomx_net::tls::has_aes_hardware()),
+    );
+    Value::Object(out)
+}
+
+/// `openssl speed -evp aes-256-gcm` in this run (16 KiB blocks, MB/s), or why not.
+fn openssl_speed() -> Value {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "speed",
+            "-seconds",
+            "1",
+            "-bytes",
+            "16384",
+            "-evp",
+            "aes-256-gcm",
+        ])
+        .output();
+    let Ok(out) = out else {
+        return json!("openssl not installed");
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The last line: "AES-256-GCM   <k bytes per second>k".
+    let v = text.lines().rev().find_map(|l| {
+        l.split_whitespace()
+            .last()?
+            .strip_suffix('k')?
+            .parse::<f64>()
+            .ok()
+    });
+    match v {
+        Some(kb) => json!(round2(kb * 1000.0 / 1e6)),
+        None => json!(format!("unparsed output: {}", text.trim())),
+    }
 }
 
 fn round2(x: f64) -> f64 {
@@ -385,6 +515,11 @@ mod tests {
         for r in rows {
             assert!(r["raw_tcp_MBps"].as_f64().unwrap() > 0.0, "{r}");
             assert!(r["portable_MBps"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(r["portable-mtls_MBps"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(
+                r["portable-mtls_vs_plaintext"].as_f64().unwrap() > 0.0,
+                "{r}"
+            );
         }
         assert!(
             v["pipelined_4KiB_pushes_per_s"]["portable"]

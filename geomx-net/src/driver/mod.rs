@@ -14,6 +14,7 @@ use crate::conn::{ConnConfig, Connection};
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, ReplyTx};
 use crate::stats::LiveCounters;
+use crate::tls::record::{MAX_PLAINTEXT, RECORD_HEADER};
 use crate::tls::{Identity, Opener, Sealer, Session};
 use crate::wire::{Frame, FrameDecoder, MAX_FRAME};
 
@@ -138,11 +139,28 @@ pub(crate) fn feed_input(
     match opener {
         None => dec.feed(bytes, frames).map_err(NetError::Wire),
         Some(o) => {
-            plain.clear();
-            // Frames decoded before a failure are still delivered.
-            let opened = o.open(bytes, plain);
-            dec.feed(plain, frames)?;
-            opened.map_err(NetError::Tls)
+            // One record at a time: a whole record inside a payload is opened straight into
+            // the payload's buffer (one copy); anything else goes through `plain`.
+            let mut input = bytes;
+            while !input.is_empty() {
+                if let Some(len) = o.next_record_len(input).filter(|&l| l <= input.len()) {
+                    if let Some(target) = dec.direct_target(len - RECORD_HEADER) {
+                        let n = o.open_into(&input[..len], target)?;
+                        // SAFETY: `open_into` initialised the first n bytes of the target.
+                        unsafe { dec.commit_direct(n, frames) };
+                        input = &input[len..];
+                        continue;
+                    }
+                }
+                let step = o.record_step(input);
+                plain.clear();
+                // Frames decoded before a failure are still delivered.
+                let opened = o.open(&input[..step], plain);
+                dec.feed(plain, frames)?;
+                opened?;
+                input = &input[step..];
+            }
+            Ok(())
         }
     }
 }
@@ -158,6 +176,31 @@ pub(crate) fn seal_frame(
     sealer
         .seal(&[header, payload], out)
         .map_err(|e| std::io::Error::other(NetError::Tls(e)))
+}
+
+/// Seals a frame in windows of about `window` bytes (whole records) into `out`, handing each to
+/// `emit` before the next is sealed, so the socket moves one window while the CPU seals the next
+/// and memory stays bounded. `emit` may take `out` (leaving it empty).
+pub(crate) fn seal_windows(
+    sealer: &mut Sealer,
+    header: &[u8],
+    payload: &[u8],
+    window: usize,
+    out: &mut Vec<u8>,
+    mut emit: impl FnMut(&mut Vec<u8>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let window = (window / MAX_PLAINTEXT).max(1) * MAX_PLAINTEXT;
+    let mut first = true;
+    let mut rest = payload;
+    while first || !rest.is_empty() {
+        let head: &[u8] = if first { header } else { &[] };
+        let take = window.saturating_sub(head.len()).min(rest.len());
+        seal_frame(sealer, head, &rest[..take], out)?;
+        emit(out)?;
+        rest = &rest[take..];
+        first = false;
+    }
+    Ok(())
 }
 
 /// A driver instance owned by one endpoint.

@@ -22,7 +22,7 @@ use crate::tls::record::MAX_PLAINTEXT;
 use crate::tls::{Opener, Sealer};
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
-use super::{feed_input, seal_frame, NetOptions, Secure};
+use super::{feed_input, seal_windows, NetOptions, Secure};
 
 /// Reads go through a scratch buffer of this size unless a larger payload can be read in place.
 const SCRATCH: usize = 64 << 10;
@@ -115,20 +115,12 @@ impl Writer {
         let Some(sealer) = self.sealer.as_mut() else {
             return write_all(&mut self.stream, header, payload, chunk);
         };
-        // Sealed in windows of about `chunk` bytes (whole records), each written before the
-        // next is sealed: bounded memory, and the socket is busy while the CPU seals.
-        let window = (chunk / MAX_PLAINTEXT).max(1) * MAX_PLAINTEXT;
-        let mut first = true;
-        let mut rest = payload;
-        while first || !rest.is_empty() {
-            let head: &[u8] = if first { header } else { &[] };
-            let take = window.saturating_sub(head.len()).min(rest.len());
-            seal_frame(sealer, head, &rest[..take], &mut self.sealed)?;
-            write_all(&mut self.stream, &self.sealed, &[], chunk)?;
-            rest = &rest[take..];
-            first = false;
-        }
-        if self.sealed.capacity() > 4 * window {
+        // Sealed in windows of about `chunk` bytes, each written before the next is sealed.
+        let stream = &mut self.stream;
+        seal_windows(sealer, header, payload, chunk, &mut self.sealed, |w| {
+            write_all(stream, w, &[], chunk)
+        })?;
+        if self.sealed.capacity() > 4 * chunk.max(MAX_PLAINTEXT) {
             self.sealed = Vec::new();
         }
         Ok(())

@@ -31,7 +31,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub use handshake::{handshake, HandshakeSide};
 pub use identity::{Identity, JOB_SERVER_NAME};
 pub use pki::{Credentials, JobCa};
-pub use record::{Opener, Sealer};
+pub use record::{Opener, RecordAead, RecordKey, Sealer};
 
 /// Errors of authentication, key handling and the record layer.
 #[derive(Debug, Clone, thiserror::Error)]

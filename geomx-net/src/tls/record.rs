@@ -30,6 +30,15 @@ const HANDSHAKE: u8 = 22;
 /// fails with a clear error rather than weaken.
 const AES_GCM_LIMIT: u64 = 1 << 24;
 
+/// The AEAD of a record key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordAead {
+    /// AES-256-GCM (preferred where the CPU has AES instructions).
+    Aes256Gcm,
+    /// ChaCha20-Poly1305.
+    ChaCha20Poly1305,
+}
+
 /// One direction's traffic key.
 pub struct RecordKey {
     key: LessSafeKey,
@@ -67,6 +76,21 @@ impl RecordKey {
             .try_into()
             .map_err(|_| TlsError::Handshake("bad IV length".into()))?;
         RecordKey::new(alg, key.as_ref(), iv, seq, limit)
+    }
+
+    /// A key from raw material (benchmarks and tests; connections take theirs from the
+    /// handshake, [`RecordKey::from_rustls`]).
+    pub fn with_key(
+        aead: RecordAead,
+        key: &[u8; 32],
+        iv: [u8; NONCE_LEN],
+    ) -> Result<RecordKey, TlsError> {
+        match aead {
+            RecordAead::Aes256Gcm => RecordKey::new(&aead::AES_256_GCM, key, iv, 0, AES_GCM_LIMIT),
+            RecordAead::ChaCha20Poly1305 => {
+                RecordKey::new(&aead::CHACHA20_POLY1305, key, iv, 0, u64::MAX)
+            }
+        }
     }
 
     fn new(
@@ -200,6 +224,49 @@ impl Opener {
         (RECORD_HEADER + body)
             .saturating_sub(self.partial.len())
             .max(1)
+    }
+
+    /// The length of the next record in `input` (header included), when no partial record is
+    /// held and `input` starts with a whole record header.
+    pub fn next_record_len(&self, input: &[u8]) -> Option<usize> {
+        if !self.partial.is_empty() || input.len() < RECORD_HEADER {
+            return None;
+        }
+        Some(RECORD_HEADER + usize::from(u16::from_be_bytes([input[3], input[4]])))
+    }
+
+    /// How many bytes of `input` to feed to [`Opener::open`] to reach the end of the current
+    /// record (all of `input` when it ends first): one record at a time.
+    pub fn record_step(&self, input: &[u8]) -> usize {
+        self.next_record_len(input)
+            .unwrap_or_else(|| self.wanted())
+            .min(input.len())
+    }
+
+    /// Opens the whole record `rec` (header included, no partial record held) straight into
+    /// `target`, which must hold its body: the body is copied there and decrypted in place.
+    /// Returns the plaintext length, at the start of `target`.
+    pub fn open_into(
+        &mut self,
+        rec: &[u8],
+        target: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Result<usize, TlsError> {
+        check_header(rec)?;
+        let body = &rec[RECORD_HEADER..];
+        if !self.partial.is_empty()
+            || body.len() != usize::from(u16::from_be_bytes([rec[3], rec[4]]))
+            || target.len() < body.len()
+        {
+            return Err(TlsError::Protocol("open_into: not one whole record".into()));
+        }
+        for (t, &b) in target.iter_mut().zip(body) {
+            t.write(b);
+        }
+        // SAFETY: the first body.len() bytes of target were initialised just above.
+        let init =
+            unsafe { std::slice::from_raw_parts_mut(target.as_mut_ptr() as *mut u8, body.len()) };
+        let hdr: [u8; RECORD_HEADER] = rec[..RECORD_HEADER].try_into().unwrap_or_default();
+        self.open_in_place(hdr, init)
     }
 
     /// Feeds ciphertext; appends the plaintext of every record it completes to `out`. An error
@@ -344,6 +411,40 @@ mod tests {
                 assert_eq!(out, d);
             }
         }
+    }
+
+    #[test]
+    fn whole_records_open_into_a_target_and_mixed_paths_keep_the_sequence() {
+        let (mut s, mut o) = test_pair(&aead::AES_256_GCM);
+        let d = data(3 * MAX_PLAINTEXT + 100);
+        let mut sealed = Vec::new();
+        s.seal(&[&d], &mut sealed).unwrap();
+        let mut got = Vec::new();
+        let mut input = &sealed[..];
+        let mut direct = 0;
+        while !input.is_empty() {
+            match o.next_record_len(input) {
+                Some(len) if direct % 2 == 0 => {
+                    let mut t = vec![std::mem::MaybeUninit::<u8>::uninit(); len];
+                    let n = o.open_into(&input[..len], &mut t).unwrap();
+                    got.extend(t[..n].iter().map(|b| unsafe { b.assume_init() }));
+                    input = &input[len..];
+                }
+                _ => {
+                    let step = o.record_step(input);
+                    o.open(&input[..step], &mut got).unwrap();
+                    input = &input[step..];
+                }
+            }
+            direct += 1;
+        }
+        assert_eq!(got, d);
+        // A target too small for the body is refused, not overrun.
+        let (mut s, mut o) = test_pair(&aead::AES_256_GCM);
+        let mut one = Vec::new();
+        s.seal(&[&d[..100]], &mut one).unwrap();
+        let mut small = vec![std::mem::MaybeUninit::<u8>::uninit(); 100];
+        assert!(o.open_into(&one, &mut small).is_err());
     }
 
     #[test]

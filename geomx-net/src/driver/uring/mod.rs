@@ -36,7 +36,7 @@ use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use self::send_track::{Next, SendTrack, SEND_ZC_REPORT_USAGE};
-use super::{feed_input, seal_frame, NetOptions, Secure};
+use super::{feed_input, seal_windows, NetOptions, Secure};
 use crate::conn::Connection;
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
@@ -53,6 +53,8 @@ const REG_BUFS: usize = 16;
 const COALESCE: usize = 1 << 20;
 /// Senders wait while this many bytes are queued for one connection.
 const MAX_QUEUED: usize = 16 << 20;
+/// An encrypted send seals at most this much before it writes or queues it (at least `io_chunk`).
+const SEAL_WINDOW: usize = 1 << 20;
 const RING_ENTRIES: u32 = 512;
 /// Non-blocking reads of a frame's arrived payload per completed receive (see `read_ready`).
 const INLINE_READS: usize = 32;
@@ -468,26 +470,41 @@ impl UringIo {
         let Some(sealer) = order.as_mut() else {
             return Err(io::Error::other("sealed send without a sealer"));
         };
-        let mut buf = crate::bufpool::take(Sealer::sealed_len(HEADER_LEN + payload.len()));
-        seal_frame(sealer, header, payload, &mut buf)?;
-        let sent = if self.queued.load(Ordering::Acquire) == 0 {
-            direct::send_nonblocking(self.stream.as_raw_fd(), [&buf, &[]], 0, self.chunk)?
-        } else {
-            0
-        };
+        // Sealed in windows: what the socket takes at once is written from the window's buffer,
+        // the rest handed to the ring (and the ring thread woken) while the next window is
+        // sealed, so encryption and transmission overlap.
+        let window = self.chunk.max(SEAL_WINDOW);
+        let mut buf =
+            crate::bufpool::take(Sealer::sealed_len(window.min(HEADER_LEN + payload.len())));
+        let mut handed = false;
+        seal_windows(sealer, header, payload, window, &mut buf, |w| {
+            let sent = if self.queued.load(Ordering::Acquire) == 0 {
+                direct::send_nonblocking(self.stream.as_raw_fd(), [w, &[]], 0, self.chunk)?
+            } else {
+                0
+            };
+            if sent == w.len() {
+                return Ok(());
+            }
+            self.queued.fetch_add(w.len() - sent, Ordering::AcqRel);
+            let owned = std::mem::replace(w, crate::bufpool::take(Sealer::sealed_len(window)));
+            if !shared.send(Cmd::Owned(self.idx, Box::new(owned), sent)) {
+                return Err(Self::stopped());
+            }
+            if !in_turn {
+                shared.kick();
+            }
+            handed = true;
+            Ok(())
+        })?;
+        crate::bufpool::recycle(buf);
         if shared.inline && !in_turn {
             shared.user_active.store(true, Ordering::Relaxed);
         }
-        if sent == buf.len() {
-            crate::bufpool::recycle(buf);
-            return Ok(());
-        }
-        self.queued.fetch_add(buf.len() - sent, Ordering::AcqRel);
-        if !shared.send(Cmd::Owned(self.idx, Box::new(buf), sent)) {
-            return Err(Self::stopped());
-        }
         drop(order);
-        self.submit(in_turn);
+        if handed {
+            self.submit(in_turn);
+        }
         Ok(())
     }
 }
