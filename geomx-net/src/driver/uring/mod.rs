@@ -53,8 +53,9 @@ const REG_BUFS: usize = 16;
 const COALESCE: usize = 1 << 20;
 /// Senders wait while this many bytes are queued for one connection.
 const MAX_QUEUED: usize = 16 << 20;
-/// An encrypted send seals at most this much before it writes or queues it (at least `io_chunk`).
-const SEAL_WINDOW: usize = 1 << 20;
+/// An encrypted send seals at most this much before it writes or queues it (at least `io_chunk`):
+/// small enough that the receiver opens one window while the sender seals the next.
+const SEAL_WINDOW: usize = 256 << 10;
 const RING_ENTRIES: u32 = 512;
 /// Non-blocking reads of a frame's arrived payload per completed receive (see `read_ready`).
 const INLINE_READS: usize = 32;
