@@ -251,3 +251,60 @@ fn a_tampered_record_fails_the_connection_and_the_server_goes_on() {
         assert_eq!(r.wait(WAIT).unwrap().payload, b"after");
     }
 }
+
+fn context(ca: &JobCa, role: &str, dc: u32, rank: u32) -> Arc<TlsContext> {
+    let creds = ca.issue(&Identity::new(role, dc, rank).unwrap()).unwrap();
+    Arc::new(TlsContext::new(&creds).unwrap())
+}
+
+#[test]
+fn dgt_reliable_channels_are_mutual_tls_and_admit_only_the_named_roles() {
+    use geomx_net::dgt::link::{DgtClient, DgtServer, LinkOptions, ServerTls};
+    use geomx_net::dgt::{DgtConfig, ValueType};
+    use std::net::{IpAddr, Ipv4Addr};
+    let ca = JobCa::generate("t", 1).unwrap();
+    let cfg = DgtConfig {
+        rate_bps: Some(1_000_000_000),
+        ..DgtConfig::default()
+    };
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let tls = ServerTls {
+        ctx: context(&ca, "global_server", 9, 0),
+        roles: vec!["local_server".into()],
+    };
+    let server = DgtServer::bind_secure(
+        lo,
+        cfg.clone(),
+        &[(7, 3000, ValueType::F32)],
+        None,
+        Some(tls),
+    )
+    .unwrap();
+    let opts = LinkOptions {
+        connect_timeout: Duration::from_secs(5),
+        ..LinkOptions::default()
+    };
+    // A plaintext sender, another CA's, and a member of the wrong role are refused.
+    assert!(DgtClient::connect(server.local_addr(), 1, cfg.clone(), opts).is_err());
+    let other = JobCa::generate("t", 1).unwrap();
+    let foreign = context(&other, "local_server", 0, 0);
+    assert!(
+        DgtClient::connect_secure(server.local_addr(), 1, cfg.clone(), opts, Some(&foreign))
+            .is_err()
+    );
+    let worker = context(&ca, "worker", 0, 0);
+    assert!(
+        DgtClient::connect_secure(server.local_addr(), 1, cfg.clone(), opts, Some(&worker))
+            .is_err()
+    );
+    // A local server's pushes arrive exactly.
+    let ls = context(&ca, "local_server", 0, 0);
+    let client = DgtClient::connect_secure(server.local_addr(), 1, cfg, opts, Some(&ls)).unwrap();
+    let x: Vec<f32> = (0..3000).map(|i| i as f32 * 0.5).collect();
+    let n_b = client.num_blocks(x.len(), ValueType::F32);
+    let map: Vec<u8> = (0..n_b).map(|j| u8::from(j > 0)).collect();
+    client.push_f32(7, 0, x.clone(), map).unwrap();
+    let d = server.recv_delivery(WAIT).expect("delivered");
+    assert_eq!((d.sender, d.key, d.round), (1, 7, 0));
+    assert_eq!(d.values, x);
+}

@@ -243,7 +243,7 @@ fn run_dgt(
     let data = data.clone();
     let client = lab
         .spawn_in(true, move || -> Result<(Vec<f64>, f64), String> {
-            let link = crate::hips::dgt::connect(addr, 1, &d)?;
+            let link = crate::hips::dgt::connect(addr, 1, &d, &geomx_net::NetOptions::default())?;
             let mut up = DgtUplink::new(&d);
             let n_b = link.num_blocks(n, ValueType::F32);
             let (mut out, mut missing) = (Vec::with_capacity(data.len()), 0usize);

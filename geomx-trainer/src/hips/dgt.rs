@@ -19,7 +19,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use geomx_kernels::dgt_score::{assign_channels, BlockScores};
-use geomx_net::dgt::link::{ClientStats, DgtClient, DgtServer, LinkOptions, Pacing, ServerStats};
+use geomx_net::dgt::link::{
+    ClientStats, DgtClient, DgtServer, LinkOptions, Pacing, ServerStats, ServerTls,
+};
 use geomx_net::dgt::{DgtConfig, ValueType};
 use serde::{Deserialize, Serialize};
 
@@ -116,18 +118,24 @@ pub fn link_config(d: &DgtTransportConfig) -> (DgtConfig, LinkOptions) {
     (cfg, opts)
 }
 
-/// A global server's DGT receiver for its ranges `(range id, length)`, bound on `ip`.
+/// A global server's DGT receiver for its ranges `(range id, length)`, bound on `ip`; with
+/// mutual TLS (`net.security`) its reliable channels admit only the job's local servers.
 pub fn bind_server(
     ip: IpAddr,
     d: &DgtTransportConfig,
     ranges: &[(usize, usize)],
+    net: &geomx_net::NetOptions,
 ) -> Result<DgtServer, String> {
     let (cfg, _) = link_config(d);
     let keys: Vec<(u32, u32, ValueType)> = ranges
         .iter()
         .map(|&(id, len)| Ok((id_u32(id)?, id_u32(len)?, ValueType::F32)))
         .collect::<Result<_, String>>()?;
-    DgtServer::bind(ip, cfg, &keys, None).map_err(|e| e.to_string())
+    let tls = net.security.context().map(|ctx| ServerTls {
+        ctx: ctx.clone(),
+        roles: vec![super::plan::roles::LOCAL_SERVER.to_string()],
+    });
+    DgtServer::bind_secure(ip, cfg, &keys, None, tls).map_err(|e| e.to_string())
 }
 
 /// Connects a local server (node `node_id`) to the DGT receiver at `addr`.
@@ -135,9 +143,11 @@ pub fn connect(
     addr: SocketAddr,
     node_id: u32,
     d: &DgtTransportConfig,
+    net: &geomx_net::NetOptions,
 ) -> Result<DgtClient, String> {
     let (cfg, opts) = link_config(d);
-    DgtClient::connect(addr, node_id, cfg, opts).map_err(|e| e.to_string())
+    let tls = net.security.context().map(|c| &**c);
+    DgtClient::connect_secure(addr, node_id, cfg, opts, tls).map_err(|e| e.to_string())
 }
 
 fn id_u32(v: usize) -> Result<u32, String> {

@@ -627,7 +627,8 @@ pub fn run(
                 .filter(|(_, r)| r.server == rank as usize)
                 .map(|(id, r)| (id, r.len))
                 .collect();
-            let s = super::dgt::bind_server(ip, d, &ranges)
+            let net = job.net_as(roles::GLOBAL_SERVER, plan.central_dc, rank)?;
+            let s = super::dgt::bind_server(ip, d, &ranges, &net)
                 .map_err(|e| RunError::Protocol(format!("global server {rank}: dgt: {e}")))?;
             tracing::info!(addr = %s.local_addr(), "dgt receiver listening");
             Some(s)

@@ -892,7 +892,7 @@ pub fn run(
                     ))
                 })?;
             let addr = std::net::SocketAddr::new(c.peer_addr().ip(), port);
-            let link = super::dgt::connect(addr, node.id(), d).map_err(|e| {
+            let link = super::dgt::connect(addr, node.id(), d, &node.net(job)?).map_err(|e| {
                 RunError::Protocol(format!(
                     "dc {dc}: dgt link to global server {s} at {addr}: {e}"
                 ))

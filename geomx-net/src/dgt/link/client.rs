@@ -10,13 +10,16 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::sys::{self, Waker, GSO_MAX_BYTES, GSO_MAX_SEGMENTS};
-use super::{dgt_header, mark_reliable, read_frames, read_one, write_frame, Hello, LinkError};
+use super::{
+    dgt_header, mark_reliable, read_frames, read_one, write_frame, Hello, LinkError, Reliable,
+};
 use crate::dgt::header::DgtKind;
 use crate::dgt::udp::DEFAULT_RECV_BUFFER;
 use crate::dgt::{
     auto_block_bytes, DgtConfig, DgtSender, RoundReport, SenderCounters, UdpChannels, ValueType,
     Values, IPV4_UDP_OVERHEAD, IPV6_UDP_OVERHEAD, MAX_CHANNELS,
 };
+use crate::tls::{HandshakeSide, TlsContext};
 use crate::wire::{Frame, FrameDecoder, MsgKind};
 
 /// Rate used by [`Pacing::Auto`] until the receiver's first goodput measurement (spec: 100 Mbit/s).
@@ -146,14 +149,28 @@ impl DgtClient {
     pub fn connect(
         server: SocketAddr,
         sender_id: u32,
-        mut cfg: DgtConfig,
+        cfg: DgtConfig,
         opts: LinkOptions,
     ) -> Result<DgtClient, LinkError> {
+        Self::connect_secure(server, sender_id, cfg, opts, None)
+    }
+
+    /// [`DgtClient::connect`] with mutual TLS on the reliable channel when `tls` is given: the
+    /// handshake runs first (bounded by `opts.connect_timeout`), then every frame is sealed.
+    pub fn connect_secure(
+        server: SocketAddr,
+        sender_id: u32,
+        mut cfg: DgtConfig,
+        opts: LinkOptions,
+        tls: Option<&TlsContext>,
+    ) -> Result<DgtClient, LinkError> {
         cfg.validate()?;
-        let mut tcp = TcpStream::connect_timeout(&server, opts.connect_timeout)
+        let tcp = TcpStream::connect_timeout(&server, opts.connect_timeout)
             .map_err(|e| LinkError::Io("tcp connect", e))?;
         mark_reliable(&tcp, cfg.channels);
-        tcp.set_nonblocking(true)
+        let mut tcp = Reliable::handshake(tcp, tls, HandshakeSide::Client, opts.connect_timeout)?;
+        tcp.tcp
+            .set_nonblocking(true)
             .map_err(|e| LinkError::Io("set_nonblocking", e))?;
         let overhead = if server.is_ipv4() {
             IPV4_UDP_OVERHEAD
@@ -198,6 +215,7 @@ impl DgtClient {
             )));
         }
         let ip = tcp
+            .tcp
             .local_addr()
             .map_err(|e| LinkError::Io("local_addr", e))?
             .ip();
@@ -381,7 +399,7 @@ struct Batch {
 struct Loop {
     id: u32,
     sender: DgtSender,
-    tcp: TcpStream,
+    tcp: Reliable,
     dec: FrameDecoder,
     pending: Vec<Frame>,
     udp: UdpChannels,
@@ -474,7 +492,7 @@ impl Loop {
             };
             let mut fds = [
                 libc::pollfd {
-                    fd: self.tcp.as_raw_fd(),
+                    fd: self.tcp.tcp.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },

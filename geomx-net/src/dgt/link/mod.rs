@@ -52,9 +52,14 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 pub use client::{ClientStats, DgtClient, LinkOptions, Pacing};
-pub use server::{DgtServer, ServerStats};
+pub use server::{DgtServer, ServerStats, ServerTls, MAX_DGT_HANDSHAKES};
 
 use super::{DgtError, MAX_CHANNELS};
+use crate::driver::feed_input;
+use crate::error::NetError;
+use crate::tls::{
+    handshake, HandshakeSide, Identity, Opener, Sealer, Session, TlsContext, TlsError,
+};
 use crate::wire::{
     Frame, FrameDecoder, FrameHeader, MsgKind, PayloadCodec, WireError, DGT_HELLO_LEN,
 };
@@ -80,6 +85,9 @@ pub enum LinkError {
     /// Waiting took longer than allowed.
     #[error("dgt link: timed out {0}")]
     Timeout(String),
+    /// Mutual TLS on the reliable channel failed (handshake, identity, a tampered record).
+    #[error("dgt reliable channel TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// The reliable channel's hello, both directions.
@@ -128,6 +136,49 @@ impl Hello {
     }
 }
 
+/// The reliable channel's socket, and with mutual TLS its record keys and the peer's identity.
+pub(super) struct Reliable {
+    pub(super) tcp: TcpStream,
+    sealer: Option<Sealer>,
+    opener: Option<Opener>,
+    /// The peer's verified certificate identity (TLS only).
+    pub(super) peer: Option<Identity>,
+    plain: Vec<u8>,
+    sealed: Vec<u8>,
+}
+
+impl Reliable {
+    /// A channel on `tcp` (its handshake, if any, done: `session`).
+    pub(super) fn new(tcp: TcpStream, session: Option<Session>) -> Reliable {
+        let (sealer, opener, peer) = match session {
+            Some(s) => (Some(s.sealer), Some(s.opener), Some(s.peer)),
+            None => (None, None, None),
+        };
+        Reliable {
+            tcp,
+            sealer,
+            opener,
+            peer,
+            plain: Vec::new(),
+            sealed: Vec::new(),
+        }
+    }
+
+    /// Runs the TLS handshake on a fresh blocking `tcp` when `tls` is given.
+    pub(super) fn handshake(
+        mut tcp: TcpStream,
+        tls: Option<&TlsContext>,
+        side: HandshakeSide,
+        limit: Duration,
+    ) -> Result<Reliable, LinkError> {
+        let session = match tls {
+            Some(ctx) => Some(handshake(&mut tcp, ctx, side, Instant::now() + limit)?),
+            None => None,
+        };
+        Ok(Reliable::new(tcp, session))
+    }
+}
+
 /// Frame header of a DGT frame from node `sender`.
 fn dgt_header(kind: MsgKind, sender: u32) -> FrameHeader {
     FrameHeader {
@@ -137,9 +188,10 @@ fn dgt_header(kind: MsgKind, sender: u32) -> FrameHeader {
     }
 }
 
-/// Writes one frame to a non-blocking stream, waiting for room up to `limit`.
+/// Writes one frame to a non-blocking stream (sealed into records with TLS), waiting for room up
+/// to `limit`.
 fn write_frame(
-    s: &mut TcpStream,
+    r: &mut Reliable,
     h: &FrameHeader,
     payload: &[u8],
     limit: Duration,
@@ -149,7 +201,16 @@ fn write_frame(
         .map_err(|_| LinkError::Protocol(format!("frame of {} bytes", payload.len())))?;
     let head = h.encode();
     let deadline = Instant::now() + limit;
-    for part in [&head[..], payload] {
+    let parts: [&[u8]; 2] = match r.sealer.as_mut() {
+        None => [&head[..], payload],
+        Some(sealer) => {
+            r.sealed.clear();
+            sealer.seal(&[&head[..], payload], &mut r.sealed)?;
+            [&r.sealed[..], &[]]
+        }
+    };
+    let s = &mut r.tcp;
+    for part in parts {
         let mut off = 0;
         while off < part.len() {
             let end = part.len().min(off + crate::driver::DEFAULT_IO_CHUNK);
@@ -174,20 +235,29 @@ fn write_frame(
     Ok(())
 }
 
-/// Reads what a non-blocking stream has into `dec`; `Ok(false)` at end of stream.
+/// Reads what a non-blocking stream has into `dec` (opening records with TLS); `Ok(false)` at
+/// end of stream.
 fn read_frames(
-    s: &mut TcpStream,
+    r: &mut Reliable,
     dec: &mut FrameDecoder,
     buf: &mut [u8],
     out: &mut Vec<Frame>,
 ) -> Result<bool, LinkError> {
     loop {
-        match s.read(buf) {
+        match r.tcp.read(buf) {
             Ok(0) => {
                 dec.finish()?;
                 return Ok(false);
             }
-            Ok(n) => dec.feed(&buf[..n], out)?,
+            Ok(n) => {
+                feed_input(r.opener.as_mut(), &mut r.plain, dec, &buf[..n], out).map_err(|e| {
+                    match e {
+                        NetError::Wire(w) => LinkError::Wire(w),
+                        NetError::Tls(t) => LinkError::Tls(t),
+                        other => LinkError::Protocol(other.to_string()),
+                    }
+                })?
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
             Err(e) => return Err(LinkError::Io("tcp read", e)),
@@ -197,7 +267,7 @@ fn read_frames(
 
 /// Reads exactly one frame from a non-blocking stream within `limit` (the hello exchange).
 fn read_one(
-    s: &mut TcpStream,
+    s: &mut Reliable,
     dec: &mut FrameDecoder,
     pending: &mut Vec<Frame>,
     limit: Duration,
@@ -218,7 +288,7 @@ fn read_one(
                     "waiting {limit:?} for the hello"
                 )));
             }
-            sys::wait_fd(s.as_raw_fd(), true, sys::until(deadline, now))
+            sys::wait_fd(s.tcp.as_raw_fd(), true, sys::until(deadline, now))
                 .map_err(|e| LinkError::Io("poll", e))?;
         }
     }

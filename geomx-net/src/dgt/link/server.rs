@@ -13,15 +13,37 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::sys::{self, Waker};
-use super::{dgt_header, mark_reliable, read_frames, write_frame, Hello, LinkError};
+use super::{dgt_header, mark_reliable, read_frames, write_frame, Hello, LinkError, Reliable};
 use crate::dgt::udp::DEFAULT_RECV_BUFFER;
 use crate::dgt::ChannelCounters;
 use crate::dgt::{Delivery, DgtConfig, DgtKind, DgtReceiver, UdpChannels, ValueType, MAX_CHANNELS};
+use crate::tls::{HandshakeSide, TlsContext};
 use crate::wire::{Frame, FrameDecoder, MsgKind, DGT_MAX_END_PAYLOAD, HEADER_LEN};
 
 const NCH: usize = MAX_CHANNELS as usize + 1;
 /// Writes of reports / hello answers may wait this long for room.
 const WRITE_LIMIT: Duration = Duration::from_secs(10);
+/// Reliable channels in their TLS handshake at once; more are closed at once.
+pub const MAX_DGT_HANDSHAKES: usize = 16;
+/// Time a reliable channel has for its TLS handshake.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Mutual TLS of a [`DgtServer`]'s reliable channels.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// This receiver's certificate and the job CA.
+    pub ctx: Arc<TlsContext>,
+    /// Certificate roles admitted as senders (e.g. the job's local servers); empty: any member.
+    pub roles: Vec<String>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What a [`DgtServer`] received so far, over all senders.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -91,6 +113,20 @@ impl DgtServer {
         keys: &[(u32, u32, ValueType)],
         allowed: Option<Vec<u32>>,
     ) -> Result<DgtServer, LinkError> {
+        Self::bind_secure(ip, cfg, keys, allowed, None)
+    }
+
+    /// [`DgtServer::bind`] with mutual TLS on the reliable channels when `tls` is given: each
+    /// accepted connection completes its handshake on a short-lived thread (at most
+    /// [`MAX_DGT_HANDSHAKES`] at once, 10 s each) before any frame is read, and a sender whose
+    /// certificate's role is not in `tls.roles` is refused at its hello.
+    pub fn bind_secure(
+        ip: IpAddr,
+        cfg: DgtConfig,
+        keys: &[(u32, u32, ValueType)],
+        allowed: Option<Vec<u32>>,
+        tls: Option<ServerTls>,
+    ) -> Result<DgtServer, LinkError> {
         cfg.validate()?;
         let listener =
             TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| LinkError::Io("tcp bind", e))?;
@@ -117,7 +153,12 @@ impl DgtServer {
         let waker = Waker::new().map_err(|e| LinkError::Io("waker", e))?;
         let wake = waker.handle().map_err(|e| LinkError::Io("waker", e))?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (hs_tx, hs_rx) = crossbeam_channel::unbounded();
         let mut lp = Loop {
+            tls,
+            handshakes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            hs_tx,
+            hs_rx,
             cfg,
             keys: keys.to_vec(),
             allowed,
@@ -194,7 +235,7 @@ impl Drop for DgtServer {
 }
 
 struct Conn {
-    tcp: TcpStream,
+    tcp: Reliable,
     dec: FrameDecoder,
     sender: Option<u32>,
     first_reliable: Option<Instant>,
@@ -233,6 +274,11 @@ impl Totals {
 }
 
 struct Loop {
+    tls: Option<ServerTls>,
+    /// Handshakes in flight, and their results (a channel and the waker end the poll).
+    handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    hs_tx: Sender<Reliable>,
+    hs_rx: Receiver<Reliable>,
     cfg: DgtConfig,
     keys: Vec<(u32, u32, ValueType)>,
     allowed: Option<Vec<u32>>,
@@ -313,7 +359,7 @@ impl Loop {
             }
             for c in self.conns.values() {
                 fds.push(libc::pollfd {
-                    fd: c.tcp.as_raw_fd(),
+                    fd: c.tcp.tcp.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 });
@@ -323,29 +369,49 @@ impl Loop {
         Ok(())
     }
 
+    /// Starts the TLS handshake of an accepted connection on its own thread (bounded); the
+    /// authenticated channel comes back through `hs_rx`.
+    fn authenticate(&mut self, tcp: TcpStream, tls: &ServerTls) {
+        let n = self.handshakes.fetch_add(1, Ordering::AcqRel);
+        if n >= MAX_DGT_HANDSHAKES {
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("dgt: connection refused: too many handshakes in flight");
+            return;
+        }
+        let (ctx, count, out) = (tls.ctx.clone(), self.handshakes.clone(), self.hs_tx.clone());
+        let wake = self.waker.handle();
+        let spawned = std::thread::Builder::new()
+            .name("geomx-dgt-tls".into())
+            .spawn(move || {
+                let peer = tcp.peer_addr().ok();
+                match Reliable::handshake(tcp, Some(&ctx), HandshakeSide::Server, HANDSHAKE_LIMIT) {
+                    Ok(r) => {
+                        let _ = out.send(r);
+                        if let Ok(w) = wake {
+                            sys::wake(&w);
+                        }
+                    }
+                    Err(e) => tracing::warn!(?peer, error = %e, "dgt: connection refused"),
+                }
+                count.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     fn accept(&mut self) {
+        let ready: Vec<Reliable> = self.hs_rx.try_iter().collect();
+        for r in ready {
+            self.admit(r);
+        }
         loop {
             match self.listener.accept() {
-                Ok((tcp, _)) => {
-                    if let Err(e) = tcp.set_nonblocking(true) {
-                        tracing::warn!(error = %e, "dgt: connection dropped");
-                        continue;
-                    }
-                    mark_reliable(&tcp, self.cfg.channels);
-                    let id = self.next_conn;
-                    self.next_conn += 1;
-                    self.conns.insert(
-                        id,
-                        Conn {
-                            tcp,
-                            dec: FrameDecoder::new(HEADER_LEN + DGT_MAX_END_PAYLOAD),
-                            sender: None,
-                            first_reliable: None,
-                            reliable_bytes: 0,
-                            rate_sent: false,
-                        },
-                    );
-                }
+                Ok((tcp, _)) => match self.tls.clone() {
+                    // Accepted sockets do not inherit the listener's non-blocking mode.
+                    Some(tls) => self.authenticate(tcp, &tls),
+                    None => self.admit(Reliable::new(tcp, None)),
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -354,6 +420,28 @@ impl Loop {
                 }
             }
         }
+    }
+
+    /// Starts reading an accepted (and, with TLS, authenticated) reliable channel.
+    fn admit(&mut self, tcp: Reliable) {
+        if let Err(e) = tcp.tcp.set_nonblocking(true) {
+            tracing::warn!(error = %e, "dgt: connection dropped");
+            return;
+        }
+        mark_reliable(&tcp.tcp, self.cfg.channels);
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn {
+                tcp,
+                dec: FrameDecoder::new(HEADER_LEN + DGT_MAX_END_PAYLOAD),
+                sender: None,
+                first_reliable: None,
+                reliable_bytes: 0,
+                rate_sent: false,
+            },
+        );
     }
 
     fn drop_conn(&mut self, id: u64, reason: &str) {
@@ -382,6 +470,14 @@ impl Loop {
                 let hello = Hello::decode(&f.payload)?;
                 if self.allowed.as_ref().is_some_and(|a| !a.contains(&sender)) {
                     return Err(LinkError::Protocol(format!("sender {sender} not allowed")));
+                }
+                if let (Some(tls), Some(id)) = (&self.tls, &conn.tcp.peer) {
+                    if !tls.roles.is_empty() && !tls.roles.contains(&id.role) {
+                        return Err(LinkError::Protocol(format!(
+                            "the certificate of {id} may not send DGT (admitted: {:?})",
+                            tls.roles
+                        )));
+                    }
                 }
                 let b = hello.block_bytes as usize;
                 if hello.channels != self.cfg.channels || b > self.cfg.block_bytes {
@@ -418,6 +514,7 @@ impl Loop {
                 )?;
                 conn.sender = Some(sender);
                 let ip = conn
+                    .tcp
                     .tcp
                     .peer_addr()
                     .map_err(|e| LinkError::Io("peer_addr", e))?
