@@ -70,18 +70,19 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// An [`Echo`] server of `ca`'s local server dc 0 on driver `d`.
+fn echo_server(ca: &JobCa, d: DriverKind) -> (KvServer, Arc<Echo>) {
+    let echo = Arc::new(Echo::default());
+    let opts = opts(d, member(ca, "local-server", 0, 0));
+    let server = KvServer::bind_with_id("127.0.0.1:0", 9, echo.clone(), opts).unwrap();
+    (server, echo)
+}
+
 #[test]
 fn every_frame_size_crosses_the_record_layer_and_both_ends_know_who_is_there() {
     let ca = JobCa::generate("t", 1).unwrap();
     for d in drivers() {
-        let echo = Arc::new(Echo::default());
-        let server = KvServer::bind_with_id(
-            "127.0.0.1:0",
-            9,
-            echo.clone(),
-            opts(d, member(&ca, "local-server", 0, 0)),
-        )
-        .unwrap();
+        let (server, echo) = echo_server(&ca, d);
         let client =
             KvClient::connect(server.local_addr(), 4, opts(d, member(&ca, "worker", 0, 3)))
                 .unwrap();
@@ -136,14 +137,7 @@ fn strangers(addr: SocketAddr, d: DriverKind) {
 fn strangers_and_floods_are_refused_and_members_are_still_served() {
     let ca = JobCa::generate("t", 1).unwrap();
     for d in drivers() {
-        let echo = Arc::new(Echo::default());
-        let server = KvServer::bind_with_id(
-            "127.0.0.1:0",
-            9,
-            echo.clone(),
-            opts(d, member(&ca, "local-server", 0, 0)),
-        )
-        .unwrap();
+        let (server, echo) = echo_server(&ca, d);
         let addr = server.local_addr();
         strangers(addr, d);
         // A flood of silent connections from another loopback address: they hold at most the
@@ -213,13 +207,7 @@ fn tampering_proxy(target: SocketAddr, tamper: Arc<AtomicBool>) -> SocketAddr {
 fn a_tampered_record_fails_the_connection_and_the_server_goes_on() {
     let ca = JobCa::generate("t", 1).unwrap();
     for d in drivers() {
-        let server = KvServer::bind_with_id(
-            "127.0.0.1:0",
-            9,
-            Arc::new(Echo::default()),
-            opts(d, member(&ca, "local-server", 0, 0)),
-        )
-        .unwrap();
+        let (server, _) = echo_server(&ca, d);
         let tamper = Arc::new(AtomicBool::new(false));
         let proxy = tampering_proxy(server.local_addr(), tamper.clone());
         let client = KvClient::connect(proxy, 4, opts(d, member(&ca, "worker", 0, 0))).unwrap();

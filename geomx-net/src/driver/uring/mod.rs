@@ -1142,27 +1142,17 @@ impl Ring {
                 unsafe { c.dec.commit_direct(n, &mut c.frames) };
                 Ok(())
             }
-            RecvState::Fixed(slot) => {
-                let pool = self.pool.as_ref().expect("fixed receive without a pool");
-                let off = slot as usize * SCRATCH;
-                let bytes = &pool[off..off + n];
-                feed_input(
-                    c.opener.as_mut(),
-                    &mut c.plain,
-                    &mut c.dec,
-                    bytes,
-                    &mut c.frames,
-                )
-            }
-            _ => {
-                let bytes = &c.scratch[..n];
-                feed_input(
-                    c.opener.as_mut(),
-                    &mut c.plain,
-                    &mut c.dec,
-                    bytes,
-                    &mut c.frames,
-                )
+            state => {
+                let bytes = match state {
+                    RecvState::Fixed(slot) => {
+                        let pool = self.pool.as_ref().expect("fixed receive without a pool");
+                        let off = slot as usize * SCRATCH;
+                        &pool[off..off + n]
+                    }
+                    _ => &c.scratch[..n],
+                };
+                let opener = c.opener.as_mut();
+                feed_input(opener, &mut c.plain, &mut c.dec, bytes, &mut c.frames)
             }
         };
         let mut frames = std::mem::take(&mut c.frames);
