@@ -285,14 +285,32 @@ fn dgt_reliable_channels_are_mutual_tls_and_admit_only_the_named_roles() {
         DgtClient::connect_secure(server.local_addr(), 1, cfg.clone(), opts, Some(&worker))
             .is_err()
     );
-    // A local server's pushes arrive exactly.
+    // A local server's pushes arrive exactly, its blocks on the unreliable channel sealed, while
+    // a stranger sprays forged datagrams (some naming the real sender) at every UDP port.
     let ls = context(&ca, "local_server", 0, 0);
     let client = DgtClient::connect_secure(server.local_addr(), 1, cfg, opts, Some(&ls)).unwrap();
-    let x: Vec<f32> = (0..3000).map(|i| i as f32 * 0.5).collect();
-    let n_b = client.num_blocks(x.len(), ValueType::F32);
-    let map: Vec<u8> = (0..n_b).map(|j| u8::from(j > 0)).collect();
-    client.push_f32(7, 0, x.clone(), map).unwrap();
-    let d = server.recv_delivery(WAIT).expect("delivered");
-    assert_eq!((d.sender, d.key, d.round), (1, 7, 0));
-    assert_eq!(d.values, x);
+    let spray = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let ports = server.udp_addrs().to_vec();
+    for round in 0..5u32 {
+        for (i, a) in ports.iter().enumerate() {
+            for k in 0..20u32 {
+                let mut d = vec![(k * 31 + i as u32) as u8; 64 + k as usize * 40];
+                if k % 2 == 0 {
+                    d[..4].copy_from_slice(&1u32.to_le_bytes());
+                }
+                let _ = spray.send_to(&d, a);
+            }
+        }
+        let x: Vec<f32> = (0..3000).map(|i| (i as f32 + round as f32) * 0.5).collect();
+        let n_b = client.num_blocks(x.len(), ValueType::F32);
+        let map: Vec<u8> = (0..n_b).map(|j| u8::from(j > 0)).collect();
+        client.push_f32(7, round, x.clone(), map).unwrap();
+        let d = server.recv_delivery(WAIT).expect("delivered");
+        assert_eq!((d.sender, d.key, d.round), (1, 7, round));
+        assert_eq!(d.values, x);
+    }
+    let st = server.stats();
+    assert!(st.datagrams_forged > 0, "{st:?}");
+    let (lost, sent) = st.unreliable_lost_sent();
+    assert!(sent > 0 && lost == 0, "{st:?}");
 }

@@ -304,15 +304,19 @@ fn a_members_certificate_is_refused_for_another_role_or_data_center() {
 #[test]
 fn a_capture_of_a_default_launch_holds_no_frame_magic() {
     let magic = b"GMXF".to_vec();
+    // A DGT block's header: magic 0x4758 (little-endian), version 1, kind 48.
+    let dgt = vec![0x58, 0x47, 1, 48];
     let run = |name: &str, security: &str| {
-        let cap = match support::capture::Capture::start(vec![magic.clone()]) {
+        let cap = match support::capture::Capture::start(vec![magic.clone(), dgt.clone()]) {
             Ok(c) => c,
             Err(why) => {
                 eprintln!("capture test skipped: {why}");
                 return None;
             }
         };
-        let (out, _) = run_job(name, &config_with(&free_ports(4), security));
+        // The WAN tier over DGT, so that its reliable channel and its datagrams are captured too.
+        let toml = config_with(&free_ports(4), security) + "[transport]\ninter = \"dgt\"\n";
+        let (out, _) = run_job(name, &toml);
         let seen = cap.stop();
         assert_ok(&out);
         Some(seen)
@@ -330,5 +334,10 @@ fn a_capture_of_a_default_launch_holds_no_frame_magic() {
     assert!(
         plain.hits[0] > 100,
         "the capture misses plaintext frames: {plain:?}"
+    );
+    assert_eq!(tls.hits[1], 0, "a DGT block header crossed lo in the clear");
+    assert!(
+        plain.hits[1] > 100,
+        "the capture misses plaintext DGT blocks: {plain:?}"
     );
 }

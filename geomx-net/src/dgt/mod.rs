@@ -16,6 +16,7 @@ pub mod link;
 mod pacing;
 mod receiver;
 mod report;
+pub mod seal;
 mod sender;
 pub mod udp;
 

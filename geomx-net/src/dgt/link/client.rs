@@ -14,6 +14,7 @@ use super::{
     dgt_header, mark_reliable, read_frames, read_one, write_frame, Hello, LinkError, Reliable,
 };
 use crate::dgt::header::DgtKind;
+use crate::dgt::seal::{DatagramSealer, SEAL_OVERHEAD};
 use crate::dgt::udp::DEFAULT_RECV_BUFFER;
 use crate::dgt::{
     auto_block_bytes, DgtConfig, DgtSender, RoundReport, SenderCounters, UdpChannels, ValueType,
@@ -177,6 +178,8 @@ impl DgtClient {
         } else {
             IPV6_UDP_OVERHEAD
         };
+        // Sealed datagrams (TLS) carry a clear prefix and a tag: blocks shrink to fit.
+        let overhead = overhead + tcp.datagram_key.map_or(0, |_| SEAL_OVERHEAD);
         let mtu = opts.mtu.or_else(|| sys::path_mtu(server)).unwrap_or(1500);
         cfg.block_bytes = auto_block_bytes(mtu, overhead, cfg.block_bytes).ok_or_else(|| {
             LinkError::Protocol(format!("path MTU {mtu} leaves no room for a block"))
@@ -240,7 +243,12 @@ impl DgtClient {
         let waker = Waker::new().map_err(|e| LinkError::Io("waker", e))?;
         let wake = waker.handle().map_err(|e| LinkError::Io("waker", e))?;
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let seal = tcp
+            .datagram_key
+            .map(|(k, aes)| DatagramSealer::new(&k, aes, sender_id));
         let mut lp = Loop {
+            seal,
+            sealed: Vec::new(),
             id: sender_id,
             sender,
             tcp,
@@ -397,6 +405,9 @@ struct Batch {
 }
 
 struct Loop {
+    /// Seals every datagram (TLS), into `sealed`.
+    seal: Option<DatagramSealer>,
+    sealed: Vec<u8>,
     id: u32,
     sender: DgtSender,
     tcp: Reliable,
@@ -584,6 +595,19 @@ impl Loop {
     }
 
     fn add_datagram(&mut self, ch: u8, bytes: &[u8]) {
+        let mut sealed = std::mem::take(&mut self.sealed);
+        let bytes = match self.seal.as_mut() {
+            Some(s) => {
+                s.seal(ch, bytes, &mut sealed);
+                &sealed[..]
+            }
+            None => bytes,
+        };
+        self.add_to_batch(ch, bytes);
+        self.sealed = sealed;
+    }
+
+    fn add_to_batch(&mut self, ch: u8, bytes: &[u8]) {
         let b = &mut self.batch;
         if b.count > 0
             && (b.ch != ch

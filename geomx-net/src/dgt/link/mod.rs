@@ -143,6 +143,8 @@ pub(super) struct Reliable {
     opener: Option<Opener>,
     /// The peer's verified certificate identity (TLS only).
     pub(super) peer: Option<Identity>,
+    /// The datagram key exported from the TLS session, and whether it is AES (else ChaCha20).
+    pub(super) datagram_key: Option<([u8; 32], bool)>,
     plain: Vec<u8>,
     sealed: Vec<u8>,
 }
@@ -150,15 +152,21 @@ pub(super) struct Reliable {
 impl Reliable {
     /// A channel on `tcp` (its handshake, if any, done: `session`).
     pub(super) fn new(tcp: TcpStream, session: Option<Session>) -> Reliable {
-        let (sealer, opener, peer) = match session {
-            Some(s) => (Some(s.sealer), Some(s.opener), Some(s.peer)),
-            None => (None, None, None),
+        let (sealer, opener, peer, datagram_key) = match session {
+            Some(s) => (
+                Some(s.sealer),
+                Some(s.opener),
+                Some(s.peer),
+                Some((s.dgt_key, s.aes)),
+            ),
+            None => (None, None, None, None),
         };
         Reliable {
             tcp,
             sealer,
             opener,
             peer,
+            datagram_key,
             plain: Vec::new(),
             sealed: Vec::new(),
         }

@@ -14,6 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::sys::{self, Waker};
 use super::{dgt_header, mark_reliable, read_frames, write_frame, Hello, LinkError, Reliable};
+use crate::dgt::seal::{sealed_sender, DatagramOpener, Refusal};
 use crate::dgt::udp::DEFAULT_RECV_BUFFER;
 use crate::dgt::ChannelCounters;
 use crate::dgt::{Delivery, DgtConfig, DgtKind, DgtReceiver, UdpChannels, ValueType, MAX_CHANNELS};
@@ -60,6 +61,10 @@ pub struct ServerStats {
     pub peers: usize,
     /// Connections refused or closed for a protocol error.
     pub refused: u64,
+    /// Sealed datagrams (TLS) that failed to open: forged, tampered or from no sender.
+    pub datagrams_forged: u64,
+    /// Sealed datagrams that opened but were seen before (replays).
+    pub datagrams_replayed: u64,
 }
 
 impl ServerStats {
@@ -174,6 +179,8 @@ impl DgtServer {
             refused: 0,
             deliveries: 0,
             timed_out: 0,
+            forged: 0,
+            replayed: 0,
         };
         let thread = std::thread::Builder::new()
             .name("geomx-dgt-rx".into())
@@ -246,8 +253,11 @@ struct Conn {
 struct Peer {
     rx: DgtReceiver,
     conn: u64,
-    /// The address of its reliable channel: its datagrams must come from the same host.
+    /// The address of its reliable channel: its datagrams must come from the same host
+    /// (plaintext only; sealed datagrams are authenticated instead).
     ip: IpAddr,
+    /// Opens its sealed datagrams (TLS).
+    opener: Option<DatagramOpener>,
 }
 
 #[derive(Default)]
@@ -294,6 +304,8 @@ struct Loop {
     refused: u64,
     deliveries: u64,
     timed_out: u64,
+    forged: u64,
+    replayed: u64,
 }
 
 impl Loop {
@@ -519,7 +531,16 @@ impl Loop {
                     .peer_addr()
                     .map_err(|e| LinkError::Io("peer_addr", e))?
                     .ip();
-                let peer = Peer { rx, conn: id, ip };
+                let opener = conn
+                    .tcp
+                    .datagram_key
+                    .map(|(k, aes)| DatagramOpener::new(&k, aes, sender));
+                let peer = Peer {
+                    rx,
+                    conn: id,
+                    ip,
+                    opener,
+                };
                 if let Some(mut old) = self.peers.insert(sender, peer) {
                     // A reconnecting sender starts over at round 0.
                     self.gone.add(old.rx.counters(), old.rx.invalid());
@@ -597,6 +618,10 @@ impl Loop {
                     return;
                 }
             };
+            if self.tls.is_some() {
+                self.read_sealed(now, ch, &mut buf[..n]);
+                continue;
+            }
             let msg = &buf[..n];
             let sender = (n >= 12).then(|| u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]));
             match sender.and_then(|s| self.peers.get_mut(&s)) {
@@ -611,6 +636,35 @@ impl Loop {
                 }
                 None => self.gone.invalid += 1,
             }
+        }
+    }
+
+    /// A sealed datagram (TLS) received on `ch`'s socket: opened with its sender's key, the
+    /// replay window checked, then handed to the receiver core; anything else is counted and
+    /// dropped before the core sees it.
+    fn read_sealed(&mut self, now: Instant, ch: u8, datagram: &mut [u8]) {
+        let peer = sealed_sender(datagram).and_then(|s| self.peers.get_mut(&s).map(|p| (s, p)));
+        let Some((sender, p)) = peer else {
+            self.forged += 1;
+            return;
+        };
+        let Some(opener) = p.opener.as_mut() else {
+            self.forged += 1;
+            return;
+        };
+        match opener.open(ch, datagram) {
+            Ok(msg) => {
+                // The sealed header must name the channel and the sender it was sealed for.
+                let inner = (msg.len() >= 12)
+                    .then(|| u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]));
+                if msg.get(4) != Some(&ch) || inner != Some(sender) {
+                    self.forged += 1;
+                } else if let Err(e) = p.rx.handle_datagram(now, msg) {
+                    tracing::trace!(error = %e, "dgt: datagram rejected");
+                }
+            }
+            Err(Refusal::Forged) => self.forged += 1,
+            Err(Refusal::Replayed) => self.replayed += 1,
         }
     }
 
@@ -670,6 +724,8 @@ impl Loop {
             timed_out: self.timed_out,
             peers: self.peers.len(),
             refused: self.refused,
+            datagrams_forged: self.forged,
+            datagrams_replayed: self.replayed,
         };
     }
 }
