@@ -314,3 +314,37 @@ fn dgt_reliable_channels_are_mutual_tls_and_admit_only_the_named_roles() {
     let (lost, sent) = st.unreliable_lost_sent();
     assert!(sent > 0 && lost == 0, "{st:?}");
 }
+
+#[test]
+fn a_dgt_channel_that_never_says_hello_is_dropped() {
+    use geomx_net::dgt::link::DgtServer;
+    use geomx_net::dgt::{DgtConfig, ValueType};
+    let lo = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let server =
+        DgtServer::bind(lo, DgtConfig::default(), &[(7, 100, ValueType::F32)], None).unwrap();
+    let mut silent = TcpStream::connect(server.local_addr()).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    let start = Instant::now();
+    let mut b = [0u8; 1];
+    // The receiver closes it after its 10 s hello limit: end of stream (or a reset).
+    let r = silent.read(&mut b);
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        start.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(39),
+        "{:?}",
+        start.elapsed()
+    );
+    // Counted once the receiver's loop publishes its stats (right after the drop).
+    let t = Instant::now();
+    while server.stats().refused == 0 && t.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.stats().refused, 1);
+}

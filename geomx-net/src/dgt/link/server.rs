@@ -28,6 +28,8 @@ const WRITE_LIMIT: Duration = Duration::from_secs(10);
 pub const MAX_DGT_HANDSHAKES: usize = 16;
 /// Time a reliable channel has for its TLS handshake.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// Time an admitted reliable channel has to send its hello.
+const HELLO_LIMIT: Duration = Duration::from_secs(10);
 
 /// Mutual TLS of a [`DgtServer`]'s reliable channels.
 #[derive(Clone)]
@@ -243,6 +245,8 @@ impl Drop for DgtServer {
 
 struct Conn {
     tcp: Reliable,
+    /// When it was admitted: a channel that sends no hello within [`HELLO_LIMIT`] is dropped.
+    since: Instant,
     dec: FrameDecoder,
     sender: Option<u32>,
     first_reliable: Option<Instant>,
@@ -343,6 +347,16 @@ impl Loop {
             }
             self.read_udp(&mut rbuf);
             let now = Instant::now();
+            let silent: Vec<u64> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.sender.is_none() && now.duration_since(c.since) > HELLO_LIMIT)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in silent {
+                self.refused += 1;
+                self.drop_conn(id, "no hello within the time allowed");
+            }
             self.service(now);
             self.publish();
             let timeout = self
@@ -447,6 +461,7 @@ impl Loop {
             id,
             Conn {
                 tcp,
+                since: Instant::now(),
                 dec: FrameDecoder::new(HEADER_LEN + DGT_MAX_END_PAYLOAD),
                 sender: None,
                 first_reliable: None,
