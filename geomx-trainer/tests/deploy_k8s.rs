@@ -125,8 +125,14 @@ fn manifests_pass_kubernetes_validate() {
     );
     println!("{TEST}: kubernetes-validate --strict (1.33.0):\n{text}");
     assert!(out.status.success(), "{text}");
-    // 7 documents each (ConfigMap, then a Service and a Job per tier), all valid.
-    assert_eq!(text.matches(" passed for resource ").count(), 14, "{text}");
+    // 8 documents each (ConfigMap, a Service and a Job per tier, the Secret with the job's keys),
+    // all valid.
+    assert_eq!(text.matches(" passed for resource ").count(), 16, "{text}");
+    assert_eq!(
+        text.matches(" passed for resource secret/").count(),
+        2,
+        "{text}"
+    );
     assert_eq!(
         std::fs::read_to_string(&gpu_yaml)
             .unwrap()
