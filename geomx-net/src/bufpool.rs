@@ -45,6 +45,21 @@ pub fn recycle(mut buf: Vec<u8>) {
     }
 }
 
+/// A buffer handed to a send ([`crate::OwnedBytes`]) that goes back to the pool once sent.
+pub(crate) struct Pooled(pub(crate) Vec<u8>);
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        recycle(std::mem::take(&mut self.0));
+    }
+}
+
 /// Bytes of capacity currently pooled.
 pub fn pooled_bytes() -> usize {
     POOL.lock()

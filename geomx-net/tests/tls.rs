@@ -164,6 +164,12 @@ fn strangers_and_floods_are_refused_and_members_are_still_served() {
             1,
             "only the member connected"
         );
+        // The server lists a connection once its handshake thread has attached it, which may
+        // be just after the connection served its first request.
+        let t = Instant::now();
+        while server.connections() != 1 && t.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(server.connections(), 1);
         drop(flood);
     }

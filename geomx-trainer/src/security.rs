@@ -274,7 +274,7 @@ impl Keyring {
             }
             Source::Bundles(list) => list
                 .iter()
-                .find(|c| TlsContext::new(c).is_ok_and(|ctx| ctx.identity() == id))
+                .find(|c| c.identity().is_ok_and(|i| &i == id))
                 .cloned()
                 .ok_or_else(|| format!("the launcher handed over no certificate for {id}"))?,
         };

@@ -48,19 +48,12 @@ fn aad(prefix: &[u8], channel: u8) -> [u8; PREFIX + 1] {
     a
 }
 
-/// The sending half: seals each channel's datagrams in sequence.
+/// The sending half: seals each channel's datagrams in sequence (`Debug` shows no key).
+#[derive(Debug)]
 pub struct DatagramSealer {
     key: LessSafeKey,
     sender: u32,
     next: [u64; NCH],
-}
-
-impl std::fmt::Debug for DatagramSealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatagramSealer")
-            .field("sender", &self.sender)
-            .finish_non_exhaustive()
-    }
 }
 
 impl DatagramSealer {
@@ -104,21 +97,15 @@ pub enum Refusal {
     Replayed,
 }
 
-/// The receiving half for one sender: opens datagrams and keeps a replay window per channel.
+/// The receiving half for one sender: opens datagrams and keeps a replay window per channel
+/// (`Debug` shows no key).
+#[derive(Debug)]
 pub struct DatagramOpener {
     key: LessSafeKey,
     sender: u32,
     /// Per channel: highest sequence number seen + 1 (0: none), and the window behind it.
     top: [u64; NCH],
     seen: [u128; NCH],
-}
-
-impl std::fmt::Debug for DatagramOpener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatagramOpener")
-            .field("sender", &self.sender)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The sender id in a sealed datagram's clear prefix (to pick its opener).

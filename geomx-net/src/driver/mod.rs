@@ -15,7 +15,7 @@ use crate::error::NetError;
 use crate::link::{Dispatch, Link, ReplyTx};
 use crate::stats::LiveCounters;
 use crate::tls::record::{MAX_PLAINTEXT, RECORD_HEADER};
-use crate::tls::{Identity, Opener, Sealer, Session};
+use crate::tls::{Opener, Sealer, Session, SessionParts};
 use crate::wire::{Frame, FrameDecoder, MAX_FRAME};
 
 mod portable;
@@ -117,14 +117,6 @@ impl Default for NetOptions {
             security: crate::tls::Security::Off,
         }
     }
-}
-
-/// A connection's TLS state as the drivers take it apart: the identity goes to the link, the
-/// sealer to the write side, the opener to the read side.
-pub(crate) struct Secure {
-    pub(crate) identity: Option<Identity>,
-    pub(crate) sealer: Option<Sealer>,
-    pub(crate) opener: Option<Opener>,
 }
 
 /// Reads from the socket go through here: opened first on an encrypted connection (into
@@ -262,15 +254,7 @@ impl Driver {
         session: Option<Session>,
     ) -> Result<Arc<Link>, NetError> {
         stream.set_nodelay(true)?;
-        let (identity, sealer, opener) = match session {
-            Some(s) => (Some(s.peer), Some(s.sealer), Some(s.opener)),
-            None => (None, None, None),
-        };
-        let secure = Secure {
-            identity,
-            sealer,
-            opener,
-        };
+        let secure = SessionParts::from(session);
         let link = match self {
             Driver::Portable(d) => d.attach(stream, conn, counters, dispatch, secure)?,
             #[cfg(target_os = "linux")]

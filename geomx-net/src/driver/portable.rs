@@ -19,10 +19,10 @@ use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, Pump, ReplyTx};
 use crate::stats::LiveCounters;
 use crate::tls::record::MAX_PLAINTEXT;
-use crate::tls::{Opener, Sealer};
+use crate::tls::{Opener, Sealer, SessionParts};
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
-use super::{feed_input, seal_windows, NetOptions, Secure};
+use super::{feed_input, seal_windows, NetOptions};
 
 /// Reads go through a scratch buffer of this size unless a larger payload can be read in place.
 const SCRATCH: usize = 64 << 10;
@@ -51,7 +51,7 @@ impl PortableDriver {
         conn: Connection<ReplyTx>,
         counters: Arc<LiveCounters>,
         dispatch: Arc<dyn Dispatch>,
-        secure: Secure,
+        secure: SessionParts,
     ) -> Result<Arc<Link>, NetError> {
         let side = conn.side();
         let peer = stream.peer_addr()?;

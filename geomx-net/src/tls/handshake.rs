@@ -154,13 +154,13 @@ where
     let mut dgt_key = [0u8; 32];
     conn.export_keying_material(&mut dgt_key, DGT_EXPORTER_LABEL, None)
         .map_err(|e| TlsError::Handshake(format!("exporter: {e}")))?;
-    let aes = match conn.negotiated_cipher_suite() {
-        Some(s) => format!("{:?}", s.suite()).contains("AES"),
-        None => false,
-    };
     let secrets = conn
         .extract()
         .map_err(|e| TlsError::Handshake(format!("extracting traffic keys: {e}")))?;
+    let aes = !matches!(
+        secrets.tx.1,
+        rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { .. }
+    );
     Ok(Session {
         peer,
         sealer: Sealer::new(RecordKey::from_rustls(secrets.tx.0, &secrets.tx.1)?),

@@ -234,5 +234,31 @@ pub struct Session {
     pub aes: bool,
 }
 
+/// A connection's [`Session`] (or none, on plaintext) taken apart for its I/O: the identity
+/// goes to the endpoint, the sealer to the write side, the opener to the read side, the datagram
+/// key to DGT.
+#[derive(Default)]
+pub(crate) struct SessionParts {
+    pub(crate) identity: Option<Identity>,
+    pub(crate) sealer: Option<Sealer>,
+    pub(crate) opener: Option<Opener>,
+    /// The exported datagram key and whether the session uses AES (else ChaCha20).
+    pub(crate) datagram_key: Option<([u8; 32], bool)>,
+}
+
+impl From<Option<Session>> for SessionParts {
+    fn from(s: Option<Session>) -> SessionParts {
+        match s {
+            None => SessionParts::default(),
+            Some(s) => SessionParts {
+                identity: Some(s.peer),
+                sealer: Some(s.sealer),
+                opener: Some(s.opener),
+                datagram_key: Some((s.dgt_key, s.aes)),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -200,6 +200,11 @@ impl Credentials {
             .map_err(|e| TlsError::Pki(format!("CA certificate: {e}")))
     }
 
+    /// The identity this member's certificate states.
+    pub fn identity(&self) -> Result<Identity, TlsError> {
+        Identity::from_cert(&self.cert_der()?)
+    }
+
     pub(crate) fn cert_der(&self) -> Result<CertificateDer<'static>, TlsError> {
         CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
             .map_err(|e| TlsError::Pki(format!("certificate: {e}")))

@@ -58,7 +58,7 @@ use super::{DgtError, MAX_CHANNELS};
 use crate::driver::feed_input;
 use crate::error::NetError;
 use crate::tls::{
-    handshake, HandshakeSide, Identity, Opener, Sealer, Session, TlsContext, TlsError,
+    handshake, HandshakeSide, Identity, Opener, Sealer, Session, SessionParts, TlsContext, TlsError,
 };
 use crate::wire::{
     Frame, FrameDecoder, FrameHeader, MsgKind, PayloadCodec, WireError, DGT_HELLO_LEN,
@@ -152,21 +152,13 @@ pub(super) struct Reliable {
 impl Reliable {
     /// A channel on `tcp` (its handshake, if any, done: `session`).
     pub(super) fn new(tcp: TcpStream, session: Option<Session>) -> Reliable {
-        let (sealer, opener, peer, datagram_key) = match session {
-            Some(s) => (
-                Some(s.sealer),
-                Some(s.opener),
-                Some(s.peer),
-                Some((s.dgt_key, s.aes)),
-            ),
-            None => (None, None, None, None),
-        };
+        let parts = SessionParts::from(session);
         Reliable {
             tcp,
-            sealer,
-            opener,
-            peer,
-            datagram_key,
+            sealer: parts.sealer,
+            opener: parts.opener,
+            peer: parts.identity,
+            datagram_key: parts.datagram_key,
             plain: Vec::new(),
             sealed: Vec::new(),
         }

@@ -36,13 +36,13 @@ use crossbeam_channel::{Receiver, Sender};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use self::send_track::{Next, SendTrack, SEND_ZC_REPORT_USAGE};
-use super::{feed_input, seal_windows, NetOptions, Secure};
+use super::{feed_input, seal_windows, NetOptions};
 use crate::conn::Connection;
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
 use crate::owned::OwnedBytes;
 use crate::stats::LiveCounters;
-use crate::tls::{Opener, Sealer};
+use crate::tls::{Opener, Sealer, SessionParts};
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
 /// Scratch receive buffer per connection.
@@ -309,7 +309,7 @@ impl UringDriver {
         conn: Connection<ReplyTx>,
         counters: Arc<LiveCounters>,
         dispatch: Arc<dyn Dispatch>,
-        secure: Secure,
+        secure: SessionParts,
     ) -> Result<Arc<Link>, NetError> {
         let peer = stream.peer_addr()?;
         let idx = self.shared.next_idx.fetch_add(1, Ordering::Relaxed);
@@ -442,6 +442,17 @@ impl UringIo {
         Ok(sent)
     }
 
+    /// Back-pressure: waits (driving an inline ring meanwhile) while this connection has more
+    /// than [`MAX_QUEUED`] bytes queued. Never on the ring thread, before `order` is taken.
+    fn wait_for_room(&self) {
+        let shared = &self.cell.shared;
+        while self.queued.load(Ordering::Acquire) > MAX_QUEUED {
+            if !(shared.inline && self.cell.try_turn(Duration::from_millis(1))) {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
     /// After handing bytes to the ring: a client's caller submits them now on its own thread
     /// (a non-blocking turn) rather than waking the ring thread.
     fn submit(&self, in_turn: bool) {
@@ -460,12 +471,7 @@ impl UringIo {
         let shared = &self.cell.shared;
         let in_turn = in_turn(shared.ring_id);
         if !in_turn {
-            // Back-pressure: do not queue without bound.
-            while self.queued.load(Ordering::Acquire) > MAX_QUEUED {
-                if !(shared.inline && self.cell.try_turn(Duration::from_millis(1))) {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            }
+            self.wait_for_room();
         }
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sealer) = order.as_mut() else {
@@ -489,7 +495,8 @@ impl UringIo {
             }
             self.queued.fetch_add(w.len() - sent, Ordering::AcqRel);
             let owned = std::mem::replace(w, crate::bufpool::take(Sealer::sealed_len(window)));
-            if !shared.send(Cmd::Owned(self.idx, Box::new(owned), sent)) {
+            let owned = Box::new(crate::bufpool::Pooled(owned));
+            if !shared.send(Cmd::Owned(self.idx, owned, sent)) {
                 return Err(Self::stopped());
             }
             if !in_turn {
@@ -521,12 +528,7 @@ impl LinkIo for UringIo {
         // Zero copy pays only where the kernel does not copy anyway (not on loopback).
         let zero_copy = big && !in_turn && !self.zc_off.load(Ordering::Acquire);
         if !in_turn && !big {
-            // Back-pressure: do not queue without bound.
-            while self.queued.load(Ordering::Acquire) > MAX_QUEUED {
-                if !(shared.inline && self.cell.try_turn(Duration::from_millis(1))) {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            }
+            self.wait_for_room();
         }
         let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let total = HEADER_LEN + payload.len();
