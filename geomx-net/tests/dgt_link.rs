@@ -189,6 +189,10 @@ fn malformed_reliable_input_is_refused_and_counted() {
     rogue
         .write_all(&raw_frame(MsgKind::DgtHello, 8, hello))
         .unwrap();
+    // A sender waits for the hello answer before sending more (pipelined frames are refused).
+    let mut answer = vec![0u8; geomx_net::wire::HEADER_LEN + geomx_net::wire::DGT_HELLO_LEN];
+    rogue.set_read_timeout(Some(WAIT)).unwrap();
+    std::io::Read::read_exact(&mut rogue, &mut answer).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut bogus: Vec<u8> = (0..64).map(|_| rng.random()).collect();
     bogus[8..12].copy_from_slice(&8u32.to_le_bytes());
@@ -221,4 +225,56 @@ fn datagrams_from_another_host_are_invalid() {
     wait_until(|| server.stats().invalid >= 1);
     client.push_f32(1, 0, vec![3.0; 100], vec![0]).unwrap();
     assert_eq!(server.recv_delivery(WAIT).unwrap().values, vec![3.0; 100]);
+}
+
+#[test]
+fn a_live_sender_id_is_not_taken_over_and_silent_connections_are_capped() {
+    use geomx_net::dgt::link::MAX_PENDING_HELLOS;
+    let server = DgtServer::bind(LO, cfg(), &[(1, 100, ValueType::F32)], None).unwrap();
+    let first = DgtClient::connect(server.local_addr(), 5, cfg(), LinkOptions::default()).unwrap();
+    // A second hello for the live id is refused; the first connection keeps it.
+    assert!(DgtClient::connect(server.local_addr(), 5, cfg(), LinkOptions::default()).is_err());
+    wait_until(|| server.stats().duplicate_hellos == 1);
+    first.push_f32(1, 0, vec![2.0; 100], vec![0]).unwrap();
+    assert_eq!(server.recv_delivery(WAIT).unwrap().values, vec![2.0; 100]);
+    // Connections that never say hello: beyond the cap they are closed at once.
+    let extra = 6;
+    let silent: Vec<TcpStream> = (0..MAX_PENDING_HELLOS + extra)
+        .map(|_| TcpStream::connect(server.local_addr()).unwrap())
+        .collect();
+    wait_until(|| server.stats().refused >= 1 + extra as u64);
+    drop(silent);
+    // The sender is still served, and once it is gone its id is free again.
+    first.push_f32(1, 1, vec![3.0; 100], vec![0]).unwrap();
+    assert_eq!(server.recv_delivery(WAIT).unwrap().values, vec![3.0; 100]);
+    drop(first);
+    wait_until(|| server.stats().peers == 0);
+    let again = DgtClient::connect(server.local_addr(), 5, cfg(), LinkOptions::default()).unwrap();
+    again.push_f32(1, 0, vec![4.0; 100], vec![0]).unwrap();
+    assert_eq!(server.recv_delivery(WAIT).unwrap().values, vec![4.0; 100]);
+}
+
+#[test]
+fn a_consumer_that_falls_behind_holds_the_senders_back_without_loss() {
+    use geomx_net::dgt::link::MAX_QUEUED_DELIVERIES;
+    let server = DgtServer::bind(LO, cfg(), &[(1, 64, ValueType::F32)], None).unwrap();
+    let client = DgtClient::connect(server.local_addr(), 3, cfg(), LinkOptions::default()).unwrap();
+    let rounds = 4 * MAX_QUEUED_DELIVERIES as u32;
+    let pusher = std::thread::spawn(move || {
+        for r in 0..rounds {
+            client.push_f32(1, r, vec![r as f32; 64], vec![0]).unwrap();
+        }
+        client
+    });
+    // Nobody consumes: the queue stops near its bound (one read's worth of frames beyond it).
+    wait_until(|| server.deliveries().len() >= MAX_QUEUED_DELIVERIES);
+    std::thread::sleep(Duration::from_millis(300));
+    let queued = server.deliveries().len();
+    assert!(queued < MAX_QUEUED_DELIVERIES + 200, "{queued} queued");
+    // Then every round arrives, in order.
+    for r in 0..rounds {
+        let d = server.recv_delivery(WAIT).expect("delivery");
+        assert_eq!((d.round, d.values[0]), (r, r as f32));
+    }
+    let _client = pusher.join().unwrap();
 }

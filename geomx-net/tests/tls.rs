@@ -354,3 +354,65 @@ fn a_dgt_channel_that_never_says_hello_is_dropped() {
     }
     assert_eq!(server.stats().refused, 1);
 }
+
+#[test]
+fn a_dgt_sender_id_belongs_to_the_certificate_that_holds_it() {
+    use geomx_net::dgt::link::{DgtClient, DgtServer, LinkOptions, ServerTls};
+    use geomx_net::dgt::{DgtConfig, ValueType};
+    use std::net::{IpAddr, Ipv4Addr};
+    let ca = JobCa::generate("t", 1).unwrap();
+    let cfg = DgtConfig {
+        rate_bps: Some(1_000_000_000),
+        ..DgtConfig::default()
+    };
+    let tls = ServerTls {
+        ctx: context(&ca, "global_server", 0, 0),
+        roles: vec!["local_server".into()],
+    };
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let server = DgtServer::bind_secure(
+        lo,
+        cfg.clone(),
+        &[(7, 100, ValueType::F32)],
+        None,
+        Some(tls),
+    )
+    .unwrap();
+    let opts = LinkOptions {
+        connect_timeout: Duration::from_secs(5),
+        ..LinkOptions::default()
+    };
+    let (dc0, dc1) = (
+        context(&ca, "local_server", 0, 0),
+        context(&ca, "local_server", 1, 0),
+    );
+    let connect = |id: u32, ctx: &Arc<TlsContext>| {
+        DgtClient::connect_secure(server.local_addr(), id, cfg.clone(), opts, Some(ctx))
+    };
+    let a = connect(1, &dc0).unwrap();
+    // Another member's certificate may not take the id, nor may dc 0 send as a second id.
+    assert!(connect(1, &dc1).is_err());
+    assert!(connect(2, &dc0).is_err());
+    let t = Instant::now();
+    while server.stats().duplicate_hellos < 2 && t.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.stats().duplicate_hellos, 2);
+    a.push_f32(7, 0, vec![1.0; 100], vec![0]).unwrap();
+    assert_eq!(server.recv_delivery(WAIT).unwrap().values, vec![1.0; 100]);
+    // dc 1 under its own id is admitted; the id's holder may reconnect and takes it over at
+    // round 0, and even after dc 0 left, dc 1 may not take dc 0's id.
+    let b = connect(2, &dc1).unwrap();
+    let a2 = connect(1, &dc0).unwrap();
+    a2.push_f32(7, 0, vec![2.0; 100], vec![0]).unwrap();
+    let d = server.recv_delivery(WAIT).unwrap();
+    assert_eq!((d.sender, d.round, d.values), (1, 0, vec![2.0; 100]));
+    drop((a, a2));
+    let t = Instant::now();
+    while server.stats().peers != 1 && t.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(connect(1, &dc1).is_err());
+    b.push_f32(7, 0, vec![3.0; 100], vec![0]).unwrap();
+    assert_eq!(server.recv_delivery(WAIT).unwrap().sender, 2);
+}

@@ -52,7 +52,10 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 pub use client::{ClientStats, DgtClient, LinkOptions, Pacing};
-pub use server::{DgtServer, ServerStats, ServerTls, MAX_DGT_HANDSHAKES};
+pub use server::{
+    DgtServer, ServerStats, ServerTls, MAX_DGT_HANDSHAKES, MAX_PENDING_HELLOS,
+    MAX_QUEUED_DELIVERIES,
+};
 
 use super::{DgtError, MAX_CHANNELS};
 use crate::driver::feed_input;

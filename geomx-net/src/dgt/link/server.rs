@@ -1,5 +1,17 @@
 //! The receiving endpoint: one [`DgtReceiver`] per connected sender, driven by one thread that
 //! polls the TCP listener, the reliable connections and the UDP channel sockets.
+//!
+//! Admission and bounds (docs/security.md):
+//! * with TLS, at most [`MAX_DGT_HANDSHAKES`] handshakes run at once (10 s each); at most
+//!   [`MAX_PENDING_HELLOS`] connections may wait for their hello, which must come within 10 s,
+//!   and before it a connection can make the server buffer no more than one hello frame;
+//! * a sender id is held by one live connection: a second hello for a live id is refused and the
+//!   first connection stays. With TLS an id also belongs to the certificate that first held it
+//!   (and a certificate to one id), so only that member may take it over again, e.g. after a
+//!   reconnect while its old connection has not been noticed dead yet;
+//! * per admitted sender the receiver core keeps at most two rounds in progress per key, and
+//!   while [`MAX_QUEUED_DELIVERIES`] delivered tensors wait for the consumer the reliable
+//!   channels are not read (TCP flow control holds the senders back).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -18,8 +30,8 @@ use crate::dgt::seal::{sealed_sender, DatagramOpener, Refusal};
 use crate::dgt::udp::DEFAULT_RECV_BUFFER;
 use crate::dgt::ChannelCounters;
 use crate::dgt::{Delivery, DgtConfig, DgtKind, DgtReceiver, UdpChannels, ValueType, MAX_CHANNELS};
-use crate::tls::{HandshakeSide, TlsContext};
-use crate::wire::{Frame, FrameDecoder, MsgKind, DGT_MAX_END_PAYLOAD, HEADER_LEN};
+use crate::tls::{HandshakeSide, Identity, TlsContext};
+use crate::wire::{Frame, FrameDecoder, MsgKind, DGT_HELLO_LEN, DGT_MAX_END_PAYLOAD, HEADER_LEN};
 
 const NCH: usize = MAX_CHANNELS as usize + 1;
 /// Writes of reports / hello answers may wait this long for room.
@@ -30,6 +42,12 @@ pub const MAX_DGT_HANDSHAKES: usize = 16;
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// Time an admitted reliable channel has to send its hello.
 const HELLO_LIMIT: Duration = Duration::from_secs(10);
+/// Admitted connections that have not sent their hello yet; more are closed at once.
+pub const MAX_PENDING_HELLOS: usize = 64;
+/// Delivered tensors waiting for the consumer before the reliable channels stop being read.
+pub const MAX_QUEUED_DELIVERIES: usize = 256;
+/// Decoder bound before the hello: exactly one hello frame.
+const PRE_HELLO_FRAME: usize = HEADER_LEN + DGT_HELLO_LEN;
 
 /// Mutual TLS of a [`DgtServer`]'s reliable channels.
 #[derive(Clone)]
@@ -61,8 +79,10 @@ pub struct ServerStats {
     pub timed_out: u64,
     /// Senders connected now.
     pub peers: usize,
-    /// Connections refused or closed for a protocol error.
+    /// Connections refused or closed for a protocol error (including those below).
     pub refused: u64,
+    /// Hellos refused because another connection or certificate holds the sender id.
+    pub duplicate_hellos: u64,
     /// Sealed datagrams (TLS) that failed to open: forged, tampered or from no sender.
     pub datagrams_forged: u64,
     /// Sealed datagrams that opened but were seen before (replays).
@@ -174,11 +194,13 @@ impl DgtServer {
             conns: HashMap::new(),
             next_conn: 0,
             peers: HashMap::new(),
+            claims: HashMap::new(),
             gone: Totals::default(),
             waker,
             out: tx,
             shared: shared.clone(),
             refused: 0,
+            duplicate_hellos: 0,
             deliveries: 0,
             timed_out: 0,
             forged: 0,
@@ -301,11 +323,14 @@ struct Loop {
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     peers: HashMap<u32, Peer>,
+    /// With TLS: sender id → the certificate that holds it (for the server's lifetime).
+    claims: HashMap<u32, Identity>,
     gone: Totals,
     waker: Waker,
     out: Sender<Delivery>,
     shared: Arc<Shared>,
     refused: u64,
+    duplicate_hellos: u64,
     deliveries: u64,
     timed_out: u64,
     forged: u64,
@@ -319,7 +344,15 @@ impl Loop {
         while !self.shared.stop.load(Ordering::SeqCst) {
             self.waker.drain();
             self.accept();
-            let ids: Vec<u64> = self.conns.keys().copied().collect();
+            // While the consumer is behind, admitted senders are not read: TCP flow control
+            // holds them back instead of the delivery queue growing.
+            let paused = self.out.len() >= MAX_QUEUED_DELIVERIES;
+            let ids: Vec<u64> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !(paused && c.sender.is_some()))
+                .map(|(&id, _)| id)
+                .collect();
             for id in ids {
                 let res = match self.conns.get_mut(&id) {
                     Some(c) => read_frames(&mut c.tcp, &mut c.dec, &mut rbuf, &mut frames),
@@ -365,7 +398,7 @@ impl Loop {
                 .filter_map(|p| p.rx.poll_timeout())
                 .min()
                 .map_or(Duration::from_millis(50), |t| sys::until(t, Instant::now()))
-                .min(Duration::from_millis(50));
+                .min(Duration::from_millis(if paused { 5 } else { 50 }));
             let mut fds = Vec::with_capacity(3 + self.conns.len() + usize::from(self.cfg.channels));
             for fd in [self.listener.as_raw_fd(), self.waker.fd()] {
                 fds.push(libc::pollfd {
@@ -383,7 +416,11 @@ impl Loop {
                     });
                 }
             }
-            for c in self.conns.values() {
+            for c in self
+                .conns
+                .values()
+                .filter(|c| !(paused && c.sender.is_some()))
+            {
                 fds.push(libc::pollfd {
                     fd: c.tcp.tcp.as_raw_fd(),
                     events: libc::POLLIN,
@@ -450,6 +487,12 @@ impl Loop {
 
     /// Starts reading an accepted (and, with TLS, authenticated) reliable channel.
     fn admit(&mut self, tcp: Reliable) {
+        let pending = self.conns.values().filter(|c| c.sender.is_none()).count();
+        if pending >= MAX_PENDING_HELLOS {
+            self.refused += 1;
+            tracing::warn!("dgt: connection refused: too many connections without a hello");
+            return;
+        }
         if let Err(e) = tcp.tcp.set_nonblocking(true) {
             tracing::warn!(error = %e, "dgt: connection dropped");
             return;
@@ -462,7 +505,7 @@ impl Loop {
             Conn {
                 tcp,
                 since: Instant::now(),
-                dec: FrameDecoder::new(HEADER_LEN + DGT_MAX_END_PAYLOAD),
+                dec: FrameDecoder::new(PRE_HELLO_FRAME),
                 sender: None,
                 first_reliable: None,
                 reliable_bytes: 0,
@@ -506,6 +549,17 @@ impl Loop {
                         )));
                     }
                 }
+                let ident = conn.tcp.peer.clone();
+                if let Err(e) = claimable(&self.claims, &self.peers, sender, ident.as_ref()) {
+                    self.duplicate_hellos += 1;
+                    return Err(e);
+                }
+                // The sender waits for the answer before sending more.
+                if conn.dec.buffered() != 0 {
+                    return Err(LinkError::Protocol(format!(
+                        "sender {sender} sent more before the hello answer"
+                    )));
+                }
                 let b = hello.block_bytes as usize;
                 if hello.channels != self.cfg.channels || b > self.cfg.block_bytes {
                     return Err(LinkError::Protocol(format!(
@@ -540,6 +594,10 @@ impl Loop {
                     WRITE_LIMIT,
                 )?;
                 conn.sender = Some(sender);
+                conn.dec = FrameDecoder::new(HEADER_LEN + DGT_MAX_END_PAYLOAD);
+                if let Some(ident) = ident {
+                    self.claims.insert(sender, ident);
+                }
                 let ip = conn
                     .tcp
                     .tcp
@@ -557,7 +615,8 @@ impl Loop {
                     opener,
                 };
                 if let Some(mut old) = self.peers.insert(sender, peer) {
-                    // A reconnecting sender starts over at round 0.
+                    // The same member reconnecting (its certificate holds the id) starts over
+                    // at round 0; its old connection is closed.
                     self.gone.add(old.rx.counters(), old.rx.invalid());
                     while old.rx.poll_delivery().is_some() {}
                     let stale: Vec<u64> = self
@@ -739,8 +798,42 @@ impl Loop {
             timed_out: self.timed_out,
             peers: self.peers.len(),
             refused: self.refused,
+            duplicate_hellos: self.duplicate_hellos,
             datagrams_forged: self.forged,
             datagrams_replayed: self.replayed,
         };
     }
+}
+
+/// Whether a hello for `sender` from a connection with certificate `ident` may take the id:
+/// no other live connection holds it, and with TLS no other certificate ever held it, nor
+/// does this certificate hold another id.
+fn claimable(
+    claims: &HashMap<u32, Identity>,
+    peers: &HashMap<u32, Peer>,
+    sender: u32,
+    ident: Option<&Identity>,
+) -> Result<(), LinkError> {
+    let Some(ident) = ident else {
+        if peers.contains_key(&sender) {
+            return Err(LinkError::Protocol(format!(
+                "sender {sender} is already connected"
+            )));
+        }
+        return Ok(());
+    };
+    if let Some(owner) = claims.get(&sender).filter(|o| *o != ident) {
+        return Err(LinkError::Protocol(format!(
+            "sender id {sender} belongs to {owner}, not to {ident}"
+        )));
+    }
+    if let Some((other, _)) = claims
+        .iter()
+        .find(|(&s, o)| s != sender && *o == ident && peers.contains_key(&s))
+    {
+        return Err(LinkError::Protocol(format!(
+            "{ident} already sends as sender {other}"
+        )));
+    }
+    Ok(())
 }
