@@ -242,7 +242,8 @@ fn a_live_sender_id_is_not_taken_over_and_silent_connections_are_capped() {
     let silent: Vec<TcpStream> = (0..MAX_PENDING_HELLOS + extra)
         .map(|_| TcpStream::connect(server.local_addr()).unwrap())
         .collect();
-    wait_until(|| server.stats().refused >= 1 + extra as u64);
+    // The refused duplicate hello counts too.
+    wait_until(|| server.stats().refused > extra as u64);
     drop(silent);
     // The sender is still served, and once it is gone its id is free again.
     first.push_f32(1, 1, vec![3.0; 100], vec![0]).unwrap();
