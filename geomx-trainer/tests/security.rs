@@ -341,3 +341,81 @@ fn a_capture_of_a_default_launch_holds_no_frame_magic() {
         "the capture misses plaintext DGT blocks: {plain:?}"
     );
 }
+
+/// An on-path attacker on `lo` during a DGT launch: every 4th UDP datagram it sees is sent again
+/// (a replay) and once more with one byte of its authenticated header flipped (tampered), from
+/// its own socket, to the port it was sent to. The global server must count and drop both kinds, and the job must complete
+/// with replicas that agree.
+#[test]
+fn replayed_and_tampered_dgt_datagrams_are_counted_dropped_and_training_completes() {
+    let attacker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let own = attacker.local_addr().unwrap().port();
+    let sent = Arc::new(AtomicU64::new(0));
+    let s2 = sent.clone();
+    let mut seen = 0u64;
+    let cap = support::capture::Capture::start_with(Vec::new(), move |pkt| {
+        // lo's link header (14 bytes), then IPv4 carrying UDP.
+        let Some(ip) = pkt.get(14..) else { return };
+        if ip.len() < 28 || ip[0] >> 4 != 4 || ip[9] != 17 {
+            return;
+        }
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let Some(udp) = ip.get(ihl..) else { return };
+        if udp.len() <= 8 {
+            return;
+        }
+        let (sport, dport) = (
+            u16::from_be_bytes([udp[0], udp[1]]),
+            u16::from_be_bytes([udp[2], udp[3]]),
+        );
+        if sport == own {
+            return;
+        }
+        // Every 4th datagram, so the job is not flooded.
+        seen += 1;
+        if seen % 4 != 0 {
+            return;
+        }
+        let payload = &udp[8..];
+        let to = SocketAddr::from(([127, 0, 0, 1], dport));
+        // Tampered: the sequence number in the clear prefix (sender u32, sequence u64) changed,
+        // so it is no replay and must fail authentication. (A copy of a seen datagram with its
+        // body changed is refused as a replay before any decryption.)
+        let mut tampered = payload.to_vec();
+        tampered[4] ^= 0x80;
+        if attacker.send_to(payload, to).is_ok() && attacker.send_to(&tampered, to).is_ok() {
+            s2.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let cap = match cap {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("datagram attack test skipped: {why}");
+            return;
+        }
+    };
+    // Small blocks, most of them on the unreliable channels, so that many datagrams cross lo.
+    let toml = config(&free_ports(4))
+        + "[transport]\ninter = \"dgt\"\n[transport.dgt]\nk = 0.2\nblock_bytes = 512\n";
+    let (out, rep) = run_job("dgt-replay", &toml);
+    let _ = cap.stop();
+    assert_ok(&out);
+    let r = report(&rep);
+    assert!(sent.load(Ordering::Relaxed) > 0, "no datagram was replayed");
+    assert!(r["replicas_identical"].as_bool().unwrap(), "{r}");
+    let count = |field: &str| -> u64 {
+        r["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["dgt"][field].as_u64())
+            .sum()
+    };
+    let (replayed, forged) = (count("datagrams_replayed"), count("datagrams_forged"));
+    eprintln!(
+        "attacker sent {} pairs; the receiver counted {replayed} replayed, {forged} forged",
+        sent.load(Ordering::Relaxed)
+    );
+    assert!(replayed > 0, "no replay was counted: {r}");
+    assert!(forged > 0, "no tampered datagram was counted: {r}");
+}

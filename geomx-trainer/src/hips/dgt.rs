@@ -58,6 +58,15 @@ pub struct DgtRoleStats {
     /// Last pacing rate in bit/s (local servers).
     #[serde(default)]
     pub rate_bps: u64,
+    /// Sealed datagrams that failed to open (forged or tampered): dropped (global servers).
+    #[serde(default)]
+    pub datagrams_forged: u64,
+    /// Sealed datagrams seen before (replays): dropped (global servers).
+    #[serde(default)]
+    pub datagrams_replayed: u64,
+    /// Reliable channels refused or closed for a protocol or admission error (global servers).
+    #[serde(default)]
+    pub refused_channels: u64,
 }
 
 impl DgtRoleStats {
@@ -87,6 +96,9 @@ impl DgtRoleStats {
             late_blocks: st.late(),
             timed_out: st.timed_out,
             invalid: st.invalid,
+            datagrams_forged: st.datagrams_forged,
+            datagrams_replayed: st.datagrams_replayed,
+            refused_channels: st.refused,
             ..Self::default()
         }
     }

@@ -26,6 +26,15 @@ impl Capture {
     /// Starts capturing every packet on `lo`, counting those that contain each of `needles`;
     /// `Err` with the reason when this process may not (not root).
     pub fn start(needles: Vec<Vec<u8>>) -> Result<Capture, String> {
+        Self::start_with(needles, |_| {})
+    }
+
+    /// [`Capture::start`] that also hands each packet as it arrives (once, on its way in; with
+    /// the 14-byte link header of `lo`) to `each`.
+    pub fn start_with(
+        needles: Vec<Vec<u8>>,
+        mut each: impl FnMut(&[u8]) + Send + 'static,
+    ) -> Result<Capture, String> {
         // SAFETY: plain socket calls on a descriptor this function owns.
         let fd = unsafe {
             libc::socket(
@@ -90,13 +99,27 @@ impl Capture {
             };
             let mut buf = vec![0u8; 1 << 17];
             while !s2.load(Ordering::Relaxed) {
-                // SAFETY: `buf` is valid for its length.
-                let n =
-                    unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+                // SAFETY: sockaddr_ll is plain data.
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                // SAFETY: `buf` and `from` are valid for their lengths.
+                let n = unsafe {
+                    libc::recvfrom(
+                        fd,
+                        buf.as_mut_ptr() as *mut libc::c_void,
+                        buf.len(),
+                        0,
+                        &mut from as *mut _ as *mut libc::sockaddr,
+                        &mut from_len,
+                    )
+                };
                 if n <= 0 {
                     continue;
                 }
                 let pkt = &buf[..n as usize];
+                if from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                    each(pkt);
+                }
                 seen.packets += 1;
                 seen.bytes += n as u64;
                 for (i, needle) in needles.iter().enumerate() {
