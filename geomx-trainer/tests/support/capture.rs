@@ -117,7 +117,7 @@ impl Capture {
                     continue;
                 }
                 let pkt = &buf[..n as usize];
-                if from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                if from.sll_pkttype != libc::PACKET_OUTGOING {
                     each(pkt);
                 }
                 seen.packets += 1;
