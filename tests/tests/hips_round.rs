@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use geomx_net::{KvClient, NetOptions, PayloadCodec};
+use geomx_net::{KvClient, NetError, NetOptions, PayloadCodec};
 use geomx_trainer::config::{Config, DataCenterConfig, DataConfig, SyncAlgorithm};
 use geomx_trainer::data::{shard_indices, Batcher, Dataset, Samples, ShardStrategy, TrainTest};
 use geomx_trainer::engine::optim::{AdamConfig, SgdConfig};
@@ -181,10 +181,21 @@ fn run_cluster_at(
     before_roles: impl FnOnce(&str),
     before_workers: impl FnOnce(),
 ) -> Vec<RoleStats> {
+    run_cluster_watched(job, local0, before_roles, before_workers, Arc::new(|_| {}))
+}
+
+/// [`run_cluster_at`] with worker (dc 0, rank 0)'s progress lines handed to `progress` (on that
+/// worker's thread: it waits while `progress` runs).
+fn run_cluster_watched(
+    job: &JobSpec,
+    local0: &str,
+    before_roles: impl FnOnce(&str),
+    before_workers: impl FnOnce(),
+    progress: ProgressSink,
+) -> Vec<RoleStats> {
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let e2 = errors.clone();
     let fatal: FatalHook = Arc::new(move |m: &str| e2.lock().unwrap().push(m.to_string()));
-    let progress: ProgressSink = Arc::new(|_| {});
     let (res_tx, res_rx) = std::sync::mpsc::channel();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     {
@@ -470,6 +481,72 @@ fn strangers_and_garbage_at_a_local_server_do_not_change_the_result() {
     eprintln!("stranger pushes refused: {}", refused.len());
     assert!(!refused.is_empty(), "the stranger never got to push");
     assert!(refused.iter().all(|&e| e), "a stranger's push was accepted");
+}
+
+/// An authenticated member's bad requests (security.md): during a mutual-TLS run, once every
+/// worker has pushed, a second connection under worker (dc 0, rank 0)'s own certificate pulls an
+/// unknown key and pushes a key the real worker already pushed, and worker (dc 1, rank 0)'s
+/// certificate pushes at dc 0's local server. Each gets an error reply, and the job ends with
+/// the parameters of the undisturbed reference.
+#[test]
+fn an_authenticated_members_bad_requests_get_error_replies_and_the_job_goes_on() {
+    let mut j = job(vec![2, 2], 1, 30);
+    assert_eq!(j.security, geomx_trainer::config::SecurityMode::Mtls);
+    // Progress lines (worker dc 0 rank 0) every 5 rounds: the first comes once round 5 is done,
+    // so every worker has pushed and holds its id at its local server.
+    j.eval_every = 5;
+    let want = params_hash(&reference(&j, true));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let replies = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (jj, a, r2) = (j.clone(), addr.clone(), replies.clone());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d2 = done.clone();
+    let progress: ProgressSink = Arc::new(move |_| {
+        if d2.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let wait = Duration::from_secs(20);
+        let answer = |p: Result<geomx_net::Pending, NetError>| match p.map(|p| p.wait(wait)) {
+            Ok(Err(NetError::Remote(m))) => r2.lock().unwrap().push(m),
+            other => panic!("a bad request was not refused: {other:?}"),
+        };
+        // Every node id the job may have given (coordinator, servers and workers: 1..=8).
+        let own = jj.net_as("worker", 0, 0).unwrap();
+        let other_dc = jj.net_as("worker", 1, 0).unwrap();
+        for id in 1..=8u32 {
+            let c = KvClient::connect(a.as_str(), id, own.clone()).unwrap();
+            answer(c.pull(1 << 40, 0, 0, 1));
+            answer(c.push(0, 5, PayloadCodec::DenseF32, 0, 37, &[0u8; 37 * 4]));
+            let c = KvClient::connect(a.as_str(), id, other_dc.clone()).unwrap();
+            answer(c.push(1, 5, PayloadCodec::DenseF32, 0, 5, &[0u8; 5 * 4]));
+        }
+    });
+    let stats = run_cluster_watched(&j, &addr, |_| {}, || {}, progress);
+    assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+    for h in worker_hashes(&stats) {
+        assert_eq!(h, want);
+    }
+    let replies = replies.lock().unwrap();
+    let has = |s: &str| replies.iter().any(|m| m.contains(s));
+    assert!(has("pull of unknown key"), "{replies:?}");
+    assert!(
+        has("already connected"),
+        "no duplicate push refused: {replies:?}"
+    );
+    assert!(
+        has("the certificate of worker dc 1 rank 0 may not speak for"),
+        "{replies:?}"
+    );
+    let local0 = stats
+        .iter()
+        .find(|s| s.role == "local_server" && s.dc == 0)
+        .unwrap();
+    assert_eq!(local0.refused_requests, replies.len() as u64);
 }
 
 /// sync.md oracle 4: HFA with K1 = K2 = 1, equal shards and `average` is synchronous model
