@@ -51,7 +51,9 @@ const SCRATCH: usize = 256 << 10;
 const REG_BUFS: usize = 16;
 /// Coalesce queued small frames up to this many bytes per `SEND`.
 const COALESCE: usize = 1 << 20;
-/// Senders wait while this many bytes are queued for one connection.
+/// Senders wait while this many bytes are queued for one connection; while it is exceeded, the
+/// ring neither dispatches that connection's received frames nor reads more of its input, so a
+/// peer that sends requests and never reads the replies holds at most this plus one reply.
 const MAX_QUEUED: usize = 16 << 20;
 /// An encrypted send seals at most this much before it writes or queues it (at least `io_chunk`):
 /// small enough that the receiver opens one window while the sender seals the next.
@@ -346,6 +348,7 @@ impl UringDriver {
             dec: FrameDecoder::new(self.opts.max_frame),
             scratch: Vec::new(),
             frames: Vec::new(),
+            held: VecDeque::new(),
             recv: RecvState::Idle,
             queue: VecDeque::new(),
             cur: None,
@@ -677,6 +680,8 @@ struct UConn {
     dec: FrameDecoder,
     scratch: Vec<u8>,
     frames: Vec<Frame>,
+    /// Received frames not dispatched yet: the connection's output was over [`MAX_QUEUED`].
+    held: VecDeque<Frame>,
     recv: RecvState,
     queue: VecDeque<OutItem>,
     cur: Option<CurSend>,
@@ -823,6 +828,9 @@ impl Ring {
         }
         let idxs: Vec<usize> = self.conns.keys().copied().collect();
         for idx in &idxs {
+            if self.conns.get(idx).is_some_and(|c| !c.held.is_empty()) {
+                self.dispatch(*idx);
+            }
             self.arm(*idx);
         }
         self.reap();
@@ -1010,7 +1018,9 @@ impl Ring {
             return;
         }
         let mut entries = Vec::with_capacity(2);
-        if c.recv == RecvState::Idle {
+        // Input waits while received frames wait for the output to drain.
+        let reading = c.held.is_empty() && c.queued.load(Ordering::Acquire) <= MAX_QUEUED;
+        if c.recv == RecvState::Idle && reading {
             let fd = types::Fd(c.fd);
             // Encrypted input is opened before decoding, so it never goes straight to a payload.
             let direct = match c.opener {
@@ -1157,11 +1167,8 @@ impl Ring {
                 feed_input(opener, &mut c.plain, &mut c.dec, bytes, &mut c.frames)
             }
         };
-        let mut frames = std::mem::take(&mut c.frames);
-        link.on_input(Instant::now(), &mut frames);
-        if let Some(c) = self.conns.get_mut(&idx) {
-            c.frames = frames;
-        }
+        c.held.extend(c.frames.drain(..));
+        self.dispatch(idx);
         match fed {
             Ok(()) => self.read_ready(idx),
             Err(e) => {
@@ -1181,7 +1188,12 @@ impl Ring {
             };
             // Only while no receive of the ring's can write into the same buffer (and never on
             // an encrypted connection, whose input is opened before decoding).
-            if c.dead || c.recv != RecvState::Idle || c.opener.is_some() {
+            if c.dead
+                || c.recv != RecvState::Idle
+                || c.opener.is_some()
+                || !c.held.is_empty()
+                || c.queued.load(Ordering::Acquire) > MAX_QUEUED
+            {
                 return;
             }
             let fd = c.fd;
@@ -1196,11 +1208,34 @@ impl Ring {
             link.counters().add_recv_bytes(n);
             // SAFETY: the kernel wrote n bytes into the direct target.
             unsafe { c.dec.commit_direct(n, &mut c.frames) };
-            let mut frames = std::mem::take(&mut c.frames);
-            link.on_input(Instant::now(), &mut frames);
-            if let Some(c) = self.conns.get_mut(&idx) {
-                c.frames = frames;
+            c.held.extend(c.frames.drain(..));
+            self.dispatch(idx);
+        }
+    }
+
+    /// Hands the connection's received frames to its link one at a time, while its queued
+    /// output stays within [`MAX_QUEUED`] (a handler on this thread replies at once); the rest
+    /// wait, and so does the connection's input (see `arm`).
+    fn dispatch(&mut self, idx: usize) {
+        let Some(c) = self.conns.get_mut(&idx) else {
+            return;
+        };
+        let link = c.link.clone();
+        let mut one = std::mem::take(&mut c.frames);
+        loop {
+            let Some(c) = self.conns.get_mut(&idx) else {
+                return;
+            };
+            if c.dead || c.queued.load(Ordering::Acquire) > MAX_QUEUED {
+                c.frames = one;
+                return;
             }
+            let Some(f) = c.held.pop_front() else {
+                c.frames = one;
+                return;
+            };
+            one.push(f);
+            link.on_input(Instant::now(), &mut one);
         }
     }
 

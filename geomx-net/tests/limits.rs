@@ -1,0 +1,88 @@
+//! Bounds that hold against a peer that never reads: a client that pipelines requests with
+//! large replies and reads none of them makes the server hold a bounded amount of output, and
+//! the server goes on serving everyone else.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use geomx_net::wire::{self, Frame, FrameHeader, MsgKind, PayloadCodec};
+use geomx_net::{DriverKind, Handler, KvClient, KvServer, NetOptions, Request, Responder};
+
+/// Every Pull is answered at once, on the receiving thread, with `REPLY` bytes.
+struct Big {
+    answered: AtomicU64,
+}
+
+const REPLY: usize = 1 << 20;
+
+impl Handler for Big {
+    fn on_request(&self, req: Request, reply: Responder) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        let _ = reply.send(req.version, PayloadCodec::Raw, &vec![7u8; REPLY]);
+    }
+}
+
+fn frame(kind: MsgKind, request_id: u64) -> Vec<u8> {
+    let mut h = FrameHeader::new(kind);
+    h.sender = 5;
+    h.request_id = request_id;
+    wire::encode(&Frame::new(h, Vec::new()))
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_holds_bounded_server_memory() {
+    let mut drivers = vec![DriverKind::Portable];
+    match geomx_net::uring_unavailable_reason() {
+        None => drivers.push(DriverKind::IoUring),
+        Some(why) => eprintln!("io_uring case skipped: {why}"),
+    }
+    for driver in drivers {
+        let big = Arc::new(Big {
+            answered: AtomicU64::new(0),
+        });
+        let opts = NetOptions {
+            driver,
+            ..NetOptions::default()
+        };
+        let server = KvServer::bind("127.0.0.1:0", big.clone(), opts.clone()).unwrap();
+        // 4000 Pulls (4 GB of replies) in one write, then nothing is ever read.
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        let mut bytes = frame(MsgKind::Hello, 0);
+        for i in 1..=4000 {
+            bytes.extend(frame(MsgKind::Pull, i));
+        }
+        s.write_all(&bytes).unwrap();
+        // The server answers until its bound for the connection's output (16 MiB) and the
+        // socket buffers are full, then stops taking requests from it.
+        let t = Instant::now();
+        let mut last = (0, Instant::now());
+        while t.elapsed() < Duration::from_secs(20) {
+            let n = big.answered.load(Ordering::Relaxed);
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let answered = big.answered.load(Ordering::Relaxed);
+        eprintln!("{driver:?}: {answered} replies of 1 MiB made for a client that reads none");
+        assert!(answered > 0, "{driver:?}: no request was served");
+        assert!(
+            answered < 200,
+            "{driver:?}: {answered} MiB of replies held for a client that reads nothing"
+        );
+        // Others are still served.
+        let c = KvClient::connect(server.local_addr(), 6, opts).unwrap();
+        let r = c
+            .pull(1, 0, 0, 1)
+            .unwrap()
+            .wait(Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(r.payload.len(), REPLY);
+        drop(s);
+    }
+}
