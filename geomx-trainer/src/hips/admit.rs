@@ -31,6 +31,26 @@ use super::lock;
 /// beyond this many, further early requests are refused.
 pub(crate) const MAX_EARLY_REQUESTS: usize = 4096;
 
+/// Pulls that may wait for a later version, per (member, key): a member pulls each key once a
+/// round, so more than this many waiting per member and key is no member's doing.
+pub(crate) const PARKED_PULLS_PER_MEMBER_KEY: usize = 2;
+
+/// Parks a pull of `key` that waits for `version` unless `cap` pulls wait already; then the
+/// reply comes back, to be refused once the caller let go of its state.
+pub(crate) fn park_pull<R>(
+    pulls: &mut Vec<(usize, u64, R)>,
+    cap: usize,
+    key: usize,
+    version: u64,
+    reply: R,
+) -> Option<R> {
+    if pulls.len() >= cap {
+        return Some(reply);
+    }
+    pulls.push((key, version, reply));
+    None
+}
+
 /// Connection-bound member identities of one server and its count of refused requests.
 #[derive(Debug, Default)]
 pub(crate) struct Admission {
@@ -142,5 +162,23 @@ impl Admission {
     /// Requests refused so far.
     pub(crate) fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::park_pull;
+
+    #[test]
+    fn pulls_park_up_to_the_cap_and_the_rest_come_back() {
+        let mut pulls = Vec::new();
+        for i in 0..3u32 {
+            assert_eq!(park_pull(&mut pulls, 3, 1, 5, i), None);
+        }
+        assert_eq!(park_pull(&mut pulls, 3, 1, 5, 9), Some(9));
+        assert_eq!(pulls.len(), 3);
+        pulls.pop();
+        assert_eq!(park_pull(&mut pulls, 3, 2, 6, 10), None);
+        assert_eq!(pulls.last(), Some(&(2, 6, 10)));
     }
 }

@@ -10,7 +10,7 @@ use geomx_net::{Handler, MsgKind, PayloadCodec, Request, Responder};
 
 use std::net::ToSocketAddrs;
 
-use super::admit::Admission;
+use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
 use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
 use super::msg::{f32_bytes, UpPush, SKIP_FLAG};
 use super::node::{Aborter, FatalHook, Identity, Node};
@@ -114,6 +114,12 @@ impl GlobalHandler {
             ));
         };
         Ok(dc)
+    }
+
+    /// Most pulls that may wait at once (see [`PARKED_PULLS_PER_MEMBER_KEY`]).
+    fn pull_cap(&self) -> usize {
+        let members = self.dc_of.get().map_or(1, |m| m.len().max(1));
+        PARKED_PULLS_PER_MEMBER_KEY * members * self.range_lens.len().max(1)
     }
 
     /// An aggregation error: a non-finite value under `nonfinite = "abort"` ends the job (the
@@ -488,7 +494,14 @@ impl GlobalHandler {
                     drop(st);
                     let _ = reply.send(v, PayloadCodec::DenseF32, &bytes);
                 }
-                Some(_) => st.pulls.push((id, req.version, reply)),
+                Some(_) => {
+                    let cap = self.pull_cap();
+                    if let Some(reply) = park_pull(&mut st.pulls, cap, id, req.version, reply) {
+                        drop(st);
+                        self.admission
+                            .refuse(reply, format!("{cap} pulls wait already"));
+                    }
+                }
                 None => {
                     drop(st);
                     let msg = format!("pull: unknown range {id}");
@@ -503,7 +516,14 @@ impl GlobalHandler {
                 drop(st);
                 let _ = reply.send(version, PayloadCodec::DenseF32, &bytes);
             }
-            Ok(None) => st.pulls.push((id, req.version, reply)),
+            Ok(None) => {
+                let cap = self.pull_cap();
+                if let Some(reply) = park_pull(&mut st.pulls, cap, id, req.version, reply) {
+                    drop(st);
+                    self.admission
+                        .refuse(reply, format!("{cap} pulls wait already"));
+                }
+            }
             Err(e) => {
                 drop(st);
                 self.admission.refuse(reply, format!("pull: {e}"));

@@ -25,7 +25,7 @@ use geomx_net::{
 
 use geomx_net::dgt::link::DgtClient;
 
-use super::admit::Admission;
+use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
 use super::dgt::{DgtRoleStats, DgtUplink, DGT_INFO_KEY};
 use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
@@ -128,6 +128,12 @@ impl LocalHandler {
             ));
         };
         Ok(rank)
+    }
+
+    /// Most pulls that may wait at once (see [`PARKED_PULLS_PER_MEMBER_KEY`]).
+    fn pull_cap(&self) -> usize {
+        let members = self.rank_of.get().map_or(1, |m| m.len().max(1));
+        PARKED_PULLS_PER_MEMBER_KEY * members * self.key_lens.len().max(1)
     }
 
     /// What a worker pushes: gradients, or models under HFA / ESync.
@@ -252,7 +258,14 @@ impl LocalHandler {
                 drop(st);
                 let _ = reply.send(v, codec, &bytes);
             }
-            Some(_) => st.pulls.push((key, req.version, reply)),
+            Some(_) => {
+                let cap = self.pull_cap();
+                if let Some(reply) = park_pull(&mut st.pulls, cap, key, req.version, reply) {
+                    drop(st);
+                    let msg = format!("dc {}: {cap} pulls wait already", self.dc);
+                    self.admission.refuse(reply, msg);
+                }
+            }
         }
     }
 
