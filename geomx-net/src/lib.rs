@@ -53,7 +53,8 @@ pub mod wire;
 
 pub use conn::ConnConfig;
 pub use driver::{
-    uring_unavailable_reason, DriverKind, NetOptions, DEFAULT_IO_CHUNK, MIN_IO_CHUNK,
+    uring_unavailable_reason, DriverKind, NetOptions, DEFAULT_IO_CHUNK, DEFAULT_MAX_CONNECTIONS,
+    MIN_IO_CHUNK,
 };
 pub use error::{NetError, Result};
 pub use kv::{Handler, KvClient, KvServer, PeerHandle, Pending, Request, Responder, Response};

@@ -86,3 +86,41 @@ fn a_client_that_never_reads_its_replies_holds_bounded_server_memory() {
         drop(s);
     }
 }
+
+#[test]
+fn a_server_holds_at_most_its_connection_bound() {
+    for driver in [DriverKind::Portable, DriverKind::Auto] {
+        let big = Arc::new(Big {
+            answered: AtomicU64::new(0),
+        });
+        let opts = NetOptions {
+            driver,
+            max_connections: 4,
+            ..NetOptions::default()
+        };
+        let server = KvServer::bind("127.0.0.1:0", big, opts.clone()).unwrap();
+        let idle: Vec<TcpStream> = (0..10)
+            .map(|_| {
+                let mut s = TcpStream::connect(server.local_addr()).unwrap();
+                s.write_all(&frame(MsgKind::Hello, 0)).unwrap();
+                s
+            })
+            .collect();
+        // All ten were accepted; the server kept four.
+        let t = Instant::now();
+        while server.connections() < 4 && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(server.connections(), 4, "{driver:?}");
+        // Once they are gone, a client is served again.
+        drop(idle);
+        let t = Instant::now();
+        while server.connections() > 0 && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let c = KvClient::connect(server.local_addr(), 6, opts).unwrap();
+        let r = c.pull(1, 0, 0, 1).unwrap().wait(Duration::from_secs(20));
+        assert_eq!(r.unwrap().payload.len(), REPLY, "{driver:?}");
+    }
+}

@@ -95,7 +95,13 @@ pub struct NetOptions {
     pub io_chunk: usize,
     /// Plaintext, or mutual TLS 1.3 with the job's certificates ([`crate::tls`]).
     pub security: crate::tls::Security,
+    /// A server's open connections at most ([`DEFAULT_MAX_CONNECTIONS`]); more are closed as
+    /// they are accepted.
+    pub max_connections: usize,
 }
+
+/// Default of [`NetOptions::max_connections`]: the portable driver runs a thread per connection.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 impl NetOptions {
     /// [`NetOptions::io_chunk`] as the drivers use it.
@@ -115,6 +121,7 @@ impl Default for NetOptions {
             zerocopy_threshold: 64 << 10,
             io_chunk: DEFAULT_IO_CHUNK,
             security: crate::tls::Security::Off,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

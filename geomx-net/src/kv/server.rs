@@ -248,6 +248,16 @@ fn admit(inner: &Arc<ServerInner>, stream: TcpStream, peer: SocketAddr, session:
     if inner.stop.load(Ordering::SeqCst) {
         return;
     }
+    let open = inner
+        .dispatch
+        .links
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .len();
+    if open >= inner.opts.max_connections {
+        tracing::warn!(%peer, open, "refused connection: too many open connections");
+        return;
+    }
     let conn = Connection::new(
         Side::Acceptor,
         inner.node_id,
