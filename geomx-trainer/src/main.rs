@@ -160,6 +160,9 @@ enum BenchKind {
     /// DGT vs all-TCP round completion time on a 100 Mbit/s link with 1 / 5 / 10 % loss
     /// (network namespaces, root only); prints a table and one JSON line.
     Dgt,
+    /// Push + pull goodput with mutual TLS against plaintext over a WAN-lab link shaped to
+    /// 1 Gbit/s (network namespaces, root only); prints a table and one JSON line.
+    Tls,
     /// FSA, MixedSync, HFA and ESync with one DC 3x slower: time to accuracy, WAN bytes (writes
     /// sync.json and sync.md into --out, default bench-sync).
     Sync,
@@ -439,6 +442,22 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
         }
         Cmd::Bench {
+            what: BenchKind::Tls,
+            quick,
+            ..
+        } => {
+            init_tracing(LogLevel::Warn);
+            let opts = if quick {
+                geomx_trainer::bench_tls::TlsBenchOptions::quick()
+            } else {
+                geomx_trainer::bench_tls::TlsBenchOptions::full()
+            };
+            geomx_trainer::bench_tls::run(&opts).map(|r| {
+                eprint!("{}", geomx_trainer::bench_tls::render_markdown(&r));
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            })
+        }
+        Cmd::Bench {
             what: BenchKind::Dgt,
             quick,
             ..
@@ -459,7 +478,9 @@ fn main() -> ExitCode {
                 BenchKind::Net => Bench::Net,
                 BenchKind::Kernels => Bench::Kernels,
                 // Handled by the arms above.
-                BenchKind::E2e | BenchKind::Sync | BenchKind::Dgt => return ExitCode::FAILURE,
+                BenchKind::E2e | BenchKind::Sync | BenchKind::Dgt | BenchKind::Tls => {
+                    return ExitCode::FAILURE
+                }
             };
             println!("{}", summary(what, quick));
             Ok(())
