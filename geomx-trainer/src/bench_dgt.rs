@@ -11,14 +11,19 @@
 //!   blocks sized to the 1500-byte MTU, GSO off behind the loss filter); the round ends when the
 //!   [`DgtServer`] delivers it (lost blocks zero, 5 ms deadline after the terminator).
 //!
+//! * **Encrypted** (`tcp mtls`, `dgt k=0.8 mtls`): the same under mutual TLS, as a default
+//!   launch runs it: TLS on the TCP connection and on DGT's reliable channel, every datagram
+//!   sealed (AES-256-GCM, key exported from the reliable channel's session).
+//!
 //! Without root the benchmark cannot build the link and says so (no loopback stand-in: loopback
 //! has neither the rate limit nor the loss the comparison is about).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use geomx_net::dgt::link::DgtServer;
+use geomx_net::dgt::link::{DgtServer, ServerTls};
 use geomx_net::dgt::ValueType;
+use geomx_net::tls::{Identity, JobCa, Security, TlsContext};
 use geomx_net::{Handler, KvClient, KvServer, NetOptions, PayloadCodec, Request, Responder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -153,9 +158,41 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// TCP round times (ms) on `lab`.
-fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>) -> Result<Vec<f64>, String> {
-    let opts = NetOptions::default();
+/// Mutual TLS of the encrypted series: the central (global server) and the site (local server)
+/// certificates of one job CA.
+struct Pki {
+    central: Arc<TlsContext>,
+    site: Arc<TlsContext>,
+}
+
+impl Pki {
+    fn new() -> Result<Pki, String> {
+        let ca = JobCa::generate("bench-dgt", 1).map_err(err)?;
+        let ctx = |role: &str| -> Result<Arc<TlsContext>, String> {
+            let creds = ca
+                .issue(&Identity::new(role, 0, 0).map_err(err)?)
+                .map_err(err)?;
+            Ok(Arc::new(TlsContext::new(&creds).map_err(err)?))
+        };
+        Ok(Pki {
+            central: ctx(crate::hips::plan::roles::GLOBAL_SERVER)?,
+            site: ctx(crate::hips::plan::roles::LOCAL_SERVER)?,
+        })
+    }
+
+    /// Plaintext options, or mutual TLS with `ctx`.
+    fn opts(tls: Option<&Pki>, ctx: impl Fn(&Pki) -> &Arc<TlsContext>) -> NetOptions {
+        NetOptions {
+            security: tls.map_or(Security::Off, |p| Security::Mtls(ctx(p).clone())),
+            ..NetOptions::default()
+        }
+    }
+}
+
+/// TCP round times (ms) on `lab` (encrypted with `tls`).
+fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>, tls: Option<&Pki>) -> Result<Vec<f64>, String> {
+    let opts = Pki::opts(tls, |p| &p.central);
+    let client_opts = Pki::opts(tls, |p| &p.site);
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let server = lab
@@ -171,7 +208,7 @@ fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>) -> Result<Vec<f64>, String> 
     let data = data.clone();
     let client = lab
         .spawn_in(true, move || -> Result<Vec<f64>, String> {
-            let c = KvClient::connect(addr, 1, NetOptions::default()).map_err(err)?;
+            let c = KvClient::connect(addr, 1, client_opts).map_err(err)?;
             let mut out = Vec::with_capacity(data.len());
             for (r, x) in data.iter().enumerate() {
                 let bytes = crate::hips::msg::f32_bytes(x);
@@ -201,12 +238,14 @@ fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>) -> Result<Vec<f64>, String> 
     res
 }
 
-/// DGT round times (ms) and the fraction of blocks missing at delivery.
+/// DGT round times (ms) and the fraction of blocks missing at delivery (encrypted and sealed
+/// with `tls`).
 fn run_dgt(
     lab: &DgtLab,
     data: &Arc<Vec<Vec<f32>>>,
     rate_mbit: f64,
     k: f64,
+    tls: Option<&Pki>,
 ) -> Result<(Vec<f64>, f64), String> {
     let d = DgtTransportConfig {
         k,
@@ -218,14 +257,20 @@ fn run_dgt(
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let d2 = d.clone();
+    let server_tls = tls.map(|p| ServerTls {
+        ctx: p.central.clone(),
+        roles: vec![crate::hips::plan::roles::LOCAL_SERVER.to_string()],
+    });
+    let client_opts = Pki::opts(tls, |p| &p.site);
     let server = lab
         .spawn_in(false, move || {
             let (cfg, _) = link_config(&d2);
-            let s = DgtServer::bind(
+            let s = DgtServer::bind_secure(
                 CENTRAL_ADDR.into(),
                 cfg,
                 &[(0, n as u32, ValueType::F32)],
                 None,
+                server_tls,
             );
             match s {
                 Ok(s) => {
@@ -243,7 +288,7 @@ fn run_dgt(
     let data = data.clone();
     let client = lab
         .spawn_in(true, move || -> Result<(Vec<f64>, f64), String> {
-            let link = crate::hips::dgt::connect(addr, 1, &d, &geomx_net::NetOptions::default())?;
+            let link = crate::hips::dgt::connect(addr, 1, &d, &client_opts)?;
             let mut up = DgtUplink::new(&d);
             let n_b = link.num_blocks(n, ValueType::F32);
             let (mut out, mut missing) = (Vec::with_capacity(data.len()), 0usize);
@@ -274,7 +319,8 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
         mode: "netns".into(),
         note: format!(
             "loss on every IP packet, each way; {} ms one-way delay; DGT C = 3, paced at 90 % of \
-             the link, GSO off, 5 ms deadline",
+             the link, GSO off, 5 ms deadline; `mtls`: TLS 1.3 on TCP and DGT's reliable \
+             channel, datagrams sealed",
             opts.delay_ms
         ),
         elems: opts.elems,
@@ -289,24 +335,34 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
         return Ok(report);
     }
     let data = Arc::new(tensors(opts.elems, opts.rounds));
+    let pki = Pki::new()?;
     for &p in &opts.losses {
         let lab =
             DgtLab::build(Some(opts.rate_mbit), p, LossScope::All, opts.delay_ms).map_err(err)?;
         let before = lab.drops();
-        let tcp = run_tcp(&lab, &data)?;
-        let mid = lab.drops();
         let sum = |a: (u64, u64), b: (u64, u64)| (b.0 + b.1).saturating_sub(a.0 + a.1);
-        report
-            .series
-            .push(series("tcp", p, tcp, 0.0, sum(before, mid)));
-        let mut last = mid;
-        for k in [0.8, 0.5] {
-            let (dgt, missing) = run_dgt(&lab, &data, opts.rate_mbit, k)?;
+        let mut last = before;
+        // Plaintext TCP and DGT at both shares, then the encrypted pair.
+        let runs: [(Option<f64>, Option<&Pki>); 5] = [
+            (None, None),
+            (Some(0.8), None),
+            (Some(0.5), None),
+            (None, Some(&pki)),
+            (Some(0.8), Some(&pki)),
+        ];
+        for (k, tls) in runs {
+            let suffix = if tls.is_some() { " mtls" } else { "" };
+            let (name, ms, missing) = match k {
+                None => ("tcp".to_string(), run_tcp(&lab, &data, tls)?, 0.0),
+                Some(k) => {
+                    let (ms, missing) = run_dgt(&lab, &data, opts.rate_mbit, k, tls)?;
+                    (format!("dgt k={k}"), ms, missing)
+                }
+            };
             let now = lab.drops();
-            let name = format!("dgt k={k}");
             report
                 .series
-                .push(series(&name, p, dgt, missing, sum(last, now)));
+                .push(series(&(name + suffix), p, ms, missing, sum(last, now)));
             last = now;
         }
         if let Some(lateness) = lab.relay_lateness() {
