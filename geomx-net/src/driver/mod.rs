@@ -306,3 +306,42 @@ fn probe_uring() -> Option<String> {
 fn probe_uring() -> Option<String> {
     Some("io_uring exists only on Linux".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Frame, FrameHeader, MsgKind};
+
+    #[test]
+    fn frames_cross_key_updates_on_every_input_split() {
+        // A KeyUpdate every 2 records, so updates land inside headers' and payloads' records.
+        let payloads: Vec<Vec<u8>> = [10usize, 100_000, 0, 40_000]
+            .iter()
+            .map(|&n| (0..n).map(|i| (i % 241) as u8).collect())
+            .collect();
+        let (mut s, _) = crate::tls::record::test_updating_pair(2);
+        let mut wire = Vec::new();
+        let mut out = Vec::new();
+        for p in &payloads {
+            let f = Frame::new(FrameHeader::new(MsgKind::Push), p.clone());
+            seal_windows(&mut s, &f.header.encode(), p, 32 << 10, &mut out, |w| {
+                wire.extend_from_slice(w);
+                w.clear();
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert!(s.generation() >= 5, "{}", s.generation());
+        for step in [1, 999, 16_405, wire.len()] {
+            let (_, mut o) = crate::tls::record::test_updating_pair(2);
+            let (mut plain, mut frames) = (Vec::new(), Vec::new());
+            let mut dec = FrameDecoder::new(1 << 20);
+            for c in wire.chunks(step) {
+                feed_input(Some(&mut o), &mut plain, &mut dec, c, &mut frames).unwrap();
+            }
+            let got: Vec<&Vec<u8>> = frames.iter().map(|f| &f.payload).collect();
+            assert_eq!(got, payloads.iter().collect::<Vec<_>>(), "step {step}");
+            assert_eq!(o.generation(), s.generation());
+        }
+    }
+}

@@ -2,18 +2,18 @@
 //!
 //! Records are read one at a time (header, then exactly its body), so when rustls reports the
 //! handshake finished, no byte of the application stream has been consumed: the traffic keys
-//! are then extracted and the connection's driver carries on with [`Sealer`] / [`Opener`].
+//! are then extracted and the connection's driver carries on with [`Sealer`] / [`super::record::Opener`].
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, ConnectionCommon, ServerConnection};
 
 use super::identity::{Identity, JOB_SERVER_NAME};
-use super::record::{Opener, RecordKey, Sealer, RECORD_HEADER};
+use super::record::{RecordKey, Sealer, RECORD_HEADER};
 use super::{Session, TlsContext, TlsError};
 
 /// Largest handshake record body accepted (RFC 8446 ciphertext bound).
@@ -22,6 +22,41 @@ const MAX_HANDSHAKE_RECORD: usize = (1 << 14) + 256;
 const MAX_HANDSHAKE_BYTES: usize = 64 << 10;
 /// Label of the exporter that keys DGT datagrams (RFC 8446 §7.5).
 pub const DGT_EXPORTER_LABEL: &[u8] = b"EXPORTER-geomx-dgt-datagrams-v1";
+
+/// One connection's application traffic secrets, as rustls derives them during the handshake
+/// (its key log, asked for these two labels only): with them the record keys can be updated.
+#[derive(Debug, Default)]
+struct SecretLog(Mutex<[Option<Vec<u8>>; 2]>);
+
+const CLIENT_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
+
+impl rustls::KeyLog for SecretLog {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        let i = match label {
+            CLIENT_SECRET => 0,
+            SERVER_SECRET => 1,
+            _ => return,
+        };
+        self.0.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(secret.to_vec());
+    }
+
+    fn will_log(&self, label: &str) -> bool {
+        matches!(label, CLIENT_SECRET | SERVER_SECRET)
+    }
+}
+
+impl SecretLog {
+    /// (transmit, receive) secrets of `side`.
+    fn take(&self, side: HandshakeSide) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (c, v) = (s[0].take(), s[1].take());
+        match side {
+            HandshakeSide::Client => (c, v),
+            HandshakeSide::Server => (v, c),
+        }
+    }
+}
 
 /// Which end of the handshake this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,18 +76,24 @@ pub fn handshake(
     side: HandshakeSide,
     deadline: Instant,
 ) -> Result<Session, TlsError> {
+    // Each connection's configuration carries its own key log (a clone; handshakes are rare).
+    let log = Arc::new(SecretLog::default());
     let res = match side {
         HandshakeSide::Client => {
             let name = ServerName::try_from(JOB_SERVER_NAME)
                 .map_err(|e| TlsError::Handshake(e.to_string()))?;
-            let conn = ClientConnection::new(Arc::clone(&ctx.client), name)
+            let mut cfg = (*ctx.client).clone();
+            cfg.key_log = log.clone();
+            let conn = ClientConnection::new(Arc::new(cfg), name)
                 .map_err(|e| TlsError::Handshake(e.to_string()))?;
-            run(stream, conn, deadline)
+            run(stream, conn, deadline, &log, side)
         }
         HandshakeSide::Server => {
-            let conn = ServerConnection::new(Arc::clone(&ctx.server))
+            let mut cfg = (*ctx.server).clone();
+            cfg.key_log = log.clone();
+            let conn = ServerConnection::new(Arc::new(cfg))
                 .map_err(|e| TlsError::Handshake(e.to_string()))?;
-            run(stream, conn, deadline)
+            run(stream, conn, deadline, &log, side)
         }
     };
     stream.set_read_timeout(None)?;
@@ -99,7 +140,13 @@ fn io_err(e: std::io::Error) -> TlsError {
     }
 }
 
-fn run<C, D>(stream: &mut TcpStream, mut conn: C, deadline: Instant) -> Result<Session, TlsError>
+fn run<C, D>(
+    stream: &mut TcpStream,
+    mut conn: C,
+    deadline: Instant,
+    log: &SecretLog,
+    side: HandshakeSide,
+) -> Result<Session, TlsError>
 where
     C: std::ops::DerefMut<Target = ConnectionCommon<D>> + Extract,
 {
@@ -161,10 +208,21 @@ where
         secrets.tx.1,
         rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { .. }
     );
+    let key = |(seq, keys): &(u64, rustls::ConnectionTrafficSecrets), secret: Option<Vec<u8>>| {
+        match secret {
+            Some(s) => RecordKey::from_rustls_secret(*seq, keys, &s),
+            None => {
+                tracing::warn!("no traffic secret from the handshake: keys cannot be updated");
+                RecordKey::from_rustls(*seq, keys)
+            }
+        }
+    };
+    let (tx_secret, rx_secret) = log.take(side);
+    let (sealer, opener) = Sealer::pair(key(&secrets.tx, tx_secret)?, key(&secrets.rx, rx_secret)?);
     Ok(Session {
         peer,
-        sealer: Sealer::new(RecordKey::from_rustls(secrets.tx.0, &secrets.tx.1)?),
-        opener: Opener::new(RecordKey::from_rustls(secrets.rx.0, &secrets.rx.1)?),
+        sealer,
+        opener,
         dgt_key,
         aes,
     })

@@ -5,8 +5,17 @@
 //! straight from the caller's buffers into records and open records straight into the frame
 //! decoder's input, with `ring`'s AES-256-GCM or ChaCha20-Poly1305. The records are standard
 //! TLS 1.3 application-data records: a rustls peer reads them (tested).
+//!
+//! Keys are updated in place (RFC 8446 §4.6.3, §7.2): a sealer that holds its traffic secret
+//! sends a KeyUpdate and moves to the next generation every [`KEY_UPDATE_EVERY`] records (and
+//! when the peer asks), and an opener follows the peer's KeyUpdates, so an AES-GCM connection
+//! never reaches the cipher's record limit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use ring::hkdf;
 use rustls::ConnectionTrafficSecrets;
 
 use super::TlsError;
@@ -30,6 +39,76 @@ const HANDSHAKE: u8 = 22;
 /// fails with a clear error rather than weaken.
 const AES_GCM_LIMIT: u64 = 1 << 24;
 
+/// A sealer that holds its traffic secret updates its key after this many records (2^23 records,
+/// at most 128 GiB: half the AES-GCM limit).
+pub const KEY_UPDATE_EVERY: u64 = 1 << 23;
+
+/// Handshake message type of a KeyUpdate (RFC 8446 §4.6.3).
+const KEY_UPDATE: u8 = 24;
+
+/// A traffic secret with the hash of its cipher suite: what a key update derives the next key
+/// from (RFC 8446 §7.1–7.3).
+#[derive(Clone)]
+pub(crate) struct TrafficSecret {
+    hkdf: hkdf::Algorithm,
+    secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for TrafficSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrafficSecret").finish_non_exhaustive()
+    }
+}
+
+/// An HKDF output length for ring.
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+impl TrafficSecret {
+    /// `secret` of a suite whose hash is SHA-384 (`sha384`) or SHA-256.
+    pub(crate) fn new(sha384: bool, secret: &[u8]) -> TrafficSecret {
+        TrafficSecret {
+            hkdf: if sha384 {
+                hkdf::HKDF_SHA384
+            } else {
+                hkdf::HKDF_SHA256
+            },
+            secret: secret.to_vec(),
+        }
+    }
+
+    /// HKDF-Expand-Label(secret, label, "", len).
+    fn expand_label(&self, label: &[u8], len: usize) -> Result<Vec<u8>, TlsError> {
+        let full = [b"tls13 ".as_slice(), label].concat();
+        let info = [
+            &(len as u16).to_be_bytes()[..],
+            &[full.len() as u8],
+            &full,
+            &[0u8],
+        ];
+        let mut out = vec![0u8; len];
+        hkdf::Prk::new_less_safe(self.hkdf, &self.secret)
+            .expand(&info, Len(len))
+            .and_then(|okm| okm.fill(&mut out))
+            .map_err(|_| TlsError::Crypto("HKDF-Expand-Label".into()))?;
+        Ok(out)
+    }
+
+    /// The next generation's secret: HKDF-Expand-Label(secret, "traffic upd", "", Hash.length).
+    fn next(&self) -> Result<TrafficSecret, TlsError> {
+        let len = hkdf::KeyType::len(&self.hkdf);
+        Ok(TrafficSecret {
+            hkdf: self.hkdf,
+            secret: self.expand_label(b"traffic upd", len)?,
+        })
+    }
+}
+
 /// The AEAD of a record key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordAead {
@@ -41,15 +120,23 @@ pub enum RecordAead {
 
 /// One direction's traffic key.
 pub struct RecordKey {
+    alg: &'static aead::Algorithm,
     key: LessSafeKey,
     iv: [u8; NONCE_LEN],
     seq: u64,
     limit: u64,
+    /// The secret it was derived from: with it the key can be updated.
+    secret: Option<TrafficSecret>,
+    /// Key updates so far.
+    generation: u64,
 }
 
 impl std::fmt::Debug for RecordKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecordKey").field("seq", &self.seq).finish()
+        f.debug_struct("RecordKey")
+            .field("seq", &self.seq)
+            .field("generation", &self.generation)
+            .finish()
     }
 }
 
@@ -78,6 +165,26 @@ impl RecordKey {
         RecordKey::new(alg, key.as_ref(), iv, seq, limit)
     }
 
+    /// [`RecordKey::from_rustls`] with the traffic secret the key was derived from (RFC 8446
+    /// §7.3), which lets the key be updated; the secret is checked against the key.
+    pub fn from_rustls_secret(
+        seq: u64,
+        secrets: &ConnectionTrafficSecrets,
+        secret: &[u8],
+    ) -> Result<RecordKey, TlsError> {
+        let (key, iv, sha384) = match secrets {
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (key, iv, true),
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv, false),
+            _ => return Err(TlsError::Handshake("unsupported cipher suite".into())),
+        };
+        RecordKey::from_rustls(seq, secrets)?.with_secret(
+            TrafficSecret::new(sha384, secret),
+            key.as_ref(),
+            iv.as_ref(),
+        )
+    }
+
     /// A key from raw material (benchmarks and tests; connections take theirs from the
     /// handshake, [`RecordKey::from_rustls`]).
     pub fn with_key(
@@ -93,6 +200,51 @@ impl RecordKey {
         }
     }
 
+    /// Attaches the traffic secret this key was derived from, so that it can be updated. The
+    /// key and IV derived from `secret` must be this key's (checked: a mismatch means the
+    /// secret belongs to another key).
+    pub(crate) fn with_secret(
+        mut self,
+        secret: TrafficSecret,
+        key: &[u8],
+        iv: &[u8],
+    ) -> Result<RecordKey, TlsError> {
+        let k = secret.expand_label(b"key", self.alg.key_len())?;
+        let v = secret.expand_label(b"iv", NONCE_LEN)?;
+        if k != key || v != iv {
+            return Err(TlsError::Handshake(
+                "the traffic secret does not derive the traffic key".into(),
+            ));
+        }
+        self.secret = Some(secret);
+        Ok(self)
+    }
+
+    /// The key of the next generation (RFC 8446 §7.2), sequence numbers from 0.
+    fn update(&mut self) -> Result<(), TlsError> {
+        let Some(secret) = self.secret.as_ref() else {
+            return Err(TlsError::Protocol(
+                "a key update, but this connection's traffic secret is unknown".into(),
+            ));
+        };
+        let next = secret.next()?;
+        let key = next.expand_label(b"key", self.alg.key_len())?;
+        let iv: [u8; NONCE_LEN] = next
+            .expand_label(b"iv", NONCE_LEN)?
+            .try_into()
+            .map_err(|_| TlsError::Crypto("IV length".into()))?;
+        let mut k = RecordKey::new(self.alg, &key, iv, 0, self.limit)?;
+        k.secret = Some(next);
+        k.generation = self.generation + 1;
+        *self = k;
+        Ok(())
+    }
+
+    /// Key updates so far.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     fn new(
         alg: &'static aead::Algorithm,
         key: &[u8],
@@ -103,10 +255,13 @@ impl RecordKey {
         let key =
             UnboundKey::new(alg, key).map_err(|_| TlsError::Handshake("bad traffic key".into()))?;
         Ok(RecordKey {
+            alg,
             key: LessSafeKey::new(key),
             iv,
             seq,
             limit,
+            secret: None,
+            generation: 0,
         })
     }
 
@@ -134,12 +289,62 @@ fn record_header(body_len: usize) -> [u8; RECORD_HEADER] {
 #[derive(Debug)]
 pub struct Sealer {
     key: RecordKey,
+    /// Records per key generation (when the key's secret is known).
+    update_every: u64,
+    /// Set by the connection's [`Opener`] when the peer asked for a key update.
+    requested: Arc<AtomicBool>,
 }
 
 impl Sealer {
     /// A sealer with the transmit key.
     pub fn new(key: RecordKey) -> Sealer {
-        Sealer { key }
+        Sealer {
+            key,
+            update_every: KEY_UPDATE_EVERY,
+            requested: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Updates the key every `records` records instead of [`KEY_UPDATE_EVERY`] (tests).
+    pub fn set_update_every(&mut self, records: u64) {
+        self.update_every = records.max(1);
+    }
+
+    /// The sealer and the opener of one connection: a KeyUpdate the opener receives with
+    /// "update requested" makes the sealer update its key before its next record.
+    pub fn pair(tx: RecordKey, rx: RecordKey) -> (Sealer, Opener) {
+        let s = Sealer::new(tx);
+        let mut o = Opener::new(rx);
+        o.requested = s.requested.clone();
+        (s, o)
+    }
+
+    /// Key updates this sealer made.
+    pub fn generation(&self) -> u64 {
+        self.key.generation()
+    }
+
+    /// Appends a KeyUpdate record (update not requested) under the current key, then moves to
+    /// the next key.
+    fn key_update(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
+        let start = out.len();
+        let hdr = record_header(5 + 1 + TAG_LEN);
+        out.extend_from_slice(&hdr);
+        out.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 0, HANDSHAKE]);
+        let nonce = self.key.next_nonce()?;
+        let tag = self
+            .key
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut out[start + RECORD_HEADER..])
+            .map_err(|_| TlsError::Crypto("seal failed".into()))?;
+        out.extend_from_slice(tag.as_ref());
+        self.key.update()
+    }
+
+    /// Whether the next record goes under a new key.
+    fn update_due(&self) -> bool {
+        self.key.secret.is_some()
+            && (self.key.seq >= self.update_every || self.requested.load(Ordering::Relaxed))
     }
 
     /// The sealed length of `plain` bytes.
@@ -156,6 +361,10 @@ impl Sealer {
         let mut off = 0;
         let mut left = total;
         loop {
+            if self.update_due() {
+                self.requested.store(false, Ordering::Relaxed);
+                self.key_update(out)?;
+            }
             let n = left.min(MAX_PLAINTEXT);
             let start = out.len();
             let hdr = record_header(n + 1 + TAG_LEN);
@@ -198,14 +407,22 @@ pub struct Opener {
     key: RecordKey,
     /// A record not yet complete in the input.
     partial: Vec<u8>,
+    /// Tells the connection's [`Sealer`] that the peer asked for a key update.
+    requested: Arc<AtomicBool>,
 }
 
 impl Opener {
+    /// Key updates of the peer this opener followed.
+    pub fn generation(&self) -> u64 {
+        self.key.generation()
+    }
+
     /// An opener with the receive key.
     pub fn new(key: RecordKey) -> Opener {
         Opener {
             key,
             partial: Vec::new(),
+            requested: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -332,9 +549,21 @@ impl Opener {
             APPLICATION_DATA => Err(TlsError::Protocol("record plaintext too long".into())),
             ALERT if ct_at == 2 && plain[1] == 0 => Err(TlsError::PeerClosed),
             ALERT if ct_at == 2 => Err(TlsError::Alert(plain[1])),
-            HANDSHAKE => Err(TlsError::Protocol(
-                "post-handshake message (key update / ticket), which geomx peers never send".into(),
-            )),
+            HANDSHAKE => {
+                // Only a KeyUpdate (RFC 8446 §4.6.3), alone in its record.
+                match &plain[..ct_at] {
+                    [KEY_UPDATE, 0, 0, 1, r @ (0 | 1)] => {
+                        if *r == 1 {
+                            self.requested.store(true, Ordering::Relaxed);
+                        }
+                        self.key.update()?;
+                        Ok(0)
+                    }
+                    _ => Err(TlsError::Protocol(
+                        "post-handshake message other than a key update".into(),
+                    )),
+                }
+            }
             other => Err(TlsError::Protocol(format!("record content type {other}"))),
         }
     }
@@ -363,6 +592,30 @@ pub(crate) fn test_pair(alg: &'static aead::Algorithm) -> (Sealer, Opener) {
         Sealer::new(RecordKey::new(alg, key, iv, 0, u64::MAX).unwrap()),
         Opener::new(RecordKey::new(alg, key, iv, 0, u64::MAX).unwrap()),
     )
+}
+
+/// A key derived from `secret` (SHA-384 suite) that can be updated.
+#[cfg(test)]
+fn updatable(secret: &[u8]) -> RecordKey {
+    let ts = TrafficSecret::new(true, secret);
+    let k = ts.expand_label(b"key", 32).unwrap();
+    let iv: [u8; NONCE_LEN] = ts
+        .expand_label(b"iv", NONCE_LEN)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    RecordKey::new(&aead::AES_256_GCM, &k, iv, 0, AES_GCM_LIMIT)
+        .unwrap()
+        .with_secret(ts, &k, &iv)
+        .unwrap()
+}
+
+/// A sealer that updates its key every `every` records and the opener that follows it.
+#[cfg(test)]
+pub(crate) fn test_updating_pair(every: u64) -> (Sealer, Opener) {
+    let mut s = Sealer::new(updatable(&[3u8; 48]));
+    s.set_update_every(every);
+    (s, Opener::new(updatable(&[3u8; 48])))
 }
 
 #[cfg(test)]
@@ -503,6 +756,111 @@ mod tests {
         let (_, mut o) = test_pair(&aead::CHACHA20_POLY1305);
         assert!(matches!(
             o.open(&huge, &mut Vec::new()),
+            Err(TlsError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn keys_are_updated_every_n_records_and_the_opener_follows() {
+        let secret = [5u8; 48];
+        let mut s = Sealer::new(updatable(&secret));
+        s.set_update_every(3);
+        let mut o = Opener::new(updatable(&secret));
+        let d = data(10 * MAX_PLAINTEXT + 17);
+        let mut sealed = Vec::new();
+        s.seal(&[&d], &mut sealed).unwrap();
+        s.seal(&[b"tail"], &mut sealed).unwrap();
+        // 12 data records, a KeyUpdate before every 3rd one after the first three.
+        assert_eq!(s.generation(), 3);
+        // A KeyUpdate record: header, message (4 + 1), content type, tag.
+        let update = RECORD_HEADER + 5 + 1 + TAG_LEN;
+        assert_eq!(
+            sealed.len(),
+            Sealer::sealed_len(d.len()) + Sealer::sealed_len(4) + 3 * update
+        );
+        for step in [1, 100, sealed.len()] {
+            let mut o2 = Opener::new(updatable(&secret));
+            let mut plain = Vec::new();
+            for c in sealed.chunks(step) {
+                o2.open(c, &mut plain).unwrap();
+            }
+            assert_eq!(&plain[..d.len()], &d[..]);
+            assert_eq!(&plain[d.len()..], b"tail");
+            assert_eq!(o2.generation(), 3);
+        }
+        let mut plain = Vec::new();
+        o.open(&sealed, &mut plain).unwrap();
+        // A record under a stale key no longer opens, and a key without its secret cannot follow.
+        let (mut old, _) = test_pair(&aead::AES_256_GCM);
+        let mut stale = Vec::new();
+        old.seal(&[b"x"], &mut stale).unwrap();
+        assert!(matches!(
+            o.open(&stale, &mut plain),
+            Err(TlsError::BadRecordMac)
+        ));
+        let mut s = Sealer::new(updatable(&secret));
+        s.set_update_every(1);
+        let mut two = Vec::new();
+        s.seal(&[b"a"], &mut two).unwrap();
+        s.seal(&[b"b"], &mut two).unwrap();
+        let (_, mut no_secret) = {
+            let ts = TrafficSecret::new(true, &secret);
+            let k = ts.expand_label(b"key", 32).unwrap();
+            let iv = ts
+                .expand_label(b"iv", NONCE_LEN)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            let key = |x| RecordKey::new(&aead::AES_256_GCM, &k, x, 0, AES_GCM_LIMIT).unwrap();
+            (Sealer::new(key(iv)), Opener::new(key(iv)))
+        };
+        assert!(matches!(
+            no_secret.open(&two, &mut Vec::new()),
+            Err(TlsError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn a_requested_key_update_is_answered_before_the_next_record() {
+        let (a, b) = ([1u8; 48], [2u8; 48]);
+        let (mut s, mut o) = Sealer::pair(updatable(&a), updatable(&b));
+        // The peer (sealing under b) sends a KeyUpdate with update_requested.
+        let mut peer = Sealer::new(updatable(&b));
+        let mut rec = Vec::new();
+        let hdr = record_header(5 + 1 + TAG_LEN);
+        rec.extend_from_slice(&hdr);
+        rec.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 1, HANDSHAKE]);
+        let nonce = peer.key.next_nonce().unwrap();
+        let tag = peer
+            .key
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut rec[RECORD_HEADER..])
+            .unwrap();
+        rec.extend_from_slice(tag.as_ref());
+        o.open(&rec, &mut Vec::new()).unwrap();
+        assert_eq!(o.generation(), 1);
+        let mut out = Vec::new();
+        s.seal(&[b"hi"], &mut out).unwrap();
+        assert_eq!(s.generation(), 1);
+        let mut reader = Opener::new(updatable(&a));
+        let mut plain = Vec::new();
+        reader.open(&out, &mut plain).unwrap();
+        assert_eq!((plain.as_slice(), reader.generation()), (&b"hi"[..], 1));
+        // Any other post-handshake message is refused.
+        let mut p2 = Sealer::new(updatable(&b));
+        let mut bad = Vec::new();
+        bad.extend_from_slice(&hdr);
+        bad.extend_from_slice(&[4, 0, 0, 1, 0, HANDSHAKE]);
+        let nonce = p2.key.next_nonce().unwrap();
+        let tag = p2
+            .key
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut bad[RECORD_HEADER..])
+            .unwrap();
+        bad.extend_from_slice(tag.as_ref());
+        let mut o3 = Opener::new(updatable(&b));
+        assert!(matches!(
+            o3.open(&bad, &mut Vec::new()),
             Err(TlsError::Protocol(_))
         ));
     }

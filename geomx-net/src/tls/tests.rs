@@ -153,3 +153,53 @@ fn records_interoperate_with_rustls_in_both_directions() {
     let want: Vec<u8> = (0..30_000u32).map(|i| (i % 199) as u8).collect();
     assert_eq!(got, want);
 }
+
+#[test]
+fn key_updates_interoperate_with_rustls_in_both_directions() {
+    let ca = JobCa::generate("job", 1).unwrap();
+    let s = Arc::new(ctx(&ca, "local-server", 0, 0));
+    let c = ctx(&ca, "worker", 0, 0);
+    let ccfg = c.client.clone();
+    let n = 200_000u32;
+    let (got, ()) = pair(
+        move |mut t| {
+            let mut sess = handshake(&mut t, &s, HandshakeSide::Server, deadline()).unwrap();
+            // A KeyUpdate every 2 records: 13 records, 6 updates that rustls must follow.
+            sess.sealer.set_update_every(2);
+            let big: Vec<u8> = (0..n).map(|i| (i % 253) as u8).collect();
+            let mut out = Vec::new();
+            sess.sealer.seal(&[&big], &mut out).unwrap();
+            assert_eq!(sess.sealer.generation(), 6);
+            t.write_all(&out).unwrap();
+            let mut buf = vec![0u8; 8192];
+            let mut plain = Vec::new();
+            while plain.len() < 60_000 {
+                let k = t.read(&mut buf).unwrap();
+                assert!(k > 0);
+                sess.opener.open(&buf[..k], &mut plain).unwrap();
+            }
+            assert_eq!(
+                sess.opener.generation(),
+                1,
+                "rustls's key update was not followed"
+            );
+            plain
+        },
+        move |mut t| {
+            let name = rustls::pki_types::ServerName::try_from(JOB_SERVER_NAME).unwrap();
+            let mut conn = rustls::ClientConnection::new(ccfg, name).unwrap();
+            let data: Vec<u8> = (0..60_000u32).map(|i| (i % 199) as u8).collect();
+            rustls::Stream::new(&mut conn, &mut t)
+                .write_all(&data[..30_000])
+                .unwrap();
+            conn.refresh_traffic_keys().unwrap();
+            let mut tls = rustls::Stream::new(&mut conn, &mut t);
+            tls.write_all(&data[30_000..]).unwrap();
+            let mut got = vec![0u8; n as usize];
+            tls.read_exact(&mut got).unwrap();
+            assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8));
+        },
+    );
+    let want: Vec<u8> = (0..60_000u32).map(|i| (i % 199) as u8).collect();
+    assert_eq!(got, want);
+}
