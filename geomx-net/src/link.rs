@@ -40,6 +40,9 @@ pub(crate) trait LinkIo: Send + Sync {
     fn try_send(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> std::io::Result<bool>;
     /// Shuts the socket down in both directions (idempotent).
     fn shutdown(&self);
+    /// Encrypted connections: sends a fatal TLS alert, best effort and without blocking, before
+    /// the connection is closed for bad input (the default does nothing).
+    fn send_alert(&self, _description: u8) {}
 }
 
 /// Reads a connection's input on the calling thread (drivers that read inline provide one).
@@ -272,6 +275,10 @@ impl Link {
             NetError::Wire(e) => self.on_wire_error(e),
             other => {
                 tracing::warn!(peer = %self.peer_addr, error = %other, "dropping connection");
+                if matches!(other, NetError::Tls(crate::tls::TlsError::BadRecordMac)) {
+                    // The peer learns why (RFC 8446 §5.2: bad_record_mac).
+                    self.io.send_alert(crate::tls::record::BAD_RECORD_MAC);
+                }
                 self.lock().handle_error(other);
                 self.flush();
             }

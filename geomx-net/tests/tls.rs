@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use geomx_net::tls::{Identity, JobCa, Security, TlsContext};
+use geomx_net::tls::{Identity, JobCa, Security, TlsContext, TlsError};
 use geomx_net::{
     ConnConfig, DriverKind, Handler, KvClient, KvServer, NetError, NetOptions, PayloadCodec,
     PeerHandle, Request, Responder,
@@ -226,10 +226,12 @@ fn a_tampered_record_fails_the_connection_and_the_server_goes_on() {
             .push(2, 2, PayloadCodec::Raw, 0, 1, &[8u8; 1000])
             .unwrap();
         let err = bad.wait(WAIT).unwrap_err();
+        // The server drops the connection and tells the client why (a bad_record_mac alert).
         assert!(
-            matches!(err, NetError::PeerClosed(_)),
-            "{d:?}: the server must drop the connection, got {err}"
+            matches!(err, NetError::Tls(TlsError::Alert(20))),
+            "{d:?}: the server must drop the connection with bad_record_mac, got {err}"
         );
+        assert!(err.to_string().contains("bad_record_mac"), "{err}");
         let start = Instant::now();
         while server.connections() > 0 && start.elapsed() < WAIT {
             std::thread::sleep(Duration::from_millis(20));

@@ -344,4 +344,43 @@ mod tests {
             assert_eq!(o.generation(), s.generation());
         }
     }
+
+    /// A record that fails authentication delivers nothing and is reported as what it is: an
+    /// on-path attacker who writes a plaintext frame as a record's body (with any tag) gets no
+    /// byte of it decoded, and the connection fails with an authentication error (before the
+    /// fix, the failed record's buffer, which ring zeroes, reached the decoder: "bad magic").
+    #[test]
+    fn a_record_that_fails_authentication_delivers_nothing_and_says_so() {
+        use crate::tls::record::{test_pair, RECORD_HEADER, TAG_LEN};
+        use crate::tls::TlsError;
+        let forged_frame = crate::wire::encode(&Frame::new(
+            FrameHeader::new(MsgKind::Push),
+            vec![0xAB; 300],
+        ));
+        let mut body = forged_frame.clone();
+        body.push(23);
+        body.extend_from_slice(&[0u8; TAG_LEN]);
+        let mut forged = vec![23, 3, 3];
+        forged.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        forged.extend_from_slice(&body);
+        // At a frame boundary (through `open`) and inside a payload (through `open_into`).
+        for inside_payload in [false, true] {
+            let (mut s, mut o) = test_pair(&ring::aead::AES_256_GCM);
+            let mut wire = Vec::new();
+            if inside_payload {
+                let f = Frame::new(FrameHeader::new(MsgKind::Push), vec![1; 4000]);
+                s.seal(&[&f.header.encode()], &mut wire).unwrap();
+            }
+            wire.extend_from_slice(&forged);
+            let (mut plain, mut frames) = (Vec::new(), Vec::new());
+            let mut dec = FrameDecoder::new(1 << 20);
+            let res = feed_input(Some(&mut o), &mut plain, &mut dec, &wire, &mut frames);
+            assert!(
+                matches!(res, Err(NetError::Tls(TlsError::BadRecordMac))),
+                "{res:?}"
+            );
+            assert!(frames.is_empty(), "a forged record's frame was decoded");
+            assert!(RECORD_HEADER < forged.len());
+        }
+    }
 }

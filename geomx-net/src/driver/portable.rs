@@ -189,6 +189,23 @@ impl LinkIo for StreamIo {
         s.write_frame(header, payload, self.chunk).map(|_| true)
     }
 
+    fn send_alert(&self, description: u8) {
+        // Only if no frame is being written (it would be cut in two).
+        let Ok(mut w) = self.stream.try_lock() else {
+            return;
+        };
+        let w = &mut *w;
+        let Some(sealer) = w.sealer.as_mut() else {
+            return;
+        };
+        let mut rec = Vec::new();
+        if sealer.seal_alert(description, &mut rec).is_ok() {
+            let _ = w.stream.set_nonblocking(true);
+            let _ = w.stream.write(&rec);
+            let _ = w.stream.set_nonblocking(false);
+        }
+    }
+
     fn shutdown(&self) {
         // Through a second handle, so a writer blocked under the lock is woken too.
         let _ = self.ctl.shutdown(Shutdown::Both);

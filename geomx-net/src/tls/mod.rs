@@ -63,7 +63,7 @@ pub enum TlsError {
     #[error("record protocol: {0}")]
     Protocol(String),
     /// The peer sent a fatal alert.
-    #[error("the peer sent TLS alert {0}")]
+    #[error("the peer sent TLS alert {0} ({name})", name = record::alert_name(*.0))]
     Alert(u8),
     /// The peer closed the TLS stream (close_notify).
     #[error("the peer closed the TLS stream")]

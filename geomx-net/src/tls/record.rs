@@ -43,6 +43,29 @@ const AES_GCM_LIMIT: u64 = 1 << 24;
 /// at most 128 GiB: half the AES-GCM limit).
 pub const KEY_UPDATE_EVERY: u64 = 1 << 23;
 
+/// Alert description: a record failed authentication (RFC 8446 §6.2).
+pub const BAD_RECORD_MAC: u8 = 20;
+
+/// The name of an alert description (RFC 8446 §6), for messages.
+pub fn alert_name(description: u8) -> &'static str {
+    match description {
+        0 => "close_notify",
+        10 => "unexpected_message",
+        BAD_RECORD_MAC => {
+            "bad_record_mac: it could not authenticate our data (tampered on the way?)"
+        }
+        22 => "record_overflow",
+        40 => "handshake_failure",
+        42 => "bad_certificate",
+        46 => "certificate_unknown",
+        48 => "unknown_ca",
+        50 => "decode_error",
+        51 => "decrypt_error",
+        80 => "internal_error",
+        _ => "unknown alert",
+    }
+}
+
 /// Handshake message type of a KeyUpdate (RFC 8446 §4.6.3).
 const KEY_UPDATE: u8 = 24;
 
@@ -341,6 +364,23 @@ impl Sealer {
         self.key.update()
     }
 
+    /// Appends a fatal alert record (`description`, e.g. [`BAD_RECORD_MAC`]) to `out`: what a
+    /// connection sends before it closes on bad input (RFC 8446 §6).
+    pub fn seal_alert(&mut self, description: u8, out: &mut Vec<u8>) -> Result<(), TlsError> {
+        let start = out.len();
+        let hdr = record_header(2 + 1 + TAG_LEN);
+        out.extend_from_slice(&hdr);
+        out.extend_from_slice(&[2, description, ALERT]);
+        let nonce = self.key.next_nonce()?;
+        let tag = self
+            .key
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut out[start + RECORD_HEADER..])
+            .map_err(|_| TlsError::Crypto("seal failed".into()))?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
     /// Whether the next record goes under a new key.
     fn update_due(&self) -> bool {
         self.key.secret.is_some()
@@ -510,8 +550,14 @@ impl Opener {
                 let start = out.len();
                 out.extend_from_slice(&input[..body]);
                 input = &input[body..];
-                let n = self.open_in_place(hdr, &mut out[start..])?;
-                out.truncate(start + n);
+                match self.open_in_place(hdr, &mut out[start..]) {
+                    Ok(n) => out.truncate(start + n),
+                    Err(e) => {
+                        // Nothing of a record that failed to open may reach the output.
+                        out.truncate(start);
+                        return Err(e);
+                    }
+                }
                 continue;
             }
             self.partial.extend_from_slice(&input[..take]);

@@ -621,6 +621,24 @@ impl LinkIo for UringIo {
         self.send(header, payload).map(|_| true)
     }
 
+    fn send_alert(&self, description: u8) {
+        // Only when nothing of the connection is queued in the ring (it would be cut in two).
+        let Ok(mut order) = self.order.try_lock() else {
+            return;
+        };
+        let Some(sealer) = order.as_mut() else {
+            return;
+        };
+        if self.queued.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let mut rec = Vec::new();
+        if sealer.seal_alert(description, &mut rec).is_ok() {
+            let _ =
+                direct::send_nonblocking(self.stream.as_raw_fd(), [&rec[..], &[]], 0, rec.len());
+        }
+    }
+
     fn shutdown(&self) {
         self.cell.shared.send(Cmd::Close(self.idx));
     }
