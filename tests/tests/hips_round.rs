@@ -193,6 +193,41 @@ fn run_cluster_watched(
     before_workers: impl FnOnce(),
     progress: ProgressSink,
 ) -> Vec<RoleStats> {
+    let o = run_roles(
+        job,
+        local0,
+        before_roles,
+        before_workers,
+        progress,
+        |_, _, c| c.to_string(),
+    );
+    let out = o
+        .results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("role failed: {e}; fatal: {:?}", o.fatal)))
+        .collect();
+    assert!(o.fatal.is_empty(), "{:?}", o.fatal);
+    out
+}
+
+/// What every role of a run returned, and the fatal messages raised.
+struct Outcome {
+    results: Vec<Result<RoleStats, String>>,
+    fatal: Vec<String>,
+}
+
+/// Runs every role of `job` on its own thread (worker (d, r) reaching the coordinator at
+/// `worker_coord(d, r, coordinator address)`) and collects what each returned: once one has
+/// failed, the rest get 3 s in all (in this harness a fatal error only records its message;
+/// processes of a real job exit on it).
+fn run_roles(
+    job: &JobSpec,
+    local0: &str,
+    before_roles: impl FnOnce(&str),
+    before_workers: impl FnOnce(),
+    progress: ProgressSink,
+    worker_coord: impl Fn(u32, u32, &str) -> String,
+) -> Outcome {
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let e2 = errors.clone();
     let fatal: FatalHook = Arc::new(move |m: &str| e2.lock().unwrap().push(m.to_string()));
@@ -231,27 +266,36 @@ fn run_cluster_watched(
     for (d, &n) in plan.workers_per_dc.iter().enumerate() {
         let d = d as u32;
         for r in 0..n as u32 {
-            let (j, c, f, p) = (job.clone(), coord.clone(), fatal.clone(), progress.clone());
+            let c = worker_coord(d, r, &coord);
+            let (j, f, p) = (job.clone(), fatal.clone(), progress.clone());
             spawn(Box::new(move || {
                 worker::run(&j, d, r, &c, f, p).map_err(|e| e.to_string())
             }));
         }
     }
     let total = 1 + plan.num_global_servers() + plan.num_dcs() + plan.total_workers();
-    let mut out = Vec::new();
+    let mut results = Vec::new();
+    let mut failed_at = None;
     for _ in 0..total {
-        match res_rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(Ok(s)) => out.push(s),
-            Ok(Err(e)) => panic!("role failed: {e}; fatal: {:?}", errors.lock().unwrap()),
-            Err(_) => panic!("cluster hung; fatal: {:?}", errors.lock().unwrap()),
+        let wait = match failed_at {
+            None => Duration::from_secs(120),
+            Some(t) => Duration::from_secs(3).saturating_sub(std::time::Instant::elapsed(&t)),
+        };
+        match res_rx.recv_timeout(wait) {
+            Ok(r) => {
+                if r.is_err() && failed_at.is_none() {
+                    failed_at = Some(std::time::Instant::now());
+                }
+                results.push(r);
+            }
+            Err(_) => {
+                results.push(Err("cluster hung (or ended by a fatal error)".to_string()));
+                break;
+            }
         }
     }
-    assert!(
-        errors.lock().unwrap().is_empty(),
-        "{:?}",
-        errors.lock().unwrap()
-    );
-    out
+    let fatal = errors.lock().unwrap().clone();
+    Outcome { results, fatal }
 }
 
 /// The feature value of the sample each worker uses in each round, by (round, dc, rank).
@@ -547,6 +591,85 @@ fn an_authenticated_members_bad_requests_get_error_replies_and_the_job_goes_on()
         .find(|s| s.role == "local_server" && s.dc == 0)
         .unwrap();
     assert_eq!(local0.refused_requests, replies.len() as u64);
+}
+
+/// Forwards one connection's bytes both ways and flips one bit in the body of the `n`-th TLS
+/// record (content type 23) from the client: an on-path attacker who changes one frame.
+fn tampering_proxy(target: String, n: usize) -> String {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let Ok((mut c, _)) = l.accept() else { return };
+        let mut s = TcpStream::connect(&target).unwrap();
+        let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+            let _ = c2.shutdown(std::net::Shutdown::Both);
+        });
+        let mut seen = 0;
+        loop {
+            let mut hdr = [0u8; 5];
+            if c.read_exact(&mut hdr).is_err() {
+                break;
+            }
+            let mut body = vec![0u8; usize::from(u16::from_be_bytes([hdr[3], hdr[4]]))];
+            if c.read_exact(&mut body).is_err() {
+                break;
+            }
+            if hdr[0] == 23 {
+                seen += 1;
+                if seen == n {
+                    body[0] ^= 0x04;
+                }
+            }
+            if s.write_all(&hdr).is_err() || s.write_all(&body).is_err() {
+                break;
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+/// A tampered TCP record (security.md): a proxy between a worker and the coordinator flips one
+/// bit of a record after the handshake. The coordinator refuses the record, tells the worker
+/// (bad_record_mac) and drops it, and the job ends naming the cause.
+#[test]
+fn a_tampered_record_on_a_members_link_ends_the_job_naming_the_cause() {
+    let mut j = job(vec![1, 1], 1, 1_000_000);
+    j.registration_timeout = Duration::from_secs(5);
+    j.net.conn.heartbeat_interval = Duration::from_millis(50);
+    let o = run_roles(
+        &j,
+        "127.0.0.1:0",
+        |_| {},
+        || {},
+        Arc::new(|_| {}),
+        |d, r, c| {
+            if (d, r) == (0, 0) {
+                // The client's encrypted handshake flight is at most 3 records.
+                tampering_proxy(c.to_string(), 6)
+            } else {
+                c.to_string()
+            }
+        },
+    );
+    let mut said: Vec<String> = o.results.into_iter().filter_map(Result::err).collect();
+    said.extend(o.fatal);
+    eprintln!("{said:#?}");
+    // The coordinator aborts the job naming the failed authentication, and the worker learns
+    // from the alert why its link was dropped.
+    assert!(
+        said.iter().any(|m| m.contains("job aborted")
+            && m.contains("worker (dc 0, rank 0)")
+            && m.contains("record authentication failed")),
+        "the abort does not name the cause: {said:#?}"
+    );
+    assert!(
+        said.iter().any(|m| m.contains("bad_record_mac")),
+        "the worker was not told: {said:#?}"
+    );
 }
 
 /// sync.md oracle 4: HFA with K1 = K2 = 1, equal shards and `average` is synchronous model
