@@ -253,33 +253,41 @@ fn context(ca: &JobCa, role: &str, dc: u32, rank: u32) -> Arc<TlsContext> {
     Arc::new(TlsContext::new(&creds).unwrap())
 }
 
+/// A global server's DGT receiver under `ca` for key 7 of `n` elements that admits local
+/// servers, and the link options of its senders.
+fn dgt_receiver(
+    ca: &JobCa,
+    cfg: &geomx_net::dgt::DgtConfig,
+    n: u32,
+) -> (
+    geomx_net::dgt::link::DgtServer,
+    geomx_net::dgt::link::LinkOptions,
+) {
+    use geomx_net::dgt::link::{DgtServer, LinkOptions, ServerTls};
+    let tls = ServerTls {
+        ctx: context(ca, "global_server", 0, 0),
+        roles: vec!["local_server".into()],
+    };
+    let lo = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let keys = [(7, n, geomx_net::dgt::ValueType::F32)];
+    let server = DgtServer::bind_secure(lo, cfg.clone(), &keys, None, Some(tls)).unwrap();
+    let opts = LinkOptions {
+        connect_timeout: Duration::from_secs(5),
+        ..LinkOptions::default()
+    };
+    (server, opts)
+}
+
 #[test]
 fn dgt_reliable_channels_are_mutual_tls_and_admit_only_the_named_roles() {
-    use geomx_net::dgt::link::{DgtClient, DgtServer, LinkOptions, ServerTls};
+    use geomx_net::dgt::link::DgtClient;
     use geomx_net::dgt::{DgtConfig, ValueType};
-    use std::net::{IpAddr, Ipv4Addr};
     let ca = JobCa::generate("t", 1).unwrap();
     let cfg = DgtConfig {
         rate_bps: Some(1_000_000_000),
         ..DgtConfig::default()
     };
-    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let tls = ServerTls {
-        ctx: context(&ca, "global_server", 9, 0),
-        roles: vec!["local_server".into()],
-    };
-    let server = DgtServer::bind_secure(
-        lo,
-        cfg.clone(),
-        &[(7, 3000, ValueType::F32)],
-        None,
-        Some(tls),
-    )
-    .unwrap();
-    let opts = LinkOptions {
-        connect_timeout: Duration::from_secs(5),
-        ..LinkOptions::default()
-    };
+    let (server, opts) = dgt_receiver(&ca, &cfg, 3000);
     // A plaintext sender, another CA's, and a member of the wrong role are refused.
     assert!(DgtClient::connect(server.local_addr(), 1, cfg.clone(), opts).is_err());
     let other = JobCa::generate("t", 1).unwrap();
@@ -359,31 +367,14 @@ fn a_dgt_channel_that_never_says_hello_is_dropped() {
 
 #[test]
 fn a_dgt_sender_id_belongs_to_the_certificate_that_holds_it() {
-    use geomx_net::dgt::link::{DgtClient, DgtServer, LinkOptions, ServerTls};
-    use geomx_net::dgt::{DgtConfig, ValueType};
-    use std::net::{IpAddr, Ipv4Addr};
+    use geomx_net::dgt::link::DgtClient;
+    use geomx_net::dgt::DgtConfig;
     let ca = JobCa::generate("t", 1).unwrap();
     let cfg = DgtConfig {
         rate_bps: Some(1_000_000_000),
         ..DgtConfig::default()
     };
-    let tls = ServerTls {
-        ctx: context(&ca, "global_server", 0, 0),
-        roles: vec!["local_server".into()],
-    };
-    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let server = DgtServer::bind_secure(
-        lo,
-        cfg.clone(),
-        &[(7, 100, ValueType::F32)],
-        None,
-        Some(tls),
-    )
-    .unwrap();
-    let opts = LinkOptions {
-        connect_timeout: Duration::from_secs(5),
-        ..LinkOptions::default()
-    };
+    let (server, opts) = dgt_receiver(&ca, &cfg, 100);
     let (dc0, dc1) = (
         context(&ca, "local_server", 0, 0),
         context(&ca, "local_server", 1, 0),

@@ -463,6 +463,13 @@ fn mlp_run_matches_the_single_process_fsa_reference() {
     }
 }
 
+/// A loopback address whose port was free a moment ago (for a local server bound at a known
+/// address).
+fn free_loopback_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
 /// Oracle 7, second part, on the data plane: a stranger pushing to a local server and raw garbage
 /// on its port are refused without disturbing the job.
 #[test]
@@ -472,12 +479,7 @@ fn strangers_and_garbage_at_a_local_server_do_not_change_the_result() {
     let mut j = job(vec![2, 2], 1, 300);
     j.security = geomx_trainer::config::SecurityMode::Off;
     let want = params_hash(&reference(&j, true));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_loopback_addr();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (a, st) = (addr.clone(), stop.clone());
     let refused = Arc::new(Mutex::new(Vec::new()));
@@ -540,12 +542,7 @@ fn an_authenticated_members_bad_requests_get_error_replies_and_the_job_goes_on()
     // so every worker has pushed and holds its id at its local server.
     j.eval_every = 5;
     let want = params_hash(&reference(&j, true));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_loopback_addr();
     let replies = Arc::new(Mutex::new(Vec::<String>::new()));
     let (jj, a, r2) = (j.clone(), addr.clone(), replies.clone());
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));

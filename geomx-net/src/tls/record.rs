@@ -347,30 +347,13 @@ impl Sealer {
         self.key.generation()
     }
 
-    /// Appends a KeyUpdate record (update not requested) under the current key, then moves to
-    /// the next key.
-    fn key_update(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
+    /// Appends one record whose inner plaintext is `body` of content type `ctype`.
+    fn seal_record(&mut self, body: &[u8], ctype: u8, out: &mut Vec<u8>) -> Result<(), TlsError> {
         let start = out.len();
-        let hdr = record_header(5 + 1 + TAG_LEN);
+        let hdr = record_header(body.len() + 1 + TAG_LEN);
         out.extend_from_slice(&hdr);
-        out.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 0, HANDSHAKE]);
-        let nonce = self.key.next_nonce()?;
-        let tag = self
-            .key
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut out[start + RECORD_HEADER..])
-            .map_err(|_| TlsError::Crypto("seal failed".into()))?;
-        out.extend_from_slice(tag.as_ref());
-        self.key.update()
-    }
-
-    /// Appends a fatal alert record (`description`, e.g. [`BAD_RECORD_MAC`]) to `out`: what a
-    /// connection sends before it closes on bad input (RFC 8446 §6).
-    pub fn seal_alert(&mut self, description: u8, out: &mut Vec<u8>) -> Result<(), TlsError> {
-        let start = out.len();
-        let hdr = record_header(2 + 1 + TAG_LEN);
-        out.extend_from_slice(&hdr);
-        out.extend_from_slice(&[2, description, ALERT]);
+        out.extend_from_slice(body);
+        out.push(ctype);
         let nonce = self.key.next_nonce()?;
         let tag = self
             .key
@@ -379,6 +362,19 @@ impl Sealer {
             .map_err(|_| TlsError::Crypto("seal failed".into()))?;
         out.extend_from_slice(tag.as_ref());
         Ok(())
+    }
+
+    /// Appends a KeyUpdate record (update not requested) under the current key, then moves to
+    /// the next key.
+    fn key_update(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
+        self.seal_record(&[KEY_UPDATE, 0, 0, 1, 0], HANDSHAKE, out)?;
+        self.key.update()
+    }
+
+    /// Appends a fatal alert record (`description`, e.g. [`BAD_RECORD_MAC`]) to `out`: what a
+    /// connection sends before it closes on bad input (RFC 8446 §6).
+    pub fn seal_alert(&mut self, description: u8, out: &mut Vec<u8>) -> Result<(), TlsError> {
+        self.seal_record(&[2, description], ALERT, out)
     }
 
     /// Whether the next record goes under a new key.
@@ -777,21 +773,22 @@ mod tests {
     fn alerts_and_limits_end_the_stream() {
         let (mut s, mut o) = test_pair(&aead::CHACHA20_POLY1305);
         let mut sealed = Vec::new();
-        // A close_notify alert sealed by hand: content [1, 0] with content type 21.
-        let hdr = record_header(2 + 1 + TAG_LEN);
-        sealed.extend_from_slice(&hdr);
-        sealed.extend_from_slice(&[1, 0, ALERT]);
-        let nonce = s.key.next_nonce().unwrap();
-        let tag = s
-            .key
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut sealed[RECORD_HEADER..])
-            .unwrap();
-        sealed.extend_from_slice(tag.as_ref());
+        // A close_notify alert: content [1 (warning), 0] with content type 21.
+        s.seal_record(&[1, 0], ALERT, &mut sealed).unwrap();
         assert!(matches!(
             o.open(&sealed, &mut Vec::new()),
             Err(TlsError::PeerClosed)
         ));
+        // A fatal alert is named.
+        let (mut s2, mut o2) = test_pair(&aead::CHACHA20_POLY1305);
+        let mut fatal = Vec::new();
+        s2.seal_alert(BAD_RECORD_MAC, &mut fatal).unwrap();
+        match o2.open(&fatal, &mut Vec::new()) {
+            Err(e @ TlsError::Alert(BAD_RECORD_MAC)) => {
+                assert!(e.to_string().contains("bad_record_mac"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
         s.key.limit = s.key.seq;
         assert!(matches!(
             s.seal(&[b"x"], &mut Vec::new()),
@@ -873,16 +870,8 @@ mod tests {
         // The peer (sealing under b) sends a KeyUpdate with update_requested.
         let mut peer = Sealer::new(updatable(&b));
         let mut rec = Vec::new();
-        let hdr = record_header(5 + 1 + TAG_LEN);
-        rec.extend_from_slice(&hdr);
-        rec.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 1, HANDSHAKE]);
-        let nonce = peer.key.next_nonce().unwrap();
-        let tag = peer
-            .key
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut rec[RECORD_HEADER..])
+        peer.seal_record(&[KEY_UPDATE, 0, 0, 1, 1], HANDSHAKE, &mut rec)
             .unwrap();
-        rec.extend_from_slice(tag.as_ref());
         o.open(&rec, &mut Vec::new()).unwrap();
         assert_eq!(o.generation(), 1);
         let mut out = Vec::new();
@@ -895,15 +884,8 @@ mod tests {
         // Any other post-handshake message is refused.
         let mut p2 = Sealer::new(updatable(&b));
         let mut bad = Vec::new();
-        bad.extend_from_slice(&hdr);
-        bad.extend_from_slice(&[4, 0, 0, 1, 0, HANDSHAKE]);
-        let nonce = p2.key.next_nonce().unwrap();
-        let tag = p2
-            .key
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut bad[RECORD_HEADER..])
+        p2.seal_record(&[4, 0, 0, 1, 0], HANDSHAKE, &mut bad)
             .unwrap();
-        bad.extend_from_slice(tag.as_ref());
         let mut o3 = Opener::new(updatable(&b));
         assert!(matches!(
             o3.open(&bad, &mut Vec::new()),
