@@ -279,3 +279,33 @@ fn a_consumer_that_falls_behind_holds_the_senders_back_without_loss() {
     }
     let _client = pusher.join().unwrap();
 }
+
+#[test]
+fn auto_pacing_waits_for_a_goodput_sample_of_sixteen_blocks() {
+    let opts = LinkOptions {
+        pacing: Pacing::Auto {
+            min_bps: 10_000_000,
+            max_bps: 10_000_000_000,
+        },
+        ..LinkOptions::default()
+    };
+    let server = DgtServer::bind(LO, cfg(), &[(1, 1024, ValueType::F32)], None).unwrap();
+    let client = DgtClient::connect(server.local_addr(), 4, cfg(), opts).unwrap();
+    // Rounds of one reliable 4 KiB block: a single block is no measurement.
+    let push = |round: u32| {
+        client
+            .push_f32(1, round, vec![0.25; 1024], vec![0])
+            .unwrap();
+        server.recv_delivery(WAIT).expect("delivery");
+    };
+    for round in 0..8 {
+        push(round);
+    }
+    client.flush(WAIT).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(client.stats().measured_goodput_bps, None);
+    for round in 8..20 {
+        push(round);
+    }
+    wait_until(|| client.stats().measured_goodput_bps.is_some());
+}

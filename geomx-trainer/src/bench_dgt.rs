@@ -4,12 +4,17 @@
 //! Per loss rate p ∈ {1 %, 5 %, 10 %} a fresh WAN-lab link ([`DgtLab`]: 100 Mbit/s each way,
 //! 10 ms one way, random loss p on every IP packet each way) carries `rounds` rounds of one tensor from the
 //! site to the central namespace:
-//! * **TCP**: a geomx-net `Push` of the whole tensor (one frame) answered by an empty reply;
-//!   the round ends when the reply arrives.
+//! * **TCP**: a geomx-net `Push` of the whole tensor (one frame); the round ends when the
+//!   central side's handler holds the whole tensor (the client waits for the empty reply
+//!   before the next round, but the reply's trip back is not counted).
 //! * **DGT**: the same tensor through a [`DgtClient`](geomx_net::dgt::link::DgtClient) with
 //!   reliable share k = 0.8 (the spec's default) and k = 0.5 (C = 3, paced at 90 % of the link,
 //!   blocks sized to the 1500-byte MTU, GSO off behind the loss filter); the round ends when the
-//!   [`DgtServer`] delivers it (lost blocks zero, 5 ms deadline after the terminator).
+//!   [`DgtServer`] delivers it (`Delivery::delivered_at`; lost blocks zero, 5 ms deadline after
+//!   the terminator).
+//!
+//! Both ends run in one process (in two namespaces), so both times are read off one clock:
+//! from the start of the push until the central side holds the round's tensor.
 //!
 //! * **Encrypted** (`tcp mtls`, `dgt k=0.8 mtls`): the same under mutual TLS, as a default
 //!   launch runs it: TLS on the TCP connection and on DGT's reliable channel, every datagram
@@ -140,9 +145,17 @@ fn series(transport: &str, loss: f64, mut ms: Vec<f64>, missing: f64, drops: u64
     }
 }
 
-struct Ack;
-impl Handler for Ack {
+/// Notes when each round's push arrived (its version is the round), then answers it.
+#[derive(Default)]
+struct Arrivals(std::sync::Mutex<std::collections::HashMap<u64, Instant>>);
+
+impl Handler for Arrivals {
     fn on_request(&self, req: Request, reply: Responder) {
+        let now = Instant::now();
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.version, now);
         let _ = reply.send(req.version + 1, PayloadCodec::Raw, &[]);
     }
 }
@@ -195,9 +208,11 @@ fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>, tls: Option<&Pki>) -> Result
     let client_opts = Pki::opts(tls, |p| &p.site);
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let arrivals = Arc::new(Arrivals::default());
+    let handler = arrivals.clone();
     let server = lab
         .spawn_in(false, move || {
-            let s = KvServer::bind(format!("{CENTRAL_ADDR}:0"), Ack, opts);
+            let s = KvServer::bind(format!("{CENTRAL_ADDR}:0"), handler, opts);
             let _ = tx.send(s.as_ref().map(|s| s.local_addr()).map_err(err));
             // Serve until the client side is done.
             let _ = stop_rx.recv();
@@ -224,7 +239,14 @@ fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>, tls: Option<&Pki>) -> Result
                     )
                     .map_err(err)?;
                 p.wait(Duration::from_secs(120)).map_err(err)?;
-                out.push(t0.elapsed().as_secs_f64() * 1e3);
+                let arrived = arrivals
+                    .0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&(r as u64))
+                    .copied()
+                    .ok_or_else(|| format!("round {r}: the server noted no arrival"))?;
+                out.push(arrived.duration_since(t0).as_secs_f64() * 1e3);
             }
             Ok(out)
         })
@@ -298,7 +320,7 @@ fn run_dgt(
                 let del = deliveries
                     .recv_timeout(Duration::from_secs(120))
                     .map_err(|_| format!("round {r}: no delivery"))?;
-                out.push(t0.elapsed().as_secs_f64() * 1e3);
+                out.push(del.delivered_at.duration_since(t0).as_secs_f64() * 1e3);
                 missing += del.missing.len();
             }
             Ok((out, missing as f64 / (n_b * data.len()) as f64))

@@ -46,6 +46,10 @@ const HELLO_LIMIT: Duration = Duration::from_secs(10);
 pub const MAX_PENDING_HELLOS: usize = 64;
 /// Delivered tensors waiting for the consumer before the reliable channels stop being read.
 pub const MAX_QUEUED_DELIVERIES: usize = 256;
+/// Reliable bytes a sender's goodput sample needs before the receiver reports it (auto pacing's
+/// start): 16 blocks of 4 KiB, gathered over as many rounds as it takes, so that one small
+/// round cannot set the pace.
+const MIN_RATE_SAMPLE: u64 = 64 << 10;
 /// Decoder bound before the hello: exactly one hello frame.
 const PRE_HELLO_FRAME: usize = HEADER_LEN + DGT_HELLO_LEN;
 
@@ -271,8 +275,13 @@ struct Conn {
     since: Instant,
     dec: FrameDecoder,
     sender: Option<u32>,
-    first_reliable: Option<Instant>,
-    reliable_bytes: u64,
+    /// First reliable block of the round in progress, and the bytes since.
+    round_start: Option<Instant>,
+    round_bytes: u64,
+    /// Reliable bytes and busy seconds (first block to terminator) of finished rounds, until
+    /// the goodput sample is large enough to report.
+    sample_bytes: u64,
+    sample_secs: f64,
     rate_sent: bool,
 }
 
@@ -507,8 +516,10 @@ impl Loop {
                 since: Instant::now(),
                 dec: FrameDecoder::new(PRE_HELLO_FRAME),
                 sender: None,
-                first_reliable: None,
-                reliable_bytes: 0,
+                round_start: None,
+                round_bytes: 0,
+                sample_bytes: 0,
+                sample_secs: 0.0,
                 rate_sent: false,
             },
         );
@@ -650,26 +661,32 @@ impl Loop {
                     return Ok(());
                 }
                 if kind == MsgKind::DgtBlock {
-                    conn.first_reliable.get_or_insert(now);
-                    conn.reliable_bytes += p.len() as u64;
+                    conn.round_start.get_or_insert(now);
+                    conn.round_bytes += p.len() as u64;
                 }
                 let end = kind == MsgKind::DgtEnd;
                 if let Err(e) = peer.rx.handle_reliable(now, p) {
                     tracing::debug!(sender, error = %e, "dgt: reliable message rejected");
                     return Ok(());
                 }
-                if end && !conn.rate_sent {
-                    if let Some(t0) = conn.first_reliable {
-                        let secs = now.duration_since(t0).as_secs_f64().max(1e-6);
-                        let bps = (conn.reliable_bytes as f64 * 8.0 / secs) as u64;
-                        conn.rate_sent = true;
-                        write_frame(
-                            &mut conn.tcp,
-                            &dgt_header(MsgKind::DgtRate, 0),
-                            &bps.max(1).to_le_bytes(),
-                            WRITE_LIMIT,
-                        )?;
+                if end {
+                    // The round's busy time, first reliable block to terminator (idle time
+                    // between rounds is not the link's).
+                    if let Some(t0) = conn.round_start.take() {
+                        conn.sample_secs += now.duration_since(t0).as_secs_f64();
+                        conn.sample_bytes += std::mem::take(&mut conn.round_bytes);
                     }
+                }
+                if end && !conn.rate_sent && conn.sample_bytes >= MIN_RATE_SAMPLE {
+                    let secs = conn.sample_secs.max(1e-6);
+                    let bps = (conn.sample_bytes as f64 * 8.0 / secs) as u64;
+                    conn.rate_sent = true;
+                    write_frame(
+                        &mut conn.tcp,
+                        &dgt_header(MsgKind::DgtRate, 0),
+                        &bps.max(1).to_le_bytes(),
+                        WRITE_LIMIT,
+                    )?;
                 }
                 Ok(())
             }
