@@ -104,3 +104,31 @@ fn dgt_launch_converges_on_digits() {
     // Loopback with an 8 MiB receive buffer and pacing: nothing lost for good.
     assert_eq!(n(g, "lost_blocks"), 0, "{g}");
 }
+
+/// DGT with FP16 values (issue 20): the inter tier's fp16 codec without scaling narrows each DC
+/// sum as the TCP path does and DGT carries 2-byte values; training converges, the local servers
+/// count fp16 bytes only, and the receiver loses nothing on loopback.
+#[test]
+fn dgt_with_fp16_values_converges() {
+    let toml = EXAMPLE
+        .replace("rounds = 400", "rounds = 300")
+        .replace("hidden = [64]", "hidden = [512]")
+        .replace("k = 0.8 ", "k = 0.5 ")
+        .replace(
+            "inter = { codec = \"none\" }",
+            "inter = { codec = \"fp16\", scaling = \"none\" }",
+        );
+    assert!(toml.contains("scaling = \"none\""));
+    let r = support::launch_report("dgt-test", "fp16", &toml);
+    let acc = r["final_test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.9, "final test accuracy {acc}");
+    assert!(r["replicas_identical"].as_bool().unwrap());
+    let ls = role(&r, "local_server");
+    let bytes = &ls["codec_bytes"];
+    assert!(bytes["fp16"].as_u64().unwrap_or(0) > 0, "{bytes}");
+    assert_eq!(bytes["f32"].as_u64().unwrap_or(0), 0, "{bytes}");
+    let g = &role(&r, "global_server")["dgt"];
+    assert!(g["unreliable_blocks"].as_u64().unwrap_or(0) > 0, "{g}");
+    assert_eq!(g["invalid"].as_u64().unwrap_or(0), 0, "{g}");
+    assert_eq!(g["lost_blocks"].as_u64().unwrap_or(0), 0, "{g}");
+}

@@ -29,6 +29,16 @@ fn add(counts: &mut CodecBytes, class: &str, n: usize) {
     *counts.entry(class.to_string()).or_default() += n as u64;
 }
 
+/// Counts `n` dense values of type `vt` sent without a codec header (DGT blocks).
+pub fn count_values(counts: &mut CodecBytes, vt: ValueType, n: usize) {
+    let (class, size) = match vt {
+        ValueType::F32 => ("f32", 4),
+        ValueType::F16 => ("fp16", 2),
+        ValueType::Bf16 => ("bf16", 2),
+    };
+    add(counts, class, n * size);
+}
+
 /// Counts a dense payload sent or received under `codec` (see [`super::encode_values`]).
 pub fn count_dense(counts: &mut CodecBytes, codec: PayloadCodec, payload: &[u8]) {
     let class = match codec {

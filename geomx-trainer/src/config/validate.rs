@@ -85,7 +85,7 @@ impl Config {
         self.validate_timeouts_and_placement()
     }
 
-    /// `transport.inter = "dgt"`: only on the inter tier, with plain f32 values and FSA
+    /// `transport.inter = "dgt"`: only on the inter tier, with f32 or unscaled fp16 values and FSA
     /// (DGT rounds are consecutive per range), and parameters in range.
     fn validate_dgt(&self) -> Result {
         use super::TransportKind;
@@ -104,9 +104,19 @@ impl Config {
             || "dgt needs sync.algorithm = \"fsa\"".into(),
         )?;
         check(
-            matches!(self.compression.inter, Codec::None),
+            matches!(
+                self.compression.inter,
+                Codec::None
+                    | Codec::Fp16(super::Fp16Codec {
+                        scaling: super::ScalingKind::None
+                    })
+            ),
             || "compression.inter.codec".into(),
-            || "dgt sends dense f32 blocks: use codec \"none\" on the inter tier".into(),
+            || {
+                "dgt sends dense f32 or fp16 blocks without a scale: use codec \"none\", or \
+                 \"fp16\" with scaling = \"none\", on the inter tier"
+                    .into()
+            },
         )?;
         check(
             (1..=7).contains(&d.channels),

@@ -130,18 +130,29 @@ pub fn link_config(d: &DgtTransportConfig) -> (DgtConfig, LinkOptions) {
     (cfg, opts)
 }
 
-/// A global server's DGT receiver for its ranges `(range id, length)`, bound on `ip`; with
-/// mutual TLS (`net.security`) its reliable channels admit only the job's local servers.
+/// The DGT value type of the inter tier's dense values (f32, or fp16 without scaling).
+pub fn value_type(dense: geomx_kernels::ValueType) -> Result<ValueType, String> {
+    match dense {
+        geomx_kernels::ValueType::F32 => Ok(ValueType::F32),
+        geomx_kernels::ValueType::F16 => Ok(ValueType::F16),
+        geomx_kernels::ValueType::Bf16 => Err("dgt carries f32 or fp16 values, not bf16".into()),
+    }
+}
+
+/// A global server's DGT receiver for its ranges `(range id, length)` of `values`, bound on
+/// `ip`; with mutual TLS (`net.security`) its reliable channels admit only the job's local
+/// servers.
 pub fn bind_server(
     ip: IpAddr,
     d: &DgtTransportConfig,
     ranges: &[(usize, usize)],
+    values: ValueType,
     net: &geomx_net::NetOptions,
 ) -> Result<DgtServer, String> {
     let (cfg, _) = link_config(d);
     let keys: Vec<(u32, u32, ValueType)> = ranges
         .iter()
-        .map(|&(id, len)| Ok((id_u32(id)?, id_u32(len)?, ValueType::F32)))
+        .map(|&(id, len)| Ok((id_u32(id)?, id_u32(len)?, values)))
         .collect::<Result<_, String>>()?;
     let tls = net.security.context().map(|ctx| ServerTls {
         ctx: ctx.clone(),
@@ -172,18 +183,26 @@ pub struct DgtUplink {
     k: f64,
     alpha: f64,
     channels: u8,
+    /// The values' type on the wire (fp16: narrowed as the fp16 codec does, no scaling).
+    values: ValueType,
     scores: HashMap<usize, BlockScores>,
 }
 
 impl DgtUplink {
-    /// Scores start at 0 for every range.
-    pub fn new(d: &DgtTransportConfig) -> Self {
+    /// Scores start at 0 for every range; `values` is the type the blocks carry.
+    pub fn new(d: &DgtTransportConfig, values: ValueType) -> Self {
         Self {
             k: d.k,
             alpha: d.alpha,
             channels: d.channels,
+            values,
             scores: HashMap::new(),
         }
+    }
+
+    /// The type the blocks carry.
+    pub fn values(&self) -> ValueType {
+        self.values
     }
 
     /// The channel map of range `id`'s values `x` at this round (updating its scores).
@@ -193,7 +212,7 @@ impl DgtUplink {
         x: &[f32],
         block_bytes: usize,
     ) -> Result<Vec<u8>, String> {
-        let per = block_bytes / 4;
+        let per = block_bytes / self.values.size();
         let s = match self.scores.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
@@ -205,18 +224,29 @@ impl DgtUplink {
         assign_channels(&ranked, s.num_blocks(), self.k, self.channels).map_err(|e| e.to_string())
     }
 
-    /// Pushes range `id`'s values of `round` through `link`.
+    /// Pushes range `id`'s values of `round` through `link`; returns how many finite values
+    /// became ±inf on the wire (fp16 overflow).
     pub fn push(
         &mut self,
         link: &DgtClient,
         id: usize,
         round: u64,
         x: Vec<f32>,
-    ) -> Result<(), String> {
+    ) -> Result<usize, String> {
         let map = self.channel_map(id, &x, link.block_bytes())?;
         let round = u32::try_from(round).map_err(|_| format!("round {round} beyond DGT's u32"))?;
-        link.push_f32(id_u32(id)?, round, x, map)
-            .map_err(|e| format!("dgt push of range {id}: {e}"))
+        let key = id_u32(id)?;
+        let (res, overflow) = match self.values {
+            ValueType::F32 => (link.push_f32(key, round, x, map), 0),
+            ValueType::F16 => {
+                let mut bits = vec![0u16; x.len()];
+                let nonfinite = geomx_kernels::cast::f32_to_f16_slice(&x, &mut bits);
+                let overflow = nonfinite.saturating_sub(crate::codec::count_nonfinite(&x));
+                (link.push_f16(key, round, bits, map), overflow)
+            }
+        };
+        res.map_err(|e| format!("dgt push of range {id}: {e}"))?;
+        Ok(overflow)
     }
 }
 
@@ -232,7 +262,7 @@ mod tests {
             alpha: 0.0,
             ..DgtTransportConfig::default()
         };
-        let mut up = DgtUplink::new(&d);
+        let mut up = DgtUplink::new(&d, ValueType::F32);
         // 4 blocks of 16 elements (64-byte blocks): means 3, 0 (not sent), 1, 2.
         let mut x = vec![0.0f32; 64];
         for (b, v) in [(0, 3.0), (2, 1.0), (3, 2.0)] {
@@ -264,5 +294,45 @@ mod tests {
         );
         let s = DgtRoleStats::from_server(&ServerStats::default());
         assert_eq!(s, DgtRoleStats::default());
+    }
+
+    /// FP16 values through a real DGT link arrive exactly as the TCP path's fp16 codec (no
+    /// scaling) decodes them, and overflows are counted.
+    #[test]
+    fn fp16_values_arrive_as_the_fp16_codec_decodes_them() {
+        use crate::codec::{decode_values, encode_values};
+        let d = DgtTransportConfig {
+            k: 1.0,
+            rate_mbit: Some(1000.0),
+            ..DgtTransportConfig::default()
+        };
+        let lo = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let net = geomx_net::NetOptions::default();
+        let n = 3000;
+        let server = bind_server(lo, &d, &[(0, n)], ValueType::F16, &net).unwrap();
+        let link = connect(server.local_addr(), 1, &d, &net).unwrap();
+        let mut up = DgtUplink::new(&d, ValueType::F16);
+        let mut x: Vec<f32> = (0..n).map(|i| (i as f32 - 1500.0) * 0.0137).collect();
+        x[7] = 1.0e6;
+        let overflow = up.push(&link, 0, 0, x.clone()).unwrap();
+        assert_eq!(overflow, 1);
+        let got = server
+            .recv_delivery(std::time::Duration::from_secs(20))
+            .expect("delivered");
+        let e = encode_values(
+            &x,
+            geomx_kernels::ValueType::F16,
+            geomx_kernels::Scaling::None,
+        );
+        let want = decode_values(e.codec, &e.bytes, 0, n).unwrap();
+        assert_eq!(e.overflow, 1);
+        assert!(got.missing.is_empty());
+        assert!(
+            got.values
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "DGT fp16 values differ from the codec's"
+        );
     }
 }

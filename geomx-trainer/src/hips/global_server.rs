@@ -648,7 +648,8 @@ pub fn run(
                 .map(|(id, r)| (id, r.len))
                 .collect();
             let net = job.net_as(roles::GLOBAL_SERVER, plan.central_dc, rank)?;
-            let s = super::dgt::bind_server(ip, d, &ranges, &net)
+            let s = super::dgt::value_type(job.inter.dense_type())
+                .and_then(|vt| super::dgt::bind_server(ip, d, &ranges, vt, &net))
                 .map_err(|e| RunError::Protocol(format!("global server {rank}: dgt: {e}")))?;
             tracing::info!(addr = %s.local_addr(), "dgt receiver listening");
             Some(s)

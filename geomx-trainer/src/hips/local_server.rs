@@ -456,15 +456,15 @@ fn exchange(
                     .get(r.server)
                     .ok_or_else(|| format!("range {id}: no dgt link to server {}", r.server))?;
                 let x = slice(s);
-                count_dense(
-                    &mut counts,
-                    PayloadCodec::DenseF32,
-                    &super::msg::f32_bytes(&x),
-                );
-                lock(&handler.dgt_up)
-                    .as_mut()
-                    .ok_or("dgt uplink not set")?
-                    .push(link, *id, version, x)?;
+                let mut up = lock(&handler.dgt_up);
+                let up = up.as_mut().ok_or("dgt uplink not set")?;
+                let vt = match up.values() {
+                    geomx_net::dgt::ValueType::F32 => geomx_kernels::ValueType::F32,
+                    geomx_net::dgt::ValueType::F16 => geomx_kernels::ValueType::F16,
+                };
+                crate::codec::bytes::count_values(&mut counts, vt, x.len());
+                let overflow = up.push(link, *id, version, x)?;
+                handler.overflows.add(key, overflow);
                 Some(count.to_le_bytes().to_vec())
             }
             (Some(s), None) if handler.inter.is_plain() => {
@@ -819,6 +819,13 @@ pub fn run(
         round0 / job.rounds_per_global(),
     );
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    let dgt_up = match job.inter.dgt() {
+        Some(d) => Some(DgtUplink::new(
+            d,
+            super::dgt::value_type(job.inter.dense_type()).map_err(RunError::Protocol)?,
+        )),
+        None => None,
+    };
     let handler = Arc::new(LocalHandler {
         dc,
         rounds: job.local_rounds(),
@@ -845,7 +852,7 @@ pub fn run(
         skipped: AtomicU64::new(0),
         overflows: KeyCounts::default(),
         dgt_links: OnceLock::new(),
-        dgt_up: Mutex::new(job.inter.dgt().map(DgtUplink::new)),
+        dgt_up: Mutex::new(dgt_up),
         admission: Admission::default(),
         start,
         per_local: job.rounds_per_local(),
