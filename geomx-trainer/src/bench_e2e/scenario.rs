@@ -36,11 +36,13 @@ pub enum ScenarioId {
     Mixed,
     /// HiPS with DGT (differential gradient transmission) as the WAN transport.
     Dgt,
+    /// DGT carrying FP16 values (the WAN tier's fp16 codec without scaling).
+    DgtFp16,
 }
 
 impl ScenarioId {
     /// Every scenario, in table order (the flat baseline first).
-    pub const ALL: [ScenarioId; 10] = [
+    pub const ALL: [ScenarioId; 11] = [
         ScenarioId::Flat,
         ScenarioId::Hips,
         ScenarioId::HipsFp16,
@@ -51,6 +53,7 @@ impl ScenarioId {
         ScenarioId::HfaFp16,
         ScenarioId::Mixed,
         ScenarioId::Dgt,
+        ScenarioId::DgtFp16,
     ];
 
     /// The name `--only` takes and files are named after.
@@ -66,6 +69,7 @@ impl ScenarioId {
             ScenarioId::HfaFp16 => "hfa-fp16",
             ScenarioId::Mixed => "mixed",
             ScenarioId::Dgt => "dgt",
+            ScenarioId::DgtFp16 => "dgt-fp16",
         }
     }
 
@@ -82,6 +86,7 @@ impl ScenarioId {
             ScenarioId::HfaFp16 => "HFA + FP16",
             ScenarioId::Mixed => "MixedSync (DC-ASGD)",
             ScenarioId::Dgt => "HiPS + DGT",
+            ScenarioId::DgtFp16 => "HiPS + DGT + FP16",
         }
     }
 
@@ -297,6 +302,10 @@ pub fn config_table(id: ScenarioId, p: &MatrixParams) -> Result<toml::Table, tom
             }})
         }
         ScenarioId::Dgt => v["transport"] = json!({ "inter": "dgt" }),
+        ScenarioId::DgtFp16 => {
+            v["transport"] = json!({ "inter": "dgt" });
+            v["compression"] = json!({ "inter": { "codec": "fp16", "scaling": "none" } });
+        }
     }
     toml::Table::try_from(v)
 }
