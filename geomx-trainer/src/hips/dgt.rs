@@ -200,11 +200,6 @@ impl DgtUplink {
         }
     }
 
-    /// The type the blocks carry.
-    pub fn values(&self) -> ValueType {
-        self.values
-    }
-
     /// The channel map of range `id`'s values `x` at this round (updating its scores).
     pub fn channel_map(
         &mut self,

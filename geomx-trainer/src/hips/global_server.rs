@@ -116,10 +116,23 @@ impl GlobalHandler {
         Ok(dc)
     }
 
-    /// Most pulls that may wait at once (see [`PARKED_PULLS_PER_MEMBER_KEY`]).
-    fn pull_cap(&self) -> usize {
+    /// Parks a pull that waits for a later version of range `id`, unless
+    /// [`PARKED_PULLS_PER_MEMBER_KEY`] per member and range wait already: then it is refused
+    /// (after `st` is released).
+    fn park(
+        &self,
+        mut st: std::sync::MutexGuard<'_, State>,
+        id: usize,
+        version: u64,
+        reply: Responder,
+    ) {
         let members = self.dc_of.get().map_or(1, |m| m.len().max(1));
-        PARKED_PULLS_PER_MEMBER_KEY * members * self.range_lens.len().max(1)
+        let cap = PARKED_PULLS_PER_MEMBER_KEY * members * self.range_lens.len().max(1);
+        if let Some(reply) = park_pull(&mut st.pulls, cap, id, version, reply) {
+            drop(st);
+            self.admission
+                .refuse(reply, format!("{cap} pulls wait already"));
+        }
     }
 
     /// An aggregation error: a non-finite value under `nonfinite = "abort"` ends the job (the
@@ -485,7 +498,7 @@ impl GlobalHandler {
                 return self.admission.refuse(reply, msg);
             }
         }
-        let mut st = lock(&self.state);
+        let st = lock(&self.state);
         if let Some((mixed, _)) = st.mixed.as_ref() {
             // MixedSync pulls only θ_0 (start-up); any version at least the one asked for serves.
             return match mixed.get(id) {
@@ -494,14 +507,7 @@ impl GlobalHandler {
                     drop(st);
                     let _ = reply.send(v, PayloadCodec::DenseF32, &bytes);
                 }
-                Some(_) => {
-                    let cap = self.pull_cap();
-                    if let Some(reply) = park_pull(&mut st.pulls, cap, id, req.version, reply) {
-                        drop(st);
-                        self.admission
-                            .refuse(reply, format!("{cap} pulls wait already"));
-                    }
-                }
+                Some(_) => self.park(st, id, req.version, reply),
                 None => {
                     drop(st);
                     let msg = format!("pull: unknown range {id}");
@@ -516,14 +522,7 @@ impl GlobalHandler {
                 drop(st);
                 let _ = reply.send(version, PayloadCodec::DenseF32, &bytes);
             }
-            Ok(None) => {
-                let cap = self.pull_cap();
-                if let Some(reply) = park_pull(&mut st.pulls, cap, id, req.version, reply) {
-                    drop(st);
-                    self.admission
-                        .refuse(reply, format!("{cap} pulls wait already"));
-                }
-            }
+            Ok(None) => self.park(st, id, req.version, reply),
             Err(e) => {
                 drop(st);
                 self.admission.refuse(reply, format!("pull: {e}"));

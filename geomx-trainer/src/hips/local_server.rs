@@ -458,11 +458,8 @@ fn exchange(
                 let x = slice(s);
                 let mut up = lock(&handler.dgt_up);
                 let up = up.as_mut().ok_or("dgt uplink not set")?;
-                let vt = match up.values() {
-                    geomx_net::dgt::ValueType::F32 => geomx_kernels::ValueType::F32,
-                    geomx_net::dgt::ValueType::F16 => geomx_kernels::ValueType::F16,
-                };
-                crate::codec::bytes::count_values(&mut counts, vt, x.len());
+                // The uplink's value type is the tier's dense type (`dgt::value_type`).
+                crate::codec::bytes::count_values(&mut counts, handler.inter.dense_type(), x.len());
                 let overflow = up.push(link, *id, version, x)?;
                 handler.overflows.add(key, overflow);
                 Some(count.to_le_bytes().to_vec())
