@@ -206,20 +206,13 @@ impl Pki {
 fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>, tls: Option<&Pki>) -> Result<Vec<f64>, String> {
     let opts = Pki::opts(tls, |p| &p.central);
     let client_opts = Pki::opts(tls, |p| &p.site);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let arrivals = Arc::new(Arrivals::default());
     let handler = arrivals.clone();
-    let server = lab
-        .spawn_in(false, move || {
-            let s = KvServer::bind(format!("{CENTRAL_ADDR}:0"), handler, opts);
-            let _ = tx.send(s.as_ref().map(|s| s.local_addr()).map_err(err));
-            // Serve until the client side is done.
-            let _ = stop_rx.recv();
-            drop(s);
-        })
-        .map_err(err)?;
-    let addr = rx.recv().map_err(err)??;
+    let (addr, serving) = lab.serve_central(move || {
+        let s = KvServer::bind(format!("{CENTRAL_ADDR}:0"), handler, opts).map_err(err)?;
+        let addr = s.local_addr();
+        Ok((s, addr))
+    })?;
     let data = data.clone();
     let client = lab
         .spawn_in(true, move || -> Result<Vec<f64>, String> {
@@ -255,8 +248,7 @@ fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>, tls: Option<&Pki>) -> Result
         .join()
         .map_err(|_| "tcp client panicked".to_string())?
         .map_err(err)?;
-    drop(stop_tx);
-    let _ = server.join();
+    drop(serving);
     res
 }
 
@@ -276,37 +268,25 @@ fn run_dgt(
         ..DgtTransportConfig::default()
     };
     let n = data[0].len();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let d2 = d.clone();
     let server_tls = tls.map(|p| ServerTls {
         ctx: p.central.clone(),
         roles: vec![crate::hips::plan::roles::LOCAL_SERVER.to_string()],
     });
     let client_opts = Pki::opts(tls, |p| &p.site);
-    let server = lab
-        .spawn_in(false, move || {
-            let (cfg, _) = link_config(&d2);
-            let s = DgtServer::bind_secure(
-                CENTRAL_ADDR.into(),
-                cfg,
-                &[(0, n as u32, ValueType::F32)],
-                None,
-                server_tls,
-            );
-            match s {
-                Ok(s) => {
-                    let _ = tx.send(Ok((s.local_addr(), s.deliveries().clone())));
-                    let _ = stop_rx.recv();
-                    drop(s);
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                }
-            }
-        })
+    let ((addr, deliveries), serving) = lab.serve_central(move || {
+        let (cfg, _) = link_config(&d2);
+        let s = DgtServer::bind_secure(
+            CENTRAL_ADDR.into(),
+            cfg,
+            &[(0, n as u32, ValueType::F32)],
+            None,
+            server_tls,
+        )
         .map_err(err)?;
-    let (addr, deliveries) = rx.recv().map_err(err)??;
+        let out = (s.local_addr(), s.deliveries().clone());
+        Ok((s, out))
+    })?;
     let data = data.clone();
     let client = lab
         .spawn_in(true, move || -> Result<(Vec<f64>, f64), String> {
@@ -330,8 +310,7 @@ fn run_dgt(
         .join()
         .map_err(|_| "dgt client panicked".to_string())?
         .map_err(err)?;
-    drop(stop_tx);
-    let _ = server.join();
+    drop(serving);
     res
 }
 

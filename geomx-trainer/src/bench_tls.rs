@@ -108,17 +108,12 @@ fn goodput(
     size: usize,
     rounds: usize,
 ) -> Result<f64, String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let srv = lab
-        .spawn_in(false, move || {
-            let s = KvServer::bind(format!("{CENTRAL_ADDR}:0"), StoreHandler::default(), server);
-            let _ = tx.send(s.as_ref().map(|s| s.local_addr()).map_err(err));
-            let _ = stop_rx.recv();
-            drop(s);
-        })
-        .map_err(err)?;
-    let addr = rx.recv().map_err(err)??;
+    let (addr, serving) = lab.serve_central(move || {
+        let s = KvServer::bind(format!("{CENTRAL_ADDR}:0"), StoreHandler::default(), server)
+            .map_err(err)?;
+        let addr = s.local_addr();
+        Ok((s, addr))
+    })?;
     let cli = lab
         .spawn_in(true, move || -> Result<f64, String> {
             let c = KvClient::connect(addr, 1, client).map_err(err)?;
@@ -148,8 +143,7 @@ fn goodput(
         .join()
         .map_err(|_| "client panicked".to_string())?
         .map_err(err)?;
-    drop(stop_tx);
-    let _ = srv.join();
+    drop(serving);
     res
 }
 

@@ -84,6 +84,37 @@ impl DgtLab {
         (st.packets > 0).then(|| st.lateness())
     }
 
+    /// Runs `bind` on a new thread inside the central namespace and keeps the server it made
+    /// there until the returned [`Serving`] is dropped; returns what `bind` handed out
+    /// (addresses, queues).
+    pub fn serve_central<S: 'static, A: Send + 'static>(
+        &self,
+        bind: impl FnOnce() -> Result<(S, A), String> + Send + 'static,
+    ) -> Result<(A, Serving), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = self
+            .spawn_in(false, move || match bind() {
+                Ok((server, out)) => {
+                    let _ = tx.send(Ok(out));
+                    let _ = stopped.recv();
+                    drop(server);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        let serving = Serving {
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        let out = rx
+            .recv()
+            .map_err(|_| "the central server's thread ended".to_string())??;
+        Ok((out, serving))
+    }
+
     /// Runs `f` on a new thread inside the site (`site = true`) or central namespace.
     pub fn spawn_in<T: Send + 'static>(
         &self,
@@ -91,6 +122,22 @@ impl DgtLab {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<std::thread::JoinHandle<Result<T, WanLabError>>, WanLabError> {
         self.lab.node(usize::from(site)).spawn(f)
+    }
+}
+
+/// A server kept alive in the central namespace ([`DgtLab::serve_central`]); dropping it stops
+/// the server and joins its thread.
+pub struct Serving {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), WanLabError>>>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
