@@ -267,11 +267,13 @@ fn a_consumer_that_falls_behind_holds_the_senders_back_without_loss() {
         }
         client
     });
-    // Nobody consumes: the queue stops near its bound (one read's worth of frames beyond it).
+    // Nobody consumes: the queue stops at its bound whatever the socket buffers hold (frames
+    // already read wait; at most the receiver's two rounds in progress per key may time out
+    // into it on top).
     wait_until(|| server.deliveries().len() >= MAX_QUEUED_DELIVERIES);
     std::thread::sleep(Duration::from_millis(300));
     let queued = server.deliveries().len();
-    assert!(queued < MAX_QUEUED_DELIVERIES + 200, "{queued} queued");
+    assert!(queued <= MAX_QUEUED_DELIVERIES + 2, "{queued} queued");
     // Then every round arrives, in order.
     for r in 0..rounds {
         let d = server.recv_delivery(WAIT).expect("delivery");

@@ -458,7 +458,13 @@ impl Loop {
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
                 }
             }
-            if !read_frames(&mut self.tcp, &mut self.dec, &mut rbuf, &mut frames)? {
+            if !read_frames(
+                &mut self.tcp,
+                &mut self.dec,
+                &mut rbuf,
+                usize::MAX,
+                &mut frames,
+            )? {
                 return Err(LinkError::Closed(
                     "receiver closed the reliable channel".into(),
                 ));

@@ -238,21 +238,27 @@ fn write_frame(
     Ok(())
 }
 
-/// Reads what a non-blocking stream has into `dec` (opening records with TLS); `Ok(false)` at
-/// end of stream.
+/// Reads what a non-blocking stream has, up to about `budget` bytes, into `dec` (opening
+/// records with TLS); `Ok(false)` at end of stream.
 fn read_frames(
     r: &mut Reliable,
     dec: &mut FrameDecoder,
     buf: &mut [u8],
+    budget: usize,
     out: &mut Vec<Frame>,
 ) -> Result<bool, LinkError> {
+    let mut taken = 0usize;
     loop {
+        if taken >= budget {
+            return Ok(true);
+        }
         match r.tcp.read(buf) {
             Ok(0) => {
                 dec.finish()?;
                 return Ok(false);
             }
             Ok(n) => {
+                taken += n;
                 feed_input(r.opener.as_mut(), &mut r.plain, dec, &buf[..n], out).map_err(|e| {
                     match e {
                         NetError::Wire(w) => LinkError::Wire(w),
@@ -281,7 +287,7 @@ fn read_one(
         if !pending.is_empty() {
             return Ok(pending.remove(0));
         }
-        if !read_frames(s, dec, &mut buf, pending)? {
+        if !read_frames(s, dec, &mut buf, usize::MAX, pending)? {
             return Err(LinkError::Closed("peer closed during the hello".into()));
         }
         if pending.is_empty() {

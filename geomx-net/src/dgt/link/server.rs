@@ -11,9 +11,11 @@
 //!   reconnect while its old connection has not been noticed dead yet;
 //! * per admitted sender the receiver core keeps at most two rounds in progress per key, and
 //!   while [`MAX_QUEUED_DELIVERIES`] delivered tensors wait for the consumer the reliable
-//!   channels are not read (TCP flow control holds the senders back).
+//!   channels are not read (TCP flow control holds the senders back). Frames are handled one
+//!   at a time and finished tensors queued at once, so the bound holds exactly whatever the
+//!   socket buffers hold; at most `READ_BUDGET` bytes per channel wait read but unhandled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
@@ -46,6 +48,9 @@ const HELLO_LIMIT: Duration = Duration::from_secs(10);
 pub const MAX_PENDING_HELLOS: usize = 64;
 /// Delivered tensors waiting for the consumer before the reliable channels stop being read.
 pub const MAX_QUEUED_DELIVERIES: usize = 256;
+/// Bytes read from one reliable channel before the others get their turn; what was read but
+/// not handled yet is bounded by this.
+const READ_BUDGET: usize = 256 << 10;
 /// Reliable bytes a sender's goodput sample needs before the receiver reports it (auto pacing's
 /// start): 16 blocks of 4 KiB, gathered over as many rounds as it takes, so that one small
 /// round cannot set the pace.
@@ -283,6 +288,10 @@ struct Conn {
     sample_bytes: u64,
     sample_secs: f64,
     rate_sent: bool,
+    /// Frames read but not handled yet: they wait while the delivery queue is full.
+    pending: VecDeque<Frame>,
+    /// The sender closed the channel: it is dropped once `pending` is handled.
+    eof: bool,
 }
 
 struct Peer {
@@ -349,44 +358,16 @@ struct Loop {
 impl Loop {
     fn run(&mut self) -> Result<(), LinkError> {
         let mut rbuf = vec![0u8; 64 * 1024];
-        let mut frames = Vec::new();
         while !self.shared.stop.load(Ordering::SeqCst) {
             self.waker.drain();
             self.accept();
             // While the consumer is behind, admitted senders are not read: TCP flow control
             // holds them back instead of the delivery queue growing.
-            let paused = self.out.len() >= MAX_QUEUED_DELIVERIES;
-            let ids: Vec<u64> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| !(paused && c.sender.is_some()))
-                .map(|(&id, _)| id)
-                .collect();
+            let ids: Vec<u64> = self.conns.keys().copied().collect();
             for id in ids {
-                let res = match self.conns.get_mut(&id) {
-                    Some(c) => read_frames(&mut c.tcp, &mut c.dec, &mut rbuf, &mut frames),
-                    None => continue,
-                };
-                let mut err = match res {
-                    Ok(true) => None,
-                    Ok(false) => Some("closed by the sender".to_string()),
-                    Err(e) => {
-                        self.refused += 1;
-                        Some(e.to_string())
-                    }
-                };
-                for f in frames.drain(..) {
-                    if err.is_none() {
-                        if let Err(e) = self.on_frame(id, f) {
-                            self.refused += 1;
-                            err = Some(e.to_string());
-                        }
-                    }
-                }
-                if let Some(reason) = err {
-                    self.drop_conn(id, &reason);
-                }
+                self.serve_conn(id, &mut rbuf);
             }
+            let paused = self.paused();
             self.read_udp(&mut rbuf);
             let now = Instant::now();
             let silent: Vec<u64> = self
@@ -408,6 +389,12 @@ impl Loop {
                 .min()
                 .map_or(Duration::from_millis(50), |t| sys::until(t, Instant::now()))
                 .min(Duration::from_millis(if paused { 5 } else { 50 }));
+            // Frames already read wait only for room in the queue.
+            let timeout = if !paused && self.conns.values().any(|c| !c.pending.is_empty()) {
+                Duration::ZERO
+            } else {
+                timeout
+            };
             let mut fds = Vec::with_capacity(3 + self.conns.len() + usize::from(self.cfg.channels));
             for fd in [self.listener.as_raw_fd(), self.waker.fd()] {
                 fds.push(libc::pollfd {
@@ -428,7 +415,7 @@ impl Loop {
             for c in self
                 .conns
                 .values()
-                .filter(|c| !(paused && c.sender.is_some()))
+                .filter(|c| !c.eof && (!paused || c.sender.is_none()))
             {
                 fds.push(libc::pollfd {
                     fd: c.tcp.tcp.as_raw_fd(),
@@ -521,8 +508,64 @@ impl Loop {
                 sample_bytes: 0,
                 sample_secs: 0.0,
                 rate_sent: false,
+                pending: VecDeque::new(),
+                eof: false,
             },
         );
+    }
+
+    /// The consumer is behind: admitted senders' frames wait (and their channels are not read).
+    fn paused(&self) -> bool {
+        self.out.len() >= MAX_QUEUED_DELIVERIES
+    }
+
+    /// Handles a connection's frames already read, one at a time while the delivery queue has
+    /// room, then reads more (at most [`READ_BUDGET`] bytes) once they are all handled. A
+    /// sender that closed its channel is dropped once its last frame is handled; one that broke
+    /// the protocol at once.
+    fn serve_conn(&mut self, id: u64, rbuf: &mut [u8]) {
+        let mut read = false;
+        loop {
+            let Some(sender) = self.conns.get(&id).map(|c| c.sender) else {
+                return;
+            };
+            if sender.is_some() && self.paused() {
+                return;
+            }
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            if let Some(f) = c.pending.pop_front() {
+                if let Err(e) = self.on_frame(id, f) {
+                    self.refused += 1;
+                    self.drop_conn(id, &e.to_string());
+                    return;
+                }
+                if let Some(s) = sender {
+                    self.deliver_ready(s);
+                }
+                continue;
+            }
+            if c.eof {
+                self.drop_conn(id, "closed by the sender");
+                return;
+            }
+            if read {
+                return;
+            }
+            read = true;
+            let mut frames = Vec::new();
+            let res = read_frames(&mut c.tcp, &mut c.dec, rbuf, READ_BUDGET, &mut frames);
+            c.pending.extend(frames);
+            match res {
+                Ok(open) => c.eof = !open,
+                Err(e) => {
+                    self.refused += 1;
+                    self.drop_conn(id, &e.to_string());
+                    return;
+                }
+            }
+        }
     }
 
     fn drop_conn(&mut self, id: u64, reason: &str) {
@@ -792,10 +835,24 @@ impl Loop {
     }
 
     fn drain_peer(&mut self, _sender: u32, p: &mut Peer) {
-        while let Some(d) = p.rx.poll_delivery() {
-            self.deliveries += 1;
-            self.timed_out += u64::from(d.timed_out);
-            let _ = self.out.send(d);
+        hand_over(
+            &mut p.rx,
+            &self.out,
+            &mut self.deliveries,
+            &mut self.timed_out,
+        );
+    }
+
+    /// Hands the sender's finished tensors to the consumer at once, so that the queue bound
+    /// counts them before the next frame is handled.
+    fn deliver_ready(&mut self, sender: u32) {
+        if let Some(p) = self.peers.get_mut(&sender) {
+            hand_over(
+                &mut p.rx,
+                &self.out,
+                &mut self.deliveries,
+                &mut self.timed_out,
+            );
         }
     }
 
@@ -825,6 +882,20 @@ impl Loop {
 /// Whether a hello for `sender` from a connection with certificate `ident` may take the id:
 /// no other live connection holds it, and with TLS no other certificate ever held it, nor
 /// does this certificate hold another id.
+/// Moves a receiver's finished tensors into the delivery queue, counting them.
+fn hand_over(
+    rx: &mut DgtReceiver,
+    out: &Sender<Delivery>,
+    deliveries: &mut u64,
+    timed_out: &mut u64,
+) {
+    while let Some(d) = rx.poll_delivery() {
+        *deliveries += 1;
+        *timed_out += u64::from(d.timed_out);
+        let _ = out.send(d);
+    }
+}
+
 fn claimable(
     claims: &HashMap<u32, Identity>,
     peers: &HashMap<u32, Peer>,
