@@ -124,3 +124,50 @@ fn a_server_holds_at_most_its_connection_bound() {
         assert_eq!(r.unwrap().payload.len(), REPLY, "{driver:?}");
     }
 }
+
+/// Every request is answered at once, on the receiving thread, with `ECHO` bytes.
+struct Echo;
+
+const ECHO: usize = 16 << 20;
+
+impl Handler for Echo {
+    fn on_request(&self, req: Request, reply: Responder) {
+        let _ = reply.send(req.version, PayloadCodec::Raw, &vec![3u8; ECHO]);
+    }
+}
+
+#[test]
+fn large_frames_both_ways_at_once_never_deadlock() {
+    // A client pipelines 4 MiB pushes while the server answers each with 4 MiB: both ends have
+    // far more than the output bound queued for each other. The server may stop reading a
+    // client whose replies pile up, but the client must go on reading, or neither drains.
+    let mut drivers = vec![DriverKind::Portable];
+    match geomx_net::uring_unavailable_reason() {
+        None => drivers.push(DriverKind::IoUring),
+        Some(why) => eprintln!("io_uring case skipped: {why}"),
+    }
+    for driver in drivers {
+        let opts = NetOptions {
+            driver,
+            ..NetOptions::default()
+        };
+        let server = KvServer::bind("127.0.0.1:0", Arc::new(Echo), opts.clone()).unwrap();
+        let c = Arc::new(KvClient::connect(server.local_addr(), 6, opts).unwrap());
+        let payload = vec![1u8; ECHO];
+        let pulls = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                (0..4u64)
+                    .map(|i| c.pull(2, i, 0, 1).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let pushes: Vec<_> = (0..8u64)
+            .map(|i| c.push(1, i, PayloadCodec::Raw, 0, 1, &payload).unwrap())
+            .collect();
+        for p in pushes.into_iter().chain(pulls.join().unwrap()) {
+            let r = p.wait(Duration::from_secs(60));
+            assert_eq!(r.unwrap().payload.len(), ECHO, "{driver:?}");
+        }
+    }
+}

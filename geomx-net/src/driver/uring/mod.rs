@@ -37,7 +37,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use self::send_track::{Next, SendTrack, SEND_ZC_REPORT_USAGE};
 use super::{feed_input, seal_windows, NetOptions};
-use crate::conn::Connection;
+use crate::conn::{Connection, Side};
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
 use crate::owned::OwnedBytes;
@@ -51,9 +51,12 @@ const SCRATCH: usize = 256 << 10;
 const REG_BUFS: usize = 16;
 /// Coalesce queued small frames up to this many bytes per `SEND`.
 const COALESCE: usize = 1 << 20;
-/// Senders wait while this many bytes are queued for one connection; while it is exceeded, the
-/// ring neither dispatches that connection's received frames nor reads more of its input, so a
-/// peer that sends requests and never reads the replies holds at most this plus one reply.
+/// Senders wait while this many bytes are queued for one connection; while it is exceeded on an
+/// accepted connection, the ring neither dispatches its received frames nor reads more of its
+/// input, so a peer that sends requests and never reads the replies holds at most this plus one
+/// reply. A connection this process opened is always read: if both ends of a connection stopped
+/// reading while their output was over the bound, neither would ever drain (two processes
+/// exchanging large frames both ways, e.g. a worker's pushes and its local server's replies).
 const MAX_QUEUED: usize = 16 << 20;
 /// An encrypted send seals at most this much before it writes or queues it (at least `io_chunk`):
 /// small enough that the receiver opens one window while the sender seals the next.
@@ -314,6 +317,7 @@ impl UringDriver {
         secure: SessionParts,
     ) -> Result<Arc<Link>, NetError> {
         let peer = stream.peer_addr()?;
+        let hold_input = conn.side() == Side::Acceptor;
         let idx = self.shared.next_idx.fetch_add(1, Ordering::Relaxed);
         let queued = Arc::new(AtomicUsize::new(0));
         let stream = Arc::new(stream);
@@ -359,6 +363,7 @@ impl UringDriver {
             last_progress: Instant::now(),
             opener: secure.opener,
             plain: Vec::new(),
+            hold_input,
         };
         if !self.shared.send(Cmd::Attach(idx, Box::new(uc))) {
             return Err(NetError::Shutdown);
@@ -715,9 +720,16 @@ struct UConn {
     /// Encrypted connection: opens records before decoding; `plain` is its reused output.
     opener: Option<Opener>,
     plain: Vec<u8>,
+    /// Accepted connection: its input waits while its output is over [`MAX_QUEUED`].
+    hold_input: bool,
 }
 
 impl UConn {
+    /// Its received frames and input wait for its output to drain (see [`MAX_QUEUED`]).
+    fn output_over_bound(&self) -> bool {
+        self.hold_input && self.queued.load(Ordering::Acquire) > MAX_QUEUED
+    }
+
     /// Output is being queued: an idle connection's stall clock starts now.
     fn note_output(&mut self) -> &mut Self {
         if !self.has_output() {
@@ -1037,7 +1049,7 @@ impl Ring {
         }
         let mut entries = Vec::with_capacity(2);
         // Input waits while received frames wait for the output to drain.
-        let reading = c.held.is_empty() && c.queued.load(Ordering::Acquire) <= MAX_QUEUED;
+        let reading = c.held.is_empty() && !c.output_over_bound();
         if c.recv == RecvState::Idle && reading {
             let fd = types::Fd(c.fd);
             // Encrypted input is opened before decoding, so it never goes straight to a payload.
@@ -1210,7 +1222,7 @@ impl Ring {
                 || c.recv != RecvState::Idle
                 || c.opener.is_some()
                 || !c.held.is_empty()
-                || c.queued.load(Ordering::Acquire) > MAX_QUEUED
+                || c.output_over_bound()
             {
                 return;
             }
@@ -1244,7 +1256,7 @@ impl Ring {
             let Some(c) = self.conns.get_mut(&idx) else {
                 return;
             };
-            if c.dead || c.queued.load(Ordering::Acquire) > MAX_QUEUED {
+            if c.dead || c.output_over_bound() {
                 c.frames = one;
                 return;
             }
