@@ -129,6 +129,15 @@ impl OptimizerConfig {
         }
     }
 
+    /// The learning rate.
+    pub fn lr(&self) -> f32 {
+        match self {
+            OptimizerConfig::Sgd(c) => c.lr,
+            OptimizerConfig::Adam(c) => c.lr,
+            OptimizerConfig::DcAsgd(c) => c.lr,
+        }
+    }
+
     /// Checks ranges (finite non-negative rates, decays in [0, 1), positive ε).
     pub fn validate(&self) -> Result<(), KernelError> {
         let bad = |what: &str, v: f32| KernelError::InvalidConfig(format!("{what} = {v}"));

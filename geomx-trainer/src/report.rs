@@ -166,8 +166,8 @@ impl Report {
         serde_json::from_value(relay.clone()).ok()
     }
 
-    /// Wall seconds (the progress lines' `elapsed_s`, measured from the reporting worker's start)
-    /// at the first progress line whose test accuracy reached `target`; `None` if none did.
+    /// Wall seconds (the progress lines' `elapsed_s`, measured from the reporting worker's start,
+    /// its test evaluations left out) at the first progress line whose test accuracy reached `target`; `None` if none did.
     pub fn time_to_accuracy(&self, target: f64) -> Option<f64> {
         self.progress
             .iter()

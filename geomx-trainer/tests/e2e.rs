@@ -23,7 +23,7 @@ fn png_dimensions(path: &Path) -> (u32, u32) {
 }
 
 #[test]
-fn quick_matrix_on_two_scenarios_writes_results_and_plots() {
+fn quick_matrix_on_three_scenarios_writes_results_and_plots() {
     let out = out_dir("quick");
     let run = Command::new(env!("CARGO_BIN_EXE_geomx"))
         .args([
@@ -31,7 +31,7 @@ fn quick_matrix_on_two_scenarios_writes_results_and_plots() {
             "e2e",
             "--quick",
             "--only",
-            "hips,flat",
+            "isolated,hips,flat",
             "--wan",
             "off",
             "--out",
@@ -44,10 +44,28 @@ fn quick_matrix_on_two_scenarios_writes_results_and_plots() {
     assert!(run.status.success(), "{stdout}\n{stderr}");
 
     let json = std::fs::read_to_string(out.join("results.json")).unwrap();
-    let r: E2eResults = serde_json::from_str(&json).unwrap();
+    let mut r: E2eResults = serde_json::from_str(&json).unwrap();
     assert_eq!(r.lab_mode, "off");
     let ids: Vec<ScenarioId> = r.scenarios.iter().map(|s| s.id).collect();
-    assert_eq!(ids, [ScenarioId::Flat, ScenarioId::Hips], "table order");
+    assert_eq!(
+        ids,
+        [ScenarioId::Flat, ScenarioId::Hips, ScenarioId::Isolated],
+        "table order"
+    );
+    // Non-IID by default: each data center holds half the digits, so on its own it cannot get
+    // far past half the test set; with the WAN, HiPS learns all ten.
+    let iso = r.scenarios.pop().unwrap();
+    assert_eq!(iso.status, Status::NotReached, "{:?}", iso.note);
+    let acc = iso.final_accuracy.unwrap();
+    assert!((0.3..0.6).contains(&acc), "isolated DCs: {acc}");
+    assert!(iso.progress.iter().all(|p| p.test_accuracy < 0.6));
+    assert_eq!(iso.time_to_target_s, None);
+    assert_eq!(iso.speedup, None);
+    assert_eq!(
+        iso.progress.len() as u64,
+        r.params.rounds,
+        "an evaluation every round"
+    );
     for s in &r.scenarios {
         assert!(
             matches!(s.status, Status::Reached | Status::NotReached),

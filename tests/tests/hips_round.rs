@@ -158,6 +158,7 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         hfa: Default::default(),
         esync: Default::default(),
         mixed_optimizer: geomx_kernels::optim::OptimizerConfig::Sgd(Default::default()),
+        mixed_lr_scale: Default::default(),
         nonfinite: Default::default(),
         checkpoint: None,
         resume: None,

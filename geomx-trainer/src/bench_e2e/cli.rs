@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use super::scenario::MatrixParams;
 use super::E2eOptions;
+use crate::config::ShardStrategy;
 
 /// Options of `geomx bench e2e`; the other benchmarks ignore them.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -18,7 +19,8 @@ pub struct E2eArgs {
     #[arg(long)]
     pub loss: Option<f64>,
     /// e2e: run only these scenarios (comma-separated: flat, hips, hips-fp16, hips-bisparse,
-    /// hips-mpq, hfa, hfa-bisparse, hfa-fp16, mixed, dgt).
+    /// hips-mpq, hfa, hfa-diloco, hfa-bisparse, hfa-fp16, esync, mixed, dgt, dgt-fp16,
+    /// isolated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// e2e: WAN lab mode: off | netns | relay | auto [default: auto].
@@ -33,6 +35,37 @@ pub struct E2eArgs {
     /// e2e: rounds of the synchronous scenarios [default: 100; 60 with --quick].
     #[arg(long)]
     pub rounds: Option<u64>,
+    /// e2e: HFA's local steps between LAN averagings [default: 10; 5 with --quick].
+    #[arg(long)]
+    pub hfa_k1: Option<u64>,
+    /// e2e: HFA's LAN averagings between WAN exchanges [default: 5; 2 with --quick].
+    #[arg(long)]
+    pub hfa_k2: Option<u64>,
+    /// e2e: test evaluation every this many rounds [default: 1].
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// e2e: how the digits are shared: by-class (each data center holds its own classes) or iid
+    /// [default: by-class].
+    #[arg(long, value_enum)]
+    pub split: Option<SplitArg>,
+}
+
+/// `--split`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitArg {
+    /// Each data center holds a disjoint set of classes.
+    ByClass,
+    /// A seeded shuffle: every worker sees every class.
+    Iid,
+}
+
+impl From<SplitArg> for ShardStrategy {
+    fn from(s: SplitArg) -> Self {
+        match s {
+            SplitArg::ByClass => ShardStrategy::ByClass,
+            SplitArg::Iid => ShardStrategy::Iid,
+        }
+    }
 }
 
 /// Default output folder.
@@ -66,6 +99,18 @@ impl E2eArgs {
         }
         if let Some(v) = self.rounds {
             p.rounds = v;
+        }
+        if let Some(v) = self.hfa_k1 {
+            p.hfa_k1 = v;
+        }
+        if let Some(v) = self.hfa_k2 {
+            p.hfa_k2 = v;
+        }
+        if let Some(v) = self.eval_every {
+            p.eval_every = v;
+        }
+        if let Some(v) = self.split {
+            p.split = v.into();
         }
         E2eOptions {
             out: out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)),
@@ -104,6 +149,8 @@ mod tests {
             "relay",
             "--target",
             "0.9",
+            "--split",
+            "iid",
         ]);
         let o = t.a.to_options(false, None, "c".into());
         assert_eq!(o.out, PathBuf::from(DEFAULT_OUT));
@@ -113,11 +160,13 @@ mod tests {
         assert_eq!(o.params.wan.mode, "relay");
         assert_eq!(o.params.target_accuracy, 0.9);
         assert_eq!(o.only, ["flat", "hips"]);
+        assert_eq!(o.params.split, ShardStrategy::Iid);
         assert_eq!(o.params.hidden, MatrixParams::full().hidden);
         let q = T::parse_from(["t"])
             .a
             .to_options(true, Some("x".into()), "c".into());
         assert_eq!(q.params, MatrixParams::quick());
+        assert_eq!(q.params.split, ShardStrategy::ByClass, "non-IID by default");
         assert_eq!(q.out, PathBuf::from("x"));
     }
 }

@@ -95,6 +95,15 @@ fn check(p: &MatrixParams) -> Result<(), E2eError> {
             p.target_accuracy
         ));
     }
+    if p.eval_every == 0 {
+        return bad("--eval-every: must be >= 1".into());
+    }
+    if p.hfa_k1 == 0 || p.hfa_k2 == 0 {
+        return bad(format!(
+            "--hfa-k1 / --hfa-k2: must be >= 1, got {} / {}",
+            p.hfa_k1, p.hfa_k2
+        ));
+    }
     if !(p.cap_s.is_finite() && p.cap_s > 0.0) {
         return bad(format!("--cap-s: must be > 0, got {}", p.cap_s));
     }
@@ -181,6 +190,13 @@ fn hfa_note(id: ScenarioId, p: &MatrixParams, progress: &[Progress]) -> Option<S
     let hit = progress
         .iter()
         .find(|x| x.test_accuracy >= p.target_accuracy)?;
+    if id == ScenarioId::Isolated {
+        return Some(format!(
+            "the control reached the target at round {} with no WAN exchange: this target does \
+             not need the WAN",
+            hit.round
+        ));
+    }
     (id.is_hfa() && hit.round < first_wan).then(|| {
         format!(
             "the reporting worker's model reached the target at round {} (LAN averaging every {} \
@@ -313,7 +329,9 @@ mod tests {
         let ok = MatrixParams::quick();
         assert!(check(&ok).is_ok());
         type Edit = fn(&mut MatrixParams);
-        let cases: [(&str, Edit); 5] = [
+        let cases: [(&str, Edit); 7] = [
+            ("--eval-every", |p| p.eval_every = 0),
+            ("--hfa-k1", |p| p.hfa_k2 = 0),
             ("--wan", |p| p.wan.mode = "tunnel".into()),
             ("--rate-mbit", |p| p.wan.rate_mbit = 0.0),
             ("--delay-ms", |p| p.wan.delay_ms = -1.0),

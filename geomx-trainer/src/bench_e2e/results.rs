@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use super::scenario::{MatrixParams, ScenarioId};
+use crate::config::ShardStrategy;
 use crate::hips::worker::Progress;
 use crate::wanlab::delay::Lateness;
 
@@ -196,6 +197,14 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map(f).unwrap_or_else(|| "—".into())
 }
 
+/// How the split reads in the settings line.
+fn split_words(split: ShardStrategy) -> &'static str {
+    match split {
+        ShardStrategy::ByClass => "non-IID: split by class, each data center holds its own digits",
+        ShardStrategy::Iid => "IID split: every worker sees every digit",
+    }
+}
+
 /// The markdown of `results.md`: settings, the table, notes, and the plots.
 pub fn render_markdown(r: &E2eResults) -> String {
     let p = &r.params;
@@ -207,8 +216,8 @@ pub fn render_markdown(r: &E2eResults) -> String {
     let _ = writeln!(
         s,
         "Lab mode: **{}**; WAN per data center: {} Mbit/s each way, {} ms one way, loss {}. \
-         {} DCs × {} workers, MLP 64-{}-10 ({} parameters, {} per dense copy) on the UCI digits, \
-         batch {} per worker, SGD lr {} momentum 0.9, {} rounds (HFA k1 = {}, k2 = {}), test \
+         {} DCs × {} workers, MLP 64-{}-10 ({} parameters, {} per dense copy) on the UCI digits \
+         ({}), batch {} per worker, SGD lr {} momentum 0.9, {} rounds (HFA k1 = {}, k2 = {}), test \
          evaluation every {} rounds; target {:.1} % test accuracy; cap {} s per scenario. \
          Whole matrix: {:.0} s.\n",
         r.lab_mode,
@@ -220,6 +229,7 @@ pub fn render_markdown(r: &E2eResults) -> String {
         hidden.join("-"),
         grouped(r.model_params as u64),
         human_bytes(r.model_params as f64 * 4.0),
+        split_words(p.split),
         p.batch_size,
         p.lr,
         p.rounds,
@@ -287,7 +297,8 @@ pub fn render_markdown(r: &E2eResults) -> String {
     let _ = writeln!(
         s,
         "\nTimes are wall seconds from the reporting worker's start to its first test evaluation \
-         at or above the target (so they resolve to {} rounds). WAN bytes are counted at the local \
+         at or above the target (so they resolve to {} rounds), not counting the time it spent \
+         evaluating. WAN bytes are counted at the local \
          servers' sockets (headers included); the flat baseline's \"local servers\" are one \
          pass-through per worker, so its WAN bytes are every worker's own traffic. Relay \
          lateness is how late the netns lab's delay relay released packets (p99 and max; \

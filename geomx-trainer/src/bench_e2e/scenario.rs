@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ShardStrategy};
 
 /// One row of the matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -28,32 +28,43 @@ pub enum ScenarioId {
     HipsMpq,
     /// Hierarchical frequency aggregation (local SGD, LAN averaging every k1 steps, WAN every k1·k2).
     Hfa,
+    /// HFA whose global servers apply DiLoCo's outer Nesterov step to the DCs' averaged delta.
+    HfaDiloco,
     /// HFA with Bi-Sparse on the WAN tier.
     HfaBisparse,
     /// HFA with FP16 on both tiers.
     HfaFp16,
+    /// ESync: fast workers take extra local steps while the slowest takes one; deltas are
+    /// combined every round.
+    Esync,
     /// MixedSync: synchronous inside DCs, asynchronous DC-ASGD between them.
     Mixed,
     /// HiPS with DGT (differential gradient transmission) as the WAN transport.
     Dgt,
     /// DGT carrying FP16 values (the WAN tier's fp16 codec without scaling).
     DgtFp16,
+    /// The control: the HFA data centers with no WAN exchange at all (each trains on its own
+    /// shards). It must stay below the target, which shows the target needs the WAN.
+    Isolated,
 }
 
 impl ScenarioId {
     /// Every scenario, in table order (the flat baseline first).
-    pub const ALL: [ScenarioId; 11] = [
+    pub const ALL: [ScenarioId; 14] = [
         ScenarioId::Flat,
         ScenarioId::Hips,
         ScenarioId::HipsFp16,
         ScenarioId::HipsBisparse,
         ScenarioId::HipsMpq,
         ScenarioId::Hfa,
+        ScenarioId::HfaDiloco,
         ScenarioId::HfaBisparse,
         ScenarioId::HfaFp16,
+        ScenarioId::Esync,
         ScenarioId::Mixed,
         ScenarioId::Dgt,
         ScenarioId::DgtFp16,
+        ScenarioId::Isolated,
     ];
 
     /// The name `--only` takes and files are named after.
@@ -65,11 +76,14 @@ impl ScenarioId {
             ScenarioId::HipsBisparse => "hips-bisparse",
             ScenarioId::HipsMpq => "hips-mpq",
             ScenarioId::Hfa => "hfa",
+            ScenarioId::HfaDiloco => "hfa-diloco",
             ScenarioId::HfaBisparse => "hfa-bisparse",
             ScenarioId::HfaFp16 => "hfa-fp16",
+            ScenarioId::Esync => "esync",
             ScenarioId::Mixed => "mixed",
             ScenarioId::Dgt => "dgt",
             ScenarioId::DgtFp16 => "dgt-fp16",
+            ScenarioId::Isolated => "isolated",
         }
     }
 
@@ -82,11 +96,14 @@ impl ScenarioId {
             ScenarioId::HipsBisparse => "HiPS + Bi-Sparse",
             ScenarioId::HipsMpq => "HiPS + MPQ",
             ScenarioId::Hfa => "HFA",
+            ScenarioId::HfaDiloco => "HFA + DiLoCo outer Nesterov",
             ScenarioId::HfaBisparse => "HFA + Bi-Sparse",
             ScenarioId::HfaFp16 => "HFA + FP16",
+            ScenarioId::Esync => "ESync",
             ScenarioId::Mixed => "MixedSync (DC-ASGD)",
             ScenarioId::Dgt => "HiPS + DGT",
             ScenarioId::DgtFp16 => "HiPS + DGT + FP16",
+            ScenarioId::Isolated => "Isolated DCs (control: no WAN exchange)",
         }
     }
 
@@ -95,12 +112,16 @@ impl ScenarioId {
         Self::ALL.into_iter().find(|s| s.name() == name)
     }
 
-    /// Scenarios whose workers train locally between synchronisations (HFA): they run whole
-    /// `k1 · k2` periods.
+    /// Scenarios whose workers train locally between synchronisations (HFA, and the isolated
+    /// control, which is HFA without its WAN exchanges): they run whole `k1 · k2` periods.
     pub fn is_hfa(self) -> bool {
         matches!(
             self,
-            ScenarioId::Hfa | ScenarioId::HfaBisparse | ScenarioId::HfaFp16
+            ScenarioId::Hfa
+                | ScenarioId::HfaDiloco
+                | ScenarioId::HfaBisparse
+                | ScenarioId::HfaFp16
+                | ScenarioId::Isolated
         )
     }
 }
@@ -150,6 +171,10 @@ pub struct MatrixParams {
     pub hidden: Vec<usize>,
     /// Samples per worker per round.
     pub batch_size: usize,
+    /// How the training samples are assigned to workers: `by-class` (the default: each data
+    /// center holds a disjoint set of classes) or `iid`.
+    #[serde(default)]
+    pub split: ShardStrategy,
     /// Rounds of the synchronous scenarios (HFA runs them rounded up to whole periods).
     pub rounds: u64,
     /// Test-set evaluation every this many rounds (the resolution of the time to accuracy).
@@ -178,8 +203,9 @@ impl MatrixParams {
             workers_per_dc: 2,
             hidden: vec![2048, 1024],
             batch_size: 32,
+            split: ShardStrategy::ByClass,
             rounds: 100,
-            eval_every: 10,
+            eval_every: 1,
             lr: 0.1,
             hfa_k1: 10,
             hfa_k2: 5,
@@ -194,7 +220,6 @@ impl MatrixParams {
         Self {
             hidden: vec![256],
             rounds: 60,
-            eval_every: 10,
             hfa_k1: 5,
             hfa_k2: 2,
             target_accuracy: 0.90,
@@ -256,7 +281,9 @@ pub fn config_table(id: ScenarioId, p: &MatrixParams) -> Result<toml::Table, tom
             "data_centers": data_centers(id, p),
         },
         "model": { "kind": "mlp", "hidden": p.hidden, "seed": 42 },
-        "data": { "dataset": "digits", "split": "iid", "batch_size": p.batch_size, "seed": 7 },
+        "data": {
+            "dataset": "digits", "split": p.split, "batch_size": p.batch_size, "seed": 7,
+        },
         "train": {
             "rounds": p.rounds_for(id),
             "eval_every": p.eval_every,
@@ -288,6 +315,18 @@ pub fn config_table(id: ScenarioId, p: &MatrixParams) -> Result<toml::Table, tom
             }})
         }
         ScenarioId::Hfa => v["sync"] = hfa,
+        ScenarioId::HfaDiloco => {
+            v["sync"] = json!({ "algorithm": "hfa", "hfa": {
+                "k1": p.hfa_k1, "k2": p.hfa_k2, "outer": "nesterov",
+            }})
+        }
+        ScenarioId::Isolated => {
+            // HFA's LAN averagings, never a WAN exchange.
+            v["sync"] = json!({ "algorithm": "hfa", "hfa": {
+                "k1": p.hfa_k1, "k2": p.hfa_k2, "isolated": true,
+            }})
+        }
+        ScenarioId::Esync => v["sync"] = json!({ "algorithm": "esync" }),
         ScenarioId::HfaBisparse => {
             v["sync"] = hfa;
             v["compression"] = json!({ "inter": bisparse });
@@ -481,10 +520,50 @@ mod tests {
     }
 
     #[test]
+    fn the_matrix_is_non_iid_by_default_and_adds_the_control_and_the_missing_pairs() {
+        let p = off();
+        let cfg = |id| scenario_config(id, &p).unwrap().1;
+        for id in ScenarioId::ALL {
+            if id != ScenarioId::HfaBisparse {
+                assert_eq!(cfg(id).data.split, ShardStrategy::ByClass, "{id:?}");
+            }
+        }
+        let mut iid = p.clone();
+        iid.split = ShardStrategy::Iid;
+        assert_eq!(
+            scenario_config(ScenarioId::Hips, &iid)
+                .unwrap()
+                .1
+                .data
+                .split,
+            ShardStrategy::Iid
+        );
+        // The control is HFA with the same periods, minus the WAN exchanges.
+        let (iso, hfa) = (cfg(ScenarioId::Isolated), cfg(ScenarioId::Hfa));
+        assert!(iso.sync.hfa.isolated && !hfa.sync.hfa.isolated);
+        let mut same = iso.clone();
+        same.sync.hfa.isolated = false;
+        assert_eq!(same, hfa, "only the WAN exchange differs");
+        let job = crate::hips::JobSpec::from_config(&iso).unwrap();
+        assert!(
+            job.rounds_per_global() > job.rounds,
+            "no global averaging in the run"
+        );
+        let diloco = cfg(ScenarioId::HfaDiloco).sync.hfa;
+        assert_eq!(diloco.outer, crate::config::OuterOptimizer::Nesterov);
+        assert_eq!((diloco.k1, diloco.k2), (p.hfa_k1, p.hfa_k2));
+        assert_eq!(cfg(ScenarioId::Esync).sync.algorithm, SyncAlgorithm::Esync);
+        assert_eq!(cfg(ScenarioId::Esync).train.rounds, Some(p.rounds));
+    }
+
+    #[test]
     fn hfa_rounds_up_to_whole_periods() {
         let mut p = off();
         p.rounds = 61;
         assert_eq!(p.rounds_for(ScenarioId::Hfa), 70);
+        assert_eq!(p.rounds_for(ScenarioId::Isolated), 70);
+        assert_eq!(p.rounds_for(ScenarioId::HfaDiloco), 70);
+        assert_eq!(p.rounds_for(ScenarioId::Esync), 61);
         assert_eq!(p.rounds_for(ScenarioId::HfaFp16), 70);
         assert_eq!(p.rounds_for(ScenarioId::Hips), 61);
         let mut f = MatrixParams::full(); // k1 · k2 = 50

@@ -59,6 +59,13 @@ impl Config {
         }
         if c.dir.is_some() {
             self.checkpoint_support("checkpoint.dir")?;
+            if self.sync.algorithm == SyncAlgorithm::Hfa && self.sync.hfa.isolated {
+                return Err(ConfigError::invalid(
+                    "checkpoint.dir",
+                    "HFA saves its state at global averagings, which sync.hfa.isolated = true \
+                     never reaches",
+                ));
+            }
             let period = self.sync.hfa.k1.saturating_mul(self.sync.hfa.k2).max(1);
             if self.sync.algorithm == SyncAlgorithm::Hfa && c.every_rounds % period != 0 {
                 return Err(ConfigError::invalid(

@@ -27,7 +27,7 @@ pub use role::{Role, RoleSpec};
 pub use security::{SecurityConfig, SecurityMode, SECURITY_DIR_ENV, SECURITY_MODE_ENV};
 pub use sync::{
     EsyncConfig, EsyncNormalisation, HfaConfig, HfaWeighting, LambdaMode, MixedConfig,
-    MixedOptimizer, OuterOptimizer, SyncAlgorithm, SyncConfig,
+    MixedLrScale, MixedOptimizer, OuterOptimizer, SyncAlgorithm, SyncConfig,
 };
 pub use wan::{
     LinkFigures, Site, WanCentralConfig, WanConfig, WanLossScope, WanMode, WanSiteConfig,

@@ -72,6 +72,19 @@ pub enum LambdaMode {
     Adaptive,
 }
 
+/// How the global server scales the learning rate of one DC's asynchronous step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MixedLrScale {
+    /// η · N_d / N: each DC's step is weighted by its share of the workers, so that one push from
+    /// every DC moves θ as far as one FSA step (the DCs' steps are not averaged but applied one
+    /// after the other; unscaled they add up to D times FSA's step and oscillate).
+    #[default]
+    Share,
+    /// η for every push (sync.md as written; the original GeoMX).
+    None,
+}
+
 /// `[sync.mixed]` (defaults from sync.md).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -90,6 +103,8 @@ pub struct MixedConfig {
     pub eps: f32,
     /// DC-ASGD momentum μ (MXNet variant; default 0).
     pub momentum: f32,
+    /// Learning-rate scale of each DC's step (default `share`).
+    pub lr_scale: MixedLrScale,
 }
 
 impl Default for MixedConfig {
@@ -102,6 +117,7 @@ impl Default for MixedConfig {
             m: 0.95,
             eps: 1e-7,
             momentum: 0.0,
+            lr_scale: MixedLrScale::Share,
         }
     }
 }
@@ -164,6 +180,10 @@ pub struct HfaConfig {
     pub outer_lr: f32,
     /// μ of `nesterov` (default 0.9).
     pub outer_momentum: f32,
+    /// A control run: the data centers never exchange over the WAN (`k2` is ignored), each
+    /// trains on its own data with its LAN averagings only; `train.rounds` must be a multiple
+    /// of `k1`. It measures what the WAN exchange buys (default false).
+    pub isolated: bool,
 }
 
 impl Default for HfaConfig {
@@ -175,6 +195,7 @@ impl Default for HfaConfig {
             outer: OuterOptimizer::Average,
             outer_lr: 0.7,
             outer_momentum: 0.9,
+            isolated: false,
         }
     }
 }

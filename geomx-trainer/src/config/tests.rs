@@ -639,7 +639,7 @@ fn sync_algorithms_parse_with_their_parameters_and_defaults() {
 
     let c = Config::from_toml_str(
         "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 20\nk2 = 10\nweighting = \"equal\"\n\
-         outer = \"nesterov\"\nouter_lr = 0.5\nouter_momentum = 0.8",
+         outer = \"nesterov\"\nouter_lr = 0.5\nouter_momentum = 0.8\nisolated = true",
     )
     .unwrap();
     assert_eq!(c.sync.algorithm, SyncAlgorithm::Hfa);
@@ -652,12 +652,13 @@ fn sync_algorithms_parse_with_their_parameters_and_defaults() {
             outer: OuterOptimizer::Nesterov,
             outer_lr: 0.5,
             outer_momentum: 0.8,
+            isolated: true,
         }
     );
     let h = HfaConfig::default();
     assert_eq!(
-        (h.k1, h.k2, h.weighting, h.outer),
-        (1, 1, HfaWeighting::Data, OuterOptimizer::Average)
+        (h.k1, h.k2, h.weighting, h.outer, h.isolated),
+        (1, 1, HfaWeighting::Data, OuterOptimizer::Average, false)
     );
     assert_eq!((h.outer_lr, h.outer_momentum), (0.7, 0.9));
 
@@ -886,6 +887,13 @@ fn checkpoint_section_parses_and_bad_values_name_their_field() {
         "{hfa}[checkpoint]\ndir = \"ck\"\nevery_rounds = 6"
     ))
     .unwrap();
+    // Isolated data centers never reach a global averaging to save at.
+    let (field, message) = err(&format!(
+        "{}isolated = true\n[checkpoint]\ndir = \"ck\"\nevery_rounds = 6",
+        hfa.replace("[train]\nrounds = 12\n", "")
+    ));
+    assert_eq!(field, "checkpoint.dir");
+    assert!(message.contains("isolated"), "{message}");
     let (_, message) = err("[checkpoint]\ndir = \"ck\"\n[transport]\ninter = \"dgt\"");
     assert!(message.contains("transport.inter"), "{message}");
     Config::from_toml_str(

@@ -583,7 +583,8 @@ pub fn run(
     let mut mixed = (job.sync == SyncAlgorithm::Mixed).then(|| {
         let m = MixedAggregator::new(plan.num_dcs())
             .with_codecs(job.inter.clone(), job.intra.clone())
-            .with_policy(job.nonfinite.policy);
+            .with_policy(job.nonfinite.policy)
+            .with_lr_scales(job.mixed_lr_scales());
         (m, HashMap::new())
     });
     let mut owned = 0;

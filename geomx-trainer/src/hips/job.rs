@@ -10,8 +10,8 @@ use super::plan::ClusterPlan;
 use super::RunError;
 use crate::codec::down::ReplyMode;
 use crate::config::{
-    Config, ConfigError, DataConfig, Driver, EsyncConfig, HfaConfig, InjectNan, MixedOptimizer,
-    NonFinitePolicy, SecurityMode, SyncAlgorithm,
+    Config, ConfigError, DataConfig, Driver, EsyncConfig, HfaConfig, InjectNan, MixedLrScale,
+    MixedOptimizer, NonFinitePolicy, SecurityMode, SyncAlgorithm,
 };
 use crate::data::TrainTest;
 use crate::engine::{build_model, Model, OptimizerConfig};
@@ -55,6 +55,8 @@ pub struct JobSpec {
     pub esync: EsyncConfig,
     /// Optimizer of the MixedSync global server (DC-ASGD or the plain training optimizer).
     pub mixed_optimizer: geomx_kernels::optim::OptimizerConfig,
+    /// How the MixedSync global server scales each DC's learning rate.
+    pub mixed_lr_scale: MixedLrScale,
     /// Compute slow-down factor of each DC's workers (`cluster.data_centers[d].slowdown`).
     pub slowdown: Vec<f64>,
     /// The non-finite policy and its test faults (`train.nonfinite`, `train.inject_nan`).
@@ -141,8 +143,19 @@ impl JobSpec {
         .map_err(|e| RunError::Config(ConfigError::invalid("placement", e.to_string())))?;
         let batches_per_epoch = (data.train.len() / w) / cfg.data.batch_size.max(1);
         let rounds = cfg.train.total_rounds(batches_per_epoch);
+        let mut hfa = match cfg.sync.algorithm {
+            SyncAlgorithm::Esync => HfaConfig::default(),
+            _ => cfg.sync.hfa,
+        };
         if cfg.sync.algorithm == SyncAlgorithm::Hfa {
-            check_hfa_rounds(rounds, cfg.sync.hfa.k1, cfg.sync.hfa.k2, cfg.train.epochs)?;
+            if hfa.isolated {
+                // No WAN exchange within the run: whole LAN periods, and a global period
+                // longer than the run.
+                check_hfa_rounds(rounds, hfa.k1, 1, cfg.train.epochs)?;
+                hfa.k2 = rounds / hfa.k1.max(1) + 1;
+            } else {
+                check_hfa_rounds(rounds, hfa.k1, hfa.k2, cfg.train.epochs)?;
+            }
         }
         let t = &cfg.timeouts;
         let base = NetOptions::default();
@@ -188,12 +201,10 @@ impl JobSpec {
                 .map(|d| d.slowdown)
                 .collect(),
             sync: cfg.sync.algorithm,
-            hfa: match cfg.sync.algorithm {
-                SyncAlgorithm::Esync => HfaConfig::default(),
-                _ => cfg.sync.hfa,
-            },
+            hfa,
             esync: cfg.sync.esync,
             mixed_optimizer: mixed_optimizer(cfg),
+            mixed_lr_scale: cfg.sync.mixed.lr_scale,
             nonfinite: NonFiniteSpec {
                 policy: cfg.train.nonfinite,
                 inject: cfg.train.inject_nan.clone(),
@@ -296,6 +307,19 @@ impl JobSpec {
     pub fn global_rounds(&self) -> u64 {
         self.hfa_periods()
             .map_or(self.rounds, |(k1, k2)| self.rounds / (k1 * k2))
+    }
+
+    /// MixedSync: the learning-rate factor of each DC's steps (its share N_d / N of the workers
+    /// under `share`, else 1).
+    pub fn mixed_lr_scales(&self) -> Vec<f32> {
+        let w = &self.plan.workers_per_dc;
+        let total: usize = w.iter().sum();
+        w.iter()
+            .map(|&n| match self.mixed_lr_scale {
+                MixedLrScale::Share if total > 0 => n as f32 / total as f32,
+                _ => 1.0,
+            })
+            .collect()
     }
 
     /// Training rounds per exchange between workers and local servers: HFA's k1, else 1.
@@ -425,6 +449,14 @@ mod tests {
         cfg.train.rounds = Some(5);
         let m = refusal(&cfg);
         assert!(m.contains("use 6 "), "{m}");
+        // Isolated data centers: whole LAN periods, no global averaging within the run.
+        cfg.sync.hfa.isolated = true;
+        cfg.train.rounds = Some(400);
+        let job = JobSpec::from_config(&cfg).unwrap();
+        assert_eq!(job.hfa_periods(), Some((2, 201)));
+        assert_eq!((job.local_rounds(), job.global_rounds()), (200, 0));
+        cfg.train.rounds = Some(401);
+        assert!(refusal(&cfg).contains("400 or 402"));
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub struct MixedAggregator {
     inter: TierCodec,
     intra: TierCodec,
     policy: NonFinitePolicy,
+    /// Learning-rate factor of each DC's steps (empty: 1 for every DC).
+    lr_scales: Vec<f32>,
 }
 
 impl MixedAggregator {
@@ -102,7 +104,14 @@ impl MixedAggregator {
             inter: TierCodec::default(),
             intra: TierCodec::default(),
             policy: NonFinitePolicy::Abort,
+            lr_scales: Vec::new(),
         }
+    }
+
+    /// Scales the learning rate of DC d's steps by `scales[d]` (e.g. its share of the workers).
+    pub fn with_lr_scales(mut self, scales: Vec<f32>) -> Self {
+        self.lr_scales = scales;
+        self
     }
 
     /// Sets the tier codecs the replies travel through.
@@ -244,9 +253,10 @@ impl MixedAggregator {
         }
         stats.record(r.version - base_version);
         let round = r.version;
+        let scale = self.lr_scales.get(dc).copied().unwrap_or(1.0);
         let applied = match sum {
             None => Err(SkipCause::Upstream),
-            Some(s) => apply(r, dc, s, count, policy),
+            Some(s) => apply(r, dc, s, count, scale, policy),
         };
         let skipped = match applied {
             Ok(()) => None,
@@ -271,13 +281,14 @@ impl MixedAggregator {
     }
 }
 
-/// One step of `r` with DC `dc`'s mean `sum / count`; θ and the optimizer state are restored
-/// when the step is not finite (under `skip`).
+/// One step of `r` with DC `dc`'s mean `sum / count` at `lr_scale` times the learning rate; θ
+/// and the optimizer state are restored when the step is not finite (under `skip`).
 fn apply(
     r: &mut MixedRange,
     dc: usize,
     mut sum: Vec<f32>,
     count: u32,
+    lr_scale: f32,
     policy: NonFinitePolicy,
 ) -> Result<(), SkipCause> {
     if count_nonfinite(&sum) > 0 {
@@ -288,7 +299,13 @@ fn apply(
         *a /= n;
     }
     let saved = (policy == NonFinitePolicy::Skip).then(|| (r.opt.clone(), r.params.clone()));
-    let stepped = r.opt.step(&mut r.params, &sum, dc).is_ok() && count_nonfinite(&r.params) == 0;
+    let lr = r.opt.config().lr();
+    if lr_scale != 1.0 {
+        r.opt.set_lr(lr * lr_scale);
+    }
+    let step = r.opt.step(&mut r.params, &sum, dc);
+    r.opt.set_lr(lr);
+    let stepped = step.is_ok() && count_nonfinite(&r.params) == 0;
     if stepped {
         return Ok(());
     }
@@ -430,6 +447,19 @@ mod tests {
 
     /// sync.md oracle 3: DC 1 pushes at t = 1…6, DC 2 at 3.5 and 6.5 with instant replies: DC 2's
     /// τ is 3 both times.
+    #[test]
+    fn each_dc_steps_at_its_share_of_the_learning_rate() {
+        // DC 0 holds 1 of 4 workers, DC 1 three: lr 0.1 becomes 0.025 and 0.075 (λ = 0), and
+        // the configured lr is left as it was.
+        let mut agg = MixedAggregator::new(2).with_lr_scales(vec![0.25, 0.75]);
+        agg.add_range(0, vec![1.0], 0, dcasgd(0.1, 0.0)).unwrap();
+        let (_, w) = agg.push(0, 0, 0, vec![2.0], 1).unwrap();
+        assert!((w[0] - (1.0 - 0.025 * 2.0)).abs() < 1e-7, "{}", w[0]);
+        let (_, w) = agg.push(0, 1, 1, vec![6.0], 3).unwrap();
+        assert!((w[0] - (0.95 - 0.075 * 2.0)).abs() < 1e-7, "{}", w[0]);
+        assert_eq!(agg.ranges[&0].opt.config().lr(), 0.1);
+    }
+
     #[test]
     fn staleness_is_recorded_per_dc() {
         let mut agg = MixedAggregator::new(2);

@@ -32,7 +32,9 @@ pub struct Progress {
     pub test_loss: f64,
     /// Accuracy on the test set.
     pub test_accuracy: f64,
-    /// Wall seconds from the worker's start (right after the launcher spawned it) to this line.
+    /// Wall seconds from the worker's start (right after the launcher spawned it) to this line,
+    /// not counting the time the worker spent on its own test evaluations (a measurement, not
+    /// training: time to accuracy must not depend on how often it is measured).
     #[serde(default)]
     pub elapsed_s: f64,
 }
@@ -599,6 +601,8 @@ pub fn run(
 
     let mut loss = f64::NAN;
     let mut last_eval = None;
+    // Time spent on test evaluations (left out of the progress lines' clock).
+    let mut evaluating = Duration::ZERO;
     // HFA and ESync: the worker's milestone and its own optimizers.
     let overflows = KeyCounts::default();
     let mut avg = job
@@ -661,16 +665,19 @@ pub fn run(
         }
         let due = job.eval_every > 0 && done % job.eval_every == 0;
         if reporter && (due || done == job.rounds) {
+            let t = Instant::now();
             let ev = job
                 .model
                 .evaluate(&params, job.data.test.view())
                 .map_err(RunError::Engine)?;
+            let trained = t.duration_since(launched).saturating_sub(evaluating);
+            evaluating += t.elapsed();
             let p = Progress {
                 round: done,
                 loss,
                 test_loss: ev.loss,
                 test_accuracy: ev.accuracy,
-                elapsed_s: launched.elapsed().as_secs_f64(),
+                elapsed_s: trained.as_secs_f64(),
             };
             progress(&p);
             last_eval = Some(p);
@@ -692,7 +699,13 @@ pub fn run(
     }
     let skipped = avg.as_ref().map_or(0, |a| a.skipped);
     drop(avg);
-    tracing::info!(%dc, %rank, hash = format!("{hash:016x}"), "worker finished");
+    tracing::info!(
+        %dc,
+        %rank,
+        hash = format!("{hash:016x}"),
+        evaluating_s = evaluating.as_secs_f64(),
+        "worker finished"
+    );
     node.finish(job.wait_limit())?;
     let mut stats = RoleStats::new(&node.me, Default::default());
     stats.client_bytes = super::total_bytes(client.stats());
