@@ -35,10 +35,10 @@ pub struct E2eArgs {
     /// e2e: rounds of the synchronous scenarios [default: 100; 60 with --quick].
     #[arg(long)]
     pub rounds: Option<u64>,
-    /// e2e: HFA's local steps between LAN averagings [default: 10; 5 with --quick].
+    /// e2e: HFA's local steps between LAN averagings [default: 5].
     #[arg(long)]
     pub hfa_k1: Option<u64>,
-    /// e2e: HFA's LAN averagings between WAN exchanges [default: 5; 2 with --quick].
+    /// e2e: HFA's LAN averagings between WAN exchanges [default: 2].
     #[arg(long)]
     pub hfa_k2: Option<u64>,
     /// e2e: test evaluation every this many rounds [default: 1].

@@ -422,7 +422,8 @@ mod tests {
 
     #[test]
     fn hfa_reaching_the_target_before_any_wan_exchange_is_noted() {
-        let p = MatrixParams::full(); // k1 = 10, k2 = 5: first WAN exchange at round 50
+        let mut p = MatrixParams::full();
+        (p.hfa_k1, p.hfa_k2) = (10, 5); // first WAN exchange at round 50
         let early = [pr(10, 0.9, 1.0), pr(20, 0.96, 2.0)];
         let late = [pr(40, 0.9, 1.0), pr(50, 0.96, 2.0)];
         let n = hfa_note(ScenarioId::Hfa, &p, &early).unwrap();

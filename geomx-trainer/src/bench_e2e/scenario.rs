@@ -207,8 +207,10 @@ impl MatrixParams {
             rounds: 100,
             eval_every: 1,
             lr: 0.1,
-            hfa_k1: 10,
-            hfa_k2: 5,
+            // A WAN exchange every 10 rounds: with the data split by class, HFA with k1 · k2 =
+            // 50 (two exchanges in 100 rounds) ended at 0.91 and never reached 95 %.
+            hfa_k1: 5,
+            hfa_k2: 2,
             target_accuracy: 0.95,
             cap_s: 420.0,
             wan: WanParams::default(),
@@ -220,8 +222,6 @@ impl MatrixParams {
         Self {
             hidden: vec![256],
             rounds: 60,
-            hfa_k1: 5,
-            hfa_k2: 2,
             target_accuracy: 0.90,
             cap_s: 60.0,
             ..Self::full()
@@ -566,9 +566,9 @@ mod tests {
         assert_eq!(p.rounds_for(ScenarioId::Esync), 61);
         assert_eq!(p.rounds_for(ScenarioId::HfaFp16), 70);
         assert_eq!(p.rounds_for(ScenarioId::Hips), 61);
-        let mut f = MatrixParams::full(); // k1 · k2 = 50
-        f.rounds = 120;
-        assert_eq!(f.rounds_for(ScenarioId::Hfa), 150);
+        let mut f = MatrixParams::full(); // k1 · k2 = 10
+        f.rounds = 115;
+        assert_eq!(f.rounds_for(ScenarioId::Hfa), 120);
         f.rounds = 100;
         assert_eq!(f.rounds_for(ScenarioId::Hfa), 100);
     }
