@@ -204,6 +204,19 @@ fn malformed_reliable_input_is_refused_and_counted() {
     let d = server.recv_delivery(WAIT).unwrap();
     assert_eq!((d.sender, d.values[99]), (7, 2.0));
     assert!(client.closed_reason().is_none());
+    // 5. A hello with a whole block frame pipelined behind it in one write: refused (the
+    //    decoder's pre-hello bound and the no-pipelining check both stand in the way).
+    let refused = server.stats().refused;
+    let mut eager = TcpStream::connect(addr).unwrap();
+    let mut hello = vec![0u8; 24];
+    hello[0..4].copy_from_slice(&4096u32.to_le_bytes());
+    hello[4] = 3;
+    let mut both = raw_frame(MsgKind::DgtHello, 9, hello);
+    let mut block: Vec<u8> = (0..64).map(|_| rng.random()).collect();
+    block[8..12].copy_from_slice(&9u32.to_le_bytes());
+    both.extend(raw_frame(MsgKind::DgtBlock, 9, block));
+    eager.write_all(&both).unwrap();
+    wait_until(|| server.stats().refused > refused);
 }
 
 #[test]

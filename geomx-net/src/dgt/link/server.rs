@@ -608,8 +608,8 @@ impl Loop {
                     self.duplicate_hellos += 1;
                     return Err(e);
                 }
-                // The sender waits for the answer before sending more.
-                if conn.dec.buffered() != 0 {
+                // The sender waits for the answer before sending more (bytes or whole frames).
+                if conn.dec.buffered() != 0 || !conn.pending.is_empty() {
                     return Err(LinkError::Protocol(format!(
                         "sender {sender} sent more before the hello answer"
                     )));
