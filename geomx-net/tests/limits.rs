@@ -32,13 +32,19 @@ fn frame(kind: MsgKind, request_id: u64) -> Vec<u8> {
     wire::encode(&Frame::new(h, Vec::new()))
 }
 
-#[test]
-fn a_client_that_never_reads_its_replies_holds_bounded_server_memory() {
+/// Portable, and io_uring where the kernel allows it (else a printed reason).
+fn drivers() -> Vec<DriverKind> {
     let mut drivers = vec![DriverKind::Portable];
     match geomx_net::uring_unavailable_reason() {
         None => drivers.push(DriverKind::IoUring),
         Some(why) => eprintln!("io_uring case skipped: {why}"),
     }
+    drivers
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_holds_bounded_server_memory() {
+    let drivers = drivers();
     for driver in drivers {
         let big = Arc::new(Big {
             answered: AtomicU64::new(0),
@@ -141,11 +147,7 @@ fn large_frames_both_ways_at_once_never_deadlock() {
     // A client pipelines 4 MiB pushes while the server answers each with 4 MiB: both ends have
     // far more than the output bound queued for each other. The server may stop reading a
     // client whose replies pile up, but the client must go on reading, or neither drains.
-    let mut drivers = vec![DriverKind::Portable];
-    match geomx_net::uring_unavailable_reason() {
-        None => drivers.push(DriverKind::IoUring),
-        Some(why) => eprintln!("io_uring case skipped: {why}"),
-    }
+    let drivers = drivers();
     for driver in drivers {
         let opts = NetOptions {
             driver,

@@ -358,6 +358,7 @@ struct Loop {
 impl Loop {
     fn run(&mut self) -> Result<(), LinkError> {
         let mut rbuf = vec![0u8; 64 * 1024];
+        let mut frames = Vec::new();
         while !self.shared.stop.load(Ordering::SeqCst) {
             self.waker.drain();
             self.accept();
@@ -365,7 +366,7 @@ impl Loop {
             // holds them back instead of the delivery queue growing.
             let ids: Vec<u64> = self.conns.keys().copied().collect();
             for id in ids {
-                self.serve_conn(id, &mut rbuf);
+                self.serve_conn(id, &mut rbuf, &mut frames);
             }
             let paused = self.paused();
             self.read_udp(&mut rbuf);
@@ -523,7 +524,8 @@ impl Loop {
     /// room, then reads more (at most [`READ_BUDGET`] bytes) once they are all handled. A
     /// sender that closed its channel is dropped once its last frame is handled; one that broke
     /// the protocol at once.
-    fn serve_conn(&mut self, id: u64, rbuf: &mut [u8]) {
+    /// `frames` is scratch space reused across calls.
+    fn serve_conn(&mut self, id: u64, rbuf: &mut [u8], frames: &mut Vec<Frame>) {
         let mut read = false;
         loop {
             let Some(sender) = self.conns.get(&id).map(|c| c.sender) else {
@@ -554,9 +556,8 @@ impl Loop {
                 return;
             }
             read = true;
-            let mut frames = Vec::new();
-            let res = read_frames(&mut c.tcp, &mut c.dec, rbuf, READ_BUDGET, &mut frames);
-            c.pending.extend(frames);
+            let res = read_frames(&mut c.tcp, &mut c.dec, rbuf, READ_BUDGET, frames);
+            c.pending.extend(frames.drain(..));
             match res {
                 Ok(open) => c.eof = !open,
                 Err(e) => {
