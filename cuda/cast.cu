@@ -139,3 +139,46 @@ extern "C" __global__ void cast_bf16_to_f32(const u16* __restrict__ src, float* 
         dst[i] = __uint_as_float(bf16_bits_to_f32_bits(src[i]));
     }
 }
+
+// ---- segmented kernels: one launch for every key of a model ----------------------------------
+//
+// A flat buffer holds several tensors back to back; segment s is [offsets[s], offsets[s + 1]).
+// Grid: x blocks stride over a segment, y = the segment (base + blockIdx.y, so more than 65,535
+// segments take several launches).
+
+// Per segment, the largest abs_key (|x| bits; NaN above inf), as the CPU's max_abs_key. `out`
+// must hold zeros before the launch.
+extern "C" __global__ void max_abs_key_segments(const float* __restrict__ x, const u64* __restrict__ offsets,
+                                                u32* __restrict__ out, u32 base) {
+    const u32 s = base + blockIdx.y;
+    const u64 lo = offsets[s];
+    const u64 hi = offsets[s + 1];
+    u32 m = 0u;
+    for (u64 i = lo + (u64)blockIdx.x * blockDim.x + threadIdx.x; i < hi; i += (u64)blockDim.x * gridDim.x) {
+        m = max(m, abs_key(x[i]));
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        m = max(m, __shfl_down_sync(0xFFFFFFFFu, m, off));
+    }
+    if ((threadIdx.x & 31) == 0 && m != 0u) {
+        atomicMax(&out[s], m);
+    }
+}
+
+// Per segment, FP16 bits of (x * a) * b with a = factors[2s], b = factors[2s + 1] (the CPU's pow2
+// scaling: two exact powers of two, each product rounded as on the host), or of x itself when
+// a = b = 1 (no multiplication, so NaN payloads are kept as the unscaled CPU cast keeps them).
+extern "C" __global__ void cast_f32_to_f16_scaled_segments(const float* __restrict__ x, u16* __restrict__ dst,
+                                                           const u64* __restrict__ offsets,
+                                                           const float* __restrict__ factors, u32 base) {
+    const u32 s = base + blockIdx.y;
+    const u64 lo = offsets[s];
+    const u64 hi = offsets[s + 1];
+    const float a = factors[2 * (u64)s];
+    const float b = factors[2 * (u64)s + 1];
+    const bool scaled = a != 1.0f || b != 1.0f;
+    for (u64 i = lo + (u64)blockIdx.x * blockDim.x + threadIdx.x; i < hi; i += (u64)blockDim.x * gridDim.x) {
+        const float v = scaled ? __fmul_rn(__fmul_rn(x[i], a), b) : x[i];
+        dst[i] = f32_bits_to_f16_bits(__float_as_uint(v));
+    }
+}

@@ -9,8 +9,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 bundle=.gpu-bundle
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# GEOMX_GPU_CHECK_LOGS keeps every log there (written as the check goes, so a run cut short still
+# leaves them); otherwise they go to a temporary folder removed at exit.
+if [ -n "${GEOMX_GPU_CHECK_LOGS:-}" ]; then
+  work=$GEOMX_GPU_CHECK_LOGS
+  mkdir -p "$work"
+else
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+fi
 log() { echo "[gpu-check] $*" >&2; }
 
 if [ ! -x "$bundle/bin/gpu_bench" ]; then
@@ -84,17 +91,19 @@ brc=$?
 tail -n 5 "$work/bench.err" >&2
 
 # ---- 4. the libtorch CNN trained on the GPU with GPU-resident compression (feature tch) -------
-# test-tch_gpu links libtorch 2.13.0 (tch 0.26): take GEOMX_LIBTORCH_LIB, else python3's torch when
-# it is that version; otherwise the check is reported as skipped with the reason.
-tch_json='{"skipped":"no .gpu-bundle/bin/test-tch_gpu (gpu-prepare.sh ran without torch 2.13.0)"}'
+# test-tch_gpu links the libtorch version in .gpu-bundle/TORCH_VERSION (GEOMX_GPU_TORCH of
+# gpu-prepare.sh): take GEOMX_LIBTORCH_LIB, else python3's torch when it is that version; otherwise
+# the check is reported as skipped with the reason.
+want_torch=$(cat "$bundle/TORCH_VERSION" 2>/dev/null || echo 2.13.0)
+tch_json='{"skipped":"no .gpu-bundle/bin/test-tch_gpu (gpu-prepare.sh ran without torch)"}'
 if [ -x "$bundle/bin/test-tch_gpu" ]; then
   tlib=${GEOMX_LIBTORCH_LIB:-}
   if [ -z "$tlib" ]; then
     tver=$(python3 -c 'import torch;print(torch.__version__.split("+")[0])' 2>/dev/null || true)
-    if [ "$tver" = "2.13.0" ] && [ -n "$torch_dir" ]; then
+    if [ "$tver" = "$want_torch" ] && [ -n "$torch_dir" ]; then
       tlib="$torch_dir/lib"
     else
-      tch_json="{\"skipped\":\"needs libtorch 2.13.0; python3 has torch ${tver:-none} (set GEOMX_LIBTORCH_LIB)\"}"
+      tch_json="{\"skipped\":\"needs libtorch $want_torch; python3 has torch ${tver:-none} (rebuild with GEOMX_GPU_TORCH=${tver:-...} scripts/gpu-prepare.sh, or set GEOMX_LIBTORCH_LIB)\"}"
     fi
   fi
   if [ -n "$tlib" ]; then
@@ -105,9 +114,10 @@ if [ -x "$bundle/bin/test-tch_gpu" ]; then
     tail -n 20 "$work/tch.out" >&2
     # libtest may print a test's output on the line of its name: match anywhere in the line.
     runs=$(grep -o 'GPU_TRAIN {.*}' "$work/tch.out" | sed 's/^GPU_TRAIN //' | paste -sd, -)
+    plain=$(grep -o 'GPU_PLAIN {.*}' "$work/tch.out" | sed 's/^GPU_PLAIN //' | paste -sd, -)
     tskip=$(grep -o -m1 'skipped: .*' "$work/tch.out" | tr '"\\' "'/" || true)
     tpass=$(grep -c 'test result: ok' "$work/tch.out")
-    tch_json="{\"rc\":$trc,\"passed\":$tpass,\"skipped\":\"$tskip\",\"runs\":[${runs}]}"
+    tch_json="{\"rc\":$trc,\"passed\":$tpass,\"skipped\":\"$tskip\",\"plain\":[${plain}],\"runs\":[${runs}]}"
   fi
 fi
 
@@ -193,9 +203,33 @@ tch = summary["tch"]
 try:
     if tch.get("runs"):
         targets["tch_gpu_trained"] = tch.get("rc") == 0 and tch.get("passed", 0) > 0
-        targets["tch_compress_fraction"] = {
-            r["options"]["codec"]["codec"]: round(r["compress_fraction"], 4) for r in tch["runs"]
-        }
+        per_arch = {}
+        for p in tch.get("plain", []):
+            per_arch.setdefault(p["arch"], {}).setdefault("plain_ms", []).append(
+                round(p["run"]["step_ms_median"], 3))
+        for r in tch["runs"]:
+            a = per_arch.setdefault(r["arch"], {})
+            codec = r["run"]["options"]["codec"]["codec"]
+            run = r["run"]
+            a[codec + "_ms"] = round(run["step_ms_median"], 3)
+            a[codec + "_encode_copy_fraction"] = round(run["compress_fraction"], 4)
+            for part in ("compute", "encode", "copy", "update"):
+                if part + "_ms_median" in run:
+                    a[codec + "_" + part + "_ms"] = round(run[part + "_ms_median"], 3)
+            if "encode_ms_median" in run:
+                # Encoding on the device as a share of the same step (target for FP16: <= 5 %).
+                a[codec + "_encode_fraction"] = round(
+                    run["encode_ms_median"] / max(run["step_ms_median"], 1e-9), 4)
+        for a in per_arch.values():
+            if a.get("plain_ms") and a.get("dense_ms"):
+                plain_ms = sum(a["plain_ms"]) / len(a["plain_ms"])
+                # Throughput of the geomx worker's step (compute, encode, copy: the step without
+                # the server's update, which the test does on this host) relative to the plain
+                # loop (target >= 0.9), and of the whole round with that update.
+                worker_ms = a["dense_ms"] - a.get("dense_update_ms", 0.0)
+                a["dense_throughput_vs_plain"] = round(plain_ms / max(worker_ms, 1e-9), 3)
+                a["dense_round_throughput_vs_plain"] = round(plain_ms / a["dense_ms"], 3)
+        targets["tch"] = per_arch
 except Exception as e:
     targets["tch_error"] = str(e)
 summary["targets"] = targets

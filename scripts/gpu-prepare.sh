@@ -24,20 +24,52 @@ echo "== building the GPU benchmark (release)" >&2
 cargo build --release -p geomx-kernels --features cuda --example gpu_bench
 cp target/release/examples/gpu_bench "$out/bin/gpu_bench"
 
-echo "== building the libtorch GPU training test (feature tch; needs torch 2.13.0, see docs/tch.md)" >&2
-# Optional: without the torch venv (or with GEOMX_SKIP_TCH=1) the bundle has no test-tch_gpu and
+# The test must link the libtorch of the GPU machine's python3 torch. GEOMX_GPU_TORCH names that
+# version (default 2.13.0, the one tch 0.26 binds, from .ci/tch-setup.sh). Another version is
+# installed here from PyPI (with its CUDA dependencies, about 2.7 GB, cached in
+# $HOME/.cache/geomx/torch-<version>) and the test is built against it in target/torch-<version>,
+# with tch's version check bypassed and a copy of torch-sys whose wrappers of operators missing
+# from that libtorch are stubbed (scripts/torch-sys-compat.py; 15 stubs for 2.11.0, none used by
+# geomx). Cargo.lock is restored afterwards: the patch is only for this build.
+gpu_torch=${GEOMX_GPU_TORCH:-2.13.0}
+echo "== building the libtorch GPU training test (feature tch, libtorch $gpu_torch; docs/tch.md)" >&2
+# Optional: without torch (or with GEOMX_SKIP_TCH=1) the bundle has no test-tch_gpu and
 # gpu-check.sh reports the tch check as skipped.
-if [ "${GEOMX_SKIP_TCH:-0}" != 1 ] && tch_env=$(.ci/tch-setup.sh); then
+tch_env=""
+cargo_extra=()
+if [ "${GEOMX_SKIP_TCH:-0}" = 1 ]; then
+  :
+elif [ "$gpu_torch" = 2.13.0 ]; then
+  tch_env=$(.ci/tch-setup.sh) || tch_env=""
+else
+  venv=$HOME/.cache/geomx/torch-$gpu_torch
+  if ! "$venv/bin/python" -c 'import sys,torch; sys.exit(torch.__version__.split("+")[0] != sys.argv[1])' "$gpu_torch" 2>/dev/null; then
+    python3 -m venv "$venv" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "torch==$gpu_torch" >&2
+  fi
+  tch_env="export LIBTORCH_USE_PYTORCH=1 VIRTUAL_ENV=$venv PYTHON_SYS_EXECUTABLE=$venv/bin/python"
+  tch_env+=" PATH=$venv/bin:\$PATH LIBTORCH_BYPASS_VERSION_CHECK=1 CARGO_TARGET_DIR=target/torch-$gpu_torch"
+  tsys=$(cargo metadata --format-version 1 --all-features \
+    | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="torch-sys"))')
+  compat=$PWD/target/torch-$gpu_torch/torch-sys-compat
+  python3 scripts/torch-sys-compat.py "$(dirname "$tsys")" "$compat" "$venv/bin/python"
+  cargo_extra=(--config "patch.crates-io.torch-sys.path=\"$compat\"")
+  cp Cargo.lock "$out/Cargo.lock.orig"
+fi
+if [ -n "$tch_env" ]; then
   (
     eval "$tch_env"
-    cargo test -p geomx-trainer --features tch --test tch_gpu --no-run --message-format=json
+    cargo test ${cargo_extra[@]+"${cargo_extra[@]}"} -p geomx-trainer --features tch --test tch_gpu \
+      --no-run --message-format=json
   ) | grep '"kind":\["test"\]' \
     | grep -o '"name":"tch_gpu".*"executable":"[^"]*"' \
     | sed 's/.*"executable":"\([^"]*\)"/\1/' \
     | while read -r exe; do cp "$exe" "$out/bin/test-tch_gpu"; done
+  if [ -f "$out/Cargo.lock.orig" ]; then mv "$out/Cargo.lock.orig" Cargo.lock; fi
   [ -x "$out/bin/test-tch_gpu" ] || { echo "tch_gpu test binary not found" >&2; exit 1; }
+  echo "$gpu_torch" > "$out/TORCH_VERSION"
 else
-  echo "skipping the tch GPU test (no torch 2.13.0 venv or GEOMX_SKIP_TCH=1)" >&2
+  echo "skipping the tch GPU test (no torch $gpu_torch or GEOMX_SKIP_TCH=1)" >&2
 fi
 
 # Debug info is not needed on the GPU machine (symbols stay for backtraces); keeps the bundle small.
@@ -53,6 +85,7 @@ fi
 
 {
   echo "# geomx GPU bundle: run scripts/gpu-check.sh on the GPU machine"
+  echo "libtorch: $(cat "$out/TORCH_VERSION" 2>/dev/null || echo none)"
   echo "commit: $(git rev-parse HEAD)$(git diff --quiet -- cuda geomx-kernels || echo ' (+ uncommitted changes)')"
   echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"
   echo "glibc: built against $(ldd --version 2>/dev/null | head -1 | awk '{print $NF}'), needs" \

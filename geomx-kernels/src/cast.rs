@@ -127,6 +127,12 @@ impl Pow2 {
     fn apply(self, x: f32) -> f32 {
         x * self.a * self.b
     }
+
+    /// The two factors, applied as `(x·a)·b` (the CUDA encoder takes them as arguments).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn factors(self) -> (f32, f32) {
+        (self.a, self.b)
+    }
 }
 
 /// 2^e for e in [-126, 127].

@@ -486,3 +486,70 @@ fn more_than_2_pow_32_elements() {
     let after = s.clone_dtoh(&x.slice(n - 1..n)).unwrap();
     assert_eq!(after, vec![0.0], "moved value beyond 2^32 not cleared");
 }
+
+/// The segmented kernels (one launch for all of a model's tensors) against the host's pow2 FP16
+/// encoder, segment by segment: the maximum |x| key, the exponent derived from it and every
+/// payload byte. Segments: empty ones, the cast edge cases (NaN, inf, subnormals: no scaling),
+/// random values of magnitudes from 2^-140 to 2^100 (every scaling regime), and 70,000 short
+/// segments (more than one launch's 65,535).
+#[test]
+fn segmented_fp16_encoding_equals_the_host_encoder() {
+    use geomx_kernels::cuda::pow2_factors;
+    use geomx_kernels::dense::{max_abs_key, pow2_exponent};
+    use geomx_kernels::{encode_dense, Scaling, ValueType, HEADER_LEN};
+    let Some(d) = gpu() else { return };
+    let mut segs: Vec<Vec<f32>> = vec![Vec::new(), cast_inputs(), Vec::new()];
+    for (i, e) in [-140i32, -126, -100, -30, -1, 0, 7, 15, 16, 40, 100]
+        .iter()
+        .enumerate()
+    {
+        let n = 1 + (splitmix64(i as u64) % 5000) as usize;
+        let s = 2f64.powi(*e);
+        segs.push(
+            (0..n)
+                .map(|j| ((uniform_at(i as u64 + 7, j as u64) as f64 * 2.0 - 1.0) * s) as f32)
+                .collect(),
+        );
+    }
+    for i in 0..70_000u64 {
+        segs.push((0..3).map(|j| uniform_at(i, j) * (i % 97) as f32).collect());
+    }
+    let lens: Vec<usize> = segs.iter().map(Vec::len).collect();
+    let flat: Vec<f32> = segs.concat();
+    let layout = d.segments(&lens).expect("segments");
+    assert_eq!(layout.total(), flat.len());
+    let src = up(&d, &flat);
+    let mut keys = zeros::<u32>(&d, lens.len());
+    d.max_abs_key_segments(&src, &layout, &mut keys)
+        .expect("max");
+    let keys = down(&d, &keys);
+    let mut factors = Vec::with_capacity(2 * lens.len());
+    for (s, seg) in segs.iter().enumerate() {
+        assert_eq!(keys[s], max_abs_key(seg), "max key of segment {s}");
+        let (a, b) = pow2_factors(pow2_exponent(keys[s]));
+        factors.extend([a, b]);
+    }
+    let factors = up(&d, &factors);
+    let mut out = zeros::<u16>(&d, flat.len());
+    d.f32_to_f16_scaled_segments(&src, &layout, &factors, &mut out)
+        .expect("cast");
+    let out = down(&d, &out);
+    let mut host = Vec::new();
+    for (s, seg) in segs.iter().enumerate() {
+        encode_dense(seg, ValueType::F16, Scaling::Pow2, &mut host).unwrap();
+        let gpu_bytes: Vec<u8> = out[layout.range(s)]
+            .iter()
+            .flat_map(|h| h.to_le_bytes())
+            .collect();
+        assert!(
+            host[HEADER_LEN..] == gpu_bytes[..],
+            "segment {s} ({} values) differs",
+            seg.len()
+        );
+    }
+    // Mismatched lengths are errors, not launches.
+    let mut short = zeros::<u16>(&d, flat.len() - 1);
+    assert!(d
+        .f32_to_f16_scaled_segments(&src, &layout, &up(&d, &[1f32, 1.0]), &mut short)
+        .is_err());
+}

@@ -1,42 +1,59 @@
-//! The CNN trained on a CUDA device with GPU-resident compression (feature `tch`). Where libtorch
-//! sees no GPU (or the CUDA kernels cannot load) the test prints `skipped: <reason>` and passes;
-//! on a GPU it checks that the loss falls with FP16 and with error-feedback top-k and prints one
-//! JSON line per codec with the step time and the compression time per step (read by
-//! `scripts/gpu-check.sh`). `GEOMX_TCH_GPU_STEPS` sets the step count (default 30).
+//! The CNN and ResNet-18 trained on a CUDA device (feature `tch`). Where libtorch sees no GPU (or
+//! the CUDA kernels cannot load) the test prints `skipped: <reason>` and passes. On a GPU, for
+//! each architecture, it runs a plain libtorch loop (parameters on the device) before and after
+//! the geomx worker's step with dense f32, FP16 and error-feedback top-k pushes, checks that the
+//! loss falls in each run, and prints one JSON line per run (`GPU_PLAIN` / `GPU_TRAIN`, read by
+//! `scripts/gpu-check.sh`). `GEOMX_TCH_GPU_STEPS` sets the step count (default 30),
+//! `GEOMX_TCH_GPU_ARCHS` the architectures (default `cnn,resnet18`).
 #![cfg(feature = "tch")]
 
 use geomx_trainer::data::Dataset;
 use geomx_trainer::engine::tch::gpu::unavailable_reason;
 use geomx_trainer::engine::tch::gpu_train::{
-    train_with_gpu_compression, GpuCodec, GpuTrainOptions,
+    train_plain, train_with_gpu_compression, GpuCodec, GpuTrainOptions,
 };
 use geomx_trainer::engine::tch::{check_device, Arch, TchModel};
 use geomx_trainer::engine::Device;
 
-/// MNIST-sized (28×28) images whose label is the position of a bright band, with noise.
-fn band_images(n: usize, classes: usize) -> Dataset {
-    let side = 28;
+/// Square images of `channels × side × side` whose label is the position of a bright band, with
+/// noise.
+fn band_images(n: usize, classes: usize, channels: usize, side: usize) -> Dataset {
     let mut s = 0x9e37_79b9u32;
-    let mut features = Vec::with_capacity(n * side * side);
+    let mut features = Vec::with_capacity(n * channels * side * side);
     let mut labels = Vec::with_capacity(n);
     for i in 0..n {
         let c = i % classes;
-        for row in 0..side {
-            for _ in 0..side {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                let band = if row * classes / side == c { 0.7 } else { 0.0 };
-                features.push((s % 1000) as f32 / 1000.0 * 0.3 + band);
+        for _ in 0..channels {
+            for row in 0..side {
+                for _ in 0..side {
+                    s ^= s << 13;
+                    s ^= s >> 17;
+                    s ^= s << 5;
+                    let band = if row * classes / side == c { 0.7 } else { 0.0 };
+                    features.push((s % 1000) as f32 / 1000.0 * 0.3 + band);
+                }
             }
         }
         labels.push(c as u32);
     }
-    Dataset::new(features, labels, side * side, classes).unwrap()
+    Dataset::new(features, labels, channels * side * side, classes).unwrap()
+}
+
+/// The architectures measured: `GEOMX_TCH_GPU_ARCHS` (comma-separated `cnn`, `resnet18`),
+/// default both. The CNN gets MNIST-shaped input (1×28×28), ResNet-18 CIFAR-shaped (3×32×32).
+fn archs() -> Vec<(Arch, usize, usize)> {
+    let want = std::env::var("GEOMX_TCH_GPU_ARCHS").unwrap_or_else(|_| "cnn,resnet18".into());
+    want.split(',')
+        .filter_map(|a| match a.trim() {
+            "cnn" => Some((Arch::Cnn, 1, 28)),
+            "resnet18" => Some((Arch::Resnet18, 3, 32)),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
-fn cnn_trains_on_the_gpu_with_gpu_resident_compression_or_reports_skipped() {
+fn models_train_on_the_gpu_with_gpu_resident_compression_or_report_skipped() {
     let device = Device::Cuda(0);
     if let Err(e) = check_device(device) {
         println!("skipped: libtorch: {e}");
@@ -50,30 +67,61 @@ fn cnn_trains_on_the_gpu_with_gpu_resident_compression_or_reports_skipped() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
-    let data = band_images(4_096, 10);
-    let model = TchModel::new(Arch::Cnn, 784, 10, device).unwrap();
-    for codec in [
-        GpuCodec::Fp16,
-        GpuCodec::Topk {
-            density: 0.01,
-            momentum: 0.9,
-        },
-    ] {
-        let opts = GpuTrainOptions {
-            steps,
-            batch: 128,
-            lr: 0.05,
-            seed: 1,
-            codec,
-        };
-        let r = train_with_gpu_compression(&model, &data, opts).unwrap();
-        println!("GPU_TRAIN {}", serde_json::to_string(&r).unwrap());
-        assert!(
-            r.loss_last < r.loss_first,
-            "{codec:?}: loss {} -> {}",
-            r.loss_first,
-            r.loss_last
+    let batch = 128;
+    let lr = 0.05;
+    let mut failures = Vec::new();
+    for (arch, channels, side) in archs() {
+        let data = band_images(4_096, 10, channels, side);
+        let model = TchModel::new(arch, channels * side * side, 10, device).unwrap();
+        // The plain loop first and last, so that clock or cache warm-up favours neither side.
+        let plain_a = train_plain(&model, &data, steps, batch, lr, 1).unwrap();
+        println!(
+            "GPU_PLAIN {}",
+            serde_json::json!({"arch": format!("{arch:?}"), "run": plain_a})
         );
-        assert!(r.payload_bytes_per_step < r.dense_bytes_per_step);
+        for codec in [
+            GpuCodec::Dense,
+            GpuCodec::Fp16,
+            GpuCodec::Topk {
+                density: 0.01,
+                momentum: 0.9,
+            },
+        ] {
+            let opts = GpuTrainOptions {
+                steps,
+                batch,
+                lr,
+                seed: 1,
+                codec,
+            };
+            let r = train_with_gpu_compression(&model, &data, opts).unwrap();
+            println!(
+                "GPU_TRAIN {}",
+                serde_json::json!({"arch": format!("{arch:?}"), "run": r})
+            );
+            if r.loss_last.partial_cmp(&r.loss_first) != Some(std::cmp::Ordering::Less) {
+                failures.push(format!(
+                    "{arch:?} {codec:?}: loss {} -> {}",
+                    r.loss_first, r.loss_last
+                ));
+            }
+            if codec != GpuCodec::Dense && r.payload_bytes_per_step >= r.dense_bytes_per_step {
+                failures.push(format!(
+                    "{arch:?} {codec:?}: payload not smaller than dense"
+                ));
+            }
+        }
+        let plain_b = train_plain(&model, &data, steps, batch, lr, 1).unwrap();
+        println!(
+            "GPU_PLAIN {}",
+            serde_json::json!({"arch": format!("{arch:?}"), "run": plain_b})
+        );
+        if plain_b.loss_last.partial_cmp(&plain_b.loss_first) != Some(std::cmp::Ordering::Less) {
+            failures.push(format!(
+                "{arch:?} plain: loss {} -> {}",
+                plain_b.loss_first, plain_b.loss_last
+            ));
+        }
     }
+    assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    ValidAsZeroBits,
+    PinnedHostSlice, ValidAsZeroBits,
 };
 
 use super::error::CudaError;
@@ -180,6 +180,31 @@ impl CudaDevice {
         self.stream
             .memcpy_dtoh(src, dst)
             .map_err(CudaError::driver("download"))
+    }
+
+    /// Zeroed page-locked host memory of `len` elements, for fast device ↔ host copies (pass
+    /// `as_mut_slice()?` to [`CudaDevice::download_into`]). Cached, not write-combined, so that
+    /// the host reads it at full speed.
+    pub fn pinned<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<PinnedHostSlice<T>, CudaError> {
+        // SAFETY: the memory is zeroed below before anything reads it, and zero bits are a valid
+        // `T` (`ValidAsZeroBits`).
+        let mut p = unsafe { self.ctx.alloc_pinned_with_flags::<T>(len, 0) }
+            .map_err(CudaError::driver("alloc_pinned"))?;
+        let ptr = p.as_mut_ptr().map_err(CudaError::driver("alloc_pinned"))?;
+        // SAFETY: `ptr` points to `len` elements of `T` owned by `p`.
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        Ok(p)
+    }
+
+    /// The contents of page-locked memory from [`CudaDevice::pinned`], once the copies queued
+    /// into it have finished.
+    pub fn pinned_mut<T: ValidAsZeroBits>(
+        p: &mut PinnedHostSlice<T>,
+    ) -> Result<&mut [T], CudaError> {
+        p.as_mut_slice().map_err(CudaError::driver("pinned"))
     }
 
     /// Copies a whole device buffer to a new host vector. Synchronises.

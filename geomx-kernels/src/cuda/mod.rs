@@ -23,13 +23,15 @@ mod dgt;
 mod error;
 pub mod fill;
 mod scatter;
+mod segments;
 mod source;
 mod topk;
 
 pub use context::{device_count, driver_available, CudaDevice};
 pub use error::CudaError;
+pub use segments::{pow2_factors, Segments};
 pub use source::{compile, nvrtc_available, ptxas_resources, Family, KernelResources};
 pub use topk::{GpuSelection, TopkWorkspace};
 
 /// Re-export of the cudarc driver types the API takes (`CudaSlice`, `CudaStream`, …).
-pub use cudarc::driver::{CudaSlice, CudaStream};
+pub use cudarc::driver::{CudaSlice, CudaStream, PinnedHostSlice};

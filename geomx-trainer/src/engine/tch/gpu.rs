@@ -13,12 +13,15 @@
 //! Without CUDA (no driver, no device, a CPU model) [`GpuCompressor::new`] returns
 //! [`GpuCompressError::Unavailable`] with the reason; nothing panics.
 
+mod batch;
+
+pub use batch::BatchTimes;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use geomx_kernels::cuda::{CudaDevice, CudaError, CudaSlice, TopkWorkspace};
-use geomx_kernels::dense::pow2_exponent;
-use geomx_kernels::{Layout, PayloadHeader, Scaling, SparseVec, ValueType, HEADER_LEN};
+use geomx_kernels::{Scaling, SparseVec, ValueType};
 use tch::{Kind, Tensor};
 
 use super::super::Device;
@@ -52,6 +55,10 @@ impl Borrowed {
     fn slice(&mut self) -> &mut CudaSlice<f32> {
         self.slice.as_mut().expect("present until drop")
     }
+
+    fn slice_ref(&self) -> &CudaSlice<f32> {
+        self.slice.as_ref().expect("present until drop")
+    }
 }
 
 impl Drop for Borrowed {
@@ -74,6 +81,8 @@ pub struct GpuCompressor {
     dev: Arc<CudaDevice>,
     ws: Option<TopkWorkspace>,
     residuals: BTreeMap<usize, Residual>,
+    /// Buffers of the batched encoders ([`GpuCompressor::fp16_payloads`]).
+    batch: Option<batch::BatchBuffers>,
 }
 
 impl std::fmt::Debug for GpuCompressor {
@@ -110,6 +119,7 @@ impl GpuCompressor {
             dev,
             ws: None,
             residuals: BTreeMap::new(),
+            batch: None,
         })
     }
 
@@ -144,53 +154,15 @@ impl GpuCompressor {
     }
 
     /// Dense FP16 payload of `grad` (header + n 16-bit values), identical to
-    /// `encode_dense(grad, F16, scaling)` on the host. With `Pow2` scaling the maximum |g| is
-    /// reduced on the device and the scaled copy made there; 2 bytes per element come back.
+    /// `encode_dense(grad, F16, scaling)` on the host: [`GpuCompressor::fp16_payloads`] of one
+    /// tensor.
     pub fn fp16_payload(
-        &self,
+        &mut self,
         grad: &Tensor,
         scaling: Scaling,
     ) -> Result<Vec<u8>, GpuCompressError> {
-        let n = u32::try_from(grad.numel())
-            .map_err(|_| GpuCompressError::Encode(format!("{} elements", grad.numel())))?;
-        let scale_exp = match scaling {
-            Scaling::Pow2 => {
-                let max = std::panic::catch_unwind(|| grad.abs().max().double_value(&[]))
-                    .map_err(torch_err)? as f32;
-                pow2_exponent(max.to_bits())
-            }
-            Scaling::None => 0,
-        };
-        let scaled;
-        let src = if scale_exp != 0 {
-            // 2^e as two exact f32 factors, applied as the CPU encoder does: (g·a)·b.
-            let e = i32::from(scale_exp);
-            let e1 = e.clamp(-126, 127);
-            let (a, b) = (2f64.powi(e1), 2f64.powi(e - e1));
-            scaled = std::panic::catch_unwind(|| (grad * a * b).contiguous()).map_err(torch_err)?;
-            &scaled
-        } else {
-            grad
-        };
-        let mut g = self.borrow(src)?;
-        let mut bits = self.dev.zeros::<u16>(n as usize)?;
-        self.dev.f32_to_f16(g.slice(), &mut bits)?;
-        let host = self.dev.download(&bits)?;
-        drop(g);
-        let header = PayloadHeader {
-            layout: Layout::Dense,
-            value_type: ValueType::F16,
-            scale_exp,
-            n_total: n,
-            count: n,
-        };
-        let mut out = Vec::with_capacity(header.payload_len());
-        out.extend_from_slice(&header.to_bytes());
-        for h in host {
-            out.extend_from_slice(&h.to_le_bytes());
-        }
-        debug_assert_eq!(out.len(), HEADER_LEN + 2 * n as usize);
-        Ok(out)
+        let (mut p, _) = self.fp16_payloads(&[grad], scaling)?;
+        Ok(p.remove(0))
     }
 
     fn workspace(&mut self, n: usize) -> Result<&mut TopkWorkspace, GpuCompressError> {

@@ -1,25 +1,34 @@
-//! Training a libtorch model on a CUDA device with GPU-resident compression, timed: the
-//! measurement behind `scripts/gpu-check.sh` (step time and compression time per step).
+//! Training a libtorch model on a CUDA device, timed: the measurement behind
+//! `scripts/gpu-check.sh` (step time, and encode + copy time per step).
 //!
-//! Each step computes the gradient on the device ([`TchModel::backward_on_device`]), compresses
-//! every key there ([`GpuCompressor`]), copies only the payloads to the host, decodes them as a
-//! server would ([`crate::codec::decode_any`]) and applies plain SGD to the host parameters.
+//! [`train_with_gpu_compression`] runs the worker's step as the trainer runs it today: the host
+//! parameters are copied to the device, the gradient is computed there
+//! ([`TchModel::backward_on_device`]), every key is either copied to the host as f32
+//! ([`GpuCodec::Dense`]) or compressed on the device ([`GpuCompressor`]) with only the payload
+//! copied, payloads are decoded as a server would ([`crate::codec::decode_any`]) and plain SGD
+//! updates the host parameters. [`train_plain`] is the baseline: a plain libtorch loop whose
+//! parameters and SGD step stay on the device, on the same batches.
 
 use std::time::Instant;
 
 use serde::Serialize;
 
-use super::gpu::{GpuCompressError, GpuCompressor};
-use super::TchModel;
+use tch::{Kind, Tensor};
+
+use super::arch::{cross_entropy, BnMode};
+use super::gpu::{BatchTimes, GpuCompressError, GpuCompressor};
+use super::{guarded, to_host, torch_device, TchModel};
 use crate::codec::decode_any;
 use crate::data::Dataset;
 use crate::engine::{EngineError, Model};
-use geomx_kernels::{Scaling, ValueType};
+use geomx_kernels::{decode_dense_into, Scaling, ValueType};
 
 /// The push codec applied on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(tag = "codec", rename_all = "kebab-case")]
 pub enum GpuCodec {
+    /// No encoding: each gradient is copied to the host as f32 (the trainer's f32 tier).
+    Dense,
     /// Dense FP16 with pow2 scaling.
     Fp16,
     /// Error feedback + exact top-k of `density · n` per key, f32 values.
@@ -53,13 +62,22 @@ pub struct GpuTrainReport {
     pub options: GpuTrainOptions,
     /// Device the model ran on.
     pub device: String,
-    /// CUDA device name.
+    /// CUDA device name (`none` for a dense run on the CPU).
     pub gpu: String,
     /// Model parameters.
     pub params: usize,
     /// Median wall time of a whole step (gradient, compression, payload copy, decode, update), ms.
     pub step_ms_median: f64,
-    /// Median time per step spent compressing on the device and copying payloads to the host, ms.
+    /// Median time of the parameter load, forward and backward pass, ms.
+    pub compute_ms_median: f64,
+    /// Median time of the encoding on the device (with its synchronisations), ms.
+    pub encode_ms_median: f64,
+    /// Median time of copying the payloads (or, for [`GpuCodec::Dense`], the f32 gradients) to
+    /// the host, ms.
+    pub copy_ms_median: f64,
+    /// Median time of the host side standing in for the server: decoding and the SGD update, ms.
+    pub update_ms_median: f64,
+    /// Median of encode + copy per step, ms.
     pub compress_ms_median: f64,
     /// `compress_ms_median / step_ms_median`.
     pub compress_fraction: f64,
@@ -90,13 +108,145 @@ pub enum GpuTrainError {
     Options(String),
 }
 
+/// The compressor of a codec that needs one (always present then).
+fn gpu(comp: Option<&mut GpuCompressor>) -> Result<&mut GpuCompressor, GpuCompressError> {
+    comp.ok_or_else(|| GpuCompressError::Unavailable("no compressor for a CPU model".into()))
+}
+
+/// Per-step times (ms) of the timed steps.
+#[derive(Default)]
+struct Split {
+    step: Vec<f64>,
+    compute: Vec<f64>,
+    encode: Vec<f64>,
+    copy: Vec<f64>,
+    update: Vec<f64>,
+    coded: Vec<f64>,
+}
+
+/// Buffers reused across steps, so that no step allocates on the host once they have their sizes.
+#[derive(Default)]
+struct Scratch {
+    /// Per key: the gradient as f32 (dense pushes, or decoded FP16 payloads).
+    grads: Vec<Vec<f32>>,
+    /// Per key: the encoded payload (FP16 and top-k).
+    payloads: Vec<Vec<u8>>,
+}
+
+/// Encodes a step's gradients (key order) with `codec` into `scratch`: batched on the device for
+/// dense f32 and FP16, per key for top-k (its state is per key); dense f32 of a CPU model is
+/// copied per key. Returns the time split and the bytes pushed.
+fn encode_step(
+    comp: &mut Option<GpuCompressor>,
+    codec: GpuCodec,
+    grads: &[&Tensor],
+    specs: &[crate::engine::TensorSpec],
+    scratch: &mut Scratch,
+) -> Result<(BatchTimes, usize), GpuTrainError> {
+    match (codec, comp.as_mut()) {
+        (GpuCodec::Dense, None) => {
+            let t0 = Instant::now();
+            scratch.grads = grads
+                .iter()
+                .map(|g| guarded(|| to_host(g)))
+                .collect::<Result<_, _>>()?;
+            let times = BatchTimes {
+                encode_s: 0.0,
+                copy_s: t0.elapsed().as_secs_f64(),
+            };
+            Ok((times, 4 * scratch.grads.iter().map(Vec::len).sum::<usize>()))
+        }
+        (GpuCodec::Dense, Some(c)) => {
+            let times = c.dense_f32_into(grads, &mut scratch.grads)?;
+            Ok((times, 4 * scratch.grads.iter().map(Vec::len).sum::<usize>()))
+        }
+        (GpuCodec::Fp16, c) => {
+            let times = gpu(c)?.fp16_payloads_into(grads, Scaling::Pow2, &mut scratch.payloads)?;
+            Ok((times, scratch.payloads.iter().map(Vec::len).sum()))
+        }
+        (GpuCodec::Topk { density, momentum }, c) => {
+            let c = gpu(c)?;
+            let t0 = Instant::now();
+            scratch.payloads = grads
+                .iter()
+                .enumerate()
+                .map(|(key, g)| {
+                    let k = ((density * specs[key].len() as f64).ceil() as usize).max(1);
+                    c.ef_topk_payload(key, g, momentum, k, ValueType::F32, Scaling::None)
+                })
+                .collect::<Result<_, _>>()?;
+            let times = BatchTimes {
+                encode_s: t0.elapsed().as_secs_f64(),
+                copy_s: 0.0,
+            };
+            Ok((times, scratch.payloads.iter().map(Vec::len).sum()))
+        }
+    }
+}
+
+/// The server's side of a step, standing in for it on the worker's host: decodes what was pushed
+/// and applies SGD to `params`, keys in parallel (as a server's threads would).
+fn apply_step(
+    codec: GpuCodec,
+    params: &mut [Vec<f32>],
+    scratch: &mut Scratch,
+    lr: f32,
+) -> Result<(), GpuTrainError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let n = params.len();
+    scratch.grads.resize_with(n, Vec::new);
+    scratch.payloads.resize_with(n, Vec::new);
+    let mut work: Vec<_> = params
+        .iter_mut()
+        .zip(scratch.grads.iter_mut())
+        .zip(scratch.payloads.iter())
+        .enumerate()
+        .collect();
+    // Largest keys first, dealt round-robin, so that the threads get similar shares.
+    work.sort_by_key(|(_, ((w, _), _))| std::cmp::Reverse(w.len()));
+    let mut shares: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in work.into_iter().enumerate() {
+        shares[i % threads].push(item);
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| {
+                scope.spawn(move || -> Result<(), GpuTrainError> {
+                    for (key, ((w, g), payload)) in share {
+                        match codec {
+                            GpuCodec::Dense => {}
+                            GpuCodec::Fp16 => {
+                                g.resize(w.len(), 0.0);
+                                decode_dense_into(payload, key as u64, g)
+                                    .map_err(|e| GpuTrainError::Decode(e.to_string()))?;
+                            }
+                            GpuCodec::Topk { .. } => {
+                                *g = decode_any(payload, key, w.len())
+                                    .map_err(GpuTrainError::Decode)?;
+                            }
+                        }
+                        w.iter_mut().zip(g.iter()).for_each(|(w, g)| *w -= lr * g);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(GpuTrainError::Options("update thread panicked".into())))
+        })
+    })
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Trains `model` (on a CUDA device) on `data` for `opts.steps` steps with GPU-resident
-/// compression; batches cycle through `data` in order.
+/// Trains `model` on `data` for `opts.steps` steps as the geomx worker does, with GPU-resident
+/// compression (a CUDA model) or dense f32 pushes (any device); batches cycle through `data` in
+/// order.
 pub fn train_with_gpu_compression(
     model: &TchModel,
     data: &Dataset,
@@ -110,68 +260,162 @@ pub fn train_with_gpu_compression(
             data.len()
         )));
     }
-    let mut comp = GpuCompressor::new(model.device())?;
+    // Dense pushes need no CUDA kernels, so they also run on a CPU model (the tests' check).
+    let mut comp = if opts.codec == GpuCodec::Dense && !model.device().is_cuda() {
+        None
+    } else {
+        Some(GpuCompressor::new(model.device())?)
+    };
     let specs = model.tensors().to_vec();
     let mut params = model.init(opts.seed);
-    let (mut step_ms, mut comp_ms) = (Vec::new(), Vec::new());
+    let mut split = Split::default();
+    let mut scratch = Scratch::default();
     let (mut loss_first, mut loss_last, mut payload_bytes) = (0f32, 0f32, 0usize);
     for step in 0..opts.steps {
         let start = (step * opts.batch) % (data.len() - opts.batch + 1);
         let idx: Vec<usize> = (start..start + opts.batch).collect();
         let batch = data.gather(&idx);
         let t0 = Instant::now();
-        let mut compress_s = 0f64;
-        let mut payloads: Vec<(usize, Vec<u8>)> = Vec::with_capacity(specs.len());
-        let mut failure: Option<GpuCompressError> = None;
+        let mut times = BatchTimes::default();
+        let mut grads: Vec<Option<Tensor>> = (0..specs.len()).map(|_| None).collect();
+        let mut seen = 0usize;
+        let mut failure: Option<GpuTrainError> = None;
         let loss = model.backward_on_device(&params, batch.view(), &mut |key, g| {
-            if failure.is_some() {
+            grads[key] = Some(g.shallow_clone());
+            seen += 1;
+            if seen < specs.len() {
                 return;
             }
-            let c0 = Instant::now();
-            let r = match opts.codec {
-                GpuCodec::Fp16 => comp.fp16_payload(g, Scaling::Pow2),
-                GpuCodec::Topk { density, momentum } => {
-                    let k = ((density * specs[key].len() as f64).ceil() as usize).max(1);
-                    comp.ef_topk_payload(key, g, momentum, k, ValueType::F32, Scaling::None)
+            // The last gradient: encode them all while they are valid.
+            let all: Vec<&Tensor> = grads.iter().flatten().collect();
+            match encode_step(&mut comp, opts.codec, &all, &specs, &mut scratch) {
+                Ok((t, bytes)) => {
+                    times = t;
+                    payload_bytes = bytes;
                 }
-            };
-            compress_s += c0.elapsed().as_secs_f64();
-            match r {
-                Ok(p) => payloads.push((key, p)),
                 Err(e) => failure = Some(e),
             }
         })?;
         if let Some(e) = failure {
-            return Err(e.into());
+            return Err(e);
         }
-        payload_bytes = payloads.iter().map(|(_, p)| p.len()).sum();
-        for (key, p) in &payloads {
-            let g = decode_any(p, *key, specs[*key].len()).map_err(GpuTrainError::Decode)?;
-            params[*key]
-                .iter_mut()
-                .zip(&g)
-                .for_each(|(w, g)| *w -= opts.lr * g);
-        }
+        let t_update = Instant::now();
+        apply_step(opts.codec, &mut params, &mut scratch, opts.lr)?;
+        let update_s = t_update.elapsed().as_secs_f64();
         let total = t0.elapsed().as_secs_f64();
         if step == 0 {
             loss_first = loss;
         } else {
-            step_ms.push(total * 1e3);
-            comp_ms.push(compress_s * 1e3);
+            let coded = times.encode_s + times.copy_s;
+            split.step.push(total * 1e3);
+            split.compute.push((total - coded - update_s) * 1e3);
+            split.encode.push(times.encode_s * 1e3);
+            split.copy.push(times.copy_s * 1e3);
+            split.update.push(update_s * 1e3);
+            split.coded.push(coded * 1e3);
         }
         loss_last = loss;
     }
-    let (step_ms_median, compress_ms_median) = (median(&mut step_ms), median(&mut comp_ms));
+    let step_ms_median = median(&mut split.step);
+    let compress_ms_median = median(&mut split.coded);
     Ok(GpuTrainReport {
         options: opts,
         device: model.device().to_string(),
-        gpu: comp.device().name().to_string(),
+        gpu: comp.map_or_else(|| "none".into(), |c| c.device().name().to_string()),
         params: model.num_params(),
         step_ms_median,
+        compute_ms_median: median(&mut split.compute),
+        encode_ms_median: median(&mut split.encode),
+        copy_ms_median: median(&mut split.copy),
+        update_ms_median: median(&mut split.update),
         compress_ms_median,
         compress_fraction: compress_ms_median / step_ms_median.max(f64::MIN_POSITIVE),
         payload_bytes_per_step: payload_bytes,
         dense_bytes_per_step: 4 * model.num_params(),
+        loss_first,
+        loss_last,
+    })
+}
+
+/// Timings and outcome of the plain libtorch loop ([`train_plain`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlainReport {
+    /// Steps run (the first is not timed).
+    pub steps: usize,
+    /// Samples per step.
+    pub batch: usize,
+    /// Device the model ran on.
+    pub device: String,
+    /// Model parameters.
+    pub params: usize,
+    /// Median wall time of a whole step (batch copy, forward, backward, SGD on the device, loss
+    /// read back), ms.
+    pub step_ms_median: f64,
+    /// Mean loss of the first step.
+    pub loss_first: f32,
+    /// Mean loss of the last step.
+    pub loss_last: f32,
+}
+
+/// The baseline of [`train_with_gpu_compression`]: a plain libtorch training loop on the model's
+/// device, as a PyTorch user writes it. Parameters (from `model.init(seed)`) and batch-norm
+/// statistics stay on the device, each step copies the batch there, runs forward and backward and
+/// applies SGD (`p ← p − lr·g`) on the device, then reads the loss back. Batches are the same as
+/// [`train_with_gpu_compression`]'s for the same `steps` and `batch`.
+pub fn train_plain(
+    model: &TchModel,
+    data: &Dataset,
+    steps: usize,
+    batch: usize,
+    lr: f32,
+    seed: u64,
+) -> Result<PlainReport, GpuTrainError> {
+    if steps < 2 || batch == 0 || batch > data.len() {
+        return Err(GpuTrainError::Options(format!(
+            "steps {steps} (>= 2), batch {batch} (1..={})",
+            data.len()
+        )));
+    }
+    model.ensure_device()?;
+    let dev = torch_device(model.device());
+    let init = model.init(seed);
+    let net = model.net();
+    let (mut step_ms, mut loss_first, mut loss_last) = (Vec::new(), 0f32, 0f32);
+    guarded(|| {
+        let p: Vec<Tensor> = model.params_on(&init, Kind::Float, dev, true);
+        let bn = net.bn_stats(dev);
+        for step in 0..steps {
+            let start = (step * batch) % (data.len() - batch + 1);
+            let idx: Vec<usize> = (start..start + batch).collect();
+            let b = data.gather(&idx);
+            let t0 = Instant::now();
+            let (x, y) = model.batch_on(&b.view(), Kind::Float, dev);
+            let logits = net.forward(&p, &x, BnMode::Train(&bn));
+            let loss = cross_entropy(&logits, &y, Kind::Float);
+            loss.backward();
+            tch::no_grad(|| {
+                for t in &p {
+                    let mut g = t.grad();
+                    let _ = t.shallow_clone().g_sub_(&(&g * f64::from(lr)));
+                    let _ = g.zero_();
+                }
+            });
+            let l = loss.double_value(&[]) as f32;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if step == 0 {
+                loss_first = l;
+            } else {
+                step_ms.push(ms);
+            }
+            loss_last = l;
+        }
+    })?;
+    Ok(PlainReport {
+        steps,
+        batch,
+        device: model.device().to_string(),
+        params: model.num_params(),
+        step_ms_median: median(&mut step_ms),
         loss_first,
         loss_last,
     })

@@ -14,6 +14,7 @@
 pub mod arch;
 pub mod gpu;
 pub mod gpu_train;
+mod resident;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -43,6 +44,9 @@ pub struct TchModel {
     gpu: Arc<Mutex<GpuState>>,
     /// Whether libtorch can use `device`, checked at the first computation.
     device_ok: Arc<OnceLock<Result<(), EngineError>>>,
+    /// The parameters kept on the device between training steps, made at the first one. A step
+    /// that finds them in use by another thread (clones share them) builds its own tensors.
+    resident: Arc<Mutex<Option<resident::Resident>>>,
     /// Batch norm's running statistics, created at the first training step (see [`BnMode`]).
     /// Each process that trains keeps its own, as each PyTorch replica does.
     bn: Arc<Mutex<Option<arch::BnStats>>>,
@@ -154,6 +158,7 @@ impl TchModel {
             device,
             gpu: Arc::new(Mutex::new(GpuState::Untried)),
             device_ok: Arc::new(OnceLock::new()),
+            resident: Arc::new(Mutex::new(None)),
             bn: Arc::new(Mutex::new(None)),
         })
     }
@@ -237,26 +242,46 @@ impl TchModel {
         (x, Tensor::from_slice(&labels).to_device(dev))
     }
 
-    /// Mean loss over `batch` and the gradients (key order) on the model's device.
-    fn grads_on_device(
+    /// Mean loss over `batch` and the gradients (key order) on the model's device, handed to
+    /// `consume` while they are valid (the next step overwrites them). The parameters are loaded
+    /// into the model's [`resident::Resident`] tensors, or into fresh tensors when another thread
+    /// is using those.
+    fn with_grads<R>(
         &self,
         params: &[Vec<f32>],
         batch: &Samples<'_>,
-    ) -> Result<(f32, Vec<Tensor>), EngineError> {
+        consume: impl FnOnce(f32, &[Tensor]) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
         if self.check(params, batch)? == 0 {
             return Err(EngineError::EmptyBatch);
         }
         self.ensure_device()?;
         let dev = torch_device(self.device);
-        guarded(|| {
-            let p = self.params_on(params, Kind::Float, dev, true);
+        let mut slot = self.resident.try_lock().ok();
+        let (loss, grads) = guarded(|| {
+            let fresh;
+            let p: &[Tensor] = match slot.as_deref_mut() {
+                Some(r) => {
+                    let r = r.get_or_insert_with(|| resident::Resident::new(self.net.specs(), dev));
+                    r.load(params);
+                    r.params()
+                }
+                None => {
+                    fresh = self.params_on(params, Kind::Float, dev, true);
+                    &fresh
+                }
+            };
             let (x, y) = self.batch_on(batch, Kind::Float, dev);
-            let logits = self.with_bn(dev, true, |s| self.net.forward(&p, &x, BnMode::Train(s)));
+            let logits = self.with_bn(dev, true, |s| self.net.forward(p, &x, BnMode::Train(s)));
             let loss = arch::cross_entropy(&logits, &y, Kind::Float);
             loss.backward();
             let grads: Vec<Tensor> = p.iter().map(|t| t.grad().contiguous()).collect();
             (loss.double_value(&[]) as f32, grads)
-        })
+        })?;
+        let out = consume(loss, &grads);
+        drop(grads);
+        drop(slot);
+        out
     }
 
     /// Mean loss over `batch` and its gradient, which stays on the model's device: each tensor's
@@ -268,11 +293,12 @@ impl TchModel {
         batch: Samples<'_>,
         on_grad: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<f32, EngineError> {
-        let (loss, grads) = self.grads_on_device(params, &batch)?;
-        for (key, g) in grads.iter().enumerate().rev() {
-            on_grad(key, g);
-        }
-        Ok(loss)
+        self.with_grads(params, &batch, |loss, grads| {
+            for (key, g) in grads.iter().enumerate().rev() {
+                on_grad(key, g);
+            }
+            Ok(loss)
+        })
     }
 
     /// Mean loss over `batch` computed in double precision on the CPU: the reference for
@@ -343,11 +369,12 @@ impl Model for TchModel {
         batch: Samples<'_>,
         on_grad: &mut dyn FnMut(usize, Vec<f32>),
     ) -> Result<f32, EngineError> {
-        let (loss, grads) = self.grads_on_device(params, &batch)?;
-        for (key, g) in grads.iter().enumerate().rev() {
-            on_grad(key, guarded(|| to_host(g))?);
-        }
-        Ok(loss)
+        self.with_grads(params, &batch, |loss, grads| {
+            for (key, g) in grads.iter().enumerate().rev() {
+                on_grad(key, guarded(|| to_host(g))?);
+            }
+            Ok(loss)
+        })
     }
 
     /// On a CUDA device with an FP16 tier, the gradients stay on the device and are encoded
@@ -373,26 +400,29 @@ impl Model for TchModel {
                 }
             };
         }
-        let GpuState::Ready(comp) = &*state else {
+        let GpuState::Ready(comp) = &mut *state else {
             return encode_on_host(self, params, batch, enc, on_payload);
         };
-        let (loss, grads) = self.grads_on_device(params, &batch)?;
-        for (key, g) in grads.iter().enumerate().rev() {
-            let bytes = comp
-                .fp16_payload(g, enc.scaling)
+        self.with_grads(params, &batch, |loss, grads| {
+            let refs: Vec<&Tensor> = grads.iter().collect();
+            let (payloads, _) = comp
+                .fp16_payloads(&refs, enc.scaling)
                 .map_err(|e| EngineError::Backend(e.to_string()))?;
-            let overflow = fp16_overflows(g, enc.scaling)?;
-            on_payload(
-                key,
-                g.numel(),
-                Encoded {
-                    codec: PayloadCodec::Raw,
-                    bytes,
-                    overflow,
-                },
-            );
-        }
-        Ok(loss)
+            for (key, bytes) in payloads.into_iter().enumerate().rev() {
+                let g = &grads[key];
+                let overflow = fp16_overflows(g, enc.scaling)?;
+                on_payload(
+                    key,
+                    g.numel(),
+                    Encoded {
+                        codec: PayloadCodec::Raw,
+                        bytes,
+                        overflow,
+                    },
+                );
+            }
+            Ok(loss)
+        })
     }
 
     fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError> {

@@ -365,3 +365,82 @@ fn batch_norm_uses_running_statistics_in_evaluation() {
     assert!(after.iter().zip(&all).any(|(a, b)| (a - b).abs() > 1e-4));
     assert_eq!(m.loss_f64(&p, data.view()).unwrap(), loss_before);
 }
+
+/// The plain libtorch loop (parameters and SGD on the device) and the geomx worker's step with
+/// dense f32 pushes (parameters from the host, SGD on the host) do the same arithmetic, so on the
+/// CPU they follow the same loss trajectory (tolerance 1e-5 relative: only libtorch's reduction
+/// order could differ).
+#[test]
+fn plain_loop_and_dense_worker_steps_agree_on_the_cpu() {
+    use super::gpu_train::{train_plain, train_with_gpu_compression, GpuCodec, GpuTrainOptions};
+    let data = band_images(40, 1, 16, 4, 2);
+    let (steps, batch, lr, seed) = (6, 8, 0.05, 5);
+    let plain = train_plain(
+        &TchModel::new(Arch::Cnn, 256, 4, Device::Cpu).unwrap(),
+        &data,
+        steps,
+        batch,
+        lr,
+        seed,
+    )
+    .unwrap();
+    let opts = GpuTrainOptions {
+        steps,
+        batch,
+        lr,
+        seed,
+        codec: GpuCodec::Dense,
+    };
+    let model = TchModel::new(Arch::Cnn, 256, 4, Device::Cpu).unwrap();
+    let worker = train_with_gpu_compression(&model, &data, opts).unwrap();
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * a.abs().max(b.abs());
+    assert!(
+        close(plain.loss_first, worker.loss_first),
+        "{plain:?} {worker:?}"
+    );
+    assert!(
+        close(plain.loss_last, worker.loss_last),
+        "{plain:?} {worker:?}"
+    );
+    assert!(plain.loss_last < plain.loss_first, "{plain:?}");
+    assert_eq!(worker.payload_bytes_per_step, worker.dense_bytes_per_step);
+    // The codecs that need CUDA kernels say so on a CPU model.
+    let fp16 = GpuTrainOptions {
+        codec: GpuCodec::Fp16,
+        ..opts
+    };
+    assert!(train_with_gpu_compression(&model, &data, fp16).is_err());
+}
+
+/// Gradients from the resident parameters (loaded into the same tensors step after step) are
+/// bit-identical to gradients from fresh tensors (the path a step takes while another thread
+/// holds the resident ones), over several steps whose parameters change, for both
+/// architectures; the ResNet's keys do not all have lengths that are multiples of the alignment.
+#[test]
+fn resident_parameters_give_the_same_gradients_as_fresh_tensors() {
+    for (arch, channels, side) in [(Arch::Cnn, 1, 16), (Arch::Resnet18, 3, 8)] {
+        let data = band_images(6, channels, side, 4, 3);
+        let resident = TchModel::new(arch, channels * side * side, 4, Device::Cpu).unwrap();
+        let fresh = TchModel::new(arch, channels * side * side, 4, Device::Cpu).unwrap();
+        // Holding `fresh`'s slot makes its steps build fresh tensors.
+        let held = fresh.resident.clone();
+        let _busy = held.lock().unwrap();
+        let mut p = resident.init(9);
+        for step in 0..3 {
+            let (la, ga) = resident.loss_and_grad(&p, data.view()).unwrap();
+            let (lb, gb) = fresh.loss_and_grad(&p, data.view()).unwrap();
+            assert_eq!(la.to_bits(), lb.to_bits(), "{arch:?} step {step}: loss");
+            for (key, (a, b)) in ga.iter().zip(&gb).enumerate() {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{arch:?} step {step}: gradient of key {key} differs"
+                );
+            }
+            sgd(&mut p, &ga, 0.1);
+        }
+        assert!(
+            resident.resident.lock().unwrap().is_some(),
+            "{arch:?}: the resident path was not taken"
+        );
+    }
+}
