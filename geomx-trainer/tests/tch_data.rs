@@ -54,7 +54,13 @@ test_labels = "{d}/t10k-labels-idx1-ubyte.gz"
     assert_eq!(tt.train, tt.test);
     assert_eq!((tt.train.len(), tt.train.n_features()), (6, 784));
     assert_eq!(tt.train.labels(), &[0, 1, 2, 9, 4, 5]);
-    assert_eq!(tt.train.row(1)[0], (784 % 251) as f32 / 255.0);
+    // Normalised as torchvision's MNIST example: (x / 255 - 0.1307) / 0.3081.
+    let want = ((784 % 251) as f32 / 255.0 - 0.1307) / 0.3081;
+    assert!(
+        (tt.train.row(1)[0] - want).abs() <= 1e-6,
+        "{}",
+        tt.train.row(1)[0]
+    );
 
     let m = build_model(&cfg.model, 784, 10).unwrap();
     assert_eq!(m.tensors()[4].shape, vec![256, 512]);

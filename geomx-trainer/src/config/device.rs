@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::{ModelConfig, ModelKind};
+use super::{ModelConfig, ModelKind, Precision};
 
 /// A compute device: the host CPU or one CUDA GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +76,14 @@ pub fn validate_model_config(cfg: &ModelConfig) -> Result<(), (String, String)> 
                 cfg.device
             ),
         )),
+        ModelKind::Mlp if cfg.precision != Precision::Fp32 => Err((
+            "model.precision".into(),
+            format!(
+                "the built-in mlp computes in fp32 only, not \"{}\"; mixed precision is for the \
+                 libtorch models (model.kind = \"cnn\" or \"resnet18\")",
+                cfg.precision
+            ),
+        )),
         ModelKind::Cnn | ModelKind::Resnet18 if !TCH_ENABLED => Err((
             "model.kind".into(),
             format!(
@@ -122,6 +130,12 @@ mod tests {
         let (field, msg) = validate_model_config(&cfg).unwrap_err();
         assert_eq!(field, "model.device");
         assert!(msg.contains("not cuda:local"), "{msg}");
+        cfg.device = "cpu".into();
+        cfg.precision = Precision::Bf16;
+        let (field, msg) = validate_model_config(&cfg).unwrap_err();
+        assert_eq!(field, "model.precision");
+        assert!(msg.contains("fp32 only"), "{msg}");
+        cfg.device = CUDA_LOCAL.into();
         cfg.kind = ModelKind::Cnn;
         let r = validate_model_config(&cfg);
         if TCH_ENABLED {

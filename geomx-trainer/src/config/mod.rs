@@ -263,6 +263,34 @@ pub struct ModelConfig {
     /// Where the model computes: `"cpu"`, `"cuda:N"`, or `"cuda:local"` (the GPU of the launcher's
     /// local rank, `geomx run --from-env`); CUDA for libtorch models only.
     pub device: String,
+    /// Arithmetic of the forward and backward passes (libtorch models); master weights and the
+    /// gradients that are pushed stay `f32`.
+    pub precision: Precision,
+}
+
+/// `model.precision`: the arithmetic of a libtorch model's forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// Everything in `f32`.
+    #[default]
+    Fp32,
+    /// Convolutions and dense layers in bfloat16 (batch norm and the loss in `f32`).
+    Bf16,
+    /// Convolutions and dense layers in float16 (batch norm and the loss in `f32`), with a
+    /// dynamic loss scale as PyTorch's `GradScaler`; a step whose gradients overflow is
+    /// recomputed at the halved scale rather than skipped.
+    Fp16Amp,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16Amp => "fp16-amp",
+        })
+    }
 }
 
 impl Default for ModelConfig {
@@ -272,6 +300,7 @@ impl Default for ModelConfig {
             hidden: vec![64],
             seed: 42,
             device: "cpu".into(),
+            precision: Precision::Fp32,
         }
     }
 }
@@ -337,6 +366,12 @@ pub struct DataConfig {
     pub idx: IdxConfig,
     /// CIFAR-10 folder (used when `dataset = "cifar10"`).
     pub cifar10: CifarConfig,
+    /// Normalise CIFAR-10 and IDX images per channel with torchvision's customary mean and
+    /// standard deviation (CIFAR-10's, MNIST's), training and test sets alike.
+    pub normalize: bool,
+    /// Augment CIFAR-10 training batches as torchvision's `RandomCrop(32, padding=4)` and
+    /// `RandomHorizontalFlip()`, seeded by `seed`, the worker and the batch (reproducible).
+    pub augment: bool,
 }
 
 impl Default for DataConfig {
@@ -349,6 +384,8 @@ impl Default for DataConfig {
             synthetic: SyntheticSpec::default(),
             idx: IdxConfig::default(),
             cifar10: CifarConfig::default(),
+            normalize: true,
+            augment: true,
         }
     }
 }

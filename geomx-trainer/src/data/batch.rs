@@ -52,6 +52,11 @@ impl Batcher {
         self.pos = 0;
     }
 
+    /// The shard: indices into the training set.
+    pub fn shard(&self) -> &[usize] {
+        &self.shard
+    }
+
     /// Full batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         self.shard.len() / self.batch_size

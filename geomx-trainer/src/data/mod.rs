@@ -8,14 +8,18 @@ mod batch;
 pub mod cifar;
 pub mod digits;
 pub mod idx;
+mod prefetch;
 pub mod rng;
 mod shard;
 pub mod synthetic;
+pub mod transform;
 
 use std::path::PathBuf;
 
 pub use batch::Batcher;
+pub use prefetch::Prefetcher;
 pub use shard::{shard_indices, ShardStrategy};
+pub use transform::{Augment, ImageAugment, Normalize};
 
 use crate::config::{DataConfig, DatasetKind};
 
@@ -176,6 +180,11 @@ impl Dataset {
         &self.features
     }
 
+    /// Row-major features, to transform in place (the caller keeps them finite).
+    pub(crate) fn features_mut(&mut self) -> &mut [f32] {
+        &mut self.features
+    }
+
     /// Labels.
     pub fn labels(&self) -> &[u32] {
         &self.labels
@@ -244,8 +253,48 @@ pub fn batcher_for(
     )
 }
 
-/// Loads the train/test pair that a `[data]` configuration names.
+/// Loads the train/test pair that a `[data]` configuration names, normalised as
+/// [`normalizer_for`] says.
 pub fn load(cfg: &DataConfig) -> Result<TrainTest, DataError> {
+    let mut data = load_raw(cfg)?;
+    if let Some(n) = normalizer_for(cfg) {
+        for set in [&mut data.train, &mut data.test] {
+            let row = set.n_features();
+            n.apply(set.features_mut(), row)?;
+        }
+    }
+    Ok(data)
+}
+
+/// The per-channel normalisation of a configuration's images: torchvision's customary CIFAR-10
+/// and MNIST figures for `cifar10` and `idx` data when `normalize` is on, none otherwise (the
+/// digits and synthetic features are used as they are).
+pub fn normalizer_for(cfg: &DataConfig) -> Option<Normalize> {
+    match cfg.dataset {
+        _ if !cfg.normalize => None,
+        DatasetKind::Cifar10 => Some(Normalize::cifar10()),
+        DatasetKind::Idx => Some(Normalize::mnist()),
+        DatasetKind::Digits | DatasetKind::Synthetic => None,
+    }
+}
+
+/// The training-batch augmentation of global worker `worker`: CIFAR-10's random crop and flip
+/// when `augment` is on, seeded by `cfg.seed` and the worker; none for other data sets.
+pub fn augment_for(cfg: &DataConfig, worker: usize) -> Result<Option<ImageAugment>, DataError> {
+    if !cfg.augment || cfg.dataset != DatasetKind::Cifar10 {
+        return Ok(None);
+    }
+    // Padding is the value a black pixel has after normalisation, as torchvision pads first.
+    let fill = normalizer_for(cfg).map_or(vec![0.0; cifar::CHANNELS], |n| n.normalized_zero());
+    let seed = rng::derive_seed(cfg.seed, &[AUGMENT_TAG, worker as u64]);
+    ImageAugment::new(Augment::cifar10(seed), cifar::CHANNELS, cifar::SIDE, fill).map(Some)
+}
+
+/// Label of the augmentation seeds in [`rng::derive_seed`].
+const AUGMENT_TAG: u64 = 0x4155_4731;
+
+/// Reads the train/test pair that a `[data]` configuration names, as stored.
+fn load_raw(cfg: &DataConfig) -> Result<TrainTest, DataError> {
     match cfg.dataset {
         DatasetKind::Digits => digits::train_test(),
         DatasetKind::Synthetic => synthetic::generate(&cfg.synthetic),
@@ -361,6 +410,82 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("tri,") && !msg.ends_with("tri"), "{msg}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// CIFAR-10 and IDX images are normalised (when on) and only CIFAR-10 training batches are
+    /// augmented, with a padding value that is a black pixel after normalisation and a seed per
+    /// worker.
+    #[test]
+    fn normalisation_and_augmentation_follow_the_config() {
+        let mut cfg = DataConfig::default();
+        assert!(normalizer_for(&cfg).is_none());
+        assert!(augment_for(&cfg, 0).unwrap().is_none());
+        cfg.dataset = DatasetKind::Idx;
+        assert_eq!(normalizer_for(&cfg), Some(Normalize::mnist()));
+        assert!(augment_for(&cfg, 0).unwrap().is_none());
+        cfg.dataset = DatasetKind::Cifar10;
+        assert_eq!(normalizer_for(&cfg), Some(Normalize::cifar10()));
+        let a = augment_for(&cfg, 0).unwrap().unwrap();
+        assert_ne!(a, augment_for(&cfg, 1).unwrap().unwrap());
+        assert_eq!(a, augment_for(&cfg, 0).unwrap().unwrap());
+        // A black image stays black: every padded pixel equals the normalised zero.
+        let black = Normalize::cifar10().normalized_zero();
+        let mut batch = Dataset::new(
+            black
+                .iter()
+                .flat_map(|&v| vec![v; 1024])
+                .cycle()
+                .take(3 * cifar::FEATURES)
+                .collect(),
+            vec![0, 1, 2],
+            cifar::FEATURES,
+            10,
+        )
+        .unwrap();
+        let before = batch.clone();
+        a.apply(&mut batch, 5).unwrap();
+        assert_eq!(batch, before);
+        cfg.normalize = false;
+        cfg.augment = false;
+        assert!(normalizer_for(&cfg).is_none());
+        assert!(augment_for(&cfg, 0).unwrap().is_none());
+    }
+
+    /// `load` normalises IDX images with MNIST's mean and standard deviation.
+    #[test]
+    fn idx_images_are_loaded_normalised() {
+        let dir = std::env::temp_dir().join(format!("geomx-idx-norm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("im"),
+            idx::encode_u8(&[2, 2, 2], &[0, 51, 102, 255, 7, 8, 9, 10]),
+        )
+        .unwrap();
+        std::fs::write(dir.join("lb"), idx::encode_u8(&[2], &[0, 1])).unwrap();
+        let mut cfg = DataConfig {
+            dataset: DatasetKind::Idx,
+            ..DataConfig::default()
+        };
+        cfg.idx.classes = 2;
+        for p in [&mut cfg.idx.train_images, &mut cfg.idx.test_images] {
+            *p = dir.join("im");
+        }
+        for p in [&mut cfg.idx.train_labels, &mut cfg.idx.test_labels] {
+            *p = dir.join("lb");
+        }
+        let tt = load(&cfg).unwrap();
+        for (got, px) in tt
+            .test
+            .features()
+            .iter()
+            .zip([0u8, 51, 102, 255, 7, 8, 9, 10])
+        {
+            let want = (f64::from(px) / 255.0 - 0.1307) / 0.3081;
+            assert!((f64::from(*got) - want).abs() <= 1e-6, "{got} vs {want}");
+        }
+        cfg.normalize = false;
+        assert_eq!(load(&cfg).unwrap().train.features()[3], 1.0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

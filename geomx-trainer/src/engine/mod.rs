@@ -256,35 +256,36 @@ pub fn build_model(
             }
             Ok(Box::new(Mlp::new(inputs, &cfg.hidden, classes)?))
         }
-        ModelKind::Cnn | ModelKind::Resnet18 => build_tch_model(cfg.kind, device, inputs, classes),
+        ModelKind::Cnn | ModelKind::Resnet18 => build_tch_model(cfg, device, inputs, classes),
     }
 }
 
 #[cfg(feature = "tch")]
 fn build_tch_model(
-    kind: ModelKind,
+    cfg: &ModelConfig,
     device: Device,
     inputs: usize,
     classes: usize,
 ) -> Result<Box<dyn Model>, EngineError> {
-    let arch = match kind {
+    let arch = match cfg.kind {
         ModelKind::Resnet18 => self::tch::Arch::Resnet18,
         _ => self::tch::Arch::Cnn,
     };
-    Ok(Box::new(self::tch::TchModel::new(
-        arch, inputs, classes, device,
-    )?))
+    Ok(Box::new(
+        self::tch::TchModel::new(arch, inputs, classes, device)?.with_precision(cfg.precision),
+    ))
 }
 
 #[cfg(not(feature = "tch"))]
 fn build_tch_model(
-    kind: ModelKind,
+    cfg: &ModelConfig,
     _device: Device,
     _inputs: usize,
     _classes: usize,
 ) -> Result<Box<dyn Model>, EngineError> {
     Err(EngineError::Device(format!(
-        "model.kind = {kind:?} needs the libtorch back end: build with `--features tch`"
+        "model.kind = {:?} needs the libtorch back end: build with `--features tch`",
+        cfg.kind
     )))
 }
 

@@ -18,8 +18,11 @@ use crate::codec::{
     count_nonfinite, decode_values, payload_nonfinite, poison_first, KeyCounts, Update,
 };
 use crate::config::{NonFinitePolicy, SyncAlgorithm};
-use crate::data::batcher_for;
+use crate::data::{augment_for, batcher_for, Prefetcher};
 use crate::engine::{params_hash, Optimizer};
+
+/// Batches prepared ahead of the one computing.
+const PREFETCH_DEPTH: usize = 2;
 
 /// One progress line of worker (dc 0, rank 0).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -467,7 +470,7 @@ impl EsyncWorker {
         avg: &mut Averaging<'_>,
         params: &mut [Vec<f32>],
         round: u64,
-        next_batch: &mut dyn FnMut() -> crate::data::Dataset,
+        next_batch: &mut dyn FnMut() -> Result<crate::data::Dataset, RunError>,
     ) -> Result<f64, RunError> {
         let limit = job.wait_limit();
         let mut k = 0;
@@ -480,7 +483,7 @@ impl EsyncWorker {
             Answer::Step
         };
         while answer == Answer::Step {
-            let batch = next_batch();
+            let batch = next_batch()?;
             let (l, d) = local_step(job, params, &batch, Some(&mut avg.opts), self.slowdown)?;
             loss = l;
             self.c = d.as_secs_f64();
@@ -555,6 +558,10 @@ pub fn run(
         let pos = usize::try_from(c[1]).unwrap_or(usize::MAX);
         batcher.seek(c[0], pos).map_err(|e| res.misfit(e))?;
     }
+    // The next batches are prepared on a thread while this one computes.
+    let augment = augment_for(&job.data_config, w).map_err(RunError::Data)?;
+    let mut batcher =
+        Prefetcher::new(batcher, train, PREFETCH_DEPTH, augment).map_err(RunError::Data)?;
     let saver = super::ckpt::saver(job, &me);
 
     let node = Node::join(coord_addr, me, String::new(), job, fatal)?;
@@ -619,7 +626,7 @@ pub fn run(
     let mut esync = match job.sync {
         SyncAlgorithm::Esync => {
             // c before the first step: a warm-up step's duration (gradients discarded).
-            let warmup = batcher.next_batch(train);
+            let warmup = batcher.next_batch().map_err(RunError::Data)?;
             let c = local_step(job, &mut params, &warmup, None, slowdown)?.1;
             Some(EsyncWorker::connect(&node, job, w as u32, c, slowdown)?)
         }
@@ -628,10 +635,10 @@ pub fn run(
     for round in start..job.rounds {
         if let (Some(es), Some(avg)) = (esync.as_mut(), avg.as_mut()) {
             loss = es.round(job, avg, &mut params, round, &mut || {
-                batcher.next_batch(train)
+                batcher.next_batch().map_err(RunError::Data)
             })?;
         } else if let (Some((k1, k2)), Some(avg)) = (job.hfa_periods(), avg.as_mut()) {
-            let batch = batcher.next_batch(train);
+            let batch = batcher.next_batch().map_err(RunError::Data)?;
             loss = local_step(job, &mut params, &batch, Some(&mut avg.opts), slowdown)?.0;
             if (round + 1) % k1 == 0 {
                 avg.average(&mut params, (round + 1) / k1, k2)?;
@@ -730,7 +737,7 @@ fn checkpoint_state(
     saver: &crate::checkpoint::Saver,
     done: u64,
     params: &[Vec<f32>],
-    batcher: &crate::data::Batcher,
+    batcher: &Prefetcher,
     opts: &[Optimizer],
     apply: &[KeyApply],
 ) -> crate::checkpoint::StateFile {
@@ -783,13 +790,13 @@ fn fsa_round(
     io: &FsaIo<'_>,
     params: &mut [Vec<f32>],
     apply: &mut [KeyApply],
-    batcher: &mut crate::data::Batcher,
+    batcher: &mut Prefetcher,
     round: u64,
     slowdown: f64,
 ) -> Result<f64, RunError> {
     let (node, client, overflows) = (io.node, io.client, io.overflows);
     let me = &node.me;
-    let batch = batcher.next_batch(&job.data.train);
+    let batch = batcher.next_batch().map_err(RunError::Data)?;
     let started = Instant::now();
     let mut pending: Vec<Option<Result<Pending, RunError>>> =
         (0..params.len()).map(|_| None).collect();

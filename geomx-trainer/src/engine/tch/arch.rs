@@ -280,21 +280,57 @@ impl Net {
     /// batch norm as `mode` says (its statistics must come from [`Net::bn_stats`] on `x`'s
     /// device, in the parameters' kind).
     pub fn forward(&self, p: &[Tensor], x: &Tensor, mode: BnMode<'_>) -> Tensor {
+        self.forward_in(p, x, mode, None)
+    }
+
+    /// [`Net::forward`] with convolutions and dense layers computed in `compute` (`BFloat16` or
+    /// `Half`) when given: the input and those layers' parameters are cast to it, batch norm
+    /// takes the low-precision activations with its `f32` parameters and statistics (libtorch's
+    /// mixed batch norm), and the logits come back as `f32`. The parameters stay `f32` leaves, so
+    /// their gradients are `f32` (master weights).
+    pub fn forward_in(
+        &self,
+        p: &[Tensor],
+        x: &Tensor,
+        mode: BnMode<'_>,
+        compute: Option<Kind>,
+    ) -> Tensor {
+        let low = |t: &Tensor| match compute {
+            Some(k) => t.to_kind(k),
+            None => t.shallow_clone(),
+        };
+        let x = &low(x);
+        let logits = self.forward_cast(p, x, mode, &low);
+        match compute {
+            Some(_) => logits.to_kind(Kind::Float),
+            None => logits,
+        }
+    }
+
+    /// The layers of [`Net::forward_in`]; `low` casts a convolution's or dense layer's parameter.
+    fn forward_cast(
+        &self,
+        p: &[Tensor],
+        x: &Tensor,
+        mode: BnMode<'_>,
+        low: &dyn Fn(&Tensor) -> Tensor,
+    ) -> Tensor {
         let mut it = p.iter();
         let layer = std::cell::Cell::new(0usize);
         let mut next = || it.next().expect("parameter count checked by the caller");
         match self.arch {
             Arch::Cnn => {
                 let conv = |x: &Tensor, w: &Tensor, b: &Tensor| {
-                    x.conv2d(w, Some(b), [1, 1], [0, 0], [1, 1], 1)
+                    x.conv2d(&low(w), Some(&low(b)), [1, 1], [0, 0], [1, 1], 1)
                         .relu()
                         .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
                 };
                 let x = conv(x, next(), next());
                 let x = conv(&x, next(), next()).flatten(1, -1);
-                let x = x.linear(next(), Some(next())).relu();
-                let x = x.linear(next(), Some(next())).relu();
-                x.linear(next(), Some(next()))
+                let dense = |x: &Tensor, w: &Tensor, b: &Tensor| x.linear(&low(w), Some(&low(b)));
+                let x = dense(&x, next(), next()).relu();
+                let x = dense(&x, next(), next()).relu();
+                dense(&x, next(), next())
             }
             Arch::Resnet18 => {
                 let bn = |x: &Tensor, w: &Tensor, b: &Tensor| {
@@ -318,7 +354,14 @@ impl Net {
                 };
                 let conv = |x: &Tensor, w: &Tensor, stride: i64| {
                     let pad = w.size()[2] / 2;
-                    x.conv2d(w, None::<&Tensor>, [stride, stride], [pad, pad], [1, 1], 1)
+                    x.conv2d(
+                        &low(w),
+                        None::<&Tensor>,
+                        [stride, stride],
+                        [pad, pad],
+                        [1, 1],
+                        1,
+                    )
                 };
                 let w = next();
                 let mut x = bn(&conv(x, w, 1), next(), next()).relu();
@@ -341,7 +384,8 @@ impl Net {
                     }
                 }
                 let x = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
-                x.linear(next(), Some(next()))
+                let (w, b) = (next(), next());
+                x.linear(&low(w), Some(&low(b)))
             }
         }
     }

@@ -11,6 +11,7 @@
 //! libtorch reports errors by panicking inside `tch`; every entry point runs under
 //! [`std::panic::catch_unwind`] and turns such a panic into [`EngineError::Backend`].
 
+pub mod amp;
 pub mod arch;
 pub mod gpu;
 pub mod gpu_train;
@@ -28,6 +29,7 @@ use super::{
     Model, TensorSpec,
 };
 use crate::codec::Encoded;
+use crate::config::Precision;
 use crate::data::Samples;
 pub use arch::{Arch, BnMode, BnStats, ImageShape, Net};
 use gpu::GpuCompressor;
@@ -40,6 +42,10 @@ const EVAL_CHUNK: usize = 256;
 pub struct TchModel {
     net: Net,
     device: Device,
+    /// Arithmetic of training steps ([`amp`]); evaluation computes in `f32`.
+    precision: Precision,
+    /// The loss scale of `Precision::Fp16Amp`, one per process as PyTorch's `GradScaler`.
+    scaler: Arc<Mutex<amp::LossScaler>>,
     /// The GPU compressor of [`Model::backward_encoded`], opened at first use.
     gpu: Arc<Mutex<GpuState>>,
     /// Whether libtorch can use `device`, checked at the first computation.
@@ -156,6 +162,8 @@ impl TchModel {
         Ok(TchModel {
             net,
             device,
+            precision: Precision::Fp32,
+            scaler: Arc::new(Mutex::new(amp::LossScaler::default())),
             gpu: Arc::new(Mutex::new(GpuState::Untried)),
             device_ok: Arc::new(OnceLock::new()),
             resident: Arc::new(Mutex::new(None)),
@@ -182,6 +190,24 @@ impl TchModel {
             Some(s) => f(s),
             None => f(&self.net.bn_stats(dev)),
         }
+    }
+
+    /// This model with training steps computed in `precision` (default `fp32`).
+    pub fn with_precision(mut self, precision: Precision) -> TchModel {
+        self.precision = precision;
+        self
+    }
+
+    /// The arithmetic of training steps.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The loss scale of `fp16-amp` and the number of backward passes recomputed at a smaller
+    /// scale because their gradients overflowed.
+    pub fn loss_scale(&self) -> (f64, u64) {
+        let s = self.scaler.lock().unwrap_or_else(PoisonError::into_inner);
+        (s.scale(), s.overflows())
     }
 
     /// The architecture.
@@ -272,10 +298,40 @@ impl TchModel {
                 }
             };
             let (x, y) = self.batch_on(batch, Kind::Float, dev);
-            let logits = self.with_bn(dev, true, |s| self.net.forward(p, &x, BnMode::Train(s)));
-            let loss = arch::cross_entropy(&logits, &y, Kind::Float);
-            loss.backward();
-            let grads: Vec<Tensor> = p.iter().map(|t| t.grad().contiguous()).collect();
+            let compute = amp::compute_kind(self.precision);
+            let mut scaler = (self.precision == Precision::Fp16Amp)
+                .then(|| self.scaler.lock().unwrap_or_else(PoisonError::into_inner));
+            let mut attempt = 0;
+            let (loss, grads) = loop {
+                let logits = self.with_bn(dev, true, |s| {
+                    self.net.forward_in(p, &x, BnMode::Train(s), compute)
+                });
+                let loss = arch::cross_entropy(&logits, &y, Kind::Float);
+                let Some(s) = scaler.as_deref_mut() else {
+                    loss.backward();
+                    break (
+                        loss,
+                        p.iter().map(|t| t.grad().contiguous()).collect::<Vec<_>>(),
+                    );
+                };
+                (&loss * s.scale()).backward();
+                let mut grads: Vec<Tensor> = p.iter().map(|t| t.grad().contiguous()).collect();
+                // Only a finite loss can have finite gradients at a smaller scale; a non-finite
+                // one goes to the worker's non-finite policy as it is.
+                let retry = !s.unscale(&mut grads) && loss.isfinite().int64_value(&[]) != 0;
+                if !retry || attempt == amp::MAX_RECOMPUTES {
+                    break (loss, grads);
+                }
+                attempt += 1;
+                tracing::debug!(
+                    scale = s.scale(),
+                    "fp16 gradients overflowed: step recomputed"
+                );
+                drop(grads);
+                for t in p {
+                    t.shallow_clone().zero_grad();
+                }
+            };
             (loss.double_value(&[]) as f32, grads)
         })?;
         let out = consume(loss, &grads);
