@@ -209,6 +209,10 @@ struct RunArgs {
     /// Read this process's credentials from stdin (how `geomx launch` hands them over).
     #[arg(long, hide = true)]
     credentials_stdin: bool,
+    /// The model's device in this process, overriding model.device ("cpu" or "cuda:N"; how
+    /// `geomx launch` gives each worker its GPU of model.device = "cuda:local").
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 fn init_tracing(level: LogLevel) {
@@ -283,6 +287,12 @@ fn run(args: RunArgs) -> Result<(), String> {
     let mut cfg = cfg;
     if args.save.is_some() {
         cfg.checkpoint.export = args.save;
+    }
+    if let Some(d) = args.device {
+        if geomx_trainer::engine::Device::parse(&d).is_none() {
+            return Err(format!("--device: {d:?} is not \"cpu\" or \"cuda:N\""));
+        }
+        cfg.model.device = d;
     }
     let role_args = RoleArgs {
         spec,

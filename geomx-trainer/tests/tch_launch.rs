@@ -126,3 +126,32 @@ fn mixed_precision_trains_the_cnn_as_well_as_fp32() {
         assert!(loss.is_finite(), "{precision}: final loss {loss}");
     }
 }
+
+/// `model.device = "cuda:local"` gives the workers this host's GPUs round robin; on a host
+/// without any (here: none listed in CUDA_VISIBLE_DEVICES) the launch fails at once with a
+/// message naming the field, before any process starts.
+#[test]
+fn cuda_local_without_a_gpu_is_a_clear_error() {
+    let cfg = support::scratch("tch-test", "cuda-local.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\nkind = \"cnn\"\ndevice = \"cuda:local\"\n[data]\ndataset = \"synthetic\"\n\
+         [data.synthetic]\nfeatures = 256\n",
+    )
+    .unwrap();
+    let out = support::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_geomx"))
+            .args(["launch", "--quiet"])
+            .arg(&cfg)
+            .env("CUDA_VISIBLE_DEVICES", ""),
+        std::time::Duration::from_secs(120),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("model.device") && stderr.contains("has none"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("started coordinator"), "{stderr}");
+    std::fs::remove_file(cfg).unwrap();
+}

@@ -47,6 +47,35 @@ impl fmt::Display for Device {
 /// `model.device` that picks the GPU from the launcher's local rank (`geomx run --from-env`).
 pub const CUDA_LOCAL: &str = "cuda:local";
 
+/// Number of devices a `CUDA_VISIBLE_DEVICES` value lists (its non-empty comma-separated
+/// entries).
+pub fn visible_count(visible: &str) -> usize {
+    visible.split(',').filter(|s| !s.trim().is_empty()).count()
+}
+
+/// The device `geomx launch` gives its `index`-th worker (0-based over the whole job) on a host
+/// whose processes see `gpus` GPUs: `cuda:{index mod gpus}` for `model.device = "cuda:local"`
+/// (round robin), `None` for any other device (kept as written). Errors, with the reason, when
+/// there is no GPU to give.
+pub fn round_robin_device(
+    device: &str,
+    index: usize,
+    gpus: usize,
+) -> Result<Option<String>, String> {
+    if device != CUDA_LOCAL {
+        return Ok(None);
+    }
+    if gpus == 0 {
+        return Err(
+            "model.device = \"cuda:local\" gives each worker a GPU of this host, but it has none \
+             (no CUDA device visible to libtorch, or CUDA_VISIBLE_DEVICES lists none); use \
+             \"cpu\" or run where GPUs are"
+                .into(),
+        );
+    }
+    Ok(Some(format!("cuda:{}", index % gpus)))
+}
+
 /// True when this binary has the libtorch back end (feature `tch`).
 pub const TCH_ENABLED: bool = cfg!(feature = "tch");
 
@@ -114,6 +143,21 @@ mod tests {
             Device::parse(&Device::Cuda(7).to_string()),
             Some(Device::Cuda(7))
         );
+    }
+
+    #[test]
+    fn cuda_local_workers_share_the_gpus_round_robin() {
+        let got: Vec<String> = (0..5)
+            .map(|i| round_robin_device(CUDA_LOCAL, i, 2).unwrap().unwrap())
+            .collect();
+        assert_eq!(got, ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]);
+        assert_eq!(round_robin_device("cuda:3", 1, 2), Ok(None));
+        assert_eq!(round_robin_device("cpu", 1, 0), Ok(None));
+        let e = round_robin_device(CUDA_LOCAL, 0, 0).unwrap_err();
+        assert!(e.contains("has none"), "{e}");
+        assert_eq!(visible_count("0,1, 3"), 3);
+        assert_eq!(visible_count(" "), 0);
+        assert_eq!(visible_count("GPU-6f1c"), 1);
     }
 
     #[test]

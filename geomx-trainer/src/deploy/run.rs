@@ -40,7 +40,7 @@ pub fn resolve_local_device(
     };
     match visible.map(str::trim) {
         None => Ok(Some(format!("cuda:{local_rank}"))),
-        Some(v) => match v.split(',').filter(|s| !s.trim().is_empty()).count() {
+        Some(v) => match crate::config::device::visible_count(v) {
             0 => Err(none()),
             n => Ok(Some(format!("cuda:{}", local_rank as usize % n))),
         },

@@ -238,15 +238,19 @@ pub fn build_model(
     inputs: usize,
     classes: usize,
 ) -> Result<Box<dyn Model>, EngineError> {
-    let device = Device::parse(&cfg.device).ok_or_else(|| {
-        EngineError::Device(if cfg.device == crate::config::device::CUDA_LOCAL {
-            "model.device = \"cuda:local\" takes the GPU from a launcher's local rank: start the \
-             process with `geomx run --from-env`, or give cuda:N"
-                .into()
-        } else {
-            format!("{:?} is not cpu or cuda:N", cfg.device)
-        })
-    })?;
+    // `cuda:local` is resolved per process (`geomx launch` gives each worker `--device`,
+    // `geomx run --from-env` the launcher's local rank). Roles that only need the shapes run with
+    // it unresolved; a computation on such a model fails with this message.
+    let unresolved = (cfg.device == crate::config::device::CUDA_LOCAL).then(|| {
+        "model.device = \"cuda:local\" was not resolved to a GPU in this process: start it with \
+         `geomx launch`, `geomx run --device cuda:N` or `geomx run --from-env`, or give cuda:N"
+            .to_string()
+    });
+    let device = match unresolved {
+        Some(_) => Device::Cuda(0),
+        None => Device::parse(&cfg.device)
+            .ok_or_else(|| EngineError::Device(format!("{:?} is not cpu or cuda:N", cfg.device)))?,
+    };
     match cfg.kind {
         ModelKind::Mlp => {
             if device != Device::Cpu {
@@ -256,7 +260,9 @@ pub fn build_model(
             }
             Ok(Box::new(Mlp::new(inputs, &cfg.hidden, classes)?))
         }
-        ModelKind::Cnn | ModelKind::Resnet18 => build_tch_model(cfg, device, inputs, classes),
+        ModelKind::Cnn | ModelKind::Resnet18 => {
+            build_tch_model(cfg, device, unresolved, inputs, classes)
+        }
     }
 }
 
@@ -264,6 +270,7 @@ pub fn build_model(
 fn build_tch_model(
     cfg: &ModelConfig,
     device: Device,
+    unresolved: Option<String>,
     inputs: usize,
     classes: usize,
 ) -> Result<Box<dyn Model>, EngineError> {
@@ -271,15 +278,19 @@ fn build_tch_model(
         ModelKind::Resnet18 => self::tch::Arch::Resnet18,
         _ => self::tch::Arch::Cnn,
     };
-    Ok(Box::new(
-        self::tch::TchModel::new(arch, inputs, classes, device)?.with_precision(cfg.precision),
-    ))
+    let mut m =
+        self::tch::TchModel::new(arch, inputs, classes, device)?.with_precision(cfg.precision);
+    if let Some(why) = unresolved {
+        m = m.unusable(why);
+    }
+    Ok(Box::new(m))
 }
 
 #[cfg(not(feature = "tch"))]
 fn build_tch_model(
     cfg: &ModelConfig,
     _device: Device,
+    _unresolved: Option<String>,
     _inputs: usize,
     _classes: usize,
 ) -> Result<Box<dyn Model>, EngineError> {
@@ -287,6 +298,19 @@ fn build_tch_model(
         "model.kind = {:?} needs the libtorch back end: build with `--features tch`",
         cfg.kind
     )))
+}
+
+/// Number of CUDA devices the model back end sees: libtorch's count with the `tch` feature, 0
+/// without it (the built-in engine computes on the CPU only).
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "tch")]
+    {
+        self::tch::cuda_device_count()
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        0
+    }
 }
 
 /// Checks `params` against `specs` (count and lengths).

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::config::device::{round_robin_device, visible_count, CUDA_LOCAL};
 use crate::config::{Config, ConfigError, SecurityMode, WanMode};
 use crate::hips::plan::roles;
 use crate::hips::worker::Progress;
@@ -462,6 +463,25 @@ impl Keys {
     }
 }
 
+/// The `--device` of each of `workers` workers (spawn order): with `model.device = "cuda:local"`
+/// this host's GPUs round robin (those `CUDA_VISIBLE_DEVICES` lists, else those libtorch sees),
+/// otherwise none (the configuration's device).
+fn worker_devices(device: &str, workers: usize) -> Result<Vec<Option<String>>, LaunchError> {
+    if device != CUDA_LOCAL {
+        return Ok(vec![None; workers]);
+    }
+    let gpus = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) => visible_count(&v),
+        Err(_) => crate::engine::cuda_device_count(),
+    };
+    (0..workers)
+        .map(|i| {
+            round_robin_device(device, i, gpus)
+                .map_err(|e| LaunchError::Config(ConfigError::invalid("model.device", e)))
+        })
+        .collect()
+}
+
 fn child_name(role: &str, dc: u32, rank: u32) -> String {
     format!("{role} (dc {dc}, rank {rank})")
 }
@@ -510,6 +530,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
     let host = cfg.cluster.host.clone();
     let started = Instant::now();
 
+    let worker_devices = worker_devices(&cfg.model.device, job.plan.total_workers())?;
     let keys = Keys::new(&cfg)?;
     let mut cl = Cluster::new(opts.quiet);
     let coord_bind = wan
@@ -581,6 +602,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         )?;
         wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
     }
+    let mut devices = worker_devices.into_iter();
     for (d, &n) in plan.workers_per_dc.iter().enumerate() {
         let site = Some(d);
         let d = d as u32;
@@ -592,10 +614,14 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         )?;
         wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
         for r in 0..n as u32 {
+            let mut args = common("worker", d, r, site);
+            if let Some(dev) = devices.next().flatten() {
+                args.extend(["--device".into(), dev]);
+            }
             cl.spawn(
                 wan.command(&exe, site)?,
                 child_name(roles::WORKER, d, r),
-                &common("worker", d, r, site),
+                &args,
                 keys.for_child(&[(roles::WORKER, d, r)])?,
             )?;
             wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));

@@ -77,12 +77,17 @@ pub fn torch_device(d: Device) -> tch::Device {
     }
 }
 
+/// Number of CUDA devices libtorch sees (0 without a GPU, a driver, or a CUDA build of torch).
+pub fn cuda_device_count() -> usize {
+    catch_unwind(tch::Cuda::device_count).unwrap_or(0).max(0) as usize
+}
+
 /// Checks that libtorch can use `device`: CUDA must be available with enough devices.
 pub fn check_device(device: Device) -> Result<(), EngineError> {
     let Device::Cuda(n) = device else {
         return Ok(());
     };
-    let count = catch_unwind(tch::Cuda::device_count).unwrap_or(0).max(0) as usize;
+    let count = cuda_device_count();
     if n >= count {
         return Err(EngineError::Device(format!(
             "model.device = \"{device}\" but libtorch sees {count} CUDA device(s) (no GPU, no \
@@ -195,6 +200,13 @@ impl TchModel {
     /// This model with training steps computed in `precision` (default `fp32`).
     pub fn with_precision(mut self, precision: Precision) -> TchModel {
         self.precision = precision;
+        self
+    }
+
+    /// This model with a device that cannot compute: its shapes serve (servers), and every
+    /// computation fails with `why` (`model.device = "cuda:local"` not resolved in this process).
+    pub fn unusable(self, why: String) -> TchModel {
+        let _ = self.device_ok.set(Err(EngineError::Device(why)));
         self
     }
 

@@ -506,7 +506,29 @@ fn an_overflowed_fp16_step_is_recomputed_at_a_smaller_scale() {
     *m.scaler.lock().unwrap() = amp::LossScaler::starting_at(2f64.powi(30));
     let (_, g) = m.loss_and_grad(&p, data.view()).unwrap();
     let (scale, overflows) = m.loss_scale();
-    assert!(overflows >= 1 && scale < 2f64.powi(30), "{scale} {overflows}");
+    assert!(
+        overflows >= 1 && scale < 2f64.powi(30),
+        "{scale} {overflows}"
+    );
     let err = relative_l2(&g, &g32);
-    assert!(err <= 0.03, "gradient error {err} after {overflows} recomputes");
+    assert!(
+        err <= 0.03,
+        "gradient error {err} after {overflows} recomputes"
+    );
+}
+
+/// A model whose `model.device = "cuda:local"` was not resolved in this process gives its shapes
+/// (servers need only those) but refuses to compute, saying why.
+#[test]
+fn an_unresolved_cuda_local_model_has_shapes_but_does_not_compute() {
+    let cfg = crate::config::ModelConfig {
+        kind: crate::config::ModelKind::Cnn,
+        device: crate::config::device::CUDA_LOCAL.into(),
+        ..crate::config::ModelConfig::default()
+    };
+    let m = crate::engine::build_model(&cfg, 256, 4).unwrap();
+    assert_eq!(m.tensors().len(), 10);
+    let data = band_images(2, 1, 16, 4, 1);
+    let e = m.loss_and_grad(&m.init(1), data.view()).unwrap_err();
+    assert!(e.to_string().contains("was not resolved"), "{e}");
 }
