@@ -55,8 +55,8 @@ fn write_band_idx(dir: &Path, prefix: &str, n: usize, seed: u32) -> (PathBuf, Pa
 
 /// Runs the 2-DC CNN job on generated IDX files with `model.precision = precision`; returns
 /// the report after checking that it converged (test accuracy ≥ 0.9) with identical replicas.
-fn launch_cnn(precision: &str) -> serde_json::Value {
-    let dir = scratch(&format!("cnn-{precision}"));
+fn launch_cnn(precision: &str, overlap: bool) -> serde_json::Value {
+    let dir = scratch(&format!("cnn-{precision}-{overlap}"));
     std::fs::create_dir_all(&dir).unwrap();
     let (tri, trl) = write_band_idx(&dir, "train", 256, 1);
     let (tei, tel) = write_band_idx(&dir, "t10k", 64, 2);
@@ -71,6 +71,7 @@ kind = "cnn"
 device = "cpu"
 seed = 3
 precision = "{}"
+overlap = {}
 
 [data]
 dataset = "idx"
@@ -93,13 +94,14 @@ lr = 0.05
 momentum = 0.9
 "#,
         precision,
+        overlap,
         tri.display(),
         trl.display(),
         tei.display(),
         tel.display()
     );
     // Several processes share the cores: one libtorch thread each.
-    let name = format!("cnn-{precision}");
+    let name = format!("cnn-{precision}-{overlap}");
     let r = support::launch_with("tch-test", &name, &config, &[("OMP_NUM_THREADS", "1")]).report;
     let acc = support::accuracy(&r);
     assert!(acc >= 0.9, "{precision}: final test accuracy {acc}");
@@ -111,9 +113,14 @@ momentum = 0.9
     r
 }
 
+/// The CNN converges, and FSA gives the same model whether the workers push each layer's
+/// gradients as the backward pass produces them (`model.overlap`, the default) or after it.
 #[test]
-fn two_dc_launch_with_the_tch_cnn_converges() {
-    launch_cnn("fp32");
+fn two_dc_launch_with_the_tch_cnn_converges_with_and_without_overlap() {
+    let overlapped = launch_cnn("fp32", true);
+    let plain = launch_cnn("fp32", false);
+    assert_eq!(overlapped["param_hash"], plain["param_hash"]);
+    assert_eq!(overlapped["config"]["model"]["overlap"], true);
 }
 
 /// bf16 and fp16 with a loss scale train the CNN into the same accuracy band as fp32 (each
@@ -121,7 +128,7 @@ fn two_dc_launch_with_the_tch_cnn_converges() {
 #[test]
 fn mixed_precision_trains_the_cnn_as_well_as_fp32() {
     for precision in ["bf16", "fp16-amp"] {
-        let r = launch_cnn(precision);
+        let r = launch_cnn(precision, true);
         let loss = r["final_loss"].as_f64().unwrap_or(f64::NAN);
         assert!(loss.is_finite(), "{precision}: final loss {loss}");
     }

@@ -266,6 +266,9 @@ pub struct ModelConfig {
     /// Arithmetic of the forward and backward passes (libtorch models); master weights and the
     /// gradients that are pushed stay `f32`.
     pub precision: Precision,
+    /// Push each layer's gradients as soon as the backward pass produced them, while the layers
+    /// below are still differentiated (libtorch models; the gradients are the same either way).
+    pub overlap: bool,
 }
 
 /// `model.precision`: the arithmetic of a libtorch model's forward and backward passes.
@@ -301,6 +304,7 @@ impl Default for ModelConfig {
             seed: 42,
             device: "cpu".into(),
             precision: Precision::Fp32,
+            overlap: true,
         }
     }
 }

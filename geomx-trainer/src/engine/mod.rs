@@ -278,8 +278,9 @@ fn build_tch_model(
         ModelKind::Resnet18 => self::tch::Arch::Resnet18,
         _ => self::tch::Arch::Cnn,
     };
-    let mut m =
-        self::tch::TchModel::new(arch, inputs, classes, device)?.with_precision(cfg.precision);
+    let mut m = self::tch::TchModel::new(arch, inputs, classes, device)?
+        .with_precision(cfg.precision)
+        .with_overlap(cfg.overlap);
     if let Some(why) = unresolved {
         m = m.unusable(why);
     }

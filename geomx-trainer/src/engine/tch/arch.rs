@@ -295,12 +295,45 @@ impl Net {
         mode: BnMode<'_>,
         compute: Option<Kind>,
     ) -> Tensor {
+        self.forward_with(p, x, mode, compute, &mut |x, _| x)
+    }
+
+    /// [`Net::forward_in`] cut into stages for a backward pass stage by stage: at each stage
+    /// boundary (after each layer of the CNN; after the stem and each residual block of ResNet-18)
+    /// the activation is replaced by a leaf tensor that requires its gradient, and `cuts` gets
+    /// `(keys, activation, leaf)`: the number of parameters used before the boundary, the
+    /// activation the previous stage produced and the leaf the next stage starts from.
+    pub fn forward_staged(
+        &self,
+        p: &[Tensor],
+        x: &Tensor,
+        mode: BnMode<'_>,
+        compute: Option<Kind>,
+        cuts: &mut Vec<(usize, Tensor, Tensor)>,
+    ) -> Tensor {
+        self.forward_with(p, x, mode, compute, &mut |a, keys| {
+            let leaf = a.detach().set_requires_grad(true);
+            cuts.push((keys, a, leaf.shallow_clone()));
+            leaf
+        })
+    }
+
+    /// The input cast to `compute`, the layers with `cut` at the stage boundaries, and the
+    /// logits back in `f32`.
+    fn forward_with(
+        &self,
+        p: &[Tensor],
+        x: &Tensor,
+        mode: BnMode<'_>,
+        compute: Option<Kind>,
+        cut: &mut dyn FnMut(Tensor, usize) -> Tensor,
+    ) -> Tensor {
         let low = |t: &Tensor| match compute {
             Some(k) => t.to_kind(k),
             None => t.shallow_clone(),
         };
         let x = &low(x);
-        let logits = self.forward_cast(p, x, mode, &low);
+        let logits = self.forward_cast(p, x, mode, &low, cut);
         match compute {
             Some(_) => logits.to_kind(Kind::Float),
             None => logits,
@@ -308,16 +341,23 @@ impl Net {
     }
 
     /// The layers of [`Net::forward_in`]; `low` casts a convolution's or dense layer's parameter.
+    /// `cut(x, keys)` is called at each stage boundary with the activation and the number of
+    /// parameters used before it; the forward pass continues from what it returns.
     fn forward_cast(
         &self,
         p: &[Tensor],
         x: &Tensor,
         mode: BnMode<'_>,
         low: &dyn Fn(&Tensor) -> Tensor,
+        cut: &mut dyn FnMut(Tensor, usize) -> Tensor,
     ) -> Tensor {
         let mut it = p.iter();
         let layer = std::cell::Cell::new(0usize);
-        let mut next = || it.next().expect("parameter count checked by the caller");
+        let used = std::cell::Cell::new(0usize);
+        let mut next = || {
+            used.set(used.get() + 1);
+            it.next().expect("parameter count checked by the caller")
+        };
         match self.arch {
             Arch::Cnn => {
                 let conv = |x: &Tensor, w: &Tensor, b: &Tensor| {
@@ -325,11 +365,11 @@ impl Net {
                         .relu()
                         .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
                 };
-                let x = conv(x, next(), next());
-                let x = conv(&x, next(), next()).flatten(1, -1);
+                let x = cut(conv(x, next(), next()), used.get());
+                let x = cut(conv(&x, next(), next()).flatten(1, -1), used.get());
                 let dense = |x: &Tensor, w: &Tensor, b: &Tensor| x.linear(&low(w), Some(&low(b)));
-                let x = dense(&x, next(), next()).relu();
-                let x = dense(&x, next(), next()).relu();
+                let x = cut(dense(&x, next(), next()).relu(), used.get());
+                let x = cut(dense(&x, next(), next()).relu(), used.get());
                 dense(&x, next(), next())
             }
             Arch::Resnet18 => {
@@ -364,7 +404,7 @@ impl Net {
                     )
                 };
                 let w = next();
-                let mut x = bn(&conv(x, w, 1), next(), next()).relu();
+                let mut x = cut(bn(&conv(x, w, 1), next(), next()).relu(), used.get());
                 let mut inp = 64;
                 for &(out, stride) in &STAGES {
                     for block in 0..2 {
@@ -379,7 +419,7 @@ impl Net {
                         } else {
                             x.shallow_clone()
                         };
-                        x = (h + short).relu();
+                        x = cut((h + short).relu(), used.get());
                         inp = out;
                     }
                 }

@@ -46,6 +46,8 @@ pub struct TchModel {
     precision: Precision,
     /// The loss scale of `Precision::Fp16Amp`, one per process as PyTorch's `GradScaler`.
     scaler: Arc<Mutex<amp::LossScaler>>,
+    /// Hand each stage's gradients over as soon as the backward pass produced them.
+    overlap: bool,
     /// The GPU compressor of [`Model::backward_encoded`], opened at first use.
     gpu: Arc<Mutex<GpuState>>,
     /// Whether libtorch can use `device`, checked at the first computation.
@@ -169,6 +171,7 @@ impl TchModel {
             device,
             precision: Precision::Fp32,
             scaler: Arc::new(Mutex::new(amp::LossScaler::default())),
+            overlap: false,
             gpu: Arc::new(Mutex::new(GpuState::Untried)),
             device_ok: Arc::new(OnceLock::new()),
             resident: Arc::new(Mutex::new(None)),
@@ -200,6 +203,15 @@ impl TchModel {
     /// This model with training steps computed in `precision` (default `fp32`).
     pub fn with_precision(mut self, precision: Precision) -> TchModel {
         self.precision = precision;
+        self
+    }
+
+    /// This model with the backward pass run stage by stage when `overlap` (default off): the
+    /// gradients of the last layers go to the caller (and on to the network) while the earlier
+    /// layers are differentiated. The gradients are bit for bit the same either way. Not with
+    /// `fp16-amp`, whose overflow check needs every gradient before any is handed over.
+    pub fn with_overlap(mut self, overlap: bool) -> TchModel {
+        self.overlap = overlap;
         self
     }
 
@@ -280,15 +292,14 @@ impl TchModel {
         (x, Tensor::from_slice(&labels).to_device(dev))
     }
 
-    /// Mean loss over `batch` and the gradients (key order) on the model's device, handed to
-    /// `consume` while they are valid (the next step overwrites them). The parameters are loaded
-    /// into the model's [`resident::Resident`] tensors, or into fresh tensors when another thread
-    /// is using those.
-    fn with_grads<R>(
+    /// Runs `f` with `params` loaded as leaf tensors on the model's device: the model's
+    /// [`resident::Resident`] tensors, or fresh tensors when another thread is using those. `f`
+    /// must be done with their gradients when it returns (the next step overwrites them).
+    fn with_params<R>(
         &self,
         params: &[Vec<f32>],
         batch: &Samples<'_>,
-        consume: impl FnOnce(f32, &[Tensor]) -> Result<R, EngineError>,
+        f: impl FnOnce(&[Tensor], tch::Device) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         if self.check(params, batch)? == 0 {
             return Err(EngineError::EmptyBatch);
@@ -296,60 +307,132 @@ impl TchModel {
         self.ensure_device()?;
         let dev = torch_device(self.device);
         let mut slot = self.resident.try_lock().ok();
-        let (loss, grads) = guarded(|| {
-            let fresh;
-            let p: &[Tensor] = match slot.as_deref_mut() {
-                Some(r) => {
-                    let r = r.get_or_insert_with(|| resident::Resident::new(self.net.specs(), dev));
-                    r.load(params);
-                    r.params()
+        let fresh;
+        let p: &[Tensor] = match slot.as_deref_mut() {
+            Some(r) => {
+                if r.is_none() {
+                    *r = Some(guarded(|| resident::Resident::new(self.net.specs(), dev))?);
                 }
-                None => {
-                    fresh = self.params_on(params, Kind::Float, dev, true);
-                    &fresh
-                }
+                let r = r.as_mut().expect("made above");
+                guarded(|| r.load(params))?;
+                r.params()
+            }
+            None => {
+                fresh = guarded(|| self.params_on(params, Kind::Float, dev, true))?;
+                &fresh
+            }
+        };
+        f(p, dev)
+    }
+
+    /// Mean loss over `batch` and the gradients (key order) on the model's device, handed to
+    /// `consume` while they are valid (see [`TchModel::with_params`]).
+    fn with_grads<R>(
+        &self,
+        params: &[Vec<f32>],
+        batch: &Samples<'_>,
+        consume: impl FnOnce(f32, &[Tensor]) -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        self.with_params(params, batch, |p, dev| {
+            let (loss, grads) = guarded(|| self.full_backward(p, batch, dev))?;
+            consume(loss, &grads)
+        })
+    }
+
+    /// One forward and backward pass over `batch` at parameters `p` in the model's precision
+    /// (with the fp16 loss scale, recomputed on overflow); the loss and every key's gradient.
+    fn full_backward(
+        &self,
+        p: &[Tensor],
+        batch: &Samples<'_>,
+        dev: tch::Device,
+    ) -> (f32, Vec<Tensor>) {
+        let (x, y) = self.batch_on(batch, Kind::Float, dev);
+        let compute = amp::compute_kind(self.precision);
+        let mut scaler = (self.precision == Precision::Fp16Amp)
+            .then(|| self.scaler.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut attempt = 0;
+        let (loss, grads) = loop {
+            let logits = self.with_bn(dev, true, |s| {
+                self.net.forward_in(p, &x, BnMode::Train(s), compute)
+            });
+            let loss = arch::cross_entropy(&logits, &y, Kind::Float);
+            let Some(s) = scaler.as_deref_mut() else {
+                loss.backward();
+                break (
+                    loss,
+                    p.iter().map(|t| t.grad().contiguous()).collect::<Vec<_>>(),
+                );
             };
-            let (x, y) = self.batch_on(batch, Kind::Float, dev);
-            let compute = amp::compute_kind(self.precision);
-            let mut scaler = (self.precision == Precision::Fp16Amp)
-                .then(|| self.scaler.lock().unwrap_or_else(PoisonError::into_inner));
-            let mut attempt = 0;
-            let (loss, grads) = loop {
+            (&loss * s.scale()).backward();
+            let mut grads: Vec<Tensor> = p.iter().map(|t| t.grad().contiguous()).collect();
+            // Only a finite loss can have finite gradients at a smaller scale; a non-finite
+            // one goes to the worker's non-finite policy as it is.
+            let retry = !s.unscale(&mut grads) && loss.isfinite().int64_value(&[]) != 0;
+            if !retry || attempt == amp::MAX_RECOMPUTES {
+                break (loss, grads);
+            }
+            attempt += 1;
+            tracing::debug!(
+                scale = s.scale(),
+                "fp16 gradients overflowed: step recomputed"
+            );
+            drop(grads);
+            for t in p {
+                t.shallow_clone().zero_grad();
+            }
+        };
+        (loss.double_value(&[]) as f32, grads)
+    }
+
+    /// Whether training steps run the backward pass stage by stage ([`TchModel::with_overlap`];
+    /// not with the fp16 loss scale, whose overflow check needs every gradient first).
+    fn staged(&self) -> bool {
+        self.overlap && self.precision != Precision::Fp16Amp
+    }
+
+    /// Mean loss over `batch`; each key's gradient (on the model's device, `f32`, contiguous) goes
+    /// to `on_grad` in descending key order as soon as the backward pass has produced it: the
+    /// backward pass runs stage by stage ([`Net::forward_staged`]), and a stage's gradients are
+    /// handed over before the stage below it is differentiated. The gradients are bit for bit
+    /// those of one backward pass.
+    fn staged_backward(
+        &self,
+        params: &[Vec<f32>],
+        batch: &Samples<'_>,
+        on_grad: &mut dyn FnMut(usize, &Tensor) -> Result<(), EngineError>,
+    ) -> Result<f32, EngineError> {
+        self.with_params(params, batch, |p, dev| {
+            let mut cuts = Vec::new();
+            let loss = guarded(|| {
+                let (x, y) = self.batch_on(batch, Kind::Float, dev);
+                let compute = amp::compute_kind(self.precision);
                 let logits = self.with_bn(dev, true, |s| {
-                    self.net.forward_in(p, &x, BnMode::Train(s), compute)
+                    self.net
+                        .forward_staged(p, &x, BnMode::Train(s), compute, &mut cuts)
                 });
                 let loss = arch::cross_entropy(&logits, &y, Kind::Float);
-                let Some(s) = scaler.as_deref_mut() else {
-                    loss.backward();
-                    break (
-                        loss,
-                        p.iter().map(|t| t.grad().contiguous()).collect::<Vec<_>>(),
-                    );
-                };
-                (&loss * s.scale()).backward();
-                let mut grads: Vec<Tensor> = p.iter().map(|t| t.grad().contiguous()).collect();
-                // Only a finite loss can have finite gradients at a smaller scale; a non-finite
-                // one goes to the worker's non-finite policy as it is.
-                let retry = !s.unscale(&mut grads) && loss.isfinite().int64_value(&[]) != 0;
-                if !retry || attempt == amp::MAX_RECOMPUTES {
-                    break (loss, grads);
+                loss.backward();
+                loss.double_value(&[]) as f32
+            })?;
+            let mut emit = |keys: std::ops::Range<usize>| -> Result<(), EngineError> {
+                for key in keys.rev() {
+                    let g = guarded(|| p[key].grad().contiguous())?;
+                    on_grad(key, &g)?;
                 }
-                attempt += 1;
-                tracing::debug!(
-                    scale = s.scale(),
-                    "fp16 gradients overflowed: step recomputed"
-                );
-                drop(grads);
-                for t in p {
-                    t.shallow_clone().zero_grad();
-                }
+                Ok(())
             };
-            (loss.double_value(&[]) as f32, grads)
-        })?;
-        let out = consume(loss, &grads);
-        drop(grads);
-        drop(slot);
-        out
+            let mut hi = p.len();
+            for (keys, out, leaf) in cuts.iter().rev() {
+                emit(*keys..hi)?;
+                hi = *keys;
+                // d/d out of sum(out · g) is exactly g: the stage's backward pass from the
+                // gradient its output received.
+                guarded(|| (out * leaf.grad()).sum(Kind::Float).backward())?;
+            }
+            emit(0..hi)?;
+            Ok(loss)
+        })
     }
 
     /// Mean loss over `batch` and its gradient, which stays on the model's device: each tensor's
@@ -361,6 +444,12 @@ impl TchModel {
         batch: Samples<'_>,
         on_grad: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<f32, EngineError> {
+        if self.staged() {
+            return self.staged_backward(params, &batch, &mut |key, g| {
+                on_grad(key, g);
+                Ok(())
+            });
+        }
         self.with_grads(params, &batch, |loss, grads| {
             for (key, g) in grads.iter().enumerate().rev() {
                 on_grad(key, g);
@@ -437,6 +526,12 @@ impl Model for TchModel {
         batch: Samples<'_>,
         on_grad: &mut dyn FnMut(usize, Vec<f32>),
     ) -> Result<f32, EngineError> {
+        if self.staged() {
+            return self.staged_backward(params, &batch, &mut |key, g| {
+                on_grad(key, guarded(|| to_host(g))?);
+                Ok(())
+            });
+        }
         self.with_grads(params, &batch, |loss, grads| {
             for (key, g) in grads.iter().enumerate().rev() {
                 on_grad(key, guarded(|| to_host(g))?);
