@@ -109,6 +109,7 @@ if [ -x "$bundle/bin/test-tch_gpu" ]; then
   if [ -n "$tlib" ]; then
     log "running test-tch_gpu (libtorch in $tlib)"
     LD_LIBRARY_PATH="$tlib:$LD_LIBRARY_PATH" GEOMX_TCH_GPU_STEPS="${GEOMX_TCH_GPU_STEPS:-50}" \
+      GEOMX_TCH_GPU_PRECISIONS="${GEOMX_TCH_GPU_PRECISIONS:-fp32,bf16,fp16-amp}" \
       timeout 240 "$bundle/bin/test-tch_gpu" --nocapture --test-threads=1 >"$work/tch.out" 2>&1
     trc=$?
     tail -n 20 "$work/tch.out" >&2
@@ -204,12 +205,17 @@ try:
     if tch.get("runs"):
         targets["tch_gpu_trained"] = tch.get("rc") == 0 and tch.get("passed", 0) > 0
         per_arch = {}
+        # One entry per architecture and precision ("ResNet18/bf16"); the worker's runs with
+        # model.overlap off are suffixed "_nooverlap".
+        key = lambda r: r["arch"] + "/" + r.get("precision", "fp32")
         for p in tch.get("plain", []):
-            per_arch.setdefault(p["arch"], {}).setdefault("plain_ms", []).append(
+            per_arch.setdefault(key(p), {}).setdefault("plain_ms", []).append(
                 round(p["run"]["step_ms_median"], 3))
         for r in tch["runs"]:
-            a = per_arch.setdefault(r["arch"], {})
+            a = per_arch.setdefault(key(r), {})
             codec = r["run"]["options"]["codec"]["codec"]
+            if not r.get("overlap", True):
+                codec += "_nooverlap"
             run = r["run"]
             a[codec + "_ms"] = round(run["step_ms_median"], 3)
             a[codec + "_encode_copy_fraction"] = round(run["compress_fraction"], 4)
@@ -229,6 +235,9 @@ try:
                 worker_ms = a["dense_ms"] - a.get("dense_update_ms", 0.0)
                 a["dense_throughput_vs_plain"] = round(plain_ms / max(worker_ms, 1e-9), 3)
                 a["dense_round_throughput_vs_plain"] = round(plain_ms / a["dense_ms"], 3)
+                if a.get("dense_nooverlap_ms"):
+                    w = a["dense_nooverlap_ms"] - a.get("dense_nooverlap_update_ms", 0.0)
+                    a["dense_nooverlap_throughput_vs_plain"] = round(plain_ms / max(w, 1e-9), 3)
         targets["tch"] = per_arch
 except Exception as e:
     targets["tch_error"] = str(e)

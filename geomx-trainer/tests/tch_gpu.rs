@@ -4,9 +4,13 @@
 //! the geomx worker's step with dense f32, FP16 and error-feedback top-k pushes, checks that the
 //! loss falls in each run, and prints one JSON line per run (`GPU_PLAIN` / `GPU_TRAIN`, read by
 //! `scripts/gpu-check.sh`). `GEOMX_TCH_GPU_STEPS` sets the step count (default 30),
-//! `GEOMX_TCH_GPU_ARCHS` the architectures (default `cnn,resnet18`).
+//! `GEOMX_TCH_GPU_ARCHS` the architectures (default `cnn,resnet18`), `GEOMX_TCH_GPU_PRECISIONS`
+//! the precisions (default `fp32`; each further one runs the plain loop, dense and FP16 pushes).
+//! The geomx worker runs with `model.overlap` on (the trainer's default); in fp32 the dense push
+//! also runs with it off.
 #![cfg(feature = "tch")]
 
+use geomx_trainer::config::Precision;
 use geomx_trainer::data::Dataset;
 use geomx_trainer::engine::tch::gpu::unavailable_reason;
 use geomx_trainer::engine::tch::gpu_train::{
@@ -52,6 +56,20 @@ fn archs() -> Vec<(Arch, usize, usize)> {
         .collect()
 }
 
+/// The precisions measured: `GEOMX_TCH_GPU_PRECISIONS` (comma-separated `fp32`, `bf16`,
+/// `fp16-amp`), default `fp32`.
+fn precisions() -> Vec<Precision> {
+    let want = std::env::var("GEOMX_TCH_GPU_PRECISIONS").unwrap_or_else(|_| "fp32".into());
+    want.split(',')
+        .filter_map(|p| match p.trim() {
+            "fp32" => Some(Precision::Fp32),
+            "bf16" => Some(Precision::Bf16),
+            "fp16-amp" => Some(Precision::Fp16Amp),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn models_train_on_the_gpu_with_gpu_resident_compression_or_report_skipped() {
     let device = Device::Cuda(0);
@@ -72,55 +90,69 @@ fn models_train_on_the_gpu_with_gpu_resident_compression_or_report_skipped() {
     let mut failures = Vec::new();
     for (arch, channels, side) in archs() {
         let data = band_images(4_096, 10, channels, side);
-        let model = TchModel::new(arch, channels * side * side, 10, device).unwrap();
-        // The plain loop first and last, so that clock or cache warm-up favours neither side.
-        let plain_a = train_plain(&model, &data, steps, batch, lr, 1).unwrap();
-        println!(
-            "GPU_PLAIN {}",
-            serde_json::json!({"arch": format!("{arch:?}"), "run": plain_a})
-        );
-        for codec in [
-            GpuCodec::Dense,
-            GpuCodec::Fp16,
-            GpuCodec::Topk {
-                density: 0.01,
-                momentum: 0.9,
-            },
-        ] {
-            let opts = GpuTrainOptions {
-                steps,
-                batch,
-                lr,
-                seed: 1,
-                codec,
+        for precision in precisions() {
+            let model = TchModel::new(arch, channels * side * side, 10, device)
+                .unwrap()
+                .with_precision(precision);
+            let tag = |extra: serde_json::Value| {
+                let mut v = serde_json::json!({
+                    "arch": format!("{arch:?}"),
+                    "precision": precision.to_string(),
+                });
+                v.as_object_mut()
+                    .unwrap()
+                    .extend(extra.as_object().unwrap().clone());
+                v
             };
-            let r = train_with_gpu_compression(&model, &data, opts).unwrap();
-            println!(
-                "GPU_TRAIN {}",
-                serde_json::json!({"arch": format!("{arch:?}"), "run": r})
-            );
-            if r.loss_last.partial_cmp(&r.loss_first) != Some(std::cmp::Ordering::Less) {
-                failures.push(format!(
-                    "{arch:?} {codec:?}: loss {} -> {}",
-                    r.loss_first, r.loss_last
+            // The plain loop first and last, so that clock or cache warm-up favours neither side.
+            let plain_a = train_plain(&model, &data, steps, batch, lr, 1).unwrap();
+            println!("GPU_PLAIN {}", tag(serde_json::json!({"run": plain_a})));
+            let mut runs = vec![(GpuCodec::Dense, true), (GpuCodec::Fp16, true)];
+            if precision == Precision::Fp32 {
+                runs.insert(1, (GpuCodec::Dense, false));
+                runs.push((
+                    GpuCodec::Topk {
+                        density: 0.01,
+                        momentum: 0.9,
+                    },
+                    true,
                 ));
             }
-            if codec != GpuCodec::Dense && r.payload_bytes_per_step >= r.dense_bytes_per_step {
+            for (codec, overlap) in runs {
+                let opts = GpuTrainOptions {
+                    steps,
+                    batch,
+                    lr,
+                    seed: 1,
+                    codec,
+                };
+                let m = model.clone().with_overlap(overlap);
+                let r = train_with_gpu_compression(&m, &data, opts).unwrap();
+                println!(
+                    "GPU_TRAIN {}",
+                    tag(serde_json::json!({"overlap": overlap, "run": r}))
+                );
+                if r.loss_last.partial_cmp(&r.loss_first) != Some(std::cmp::Ordering::Less) {
+                    failures.push(format!(
+                        "{arch:?} {precision} {codec:?}: loss {} -> {}",
+                        r.loss_first, r.loss_last
+                    ));
+                }
+                if codec != GpuCodec::Dense && r.payload_bytes_per_step >= r.dense_bytes_per_step {
+                    failures.push(format!(
+                        "{arch:?} {codec:?}: payload not smaller than dense"
+                    ));
+                }
+            }
+            let plain_b = train_plain(&model, &data, steps, batch, lr, 1).unwrap();
+            println!("GPU_PLAIN {}", tag(serde_json::json!({"run": plain_b})));
+            if plain_b.loss_last.partial_cmp(&plain_b.loss_first) != Some(std::cmp::Ordering::Less)
+            {
                 failures.push(format!(
-                    "{arch:?} {codec:?}: payload not smaller than dense"
+                    "{arch:?} {precision} plain: loss {} -> {}",
+                    plain_b.loss_first, plain_b.loss_last
                 ));
             }
-        }
-        let plain_b = train_plain(&model, &data, steps, batch, lr, 1).unwrap();
-        println!(
-            "GPU_PLAIN {}",
-            serde_json::json!({"arch": format!("{arch:?}"), "run": plain_b})
-        );
-        if plain_b.loss_last.partial_cmp(&plain_b.loss_first) != Some(std::cmp::Ordering::Less) {
-            failures.push(format!(
-                "{arch:?} plain: loss {} -> {}",
-                plain_b.loss_first, plain_b.loss_last
-            ));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");

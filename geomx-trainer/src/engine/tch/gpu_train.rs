@@ -17,8 +17,9 @@ use tch::{Kind, Tensor};
 
 use super::arch::{cross_entropy, BnMode};
 use super::gpu::{BatchTimes, GpuCompressError, GpuCompressor};
-use super::{guarded, to_host, torch_device, TchModel};
+use super::{amp, guarded, to_host, torch_device, TchModel};
 use crate::codec::decode_any;
+use crate::config::Precision;
 use crate::data::Dataset;
 use crate::engine::{EngineError, Model};
 use geomx_kernels::{decode_dense_into, Scaling, ValueType};
@@ -359,8 +360,9 @@ pub struct PlainReport {
 
 /// The baseline of [`train_with_gpu_compression`]: a plain libtorch training loop on the model's
 /// device, as a PyTorch user writes it. Parameters (from `model.init(seed)`) and batch-norm
-/// statistics stay on the device, each step copies the batch there, runs forward and backward and
-/// applies SGD (`p ← p − lr·g`) on the device, then reads the loss back. Batches are the same as
+/// statistics stay on the device, each step copies the batch there, runs forward and backward (in
+/// the model's precision, with GradScaler's loss scale for fp16) and applies SGD (`p ← p − lr·g`)
+/// on the device, then reads the loss back. Batches are the same as
 /// [`train_with_gpu_compression`]'s for the same `steps` and `batch`.
 pub fn train_plain(
     model: &TchModel,
@@ -384,19 +386,35 @@ pub fn train_plain(
     guarded(|| {
         let p: Vec<Tensor> = model.params_on(&init, Kind::Float, dev, true);
         let bn = net.bn_stats(dev);
+        let compute = amp::compute_kind(model.precision());
+        let mut scaler = (model.precision() == Precision::Fp16Amp).then(amp::LossScaler::default);
         for step in 0..steps {
             let start = (step * batch) % (data.len() - batch + 1);
             let idx: Vec<usize> = (start..start + batch).collect();
             let b = data.gather(&idx);
             let t0 = Instant::now();
             let (x, y) = model.batch_on(&b.view(), Kind::Float, dev);
-            let logits = net.forward(&p, &x, BnMode::Train(&bn));
+            let logits = net.forward_in(&p, &x, BnMode::Train(&bn), compute);
             let loss = cross_entropy(&logits, &y, Kind::Float);
-            loss.backward();
+            // fp16: scale the loss, unscale the gradients and skip the update on overflow, as
+            // PyTorch's GradScaler does.
+            let finite = match scaler.as_mut() {
+                Some(s) => {
+                    (&loss * s.scale()).backward();
+                    let mut g: Vec<Tensor> = p.iter().map(Tensor::grad).collect();
+                    s.unscale(&mut g)
+                }
+                None => {
+                    loss.backward();
+                    true
+                }
+            };
             tch::no_grad(|| {
                 for t in &p {
                     let mut g = t.grad();
-                    let _ = t.shallow_clone().g_sub_(&(&g * f64::from(lr)));
+                    if finite {
+                        let _ = t.shallow_clone().g_sub_(&(&g * f64::from(lr)));
+                    }
                     let _ = g.zero_();
                 }
             });
