@@ -16,6 +16,7 @@ pub mod arch;
 pub mod gpu;
 pub mod gpu_train;
 mod resident;
+mod split;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};

@@ -180,56 +180,12 @@ impl GpuCompressor {
         drop(g);
         out.resize_with(lens.len(), Vec::new);
         let ranges: Vec<_> = (0..lens.len()).map(|s| b.segs.range(s)).collect();
-        copy_out(host, &ranges, out);
+        super::super::split::copy_out(host, &ranges, out);
         Ok(BatchTimes {
             encode_s: (t1 - t0).as_secs_f64(),
             copy_s: t1.elapsed().as_secs_f64(),
         })
     }
-}
-
-/// Below this many elements one thread copies (threads cost more than they save).
-const PARALLEL_COPY_MIN: usize = 1 << 20;
-
-/// Copies `src[ranges[i]]` into `out[i]` (replacing its contents). Large copies out of page-locked
-/// memory are split over up to 8 threads by contiguous runs of keys of about equal size: one
-/// core's memcpy reaches a fraction of the memory bandwidth.
-fn copy_out<T: Copy + Send + Sync>(
-    src: &[T],
-    ranges: &[std::ops::Range<usize>],
-    out: &mut [Vec<T>],
-) {
-    let total: usize = ranges.iter().map(|r| r.len()).sum();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8)
-        .min(total / PARALLEL_COPY_MIN.max(1))
-        .max(1);
-    let copy = |ranges: &[std::ops::Range<usize>], out: &mut [Vec<T>]| {
-        for (r, v) in ranges.iter().zip(out) {
-            v.clear();
-            v.extend_from_slice(&src[r.clone()]);
-        }
-    };
-    if threads == 1 {
-        return copy(ranges, out);
-    }
-    let share = total.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let (mut ranges, mut out) = (ranges, out);
-        while !ranges.is_empty() {
-            // Keys up to about `share` elements (at least one).
-            let (mut n, mut size) = (0, 0);
-            while n < ranges.len() && (n == 0 || size + ranges[n].len() <= share) {
-                size += ranges[n].len();
-                n += 1;
-            }
-            let (r, rest_r) = ranges.split_at(n);
-            let (o, rest_o) = std::mem::take(&mut out).split_at_mut(n);
-            (ranges, out) = (rest_r, rest_o);
-            scope.spawn(move || copy(r, o));
-        }
-    });
 }
 
 /// Appends `vals` as little-endian bytes (one copy on little-endian hosts).
@@ -238,34 +194,4 @@ fn extend_le(out: &mut Vec<u8>, vals: &[u16]) {
     out.extend_from_slice(zerocopy::IntoBytes::as_bytes(vals));
     #[cfg(not(target_endian = "little"))]
     out.extend(vals.iter().flat_map(|h| h.to_le_bytes()));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The split copy gives every key its own range, whatever the thread split (keys much larger
-    /// than a thread's share, many small ones, empty ones).
-    #[test]
-    fn split_copies_give_each_key_its_range() {
-        let src: Vec<u32> = (0..5_000_000).collect();
-        let lens = [3_000_000, 1, 0, 999_999, 700_000, 300_000];
-        let mut ranges = Vec::new();
-        let mut at = 0;
-        for l in lens {
-            ranges.push(at..at + l);
-            at += l;
-        }
-        let mut out = vec![vec![7u32; 3]; lens.len()];
-        copy_out(&src, &ranges, &mut out);
-        for (r, v) in ranges.iter().zip(&out) {
-            assert_eq!(v.as_slice(), &src[r.clone()]);
-        }
-        let small = [0..2, 2..5];
-        copy_out(&src, &small, &mut out[..2]);
-        assert_eq!(
-            (out[0].as_slice(), out[1].as_slice()),
-            (&[0, 1][..], &[2, 3, 4][..])
-        );
-    }
 }
