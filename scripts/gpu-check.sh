@@ -219,7 +219,7 @@ try:
             run = r["run"]
             a[codec + "_ms"] = round(run["step_ms_median"], 3)
             a[codec + "_encode_copy_fraction"] = round(run["compress_fraction"], 4)
-            for part in ("compute", "encode", "copy", "update"):
+            for part in ("load", "compute", "encode", "copy", "update"):
                 if part + "_ms_median" in run:
                     a[codec + "_" + part + "_ms"] = round(run[part + "_ms_median"], 3)
             if "encode_ms_median" in run:

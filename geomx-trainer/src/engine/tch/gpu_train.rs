@@ -69,8 +69,10 @@ pub struct GpuTrainReport {
     pub params: usize,
     /// Median wall time of a whole step (gradient, compression, payload copy, decode, update), ms.
     pub step_ms_median: f64,
-    /// Median time of the parameter load, forward and backward pass, ms.
+    /// Median time of the forward and backward pass, ms.
     pub compute_ms_median: f64,
+    /// Median time of loading the parameters from the host into the device tensors, ms.
+    pub load_ms_median: f64,
     /// Median time of the encoding on the device (with its synchronisations), ms.
     pub encode_ms_median: f64,
     /// Median time of copying the payloads (or, for [`GpuCodec::Dense`], the f32 gradients) to
@@ -118,6 +120,7 @@ fn gpu(comp: Option<&mut GpuCompressor>) -> Result<&mut GpuCompressor, GpuCompre
 #[derive(Default)]
 struct Split {
     step: Vec<f64>,
+    load: Vec<f64>,
     compute: Vec<f64>,
     encode: Vec<f64>,
     copy: Vec<f64>,
@@ -309,7 +312,11 @@ pub fn train_with_gpu_compression(
         } else {
             let coded = times.encode_s + times.copy_s;
             split.step.push(total * 1e3);
-            split.compute.push((total - coded - update_s) * 1e3);
+            let load_s = model.last_load_seconds();
+            split.load.push(load_s * 1e3);
+            split
+                .compute
+                .push((total - coded - update_s - load_s) * 1e3);
             split.encode.push(times.encode_s * 1e3);
             split.copy.push(times.copy_s * 1e3);
             split.update.push(update_s * 1e3);
@@ -326,6 +333,7 @@ pub fn train_with_gpu_compression(
         params: model.num_params(),
         step_ms_median,
         compute_ms_median: median(&mut split.compute),
+        load_ms_median: median(&mut split.load),
         encode_ms_median: median(&mut split.encode),
         copy_ms_median: median(&mut split.copy),
         update_ms_median: median(&mut split.update),

@@ -49,6 +49,9 @@ pub struct TchModel {
     scaler: Arc<Mutex<amp::LossScaler>>,
     /// Hand each stage's gradients over as soon as the backward pass produced them.
     overlap: bool,
+    /// Seconds the last training step spent loading the parameters (f64 bits; the GPU step
+    /// benchmark's split).
+    load_s: Arc<std::sync::atomic::AtomicU64>,
     /// The GPU compressor of [`Model::backward_encoded`], opened at first use.
     gpu: Arc<Mutex<GpuState>>,
     /// Whether libtorch can use `device`, checked at the first computation.
@@ -173,6 +176,7 @@ impl TchModel {
             precision: Precision::Fp32,
             scaler: Arc::new(Mutex::new(amp::LossScaler::default())),
             overlap: false,
+            load_s: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             gpu: Arc::new(Mutex::new(GpuState::Untried)),
             device_ok: Arc::new(OnceLock::new()),
             resident: Arc::new(Mutex::new(None)),
@@ -221,6 +225,12 @@ impl TchModel {
     pub fn unusable(self, why: String) -> TchModel {
         let _ = self.device_ok.set(Err(EngineError::Device(why)));
         self
+    }
+
+    /// Seconds the last training step of this model (or a clone) spent loading the parameters
+    /// onto its device.
+    pub fn last_load_seconds(&self) -> f64 {
+        f64::from_bits(self.load_s.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The arithmetic of training steps.
@@ -308,6 +318,7 @@ impl TchModel {
         self.ensure_device()?;
         let dev = torch_device(self.device);
         let mut slot = self.resident.try_lock().ok();
+        let started = std::time::Instant::now();
         let fresh;
         let p: &[Tensor] = match slot.as_deref_mut() {
             Some(r) => {
@@ -323,6 +334,9 @@ impl TchModel {
                 &fresh
             }
         };
+        let load = started.elapsed().as_secs_f64();
+        self.load_s
+            .store(load.to_bits(), std::sync::atomic::Ordering::Relaxed);
         f(p, dev)
     }
 
