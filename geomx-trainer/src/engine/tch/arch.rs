@@ -299,7 +299,8 @@ impl Net {
     }
 
     /// [`Net::forward_in`] cut into stages for a backward pass stage by stage: at each stage
-    /// boundary (after each layer of the CNN; after the stem and each residual block of ResNet-18)
+    /// boundary (after each layer of the CNN; after the stem and each of the four stages of two
+    /// residual blocks of ResNet-18: every cut costs a pass of the autograd engine)
     /// the activation is replaced by a leaf tensor that requires its gradient, and `cuts` gets
     /// `(keys, activation, leaf)`: the number of parameters used before the boundary, the
     /// activation the previous stage produced and the leaf the next stage starts from.
@@ -419,7 +420,10 @@ impl Net {
                         } else {
                             x.shallow_clone()
                         };
-                        x = cut((h + short).relu(), used.get());
+                        x = (h + short).relu();
+                        if block == 1 {
+                            x = cut(x, used.get());
+                        }
                         inp = out;
                     }
                 }
