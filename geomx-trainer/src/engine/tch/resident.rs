@@ -14,30 +14,6 @@ use crate::engine::TensorSpec;
 /// Keys start at multiples of this many elements (64 bytes).
 const ALIGN: usize = 16;
 
-/// Chunks a load is cut into, to overlap the copy into page-locked memory with the transfer.
-const LOAD_CHUNKS: usize = 4;
-
-/// Contiguous runs of keys of about equal size, about `n` of them (at least one key each).
-fn chunks(spans: &[(usize, usize)], n: usize) -> Vec<std::ops::Range<usize>> {
-    let total = spans.last().map_or(0, |&(off, len)| off + len);
-    let share = total.div_ceil(n.max(1)).max(1);
-    let mut out = Vec::new();
-    let mut start = 0;
-    for (k, &(off, len)) in spans.iter().enumerate() {
-        // Close the run once it reaches the next multiple of `share`.
-        if off + len >= share * (out.len() + 1) || k + 1 == spans.len() {
-            out.push(start..k + 1);
-            start = k + 1;
-        }
-    }
-    out
-}
-
-/// Where the run of keys `keys` ends in the flat buffer (the end of its last key).
-fn end_offset(spans: &[(usize, usize)], keys: &std::ops::Range<usize>) -> usize {
-    spans[..keys.end].last().map_or(0, |&(off, len)| off + len)
-}
-
 /// A model's parameters kept on its device.
 pub(super) struct Resident {
     /// Every key back to back, on the device.
@@ -104,40 +80,18 @@ impl Resident {
                 let total = staging.numel();
                 // SAFETY: `staging` is a contiguous CPU f32 tensor of `total` elements that only
                 // this `Resident` holds; nothing else reads or writes it during this borrow (the
-                // device copies out of it have finished when `load` returns).
+                // device copy out of it has finished when `load` returns).
                 let host = unsafe {
                     std::slice::from_raw_parts_mut(staging.data_ptr().cast::<f32>(), total)
                 };
-                // A few chunks of keys: each is copied into the staging buffer (on several
-                // threads) and sent to the device asynchronously while the next is copied.
-                let mut rest = host;
-                let mut done = 0usize;
-                for keys in chunks(&self.spans, LOAD_CHUNKS) {
-                    let end = end_offset(&self.spans, &keys);
-                    let (part, tail) = std::mem::take(&mut rest).split_at_mut(end - done);
-                    let srcs: Vec<&[f32]> =
-                        params[keys.clone()].iter().map(Vec::as_slice).collect();
-                    let offsets: Vec<usize> = self.spans[keys]
-                        .iter()
-                        .map(|&(off, _)| off - done)
-                        .collect();
-                    super::split::copy_in(&srcs, &offsets, part)
-                        .expect("spans are increasing and lie within the buffer");
-                    let (from, len) = (done as i64, (end - done) as i64);
-                    // Asynchronous from page-locked memory into a temporary on the device (the
-                    // caching allocator orders its reuse on the stream), then device to device.
-                    let on_dev = staging.narrow(0, from, len).to_device_(
-                        self.flat.device(),
-                        Kind::Float,
-                        true,
-                        false,
-                    );
-                    self.flat.narrow(0, from, len).copy_(&on_dev);
-                    (rest, done) = (tail, end);
-                }
-                if let TorchDevice::Cuda(i) = self.flat.device() {
-                    tch::Cuda::synchronize(i as i64);
-                }
+                let srcs: Vec<&[f32]> = params.iter().map(Vec::as_slice).collect();
+                let offsets: Vec<usize> = self.spans.iter().map(|&(off, _)| off).collect();
+                super::split::copy_in(&srcs, &offsets, host)
+                    .expect("spans are increasing and lie within the buffer");
+                // One copy from page-locked memory. It completes before this returns, so the next
+                // load may overwrite the staging buffer. (Four chunks, each sent asynchronously
+                // while the next was copied, measured slower on an H200: 7.7 ms against 4.0.)
+                self.flat.shallow_clone().copy_(staging);
             }
             None => {
                 for (p, &(off, len)) in params.iter().zip(&self.spans) {
@@ -184,21 +138,6 @@ impl Resident {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn loads_are_cut_into_runs_of_about_equal_size() {
-        let spans = [(0, 10), (16, 90), (112, 5), (128, 20), (160, 1)];
-        let c = chunks(&spans, 4);
-        assert_eq!(c.first().map(|r| r.start), Some(0));
-        assert_eq!(c.last().map(|r| r.end), Some(5));
-        assert!(c
-            .windows(2)
-            .all(|w| w[0].end == w[1].start && !w[0].is_empty()));
-        assert!(c.len() <= 4, "{c:?}");
-        assert_eq!(end_offset(&spans, &(0..2)), 106);
-        assert_eq!(chunks(&[(0, 7)], 4), vec![0..1]);
-        assert!(chunks(&[], 4).is_empty());
-    }
 
     /// Loading through the staging buffer (the CUDA path, split over threads) and loading
     /// directly give the same tensors, step after step; keys keep their alignment gaps at zero.
