@@ -67,6 +67,12 @@ pub struct Report {
     /// process reports (all report the same).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from_round: Option<u64>,
+    /// Each worker's samples per second and step split, by data center and rank.
+    #[serde(default)]
+    pub workers: Vec<crate::hips::throughput::WorkerThroughput>,
+    /// Training samples per second of all workers together.
+    #[serde(default)]
+    pub samples_per_s: f64,
 }
 
 fn default_wan_mode() -> String {
@@ -121,6 +127,12 @@ impl Report {
             }
         }
         let reporter = workers.iter().find(|s| s.dc == 0 && s.rank == 0);
+        let mut throughput: Vec<_> = workers
+            .iter()
+            .filter_map(|s| s.throughput.clone())
+            .collect();
+        throughput.sort_by_key(|t| (t.dc, t.rank));
+        let samples_per_s = throughput.iter().map(|t| t.samples_per_s).sum();
         let resumed_from_round = stats.iter().filter_map(|s| s.resumed_from_round).min();
         Self {
             final_test_accuracy: reporter
@@ -157,6 +169,8 @@ impl Report {
             wan_mode: default_wan_mode(),
             wan_lab: None,
             resumed_from_round,
+            workers: throughput,
+            samples_per_s,
         }
     }
 
@@ -210,6 +224,7 @@ mod tests {
             dgt: None,
             refused_requests: 0,
             resumed_from_round: None,
+            throughput: None,
         }
     }
 

@@ -75,6 +75,33 @@ fn default_launch_reaches_093_on_digits() {
         "lan {lan} wan {wan}"
     );
     assert_eq!(r["per_global_server_bytes"].as_array().unwrap().len(), 1);
+    // Each worker reports its samples per second and where its step time went: 400 rounds of
+    // 32 samples; the parts of a round add up to no more than its wall time.
+    let workers = r["workers"].as_array().unwrap();
+    let expected = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "worker")
+        .count();
+    assert_eq!(workers.len(), expected);
+    let mut total = 0.0;
+    for w in workers {
+        assert_eq!(
+            (w["rounds"].as_u64(), w["samples"].as_u64()),
+            (Some(400), Some(400 * 32)),
+            "{w}"
+        );
+        let sps = w["samples_per_s"].as_f64().unwrap();
+        let secs = w["train_seconds"].as_f64().unwrap();
+        assert!(sps > 0.0 && (sps * secs - 12_800.0).abs() < 1.0, "{w}");
+        let part = |k: &str| w[k].as_f64().unwrap();
+        let parts = part("data_ms") + part("compute_ms") + part("wait_ms") + part("apply_ms");
+        assert!(part("compute_ms") > 0.0 && part("wait_ms") > 0.0, "{w}");
+        assert!(parts <= secs * 1e3 / 400.0 + 1e-6, "{w}");
+        total += sps;
+    }
+    assert!((r["samples_per_s"].as_f64().unwrap() - total).abs() < 1e-6 * total);
     assert_eq!(
         r["config"]["cluster"]["data_centers"]
             .as_array()

@@ -21,6 +21,7 @@ mod mixed_agg;
 pub mod msg;
 pub mod node;
 pub mod plan;
+pub mod throughput;
 pub mod worker;
 
 use serde::{Deserialize, Serialize};
@@ -136,6 +137,9 @@ pub struct RoleStats {
     /// The checkpoint round this process resumed from (`--resume`), if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from_round: Option<u64>,
+    /// Samples per second and where the step time went (workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<throughput::WorkerThroughput>,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -165,6 +169,7 @@ impl RoleStats {
             dgt: None,
             refused_requests: 0,
             resumed_from_round: None,
+            throughput: None,
         }
     }
 }

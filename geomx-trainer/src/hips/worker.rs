@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::esync::{self, Answer, Reply};
 use super::node::{FatalHook, Identity, Node};
 use super::plan::roles;
+use super::throughput::{StepSplit, ThroughputMeter};
 use super::{JobSpec, RoleStats, RunError};
 use crate::codec::down::{decode_dense_segments, split_segments, ReplyMode};
 use crate::codec::{
@@ -632,22 +633,39 @@ pub fn run(
         }
         _ => None,
     };
+    let mut meter = ThroughputMeter::default();
     for round in start..job.rounds {
+        let round_started = Instant::now();
+        let mut split = StepSplit::default();
+        let mut samples = 0u64;
         if let (Some(es), Some(avg)) = (esync.as_mut(), avg.as_mut()) {
             loss = es.round(job, avg, &mut params, round, &mut || {
-                batcher.next_batch().map_err(RunError::Data)
+                let t = Instant::now();
+                let b = batcher.next_batch().map_err(RunError::Data)?;
+                split.data_s += t.elapsed().as_secs_f64();
+                samples += b.len() as u64;
+                Ok(b)
             })?;
+            // Local steps and averaging interleave: all but the data is compute.
+            split.compute_s = round_started.elapsed().as_secs_f64() - split.data_s;
         } else if let (Some((k1, k2)), Some(avg)) = (job.hfa_periods(), avg.as_mut()) {
             let batch = batcher.next_batch().map_err(RunError::Data)?;
+            split.data_s = round_started.elapsed().as_secs_f64();
+            samples = batch.len() as u64;
+            let t = Instant::now();
             loss = local_step(job, &mut params, &batch, Some(&mut avg.opts), slowdown)?.0;
+            split.compute_s = t.elapsed().as_secs_f64();
             if (round + 1) % k1 == 0 {
+                let t = Instant::now();
                 avg.average(&mut params, (round + 1) / k1, k2)?;
+                split.wait_s = t.elapsed().as_secs_f64();
             }
         } else {
             let io = FsaIo {
                 node: &node,
                 client: &client,
                 overflows: &overflows,
+                slowdown,
             };
             loss = fsa_round(
                 job,
@@ -656,9 +674,11 @@ pub fn run(
                 &mut apply,
                 &mut batcher,
                 round,
-                slowdown,
+                &mut split,
             )?;
+            samples = job.data_config.batch_size as u64;
         }
+        meter.record(samples, round_started.elapsed(), split);
         let done = round + 1;
         if let Some(saver) = saver.as_ref().filter(|s| s.due(done)) {
             let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
@@ -721,6 +741,7 @@ pub fn run(
     stats.final_test_accuracy = last_eval.map(|p| p.test_accuracy);
     stats.skipped_updates = skipped;
     stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
+    stats.throughput = meter.summary(dc, rank);
     stats.cast_overflows = overflows.snapshot();
     for a in &apply {
         if let KeyApply::Sparse(r) = a {
@@ -776,11 +797,14 @@ fn pull_all(
         .collect()
 }
 
-/// What an FSA round talks to: the worker's node, its local server and its overflow counters.
+/// What an FSA round talks to: the worker's node, its local server, its overflow counters and
+/// its slowdown.
 struct FsaIo<'a> {
     node: &'a Node,
     client: &'a KvClient,
     overflows: &'a KeyCounts,
+    /// This worker's emulated slowdown factor (`cluster.data_centers[].slowdown`).
+    slowdown: f64,
 }
 
 /// One FSA / MixedSync round: gradients pushed key by key as the backward pass produces them
@@ -792,11 +816,13 @@ fn fsa_round(
     apply: &mut [KeyApply],
     batcher: &mut Prefetcher,
     round: u64,
-    slowdown: f64,
+    split: &mut StepSplit,
 ) -> Result<f64, RunError> {
-    let (node, client, overflows) = (io.node, io.client, io.overflows);
+    let (node, client, overflows, slowdown) = (io.node, io.client, io.overflows, io.slowdown);
     let me = &node.me;
+    let t = Instant::now();
     let batch = batcher.next_batch().map_err(RunError::Data)?;
+    split.data_s += t.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut pending: Vec<Option<Result<Pending, RunError>>> =
         (0..params.len()).map(|_| None).collect();
@@ -822,12 +848,17 @@ fn fsa_round(
         )
         .map_err(RunError::Engine)?;
     slow_down(slowdown, started.elapsed());
+    split.compute_s += started.elapsed().as_secs_f64();
     for (k, p) in pending.into_iter().enumerate() {
         let p = p.ok_or_else(|| {
             RunError::Protocol(format!("the model produced no gradient for key {k}"))
         })??;
+        let t = Instant::now();
         let resp = reply_of(k, round + 1, p.wait(job.wait_limit()))?;
+        let t_apply = Instant::now();
+        split.wait_s += (t_apply - t).as_secs_f64();
         apply[k].apply(job, k, &mut params[k], &resp)?;
+        split.apply_s += t_apply.elapsed().as_secs_f64();
     }
     Ok(f64::from(l))
 }

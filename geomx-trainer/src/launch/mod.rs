@@ -652,8 +652,8 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
     }
     if !opts.quiet {
         println!(
-            "done: {} rounds in {:.2} s, test accuracy {:.4}, WAN {} bytes, LAN {} bytes, per global server {:?}",
-            report.rounds, report.wall_seconds, report.final_test_accuracy, report.wan_bytes, report.lan_bytes, report.per_global_server_bytes
+            "done: {} rounds in {:.2} s, test accuracy {:.4}, {:.0} samples/s, WAN {} bytes, LAN {} bytes, per global server {:?}",
+            report.rounds, report.wall_seconds, report.final_test_accuracy, report.samples_per_s, report.wan_bytes, report.lan_bytes, report.per_global_server_bytes
         );
     }
     if let Some(path) = &opts.report {

@@ -209,6 +209,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 dgt: None,
                 refused_requests: 0,
                 resumed_from_round: None,
+                throughput: None,
             });
         }
     };

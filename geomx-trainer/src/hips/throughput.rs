@@ -1,0 +1,139 @@
+//! A worker's throughput and where its step time goes, for the job report.
+//!
+//! Each round a worker records how long it waited for its batch (`data`), computed (forward,
+//! backward and encoding its pushes, which are sent as each key's payload is ready: `compute`),
+//! waited for the servers' replies (`wait`) and applied them to its replica (decode and update:
+//! `apply`). Under HFA the periodic averaging counts as `wait`; under ESync, whose local steps
+//! and averaging interleave, everything but the data counts as `compute`. Evaluation and
+//! checkpoints are not part of a step.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds of one round, by part.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepSplit {
+    /// Waiting for the next batch (the prefetch thread had not prepared it).
+    pub data_s: f64,
+    /// Forward, backward and encoding (and starting the pushes).
+    pub compute_s: f64,
+    /// Waiting for replies or for the averaging of the other workers.
+    pub wait_s: f64,
+    /// Decoding replies and updating the replica.
+    pub apply_s: f64,
+}
+
+/// A worker's throughput over a run (the job report's `workers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerThroughput {
+    /// Data center.
+    pub dc: u32,
+    /// Rank within the data center.
+    pub rank: u32,
+    /// Rounds recorded.
+    pub rounds: u64,
+    /// Training samples consumed.
+    pub samples: u64,
+    /// Seconds of the recorded rounds (without evaluation and checkpoints).
+    pub train_seconds: f64,
+    /// `samples / train_seconds`.
+    pub samples_per_s: f64,
+    /// Mean per round, ms: waiting for the batch.
+    pub data_ms: f64,
+    /// Mean per round, ms: forward, backward and encoding.
+    pub compute_ms: f64,
+    /// Mean per round, ms: waiting for replies (or averaging).
+    pub wait_ms: f64,
+    /// Mean per round, ms: decoding replies and updating the replica.
+    pub apply_ms: f64,
+    /// Mean per round, ms: the rest of the round (bookkeeping, progress lines).
+    pub other_ms: f64,
+}
+
+/// Sums of a worker's rounds.
+#[derive(Debug, Clone, Default)]
+pub struct ThroughputMeter {
+    rounds: u64,
+    samples: u64,
+    wall_s: f64,
+    parts: StepSplit,
+}
+
+impl ThroughputMeter {
+    /// Records a round of `wall` that consumed `samples` samples, split as `split`.
+    pub fn record(&mut self, samples: u64, wall: Duration, split: StepSplit) {
+        self.rounds += 1;
+        self.samples += samples;
+        self.wall_s += wall.as_secs_f64();
+        self.parts.data_s += split.data_s;
+        self.parts.compute_s += split.compute_s;
+        self.parts.wait_s += split.wait_s;
+        self.parts.apply_s += split.apply_s;
+    }
+
+    /// The summary of worker (`dc`, `rank`); `None` before any round.
+    pub fn summary(&self, dc: u32, rank: u32) -> Option<WorkerThroughput> {
+        if self.rounds == 0 {
+            return None;
+        }
+        let per_round = |s: f64| s * 1e3 / self.rounds as f64;
+        let p = &self.parts;
+        let parts = p.data_s + p.compute_s + p.wait_s + p.apply_s;
+        Some(WorkerThroughput {
+            dc,
+            rank,
+            rounds: self.rounds,
+            samples: self.samples,
+            train_seconds: self.wall_s,
+            samples_per_s: if self.wall_s > 0.0 {
+                self.samples as f64 / self.wall_s
+            } else {
+                0.0
+            },
+            data_ms: per_round(p.data_s),
+            compute_ms: per_round(p.compute_s),
+            wait_ms: per_round(p.wait_s),
+            apply_ms: per_round(p.apply_s),
+            other_ms: per_round((self.wall_s - parts).max(0.0)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_averages_rounds_and_keeps_the_rest_apart() {
+        let mut m = ThroughputMeter::default();
+        assert_eq!(m.summary(0, 0), None);
+        let split = |d, c, w, a| StepSplit {
+            data_s: d,
+            compute_s: c,
+            wait_s: w,
+            apply_s: a,
+        };
+        m.record(
+            32,
+            Duration::from_millis(100),
+            split(0.01, 0.05, 0.02, 0.01),
+        );
+        m.record(
+            32,
+            Duration::from_millis(300),
+            split(0.03, 0.15, 0.06, 0.03),
+        );
+        let s = m.summary(1, 2).unwrap();
+        assert_eq!((s.dc, s.rank, s.rounds, s.samples), (1, 2, 2, 64));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(s.train_seconds, 0.4), "{s:?}");
+        assert!(close(s.samples_per_s, 160.0), "{s:?}");
+        assert!(
+            close(s.data_ms, 20.0) && close(s.compute_ms, 100.0),
+            "{s:?}"
+        );
+        assert!(close(s.wait_ms, 40.0) && close(s.apply_ms, 20.0), "{s:?}");
+        assert!(close(s.other_ms, 20.0), "{s:?}");
+    }
+}
