@@ -1,9 +1,12 @@
 //! The libtorch back end (feature `tch`): GeoMX's demo CNN and ResNet-18 behind [`Model`].
 //!
-//! The trainer owns the parameters as flat `Vec<f32>` per key, as for the built-in engine. Every
-//! call copies them into fresh libtorch leaf tensors on the model's device, runs the functional
-//! forward pass of [`arch::Net`] and autograd, and hands the gradients back. A [`TchModel`]
-//! therefore holds no tensors and is `Send + Sync` without any unsafe code.
+//! The trainer owns the parameters as flat `Vec<f32>` per key, as for the built-in engine. A
+//! training step loads them into leaf tensors that stay on the model's device between steps
+//! (`resident.rs`), runs the functional forward pass of [`arch::Net`] in the model's precision
+//! ([`amp`]: f32 master weights, bf16 / fp16 compute) and autograd, and hands the gradients back,
+//! stage by stage as the backward pass produces them when overlap is on
+//! ([`TchModel::with_overlap`]). The shared state sits behind `Arc<Mutex<…>>`, so a
+//! [`TchModel`] is `Send + Sync` and clones share it.
 //!
 //! On a CUDA device [`TchModel::backward_on_device`] gives the gradients as device tensors, so
 //! that [`gpu::GpuCompressor`] can compress them in place and copy only the payload to the host.
