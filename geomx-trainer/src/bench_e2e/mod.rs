@@ -145,6 +145,7 @@ fn result_of(
             r.wan_bytes = Some(report.wan_bytes);
             r.wan_bytes_per_round = Some(report.wan_bytes_per_round);
             r.relay_lateness = report.relay_lateness();
+            r.workers = crate::hips::throughput::MeanSplit::of(&report.workers);
             r.wan_mode = json
                 .get("wan_mode")
                 .and_then(|m| m.as_str())

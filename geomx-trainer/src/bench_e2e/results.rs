@@ -75,6 +75,9 @@ pub struct ScenarioResult {
     /// 1 ms: the emulated WAN delay was not kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_lateness: Option<Lateness>,
+    /// The workers' samples per second and where their rounds went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<crate::hips::throughput::MeanSplit>,
     /// The test evaluations of the reporting worker.
     pub progress: Vec<Progress>,
     /// The configuration it ran (as JSON).
@@ -114,6 +117,7 @@ impl ScenarioResult {
             accuracy_delta_points: None,
             wan_mode: None,
             relay_lateness: None,
+            workers: None,
             progress: Vec::new(),
             config,
         }
@@ -281,6 +285,38 @@ pub fn render_markdown(r: &E2eResults) -> String {
             x.status.label(),
         );
     }
+    let split: Vec<_> = r
+        .scenarios
+        .iter()
+        .filter_map(|x| x.workers.map(|w| (x, w)))
+        .collect();
+    if !split.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nWhere a worker's round went (ms per round, mean over the workers; samples per \
+             second of all workers together). Compute is forward, backward and encoding the \
+             pushes; wait is waiting for the replies (HFA: the averaging); apply is decoding them \
+             into the replica.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| Scenario | Samples/s | Data | Compute | Wait | Apply | Other |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+        for (x, w) in split {
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                x.title,
+                w.samples_per_s,
+                w.data_ms,
+                w.compute_ms,
+                w.wait_ms,
+                w.apply_ms,
+                w.other_ms
+            );
+        }
+    }
     let notes: Vec<&ScenarioResult> = r.scenarios.iter().filter(|x| x.note.is_some()).collect();
     if !notes.is_empty() {
         let _ = writeln!(s, "\nNotes:\n");
@@ -380,6 +416,14 @@ mod tests {
         ];
         v[1].wan_bytes = Some(1_234_567);
         v[1].wan_bytes_per_round = Some(26_082.0);
+        v[1].workers = Some(crate::hips::throughput::MeanSplit {
+            samples_per_s: 1000.0,
+            data_ms: 0.1,
+            compute_ms: 5.0,
+            wait_ms: 2.5,
+            apply_ms: 0.4,
+            other_ms: 0.05,
+        });
         v[1].rounds = 120;
         let lateness = |p99: f64, max: f64| Lateness {
             packets: 10,
@@ -406,7 +450,13 @@ mod tests {
         assert!(md.contains("Command: `geomx bench e2e --quick`"));
         assert!(md.contains("Lab mode: **netns**"));
         assert!(md.contains("| Scenario | Time to 90.0 % (s) |"));
-        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        // The first table: the header line and the rows after its separator.
+        let rows: Vec<&str> = md
+            .lines()
+            .skip_while(|l| !l.starts_with("| Scenario"))
+            .take_while(|l| l.starts_with('|'))
+            .filter(|l| l.starts_with("| "))
+            .collect();
         assert_eq!(rows.len(), 3, "header + 2 run scenarios: {rows:?}");
         assert_eq!(
             rows[2],
@@ -424,12 +474,24 @@ mod tests {
         assert!(md.contains("- HiPS + DGT (unavailable): transport.inter: | unknown\n"));
         assert!(md.contains("- MixedSync (DC-ASGD) (failed): launch exit code 1\n"));
         assert!(md.contains("![test accuracy vs wall time](accuracy.png)"));
-        // Every table row has the header's number of cells.
+        // Every row of the first table has the header's number of cells.
         let cells = |l: &str| l.matches('|').count();
         assert!(md
             .lines()
-            .filter(|l| l.starts_with('|'))
+            .skip_while(|l| !l.starts_with("| Scenario"))
+            .take_while(|l| l.starts_with('|'))
             .all(|l| cells(l) == cells(rows[0])));
+        // The split table: one row per scenario that reported its workers.
+        let split: Vec<&str> = md
+            .lines()
+            .skip_while(|l| !l.starts_with("| Scenario | Samples/s"))
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        assert_eq!(split.len(), 3, "header, separator, one row: {split:?}");
+        assert_eq!(
+            split[2],
+            "| HiPS + Bi-Sparse | 1000 | 0.10 | 5.00 | 2.50 | 0.40 | 0.05 |"
+        );
     }
 
     #[test]

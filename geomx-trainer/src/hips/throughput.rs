@@ -51,6 +51,43 @@ pub struct WorkerThroughput {
     pub other_ms: f64,
 }
 
+/// The workers of a run together: their summed samples per second and the mean of their
+/// per-round split (ms).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MeanSplit {
+    /// Samples per second of all workers.
+    pub samples_per_s: f64,
+    /// Mean per round, ms: waiting for the batch.
+    pub data_ms: f64,
+    /// Mean per round, ms: forward, backward and encoding.
+    pub compute_ms: f64,
+    /// Mean per round, ms: waiting for replies (or averaging).
+    pub wait_ms: f64,
+    /// Mean per round, ms: decoding replies and updating the replica.
+    pub apply_ms: f64,
+    /// Mean per round, ms: the rest of the round.
+    pub other_ms: f64,
+}
+
+impl MeanSplit {
+    /// The workers' figures together; `None` for none.
+    pub fn of(workers: &[WorkerThroughput]) -> Option<MeanSplit> {
+        if workers.is_empty() {
+            return None;
+        }
+        let n = workers.len() as f64;
+        let mean = |f: fn(&WorkerThroughput) -> f64| workers.iter().map(f).sum::<f64>() / n;
+        Some(MeanSplit {
+            samples_per_s: workers.iter().map(|w| w.samples_per_s).sum(),
+            data_ms: mean(|w| w.data_ms),
+            compute_ms: mean(|w| w.compute_ms),
+            wait_ms: mean(|w| w.wait_ms),
+            apply_ms: mean(|w| w.apply_ms),
+            other_ms: mean(|w| w.other_ms),
+        })
+    }
+}
+
 /// Sums of a worker's rounds.
 #[derive(Debug, Clone, Default)]
 pub struct ThroughputMeter {
@@ -135,5 +172,15 @@ mod tests {
         );
         assert!(close(s.wait_ms, 40.0) && close(s.apply_ms, 20.0), "{s:?}");
         assert!(close(s.other_ms, 20.0), "{s:?}");
+        let mut t = s.clone();
+        t.samples_per_s = 40.0;
+        t.compute_ms = 300.0;
+        let m = MeanSplit::of(&[s, t]).unwrap();
+        assert!(
+            close(m.samples_per_s, 200.0) && close(m.compute_ms, 200.0),
+            "{m:?}"
+        );
+        assert!(close(m.wait_ms, 40.0), "{m:?}");
+        assert_eq!(MeanSplit::of(&[]), None);
     }
 }
