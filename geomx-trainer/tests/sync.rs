@@ -73,6 +73,21 @@ fn esync_converges_within_two_points_of_fsa_with_a_slow_dc() {
         );
         let per_dc: Vec<u64> = steps.iter().map(|d| d.iter().sum()).collect();
         assert!(per_dc[0] > per_dc[1], "{name}: {steps:?}");
+        // The report splits each worker's rounds: local steps are compute, the exchanges wait;
+        // the fast DC's workers take more local steps, so more samples, than the slow DC's.
+        let w = r["workers"].as_array().unwrap();
+        assert_eq!(w.len(), 2 * workers, "{name}");
+        for x in w {
+            assert!(x["compute_ms"].as_f64().unwrap() > 0.0, "{name}: {x}");
+            assert!(x["wait_ms"].as_f64().unwrap() > 0.0, "{name}: {x}");
+        }
+        let samples = |dc: u64| -> u64 {
+            w.iter()
+                .filter(|x| x["dc"] == dc)
+                .map(|x| x["samples"].as_u64().unwrap())
+                .sum()
+        };
+        assert!(samples(0) > samples(1), "{name}: {w:?}");
         let ratio = wan_bytes(&r) as f64 / wan_bytes(&fsa) as f64;
         assert!(ratio > 0.9 && ratio < 1.1, "{name}: WAN ratio {ratio}");
     }

@@ -295,8 +295,8 @@ pub fn render_markdown(r: &E2eResults) -> String {
             s,
             "\nWhere a worker's round went (ms per round, mean over the workers; samples per \
              second of all workers together). Compute is forward, backward and encoding the \
-             pushes; wait is waiting for the replies (HFA: the averaging); apply is decoding them \
-             into the replica.\n"
+             pushes (HFA, ESync: the local steps); wait is waiting for the replies (HFA, ESync: \
+             the averaging); apply is decoding them into the replica.\n"
         );
         let _ = writeln!(
             s,

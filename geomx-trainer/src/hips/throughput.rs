@@ -3,8 +3,8 @@
 //! Each round a worker records how long it waited for its batch (`data`), computed (forward,
 //! backward and encoding its pushes, which are sent as each key's payload is ready: `compute`),
 //! waited for the servers' replies (`wait`) and applied them to its replica (decode and update:
-//! `apply`). Under HFA the periodic averaging counts as `wait`; under ESync, whose local steps
-//! and averaging interleave, everything but the data counts as `compute`. Evaluation and
+//! `apply`). Under HFA and ESync the local steps count as `compute` and the exchanges with the
+//! coordinator and the averaging as `wait` (their averaging's decode included). Evaluation and
 //! checkpoints are not part of a step.
 
 use std::time::Duration;

@@ -472,26 +472,35 @@ impl EsyncWorker {
         params: &mut [Vec<f32>],
         round: u64,
         next_batch: &mut dyn FnMut() -> Result<crate::data::Dataset, RunError>,
+        split: &mut StepSplit,
     ) -> Result<f64, RunError> {
         let limit = job.wait_limit();
         let mut k = 0;
         let mut loss = f64::NAN;
         // After a reset, the Ask{k = 0} travelled with it (always answered step); the first round
         // asks with the warm-up duration.
+        let t = Instant::now();
         let mut answer = if round == 0 {
             self.ask(0, limit)?
         } else {
             Answer::Step
         };
+        split.wait_s += t.elapsed().as_secs_f64();
         while answer == Answer::Step {
             let batch = next_batch()?;
+            let t = Instant::now();
             let (l, d) = local_step(job, params, &batch, Some(&mut avg.opts), self.slowdown)?;
+            split.compute_s += t.elapsed().as_secs_f64();
             loss = l;
             self.c = d.as_secs_f64();
             k += 1;
+            let t = Instant::now();
             self.settle(limit)?;
             answer = self.ask(k, limit)?;
+            split.wait_s += t.elapsed().as_secs_f64();
         }
+        // From here on the round waits for the other workers: the step counts, the averaging.
+        let waiting = Instant::now();
         if k == 0 {
             return Err(RunError::Protocol(
                 "the ESync endpoint answered push before any local step".into(),
@@ -515,6 +524,7 @@ impl EsyncWorker {
         // Every averaging is global (k1 = k2 = 1): the reply moves the milestone, which every
         // worker and the global servers then hold.
         avg.average(params, round + 1, 1)?;
+        split.wait_s += waiting.elapsed().as_secs_f64();
         self.pending = Some(self.send(esync::Request::Reset {
             worker: self.index,
             round: round + 2,
@@ -639,15 +649,16 @@ pub fn run(
         let mut split = StepSplit::default();
         let mut samples = 0u64;
         if let (Some(es), Some(avg)) = (esync.as_mut(), avg.as_mut()) {
-            loss = es.round(job, avg, &mut params, round, &mut || {
+            let mut data_s = 0.0;
+            let mut next = || {
                 let t = Instant::now();
                 let b = batcher.next_batch().map_err(RunError::Data)?;
-                split.data_s += t.elapsed().as_secs_f64();
+                data_s += t.elapsed().as_secs_f64();
                 samples += b.len() as u64;
                 Ok(b)
-            })?;
-            // Local steps and averaging interleave: all but the data is compute.
-            split.compute_s = round_started.elapsed().as_secs_f64() - split.data_s;
+            };
+            loss = es.round(job, avg, &mut params, round, &mut next, &mut split)?;
+            split.data_s = data_s;
         } else if let (Some((k1, k2)), Some(avg)) = (job.hfa_periods(), avg.as_mut()) {
             let batch = batcher.next_batch().map_err(RunError::Data)?;
             split.data_s = round_started.elapsed().as_secs_f64();
