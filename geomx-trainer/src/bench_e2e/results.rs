@@ -309,11 +309,11 @@ pub fn render_markdown(r: &E2eResults) -> String {
                 "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 x.title,
                 w.samples_per_s,
-                w.data_ms,
-                w.compute_ms,
-                w.wait_ms,
-                w.apply_ms,
-                w.other_ms
+                w.split.data_ms,
+                w.split.compute_ms,
+                w.split.wait_ms,
+                w.split.apply_ms,
+                w.split.other_ms
             );
         }
     }
@@ -418,11 +418,13 @@ mod tests {
         v[1].wan_bytes_per_round = Some(26_082.0);
         v[1].workers = Some(crate::hips::throughput::MeanSplit {
             samples_per_s: 1000.0,
-            data_ms: 0.1,
-            compute_ms: 5.0,
-            wait_ms: 2.5,
-            apply_ms: 0.4,
-            other_ms: 0.05,
+            split: crate::hips::throughput::RoundMs {
+                data_ms: 0.1,
+                compute_ms: 5.0,
+                wait_ms: 2.5,
+                apply_ms: 0.4,
+                other_ms: 0.05,
+            },
         });
         v[1].rounds = 120;
         let lateness = |p99: f64, max: f64| Lateness {

@@ -24,6 +24,37 @@ pub struct StepSplit {
     pub apply_s: f64,
 }
 
+/// Mean milliseconds per round, by part (see the module documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundMs {
+    /// Waiting for the batch.
+    pub data_ms: f64,
+    /// Forward, backward and encoding (HFA, ESync: the local steps).
+    pub compute_ms: f64,
+    /// Waiting for replies (HFA, ESync: the averaging).
+    pub wait_ms: f64,
+    /// Decoding replies and updating the replica.
+    pub apply_ms: f64,
+    /// The rest of the round (bookkeeping, progress lines).
+    pub other_ms: f64,
+}
+
+impl RoundMs {
+    /// The mean of `parts` (none: zeros).
+    fn mean<'a>(parts: impl ExactSizeIterator<Item = &'a RoundMs>) -> RoundMs {
+        let n = parts.len().max(1) as f64;
+        let mut m = RoundMs::default();
+        for p in parts {
+            m.data_ms += p.data_ms / n;
+            m.compute_ms += p.compute_ms / n;
+            m.wait_ms += p.wait_ms / n;
+            m.apply_ms += p.apply_ms / n;
+            m.other_ms += p.other_ms / n;
+        }
+        m
+    }
+}
+
 /// A worker's throughput over a run (the job report's `workers`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerThroughput {
@@ -39,34 +70,20 @@ pub struct WorkerThroughput {
     pub train_seconds: f64,
     /// `samples / train_seconds`.
     pub samples_per_s: f64,
-    /// Mean per round, ms: waiting for the batch.
-    pub data_ms: f64,
-    /// Mean per round, ms: forward, backward and encoding.
-    pub compute_ms: f64,
-    /// Mean per round, ms: waiting for replies (or averaging).
-    pub wait_ms: f64,
-    /// Mean per round, ms: decoding replies and updating the replica.
-    pub apply_ms: f64,
-    /// Mean per round, ms: the rest of the round (bookkeeping, progress lines).
-    pub other_ms: f64,
+    /// Where a round's time went.
+    #[serde(flatten)]
+    pub split: RoundMs,
 }
 
 /// The workers of a run together: their summed samples per second and the mean of their
-/// per-round split (ms).
+/// per-round split.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MeanSplit {
     /// Samples per second of all workers.
     pub samples_per_s: f64,
-    /// Mean per round, ms: waiting for the batch.
-    pub data_ms: f64,
-    /// Mean per round, ms: forward, backward and encoding.
-    pub compute_ms: f64,
-    /// Mean per round, ms: waiting for replies (or averaging).
-    pub wait_ms: f64,
-    /// Mean per round, ms: decoding replies and updating the replica.
-    pub apply_ms: f64,
-    /// Mean per round, ms: the rest of the round.
-    pub other_ms: f64,
+    /// The workers' mean split.
+    #[serde(flatten)]
+    pub split: RoundMs,
 }
 
 impl MeanSplit {
@@ -75,15 +92,9 @@ impl MeanSplit {
         if workers.is_empty() {
             return None;
         }
-        let n = workers.len() as f64;
-        let mean = |f: fn(&WorkerThroughput) -> f64| workers.iter().map(f).sum::<f64>() / n;
         Some(MeanSplit {
             samples_per_s: workers.iter().map(|w| w.samples_per_s).sum(),
-            data_ms: mean(|w| w.data_ms),
-            compute_ms: mean(|w| w.compute_ms),
-            wait_ms: mean(|w| w.wait_ms),
-            apply_ms: mean(|w| w.apply_ms),
-            other_ms: mean(|w| w.other_ms),
+            split: RoundMs::mean(workers.iter().map(|w| &w.split)),
         })
     }
 }
@@ -128,11 +139,13 @@ impl ThroughputMeter {
             } else {
                 0.0
             },
-            data_ms: per_round(p.data_s),
-            compute_ms: per_round(p.compute_s),
-            wait_ms: per_round(p.wait_s),
-            apply_ms: per_round(p.apply_s),
-            other_ms: per_round((self.wall_s - parts).max(0.0)),
+            split: RoundMs {
+                data_ms: per_round(p.data_s),
+                compute_ms: per_round(p.compute_s),
+                wait_ms: per_round(p.wait_s),
+                apply_ms: per_round(p.apply_s),
+                other_ms: per_round((self.wall_s - parts).max(0.0)),
+            },
         })
     }
 }
@@ -166,21 +179,26 @@ mod tests {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(close(s.train_seconds, 0.4), "{s:?}");
         assert!(close(s.samples_per_s, 160.0), "{s:?}");
+        let p = s.split;
         assert!(
-            close(s.data_ms, 20.0) && close(s.compute_ms, 100.0),
+            close(p.data_ms, 20.0) && close(p.compute_ms, 100.0),
             "{s:?}"
         );
-        assert!(close(s.wait_ms, 40.0) && close(s.apply_ms, 20.0), "{s:?}");
-        assert!(close(s.other_ms, 20.0), "{s:?}");
+        assert!(close(p.wait_ms, 40.0) && close(p.apply_ms, 20.0), "{s:?}");
+        assert!(close(p.other_ms, 20.0), "{s:?}");
         let mut t = s.clone();
         t.samples_per_s = 40.0;
-        t.compute_ms = 300.0;
-        let m = MeanSplit::of(&[s, t]).unwrap();
+        t.split.compute_ms = 300.0;
+        let m = MeanSplit::of(&[s.clone(), t]).unwrap();
+        assert!(close(m.samples_per_s, 200.0), "{m:?}");
         assert!(
-            close(m.samples_per_s, 200.0) && close(m.compute_ms, 200.0),
+            close(m.split.compute_ms, 200.0) && close(m.split.wait_ms, 40.0),
             "{m:?}"
         );
-        assert!(close(m.wait_ms, 40.0), "{m:?}");
+        // The JSON keeps the parts at the top level.
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["compute_ms"].as_f64(), Some(p.compute_ms));
+        assert_eq!(serde_json::from_value::<WorkerThroughput>(json).unwrap(), s);
         assert_eq!(MeanSplit::of(&[]), None);
     }
 }
