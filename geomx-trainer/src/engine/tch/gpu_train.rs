@@ -189,58 +189,42 @@ fn encode_step(
 }
 
 /// The server's side of a step, standing in for it on the worker's host: decodes what was pushed
-/// and applies SGD to `params`, keys in parallel (as a server's threads would).
+/// and applies SGD to `params`, keys in parallel ([`super::split::run_split`], as a server's
+/// threads would).
 fn apply_step(
     codec: GpuCodec,
     params: &mut [Vec<f32>],
     scratch: &mut Scratch,
     lr: f32,
 ) -> Result<(), GpuTrainError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let n = params.len();
     scratch.grads.resize_with(n, Vec::new);
     scratch.payloads.resize_with(n, Vec::new);
-    let mut work: Vec<_> = params
+    let work: Vec<_> = params
         .iter_mut()
         .zip(scratch.grads.iter_mut())
         .zip(scratch.payloads.iter())
         .enumerate()
         .collect();
-    // Largest keys first, dealt round-robin, so that the threads get similar shares.
-    work.sort_by_key(|(_, ((w, _), _))| std::cmp::Reverse(w.len()));
-    let mut shares: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, item) in work.into_iter().enumerate() {
-        shares[i % threads].push(item);
-    }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = shares
-            .into_iter()
-            .map(|share| {
-                scope.spawn(move || -> Result<(), GpuTrainError> {
-                    for (key, ((w, g), payload)) in share {
-                        match codec {
-                            GpuCodec::Dense => {}
-                            GpuCodec::Fp16 => {
-                                g.resize(w.len(), 0.0);
-                                decode_dense_into(payload, key as u64, g)
-                                    .map_err(|e| GpuTrainError::Decode(e.to_string()))?;
-                            }
-                            GpuCodec::Topk { .. } => {
-                                *g = decode_any(payload, key, w.len())
-                                    .map_err(GpuTrainError::Decode)?;
-                            }
-                        }
-                        w.iter_mut().zip(g.iter()).for_each(|(w, g)| *w -= lr * g);
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(GpuTrainError::Options("update thread panicked".into())))
-        })
-    })
+    super::split::run_split(
+        work,
+        |(_, ((w, _), _))| w.len(),
+        |(key, ((w, g), payload))| {
+            match codec {
+                GpuCodec::Dense => {}
+                GpuCodec::Fp16 => {
+                    g.resize(w.len(), 0.0);
+                    decode_dense_into(payload, key as u64, g)
+                        .map_err(|e| GpuTrainError::Decode(e.to_string()))?;
+                }
+                GpuCodec::Topk { .. } => {
+                    *g = decode_any(payload, key, w.len()).map_err(GpuTrainError::Decode)?;
+                }
+            }
+            w.iter_mut().zip(g.iter()).for_each(|(w, g)| *w -= lr * g);
+            Ok(())
+        },
+    )
 }
 
 fn median(v: &mut [f64]) -> f64 {
