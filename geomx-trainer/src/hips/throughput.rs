@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 /// Seconds of one round, by part.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepSplit {
+    /// Training samples the round consumed.
+    pub samples: u64,
     /// Waiting for the next batch (the prefetch thread had not prepared it).
     pub data_s: f64,
     /// Forward, backward and encoding (and starting the pushes).
@@ -109,10 +111,10 @@ pub struct ThroughputMeter {
 }
 
 impl ThroughputMeter {
-    /// Records a round of `wall` that consumed `samples` samples, split as `split`.
-    pub fn record(&mut self, samples: u64, wall: Duration, split: StepSplit) {
+    /// Records a round of `wall`, split as `split`.
+    pub fn record(&mut self, wall: Duration, split: StepSplit) {
         self.rounds += 1;
-        self.samples += samples;
+        self.samples += split.samples;
         self.wall_s += wall.as_secs_f64();
         self.parts.data_s += split.data_s;
         self.parts.compute_s += split.compute_s;
@@ -159,21 +161,14 @@ mod tests {
         let mut m = ThroughputMeter::default();
         assert_eq!(m.summary(0, 0), None);
         let split = |d, c, w, a| StepSplit {
+            samples: 32,
             data_s: d,
             compute_s: c,
             wait_s: w,
             apply_s: a,
         };
-        m.record(
-            32,
-            Duration::from_millis(100),
-            split(0.01, 0.05, 0.02, 0.01),
-        );
-        m.record(
-            32,
-            Duration::from_millis(300),
-            split(0.03, 0.15, 0.06, 0.03),
-        );
+        m.record(Duration::from_millis(100), split(0.01, 0.05, 0.02, 0.01));
+        m.record(Duration::from_millis(300), split(0.03, 0.15, 0.06, 0.03));
         let s = m.summary(1, 2).unwrap();
         assert_eq!((s.dc, s.rank, s.rounds, s.samples), (1, 2, 2, 64));
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;

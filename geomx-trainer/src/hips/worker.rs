@@ -647,9 +647,9 @@ pub fn run(
     for round in start..job.rounds {
         let round_started = Instant::now();
         let mut split = StepSplit::default();
-        let mut samples = 0u64;
         if let (Some(es), Some(avg)) = (esync.as_mut(), avg.as_mut()) {
-            let mut data_s = 0.0;
+            // The batch closure keeps its own tally: `split` is lent to the round.
+            let (mut data_s, mut samples) = (0.0, 0u64);
             let mut next = || {
                 let t = Instant::now();
                 let b = batcher.next_batch().map_err(RunError::Data)?;
@@ -658,11 +658,11 @@ pub fn run(
                 Ok(b)
             };
             loss = es.round(job, avg, &mut params, round, &mut next, &mut split)?;
-            split.data_s = data_s;
+            (split.data_s, split.samples) = (data_s, samples);
         } else if let (Some((k1, k2)), Some(avg)) = (job.hfa_periods(), avg.as_mut()) {
             let batch = batcher.next_batch().map_err(RunError::Data)?;
             split.data_s = round_started.elapsed().as_secs_f64();
-            samples = batch.len() as u64;
+            split.samples = batch.len() as u64;
             let t = Instant::now();
             loss = local_step(job, &mut params, &batch, Some(&mut avg.opts), slowdown)?.0;
             split.compute_s = t.elapsed().as_secs_f64();
@@ -687,9 +687,8 @@ pub fn run(
                 round,
                 &mut split,
             )?;
-            samples = job.data_config.batch_size as u64;
         }
-        meter.record(samples, round_started.elapsed(), split);
+        meter.record(round_started.elapsed(), split);
         let done = round + 1;
         if let Some(saver) = saver.as_ref().filter(|s| s.due(done)) {
             let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
@@ -834,6 +833,7 @@ fn fsa_round(
     let t = Instant::now();
     let batch = batcher.next_batch().map_err(RunError::Data)?;
     split.data_s += t.elapsed().as_secs_f64();
+    split.samples += batch.len() as u64;
     let started = Instant::now();
     let mut pending: Vec<Option<Result<Pending, RunError>>> =
         (0..params.len()).map(|_| None).collect();
