@@ -118,7 +118,8 @@ if [ -x "$bundle/bin/test-tch_gpu" ]; then
     plain=$(grep -o 'GPU_PLAIN {.*}' "$work/tch.out" | sed 's/^GPU_PLAIN //' | paste -sd, -)
     tskip=$(grep -o -m1 'skipped: .*' "$work/tch.out" | tr '"\\' "'/" || true)
     tpass=$(grep -c 'test result: ok' "$work/tch.out")
-    tch_json="{\"rc\":$trc,\"passed\":$tpass,\"skipped\":\"$tskip\",\"plain\":[${plain}],\"runs\":[${runs}]}"
+    preload=$(grep -o -m1 'GPU_PRELOAD_CHECK .*' "$work/tch.out" | tr '"\\' "'/" || true)
+    tch_json="{\"rc\":$trc,\"passed\":$tpass,\"skipped\":\"$tskip\",\"preload_check\":\"$preload\",\"plain\":[${plain}],\"runs\":[${runs}]}"
   fi
 fi
 
@@ -219,7 +220,7 @@ try:
             run = r["run"]
             a[codec + "_ms"] = round(run["step_ms_median"], 3)
             a[codec + "_encode_copy_fraction"] = round(run["compress_fraction"], 4)
-            for part in ("load", "compute", "encode", "copy", "update"):
+            for part in ("load", "compute", "encode", "copy", "update", "preload"):
                 if part + "_ms_median" in run:
                     a[codec + "_" + part + "_ms"] = round(run[part + "_ms_median"], 3)
             if "encode_ms_median" in run:
@@ -229,15 +230,13 @@ try:
         for a in per_arch.values():
             if a.get("plain_ms") and a.get("dense_ms"):
                 plain_ms = sum(a["plain_ms"]) / len(a["plain_ms"])
-                # Throughput of the geomx worker's step (compute, encode, copy: the step without
-                # the server's update, which the test does on this host) relative to the plain
-                # loop (target >= 0.9), and of the whole round with that update.
-                worker_ms = a["dense_ms"] - a.get("dense_update_ms", 0.0)
-                a["dense_throughput_vs_plain"] = round(plain_ms / max(worker_ms, 1e-9), 3)
-                a["dense_round_throughput_vs_plain"] = round(plain_ms / a["dense_ms"], 3)
+                # Throughput of the geomx worker's whole step relative to the plain loop (target
+                # >= 0.9). Dense pushes run the stand-in server's update and the preloads inside
+                # the backward pass, so the step includes them: nothing is subtracted.
+                a["dense_throughput_vs_plain"] = round(plain_ms / a["dense_ms"], 3)
                 if a.get("dense_nooverlap_ms"):
-                    w = a["dense_nooverlap_ms"] - a.get("dense_nooverlap_update_ms", 0.0)
-                    a["dense_nooverlap_throughput_vs_plain"] = round(plain_ms / max(w, 1e-9), 3)
+                    a["dense_nooverlap_throughput_vs_plain"] = round(
+                        plain_ms / a["dense_nooverlap_ms"], 3)
         targets["tch"] = per_arch
 except Exception as e:
     targets["tch_error"] = str(e)

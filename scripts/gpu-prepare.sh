@@ -59,8 +59,10 @@ fi
 if [ -n "$tch_env" ]; then
   (
     eval "$tch_env"
+    # Release: the worker's host work (the stand-in server's SGD, the copies into page-locked
+    # memory) is timed against libtorch's optimised kernels, as a deployment builds it.
     cargo test ${cargo_extra[@]+"${cargo_extra[@]}"} -p geomx-trainer --features tch --test tch_gpu \
-      --no-run --message-format=json
+      --release --no-run --message-format=json
   ) | grep '"kind":\["test"\]' \
     | grep -o '"name":"tch_gpu".*"executable":"[^"]*"' \
     | sed 's/.*"executable":"\([^"]*\)"/\1/' \

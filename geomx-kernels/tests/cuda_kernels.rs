@@ -153,6 +153,52 @@ fn device_fill_matches_its_cpu_mirror() {
     }
 }
 
+/// The copy stream sees what the default stream's kernels wrote before the copy was queued, and
+/// the default stream's later work sees what the copy stream brought to the device.
+#[test]
+fn copy_stream_is_ordered_with_the_default_stream() {
+    use cudarc::driver::DevicePtr;
+    use geomx_kernels::cuda::CopyStream;
+    let Some(d) = gpu() else { return };
+    let n = (1 << 22) + 5;
+    let copies = CopyStream::new(&d).unwrap();
+    let mut x = zeros::<f32>(&d, n);
+    let mut host = d.pinned::<f32>(n).unwrap();
+    for seed in 0..3u64 {
+        // A kernel writes x on the default stream; the copy is queued right behind it.
+        d.fill_uniform(&mut x, seed).unwrap();
+        let (ptr, guard) = x.device_ptr(d.stream());
+        drop(guard);
+        let dst = CudaDevice::pinned_mut(&mut host).unwrap();
+        (dst[0], dst[n - 1]) = (-1.0, -1.0);
+        // SAFETY: `x` and `host` live and are untouched until `wait` below.
+        let copied = unsafe { copies.dtoh_after_default(ptr + 4, &mut dst[1..n - 1]) }.unwrap();
+        copied.wait().unwrap();
+        let dst = CudaDevice::pinned_mut(&mut host).unwrap();
+        for (i, v) in dst.iter().enumerate().take(n - 1).skip(1) {
+            assert_eq!(
+                v.to_bits(),
+                uniform_at(seed, i as u64).to_bits(),
+                "seed {seed} element {i}"
+            );
+        }
+        // The elements outside the copied range were not written.
+        assert_eq!((dst[0], dst[n - 1]), (-1.0, -1.0), "seed {seed}");
+        // Back to the device: the default stream's download afterwards sees the new values.
+        for (i, v) in dst.iter_mut().enumerate() {
+            *v = i as f32 + seed as f32;
+        }
+        let dst = CudaDevice::pinned_mut(&mut host).unwrap();
+        // SAFETY: `x` lives until the download below, which the default stream orders after it.
+        let up = unsafe { copies.htod(dst, ptr, seed != 1) }.unwrap();
+        up.order_default().unwrap();
+        let back = down(&d, &x);
+        for (i, v) in back.iter().enumerate() {
+            assert_eq!(*v, i as f32 + seed as f32, "seed {seed} element {i}");
+        }
+    }
+}
+
 /// Test vectors for top-k: `kind` 0 = small integer set with zeros and ±0 (many ties),
 /// 1 = uniform, 2 = random bit patterns (NaN, inf, subnormals), 3 = one constant with every
 /// seventh element zero (all ties: the lowest indices win).

@@ -207,6 +207,13 @@ impl CudaDevice {
         p.as_mut_slice().map_err(CudaError::driver("pinned"))
     }
 
+    /// The address of page-locked memory from [`CudaDevice::pinned`], once the copies queued into
+    /// it through cudarc have finished (copies queued by a [`super::CopyStream`] are waited for
+    /// through their [`super::Copied`]), for handing out disjoint parts of it.
+    pub fn pinned_ptr<T: ValidAsZeroBits>(p: &mut PinnedHostSlice<T>) -> Result<*mut T, CudaError> {
+        p.as_mut_ptr().map_err(CudaError::driver("pinned"))
+    }
+
     /// Copies a whole device buffer to a new host vector. Synchronises.
     pub fn download<T: DeviceRepr>(&self, src: &CudaSlice<T>) -> Result<Vec<T>, CudaError> {
         self.stream

@@ -19,6 +19,7 @@
 
 mod cast;
 mod context;
+mod copy;
 mod dgt;
 mod error;
 pub mod fill;
@@ -28,6 +29,7 @@ mod source;
 mod topk;
 
 pub use context::{device_count, driver_available, CudaDevice};
+pub use copy::{Copied, CopyStream};
 pub use error::CudaError;
 pub use segments::{pow2_factors, Segments};
 pub use source::{compile, nvrtc_available, ptxas_resources, Family, KernelResources};

@@ -182,6 +182,16 @@ pub trait Model: Send + Sync {
     /// Mean loss and accuracy over `data`.
     fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError>;
 
+    /// Keys `first..first + values.len()` will have `values` at the next training step: a back
+    /// end that keeps its parameters on a device may load them now, while the caller still waits
+    /// for other keys, and skip them in that step if it is given the same values (a back end
+    /// compares them, which costs less than loading them; other values are loaded as usual).
+    /// Returns whether they were loaded (default: no, nothing to do).
+    fn preload(&self, first: usize, values: &[&[f32]]) -> Result<bool, EngineError> {
+        let _ = (first, values);
+        Ok(false)
+    }
+
     /// [`Model::backward_layerwise`] with each gradient already encoded as a dense push payload
     /// of `enc` (what [`crate::codec::encode_values`] returns): `on_payload(key, elements,
     /// payload)`, last layer first. The default ([`encode_on_host`]) encodes host gradients; a

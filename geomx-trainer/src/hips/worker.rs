@@ -860,7 +860,9 @@ fn fsa_round(
         .map_err(RunError::Engine)?;
     slow_down(slowdown, started.elapsed());
     split.compute_s += started.elapsed().as_secs_f64();
-    for (k, p) in pending.into_iter().enumerate() {
+    // Replies in push order (last layer first, the first to be answered); each key's new values
+    // go to the model's device at once (`Model::preload`), while later replies are awaited.
+    for (k, p) in pending.into_iter().enumerate().rev() {
         let p = p.ok_or_else(|| {
             RunError::Protocol(format!("the model produced no gradient for key {k}"))
         })??;
@@ -869,6 +871,9 @@ fn fsa_round(
         let t_apply = Instant::now();
         split.wait_s += (t_apply - t).as_secs_f64();
         apply[k].apply(job, k, &mut params[k], &resp)?;
+        job.model
+            .preload(k, &[params[k].as_slice()])
+            .map_err(RunError::Engine)?;
         split.apply_s += t_apply.elapsed().as_secs_f64();
     }
     Ok(f64::from(l))

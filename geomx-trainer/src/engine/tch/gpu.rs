@@ -14,6 +14,7 @@
 //! [`GpuCompressError::Unavailable`] with the reason; nothing panics.
 
 mod batch;
+pub(crate) mod host_grads;
 
 pub use batch::BatchTimes;
 
@@ -54,10 +55,6 @@ struct Borrowed {
 impl Borrowed {
     fn slice(&mut self) -> &mut CudaSlice<f32> {
         self.slice.as_mut().expect("present until drop")
-    }
-
-    fn slice_ref(&self) -> &CudaSlice<f32> {
-        self.slice.as_ref().expect("present until drop")
     }
 }
 

@@ -1,13 +1,18 @@
 //! Training a libtorch model on a CUDA device, timed: the measurement behind
 //! `scripts/gpu-check.sh` (step time, and encode + copy time per step).
 //!
-//! [`train_with_gpu_compression`] runs the worker's step as the trainer runs it today: the host
-//! parameters are copied to the device, the gradient is computed there
-//! ([`TchModel::backward_on_device`]), every key is either copied to the host as f32
-//! ([`GpuCodec::Dense`]) or compressed on the device ([`GpuCompressor`]) with only the payload
-//! copied, payloads are decoded as a server would ([`crate::codec::decode_any`]) and plain SGD
-//! updates the host parameters. [`train_plain`] is the baseline: a plain libtorch loop whose
-//! parameters and SGD step stay on the device, on the same batches.
+//! [`train_with_gpu_compression`] runs the worker's step as the trainer runs it: the host
+//! parameters are loaded into the device, the gradient is computed there, and either
+//! - ([`GpuCodec::Dense`]) the gradients come to the host stage by stage while the backward pass
+//!   goes on ([`TchModel::backward_host`], as the trainer's f32 pushes), a stand-in server applies
+//!   plain SGD to each stage as it arrives, and the stage's new values are preloaded into the
+//!   device ([`super::Ahead::preload`]), as the trainer does with each reply; or
+//! - every key is compressed on the device ([`GpuCompressor`]) with only the payload copied,
+//!   payloads are decoded as a server would ([`crate::codec::decode_any`]) and plain SGD updates
+//!   the host parameters.
+//!
+//! [`train_plain`] is the baseline: a plain libtorch loop whose parameters and SGD step stay on
+//! the device, on the same batches.
 
 use std::time::Instant;
 
@@ -17,7 +22,7 @@ use tch::{Kind, Tensor};
 
 use super::arch::{cross_entropy, BnMode};
 use super::gpu::{BatchTimes, GpuCompressError, GpuCompressor};
-use super::{amp, guarded, to_host, torch_device, TchModel};
+use super::{amp, guarded, torch_device, TchModel};
 use crate::codec::decode_any;
 use crate::config::Precision;
 use crate::data::Dataset;
@@ -63,7 +68,7 @@ pub struct GpuTrainReport {
     pub options: GpuTrainOptions,
     /// Device the model ran on.
     pub device: String,
-    /// CUDA device name (`none` for a dense run on the CPU).
+    /// CUDA device name (`none` on the CPU).
     pub gpu: String,
     /// Model parameters.
     pub params: usize,
@@ -75,11 +80,17 @@ pub struct GpuTrainReport {
     pub load_ms_median: f64,
     /// Median time of the encoding on the device (with its synchronisations), ms.
     pub encode_ms_median: f64,
-    /// Median time of copying the payloads (or, for [`GpuCodec::Dense`], the f32 gradients) to
-    /// the host, ms.
+    /// Median time of copying the payloads to the host, ms (0 for [`GpuCodec::Dense`], whose
+    /// copies run on a copy stream during the backward pass: waiting for them counts as
+    /// compute).
     pub copy_ms_median: f64,
-    /// Median time of the host side standing in for the server: decoding and the SGD update, ms.
+    /// Median time of the host side standing in for the server: decoding and the SGD update, ms
+    /// (for [`GpuCodec::Dense`]: the SGD of each stage and its preload, inside the backward pass
+    /// while the device works on the stages below).
     pub update_ms_median: f64,
+    /// Median time of preloading the next parameters into the device, ms (part of
+    /// `update_ms_median`; [`GpuCodec::Dense`] only, else 0).
+    pub preload_ms_median: f64,
     /// Median of encode + copy per step, ms.
     pub compress_ms_median: f64,
     /// `compress_ms_median / step_ms_median`.
@@ -125,6 +136,7 @@ struct Split {
     encode: Vec<f64>,
     copy: Vec<f64>,
     update: Vec<f64>,
+    preload: Vec<f64>,
     coded: Vec<f64>,
 }
 
@@ -138,8 +150,7 @@ struct Scratch {
 }
 
 /// Encodes a step's gradients (key order) with `codec` into `scratch`: batched on the device for
-/// dense f32 and FP16, per key for top-k (its state is per key); dense f32 of a CPU model is
-/// copied per key. Returns the time split and the bytes pushed.
+/// FP16, per key for top-k (its state is per key). Returns the time split and the bytes pushed.
 fn encode_step(
     comp: &mut Option<GpuCompressor>,
     codec: GpuCodec,
@@ -148,22 +159,9 @@ fn encode_step(
     scratch: &mut Scratch,
 ) -> Result<(BatchTimes, usize), GpuTrainError> {
     match (codec, comp.as_mut()) {
-        (GpuCodec::Dense, None) => {
-            let t0 = Instant::now();
-            scratch.grads = grads
-                .iter()
-                .map(|g| guarded(|| to_host(g)))
-                .collect::<Result<_, _>>()?;
-            let times = BatchTimes {
-                encode_s: 0.0,
-                copy_s: t0.elapsed().as_secs_f64(),
-            };
-            Ok((times, 4 * scratch.grads.iter().map(Vec::len).sum::<usize>()))
-        }
-        (GpuCodec::Dense, Some(c)) => {
-            let times = c.dense_f32_into(grads, &mut scratch.grads)?;
-            Ok((times, 4 * scratch.grads.iter().map(Vec::len).sum::<usize>()))
-        }
+        (GpuCodec::Dense, _) => Err(GpuTrainError::Options(
+            "dense pushes take the staged path (dense_step)".into(),
+        )),
         (GpuCodec::Fp16, c) => {
             let times = gpu(c)?.fp16_payloads_into(grads, Scaling::Pow2, &mut scratch.payloads)?;
             Ok((times, scratch.payloads.iter().map(Vec::len).sum()))
@@ -227,6 +225,52 @@ fn apply_step(
     )
 }
 
+/// One step with dense f32 pushes, as the trainer's worker and a server run it. The gradients
+/// come to the host a stage at a time during the backward pass ([`TchModel::backward_host`]:
+/// each stage once its copy is done, while the device works on the stages below); the stand-in
+/// server applies SGD to each stage as it arrives (`next ← params − lr·g`, keys in parallel) and
+/// the stage's new values are preloaded into the device ([`super::Ahead::preload`]), as the
+/// worker does with each reply. `params` becomes the new values (`next` keeps the old buffers,
+/// reused next step). Returns the loss, the seconds spent in the stand-in server's update and
+/// the preloads, and those of the preloads alone.
+fn dense_step(
+    model: &TchModel,
+    params: &mut Vec<Vec<f32>>,
+    next: &mut Vec<Vec<f32>>,
+    batch: &Dataset,
+    lr: f32,
+) -> Result<(f32, f64, f64), GpuTrainError> {
+    let (mut host_s, mut preload_s) = (0.0, 0.0);
+    let current: &[Vec<f32>] = params;
+    let loss = model.backward_host(current, batch.view(), &mut |first, grads, ahead| {
+        let t = Instant::now();
+        let keys = first..first + grads.len();
+        let work: Vec<_> = next[keys.clone()]
+            .iter_mut()
+            .zip(&current[keys.clone()])
+            .zip(grads)
+            .collect();
+        let done: Result<(), std::convert::Infallible> = super::split::run_split(
+            work,
+            |((_, w), _)| w.len(),
+            |((n, w), g)| {
+                n.clear();
+                n.extend(w.iter().zip(*g).map(|(w, g)| w - lr * g));
+                Ok(())
+            },
+        );
+        let Ok(()) = done;
+        let t_pre = Instant::now();
+        let values: Vec<&[f32]> = next[keys].iter().map(Vec::as_slice).collect();
+        ahead.preload(first, &values)?;
+        host_s += t.elapsed().as_secs_f64();
+        preload_s += t_pre.elapsed().as_secs_f64();
+        Ok(())
+    })?;
+    std::mem::swap(params, next);
+    Ok((loss, host_s, preload_s))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -249,7 +293,7 @@ pub fn train_with_gpu_compression(
         )));
     }
     // Dense pushes need no CUDA kernels, so they also run on a CPU model (the tests' check).
-    let mut comp = if opts.codec == GpuCodec::Dense && !model.device().is_cuda() {
+    let mut comp = if opts.codec == GpuCodec::Dense {
         None
     } else {
         Some(GpuCompressor::new(model.device())?)
@@ -259,12 +303,34 @@ pub fn train_with_gpu_compression(
     let mut split = Split::default();
     let mut scratch = Scratch::default();
     let (mut loss_first, mut loss_last, mut payload_bytes) = (0f32, 0f32, 0usize);
+    let mut next: Vec<Vec<f32>> = vec![Vec::new(); specs.len()];
     for step in 0..opts.steps {
         let start = (step * opts.batch) % (data.len() - opts.batch + 1);
         let idx: Vec<usize> = (start..start + opts.batch).collect();
         let batch = data.gather(&idx);
         let t0 = Instant::now();
         let mut times = BatchTimes::default();
+        if opts.codec == GpuCodec::Dense {
+            let (loss, update_s, preload_s) =
+                dense_step(model, &mut params, &mut next, &batch, opts.lr)?;
+            let total = t0.elapsed().as_secs_f64();
+            payload_bytes = 4 * model.num_params();
+            if step == 0 {
+                loss_first = loss;
+            } else {
+                let load_s = model.last_load_seconds();
+                split.step.push(total * 1e3);
+                split.load.push(load_s * 1e3);
+                split.compute.push((total - update_s - load_s) * 1e3);
+                split.encode.push(0.0);
+                split.copy.push(0.0);
+                split.update.push(update_s * 1e3);
+                split.preload.push(preload_s * 1e3);
+                split.coded.push(0.0);
+            }
+            loss_last = loss;
+            continue;
+        }
         let mut grads: Vec<Option<Tensor>> = (0..specs.len()).map(|_| None).collect();
         let mut seen = 0usize;
         let mut failure: Option<GpuTrainError> = None;
@@ -313,7 +379,12 @@ pub fn train_with_gpu_compression(
     Ok(GpuTrainReport {
         options: opts,
         device: model.device().to_string(),
-        gpu: comp.map_or_else(|| "none".into(), |c| c.device().name().to_string()),
+        gpu: match (&comp, model.device()) {
+            (Some(c), _) => c.device().name().to_string(),
+            (None, crate::engine::Device::Cuda(o)) => geomx_kernels::cuda::CudaDevice::new(o)
+                .map_or_else(|e| format!("unknown ({e})"), |d| d.name().to_string()),
+            (None, crate::engine::Device::Cpu) => "none".into(),
+        },
         params: model.num_params(),
         step_ms_median,
         compute_ms_median: median(&mut split.compute),
@@ -321,6 +392,7 @@ pub fn train_with_gpu_compression(
         encode_ms_median: median(&mut split.encode),
         copy_ms_median: median(&mut split.copy),
         update_ms_median: median(&mut split.update),
+        preload_ms_median: median(&mut split.preload),
         compress_ms_median,
         compress_fraction: compress_ms_median / step_ms_median.max(f64::MIN_POSITIVE),
         payload_bytes_per_step: payload_bytes,

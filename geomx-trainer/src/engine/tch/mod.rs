@@ -36,7 +36,9 @@ use crate::codec::Encoded;
 use crate::config::Precision;
 use crate::data::Samples;
 pub use arch::{Arch, BnMode, BnStats, ImageShape, Net};
+use gpu::host_grads::HostGrads;
 use gpu::GpuCompressor;
+use resident::Resident;
 
 /// Samples per forward pass when evaluating.
 const EVAL_CHUNK: usize = 256;
@@ -56,7 +58,10 @@ pub struct TchModel {
     /// benchmark's split).
     load_s: Arc<std::sync::atomic::AtomicU64>,
     /// The GPU compressor of [`Model::backward_encoded`], opened at first use.
-    gpu: Arc<Mutex<GpuState>>,
+    gpu: Arc<Mutex<Opened<GpuCompressor>>>,
+    /// The copy stream and page-locked buffer that bring a CUDA model's gradients to the host
+    /// stage by stage ([`TchModel::backward_host`]), opened at first use.
+    host_grads: Arc<Mutex<Opened<HostGrads>>>,
     /// Whether libtorch can use `device`, checked at the first computation.
     device_ok: Arc<OnceLock<Result<(), EngineError>>>,
     /// The parameters kept on the device between training steps, made at the first one. A step
@@ -67,15 +72,115 @@ pub struct TchModel {
     bn: Arc<Mutex<Option<arch::BnStats>>>,
 }
 
-/// Whether GPU-resident encoding is set up.
+/// A piece of GPU machinery opened at first use (or found unavailable, once).
 #[derive(Debug)]
-enum GpuState {
+enum Opened<T> {
     /// Not tried yet.
     Untried,
     /// Ready.
-    Ready(Box<GpuCompressor>),
-    /// CUDA kernels unavailable: encode on the host.
+    Ready(Box<T>),
+    /// Unavailable (the reason was logged): the host fallback is used.
     Unavailable,
+}
+
+impl<T> Opened<T> {
+    /// The machinery, opened by `open` at the first call; `None` (with a warning naming `what`
+    /// and the reason, logged once) when it cannot be opened.
+    fn get_or_open(
+        &mut self,
+        what: &str,
+        open: impl FnOnce() -> Result<T, gpu::GpuCompressError>,
+    ) -> Option<&mut T> {
+        if matches!(self, Opened::Untried) {
+            *self = match open() {
+                Ok(t) => Opened::Ready(Box::new(t)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} off: using the host path");
+                    Opened::Unavailable
+                }
+            };
+        }
+        self.ready()
+    }
+
+    /// The machinery if it is open.
+    fn ready(&mut self) -> Option<&mut T> {
+        match self {
+            Opened::Ready(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// What [`TchModel::backward_stages`] calls once a stage's gradients are final: the stage's keys,
+/// the leaves, and the resident parameters when the leaves are theirs.
+type StageFn<'a> = dyn FnMut(std::ops::Range<usize>, &[Tensor], Option<&mut Resident>) -> Result<(), EngineError>
+    + 'a;
+
+/// What [`TchModel::backward_host`] calls with each stage's host gradients: the stage's first
+/// key, the gradients of its keys (key order), and the means to preload their next values.
+pub type HostStageFn<'a> =
+    dyn FnMut(usize, &[&[f32]], &mut Ahead<'_>) -> Result<(), EngineError> + 'a;
+
+/// Loads a step's parameters for the next step from inside [`TchModel::backward_host`]'s
+/// callback, while the backward pass goes on below.
+pub struct Ahead<'a> {
+    resident: Option<&'a mut Resident>,
+    copies: Option<&'a HostGrads>,
+    /// The lowest key whose gradient is complete: only keys from it on may be preloaded.
+    done_from: usize,
+}
+
+impl<'a> Ahead<'a> {
+    fn new(
+        resident: Option<&'a mut Resident>,
+        copies: Option<&'a HostGrads>,
+        done_from: usize,
+    ) -> Ahead<'a> {
+        Ahead {
+            resident,
+            copies,
+            done_from,
+        }
+    }
+
+    /// Keys `first..first + values.len()` will have `values` at the next step: load them into
+    /// the device now (on CUDA asynchronously, on the copy stream), so that the next step skips
+    /// them when it is given the same values (see [`Model::preload`]). Only keys whose
+    /// gradients have been handed over may be preloaded. Returns whether they were loaded: not
+    /// when the step runs on fresh tensors (another thread held the resident ones) or without a
+    /// copy stream.
+    pub fn preload(&mut self, first: usize, values: &[&[f32]]) -> Result<bool, EngineError> {
+        if first < self.done_from {
+            return Err(EngineError::Backend(format!(
+                "preload of key {first}: its gradient is not complete yet (keys from {} are)",
+                self.done_from
+            )));
+        }
+        match self.resident.as_deref_mut() {
+            Some(r) => {
+                // The keys' gradients have arrived, so nothing queued reads their old values.
+                guarded(|| r.preload(first, values, self.copies, false))?
+                    .map_err(EngineError::Backend)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+/// The gradients of keys `keys` in `host`, which holds a flat buffer's elements from `base` on
+/// (`spans`: each key's offset and length in the flat buffer).
+fn key_slices<'a>(
+    keys: std::ops::Range<usize>,
+    host: &'a [f32],
+    base: usize,
+    spans: &[(usize, usize)],
+) -> Vec<&'a [f32]> {
+    keys.map(|k| {
+        let (off, len) = spans[k];
+        &host[off - base..off - base + len]
+    })
+    .collect()
 }
 
 /// The libtorch device of `d`.
@@ -180,7 +285,8 @@ impl TchModel {
             scaler: Arc::new(Mutex::new(amp::LossScaler::default())),
             overlap: false,
             load_s: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            gpu: Arc::new(Mutex::new(GpuState::Untried)),
+            gpu: Arc::new(Mutex::new(Opened::Untried)),
+            host_grads: Arc::new(Mutex::new(Opened::Untried)),
             device_ok: Arc::new(OnceLock::new()),
             resident: Arc::new(Mutex::new(None)),
             bn: Arc::new(Mutex::new(None)),
@@ -307,13 +413,14 @@ impl TchModel {
     }
 
     /// Runs `f` with `params` loaded as leaf tensors on the model's device: the model's
-    /// [`resident::Resident`] tensors, or fresh tensors when another thread is using those. `f`
-    /// must be done with their gradients when it returns (the next step overwrites them).
+    /// [`resident::Resident`] tensors (also given to `f`: their gradients are spans of one flat
+    /// buffer), or fresh tensors when another thread is using those. `f` must be done with their
+    /// gradients when it returns (the next step overwrites them).
     fn with_params<R>(
         &self,
         params: &[Vec<f32>],
         batch: &Samples<'_>,
-        f: impl FnOnce(&[Tensor], tch::Device) -> Result<R, EngineError>,
+        f: impl FnOnce(&[Tensor], tch::Device, Option<&mut Resident>) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         if self.check(params, batch)? == 0 {
             return Err(EngineError::EmptyBatch);
@@ -322,25 +429,25 @@ impl TchModel {
         let dev = torch_device(self.device);
         let mut slot = self.resident.try_lock().ok();
         let started = std::time::Instant::now();
-        let fresh;
-        let p: &[Tensor] = match slot.as_deref_mut() {
+        let (p, resident) = match slot.as_deref_mut() {
             Some(r) => {
                 if r.is_none() {
-                    *r = Some(guarded(|| resident::Resident::new(self.net.specs(), dev))?);
+                    *r = Some(guarded(|| Resident::new(self.net.specs(), dev))?);
                 }
                 let r = r.as_mut().expect("made above");
-                guarded(|| r.load(params))?;
-                r.params()
+                guarded(|| r.load(params))?.map_err(EngineError::Backend)?;
+                let p: Vec<Tensor> = r.params().iter().map(Tensor::shallow_clone).collect();
+                (p, Some(r))
             }
-            None => {
-                fresh = guarded(|| self.params_on(params, Kind::Float, dev, true))?;
-                &fresh
-            }
+            None => (
+                guarded(|| self.params_on(params, Kind::Float, dev, true))?,
+                None,
+            ),
         };
         let load = started.elapsed().as_secs_f64();
         self.load_s
             .store(load.to_bits(), std::sync::atomic::Ordering::Relaxed);
-        f(p, dev)
+        f(&p, dev, resident)
     }
 
     /// Mean loss over `batch` and the gradients (key order) on the model's device, handed to
@@ -351,7 +458,7 @@ impl TchModel {
         batch: &Samples<'_>,
         consume: impl FnOnce(f32, &[Tensor]) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
-        self.with_params(params, batch, |p, dev| {
+        self.with_params(params, batch, |p, dev, _| {
             let (loss, grads) = guarded(|| self.full_backward(p, batch, dev))?;
             consume(loss, &grads)
         })
@@ -409,18 +516,26 @@ impl TchModel {
         self.overlap && self.precision != Precision::Fp16Amp
     }
 
-    /// Mean loss over `batch`; each key's gradient (on the model's device, `f32`, contiguous) goes
-    /// to `on_grad` in descending key order as soon as the backward pass has produced it: the
-    /// backward pass runs stage by stage ([`Net::forward_staged`]), and a stage's gradients are
-    /// handed over before the stage below it is differentiated. The gradients are bit for bit
-    /// those of one backward pass.
-    fn staged_backward(
+    /// Mean loss over `batch` and its gradients, announced stage by stage: once the kernels that
+    /// finish the gradients of keys `keys` are queued, `on_stage(keys, leaves, flat)` is called
+    /// (the leaves' `grad()` hold them; `flat` is the flat gradient buffer when the leaves are the
+    /// resident ones). Stages come last layer first and cover every key once. With
+    /// [`TchModel::staged`] the backward pass runs stage by stage ([`Net::forward_staged`]) and a
+    /// stage is announced before the stage below it is differentiated; otherwise one backward
+    /// pass ([`TchModel::full_backward`]) announces all keys at once. Either way the gradients
+    /// are bit for bit those of one backward pass.
+    fn backward_stages(
         &self,
         params: &[Vec<f32>],
         batch: &Samples<'_>,
-        on_grad: &mut dyn FnMut(usize, &Tensor) -> Result<(), EngineError>,
+        on_stage: &mut StageFn<'_>,
     ) -> Result<f32, EngineError> {
-        self.with_params(params, batch, |p, dev| {
+        self.with_params(params, batch, |p, dev, mut resident| {
+            if !self.staged() {
+                let (loss, _) = guarded(|| self.full_backward(p, batch, dev))?;
+                on_stage(0..p.len(), p, resident)?;
+                return Ok(loss);
+            }
             let mut cuts = Vec::new();
             let loss = guarded(|| {
                 let (x, y) = self.batch_on(batch, Kind::Float, dev);
@@ -431,25 +546,144 @@ impl TchModel {
                 });
                 let loss = arch::cross_entropy(&logits, &y, Kind::Float);
                 loss.backward();
-                loss.double_value(&[]) as f32
+                loss
             })?;
-            let mut emit = |keys: std::ops::Range<usize>| -> Result<(), EngineError> {
-                for key in keys.rev() {
-                    let g = guarded(|| p[key].grad().contiguous())?;
-                    on_grad(key, &g)?;
-                }
-                Ok(())
-            };
             let mut hi = p.len();
             for (keys, out, leaf) in cuts.iter().rev() {
-                emit(*keys..hi)?;
+                on_stage(*keys..hi, p, resident.as_deref_mut())?;
                 hi = *keys;
                 // d/d out of sum(out · g) is exactly g: the stage's backward pass from the
                 // gradient its output received.
                 guarded(|| (out * leaf.grad()).sum(Kind::Float).backward())?;
             }
-            emit(0..hi)?;
-            Ok(loss)
+            on_stage(0..hi, p, resident)?;
+            // Read last: reading the loss waits for the device.
+            guarded(|| loss.double_value(&[]) as f32)
+        })
+    }
+
+    /// Mean loss over `batch`; each key's gradient (on the model's device, `f32`, contiguous)
+    /// goes to `on_grad` in descending key order as soon as its stage is done
+    /// ([`TchModel::backward_stages`]).
+    fn staged_backward(
+        &self,
+        params: &[Vec<f32>],
+        batch: &Samples<'_>,
+        on_grad: &mut dyn FnMut(usize, &Tensor) -> Result<(), EngineError>,
+    ) -> Result<f32, EngineError> {
+        self.backward_stages(params, batch, &mut |keys, p, _| {
+            for key in keys.rev() {
+                let g = guarded(|| p[key].grad().contiguous())?;
+                on_grad(key, &g)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The copy stream and page-locked gradient buffer of a CUDA model, opened at the first call
+    /// (locked; `None` on the CPU or when it cannot be opened).
+    fn copier(&self) -> Option<std::sync::MutexGuard<'_, Opened<HostGrads>>> {
+        let Device::Cuda(ordinal) = self.device else {
+            return None;
+        };
+        // Room for every key and its alignment gap in the flat gradient buffer.
+        let total = self.net.specs().iter().map(|s| s.len() + 16).sum::<usize>();
+        let mut state = self
+            .host_grads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        state
+            .get_or_open("staged gradient copies", || HostGrads::new(ordinal, total))
+            .is_some()
+            .then_some(state)
+    }
+
+    /// Mean loss over `batch` and its gradients on the host, a stage at a time, last layer first:
+    /// `on_stage(first, grads, ahead)` gets the gradients of keys `first..first + grads.len()`
+    /// (key order), borrowed until it returns, and may load those keys' next values with
+    /// [`Ahead::preload`].
+    ///
+    /// With the resident parameters the gradients leave the device from the flat gradient
+    /// buffer: on CUDA each stage's span is copied into page-locked memory on a copy stream
+    /// queued behind the stage's backward kernels ([`HostGrads`]), so the copy of one stage
+    /// overlaps the backward pass of the next, and `on_stage` for a stage runs once its copy is
+    /// done (this thread waits only after queueing the last stage), while the device works on the
+    /// stages below; on the CPU they are read in place. Otherwise (clones sharing
+    /// the resident tensors, or no copy stream) each key is copied out on its own.
+    pub fn backward_host(
+        &self,
+        params: &[Vec<f32>],
+        batch: Samples<'_>,
+        on_stage: &mut HostStageFn<'_>,
+    ) -> Result<f32, EngineError> {
+        let mut copier = self.copier();
+        let backend = |e: gpu::GpuCompressError| EngineError::Backend(e.to_string());
+        // CUDA stages whose copies are queued, oldest first. A stage is handed over once its copy
+        // is done; only after the last stage has been queued does this thread wait for them, so
+        // the device has the rest of the backward pass queued while `on_stage` runs.
+        let mut in_flight: std::collections::VecDeque<(
+            std::ops::Range<usize>,
+            geomx_kernels::cuda::Copied,
+        )> = std::collections::VecDeque::new();
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let cuda = self.device.is_cuda();
+        let mut run_stage = |keys: std::ops::Range<usize>,
+                             p: &[Tensor],
+                             resident: Option<&mut Resident>,
+                             last: bool|
+         -> Result<(), EngineError> {
+            let hg = copier.as_deref_mut().and_then(Opened::ready);
+            match (resident, hg) {
+                (Some(r), Some(hg)) if cuda => {
+                    let f = r.flat_grads();
+                    if spans.is_empty() {
+                        spans.clone_from(&f.spans);
+                    }
+                    let copied = hg
+                        .queue(&f.grads, f.elements(keys.clone()))
+                        .map_err(backend)?;
+                    in_flight.push_back((keys, copied));
+                    let hg = &*hg;
+                    while in_flight.front().is_some_and(|(_, c)| last || c.is_done()) {
+                        let (done, c) = in_flight.pop_front().expect("checked above");
+                        let el = f.elements(done.clone());
+                        let host = hg.wait(&c, el.clone()).map_err(backend)?;
+                        let grads = key_slices(done.clone(), host, el.start, &spans);
+                        let mut ahead = Ahead::new(Some(&mut *r), Some(hg), done.start);
+                        on_stage(done.start, &grads, &mut ahead)?;
+                    }
+                    Ok(())
+                }
+                (Some(r), _) if !cuda => {
+                    let f = r.flat_grads();
+                    let el = f.elements(keys.clone());
+                    let whole = guarded(|| f.grads.narrow(0, el.start as i64, el.len() as i64))?;
+                    // SAFETY: `whole` is a contiguous CPU f32 tensor of `el.len()` elements whose
+                    // computation has finished (CPU kernels are synchronous); nothing writes it
+                    // before `on_stage` returns (preloading writes the parameters, not it).
+                    let host = unsafe {
+                        std::slice::from_raw_parts(whole.data_ptr().cast::<f32>(), el.len())
+                    };
+                    let grads = key_slices(keys.clone(), host, el.start, &f.spans);
+                    on_stage(
+                        keys.start,
+                        &grads,
+                        &mut Ahead::new(Some(r), None, keys.start),
+                    )
+                }
+                _ => {
+                    let owned: Vec<Vec<f32>> = keys
+                        .clone()
+                        .map(|k| guarded(|| to_host(&p[k].grad())))
+                        .collect::<Result<_, _>>()?;
+                    let grads: Vec<&[f32]> = owned.iter().map(Vec::as_slice).collect();
+                    on_stage(keys.start, &grads, &mut Ahead::new(None, None, keys.start))
+                }
+            }
+        };
+        self.backward_stages(params, &batch, &mut |keys, p, resident| {
+            let last = keys.start == 0;
+            run_stage(keys, p, resident, last)
         })
     }
 
@@ -462,17 +696,9 @@ impl TchModel {
         batch: Samples<'_>,
         on_grad: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<f32, EngineError> {
-        if self.staged() {
-            return self.staged_backward(params, &batch, &mut |key, g| {
-                on_grad(key, g);
-                Ok(())
-            });
-        }
-        self.with_grads(params, &batch, |loss, grads| {
-            for (key, g) in grads.iter().enumerate().rev() {
-                on_grad(key, g);
-            }
-            Ok(loss)
+        self.staged_backward(params, &batch, &mut |key, g| {
+            on_grad(key, g);
+            Ok(())
         })
     }
 
@@ -538,24 +764,34 @@ impl Model for TchModel {
         })
     }
 
+    /// The gradients come to the host stage by stage ([`TchModel::backward_host`]).
     fn backward_layerwise(
         &self,
         params: &[Vec<f32>],
         batch: Samples<'_>,
         on_grad: &mut dyn FnMut(usize, Vec<f32>),
     ) -> Result<f32, EngineError> {
-        if self.staged() {
-            return self.staged_backward(params, &batch, &mut |key, g| {
-                on_grad(key, guarded(|| to_host(g))?);
-                Ok(())
-            });
-        }
-        self.with_grads(params, &batch, |loss, grads| {
-            for (key, g) in grads.iter().enumerate().rev() {
-                on_grad(key, guarded(|| to_host(g))?);
+        self.backward_host(params, batch, &mut |first, grads, _| {
+            for (i, g) in grads.iter().enumerate().rev() {
+                on_grad(first + i, g.to_vec());
             }
-            Ok(loss)
+            Ok(())
         })
+    }
+
+    /// Loads the values into the resident parameters now (on CUDA through the copy stream,
+    /// without waiting): see [`Resident`]'s `preload`. Nothing is loaded while another thread
+    /// holds the resident parameters or before the first step made them.
+    fn preload(&self, first: usize, values: &[&[f32]]) -> Result<bool, EngineError> {
+        let Ok(mut slot) = self.resident.try_lock() else {
+            return Ok(false);
+        };
+        let Some(r) = slot.as_mut() else {
+            return Ok(false);
+        };
+        let mut copier = self.copier();
+        let copies = copier.as_deref_mut().and_then(Opened::ready);
+        guarded(|| r.preload(first, values, copies.as_deref(), true))?.map_err(EngineError::Backend)
     }
 
     /// On a CUDA device with an FP16 tier, the gradients stay on the device and are encoded
@@ -572,16 +808,9 @@ impl Model for TchModel {
             return encode_on_host(self, params, batch, enc, on_payload);
         }
         let mut state = self.gpu.lock().unwrap_or_else(PoisonError::into_inner);
-        if matches!(*state, GpuState::Untried) {
-            *state = match GpuCompressor::new(self.device) {
-                Ok(c) => GpuState::Ready(Box::new(c)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "GPU-resident encoding off: encoding on the host");
-                    GpuState::Unavailable
-                }
-            };
-        }
-        let GpuState::Ready(comp) = &mut *state else {
+        let Some(comp) =
+            state.get_or_open("GPU-resident encoding", || GpuCompressor::new(self.device))
+        else {
             return encode_on_host(self, params, batch, enc, on_payload);
         };
         self.with_grads(params, &batch, |loss, grads| {

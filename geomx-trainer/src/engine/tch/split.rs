@@ -1,17 +1,16 @@
 //! Large host work split over a few threads by size. One core's `memcpy` reaches only a fraction
 //! of a server's memory bandwidth, and a step of ResNet-18 copies its 45 MB of parameters into
-//! page-locked memory and its 45 MB of gradients out of it (and the GPU step benchmark's stand-in
-//! server updates them).
+//! page-locked memory (and the GPU step benchmark's stand-in server updates them).
 
-/// Below this many elements in all one thread does the work (threads cost more than they save).
-const PARALLEL_MIN: usize = 1 << 20;
+/// Each thread gets at least this many elements (fewer cost more to hand over than they save).
+const PARALLEL_MIN: usize = 1 << 18;
 
 /// Most threads one copy uses.
 const MAX_THREADS: usize = 8;
 
 /// Runs `run` on every job; jobs are grouped into contiguous runs of about equal `size` (at
-/// least one job each), one thread per run, up to [`MAX_THREADS`] and only when the total size
-/// reaches [`PARALLEL_MIN`] per thread. Returns the first error of a run in job order; a run stops
+/// least one job each), one thread of a persistent pool per run, up to [`MAX_THREADS`] and only
+/// when the total size reaches [`PARALLEL_MIN`] per thread. Returns the first error of a run in job order; a run stops
 /// at its first error.
 pub(super) fn run_split<J: Send, E: Send>(
     jobs: Vec<J>,
@@ -40,35 +39,35 @@ pub(super) fn run_split<J: Send, E: Send>(
         groups.last_mut().expect("one group at least").push(job);
     }
     let run = &run;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = groups
-            .into_iter()
-            .map(|g| scope.spawn(move || g.into_iter().try_for_each(run)))
-            .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    })
+    let Some(pool) = pool() else {
+        return groups.into_iter().flatten().try_for_each(run);
+    };
+    use rayon::iter::{IntoParallelIterator, ParallelIterator};
+    // A job's panic comes back here (rayon resumes it on this thread).
+    let results: Vec<Result<(), E>> = pool.install(|| {
+        groups
+            .into_par_iter()
+            .map(|g| g.into_iter().try_for_each(run))
+            .collect()
+    });
+    results.into_iter().collect()
 }
 
-/// Copies `src[ranges[i]]` into `out[i]` (replacing its contents), split over threads.
-pub(super) fn copy_out<T: Copy + Send + Sync>(
-    src: &[T],
-    ranges: &[std::ops::Range<usize>],
-    out: &mut [Vec<T>],
-) {
-    let jobs: Vec<_> = ranges.iter().zip(out).collect();
-    let copied: Result<(), std::convert::Infallible> = run_split(
-        jobs,
-        |(r, _)| r.len(),
-        |(r, v)| {
-            v.clear();
-            v.extend_from_slice(&src[r.clone()]);
-            Ok(())
-        },
-    );
-    let Ok(()) = copied;
+/// The threads [`run_split`] uses, started at its first parallel call and kept (starting
+/// threads for every split cost more than a small split saves); `None` if they cannot be
+/// started, and the work runs on the calling thread.
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.min(MAX_THREADS))
+            .thread_name(|i| format!("geomx-split-{i}"))
+            .build()
+            .map_err(|e| tracing::warn!(error = %e, "split threads unavailable: one thread"))
+            .ok()
+    })
+    .as_ref()
 }
 
 /// Copies each `srcs[i]` to `dst[offsets[i]..]`, split over threads. Errors (copying nothing)
@@ -116,47 +115,29 @@ pub(super) fn copy_in<T: Copy + Send + Sync>(
 mod tests {
     use super::*;
 
-    /// The split copy gives every key its own range, whatever the thread split (keys much larger
-    /// than a thread's share, many small ones, empty ones).
+    /// The split copy puts every key at its offset, whatever the thread split (keys much larger
+    /// than a thread's share, many small ones, empty ones), and leaves the gaps alone.
     #[test]
-    fn split_copies_give_each_key_its_range() {
-        let src: Vec<u32> = (0..5_000_000).collect();
+    fn split_copies_put_each_key_at_its_offset() {
         let lens = [3_000_000, 1, 0, 999_999, 700_000, 300_000];
-        let mut ranges = Vec::new();
-        let mut at = 0;
-        for l in lens {
-            ranges.push(at..at + l);
-            at += l;
-        }
-        let mut out = vec![vec![7u32; 3]; lens.len()];
-        copy_out(&src, &ranges, &mut out);
-        for (r, v) in ranges.iter().zip(&out) {
-            assert_eq!(v.as_slice(), &src[r.clone()]);
-        }
-        let small = [0..2, 2..5];
-        copy_out(&src, &small, &mut out[..2]);
-        assert_eq!(
-            (out[0].as_slice(), out[1].as_slice()),
-            (&[0, 1][..], &[2, 3, 4][..])
-        );
-
-        // Back in, with gaps between the keys (alignment): the gaps keep their values.
-        let offsets: Vec<usize> = ranges
+        let keys: Vec<Vec<u32>> = lens
             .iter()
-            .map(|r| r.start + 16 * (r.start % 3))
+            .enumerate()
+            .map(|(k, &l)| (0..l as u32).map(|i| i ^ (k as u32) << 24).collect())
             .collect();
-        let mut offs = offsets.clone();
-        for i in 1..offs.len() {
-            offs[i] = offs[i].max(offs[i - 1] + out[i - 1].len());
+        let mut offs = Vec::new();
+        let mut at = 0;
+        for (k, l) in lens.iter().enumerate() {
+            offs.push(at + 16 * (k % 3));
+            at = offs[k] + l;
         }
-        let mut out = vec![vec![1u32; 0]; lens.len()];
-        copy_out(&src, &ranges, &mut out);
-        let srcs: Vec<&[u32]> = out.iter().map(Vec::as_slice).collect();
+        let srcs: Vec<&[u32]> = keys.iter().map(Vec::as_slice).collect();
         let mut dst = vec![u32::MAX; 6_000_000];
         copy_in(&srcs, &offs, &mut dst).unwrap();
         for (s, &o) in srcs.iter().zip(&offs) {
             assert_eq!(&dst[o..o + s.len()], *s);
         }
+        assert_eq!(dst[offs[1] - 1], u32::MAX, "gap");
         assert_eq!(dst[5_999_999], u32::MAX);
         // Overlapping, decreasing or overflowing ranges are refused.
         assert!(copy_in(&[&[1u32, 2][..], &[3][..]], &[0, 1], &mut dst).is_err());

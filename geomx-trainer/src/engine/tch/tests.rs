@@ -422,10 +422,17 @@ fn plain_loop_and_dense_worker_steps_agree_on_the_cpu() {
 /// architectures; the ResNet's keys do not all have lengths that are multiples of the alignment.
 #[test]
 fn resident_parameters_give_the_same_gradients_as_fresh_tensors() {
-    for (arch, channels, side) in [(Arch::Cnn, 1, 16), (Arch::Resnet18, 3, 8)] {
+    for ((arch, channels, side), overlap) in [(Arch::Cnn, 1, 16), (Arch::Resnet18, 3, 8)]
+        .into_iter()
+        .flat_map(|a| [(a, false), (a, true)])
+    {
         let data = band_images(6, channels, side, 4, 3);
-        let resident = TchModel::new(arch, channels * side * side, 4, Device::Cpu).unwrap();
-        let fresh = TchModel::new(arch, channels * side * side, 4, Device::Cpu).unwrap();
+        let make = || {
+            TchModel::new(arch, channels * side * side, 4, Device::Cpu)
+                .unwrap()
+                .with_overlap(overlap)
+        };
+        let (resident, fresh) = (make(), make());
         // Holding `fresh`'s slot makes its steps build fresh tensors.
         let held = fresh.resident.clone();
         let _busy = held.lock().unwrap();
@@ -584,6 +591,34 @@ fn staged_backward_gives_the_same_gradients_in_the_same_order() {
     }
 }
 
+/// `backward_host` hands the gradients over a stage at a time, last stage first, as borrowed
+/// slices of the right lengths: with overlap the CNN's stages are its five layers, without it
+/// one stage holds every key.
+#[test]
+fn host_gradients_come_a_stage_at_a_time() {
+    let data = band_images(4, 1, 16, 4, 1);
+    for (overlap, want) in [(true, vec![8, 6, 4, 2, 0]), (false, vec![0])] {
+        let m = TchModel::new(Arch::Cnn, 256, 4, Device::Cpu)
+            .unwrap()
+            .with_overlap(overlap);
+        let p = m.init(1);
+        let (_, reference) = m.loss_and_grad(&p, data.view()).unwrap();
+        let mut firsts = Vec::new();
+        let mut seen = 0;
+        m.backward_host(&p, data.view(), &mut |first, grads, _| {
+            firsts.push(first);
+            for (i, g) in grads.iter().enumerate() {
+                assert_eq!(*g, reference[first + i].as_slice(), "key {}", first + i);
+                seen += 1;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(firsts, want, "overlap {overlap}");
+        assert_eq!(seen, p.len());
+    }
+}
+
 /// The stages really are differentiated one at a time: after the loss's own backward pass only
 /// the last stage's parameters have gradients; the first stage's appear once the cuts above it
 /// are differentiated.
@@ -605,4 +640,92 @@ fn the_last_stage_has_gradients_before_the_first_is_differentiated() {
         (out * leaf.grad()).sum(Kind::Float).backward();
     }
     assert!(p.iter().all(|t| t.grad().defined()));
+}
+
+/// A step whose stand-in server applies SGD to each stage as it arrives and preloads the stage's
+/// new values (what the GPU benchmark's worker does) trains bit for bit as plain steps do, for
+/// both architectures with overlap on and off; the preloads are taken.
+#[test]
+fn preloading_each_stage_during_the_step_changes_nothing() {
+    for ((arch, channels, side), overlap) in [(Arch::Cnn, 1, 16), (Arch::Resnet18, 3, 8)]
+        .into_iter()
+        .flat_map(|a| [(a, true), (a, false)])
+    {
+        let data = band_images(6, channels, side, 4, 3);
+        let make = || {
+            TchModel::new(arch, channels * side * side, 4, Device::Cpu)
+                .unwrap()
+                .with_overlap(overlap)
+        };
+        let (ahead, plain) = (make(), make());
+        let mut p = ahead.init(4);
+        let mut q = p.clone();
+        for step in 0..3 {
+            let mut next: Vec<Vec<f32>> = vec![Vec::new(); p.len()];
+            let mut taken = 0;
+            let la = ahead
+                .backward_host(&p, data.view(), &mut |first, grads, ahead| {
+                    for (i, g) in grads.iter().enumerate() {
+                        let k = first + i;
+                        next[k] = p[k].iter().zip(*g).map(|(w, g)| w - 0.1 * g).collect();
+                    }
+                    let values: Vec<&[f32]> = next[first..first + grads.len()]
+                        .iter()
+                        .map(Vec::as_slice)
+                        .collect();
+                    taken += usize::from(ahead.preload(first, &values)?);
+                    Ok(())
+                })
+                .unwrap();
+            assert!(taken > 0, "{arch:?} overlap {overlap}: no preload taken");
+            p = next;
+            let (lb, g) = plain.loss_and_grad(&q, data.view()).unwrap();
+            sgd(&mut q, &g, 0.1);
+            assert_eq!(la.to_bits(), lb.to_bits(), "{arch:?} step {step}: loss");
+            for (k, (a, b)) in p.iter().zip(&q).enumerate() {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{arch:?} overlap {overlap} step {step}: key {k} differs"
+                );
+            }
+        }
+    }
+}
+
+/// Preloading is refused for keys whose gradients are not complete yet, and a key preloaded and
+/// then changed is loaded again: the step computes with the values it is given.
+#[test]
+fn preloading_too_early_is_an_error_and_changed_values_are_loaded_again() {
+    let data = band_images(4, 1, 16, 4, 1);
+    let m = TchModel::new(Arch::Cnn, 256, 4, Device::Cpu)
+        .unwrap()
+        .with_overlap(true);
+    let fresh = TchModel::new(Arch::Cnn, 256, 4, Device::Cpu).unwrap();
+    let mut p = m.init(1);
+    let early = p[0].clone();
+    let e = m
+        .backward_host(&p, data.view(), &mut |first, _, ahead| {
+            if first == 8 {
+                ahead.preload(0, &[early.as_slice()])?;
+            }
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("not complete yet"), "{e}");
+    // Outside a step every key may be preloaded; the next step takes them.
+    let values: Vec<&[f32]> = p.iter().map(Vec::as_slice).collect();
+    assert!(m.preload(0, &values).unwrap());
+    let same = |m: &TchModel, p: &[Vec<f32>]| {
+        let (la, ga) = m.loss_and_grad(p, data.view()).unwrap();
+        let (lb, gb) = fresh.loss_and_grad(p, data.view()).unwrap();
+        la.to_bits() == lb.to_bits() && ga == gb
+    };
+    assert!(same(&m, &p));
+    assert!(m.preload(3, &[&[1.0]]).is_err(), "length checked");
+    // Preloaded, then changed in place or replaced: the step loads the values it is given.
+    let values: Vec<&[f32]> = p[2..4].iter().map(Vec::as_slice).collect();
+    assert!(m.preload(2, &values).unwrap());
+    p[3][0] += 1.0;
+    p[2] = p[2].iter().map(|v| v * 0.5).collect();
+    assert!(same(&m, &p));
 }

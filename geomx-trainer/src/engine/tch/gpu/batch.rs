@@ -30,7 +30,6 @@ pub(super) struct BatchBuffers {
     max_keys: CudaSlice<u32>,
     bits: Option<CudaSlice<u16>>,
     host16: Option<PinnedHostSlice<u16>>,
-    host32: Option<PinnedHostSlice<f32>>,
 }
 
 impl GpuCompressor {
@@ -46,7 +45,6 @@ impl GpuCompressor {
                 max_keys: self.dev.zeros(lens.len())?,
                 bits: None,
                 host16: None,
-                host32: None,
             });
         }
         Ok(self.batch.as_mut().expect("set above"))
@@ -143,46 +141,6 @@ impl GpuCompressor {
             extend_le(p, vals);
             debug_assert_eq!(p.len(), HEADER_LEN + 2 * vals.len());
         }
-        Ok(BatchTimes {
-            encode_s: (t1 - t0).as_secs_f64(),
-            copy_s: t1.elapsed().as_secs_f64(),
-        })
-    }
-
-    /// Every gradient (key order) copied to the host as f32 through one reused page-locked
-    /// buffer, with the time split (the concatenation counts as encoding).
-    pub fn dense_f32(
-        &mut self,
-        grads: &[&Tensor],
-    ) -> Result<(Vec<Vec<f32>>, BatchTimes), GpuCompressError> {
-        let mut out = Vec::new();
-        let times = self.dense_f32_into(grads, &mut out)?;
-        Ok((out, times))
-    }
-
-    /// [`GpuCompressor::dense_f32`] into `out` (one vector per key, reused).
-    pub fn dense_f32_into(
-        &mut self,
-        grads: &[&Tensor],
-        out: &mut Vec<Vec<f32>>,
-    ) -> Result<BatchTimes, GpuCompressError> {
-        let t0 = Instant::now();
-        let (flat, lens) = self.concat(grads)?;
-        let g = self.borrow(&flat)?;
-        let t1 = Instant::now();
-        let dev = self.dev.clone();
-        let total = flat.numel();
-        let b = self.buffers(&lens)?;
-        if b.host32.as_ref().is_none_or(|h| h.len() < total) {
-            b.host32 = Some(dev.pinned(total)?);
-        }
-        let host = b.host32.as_mut().expect("set above");
-        let host = &mut CudaDevice::pinned_mut(host)?[..total];
-        dev.download_into(g.slice_ref(), host)?;
-        drop(g);
-        out.resize_with(lens.len(), Vec::new);
-        let ranges: Vec<_> = (0..lens.len()).map(|s| b.segs.range(s)).collect();
-        super::super::split::copy_out(host, &ranges, out);
         Ok(BatchTimes {
             encode_s: (t1 - t0).as_secs_f64(),
             copy_s: t1.elapsed().as_secs_f64(),
