@@ -85,6 +85,14 @@ impl CopyStream {
             .map_err(CudaError::driver("copy stream: record"))
     }
 
+    /// Orders this stream's next copies after the work queued so far on the default stream.
+    fn after_default(&self) -> Result<(), CudaError> {
+        let after = self.record(self.dev.stream())?;
+        self.stream
+            .wait(&after)
+            .map_err(CudaError::driver("copy stream: wait event"))
+    }
+
     /// Queues a copy of `dst.len()` `f32` values from device address `src` into `dst`, after
     /// the work queued so far on the default stream.
     ///
@@ -97,10 +105,7 @@ impl CopyStream {
         src: sys::CUdeviceptr,
         dst: &mut [f32],
     ) -> Result<Copied, CudaError> {
-        let after = self.record(self.dev.stream())?;
-        self.stream
-            .wait(&after)
-            .map_err(CudaError::driver("copy stream: wait event"))?;
+        self.after_default()?;
         // SAFETY: the caller keeps `src` and `dst` valid and untouched until the copy completes.
         unsafe { memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
             .map_err(CudaError::driver("copy stream: device to host"))?;
@@ -124,10 +129,7 @@ impl CopyStream {
         after_queued: bool,
     ) -> Result<Copied, CudaError> {
         if after_queued {
-            let after = self.record(self.dev.stream())?;
-            self.stream
-                .wait(&after)
-                .map_err(CudaError::driver("copy stream: wait event"))?;
+            self.after_default()?;
         }
         // SAFETY: the caller keeps `src` and `dst` valid until the copy completes.
         unsafe { memcpy_htod_async(dst, src, self.stream.cu_stream()) }

@@ -369,19 +369,23 @@ fn bind_grads(
 mod tests {
     use super::*;
 
-    /// Loading through the staging buffer (the CUDA path, split over threads) and loading
-    /// directly give the same tensors, step after step; keys keep their alignment gaps at zero.
-    #[test]
-    fn staged_and_direct_loads_agree() {
-        let lens = [3usize, 1_500_000, 17, 0, 700_001, 64];
-        let specs: Vec<TensorSpec> = lens
-            .iter()
+    /// One-dimensional keys of `lens` elements.
+    fn vectors(lens: &[usize]) -> Vec<TensorSpec> {
+        lens.iter()
             .enumerate()
             .map(|(i, &n)| TensorSpec {
                 name: format!("k{i}"),
                 shape: vec![n],
             })
-            .collect();
+            .collect()
+    }
+
+    /// Loading through the staging buffer (the CUDA path, split over threads) and loading
+    /// directly give the same tensors, step after step; keys keep their alignment gaps at zero.
+    #[test]
+    fn staged_and_direct_loads_agree() {
+        let lens = [3usize, 1_500_000, 17, 0, 700_001, 64];
+        let specs = vectors(&lens);
         let mut direct = Resident::new(&specs, TorchDevice::Cpu);
         let mut staged = Resident::staged_on_cpu(&specs);
         for step in 0..3u32 {
@@ -480,14 +484,7 @@ mod tests {
     /// not preloaded, is loaded; a load clears the marks.
     #[test]
     fn only_preloaded_keys_with_the_same_values_are_skipped() {
-        let specs: Vec<TensorSpec> = [5usize, 40, 3]
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| TensorSpec {
-                name: format!("k{i}"),
-                shape: vec![n],
-            })
-            .collect();
+        let specs = vectors(&[5, 40, 3]);
         let mut r = Resident::new(&specs, TorchDevice::Cpu);
         let p: Vec<Vec<f32>> = specs.iter().map(|s| vec![0.25; s.len()]).collect();
         r.load(&p).unwrap();
