@@ -245,17 +245,28 @@ fn dense_step(
     let loss = model.backward_host(current, batch.view(), &mut |first, grads, ahead| {
         let t = Instant::now();
         let keys = first..first + grads.len();
-        let work: Vec<_> = next[keys.clone()]
+        // Keys in pieces, so that a large key does not hold one thread alone.
+        let piece = super::split::PIECE;
+        let mut work = Vec::new();
+        for ((n, w), g) in next[keys.clone()]
             .iter_mut()
             .zip(&current[keys.clone()])
             .zip(grads)
-            .collect();
+        {
+            n.resize(w.len(), 0.0);
+            work.extend(
+                n.chunks_mut(piece)
+                    .zip(w.chunks(piece))
+                    .zip(g.chunks(piece)),
+            );
+        }
         let done: Result<(), std::convert::Infallible> = super::split::run_split(
             work,
             |((_, w), _)| w.len(),
             |((n, w), g)| {
-                n.clear();
-                n.extend(w.iter().zip(*g).map(|(w, g)| w - lr * g));
+                for ((n, w), g) in n.iter_mut().zip(w).zip(g) {
+                    *n = w - lr * g;
+                }
                 Ok(())
             },
         );

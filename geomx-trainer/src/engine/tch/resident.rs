@@ -180,24 +180,37 @@ impl Resident {
         // `Resident` writes it, and not during this borrow (device copies may still read it).
         let host =
             unsafe { std::slice::from_raw_parts(held.data_ptr().cast::<f32>(), held.numel()) };
-        let jobs: Vec<_> = stale
-            .iter_mut()
-            .zip(params)
-            .zip(&self.spans)
-            .zip(&self.preloaded)
-            .filter(|(_, pre)| **pre)
-            .map(|(job, _)| job)
-            .collect();
+        // Large keys are compared in pieces, so that one key does not hold a thread alone.
+        let differs: Vec<std::sync::atomic::AtomicBool> =
+            params.iter().map(|_| false.into()).collect();
+        let mut jobs = Vec::new();
+        for (k, p) in params
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| self.preloaded[k])
+        {
+            let (off, len) = self.spans[k];
+            let pieces = host[off..off + len].chunks(super::split::PIECE);
+            jobs.extend(
+                pieces
+                    .zip(p.chunks(super::split::PIECE))
+                    .map(|(a, b)| (k, a, b)),
+            );
+        }
         let compared: Result<(), std::convert::Infallible> = super::split::run_split(
             jobs,
-            |((_, p), _)| p.len(),
-            |((stale, p), &(off, len))| {
-                let a: &[u8] = zerocopy::IntoBytes::as_bytes(&host[off..off + len]);
-                *stale = a != zerocopy::IntoBytes::as_bytes(p.as_slice());
+            |(_, a, _)| a.len(),
+            |(k, a, b)| {
+                if zerocopy::IntoBytes::as_bytes(a) != zerocopy::IntoBytes::as_bytes(b) {
+                    differs[k].store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(())
             },
         );
         let Ok(()) = compared;
+        for ((s, pre), d) in stale.iter_mut().zip(&self.preloaded).zip(&differs) {
+            *s = !pre || d.load(std::sync::atomic::Ordering::Relaxed);
+        }
         stale
     }
 
@@ -480,11 +493,12 @@ mod tests {
         assert_eq!(flat.elements(2..2), 0..0);
     }
 
-    /// A preloaded key given the same values is skipped; one given other values, and every key
-    /// not preloaded, is loaded; a load clears the marks.
+    /// A preloaded key given the same values is skipped; one given other values (one bit of its
+    /// last element), and every key not preloaded, is loaded; a load clears the marks.
     #[test]
     fn only_preloaded_keys_with_the_same_values_are_skipped() {
-        let specs = vectors(&[5, 40, 3]);
+        // The last key is compared in several pieces.
+        let specs = vectors(&[5, 40, 2 * super::super::split::PIECE + 3]);
         let mut r = Resident::new(&specs, TorchDevice::Cpu);
         let p: Vec<Vec<f32>> = specs.iter().map(|s| vec![0.25; s.len()]).collect();
         r.load(&p).unwrap();
@@ -493,7 +507,8 @@ mod tests {
         assert!(r.preload(1, &[&next[1], &next[2]], None, true).unwrap());
         let mut given = next.clone();
         assert_eq!(r.stale_keys(&given), [true, false, false]);
-        given[2][1] = f32::from_bits(given[2][1].to_bits() ^ 1);
+        let last = given[2].len() - 1;
+        given[2][last] = f32::from_bits(given[2][last].to_bits() ^ 1);
         assert_eq!(r.stale_keys(&given), [true, false, true]);
         r.load(&given).unwrap();
         assert_eq!(r.stale_keys(&given), [true, true, true]);
