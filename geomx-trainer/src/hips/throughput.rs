@@ -105,8 +105,8 @@ impl MeanSplit {
 #[derive(Debug, Clone, Default)]
 pub struct ThroughputMeter {
     rounds: u64,
-    samples: u64,
     wall_s: f64,
+    /// The rounds' splits summed (their samples too).
     parts: StepSplit,
 }
 
@@ -114,8 +114,8 @@ impl ThroughputMeter {
     /// Records a round of `wall`, split as `split`.
     pub fn record(&mut self, wall: Duration, split: StepSplit) {
         self.rounds += 1;
-        self.samples += split.samples;
         self.wall_s += wall.as_secs_f64();
+        self.parts.samples += split.samples;
         self.parts.data_s += split.data_s;
         self.parts.compute_s += split.compute_s;
         self.parts.wait_s += split.wait_s;
@@ -134,10 +134,10 @@ impl ThroughputMeter {
             dc,
             rank,
             rounds: self.rounds,
-            samples: self.samples,
+            samples: p.samples,
             train_seconds: self.wall_s,
             samples_per_s: if self.wall_s > 0.0 {
-                self.samples as f64 / self.wall_s
+                p.samples as f64 / self.wall_s
             } else {
                 0.0
             },

@@ -260,17 +260,15 @@ fn dense_step(
                     .zip(g.chunks(piece)),
             );
         }
-        let done: Result<(), std::convert::Infallible> = super::split::run_split(
+        super::split::each_split(
             work,
             |((_, w), _)| w.len(),
             |((n, w), g)| {
                 for ((n, w), g) in n.iter_mut().zip(w).zip(g) {
                     *n = w - lr * g;
                 }
-                Ok(())
             },
         );
-        let Ok(()) = done;
         let t_pre = Instant::now();
         let values: Vec<&[f32]> = next[keys].iter().map(Vec::as_slice).collect();
         ahead.preload(first, &values)?;
@@ -321,59 +319,43 @@ pub fn train_with_gpu_compression(
         let batch = data.gather(&idx);
         let t0 = Instant::now();
         let mut times = BatchTimes::default();
-        if opts.codec == GpuCodec::Dense {
-            let (loss, update_s, preload_s) =
-                dense_step(model, &mut params, &mut next, &batch, opts.lr)?;
-            let total = t0.elapsed().as_secs_f64();
+        let (loss, update_s, preload_s) = if opts.codec == GpuCodec::Dense {
             payload_bytes = 4 * model.num_params();
-            if step == 0 {
-                loss_first = loss;
-            } else {
-                let load_s = model.last_load_seconds();
-                split.step.push(total * 1e3);
-                split.load.push(load_s * 1e3);
-                split.compute.push((total - update_s - load_s) * 1e3);
-                split.encode.push(0.0);
-                split.copy.push(0.0);
-                split.update.push(update_s * 1e3);
-                split.preload.push(preload_s * 1e3);
-                split.coded.push(0.0);
-            }
-            loss_last = loss;
-            continue;
-        }
-        let mut grads: Vec<Option<Tensor>> = (0..specs.len()).map(|_| None).collect();
-        let mut seen = 0usize;
-        let mut failure: Option<GpuTrainError> = None;
-        let loss = model.backward_on_device(&params, batch.view(), &mut |key, g| {
-            grads[key] = Some(g.shallow_clone());
-            seen += 1;
-            if seen < specs.len() {
-                return;
-            }
-            // The last gradient: encode them all while they are valid.
-            let all: Vec<&Tensor> = grads.iter().flatten().collect();
-            match encode_step(&mut comp, opts.codec, &all, &specs, &mut scratch) {
-                Ok((t, bytes)) => {
-                    times = t;
-                    payload_bytes = bytes;
+            dense_step(model, &mut params, &mut next, &batch, opts.lr)?
+        } else {
+            let mut grads: Vec<Option<Tensor>> = (0..specs.len()).map(|_| None).collect();
+            let mut seen = 0usize;
+            let mut failure: Option<GpuTrainError> = None;
+            let loss = model.backward_on_device(&params, batch.view(), &mut |key, g| {
+                grads[key] = Some(g.shallow_clone());
+                seen += 1;
+                if seen < specs.len() {
+                    return;
                 }
-                Err(e) => failure = Some(e),
+                // The last gradient: encode them all while they are valid.
+                let all: Vec<&Tensor> = grads.iter().flatten().collect();
+                match encode_step(&mut comp, opts.codec, &all, &specs, &mut scratch) {
+                    Ok((t, bytes)) => {
+                        times = t;
+                        payload_bytes = bytes;
+                    }
+                    Err(e) => failure = Some(e),
+                }
+            })?;
+            if let Some(e) = failure {
+                return Err(e);
             }
-        })?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        let t_update = Instant::now();
-        apply_step(opts.codec, &mut params, &mut scratch, opts.lr)?;
-        let update_s = t_update.elapsed().as_secs_f64();
+            let t_update = Instant::now();
+            apply_step(opts.codec, &mut params, &mut scratch, opts.lr)?;
+            (loss, t_update.elapsed().as_secs_f64(), 0.0)
+        };
         let total = t0.elapsed().as_secs_f64();
         if step == 0 {
             loss_first = loss;
         } else {
             let coded = times.encode_s + times.copy_s;
-            split.step.push(total * 1e3);
             let load_s = model.last_load_seconds();
+            split.step.push(total * 1e3);
             split.load.push(load_s * 1e3);
             split
                 .compute
@@ -381,6 +363,7 @@ pub fn train_with_gpu_compression(
             split.encode.push(times.encode_s * 1e3);
             split.copy.push(times.copy_s * 1e3);
             split.update.push(update_s * 1e3);
+            split.preload.push(preload_s * 1e3);
             split.coded.push(coded * 1e3);
         }
         loss_last = loss;

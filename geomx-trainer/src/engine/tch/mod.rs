@@ -586,8 +586,7 @@ impl TchModel {
         let Device::Cuda(ordinal) = self.device else {
             return None;
         };
-        // Room for every key and its alignment gap in the flat gradient buffer.
-        let total = self.net.specs().iter().map(|s| s.len() + 16).sum::<usize>();
+        let total = Resident::flat_len(self.net.specs());
         let mut state = self
             .host_grads
             .lock()
@@ -621,50 +620,38 @@ impl TchModel {
         // CUDA stages whose copies are queued, oldest first. A stage is handed over once its copy
         // is done; only after the last stage has been queued does this thread wait for them, so
         // the device has the rest of the backward pass queued while `on_stage` runs.
-        let mut in_flight: std::collections::VecDeque<(
-            std::ops::Range<usize>,
-            geomx_kernels::cuda::Copied,
-        )> = std::collections::VecDeque::new();
-        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let mut in_flight = std::collections::VecDeque::new();
         let cuda = self.device.is_cuda();
-        let mut run_stage = |keys: std::ops::Range<usize>,
-                             p: &[Tensor],
-                             resident: Option<&mut Resident>,
-                             last: bool|
-         -> Result<(), EngineError> {
-            let hg = copier.as_deref_mut().and_then(Opened::ready);
-            match (resident, hg) {
+        self.backward_stages(params, &batch, &mut |keys, p, resident| {
+            let last = keys.start == 0;
+            match (resident, copier.as_deref_mut().and_then(Opened::ready)) {
                 (Some(r), Some(hg)) if cuda => {
                     let f = r.flat_grads();
-                    if spans.is_empty() {
-                        spans.clone_from(&f.spans);
-                    }
                     let copied = hg
-                        .queue(&f.grads, f.elements(keys.clone()))
+                        .queue(f.grads, f.elements(keys.clone()))
                         .map_err(backend)?;
                     in_flight.push_back((keys, copied));
                     let hg = &*hg;
-                    while in_flight.front().is_some_and(|(_, c)| last || c.is_done()) {
+                    while in_flight.front().is_some_and(
+                        |(_, c): &(_, geomx_kernels::cuda::Copied)| last || c.is_done(),
+                    ) {
                         let (done, c) = in_flight.pop_front().expect("checked above");
+                        let f = r.flat_grads();
                         let el = f.elements(done.clone());
                         let host = hg.wait(&c, el.clone()).map_err(backend)?;
-                        let grads = key_slices(done.clone(), host, el.start, &spans);
+                        let grads = key_slices(done.clone(), host, el.start, f.spans);
                         let mut ahead = Ahead::new(Some(&mut *r), Some(hg), done.start);
                         on_stage(done.start, &grads, &mut ahead)?;
                     }
                     Ok(())
                 }
                 (Some(r), _) if !cuda => {
-                    let f = r.flat_grads();
-                    let el = f.elements(keys.clone());
-                    let whole = guarded(|| f.grads.narrow(0, el.start as i64, el.len() as i64))?;
-                    // SAFETY: `whole` is a contiguous CPU f32 tensor of `el.len()` elements whose
-                    // computation has finished (CPU kernels are synchronous); nothing writes it
-                    // before `on_stage` returns (preloading writes the parameters, not it).
-                    let host = unsafe {
-                        std::slice::from_raw_parts(whole.data_ptr().cast::<f32>(), el.len())
-                    };
-                    let grads = key_slices(keys.clone(), host, el.start, &f.spans);
+                    // SAFETY: a CPU flat buffer whose computation has finished (CPU kernels are
+                    // synchronous); nothing writes it before `on_stage` returns (preloading
+                    // writes the parameters, not it).
+                    let flat = r.flat_grads().grads.shallow_clone();
+                    let host: &[f32] = unsafe { resident::host_mut(&flat) };
+                    let grads = key_slices(keys.clone(), host, 0, r.flat_grads().spans);
                     on_stage(
                         keys.start,
                         &grads,
@@ -680,10 +667,6 @@ impl TchModel {
                     on_stage(keys.start, &grads, &mut Ahead::new(None, None, keys.start))
                 }
             }
-        };
-        self.backward_stages(params, &batch, &mut |keys, p, resident| {
-            let last = keys.start == 0;
-            run_stage(keys, p, resident, last)
         })
     }
 

@@ -52,14 +52,25 @@ impl std::fmt::Debug for Resident {
 }
 
 impl Resident {
-    /// Zeroed parameters of `specs` on `dev`.
-    pub(super) fn new(specs: &[TensorSpec], dev: TorchDevice) -> Resident {
+    /// Each key's `(offset, len)` in the flat buffers of `specs`, and their length.
+    fn layout(specs: &[TensorSpec]) -> (Vec<(usize, usize)>, usize) {
         let mut spans = Vec::with_capacity(specs.len());
         let mut total = 0usize;
         for s in specs {
             spans.push((total, s.len()));
             total += s.len().div_ceil(ALIGN) * ALIGN;
         }
+        (spans, total)
+    }
+
+    /// Elements of the flat buffers of `specs` (every key and its alignment gap).
+    pub(super) fn flat_len(specs: &[TensorSpec]) -> usize {
+        Self::layout(specs).1
+    }
+
+    /// Zeroed parameters of `specs` on `dev`.
+    pub(super) fn new(specs: &[TensorSpec], dev: TorchDevice) -> Resident {
+        let (spans, total) = Self::layout(specs);
         let flat = Tensor::zeros([total as i64], (Kind::Float, dev));
         let params = specs
             .iter()
@@ -105,13 +116,9 @@ impl Resident {
         let keys: Vec<usize> = (0..params.len()).filter(|&k| stale[k]).collect();
         tch::no_grad(|| match &self.staging {
             Some(staging) => {
-                let total = staging.numel();
-                // SAFETY: `staging` is a contiguous CPU f32 tensor of `total` elements that only
-                // this `Resident` holds; nothing else reads or writes it during this borrow (the
-                // device copies out of it have finished: see `load` and `preload`).
-                let host = unsafe {
-                    std::slice::from_raw_parts_mut(staging.data_ptr().cast::<f32>(), total)
-                };
+                // SAFETY: only this `Resident` touches `staging`; the device copies out of it have
+                // finished or are loaded again below, after them (see `preload`).
+                let host = unsafe { host_mut(staging) };
                 let srcs: Vec<&[f32]> = keys.iter().map(|&k| params[k].as_slice()).collect();
                 let offsets: Vec<usize> = keys.iter().map(|&k| self.spans[k].0).collect();
                 super::split::copy_in(&srcs, &offsets, host)
@@ -150,21 +157,16 @@ impl Resident {
     /// for the tensors that the stages below still need (their own spans are not written).
     fn write_key(&self, key: usize, values: &[f32]) {
         let (off, len) = self.spans[key];
-        assert!(values.len() == len && self.flat.device() == TorchDevice::Cpu);
-        // SAFETY: `flat` is a contiguous CPU f32 tensor holding `off + len` elements or more
-        // (spans lie within it); `values` holds `len` elements and does not overlap it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                values.as_ptr(),
-                self.flat.data_ptr().cast::<f32>().add(off),
-                len,
-            );
-        }
+        assert!(self.flat.device() == TorchDevice::Cpu);
+        // SAFETY: on the CPU only this `Resident` touches `flat` outside autograd, and the
+        // stages that still read it read other keys' spans.
+        let flat = unsafe { host_mut(&self.flat) };
+        flat[off..off + len].copy_from_slice(values);
     }
 
     /// The elements of `flat` that keys `keys` span (first key's offset to the last key's end).
     fn elements(&self, keys: std::ops::Range<usize>) -> std::ops::Range<usize> {
-        span_of(&self.spans, keys)
+        self.flat_grads().elements(keys)
     }
 
     /// Which keys `load` must copy: all but the preloaded ones whose host copy (the staging
@@ -175,11 +177,9 @@ impl Resident {
         if !self.preloaded.contains(&true) {
             return stale;
         }
-        let held = self.staging.as_ref().unwrap_or(&self.flat);
-        // SAFETY: `held` is a contiguous CPU f32 tensor that holds every span; only this
-        // `Resident` writes it, and not during this borrow (device copies may still read it).
-        let host =
-            unsafe { std::slice::from_raw_parts(held.data_ptr().cast::<f32>(), held.numel()) };
+        // SAFETY: only this `Resident` touches it, and nothing writes it during this borrow
+        // (device copies may still read it).
+        let host: &[f32] = unsafe { host_mut(self.staging.as_ref().unwrap_or(&self.flat)) };
         // Large keys are compared in pieces, so that one key does not hold a thread alone.
         let differs: Vec<std::sync::atomic::AtomicBool> =
             params.iter().map(|_| false.into()).collect();
@@ -197,17 +197,15 @@ impl Resident {
                     .map(|(a, b)| (k, a, b)),
             );
         }
-        let compared: Result<(), std::convert::Infallible> = super::split::run_split(
+        super::split::each_split(
             jobs,
             |(_, a, _)| a.len(),
             |(k, a, b)| {
                 if zerocopy::IntoBytes::as_bytes(a) != zerocopy::IntoBytes::as_bytes(b) {
                     differs[k].store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                Ok(())
             },
         );
-        let Ok(()) = compared;
         for ((s, pre), d) in stale.iter_mut().zip(&self.preloaded).zip(&differs) {
             *s = !pre || d.load(std::sync::atomic::Ordering::Relaxed);
         }
@@ -252,12 +250,10 @@ impl Resident {
         }
         match (&self.staging, copies) {
             (Some(staging), Some(copies)) => {
-                let total = staging.numel();
-                // SAFETY: as in `load`; the copies queued from other ranges of the buffer are not
-                // aliased by the writes below (`copy_in` writes only these keys' spans).
-                let host = unsafe {
-                    std::slice::from_raw_parts_mut(staging.data_ptr().cast::<f32>(), total)
-                };
+                // SAFETY: only this `Resident` touches `staging`; the copies queued from other
+                // ranges of it are not aliased by the writes below (`copy_in` writes only these
+                // keys' spans).
+                let host = unsafe { host_mut(staging) };
                 let offsets: Vec<usize> = keys.clone().map(|k| self.spans[k].0).collect();
                 super::split::copy_in(values, &offsets, host)?;
                 let r = self.elements(keys.clone());
@@ -295,41 +291,53 @@ impl Resident {
     }
 
     /// The flat gradient buffer and each key's `(offset, len)` in it.
-    pub(super) fn flat_grads(&self) -> FlatGrads {
+    pub(super) fn flat_grads(&self) -> FlatGrads<'_> {
         FlatGrads {
-            grads: self.grads.shallow_clone(),
-            spans: self.spans.clone(),
+            grads: &self.grads,
+            spans: &self.spans,
         }
     }
 }
 
 /// The gradients of a [`Resident`]'s leaves as one flat tensor (on the model's device) and each
 /// key's `(offset, len)` in it; valid until the next load clears them.
-pub(super) struct FlatGrads {
+#[derive(Clone, Copy)]
+pub(super) struct FlatGrads<'a> {
     /// Every key's gradient back to back, with the keys' alignment gaps (zero).
-    pub(super) grads: Tensor,
+    pub(super) grads: &'a Tensor,
     /// Offset and length of each key.
-    pub(super) spans: Vec<(usize, usize)>,
+    pub(super) spans: &'a [(usize, usize)],
 }
 
-impl FlatGrads {
-    /// The elements of `grads` that keys `keys` span (from the first key's offset to the end of
-    /// the last key).
+impl FlatGrads<'_> {
+    /// The elements that keys `keys` span (from the first key's offset to the end of the last
+    /// key; empty for no key, or keys beyond the buffer's).
     pub(super) fn elements(&self, keys: std::ops::Range<usize>) -> std::ops::Range<usize> {
-        span_of(&self.spans, keys)
+        let spans = self.spans;
+        match (
+            spans.get(keys.start),
+            keys.end.checked_sub(1).and_then(|l| spans.get(l)),
+        ) {
+            (Some(&(start, _)), Some(&(off, len))) if keys.start < keys.end => start..off + len,
+            _ => 0..0,
+        }
     }
 }
 
-/// The elements that keys `keys` span in a flat buffer laid out as `spans`, from the first key's
-/// offset to the end of the last key (empty for no key, or keys beyond `spans`).
-fn span_of(spans: &[(usize, usize)], keys: std::ops::Range<usize>) -> std::ops::Range<usize> {
-    match (
-        spans.get(keys.start),
-        keys.end.checked_sub(1).and_then(|l| spans.get(l)),
-    ) {
-        (Some(&(start, _)), Some(&(off, len))) if keys.start < keys.end => start..off + len,
-        _ => 0..0,
-    }
+/// The elements of a [`Resident`]'s host buffer: the staging buffer, or `flat` or the gradients
+/// on the CPU.
+///
+/// # Safety
+/// `t` must be a contiguous CPU f32 tensor that nothing else reads or writes through libtorch or
+/// another slice while the returned one lives. Device copies queued from it may still read it:
+/// the caller writes only spans that no copy in flight reads, or that are loaded again after
+/// those copies (as `load` does).
+#[allow(clippy::mut_from_ref)]
+pub(super) unsafe fn host_mut(t: &Tensor) -> &mut [f32] {
+    debug_assert!(t.device() == TorchDevice::Cpu && t.kind() == Kind::Float && t.is_contiguous());
+    // SAFETY: `t` is a contiguous CPU f32 tensor of `numel` elements, alive for the borrow, and
+    // the caller holds no other view of it.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), t.numel()) }
 }
 
 /// `keys` (increasing) grouped into runs of consecutive keys.
@@ -474,7 +482,7 @@ mod tests {
                 .collect();
             objective(&fresh).backward();
             let flat = r.flat_grads();
-            let host = Vec::<f32>::try_from(&flat.grads).unwrap();
+            let host = Vec::<f32>::try_from(flat.grads).unwrap();
             for (k, f) in fresh.iter().enumerate() {
                 let want = Vec::<f32>::try_from(&f.grad().flatten(0, -1)).unwrap();
                 let got = &host[flat.elements(k..k + 1)];

@@ -57,6 +57,19 @@ pub(super) fn run_split<J: Send, E: Send>(
     results.into_iter().collect()
 }
 
+/// [`run_split`] of work that cannot fail.
+pub(super) fn each_split<J: Send>(
+    jobs: Vec<J>,
+    size: impl Fn(&J) -> usize,
+    run: impl Fn(J) + Sync,
+) {
+    let done: Result<(), std::convert::Infallible> = run_split(jobs, size, |j| {
+        run(j);
+        Ok(())
+    });
+    let Ok(()) = done;
+}
+
 /// The threads [`run_split`] uses, started at its first parallel call and kept (starting
 /// threads for every split cost more than a small split saves); `None` if they cannot be
 /// started, and the work runs on the calling thread.
@@ -105,14 +118,8 @@ pub(super) fn copy_in<T: Copy + Send + Sync>(
         jobs.extend(s.chunks(PIECE).zip(d.chunks_mut(PIECE)));
         (rest, at) = (tail, end);
     }
-    run_split(
-        jobs,
-        |(s, _)| s.len(),
-        |(s, d)| {
-            d.copy_from_slice(s);
-            Ok(())
-        },
-    )
+    each_split(jobs, |(s, _)| s.len(), |(s, d)| d.copy_from_slice(s));
+    Ok(())
 }
 
 #[cfg(test)]

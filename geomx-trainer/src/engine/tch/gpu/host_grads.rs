@@ -63,26 +63,18 @@ impl HostGrads {
         flat: &Tensor,
         range: Range<usize>,
     ) -> Result<Copied, GpuCompressError> {
-        if flat.device() != tch::Device::Cuda(self.ordinal)
-            || flat.kind() != Kind::Float
-            || !flat.is_contiguous()
-            || flat.numel() > self.host.len()
-            || range.end > flat.numel()
-            || range.start > range.end
-        {
+        if flat.numel() > self.host.len() {
             return Err(GpuCompressError::Tensor(format!(
-                "flat gradients: {:?} {:?} of {} elements, range {range:?}, buffer {}",
-                flat.device(),
-                flat.kind(),
+                "flat gradients of {} elements, buffer {}",
                 flat.numel(),
                 self.host.len()
             )));
         }
+        let src = self.address(flat, range.clone())?;
         let base = self.base;
         // SAFETY: `range` lies within the buffer (checked above). Only this range is borrowed, so
         // copies still in flight into other ranges are not aliased.
         let dst = unsafe { std::slice::from_raw_parts_mut(base.add(range.start), range.len()) };
-        let src = flat.data_ptr() as u64 + 4 * range.start as u64;
         // SAFETY: `src` addresses `range.len()` f32 values inside `flat` (checked above), which
         // the caller keeps alive and unchanged until the copy completes; `dst` is page-locked
         // memory owned by `self`, which the caller does not read until then.
@@ -121,26 +113,32 @@ impl HostGrads {
         offset: usize,
         after_queued: bool,
     ) -> Result<Copied, GpuCompressError> {
-        if flat.device() != tch::Device::Cuda(self.ordinal)
-            || flat.kind() != Kind::Float
-            || !flat.is_contiguous()
-            || offset
-                .checked_add(src.len())
-                .is_none_or(|end| end > flat.numel())
-        {
-            return Err(GpuCompressError::Tensor(format!(
-                "load into {:?} {:?} of {} elements at {offset}..+{}",
-                flat.device(),
-                flat.kind(),
-                flat.numel(),
-                src.len()
-            )));
-        }
-        let dst = flat.data_ptr() as u64 + 4 * offset as u64;
+        let end = offset.saturating_add(src.len());
+        let dst = self.address(flat, offset..end)?;
         // SAFETY: `dst` addresses `src.len()` f32 values inside `flat` (checked above), which
         // lives as long as the model's resident parameters and which, unless `after_queued`, the
         // caller knows no queued work reads; the caller keeps `src` unchanged until libtorch's
         // queue waits for the copy.
         Ok(unsafe { self.up.htod(src, dst, after_queued) }?)
+    }
+
+    /// The device address of `flat[range]`, once `flat` is checked to be a contiguous f32
+    /// tensor of this device that holds `range`.
+    fn address(&self, flat: &Tensor, range: Range<usize>) -> Result<u64, GpuCompressError> {
+        if flat.device() != tch::Device::Cuda(self.ordinal)
+            || flat.kind() != Kind::Float
+            || !flat.is_contiguous()
+            || range.start > range.end
+            || range.end > flat.numel()
+        {
+            return Err(GpuCompressError::Tensor(format!(
+                "{:?} {:?} of {} elements (contiguous: {}), range {range:?}",
+                flat.device(),
+                flat.kind(),
+                flat.numel(),
+                flat.is_contiguous()
+            )));
+        }
+        Ok(flat.data_ptr() as u64 + 4 * range.start as u64)
     }
 }
