@@ -47,6 +47,7 @@ pub mod error;
 pub mod kv;
 mod link;
 mod owned;
+pub mod sched;
 pub mod stats;
 pub mod tls;
 pub mod wire;

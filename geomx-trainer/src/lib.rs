@@ -7,6 +7,7 @@
 pub mod bench_cmd;
 pub mod bench_dgt;
 pub mod bench_e2e;
+pub mod bench_sched;
 pub mod bench_sync;
 pub mod bench_tls;
 pub mod checkpoint;

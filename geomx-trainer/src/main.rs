@@ -166,6 +166,9 @@ enum BenchKind {
     /// FSA, MixedSync, HFA and ESync with one DC 3x slower: time to accuracy, WAN bytes (writes
     /// sync.json and sync.md into --out, default bench-sync).
     Sync,
+    /// P3 against first in first out in the WAN lab: round time and its split (writes
+    /// results.json and results.md into --out, default bench-sched).
+    Sched,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -452,6 +455,25 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
         }
         Cmd::Bench {
+            what: BenchKind::Sched,
+            quick,
+            out,
+            ..
+        } => {
+            init_tracing(LogLevel::Warn);
+            let opts = geomx_trainer::bench_sched::SchedBenchOptions {
+                quick,
+                out: out.unwrap_or_else(|| PathBuf::from("bench-sched")),
+                exe: None,
+            };
+            geomx_trainer::bench_sched::run(&opts)
+                .map(|r| {
+                    println!("{}", geomx_trainer::bench_sched::render_markdown(&r));
+                    eprintln!("bench sched: results in {}", opts.out.display());
+                })
+                .map_err(|e| e.to_string())
+        }
+        Cmd::Bench {
             what: BenchKind::Tls,
             quick,
             ..
@@ -488,9 +510,11 @@ fn main() -> ExitCode {
                 BenchKind::Net => Bench::Net,
                 BenchKind::Kernels => Bench::Kernels,
                 // Handled by the arms above.
-                BenchKind::E2e | BenchKind::Sync | BenchKind::Dgt | BenchKind::Tls => {
-                    return ExitCode::FAILURE
-                }
+                BenchKind::E2e
+                | BenchKind::Sync
+                | BenchKind::Sched
+                | BenchKind::Dgt
+                | BenchKind::Tls => return ExitCode::FAILURE,
             };
             println!("{}", summary(what, quick));
             Ok(())

@@ -16,6 +16,7 @@ use geomx_trainer::engine::{
     params_hash, EngineError, Evaluation, Model, OptimizerConfig, TensorSpec,
 };
 use geomx_trainer::hips::node::FatalHook;
+use geomx_trainer::hips::slices::KeyMap;
 use geomx_trainer::hips::worker::ProgressSink;
 use geomx_trainer::hips::{
     coordinator, global_server, local_server, worker, ClusterPlan, JobSpec, RoleStats,
@@ -130,7 +131,9 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
     net.conn.request_timeout = Duration::from_secs(20);
     JobSpec {
         // min_range 4 so that the 37-element key is split across servers.
-        plan: ClusterPlan::new(workers, servers, 99, lens, 1_000_000, 4).unwrap(),
+        plan: ClusterPlan::new(workers, servers, 99, lens.clone(), 1_000_000, 4).unwrap(),
+        keys: KeyMap::whole(&lens, &[0, 0]),
+        p3: None,
         model: Arc::new(model),
         optimizer: OptimizerConfig::Sgd(SgdConfig {
             lr: 1.0,

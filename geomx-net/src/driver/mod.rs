@@ -98,6 +98,18 @@ pub struct NetOptions {
     /// A server's open connections at most ([`DEFAULT_MAX_CONNECTIONS`]); more are closed as
     /// they are accepted.
     pub max_connections: usize,
+    /// Linux `TCP_NOTSENT_LOWAT` of every connection, in bytes: a blocking write returns once
+    /// the socket holds at most this much data not yet sent (`None`: the kernel's default, which
+    /// lets a whole socket buffer queue up). A priority sender
+    /// ([`crate::sched::priority::PrioritySender`]) needs a small value, or the socket's queue
+    /// turns its priorities back into first come, first served. Ignored elsewhere.
+    pub notsent_lowat: Option<u32>,
+    /// `SO_SNDBUF` of every connection, in bytes (`None`: the kernel's autotuning). It caps what
+    /// a connection holds unacknowledged, in flight or queued, and so how much a priority sender
+    /// has committed ahead of a more urgent slice: its credit. It must cover the path's
+    /// bandwidth × round-trip time or it caps the throughput. Zero-copy sends escape this
+    /// accounting: set [`NetOptions::zerocopy_threshold`] to `usize::MAX` with it.
+    pub send_buffer: Option<usize>,
 }
 
 /// Default of [`NetOptions::max_connections`]: the portable driver runs a thread per connection.
@@ -122,6 +134,8 @@ impl Default for NetOptions {
             io_chunk: DEFAULT_IO_CHUNK,
             security: crate::tls::Security::Off,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            notsent_lowat: None,
+            send_buffer: None,
         }
     }
 }
@@ -261,6 +275,13 @@ impl Driver {
         session: Option<Session>,
     ) -> Result<Arc<Link>, NetError> {
         stream.set_nodelay(true)?;
+        let (lowat, send_buffer) = self.socket_limits();
+        if let Some(bytes) = lowat {
+            set_notsent_lowat(&stream, bytes)?;
+        }
+        if let Some(bytes) = send_buffer {
+            socket2::SockRef::from(&stream).set_send_buffer_size(bytes)?;
+        }
         let secure = SessionParts::from(session);
         let link = match self {
             Driver::Portable(d) => d.attach(stream, conn, counters, dispatch, secure)?,
@@ -269,6 +290,16 @@ impl Driver {
         };
         link.flush();
         Ok(link)
+    }
+
+    /// What every connection gets: [`NetOptions::notsent_lowat`] and
+    /// [`NetOptions::send_buffer`].
+    fn socket_limits(&self) -> (Option<u32>, Option<usize>) {
+        match self {
+            Driver::Portable(d) => d.socket_limits,
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.socket_limits(),
+        }
     }
 
     /// Stops driver threads (links must have been closed first).
@@ -305,6 +336,31 @@ fn probe_uring() -> Option<String> {
 #[cfg(not(target_os = "linux"))]
 fn probe_uring() -> Option<String> {
     Some("io_uring exists only on Linux".into())
+}
+
+/// Sets `TCP_NOTSENT_LOWAT` on `stream` (Linux; a no-op elsewhere).
+fn set_notsent_lowat(stream: &TcpStream, bytes: u32) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a valid socket descriptor and a c_int option value of the stated size.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (stream, bytes);
+    Ok(())
 }
 
 #[cfg(test)]

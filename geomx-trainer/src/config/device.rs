@@ -79,6 +79,44 @@ pub fn round_robin_device(
 /// True when this binary has the libtorch back end (feature `tch`).
 pub const TCH_ENABLED: bool = cfg!(feature = "tch");
 
+/// Longest emulated compute of one layer (`model.layer_delay_ms`).
+const MAX_LAYER_DELAY_MS: f64 = 10_000.0;
+
+/// `model.layer_delay_ms`: the MLP's, one finite value in [0, 10 s] per layer.
+fn check_layer_delays(cfg: &ModelConfig) -> Result<(), (String, String)> {
+    let d = &cfg.layer_delay_ms;
+    if d.is_empty() {
+        return Ok(());
+    }
+    let field = || "model.layer_delay_ms".to_string();
+    if cfg.kind != ModelKind::Mlp {
+        return Err((
+            field(),
+            "emulated compute is for the built-in mlp only".into(),
+        ));
+    }
+    if d.len() != cfg.hidden.len() + 1 {
+        return Err((
+            field(),
+            format!(
+                "{} values for {} layers (hidden.len() + 1)",
+                d.len(),
+                cfg.hidden.len() + 1
+            ),
+        ));
+    }
+    match d
+        .iter()
+        .find(|v| !(v.is_finite() && (0.0..=MAX_LAYER_DELAY_MS).contains(*v)))
+    {
+        Some(v) => Err((
+            field(),
+            format!("{v} is not in [0, {MAX_LAYER_DELAY_MS}] ms"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks `[model]` without the data: the device string, that libtorch models are compiled in,
 /// and that the built-in MLP runs on the CPU. On error returns `(field, message)`.
 pub fn validate_model_config(cfg: &ModelConfig) -> Result<(), (String, String)> {
@@ -96,6 +134,7 @@ pub fn validate_model_config(cfg: &ModelConfig) -> Result<(), (String, String)> 
             ),
         ));
     };
+    check_layer_delays(cfg)?;
     match cfg.kind {
         ModelKind::Mlp if device != Device::Cpu => Err((
             "model.device".into(),

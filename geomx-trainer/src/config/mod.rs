@@ -12,6 +12,7 @@ pub mod device;
 mod dmlc;
 mod optimizer;
 mod role;
+mod scheduling;
 mod security;
 mod sync;
 mod validate;
@@ -24,6 +25,10 @@ use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{CheckpointConfig, DEFAULT_EVERY_ROUNDS, DEFAULT_KEEP};
 pub use role::{Role, RoleSpec};
+pub use scheduling::{
+    P3Config, SchedulingConfig, DEFAULT_CREDIT_BYTES, DEFAULT_SLICE_ELEMS, DEFAULT_UNSENT_BYTES,
+    MIN_SLICE_ELEMS,
+};
 pub use security::{SecurityConfig, SecurityMode, SECURITY_DIR_ENV, SECURITY_MODE_ENV};
 pub use sync::{
     EsyncConfig, EsyncNormalisation, HfaConfig, HfaWeighting, LambdaMode, MixedConfig,
@@ -118,6 +123,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     /// Authentication and encryption of every link.
     pub security: SecurityConfig,
+    /// Transfer scheduling: P3 (`[scheduling.p3]`).
+    pub scheduling: SchedulingConfig,
 }
 
 /// `[cluster]`: data centers, global servers and addresses.
@@ -269,6 +276,14 @@ pub struct ModelConfig {
     /// Push each layer's gradients as soon as the backward pass produced them, while the layers
     /// below are still differentiated (libtorch models; the gradients are the same either way).
     pub overlap: bool,
+    /// Emulated compute per layer of the built-in MLP, in ms (empty: none; otherwise one value
+    /// per layer, `hidden.len() + 1`): a training step sleeps this long before each layer's
+    /// forward pass and twice as long before its backward pass. It gives the small MLP the
+    /// compute profile of a larger model (e.g. a convolutional network, whose first layers
+    /// compute most and hold few parameters) for scheduling benchmarks; the values it computes
+    /// are unchanged, and evaluation does not sleep.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layer_delay_ms: Vec<f64>,
 }
 
 /// `model.precision`: the arithmetic of a libtorch model's forward and backward passes.
@@ -305,6 +320,7 @@ impl Default for ModelConfig {
             device: "cpu".into(),
             precision: Precision::Fp32,
             overlap: true,
+            layer_delay_ms: Vec::new(),
         }
     }
 }
@@ -859,6 +875,8 @@ impl Config {
                 "dgt": self.transport.dgt,
             },
             "placement": self.placement,
+            // Every process must slice (and so key) the model alike and wait per layer alike.
+            "p3": self.scheduling.p3,
         });
         let mut h = Fnv1a::new();
         h.write(view.to_string().as_bytes());

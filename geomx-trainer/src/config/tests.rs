@@ -905,3 +905,57 @@ fn checkpoint_section_parses_and_bad_values_name_their_field() {
         Err(ConfigError::Parse { .. })
     ));
 }
+
+#[test]
+fn the_p3_example_parses_and_p3_settings_are_checked() {
+    let c = Config::from_toml_str(include_str!("../../../examples/p3.toml")).unwrap();
+    assert!(c.scheduling.p3.enabled);
+    assert_eq!(c.scheduling.p3.slice_elems, 16_384);
+    assert_eq!(c.model.layer_delay_ms.len(), c.model.hidden.len() + 1);
+    let d = Config::default().scheduling.p3;
+    assert!(!d.enabled);
+    assert_eq!(
+        (d.slice_elems, d.unsent_bytes, d.credit_bytes),
+        (
+            DEFAULT_SLICE_ELEMS,
+            DEFAULT_UNSENT_BYTES,
+            DEFAULT_CREDIT_BYTES
+        )
+    );
+    let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
+    let e = err("[transport]\ndriver = \"io-uring\"\n[scheduling.p3]\nenabled = true\n");
+    assert!(
+        e.contains("scheduling.p3.enabled") && e.contains("portable"),
+        "{e}"
+    );
+    let e = err("[scheduling.p3]\ncredit_bytes = 100\n");
+    assert!(e.contains("scheduling.p3.credit_bytes"), "{e}");
+    let e = err("[scheduling.p3]\nunknown = 1\n");
+    assert!(e.contains("unknown"), "{e}");
+    // P3 changes the keys: it is part of what every process must agree on.
+    let on = Config::from_toml_str("[scheduling.p3]\nenabled = true\n").unwrap();
+    assert_ne!(on.config_hash(), Config::default().config_hash());
+}
+
+#[test]
+fn emulated_layer_compute_is_checked() {
+    let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
+    let e = err("[model]\nhidden = [8]\nlayer_delay_ms = [1.0]\n");
+    assert!(
+        e.contains("model.layer_delay_ms") && e.contains("2 layers"),
+        "{e}"
+    );
+    let e = err("[model]\nhidden = [8]\nlayer_delay_ms = [1.0, -2.0]\n");
+    assert!(
+        e.contains("model.layer_delay_ms") && e.contains("-2"),
+        "{e}"
+    );
+    let e = err("[model]\nkind = \"cnn\"\nlayer_delay_ms = [1.0]\n");
+    assert!(e.contains("model.layer_delay_ms"), "{e}");
+    let ok = Config::from_toml_str("[model]\nhidden = [8]\nlayer_delay_ms = [1.0, 0]\n").unwrap();
+    assert_eq!(ok.model.layer_delay_ms, [1.0, 0.0]);
+    // Absent, it leaves the configuration hash of existing jobs alone.
+    assert!(!serde_json::to_string(&Config::default().model)
+        .unwrap()
+        .contains("layer_delay_ms"));
+}

@@ -82,6 +82,7 @@ impl Config {
         self.validate_wan()?;
         self.validate_checkpoint()?;
         self.validate_security()?;
+        self.validate_scheduling()?;
         self.validate_timeouts_and_placement()
     }
 

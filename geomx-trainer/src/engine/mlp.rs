@@ -6,7 +6,7 @@
 //! batch.
 
 use super::gemm::{gemm, Layout};
-use super::{check_batch, check_params, EngineError, Evaluation, Model, TensorSpec};
+use super::{check_batch, check_params, EngineError, Evaluation, LayerGate, Model, TensorSpec};
 use crate::data::{rng, Samples};
 
 /// Rows per chunk when evaluating large data sets.
@@ -17,6 +17,8 @@ const EVAL_CHUNK: usize = 512;
 pub struct Mlp {
     sizes: Vec<usize>,
     specs: Vec<TensorSpec>,
+    /// Emulated compute per layer (`model.layer_delay_ms`).
+    delays: Vec<std::time::Duration>,
 }
 
 impl Mlp {
@@ -51,7 +53,26 @@ impl Mlp {
                 ]
             })
             .collect();
-        Ok(Self { sizes, specs })
+        Ok(Self {
+            sizes,
+            specs,
+            delays: Vec::new(),
+        })
+    }
+
+    /// The same MLP with emulated compute: a training step sleeps `delays[l]` before layer l's
+    /// forward pass and twice that before its backward pass (`model.layer_delay_ms`; missing
+    /// layers: none). Values are unchanged; evaluation does not sleep.
+    pub fn with_layer_delays(mut self, delays: Vec<std::time::Duration>) -> Self {
+        self.delays = delays;
+        self
+    }
+
+    /// Sleeps `times` × layer `l`'s emulated compute, if any.
+    fn emulate(&self, l: usize, times: u32) {
+        if let Some(d) = self.delays.get(l).filter(|d| !d.is_zero()) {
+            std::thread::sleep(*d * times);
+        }
     }
 
     /// Layer widths: inputs, hidden layers, classes.
@@ -79,29 +100,115 @@ impl Mlp {
     /// Outputs of every layer for `n` rows of `x`: ReLU activations of the hidden layers, then the
     /// logits.
     fn forward_all(&self, params: &[Vec<f32>], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let outs: Result<_, std::convert::Infallible> =
+            self.forward_layers(x, |l, input| Ok(self.layer_forward(l, params, input, n)));
+        outs.unwrap_or_else(|e| match e {})
+    }
+
+    /// Every layer's output in forward order: `layer(l, input)` computes layer l from the
+    /// previous layer's output (`x` for layer 0).
+    fn forward_layers<E, F>(&self, x: &[f32], mut layer: F) -> Result<Vec<Vec<f32>>, E>
+    where
+        F: FnMut(usize, &[f32]) -> Result<Vec<f32>, E>,
+    {
         let mut outs: Vec<Vec<f32>> = Vec::with_capacity(self.layers());
         for l in 0..self.layers() {
-            let (fan_in, fan_out) = (self.sizes[l], self.sizes[l + 1]);
             let input: &[f32] = if l == 0 { x } else { &outs[l - 1] };
-            let bias = &params[2 * l + 1];
-            let mut z: Vec<f32> = Vec::with_capacity(n * fan_out);
-            for _ in 0..n {
-                z.extend_from_slice(bias);
-            }
-            gemm(
-                input,
-                Layout::row_major(n, fan_in),
-                &params[2 * l],
-                Layout::transposed(fan_out, fan_in),
-                1.0,
-                &mut z,
-            );
-            if l + 1 < self.layers() {
-                z.iter_mut().for_each(|v| *v = v.max(0.0));
-            }
+            let z = layer(l, input)?;
             outs.push(z);
         }
-        outs
+        Ok(outs)
+    }
+
+    /// Output of layer `l` for `n` rows of `input`: ReLU(input · Wᵀ + b), or the logits for the
+    /// last layer.
+    fn layer_forward(&self, l: usize, params: &[Vec<f32>], input: &[f32], n: usize) -> Vec<f32> {
+        let (fan_in, fan_out) = (self.sizes[l], self.sizes[l + 1]);
+        let bias = &params[2 * l + 1];
+        let mut z: Vec<f32> = Vec::with_capacity(n * fan_out);
+        for _ in 0..n {
+            z.extend_from_slice(bias);
+        }
+        gemm(
+            input,
+            Layout::row_major(n, fan_in),
+            &params[2 * l],
+            Layout::transposed(fan_out, fan_in),
+            1.0,
+            &mut z,
+        );
+        if l + 1 < self.layers() {
+            z.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        z
+    }
+
+    /// The backward pass from the forward outputs `outs` of `batch` (`n` samples): gradients to
+    /// `on_grad`, last layer first. Returns the mean loss.
+    fn backward_from(
+        &self,
+        params: &[Vec<f32>],
+        batch: &Samples<'_>,
+        n: usize,
+        mut outs: Vec<Vec<f32>>,
+        on_grad: &mut dyn FnMut(usize, Vec<f32>),
+    ) -> f32 {
+        let classes = self.classes();
+        let mut delta = outs.pop().unwrap_or_default();
+        let loss = softmax_xent(&mut delta, batch.labels, classes) / n as f64;
+        // delta = (softmax - onehot) / n: the gradient of the mean loss w.r.t. the logits.
+        let inv_n = 1.0 / n as f32;
+        for (row, &label) in delta.chunks_exact_mut(classes).zip(batch.labels) {
+            row[label as usize] -= 1.0;
+            row.iter_mut().for_each(|v| *v *= inv_n);
+        }
+        for l in (0..self.layers()).rev() {
+            self.emulate(l, 2);
+            let (fan_in, fan_out) = (self.sizes[l], self.sizes[l + 1]);
+            let input: &[f32] = if l == 0 { batch.features } else { &outs[l - 1] };
+            // Bias gradient: column sums of delta.
+            let mut db = vec![0f32; fan_out];
+            for row in delta.chunks_exact(fan_out) {
+                db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+            }
+            // Weight gradient: delta^T (out × n) · input (n × in).
+            let mut dw = vec![0f32; fan_out * fan_in];
+            gemm(
+                &delta,
+                Layout::transposed(n, fan_out),
+                input,
+                Layout::row_major(n, fan_in),
+                0.0,
+                &mut dw,
+            );
+            // Input gradient (before this layer's weights are handed out).
+            let next_delta = if l > 0 {
+                let mut d = vec![0f32; n * fan_in];
+                gemm(
+                    &delta,
+                    Layout::row_major(n, fan_out),
+                    &params[2 * l],
+                    Layout::row_major(fan_out, fan_in),
+                    0.0,
+                    &mut d,
+                );
+                // ReLU: pass the gradient where the activation was positive.
+                d.iter_mut().zip(input).for_each(|(g, &a)| {
+                    if a <= 0.0 {
+                        *g = 0.0;
+                    }
+                });
+                Some(d)
+            } else {
+                None
+            };
+            on_grad(2 * l + 1, db);
+            on_grad(2 * l, dw);
+            if let Some(d) = next_delta {
+                delta = d;
+            }
+        }
+        loss as f32
     }
 }
 
@@ -203,62 +310,37 @@ impl Model for Mlp {
         if n == 0 {
             return Err(EngineError::EmptyBatch);
         }
-        let mut outs = self.forward_all(params, batch.features, n);
-        let classes = self.classes();
-        let mut delta = outs.pop().unwrap_or_default();
-        let loss = softmax_xent(&mut delta, batch.labels, classes) / n as f64;
-        // delta = (softmax - onehot) / n: the gradient of the mean loss w.r.t. the logits.
-        let inv_n = 1.0 / n as f32;
-        for (row, &label) in delta.chunks_exact_mut(classes).zip(batch.labels) {
-            row[label as usize] -= 1.0;
-            row.iter_mut().for_each(|v| *v *= inv_n);
+        let outs: Result<_, EngineError> = self.forward_layers(batch.features, |l, input| {
+            self.emulate(l, 1);
+            Ok(self.layer_forward(l, params, input, n))
+        });
+        Ok(self.backward_from(params, &batch, n, outs?, on_grad))
+    }
+
+    fn tensor_layers(&self) -> Vec<usize> {
+        (0..2 * self.layers()).map(|k| k / 2).collect()
+    }
+
+    fn backward_gated(
+        &self,
+        params: &mut [Vec<f32>],
+        batch: Samples<'_>,
+        ready: &mut LayerGate<'_>,
+        on_grad: &mut dyn FnMut(usize, Vec<f32>),
+    ) -> Result<f32, EngineError> {
+        let n = self.check(params, &batch)?;
+        if n == 0 {
+            return Err(EngineError::EmptyBatch);
         }
-        for l in (0..self.layers()).rev() {
-            let (fan_in, fan_out) = (self.sizes[l], self.sizes[l + 1]);
-            let input: &[f32] = if l == 0 { batch.features } else { &outs[l - 1] };
-            // Bias gradient: column sums of delta.
-            let mut db = vec![0f32; fan_out];
-            for row in delta.chunks_exact(fan_out) {
-                db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
-            }
-            // Weight gradient: delta^T (out × n) · input (n × in).
-            let mut dw = vec![0f32; fan_out * fan_in];
-            gemm(
-                &delta,
-                Layout::transposed(n, fan_out),
-                input,
-                Layout::row_major(n, fan_in),
-                0.0,
-                &mut dw,
-            );
-            // Input gradient (before this layer's weights are handed out).
-            let next_delta = if l > 0 {
-                let mut d = vec![0f32; n * fan_in];
-                gemm(
-                    &delta,
-                    Layout::row_major(n, fan_out),
-                    &params[2 * l],
-                    Layout::row_major(fan_out, fan_in),
-                    0.0,
-                    &mut d,
-                );
-                // ReLU: pass the gradient where the activation was positive.
-                d.iter_mut().zip(input).for_each(|(g, &a)| {
-                    if a <= 0.0 {
-                        *g = 0.0;
-                    }
-                });
-                Some(d)
-            } else {
-                None
-            };
-            on_grad(2 * l + 1, db);
-            on_grad(2 * l, dw);
-            if let Some(d) = next_delta {
-                delta = d;
-            }
-        }
-        Ok(loss as f32)
+        // Layer l computes as soon as its own parameters are current.
+        let outs = self.forward_layers(batch.features, |l, input| {
+            ready(l, params)?;
+            self.emulate(l, 1);
+            Ok(self.layer_forward(l, params, input, n))
+        })?;
+        // A parameter list whose lengths `ready` changed is refused before the backward pass.
+        self.check(params, &batch)?;
+        Ok(self.backward_from(params, &batch, n, outs, on_grad))
     }
 
     fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError> {
@@ -327,6 +409,83 @@ mod tests {
             .collect();
         let y = (0..n).map(|_| rng::below(&mut r, classes) as u32).collect();
         Dataset::new(x, y, features, classes).unwrap()
+    }
+
+    #[test]
+    fn a_gated_step_waits_for_each_layer_and_matches_the_plain_step() {
+        let mlp = Mlp::new(6, &[9, 5], 4).unwrap();
+        let fresh = mlp.init(21);
+        let batch = tiny_batch(8, 6, 4, 22);
+        let mut plain = Vec::new();
+        let l0 = mlp
+            .backward_layerwise(&fresh, batch.view(), &mut |k, g| plain.push((k, g)))
+            .unwrap();
+        // Start from stale parameters; `ready(l)` brings layer l up to date, as P3's replies do.
+        let mut params: Vec<Vec<f32>> = fresh.iter().map(|t| vec![0.5; t.len()]).collect();
+        let mut order = Vec::new();
+        let mut gated = Vec::new();
+        let l1 = mlp
+            .backward_gated(
+                &mut params,
+                batch.view(),
+                &mut |l, p| {
+                    // Layers above l are still stale when l is asked for.
+                    for (k, t) in p.iter().enumerate().skip(2 * l + 2) {
+                        assert!(t.iter().all(|&v| v == 0.5), "key {k} updated early");
+                    }
+                    order.push(l);
+                    p[2 * l].clone_from(&fresh[2 * l]);
+                    p[2 * l + 1].clone_from(&fresh[2 * l + 1]);
+                    Ok(())
+                },
+                &mut |k, g| gated.push((k, g)),
+            )
+            .unwrap();
+        assert_eq!(order, [0, 1, 2]);
+        assert_eq!(l0.to_bits(), l1.to_bits());
+        assert_eq!(gated.len(), plain.len());
+        for ((k0, g0), (k1, g1)) in plain.iter().zip(&gated) {
+            assert_eq!(k0, k1);
+            assert!(g0.iter().zip(g1).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        assert_eq!(mlp.tensor_layers(), [0, 0, 1, 1, 2, 2]);
+        // A failing gate ends the step with its error.
+        let err = mlp
+            .backward_gated(
+                &mut params,
+                batch.view(),
+                &mut |l, _| {
+                    Err(EngineError::NotReady {
+                        layer: l,
+                        message: "gone".into(),
+                    })
+                },
+                &mut |_, _| panic!("no gradient after a failed gate"),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("layer 0"), "{err}");
+    }
+
+    #[test]
+    fn emulated_compute_sleeps_per_layer_and_changes_no_value() {
+        let plain = Mlp::new(4, &[6], 3).unwrap();
+        let ms = std::time::Duration::from_millis;
+        let slow = Mlp::new(4, &[6], 3)
+            .unwrap()
+            .with_layer_delays(vec![ms(20), ms(10)]);
+        let params = plain.init(5);
+        let batch = tiny_batch(5, 4, 3, 6);
+        let (l0, g0) = plain.loss_and_grad(&params, batch.view()).unwrap();
+        let t = std::time::Instant::now();
+        let (l1, g1) = slow.loss_and_grad(&params, batch.view()).unwrap();
+        // Forward 20 + 10 ms, backward twice that: at least 90 ms (sleeps never end early).
+        assert!(t.elapsed() >= ms(90), "{:?}", t.elapsed());
+        assert_eq!(l0.to_bits(), l1.to_bits());
+        assert_eq!(g0, g1);
+        assert_eq!(
+            plain.evaluate(&params, batch.view()).unwrap(),
+            slow.evaluate(&params, batch.view()).unwrap()
+        );
     }
 
     #[test]

@@ -123,6 +123,14 @@ pub enum EngineError {
     /// The libtorch back end failed.
     #[error("libtorch: {0}")]
     Backend(String),
+    /// The caller's `ready` callback of [`Model::backward_gated`] failed (its message).
+    #[error("waiting for layer {layer}'s parameters: {message}")]
+    NotReady {
+        /// The layer waited for.
+        layer: usize,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Loss and accuracy of a model on a data set.
@@ -135,6 +143,10 @@ pub struct Evaluation {
     /// Samples evaluated.
     pub samples: usize,
 }
+
+/// The callback of [`Model::backward_gated`]: `ready(layer, params)` brings `layer`'s tensors up
+/// to date before the forward pass first uses them.
+pub type LayerGate<'a> = dyn FnMut(usize, &mut [Vec<f32>]) -> Result<(), EngineError> + 'a;
 
 /// The interface every model back end implements.
 pub trait Model: Send + Sync {
@@ -179,6 +191,38 @@ pub trait Model: Send + Sync {
         Ok((loss, grads))
     }
 
+    /// Layer of every tensor, in key order: 0 next to the input, counting up in forward order;
+    /// a layer's tensors (weight, bias) share it. Default: from the tensors' names
+    /// ([`layers_from_names`]).
+    fn tensor_layers(&self) -> Vec<usize> {
+        layers_from_names(self.tensors().iter().map(|t| t.name.as_str()))
+    }
+
+    /// [`Model::backward_layerwise`] whose forward pass may start before every parameter is
+    /// current: `ready(layer, params)` is called once per layer, in forward order, before the
+    /// first use of that layer's tensors, and may bring them up to date in `params` (P3: wait
+    /// for the layer's slices and apply them). The default calls it for every layer first, then
+    /// runs [`Model::backward_layerwise`]; an engine with a per-layer forward pass overrides it.
+    /// An error from `ready` ends the step with that error.
+    fn backward_gated(
+        &self,
+        params: &mut [Vec<f32>],
+        batch: Samples<'_>,
+        ready: &mut LayerGate<'_>,
+        on_grad: &mut dyn FnMut(usize, Vec<f32>),
+    ) -> Result<f32, EngineError> {
+        let layers = self
+            .tensor_layers()
+            .iter()
+            .map(|l| l + 1)
+            .max()
+            .unwrap_or(0);
+        for l in 0..layers {
+            ready(l, params)?;
+        }
+        self.backward_layerwise(params, batch, on_grad)
+    }
+
     /// Mean loss and accuracy over `data`.
     fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError>;
 
@@ -221,6 +265,23 @@ pub fn encode_on_host<M: Model + ?Sized>(
         let e = crate::codec::encode_values(&grad, enc.value_type, enc.scaling);
         on_payload(key, grad.len(), e)
     })
+}
+
+/// Layer of every tensor from its name: consecutive tensors whose names share the part before
+/// the last `.` (`fc0.weight`, `fc0.bias`) are one layer; layers count up in key order.
+pub fn layers_from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut last: Option<&str> = None;
+    let mut layer = 0;
+    for name in names {
+        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        if last.is_some_and(|l| l != module) {
+            layer += 1;
+        }
+        last = Some(module);
+        out.push(layer);
+    }
+    out
 }
 
 /// How a tier sends dense values: the element type and the FP16 scaling.
@@ -268,7 +329,14 @@ pub fn build_model(
                     "the built-in mlp runs on the cpu only, not {device}"
                 )));
             }
-            Ok(Box::new(Mlp::new(inputs, &cfg.hidden, classes)?))
+            let delays = cfg
+                .layer_delay_ms
+                .iter()
+                .map(|&ms| std::time::Duration::from_secs_f64(ms.max(0.0) / 1e3))
+                .collect();
+            Ok(Box::new(
+                Mlp::new(inputs, &cfg.hidden, classes)?.with_layer_delays(delays),
+            ))
         }
         ModelKind::Cnn | ModelKind::Resnet18 => {
             build_tch_model(cfg, device, unresolved, inputs, classes)
@@ -455,5 +523,18 @@ mod tests {
                 tier.encode_dense(&x)
             );
         }
+    }
+
+    #[test]
+    fn layers_come_from_module_names() {
+        let names = ["fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias", "head"];
+        assert_eq!(layers_from_names(names), [0, 0, 1, 1, 2]);
+        let resnet = [
+            "conv1.weight",
+            "bn1.weight",
+            "bn1.bias",
+            "layer1.0.conv1.weight",
+        ];
+        assert_eq!(layers_from_names(resnet), [0, 1, 1, 2]);
     }
 }

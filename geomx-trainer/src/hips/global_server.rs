@@ -576,7 +576,7 @@ pub fn run(
     let mut resumed = super::ckpt::resume(job, &me)?;
     // Global rounds: training rounds / (k1 · k2) under HFA.
     let start = resumed.as_ref().map_or(0, |r| r.round()) / job.rounds_per_global();
-    let theta0 = job.model.init(job.seed);
+    let theta0 = job.keys.split(job.model.init(job.seed));
     let mut agg = GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32)
         .with_codecs(job.inter.clone(), job.intra.clone())
         .with_policy(job.nonfinite.policy);

@@ -7,11 +7,12 @@ use std::time::Duration;
 use geomx_net::NetOptions;
 
 use super::plan::ClusterPlan;
+use super::slices::KeyMap;
 use super::RunError;
 use crate::codec::down::ReplyMode;
 use crate::config::{
     Config, ConfigError, DataConfig, Driver, EsyncConfig, HfaConfig, InjectNan, MixedLrScale,
-    MixedOptimizer, NonFinitePolicy, SecurityMode, SyncAlgorithm,
+    MixedOptimizer, NonFinitePolicy, P3Config, SecurityMode, SyncAlgorithm,
 };
 use crate::data::TrainTest;
 use crate::engine::{build_model, Model, OptimizerConfig};
@@ -22,6 +23,10 @@ use crate::security::Keyring;
 pub struct JobSpec {
     /// Topology and placement.
     pub plan: ClusterPlan,
+    /// The plan's keys as parts of the model's tensors (one key per tensor without P3).
+    pub keys: KeyMap,
+    /// P3 scheduling (`[scheduling.p3]`), when enabled.
+    pub p3: Option<P3Config>,
     /// The model every role builds (global servers initialise θ_0 from it).
     pub model: Arc<dyn Model>,
     /// Optimizer run by the global servers.
@@ -131,7 +136,13 @@ impl JobSpec {
             cfg.cluster.data_centers.iter().map(|d| d.workers).collect();
         let w = workers_per_dc.iter().sum::<usize>().max(1);
         let central_dc = cfg.cluster.central_index();
-        let key_lens = model.tensors().iter().map(|t| t.len()).collect();
+        let lens: Vec<usize> = model.tensors().iter().map(|t| t.len()).collect();
+        let p3 = cfg.scheduling.p3.enabled.then(|| cfg.scheduling.p3.clone());
+        let keys = match &p3 {
+            Some(p) => KeyMap::sliced(&lens, &model.tensor_layers(), p.slice_elems),
+            None => KeyMap::whole(&lens, &model.tensor_layers()),
+        };
+        let key_lens = keys.key_lens();
         let plan = ClusterPlan::new(
             workers_per_dc,
             cfg.cluster.global_servers,
@@ -160,10 +171,12 @@ impl JobSpec {
         let t = &cfg.timeouts;
         let base = NetOptions::default();
         let net = NetOptions {
-            driver: match cfg.transport.driver {
-                Driver::Auto => geomx_net::DriverKind::Auto,
-                Driver::IoUring => geomx_net::DriverKind::IoUring,
-                Driver::Portable => geomx_net::DriverKind::Portable,
+            // P3 needs writes that block until the socket takes them (its priority heap must
+            // hold the backlog); the io_uring driver queues what the socket does not take.
+            driver: match (cfg.transport.driver, &p3) {
+                (Driver::Auto, Some(_)) | (Driver::Portable, _) => geomx_net::DriverKind::Portable,
+                (Driver::Auto, None) => geomx_net::DriverKind::Auto,
+                (Driver::IoUring, _) => geomx_net::DriverKind::IoUring,
             },
             connect_timeout: t.connect(),
             conn: geomx_net::ConnConfig {
@@ -172,6 +185,10 @@ impl JobSpec {
                 heartbeat_interval: t.heartbeat(),
                 ..base.conn
             },
+            // P3: a more urgent slice finds little queued in the socket ahead of it: little unsent
+            // data, and a send buffer of `credit_bytes`.
+            notsent_lowat: p3.as_ref().map(|p| p.unsent_bytes),
+            send_buffer: p3.as_ref().map(|p| p.credit_bytes as usize),
             ..base
         };
         let mut h = crate::hash::Fnv1a::new();
@@ -181,6 +198,8 @@ impl JobSpec {
         h.write(&super::msg::PAYLOAD_VERSION.to_le_bytes());
         Ok(Self {
             plan,
+            keys,
+            p3,
             model,
             optimizer: cfg.train.optimizer.clone(),
             seed: cfg.model.seed,

@@ -19,8 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{Receiver, Sender};
+use geomx_net::sched::priority::{PrioritySender, Queued};
 use geomx_net::{
-    Handler, KvClient, MsgKind, NetError, PayloadCodec, PeerHandle, Pending, Request, Responder,
+    Handler, KvClient, MsgKind, NetError, PayloadCodec, PeerHandle, Request, Responder,
 };
 
 use geomx_net::dgt::link::DgtClient;
@@ -400,6 +401,73 @@ enum UpSum<'a> {
     Skip,
 }
 
+/// The global servers as the uplinks reach them: directly, or under P3 through one priority
+/// sender each (the most urgent layer's slice sums first).
+struct Upstream {
+    clients: Vec<KvClient>,
+    /// One per client under P3; empty otherwise.
+    prio: Vec<PrioritySender>,
+}
+
+impl Upstream {
+    fn new(clients: Vec<KvClient>, job: &JobSpec, dc: u32) -> Result<Self, RunError> {
+        let prio = match job.p3 {
+            Some(_) => clients
+                .iter()
+                .enumerate()
+                .map(|(s, c)| PrioritySender::new(c.clone(), &format!("geomx-p3-l{dc}.{s}")))
+                .collect::<Result<_, _>>()
+                .map_err(|e| RunError::Net("starting the P3 senders".into(), e))?,
+            None => Vec::new(),
+        };
+        Ok(Self { clients, prio })
+    }
+
+    fn client(&self, server: usize) -> Result<&KvClient, String> {
+        self.clients
+            .get(server)
+            .ok_or_else(|| format!("no global server {server}"))
+    }
+
+    /// Pushes `payload` (codec `Raw`) to `server` at `(range id, version, offset, key length)`.
+    fn push(
+        &self,
+        server: usize,
+        priority: i64,
+        (id, version, offset, total): (u64, u64, u64, u64),
+        payload: Vec<u8>,
+    ) -> Result<Queued, String> {
+        let r = match self.prio.get(server) {
+            Some(p) => p.push(
+                priority,
+                id,
+                version,
+                PayloadCodec::Raw,
+                offset,
+                total,
+                payload,
+            ),
+            None => self
+                .client(server)?
+                .push(id, version, PayloadCodec::Raw, offset, total, &payload)
+                .map(Queued::from),
+        };
+        r.map_err(|e| format!("range {id} to global server {server}: {e}"))
+    }
+
+    /// Pulls `(range id, version, offset, key length)` from `server` (pulls skip the queue).
+    fn pull(
+        &self,
+        server: usize,
+        (id, version, offset, total): (u64, u64, u64, u64),
+    ) -> Result<Queued, String> {
+        self.client(server)?
+            .pull(id, version, offset, total)
+            .map(Queued::from)
+            .map_err(|e| format!("range {id} to global server {server}: {e}"))
+    }
+}
+
 /// Pushes `sum` of `key` at `round` to the owners of its ranges (or pulls them at `round`) and
 /// decodes their replies, in range order.
 ///
@@ -408,7 +476,7 @@ enum UpSum<'a> {
 #[allow(clippy::too_many_arguments)]
 fn exchange(
     handler: &LocalHandler,
-    clients: &[KvClient],
+    up: &Upstream,
     key: usize,
     ranges: &[(usize, Range)],
     round: u64,
@@ -418,7 +486,7 @@ fn exchange(
     mut base: Option<&mut [u64]>,
 ) -> Result<Vec<RangeReply>, String> {
     let key_len = handler.key_lens[key];
-    let mut pending: Vec<(usize, &Range, Pending)> = Vec::with_capacity(ranges.len());
+    let mut pending: Vec<(usize, &Range, Queued)> = Vec::with_capacity(ranges.len());
     let pushing = !matches!(sum, UpSum::Pull);
     let sparse =
         matches!(sum, UpSum::Sparse(..)) || (pushing && handler.modes[key] == ReplyMode::Sparse);
@@ -430,7 +498,6 @@ fn exchange(
         UpSum::Skip => (None, None, true),
     };
     for (i, (id, r)) in ranges.iter().enumerate() {
-        let c = &clients[r.server];
         let version = base.as_deref().map_or(round, |b| b[i]);
         let slice = |s: &[f32]| s[r.offset..r.offset + r.len].to_vec();
         let payload = match (values, compressors.as_mut()) {
@@ -479,16 +546,10 @@ fn exchange(
                 ))
             }
         };
+        let at = (*id as u64, version, r.offset as u64, key_len as u64);
         let p = match payload {
-            Some(payload) => c.push(
-                *id as u64,
-                version,
-                PayloadCodec::Raw,
-                r.offset as u64,
-                key_len as u64,
-                &payload,
-            ),
-            None => c.pull(*id as u64, round, r.offset as u64, key_len as u64),
+            Some(payload) => up.push(r.server, job.keys.priority(key), at, payload),
+            None => up.pull(r.server, (*id as u64, round, at.2, at.3)),
         }
         .map_err(|e| format!("range {id} to global server {}: {e}", r.server))?;
         pending.push((*id, r, p));
@@ -585,7 +646,7 @@ fn raw_body(codec: PayloadCodec, body: Vec<u8>, len: usize) -> Vec<u8> {
 struct Uplink {
     handler: Arc<LocalHandler>,
     key: usize,
-    clients: Vec<KvClient>,
+    up: Arc<Upstream>,
     ranges: Vec<(usize, Range)>,
     count: u32,
     job: JobSpec,
@@ -641,7 +702,7 @@ impl Uplink {
         };
         let replies = exchange(
             h,
-            &self.clients,
+            &self.up,
             self.key,
             &self.ranges,
             round,
@@ -735,7 +796,7 @@ impl Uplink {
         };
         let replies = exchange(
             &h,
-            &self.clients,
+            &self.up,
             self.key,
             &self.ranges,
             global,
@@ -764,7 +825,7 @@ impl Uplink {
 /// The global tier's final θ of every key (a pull at `version` of every range), assembled.
 fn final_theta(
     handler: &LocalHandler,
-    clients: &[KvClient],
+    up: &Upstream,
     key_ranges: &[Vec<(usize, Range)>],
     version: u64,
     job: &JobSpec,
@@ -773,17 +834,7 @@ fn final_theta(
         .iter()
         .enumerate()
         .map(|(k, ranges)| {
-            let replies = exchange(
-                handler,
-                clients,
-                k,
-                ranges,
-                version,
-                0,
-                UpSum::Pull,
-                job,
-                None,
-            )?;
+            let replies = exchange(handler, up, k, ranges, version, 0, UpSum::Pull, job, None)?;
             assemble(ranges, handler.key_lens[k], replies)
         })
         .collect()
@@ -930,9 +981,10 @@ pub fn run(
                 .collect()
         })
         .collect();
+    let upstream = Arc::new(Upstream::new(clients.clone(), job, dc)?);
     // A resumed job starts from θ_r of its checkpoint round (HFA: the milestone), which the
     // global servers hold.
-    let theta0 = final_theta(&handler, &clients, &key_ranges, start_global, job)
+    let theta0 = final_theta(&handler, &upstream, &key_ranges, start_global, job)
         .map_err(|e| RunError::Protocol(format!("dc {dc} pulling θ_{start_global}: {e}")))?;
     let mut milestones = Vec::with_capacity(n_keys);
     for (k, theta) in theta0.into_iter().enumerate() {
@@ -968,7 +1020,7 @@ pub fn run(
         let up = Uplink {
             handler: handler.clone(),
             key: k,
-            clients: clients.clone(),
+            up: upstream.clone(),
             ranges,
             count: n_d as u32,
             job: job.clone(),
@@ -997,15 +1049,16 @@ pub fn run(
         SyncAlgorithm::Mixed => job.global_rounds() * plan.num_dcs() as u64,
         _ => job.global_rounds(),
     };
-    let theta = final_theta(&handler, &clients, &key_ranges, last, job)
+    let theta = final_theta(&handler, &upstream, &key_ranges, last, job)
         .map_err(|e| RunError::Protocol(format!("dc {dc} pulling the final θ: {e}")))?;
-    let global_hash = crate::engine::params_hash(&theta);
     if job.sync == SyncAlgorithm::Mixed {
         for (k, t) in theta.iter().enumerate() {
             let bytes = super::msg::f32_bytes(t).into_owned();
             handler.publish(k, job.rounds + 1, PayloadCodec::DenseF32, bytes, Vec::new());
         }
     }
+    // Hashed per tensor, as the workers hash their replicas.
+    let global_hash = crate::engine::params_hash(&job.keys.assemble(theta));
     node.finish(job.wait_limit())?;
     let lan = server.stats();
     let mut wan: u64 = clients.iter().map(|c| super::total_bytes(c.stats())).sum();

@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod dgt;
 pub mod dgt_lab;
 pub mod esync;
+mod fsa_round;
 mod global_agg;
 pub mod global_server;
 pub mod hfa;
@@ -21,6 +22,7 @@ mod mixed_agg;
 pub mod msg;
 pub mod node;
 pub mod plan;
+pub mod slices;
 pub mod throughput;
 pub mod worker;
 

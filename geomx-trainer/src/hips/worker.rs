@@ -6,10 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use geomx_net::sched::priority::PrioritySender;
 use geomx_net::{KvClient, NetError, PayloadCodec, Pending};
 use serde::{Deserialize, Serialize};
 
 use super::esync::{self, Answer, Reply};
+use super::fsa_round::{fsa_round, FsaIo, Outstanding};
 use super::node::{FatalHook, Identity, Node};
 use super::plan::roles;
 use super::throughput::{StepSplit, ThroughputMeter};
@@ -46,7 +48,7 @@ pub struct Progress {
 /// Receives progress lines.
 pub type ProgressSink = Arc<dyn Fn(&Progress) + Send + Sync>;
 
-fn reply_of(
+pub(super) fn reply_of(
     key: usize,
     want_version: u64,
     resp: Result<geomx_net::Response, NetError>,
@@ -101,7 +103,7 @@ fn decode_increment(
 /// The replica of a Bi-Sparse key: one optimizer per range, as the global servers keep, applied
 /// to the mean gradient every range's update carries (not at all when the update is flagged
 /// skipped).
-struct Replica {
+pub(super) struct Replica {
     /// (range id, offset, length) of each range.
     parts: Vec<(usize, usize, usize)>,
     opts: Vec<Optimizer>,
@@ -179,7 +181,7 @@ impl Replica {
 }
 
 /// How a worker applies its local server's answer for one key (see [`ReplyMode`]).
-enum KeyApply {
+pub(super) enum KeyApply {
     /// Replace the key with θ.
     Theta,
     /// Add the increment.
@@ -189,7 +191,7 @@ enum KeyApply {
 }
 
 impl KeyApply {
-    fn apply(
+    pub(super) fn apply(
         &mut self,
         job: &JobSpec,
         key: usize,
@@ -218,7 +220,7 @@ impl KeyApply {
 /// values; under `abort` the job ends naming this worker, the key and the round. Returns whether
 /// it was non-finite.
 #[allow(clippy::too_many_arguments)]
-fn check_push(
+pub(super) fn check_push(
     job: &JobSpec,
     node: &Node,
     what: &str,
@@ -243,7 +245,7 @@ fn check_push(
 
 /// The heterogeneity knob (sync.md): after a step of measured duration `step`, sleeps
 /// `(factor − 1)·step`.
-fn slow_down(factor: f64, step: Duration) {
+pub(super) fn slow_down(factor: f64, step: Duration) {
     if factor > 1.0 {
         std::thread::sleep(step.mul_f64(factor - 1.0));
     }
@@ -583,10 +585,9 @@ pub fn run(
             e,
         )
     })?;
-    let lens = &plan.key_lens;
     // θ_0 from the local server (which has it from the global servers); θ_r when resuming,
     // which must be what this worker saved.
-    let mut params = pull_all(&client, lens, start / job.rounds_per_local(), job)?;
+    let mut params = pull_all(&client, start / job.rounds_per_local(), job)?;
     if let Some(res) = resumed.as_mut() {
         for (k, p) in params.iter().enumerate() {
             let saved = res.f32(&format!("params.{k}"), p.len())?;
@@ -602,7 +603,7 @@ pub fn run(
         }
     }
     node.barrier("all")?;
-    let mut apply: Vec<KeyApply> = (0..lens.len())
+    let mut apply: Vec<KeyApply> = (0..plan.key_lens.len())
         .map(|k| match job.reply_mode(k) {
             ReplyMode::Theta => KeyApply::Theta,
             ReplyMode::Delta => KeyApply::Delta,
@@ -644,6 +645,15 @@ pub fn run(
         _ => None,
     };
     let mut meter = ThroughputMeter::default();
+    // P3: pushes go through a priority sender; replies are applied by the next forward pass.
+    let prio = match job.p3 {
+        Some(_) => Some(
+            PrioritySender::new(client.clone(), &format!("geomx-p3-w{dc}.{rank}"))
+                .map_err(|e| RunError::Net("starting the P3 sender".into(), e))?,
+        ),
+        None => None,
+    };
+    let mut outstanding = Outstanding::default();
     for round in start..job.rounds {
         let round_started = Instant::now();
         let mut split = StepSplit::default();
@@ -675,6 +685,7 @@ pub fn run(
             let io = FsaIo {
                 node: &node,
                 client: &client,
+                prio: prio.as_ref(),
                 overflows: &overflows,
                 slowdown,
             };
@@ -683,14 +694,21 @@ pub fn run(
                 &io,
                 &mut params,
                 &mut apply,
+                &mut outstanding,
                 &mut batcher,
                 round,
                 &mut split,
             )?;
         }
-        meter.record(round_started.elapsed(), split);
         let done = round + 1;
-        if let Some(saver) = saver.as_ref().filter(|s| s.due(done)) {
+        let saving = saver.as_ref().is_some_and(|s| s.due(done));
+        let due = job.eval_every > 0 && done % job.eval_every == 0;
+        if done == job.rounds || saving || (reporter && due) {
+            // P3 leaves the replies to the next forward pass; whoever reads θ now needs them.
+            outstanding.settle_all(job, &mut params, &mut apply, &mut split)?;
+        }
+        meter.record(round_started.elapsed(), split);
+        if let Some(saver) = saver.as_ref().filter(|_| saving) {
             let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
             saver.save(&checkpoint_state(
                 saver, done, &params, &batcher, opts, &apply,
@@ -698,9 +716,8 @@ pub fn run(
         }
         if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
             // The final pull: every replica adopts the global servers' final θ.
-            params = pull_all(&client, lens, job.rounds + 1, job)?;
+            params = pull_all(&client, job.rounds + 1, job)?;
         }
-        let due = job.eval_every > 0 && done % job.eval_every == 0;
         if reporter && (due || done == job.rounds) {
             let t = Instant::now();
             let ev = job
@@ -789,92 +806,17 @@ fn checkpoint_state(
     state
 }
 
-/// Pulls every key at `version` from the local server (exact f32 θ).
-fn pull_all(
-    client: &KvClient,
-    lens: &[usize],
-    version: u64,
-    job: &JobSpec,
-) -> Result<Vec<Vec<f32>>, RunError> {
+/// Pulls every key at `version` from the local server (exact f32 θ), one vector per tensor.
+fn pull_all(client: &KvClient, version: u64, job: &JobSpec) -> Result<Vec<Vec<f32>>, RunError> {
+    let lens = &job.plan.key_lens;
     let pulls: Vec<Pending> = (0..lens.len())
         .map(|k| client.pull(k as u64, version, 0, lens[k] as u64))
         .collect::<Result<_, _>>()
         .map_err(|e| RunError::Net(format!("pulling θ at version {version}"), e))?;
-    pulls
+    let keys = pulls
         .into_iter()
         .enumerate()
         .map(|(k, p)| decode_key(k, version, lens[k], p.wait(job.wait_limit())))
-        .collect()
-}
-
-/// What an FSA round talks to: the worker's node, its local server, its overflow counters and
-/// its slowdown.
-struct FsaIo<'a> {
-    node: &'a Node,
-    client: &'a KvClient,
-    overflows: &'a KeyCounts,
-    /// This worker's emulated slowdown factor (`cluster.data_centers[].slowdown`).
-    slowdown: f64,
-}
-
-/// One FSA / MixedSync round: gradients pushed key by key as the backward pass produces them
-/// (checked for non-finite values first), then every key's reply applied. Returns the loss.
-fn fsa_round(
-    job: &JobSpec,
-    io: &FsaIo<'_>,
-    params: &mut [Vec<f32>],
-    apply: &mut [KeyApply],
-    batcher: &mut Prefetcher,
-    round: u64,
-    split: &mut StepSplit,
-) -> Result<f64, RunError> {
-    let (node, client, overflows, slowdown) = (io.node, io.client, io.overflows, io.slowdown);
-    let me = &node.me;
-    let t = Instant::now();
-    let batch = batcher.next_batch().map_err(RunError::Data)?;
-    split.data_s += t.elapsed().as_secs_f64();
-    split.samples += batch.len() as u64;
-    let started = Instant::now();
-    let mut pending: Vec<Option<Result<Pending, RunError>>> =
-        (0..params.len()).map(|_| None).collect();
-    let l = job
-        .model
-        // Gradients encoded per key by the model (on its GPU for a CUDA tch model).
-        .backward_encoded(
-            params,
-            batch.view(),
-            (&job.intra).into(),
-            &mut |key, n, mut e| {
-                if job.nonfinite.injects(me.dc, me.rank, round, key) {
-                    poison_first(e.codec, &mut e.bytes);
-                }
-                overflows.add(key, e.overflow);
-                let checked = check_push(job, node, "gradient", key, round, e.codec, &e.bytes, n);
-                pending[key] = Some(checked.and_then(|_| {
-                    client
-                        .push(key as u64, round, e.codec, 0, n as u64, &e.bytes)
-                        .map_err(|e| RunError::Net(format!("pushing key {key} round {round}"), e))
-                }));
-            },
-        )
-        .map_err(RunError::Engine)?;
-    slow_down(slowdown, started.elapsed());
-    split.compute_s += started.elapsed().as_secs_f64();
-    // Replies in push order (last layer first, the first to be answered); each key's new values
-    // go to the model's device at once (`Model::preload`), while later replies are awaited.
-    for (k, p) in pending.into_iter().enumerate().rev() {
-        let p = p.ok_or_else(|| {
-            RunError::Protocol(format!("the model produced no gradient for key {k}"))
-        })??;
-        let t = Instant::now();
-        let resp = reply_of(k, round + 1, p.wait(job.wait_limit()))?;
-        let t_apply = Instant::now();
-        split.wait_s += (t_apply - t).as_secs_f64();
-        apply[k].apply(job, k, &mut params[k], &resp)?;
-        job.model
-            .preload(k, &[params[k].as_slice()])
-            .map_err(RunError::Engine)?;
-        split.apply_s += t_apply.elapsed().as_secs_f64();
-    }
-    Ok(f64::from(l))
+        .collect::<Result<_, _>>()?;
+    Ok(job.keys.assemble(keys))
 }

@@ -270,6 +270,11 @@ pub(crate) struct UringDriver {
 }
 
 impl UringDriver {
+    /// [`NetOptions::notsent_lowat`] and [`NetOptions::send_buffer`].
+    pub(crate) fn socket_limits(&self) -> (Option<u32>, Option<usize>) {
+        (self.opts.notsent_lowat, self.opts.send_buffer)
+    }
+
     /// Starts a ring; `inline` (client endpoints) lets waiting callers drive it.
     pub(crate) fn start(opts: &NetOptions, inline: bool) -> Result<Arc<UringDriver>, NetError> {
         let ring = IoUring::new(RING_ENTRIES)

@@ -1,0 +1,11 @@
+//! Transfer scheduling (`../shared/specs/scheduling.md`): when and along which path bytes move,
+//! never which values are aggregated.
+//!
+//! * [`mod@priority`]: P3's per-connection priority queue (sans-IO, with a fixed-rate link model
+//!   for tests) and [`PrioritySender`](priority::PrioritySender), the thread that drains it into
+//!   a [`crate::KvClient`].
+//! * [`mod@tsengine`]: TSEngine's coordinator state machine (dynamic aggregation tree for push,
+//!   ε-greedy broadcast tree for pull, throughput table with expiry).
+
+pub mod priority;
+pub mod tsengine;

@@ -1,0 +1,430 @@
+//! `geomx bench sched`: the schedulers of scheduling.md in the WAN lab, each against its
+//! baseline in the same run.
+//!
+//! **P3.** 2 DCs × 1 worker and one global server; each DC's WAN link is shaped to
+//! [`P3_RATE_MBIT`] with [`P3_DELAY_MS`] of one-way delay (`[wan] mode = "auto"`: network
+//! namespaces as root, the userspace relay otherwise). The model has the shape of a VGG-style
+//! network, where P3 matters: the built-in MLP with hidden layers [`P3_HIDDEN`] on
+//! [`P3_FEATURES`] synthetic features holds most of its parameters in its last layers (the
+//! 512 × 1024 layer alone is 72 % of 0.73 M), while the emulated compute of
+//! `model.layer_delay_ms` = [`P3_LAYER_DELAY_MS`] (forward; the backward pass sleeps twice as
+//! long) puts most of the compute in its first layers, as a CNN's convolutions do. A round's push
+//! then takes about as long on the WAN as the worker's forward and backward pass
+//! (`comm_to_compute` in the results). The same job runs first in first out (tensors as keys,
+//! replies applied at the end of the round) and with P3 (slices of [`P3_SLICE_ELEMS`], the layer
+//! next to the input first, the next forward pass gated per layer), both on the portable driver
+//! that P3 needs; runs alternate, and the tables show medians. The measure is the workers' mean
+//! round time without evaluation (`train_seconds / rounds` of the job report), with its split
+//! into compute (the emulated compute included), waiting for replies and applying them.
+//!
+//! The WAN lab's fidelity (the delay relay's lateness) is reported for every run. Results go to
+//! `results.json` and `results.md` in the output folder, next to each run's configuration and
+//! report.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::launch::{launch, LaunchError, LaunchOptions};
+use crate::report::Report;
+use crate::wanlab::probe::median;
+
+/// Bandwidth of each DC's WAN link in the P3 comparison, Mbit/s each way.
+pub const P3_RATE_MBIT: f64 = 120.0;
+/// One-way delay of each DC's WAN link in the P3 comparison, ms.
+pub const P3_DELAY_MS: f64 = 5.0;
+/// Slice size of the P3 runs, elements (64 KiB of f32: four slices per 256 × 256 layer).
+pub const P3_SLICE_ELEMS: usize = 16_384;
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct SchedBenchOptions {
+    /// Fewer rounds, one run per mode (a smoke run well under 2 minutes).
+    pub quick: bool,
+    /// Folder for `results.json`, `results.md` and the runs' files.
+    pub out: PathBuf,
+    /// The `geomx` executable to launch (default: this executable).
+    pub exe: Option<PathBuf>,
+}
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedBenchError {
+    /// A launch failed.
+    #[error("{run}: {source}")]
+    Launch {
+        /// Which run.
+        run: String,
+        /// Why.
+        source: LaunchError,
+    },
+    /// A file could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A run's report lacks what the benchmark measures.
+    #[error("{run}: {what}")]
+    Report {
+        /// Which run.
+        run: String,
+        /// What is missing.
+        what: String,
+    },
+}
+
+/// Rounds per run.
+pub fn rounds(quick: bool) -> u64 {
+    if quick {
+        12
+    } else {
+        40
+    }
+}
+
+/// Runs per mode.
+pub fn repeats(quick: bool) -> usize {
+    if quick {
+        1
+    } else {
+        3
+    }
+}
+
+/// Batch size per worker.
+pub const BATCH_SIZE: usize = 128;
+
+/// Hidden layers of the P3 model.
+pub const P3_HIDDEN: [usize; 7] = [64, 64, 128, 128, 256, 512, 1024];
+/// Input features of the P3 model's synthetic task.
+pub const P3_FEATURES: usize = 64;
+/// Emulated forward compute per layer of the P3 model, ms (`model.layer_delay_ms`).
+pub const P3_LAYER_DELAY_MS: [f64; 8] = [15.0, 15.0, 12.0, 12.0, 8.0, 4.0, 1.0, 0.0];
+
+/// The P3 comparison's job; `p3` switches P3 on.
+pub fn p3_config(quick: bool, p3: bool) -> String {
+    let list = |v: &[String]| v.join(", ");
+    let hidden: Vec<String> = P3_HIDDEN.iter().map(ToString::to_string).collect();
+    let delays: Vec<String> = P3_LAYER_DELAY_MS.iter().map(ToString::to_string).collect();
+    format!(
+        "[[cluster.data_centers]]\nname = \"dc0\"\nworkers = 1\n\
+         [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 1\n\
+         [model]\nkind = \"mlp\"\nhidden = [{}]\nlayer_delay_ms = [{}]\n\
+         [data]\ndataset = \"synthetic\"\nbatch_size = {BATCH_SIZE}\n\
+         [data.synthetic]\nfeatures = {P3_FEATURES}\ntrain_samples = 65536\ntest_samples = 512\n\
+         [train]\nrounds = {}\neval_every = 0\n\
+         [train.optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
+         [transport]\ndriver = \"portable\"\n\
+         [wan]\nmode = \"auto\"\nrate_mbit = {P3_RATE_MBIT}\ndelay_ms = {P3_DELAY_MS}\n\
+         [scheduling.p3]\nenabled = {p3}\nslice_elems = {P3_SLICE_ELEMS}\n",
+        list(&hidden),
+        list(&delays),
+        rounds(quick),
+    )
+}
+
+/// The WAN lab's fidelity in one run: the delay relay's lateness (absent when the lab had no
+/// relay, e.g. the userspace mode).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LabFidelity {
+    /// Lab mode the launcher used (`netns`, `relay`).
+    pub mode: String,
+    /// Median lateness of the delay relay, µs.
+    pub p50_lateness_us: Option<f64>,
+    /// 99th percentile, µs.
+    pub p99_lateness_us: Option<f64>,
+    /// Largest, µs.
+    pub max_lateness_us: Option<f64>,
+    /// The relay missed its lateness bound: the emulated delay was not kept.
+    pub degraded: Option<bool>,
+}
+
+impl LabFidelity {
+    /// From a job report's `wan_mode` and `wan_lab`.
+    pub fn from_report(r: &Report) -> Self {
+        let relay = r.wan_lab.as_ref().and_then(|w| w.get("delay_relay"));
+        let num = |k: &str| relay.and_then(|d| d.get(k)).and_then(|v| v.as_f64());
+        Self {
+            mode: r.wan_mode.clone(),
+            p50_lateness_us: num("p50_lateness_us"),
+            p99_lateness_us: num("p99_lateness_us"),
+            max_lateness_us: num("max_lateness_us"),
+            degraded: relay
+                .and_then(|d| d.get("degraded"))
+                .and_then(|v| v.as_bool()),
+        }
+    }
+}
+
+/// One run: the workers' mean round and where its time went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRun {
+    /// Mean round time of the workers, ms (training only, no evaluation).
+    pub round_ms: f64,
+    /// Forward and backward pass, encoding and queueing the pushes, ms per round.
+    pub compute_ms: f64,
+    /// Waiting for replies (P3: inside the next forward pass too), ms per round.
+    pub wait_ms: f64,
+    /// Applying replies, ms per round.
+    pub apply_ms: f64,
+    /// Every worker and the global servers ended with the same θ.
+    pub replicas_identical: bool,
+    /// Hash of the workers' final θ.
+    pub param_hash: String,
+    /// WAN bytes of the run.
+    pub wan_bytes: u64,
+    /// The lab's fidelity.
+    pub lab: LabFidelity,
+}
+
+impl RoundRun {
+    /// From a job report (`run` names it in errors).
+    pub fn from_report(run: &str, r: &Report) -> Result<Self, SchedBenchError> {
+        let n = r.workers.len();
+        if n == 0 {
+            return Err(SchedBenchError::Report {
+                run: run.into(),
+                what: "no worker throughput in the report".into(),
+            });
+        }
+        let mean = |f: &dyn Fn(&crate::hips::throughput::WorkerThroughput) -> f64| {
+            r.workers.iter().map(f).sum::<f64>() / n as f64
+        };
+        Ok(Self {
+            round_ms: mean(&|w| 1e3 * w.train_seconds / w.rounds.max(1) as f64),
+            compute_ms: mean(&|w| w.split.compute_ms),
+            wait_ms: mean(&|w| w.split.wait_ms),
+            apply_ms: mean(&|w| w.split.apply_ms),
+            replicas_identical: r.replicas_identical,
+            param_hash: r.param_hash.clone(),
+            wan_bytes: r.wan_bytes,
+            lab: LabFidelity::from_report(r),
+        })
+    }
+}
+
+/// The P3 comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct P3Result {
+    /// First in first out, one entry per run.
+    pub fifo: Vec<RoundRun>,
+    /// P3, one entry per run.
+    pub p3: Vec<RoundRun>,
+    /// Median FIFO round time / median P3 round time.
+    pub p3_speedup: f64,
+    /// Slice size of the P3 runs, elements.
+    pub slice_elems: usize,
+    /// The wire time of one round's push at the link rate / FIFO's median compute time.
+    pub comm_to_compute: f64,
+    /// Model parameters.
+    pub params: usize,
+    /// The P3 runs ended with exactly the FIFO runs' θ.
+    pub same_result: bool,
+}
+
+/// Everything `geomx bench sched` measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedBenchResult {
+    /// `--quick`.
+    pub quick: bool,
+    /// Rounds per run.
+    pub rounds: u64,
+    /// The P3 comparison.
+    pub p3: P3Result,
+    /// The P3 job's configuration (FIFO; P3 adds `[scheduling.p3] enabled = true`).
+    pub p3_config: String,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SchedBenchError + '_ {
+    move |source| SchedBenchError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The median of one figure over runs.
+fn median_of(runs: &[RoundRun], f: fn(&RoundRun) -> f64) -> f64 {
+    median(runs.iter().map(f).collect())
+}
+
+/// Parameters of the P3 model: weights and biases of every layer.
+fn p3_params() -> usize {
+    let mut sizes = vec![P3_FEATURES];
+    sizes.extend(P3_HIDDEN);
+    sizes.push(crate::config::SyntheticSpec::default().classes);
+    sizes.windows(2).map(|w| w[0] * w[1] + w[1]).sum()
+}
+
+/// Launches `toml` as run `name` in `out`; returns its report.
+fn launch_run(opts: &SchedBenchOptions, name: &str, toml: &str) -> Result<Report, SchedBenchError> {
+    let cfg = opts.out.join(format!("{name}.toml"));
+    std::fs::write(&cfg, toml).map_err(io_err(&cfg))?;
+    tracing::warn!(run = name, "launching");
+    launch(&LaunchOptions {
+        config: Some(cfg),
+        report: Some(opts.out.join(format!("{name}.json"))),
+        exe: opts.exe.clone(),
+        quiet: true,
+        ..LaunchOptions::default()
+    })
+    .map_err(|source| SchedBenchError::Launch {
+        run: name.into(),
+        source,
+    })
+}
+
+/// Runs the benchmark and writes `results.json` and `results.md` into `opts.out`.
+pub fn run(opts: &SchedBenchOptions) -> Result<SchedBenchResult, SchedBenchError> {
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let quick = opts.quick;
+    let (mut fifo, mut p3) = (Vec::new(), Vec::new());
+    for i in 1..=repeats(quick) {
+        for on in [false, true] {
+            let name = format!("{}-{i}", if on { "p3" } else { "fifo" });
+            let r = launch_run(opts, &name, &p3_config(quick, on))?;
+            let run = RoundRun::from_report(&name, &r)?;
+            eprintln!(
+                "bench sched: {name}: round {:.1} ms (compute {:.1}, wait {:.1}, apply {:.1}), \
+                 lab {} p99 lateness {}",
+                run.round_ms,
+                run.compute_ms,
+                run.wait_ms,
+                run.apply_ms,
+                run.lab.mode,
+                fmt_us(run.lab.p99_lateness_us)
+            );
+            if on { &mut p3 } else { &mut fifo }.push(run);
+        }
+    }
+    let params = p3_params();
+    let wire_ms = 1e3 * (params * 4 * 8) as f64 / (P3_RATE_MBIT * 1e6);
+    let result = SchedBenchResult {
+        quick,
+        rounds: rounds(quick),
+        p3: P3Result {
+            p3_speedup: median_of(&fifo, |r| r.round_ms) / median_of(&p3, |r| r.round_ms),
+            slice_elems: P3_SLICE_ELEMS,
+            comm_to_compute: wire_ms / median_of(&fifo, |r| r.compute_ms),
+            params,
+            same_result: fifo.iter().chain(&p3).all(|r| {
+                r.replicas_identical && fifo.first().is_some_and(|f| f.param_hash == r.param_hash)
+            }),
+            fifo,
+            p3,
+        },
+        p3_config: p3_config(quick, false),
+    };
+    let json = opts.out.join("results.json");
+    let text = serde_json::to_string_pretty(&result).unwrap_or_default();
+    std::fs::write(&json, text).map_err(io_err(&json))?;
+    let md = opts.out.join("results.md");
+    std::fs::write(&md, render_markdown(&result)).map_err(io_err(&md))?;
+    Ok(result)
+}
+
+fn fmt_us(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".into(), |v| format!("{v:.0} µs"))
+}
+
+/// The results as Markdown: one row per mode (medians) and the runs' figures.
+pub fn render_markdown(r: &SchedBenchResult) -> String {
+    let p = &r.p3;
+    let runs = p.fifo.len();
+    let mut s = format!(
+        "## P3 against first in first out\n\n\
+         2 DCs × 1 worker, one global server, portable driver; WAN links {P3_RATE_MBIT} Mbit/s, \
+         {P3_DELAY_MS} ms one way. MLP hidden {P3_HIDDEN:?} on {P3_FEATURES} synthetic features \
+         ({} parameters) with emulated compute {P3_LAYER_DELAY_MS:?} ms per layer forward (twice \
+         that backward), batch {BATCH_SIZE}, {} rounds{}; P3 slices of {} elements. One round's \
+         push takes {:.2}× the FIFO compute time on the wire. Medians of {runs} run(s) per mode, \
+         runs alternating.\n\n\
+         | mode | round | compute | wait | apply | per run | lab p99 lateness | same θ |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        p.params,
+        r.rounds,
+        if r.quick { ", --quick" } else { "" },
+        p.slice_elems,
+        p.comm_to_compute,
+    );
+    for (name, rows) in [("FIFO", &p.fifo), ("P3", &p.p3)] {
+        let med = |f: fn(&RoundRun) -> f64| median_of(rows, f);
+        let per_run: Vec<String> = rows.iter().map(|x| format!("{:.1}", x.round_ms)).collect();
+        let lateness: Vec<String> = rows.iter().map(|x| fmt_us(x.lab.p99_lateness_us)).collect();
+        s.push_str(&format!(
+            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} |\n",
+            med(|x| x.round_ms),
+            med(|x| x.compute_ms),
+            med(|x| x.wait_ms),
+            med(|x| x.apply_ms),
+            per_run.join(" / "),
+            lateness.join(" / "),
+            if p.same_result { "yes" } else { "no" },
+        ));
+    }
+    s.push_str(&format!("\n**p3_speedup = {:.3}**\n", p.p3_speedup));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn both_jobs_are_valid_and_differ_only_in_p3() {
+        for quick in [false, true] {
+            let fifo = Config::from_toml_str(&p3_config(quick, false)).unwrap();
+            let p3 = Config::from_toml_str(&p3_config(quick, true)).unwrap();
+            assert!(!fifo.scheduling.p3.enabled && p3.scheduling.p3.enabled);
+            let mut same = p3.clone();
+            same.scheduling.p3.enabled = false;
+            assert_eq!(same, fifo);
+            assert_eq!(p3.model.hidden.len() + 1, 8, "8 layers");
+        }
+        let cfg = Config::from_toml_str(&p3_config(true, true)).unwrap();
+        let model = crate::engine::build_model(&cfg.model, P3_FEATURES, 10).unwrap();
+        assert_eq!(p3_params(), model.num_params());
+        // Most parameters in the last layers.
+        let last = model.tensors()[12].len();
+        assert!(last as f64 > 0.7 * p3_params() as f64, "{last}");
+    }
+
+    #[test]
+    fn the_markdown_shows_the_speedup_and_every_run() {
+        let run = |ms: f64| RoundRun {
+            round_ms: ms,
+            compute_ms: 100.0,
+            wait_ms: ms - 100.0,
+            apply_ms: 1.0,
+            replicas_identical: true,
+            param_hash: "ab".into(),
+            wan_bytes: 1,
+            lab: LabFidelity {
+                mode: "netns".into(),
+                p99_lateness_us: Some(250.0),
+                ..LabFidelity::default()
+            },
+        };
+        let r = SchedBenchResult {
+            quick: true,
+            rounds: 12,
+            p3: P3Result {
+                fifo: vec![run(300.0), run(320.0)],
+                p3: vec![run(240.0), run(250.0)],
+                p3_speedup: 1.25,
+                slice_elems: P3_SLICE_ELEMS,
+                comm_to_compute: 1.1,
+                params: p3_params(),
+                same_result: true,
+            },
+            p3_config: String::new(),
+        };
+        let md = render_markdown(&r);
+        assert!(md.contains("p3_speedup = 1.250"), "{md}");
+        assert!(md.contains("300.0 / 320.0"), "{md}");
+        assert!(md.contains("250 µs"), "{md}");
+    }
+}

@@ -1,0 +1,109 @@
+//! `[scheduling]`: when and in which order pushes move (scheduling.md); never which values are
+//! aggregated.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Config, ConfigError, SyncAlgorithm};
+
+/// Default P3 slice size in elements (scheduling.md, "Defaults").
+pub const DEFAULT_SLICE_ELEMS: usize = 50_000;
+
+/// Smallest P3 slice: below this the per-key overhead (a frame, an aggregation slot and an
+/// uplink per slice) outweighs any scheduling gain.
+pub const MIN_SLICE_ELEMS: usize = 1024;
+
+/// Default `TCP_NOTSENT_LOWAT` of P3 connections in bytes.
+pub const DEFAULT_UNSENT_BYTES: u32 = 64 << 10;
+
+/// Default send buffer (credit) of P3 connections in bytes.
+pub const DEFAULT_CREDIT_BYTES: u32 = 256 << 10;
+
+/// `[scheduling]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulingConfig {
+    /// P3: layer-priority slicing on both tiers (`[scheduling.p3]`).
+    pub p3: P3Config,
+}
+
+/// `[scheduling.p3]`: priority-based parameter propagation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct P3Config {
+    /// Slice tensors into keys of `slice_elems`, send them most urgent layer first on both tiers,
+    /// and start the next forward pass of each layer as soon as its slices are back.
+    pub enabled: bool,
+    /// Slice size S in elements: a tensor of n elements becomes ⌈n/S⌉ keys.
+    pub slice_elems: usize,
+    /// Unsent bytes a P3 connection's socket may hold (`TCP_NOTSENT_LOWAT`): what a more urgent
+    /// slice may find queued ahead of it besides the slice on the wire.
+    pub unsent_bytes: u32,
+    /// Send buffer of a P3 connection (`SO_SNDBUF`; Linux doubles it for its bookkeeping):
+    /// what it may hold unacknowledged, in flight or queued, ahead of a more urgent slice. It
+    /// must cover the path's bandwidth × round-trip time, or it caps the throughput; much more
+    /// and the queue below the priority heap is first come, first served again.
+    pub credit_bytes: u32,
+}
+
+impl Default for P3Config {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            slice_elems: DEFAULT_SLICE_ELEMS,
+            unsent_bytes: DEFAULT_UNSENT_BYTES,
+            credit_bytes: DEFAULT_CREDIT_BYTES,
+        }
+    }
+}
+
+impl Config {
+    /// `[scheduling]`: a slice size in range, and P3 only with the gradient-pushing algorithms.
+    pub(crate) fn validate_scheduling(&self) -> Result<(), ConfigError> {
+        let p3 = &self.scheduling.p3;
+        if p3.slice_elems < MIN_SLICE_ELEMS || p3.slice_elems > u32::MAX as usize {
+            return Err(ConfigError::invalid(
+                "scheduling.p3.slice_elems",
+                format!(
+                    "{} must be in {MIN_SLICE_ELEMS}..={}",
+                    p3.slice_elems,
+                    u32::MAX
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("scheduling.p3.unsent_bytes", p3.unsent_bytes),
+            ("scheduling.p3.credit_bytes", p3.credit_bytes),
+        ] {
+            if v < 4096 || v > i32::MAX as u32 {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("{v} must be in 4096..={}", i32::MAX),
+                ));
+            }
+        }
+        if p3.enabled && self.transport.driver == super::Driver::IoUring {
+            return Err(ConfigError::invalid(
+                "scheduling.p3.enabled",
+                "P3 runs on the portable driver (its priority heap needs writes that block until \
+                 the socket takes them; io_uring queues the rest): set transport.driver to \
+                 \"auto\" or \"portable\"",
+            ));
+        }
+        if p3.enabled
+            && !matches!(
+                self.sync.algorithm,
+                SyncAlgorithm::Fsa | SyncAlgorithm::Mixed
+            )
+        {
+            return Err(ConfigError::invalid(
+                "scheduling.p3.enabled",
+                format!(
+                    "P3 schedules the gradient pushes of fsa and mixed, not the model \
+                     averagings of {}",
+                    self.sync.algorithm.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
