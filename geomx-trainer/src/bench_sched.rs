@@ -12,7 +12,8 @@
 //! then takes about as long on the WAN as the worker's forward and backward pass
 //! (`comm_to_compute` in the results). The same job runs first in first out (tensors as keys,
 //! replies applied at the end of the round) and with P3 (slices of [`P3_SLICE_ELEMS`], the layer
-//! next to the input first, the next forward pass gated per layer), both on the portable driver
+//! next to the input first, the next forward pass gated per layer, a credit of 256 KiB), both on
+//! the portable driver
 //! that P3 needs; runs alternate, and the tables show medians. The measure is the workers' mean
 //! round time without evaluation (`train_seconds / rounds` of the job report), with its split
 //! into compute (the emulated compute included), waiting for replies and applying them.
@@ -176,6 +177,8 @@ pub struct RoundRun {
     pub param_hash: String,
     /// WAN bytes of the run.
     pub wan_bytes: u64,
+    /// The P3 credits the workers and local servers tuned (`credit_bytes = "auto"`), bytes.
+    pub tuned_credits: Vec<u64>,
     /// The lab's fidelity.
     pub lab: LabFidelity,
 }
@@ -201,6 +204,7 @@ impl RoundRun {
             replicas_identical: r.replicas_identical,
             param_hash: r.param_hash.clone(),
             wan_bytes: r.wan_bytes,
+            tuned_credits: r.processes.iter().filter_map(|p| p.p3_credit).collect(),
             lab: LabFidelity::from_report(r),
         })
     }
@@ -338,11 +342,12 @@ pub fn render_markdown(r: &SchedBenchResult) -> String {
          2 DCs × 1 worker, one global server, portable driver; WAN links {P3_RATE_MBIT} Mbit/s, \
          {P3_DELAY_MS} ms one way. MLP hidden {P3_HIDDEN:?} on {P3_FEATURES} synthetic features \
          ({} parameters) with emulated compute {P3_LAYER_DELAY_MS:?} ms per layer forward (twice \
-         that backward), batch {BATCH_SIZE}, {} rounds{}; P3 slices of {} elements. One round's \
+         that backward), batch {BATCH_SIZE}, {} rounds{}; P3 slices of {} elements, credit 256 KiB. \
+         One round's \
          push takes {:.2}× the FIFO compute time on the wire. Medians of {runs} run(s) per mode, \
          runs alternating.\n\n\
-         | mode | round | compute | wait | apply | per run | lab p99 lateness | same θ |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | mode | round | compute | wait | apply | per run | tuned credits | lab p99 lateness | \
+         same θ |\n|---|---|---|---|---|---|---|---|---|\n",
         p.params,
         r.rounds,
         if r.quick { ", --quick" } else { "" },
@@ -353,13 +358,23 @@ pub fn render_markdown(r: &SchedBenchResult) -> String {
         let med = |f: fn(&RoundRun) -> f64| median_of(rows, f);
         let per_run: Vec<String> = rows.iter().map(|x| format!("{:.1}", x.round_ms)).collect();
         let lateness: Vec<String> = rows.iter().map(|x| fmt_us(x.lab.p99_lateness_us)).collect();
+        let credits: Vec<String> = rows
+            .iter()
+            .flat_map(|x| &x.tuned_credits)
+            .map(|c| format!("{} KiB", c >> 10))
+            .collect();
         s.push_str(&format!(
-            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} |\n",
+            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} | {} |\n",
             med(|x| x.round_ms),
             med(|x| x.compute_ms),
             med(|x| x.wait_ms),
             med(|x| x.apply_ms),
             per_run.join(" / "),
+            if credits.is_empty() {
+                "–".into()
+            } else {
+                credits.join(", ")
+            },
             lateness.join(" / "),
             if p.same_result { "yes" } else { "no" },
         ));
@@ -402,6 +417,7 @@ mod tests {
             replicas_identical: true,
             param_hash: "ab".into(),
             wan_bytes: 1,
+            tuned_credits: vec![262144],
             lab: LabFidelity {
                 mode: "netns".into(),
                 p99_lateness_us: Some(250.0),
@@ -426,5 +442,6 @@ mod tests {
         assert!(md.contains("p3_speedup = 1.250"), "{md}");
         assert!(md.contains("300.0 / 320.0"), "{md}");
         assert!(md.contains("250 µs"), "{md}");
+        assert!(md.contains("256 KiB"), "{md}");
     }
 }

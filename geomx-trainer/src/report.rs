@@ -225,6 +225,7 @@ mod tests {
             refused_requests: 0,
             resumed_from_round: None,
             throughput: None,
+            p3_credit: None,
         }
     }
 

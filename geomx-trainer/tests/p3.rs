@@ -41,6 +41,13 @@ fn run(name: &str, cfg: &Config) -> (JobSpec, Report) {
     );
     assert!(r.replicas_identical, "{name}");
     assert_eq!(r.param_hash, r.global_param_hash, "{name}");
+    // `credit_bytes = "auto"` settles within 15 rounds of the 20, on the workers' and the
+    // local servers' connections; a fixed credit is not tuned.
+    let auto = job.p3.as_ref().is_some_and(|p| p.credit_bytes.is_auto());
+    for p in &r.processes {
+        let tuned = auto && matches!(p.role.as_str(), "worker" | "local_server");
+        assert_eq!(p.p3_credit.is_some(), tuned, "{name}: {p:?}");
+    }
     assert_eq!(r.skipped_updates, 0, "{name}");
     (job, r)
 }
@@ -78,6 +85,9 @@ fn p3_works_with_compressed_tiers_mixed_sync_and_dgt() {
     let bisparse = "[compression]\nintra = { codec = \"fp16\" }\n[compression.inter]\n\
                     codec = \"bisparse\"\ndensity = 0.1\nmin_size = 100\nvalues = \"f32\"\n\
                     warmup_rounds = 0\nselection = \"exact\"\nresync_every = 0\n";
+    // Appended to the [scheduling.p3] table.
+    let auto = "credit_bytes = \"auto\"\n";
+    run("p3 auto credit", &config(2, ADAM, auto, true));
     let (_, r) = run("p3 bisparse", &config(2, SGD, bisparse, true));
     // The WAN tier's bytes: Bi-Sparse selected per slice.
     assert!(r.codec_bytes.get("sparse").copied().unwrap_or(0) > 0);

@@ -25,6 +25,8 @@ pub struct KvClient {
 
 struct ClientInner {
     link: Arc<Link>,
+    /// A second handle on the socket, for its options ([`KvClient::set_send_buffer`]).
+    socket: TcpStream,
     driver: Driver,
     counters: Arc<LiveCounters>,
     server_id: u32,
@@ -146,6 +148,7 @@ impl KvClient {
                 )?)
             }
         };
+        let socket = stream.try_clone()?;
         let driver = Driver::new(&opts, true)?;
         let counters = Arc::new(LiveCounters::default());
         let (state_tx, state_rx) = crossbeam_channel::unbounded();
@@ -176,6 +179,7 @@ impl KvClient {
         Ok(KvClient {
             inner: Arc::new(ClientInner {
                 link,
+                socket,
                 driver,
                 counters,
                 server_id,
@@ -238,6 +242,21 @@ impl KvClient {
             rx,
             link: self.inner.link.clone(),
         })
+    }
+
+    /// Sets the connection's send buffer (`SO_SNDBUF`; Linux doubles it for its bookkeeping):
+    /// what it may hold unacknowledged from now on (see [`crate::NetOptions::send_buffer`]).
+    pub fn set_send_buffer(&self, bytes: usize) -> Result<(), NetError> {
+        if let Some(reason) = self.inner.link.close_reason() {
+            return Err(reason);
+        }
+        socket2::SockRef::from(&self.inner.socket).set_send_buffer_size(bytes)?;
+        Ok(())
+    }
+
+    /// The connection's send buffer as the kernel reports it.
+    pub fn send_buffer(&self) -> Result<usize, NetError> {
+        Ok(socket2::SockRef::from(&self.inner.socket).send_buffer_size()?)
     }
 
     /// The node id the server announced.

@@ -4,8 +4,11 @@
 //! * [`mod@priority`]: P3's per-connection priority queue (sans-IO, with a fixed-rate link model
 //!   for tests) and [`PrioritySender`](priority::PrioritySender), the thread that drains it into
 //!   a [`crate::KvClient`].
+//! * [`mod@credit`]: [`CreditTuner`](credit::CreditTuner), which picks a priority sender's credit
+//!   (its connection's send buffer) from measured round times.
 //! * [`mod@tsengine`]: TSEngine's coordinator state machine (dynamic aggregation tree for push,
 //!   ε-greedy broadcast tree for pull, throughput table with expiry).
 
+pub mod credit;
 pub mod priority;
 pub mod tsengine;

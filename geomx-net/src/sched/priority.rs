@@ -462,6 +462,9 @@ mod tests {
         };
         let server = KvServer::bind("127.0.0.1:0", Echo, opts.clone()).unwrap();
         let client = KvClient::connect(server.local_addr(), 1, opts).unwrap();
+        // The credit can change on a live connection (Linux doubles what it is given).
+        client.set_send_buffer(100_000).unwrap();
+        assert!(client.send_buffer().unwrap() >= 100_000);
         let sender = PrioritySender::new(client, "test-prio").unwrap();
         let queued: Vec<(u64, Queued)> = (0..20u64)
             .map(|k| {

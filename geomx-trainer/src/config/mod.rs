@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 pub use checkpoint::{CheckpointConfig, DEFAULT_EVERY_ROUNDS, DEFAULT_KEEP};
 pub use role::{Role, RoleSpec};
 pub use scheduling::{
-    P3Config, SchedulingConfig, DEFAULT_CREDIT_BYTES, DEFAULT_SLICE_ELEMS, DEFAULT_UNSENT_BYTES,
-    MIN_SLICE_ELEMS,
+    AutoWord, Credit, P3Config, SchedulingConfig, DEFAULT_CREDIT_BYTES, DEFAULT_SLICE_ELEMS,
+    DEFAULT_UNSENT_BYTES, MIN_SLICE_ELEMS,
 };
 pub use security::{SecurityConfig, SecurityMode, SECURITY_DIR_ENV, SECURITY_MODE_ENV};
 pub use sync::{

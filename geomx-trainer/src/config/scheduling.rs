@@ -15,8 +15,49 @@ pub const MIN_SLICE_ELEMS: usize = 1024;
 /// Default `TCP_NOTSENT_LOWAT` of P3 connections in bytes.
 pub const DEFAULT_UNSENT_BYTES: u32 = 64 << 10;
 
-/// Default send buffer (credit) of P3 connections in bytes.
+/// Default send buffer (credit) of P3 connections in bytes; under `"auto"`, that of the
+/// connections that do not tune it (the servers' replies) and of every connection before its
+/// tuner's first candidate.
 pub const DEFAULT_CREDIT_BYTES: u32 = 256 << 10;
+
+/// `scheduling.p3.credit_bytes`: a fixed send buffer, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Credit {
+    /// This many bytes.
+    Bytes(u32),
+    /// Tuned from measured round times within the first 15 rounds
+    /// (`geomx_net::sched::credit::CreditTuner`) by each worker for its push connection and by
+    /// each local server for its uplinks; the servers' reply connections keep
+    /// [`DEFAULT_CREDIT_BYTES`].
+    Auto(AutoWord),
+}
+
+/// The word `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoWord {
+    /// `"auto"`.
+    Auto,
+}
+
+impl Credit {
+    /// The tuned credit.
+    pub const AUTO: Credit = Credit::Auto(AutoWord::Auto);
+
+    /// The send buffer a connection starts with.
+    pub fn initial(self) -> u32 {
+        match self {
+            Credit::Bytes(b) => b,
+            Credit::Auto(_) => DEFAULT_CREDIT_BYTES,
+        }
+    }
+
+    /// True for `"auto"`.
+    pub fn is_auto(self) -> bool {
+        matches!(self, Credit::Auto(_))
+    }
+}
 
 /// `[scheduling]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -41,8 +82,9 @@ pub struct P3Config {
     /// Send buffer of a P3 connection (`SO_SNDBUF`; Linux doubles it for its bookkeeping):
     /// what it may hold unacknowledged, in flight or queued, ahead of a more urgent slice. It
     /// must cover the path's bandwidth × round-trip time, or it caps the throughput; much more
-    /// and the queue below the priority heap is first come, first served again.
-    pub credit_bytes: u32,
+    /// and the queue below the priority heap is first come, first served again. Default
+    /// [`DEFAULT_CREDIT_BYTES`]; `"auto"`: tuned from measured round times.
+    pub credit_bytes: Credit,
 }
 
 impl Default for P3Config {
@@ -51,7 +93,7 @@ impl Default for P3Config {
             enabled: false,
             slice_elems: DEFAULT_SLICE_ELEMS,
             unsent_bytes: DEFAULT_UNSENT_BYTES,
-            credit_bytes: DEFAULT_CREDIT_BYTES,
+            credit_bytes: Credit::Bytes(DEFAULT_CREDIT_BYTES),
         }
     }
 }
@@ -72,7 +114,7 @@ impl Config {
         }
         for (field, v) in [
             ("scheduling.p3.unsent_bytes", p3.unsent_bytes),
-            ("scheduling.p3.credit_bytes", p3.credit_bytes),
+            ("scheduling.p3.credit_bytes", p3.credit_bytes.initial()),
         ] {
             if v < 4096 || v > i32::MAX as u32 {
                 return Err(ConfigError::invalid(

@@ -919,9 +919,14 @@ fn the_p3_example_parses_and_p3_settings_are_checked() {
         (
             DEFAULT_SLICE_ELEMS,
             DEFAULT_UNSENT_BYTES,
-            DEFAULT_CREDIT_BYTES
+            Credit::Bytes(DEFAULT_CREDIT_BYTES)
         )
     );
+    assert_eq!(Credit::AUTO.initial(), DEFAULT_CREDIT_BYTES);
+    let fixed = Config::from_toml_str("[scheduling.p3]\ncredit_bytes = 131072\n").unwrap();
+    assert_eq!(fixed.scheduling.p3.credit_bytes, Credit::Bytes(131072));
+    let auto = Config::from_toml_str("[scheduling.p3]\ncredit_bytes = \"auto\"\n").unwrap();
+    assert!(auto.scheduling.p3.credit_bytes.is_auto());
     let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
     let e = err("[transport]\ndriver = \"io-uring\"\n[scheduling.p3]\nenabled = true\n");
     assert!(
@@ -930,6 +935,8 @@ fn the_p3_example_parses_and_p3_settings_are_checked() {
     );
     let e = err("[scheduling.p3]\ncredit_bytes = 100\n");
     assert!(e.contains("scheduling.p3.credit_bytes"), "{e}");
+    let e = err("[scheduling.p3]\ncredit_bytes = \"lots\"\n");
+    assert!(e.contains("credit_bytes"), "{e}");
     let e = err("[scheduling.p3]\nunknown = 1\n");
     assert!(e.contains("unknown"), "{e}");
     // P3 changes the keys: it is part of what every process must agree on.

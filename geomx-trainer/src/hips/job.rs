@@ -188,7 +188,7 @@ impl JobSpec {
             // P3: a more urgent slice finds little queued in the socket ahead of it: little unsent
             // data, and a send buffer of `credit_bytes`.
             notsent_lowat: p3.as_ref().map(|p| p.unsent_bytes),
-            send_buffer: p3.as_ref().map(|p| p.credit_bytes as usize),
+            send_buffer: p3.as_ref().map(|p| p.credit_bytes.initial() as usize),
             ..base
         };
         let mut h = crate::hash::Fnv1a::new();

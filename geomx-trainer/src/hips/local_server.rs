@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{Receiver, Sender};
+use geomx_net::sched::credit::CreditTuner;
 use geomx_net::sched::priority::{PrioritySender, Queued};
 use geomx_net::{
     Handler, KvClient, MsgKind, NetError, PayloadCodec, PeerHandle, Request, Responder,
@@ -88,6 +89,8 @@ struct LocalHandler {
     codec_bytes: Mutex<CodecBytes>,
     /// Sampled top-k selections that fell back to exact top-k.
     fallbacks: AtomicU64,
+    /// The uplinks' P3 credit once tuned (`scheduling.p3.credit_bytes = "auto"`; 0: none).
+    p3_credit: AtomicU64,
     /// Key rounds dropped here (non-finite worker values or sums).
     skipped: AtomicU64,
     /// FP16 / BF16 overflows of this process's encodings, by key.
@@ -423,6 +426,15 @@ impl Upstream {
         Ok(Self { clients, prio })
     }
 
+    /// Sets the send buffer (P3 credit) of every uplink connection.
+    fn set_credit(&self, bytes: u32) -> Result<(), String> {
+        for (s, c) in self.clients.iter().enumerate() {
+            c.set_send_buffer(bytes as usize)
+                .map_err(|e| format!("setting the P3 credit towards global server {s}: {e}"))?;
+        }
+        Ok(())
+    }
+
     fn client(&self, server: usize) -> Result<&KvClient, String> {
         self.clients
             .get(server)
@@ -652,6 +664,9 @@ struct Uplink {
     job: JobSpec,
     compressors: Vec<RangeCompressor>,
     milestone: Option<Vec<f32>>,
+    /// Key 0's uplink under `credit_bytes = "auto"`: tunes every uplink's credit from the
+    /// period of its rounds (every key completes once per round).
+    tuner: Option<CreditTuner>,
 }
 
 impl Uplink {
@@ -659,6 +674,7 @@ impl Uplink {
         let mut base =
             (self.job.sync == SyncAlgorithm::Mixed).then(|| vec![0u64; self.ranges.len()]);
         let h = self.handler.clone();
+        let mut last_round: Option<std::time::Instant> = None;
         for up in jobs {
             let (version, res) = match self.job.hfa_periods() {
                 Some((_, k2)) => {
@@ -673,7 +689,11 @@ impl Uplink {
             match res {
                 Ok((codec, bytes)) => {
                     h.checkpoint(version, self.key, &self.compressors);
-                    h.publish(self.key, version, codec, bytes, up.replies)
+                    h.publish(self.key, version, codec, bytes, up.replies);
+                    if let Err(e) = self.tune(&mut last_round) {
+                        h.abort(format!("dc {}: {e}", h.dc));
+                        return;
+                    }
                 }
                 Err(e) => {
                     h.abort(format!(
@@ -684,6 +704,25 @@ impl Uplink {
                 }
             }
         }
+    }
+
+    /// Feeds the tuner the time since the previous round's answer and applies what it chooses.
+    fn tune(&mut self, last: &mut Option<std::time::Instant>) -> Result<(), String> {
+        let Some(t) = self.tuner.as_mut() else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        let change = last.and_then(|l| t.record((now - l).as_secs_f64()));
+        *last = Some(now);
+        if let Some(c) = change {
+            self.up.set_credit(c)?;
+        }
+        if let Some(c) = t.settled() {
+            if self.handler.p3_credit.swap(u64::from(c), Ordering::Relaxed) == 0 {
+                tracing::info!(credit = c, measured = ?t.measured(), "P3 uplink credit tuned");
+            }
+        }
+        Ok(())
     }
 
     /// FSA / MixedSync: pushes the DC's sum (or a dropped round) and turns the global tier's
@@ -897,6 +936,7 @@ pub fn run(
         policy: job.nonfinite.policy,
         codec_bytes: Mutex::new(CodecBytes::new()),
         fallbacks: AtomicU64::new(0),
+        p3_credit: AtomicU64::new(0),
         skipped: AtomicU64::new(0),
         overflows: KeyCounts::default(),
         dgt_links: OnceLock::new(),
@@ -1026,6 +1066,8 @@ pub fn run(
             job: job.clone(),
             compressors,
             milestone,
+            tuner: (k == 0 && job.p3.as_ref().is_some_and(|p| p.credit_bytes.is_auto()))
+                .then(CreditTuner::default),
         };
         let t = std::thread::Builder::new()
             .name(format!("geomx-uplink-{k}"))
@@ -1080,6 +1122,10 @@ pub fn run(
         stats.dgt = Some(d);
     }
     stats.client_bytes = wan;
+    stats.p3_credit = match handler.p3_credit.load(Ordering::Relaxed) {
+        0 => None,
+        c => Some(c),
+    };
     stats.global_param_hash = Some(global_hash);
     stats.codec_bytes = lock(&handler.codec_bytes).clone();
     stats.topk_fallbacks = handler.fallbacks.load(Ordering::Relaxed);

@@ -142,6 +142,10 @@ pub struct RoleStats {
     /// Samples per second and where the step time went (workers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throughput: Option<throughput::WorkerThroughput>,
+    /// The P3 credit (send buffer, bytes) tuned from round times (workers: their push
+    /// connection; local servers: their uplinks), under `scheduling.p3.credit_bytes = "auto"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p3_credit: Option<u64>,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -172,6 +176,7 @@ impl RoleStats {
             refused_requests: 0,
             resumed_from_round: None,
             throughput: None,
+            p3_credit: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use geomx_net::sched::credit::CreditTuner;
 use geomx_net::sched::priority::PrioritySender;
 use geomx_net::{KvClient, NetError, PayloadCodec, Pending};
 use serde::{Deserialize, Serialize};
@@ -654,6 +655,12 @@ pub fn run(
         None => None,
     };
     let mut outstanding = Outstanding::default();
+    // P3 with `credit_bytes = "auto"`: the push connection's credit from measured round times.
+    let mut tuner = job
+        .p3
+        .as_ref()
+        .filter(|p| p.credit_bytes.is_auto())
+        .map(|_| CreditTuner::default());
     for round in start..job.rounds {
         let round_started = Instant::now();
         let mut split = StepSplit::default();
@@ -708,6 +715,14 @@ pub fn run(
             outstanding.settle_all(job, &mut params, &mut apply, &mut split)?;
         }
         meter.record(round_started.elapsed(), split);
+        if let Some(c) = tuner
+            .as_mut()
+            .and_then(|t| t.record(round_started.elapsed().as_secs_f64()))
+        {
+            client
+                .set_send_buffer(c as usize)
+                .map_err(|e| RunError::Net("setting the P3 credit".into(), e))?;
+        }
         if let Some(saver) = saver.as_ref().filter(|_| saving) {
             let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
             saver.save(&checkpoint_state(
@@ -769,6 +784,7 @@ pub fn run(
     stats.skipped_updates = skipped;
     stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
     stats.throughput = meter.summary(dc, rank);
+    stats.p3_credit = tuner.and_then(|t| t.settled()).map(u64::from);
     stats.cast_overflows = overflows.snapshot();
     for a in &apply {
         if let KeyApply::Sparse(r) = a {

@@ -210,6 +210,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 refused_requests: 0,
                 resumed_from_round: None,
                 throughput: None,
+                p3_credit: None,
             });
         }
     };
