@@ -101,11 +101,8 @@ impl CreditTuner {
     /// The next candidate: the rest of the ladder, then the best's unmeasured neighbours (half and
     /// double), then the fastest of all.
     fn advance(&mut self) {
-        if let Some(next) = (self.current + 1..self.candidates.len()).next() {
-            self.current = next;
-            return;
-        }
-        if !self.refined {
+        let last = self.current + 1 == self.candidates.len();
+        if last && !self.refined {
             self.refined = true;
             let b = self.best_candidate();
             for c in [b / 2, b.saturating_mul(2)] {
@@ -114,12 +111,12 @@ impl CreditTuner {
                     self.times.push(Vec::new());
                 }
             }
-            if self.current + 1 < self.candidates.len() {
-                self.current += 1;
-                return;
-            }
         }
-        self.settled = Some(self.best_candidate());
+        if self.current + 1 < self.candidates.len() {
+            self.current += 1;
+        } else {
+            self.settled = Some(self.best_candidate());
+        }
     }
 
     /// The candidate with the fastest measured round (its best round: noise only slows rounds).

@@ -87,11 +87,6 @@ impl<T> PriorityQueue<T> {
         self.heap.pop().map(|e| (e.priority, e.seq, e.item))
     }
 
-    /// The priority of the item [`PriorityQueue::pop`] would return.
-    pub fn peek_priority(&self) -> Option<Priority> {
-        self.heap.peek().map(|e| e.priority)
-    }
-
     /// Items queued.
     pub fn len(&self) -> usize {
         self.heap.len()
@@ -151,11 +146,6 @@ impl<T> SliceSender<T> {
         self.writing
     }
 
-    /// Slices waiting (not the one being written).
-    pub fn queued(&self) -> usize {
-        self.queue.len()
-    }
-
     /// Removes every queued slice (the one being written stays written).
     pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
         self.queue.drain()
@@ -197,16 +187,25 @@ pub struct PrioritySender {
     thread: Option<JoinHandle<()>>,
 }
 
-/// A push queued in a [`PrioritySender`]: becomes a [`Pending`] request once written.
+/// A push queued in a [`PrioritySender`]: becomes a [`Pending`] request once written; or a
+/// request already sent ([`From<Pending>`], no queue involved).
 #[derive(Debug)]
-pub struct Queued {
-    rx: Receiver<Result<Pending, NetError>>,
+pub struct Queued(Slot);
+
+#[derive(Debug)]
+enum Slot {
+    Sent(Pending),
+    Waiting(Receiver<Result<Pending, NetError>>),
 }
 
 impl Queued {
     /// Waits up to `timeout` for the push to be written; returns its request.
     pub fn sent(self, timeout: Duration) -> Result<Pending, NetError> {
-        match self.rx.recv_timeout(timeout) {
+        let rx = match self.0 {
+            Slot::Sent(p) => return Ok(p),
+            Slot::Waiting(rx) => rx,
+        };
+        match rx.recv_timeout(timeout) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => Err(NetError::Timeout(format!(
                 "push still queued after {timeout:?}"
@@ -226,9 +225,7 @@ impl Queued {
 impl From<Pending> for Queued {
     /// A request already sent, to be awaited like a queued one.
     fn from(p: Pending) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let _ = tx.send(Ok(p));
-        Queued { rx }
+        Queued(Slot::Sent(p))
     }
 }
 
@@ -282,7 +279,7 @@ impl PrioritySender {
         st.sender.enqueue(priority, job);
         drop(st);
         self.shared.wake.notify_one();
-        Ok(Queued { rx })
+        Ok(Queued(Slot::Waiting(rx)))
     }
 }
 
@@ -305,19 +302,16 @@ impl Drop for PrioritySender {
 
 /// The writer thread: takes the most urgent push when the previous one is written.
 fn write_loop(shared: &Shared, client: &KvClient) {
+    let mut st = shared.lock();
     loop {
-        let job = {
-            let mut st = shared.lock();
-            loop {
-                if let Some((_, _, job)) = st.sender.poll_transmit() {
-                    break job;
-                }
-                if st.closed {
-                    return;
-                }
-                st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+        let Some((_, _, job)) = st.sender.poll_transmit() else {
+            if st.closed {
+                return;
             }
+            st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            continue;
         };
+        drop(st);
         let r = client.push(
             job.key,
             job.version,
@@ -327,7 +321,8 @@ fn write_loop(shared: &Shared, client: &KvClient) {
             &job.payload,
         );
         let _ = job.sent.send(r);
-        shared.lock().sender.on_written();
+        st = shared.lock();
+        st.sender.on_written();
     }
 }
 

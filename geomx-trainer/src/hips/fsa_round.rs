@@ -48,15 +48,14 @@ impl Outstanding {
     }
 
     /// Waits for the replies of `keys` still outstanding and applies them to `params` (one
-    /// vector per tensor); `preload` hands each updated tensor to the model's device at once
-    /// (keys that are whole tensors only).
+    /// vector per tensor). Keys that are whole tensors (no P3) go to the model's device at once
+    /// (`Model::preload`), while later replies are awaited.
     pub fn settle(
         &mut self,
         job: &JobSpec,
         params: &mut [Vec<f32>],
         apply: &mut [KeyApply],
         keys: impl IntoIterator<Item = usize>,
-        preload: bool,
         split: &mut StepSplit,
     ) -> Result<(), RunError> {
         for k in keys {
@@ -73,7 +72,7 @@ impl Outstanding {
                 .zip(apply.get_mut(k))
                 .ok_or_else(|| RunError::Protocol(format!("key {k} outside the model")))?;
             a.apply(job, k, part, &resp)?;
-            if preload && !job.keys.is_sliced() {
+            if !job.keys.is_sliced() {
                 job.model
                     .preload(k, &[params[k].as_slice()])
                     .map_err(RunError::Engine)?;
@@ -91,7 +90,7 @@ impl Outstanding {
         apply: &mut [KeyApply],
         split: &mut StepSplit,
     ) -> Result<(), RunError> {
-        self.settle(job, params, apply, 0..job.keys.len(), false, split)
+        self.settle(job, params, apply, 0..job.keys.len(), split)
     }
 }
 
@@ -179,7 +178,7 @@ pub(super) fn fsa_round(
             batch.view(),
             &mut |layer, p| {
                 let keys = job.keys.layer_keys(layer).iter().copied();
-                out.settle(job, p, apply, keys, false, split).map_err(|e| {
+                out.settle(job, p, apply, keys, split).map_err(|e| {
                     let message = e.to_string();
                     gate_failure = Some(e);
                     EngineError::NotReady { layer, message }
@@ -209,6 +208,7 @@ pub(super) fn fsa_round(
     let waited = Duration::from_secs_f64(split.wait_s + split.apply_s - waited_before);
     let compute = started.elapsed().saturating_sub(waited);
     slow_down(io.slowdown, compute);
+    // The slow-down counts as compute, as it emulates a slower device.
     split.compute_s += started.elapsed().saturating_sub(waited).as_secs_f64();
     if let Some(e) = pushes.failed {
         return Err(e);
@@ -229,11 +229,9 @@ pub(super) fn fsa_round(
         replies: pushes.replies,
     };
     if io.prio.is_none() {
-        // Replies in push order (last layer first, the first to be answered); each key's new
-        // values go to the model's device at once (`Model::preload`), while later replies are
-        // awaited.
+        // Replies in push order (last layer first, the first to be answered).
         let keys = (0..job.keys.len()).rev();
-        out.settle(job, params, apply, keys, true, split)?;
+        out.settle(job, params, apply, keys, split)?;
     }
     Ok(f64::from(loss))
 }

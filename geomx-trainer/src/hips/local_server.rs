@@ -17,6 +17,7 @@ use crate::config::{NonFinitePolicy, SyncAlgorithm};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use geomx_net::sched::credit::CreditTuner;
@@ -674,7 +675,7 @@ impl Uplink {
         let mut base =
             (self.job.sync == SyncAlgorithm::Mixed).then(|| vec![0u64; self.ranges.len()]);
         let h = self.handler.clone();
-        let mut last_round: Option<std::time::Instant> = None;
+        let mut last_round: Option<Instant> = None;
         for up in jobs {
             let (version, res) = match self.job.hfa_periods() {
                 Some((_, k2)) => {
@@ -707,11 +708,11 @@ impl Uplink {
     }
 
     /// Feeds the tuner the time since the previous round's answer and applies what it chooses.
-    fn tune(&mut self, last: &mut Option<std::time::Instant>) -> Result<(), String> {
+    fn tune(&mut self, last: &mut Option<Instant>) -> Result<(), String> {
         let Some(t) = self.tuner.as_mut() else {
             return Ok(());
         };
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let change = last.and_then(|l| t.record((now - l).as_secs_f64()));
         *last = Some(now);
         if let Some(c) = change {

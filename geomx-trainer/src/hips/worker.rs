@@ -647,13 +647,12 @@ pub fn run(
     };
     let mut meter = ThroughputMeter::default();
     // P3: pushes go through a priority sender; replies are applied by the next forward pass.
-    let prio = match job.p3 {
-        Some(_) => Some(
-            PrioritySender::new(client.clone(), &format!("geomx-p3-w{dc}.{rank}"))
-                .map_err(|e| RunError::Net("starting the P3 sender".into(), e))?,
-        ),
-        None => None,
-    };
+    let prio = job
+        .p3
+        .as_ref()
+        .map(|_| PrioritySender::new(client.clone(), &format!("geomx-p3-w{dc}.{rank}")))
+        .transpose()
+        .map_err(|e| RunError::Net("starting the P3 sender".into(), e))?;
     let mut outstanding = Outstanding::default();
     // P3 with `credit_bytes = "auto"`: the push connection's credit from measured round times.
     let mut tuner = job
