@@ -152,12 +152,20 @@ pub fn ptxas_resources(family: Family, sm: &str) -> Result<Vec<KernelResources>,
     };
     let src = CString::new(family.program()).map_err(|e| err(e.to_string()))?;
     let name = CString::new(format!("{}.cu", family.name())).map_err(|e| err(e.to_string()))?;
-    let options = vec![
+    let mut options = vec![
         "--std=c++17".to_string(),
         format!("--gpu-architecture={sm}"),
         "--ptxas-options=-v".to_string(),
     ];
     let log = catch_unwind(AssertUnwindSafe(|| -> Result<String, CudaError> {
+        // NVRTC 12.9 and later cache compiled programs across processes, and a program served
+        // from the cache gets no ptxas report: a second run on the same machine saw none.
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two valid out-pointers.
+        let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        if (major, minor) >= (12, 9) {
+            options.push("--no-cache".to_string());
+        }
         let prog = result::create_program(&src, Some(&name)).map_err(|e| err(format!("{e:?}")))?;
         // SAFETY: prog is a live program; it is destroyed exactly once below.
         let compiled = unsafe { result::compile_program(prog, &options) };

@@ -4,6 +4,8 @@
 //! * [`mod@priority`]: P3's per-connection priority queue (sans-IO, with a fixed-rate link model
 //!   for tests) and [`PrioritySender`](priority::PrioritySender), the thread that drains it into
 //!   a [`crate::KvClient`].
+//! * [`mod@reply`]: [`ReplyQueue`](reply::ReplyQueue), P3's server side: replies leave each
+//!   connection in priority order from a writer thread of that connection.
 //! * [`mod@credit`]: [`CreditTuner`](credit::CreditTuner), which picks a priority sender's credit
 //!   (its connection's send buffer) from measured round times.
 //! * [`mod@tsengine`]: TSEngine's coordinator state machine (dynamic aggregation tree for push,
@@ -11,4 +13,5 @@
 
 pub mod credit;
 pub mod priority;
+pub mod reply;
 pub mod tsengine;

@@ -141,6 +141,16 @@ impl<T> SliceSender<T> {
         self.writing = false;
     }
 
+    /// Slices queued, not counting the one being written.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// True when no slice is queued (one may be being written).
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
     /// True while a slice is being written.
     pub fn is_writing(&self) -> bool {
         self.writing
@@ -168,16 +178,34 @@ struct State {
     closed: bool,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    wake: Condvar,
+/// A writer thread's state behind a mutex, with the condition variable that wakes the writer.
+pub(super) struct Watched<T> {
+    state: Mutex<T>,
+    /// Notified when the state changes in a way the writer waits for.
+    pub(super) wake: Condvar,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<T> Watched<T> {
+    /// `state`, watched.
+    pub(super) fn new(state: T) -> Self {
+        Self {
+            state: Mutex::new(state),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// The state (a poisoned lock is taken over: the state stays consistent between calls).
+    pub(super) fn lock(&self) -> MutexGuard<'_, T> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Waits on [`Watched::wake`] with `guard`.
+    pub(super) fn wait<'a>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        self.wake.wait(guard).unwrap_or_else(|p| p.into_inner())
+    }
 }
+
+type Shared = Watched<State>;
 
 /// Pushes through one [`KvClient`] in priority order: [`PrioritySender::push`] queues a push and
 /// returns at once; a thread writes the most urgent queued push whenever the previous one is
@@ -232,13 +260,10 @@ impl From<Pending> for Queued {
 impl PrioritySender {
     /// Starts the writer thread of `client` (named `name`).
     pub fn new(client: KvClient, name: &str) -> Result<Self, NetError> {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                sender: SliceSender::default(),
-                closed: false,
-            }),
-            wake: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new(State {
+            sender: SliceSender::default(),
+            closed: false,
+        }));
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
@@ -308,7 +333,7 @@ fn write_loop(shared: &Shared, client: &KvClient) {
             if st.closed {
                 return;
             }
-            st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = shared.wait(st);
             continue;
         };
         drop(st);

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::Sender;
+use geomx_net::sched::reply::SharedBytes;
 use geomx_net::{Handler, MsgKind, PayloadCodec, Request, Responder};
 
 use std::net::ToSocketAddrs;
@@ -15,6 +16,7 @@ use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
 use super::msg::{f32_bytes, UpPush, SKIP_FLAG};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
+use super::replies::Replies;
 use super::{
     lock, AggError, GlobalAggregator, JobSpec, MixedAggregator, RoleStats, RunError, SkipCause,
 };
@@ -88,6 +90,9 @@ struct GlobalHandler {
     /// Training rounds per global round (HFA's k1 · k2, else 1): checkpoints count training
     /// rounds.
     per_global: u64,
+    /// How pushes are answered, by range: inline, or under P3 in priority order per connection
+    /// (not from the reader thread that completed the round).
+    replies: Replies,
 }
 
 /// One half of a DGT-mode push: the TCP request (worker count + responder) or the values the
@@ -372,10 +377,9 @@ impl GlobalHandler {
         if let Some(state) = snapshot {
             self.save(&state);
         }
+        let payload: SharedBytes = Arc::new(done.reply);
         for r in waiting {
-            if let Err(e) = r.send(done.version, done.codec, &done.reply) {
-                tracing::warn!(error = %e, range = id, "reply not delivered");
-            }
+            self.replies.send(id, r, done.version, done.codec, &payload);
         }
         answer_pulls(pulls, done.version);
     }
@@ -472,9 +476,9 @@ impl GlobalHandler {
         }
         let pulls = self.ready_pulls(&mut st, id, done.version);
         drop(st);
-        if let Err(e) = reply.send(done.version, done.codec, &done.reply) {
-            tracing::warn!(error = %e, range = id, "reply not delivered");
-        }
+        let payload: SharedBytes = Arc::new(done.reply);
+        self.replies
+            .send(id, reply, done.version, done.codec, &payload);
         answer_pulls(pulls, done.version);
     }
 
@@ -685,6 +689,11 @@ pub fn run(
         ckpt: super::ckpt::saver(job, &me)
             .map(|s| (s, Mutex::new(RoundParts::new(owned, job.config_hash)))),
         per_global: job.rounds_per_global(),
+        replies: Replies::new(
+            job,
+            &format!("geomx-p3-g{rank}"),
+            plan.placement.ranges.iter().map(|r| r.key),
+        ),
     });
     let consumer = dgt_server.as_ref().map(|s| {
         let (h, rx) = (handler.clone(), s.deliveries().clone());

@@ -22,6 +22,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use geomx_net::sched::credit::CreditTuner;
 use geomx_net::sched::priority::{PrioritySender, Queued};
+use geomx_net::sched::reply::SharedBytes;
 use geomx_net::{
     Handler, KvClient, MsgKind, NetError, PayloadCodec, PeerHandle, Request, Responder,
 };
@@ -33,6 +34,7 @@ use super::dgt::{DgtRoleStats, DgtUplink, DGT_INFO_KEY};
 use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
+use super::replies::Replies;
 use super::{lock, JobSpec, LocalAggregator, RoleStats, RunError};
 use crate::checkpoint::{RoundParts, Saver};
 use crate::codec::down::{
@@ -108,6 +110,9 @@ struct LocalHandler {
     per_local: u64,
     /// `[checkpoint]`: the saver and the state of the round being assembled, key by key.
     ckpt: Option<(Saver, Mutex<RoundParts>)>,
+    /// How workers' pushes are answered, by key: inline, or under P3 in priority order per
+    /// worker connection.
+    replies: Replies,
 }
 
 impl LocalHandler {
@@ -297,13 +302,12 @@ impl LocalHandler {
             }
         }
         drop(st);
+        let payload: SharedBytes = bytes;
         for r in replies
             .into_iter()
             .chain(ready.into_iter().map(|(_, _, r)| r))
         {
-            if let Err(e) = r.send(version, codec, &bytes) {
-                tracing::warn!(error = %e, key, "reply to a worker not delivered");
-            }
+            self.replies.send(key, r, version, codec, &payload);
         }
     }
 
@@ -947,6 +951,7 @@ pub fn run(
         per_local: job.rounds_per_local(),
         ckpt: super::ckpt::saver(job, &me)
             .map(|s| (s, Mutex::new(RoundParts::new(n_keys, job.config_hash)))),
+        replies: Replies::new(job, &format!("geomx-p3-l{dc}r"), 0..n_keys),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;

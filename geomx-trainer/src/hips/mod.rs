@@ -22,6 +22,7 @@ mod mixed_agg;
 pub mod msg;
 pub mod node;
 pub mod plan;
+mod replies;
 pub mod slices;
 pub mod throughput;
 pub mod worker;
