@@ -173,9 +173,22 @@ struct Job {
     sent: Sender<Result<Pending, NetError>>,
 }
 
-struct State {
-    sender: SliceSender<Job>,
-    closed: bool,
+/// What a writer thread shares with the code that queues for it.
+pub(super) struct Writer<T> {
+    /// The queued items and the one being written.
+    pub(super) sender: SliceSender<T>,
+    /// No more items come: the writer ends once the queue is empty.
+    pub(super) closed: bool,
+}
+
+impl<T> Writer<T> {
+    /// An empty, open queue, watched.
+    pub(super) fn watched() -> Watched<Writer<T>> {
+        Watched::new(Writer {
+            sender: SliceSender::default(),
+            closed: false,
+        })
+    }
 }
 
 /// A writer thread's state behind a mutex, with the condition variable that wakes the writer.
@@ -205,7 +218,30 @@ impl<T> Watched<T> {
     }
 }
 
-type Shared = Watched<State>;
+type Shared = Watched<Writer<Job>>;
+
+/// A writer thread's loop: whenever the previous item is written, takes the most urgent queued
+/// one and hands it to `write` (without the lock). Returns once the queue is closed and empty, or
+/// when `write` returns false (the items left stay queued).
+pub(super) fn write_in_order<T>(shared: &Watched<Writer<T>>, mut write: impl FnMut(T) -> bool) {
+    let mut st = shared.lock();
+    loop {
+        let Some((_, _, item)) = st.sender.poll_transmit() else {
+            if st.closed {
+                return;
+            }
+            st = shared.wait(st);
+            continue;
+        };
+        drop(st);
+        let go_on = write(item);
+        st = shared.lock();
+        st.sender.on_written();
+        if !go_on {
+            return;
+        }
+    }
+}
 
 /// Pushes through one [`KvClient`] in priority order: [`PrioritySender::push`] queues a push and
 /// returns at once; a thread writes the most urgent queued push whenever the previous one is
@@ -260,10 +296,7 @@ impl From<Pending> for Queued {
 impl PrioritySender {
     /// Starts the writer thread of `client` (named `name`).
     pub fn new(client: KvClient, name: &str) -> Result<Self, NetError> {
-        let shared = Arc::new(Shared::new(State {
-            sender: SliceSender::default(),
-            closed: false,
-        }));
+        let shared = Arc::new(Writer::watched());
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
@@ -327,16 +360,7 @@ impl Drop for PrioritySender {
 
 /// The writer thread: takes the most urgent push when the previous one is written.
 fn write_loop(shared: &Shared, client: &KvClient) {
-    let mut st = shared.lock();
-    loop {
-        let Some((_, _, job)) = st.sender.poll_transmit() else {
-            if st.closed {
-                return;
-            }
-            st = shared.wait(st);
-            continue;
-        };
-        drop(st);
+    write_in_order(shared, |job: Job| {
         let r = client.push(
             job.key,
             job.version,
@@ -346,9 +370,8 @@ fn write_loop(shared: &Shared, client: &KvClient) {
             &job.payload,
         );
         let _ = job.sent.send(r);
-        st = shared.lock();
-        st.sender.on_written();
-    }
+        true
+    });
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! A server that answers from its reader threads writes with blocking sends: a reply to a peer
 //! behind a slow link holds the thread that should be reading another peer's pushes, and replies
 //! leave in completion order, not in the order the workers need them. [`ReplyQueue::send`] instead
-//! queues the reply in the [`SliceSender`] of the request's connection and returns at once; one
+//! queues the reply in the [`super::priority::SliceSender`] of the request's connection and returns at once; one
 //! thread per connection writes the most urgent queued reply whenever the previous one is
 //! written. As with [`super::priority::PrioritySender`], give the connections a small
 //! [`crate::NetOptions::notsent_lowat`] so that the heap, not the socket buffer, holds the
@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::priority::{Priority, SliceSender, Watched};
+use super::priority::{write_in_order, Priority, Watched, Writer};
 use crate::kv::Responder;
 use crate::wire::PayloadCodec;
 
@@ -29,16 +29,9 @@ struct Reply {
     payload: SharedBytes,
 }
 
-struct ConnState {
-    sender: SliceSender<Reply>,
-    /// The queue is being dropped: the writer ends once the queue is empty.
-    stopping: bool,
-    /// The writer ended (its connection failed, or it could not start): replies are not taken.
-    ended: bool,
-}
-
-/// The queue and writer state of one connection.
-type Conn = Watched<ConnState>;
+/// The queue and writer state of one connection; closed once the queue is dropped or the
+/// connection failed (then replies are no longer taken).
+type Conn = Watched<Writer<Reply>>;
 
 /// Replies in priority order, per connection. Dropping the queue lets each writer finish the
 /// replies already queued, then end (writers are not joined: a peer that stopped reading must
@@ -85,7 +78,7 @@ impl ReplyQueue {
         let reply = match self.conn(&reply.to) {
             Some(conn) => {
                 let mut st = conn.lock();
-                if st.ended {
+                if st.closed {
                     reply
                 } else {
                     st.sender.enqueue(priority, reply);
@@ -117,15 +110,11 @@ impl ReplyQueue {
         let peer = to.peer();
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Connections that ended are forgotten (their ids may be reused by new ones).
-        conns.retain(|_, c| !c.lock().ended);
+        conns.retain(|_, c| !c.lock().closed);
         if let Some(c) = conns.get(&peer.conn_id()) {
             return Some(c.clone());
         }
-        let conn = Arc::new(Conn::new(ConnState {
-            sender: SliceSender::default(),
-            stopping: false,
-            ended: false,
-        }));
+        let conn: Arc<Conn> = Arc::new(Writer::watched());
         let c = conn.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("{}.{}", self.name, conns.len()))
@@ -147,7 +136,7 @@ impl Drop for ReplyQueue {
     fn drop(&mut self) {
         let conns = self.conns.get_mut().unwrap_or_else(|p| p.into_inner());
         for c in conns.values() {
-            c.lock().stopping = true;
+            c.lock().closed = true;
             c.wake.notify_all();
         }
     }
@@ -169,32 +158,16 @@ fn write(r: Reply) -> bool {
 /// the queue is dropped and empty, or when the connection fails (the replies left are dropped,
 /// which answers their requests with an error on a connection that is gone anyway).
 fn write_loop(conn: &Conn) {
-    loop {
-        let reply = {
-            let mut st = conn.lock();
-            loop {
-                if let Some((_, _, r)) = st.sender.poll_transmit() {
-                    break r;
-                }
-                if st.stopping {
-                    st.ended = true;
-                    return;
-                }
-                st = conn.wait(st);
-            }
-        };
+    write_in_order(conn, |reply: Reply| {
         let peer = reply.to.peer();
-        let ok = write(reply);
+        write(reply) || !peer.is_closed()
+    });
+    let left: Vec<Reply> = {
         let mut st = conn.lock();
-        st.sender.on_written();
-        if !ok && peer.is_closed() {
-            st.ended = true;
-            let left: Vec<Reply> = st.sender.drain().collect();
-            drop(st);
-            drop(left);
-            return;
-        }
-    }
+        st.closed = true;
+        st.sender.drain().collect()
+    };
+    drop(left);
 }
 
 #[cfg(test)]

@@ -567,8 +567,7 @@ fn exchange(
         let p = match payload {
             Some(payload) => up.push(r.server, job.keys.priority(key), at, payload),
             None => up.pull(r.server, (*id as u64, round, at.2, at.3)),
-        }
-        .map_err(|e| format!("range {id} to global server {}: {e}", r.server))?;
+        }?;
         pending.push((*id, r, p));
     }
     let mut out = Vec::with_capacity(ranges.len());
