@@ -42,6 +42,10 @@ enum Cmd {
         /// Write the final model here as safetensors.
         #[arg(long, value_name = "PATH")]
         save: Option<PathBuf>,
+        /// Inject faults: comma-separated ACTION:ROLE:dcD:RANK@round=N, e.g.
+        /// `kill:worker:dc1:0@round=200` (the worker SIGKILLs itself as round 200 starts).
+        #[arg(long, value_name = "SPEC")]
+        chaos: Option<String>,
     },
     /// Write a job's files for a scheduler: a Slurm sbatch script, Kubernetes manifests, a report.
     Deploy {
@@ -387,6 +391,7 @@ fn main() -> ExitCode {
             quiet,
             resume,
             save,
+            chaos,
         } => {
             init_tracing(LogLevel::Warn);
             let opts = LaunchOptions {
@@ -396,6 +401,7 @@ fn main() -> ExitCode {
                 quiet,
                 resume,
                 save,
+                chaos,
             };
             launch(&opts).map(|_| ()).map_err(|e| e.to_string())
         }

@@ -73,6 +73,13 @@ pub struct Report {
     /// Training samples per second of all workers together.
     #[serde(default)]
     pub samples_per_s: f64,
+    /// Processes that failed while the job ran, when and how the job recovered
+    /// (`[resilience]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<crate::launch::supervise::FaultRecord>,
+    /// Restarts by role (`resilience.restart = "on-failure"`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub restarts: std::collections::BTreeMap<String, u32>,
 }
 
 fn default_wan_mode() -> String {
@@ -171,6 +178,8 @@ impl Report {
             resumed_from_round,
             workers: throughput,
             samples_per_s,
+            faults: Vec::new(),
+            restarts: Default::default(),
         }
     }
 
@@ -225,6 +234,9 @@ mod tests {
             refused_requests: 0,
             resumed_from_round: None,
             throughput: None,
+            member_events: Vec::new(),
+            partial_rounds: Vec::new(),
+            incarnation: 0,
             p3_credit: None,
         }
     }

@@ -168,6 +168,7 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         export: None,
         // Mutual TLS with an in-process CA, made on first use.
         security: Default::default(),
+        lost_worker: Default::default(),
         keyring: Default::default(),
     }
 }

@@ -345,6 +345,7 @@ impl Node {
                     protocol_version: PROTOCOL_VERSION,
                     config_hash: env.config_hash(),
                     registration_timeout: env.registration_timeout,
+                    rejoinable: Vec::new(),
                 },
             )
             .map_err(|e| {

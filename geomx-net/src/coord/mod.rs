@@ -18,7 +18,11 @@ use crate::error::NetError;
 use codec::{Reader, Writer};
 
 /// Protocol version of the coordinator messages; a mismatch is rejected at registration.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The coordinator's answer to a registration after every process sent Done: a restarted
+/// process that finds it has nothing left to do (and may exit successfully).
+pub const JOB_FINISHED: &str = "the job has finished";
 
 /// What a process announces when it registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +128,9 @@ pub struct Membership {
     pub my_id: u32,
     /// All nodes, in id order.
     pub nodes: Vec<NodeInfo>,
+    /// How many times the receiving process was lost and registered again (0: its first
+    /// registration). A process with a non-zero incarnation joins a running job.
+    pub incarnation: u32,
 }
 
 impl Membership {
@@ -151,6 +158,7 @@ impl Membership {
         for n in &self.nodes {
             w.u32(n.id).str(&n.role).u32(n.dc).u32(n.rank).str(&n.addr);
         }
+        w.u32(self.incarnation);
         w.0
     }
 
@@ -169,8 +177,13 @@ impl Membership {
                 addr: r.str()?,
             });
         }
+        let incarnation = r.u32()?;
         r.end()?;
-        Ok(Membership { my_id, nodes })
+        Ok(Membership {
+            my_id,
+            nodes,
+            incarnation,
+        })
     }
 }
 
@@ -244,6 +257,9 @@ pub struct CoordOptions {
     pub config_hash: u64,
     /// Abort if not every expected process registered within this time (hips.md: 60 s).
     pub registration_timeout: Duration,
+    /// Roles whose processes may be lost while the job runs and register again (see
+    /// [`state::CoordState::with_rejoinable`]); empty: any loss aborts the job.
+    pub rejoinable: Vec<String>,
 }
 
 impl Default for CoordOptions {
@@ -253,6 +269,7 @@ impl Default for CoordOptions {
             protocol_version: PROTOCOL_VERSION,
             config_hash: 0,
             registration_timeout: Duration::from_secs(60),
+            rejoinable: Vec::new(),
         }
     }
 }

@@ -211,7 +211,8 @@ impl Coordinator {
             opts.protocol_version,
             opts.config_hash,
             Instant::now() + opts.registration_timeout,
-        );
+        )
+        .with_rejoinable(opts.rejoinable.iter().cloned());
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             outbox: Mutex::new(VecDeque::new()),

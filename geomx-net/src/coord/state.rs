@@ -54,6 +54,12 @@ pub struct CoordState<C> {
     barriers: HashMap<String, Vec<(NodeKey, u64)>>,
     done: BTreeSet<NodeKey>,
     membership: Vec<NodeInfo>,
+    /// Roles whose loss while running is not fatal (see [`CoordState::with_rejoinable`]).
+    rejoinable: BTreeSet<String>,
+    /// Processes lost while running that may register again, with their last incarnation.
+    lost: BTreeMap<NodeKey, u32>,
+    /// Incarnation of every registered process (0: its first registration).
+    incarnations: BTreeMap<NodeKey, u32>,
 }
 
 impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
@@ -75,7 +81,29 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             barriers: HashMap::new(),
             done: BTreeSet::new(),
             membership: Vec::new(),
+            rejoinable: BTreeSet::new(),
+            lost: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
         }
+    }
+
+    /// Makes the loss of a running process of one of `roles` non-fatal: it leaves the
+    /// membership (its barriers go on without it, the job can finish without it) and may register
+    /// again under its old (role, dc, rank), with the next incarnation. Processes that already
+    /// sent Done, and every other role, are unaffected.
+    pub fn with_rejoinable(mut self, roles: impl IntoIterator<Item = String>) -> Self {
+        self.rejoinable = roles.into_iter().collect();
+        self
+    }
+
+    /// Processes lost while running that have not registered again.
+    pub fn lost(&self) -> impl Iterator<Item = &NodeKey> {
+        self.lost.keys()
+    }
+
+    /// The incarnation of a registered process (0: first registration, +1 per rejoin).
+    pub fn incarnation(&self, key: &NodeKey) -> Option<u32> {
+        self.incarnations.get(key).copied()
     }
 
     /// The current phase.
@@ -97,6 +125,12 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
 
     /// A Register request from connection `conn`.
     pub fn on_register(&mut self, conn: C, ticket: u64, hello: Hello) -> Vec<Action<C>> {
+        if self.phase == Phase::Running && self.lost.contains_key(&hello.node_key()) {
+            return self.rejoin(conn, ticket, hello);
+        }
+        if self.phase == Phase::Finished {
+            return Self::err(ticket, super::JOB_FINISHED.into());
+        }
         if !matches!(self.phase, Phase::Registering { .. }) {
             return Self::err(ticket, "registration is closed".into());
         }
@@ -126,6 +160,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             return Self::err(ticket, format!("{key} registered twice"));
         }
         self.conn_node.insert(conn, key.clone());
+        self.incarnations.insert(key.clone(), 0);
         self.registered.insert(key, (conn, hello));
         self.register_tickets.push((conn, ticket));
         if self.registered.len() < self.expected.len() {
@@ -158,6 +193,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
                 let m = Membership {
                     my_id,
                     nodes: self.membership.clone(),
+                    incarnation: 0,
                 };
                 Action::Reply {
                     ticket: t,
@@ -165,6 +201,52 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
                 }
             })
             .collect()
+    }
+
+    /// A lost process registers again (checked like a first registration): it is admitted at
+    /// once under its old id, with its new address and the next incarnation.
+    fn rejoin(&mut self, conn: C, ticket: u64, hello: Hello) -> Vec<Action<C>> {
+        if hello.protocol_version != self.protocol_version || hello.config_hash != self.config_hash
+        {
+            return Self::err(
+                ticket,
+                format!(
+                    "{} rejoining with protocol version {} and config hash {:#018x}; the job \
+                     runs {} and {:#018x}",
+                    hello.node_key(),
+                    hello.protocol_version,
+                    hello.config_hash,
+                    self.protocol_version,
+                    self.config_hash
+                ),
+            );
+        }
+        if self.conn_node.contains_key(&conn) {
+            return Self::err(ticket, format!("{} registered twice", hello.node_key()));
+        }
+        let key = hello.node_key();
+        let incarnation = self.lost.remove(&key).unwrap_or(0) + 1;
+        let Some(node) = self
+            .membership
+            .iter_mut()
+            .find(|n| n.role == key.role && n.dc == key.dc && n.rank == key.rank)
+        else {
+            return Self::err(ticket, format!("{key} is not in the membership table"));
+        };
+        node.addr.clone_from(&hello.listen_addr);
+        let my_id = node.id;
+        self.conn_node.insert(conn, key.clone());
+        self.incarnations.insert(key.clone(), incarnation);
+        self.registered.insert(key, (conn, hello));
+        let m = Membership {
+            my_id,
+            nodes: self.membership.clone(),
+            incarnation,
+        };
+        vec![Action::Reply {
+            ticket,
+            result: Ok(m.encode()),
+        }]
     }
 
     fn group_members(&self, group: &str) -> Result<BTreeSet<NodeKey>, String> {
@@ -215,7 +297,16 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             return Self::err(ticket, format!("{key} entered barrier {group:?} twice"));
         }
         waiting.push((key, ticket));
-        if waiting.len() < members.len() {
+        self.release_barrier(group)
+    }
+
+    /// Releases the barrier of `group` if every current member of it is waiting.
+    fn release_barrier(&mut self, group: &str) -> Vec<Action<C>> {
+        let Ok(members) = self.group_members(group) else {
+            return Vec::new();
+        };
+        let waiting = self.barriers.get(group).map_or(0, Vec::len);
+        if waiting < members.len() {
             return Vec::new();
         }
         let waiting = self.barriers.remove(group).unwrap_or_default();
@@ -226,6 +317,17 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
                 result: Ok(Vec::new()),
             })
             .collect()
+    }
+
+    /// Shutdown once every registered process sent Done.
+    fn finish_if_done(&mut self) -> Vec<Action<C>> {
+        if self.phase != Phase::Running || self.registered.keys().any(|k| !self.done.contains(k)) {
+            return Vec::new();
+        }
+        self.phase = Phase::Finished;
+        vec![Action::Shutdown(
+            self.registered.values().map(|(c, _)| *c).collect(),
+        )]
     }
 
     /// A Done request.
@@ -244,12 +346,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             ticket,
             result: Ok(Vec::new()),
         }];
-        if self.done.len() == self.expected.len() {
-            self.phase = Phase::Finished;
-            out.push(Action::Shutdown(
-                self.registered.values().map(|(c, _)| *c).collect(),
-            ));
-        }
+        out.extend(self.finish_if_done());
         out
     }
 
@@ -266,7 +363,8 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
         out
     }
 
-    /// A connection closed or went silent. Fatal for a registered process that has not sent Done.
+    /// A connection closed or went silent. Fatal for a registered process that has not sent Done,
+    /// unless its role is rejoinable and the job is running: then it leaves the membership.
     pub fn on_disconnect(&mut self, conn: C, reason: &str) -> Vec<Action<C>> {
         let Some(key) = self.conn_node.get(&conn).cloned() else {
             return Vec::new(); // never admitted: nothing to do
@@ -274,7 +372,30 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
         if self.done.contains(&key) {
             return Vec::new();
         }
+        if self.phase == Phase::Running && self.rejoinable.contains(&key.role) {
+            return self.leave(conn, key, reason);
+        }
         self.abort(&key, format!("lost connection: {reason}"))
+    }
+
+    /// A rejoinable process was lost: it leaves the membership until it registers again; the
+    /// barriers it was not in may now be complete, and so may the job.
+    fn leave(&mut self, conn: C, key: NodeKey, reason: &str) -> Vec<Action<C>> {
+        tracing::warn!(node = %key, %reason, "process lost; it may rejoin");
+        self.conn_node.remove(&conn);
+        self.registered.remove(&key);
+        let incarnation = self.incarnations.remove(&key).unwrap_or(0);
+        self.lost.insert(key.clone(), incarnation);
+        let mut out = Vec::new();
+        let groups: Vec<String> = self.barriers.keys().cloned().collect();
+        for g in groups {
+            if let Some(w) = self.barriers.get_mut(&g) {
+                w.retain(|(k, _)| *k != key);
+            }
+            out.extend(self.release_barrier(&g));
+        }
+        out.extend(self.finish_if_done());
+        out
     }
 
     /// Advances time: the registration deadline.
@@ -412,6 +533,7 @@ mod tests {
                 _ => unreachable!(),
             };
             assert_eq!(m.my_id, want);
+            assert_eq!(m.incarnation, 0);
             assert_eq!(m.me().unwrap().addr, s.nodes()[want as usize - 1].addr);
         }
         assert_eq!(s.phase(), &Phase::Running);
@@ -506,6 +628,75 @@ mod tests {
     }
 
     #[test]
+    fn a_rejoinable_process_leaves_and_rejoins_under_its_old_id() {
+        let t0 = Instant::now();
+        let mut s = running(t0).with_rejoinable(["worker".to_string()]);
+        let id = |s: &CoordState<u32>| s.nodes().iter().find(|n| n.dc == 1).map(|n| n.id);
+        let before = id(&s);
+        // Worker (dc 1, rank 0) is conn 11. Two others wait in barrier "all".
+        assert!(s.on_barrier(10, 100, "all").is_empty());
+        assert!(s.on_barrier(12, 101, "all").is_empty());
+        assert!(s.on_disconnect(11, "connection reset").is_empty());
+        assert_eq!(s.phase(), &Phase::Running);
+        assert_eq!(s.lost().count(), 1);
+        // The barrier now completes without it.
+        let acts = s.on_barrier(13, 102, "all");
+        assert_eq!(acts.len(), 3, "{acts:?}");
+        // A stranger cannot take another live identity, and the lost one rejoins once.
+        let refused = s.on_register(20, 200, hello("worker", 0, 0));
+        assert!(
+            matches!(&refused[..], [Action::Reply { result: Err(m), .. }] if m.contains("closed"))
+        );
+        let mut h = hello("worker", 1, 0);
+        h.listen_addr = "10.9.9.9:1".into();
+        let acts = s.on_register(21, 201, h.clone());
+        let [Action::Reply {
+            ticket: 201,
+            result: Ok(bytes),
+        }] = &acts[..]
+        else {
+            panic!("{acts:?}")
+        };
+        let m = Membership::decode(bytes).unwrap();
+        assert_eq!((Some(m.my_id), m.incarnation), (before, 1));
+        assert_eq!(m.me().unwrap().addr, "10.9.9.9:1");
+        assert_eq!(s.incarnation(&NodeKey::new("worker", 1, 0)), Some(1));
+        assert_eq!(s.lost().count(), 0);
+        let twice = s.on_register(22, 202, h);
+        assert!(matches!(&twice[..], [Action::Reply { result: Err(_), .. }]));
+        // Lost again: incarnation 2 next time.
+        assert!(s.on_disconnect(21, "killed").is_empty());
+        let acts = s.on_register(23, 203, hello("worker", 1, 0));
+        let [Action::Reply { result: Ok(b), .. }] = &acts[..] else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(Membership::decode(b).unwrap().incarnation, 2);
+        // A non-rejoinable role still aborts the job.
+        let acts = s.on_disconnect(12, "gone");
+        assert!(matches!(acts.last(), Some(Action::Abort(..))), "{acts:?}");
+    }
+
+    #[test]
+    fn the_job_finishes_without_a_lost_process_that_never_returns() {
+        let t0 = Instant::now();
+        let mut s = running(t0).with_rejoinable(["worker".to_string()]);
+        for c in [10, 12] {
+            assert_eq!(s.on_done(c, u64::from(c)).len(), 1);
+        }
+        assert!(s.on_disconnect(11, "killed").is_empty());
+        let acts = s.on_done(13, 13);
+        assert!(
+            matches!(&acts[1], Action::Shutdown(c) if c.len() == 3),
+            "{acts:?}"
+        );
+        // Too late to rejoin.
+        let late = s.on_register(30, 300, hello("worker", 1, 0));
+        assert!(
+            matches!(&late[..], [Action::Reply { result: Err(m), .. }] if m == super::super::JOB_FINISHED)
+        );
+    }
+
+    #[test]
     fn registration_timeout_names_missing() {
         let t0 = Instant::now();
         let mut s: CoordState<u32> =
@@ -532,6 +723,7 @@ mod tests {
                 rank: 0,
                 addr: "a".into(),
             }],
+            incarnation: 3,
         };
         assert_eq!(Membership::decode(&m.encode()).unwrap(), m);
         let a = AbortNotice {

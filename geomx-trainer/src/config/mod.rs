@@ -11,6 +11,7 @@ mod data;
 pub mod device;
 mod dmlc;
 mod optimizer;
+mod resilience;
 mod role;
 mod scheduling;
 mod security;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{CheckpointConfig, DEFAULT_EVERY_ROUNDS, DEFAULT_KEEP};
+pub use resilience::{LostWorker, ResilienceConfig, Restart};
 pub use role::{Role, RoleSpec};
 pub use scheduling::{
     AutoWord, Credit, P3Config, SchedulingConfig, DEFAULT_CREDIT_BYTES, DEFAULT_SLICE_ELEMS,
@@ -125,6 +127,8 @@ pub struct Config {
     pub security: SecurityConfig,
     /// Transfer scheduling: P3 (`[scheduling.p3]`).
     pub scheduling: SchedulingConfig,
+    /// What a lost process does to the job, and the launcher's restarts.
+    pub resilience: ResilienceConfig,
 }
 
 /// `[cluster]`: data centers, global servers and addresses.

@@ -83,6 +83,7 @@ impl Config {
         self.validate_checkpoint()?;
         self.validate_security()?;
         self.validate_scheduling()?;
+        self.validate_resilience()?;
         self.validate_timeouts_and_placement()
     }
 

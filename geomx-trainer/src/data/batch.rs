@@ -88,6 +88,15 @@ impl Batcher {
         Ok(())
     }
 
+    /// Continues as if `batches` batches had been taken since the start (a worker rejoining a
+    /// running job at round `batches` takes that round's batch, as it would have).
+    pub fn skip_to(&mut self, batches: u64) {
+        let per_epoch = self.batches_per_epoch().max(1) as u64;
+        self.epoch = batches / per_epoch;
+        self.reshuffle();
+        self.pos = (batches % per_epoch) as usize * self.batch_size;
+    }
+
     /// Indices of the next batch.
     pub fn next_indices(&mut self) -> &[usize] {
         if self.pos + self.batch_size > self.order.len() {
@@ -125,6 +134,22 @@ mod tests {
             assert_eq!(a.next_indices(), b.next_indices());
         }
         assert!(b.seek(0, 11).is_err());
+    }
+
+    #[test]
+    fn skipping_to_a_batch_continues_the_sequence_there() {
+        let shard: Vec<usize> = (0..10).collect();
+        for n in [0u64, 1, 3, 4, 7, 9] {
+            let mut a = Batcher::new(shard.clone(), 3, 4, 1).unwrap();
+            for _ in 0..n {
+                a.next_indices();
+            }
+            let mut b = Batcher::new(shard.clone(), 3, 4, 1).unwrap();
+            b.skip_to(n);
+            for _ in 0..5 {
+                assert_eq!(a.next_indices(), b.next_indices(), "after {n} batches");
+            }
+        }
     }
 
     #[test]

@@ -47,6 +47,20 @@ pub fn fsa_reference(
     data: &TrainTest,
     rounds: Option<u64>,
 ) -> Result<ReferenceRun, ReferenceError> {
+    fsa_reference_with(cfg, data, rounds, |_, _, _, _| true)
+}
+
+/// [`fsa_reference`] where only some workers count: `counts(dc, rank, tensor, round)` says
+/// whether worker (dc, rank)'s gradient of `tensor` is summed in `round` (0-based, the round
+/// that makes θ_{round+1}). Every worker still takes its batch every round (a worker that rejoins
+/// at round r takes batch r, as it would have), and each tensor's mean divides by the workers
+/// it summed: a job that lost workers, replayed from its local servers' round logs.
+pub fn fsa_reference_with(
+    cfg: &Config,
+    data: &TrainTest,
+    rounds: Option<u64>,
+    counts: impl Fn(usize, usize, usize, u64) -> bool,
+) -> Result<ReferenceRun, ReferenceError> {
     let model = build_model(&cfg.model, data.train.n_features(), data.train.n_classes())?;
     let workers = cfg.cluster.total_workers();
     let mut batchers = (0..workers)
@@ -68,25 +82,39 @@ pub fn fsa_reference(
         evals: Vec::new(),
     };
     for round in 1..=rounds {
-        let mut total: Option<Vec<Vec<f32>>> = None;
+        let mut total: Vec<Option<Vec<f32>>> = vec![None; params.len()];
+        let mut summed = vec![0u32; params.len()];
         let mut loss_sum = 0f32;
         let mut w = 0;
-        for dc in &cfg.cluster.data_centers {
-            let mut dc_sum: Option<Vec<Vec<f32>>> = None;
-            for _ in 0..dc.workers {
+        for (d, dc) in cfg.cluster.data_centers.iter().enumerate() {
+            let mut dc_sum: Vec<Option<Vec<f32>>> = vec![None; params.len()];
+            for rank in 0..dc.workers {
                 let batch = batchers[w].next_batch(&data.train);
                 w += 1;
                 let (loss, grads) = model.loss_and_grad(&params, batch.view())?;
                 loss_sum += loss;
-                accumulate(&mut dc_sum, grads);
+                for (t, g) in grads.into_iter().enumerate() {
+                    if counts(d, rank, t, round - 1) {
+                        accumulate(&mut dc_sum[t], g);
+                        summed[t] += 1;
+                    }
+                }
             }
-            if let Some(s) = dc_sum {
-                accumulate(&mut total, s);
+            for (t, s) in dc_sum.into_iter().enumerate() {
+                if let Some(s) = s {
+                    accumulate(&mut total[t], s);
+                }
             }
         }
-        let total = total.unwrap_or_default();
-        for ((p, g), opt) in params.iter_mut().zip(total).zip(opts.iter_mut()) {
-            let mean: Vec<f32> = g.into_iter().map(|v| v / workers as f32).collect();
+        for (((p, g), n), opt) in params
+            .iter_mut()
+            .zip(total)
+            .zip(summed)
+            .zip(opts.iter_mut())
+        {
+            // A tensor no worker summed (every one lost) waits: the round does not step it.
+            let Some(g) = g else { continue };
+            let mean: Vec<f32> = g.into_iter().map(|v| v / n as f32).collect();
             opt.step(p, &mean)?;
         }
         run.train_loss.push(loss_sum / workers as f32);
@@ -100,15 +128,11 @@ pub fn fsa_reference(
     Ok(run)
 }
 
-/// `acc += grads` element-wise (acc starts as the first addend).
-fn accumulate(acc: &mut Option<Vec<Vec<f32>>>, grads: Vec<Vec<f32>>) {
+/// `acc += g` element-wise (acc starts as the first addend).
+fn accumulate(acc: &mut Option<Vec<f32>>, g: Vec<f32>) {
     match acc {
-        None => *acc = Some(grads),
-        Some(a) => {
-            for (t, g) in a.iter_mut().zip(&grads) {
-                t.iter_mut().zip(g).for_each(|(x, y)| *x += y);
-            }
-        }
+        None => *acc = Some(g),
+        Some(a) => a.iter_mut().zip(&g).for_each(|(x, y)| *x += y),
     }
 }
 

@@ -152,6 +152,15 @@ impl Admission {
         lock(&self.bound).get(&peer.node_id()) == Some(&peer.conn_id())
     }
 
+    /// Frees the id `peer` holds (its connection closed), so that the member's next connection
+    /// may claim it: a restarted process under `resilience.lost_worker = "continue"`.
+    pub(crate) fn release(&self, peer: &PeerHandle) {
+        let mut bound = lock(&self.bound);
+        if bound.get(&peer.node_id()) == Some(&peer.conn_id()) {
+            bound.remove(&peer.node_id());
+        }
+    }
+
     /// Refuses a request: error reply, warning, count. Never fatal.
     pub(crate) fn refuse(&self, reply: Responder, msg: String) {
         self.refused.fetch_add(1, Ordering::Relaxed);

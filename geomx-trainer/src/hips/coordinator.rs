@@ -35,6 +35,11 @@ pub fn run(
         protocol_version: PROTOCOL_VERSION,
         config_hash: job.registration_hash()?,
         registration_timeout: job.registration_timeout,
+        rejoinable: if job.workers_may_rejoin() {
+            vec![roles::WORKER.to_string()]
+        } else {
+            Vec::new()
+        },
     };
     let with_esync = job.sync == SyncAlgorithm::Esync;
     let mut expected = job.plan.expected_processes();

@@ -136,6 +136,8 @@ pub struct GlobalAggregator {
     intra: TierCodec,
     policy: NonFinitePolicy,
     ranges: BTreeMap<usize, RangeState>,
+    /// Workers may be lost: a round counts the workers the DCs summed (1..=W) and divides by them.
+    elastic: bool,
 }
 
 impl GlobalAggregator {
@@ -149,7 +151,15 @@ impl GlobalAggregator {
             intra: TierCodec::default(),
             policy: NonFinitePolicy::Abort,
             ranges: BTreeMap::new(),
+            elastic: false,
         }
+    }
+
+    /// Lets a round count fewer than W workers (lost workers, `resilience.lost_worker =
+    /// "continue"`): the global step divides by the workers actually summed.
+    pub fn with_elastic_counts(mut self, elastic: bool) -> Self {
+        self.elastic = elastic;
+        self
     }
 
     /// Sets the tier codecs the replies travel through (inter: to the local servers; intra: on
@@ -334,13 +344,20 @@ impl GlobalAggregator {
             }
         }
         r.received = 0;
-        if counted != u64::from(w) {
+        let counts_ok = if self.elastic {
+            (1..=u64::from(w)).contains(&counted)
+        } else {
+            counted == u64::from(w)
+        };
+        if !counts_ok {
             return Err(AggError::CountMismatch {
                 key: id,
                 got: counted,
                 expected: w,
             });
         }
+        // The mean is over the workers summed: all W unless some were lost.
+        let w = counted as u32;
         let round = r.version;
         let mut overflow = 0;
         let stepped = match g {
@@ -598,8 +615,8 @@ mod tests {
         assert!(locals[1].push(0, 0, 1, g[3].clone()).unwrap().is_none());
         let s2 = locals[1].push(0, 0, 0, g[2].clone()).unwrap().unwrap();
         // DC 2 arrives first.
-        assert!(global.push(0, 1, 0, s2, 2).unwrap().is_none());
-        let theta1 = global.push(0, 0, 0, s1, 2).unwrap().unwrap().to_vec();
+        assert!(global.push(0, 1, 0, s2.sum, 2).unwrap().is_none());
+        let theta1 = global.push(0, 0, 0, s1.sum, 2).unwrap().unwrap().to_vec();
         for i in 0..n {
             let expect = theta0[i] - ((g[0][i] + g[1][i]) + (g[2][i] + g[3][i])) / 4.0;
             assert_eq!(theta1[i].to_bits(), expect.to_bits(), "element {i}");
@@ -621,8 +638,8 @@ mod tests {
         dc0.push(0, 0, 0, g[0].clone()).unwrap();
         let s0 = dc0.push(0, 0, 1, g[1].clone()).unwrap().unwrap();
         let s1 = dc1.push(0, 0, 0, g[3].clone()).unwrap().unwrap();
-        global.push(0, 0, 0, s0, 3).unwrap();
-        let theta1 = global.push(0, 1, 0, s1, 1).unwrap().unwrap();
+        global.push(0, 0, 0, s0.sum, 3).unwrap();
+        let theta1 = global.push(0, 1, 0, s1.sum, 1).unwrap().unwrap();
         for i in 0..n {
             let expect = theta0[i] - (((g[0][i] + g[1][i]) + g[2][i]) + g[3][i]) / 4.0;
             assert_eq!(theta1[i].to_bits(), expect.to_bits(), "element {i}");
@@ -658,6 +675,34 @@ mod tests {
             let expect = theta0[i] - rounds as f32 * 0.5 * sum / 4.0;
             assert_eq!(theta[i], expect, "element {i}");
         }
+    }
+
+    #[test]
+    fn elastic_counts_divide_by_the_workers_summed() {
+        // W = 4, but DC 0 summed 1 of its 2 workers: the mean is over 3.
+        let theta0 = vec![1.0f32; 3];
+        let g = [vec![0.3f32, -0.7, 1.1], vec![0.9f32, 0.2, -0.4]];
+        let mut strict = GlobalAggregator::new(2, 4);
+        strict.add_range(0, theta0.clone(), 0, sgd(1.0));
+        strict.push(0, 0, 0, g[0].clone(), 1).unwrap();
+        assert!(matches!(
+            strict.push(0, 1, 0, g[1].clone(), 2),
+            Err(AggError::CountMismatch { got: 3, .. })
+        ));
+        let mut elastic = GlobalAggregator::new(2, 4).with_elastic_counts(true);
+        elastic.add_range(0, theta0.clone(), 0, sgd(1.0));
+        elastic.push(0, 0, 0, g[0].clone(), 1).unwrap();
+        let theta1 = elastic.push(0, 1, 0, g[1].clone(), 2).unwrap().unwrap();
+        for i in 0..3 {
+            let expect = theta0[i] - (g[0][i] + g[1][i]) / 3.0;
+            assert_eq!(theta1[i].to_bits(), expect.to_bits(), "element {i}");
+        }
+        // More than W is still refused.
+        elastic.push(0, 0, 1, g[0].clone(), 4).unwrap();
+        assert!(matches!(
+            elastic.push(0, 1, 1, g[1].clone(), 1),
+            Err(AggError::CountMismatch { got: 5, .. })
+        ));
     }
 
     #[test]

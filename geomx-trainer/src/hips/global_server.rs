@@ -583,7 +583,8 @@ pub fn run(
     let theta0 = job.keys.split(job.model.init(job.seed));
     let mut agg = GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32)
         .with_codecs(job.inter.clone(), job.intra.clone())
-        .with_policy(job.nonfinite.policy);
+        .with_policy(job.nonfinite.policy)
+        .with_elastic_counts(job.workers_may_rejoin());
     let mut mixed = (job.sync == SyncAlgorithm::Mixed).then(|| {
         let m = MixedAggregator::new(plan.num_dcs())
             .with_codecs(job.inter.clone(), job.intra.clone())

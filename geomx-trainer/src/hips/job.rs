@@ -11,8 +11,8 @@ use super::slices::KeyMap;
 use super::RunError;
 use crate::codec::down::ReplyMode;
 use crate::config::{
-    Config, ConfigError, DataConfig, Driver, EsyncConfig, HfaConfig, InjectNan, MixedLrScale,
-    MixedOptimizer, NonFinitePolicy, P3Config, SecurityMode, SyncAlgorithm,
+    Config, ConfigError, DataConfig, Driver, EsyncConfig, HfaConfig, InjectNan, LostWorker,
+    MixedLrScale, MixedOptimizer, NonFinitePolicy, P3Config, SecurityMode, SyncAlgorithm,
 };
 use crate::data::TrainTest;
 use crate::engine::{build_model, Model, OptimizerConfig};
@@ -75,6 +75,8 @@ pub struct JobSpec {
     pub export: Option<PathBuf>,
     /// `security.mode`: mutual TLS (the default) or plaintext.
     pub security: SecurityMode,
+    /// What a lost worker does to the job (`resilience.lost_worker`).
+    pub lost_worker: LostWorker,
     /// This process's certificates ([`JobSpec::with_keyring`]); with mutual TLS and none given,
     /// the first [`JobSpec::net_as`] makes an ephemeral CA (in-process clusters).
     pub keyring: Arc<OnceLock<Arc<Keyring>>>,
@@ -240,6 +242,7 @@ impl JobSpec {
             resume: None,
             export: cfg.checkpoint.export.clone(),
             security: cfg.security.mode,
+            lost_worker: cfg.resilience.lost_worker,
             keyring: Arc::new(OnceLock::new()),
         })
     }
@@ -299,6 +302,11 @@ impl JobSpec {
     pub fn reply_mode(&self, key: usize) -> ReplyMode {
         let len = self.plan.key_lens.get(key).copied().unwrap_or(0);
         ReplyMode::of(self.sync, &self.inter, &self.intra, len)
+    }
+
+    /// Whether a lost worker leaves the job running (`resilience.lost_worker = "continue"`).
+    pub fn workers_may_rejoin(&self) -> bool {
+        self.lost_worker == LostWorker::Continue
     }
 
     /// The longest a role waits for any single step of the protocol before it gives up.

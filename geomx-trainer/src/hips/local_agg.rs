@@ -11,13 +11,35 @@ struct KeySlot {
     len: usize,
     round: u64,
     pushes: Vec<Option<Vec<f32>>>,
-    received: usize,
+}
+
+/// A completed local sum: the rank-ordered sum of the pushes of `ranks`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalSum {
+    /// Σ of the pushes, added in rank order.
+    pub sum: Vec<f32>,
+    /// The ranks summed, ascending (all of the DC's workers unless some were lost).
+    pub ranks: Vec<u32>,
+}
+
+impl LocalSum {
+    /// How many workers the sum counts.
+    pub fn count(&self) -> u32 {
+        self.ranks.len() as u32
+    }
 }
 
 /// Collects the pushes of one DC's workers and sums them in rank order.
+///
+/// Every worker is a member from the start. A lost worker ([`LocalAggregator::lose`]) stops
+/// counting: the rounds waiting for it close with the workers present. A worker that comes back
+/// ([`LocalAggregator::join`]) counts again from the round every key has reached, so no key's
+/// round changes its members once it collects.
 #[derive(Debug)]
 pub struct LocalAggregator {
     keys: Vec<KeySlot>,
+    /// Per rank: the first round it counts in; `None` while lost.
+    member_from: Vec<Option<u64>>,
 }
 
 impl LocalAggregator {
@@ -29,15 +51,30 @@ impl LocalAggregator {
                 len,
                 round: start,
                 pushes: vec![None; n_workers],
-                received: 0,
             })
             .collect();
-        Self { keys }
+        Self {
+            keys,
+            member_from: vec![Some(start); n_workers],
+        }
     }
 
     /// The round `key` currently collects, if the key exists.
     pub fn round(&self, key: usize) -> Option<u64> {
         self.keys.get(key).map(|k| k.round)
+    }
+
+    /// Whether worker `rank` is a member (not lost).
+    pub fn is_member(&self, rank: usize) -> bool {
+        self.member_from.get(rank).is_some_and(Option::is_some)
+    }
+
+    fn counts(&self, rank: usize, round: u64) -> bool {
+        self.member_from
+            .get(rank)
+            .copied()
+            .flatten()
+            .is_some_and(|from| from <= round)
     }
 
     /// Records worker `rank`'s gradient for `(key, round)`. Returns the rank-ordered sum when this
@@ -48,8 +85,9 @@ impl LocalAggregator {
         round: u64,
         rank: usize,
         grad: Vec<f32>,
-    ) -> Result<Option<Vec<f32>>, AggError> {
-        let slot = self.keys.get_mut(key).ok_or(AggError::UnknownKey(key))?;
+    ) -> Result<Option<LocalSum>, AggError> {
+        let n = self.member_from.len();
+        let slot = self.keys.get(key).ok_or(AggError::UnknownKey(key))?;
         if round != slot.round {
             return Err(AggError::WrongVersion {
                 key,
@@ -64,11 +102,13 @@ impl LocalAggregator {
                 got: grad.len(),
             });
         }
-        let n = slot.pushes.len();
-        let cell = slot
-            .pushes
-            .get_mut(rank)
-            .ok_or(AggError::BadSender { sender: rank, n })?;
+        if rank >= n {
+            return Err(AggError::BadSender { sender: rank, n });
+        }
+        if !self.counts(rank, round) {
+            return Err(AggError::NotMember { key, round, rank });
+        }
+        let cell = &mut self.keys[key].pushes[rank];
         if cell.is_some() {
             return Err(AggError::Duplicate {
                 key,
@@ -77,20 +117,61 @@ impl LocalAggregator {
             });
         }
         *cell = Some(grad);
-        slot.received += 1;
-        if slot.received < n {
-            return Ok(None);
+        Ok(self.complete(key))
+    }
+
+    /// The sum of `key`'s round when every member's push is in (and at least one is).
+    fn complete(&mut self, key: usize) -> Option<LocalSum> {
+        let slot = &self.keys[key];
+        let round = slot.round;
+        let waiting =
+            (0..self.member_from.len()).any(|r| self.counts(r, round) && slot.pushes[r].is_none());
+        if waiting || slot.pushes.iter().all(Option::is_none) {
+            return None;
         }
-        let mut it = slot.pushes.iter_mut().map(|p| p.take().unwrap_or_default());
-        let mut sum = it.next().unwrap_or_default();
-        for g in it {
-            for (s, x) in sum.iter_mut().zip(&g) {
-                *s += *x;
+        let slot = &mut self.keys[key];
+        let mut ranks = Vec::new();
+        let mut sum: Option<Vec<f32>> = None;
+        for (r, p) in slot.pushes.iter_mut().enumerate() {
+            let Some(g) = p.take() else { continue };
+            ranks.push(r as u32);
+            match sum.as_mut() {
+                None => sum = Some(g),
+                Some(s) => s.iter_mut().zip(&g).for_each(|(s, x)| *s += *x),
             }
         }
-        slot.received = 0;
         slot.round += 1;
-        Ok(Some(sum))
+        Some(LocalSum {
+            sum: sum.unwrap_or_default(),
+            ranks,
+        })
+    }
+
+    /// Worker `rank` is lost: its pushes of the rounds being collected are dropped and it no
+    /// longer counts. Returns the `(key, round, sum)` of every round that no longer waits.
+    pub fn lose(&mut self, rank: usize) -> Vec<(usize, u64, LocalSum)> {
+        let Some(m) = self.member_from.get_mut(rank) else {
+            return Vec::new();
+        };
+        *m = None;
+        let mut done = Vec::new();
+        for key in 0..self.keys.len() {
+            self.keys[key].pushes[rank] = None;
+            let round = self.keys[key].round;
+            if let Some(s) = self.complete(key) {
+                done.push((key, round, s));
+            }
+        }
+        done
+    }
+
+    /// Worker `rank` comes back: it counts from the highest round any key collects, which it
+    /// returns (the worker starts there, with θ of that round). `None` for an unknown rank.
+    pub fn join(&mut self, rank: usize) -> Option<u64> {
+        let from = self.keys.iter().map(|k| k.round).max().unwrap_or(0);
+        let m = self.member_from.get_mut(rank)?;
+        *m = Some(from);
+        Some(from)
     }
 }
 
@@ -109,7 +190,7 @@ mod tests {
             for &r in &order {
                 out = agg.push(0, 0, r, g[r].clone()).unwrap();
             }
-            assert_eq!(out.unwrap()[0].to_bits(), expected.to_bits());
+            assert_eq!(out.unwrap().sum[0].to_bits(), expected.to_bits());
         }
     }
 
@@ -119,7 +200,10 @@ mod tests {
         assert_eq!(agg.push(0, 5, 1, vec![1.0, 2.0]).unwrap(), None);
         assert_eq!(
             agg.push(0, 5, 0, vec![3.0, 4.0]).unwrap(),
-            Some(vec![4.0, 6.0])
+            Some(LocalSum {
+                sum: vec![4.0, 6.0],
+                ranks: vec![0, 1]
+            })
         );
         assert_eq!(agg.round(0), Some(6));
         assert_eq!(agg.round(1), Some(5));
@@ -154,5 +238,66 @@ mod tests {
             agg.push(0, 0, 0, vec![0.0; 2]),
             Err(AggError::Duplicate { .. })
         ));
+    }
+
+    #[test]
+    fn a_lost_worker_closes_the_rounds_waiting_for_it_and_rejoins_later() {
+        // Two keys, three workers. Key 0: ranks 0 and 2 pushed; key 1: rank 1 (then lost).
+        let mut agg = LocalAggregator::new(&[1, 1], 3, 0);
+        assert_eq!(agg.push(0, 0, 0, vec![1.0]).unwrap(), None);
+        assert_eq!(agg.push(0, 0, 2, vec![4.0]).unwrap(), None);
+        assert_eq!(agg.push(1, 0, 1, vec![8.0]).unwrap(), None);
+        // Rank 1 lost: key 0 closes with ranks 0 and 2; key 1 drops rank 1's push and waits.
+        let done = agg.lose(1);
+        assert_eq!(
+            done,
+            vec![(
+                0,
+                0,
+                LocalSum {
+                    sum: vec![5.0],
+                    ranks: vec![0, 2]
+                }
+            )]
+        );
+        assert!(!agg.is_member(1));
+        assert!(matches!(
+            agg.push(1, 0, 1, vec![8.0]),
+            Err(AggError::NotMember { rank: 1, .. })
+        ));
+        assert_eq!(agg.push(1, 0, 0, vec![1.0]).unwrap(), None);
+        let s = agg.push(1, 0, 2, vec![2.0]).unwrap().unwrap();
+        assert_eq!((s.sum, s.ranks), (vec![3.0], vec![0, 2]));
+        // Key 0 at round 1 has rank 0's push; rank 1 rejoins: both keys collect round 1, so
+        // it counts from round 1 and key 0 waits for it.
+        assert_eq!(agg.push(0, 1, 0, vec![1.0]).unwrap(), None);
+        assert_eq!(agg.join(1), Some(1));
+        assert_eq!(agg.push(0, 1, 2, vec![1.0]).unwrap(), None);
+        let s = agg.push(0, 1, 1, vec![1.0]).unwrap().unwrap();
+        assert_eq!(s.ranks, vec![0, 1, 2]);
+        assert_eq!(agg.join(7), None);
+    }
+
+    #[test]
+    fn a_rejoining_worker_skips_the_rounds_some_key_already_passed() {
+        let mut agg = LocalAggregator::new(&[1, 1], 2, 0);
+        agg.lose(1);
+        // Key 0 completes round 0 alone; key 1 still collects round 0.
+        assert!(agg.push(0, 0, 0, vec![1.0]).unwrap().is_some());
+        assert_eq!(agg.join(1), Some(1));
+        // Round 0 of key 1 does not wait for rank 1; round 1 of both keys does.
+        assert!(agg.push(1, 0, 0, vec![1.0]).unwrap().is_some());
+        assert!(agg.push(0, 1, 0, vec![1.0]).unwrap().is_none());
+        assert!(agg.push(0, 1, 1, vec![1.0]).unwrap().is_some());
+    }
+
+    #[test]
+    fn with_every_worker_lost_a_round_waits() {
+        let mut agg = LocalAggregator::new(&[1], 2, 0);
+        assert!(agg.lose(0).is_empty());
+        assert!(agg.lose(1).is_empty());
+        assert_eq!(agg.round(0), Some(0));
+        assert_eq!(agg.join(0), Some(0));
+        assert!(agg.push(0, 0, 0, vec![1.0]).unwrap().is_some());
     }
 }

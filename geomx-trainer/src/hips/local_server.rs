@@ -35,7 +35,8 @@ use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::replies::Replies;
-use super::{lock, JobSpec, LocalAggregator, RoleStats, RunError};
+use super::round_log::{MemberChange, RoundLog};
+use super::{lock, JobSpec, LocalAggregator, LocalSum, RoleStats, RunError};
 use crate::checkpoint::{RoundParts, Saver};
 use crate::codec::down::{
     decode_dense_segments, forward_dense, forward_sparse, join_segments, ReplyMode,
@@ -50,8 +51,14 @@ use crate::placement::Range;
 struct UpJob {
     round: u64,
     sum: Option<Vec<f32>>,
+    /// Workers the sum counts (n_d unless some were lost).
+    count: u32,
     replies: Vec<Responder>,
 }
+
+/// Pull key with which a restarted worker asks to count again (`resilience.lost_worker =
+/// "continue"`): the reply's version is the round it counts from; the payload is empty.
+pub const REJOIN_KEY: u64 = u64::MAX - 1;
 
 /// A key's stored reply: (version, codec, bytes).
 type Stored = (u64, PayloadCodec, Arc<Vec<u8>>);
@@ -113,6 +120,12 @@ struct LocalHandler {
     /// How workers' pushes are answered, by key: inline, or under P3 in priority order per
     /// worker connection.
     replies: Replies,
+    /// Workers of this DC (n_d).
+    n_workers: usize,
+    /// `resilience.lost_worker = "continue"`: a lost worker leaves the rounds, and may rejoin.
+    elastic: bool,
+    /// Lost and rejoined workers, and the rounds that summed only some workers.
+    log: RoundLog,
 }
 
 impl LocalHandler {
@@ -200,23 +213,7 @@ impl LocalHandler {
                 let mut replies = std::mem::take(&mut st.parked[key]);
                 replies.push(reply);
                 drop(st);
-                let Some(sum) = self.check_sum(key, req.version, sum) else {
-                    return;
-                };
-                let job = UpJob {
-                    round: req.version,
-                    sum,
-                    replies,
-                };
-                let tx = lock(&self.uplinks).get(key).cloned();
-                match tx {
-                    Some(tx) => {
-                        if tx.send(job).is_err() {
-                            self.abort(format!("dc {}: uplink of key {key} stopped", self.dc));
-                        }
-                    }
-                    None => self.abort(format!("dc {}: push before the uplinks started", self.dc)),
-                }
+                self.send_up(key, req.version, sum, replies);
             }
             Err(e) => {
                 drop(st);
@@ -224,6 +221,103 @@ impl LocalHandler {
                 self.admission.refuse(reply, msg);
             }
         }
+    }
+
+    /// Hands a completed local sum and the pushes it answers to the key's uplink.
+    fn send_up(&self, key: usize, round: u64, sum: LocalSum, replies: Vec<Responder>) {
+        self.log
+            .summed(self.dc, key, round, &sum.ranks, self.n_workers);
+        let count = sum.count();
+        let Some(sum) = self.check_sum(key, round, sum.sum) else {
+            return;
+        };
+        let job = UpJob {
+            round,
+            sum,
+            count,
+            replies,
+        };
+        let tx = lock(&self.uplinks).get(key).cloned();
+        match tx {
+            Some(tx) => {
+                if tx.send(job).is_err() {
+                    self.abort(format!("dc {}: uplink of key {key} stopped", self.dc));
+                }
+            }
+            None => self.abort(format!("dc {}: push before the uplinks started", self.dc)),
+        }
+    }
+
+    /// Worker `rank` is lost (`resilience.lost_worker = "continue"`): it leaves the rounds, and
+    /// the rounds that waited only for it go up.
+    fn lose_worker(&self, rank: usize, reason: &NetError) {
+        let mut st = lock(&self.state);
+        if !st.agg.is_member(rank) {
+            return;
+        }
+        let round = (0..self.key_lens.len())
+            .filter_map(|k| st.agg.round(k))
+            .max()
+            .unwrap_or(0);
+        let closed: Vec<_> = st
+            .agg
+            .lose(rank)
+            .into_iter()
+            .map(|(key, round, sum)| {
+                let replies = std::mem::take(&mut st.parked[key]);
+                (key, round, sum, replies)
+            })
+            .collect();
+        drop(st);
+        self.log.change(
+            self.dc,
+            rank as u32,
+            MemberChange::Lost,
+            round,
+            reason.to_string(),
+        );
+        for (key, round, sum, replies) in closed {
+            self.send_up(key, round, sum, replies);
+        }
+    }
+
+    /// A restarted worker asks to count again ([`REJOIN_KEY`]): it counts from the round every
+    /// key has reached, which the reply's version names.
+    fn rejoin(&self, req: &Request, reply: Responder) {
+        if !self.elastic {
+            let msg = format!(
+                "dc {}: a worker may rejoin only with resilience.lost_worker = \"continue\"",
+                self.dc
+            );
+            return self.admission.refuse(reply, msg);
+        }
+        let rank = match self.member(req) {
+            Ok(r) => r,
+            Err(msg) => return self.admission.refuse(reply, msg),
+        };
+        // The connection must be the worker's only one: the lost one's loss was seen first.
+        if let Err(msg) = self.admission.bind(req.sender, &reply) {
+            return self.admission.refuse(reply, msg);
+        }
+        let mut st = lock(&self.state);
+        if st.agg.is_member(rank) {
+            drop(st);
+            let msg = format!(
+                "worker (dc {}, rank {rank}) rejoining while a member",
+                self.dc
+            );
+            return self.admission.refuse(reply, msg);
+        }
+        let from = st.agg.join(rank).unwrap_or(0);
+        drop(st);
+        self.log.change(
+            self.dc,
+            rank as u32,
+            MemberChange::Rejoined,
+            from,
+            String::new(),
+        );
+        let _ = reply.send(from, PayloadCodec::Raw, &[]);
     }
 
     /// The local sum of `key` at `round`, checked: `Some(Some(sum))` to push, `Some(None)` to drop
@@ -247,6 +341,9 @@ impl LocalHandler {
     }
 
     fn on_pull(&self, req: Request, reply: Responder) {
+        if req.key == REJOIN_KEY {
+            return self.rejoin(&req, reply);
+        }
         let key = req.key as usize;
         if let Err(msg) = self.member(&req) {
             return self.admission.refuse(reply, msg);
@@ -378,6 +475,14 @@ impl Handler for LocalHandler {
         // Only the connection that speaks for the worker is the worker: a Hello that borrowed
         // its id and went away is nobody's loss.
         if !self.admission.holds(peer) {
+            return;
+        }
+        if self.elastic {
+            // The worker's id is free for its next incarnation's connection.
+            self.admission.release(peer);
+            if !self.finished() {
+                self.lose_worker(rank, reason);
+            }
             return;
         }
         if !self.finished() {
@@ -687,7 +792,7 @@ impl Uplink {
                 }
                 None => (
                     up.round + 1,
-                    self.round(up.round, up.sum, base.as_deref_mut()),
+                    self.round(up.round, up.sum, up.count, base.as_deref_mut()),
                 ),
             };
             match res {
@@ -735,6 +840,7 @@ impl Uplink {
         &mut self,
         round: u64,
         sum: Option<Vec<f32>>,
+        count: u32,
         base: Option<&mut [u64]>,
     ) -> Result<(PayloadCodec, Vec<u8>), String> {
         let h = &self.handler;
@@ -749,7 +855,7 @@ impl Uplink {
             self.key,
             &self.ranges,
             round,
-            self.count,
+            count,
             up,
             &self.job,
             base,
@@ -951,6 +1057,9 @@ pub fn run(
         ckpt: super::ckpt::saver(job, &me)
             .map(|s| (s, Mutex::new(RoundParts::new(n_keys, job.config_hash)))),
         replies: Replies::new(job, &format!("geomx-p3-l{dc}r"), 0..n_keys),
+        n_workers: n_d,
+        elastic: job.workers_may_rejoin(),
+        log: RoundLog::default(),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -1138,5 +1247,6 @@ pub fn run(
     stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
     stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
+    (stats.member_events, stats.partial_rounds) = handler.log.snapshot();
     Ok(stats)
 }

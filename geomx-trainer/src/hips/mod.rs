@@ -6,6 +6,7 @@
 //! role starts from; [`RoleStats`] is what each process reports at its end.
 
 mod admit;
+pub mod chaos;
 mod ckpt;
 pub mod coordinator;
 pub mod dgt;
@@ -23,6 +24,7 @@ pub mod msg;
 pub mod node;
 pub mod plan;
 mod replies;
+pub mod round_log;
 pub mod slices;
 pub mod throughput;
 pub mod worker;
@@ -33,7 +35,7 @@ pub use global_agg::{
     DcPush, GlobalAggregator, RangeOptimizer, RangeSnapshot, RoundDone, SavedState, SkipCause,
 };
 pub use job::JobSpec;
-pub use local_agg::LocalAggregator;
+pub use local_agg::{LocalAggregator, LocalSum};
 pub use mixed_agg::{MixedAggregator, Staleness};
 pub use plan::ClusterPlan;
 
@@ -71,6 +73,9 @@ pub enum RunError {
     /// A wait ran out.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The job finished before this (restarted) process registered: nothing is left to do.
+    #[error("{0}")]
+    JobFinished(String),
     /// The job was aborted (the notice names the failed process).
     #[error("job aborted: {0}")]
     Aborted(String),
@@ -143,6 +148,15 @@ pub struct RoleStats {
     /// Samples per second and where the step time went (workers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throughput: Option<throughput::WorkerThroughput>,
+    /// Workers lost and rejoined, as their local server saw it (local servers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub member_events: Vec<round_log::MemberEvent>,
+    /// Rounds that summed only some of the DC's workers (local servers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partial_rounds: Vec<round_log::PartialRound>,
+    /// The incarnation of this process (0: never restarted).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub incarnation: u32,
     /// The P3 credit (send buffer, bytes) tuned from round times (workers: their push
     /// connection; local servers: their uplinks), under `scheduling.p3.credit_bytes = "auto"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,6 +164,10 @@ pub struct RoleStats {
 }
 
 fn is_zero(x: &u64) -> bool {
+    *x == 0
+}
+
+fn is_zero_u32(x: &u32) -> bool {
     *x == 0
 }
 
@@ -177,6 +195,9 @@ impl RoleStats {
             refused_requests: 0,
             resumed_from_round: None,
             throughput: None,
+            member_events: Vec::new(),
+            partial_rounds: Vec::new(),
+            incarnation: 0,
             p3_credit: None,
         }
     }
@@ -216,6 +237,18 @@ pub enum AggError {
         /// Number of senders.
         n: usize,
     },
+    /// A push from a worker that does not count in this round (lost, or rejoining later).
+    #[error(
+        "push for key {key} round {round} from worker {rank}, which is no member of that round"
+    )]
+    NotMember {
+        /// Key id.
+        key: usize,
+        /// Round.
+        round: u64,
+        /// Worker rank.
+        rank: usize,
+    },
     /// The same sender pushed twice in one round.
     #[error("duplicate push from {sender} for key {key} round {round}")]
     Duplicate {
@@ -226,7 +259,7 @@ pub enum AggError {
         /// Rank or DC index.
         sender: usize,
     },
-    /// The DCs' worker counts do not add up to W.
+    /// The DCs' worker counts do not add up to W (with lost workers allowed: are 0 or over W).
     #[error("worker counts for range {key} sum to {got}, expected W = {expected}")]
     CountMismatch {
         /// Range id.

@@ -116,6 +116,11 @@ impl Node {
                 {
                     std::thread::sleep(Duration::from_millis(100));
                 }
+                Err(e) if e.to_string().contains(geomx_net::coord::JOB_FINISHED) => {
+                    return Err(RunError::JobFinished(format!(
+                        "{me}: the job finished before this process registered"
+                    )));
+                }
                 Err(e) => {
                     return Err(RunError::Net(
                         format!("registering {me} with the coordinator at {coord_addr}"),

@@ -566,16 +566,13 @@ pub fn run(
     let slowdown = job.slowdown.get(dc as usize).copied().unwrap_or(1.0);
     // A resumed worker continues its batch sequence where its checkpoint left it.
     let mut resumed = super::ckpt::resume(job, &me)?;
-    let start = resumed.as_ref().map_or(0, |r| r.round());
+    let mut start = resumed.as_ref().map_or(0, |r| r.round());
     if let Some(res) = resumed.as_mut() {
         let c = res.u64("batcher", 2)?;
         let pos = usize::try_from(c[1]).unwrap_or(usize::MAX);
         batcher.seek(c[0], pos).map_err(|e| res.misfit(e))?;
     }
-    // The next batches are prepared on a thread while this one computes.
-    let augment = augment_for(&job.data_config, w).map_err(RunError::Data)?;
-    let mut batcher =
-        Prefetcher::new(batcher, train, PREFETCH_DEPTH, augment).map_err(RunError::Data)?;
+    let chaos = super::chaos::SelfFault::from_env().map_err(RunError::Membership)?;
     let saver = super::ckpt::saver(job, &me);
 
     let node = Node::join(coord_addr, me, String::new(), job, fatal)?;
@@ -586,6 +583,19 @@ pub fn run(
             e,
         )
     })?;
+    // A restarted worker (incarnation > 0) joins the running job where its local server is,
+    // with that round's batch and θ, instead of where it was lost or last saved.
+    let incarnation = node.membership.incarnation;
+    if incarnation > 0 {
+        start = rejoin(&client, job)?;
+        resumed = None;
+        batcher.skip_to(start);
+        tracing::warn!(%dc, %rank, incarnation, round = start, "worker rejoined the job");
+    }
+    // The next batches are prepared on a thread while this one computes.
+    let augment = augment_for(&job.data_config, w).map_err(RunError::Data)?;
+    let mut batcher =
+        Prefetcher::new(batcher, train, PREFETCH_DEPTH, augment).map_err(RunError::Data)?;
     // θ_0 from the local server (which has it from the global servers); θ_r when resuming,
     // which must be what this worker saved.
     let mut params = pull_all(&client, start / job.rounds_per_local(), job)?;
@@ -603,7 +613,9 @@ pub fn run(
             }
         }
     }
-    node.barrier("all")?;
+    if incarnation == 0 {
+        node.barrier("all")?;
+    }
     let mut apply: Vec<KeyApply> = (0..plan.key_lens.len())
         .map(|k| match job.reply_mode(k) {
             ReplyMode::Theta => KeyApply::Theta,
@@ -661,6 +673,9 @@ pub fn run(
         .filter(|p| p.credit_bytes.is_auto())
         .map(|_| CreditTuner::default());
     for round in start..job.rounds {
+        if let Some(c) = chaos.as_ref() {
+            c.at_round(round);
+        }
         let round_started = Instant::now();
         let mut split = StepSplit::default();
         if let (Some(es), Some(avg)) = (esync.as_mut(), avg.as_mut()) {
@@ -782,6 +797,7 @@ pub fn run(
     stats.final_test_accuracy = last_eval.map(|p| p.test_accuracy);
     stats.skipped_updates = skipped;
     stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
+    stats.incarnation = incarnation;
     stats.throughput = meter.summary(dc, rank);
     stats.p3_credit = tuner.and_then(|t| t.settled()).map(u64::from);
     stats.cast_overflows = overflows.snapshot();
@@ -819,6 +835,28 @@ fn checkpoint_state(
         }
     }
     state
+}
+
+/// Asks the local server to count this restarted worker again; returns the round it counts from.
+/// Retried while the server still holds the lost incarnation's connection (it refuses until it
+/// has seen that connection close), up to the job's wait limit.
+fn rejoin(client: &KvClient, job: &JobSpec) -> Result<u64, RunError> {
+    let deadline = Instant::now() + job.wait_limit();
+    loop {
+        let resp = client
+            .pull(super::local_server::REJOIN_KEY, 0, 0, 0)
+            .and_then(|p| p.wait(job.wait_limit()));
+        match resp {
+            Ok(r) => return Ok(r.version),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(RunError::Net("rejoining the job".into(), e));
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "rejoin refused; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 /// Pulls every key at `version` from the local server (exact f32 θ), one vector per tensor.

@@ -8,6 +8,7 @@
 //! final stats into a [`Report`], and if any child fails kills the rest and returns its error.
 
 pub mod role;
+pub mod supervise;
 pub mod threads;
 pub mod wan;
 
@@ -41,6 +42,8 @@ pub mod lines {
 
 /// How long the coordinator may take to print its address.
 const COORDINATOR_START: Duration = Duration::from_secs(30);
+/// How long a restarted child may still run after the coordinator ended the job successfully.
+const LATE_RESTART_GRACE: Duration = Duration::from_secs(5);
 /// Stderr lines kept per child for error messages.
 const TAIL: usize = 12;
 
@@ -89,6 +92,8 @@ pub struct LaunchOptions {
     pub resume: Option<PathBuf>,
     /// Write the final model here as safetensors (overrides `checkpoint.export`).
     pub save: Option<PathBuf>,
+    /// Faults to inject (`--chaos`, see [`supervise::parse_chaos`]).
+    pub chaos: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -110,6 +115,11 @@ struct Proc {
     /// The launcher killed it (after another child failed).
     killed: bool,
     tail: VecDeque<String>,
+    /// How to start it again: its arguments and credentials.
+    args: Vec<String>,
+    keys: Option<String>,
+    /// Times it was started again.
+    restarts: u32,
 }
 
 struct Cluster {
@@ -178,11 +188,48 @@ impl Cluster {
     /// credentials, see [`Keys`]).
     fn spawn(
         &mut self,
-        mut cmd: Command,
+        cmd: Command,
         name: String,
         args: &[String],
         keys: Option<String>,
     ) -> Result<(), LaunchError> {
+        let idx = self.procs.len();
+        let child = self.start(cmd, &name, idx, args, keys.as_deref())?;
+        self.procs.push(Proc {
+            name,
+            child,
+            status: None,
+            killed: false,
+            tail: VecDeque::new(),
+            args: args.to_vec(),
+            keys,
+            restarts: 0,
+        });
+        Ok(())
+    }
+
+    /// Starts child `idx` again with its arguments and credentials (a new incarnation).
+    fn restart(&mut self, idx: usize, cmd: Command) -> Result<(), LaunchError> {
+        let (name, args, keys) = {
+            let p = &self.procs[idx];
+            (p.name.clone(), p.args.clone(), p.keys.clone())
+        };
+        let child = self.start(cmd, &name, idx, &args, keys.as_deref())?;
+        let p = &mut self.procs[idx];
+        p.child = child;
+        p.status = None;
+        p.restarts += 1;
+        Ok(())
+    }
+
+    fn start(
+        &mut self,
+        mut cmd: Command,
+        name: &str,
+        idx: usize,
+        args: &[String],
+        keys: Option<&str>,
+    ) -> Result<Child, LaunchError> {
         cmd.arg("run").args(args);
         if keys.is_some() {
             cmd.arg("--credentials-stdin").stdin(Stdio::piped());
@@ -203,7 +250,6 @@ impl Cluster {
                 .write_all(text.as_bytes())
                 .map_err(|e| LaunchError::Io(format!("handing {name} its credentials"), e))?;
         }
-        let idx = self.procs.len();
         let io_err = |e| LaunchError::Io(format!("watching {name}"), e);
         if let Some(o) = child.stdout.take() {
             self.readers
@@ -214,14 +260,7 @@ impl Cluster {
                 .push(forward(idx, Stream::Err, e, self.tx.clone()).map_err(io_err)?);
         }
         eprintln!("geomx launch: started {name} pid {}", child.id());
-        self.procs.push(Proc {
-            name,
-            child,
-            status: None,
-            killed: false,
-            tail: VecDeque::new(),
-        });
-        Ok(())
+        Ok(child)
     }
 
     fn handle(&mut self, ev: Event) {
@@ -278,17 +317,15 @@ impl Cluster {
         }
     }
 
-    /// Polls every child; returns the index of the first that failed.
-    fn poll(&mut self) -> Result<Option<usize>, LaunchError> {
-        let mut failed = None;
+    /// Polls every child; returns the indices of those that failed since the last poll.
+    fn poll(&mut self) -> Result<Vec<usize>, LaunchError> {
+        let mut failed = Vec::new();
         for (i, p) in self.procs.iter_mut().enumerate() {
             if p.status.is_none() {
                 p.status = reap_if_exited(&mut p.child)
                     .map_err(|e| LaunchError::Io(format!("waiting for {}", p.name), e))?;
-                if let Some(s) = p.status {
-                    if !s.success() && failed.is_none() {
-                        failed = Some(i);
-                    }
+                if p.status.is_some_and(|s| !s.success()) {
+                    failed.push(i);
                 }
             }
         }
@@ -368,12 +405,19 @@ impl Cluster {
 
     fn kill_all(&mut self) {
         for p in self.procs.iter_mut().filter(|p| p.status.is_none()) {
-            p.killed = true;
-            let _ = p.child.kill();
-            // Not reaped yet, so the pid is still ours; the WAN lab's guard must forget it first.
-            crate::wanlab::guard::forget_pid(p.child.id());
-            p.status = p.child.wait().ok();
+            p.stop();
         }
+    }
+}
+
+impl Proc {
+    /// Kills the child and reaps it.
+    fn stop(&mut self) {
+        self.killed = true;
+        let _ = self.child.kill();
+        // Not reaped yet, so the pid is still ours; the WAN lab's guard must forget it first.
+        crate::wanlab::guard::forget_pid(self.child.id());
+        self.status = self.child.wait().ok();
     }
 }
 
@@ -559,7 +603,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         if let Some(a) = cl.coordinator.clone() {
             break a;
         }
-        if let Some(i) = cl.poll()? {
+        if let Some(&i) = cl.poll()?.first() {
             return Err(cl.fail(i));
         }
         if Instant::now() > deadline {
@@ -602,6 +646,13 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         )?;
         wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
     }
+    let chaos = match &opts.chaos {
+        Some(spec) => supervise::parse_chaos(spec, &plan.workers_per_dc)
+            .map_err(|m| ConfigError::invalid("--chaos", m))?,
+        None => Vec::new(),
+    };
+    // Worker children by index: (dc, rank, site), for restarts.
+    let mut workers = std::collections::HashMap::new();
     let mut devices = worker_devices.into_iter();
     for (d, &n) in plan.workers_per_dc.iter().enumerate() {
         let site = Some(d);
@@ -618,8 +669,14 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             if let Some(dev) = devices.next().flatten() {
                 args.extend(["--device".into(), dev]);
             }
+            let mut cmd = wan.command(&exe, site)?;
+            cmd.env_remove(crate::hips::chaos::CHAOS_ENV);
+            if let Some(f) = chaos.iter().find(|f| (f.dc, f.rank) == (d, r)) {
+                cmd.env(crate::hips::chaos::CHAOS_ENV, &f.fault);
+            }
+            workers.insert(cl.procs.len(), (d, r, site));
             cl.spawn(
-                wan.command(&exe, site)?,
+                cmd,
                 child_name(roles::WORKER, d, r),
                 &args,
                 keys.for_child(&[(roles::WORKER, d, r)])?,
@@ -627,12 +684,76 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
         }
     }
+    let resilience = &cfg.resilience;
+    let mut faults: Vec<supervise::FaultRecord> = Vec::new();
+    // Restarts waiting for their backoff: (when, child index).
+    let mut pending: Vec<(Instant, usize)> = Vec::new();
+    let mut coordinator_done: Option<Instant> = None;
     loop {
         cl.pump(Duration::from_millis(20));
-        if let Some(i) = cl.poll()? {
-            return Err(cl.fail(i));
+        for i in cl.poll()? {
+            // A lost worker is survivable under `lost_worker = "continue"`; anything else (or a
+            // worker out of restarts) fails the job as before.
+            let Some(&(dc, rank, _)) = workers.get(&i).filter(|_| job.workers_may_rejoin()) else {
+                return Err(cl.fail(i));
+            };
+            let p = &cl.procs[i];
+            let job_over = cl.procs[0].status.is_some();
+            let restart = resilience.restart == crate::config::Restart::OnFailure && !job_over;
+            if restart && p.restarts >= resilience.max_restarts {
+                return Err(cl.fail(i));
+            }
+            let status = p.status.as_ref().map(describe).unwrap_or_default();
+            eprintln!(
+                "geomx launch: {} ended ({status}){}",
+                p.name,
+                if restart { "; restarting it" } else { "" }
+            );
+            faults.push(supervise::FaultRecord {
+                process: p.name.clone(),
+                role: roles::WORKER.into(),
+                dc,
+                rank,
+                cause: status,
+                at_s: started.elapsed().as_secs_f64(),
+                unix_ms: crate::hips::round_log::unix_ms(),
+                restarted: restart,
+                detected_after_s: None,
+                rejoined_after_s: None,
+                lost_round: None,
+                rejoined_round: None,
+                rounds_reduced: None,
+            });
+            if restart {
+                pending.push((Instant::now() + resilience.backoff(p.restarts + 1), i));
+            }
         }
-        if cl.all_exited() {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(t, _)| *t <= now);
+        pending = later;
+        for (_, i) in due {
+            if cl.procs[0].status.is_some() {
+                continue; // the job ended meanwhile
+            }
+            let site = workers.get(&i).and_then(|w| w.2);
+            let mut cmd = wan.command(&exe, site)?;
+            cmd.env_remove(crate::hips::chaos::CHAOS_ENV);
+            cl.restart(i, cmd)?;
+            wan.adopt(cl.procs[i].child.id());
+        }
+        // After a successful end, a restarted worker that never registered cannot any more.
+        if cl.procs[0].status.is_some_and(|s| s.success()) {
+            let ended = *coordinator_done.get_or_insert_with(Instant::now);
+            if ended.elapsed() > LATE_RESTART_GRACE {
+                for p in cl.procs.iter_mut() {
+                    if p.status.is_none() && p.restarts > 0 {
+                        eprintln!("geomx launch: stopping {}: the job has finished", p.name);
+                        p.stop();
+                    }
+                }
+            }
+        }
+        if pending.is_empty() && cl.all_exited() {
             break;
         }
     }
@@ -646,6 +767,22 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         plan.placement.server_bytes.clone(),
         cfg.to_json(),
     );
+    supervise::match_events(
+        &mut faults,
+        &report
+            .processes
+            .iter()
+            .flat_map(|p| p.member_events.iter().cloned())
+            .collect::<Vec<_>>(),
+        job.rounds,
+    );
+    for p in &cl.procs {
+        if p.restarts > 0 {
+            let role = p.name.split(' ').next().unwrap_or_default().to_string();
+            *report.restarts.entry(role).or_default() += p.restarts;
+        }
+    }
+    report.faults = faults;
     report.wan_mode = wan.mode().to_string();
     if wan.mode() != wan::modes::OFF {
         report.wan_lab = Some(wan.figures());

@@ -177,14 +177,21 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 .unwrap_or_else(|| format!("{host}:{port}"));
             local_server::run(&job, dc, &coord_addr()?, &bind, fatal)?
         }
-        Role::Worker => worker::run(
+        Role::Worker => match worker::run(
             &job,
             need("dc")?,
             need("rank")?,
             &coord_addr()?,
             fatal,
             stdout_progress(),
-        )?,
+        ) {
+            Err(RunError::JobFinished(m)) => {
+                // A restarted worker that came too late: a success, with no stats to report.
+                eprintln!("note: {m}");
+                std::process::exit(0);
+            }
+            r => r?,
+        },
         Role::DcCoordinator | Role::MasterWorker => {
             // geomx merges the party schedulers into the one coordinator and takes the optimizer
             // and θ_0 from the configuration, so these roles of the original have nothing to do.
@@ -210,6 +217,9 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 refused_requests: 0,
                 resumed_from_round: None,
                 throughput: None,
+                member_events: Vec::new(),
+                partial_rounds: Vec::new(),
+                incarnation: 0,
                 p3_credit: None,
             });
         }

@@ -1,0 +1,171 @@
+//! `[resilience]`: what the loss of a process does to a running job, and how `geomx launch`
+//! restarts its children (issue 16, "Membership that changes without stopping the job").
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Codec, Config, ConfigError, SyncAlgorithm, TransportKind};
+
+/// What a lost worker does to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LostWorker {
+    /// The job ends, naming the worker (the default).
+    #[default]
+    Abort,
+    /// Its local server closes the rounds with the workers present, the global step divides by
+    /// the workers summed, and a restarted worker rejoins with the current θ.
+    Continue,
+}
+
+/// Whether `geomx launch` restarts a child that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    /// A failed child fails the job (the default).
+    #[default]
+    Never,
+    /// A failed worker is started again (up to `max_restarts`, after `restart_backoff_ms`).
+    OnFailure,
+}
+
+/// `[resilience]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResilienceConfig {
+    /// What a lost worker does to the job.
+    pub lost_worker: LostWorker,
+    /// Whether `geomx launch` restarts failed workers.
+    pub restart: Restart,
+    /// Restarts of one process before the launcher gives up and fails the job.
+    pub max_restarts: u32,
+    /// Wait before a restart, doubled after each restart of the same process.
+    pub restart_backoff_ms: u64,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        Self {
+            lost_worker: LostWorker::Abort,
+            restart: Restart::Never,
+            max_restarts: 3,
+            restart_backoff_ms: 200,
+        }
+    }
+}
+
+impl ResilienceConfig {
+    /// Wait before restart number `n` (1-based) of one process.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let factor = 1u64 << n.saturating_sub(1).min(10);
+        Duration::from_millis(self.restart_backoff_ms.saturating_mul(factor))
+    }
+}
+
+impl Config {
+    /// `[resilience]`: a worker's loss is survivable under FSA with f32 tiers over TCP (the
+    /// replicas are θ itself, so a rejoining worker needs nothing but θ); restarts need it.
+    pub(crate) fn validate_resilience(&self) -> Result<(), ConfigError> {
+        let r = &self.resilience;
+        if r.restart == Restart::OnFailure && r.lost_worker != LostWorker::Continue {
+            return Err(ConfigError::invalid(
+                "resilience.restart",
+                "\"on-failure\" restarts workers, which needs resilience.lost_worker = \
+                 \"continue\" (with \"abort\" the first loss ends the job)",
+            ));
+        }
+        if r.restart == Restart::OnFailure && r.max_restarts == 0 {
+            return Err(ConfigError::invalid(
+                "resilience.max_restarts",
+                "must be >= 1 with restart = \"on-failure\"",
+            ));
+        }
+        if r.restart_backoff_ms > 60_000 {
+            return Err(ConfigError::invalid(
+                "resilience.restart_backoff_ms",
+                format!("{} is over 60000 ms", r.restart_backoff_ms),
+            ));
+        }
+        if r.lost_worker == LostWorker::Abort {
+            return Ok(());
+        }
+        let why = if self.sync.algorithm != SyncAlgorithm::Fsa {
+            Some("sync.algorithm must be \"fsa\"")
+        } else if self.compression.intra != Codec::None || self.compression.inter != Codec::None {
+            Some("compression.intra and compression.inter must be \"none\"")
+        } else if self.transport.inter == TransportKind::Dgt {
+            Some("transport.inter must be \"tcp\"")
+        } else if self.scheduling.p3.enabled {
+            Some("scheduling.p3 must be off")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(ConfigError::invalid(
+                "resilience.lost_worker",
+                format!(
+                    "\"continue\" supports FSA with f32 tiers over TCP so far (a rejoining \
+                     worker's replica is θ): {why}"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resilient() -> Config {
+        let mut c = Config::default();
+        c.resilience.lost_worker = LostWorker::Continue;
+        c.resilience.restart = Restart::OnFailure;
+        c
+    }
+
+    #[test]
+    fn defaults_abort_and_a_resilient_fsa_job_validates() {
+        Config::default().validate().unwrap();
+        resilient().validate().unwrap();
+        let r = ResilienceConfig::default();
+        assert_eq!(r.backoff(1), Duration::from_millis(200));
+        assert_eq!(r.backoff(3), Duration::from_millis(800));
+    }
+
+    #[test]
+    fn unsupported_combinations_name_the_field() {
+        let err = |c: Config| c.validate().unwrap_err().to_string();
+        let mut c = resilient();
+        c.resilience.lost_worker = LostWorker::Abort;
+        assert!(err(c).starts_with("resilience.restart:"));
+        let mut c = resilient();
+        c.resilience.max_restarts = 0;
+        assert!(err(c).starts_with("resilience.max_restarts:"));
+        let mut c = resilient();
+        c.sync.algorithm = SyncAlgorithm::Hfa;
+        let e = err(c);
+        assert!(
+            e.starts_with("resilience.lost_worker:") && e.contains("fsa"),
+            "{e}"
+        );
+        let mut c = resilient();
+        c.compression.inter = Codec::Bf16;
+        assert!(err(c).contains("compression"));
+        let mut c = resilient();
+        c.scheduling.p3.enabled = true;
+        assert!(err(c).contains("scheduling.p3"));
+    }
+
+    #[test]
+    fn parses_from_toml() {
+        let c = Config::from_toml_str(
+            "[resilience]\nlost_worker = \"continue\"\nrestart = \"on-failure\"\nmax_restarts = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.resilience.max_restarts, 5);
+        assert_eq!(c.resilience.restart, Restart::OnFailure);
+        assert!(Config::from_toml_str("[resilience]\nlost_worker = \"maybe\"\n").is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! The membership log of a local server: when each worker was lost and rejoined, and which
+//! rounds closed with fewer than all of the DC's workers (issue 16's round log).
+//!
+//! A round that is not listed summed every worker of the DC. With the log, a single process can
+//! replay the job ([`crate::engine::reference::fsa_replay`]) and must reach the same θ bit for
+//! bit.
+
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::lock;
+
+/// What happened to a worker's membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemberChange {
+    /// Its connection to the local server closed or went silent: it no longer counts.
+    Lost,
+    /// It registered again and counts from `round` on.
+    Rejoined,
+}
+
+/// One change of a worker's membership, seen by its local server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEvent {
+    /// Data center.
+    pub dc: u32,
+    /// Worker rank.
+    pub rank: u32,
+    /// Lost or rejoined.
+    pub change: MemberChange,
+    /// Lost: the highest round any key collected then. Rejoined: the first round it counts in.
+    pub round: u64,
+    /// Wall-clock time of the change, milliseconds since the Unix epoch (the launcher compares
+    /// it with the time it saw the process die).
+    pub unix_ms: u64,
+    /// Why (the connection's error), for a loss.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// Consecutive rounds of one DC's key that summed the same subset of its workers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialRound {
+    /// Data center.
+    pub dc: u32,
+    /// Key (a tensor: elastic membership runs without P3 slicing).
+    pub key: u32,
+    /// First round.
+    pub from: u64,
+    /// One past the last round.
+    pub to: u64,
+    /// The ranks summed in each of these rounds, ascending.
+    pub ranks: Vec<u32>,
+}
+
+impl PartialRound {
+    /// Whether these rounds cover (`dc`, `key`, `round`); then `Some(rank counted)`.
+    pub fn counts(&self, dc: usize, rank: usize, key: usize, round: u64) -> Option<bool> {
+        (self.dc as usize == dc
+            && self.key as usize == key
+            && (self.from..self.to).contains(&round))
+        .then(|| self.ranks.contains(&(rank as u32)))
+    }
+}
+
+/// Replays a job that lost workers on one machine ([`fsa_reference_with`]) from the partial
+/// rounds its local servers logged: every round not listed summed every worker.
+pub fn replay(
+    cfg: &crate::config::Config,
+    data: &crate::data::TrainTest,
+    rounds: u64,
+    partial: &[PartialRound],
+) -> Result<crate::engine::reference::ReferenceRun, crate::engine::reference::ReferenceError> {
+    crate::engine::reference::fsa_reference_with(cfg, data, Some(rounds), |dc, rank, t, r| {
+        partial
+            .iter()
+            .find_map(|p| p.counts(dc, rank, t, r))
+            .unwrap_or(true)
+    })
+}
+
+#[cfg(doc)]
+use crate::engine::reference::fsa_reference_with;
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A local server's log (shared by its request handler and uplinks).
+#[derive(Debug, Default)]
+pub struct RoundLog {
+    events: Mutex<Vec<MemberEvent>>,
+    partial: Mutex<Vec<PartialRound>>,
+}
+
+impl RoundLog {
+    /// Records a membership change now.
+    pub fn change(&self, dc: u32, rank: u32, change: MemberChange, round: u64, reason: String) {
+        tracing::warn!(dc, rank, ?change, round, %reason, "worker membership changed");
+        lock(&self.events).push(MemberEvent {
+            dc,
+            rank,
+            change,
+            round,
+            unix_ms: unix_ms(),
+            reason,
+        });
+    }
+
+    /// Records the ranks of a round of `key` unless they are all `n_workers` (extending the
+    /// key's last entry when it ended at `round` with the same ranks).
+    pub fn summed(&self, dc: u32, key: usize, round: u64, ranks: &[u32], n_workers: usize) {
+        if ranks.len() >= n_workers {
+            return;
+        }
+        let mut partial = lock(&self.partial);
+        let key = key as u32;
+        let last = partial
+            .iter_mut()
+            .rev()
+            .find(|p| p.dc == dc && p.key == key);
+        match last {
+            Some(p) if p.to == round && p.ranks == ranks => p.to += 1,
+            _ => partial.push(PartialRound {
+                dc,
+                key,
+                from: round,
+                to: round + 1,
+                ranks: ranks.to_vec(),
+            }),
+        }
+    }
+
+    /// The events and partial rounds so far.
+    pub fn snapshot(&self) -> (Vec<MemberEvent>, Vec<PartialRound>) {
+        let mut partial = lock(&self.partial).clone();
+        partial.sort_by_key(|p| (p.from, p.key));
+        (lock(&self.events).clone(), partial)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_partial_rounds_are_logged_as_runs_in_round_order() {
+        let log = RoundLog::default();
+        log.summed(1, 0, 5, &[0, 1], 2);
+        log.summed(1, 1, 7, &[1], 2);
+        log.summed(1, 0, 6, &[0], 2);
+        log.summed(1, 0, 7, &[0], 2);
+        log.summed(1, 1, 8, &[1], 2);
+        log.summed(1, 1, 9, &[0], 2);
+        log.change(1, 0, MemberChange::Lost, 6, "reset".into());
+        let (events, partial) = log.snapshot();
+        assert_eq!(events.len(), 1);
+        assert!(events[0].unix_ms > 0);
+        assert_eq!(
+            partial
+                .iter()
+                .map(|p| (p.key, p.from, p.to, p.ranks.clone()))
+                .collect::<Vec<_>>(),
+            vec![(0, 6, 8, vec![0]), (1, 7, 9, vec![1]), (1, 9, 10, vec![0])]
+        );
+        assert_eq!(partial[0].counts(1, 1, 0, 7), Some(false));
+        assert_eq!(partial[0].counts(1, 0, 0, 7), Some(true));
+        assert_eq!(partial[0].counts(1, 1, 0, 8), None);
+        assert_eq!(partial[0].counts(0, 1, 0, 7), None);
+    }
+
+    #[test]
+    fn a_replay_without_partial_rounds_is_the_reference_and_with_them_differs() {
+        let mut cfg = crate::config::Config::default();
+        cfg.model.hidden = vec![8];
+        let data = crate::data::load(&cfg.data).unwrap();
+        let full = crate::engine::reference::fsa_reference(&cfg, &data, Some(6)).unwrap();
+        let same = replay(&cfg, &data, 6, &[]).unwrap();
+        assert_eq!(full.params, same.params);
+        let lost = PartialRound {
+            dc: 1,
+            key: 0,
+            from: 2,
+            to: 4,
+            ranks: vec![1],
+        };
+        let other = replay(&cfg, &data, 6, &[lost]).unwrap();
+        assert_ne!(full.params[0], other.params[0]);
+    }
+}

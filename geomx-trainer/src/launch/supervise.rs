@@ -1,0 +1,224 @@
+//! What `geomx launch` does when a child fails (`[resilience] restart`), the `--chaos` faults it
+//! hands to children, and the fault records of the report.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hips::plan::roles;
+use crate::hips::round_log::{MemberChange, MemberEvent};
+
+/// One fault of `--chaos`: which process, and what it does to itself when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChaosFault {
+    /// Role of the target (only workers act on faults so far).
+    pub role: String,
+    /// Its data center.
+    pub dc: u32,
+    /// Its rank.
+    pub rank: u32,
+    /// The value of [`crate::hips::chaos::CHAOS_ENV`] its first incarnation gets.
+    pub fault: String,
+}
+
+/// Parses `--chaos SPEC`: comma-separated `ACTION:ROLE:dcD:RANK@round=N`, e.g.
+/// `kill:worker:dc1:0@round=200,kill:worker:dc0:1@round=50`.
+pub fn parse_chaos(spec: &str, workers_per_dc: &[usize]) -> Result<Vec<ChaosFault>, String> {
+    let mut out: Vec<ChaosFault> = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = |why: &str| format!("--chaos {item:?}: {why}");
+        let (target, at) = item
+            .split_once('@')
+            .ok_or_else(|| bad("expected ACTION:ROLE:dcD:RANK@round=N"))?;
+        let parts: Vec<&str> = target.split(':').collect();
+        let [action, role, dc, rank] = parts[..] else {
+            return Err(bad("expected ACTION:ROLE:dcD:RANK before '@'"));
+        };
+        if role != roles::WORKER {
+            return Err(bad("only workers take chaos faults so far"));
+        }
+        let dc: u32 = dc
+            .strip_prefix("dc")
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(|| bad("the data center is written dcN"))?;
+        let rank: u32 = rank.parse().map_err(|_| bad("the rank is a number"))?;
+        let n = workers_per_dc.get(dc as usize).copied().unwrap_or(0);
+        if rank as usize >= n {
+            return Err(bad(&format!(
+                "the job has no worker (dc {dc}, rank {rank})"
+            )));
+        }
+        let fault = format!("{action}@{at}");
+        crate::hips::chaos::SelfFault::parse(&fault).map_err(|e| bad(&e))?;
+        if out.iter().any(|f| (f.dc, f.rank) == (dc, rank)) {
+            return Err(bad("one fault per process"));
+        }
+        out.push(ChaosFault {
+            role: role.to_string(),
+            dc,
+            rank,
+            fault,
+        });
+    }
+    Ok(out)
+}
+
+/// A process that failed while the job ran, and what became of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultRecord {
+    /// The process, e.g. `worker (dc 1, rank 0)`.
+    pub process: String,
+    /// Role, data center and rank.
+    pub role: String,
+    /// Data center.
+    pub dc: u32,
+    /// Rank.
+    pub rank: u32,
+    /// How it ended (`killed by signal 9`, `exit code 2`).
+    pub cause: String,
+    /// Seconds from the launch to the launcher seeing it end.
+    pub at_s: f64,
+    /// When it ended, milliseconds since the Unix epoch (as the launcher saw it).
+    pub unix_ms: u64,
+    /// Whether the launcher started it again.
+    pub restarted: bool,
+    /// Seconds from its end to its local server dropping it from the rounds (0 when the
+    /// server saw it first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detected_after_s: Option<f64>,
+    /// Seconds from its end to its next incarnation counting again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejoined_after_s: Option<f64>,
+    /// The round being collected when it was dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_round: Option<u64>,
+    /// The round it counted again from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejoined_round: Option<u64>,
+    /// Rounds that ran without it (all rounds to the end when it never rejoined).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds_reduced: Option<u64>,
+}
+
+/// Completes each worker fault with its local server's events: the first loss of that worker
+/// seen after it ended, and the rejoin after that loss. `rounds` is the job's length.
+pub fn match_events(faults: &mut [FaultRecord], events: &[MemberEvent], rounds: u64) {
+    let mut used = vec![false; events.len()];
+    for f in faults.iter_mut().filter(|f| f.role == roles::WORKER) {
+        // The server may see the loss a little before the launcher does.
+        let from = f.unix_ms.saturating_sub(1_000);
+        let mine = |e: &MemberEvent, change| {
+            (e.dc, e.rank, e.change) == (f.dc, f.rank, change) && e.unix_ms >= from
+        };
+        let Some(li) =
+            (0..events.len()).find(|&i| !used[i] && mine(&events[i], MemberChange::Lost))
+        else {
+            continue;
+        };
+        used[li] = true;
+        let lost = &events[li];
+        let secs = |ms: u64| ms.saturating_sub(f.unix_ms) as f64 / 1e3;
+        f.detected_after_s = Some(secs(lost.unix_ms));
+        f.lost_round = Some(lost.round);
+        let back = (0..events.len()).find(|&i| {
+            !used[i]
+                && mine(&events[i], MemberChange::Rejoined)
+                && events[i].unix_ms >= lost.unix_ms
+        });
+        match back {
+            Some(bi) => {
+                used[bi] = true;
+                f.rejoined_after_s = Some(secs(events[bi].unix_ms));
+                f.rejoined_round = Some(events[bi].round);
+                f.rounds_reduced = Some(events[bi].round.saturating_sub(lost.round));
+            }
+            None => f.rounds_reduced = Some(rounds.saturating_sub(lost.round)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chaos_specs_parse_and_bad_ones_name_the_item() {
+        let f = parse_chaos(
+            "kill:worker:dc1:0@round=20, kill:worker:dc0:1@round=5",
+            &[2, 2],
+        )
+        .unwrap();
+        assert_eq!(f.len(), 2);
+        assert_eq!(
+            (f[0].dc, f[0].rank, f[0].fault.as_str()),
+            (1, 0, "kill@round=20")
+        );
+        for bad in [
+            "kill:worker:dc2:0@round=1",
+            "kill:worker:dc0:2@round=1",
+            "kill:global-server:dc0:0@round=1",
+            "kill:worker:1:0@round=1",
+            "stop:worker:dc0:0@round=1",
+            "kill:worker:dc0:0",
+            "kill:worker:dc0:0@round=1,kill:worker:dc0:0@round=2",
+        ] {
+            let e = parse_chaos(bad, &[2, 2]).unwrap_err();
+            assert!(e.starts_with("--chaos"), "{e}");
+        }
+        assert!(parse_chaos("", &[1]).unwrap().is_empty());
+    }
+
+    fn fault(dc: u32, rank: u32, unix_ms: u64) -> FaultRecord {
+        FaultRecord {
+            process: format!("worker (dc {dc}, rank {rank})"),
+            role: roles::WORKER.into(),
+            dc,
+            rank,
+            cause: "killed by signal 9".into(),
+            at_s: 1.0,
+            unix_ms,
+            restarted: true,
+            detected_after_s: None,
+            rejoined_after_s: None,
+            lost_round: None,
+            rejoined_round: None,
+            rounds_reduced: None,
+        }
+    }
+
+    fn ev(rank: u32, change: MemberChange, round: u64, unix_ms: u64) -> MemberEvent {
+        MemberEvent {
+            dc: 1,
+            rank,
+            change,
+            round,
+            unix_ms,
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn faults_are_matched_with_their_loss_and_rejoin() {
+        let mut faults = vec![
+            fault(1, 0, 10_000),
+            fault(1, 0, 20_000),
+            fault(1, 1, 30_000),
+        ];
+        let events = vec![
+            ev(0, MemberChange::Lost, 7, 9_990),
+            ev(0, MemberChange::Rejoined, 9, 10_600),
+            ev(0, MemberChange::Lost, 15, 20_050),
+            ev(0, MemberChange::Rejoined, 16, 20_900),
+            ev(1, MemberChange::Lost, 30, 30_100),
+        ];
+        match_events(&mut faults, &events, 40);
+        assert_eq!(faults[0].detected_after_s, Some(0.0));
+        assert_eq!(
+            (faults[0].lost_round, faults[0].rejoined_round),
+            (Some(7), Some(9))
+        );
+        assert_eq!(faults[0].rounds_reduced, Some(2));
+        assert_eq!(faults[1].detected_after_s, Some(0.05));
+        assert_eq!(faults[1].rejoined_after_s, Some(0.9));
+        assert_eq!(faults[2].rejoined_round, None);
+        assert_eq!(faults[2].rounds_reduced, Some(10));
+    }
+}

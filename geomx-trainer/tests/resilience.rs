@@ -1,0 +1,166 @@
+//! Issue 16, part 2: a job that survives the loss of workers (`[resilience]`), with real
+//! processes. A worker kills itself (`geomx launch --chaos`), its local server closes the rounds
+//! with the workers present, the launcher restarts it and it rejoins with the current θ. The
+//! final θ must equal a single-process replay of the local servers' round logs bit for bit, every
+//! replica must agree, and accuracy must stay within 1 point of the fault-free run.
+
+mod support;
+
+use std::process::Command;
+
+use geomx_trainer::config::Config;
+use geomx_trainer::hips::round_log::{replay, PartialRound};
+use serde_json::Value;
+use support::{output_within, scratch, GEOMX, LAUNCH_LIMIT};
+
+/// 2 DCs × 2 workers, 1500 rounds (a few seconds: a restart, about 0.3 s here, lands well before
+/// the end even on a loaded machine), fast failure detection.
+fn job(restart: &str) -> String {
+    format!(
+        "[train]\nrounds = 1500\neval_every = 0\n\
+         [model]\nhidden = [16]\n\
+         [cluster]\ndata_centers = 2\nworkers_per_dc = 2\n\
+         [timeouts]\nheartbeat_ms = 100\npeer_dead_ms = 1000\n\
+         [resilience]\nlost_worker = \"continue\"\nrestart = \"{restart}\"\n"
+    )
+}
+
+/// Runs `geomx launch` on `toml` with `--chaos chaos` (if any); asserts success; the report.
+fn launch(name: &str, toml: &str, chaos: Option<&str>) -> (Value, String) {
+    let cfg = scratch("resilience", &format!("{name}.toml"));
+    let report = scratch("resilience", &format!("{name}.json"));
+    std::fs::write(&cfg, toml).unwrap();
+    let mut cmd = Command::new(GEOMX);
+    cmd.args(["launch", "--quiet", "--report"])
+        .arg(&report)
+        .arg(&cfg);
+    if let Some(c) = chaos {
+        cmd.args(["--chaos", c]);
+    }
+    let out = output_within(&mut cmd, LAUNCH_LIMIT);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{name}: {}\n{stderr}", out.status);
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let _ = std::fs::remove_file(cfg);
+    let _ = std::fs::remove_file(report);
+    (r, stderr)
+}
+
+/// The partial rounds every local server logged.
+fn partial_rounds(r: &Value) -> Vec<PartialRound> {
+    r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.get("partial_rounds"))
+        .flat_map(|v| serde_json::from_value::<Vec<PartialRound>>(v.clone()).unwrap())
+        .collect()
+}
+
+/// The single-process replay of `r`'s round logs, hashed like the report's hashes.
+fn replayed_hash(toml: &str, r: &Value) -> String {
+    let cfg = Config::from_toml_str(toml).unwrap();
+    let data = geomx_trainer::data::load(&cfg.data).unwrap();
+    let rounds = r["rounds"].as_u64().unwrap();
+    let run = replay(&cfg, &data, rounds, &partial_rounds(r)).unwrap();
+    format!("{:016x}", geomx_trainer::hash::params_hash(&run.params))
+}
+
+fn accuracy(r: &Value) -> f64 {
+    r["final_test_accuracy"].as_f64().unwrap()
+}
+
+#[test]
+fn a_killed_worker_is_restarted_rejoins_and_the_job_equals_its_replay() {
+    let toml = job("on-failure");
+    let (clean, _) = launch("clean", &toml, None);
+    assert!(clean.get("faults").is_none());
+    assert_eq!(clean["global_param_hash"], replayed_hash(&toml, &clean));
+
+    let (r, stderr) = launch("killed", &toml, Some("kill:worker:dc1:0@round=40"));
+    let faults = r["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 1, "{faults:?}\n{stderr}");
+    let f = &faults[0];
+    assert_eq!(f["process"], "worker (dc 1, rank 0)");
+    assert_eq!(f["cause"], "killed by signal 9");
+    assert_eq!(f["lost_round"], 40, "{f}");
+    // Detected within 1.5 s (a SIGKILL closes the connection: at once).
+    assert!(f["detected_after_s"].as_f64().unwrap() <= 1.5, "{f}");
+    let back = f["rejoined_round"].as_u64().expect("the worker rejoined");
+    assert!(back > 40 && back < 1500, "{f}");
+    assert_eq!(r["restarts"]["worker"], 1);
+    // The rejoined worker is incarnation 1 and holds the same θ as everyone.
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    let worker = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == "worker" && p["dc"] == 1 && p["rank"] == 0)
+        .unwrap();
+    assert_eq!(worker["incarnation"], 1);
+    // The rounds without it are logged, and the final θ is their replay, bit for bit.
+    let partial = partial_rounds(&r);
+    assert!(partial
+        .iter()
+        .all(|p| p.dc == 1 && p.ranks == [1] && p.from == 40 && p.to == back));
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+    assert_ne!(r["global_param_hash"], clean["global_param_hash"]);
+    let (a, b) = (accuracy(&r), accuracy(&clean));
+    eprintln!("fault-free accuracy {b:.4}, with the killed worker {a:.4}; {f}");
+    assert!((a - b).abs() <= 0.01, "{a} vs {b}");
+}
+
+#[test]
+fn without_restarts_the_job_finishes_with_the_workers_left() {
+    let toml = job("never");
+    let (r, stderr) = launch("norestart", &toml, Some("kill:worker:dc0:1@round=30"));
+    let f = &r["faults"][0];
+    assert_eq!(f["restarted"], false, "{stderr}");
+    assert_eq!(f["rounds_reduced"], 1470, "{f}");
+    assert!(r.get("restarts").is_none());
+    // Three workers report; they and the global servers agree, and match the replay.
+    let workers = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "worker")
+        .count();
+    assert_eq!(workers, 3);
+    assert_eq!(r["replicas_identical"], true);
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}
+
+#[test]
+fn by_default_a_lost_worker_still_ends_the_job() {
+    let toml = "[train]\nrounds = 300\n[model]\nhidden = [16]\n";
+    let cfg = scratch("resilience", "abort.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let out = output_within(
+        Command::new(GEOMX)
+            .args(["launch", "--quiet", "--chaos", "kill:worker:dc1:1@round=20"])
+            .arg(&cfg),
+        LAUNCH_LIMIT,
+    );
+    let _ = std::fs::remove_file(cfg);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("worker (dc 1, rank 1)"), "{stderr}");
+}
+
+#[test]
+fn a_data_center_that_loses_every_worker_waits_for_them_and_the_job_equals_its_replay() {
+    // 3 DCs × 2 workers: both workers of dc1 die together, one of dc2 later.
+    let toml = job("on-failure").replace("data_centers = 2", "data_centers = 3");
+    let chaos =
+        "kill:worker:dc1:0@round=100,kill:worker:dc1:1@round=100,kill:worker:dc2:1@round=600";
+    let (r, stderr) = launch("dc", &toml, Some(chaos));
+    let faults = r["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 3, "{faults:?}\n{stderr}");
+    assert!(
+        faults.iter().all(|f| f["rejoined_round"].is_u64()),
+        "{faults:?}"
+    );
+    assert_eq!(r["restarts"]["worker"], 3);
+    assert_eq!(r["replicas_identical"], true);
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}
