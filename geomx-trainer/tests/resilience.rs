@@ -164,3 +164,25 @@ fn a_data_center_that_loses_every_worker_waits_for_them_and_the_job_equals_its_r
     assert_eq!(r["replicas_identical"], true);
     assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
 }
+
+#[test]
+fn a_stopped_worker_is_dropped_within_the_detection_time_and_rejoins_after_it_resumes() {
+    // SIGSTOP for 2 s while waiting for its replies: the local server hears nothing for
+    // peer_dead_ms (1 s) and drops it; resumed, the worker finds its connections closed, exits,
+    // and is restarted.
+    let toml = job("on-failure");
+    let (r, stderr) = launch(
+        "stop",
+        &toml,
+        Some("stop=2s:worker:dc0:1@round=60:reply-wait"),
+    );
+    let faults = r["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 1, "{faults:?}\n{stderr}");
+    let f = &faults[0];
+    let detected = f["detected_after_s"].as_f64().unwrap();
+    eprintln!("stopped worker: {f}");
+    assert!((0.9..=1.5).contains(&detected), "{f}");
+    assert!(f["rejoined_round"].is_u64(), "{f}");
+    assert_eq!(r["replicas_identical"], true);
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use geomx_net::sched::priority::{PrioritySender, Queued};
 use geomx_net::KvClient;
 
+use super::chaos::{Point, SelfFault};
 use super::node::Node;
 use super::throughput::StepSplit;
 use super::worker::{check_push, reply_of, slow_down, KeyApply};
@@ -32,6 +33,8 @@ pub(super) struct FsaIo<'a> {
     pub overflows: &'a KeyCounts,
     /// This worker's emulated slowdown factor (`cluster.data_centers[].slowdown`).
     pub slowdown: f64,
+    /// The fault this worker injects into itself (`geomx launch --chaos`), if any.
+    pub chaos: Option<&'a SelfFault>,
 }
 
 /// Replies to one round's pushes, by key, that the worker has not applied yet.
@@ -130,6 +133,9 @@ impl Pushes<'_> {
                 };
                 r.map_err(|e| RunError::Net(format!("pushing key {key} round {round}"), e))
             });
+        if let Some(c) = io.chaos {
+            c.at(round, Point::MidPush);
+        }
         match (sent, self.replies.get_mut(key)) {
             (Ok(q), Some(slot)) => *slot = Some(q),
             (Ok(_), None) => {
@@ -228,6 +234,9 @@ pub(super) fn fsa_round(
         round,
         replies: pushes.replies,
     };
+    if let Some(c) = io.chaos {
+        c.at(round, Point::ReplyWait);
+    }
     if io.prio.is_none() {
         // Replies in push order (last layer first, the first to be answered).
         let keys = (0..job.keys.len()).rev();

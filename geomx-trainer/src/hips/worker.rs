@@ -674,7 +674,7 @@ pub fn run(
         .map(|_| CreditTuner::default());
     for round in start..job.rounds {
         if let Some(c) = chaos.as_ref() {
-            c.at_round(round);
+            c.at(round, super::chaos::Point::Start);
         }
         let round_started = Instant::now();
         let mut split = StepSplit::default();
@@ -709,6 +709,7 @@ pub fn run(
                 prio: prio.as_ref(),
                 overflows: &overflows,
                 slowdown,
+                chaos: chaos.as_ref(),
             };
             loss = fsa_round(
                 job,

@@ -132,6 +132,8 @@ struct Cluster {
     coordinator: Option<String>,
     quiet: bool,
     started: Instant,
+    /// When each child injected its `--chaos` fault (ms since the Unix epoch), by child index.
+    fault_at: std::collections::HashMap<usize, u64>,
 }
 
 fn forward(
@@ -181,6 +183,7 @@ impl Cluster {
             coordinator: None,
             quiet,
             started: Instant::now(),
+            fault_at: Default::default(),
         }
     }
 
@@ -276,6 +279,10 @@ impl Cluster {
             Stream::Out => {
                 if let Some(a) = ev.line.strip_prefix(lines::COORDINATOR) {
                     self.coordinator = Some(a.trim().to_string());
+                } else if let Some(t) = ev.line.strip_prefix(crate::hips::chaos::FAULT_LINE) {
+                    if let Ok(ms) = t.trim().parse() {
+                        self.fault_at.insert(ev.child, ms);
+                    }
                 } else if let Some(j) = ev.line.strip_prefix(lines::PROGRESS) {
                     match serde_json::from_str::<Progress>(j) {
                         Ok(pr) => {
@@ -691,7 +698,12 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
     let mut coordinator_done: Option<Instant> = None;
     loop {
         cl.pump(Duration::from_millis(20));
-        for i in cl.poll()? {
+        let failed = cl.poll()?;
+        if !failed.is_empty() {
+            // A chaos fault's line was printed before the process died; let it arrive.
+            cl.pump(Duration::from_millis(50));
+        }
+        for i in failed {
             // A lost worker is survivable under `lost_worker = "continue"`; anything else (or a
             // worker out of restarts) fails the job as before.
             let Some(&(dc, rank, _)) = workers.get(&i).filter(|_| job.workers_may_rejoin()) else {
@@ -716,7 +728,10 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
                 rank,
                 cause: status,
                 at_s: started.elapsed().as_secs_f64(),
-                unix_ms: crate::hips::round_log::unix_ms(),
+                unix_ms: cl
+                    .fault_at
+                    .remove(&i)
+                    .unwrap_or_else(crate::hips::round_log::unix_ms),
                 restarted: restart,
                 detected_after_s: None,
                 rejoined_after_s: None,

@@ -19,8 +19,9 @@ pub struct ChaosFault {
     pub fault: String,
 }
 
-/// Parses `--chaos SPEC`: comma-separated `ACTION:ROLE:dcD:RANK@round=N`, e.g.
-/// `kill:worker:dc1:0@round=200,kill:worker:dc0:1@round=50`.
+/// Parses `--chaos SPEC`: comma-separated `ACTION:ROLE:dcD:RANK@round=N[:POINT]`, e.g.
+/// `kill:worker:dc1:0@round=200,stop=3s:worker:dc0:1@round=50:reply-wait` (ACTION and POINT as
+/// [`crate::hips::chaos::SelfFault::parse`] takes them).
 pub fn parse_chaos(spec: &str, workers_per_dc: &[usize]) -> Result<Vec<ChaosFault>, String> {
     let mut out: Vec<ChaosFault> = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -76,15 +77,16 @@ pub struct FaultRecord {
     pub cause: String,
     /// Seconds from the launch to the launcher seeing it end.
     pub at_s: f64,
-    /// When it ended, milliseconds since the Unix epoch (as the launcher saw it).
+    /// When the fault struck, milliseconds since the Unix epoch: the time a `--chaos` fault
+    /// reported, otherwise when the launcher saw the process end.
     pub unix_ms: u64,
     /// Whether the launcher started it again.
     pub restarted: bool,
-    /// Seconds from its end to its local server dropping it from the rounds (0 when the
-    /// server saw it first).
+    /// Seconds from the fault to its local server dropping it from the rounds (0 when the
+    /// server saw it before the launcher did).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detected_after_s: Option<f64>,
-    /// Seconds from its end to its next incarnation counting again.
+    /// Seconds from the fault to its next incarnation counting again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejoined_after_s: Option<f64>,
     /// The round being collected when it was dropped.
@@ -157,6 +159,7 @@ mod tests {
             "kill:global-server:dc0:0@round=1",
             "kill:worker:1:0@round=1",
             "stop:worker:dc0:0@round=1",
+            "kill:worker:dc0:0@round=1:never",
             "kill:worker:dc0:0",
             "kill:worker:dc0:0@round=1,kill:worker:dc0:0@round=2",
         ] {
