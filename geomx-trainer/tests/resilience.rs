@@ -186,3 +186,45 @@ fn a_stopped_worker_is_dropped_within_the_detection_time_and_rejoins_after_it_re
     assert_eq!(r["replicas_identical"], true);
     assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
 }
+
+/// `ip netns list` names starting with "gx" (the WAN lab's), when `ip` runs here.
+fn lab_namespaces() -> Vec<String> {
+    Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("gx"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn behind_the_wan_lab_a_killed_and_a_stopped_worker_rejoin() {
+    // The WAN lab in auto mode: network namespaces as root, loopback relays otherwise. A restart
+    // runs in its site's namespace again. 3 DCs × 2 workers, 5 ms links.
+    let toml = job("on-failure")
+        .replace("data_centers = 2", "data_centers = 3")
+        .replace("rounds = 1500", "rounds = 600")
+        + "[wan]\nmode = \"auto\"\nrate_mbit = 100\ndelay_ms = 5\n";
+    let before = lab_namespaces();
+    let chaos = "kill:worker:dc1:0@round=50,stop=1500ms:worker:dc2:1@round=100:reply-wait";
+    let (r, stderr) = launch("wan", &toml, Some(chaos));
+    eprintln!("WAN lab mode {}", r["wan_mode"]);
+    let faults = r["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 2, "{faults:?}\n{stderr}");
+    assert!(
+        faults.iter().all(|f| f["rejoined_round"].is_u64()),
+        "{faults:?}"
+    );
+    assert!(
+        faults[1]["detected_after_s"].as_f64().unwrap() <= 1.5,
+        "{faults:?}"
+    );
+    assert_eq!(r["replicas_identical"], true);
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+    assert_eq!(lab_namespaces(), before, "the lab left namespaces behind");
+}

@@ -372,8 +372,19 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
         if self.done.contains(&key) {
             return Vec::new();
         }
-        if self.phase == Phase::Running && self.rejoinable.contains(&key.role) {
-            return self.leave(conn, key, reason);
+        if self.rejoinable.contains(&key.role) {
+            match self.phase {
+                Phase::Running => return self.leave(conn, key, reason),
+                Phase::Registering { .. } => {
+                    // Not admitted yet: it may simply register again.
+                    self.conn_node.remove(&conn);
+                    self.registered.remove(&key);
+                    self.incarnations.remove(&key);
+                    self.register_tickets.retain(|(c, _)| *c != conn);
+                    return Vec::new();
+                }
+                _ => {}
+            }
         }
         self.abort(&key, format!("lost connection: {reason}"))
     }
@@ -674,6 +685,41 @@ mod tests {
         // A non-rejoinable role still aborts the job.
         let acts = s.on_disconnect(12, "gone");
         assert!(matches!(acts.last(), Some(Action::Abort(..))), "{acts:?}");
+    }
+
+    #[test]
+    fn a_rejoinable_process_lost_while_registering_may_register_again() {
+        let t0 = Instant::now();
+        let mut s = CoordState::new(expected(), 1, 42, t0 + Duration::from_secs(60))
+            .with_rejoinable(["worker".to_string()]);
+        assert!(s.on_register(1u32, 1, hello("worker", 0, 0)).is_empty());
+        assert!(s.on_register(2, 2, hello("server", 0, 0)).is_empty());
+        assert!(s.on_disconnect(1, "killed").is_empty());
+        assert!(matches!(s.phase(), Phase::Registering { .. }));
+        // A lost server is still fatal.
+        let mut strict = CoordState::new(expected(), 1, 42, t0 + Duration::from_secs(60))
+            .with_rejoinable(["worker".to_string()]);
+        strict.on_register(2u32, 2, hello("server", 0, 0));
+        assert!(matches!(
+            strict.on_disconnect(2, "x").last(),
+            Some(Action::Abort(..))
+        ));
+        // The worker registers again from a new connection; everyone gets the table once.
+        assert!(s.on_register(3, 3, hello("worker", 0, 0)).is_empty());
+        assert!(s.on_register(4, 4, hello("worker", 0, 1)).is_empty());
+        let acts = s.on_register(5, 5, hello("worker", 1, 0));
+        let mut tickets: Vec<u64> = acts
+            .iter()
+            .map(|a| match a {
+                Action::Reply {
+                    ticket,
+                    result: Ok(_),
+                } => *ticket,
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        tickets.sort();
+        assert_eq!(tickets, vec![2, 3, 4, 5]);
     }
 
     #[test]
