@@ -228,3 +228,27 @@ fn behind_the_wan_lab_a_killed_and_a_stopped_worker_rejoin() {
     assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
     assert_eq!(lab_namespaces(), before, "the lab left namespaces behind");
 }
+
+#[test]
+fn under_hfa_killed_workers_rejoin_with_their_dcs_model_and_milestone() {
+    // HFA k1 = 5, k2 = 4: a worker killed mid-period and one killed while pushing its model
+    // (round 2399 ends a global period) rejoin at an averaging with the DC's model and milestone.
+    // Late in the run, so that the final accuracy measures the recovery rather than a trajectory
+    // that diverged early (a digits test sample is 0.28 points).
+    let hfa = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\n";
+    let toml = job("on-failure").replace("rounds = 1500", "rounds = 4000") + hfa;
+    let (clean, _) = launch("hfa-clean", &toml, None);
+    let chaos = "kill:worker:dc1:0@round=2004,kill:worker:dc0:1@round=2399:mid-push";
+    let (r, stderr) = launch("hfa", &toml, Some(chaos));
+    let faults = r["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 2, "{faults:?}\n{stderr}");
+    for f in faults {
+        let back = f["rejoined_round"].as_u64().expect("rejoined");
+        assert_eq!(back % 5, 0, "HFA rejoins at an averaging: {f}");
+    }
+    assert_eq!(r["restarts"]["worker"], 2);
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    let (a, b) = (accuracy(&r), accuracy(&clean));
+    eprintln!("HFA fault-free accuracy {b:.4}, with two killed workers {a:.4}");
+    assert!((a - b).abs() <= 0.01, "{a} vs {b}");
+}

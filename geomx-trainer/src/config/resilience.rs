@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Codec, Config, ConfigError, SyncAlgorithm, TransportKind};
+use super::{Codec, Config, ConfigError, HfaWeighting, SyncAlgorithm, TransportKind};
 
 /// What a lost worker does to the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -90,8 +90,12 @@ impl Config {
         if r.lost_worker == LostWorker::Abort {
             return Ok(());
         }
-        let why = if self.sync.algorithm != SyncAlgorithm::Fsa {
-            Some("sync.algorithm must be \"fsa\"")
+        let why = if !matches!(self.sync.algorithm, SyncAlgorithm::Fsa | SyncAlgorithm::Hfa) {
+            Some("sync.algorithm must be \"fsa\" or \"hfa\"")
+        } else if self.sync.algorithm == SyncAlgorithm::Hfa
+            && self.sync.hfa.weighting != HfaWeighting::Data
+        {
+            Some("sync.hfa.weighting must be \"data\" (a DC weighs the workers it averaged)")
         } else if self.compression.intra != Codec::None || self.compression.inter != Codec::None {
             Some("compression.intra and compression.inter must be \"none\"")
         } else if self.transport.inter == TransportKind::Dgt {
@@ -105,8 +109,8 @@ impl Config {
             Some(why) => Err(ConfigError::invalid(
                 "resilience.lost_worker",
                 format!(
-                    "\"continue\" supports FSA with f32 tiers over TCP so far (a rejoining \
-                     worker's replica is θ): {why}"
+                    "\"continue\" supports FSA and HFA with f32 tiers over TCP so far (a \
+                     rejoining worker needs only θ, or HFA's model and milestone): {why}"
                 ),
             )),
             None => Ok(()),
@@ -144,12 +148,17 @@ mod tests {
         c.resilience.max_restarts = 0;
         assert!(err(c).starts_with("resilience.max_restarts:"));
         let mut c = resilient();
-        c.sync.algorithm = SyncAlgorithm::Hfa;
+        c.sync.algorithm = SyncAlgorithm::Esync;
         let e = err(c);
         assert!(
             e.starts_with("resilience.lost_worker:") && e.contains("fsa"),
             "{e}"
         );
+        let mut c = resilient();
+        c.sync.algorithm = SyncAlgorithm::Hfa;
+        c.validate().unwrap();
+        c.sync.hfa.weighting = HfaWeighting::Equal;
+        assert!(err(c).contains("weighting"));
         let mut c = resilient();
         c.compression.inter = Codec::Bf16;
         assert!(err(c).contains("compression"));

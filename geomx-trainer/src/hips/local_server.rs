@@ -60,6 +60,10 @@ struct UpJob {
 /// "continue"`): the reply's version is the round it counts from; the payload is empty.
 pub const REJOIN_KEY: u64 = u64::MAX - 1;
 
+/// Flag of a pull key asking for an HFA key's rejoin state at a local round (elastic HFA): the
+/// model the workers hold after that averaging, then the milestone, as f32.
+pub const HFA_STATE_FLAG: u64 = 1 << 62;
+
 /// A key's stored reply: (version, codec, bytes).
 type Stored = (u64, PayloadCodec, Arc<Vec<u8>>);
 
@@ -71,6 +75,10 @@ struct State {
     parked: Vec<Vec<Responder>>,
     /// Worker pulls waiting for a version: (key, min_version, responder).
     pulls: Vec<(usize, u64, Responder)>,
+    /// Elastic HFA: each key's (local round, model ++ milestone) for rejoining workers.
+    states: Vec<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Pulls of a state not reached yet: (key, version, responder).
+    state_pulls: Vec<(usize, u64, Responder)>,
     /// Keys that reached the last round.
     finished_keys: usize,
 }
@@ -269,11 +277,12 @@ impl LocalHandler {
             })
             .collect();
         drop(st);
+        // Events count training rounds (an HFA local round is k1 of them).
         self.log.change(
             self.dc,
             rank as u32,
             MemberChange::Lost,
-            round,
+            round * self.per_local,
             reason.to_string(),
         );
         for (key, round, sum, replies) in closed {
@@ -314,7 +323,7 @@ impl LocalHandler {
             self.dc,
             rank as u32,
             MemberChange::Rejoined,
-            from,
+            from * self.per_local,
             String::new(),
         );
         let _ = reply.send(from, PayloadCodec::Raw, &[]);
@@ -343,6 +352,9 @@ impl LocalHandler {
     fn on_pull(&self, req: Request, reply: Responder) {
         if req.key == REJOIN_KEY {
             return self.rejoin(&req, reply);
+        }
+        if req.key & HFA_STATE_FLAG != 0 {
+            return self.on_state_pull(&req, reply);
         }
         let key = req.key as usize;
         if let Err(msg) = self.member(&req) {
@@ -376,7 +388,36 @@ impl LocalHandler {
         }
     }
 
-    /// Stores the reply of `key` at `version` and answers `replies` plus the pulls it satisfies.
+    /// A rejoining HFA worker pulls a key's state ([`HFA_STATE_FLAG`]) at the round it counts
+    /// from; answered once that averaging is done.
+    fn on_state_pull(&self, req: &Request, reply: Responder) {
+        let key = (req.key & !HFA_STATE_FLAG) as usize;
+        if let Err(msg) = self.member(req) {
+            return self.admission.refuse(reply, msg);
+        }
+        if !self.elastic || !self.models || key >= self.key_lens.len() {
+            let msg = format!("dc {}: no HFA rejoin state for key {key}", self.dc);
+            return self.admission.refuse(reply, msg);
+        }
+        let mut st = lock(&self.state);
+        match st.states[key].clone() {
+            Some((v, bytes)) if v >= req.version => {
+                drop(st);
+                let _ = reply.send(v, PayloadCodec::Raw, &bytes);
+            }
+            _ => {
+                let cap = self.pull_cap();
+                if let Some(reply) = park_pull(&mut st.state_pulls, cap, key, req.version, reply) {
+                    drop(st);
+                    let msg = format!("dc {}: {cap} pulls wait already", self.dc);
+                    self.admission.refuse(reply, msg);
+                }
+            }
+        }
+    }
+
+    /// Stores the reply of `key` at `version` and answers `replies` plus the pulls it satisfies;
+    /// under elastic HFA also the key's rejoin `state` (model ++ milestone as f32).
     fn publish(
         &self,
         key: usize,
@@ -384,6 +425,7 @@ impl LocalHandler {
         codec: PayloadCodec,
         bytes: Vec<u8>,
         replies: Vec<Responder>,
+        state: Option<Vec<u8>>,
     ) {
         let bytes = Arc::new(bytes);
         let mut st = lock(&self.state);
@@ -392,6 +434,16 @@ impl LocalHandler {
             .into_iter()
             .partition(|(k, v, _)| *k == key && *v <= version);
         st.pulls = rest;
+        let mut state_ready = Vec::new();
+        if let Some(state) = state.filter(|_| self.elastic && self.models) {
+            let state = Arc::new(state);
+            st.states[key] = Some((version, state.clone()));
+            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.state_pulls)
+                .into_iter()
+                .partition(|(k, v, _)| *k == key && *v <= version);
+            st.state_pulls = rest;
+            state_ready.extend(ready.into_iter().map(|(_, _, r)| (r, state.clone())));
+        }
         if version == self.rounds {
             st.finished_keys += 1;
             if st.finished_keys == self.key_lens.len() {
@@ -399,6 +451,9 @@ impl LocalHandler {
             }
         }
         drop(st);
+        for (r, state) in state_ready {
+            let _ = r.send(version, PayloadCodec::Raw, &state);
+        }
         let payload: SharedBytes = bytes;
         for r in replies
             .into_iter()
@@ -762,6 +817,17 @@ fn raw_body(codec: PayloadCodec, body: Vec<u8>, len: usize) -> Vec<u8> {
     out
 }
 
+/// An HFA averaging's reply to the workers (codec, bytes) and, under elastic HFA, the key's
+/// rejoin state.
+type HfaAnswer = (PayloadCodec, Vec<u8>, Option<Vec<u8>>);
+
+/// The rejoin state of an HFA key: the model the workers hold, then the milestone, as f32.
+fn rejoin_state(model: &[f32], milestone: &[f32]) -> Vec<u8> {
+    let mut out = super::msg::f32_bytes(model).into_owned();
+    out.extend_from_slice(&super::msg::f32_bytes(milestone));
+    out
+}
+
 /// One key's uplink: its ranges, their compressors (Bi-Sparse) and, under HFA / ESync, the
 /// DC's copy of the milestone.
 struct Uplink {
@@ -769,7 +835,6 @@ struct Uplink {
     key: usize,
     up: Arc<Upstream>,
     ranges: Vec<(usize, Range)>,
-    count: u32,
     job: JobSpec,
     compressors: Vec<RangeCompressor>,
     milestone: Option<Vec<f32>>,
@@ -788,17 +853,18 @@ impl Uplink {
             let (version, res) = match self.job.hfa_periods() {
                 Some((_, k2)) => {
                     let local = up.round + 1;
-                    (local, self.hfa_round(local, k2, up.sum))
+                    (local, self.hfa_round(local, k2, up.sum, up.count))
                 }
                 None => (
                     up.round + 1,
-                    self.round(up.round, up.sum, up.count, base.as_deref_mut()),
+                    self.round(up.round, up.sum, up.count, base.as_deref_mut())
+                        .map(|(c, b)| (c, b, None)),
                 ),
             };
             match res {
-                Ok((codec, bytes)) => {
+                Ok((codec, bytes, state)) => {
                     h.checkpoint(version, self.key, &self.compressors);
-                    h.publish(self.key, version, codec, bytes, up.replies);
+                    h.publish(self.key, version, codec, bytes, up.replies, state);
                     if let Err(e) = self.tune(&mut last_round) {
                         h.abort(format!("dc {}: {e}", h.dc));
                         return;
@@ -904,9 +970,11 @@ impl Uplink {
         local: u64,
         k2: u64,
         sum: Option<Vec<f32>>,
-    ) -> Result<(PayloadCodec, Vec<u8>), String> {
+        count: u32,
+    ) -> Result<HfaAnswer, String> {
         let h = self.handler.clone();
-        let n_d = self.count as f32;
+        // The DC's mean is over the workers summed (all n_d unless some were lost).
+        let n_d = count as f32;
         let mean = sum.map(|mut s| {
             for a in s.iter_mut() {
                 *a /= n_d;
@@ -914,15 +982,21 @@ impl Uplink {
             s
         });
         if local % k2 != 0 {
-            return Ok(match mean {
+            // What the workers hold next: the mean, or the milestone when the round was dropped.
+            let state = h.elastic.then(|| {
+                let m = self.milestone.as_deref().unwrap_or_default();
+                rejoin_state(mean.as_deref().unwrap_or(m), m)
+            });
+            let (codec, bytes) = match mean {
                 Some(m) => h.encode_intra(self.key, &m),
                 None => (PayloadCodec::Raw, Vec::new()),
-            });
+            };
+            return Ok((codec, bytes, state));
         }
         let m = self.milestone.as_mut().ok_or("no milestone")?;
         let f = super::hfa::delta_factor(
             self.job.hfa.weighting,
-            self.count as usize,
+            count as usize,
             self.job.plan.total_workers(),
             self.job.plan.num_dcs(),
         );
@@ -949,7 +1023,7 @@ impl Uplink {
             self.key,
             &self.ranges,
             global,
-            self.count,
+            count,
             up,
             &self.job,
             None,
@@ -967,7 +1041,8 @@ impl Uplink {
         for (a, &d) in m.iter_mut().zip(&z) {
             *a += d;
         }
-        Ok((codec, bytes))
+        let state = h.elastic.then(|| rejoin_state(m, m));
+        Ok((codec, bytes, state))
     }
 }
 
@@ -1032,6 +1107,8 @@ pub fn run(
             theta: vec![None; n_keys],
             parked: (0..n_keys).map(|_| Vec::new()).collect(),
             pulls: Vec::new(),
+            states: vec![None; n_keys],
+            state_pulls: Vec::new(),
             finished_keys: 0,
         }),
         rank_of: OnceLock::new(),
@@ -1144,7 +1221,10 @@ pub fn run(
     for (k, theta) in theta0.into_iter().enumerate() {
         // θ_0 travels exact (f32): replicas start identical.
         let bytes = super::msg::f32_bytes(&theta).into_owned();
-        handler.publish(k, start, PayloadCodec::DenseF32, bytes, Vec::new());
+        // Elastic HFA: a worker rejoining at the start holds θ as model and milestone.
+        let state = (job.workers_may_rejoin() && job.hfa_periods().is_some())
+            .then(|| rejoin_state(&theta, &theta));
+        handler.publish(k, start, PayloadCodec::DenseF32, bytes, Vec::new(), state);
         // HFA: the milestone starts at the global θ_0.
         milestones.push(job.hfa_periods().map(|_| theta));
     }
@@ -1176,7 +1256,6 @@ pub fn run(
             key: k,
             up: upstream.clone(),
             ranges,
-            count: n_d as u32,
             job: job.clone(),
             compressors,
             milestone,
@@ -1210,7 +1289,14 @@ pub fn run(
     if job.sync == SyncAlgorithm::Mixed {
         for (k, t) in theta.iter().enumerate() {
             let bytes = super::msg::f32_bytes(t).into_owned();
-            handler.publish(k, job.rounds + 1, PayloadCodec::DenseF32, bytes, Vec::new());
+            handler.publish(
+                k,
+                job.rounds + 1,
+                PayloadCodec::DenseF32,
+                bytes,
+                Vec::new(),
+                None,
+            );
         }
     }
     // Hashed per tensor, as the workers hash their replicas.

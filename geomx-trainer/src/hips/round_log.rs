@@ -32,6 +32,7 @@ pub struct MemberEvent {
     /// Lost or rejoined.
     pub change: MemberChange,
     /// Lost: the highest round any key collected then. Rejoined: the first round it counts in.
+    /// Training rounds (under HFA, a multiple of k1).
     pub round: u64,
     /// Wall-clock time of the change, milliseconds since the Unix epoch (the launcher compares
     /// it with the time it saw the process die).
@@ -41,7 +42,8 @@ pub struct MemberEvent {
     pub reason: String,
 }
 
-/// Consecutive rounds of one DC's key that summed the same subset of its workers.
+/// Consecutive rounds of one DC's key that summed the same subset of its workers (exchanges
+/// with the local server: under HFA, local averagings).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartialRound {
     /// Data center.

@@ -265,6 +265,8 @@ struct Averaging<'a> {
     opts: Vec<Optimizer>,
     /// Key averagings this worker dropped (a non-finite model under `skip`).
     skipped: u64,
+    /// The fault this worker injects into itself (`geomx launch --chaos`), if any.
+    chaos: Option<&'a super::chaos::SelfFault>,
 }
 
 impl<'a> Averaging<'a> {
@@ -274,12 +276,14 @@ impl<'a> Averaging<'a> {
         job: &'a JobSpec,
         overflows: &'a KeyCounts,
         theta0: &[Vec<f32>],
+        chaos: Option<&'a super::chaos::SelfFault>,
     ) -> Self {
         Self {
             client,
             node,
             job,
             overflows,
+            chaos,
             milestone: theta0.to_vec(),
             opts: theta0
                 .iter()
@@ -296,6 +300,8 @@ impl<'a> Averaging<'a> {
     /// optimizer state.
     fn average(&mut self, params: &mut [Vec<f32>], local: u64, k2: u64) -> Result<(), RunError> {
         let (job, me) = (self.job, &self.node.me);
+        // Chaos points name the training round whose end this averaging follows.
+        let round = local * job.hfa_periods().map_or(1, |(k1, _)| k1) - 1;
         let mut pending = Vec::with_capacity(params.len());
         let mut poisoned = vec![false; params.len()];
         for (k, p) in params.iter().enumerate() {
@@ -321,6 +327,12 @@ impl<'a> Averaging<'a> {
                     RunError::Net(format!("pushing model key {k} averaging {local}"), e)
                 })?;
             pending.push(req);
+            if let Some(c) = self.chaos {
+                c.at(round, super::chaos::Point::MidPush);
+            }
+        }
+        if let Some(c) = self.chaos {
+            c.at(round, super::chaos::Point::ReplyWait);
         }
         let global = local % k2 == 0;
         for (k, p) in pending.into_iter().enumerate() {
@@ -587,7 +599,8 @@ pub fn run(
     // with that round's batch and θ, instead of where it was lost or last saved.
     let incarnation = node.membership.incarnation;
     if incarnation > 0 {
-        start = rejoin(&client, job)?;
+        // The local server counts averagings under HFA: a training round is k1 of them.
+        start = rejoin(&client, job)? * job.rounds_per_local();
         resumed = None;
         batcher.skip_to(start);
         tracing::warn!(%dc, %rank, incarnation, round = start, "worker rejoined the job");
@@ -598,7 +611,16 @@ pub fn run(
         Prefetcher::new(batcher, train, PREFETCH_DEPTH, augment).map_err(RunError::Data)?;
     // θ_0 from the local server (which has it from the global servers); θ_r when resuming,
     // which must be what this worker saved.
-    let mut params = pull_all(&client, start / job.rounds_per_local(), job)?;
+    // A worker rejoining HFA takes the model its DC's workers hold and their milestone.
+    let (mut params, rejoin_milestone) = if incarnation > 0 && job.hfa_periods().is_some() {
+        let (p, m) = pull_hfa_state(&client, start / job.rounds_per_local(), job)?;
+        (p, Some(m))
+    } else {
+        (
+            pull_all(&client, start / job.rounds_per_local(), job)?,
+            None,
+        )
+    };
     if let Some(res) = resumed.as_mut() {
         for (k, p) in params.iter().enumerate() {
             let saved = res.f32(&format!("params.{k}"), p.len())?;
@@ -639,7 +661,10 @@ pub fn run(
     let overflows = KeyCounts::default();
     let mut avg = job
         .hfa_periods()
-        .map(|_| Averaging::new(&client, &node, job, &overflows, &params));
+        .map(|_| Averaging::new(&client, &node, job, &overflows, &params, chaos.as_ref()));
+    if let (Some(avg), Some(m)) = (avg.as_mut(), rejoin_milestone) {
+        avg.milestone = m;
+    }
     // HFA: the worker's own optimizers continue with their saved state (the milestone is the
     // θ just pulled: checkpoints are taken at global averagings).
     if let (Some(avg), Some(res)) = (avg.as_mut(), resumed.as_mut()) {
@@ -858,6 +883,39 @@ fn rejoin(client: &KvClient, job: &JobSpec) -> Result<u64, RunError> {
             }
         }
     }
+}
+
+/// A rejoining HFA worker's start: every key's model and milestone after local averaging
+/// `version` ([`super::local_server::HFA_STATE_FLAG`]), one vector per tensor each.
+fn pull_hfa_state(
+    client: &KvClient,
+    version: u64,
+    job: &JobSpec,
+) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), RunError> {
+    let lens = &job.plan.key_lens;
+    let flag = super::local_server::HFA_STATE_FLAG;
+    let pulls: Vec<Pending> = (0..lens.len())
+        .map(|k| client.pull(k as u64 | flag, version, 0, 2 * lens[k] as u64))
+        .collect::<Result<_, _>>()
+        .map_err(|e| RunError::Net(format!("pulling the HFA state of averaging {version}"), e))?;
+    let (mut models, mut milestones) = (Vec::new(), Vec::new());
+    for (k, p) in pulls.into_iter().enumerate() {
+        let resp = reply_of(k, version, p.wait(job.wait_limit()))?;
+        let both = crate::codec::f32_from_bytes(&resp.payload)
+            .filter(|v| v.len() == 2 * lens[k])
+            .ok_or_else(|| {
+                RunError::Protocol(format!(
+                    "key {k}: an HFA state of {} bytes, expected {}",
+                    resp.payload.len(),
+                    8 * lens[k]
+                ))
+            })?;
+        let both = finite_values(k, both)?;
+        let (model, milestone) = both.split_at(lens[k]);
+        models.push(model.to_vec());
+        milestones.push(milestone.to_vec());
+    }
+    Ok((job.keys.assemble(models), job.keys.assemble(milestones)))
 }
 
 /// Pulls every key at `version` from the local server (exact f32 θ), one vector per tensor.
