@@ -885,13 +885,16 @@ fn rejoin(client: &KvClient, job: &JobSpec) -> Result<u64, RunError> {
     }
 }
 
+/// One vector per tensor.
+type Tensors = Vec<Vec<f32>>;
+
 /// A rejoining HFA worker's start: every key's model and milestone after local averaging
 /// `version` ([`super::local_server::HFA_STATE_FLAG`]), one vector per tensor each.
 fn pull_hfa_state(
     client: &KvClient,
     version: u64,
     job: &JobSpec,
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), RunError> {
+) -> Result<(Tensors, Tensors), RunError> {
     let lens = &job.plan.key_lens;
     let flag = super::local_server::HFA_STATE_FLAG;
     let pulls: Vec<Pending> = (0..lens.len())
