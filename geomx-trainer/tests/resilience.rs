@@ -252,3 +252,69 @@ fn under_hfa_killed_workers_rejoin_with_their_dcs_model_and_milestone() {
     eprintln!("HFA fault-free accuracy {b:.4}, with two killed workers {a:.4}");
     assert!((a - b).abs() <= 0.01, "{a} vs {b}");
 }
+
+/// `job` with lost local servers survivable too, at most `max_restarts` restarts per process.
+fn dc_job(dcs: usize, min_dcs: usize) -> String {
+    job("on-failure").replace("data_centers = 2", &format!("data_centers = {dcs}"))
+        + &format!("lost_dc = \"continue\"\nmin_dcs = {min_dcs}\nmax_restarts = 5\n")
+}
+
+/// The faults of `r` by process name.
+fn fault_of<'a>(r: &'a Value, process: &str) -> &'a Value {
+    r["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["process"] == process)
+        .unwrap_or_else(|| panic!("no fault of {process}: {}", r["faults"]))
+}
+
+#[test]
+fn a_lost_data_center_is_left_out_then_rejoins_and_the_job_equals_its_replay() {
+    // 3 DCs, quorum 2: dc1's local server dies; the global tier goes on with dc0 and dc2, the
+    // restarted local server rejoins where the global servers are, and its workers (which lost
+    // their server) are restarted and rejoin it.
+    let toml = dc_job(3, 2);
+    let (r, stderr) = launch("dc-lost", &toml, Some("kill:local_server:dc1:0@round=100"));
+    let f = fault_of(&r, "local_server (dc 1, rank 0)");
+    assert_eq!(f["lost_round"], 100, "{f}\n{stderr}");
+    let back = f["rejoined_round"]
+        .as_u64()
+        .expect("the local server rejoined");
+    assert!(back >= 100 && back < 1500, "{f}");
+    assert_eq!(r["restarts"]["local_server"], 1);
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    // Rounds without dc1 are logged by the global server, the ones its workers missed after
+    // the rejoin by the new local server; the final θ is the replay of both.
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}
+
+#[test]
+fn below_the_quorum_the_global_tier_waits_for_the_lost_data_center() {
+    // 2 DCs, quorum 2: while dc0's local server is away no global round completes, so the job
+    // does not move on without it. The only rounds without dc0 are those its restarted workers
+    // had not rejoined yet, and at most one round per key that was in flight when it rejoined
+    // (a range still collecting the round before the rejoin round completes with the DCs
+    // that pushed it, rather than wait forever).
+    let toml = dc_job(2, 2);
+    let (r, stderr) = launch("dc-quorum", &toml, Some("kill:local_server:dc0:0@round=60"));
+    let f = fault_of(&r, "local_server (dc 0, rank 0)");
+    let lost = f["lost_round"].as_u64().unwrap();
+    assert_eq!(f["rejoined_round"], lost, "{f}\n{stderr}");
+    let global_partial: Vec<PartialRound> = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "global_server")
+        .filter_map(|p| p.get("partial_rounds"))
+        .flat_map(|v| serde_json::from_value::<Vec<PartialRound>>(v.clone()).unwrap())
+        .collect();
+    assert!(
+        global_partial
+            .iter()
+            .all(|p| p.to == lost && p.from + 1 == lost),
+        "{global_partial:?}"
+    );
+    assert_eq!(r["replicas_identical"], true);
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}

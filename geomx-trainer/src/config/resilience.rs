@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Codec, Config, ConfigError, HfaWeighting, SyncAlgorithm, TransportKind};
 
-/// What a lost worker does to the job.
+/// What a lost process does to the job (`lost_worker`, `lost_dc`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum LostWorker {
@@ -36,6 +36,12 @@ pub enum Restart {
 pub struct ResilienceConfig {
     /// What a lost worker does to the job.
     pub lost_worker: LostWorker,
+    /// What a lost local server (a whole data center) does to the job: under `continue` the
+    /// global tier goes on with the DCs present (at least `min_dcs`), and a restarted local
+    /// server rejoins with the current θ.
+    pub lost_dc: LostWorker,
+    /// Fewest data centers a global round may complete with; below it the job waits.
+    pub min_dcs: usize,
     /// Whether `geomx launch` restarts failed workers.
     pub restart: Restart,
     /// Restarts of one process before the launcher gives up and fails the job.
@@ -48,6 +54,8 @@ impl Default for ResilienceConfig {
     fn default() -> Self {
         Self {
             lost_worker: LostWorker::Abort,
+            lost_dc: LostWorker::Abort,
+            min_dcs: 1,
             restart: Restart::Never,
             max_restarts: 3,
             restart_backoff_ms: 200,
@@ -86,6 +94,33 @@ impl Config {
                 "resilience.restart_backoff_ms",
                 format!("{} is over 60000 ms", r.restart_backoff_ms),
             ));
+        }
+        if r.min_dcs == 0 || r.min_dcs > self.cluster.data_centers.len() {
+            return Err(ConfigError::invalid(
+                "resilience.min_dcs",
+                format!(
+                    "{} is not between 1 and the {} data centers",
+                    r.min_dcs,
+                    self.cluster.data_centers.len()
+                ),
+            ));
+        }
+        if r.lost_dc == LostWorker::Continue {
+            let why = if r.lost_worker != LostWorker::Continue {
+                Some(
+                    "resilience.lost_worker must be \"continue\" too (a lost DC loses its workers)",
+                )
+            } else if self.sync.algorithm != SyncAlgorithm::Fsa {
+                Some("sync.algorithm must be \"fsa\"")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(ConfigError::invalid(
+                    "resilience.lost_dc",
+                    format!("\"continue\" supports FSA so far: {why}"),
+                ));
+            }
         }
         if r.lost_worker == LostWorker::Abort {
             return Ok(());

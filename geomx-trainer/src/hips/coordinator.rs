@@ -35,11 +35,14 @@ pub fn run(
         protocol_version: PROTOCOL_VERSION,
         config_hash: job.registration_hash()?,
         registration_timeout: job.registration_timeout,
-        rejoinable: if job.workers_may_rejoin() {
-            vec![roles::WORKER.to_string()]
-        } else {
-            Vec::new()
-        },
+        rejoinable: [
+            (job.workers_may_rejoin(), roles::WORKER),
+            (job.dcs_may_rejoin(), roles::LOCAL_SERVER),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, r)| r.to_string())
+        .collect(),
     };
     let with_esync = job.sync == SyncAlgorithm::Esync;
     let mut expected = job.plan.expected_processes();

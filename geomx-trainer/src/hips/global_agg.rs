@@ -97,7 +97,6 @@ struct RangeState {
     version: u64,
     opt: Box<dyn RangeOptimizer>,
     pushes: Vec<Option<DcPush>>,
-    received: usize,
     mode: ReplyMode,
     /// Delta mode with a lossy tier: the part of past increments the codecs did not carry, added
     /// to the next increment (error feedback; empty otherwise).
@@ -126,6 +125,8 @@ pub struct RoundDone {
     pub skipped: Option<SkipCause>,
     /// Finite values that overflowed to ±inf in this round's encodings.
     pub overflow: usize,
+    /// The DCs whose pushes the round summed, ascending (all unless some were lost).
+    pub dcs: Vec<u32>,
 }
 
 /// Collects the DCs' pushes for the ranges one global server owns and applies the optimizer.
@@ -138,6 +139,10 @@ pub struct GlobalAggregator {
     ranges: BTreeMap<usize, RangeState>,
     /// Workers may be lost: a round counts the workers the DCs summed (1..=W) and divides by them.
     elastic: bool,
+    /// Per DC: the first round it counts in; `None` while its local server is lost.
+    dc_from: Vec<Option<u64>>,
+    /// Fewest DCs a round may complete with (the quorum; D unless DCs may be lost).
+    min_dcs: usize,
 }
 
 impl GlobalAggregator {
@@ -152,7 +157,80 @@ impl GlobalAggregator {
             policy: NonFinitePolicy::Abort,
             ranges: BTreeMap::new(),
             elastic: false,
+            dc_from: vec![Some(0); n_dcs],
+            min_dcs: n_dcs,
         }
+    }
+
+    /// Lets DCs be lost (`resilience.lost_dc = "continue"`): a round completes with the DCs
+    /// present once at least `min_dcs` of them pushed; below the quorum it waits.
+    pub fn with_elastic_dcs(mut self, min_dcs: usize) -> Self {
+        self.min_dcs = min_dcs.clamp(1, self.n_dcs.max(1));
+        self
+    }
+
+    fn counts(&self, dc: usize, round: u64) -> bool {
+        self.dc_from
+            .get(dc)
+            .copied()
+            .flatten()
+            .is_some_and(|from| from <= round)
+    }
+
+    /// Whether range `id`'s round has every counting DC's push (and one at least) while the
+    /// quorum of member DCs holds. The quorum counts members, not pushes: a DC that rejoined
+    /// for a later round keeps an earlier round from waiting forever.
+    fn ready(&self, id: usize) -> bool {
+        let Some(r) = self.ranges.get(&id) else {
+            return false;
+        };
+        let members = self.dc_from.iter().filter(|d| d.is_some()).count();
+        let pushed = r.pushes.iter().any(Option::is_some);
+        let waiting = (0..self.n_dcs).any(|d| self.counts(d, r.version) && r.pushes[d].is_none());
+        pushed && !waiting && members >= self.min_dcs
+    }
+
+    /// Completes every owned range whose round no longer waits (after a membership change).
+    fn complete_ready(&mut self) -> Vec<(usize, Result<RoundDone, AggError>)> {
+        let ids: Vec<usize> = self
+            .ranges
+            .keys()
+            .copied()
+            .filter(|&id| self.ready(id))
+            .collect();
+        ids.into_iter().map(|id| (id, self.complete(id))).collect()
+    }
+
+    /// DC `dc`'s local server is lost: its pushes of the rounds being collected are dropped and
+    /// it no longer counts. Returns the rounds that complete without it.
+    pub fn lose_dc(&mut self, dc: usize) -> Vec<(usize, Result<RoundDone, AggError>)> {
+        let Some(m) = self.dc_from.get_mut(dc) else {
+            return Vec::new();
+        };
+        *m = None;
+        for r in self.ranges.values_mut() {
+            r.pushes[dc] = None;
+        }
+        self.complete_ready()
+    }
+
+    /// Whether DC `dc` counts (its local server is not lost).
+    pub fn dc_is_member(&self, dc: usize) -> bool {
+        self.dc_from.get(dc).is_some_and(Option::is_some)
+    }
+
+    /// DC `dc`'s local server comes back, or moves its start later: it counts from `at_least` or
+    /// the highest round an owned range collects, whichever is higher (returned), together with
+    /// the rounds that no longer wait for it. `None` for an unknown DC.
+    pub fn join_dc(
+        &mut self,
+        dc: usize,
+        at_least: u64,
+    ) -> Option<(u64, Vec<(usize, Result<RoundDone, AggError>)>)> {
+        let top = self.ranges.values().map(|r| r.version).max().unwrap_or(0);
+        let from = at_least.max(top);
+        *self.dc_from.get_mut(dc)? = Some(from);
+        Some((from, self.complete_ready()))
     }
 
     /// Lets a round count fewer than W workers (lost workers, `resilience.lost_worker =
@@ -192,7 +270,6 @@ impl GlobalAggregator {
                 version,
                 opt,
                 pushes: vec![None; self.n_dcs],
-                received: 0,
                 mode: ReplyMode::Theta,
                 carry: Vec::new(),
             },
@@ -316,9 +393,17 @@ impl GlobalAggregator {
                 sender: dc,
             });
         }
-        *cell = Some(push);
-        r.received += 1;
-        if r.received < n_dcs {
+        if !self.counts(dc, round) {
+            return Err(AggError::NotMember {
+                key: id,
+                round,
+                rank: dc,
+            });
+        }
+        if let Some(cell) = self.ranges.get_mut(&id).and_then(|r| r.pushes.get_mut(dc)) {
+            *cell = Some(push);
+        }
+        if !self.ready(id) {
             return Ok(None);
         }
         self.complete(id).map(Some)
@@ -331,7 +416,12 @@ impl GlobalAggregator {
         let mut counted = 0u64;
         let mut skipped_dc = false;
         let mut g: Option<Vec<f32>> = None;
-        for (s, c) in r.pushes.iter_mut().map(|p| p.take().unwrap_or_default()) {
+        // Absent DCs (lost, or not counting yet) have no cell.
+        let dcs: Vec<u32> = (0..r.pushes.len())
+            .filter(|&d| r.pushes[d].is_some())
+            .map(|d| d as u32)
+            .collect();
+        for (s, c) in r.pushes.iter_mut().filter_map(Option::take) {
             counted += u64::from(c);
             match (s, g.as_mut()) {
                 (None, _) => skipped_dc = true,
@@ -343,7 +433,6 @@ impl GlobalAggregator {
                 }
             }
         }
-        r.received = 0;
         let counts_ok = if self.elastic {
             (1..=u64::from(w)).contains(&counted)
         } else {
@@ -399,6 +488,7 @@ impl GlobalAggregator {
             reply,
             skipped,
             overflow,
+            dcs,
         })
     }
 }
@@ -675,6 +765,69 @@ mod tests {
             let expect = theta0[i] - rounds as f32 * 0.5 * sum / 4.0;
             assert_eq!(theta[i], expect, "element {i}");
         }
+    }
+
+    #[test]
+    fn a_lost_dc_leaves_the_rounds_the_quorum_holds_and_rejoins_later() {
+        // 3 DCs × 1 worker, quorum 2; ranges 0 and 1.
+        let mut agg = GlobalAggregator::new(3, 3)
+            .with_elastic_counts(true)
+            .with_elastic_dcs(2);
+        agg.add_range(0, vec![0.0; 1], 0, sgd(1.0));
+        agg.add_range(1, vec![0.0; 1], 0, sgd(1.0));
+        assert!(agg
+            .push_round(0, 0, 0, (Some(vec![3.0]), 1))
+            .unwrap()
+            .is_none());
+        assert!(agg
+            .push_round(0, 2, 0, (Some(vec![6.0]), 1))
+            .unwrap()
+            .is_none());
+        assert!(agg
+            .push_round(1, 1, 0, (Some(vec![1.0]), 1))
+            .unwrap()
+            .is_none());
+        // DC 1 lost: range 0 completes with DCs 0 and 2 (mean over 2 workers); range 1 drops
+        // DC 1's push and waits.
+        let done = agg.lose_dc(1);
+        assert_eq!(done.len(), 1);
+        let (id, d) = &done[0];
+        assert_eq!((*id, d.as_ref().unwrap().version), (0, 1));
+        assert_eq!(agg.get(0).unwrap().1, &[-4.5]);
+        assert!(matches!(
+            agg.push_round(1, 1, 0, (Some(vec![1.0]), 1)),
+            Err(AggError::NotMember { rank: 1, .. })
+        ));
+        // DC 2 lost too: one member is below the quorum, so DC 0's push waits.
+        assert!(agg.lose_dc(2).is_empty());
+        assert!(agg
+            .push_round(1, 0, 0, (Some(vec![2.0]), 1))
+            .unwrap()
+            .is_none());
+        // DC 2 rejoins: range 0 collects round 1, so it counts from there; the quorum is back
+        // and range 1's round 0 completes with DC 0 alone.
+        let (from, done) = agg.join_dc(2, 0).unwrap();
+        assert_eq!((from, done.len()), (1, 1));
+        assert_eq!(agg.get(1).unwrap().1, &[-2.0]);
+        // Round 1 needs DCs 0 and 2; DC 1 rejoins later, from round 2.
+        assert!(agg
+            .push_round(0, 0, 1, (Some(vec![0.0]), 1))
+            .unwrap()
+            .is_none());
+        assert!(agg
+            .push_round(0, 2, 1, (Some(vec![0.0]), 1))
+            .unwrap()
+            .is_some());
+        let (from, done) = agg.join_dc(1, 0).unwrap();
+        assert_eq!((from, done.len()), (2, 0));
+        assert!(agg.dc_is_member(1));
+        assert!(agg
+            .push_round(1, 0, 1, (Some(vec![0.0]), 1))
+            .unwrap()
+            .is_none());
+        // Moving DC 2's start later releases the round that waited for it.
+        let (from, done) = agg.join_dc(2, 2).unwrap();
+        assert_eq!((from, done.len()), (2, 1));
     }
 
     #[test]

@@ -7,18 +7,20 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::Sender;
 use geomx_net::sched::reply::SharedBytes;
-use geomx_net::{Handler, MsgKind, PayloadCodec, Request, Responder};
+use geomx_net::{Handler, MsgKind, NetError, PayloadCodec, PeerHandle, Request, Responder};
 
 use std::net::ToSocketAddrs;
 
 use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
 use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
-use super::msg::{f32_bytes, UpPush, SKIP_FLAG};
+use super::msg::{f32_bytes, UpPush, REJOIN_KEY, SKIP_FLAG};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::replies::Replies;
+use super::round_log::{MemberChange, RoundLog};
 use super::{
-    lock, AggError, GlobalAggregator, JobSpec, MixedAggregator, RoleStats, RunError, SkipCause,
+    lock, AggError, GlobalAggregator, JobSpec, MixedAggregator, RoleStats, RoundDone, RunError,
+    SkipCause,
 };
 use crate::checkpoint::{RoundParts, Saver, StateFile};
 use crate::codec::{count_nonfinite, KeyCounts, TierCodec};
@@ -93,6 +95,11 @@ struct GlobalHandler {
     /// How pushes are answered, by range: inline, or under P3 in priority order per connection
     /// (not from the reader thread that completed the round).
     replies: Replies,
+    /// `resilience.lost_dc = "continue"`: a lost local server's DC leaves the rounds, and may
+    /// rejoin.
+    elastic_dcs: bool,
+    /// DC losses and rejoins, and the (range's key, round)s some DC was absent from.
+    log: RoundLog,
 }
 
 /// One half of a DGT-mode push: the TCP request (worker count + responder) or the values the
@@ -360,10 +367,23 @@ impl GlobalHandler {
                 return self.agg_error(reply, dc, &e);
             }
         };
-        self.account(id, version, done.skipped, done.overflow);
+        st.parked.entry(id).or_default().push(reply);
+        self.finish_round(st, id, done);
+    }
+
+    /// Carries out a completed round of range `id`: its checkpoint part, the replies to the
+    /// pushes parked for it, the pulls it satisfies.
+    fn finish_round(&self, mut st: std::sync::MutexGuard<'_, State>, id: usize, done: RoundDone) {
+        self.account(id, done.version - 1, done.skipped, done.overflow);
+        if self.elastic_dcs {
+            let key = self.range_keys.get(id).copied().unwrap_or(id);
+            for dc in (0..self.n_dcs as u32).filter(|d| !done.dcs.contains(d)) {
+                // The DC contributed nothing: none of its workers counts in this round.
+                self.log.summed(dc, key, done.version - 1, &[], 1);
+            }
+        }
         let snapshot = self.snapshot(&st, id, done.version);
-        let mut waiting = st.parked.remove(&id).unwrap_or_default();
-        waiting.push(reply);
+        let waiting = st.parked.remove(&id).unwrap_or_default();
         let pulls = self.ready_pulls(&mut st, id, done.version);
         if done.version == self.rounds {
             st.finished += 1;
@@ -483,6 +503,9 @@ impl GlobalHandler {
     }
 
     fn on_pull(&self, req: Request, reply: Responder) {
+        if req.key == REJOIN_KEY {
+            return self.rejoin(&req, reply);
+        }
         if req.key == DGT_INFO_KEY {
             return match &self.dgt {
                 Some(j) => {
@@ -533,6 +556,72 @@ impl GlobalHandler {
             }
         }
     }
+    /// Carries out the rounds a membership change completed (or ends the job on an error).
+    fn finish_rounds(&self, done: Vec<(usize, Result<RoundDone, AggError>)>) {
+        for (id, d) in done {
+            match d {
+                Ok(d) => self.finish_round(lock(&self.state), id, d),
+                Err(e) => return self.abort(format!("{}: {e}", self.describe_range(id))),
+            }
+        }
+    }
+
+    /// A restarted local server asks to count again (`Pull` of [`REJOIN_KEY`] with the round it
+    /// proposes as the version): it counts from that round or the highest one this server's
+    /// ranges collect, which the reply's version names.
+    fn rejoin(&self, req: &Request, reply: Responder) {
+        let dc = match self.member(req) {
+            Ok(dc) => dc,
+            Err(msg) => return self.admission.refuse(reply, msg),
+        };
+        if !self.elastic_dcs {
+            let msg = "a local server may rejoin only with resilience.lost_dc = \"continue\"";
+            return self.admission.refuse(reply, msg.into());
+        }
+        if let Err(msg) = self.admission.bind(req.sender, &reply) {
+            return self.admission.refuse(reply, msg);
+        }
+        // The binding above refuses it while the lost incarnation's connection is open.
+        let mut st = lock(&self.state);
+        let Some((from, done)) = st.agg.join_dc(dc, req.version) else {
+            drop(st);
+            return self.admission.refuse(reply, format!("no dc {dc}"));
+        };
+        drop(st);
+        self.log.change_of(
+            roles::LOCAL_SERVER,
+            dc as u32,
+            0,
+            MemberChange::Rejoined,
+            from,
+            String::new(),
+        );
+        let _ = reply.send(from, PayloadCodec::Raw, &[]);
+        self.finish_rounds(done);
+    }
+
+    /// A local server is lost (`resilience.lost_dc = "continue"`): its DC leaves the rounds,
+    /// and the rounds that waited only for it complete.
+    fn lose_dc(&self, dc: usize, reason: &NetError) {
+        let mut st = lock(&self.state);
+        let round = st
+            .agg
+            .range_ids()
+            .filter_map(|id| st.agg.get(id))
+            .map(|(v, _)| v)
+            .max();
+        let done = st.agg.lose_dc(dc);
+        drop(st);
+        self.log.change_of(
+            roles::LOCAL_SERVER,
+            dc as u32,
+            0,
+            MemberChange::Lost,
+            round.unwrap_or(0),
+            reason.to_string(),
+        );
+        self.finish_rounds(done);
+    }
 }
 
 /// Answers pulls with the range's θ at `version` (exact f32).
@@ -557,6 +646,20 @@ impl Handler for GlobalHandler {
                 let msg = format!("a global server does not serve {other:?}");
                 self.admission.refuse(reply, msg);
             }
+        }
+    }
+
+    fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
+        // Without `lost_dc = "continue"` the coordinator ends the job on a lost local server.
+        if !self.elastic_dcs || !self.admission.holds(peer) {
+            return;
+        }
+        let Some(&dc) = self.dc_of.get().and_then(|m| m.get(&peer.node_id())) else {
+            return;
+        };
+        self.admission.release(peer);
+        if lock(&self.state).finished < self.owned {
+            self.lose_dc(dc, reason);
         }
     }
 }
@@ -585,6 +688,9 @@ pub fn run(
         .with_codecs(job.inter.clone(), job.intra.clone())
         .with_policy(job.nonfinite.policy)
         .with_elastic_counts(job.workers_may_rejoin());
+    if job.dcs_may_rejoin() {
+        agg = agg.with_elastic_dcs(job.min_dcs);
+    }
     let mut mixed = (job.sync == SyncAlgorithm::Mixed).then(|| {
         let m = MixedAggregator::new(plan.num_dcs())
             .with_codecs(job.inter.clone(), job.intra.clone())
@@ -695,6 +801,8 @@ pub fn run(
             &format!("geomx-p3-g{rank}"),
             plan.placement.ranges.iter().map(|r| r.key),
         ),
+        elastic_dcs: job.dcs_may_rejoin(),
+        log: RoundLog::default(),
     });
     let consumer = dgt_server.as_ref().map(|s| {
         let (h, rx) = (handler.clone(), s.deliveries().clone());
@@ -739,6 +847,7 @@ pub fn run(
     stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
     stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
+    (stats.member_events, stats.partial_rounds) = handler.log.snapshot();
     if let Some(s) = dgt_server {
         let d = super::dgt::DgtRoleStats::from_server(&s.stats());
         tracing::info!(

@@ -77,6 +77,10 @@ pub struct JobSpec {
     pub security: SecurityMode,
     /// What a lost worker does to the job (`resilience.lost_worker`).
     pub lost_worker: LostWorker,
+    /// Whether a lost local server leaves the job running (`resilience.lost_dc = "continue"`).
+    pub lost_dc: LostWorker,
+    /// Fewest DCs a global round may complete with (`resilience.min_dcs`).
+    pub min_dcs: usize,
     /// This process's certificates ([`JobSpec::with_keyring`]); with mutual TLS and none given,
     /// the first [`JobSpec::net_as`] makes an ephemeral CA (in-process clusters).
     pub keyring: Arc<OnceLock<Arc<Keyring>>>,
@@ -243,6 +247,8 @@ impl JobSpec {
             export: cfg.checkpoint.export.clone(),
             security: cfg.security.mode,
             lost_worker: cfg.resilience.lost_worker,
+            lost_dc: cfg.resilience.lost_dc,
+            min_dcs: cfg.resilience.min_dcs,
             keyring: Arc::new(OnceLock::new()),
         })
     }
@@ -307,6 +313,11 @@ impl JobSpec {
     /// Whether a lost worker leaves the job running (`resilience.lost_worker = "continue"`).
     pub fn workers_may_rejoin(&self) -> bool {
         self.lost_worker == LostWorker::Continue
+    }
+
+    /// Whether a lost local server leaves the job running (`resilience.lost_dc = "continue"`).
+    pub fn dcs_may_rejoin(&self) -> bool {
+        self.lost_dc == LostWorker::Continue
     }
 
     /// The longest a role waits for any single step of the protocol before it gives up.

@@ -30,6 +30,7 @@ use geomx_net::{
 use geomx_net::dgt::link::DgtClient;
 
 use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
+use super::chaos::{Point, SelfFault};
 use super::dgt::{DgtRoleStats, DgtUplink, DGT_INFO_KEY};
 use super::msg::UpPush;
 use super::node::{Aborter, FatalHook, Identity, Node};
@@ -56,9 +57,7 @@ struct UpJob {
     replies: Vec<Responder>,
 }
 
-/// Pull key with which a restarted worker asks to count again (`resilience.lost_worker =
-/// "continue"`): the reply's version is the round it counts from; the payload is empty.
-pub const REJOIN_KEY: u64 = u64::MAX - 1;
+pub use super::msg::REJOIN_KEY;
 
 /// Flag of a pull key asking for an HFA key's rejoin state at a local round (elastic HFA): the
 /// model the workers hold after that averaging, then the milestone, as f32.
@@ -134,6 +133,9 @@ struct LocalHandler {
     elastic: bool,
     /// Lost and rejoined workers, and the rounds that summed only some workers.
     log: RoundLog,
+    /// The fault this process injects into itself (`geomx launch --chaos`): as key 0's round
+    /// starts.
+    chaos: Option<SelfFault>,
 }
 
 impl LocalHandler {
@@ -427,6 +429,9 @@ impl LocalHandler {
         replies: Vec<Responder>,
         state: Option<Vec<u8>>,
     ) {
+        if let (0, Some(c)) = (key, self.chaos.as_ref()) {
+            c.at(version * self.per_local, Point::Start);
+        }
         let bytes = Arc::new(bytes);
         let mut st = lock(&self.state);
         st.theta[key] = Some((version, codec, bytes.clone()));
@@ -492,6 +497,16 @@ impl LocalHandler {
                 "dc {}: writing the checkpoint of round {round}: {e}",
                 self.dc
             ));
+        }
+    }
+
+    /// A restarted local server starts collecting at `round`, with every worker lost until it
+    /// rejoins.
+    fn restart_at(&self, round: u64) {
+        let mut st = lock(&self.state);
+        st.agg = LocalAggregator::new(&self.key_lens, self.n_workers, round);
+        for r in 0..self.n_workers {
+            st.agg.lose(r);
         }
     }
 
@@ -1064,6 +1079,47 @@ fn final_theta(
         .collect()
 }
 
+/// A restarted local server asks every global server to count its DC again, proposing the
+/// highest round any of them named until all name the same one, which it returns (the FSA round
+/// its DC starts at). Retried while a global server still holds the lost incarnation's
+/// connection, up to the job's wait limit.
+fn rejoin_global(clients: &[KvClient], job: &JobSpec) -> Result<u64, RunError> {
+    let deadline = Instant::now() + job.wait_limit();
+    let mut at = 0u64;
+    loop {
+        let mut froms = Vec::with_capacity(clients.len());
+        let mut refused = None;
+        for c in clients {
+            match c
+                .pull(REJOIN_KEY, at, 0, 0)
+                .and_then(|p| p.wait(job.wait_limit()))
+            {
+                Ok(r) => froms.push(r.version),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        match refused {
+            Some(e) if Instant::now() >= deadline => {
+                return Err(RunError::Net("rejoining the global servers".into(), e));
+            }
+            Some(e) => {
+                tracing::info!(error = %e, "rejoin refused; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            None => {
+                let top = froms.iter().copied().max().unwrap_or(0);
+                if froms.iter().all(|&f| f == top) {
+                    return Ok(top);
+                }
+                at = top;
+            }
+        }
+    }
+}
+
 /// Runs the local server of DC `dc` until the job shuts down; returns its traffic.
 pub fn run(
     job: &JobSpec,
@@ -1086,7 +1142,7 @@ pub fn run(
     // Resuming at training round r: the local round r / k1, the global round r / (k1 · k2).
     let mut resumed = super::ckpt::resume(job, &me)?;
     let round0 = resumed.as_ref().map_or(0, |r| r.round());
-    let (start, start_global) = (
+    let (mut start, mut start_global) = (
         round0 / job.rounds_per_local(),
         round0 / job.rounds_per_global(),
     );
@@ -1137,6 +1193,7 @@ pub fn run(
         n_workers: n_d,
         elastic: job.workers_may_rejoin(),
         log: RoundLog::default(),
+        chaos: SelfFault::from_env().map_err(RunError::Membership)?,
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -1200,6 +1257,15 @@ pub fn run(
             links.push(link);
         }
         let _ = handler.dgt_links.set(links);
+    }
+    // A restarted local server (`lost_dc = "continue"`) joins the running job where the global
+    // servers are; its workers count again as they rejoin.
+    let incarnation = node.membership.incarnation;
+    if incarnation > 0 {
+        let round = rejoin_global(&clients, job)?;
+        (start, start_global) = (round, round);
+        handler.restart_at(round);
+        tracing::warn!(%dc, incarnation, round, "local server rejoined the job");
     }
     // θ_0 comes from the global servers; workers pulling earlier wait for it.
     let key_ranges: Vec<Vec<(usize, Range)>> = (0..n_keys)
@@ -1269,7 +1335,9 @@ pub fn run(
         threads.push(t);
     }
     *lock(&handler.uplinks) = senders;
-    node.barrier("all")?;
+    if incarnation == 0 {
+        node.barrier("all")?;
+    }
     if job.local_rounds() > 0 && n_keys > 0 {
         // Bounded by the job: a lost peer aborts the job, which ends this process.
         let _ = done_rx.recv();
@@ -1333,6 +1401,7 @@ pub fn run(
     stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
     stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
+    stats.incarnation = incarnation;
     (stats.member_events, stats.partial_rounds) = handler.log.snapshot();
     Ok(stats)
 }

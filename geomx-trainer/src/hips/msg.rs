@@ -17,6 +17,12 @@ pub use crate::codec::{f32_bytes, f32_from_bytes};
 /// job's configuration hash, so processes built with other layouts are refused at registration.
 pub const PAYLOAD_VERSION: u32 = 2;
 
+/// Pull key with which a restarted process asks its server to count it again: a worker its
+/// local server (`resilience.lost_worker = "continue"`), a local server each global server
+/// (`resilience.lost_dc = "continue"`, the version proposing a round). The reply's version is
+/// the round it counts from; the payload is empty.
+pub const REJOIN_KEY: u64 = u64::MAX - 1;
+
 /// Flag bit of an up-push's count: the DC dropped this round under `train.nonfinite = "skip"`;
 /// no values follow.
 pub const SKIP_FLAG: u32 = 1 << 31;

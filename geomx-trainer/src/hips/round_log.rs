@@ -22,9 +22,13 @@ pub enum MemberChange {
     Rejoined,
 }
 
-/// One change of a worker's membership, seen by its local server.
+/// One change of a worker's membership, seen by its local server (or of a local server's, seen
+/// by a global server).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberEvent {
+    /// Role of the process: `worker` or `local_server`.
+    #[serde(default = "worker_role")]
+    pub role: String,
     /// Data center.
     pub dc: u32,
     /// Worker rank.
@@ -87,6 +91,10 @@ pub fn replay(
 #[cfg(doc)]
 use crate::engine::reference::fsa_reference_with;
 
+fn worker_role() -> String {
+    super::plan::roles::WORKER.to_string()
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -102,10 +110,24 @@ pub struct RoundLog {
 }
 
 impl RoundLog {
-    /// Records a membership change now.
+    /// Records a membership change of a worker now.
     pub fn change(&self, dc: u32, rank: u32, change: MemberChange, round: u64, reason: String) {
-        tracing::warn!(dc, rank, ?change, round, %reason, "worker membership changed");
+        self.change_of(super::plan::roles::WORKER, dc, rank, change, round, reason);
+    }
+
+    /// Records a membership change of a process of `role` now.
+    pub fn change_of(
+        &self,
+        role: &str,
+        dc: u32,
+        rank: u32,
+        change: MemberChange,
+        round: u64,
+        reason: String,
+    ) {
+        tracing::warn!(role, dc, rank, ?change, round, %reason, "membership changed");
         lock(&self.events).push(MemberEvent {
+            role: role.to_string(),
             dc,
             rank,
             change,

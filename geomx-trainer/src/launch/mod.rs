@@ -658,14 +658,29 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             .map_err(|m| ConfigError::invalid("--chaos", m))?,
         None => Vec::new(),
     };
-    // Worker children by index: (dc, rank, site), for restarts.
-    let mut workers = std::collections::HashMap::new();
+    // Children that may be restarted, by index: (role, dc, rank, site).
+    let mut restartable = std::collections::HashMap::new();
+    // The chaos fault of (role, dc, rank), if any, for its first incarnation.
+    let chaos_cmd = |cmd: &mut Command, role: &str, dc: u32, rank: u32| {
+        cmd.env_remove(crate::hips::chaos::CHAOS_ENV);
+        if let Some(f) = chaos
+            .iter()
+            .find(|f| (f.role.as_str(), f.dc, f.rank) == (role, dc, rank))
+        {
+            cmd.env(crate::hips::chaos::CHAOS_ENV, &f.fault);
+        }
+    };
     let mut devices = worker_devices.into_iter();
     for (d, &n) in plan.workers_per_dc.iter().enumerate() {
         let site = Some(d);
         let d = d as u32;
+        let mut cmd = wan.command(&exe, site)?;
+        chaos_cmd(&mut cmd, roles::LOCAL_SERVER, d, 0);
+        if job.dcs_may_rejoin() {
+            restartable.insert(cl.procs.len(), (roles::LOCAL_SERVER, d, 0, site));
+        }
         cl.spawn(
-            wan.command(&exe, site)?,
+            cmd,
             child_name(roles::LOCAL_SERVER, d, 0),
             &common("local-server", d, 0, site),
             keys.for_child(&[(roles::LOCAL_SERVER, d, 0)])?,
@@ -677,11 +692,10 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
                 args.extend(["--device".into(), dev]);
             }
             let mut cmd = wan.command(&exe, site)?;
-            cmd.env_remove(crate::hips::chaos::CHAOS_ENV);
-            if let Some(f) = chaos.iter().find(|f| (f.dc, f.rank) == (d, r)) {
-                cmd.env(crate::hips::chaos::CHAOS_ENV, &f.fault);
+            chaos_cmd(&mut cmd, roles::WORKER, d, r);
+            if job.workers_may_rejoin() {
+                restartable.insert(cl.procs.len(), (roles::WORKER, d, r, site));
             }
-            workers.insert(cl.procs.len(), (d, r, site));
             cl.spawn(
                 cmd,
                 child_name(roles::WORKER, d, r),
@@ -704,9 +718,9 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             cl.pump(Duration::from_millis(50));
         }
         for i in failed {
-            // A lost worker is survivable under `lost_worker = "continue"`; anything else (or a
-            // worker out of restarts) fails the job as before.
-            let Some(&(dc, rank, _)) = workers.get(&i).filter(|_| job.workers_may_rejoin()) else {
+            // A lost worker (local server) is survivable under `lost_worker` (`lost_dc`) =
+            // "continue"; anything else, or a process out of restarts, fails the job as before.
+            let Some(&(role, dc, rank, _)) = restartable.get(&i) else {
                 return Err(cl.fail(i));
             };
             let p = &cl.procs[i];
@@ -723,7 +737,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             );
             faults.push(supervise::FaultRecord {
                 process: p.name.clone(),
-                role: roles::WORKER.into(),
+                role: role.into(),
                 dc,
                 rank,
                 cause: status,
@@ -750,7 +764,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             if cl.procs[0].status.is_some() {
                 continue; // the job ended meanwhile
             }
-            let site = workers.get(&i).and_then(|w| w.2);
+            let site = restartable.get(&i).and_then(|w| w.3);
             let mut cmd = wan.command(&exe, site)?;
             cmd.env_remove(crate::hips::chaos::CHAOS_ENV);
             cl.restart(i, cmd)?;

@@ -33,23 +33,31 @@ pub fn parse_chaos(spec: &str, workers_per_dc: &[usize]) -> Result<Vec<ChaosFaul
         let [action, role, dc, rank] = parts[..] else {
             return Err(bad("expected ACTION:ROLE:dcD:RANK before '@'"));
         };
-        if role != roles::WORKER {
-            return Err(bad("only workers take chaos faults so far"));
+        if role != roles::WORKER && role != roles::LOCAL_SERVER {
+            return Err(bad(
+                "only workers and local servers take chaos faults so far",
+            ));
         }
         let dc: u32 = dc
             .strip_prefix("dc")
             .and_then(|d| d.parse().ok())
             .ok_or_else(|| bad("the data center is written dcN"))?;
         let rank: u32 = rank.parse().map_err(|_| bad("the rank is a number"))?;
-        let n = workers_per_dc.get(dc as usize).copied().unwrap_or(0);
+        let n = match role {
+            roles::WORKER => workers_per_dc.get(dc as usize).copied().unwrap_or(0),
+            _ => usize::from((dc as usize) < workers_per_dc.len()),
+        };
         if rank as usize >= n {
             return Err(bad(&format!(
-                "the job has no worker (dc {dc}, rank {rank})"
+                "the job has no {role} (dc {dc}, rank {rank})"
             )));
         }
         let fault = format!("{action}@{at}");
         crate::hips::chaos::SelfFault::parse(&fault).map_err(|e| bad(&e))?;
-        if out.iter().any(|f| (f.dc, f.rank) == (dc, rank)) {
+        if out
+            .iter()
+            .any(|f| (f.role.as_str(), f.dc, f.rank) == (role, dc, rank))
+        {
             return Err(bad("one fault per process"));
         }
         out.push(ChaosFault {
@@ -100,15 +108,18 @@ pub struct FaultRecord {
     pub rounds_reduced: Option<u64>,
 }
 
-/// Completes each worker fault with its local server's events: the first loss of that worker
-/// seen after it ended, and the rejoin after that loss. `rounds` is the job's length.
+/// Completes each fault with its server's events (a worker's local server, a local server's
+/// global servers): the first loss of that process seen after the fault, and the rejoin after
+/// that loss. `rounds` is the job's length.
 pub fn match_events(faults: &mut [FaultRecord], events: &[MemberEvent], rounds: u64) {
     let mut used = vec![false; events.len()];
-    for f in faults.iter_mut().filter(|f| f.role == roles::WORKER) {
+    for f in faults.iter_mut() {
         // The server may see the loss a little before the launcher does.
         let from = f.unix_ms.saturating_sub(1_000);
         let mine = |e: &MemberEvent, change| {
-            (e.dc, e.rank, e.change) == (f.dc, f.rank, change) && e.unix_ms >= from
+            e.role == f.role
+                && (e.dc, e.rank, e.change) == (f.dc, f.rank, change)
+                && e.unix_ms >= from
         };
         let Some(li) =
             (0..events.len()).find(|&i| !used[i] && mine(&events[i], MemberChange::Lost))
@@ -144,17 +155,22 @@ mod tests {
     #[test]
     fn chaos_specs_parse_and_bad_ones_name_the_item() {
         let f = parse_chaos(
-            "kill:worker:dc1:0@round=20, kill:worker:dc0:1@round=5",
+            "kill:worker:dc1:0@round=20, kill:worker:dc0:1@round=5, \
+             stop=2s:worker:dc0:0@round=7:mid-push, kill:local_server:dc1:0@round=9",
             &[2, 2],
         )
         .unwrap();
-        assert_eq!(f.len(), 2);
+        assert_eq!(f.len(), 4);
+        assert_eq!(f[2].fault, "stop=2s@round=7:mid-push");
+        assert_eq!((f[3].role.as_str(), f[3].dc), ("local_server", 1));
         assert_eq!(
             (f[0].dc, f[0].rank, f[0].fault.as_str()),
             (1, 0, "kill@round=20")
         );
         for bad in [
             "kill:worker:dc2:0@round=1",
+            "kill:local_server:dc0:1@round=1",
+            "kill:worker:dc0:0@round=1:never",
             "kill:worker:dc0:2@round=1",
             "kill:global-server:dc0:0@round=1",
             "kill:worker:1:0@round=1",
@@ -189,6 +205,7 @@ mod tests {
 
     fn ev(rank: u32, change: MemberChange, round: u64, unix_ms: u64) -> MemberEvent {
         MemberEvent {
+            role: roles::WORKER.into(),
             dc: 1,
             rank,
             change,
