@@ -169,6 +169,8 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         // Mutual TLS with an in-process CA, made on first use.
         security: Default::default(),
         lost_worker: Default::default(),
+        lost_dc: Default::default(),
+        min_dcs: 1,
         keyring: Default::default(),
     }
 }

@@ -129,6 +129,9 @@ pub struct RoundDone {
     pub dcs: Vec<u32>,
 }
 
+/// The rounds a membership change completed: (range id, the round or why it failed).
+pub type Completed = Vec<(usize, Result<RoundDone, AggError>)>;
+
 /// Collects the DCs' pushes for the ranges one global server owns and applies the optimizer.
 pub struct GlobalAggregator {
     n_dcs: usize,
@@ -191,7 +194,7 @@ impl GlobalAggregator {
     }
 
     /// Completes every owned range whose round no longer waits (after a membership change).
-    fn complete_ready(&mut self) -> Vec<(usize, Result<RoundDone, AggError>)> {
+    fn complete_ready(&mut self) -> Completed {
         let ids: Vec<usize> = self
             .ranges
             .keys()
@@ -203,7 +206,7 @@ impl GlobalAggregator {
 
     /// DC `dc`'s local server is lost: its pushes of the rounds being collected are dropped and
     /// it no longer counts. Returns the rounds that complete without it.
-    pub fn lose_dc(&mut self, dc: usize) -> Vec<(usize, Result<RoundDone, AggError>)> {
+    pub fn lose_dc(&mut self, dc: usize) -> Completed {
         let Some(m) = self.dc_from.get_mut(dc) else {
             return Vec::new();
         };
@@ -222,11 +225,7 @@ impl GlobalAggregator {
     /// DC `dc`'s local server comes back, or moves its start later: it counts from `at_least` or
     /// the highest round an owned range collects, whichever is higher (returned), together with
     /// the rounds that no longer wait for it. `None` for an unknown DC.
-    pub fn join_dc(
-        &mut self,
-        dc: usize,
-        at_least: u64,
-    ) -> Option<(u64, Vec<(usize, Result<RoundDone, AggError>)>)> {
+    pub fn join_dc(&mut self, dc: usize, at_least: u64) -> Option<(u64, Completed)> {
         let top = self.ranges.values().map(|r| r.version).max().unwrap_or(0);
         let from = at_least.max(top);
         *self.dc_from.get_mut(dc)? = Some(from);

@@ -557,7 +557,7 @@ impl GlobalHandler {
         }
     }
     /// Carries out the rounds a membership change completed (or ends the job on an error).
-    fn finish_rounds(&self, done: Vec<(usize, Result<RoundDone, AggError>)>) {
+    fn finish_rounds(&self, done: super::global_agg::Completed) {
         for (id, d) in done {
             match d {
                 Ok(d) => self.finish_round(lock(&self.state), id, d),
