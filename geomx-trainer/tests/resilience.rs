@@ -281,7 +281,7 @@ fn a_lost_data_center_is_left_out_then_rejoins_and_the_job_equals_its_replay() {
     let back = f["rejoined_round"]
         .as_u64()
         .expect("the local server rejoined");
-    assert!(back >= 100 && back < 1500, "{f}");
+    assert!((100..1500).contains(&back), "{f}");
     assert_eq!(r["restarts"]["local_server"], 1);
     assert_eq!(r["replicas_identical"], true, "{stderr}");
     // Rounds without dc1 are logged by the global server, the ones its workers missed after
