@@ -113,7 +113,17 @@ pub struct FaultRecord {
 /// that loss. `rounds` is the job's length.
 pub fn match_events(faults: &mut [FaultRecord], events: &[MemberEvent], rounds: u64) {
     let mut used = vec![false; events.len()];
-    for f in faults.iter_mut() {
+    // A process's next fault ends the window of its previous one.
+    let until: Vec<u64> = (0..faults.len())
+        .map(|i| {
+            let f = &faults[i];
+            faults[i + 1..]
+                .iter()
+                .find(|g| (&g.role, g.dc, g.rank) == (&f.role, f.dc, f.rank))
+                .map_or(u64::MAX, |g| g.unix_ms)
+        })
+        .collect();
+    for (f, until) in faults.iter_mut().zip(until) {
         // The server may see the loss a little before the launcher does.
         let from = f.unix_ms.saturating_sub(1_000);
         let mine = |e: &MemberEvent, change| {
@@ -121,29 +131,32 @@ pub fn match_events(faults: &mut [FaultRecord], events: &[MemberEvent], rounds: 
                 && (e.dc, e.rank, e.change) == (f.dc, f.rank, change)
                 && e.unix_ms >= from
         };
-        let Some(li) =
-            (0..events.len()).find(|&i| !used[i] && mine(&events[i], MemberChange::Lost))
-        else {
-            continue;
-        };
-        used[li] = true;
-        let lost = &events[li];
+        // A worker whose local server died has no loss event of its own: only its rejoin.
+        let lost = (0..events.len()).find(|&i| !used[i] && mine(&events[i], MemberChange::Lost));
         let secs = |ms: u64| ms.saturating_sub(f.unix_ms) as f64 / 1e3;
-        f.detected_after_s = Some(secs(lost.unix_ms));
-        f.lost_round = Some(lost.round);
+        let after = match lost {
+            Some(li) => {
+                used[li] = true;
+                f.detected_after_s = Some(secs(events[li].unix_ms));
+                f.lost_round = Some(events[li].round);
+                events[li].unix_ms
+            }
+            None => from,
+        };
         let back = (0..events.len()).find(|&i| {
             !used[i]
                 && mine(&events[i], MemberChange::Rejoined)
-                && events[i].unix_ms >= lost.unix_ms
+                && (after..until).contains(&events[i].unix_ms)
         });
-        match back {
-            Some(bi) => {
+        match (back, f.lost_round) {
+            (Some(bi), lost_round) => {
                 used[bi] = true;
                 f.rejoined_after_s = Some(secs(events[bi].unix_ms));
                 f.rejoined_round = Some(events[bi].round);
-                f.rounds_reduced = Some(events[bi].round.saturating_sub(lost.round));
+                f.rounds_reduced = lost_round.map(|l| events[bi].round.saturating_sub(l));
             }
-            None => f.rounds_reduced = Some(rounds.saturating_sub(lost.round)),
+            (None, Some(l)) => f.rounds_reduced = Some(rounds.saturating_sub(l)),
+            (None, None) => {}
         }
     }
 }
@@ -221,6 +234,7 @@ mod tests {
             fault(1, 0, 10_000),
             fault(1, 0, 20_000),
             fault(1, 1, 30_000),
+            fault(1, 1, 40_000),
         ];
         let events = vec![
             ev(0, MemberChange::Lost, 7, 9_990),
@@ -228,6 +242,7 @@ mod tests {
             ev(0, MemberChange::Lost, 15, 20_050),
             ev(0, MemberChange::Rejoined, 16, 20_900),
             ev(1, MemberChange::Lost, 30, 30_100),
+            ev(1, MemberChange::Rejoined, 44, 40_500),
         ];
         match_events(&mut faults, &events, 40);
         assert_eq!(faults[0].detected_after_s, Some(0.0));
@@ -238,7 +253,11 @@ mod tests {
         assert_eq!(faults[0].rounds_reduced, Some(2));
         assert_eq!(faults[1].detected_after_s, Some(0.05));
         assert_eq!(faults[1].rejoined_after_s, Some(0.9));
+        // The rejoin at 40.5 s comes after the fourth fault (whose server died: no loss).
         assert_eq!(faults[2].rejoined_round, None);
         assert_eq!(faults[2].rounds_reduced, Some(10));
+        assert_eq!(faults[3].detected_after_s, None);
+        assert_eq!(faults[3].rejoined_after_s, Some(0.5));
+        assert_eq!(faults[3].rounds_reduced, None);
     }
 }
