@@ -487,6 +487,22 @@ mod tests {
         ]
     }
 
+    /// The tickets of `acts`, all successful replies, ascending.
+    fn ok_tickets(acts: &[Action<u32>]) -> Vec<u64> {
+        let mut tickets: Vec<u64> = acts
+            .iter()
+            .map(|a| match a {
+                Action::Reply {
+                    ticket,
+                    result: Ok(_),
+                } => *ticket,
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        tickets.sort();
+        tickets
+    }
+
     fn running(t0: Instant) -> CoordState<u32> {
         let mut s = CoordState::new(expected(), 1, 42, t0 + Duration::from_secs(60));
         // Register in scrambled order; conn id = ticket = 10 + i.
@@ -588,17 +604,7 @@ mod tests {
             }]
         ));
         let acts = s.on_barrier(13, 103, "dc:0");
-        let mut tickets: Vec<u64> = acts
-            .iter()
-            .map(|a| match a {
-                Action::Reply {
-                    ticket,
-                    result: Ok(_),
-                } => *ticket,
-                o => panic!("{o:?}"),
-            })
-            .collect();
-        tickets.sort();
+        let tickets = ok_tickets(&acts);
         assert_eq!(tickets, vec![100, 101, 103]);
         // A barrier can be reused.
         assert!(s.on_barrier(10, 104, "dc:0").is_empty());
@@ -708,17 +714,7 @@ mod tests {
         assert!(s.on_register(3, 3, hello("worker", 0, 0)).is_empty());
         assert!(s.on_register(4, 4, hello("worker", 0, 1)).is_empty());
         let acts = s.on_register(5, 5, hello("worker", 1, 0));
-        let mut tickets: Vec<u64> = acts
-            .iter()
-            .map(|a| match a {
-                Action::Reply {
-                    ticket,
-                    result: Ok(_),
-                } => *ticket,
-                o => panic!("{o:?}"),
-            })
-            .collect();
-        tickets.sort();
+        let tickets = ok_tickets(&acts);
         assert_eq!(tickets, vec![2, 3, 4, 5]);
     }
 

@@ -774,18 +774,15 @@ mod tests {
             .with_elastic_dcs(2);
         agg.add_range(0, vec![0.0; 1], 0, sgd(1.0));
         agg.add_range(1, vec![0.0; 1], 0, sgd(1.0));
-        assert!(agg
-            .push_round(0, 0, 0, (Some(vec![3.0]), 1))
-            .unwrap()
-            .is_none());
-        assert!(agg
-            .push_round(0, 2, 0, (Some(vec![6.0]), 1))
-            .unwrap()
-            .is_none());
-        assert!(agg
-            .push_round(1, 1, 0, (Some(vec![1.0]), 1))
-            .unwrap()
-            .is_none());
+        // Whether DC `dc`'s push of `v` to range `id` at `round` completed the round.
+        let done_by = |agg: &mut GlobalAggregator, id, dc, round, v: f32| {
+            agg.push_round(id, dc, round, (Some(vec![v]), 1))
+                .unwrap()
+                .is_some()
+        };
+        assert!(!done_by(&mut agg, 0, 0, 0, 3.0));
+        assert!(!done_by(&mut agg, 0, 2, 0, 6.0));
+        assert!(!done_by(&mut agg, 1, 1, 0, 1.0));
         // DC 1 lost: range 0 completes with DCs 0 and 2 (mean over 2 workers); range 1 drops
         // DC 1's push and waits.
         let done = agg.lose_dc(1);
@@ -799,31 +796,19 @@ mod tests {
         ));
         // DC 2 lost too: one member is below the quorum, so DC 0's push waits.
         assert!(agg.lose_dc(2).is_empty());
-        assert!(agg
-            .push_round(1, 0, 0, (Some(vec![2.0]), 1))
-            .unwrap()
-            .is_none());
+        assert!(!done_by(&mut agg, 1, 0, 0, 2.0));
         // DC 2 rejoins: range 0 collects round 1, so it counts from there; the quorum is back
         // and range 1's round 0 completes with DC 0 alone.
         let (from, done) = agg.join_dc(2, 0).unwrap();
         assert_eq!((from, done.len()), (1, 1));
         assert_eq!(agg.get(1).unwrap().1, &[-2.0]);
         // Round 1 needs DCs 0 and 2; DC 1 rejoins later, from round 2.
-        assert!(agg
-            .push_round(0, 0, 1, (Some(vec![0.0]), 1))
-            .unwrap()
-            .is_none());
-        assert!(agg
-            .push_round(0, 2, 1, (Some(vec![0.0]), 1))
-            .unwrap()
-            .is_some());
+        assert!(!done_by(&mut agg, 0, 0, 1, 0.0));
+        assert!(done_by(&mut agg, 0, 2, 1, 0.0));
         let (from, done) = agg.join_dc(1, 0).unwrap();
         assert_eq!((from, done.len()), (2, 0));
         assert!(agg.dc_is_member(1));
-        assert!(agg
-            .push_round(1, 0, 1, (Some(vec![0.0]), 1))
-            .unwrap()
-            .is_none());
+        assert!(!done_by(&mut agg, 1, 0, 1, 0.0));
         // Moving DC 2's start later releases the round that waited for it.
         let (from, done) = agg.join_dc(2, 2).unwrap();
         assert_eq!((from, done.len()), (2, 1));
