@@ -966,3 +966,16 @@ fn emulated_layer_compute_is_checked() {
         .unwrap()
         .contains("layer_delay_ms"));
 }
+
+#[test]
+fn the_resilience_example_validates_and_continues_after_losses() {
+    let c = Config::from_toml_str(include_str!("../../../examples/resilience.toml")).unwrap();
+    c.validate().unwrap();
+    assert_eq!(
+        c.resilience.lost_worker,
+        crate::config::LostWorker::Continue
+    );
+    assert_eq!(c.resilience.lost_dc, crate::config::LostWorker::Continue);
+    assert_eq!(c.resilience.min_dcs, 2);
+    assert_eq!(c.resilience.restart, crate::config::Restart::OnFailure);
+}
