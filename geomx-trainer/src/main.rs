@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use geomx_trainer::bench_cmd::{summary, Bench};
 use geomx_trainer::config::{Config, LogLevel, Role, RoleSpec};
-use geomx_trainer::launch::role::{exit_hook, run_role, RoleArgs};
+use geomx_trainer::launch::role::{exit_hook, run_role_to_end, RoleArgs};
 use geomx_trainer::launch::{launch, LaunchOptions};
 
 #[derive(Parser)]
@@ -278,9 +278,7 @@ fn run(args: RunArgs) -> Result<(), String> {
                     credentials_stdin: args.credentials_stdin,
                     ..p.args
                 };
-                return run_role(&cfg, &role_args, exit_hook())
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
+                return run_role_to_end(&cfg, &role_args, exit_hook()).map_err(|e| e.to_string());
             }
             let (mut cfg, spec) = Config::from_dmlc_env(&vars).map_err(|e| e.to_string())?;
             if let Some(p) = &args.config {
@@ -308,9 +306,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         resume: args.resume,
         credentials_stdin: args.credentials_stdin,
     };
-    run_role(&cfg, &role_args, exit_hook())
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    run_role_to_end(&cfg, &role_args, exit_hook()).map_err(|e| e.to_string())
 }
 
 /// `geomx wan-lab --selftest`: one JSON line per run; fails if any run missed a bound.

@@ -109,11 +109,11 @@ impl ReplyQueue {
     fn conn(&self, to: &Responder) -> Option<Arc<Conn>> {
         let peer = to.peer();
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        // Connections that ended are forgotten (their ids may be reused by new ones).
-        conns.retain(|_, c| !c.lock().closed);
-        if let Some(c) = conns.get(&peer.conn_id()) {
+        if let Some(c) = conns.get(&peer.conn_id()).filter(|c| !c.lock().closed) {
             return Some(c.clone());
         }
+        // A new connection (or a reused id): the connections that ended are forgotten first.
+        conns.retain(|_, c| !c.lock().closed);
         let conn: Arc<Conn> = Arc::new(Writer::watched());
         let c = conn.clone();
         let spawned = std::thread::Builder::new()

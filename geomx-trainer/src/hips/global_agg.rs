@@ -217,6 +217,11 @@ impl GlobalAggregator {
         self.complete_ready()
     }
 
+    /// The highest round an owned range collects.
+    pub fn top_round(&self) -> u64 {
+        self.ranges.values().map(|r| r.version).max().unwrap_or(0)
+    }
+
     /// Whether DC `dc` counts (its local server is not lost).
     pub fn dc_is_member(&self, dc: usize) -> bool {
         self.dc_from.get(dc).is_some_and(Option::is_some)
@@ -226,8 +231,7 @@ impl GlobalAggregator {
     /// the highest round an owned range collects, whichever is higher (returned), together with
     /// the rounds that no longer wait for it. `None` for an unknown DC.
     pub fn join_dc(&mut self, dc: usize, at_least: u64) -> Option<(u64, Completed)> {
-        let top = self.ranges.values().map(|r| r.version).max().unwrap_or(0);
-        let from = at_least.max(top);
+        let from = at_least.max(self.top_round());
         *self.dc_from.get_mut(dc)? = Some(from);
         Some((from, self.complete_ready()))
     }

@@ -604,12 +604,7 @@ impl GlobalHandler {
     /// and the rounds that waited only for it complete.
     fn lose_dc(&self, dc: usize, reason: &NetError) {
         let mut st = lock(&self.state);
-        let round = st
-            .agg
-            .range_ids()
-            .filter_map(|id| st.agg.get(id))
-            .map(|(v, _)| v)
-            .max();
+        let round = st.agg.top_round();
         let done = st.agg.lose_dc(dc);
         drop(st);
         self.log.change_of(
@@ -617,7 +612,7 @@ impl GlobalHandler {
             dc as u32,
             0,
             MemberChange::Lost,
-            round.unwrap_or(0),
+            round,
             reason.to_string(),
         );
         self.finish_rounds(done);

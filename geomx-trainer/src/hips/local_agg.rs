@@ -64,6 +64,11 @@ impl LocalAggregator {
         self.keys.get(key).map(|k| k.round)
     }
 
+    /// The highest round any key collects (where a rejoining worker starts).
+    pub fn top_round(&self) -> u64 {
+        self.keys.iter().map(|k| k.round).max().unwrap_or(0)
+    }
+
     /// Whether worker `rank` is a member (not lost).
     pub fn is_member(&self, rank: usize) -> bool {
         self.member_from.get(rank).is_some_and(Option::is_some)
@@ -168,7 +173,7 @@ impl LocalAggregator {
     /// Worker `rank` comes back: it counts from the highest round any key collects, which it
     /// returns (the worker starts there, with θ of that round). `None` for an unknown rank.
     pub fn join(&mut self, rank: usize) -> Option<u64> {
-        let from = self.keys.iter().map(|k| k.round).max().unwrap_or(0);
+        let from = self.top_round();
         let m = self.member_from.get_mut(rank)?;
         *m = Some(from);
         Some(from)

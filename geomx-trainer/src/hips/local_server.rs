@@ -265,10 +265,7 @@ impl LocalHandler {
         if !st.agg.is_member(rank) {
             return;
         }
-        let round = (0..self.key_lens.len())
-            .filter_map(|k| st.agg.round(k))
-            .max()
-            .unwrap_or(0);
+        let round = st.agg.top_round();
         let closed: Vec<_> = st
             .agg
             .lose(rank)
@@ -440,7 +437,7 @@ impl LocalHandler {
             .partition(|(k, v, _)| *k == key && *v <= version);
         st.pulls = rest;
         let mut state_ready = Vec::new();
-        if let Some(state) = state.filter(|_| self.elastic && self.models) {
+        if let Some(state) = state {
             let state = Arc::new(state);
             st.states[key] = Some((version, state.clone()));
             let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.state_pulls)
@@ -1079,47 +1076,6 @@ fn final_theta(
         .collect()
 }
 
-/// A restarted local server asks every global server to count its DC again, proposing the
-/// highest round any of them named until all name the same one, which it returns (the FSA round
-/// its DC starts at). Retried while a global server still holds the lost incarnation's
-/// connection, up to the job's wait limit.
-fn rejoin_global(clients: &[KvClient], job: &JobSpec) -> Result<u64, RunError> {
-    let deadline = Instant::now() + job.wait_limit();
-    let mut at = 0u64;
-    loop {
-        let mut froms = Vec::with_capacity(clients.len());
-        let mut refused = None;
-        for c in clients {
-            match c
-                .pull(REJOIN_KEY, at, 0, 0)
-                .and_then(|p| p.wait(job.wait_limit()))
-            {
-                Ok(r) => froms.push(r.version),
-                Err(e) => {
-                    refused = Some(e);
-                    break;
-                }
-            }
-        }
-        match refused {
-            Some(e) if Instant::now() >= deadline => {
-                return Err(RunError::Net("rejoining the global servers".into(), e));
-            }
-            Some(e) => {
-                tracing::info!(error = %e, "rejoin refused; retrying");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            None => {
-                let top = froms.iter().copied().max().unwrap_or(0);
-                if froms.iter().all(|&f| f == top) {
-                    return Ok(top);
-                }
-                at = top;
-            }
-        }
-    }
-}
-
 /// Runs the local server of DC `dc` until the job shuts down; returns its traffic.
 pub fn run(
     job: &JobSpec,
@@ -1262,7 +1218,7 @@ pub fn run(
     // servers are; its workers count again as they rejoin.
     let incarnation = node.membership.incarnation;
     if incarnation > 0 {
-        let round = rejoin_global(&clients, job)?;
+        let round = super::node::rejoin(&clients, job)?;
         (start, start_global) = (round, round);
         handler.restart_at(round);
         tracing::warn!(%dc, incarnation, round, "local server rejoined the job");

@@ -213,6 +213,42 @@ impl Node {
     }
 }
 
+/// Asks the servers behind `clients` to count this restarted process again (a `Pull` of
+/// [`super::msg::REJOIN_KEY`] proposing a round), proposing the highest round any of them named
+/// until all name the same one, which it returns: a worker asks its local server, a local server
+/// every global server. Retried while a server still holds the lost incarnation's connection (it
+/// refuses until it has seen that connection close), up to the job's wait limit.
+pub(super) fn rejoin(clients: &[geomx_net::KvClient], job: &JobSpec) -> Result<u64, RunError> {
+    let deadline = Instant::now() + job.wait_limit();
+    let mut at = 0u64;
+    loop {
+        let answers: Result<Vec<u64>, NetError> = clients
+            .iter()
+            .map(|c| {
+                c.pull(super::msg::REJOIN_KEY, at, 0, 0)
+                    .and_then(|p| p.wait(job.wait_limit()))
+                    .map(|r| r.version)
+            })
+            .collect();
+        match answers {
+            Ok(froms) => {
+                let top = froms.iter().copied().max().unwrap_or(0);
+                if froms.iter().all(|&f| f == top) {
+                    return Ok(top);
+                }
+                at = top;
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(RunError::Net("rejoining the job".into(), e));
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "rejoin refused; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 /// Aborts the job from any thread; see [`Node::aborter`].
 #[derive(Clone)]
 pub struct Aborter {

@@ -600,7 +600,7 @@ pub fn run(
     let incarnation = node.membership.incarnation;
     if incarnation > 0 {
         // The local server counts averagings under HFA: a training round is k1 of them.
-        start = rejoin(&client, job)? * job.rounds_per_local();
+        start = super::node::rejoin(std::slice::from_ref(&client), job)? * job.rounds_per_local();
         resumed = None;
         batcher.skip_to(start);
         tracing::warn!(%dc, %rank, incarnation, round = start, "worker rejoined the job");
@@ -861,28 +861,6 @@ fn checkpoint_state(
         }
     }
     state
-}
-
-/// Asks the local server to count this restarted worker again; returns the round it counts from.
-/// Retried while the server still holds the lost incarnation's connection (it refuses until it
-/// has seen that connection close), up to the job's wait limit.
-fn rejoin(client: &KvClient, job: &JobSpec) -> Result<u64, RunError> {
-    let deadline = Instant::now() + job.wait_limit();
-    loop {
-        let resp = client
-            .pull(super::local_server::REJOIN_KEY, 0, 0, 0)
-            .and_then(|p| p.wait(job.wait_limit()));
-        match resp {
-            Ok(r) => return Ok(r.version),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(RunError::Net("rejoining the job".into(), e));
-            }
-            Err(e) => {
-                tracing::info!(error = %e, "rejoin refused; retrying");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
 }
 
 /// One vector per tensor.

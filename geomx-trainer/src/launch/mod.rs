@@ -805,10 +805,10 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             .collect::<Vec<_>>(),
         job.rounds,
     );
-    for p in &cl.procs {
-        if p.restarts > 0 {
-            let role = p.name.split(' ').next().unwrap_or_default().to_string();
-            *report.restarts.entry(role).or_default() += p.restarts;
+    for (i, &(role, ..)) in &restartable {
+        let n = cl.procs[*i].restarts;
+        if n > 0 {
+            *report.restarts.entry(role.to_string()).or_default() += n;
         }
     }
     report.faults = faults;

@@ -95,6 +95,19 @@ pub fn stdout_progress() -> ProgressSink {
     })
 }
 
+/// [`run_role`] as the binary ends it: a restarted process that finds the job already finished
+/// (it came too late to rejoin) succeeds with a note and no stats to report.
+pub fn run_role_to_end(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<(), RoleError> {
+    match run_role(cfg, args, fatal) {
+        Ok(_) => Ok(()),
+        Err(RoleError::Run(RunError::JobFinished(m))) => {
+            eprintln!("note: {m}");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs the role `args` describes with configuration `cfg`; prints the coordinator address and
 /// the final stats as lines on stdout.
 pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleStats, RoleError> {
@@ -177,21 +190,14 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 .unwrap_or_else(|| format!("{host}:{port}"));
             local_server::run(&job, dc, &coord_addr()?, &bind, fatal)?
         }
-        Role::Worker => match worker::run(
+        Role::Worker => worker::run(
             &job,
             need("dc")?,
             need("rank")?,
             &coord_addr()?,
             fatal,
             stdout_progress(),
-        ) {
-            Err(RunError::JobFinished(m)) => {
-                // A restarted worker that came too late: a success, with no stats to report.
-                eprintln!("note: {m}");
-                std::process::exit(0);
-            }
-            r => r?,
-        },
+        )?,
         Role::DcCoordinator | Role::MasterWorker => {
             // geomx merges the party schedulers into the one coordinator and takes the optimizer
             // and θ_0 from the configuration, so these roles of the original have nothing to do.
