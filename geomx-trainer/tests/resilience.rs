@@ -13,12 +13,13 @@ use geomx_trainer::hips::round_log::{replay, PartialRound};
 use serde_json::Value;
 use support::{output_within, scratch, GEOMX, LAUNCH_LIMIT};
 
-/// 2 DCs × 2 workers, 1500 rounds (a few seconds: a restart, about 0.3 s here, lands well before
-/// the end even on a loaded machine), fast failure detection.
+/// 2 DCs × 2 workers, 1500 rounds, fast failure detection. Every training step sleeps at least
+/// 1.2 ms (`layer_delay_ms`, values unchanged), so the job lasts seconds however fast the machine
+/// is, and a restart (about 0.3 s here) lands well before the end.
 fn job(restart: &str) -> String {
     format!(
         "[train]\nrounds = 1500\neval_every = 0\n\
-         [model]\nhidden = [16]\n\
+         [model]\nhidden = [16]\nlayer_delay_ms = [0.3, 0.3]\n\
          [cluster]\ndata_centers = 2\nworkers_per_dc = 2\n\
          [timeouts]\nheartbeat_ms = 100\npeer_dead_ms = 1000\n\
          [resilience]\nlost_worker = \"continue\"\nrestart = \"{restart}\"\n"
@@ -59,7 +60,9 @@ fn partial_rounds(r: &Value) -> Vec<PartialRound> {
 
 /// The single-process replay of `r`'s round logs, hashed like the report's hashes.
 fn replayed_hash(toml: &str, r: &Value) -> String {
-    let cfg = Config::from_toml_str(toml).unwrap();
+    let mut cfg = Config::from_toml_str(toml).unwrap();
+    // The emulated compute changes no value; the replay need not sleep.
+    cfg.model.layer_delay_ms.clear();
     let data = geomx_trainer::data::load(&cfg.data).unwrap();
     let rounds = r["rounds"].as_u64().unwrap();
     let run = replay(&cfg, &data, rounds, &partial_rounds(r)).unwrap();
@@ -149,10 +152,11 @@ fn by_default_a_lost_worker_still_ends_the_job() {
 
 #[test]
 fn a_data_center_that_loses_every_worker_waits_for_them_and_the_job_equals_its_replay() {
-    // 3 DCs × 2 workers: both workers of dc1 die together, one of dc2 later.
+    // 3 DCs × 2 workers: both workers of dc1 die in the same round (one after its first push,
+    // one waiting for its replies), one of dc2 later.
     let toml = job("on-failure").replace("data_centers = 2", "data_centers = 3");
-    let chaos =
-        "kill:worker:dc1:0@round=100,kill:worker:dc1:1@round=100,kill:worker:dc2:1@round=600";
+    let chaos = "kill:worker:dc1:0@round=100:mid-push,kill:worker:dc1:1@round=100:reply-wait,\
+                 kill:worker:dc2:1@round=600";
     let (r, stderr) = launch("dc", &toml, Some(chaos));
     let faults = r["faults"].as_array().unwrap();
     assert_eq!(faults.len(), 3, "{faults:?}\n{stderr}");
@@ -167,15 +171,12 @@ fn a_data_center_that_loses_every_worker_waits_for_them_and_the_job_equals_its_r
 
 #[test]
 fn a_stopped_worker_is_dropped_within_the_detection_time_and_rejoins_after_it_resumes() {
-    // SIGSTOP for 2 s while waiting for its replies: the local server hears nothing for
+    // SIGSTOP for 1.5 s while waiting for its replies: the local server hears nothing for
     // peer_dead_ms (1 s) and drops it; resumed, the worker finds its connections closed, exits,
-    // and is restarted.
-    let toml = job("on-failure");
-    let (r, stderr) = launch(
-        "stop",
-        &toml,
-        Some("stop=2s:worker:dc0:1@round=60:reply-wait"),
-    );
+    // and is restarted (3000 rounds: the job outlasts all that with room to spare).
+    let toml = job("on-failure").replace("rounds = 1500", "rounds = 3000");
+    let chaos = "stop=1500ms:worker:dc0:1@round=60:reply-wait";
+    let (r, stderr) = launch("stop", &toml, Some(chaos));
     let faults = r["faults"].as_array().unwrap();
     assert_eq!(faults.len(), 1, "{faults:?}\n{stderr}");
     let f = &faults[0];
