@@ -108,6 +108,8 @@ struct RangeState {
 pub enum SkipCause {
     /// A DC dropped its push.
     Upstream,
+    /// No worker of any DC counted in the round (all lost, rejoining later): θ stays.
+    NoWorkers,
     /// A non-finite value at this server (`what`: sum, quantized mean, increment, step).
     NonFinite(&'static str),
 }
@@ -190,7 +192,9 @@ impl GlobalAggregator {
         let members = self.dc_from.iter().filter(|d| d.is_some()).count();
         let pushed = r.pushes.iter().any(Option::is_some);
         let waiting = (0..self.n_dcs).any(|d| self.counts(d, r.version) && r.pushes[d].is_none());
-        pushed && !waiting && members >= self.min_dcs
+        // A round every member counts only after completes without pushes (nobody can push it).
+        let later = self.dc_from.iter().flatten().any(|&from| from > r.version);
+        (pushed || later) && !waiting && members >= self.min_dcs
     }
 
     /// Completes every owned range whose round no longer waits (after a membership change).
@@ -424,9 +428,12 @@ impl GlobalAggregator {
             .filter(|&d| r.pushes[d].is_some())
             .map(|d| d as u32)
             .collect();
+        let elastic = self.elastic;
         for (s, c) in r.pushes.iter_mut().filter_map(Option::take) {
             counted += u64::from(c);
             match (s, g.as_mut()) {
+                // A DC that summed no worker (count 0, lost workers) is absent, not dropped.
+                (None, _) if elastic && c == 0 => {}
                 (None, _) => skipped_dc = true,
                 (Some(s), None) => g = Some(s),
                 (Some(s), Some(acc)) => {
@@ -437,7 +444,8 @@ impl GlobalAggregator {
             }
         }
         let counts_ok = if self.elastic {
-            (1..=u64::from(w)).contains(&counted)
+            // 0: no worker anywhere counted in this round; θ stays.
+            counted <= u64::from(w)
         } else {
             counted == u64::from(w)
         };
@@ -463,6 +471,7 @@ impl GlobalAggregator {
                 self.policy,
                 &mut overflow,
             ),
+            None if counted == 0 => Err(SkipCause::NoWorkers),
             _ => Err(SkipCause::Upstream),
         };
         let (reply, skipped) = match stepped {
@@ -816,6 +825,25 @@ mod tests {
         // Moving DC 2's start later releases the round that waited for it.
         let (from, done) = agg.join_dc(2, 2).unwrap();
         assert_eq!((from, done.len()), (2, 1));
+    }
+
+    #[test]
+    fn a_round_no_worker_counted_in_keeps_theta_and_absent_dcs_are_not_drops() {
+        let mut agg = GlobalAggregator::new(2, 2).with_elastic_counts(true);
+        agg.add_range(0, vec![1.0; 1], 0, sgd(1.0));
+        // DC 0 summed nobody (count 0, no values), DC 1 one worker: the mean is DC 1's.
+        agg.push_round(0, 0, 0, (None, 0)).unwrap();
+        let d = agg
+            .push_round(0, 1, 0, (Some(vec![0.5]), 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!((d.skipped, d.dcs.clone()), (None, vec![0, 1]));
+        assert_eq!(agg.get(0).unwrap().1, &[0.5]);
+        // Both absent: the round completes without a step.
+        agg.push_round(0, 0, 1, (None, 0)).unwrap();
+        let d = agg.push_round(0, 1, 1, (None, 0)).unwrap().unwrap();
+        assert_eq!(d.skipped, Some(SkipCause::NoWorkers));
+        assert_eq!(agg.get(0).unwrap(), (2, &[0.5][..]));
     }
 
     #[test]

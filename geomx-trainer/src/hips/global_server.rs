@@ -200,7 +200,8 @@ impl GlobalHandler {
         if let Some(k) = self.range_keys.get(id) {
             self.overflows.add(*k, overflow);
         }
-        if let Some(cause) = skipped {
+        // A round no worker counted in is no drop: it had nothing to step with.
+        if let Some(cause) = skipped.filter(|c| *c != SkipCause::NoWorkers) {
             self.skipped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 range = id,

@@ -29,6 +29,9 @@ impl LocalSum {
     }
 }
 
+/// Rounds a membership change completed: (key, round, sum).
+pub type Completed = Vec<(usize, u64, LocalSum)>;
+
 /// Collects the pushes of one DC's workers and sums them in rank order.
 ///
 /// Every worker is a member from the start. A lost worker ([`LocalAggregator::lose`]) stops
@@ -125,13 +128,16 @@ impl LocalAggregator {
         Ok(self.complete(key))
     }
 
-    /// The sum of `key`'s round when every member's push is in (and at least one is).
+    /// The sum of `key`'s round when every member's push is in. With no push at all the round
+    /// waits for a member, unless every member counts only from a later round: then nobody can
+    /// push it, and it completes empty (no ranks; the DC is absent from it upstream).
     fn complete(&mut self, key: usize) -> Option<LocalSum> {
         let slot = &self.keys[key];
         let round = slot.round;
         let waiting =
             (0..self.member_from.len()).any(|r| self.counts(r, round) && slot.pushes[r].is_none());
-        if waiting || slot.pushes.iter().all(Option::is_none) {
+        let later = self.member_from.iter().flatten().any(|&from| from > round);
+        if waiting || (slot.pushes.iter().all(Option::is_none) && !later) {
             return None;
         }
         let slot = &mut self.keys[key];
@@ -154,7 +160,7 @@ impl LocalAggregator {
 
     /// Worker `rank` is lost: its pushes of the rounds being collected are dropped and it no
     /// longer counts. Returns the `(key, round, sum)` of every round that no longer waits.
-    pub fn lose(&mut self, rank: usize) -> Vec<(usize, u64, LocalSum)> {
+    pub fn lose(&mut self, rank: usize) -> Completed {
         let Some(m) = self.member_from.get_mut(rank) else {
             return Vec::new();
         };
@@ -171,12 +177,23 @@ impl LocalAggregator {
     }
 
     /// Worker `rank` comes back: it counts from the highest round any key collects, which it
-    /// returns (the worker starts there, with θ of that round). `None` for an unknown rank.
-    pub fn join(&mut self, rank: usize) -> Option<u64> {
+    /// returns (the worker starts there, with θ of that round), with the `(key, round, sum)` of
+    /// the earlier rounds that no longer wait (those nobody is left to push complete empty).
+    /// `None` for an unknown rank.
+    pub fn join(&mut self, rank: usize) -> Option<(u64, Completed)> {
         let from = self.top_round();
-        let m = self.member_from.get_mut(rank)?;
-        *m = Some(from);
-        Some(from)
+        *self.member_from.get_mut(rank)? = Some(from);
+        let mut done = Vec::new();
+        for key in 0..self.keys.len() {
+            while self.keys[key].round < from {
+                let round = self.keys[key].round;
+                match self.complete(key) {
+                    Some(s) => done.push((key, round, s)),
+                    None => break,
+                }
+            }
+        }
+        Some((from, done))
     }
 }
 
@@ -276,11 +293,11 @@ mod tests {
         // Key 0 at round 1 has rank 0's push; rank 1 rejoins: both keys collect round 1, so
         // it counts from round 1 and key 0 waits for it.
         assert_eq!(agg.push(0, 1, 0, vec![1.0]).unwrap(), None);
-        assert_eq!(agg.join(1), Some(1));
+        assert_eq!(agg.join(1), Some((1, Vec::new())));
         assert_eq!(agg.push(0, 1, 2, vec![1.0]).unwrap(), None);
         let s = agg.push(0, 1, 1, vec![1.0]).unwrap().unwrap();
         assert_eq!(s.ranks, vec![0, 1, 2]);
-        assert_eq!(agg.join(7), None);
+        assert!(agg.join(7).is_none());
     }
 
     #[test]
@@ -289,7 +306,7 @@ mod tests {
         agg.lose(1);
         // Key 0 completes round 0 alone; key 1 still collects round 0.
         assert!(agg.push(0, 0, 0, vec![1.0]).unwrap().is_some());
-        assert_eq!(agg.join(1), Some(1));
+        assert_eq!(agg.join(1), Some((1, Vec::new())));
         // Round 0 of key 1 does not wait for rank 1; round 1 of both keys does.
         assert!(agg.push(1, 0, 0, vec![1.0]).unwrap().is_some());
         assert!(agg.push(0, 1, 0, vec![1.0]).unwrap().is_none());
@@ -302,7 +319,35 @@ mod tests {
         assert!(agg.lose(0).is_empty());
         assert!(agg.lose(1).is_empty());
         assert_eq!(agg.round(0), Some(0));
-        assert_eq!(agg.join(0), Some(0));
+        assert_eq!(agg.join(0), Some((0, Vec::new())));
         assert!(agg.push(0, 0, 0, vec![1.0]).unwrap().is_some());
+    }
+
+    #[test]
+    fn rounds_nobody_is_left_to_push_complete_empty_when_a_worker_rejoins_later() {
+        // Both workers die in round 0: rank 0 had pushed key 1 and rank 1 both keys, so key 1
+        // completed round 0 and key 0 is left with no push (both are dropped).
+        let mut agg = LocalAggregator::new(&[1, 1], 2, 0);
+        assert!(agg.push(1, 0, 0, vec![1.0]).unwrap().is_none());
+        assert!(agg.push(0, 0, 1, vec![2.0]).unwrap().is_none());
+        assert!(agg.push(1, 0, 1, vec![2.0]).unwrap().is_some());
+        assert!(agg.lose(1).is_empty(), "rank 0 still counts for key 0");
+        assert!(agg.lose(0).is_empty(), "no member: key 0's round waits");
+        // Rank 1 rejoins from round 1: nobody can push key 0's round 0, which completes empty.
+        let (from, done) = agg.join(1).unwrap();
+        assert_eq!(from, 1);
+        assert_eq!(
+            done,
+            vec![(
+                0,
+                0,
+                LocalSum {
+                    sum: Vec::new(),
+                    ranks: Vec::new()
+                }
+            )]
+        );
+        assert_eq!(agg.round(0), Some(1));
+        assert!(agg.push(0, 1, 1, vec![1.0]).unwrap().is_some());
     }
 }

@@ -63,6 +63,9 @@ pub use super::msg::REJOIN_KEY;
 /// model the workers hold after that averaging, then the milestone, as f32.
 pub const HFA_STATE_FLAG: u64 = 1 << 62;
 
+/// A completed local round: (key, round, sum, the pushes it answers).
+type Closed = (usize, u64, LocalSum, Vec<Responder>);
+
 /// A key's stored reply: (version, codec, bytes).
 type Stored = (u64, PayloadCodec, Arc<Vec<u8>>);
 
@@ -233,13 +236,18 @@ impl LocalHandler {
         }
     }
 
-    /// Hands a completed local sum and the pushes it answers to the key's uplink.
+    /// Hands a completed local sum and the pushes it answers to the key's uplink. A sum of no
+    /// worker goes up as count 0 without values: the DC is absent from that round.
     fn send_up(&self, key: usize, round: u64, sum: LocalSum, replies: Vec<Responder>) {
         self.log
             .summed(self.dc, key, round, &sum.ranks, self.n_workers);
         let count = sum.count();
-        let Some(sum) = self.check_sum(key, round, sum.sum) else {
-            return;
+        let sum = match count {
+            0 => None,
+            _ => match self.check_sum(key, round, sum.sum) {
+                Some(s) => s,
+                None => return,
+            },
         };
         let job = UpJob {
             round,
@@ -266,15 +274,8 @@ impl LocalHandler {
             return;
         }
         let round = st.agg.top_round();
-        let closed: Vec<_> = st
-            .agg
-            .lose(rank)
-            .into_iter()
-            .map(|(key, round, sum)| {
-                let replies = std::mem::take(&mut st.parked[key]);
-                (key, round, sum, replies)
-            })
-            .collect();
+        let done = st.agg.lose(rank);
+        let closed = Self::with_replies(&mut st, done);
         drop(st);
         // Events count training rounds (an HFA local round is k1 of them).
         self.log.change(
@@ -316,7 +317,12 @@ impl LocalHandler {
             );
             return self.admission.refuse(reply, msg);
         }
-        let from = st.agg.join(rank).unwrap_or(0);
+        let Some((from, done)) = st.agg.join(rank) else {
+            drop(st);
+            let msg = format!("dc {}: no worker rank {rank}", self.dc);
+            return self.admission.refuse(reply, msg);
+        };
+        let closed = Self::with_replies(&mut st, done);
         drop(st);
         self.log.change(
             self.dc,
@@ -326,6 +332,19 @@ impl LocalHandler {
             String::new(),
         );
         let _ = reply.send(from, PayloadCodec::Raw, &[]);
+        for (key, round, sum, replies) in closed {
+            self.send_up(key, round, sum, replies);
+        }
+    }
+
+    /// Completed local rounds with the pushes parked for them (answered once they are done).
+    fn with_replies(st: &mut State, done: super::local_agg::Completed) -> Vec<Closed> {
+        done.into_iter()
+            .map(|(key, round, sum)| {
+                let replies = std::mem::take(&mut st.parked[key]);
+                (key, round, sum, replies)
+            })
+            .collect()
     }
 
     /// The local sum of `key` at `round`, checked: `Some(Some(sum))` to push, `Some(None)` to drop
