@@ -42,6 +42,7 @@ fn hello(role: &str, dc: u32, rank: u32) -> Hello {
         listen_addr: format!("127.0.0.1:{}", 9000 + dc * 10 + rank),
         protocol_version: PROTOCOL_VERSION,
         config_hash: 0xfeed,
+        reattach: None,
     }
 }
 
@@ -225,5 +226,129 @@ fn silent_node_detected_by_heartbeat_timeout() {
             t0.elapsed()
         );
         drop(raw);
+    }
+}
+
+/// A member that lost a rejoinable peer polls `locate` until the peer registered again, and
+/// then connects to its new address; a peer that is not a member is told nothing.
+#[test]
+fn a_member_locates_a_lost_server_and_its_next_incarnation() {
+    for d in drivers() {
+        let o = CoordOptions {
+            net: net(d),
+            config_hash: 0xfeed,
+            registration_timeout: Duration::from_secs(10),
+            rejoinable: vec!["server".into()],
+            ..CoordOptions::default()
+        };
+        let c = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
+        let addr = c.local_addr();
+        let regs: Vec<_> = [("server", 0, 0), ("worker", 0, 0), ("worker", 1, 0)]
+            .into_iter()
+            .map(|(r, dc, k)| {
+                thread::spawn(move || CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap())
+            })
+            .collect();
+        let mut clients: Vec<_> = regs.into_iter().map(|t| t.join().unwrap().0).collect();
+        let worker = clients.remove(1);
+        let server_key = geomx_net::coord::NodeKey::new("server", 0, 0);
+        let l = worker.locate(&server_key).unwrap();
+        assert_eq!(
+            (l.addr.as_str(), l.incarnation, l.live),
+            ("127.0.0.1:9000", 0, true)
+        );
+        // The server dies; the coordinator sees it (connection closed) and the job goes on.
+        clients.remove(0).close();
+        let deadline = Instant::now() + W;
+        while worker.locate(&server_key).unwrap().live {
+            assert!(Instant::now() < deadline, "{d:?}: the loss was never seen");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let mut again = hello("server", 0, 0);
+        again.listen_addr = "127.0.0.1:9999".into();
+        let (_server, m) = CoordClient::register(addr, again, net(d)).unwrap();
+        assert_eq!(m.incarnation, 1);
+        let l = worker.locate(&server_key).unwrap();
+        assert_eq!(
+            (l.addr.as_str(), l.incarnation, l.live),
+            ("127.0.0.1:9999", 1, true)
+        );
+        // A stranger's locate is refused, and refused cleanly.
+        let stranger = geomx_net::KvClient::connect(addr, 77, net(d)).unwrap();
+        let e = stranger
+            .request(
+                geomx_net::wire::FrameHeader::new(geomx_net::MsgKind::Pull),
+                &server_key.encode(),
+            )
+            .unwrap()
+            .wait(W)
+            .unwrap_err();
+        assert!(e.to_string().contains("registered member"), "{e}");
+        assert_eq!(
+            c.wait(Duration::from_millis(1)),
+            None,
+            "{d:?}: the job goes on"
+        );
+    }
+}
+
+/// The coordinator dies while the job runs and a new one continues from its snapshot file on
+/// the same address: the members reconnect and reattach, and the job ends with Shutdown.
+#[test]
+fn a_restarted_coordinator_continues_the_job_from_its_snapshot() {
+    for d in drivers() {
+        let file =
+            std::env::temp_dir().join(format!("geomx-coord-snapshot-{}-{d:?}", std::process::id()));
+        let o = CoordOptions {
+            net: net(d),
+            config_hash: 0xfeed,
+            registration_timeout: Duration::from_secs(10),
+            state_file: Some(file.clone()),
+            reattach_window: Some(Duration::from_secs(10)),
+            ..CoordOptions::default()
+        };
+        let mut c = Coordinator::bind("127.0.0.1:0", expected(), o.clone()).unwrap();
+        let addr = c.local_addr();
+        let members: Vec<_> = [("server", 0, 0), ("worker", 0, 0), ("worker", 1, 0)]
+            .into_iter()
+            .map(|(r, dc, k)| {
+                thread::spawn(move || {
+                    let (cl, m) = CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap();
+                    let cl = cl.reconnecting(true);
+                    cl.barrier("all").unwrap();
+                    (cl, m)
+                })
+            })
+            .collect();
+        let members: Vec<_> = members.into_iter().map(|t| t.join().unwrap()).collect();
+        // The snapshot is on disk once the job runs; the coordinator "dies".
+        let snap = geomx_net::coord::read_snapshot(&file).unwrap();
+        assert_eq!(snap.nodes.len(), 3);
+        c.shutdown();
+        drop(c);
+        thread::sleep(Duration::from_millis(300));
+        let c = Coordinator::bind_restored(addr, snap, o).unwrap();
+        // Every member reconnects on its own (its event watcher) and reports Done.
+        let done: Vec<_> = members
+            .into_iter()
+            .map(|(cl, m)| {
+                thread::spawn(move || {
+                    cl.done().unwrap();
+                    let deadline = Instant::now() + W;
+                    loop {
+                        match cl.wait_event(Duration::from_millis(200)) {
+                            Some(e) => return (m.my_id, e),
+                            None => assert!(Instant::now() < deadline, "no event"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in done {
+            let (id, ev) = t.join().unwrap();
+            assert_eq!(ev, CoordEvent::Shutdown, "{d:?}: node {id}");
+        }
+        assert_eq!(c.wait(W), Some(CoordOutcome::Shutdown));
+        let _ = std::fs::remove_file(file);
     }
 }

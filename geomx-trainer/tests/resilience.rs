@@ -188,6 +188,10 @@ fn a_stopped_worker_is_dropped_within_the_detection_time_and_rejoins_after_it_re
     assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
 }
 
+/// Held by a test that runs the WAN lab: the namespace check before and after its launch must not
+/// see another test's lab.
+static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `ip netns list` names starting with "gx" (the WAN lab's), when `ip` runs here.
 fn lab_namespaces() -> Vec<String> {
     Command::new("ip")
@@ -211,6 +215,7 @@ fn behind_the_wan_lab_a_killed_and_a_stopped_worker_rejoin() {
         .replace("data_centers = 2", "data_centers = 3")
         .replace("rounds = 1500", "rounds = 600")
         + "[wan]\nmode = \"auto\"\nrate_mbit = 100\ndelay_ms = 5\n";
+    let _lab = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let before = lab_namespaces();
     let chaos = "kill:worker:dc1:0@round=50,stop=1500ms:worker:dc2:1@round=100:reply-wait";
     let (r, stderr) = launch("wan", &toml, Some(chaos));
@@ -315,6 +320,124 @@ fn below_the_quorum_the_global_tier_waits_for_the_lost_data_center() {
             .iter()
             .all(|p| p.to == lost && p.from + 1 == lost),
         "{global_partial:?}"
+    );
+    assert_eq!(r["replicas_identical"], true);
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}
+
+/// `job` with two global servers and a coordinator that may be lost (`lost_global_server`,
+/// `lost_coordinator = "continue"`), saving every 50 rounds into a fresh directory of `name`.
+fn global_job(name: &str) -> (String, std::path::PathBuf) {
+    let dir = scratch("resilience", &format!("{name}-ckpt"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let toml = job("on-failure").replace(
+        "workers_per_dc = 2\n",
+        "workers_per_dc = 2\nglobal_servers = 2\n",
+    ) + &format!(
+        "lost_global_server = \"continue\"\nlost_coordinator = \"continue\"\n\
+         [checkpoint]\ndir = {:?}\nevery_rounds = 50\n",
+        dir.display().to_string()
+    );
+    (toml, dir)
+}
+
+#[test]
+fn killed_global_servers_and_coordinator_restart_and_the_job_is_bit_identical() {
+    // Global server 1 dies while a round collects pushes (restarting from round 100); global
+    // server 0 dies at a checkpoint round before saving it (restarting from round 650). The
+    // local servers resend the rounds since those checkpoints, so nothing is lost: the job ends
+    // with the fault-free θ, bit for bit. The coordinator is killed too, 300 ms into the run: its
+    // restart continues from its snapshot and every member reattaches.
+    let (toml, dir) = global_job("gs-clean");
+    let (clean, _) = launch("gs-clean", &toml, None);
+    let _ = std::fs::remove_dir_all(dir);
+    let (toml, dir) = global_job("gs-killed");
+    let chaos = "kill:global-server:1@round=130:mid-push,kill:global-server:0@round=700,\
+                 kill:coordinator@after=300ms";
+    let (r, stderr) = launch("gs-killed", &toml, Some(chaos));
+    let _ = std::fs::remove_dir_all(dir);
+    for (process, lost) in [
+        ("global_server (dc 2, rank 1)", 129),
+        ("global_server (dc 2, rank 0)", 699),
+    ] {
+        let f = fault_of(&r, process);
+        assert_eq!(f["cause"], "killed by signal 9", "{f}\n{stderr}");
+        assert_eq!(f["restarted"], true, "{f}");
+        assert!(f["detected_after_s"].as_f64().unwrap() <= 1.5, "{f}");
+        assert!(f["rejoined_after_s"].is_f64(), "{f}");
+        assert_eq!(f["lost_round"], lost, "{f}");
+        // The global tier paused; no round ran without it.
+        assert_eq!(f["rounds_reduced"], 0, "{f}");
+    }
+    assert_eq!(r["restarts"]["global_server"], 2);
+    assert_eq!(r["restarts"]["coordinator"], 1, "{stderr}");
+    let c = fault_of(&r, "coordinator");
+    assert!(c["rejoined_after_s"].as_f64().unwrap() < 30.0, "{c}");
+    let incarnations: Vec<u64> = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "global_server")
+        .map(|p| p["incarnation"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(incarnations, [1, 1], "{stderr}");
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], clean["global_param_hash"]);
+    assert_eq!(accuracy(&r), accuracy(&clean));
+}
+
+#[test]
+fn behind_the_wan_lab_a_stopped_global_server_and_a_killed_worker_recover() {
+    // 3 DCs × 2 workers behind 5 ms links. Global server 0 is stopped for 2.5 s: the local
+    // servers see it silent after the detection time (1 s), it wakes to find itself out of the
+    // job and fails, and its restart reloads its checkpoint; meanwhile a worker dies and rejoins,
+    // and the coordinator is killed and restarted. The final θ is the replay of the rounds the
+    // workers missed, bit for bit.
+    let (toml, dir) = global_job("gs-wan");
+    let toml = toml
+        .replace("data_centers = 2", "data_centers = 3")
+        .replace("rounds = 1500", "rounds = 600")
+        .replace("global_servers = 2\n", "")
+        + "[wan]\nmode = \"auto\"\nrate_mbit = 100\ndelay_ms = 5\n";
+    let _lab = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let before = lab_namespaces();
+    let chaos = "stop=2500ms:global-server:0@round=120:reply-wait,kill:worker:dc1:0@round=60,\
+                 kill:coordinator@after=200ms";
+    let (r, stderr) = launch("gs-wan", &toml, Some(chaos));
+    let _ = std::fs::remove_dir_all(dir);
+    eprintln!("WAN lab mode {}", r["wan_mode"]);
+    // The central DC of 3 DCs is dc3.
+    let g = fault_of(&r, "global_server (dc 3, rank 0)");
+    assert!(
+        g["detected_after_s"].as_f64().unwrap() <= 1.5,
+        "{g}\n{stderr}"
+    );
+    assert!(g["rejoined_after_s"].as_f64().unwrap() >= 2.5, "{g}");
+    let w = fault_of(&r, "worker (dc 1, rank 0)");
+    assert!(w["rejoined_round"].is_u64(), "{w}");
+    assert_eq!(r["restarts"]["global_server"], 1);
+    assert_eq!(r["restarts"]["coordinator"], 1);
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+    assert_eq!(lab_namespaces(), before, "the lab left namespaces behind");
+}
+
+#[test]
+fn a_stopped_coordinator_wakes_to_its_members_reattaching_and_the_job_goes_on() {
+    // SIGSTOP for 2.5 s: every member finds it silent after the detection time (1 s) and
+    // reconnects; it wakes, sees their old connections closed, and takes them back. Training
+    // never waited for it: the job ends with the fault-free θ (the replay of no partial round).
+    let (toml, dir) = global_job("coord-stop");
+    let (r, stderr) = launch(
+        "coord-stop",
+        &toml,
+        Some("stop=2500ms:coordinator@after=300ms"),
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(r.get("faults").is_none(), "nothing ended: {stderr}");
+    assert!(
+        stderr.matches("reattached to the coordinator").count() >= 7,
+        "every member reattached:\n{stderr}"
     );
     assert_eq!(r["replicas_identical"], true);
     assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));

@@ -274,6 +274,7 @@ fn a_members_certificate_is_refused_for_another_role_or_data_center() {
                 listen_addr: String::new(),
                 protocol_version: geomx_net::coord::PROTOCOL_VERSION,
                 config_hash: 0,
+                reattach: None,
             };
             if let Ok(c) = member_client(&d2, "worker", 1, 0, at(ports2[0])) {
                 let p = c.request(FrameHeader::new(MsgKind::Register), &hello.encode());

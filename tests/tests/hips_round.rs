@@ -170,6 +170,8 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         security: Default::default(),
         lost_worker: Default::default(),
         lost_dc: Default::default(),
+        lost_global_server: Default::default(),
+        lost_coordinator: Default::default(),
         min_dcs: 1,
         keyring: Default::default(),
     }

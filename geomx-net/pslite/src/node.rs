@@ -346,6 +346,8 @@ impl Node {
                     config_hash: env.config_hash(),
                     registration_timeout: env.registration_timeout,
                     rejoinable: Vec::new(),
+                    state_file: None,
+                    reattach_window: None,
                 },
             )
             .map_err(|e| {
@@ -565,6 +567,7 @@ impl Node {
                 listen_addr: self.data_addr.clone(),
                 protocol_version: PROTOCOL_VERSION,
                 config_hash: self.env.config_hash(),
+                reattach: None,
             };
             match CoordClient::register(self.coord_addr.as_str(), hello, self.opts.clone()) {
                 Ok(r) => return Ok(r),

@@ -6,23 +6,35 @@
 mod client;
 mod codec;
 mod server;
+mod snapshot;
 pub mod state;
 
 use std::time::Duration;
 
 pub use client::CoordClient;
-pub use server::{CoordOutcome, Coordinator};
+pub use server::{read_snapshot, CoordOutcome, Coordinator};
+pub use snapshot::CoordSnapshot;
 
 use crate::driver::NetOptions;
 use crate::error::NetError;
 use codec::{Reader, Writer};
 
 /// Protocol version of the coordinator messages; a mismatch is rejected at registration.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The coordinator's answer to a registration after every process sent Done: a restarted
 /// process that finds it has nothing left to do (and may exit successfully).
 pub const JOB_FINISHED: &str = "the job has finished";
+
+/// Part of the coordinator's refusal of a reattachment while the member's previous connection is
+/// still registered: the member retries until the coordinator has seen that connection close.
+pub const STILL_ATTACHED: &str = "is still attached; retry once its old connection is gone";
+
+/// Part of the coordinator's refusal of a registration of a rejoinable process whose previous
+/// incarnation it still counts as live (a restart that came before the loss was seen): the new
+/// process retries.
+pub const STILL_REGISTERED: &str =
+    "is still registered (the loss of its previous incarnation is not seen yet)";
 
 /// What a process announces when it registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +51,9 @@ pub struct Hello {
     pub protocol_version: u32,
     /// Hash of the configuration; every process of a job must agree.
     pub config_hash: u64,
+    /// `Some(incarnation)`: a member of a running job reconnecting to a restarted coordinator,
+    /// holding that incarnation; `None`: a registration.
+    pub reattach: Option<u32>,
 }
 
 impl Hello {
@@ -50,6 +65,10 @@ impl Hello {
             .u32(self.rank)
             .str(&self.listen_addr);
         w.u32(self.protocol_version).u64(self.config_hash);
+        match self.reattach {
+            None => w.u32(0).u32(0),
+            Some(i) => w.u32(1).u32(i),
+        };
         w.0
     }
 
@@ -63,6 +82,11 @@ impl Hello {
             listen_addr: r.str()?,
             protocol_version: r.u32()?,
             config_hash: r.u64()?,
+            reattach: match (r.u32()?, r.u32()?) {
+                (0, 0) => None,
+                (1, i) => Some(i),
+                _ => return Err(NetError::Protocol("bad register payload: reattach".into())),
+            },
         };
         r.end()?;
         Ok(h)
@@ -121,6 +145,30 @@ pub struct NodeInfo {
     pub addr: String,
 }
 
+/// Writes a membership table's rows: a count, then id, role, dc, rank and address each.
+fn put_nodes(w: &mut Writer, nodes: &[NodeInfo]) {
+    w.u32(nodes.len() as u32);
+    for n in nodes {
+        w.u32(n.id).str(&n.role).u32(n.dc).u32(n.rank).str(&n.addr);
+    }
+}
+
+/// Reads what [`put_nodes`] wrote (bounded).
+fn take_nodes(r: &mut Reader<'_>) -> Result<Vec<NodeInfo>, NetError> {
+    let n = r.count()?;
+    let mut nodes = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        nodes.push(NodeInfo {
+            id: r.u32()?,
+            role: r.str()?,
+            dc: r.u32()?,
+            rank: r.u32()?,
+            addr: r.str()?,
+        });
+    }
+    Ok(nodes)
+}
+
 /// The membership table sent to every process once all expected processes registered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {
@@ -154,10 +202,8 @@ impl Membership {
     /// Encodes into the wire payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u32(self.my_id).u32(self.nodes.len() as u32);
-        for n in &self.nodes {
-            w.u32(n.id).str(&n.role).u32(n.dc).u32(n.rank).str(&n.addr);
-        }
+        w.u32(self.my_id);
+        put_nodes(&mut w, &self.nodes);
         w.u32(self.incarnation);
         w.0
     }
@@ -166,17 +212,7 @@ impl Membership {
     pub fn decode(buf: &[u8]) -> Result<Membership, NetError> {
         let mut r = Reader::new(buf, "membership");
         let my_id = r.u32()?;
-        let n = r.count()?;
-        let mut nodes = Vec::with_capacity(n.min(1024));
-        for _ in 0..n {
-            nodes.push(NodeInfo {
-                id: r.u32()?,
-                role: r.str()?,
-                dc: r.u32()?,
-                rank: r.u32()?,
-                addr: r.str()?,
-            });
-        }
+        let nodes = take_nodes(&mut r)?;
         let incarnation = r.u32()?;
         r.end()?;
         Ok(Membership {
@@ -184,6 +220,66 @@ impl Membership {
             nodes,
             incarnation,
         })
+    }
+}
+
+/// Where a member of a running job is now (the answer to [`CoordClient::locate`]): a process
+/// that lost a peer learns from it whether, and where, the peer registered again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// Its announced listen address (the newest incarnation's).
+    pub addr: String,
+    /// Its incarnation (0: first registration, +1 per rejoin).
+    pub incarnation: u32,
+    /// Whether it is registered and not lost now.
+    pub live: bool,
+}
+
+impl Located {
+    /// Encodes into the wire payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.str(&self.addr)
+            .u32(self.incarnation)
+            .u32(u32::from(self.live));
+        w.0
+    }
+
+    /// Decodes a wire payload (bounded, total: malformed input is an error).
+    pub fn decode(buf: &[u8]) -> Result<Located, NetError> {
+        let mut r = Reader::new(buf, "located");
+        let l = Located {
+            addr: r.str()?,
+            incarnation: r.u32()?,
+            live: match r.u32()? {
+                0 => false,
+                1 => true,
+                _ => return Err(NetError::Protocol("bad located payload: live flag".into())),
+            },
+        };
+        r.end()?;
+        Ok(l)
+    }
+}
+
+impl NodeKey {
+    /// Encodes into the payload of a locate request.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.str(&self.role).u32(self.dc).u32(self.rank);
+        w.0
+    }
+
+    /// Decodes a locate request's payload (bounded, total).
+    pub fn decode(buf: &[u8]) -> Result<NodeKey, NetError> {
+        let mut r = Reader::new(buf, "locate");
+        let k = NodeKey {
+            role: r.str()?,
+            dc: r.u32()?,
+            rank: r.u32()?,
+        };
+        r.end()?;
+        Ok(k)
     }
 }
 
@@ -260,6 +356,14 @@ pub struct CoordOptions {
     /// Roles whose processes may be lost while the job runs and register again (see
     /// [`state::CoordState::with_rejoinable`]); empty: any loss aborts the job.
     pub rejoinable: Vec<String>,
+    /// Where the coordinator keeps its [`CoordSnapshot`] while the job runs (written atomically
+    /// at every change of the membership), so that a restart can continue the job
+    /// ([`Coordinator::bind_restored`]); `None`: nowhere.
+    pub state_file: Option<std::path::PathBuf>,
+    /// `Some`: a member whose connection drops may reconnect within this time before it is lost
+    /// or ends the job (for a coordinator that may be restarted or stopped; see
+    /// [`state::CoordState::with_reattach_window`]); `None`: the loss counts at once.
+    pub reattach_window: Option<Duration>,
 }
 
 impl Default for CoordOptions {
@@ -270,6 +374,8 @@ impl Default for CoordOptions {
             config_hash: 0,
             registration_timeout: Duration::from_secs(60),
             rejoinable: Vec::new(),
+            state_file: None,
+            reattach_window: None,
         }
     }
 }

@@ -8,10 +8,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::state::{Action, CoordState, Phase};
-use super::{AbortNotice, CoordOptions, Hello, NodeInfo, NodeKey};
+use super::{AbortNotice, CoordOptions, CoordSnapshot, Hello, NodeInfo, NodeKey};
 use crate::error::NetError;
 use crate::kv::{Handler, KvServer, PeerHandle, Request, Responder};
 use crate::wire::{MsgKind, PayloadCodec};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
 /// How a coordinated job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +44,71 @@ struct Shared {
     outcome: Mutex<Option<CoordOutcome>>,
     outcome_cv: Condvar,
     stop: AtomicBool,
+    /// `CoordOptions::state_file`: where the snapshot goes, and the newest one written.
+    persist: Option<Persist>,
+}
+
+/// The coordinator's snapshot file: written atomically when the membership changed, never an
+/// older snapshot over a newer one.
+struct Persist {
+    path: PathBuf,
+    /// Numbers the snapshots in the order the state produced them.
+    next: AtomicU64,
+    /// (number, bytes) of the newest snapshot written.
+    written: Mutex<(u64, Vec<u8>)>,
+}
+
+impl Persist {
+    fn save(&self, seq: u64, bytes: Vec<u8>) {
+        let mut w = lock(&self.written);
+        if seq < w.0 || bytes == w.1 {
+            return;
+        }
+        match write_atomic(&self.path, &bytes) {
+            Ok(()) => *w = (seq, bytes),
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "coordinator snapshot not written")
+            }
+        }
+    }
+}
+
+/// Writes `bytes` to `path` (creating its directory) through a temporary file, fsync and rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Reads a coordinator snapshot file (`CoordOptions::state_file`) for [`Coordinator::bind_restored`].
+pub fn read_snapshot(path: &Path) -> Result<CoordSnapshot, NetError> {
+    const MAX: u64 = 64 << 20;
+    let f = std::fs::File::open(path).map_err(|e| NetError::Io(Arc::new(e)))?;
+    let mut bytes = Vec::new();
+    f.take(MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| NetError::Io(Arc::new(e)))?;
+    if bytes.len() as u64 > MAX {
+        return Err(NetError::Protocol(format!(
+            "{}: larger than {MAX} bytes",
+            path.display()
+        )));
+    }
+    CoordSnapshot::decode(&bytes)
+        .map_err(|e| NetError::Protocol(format!("{}: {e}", path.display())))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -53,11 +120,20 @@ impl Shared {
     /// No network I/O happens under the state lock: a peer that stops reading can delay a send,
     /// never the coordinator's bookkeeping.
     fn step(&self, f: impl FnOnce(&mut CoordState<usize>) -> Vec<Action<usize>>) {
-        {
+        let snapshot = {
             let mut st = lock(&self.state);
             let actions = f(&mut st);
             // Queued under the state lock, so the outbox keeps the state's order.
             lock(&self.outbox).extend(actions);
+            self.persist.as_ref().and_then(|p| {
+                let snap = st.snapshot()?;
+                Some((p.next.fetch_add(1, Ordering::Relaxed), snap.encode()))
+            })
+        };
+        // On disk before anything the change decided is sent (file I/O, never network I/O,
+        // outside the state lock).
+        if let (Some(p), Some((seq, bytes))) = (&self.persist, snapshot) {
+            p.save(seq, bytes);
         }
         self.drain();
     }
@@ -180,6 +256,17 @@ impl Handler for CoordHandler {
                 let t = sh.ticket(reply);
                 sh.step(|s| s.on_abort(conn, t, &reason));
             }
+            // Locate: where a member is now (answered at once, without network I/O under the
+            // state lock).
+            MsgKind::Pull => {
+                let answer = NodeKey::decode(&req.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|key| lock(&sh.state).locate(conn, &key));
+                let _ = match answer {
+                    Ok(l) => reply.send(0, PayloadCodec::Raw, &l.encode()),
+                    Err(m) => reply.error(&m),
+                };
+            }
             other => {
                 let _ = reply.error(&format!("the coordinator does not serve {other:?}"));
             }
@@ -211,8 +298,41 @@ impl Coordinator {
             opts.protocol_version,
             opts.config_hash,
             Instant::now() + opts.registration_timeout,
-        )
-        .with_rejoinable(opts.rejoinable.iter().cloned());
+        );
+        Self::start(addr, state, opts)
+    }
+
+    /// Binds `addr` as the restart of a coordinator whose running job `snap` holds: its members
+    /// reconnect and reattach within the registration timeout (see [`CoordState::restore`]).
+    pub fn bind_restored(
+        addr: impl ToSocketAddrs,
+        snap: CoordSnapshot,
+        opts: CoordOptions,
+    ) -> Result<Coordinator, NetError> {
+        if (snap.protocol_version, snap.config_hash) != (opts.protocol_version, opts.config_hash) {
+            return Err(NetError::Protocol(format!(
+                "the coordinator snapshot is of protocol version {} and configuration hash \
+                 {:#018x}; this coordinator runs {} and {:#018x}",
+                snap.protocol_version, snap.config_hash, opts.protocol_version, opts.config_hash
+            )));
+        }
+        let state = CoordState::restore(snap, Instant::now() + opts.registration_timeout);
+        Self::start(addr, state, opts)
+    }
+
+    fn start(
+        addr: impl ToSocketAddrs,
+        state: CoordState<usize>,
+        opts: CoordOptions,
+    ) -> Result<Coordinator, NetError> {
+        let state = state
+            .with_rejoinable(opts.rejoinable.iter().cloned())
+            .with_reattach_window(opts.reattach_window);
+        let persist = opts.state_file.clone().map(|path| Persist {
+            path,
+            next: AtomicU64::new(1),
+            written: Mutex::new((0, Vec::new())),
+        });
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             outbox: Mutex::new(VecDeque::new()),
@@ -223,6 +343,7 @@ impl Coordinator {
             outcome: Mutex::new(None),
             outcome_cv: Condvar::new(),
             stop: AtomicBool::new(false),
+            persist,
         });
         // Requests to the coordinator (registration, barriers) may legitimately wait long.
         let server = KvServer::bind_with_id(
@@ -257,6 +378,12 @@ impl Coordinator {
     pub fn membership(&self) -> Option<Vec<NodeInfo>> {
         let st = lock(&self.shared.state);
         (!st.nodes().is_empty()).then(|| st.nodes().to_vec())
+    }
+
+    /// Members of the running job that have not reconnected yet (after a restart, or after their
+    /// connection dropped under a reattach window).
+    pub fn reattaching(&self) -> usize {
+        lock(&self.shared.state).reattaching_count()
     }
 
     /// True while waiting for registrations.

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{AbortNotice, Hello, Membership, NodeInfo, NodeKey};
 
@@ -60,6 +60,13 @@ pub struct CoordState<C> {
     lost: BTreeMap<NodeKey, u32>,
     /// Incarnation of every registered process (0: its first registration).
     incarnations: BTreeMap<NodeKey, u32>,
+    /// Members expected to reconnect (after a restart of the coordinator, or after their
+    /// connection dropped while it may restart), and until when they may (`None`: set at the
+    /// next tick, to now + `reattach_window`).
+    reattaching: BTreeMap<NodeKey, Option<Instant>>,
+    /// `Some`: a member whose connection drops may reconnect within this time
+    /// ([`CoordState::with_reattach_window`]).
+    reattach_window: Option<Duration>,
 }
 
 impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
@@ -84,7 +91,83 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             rejoinable: BTreeSet::new(),
             lost: BTreeMap::new(),
             incarnations: BTreeMap::new(),
+            reattaching: BTreeMap::new(),
+            reattach_window: None,
         }
+    }
+
+    /// For a job whose coordinator may restart: a member whose connection drops (or that a
+    /// stopped coordinator finds silent) is not lost at once but may reconnect and reattach
+    /// within `window`. Past it, it is lost (a rejoinable role) or ends the job; a fresh
+    /// registration of a rejoinable one meanwhile is its restart.
+    pub fn with_reattach_window(mut self, window: Option<Duration>) -> Self {
+        self.reattach_window = window;
+        self
+    }
+
+    /// A restarted coordinator's state: the running job of `snap`, whose live members reconnect
+    /// and reattach ([`Hello::reattach`]) by `deadline`. One that does not is then lost (a
+    /// rejoinable role, or one that had sent Done) or aborts the job.
+    pub fn restore(snap: super::CoordSnapshot, deadline: Instant) -> Self {
+        let keys: Vec<NodeKey> = snap
+            .nodes
+            .iter()
+            .map(|n| NodeKey::new(n.role.clone(), n.dc, n.rank))
+            .collect();
+        let lost: BTreeMap<NodeKey, u32> = snap
+            .lost
+            .iter()
+            .map(|k| (k.clone(), snap.incarnations.get(k).copied().unwrap_or(0)))
+            .collect();
+        let incarnations: BTreeMap<NodeKey, u32> = snap
+            .incarnations
+            .into_iter()
+            .filter(|(k, _)| !lost.contains_key(k))
+            .collect();
+        let mut s = CoordState::new(
+            keys.clone(),
+            snap.protocol_version,
+            snap.config_hash,
+            deadline,
+        );
+        s.phase = Phase::Running;
+        s.membership = snap.nodes;
+        s.reattaching = keys
+            .into_iter()
+            .filter(|k| !lost.contains_key(k))
+            .map(|k| (k, Some(deadline)))
+            .collect();
+        s.incarnations = incarnations;
+        s.lost = lost;
+        s.done = snap.done;
+        s
+    }
+
+    /// Members expected to reconnect that have not yet.
+    pub fn reattaching_count(&self) -> usize {
+        self.reattaching.len()
+    }
+
+    /// What a restart needs to continue the job, while it runs.
+    pub fn snapshot(&self) -> Option<super::CoordSnapshot> {
+        if self.phase != Phase::Running {
+            return None;
+        }
+        let mut incarnations = self.incarnations.clone();
+        incarnations.extend(self.lost.iter().map(|(k, i)| (k.clone(), *i)));
+        Some(super::CoordSnapshot {
+            protocol_version: self.protocol_version,
+            config_hash: self.config_hash,
+            nodes: self.membership.clone(),
+            incarnations,
+            lost: self.lost.keys().cloned().collect(),
+            done: self.done.clone(),
+        })
+    }
+
+    /// Members now: registered, or (after a restart) still expected to reattach.
+    fn members(&self) -> impl Iterator<Item = &NodeKey> {
+        self.registered.keys().chain(self.reattaching.keys())
     }
 
     /// Makes the loss of a running process of one of `roles` non-fatal: it leaves the
@@ -106,6 +189,32 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
         self.incarnations.get(key).copied()
     }
 
+    /// Where member `key` is now, asked by connection `conn`, which must be a registered member
+    /// itself (a stranger learns nothing). Answered only while the job runs.
+    pub fn locate(&self, conn: C, key: &NodeKey) -> Result<super::Located, String> {
+        if !self.conn_node.contains_key(&conn) {
+            return Err("only a registered member may locate another".into());
+        }
+        if self.phase != Phase::Running {
+            return Err(format!("{key}: the job is not running"));
+        }
+        let node = self
+            .membership
+            .iter()
+            .find(|n| n.role == key.role && n.dc == key.dc && n.rank == key.rank)
+            .ok_or_else(|| format!("{key} is not in the membership table"))?;
+        let live = self.registered.contains_key(key);
+        let incarnation = match self.incarnations.get(key) {
+            Some(&i) => i,
+            None => self.lost.get(key).copied().unwrap_or(0),
+        };
+        Ok(super::Located {
+            addr: node.addr.clone(),
+            incarnation,
+            live,
+        })
+    }
+
     /// The current phase.
     pub fn phase(&self) -> &Phase {
         &self.phase
@@ -125,8 +234,26 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
 
     /// A Register request from connection `conn`.
     pub fn on_register(&mut self, conn: C, ticket: u64, hello: Hello) -> Vec<Action<C>> {
-        if self.phase == Phase::Running && self.lost.contains_key(&hello.node_key()) {
+        if let Some(incarnation) = hello.reattach {
+            return self.reattach(conn, ticket, hello, incarnation);
+        }
+        let key = hello.node_key();
+        if self.phase == Phase::Running
+            && self.rejoinable.contains(&key.role)
+            && self.reattaching.remove(&key).is_some()
+        {
+            // Expected to reattach, it registers afresh instead: it was restarted.
+            let incarnation = self.incarnations.remove(&key).unwrap_or(0);
+            self.lost.insert(key.clone(), incarnation);
+        }
+        if self.phase == Phase::Running && self.lost.contains_key(&key) {
             return self.rejoin(conn, ticket, hello);
+        }
+        if self.phase == Phase::Running
+            && self.rejoinable.contains(&key.role)
+            && self.registered.contains_key(&key)
+        {
+            return Self::err(ticket, format!("{key} {}", super::STILL_REGISTERED));
         }
         if self.phase == Phase::Finished {
             return Self::err(ticket, super::JOB_FINISHED.into());
@@ -226,6 +353,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
         }
         let key = hello.node_key();
         let incarnation = self.lost.remove(&key).unwrap_or(0) + 1;
+        self.done.remove(&key);
         let Some(node) = self
             .membership
             .iter_mut()
@@ -235,8 +363,21 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
         };
         node.addr.clone_from(&hello.listen_addr);
         let my_id = node.id;
-        self.conn_node.insert(conn, key.clone());
         self.incarnations.insert(key.clone(), incarnation);
+        self.admit_running(conn, ticket, key, hello, my_id, incarnation)
+    }
+
+    /// Admits `key` on `conn` into the running job and answers with the membership table.
+    fn admit_running(
+        &mut self,
+        conn: C,
+        ticket: u64,
+        key: NodeKey,
+        hello: Hello,
+        my_id: u32,
+        incarnation: u32,
+    ) -> Vec<Action<C>> {
+        self.conn_node.insert(conn, key.clone());
         self.registered.insert(key, (conn, hello));
         let m = Membership {
             my_id,
@@ -247,6 +388,54 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             ticket,
             result: Ok(m.encode()),
         }]
+    }
+
+    /// A member of the running job reconnects to this (restarted) coordinator, holding
+    /// `incarnation`: admitted under its id if it is one the snapshot expects back.
+    fn reattach(&mut self, conn: C, ticket: u64, hello: Hello, incarnation: u32) -> Vec<Action<C>> {
+        let key = hello.node_key();
+        if let Phase::Aborted(n) = &self.phase {
+            return Self::err(ticket, format!("job aborted: {n}"));
+        }
+        if self.phase == Phase::Finished {
+            return Self::err(ticket, super::JOB_FINISHED.into());
+        }
+        if self.phase == Phase::Running && self.registered.contains_key(&key) {
+            // Its old connection is not seen closed yet (a coordinator that was stopped wakes to
+            // both): the member retries.
+            return Self::err(ticket, format!("{key} {}", super::STILL_ATTACHED));
+        }
+        if self.phase != Phase::Running || !self.reattaching.contains_key(&key) {
+            return Self::err(
+                ticket,
+                format!("{key}: nothing to reattach to (this coordinator did not restart, or it is attached)"),
+            );
+        }
+        if hello.protocol_version != self.protocol_version || hello.config_hash != self.config_hash
+        {
+            return Self::err(
+                ticket,
+                format!("{key} reattaching with another protocol version or configuration"),
+            );
+        }
+        let known = self.incarnations.get(&key).copied();
+        if known != Some(incarnation) || self.conn_node.contains_key(&conn) {
+            return Self::err(
+                ticket,
+                format!("{key} reattaching as incarnation {incarnation}; the job knows {known:?}"),
+            );
+        }
+        let Some(my_id) = self
+            .membership
+            .iter()
+            .find(|n| n.role == key.role && n.dc == key.dc && n.rank == key.rank)
+            .map(|n| n.id)
+        else {
+            return Self::err(ticket, format!("{key} is not in the membership table"));
+        };
+        tracing::info!(node = %key, incarnation, "member reattached");
+        self.reattaching.remove(&key);
+        self.admit_running(conn, ticket, key, hello, my_id, incarnation)
     }
 
     fn group_members(&self, group: &str) -> Result<BTreeSet<NodeKey>, String> {
@@ -263,12 +452,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
                 "bad group {group:?} (expected \"all\", \"dc:N\" or \"role:NAME\")"
             ));
         };
-        Ok(self
-            .registered
-            .keys()
-            .filter(|k| filter(k))
-            .cloned()
-            .collect())
+        Ok(self.members().filter(|k| filter(k)).cloned().collect())
     }
 
     /// A Barrier request for `group` ("all", "dc:N" or "role:NAME").
@@ -321,7 +505,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
 
     /// Shutdown once every registered process sent Done.
     fn finish_if_done(&mut self) -> Vec<Action<C>> {
-        if self.phase != Phase::Running || self.registered.keys().any(|k| !self.done.contains(k)) {
+        if self.phase != Phase::Running || self.members().any(|k| !self.done.contains(k)) {
             return Vec::new();
         }
         self.phase = Phase::Finished;
@@ -364,12 +548,25 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
     }
 
     /// A connection closed or went silent. Fatal for a registered process that has not sent Done,
-    /// unless its role is rejoinable and the job is running: then it leaves the membership.
+    /// unless its role is rejoinable and the job is running: then it leaves the membership (and
+    /// so does a rejoinable one that had sent Done; its next incarnation must send Done again).
     pub fn on_disconnect(&mut self, conn: C, reason: &str) -> Vec<Action<C>> {
         let Some(key) = self.conn_node.get(&conn).cloned() else {
             return Vec::new(); // never admitted: nothing to do
         };
         if self.done.contains(&key) {
+            // Its part is done, but peers may still need it (a global server answers the final
+            // pulls after its Done): a rejoinable one may come back, and must then be done again.
+            if self.rejoinable.contains(&key.role) && self.phase == Phase::Running {
+                return self.leave(conn, key, reason);
+            }
+            return Vec::new();
+        }
+        if self.reattach_window.is_some() && self.phase == Phase::Running {
+            tracing::warn!(node = %key, %reason, "connection lost; it may reconnect");
+            self.conn_node.remove(&conn);
+            self.registered.remove(&key);
+            self.reattaching.insert(key, None);
             return Vec::new();
         }
         if self.rejoinable.contains(&key.role) {
@@ -409,8 +606,43 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
         out
     }
 
-    /// Advances time: the registration deadline.
+    /// Advances time: the registration deadline, and after a restart the reattach deadline.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Action<C>> {
+        if self.phase == Phase::Running && !self.reattaching.is_empty() {
+            let window = self.reattach_window.unwrap_or_default();
+            let mut expired = Vec::new();
+            for (key, deadline) in self.reattaching.iter_mut() {
+                match deadline {
+                    None => *deadline = Some(now + window),
+                    Some(d) if now >= *d => expired.push(key.clone()),
+                    Some(_) => {}
+                }
+            }
+            if expired.is_empty() {
+                return Vec::new();
+            }
+            let mut out = Vec::new();
+            for key in expired {
+                self.reattaching.remove(&key);
+                if self.done.contains(&key) {
+                    continue; // its part is done
+                }
+                if !self.rejoinable.contains(&key.role) {
+                    let reason =
+                        "lost its connection to the coordinator and did not reconnect".to_string();
+                    return self.abort(&key, reason);
+                }
+                tracing::warn!(node = %key, "did not reconnect to the coordinator; lost");
+                let incarnation = self.incarnations.remove(&key).unwrap_or(0);
+                self.lost.insert(key, incarnation);
+            }
+            let groups: Vec<String> = self.barriers.keys().cloned().collect();
+            for g in groups {
+                out.extend(self.release_barrier(&g));
+            }
+            out.extend(self.finish_if_done());
+            return out;
+        }
         match self.phase {
             Phase::Registering { deadline } if now >= deadline => {
                 let missing: Vec<String> = self
@@ -465,7 +697,6 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn hello(role: &str, dc: u32, rank: u32) -> Hello {
         Hello {
@@ -475,6 +706,7 @@ mod tests {
             listen_addr: format!("10.0.{dc}.{rank}:9000"),
             protocol_version: 1,
             config_hash: 42,
+            reattach: None,
         }
     }
 
@@ -662,7 +894,7 @@ mod tests {
         // A stranger cannot take another live identity, and the lost one rejoins once.
         let refused = s.on_register(20, 200, hello("worker", 0, 0));
         assert!(
-            matches!(&refused[..], [Action::Reply { result: Err(m), .. }] if m.contains("closed"))
+            matches!(&refused[..], [Action::Reply { result: Err(m), .. }] if m.contains("still registered"))
         );
         let mut h = hello("worker", 1, 0);
         h.listen_addr = "10.9.9.9:1".into();
@@ -691,6 +923,47 @@ mod tests {
         // A non-rejoinable role still aborts the job.
         let acts = s.on_disconnect(12, "gone");
         assert!(matches!(acts.last(), Some(Action::Abort(..))), "{acts:?}");
+    }
+
+    #[test]
+    fn members_locate_a_lost_peer_and_its_next_incarnation_strangers_learn_nothing() {
+        let t0 = Instant::now();
+        let mut s = running(t0).with_rejoinable(["server".to_string()]);
+        let server = NodeKey::new("server", 0, 0);
+        // Conn 10 is worker (dc 0, rank 1); the server (conn 12) is live, incarnation 0.
+        let l = s.locate(10, &server).unwrap();
+        assert_eq!(
+            (l.addr.as_str(), l.incarnation, l.live),
+            ("10.0.0.0:9000", 0, true)
+        );
+        assert!(s
+            .locate(99, &server)
+            .unwrap_err()
+            .contains("registered member"));
+        let nobody = NodeKey::new("server", 7, 0);
+        assert!(s
+            .locate(10, &nobody)
+            .unwrap_err()
+            .contains("not in the membership"));
+        // Lost: not live, still at its last incarnation until it registers again.
+        assert!(s.on_disconnect(12, "killed").is_empty());
+        let l = s.locate(10, &server).unwrap();
+        assert_eq!((l.incarnation, l.live), (0, false));
+        let mut h = hello("server", 0, 0);
+        h.listen_addr = "10.0.0.0:9100".into();
+        s.on_register(30, 300, h);
+        let l = s.locate(11, &server).unwrap();
+        assert_eq!(
+            (l.addr.as_str(), l.incarnation, l.live),
+            ("10.0.0.0:9100", 1, true)
+        );
+        // The payloads round-trip, and malformed ones are errors.
+        assert_eq!(super::super::Located::decode(&l.encode()).unwrap(), l);
+        assert_eq!(NodeKey::decode(&server.encode()).unwrap(), server);
+        let mut bad = l.encode();
+        *bad.last_mut().unwrap() = 2;
+        assert!(super::super::Located::decode(&bad).is_err());
+        assert!(NodeKey::decode(&server.encode()[..5]).is_err());
     }
 
     #[test]
@@ -735,6 +1008,129 @@ mod tests {
         let late = s.on_register(30, 300, hello("worker", 1, 0));
         assert!(
             matches!(&late[..], [Action::Reply { result: Err(m), .. }] if m == super::super::JOB_FINISHED)
+        );
+    }
+
+    #[test]
+    fn a_done_rejoinable_process_lost_before_the_end_may_come_back_and_is_awaited() {
+        let t0 = Instant::now();
+        let mut s = running(t0).with_rejoinable(["server".to_string()]);
+        // The server (conn 12) is done, then killed while the workers still need it.
+        assert_eq!(s.on_done(12, 12).len(), 1);
+        assert!(s.on_disconnect(12, "killed").is_empty());
+        assert_eq!(s.lost().count(), 1);
+        let acts = s.on_register(30, 300, hello("server", 0, 0));
+        assert!(matches!(&acts[..], [Action::Reply { result: Ok(_), .. }]));
+        // Its new incarnation must be done too before the job ends.
+        for c in [10, 11, 13] {
+            assert_eq!(s.on_done(c, u64::from(c)).len(), 1, "conn {c}");
+        }
+        assert_eq!(s.phase(), &Phase::Running);
+        let acts = s.on_done(30, 30);
+        assert!(
+            matches!(acts.last(), Some(Action::Shutdown(c)) if c.len() == 4),
+            "{acts:?}"
+        );
+        // A done process of a role that is not rejoinable leaves quietly, as before.
+        let mut s = running(t0).with_rejoinable(["server".to_string()]);
+        assert_eq!(s.on_done(10, 10).len(), 1);
+        assert!(s.on_disconnect(10, "exited").is_empty());
+        assert_eq!(s.lost().count(), 0);
+    }
+
+    fn reattach(key: (&str, u32, u32), incarnation: u32) -> Hello {
+        Hello {
+            reattach: Some(incarnation),
+            ..hello(key.0, key.1, key.2)
+        }
+    }
+
+    #[test]
+    fn a_restored_coordinator_takes_its_members_back_and_finishes_the_job() {
+        let t0 = Instant::now();
+        let mut s = running(t0).with_rejoinable(["worker".to_string()]);
+        // Worker (dc 1, rank 0), conn 11, is lost and comes back as incarnation 1; worker
+        // (dc 0, rank 1), conn 10, is done. Then the coordinator dies.
+        assert!(s.on_disconnect(11, "killed").is_empty());
+        s.on_register(20, 200, hello("worker", 1, 0));
+        assert_eq!(s.on_done(10, 10).len(), 1);
+        let snap = s.snapshot().unwrap();
+        let bytes = snap.encode();
+        let snap = super::super::CoordSnapshot::decode(&bytes).unwrap();
+        assert_eq!(snap.incarnations[&NodeKey::new("worker", 1, 0)], 1);
+        for cut in [0, 7, bytes.len() - 1] {
+            assert!(super::super::CoordSnapshot::decode(&bytes[..cut]).is_err());
+        }
+        let deadline = t0 + Duration::from_secs(5);
+        let mut r: CoordState<u32> =
+            CoordState::restore(snap, deadline).with_rejoinable(["worker".to_string()]);
+        // Fresh registrations are refused; a stale incarnation is refused; members reattach.
+        let fresh = r.on_register(30, 300, hello("server", 0, 0));
+        assert!(
+            matches!(&fresh[..], [Action::Reply { result: Err(m), .. }] if m.contains("closed"))
+        );
+        let stale = r.on_register(31, 301, reattach(("worker", 1, 0), 0));
+        assert!(
+            matches!(&stale[..], [Action::Reply { result: Err(m), .. }] if m.contains("incarnation"))
+        );
+        for (c, key, inc) in [
+            (40, ("worker", 1, 0), 1),
+            (41, ("server", 0, 0), 0),
+            (42, ("worker", 0, 1), 0),
+        ] {
+            let acts = r.on_register(c, u64::from(c), reattach(key, inc));
+            let [Action::Reply { result: Ok(b), .. }] = &acts[..] else {
+                panic!("{key:?}: {acts:?}")
+            };
+            assert_eq!(Membership::decode(b).unwrap().incarnation, inc);
+        }
+        let twice = r.on_register(43, 303, reattach(("server", 0, 0), 0));
+        assert!(matches!(&twice[..], [Action::Reply { result: Err(_), .. }]));
+        // Worker (dc 0, rank 0) is still away: the job does not finish without it...
+        for c in [40, 41, 42] {
+            assert_eq!(r.on_done(c, u64::from(c)).len(), 1);
+        }
+        assert_eq!(r.phase(), &Phase::Running);
+        // ...and past the deadline a non-rejoinable member that never came back would abort; a
+        // worker is rejoinable, so it is lost and the job finishes.
+        assert!(r.on_tick(deadline - Duration::from_millis(1)).is_empty());
+        let acts = r.on_tick(deadline);
+        assert!(
+            matches!(acts.last(), Some(Action::Shutdown(c)) if c.len() == 3),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn with_a_reattach_window_a_dropped_member_may_reconnect_and_a_silent_one_ends_the_job() {
+        let t0 = Instant::now();
+        let w = Duration::from_secs(3);
+        let mut s = running(t0)
+            .with_rejoinable(["worker".to_string()])
+            .with_reattach_window(Some(w));
+        // The server (conn 12) drops and reconnects; worker (dc 1, rank 0) (conn 11) drops and is
+        // restarted (a fresh registration: its next incarnation).
+        assert!(s.on_disconnect(12, "silent").is_empty());
+        assert!(s.on_disconnect(11, "killed").is_empty());
+        assert!(s.on_tick(t0).is_empty());
+        let acts = s.on_register(50, 500, reattach(("server", 0, 0), 0));
+        assert!(
+            matches!(&acts[..], [Action::Reply { result: Ok(_), .. }]),
+            "{acts:?}"
+        );
+        let acts = s.on_register(51, 501, hello("worker", 1, 0));
+        let [Action::Reply { result: Ok(b), .. }] = &acts[..] else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(Membership::decode(b).unwrap().incarnation, 1);
+        // The server, which is not rejoinable, drops again and stays away: the job ends naming
+        // it.
+        assert!(s.on_disconnect(50, "silent").is_empty());
+        assert!(s.on_tick(t0 + Duration::from_secs(1)).is_empty());
+        let acts = s.on_tick(t0 + Duration::from_secs(1) + w);
+        assert!(
+            matches!(acts.last(), Some(Action::Abort(_, n)) if n.role == "server" && n.reason.contains("did not reconnect")),
+            "{acts:?}"
         );
     }
 

@@ -153,10 +153,45 @@ pub fn load(
     rounds: u64,
 ) -> Result<StateFile, CheckpointError> {
     let round = manifest::newest_complete(dir, ids, config_hash)?;
-    let path = manifest::state_path(&manifest::round_dir(dir, round), id);
     if round >= rounds {
+        let path = manifest::state_path(&manifest::round_dir(dir, round), id);
         return Err(CheckpointError::Finished { dir: path, round });
     }
+    let state = load_round(dir, round, id, config_hash)?;
+    tracing::info!(round, id, dir = %dir.display(), "resuming from checkpoint");
+    Ok(state)
+}
+
+/// Loads process `id`'s own newest intact state in `dir` (a restarted process of a running job,
+/// which needs no other process's file); `None` when it has none yet.
+pub fn load_newest_own(
+    dir: &Path,
+    id: &str,
+    config_hash: u64,
+) -> Result<Option<StateFile>, CheckpointError> {
+    let ids = [id.to_string()];
+    let round = match manifest::newest_complete(dir, &ids, config_hash) {
+        Ok(r) => r,
+        Err(CheckpointError::NoCompleteRound { why, .. }) => {
+            tracing::info!(id, dir = %dir.display(), %why, "no checkpoint of this process yet");
+            return Ok(None);
+        }
+        Err(CheckpointError::Missing { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let state = load_round(dir, round, id, config_hash)?;
+    tracing::info!(round, id, dir = %dir.display(), "restarting from this process's checkpoint");
+    Ok(Some(state))
+}
+
+/// Loads and checks process `id`'s state file of `round` in `dir`.
+fn load_round(
+    dir: &Path,
+    round: u64,
+    id: &str,
+    config_hash: u64,
+) -> Result<StateFile, CheckpointError> {
+    let path = manifest::state_path(&manifest::round_dir(dir, round), id);
     let bytes = manifest::read_checked(dir, round, id, config_hash)?;
     let state = StateFile::decode(&bytes).map_err(|e| CheckpointError::Corrupt {
         path: path.clone(),
@@ -178,7 +213,6 @@ pub fn load(
             ),
         });
     }
-    tracing::info!(round, id, dir = %dir.display(), "resuming from checkpoint");
     Ok(state)
 }
 

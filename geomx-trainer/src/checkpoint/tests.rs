@@ -164,3 +164,32 @@ fn keep_retains_the_newest_rounds() {
     assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_restarted_process_loads_its_own_newest_intact_round() {
+    let dir = scratch("own");
+    let gs = process_id("global_server", 2, 0);
+    assert!(
+        load_newest_own(&dir, &gs, HASH).unwrap().is_none(),
+        "no directory yet"
+    );
+    save_round(&dir, 5, 3);
+    // Only the global server reached round 10 (the others have not written it yet), and its
+    // round 15 is torn: round 10 is its newest intact state, the last round included.
+    let s = saver(&dir, &gs, 3);
+    for round in [10, 15] {
+        let mut st = s.state(round);
+        st.put_f32("x", vec![round as f32; 3]);
+        s.save(&st).unwrap();
+    }
+    let torn = state_path(&round_dir(&dir, 15), &gs);
+    let bytes = std::fs::read(&torn).unwrap();
+    std::fs::write(&torn, &bytes[..bytes.len() / 2]).unwrap();
+    let st = load_newest_own(&dir, &gs, HASH).unwrap().unwrap();
+    assert_eq!(st.round, 10);
+    // The worker's newest is round 5; another job's files are not this job's.
+    let w = process_id("worker", 0, 1);
+    assert_eq!(load_newest_own(&dir, &w, HASH).unwrap().unwrap().round, 5);
+    assert!(load_newest_own(&dir, &w, HASH ^ 1).unwrap().is_none());
+    let _ = std::fs::remove_dir_all(dir);
+}

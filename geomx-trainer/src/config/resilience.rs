@@ -40,9 +40,17 @@ pub struct ResilienceConfig {
     /// global tier goes on with the DCs present (at least `min_dcs`), and a restarted local
     /// server rejoins with the current θ.
     pub lost_dc: LostWorker,
+    /// What a lost global server does to the job: under `continue` a restarted global server
+    /// reloads its newest checkpoint and the local servers resend the rounds since it, so no
+    /// progress is lost and the job ends bit-identical to an uninterrupted one.
+    pub lost_global_server: LostWorker,
+    /// What a lost coordinator does to the job: under `continue` it keeps its membership in
+    /// `checkpoint.dir/coordinator.state`, a restarted one continues from it, and every member
+    /// reconnects; the training itself never waits for the coordinator.
+    pub lost_coordinator: LostWorker,
     /// Fewest data centers a global round may complete with; below it the job waits.
     pub min_dcs: usize,
-    /// Whether `geomx launch` restarts failed workers.
+    /// Whether `geomx launch` restarts failed processes of the roles whose loss is survivable.
     pub restart: Restart,
     /// Restarts of one process before the launcher gives up and fails the job.
     pub max_restarts: u32,
@@ -55,6 +63,8 @@ impl Default for ResilienceConfig {
         Self {
             lost_worker: LostWorker::Abort,
             lost_dc: LostWorker::Abort,
+            lost_global_server: LostWorker::Abort,
+            lost_coordinator: LostWorker::Abort,
             min_dcs: 1,
             restart: Restart::Never,
             max_restarts: 3,
@@ -76,11 +86,30 @@ impl Config {
     /// replicas are θ itself, so a rejoining worker needs nothing but θ); restarts need it.
     pub(crate) fn validate_resilience(&self) -> Result<(), ConfigError> {
         let r = &self.resilience;
-        if r.restart == Restart::OnFailure && r.lost_worker != LostWorker::Continue {
+        let survivable = [
+            r.lost_worker,
+            r.lost_dc,
+            r.lost_global_server,
+            r.lost_coordinator,
+        ]
+        .contains(&LostWorker::Continue);
+        if r.restart == Restart::OnFailure && !survivable {
             return Err(ConfigError::invalid(
                 "resilience.restart",
-                "\"on-failure\" restarts workers, which needs resilience.lost_worker = \
-                 \"continue\" (with \"abort\" the first loss ends the job)",
+                "\"on-failure\" restarts the processes whose loss is survivable, which needs \
+                 resilience.lost_worker, lost_dc, lost_global_server or lost_coordinator = \
+                 \"continue\" (with \
+                 \"abort\" the first loss ends the job)",
+            ));
+        }
+        self.validate_lost_global_server()?;
+        // The checkpoint directory's own checks then limit it to FSA and HFA (ESync's state
+        // machine, which lives in the coordinator, is not saved).
+        if r.lost_coordinator == LostWorker::Continue && self.checkpoint.dir.is_none() {
+            return Err(ConfigError::invalid(
+                "resilience.lost_coordinator",
+                "\"continue\": checkpoint.dir must be set (the coordinator keeps its membership \
+                 there)",
             ));
         }
         if r.restart == Restart::OnFailure && r.max_restarts == 0 {
@@ -131,14 +160,8 @@ impl Config {
             && self.sync.hfa.weighting != HfaWeighting::Data
         {
             Some("sync.hfa.weighting must be \"data\" (a DC weighs the workers it averaged)")
-        } else if self.compression.intra != Codec::None || self.compression.inter != Codec::None {
-            Some("compression.intra and compression.inter must be \"none\"")
-        } else if self.transport.inter == TransportKind::Dgt {
-            Some("transport.inter must be \"tcp\"")
-        } else if self.scheduling.p3.enabled {
-            Some("scheduling.p3 must be off")
         } else {
-            None
+            self.plain_tcp_tiers()
         };
         match why {
             Some(why) => Err(ConfigError::invalid(
@@ -146,6 +169,51 @@ impl Config {
                 format!(
                     "\"continue\" supports FSA and HFA with f32 tiers over TCP so far (a \
                      rejoining worker needs only θ, or HFA's model and milestone): {why}"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Config {
+    /// Why the tiers are not f32 over TCP without P3 (what elastic membership and resending
+    /// assume so far), if they are not.
+    fn plain_tcp_tiers(&self) -> Option<&'static str> {
+        if self.compression.intra != Codec::None || self.compression.inter != Codec::None {
+            Some("compression.intra and compression.inter must be \"none\"")
+        } else if self.transport.inter == TransportKind::Dgt {
+            Some("transport.inter must be \"tcp\"")
+        } else if self.scheduling.p3.enabled {
+            Some("scheduling.p3 must be off")
+        } else {
+            None
+        }
+    }
+
+    /// `lost_global_server = "continue"`: a restarted global server reloads its checkpoint and
+    /// the local servers resend the rounds since it as they sent them, which needs FSA (whose
+    /// replies are θ) with f32 tiers over TCP, no P3, `[checkpoint] dir`, and a fixed set of
+    /// data centers.
+    fn validate_lost_global_server(&self) -> Result<(), ConfigError> {
+        if self.resilience.lost_global_server == LostWorker::Abort {
+            return Ok(());
+        }
+        let why = if self.sync.algorithm != SyncAlgorithm::Fsa {
+            Some("sync.algorithm must be \"fsa\"")
+        } else if self.checkpoint.dir.is_none() {
+            Some("checkpoint.dir must be set (a restarted global server reloads its checkpoint)")
+        } else if self.resilience.lost_dc != LostWorker::Abort {
+            Some("resilience.lost_dc must be \"abort\"")
+        } else {
+            self.plain_tcp_tiers()
+        };
+        match why {
+            Some(why) => Err(ConfigError::invalid(
+                "resilience.lost_global_server",
+                format!(
+                    "\"continue\" supports FSA with f32 tiers over TCP so far (the local \
+                     servers resend the rounds since the checkpoint): {why}"
                 ),
             )),
             None => Ok(()),
@@ -200,6 +268,49 @@ mod tests {
         let mut c = resilient();
         c.scheduling.p3.enabled = true;
         assert!(err(c).contains("scheduling.p3"));
+    }
+
+    #[test]
+    fn a_restartable_global_server_needs_fsa_and_checkpoints() {
+        let err = |c: Config| c.validate().unwrap_err().to_string();
+        let mut c = Config::default();
+        c.resilience.lost_global_server = LostWorker::Continue;
+        c.resilience.restart = Restart::OnFailure;
+        let e = err(c.clone());
+        assert!(
+            e.starts_with("resilience.lost_global_server:") && e.contains("checkpoint.dir"),
+            "{e}"
+        );
+        c.checkpoint.dir = Some("ckpt".into());
+        c.validate().unwrap();
+        let mut h = c.clone();
+        h.sync.algorithm = SyncAlgorithm::Hfa;
+        assert!(err(h).contains("sync.algorithm"));
+        let mut d = c.clone();
+        d.resilience.lost_worker = LostWorker::Continue;
+        d.resilience.lost_dc = LostWorker::Continue;
+        assert!(err(d).contains("resilience.lost_dc"));
+        let mut b = c;
+        b.compression.inter = Codec::Bf16;
+        assert!(err(b).contains("compression"));
+    }
+
+    #[test]
+    fn a_restartable_coordinator_needs_a_checkpoint_directory_and_fsa_or_hfa() {
+        let err = |c: Config| c.validate().unwrap_err().to_string();
+        let mut c = Config::default();
+        c.resilience.lost_coordinator = LostWorker::Continue;
+        c.resilience.restart = Restart::OnFailure;
+        let e = err(c.clone());
+        assert!(
+            e.starts_with("resilience.lost_coordinator:") && e.contains("checkpoint.dir"),
+            "{e}"
+        );
+        c.checkpoint.dir = Some("ckpt".into());
+        c.validate().unwrap();
+        c.sync.algorithm = SyncAlgorithm::Esync;
+        let e = err(c);
+        assert!(e.contains("sync.algorithm"), "{e}");
     }
 
     #[test]

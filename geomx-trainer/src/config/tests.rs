@@ -979,3 +979,14 @@ fn the_resilience_example_validates_and_continues_after_losses() {
     assert_eq!(c.resilience.min_dcs, 2);
     assert_eq!(c.resilience.restart, crate::config::Restart::OnFailure);
 }
+
+#[test]
+fn the_global_restart_example_validates() {
+    let c = Config::from_toml_str(include_str!("../../../examples/global-restart.toml")).unwrap();
+    c.validate().unwrap();
+    assert_eq!(
+        c.resilience.lost_global_server,
+        crate::config::LostWorker::Continue
+    );
+    assert!(c.checkpoint.dir.is_some());
+}

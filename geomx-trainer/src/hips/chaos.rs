@@ -42,6 +42,9 @@ pub struct SelfFault {
     pub round: u64,
     /// Where in that round.
     pub point: Point,
+    /// `@after=DURATION` instead of a round: this long after the job started running (the
+    /// coordinator, which counts no rounds); `round` is then `u64::MAX`.
+    pub after: Option<Duration>,
 }
 
 /// Parses `500ms` or `3s`.
@@ -75,6 +78,17 @@ impl SelfFault {
                 ))
             }
         };
+        if let Some(d) = at.strip_prefix("after=") {
+            let after = duration(d)
+                .filter(|d| *d <= Duration::from_secs(3600))
+                .ok_or_else(|| format!("{text:?}: after needs a duration of at most 3600s"))?;
+            return Ok(Self {
+                action,
+                round: u64::MAX,
+                point: Point::Start,
+                after: Some(after),
+            });
+        }
         let (round, point) = at.split_once(':').unwrap_or((at, "start"));
         let round = round
             .strip_prefix("round=")
@@ -94,6 +108,7 @@ impl SelfFault {
             action,
             round,
             point,
+            after: None,
         })
     }
 
@@ -113,6 +128,21 @@ impl SelfFault {
             return;
         }
         tracing::warn!(round, ?point, action = ?self.action, "chaos: injecting a fault");
+        self.strike();
+    }
+
+    /// Injects the fault now (once per process: a stopped process that wakes does not stop
+    /// again).
+    pub fn fire(&self) {
+        static FIRED: AtomicBool = AtomicBool::new(false);
+        if FIRED.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(action = ?self.action, "chaos: injecting a fault");
+        self.strike();
+    }
+
+    fn strike(&self) {
         println!("{FAULT_LINE}{}", super::round_log::unix_ms());
         use std::io::Write;
         let _ = std::io::stdout().flush();
@@ -165,13 +195,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_coordinators_fault_strikes_a_time_after_the_job_runs() {
+        let f = SelfFault::parse("stop=2s@after=500ms").unwrap();
+        assert_eq!(f.after, Some(Duration::from_millis(500)));
+        assert_eq!(f.action, Action::Stop(Duration::from_secs(2)));
+        assert_eq!(f.round, u64::MAX);
+        for bad in ["kill@after=", "kill@after=5", "kill@after=7200s"] {
+            assert!(SelfFault::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn parses_actions_rounds_and_points_and_refuses_the_rest() {
         assert_eq!(
             SelfFault::parse("kill@round=12"),
             Ok(SelfFault {
                 action: Action::Kill,
                 round: 12,
-                point: Point::Start
+                point: Point::Start,
+                after: None
             })
         );
         assert_eq!(
@@ -179,7 +221,8 @@ mod tests {
             Ok(SelfFault {
                 action: Action::Stop(Duration::from_millis(1500)),
                 round: 3,
-                point: Point::ReplyWait
+                point: Point::ReplyWait,
+                after: None
             })
         );
         assert_eq!(

@@ -52,6 +52,30 @@ pub(crate) fn resume(job: &JobSpec, me: &Identity) -> Result<Option<Resumed>, Ru
     Ok(Some(resumed))
 }
 
+/// The state a restarted process of a running job continues from: its own newest intact
+/// checkpoint in `[checkpoint] dir`, or the state the job `resumed` from when that is newer (or
+/// there is none yet; `None` then means θ_0). A process does not wait for the others' files:
+/// they are still running.
+pub(crate) fn restart_state(
+    job: &JobSpec,
+    me: &Identity,
+    resumed: Option<Resumed>,
+) -> Result<Option<Resumed>, RunError> {
+    let Some(policy) = &job.checkpoint else {
+        return Ok(resumed);
+    };
+    let id = id_of(me);
+    let own = checkpoint::load_newest_own(&policy.dir, &id, job.config_hash)?;
+    Ok(match (own, resumed) {
+        (Some(state), r) if r.as_ref().is_none_or(|r| r.round() < state.round) => Some(Resumed {
+            dir: policy.dir.clone(),
+            id,
+            state,
+        }),
+        (_, r) => r,
+    })
+}
+
 /// A role's loaded state, with what names its file in errors.
 pub(crate) struct Resumed {
     dir: std::path::PathBuf,

@@ -16,12 +16,24 @@ use geomx_net::coord::{CoordOptions, CoordOutcome, Coordinator, PROTOCOL_VERSION
 use geomx_net::{Handler, KvServer, MsgKind, PayloadCodec, Request, Responder};
 
 use super::admit::Admission;
+use super::chaos::SelfFault;
 use super::esync::{self, Esync};
 use super::node::{FatalHook, Node};
 use super::{lock, JobSpec, RoleStats, RunError};
 use crate::config::SyncAlgorithm;
 use crate::hips::node::Identity;
 use crate::hips::plan::roles;
+
+/// Environment variable that makes a coordinator (under `resilience.lost_coordinator =
+/// "continue"`) continue a running job from its snapshot instead of starting one: `geomx launch`
+/// sets it to `1` when it restarts the coordinator; a deployment's restart policy may too.
+pub const RESTART_ENV: &str = "GEOMX_COORDINATOR_RESTART";
+
+/// How long a member whose connection to the coordinator dropped may take to reconnect: three
+/// detection times, and at least 2 s.
+fn reattach_window(job: &JobSpec) -> Duration {
+    (job.net.conn.peer_timeout * 3).max(Duration::from_secs(2))
+}
 
 /// Binds the coordinator at `addr` (port 0 picks one), calls `on_bound` with the bound address,
 /// and runs until the job ends. Returns its traffic on Shutdown, the abort notice as an error.
@@ -38,31 +50,75 @@ pub fn run(
         rejoinable: [
             (job.workers_may_rejoin(), roles::WORKER),
             (job.dcs_may_rejoin(), roles::LOCAL_SERVER),
+            (job.global_servers_may_rejoin(), roles::GLOBAL_SERVER),
         ]
         .iter()
         .filter(|(on, _)| *on)
         .map(|(_, r)| r.to_string())
         .collect(),
+        state_file: job.coordinator_state_file(),
+        reattach_window: job.coordinator_may_restart().then(|| reattach_window(job)),
     };
+    let state_file = opts.state_file.clone();
     let with_esync = job.sync == SyncAlgorithm::Esync;
     let mut expected = job.plan.expected_processes();
     if with_esync {
         expected.push((esync::ROLE.to_string(), job.plan.central_dc, 0));
     }
-    let mut coord = Coordinator::bind(addr, expected, opts)
-        .map_err(|e| RunError::Net(format!("binding the coordinator at {addr}"), e))?;
+    let restarted = std::env::var(RESTART_ENV).is_ok_and(|v| v == "1");
+    let mut coord = match (&state_file, restarted) {
+        (Some(file), true) => {
+            let snap = geomx_net::coord::read_snapshot(file).map_err(|e| {
+                RunError::Net(
+                    format!("restarting the coordinator from {}", file.display()),
+                    e,
+                )
+            })?;
+            tracing::warn!(file = %file.display(), "coordinator restarted; members reattach");
+            Coordinator::bind_restored(addr, snap, opts)
+        }
+        _ => Coordinator::bind(addr, expected, opts),
+    }
+    .map_err(|e| RunError::Net(format!("binding the coordinator at {addr}"), e))?;
     let bound = coord.local_addr();
     on_bound(bound);
+    let chaos = SelfFault::from_env().map_err(RunError::Membership)?;
+    let mut running_since: Option<Instant> = None;
+    // A restart's recovery, for the report: when every member was back.
+    let log = super::round_log::RoundLog::default();
+    let mut back = !restarted;
     let mut endpoint = if with_esync {
         Some(EsyncEndpoint::start(job, bound)?)
     } else {
         None
     };
     let outcome = loop {
-        if let Some(o) = coord.wait(Duration::from_secs(1)) {
+        let step = if chaos.is_some() || !back { 20 } else { 1000 };
+        if let Some(o) = coord.wait(Duration::from_millis(step)) {
             break o;
         }
+        if !back && coord.reattaching() == 0 {
+            back = true;
+            let c = job.plan.central_dc;
+            let rejoined = super::round_log::MemberChange::Rejoined;
+            log.change_of(roles::COORDINATOR, c, 0, rejoined, 0, String::new());
+        }
+        // `--chaos …:coordinator@after=DUR`: the fault strikes that long after the job runs.
+        if let Some(after) = chaos.as_ref().and_then(|c| c.after) {
+            if !coord.is_registering() {
+                let since = *running_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= after {
+                    if let Some(c) = &chaos {
+                        c.fire();
+                    }
+                }
+            }
+        }
     };
+    // The job is over: a later coordinator has nothing to continue.
+    if let Some(file) = &state_file {
+        let _ = std::fs::remove_file(file);
+    }
     let mut stats = coord.stats();
     if let Some(e) = endpoint.as_mut() {
         let s = e.server.stats();
@@ -82,7 +138,10 @@ pub fn run(
                 dc: job.plan.central_dc,
                 rank: 0,
             };
-            Ok(RoleStats::new(&me, stats))
+            let mut stats = RoleStats::new(&me, stats);
+            stats.incarnation = u32::from(restarted);
+            (stats.member_events, _) = log.snapshot();
+            Ok(stats)
         }
         CoordOutcome::Aborted(n) => Err(RunError::Aborted(n.to_string())),
     }

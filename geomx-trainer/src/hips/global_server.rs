@@ -12,6 +12,7 @@ use geomx_net::{Handler, MsgKind, NetError, PayloadCodec, PeerHandle, Request, R
 use std::net::ToSocketAddrs;
 
 use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
+use super::chaos::{Point, SelfFault};
 use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
 use super::msg::{f32_bytes, UpPush, REJOIN_KEY, SKIP_FLAG};
 use super::node::{Aborter, FatalHook, Identity, Node};
@@ -61,8 +62,11 @@ struct State {
     finished: usize,
     /// MixedSync: the asynchronous aggregator (then `agg` holds no ranges) and the pushes applied
     /// per range.
-    mixed: Option<(MixedAggregator, HashMap<usize, u64>)>,
+    mixed: Option<MixedState>,
 }
+
+/// MixedSync's aggregator and the pushes it applied per range.
+type MixedState = (MixedAggregator, HashMap<usize, u64>);
 
 struct GlobalHandler {
     state: Mutex<State>,
@@ -100,6 +104,15 @@ struct GlobalHandler {
     elastic_dcs: bool,
     /// DC losses and rejoins, and the (range's key, round)s some DC was absent from.
     log: RoundLog,
+    /// `resilience.lost_global_server = "continue"`: this process may be restarted from its
+    /// checkpoint.
+    restartable: bool,
+    /// Ends this process at once (not the job): a restartable global server that lost a local
+    /// server's connection.
+    die: FatalHook,
+    /// The fault this process injects into itself (`geomx launch --chaos`), at the rounds of
+    /// its first range.
+    chaos: Option<(usize, SelfFault)>,
 }
 
 /// One half of a DGT-mode push: the TCP request (worker count + responder) or the values the
@@ -360,6 +373,8 @@ impl GlobalHandler {
         let done = match st.agg.push_round(id, dc, version, (up.sum, up.count)) {
             Ok(None) => {
                 st.parked.entry(id).or_default().push(reply);
+                drop(st);
+                self.fault_at(id, version + 1, Point::MidPush);
                 return;
             }
             Ok(Some(d)) => d,
@@ -393,6 +408,7 @@ impl GlobalHandler {
             }
         }
         drop(st);
+        self.fault_at(id, done.version, Point::Start);
         // The state is written before the replies go out: a worker that saw round r's reply can
         // rely on the global tier's checkpoint of r being on disk.
         if let Some(state) = snapshot {
@@ -403,6 +419,17 @@ impl GlobalHandler {
             self.replies.send(id, r, done.version, done.codec, &payload);
         }
         answer_pulls(pulls, done.version);
+        self.fault_at(id, done.version, Point::ReplyWait);
+    }
+
+    /// Injects this process's chaos fault when range `id` is its first one and `round` (training
+    /// rounds completed with this one) and `point` are the fault's.
+    fn fault_at(&self, id: usize, round: u64, point: Point) {
+        if let Some((first, c)) = &self.chaos {
+            if *first == id {
+                c.at(round * self.per_global, point);
+            }
+        }
     }
 
     /// Adds range `id` at `version` to the checkpoint of that round when one is due; returns the
@@ -410,7 +437,10 @@ impl GlobalHandler {
     fn snapshot(&self, st: &State, id: usize, version: u64) -> Option<StateFile> {
         let (saver, parts) = self.ckpt.as_ref()?;
         let round = version * self.per_global;
-        if !saver.due(round) {
+        // A global server that may restart also saves the last round: a local server that
+        // still pulls the final θ then finds it after a restart without any other DC's help.
+        let last = self.restartable && version == self.rounds;
+        if !saver.due(round) && !last {
             return None;
         }
         let Some(super::RangeSnapshot {
@@ -646,6 +676,23 @@ impl Handler for GlobalHandler {
     }
 
     fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
+        if self.restartable && self.admission.holds(peer) && lock(&self.state).finished < self.owned
+        {
+            // A local server that lost its connection waits for this server's next incarnation
+            // and resends to it what its checkpoint lacks (this process may have been stopped,
+            // or the link cut): end this one, so that it is restarted.
+            let dc = self
+                .dc_of
+                .get()
+                .and_then(|m| m.get(&peer.node_id()).copied());
+            let msg = format!(
+                "lost the connection of dc {dc:?}'s local server ({reason}); ending so that a \
+                 restart from the checkpoint takes over"
+            );
+            tracing::error!(%msg, "global server");
+            (self.die)(&msg);
+            return;
+        }
         // Without `lost_dc = "continue"` the coordinator ends the job on a lost local server.
         if !self.elastic_dcs || !self.admission.holds(peer) {
             return;
@@ -660,23 +707,15 @@ impl Handler for GlobalHandler {
     }
 }
 
-/// Runs global server `rank` until the job shuts down; returns its traffic.
-pub fn run(
+/// The aggregator (MixedSync: the asynchronous one) of global server `rank`'s ranges: θ_0 from
+/// the seed (the one source of initial parameters), or θ_r and the optimizer state of the
+/// checkpoint it `resumed`.
+fn own_ranges(
     job: &JobSpec,
     rank: u32,
-    coord_addr: &str,
-    bind_addr: &str,
-    fatal: FatalHook,
-) -> Result<RoleStats, RunError> {
+    mut resumed: Option<&mut super::ckpt::Resumed>,
+) -> Result<(GlobalAggregator, Option<MixedState>), RunError> {
     let plan = &job.plan;
-    let me = Identity {
-        role: roles::GLOBAL_SERVER,
-        dc: plan.central_dc,
-        rank,
-    };
-    // θ_0 from the seed (the one source of initial parameters); keep our own ranges. A resumed
-    // job starts from its checkpoint's θ_r and optimizer state instead.
-    let mut resumed = super::ckpt::resume(job, &me)?;
     // Global rounds: training rounds / (k1 · k2) under HFA.
     let start = resumed.as_ref().map_or(0, |r| r.round()) / job.rounds_per_global();
     let theta0 = job.keys.split(job.model.init(job.seed));
@@ -694,49 +733,78 @@ pub fn run(
             .with_lr_scales(job.mixed_lr_scales());
         (m, HashMap::new())
     });
-    let mut owned = 0;
     for (id, r) in plan.placement.ranges.iter().enumerate() {
-        if r.server == rank as usize {
-            let vals = match resumed.as_mut() {
-                Some(res) => res.f32(&format!("theta.{id}"), r.len)?,
-                None => theta0[r.key][r.offset..r.offset + r.len].to_vec(),
-            };
-            let mode = job.reply_mode(r.key);
-            if let Some((m, _)) = mixed.as_mut() {
-                m.add_range_with(id, vals, 0, job.mixed_optimizer, mode)
+        if r.server != rank as usize {
+            continue;
+        }
+        let vals = match resumed.as_deref_mut() {
+            Some(res) => res.f32(&format!("theta.{id}"), r.len)?,
+            None => theta0[r.key][r.offset..r.offset + r.len].to_vec(),
+        };
+        let mode = job.reply_mode(r.key);
+        if let Some((m, _)) = mixed.as_mut() {
+            m.add_range_with(id, vals, 0, job.mixed_optimizer, mode)
+                .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?;
+            continue;
+        }
+        let opt: Box<dyn super::RangeOptimizer> = match job.hfa_periods() {
+            Some(_) => {
+                let mut opt = super::hfa::OuterStep::new(&job.hfa, r.len)
                     .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?;
-                owned += 1;
-                continue;
-            }
-            let opt: Box<dyn super::RangeOptimizer> = match job.hfa_periods() {
-                Some(_) => {
-                    let mut opt = super::hfa::OuterStep::new(&job.hfa, r.len)
-                        .map_err(|e| RunError::Protocol(format!("global server {rank}: {e}")))?;
-                    if let Some(res) = resumed.as_mut() {
-                        let saved = res.optim(&format!("opt.{id}"))?;
-                        opt.import_state(saved).map_err(|e| res.misfit(e))?;
-                    }
-                    Box::new(opt)
+                if let Some(res) = resumed.as_deref_mut() {
+                    let saved = res.optim(&format!("opt.{id}"))?;
+                    opt.import_state(saved).map_err(|e| res.misfit(e))?;
                 }
-                None => {
-                    let mut opt = Optimizer::new(&job.optimizer, r.len);
-                    if let Some(res) = resumed.as_mut() {
-                        let saved = res.optim(&format!("opt.{id}"))?;
-                        opt.import_state(saved).map_err(|e| res.misfit(e))?;
-                    }
-                    Box::new(opt)
-                }
-            };
-            agg.add_range(id, vals, start, opt);
-            agg.set_mode(id, mode);
-            if let Some(res) = resumed.as_mut() {
-                let carry = res.f32_any(&format!("carry.{id}"))?;
-                agg.set_carry(id, carry).map_err(|e| res.misfit(e))?;
+                Box::new(opt)
             }
-            owned += 1;
+            None => {
+                let mut opt = Optimizer::new(&job.optimizer, r.len);
+                if let Some(res) = resumed.as_deref_mut() {
+                    let saved = res.optim(&format!("opt.{id}"))?;
+                    opt.import_state(saved).map_err(|e| res.misfit(e))?;
+                }
+                Box::new(opt)
+            }
+        };
+        agg.add_range(id, vals, start, opt);
+        agg.set_mode(id, mode);
+        if let Some(res) = resumed.as_deref_mut() {
+            let carry = res.f32_any(&format!("carry.{id}"))?;
+            agg.set_carry(id, carry).map_err(|e| res.misfit(e))?;
         }
     }
-    drop(theta0);
+    Ok((agg, mixed))
+}
+
+/// Runs global server `rank` until the job shuts down; returns its traffic.
+pub fn run(
+    job: &JobSpec,
+    rank: u32,
+    coord_addr: &str,
+    bind_addr: &str,
+    fatal: FatalHook,
+) -> Result<RoleStats, RunError> {
+    let plan = &job.plan;
+    let me = Identity {
+        role: roles::GLOBAL_SERVER,
+        dc: plan.central_dc,
+        rank,
+    };
+    // A resumed job starts from its checkpoint's θ_r and optimizer state (checked before this
+    // process registers); a restarted one from its own newest checkpoint (after: only the
+    // coordinator knows that this process is a restart).
+    let resumed = super::ckpt::resume(job, &me)?;
+    let owned = plan
+        .placement
+        .ranges
+        .iter()
+        .filter(|r| r.server == rank as usize)
+        .count();
+    let first_owned = plan
+        .placement
+        .ranges
+        .iter()
+        .position(|r| r.server == rank as usize);
     // DGT: the receiver listens on the IP of our bind address before anyone can ask for it.
     let dgt_server = match &job.inter.dgt() {
         Some(d) => {
@@ -765,12 +833,14 @@ pub fn run(
     };
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let handler = Arc::new(GlobalHandler {
+        // The ranges are installed once this process knows whether it is a restart (below),
+        // before any request is let in.
         state: Mutex::new(State {
-            agg,
+            agg: GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32),
             parked: HashMap::new(),
             pulls: Vec::new(),
             finished: 0,
-            mixed,
+            mixed: None,
         }),
         dc_of: OnceLock::new(),
         admission: Admission::default(),
@@ -799,6 +869,11 @@ pub fn run(
         ),
         elastic_dcs: job.dcs_may_rejoin(),
         log: RoundLog::default(),
+        restartable: job.global_servers_may_rejoin(),
+        die: fatal.clone(),
+        chaos: SelfFault::from_env()
+            .map_err(RunError::Membership)?
+            .and_then(|c| first_owned.map(|id| (id, c))),
     });
     let consumer = dgt_server.as_ref().map(|s| {
         let (h, rx) = (handler.clone(), s.deliveries().clone());
@@ -810,8 +885,38 @@ pub fn run(
             }
         })
     });
-    let (mut server, node) =
-        Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
+    let (mut server, node) = Node::serve_and_join(
+        coord_addr,
+        me.clone(),
+        bind_addr,
+        handler.clone(),
+        job,
+        fatal,
+    )?;
+    let incarnation = node.membership.incarnation;
+    let mut resumed = match incarnation {
+        0 => resumed,
+        _ => super::ckpt::restart_state(job, &me, resumed)?,
+    };
+    let (agg, mixed) = own_ranges(job, rank, resumed.as_mut())?;
+    {
+        let mut st = lock(&handler.state);
+        // A restart at the job's last round has nothing left but the final pulls.
+        st.finished = agg
+            .range_ids()
+            .filter(|&id| agg.get(id).is_some_and(|(v, _)| v >= job.global_rounds()))
+            .count();
+        (st.agg, st.mixed) = (agg, mixed);
+    }
+    if incarnation > 0 {
+        let round = resumed.as_ref().map_or(0, |r| r.round());
+        tracing::warn!(
+            rank,
+            incarnation,
+            round,
+            "global server restarted from round {round}"
+        );
+    }
     let dc_of = node
         .membership
         .nodes
@@ -829,8 +934,11 @@ pub fn run(
         handler.on_request(req, reply);
     }
     let _ = handler.aborter.set(node.aborter());
-    node.barrier("all")?;
-    if owned > 0 && job.global_rounds() > 0 {
+    if incarnation == 0 {
+        node.barrier("all")?;
+    }
+    let finished = lock(&handler.state).finished;
+    if owned > 0 && finished < owned && job.global_rounds() > 0 {
         // Every round needs every DC, so the wait is bounded by the job's total length; the
         // coordinator aborts the job (ending this process) if any peer dies meanwhile.
         let _ = done_rx.recv();
@@ -843,6 +951,7 @@ pub fn run(
     stats.refused_requests = handler.admission.refused();
     stats.cast_overflows = handler.overflows.snapshot();
     stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
+    stats.incarnation = incarnation;
     (stats.member_events, stats.partial_rounds) = handler.log.snapshot();
     if let Some(s) = dgt_server {
         let d = super::dgt::DgtRoleStats::from_server(&s.stats());

@@ -79,6 +79,10 @@ pub struct JobSpec {
     pub lost_worker: LostWorker,
     /// Whether a lost local server leaves the job running (`resilience.lost_dc = "continue"`).
     pub lost_dc: LostWorker,
+    /// Whether a lost global server leaves the job running (`resilience.lost_global_server`).
+    pub lost_global_server: LostWorker,
+    /// Whether a lost coordinator restarts from its snapshot (`resilience.lost_coordinator`).
+    pub lost_coordinator: LostWorker,
     /// Fewest DCs a global round may complete with (`resilience.min_dcs`).
     pub min_dcs: usize,
     /// This process's certificates ([`JobSpec::with_keyring`]); with mutual TLS and none given,
@@ -248,6 +252,8 @@ impl JobSpec {
             security: cfg.security.mode,
             lost_worker: cfg.resilience.lost_worker,
             lost_dc: cfg.resilience.lost_dc,
+            lost_global_server: cfg.resilience.lost_global_server,
+            lost_coordinator: cfg.resilience.lost_coordinator,
             min_dcs: cfg.resilience.min_dcs,
             keyring: Arc::new(OnceLock::new()),
         })
@@ -318,6 +324,25 @@ impl JobSpec {
     /// Whether a lost local server leaves the job running (`resilience.lost_dc = "continue"`).
     pub fn dcs_may_rejoin(&self) -> bool {
         self.lost_dc == LostWorker::Continue
+    }
+
+    /// Whether a lost global server restarts from its checkpoint and the job goes on
+    /// (`resilience.lost_global_server = "continue"`).
+    pub fn global_servers_may_rejoin(&self) -> bool {
+        self.lost_global_server == LostWorker::Continue
+    }
+
+    /// Whether the coordinator may be restarted and its members reconnect to it
+    /// (`resilience.lost_coordinator = "continue"`).
+    pub fn coordinator_may_restart(&self) -> bool {
+        self.lost_coordinator == LostWorker::Continue
+    }
+
+    /// The coordinator's membership snapshot under `lost_coordinator = "continue"`.
+    pub fn coordinator_state_file(&self) -> Option<std::path::PathBuf> {
+        let dir = &self.checkpoint.as_ref()?.dir;
+        self.coordinator_may_restart()
+            .then(|| dir.join("coordinator.state"))
     }
 
     /// The longest a role waits for any single step of the protocol before it gives up.

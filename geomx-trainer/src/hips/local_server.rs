@@ -21,7 +21,6 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use geomx_net::sched::credit::CreditTuner;
-use geomx_net::sched::priority::{PrioritySender, Queued};
 use geomx_net::sched::reply::SharedBytes;
 use geomx_net::{
     Handler, KvClient, MsgKind, NetError, PayloadCodec, PeerHandle, Request, Responder,
@@ -37,6 +36,7 @@ use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::replies::Replies;
 use super::round_log::{MemberChange, RoundLog};
+use super::upstream::{Rejoin, Upstream};
 use super::{lock, JobSpec, LocalAggregator, LocalSum, RoleStats, RunError};
 use crate::checkpoint::{RoundParts, Saver};
 use crate::codec::down::{
@@ -135,7 +135,7 @@ struct LocalHandler {
     /// `resilience.lost_worker = "continue"`: a lost worker leaves the rounds, and may rejoin.
     elastic: bool,
     /// Lost and rejoined workers, and the rounds that summed only some workers.
-    log: RoundLog,
+    log: Arc<RoundLog>,
     /// The fault this process injects into itself (`geomx launch --chaos`): as key 0's round
     /// starts.
     chaos: Option<SelfFault>,
@@ -600,82 +600,6 @@ enum UpSum<'a> {
     Skip,
 }
 
-/// The global servers as the uplinks reach them: directly, or under P3 through one priority
-/// sender each (the most urgent layer's slice sums first).
-struct Upstream {
-    clients: Vec<KvClient>,
-    /// One per client under P3; empty otherwise.
-    prio: Vec<PrioritySender>,
-}
-
-impl Upstream {
-    fn new(clients: Vec<KvClient>, job: &JobSpec, dc: u32) -> Result<Self, RunError> {
-        let prio = match job.p3 {
-            Some(_) => clients
-                .iter()
-                .enumerate()
-                .map(|(s, c)| PrioritySender::new(c.clone(), &format!("geomx-p3-l{dc}.{s}")))
-                .collect::<Result<_, _>>()
-                .map_err(|e| RunError::Net("starting the P3 senders".into(), e))?,
-            None => Vec::new(),
-        };
-        Ok(Self { clients, prio })
-    }
-
-    /// Sets the send buffer (P3 credit) of every uplink connection.
-    fn set_credit(&self, bytes: u32) -> Result<(), String> {
-        for (s, c) in self.clients.iter().enumerate() {
-            c.set_send_buffer(bytes as usize)
-                .map_err(|e| format!("setting the P3 credit towards global server {s}: {e}"))?;
-        }
-        Ok(())
-    }
-
-    fn client(&self, server: usize) -> Result<&KvClient, String> {
-        self.clients
-            .get(server)
-            .ok_or_else(|| format!("no global server {server}"))
-    }
-
-    /// Pushes `payload` (codec `Raw`) to `server` at `(range id, version, offset, key length)`.
-    fn push(
-        &self,
-        server: usize,
-        priority: i64,
-        (id, version, offset, total): (u64, u64, u64, u64),
-        payload: Vec<u8>,
-    ) -> Result<Queued, String> {
-        let r = match self.prio.get(server) {
-            Some(p) => p.push(
-                priority,
-                id,
-                version,
-                PayloadCodec::Raw,
-                offset,
-                total,
-                payload,
-            ),
-            None => self
-                .client(server)?
-                .push(id, version, PayloadCodec::Raw, offset, total, &payload)
-                .map(Queued::from),
-        };
-        r.map_err(|e| format!("range {id} to global server {server}: {e}"))
-    }
-
-    /// Pulls `(range id, version, offset, key length)` from `server` (pulls skip the queue).
-    fn pull(
-        &self,
-        server: usize,
-        (id, version, offset, total): (u64, u64, u64, u64),
-    ) -> Result<Queued, String> {
-        self.client(server)?
-            .pull(id, version, offset, total)
-            .map(Queued::from)
-            .map_err(|e| format!("range {id} to global server {server}: {e}"))
-    }
-}
-
 /// Pushes `sum` of `key` at `round` to the owners of its ranges (or pulls them at `round`) and
 /// decodes their replies, in range order.
 ///
@@ -694,7 +618,7 @@ fn exchange(
     mut base: Option<&mut [u64]>,
 ) -> Result<Vec<RangeReply>, String> {
     let key_len = handler.key_lens[key];
-    let mut pending: Vec<(usize, &Range, Queued)> = Vec::with_capacity(ranges.len());
+    let mut pending = Vec::with_capacity(ranges.len());
     let pushing = !matches!(sum, UpSum::Pull);
     let sparse =
         matches!(sum, UpSum::Sparse(..)) || (pushing && handler.modes[key] == ReplyMode::Sparse);
@@ -754,20 +678,23 @@ fn exchange(
                 ))
             }
         };
-        let at = (*id as u64, version, r.offset as u64, key_len as u64);
-        let p = match payload {
-            Some(payload) => up.push(r.server, job.keys.priority(key), at, payload),
-            None => up.pull(r.server, (*id as u64, round, at.2, at.3)),
-        }?;
-        pending.push((*id, r, p));
+        let (at, p) = match payload {
+            Some(payload) => {
+                let at = (*id as u64, version, r.offset as u64, key_len as u64);
+                (at, up.push(r.server, job.keys.priority(key), at, payload)?)
+            }
+            None => {
+                let at = (*id as u64, round, r.offset as u64, key_len as u64);
+                (at, up.pull(r.server, at)?)
+            }
+        };
+        pending.push((*id, r, at, p));
     }
     let mut out = Vec::with_capacity(ranges.len());
-    for (i, (id, r, p)) in pending.into_iter().enumerate() {
+    for (i, (id, r, at, p)) in pending.into_iter().enumerate() {
         let sent = base.as_deref().map_or(round, |b| b[i]);
         let want = if pushing { sent + 1 } else { sent };
-        let resp = p
-            .wait(job.wait_limit())
-            .map_err(|e| format!("range {id} from global server {}: {e}", r.server))?;
+        let resp = up.wait(r.server, at, pushing, p)?;
         if resp.version < want {
             return Err(format!(
                 "range {id}: reply at version {}, expected {want}",
@@ -1167,7 +1094,7 @@ pub fn run(
         replies: Replies::new(job, &format!("geomx-p3-l{dc}r"), 0..n_keys),
         n_workers: n_d,
         elastic: job.workers_may_rejoin(),
-        log: RoundLog::default(),
+        log: Arc::new(RoundLog::default()),
         chaos: SelfFault::from_env().map_err(RunError::Membership)?,
     });
     let (mut server, node) =
@@ -1253,7 +1180,19 @@ pub fn run(
                 .collect()
         })
         .collect();
-    let upstream = Arc::new(Upstream::new(clients.clone(), job, dc)?);
+    let rejoin = job.global_servers_may_rejoin().then(|| {
+        node.net(job).map(|net| {
+            Rejoin::new(
+                job,
+                dc,
+                node.coord.clone(),
+                node.id(),
+                net,
+                handler.log.clone(),
+            )
+        })
+    });
+    let upstream = Arc::new(Upstream::new(clients, job, dc, rejoin.transpose()?)?);
     // A resumed job starts from θ_r of its checkpoint round (HFA: the milestone), which the
     // global servers hold.
     let theta0 = final_theta(&handler, &upstream, &key_ranges, start_global, job)
@@ -1346,7 +1285,7 @@ pub fn run(
     let global_hash = crate::engine::params_hash(&job.keys.assemble(theta));
     node.finish(job.wait_limit())?;
     let lan = server.stats();
-    let mut wan: u64 = clients.iter().map(|c| super::total_bytes(c.stats())).sum();
+    let mut wan: u64 = upstream.total_bytes();
     server.shutdown();
     let mut stats = RoleStats::new(&node.me, lan);
     if let Some(links) = handler.dgt_links.get() {

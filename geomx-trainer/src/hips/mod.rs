@@ -27,6 +27,7 @@ mod replies;
 pub mod round_log;
 pub mod slices;
 pub mod throughput;
+mod upstream;
 pub mod worker;
 
 use serde::{Deserialize, Serialize};

@@ -41,7 +41,7 @@ pub fn parse_routes(text: &str) -> Vec<(String, String)> {
 }
 
 /// `addr`, or the relay that [`WAN_ROUTES_ENV`] routes it through.
-fn wan_route(addr: &str) -> String {
+pub(super) fn wan_route(addr: &str) -> String {
     static ROUTES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
     let routes = ROUTES.get_or_init(|| {
         std::env::var(WAN_ROUTES_ENV)
@@ -103,15 +103,23 @@ impl Node {
             listen_addr,
             protocol_version: PROTOCOL_VERSION,
             config_hash,
+            reattach: None,
         };
         // Processes of a job start in any order: retry while the coordinator is not listening
         // yet, up to the registration timeout.
         let deadline = Instant::now() + job.registration_timeout;
         let (coord, membership) = loop {
             match CoordClient::register(coord_addr, hello.clone(), net.clone()) {
-                Ok(r) => break r,
+                Ok((c, m)) => break (c.reconnecting(job.coordinator_may_restart()), m),
                 Err(NetError::Io(e))
                     if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                // A restart faster than the coordinator's sight of the loss: retry.
+                Err(NetError::Rejected(m))
+                    if m.contains(geomx_net::coord::STILL_REGISTERED)
                         && Instant::now() < deadline =>
                 {
                     std::thread::sleep(Duration::from_millis(100));

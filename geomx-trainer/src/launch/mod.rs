@@ -583,13 +583,40 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
 
     let worker_devices = worker_devices(&cfg.model.device, job.plan.total_workers())?;
     let keys = Keys::new(&cfg)?;
+    let chaos = match &opts.chaos {
+        Some(spec) => supervise::parse_chaos(
+            spec,
+            &job.plan.workers_per_dc,
+            job.plan.num_global_servers(),
+            job.plan.central_dc,
+        )
+        .map_err(|m| ConfigError::invalid("--chaos", m))?,
+        None => Vec::new(),
+    };
+    // Children that may be restarted, by index: (role, dc, rank, site).
+    let mut restartable = std::collections::HashMap::new();
+    // The chaos fault of (role, dc, rank), if any, for its first incarnation.
+    let chaos_cmd = |cmd: &mut Command, role: &str, dc: u32, rank: u32| {
+        cmd.env_remove(crate::hips::chaos::CHAOS_ENV);
+        if let Some(f) = chaos
+            .iter()
+            .find(|f| (f.role.as_str(), f.dc, f.rank) == (role, dc, rank))
+        {
+            cmd.env(crate::hips::chaos::CHAOS_ENV, &f.fault);
+        }
+    };
     let mut cl = Cluster::new(opts.quiet);
     let coord_bind = wan
         .coordinator_bind(cfg.cluster.base_port)
         .or_else(|| cfg.cluster.coordinator.clone())
         .unwrap_or_else(|| format!("{host}:{}", cfg.cluster.base_port));
+    let mut cmd = wan.command(&exe, None)?;
+    chaos_cmd(&mut cmd, roles::COORDINATOR, job.plan.central_dc, 0);
+    if job.coordinator_may_restart() {
+        restartable.insert(0, (roles::COORDINATOR, job.plan.central_dc, 0, None));
+    }
     cl.spawn(
-        wan.command(&exe, None)?,
+        cmd,
         roles::COORDINATOR.into(),
         &[
             "--role".into(),
@@ -620,6 +647,13 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         }
     };
     wan.adopt(cl.procs[0].child.id());
+    // A restarted coordinator binds the address its members know (port 0 picked one).
+    let args = &mut cl.procs[0].args;
+    if let Some(i) = args.iter().position(|a| a == "--coordinator") {
+        if let Some(a) = args.get_mut(i + 1) {
+            a.clone_from(&coord);
+        }
+    }
     wan.start_relays(&coord, &cfg.cluster.global_server_addrs)?;
     let plan = &job.plan;
     // `site` = the data center whose site the process runs in (`None`: the central DC's).
@@ -645,31 +679,22 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         a
     };
     for s in 0..plan.num_global_servers() as u32 {
+        let mut cmd = wan.command(&exe, None)?;
+        chaos_cmd(&mut cmd, roles::GLOBAL_SERVER, plan.central_dc, s);
+        if job.global_servers_may_rejoin() {
+            restartable.insert(
+                cl.procs.len(),
+                (roles::GLOBAL_SERVER, plan.central_dc, s, None),
+            );
+        }
         cl.spawn(
-            wan.command(&exe, None)?,
+            cmd,
             child_name(roles::GLOBAL_SERVER, plan.central_dc, s),
             &common("global-server", plan.central_dc, s, None),
             keys.for_child(&[(roles::GLOBAL_SERVER, plan.central_dc, s)])?,
         )?;
         wan.adopt(cl.procs.last().map_or(0, |p| p.child.id()));
     }
-    let chaos = match &opts.chaos {
-        Some(spec) => supervise::parse_chaos(spec, &plan.workers_per_dc)
-            .map_err(|m| ConfigError::invalid("--chaos", m))?,
-        None => Vec::new(),
-    };
-    // Children that may be restarted, by index: (role, dc, rank, site).
-    let mut restartable = std::collections::HashMap::new();
-    // The chaos fault of (role, dc, rank), if any, for its first incarnation.
-    let chaos_cmd = |cmd: &mut Command, role: &str, dc: u32, rank: u32| {
-        cmd.env_remove(crate::hips::chaos::CHAOS_ENV);
-        if let Some(f) = chaos
-            .iter()
-            .find(|f| (f.role.as_str(), f.dc, f.rank) == (role, dc, rank))
-        {
-            cmd.env(crate::hips::chaos::CHAOS_ENV, &f.fault);
-        }
-    };
     let mut devices = worker_devices.into_iter();
     for (d, &n) in plan.workers_per_dc.iter().enumerate() {
         let site = Some(d);
@@ -724,8 +749,19 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
                 return Err(cl.fail(i));
             };
             let p = &cl.procs[i];
-            let job_over = cl.procs[0].status.is_some();
-            let restart = resilience.restart == crate::config::Restart::OnFailure && !job_over;
+            // The coordinator's end is the job's, unless it was killed and will be restarted.
+            let coordinator_away = pending.iter().any(|&(_, j)| j == 0);
+            let job_over = i != 0 && cl.procs[0].status.is_some() && !coordinator_away;
+            // A coordinator that exited on its own decided the job's outcome; only one that was
+            // killed (a signal) is restarted.
+            use std::os::unix::process::ExitStatusExt;
+            let killed = p.status.is_some_and(|s| s.signal().is_some());
+            let restart = resilience.restart == crate::config::Restart::OnFailure
+                && !job_over
+                && (i != 0 || killed);
+            if i == 0 && !restart {
+                return Err(cl.fail(i));
+            }
             if restart && p.restarts >= resilience.max_restarts {
                 return Err(cl.fail(i));
             }
@@ -758,15 +794,21 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             }
         }
         let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(t, _)| *t <= now);
+        let (mut due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(t, _)| *t <= now);
         pending = later;
+        // The coordinator first: the others' restarts need it.
+        due.sort_by_key(|&(_, i)| i);
         for (_, i) in due {
-            if cl.procs[0].status.is_some() {
+            if i != 0 && cl.procs[0].status.is_some() && !pending.iter().any(|&(_, j)| j == 0) {
                 continue; // the job ended meanwhile
             }
             let site = restartable.get(&i).and_then(|w| w.3);
             let mut cmd = wan.command(&exe, site)?;
             cmd.env_remove(crate::hips::chaos::CHAOS_ENV);
+            if i == 0 {
+                // It continues the running job from its snapshot.
+                cmd.env(crate::hips::coordinator::RESTART_ENV, "1");
+            }
             cl.restart(i, cmd)?;
             wan.adopt(cl.procs[i].child.id());
         }

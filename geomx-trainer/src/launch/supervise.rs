@@ -21,8 +21,15 @@ pub struct ChaosFault {
 
 /// Parses `--chaos SPEC`: comma-separated `ACTION:ROLE:dcD:RANK@round=N[:POINT]`, e.g.
 /// `kill:worker:dc1:0@round=200,stop=3s:worker:dc0:1@round=50:reply-wait` (ACTION and POINT as
-/// [`crate::hips::chaos::SelfFault::parse`] takes them).
-pub fn parse_chaos(spec: &str, workers_per_dc: &[usize]) -> Result<Vec<ChaosFault>, String> {
+/// [`crate::hips::chaos::SelfFault::parse`] takes them). A global server, which lives in the
+/// central DC, may be written without its DC: `kill:global-server:0@round=500`. Roles are
+/// written with `-` or `_`.
+pub fn parse_chaos(
+    spec: &str,
+    workers_per_dc: &[usize],
+    global_servers: usize,
+    central_dc: u32,
+) -> Result<Vec<ChaosFault>, String> {
     let mut out: Vec<ChaosFault> = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let bad = |why: &str| format!("--chaos {item:?}: {why}");
@@ -30,12 +37,41 @@ pub fn parse_chaos(spec: &str, workers_per_dc: &[usize]) -> Result<Vec<ChaosFaul
             .split_once('@')
             .ok_or_else(|| bad("expected ACTION:ROLE:dcD:RANK@round=N"))?;
         let parts: Vec<&str> = target.split(':').collect();
-        let [action, role, dc, rank] = parts[..] else {
-            return Err(bad("expected ACTION:ROLE:dcD:RANK before '@'"));
+        let central = format!("dc{central_dc}");
+        let (action, role, dc, rank) = match parts[..] {
+            [action, role, dc, rank] => (action, role.replace('-', "_"), dc, rank),
+            [action, role, rank] if role.replace('-', "_") == roles::GLOBAL_SERVER => (
+                action,
+                roles::GLOBAL_SERVER.to_string(),
+                central.as_str(),
+                rank,
+            ),
+            [action, roles::COORDINATOR] => (
+                action,
+                roles::COORDINATOR.to_string(),
+                central.as_str(),
+                "0",
+            ),
+            _ => return Err(bad("expected ACTION:ROLE:dcD:RANK before '@'")),
         };
-        if role != roles::WORKER && role != roles::LOCAL_SERVER {
+        let role = role.as_str();
+        let roles_hit = [
+            roles::WORKER,
+            roles::LOCAL_SERVER,
+            roles::GLOBAL_SERVER,
+            roles::COORDINATOR,
+        ];
+        if !roles_hit.contains(&role) {
             return Err(bad(
-                "only workers and local servers take chaos faults so far",
+                "only workers, local servers, global servers and the coordinator take chaos \
+                 faults",
+            ));
+        }
+        // The coordinator counts no rounds: its fault strikes a time after the job runs.
+        if (role == roles::COORDINATOR) != at.starts_with("after=") {
+            return Err(bad(
+                "the coordinator takes @after=DURATION (e.g. kill:coordinator@after=2s), the \
+                 other roles @round=N",
             ));
         }
         let dc: u32 = dc
@@ -45,7 +81,10 @@ pub fn parse_chaos(spec: &str, workers_per_dc: &[usize]) -> Result<Vec<ChaosFaul
         let rank: u32 = rank.parse().map_err(|_| bad("the rank is a number"))?;
         let n = match role {
             roles::WORKER => workers_per_dc.get(dc as usize).copied().unwrap_or(0),
-            _ => usize::from((dc as usize) < workers_per_dc.len()),
+            roles::LOCAL_SERVER => usize::from((dc as usize) < workers_per_dc.len()),
+            roles::COORDINATOR => 1,
+            _ if dc == central_dc => global_servers,
+            _ => 0,
         };
         if rank as usize >= n {
             return Err(bad(&format!(
@@ -169,11 +208,25 @@ mod tests {
     fn chaos_specs_parse_and_bad_ones_name_the_item() {
         let f = parse_chaos(
             "kill:worker:dc1:0@round=20, kill:worker:dc0:1@round=5, \
-             stop=2s:worker:dc0:0@round=7:mid-push, kill:local_server:dc1:0@round=9",
+             stop=2s:worker:dc0:0@round=7:mid-push, kill:local_server:dc1:0@round=9, \
+             kill:global-server:0@round=11:reply-wait",
             &[2, 2],
+            1,
+            0,
         )
         .unwrap();
-        assert_eq!(f.len(), 4);
+        assert_eq!(f.len(), 5);
+        assert_eq!(
+            (f[4].role.as_str(), f[4].dc, f[4].rank, f[4].fault.as_str()),
+            ("global_server", 0, 0, "kill@round=11:reply-wait")
+        );
+        let c = parse_chaos("stop=3s:coordinator@after=1500ms", &[1], 1, 0).unwrap();
+        assert_eq!(
+            (c[0].role.as_str(), c[0].fault.as_str()),
+            ("coordinator", "stop=3s@after=1500ms")
+        );
+        let g = parse_chaos("kill:global_server:dc2:1@round=3", &[1, 1, 1], 2, 2).unwrap();
+        assert_eq!((g[0].dc, g[0].rank), (2, 1));
         assert_eq!(f[2].fault, "stop=2s@round=7:mid-push");
         assert_eq!((f[3].role.as_str(), f[3].dc), ("local_server", 1));
         assert_eq!(
@@ -185,17 +238,22 @@ mod tests {
             "kill:local_server:dc0:1@round=1",
             "kill:worker:dc0:0@round=1:never",
             "kill:worker:dc0:2@round=1",
-            "kill:global-server:dc0:0@round=1",
+            "kill:global-server:1@round=1",
+            "kill:global-server:dc1:0@round=1",
+            "kill:coordinator:0@round=1",
+            "kill:coordinator@round=1",
+            "kill:worker:dc0:0@after=1s",
+            "kill:coordinator@after=forever",
             "kill:worker:1:0@round=1",
             "stop:worker:dc0:0@round=1",
             "kill:worker:dc0:0@round=1:never",
             "kill:worker:dc0:0",
             "kill:worker:dc0:0@round=1,kill:worker:dc0:0@round=2",
         ] {
-            let e = parse_chaos(bad, &[2, 2]).unwrap_err();
+            let e = parse_chaos(bad, &[2, 2], 1, 0).unwrap_err();
             assert!(e.starts_with("--chaos"), "{e}");
         }
-        assert!(parse_chaos("", &[1]).unwrap().is_empty());
+        assert!(parse_chaos("", &[1], 1, 0).unwrap().is_empty());
     }
 
     fn fault(dc: u32, rank: u32, unix_ms: u64) -> FaultRecord {

@@ -1,0 +1,578 @@
+//! The global servers as a local server reaches them: directly, or under P3 through one priority
+//! sender each; and, under `resilience.lost_global_server = "continue"`, what brings a restarted
+//! global server back to where the job is.
+//!
+//! A restarted global server holds its newest checkpoint, version `c` of its ranges. The local
+//! server keeps, per range, every push since the global tier's last checkpoint (the global
+//! server writes round `c`'s state before it answers round `c`, so a reply at a checkpoint
+//! round lets the older pushes go). When a connection to a global server fails, the local server
+//! asks the coordinator where that server's next incarnation listens, connects, learns each
+//! range's version with a pull, and resends its pushes from there, one round at a time: every
+//! DC does the same, so each resent round completes as it did before and the global tier ends
+//! bit-identical to a run that lost nothing. A round the lost server completed (and saved) but
+//! whose reply never arrived is read back with a θ pull: under FSA with f32 tiers the reply is θ.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use geomx_net::coord::{CoordClient, NodeKey};
+use geomx_net::sched::priority::{PrioritySender, Queued};
+use geomx_net::{KvClient, NetError, NetOptions, PayloadCodec, Response};
+
+use super::plan::roles;
+use super::round_log::{MemberChange, RoundLog};
+use super::{lock, JobSpec, RunError};
+use crate::checkpoint::Policy;
+
+/// Where a push or pull goes: `(range id, version, offset, key length)`.
+pub(super) type At = (u64, u64, u64, u64);
+
+/// A request on its way, and the connection generation it went out on.
+pub(super) struct Flight {
+    sent: Result<Queued, NetError>,
+    generation: u64,
+}
+
+/// One global server's connection.
+struct Link {
+    client: KvClient,
+    /// Bumped at every reconnection.
+    generation: u64,
+    /// The incarnation of the process `client` reaches (`None`: not known).
+    incarnation: Option<u32>,
+    /// Traffic of the connections this one replaced.
+    retired_bytes: u64,
+}
+
+/// A push kept for a restarted global server.
+#[derive(Clone)]
+struct Kept {
+    offset: u64,
+    total: u64,
+    payload: Vec<u8>,
+}
+
+/// What finds a lost global server's next incarnation and brings it up to date.
+pub(super) struct Rejoin {
+    coord: CoordClient,
+    node_id: u32,
+    net: NetOptions,
+    central_dc: u32,
+    dc: u32,
+    policy: Option<Policy>,
+    per_global: u64,
+    /// Per range: its pushes since the global tier's last checkpoint, by version.
+    kept: Mutex<HashMap<u64, BTreeMap<u64, Kept>>>,
+    /// Per range: the connection generation whose server holds every push before the current.
+    synced: Mutex<HashMap<u64, u64>>,
+    /// Where the losses and returns of global servers are logged.
+    log: Arc<RoundLog>,
+}
+
+impl Rejoin {
+    /// The rejoin support of DC `dc`'s local server, registered with the coordinator as
+    /// `node_id`.
+    pub(super) fn new(
+        job: &JobSpec,
+        dc: u32,
+        coord: CoordClient,
+        node_id: u32,
+        net: NetOptions,
+        log: Arc<RoundLog>,
+    ) -> Self {
+        Self {
+            coord,
+            node_id,
+            net,
+            central_dc: job.plan.central_dc,
+            dc,
+            policy: job.checkpoint.clone(),
+            per_global: job.rounds_per_global(),
+            kept: Mutex::new(HashMap::new()),
+            synced: Mutex::new(HashMap::new()),
+            log,
+        }
+    }
+
+    fn key(&self, server: usize) -> NodeKey {
+        NodeKey::new(roles::GLOBAL_SERVER, self.central_dc, server as u32)
+    }
+
+    /// Keeps the push of `payload` at `at` until a checkpoint covers it.
+    fn keep(&self, at: At, payload: &[u8]) {
+        let (id, version, offset, total) = at;
+        let kept = Kept {
+            offset,
+            total,
+            payload: payload.to_vec(),
+        };
+        lock(&self.kept)
+            .entry(id)
+            .or_default()
+            .insert(version, kept);
+    }
+
+    /// The reply to range `id`'s push reached `version`. When the global tier saves round
+    /// `version - 1`, that checkpoint is on disk now and the pushes before it are no longer
+    /// needed: every range of the server had completed round `version - 1` (the workers pushed
+    /// round `version - 1` of this range with θ of all ranges at that version), and the range
+    /// that completed it last wrote the checkpoint before it answered. (A reply at a checkpoint
+    /// round itself proves nothing: other ranges may still be collecting that round.)
+    fn trim(&self, id: u64, version: u64) {
+        let Some(saved) = version.checked_sub(1) else {
+            return;
+        };
+        let due = self
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.due(saved * self.per_global));
+        if due {
+            if let Some(k) = lock(&self.kept).get_mut(&id) {
+                *k = k.split_off(&saved);
+            }
+        }
+    }
+
+    /// The kept pushes of range `id` from `from` up to (not including) `to`, in order, or why
+    /// they cannot be resent.
+    fn resend_list(
+        &self,
+        server: usize,
+        id: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Kept)>, String> {
+        let kept = lock(&self.kept);
+        let mine = kept.get(&id);
+        let out: Vec<_> = mine
+            .into_iter()
+            .flat_map(|k| k.range(from..to))
+            .map(|(&v, k)| (v, k.clone()))
+            .collect();
+        if out.len() as u64 != to.saturating_sub(from) {
+            let oldest = mine.and_then(|k| k.keys().next().copied());
+            return Err(format!(
+                "global server {server} restarted at round {from} of range {id}; dc {} keeps its \
+                 pushes from round {} on (a checkpoint of another run in checkpoint.dir, or a \
+                 newest checkpoint that was refused?)",
+                self.dc,
+                oldest.map_or_else(|| "none".into(), |o| o.to_string()),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Why bringing a global server back failed: it was lost again (retry), or it cannot be done.
+enum Fail {
+    Lost(NetError),
+    Fatal(String),
+}
+
+impl From<NetError> for Fail {
+    fn from(e: NetError) -> Self {
+        if recoverable(&e) {
+            Fail::Lost(e)
+        } else {
+            Fail::Fatal(e.to_string())
+        }
+    }
+}
+
+/// Whether `e` means the connection (and maybe its process) is gone, not a refusal.
+fn recoverable(e: &NetError) -> bool {
+    matches!(
+        e,
+        NetError::PeerClosed(_) | NetError::Io(_) | NetError::Shutdown
+    )
+}
+
+/// The global servers as the uplinks reach them.
+pub(super) struct Upstream {
+    links: Vec<Mutex<Link>>,
+    /// One per client under P3; empty otherwise.
+    prio: Vec<PrioritySender>,
+    /// Under `lost_global_server = "continue"`.
+    rejoin: Option<Rejoin>,
+    /// The longest wait for one reply, and for a lost global server to come back.
+    wait: Duration,
+}
+
+impl Upstream {
+    /// The uplinks over `clients` (index = global server rank), with `rejoin` when a lost global
+    /// server may come back.
+    pub(super) fn new(
+        clients: Vec<KvClient>,
+        job: &JobSpec,
+        dc: u32,
+        rejoin: Option<Rejoin>,
+    ) -> Result<Self, RunError> {
+        let prio = match job.p3 {
+            Some(_) => clients
+                .iter()
+                .enumerate()
+                .map(|(s, c)| PrioritySender::new(c.clone(), &format!("geomx-p3-l{dc}.{s}")))
+                .collect::<Result<_, _>>()
+                .map_err(|e| RunError::Net("starting the P3 senders".into(), e))?,
+            None => Vec::new(),
+        };
+        let links = clients
+            .into_iter()
+            .enumerate()
+            .map(|(s, client)| {
+                // Which incarnation we reach: a reconnection waits for a later one.
+                let incarnation = rejoin
+                    .as_ref()
+                    .and_then(|r| r.coord.locate(&r.key(s)).ok())
+                    .map(|l| l.incarnation);
+                Mutex::new(Link {
+                    client,
+                    generation: 0,
+                    incarnation,
+                    retired_bytes: 0,
+                })
+            })
+            .collect();
+        Ok(Self {
+            links,
+            prio,
+            rejoin,
+            wait: job.wait_limit(),
+        })
+    }
+
+    /// Sets the send buffer (P3 credit) of every uplink connection.
+    pub(super) fn set_credit(&self, bytes: u32) -> Result<(), String> {
+        for (s, l) in self.links.iter().enumerate() {
+            lock(l)
+                .client
+                .set_send_buffer(bytes as usize)
+                .map_err(|e| format!("setting the P3 credit towards global server {s}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Bytes sent and received on every uplink connection, replaced ones included.
+    pub(super) fn total_bytes(&self) -> u64 {
+        self.links
+            .iter()
+            .map(|l| {
+                let l = lock(l);
+                l.retired_bytes + super::total_bytes(l.client.stats())
+            })
+            .sum()
+    }
+
+    fn link(&self, server: usize) -> Result<(KvClient, u64), String> {
+        let l = self
+            .links
+            .get(server)
+            .ok_or_else(|| format!("no global server {server}"))?;
+        let l = lock(l);
+        Ok((l.client.clone(), l.generation))
+    }
+
+    /// Pushes `payload` (codec `Raw`) to `server` at `at`.
+    pub(super) fn push(
+        &self,
+        server: usize,
+        priority: i64,
+        at: At,
+        payload: Vec<u8>,
+    ) -> Result<Flight, String> {
+        let (id, version, offset, total) = at;
+        if let Some(p) = self.prio.get(server) {
+            let sent = p.push(
+                priority,
+                id,
+                version,
+                PayloadCodec::Raw,
+                offset,
+                total,
+                payload,
+            );
+            return Ok(Flight {
+                sent,
+                generation: 0,
+            });
+        }
+        let (client, generation) = self.link(server)?;
+        if let Some(r) = &self.rejoin {
+            r.keep(at, &payload);
+            // After a reconnection, the restarted server first gets the pushes it lacks.
+            if let Err(e) = self.sync(r, server, &client, generation, id, version) {
+                return match e {
+                    Fail::Lost(e) => Ok(Flight {
+                        sent: Err(e),
+                        generation,
+                    }),
+                    Fail::Fatal(m) => Err(m),
+                };
+            }
+        }
+        let sent = client
+            .push(id, version, PayloadCodec::Raw, offset, total, &payload)
+            .map(Queued::from);
+        Ok(Flight { sent, generation })
+    }
+
+    /// Pulls `at` from `server` (pulls skip the P3 queue).
+    pub(super) fn pull(&self, server: usize, at: At) -> Result<Flight, String> {
+        let (id, version, offset, total) = at;
+        let (client, generation) = self.link(server)?;
+        if let Some(r) = &self.rejoin {
+            if let Err(e) = self.sync(r, server, &client, generation, id, u64::MAX) {
+                return match e {
+                    Fail::Lost(e) => Ok(Flight {
+                        sent: Err(e),
+                        generation,
+                    }),
+                    Fail::Fatal(m) => Err(m),
+                };
+            }
+        }
+        let sent = client.pull(id, version, offset, total).map(Queued::from);
+        Ok(Flight { sent, generation })
+    }
+
+    /// Waits for the answer to `flight` (a push when `pushing`) to `server` at `at`. A lost
+    /// connection under `lost_global_server = "continue"` is recovered: the answer then comes
+    /// from the server's next incarnation.
+    pub(super) fn wait(
+        &self,
+        server: usize,
+        at: At,
+        pushing: bool,
+        flight: Flight,
+    ) -> Result<Response, String> {
+        let describe =
+            |e: &dyn std::fmt::Display| format!("range {} from global server {server}: {e}", at.0);
+        let resp = match (flight.sent.and_then(|q| q.wait(self.wait)), &self.rejoin) {
+            (Ok(resp), _) => resp,
+            (Err(e), Some(r)) if recoverable(&e) => self
+                .recover(r, server, flight.generation, at, pushing, &e)
+                .map_err(|m| describe(&m))?,
+            (Err(e), _) => return Err(describe(&e)),
+        };
+        if let (Some(r), true) = (&self.rejoin, pushing) {
+            r.trim(at.0, resp.version);
+        }
+        Ok(resp)
+    }
+
+    /// Brings `server` back after the connection of generation `failed` broke while `at` was
+    /// pushed (or pulled), and answers it from the next incarnation.
+    fn recover(
+        &self,
+        r: &Rejoin,
+        server: usize,
+        mut failed: u64,
+        at: At,
+        pushing: bool,
+        cause: &NetError,
+    ) -> Result<Response, String> {
+        let (id, version, offset, total) = at;
+        let deadline = Instant::now() + self.wait;
+        let mut cause = cause.to_string();
+        loop {
+            let (client, generation) = self.reconnect(r, server, failed, version, &cause)?;
+            let attempt = || -> Result<Response, Fail> {
+                if !pushing {
+                    self.catch_up(r, server, &client, id, u64::MAX)?;
+                    return Ok(client.pull(id, version, offset, total)?.wait(self.wait)?);
+                }
+                let now = self.catch_up(r, server, &client, id, version)?;
+                if now == version + 1 {
+                    // The lost server completed and saved this round; its reply is θ.
+                    return Ok(client.pull(id, now, offset, total)?.wait(self.wait)?);
+                }
+                if now != version {
+                    return Err(Fail::Fatal(format!(
+                        "global server {server} restarted at round {now} of range {id}, beyond \
+                         this push of round {version} (a checkpoint of another run in \
+                         checkpoint.dir?)"
+                    )));
+                }
+                let again = r.resend_list(server, id, version, version + 1);
+                let [(_, k)] = &again.map_err(Fail::Fatal)?[..] else {
+                    return Err(Fail::Fatal(format!(
+                        "range {id}: no kept push of {version}"
+                    )));
+                };
+                Ok(client
+                    .push(id, version, PayloadCodec::Raw, offset, total, &k.payload)?
+                    .wait(self.wait)?)
+            };
+            match attempt() {
+                Ok(resp) => {
+                    lock(&r.synced).insert(id, generation);
+                    return Ok(resp);
+                }
+                Err(Fail::Lost(e)) if Instant::now() < deadline => {
+                    (failed, cause) = (generation, e.to_string());
+                }
+                Err(Fail::Lost(e)) => return Err(e.to_string()),
+                Err(Fail::Fatal(m)) => return Err(m),
+            }
+        }
+    }
+
+    /// Before a request on connection `generation`: a server that has not seen this DC's pushes
+    /// of range `id` since it (re)started gets those before `to`.
+    fn sync(
+        &self,
+        r: &Rejoin,
+        server: usize,
+        client: &KvClient,
+        generation: u64,
+        id: u64,
+        to: u64,
+    ) -> Result<(), Fail> {
+        let synced = lock(&r.synced).get(&id).copied().unwrap_or(0);
+        if synced == generation {
+            return Ok(());
+        }
+        let now = self.catch_up(r, server, client, id, to)?;
+        if to != u64::MAX && now != to {
+            return Err(Fail::Fatal(format!(
+                "global server {server} holds round {now} of range {id}, this DC pushes {to}"
+            )));
+        }
+        lock(&r.synced).insert(id, generation);
+        Ok(())
+    }
+
+    /// Resends range `id`'s kept pushes from the version `client`'s server holds up to (not
+    /// including) `to` (all of them: `u64::MAX`), one round at a time; returns the version it
+    /// holds then.
+    fn catch_up(
+        &self,
+        r: &Rejoin,
+        server: usize,
+        client: &KvClient,
+        id: u64,
+        to: u64,
+    ) -> Result<u64, Fail> {
+        // A pull at version 0 is answered at once, with the range's version.
+        let (offset, total) = {
+            let kept = lock(&r.kept);
+            kept.get(&id)
+                .and_then(|k| k.values().next())
+                .map_or((0, 0), |k| (k.offset, k.total))
+        };
+        let mut now = client.pull(id, 0, offset, total)?.wait(self.wait)?.version;
+        let to = match to {
+            u64::MAX => lock(&r.kept)
+                .get(&id)
+                .and_then(|k| k.keys().next_back())
+                .map_or(now, |&v| v + 1)
+                .max(now),
+            t => t,
+        };
+        if now >= to {
+            return Ok(now);
+        }
+        let resend = r.resend_list(server, id, now, to).map_err(Fail::Fatal)?;
+        if !resend.is_empty() {
+            tracing::info!(server, range = id, from = now, to, "resending pushes");
+        }
+        for (v, k) in resend {
+            let resp = client
+                .push(id, v, PayloadCodec::Raw, k.offset, k.total, &k.payload)?
+                .wait(self.wait)?;
+            if resp.version != v + 1 {
+                return Err(Fail::Fatal(format!(
+                    "range {id}: resent round {v} answered at version {}",
+                    resp.version
+                )));
+            }
+            now = v + 1;
+        }
+        Ok(now)
+    }
+
+    /// The connection to `server` after generation `failed` broke: a new one to its next
+    /// incarnation, once the coordinator knows where that listens (another uplink may have made
+    /// it already).
+    fn reconnect(
+        &self,
+        r: &Rejoin,
+        server: usize,
+        failed: u64,
+        round: u64,
+        cause: &str,
+    ) -> Result<(KvClient, u64), String> {
+        let slot = self
+            .links
+            .get(server)
+            .ok_or_else(|| format!("no global server {server}"))?;
+        let mut l = lock(slot);
+        if l.generation != failed {
+            return Ok((l.client.clone(), l.generation));
+        }
+        let (central, rank) = (r.central_dc, server as u32);
+        r.log.change_of(
+            roles::GLOBAL_SERVER,
+            central,
+            rank,
+            MemberChange::Lost,
+            round,
+            cause.to_string(),
+        );
+        let deadline = Instant::now() + self.wait;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "global server {server} was lost ({cause}) and no later incarnation came \
+                     within {:?}",
+                    self.wait
+                ));
+            }
+            let next = match r.coord.locate(&r.key(server)) {
+                Ok(at) if at.live && l.incarnation.is_none_or(|i| at.incarnation > i) => at,
+                Ok(_) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(e) if recoverable(&e) => {
+                    return Err(format!("locating global server {server}: {e}"));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "locate refused; retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let addr = super::node::wan_route(&next.addr);
+            match KvClient::connect(addr.as_str(), r.node_id, r.net.clone()) {
+                Ok(c) => {
+                    l.retired_bytes += super::total_bytes(l.client.stats());
+                    l.client.close();
+                    l.client = c;
+                    l.generation += 1;
+                    l.incarnation = Some(next.incarnation);
+                    tracing::warn!(
+                        server,
+                        incarnation = next.incarnation,
+                        %addr,
+                        "reconnected to a restarted global server"
+                    );
+                    r.log.change_of(
+                        roles::GLOBAL_SERVER,
+                        central,
+                        rank,
+                        MemberChange::Rejoined,
+                        round,
+                        String::new(),
+                    );
+                    return Ok((l.client.clone(), l.generation));
+                }
+                Err(e) => {
+                    tracing::info!(server, %addr, error = %e, "restarted global server not reachable yet");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
