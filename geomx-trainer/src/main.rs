@@ -43,7 +43,8 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         save: Option<PathBuf>,
         /// Inject faults: comma-separated ACTION:ROLE:dcD:RANK@round=N, e.g.
-        /// `kill:worker:dc1:0@round=200` (the worker SIGKILLs itself as round 200 starts).
+        /// `kill:worker:dc1:0@round=200` (the worker SIGKILLs itself as round 200 starts);
+        /// `cut:dc1:5s@round=800` cuts dc1's WAN link for 5 s (in the WAN lab).
         #[arg(long, value_name = "SPEC")]
         chaos: Option<String>,
     },

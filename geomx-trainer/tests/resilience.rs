@@ -442,3 +442,68 @@ fn a_stopped_coordinator_wakes_to_its_members_reattaching_and_the_job_goes_on() 
     assert_eq!(r["replicas_identical"], true);
     assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
 }
+
+/// `dc_job` with 3 DCs (quorum 2) and 600 rounds behind the WAN lab (5 ms links), detection
+/// after `dead_ms`.
+fn cut_job(dead_ms: u64) -> String {
+    dc_job(3, 2)
+        .replace("rounds = 1500", "rounds = 600")
+        .replace("peer_dead_ms = 1000", &format!("peer_dead_ms = {dead_ms}"))
+        + "[wan]\nmode = \"auto\"\nrate_mbit = 100\ndelay_ms = 5\n"
+}
+
+#[test]
+fn behind_the_wan_lab_a_cut_shorter_than_the_detection_time_only_delays_the_rounds() {
+    // dc1's link goes dark for 1 s, detection takes 4 s: TCP retransmits across the gap, nobody
+    // is lost, and the job ends with the fault-free θ (the replay of no partial round).
+    let toml = cut_job(4000);
+    let _lab = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let before = lab_namespaces();
+    let (r, stderr) = launch("cut-short", &toml, Some("cut:dc1:1s@round=100"));
+    eprintln!("WAN lab mode {}", r["wan_mode"]);
+    let faults = r["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 1, "only the cut: {faults:?}\n{stderr}");
+    let f = &faults[0];
+    assert_eq!(f["process"], "WAN link (dc 1)", "{f}");
+    assert_eq!(f["cause"], "link cut for 1.000 s", "{f}");
+    assert!(f.get("lost_round").is_none(), "{f}\n{stderr}");
+    assert!(r
+        .get("restarts")
+        .is_none_or(|v| v.as_object().is_some_and(|m| m.is_empty())));
+    assert!(partial_rounds(&r).is_empty(), "{:?}", partial_rounds(&r));
+    assert_eq!(r["replicas_identical"], true);
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+    assert_eq!(lab_namespaces(), before, "the lab left namespaces behind");
+}
+
+#[test]
+fn behind_the_wan_lab_a_cut_longer_than_the_detection_time_loses_the_dc_until_it_rejoins() {
+    // dc1's link goes dark for 3 s, detection takes 1 s: the global tier goes on with dc0 and
+    // dc2 (quorum 2), dc1's processes lose the coordinator and fail, and their restarts rejoin
+    // once the link is back. The final θ is the replay of the rounds without dc1, bit for bit.
+    let toml = cut_job(1000);
+    let _lab = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let before = lab_namespaces();
+    let (r, stderr) = launch("cut-long", &toml, Some("cut:dc1:3s@round=100"));
+    let f = fault_of(&r, "WAN link (dc 1)");
+    assert_eq!(f["cause"], "link cut for 3.000 s", "{f}");
+    assert!(
+        f["detected_after_s"].as_f64().unwrap() <= 1.5,
+        "{f}\n{stderr}"
+    );
+    let lost = f["lost_round"].as_u64().unwrap();
+    assert!((100..110).contains(&lost), "{f}");
+    let back = f["rejoined_round"].as_u64().expect("dc1 rejoined");
+    assert!(
+        f["rejoined_after_s"].as_f64().unwrap() >= 3.0 && back > lost,
+        "{f}"
+    );
+    assert_eq!(f["rounds_reduced"].as_u64(), Some(back - lost), "{f}");
+    assert!(
+        r["restarts"]["local_server"].as_u64() >= Some(1),
+        "{stderr}"
+    );
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+    assert_eq!(lab_namespaces(), before, "the lab left namespaces behind");
+}

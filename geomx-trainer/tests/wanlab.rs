@@ -156,6 +156,79 @@ fn shaper_rate_and_relay_delay_are_within_10_percent() {
     assert_eq!(leftovers(&prefix), Vec::<String>::new());
 }
 
+/// A cut link (`Lab::cut`, what `geomx launch --chaos cut:…` does) passes nothing in either
+/// direction and refuses no connection outright (silence, as a partition); once restored, the
+/// bytes sent meanwhile arrive and new connections work. Over a delayed link, so the TUN relay's
+/// path is cut too.
+#[test]
+fn a_cut_link_is_silent_both_ways_until_restored() {
+    if !root("a_cut_link_is_silent_both_ways_until_restored") {
+        return;
+    }
+    let _one = serial();
+    let lab = Lab::build(LabSpec {
+        links: vec![site("central", None, 0.0), site("dc1", Some(100.0), 5.0)],
+        ..LabSpec::default()
+    })
+    .unwrap();
+    let bind = SocketAddr::new(lab.node_addr(0).into(), 0);
+    let l = lab
+        .node(0)
+        .run(move || TcpListener::bind(bind))
+        .unwrap()
+        .unwrap();
+    let to = l.local_addr().unwrap();
+    let connect = move |wait: Duration| TcpStream::connect_timeout(&to, wait);
+    let mut up = lab
+        .node(1)
+        .run(move || connect(Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    let (mut down, _) = l.accept().unwrap();
+    down.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    up.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 4];
+    up.write_all(b"ping").unwrap();
+    down.read_exact(&mut buf).unwrap();
+    lab.cut(1, true).unwrap();
+    lab.cut(1, true).unwrap(); // idempotent
+    up.write_all(b"lost").unwrap();
+    down.write_all(b"back").unwrap();
+    assert!(
+        down.read(&mut buf).is_err(),
+        "a byte crossed the cut uplink"
+    );
+    assert!(
+        up.read(&mut buf).is_err(),
+        "a byte crossed the cut downlink"
+    );
+    let refused = lab
+        .node(1)
+        .run(move || connect(Duration::from_millis(500)))
+        .unwrap();
+    assert!(refused.is_err(), "a connection crossed the cut");
+    lab.cut(1, false).unwrap();
+    lab.cut(1, false).unwrap();
+    // TCP retransmits what the cut dropped (its backoff may take a few seconds).
+    down.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    up.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    down.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"lost");
+    up.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"back");
+    assert!(lab
+        .node(1)
+        .run(move || connect(Duration::from_secs(5)))
+        .unwrap()
+        .is_ok());
+    let prefix = lab.prefix();
+    drop(lab);
+    assert_eq!(leftovers(&prefix), Vec::<String>::new());
+}
+
 /// Oracle 3: p = 0.1 on UDP only: 20,000 datagrams lose [1,860, 2,140] in the drop class, a TCP
 /// flow on the same link none.
 #[test]

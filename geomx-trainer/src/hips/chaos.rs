@@ -12,6 +12,10 @@ pub const CHAOS_ENV: &str = "GEOMX_CHAOS";
 /// milliseconds since the Unix epoch): the launcher dates the fault by it.
 pub const FAULT_LINE: &str = "GEOMX_FAULT ";
 
+/// Prefix of the stdout line a local server prints when its site's link is to be cut (then the
+/// time in milliseconds since the Unix epoch and the cut's length in milliseconds).
+pub const CUT_LINE: &str = "GEOMX_CUT ";
+
 /// What the process does to itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -20,6 +24,10 @@ pub enum Action {
     /// SIGSTOP for this long, then SIGCONT (from a helper process): the process falls silent;
     /// peers see it only through their heartbeat timeout.
     Stop(Duration),
+    /// The WAN link of the process's site goes dark for this long: the process (a local server)
+    /// only announces the moment with a [`CUT_LINE`]; the launcher drops every packet of the
+    /// site's link meanwhile.
+    Cut(Duration),
 }
 
 /// Where in the round the fault strikes.
@@ -67,14 +75,20 @@ impl SelfFault {
             .ok_or_else(|| format!("{text:?}: expected ACTION@round=N[:POINT]"))?;
         let action = match action.split_once('=') {
             None if action == "kill" => Action::Kill,
-            Some(("stop", d)) => Action::Stop(
-                duration(d)
+            Some((verb @ ("stop" | "cut"), d)) => {
+                let d = duration(d)
                     .filter(|d| !d.is_zero() && *d <= Duration::from_secs(600))
-                    .ok_or_else(|| format!("{text:?}: stop needs a duration of 1ms to 600s"))?,
-            ),
+                    .ok_or_else(|| format!("{text:?}: {verb} needs a duration of 1ms to 600s"))?;
+                if verb == "stop" {
+                    Action::Stop(d)
+                } else {
+                    Action::Cut(d)
+                }
+            }
             _ => {
                 return Err(format!(
-                    "{text:?}: unknown action {action:?} (expected kill or stop=DURATION)"
+                    "{text:?}: unknown action {action:?} (expected kill, stop=DURATION or \
+                     cut=DURATION)"
                 ))
             }
         };
@@ -143,10 +157,21 @@ impl SelfFault {
     }
 
     fn strike(&self) {
-        println!("{FAULT_LINE}{}", super::round_log::unix_ms());
         use std::io::Write;
+        if let Action::Cut(d) = self.action {
+            // Not this process's fault: the launcher cuts the link, the process goes on.
+            println!(
+                "{CUT_LINE}{} {}",
+                super::round_log::unix_ms(),
+                d.as_millis()
+            );
+            let _ = std::io::stdout().flush();
+            return;
+        }
+        println!("{FAULT_LINE}{}", super::round_log::unix_ms());
         let _ = std::io::stdout().flush();
         match self.action {
+            Action::Cut(_) => {}
             Action::Kill => signal_self(Signal::Kill),
             Action::Stop(d) => {
                 // The helper wakes this process up; it cannot do so itself once stopped.
@@ -226,6 +251,10 @@ mod tests {
             })
         );
         assert_eq!(
+            SelfFault::parse("cut=5s@round=8").map(|f| f.action),
+            Ok(Action::Cut(Duration::from_secs(5)))
+        );
+        assert_eq!(
             SelfFault::parse("kill@round=0:mid-push").map(|f| f.point),
             Ok(Point::MidPush)
         );
@@ -238,6 +267,8 @@ mod tests {
             "stop=2h@round=3",
             "kill@round=3:later",
             "pause@round=1",
+            "cut@round=1",
+            "cut=0s@round=1",
             "",
         ] {
             assert!(SelfFault::parse(bad).is_err(), "{bad}");

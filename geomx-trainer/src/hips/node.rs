@@ -162,6 +162,43 @@ impl Node {
             .ok_or_else(|| RunError::Membership(format!("{role} (dc {dc}, rank {rank}) missing")))
     }
 
+    /// A connection to (`role`, `dc`, `rank`) at its address in the membership table. A
+    /// restarted process (incarnation > 0) may have registered before that server's own next
+    /// incarnation did (both restarted after a cut link, say) and hold its old address: it asks
+    /// the coordinator where the server listens now and retries until the server accepts,
+    /// within the registration timeout.
+    pub fn connect_server(
+        &self,
+        role: &str,
+        dc: u32,
+        rank: u32,
+        job: &JobSpec,
+    ) -> Result<geomx_net::KvClient, RunError> {
+        let mut addr = self.addr_of(role, dc, rank)?;
+        let deadline = Instant::now() + job.registration_timeout;
+        let key = geomx_net::coord::NodeKey::new(role, dc, rank);
+        loop {
+            match geomx_net::KvClient::connect(addr.as_str(), self.id(), self.net(job)?) {
+                Ok(c) => return Ok(c),
+                Err(e) if self.membership.incarnation == 0 || Instant::now() >= deadline => {
+                    return Err(RunError::Net(
+                        format!("connecting to {role} (dc {dc}, rank {rank}) at {addr}"),
+                        e,
+                    ))
+                }
+                Err(e) => {
+                    tracing::info!(%role, dc, rank, %addr, error = %e, "server not there yet; asking the coordinator")
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            if let Ok(at) = self.coord.locate(&key) {
+                if at.live {
+                    addr = wan_route(&at.addr);
+                }
+            }
+        }
+    }
+
     /// Enters the barrier of `group`.
     pub fn barrier(&self, group: &str) -> Result<(), RunError> {
         self.coord

@@ -588,13 +588,7 @@ pub fn run(
     let saver = super::ckpt::saver(job, &me);
 
     let node = Node::join(coord_addr, me, String::new(), job, fatal)?;
-    let addr = node.addr_of(roles::LOCAL_SERVER, dc, 0)?;
-    let client = KvClient::connect(addr.as_str(), node.id(), node.net(job)?).map_err(|e| {
-        RunError::Net(
-            format!("connecting to the local server of dc {dc} at {addr}"),
-            e,
-        )
-    })?;
+    let client = node.connect_server(roles::LOCAL_SERVER, dc, 0, job)?;
     // A restarted worker (incarnation > 0) joins the running job where its local server is,
     // with that round's batch and θ, instead of where it was lost or last saved.
     let incarnation = node.membership.incarnation;

@@ -134,6 +134,8 @@ struct Cluster {
     started: Instant,
     /// When each child injected its `--chaos` fault (ms since the Unix epoch), by child index.
     fault_at: std::collections::HashMap<usize, u64>,
+    /// Link cuts announced and not acted on yet: (child, ms since the Unix epoch, length).
+    cuts: Vec<(usize, u64, Duration)>,
 }
 
 fn forward(
@@ -184,6 +186,7 @@ impl Cluster {
             quiet,
             started: Instant::now(),
             fault_at: Default::default(),
+            cuts: Vec::new(),
         }
     }
 
@@ -282,6 +285,11 @@ impl Cluster {
                 } else if let Some(t) = ev.line.strip_prefix(crate::hips::chaos::FAULT_LINE) {
                     if let Ok(ms) = t.trim().parse() {
                         self.fault_at.insert(ev.child, ms);
+                    }
+                } else if let Some(t) = ev.line.strip_prefix(crate::hips::chaos::CUT_LINE) {
+                    let mut it = t.split_whitespace().map(str::parse::<u64>);
+                    if let (Some(Ok(ms)), Some(Ok(len))) = (it.next(), it.next()) {
+                        self.cuts.push((ev.child, ms, Duration::from_millis(len)));
                     }
                 } else if let Some(j) = ev.line.strip_prefix(lines::PROGRESS) {
                     match serde_json::from_str::<Progress>(j) {
@@ -593,6 +601,12 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         .map_err(|m| ConfigError::invalid("--chaos", m))?,
         None => Vec::new(),
     };
+    for f in chaos.iter().filter(|f| f.fault.starts_with("cut=")) {
+        wan.cuttable(f.dc as usize)
+            .map_err(|m| ConfigError::invalid("--chaos", format!("cut:dc{}: {m}", f.dc)))?;
+    }
+    // The data center of each local server, by child index (the one a link cut names).
+    let mut local_server_dc = std::collections::HashMap::new();
     // Children that may be restarted, by index: (role, dc, rank, site).
     let mut restartable = std::collections::HashMap::new();
     // The chaos fault of (role, dc, rank), if any, for its first incarnation.
@@ -704,6 +718,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         if job.dcs_may_rejoin() {
             restartable.insert(cl.procs.len(), (roles::LOCAL_SERVER, d, 0, site));
         }
+        local_server_dc.insert(cl.procs.len(), d);
         cl.spawn(
             cmd,
             child_name(roles::LOCAL_SERVER, d, 0),
@@ -735,8 +750,30 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
     // Restarts waiting for their backoff: (when, child index).
     let mut pending: Vec<(Instant, usize)> = Vec::new();
     let mut coordinator_done: Option<Instant> = None;
+    // Cut links and when they are restored: (when, data center).
+    let mut cut_until: Vec<(Instant, u32)> = Vec::new();
     loop {
         cl.pump(Duration::from_millis(20));
+        for (child, unix_ms, len) in std::mem::take(&mut cl.cuts) {
+            let Some(&dc) = local_server_dc.get(&child) else {
+                continue;
+            };
+            wan.cut(dc as usize, true)?;
+            eprintln!("geomx launch: cut the WAN link of dc {dc} for {len:?}");
+            cut_until.push((Instant::now() + len, dc));
+            faults.push(supervise::FaultRecord::link_cut(
+                dc,
+                len,
+                started.elapsed().as_secs_f64(),
+                unix_ms,
+            ));
+        }
+        let now = Instant::now();
+        for &(_, dc) in cut_until.iter().filter(|(t, _)| *t <= now) {
+            wan.cut(dc as usize, false)?;
+            eprintln!("geomx launch: restored the WAN link of dc {dc}");
+        }
+        cut_until.retain(|(t, _)| *t > now);
         let failed = cl.poll()?;
         if !failed.is_empty() {
             // A chaos fault's line was printed before the process died; let it arrive.
@@ -847,6 +884,7 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             .collect::<Vec<_>>(),
         job.rounds,
     );
+    supervise::complete_cuts(&mut faults);
     for (i, &(role, ..)) in &restartable {
         let n = cl.procs[*i].restarts;
         if n > 0 {

@@ -23,7 +23,9 @@ pub struct ChaosFault {
 /// `kill:worker:dc1:0@round=200,stop=3s:worker:dc0:1@round=50:reply-wait` (ACTION and POINT as
 /// [`crate::hips::chaos::SelfFault::parse`] takes them). A global server, which lives in the
 /// central DC, may be written without its DC: `kill:global-server:0@round=500`. Roles are
-/// written with `-` or `_`.
+/// written with `-` or `_`. `cut:dcD:DURATION@round=N` cuts the WAN link of DC D's site for
+/// that long when its local server reaches round N (the DC's local server carries the cue, so
+/// it takes no other fault).
 pub fn parse_chaos(
     spec: &str,
     workers_per_dc: &[usize],
@@ -38,7 +40,13 @@ pub fn parse_chaos(
             .ok_or_else(|| bad("expected ACTION:ROLE:dcD:RANK@round=N"))?;
         let parts: Vec<&str> = target.split(':').collect();
         let central = format!("dc{central_dc}");
+        // A cut names the data center whose link goes dark; its local server announces it.
+        let cut;
         let (action, role, dc, rank) = match parts[..] {
+            ["cut", dc, length] => {
+                cut = format!("cut={length}");
+                (cut.as_str(), roles::LOCAL_SERVER.to_string(), dc, "0")
+            }
             [action, role, dc, rank] => (action, role.replace('-', "_"), dc, rank),
             [action, role, rank] if role.replace('-', "_") == roles::GLOBAL_SERVER => (
                 action,
@@ -147,6 +155,64 @@ pub struct FaultRecord {
     pub rounds_reduced: Option<u64>,
 }
 
+impl FaultRecord {
+    /// The record of a `cut:dcD:…` fault: DC `dc`'s WAN link cut for `len`, `at_s` seconds into
+    /// the launch, at `unix_ms`. It is matched with the local server's events: a cut longer
+    /// than the detection time loses the DC like a lost local server.
+    pub fn link_cut(dc: u32, len: std::time::Duration, at_s: f64, unix_ms: u64) -> Self {
+        Self {
+            process: format!("WAN link (dc {dc})"),
+            role: roles::LOCAL_SERVER.into(),
+            dc,
+            rank: 0,
+            cause: format!("link cut for {:.3} s", len.as_secs_f64()),
+            at_s,
+            unix_ms,
+            restarted: false,
+            detected_after_s: None,
+            rejoined_after_s: None,
+            lost_round: None,
+            rejoined_round: None,
+            rounds_reduced: None,
+        }
+    }
+}
+
+/// Completes the records of cut links: a cut that outlasted the detection time lost the DC, and
+/// its local server then failed, was restarted and rejoined; that rejoin went to the local
+/// server's own record by [`match_events`]. The cut's record gets it too, so that it tells how
+/// long the DC was away and how many rounds ran without it.
+pub fn complete_cuts(faults: &mut [FaultRecord]) {
+    for i in 0..faults.len() {
+        let f = &faults[i];
+        if !f.cause.starts_with("link cut") || f.rejoined_round.is_some() {
+            continue;
+        }
+        let Some(lost) = f.lost_round else { continue };
+        let key = (f.role.clone(), f.dc, f.rank);
+        let Some(g) = faults[i + 1..]
+            .iter()
+            .take_while(|g| {
+                !g.cause.starts_with("link cut")
+                    || (&g.role, g.dc, g.rank) != (&key.0, key.1, key.2)
+            })
+            .find(|g| {
+                (&g.role, g.dc, g.rank) == (&key.0, key.1, key.2) && g.rejoined_round.is_some()
+            })
+        else {
+            continue;
+        };
+        let (back, back_ms) = (
+            g.rejoined_round,
+            g.rejoined_after_s.map(|s| g.unix_ms as f64 / 1e3 + s),
+        );
+        let f = &mut faults[i];
+        f.rejoined_round = back;
+        f.rejoined_after_s = back_ms.map(|t| t - f.unix_ms as f64 / 1e3);
+        f.rounds_reduced = back.map(|b| b.saturating_sub(lost));
+    }
+}
+
 /// Completes each fault with its server's events (a worker's local server, a local server's
 /// global servers): the first loss of that process seen after the fault, and the rejoin after
 /// that loss. `rounds` is the job's length.
@@ -225,6 +291,11 @@ mod tests {
             (c[0].role.as_str(), c[0].fault.as_str()),
             ("coordinator", "stop=3s@after=1500ms")
         );
+        let c = parse_chaos("cut:dc1:5s@round=80", &[2, 2], 1, 0).unwrap();
+        assert_eq!(
+            (c[0].role.as_str(), c[0].dc, c[0].rank, c[0].fault.as_str()),
+            ("local_server", 1, 0, "cut=5s@round=80")
+        );
         let g = parse_chaos("kill:global_server:dc2:1@round=3", &[1, 1, 1], 2, 2).unwrap();
         assert_eq!((g[0].dc, g[0].rank), (2, 1));
         assert_eq!(f[2].fault, "stop=2s@round=7:mid-push");
@@ -249,11 +320,51 @@ mod tests {
             "kill:worker:dc0:0@round=1:never",
             "kill:worker:dc0:0",
             "kill:worker:dc0:0@round=1,kill:worker:dc0:0@round=2",
+            "cut:dc2:5s@round=1",
+            "cut:dc1:forever@round=1",
+            "cut:dc1:5s@after=1s",
+            "cut:dc1:5s@round=1,kill:local_server:dc1:0@round=9",
         ] {
             let e = parse_chaos(bad, &[2, 2], 1, 0).unwrap_err();
             assert!(e.starts_with("--chaos"), "{e}");
         }
         assert!(parse_chaos("", &[1], 1, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_cut_that_lost_its_dc_gets_the_restarted_local_servers_rejoin() {
+        let cut = FaultRecord {
+            lost_round: Some(100),
+            detected_after_s: Some(1.0),
+            rounds_reduced: Some(1400),
+            ..FaultRecord::link_cut(1, std::time::Duration::from_secs(3), 1.6, 10_000)
+        };
+        let exit = FaultRecord {
+            process: "local_server (dc 1, rank 0)".into(),
+            cause: "exit code 2".into(),
+            unix_ms: 11_800,
+            restarted: true,
+            rejoined_after_s: Some(1.2),
+            rejoined_round: Some(253),
+            ..FaultRecord::link_cut(1, std::time::Duration::ZERO, 3.4, 11_800)
+        };
+        let other = FaultRecord {
+            dc: 2,
+            ..exit.clone()
+        };
+        let mut faults = vec![cut.clone(), other, exit];
+        complete_cuts(&mut faults);
+        let c = &faults[0];
+        assert_eq!(c.rejoined_round, Some(253));
+        assert_eq!(c.rounds_reduced, Some(153));
+        assert!((c.rejoined_after_s.unwrap() - 3.0).abs() < 1e-9, "{c:?}");
+        // A short cut lost nothing: nothing to complete.
+        let mut short = vec![FaultRecord {
+            lost_round: None,
+            ..cut
+        }];
+        complete_cuts(&mut short);
+        assert_eq!(short[0].rejoined_round, None);
     }
 
     fn fault(dc: u32, rank: u32, unix_ms: u64) -> FaultRecord {

@@ -93,6 +93,8 @@ pub struct Wan {
     mode: &'static str,
     lab: Option<Lab>,
     relays: Vec<L4Relay>,
+    /// Relay mode: the site of each relay.
+    relay_site: Vec<usize>,
     sites: Vec<Site>,
     figures: Vec<LinkFigures>,
     /// Site index of each data center.
@@ -132,6 +134,7 @@ impl Wan {
             mode,
             lab: None,
             relays: Vec::new(),
+            relay_site: Vec::new(),
             sites,
             figures,
             dc_site,
@@ -267,13 +270,51 @@ impl Wan {
             let r = relay::tcp("127.0.0.1:0", parse(coord)?, p).map_err(lab_err)?;
             self.coord_relay.push(Some(r.local_addr().to_string()));
             self.relays.push(r);
+            self.relay_site.push(i);
             let mut routes = Vec::new();
             for g in global_servers {
                 let r = relay::tcp("127.0.0.1:0", parse(g)?, p).map_err(lab_err)?;
                 routes.push(format!("{g}={}", r.local_addr()));
                 self.relays.push(r);
+                self.relay_site.push(i);
             }
             self.routes.push(routes.join(","));
+        }
+        Ok(())
+    }
+
+    /// Whether the WAN link of data center `dc` can be cut: there is a WAN, and `dc` is not in
+    /// the central DC's site (whose link every other site reaches the servers through).
+    pub fn cuttable(&self, dc: usize) -> Result<(), String> {
+        if self.mode == modes::OFF {
+            return Err("cutting a link needs the WAN lab ([wan] mode)".into());
+        }
+        if self
+            .sites
+            .get(self.site(Some(dc)))
+            .is_none_or(|s| s.central)
+        {
+            return Err(format!(
+                "dc {dc} is in the central DC's site; only another site's link can be cut"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cuts (`true`) or restores (`false`) the WAN link of data center `dc`'s site: every packet
+    /// from or to the site is dropped in `netns` mode, its relays pass nothing in `relay` mode.
+    pub fn cut(&self, dc: usize, on: bool) -> Result<(), LaunchError> {
+        let site = self.site(Some(dc));
+        if let Some(l) = &self.lab {
+            l.cut(site, on).map_err(lab_err)?;
+        }
+        for (r, _) in self
+            .relays
+            .iter()
+            .zip(&self.relay_site)
+            .filter(|(_, &s)| s == site)
+        {
+            r.set_cut(on);
         }
         Ok(())
     }

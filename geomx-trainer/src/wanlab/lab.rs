@@ -6,6 +6,7 @@ use super::delay::DelayStats;
 use super::guard;
 use super::naming::{link_addr, Tag, IFNAMSIZ_MAX, MAX_LINKS};
 use super::netns::{probe_root, sweep_stale, Netns};
+use super::rules::{Direction, RuleSocket};
 use super::shaper::{
     class_drops, class_stats, qdisc_stats, relay_ingress_commands, LossFilter, Shaper,
 };
@@ -105,6 +106,8 @@ pub struct Lab {
     nodes: Vec<Netns>,
     spec: LabSpec,
     relay: Option<TunRelay>,
+    /// The router namespace's rtnetlink socket (link cuts).
+    rules: Option<RuleSocket>,
 }
 
 impl Lab {
@@ -137,6 +140,7 @@ impl Lab {
             nodes: Vec::new(),
             spec,
             relay: None,
+            rules: None,
         };
         lab.make()?; // on error, Drop removes the partial lab
         Ok(lab)
@@ -146,6 +150,7 @@ impl Lab {
         let t = self.tag.clone();
         self.wan = Netns::create(&t.wan_ns())?;
         let wan = self.wan.clone();
+        self.rules = Some(RuleSocket::open(&wan)?);
         wan.sysctl(&[
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
@@ -258,6 +263,25 @@ impl Lab {
     /// Makes the guard kill process `pid` before deleting the namespaces.
     pub fn adopt_pid(&self, pid: u32) {
         guard::adopt_pid(self.id, pid);
+    }
+
+    /// Cuts link `i` (`true`) or restores it (`false`): while cut, the router discards every
+    /// packet from or to the site behind it, as a partitioned WAN would (silently: no ICMP, no
+    /// reset, so peers learn of it only through their timeouts). Two policy rules ahead of
+    /// every other (`blackhole`, priority 1) do it, whatever the link's shaping and delay;
+    /// connections survive a cut that ends before their peers give up. Idempotent; set over
+    /// rtnetlink ([`RuleSocket`]), so it takes effect at once even on a busy machine.
+    pub fn cut(&self, i: usize, on: bool) -> Result<(), WanLabError> {
+        let addr = self.node_addr(i);
+        let rules = self
+            .rules
+            .as_ref()
+            .ok_or_else(|| WanLabError::Invalid("the lab has no router".into()))?;
+        for dir in [Direction::From, Direction::To] {
+            rules.blackhole(dir, addr, 1, on)?;
+        }
+        tracing::info!(link = i, cut = on, "WAN lab link state");
+        Ok(())
     }
 
     /// The delay relay's counters (default when no link has a delay).

@@ -27,6 +27,7 @@ pub mod naming;
 pub mod netns;
 pub mod probe;
 pub mod relay;
+pub mod rules;
 pub mod selftest;
 pub mod shaper;
 pub mod tun;

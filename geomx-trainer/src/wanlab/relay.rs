@@ -131,6 +131,8 @@ pub struct RelayCounters {
 pub struct L4Relay {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// While set, nothing passes (TCP): the relay neither forwards nor accepts.
+    cut: Arc<AtomicBool>,
     counters: Arc<RelayCounters>,
     threads: Vec<JoinHandle<()>>,
     /// Relay threads sleep until chunks are due: keep the CPUs awake meanwhile.
@@ -146,6 +148,14 @@ impl L4Relay {
     /// The counters.
     pub fn counters(&self) -> &RelayCounters {
         &self.counters
+    }
+
+    /// Cuts the path (`true`) or restores it (`false`). While cut, a TCP relay forwards no byte
+    /// in either direction and accepts no connection: the bytes sent meanwhile wait (up to the
+    /// pipe's in-flight cap, then the senders block) and pass once the path is restored, as
+    /// after a partition that heals before TCP gives up. Ignored by UDP relays.
+    pub fn set_cut(&self, on: bool) {
+        self.cut.store(on, Ordering::Relaxed);
     }
 }
 
@@ -202,16 +212,21 @@ pub fn tcp(listen: &str, target: SocketAddr, p: RelayParams) -> Result<L4Relay, 
     l.set_nonblocking(true)
         .map_err(|e| WanLabError::io("relay listener", e))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let cut = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(RelayCounters::default());
-    let (s, c) = (stop.clone(), counters.clone());
+    let (s, c, k) = (stop.clone(), counters.clone(), cut.clone());
     let t = spawn("geomx-relay-accept", move || {
         let mut conns: Vec<JoinHandle<()>> = Vec::new();
         while !s.load(Ordering::Relaxed) {
+            if k.load(Ordering::Relaxed) {
+                std::thread::sleep(POLL / 5);
+                continue;
+            }
             match l.accept() {
                 Ok((down, _)) => {
                     c.connections.fetch_add(1, Ordering::Relaxed);
                     match TcpStream::connect(target) {
-                        Ok(up) => conns.extend(splice(down, up, p, &s, &c)),
+                        Ok(up) => conns.extend(splice(down, up, p, &s, &k, &c)),
                         Err(e) => tracing::warn!(%target, error = %e, "relay cannot reach target"),
                     }
                 }
@@ -231,6 +246,7 @@ pub fn tcp(listen: &str, target: SocketAddr, p: RelayParams) -> Result<L4Relay, 
     Ok(L4Relay {
         addr,
         stop,
+        cut,
         counters,
         threads: vec![t],
         _awake: KeepAwake::acquire(),
@@ -243,6 +259,7 @@ fn splice(
     b: TcpStream,
     p: RelayParams,
     stop: &Arc<AtomicBool>,
+    cut: &Arc<AtomicBool>,
     c: &Arc<RelayCounters>,
 ) -> Vec<JoinHandle<()>> {
     let mut out = Vec::new();
@@ -258,9 +275,9 @@ fn splice(
         if let Ok(t) = spawn("geomx-relay-rd", move || read_side(src, &sh1, &st1, epoch)) {
             out.push(t);
         }
-        let (st2, c2) = (stop.clone(), c.clone());
+        let (st2, c2, k2) = (stop.clone(), c.clone(), cut.clone());
         if let Ok(t) = spawn("geomx-relay-wr", move || {
-            write_side(dst, &sh, &st2, &c2, epoch)
+            write_side(dst, &sh, &st2, &k2, &c2, epoch)
         }) {
             out.push(t);
         }
@@ -315,6 +332,7 @@ fn write_side(
     mut dst: TcpStream,
     sh: &Shared,
     stop: &AtomicBool,
+    cut: &AtomicBool,
     c: &RelayCounters,
     epoch: Instant,
 ) {
@@ -326,6 +344,14 @@ fn write_side(
                     return;
                 }
                 let now = epoch_ns(epoch);
+                if cut.load(Ordering::Relaxed) {
+                    g = sh
+                        .cv
+                        .wait_timeout(g, POLL)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    continue;
+                }
                 if let Some(d) = g.pop_due(now) {
                     sh.cv.notify_all();
                     break Some(d);
@@ -447,6 +473,7 @@ pub fn udp(listen: &str, target: SocketAddr, p: RelayParams) -> Result<L4Relay, 
     Ok(L4Relay {
         addr,
         stop,
+        cut: Arc::new(AtomicBool::new(false)),
         counters,
         threads,
         _awake: KeepAwake::acquire(),
@@ -521,6 +548,39 @@ mod tests {
         let due = p.next_due().unwrap();
         p.pop_due(due);
         assert_eq!(p.room(), 1_250_000);
+    }
+
+    #[test]
+    fn a_cut_relay_passes_nothing_until_restored_and_then_everything() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = server.local_addr().unwrap();
+        let relay = tcp("127.0.0.1:0", target, params(None, 1.0)).unwrap();
+        let mut client = TcpStream::connect(relay.local_addr()).unwrap();
+        let (mut far, _) = server.accept().unwrap();
+        far.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        client.write_all(b"before").unwrap();
+        let mut buf = [0u8; 6];
+        far.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"before");
+        relay.set_cut(true);
+        client.write_all(b"during").unwrap();
+        // Nothing arrives while the path is cut (300 ms read timeout, several relay polls).
+        let err = far.read(&mut buf).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{err}"
+        );
+        relay.set_cut(false);
+        far.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        far.read_exact(&mut buf).unwrap();
+        assert_eq!(
+            &buf, b"during",
+            "the bytes sent during the cut pass after it"
+        );
     }
 
     #[test]
