@@ -481,10 +481,33 @@ fn behind_the_wan_lab_a_cut_longer_than_the_detection_time_loses_the_dc_until_it
     // dc1's link goes dark for 3 s, detection takes 1 s: the global tier goes on with dc0 and
     // dc2 (quorum 2), dc1's processes lose the coordinator and fail, and their restarts rejoin
     // once the link is back. The final θ is the replay of the rounds without dc1, bit for bit.
-    let toml = cut_job(1000);
+    long_cut("cut-long", &cut_job(1000));
+}
+
+#[test]
+fn a_long_cut_under_a_restartable_coordinator_still_loses_only_the_dc() {
+    // With `lost_coordinator = "continue"`, dc1's processes reconnect to the coordinator
+    // instead of ending; its local server then finds the global server gone and must end
+    // itself, not the job (`lost_dc = "continue"`), so that its restart rejoins.
+    let dir = scratch("resilience", "cut-coord-ckpt");
+    let _ = std::fs::remove_dir_all(&dir);
+    let toml = cut_job(1000).replace(
+        "[resilience]\n",
+        "[resilience]\nlost_coordinator = \"continue\"\n",
+    ) + &format!(
+        "[checkpoint]\ndir = {:?}\nevery_rounds = 50\n",
+        dir.display().to_string()
+    );
+    long_cut("cut-coord", &toml);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Runs `toml` with dc1's link cut for 3 s at round 100 (1 s detection) and checks that dc1 was
+/// lost and rejoined, and that the final θ is the replay's.
+fn long_cut(name: &str, toml: &str) {
     let _lab = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let before = lab_namespaces();
-    let (r, stderr) = launch("cut-long", &toml, Some("cut:dc1:3s@round=100"));
+    let (r, stderr) = launch(name, toml, Some("cut:dc1:3s@round=100"));
     let f = fault_of(&r, "WAN link (dc 1)");
     assert_eq!(f["cause"], "link cut for 3.000 s", "{f}");
     assert!(
@@ -504,6 +527,6 @@ fn behind_the_wan_lab_a_cut_longer_than_the_detection_time_loses_the_dc_until_it
         "{stderr}"
     );
     assert_eq!(r["replicas_identical"], true, "{stderr}");
-    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+    assert_eq!(r["global_param_hash"], replayed_hash(toml, &r));
     assert_eq!(lab_namespaces(), before, "the lab left namespaces behind");
 }

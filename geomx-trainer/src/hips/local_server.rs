@@ -95,6 +95,9 @@ struct LocalHandler {
     /// One job queue per key's uplink thread; emptied at the end so the threads exit.
     uplinks: Mutex<Vec<Sender<UpJob>>>,
     aborter: OnceLock<Aborter>,
+    /// Under `lost_dc = "continue"`: ends this process on a failure instead of the job, since
+    /// a lost DC is survivable (the global tier goes on without it and its restart rejoins).
+    die: Option<FatalHook>,
     all_done: Sender<()>,
     /// W, the divisor of the global sum.
     total_workers: u32,
@@ -144,6 +147,16 @@ struct LocalHandler {
 impl LocalHandler {
     fn abort(&self, msg: String) {
         tracing::error!(%msg, "local server failure");
+        if let Some(die) = &self.die {
+            // E.g. its link was cut for longer than the detection time: the global tier has
+            // already left this DC out; the job goes on, and this server's restart rejoins.
+            die(&format!(
+                "{msg}; ending this local server (lost_dc = \"continue\": the job goes on \
+                 without dc {} until its restart rejoins)",
+                self.dc
+            ));
+            return;
+        }
         if let Some(a) = self.aborter.get() {
             a.abort(msg);
         }
@@ -1072,6 +1085,7 @@ pub fn run(
         rank_of: OnceLock::new(),
         uplinks: Mutex::new(Vec::new()),
         aborter: OnceLock::new(),
+        die: job.dcs_may_rejoin().then(|| fatal.clone()),
         all_done: done_tx,
         total_workers: plan.total_workers() as u32,
         intra: job.intra.clone(),
