@@ -292,6 +292,65 @@ fn a_member_locates_a_lost_server_and_its_next_incarnation() {
     }
 }
 
+/// Members append records to the coordinator's journal, which keeps them in order with their
+/// sender; a stranger's record and an oversized one are refused cleanly, and the job goes on.
+#[test]
+fn members_append_to_the_journal_and_strangers_cannot() {
+    for d in drivers() {
+        let o = CoordOptions {
+            net: net(d),
+            config_hash: 0xfeed,
+            registration_timeout: Duration::from_secs(10),
+            ..CoordOptions::default()
+        };
+        let c = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
+        let addr = c.local_addr();
+        let regs: Vec<_> = [("server", 0, 0), ("worker", 0, 0), ("worker", 1, 0)]
+            .into_iter()
+            .map(|(r, dc, k)| {
+                thread::spawn(move || CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap())
+            })
+            .collect();
+        let clients: Vec<_> = regs.into_iter().map(|t| t.join().unwrap().0).collect();
+        clients[0].journal(b"first").unwrap();
+        clients[2].journal(b"second").unwrap();
+        clients[0].journal(b"third").unwrap();
+        let e = clients[1]
+            .journal(&vec![0; geomx_net::coord::JOURNAL_RECORD_MAX + 1])
+            .unwrap_err();
+        assert!(e.to_string().contains("exceeds"), "{e}");
+        let stranger = geomx_net::KvClient::connect(addr, 77, net(d)).unwrap();
+        let e = stranger
+            .request(
+                geomx_net::wire::FrameHeader::new(geomx_net::MsgKind::Push),
+                b"forged",
+            )
+            .unwrap()
+            .wait(W)
+            .unwrap_err();
+        assert!(e.to_string().contains("registered member"), "{e}");
+        let (records, refused) = c.journal();
+        let got: Vec<(String, u32, &[u8])> = records
+            .iter()
+            .map(|r| (r.from.role.clone(), r.from.dc, r.bytes.as_slice()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("server".to_string(), 0, &b"first"[..]),
+                ("worker".to_string(), 1, &b"second"[..]),
+                ("server".to_string(), 0, &b"third"[..]),
+            ]
+        );
+        assert_eq!(refused, 1, "the oversized record (a stranger is no member)");
+        assert_eq!(
+            c.wait(Duration::from_millis(1)),
+            None,
+            "{d:?}: the job goes on"
+        );
+    }
+}
+
 /// The coordinator dies while the job runs and a new one continues from its snapshot file on
 /// the same address: the members reconnect and reattach, and the job ends with Shutdown.
 #[test]

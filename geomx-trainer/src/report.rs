@@ -236,6 +236,7 @@ mod tests {
             throughput: None,
             member_events: Vec::new(),
             partial_rounds: Vec::new(),
+            round_log: None,
             incarnation: 0,
             p3_credit: None,
         }

@@ -47,15 +47,20 @@ fn launch(name: &str, toml: &str, chaos: Option<&str>) -> (Value, String) {
     (r, stderr)
 }
 
-/// The partial rounds every local server logged.
+/// The partial rounds of the coordinator's round log (its journal of what the servers logged,
+/// which outlives a server that dies), checked complete.
 fn partial_rounds(r: &Value) -> Vec<PartialRound> {
-    r["processes"]
+    let coord = r["processes"]
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|p| p.get("partial_rounds"))
-        .flat_map(|v| serde_json::from_value::<Vec<PartialRound>>(v.clone()).unwrap())
-        .collect()
+        .find(|p| p["role"] == "coordinator")
+        .expect("the coordinator's stats");
+    let Some(log) = coord.get("round_log") else {
+        return Vec::new();
+    };
+    assert_eq!(log["lost_records"], 0, "an incomplete round log: {log}");
+    serde_json::from_value(log["partial_rounds"].clone()).unwrap()
 }
 
 /// The single-process replay of `r`'s round logs, hashed like the report's hashes.
@@ -529,4 +534,37 @@ fn long_cut(name: &str, toml: &str) {
     assert_eq!(r["replicas_identical"], true, "{stderr}");
     assert_eq!(r["global_param_hash"], replayed_hash(toml, &r));
     assert_eq!(lab_namespaces(), before, "the lab left namespaces behind");
+}
+
+#[test]
+fn a_worker_lost_then_its_local_server_lost_and_the_job_still_equals_its_replay() {
+    // dc1's local server logs the rounds without its killed worker, then dies itself: its log
+    // dies with it, but the coordinator's journal kept it, and the replay of the coordinator's
+    // round log is the job's θ. What the surviving processes logged is not enough.
+    let toml = dc_job(3, 2);
+    let (r, stderr) = launch(
+        "worker-then-ls",
+        &toml,
+        Some("kill:worker:dc1:0@round=50,kill:local_server:dc1:0@round=400"),
+    );
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+    let survivors: Vec<PartialRound> = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.get("partial_rounds"))
+        .flat_map(|v| serde_json::from_value::<Vec<PartialRound>>(v.clone()).unwrap())
+        .collect();
+    let coordinators = partial_rounds(&r);
+    assert!(
+        coordinators
+            .iter()
+            .any(|p| p.dc == 1 && p.ranks == [1] && p.from == 50),
+        "the killed worker's rounds: {coordinators:?}"
+    );
+    assert!(
+        !survivors.iter().any(|p| p.ranks == [1] && p.from == 50),
+        "the killed local server's log survived it? {survivors:?}"
+    );
 }

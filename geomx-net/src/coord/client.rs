@@ -173,6 +173,19 @@ impl CoordClient {
         Located::decode(&resp.payload)
     }
 
+    /// Appends `record` (at most [`JOURNAL_RECORD_MAX`](super::JOURNAL_RECORD_MAX) bytes) to the
+    /// coordinator's journal and waits for it to be stored.
+    pub fn journal(&self, record: &[u8]) -> Result<(), NetError> {
+        self.call(MsgKind::Push, record).map(drop)
+    }
+
+    /// How many times the connection was replaced (reattached) so far: a member that keeps
+    /// state at the coordinator (its journal records) sends it again when this changes, since a
+    /// restarted coordinator starts from its snapshot.
+    pub fn generation(&self) -> u64 {
+        self.current().1
+    }
+
     /// Waits until every member of `group` ("all", "dc:N", "role:NAME") entered the barrier. Fails
     /// if the job aborts meanwhile.
     pub fn barrier(&self, group: &str) -> Result<(), NetError> {

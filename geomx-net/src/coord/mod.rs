@@ -5,6 +5,7 @@
 
 mod client;
 mod codec;
+mod journal;
 mod server;
 mod snapshot;
 pub mod state;
@@ -12,6 +13,7 @@ pub mod state;
 use std::time::Duration;
 
 pub use client::CoordClient;
+pub use journal::{Journal, JournalRecord, JOURNAL_MAX_BYTES, JOURNAL_RECORD_MAX};
 pub use server::{read_snapshot, CoordOutcome, Coordinator};
 pub use snapshot::CoordSnapshot;
 

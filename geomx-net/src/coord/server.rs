@@ -8,7 +8,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::state::{Action, CoordState, Phase};
-use super::{AbortNotice, CoordOptions, CoordSnapshot, Hello, NodeInfo, NodeKey};
+use super::{
+    AbortNotice, CoordOptions, CoordSnapshot, Hello, Journal, JournalRecord, NodeInfo, NodeKey,
+};
 use crate::error::NetError;
 use crate::kv::{Handler, KvServer, PeerHandle, Request, Responder};
 use crate::wire::{MsgKind, PayloadCodec};
@@ -46,6 +48,8 @@ struct Shared {
     stop: AtomicBool,
     /// `CoordOptions::state_file`: where the snapshot goes, and the newest one written.
     persist: Option<Persist>,
+    /// What members appended ([`CoordClient::journal`](super::CoordClient::journal)).
+    journal: Mutex<Journal>,
 }
 
 /// The coordinator's snapshot file: written atomically when the membership changed, never an
@@ -267,6 +271,21 @@ impl Handler for CoordHandler {
                     Err(m) => reply.error(&m),
                 };
             }
+            // Journal: a member appends a record (bounded; members only).
+            MsgKind::Push => {
+                let from = lock(&sh.state).member_of(conn).cloned();
+                let r = match from {
+                    None => Err("only a registered member may append to the journal".to_string()),
+                    Some(k) => lock(&sh.journal).append(k, req.payload.to_vec()),
+                };
+                let _ = match r {
+                    Ok(()) => reply.send(0, PayloadCodec::Raw, &[]),
+                    Err(m) => {
+                        tracing::warn!(peer = %reply.peer().addr(), %m, "journal record refused");
+                        reply.error(&m)
+                    }
+                };
+            }
             other => {
                 let _ = reply.error(&format!("the coordinator does not serve {other:?}"));
             }
@@ -344,6 +363,7 @@ impl Coordinator {
             outcome_cv: Condvar::new(),
             stop: AtomicBool::new(false),
             persist,
+            journal: Mutex::new(Journal::default()),
         });
         // Requests to the coordinator (registration, barriers) may legitimately wait long.
         let server = KvServer::bind_with_id(
@@ -378,6 +398,12 @@ impl Coordinator {
     pub fn membership(&self) -> Option<Vec<NodeInfo>> {
         let st = lock(&self.shared.state);
         (!st.nodes().is_empty()).then(|| st.nodes().to_vec())
+    }
+
+    /// The journal's records so far, and how many appends it refused.
+    pub fn journal(&self) -> (Vec<JournalRecord>, u64) {
+        let j = lock(&self.shared.journal);
+        (j.records().to_vec(), j.refused())
     }
 
     /// Members of the running job that have not reconnected yet (after a restart, or after their

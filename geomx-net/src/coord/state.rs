@@ -215,6 +215,11 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
         })
     }
 
+    /// The member connection `conn` speaks for, if it is a registered one.
+    pub fn member_of(&self, conn: C) -> Option<&NodeKey> {
+        self.conn_node.get(&conn)
+    }
+
     /// The current phase.
     pub fn phase(&self) -> &Phase {
         &self.phase

@@ -119,6 +119,23 @@ pub fn run(
     if let Some(file) = &state_file {
         let _ = std::fs::remove_file(file);
     }
+    let (records, refused) = coord.journal();
+    let mut undecodable = 0;
+    let items: Vec<super::round_log::LogItem> = records
+        .iter()
+        .flat_map(|r| {
+            serde_json::from_slice::<Vec<super::round_log::LogItem>>(&r.bytes).unwrap_or_else(|e| {
+                tracing::warn!(from = %r.from, error = %e, "an undecodable journal record");
+                undecodable += 1;
+                Vec::new()
+            })
+        })
+        .collect();
+    let round_log = (!records.is_empty() || refused > 0).then(|| super::round_log::JournalLog {
+        records: records.len() as u64,
+        lost_records: refused + undecodable,
+        ..super::round_log::JournalLog::from_items(items)
+    });
     let mut stats = coord.stats();
     if let Some(e) = endpoint.as_mut() {
         let s = e.server.stats();
@@ -141,6 +158,7 @@ pub fn run(
             let mut stats = RoleStats::new(&me, stats);
             stats.incarnation = u32::from(restarted);
             (stats.member_events, _) = log.snapshot();
+            stats.round_log = round_log;
             Ok(stats)
         }
         CoordOutcome::Aborted(n) => Err(RunError::Aborted(n.to_string())),

@@ -893,6 +893,7 @@ pub fn run(
         job,
         fatal,
     )?;
+    super::journal::attach(&handler.log, &node, job)?;
     let incarnation = node.membership.incarnation;
     let mut resumed = match incarnation {
         0 => resumed,
@@ -943,6 +944,8 @@ pub fn run(
         // coordinator aborts the job (ending this process) if any peer dies meanwhile.
         let _ = done_rx.recv();
     }
+    // The round log is at the coordinator before it hears this server is done.
+    handler.log.flush_journal(job.wait_limit());
     node.finish(job.wait_limit())?;
     let served = server.stats();
     server.shutdown();

@@ -1114,6 +1114,7 @@ pub fn run(
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
     let _ = handler.aborter.set(node.aborter());
+    super::journal::attach(&handler.log, &node, job)?;
     let rank_of = node
         .membership
         .nodes
@@ -1297,6 +1298,8 @@ pub fn run(
     }
     // Hashed per tensor, as the workers hash their replicas.
     let global_hash = crate::engine::params_hash(&job.keys.assemble(theta));
+    // The round log is at the coordinator before it hears this server is done.
+    handler.log.flush_journal(job.wait_limit());
     node.finish(job.wait_limit())?;
     let lan = server.stats();
     let mut wan: u64 = upstream.total_bytes();

@@ -17,6 +17,7 @@ mod global_agg;
 pub mod global_server;
 pub mod hfa;
 mod job;
+pub mod journal;
 mod local_agg;
 pub mod local_server;
 mod mixed_agg;
@@ -155,6 +156,9 @@ pub struct RoleStats {
     /// Rounds that summed only some of the DC's workers (local servers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partial_rounds: Vec<round_log::PartialRound>,
+    /// The round log the coordinator assembled from its journal (the coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_log: Option<round_log::JournalLog>,
     /// The incarnation of this process (0: never restarted).
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub incarnation: u32,
@@ -198,6 +202,7 @@ impl RoleStats {
             throughput: None,
             member_events: Vec::new(),
             partial_rounds: Vec::new(),
+            round_log: None,
             incarnation: 0,
             p3_credit: None,
         }

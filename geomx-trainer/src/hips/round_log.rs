@@ -72,6 +72,86 @@ impl PartialRound {
     }
 }
 
+/// One entry of a round log as it travels to the coordinator's journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogItem {
+    /// Round `round` of (`dc`, `key`) summed only `ranks`.
+    Summed {
+        /// Data center.
+        dc: u32,
+        /// Key.
+        key: u32,
+        /// Round.
+        round: u64,
+        /// The ranks summed, ascending.
+        ranks: Vec<u32>,
+    },
+    /// A membership change.
+    Event(MemberEvent),
+}
+
+/// The round log the coordinator assembled from its journal (its report entry): every partial
+/// round and membership change its members logged, whichever of them died since.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JournalLog {
+    /// Partial rounds, as runs in round order.
+    pub partial_rounds: Vec<PartialRound>,
+    /// Membership changes, in the order they arrived.
+    pub member_events: Vec<MemberEvent>,
+    /// Journal records (batches) received.
+    pub records: u64,
+    /// Records the journal refused or that did not decode: when non-zero the log is incomplete.
+    pub lost_records: u64,
+}
+
+impl JournalLog {
+    /// Builds the log from `items` (in arrival order; repeats, as members send their entries
+    /// again after reattaching, count once; a round two servers logged counts the ranks both
+    /// logged).
+    pub fn from_items(items: impl IntoIterator<Item = LogItem>) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        let mut rounds: std::collections::BTreeMap<(u32, u32, u64), Vec<u32>> = Default::default();
+        let mut out = JournalLog::default();
+        for item in items {
+            let key = serde_json::to_string(&item).unwrap_or_default();
+            if !seen.insert(key) {
+                continue;
+            }
+            match item {
+                LogItem::Summed {
+                    dc,
+                    key,
+                    round,
+                    ranks,
+                } => {
+                    // Two servers logged the round (a local server its workers, a global
+                    // server the DC left out): only the ranks both counted reached θ.
+                    rounds
+                        .entry((dc, key, round))
+                        .and_modify(|r| r.retain(|x| ranks.contains(x)))
+                        .or_insert(ranks);
+                }
+                LogItem::Event(e) => out.member_events.push(e),
+            }
+        }
+        for ((dc, key, round), ranks) in rounds {
+            match out.partial_rounds.last_mut() {
+                Some(p) if (p.dc, p.key, p.to) == (dc, key, round) && p.ranks == ranks => p.to += 1,
+                _ => out.partial_rounds.push(PartialRound {
+                    dc,
+                    key,
+                    from: round,
+                    to: round + 1,
+                    ranks,
+                }),
+            }
+        }
+        out.partial_rounds.sort_by_key(|p| (p.from, p.dc, p.key));
+        out
+    }
+}
+
 /// Replays a job that lost workers on one machine ([`fsa_reference_with`]) from the partial
 /// rounds its local servers logged: every round not listed summed every worker.
 pub fn replay(
@@ -107,6 +187,8 @@ pub fn unix_ms() -> u64 {
 pub struct RoundLog {
     events: Mutex<Vec<MemberEvent>>,
     partial: Mutex<Vec<PartialRound>>,
+    /// Where each entry also goes: the coordinator's journal ([`super::journal`]).
+    journal: std::sync::OnceLock<super::journal::JournalTx>,
 }
 
 impl RoundLog {
@@ -126,7 +208,7 @@ impl RoundLog {
         reason: String,
     ) {
         tracing::warn!(role, dc, rank, ?change, round, %reason, "membership changed");
-        lock(&self.events).push(MemberEvent {
+        let e = MemberEvent {
             role: role.to_string(),
             dc,
             rank,
@@ -134,7 +216,39 @@ impl RoundLog {
             round,
             unix_ms: unix_ms(),
             reason,
-        });
+        };
+        if let Some(j) = self.journal.get() {
+            j.send(LogItem::Event(e.clone()));
+        }
+        lock(&self.events).push(e);
+    }
+
+    /// Every entry so far, and from now on every new one, also goes to the coordinator's
+    /// journal through `tx`.
+    pub fn attach_journal(&self, tx: super::journal::JournalTx) {
+        let events = lock(&self.events);
+        let partial = lock(&self.partial);
+        for e in events.iter() {
+            tx.send(LogItem::Event(e.clone()));
+        }
+        for p in partial.iter() {
+            for round in p.from..p.to {
+                tx.send(LogItem::Summed {
+                    dc: p.dc,
+                    key: p.key,
+                    round,
+                    ranks: p.ranks.clone(),
+                });
+            }
+        }
+        let _ = self.journal.set(tx);
+    }
+
+    /// Waits (up to `wait`) until every entry so far is in the coordinator's journal.
+    pub fn flush_journal(&self, wait: std::time::Duration) {
+        if let Some(j) = self.journal.get() {
+            j.flush(wait);
+        }
     }
 
     /// Records the ranks of a round of `key` unless they are all `n_workers` (extending the
@@ -142,6 +256,14 @@ impl RoundLog {
     pub fn summed(&self, dc: u32, key: usize, round: u64, ranks: &[u32], n_workers: usize) {
         if ranks.len() >= n_workers {
             return;
+        }
+        if let Some(j) = self.journal.get() {
+            j.send(LogItem::Summed {
+                dc,
+                key: key as u32,
+                round,
+                ranks: ranks.to_vec(),
+            });
         }
         let mut partial = lock(&self.partial);
         let key = key as u32;
@@ -172,6 +294,46 @@ impl RoundLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_coordinators_log_merges_rounds_into_runs_and_counts_repeats_once() {
+        let s = |key, round, ranks: &[u32]| LogItem::Summed {
+            dc: 1,
+            key,
+            round,
+            ranks: ranks.to_vec(),
+        };
+        let e = MemberEvent {
+            role: "worker".into(),
+            dc: 1,
+            rank: 0,
+            change: MemberChange::Lost,
+            round: 6,
+            unix_ms: 9,
+            reason: String::new(),
+        };
+        let items = vec![
+            LogItem::Event(e.clone()),
+            s(0, 6, &[1]),
+            s(1, 6, &[1]),
+            s(0, 7, &[1]),
+            // Sent again after a reattach.
+            LogItem::Event(e.clone()),
+            s(0, 6, &[1]),
+            s(0, 9, &[0]),
+            // The global tier left the DC out of key 1's round 6.
+            s(1, 6, &[]),
+        ];
+        let log = JournalLog::from_items(items);
+        assert_eq!(log.member_events, vec![e]);
+        assert_eq!(
+            log.partial_rounds
+                .iter()
+                .map(|p| (p.key, p.from, p.to, p.ranks.clone()))
+                .collect::<Vec<_>>(),
+            vec![(0, 6, 8, vec![1]), (1, 6, 7, vec![]), (0, 9, 10, vec![0])]
+        );
+    }
 
     #[test]
     fn only_partial_rounds_are_logged_as_runs_in_round_order() {

@@ -225,6 +225,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 throughput: None,
                 member_events: Vec::new(),
                 partial_rounds: Vec::new(),
+                round_log: None,
                 incarnation: 0,
                 p3_credit: None,
             });
