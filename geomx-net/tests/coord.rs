@@ -54,6 +54,18 @@ fn expected() -> Vec<(String, u32, u32)> {
     ]
 }
 
+/// Registers the three processes of [`expected`] at `addr` concurrently; their clients in that
+/// order.
+fn register_all(addr: std::net::SocketAddr, d: DriverKind) -> Vec<CoordClient> {
+    let regs: Vec<_> = [("server", 0, 0), ("worker", 0, 0), ("worker", 1, 0)]
+        .into_iter()
+        .map(|(r, dc, k)| {
+            thread::spawn(move || CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap())
+        })
+        .collect();
+    regs.into_iter().map(|t| t.join().unwrap().0).collect()
+}
+
 fn coord(driver: DriverKind) -> Coordinator {
     let o = CoordOptions {
         net: net(driver),
@@ -243,13 +255,7 @@ fn a_member_locates_a_lost_server_and_its_next_incarnation() {
         };
         let c = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
         let addr = c.local_addr();
-        let regs: Vec<_> = [("server", 0, 0), ("worker", 0, 0), ("worker", 1, 0)]
-            .into_iter()
-            .map(|(r, dc, k)| {
-                thread::spawn(move || CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap())
-            })
-            .collect();
-        let mut clients: Vec<_> = regs.into_iter().map(|t| t.join().unwrap().0).collect();
+        let mut clients = register_all(addr, d);
         let worker = clients.remove(1);
         let server_key = geomx_net::coord::NodeKey::new("server", 0, 0);
         let l = worker.locate(&server_key).unwrap();
@@ -305,13 +311,7 @@ fn members_append_to_the_journal_and_strangers_cannot() {
         };
         let c = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
         let addr = c.local_addr();
-        let regs: Vec<_> = [("server", 0, 0), ("worker", 0, 0), ("worker", 1, 0)]
-            .into_iter()
-            .map(|(r, dc, k)| {
-                thread::spawn(move || CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap())
-            })
-            .collect();
-        let clients: Vec<_> = regs.into_iter().map(|t| t.join().unwrap().0).collect();
+        let clients = register_all(addr, d);
         clients[0].journal(b"first").unwrap();
         clients[2].journal(b"second").unwrap();
         clients[0].journal(b"third").unwrap();
@@ -349,6 +349,53 @@ fn members_append_to_the_journal_and_strangers_cannot() {
             "{d:?}: the job goes on"
         );
     }
+}
+
+/// A member's journal records outlive the member and a coordinator restart: its loss changes the
+/// membership, so the snapshot written then holds the journal, and a coordinator restored from
+/// that file starts with it.
+#[test]
+fn a_lost_members_journal_records_survive_a_coordinator_restart() {
+    let d = DriverKind::Portable;
+    let file = std::env::temp_dir().join(format!("geomx-coord-journal-{}", std::process::id()));
+    let o = CoordOptions {
+        net: net(d),
+        config_hash: 0xfeed,
+        registration_timeout: Duration::from_secs(10),
+        rejoinable: vec!["worker".into()],
+        state_file: Some(file.clone()),
+        reattach_window: None,
+        ..CoordOptions::default()
+    };
+    let mut c = Coordinator::bind("127.0.0.1:0", expected(), o.clone()).unwrap();
+    let addr = c.local_addr();
+    let mut clients = register_all(addr, d);
+    clients[2].journal(b"worker 1 was here").unwrap();
+    clients.remove(2).close();
+    let deadline = Instant::now() + W;
+    let snap = loop {
+        let s = geomx_net::coord::read_snapshot(&file).unwrap();
+        if !s.lost.is_empty() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the loss was never written");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let kept: Vec<&[u8]> = snap.journal.iter().map(|r| r.bytes.as_slice()).collect();
+    assert_eq!(kept, [&b"worker 1 was here"[..]]);
+    c.shutdown();
+    drop(c);
+    thread::sleep(Duration::from_millis(300));
+    let c = Coordinator::bind_restored(addr, snap, o).unwrap();
+    let (records, refused) = c.journal();
+    assert_eq!(refused, 0);
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].from.role.as_str(), records[0].from.dc),
+        ("worker", 1)
+    );
+    drop(clients);
+    let _ = std::fs::remove_file(file);
 }
 
 /// The coordinator dies while the job runs and a new one continues from its snapshot file on

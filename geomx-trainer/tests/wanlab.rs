@@ -58,6 +58,18 @@ fn site(name: &str, rate: Option<f64>, delay_ms: f64) -> LinkSpec {
     }
 }
 
+/// A lab of the central site (unshaped) and `dc1` at `rate` Mbit/s with `delay_ms`.
+fn central_and_dc1(rate: f64, delay_ms: f64) -> Lab {
+    Lab::build(LabSpec {
+        links: vec![
+            site("central", None, 0.0),
+            site("dc1", Some(rate), delay_ms),
+        ],
+        ..LabSpec::default()
+    })
+    .unwrap()
+}
+
 /// A UDP socket counting the datagrams it receives, in a thread.
 struct UdpSink {
     to: SocketAddr,
@@ -113,11 +125,7 @@ fn shaper_rate_and_relay_delay_are_within_10_percent() {
         return;
     }
     let _one = serial();
-    let lab = Lab::build(LabSpec {
-        links: vec![site("central", None, 0.0), site("dc1", Some(100.0), 50.0)],
-        ..LabSpec::default()
-    })
-    .unwrap();
+    let lab = central_and_dc1(100.0, 50.0);
     let pings = udp_pings(&lab, 1, 0, 20).unwrap();
     let rtt = median(pings.iter().map(|p| p.path_ms).collect());
     let app = median(pings.iter().map(|p| p.app_ms).collect());
@@ -166,11 +174,7 @@ fn a_cut_link_is_silent_both_ways_until_restored() {
         return;
     }
     let _one = serial();
-    let lab = Lab::build(LabSpec {
-        links: vec![site("central", None, 0.0), site("dc1", Some(100.0), 5.0)],
-        ..LabSpec::default()
-    })
-    .unwrap();
+    let lab = central_and_dc1(100.0, 5.0);
     let bind = SocketAddr::new(lab.node_addr(0).into(), 0);
     let l = lab
         .node(0)

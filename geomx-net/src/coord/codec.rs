@@ -20,8 +20,11 @@ impl Writer {
         self
     }
     pub(crate) fn str(&mut self, s: &str) -> &mut Self {
-        self.u32(s.len() as u32);
-        self.0.extend_from_slice(s.as_bytes());
+        self.bytes(s.as_bytes())
+    }
+    pub(crate) fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
         self
     }
 }
@@ -68,6 +71,25 @@ impl<'a> Reader<'a> {
         }
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| self.err("string is not UTF-8"))
+    }
+
+    /// Length-prefixed bytes of at most `max`.
+    pub(crate) fn bytes(&mut self, max: usize) -> Result<Vec<u8>, NetError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(self.err("field too long"));
+        }
+        Ok(self.take(n)?.to_vec())
+    }
+
+    /// A count of entries each at least `min_size` bytes long: never more than the bytes left
+    /// can hold.
+    pub(crate) fn count_of(&mut self, min_size: usize) -> Result<usize, NetError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_size.max(1)) > self.buf.len() {
+            return Err(self.err("more entries than bytes"));
+        }
+        Ok(n)
     }
 
     pub(crate) fn count(&mut self) -> Result<usize, NetError> {

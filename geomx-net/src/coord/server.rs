@@ -60,6 +60,8 @@ struct Persist {
     next: AtomicU64,
     /// (number, bytes) of the newest snapshot written.
     written: Mutex<(u64, Vec<u8>)>,
+    /// The newest snapshot's encoding without the journal (what decides a new write).
+    membership: Mutex<Vec<u8>>,
 }
 
 impl Persist {
@@ -124,20 +126,27 @@ impl Shared {
     /// No network I/O happens under the state lock: a peer that stops reading can delay a send,
     /// never the coordinator's bookkeeping.
     fn step(&self, f: impl FnOnce(&mut CoordState<usize>) -> Vec<Action<usize>>) {
-        let snapshot = {
+        {
             let mut st = lock(&self.state);
             let actions = f(&mut st);
-            // Queued under the state lock, so the outbox keeps the state's order.
+            // On disk before anything the change decided can be sent: the snapshot is written
+            // (file I/O, never network I/O) before the actions reach the outbox, which another
+            // thread may be draining. Under the state lock, so snapshots and actions keep the
+            // state's order. Only a changed membership is written, with the journal as it is
+            // then (a member's loss is such a change, so its records are kept). Lock order:
+            // state, then journal.
+            if let Some(p) = &self.persist {
+                if let Some(mut snap) = st.snapshot() {
+                    let membership = snap.encode();
+                    let mut last = lock(&p.membership);
+                    if *last != membership {
+                        snap.journal = lock(&self.journal).records().to_vec();
+                        p.save(p.next.fetch_add(1, Ordering::Relaxed), snap.encode());
+                        *last = membership;
+                    }
+                }
+            }
             lock(&self.outbox).extend(actions);
-            self.persist.as_ref().and_then(|p| {
-                let snap = st.snapshot()?;
-                Some((p.next.fetch_add(1, Ordering::Relaxed), snap.encode()))
-            })
-        };
-        // On disk before anything the change decided is sent (file I/O, never network I/O,
-        // outside the state lock).
-        if let (Some(p), Some((seq, bytes))) = (&self.persist, snapshot) {
-            p.save(seq, bytes);
         }
         self.drain();
     }
@@ -318,7 +327,7 @@ impl Coordinator {
             opts.config_hash,
             Instant::now() + opts.registration_timeout,
         );
-        Self::start(addr, state, opts)
+        Self::start(addr, state, opts, Journal::default())
     }
 
     /// Binds `addr` as the restart of a coordinator whose running job `snap` holds: its members
@@ -335,14 +344,20 @@ impl Coordinator {
                 snap.protocol_version, snap.config_hash, opts.protocol_version, opts.config_hash
             )));
         }
+        let mut journal = Journal::default();
+        for r in &snap.journal {
+            // Bounded as any append: a snapshot holds no more than the journal may.
+            let _ = journal.append(r.from.clone(), r.bytes.clone());
+        }
         let state = CoordState::restore(snap, Instant::now() + opts.registration_timeout);
-        Self::start(addr, state, opts)
+        Self::start(addr, state, opts, journal)
     }
 
     fn start(
         addr: impl ToSocketAddrs,
         state: CoordState<usize>,
         opts: CoordOptions,
+        journal: Journal,
     ) -> Result<Coordinator, NetError> {
         let state = state
             .with_rejoinable(opts.rejoinable.iter().cloned())
@@ -351,6 +366,7 @@ impl Coordinator {
             path,
             next: AtomicU64::new(1),
             written: Mutex::new((0, Vec::new())),
+            membership: Mutex::new(Vec::new()),
         });
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -363,7 +379,7 @@ impl Coordinator {
             outcome_cv: Condvar::new(),
             stop: AtomicBool::new(false),
             persist,
-            journal: Mutex::new(Journal::default()),
+            journal: Mutex::new(journal),
         });
         // Requests to the coordinator (registration, barriers) may legitimately wait long.
         let server = KvServer::bind_with_id(

@@ -1,17 +1,18 @@
 //! What a coordinator keeps on disk while the job runs, so that a restarted coordinator can
 //! continue it: the membership table, every process's incarnation, the lost ones and the ones
-//! that sent Done. Barriers are not kept: a member that waited in one enters it again.
+//! that sent Done, and the journal its members appended to. Barriers are not kept: a member
+//! that waited in one enters it again.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::codec::{Reader, Writer};
-use super::{NodeInfo, NodeKey};
+use super::{JournalRecord, NodeInfo, NodeKey, JOURNAL_RECORD_MAX};
 use crate::error::NetError;
 
 /// Magic of a snapshot file ("GXCS").
 const MAGIC: u32 = 0x5343_5847;
-/// Snapshot format version.
-const VERSION: u32 = 1;
+/// Snapshot format version (2 added the journal; 1 is read as an empty one).
+const VERSION: u32 = 2;
 
 /// A running job's membership as a coordinator persists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,9 @@ pub struct CoordSnapshot {
     pub lost: BTreeSet<NodeKey>,
     /// Processes that sent Done.
     pub done: BTreeSet<NodeKey>,
+    /// The journal's records (a restarted coordinator keeps the entries of members that died
+    /// before it; live members send theirs again anyway).
+    pub journal: Vec<JournalRecord>,
 }
 
 fn put_key(w: &mut Writer, k: &NodeKey) {
@@ -62,6 +66,11 @@ impl CoordSnapshot {
                 put_key(&mut w, k);
             }
         }
+        w.u32(self.journal.len() as u32);
+        for r in &self.journal {
+            put_key(&mut w, &r.from);
+            w.bytes(&r.bytes);
+        }
         w.0
     }
 
@@ -72,7 +81,7 @@ impl CoordSnapshot {
             return Err(NetError::Protocol("not a coordinator snapshot".into()));
         }
         let version = r.u32()?;
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(NetError::Protocol(format!(
                 "coordinator snapshot version {version}, expected {VERSION}"
             )));
@@ -89,6 +98,17 @@ impl CoordSnapshot {
         for set in &mut sets {
             for _ in 0..r.count()? {
                 set.insert(take_key(&mut r)?);
+            }
+        }
+        let mut journal = Vec::new();
+        if version >= 2 {
+            // A record is at least a key (three fields) and a length: 16 bytes.
+            for _ in 0..r.count_of(16)? {
+                let from = take_key(&mut r)?;
+                journal.push(JournalRecord {
+                    from,
+                    bytes: r.bytes(JOURNAL_RECORD_MAX)?,
+                });
             }
         }
         r.end()?;
@@ -115,6 +135,7 @@ impl CoordSnapshot {
             incarnations,
             lost,
             done,
+            journal,
         })
     }
 }

@@ -162,6 +162,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             incarnations,
             lost: self.lost.keys().cloned().collect(),
             done: self.done.clone(),
+            journal: Vec::new(),
         })
     }
 
@@ -1059,10 +1060,22 @@ mod tests {
         assert!(s.on_disconnect(11, "killed").is_empty());
         s.on_register(20, 200, hello("worker", 1, 0));
         assert_eq!(s.on_done(10, 10).len(), 1);
-        let snap = s.snapshot().unwrap();
+        let mut snap = s.snapshot().unwrap();
+        snap.journal = vec![super::super::JournalRecord {
+            from: NodeKey::new("worker", 1, 0),
+            bytes: vec![0, 255, 7],
+        }];
         let bytes = snap.encode();
-        let snap = super::super::CoordSnapshot::decode(&bytes).unwrap();
+        let back = super::super::CoordSnapshot::decode(&bytes).unwrap();
+        assert_eq!(back, snap);
+        let snap = back;
         assert_eq!(snap.incarnations[&NodeKey::new("worker", 1, 0)], 1);
+        // A version-1 snapshot (no journal) still reads, with an empty journal.
+        let mut v1 = bytes[..bytes.len() - (4 + 4 + 6 + 4 + 4 + 4 + 3)].to_vec();
+        v1[4..8].copy_from_slice(&1u32.to_le_bytes());
+        let old = super::super::CoordSnapshot::decode(&v1).unwrap();
+        assert!(old.journal.is_empty());
+        assert_eq!(old.nodes, snap.nodes);
         for cut in [0, 7, bytes.len() - 1] {
             assert!(super::super::CoordSnapshot::decode(&bytes[..cut]).is_err());
         }

@@ -106,16 +106,25 @@ impl Node {
             reattach: None,
         };
         // Processes of a job start in any order: retry while the coordinator is not listening
-        // yet, up to the registration timeout.
+        // yet, up to the registration timeout. Each attempt connects within at most a second:
+        // a restarted process behind a link that is still cut then registers within about a
+        // second of the link's return, instead of after TCP's SYN backoff (1, 3, 7 s …).
         let deadline = Instant::now() + job.registration_timeout;
+        let mut attempt = net.clone();
+        attempt.connect_timeout = attempt.connect_timeout.min(Duration::from_secs(1));
         let (coord, membership) = loop {
-            match CoordClient::register(coord_addr, hello.clone(), net.clone()) {
+            match CoordClient::register(coord_addr, hello.clone(), attempt.clone()) {
                 Ok((c, m)) => break (c.reconnecting(job.coordinator_may_restart()), m),
                 Err(NetError::Io(e))
                     if e.kind() == std::io::ErrorKind::ConnectionRefused
                         && Instant::now() < deadline =>
                 {
                     std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(NetError::Timeout(m))
+                    if m.starts_with("connect") && Instant::now() < deadline =>
+                {
+                    tracing::info!(%m, "the coordinator is not reachable yet; retrying");
                 }
                 // A restart faster than the coordinator's sight of the loss: retry.
                 Err(NetError::Rejected(m))
