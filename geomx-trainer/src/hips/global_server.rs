@@ -88,6 +88,9 @@ struct GlobalHandler {
     owned: usize,
     rounds: u64,
     all_done: Sender<()>,
+    /// This handler, for the thread that writes a checkpoint and then sends the replies that
+    /// must wait for it (set once the handler is built).
+    this: OnceLock<std::sync::Weak<GlobalHandler>>,
     /// `transport.inter = "dgt"`: the DGT receiver's port and the join of TCP pushes with
     /// DGT deliveries.
     dgt: Option<DgtJoin>,
@@ -401,25 +404,48 @@ impl GlobalHandler {
         let snapshot = self.snapshot(&st, id, done.version);
         let waiting = st.parked.remove(&id).unwrap_or_default();
         let pulls = self.ready_pulls(&mut st, id, done.version);
+        let mut last = false;
         if done.version == self.rounds {
             st.finished += 1;
-            if st.finished == self.owned {
-                let _ = self.all_done.send(());
-            }
+            last = st.finished == self.owned;
         }
         drop(st);
         self.fault_at(id, done.version, Point::Start);
+        let answer = move |h: &GlobalHandler| {
+            let payload: SharedBytes = Arc::new(done.reply);
+            for r in waiting {
+                h.replies.send(id, r, done.version, done.codec, &payload);
+            }
+            answer_pulls(pulls, done.version);
+            h.fault_at(id, done.version, Point::ReplyWait);
+            if last {
+                let _ = h.all_done.send(());
+            }
+        };
         // The state is written before the replies go out: a worker that saw round r's reply can
-        // rely on the global tier's checkpoint of r being on disk.
-        if let Some(state) = snapshot {
-            self.save(&state);
+        // rely on the global tier's checkpoint of r being on disk. The write (fsync) happens on
+        // a thread of its own: this one may be the network driver's, and a slow disk must not
+        // silence every connection past the peers' detection time (seen in CI: 1 s).
+        let Some(state) = snapshot else {
+            return answer(self);
+        };
+        match self.this.get().and_then(std::sync::Weak::upgrade) {
+            Some(h) => {
+                let spawned = std::thread::Builder::new()
+                    .name("geomx-ckpt-write".into())
+                    .spawn(move || {
+                        h.save(&state);
+                        answer(&h);
+                    });
+                if let Err(e) = spawned {
+                    self.abort(format!("starting the checkpoint writer: {e}"));
+                }
+            }
+            None => {
+                self.save(&state);
+                answer(self);
+            }
         }
-        let payload: SharedBytes = Arc::new(done.reply);
-        for r in waiting {
-            self.replies.send(id, r, done.version, done.codec, &payload);
-        }
-        answer_pulls(pulls, done.version);
-        self.fault_at(id, done.version, Point::ReplyWait);
     }
 
     /// Injects this process's chaos fault when range `id` is its first one and `round` (training
@@ -855,6 +881,7 @@ pub fn run(
         owned,
         rounds: job.global_rounds(),
         all_done: done_tx,
+        this: OnceLock::new(),
         dgt: dgt_server.as_ref().map(|s| DgtJoin {
             port: s.local_addr().port(),
             halves: Mutex::new(HashMap::new()),
@@ -875,6 +902,7 @@ pub fn run(
             .map_err(RunError::Membership)?
             .and_then(|c| first_owned.map(|id| (id, c))),
     });
+    let _ = handler.this.set(Arc::downgrade(&handler));
     let consumer = dgt_server.as_ref().map(|s| {
         let (h, rx) = (handler.clone(), s.deliveries().clone());
         std::thread::spawn(move || {
