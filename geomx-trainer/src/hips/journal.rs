@@ -34,15 +34,6 @@ pub struct JournalTx {
     tx: Sender<Msg>,
 }
 
-impl std::fmt::Debug for Msg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Msg::Item(i) => write!(f, "Item({i:?})"),
-            Msg::Flush(_) => write!(f, "Flush"),
-        }
-    }
-}
-
 impl JournalTx {
     /// Starts the thread that appends to `coord`'s journal.
     pub fn start(coord: CoordClient) -> std::io::Result<Self> {
@@ -94,22 +85,26 @@ pub fn attach(
 
 /// Splits `items` into JSON batches of at most about [`BATCH_BYTES`]: (items in it, bytes).
 pub fn batches(items: &[LogItem]) -> Vec<(usize, Vec<u8>)> {
+    // Each item is encoded once; a batch is those encodings joined into a JSON array.
     let mut out = Vec::new();
-    let mut start = 0;
-    while start < items.len() {
-        let mut end = start;
-        let mut size = 2;
-        while end < items.len() {
-            let n = serde_json::to_vec(&items[end]).map_or(0, |v| v.len()) + 1;
-            if end > start && size + n > BATCH_BYTES {
-                break;
-            }
-            size += n;
-            end += 1;
+    let mut cur = vec![b'['];
+    let mut n = 0;
+    for item in items {
+        let one = serde_json::to_vec(item).unwrap_or_default();
+        if n > 0 && cur.len() + one.len() + 2 > BATCH_BYTES {
+            cur.push(b']');
+            out.push((n, std::mem::replace(&mut cur, vec![b'['])));
+            n = 0;
         }
-        let bytes = serde_json::to_vec(&items[start..end]).unwrap_or_default();
-        out.push((end - start, bytes));
-        start = end;
+        if n > 0 {
+            cur.push(b',');
+        }
+        cur.extend_from_slice(&one);
+        n += 1;
+    }
+    if n > 0 {
+        cur.push(b']');
+        out.push((n, cur));
     }
     out
 }
