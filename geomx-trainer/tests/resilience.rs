@@ -259,6 +259,9 @@ fn under_hfa_killed_workers_rejoin_with_their_dcs_model_and_milestone() {
     }
     assert_eq!(r["restarts"]["worker"], 2);
     assert_eq!(r["replicas_identical"], true, "{stderr}");
+    // The milestone is the HFA replay of the averagings each worker missed.
+    assert_eq!(clean["global_param_hash"], replayed_hash(&toml, &clean));
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
     let (a, b) = (accuracy(&r), accuracy(&clean));
     eprintln!("HFA fault-free accuracy {b:.4}, with two killed workers {a:.4}");
     assert!((a - b).abs() <= 0.01, "{a} vs {b}");
@@ -290,6 +293,7 @@ fn under_hfa_a_killed_coordinator_and_a_stopped_worker_recover() {
         .expect("the stopped worker rejoined");
     assert_eq!(back % 5, 0, "HFA rejoins at an averaging: {w}");
     assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
     let (a, b) = (accuracy(&r), accuracy(&clean));
     eprintln!(
         "HFA fault-free accuracy {b:.4}, with the coordinator killed and a worker stopped {a:.4}"
@@ -331,6 +335,39 @@ fn a_lost_data_center_is_left_out_then_rejoins_and_the_job_equals_its_replay() {
     // Rounds without dc1 are logged by the global server, the ones its workers missed after
     // the rejoin by the new local server; the final θ is the replay of both.
     assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}
+
+#[test]
+fn under_hfa_a_lost_data_center_and_a_lost_worker_rejoin_and_the_job_equals_its_replay() {
+    // HFA k1 = 5, k2 = 4 over 3 DCs, quorum 2: dc1's local server dies mid-period (round 1010,
+    // the 202nd averaging), the global tier averages dc0 and dc2 until the restarted local
+    // server rejoins at a global round, and its workers rejoin it with the milestone; a worker
+    // of dc2 is killed while pushing its model. The final milestone equals the single-process
+    // HFA replay of the coordinator's round log, bit for bit (the fault-free run too).
+    let toml = dc_job(3, 2).replace("rounds = 1500", "rounds = 3000")
+        + "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\n";
+    let (clean, _) = launch("hfa-dc-clean", &toml, None);
+    assert_eq!(clean["global_param_hash"], replayed_hash(&toml, &clean));
+    let chaos = "kill:local_server:dc1:0@round=1010,kill:worker:dc2:1@round=1799:mid-push";
+    let (r, stderr) = launch("hfa-dc", &toml, Some(chaos));
+    let f = fault_of(&r, "local_server (dc 1, rank 0)");
+    assert_eq!(
+        f["lost_round"], 1000,
+        "lost in the period from round 1000: {f}\n{stderr}"
+    );
+    let back = f["rejoined_round"]
+        .as_u64()
+        .expect("the local server rejoined");
+    assert_eq!(back % 20, 0, "a DC rejoins at a global round: {f}");
+    assert!((1000..3000).contains(&back), "{f}");
+    let w = fault_of(&r, "worker (dc 2, rank 1)");
+    assert_eq!(w["rejoined_round"].as_u64().map(|b| b % 5), Some(0), "{w}");
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+    assert_ne!(r["global_param_hash"], clean["global_param_hash"]);
+    let (a, b) = (accuracy(&r), accuracy(&clean));
+    eprintln!("HFA fault-free accuracy {b:.4}, with a lost DC and a lost worker {a:.4}");
+    assert!((a - b).abs() <= 0.01, "{a} vs {b}");
 }
 
 #[test]
@@ -421,6 +458,53 @@ fn killed_global_servers_and_coordinator_restart_and_the_job_is_bit_identical() 
     assert_eq!(incarnations, [1, 1], "{stderr}");
     assert_eq!(r["replicas_identical"], true, "{stderr}");
     assert_eq!(r["global_param_hash"], clean["global_param_hash"]);
+    assert_eq!(accuracy(&r), accuracy(&clean));
+}
+
+#[test]
+fn under_hfa_killed_global_servers_restart_and_the_job_is_bit_identical() {
+    // HFA k1 = 5, k2 = 4 (a global round every 20 training rounds), checkpoints every 100.
+    // Global server 0 dies at round 600 once the round is complete and saved but before its
+    // replies go out: its restart has the increment the DCs never got in its checkpoint, and
+    // serves it. Global server 1 dies while round 1320 collects pushes and restarts from round
+    // 1300: the local servers resend their deltas since. Replies are increments that every
+    // milestone adds, so any lost or doubled one would show: the job must end bit-identical.
+    let hfa = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\n";
+    let job = |name: &str| {
+        let (toml, dir) = global_job(name);
+        let toml = toml
+            .replace("rounds = 1500", "rounds = 3000")
+            .replace("every_rounds = 50", "every_rounds = 100");
+        (toml + hfa, dir)
+    };
+    let (toml, dir) = job("gs-hfa-clean");
+    let (clean, _) = launch("gs-hfa-clean", &toml, None);
+    let _ = std::fs::remove_dir_all(dir);
+    let (toml, dir) = job("gs-hfa-killed");
+    let chaos = "kill:global-server:0@round=600:reply-wait,\
+                 kill:global-server:1@round=1320:mid-push";
+    let (r, stderr) = launch("gs-hfa-killed", &toml, Some(chaos));
+    let _ = std::fs::remove_dir_all(dir);
+    for process in [
+        "global_server (dc 2, rank 0)",
+        "global_server (dc 2, rank 1)",
+    ] {
+        let f = fault_of(&r, process);
+        assert_eq!(f["cause"], "killed by signal 9", "{f}\n{stderr}");
+        assert!(f["rejoined_after_s"].is_f64(), "{f}");
+        assert_eq!(f["rounds_reduced"], 0, "{f}");
+    }
+    assert_eq!(r["restarts"]["global_server"], 2, "{stderr}");
+    // Server 0's restart served the saved increment of round 600 (global round 29).
+    assert!(
+        stderr.contains("reading back the reply of a round the lost server completed"),
+        "{stderr}"
+    );
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(
+        r["global_param_hash"], clean["global_param_hash"],
+        "{stderr}"
+    );
     assert_eq!(accuracy(&r), accuracy(&clean));
 }
 
@@ -544,6 +628,17 @@ fn a_long_cut_under_a_restartable_coordinator_still_loses_only_the_dc() {
         );
     long_cut("cut-coord", &toml);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn under_hfa_a_cut_longer_than_the_detection_time_loses_the_dc_until_it_rejoins() {
+    // As above under HFA (k1 = 5, k2 = 4): the DC is lost at a global round, rejoins at one,
+    // and the final milestone is the HFA replay of the averagings without it.
+    long_cut(
+        "hfa-cut-long",
+        &(cut_job(1000).replace("rounds = 600", "rounds = 3000")
+            + "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\n"),
+    );
 }
 
 /// Runs `toml` with dc1's link cut for 3 s at round 100 (1 s detection) and checks that dc1 was

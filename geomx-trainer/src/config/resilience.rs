@@ -139,15 +139,15 @@ impl Config {
                 Some(
                     "resilience.lost_worker must be \"continue\" too (a lost DC loses its workers)",
                 )
-            } else if self.sync.algorithm != SyncAlgorithm::Fsa {
-                Some("sync.algorithm must be \"fsa\"")
+            } else if !matches!(self.sync.algorithm, SyncAlgorithm::Fsa | SyncAlgorithm::Hfa) {
+                Some("sync.algorithm must be \"fsa\" or \"hfa\"")
             } else {
                 None
             };
             if let Some(why) = why {
                 return Err(ConfigError::invalid(
                     "resilience.lost_dc",
-                    format!("\"continue\" supports FSA so far: {why}"),
+                    format!("\"continue\" supports FSA and HFA so far: {why}"),
                 ));
             }
         }
@@ -192,15 +192,14 @@ impl Config {
     }
 
     /// `lost_global_server = "continue"`: a restarted global server reloads its checkpoint and
-    /// the local servers resend the rounds since it as they sent them, which needs FSA (whose
-    /// replies are θ) with f32 tiers over TCP, no P3, `[checkpoint] dir`, and a fixed set of
-    /// data centers.
+    /// the local servers resend the rounds since it as they sent them, which needs FSA or HFA
+    /// with f32 tiers over TCP, no P3, `[checkpoint] dir`, and a fixed set of data centers.
     fn validate_lost_global_server(&self) -> Result<(), ConfigError> {
         if self.resilience.lost_global_server == LostWorker::Abort {
             return Ok(());
         }
-        let why = if self.sync.algorithm != SyncAlgorithm::Fsa {
-            Some("sync.algorithm must be \"fsa\"")
+        let why = if !matches!(self.sync.algorithm, SyncAlgorithm::Fsa | SyncAlgorithm::Hfa) {
+            Some("sync.algorithm must be \"fsa\" or \"hfa\"")
         } else if self.checkpoint.dir.is_none() {
             Some("checkpoint.dir must be set (a restarted global server reloads its checkpoint)")
         } else if self.resilience.lost_dc != LostWorker::Abort {
@@ -212,8 +211,8 @@ impl Config {
             Some(why) => Err(ConfigError::invalid(
                 "resilience.lost_global_server",
                 format!(
-                    "\"continue\" supports FSA with f32 tiers over TCP so far (the local \
-                     servers resend the rounds since the checkpoint): {why}"
+                    "\"continue\" supports FSA and HFA with f32 tiers over TCP so far (the \
+                     local servers resend the rounds since the checkpoint): {why}"
                 ),
             )),
             None => Ok(()),
@@ -260,6 +259,16 @@ mod tests {
         let mut c = resilient();
         c.sync.algorithm = SyncAlgorithm::Hfa;
         c.validate().unwrap();
+        // A whole DC may be lost under FSA and HFA, not under ESync or MixedSync.
+        let mut d = c.clone();
+        d.resilience.lost_dc = LostWorker::Continue;
+        d.validate().unwrap();
+        d.sync.algorithm = SyncAlgorithm::Mixed;
+        let e = err(d);
+        assert!(
+            e.starts_with("resilience.lost_dc:") && e.contains("hfa"),
+            "{e}"
+        );
         c.sync.hfa.weighting = HfaWeighting::Equal;
         assert!(err(c).contains("weighting"));
         let mut c = resilient();
@@ -271,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn a_restartable_global_server_needs_fsa_and_checkpoints() {
+    fn a_restartable_global_server_needs_fsa_or_hfa_and_checkpoints() {
         let err = |c: Config| c.validate().unwrap_err().to_string();
         let mut c = Config::default();
         c.resilience.lost_global_server = LostWorker::Continue;
@@ -285,6 +294,8 @@ mod tests {
         c.validate().unwrap();
         let mut h = c.clone();
         h.sync.algorithm = SyncAlgorithm::Hfa;
+        h.validate().unwrap();
+        h.sync.algorithm = SyncAlgorithm::Esync;
         assert!(err(h).contains("sync.algorithm"));
         let mut d = c.clone();
         d.resilience.lost_worker = LostWorker::Continue;

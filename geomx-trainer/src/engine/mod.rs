@@ -11,6 +11,7 @@ mod gemm;
 pub mod mlp;
 pub mod optim;
 pub mod reference;
+pub mod reference_hfa;
 #[cfg(feature = "tch")]
 pub mod tch;
 

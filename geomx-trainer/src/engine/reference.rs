@@ -19,6 +19,9 @@ pub enum ReferenceError {
     /// The model rejected its input.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The configuration asks for something the reference does not model.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Result of [`fsa_reference`].
@@ -61,16 +64,13 @@ pub fn fsa_reference_with(
     rounds: Option<u64>,
     counts: impl Fn(usize, usize, usize, u64) -> bool,
 ) -> Result<ReferenceRun, ReferenceError> {
-    let model = build_model(&cfg.model, data.train.n_features(), data.train.n_classes())?;
     let workers = cfg.cluster.total_workers();
-    let mut batchers = (0..workers)
-        .map(|w| batcher_for(&cfg.data, &data.train, workers, w))
-        .collect::<Result<Vec<_>, _>>()?;
-    let rounds = rounds.unwrap_or_else(|| {
-        cfg.train
-            .total_rounds(batchers.first().map_or(1, |b| b.batches_per_epoch()))
-    });
-    let mut params = model.init(cfg.model.seed);
+    let Start {
+        model,
+        mut batchers,
+        rounds,
+        theta0: mut params,
+    } = start(cfg, data, rounds)?;
     let mut opts: Vec<Optimizer> = params
         .iter()
         .map(|p| Optimizer::new(&cfg.train.optimizer, p.len()))
@@ -128,8 +128,44 @@ pub fn fsa_reference_with(
     Ok(run)
 }
 
+/// What every reference run starts from.
+pub(super) struct Start {
+    /// The configured model.
+    pub model: Box<dyn super::Model>,
+    /// One batcher per worker, in global worker order (DCs in order, ranks within).
+    pub batchers: Vec<crate::data::Batcher>,
+    /// Rounds to run: the ones asked for, or the configured length.
+    pub rounds: u64,
+    /// θ_0 from the model seed.
+    pub theta0: Vec<Vec<f32>>,
+}
+
+/// The model, the workers' batchers, the length and θ_0 of a reference run of `cfg`.
+pub(super) fn start(
+    cfg: &Config,
+    data: &TrainTest,
+    rounds: Option<u64>,
+) -> Result<Start, ReferenceError> {
+    let model = build_model(&cfg.model, data.train.n_features(), data.train.n_classes())?;
+    let workers = cfg.cluster.total_workers();
+    let batchers = (0..workers)
+        .map(|w| batcher_for(&cfg.data, &data.train, workers, w))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rounds = rounds.unwrap_or_else(|| {
+        cfg.train
+            .total_rounds(batchers.first().map_or(1, |b| b.batches_per_epoch()))
+    });
+    let theta0 = model.init(cfg.model.seed);
+    Ok(Start {
+        model,
+        batchers,
+        rounds,
+        theta0,
+    })
+}
+
 /// `acc += g` element-wise (acc starts as the first addend).
-fn accumulate(acc: &mut Option<Vec<f32>>, g: Vec<f32>) {
+pub(super) fn accumulate(acc: &mut Option<Vec<f32>>, g: Vec<f32>) {
     match acc {
         None => *acc = Some(g),
         Some(a) => a.iter_mut().zip(&g).for_each(|(x, y)| *x += y),
@@ -137,12 +173,13 @@ fn accumulate(acc: &mut Option<Vec<f32>>, g: Vec<f32>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::config::DataCenterConfig;
     use crate::data::synthetic::{generate, SyntheticSpec};
 
-    fn small() -> (Config, TrainTest) {
+    /// A small MLP on a tiny synthetic task (also the HFA reference's fixture).
+    pub(in crate::engine) fn small() -> (Config, TrainTest) {
         let mut cfg = Config::default();
         cfg.model.hidden = vec![8];
         cfg.data.batch_size = 4;

@@ -14,7 +14,7 @@ use std::net::ToSocketAddrs;
 use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
 use super::chaos::{Point, SelfFault};
 use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
-use super::msg::{f32_bytes, UpPush, REJOIN_KEY, SKIP_FLAG};
+use super::msg::{f32_bytes, f32_from_bytes, UpPush, REJOIN_KEY, REPLY_FLAG, SKIP_FLAG};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::replies::Replies;
@@ -63,6 +63,9 @@ struct State {
     /// MixedSync: the asynchronous aggregator (then `agg` holds no ranges) and the pushes applied
     /// per range.
     mixed: Option<MixedState>,
+    /// A restarted HFA global server: per range, the reply of the round its checkpoint closed
+    /// (version, f32 bytes), for a local server whose reply was lost with the predecessor.
+    saved_replies: HashMap<usize, (u64, Vec<u8>)>,
 }
 
 /// MixedSync's aggregator and the pushes it applied per range.
@@ -99,6 +102,8 @@ struct GlobalHandler {
     /// Training rounds per global round (HFA's k1 · k2, else 1): checkpoints count training
     /// rounds.
     per_global: u64,
+    /// Local averagings per global round (HFA's k2, else 1): the round log counts local rounds.
+    per_exchange: u64,
     /// How pushes are answered, by range: inline, or under P3 in priority order per connection
     /// (not from the reader thread that completed the round).
     replies: Replies,
@@ -110,6 +115,8 @@ struct GlobalHandler {
     /// `resilience.lost_global_server = "continue"`: this process may be restarted from its
     /// checkpoint.
     restartable: bool,
+    /// Checkpoints carry each round's reply ([`keeps_replies`]).
+    keeps_replies: bool,
     /// Ends this process at once (not the job): a restartable global server that lost a local
     /// server's connection.
     die: FatalHook,
@@ -396,12 +403,14 @@ impl GlobalHandler {
         self.account(id, done.version - 1, done.skipped, done.overflow);
         if self.elastic_dcs {
             let key = self.range_keys.get(id).copied().unwrap_or(id);
+            // The local round this global round closes (HFA: the period's last averaging).
+            let local = done.version * self.per_exchange - 1;
             for dc in (0..self.n_dcs as u32).filter(|d| !done.dcs.contains(d)) {
                 // The DC contributed nothing: none of its workers counts in this round.
-                self.log.summed(dc, key, done.version - 1, &[], 1);
+                self.log.summed(dc, key, local, &[], 1);
             }
         }
-        let snapshot = self.snapshot(&st, id, done.version);
+        let snapshot = self.snapshot(&st, id, &done);
         let waiting = st.parked.remove(&id).unwrap_or_default();
         let pulls = self.ready_pulls(&mut st, id, done.version);
         let mut last = false;
@@ -412,12 +421,13 @@ impl GlobalHandler {
         drop(st);
         self.fault_at(id, done.version, Point::Start);
         let answer = move |h: &GlobalHandler| {
+            // The round is complete and saved; the DCs wait for its replies.
+            h.fault_at(id, done.version, Point::ReplyWait);
             let payload: SharedBytes = Arc::new(done.reply);
             for r in waiting {
                 h.replies.send(id, r, done.version, done.codec, &payload);
             }
             answer_pulls(pulls, done.version);
-            h.fault_at(id, done.version, Point::ReplyWait);
             if last {
                 let _ = h.all_done.send(());
             }
@@ -458,10 +468,12 @@ impl GlobalHandler {
         }
     }
 
-    /// Adds range `id` at `version` to the checkpoint of that round when one is due; returns the
-    /// round's state once every owned range is in.
-    fn snapshot(&self, st: &State, id: usize, version: u64) -> Option<StateFile> {
+    /// Adds range `id` after round `done` to the checkpoint of that round when one is due (with
+    /// the round's reply when [`keeps_replies`]); returns the round's state once every owned
+    /// range is in.
+    fn snapshot(&self, st: &State, id: usize, done: &RoundDone) -> Option<StateFile> {
         let (saver, parts) = self.ckpt.as_ref()?;
+        let version = done.version;
         let round = version * self.per_global;
         // A global server that may restart also saves the last round: a local server that
         // still pulls the final θ then finds it after a restart without any other DC's help.
@@ -481,9 +493,22 @@ impl GlobalHandler {
             ));
             return None;
         };
+        let reply = match (self.keeps_replies, done.codec) {
+            (false, _) => None,
+            (true, PayloadCodec::DenseF32) => f32_from_bytes(&done.reply),
+            (true, codec) => {
+                self.abort(format!(
+                    "checkpoint of round {round}: range {id} replied in {codec:?}, not f32"
+                ));
+                return None;
+            }
+        };
         lock(parts).add(round, |f| {
             f.put_f32(format!("theta.{id}"), theta);
             f.put_f32(format!("carry.{id}"), carry);
+            if let Some(reply) = reply {
+                f.put_f32(format!("reply.{id}"), reply);
+            }
             super::ckpt::put_optim(f, &format!("opt.{id}"), &opt);
         })
     }
@@ -573,6 +598,9 @@ impl GlobalHandler {
                 }
             };
         }
+        if req.key & REPLY_FLAG != 0 {
+            return self.saved_reply(&req, reply);
+        }
         let id = req.key as usize;
         if let Err(msg) = self.member(&req) {
             return self.admission.refuse(reply, msg);
@@ -613,6 +641,32 @@ impl GlobalHandler {
             }
         }
     }
+    /// A local server asks for the reply of the round that made `version` of a range
+    /// ([`REPLY_FLAG`]): a restarted HFA global server has the one its checkpoint closed.
+    fn saved_reply(&self, req: &Request, reply: Responder) {
+        if let Err(msg) = self.member(req) {
+            return self.admission.refuse(reply, msg);
+        }
+        let id = (req.key & !REPLY_FLAG) as usize;
+        let st = lock(&self.state);
+        match st.saved_replies.get(&id) {
+            Some((v, bytes)) if *v == req.version => {
+                let bytes = bytes.clone();
+                drop(st);
+                let _ = reply.send(req.version, PayloadCodec::DenseF32, &bytes);
+            }
+            other => {
+                let held = other.map(|(v, _)| *v);
+                drop(st);
+                let msg = format!(
+                    "range {id}: no saved reply of version {} (this server holds {held:?})",
+                    req.version
+                );
+                self.admission.refuse(reply, msg);
+            }
+        }
+    }
+
     /// Carries out the rounds a membership change completed (or ends the job on an error).
     fn finish_rounds(&self, done: super::global_agg::Completed) {
         for (id, d) in done {
@@ -650,7 +704,7 @@ impl GlobalHandler {
             dc as u32,
             0,
             MemberChange::Rejoined,
-            from,
+            from * self.per_global,
             String::new(),
         );
         let _ = reply.send(from, PayloadCodec::Raw, &[]);
@@ -664,12 +718,13 @@ impl GlobalHandler {
         let round = st.agg.top_round();
         let done = st.agg.lose_dc(dc);
         drop(st);
+        // Events count training rounds (an HFA global round is k1 · k2 of them).
         self.log.change_of(
             roles::LOCAL_SERVER,
             dc as u32,
             0,
             MemberChange::Lost,
-            round,
+            round * self.per_global,
             reason.to_string(),
         );
         self.finish_rounds(done);
@@ -802,6 +857,33 @@ fn own_ranges(
     Ok((agg, mixed))
 }
 
+/// Whether this job's global servers save each checkpoint round's reply: HFA's replies are
+/// increments, which θ cannot stand in for, so a restarted global server must be able to give a
+/// local server the reply its predecessor saved but never sent.
+fn keeps_replies(job: &JobSpec) -> bool {
+    job.global_servers_may_rejoin() && job.hfa_periods().is_some()
+}
+
+/// The replies of the round a restart's checkpoint closed, by range ([`keeps_replies`]).
+fn saved_replies(
+    job: &JobSpec,
+    rank: u32,
+    resumed: Option<&mut super::ckpt::Resumed>,
+) -> Result<HashMap<usize, (u64, Vec<u8>)>, RunError> {
+    let mut out = HashMap::new();
+    let Some(res) = resumed.filter(|_| keeps_replies(job)) else {
+        return Ok(out);
+    };
+    let version = res.round() / job.rounds_per_global();
+    for (id, r) in job.plan.placement.ranges.iter().enumerate() {
+        if r.server == rank as usize {
+            let reply = res.f32(&format!("reply.{id}"), r.len)?;
+            out.insert(id, (version, f32_bytes(&reply).into_owned()));
+        }
+    }
+    Ok(out)
+}
+
 /// Runs global server `rank` until the job shuts down; returns its traffic.
 pub fn run(
     job: &JobSpec,
@@ -867,6 +949,7 @@ pub fn run(
             pulls: Vec::new(),
             finished: 0,
             mixed: None,
+            saved_replies: HashMap::new(),
         }),
         dc_of: OnceLock::new(),
         admission: Admission::default(),
@@ -889,6 +972,7 @@ pub fn run(
         ckpt: super::ckpt::saver(job, &me)
             .map(|s| (s, Mutex::new(RoundParts::new(owned, job.config_hash)))),
         per_global: job.rounds_per_global(),
+        per_exchange: job.rounds_per_global() / job.rounds_per_local(),
         replies: Replies::new(
             job,
             &format!("geomx-p3-g{rank}"),
@@ -897,6 +981,7 @@ pub fn run(
         elastic_dcs: job.dcs_may_rejoin(),
         log: RoundLog::default(),
         restartable: job.global_servers_may_rejoin(),
+        keeps_replies: keeps_replies(job),
         die: fatal.clone(),
         chaos: SelfFault::from_env()
             .map_err(RunError::Membership)?
@@ -928,6 +1013,7 @@ pub fn run(
         _ => super::ckpt::restart_state(job, &me, resumed)?,
     };
     let (agg, mixed) = own_ranges(job, rank, resumed.as_mut())?;
+    let saved_replies = saved_replies(job, rank, resumed.as_mut())?;
     {
         let mut st = lock(&handler.state);
         // A restart at the job's last round has nothing left but the final pulls.
@@ -935,7 +1021,7 @@ pub fn run(
             .range_ids()
             .filter(|&id| agg.get(id).is_some_and(|(v, _)| v >= job.global_rounds()))
             .count();
-        (st.agg, st.mixed) = (agg, mixed);
+        (st.agg, st.mixed, st.saved_replies) = (agg, mixed, saved_replies);
     }
     if incarnation > 0 {
         let round = resumed.as_ref().map_or(0, |r| r.round());

@@ -1179,9 +1179,11 @@ pub fn run(
     // servers are; its workers count again as they rejoin.
     let incarnation = node.membership.incarnation;
     if incarnation > 0 {
+        // The global servers name a global round (HFA: a period of k2 local averagings).
         let round = super::node::rejoin(&clients, job)?;
-        (start, start_global) = (round, round);
-        handler.restart_at(round);
+        let per_exchange = job.rounds_per_global() / job.rounds_per_local();
+        (start, start_global) = (round * per_exchange, round);
+        handler.restart_at(start);
         tracing::warn!(%dc, incarnation, round, "local server rejoined the job");
     }
     // θ_0 comes from the global servers; workers pulling earlier wait for it.

@@ -23,6 +23,11 @@ pub const PAYLOAD_VERSION: u32 = 2;
 /// the round it counts from; the payload is empty.
 pub const REJOIN_KEY: u64 = u64::MAX - 1;
 
+/// Flag bit of a pull's key at a global server: not θ but the reply of the round that made
+/// `version` of range `key & !REPLY_FLAG`, which a restarted HFA global server keeps for the
+/// round its checkpoint closed (`resilience.lost_global_server = "continue"`).
+pub const REPLY_FLAG: u64 = 1 << 61;
+
 /// Flag bit of an up-push's count: the DC dropped this round under `train.nonfinite = "skip"`;
 /// no values follow.
 pub const SKIP_FLAG: u32 = 1 << 31;

@@ -152,24 +152,37 @@ impl JournalLog {
     }
 }
 
-/// Replays a job that lost workers on one machine ([`fsa_reference_with`]) from the partial
-/// rounds its local servers logged: every round not listed summed every worker.
+/// Replays a job that lost processes on one machine ([`fsa_reference_with`] for FSA,
+/// [`hfa_reference_with`] for HFA) from the partial rounds its servers logged: every round
+/// not listed summed every worker. Rounds are the servers' rounds: training rounds under FSA,
+/// local averagings under HFA.
 pub fn replay(
     cfg: &crate::config::Config,
     data: &crate::data::TrainTest,
     rounds: u64,
     partial: &[PartialRound],
 ) -> Result<crate::engine::reference::ReferenceRun, crate::engine::reference::ReferenceError> {
-    crate::engine::reference::fsa_reference_with(cfg, data, Some(rounds), |dc, rank, t, r| {
+    let counts = |dc, rank, t, r| {
         partial
             .iter()
             .find_map(|p| p.counts(dc, rank, t, r))
             .unwrap_or(true)
-    })
+    };
+    match cfg.sync.algorithm {
+        crate::config::SyncAlgorithm::Fsa => {
+            crate::engine::reference::fsa_reference_with(cfg, data, Some(rounds), counts)
+        }
+        crate::config::SyncAlgorithm::Hfa => {
+            crate::engine::reference_hfa::hfa_reference_with(cfg, data, Some(rounds), counts)
+        }
+        other => Err(crate::engine::reference::ReferenceError::Unsupported(
+            format!("no replay of sync.algorithm {other:?}"),
+        )),
+    }
 }
 
 #[cfg(doc)]
-use crate::engine::reference::fsa_reference_with;
+use crate::engine::{reference::fsa_reference_with, reference_hfa::hfa_reference_with};
 
 fn worker_role() -> String {
     super::plan::roles::WORKER.to_string()

@@ -10,7 +10,8 @@
 //! range's version with a pull, and resends its pushes from there, one round at a time: every
 //! DC does the same, so each resent round completes as it did before and the global tier ends
 //! bit-identical to a run that lost nothing. A round the lost server completed (and saved) but
-//! whose reply never arrived is read back with a θ pull: under FSA with f32 tiers the reply is θ.
+//! whose reply never arrived is read back: under FSA with f32 tiers the reply is θ (a pull), under
+//! HFA an increment, which the checkpoint keeps for this case (a [`REPLY_FLAG`] pull).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use geomx_net::coord::{CoordClient, NodeKey};
 use geomx_net::sched::priority::{PrioritySender, Queued};
 use geomx_net::{KvClient, NetError, NetOptions, PayloadCodec, Response};
 
+use super::msg::REPLY_FLAG;
 use super::plan::roles;
 use super::round_log::{MemberChange, RoundLog};
 use super::{lock, JobSpec, RunError};
@@ -62,6 +64,9 @@ pub(super) struct Rejoin {
     dc: u32,
     policy: Option<Policy>,
     per_global: u64,
+    /// HFA: replies are increments, so a lost reply is read back with a [`REPLY_FLAG`] pull
+    /// (under FSA with f32 tiers the reply is θ, which a plain pull gives).
+    delta_replies: bool,
     /// Per range: its pushes since the global tier's last checkpoint, by version.
     kept: Mutex<HashMap<u64, BTreeMap<u64, Kept>>>,
     /// Per range: the connection generation whose server holds every push before the current.
@@ -89,6 +94,7 @@ impl Rejoin {
             dc,
             policy: job.checkpoint.clone(),
             per_global: job.rounds_per_global(),
+            delta_replies: job.hfa_periods().is_some(),
             kept: Mutex::new(HashMap::new()),
             synced: Mutex::new(HashMap::new()),
             log,
@@ -384,8 +390,16 @@ impl Upstream {
                 }
                 let now = self.catch_up(r, server, &client, id, version)?;
                 if now == version + 1 {
-                    // The lost server completed and saved this round; its reply is θ.
-                    return Ok(client.pull(id, now, offset, total)?.wait(self.wait)?);
+                    // The lost server completed and saved this round: its reply is θ (FSA),
+                    // or the increment its checkpoint kept (HFA).
+                    tracing::warn!(
+                        server,
+                        range = id,
+                        round = version,
+                        "reading back the reply of a round the lost server completed"
+                    );
+                    let key = if r.delta_replies { id | REPLY_FLAG } else { id };
+                    return Ok(client.pull(key, now, offset, total)?.wait(self.wait)?);
                 }
                 if now != version {
                     return Err(Fail::Fatal(format!(

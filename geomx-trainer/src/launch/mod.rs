@@ -601,6 +601,8 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         .map_err(|m| ConfigError::invalid("--chaos", m))?,
         None => Vec::new(),
     };
+    supervise::check_chaos_rounds(&chaos, job.rounds_per_local(), job.rounds_per_global())
+        .map_err(|m| ConfigError::invalid("--chaos", m))?;
     for f in chaos.iter().filter(|f| f.fault.starts_with("cut=")) {
         wan.cuttable(f.dc as usize)
             .map_err(|m| ConfigError::invalid("--chaos", format!("cut:dc{}: {m}", f.dc)))?;

@@ -266,9 +266,60 @@ pub fn match_events(faults: &mut [FaultRecord], events: &[MemberEvent], rounds: 
     }
 }
 
+/// Checks that each round-triggered fault names a round its process reaches: under HFA a local
+/// server sees every `per_local`-th training round (k1) and a global server every `per_global`-th
+/// (k1 · k2), so a fault between them would never strike.
+pub fn check_chaos_rounds(
+    faults: &[ChaosFault],
+    per_local: u64,
+    per_global: u64,
+) -> Result<(), String> {
+    for f in faults {
+        let step = match f.role.as_str() {
+            roles::LOCAL_SERVER => per_local,
+            roles::GLOBAL_SERVER => per_global,
+            _ => 1,
+        };
+        let Ok(fault) = crate::hips::chaos::SelfFault::parse(&f.fault) else {
+            continue;
+        };
+        if fault.after.is_none() && step > 1 && fault.round % step != 0 {
+            return Err(format!(
+                "{} (dc {}, rank {}) would never reach round {}: it sees only multiples of \
+                 {step} training rounds (HFA's k1 = {per_local}, k1 · k2 = {per_global})",
+                f.role, f.dc, f.rank, fault.round
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn under_hfa_a_server_fault_must_name_a_round_the_server_reaches() {
+        let f = parse_chaos(
+            "kill:worker:dc0:0@round=3,cut:dc1:5s@round=1000,kill:global-server:0@round=40",
+            &[2, 2],
+            1,
+            2,
+        )
+        .unwrap();
+        check_chaos_rounds(&f, 1, 1).unwrap();
+        check_chaos_rounds(&f, 5, 20).unwrap();
+        let e = check_chaos_rounds(&f, 5, 30).unwrap_err();
+        assert!(
+            e.contains("global_server") && e.contains("multiple of 30"),
+            "{e}"
+        );
+        let e = check_chaos_rounds(&f, 3, 3).unwrap_err();
+        assert!(
+            e.contains("local_server (dc 1") && e.contains("round 1000"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn chaos_specs_parse_and_bad_ones_name_the_item() {
