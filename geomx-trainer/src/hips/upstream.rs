@@ -526,6 +526,8 @@ impl Upstream {
             return Ok((l.client.clone(), l.generation));
         }
         let (central, rank) = (r.central_dc, server as u32);
+        // Events count training rounds (an HFA global round is k1 · k2 of them).
+        let round = round * r.per_global;
         r.log.change_of(
             roles::GLOBAL_SERVER,
             central,

@@ -266,28 +266,33 @@ pub fn match_events(faults: &mut [FaultRecord], events: &[MemberEvent], rounds: 
     }
 }
 
-/// Checks that each round-triggered fault names a round its process reaches: under HFA a local
+/// Checks that each round-triggered fault names a round its process reaches. Under HFA a local
 /// server sees every `per_local`-th training round (k1) and a global server every `per_global`-th
-/// (k1 · k2), so a fault between them would never strike.
+/// (k1 · k2); a worker starts every round but pushes only at the end of each k1-th
+/// (`mid-push`, `reply-wait`: rounds k1 − 1, 2·k1 − 1, …). A fault between them would never
+/// strike.
 pub fn check_chaos_rounds(
     faults: &[ChaosFault],
     per_local: u64,
     per_global: u64,
 ) -> Result<(), String> {
+    use crate::hips::chaos::{Point, SelfFault};
     for f in faults {
-        let step = match f.role.as_str() {
-            roles::LOCAL_SERVER => per_local,
-            roles::GLOBAL_SERVER => per_global,
-            _ => 1,
-        };
-        let Ok(fault) = crate::hips::chaos::SelfFault::parse(&f.fault) else {
+        let Ok(fault) = SelfFault::parse(&f.fault) else {
             continue;
         };
-        if fault.after.is_none() && step > 1 && fault.round % step != 0 {
+        // (step, offset): the rounds the process reaches are offset + n · step.
+        let (step, offset) = match (f.role.as_str(), fault.point) {
+            (roles::LOCAL_SERVER, _) => (per_local, 0),
+            (roles::GLOBAL_SERVER, _) => (per_global, 0),
+            (roles::WORKER, Point::MidPush | Point::ReplyWait) => (per_local, per_local - 1),
+            _ => (1, 0),
+        };
+        if fault.after.is_none() && step > 1 && fault.round % step != offset {
             return Err(format!(
-                "{} (dc {}, rank {}) would never reach round {}: it sees only multiples of \
-                 {step} training rounds (HFA's k1 = {per_local}, k1 · k2 = {per_global})",
-                f.role, f.dc, f.rank, fault.round
+                "{} (dc {}, rank {}) would never reach {:?} of round {}: it reaches rounds \
+                 {offset} + n · {step} (HFA's k1 = {per_local}, k1 · k2 = {per_global})",
+                f.role, f.dc, f.rank, fault.point, fault.round
             ));
         }
     }
@@ -311,7 +316,7 @@ mod tests {
         check_chaos_rounds(&f, 5, 20).unwrap();
         let e = check_chaos_rounds(&f, 5, 30).unwrap_err();
         assert!(
-            e.contains("global_server") && e.contains("multiple of 30"),
+            e.contains("global_server") && e.contains("0 + n · 30"),
             "{e}"
         );
         let e = check_chaos_rounds(&f, 3, 3).unwrap_err();
@@ -319,6 +324,13 @@ mod tests {
             e.contains("local_server (dc 1") && e.contains("round 1000"),
             "{e}"
         );
+        // A worker pushes at the end of rounds k1 − 1, 2·k1 − 1, …
+        let w = parse_chaos("kill:worker:dc0:0@round=1499:mid-push", &[2, 2], 1, 2).unwrap();
+        check_chaos_rounds(&w, 5, 20).unwrap();
+        let w = parse_chaos("stop=1s:worker:dc0:0@round=1500:reply-wait", &[2], 1, 1).unwrap();
+        let e = check_chaos_rounds(&w, 5, 20).unwrap_err();
+        assert!(e.contains("4 + n · 5"), "{e}");
+        check_chaos_rounds(&w, 1, 1).unwrap();
     }
 
     #[test]
