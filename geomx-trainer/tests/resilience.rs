@@ -508,6 +508,67 @@ fn under_hfa_killed_global_servers_restart_and_the_job_is_bit_identical() {
     assert_eq!(accuracy(&r), accuracy(&clean));
 }
 
+/// `global_job` over 3 DCs whose local servers may be lost too (quorum 2).
+fn every_role_job(name: &str) -> (String, std::path::PathBuf) {
+    let (toml, dir) = global_job(name);
+    let toml = toml
+        .replace("data_centers = 2", "data_centers = 3")
+        .replace(
+            "[checkpoint]",
+            "lost_dc = \"continue\"\nmin_dcs = 2\nmax_restarts = 5\n[checkpoint]",
+        );
+    (toml, dir)
+}
+
+#[test]
+fn a_global_server_restarting_while_a_data_center_is_away_counts_the_dcs_it_saved() {
+    // dc1's local server dies at round 100 and global server 0 at round 150, before dc1 is back:
+    // its restart counts the DCs of its newest checkpoint, which was saved after dc1's loss (a
+    // global server saves the first round after every membership change), so it does not wait
+    // for dc1; dc1's restart rejoins once the global tier is whole. The replay matches.
+    let (toml, dir) = every_role_job("dc-away");
+    let chaos = "kill:local_server:dc1:0@round=100,kill:global-server:0@round=150:mid-push";
+    let (r, stderr) = launch("dc-away", &toml, Some(chaos));
+    let _ = std::fs::remove_dir_all(dir);
+    let ls = fault_of(&r, "local_server (dc 1, rank 0)");
+    assert_eq!(ls["lost_round"], 100, "{ls}\n{stderr}");
+    assert_eq!(r["restarts"]["global_server"], 1, "{stderr}");
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}
+
+#[test]
+fn one_process_of_every_role_killed_and_the_job_equals_its_replay() {
+    // 3 DCs (quorum 2) × 2 workers, two global servers, every role survivable: dc1's local
+    // server dies (its DC is left out, then rejoins), global server 0 dies mid-push and restarts
+    // from its checkpoint (whose DC membership it restores), a worker dies, and the coordinator
+    // dies and restarts. The final θ is the replay of the coordinator's round log, bit for bit.
+    let (toml, dir) = every_role_job("every-role");
+    let chaos = "kill:local_server:dc1:0@round=100,kill:global-server:0@round=400:mid-push,\
+                 kill:worker:dc2:0@round=700,kill:coordinator@after=2s";
+    let (r, stderr) = launch("every-role", &toml, Some(chaos));
+    let _ = std::fs::remove_dir_all(dir);
+    let ls = fault_of(&r, "local_server (dc 1, rank 0)");
+    assert_eq!(ls["lost_round"], 100, "{ls}\n{stderr}");
+    assert!(ls["rejoined_round"].as_u64().is_some(), "{ls}");
+    let gs = fault_of(&r, "global_server (dc 3, rank 0)");
+    assert_eq!(gs["rounds_reduced"], 0, "{gs}");
+    for role in ["local_server", "global_server", "coordinator"] {
+        assert_eq!(
+            r["restarts"][role], 1,
+            "{role}: {}\n{stderr}",
+            r["restarts"]
+        );
+    }
+    assert!(
+        r["restarts"]["worker"].as_u64() >= Some(3),
+        "{}",
+        r["restarts"]
+    );
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}
+
 #[test]
 fn behind_the_wan_lab_a_stopped_global_server_and_a_killed_worker_recover() {
     // 3 DCs × 2 workers behind 5 ms links. Global server 0 is stopped for 2.5 s: the local
@@ -613,14 +674,16 @@ fn behind_the_wan_lab_a_cut_longer_than_the_detection_time_loses_the_dc_until_it
 fn a_long_cut_under_a_restartable_coordinator_still_loses_only_the_dc() {
     // With `lost_coordinator = "continue"`, dc1's processes reconnect to the coordinator
     // instead of ending; its local server then finds the global server gone and must end
-    // itself, not the job (`lost_dc = "continue"`), so that its restart rejoins.
+    // itself, not the job (`lost_dc = "continue"`), so that its restart rejoins. With
+    // `lost_global_server = "continue"` too, the global server must judge dc1 lost (the
+    // coordinator lost it as well) rather than end itself as a server that was away.
     let dir = scratch("resilience", "cut-coord-ckpt");
     let _ = std::fs::remove_dir_all(&dir);
     let toml = cut_job(1000)
         .replace("rounds = 600", "rounds = 1500")
         .replace(
             "[resilience]\n",
-            "[resilience]\nlost_coordinator = \"continue\"\n",
+            "[resilience]\nlost_coordinator = \"continue\"\nlost_global_server = \"continue\"\n",
         )
         + &format!(
             "[checkpoint]\ndir = {:?}\nevery_rounds = 50\n",

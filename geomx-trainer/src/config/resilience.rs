@@ -193,7 +193,7 @@ impl Config {
 
     /// `lost_global_server = "continue"`: a restarted global server reloads its checkpoint and
     /// the local servers resend the rounds since it as they sent them, which needs FSA or HFA
-    /// with f32 tiers over TCP, no P3, `[checkpoint] dir`, and a fixed set of data centers.
+    /// with f32 tiers over TCP, no P3 and `[checkpoint] dir`.
     fn validate_lost_global_server(&self) -> Result<(), ConfigError> {
         if self.resilience.lost_global_server == LostWorker::Abort {
             return Ok(());
@@ -202,8 +202,6 @@ impl Config {
             Some("sync.algorithm must be \"fsa\" or \"hfa\"")
         } else if self.checkpoint.dir.is_none() {
             Some("checkpoint.dir must be set (a restarted global server reloads its checkpoint)")
-        } else if self.resilience.lost_dc != LostWorker::Abort {
-            Some("resilience.lost_dc must be \"abort\"")
         } else {
             self.plain_tcp_tiers()
         };
@@ -297,10 +295,11 @@ mod tests {
         h.validate().unwrap();
         h.sync.algorithm = SyncAlgorithm::Esync;
         assert!(err(h).contains("sync.algorithm"));
+        // A DC may be lost too: a restart restores the DCs its checkpoint counted.
         let mut d = c.clone();
         d.resilience.lost_worker = LostWorker::Continue;
         d.resilience.lost_dc = LostWorker::Continue;
-        assert!(err(d).contains("resilience.lost_dc"));
+        d.validate().unwrap();
         let mut b = c;
         b.compression.inter = Codec::Bf16;
         assert!(err(b).contains("compression"));

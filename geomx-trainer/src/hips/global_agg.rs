@@ -226,6 +226,25 @@ impl GlobalAggregator {
         self.ranges.values().map(|r| r.version).max().unwrap_or(0)
     }
 
+    /// Each DC's first counted round (`None`: lost), as a restart's checkpoint keeps it.
+    pub fn dc_members(&self) -> &[Option<u64>] {
+        &self.dc_from
+    }
+
+    /// Restores [`GlobalAggregator::dc_members`]: a restarted global server counts the DCs its
+    /// checkpoint's round counted. An error for another number of DCs.
+    pub fn set_dc_members(&mut self, members: Vec<Option<u64>>) -> Result<(), String> {
+        if members.len() != self.dc_from.len() {
+            return Err(format!(
+                "membership of {} data centers, the job has {}",
+                members.len(),
+                self.dc_from.len()
+            ));
+        }
+        self.dc_from = members;
+        Ok(())
+    }
+
     /// Whether DC `dc` counts (its local server is not lost).
     pub fn dc_is_member(&self, dc: usize) -> bool {
         self.dc_from.get(dc).is_some_and(Option::is_some)

@@ -2,7 +2,10 @@
 //! answers each push with the new values (fused push-reply).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use geomx_net::coord::CoordClient;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::Sender;
@@ -117,12 +120,70 @@ struct GlobalHandler {
     restartable: bool,
     /// Checkpoints carry each round's reply ([`keeps_replies`]).
     keeps_replies: bool,
+    /// Under `lost_dc` and `lost_global_server = "continue"` together: the DCs' membership, which
+    /// checkpoints then carry and a restart restores ([`DcWatch`]).
+    dcs: DcWatch,
+    /// How long a silent peer takes to be declared dead (`timeouts.peer_dead_ms`).
+    dead_after: Duration,
     /// Ends this process at once (not the job): a restartable global server that lost a local
     /// server's connection.
     die: FatalHook,
     /// The fault this process injects into itself (`geomx launch --chaos`), at the rounds of
     /// its first range.
     chaos: Option<(usize, SelfFault)>,
+}
+
+/// What a global server that may restart (`lost_global_server = "continue"`) needs when DCs may
+/// be lost too (`lost_dc = "continue"`): its checkpoints carry the DCs' membership, one is saved
+/// after every membership change so that the newest holds it, and the coordinator tells a lost
+/// local server from this server's own stall when a connection drops.
+#[derive(Default)]
+struct DcWatch {
+    /// Both settings are on.
+    on: bool,
+    /// The coordinator, once this process registered.
+    coord: OnceLock<CoordClient>,
+    /// Versions saved whatever `every_rounds` says: the first every range completes after a
+    /// membership change.
+    forced: Mutex<std::collections::BTreeSet<u64>>,
+    /// Per DC: bumped at each rejoin (a loss verdict reached before it must not undo it).
+    epochs: Vec<AtomicU64>,
+    /// Per DC: whether its local server has sent this process anything.
+    seen: Vec<AtomicBool>,
+}
+
+impl DcWatch {
+    fn new(on: bool, n_dcs: usize) -> Self {
+        Self {
+            on,
+            epochs: (0..n_dcs).map(|_| AtomicU64::new(0)).collect(),
+            seen: (0..n_dcs).map(|_| AtomicBool::new(false)).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// A membership change while `top` is the highest round a range collects: every range
+    /// completes round `top` after it, so version `top + 1` is saved.
+    fn changed(&self, top: u64) {
+        if self.on {
+            lock(&self.forced).insert(top + 1);
+        }
+    }
+
+    fn forced(&self, version: u64) -> bool {
+        self.on && lock(&self.forced).contains(&version)
+    }
+
+    fn epoch(&self, dc: usize) -> u64 {
+        self.epochs.get(dc).map_or(0, |e| e.load(Ordering::SeqCst))
+    }
+
+    /// Whether DC `dc`'s local server is alive as the coordinator sees it (`None`: not known).
+    fn live(&self, dc: usize) -> Option<(bool, u32)> {
+        let key = geomx_net::coord::NodeKey::new(roles::LOCAL_SERVER, dc as u32, 0);
+        let at = self.coord.get()?.locate(&key).ok()?;
+        Some((at.live, at.incarnation))
+    }
 }
 
 /// One half of a DGT-mode push: the TCP request (worker count + responder) or the values the
@@ -148,6 +209,9 @@ impl GlobalHandler {
                 req.kind, req.sender
             ));
         };
+        if let Some(seen) = self.dcs.seen.get(dc) {
+            seen.store(true, Ordering::Relaxed);
+        }
         Ok(dc)
     }
 
@@ -478,7 +542,7 @@ impl GlobalHandler {
         // A global server that may restart also saves the last round: a local server that
         // still pulls the final θ then finds it after a restart without any other DC's help.
         let last = self.restartable && version == self.rounds;
-        if !saver.due(round) && !last {
+        if !saver.due(round) && !last && !self.dcs.forced(version) {
             return None;
         }
         let Some(super::RangeSnapshot {
@@ -503,7 +567,19 @@ impl GlobalHandler {
                 return None;
             }
         };
+        // Each DC's first counted round (u64::MAX: lost), as the last range to complete the
+        // round saw it.
+        let members: Option<Vec<u64>> = self.dcs.on.then(|| {
+            st.agg
+                .dc_members()
+                .iter()
+                .map(|m| m.unwrap_or(u64::MAX))
+                .collect()
+        });
         lock(parts).add(round, |f| {
+            if let Some(m) = members {
+                f.put_u64("dcs", m);
+            }
             f.put_f32(format!("theta.{id}"), theta);
             f.put_f32(format!("carry.{id}"), carry);
             if let Some(reply) = reply {
@@ -694,6 +770,10 @@ impl GlobalHandler {
         }
         // The binding above refuses it while the lost incarnation's connection is open.
         let mut st = lock(&self.state);
+        self.dcs.changed(st.agg.top_round());
+        if let Some(e) = self.dcs.epochs.get(dc) {
+            e.fetch_add(1, Ordering::SeqCst);
+        }
         let Some((from, done)) = st.agg.join_dc(dc, req.version) else {
             drop(st);
             return self.admission.refuse(reply, format!("no dc {dc}"));
@@ -713,9 +793,10 @@ impl GlobalHandler {
 
     /// A local server is lost (`resilience.lost_dc = "continue"`): its DC leaves the rounds,
     /// and the rounds that waited only for it complete.
-    fn lose_dc(&self, dc: usize, reason: &NetError) {
+    fn lose_dc(&self, dc: usize, reason: &dyn std::fmt::Display) {
         let mut st = lock(&self.state);
         let round = st.agg.top_round();
+        self.dcs.changed(round);
         let done = st.agg.lose_dc(dc);
         drop(st);
         // Events count training rounds (an HFA global round is k1 · k2 of them).
@@ -728,6 +809,88 @@ impl GlobalHandler {
             reason.to_string(),
         );
         self.finish_rounds(done);
+    }
+}
+
+impl GlobalHandler {
+    /// Under [`DcWatch`]: DC `dc`'s connection dropped (`cause`). If the coordinator finds its
+    /// local server lost, or restarted, within the detection time (and a second), the DC is
+    /// lost; if it still finds it alive, this server is the one that was away (stopped, or
+    /// behind a cut) and ends itself so that its restart takes over from the checkpoint.
+    fn judge_disconnect(&self, dc: usize, cause: String) {
+        let Some(me) = self.this.get().and_then(std::sync::Weak::upgrade) else {
+            return (self.die)(&format!("lost dc {dc}'s local server ({cause})"));
+        };
+        let epoch = self.dcs.epoch(dc);
+        let wait = self.dead_after + Duration::from_secs(1);
+        let spawned = std::thread::Builder::new()
+            .name("geomx-dc-judge".into())
+            .spawn(move || {
+                let deadline = Instant::now() + wait;
+                let mut first = None;
+                while Instant::now() < deadline {
+                    match me.dcs.live(dc) {
+                        Some((false, _)) => return me.lose_dc_at(dc, epoch, &cause),
+                        Some((true, inc)) if first.is_some_and(|f| inc > f) => {
+                            return me.lose_dc_at(dc, epoch, &cause);
+                        }
+                        Some((true, inc)) => first = first.or(Some(inc)),
+                        None => {}
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let msg = format!(
+                    "lost the connection of dc {dc}'s local server ({cause}), which the \
+                     coordinator still counts alive: this server was away; ending so that a \
+                     restart from the checkpoint takes over"
+                );
+                tracing::error!(%msg, "global server");
+                (me.die)(&msg);
+            });
+        if let Err(e) = spawned {
+            self.abort(format!("starting the dc {dc} loss check: {e}"));
+        }
+    }
+
+    /// Loses DC `dc` unless it rejoined since `epoch`.
+    fn lose_dc_at(&self, dc: usize, epoch: u64, cause: &str) {
+        if self.dcs.epoch(dc) == epoch && lock(&self.state).agg.dc_is_member(dc) {
+            self.lose_dc(dc, &cause);
+        }
+    }
+
+    /// After a restart under [`DcWatch`]: a DC its checkpoint counts whose local server the
+    /// coordinator finds lost (it died while this server was away) will not reconnect; it is
+    /// lost, so that the rounds do not wait for it. Watches until every member DC has been
+    /// heard from or lost, or the wait limit.
+    fn watch_absent_dcs(self: &Arc<Self>, limit: Duration) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("geomx-dc-watch".into())
+            .spawn(move || {
+                let deadline = Instant::now() + limit;
+                while Instant::now() < deadline {
+                    let mut waiting = false;
+                    for dc in 0..me.n_dcs {
+                        let member = lock(&me.state).agg.dc_is_member(dc);
+                        if !member || me.dcs.seen[dc].load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        waiting = true;
+                        if let Some((false, _)) = me.dcs.live(dc) {
+                            let epoch = me.dcs.epoch(dc);
+                            me.lose_dc_at(dc, epoch, "not alive when this server restarted");
+                        }
+                    }
+                    if !waiting {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        if let Err(e) = spawned {
+            self.abort(format!("starting the absent-DC watch: {e}"));
+        }
     }
 }
 
@@ -757,8 +920,20 @@ impl Handler for GlobalHandler {
     }
 
     fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
-        if self.restartable && self.admission.holds(peer) && lock(&self.state).finished < self.owned
-        {
+        let running = || lock(&self.state).finished < self.owned;
+        if self.dcs.on && self.admission.holds(peer) && running() {
+            // Its DC was lost, or this server stalled: the coordinator tells which.
+            let dc = self
+                .dc_of
+                .get()
+                .and_then(|m| m.get(&peer.node_id()).copied());
+            self.admission.release(peer);
+            if let Some(dc) = dc {
+                self.judge_disconnect(dc, reason.to_string());
+            }
+            return;
+        }
+        if self.restartable && self.admission.holds(peer) && running() {
             // A local server that lost its connection waits for this server's next incarnation
             // and resends to it what its checkpoint lacks (this process may have been stopped,
             // or the link cut): end this one, so that it is restarted.
@@ -982,6 +1157,11 @@ pub fn run(
         log: RoundLog::default(),
         restartable: job.global_servers_may_rejoin(),
         keeps_replies: keeps_replies(job),
+        dcs: DcWatch::new(
+            job.dcs_may_rejoin() && job.global_servers_may_rejoin(),
+            plan.num_dcs(),
+        ),
+        dead_after: job.net.conn.peer_timeout,
         die: fatal.clone(),
         chaos: SelfFault::from_env()
             .map_err(RunError::Membership)?
@@ -1012,8 +1192,20 @@ pub fn run(
         0 => resumed,
         _ => super::ckpt::restart_state(job, &me, resumed)?,
     };
-    let (agg, mixed) = own_ranges(job, rank, resumed.as_mut())?;
+    let (mut agg, mixed) = own_ranges(job, rank, resumed.as_mut())?;
     let saved_replies = saved_replies(job, rank, resumed.as_mut())?;
+    if handler.dcs.on {
+        let _ = handler.dcs.coord.set(node.coord.clone());
+        // A restart counts the DCs its checkpoint's round counted; those lost meanwhile rejoin.
+        if let (true, Some(res)) = (incarnation > 0, resumed.as_mut()) {
+            let members = res
+                .u64("dcs", plan.num_dcs())?
+                .into_iter()
+                .map(|f| (f != u64::MAX).then_some(f))
+                .collect();
+            agg.set_dc_members(members).map_err(|e| res.misfit(e))?;
+        }
+    }
     {
         let mut st = lock(&handler.state);
         // A restart at the job's last round has nothing left but the final pulls.
@@ -1022,6 +1214,9 @@ pub fn run(
             .filter(|&id| agg.get(id).is_some_and(|(v, _)| v >= job.global_rounds()))
             .count();
         (st.agg, st.mixed, st.saved_replies) = (agg, mixed, saved_replies);
+    }
+    if incarnation > 0 && handler.dcs.on {
+        handler.watch_absent_dcs(job.wait_limit());
     }
     if incarnation > 0 {
         let round = resumed.as_ref().map_or(0, |r| r.round());

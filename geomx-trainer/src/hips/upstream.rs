@@ -67,6 +67,10 @@ pub(super) struct Rejoin {
     /// HFA: replies are increments, so a lost reply is read back with a [`REPLY_FLAG`] pull
     /// (under FSA with f32 tiers the reply is θ, which a plain pull gives).
     delta_replies: bool,
+    /// `lost_dc = "continue"`: a global server that stays alive at the incarnation whose
+    /// connection broke has left this DC out (it was cut off or stalled), and this local server
+    /// ends so that its restart rejoins; after how long (the detection time and a second).
+    dropped_after: Option<Duration>,
     /// Per range: its pushes since the global tier's last checkpoint, by version.
     kept: Mutex<HashMap<u64, BTreeMap<u64, Kept>>>,
     /// Per range: the connection generation whose server holds every push before the current.
@@ -95,6 +99,9 @@ impl Rejoin {
             policy: job.checkpoint.clone(),
             per_global: job.rounds_per_global(),
             delta_replies: job.hfa_periods().is_some(),
+            dropped_after: job
+                .dcs_may_rejoin()
+                .then(|| job.net.conn.peer_timeout + Duration::from_secs(1)),
             kept: Mutex::new(HashMap::new()),
             synced: Mutex::new(HashMap::new()),
             log,
@@ -536,7 +543,8 @@ impl Upstream {
             round,
             cause.to_string(),
         );
-        let deadline = Instant::now() + self.wait;
+        let started = Instant::now();
+        let deadline = started + self.wait;
         loop {
             if Instant::now() >= deadline {
                 return Err(format!(
@@ -547,6 +555,17 @@ impl Upstream {
             }
             let next = match r.coord.locate(&r.key(server)) {
                 Ok(at) if at.live && l.incarnation.is_none_or(|i| at.incarnation > i) => at,
+                Ok(at)
+                    if at.live
+                        && l.incarnation == Some(at.incarnation)
+                        && r.dropped_after.is_some_and(|d| started.elapsed() >= d) =>
+                {
+                    return Err(format!(
+                        "global server {server} is alive at the incarnation whose connection \
+                         broke ({cause}): it left dc {} out (cut off or stalled)",
+                        r.dc
+                    ));
+                }
                 Ok(_) => {
                     std::thread::sleep(Duration::from_millis(50));
                     continue;

@@ -218,13 +218,22 @@ pub fn complete_cuts(faults: &mut [FaultRecord]) {
 /// that loss. `rounds` is the job's length.
 pub fn match_events(faults: &mut [FaultRecord], events: &[MemberEvent], rounds: u64) {
     let mut used = vec![false; events.len()];
-    // A process's next fault ends the window of its previous one.
+    // A process's next fault ends the window of its previous one once the process came back in
+    // between; a restart that failed before it counted again is part of the same outage.
     let until: Vec<u64> = (0..faults.len())
         .map(|i| {
             let f = &faults[i];
+            let same = |role: &str, dc, rank| (role, dc, rank) == (f.role.as_str(), f.dc, f.rank);
             faults[i + 1..]
                 .iter()
-                .find(|g| (&g.role, g.dc, g.rank) == (&f.role, f.dc, f.rank))
+                .filter(|g| same(&g.role, g.dc, g.rank))
+                .find(|g| {
+                    events.iter().any(|e| {
+                        same(&e.role, e.dc, e.rank)
+                            && e.change == MemberChange::Rejoined
+                            && (f.unix_ms..g.unix_ms).contains(&e.unix_ms)
+                    })
+                })
                 .map_or(u64::MAX, |g| g.unix_ms)
         })
         .collect();
@@ -485,11 +494,12 @@ mod tests {
         assert_eq!(faults[0].rounds_reduced, Some(2));
         assert_eq!(faults[1].detected_after_s, Some(0.05));
         assert_eq!(faults[1].rejoined_after_s, Some(0.9));
-        // The rejoin at 40.5 s comes after the fourth fault (whose server died: no loss).
-        assert_eq!(faults[2].rejoined_round, None);
-        assert_eq!(faults[2].rounds_reduced, Some(10));
+        // The fourth fault (no loss event: its server saw no member) is a restart that failed
+        // before it counted again: the rejoin at 40.5 s ends the third fault's outage.
+        assert_eq!(faults[2].rejoined_round, Some(44));
+        assert_eq!(faults[2].rounds_reduced, Some(14));
         assert_eq!(faults[3].detected_after_s, None);
-        assert_eq!(faults[3].rejoined_after_s, Some(0.5));
+        assert_eq!(faults[3].rejoined_after_s, None);
         assert_eq!(faults[3].rounds_reduced, None);
     }
 }
