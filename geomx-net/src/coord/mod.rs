@@ -235,6 +235,9 @@ pub struct Located {
     pub incarnation: u32,
     /// Whether it is registered and not lost now.
     pub live: bool,
+    /// Not live, but not lost either: its connection dropped (or this coordinator restarted)
+    /// and it may still reattach within the reattach window.
+    pub reattaching: bool,
 }
 
 impl Located {
@@ -243,21 +246,29 @@ impl Located {
         let mut w = Writer::default();
         w.str(&self.addr)
             .u32(self.incarnation)
-            .u32(u32::from(self.live));
+            .u32(match (self.live, self.reattaching) {
+                (true, _) => 1,
+                (false, true) => 2,
+                (false, false) => 0,
+            });
         w.0
     }
 
     /// Decodes a wire payload (bounded, total: malformed input is an error).
     pub fn decode(buf: &[u8]) -> Result<Located, NetError> {
         let mut r = Reader::new(buf, "located");
+        let (addr, incarnation) = (r.str()?, r.u32()?);
+        let (live, reattaching) = match r.u32()? {
+            0 => (false, false),
+            1 => (true, false),
+            2 => (false, true),
+            _ => return Err(NetError::Protocol("bad located payload: live flag".into())),
+        };
         let l = Located {
-            addr: r.str()?,
-            incarnation: r.u32()?,
-            live: match r.u32()? {
-                0 => false,
-                1 => true,
-                _ => return Err(NetError::Protocol("bad located payload: live flag".into())),
-            },
+            addr,
+            incarnation,
+            live,
+            reattaching,
         };
         r.end()?;
         Ok(l)

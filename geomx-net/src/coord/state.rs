@@ -213,6 +213,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             addr: node.addr.clone(),
             incarnation,
             live,
+            reattaching: !live && self.reattaching.contains_key(key),
         })
     }
 
@@ -954,7 +955,7 @@ mod tests {
         // Lost: not live, still at its last incarnation until it registers again.
         assert!(s.on_disconnect(12, "killed").is_empty());
         let l = s.locate(10, &server).unwrap();
-        assert_eq!((l.incarnation, l.live), (0, false));
+        assert_eq!((l.incarnation, l.live, l.reattaching), (0, false, false));
         let mut h = hello("server", 0, 0);
         h.listen_addr = "10.0.0.0:9100".into();
         s.on_register(30, 300, h);
@@ -965,6 +966,16 @@ mod tests {
         );
         // The payloads round-trip, and malformed ones are errors.
         assert_eq!(super::super::Located::decode(&l.encode()).unwrap(), l);
+        let away = super::super::Located {
+            live: false,
+            reattaching: true,
+            ..l.clone()
+        };
+        assert_eq!(super::super::Located::decode(&away.encode()).unwrap(), away);
+        let mut three = l.encode();
+        let n = three.len();
+        three[n - 4] = 3;
+        assert!(super::super::Located::decode(&three).is_err());
         assert_eq!(NodeKey::decode(&server.encode()).unwrap(), server);
         let mut bad = l.encode();
         *bad.last_mut().unwrap() = 2;
@@ -1131,6 +1142,9 @@ mod tests {
         assert!(s.on_disconnect(12, "silent").is_empty());
         assert!(s.on_disconnect(11, "killed").is_empty());
         assert!(s.on_tick(t0).is_empty());
+        // Meanwhile a peer that locates it learns it is away but not lost.
+        let l = s.locate(10, &NodeKey::new("server", 0, 0)).unwrap();
+        assert_eq!((l.live, l.reattaching), (false, true));
         let acts = s.on_register(50, 500, reattach(("server", 0, 0), 0));
         assert!(
             matches!(&acts[..], [Action::Reply { result: Ok(_), .. }]),

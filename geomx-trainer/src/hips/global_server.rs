@@ -178,11 +178,10 @@ impl DcWatch {
         self.epochs.get(dc).map_or(0, |e| e.load(Ordering::SeqCst))
     }
 
-    /// Whether DC `dc`'s local server is alive as the coordinator sees it (`None`: not known).
-    fn live(&self, dc: usize) -> Option<(bool, u32)> {
+    /// DC `dc`'s local server as the coordinator sees it (`None`: not known).
+    fn locate(&self, dc: usize) -> Option<geomx_net::coord::Located> {
         let key = geomx_net::coord::NodeKey::new(roles::LOCAL_SERVER, dc as u32, 0);
-        let at = self.coord.get()?.locate(&key).ok()?;
-        Some((at.live, at.incarnation))
+        self.coord.get()?.locate(&key).ok()
     }
 }
 
@@ -829,12 +828,14 @@ impl GlobalHandler {
                 let deadline = Instant::now() + wait;
                 let mut first = None;
                 while Instant::now() < deadline {
-                    match me.dcs.live(dc) {
-                        Some((false, _)) => return me.lose_dc_at(dc, epoch, &cause),
-                        Some((true, inc)) if first.is_some_and(|f| inc > f) => {
+                    // Not live: lost, or its coordinator connection dropped with ours (it may
+                    // reattach only if it is alive, which a closed connection to us denies).
+                    match me.dcs.locate(dc) {
+                        Some(at) if !at.live => return me.lose_dc_at(dc, epoch, &cause),
+                        Some(at) if first.is_some_and(|f| at.incarnation > f) => {
                             return me.lose_dc_at(dc, epoch, &cause);
                         }
-                        Some((true, inc)) => first = first.or(Some(inc)),
+                        Some(at) => first = first.or(Some(at.incarnation)),
                         None => {}
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -877,7 +878,12 @@ impl GlobalHandler {
                             continue;
                         }
                         waiting = true;
-                        if let Some((false, _)) = me.dcs.live(dc) {
+                        // Lost, not merely reattaching to a restarted coordinator.
+                        let lost = me
+                            .dcs
+                            .locate(dc)
+                            .is_some_and(|at| !at.live && !at.reattaching);
+                        if lost {
                             let epoch = me.dcs.epoch(dc);
                             me.lose_dc_at(dc, epoch, "not alive when this server restarted");
                         }
