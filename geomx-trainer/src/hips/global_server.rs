@@ -3,12 +3,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use geomx_net::coord::CoordClient;
-use std::sync::{Arc, Mutex, OnceLock};
-
 use crossbeam_channel::Sender;
+use geomx_net::coord::CoordClient;
 use geomx_net::sched::reply::SharedBytes;
 use geomx_net::{Handler, MsgKind, NetError, PayloadCodec, PeerHandle, Request, Responder};
 
@@ -123,8 +122,9 @@ struct GlobalHandler {
     /// Under `lost_dc` and `lost_global_server = "continue"` together: the DCs' membership, which
     /// checkpoints then carry and a restart restores ([`DcWatch`]).
     dcs: DcWatch,
-    /// How long a silent peer takes to be declared dead (`timeouts.peer_dead_ms`).
-    dead_after: Duration,
+    /// How long a dropped local server's loss is awaited at the coordinator
+    /// ([`JobSpec::loss_verdict_after`]).
+    verdict_after: Duration,
     /// Ends this process at once (not the job): a restartable global server that lost a local
     /// server's connection.
     die: FatalHook,
@@ -172,6 +172,13 @@ impl DcWatch {
 
     fn forced(&self, version: u64) -> bool {
         self.on && lock(&self.forced).contains(&version)
+    }
+
+    /// DC `dc` rejoined: a loss verdict reached before it no longer applies.
+    fn rejoined(&self, dc: usize) {
+        if let Some(e) = self.epochs.get(dc) {
+            e.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     fn epoch(&self, dc: usize) -> u64 {
@@ -770,9 +777,7 @@ impl GlobalHandler {
         // The binding above refuses it while the lost incarnation's connection is open.
         let mut st = lock(&self.state);
         self.dcs.changed(st.agg.top_round());
-        if let Some(e) = self.dcs.epochs.get(dc) {
-            e.fetch_add(1, Ordering::SeqCst);
-        }
+        self.dcs.rejoined(dc);
         let Some((from, done)) = st.agg.join_dc(dc, req.version) else {
             drop(st);
             return self.admission.refuse(reply, format!("no dc {dc}"));
@@ -817,40 +822,53 @@ impl GlobalHandler {
     /// lost; if it still finds it alive, this server is the one that was away (stopped, or
     /// behind a cut) and ends itself so that its restart takes over from the checkpoint.
     fn judge_disconnect(&self, dc: usize, cause: String) {
-        let Some(me) = self.this.get().and_then(std::sync::Weak::upgrade) else {
-            return (self.die)(&format!("lost dc {dc}'s local server ({cause})"));
-        };
         let epoch = self.dcs.epoch(dc);
-        let wait = self.dead_after + Duration::from_secs(1);
-        let spawned = std::thread::Builder::new()
-            .name("geomx-dc-judge".into())
-            .spawn(move || {
-                let deadline = Instant::now() + wait;
-                let mut first = None;
-                while Instant::now() < deadline {
-                    // Not live: lost, or its coordinator connection dropped with ours (it may
-                    // reattach only if it is alive, which a closed connection to us denies).
-                    match me.dcs.locate(dc) {
-                        Some(at) if !at.live => return me.lose_dc_at(dc, epoch, &cause),
-                        Some(at) if first.is_some_and(|f| at.incarnation > f) => {
-                            return me.lose_dc_at(dc, epoch, &cause);
-                        }
-                        Some(at) => first = first.or(Some(at.incarnation)),
-                        None => {}
+        let wait = self.verdict_after;
+        self.spawn_own("geomx-dc-judge", move |me| {
+            let deadline = Instant::now() + wait;
+            let mut first = None;
+            while Instant::now() < deadline {
+                // Not live: lost, or its coordinator connection dropped with ours (it may
+                // reattach only if it is alive, which a closed connection to us denies).
+                match me.dcs.locate(dc) {
+                    Some(at) if !at.live => return me.lose_dc_at(dc, epoch, &cause),
+                    Some(at) if first.is_some_and(|f| at.incarnation > f) => {
+                        return me.lose_dc_at(dc, epoch, &cause);
                     }
-                    std::thread::sleep(Duration::from_millis(20));
+                    Some(at) => first = first.or(Some(at.incarnation)),
+                    None => {}
                 }
-                let msg = format!(
-                    "lost the connection of dc {dc}'s local server ({cause}), which the \
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let msg = format!(
+                "lost the connection of dc {dc}'s local server ({cause}), which the \
                      coordinator still counts alive: this server was away; ending so that a \
                      restart from the checkpoint takes over"
-                );
-                tracing::error!(%msg, "global server");
-                (me.die)(&msg);
-            });
-        if let Err(e) = spawned {
-            self.abort(format!("starting the dc {dc} loss check: {e}"));
+            );
+            tracing::error!(%msg, "global server");
+            (me.die)(&msg);
+        });
+    }
+
+    /// Runs `f` with this handler on a thread of its own named `name`; a failure to start it
+    /// ends the job.
+    fn spawn_own(&self, name: &str, f: impl FnOnce(Arc<Self>) + Send + 'static) {
+        let Some(me) = self.this.get().and_then(std::sync::Weak::upgrade) else {
+            return self.abort(format!("{name}: the handler is gone"));
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(me))
+        {
+            self.abort(format!("starting {name}: {e}"));
         }
+    }
+
+    /// The DC whose local server `peer` is, if it is one.
+    fn dc_of_peer(&self, peer: &PeerHandle) -> Option<usize> {
+        self.dc_of
+            .get()
+            .and_then(|m| m.get(&peer.node_id()).copied())
     }
 
     /// Loses DC `dc` unless it rejoined since `epoch`.
@@ -864,39 +882,33 @@ impl GlobalHandler {
     /// coordinator finds lost (it died while this server was away) will not reconnect; it is
     /// lost, so that the rounds do not wait for it. Watches until every member DC has been
     /// heard from or lost, or the wait limit.
-    fn watch_absent_dcs(self: &Arc<Self>, limit: Duration) {
-        let me = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("geomx-dc-watch".into())
-            .spawn(move || {
-                let deadline = Instant::now() + limit;
-                while Instant::now() < deadline {
-                    let mut waiting = false;
-                    for dc in 0..me.n_dcs {
-                        let member = lock(&me.state).agg.dc_is_member(dc);
-                        if !member || me.dcs.seen[dc].load(Ordering::Relaxed) {
-                            continue;
-                        }
-                        waiting = true;
-                        // Lost, not merely reattaching to a restarted coordinator.
-                        let lost = me
-                            .dcs
-                            .locate(dc)
-                            .is_some_and(|at| !at.live && !at.reattaching);
-                        if lost {
-                            let epoch = me.dcs.epoch(dc);
-                            me.lose_dc_at(dc, epoch, "not alive when this server restarted");
-                        }
+    fn watch_absent_dcs(&self, limit: Duration) {
+        self.spawn_own("geomx-dc-watch", move |me| {
+            let deadline = Instant::now() + limit;
+            while Instant::now() < deadline {
+                let mut waiting = false;
+                for dc in 0..me.n_dcs {
+                    let member = lock(&me.state).agg.dc_is_member(dc);
+                    if !member || me.dcs.seen[dc].load(Ordering::Relaxed) {
+                        continue;
                     }
-                    if !waiting {
-                        return;
+                    waiting = true;
+                    // Lost, not merely reattaching to a restarted coordinator.
+                    let lost = me
+                        .dcs
+                        .locate(dc)
+                        .is_some_and(|at| !at.live && !at.reattaching);
+                    if lost {
+                        let epoch = me.dcs.epoch(dc);
+                        me.lose_dc_at(dc, epoch, "not alive when this server restarted");
                     }
-                    std::thread::sleep(Duration::from_millis(100));
                 }
-            });
-        if let Err(e) = spawned {
-            self.abort(format!("starting the absent-DC watch: {e}"));
-        }
+                if !waiting {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
     }
 }
 
@@ -929,10 +941,7 @@ impl Handler for GlobalHandler {
         let running = || lock(&self.state).finished < self.owned;
         if self.dcs.on && self.admission.holds(peer) && running() {
             // Its DC was lost, or this server stalled: the coordinator tells which.
-            let dc = self
-                .dc_of
-                .get()
-                .and_then(|m| m.get(&peer.node_id()).copied());
+            let dc = self.dc_of_peer(peer);
             self.admission.release(peer);
             if let Some(dc) = dc {
                 self.judge_disconnect(dc, reason.to_string());
@@ -943,10 +952,7 @@ impl Handler for GlobalHandler {
             // A local server that lost its connection waits for this server's next incarnation
             // and resends to it what its checkpoint lacks (this process may have been stopped,
             // or the link cut): end this one, so that it is restarted.
-            let dc = self
-                .dc_of
-                .get()
-                .and_then(|m| m.get(&peer.node_id()).copied());
+            let dc = self.dc_of_peer(peer);
             let msg = format!(
                 "lost the connection of dc {dc:?}'s local server ({reason}); ending so that a \
                  restart from the checkpoint takes over"
@@ -959,7 +965,7 @@ impl Handler for GlobalHandler {
         if !self.elastic_dcs || !self.admission.holds(peer) {
             return;
         }
-        let Some(&dc) = self.dc_of.get().and_then(|m| m.get(&peer.node_id())) else {
+        let Some(dc) = self.dc_of_peer(peer) else {
             return;
         };
         self.admission.release(peer);
@@ -1153,7 +1159,7 @@ pub fn run(
         ckpt: super::ckpt::saver(job, &me)
             .map(|s| (s, Mutex::new(RoundParts::new(owned, job.config_hash)))),
         per_global: job.rounds_per_global(),
-        per_exchange: job.rounds_per_global() / job.rounds_per_local(),
+        per_exchange: job.locals_per_global(),
         replies: Replies::new(
             job,
             &format!("geomx-p3-g{rank}"),
@@ -1167,7 +1173,7 @@ pub fn run(
             job.dcs_may_rejoin() && job.global_servers_may_rejoin(),
             plan.num_dcs(),
         ),
-        dead_after: job.net.conn.peer_timeout,
+        verdict_after: job.loss_verdict_after(),
         die: fatal.clone(),
         chaos: SelfFault::from_env()
             .map_err(RunError::Membership)?

@@ -395,6 +395,18 @@ impl JobSpec {
         self.hfa_periods().map_or(1, |(k1, k2)| k1 * k2)
     }
 
+    /// Local averagings per exchange between local and global servers: HFA's k2, else 1.
+    pub fn locals_per_global(&self) -> u64 {
+        self.rounds_per_global() / self.rounds_per_local()
+    }
+
+    /// How long a process that lost a peer's connection gives the coordinator to find that peer
+    /// lost before it concludes the peer is alive and it was the one away: the detection time
+    /// and a second.
+    pub fn loss_verdict_after(&self) -> Duration {
+        self.net.conn.peer_timeout + Duration::from_secs(1)
+    }
+
     /// Global index of worker `rank` of DC `dc` (DCs in order, ranks within).
     pub fn worker_index(&self, dc: usize, rank: usize) -> usize {
         self.plan.workers_per_dc[..dc].iter().sum::<usize>() + rank

@@ -1181,8 +1181,7 @@ pub fn run(
     if incarnation > 0 {
         // The global servers name a global round (HFA: a period of k2 local averagings).
         let round = super::node::rejoin(&clients, job)?;
-        let per_exchange = job.rounds_per_global() / job.rounds_per_local();
-        (start, start_global) = (round * per_exchange, round);
+        (start, start_global) = (round * job.locals_per_global(), round);
         handler.restart_at(start);
         tracing::warn!(%dc, incarnation, round, "local server rejoined the job");
     }

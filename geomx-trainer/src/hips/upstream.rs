@@ -99,9 +99,7 @@ impl Rejoin {
             policy: job.checkpoint.clone(),
             per_global: job.rounds_per_global(),
             delta_replies: job.hfa_periods().is_some(),
-            dropped_after: job
-                .dcs_may_rejoin()
-                .then(|| job.net.conn.peer_timeout + Duration::from_secs(1)),
+            dropped_after: job.dcs_may_rejoin().then(|| job.loss_verdict_after()),
             kept: Mutex::new(HashMap::new()),
             synced: Mutex::new(HashMap::new()),
             log,
