@@ -371,6 +371,40 @@ fn under_hfa_a_lost_data_center_and_a_lost_worker_rejoin_and_the_job_equals_its_
 }
 
 #[test]
+fn local_servers_killed_mid_push_and_stopped_while_waiting_rejoin_and_the_job_equals_its_replay() {
+    // 3 DCs, quorum 2. dc1's local server dies after its first push upward of round 100 (the
+    // global tier completes the round with what arrived, or without dc1); dc2's is stopped
+    // for 2.5 s while it waits for round 700's replies: the global tier finds it silent after
+    // the detection time and goes on without it, and it wakes to find itself left out, ends,
+    // and its restart rejoins. The final θ is the replay of the rounds without them.
+    let toml = dc_job(3, 2);
+    let chaos = "kill:local_server:dc1:0@round=100:mid-push,\
+                 stop=2500ms:local_server:dc2:0@round=700:reply-wait";
+    let (r, stderr) = launch("ls-points", &toml, Some(chaos));
+    let killed = fault_of(&r, "local_server (dc 1, rank 0)");
+    assert_eq!(killed["cause"], "killed by signal 9", "{killed}\n{stderr}");
+    assert!(
+        (100..=101).contains(&killed["lost_round"].as_u64().unwrap()),
+        "{killed}"
+    );
+    let stopped = fault_of(&r, "local_server (dc 2, rank 0)");
+    assert!(
+        stopped["detected_after_s"].as_f64().unwrap() <= 1.5,
+        "{stopped}\n{stderr}"
+    );
+    assert!(
+        (700..=701).contains(&stopped["lost_round"].as_u64().unwrap()),
+        "{stopped}"
+    );
+    for f in [killed, stopped] {
+        assert!(f["rejoined_round"].is_u64(), "{f}\n{stderr}");
+    }
+    assert_eq!(r["restarts"]["local_server"], 2, "{stderr}");
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
+}
+
+#[test]
 fn below_the_quorum_the_global_tier_waits_for_the_lost_data_center() {
     // 2 DCs, quorum 2: while dc0's local server is away no global round completes, so the job
     // does not move on without it. The only rounds without dc0 are those its restarted workers
@@ -610,6 +644,51 @@ fn behind_the_wan_lab_a_stopped_global_server_and_a_killed_worker_recover() {
     assert_eq!(r["replicas_identical"], true, "{stderr}");
     assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
     assert_eq!(lab_namespaces(), before, "the lab left namespaces behind");
+}
+
+#[test]
+fn under_hfa_a_stopped_global_server_restarts_alone_and_a_stopped_local_server_rejoins() {
+    // HFA k1 = 5, k2 = 4 over 3 DCs (quorum 2), every role survivable. The global server is
+    // stopped for 2.5 s once global round 30 (training round 600) is saved, before its
+    // replies: the local servers find it silent and wait (if they find it alive at its old
+    // incarnation, the coordinator tells them it lost its own connection too: it was away, not
+    // they); it wakes, ends itself, and its restart serves the saved round. Later dc1's local server is stopped mid-push of a global
+    // round: it was the one away, so it ends at once when it wakes, and rejoins. No other DC
+    // ends, and the final milestone is the HFA replay.
+    let (toml, dir) = every_role_job("hfa-stops");
+    let toml = toml
+        .replace("rounds = 1500", "rounds = 3000")
+        .replace("every_rounds = 50", "every_rounds = 100")
+        .replace("global_servers = 2\n", "")
+        + "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\n";
+    let chaos = "stop=2500ms:global-server:0@round=600:reply-wait,\
+                 stop=2500ms:local_server:dc1:0@round=1399:mid-push";
+    let (r, stderr) = launch("hfa-stops", &toml, Some(chaos));
+    let _ = std::fs::remove_dir_all(dir);
+    let g = fault_of(&r, "global_server (dc 3, rank 0)");
+    assert!(
+        g["detected_after_s"].as_f64().unwrap() <= 1.5,
+        "{g}\n{stderr}"
+    );
+    assert_eq!(g["rounds_reduced"], 0, "{g}");
+    // It ended itself as it woke (its own coordinator connection had dropped); the local
+    // servers waited for its restart, whether or not they saw it alive at its old incarnation.
+    assert!(stderr.contains("this server was away"), "{stderr}");
+    let l = fault_of(&r, "local_server (dc 1, rank 0)");
+    assert_eq!(l["lost_round"], 1400, "{l}\n{stderr}");
+    assert_eq!(l["rejoined_round"].as_u64().map(|b| b % 20), Some(0), "{l}");
+    assert_eq!(r["restarts"]["global_server"], 1, "{stderr}");
+    // Only dc1's local server found itself left out (the others waited for the global server;
+    // a process the supervisor restarted at start-up on a loaded machine does not count).
+    for dc in [0, 2] {
+        assert!(
+            !stderr.contains(&format!("it left dc {dc} out")),
+            "dc {dc}:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("it left dc 1 out"), "{stderr}");
+    assert_eq!(r["replicas_identical"], true, "{stderr}");
+    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
 }
 
 #[test]

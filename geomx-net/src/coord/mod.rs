@@ -22,7 +22,7 @@ use crate::error::NetError;
 use codec::{Reader, Writer};
 
 /// Protocol version of the coordinator messages; a mismatch is rejected at registration.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The coordinator's answer to a registration after every process sent Done: a restarted
 /// process that finds it has nothing left to do (and may exit successfully).
@@ -238,6 +238,11 @@ pub struct Located {
     /// Not live, but not lost either: its connection dropped (or this coordinator restarted)
     /// and it may still reattach within the reattach window.
     pub reattaching: bool,
+    /// How long ago this incarnation's own connection to the coordinator last dropped while
+    /// the job ran (a restart of the coordinator does not count); `None`: never. A member whose
+    /// link to it broke can tell a peer that was away too (stopped, cut off: dropped about when
+    /// the link broke) from one that left it out (never dropped). Millisecond resolution.
+    pub dropped_ago: Option<Duration>,
 }
 
 impl Located {
@@ -250,7 +255,10 @@ impl Located {
                 (true, _) => 1,
                 (false, true) => 2,
                 (false, false) => 0,
-            });
+            })
+            .u32(self.dropped_ago.map_or(u32::MAX, |d| {
+                u32::try_from(d.as_millis()).unwrap_or(u32::MAX - 1)
+            }));
         w.0
     }
 
@@ -264,11 +272,16 @@ impl Located {
             2 => (false, true),
             _ => return Err(NetError::Protocol("bad located payload: live flag".into())),
         };
+        let dropped_ago = match r.u32()? {
+            u32::MAX => None,
+            ms => Some(Duration::from_millis(u64::from(ms))),
+        };
         let l = Located {
             addr,
             incarnation,
             live,
             reattaching,
+            dropped_ago,
         };
         r.end()?;
         Ok(l)

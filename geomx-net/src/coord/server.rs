@@ -274,7 +274,7 @@ impl Handler for CoordHandler {
             MsgKind::Pull => {
                 let answer = NodeKey::decode(&req.payload)
                     .map_err(|e| e.to_string())
-                    .and_then(|key| lock(&sh.state).locate(conn, &key));
+                    .and_then(|key| lock(&sh.state).locate(conn, &key, Instant::now()));
                 let _ = match answer {
                     Ok(l) => reply.send(0, PayloadCodec::Raw, &l.encode()),
                     Err(m) => reply.error(&m),

@@ -67,7 +67,20 @@ pub struct CoordState<C> {
     /// `Some`: a member whose connection drops may reconnect within this time
     /// ([`CoordState::with_reattach_window`]).
     reattach_window: Option<Duration>,
+    /// Members whose own connection dropped while the job ran (not a restart of this
+    /// coordinator): at which incarnation, and when (`None`: set at the next tick). A peer that
+    /// lost it too tells a member that was away (stopped, cut off) from one that left it out.
+    dropped_at: BTreeMap<NodeKey, (u32, Option<Instant>)>,
+    /// The previous tick, and until when drops are this coordinator's own doing: after a gap
+    /// of [`STALL`] between ticks (it was stopped), every member's connection drops as it
+    /// wakes, and none of them was away.
+    last_tick: Option<Instant>,
+    stalled_until: Option<Instant>,
 }
+
+/// A gap between two ticks this long means the coordinator itself was stopped; drops seen
+/// within as long again after it are not the members'.
+const STALL: Duration = Duration::from_secs(1);
 
 impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
     /// Expects exactly `expected` processes, each with this version and config hash, by `deadline`.
@@ -93,6 +106,9 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             incarnations: BTreeMap::new(),
             reattaching: BTreeMap::new(),
             reattach_window: None,
+            dropped_at: BTreeMap::new(),
+            last_tick: None,
+            stalled_until: None,
         }
     }
 
@@ -192,7 +208,7 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
 
     /// Where member `key` is now, asked by connection `conn`, which must be a registered member
     /// itself (a stranger learns nothing). Answered only while the job runs.
-    pub fn locate(&self, conn: C, key: &NodeKey) -> Result<super::Located, String> {
+    pub fn locate(&self, conn: C, key: &NodeKey, now: Instant) -> Result<super::Located, String> {
         if !self.conn_node.contains_key(&conn) {
             return Err("only a registered member may locate another".into());
         }
@@ -209,11 +225,18 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
             Some(&i) => i,
             None => self.lost.get(key).copied().unwrap_or(0),
         };
+        let dropped_ago = match self.dropped_at.get(key) {
+            Some(&(i, at)) if i == incarnation => {
+                Some(at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)))
+            }
+            _ => None,
+        };
         Ok(super::Located {
             addr: node.addr.clone(),
             incarnation,
             live,
             reattaching: !live && self.reattaching.contains_key(key),
+            dropped_ago,
         })
     }
 
@@ -571,6 +594,8 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
         }
         if self.reattach_window.is_some() && self.phase == Phase::Running {
             tracing::warn!(node = %key, %reason, "connection lost; it may reconnect");
+            let incarnation = self.incarnations.get(&key).copied().unwrap_or(0);
+            self.dropped_at.insert(key.clone(), (incarnation, None));
             self.conn_node.remove(&conn);
             self.registered.remove(&key);
             self.reattaching.insert(key, None);
@@ -615,6 +640,21 @@ impl<C: Copy + Eq + Hash + std::fmt::Debug> CoordState<C> {
 
     /// Advances time: the registration deadline, and after a restart the reattach deadline.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Action<C>> {
+        if self
+            .last_tick
+            .is_some_and(|t| now.saturating_duration_since(t) >= STALL)
+        {
+            self.stalled_until = Some(now + STALL);
+        }
+        self.last_tick = Some(now);
+        let stalled = self.stalled_until.is_some_and(|u| now < u);
+        self.dropped_at.retain(|_, (_, at)| {
+            if at.is_none() && stalled {
+                return false;
+            }
+            at.get_or_insert(now);
+            true
+        });
         if self.phase == Phase::Running && !self.reattaching.is_empty() {
             let window = self.reattach_window.unwrap_or_default();
             let mut expired = Vec::new();
@@ -938,28 +978,28 @@ mod tests {
         let mut s = running(t0).with_rejoinable(["server".to_string()]);
         let server = NodeKey::new("server", 0, 0);
         // Conn 10 is worker (dc 0, rank 1); the server (conn 12) is live, incarnation 0.
-        let l = s.locate(10, &server).unwrap();
+        let l = s.locate(10, &server, t0).unwrap();
         assert_eq!(
             (l.addr.as_str(), l.incarnation, l.live),
             ("10.0.0.0:9000", 0, true)
         );
         assert!(s
-            .locate(99, &server)
+            .locate(99, &server, t0)
             .unwrap_err()
             .contains("registered member"));
         let nobody = NodeKey::new("server", 7, 0);
         assert!(s
-            .locate(10, &nobody)
+            .locate(10, &nobody, t0)
             .unwrap_err()
             .contains("not in the membership"));
         // Lost: not live, still at its last incarnation until it registers again.
         assert!(s.on_disconnect(12, "killed").is_empty());
-        let l = s.locate(10, &server).unwrap();
+        let l = s.locate(10, &server, t0).unwrap();
         assert_eq!((l.incarnation, l.live, l.reattaching), (0, false, false));
         let mut h = hello("server", 0, 0);
         h.listen_addr = "10.0.0.0:9100".into();
         s.on_register(30, 300, h);
-        let l = s.locate(11, &server).unwrap();
+        let l = s.locate(11, &server, t0).unwrap();
         assert_eq!(
             (l.addr.as_str(), l.incarnation, l.live),
             ("10.0.0.0:9100", 1, true)
@@ -972,14 +1012,24 @@ mod tests {
             ..l.clone()
         };
         assert_eq!(super::super::Located::decode(&away.encode()).unwrap(), away);
+        let dropped = super::super::Located {
+            dropped_ago: Some(Duration::from_millis(1500)),
+            ..l.clone()
+        };
+        assert_eq!(
+            super::super::Located::decode(&dropped.encode()).unwrap(),
+            dropped
+        );
         let mut three = l.encode();
         let n = three.len();
-        three[n - 4] = 3;
+        three[n - 8] = 3;
         assert!(super::super::Located::decode(&three).is_err());
         assert_eq!(NodeKey::decode(&server.encode()).unwrap(), server);
         let mut bad = l.encode();
-        *bad.last_mut().unwrap() = 2;
+        bad[n - 5] = 2;
         assert!(super::super::Located::decode(&bad).is_err());
+        // A version 3 payload (no drop field) is refused, not misread.
+        assert!(super::super::Located::decode(&l.encode()[..n - 4]).is_err());
         assert!(NodeKey::decode(&server.encode()[..5]).is_err());
     }
 
@@ -1131,6 +1181,38 @@ mod tests {
     }
 
     #[test]
+    fn drops_as_a_stopped_coordinator_wakes_are_not_the_members() {
+        let t0 = Instant::now();
+        let w = Duration::from_secs(3);
+        let mut s = running(t0).with_reattach_window(Some(w));
+        let server = NodeKey::new("server", 0, 0);
+        assert!(s.on_tick(t0).is_empty());
+        // The coordinator was stopped for 2 s: as it wakes every connection drops at once.
+        assert!(s.on_disconnect(12, "silent").is_empty());
+        let woke = t0 + Duration::from_secs(2);
+        assert!(s.on_tick(woke).is_empty());
+        assert_eq!(s.locate(10, &server, woke).unwrap().dropped_ago, None);
+        // Past the stall, a member's drop is its own again.
+        let acts = s.on_register(50, 500, reattach(("server", 0, 0), 0));
+        assert!(
+            matches!(&acts[..], [Action::Reply { result: Ok(_), .. }]),
+            "{acts:?}"
+        );
+        let mut now = woke;
+        for _ in 0..20 {
+            now += Duration::from_millis(100);
+            assert!(s.on_tick(now).is_empty());
+        }
+        assert!(s.on_disconnect(50, "silent").is_empty());
+        assert!(s.on_tick(now).is_empty());
+        let later = now + Duration::from_millis(300);
+        assert_eq!(
+            s.locate(10, &server, later).unwrap().dropped_ago,
+            Some(Duration::from_millis(300))
+        );
+    }
+
+    #[test]
     fn with_a_reattach_window_a_dropped_member_may_reconnect_and_a_silent_one_ends_the_job() {
         let t0 = Instant::now();
         let w = Duration::from_secs(3);
@@ -1142,19 +1224,33 @@ mod tests {
         assert!(s.on_disconnect(12, "silent").is_empty());
         assert!(s.on_disconnect(11, "killed").is_empty());
         assert!(s.on_tick(t0).is_empty());
-        // Meanwhile a peer that locates it learns it is away but not lost.
-        let l = s.locate(10, &NodeKey::new("server", 0, 0)).unwrap();
+        // Meanwhile a peer that locates it learns it is away but not lost, and since when.
+        let server = NodeKey::new("server", 0, 0);
+        let l = s.locate(10, &server, t0).unwrap();
         assert_eq!((l.live, l.reattaching), (false, true));
         let acts = s.on_register(50, 500, reattach(("server", 0, 0), 0));
         assert!(
             matches!(&acts[..], [Action::Reply { result: Ok(_), .. }]),
             "{acts:?}"
         );
+        // Back at the same incarnation, it still shows when its connection dropped: a peer
+        // whose link to it broke then learns that it was away too.
+        let later = t0 + Duration::from_millis(700);
+        let l = s.locate(10, &server, later).unwrap();
+        assert_eq!(
+            (l.live, l.dropped_ago),
+            (true, Some(Duration::from_millis(700)))
+        );
         let acts = s.on_register(51, 501, hello("worker", 1, 0));
         let [Action::Reply { result: Ok(b), .. }] = &acts[..] else {
             panic!("{acts:?}")
         };
         assert_eq!(Membership::decode(b).unwrap().incarnation, 1);
+        // Its restart (a new incarnation) never dropped; nor did a member that stayed.
+        let worker = NodeKey::new("worker", 1, 0);
+        assert_eq!(s.locate(10, &worker, later).unwrap().dropped_ago, None);
+        let stayed = NodeKey::new("worker", 0, 0);
+        assert_eq!(s.locate(10, &stayed, later).unwrap().dropped_ago, None);
         // The server, which is not rejoinable, drops again and stays away: the job ends naming
         // it.
         assert!(s.on_disconnect(50, "silent").is_empty());

@@ -141,8 +141,8 @@ struct GlobalHandler {
 struct DcWatch {
     /// Both settings are on.
     on: bool,
-    /// The coordinator, once this process registered.
-    coord: OnceLock<CoordClient>,
+    /// The coordinator, once this process registered, and this process's key there.
+    coord: OnceLock<(CoordClient, geomx_net::coord::NodeKey)>,
     /// Versions saved whatever `every_rounds` says: the first every range completes after a
     /// membership change.
     forced: Mutex<std::collections::BTreeSet<u64>>,
@@ -188,7 +188,17 @@ impl DcWatch {
     /// DC `dc`'s local server as the coordinator sees it (`None`: not known).
     fn locate(&self, dc: usize) -> Option<geomx_net::coord::Located> {
         let key = geomx_net::coord::NodeKey::new(roles::LOCAL_SERVER, dc as u32, 0);
-        self.coord.get()?.locate(&key).ok()
+        self.coord.get()?.0.locate(&key).ok()
+    }
+
+    /// Whether this process's own connection to the coordinator dropped within `within`: it
+    /// was away (stopped, or behind a cut) then, not merely its peer.
+    fn was_away(&self, within: Duration) -> bool {
+        self.coord
+            .get()
+            .and_then(|(c, me)| c.locate(me).ok())
+            .and_then(|at| at.dropped_ago)
+            .is_some_and(|d| d <= within)
     }
 }
 
@@ -820,14 +830,19 @@ impl GlobalHandler {
     /// Under [`DcWatch`]: DC `dc`'s connection dropped (`cause`). If the coordinator finds its
     /// local server lost, or restarted, within the detection time (and a second), the DC is
     /// lost; if it still finds it alive, this server is the one that was away (stopped, or
-    /// behind a cut) and ends itself so that its restart takes over from the checkpoint.
+    /// behind a cut) and ends itself so that its restart takes over from the checkpoint. It
+    /// ends at once when its own connection to the coordinator dropped meanwhile: it was away.
     fn judge_disconnect(&self, dc: usize, cause: String) {
         let epoch = self.dcs.epoch(dc);
         let wait = self.verdict_after;
         self.spawn_own("geomx-dc-judge", move |me| {
-            let deadline = Instant::now() + wait;
+            let started = Instant::now();
+            let deadline = started + wait;
             let mut first = None;
             while Instant::now() < deadline {
+                if me.dcs.was_away(started.elapsed() + wait) {
+                    break;
+                }
                 // Not live: lost, or its coordinator connection dropped with ours (it may
                 // reattach only if it is alive, which a closed connection to us denies).
                 match me.dcs.locate(dc) {
@@ -1207,7 +1222,8 @@ pub fn run(
     let (mut agg, mixed) = own_ranges(job, rank, resumed.as_mut())?;
     let saved_replies = saved_replies(job, rank, resumed.as_mut())?;
     if handler.dcs.on {
-        let _ = handler.dcs.coord.set(node.coord.clone());
+        let me = geomx_net::coord::NodeKey::new(roles::GLOBAL_SERVER, plan.central_dc, rank);
+        let _ = handler.dcs.coord.set((node.coord.clone(), me));
         // A restart counts the DCs its checkpoint's round counted; those lost meanwhile rejoin.
         if let (true, Some(res)) = (incarnation > 0, resumed.as_mut()) {
             let members = res

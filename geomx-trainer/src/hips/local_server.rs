@@ -140,7 +140,7 @@ struct LocalHandler {
     /// Lost and rejoined workers, and the rounds that summed only some workers.
     log: Arc<RoundLog>,
     /// The fault this process injects into itself (`geomx launch --chaos`): as key 0's round
-    /// starts.
+    /// starts, after its first push upward, or while it waits for the global tier's replies.
     chaos: Option<SelfFault>,
 }
 
@@ -539,6 +539,16 @@ impl LocalHandler {
         }
     }
 
+    /// Injects this process's chaos fault at `point` of key 0's upward exchange number
+    /// `exchange` (the training round under FSA / MixedSync, the global round under HFA). A
+    /// local server pushes at the end of training round (exchange + 1) · k1 · k2 − 1, like its
+    /// workers (k1 = k2 = 1 outside HFA).
+    fn fault_at(&self, key: usize, exchange: u64, job: &JobSpec, point: Point) {
+        if let (0, Some(c)) = (key, self.chaos.as_ref()) {
+            c.at((exchange + 1) * job.rounds_per_global() - 1, point);
+        }
+    }
+
     fn finished(&self) -> bool {
         lock(&self.state).finished_keys == self.key_lens.len()
     }
@@ -702,6 +712,12 @@ fn exchange(
             }
         };
         pending.push((*id, r, at, p));
+        if i == 0 && pushing {
+            handler.fault_at(key, round, job, Point::MidPush);
+        }
+    }
+    if pushing {
+        handler.fault_at(key, round, job, Point::ReplyWait);
     }
     let mut out = Vec::with_capacity(ranges.len());
     for (i, (id, r, at, p)) in pending.into_iter().enumerate() {

@@ -126,6 +126,13 @@ impl Node {
                 {
                     tracing::info!(%m, "the coordinator is not reachable yet; retrying");
                 }
+                // The coordinator dropped the connection during the TLS handshake: it bounds
+                // the handshakes in flight per address, which a whole one-host cluster
+                // starting on a loaded machine can exceed. Transient: retry.
+                Err(e) if handshake_dropped(&e) && Instant::now() < deadline => {
+                    tracing::info!(error = %e, "the coordinator dropped the handshake; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
                 // A restart faster than the coordinator's sight of the loss: retry.
                 Err(NetError::Rejected(m))
                     if m.contains(geomx_net::coord::STILL_REGISTERED)
@@ -189,7 +196,12 @@ impl Node {
         loop {
             match geomx_net::KvClient::connect(addr.as_str(), self.id(), self.net(job)?) {
                 Ok(c) => return Ok(c),
-                Err(e) if self.membership.incarnation == 0 || Instant::now() >= deadline => {
+                // A server drops handshakes past its bound per address (one-host clusters
+                // starting at once): transient, retried like a restarting server.
+                Err(e)
+                    if (self.membership.incarnation == 0 && !handshake_dropped(&e))
+                        || Instant::now() >= deadline =>
+                {
                     return Err(RunError::Net(
                         format!("connecting to {role} (dc {dc}, rank {rank}) at {addr}"),
                         e,
@@ -267,6 +279,12 @@ impl Node {
     }
 }
 
+/// Whether `e` is a TLS handshake the server dropped at the socket (it bounds handshakes in
+/// flight per address), not one it refused on its merits (certificate, identity, alert).
+fn handshake_dropped(e: &NetError) -> bool {
+    matches!(e, NetError::Tls(geomx_net::tls::TlsError::Io(_)))
+}
+
 /// Asks the servers behind `clients` to count this restarted process again (a `Pull` of
 /// [`super::msg::REJOIN_KEY`] proposing a round), proposing the highest round any of them named
 /// until all name the same one, which it returns: a worker asks its local server, a local server
@@ -292,7 +310,9 @@ pub(super) fn rejoin(clients: &[geomx_net::KvClient], job: &JobSpec) -> Result<u
                 }
                 at = top;
             }
-            Err(e) if Instant::now() >= deadline => {
+            // A refusal is retried; a connection that is gone (the server died meanwhile) is
+            // not: this process ends and its restart finds the server's.
+            Err(e) if Instant::now() >= deadline || super::upstream::recoverable(&e) => {
                 return Err(RunError::Net("rejoining the job".into(), e));
             }
             Err(e) => {

@@ -110,6 +110,13 @@ impl Rejoin {
         NodeKey::new(roles::GLOBAL_SERVER, self.central_dc, server as u32)
     }
 
+    /// How long ago this local server's own connection to the coordinator dropped, if it did
+    /// (it was stopped or cut off).
+    fn own_dropped_ago(&self) -> Option<Duration> {
+        let me = NodeKey::new(roles::LOCAL_SERVER, self.dc, 0);
+        self.coord.locate(&me).ok()?.dropped_ago
+    }
+
     /// Keeps the push of `payload` at `at` until a checkpoint covers it.
     fn keep(&self, at: At, payload: &[u8]) {
         let (id, version, offset, total) = at;
@@ -191,8 +198,47 @@ impl From<NetError> for Fail {
     }
 }
 
+/// What a local server concludes from a global server alive at the incarnation whose
+/// connection broke `elapsed` ago.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AliveVerdict {
+    /// Not yet known: ask again.
+    Undecided,
+    /// Its own coordinator connection dropped about when ours broke: it was stopped or cut off,
+    /// not this DC; it ends itself (`GlobalHandler::judge_disconnect`) and its restart takes
+    /// over. Wait for that incarnation.
+    AwayToo,
+    /// It never was away, so this DC was (cut off, or this process stopped): this local server
+    /// ends so that its restart rejoins.
+    LeftOut,
+}
+
+/// The verdict on a global server alive at the broken connection's incarnation, under
+/// `lost_dc = "continue"` (`verdict`: the detection time and a second, `None` otherwise). A
+/// drop (the server's `server_dropped`, or this process's own, `own_dropped`, asked only when
+/// needed) counts when it came at most one verdict time before the break: this process's own
+/// drop decides at once, otherwise the verdict time must pass.
+fn alive_verdict(
+    elapsed: Duration,
+    verdict: Option<Duration>,
+    server_dropped: Option<Duration>,
+    own_dropped: impl FnOnce() -> Option<Duration>,
+) -> AliveVerdict {
+    let Some(verdict) = verdict else {
+        return AliveVerdict::Undecided;
+    };
+    let recent = |d: Option<Duration>| d.is_some_and(|d| d <= elapsed + verdict);
+    if recent(server_dropped) {
+        AliveVerdict::AwayToo
+    } else if elapsed >= verdict || recent(own_dropped()) {
+        AliveVerdict::LeftOut
+    } else {
+        AliveVerdict::Undecided
+    }
+}
+
 /// Whether `e` means the connection (and maybe its process) is gone, not a refusal.
-fn recoverable(e: &NetError) -> bool {
+pub(super) fn recoverable(e: &NetError) -> bool {
     matches!(
         e,
         NetError::PeerClosed(_) | NetError::Io(_) | NetError::Shutdown
@@ -543,6 +589,7 @@ impl Upstream {
         );
         let started = Instant::now();
         let deadline = started + self.wait;
+        let mut away_too = false;
         loop {
             if Instant::now() >= deadline {
                 return Err(format!(
@@ -553,16 +600,28 @@ impl Upstream {
             }
             let next = match r.coord.locate(&r.key(server)) {
                 Ok(at) if at.live && l.incarnation.is_none_or(|i| at.incarnation > i) => at,
-                Ok(at)
-                    if at.live
-                        && l.incarnation == Some(at.incarnation)
-                        && r.dropped_after.is_some_and(|d| started.elapsed() >= d) =>
-                {
-                    return Err(format!(
-                        "global server {server} is alive at the incarnation whose connection \
-                         broke ({cause}): it left dc {} out (cut off or stalled)",
-                        r.dc
-                    ));
+                Ok(at) if at.live && l.incarnation == Some(at.incarnation) => {
+                    let own = || r.own_dropped_ago();
+                    match alive_verdict(started.elapsed(), r.dropped_after, at.dropped_ago, own) {
+                        AliveVerdict::LeftOut => {
+                            return Err(format!(
+                                "global server {server} is alive at the incarnation whose \
+                                 connection broke ({cause}): it left dc {} out (cut off or \
+                                 stalled)",
+                                r.dc
+                            ));
+                        }
+                        AliveVerdict::AwayToo if !away_too => {
+                            away_too = true;
+                            tracing::warn!(
+                                server,
+                                "global server {server} was away too; waiting for its restart"
+                            );
+                        }
+                        _ => {}
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
                 }
                 Ok(_) => {
                     std::thread::sleep(Duration::from_millis(50));
@@ -607,5 +666,53 @@ impl Upstream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_global_server_that_dropped_too_is_waited_for_and_one_that_never_did_left_the_dc_out() {
+        let verdict = Some(2 * S);
+        let never = || None;
+        // Without lost_dc, nothing to decide.
+        assert_eq!(
+            alive_verdict(5 * S, None, None, never),
+            AliveVerdict::Undecided
+        );
+        // Stopped with us (its coordinator connection dropped 0.5 s before our break, seen
+        // 1 s after it): wait for its restart, however long it takes.
+        let dropped = Some(S + S / 2);
+        assert_eq!(
+            alive_verdict(S, verdict, dropped, never),
+            AliveVerdict::AwayToo
+        );
+        assert_eq!(
+            alive_verdict(3 * S, verdict, Some(3 * S + S / 2), never),
+            AliveVerdict::AwayToo
+        );
+        // A drop long before the break is another story: after the verdict time, left out.
+        let old = Some(10 * S);
+        assert_eq!(
+            alive_verdict(S, verdict, old, never),
+            AliveVerdict::Undecided
+        );
+        assert_eq!(
+            alive_verdict(2 * S, verdict, old, never),
+            AliveVerdict::LeftOut
+        );
+        // This process's own drop (it was stopped) decides at once; an old one does not.
+        assert_eq!(
+            alive_verdict(S / 10, verdict, None, || Some(S)),
+            AliveVerdict::LeftOut
+        );
+        assert_eq!(
+            alive_verdict(S / 10, verdict, None, || Some(10 * S)),
+            AliveVerdict::Undecided
+        );
     }
 }

@@ -877,15 +877,20 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
         plan.placement.server_bytes.clone(),
         cfg.to_json(),
     );
-    supervise::match_events(
-        &mut faults,
-        &report
-            .processes
+    // What the processes logged, and what the coordinator's journal kept of processes that
+    // died since (each event once), in time order.
+    let mut events = Vec::new();
+    for e in report.processes.iter().flat_map(|p| {
+        p.member_events
             .iter()
-            .flat_map(|p| p.member_events.iter().cloned())
-            .collect::<Vec<_>>(),
-        job.rounds,
-    );
+            .chain(p.round_log.iter().flat_map(|l| &l.member_events))
+    }) {
+        if !events.contains(e) {
+            events.push(e.clone());
+        }
+    }
+    events.sort_by_key(|e| e.unix_ms);
+    supervise::match_events(&mut faults, &events, job.rounds);
     supervise::complete_cuts(&mut faults);
     for (i, &(role, ..)) in &restartable {
         let n = cl.procs[*i].restarts;

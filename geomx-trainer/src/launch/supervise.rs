@@ -278,8 +278,8 @@ pub fn match_events(faults: &mut [FaultRecord], events: &[MemberEvent], rounds: 
 /// Checks that each round-triggered fault names a round its process reaches. Under HFA a local
 /// server sees every `per_local`-th training round (k1) and a global server every `per_global`-th
 /// (k1 · k2); a worker starts every round but pushes only at the end of each k1-th
-/// (`mid-push`, `reply-wait`: rounds k1 − 1, 2·k1 − 1, …). A fault between them would never
-/// strike.
+/// (`mid-push`, `reply-wait`: rounds k1 − 1, 2·k1 − 1, …), a local server upward at the end of
+/// each (k1 · k2)-th. A fault between them would never strike.
 pub fn check_chaos_rounds(
     faults: &[ChaosFault],
     per_local: u64,
@@ -292,6 +292,9 @@ pub fn check_chaos_rounds(
         };
         // (step, offset): the rounds the process reaches are offset + n · step.
         let (step, offset) = match (f.role.as_str(), fault.point) {
+            (roles::LOCAL_SERVER, Point::MidPush | Point::ReplyWait) => {
+                (per_global, per_global - 1)
+            }
             (roles::LOCAL_SERVER, _) => (per_local, 0),
             (roles::GLOBAL_SERVER, _) => (per_global, 0),
             (roles::WORKER, Point::MidPush | Point::ReplyWait) => (per_local, per_local - 1),
@@ -336,6 +339,13 @@ mod tests {
         // A worker pushes at the end of rounds k1 − 1, 2·k1 − 1, …
         let w = parse_chaos("kill:worker:dc0:0@round=1499:mid-push", &[2, 2], 1, 2).unwrap();
         check_chaos_rounds(&w, 5, 20).unwrap();
+        // A local server pushes upward at the end of rounds k1·k2 − 1, 2·k1·k2 − 1, …
+        let l = parse_chaos("kill:local-server:dc1:0@round=39:mid-push", &[2, 2], 1, 2).unwrap();
+        check_chaos_rounds(&l, 5, 20).unwrap();
+        check_chaos_rounds(&l, 1, 1).unwrap();
+        let l = parse_chaos("kill:local-server:dc1:0@round=40:reply-wait", &[2, 2], 1, 2).unwrap();
+        let e = check_chaos_rounds(&l, 5, 20).unwrap_err();
+        assert!(e.contains("19 + n · 20"), "{e}");
         let w = parse_chaos("stop=1s:worker:dc0:0@round=1500:reply-wait", &[2], 1, 1).unwrap();
         let e = check_chaos_rounds(&w, 5, 20).unwrap_err();
         assert!(e.contains("4 + n · 5"), "{e}");
