@@ -398,6 +398,48 @@ fn a_lost_members_journal_records_survive_a_coordinator_restart() {
     let _ = std::fs::remove_file(file);
 }
 
+/// Journal records reach the snapshot file within a fraction of a second even when the
+/// membership never changes, so a record outlives its member and the coordinator dying together.
+#[test]
+fn journal_records_reach_the_snapshot_file_without_a_membership_change() {
+    let d = DriverKind::Portable;
+    let file =
+        std::env::temp_dir().join(format!("geomx-coord-journal-tick-{}", std::process::id()));
+    let o = CoordOptions {
+        net: net(d),
+        config_hash: 0xfeed,
+        registration_timeout: Duration::from_secs(10),
+        state_file: Some(file.clone()),
+        reattach_window: Some(Duration::from_secs(10)),
+        ..CoordOptions::default()
+    };
+    let c = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
+    let clients = register_all(c.local_addr(), d);
+    clients[1].journal(b"round 7 summed ranks [0]").unwrap();
+    let deadline = Instant::now() + W;
+    loop {
+        let kept = geomx_net::coord::read_snapshot(&file)
+            .map(|s| {
+                s.journal
+                    .iter()
+                    .map(|r| r.bytes.clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        if kept == [b"round 7 summed ranks [0]".to_vec()] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the record never reached the file: {kept:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop(clients);
+    drop(c);
+    let _ = std::fs::remove_file(file);
+}
+
 /// The coordinator dies while the job runs and a new one continues from its snapshot file on
 /// the same address: the members reconnect and reattach, and the job ends with Shutdown.
 #[test]

@@ -50,7 +50,14 @@ struct Shared {
     persist: Option<Persist>,
     /// What members appended ([`CoordClient::journal`](super::CoordClient::journal)).
     journal: Mutex<Journal>,
+    /// Records appended since the snapshot file last took the journal.
+    journal_dirty: AtomicBool,
 }
+
+/// How often, at most, the ticker writes the snapshot for journal records alone (a membership
+/// change writes it at once): records a member appended are on disk within about this long, so
+/// that they outlive both the member and this coordinator.
+const JOURNAL_PERSIST_EVERY: Duration = Duration::from_millis(100);
 
 /// The coordinator's snapshot file: written atomically when the membership changed, never an
 /// older snapshot over a newer one.
@@ -140,6 +147,7 @@ impl Shared {
                     let membership = snap.encode();
                     let mut last = lock(&p.membership);
                     if *last != membership {
+                        self.journal_dirty.store(false, Ordering::SeqCst);
                         snap.journal = lock(&self.journal).records().to_vec();
                         p.save(p.next.fetch_add(1, Ordering::Relaxed), snap.encode());
                         *last = membership;
@@ -149,6 +157,23 @@ impl Shared {
             lock(&self.outbox).extend(actions);
         }
         self.drain();
+    }
+
+    /// Writes the snapshot with the journal if records came since it was last written (the
+    /// ticker's job, at most every [`JOURNAL_PERSIST_EVERY`]). Under the state lock, as a write
+    /// for a membership change, so the two keep the state's order.
+    fn persist_journal(&self) {
+        let Some(p) = &self.persist else {
+            return;
+        };
+        if !self.journal_dirty.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let st = lock(&self.state);
+        if let Some(mut snap) = st.snapshot() {
+            snap.journal = lock(&self.journal).records().to_vec();
+            p.save(p.next.fetch_add(1, Ordering::Relaxed), snap.encode());
+        }
     }
 
     /// Carries out queued actions. One thread at a time; a thread that finds another one doing
@@ -287,6 +312,9 @@ impl Handler for CoordHandler {
                     None => Err("only a registered member may append to the journal".to_string()),
                     Some(k) => lock(&sh.journal).append(k, req.payload.to_vec()),
                 };
+                if r.is_ok() {
+                    sh.journal_dirty.store(true, Ordering::SeqCst);
+                }
                 let _ = match r {
                     Ok(()) => reply.send(0, PayloadCodec::Raw, &[]),
                     Err(m) => {
@@ -380,6 +408,7 @@ impl Coordinator {
             stop: AtomicBool::new(false),
             persist,
             journal: Mutex::new(journal),
+            journal_dirty: AtomicBool::new(false),
         });
         // Requests to the coordinator (registration, barriers) may legitimately wait long.
         let server = KvServer::bind_with_id(
@@ -393,9 +422,14 @@ impl Coordinator {
         let ticker = std::thread::Builder::new()
             .name("geomx-coord-tick".into())
             .spawn(move || {
+                let mut persisted = Instant::now();
                 while !sh.stop.load(Ordering::SeqCst) {
                     std::thread::sleep(tick);
                     sh.step(|s| s.on_tick(Instant::now()));
+                    if persisted.elapsed() >= JOURNAL_PERSIST_EVERY {
+                        persisted = Instant::now();
+                        sh.persist_journal();
+                    }
                 }
             })?;
         Ok(Coordinator {
