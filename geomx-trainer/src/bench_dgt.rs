@@ -291,7 +291,7 @@ fn run_dgt(
     let client = lab
         .spawn_in(true, move || -> Result<(Vec<f64>, f64), String> {
             let link = crate::hips::dgt::connect(addr, 1, &d, &client_opts)?;
-            let mut up = DgtUplink::new(&d, ValueType::F32);
+            let mut up = DgtUplink::new(&d, ValueType::F32)?;
             let n_b = link.num_blocks(n, ValueType::F32);
             let (mut out, mut missing) = (Vec::with_capacity(data.len()), 0usize);
             for (r, x) in data.iter().enumerate() {

@@ -31,6 +31,10 @@ fn invalid_dgt_settings_name_their_field() {
         ("[transport.dgt]\nchannels = 8\n", "transport.dgt.channels"),
         ("[transport.dgt]\nk = 1.5\n", "transport.dgt.k"),
         (
+            "[transport.dgt]\nk = 0.5\nk_min = 0.6\n",
+            "transport.dgt.k_min",
+        ),
+        (
             "[transport.dgt]\nblock_bytes = 100\n",
             "transport.dgt.block_bytes",
         ),
@@ -131,4 +135,30 @@ fn dgt_with_fp16_values_converges() {
     assert!(g["unreliable_blocks"].as_u64().unwrap_or(0) > 0, "{g}");
     assert_eq!(g["invalid"].as_u64().unwrap_or(0), 0, "{g}");
     assert_eq!(g["lost_blocks"].as_u64().unwrap_or(0), 0, "{g}");
+}
+
+/// Adaptive k (issue 20): the workers report their training loss with each round, the local
+/// servers set DGT's reliable share from their DC's mean (k_t = max(k·L_t/L_0, k_min)). As the
+/// loss falls, fewer blocks go reliably: the last share is below k, at least k_min, and
+/// training still converges.
+#[test]
+fn adaptive_k_lowers_the_reliable_share_as_the_loss_falls() {
+    let toml = EXAMPLE
+        .replace("rounds = 400", "rounds = 300")
+        .replace("hidden = [64]", "hidden = [512]")
+        .replace("adaptive_k = false", "adaptive_k = true");
+    assert!(toml.contains("adaptive_k = true"));
+    let r = support::launch_report("dgt-test", "adaptive", &toml);
+    let acc = r["final_test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.9, "final test accuracy {acc}");
+    assert!(r["replicas_identical"].as_bool().unwrap());
+    let l = &role(&r, "local_server")["dgt"];
+    let share = l["reliable_share"].as_f64().unwrap();
+    assert!(
+        (0.2..0.8).contains(&share),
+        "last reliable share {share}: {l}"
+    );
+    let g = &role(&r, "global_server")["dgt"];
+    assert!(g["unreliable_blocks"].as_u64().unwrap_or(0) > 0, "{g}");
+    assert_eq!(g["invalid"].as_u64().unwrap_or(0), 0, "{g}");
 }

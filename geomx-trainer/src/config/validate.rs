@@ -131,6 +131,11 @@ impl Config {
             || format!("{} not in [0, 1]", d.k),
         )?;
         check(
+            (0.0..=d.k).contains(&d.k_min),
+            || "transport.dgt.k_min".into(),
+            || format!("{} not in [0, k = {}]", d.k_min, d.k),
+        )?;
+        check(
             (0.0..1.0).contains(&d.alpha),
             || "transport.dgt.alpha".into(),
             || format!("{} not in [0, 1)", d.alpha),

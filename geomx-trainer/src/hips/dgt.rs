@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use geomx_kernels::dgt_score::{assign_channels, BlockScores};
+use geomx_kernels::dgt_score::{assign_channels, AdaptiveK, BlockScores};
 use geomx_net::dgt::link::{
     ClientStats, DgtClient, DgtServer, LinkOptions, Pacing, ServerStats, ServerTls,
 };
@@ -67,6 +67,10 @@ pub struct DgtRoleStats {
     /// Reliable channels refused or closed for a protocol or admission error (global servers).
     #[serde(default)]
     pub refused_channels: u64,
+    /// The reliable share of the last round (local servers; under `adaptive_k` the k_t its
+    /// DC's training loss set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reliable_share: Option<f64>,
 }
 
 impl DgtRoleStats {
@@ -180,7 +184,10 @@ fn id_u32(v: usize) -> Result<u32, String> {
 /// The sending half of a local server: contribution scores per range, channel assignment,
 /// and the push through the range's link.
 pub struct DgtUplink {
+    /// The reliable share of this round (k, or k_t under adaptive k).
     k: f64,
+    /// `transport.dgt.adaptive_k`: k_t from the DC's training loss, and the last round it took.
+    adaptive: Option<(AdaptiveK, Option<u64>)>,
     alpha: f64,
     channels: u8,
     /// The values' type on the wire (fp16: narrowed as the fp16 codec does, no scaling).
@@ -190,14 +197,40 @@ pub struct DgtUplink {
 
 impl DgtUplink {
     /// Scores start at 0 for every range; `values` is the type the blocks carry.
-    pub fn new(d: &DgtTransportConfig, values: ValueType) -> Self {
-        Self {
+    pub fn new(d: &DgtTransportConfig, values: ValueType) -> Result<Self, String> {
+        let adaptive = match d.adaptive_k {
+            true => Some((
+                AdaptiveK::new(d.k, d.k_min).map_err(|e| e.to_string())?,
+                None,
+            )),
+            false => None,
+        };
+        Ok(Self {
             k: d.k,
+            adaptive,
             alpha: d.alpha,
             channels: d.channels,
             values,
             scores: HashMap::new(),
+        })
+    }
+
+    /// Under adaptive k: the DC's mean training loss `loss` of `round` sets the reliable share
+    /// (once per round; every range of the round shares it). Without, or without a loss yet,
+    /// the share stays.
+    pub fn observe_loss(&mut self, round: u64, loss: Option<f64>) {
+        let (Some((a, fed)), Some(loss)) = (self.adaptive.as_mut(), loss) else {
+            return;
+        };
+        if *fed != Some(round) {
+            *fed = Some(round);
+            self.k = a.update(loss);
         }
+    }
+
+    /// The reliable share pushes use now.
+    pub fn share(&self) -> f64 {
+        self.k
     }
 
     /// The channel map of range `id`'s values `x` at this round (updating its scores).
@@ -257,7 +290,7 @@ mod tests {
             alpha: 0.0,
             ..DgtTransportConfig::default()
         };
-        let mut up = DgtUplink::new(&d, ValueType::F32);
+        let mut up = DgtUplink::new(&d, ValueType::F32).unwrap();
         // 4 blocks of 16 elements (64-byte blocks): means 3, 0 (not sent), 1, 2.
         let mut x = vec![0.0f32; 64];
         for (b, v) in [(0, 3.0), (2, 1.0), (3, 2.0)] {
@@ -266,6 +299,46 @@ mod tests {
         let map = up.channel_map(9, &x, 64).unwrap();
         // Ranked 0 (3), 3 (2), 2 (1): ⌈0.5·3⌉ = 2 reliable, block 2 on channel 1, block 1 unsent.
         assert_eq!(map, vec![0, 0xFF, 1, 0]);
+    }
+
+    #[test]
+    fn adaptive_k_follows_the_dcs_loss_once_per_round() {
+        let d = DgtTransportConfig {
+            adaptive_k: true,
+            ..DgtTransportConfig::default()
+        };
+        let mut up = DgtUplink::new(&d, ValueType::F32).unwrap();
+        // No loss reported yet: the configured share.
+        up.observe_loss(0, None);
+        assert_eq!(up.share(), 0.8);
+        // dgt.md oracle 9: k = 0.8, k_min = 0.2, losses [2, 1, 0.5, 0.1] → [0.8, 0.4, 0.2, 0.2].
+        let mut shares = Vec::new();
+        for (round, loss) in [2.0, 1.0, 0.5, 0.1].into_iter().enumerate() {
+            up.observe_loss(round as u64, Some(loss));
+            // Every range of a round shares its share: a second report of the round is ignored.
+            up.observe_loss(round as u64, Some(100.0));
+            shares.push(up.share());
+        }
+        assert_eq!(shares, [0.8, 0.4, 0.2, 0.2]);
+        // The share decides the channel map: with k_t = 0.2 one block of 3 goes reliably.
+        let mut x = vec![0.0f32; 48];
+        for (b, v) in [(0, 3.0), (1, 1.0), (2, 2.0)] {
+            x[b * 16..(b + 1) * 16].fill(v);
+        }
+        let map = up.channel_map(1, &x, 64).unwrap();
+        assert_eq!(map.iter().filter(|&&c| c == 0).count(), 1, "{map:?}");
+        // Without adaptive k, losses change nothing.
+        let mut fixed = DgtUplink::new(&DgtTransportConfig::default(), ValueType::F32).unwrap();
+        fixed.observe_loss(0, Some(2.0));
+        fixed.observe_loss(1, Some(0.1));
+        assert_eq!(fixed.share(), 0.8);
+        // A floor above k is refused.
+        let bad = DgtTransportConfig {
+            adaptive_k: true,
+            k_min: 0.9,
+            ..DgtTransportConfig::default()
+        };
+        assert!(DgtUplink::new(&bad, ValueType::F32).is_err());
     }
 
     #[test]
@@ -306,7 +379,7 @@ mod tests {
         let n = 3000;
         let server = bind_server(lo, &d, &[(0, n)], ValueType::F16, &net).unwrap();
         let link = connect(server.local_addr(), 1, &d, &net).unwrap();
-        let mut up = DgtUplink::new(&d, ValueType::F16);
+        let mut up = DgtUplink::new(&d, ValueType::F16).unwrap();
         let mut x: Vec<f32> = (0..n).map(|i| (i as f32 - 1500.0) * 0.0137).collect();
         x[7] = 1.0e6;
         let overflow = up.push(&link, 0, 0, x.clone()).unwrap();

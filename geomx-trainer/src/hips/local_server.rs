@@ -14,7 +14,7 @@
 //! report's `global_param_hash`, and under MixedSync the workers adopt it (the final pull).
 
 use crate::config::{NonFinitePolicy, SyncAlgorithm};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -31,7 +31,7 @@ use geomx_net::dgt::link::DgtClient;
 use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
 use super::chaos::{Point, SelfFault};
 use super::dgt::{DgtRoleStats, DgtUplink, DGT_INFO_KEY};
-use super::msg::UpPush;
+use super::msg::{UpPush, LOSS_KEY};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::replies::Replies;
@@ -62,6 +62,9 @@ pub use super::msg::REJOIN_KEY;
 /// Flag of a pull key asking for an HFA key's rejoin state at a local round (elastic HFA): the
 /// model the workers hold after that averaging, then the milestone, as f32.
 pub const HFA_STATE_FLAG: u64 = 1 << 62;
+
+/// Rounds of workers' loss reports a local server keeps (adaptive k reads the previous one).
+const LOSS_ROUNDS: usize = 8;
 
 /// A completed local round: (key, round, sum, the pushes it answers).
 type Closed = (usize, u64, LocalSum, Vec<Responder>);
@@ -122,6 +125,9 @@ struct LocalHandler {
     dgt_links: OnceLock<Vec<DgtClient>>,
     /// Contribution scores and channel assignment of the DGT pushes.
     dgt_up: Mutex<Option<DgtUplink>>,
+    /// Under `transport.dgt.adaptive_k`: the workers' reported training losses of the last
+    /// rounds, by round (sum, count).
+    losses: Mutex<BTreeMap<u64, (f64, u32)>>,
     /// Which connection speaks for which worker; refused requests.
     admission: Admission,
     /// The local round this run started from (0, or the checkpoint's when resuming).
@@ -194,7 +200,48 @@ impl LocalHandler {
         }
     }
 
+    /// A worker's training loss of round `req.version` ([`LOSS_KEY`]), kept for the DGT
+    /// uplink's adaptive share; bounded to the last [`LOSS_ROUNDS`] rounds.
+    fn on_loss(&self, req: &Request, reply: Responder) {
+        if let Err(msg) = self.member(req) {
+            return self.admission.refuse(reply, msg);
+        }
+        let loss = <[u8; 8]>::try_from(&req.payload[..])
+            .map(f64::from_le_bytes)
+            .ok()
+            .filter(|l| l.is_finite());
+        let Some(loss) = loss else {
+            let msg = format!("dc {}: a loss report is one finite f64", self.dc);
+            return self.admission.refuse(reply, msg);
+        };
+        // Only the connection that speaks for the worker reports its loss (admit.rs).
+        if let Err(msg) = self.admission.bind(req.sender, &reply) {
+            return self.admission.refuse(reply, msg);
+        }
+        {
+            let mut book = lock(&self.losses);
+            let e = book.entry(req.version).or_default();
+            e.0 += loss;
+            e.1 += 1;
+            while book.len() > LOSS_ROUNDS {
+                book.pop_first();
+            }
+        }
+        let _ = reply.send(req.version, PayloadCodec::Raw, &[]);
+    }
+
+    /// The DC's mean training loss of round `round`, if its workers reported it.
+    fn mean_loss(&self, round: u64) -> Option<f64> {
+        lock(&self.losses)
+            .get(&round)
+            .filter(|(_, n)| *n > 0)
+            .map(|&(sum, n)| sum / f64::from(n))
+    }
+
     fn on_push(&self, req: Request, reply: Responder) {
+        if req.key == LOSS_KEY {
+            return self.on_loss(&req, reply);
+        }
         let key = req.key as usize;
         // A peer's bad request is refused, never fatal: a genuine worker fails on the error
         // reply and ends the job itself, naming the cause.
@@ -680,6 +727,12 @@ fn exchange(
                 let x = slice(s);
                 let mut up = lock(&handler.dgt_up);
                 let up = up.as_mut().ok_or("dgt uplink not set")?;
+                // Adaptive k: the share of round r follows the DC's loss of round r − 1, which
+                // every worker reported before its pushes of round r.
+                up.observe_loss(
+                    round,
+                    round.checked_sub(1).and_then(|p| handler.mean_loss(p)),
+                );
                 // The uplink's value type is the tier's dense type (`dgt::value_type`).
                 crate::codec::bytes::count_values(&mut counts, handler.inter.dense_type(), x.len());
                 let overflow = up.push(link, *id, version, x)?;
@@ -1079,10 +1132,13 @@ pub fn run(
     );
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let dgt_up = match job.inter.dgt() {
-        Some(d) => Some(DgtUplink::new(
-            d,
-            super::dgt::value_type(job.inter.dense_type()).map_err(RunError::Protocol)?,
-        )),
+        Some(d) => Some(
+            DgtUplink::new(
+                d,
+                super::dgt::value_type(job.inter.dense_type()).map_err(RunError::Protocol)?,
+            )
+            .map_err(RunError::Protocol)?,
+        ),
         None => None,
     };
     let handler = Arc::new(LocalHandler {
@@ -1116,6 +1172,7 @@ pub fn run(
         overflows: KeyCounts::default(),
         dgt_links: OnceLock::new(),
         dgt_up: Mutex::new(dgt_up),
+        losses: Mutex::new(BTreeMap::new()),
         admission: Admission::default(),
         start,
         per_local: job.rounds_per_local(),
@@ -1328,7 +1385,8 @@ pub fn run(
             .iter()
             .map(|c| c.sent.bytes.iter().sum::<u64>())
             .sum::<u64>();
-        let d = DgtRoleStats::from_clients(&cs);
+        let mut d = DgtRoleStats::from_clients(&cs);
+        d.reliable_share = lock(&handler.dgt_up).as_ref().map(DgtUplink::share);
         tracing::info!(
             lost = d.lost_blocks,
             late = d.late_blocks,

@@ -23,6 +23,11 @@ pub const PAYLOAD_VERSION: u32 = 2;
 /// the round it counts from; the payload is empty.
 pub const REJOIN_KEY: u64 = u64::MAX - 1;
 
+/// Push key with which a worker reports its training loss of round `version` to its local
+/// server under `transport.dgt.adaptive_k`: the payload is the loss as one little-endian f64,
+/// the reply is empty. The local server's DGT uplink sets its reliable share from the DC's mean.
+pub const LOSS_KEY: u64 = u64::MAX - 2;
+
 /// Flag bit of a pull's key at a global server: not θ but the reply of the round that made
 /// `version` of range `key & !REPLY_FLAG`, which a restarted HFA global server keeps for the
 /// round its checkpoint closed (`resilience.lost_global_server = "continue"`).

@@ -740,6 +740,22 @@ pub fn run(
                 round,
                 &mut split,
             )?;
+            if job.inter.dgt().is_some_and(|d| d.adaptive_k) && loss.is_finite() {
+                // The DC's loss steers its DGT uplink's reliable share; the empty reply is not
+                // awaited (this connection's next push fails if it broke).
+                client
+                    .push(
+                        super::msg::LOSS_KEY,
+                        round,
+                        PayloadCodec::Raw,
+                        0,
+                        0,
+                        &loss.to_le_bytes(),
+                    )
+                    .map_err(|e| {
+                        RunError::Net(format!("reporting the loss of round {round}"), e)
+                    })?;
+            }
         }
         let done = round + 1;
         let saving = saver.as_ref().is_some_and(|s| s.due(done));
