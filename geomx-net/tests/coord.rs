@@ -351,21 +351,35 @@ fn members_append_to_the_journal_and_strangers_cannot() {
     }
 }
 
+/// Coordinator options that keep a snapshot in a temporary file named after `name` (returned),
+/// with the reattach window `reattach`.
+fn persisted(
+    d: DriverKind,
+    name: &str,
+    reattach: Option<Duration>,
+) -> (std::path::PathBuf, CoordOptions) {
+    let file = std::env::temp_dir().join(format!("geomx-coord-{name}-{}", std::process::id()));
+    let o = CoordOptions {
+        net: net(d),
+        config_hash: 0xfeed,
+        registration_timeout: Duration::from_secs(10),
+        state_file: Some(file.clone()),
+        reattach_window: reattach,
+        ..CoordOptions::default()
+    };
+    (file, o)
+}
+
 /// A member's journal records outlive the member and a coordinator restart: its loss changes the
 /// membership, so the snapshot written then holds the journal, and a coordinator restored from
 /// that file starts with it.
 #[test]
 fn a_lost_members_journal_records_survive_a_coordinator_restart() {
     let d = DriverKind::Portable;
-    let file = std::env::temp_dir().join(format!("geomx-coord-journal-{}", std::process::id()));
+    let (file, o) = persisted(d, "journal", None);
     let o = CoordOptions {
-        net: net(d),
-        config_hash: 0xfeed,
-        registration_timeout: Duration::from_secs(10),
         rejoinable: vec!["worker".into()],
-        state_file: Some(file.clone()),
-        reattach_window: None,
-        ..CoordOptions::default()
+        ..o
     };
     let mut c = Coordinator::bind("127.0.0.1:0", expected(), o.clone()).unwrap();
     let addr = c.local_addr();
@@ -403,16 +417,7 @@ fn a_lost_members_journal_records_survive_a_coordinator_restart() {
 #[test]
 fn journal_records_reach_the_snapshot_file_without_a_membership_change() {
     let d = DriverKind::Portable;
-    let file =
-        std::env::temp_dir().join(format!("geomx-coord-journal-tick-{}", std::process::id()));
-    let o = CoordOptions {
-        net: net(d),
-        config_hash: 0xfeed,
-        registration_timeout: Duration::from_secs(10),
-        state_file: Some(file.clone()),
-        reattach_window: Some(Duration::from_secs(10)),
-        ..CoordOptions::default()
-    };
+    let (file, o) = persisted(d, "journal-tick", Some(Duration::from_secs(10)));
     let c = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
     let clients = register_all(c.local_addr(), d);
     clients[1].journal(b"round 7 summed ranks [0]").unwrap();
@@ -445,16 +450,7 @@ fn journal_records_reach_the_snapshot_file_without_a_membership_change() {
 #[test]
 fn a_restarted_coordinator_continues_the_job_from_its_snapshot() {
     for d in drivers() {
-        let file =
-            std::env::temp_dir().join(format!("geomx-coord-snapshot-{}-{d:?}", std::process::id()));
-        let o = CoordOptions {
-            net: net(d),
-            config_hash: 0xfeed,
-            registration_timeout: Duration::from_secs(10),
-            state_file: Some(file.clone()),
-            reattach_window: Some(Duration::from_secs(10)),
-            ..CoordOptions::default()
-        };
+        let (file, o) = persisted(d, &format!("snapshot-{d:?}"), Some(Duration::from_secs(10)));
         let mut c = Coordinator::bind("127.0.0.1:0", expected(), o.clone()).unwrap();
         let addr = c.local_addr();
         let members: Vec<_> = [("server", 0, 0), ("worker", 0, 0), ("worker", 1, 0)]

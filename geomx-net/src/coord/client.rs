@@ -173,6 +173,13 @@ impl CoordClient {
         Located::decode(&resp.payload)
     }
 
+    /// How long ago this process's own connection to the coordinator dropped while the job ran
+    /// ([`Located::dropped_ago`]; `None`: never, or not known): a member that finds a peer's
+    /// link broken tells from it whether it was the one away (stopped, or cut off).
+    pub fn own_dropped_ago(&self) -> Option<Duration> {
+        self.locate(&self.inner.hello.node_key()).ok()?.dropped_ago
+    }
+
     /// Appends `record` (at most [`JOURNAL_RECORD_MAX`](super::JOURNAL_RECORD_MAX) bytes) to the
     /// coordinator's journal and waits for it to be stored.
     pub fn journal(&self, record: &[u8]) -> Result<(), NetError> {

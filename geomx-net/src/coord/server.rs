@@ -147,9 +147,7 @@ impl Shared {
                     let membership = snap.encode();
                     let mut last = lock(&p.membership);
                     if *last != membership {
-                        self.journal_dirty.store(false, Ordering::SeqCst);
-                        snap.journal = lock(&self.journal).records().to_vec();
-                        p.save(p.next.fetch_add(1, Ordering::Relaxed), snap.encode());
+                        self.write_snapshot(p, &mut snap);
                         *last = membership;
                     }
                 }
@@ -171,9 +169,16 @@ impl Shared {
         }
         let st = lock(&self.state);
         if let Some(mut snap) = st.snapshot() {
-            snap.journal = lock(&self.journal).records().to_vec();
-            p.save(p.next.fetch_add(1, Ordering::Relaxed), snap.encode());
+            self.write_snapshot(p, &mut snap);
         }
+    }
+
+    /// Writes `snap` with the journal as it is now (the caller holds the state lock, which
+    /// orders the writes; lock order: state, then journal), which the file then holds.
+    fn write_snapshot(&self, p: &Persist, snap: &mut CoordSnapshot) {
+        self.journal_dirty.store(false, Ordering::SeqCst);
+        snap.journal = lock(&self.journal).records().to_vec();
+        p.save(p.next.fetch_add(1, Ordering::Relaxed), snap.encode());
     }
 
     /// Carries out queued actions. One thread at a time; a thread that finds another one doing

@@ -215,14 +215,17 @@ impl DgtUplink {
         })
     }
 
-    /// Under adaptive k: the DC's mean training loss `loss` of `round` sets the reliable share
-    /// (once per round; every range of the round shares it). Without, or without a loss yet,
-    /// the share stays.
-    pub fn observe_loss(&mut self, round: u64, loss: Option<f64>) {
-        let (Some((a, fed)), Some(loss)) = (self.adaptive.as_mut(), loss) else {
+    /// Under adaptive k: the DC's mean training loss (`loss`, asked once per round and only
+    /// under adaptive k) sets the reliable share of `round`; every range of the round shares
+    /// it. Without, or without a loss yet, the share stays.
+    pub fn observe_loss(&mut self, round: u64, loss: impl FnOnce() -> Option<f64>) {
+        let Some((a, fed)) = self.adaptive.as_mut() else {
             return;
         };
-        if *fed != Some(round) {
+        if *fed == Some(round) {
+            return;
+        }
+        if let Some(loss) = loss() {
             *fed = Some(round);
             self.k = a.update(loss);
         }
@@ -309,14 +312,14 @@ mod tests {
         };
         let mut up = DgtUplink::new(&d, ValueType::F32).unwrap();
         // No loss reported yet: the configured share.
-        up.observe_loss(0, None);
+        up.observe_loss(0, || None);
         assert_eq!(up.share(), 0.8);
         // dgt.md oracle 9: k = 0.8, k_min = 0.2, losses [2, 1, 0.5, 0.1] → [0.8, 0.4, 0.2, 0.2].
         let mut shares = Vec::new();
         for (round, loss) in [2.0, 1.0, 0.5, 0.1].into_iter().enumerate() {
-            up.observe_loss(round as u64, Some(loss));
+            up.observe_loss(round as u64, || Some(loss));
             // Every range of a round shares its share: a second report of the round is ignored.
-            up.observe_loss(round as u64, Some(100.0));
+            up.observe_loss(round as u64, || Some(100.0));
             shares.push(up.share());
         }
         assert_eq!(shares, [0.8, 0.4, 0.2, 0.2]);
@@ -329,8 +332,8 @@ mod tests {
         assert_eq!(map.iter().filter(|&&c| c == 0).count(), 1, "{map:?}");
         // Without adaptive k, losses change nothing.
         let mut fixed = DgtUplink::new(&DgtTransportConfig::default(), ValueType::F32).unwrap();
-        fixed.observe_loss(0, Some(2.0));
-        fixed.observe_loss(1, Some(0.1));
+        fixed.observe_loss(0, || Some(2.0));
+        fixed.observe_loss(1, || Some(0.1));
         assert_eq!(fixed.share(), 0.8);
         // A floor above k is refused.
         let bad = DgtTransportConfig {

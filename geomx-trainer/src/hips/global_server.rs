@@ -141,8 +141,8 @@ struct GlobalHandler {
 struct DcWatch {
     /// Both settings are on.
     on: bool,
-    /// The coordinator, once this process registered, and this process's key there.
-    coord: OnceLock<(CoordClient, geomx_net::coord::NodeKey)>,
+    /// The coordinator, once this process registered.
+    coord: OnceLock<CoordClient>,
     /// Versions saved whatever `every_rounds` says: the first every range completes after a
     /// membership change.
     forced: Mutex<std::collections::BTreeSet<u64>>,
@@ -188,7 +188,7 @@ impl DcWatch {
     /// DC `dc`'s local server as the coordinator sees it (`None`: not known).
     fn locate(&self, dc: usize) -> Option<geomx_net::coord::Located> {
         let key = geomx_net::coord::NodeKey::new(roles::LOCAL_SERVER, dc as u32, 0);
-        self.coord.get()?.0.locate(&key).ok()
+        self.coord.get()?.locate(&key).ok()
     }
 
     /// Whether this process's own connection to the coordinator dropped within `within`: it
@@ -196,8 +196,7 @@ impl DcWatch {
     fn was_away(&self, within: Duration) -> bool {
         self.coord
             .get()
-            .and_then(|(c, me)| c.locate(me).ok())
-            .and_then(|at| at.dropped_ago)
+            .and_then(CoordClient::own_dropped_ago)
             .is_some_and(|d| d <= within)
     }
 }
@@ -1222,8 +1221,7 @@ pub fn run(
     let (mut agg, mixed) = own_ranges(job, rank, resumed.as_mut())?;
     let saved_replies = saved_replies(job, rank, resumed.as_mut())?;
     if handler.dcs.on {
-        let me = geomx_net::coord::NodeKey::new(roles::GLOBAL_SERVER, plan.central_dc, rank);
-        let _ = handler.dcs.coord.set((node.coord.clone(), me));
+        let _ = handler.dcs.coord.set(node.coord.clone());
         // A restart counts the DCs its checkpoint's round counted; those lost meanwhile rejoin.
         if let (true, Some(res)) = (incarnation > 0, resumed.as_mut()) {
             let members = res

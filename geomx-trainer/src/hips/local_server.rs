@@ -729,10 +729,9 @@ fn exchange(
                 let up = up.as_mut().ok_or("dgt uplink not set")?;
                 // Adaptive k: the share of round r follows the DC's loss of round r − 1, which
                 // every worker reported before its pushes of round r.
-                up.observe_loss(
-                    round,
-                    round.checked_sub(1).and_then(|p| handler.mean_loss(p)),
-                );
+                up.observe_loss(round, || {
+                    round.checked_sub(1).and_then(|p| handler.mean_loss(p))
+                });
                 // The uplink's value type is the tier's dense type (`dgt::value_type`).
                 crate::codec::bytes::count_values(&mut counts, handler.inter.dense_type(), x.len());
                 let overflow = up.push(link, *id, version, x)?;

@@ -110,13 +110,6 @@ impl Rejoin {
         NodeKey::new(roles::GLOBAL_SERVER, self.central_dc, server as u32)
     }
 
-    /// How long ago this local server's own connection to the coordinator dropped, if it did
-    /// (it was stopped or cut off).
-    fn own_dropped_ago(&self) -> Option<Duration> {
-        let me = NodeKey::new(roles::LOCAL_SERVER, self.dc, 0);
-        self.coord.locate(&me).ok()?.dropped_ago
-    }
-
     /// Keeps the push of `payload` at `at` until a checkpoint covers it.
     fn keep(&self, at: At, payload: &[u8]) {
         let (id, version, offset, total) = at;
@@ -601,7 +594,7 @@ impl Upstream {
             let next = match r.coord.locate(&r.key(server)) {
                 Ok(at) if at.live && l.incarnation.is_none_or(|i| at.incarnation > i) => at,
                 Ok(at) if at.live && l.incarnation == Some(at.incarnation) => {
-                    let own = || r.own_dropped_ago();
+                    let own = || r.coord.own_dropped_ago();
                     match alive_verdict(started.elapsed(), r.dropped_after, at.dropped_ago, own) {
                         AliveVerdict::LeftOut => {
                             return Err(format!(
