@@ -524,10 +524,14 @@ mod tests {
         let p = off();
         let cfg = |id| scenario_config(id, &p).unwrap().1;
         for id in ScenarioId::ALL {
-            if id != ScenarioId::HfaBisparse {
-                assert_eq!(cfg(id).data.split, ShardStrategy::ByClass, "{id:?}");
-            }
+            assert_eq!(cfg(id).data.split, ShardStrategy::ByClass, "{id:?}");
         }
+        // HFA + Bi-Sparse is configurable now: sparse deltas, no momentum correction.
+        let hb = cfg(ScenarioId::HfaBisparse);
+        assert_eq!(hb.sync.algorithm, SyncAlgorithm::Hfa);
+        assert!(
+            matches!(&hb.compression.inter, crate::config::Codec::Bisparse(c) if c.momentum == 0.0)
+        );
         let mut iid = p.clone();
         iid.split = ShardStrategy::Iid;
         assert_eq!(

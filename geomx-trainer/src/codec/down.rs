@@ -10,7 +10,8 @@
 //!
 //! A key of R > 1 ranges travels to the workers as R segments ([`join_segments`]).
 
-use geomx_kernels::{SparseVec, ValueType};
+use geomx_kernels::{topk_exact, SparseVec, TopkScratch, ValueType};
+use geomx_net::PayloadCodec;
 
 use super::{Encoded, TierCodec, Update};
 use crate::config::SyncAlgorithm;
@@ -149,6 +150,41 @@ pub fn dense_step(
     })
 }
 
+/// The global server's side of an increment `delta` of a range of a sparse key under a
+/// milestone algorithm (HFA with Bi-Sparse or MPQ's large keys): the `k` entries largest in
+/// magnitude (exact top-k; zeros are never sent) as a sparse codec payload in the inter tier's
+/// sparse value type. The local server decodes it densely and forwards it like any dense
+/// increment ([`forward_dense`]); `applied` is what the workers decode. The caller carries
+/// `delta − applied` into the next increment: the down direction's error feedback.
+pub fn sparse_step(
+    delta: &[f32],
+    k: usize,
+    inter: &TierCodec,
+    intra: &TierCodec,
+    range: usize,
+) -> Result<DenseStep, String> {
+    let mut idx = Vec::new();
+    topk_exact(delta, k, &mut TopkScratch::default(), &mut idx).map_err(|e| e.to_string())?;
+    let values = idx.iter().map(|&i| delta[i as usize]).collect();
+    let sparse = SparseVec::new(delta.len() as u32, idx, values)
+        .map_err(|e| format!("range {range}: {e}"))?;
+    let mut bytes = Vec::new();
+    let nonfinite = sparse.encode(inter.sparse_values(), inter.scaling(), &mut bytes);
+    let up_overflow = nonfinite.saturating_sub(super::count_nonfinite(sparse.values()));
+    let at_local = super::decode_any(&bytes, range, delta.len())?;
+    let seg = forward_dense(&at_local, intra);
+    let applied = intra.decode_dense(&seg.bytes, range, delta.len())?;
+    Ok(DenseStep {
+        reply: Encoded {
+            codec: PayloadCodec::Raw,
+            bytes,
+            overflow: up_overflow,
+        },
+        applied,
+        overflow: up_overflow + seg.overflow,
+    })
+}
+
 /// The local server's segment for a dense range it decoded (`y`): `y` in the intra codec.
 pub fn forward_dense(y: &[f32], intra: &TierCodec) -> Encoded {
     intra.encode_dense(y)
@@ -255,6 +291,44 @@ mod tests {
         }
         let exact = dense_step(&delta, &none, &none, 0).unwrap();
         assert_eq!(exact.applied, delta);
+    }
+
+    /// HFA's sparse increment: at most k entries, the largest in magnitude, zeros never sent;
+    /// for every LAN codec `applied` is what a local server then a worker decode, and with f32
+    /// sparse values the sent entries are δ's own.
+    #[test]
+    fn sparse_step_sends_the_k_largest_and_is_what_the_workers_decode() {
+        let mut delta = awkward(200, 3);
+        delta[10] = 0.0;
+        delta[11] = -0.0;
+        let codec = crate::config::Codec::Bisparse(crate::config::SparseCodec::default());
+        let inter = TierCodec::from_config(&codec, 1);
+        for intra in tiers() {
+            let s = sparse_step(&delta, 12, &inter, &intra, 5).unwrap();
+            assert_eq!(s.reply.codec, PayloadCodec::Raw);
+            let y = crate::codec::decode_any(&s.reply.bytes, 5, delta.len()).unwrap();
+            let sent: Vec<usize> = (0..y.len()).filter(|&i| y[i] != 0.0).collect();
+            assert_eq!(sent.len(), 12, "{intra:?}");
+            let smallest_sent = sent
+                .iter()
+                .map(|&i| delta[i].abs())
+                .fold(f32::MAX, f32::min);
+            for i in 0..delta.len() {
+                if sent.contains(&i) {
+                    assert_eq!(y[i].to_bits(), delta[i].to_bits());
+                } else {
+                    assert!(delta[i].abs() <= smallest_sent, "{i}");
+                }
+            }
+            let seg = forward_dense(&y, &intra);
+            let z = intra.decode_dense(&seg.bytes, 5, delta.len()).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&z), bits(&s.applied), "{intra:?}");
+        }
+        // Fewer non-zeros than k: all of them, nothing else.
+        let few = [0.0, 2.5, 0.0, -1.0];
+        let s = sparse_step(&few, 3, &inter, &TierCodec::default(), 0).unwrap();
+        assert_eq!(s.applied, few.to_vec());
     }
 
     #[test]

@@ -759,8 +759,8 @@ fn bad_sync_values_name_their_field() {
         ),
         (format!("{hfa}[sync.hfa]\nk1 = 0"), "sync.hfa.k1"),
         (
-            format!("{hfa}[compression.inter]\ncodec = \"bisparse\""),
-            "compression.inter.codec",
+            format!("{hfa}[compression.inter]\ncodec = \"bisparse\"\nmomentum = 0.5"),
+            "compression.inter.momentum",
         ),
         (format!("{hfa}[sync.hfa]\nk2 = 0"), "sync.hfa.k2"),
         (
@@ -790,6 +790,21 @@ fn bad_sync_values_name_their_field() {
         "{mixed}[train.optimizer]\nkind = \"adam\"\n[sync.mixed]\noptimizer = \"plain\"\nlambda = -1.0"
     ))
     .unwrap();
+    // HFA + Bi-Sparse: momentum correction is refused even with momentum-free SGD, and the
+    // sparse codecs themselves are accepted (model deltas with error feedback).
+    let sgd = "[train.optimizer]\nkind = \"sgd\"\nmomentum = 0.0\n";
+    match Config::from_toml_str(&format!(
+        "{hfa}{sgd}[compression.inter]\ncodec = \"bisparse\"\nmomentum = 0.5"
+    )) {
+        Err(ConfigError::Invalid { field, message }) => {
+            assert_eq!(field, "compression.inter.momentum");
+            assert!(message.contains("model deltas"), "{message}");
+        }
+        other => panic!("expected the HFA momentum error, got {other:?}"),
+    }
+    for codec in ["bisparse", "mpq"] {
+        Config::from_toml_str(&format!("{hfa}[compression.inter]\ncodec = \"{codec}\"")).unwrap();
+    }
     let err = Config::from_toml_str("[sync.hfa]\nk3 = 1").unwrap_err();
     assert!(err.to_string().contains("k3"), "{err}");
 }

@@ -205,11 +205,21 @@ impl Config {
             }
             SyncAlgorithm::Hfa => {
                 let h = &s.hfa;
-                check(
-                    !matches!(self.compression.inter, Codec::Bisparse(_) | Codec::Mpq(_)),
-                    || "compression.inter.codec".into(),
-                    || "sparse codecs are not implemented for sync.algorithm = \"hfa\"".into(),
-                )?;
+                // Sparse codecs carry model deltas here: DGC's momentum correction is defined
+                // for gradients only.
+                if let Codec::Bisparse(c) | Codec::Mpq(c) = &self.compression.inter {
+                    check(
+                        c.momentum == 0.0,
+                        || "compression.inter.momentum".into(),
+                        || {
+                            format!(
+                                "momentum correction m = {} is for gradients; under \
+                                 sync.algorithm = \"hfa\" the codec carries model deltas: set 0",
+                                c.momentum
+                            )
+                        },
+                    )?;
+                }
                 check(h.k1 >= 1, || "sync.hfa.k1".into(), || "must be >= 1".into())?;
                 check(h.k2 >= 1, || "sync.hfa.k2".into(), || "must be >= 1".into())?;
                 if h.outer == OuterOptimizer::Nesterov {

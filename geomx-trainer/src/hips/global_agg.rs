@@ -20,7 +20,7 @@ use geomx_kernels::SparseVec;
 use geomx_net::PayloadCodec;
 
 use super::AggError;
-use crate::codec::down::{dense_step, sparse_mean, ReplyMode};
+use crate::codec::down::{dense_step, sparse_mean, sparse_step, DenseStep, ReplyMode};
 use crate::codec::{count_nonfinite, f32_bytes, TierCodec, Update};
 use crate::config::NonFinitePolicy;
 
@@ -101,6 +101,25 @@ struct RangeState {
     /// Delta mode with a lossy tier: the part of past increments the codecs did not carry, added
     /// to the next increment (error feedback; empty otherwise).
     carry: Vec<f32>,
+    /// Delta mode of a sparse key (HFA with a sparse inter codec): increments go down as their
+    /// `k` largest entries ([`sparse_step`]), the rest stays in `carry`.
+    sparse_k: Option<usize>,
+}
+
+impl RangeState {
+    /// The encoded increment `delta` of this range (sparse or dense, per [`RangeState::sparse_k`]).
+    fn increment(
+        &self,
+        delta: &[f32],
+        inter: &TierCodec,
+        intra: &TierCodec,
+        id: usize,
+    ) -> Result<DenseStep, String> {
+        match self.sparse_k {
+            Some(k) => sparse_step(delta, k, inter, intra, id),
+            None => dense_step(delta, inter, intra, id),
+        }
+    }
 }
 
 /// Why a round was dropped for a range.
@@ -298,6 +317,7 @@ impl GlobalAggregator {
                 pushes: vec![None; self.n_dcs],
                 mode: ReplyMode::Theta,
                 carry: Vec::new(),
+                sparse_k: None,
             },
         );
     }
@@ -313,6 +333,15 @@ impl GlobalAggregator {
             } else {
                 Vec::new()
             };
+        }
+    }
+
+    /// Range `id` (Delta mode) sends its increments as their `k` largest entries and carries the
+    /// rest into the next increment (HFA with a sparse inter codec).
+    pub fn set_sparse_increments(&mut self, id: usize, k: usize) {
+        if let Some(r) = self.ranges.get_mut(&id) {
+            r.sparse_k = Some(k);
+            r.carry = vec![0.0; r.params.len()];
         }
     }
 
@@ -600,7 +629,8 @@ fn step_range(
                 for (d, &c) in delta.iter_mut().zip(&r.carry) {
                     *d += c;
                 }
-                let s = dense_step(&delta, inter, intra, id)
+                let s = r
+                    .increment(&delta, inter, intra, id)
                     .map_err(|_| SkipCause::NonFinite("encoded increment"))?;
                 finite(&s.applied, "encoded increment")?;
                 if r.params
@@ -667,7 +697,7 @@ fn skip_reply(
         ReplyMode::Theta => Reply::Dense(PayloadCodec::DenseF32, f32_bytes(&r.params).into_owned()),
         ReplyMode::Delta => {
             let zeros = vec![0.0f32; r.params.len()];
-            let s = dense_step(&zeros, inter, intra, id).map_err(internal)?;
+            let s = r.increment(&zeros, inter, intra, id).map_err(internal)?;
             for (p, &z) in r.params.iter_mut().zip(&s.applied) {
                 *p += z;
             }
@@ -1001,6 +1031,87 @@ mod tests {
         let (_, theta) = global.get(0).unwrap();
         for i in 0..n {
             assert!((theta[i] - exact[i]).abs() <= 0.1 / 128.0, "element {i}");
+        }
+    }
+
+    /// HFA with Bi-Sparse: DCs push sparse model deltas; the increment goes down as its k
+    /// largest entries. With no more than k non-zeros it is exactly the mean delta (against an
+    /// element-wise reference); with more, the rest is carried and sent in the next round, so
+    /// the milestone ends at θ_0 + Σ mean deltas, bit for bit.
+    #[test]
+    fn sparse_increments_send_the_largest_entries_and_carry_the_rest() {
+        let n = 40;
+        let theta0 = vals(3, n);
+        let codec = crate::config::Codec::Bisparse(crate::config::SparseCodec {
+            min_size: 1,
+            ..Default::default()
+        });
+        let (inter, intra) = (tier(codec), TierCodec::default());
+        let mut global = GlobalAggregator::new(2, 2).with_codecs(inter, intra);
+        let avg = crate::config::HfaConfig::default();
+        let opt = Box::new(crate::hips::hfa::OuterStep::new(&avg, n).unwrap());
+        global.add_range(0, theta0.clone(), 0, opt);
+        global.set_mode(0, ReplyMode::Delta);
+        global.set_sparse_increments(0, 6);
+        let sparse = |entries: &[(usize, f32)]| {
+            let mut v = vec![0.0f32; n];
+            for &(i, x) in entries {
+                v[i] = x;
+            }
+            v
+        };
+        let rounds = [
+            // 5 distinct non-zeros in the mean: all sent.
+            (
+                sparse(&[(1, 0.5), (5, -0.25), (9, 0.125)]),
+                sparse(&[(5, 0.75), (20, -1.5), (30, 0.0625)]),
+            ),
+            // 10: the 6 largest in magnitude go, 4 are carried.
+            (
+                sparse(&[(0, 0.1), (2, -0.9), (4, 0.3), (6, 0.7), (8, -0.05)]),
+                sparse(&[(11, 0.2), (13, -0.6), (15, 0.4), (17, 0.8), (19, -0.01)]),
+            ),
+            // Nothing new: the 4 carried entries go.
+            (vec![0.0; n], vec![0.0; n]),
+        ];
+        let mut replica = theta0.clone();
+        let mut want = theta0.clone();
+        let mut sent = Vec::new();
+        for (round, (a, b)) in rounds.iter().enumerate() {
+            let round = round as u64;
+            assert!(global
+                .push_round(0, 0, round, (Some(a.clone()), 1))
+                .unwrap()
+                .is_none());
+            let d = global
+                .push_round(0, 1, round, (Some(b.clone()), 1))
+                .unwrap()
+                .unwrap();
+            // What a local server decodes (and, with a plain LAN, what the workers add).
+            let z = crate::codec::decode_any(&d.reply, 0, n).unwrap();
+            sent.push(z.iter().filter(|x| **x != 0.0).count());
+            for (p, dz) in replica.iter_mut().zip(&z) {
+                *p += *dz;
+            }
+            for i in 0..n {
+                want[i] += (a[i] + b[i]) / 2.0;
+            }
+            if round == 0 {
+                for i in 0..n {
+                    assert_eq!(z[i].to_bits(), ((a[i] + b[i]) / 2.0).to_bits(), "{i}");
+                }
+            }
+            if round == 1 {
+                // The six largest |mean|: 0.45 (2), 0.35 (6), 0.4 (17), 0.3 (13), 0.2 (15), 0.15 (4).
+                let nz: Vec<usize> = (0..n).filter(|&i| z[i] != 0.0).collect();
+                assert_eq!(nz, vec![2, 4, 6, 13, 15, 17]);
+            }
+        }
+        assert_eq!(sent, vec![5, 6, 4]);
+        let (_, theta) = global.get(0).unwrap();
+        for i in 0..n {
+            assert_eq!(theta[i].to_bits(), replica[i].to_bits(), "replica {i}");
+            assert_eq!(theta[i].to_bits(), want[i].to_bits(), "reference {i}");
         }
     }
 

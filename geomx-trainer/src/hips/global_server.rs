@@ -1050,6 +1050,9 @@ fn own_ranges(
         };
         agg.add_range(id, vals, start, opt);
         agg.set_mode(id, mode);
+        if let Some(k) = job.sparse_increments(r.key, r.len) {
+            agg.set_sparse_increments(id, k);
+        }
         if let Some(res) = resumed.as_deref_mut() {
             let carry = res.f32_any(&format!("carry.{id}"))?;
             agg.set_carry(id, carry).map_err(|e| res.misfit(e))?;

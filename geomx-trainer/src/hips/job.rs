@@ -316,6 +316,20 @@ impl JobSpec {
         ReplyMode::of(self.sync, &self.inter, &self.intra, len)
     }
 
+    /// HFA with a sparse inter codec: the number of entries a range of `range_len` elements of
+    /// `key` sends down per increment (D times what each DC sends up, at most the range), or
+    /// `None` where increments travel densely.
+    pub fn sparse_increments(&self, key: usize, range_len: usize) -> Option<usize> {
+        let len = self.plan.key_lens.get(key).copied().unwrap_or(0);
+        let spec = self
+            .inter
+            .sparse()
+            .filter(|_| self.inter.is_sparse_key(len))?;
+        self.hfa_periods()?;
+        let up = geomx_kernels::topk::k_for_density(spec.bisparse.density, range_len);
+        Some((up * self.plan.num_dcs()).min(range_len))
+    }
+
     /// Whether a lost worker leaves the job running (`resilience.lost_worker = "continue"`).
     pub fn workers_may_rejoin(&self) -> bool {
         self.lost_worker == LostWorker::Continue

@@ -690,8 +690,9 @@ fn exchange(
     let key_len = handler.key_lens[key];
     let mut pending = Vec::with_capacity(ranges.len());
     let pushing = !matches!(sum, UpSum::Pull);
-    let sparse =
-        matches!(sum, UpSum::Sparse(..)) || (pushing && handler.modes[key] == ReplyMode::Sparse);
+    // Sparse replies: FSA's sparse keys. HFA's sparse keys push sparse deltas but are answered
+    // with increments (dense, or a sparse codec payload the dense branch decodes).
+    let sparse = pushing && handler.modes[key] == ReplyMode::Sparse;
     let mut counts = CodecBytes::new();
     let (values, mut compressors, skip) = match sum {
         UpSum::Pull => (None, None, false),
@@ -796,7 +797,10 @@ fn exchange(
             if pushing {
                 count_dense(&mut counts, resp.codec, &resp.payload);
             }
-            let vals = decode_values(resp.codec, &resp.payload, id, r.len)?;
+            let vals = match resp.codec {
+                PayloadCodec::Raw => crate::codec::decode_any(&resp.payload, id, r.len)?,
+                codec => decode_values(codec, &resp.payload, id, r.len)?,
+            };
             let bad = count_nonfinite(&vals);
             if bad > 0 {
                 return Err(format!("range {id}: {bad} non-finite values in the reply"));
@@ -1053,6 +1057,7 @@ impl Uplink {
             None => None,
         };
         let up = match &delta {
+            Some(d) if !self.compressors.is_empty() => UpSum::Sparse(d, &mut self.compressors),
             Some(d) => UpSum::Dense(d),
             None => UpSum::Skip,
         };
