@@ -965,6 +965,19 @@ mod tests {
         assert_eq!(global.range_ids().collect::<Vec<_>>(), vec![0]);
     }
 
+    /// DC 0 then DC 1 (one worker each) push `a` and `b` for range 0 at `round`; the second
+    /// push completes the round.
+    fn two_dc_round(global: &mut GlobalAggregator, round: u64, a: &[f32], b: &[f32]) -> RoundDone {
+        assert!(global
+            .push_round(0, 0, round, (Some(a.to_vec()), 1))
+            .unwrap()
+            .is_none());
+        global
+            .push_round(0, 1, round, (Some(b.to_vec()), 1))
+            .unwrap()
+            .unwrap()
+    }
+
     fn tier(codec: crate::config::Codec) -> TierCodec {
         TierCodec::from_config(&codec, 1)
     }
@@ -991,14 +1004,7 @@ mod tests {
         let mut exact = theta0.clone();
         for round in 0..5u64 {
             let (a, b) = (vals(round as u32 + 10, n), vals(round as u32 + 20, n));
-            assert!(global
-                .push_round(0, 0, round, (Some(a.clone()), 1))
-                .unwrap()
-                .is_none());
-            let d = global
-                .push_round(0, 1, round, (Some(b.clone()), 1))
-                .unwrap()
-                .unwrap();
+            let d = two_dc_round(&mut global, round, &a, &b);
             assert_eq!(d.version, round + 1);
             assert!(d.skipped.is_none());
             // Local server, then worker.
@@ -1079,14 +1085,7 @@ mod tests {
         let mut sent = Vec::new();
         for (round, (a, b)) in rounds.iter().enumerate() {
             let round = round as u64;
-            assert!(global
-                .push_round(0, 0, round, (Some(a.clone()), 1))
-                .unwrap()
-                .is_none());
-            let d = global
-                .push_round(0, 1, round, (Some(b.clone()), 1))
-                .unwrap()
-                .unwrap();
+            let d = two_dc_round(&mut global, round, a, b);
             // What a local server decodes (and, with a plain LAN, what the workers add).
             let z = crate::codec::decode_any(&d.reply, 0, n).unwrap();
             sent.push(z.iter().filter(|x| **x != 0.0).count());
