@@ -369,6 +369,7 @@ impl UringDriver {
             opener: secure.opener,
             plain: Vec::new(),
             hold_input,
+            held_since: None,
         };
         if !self.shared.send(Cmd::Attach(idx, Box::new(uc))) {
             return Err(NetError::Shutdown);
@@ -693,7 +694,7 @@ struct CurSend {
     zc: bool,
 }
 
-#[derive(PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 enum RecvState {
     Idle,
     Scratch,
@@ -727,6 +728,9 @@ struct UConn {
     plain: Vec<u8>,
     /// Accepted connection: its input waits while its output is over [`MAX_QUEUED`].
     hold_input: bool,
+    /// Since when its input has waited (held frames or output over the bound), and whether
+    /// that was reported.
+    held_since: Option<(Instant, bool)>,
 }
 
 impl UConn {
@@ -903,6 +907,32 @@ impl Ring {
     /// reading (it may still send, so the receive side's liveness check does not see it). Their
     /// senders' waits end with the connection.
     fn drop_stalled(&mut self, now: Instant) {
+        for c in self.conns.values_mut() {
+            let holding = !c.dead && (!c.held.is_empty() || c.output_over_bound());
+            if !holding {
+                c.held_since = None;
+                continue;
+            }
+            let (since, told) = c.held_since.get_or_insert((now, false));
+            if !*told && now.saturating_duration_since(*since) >= Duration::from_secs(2) {
+                *told = true;
+                let queue_bytes: usize = c.queue.iter().map(|i| i.ptr_len().1).sum();
+                let cur = c.cur.as_ref().map(|cur| {
+                    let t = &cur.track;
+                    (t.total, t.sent, t.result_pending, t.notifs_pending, cur.zc)
+                });
+                tracing::warn!(
+                    peer = %c.link.peer_addr(),
+                    queued = c.queued.load(Ordering::Acquire),
+                    queue_items = c.queue.len(),
+                    queue_bytes,
+                    ?cur,
+                    held = c.held.len(),
+                    recv = ?c.recv,
+                    "input held for 2 s"
+                );
+            }
+        }
         let limit = self.opts.conn.peer_timeout;
         let stalled: Vec<(usize, Duration, usize)> = self
             .conns
