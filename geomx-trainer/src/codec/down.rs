@@ -140,8 +140,20 @@ pub fn dense_step(
 ) -> Result<DenseStep, String> {
     let reply = inter.encode_dense(delta);
     let at_local = inter.decode_dense(&reply.bytes, range, delta.len())?;
-    let seg = forward_dense(&at_local, intra);
-    let applied = intra.decode_dense(&seg.bytes, range, delta.len())?;
+    to_workers(reply, &at_local, intra, range)
+}
+
+/// The rest of an increment's way down, shared by [`dense_step`] and [`sparse_step`]: the local
+/// server re-encodes what it decoded (`at_local`) with the intra codec, and `applied` is what
+/// the workers decode from that.
+fn to_workers(
+    reply: Encoded,
+    at_local: &[f32],
+    intra: &TierCodec,
+    range: usize,
+) -> Result<DenseStep, String> {
+    let seg = forward_dense(at_local, intra);
+    let applied = intra.decode_dense(&seg.bytes, range, at_local.len())?;
     let overflow = reply.overflow + seg.overflow;
     Ok(DenseStep {
         reply,
@@ -172,17 +184,12 @@ pub fn sparse_step(
     let nonfinite = sparse.encode(inter.sparse_values(), inter.scaling(), &mut bytes);
     let up_overflow = nonfinite.saturating_sub(super::count_nonfinite(sparse.values()));
     let at_local = super::decode_any(&bytes, range, delta.len())?;
-    let seg = forward_dense(&at_local, intra);
-    let applied = intra.decode_dense(&seg.bytes, range, delta.len())?;
-    Ok(DenseStep {
-        reply: Encoded {
-            codec: PayloadCodec::Raw,
-            bytes,
-            overflow: up_overflow,
-        },
-        applied,
-        overflow: up_overflow + seg.overflow,
-    })
+    let reply = Encoded {
+        codec: PayloadCodec::Raw,
+        bytes,
+        overflow: up_overflow,
+    };
+    to_workers(reply, &at_local, intra, range)
 }
 
 /// The local server's segment for a dense range it decoded (`y`): `y` in the intra codec.

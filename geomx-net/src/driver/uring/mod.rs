@@ -882,6 +882,7 @@ impl Ring {
         if now >= self.next_tick {
             self.next_tick = now + self.opts.tick;
             self.drop_stalled(now);
+            self.report_held_input(now);
             let links: Vec<Arc<Link>> = self
                 .conns
                 .values()
@@ -903,10 +904,10 @@ impl Ring {
         HELD.with(|h| h.borrow_mut().retain(|r| *r != id));
     }
 
-    /// Drops connections whose output made no progress for the peer timeout: the peer stopped
-    /// reading (it may still send, so the receive side's liveness check does not see it). Their
-    /// senders' waits end with the connection.
-    fn drop_stalled(&mut self, now: Instant) {
+    /// Warns once when an accepted connection's input has waited 2 s for its output to drain
+    /// (held frames or output over [`MAX_QUEUED`]), with the state of its output: the sign of a
+    /// hold that does not end (docs/benchmarks.md, the e2e hang).
+    fn report_held_input(&mut self, now: Instant) {
         for c in self.conns.values_mut() {
             let holding = !c.dead && (!c.held.is_empty() || c.output_over_bound());
             if !holding {
@@ -933,6 +934,12 @@ impl Ring {
                 );
             }
         }
+    }
+
+    /// Drops connections whose output made no progress for the peer timeout: the peer stopped
+    /// reading (it may still send, so the receive side's liveness check does not see it). Their
+    /// senders' waits end with the connection.
+    fn drop_stalled(&mut self, now: Instant) {
         let limit = self.opts.conn.peer_timeout;
         let stalled: Vec<(usize, Duration, usize)> = self
             .conns
