@@ -228,7 +228,7 @@ fn datagrams_from_another_host_are_invalid() {
     let spoof = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
     let mut d = vec![0u8; 32 + 400];
     d[0..2].copy_from_slice(&0x4758u16.to_le_bytes());
-    d[2] = 1; // version
+    d[2] = geomx_net::dgt::DGT_VERSION;
     d[3] = 48; // block
     d[4] = 1; // channel
     d[8..12].copy_from_slice(&7u32.to_le_bytes());

@@ -36,6 +36,14 @@ pub struct DgtConfig {
     pub terminator: TerminatorMode,
     /// How long the receiver waits for listed blocks after the terminator.
     pub deadline: Duration,
+    /// The sender's priority window in payload bytes: (key, round)s enter the per-channel
+    /// queues in push order while the entered but unfinished ones hold at most this many bytes
+    /// (at least one always enters). Strict channel priority then holds within the window, and
+    /// a (key, round) is finished, its terminator sent, before much later data goes: the
+    /// receiver delivers early tensors while later ones are still on the way, as a TCP push
+    /// does. `None`: one window over everything queued (dgt.md's strict priority across all
+    /// keys, which holds every terminator until all reliable blocks of all keys are out).
+    pub window_bytes: Option<usize>,
 }
 
 impl Default for DgtConfig {
@@ -48,9 +56,13 @@ impl Default for DgtConfig {
             ip_overhead: IPV4_UDP_OVERHEAD,
             terminator: TerminatorMode::AfterAll,
             deadline: Duration::from_millis(5),
+            window_bytes: Some(DEFAULT_WINDOW_BYTES),
         }
     }
 }
+
+/// Default priority window of the sender ([`DgtConfig::window_bytes`]): 1 MiB.
+pub const DEFAULT_WINDOW_BYTES: usize = 1 << 20;
 
 impl DgtConfig {
     /// Checks the ranges.
@@ -66,6 +78,11 @@ impl DgtConfig {
                 "channels {} not in 1..=7",
                 self.channels
             )));
+        }
+        if self.window_bytes == Some(0) {
+            return Err(DgtError::Invalid(
+                "window_bytes must be positive (None: no window)".into(),
+            ));
         }
         if self.rate_bps == Some(0) || self.burst == 0 {
             return Err(DgtError::Invalid("rate and burst must be positive".into()));

@@ -26,7 +26,7 @@ use super::{DgtError, ValueType, MAX_CHANNELS, NOT_SENT};
 /// Header magic (`"GX"` read as a little-endian u16 is 0x5847; the spec fixes 0x4758).
 pub const DGT_MAGIC: u16 = 0x4758;
 /// DGT header version spoken by this crate.
-pub const DGT_VERSION: u8 = 1;
+pub const DGT_VERSION: u8 = 2;
 /// Size of [`DgtHeader`] in bytes.
 pub const DGT_HEADER_LEN: usize = 32;
 

@@ -21,13 +21,14 @@ mod sender;
 pub mod udp;
 
 pub use config::{
-    auto_block_bytes, DgtConfig, TerminatorMode, IPV4_UDP_OVERHEAD, IPV6_UDP_OVERHEAD,
+    auto_block_bytes, DgtConfig, TerminatorMode, DEFAULT_WINDOW_BYTES, IPV4_UDP_OVERHEAD,
+    IPV6_UDP_OVERHEAD,
 };
 pub use header::{DgtKind, Header, DGT_HEADER_LEN, DGT_MAGIC, DGT_VERSION};
 pub use pacing::TokenBucket;
 pub use receiver::{ChannelCounters, Delivery, DgtReceiver};
 pub use report::{ChannelRound, RoundReport};
-pub use sender::{DgtSender, SenderCounters, Transmit, Values};
+pub use sender::{DgtSender, SenderCounters, Transmit, Values, RELIABLE_RUN_BYTES};
 pub use udp::UdpChannels;
 
 /// Marker in `channel_of_block` for a block that is not sent.

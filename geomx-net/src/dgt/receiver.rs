@@ -236,13 +236,16 @@ impl DgtReceiver {
             return Err(DgtError::BadChannel(h.channel));
         }
         match h.kind {
-            DgtKind::Block => self.on_block(now, &h, &k, payload, msg.len()),
+            DgtKind::Block => self.on_blocks(now, &h, &k, payload, msg.len()),
             DgtKind::End => self.on_end(now, &h, &k, payload, msg.len()),
             DgtKind::Report => Err(DgtError::BadKind(DgtKind::Report as u8)),
         }
     }
 
-    fn on_block(
+    /// A block message: one block, or (reliable channel only) a run of consecutive whole blocks
+    /// from `h.block` on, the last one possibly the tensor's shorter tail. Checked whole, then
+    /// taken block by block.
+    fn on_blocks(
         &mut self,
         now: Instant,
         h: &Header,
@@ -257,21 +260,56 @@ impl DgtReceiver {
             });
         }
         let off = h.block * k.per;
-        let cnt = off.saturating_add(k.per).min(k.n) - off;
-        if h.elem_offset != off || h.elem_count != cnt {
+        let end = u64::from(off) + u64::from(h.elem_count);
+        let whole = h.elem_count > 0
+            && end <= u64::from(k.n)
+            && (end % u64::from(k.per) == 0 || end == u64::from(k.n));
+        let one_block = h.elem_count <= k.per;
+        if h.elem_offset != off || !whole || (h.channel != 0 && !one_block) {
             return Err(DgtError::BadElemRange {
                 block: h.block,
                 offset: h.elem_offset,
                 count: h.elem_count,
             });
         }
-        let want = cnt as usize * k.value_type.size();
+        let e = k.value_type.size();
+        let want = h.elem_count as usize * e;
         if payload.len() != want {
             return Err(DgtError::BadPayloadLen {
                 got: payload.len(),
                 want,
             });
         }
+        let blocks = h.elem_count.div_ceil(k.per);
+        for j in 0..blocks {
+            let b = h.block + j;
+            let o = b * k.per;
+            let c = k.per.min(k.n - o);
+            let sub = Header {
+                block: b,
+                elem_offset: o,
+                elem_count: c,
+                ..*h
+            };
+            let from = (o - off) as usize * e;
+            let bytes = &payload[from..from + c as usize * e];
+            // The header counts once, with the run's first block.
+            let head = if j == 0 { len - payload.len() } else { 0 };
+            self.on_block(now, &sub, k, bytes, head + bytes.len())?;
+        }
+        Ok(())
+    }
+
+    /// One block whose header [`Self::on_blocks`] checked: `payload` holds exactly its values.
+    fn on_block(
+        &mut self,
+        now: Instant,
+        h: &Header,
+        k: &KeyInfo,
+        payload: &[u8],
+        len: usize,
+    ) -> Result<(), DgtError> {
+        let off = h.elem_offset;
         let ch = usize::from(h.channel);
         let b = h.block as usize;
         let sid = (h.sender, h.key);
@@ -353,7 +391,7 @@ impl DgtReceiver {
         write_block(
             k.value_type,
             payload,
-            &mut slot.values[off as usize..(off + cnt) as usize],
+            &mut slot.values[off as usize..(off + h.elem_count) as usize],
         );
         if idx == 0 && slot.complete() {
             self.advance(sid, now, false);
@@ -695,6 +733,67 @@ mod tests {
         let d0 = rx.poll_delivery().unwrap();
         assert!(d0.timed_out && d0.missing == [1]);
         assert_eq!(rx.poll_delivery().unwrap().round, 1);
+    }
+
+    #[test]
+    fn reliable_runs_deliver_like_blocks_and_bad_runs_are_refused() {
+        let t = Instant::now();
+        let x: Vec<f32> = (0..12).map(|i| i as f32 - 5.5).collect();
+        // All three blocks reliable: one run and the terminator.
+        let m = round(1, 0, &x, &[0, 0, 0]);
+        assert_eq!(m.len(), 2);
+        let mut r = rx();
+        feed(&mut r, t, &m);
+        let d = r.poll_delivery().expect("delivered");
+        assert_eq!(d.values, x);
+        assert!(d.missing.is_empty());
+        let c = &r.counters()[0];
+        assert_eq!((c.received, c.on_time), (3, 3));
+        assert_eq!(c.bytes, m.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
+        // Runs that do not cover whole blocks from their first one, or leave the tensor.
+        let msg = |channel: u8, block: u32, offset: u32, count: u32, extra: usize| {
+            let mut b = Vec::new();
+            Header {
+                kind: DgtKind::Block,
+                channel,
+                value_type: ValueType::F32,
+                sender: 3,
+                key: 1,
+                round: 1,
+                block,
+                elem_offset: offset,
+                elem_count: count,
+            }
+            .encode_into(&mut b);
+            b.resize(b.len() + count as usize * 4 + extra, 0);
+            b
+        };
+        let mut r = rx();
+        for (block, offset, count) in [(0, 0, 6), (0, 0, 13), (0, 4, 8), (1, 4, 0), (2, 8, 8)] {
+            let e = r.handle_reliable(t, &msg(0, block, offset, count, 0));
+            assert!(
+                matches!(e, Err(DgtError::BadElemRange { .. })),
+                "{block} {offset} {count}: {e:?}"
+            );
+        }
+        assert!(matches!(
+            r.handle_reliable(t, &msg(0, 3, 12, 0, 0)),
+            Err(DgtError::BlockOutOfRange { .. })
+        ));
+        assert!(matches!(
+            r.handle_reliable(t, &msg(0, 0, 0, 8, 1)),
+            Err(DgtError::BadPayloadLen { .. })
+        ));
+        // A datagram carries exactly one block.
+        assert!(matches!(
+            r.handle_datagram(t, &msg(1, 0, 0, 8, 0)),
+            Err(DgtError::BadElemRange { .. })
+        ));
+        // Whole runs are fine: blocks 1–2 (the tail of 4), then block 0.
+        r.handle_reliable(t, &msg(0, 1, 4, 8, 0)).unwrap();
+        r.handle_reliable(t, &msg(0, 0, 0, 4, 0)).unwrap();
+        assert_eq!(r.invalid(), 8);
+        assert_eq!(r.counters()[0].received, 3);
     }
 
     #[test]

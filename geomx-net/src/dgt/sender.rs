@@ -58,11 +58,19 @@ pub struct Transmit {
     pub key: u32,
     /// Round.
     pub round: u32,
-    /// Block id (terminator: n_b).
+    /// Block id (terminator: n_b); a reliable run's first block.
     pub block: u32,
+    /// Blocks carried: 1 for a datagram, up to [`RELIABLE_RUN_BYTES`] worth for a reliable run of
+    /// consecutive blocks, 0 for a terminator.
+    pub blocks: u32,
     /// Bytes appended (header + payload).
     pub len: usize,
 }
+
+/// Most value bytes of one reliable message: consecutive reliable blocks of a (key, round) go
+/// as one run under one header, up to this much (at least one block), instead of a header
+/// (and a frame header of the reliable stream) per block.
+pub const RELIABLE_RUN_BYTES: usize = 64 * 1024;
 
 /// What the sender handed out, per channel (index = channel).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,6 +95,13 @@ struct Round {
     end_sent: bool,
 }
 
+impl Round {
+    /// Payload bytes: what counts against the priority window.
+    fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Item {
     Block { id: u64, block: u32 },
@@ -101,6 +116,10 @@ pub struct DgtSender {
     rounds: HashMap<u64, Round>,
     next_id: u64,
     queues: [VecDeque<Item>; (MAX_CHANNELS + 1) as usize],
+    /// Pushed (key, round)s not yet in the queues (the priority window is full), in push order.
+    waiting: VecDeque<u64>,
+    /// Payload bytes of the (key, round)s in the queues and not finished.
+    window_used: usize,
     bucket: Option<TokenBucket>,
     counters: SenderCounters,
 }
@@ -119,6 +138,8 @@ impl DgtSender {
             rounds: HashMap::new(),
             next_id: 0,
             queues: Default::default(),
+            waiting: VecDeque::new(),
+            window_used: 0,
             bucket,
             counters: SenderCounters::default(),
         })
@@ -133,7 +154,8 @@ impl DgtSender {
     /// (geomx-kernels `assign_channels`): 0 reliable, 1..=C unreliable, [`NOT_SENT`] skipped.
     /// Blocks whose values are all zero are never sent, whatever the map says; a non-zero block
     /// marked [`NOT_SENT`] is refused (its values would silently vanish). Within a channel,
-    /// blocks go in id order.
+    /// blocks go in id order. The (key, round) enters the channel queues once the priority
+    /// window ([`DgtConfig::window_bytes`]) has room for it.
     pub fn push(
         &mut self,
         key: u32,
@@ -171,17 +193,6 @@ impl DgtSender {
         let id = self.next_id;
         self.next_id += 1;
         let unreliable_left = map.iter().filter(|&&c| c != 0 && c != NOT_SENT).count();
-        for (j, &c) in map.iter().enumerate() {
-            if c != NOT_SENT {
-                self.queues[usize::from(c)].push_back(Item::Block {
-                    id,
-                    block: j as u32,
-                });
-            }
-        }
-        if unreliable_left == 0 || self.cfg.terminator == TerminatorMode::AfterReliable {
-            self.queues[0].push_back(Item::End { id });
-        }
         self.rounds.insert(
             id,
             Round {
@@ -195,12 +206,49 @@ impl DgtSender {
                 end_sent: false,
             },
         );
+        self.waiting.push_back(id);
+        self.admit();
         Ok(())
     }
 
-    /// True while anything is queued.
+    /// Moves waiting (key, round)s into the channel queues while the window has room.
+    fn admit(&mut self) {
+        while let Some(&id) = self.waiting.front() {
+            let r = &self.rounds[&id];
+            let fits = match self.cfg.window_bytes {
+                None => true,
+                Some(w) => self.window_used == 0 || self.window_used + r.bytes() <= w,
+            };
+            if !fits {
+                return;
+            }
+            self.waiting.pop_front();
+            self.window_used += r.bytes();
+            for (j, &c) in r.map.iter().enumerate() {
+                if c != NOT_SENT {
+                    self.queues[usize::from(c)].push_back(Item::Block {
+                        id,
+                        block: j as u32,
+                    });
+                }
+            }
+            if r.unreliable_left == 0 || self.cfg.terminator == TerminatorMode::AfterReliable {
+                self.queues[0].push_back(Item::End { id });
+            }
+        }
+    }
+
+    /// Forgets a finished (key, round) and lets waiting ones into the window.
+    fn finish(&mut self, id: u64) {
+        if let Some(r) = self.rounds.remove(&id) {
+            self.window_used -= r.bytes();
+            self.admit();
+        }
+    }
+
+    /// True while anything is queued or waits for the window.
     pub fn is_busy(&self) -> bool {
-        self.queues.iter().any(|q| !q.is_empty())
+        !self.waiting.is_empty() || self.queues.iter().any(|q| !q.is_empty())
     }
 
     /// Next message to send at `now`, appended to `buf`: reliable messages first, then the
@@ -218,7 +266,22 @@ impl DgtSender {
             }
         }
         self.queues[ch].pop_front();
-        Some(self.emit(ch as u8, item, buf))
+        let mut blocks = 1;
+        if let (0, Item::Block { id, block }) = (ch, item) {
+            // A reliable run: the consecutive blocks of the same (key, round) queued next.
+            let per_bytes = self.cfg.block_bytes;
+            while let Some(&Item::Block { id: i, block: b }) = self.queues[0].front() {
+                if i != id
+                    || b != block + blocks
+                    || (blocks as usize + 1) * per_bytes > RELIABLE_RUN_BYTES
+                {
+                    break;
+                }
+                self.queues[0].pop_front();
+                blocks += 1;
+            }
+        }
+        Some(self.emit(ch as u8, item, blocks, buf))
     }
 
     /// When the head unreliable datagram may go (pacing), if one waits and no reliable message
@@ -285,25 +348,27 @@ impl DgtSender {
         match item {
             Item::Block { id, block } => {
                 let r = &self.rounds[&id];
-                let (_, cnt) = self.block_span(r, block);
+                let (_, cnt) = self.block_span(r, block, 1);
                 DGT_HEADER_LEN + cnt as usize * r.value_type.size()
             }
             Item::End { id } => DGT_HEADER_LEN + self.rounds[&id].map.len(),
         }
     }
 
-    fn block_span(&self, r: &Round, block: u32) -> (u32, u32) {
+    /// (first element, elements) of `blocks` blocks from `block` on.
+    fn block_span(&self, r: &Round, block: u32, blocks: u32) -> (u32, u32) {
         let per = (self.cfg.block_bytes / r.value_type.size()) as u32;
         let off = block * per;
-        (off, off.saturating_add(per).min(r.n) - off)
+        (off, off.saturating_add(per * blocks).min(r.n) - off)
     }
 
-    fn emit(&mut self, channel: u8, item: Item, buf: &mut Vec<u8>) -> Transmit {
+    /// Emits `item`; a block item carries `blocks` consecutive blocks (a reliable run).
+    fn emit(&mut self, channel: u8, item: Item, blocks: u32, buf: &mut Vec<u8>) -> Transmit {
         let start = buf.len();
         match item {
             Item::Block { id, block } => {
                 let r = &self.rounds[&id];
-                let (off, cnt) = self.block_span(r, block);
+                let (off, cnt) = self.block_span(r, block, blocks);
                 let e = r.value_type.size();
                 Header {
                     kind: DgtKind::Block,
@@ -320,14 +385,14 @@ impl DgtSender {
                 buf.extend_from_slice(&r.data[off as usize * e..(off + cnt) as usize * e]);
                 let (key, round) = (r.key, r.round);
                 let len = buf.len() - start;
-                self.counters.blocks[usize::from(channel)] += 1;
+                self.counters.blocks[usize::from(channel)] += u64::from(blocks);
                 self.counters.bytes[usize::from(channel)] += len as u64;
                 if channel != 0 {
                     let r = self.rounds.get_mut(&id).expect("queued round exists");
                     r.unreliable_left -= 1;
                     if r.unreliable_left == 0 {
                         if r.end_sent {
-                            self.rounds.remove(&id);
+                            self.finish(id);
                         } else if self.cfg.terminator == TerminatorMode::AfterAll {
                             self.queues[0].push_back(Item::End { id });
                         }
@@ -339,6 +404,7 @@ impl DgtSender {
                     key,
                     round,
                     block,
+                    blocks,
                     len,
                 }
             }
@@ -366,7 +432,7 @@ impl DgtSender {
                 self.counters.bytes[0] += len as u64;
                 // In after_reliable mode unreliable blocks may still be queued.
                 if self.rounds[&id].unreliable_left == 0 {
-                    self.rounds.remove(&id);
+                    self.finish(id);
                 }
                 Transmit {
                     channel: 0,
@@ -374,6 +440,7 @@ impl DgtSender {
                     key,
                     round,
                     block: n_b,
+                    blocks: 0,
                     len,
                 }
             }
@@ -453,10 +520,10 @@ mod tests {
         let now = Instant::now();
         let mut s = DgtSender::new(9, cfg(TerminatorMode::AfterAll), now).unwrap();
         let h: Vec<u16> = (1..=10).collect(); // 8 per block: blocks of 8 and 2
-        s.push(4, 7, Values::F16(&h), &[0, 0]).unwrap();
+        s.push(4, 7, Values::F16(&h), &[0, 1]).unwrap();
         let mut buf = Vec::new();
         let t = s.poll_transmit(now, &mut buf).unwrap();
-        assert_eq!(t.len, DGT_HEADER_LEN + 16);
+        assert_eq!((t.len, t.blocks), (DGT_HEADER_LEN + 16, 1));
         let (hd, payload) = Header::decode(&buf).unwrap();
         assert_eq!((hd.sender, hd.key, hd.round, hd.elem_count), (9, 4, 7, 8));
         assert_eq!(payload[..4], [1, 0, 2, 0]);
@@ -481,6 +548,108 @@ mod tests {
             ]
         );
         assert!(s.rounds.is_empty());
+    }
+
+    #[test]
+    fn consecutive_reliable_blocks_go_as_one_run() {
+        let now = Instant::now();
+        // 16-byte blocks: RELIABLE_RUN_BYTES / 16 of them fit one run.
+        let cap = (RELIABLE_RUN_BYTES / 16) as u32;
+        let n_b = cap as usize + 5;
+        let n = n_b * 4 - 1; // the last block is 3 elements
+        let x: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
+        let mut map = vec![0u8; n_b];
+        map[2] = 1; // blocks 0–1, then 3 up to the cap, then the rest, on channel 0
+        let mut s = DgtSender::new(1, cfg(TerminatorMode::AfterAll), now).unwrap();
+        s.push(6, 0, Values::F32(&x), &map).unwrap();
+        let mut buf = Vec::new();
+        let mut runs = Vec::new();
+        while let Some(t) = s.poll_transmit(now, &mut buf) {
+            runs.push((t.kind, t.channel, t.block, t.blocks));
+        }
+        use DgtKind::{Block, End};
+        let rest = n_b as u32 - 3 - cap;
+        assert_eq!(
+            runs,
+            [
+                (Block, 0, 0, 2),
+                (Block, 0, 3, cap),
+                (Block, 0, 3 + cap, rest),
+                (Block, 1, 2, 1),
+                (End, 0, n_b as u32, 0)
+            ]
+        );
+        // A run is one header and its blocks' values back to back; the tail run ends at N.
+        let (h, payload) = Header::decode(&buf).unwrap();
+        assert_eq!((h.block, h.elem_offset, h.elem_count), (0, 0, 8));
+        // (`decode` hands back the rest of the buffer: the run's values come first.)
+        assert_eq!(payload[28..32], 8.0f32.to_le_bytes());
+        let (h, _) = Header::decode(&payload[32..]).unwrap();
+        assert_eq!((h.block, h.elem_count), (3, cap * 4));
+        let tail = DGT_HEADER_LEN * 2 + 32 + cap as usize * 16;
+        let (h, payload) = Header::decode(&buf[tail..]).unwrap();
+        assert_eq!(h.elem_offset, (3 + cap) * 4);
+        assert_eq!(h.elem_count as usize, n - (3 + cap as usize) * 4);
+        assert_eq!(payload[..4], ((3 + cap) as f32 * 4.0 + 1.0).to_le_bytes());
+        assert_eq!(s.counters().blocks[0], u64::from(n_b as u32 - 1));
+    }
+
+    /// (key, kind, channel) of a send log.
+    fn order(log: &[Transmit]) -> Vec<(u32, DgtKind, u8)> {
+        log.iter().map(|t| (t.key, t.kind, t.channel)).collect()
+    }
+
+    #[test]
+    fn the_window_finishes_a_key_before_the_next_enters() {
+        use DgtKind::{Block, End};
+        let now = Instant::now();
+        // Two keys of 3 blocks (48 B each), one reliable block and two unreliable ones each.
+        let push_two = |window: Option<usize>| {
+            let c = DgtConfig {
+                window_bytes: window,
+                ..cfg(TerminatorMode::AfterAll)
+            };
+            let mut s = DgtSender::new(1, c, now).unwrap();
+            s.push(1, 0, Values::F32(&[1.0; 12]), &[0, 1, 2]).unwrap();
+            s.push(2, 0, Values::F32(&[1.0; 12]), &[0, 1, 2]).unwrap();
+            let log = order(&drain(&mut s, now));
+            assert!(!s.is_busy() && s.rounds.is_empty() && s.window_used == 0);
+            log
+        };
+        // A window of one key: key 1 goes whole, terminator included, before key 2 enters.
+        let one = [
+            (1, Block, 0),
+            (1, Block, 1),
+            (1, Block, 2),
+            (1, End, 0),
+            (2, Block, 0),
+            (2, Block, 1),
+            (2, Block, 2),
+            (2, End, 0),
+        ];
+        assert_eq!(push_two(Some(48)), one);
+        // An oversized key still enters an empty window, alone.
+        assert_eq!(push_two(Some(4)), one);
+        // Without a window (or one that holds both), strict priority across keys: both
+        // reliable blocks first, and key 1's terminator only after key 2's reliable block.
+        let strict = [
+            (1, Block, 0),
+            (2, Block, 0),
+            (1, Block, 1),
+            (2, Block, 1),
+            (1, Block, 2),
+            (1, End, 0),
+            (2, Block, 2),
+            (2, End, 0),
+        ];
+        assert_eq!(push_two(None), strict);
+        assert_eq!(push_two(Some(96)), strict);
+        // A zero window is refused.
+        let zero = DgtConfig {
+            window_bytes: Some(0),
+            ..cfg(TerminatorMode::AfterAll)
+        };
+        assert!(DgtSender::new(1, zero, now).is_err());
     }
 
     #[test]

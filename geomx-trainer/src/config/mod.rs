@@ -693,6 +693,12 @@ pub struct DgtTransportConfig {
     pub gso: bool,
     /// Path MTU to size blocks for; absent = read the route's MTU from the kernel.
     pub mtu: Option<usize>,
+    /// The sender's priority window in bytes: ranges enter the channel queues in push order
+    /// while those in the queues hold at most this much, so the global server gets the first
+    /// ranges (and answers them) while later ones are still on the way. 0: one window over
+    /// all ranges of a round (strict priority across ranges, every terminator after the last
+    /// reliable block).
+    pub window_bytes: usize,
 }
 
 impl Default for DgtTransportConfig {
@@ -711,6 +717,7 @@ impl Default for DgtTransportConfig {
             deadline_ms: 5,
             gso: true,
             mtu: None,
+            window_bytes: geomx_net::dgt::DEFAULT_WINDOW_BYTES,
         }
     }
 }

@@ -117,6 +117,7 @@ pub fn link_config(d: &DgtTransportConfig) -> (DgtConfig, LinkOptions) {
         rate_bps: d.rate_mbit.map(mbit).or(Some(mbit(d.max_rate_mbit))),
         burst: d.burst,
         deadline: Duration::from_millis(d.deadline_ms),
+        window_bytes: (d.window_bytes > 0).then_some(d.window_bytes),
         ..DgtConfig::default()
     };
     let opts = LinkOptions {
@@ -365,6 +366,14 @@ mod tests {
         );
         let s = DgtRoleStats::from_server(&ServerStats::default());
         assert_eq!(s, DgtRoleStats::default());
+        // The priority window: 1 MiB by default, 0 for none.
+        let (c, _) = link_config(&DgtTransportConfig::default());
+        assert_eq!(c.window_bytes, Some(1 << 20));
+        let none = DgtTransportConfig {
+            window_bytes: 0,
+            ..DgtTransportConfig::default()
+        };
+        assert_eq!(link_config(&none).0.window_bytes, None);
     }
 
     /// FP16 values through a real DGT link arrive exactly as the TCP path's fp16 codec (no

@@ -103,6 +103,15 @@ pub(super) fn recv_nonblocking(
     }
 }
 
+/// Bytes the kernel holds for `fd` that no receive has taken yet (`FIONREAD`); `None` when the
+/// query fails.
+pub(super) fn readable(fd: RawFd) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    (r == 0).then_some(n.max(0) as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -370,6 +370,12 @@ impl UringDriver {
             plain: Vec::new(),
             hold_input,
             held_since: None,
+            last_input: Instant::now(),
+            input_told: false,
+            recv_retries: 0,
+            last_recv: None,
+            last_arm: None,
+            not_reading: 0,
         };
         if !self.shared.send(Cmd::Attach(idx, Box::new(uc))) {
             return Err(NetError::Shutdown);
@@ -731,6 +737,27 @@ struct UConn {
     /// Since when its input has waited (held frames or output over the bound), and whether
     /// that was reported.
     held_since: Option<(Instant, bool)>,
+    /// When input last arrived, and whether its absence while the kernel holds readable bytes
+    /// was reported.
+    last_input: Instant,
+    input_told: bool,
+    /// Receives that completed without data and were re-armed (EAGAIN, EINTR, ECANCELED)
+    /// since input last arrived, and the last receive's result and completion time.
+    recv_retries: u32,
+    last_recv: Option<(i32, Instant)>,
+    /// When a receive was last submitted, and the turns that found the input waiting (held
+    /// frames or output over the bound) since then.
+    last_arm: Option<Instant>,
+    not_reading: u32,
+}
+
+impl UConn {
+    /// Input arrived.
+    fn note_input(&mut self) {
+        self.last_input = Instant::now();
+        self.input_told = false;
+        self.recv_retries = 0;
+    }
 }
 
 impl UConn {
@@ -786,6 +813,8 @@ struct Ring {
     stopping: bool,
     zc: bool,
     next_tick: Instant,
+    /// Turns run so far (diagnostics).
+    turns: u64,
 }
 
 impl Ring {
@@ -805,6 +834,7 @@ impl Ring {
             wake_armed: false,
             stopping: false,
             zc,
+            turns: 0,
         };
         if *FIXED_SUPPORTED.get().unwrap_or(&false) {
             r.register_pool();
@@ -851,6 +881,7 @@ impl Ring {
 
     /// One turn: commands, submissions, a wait of at most `max_wait`, completions, timers.
     fn turn(&mut self, max_wait: Duration) {
+        self.turns += 1;
         let id = self.shared.ring_id;
         HELD.with(|h| h.borrow_mut().push(id));
         self.drain_commands();
@@ -905,10 +936,43 @@ impl Ring {
     }
 
     /// Warns once when an accepted connection's input has waited 2 s for its output to drain
-    /// (held frames or output over [`MAX_QUEUED`]), with the state of its output: the sign of a
-    /// hold that does not end (docs/benchmarks.md, the e2e hang).
+    /// (held frames or output over [`MAX_QUEUED`]), and once when any connection has taken no
+    /// input for 2 s while the kernel holds bytes for it, with the state of its input and
+    /// output: the signs of a stall that does not end (docs/benchmarks.md, the e2e hang).
     fn report_held_input(&mut self, now: Instant) {
         for c in self.conns.values_mut() {
+            if !c.dead
+                && !c.input_told
+                && now.saturating_duration_since(c.last_input) >= Duration::from_secs(2)
+            {
+                if let Some(readable) = direct::readable(c.fd).filter(|&n| n > 0) {
+                    c.input_told = true;
+                    let cur = c.cur.as_ref().map(|cur| {
+                        let t = &cur.track;
+                        (t.total, t.sent, t.result_pending, t.notifs_pending, cur.zc)
+                    });
+                    let last_recv = c
+                        .last_recv
+                        .map(|(res, at)| (res, now.saturating_duration_since(at)));
+                    tracing::warn!(
+                        peer = %c.link.peer_addr(),
+                        readable,
+                        recv = ?c.recv,
+                        retries = c.recv_retries,
+                        ?last_recv,
+                        last_arm = ?c.last_arm.map(|t| now.saturating_duration_since(t)),
+                        not_reading = c.not_reading,
+                        turns = self.turns,
+                        thread = std::thread::current().name().unwrap_or("?"),
+                        held = c.held.len(),
+                        over_bound = c.output_over_bound(),
+                        queued = c.queued.load(Ordering::Acquire),
+                        queue_items = c.queue.len(),
+                        ?cur,
+                        "no input taken for 2 s while the kernel holds some"
+                    );
+                }
+            }
             let holding = !c.dead && (!c.held.is_empty() || c.output_over_bound());
             if !holding {
                 c.held_since = None;
@@ -1092,7 +1156,12 @@ impl Ring {
         let mut entries = Vec::with_capacity(2);
         // Input waits while received frames wait for the output to drain.
         let reading = c.held.is_empty() && !c.output_over_bound();
+        if c.recv == RecvState::Idle && !reading {
+            c.not_reading += 1;
+        }
         if c.recv == RecvState::Idle && reading {
+            c.last_arm = Some(Instant::now());
+            c.not_reading = 0;
             let fd = types::Fd(c.fd);
             // Encrypted input is opened before decoding, so it never goes straight to a payload.
             let direct = match c.opener {
@@ -1192,6 +1261,7 @@ impl Ring {
         if let RecvState::Fixed(slot) = state {
             self.free_fixed.push(slot);
         }
+        c.last_recv = Some((res, Instant::now()));
         if c.dead {
             return;
         }
@@ -1209,6 +1279,7 @@ impl Ring {
             // ECANCELED: the thread that submitted it exited (callers drive inline endpoints);
             // the connection is fine, so the receive is simply re-armed.
             if res == -libc::EINTR || res == -libc::EAGAIN || res == -libc::ECANCELED {
+                c.recv_retries += 1;
                 return;
             }
             link.on_io_closed(format!(
@@ -1220,6 +1291,7 @@ impl Ring {
         }
         let n = res as usize;
         link.counters().add_recv_bytes(n);
+        c.note_input();
         let fed = match state {
             RecvState::Direct => {
                 // SAFETY: the kernel wrote n bytes into the direct target we submitted.
@@ -1278,6 +1350,7 @@ impl Ring {
             };
             let link = c.link.clone();
             link.counters().add_recv_bytes(n);
+            c.note_input();
             // SAFETY: the kernel wrote n bytes into the direct target.
             unsafe { c.dec.commit_direct(n, &mut c.frames) };
             c.held.extend(c.frames.drain(..));
