@@ -75,6 +75,8 @@ impl Outstanding {
                 .zip(apply.get_mut(k))
                 .ok_or_else(|| RunError::Protocol(format!("key {k} outside the model")))?;
             a.apply(job, k, part, &resp)?;
+            // The reply's buffer goes back to the receive pool for the next reply.
+            geomx_net::bufpool::recycle(resp.payload);
             if !job.keys.is_sliced() {
                 job.model
                     .preload(k, &[params[k].as_slice()])

@@ -315,7 +315,7 @@ impl GlobalHandler {
         }
     }
 
-    fn on_push(&self, req: Request, reply: Responder) {
+    fn on_push(&self, mut req: Request, reply: Responder) {
         let id = req.key as usize;
         // A peer's bad request is refused, never fatal: a genuine local server fails on the
         // error reply and ends the job itself, naming the cause.
@@ -347,6 +347,8 @@ impl GlobalHandler {
                 return self.admission.refuse(reply, msg);
             }
         };
+        // Back to the receive pool (as the local server does with its workers' pushes).
+        geomx_net::bufpool::recycle(std::mem::take(&mut req.payload));
         self.accept_push(id, dc, req.version, up, reply);
     }
 

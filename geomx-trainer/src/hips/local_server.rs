@@ -238,7 +238,7 @@ impl LocalHandler {
             .map(|&(sum, n)| sum / f64::from(n))
     }
 
-    fn on_push(&self, req: Request, reply: Responder) {
+    fn on_push(&self, mut req: Request, reply: Responder) {
         if req.key == LOSS_KEY {
             return self.on_loss(&req, reply);
         }
@@ -260,6 +260,9 @@ impl LocalHandler {
                 return self.admission.refuse(reply, msg);
             }
         };
+        // The payload buffer goes back to the receive pool: the next push lands in memory
+        // already touched (see `geomx_net::bufpool`), not in fresh pages.
+        geomx_net::bufpool::recycle(std::mem::take(&mut req.payload));
         // A well-formed push binds the worker's id to this connection (admit.rs).
         if let Err(msg) = self.admission.bind(req.sender, &reply) {
             return self.admission.refuse(reply, msg);
@@ -801,6 +804,7 @@ fn exchange(
                 PayloadCodec::Raw => crate::codec::decode_any(&resp.payload, id, r.len)?,
                 codec => decode_values(codec, &resp.payload, id, r.len)?,
             };
+            geomx_net::bufpool::recycle(resp.payload);
             let bad = count_nonfinite(&vals);
             if bad > 0 {
                 return Err(format!("range {id}: {bad} non-finite values in the reply"));
