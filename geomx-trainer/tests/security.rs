@@ -305,8 +305,9 @@ fn a_members_certificate_is_refused_for_another_role_or_data_center() {
 #[test]
 fn a_capture_of_a_default_launch_holds_no_frame_magic() {
     let magic = b"GMXF".to_vec();
-    // A DGT block's header: magic 0x4758 (little-endian), version 1, kind 48.
-    let dgt = vec![0x58, 0x47, 1, 48];
+    // A DGT block's header: magic 0x4758 (little-endian), version, kind 48.
+    let [m0, m1] = geomx_net::dgt::DGT_MAGIC.to_le_bytes();
+    let dgt = vec![m0, m1, geomx_net::dgt::DGT_VERSION, 48];
     let run = |name: &str, security: &str| {
         let cap = match support::capture::Capture::start(vec![magic.clone(), dgt.clone()]) {
             Ok(c) => c,
