@@ -18,6 +18,14 @@
 //! round time without evaluation (`train_seconds / rounds` of the job report), with its split
 //! into compute (the emulated compute included), waiting for replies and applying them.
 //!
+//! **TSEngine.** 6 DCs × 1 worker and one global server at a central site whose link is the
+//! slowest ([`TS_CENTRAL`]); the DCs' links differ in bandwidth and delay ([`TS_SITES`]). With
+//! direct pushes and pulls every DC's sum crosses the central link each way (in-cast); through
+//! TSEngine the DCs merge partial sums among themselves and forward θ to each other, so fewer
+//! copies cross it. The model is the MLP [`TS_HIDDEN`] (2.4 MB of f32) with emulated compute
+//! [`TS_LAYER_DELAY_MS`]. The same job runs with direct push and pull and with
+//! `[scheduling.tsengine] inter = true`; runs alternate, the tables show medians.
+//!
 //! The WAN lab's fidelity (the delay relay's lateness) is reported for every run. Results go to
 //! `results.json` and `results.md` in the output folder, next to each run's configuration and
 //! report.
@@ -36,6 +44,22 @@ pub const P3_RATE_MBIT: f64 = 120.0;
 pub const P3_DELAY_MS: f64 = 5.0;
 /// Slice size of the P3 runs, elements (64 KiB of f32: four slices per 256 × 256 layer).
 pub const P3_SLICE_ELEMS: usize = 16_384;
+
+/// The central site's link in the TSEngine comparison: (Mbit/s each way, one-way delay ms).
+pub const TS_CENTRAL: (f64, f64) = (25.0, 10.0);
+/// The DCs' links in the TSEngine comparison: (name, Mbit/s each way, one-way delay ms).
+pub const TS_SITES: [(&str, f64, f64); 6] = [
+    ("dc0", 200.0, 5.0),
+    ("dc1", 100.0, 25.0),
+    ("dc2", 50.0, 15.0),
+    ("dc3", 150.0, 10.0),
+    ("dc4", 100.0, 20.0),
+    ("dc5", 200.0, 30.0),
+];
+/// Hidden layers of the TSEngine comparison's model (597,002 parameters on 64 features).
+pub const TS_HIDDEN: [usize; 2] = [1024, 512];
+/// Emulated forward compute per layer of the TSEngine model, ms.
+pub const TS_LAYER_DELAY_MS: [f64; 3] = [20.0, 10.0, 2.0];
 
 /// What to run.
 #[derive(Debug, Clone, Default)]
@@ -125,6 +149,48 @@ pub fn p3_config(quick: bool, p3: bool) -> String {
         list(&delays),
         rounds(quick),
     )
+}
+
+/// Rounds per TSEngine run.
+pub fn ts_rounds(quick: bool) -> u64 {
+    if quick {
+        3
+    } else {
+        10
+    }
+}
+
+/// The TSEngine comparison's job; `ts` switches TSEngine on (inter tier).
+pub fn ts_config(quick: bool, ts: bool) -> String {
+    let list = |v: Vec<String>| v.join(", ");
+    let mut s = String::new();
+    for (name, _, _) in TS_SITES {
+        s.push_str(&format!(
+            "[[cluster.data_centers]]\nname = \"{name}\"\nworkers = 1\n"
+        ));
+    }
+    s.push_str(&format!(
+        "[model]\nkind = \"mlp\"\nhidden = [{}]\nlayer_delay_ms = [{}]\n\
+         [data]\ndataset = \"synthetic\"\nbatch_size = {BATCH_SIZE}\n\
+         [data.synthetic]\nfeatures = {P3_FEATURES}\ntrain_samples = 16384\ntest_samples = 512\n\
+         [train]\nrounds = {}\neval_every = 0\n\
+         [train.optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
+         [transport]\ndriver = \"portable\"\n\
+         [wan]\nmode = \"auto\"\n\
+         [wan.central]\nrate_mbit = {}\ndelay_ms = {}\n",
+        list(TS_HIDDEN.iter().map(ToString::to_string).collect()),
+        list(TS_LAYER_DELAY_MS.iter().map(ToString::to_string).collect()),
+        ts_rounds(quick),
+        TS_CENTRAL.0,
+        TS_CENTRAL.1,
+    ));
+    for (name, rate, delay) in TS_SITES {
+        s.push_str(&format!(
+            "[[wan.sites]]\nname = \"{name}\"\nrate_mbit = {rate}\ndelay_ms = {delay}\n"
+        ));
+    }
+    s.push_str(&format!("[scheduling.tsengine]\ninter = {ts}\n"));
+    s
 }
 
 /// The WAN lab's fidelity in one run: the delay relay's lateness (absent when the lab had no
@@ -229,6 +295,21 @@ pub struct P3Result {
     pub same_result: bool,
 }
 
+/// The TSEngine comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TsResult {
+    /// Direct push and pull, one entry per run.
+    pub direct: Vec<RoundRun>,
+    /// TSEngine on the inter tier, one entry per run.
+    pub tsengine: Vec<RoundRun>,
+    /// Median direct round time / median TSEngine round time.
+    pub tsengine_speedup: f64,
+    /// Rounds per run.
+    pub rounds: u64,
+    /// Model parameters.
+    pub params: usize,
+}
+
 /// Everything `geomx bench sched` measured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SchedBenchResult {
@@ -240,6 +321,11 @@ pub struct SchedBenchResult {
     pub p3: P3Result,
     /// The P3 job's configuration (FIFO; P3 adds `[scheduling.p3] enabled = true`).
     pub p3_config: String,
+    /// The TSEngine comparison.
+    pub tsengine: TsResult,
+    /// The TSEngine job's configuration (direct; TSEngine sets `[scheduling.tsengine]
+    /// inter = true`).
+    pub tsengine_config: String,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SchedBenchError + '_ {
@@ -254,12 +340,17 @@ fn median_of(runs: &[RoundRun], f: fn(&RoundRun) -> f64) -> f64 {
     median(runs.iter().map(f).collect())
 }
 
-/// Parameters of the P3 model: weights and biases of every layer.
-fn p3_params() -> usize {
+/// Parameters of an MLP with `hidden` layers on the synthetic task: weights and biases.
+fn mlp_params(hidden: &[usize]) -> usize {
     let mut sizes = vec![P3_FEATURES];
-    sizes.extend(P3_HIDDEN);
+    sizes.extend(hidden);
     sizes.push(crate::config::SyntheticSpec::default().classes);
     sizes.windows(2).map(|w| w[0] * w[1] + w[1]).sum()
+}
+
+/// Parameters of the P3 model.
+fn p3_params() -> usize {
+    mlp_params(&P3_HIDDEN)
 }
 
 /// Launches `toml` as run `name` in `out`; returns its report.
@@ -280,15 +371,18 @@ fn launch_run(opts: &SchedBenchOptions, name: &str, toml: &str) -> Result<Report
     })
 }
 
-/// Runs the benchmark and writes `results.json` and `results.md` into `opts.out`.
-pub fn run(opts: &SchedBenchOptions) -> Result<SchedBenchResult, SchedBenchError> {
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    let quick = opts.quick;
-    let (mut fifo, mut p3) = (Vec::new(), Vec::new());
-    for i in 1..=repeats(quick) {
+/// Runs a comparison: `repeats` alternating runs of the baseline job (`config(false)`, runs
+/// named `names[0]-i`) and the scheduled one (`config(true)`, `names[1]-i`).
+fn alternate(
+    opts: &SchedBenchOptions,
+    names: [&str; 2],
+    config: impl Fn(bool) -> String,
+) -> Result<(Vec<RoundRun>, Vec<RoundRun>), SchedBenchError> {
+    let (mut base, mut on_runs) = (Vec::new(), Vec::new());
+    for i in 1..=repeats(opts.quick) {
         for on in [false, true] {
-            let name = format!("{}-{i}", if on { "p3" } else { "fifo" });
-            let r = launch_run(opts, &name, &p3_config(quick, on))?;
+            let name = format!("{}-{i}", names[usize::from(on)]);
+            let r = launch_run(opts, &name, &config(on))?;
             let run = RoundRun::from_report(&name, &r)?;
             eprintln!(
                 "bench sched: {name}: round {:.1} ms (compute {:.1}, wait {:.1}, apply {:.1}), \
@@ -300,9 +394,18 @@ pub fn run(opts: &SchedBenchOptions) -> Result<SchedBenchResult, SchedBenchError
                 run.lab.mode,
                 fmt_us(run.lab.p99_lateness_us)
             );
-            if on { &mut p3 } else { &mut fifo }.push(run);
+            if on { &mut on_runs } else { &mut base }.push(run);
         }
     }
+    Ok((base, on_runs))
+}
+
+/// Runs the benchmark and writes `results.json` and `results.md` into `opts.out`.
+pub fn run(opts: &SchedBenchOptions) -> Result<SchedBenchResult, SchedBenchError> {
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let quick = opts.quick;
+    let (fifo, p3) = alternate(opts, ["fifo", "p3"], |on| p3_config(quick, on))?;
+    let (direct, tsengine) = alternate(opts, ["direct", "tsengine"], |on| ts_config(quick, on))?;
     let params = p3_params();
     let wire_ms = 1e3 * (params * 4 * 8) as f64 / (P3_RATE_MBIT * 1e6);
     let result = SchedBenchResult {
@@ -320,6 +423,15 @@ pub fn run(opts: &SchedBenchOptions) -> Result<SchedBenchResult, SchedBenchError
             p3,
         },
         p3_config: p3_config(quick, false),
+        tsengine: TsResult {
+            tsengine_speedup: median_of(&direct, |r| r.round_ms)
+                / median_of(&tsengine, |r| r.round_ms),
+            rounds: ts_rounds(quick),
+            params: mlp_params(&TS_HIDDEN),
+            direct,
+            tsengine,
+        },
+        tsengine_config: ts_config(quick, false),
     };
     let json = opts.out.join("results.json");
     let text = serde_json::to_string_pretty(&result).unwrap_or_default();
@@ -380,6 +492,52 @@ pub fn render_markdown(r: &SchedBenchResult) -> String {
         ));
     }
     s.push_str(&format!("\n**p3_speedup = {:.3}**\n", p.p3_speedup));
+    s.push_str(&render_tsengine(&r.tsengine, r.quick));
+    s
+}
+
+/// The TSEngine comparison as Markdown.
+fn render_tsengine(t: &TsResult, quick: bool) -> String {
+    let sites: Vec<String> = TS_SITES
+        .iter()
+        .map(|(n, rate, delay)| format!("{n} {rate} Mbit/s {delay} ms"))
+        .collect();
+    let mut s = format!(
+        "\n## TSEngine against direct push and pull\n\n\
+         {} DCs × 1 worker, one global server at the central site (link {} Mbit/s, {} ms one \
+         way); DC links {}. MLP hidden {TS_HIDDEN:?} on {P3_FEATURES} synthetic features ({} \
+         parameters) with emulated compute {TS_LAYER_DELAY_MS:?} ms per layer forward (twice \
+         that backward), batch {BATCH_SIZE}, {} rounds{}. Medians of {} run(s) per mode, runs \
+         alternating.\n\n\
+         | mode | round | compute | wait | per run | WAN bytes | lab p99 lateness |\n\
+         |---|---|---|---|---|---|---|\n",
+        TS_SITES.len(),
+        TS_CENTRAL.0,
+        TS_CENTRAL.1,
+        sites.join(", "),
+        t.params,
+        t.rounds,
+        if quick { ", --quick" } else { "" },
+        t.direct.len(),
+    );
+    for (name, rows) in [("direct", &t.direct), ("TSEngine", &t.tsengine)] {
+        let med = |f: fn(&RoundRun) -> f64| median_of(rows, f);
+        let per_run: Vec<String> = rows.iter().map(|x| format!("{:.1}", x.round_ms)).collect();
+        let lateness: Vec<String> = rows.iter().map(|x| fmt_us(x.lab.p99_lateness_us)).collect();
+        s.push_str(&format!(
+            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {:.0} | {} |\n",
+            med(|x| x.round_ms),
+            med(|x| x.compute_ms),
+            med(|x| x.wait_ms),
+            per_run.join(" / "),
+            med(|x| x.wan_bytes as f64),
+            lateness.join(" / "),
+        ));
+    }
+    s.push_str(&format!(
+        "\n**tsengine_speedup = {:.3}**\n",
+        t.tsengine_speedup
+    ));
     s
 }
 
@@ -405,6 +563,38 @@ mod tests {
         // Most parameters in the last layers.
         let last = model.tensors()[12].len();
         assert!(last as f64 > 0.7 * p3_params() as f64, "{last}");
+    }
+
+    #[test]
+    fn the_tsengine_jobs_are_valid_and_differ_only_in_tsengine() {
+        for quick in [false, true] {
+            let direct = Config::from_toml_str(&ts_config(quick, false)).unwrap();
+            let ts = Config::from_toml_str(&ts_config(quick, true)).unwrap();
+            assert!(!direct.scheduling.tsengine.inter && ts.scheduling.tsengine.inter);
+            let mut same = ts.clone();
+            same.scheduling.tsengine.inter = false;
+            assert_eq!(same, direct);
+            assert_eq!(ts.cluster.data_centers.len(), TS_SITES.len());
+            // The central link is the slowest.
+            let sites = ts.wan_sites();
+            let rates: Vec<f64> = sites
+                .iter()
+                .filter_map(|s| ts.wan_link(s).rate_mbit)
+                .collect();
+            assert_eq!(rates.len(), TS_SITES.len() + 1);
+            assert!(rates[1..].iter().all(|&r| r > rates[0]), "{rates:?}");
+        }
+        let cfg = Config::from_toml_str(&ts_config(true, true)).unwrap();
+        let model = crate::engine::build_model(&cfg.model, P3_FEATURES, 10).unwrap();
+        assert_eq!(mlp_params(&TS_HIDDEN), model.num_params());
+        // examples/tsengine.toml is this job (its own length and evaluation).
+        let ex = Config::from_toml_str(include_str!("../../examples/tsengine.toml")).unwrap();
+        assert!(ex.scheduling.tsengine.inter);
+        assert_eq!(ex.scheduling, cfg.scheduling);
+        assert_eq!(ex.cluster, cfg.cluster);
+        assert_eq!(ex.wan, cfg.wan);
+        assert_eq!(ex.model, cfg.model);
+        assert_eq!(ex.data.synthetic, cfg.data.synthetic);
     }
 
     #[test]
@@ -437,8 +627,18 @@ mod tests {
                 same_result: true,
             },
             p3_config: String::new(),
+            tsengine: TsResult {
+                direct: vec![run(900.0)],
+                tsengine: vec![run(600.0)],
+                tsengine_speedup: 1.5,
+                rounds: 5,
+                params: mlp_params(&TS_HIDDEN),
+            },
+            tsengine_config: String::new(),
         };
         let md = render_markdown(&r);
+        assert!(md.contains("tsengine_speedup = 1.500"), "{md}");
+        assert!(md.contains("600.0"), "{md}");
         assert!(md.contains("p3_speedup = 1.250"), "{md}");
         assert!(md.contains("300.0 / 320.0"), "{md}");
         assert!(md.contains("250 µs"), "{md}");

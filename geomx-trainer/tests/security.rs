@@ -1,8 +1,8 @@
 //! Nothing from outside the job can end it: a default-shaped launch on loopback while strangers
 //! connect to every server port (coordinator, global server, both local servers) and send forged
 //! frames — Pulls and Pushes of unknown keys, malformed pushes, Hellos that borrow a member's node
-//! id and then disconnect, bytes that are no frame at all. The job must finish with the same
-//! parameters as an undisturbed run.
+//! id and then disconnect, TSEngine requests, bytes that are no frame at all. The job must finish
+//! with the same parameters as an undisturbed run.
 //!
 //! * With `security.mode = "off"` the frames reach the servers, which must refuse (and count)
 //!   them.
@@ -94,6 +94,21 @@ fn session(addr: SocketAddr, id: u32, hello_only: bool, garbage: bool) -> bool {
         bytes.extend(frame(MsgKind::Push, id, 2, 1 << 40, vec![0; 8]));
         bytes.extend(frame(MsgKind::Push, id, 3, 0, vec![1, 2, 3]));
         bytes.extend(frame(MsgKind::Pull, id, 4, u64::MAX, Vec::new()));
+        // TSEngine's requests (keys 2^64 - 32 + op), which this job does not run.
+        for (op, payload) in [
+            (0u64, vec![0]),
+            (1, vec![0; 12]),
+            (3, vec![0]),
+            (4, vec![0; 4]),
+        ] {
+            bytes.extend(frame(
+                MsgKind::Push,
+                id,
+                5 + op,
+                u64::MAX - 32 + op,
+                payload,
+            ));
+        }
     }
     s.write_all(&bytes).is_ok()
 }

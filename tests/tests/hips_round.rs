@@ -134,6 +134,7 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         plan: ClusterPlan::new(workers, servers, 99, lens.clone(), 1_000_000, 4).unwrap(),
         keys: KeyMap::whole(&lens, &[0, 0]),
         p3: None,
+        tsengine: None,
         model: Arc::new(model),
         optimizer: OptimizerConfig::Sgd(SgdConfig {
             lr: 1.0,

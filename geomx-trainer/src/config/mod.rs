@@ -28,8 +28,8 @@ pub use checkpoint::{CheckpointConfig, DEFAULT_EVERY_ROUNDS, DEFAULT_KEEP};
 pub use resilience::{LostWorker, ResilienceConfig, Restart};
 pub use role::{Role, RoleSpec};
 pub use scheduling::{
-    AutoWord, Credit, P3Config, SchedulingConfig, DEFAULT_CREDIT_BYTES, DEFAULT_SLICE_ELEMS,
-    DEFAULT_UNSENT_BYTES, MIN_SLICE_ELEMS,
+    AutoWord, Credit, P3Config, SchedulingConfig, TsEngineConfig, DEFAULT_CREDIT_BYTES,
+    DEFAULT_SLICE_ELEMS, DEFAULT_UNSENT_BYTES, MIN_SLICE_ELEMS,
 };
 pub use security::{SecurityConfig, SecurityMode, SECURITY_DIR_ENV, SECURITY_MODE_ENV};
 pub use sync::{
@@ -896,6 +896,8 @@ impl Config {
             "placement": self.placement,
             // Every process must slice (and so key) the model alike and wait per layer alike.
             "p3": self.scheduling.p3,
+            // Every local server and the global server must take the same path.
+            "tsengine": self.scheduling.tsengine,
         });
         let mut h = Fnv1a::new();
         h.write(view.to_string().as_bytes());

@@ -65,6 +65,37 @@ impl Credit {
 pub struct SchedulingConfig {
     /// P3: layer-priority slicing on both tiers (`[scheduling.p3]`).
     pub p3: P3Config,
+    /// TSEngine: the adaptive push and pull overlay (`[scheduling.tsengine]`).
+    pub tsengine: TsEngineConfig,
+}
+
+/// `[scheduling.tsengine]`: TSEngine's adaptive overlay (scheduling.md, "TSEngine"). Under
+/// `inter`, the local servers' sums reach the global server through a dynamic aggregation tree
+/// (no in-cast at the global server) and the new parameters come back through an ε-greedy
+/// broadcast tree, both chosen per round from measured throughput.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TsEngineConfig {
+    /// Workers ↔ local server. Not implemented: `true` is refused.
+    pub intra: bool,
+    /// Local servers ↔ global server.
+    pub inter: bool,
+    /// Highest probability of a greedy pick in the pull tree (`MAX_GREED`), in \[0, 1\].
+    pub max_greed: f64,
+    /// Rounds a throughput measurement stays usable (one stamped in round r is forgotten in
+    /// round r + expiry_rounds + 1).
+    pub expiry_rounds: u64,
+}
+
+impl Default for TsEngineConfig {
+    fn default() -> Self {
+        Self {
+            intra: false,
+            inter: false,
+            max_greed: geomx_net::sched::tsengine::DEFAULT_MAX_GREED,
+            expiry_rounds: geomx_net::sched::tsengine::DEFAULT_EXPIRY_ROUNDS,
+        }
+    }
 }
 
 /// `[scheduling.p3]`: priority-based parameter propagation.
@@ -146,6 +177,54 @@ impl Config {
                 ),
             ));
         }
-        Ok(())
+        self.validate_tsengine()
+    }
+
+    /// `[scheduling.tsengine]`: the inter tier only, and only where one tree per round carries
+    /// every value (FSA, dense f32 over TCP, one global server) and every DC takes part.
+    fn validate_tsengine(&self) -> Result<(), ConfigError> {
+        let ts = &self.scheduling.tsengine;
+        let field = "scheduling.tsengine";
+        if ts.intra {
+            return Err(ConfigError::invalid(
+                "scheduling.tsengine.intra",
+                "TSEngine runs between the local servers and the global server (inter) only; \
+                 workers push to their local server directly",
+            ));
+        }
+        if !(0.0..=1.0).contains(&ts.max_greed) {
+            return Err(ConfigError::invalid(
+                "scheduling.tsengine.max_greed",
+                format!("{} must be in [0, 1]", ts.max_greed),
+            ));
+        }
+        if !ts.inter {
+            return Ok(());
+        }
+        let r = &self.resilience;
+        let why = if self.sync.algorithm != SyncAlgorithm::Fsa {
+            "TSEngine aggregates the DCs' gradient sums of fsa only (sync.algorithm)"
+        } else if self.cluster.global_servers != 1 {
+            "TSEngine needs one global server (cluster.global_servers = 1)"
+        } else if self.transport.inter == super::TransportKind::Dgt {
+            "TSEngine sends over TCP: set transport.inter to \"tcp\""
+        } else if self.compression.inter != super::Codec::None
+            || self.compression.intra != super::Codec::None
+        {
+            "TSEngine adds dense f32 sums and sends θ: set compression.inter and \
+             compression.intra to \"none\""
+        } else if self.scheduling.p3.enabled {
+            "P3 and TSEngine are exclusive: set scheduling.p3.enabled = false"
+        } else if [r.lost_worker, r.lost_dc, r.lost_global_server]
+            .contains(&super::LostWorker::Continue)
+        {
+            "every DC and worker takes part in every round: resilience.lost_worker, lost_dc \
+             and lost_global_server must be \"abort\""
+        } else if self.train.nonfinite != super::NonFinitePolicy::Abort {
+            "every DC takes part in every round: train.nonfinite must be \"abort\""
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::invalid(format!("{field}.inter"), why))
     }
 }

@@ -13,6 +13,8 @@ use geomx_net::{Handler, MsgKind, NetError, PayloadCodec, PeerHandle, Request, R
 
 use std::net::ToSocketAddrs;
 
+mod ts;
+
 use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
 use super::chaos::{Point, SelfFault};
 use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
@@ -131,6 +133,8 @@ struct GlobalHandler {
     /// The fault this process injects into itself (`geomx launch --chaos`), at the rounds of
     /// its first range.
     chaos: Option<(usize, SelfFault)>,
+    /// `[scheduling.tsengine] inter`: the root and coordinator of the trees.
+    ts: Option<ts::TsGlobal>,
 }
 
 /// What a global server that may restart (`lost_global_server = "continue"`) needs when DCs may
@@ -316,6 +320,9 @@ impl GlobalHandler {
     }
 
     fn on_push(&self, mut req: Request, reply: Responder) {
+        if let Some(op) = super::ts_msg::Op::of_key(req.key) {
+            return self.on_ts(op, req, reply);
+        }
         let id = req.key as usize;
         // A peer's bad request is refused, never fatal: a genuine local server fails on the
         // error reply and ends the job itself, naming the cause.
@@ -334,6 +341,10 @@ impl GlobalHandler {
         }
         if let Some(join) = &self.dgt {
             return self.on_push_dgt(join, id, dc, req, reply);
+        }
+        if self.ts.is_some() {
+            let msg = format!("dc {dc}: a range push under TSEngine (the trees carry the sums)");
+            return self.admission.refuse(reply, msg);
         }
         let up = if self.inter.is_plain() {
             UpPush::decode(&req.payload, id, len).map_err(|e| e.to_string())
@@ -508,6 +519,7 @@ impl GlobalHandler {
             for r in waiting {
                 h.replies.send(id, r, done.version, done.codec, &payload);
             }
+            h.ts_range_done(id, done.version - 1, (*payload).as_ref());
             answer_pulls(pulls, done.version);
             if last {
                 let _ = h.all_done.send(());
@@ -1003,7 +1015,13 @@ fn own_ranges(
     // Global rounds: training rounds / (k1 · k2) under HFA.
     let start = resumed.as_ref().map_or(0, |r| r.round()) / job.rounds_per_global();
     let theta0 = job.keys.split(job.model.init(job.seed));
-    let mut agg = GlobalAggregator::new(plan.num_dcs(), plan.total_workers() as u32)
+    // Under TSEngine one push per round carries every DC's sum (one virtual DC).
+    let dcs = if job.tsengine.is_some() {
+        1
+    } else {
+        plan.num_dcs()
+    };
+    let mut agg = GlobalAggregator::new(dcs, plan.total_workers() as u32)
         .with_codecs(job.inter.clone(), job.intra.clone())
         .with_policy(job.nonfinite.policy)
         .with_elastic_counts(job.workers_may_rejoin());
@@ -1197,6 +1215,7 @@ pub fn run(
         chaos: SelfFault::from_env()
             .map_err(RunError::Membership)?
             .and_then(|c| first_owned.map(|id| (id, c))),
+        ts: ts::TsGlobal::new(job).map_err(RunError::Protocol)?,
     });
     let _ = handler.this.set(Arc::downgrade(&handler));
     let consumer = dgt_server.as_ref().map(|s| {

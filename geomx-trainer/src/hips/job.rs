@@ -27,6 +27,8 @@ pub struct JobSpec {
     pub keys: KeyMap,
     /// P3 scheduling (`[scheduling.p3]`), when enabled.
     pub p3: Option<P3Config>,
+    /// TSEngine on the inter tier (`[scheduling.tsengine] inter`), when enabled.
+    pub tsengine: Option<geomx_net::sched::tsengine::TsConfig>,
     /// The model every role builds (global servers initialise θ_0 from it).
     pub model: Arc<dyn Model>,
     /// Optimizer run by the global servers.
@@ -210,6 +212,12 @@ impl JobSpec {
             plan,
             keys,
             p3,
+            tsengine: cfg.scheduling.tsengine.inter.then_some(
+                geomx_net::sched::tsengine::TsConfig {
+                    max_greed: cfg.scheduling.tsengine.max_greed,
+                    expiry_rounds: cfg.scheduling.tsengine.expiry_rounds,
+                },
+            ),
             model,
             optimizer: cfg.train.optimizer.clone(),
             seed: cfg.model.seed,

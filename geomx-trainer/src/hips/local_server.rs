@@ -48,6 +48,8 @@ use crate::codec::{
 };
 use crate::placement::Range;
 
+mod ts;
+
 /// A completed lower-tier sum to send upward (`None`: the round is dropped).
 struct UpJob {
     round: u64,
@@ -148,6 +150,8 @@ struct LocalHandler {
     /// The fault this process injects into itself (`geomx launch --chaos`): as key 0's round
     /// starts, after its first push upward, or while it waits for the global tier's replies.
     chaos: Option<SelfFault>,
+    /// `[scheduling.tsengine] inter`: what the other local servers send here.
+    ts: Option<ts::TsLocal>,
 }
 
 impl LocalHandler {
@@ -241,6 +245,9 @@ impl LocalHandler {
     fn on_push(&self, mut req: Request, reply: Responder) {
         if req.key == LOSS_KEY {
             return self.on_loss(&req, reply);
+        }
+        if let Some(op) = super::ts_msg::Op::of_key(req.key) {
+            return self.on_ts(op, req, reply);
         }
         let key = req.key as usize;
         // A peer's bad request is refused, never fatal: a genuine worker fails on the error
@@ -1191,6 +1198,9 @@ pub fn run(
         elastic: job.workers_may_rejoin(),
         log: Arc::new(RoundLog::default()),
         chaos: SelfFault::from_env().map_err(RunError::Membership)?,
+        ts: job
+            .tsengine
+            .map(|_| ts::TsLocal::new(plan.key_lens.clone())),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -1203,9 +1213,17 @@ pub fn run(
         .filter(|n| n.role == roles::WORKER && n.dc == dc)
         .map(|n| (n.id, n.rank as usize))
         .collect();
+    // Under TSEngine the other local servers send partials and θ here.
+    let ts_peers = |n: &geomx_net::coord::NodeInfo| {
+        job.tsengine.is_some() && n.role == roles::LOCAL_SERVER && n.dc != dc
+    };
     handler.admission.set_members(&node.membership.nodes, |n| {
-        n.role == roles::WORKER && n.dc == dc
+        (n.role == roles::WORKER && n.dc == dc) || ts_peers(n)
     });
+    if let Some(ts) = &handler.ts {
+        let peers = node.membership.nodes.iter().filter(|n| ts_peers(n));
+        ts.set_peers(peers.map(|n| (n.id, n.dc)).collect());
+    }
     let early = handler.admission.open(|| {
         let _ = handler.rank_of.set(rank_of);
     });
@@ -1289,6 +1307,7 @@ pub fn run(
             )
         })
     });
+    let ts_global = clients.first().cloned();
     let upstream = Arc::new(Upstream::new(clients, job, dc, rejoin.transpose()?)?);
     // A resumed job starts from θ_r of its checkpoint round (HFA: the milestone), which the
     // global servers hold.
@@ -1307,7 +1326,53 @@ pub fn run(
     }
     let mut senders = Vec::with_capacity(n_keys);
     let mut threads = Vec::with_capacity(n_keys);
-    for ((k, ranges), milestone) in key_ranges.iter().cloned().enumerate().zip(milestones) {
+    // Under TSEngine: the connections to the other local servers (WAN traffic too).
+    let mut ts_links = Vec::new();
+    if let (Some(_), Some(global)) = (&handler.ts, ts_global) {
+        // TSEngine: each key's trees instead of its uplink.
+        let mut peers = BTreeMap::new();
+        for n in node.membership.nodes.iter().filter(|n| ts_peers(n)) {
+            let addr = node.addr_of(roles::LOCAL_SERVER, n.dc, 0)?;
+            let c = KvClient::connect(addr.as_str(), node.id(), node.net(job)?).map_err(|e| {
+                RunError::Net(
+                    format!(
+                        "dc {dc} connecting to the local server of dc {} at {addr}",
+                        n.dc
+                    ),
+                    e,
+                )
+            })?;
+            ts_links.push(c.clone());
+            peers.insert(n.dc, c);
+        }
+        for k in 0..n_keys {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            senders.push(tx);
+            let up = ts::TsUplink {
+                key: k,
+                handler: handler.clone(),
+                global: global.clone(),
+                peers: peers.clone(),
+                limit: job.wait_limit(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("geomx-tsengine-{k}"))
+                .spawn(move || up.run(rx))
+                .map_err(|e| RunError::Io("starting a TSEngine thread".into(), e.to_string()))?;
+            threads.push(t);
+        }
+    }
+    let per_key = if handler.ts.is_some() {
+        Vec::new()
+    } else {
+        key_ranges
+            .iter()
+            .cloned()
+            .enumerate()
+            .zip(milestones)
+            .collect()
+    };
+    for ((k, ranges), milestone) in per_key {
         let (tx, rx) = crossbeam_channel::unbounded();
         senders.push(tx);
         let mut compressors = match job.inter.sparse() {
@@ -1385,6 +1450,10 @@ pub fn run(
     node.finish(job.wait_limit())?;
     let lan = server.stats();
     let mut wan: u64 = upstream.total_bytes();
+    wan += ts_links
+        .iter()
+        .map(|c| super::total_bytes(c.stats()))
+        .sum::<u64>();
     server.shutdown();
     let mut stats = RoleStats::new(&node.me, lan);
     if let Some(links) = handler.dgt_links.get() {

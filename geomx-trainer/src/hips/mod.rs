@@ -28,6 +28,8 @@ mod replies;
 pub mod round_log;
 pub mod slices;
 pub mod throughput;
+pub mod ts_msg;
+mod ts_root;
 mod upstream;
 pub mod worker;
 
