@@ -12,7 +12,8 @@
 //! then takes about as long on the WAN as the worker's forward and backward pass
 //! (`comm_to_compute` in the results). The same job runs first in first out (tensors as keys,
 //! replies applied at the end of the round) and with P3 (slices of [`P3_SLICE_ELEMS`], the layer
-//! next to the input first, the next forward pass gated per layer, a credit of 256 KiB), both on
+//! next to the input first, the next forward pass gated per layer, a credit of
+//! [`P3_CREDIT_BYTES`], the link's bandwidth × round trip), both on
 //! the portable driver
 //! that P3 needs; runs alternate, and the tables show medians. The measure is the workers' mean
 //! round time without evaluation (`train_seconds / rounds` of the job report), with its split
@@ -44,6 +45,10 @@ pub const P3_RATE_MBIT: f64 = 120.0;
 pub const P3_DELAY_MS: f64 = 5.0;
 /// Slice size of the P3 runs, elements (64 KiB of f32: four slices per 256 × 256 layer).
 pub const P3_SLICE_ELEMS: usize = 16_384;
+/// Credit (send buffer) of the P3 runs' connections, bytes: the link's bandwidth × round trip
+/// (120 Mbit/s × 2 × 5 ms), what a connection needs to keep the link busy; more only queues
+/// below the priority heap, ahead of urgent slices.
+pub const P3_CREDIT_BYTES: u32 = 150_000;
 
 /// The central site's link in the TSEngine comparison: (Mbit/s each way, one-way delay ms).
 pub const TS_CENTRAL: (f64, f64) = (25.0, 10.0);
@@ -144,7 +149,8 @@ pub fn p3_config(quick: bool, p3: bool) -> String {
          [train.optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
          [transport]\ndriver = \"portable\"\n\
          [wan]\nmode = \"auto\"\nrate_mbit = {P3_RATE_MBIT}\ndelay_ms = {P3_DELAY_MS}\n\
-         [scheduling.p3]\nenabled = {p3}\nslice_elems = {P3_SLICE_ELEMS}\n",
+         [scheduling.p3]\nenabled = {p3}\nslice_elems = {P3_SLICE_ELEMS}\n\
+         credit_bytes = {P3_CREDIT_BYTES}\n",
         list(&hidden),
         list(&delays),
         rounds(quick),
@@ -454,7 +460,7 @@ pub fn render_markdown(r: &SchedBenchResult) -> String {
          2 DCs × 1 worker, one global server, portable driver; WAN links {P3_RATE_MBIT} Mbit/s, \
          {P3_DELAY_MS} ms one way. MLP hidden {P3_HIDDEN:?} on {P3_FEATURES} synthetic features \
          ({} parameters) with emulated compute {P3_LAYER_DELAY_MS:?} ms per layer forward (twice \
-         that backward), batch {BATCH_SIZE}, {} rounds{}; P3 slices of {} elements, credit 256 KiB. \
+         that backward), batch {BATCH_SIZE}, {} rounds{}; P3 slices of {} elements, credit {P3_CREDIT_BYTES} bytes (bandwidth × round trip). \
          One round's \
          push takes {:.2}× the FIFO compute time on the wire. Medians of {runs} run(s) per mode, \
          runs alternating.\n\n\
@@ -556,6 +562,10 @@ mod tests {
             same.scheduling.p3.enabled = false;
             assert_eq!(same, fifo);
             assert_eq!(p3.model.hidden.len() + 1, 8, "8 layers");
+            // The credit is the link's bandwidth-delay product.
+            let bdp = P3_RATE_MBIT * 1e6 / 8.0 * 2.0 * P3_DELAY_MS / 1e3;
+            assert_eq!(f64::from(P3_CREDIT_BYTES), bdp);
+            assert_eq!(p3.scheduling.p3.credit_bytes.initial(), P3_CREDIT_BYTES);
         }
         let cfg = Config::from_toml_str(&p3_config(true, true)).unwrap();
         let model = crate::engine::build_model(&cfg.model, P3_FEATURES, 10).unwrap();
