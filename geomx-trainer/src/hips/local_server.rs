@@ -511,14 +511,14 @@ impl LocalHandler {
         key: usize,
         version: u64,
         codec: PayloadCodec,
-        bytes: Vec<u8>,
+        bytes: impl Into<Arc<Vec<u8>>>,
         replies: Vec<Responder>,
         state: Option<Vec<u8>>,
     ) {
         if let (0, Some(c)) = (key, self.chaos.as_ref()) {
             c.at(version * self.per_local, Point::Start);
         }
-        let bytes = Arc::new(bytes);
+        let bytes: Arc<Vec<u8>> = bytes.into();
         let mut st = lock(&self.state);
         st.theta[key] = Some((version, codec, bytes.clone()));
         let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.pulls)

@@ -212,6 +212,8 @@ impl TsUplink {
         let (theta, from) = self.pull(round, pushed)?;
         let t2 = Instant::now();
         h.checkpoint(round + 1, self.key, &[]);
+        // θ goes to the workers and on to other local servers from one buffer.
+        let theta = Arc::new(theta);
         h.publish(
             self.key,
             round + 1,
