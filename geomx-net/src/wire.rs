@@ -182,7 +182,7 @@ impl MsgKind {
         let ok = codec == PayloadCodec::Raw
             && match self {
                 MsgKind::DgtBlock => (33..=DGT_MAX_BLOCK_PAYLOAD).contains(&len_us),
-                MsgKind::DgtEnd => (33..=DGT_MAX_END_PAYLOAD).contains(&len_us),
+                MsgKind::DgtEnd => (32..=DGT_MAX_END_PAYLOAD).contains(&len_us),
                 MsgKind::DgtReport => {
                     (44..=32 + 8 * 12).contains(&len_us) && (len_us - 32) % 12 == 0
                 }

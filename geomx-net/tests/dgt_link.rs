@@ -85,7 +85,10 @@ fn loopback_rounds_bit_exact_with_reports() {
         let r = cs.report_totals[ch];
         assert!(r.0 <= c.sent && r.3 == 0, "channel {ch}: {r:?}");
     }
-    assert_eq!(cs.datagrams, cs.sent.blocks[1..].iter().sum::<u64>());
+    assert_eq!(
+        cs.datagrams,
+        cs.sent.blocks[1..].iter().sum::<u64>() + cs.sent.fin_datagrams
+    );
     assert_eq!(cs.udp_errors, 0);
     if cs.gso {
         assert!(cs.udp_sends < cs.datagrams, "GSO batches datagrams");

@@ -40,6 +40,11 @@ struct Sim {
     rng: ChaCha8Rng,
     dropped: [u64; 8],
     dups: u64,
+    /// Extra delay of a terminator on the reliable transport (a lost segment that TCP recovers
+    /// late); later reliable messages wait behind it, as TCP's in-order delivery makes them.
+    slow_terminator: Duration,
+    /// No reliable message arrives before this (in-order delivery).
+    reliable_floor: Instant,
 }
 
 const RELIABLE_DELAY: Duration = Duration::from_micros(500);
@@ -65,6 +70,8 @@ impl Sim {
             rng: ChaCha8Rng::seed_from_u64(seed),
             dropped: [0; 8],
             dups: 0,
+            slow_terminator: Duration::ZERO,
+            reliable_floor: t0,
         }
     }
 
@@ -83,14 +90,22 @@ impl Sim {
                 let bytes = std::mem::take(&mut buf);
                 if t.channel == 0 {
                     // The reliable transport: ordered, never lost.
-                    self.schedule(self.now + RELIABLE_DELAY, true, bytes);
+                    let mut at = self.now + RELIABLE_DELAY;
+                    if matches!(t.kind, DgtKind::End | DgtKind::Fin) {
+                        at += self.slow_terminator;
+                    }
+                    self.reliable_floor = self.reliable_floor.max(at);
+                    self.schedule(self.reliable_floor, true, bytes);
                     continue;
                 }
+                // Drops and duplicates of blocks are counted (a terminator's datagram copies
+                // share their fate but not the receiver's block counters).
+                let block = u64::from(t.kind == DgtKind::Block);
                 match (self.script)(&t, &mut self.rng) {
                     Fate::Deliver(d) => self.schedule(self.now + d, false, bytes),
-                    Fate::Drop => self.dropped[usize::from(t.channel)] += 1,
+                    Fate::Drop => self.dropped[usize::from(t.channel)] += block,
                     Fate::Dup(a, b) => {
-                        self.dups += 1;
+                        self.dups += block;
                         self.schedule(self.now + a, false, bytes.clone());
                         self.schedule(self.now + b, false, bytes);
                     }
@@ -569,7 +584,11 @@ fn pacing_respects_rate_and_timeout() {
 
 #[test]
 fn terminator_placement_modes() {
-    for mode in [TerminatorMode::AfterAll, TerminatorMode::AfterReliable] {
+    for mode in [
+        TerminatorMode::Split,
+        TerminatorMode::AfterAll,
+        TerminatorMode::AfterReliable,
+    ] {
         let c = DgtConfig {
             terminator: mode,
             ..cfg()
@@ -581,8 +600,8 @@ fn terminator_placement_modes() {
             c.clone(),
             &[(1, n as u32, ValueType::F32)],
             deliver_all(match mode {
-                TerminatorMode::AfterAll => Duration::from_micros(300),
                 TerminatorMode::AfterReliable => Duration::from_millis(6),
+                _ => Duration::from_micros(300),
             }),
             11,
         );
@@ -613,12 +632,30 @@ fn terminator_placement_modes() {
                     .rposition(|(_, t)| t.round == round && f(t))
                     .unwrap()
             };
-            let end = pos(&|t| t.kind == DgtKind::End);
-            let last_unrel = pos(&|t| t.channel != 0);
+            let last_unrel = pos(&|t| t.channel != 0 && t.kind == DgtKind::Block);
             let last_rel = pos(&|t| t.channel == 0 && t.kind == DgtKind::Block);
             match mode {
-                TerminatorMode::AfterAll => assert!(end > last_unrel),
+                TerminatorMode::Split => {
+                    // The map right after the reliable blocks, the terminator after the last
+                    // datagram on the reliable channel and as datagrams on channel 1.
+                    assert_eq!(pos(&|t| t.kind == DgtKind::Map), last_rel + 1);
+                    assert!(pos(&|t| t.kind == DgtKind::Fin && t.channel == 0) > last_unrel);
+                    let copies: Vec<usize> = (0..sim.log.len())
+                        .filter(|&i| {
+                            let t = &sim.log[i].1;
+                            t.round == round && t.kind == DgtKind::Fin && t.channel == 1
+                        })
+                        .collect();
+                    assert_eq!(copies.len(), geomx_net::dgt::FIN_DATAGRAMS);
+                    assert!(copies.iter().all(|&i| i > last_unrel));
+                    assert!(!sim
+                        .log
+                        .iter()
+                        .any(|(_, t)| t.kind == DgtKind::End && t.round == round));
+                }
+                TerminatorMode::AfterAll => assert!(pos(&|t| t.kind == DgtKind::End) > last_unrel),
                 TerminatorMode::AfterReliable => {
+                    let end = pos(&|t| t.kind == DgtKind::End);
                     assert_eq!(end, last_rel + 1);
                     assert!(end < last_unrel);
                 }
@@ -626,7 +663,7 @@ fn terminator_placement_modes() {
         }
         let d = &sim.delivered;
         assert_eq!(d.len(), 4);
-        if mode == TerminatorMode::AfterAll {
+        if mode != TerminatorMode::AfterReliable {
             for r in 0..4 {
                 assert_bits(&d[r].values, &sent[r], "");
             }
@@ -642,6 +679,83 @@ fn terminator_placement_modes() {
                 assert_eq!(got.to_bits(), want.to_bits(), "element {j}");
             }
         }
+    }
+}
+
+/// The terminator on the reliable transport arrives 220 ms late in every round (Linux recovers
+/// a lone lost segment after 1.5 round trips + 200 ms): with the split terminator a round is
+/// delivered from its datagram copies at the deadline after the last datagram; with one End
+/// after everything it waits for the reliable copy. Every seventh block is lost, so no round
+/// completes before its deadline. With the datagram copies lost too, the split round waits for
+/// the reliable terminator like End does, and still delivers the same values.
+#[test]
+fn a_late_reliable_terminator_costs_the_split_terminator_nothing() {
+    let slow = Duration::from_millis(220);
+    for (mode, lose_copies) in [
+        (TerminatorMode::Split, false),
+        (TerminatorMode::Split, true),
+        (TerminatorMode::AfterAll, false),
+    ] {
+        let c = DgtConfig {
+            terminator: mode,
+            ..cfg()
+        };
+        let per = c.block_bytes / 4;
+        let n = 60 * per;
+        let script: Script = Box::new(move |t, _| {
+            let lost_block = t.kind == DgtKind::Block && t.block % 7 == 0;
+            if lost_block || (lose_copies && t.kind == DgtKind::Fin) {
+                Fate::Drop
+            } else {
+                Fate::Deliver(Duration::from_micros(300))
+            }
+        });
+        let mut sim = Sim::new(c.clone(), &[(3, n as u32, ValueType::F32)], script, 21);
+        sim.slow_terminator = slow;
+        let mut rng = ChaCha8Rng::seed_from_u64(22);
+        for round in 0..5u32 {
+            let x = tensor(&mut rng, n, per, 0);
+            let map = reference_map(&x, per, 0.5, c.channels);
+            let start = sim.now;
+            sim.tx.push(3, round, Values::F32(&x), &map).unwrap();
+            sim.run(|s| s.delivered.len() > round as usize);
+            let d = &sim.delivered[round as usize];
+            let last_dgram = sim
+                .log
+                .iter()
+                .filter(|(_, t)| t.round == round && t.kind == DgtKind::Block && t.channel != 0)
+                .map(|(at, _)| *at)
+                .max()
+                .unwrap();
+            let took = d.delivered_at - start;
+            let ctx = format!("{mode:?}, copies lost {lose_copies}, round {round}");
+            assert!(d.timed_out && !d.missing.is_empty(), "{ctx}");
+            if mode == TerminatorMode::Split && !lose_copies {
+                assert!(
+                    d.delivered_at <= last_dgram + c.deadline + Duration::from_millis(1),
+                    "{ctx}: {took:?}"
+                );
+            } else {
+                assert!(took >= slow, "{ctx}: {took:?}");
+            }
+            for j in 0..map.len() {
+                let r = j * per..((j + 1) * per).min(n);
+                if d.missing.contains(&(j as u32)) {
+                    assert_eq!(j % 7, 0, "{ctx}: block {j}");
+                    assert!(d.values[r].iter().all(|v| v.to_bits() == 0), "{ctx}");
+                } else {
+                    assert_bits(&d.values[r.clone()], &x[r], &ctx);
+                }
+            }
+            // Let the late reliable terminator land before the next round starts.
+            sim.run(|_| false);
+        }
+        let rc = sim.rx.counters();
+        assert_eq!(
+            rc.iter().map(|k| k.dup + k.stale).sum::<u64>(),
+            0,
+            "{mode:?}"
+        );
     }
 }
 

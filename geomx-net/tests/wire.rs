@@ -266,7 +266,7 @@ fn dgt_kinds_are_spoken_with_bounded_payloads() {
     let ok = [
         (MsgKind::DgtBlock, 33),
         (MsgKind::DgtBlock, DGT_MAX_BLOCK_PAYLOAD),
-        (MsgKind::DgtEnd, 33),
+        (MsgKind::DgtEnd, 32),
         (MsgKind::DgtReport, 44),
         (MsgKind::DgtReport, 32 + 8 * 12),
         (MsgKind::DgtHello, DGT_HELLO_LEN),
@@ -281,7 +281,7 @@ fn dgt_kinds_are_spoken_with_bounded_payloads() {
         (MsgKind::DgtBlock, 0),
         (MsgKind::DgtBlock, 32),
         (MsgKind::DgtBlock, DGT_MAX_BLOCK_PAYLOAD + 1),
-        (MsgKind::DgtEnd, 32),
+        (MsgKind::DgtEnd, 31),
         (MsgKind::DgtReport, 32),
         (MsgKind::DgtReport, 45),
         (MsgKind::DgtReport, 32 + 9 * 12),

@@ -2,8 +2,10 @@
 //! tensors over a rate-limited, lossy link (issue 7, dgt.md), measured in one run.
 //!
 //! Per loss rate p ∈ {1 %, 5 %, 10 %} a fresh WAN-lab link ([`DgtLab`]: 100 Mbit/s each way,
-//! 10 ms one way, random loss p on every IP packet each way) carries `rounds` rounds of one tensor from the
-//! site to the central namespace:
+//! 10 ms one way, random loss p on every IP packet each way) carries `warmup` + `rounds` rounds
+//! of one tensor from the site to the central namespace; each series opens its own connection,
+//! and its first round (TCP's slow start from the initial window) is reported apart, not in the
+//! percentiles:
 //! * **TCP**: a geomx-net `Push` of the whole tensor (one frame); the round ends when the
 //!   central side's handler holds the whole tensor (the client waits for the empty reply
 //!   before the next round, but the reply's trip back is not counted).
@@ -11,7 +13,7 @@
 //!   reliable share k = 0.8 (the spec's default) and k = 0.5 (C = 3, paced at 90 % of the link,
 //!   blocks sized to the 1500-byte MTU, GSO off behind the loss filter); the round ends when the
 //!   [`DgtServer`] delivers it (`Delivery::delivered_at`; lost blocks zero, 5 ms deadline after
-//!   the terminator).
+//!   the first copy of the terminator).
 //!
 //! Both ends run in one process (in two namespaces), so both times are read off one clock:
 //! from the start of the push until the central side holds the round's tensor.
@@ -44,8 +46,11 @@ use crate::wanlab::delay::Lateness;
 pub struct DgtBenchOptions {
     /// Elements (f32) of the tensor sent each round.
     pub elems: usize,
-    /// Rounds per (loss, transport).
+    /// Measured rounds per (loss, transport).
     pub rounds: usize,
+    /// Rounds sent first on each fresh connection and left out of the figures (reported
+    /// apart): the first round of a connection starts TCP from its initial window.
+    pub warmup: usize,
     /// Link rate each way, Mbit/s.
     pub rate_mbit: f64,
     /// Loss probabilities.
@@ -55,18 +60,20 @@ pub struct DgtBenchOptions {
 }
 
 impl DgtBenchOptions {
-    /// The full run: 2 MiB tensors, 40 rounds, 100 Mbit/s, 1 / 5 / 10 % loss.
+    /// The full run: 2 MiB tensors, 200 rounds after one warm-up round, 100 Mbit/s,
+    /// 1 / 5 / 10 % loss.
     pub fn full() -> Self {
         Self {
             elems: 1 << 19,
-            rounds: 40,
+            rounds: 200,
+            warmup: 1,
             rate_mbit: 100.0,
             losses: vec![0.01, 0.05, 0.10],
             delay_ms: 10.0,
         }
     }
 
-    /// A smoke-size run: 512 KiB tensors, 8 rounds.
+    /// A smoke-size run: 512 KiB tensors, 8 rounds after one warm-up round.
     pub fn quick() -> Self {
         Self {
             elems: 1 << 17,
@@ -85,11 +92,16 @@ pub struct Series {
     pub loss: f64,
     /// Median round completion time, ms.
     pub median_ms: f64,
+    /// 95th percentile (nearest rank), ms.
+    pub p95_ms: f64,
     /// 99th percentile (nearest rank), ms.
     pub p99_ms: f64,
     /// Mean, ms.
     pub mean_ms: f64,
-    /// DGT: fraction of the tensor's blocks missing at delivery (zeroed), over all rounds.
+    /// The warm-up rounds, ms (not in the figures above).
+    pub warmup_ms: Vec<f64>,
+    /// DGT: fraction of the tensor's blocks missing at delivery (zeroed), over the measured
+    /// rounds.
     pub missing_fraction: f64,
     /// Packets the link's loss filter dropped during the series (both directions).
     pub link_drops: u64,
@@ -104,8 +116,10 @@ pub struct DgtBenchReport {
     pub note: String,
     /// Tensor elements per round.
     pub elems: usize,
-    /// Rounds per series.
+    /// Measured rounds per series.
     pub rounds: usize,
+    /// Warm-up rounds per series, before the measured ones.
+    pub warmup: usize,
     /// Link rate, Mbit/s.
     pub rate_mbit: f64,
     /// One series per (loss, transport).
@@ -132,15 +146,27 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     v[rank - 1]
 }
 
-fn series(transport: &str, loss: f64, mut ms: Vec<f64>, missing: f64, drops: u64) -> Series {
+/// Round times and, for DGT, the fraction of blocks missing in each round.
+struct Rounds {
+    ms: Vec<f64>,
+    missing: Vec<f64>,
+}
+
+/// The figures of one series: its first `warmup` rounds apart, the rest measured.
+fn series(transport: &str, loss: f64, r: Rounds, warmup: usize, drops: u64) -> Series {
+    let w = warmup.min(r.ms.len());
+    let mut ms = r.ms[w..].to_vec();
     ms.sort_by(f64::total_cmp);
+    let measured = r.missing.get(w..).unwrap_or(&[]);
     Series {
         transport: transport.into(),
         loss,
         median_ms: quantile(&ms, 0.5),
+        p95_ms: quantile(&ms, 0.95),
         p99_ms: quantile(&ms, 0.99),
         mean_ms: ms.iter().sum::<f64>() / ms.len().max(1) as f64,
-        missing_fraction: missing,
+        warmup_ms: r.ms[..w].to_vec(),
+        missing_fraction: measured.iter().sum::<f64>() / measured.len().max(1) as f64,
         link_drops: drops,
     }
 }
@@ -252,15 +278,15 @@ fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>, tls: Option<&Pki>) -> Result
     res
 }
 
-/// DGT round times (ms) and the fraction of blocks missing at delivery (encrypted and sealed
-/// with `tls`).
+/// DGT round times (ms) and the fraction of blocks missing at delivery in each round
+/// (encrypted and sealed with `tls`).
 fn run_dgt(
     lab: &DgtLab,
     data: &Arc<Vec<Vec<f32>>>,
     rate_mbit: f64,
     k: f64,
     tls: Option<&Pki>,
-) -> Result<(Vec<f64>, f64), String> {
+) -> Result<Rounds, String> {
     let d = DgtTransportConfig {
         k,
         rate_mbit: Some(rate_mbit * 0.9),
@@ -289,21 +315,21 @@ fn run_dgt(
     })?;
     let data = data.clone();
     let client = lab
-        .spawn_in(true, move || -> Result<(Vec<f64>, f64), String> {
+        .spawn_in(true, move || -> Result<Rounds, String> {
             let link = crate::hips::dgt::connect(addr, 1, &d, &client_opts)?;
             let mut up = DgtUplink::new(&d, ValueType::F32)?;
             let n_b = link.num_blocks(n, ValueType::F32);
-            let (mut out, mut missing) = (Vec::with_capacity(data.len()), 0usize);
+            let (mut ms, mut missing) = (Vec::new(), Vec::new());
             for (r, x) in data.iter().enumerate() {
                 let t0 = Instant::now();
                 up.push(&link, 0, r as u64, x.clone())?;
                 let del = deliveries
                     .recv_timeout(Duration::from_secs(120))
                     .map_err(|_| format!("round {r}: no delivery"))?;
-                out.push(del.delivered_at.duration_since(t0).as_secs_f64() * 1e3);
-                missing += del.missing.len();
+                ms.push(del.delivered_at.duration_since(t0).as_secs_f64() * 1e3);
+                missing.push(del.missing.len() as f64 / n_b.max(1) as f64);
             }
-            Ok((out, missing as f64 / (n_b * data.len()) as f64))
+            Ok(Rounds { ms, missing })
         })
         .map_err(err)?;
     let res = client
@@ -326,6 +352,7 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
         ),
         elems: opts.elems,
         rounds: opts.rounds,
+        warmup: opts.warmup,
         rate_mbit: opts.rate_mbit,
         series: Vec::new(),
         lab_lateness: Vec::new(),
@@ -335,7 +362,7 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
         report.note = format!("cannot run: {e}");
         return Ok(report);
     }
-    let data = Arc::new(tensors(opts.elems, opts.rounds));
+    let data = Arc::new(tensors(opts.elems, opts.warmup + opts.rounds));
     let pki = Pki::new()?;
     for &p in &opts.losses {
         let lab =
@@ -353,17 +380,25 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
         ];
         for (k, tls) in runs {
             let suffix = if tls.is_some() { " mtls" } else { "" };
-            let (name, ms, missing) = match k {
-                None => ("tcp".to_string(), run_tcp(&lab, &data, tls)?, 0.0),
-                Some(k) => {
-                    let (ms, missing) = run_dgt(&lab, &data, opts.rate_mbit, k, tls)?;
-                    (format!("dgt k={k}"), ms, missing)
+            let (name, rounds) = match k {
+                None => {
+                    let ms = run_tcp(&lab, &data, tls)?;
+                    let missing = vec![0.0; ms.len()];
+                    ("tcp".to_string(), Rounds { ms, missing })
                 }
+                Some(k) => (
+                    format!("dgt k={k}"),
+                    run_dgt(&lab, &data, opts.rate_mbit, k, tls)?,
+                ),
             };
             let now = lab.drops();
-            report
-                .series
-                .push(series(&(name + suffix), p, ms, missing, sum(last, now)));
+            report.series.push(series(
+                &(name + suffix),
+                p,
+                rounds,
+                opts.warmup,
+                sum(last, now),
+            ));
             last = now;
         }
         if let Some(lateness) = lab.relay_lateness() {
@@ -376,10 +411,12 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
 /// The report as a markdown table.
 pub fn render_markdown(r: &DgtBenchReport) -> String {
     let mut s = format!(
-        "DGT vs TCP, {} f32 per round ({:.1} MiB), {} rounds, {} Mbit/s, mode {}\n{}\n\n",
+        "DGT vs TCP, {} f32 per round ({:.1} MiB), {} rounds after {} warm-up, {} Mbit/s, mode \
+         {}\n{}\n\n",
         r.elems,
         r.elems as f64 * 4.0 / (1 << 20) as f64,
         r.rounds,
+        r.warmup,
         r.rate_mbit,
         r.mode,
         r.note
@@ -388,17 +425,21 @@ pub fn render_markdown(r: &DgtBenchReport) -> String {
         return s;
     }
     s.push_str(
-        "| loss | transport | median ms | p99 ms | mean ms | blocks missing | link drops |\n",
+        "| loss | transport | median ms | p95 ms | p99 ms | mean ms | warm-up ms | blocks missing \
+         | link drops |\n",
     );
-    s.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
+    s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for x in &r.series {
+        let warmup: Vec<String> = x.warmup_ms.iter().map(|m| format!("{m:.1}")).collect();
         s.push_str(&format!(
-            "| {:.0} % | {} | {:.1} | {:.1} | {:.1} | {:.2} % | {} |\n",
+            "| {:.0} % | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} % | {} |\n",
             x.loss * 100.0,
             x.transport,
             x.median_ms,
+            x.p95_ms,
             x.p99_ms,
             x.mean_ms,
+            warmup.join(" / "),
             x.missing_fraction * 100.0,
             x.link_drops
         ));
@@ -430,17 +471,28 @@ mod tests {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!((quantile(&v, 0.5), quantile(&v, 0.99)), (50.0, 99.0));
         assert_eq!(quantile(&[3.0], 0.99), 3.0);
-        let s = series("tcp", 0.01, vec![5.0, 1.0, 3.0], 0.0, 2);
-        assert_eq!((s.median_ms, s.p99_ms, s.mean_ms), (3.0, 5.0, 3.0));
+        // The first round is the warm-up: out of the figures, reported apart.
+        let r = Rounds {
+            ms: vec![90.0, 5.0, 1.0, 3.0],
+            missing: vec![0.5, 0.0, 0.1, 0.2],
+        };
+        let s = series("tcp", 0.01, r, 1, 2);
+        assert_eq!(
+            (s.median_ms, s.p95_ms, s.p99_ms, s.mean_ms),
+            (3.0, 5.0, 5.0, 3.0)
+        );
+        assert_eq!(s.warmup_ms, vec![90.0]);
+        assert!((s.missing_fraction - 0.1).abs() < 1e-12);
         assert!(render_markdown(&DgtBenchReport {
             mode: "netns".into(),
             note: String::new(),
             elems: 4,
             rounds: 3,
+            warmup: 1,
             rate_mbit: 100.0,
             series: vec![s],
             lab_lateness: vec![],
         })
-        .contains("| 1 % | tcp | 3.0 | 5.0 | 3.0 |"));
+        .contains("| 1 % | tcp | 3.0 | 5.0 | 5.0 | 3.0 | 90.0 | 10.00 % |"));
     }
 }

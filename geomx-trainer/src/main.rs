@@ -495,14 +495,21 @@ fn main() -> ExitCode {
         Cmd::Bench {
             what: BenchKind::Dgt,
             quick,
+            e2e,
             ..
         } => {
             init_tracing(LogLevel::Warn);
-            let opts = if quick {
+            let mut opts = if quick {
                 geomx_trainer::bench_dgt::DgtBenchOptions::quick()
             } else {
                 geomx_trainer::bench_dgt::DgtBenchOptions::full()
             };
+            if let Some(r) = e2e.rounds {
+                opts.rounds = r.max(1) as usize;
+            }
+            if let Some(p) = e2e.loss {
+                opts.losses = vec![p];
+            }
             geomx_trainer::bench_dgt::run(&opts).map(|r| {
                 eprint!("{}", geomx_trainer::bench_dgt::render_markdown(&r));
                 println!("{}", serde_json::to_string(&r).unwrap_or_default());

@@ -4,7 +4,7 @@
 //! |----:|-----:|-------|
 //! | 0 | 2 | magic `0x4758` |
 //! | 2 | 1 | version ([`DGT_VERSION`]) |
-//! | 3 | 1 | kind ([`DgtKind`]: 48 block, 49 terminator, 50 report) |
+//! | 3 | 1 | kind ([`DgtKind`]: 48 block, 49 terminator with map, 50 report, 51 map, 52 terminator) |
 //! | 4 | 1 | channel (0 reliable, 1..=C unreliable) |
 //! | 5 | 1 | value type ([`ValueType`]) |
 //! | 6 | 2 | flags (0) |
@@ -15,8 +15,9 @@
 //! | 24 | 4 | element offset (terminator: 0) |
 //! | 28 | 4 | element count (terminator: N) |
 //!
-//! A block message carries exactly `elem_count · e` value bytes after the header; a terminator
-//! carries `n_b` channel bytes (`channel_of_block`, [`NOT_SENT`] for blocks not sent).
+//! A block message carries exactly `elem_count · e` value bytes after the header; End and Map
+//! carry `n_b` channel bytes (`channel_of_block`, [`NOT_SENT`] for blocks not sent); Fin carries
+//! nothing. Only blocks and Fin travel as datagrams.
 
 use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -25,8 +26,9 @@ use super::{DgtError, ValueType, MAX_CHANNELS, NOT_SENT};
 
 /// Header magic (`"GX"` read as a little-endian u16 is 0x5847; the spec fixes 0x4758).
 pub const DGT_MAGIC: u16 = 0x4758;
-/// DGT header version spoken by this crate.
-pub const DGT_VERSION: u8 = 2;
+/// DGT header version spoken by this crate (3: the split terminator, [`DgtKind::Map`] and
+/// [`DgtKind::Fin`]; 2: reliable runs).
+pub const DGT_VERSION: u8 = 3;
 /// Size of [`DgtHeader`] in bytes.
 pub const DGT_HEADER_LEN: usize = 32;
 
@@ -40,6 +42,19 @@ pub enum DgtKind {
     End = 49,
     /// Receiver → sender: per-channel counters of a closed round ([`super::RoundReport`]).
     Report = 50,
+    /// The channel map of (key, round) without ending it (reliable channel only): sent right
+    /// after the reliable blocks; `channel_of_block` follows the header.
+    Map = 51,
+    /// End of (key, round) without the map (it came with [`DgtKind::Map`]); no payload. On the
+    /// reliable channel and as datagrams.
+    Fin = 52,
+}
+
+impl DgtKind {
+    /// True for the kinds that may travel as datagrams (channels 1..=C).
+    pub fn unreliable_ok(self) -> bool {
+        matches!(self, DgtKind::Block | DgtKind::Fin)
+    }
 }
 
 impl DgtKind {
@@ -49,6 +64,8 @@ impl DgtKind {
             48 => Ok(DgtKind::Block),
             49 => Ok(DgtKind::End),
             50 => Ok(DgtKind::Report),
+            51 => Ok(DgtKind::Map),
+            52 => Ok(DgtKind::Fin),
             other => Err(DgtError::BadKind(other)),
         }
     }
@@ -150,7 +167,7 @@ impl Header {
         if raw.flags.get() != 0 {
             return Err(DgtError::BadFlags(raw.flags.get()));
         }
-        if kind != DgtKind::Block && raw.channel != 0 {
+        if !kind.unreliable_ok() && raw.channel != 0 {
             return Err(DgtError::BadChannel(raw.channel));
         }
         Ok((
@@ -226,7 +243,7 @@ mod tests {
         let cases: [(usize, u8, Check); 6] = [
             (0, 0, |e| matches!(e, DgtError::BadMagic(_))),
             (2, 9, |e| matches!(e, DgtError::BadVersion(9))),
-            (3, 51, |e| matches!(e, DgtError::BadKind(51))),
+            (3, 53, |e| matches!(e, DgtError::BadKind(53))),
             (4, 8, |e| matches!(e, DgtError::BadChannel(8))),
             (5, 2, |e| matches!(e, DgtError::BadValueType(2))),
             (6, 1, |e| matches!(e, DgtError::BadFlags(1))),
@@ -247,6 +264,15 @@ mod tests {
             Header::decode(&end_on_udp),
             Err(DgtError::BadChannel(2))
         ));
+        let mut map_on_udp = good.clone();
+        map_on_udp[3] = 51;
+        assert!(matches!(
+            Header::decode(&map_on_udp),
+            Err(DgtError::BadChannel(2))
+        ));
+        let mut fin_on_udp = good.clone();
+        fin_on_udp[3] = 52;
+        assert_eq!(Header::decode(&fin_on_udp).unwrap().0.kind, DgtKind::Fin);
     }
 
     #[test]

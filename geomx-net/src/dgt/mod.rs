@@ -21,8 +21,8 @@ mod sender;
 pub mod udp;
 
 pub use config::{
-    auto_block_bytes, DgtConfig, TerminatorMode, DEFAULT_WINDOW_BYTES, IPV4_UDP_OVERHEAD,
-    IPV6_UDP_OVERHEAD,
+    auto_block_bytes, DgtConfig, TerminatorMode, DEFAULT_WINDOW_BYTES, FIN_DATAGRAMS,
+    IPV4_UDP_OVERHEAD, IPV6_UDP_OVERHEAD,
 };
 pub use header::{DgtKind, Header, DGT_HEADER_LEN, DGT_MAGIC, DGT_VERSION};
 pub use pacing::TokenBucket;

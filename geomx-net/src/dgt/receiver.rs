@@ -70,7 +70,10 @@ struct Slot {
     values: Vec<f32>,
     /// Channel each block arrived on, [`NOT_SENT`] if not arrived.
     arrived: Vec<u8>,
+    /// The channel map (from End or Map).
     end: Option<Vec<u8>>,
+    /// When the terminator (End, or the first copy of Fin) arrived.
+    fin: Option<Instant>,
     deadline: Option<Instant>,
     first_at: Option<Instant>,
 }
@@ -81,9 +84,15 @@ impl Slot {
             values: Vec::new(),
             arrived: vec![NOT_SENT; k.n_b as usize],
             end: None,
+            fin: None,
             deadline: None,
             first_at: None,
         }
+    }
+
+    /// Map and terminator both arrived: the sender handed out everything of the round.
+    fn terminated(&self) -> bool {
+        self.end.is_some() && self.fin.is_some()
     }
 
     fn complete(&self) -> bool {
@@ -237,7 +246,9 @@ impl DgtReceiver {
         }
         match h.kind {
             DgtKind::Block => self.on_blocks(now, &h, &k, payload, msg.len()),
-            DgtKind::End => self.on_end(now, &h, &k, payload, msg.len()),
+            DgtKind::End | DgtKind::Map | DgtKind::Fin => {
+                self.on_end(now, &h, &k, payload, msg.len())
+            }
             DgtKind::Report => Err(DgtError::BadKind(DgtKind::Report as u8)),
         }
     }
@@ -399,6 +410,9 @@ impl DgtReceiver {
         Ok(())
     }
 
+    /// End (map and terminator), Map (map only) or Fin (terminator only, reliable or a
+    /// datagram copy). The round's deadline starts once it has both, from the terminator's
+    /// arrival.
     fn on_end(
         &mut self,
         now: Instant,
@@ -413,62 +427,104 @@ impl DgtReceiver {
                 n_b: k.n_b,
             });
         }
-        check_channel_map(payload, k.n_b as usize, self.cfg.channels)?;
+        let with_map = h.kind != DgtKind::Fin;
+        let with_fin = h.kind != DgtKind::Map;
+        if with_map {
+            check_channel_map(payload, k.n_b as usize, self.cfg.channels)?;
+        } else if !payload.is_empty() {
+            return Err(DgtError::BadPayloadLen {
+                got: payload.len(),
+                want: 0,
+            });
+        }
         let sid = (h.sender, h.key);
-        self.force_until(sid, h.round, now);
+        let reliable = h.channel == 0;
+        if reliable {
+            self.force_until(sid, h.round, now);
+        }
         let st = self.streams.entry(sid).or_insert_with(|| Stream {
             cur: 0,
             slots: [None, None],
             prev: None,
             late: Vec::new(),
         });
-        let c = &mut self.counters[0];
+        let c = &mut self.counters[usize::from(h.channel)];
+        c.bytes += len as u64;
         let idx = match h.round.wrapping_sub(st.cur) {
             0 => 0,
             1 => 1,
+            d if !reliable => {
+                // A datagram copy of a terminator from too far ahead (unordered, so nothing to
+                // conclude), or of one whose round was delivered: the usual fate of the copies
+                // of a round that completed, not counted as a duplicate.
+                if d < u32::MAX / 2 {
+                    c.future_dropped += 1;
+                }
+                return Ok(());
+            }
             d => {
                 // Reliable and ordered: a duplicate of a delivered round's terminator (stale),
                 // or a sender more than a round ahead while the current round has no
                 // terminator yet (dropped; the sender must not run two rounds ahead).
-                c.bytes += len as u64;
+                // A Fin of a delivered round is expected: its datagram copy ended the round.
                 if d < u32::MAX / 2 {
                     c.future_dropped += 1;
-                } else {
+                } else if with_map {
                     c.stale += 1;
                 }
                 return Ok(());
             }
         };
-        let deadline = now + self.cfg.deadline;
         let slot = st.slots[idx].get_or_insert_with(|| Slot::new(k));
-        if let Some(m) = &slot.end {
-            if m.as_slice() != payload {
-                return Err(DgtError::ConflictingEnd {
-                    key: h.key,
-                    round: h.round,
-                });
+        let mut fresh = false;
+        if with_map {
+            if let Some(m) = &slot.end {
+                if m.as_slice() != payload {
+                    return Err(DgtError::ConflictingEnd {
+                        key: h.key,
+                        round: h.round,
+                    });
+                }
+            } else {
+                // Blocks that arrived on a channel the map does not list are discarded.
+                let mut discarded = 0;
+                for (j, (&m, a)) in payload.iter().zip(slot.arrived.iter_mut()).enumerate() {
+                    if *a != NOT_SENT && *a != m {
+                        *a = NOT_SENT;
+                        let off = j * k.per as usize;
+                        let end = (off + k.per as usize).min(k.n as usize);
+                        slot.values[off..end].fill(0.0);
+                        discarded += 1;
+                    }
+                }
+                slot.end = Some(payload.to_vec());
+                self.invalid += discarded;
+                fresh = true;
             }
-            c.bytes += len as u64;
-            c.dup += 1;
+        }
+        if with_fin && slot.fin.is_none() {
+            slot.fin = Some(now);
+            fresh = true;
+        }
+        if !fresh {
+            // A repeated map is a duplicate; a terminator that already arrived by another
+            // transport (its copies race each other) is expected.
+            if with_map {
+                c.dup += 1;
+            }
             return Ok(());
         }
-        // Blocks that arrived on a channel the terminator does not list are discarded.
-        let mut discarded = 0;
-        for (j, (&m, a)) in payload.iter().zip(slot.arrived.iter_mut()).enumerate() {
-            if *a != NOT_SENT && *a != m {
-                *a = NOT_SENT;
-                let off = j * k.per as usize;
-                let end = (off + k.per as usize).min(k.n as usize);
-                slot.values[off..end].fill(0.0);
-                discarded += 1;
-            }
+        if let (Some(fin), None, true) = (slot.fin, slot.deadline, slot.end.is_some()) {
+            // A map that comes after its terminator (its reliable stream was slow) ends the
+            // wait at once if the terminator's deadline already passed.
+            slot.deadline = Some((fin + self.cfg.deadline).max(now));
         }
-        c.bytes += len as u64;
-        slot.end = Some(payload.to_vec());
-        slot.deadline = Some(deadline);
-        self.invalid += discarded;
-        if idx == 0 && slot.complete() {
-            self.advance(sid, now, false);
+        if idx == 0 {
+            if slot.complete() {
+                self.advance(sid, now, false);
+            } else if slot.deadline.is_some_and(|d| d <= now) {
+                self.advance(sid, now, true);
+            }
         }
         Ok(())
     }
@@ -481,7 +537,7 @@ impl DgtReceiver {
                 return;
             };
             let ahead = round.wrapping_sub(st.cur);
-            let has_end = st.slots[0].as_ref().is_some_and(|s| s.end.is_some());
+            let has_end = st.slots[0].as_ref().is_some_and(Slot::terminated);
             if (2..u32::MAX / 2).contains(&ahead) && has_end {
                 self.advance(sid, now, true);
             } else {
@@ -600,7 +656,7 @@ fn write_block(vt: ValueType, payload: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dgt::{DgtSender, TerminatorMode, Values};
+    use crate::dgt::{DgtSender, TerminatorMode, Values, DGT_HEADER_LEN};
     use std::time::Duration;
 
     fn cfg() -> DgtConfig {
@@ -615,8 +671,13 @@ mod tests {
 
     /// Messages of one pushed round: (reliable, bytes).
     fn round(key: u32, r: u32, x: &[f32], map: &[u8]) -> Vec<(bool, Vec<u8>)> {
+        round_with(cfg(), key, r, x, map)
+    }
+
+    /// Messages of one round pushed by a sender with `cfg`.
+    fn round_with(cfg: DgtConfig, key: u32, r: u32, x: &[f32], map: &[u8]) -> Vec<(bool, Vec<u8>)> {
         let now = Instant::now();
-        let mut s = DgtSender::new(3, cfg(), now).unwrap();
+        let mut s = DgtSender::new(3, cfg, now).unwrap();
         s.push(key, r, Values::F32(x), map).unwrap();
         let mut out = Vec::new();
         let mut buf = Vec::new();
@@ -846,5 +907,84 @@ mod tests {
         .encode_into(&mut report);
         assert_eq!(rx.handle_reliable(t, &report), Err(DgtError::BadKind(50)));
         assert_eq!(rx.invalid(), 8);
+    }
+
+    #[test]
+    fn split_terminator_map_early_fin_from_either_transport() {
+        let split = DgtConfig {
+            terminator: TerminatorMode::Split,
+            ..cfg()
+        };
+        let mut rx = rx();
+        let t = Instant::now();
+        let x: Vec<f32> = (0..12).map(|i| i as f32 + 1.0).collect();
+        let m = round_with(split.clone(), 1, 0, &x, &[0, 1, 2]);
+        let kinds: Vec<(bool, u8)> = m.iter().map(|(rel, b)| (*rel, b[3])).collect();
+        // Reliable block, Map, two datagrams, Fin, two Fin copies (channel 1).
+        assert_eq!(
+            kinds,
+            [
+                (true, 48),
+                (true, 51),
+                (false, 48),
+                (false, 48),
+                (true, 52),
+                (false, 52),
+                (false, 52)
+            ]
+        );
+        assert!(m[5..]
+            .iter()
+            .all(|(_, b)| b.len() == DGT_HEADER_LEN && b[4] == 1));
+        // Block 2 is lost and the reliable Fin is late: the first copy starts the deadline.
+        feed(&mut rx, t, &m[..3]);
+        feed(&mut rx, t, &m[5..6]);
+        assert_eq!(rx.poll_timeout(), Some(t + split.deadline));
+        rx.handle_timeout(t + split.deadline);
+        let d = rx.poll_delivery().unwrap();
+        assert!(d.timed_out);
+        assert_eq!(d.missing, vec![2]);
+        assert_eq!(&d.values[..8], &x[..8]);
+        // The late reliable Fin and the second copy change nothing and are no duplicates.
+        rx.handle_reliable(t + split.deadline, &m[4].1).unwrap();
+        rx.handle_datagram(t + split.deadline, &m[6].1).unwrap();
+        assert!(rx.poll_delivery().is_none());
+        assert!(rx.counters().iter().all(|c| c.dup + c.stale == 0));
+
+        // Round 1: a copy of the Fin overtakes the map; the map arrives after the deadline
+        // and ends the round at once.
+        let m1 = round_with(split.clone(), 1, 1, &x, &[0, 1, 2]);
+        rx.handle_datagram(t, &m1[5].1).unwrap();
+        assert!(rx.poll_timeout().is_none(), "no deadline without the map");
+        let late = t + 3 * split.deadline;
+        feed(&mut rx, late, &m1[..2]);
+        let d = rx.poll_delivery().unwrap();
+        assert_eq!((d.round, d.timed_out, d.delivered_at), (1, true, late));
+        assert_eq!(d.missing, vec![1, 2]);
+
+        // Malformed: a Fin with a payload or the wrong block count, a Map as a datagram.
+        let fin = m1[5].1.clone();
+        let mut with_payload = fin.clone();
+        with_payload.push(0);
+        assert!(matches!(
+            rx.handle_datagram(t, &with_payload),
+            Err(DgtError::BadPayloadLen { got: 1, want: 0 })
+        ));
+        let mut bad_nb = fin.clone();
+        bad_nb[20] = 9;
+        assert!(rx.handle_datagram(t, &bad_nb).is_err());
+        let mut map_dgram = m1[1].1.clone();
+        map_dgram[4] = 1;
+        assert_eq!(
+            rx.handle_datagram(t, &map_dgram),
+            Err(DgtError::BadChannel(1))
+        );
+        assert_eq!(rx.invalid(), 3);
+        // A copy from far ahead is dropped and counted.
+        let mut ahead = fin;
+        ahead[16] = 7;
+        rx.handle_datagram(t, &ahead).unwrap();
+        assert_eq!(rx.counters()[1].future_dropped, 1);
+        assert!(rx.poll_delivery().is_none());
     }
 }

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use super::header::{DgtKind, Header, DGT_HEADER_LEN};
 use super::pacing::TokenBucket;
-use super::{DgtConfig, DgtError, TerminatorMode, ValueType, MAX_CHANNELS, NOT_SENT};
+use super::{
+    DgtConfig, DgtError, TerminatorMode, ValueType, FIN_DATAGRAMS, MAX_CHANNELS, NOT_SENT,
+};
 
 /// The values of one (key, round).
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +54,7 @@ impl Values<'_> {
 pub struct Transmit {
     /// 0: a reliable message for the TCP transport; 1..=C: a datagram for that UDP channel.
     pub channel: u8,
-    /// Block or terminator.
+    /// Block, map or terminator.
     pub kind: DgtKind,
     /// Key.
     pub key: u32,
@@ -60,8 +62,8 @@ pub struct Transmit {
     pub round: u32,
     /// Block id (terminator: n_b); a reliable run's first block.
     pub block: u32,
-    /// Blocks carried: 1 for a datagram, up to [`RELIABLE_RUN_BYTES`] worth for a reliable run of
-    /// consecutive blocks, 0 for a terminator.
+    /// Blocks carried: 1 for a block datagram, up to [`RELIABLE_RUN_BYTES`] worth for a reliable
+    /// run of consecutive blocks, 0 for a map or terminator.
     pub blocks: u32,
     /// Bytes appended (header + payload).
     pub len: usize,
@@ -79,8 +81,10 @@ pub struct SenderCounters {
     pub blocks: [u64; 8],
     /// Bytes (DGT header + payload) per channel.
     pub bytes: [u64; 8],
-    /// Terminators sent.
+    /// Terminators (End or Fin) sent on the reliable channel.
     pub terminators: u64,
+    /// Terminator copies sent as datagrams ([`TerminatorMode::Split`]).
+    pub fin_datagrams: u64,
 }
 
 #[derive(Debug)]
@@ -104,8 +108,24 @@ impl Round {
 
 #[derive(Debug, Clone, Copy)]
 enum Item {
-    Block { id: u64, block: u32 },
-    End { id: u64 },
+    Block {
+        id: u64,
+        block: u32,
+    },
+    /// Map and terminator in one message (End).
+    End {
+        id: u64,
+    },
+    /// The map alone, after the reliable blocks ([`TerminatorMode::Split`]).
+    Map {
+        id: u64,
+    },
+    /// The terminator alone on the reliable channel ([`TerminatorMode::Split`]).
+    Fin {
+        id: u64,
+    },
+    /// A copy of a terminator as a datagram: the whole message, so that it outlives its round.
+    FinDatagram(Header),
 }
 
 /// Sans-IO DGT sender for one node (all keys). See the module docs of [`crate::dgt`].
@@ -234,6 +254,8 @@ impl DgtSender {
             }
             if r.unreliable_left == 0 || self.cfg.terminator == TerminatorMode::AfterReliable {
                 self.queues[0].push_back(Item::End { id });
+            } else if self.cfg.terminator == TerminatorMode::Split {
+                self.queues[0].push_back(Item::Map { id });
             }
         }
     }
@@ -351,7 +373,8 @@ impl DgtSender {
                 let (_, cnt) = self.block_span(r, block, 1);
                 DGT_HEADER_LEN + cnt as usize * r.value_type.size()
             }
-            Item::End { id } => DGT_HEADER_LEN + self.rounds[&id].map.len(),
+            Item::End { id } | Item::Map { id } => DGT_HEADER_LEN + self.rounds[&id].map.len(),
+            Item::Fin { .. } | Item::FinDatagram(_) => DGT_HEADER_LEN,
         }
     }
 
@@ -360,6 +383,36 @@ impl DgtSender {
         let per = (self.cfg.block_bytes / r.value_type.size()) as u32;
         let off = block * per;
         (off, off.saturating_add(per * blocks).min(r.n) - off)
+    }
+
+    /// The header of (key, round) `id`'s End, Map or Fin on the reliable channel.
+    fn end_header(&self, id: u64, kind: DgtKind) -> Header {
+        let r = &self.rounds[&id];
+        Header {
+            kind,
+            channel: 0,
+            value_type: r.value_type,
+            sender: self.id,
+            key: r.key,
+            round: r.round,
+            block: r.map.len() as u32,
+            elem_offset: 0,
+            elem_count: r.n,
+        }
+    }
+
+    /// [`TerminatorMode::Split`]: the last datagram of `id` went out; queue the terminator on
+    /// the reliable channel and its copies at the head of the first unreliable channel (behind
+    /// nothing, so they follow the last datagram at once).
+    fn queue_fin(&mut self, id: u64) {
+        self.queues[0].push_back(Item::Fin { id });
+        let h = Header {
+            channel: 1,
+            ..self.end_header(id, DgtKind::Fin)
+        };
+        for _ in 0..FIN_DATAGRAMS {
+            self.queues[1].push_front(Item::FinDatagram(h));
+        }
     }
 
     /// Emits `item`; a block item carries `blocks` consecutive blocks (a reliable run).
@@ -393,8 +446,14 @@ impl DgtSender {
                     if r.unreliable_left == 0 {
                         if r.end_sent {
                             self.finish(id);
-                        } else if self.cfg.terminator == TerminatorMode::AfterAll {
-                            self.queues[0].push_back(Item::End { id });
+                        } else {
+                            match self.cfg.terminator {
+                                TerminatorMode::AfterAll => {
+                                    self.queues[0].push_back(Item::End { id })
+                                }
+                                TerminatorMode::Split => self.queue_fin(id),
+                                TerminatorMode::AfterReliable => {}
+                            }
                         }
                     }
                 }
@@ -408,38 +467,49 @@ impl DgtSender {
                     len,
                 }
             }
-            Item::End { id } => {
+            Item::End { id } | Item::Map { id } | Item::Fin { id } => {
+                let (kind, with_map) = match item {
+                    Item::End { .. } => (DgtKind::End, true),
+                    Item::Map { .. } => (DgtKind::Map, true),
+                    _ => (DgtKind::Fin, false),
+                };
+                let h = self.end_header(id, kind);
+                h.encode_into(buf);
                 let r = self.rounds.get_mut(&id).expect("queued round exists");
-                r.end_sent = true;
-                let r = &self.rounds[&id];
-                let n_b = r.map.len() as u32;
-                Header {
-                    kind: DgtKind::End,
-                    channel: 0,
-                    value_type: r.value_type,
-                    sender: self.id,
-                    key: r.key,
-                    round: r.round,
-                    block: n_b,
-                    elem_offset: 0,
-                    elem_count: r.n,
+                if with_map {
+                    buf.extend_from_slice(&r.map);
                 }
-                .encode_into(buf);
-                buf.extend_from_slice(&r.map);
-                let (key, round) = (r.key, r.round);
                 let len = buf.len() - start;
-                self.counters.terminators += 1;
                 self.counters.bytes[0] += len as u64;
-                // In after_reliable mode unreliable blocks may still be queued.
-                if self.rounds[&id].unreliable_left == 0 {
-                    self.finish(id);
+                if kind != DgtKind::Map {
+                    r.end_sent = true;
+                    self.counters.terminators += 1;
+                    // In after_reliable mode unreliable blocks may still be queued.
+                    if r.unreliable_left == 0 {
+                        self.finish(id);
+                    }
                 }
                 Transmit {
                     channel: 0,
-                    kind: DgtKind::End,
-                    key,
-                    round,
-                    block: n_b,
+                    kind,
+                    key: h.key,
+                    round: h.round,
+                    block: h.block,
+                    blocks: 0,
+                    len,
+                }
+            }
+            Item::FinDatagram(h) => {
+                h.encode_into(buf);
+                let len = buf.len() - start;
+                self.counters.fin_datagrams += 1;
+                self.counters.bytes[usize::from(channel)] += len as u64;
+                Transmit {
+                    channel,
+                    kind: DgtKind::Fin,
+                    key: h.key,
+                    round: h.round,
+                    block: h.block,
                     blocks: 0,
                     len,
                 }

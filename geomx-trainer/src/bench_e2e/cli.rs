@@ -15,7 +15,8 @@ pub struct E2eArgs {
     /// e2e: one-way WAN delay of each data center, ms [default: 50].
     #[arg(long)]
     pub delay_ms: Option<f64>,
-    /// e2e: random loss probability on the WAN links [default: 0].
+    /// e2e: random loss probability on the WAN links [default: 0]. dgt: the only loss rate
+    /// measured [default: 0.01, 0.05 and 0.10].
     #[arg(long)]
     pub loss: Option<f64>,
     /// e2e: run only these scenarios (comma-separated: flat, hips, hips-fp16, hips-bisparse,
@@ -32,7 +33,8 @@ pub struct E2eArgs {
     /// e2e: wall-time cap per scenario, seconds [default: 420; 60 with --quick].
     #[arg(long)]
     pub cap_s: Option<f64>,
-    /// e2e: rounds of the synchronous scenarios [default: 100; 60 with --quick].
+    /// e2e: rounds of the synchronous scenarios [default: 100; 60 with --quick]. dgt: rounds
+    /// per series [default: 40; 8 with --quick].
     #[arg(long)]
     pub rounds: Option<u64>,
     /// e2e: HFA's local steps between LAN averagings [default: 5].

@@ -481,8 +481,8 @@ impl Loop {
                 if t.channel == 0 {
                     self.flush_batch();
                     let kind = match t.kind {
-                        DgtKind::End => MsgKind::DgtEnd,
-                        _ => MsgKind::DgtBlock,
+                        DgtKind::Block => MsgKind::DgtBlock,
+                        _ => MsgKind::DgtEnd,
                     };
                     let h = dgt_header(kind, self.id);
                     write_frame(&mut self.tcp, &h, &buf, self.opts.write_timeout)?;

@@ -687,10 +687,11 @@ impl Loop {
                 Ok(())
             }
             (kind @ (MsgKind::DgtBlock | MsgKind::DgtEnd), Some(sender)) => {
-                let want = if kind == MsgKind::DgtBlock {
-                    DgtKind::Block
-                } else {
-                    DgtKind::End
+                // A DgtEnd frame carries End, Map or Fin.
+                let agrees = match DgtKind::from_u8(f.payload[3]) {
+                    Ok(DgtKind::Block) => kind == MsgKind::DgtBlock,
+                    Ok(DgtKind::End | DgtKind::Map | DgtKind::Fin) => kind == MsgKind::DgtEnd,
+                    _ => false,
                 };
                 // Frame kind, DGT kind and sender must agree (bounds were checked by the decoder).
                 let p = &f.payload;
@@ -699,7 +700,7 @@ impl Loop {
                     .peers
                     .get_mut(&sender)
                     .ok_or_else(|| LinkError::Protocol("no receiver for the sender".into()))?;
-                if p[3] != want as u8 || msg_sender != sender {
+                if !agrees || msg_sender != sender {
                     // Counted as invalid like any malformed message; the link stays up.
                     let _ = peer.rx.handle_reliable(now, &[]);
                     return Ok(());
@@ -708,7 +709,8 @@ impl Loop {
                     conn.round_start.get_or_insert(now);
                     conn.round_bytes += p.len() as u64;
                 }
-                let end = kind == MsgKind::DgtEnd;
+                // The round's terminator (End or Fin; a Map only follows the reliable blocks).
+                let end = kind == MsgKind::DgtEnd && p[3] != DgtKind::Map as u8;
                 if let Err(e) = peer.rx.handle_reliable(now, p) {
                     tracing::debug!(sender, error = %e, "dgt: reliable message rejected");
                     return Ok(());
