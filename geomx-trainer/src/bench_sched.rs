@@ -166,6 +166,12 @@ pub fn ts_rounds(quick: bool) -> u64 {
     }
 }
 
+/// Dead-peer time of the TSEngine comparison's jobs (`timeouts.peer_dead_ms`; default 10 s). Six
+/// DCs' 2.4 MB pushes and replies share the central 25 Mbit/s link, where a TCP flow that loses
+/// its retransmissions backs off for seconds: with 10 s, one of about ten quick runs aborted
+/// ("no traffic from peer 0 for 10s" at a local server in round 0, 2026-12-06).
+pub const TS_PEER_DEAD_MS: u64 = 30_000;
+
 /// The TSEngine comparison's job; `ts` switches TSEngine on (inter tier).
 pub fn ts_config(quick: bool, ts: bool) -> String {
     let list = |v: Vec<String>| v.join(", ");
@@ -182,6 +188,7 @@ pub fn ts_config(quick: bool, ts: bool) -> String {
          [train]\nrounds = {}\neval_every = 0\n\
          [train.optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
          [transport]\ndriver = \"portable\"\n\
+         [timeouts]\npeer_dead_ms = {TS_PEER_DEAD_MS}\n\
          [wan]\nmode = \"auto\"\n\
          [wan.central]\nrate_mbit = {}\ndelay_ms = {}\n",
         list(TS_HIDDEN.iter().map(ToString::to_string).collect()),
@@ -603,6 +610,8 @@ mod tests {
         assert_eq!(ex.scheduling, cfg.scheduling);
         assert_eq!(ex.cluster, cfg.cluster);
         assert_eq!(ex.wan, cfg.wan);
+        assert_eq!(ex.timeouts, cfg.timeouts);
+        assert_eq!(ex.timeouts.peer_dead_ms, TS_PEER_DEAD_MS);
         assert_eq!(ex.model, cfg.model);
         assert_eq!(ex.data.synthetic, cfg.data.synthetic);
     }
