@@ -112,20 +112,20 @@ enum Item {
         id: u64,
         block: u32,
     },
-    /// Map and terminator in one message (End).
-    End {
+    /// A control message of (key, round) `id` on the reliable channel: `End` (map and
+    /// terminator in one), or under [`TerminatorMode::Split`] `Map` (the map alone, after the
+    /// reliable blocks) and `Fin` (the terminator alone, after the last datagram).
+    Control {
         id: u64,
-    },
-    /// The map alone, after the reliable blocks ([`TerminatorMode::Split`]).
-    Map {
-        id: u64,
-    },
-    /// The terminator alone on the reliable channel ([`TerminatorMode::Split`]).
-    Fin {
-        id: u64,
+        kind: DgtKind,
     },
     /// A copy of a terminator as a datagram: the whole message, so that it outlives its round.
     FinDatagram(Header),
+}
+
+/// Whether a control message of `kind` (End, Map or Fin) carries the channel map: all but Fin.
+fn carries_map(kind: DgtKind) -> bool {
+    kind != DgtKind::Fin
 }
 
 /// Sans-IO DGT sender for one node (all keys). See the module docs of [`crate::dgt`].
@@ -253,9 +253,15 @@ impl DgtSender {
                 }
             }
             if r.unreliable_left == 0 || self.cfg.terminator == TerminatorMode::AfterReliable {
-                self.queues[0].push_back(Item::End { id });
+                self.queues[0].push_back(Item::Control {
+                    id,
+                    kind: DgtKind::End,
+                });
             } else if self.cfg.terminator == TerminatorMode::Split {
-                self.queues[0].push_back(Item::Map { id });
+                self.queues[0].push_back(Item::Control {
+                    id,
+                    kind: DgtKind::Map,
+                });
             }
         }
     }
@@ -373,8 +379,10 @@ impl DgtSender {
                 let (_, cnt) = self.block_span(r, block, 1);
                 DGT_HEADER_LEN + cnt as usize * r.value_type.size()
             }
-            Item::End { id } | Item::Map { id } => DGT_HEADER_LEN + self.rounds[&id].map.len(),
-            Item::Fin { .. } | Item::FinDatagram(_) => DGT_HEADER_LEN,
+            Item::Control { id, kind } if carries_map(kind) => {
+                DGT_HEADER_LEN + self.rounds[&id].map.len()
+            }
+            Item::Control { .. } | Item::FinDatagram(_) => DGT_HEADER_LEN,
         }
     }
 
@@ -405,7 +413,10 @@ impl DgtSender {
     /// the reliable channel and its copies at the head of the first unreliable channel (behind
     /// nothing, so they follow the last datagram at once).
     fn queue_fin(&mut self, id: u64) {
-        self.queues[0].push_back(Item::Fin { id });
+        self.queues[0].push_back(Item::Control {
+            id,
+            kind: DgtKind::Fin,
+        });
         let h = Header {
             channel: 1,
             ..self.end_header(id, DgtKind::Fin)
@@ -449,7 +460,10 @@ impl DgtSender {
                         } else {
                             match self.cfg.terminator {
                                 TerminatorMode::AfterAll => {
-                                    self.queues[0].push_back(Item::End { id })
+                                    self.queues[0].push_back(Item::Control {
+                                        id,
+                                        kind: DgtKind::End,
+                                    })
                                 }
                                 TerminatorMode::Split => self.queue_fin(id),
                                 TerminatorMode::AfterReliable => {}
@@ -467,16 +481,11 @@ impl DgtSender {
                     len,
                 }
             }
-            Item::End { id } | Item::Map { id } | Item::Fin { id } => {
-                let (kind, with_map) = match item {
-                    Item::End { .. } => (DgtKind::End, true),
-                    Item::Map { .. } => (DgtKind::Map, true),
-                    _ => (DgtKind::Fin, false),
-                };
+            Item::Control { id, kind } => {
                 let h = self.end_header(id, kind);
                 h.encode_into(buf);
                 let r = self.rounds.get_mut(&id).expect("queued round exists");
-                if with_map {
+                if carries_map(kind) {
                     buf.extend_from_slice(&r.map);
                 }
                 let len = buf.len() - start;
