@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 pub mod bufpool;
+pub mod congestion;
 pub mod conn;
 pub mod coord;
 /// DGT (differential gradient transmission): sans-IO sender / receiver core, see `docs/dgt.md`.

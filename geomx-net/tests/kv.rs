@@ -657,3 +657,45 @@ fn handler_may_wait_on_another_client() {
         }
     }
 }
+
+#[test]
+#[cfg(target_os = "linux")]
+fn congestion_control_is_set_on_both_ends_and_an_unknown_one_fails_connect_and_bind_by_name() {
+    use geomx_net::congestion::Algorithm;
+    for d in drivers() {
+        // reno: built into every Linux kernel and allowed to every user.
+        let o = NetOptions {
+            congestion: Some(Algorithm::new("reno").unwrap()),
+            ..opts(d)
+        };
+        let server = KvServer::bind("127.0.0.1:0", Echo, o.clone()).unwrap();
+        let client = KvClient::connect(server.local_addr(), 7, o.clone()).unwrap();
+        let r = client
+            .push(1, 1, PayloadCodec::Raw, 0, 3, &[1, 2, 3])
+            .unwrap()
+            .wait(WAIT)
+            .unwrap();
+        assert_eq!((r.version, &r.payload[..]), (2, &[1u8, 2, 3][..]), "{d:?}");
+        let bad = NetOptions {
+            congestion: Some(Algorithm::new("no-such-cc").unwrap()),
+            ..opts(d)
+        };
+        let e = KvClient::connect(server.local_addr(), 8, bad.clone())
+            .err()
+            .unwrap_or_else(|| panic!("{d:?}: an unknown algorithm must fail the connect"))
+            .to_string();
+        assert!(e.contains("no-such-cc"), "{d:?}: {e}");
+        let e = KvServer::bind("127.0.0.1:0", Echo, bad)
+            .err()
+            .unwrap_or_else(|| panic!("{d:?}: an unknown algorithm must fail the bind"))
+            .to_string();
+        assert!(e.contains("no-such-cc"), "{d:?}: {e}");
+        // The server goes on serving.
+        let r = client
+            .push(1, 5, PayloadCodec::Raw, 0, 1, &[9])
+            .unwrap()
+            .wait(WAIT)
+            .unwrap();
+        assert_eq!(r.version, 6, "{d:?}");
+    }
+}

@@ -40,6 +40,7 @@ use crate::config::DgtTransportConfig;
 use crate::hips::dgt::{link_config, DgtUplink};
 use crate::hips::dgt_lab::{self, DgtLab, LossScope, CENTRAL_ADDR};
 use crate::wanlab::delay::Lateness;
+use geomx_net::congestion::Algorithm;
 
 /// Settings of one benchmark run.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +58,9 @@ pub struct DgtBenchOptions {
     pub losses: Vec<f64>,
     /// One-way delay of the link, ms (the WAN lab's TUN relay; 0 = none).
     pub delay_ms: f64,
+    /// TCP congestion control of both transports' TCP connections (`None`: the lab
+    /// namespaces' default, which they take from the host's).
+    pub congestion: Option<Algorithm>,
 }
 
 impl DgtBenchOptions {
@@ -70,6 +74,7 @@ impl DgtBenchOptions {
             rate_mbit: 100.0,
             losses: vec![0.01, 0.05, 0.10],
             delay_ms: 10.0,
+            congestion: None,
         }
     }
 
@@ -105,6 +110,9 @@ pub struct Series {
     pub missing_fraction: f64,
     /// Packets the link's loss filter dropped during the series (both directions).
     pub link_drops: u64,
+    /// (measured round, ms) of every round over [`SLOW_ROUND`] × the median: when they come
+    /// tells their cause (e.g. BBR's min-RTT probe, once per 10 s of a busy connection).
+    pub slow_rounds: Vec<(usize, f64)>,
 }
 
 /// Result of the run.
@@ -122,6 +130,9 @@ pub struct DgtBenchReport {
     pub warmup: usize,
     /// Link rate, Mbit/s.
     pub rate_mbit: f64,
+    /// TCP congestion control of both transports' TCP connections, and whether the benchmark
+    /// set it (`--congestion`) or it is the system's default, e.g. `bbr (system default)`.
+    pub congestion: String,
     /// One series per (loss, transport).
     pub series: Vec<Series>,
     /// The delay relay's lateness of each loss rate's lab (all its series together).
@@ -157,19 +168,29 @@ fn series(transport: &str, loss: f64, r: Rounds, warmup: usize, drops: u64) -> S
     let w = warmup.min(r.ms.len());
     let mut ms = r.ms[w..].to_vec();
     ms.sort_by(f64::total_cmp);
+    let median = quantile(&ms, 0.5);
     let measured = r.missing.get(w..).unwrap_or(&[]);
     Series {
         transport: transport.into(),
         loss,
-        median_ms: quantile(&ms, 0.5),
+        median_ms: median,
         p95_ms: quantile(&ms, 0.95),
         p99_ms: quantile(&ms, 0.99),
         mean_ms: ms.iter().sum::<f64>() / ms.len().max(1) as f64,
         warmup_ms: r.ms[..w].to_vec(),
         missing_fraction: measured.iter().sum::<f64>() / measured.len().max(1) as f64,
         link_drops: drops,
+        slow_rounds: r.ms[w..]
+            .iter()
+            .enumerate()
+            .filter(|&(_, &m)| m > SLOW_ROUND * median)
+            .map(|(i, &m)| (i, m))
+            .collect(),
     }
 }
+
+/// A measured round slower than this many medians is listed in [`Series::slow_rounds`].
+pub const SLOW_ROUND: f64 = 1.5;
 
 /// Notes when each round's push arrived (its version is the round), then answers it.
 #[derive(Default)]
@@ -219,19 +240,29 @@ impl Pki {
         })
     }
 
-    /// Plaintext options, or mutual TLS with `ctx`.
-    fn opts(tls: Option<&Pki>, ctx: impl Fn(&Pki) -> &Arc<TlsContext>) -> NetOptions {
+    /// Plaintext options, or mutual TLS with `ctx`; TCP congestion control `cc`.
+    fn opts(
+        tls: Option<&Pki>,
+        ctx: impl Fn(&Pki) -> &Arc<TlsContext>,
+        cc: Option<Algorithm>,
+    ) -> NetOptions {
         NetOptions {
             security: tls.map_or(Security::Off, |p| Security::Mtls(ctx(p).clone())),
+            congestion: cc,
             ..NetOptions::default()
         }
     }
 }
 
 /// TCP round times (ms) on `lab` (encrypted with `tls`).
-fn run_tcp(lab: &DgtLab, data: &Arc<Vec<Vec<f32>>>, tls: Option<&Pki>) -> Result<Vec<f64>, String> {
-    let opts = Pki::opts(tls, |p| &p.central);
-    let client_opts = Pki::opts(tls, |p| &p.site);
+fn run_tcp(
+    lab: &DgtLab,
+    data: &Arc<Vec<Vec<f32>>>,
+    tls: Option<&Pki>,
+    cc: Option<Algorithm>,
+) -> Result<Vec<f64>, String> {
+    let opts = Pki::opts(tls, |p| &p.central, cc);
+    let client_opts = Pki::opts(tls, |p| &p.site, cc);
     let arrivals = Arc::new(Arrivals::default());
     let handler = arrivals.clone();
     let (addr, serving) = lab.serve_central(move || {
@@ -286,6 +317,7 @@ fn run_dgt(
     rate_mbit: f64,
     k: f64,
     tls: Option<&Pki>,
+    cc: Option<Algorithm>,
 ) -> Result<Rounds, String> {
     let d = DgtTransportConfig {
         k,
@@ -299,7 +331,7 @@ fn run_dgt(
         ctx: p.central.clone(),
         roles: vec![crate::hips::plan::roles::LOCAL_SERVER.to_string()],
     });
-    let client_opts = Pki::opts(tls, |p| &p.site);
+    let client_opts = Pki::opts(tls, |p| &p.site, cc);
     let ((addr, deliveries), serving) = lab.serve_central(move || {
         let (cfg, _) = link_config(&d2);
         let s = DgtServer::bind_secure(
@@ -340,6 +372,20 @@ fn run_dgt(
     res
 }
 
+/// The default TCP congestion control inside `lab`'s namespaces.
+fn lab_default_congestion(lab: &DgtLab) -> Result<String, String> {
+    lab.spawn_in(true, || {
+        // A thread reads the sysctls of the namespace it is in.
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .map(|s| s.trim().to_string())
+            .map_err(|e| format!("reading the lab's default congestion control: {e}"))
+    })
+    .map_err(err)?
+    .join()
+    .map_err(|_| "reading the lab's congestion control panicked".to_string())?
+    .map_err(err)?
+}
+
 /// Runs the benchmark; `Ok` with mode `not-run` when namespaces cannot be created.
 pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
     let mut report = DgtBenchReport {
@@ -354,6 +400,10 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
         rounds: opts.rounds,
         warmup: opts.warmup,
         rate_mbit: opts.rate_mbit,
+        congestion: match opts.congestion {
+            Some(a) => format!("{a} (set)"),
+            None => "system default".into(),
+        },
         series: Vec::new(),
         lab_lateness: Vec::new(),
     };
@@ -367,6 +417,9 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
     for &p in &opts.losses {
         let lab =
             DgtLab::build(Some(opts.rate_mbit), p, LossScope::All, opts.delay_ms).map_err(err)?;
+        if opts.congestion.is_none() {
+            report.congestion = format!("{} (system default)", lab_default_congestion(&lab)?);
+        }
         let before = lab.drops();
         let sum = |a: (u64, u64), b: (u64, u64)| (b.0 + b.1).saturating_sub(a.0 + a.1);
         let mut last = before;
@@ -382,13 +435,13 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
             let suffix = if tls.is_some() { " mtls" } else { "" };
             let (name, rounds) = match k {
                 None => {
-                    let ms = run_tcp(&lab, &data, tls)?;
+                    let ms = run_tcp(&lab, &data, tls, opts.congestion)?;
                     let missing = vec![0.0; ms.len()];
                     ("tcp".to_string(), Rounds { ms, missing })
                 }
                 Some(k) => (
                     format!("dgt k={k}"),
-                    run_dgt(&lab, &data, opts.rate_mbit, k, tls)?,
+                    run_dgt(&lab, &data, opts.rate_mbit, k, tls, opts.congestion)?,
                 ),
             };
             let now = lab.drops();
@@ -411,13 +464,14 @@ pub fn run(opts: &DgtBenchOptions) -> Result<DgtBenchReport, String> {
 /// The report as a markdown table.
 pub fn render_markdown(r: &DgtBenchReport) -> String {
     let mut s = format!(
-        "DGT vs TCP, {} f32 per round ({:.1} MiB), {} rounds after {} warm-up, {} Mbit/s, mode \
-         {}\n{}\n\n",
+        "DGT vs TCP, {} f32 per round ({:.1} MiB), {} rounds after {} warm-up, {} Mbit/s, TCP \
+         congestion control {}, mode {}\n{}\n\n",
         r.elems,
         r.elems as f64 * 4.0 / (1 << 20) as f64,
         r.rounds,
         r.warmup,
         r.rate_mbit,
+        r.congestion,
         r.mode,
         r.note
     );
@@ -426,13 +480,18 @@ pub fn render_markdown(r: &DgtBenchReport) -> String {
     }
     s.push_str(
         "| loss | transport | median ms | p95 ms | p99 ms | mean ms | warm-up ms | blocks missing \
-         | link drops |\n",
+         | link drops | slow rounds (round: ms) |\n",
     );
-    s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for x in &r.series {
         let warmup: Vec<String> = x.warmup_ms.iter().map(|m| format!("{m:.1}")).collect();
+        let slow: Vec<String> = x
+            .slow_rounds
+            .iter()
+            .map(|(i, m)| format!("{i}: {m:.0}"))
+            .collect();
         s.push_str(&format!(
-            "| {:.0} % | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} % | {} |\n",
+            "| {:.0} % | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} % | {} | {} |\n",
             x.loss * 100.0,
             x.transport,
             x.median_ms,
@@ -441,7 +500,8 @@ pub fn render_markdown(r: &DgtBenchReport) -> String {
             x.mean_ms,
             warmup.join(" / "),
             x.missing_fraction * 100.0,
-            x.link_drops
+            x.link_drops,
+            slow.join(", ")
         ));
     }
     for l in &r.lab_lateness {
@@ -473,26 +533,36 @@ mod tests {
         assert_eq!(quantile(&[3.0], 0.99), 3.0);
         // The first round is the warm-up: out of the figures, reported apart.
         let r = Rounds {
-            ms: vec![90.0, 5.0, 1.0, 3.0],
-            missing: vec![0.5, 0.0, 0.1, 0.2],
+            ms: vec![90.0, 5.0, 1.0, 3.0, 4.5],
+            missing: vec![0.5, 0.0, 0.1, 0.2, 0.1],
         };
         let s = series("tcp", 0.01, r, 1, 2);
         assert_eq!(
             (s.median_ms, s.p95_ms, s.p99_ms, s.mean_ms),
-            (3.0, 5.0, 5.0, 3.0)
+            (3.0, 5.0, 5.0, 3.375)
         );
         assert_eq!(s.warmup_ms, vec![90.0]);
         assert!((s.missing_fraction - 0.1).abs() < 1e-12);
-        assert!(render_markdown(&DgtBenchReport {
+        // Over 1.5 × the median (4.5 ms): measured round 0 only (4.5 itself is not over).
+        assert_eq!(s.slow_rounds, vec![(0, 5.0)]);
+        let md = render_markdown(&DgtBenchReport {
             mode: "netns".into(),
             note: String::new(),
             elems: 4,
-            rounds: 3,
+            rounds: 4,
             warmup: 1,
             rate_mbit: 100.0,
+            congestion: "bbr (system default)".into(),
             series: vec![s],
             lab_lateness: vec![],
-        })
-        .contains("| 1 % | tcp | 3.0 | 5.0 | 5.0 | 3.0 | 90.0 | 10.00 % |"));
+        });
+        assert!(
+            md.contains("TCP congestion control bbr (system default)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 % | tcp | 3.0 | 5.0 | 5.0 | 3.4 | 90.0 | 10.00 % | 2 | 0: 5 |"),
+            "{md}"
+        );
     }
 }

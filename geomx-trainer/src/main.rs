@@ -510,6 +510,7 @@ fn main() -> ExitCode {
             if let Some(p) = e2e.loss {
                 opts.losses = vec![p];
             }
+            opts.congestion = e2e.congestion;
             geomx_trainer::bench_dgt::run(&opts).map(|r| {
                 eprint!("{}", geomx_trainer::bench_dgt::render_markdown(&r));
                 println!("{}", serde_json::to_string(&r).unwrap_or_default());

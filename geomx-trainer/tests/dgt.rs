@@ -111,10 +111,20 @@ fn dgt_launch_converges_on_digits() {
 
 /// DGT with FP16 values (issue 20): the inter tier's fp16 codec without scaling narrows each DC
 /// sum as the TCP path does and DGT carries 2-byte values; training converges, the local servers
-/// count fp16 bytes only, and the receiver loses nothing on loopback.
+/// count fp16 bytes only, and the receiver loses nothing on loopback. On Linux every process
+/// also runs its connections and DGT's reliable channel with `congestion_control = "reno"`
+/// (built into every kernel), which the job must accept.
 #[test]
 fn dgt_with_fp16_values_converges() {
-    let toml = EXAMPLE
+    let mut base = EXAMPLE.to_string();
+    if cfg!(target_os = "linux") {
+        base = base.replace(
+            "[transport]\n",
+            "[transport]\ncongestion_control = \"reno\"\n",
+        );
+        assert!(base.contains("congestion_control = \"reno\""));
+    }
+    let toml = base
         .replace("rounds = 400", "rounds = 300")
         .replace("hidden = [64]", "hidden = [512]")
         .replace("k = 0.8 ", "k = 0.5 ")
@@ -161,4 +171,31 @@ fn adaptive_k_lowers_the_reliable_share_as_the_loss_falls() {
     let g = &role(&r, "global_server")["dgt"];
     assert!(g["unreliable_blocks"].as_u64().unwrap_or(0) > 0, "{g}");
     assert_eq!(g["invalid"].as_u64().unwrap_or(0), 0, "{g}");
+}
+
+/// A congestion control the kernel does not have stops the job at its start, naming the field
+/// and the algorithm (the form alone is checked by validation, the kernel's support at start).
+#[test]
+#[cfg(target_os = "linux")]
+fn an_unknown_congestion_control_stops_the_launch_naming_the_field() {
+    let toml = EXAMPLE.replace(
+        "[transport]\n",
+        "[transport]\ncongestion_control = \"no-such-cc\"\n",
+    );
+    assert!(toml.contains("no-such-cc"));
+    let cfg = support::scratch("dgt-test", "bad-cc.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let out = support::output_within(
+        std::process::Command::new(support::GEOMX)
+            .args(["launch", "--quiet"])
+            .arg(&cfg),
+        std::time::Duration::from_secs(120),
+    );
+    let _ = std::fs::remove_file(&cfg);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the launch must fail:\n{stderr}");
+    assert!(
+        stderr.contains("transport.congestion_control") && stderr.contains("no-such-cc"),
+        "{stderr}"
+    );
 }

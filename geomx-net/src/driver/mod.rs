@@ -110,6 +110,10 @@ pub struct NetOptions {
     /// bandwidth × round-trip time or it caps the throughput. Zero-copy sends escape this
     /// accounting: set [`NetOptions::zerocopy_threshold`] to `usize::MAX` with it.
     pub send_buffer: Option<usize>,
+    /// TCP congestion control of every connection (`TCP_CONGESTION`, Linux; `None`: the
+    /// system's default). See [`crate::congestion`] for why a lossy WAN wants `"bbr"`; a
+    /// connection whose socket refuses the name fails to attach with the kernel's reason.
+    pub congestion: Option<crate::congestion::Algorithm>,
 }
 
 /// Default of [`NetOptions::max_connections`]: the portable driver runs a thread per connection.
@@ -136,6 +140,7 @@ impl Default for NetOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             notsent_lowat: None,
             send_buffer: None,
+            congestion: None,
         }
     }
 }
@@ -275,13 +280,7 @@ impl Driver {
         session: Option<Session>,
     ) -> Result<Arc<Link>, NetError> {
         stream.set_nodelay(true)?;
-        let (lowat, send_buffer) = self.socket_limits();
-        if let Some(bytes) = lowat {
-            set_notsent_lowat(&stream, bytes)?;
-        }
-        if let Some(bytes) = send_buffer {
-            socket2::SockRef::from(&stream).set_send_buffer_size(bytes)?;
-        }
+        self.socket_tuning().apply(&stream)?;
         let secure = SessionParts::from(session);
         let link = match self {
             Driver::Portable(d) => d.attach(stream, conn, counters, dispatch, secure)?,
@@ -292,13 +291,12 @@ impl Driver {
         Ok(link)
     }
 
-    /// What every connection gets: [`NetOptions::notsent_lowat`] and
-    /// [`NetOptions::send_buffer`].
-    fn socket_limits(&self) -> (Option<u32>, Option<usize>) {
+    /// What every connection's socket gets.
+    fn socket_tuning(&self) -> &SocketTuning {
         match self {
-            Driver::Portable(d) => d.socket_limits,
+            Driver::Portable(d) => &d.socket_tuning,
             #[cfg(target_os = "linux")]
-            Driver::Uring(d) => d.socket_limits(),
+            Driver::Uring(d) => &d.socket_tuning,
         }
     }
 
@@ -338,6 +336,38 @@ fn probe_uring() -> Option<String> {
     Some("io_uring exists only on Linux".into())
 }
 
+/// The socket options [`Driver::attach`] sets on every connection: [`NetOptions::notsent_lowat`],
+/// [`NetOptions::send_buffer`] and [`NetOptions::congestion`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SocketTuning {
+    notsent_lowat: Option<u32>,
+    send_buffer: Option<usize>,
+    congestion: Option<crate::congestion::Algorithm>,
+}
+
+impl SocketTuning {
+    pub(crate) fn new(opts: &NetOptions) -> Self {
+        SocketTuning {
+            notsent_lowat: opts.notsent_lowat,
+            send_buffer: opts.send_buffer,
+            congestion: opts.congestion,
+        }
+    }
+
+    fn apply(&self, stream: &TcpStream) -> std::io::Result<()> {
+        if let Some(bytes) = self.notsent_lowat {
+            set_notsent_lowat(stream, bytes)?;
+        }
+        if let Some(bytes) = self.send_buffer {
+            socket2::SockRef::from(stream).set_send_buffer_size(bytes)?;
+        }
+        if let Some(algo) = self.congestion {
+            crate::congestion::set(stream, algo)?;
+        }
+        Ok(())
+    }
+}
+
 /// Sets `TCP_NOTSENT_LOWAT` on `stream` (Linux; a no-op elsewhere).
 fn set_notsent_lowat(stream: &TcpStream, bytes: u32) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
@@ -367,6 +397,27 @@ fn set_notsent_lowat(stream: &TcpStream, bytes: u32) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::wire::{Frame, FrameHeader, MsgKind};
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn socket_tuning_sets_every_option_it_holds() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let t = SocketTuning::new(&NetOptions {
+            notsent_lowat: Some(16 << 10),
+            send_buffer: Some(64 << 10),
+            congestion: Some(crate::congestion::Algorithm::new("reno").unwrap()),
+            ..NetOptions::default()
+        });
+        t.apply(&c).unwrap();
+        assert_eq!(crate::congestion::get(&c).unwrap(), "reno");
+        // Linux doubles SO_SNDBUF for its bookkeeping.
+        let sndbuf = socket2::SockRef::from(&c).send_buffer_size().unwrap();
+        assert_eq!(sndbuf, 128 << 10);
+        // Nothing set: the socket keeps what it had.
+        SocketTuning::default().apply(&c).unwrap();
+        assert_eq!(crate::congestion::get(&c).unwrap(), "reno");
+    }
 
     #[test]
     fn frames_cross_key_updates_on_every_input_split() {

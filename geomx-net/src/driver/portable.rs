@@ -33,14 +33,14 @@ pub(crate) struct PortableDriver {
     chunk: usize,
     /// A write that makes no progress for this long fails (the peer stopped reading).
     stall: Duration,
-    /// [`NetOptions::notsent_lowat`] and [`NetOptions::send_buffer`].
-    pub(crate) socket_limits: (Option<u32>, Option<usize>),
+    /// What every connection's socket gets.
+    pub(crate) socket_tuning: super::SocketTuning,
 }
 
 impl PortableDriver {
     pub(crate) fn new(opts: &NetOptions) -> Self {
         PortableDriver {
-            socket_limits: (opts.notsent_lowat, opts.send_buffer),
+            socket_tuning: super::SocketTuning::new(opts),
             max_frame: opts.max_frame,
             tick: opts.tick,
             chunk: opts.chunk(),

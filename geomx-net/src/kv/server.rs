@@ -83,6 +83,10 @@ impl KvServer {
         opts: NetOptions,
     ) -> Result<KvServer, NetError> {
         let listener = TcpListener::bind(addr)?;
+        if let Some(algo) = opts.congestion {
+            // Accepted sockets inherit it; a refused name fails here, not per connection.
+            crate::congestion::set_listener(&listener, algo)?;
+        }
         let local_addr = listener.local_addr()?;
         let driver = Driver::new(&opts, false)?;
         let dispatch = Arc::new(ServerDispatch {

@@ -33,8 +33,8 @@ pub struct E2eArgs {
     /// e2e: wall-time cap per scenario, seconds [default: 420; 60 with --quick].
     #[arg(long)]
     pub cap_s: Option<f64>,
-    /// e2e: rounds of the synchronous scenarios [default: 100; 60 with --quick]. dgt: rounds
-    /// per series [default: 40; 8 with --quick].
+    /// e2e: rounds of the synchronous scenarios [default: 100; 60 with --quick]. dgt: measured
+    /// rounds per series [default: 200; 8 with --quick].
     #[arg(long)]
     pub rounds: Option<u64>,
     /// e2e: HFA's local steps between LAN averagings [default: 5].
@@ -50,6 +50,10 @@ pub struct E2eArgs {
     /// [default: by-class].
     #[arg(long, value_enum)]
     pub split: Option<SplitArg>,
+    /// dgt: TCP congestion control of both transports' TCP connections, e.g. cubic or bbr
+    /// [default: the system's].
+    #[arg(long)]
+    pub congestion: Option<geomx_net::congestion::Algorithm>,
 }
 
 /// `--split`.

@@ -658,6 +658,39 @@ pub struct TransportConfig {
     pub driver: Driver,
     /// DGT parameters, used when `inter = "dgt"`.
     pub dgt: DgtTransportConfig,
+    /// TCP congestion control of every connection the job's processes open or accept, and of
+    /// DGT's reliable channel (Linux `TCP_CONGESTION`), e.g. `"bbr"`; absent: the system's
+    /// default. On a lossy WAN a loss-based algorithm (cubic, the usual default) falls to a few
+    /// Mbit/s at 1 % loss where BBR keeps most of the link (docs/benchmarks.md, "DGT under
+    /// loss"). Checked at start: the kernel must have it and allow it to this user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub congestion_control: Option<String>,
+}
+
+impl TransportConfig {
+    /// `congestion_control` as the network layer takes it; a malformed name is an error naming
+    /// the field.
+    pub fn congestion(&self) -> Result<Option<geomx_net::congestion::Algorithm>, ConfigError> {
+        self.congestion_control
+            .as_deref()
+            .map(|n| {
+                geomx_net::congestion::Algorithm::new(n)
+                    .map_err(|e| ConfigError::invalid("transport.congestion_control", e))
+            })
+            .transpose()
+    }
+
+    /// [`Self::congestion`], and whether this process may use it (it tries it on a socket).
+    pub fn congestion_checked(
+        &self,
+    ) -> Result<Option<geomx_net::congestion::Algorithm>, ConfigError> {
+        let algo = self.congestion()?;
+        if let Some(a) = algo {
+            geomx_net::congestion::check(a)
+                .map_err(|e| ConfigError::invalid("transport.congestion_control", e))?;
+        }
+        Ok(algo)
+    }
 }
 
 /// `[transport.dgt]`: differential gradient transmission of the local → global push.

@@ -1005,3 +1005,43 @@ fn the_global_restart_example_validates() {
     );
     assert!(c.checkpoint.dir.is_some());
 }
+
+#[test]
+fn congestion_control_is_checked_by_form_then_by_the_kernel() {
+    let e = Config::from_toml_str("[transport]\ncongestion_control = \"b b r\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("transport.congestion_control") && e.contains("b b r"),
+        "{e}"
+    );
+    // Absent, it is left out of the written configuration.
+    assert!(!serde_json::to_string(&Config::default().transport)
+        .unwrap()
+        .contains("congestion_control"));
+    assert_eq!(
+        Config::default().transport.congestion_checked().unwrap(),
+        None
+    );
+    // Well formed, but this kernel has no such algorithm: refused when the job starts.
+    let c = Config::from_toml_str("[transport]\ncongestion_control = \"no-such-cc\"\n").unwrap();
+    let e = c.transport.congestion_checked().unwrap_err().to_string();
+    assert!(
+        e.contains("transport.congestion_control") && e.contains("no-such-cc"),
+        "{e}"
+    );
+    #[cfg(target_os = "linux")]
+    {
+        // reno is built into every Linux kernel and allowed to every user.
+        let c = Config::from_toml_str("[transport]\ncongestion_control = \"reno\"\n").unwrap();
+        assert_eq!(
+            c.transport
+                .congestion_checked()
+                .unwrap()
+                .map(|a| a.to_string()),
+            Some("reno".to_string())
+        );
+        // A process's own choice, like the driver: processes need not agree on it.
+        assert_eq!(c.config_hash(), Config::default().config_hash());
+    }
+}

@@ -78,6 +78,7 @@ impl Config {
         self.validate_train()?;
         self.validate_compression()?;
         self.validate_sync()?;
+        self.transport.congestion()?;
         self.validate_dgt()?;
         self.validate_wan()?;
         self.validate_checkpoint()?;

@@ -173,7 +173,8 @@ pub fn connect(
     d: &DgtTransportConfig,
     net: &geomx_net::NetOptions,
 ) -> Result<DgtClient, String> {
-    let (cfg, opts) = link_config(d);
+    let (cfg, mut opts) = link_config(d);
+    opts.congestion = net.congestion;
     let tls = net.security.context().map(|c| &**c);
     DgtClient::connect_secure(addr, node_id, cfg, opts, tls).map_err(|e| e.to_string())
 }

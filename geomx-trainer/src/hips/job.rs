@@ -201,6 +201,10 @@ impl JobSpec {
             // data, and a send buffer of `credit_bytes`.
             notsent_lowat: p3.as_ref().map(|p| p.unsent_bytes),
             send_buffer: p3.as_ref().map(|p| p.credit_bytes.initial() as usize),
+            congestion: cfg
+                .transport
+                .congestion_checked()
+                .map_err(RunError::Config)?,
             ..base
         };
         let mut h = crate::hash::Fnv1a::new();

@@ -54,6 +54,9 @@ pub struct LinkOptions {
     pub connect_timeout: Duration,
     /// One write on the reliable channel may wait this long for room.
     pub write_timeout: Duration,
+    /// Congestion control of the reliable channel's TCP socket (`None`: the system's default;
+    /// see [`crate::congestion`]). The reliable share is a round's critical path.
+    pub congestion: Option<crate::congestion::Algorithm>,
 }
 
 impl Default for LinkOptions {
@@ -64,6 +67,7 @@ impl Default for LinkOptions {
             mtu: None,
             connect_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(60),
+            congestion: None,
         }
     }
 }
@@ -169,6 +173,9 @@ impl DgtClient {
         let tcp = TcpStream::connect_timeout(&server, opts.connect_timeout)
             .map_err(|e| LinkError::Io("tcp connect", e))?;
         mark_reliable(&tcp, cfg.channels);
+        if let Some(algo) = opts.congestion {
+            crate::congestion::set(&tcp, algo).map_err(|e| LinkError::Io("tcp congestion", e))?;
+        }
         let mut tcp = Reliable::handshake(tcp, tls, HandshakeSide::Client, opts.connect_timeout)?;
         tcp.tcp
             .set_nonblocking(true)

@@ -266,15 +266,12 @@ pub(crate) struct UringDriver {
     shared: Arc<Shared>,
     cell: Arc<RingCell>,
     opts: NetOptions,
+    /// What every connection's socket gets.
+    pub(crate) socket_tuning: super::SocketTuning,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl UringDriver {
-    /// [`NetOptions::notsent_lowat`] and [`NetOptions::send_buffer`].
-    pub(crate) fn socket_limits(&self) -> (Option<u32>, Option<usize>) {
-        (self.opts.notsent_lowat, self.opts.send_buffer)
-    }
-
     /// Starts a ring; `inline` (client endpoints) lets waiting callers drive it.
     pub(crate) fn start(opts: &NetOptions, inline: bool) -> Result<Arc<UringDriver>, NetError> {
         let ring = IoUring::new(RING_ENTRIES)
@@ -309,6 +306,7 @@ impl UringDriver {
             shared,
             cell,
             opts: opts.clone(),
+            socket_tuning: super::SocketTuning::new(opts),
             thread: std::sync::Mutex::new(Some(handle)),
         }))
     }
