@@ -11,6 +11,34 @@
 
 use std::net::TcpStream;
 
+/// Why an algorithm cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CongestionError {
+    /// Not of the form the kernel accepts.
+    #[error(
+        "{0:?} is not a congestion control name (1 to {MAX_NAME_LEN} ASCII letters, digits, '_' \
+         or '-')"
+    )]
+    BadName(String),
+    /// The kernel refused it: not available, or not allowed to this user (`reason` says which,
+    /// with the kernel's list).
+    #[error("the kernel refused congestion control {name:?}: {reason}")]
+    Refused {
+        /// The algorithm.
+        name: String,
+        /// The kernel's error and its list of algorithms.
+        reason: String,
+    },
+    /// No socket could be opened to try it.
+    #[error("opening a TCP socket to try congestion control {name:?}: {reason}")]
+    NoSocket {
+        /// The algorithm.
+        name: String,
+        /// The error.
+        reason: String,
+    },
+}
+
 /// Longest algorithm name the kernel accepts (`TCP_CA_NAME_MAX` less the terminating NUL).
 pub const MAX_NAME_LEN: usize = 15;
 
@@ -24,7 +52,7 @@ pub struct Algorithm {
 
 impl Algorithm {
     /// The algorithm called `name` (its form checked, not the kernel's support: see [`check`]).
-    pub fn new(name: &str) -> Result<Algorithm, String> {
+    pub fn new(name: &str) -> Result<Algorithm, CongestionError> {
         validate_name(name)?;
         let mut a = Algorithm {
             name: [0; MAX_NAME_LEN],
@@ -54,7 +82,7 @@ impl std::fmt::Display for Algorithm {
 }
 
 impl std::str::FromStr for Algorithm {
-    type Err = String;
+    type Err = CongestionError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Algorithm::new(s)
@@ -63,7 +91,7 @@ impl std::str::FromStr for Algorithm {
 
 /// Checks the form of an algorithm name: 1 to [`MAX_NAME_LEN`] ASCII letters, digits, `_` or
 /// `-`. Whether the kernel has it is [`check`]'s question.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), CongestionError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
@@ -72,10 +100,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is not a congestion control name (1 to {MAX_NAME_LEN} ASCII letters, \
-             digits, '_' or '-')"
-        ))
+        Err(CongestionError::BadName(name.to_string()))
     }
 }
 
@@ -105,15 +130,18 @@ pub fn get(stream: &TcpStream) -> std::io::Result<String> {
 
 /// Whether this process can give a TCP socket the congestion control `name`: it opens a
 /// socket (no connection) and tries. The error says why not, with the kernel's lists.
-pub fn check(algo: Algorithm) -> Result<(), String> {
-    let name = algo.as_str();
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .map_err(|e| format!("opening a TCP socket to try it: {e}"))?;
-    imp::set_sock(&sock, name).map_err(|e| {
-        format!(
-            "the kernel refused congestion control {name:?}: {e}{}",
-            hint(&e)
-        )
+pub fn check(algo: Algorithm) -> Result<(), CongestionError> {
+    let name = algo.as_str().to_string();
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| {
+            CongestionError::NoSocket {
+                name: name.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+    imp::set_sock(&sock, &name).map_err(|e| CongestionError::Refused {
+        reason: format!("{e}{}", hint(&e)),
+        name,
     })
 }
 
@@ -181,7 +209,10 @@ mod tests {
     fn names_are_checked_before_the_kernel_sees_them() {
         for bad in ["", "cubic\0", "a b", "x/y", "sixteen-chars-xx", "bbré"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
-            assert!(Algorithm::new(bad).is_err(), "{bad:?}");
+            assert_eq!(
+                Algorithm::new(bad),
+                Err(CongestionError::BadName(bad.to_string()))
+            );
         }
         for good in ["reno", "bbr", "cubic", "tcp_x-1", "fifteen-chars-x"] {
             let a: Algorithm = good.parse().unwrap();
@@ -201,7 +232,11 @@ mod tests {
         set(&c, reno).unwrap();
         assert_eq!(get(&c).unwrap(), "reno");
         let e = check(unknown).unwrap_err();
-        assert!(e.contains("\"no-such-cc\""), "{e}");
+        assert!(
+            matches!(&e, CongestionError::Refused { name, .. } if name == "no-such-cc"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("\"no-such-cc\""), "{e}");
         let e = set(&c, unknown).unwrap_err().to_string();
         assert!(e.contains("no-such-cc"), "{e}");
         assert_eq!(get(&c).unwrap(), "reno", "a refused name changes nothing");

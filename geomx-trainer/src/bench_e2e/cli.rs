@@ -50,8 +50,8 @@ pub struct E2eArgs {
     /// [default: by-class].
     #[arg(long, value_enum)]
     pub split: Option<SplitArg>,
-    /// dgt: TCP congestion control of both transports' TCP connections, e.g. cubic or bbr
-    /// [default: the system's].
+    /// dgt: TCP congestion control of both transports' TCP connections; e2e: every scenario's
+    /// `[transport] congestion_control`. E.g. cubic or bbr [default: the system's].
     #[arg(long)]
     pub congestion: Option<geomx_net::congestion::Algorithm>,
 }
@@ -118,6 +118,7 @@ impl E2eArgs {
         if let Some(v) = self.split {
             p.split = v.into();
         }
+        p.congestion = self.congestion.map(|a| a.to_string());
         E2eOptions {
             out: out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)),
             params: p,

@@ -219,7 +219,8 @@ pub fn render_markdown(r: &E2eResults) -> String {
     let hidden: Vec<String> = p.hidden.iter().map(|h| h.to_string()).collect();
     let _ = writeln!(
         s,
-        "Lab mode: **{}**; WAN per data center: {} Mbit/s each way, {} ms one way, loss {}. \
+        "Lab mode: **{}**; WAN per data center: {} Mbit/s each way, {} ms one way, loss {}; TCP \
+         congestion control {}. \
          {} DCs × {} workers, MLP 64-{}-10 ({} parameters, {} per dense copy) on the UCI digits \
          ({}), batch {} per worker, SGD lr {} momentum 0.9, {} rounds (HFA k1 = {}, k2 = {}), test \
          evaluation every {} rounds; target {:.1} % test accuracy; cap {} s per scenario. \
@@ -228,6 +229,7 @@ pub fn render_markdown(r: &E2eResults) -> String {
         p.wan.rate_mbit,
         p.wan.delay_ms,
         p.wan.loss,
+        p.congestion.as_deref().unwrap_or("the system's default"),
         p.data_centers,
         p.workers_per_dc,
         hidden.join("-"),

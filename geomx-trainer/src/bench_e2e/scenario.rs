@@ -191,6 +191,9 @@ pub struct MatrixParams {
     pub cap_s: f64,
     /// The emulated WAN.
     pub wan: WanParams,
+    /// `[transport] congestion_control` of every scenario (`None`: the system's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub congestion: Option<String>,
 }
 
 impl MatrixParams {
@@ -214,6 +217,7 @@ impl MatrixParams {
             target_accuracy: 0.95,
             cap_s: 420.0,
             wan: WanParams::default(),
+            congestion: None,
         }
     }
 
@@ -346,6 +350,9 @@ pub fn config_table(id: ScenarioId, p: &MatrixParams) -> Result<toml::Table, tom
             v["compression"] = json!({ "inter": { "codec": "fp16", "scaling": "none" } });
         }
     }
+    if let Some(cc) = &p.congestion {
+        v["transport"]["congestion_control"] = json!(cc);
+    }
     toml::Table::try_from(v)
 }
 
@@ -401,6 +408,25 @@ mod tests {
         let mut p = MatrixParams::quick();
         p.wan.mode = "off".into();
         p
+    }
+
+    #[test]
+    fn congestion_control_reaches_every_scenario_and_keeps_dgt() {
+        let mut p = off();
+        p.congestion = Some("reno".into());
+        for id in ScenarioId::ALL {
+            let (text, cfg) = scenario_config(id, &p).unwrap();
+            assert_eq!(
+                cfg.transport.congestion_control.as_deref(),
+                Some("reno"),
+                "{}: {text}",
+                id.name()
+            );
+        }
+        let (_, dgt) = scenario_config(ScenarioId::Dgt, &p).unwrap();
+        assert_eq!(dgt.transport.inter, crate::config::TransportKind::Dgt);
+        let (_, hips) = scenario_config(ScenarioId::Hips, &off()).unwrap();
+        assert_eq!(hips.transport.congestion_control, None);
     }
 
     #[test]

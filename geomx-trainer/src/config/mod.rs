@@ -674,8 +674,9 @@ impl TransportConfig {
         self.congestion_control
             .as_deref()
             .map(|n| {
-                geomx_net::congestion::Algorithm::new(n)
-                    .map_err(|e| ConfigError::invalid("transport.congestion_control", e))
+                geomx_net::congestion::Algorithm::new(n).map_err(|e| {
+                    ConfigError::invalid("transport.congestion_control", e.to_string())
+                })
             })
             .transpose()
     }
@@ -687,7 +688,7 @@ impl TransportConfig {
         let algo = self.congestion()?;
         if let Some(a) = algo {
             geomx_net::congestion::check(a)
-                .map_err(|e| ConfigError::invalid("transport.congestion_control", e))?;
+                .map_err(|e| ConfigError::invalid("transport.congestion_control", e.to_string()))?;
         }
         Ok(algo)
     }
