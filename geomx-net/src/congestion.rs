@@ -104,10 +104,15 @@ pub fn validate_name(name: &str) -> Result<(), CongestionError> {
     }
 }
 
-/// Sets `stream`'s congestion control to `algo`.
-pub fn set(stream: &TcpStream, algo: Algorithm) -> std::io::Result<()> {
+/// Sets a socket's congestion control to `algo`: a connected [`TcpStream`], or a
+/// [`std::net::TcpListener`], whose accepted connections inherit it (any socket `socket2`
+/// can borrow).
+pub fn set<'s, S>(sock: &'s S, algo: Algorithm) -> std::io::Result<()>
+where
+    socket2::SockRef<'s>: From<&'s S>,
+{
     let name = algo.as_str();
-    imp::set_sock(&socket2::SockRef::from(stream), name).map_err(|e| annotate(name, e))
+    imp::set_sock(&socket2::SockRef::from(sock), name).map_err(|e| annotate(name, e))
 }
 
 fn annotate(name: &str, e: std::io::Error) -> std::io::Error {
@@ -115,12 +120,6 @@ fn annotate(name: &str, e: std::io::Error) -> std::io::Error {
         e.kind(),
         format!("setting TCP congestion control {name:?}: {e}{}", hint(&e)),
     )
-}
-
-/// Sets a listening socket's congestion control: the connections it accepts inherit it.
-pub fn set_listener(listener: &std::net::TcpListener, algo: Algorithm) -> std::io::Result<()> {
-    let name = algo.as_str();
-    imp::set_sock(&socket2::SockRef::from(listener), name).map_err(|e| annotate(name, e))
 }
 
 /// `stream`'s congestion control.

@@ -85,7 +85,7 @@ impl KvServer {
         let listener = TcpListener::bind(addr)?;
         if let Some(algo) = opts.congestion {
             // Accepted sockets inherit it; a refused name fails here, not per connection.
-            crate::congestion::set_listener(&listener, algo)?;
+            crate::congestion::set(&listener, algo)?;
         }
         let local_addr = listener.local_addr()?;
         let driver = Driver::new(&opts, false)?;
