@@ -90,6 +90,9 @@ pub struct Connection<T> {
     events: VecDeque<Event<T>>,
     last_recv: Instant,
     last_sent: Instant,
+    /// What the transport knew of a silent connection (the driver's
+    /// [`Connection::note_transport`]), for the error if the peer is declared dead.
+    transport: Option<String>,
     close_reason: Option<NetError>,
 }
 
@@ -128,6 +131,7 @@ impl<T> Connection<T> {
             events: VecDeque::new(),
             last_recv: now,
             last_sent: now,
+            transport: None,
             close_reason: None,
         };
         if side == Side::Initiator {
@@ -184,6 +188,22 @@ impl<T> Connection<T> {
     /// Bytes were handed to the socket at `now`.
     pub fn note_sent(&mut self, now: Instant) {
         self.last_sent = self.last_sent.max(now);
+    }
+
+    /// Whether nothing has arrived for the peer timeout at `now`: the connection is about to
+    /// close, and the driver may tell [`Connection::note_transport`] what it knows first.
+    pub fn is_silent(&self, now: Instant) -> bool {
+        self.state == State::Established
+            && now.saturating_duration_since(self.last_recv) >= self.cfg.peer_timeout
+    }
+
+    /// What the transport knows of this connection (e.g. the kernel's `TCP_INFO`: when the
+    /// peer's stack last acknowledged our bytes, retransmissions, zero-window probes), named in
+    /// the error if [`Connection::handle_timeout`] declares the peer dead for silence. It tells
+    /// a dead host or a cut path (nothing acknowledged either) from a hung process or a flow
+    /// towards us in retransmission backoff (its stack still acknowledges ours).
+    pub fn note_transport(&mut self, detail: String) {
+        self.transport = Some(detail);
     }
 
     /// Processes one decoded frame received at `now`.
@@ -296,11 +316,14 @@ impl<T> Connection<T> {
                 )));
                 return;
             }
-            State::Established
-                if now.saturating_duration_since(self.last_recv) >= self.cfg.peer_timeout =>
-            {
+            State::Established if self.is_silent(now) => {
+                let transport = self
+                    .transport
+                    .take()
+                    .map(|t| format!("; {t}"))
+                    .unwrap_or_default();
                 self.close(NetError::PeerClosed(format!(
-                    "no traffic from peer {} for {:?}",
+                    "no traffic from peer {} for {:?}{transport}",
                     self.peer_id.unwrap_or(0),
                     self.cfg.peer_timeout
                 )));
@@ -555,6 +578,35 @@ mod tests {
         sv.handle_timeout(t0 + Duration::from_millis(11_500));
         assert!(sv.is_closed());
         assert!(matches!(sv.close_reason(), Some(NetError::PeerClosed(_))));
+    }
+
+    #[test]
+    fn silence_names_what_the_transport_knew() {
+        let t0 = Instant::now();
+        let (mut cl, mut sv) = pair(t0);
+        events(&mut cl);
+        events(&mut sv);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(!sv.is_silent(at(9_999)));
+        assert!(sv.is_silent(at(10_000)));
+        sv.note_transport("TCP: peer's last ack 0.4 s ago".into());
+        sv.handle_timeout(at(10_000));
+        assert!(
+            sv.is_closed(),
+            "what the transport says does not extend the timeout"
+        );
+        let Some(NetError::PeerClosed(msg)) = sv.close_reason() else {
+            panic!("{:?}", sv.close_reason())
+        };
+        let peer = sv.peer_id().unwrap_or(0);
+        assert_eq!(
+            msg,
+            &format!("no traffic from peer {peer} for 10s; TCP: peer's last ack 0.4 s ago")
+        );
+        assert!(
+            !sv.is_silent(at(20_000)),
+            "a closed connection is not silent"
+        );
     }
 
     #[test]

@@ -50,6 +50,7 @@ mod link;
 mod owned;
 pub mod sched;
 pub mod stats;
+mod tcp_state;
 pub mod tls;
 pub mod wire;
 

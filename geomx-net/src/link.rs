@@ -14,6 +14,7 @@ use crate::conn::{Connection, Event};
 use crate::error::NetError;
 use crate::owned::OwnedBytes;
 use crate::stats::LiveCounters;
+use crate::tcp_state::TcpProgress;
 use crate::wire::{Frame, FrameHeader, MsgKind, WireError, HEADER_LEN};
 
 /// Where a request's outcome goes.
@@ -43,6 +44,8 @@ pub(crate) trait LinkIo: Send + Sync {
     /// Encrypted connections: sends a fatal TLS alert, best effort and without blocking, before
     /// the connection is closed for bad input (the default does nothing).
     fn send_alert(&self, _description: u8) {}
+    /// What the kernel knows of the socket's progress (`None` where it cannot be read).
+    fn tcp_progress(&self) -> Option<TcpProgress>;
 }
 
 /// Reads a connection's input on the calling thread (drivers that read inline provide one).
@@ -259,7 +262,15 @@ impl Link {
     }
 
     pub(crate) fn on_tick(self: &Arc<Self>, now: Instant) {
-        self.lock().handle_timeout(now);
+        let silent = self.lock().is_silent(now);
+        // About to close for silence: the error says what the kernel knew (see `tcp_state`).
+        let tcp = silent.then(|| self.io.tcp_progress()).flatten();
+        let mut c = self.lock();
+        if let Some(t) = tcp {
+            c.note_transport(t.to_string());
+        }
+        c.handle_timeout(now);
+        drop(c);
         self.flush();
     }
 

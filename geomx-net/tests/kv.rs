@@ -359,6 +359,13 @@ fn silent_peer_is_dropped_after_peer_timeout() {
         let (id, why) = w.closed.lock().unwrap()[0].clone();
         assert_eq!(id, 77);
         assert!(why.contains("no traffic"), "{why}");
+        // The error says what the kernel knew: this peer's stack acknowledged the server's
+        // heartbeats (its process is what fell silent).
+        eprintln!("{d:?}: {why}");
+        if cfg!(target_os = "linux") {
+            assert!(why.contains("; TCP: peer's last ack"), "{d:?}: {why}");
+            assert!(why.contains(" 0 unacked"), "{d:?}: {why}");
+        }
         assert!(
             t0.elapsed() >= Duration::from_millis(1500),
             "{:?}",
@@ -438,6 +445,16 @@ fn peer_that_stops_reading_is_dropped_and_the_server_goes_on() {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(dropped.contains("stopped reading"), "{d:?}: {dropped}");
+        eprintln!("{d:?}: {dropped}");
+        if cfg!(target_os = "linux") {
+            assert!(dropped.contains("TCP: peer's last ack"), "{d:?}: {dropped}");
+            // A peer that stops reading closes its receive window (the kernel shows it since
+            // Linux 5.4).
+            assert!(
+                dropped.contains("peer's window 0 bytes") || !dropped.contains("peer's window"),
+                "{d:?}: {dropped}"
+            );
+        }
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         drop(hostile.join().unwrap());
         // And after it: still served.

@@ -18,6 +18,7 @@ use crate::conn::{Connection, Side};
 use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, Pump, ReplyTx};
 use crate::stats::LiveCounters;
+use crate::tcp_state::TcpProgress;
 use crate::tls::record::MAX_PLAINTEXT;
 use crate::tls::{Opener, Sealer, SessionParts};
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
@@ -166,10 +167,15 @@ fn write_all(
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             // SO_SNDTIMEO expired: the socket took nothing for the peer timeout.
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                let tcp = TcpProgress::read(&*stream)
+                    .map(|t| format!("; {t}"))
+                    .unwrap_or_default();
                 return Err(std::io::Error::new(
                     ErrorKind::TimedOut,
-                    "peer stopped reading (a write made no progress for the peer timeout)",
-                ))
+                    format!(
+                        "peer stopped reading (a write made no progress for the peer timeout{tcp})"
+                    ),
+                ));
             }
             Err(e) => return Err(e),
         }
@@ -212,6 +218,10 @@ impl LinkIo for StreamIo {
     fn shutdown(&self) {
         // Through a second handle, so a writer blocked under the lock is woken too.
         let _ = self.ctl.shutdown(Shutdown::Both);
+    }
+
+    fn tcp_progress(&self) -> Option<TcpProgress> {
+        TcpProgress::read(&self.ctl)
     }
 }
 

@@ -42,6 +42,7 @@ use crate::error::NetError;
 use crate::link::{Dispatch, Link, LinkIo, ReplyTx};
 use crate::owned::OwnedBytes;
 use crate::stats::LiveCounters;
+use crate::tcp_state::TcpProgress;
 use crate::tls::{Opener, Sealer, SessionParts};
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
 
@@ -350,7 +351,7 @@ impl UringDriver {
         }
         let uc = UConn {
             fd: stream.as_raw_fd(),
-            _stream: stream,
+            stream,
             link: link.clone(),
             dec: FrameDecoder::new(self.opts.max_frame),
             scratch: Vec::new(),
@@ -657,6 +658,10 @@ impl LinkIo for UringIo {
     fn shutdown(&self) {
         self.cell.shared.send(Cmd::Close(self.idx));
     }
+
+    fn tcp_progress(&self) -> Option<crate::tcp_state::TcpProgress> {
+        crate::tcp_state::TcpProgress::read(&*self.stream)
+    }
 }
 
 enum OutItem {
@@ -708,7 +713,8 @@ enum RecvState {
 
 struct UConn {
     fd: RawFd,
-    _stream: Arc<TcpStream>,
+    /// Keeps the descriptor this socket's; read for its `TCP_INFO`.
+    stream: Arc<TcpStream>,
     link: Arc<Link>,
     dec: FrameDecoder,
     scratch: Vec<u8>,
@@ -1000,29 +1006,27 @@ impl Ring {
 
     /// Drops connections whose output made no progress for the peer timeout: the peer stopped
     /// reading (it may still send, so the receive side's liveness check does not see it). Their
-    /// senders' waits end with the connection.
+    /// senders' waits end with the connection; the error names the kernel's account of it.
     fn drop_stalled(&mut self, now: Instant) {
         let limit = self.opts.conn.peer_timeout;
-        let stalled: Vec<(usize, Duration, usize)> = self
+        let stalled: Vec<(usize, Duration, usize, Option<TcpProgress>)> = self
             .conns
             .iter()
-            .filter(|(_, c)| !c.dead && c.has_output())
-            .map(|(i, c)| {
-                (
-                    *i,
-                    now.saturating_duration_since(c.last_progress),
-                    c.queued.load(Ordering::Acquire),
-                )
+            .map(|(i, c)| (i, c, now.saturating_duration_since(c.last_progress)))
+            .filter(|(_, c, idle)| !c.dead && c.has_output() && *idle >= limit)
+            .map(|(i, c, idle)| {
+                let tcp = TcpProgress::read(&*c.stream);
+                (*i, idle, c.queued.load(Ordering::Acquire), tcp)
             })
-            .filter(|(_, idle, _)| *idle >= limit)
             .collect();
-        for (idx, idle, unsent) in stalled {
+        for (idx, idle, unsent, tcp) in stalled {
             let Some(link) = self.conns.get(&idx).map(|c| c.link.clone()) else {
                 continue;
             };
-            tracing::warn!(peer = %link.peer_addr(), unsent, ?idle, "dropping connection: the peer stopped reading");
+            let tcp = tcp.map(|t| format!(" ({t})")).unwrap_or_default();
+            tracing::warn!(peer = %link.peer_addr(), unsent, ?idle, %tcp, "dropping connection: the peer stopped reading");
             link.on_io_closed(format!(
-                "peer stopped reading: {unsent} bytes unsent for {:.1} s",
+                "peer stopped reading: {unsent} bytes unsent for {:.1} s{tcp}",
                 idle.as_secs_f64()
             ));
             self.kill(idx);
