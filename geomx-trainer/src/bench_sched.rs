@@ -167,9 +167,9 @@ pub fn ts_rounds(quick: bool) -> u64 {
 }
 
 /// Dead-peer time of the TSEngine comparison's jobs (`timeouts.peer_dead_ms`; default 10 s). Six
-/// DCs' 2.4 MB pushes and replies share the central 25 Mbit/s link, where a TCP flow that loses
-/// its retransmissions backs off for seconds: with 10 s, one of about ten quick runs aborted
-/// ("no traffic from peer 0 for 10s" at a local server in round 0, 2026-12-06).
+/// DCs' 2.4 MB pushes and replies share the central 25 Mbit/s link: with 10 s, one of about ten
+/// quick runs aborted ("no traffic from peer 0 for 10s" at a local server in round 0,
+/// 2026-12-06; the cause is not established, docs/benchmarks.md).
 pub const TS_PEER_DEAD_MS: u64 = 30_000;
 
 /// The TSEngine comparison's job; `ts` switches TSEngine on (inter tier).

@@ -18,6 +18,12 @@ use crate::tls::record::{MAX_PLAINTEXT, RECORD_HEADER};
 use crate::tls::{Opener, Sealer, Session, SessionParts};
 use crate::wire::{Frame, FrameDecoder, MAX_FRAME};
 
+/// Handling a connection's input (decoding, the connection machine, the endpoint's callbacks)
+/// that takes this long on the thread that reads it is logged at `warn`: meanwhile that
+/// connection (portable driver) or every connection of the endpoint (an io_uring ring turn) was
+/// not read, and a live peer can be declared silent.
+pub(crate) const SLOW_HANDLING: Duration = Duration::from_secs(1);
+
 mod portable;
 #[cfg(target_os = "linux")]
 mod uring;

@@ -290,7 +290,17 @@ impl Reader {
                         &mut self.frames,
                     )
                 };
-                link.on_input(Instant::now(), &mut self.frames);
+                let t = Instant::now();
+                link.on_input(t, &mut self.frames);
+                let took = t.elapsed();
+                if took >= super::SLOW_HANDLING {
+                    tracing::warn!(
+                        peer = %link.peer_addr(),
+                        "handling one read's input took {:.1} ms on the thread that reads the \
+                         connection (the endpoint's callbacks); it was not read meanwhile",
+                        took.as_secs_f64() * 1e3
+                    );
+                }
                 if let Err(e) = res {
                     self.done = true;
                     link.on_input_error(e);

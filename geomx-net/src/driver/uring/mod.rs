@@ -23,6 +23,7 @@
 
 mod direct;
 mod send_track;
+mod turn_clock;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -45,6 +46,7 @@ use crate::stats::LiveCounters;
 use crate::tcp_state::TcpProgress;
 use crate::tls::{Opener, Sealer, SessionParts};
 use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
+use turn_clock::{Part, Phase, TurnClock};
 
 /// Scratch receive buffer per connection.
 const SCRATCH: usize = 256 << 10;
@@ -819,6 +821,8 @@ struct Ring {
     next_tick: Instant,
     /// Turns run so far (diagnostics).
     turns: u64,
+    /// Where the current turn's time goes (a slow one is reported).
+    clock: TurnClock,
 }
 
 impl Ring {
@@ -839,6 +843,7 @@ impl Ring {
             stopping: false,
             zc,
             turns: 0,
+            clock: TurnClock::start(Instant::now()),
         };
         if *FIXED_SUPPORTED.get().unwrap_or(&false) {
             r.register_pool();
@@ -886,9 +891,11 @@ impl Ring {
     /// One turn: commands, submissions, a wait of at most `max_wait`, completions, timers.
     fn turn(&mut self, max_wait: Duration) {
         self.turns += 1;
+        self.clock = TurnClock::start(Instant::now());
         let id = self.shared.ring_id;
         HELD.with(|h| h.borrow_mut().push(id));
         self.drain_commands();
+        self.clock.lap(Phase::Commands, Instant::now());
         if !self.wake_armed {
             let e = opcode::Read::new(
                 types::Fd(self.shared.efd),
@@ -908,12 +915,15 @@ impl Ring {
             self.arm(*idx);
         }
         self.reap();
+        self.clock.lap(Phase::Arm, Instant::now());
         if !self.is_finished() {
             let until = (Instant::now() + max_wait).min(self.next_tick);
             self.wait(until, !max_wait.is_zero());
+            self.clock.lap(Phase::Wait, Instant::now());
             self.complete();
         }
         let now = Instant::now();
+        self.clock.lap(Phase::Complete, now);
         if now >= self.next_tick {
             self.next_tick = now + self.opts.tick;
             self.drop_stalled(now);
@@ -928,6 +938,7 @@ impl Ring {
                 l.on_tick(now);
             }
         }
+        self.clock.lap(Phase::Tick, Instant::now());
         // Callbacks may have queued sends: submit them without waiting.
         if !self.rx.is_empty() {
             self.drain_commands();
@@ -935,6 +946,16 @@ impl Ring {
                 self.arm(idx);
             }
             let _ = self.ring.submit();
+        }
+        let end = Instant::now();
+        self.clock.lap(Phase::After, end);
+        if let Some(report) = self.clock.report(end) {
+            tracing::warn!(
+                ring = id,
+                turns = self.turns,
+                conns = self.conns.len(),
+                "{report}"
+            );
         }
         HELD.with(|h| h.borrow_mut().retain(|r| *r != id));
     }
@@ -1247,11 +1268,19 @@ impl Ring {
                 continue;
             }
             let idx = (data & 0x00ff_ffff_ffff_ffff) as usize;
-            match data >> 56 {
-                KIND_RECV => self.on_recv(idx, res),
-                KIND_SEND => self.on_send(idx, res, flags),
-                _ => {}
-            }
+            let t = Instant::now();
+            let kind = match data >> 56 {
+                KIND_RECV => {
+                    self.on_recv(idx, res);
+                    "recv"
+                }
+                KIND_SEND => {
+                    self.on_send(idx, res, flags);
+                    "send"
+                }
+                _ => continue,
+            };
+            self.clock.completion(kind, idx, t.elapsed());
         }
     }
 
@@ -1294,6 +1323,7 @@ impl Ring {
         let n = res as usize;
         link.counters().add_recv_bytes(n);
         c.note_input();
+        let t = Instant::now();
         let fed = match state {
             RecvState::Direct => {
                 // SAFETY: the kernel wrote n bytes into the direct target we submitted.
@@ -1314,6 +1344,7 @@ impl Ring {
             }
         };
         c.held.extend(c.frames.drain(..));
+        self.clock.add(Part::Decode, t.elapsed());
         self.dispatch(idx);
         match fed {
             Ok(()) => self.read_ready(idx),
@@ -1347,7 +1378,10 @@ impl Ring {
             let Some(target) = c.dec.direct_target(1) else {
                 return;
             };
-            let Some(n) = direct::recv_nonblocking(fd, target, chunk) else {
+            let t = Instant::now();
+            let read = direct::recv_nonblocking(fd, target, chunk);
+            let Some(n) = read else {
+                self.clock.add(Part::InlineRead, t.elapsed());
                 return;
             };
             let link = c.link.clone();
@@ -1356,6 +1390,7 @@ impl Ring {
             // SAFETY: the kernel wrote n bytes into the direct target.
             unsafe { c.dec.commit_direct(n, &mut c.frames) };
             c.held.extend(c.frames.drain(..));
+            self.clock.add(Part::InlineRead, t.elapsed());
             self.dispatch(idx);
         }
     }
@@ -1364,6 +1399,13 @@ impl Ring {
     /// output stays within [`MAX_QUEUED`] (a handler on this thread replies at once); the rest
     /// wait, and so does the connection's input (see `arm`).
     fn dispatch(&mut self, idx: usize) {
+        let t = Instant::now();
+        self.dispatch_held(idx);
+        self.clock.add(Part::Dispatch, t.elapsed());
+    }
+
+    /// Hands a connection's held frames to its link, one at a time, while its output allows.
+    fn dispatch_held(&mut self, idx: usize) {
         let Some(c) = self.conns.get_mut(&idx) else {
             return;
         };
