@@ -46,6 +46,8 @@ pub(crate) trait LinkIo: Send + Sync {
     fn send_alert(&self, _description: u8) {}
     /// What the kernel knows of the socket's progress (`None` where it cannot be read).
     fn tcp_progress(&self) -> Option<TcpProgress>;
+    /// The driver that writes this connection (never `Auto`).
+    fn driver(&self) -> crate::DriverKind;
 }
 
 /// Reads a connection's input on the calling thread (drivers that read inline provide one).
@@ -139,6 +141,11 @@ impl Link {
 
     pub(crate) fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
+    }
+
+    /// The driver that writes this connection (never `Auto`).
+    pub(crate) fn driver(&self) -> crate::DriverKind {
+        self.io.driver()
     }
 
     pub(crate) fn identity(&self) -> Option<&crate::tls::Identity> {

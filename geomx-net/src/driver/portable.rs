@@ -223,6 +223,10 @@ impl LinkIo for StreamIo {
     fn tcp_progress(&self) -> Option<TcpProgress> {
         TcpProgress::read(&self.ctl)
     }
+
+    fn driver(&self) -> super::DriverKind {
+        super::DriverKind::Portable
+    }
 }
 
 /// The read half of a connection: socket, decoder and buffers.

@@ -127,6 +127,16 @@ impl PeerHandle {
         self.link.identity()
     }
 
+    /// The driver that serves this connection (never [`crate::DriverKind::Auto`]). On the
+    /// portable driver a [`Responder::send`] blocks until the peer's socket takes the bytes, so a
+    /// handler that answers other connections than its own should hand those replies to a
+    /// [`crate::sched::reply::ReplyQueue`]: a peer behind a slow link must not hold the thread
+    /// that reads (and sends the heartbeats of) the connection whose request completed the
+    /// round. An io_uring handler's sends only queue.
+    pub fn driver(&self) -> crate::DriverKind {
+        self.link.driver()
+    }
+
     /// True once the connection is closed.
     pub fn is_closed(&self) -> bool {
         self.link.is_closed()
@@ -236,7 +246,9 @@ impl Drop for Responder {
 ///
 /// Callbacks run on driver threads (one reader thread per connection with the portable driver, the
 /// ring thread with io_uring): return quickly and answer slow requests later through the
-/// [`Responder`].
+/// [`Responder`]. A portable reader thread also sends its connection's heartbeats, and a
+/// [`Responder::send`] there blocks until the socket takes the bytes: see
+/// [`PeerHandle::driver`] for answering large or other connections' replies.
 pub trait Handler: Send + Sync + 'static {
     /// A request arrived; answer it through `reply`, now or later.
     fn on_request(&self, req: Request, reply: Responder);

@@ -520,7 +520,7 @@ impl GlobalHandler {
                 h.replies.send(id, r, done.version, done.codec, &payload);
             }
             h.ts_range_done(id, done.version - 1, (*payload).as_ref());
-            answer_pulls(pulls, done.version);
+            h.answer_pulls(id, pulls, done.version);
             if last {
                 let _ = h.all_done.send(());
             }
@@ -649,6 +649,19 @@ impl GlobalHandler {
         )
     }
 
+    /// Answers the parked pulls of range `id` with its θ at `version` (exact f32), from
+    /// [`GlobalHandler::ready_pulls`].
+    fn answer_pulls(&self, id: usize, (pulls, theta): (Vec<Responder>, Vec<u8>), version: u64) {
+        if pulls.is_empty() {
+            return;
+        }
+        let theta: SharedBytes = Arc::new(theta);
+        for r in pulls {
+            self.replies
+                .send(id, r, version, PayloadCodec::DenseF32, &theta);
+        }
+    }
+
     /// MixedSync: applies DC `dc`'s push computed from `base` at once and answers it (θ, or the
     /// difference to what the DC holds); a range is finished after `rounds` pushes of every DC.
     fn on_push_mixed(
@@ -686,7 +699,7 @@ impl GlobalHandler {
         let payload: SharedBytes = Arc::new(done.reply);
         self.replies
             .send(id, reply, done.version, done.codec, &payload);
-        answer_pulls(pulls, done.version);
+        self.answer_pulls(id, pulls, done.version);
     }
 
     fn on_pull(&self, req: Request, reply: Responder) {
@@ -720,9 +733,10 @@ impl GlobalHandler {
             // MixedSync pulls only θ_0 (start-up); any version at least the one asked for serves.
             return match mixed.get(id) {
                 Some((v, vals)) if v >= req.version => {
-                    let bytes = f32_bytes(vals).into_owned();
+                    let bytes: SharedBytes = Arc::new(f32_bytes(vals).into_owned());
                     drop(st);
-                    let _ = reply.send(v, PayloadCodec::DenseF32, &bytes);
+                    self.replies
+                        .send(id, reply, v, PayloadCodec::DenseF32, &bytes);
                 }
                 Some(_) => self.park(st, id, req.version, reply),
                 None => {
@@ -734,10 +748,14 @@ impl GlobalHandler {
         }
         match st.agg.pull(id, req.version) {
             Ok(Some(v)) => {
-                let bytes = f32_bytes(v).into_owned();
+                let bytes: SharedBytes = Arc::new(f32_bytes(v).into_owned());
                 let version = st.agg.get(id).map_or(0, |(v, _)| v);
                 drop(st);
-                let _ = reply.send(version, PayloadCodec::DenseF32, &bytes);
+                // Through the replies: on the portable driver an inline answer would hold this
+                // connection's reader while θ crosses the WAN, so the DC's next push could not
+                // be read meanwhile (replies.rs).
+                self.replies
+                    .send(id, reply, version, PayloadCodec::DenseF32, &bytes);
             }
             Ok(None) => self.park(st, id, req.version, reply),
             Err(e) => {
@@ -937,15 +955,6 @@ impl GlobalHandler {
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-    }
-}
-
-/// Answers pulls with the range's θ at `version` (exact f32).
-fn answer_pulls((pulls, theta): (Vec<Responder>, Vec<u8>), version: u64) {
-    for r in pulls {
-        if let Err(e) = r.send(version, PayloadCodec::DenseF32, &theta) {
-            tracing::warn!(error = %e, "pull answer not delivered");
-        }
     }
 }
 

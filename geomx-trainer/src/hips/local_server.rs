@@ -461,9 +461,10 @@ impl LocalHandler {
                 self.admission.refuse(reply, msg);
             }
             Some(Some((v, codec, bytes))) if *v >= req.version => {
-                let (v, codec, bytes) = (*v, *codec, bytes.clone());
+                let (v, codec) = (*v, *codec);
+                let bytes: SharedBytes = bytes.clone();
                 drop(st);
-                let _ = reply.send(v, codec, &bytes);
+                self.replies.send(key, reply, v, codec, &bytes);
             }
             Some(_) => {
                 let cap = self.pull_cap();
@@ -543,7 +544,9 @@ impl LocalHandler {
         }
         drop(st);
         for (r, state) in state_ready {
-            let _ = r.send(version, PayloadCodec::Raw, &state);
+            let state: SharedBytes = state;
+            self.replies
+                .send(key, r, version, PayloadCodec::Raw, &state);
         }
         let payload: SharedBytes = bytes;
         for r in replies

@@ -31,7 +31,7 @@ pub const AUTO_START_BPS: u64 = 100_000_000;
 pub enum Pacing {
     /// `DgtConfig::rate_bps` as configured (`None`: unpaced).
     Configured,
-    /// Start at [`AUTO_START_BPS`], take the reliable channel's goodput measured by the receiver
+    /// Start at `AUTO_START_BPS` (100 Mbit/s), take the reliable channel's goodput measured by the receiver
     /// in the first round, then adapt per round from the reported loss within [min, max].
     Auto {
         /// Lowest rate in bit/s.

@@ -661,8 +661,12 @@ impl LinkIo for UringIo {
         self.cell.shared.send(Cmd::Close(self.idx));
     }
 
-    fn tcp_progress(&self) -> Option<crate::tcp_state::TcpProgress> {
-        crate::tcp_state::TcpProgress::read(&*self.stream)
+    fn tcp_progress(&self) -> Option<TcpProgress> {
+        TcpProgress::read(&*self.stream)
+    }
+
+    fn driver(&self) -> super::DriverKind {
+        super::DriverKind::IoUring
     }
 }
 

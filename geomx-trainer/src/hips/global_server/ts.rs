@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use geomx_net::sched::reply::SharedBytes;
 use geomx_net::sched::tsengine::{NodeId, TsConfig};
 use geomx_net::{PayloadCodec, Request, Responder};
 
@@ -123,12 +124,17 @@ impl GlobalHandler {
 
     /// Carries out the root's actions for `key` in `round`.
     fn ts_act(&self, key: usize, round: u64, actions: Vec<Action<Responder>>) {
+        // The replies' entry of the key (its first range), for its P3 priority.
+        let entry = self.ts.as_ref().and_then(|ts| ts.ranges.get(key)?.first());
+        let entry = entry.map_or(0, |r| r.0);
         for a in actions {
             match a {
+                // Through the replies: a tree answer may go to another DC than the one whose
+                // message completed this step (replies.rs).
                 Action::Answer(r, payload) => {
-                    if let Err(e) = r.send(round, PayloadCodec::Raw, &payload) {
-                        tracing::warn!(error = %e, key, round, "TSEngine answer not delivered");
-                    }
+                    let payload: SharedBytes = payload;
+                    self.replies
+                        .send(entry, r, round, PayloadCodec::Raw, &payload);
                 }
                 Action::Complete {
                     round,
