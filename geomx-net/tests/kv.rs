@@ -59,6 +59,32 @@ impl Handler for Echo {
     }
 }
 
+/// Answers with the name of the driver that serves the request's connection.
+struct DriverName;
+impl Handler for DriverName {
+    fn on_request(&self, _req: Request, reply: Responder) {
+        let name = reply.peer().driver().name();
+        let _ = reply.send(0, PayloadCodec::Raw, name.as_bytes());
+    }
+}
+
+/// A handler learns which driver serves a connection (never `Auto`): on the portable one its
+/// sends block the reader thread (`PeerHandle::driver`).
+#[test]
+fn a_handler_sees_the_driver_of_its_connection() {
+    for d in drivers() {
+        let server = KvServer::bind("127.0.0.1:0", DriverName, opts(d)).unwrap();
+        let client = KvClient::connect(server.local_addr(), 7, opts(d)).unwrap();
+        let r = client.pull(1, 0, 0, 0).unwrap().wait(WAIT).unwrap();
+        assert_eq!(r.payload, d.name().as_bytes(), "{d:?}");
+    }
+    // `Auto` resolves to the driver actually in use.
+    let server = KvServer::bind("127.0.0.1:0", DriverName, opts(DriverKind::Auto)).unwrap();
+    let client = KvClient::connect(server.local_addr(), 7, opts(DriverKind::Auto)).unwrap();
+    let r = client.pull(1, 0, 0, 0).unwrap().wait(WAIT).unwrap();
+    assert_eq!(r.payload, server.driver().name().as_bytes());
+}
+
 #[test]
 fn echo_round_trips_small_and_large_and_counts_bytes() {
     for d in drivers() {
