@@ -39,6 +39,16 @@ impl TcpProgress {
     {
         imp::read(&socket2::SockRef::from(sock))
     }
+
+    /// `"; TCP: …"` of `sock`, to end an error message with; empty where it cannot be read.
+    pub fn suffix<'s, S>(sock: &'s S) -> String
+    where
+        socket2::SockRef<'s>: From<&'s S>,
+    {
+        Self::read(sock)
+            .map(|t| format!("; {t}"))
+            .unwrap_or_default()
+    }
 }
 
 impl std::fmt::Display for TcpProgress {

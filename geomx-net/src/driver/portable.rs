@@ -167,9 +167,7 @@ fn write_all(
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             // SO_SNDTIMEO expired: the socket took nothing for the peer timeout.
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                let tcp = TcpProgress::read(&*stream)
-                    .map(|t| format!("; {t}"))
-                    .unwrap_or_default();
+                let tcp = TcpProgress::suffix(&*stream);
                 return Err(std::io::Error::new(
                     ErrorKind::TimedOut,
                     format!(

@@ -1034,13 +1034,13 @@ impl Ring {
     /// senders' waits end with the connection; the error names the kernel's account of it.
     fn drop_stalled(&mut self, now: Instant) {
         let limit = self.opts.conn.peer_timeout;
-        let stalled: Vec<(usize, Duration, usize, Option<TcpProgress>)> = self
+        let stalled: Vec<(usize, Duration, usize, String)> = self
             .conns
             .iter()
             .map(|(i, c)| (i, c, now.saturating_duration_since(c.last_progress)))
             .filter(|(_, c, idle)| !c.dead && c.has_output() && *idle >= limit)
             .map(|(i, c, idle)| {
-                let tcp = TcpProgress::read(&*c.stream);
+                let tcp = TcpProgress::suffix(&*c.stream);
                 (*i, idle, c.queued.load(Ordering::Acquire), tcp)
             })
             .collect();
@@ -1048,8 +1048,13 @@ impl Ring {
             let Some(link) = self.conns.get(&idx).map(|c| c.link.clone()) else {
                 continue;
             };
-            let tcp = tcp.map(|t| format!(" ({t})")).unwrap_or_default();
-            tracing::warn!(peer = %link.peer_addr(), unsent, ?idle, %tcp, "dropping connection: the peer stopped reading");
+            tracing::warn!(
+                peer = %link.peer_addr(),
+                unsent,
+                ?idle,
+                tcp = tcp.trim_start_matches("; "),
+                "dropping connection: the peer stopped reading"
+            );
             link.on_io_closed(format!(
                 "peer stopped reading: {unsent} bytes unsent for {:.1} s{tcp}",
                 idle.as_secs_f64()
