@@ -5,9 +5,10 @@
 //! On the portable driver a handler runs on the thread that reads its request's connection, and
 //! a send blocks until the socket takes the bytes. Answered inline, a pull of θ held that reader
 //! while θ crossed the WAN: in `geomx bench sched`'s direct job (6 DCs behind one 25 Mbit/s
-//! link, 2.4 MB per DC) the global server's readers sat in `sendto` for 1.0–3.4 s each round,
-//! so a DC's next push was not read meanwhile (its connection ran half duplex), and a reply to
-//! another DC would have held the reader of the push that completed the round as well.
+//! link, 2.4 MB per DC) the global server's readers sat in `sendto` for 1.0–3.4 s answering the
+//! DCs' pulls of θ_0 and of the final θ, reading nothing from that DC meanwhile (its connection
+//! ran half duplex) and sending it no heartbeat; and the reader of the push that completed a
+//! round wrote every DC's reply, behind any write in progress to that DC.
 
 use geomx_net::sched::reply::{ReplyQueue, SharedBytes};
 use geomx_net::{DriverKind, PayloadCodec, Responder};
