@@ -126,6 +126,40 @@ fn mixed_sync_replicas_equal_the_global_theta_after_the_final_pull() {
     }
 }
 
+/// On the portable driver the servers write every reply that can be large (push replies, pull
+/// answers, the final pulls) from a writer thread per connection, not from the reader thread
+/// (`hips::replies`). FSA and HFA still end with the default driver's θ bit for bit, and
+/// MixedSync's replicas agree with the global θ after its final pull.
+#[test]
+fn replicas_agree_on_the_portable_driver_whose_replies_leave_from_writer_threads() {
+    let none = "codec = \"none\"";
+    let runs = [
+        ("fsa", "", 12),
+        (
+            "hfa",
+            "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 2\nk2 = 2",
+            16,
+        ),
+        ("mixed", "[sync]\nalgorithm = \"mixed\"", 12),
+    ];
+    for (sync_name, sync, rounds) in runs {
+        let name = format!("{sync_name} portable");
+        let portable = format!("{sync}\n[transport]\ndriver = \"portable\"");
+        let cfg = config(&portable, rounds, none, "none");
+        let job = JobSpec::from_config(&cfg).unwrap();
+        assert_eq!(job.net.driver, geomx_net::DriverKind::Portable, "{name}");
+        let r = run(&name, &cfg);
+        assert_agreement(&name, &r);
+        if sync_name != "mixed" {
+            let default = run(sync_name, &config(sync, rounds, none, "none"));
+            assert_eq!(
+                r.param_hash, default.param_hash,
+                "{name}: θ differs by driver"
+            );
+        }
+    }
+}
+
 /// The combinations the configuration refuses are exactly the ones left out above: sparse codecs
 /// under MixedSync, and sparse codecs on the LAN.
 #[test]

@@ -1208,7 +1208,7 @@ pub fn run(
         per_exchange: job.locals_per_global(),
         replies: Replies::new(
             job,
-            &format!("geomx-p3-g{rank}"),
+            &format!("geomx-reply-g{rank}"),
             plan.placement.ranges.iter().map(|r| r.key),
         ),
         elastic_dcs: job.dcs_may_rejoin(),

@@ -1196,7 +1196,7 @@ pub fn run(
         per_local: job.rounds_per_local(),
         ckpt: super::ckpt::saver(job, &me)
             .map(|s| (s, Mutex::new(RoundParts::new(n_keys, job.config_hash)))),
-        replies: Replies::new(job, &format!("geomx-p3-l{dc}r"), 0..n_keys),
+        replies: Replies::new(job, &format!("geomx-reply-l{dc}"), 0..n_keys),
         n_workers: n_d,
         elastic: job.workers_may_rejoin(),
         log: Arc::new(RoundLog::default()),
