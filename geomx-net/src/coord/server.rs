@@ -252,9 +252,59 @@ impl Shared {
     }
 }
 
+/// Driver events queued for the coordinator's thread at most.
+const EVENT_QUEUE: usize = 4096;
+
+/// What the driver hands the coordinator, in the order it happened.
+enum Event {
+    Request(Request, Responder),
+    Connect(PeerHandle),
+    Disconnect(PeerHandle, String),
+}
+
+/// The endpoint's handler: hands every event to the coordinator's own thread ([`serve_events`])
+/// and returns at once. A state change writes the snapshot file (fsync) under the state lock,
+/// which took about a second on a loaded machine; on the driver's thread (an io_uring ring serves
+/// every connection from one thread) that silenced every member for as long, and members with a
+/// 1 s dead-peer time declared the coordinator lost (seen in CI, 2026-12-06).
+struct EventSender(crossbeam_channel::Sender<Event>);
+
+impl EventSender {
+    fn send(&self, ev: Event) {
+        // The receiver ends only with the coordinator; an event after that has no one to serve.
+        let _ = self.0.send(ev);
+    }
+}
+
+impl Handler for EventSender {
+    fn on_request(&self, req: Request, reply: Responder) {
+        self.send(Event::Request(req, reply));
+    }
+
+    fn on_connect(&self, peer: &PeerHandle) {
+        self.send(Event::Connect(peer.clone()));
+    }
+
+    fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
+        self.send(Event::Disconnect(peer.clone(), reason.to_string()));
+    }
+}
+
+/// The coordinator's thread: serves the driver's events in order until the endpoint is gone.
+fn serve_events(handler: &CoordHandler, events: &crossbeam_channel::Receiver<Event>) {
+    for ev in events {
+        match ev {
+            Event::Request(req, reply) => handler.on_request(req, reply),
+            Event::Connect(peer) => handler.on_connect(&peer),
+            Event::Disconnect(peer, reason) => handler.on_disconnect(&peer, reason),
+        }
+    }
+}
+
+/// The coordinator's event handling, run on its own thread ([`serve_events`]).
 struct CoordHandler(Arc<Shared>);
 
-impl Handler for CoordHandler {
+impl CoordHandler {
     fn on_request(&self, req: Request, reply: Responder) {
         let conn = reply.peer().conn_id();
         let sh = &self.0;
@@ -338,9 +388,8 @@ impl Handler for CoordHandler {
         lock(&self.0.peers).insert(peer.conn_id(), peer.clone());
     }
 
-    fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
+    fn on_disconnect(&self, peer: &PeerHandle, reason: String) {
         let conn = peer.conn_id();
-        let reason = reason.to_string();
         self.0.step(|s| s.on_disconnect(conn, &reason));
         lock(&self.0.peers).remove(&conn);
     }
@@ -415,13 +464,17 @@ impl Coordinator {
             journal: Mutex::new(journal),
             journal_dirty: AtomicBool::new(false),
         });
+        // Events are served on a thread of their own (see `EventSender`); it ends when the
+        // endpoint, and with it the sender, is gone. Bounded: a flood of requests waits in the
+        // sockets (the driver blocks on a full queue), not in memory.
+        let (events_tx, events) = crossbeam_channel::bounded(EVENT_QUEUE);
+        let handler = CoordHandler(shared.clone());
+        std::thread::Builder::new()
+            .name("geomx-coord-events".into())
+            .spawn(move || serve_events(&handler, &events))?;
         // Requests to the coordinator (registration, barriers) may legitimately wait long.
-        let server = KvServer::bind_with_id(
-            addr,
-            0,
-            Arc::new(CoordHandler(shared.clone())),
-            opts.net.clone(),
-        )?;
+        let server =
+            KvServer::bind_with_id(addr, 0, Arc::new(EventSender(events_tx)), opts.net.clone())?;
         let sh = shared.clone();
         let tick = opts.net.tick.max(Duration::from_millis(10));
         let ticker = std::thread::Builder::new()
