@@ -496,3 +496,74 @@ fn a_restarted_coordinator_continues_the_job_from_its_snapshot() {
         let _ = std::fs::remove_file(file);
     }
 }
+
+/// A slow snapshot write (fsync under the coordinator's state lock) does not silence the members:
+/// the snapshot's temporary file is a FIFO that nobody reads for 2.5 s, so the first write waits
+/// that long in `open`, past the members' 1 s dead-peer time. Every registration completes (with
+/// the coordinator's handlers on the driver's thread, the members declared it lost). Writing to a
+/// FIFO cannot be fsynced, so those snapshots fail (logged); that is not what is tested here.
+#[cfg(unix)]
+#[test]
+fn a_slow_snapshot_write_does_not_silence_the_members() {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStrExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    for d in drivers() {
+        let (file, o) = persisted(d, &format!("slow-write-{}", d.name()), None);
+        let tmp = file.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&file);
+        let path = std::ffi::CString::new(tmp.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");
+        let coord = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
+        let addr = coord.local_addr();
+        let mut fast = net(d);
+        fast.conn.peer_timeout = Duration::from_secs(1);
+        let regs: Vec<_> = [("server", 0, 0), ("worker", 0, 0), ("worker", 1, 0)]
+            .into_iter()
+            .map(|(r, dc, k)| {
+                let o = fast.clone();
+                thread::spawn(move || CoordClient::register(addr, hello(r, dc, k), o))
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(2500));
+        // From now on every write to the FIFO is read, until the coordinator is gone.
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (tmp, stop) = (tmp.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(mut f) = std::fs::File::open(&tmp) {
+                        let _ = f.read_to_end(&mut Vec::new());
+                    }
+                }
+            })
+        };
+        let clients: Vec<CoordClient> = regs
+            .into_iter()
+            .map(|t| {
+                let r = t.join().unwrap();
+                r.unwrap_or_else(|e| panic!("{d:?}: registration failed: {e}"))
+                    .0
+            })
+            .collect();
+        assert_eq!(clients.len(), 3);
+        drop(clients);
+        drop(coord);
+        stop.store(true, Ordering::SeqCst);
+        // Unblock the reader's `open` if no write is under way (a writer that finds no reader
+        // fails at once with O_NONBLOCK).
+        // SAFETY: a valid NUL-terminated path; the descriptor is closed at once.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_NONBLOCK);
+            if fd >= 0 {
+                libc::close(fd);
+            }
+        }
+        reader.join().unwrap();
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&file);
+    }
+}
