@@ -567,3 +567,87 @@ fn a_slow_snapshot_write_does_not_silence_the_members() {
         let _ = std::fs::remove_file(&file);
     }
 }
+
+/// A TCP relay to `target`; `cut` closes every connection it relays so far (later ones are
+/// relayed again).
+fn cuttable_relay(target: std::net::SocketAddr) -> (std::net::SocketAddr, impl Fn()) {
+    use std::net::{Shutdown, TcpListener};
+    use std::sync::{Arc, Mutex};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let relayed = open.clone();
+    thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(a) = inbound else { return };
+            let Ok(b) = TcpStream::connect(target) else {
+                continue;
+            };
+            let mut held = relayed.lock().unwrap();
+            held.push(a.try_clone().unwrap());
+            held.push(b.try_clone().unwrap());
+            for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+    let cut = move || {
+        for s in open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    };
+    (addr, cut)
+}
+
+/// A member that loses the coordinator after its Done, while the others finish the job, learns
+/// on reattaching that the job has finished: it gets the Shutdown it missed, not a lost
+/// coordinator (which ends a trainer process with an error, and `geomx launch` restarted it).
+#[test]
+fn a_member_cut_off_after_its_done_gets_the_shutdown_it_missed() {
+    for d in drivers() {
+        let (file, o) = persisted(
+            d,
+            &format!("missed-{}", d.name()),
+            Some(Duration::from_secs(10)),
+        );
+        let c = Coordinator::bind("127.0.0.1:0", expected(), o).unwrap();
+        let addr = c.local_addr();
+        let (relay, cut) = cuttable_relay(addr);
+        let far = thread::spawn(move || {
+            let (cl, _) = CoordClient::register(relay, hello("worker", 1, 0), net(d)).unwrap();
+            cl.reconnecting(true)
+        });
+        let near: Vec<_> = [("server", 0, 0), ("worker", 0, 0)]
+            .into_iter()
+            .map(|(r, dc, k)| {
+                thread::spawn(move || {
+                    let (cl, _) = CoordClient::register(addr, hello(r, dc, k), net(d)).unwrap();
+                    cl.reconnecting(true)
+                })
+            })
+            .collect();
+        let far = far.join().unwrap();
+        let near: Vec<CoordClient> = near.into_iter().map(|t| t.join().unwrap()).collect();
+        far.done().unwrap();
+        cut();
+        for m in &near {
+            m.done().unwrap();
+        }
+        for m in &near {
+            assert_eq!(m.wait_event(W), Some(CoordEvent::Shutdown), "{d:?}");
+        }
+        assert_eq!(c.wait(W), Some(CoordOutcome::Shutdown), "{d:?}");
+        let deadline = Instant::now() + W;
+        let ev = loop {
+            if let Some(e) = far.wait_event(Duration::from_millis(200)) {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "{d:?}: no event");
+        };
+        assert_eq!(ev, CoordEvent::Shutdown, "{d:?}");
+        let _ = std::fs::remove_file(file);
+    }
+}

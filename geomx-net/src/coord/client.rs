@@ -223,6 +223,14 @@ impl CoordClient {
             Err(e) if self.may_reconnect() && connection_lost(&e) => {
                 return match self.reattach(generation) {
                     Ok(()) => None,
+                    // Every member sent Done while this one was away: the Shutdown it missed.
+                    Err(NetError::Rejected(m)) if m.contains(super::JOB_FINISHED) => {
+                        tracing::info!(
+                            node = %self.inner.hello.node_key(),
+                            "the coordinator was lost after the job finished"
+                        );
+                        Some(CoordEvent::Shutdown)
+                    }
                     Err(e2) => Some(CoordEvent::CoordinatorLost(format!(
                         "{e}; reconnecting failed: {e2}"
                     ))),

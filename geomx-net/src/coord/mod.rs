@@ -360,7 +360,9 @@ impl AbortNotice {
 /// A broadcast from the coordinator, or the loss of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CoordEvent {
-    /// Every process sent Done: flush, close and exit 0.
+    /// Every process sent Done: flush, close and exit 0. Also what a reconnecting member gets
+    /// when it lost the coordinator and, reattaching, learns that the job has finished
+    /// meanwhile ([`JOB_FINISHED`]): the broadcast it missed.
     Shutdown,
     /// The job is aborted: print the reason and exit non-zero.
     Abort(AbortNotice),
