@@ -349,13 +349,27 @@ impl<T> Connection<T> {
                 });
             }
         }
-        if self.state == State::Established
-            && now.saturating_duration_since(self.last_sent) >= self.cfg.heartbeat_interval
-            && self.transmits.is_empty()
-        {
-            self.queue(FrameHeader::new(MsgKind::Heartbeat), Vec::new());
-            self.last_sent = now;
+        if self.transmits.is_empty() {
+            if let Some(f) = self.poll_heartbeat(now) {
+                self.transmits.push_back(f);
+            }
         }
+    }
+
+    /// A heartbeat to send at `now`, if one is due (nothing sent for the heartbeat interval on
+    /// an established connection); counted as sent. [`Connection::handle_timeout`] queues it
+    /// with the rest; a driver whose reading thread is held by the endpoint's callbacks sends
+    /// it from another thread, so that the peer does not take a busy endpoint for a dead one.
+    pub fn poll_heartbeat(&mut self, now: Instant) -> Option<Frame> {
+        if self.state != State::Established
+            || now.saturating_duration_since(self.last_sent) < self.cfg.heartbeat_interval
+        {
+            return None;
+        }
+        self.last_sent = now;
+        let mut header = FrameHeader::new(MsgKind::Heartbeat);
+        header.sender = self.local_id;
+        Some(Frame::new(header, Vec::new()))
     }
 
     /// The next instant at which [`Connection::handle_timeout`] has work to do.

@@ -281,6 +281,20 @@ impl Link {
         self.flush();
     }
 
+    /// While the thread that reads this connection is held by the endpoint's callbacks: a
+    /// heartbeat if one is due, written only if no other frame is being written (that write
+    /// proves liveness as well). Nothing else: input, events and the peer's liveness wait for
+    /// the reader.
+    pub(crate) fn heartbeat_while_busy(self: &Arc<Self>, now: Instant) {
+        let Some(f) = self.lock().poll_heartbeat(now) else {
+            return;
+        };
+        // A failed write is the reader's to see (its next read fails too).
+        if let Ok(true) = self.io.try_send(&f.header.encode(), &f.payload) {
+            self.counters.add_sent(HEADER_LEN, 1);
+        }
+    }
+
     pub(crate) fn on_wire_error(self: &Arc<Self>, err: WireError) {
         tracing::warn!(peer = %self.peer_addr, error = %err, "dropping connection: malformed frame");
         self.lock().handle_wire_error(err);

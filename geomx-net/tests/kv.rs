@@ -85,6 +85,58 @@ fn a_handler_sees_the_driver_of_its_connection() {
     assert_eq!(r.payload, server.driver().name().as_bytes());
 }
 
+/// Holds the thread that calls it for `hold` in its first request, then echoes like [`Echo`].
+struct HoldsFirst {
+    hold: Duration,
+    first: std::sync::atomic::AtomicBool,
+}
+impl Handler for HoldsFirst {
+    fn on_request(&self, req: Request, reply: Responder) {
+        if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(self.hold);
+        }
+        let _ = reply.send(req.version + 1, req.codec, &req.payload);
+    }
+}
+
+/// A portable server's handler that holds its connection's reader thread for 2.5 times the
+/// peer timeout (it should not, but a lock or a slow disk can): the client does not take the
+/// server for dead (another thread sends the heartbeats meanwhile), the server does not take the
+/// client for dead afterwards (its heartbeats wait unread in the kernel), and the connection
+/// serves the next request. Before, the client gave up with "no traffic from peer 0 for 1s".
+/// (On io_uring a handler holds the ring: `Handler` asks handlers to return quickly.)
+#[test]
+fn a_portable_handler_holding_its_reader_past_the_peer_timeout_keeps_the_connection() {
+    for d in drivers() {
+        let mut o = opts(DriverKind::Portable);
+        o.conn.heartbeat_interval = Duration::from_millis(100);
+        o.conn.peer_timeout = Duration::from_secs(1);
+        let handler = HoldsFirst {
+            hold: Duration::from_millis(2500),
+            first: true.into(),
+        };
+        let server = KvServer::bind("127.0.0.1:0", handler, o.clone()).unwrap();
+        let client =
+            KvClient::connect(server.local_addr(), 7, NetOptions { driver: d, ..o }).unwrap();
+        let t = Instant::now();
+        let r = client
+            .push(1, 1, PayloadCodec::Raw, 0, 3, b"abc")
+            .unwrap()
+            .wait(WAIT)
+            .unwrap_or_else(|e| panic!("client on {d:?}: {e}"));
+        assert!(t.elapsed() >= Duration::from_millis(2500));
+        assert_eq!((r.version, &r.payload[..]), (2, &b"abc"[..]));
+        // Past another peer timeout: the server read the client's heartbeats in time.
+        std::thread::sleep(Duration::from_millis(1500));
+        let r = client
+            .push(1, 5, PayloadCodec::Raw, 0, 3, b"xyz")
+            .unwrap()
+            .wait(WAIT)
+            .unwrap_or_else(|e| panic!("client on {d:?}, second request: {e}"));
+        assert_eq!((r.version, &r.payload[..]), (6, &b"xyz"[..]));
+    }
+}
+
 #[test]
 fn echo_round_trips_small_and_large_and_counts_bytes() {
     for d in drivers() {

@@ -2,7 +2,8 @@
 //!
 //! * Writes happen on the calling thread under a per-connection lock (vectored: header and
 //!   payload in one call, no copy).
-//! * Accepted connections get a reader thread that decodes frames and runs the handler.
+//! * Accepted connections get a reader thread that decodes frames and runs the handler, and a
+//!   thread that sends the heartbeats falling due while a handler holds the reader.
 //! * Initiated (client) connections are read **inline** by the thread that waits for a response
 //!   (whoever holds the reader lock reads and dispatches for everyone), so a response costs no
 //!   extra thread wake-up; a background ticker drives timeouts and heartbeats and reads only while
@@ -10,7 +11,7 @@
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -88,9 +89,14 @@ impl PortableDriver {
         let tick = self.tick;
         match side {
             Side::Acceptor => {
+                let busy = reader.busy.clone();
                 std::thread::Builder::new()
                     .name("geomx-net-rd".into())
                     .spawn(move || read_loop(l2, reader, tick))?;
+                let l3 = link.clone();
+                std::thread::Builder::new()
+                    .name("geomx-net-hb".into())
+                    .spawn(move || busy_heartbeats(l3, busy, tick))?;
             }
             Side::Initiator => {
                 let pump = Arc::new(InlinePump {
@@ -239,6 +245,46 @@ struct Reader {
     /// Encrypted connection: opens records before decoding; `plain` is its reused output.
     opener: Option<Opener>,
     plain: Vec<u8>,
+    /// Set while the endpoint's callbacks run on this thread (accepted connections).
+    busy: Arc<Busy>,
+    /// How long the last read's input took to handle.
+    handled_for: Duration,
+}
+
+/// Since when a reader thread has been running the endpoint's callbacks, if it is.
+struct Busy {
+    /// Milliseconds after `epoch` plus one; 0 while the thread is not in a callback.
+    since: AtomicU64,
+    epoch: Instant,
+}
+
+impl Busy {
+    fn new() -> Busy {
+        Busy {
+            since: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn enter(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.since.store(ms + 1, Ordering::Release);
+    }
+
+    fn leave(&self) {
+        self.since.store(0, Ordering::Release);
+    }
+
+    /// Whether the thread has been in a callback for at least `d` at `now`.
+    fn for_at_least(&self, d: Duration, now: Instant) -> bool {
+        match self.since.load(Ordering::Acquire) {
+            0 => false,
+            s => {
+                let in_for = now.saturating_duration_since(self.epoch).as_millis() as u64 + 1 - s;
+                in_for >= d.as_millis() as u64
+            }
+        }
+    }
 }
 
 impl Reader {
@@ -252,6 +298,8 @@ impl Reader {
             done: false,
             opener: None,
             plain: Vec::new(),
+            busy: Arc::new(Busy::new()),
+            handled_for: Duration::ZERO,
         }
     }
 
@@ -293,8 +341,11 @@ impl Reader {
                     )
                 };
                 let t = Instant::now();
+                self.busy.enter(t);
                 link.on_input(t, &mut self.frames);
+                self.busy.leave();
                 let took = t.elapsed();
+                self.handled_for = took;
                 if took >= super::SLOW_HANDLING {
                     tracing::warn!(
                         peer = %link.peer_addr(),
@@ -328,11 +379,30 @@ impl Reader {
 fn read_loop(link: Arc<Link>, mut reader: Reader, tick: Duration) {
     let mut next_tick = Instant::now() + tick;
     while !reader.done {
+        reader.handled_for = Duration::ZERO;
         reader.read_once(&link);
+        if reader.handled_for >= tick {
+            // Read again before judging the peer's silence: what it sent while the callbacks
+            // held this thread waits in the kernel.
+            continue;
+        }
         let now = Instant::now();
         if now >= next_tick {
             link.on_tick(now);
             next_tick = now + tick;
+        }
+    }
+}
+
+/// Server side: heartbeats while the reader thread runs the endpoint's callbacks, which may
+/// block (a reply written to a slow peer, a lock, a full queue); otherwise the reader ticks. So
+/// a busy endpoint is not declared dead by its peer.
+fn busy_heartbeats(link: Arc<Link>, busy: Arc<Busy>, tick: Duration) {
+    while !link.is_closed() {
+        std::thread::sleep(tick);
+        let now = Instant::now();
+        if busy.for_at_least(tick, now) {
+            link.heartbeat_while_busy(now);
         }
     }
 }

@@ -131,8 +131,8 @@ impl PeerHandle {
     /// portable driver a [`Responder::send`] blocks until the peer's socket takes the bytes, so a
     /// handler that answers other connections than its own should hand those replies to a
     /// [`crate::sched::reply::ReplyQueue`]: a peer behind a slow link must not hold the thread
-    /// that reads (and sends the heartbeats of) the connection whose request completed the
-    /// round. An io_uring handler's sends only queue.
+    /// that reads the connection whose request completed the round. An io_uring handler's sends
+    /// only queue.
     pub fn driver(&self) -> crate::DriverKind {
         self.link.driver()
     }
@@ -246,9 +246,10 @@ impl Drop for Responder {
 ///
 /// Callbacks run on driver threads (one reader thread per connection with the portable driver, the
 /// ring thread with io_uring): return quickly and answer slow requests later through the
-/// [`Responder`]. A portable reader thread also sends its connection's heartbeats, and a
-/// [`Responder::send`] there blocks until the socket takes the bytes: see
-/// [`PeerHandle::driver`] for answering large or other connections' replies.
+/// [`Responder`]. A [`Responder::send`] on a portable reader thread blocks until the socket takes
+/// the bytes, and the connection is not read meanwhile (another thread keeps its heartbeats
+/// going): see [`PeerHandle::driver`] for answering large or other connections' replies. On
+/// io_uring a blocked callback holds every connection of the ring, heartbeats included.
 pub trait Handler: Send + Sync + 'static {
     /// A request arrived; answer it through `reply`, now or later.
     fn on_request(&self, req: Request, reply: Responder);
