@@ -113,6 +113,33 @@ fn hfa_milestones_equal_the_global_theta_for_every_codec_pair() {
     }
 }
 
+/// HFA with SCAFFOLD's control variates (`correction = "scaffold"`): the distributed run (2 DCs
+/// of 2 + 1 workers, 2 global servers, keys cut into ranges, FP16 on the WAN tier) ends with
+/// the single-process reference's θ bit for bit, every replica with it; the correction changes
+/// the run (the reference without it ends elsewhere).
+#[test]
+fn hfa_with_scaffold_equals_its_single_process_reference() {
+    use geomx_trainer::engine::reference_hfa::hfa_reference_with;
+    let hash = |p: &[Vec<f32>]| format!("{:016x}", geomx_trainer::hash::params_hash(p));
+    let sync = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 2\nk2 = 2";
+    for inter in ["codec = \"none\"", "codec = \"fp16\""] {
+        let name = format!("hfa scaffold {inter}");
+        let scaffold = format!("{sync}\ncorrection = \"scaffold\"");
+        let cfg = config(&scaffold, 16, inter, "none");
+        let r = run(&name, &cfg);
+        assert_agreement(&name, &r);
+        let data = geomx_trainer::data::load(&cfg.data).unwrap();
+        let all = |_, _, _, _| true;
+        let reference = hfa_reference_with(&cfg, &data, Some(16), all).unwrap();
+        if inter.contains("none") {
+            assert_eq!(r.global_param_hash, hash(&reference.params), "{name}");
+        }
+        let plain = config(sync, 16, inter, "none");
+        let without = hfa_reference_with(&plain, &data, Some(16), all).unwrap();
+        assert_ne!(hash(&without.params), hash(&reference.params), "{name}");
+    }
+}
+
 #[test]
 fn mixed_sync_replicas_equal_the_global_theta_after_the_final_pull() {
     let sync = "[sync]\nalgorithm = \"mixed\"";

@@ -168,7 +168,8 @@ fn fsa_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 
 /// The oracle under HFA (k1 = k2 = 2, DiLoCo's Nesterov outer step), 20 rounds: checkpoints
 /// every 8 rounds (global averagings 2 and 4) hold the outer velocity and the workers' own
-/// optimizer state; resumed at 16 and at 8, the run ends bit-identical to an uninterrupted one.
+/// optimizer state (and, with SCAFFOLD, their control variates); resumed at 16 and at 8, the
+/// run ends bit-identical to an uninterrupted one.
 #[test]
 fn hfa_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let hfa = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 2\nk2 = 2\nouter = \"nesterov\"\n";
@@ -178,7 +179,14 @@ fn hfa_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
         "{hfa}[compression.inter]\ncodec = \"bisparse\"\ndensity = 0.1\nmin_size = 100\n\
          values = \"fp16\"\nwarmup_rounds = 0\nselection = \"exact\"\n"
     );
-    for (name, extra) in [("hfa", hfa.to_string()), ("hfa-bisparse", bisparse)] {
+    // SCAFFOLD's control variates (plain averaging) are saved with the workers' optimizers.
+    let scaffold = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 2\nk2 = 2\n\
+                    correction = \"scaffold\"\n";
+    for (name, extra) in [
+        ("hfa", hfa.to_string()),
+        ("hfa-bisparse", bisparse),
+        ("hfa-scaffold", scaffold.to_string()),
+    ] {
         let dir = scratch(name);
         assert_resumes_bit_identical(
             name,

@@ -20,8 +20,8 @@ pub struct E2eArgs {
     #[arg(long)]
     pub loss: Option<f64>,
     /// e2e: run only these scenarios (comma-separated: flat, hips, hips-fp16, hips-bisparse,
-    /// hips-mpq, hfa, hfa-diloco, hfa-bisparse, hfa-fp16, esync, mixed, dgt, dgt-fp16,
-    /// isolated).
+    /// hips-mpq, hfa, hfa-diloco, hfa-bisparse, hfa-fp16, hfa-scaffold, hfa-fp16-scaffold,
+    /// esync, mixed, dgt, dgt-fp16, isolated).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// e2e: WAN lab mode: off | netns | relay | auto [default: auto].

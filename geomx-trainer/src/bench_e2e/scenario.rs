@@ -34,6 +34,10 @@ pub enum ScenarioId {
     HfaBisparse,
     /// HFA with FP16 on both tiers.
     HfaFp16,
+    /// HFA whose local steps are corrected by SCAFFOLD's control variates.
+    HfaScaffold,
+    /// HFA with FP16 on both tiers and SCAFFOLD's control variates.
+    HfaFp16Scaffold,
     /// ESync: fast workers take extra local steps while the slowest takes one; deltas are
     /// combined every round.
     Esync,
@@ -50,7 +54,7 @@ pub enum ScenarioId {
 
 impl ScenarioId {
     /// Every scenario, in table order (the flat baseline first).
-    pub const ALL: [ScenarioId; 14] = [
+    pub const ALL: [ScenarioId; 16] = [
         ScenarioId::Flat,
         ScenarioId::Hips,
         ScenarioId::HipsFp16,
@@ -60,6 +64,8 @@ impl ScenarioId {
         ScenarioId::HfaDiloco,
         ScenarioId::HfaBisparse,
         ScenarioId::HfaFp16,
+        ScenarioId::HfaScaffold,
+        ScenarioId::HfaFp16Scaffold,
         ScenarioId::Esync,
         ScenarioId::Mixed,
         ScenarioId::Dgt,
@@ -79,6 +85,8 @@ impl ScenarioId {
             ScenarioId::HfaDiloco => "hfa-diloco",
             ScenarioId::HfaBisparse => "hfa-bisparse",
             ScenarioId::HfaFp16 => "hfa-fp16",
+            ScenarioId::HfaScaffold => "hfa-scaffold",
+            ScenarioId::HfaFp16Scaffold => "hfa-fp16-scaffold",
             ScenarioId::Esync => "esync",
             ScenarioId::Mixed => "mixed",
             ScenarioId::Dgt => "dgt",
@@ -99,6 +107,8 @@ impl ScenarioId {
             ScenarioId::HfaDiloco => "HFA + DiLoCo outer Nesterov",
             ScenarioId::HfaBisparse => "HFA + Bi-Sparse",
             ScenarioId::HfaFp16 => "HFA + FP16",
+            ScenarioId::HfaScaffold => "HFA + SCAFFOLD",
+            ScenarioId::HfaFp16Scaffold => "HFA + FP16 + SCAFFOLD",
             ScenarioId::Esync => "ESync",
             ScenarioId::Mixed => "MixedSync (DC-ASGD)",
             ScenarioId::Dgt => "HiPS + DGT",
@@ -121,6 +131,8 @@ impl ScenarioId {
                 | ScenarioId::HfaDiloco
                 | ScenarioId::HfaBisparse
                 | ScenarioId::HfaFp16
+                | ScenarioId::HfaScaffold
+                | ScenarioId::HfaFp16Scaffold
                 | ScenarioId::Isolated
         )
     }
@@ -308,6 +320,9 @@ pub fn config_table(id: ScenarioId, p: &MatrixParams) -> Result<toml::Table, tom
         "values": "fp16", "momentum": 0.0, "warmup_rounds": 0, "resync_every": 100,
     });
     let hfa = json!({ "algorithm": "hfa", "hfa": { "k1": p.hfa_k1, "k2": p.hfa_k2 } });
+    let hfa_scaffold = json!({ "algorithm": "hfa", "hfa": {
+        "k1": p.hfa_k1, "k2": p.hfa_k2, "correction": "scaffold",
+    }});
     let fp16_both = json!({ "intra": { "codec": "fp16" }, "inter": { "codec": "fp16" } });
     match id {
         ScenarioId::Flat | ScenarioId::Hips => {}
@@ -337,6 +352,11 @@ pub fn config_table(id: ScenarioId, p: &MatrixParams) -> Result<toml::Table, tom
         }
         ScenarioId::HfaFp16 => {
             v["sync"] = hfa;
+            v["compression"] = fp16_both;
+        }
+        ScenarioId::HfaScaffold => v["sync"] = hfa_scaffold,
+        ScenarioId::HfaFp16Scaffold => {
+            v["sync"] = hfa_scaffold;
             v["compression"] = fp16_both;
         }
         ScenarioId::Mixed => {

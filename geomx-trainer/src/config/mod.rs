@@ -33,8 +33,8 @@ pub use scheduling::{
 };
 pub use security::{SecurityConfig, SecurityMode, SECURITY_DIR_ENV, SECURITY_MODE_ENV};
 pub use sync::{
-    EsyncConfig, EsyncNormalisation, HfaConfig, HfaWeighting, LambdaMode, MixedConfig,
-    MixedLrScale, MixedOptimizer, OuterOptimizer, SyncAlgorithm, SyncConfig,
+    EsyncConfig, EsyncNormalisation, HfaConfig, HfaCorrection, HfaWeighting, LambdaMode,
+    MixedConfig, MixedLrScale, MixedOptimizer, OuterOptimizer, SyncAlgorithm, SyncConfig,
 };
 pub use wan::{
     LinkFigures, Site, WanCentralConfig, WanConfig, WanLossScope, WanMode, WanSiteConfig,

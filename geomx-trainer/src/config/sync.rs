@@ -164,6 +164,19 @@ pub enum OuterOptimizer {
     Nesterov,
 }
 
+/// HFA's correction of the local steps' drift between global averagings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HfaCorrection {
+    /// Plain local steps.
+    #[default]
+    None,
+    /// SCAFFOLD's control variates (`crate::engine::scaffold`): every local step uses
+    /// g + c − c_w, both variates derived from the models HFA exchanges anyway. Needs SGD and
+    /// plain averaging (`outer = "average"`).
+    Scaffold,
+}
+
 /// `[sync.hfa]` (defaults from sync.md).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -184,6 +197,8 @@ pub struct HfaConfig {
     /// trains on its own data with its LAN averagings only; `train.rounds` must be a multiple
     /// of `k1`. It measures what the WAN exchange buys (default false).
     pub isolated: bool,
+    /// Drift correction of the local steps (default `"none"`).
+    pub correction: HfaCorrection,
 }
 
 impl Default for HfaConfig {
@@ -196,6 +211,7 @@ impl Default for HfaConfig {
             outer_lr: 0.7,
             outer_momentum: 0.9,
             isolated: false,
+            correction: HfaCorrection::None,
         }
     }
 }

@@ -276,6 +276,22 @@ fn every_bad_value_names_its_field() {
         ("[placement]\nmin_range = 0".into(), "placement.min_range"),
         ("[placement]\nsplit_bound = 100".into(), "placement.split_bound"),
         ("[placement]\nsplit_bound = 5000000000".into(), "placement.split_bound"),
+        // SCAFFOLD: SGD's step scales its variates, plain averaging gives the global one, and an
+        // isolated run has no global averaging to correct towards.
+        (
+            "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\ncorrection = \"scaffold\"\n\
+             [train.optimizer]\nkind = \"adam\"".into(),
+            "sync.hfa.correction",
+        ),
+        (
+            "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\ncorrection = \"scaffold\"\nouter = \"nesterov\"".into(),
+            "sync.hfa.correction",
+        ),
+        (
+            "[train]\nrounds = 10\n[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\n\
+             correction = \"scaffold\"\nisolated = true".into(),
+            "sync.hfa.correction",
+        ),
         ("[compression]\nintra = { codec = \"bisparse\" }".into(), "compression.intra.codec"),
         ("[compression]\nintra = { codec = \"mpq\" }".into(), "compression.intra.codec"),
         // The Momentum rule: DGC momentum correction with the default SGD momentum 0.9.
@@ -653,8 +669,14 @@ fn sync_algorithms_parse_with_their_parameters_and_defaults() {
             outer_lr: 0.5,
             outer_momentum: 0.8,
             isolated: true,
+            correction: HfaCorrection::None,
         }
     );
+    let c = Config::from_toml_str(
+        "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 2\ncorrection = \"scaffold\"",
+    )
+    .unwrap();
+    assert_eq!(c.sync.hfa.correction, HfaCorrection::Scaffold);
     let h = HfaConfig::default();
     assert_eq!(
         (h.k1, h.k2, h.weighting, h.outer, h.isolated),

@@ -2,8 +2,8 @@
 
 use super::OptimizerConfig;
 use super::{
-    Codec, Config, ConfigError, DatasetKind, LambdaMode, MixedOptimizer, OuterOptimizer,
-    SparseCodec, SparseValues, SyncAlgorithm,
+    Codec, Config, ConfigError, DatasetKind, HfaCorrection, LambdaMode, MixedOptimizer,
+    OuterOptimizer, SparseCodec, SparseValues, SyncAlgorithm,
 };
 
 type Result = std::result::Result<(), ConfigError>;
@@ -226,6 +226,30 @@ impl Config {
                 if h.outer == OuterOptimizer::Nesterov {
                     positive_finite("sync.hfa.outer_lr", h.outer_lr)?;
                     unit_interval("sync.hfa.outer_momentum", h.outer_momentum)?;
+                }
+                if h.correction == HfaCorrection::Scaffold {
+                    let why = if h.isolated {
+                        Some("corrects the drift between global averagings, which                               sync.hfa.isolated = true never makes"
+                            .to_string())
+                    } else if h.outer != OuterOptimizer::Average {
+                        Some(format!(
+                            "derives the global variate from plain averaging; set                              sync.hfa.outer = \"average\" (not {:?})",
+                            h.outer
+                        ))
+                    } else if !matches!(self.train.optimizer, OptimizerConfig::Sgd(_)) {
+                        Some(
+                            "scales its variates by SGD's step: set train.optimizer.kind = \"sgd\""
+                                .to_string(),
+                        )
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        return Err(ConfigError::invalid(
+                            "sync.hfa.correction",
+                            format!("\"scaffold\" {why}"),
+                        ));
+                    }
                 }
                 Ok(())
             }

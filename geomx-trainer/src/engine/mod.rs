@@ -12,6 +12,7 @@ pub mod mlp;
 pub mod optim;
 pub mod reference;
 pub mod reference_hfa;
+pub mod scaffold;
 #[cfg(feature = "tch")]
 pub mod tch;
 

@@ -6,18 +6,21 @@
 //! each DC contributes s_d = f_d·(w̄_d − m) (f_d = n_d for `data` weighting, W/D for `equal`),
 //! Σ_d s_d (DCs in order) is divided by the workers summed, the outer step turns that mean Δ into
 //! the increment δ (Δ itself, or DiLoCo's Nesterov step) and the milestone moves: m ← m + δ.
-//! Every worker then starts again from m. This is sync.md's HFA with f32 tiers, in the order the
-//! servers compute it, so a distributed run must match it bit for bit.
+//! Every worker then starts again from m. With `correction = "scaffold"` every worker's steps use
+//! its control variates ([`super::scaffold`]), updated at each global averaging it counted in.
+//! This is sync.md's HFA with f32 tiers, in the order the servers compute it, so a distributed
+//! run must match it bit for bit.
 //!
 //! [`hfa_reference_with`] also replays a run that lost processes: a worker (or a whole DC) that
 //! does not count in an averaging is absent from it, and a worker that counts again after an
 //! averaging it missed has rejoined: it starts from its DC's model after that averaging (the
-//! milestone if no worker of the DC counted) with fresh optimizer state, as a restarted worker
-//! does.
+//! milestone if no worker of the DC counted) with fresh optimizer state and zero variates, as a
+//! restarted worker does.
 
 use geomx_kernels::optim::DilocoOuter;
 
 use super::reference::{accumulate, start, ReferenceError, ReferenceRun, Start};
+use super::scaffold::ControlVariates;
 use super::Optimizer;
 use crate::config::{Config, HfaWeighting, OuterOptimizer};
 use crate::data::TrainTest;
@@ -64,6 +67,9 @@ pub fn hfa_reference_with(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ReferenceError::Unsupported(format!("sync.hfa outer step: {e}")))?;
     let mut params = vec![m.clone(); workers];
+    let lens: Vec<usize> = m.iter().map(Vec::len).collect();
+    let variates = || ControlVariates::of(hfa, &cfg.train.optimizer, &lens);
+    let mut cvs: Vec<Option<ControlVariates>> = (0..workers).map(|_| variates()).collect();
     let mut opts: Vec<Vec<Optimizer>> = (0..workers).map(|_| fresh(&m)).collect();
     // Whether each worker's tensor counted in the last averaging.
     let mut counted = vec![vec![true; n_t]; workers];
@@ -87,6 +93,9 @@ pub fn hfa_reference_with(
                         if counts(d, r, t, averaging) && !counted[w][t] {
                             params[w][t] = dc_model[d][t].clone().unwrap_or_else(|| m[t].clone());
                             opts[w][t] = Optimizer::new(&cfg.train.optimizer, m[t].len());
+                            if let Some(cv) = cvs[w].as_mut() {
+                                cv.reset(t);
+                            }
                         }
                     }
                 }
@@ -95,9 +104,12 @@ pub fn hfa_reference_with(
         let mut loss_sum = 0f32;
         for w in 0..workers {
             let batch = batchers[w].next_batch(&data.train);
-            let (loss, grads) = model.loss_and_grad(&params[w], batch.view())?;
+            let (loss, mut grads) = model.loss_and_grad(&params[w], batch.view())?;
             loss_sum += loss;
-            for (t, g) in grads.iter().enumerate() {
+            for (t, g) in grads.iter_mut().enumerate() {
+                if let Some(cv) = &cvs[w] {
+                    cv.correct(t, g);
+                }
                 opts[w][t].step(&mut params[w][t], g)?;
             }
         }
@@ -105,6 +117,13 @@ pub fn hfa_reference_with(
         if (round + 1) % k1 == 0 {
             let global = (averaging + 1) % k2 == 0;
             for t in 0..n_t {
+                // SCAFFOLD: the milestone and every worker's model before a global averaging.
+                let before = (global && cvs.iter().any(Option::is_some)).then(|| {
+                    (
+                        m[t].clone(),
+                        params.iter().map(|p| p[t].clone()).collect::<Vec<_>>(),
+                    )
+                });
                 average_tensor(
                     &Tensor {
                         t,
@@ -122,7 +141,13 @@ pub fn hfa_reference_with(
                 )?;
                 for (d, &n_d) in dcs.iter().enumerate() {
                     for r in 0..n_d {
-                        counted[index(d, r)][t] = counts(d, r, t, averaging);
+                        let w = index(d, r);
+                        counted[w][t] = counts(d, r, t, averaging);
+                        if let (Some(cv), Some((x, ys))) = (cvs[w].as_mut(), &before) {
+                            if counted[w][t] {
+                                cv.update(t, x, &ys[w], &m[t]);
+                            }
+                        }
                     }
                 }
             }

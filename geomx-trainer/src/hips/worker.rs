@@ -23,6 +23,7 @@ use crate::codec::{
 };
 use crate::config::{NonFinitePolicy, SyncAlgorithm};
 use crate::data::{augment_for, batcher_for, Prefetcher};
+use crate::engine::scaffold::ControlVariates;
 use crate::engine::{params_hash, Optimizer};
 
 /// Batches prepared ahead of the one computing.
@@ -263,6 +264,8 @@ struct Averaging<'a> {
     milestone: Vec<Vec<f32>>,
     /// The worker's optimizer per key (HFA's local steps; ESync's too).
     opts: Vec<Optimizer>,
+    /// HFA with `correction = "scaffold"`: this worker's control variates.
+    variates: Option<ControlVariates>,
     /// Key averagings this worker dropped (a non-finite model under `skip`).
     skipped: u64,
     /// The fault this worker injects into itself (`geomx launch --chaos`), if any.
@@ -289,6 +292,11 @@ impl<'a> Averaging<'a> {
                 .iter()
                 .map(|t| Optimizer::new(&job.optimizer, t.len()))
                 .collect(),
+            variates: ControlVariates::of(
+                &job.hfa,
+                &job.optimizer,
+                &theta0.iter().map(Vec::len).collect::<Vec<_>>(),
+            ),
             skipped: 0,
         }
     }
@@ -340,8 +348,12 @@ impl<'a> Averaging<'a> {
             let resp = reply_of(k, local, p.wait(job.wait_limit()))?;
             if global {
                 let z = decode_increment(job, k, n, &resp.payload)?;
+                let before = self.variates.as_ref().map(|_| self.milestone[k].clone());
                 for (m, d) in self.milestone[k].iter_mut().zip(z) {
                     *m += d;
+                }
+                if let (Some(cv), Some(x)) = (self.variates.as_mut(), before) {
+                    cv.update(k, &x, &params[k], &self.milestone[k]);
                 }
                 params[k].clone_from(&self.milestone[k]);
             } else if resp.payload.is_empty() {
@@ -355,20 +367,24 @@ impl<'a> Averaging<'a> {
             }
             if poisoned[k] {
                 self.opts[k] = Optimizer::new(&job.optimizer, n);
+                if let Some(cv) = self.variates.as_mut() {
+                    cv.reset(k);
+                }
             }
         }
         Ok(())
     }
 }
 
-/// One local step (HFA, ESync): gradients of `batch` at `params`, applied by the worker's own
-/// optimizers (`None`: a warm-up step, gradients discarded), then the slow-down. Returns the
-/// batch loss and the step's duration including the slow-down.
+/// One local step (HFA, ESync): gradients of `batch` at `params`, corrected by `variates` (HFA's
+/// SCAFFOLD) and applied by the worker's own optimizers (`None`: a warm-up step, gradients
+/// discarded), then the slow-down. Returns the batch loss and the step's duration including the
+/// slow-down.
 fn local_step(
     job: &JobSpec,
     params: &mut [Vec<f32>],
     batch: &crate::data::Dataset,
-    opts: Option<&mut [Optimizer]>,
+    opts: Option<(&mut [Optimizer], Option<&ControlVariates>)>,
     slowdown: f64,
 ) -> Result<(f64, Duration), RunError> {
     let started = Instant::now();
@@ -381,11 +397,14 @@ fn local_step(
             }
         })
         .map_err(RunError::Engine)?;
-    if let Some(opts) = opts {
-        for (k, (g, opt)) in grads.iter().zip(opts.iter_mut()).enumerate() {
-            let g = g.as_ref().ok_or_else(|| {
+    if let Some((opts, variates)) = opts {
+        for (k, (g, opt)) in grads.iter_mut().zip(opts.iter_mut()).enumerate() {
+            let g = g.as_mut().ok_or_else(|| {
                 RunError::Protocol(format!("the model produced no gradient for key {k}"))
             })?;
+            if let Some(cv) = variates {
+                cv.correct(k, g);
+            }
             opt.step(&mut params[k], g).map_err(RunError::Engine)?;
         }
     }
@@ -504,7 +523,13 @@ impl EsyncWorker {
         while answer == Answer::Step {
             let batch = next_batch()?;
             let t = Instant::now();
-            let (l, d) = local_step(job, params, &batch, Some(&mut avg.opts), self.slowdown)?;
+            let (l, d) = local_step(
+                job,
+                params,
+                &batch,
+                Some((&mut avg.opts, None)),
+                self.slowdown,
+            )?;
             split.compute_s += t.elapsed().as_secs_f64();
             loss = l;
             self.c = d.as_secs_f64();
@@ -666,6 +691,15 @@ pub fn run(
             let saved = res.optim(&format!("opt.{k}"))?;
             opt.import_state(saved).map_err(|e| res.misfit(e))?;
         }
+        if let Some(cv) = avg.variates.as_mut() {
+            for (k, &n) in plan.key_lens.iter().enumerate() {
+                let own = res.f32(&format!("scaffold.own.{k}"), n)?;
+                let global = res.f32(&format!("scaffold.global.{k}"), n)?;
+                if !cv.restore(k, own, global) {
+                    return Err(res.misfit(format!("scaffold variates of key {k}")));
+                }
+            }
+        }
     }
     let mut esync = match job.sync {
         SyncAlgorithm::Esync => {
@@ -714,7 +748,8 @@ pub fn run(
             split.data_s = round_started.elapsed().as_secs_f64();
             split.samples = batch.len() as u64;
             let t = Instant::now();
-            loss = local_step(job, &mut params, &batch, Some(&mut avg.opts), slowdown)?.0;
+            let step = Some((&mut avg.opts[..], avg.variates.as_ref()));
+            loss = local_step(job, &mut params, &batch, step, slowdown)?.0;
             split.compute_s = t.elapsed().as_secs_f64();
             if (round + 1) % k1 == 0 {
                 let t = Instant::now();
@@ -775,8 +810,14 @@ pub fn run(
         }
         if let Some(saver) = saver.as_ref().filter(|_| saving) {
             let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
+            let variates = avg.as_ref().and_then(|a| a.variates.as_ref());
             saver.save(&checkpoint_state(
-                saver, done, &params, &batcher, opts, &apply,
+                saver,
+                done,
+                &params,
+                &batcher,
+                (opts, variates),
+                &apply,
             ))?;
         }
         if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
@@ -853,7 +894,7 @@ fn checkpoint_state(
     done: u64,
     params: &[Vec<f32>],
     batcher: &Prefetcher,
-    opts: &[Optimizer],
+    (opts, variates): (&[Optimizer], Option<&ControlVariates>),
     apply: &[KeyApply],
 ) -> crate::checkpoint::StateFile {
     let mut state = saver.state(done);
@@ -864,6 +905,13 @@ fn checkpoint_state(
     state.put_u64("batcher", vec![epoch, pos as u64]);
     for (k, opt) in opts.iter().enumerate() {
         super::ckpt::put_optim(&mut state, &format!("opt.{k}"), &opt.export_state());
+    }
+    if let Some(cv) = variates {
+        for k in 0..params.len() {
+            let (own, global) = cv.tensor(k);
+            state.put_f32(format!("scaffold.own.{k}"), own.to_vec());
+            state.put_f32(format!("scaffold.global.{k}"), global.to_vec());
+        }
     }
     for (k, a) in apply.iter().enumerate() {
         if let KeyApply::Sparse(r) = a {
