@@ -259,26 +259,39 @@ fn under_hfa_killed_workers_rejoin_with_their_dcs_model_and_milestone() {
     // HFA k1 = 5, k2 = 4: a worker killed mid-period and one killed while pushing its model
     // (round 2399 ends a global period) rejoin at an averaging with the DC's model and milestone.
     // Late in the run, so that the final accuracy measures the recovery rather than a trajectory
-    // that diverged early (a digits test sample is 0.28 points).
-    let hfa = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\n";
-    let toml = job("on-failure").replace("rounds = 1500", "rounds = 4000") + hfa;
-    let (clean, _) = launch("hfa-clean", &toml, None);
-    let chaos = "kill:worker:dc1:0@round=2004,kill:worker:dc0:1@round=2399:mid-push";
-    let (r, stderr) = launch("hfa", &toml, Some(chaos));
-    let faults = r["faults"].as_array().unwrap();
-    assert_eq!(faults.len(), 2, "{faults:?}\n{stderr}");
-    for f in faults {
-        let back = f["rejoined_round"].as_u64().expect("rejoined");
-        assert_eq!(back % 5, 0, "HFA rejoins at an averaging: {f}");
+    // that diverged early (a digits test sample is 0.28 points). Plain, and with SCAFFOLD's
+    // control variates, which a restarted worker starts again from zero (as the replay does).
+    for correction in ["none", "scaffold"] {
+        let hfa = format!(
+            "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\ncorrection = \"{correction}\"\n"
+        );
+        let toml = job("on-failure").replace("rounds = 1500", "rounds = 4000") + &hfa;
+        let (clean, _) = launch(&format!("hfa-{correction}-clean"), &toml, None);
+        let chaos = "kill:worker:dc1:0@round=2004,kill:worker:dc0:1@round=2399:mid-push";
+        let (r, stderr) = launch(&format!("hfa-{correction}"), &toml, Some(chaos));
+        let faults = r["faults"].as_array().unwrap();
+        assert_eq!(faults.len(), 2, "{correction}: {faults:?}\n{stderr}");
+        for f in faults {
+            let back = f["rejoined_round"].as_u64().expect("rejoined");
+            assert_eq!(back % 5, 0, "HFA rejoins at an averaging: {f}");
+        }
+        assert_eq!(r["restarts"]["worker"], 2, "{correction}");
+        assert_eq!(r["replicas_identical"], true, "{correction}: {stderr}");
+        // The milestone is the HFA replay of the averagings each worker missed.
+        assert_eq!(
+            clean["global_param_hash"],
+            replayed_hash(&toml, &clean),
+            "{correction}"
+        );
+        assert_eq!(
+            r["global_param_hash"],
+            replayed_hash(&toml, &r),
+            "{correction}"
+        );
+        let (a, b) = (accuracy(&r), accuracy(&clean));
+        eprintln!("HFA ({correction}) fault-free accuracy {b:.4}, with two killed workers {a:.4}");
+        assert!((a - b).abs() <= 0.01, "{correction}: {a} vs {b}");
     }
-    assert_eq!(r["restarts"]["worker"], 2);
-    assert_eq!(r["replicas_identical"], true, "{stderr}");
-    // The milestone is the HFA replay of the averagings each worker missed.
-    assert_eq!(clean["global_param_hash"], replayed_hash(&toml, &clean));
-    assert_eq!(r["global_param_hash"], replayed_hash(&toml, &r));
-    let (a, b) = (accuracy(&r), accuracy(&clean));
-    eprintln!("HFA fault-free accuracy {b:.4}, with two killed workers {a:.4}");
-    assert!((a - b).abs() <= 0.01, "{a} vs {b}");
 }
 
 #[test]
