@@ -1212,7 +1212,7 @@ pub fn run(
             plan.placement.ranges.iter().map(|r| r.key),
         ),
         elastic_dcs: job.dcs_may_rejoin(),
-        log: RoundLog::default(),
+        log: RoundLog::of(&me),
         restartable: job.global_servers_may_rejoin(),
         keeps_replies: keeps_replies(job),
         dcs: DcWatch::new(

@@ -1199,7 +1199,7 @@ pub fn run(
         replies: Replies::new(job, &format!("geomx-reply-l{dc}"), 0..n_keys),
         n_workers: n_d,
         elastic: job.workers_may_rejoin(),
-        log: Arc::new(RoundLog::default()),
+        log: Arc::new(RoundLog::of(&me)),
         chaos: SelfFault::from_env().map_err(RunError::Membership)?,
         ts: job
             .tsengine

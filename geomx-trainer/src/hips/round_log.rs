@@ -44,6 +44,11 @@ pub struct MemberEvent {
     /// Why (the connection's error), for a loss.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// The process that logged it (`local_server (dc 1, rank 0)`; empty for the coordinator).
+    /// A global server is seen by every DC's local server, each at its own round: a loss and
+    /// the rejoin that ends it are the same observer's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub seen_by: String,
 }
 
 /// Consecutive rounds of one DC's key that summed the same subset of its workers (exchanges
@@ -202,9 +207,19 @@ pub struct RoundLog {
     partial: Mutex<Vec<PartialRound>>,
     /// Where each entry also goes: the coordinator's journal ([`super::journal`]).
     journal: std::sync::OnceLock<super::journal::JournalTx>,
+    /// The process keeping it ([`MemberEvent::seen_by`]).
+    owner: String,
 }
 
 impl RoundLog {
+    /// The log of process `owner`.
+    pub fn of(owner: &super::node::Identity) -> Self {
+        Self {
+            owner: owner.to_string(),
+            ..Self::default()
+        }
+    }
+
     /// Records a membership change of a worker now.
     pub fn change(&self, dc: u32, rank: u32, change: MemberChange, round: u64, reason: String) {
         self.change_of(super::plan::roles::WORKER, dc, rank, change, round, reason);
@@ -229,6 +244,7 @@ impl RoundLog {
             round,
             unix_ms: unix_ms(),
             reason,
+            seen_by: self.owner.clone(),
         };
         if let Some(j) = self.journal.get() {
             j.send(LogItem::Event(e.clone()));
@@ -324,6 +340,7 @@ mod tests {
             round: 6,
             unix_ms: 9,
             reason: String::new(),
+            seen_by: String::new(),
         };
         let items = vec![
             LogItem::Event(e.clone()),

@@ -257,9 +257,13 @@ pub fn match_events(faults: &mut [FaultRecord], events: &[MemberEvent], rounds: 
             }
             None => from,
         };
+        // The rejoin its loss's observer saw: a global server is lost and found again by every
+        // DC, each at the round it was collecting, and one DC may be a round ahead of another.
+        let seen_by = lost.map(|li| events[li].seen_by.as_str());
         let back = (0..events.len()).find(|&i| {
             !used[i]
                 && mine(&events[i], MemberChange::Rejoined)
+                && seen_by.is_none_or(|s| s == events[i].seen_by)
                 && (after..until).contains(&events[i].unix_ms)
         });
         match (back, f.lost_round) {
@@ -476,6 +480,7 @@ mod tests {
             round,
             unix_ms,
             reason: String::new(),
+            seen_by: String::new(),
         }
     }
 
@@ -511,5 +516,38 @@ mod tests {
         assert_eq!(faults[3].detected_after_s, None);
         assert_eq!(faults[3].rejoined_after_s, None);
         assert_eq!(faults[3].rounds_reduced, None);
+    }
+
+    #[test]
+    fn a_global_servers_loss_and_rejoin_are_paired_per_observing_dc() {
+        // Stopped while it answered round 600 (HFA, 20 rounds per global round): dc1 had its
+        // reply and pushes the next global round, dc0 and dc2 wait for it (round 580). dc1
+        // finds the restart first. Every DC rejoined at the round it lost: no round ran
+        // without the global server.
+        let mut faults = vec![FaultRecord {
+            process: "global_server (dc 3, rank 0)".into(),
+            role: roles::GLOBAL_SERVER.into(),
+            dc: 3,
+            ..fault(3, 0, 10_000)
+        }];
+        let seen = |dc: u32, change, round, unix_ms| MemberEvent {
+            role: roles::GLOBAL_SERVER.into(),
+            dc: 3,
+            seen_by: format!("local_server (dc {dc}, rank 0)"),
+            ..ev(0, change, round, unix_ms)
+        };
+        let events = vec![
+            seen(0, MemberChange::Lost, 580, 11_000),
+            seen(2, MemberChange::Lost, 580, 11_001),
+            seen(1, MemberChange::Lost, 600, 11_004),
+            seen(1, MemberChange::Rejoined, 600, 12_800),
+            seen(0, MemberChange::Rejoined, 580, 12_810),
+            seen(2, MemberChange::Rejoined, 580, 12_812),
+        ];
+        match_events(&mut faults, &events, 3000);
+        let f = &faults[0];
+        assert_eq!((f.lost_round, f.rejoined_round), (Some(580), Some(580)));
+        assert_eq!(f.rounds_reduced, Some(0));
+        assert_eq!(f.rejoined_after_s, Some(2.81));
     }
 }
