@@ -52,18 +52,62 @@ fn compile(cxx: &str, name: &str) -> PathBuf {
     out
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a loopback port")
-        .port()
+/// A loopback port for the scheduler that was free a moment ago, below the kernel's ephemeral
+/// range: a port the OS hands out for `bind(0)` or for an outgoing connection (every other
+/// test on the machine makes those) could be taken again before the scheduler binds it (seen
+/// in CI: "Address already in use").
+fn scheduler_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.max(10_100));
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    (0..200u64)
+        .map(|i| {
+            from + ((seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(i * 7919))
+                % u64::from(to - from)) as u16
+        })
+        .find(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .unwrap_or_else(|| {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("bind a loopback port")
+                .port()
+        })
+}
+
+/// How one attempt at a job ended.
+enum Outcome {
+    Done(Vec<String>),
+    /// The scheduler could not listen on its port (taken meanwhile): try another.
+    PortTaken,
 }
 
 /// Runs `bin` as a ps-lite job: a scheduler, `servers` servers and `worker_procs` worker
-/// processes (`workers` is DMLC_NUM_WORKER); every process must exit 0.
+/// processes (`workers` is DMLC_NUM_WORKER); every process must exit 0. A scheduler that
+/// finds its port taken is retried on another (3 attempts).
 fn run_job(bin: &Path, servers: u32, workers: u32, worker_procs: u32, args: &[&str]) {
-    let port = free_port();
-    let spawn = |role: &str| -> Child {
+    for attempt in 1..=3 {
+        match run_once(bin, servers, workers, worker_procs, args) {
+            Outcome::Done(failures) => {
+                assert!(failures.is_empty(), "{}: {failures:?}", bin.display());
+                return;
+            }
+            Outcome::PortTaken => eprintln!("attempt {attempt}: the scheduler's port was taken"),
+        }
+    }
+    panic!("{}: the scheduler's port was taken 3 times", bin.display());
+}
+
+fn run_once(bin: &Path, servers: u32, workers: u32, worker_procs: u32, args: &[&str]) -> Outcome {
+    let port = scheduler_port();
+    let spawn = |role: &str, stderr: Stdio| -> Child {
         Command::new(bin)
             .args(args)
             .env("DMLC_ROLE", role)
@@ -72,34 +116,59 @@ fn run_job(bin: &Path, servers: u32, workers: u32, worker_procs: u32, args: &[&s
             .env("DMLC_PS_ROOT_URI", "127.0.0.1")
             .env("DMLC_PS_ROOT_PORT", port.to_string())
             .env("DMLC_NODE_HOST", "127.0.0.1")
+            .stderr(stderr)
             .spawn()
             .expect("spawn a C++ test process")
     };
-    let mut procs = vec![("scheduler", spawn("scheduler"))];
-    procs.extend((0..servers).map(|_| ("server", spawn("server"))));
-    procs.extend((0..worker_procs).map(|_| ("worker", spawn("worker"))));
+    // The scheduler's stderr is passed on, and read for its listen error.
+    let mut scheduler = spawn("scheduler", Stdio::piped());
+    let taken = scheduler.stderr.take().map(|err| {
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut taken = false;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                taken |= line.contains("cannot listen") && line.contains("Address already in use");
+            }
+            taken
+        })
+    });
+    let mut procs = vec![("scheduler", scheduler)];
+    procs.extend((0..servers).map(|_| ("server", spawn("server", Stdio::inherit()))));
+    procs.extend((0..worker_procs).map(|_| ("worker", spawn("worker", Stdio::inherit()))));
     let deadline = Instant::now() + JOB_TIMEOUT;
     let mut failures = Vec::new();
-    for (role, child) in &mut procs {
-        loop {
+    let mut running: Vec<usize> = (0..procs.len()).collect();
+    // Once one process fails the job cannot finish: the others are ended, not waited for.
+    while !running.is_empty() && failures.is_empty() {
+        running.retain(|&i| {
+            let (role, child) = &mut procs[i];
             match child.try_wait().expect("wait for a C++ test process") {
-                Some(s) => {
-                    if !s.success() {
-                        failures.push(format!("{role} exited with {s}"));
-                    }
-                    break;
+                Some(s) if !s.success() => {
+                    failures.push(format!("{role} exited with {s}"));
+                    false
                 }
-                None if Instant::now() > deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    failures.push(format!("{role} did not finish in {JOB_TIMEOUT:?}"));
-                    break;
-                }
-                None => std::thread::sleep(Duration::from_millis(20)),
+                Some(_) => false,
+                None => true,
             }
+        });
+        if Instant::now() > deadline {
+            for &i in &running {
+                failures.push(format!("{} did not finish in {JOB_TIMEOUT:?}", procs[i].0));
+            }
+            break;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(failures.is_empty(), "{}: {failures:?}", bin.display());
+    for (_, child) in &mut procs {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let taken = taken.is_some_and(|t| t.join().unwrap_or(false));
+    if taken && failures.iter().any(|f| f.starts_with("scheduler")) {
+        return Outcome::PortTaken;
+    }
+    Outcome::Done(failures)
 }
 
 /// The checked-in C header's struct layouts equal the Rust `#[repr(C)]` ones.
