@@ -48,6 +48,7 @@ pub mod error;
 pub mod kv;
 mod link;
 mod owned;
+pub mod port;
 pub mod sched;
 pub mod stats;
 mod tcp_state;

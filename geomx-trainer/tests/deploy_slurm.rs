@@ -48,13 +48,9 @@ fn skip_reason() -> Option<String> {
     }
 }
 
-/// A port nobody listens on now (the job's coordinator binds it).
+/// A port nobody listens on now, below the ephemeral range (the job's coordinator binds it).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    geomx_net::port::free_loopback_port().unwrap()
 }
 
 fn read_all(dir: &Path, prefix: &str) -> String {

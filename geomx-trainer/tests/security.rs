@@ -11,7 +11,7 @@
 //! * A packet capture of a default launch holds no frame magic; with `"off"` it does.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,13 +25,17 @@ mod support;
 
 use support::GEOMX;
 
-/// `n` loopback ports that were free a moment ago (the OS picks them; the listeners are closed
-/// before the launch binds them).
+/// `n` distinct loopback ports that were free a moment ago, below the ephemeral range (so
+/// that no outgoing connection takes one before the launch binds it).
 fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let p = geomx_net::port::free_loopback_port().unwrap();
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    ports
 }
 
 /// The job: 2 DCs × 2 workers, one global server, fixed addresses so the strangers know them;

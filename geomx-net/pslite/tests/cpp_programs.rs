@@ -2,7 +2,6 @@
 //! crate's static library and runs each as a small job, one process per role with ps-lite's
 //! `DMLC_*` variables on loopback. Skips with a printed reason when g++ is absent.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,36 +51,6 @@ fn compile(cxx: &str, name: &str) -> PathBuf {
     out
 }
 
-/// A loopback port for the scheduler that was free a moment ago, below the kernel's ephemeral
-/// range: a port the OS hands out for `bind(0)` or for an outgoing connection (every other
-/// test on the machine makes those) could be taken again before the scheduler binds it (seen
-/// in CI: "Address already in use").
-fn scheduler_port() -> u16 {
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (from, to) = (10_000u16, low.max(10_100));
-    let seed = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-    (0..200u64)
-        .map(|i| {
-            from + ((seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(i * 7919))
-                % u64::from(to - from)) as u16
-        })
-        .find(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-        .unwrap_or_else(|| {
-            TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("bind a loopback port")
-                .port()
-        })
-}
-
 /// How one attempt at a job ended.
 enum Outcome {
     Done(Vec<String>),
@@ -106,7 +75,8 @@ fn run_job(bin: &Path, servers: u32, workers: u32, worker_procs: u32, args: &[&s
 }
 
 fn run_once(bin: &Path, servers: u32, workers: u32, worker_procs: u32, args: &[&str]) -> Outcome {
-    let port = scheduler_port();
+    // Below the ephemeral range: an outgoing connection elsewhere cannot take it meanwhile.
+    let port = geomx_net::port::free_loopback_port().expect("a loopback port");
     let spawn = |role: &str, stderr: Stdio| -> Child {
         Command::new(bin)
             .args(args)

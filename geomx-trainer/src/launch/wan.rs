@@ -11,7 +11,7 @@
 //!   [`crate::hips::node::WAN_ROUTES_ENV`].
 //! - `auto`: `netns` when namespaces can be created, else `relay`.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
@@ -76,11 +76,10 @@ pub fn relay_params(site: &LinkFigures, central: &LinkFigures, seed: u64) -> Rel
     }
 }
 
-/// A free loopback port (bound, then released for the process that will bind it).
+/// A free loopback port for a global server to bind (below the ephemeral range, so that no
+/// outgoing connection takes it before the server binds it).
 fn free_port() -> Result<u16, LaunchError> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+    geomx_net::port::free_loopback_port()
         .map_err(|e| LaunchError::Io("picking a port for a global server".into(), e))
 }
 
