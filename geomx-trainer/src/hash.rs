@@ -5,12 +5,23 @@
 pub fn params_hash(params: &[Vec<f32>]) -> u64 {
     let mut h = Fnv1a::new();
     for t in params {
-        h.write(&(t.len() as u64).to_le_bytes());
-        for v in t {
-            h.write(&v.to_bits().to_le_bytes());
-        }
+        write_tensor(&mut h, t);
     }
     h.finish()
+}
+
+/// [`params_hash`] of one tensor: a global server's digest of a range's θ.
+pub fn values_hash(values: &[f32]) -> u64 {
+    let mut h = Fnv1a::new();
+    write_tensor(&mut h, values);
+    h.finish()
+}
+
+fn write_tensor(h: &mut Fnv1a, t: &[f32]) {
+    h.write(&(t.len() as u64).to_le_bytes());
+    for v in t {
+        h.write(&v.to_bits().to_le_bytes());
+    }
 }
 
 /// Incremental 64-bit FNV-1a.

@@ -205,6 +205,7 @@ fn run_cluster_watched(
 ) -> Vec<RoleStats> {
     let o = run_roles(
         job,
+        job,
         local0,
         before_roles,
         before_workers,
@@ -226,12 +227,13 @@ struct Outcome {
     fatal: Vec<String>,
 }
 
-/// Runs every role of `job` on its own thread (worker (d, r) reaching the coordinator at
-/// `worker_coord(d, r, coordinator address)`) and collects what each returned: once one has
-/// failed, the rest get 3 s in all (in this harness a fatal error only records its message;
-/// processes of a real job exit on it).
+/// Runs every role of `job` on its own thread (the global servers with `global_job`, worker
+/// (d, r) reaching the coordinator at `worker_coord(d, r, coordinator address)`) and collects
+/// what each returned: once one has failed, the rest get 3 s in all (in this harness a fatal
+/// error only records its message; processes of a real job exit on it).
 fn run_roles(
     job: &JobSpec,
+    global_job: &JobSpec,
     local0: &str,
     before_roles: impl FnOnce(&str),
     before_workers: impl FnOnce(),
@@ -260,7 +262,7 @@ fn run_roles(
         });
     };
     for s in 0..plan.num_global_servers() as u32 {
-        let (j, c, f) = (job.clone(), coord.clone(), fatal.clone());
+        let (j, c, f) = (global_job.clone(), coord.clone(), fatal.clone());
         spawn(Box::new(move || {
             global_server::run(&j, s, &c, "127.0.0.1:0", f).map_err(|e| e.to_string())
         }));
@@ -395,6 +397,37 @@ fn oracle1_two_by_two_bit_exact_through_the_network() {
         "test cannot see the order"
     );
     let stats = run_cluster(&j, |_| {});
+    for h in worker_hashes(&stats) {
+        assert_eq!(h, want);
+    }
+}
+
+/// A local server makes a fresh job's θ_0 from the model's seed and checks it against the
+/// global servers' digests: where they start from other values (here another seed), it pulls
+/// theirs, and every replica still ends at the reference from the global servers' θ_0. (HFA:
+/// the milestone starts at the local server's θ_0, so a wrong one would show at the end.)
+#[test]
+fn a_local_servers_seeded_theta0_that_differs_from_the_global_servers_is_pulled_instead() {
+    let j = unit_hfa_job(vec![2, 2], 2);
+    let mut g = j.clone();
+    g.seed = j.seed + 1;
+    let want = unit_hfa_reference(&g, g.model.init(g.seed));
+    assert_ne!(
+        want,
+        unit_hfa_reference(&j, j.model.init(j.seed)),
+        "one θ_0"
+    );
+    let o = run_roles(
+        &j,
+        &g,
+        "127.0.0.1:0",
+        |_| {},
+        || {},
+        Arc::new(|_| {}),
+        |_, _, c| c.to_string(),
+    );
+    assert!(o.fatal.is_empty(), "{:?}", o.fatal);
+    let stats: Vec<RoleStats> = o.results.into_iter().map(|r| r.unwrap()).collect();
     for h in worker_hashes(&stats) {
         assert_eq!(h, want);
     }
@@ -649,6 +682,7 @@ fn a_tampered_record_on_a_members_link_ends_the_job_naming_the_cause() {
     j.net.conn.heartbeat_interval = Duration::from_millis(50);
     let o = run_roles(
         &j,
+        &j,
         "127.0.0.1:0",
         |_| {},
         || {},
@@ -686,14 +720,28 @@ fn a_tampered_record_on_a_members_link_ends_the_job_naming_the_cause() {
 /// model, then the plain mean) must match bit for bit.
 #[test]
 fn hfa_with_unit_periods_is_synchronous_model_averaging() {
-    let rounds = 6;
-    let mut j = job(vec![2, 2], 1, rounds);
+    let j = unit_hfa_job(vec![2, 2], 1);
+    let want = unit_hfa_reference(&j, j.model.init(j.seed));
+    let stats = run_cluster(&j, |_| {});
+    for h in worker_hashes(&stats) {
+        assert_eq!(h, want);
+    }
+}
+
+/// HFA with k1 = k2 = 1 over 6 rounds of the exact [`KnownGrads`].
+fn unit_hfa_job(workers: Vec<usize>, servers: usize) -> JobSpec {
+    let mut j = job(workers, servers, 6);
     let specs = j.model.tensors().to_vec();
     j.model = Arc::new(KnownGrads { specs, exact: true });
     j.sync = SyncAlgorithm::Hfa;
+    j
+}
+
+/// The hash of [`unit_hfa_job`]'s final model from `m` (θ_0): every round each worker steps
+/// its copy of the model, and the new model is their mean.
+fn unit_hfa_reference(j: &JobSpec, mut m: Vec<Vec<f32>>) -> u64 {
     let w = j.plan.total_workers() as f32;
-    let mut m = j.model.init(j.seed);
-    for round in samples(&j) {
+    for round in samples(j) {
         for (key, mk) in m.iter_mut().enumerate() {
             for (i, v) in mk.iter_mut().enumerate() {
                 // lr = 1: worker x holds v − g(x); the new model is their mean.
@@ -706,11 +754,7 @@ fn hfa_with_unit_periods_is_synchronous_model_averaging() {
             }
         }
     }
-    let want = params_hash(&m);
-    let stats = run_cluster(&j, |_| {});
-    for h in worker_hashes(&stats) {
-        assert_eq!(h, want);
-    }
+    params_hash(&m)
 }
 
 /// sync.md oracle 5 (cadence): K1 = 2, K2 = 3, 2 DCs × 2 workers, 16 steps. Every worker runs its

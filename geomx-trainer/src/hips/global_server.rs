@@ -18,7 +18,9 @@ mod ts;
 use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
 use super::chaos::{Point, SelfFault};
 use super::dgt::{DGT_INFO_KEY, DGT_PUSH_LEN};
-use super::msg::{f32_bytes, f32_from_bytes, UpPush, REJOIN_KEY, REPLY_FLAG, SKIP_FLAG};
+use super::msg::{
+    f32_bytes, f32_from_bytes, UpPush, DIGEST_FLAG, REJOIN_KEY, REPLY_FLAG, SKIP_FLAG,
+};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::replies::Replies;
@@ -31,6 +33,7 @@ use crate::checkpoint::{RoundParts, Saver, StateFile};
 use crate::codec::{count_nonfinite, KeyCounts, TierCodec};
 use crate::config::{NonFinitePolicy, SyncAlgorithm};
 use crate::engine::Optimizer;
+use crate::hash::values_hash;
 
 impl super::RangeOptimizer for Optimizer {
     fn step(&mut self, params: &mut [f32], mean_grad: &[f32]) {
@@ -702,6 +705,33 @@ impl GlobalHandler {
         self.answer_pulls(id, pulls, done.version);
     }
 
+    /// Answers a [`DIGEST_FLAG`] pull: the digest of the range's θ at exactly the version asked
+    /// for, or an empty payload when the range is at another one.
+    fn digest(&self, req: &Request, reply: Responder) {
+        let id = (req.key & !DIGEST_FLAG) as usize;
+        if let Err(msg) = self.member(req) {
+            return self.admission.refuse(reply, msg);
+        }
+        if id >= self.range_lens.len() {
+            let msg = format!("digest: unknown range {id}");
+            return self.admission.refuse(reply, msg);
+        }
+        if let Err(msg) = self.admission.bind(req.sender, &reply) {
+            return self.admission.refuse(reply, msg);
+        }
+        let st = lock(&self.state);
+        let theta = match st.mixed.as_ref() {
+            Some((m, _)) => m.get(id),
+            None => st.agg.get(id),
+        };
+        let digest = match theta {
+            Some((v, values)) if v == req.version => values_hash(values).to_le_bytes().to_vec(),
+            _ => Vec::new(),
+        };
+        drop(st);
+        let _ = reply.send(req.version, PayloadCodec::Raw, &digest);
+    }
+
     fn on_pull(&self, req: Request, reply: Responder) {
         if req.key == REJOIN_KEY {
             return self.rejoin(&req, reply);
@@ -718,6 +748,9 @@ impl GlobalHandler {
         }
         if req.key & REPLY_FLAG != 0 {
             return self.saved_reply(&req, reply);
+        }
+        if req.key & DIGEST_FLAG != 0 {
+            return self.digest(&req, reply);
         }
         let id = req.key as usize;
         if let Err(msg) = self.member(&req) {

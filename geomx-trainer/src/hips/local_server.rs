@@ -31,7 +31,7 @@ use geomx_net::dgt::link::DgtClient;
 use super::admit::{park_pull, Admission, PARKED_PULLS_PER_MEMBER_KEY};
 use super::chaos::{Point, SelfFault};
 use super::dgt::{DgtRoleStats, DgtUplink, DGT_INFO_KEY};
-use super::msg::{UpPush, LOSS_KEY};
+use super::msg::{UpPush, DIGEST_FLAG, LOSS_KEY};
 use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::replies::Replies;
@@ -1115,9 +1115,67 @@ fn final_theta(
     key_ranges
         .iter()
         .enumerate()
-        .map(|(k, ranges)| {
-            let replies = exchange(handler, up, k, ranges, version, 0, UpSum::Pull, job, None)?;
-            assemble(ranges, handler.key_lens[k], replies)
+        .map(|(k, ranges)| pull_theta(handler, up, k, ranges, version, job))
+        .collect()
+}
+
+/// Key `key`'s θ at `version` from the global tier (a pull of each of its ranges), assembled.
+fn pull_theta(
+    handler: &LocalHandler,
+    up: &Upstream,
+    key: usize,
+    ranges: &[(usize, Range)],
+    version: u64,
+    job: &JobSpec,
+) -> Result<Vec<f32>, String> {
+    let replies = exchange(handler, up, key, ranges, version, 0, UpSum::Pull, job, None)?;
+    assemble(ranges, handler.key_lens[key], replies)
+}
+
+/// A fresh job's θ_0 per key, made from the model's seed like the global servers' and kept
+/// where every range's digest at version 0 matches theirs ([`DIGEST_FLAG`]); `None` where one
+/// differs or could not be had (that key is pulled instead). The digests are asked for all at
+/// once: one round trip across the WAN instead of the model's bytes.
+fn seeded_theta0(
+    clients: &[KvClient],
+    key_ranges: &[Vec<(usize, Range)>],
+    job: &JobSpec,
+) -> Vec<Option<Vec<f32>>> {
+    let theta = job.keys.split(job.model.init(job.seed));
+    let asked: Vec<Vec<_>> = key_ranges
+        .iter()
+        .map(|ranges| {
+            ranges
+                .iter()
+                .map(|(id, r)| {
+                    let c = clients.get(r.server)?;
+                    c.pull(DIGEST_FLAG | *id as u64, 0, 0, 0).ok()
+                })
+                .collect()
+        })
+        .collect();
+    theta
+        .into_iter()
+        .zip(key_ranges.iter().zip(asked))
+        .map(|(t, (ranges, asked))| {
+            let same = ranges.iter().zip(asked).all(|((id, r), p)| {
+                let Some(resp) = p.and_then(|p| p.wait(job.wait_limit()).ok()) else {
+                    return false;
+                };
+                let mine = t
+                    .get(r.offset..r.offset + r.len)
+                    .map(crate::hash::values_hash);
+                let theirs = <[u8; 8]>::try_from(resp.payload.as_slice()).map(u64::from_le_bytes);
+                let same = mine.is_some() && theirs.ok() == mine;
+                if !same {
+                    tracing::info!(
+                        range = id,
+                        "θ_0 differs from the global server's: pulling it"
+                    );
+                }
+                same
+            });
+            (same && t.len() == ranges.iter().map(|(_, r)| r.len).sum::<usize>()).then_some(t)
         })
         .collect()
 }
@@ -1310,11 +1368,25 @@ pub fn run(
             )
         })
     });
+    // A fresh job's θ_0 is the model's seeded initialisation, as at the global servers: made
+    // here, and checked against their digests.
+    let seeded = if start_global == 0 {
+        seeded_theta0(&clients, &key_ranges, job)
+    } else {
+        vec![None; n_keys]
+    };
     let ts_global = clients.first().cloned();
     let upstream = Arc::new(Upstream::new(clients, job, dc, rejoin.transpose()?)?);
-    // A resumed job starts from θ_r of its checkpoint round (HFA: the milestone), which the
-    // global servers hold.
-    let theta0 = final_theta(&handler, &upstream, &key_ranges, start_global, job)
+    // Otherwise (a resumed job starts from θ_r of its checkpoint round, HFA the milestone), and
+    // for any key whose digest differed, θ comes from the global servers.
+    let theta0 = seeded
+        .into_iter()
+        .enumerate()
+        .map(|(k, theta)| match theta {
+            Some(t) => Ok(t),
+            None => pull_theta(&handler, &upstream, k, &key_ranges[k], start_global, job),
+        })
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| RunError::Protocol(format!("dc {dc} pulling θ_{start_global}: {e}")))?;
     let mut milestones = Vec::with_capacity(n_keys);
     for (k, theta) in theta0.into_iter().enumerate() {

@@ -33,6 +33,13 @@ pub const LOSS_KEY: u64 = u64::MAX - 2;
 /// round its checkpoint closed (`resilience.lost_global_server = "continue"`).
 pub const REPLY_FLAG: u64 = 1 << 61;
 
+/// Flag bit of a pull's key at a global server: not θ but its digest, [`crate::hash::values_hash`]
+/// of range `key & !DIGEST_FLAG` at exactly `version` (8 little-endian bytes; an empty payload
+/// when the range is at another version). A local server starting a fresh job makes θ_0 from
+/// the model's seed and pulls θ_0 only for the ranges whose digest differs, so that a model's
+/// start costs a digest per range across the WAN, not its parameters.
+pub const DIGEST_FLAG: u64 = 1 << 60;
+
 /// Flag bit of an up-push's count: the DC dropped this round under `train.nonfinite = "skip"`;
 /// no values follow.
 pub const SKIP_FLAG: u32 = 1 << 31;
