@@ -11,7 +11,7 @@
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -246,9 +246,45 @@ struct Reader {
     opener: Option<Opener>,
     plain: Vec<u8>,
     /// Set while the endpoint's callbacks run on this thread (accepted connections).
-    busy: Arc<AtomicBool>,
+    busy: Arc<Busy>,
     /// How long the last read's input took to handle.
     handled_for: Duration,
+}
+
+/// Since when a reader thread has been running the endpoint's callbacks, if it is.
+struct Busy {
+    /// Milliseconds after `epoch` plus one; 0 while the thread is not in a callback.
+    since: AtomicU64,
+    epoch: Instant,
+}
+
+impl Busy {
+    fn new() -> Busy {
+        Busy {
+            since: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn enter(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.since.store(ms + 1, Ordering::Release);
+    }
+
+    fn leave(&self) {
+        self.since.store(0, Ordering::Release);
+    }
+
+    /// Whether the thread has been in a callback for at least `d` at `now`.
+    fn for_at_least(&self, d: Duration, now: Instant) -> bool {
+        match self.since.load(Ordering::Acquire) {
+            0 => false,
+            s => {
+                let in_for = now.saturating_duration_since(self.epoch).as_millis() as u64 + 1 - s;
+                in_for >= d.as_millis() as u64
+            }
+        }
+    }
 }
 
 impl Reader {
@@ -262,7 +298,7 @@ impl Reader {
             done: false,
             opener: None,
             plain: Vec::new(),
-            busy: Arc::new(AtomicBool::new(false)),
+            busy: Arc::new(Busy::new()),
             handled_for: Duration::ZERO,
         }
     }
@@ -305,9 +341,9 @@ impl Reader {
                     )
                 };
                 let t = Instant::now();
-                self.busy.store(true, Ordering::Release);
+                self.busy.enter(t);
                 link.on_input(t, &mut self.frames);
-                self.busy.store(false, Ordering::Release);
+                self.busy.leave();
                 let took = t.elapsed();
                 self.handled_for = took;
                 if took >= super::SLOW_HANDLING {
@@ -361,12 +397,12 @@ fn read_loop(link: Arc<Link>, mut reader: Reader, tick: Duration) {
 /// Server side: heartbeats while the reader thread runs the endpoint's callbacks, which may
 /// block (a reply written to a slow peer, a lock, a full queue); otherwise the reader ticks. So
 /// a busy endpoint is not declared dead by its peer.
-fn busy_heartbeats(link: Arc<Link>, busy: Arc<AtomicBool>, tick: Duration) {
+fn busy_heartbeats(link: Arc<Link>, busy: Arc<Busy>, tick: Duration) {
     while !link.is_closed() {
         std::thread::sleep(tick);
-        // Only what is due: a heartbeat sent recently (by the reader's own tick) defers this one.
-        if busy.load(Ordering::Acquire) {
-            link.heartbeat_while_busy(Instant::now());
+        let now = Instant::now();
+        if busy.for_at_least(tick, now) {
+            link.heartbeat_while_busy(now);
         }
     }
 }
