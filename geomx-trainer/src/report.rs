@@ -73,6 +73,10 @@ pub struct Report {
     /// Training samples per second of all workers together.
     #[serde(default)]
     pub samples_per_s: f64,
+    /// Where each role's round went (compute, codec, LAN wait, WAN wait, idle; ms per training
+    /// round), the mean of the role's processes: workers, local servers, global servers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub role_splits: Vec<crate::hips::time_split::RoleSplitRow>,
     /// Processes that failed while the job ran, when and how the job recovered
     /// (`[resilience]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -141,6 +145,7 @@ impl Report {
         throughput.sort_by_key(|t| (t.dc, t.rank));
         let samples_per_s = throughput.iter().map(|t| t.samples_per_s).sum();
         let resumed_from_round = stats.iter().filter_map(|s| s.resumed_from_round).min();
+        let role_splits = role_splits(&stats);
         Self {
             final_test_accuracy: reporter
                 .and_then(|s| s.final_test_accuracy)
@@ -178,6 +183,7 @@ impl Report {
             resumed_from_round,
             workers: throughput,
             samples_per_s,
+            role_splits,
             faults: Vec::new(),
             restarts: Default::default(),
         }
@@ -198,6 +204,26 @@ impl Report {
             .min_by_key(|p| p.round)
             .map(|p| p.elapsed_s)
     }
+}
+
+/// The mean split of each data-plane role's processes that reported one, in tier order.
+fn role_splits(stats: &[RoleStats]) -> Vec<crate::hips::time_split::RoleSplitRow> {
+    use crate::hips::time_split::{RoleSplit, RoleSplitRow};
+    [roles::WORKER, roles::LOCAL_SERVER, roles::GLOBAL_SERVER]
+        .into_iter()
+        .filter_map(|role| {
+            let splits: Vec<RoleSplit> = stats
+                .iter()
+                .filter(|s| s.role == role)
+                .filter_map(|s| s.split)
+                .collect();
+            RoleSplit::mean(&splits).map(|split| RoleSplitRow {
+                role: role.to_string(),
+                processes: splits.len(),
+                split,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -234,12 +260,46 @@ mod tests {
             refused_requests: 0,
             resumed_from_round: None,
             throughput: None,
+            split: None,
             member_events: Vec::new(),
             partial_rounds: Vec::new(),
             round_log: None,
             incarnation: 0,
             p3_credit: None,
         }
+    }
+
+    #[test]
+    fn role_splits_are_the_means_of_each_roles_processes_in_tier_order() {
+        use crate::hips::time_split::RoleSplit;
+        let split = |wan: f64| RoleSplit {
+            rounds: 10,
+            compute_ms: 1.0,
+            codec_ms: 0.5,
+            lan_wait_ms: 2.0,
+            wan_wait_ms: wan,
+            idle_ms: 0.0,
+        };
+        let mut stats = vec![
+            st("global_server", 2, 0, 20, 0, None),
+            st("local_server", 0, 0, 100, 25, Some(9)),
+            st("local_server", 1, 0, 200, 25, Some(9)),
+            st("worker", 0, 0, 0, 50, Some(9)),
+            st("coordinator", 2, 0, 7, 0, None),
+        ];
+        stats[1].split = Some(split(4.0));
+        stats[2].split = Some(split(8.0));
+        stats[3].split = Some(split(0.0));
+        let r = Report::assemble(stats, vec![], 10, 1.5, vec![8], serde_json::json!({}));
+        let rows: Vec<_> = r
+            .role_splits
+            .iter()
+            .map(|r| (r.role.as_str(), r.processes, r.split.wan_wait_ms))
+            .collect();
+        // No row for the global server, which reported none.
+        assert_eq!(rows, vec![("worker", 1, 0.0), ("local_server", 2, 6.0)]);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["role_splits"][1]["lan_wait_ms"].as_f64(), Some(2.0));
     }
 
     #[test]

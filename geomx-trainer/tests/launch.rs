@@ -96,12 +96,70 @@ fn default_launch_reaches_093_on_digits() {
         let secs = w["train_seconds"].as_f64().unwrap();
         assert!(sps > 0.0 && (sps * secs - 12_800.0).abs() < 1.0, "{w}");
         let part = |k: &str| w[k].as_f64().unwrap();
-        let parts = part("data_ms") + part("compute_ms") + part("wait_ms") + part("apply_ms");
+        let parts = part("data_ms")
+            + part("compute_ms")
+            + part("wait_ms")
+            + part("apply_ms")
+            + part("codec_ms");
         assert!(part("compute_ms") > 0.0 && part("wait_ms") > 0.0, "{w}");
         assert!(parts <= secs * 1e3 / 400.0 + 1e-6, "{w}");
         total += sps;
     }
     assert!((r["samples_per_s"].as_f64().unwrap() - total).abs() < 1e-6 * total);
+    // Where each role's round went: one row per data-plane role, over the 400 rounds; no part
+    // is negative; the local servers wait on both tiers and the global server on the WAN.
+    let rows = r["role_splits"].as_array().unwrap();
+    let row = |role: &str| rows.iter().find(|x| x["role"] == role).unwrap();
+    let ms = |x: &Value, k: &str| x[k].as_f64().unwrap();
+    let round_ms = |x: &Value| {
+        [
+            "compute_ms",
+            "codec_ms",
+            "lan_wait_ms",
+            "wan_wait_ms",
+            "idle_ms",
+        ]
+        .iter()
+        .map(|k| {
+            assert!(ms(x, k) >= 0.0, "{x}");
+            ms(x, k)
+        })
+        .sum::<f64>()
+    };
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (role, n) in [("worker", 4), ("local_server", 2), ("global_server", 1)] {
+        assert_eq!(
+            (
+                row(role)["processes"].as_u64(),
+                row(role)["rounds"].as_u64()
+            ),
+            (Some(n), Some(400))
+        );
+    }
+    let (w, l, g) = (row("worker"), row("local_server"), row("global_server"));
+    // A worker's parts are its round: its training seconds over the rounds, averaged.
+    let mean_round = workers
+        .iter()
+        .map(|x| x["train_seconds"].as_f64().unwrap() * 1e3 / 400.0)
+        .sum::<f64>()
+        / workers.len() as f64;
+    assert!(
+        (round_ms(w) - mean_round).abs() < 1e-6 * mean_round,
+        "{w} {mean_round}"
+    );
+    assert_eq!(ms(w, "wan_wait_ms"), 0.0);
+    assert!(
+        ms(w, "compute_ms") > 0.0 && ms(w, "lan_wait_ms") > 0.0,
+        "{w}"
+    );
+    assert!(
+        ms(l, "lan_wait_ms") > 0.0 && ms(l, "wan_wait_ms") > 0.0,
+        "{l}"
+    );
+    assert!(
+        ms(g, "wan_wait_ms") > 0.0 && ms(g, "lan_wait_ms") == 0.0,
+        "{g}"
+    );
     assert_eq!(
         r["config"]["cluster"]["data_centers"]
             .as_array()

@@ -146,6 +146,7 @@ fn result_of(
             r.wan_bytes_per_round = Some(report.wan_bytes_per_round);
             r.relay_lateness = report.relay_lateness();
             r.workers = crate::hips::throughput::MeanSplit::of(&report.workers);
+            r.role_splits = report.role_splits.clone();
             r.wan_mode = json
                 .get("wan_mode")
                 .and_then(|m| m.as_str())

@@ -78,6 +78,9 @@ pub struct ScenarioResult {
     /// The workers' samples per second and where their rounds went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<crate::hips::throughput::MeanSplit>,
+    /// Where each role's round went (the job report's `role_splits`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub role_splits: Vec<crate::hips::time_split::RoleSplitRow>,
     /// The test evaluations of the reporting worker.
     pub progress: Vec<Progress>,
     /// The configuration it ran (as JSON).
@@ -118,6 +121,7 @@ impl ScenarioResult {
             wan_mode: None,
             relay_lateness: None,
             workers: None,
+            role_splits: Vec::new(),
             progress: Vec::new(),
             config,
         }
@@ -209,6 +213,50 @@ fn split_words(split: ShardStrategy) -> &'static str {
     }
 }
 
+/// The table of where each role's round went, for the scenarios whose report had one.
+fn role_table(s: &mut String, r: &E2eResults) {
+    let rows: Vec<_> = r
+        .scenarios
+        .iter()
+        .flat_map(|x| x.role_splits.iter().map(move |row| (x, row)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nWhere each role's round went (ms per training round, mean over the role's processes; \
+         docs/benchmarks.md, \"Where each role's round went\"). Workers: compute includes \
+         writing the replies into the replica, LAN wait is waiting for the local server (its \
+         WAN wait included), idle is waiting for batches and the rest. Servers count as \
+         processes, in the most telling phase of any of their threads: WAN wait while one waits \
+         on the WAN, else codec and compute while one handles a round, else idle while one hands \
+         replies on, else waiting for their peers (a local server's workers: LAN wait; a global \
+         server's DCs: WAN wait).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| Scenario | Role | Compute | Codec | LAN wait | WAN wait | Idle | Round |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+    for (x, row) in rows {
+        let p = &row.split;
+        let _ = writeln!(
+            s,
+            "| {} | {} ({}) | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            x.title,
+            row.role.replace('_', " "),
+            row.processes,
+            p.compute_ms,
+            p.codec_ms,
+            p.lan_wait_ms,
+            p.wan_wait_ms,
+            p.idle_ms,
+            p.total_ms()
+        );
+    }
+}
+
 /// The markdown of `results.md`: settings, the table, notes, and the plots.
 pub fn render_markdown(r: &E2eResults) -> String {
     let p = &r.params;
@@ -296,29 +344,32 @@ pub fn render_markdown(r: &E2eResults) -> String {
         let _ = writeln!(
             s,
             "\nWhere a worker's round went (ms per round, mean over the workers; samples per \
-             second of all workers together). Compute is forward, backward and encoding the \
-             pushes (HFA, ESync: the local steps); wait is waiting for the replies (HFA, ESync: \
-             the averaging); apply is decoding them into the replica.\n"
+             second of all workers together). Compute is forward and backward (HFA, ESync: the \
+             local steps); wait is waiting for the replies (HFA, ESync: the averaging); apply is \
+             writing them into the replica; codec is encoding the pushes and decoding the \
+             replies.\n"
         );
         let _ = writeln!(
             s,
-            "| Scenario | Samples/s | Data | Compute | Wait | Apply | Other |"
+            "| Scenario | Samples/s | Data | Compute | Codec | Wait | Apply | Other |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
         for (x, w) in split {
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 x.title,
                 w.samples_per_s,
                 w.split.data_ms,
                 w.split.compute_ms,
+                w.split.codec_ms,
                 w.split.wait_ms,
                 w.split.apply_ms,
                 w.split.other_ms
             );
         }
     }
+    role_table(&mut s, r);
     let notes: Vec<&ScenarioResult> = r.scenarios.iter().filter(|x| x.note.is_some()).collect();
     if !notes.is_empty() {
         let _ = writeln!(s, "\nNotes:\n");
@@ -425,9 +476,37 @@ mod tests {
                 compute_ms: 5.0,
                 wait_ms: 2.5,
                 apply_ms: 0.4,
+                codec_ms: 0.3,
                 other_ms: 0.05,
             },
         });
+        let split = crate::hips::time_split::RoleSplit {
+            rounds: 120,
+            compute_ms: 5.4,
+            codec_ms: 0.3,
+            lan_wait_ms: 2.5,
+            wan_wait_ms: 0.0,
+            idle_ms: 0.15,
+        };
+        v[1].role_splits = vec![
+            crate::hips::time_split::RoleSplitRow {
+                role: "worker".into(),
+                processes: 4,
+                split,
+            },
+            crate::hips::time_split::RoleSplitRow {
+                role: "local_server".into(),
+                processes: 2,
+                split: crate::hips::time_split::RoleSplit {
+                    compute_ms: 0.1,
+                    codec_ms: 0.2,
+                    lan_wait_ms: 5.0,
+                    wan_wait_ms: 3.0,
+                    idle_ms: 0.05,
+                    ..split
+                },
+            },
+        ];
         v[1].rounds = 120;
         let lateness = |p99: f64, max: f64| Lateness {
             packets: 10,
@@ -494,7 +573,22 @@ mod tests {
         assert_eq!(split.len(), 3, "header, separator, one row: {split:?}");
         assert_eq!(
             split[2],
-            "| HiPS + Bi-Sparse | 1000 | 0.10 | 5.00 | 2.50 | 0.40 | 0.05 |"
+            "| HiPS + Bi-Sparse | 1000 | 0.10 | 5.00 | 0.30 | 2.50 | 0.40 | 0.05 |"
+        );
+        // The role table: a row per role that reported, the round its parts add up to.
+        let roles: Vec<&str> = md
+            .lines()
+            .skip_while(|l| !l.starts_with("| Scenario | Role"))
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        assert_eq!(roles.len(), 4, "header, separator, two roles: {roles:?}");
+        assert_eq!(
+            roles[2],
+            "| HiPS + Bi-Sparse | worker (4) | 5.40 | 0.30 | 2.50 | 0.00 | 0.15 | 8.35 |"
+        );
+        assert_eq!(
+            roles[3],
+            "| HiPS + Bi-Sparse | local server (2) | 0.10 | 0.20 | 5.00 | 3.00 | 0.05 | 8.35 |"
         );
     }
 

@@ -16,6 +16,7 @@
 //! Pulls (start-up, the end of a run) always carry exact f32 θ.
 
 pub mod bytes;
+pub mod clock;
 pub mod compressor;
 pub mod down;
 pub mod nonfinite;
@@ -218,6 +219,7 @@ impl TierCodec {
 
 /// Encodes `x` densely as `vt`: f32 as raw `DenseF32` bytes, 16-bit as a codec payload (`Raw`).
 pub fn encode_values(x: &[f32], vt: ValueType, scaling: Scaling) -> Encoded {
+    let _codec = clock::span();
     if vt == ValueType::F32 {
         return Encoded {
             codec: PayloadCodec::DenseF32,
@@ -249,6 +251,7 @@ pub fn decode_values(
     key: usize,
     n: usize,
 ) -> Result<Vec<f32>, String> {
+    let _codec = clock::span();
     match codec {
         PayloadCodec::DenseF32 => f32_from_bytes(bytes)
             .filter(|v| v.len() == n)
@@ -260,6 +263,7 @@ pub fn decode_values(
 
 /// Decodes a codec payload (dense or sparse) of `n` elements into dense values.
 pub fn decode_any(bytes: &[u8], key: usize, n: usize) -> Result<Vec<f32>, String> {
+    let _codec = clock::span();
     match bytes.first() {
         Some(&b) if b == Layout::Sparse as u8 => SparseVec::decode(bytes, key as u64, n)
             .map(|s| s.to_dense())

@@ -16,9 +16,10 @@ use geomx_net::KvClient;
 
 use super::chaos::{Point, SelfFault};
 use super::node::Node;
-use super::throughput::StepSplit;
+use super::throughput::{StepPart, StepSplit};
 use super::worker::{check_push, reply_of, slow_down, KeyApply};
 use super::{JobSpec, RunError};
+use crate::codec::clock::Mark;
 use crate::codec::{encode_values, poison_first, Encoded, KeyCounts};
 use crate::data::Prefetcher;
 use crate::engine::{DenseEncoding, EngineError};
@@ -65,10 +66,10 @@ impl Outstanding {
             let Some(q) = self.replies.get_mut(k).and_then(Option::take) else {
                 continue;
             };
-            let t = Instant::now();
+            let t = Mark::now();
             let resp = reply_of(k, self.round + 1, q.wait(job.wait_limit()))?;
-            let t_apply = Instant::now();
-            split.wait_s += (t_apply - t).as_secs_f64();
+            split.charge(StepPart::Wait, t);
+            let t_apply = Mark::now();
             let (part, a) = job
                 .keys
                 .part_mut(params, k)
@@ -82,7 +83,7 @@ impl Outstanding {
                     .preload(k, &[params[k].as_slice()])
                     .map_err(RunError::Engine)?;
             }
-            split.apply_s += t_apply.elapsed().as_secs_f64();
+            split.charge(StepPart::Apply, t_apply);
         }
         Ok(())
     }
@@ -169,8 +170,9 @@ pub(super) fn fsa_round(
     let batch = batcher.next_batch().map_err(RunError::Data)?;
     split.data_s += t.elapsed().as_secs_f64();
     split.samples += batch.len() as u64;
-    let started = Instant::now();
-    let waited_before = split.wait_s + split.apply_s;
+    let started = Mark::now();
+    let booked_before = split.booked();
+    let codec_before = split.codec_s;
     let mut pushes = Pushes {
         job,
         io,
@@ -213,11 +215,20 @@ pub(super) fn fsa_round(
             )
             .map_err(RunError::Engine)?
     };
-    let waited = Duration::from_secs_f64(split.wait_s + split.apply_s - waited_before);
-    let compute = started.elapsed().saturating_sub(waited);
+    // What the replies settled meanwhile (P3) booked themselves; the rest of the codec time is
+    // this round's encoding.
+    let booked = Duration::from_secs_f64(split.booked() - booked_before);
+    let (_, codec) = started.elapsed();
+    let encoding = codec.saturating_sub(Duration::from_secs_f64(split.codec_s - codec_before));
+    let compute = started.at.elapsed().saturating_sub(booked + encoding);
     slow_down(io.slowdown, compute);
     // The slow-down counts as compute, as it emulates a slower device.
-    split.compute_s += started.elapsed().saturating_sub(waited).as_secs_f64();
+    split.codec_s += encoding.as_secs_f64();
+    split.compute_s += started
+        .at
+        .elapsed()
+        .saturating_sub(booked + encoding)
+        .as_secs_f64();
     if let Some(e) = pushes.failed {
         return Err(e);
     }

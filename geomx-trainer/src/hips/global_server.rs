@@ -25,11 +25,13 @@ use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::replies::Replies;
 use super::round_log::{MemberChange, RoundLog};
+use super::time_split::{Phase, PhaseClock, Waiting};
 use super::{
     lock, AggError, GlobalAggregator, JobSpec, MixedAggregator, RoleStats, RoundDone, RunError,
     SkipCause,
 };
 use crate::checkpoint::{RoundParts, Saver, StateFile};
+use crate::codec::clock::Mark;
 use crate::codec::{count_nonfinite, KeyCounts, TierCodec};
 use crate::config::{NonFinitePolicy, SyncAlgorithm};
 use crate::engine::Optimizer;
@@ -138,6 +140,9 @@ struct GlobalHandler {
     chaos: Option<(usize, SelfFault)>,
     /// `[scheduling.tsengine] inter`: the root and coordinator of the trees.
     ts: Option<ts::TsGlobal>,
+    /// Where this process's rounds went: its request threads busy, else waiting for the DCs
+    /// ([`super::time_split`]).
+    split: PhaseClock,
 }
 
 /// What a global server that may restart (`lost_global_server = "continue"`) needs when DCs may
@@ -997,6 +1002,8 @@ impl Handler for GlobalHandler {
         let Some((req, reply)) = self.admission.hold_early(known, req, reply) else {
             return;
         };
+        let start = Mark::now();
+        self.split.enter(Phase::Busy);
         match req.kind {
             MsgKind::Push => self.on_push(req, reply),
             MsgKind::Pull => self.on_pull(req, reply),
@@ -1005,6 +1012,8 @@ impl Handler for GlobalHandler {
                 self.admission.refuse(reply, msg);
             }
         }
+        self.split.thread_busy(start, Duration::ZERO);
+        self.split.leave(Phase::Busy);
     }
 
     fn on_disconnect(&self, peer: &PeerHandle, reason: &NetError) {
@@ -1258,6 +1267,7 @@ pub fn run(
             .map_err(RunError::Membership)?
             .and_then(|c| first_owned.map(|id| (id, c))),
         ts: ts::TsGlobal::new(job).map_err(RunError::Protocol)?,
+        split: PhaseClock::new(Waiting::Wan),
     });
     let _ = handler.this.set(Arc::downgrade(&handler));
     let consumer = dgt_server.as_ref().map(|s| {
@@ -1357,6 +1367,8 @@ pub fn run(
     stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
     stats.incarnation = incarnation;
     (stats.member_events, stats.partial_rounds) = handler.log.snapshot();
+    let from = stats.resumed_from_round.unwrap_or(0);
+    stats.split = handler.split.split(job.rounds.saturating_sub(from));
     if let Some(s) = dgt_server {
         let d = super::dgt::DgtRoleStats::from_server(&s.stats());
         tracing::info!(

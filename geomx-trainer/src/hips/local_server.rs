@@ -36,9 +36,11 @@ use super::node::{Aborter, FatalHook, Identity, Node};
 use super::plan::roles;
 use super::replies::Replies;
 use super::round_log::{MemberChange, RoundLog};
+use super::time_split::{Phase, PhaseClock, Waiting, WanWait};
 use super::upstream::{Rejoin, Upstream};
 use super::{lock, JobSpec, LocalAggregator, LocalSum, RoleStats, RunError};
 use crate::checkpoint::{RoundParts, Saver};
+use crate::codec::clock::Mark;
 use crate::codec::down::{
     decode_dense_segments, forward_dense, forward_sparse, join_segments, ReplyMode,
 };
@@ -152,6 +154,8 @@ struct LocalHandler {
     chaos: Option<SelfFault>,
     /// `[scheduling.tsengine] inter`: what the other local servers send here.
     ts: Option<ts::TsLocal>,
+    /// Where this process's rounds went ([`super::time_split`]).
+    split: PhaseClock,
 }
 
 impl LocalHandler {
@@ -699,6 +703,7 @@ fn exchange(
     sum: UpSum<'_>,
     job: &JobSpec,
     mut base: Option<&mut [u64]>,
+    wan: &mut WanWait<'_>,
 ) -> Result<Vec<RangeReply>, String> {
     let key_len = handler.key_lens[key];
     let mut pending = Vec::with_capacity(ranges.len());
@@ -767,16 +772,18 @@ fn exchange(
                 ))
             }
         };
-        let (at, p) = match payload {
+        // Under P3 a push waits for the socket to take what is queued ahead of it.
+        let (at, p) = wan.time(|| match payload {
             Some(payload) => {
                 let at = (*id as u64, version, r.offset as u64, key_len as u64);
-                (at, up.push(r.server, job.keys.priority(key), at, payload)?)
+                up.push(r.server, job.keys.priority(key), at, payload)
+                    .map(|p| (at, p))
             }
             None => {
                 let at = (*id as u64, round, r.offset as u64, key_len as u64);
-                (at, up.pull(r.server, at)?)
+                up.pull(r.server, at).map(|p| (at, p))
             }
-        };
+        })?;
         pending.push((*id, r, at, p));
         if i == 0 && pushing {
             handler.fault_at(key, round, job, Point::MidPush);
@@ -789,7 +796,7 @@ fn exchange(
     for (i, (id, r, at, p)) in pending.into_iter().enumerate() {
         let sent = base.as_deref().map_or(round, |b| b[i]);
         let want = if pushing { sent + 1 } else { sent };
-        let resp = up.wait(r.server, at, pushing, p)?;
+        let resp = wan.time(|| up.wait(r.server, at, pushing, p))?;
         if resp.version < want {
             return Err(format!(
                 "range {id}: reply at version {}, expected {want}",
@@ -907,25 +914,32 @@ impl Uplink {
         let h = self.handler.clone();
         let mut last_round: Option<Instant> = None;
         for up in jobs {
+            let arrived = Mark::now();
+            h.split.enter(Phase::Busy);
+            let mut wan = WanWait::new(Some(&h.split));
             let (version, res) = match self.job.hfa_periods() {
                 Some((_, k2)) => {
                     let local = up.round + 1;
-                    (local, self.hfa_round(local, k2, up.sum, up.count))
+                    (local, self.hfa_round(local, k2, up.sum, up.count, &mut wan))
                 }
                 None => (
                     up.round + 1,
-                    self.round(up.round, up.sum, up.count, base.as_deref_mut())
+                    self.round(up.round, up.sum, up.count, base.as_deref_mut(), &mut wan)
                         .map(|(c, b)| (c, b, None)),
                 ),
             };
+            h.split.thread_busy(arrived, wan.total);
+            h.split.leave(Phase::Busy);
             match res {
                 Ok((codec, bytes, state)) => {
+                    h.split.enter(Phase::Other);
                     h.checkpoint(version, self.key, &self.compressors);
                     h.publish(self.key, version, codec, bytes, up.replies, state);
                     if let Err(e) = self.tune(&mut last_round) {
                         h.abort(format!("dc {}: {e}", h.dc));
                         return;
                     }
+                    h.split.leave(Phase::Other);
                 }
                 Err(e) => {
                     h.abort(format!(
@@ -965,6 +979,7 @@ impl Uplink {
         sum: Option<Vec<f32>>,
         count: u32,
         base: Option<&mut [u64]>,
+        wan: &mut WanWait<'_>,
     ) -> Result<(PayloadCodec, Vec<u8>), String> {
         let h = &self.handler;
         let up = match (&sum, self.compressors.is_empty()) {
@@ -982,6 +997,7 @@ impl Uplink {
             up,
             &self.job,
             base,
+            wan,
         )?;
         self.down_reply(replies)
     }
@@ -1028,6 +1044,7 @@ impl Uplink {
         k2: u64,
         sum: Option<Vec<f32>>,
         count: u32,
+        wan: &mut WanWait<'_>,
     ) -> Result<HfaAnswer, String> {
         let h = self.handler.clone();
         // The DC's mean is over the workers summed (all n_d unless some were lost).
@@ -1085,6 +1102,7 @@ impl Uplink {
             up,
             &self.job,
             None,
+            wan,
         )?;
         let (codec, bytes) = self.down_reply(replies)?;
         // The milestone moves by what the workers decode (the global server applied the same).
@@ -1128,7 +1146,19 @@ fn pull_theta(
     version: u64,
     job: &JobSpec,
 ) -> Result<Vec<f32>, String> {
-    let replies = exchange(handler, up, key, ranges, version, 0, UpSum::Pull, job, None)?;
+    let mut wan = WanWait::new(None);
+    let replies = exchange(
+        handler,
+        up,
+        key,
+        ranges,
+        version,
+        0,
+        UpSum::Pull,
+        job,
+        None,
+        &mut wan,
+    )?;
     assemble(ranges, handler.key_lens[key], replies)
 }
 
@@ -1262,6 +1292,7 @@ pub fn run(
         ts: job
             .tsengine
             .map(|_| ts::TsLocal::new(plan.key_lens.clone())),
+        split: PhaseClock::new(Waiting::Lan),
     });
     let (mut server, node) =
         Node::serve_and_join(coord_addr, me, bind_addr, handler.clone(), job, fatal)?;
@@ -1553,6 +1584,10 @@ pub fn run(
         c => Some(c),
     };
     stats.global_param_hash = Some(global_hash);
+    if handler.ts.is_none() {
+        let trained = job.rounds.saturating_sub(start * job.rounds_per_local());
+        stats.split = handler.split.split(trained);
+    }
     stats.codec_bytes = lock(&handler.codec_bytes).clone();
     stats.topk_fallbacks = handler.fallbacks.load(Ordering::Relaxed);
     stats.skipped_updates = handler.skipped.load(Ordering::Relaxed);

@@ -28,6 +28,7 @@ mod replies;
 pub mod round_log;
 pub mod slices;
 pub mod throughput;
+pub mod time_split;
 pub mod ts_msg;
 mod ts_root;
 mod upstream;
@@ -152,6 +153,10 @@ pub struct RoleStats {
     /// Samples per second and where the step time went (workers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throughput: Option<throughput::WorkerThroughput>,
+    /// Where this process's rounds went: compute, codec, LAN wait, WAN wait and idle, in ms per
+    /// training round (workers, local servers, global servers; see [`time_split`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<time_split::RoleSplit>,
     /// Workers lost and rejoined, as their local server saw it (local servers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub member_events: Vec<round_log::MemberEvent>,
@@ -202,6 +207,7 @@ impl RoleStats {
             refused_requests: 0,
             resumed_from_round: None,
             throughput: None,
+            split: None,
             member_events: Vec::new(),
             partial_rounds: Vec::new(),
             round_log: None,

@@ -1,13 +1,16 @@
 //! A worker's throughput and where its step time goes, for the job report.
 //!
-//! Each round a worker records how long it waited for its batch (`data`), computed (forward,
-//! backward and encoding its pushes, which are sent as each key's payload is ready: `compute`),
-//! waited for the servers' replies (`wait`) and applied them to its replica (decode and update:
-//! `apply`). Under HFA and ESync the local steps count as `compute` and the exchanges with the
-//! coordinator and the averaging as `wait` (their averaging's decode included). Evaluation and
-//! checkpoints are not part of a step.
+//! Each round a worker records how long it waited for its batch (`data`), computed (forward and
+//! backward; the pushes are sent as each key's payload is ready: `compute`), waited for the
+//! servers' replies (`wait`), applied them to its replica (`apply`) and encoded its pushes and
+//! decoded the replies (`codec`, [`crate::codec::clock`]; a model that encodes on its GPU counts
+//! that as `compute`). Under HFA and ESync the local steps count as `compute` and the exchanges
+//! with the coordinator and the averaging as `wait`. Evaluation and checkpoints are not part of
+//! a step.
 
 use std::time::Duration;
+
+use crate::codec::clock::Mark;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,12 +21,46 @@ pub struct StepSplit {
     pub samples: u64,
     /// Waiting for the next batch (the prefetch thread had not prepared it).
     pub data_s: f64,
-    /// Forward, backward and encoding (and starting the pushes).
+    /// Forward and backward (and starting the pushes).
     pub compute_s: f64,
     /// Waiting for replies or for the averaging of the other workers.
     pub wait_s: f64,
-    /// Decoding replies and updating the replica.
+    /// Updating the replica with the replies.
     pub apply_s: f64,
+    /// Encoding pushes and decoding replies.
+    pub codec_s: f64,
+}
+
+/// A part of a worker's round that [`StepSplit::charge`] books time to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPart {
+    /// [`StepSplit::compute_s`].
+    Compute,
+    /// [`StepSplit::wait_s`].
+    Wait,
+    /// [`StepSplit::apply_s`].
+    Apply,
+}
+
+impl StepSplit {
+    /// Books the time since `since` to `part`, less what this thread spent in codecs
+    /// meanwhile, which goes to `codec_s`.
+    pub fn charge(&mut self, part: StepPart, since: Mark) {
+        let (wall, codec) = since.elapsed();
+        self.codec_s += codec.as_secs_f64();
+        let rest = (wall - codec).as_secs_f64();
+        match part {
+            StepPart::Compute => self.compute_s += rest,
+            StepPart::Wait => self.wait_s += rest,
+            StepPart::Apply => self.apply_s += rest,
+        }
+    }
+
+    /// Seconds booked to wait, apply and codec: what a part that contains those calls leaves
+    /// out of its own time.
+    pub fn booked(&self) -> f64 {
+        self.wait_s + self.apply_s + self.codec_s
+    }
 }
 
 /// Mean milliseconds per round, by part (see the module documentation).
@@ -31,12 +68,15 @@ pub struct StepSplit {
 pub struct RoundMs {
     /// Waiting for the batch.
     pub data_ms: f64,
-    /// Forward, backward and encoding (HFA, ESync: the local steps).
+    /// Forward and backward (HFA, ESync: the local steps).
     pub compute_ms: f64,
     /// Waiting for replies (HFA, ESync: the averaging).
     pub wait_ms: f64,
-    /// Decoding replies and updating the replica.
+    /// Updating the replica with the replies.
     pub apply_ms: f64,
+    /// Encoding pushes and decoding replies.
+    #[serde(default)]
+    pub codec_ms: f64,
     /// The rest of the round (bookkeeping, progress lines).
     pub other_ms: f64,
 }
@@ -51,6 +91,7 @@ impl RoundMs {
             m.compute_ms += p.compute_ms / n;
             m.wait_ms += p.wait_ms / n;
             m.apply_ms += p.apply_ms / n;
+            m.codec_ms += p.codec_ms / n;
             m.other_ms += p.other_ms / n;
         }
         m
@@ -120,6 +161,7 @@ impl ThroughputMeter {
         self.parts.compute_s += split.compute_s;
         self.parts.wait_s += split.wait_s;
         self.parts.apply_s += split.apply_s;
+        self.parts.codec_s += split.codec_s;
     }
 
     /// The summary of worker (`dc`, `rank`); `None` before any round.
@@ -129,7 +171,7 @@ impl ThroughputMeter {
         }
         let per_round = |s: f64| s * 1e3 / self.rounds as f64;
         let p = &self.parts;
-        let parts = p.data_s + p.compute_s + p.wait_s + p.apply_s;
+        let parts = p.data_s + p.compute_s + p.wait_s + p.apply_s + p.codec_s;
         Some(WorkerThroughput {
             dc,
             rank,
@@ -146,6 +188,7 @@ impl ThroughputMeter {
                 compute_ms: per_round(p.compute_s),
                 wait_ms: per_round(p.wait_s),
                 apply_ms: per_round(p.apply_s),
+                codec_ms: per_round(p.codec_s),
                 other_ms: per_round((self.wall_s - parts).max(0.0)),
             },
         })
@@ -157,6 +200,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_charge_moves_the_codec_time_out_of_its_part() {
+        let mut split = StepSplit::default();
+        let spin = |d: Duration| {
+            let t = std::time::Instant::now();
+            while t.elapsed() < d {
+                std::hint::spin_loop();
+            }
+        };
+        let m = Mark::now();
+        spin(Duration::from_millis(10));
+        {
+            let _c = crate::codec::clock::span();
+            spin(Duration::from_millis(20));
+        }
+        split.charge(StepPart::Wait, m);
+        assert!(split.codec_s >= 0.020, "{split:?}");
+        assert!(split.wait_s >= 0.010, "{split:?}");
+        assert_eq!((split.compute_s, split.apply_s), (0.0, 0.0));
+        assert_eq!(split.booked(), split.wait_s + split.codec_s);
+        // A part with no codec work keeps all of its time.
+        let m = Mark::now();
+        spin(Duration::from_millis(5));
+        split.charge(StepPart::Compute, m);
+        assert!(split.compute_s >= 0.005 && split.codec_s < 0.1, "{split:?}");
+    }
+
+    #[test]
     fn the_summary_averages_rounds_and_keeps_the_rest_apart() {
         let mut m = ThroughputMeter::default();
         assert_eq!(m.summary(0, 0), None);
@@ -166,6 +236,7 @@ mod tests {
             compute_s: c,
             wait_s: w,
             apply_s: a,
+            codec_s: a / 2.0,
         };
         m.record(Duration::from_millis(100), split(0.01, 0.05, 0.02, 0.01));
         m.record(Duration::from_millis(300), split(0.03, 0.15, 0.06, 0.03));
@@ -180,7 +251,7 @@ mod tests {
             "{s:?}"
         );
         assert!(close(p.wait_ms, 40.0) && close(p.apply_ms, 20.0), "{s:?}");
-        assert!(close(p.other_ms, 20.0), "{s:?}");
+        assert!(close(p.codec_ms, 10.0) && close(p.other_ms, 10.0), "{s:?}");
         let mut t = s.clone();
         t.samples_per_s = 40.0;
         t.split.compute_ms = 300.0;

@@ -15,8 +15,9 @@ use super::esync::{self, Answer, Reply};
 use super::fsa_round::{fsa_round, FsaIo, Outstanding};
 use super::node::{FatalHook, Identity, Node};
 use super::plan::roles;
-use super::throughput::{StepSplit, ThroughputMeter};
+use super::throughput::{StepPart, StepSplit, ThroughputMeter};
 use super::{JobSpec, RoleStats, RunError};
+use crate::codec::clock::Mark;
 use crate::codec::down::{decode_dense_segments, split_segments, ReplyMode};
 use crate::codec::{
     count_nonfinite, decode_values, payload_nonfinite, poison_first, KeyCounts, Update,
@@ -513,16 +514,16 @@ impl EsyncWorker {
         let mut loss = f64::NAN;
         // After a reset, the Ask{k = 0} travelled with it (always answered step); the first round
         // asks with the warm-up duration.
-        let t = Instant::now();
+        let t = Mark::now();
         let mut answer = if round == 0 {
             self.ask(0, limit)?
         } else {
             Answer::Step
         };
-        split.wait_s += t.elapsed().as_secs_f64();
+        split.charge(StepPart::Wait, t);
         while answer == Answer::Step {
             let batch = next_batch()?;
-            let t = Instant::now();
+            let t = Mark::now();
             let (l, d) = local_step(
                 job,
                 params,
@@ -530,17 +531,17 @@ impl EsyncWorker {
                 Some((&mut avg.opts, None)),
                 self.slowdown,
             )?;
-            split.compute_s += t.elapsed().as_secs_f64();
+            split.charge(StepPart::Compute, t);
             loss = l;
             self.c = d.as_secs_f64();
             k += 1;
-            let t = Instant::now();
+            let t = Mark::now();
             self.settle(limit)?;
             answer = self.ask(k, limit)?;
-            split.wait_s += t.elapsed().as_secs_f64();
+            split.charge(StepPart::Wait, t);
         }
         // From here on the round waits for the other workers: the step counts, the averaging.
-        let waiting = Instant::now();
+        let waiting = Mark::now();
         if k == 0 {
             return Err(RunError::Protocol(
                 "the ESync endpoint answered push before any local step".into(),
@@ -564,7 +565,7 @@ impl EsyncWorker {
         // Every averaging is global (k1 = k2 = 1): the reply moves the milestone, which every
         // worker and the global servers then hold.
         avg.average(params, round + 1, 1)?;
-        split.wait_s += waiting.elapsed().as_secs_f64();
+        split.charge(StepPart::Wait, waiting);
         self.pending = Some(self.send(esync::Request::Reset {
             worker: self.index,
             round: round + 2,
@@ -747,14 +748,14 @@ pub fn run(
             let batch = batcher.next_batch().map_err(RunError::Data)?;
             split.data_s = round_started.elapsed().as_secs_f64();
             split.samples = batch.len() as u64;
-            let t = Instant::now();
+            let t = Mark::now();
             let step = Some((&mut avg.opts[..], avg.variates.as_ref()));
             loss = local_step(job, &mut params, &batch, step, slowdown)?.0;
-            split.compute_s = t.elapsed().as_secs_f64();
+            split.charge(StepPart::Compute, t);
             if (round + 1) % k1 == 0 {
-                let t = Instant::now();
+                let t = Mark::now();
                 avg.average(&mut params, (round + 1) / k1, k2)?;
-                split.wait_s = t.elapsed().as_secs_f64();
+                split.charge(StepPart::Wait, t);
             }
         } else {
             let io = FsaIo {
@@ -876,6 +877,10 @@ pub fn run(
     stats.resumed_from_round = resumed.as_ref().map(|r| r.round());
     stats.incarnation = incarnation;
     stats.throughput = meter.summary(dc, rank);
+    stats.split = stats
+        .throughput
+        .as_ref()
+        .map(super::time_split::RoleSplit::of_worker);
     stats.p3_credit = tuner.and_then(|t| t.settled()).map(u64::from);
     stats.cast_overflows = overflows.snapshot();
     for a in &apply {

@@ -223,6 +223,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
                 refused_requests: 0,
                 resumed_from_round: None,
                 throughput: None,
+                split: None,
                 member_events: Vec::new(),
                 partial_rounds: Vec::new(),
                 round_log: None,
