@@ -613,10 +613,11 @@ fn step_range(
                 r.params = b;
             }
             res?;
-            Ok(Reply::Dense(
-                PayloadCodec::DenseF32,
-                f32_bytes(&r.params).into_owned(),
-            ))
+            let theta = {
+                let _codec = crate::codec::clock::span();
+                f32_bytes(&r.params).into_owned()
+            };
+            Ok(Reply::Dense(PayloadCodec::DenseF32, theta))
         }
         ReplyMode::Delta => {
             for a in g.iter_mut() {
