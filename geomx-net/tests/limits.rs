@@ -49,10 +49,14 @@ fn a_client_that_never_reads_its_replies_holds_bounded_server_memory() {
         let big = Arc::new(Big {
             answered: AtomicU64::new(0),
         });
-        let opts = NetOptions {
+        // A write that makes no progress fails after the peer timeout (the portable driver's
+        // SO_SNDTIMEO): 60 s here, so the reader of the client that reads nothing stays blocked
+        // in its write for the whole test.
+        let mut opts = NetOptions {
             driver,
             ..NetOptions::default()
         };
+        opts.conn.peer_timeout = Duration::from_secs(60);
         let server = KvServer::bind("127.0.0.1:0", big.clone(), opts.clone()).unwrap();
         // 4000 Pulls (4 GB of replies) in one write, then nothing is ever read.
         let mut s = TcpStream::connect(server.local_addr()).unwrap();
@@ -81,14 +85,19 @@ fn a_client_that_never_reads_its_replies_holds_bounded_server_memory() {
             answered < 200,
             "{driver:?}: {answered} MiB of replies held for a client that reads nothing"
         );
-        // Others are still served.
-        let c = KvClient::connect(server.local_addr(), 6, opts).unwrap();
+        // Others are still served, while that reader is still blocked (both connections
+        // open). The handshake may take longer than its default 10 s on a machine stalled by
+        // other work (a CI run once hit that), never as long as the blocked write's 60 s.
+        let mut client = opts.clone();
+        client.conn.handshake_timeout = Duration::from_secs(30);
+        let c = KvClient::connect(server.local_addr(), 6, client).unwrap();
         let r = c
             .pull(1, 0, 0, 1)
             .unwrap()
-            .wait(Duration::from_secs(20))
+            .wait(Duration::from_secs(30))
             .unwrap();
         assert_eq!(r.payload.len(), REPLY);
+        assert_eq!(server.connections(), 2, "{driver:?}");
         drop(s);
     }
 }

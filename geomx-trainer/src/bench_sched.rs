@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::hips::time_split::{RoleSplit, RoleSplitRow};
 use crate::launch::{launch, LaunchError, LaunchOptions};
 use crate::report::Report;
 use crate::wanlab::probe::median;
@@ -260,6 +261,9 @@ pub struct RoundRun {
     pub tuned_credits: Vec<u64>,
     /// The lab's fidelity.
     pub lab: LabFidelity,
+    /// Where each role's round went (the report's `role_splits`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub role_splits: Vec<RoleSplitRow>,
 }
 
 impl RoundRun {
@@ -285,6 +289,7 @@ impl RoundRun {
             wan_bytes: r.wan_bytes,
             tuned_credits: r.processes.iter().filter_map(|p| p.p3_credit).collect(),
             lab: LabFidelity::from_report(r),
+            role_splits: r.role_splits.clone(),
         })
     }
 }
@@ -351,6 +356,69 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SchedBenchError + '_ {
 /// The median of one figure over runs.
 fn median_of(runs: &[RoundRun], f: fn(&RoundRun) -> f64) -> f64 {
     median(runs.iter().map(f).collect())
+}
+
+/// Each role's split over `runs`, the median of each part, in the order the runs name them.
+fn median_roles(runs: &[RoundRun]) -> Vec<(String, RoleSplit)> {
+    let mut roles: Vec<&str> = Vec::new();
+    for row in runs.iter().flat_map(|r| &r.role_splits) {
+        if !roles.contains(&row.role.as_str()) {
+            roles.push(&row.role);
+        }
+    }
+    roles
+        .into_iter()
+        .map(|role| {
+            let splits: Vec<RoleSplit> = runs
+                .iter()
+                .filter_map(|r| r.role_splits.iter().find(|x| x.role == role))
+                .map(|x| x.split)
+                .collect();
+            let med = |f: fn(&RoleSplit) -> f64| median(splits.iter().map(f).collect());
+            let split = RoleSplit {
+                rounds: splits.iter().map(|s| s.rounds).max().unwrap_or(0),
+                compute_ms: med(|s| s.compute_ms),
+                codec_ms: med(|s| s.codec_ms),
+                lan_wait_ms: med(|s| s.lan_wait_ms),
+                wan_wait_ms: med(|s| s.wan_wait_ms),
+                idle_ms: med(|s| s.idle_ms),
+            };
+            (role.to_string(), split)
+        })
+        .collect()
+}
+
+/// Markdown table of each mode's roles ([`median_roles`]); empty when no run reported one.
+fn render_roles(modes: [(&str, &[RoundRun]); 2]) -> String {
+    let rows: Vec<(&str, String, RoleSplit)> = modes
+        .iter()
+        .flat_map(|(mode, runs)| {
+            median_roles(runs)
+                .into_iter()
+                .map(move |(role, split)| (*mode, role, split))
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\nWhere each role's round went (ms per round, medians over the runs; \
+         docs/benchmarks.md, \"Where each role's round went\"):\n\n\
+         | mode | role | compute | codec | LAN wait | WAN wait | idle |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for (mode, role, p) in rows {
+        s.push_str(&format!(
+            "| {mode} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            role.replace('_', " "),
+            p.compute_ms,
+            p.codec_ms,
+            p.lan_wait_ms,
+            p.wan_wait_ms,
+            p.idle_ms
+        ));
+    }
+    s
 }
 
 /// Parameters of an MLP with `hidden` layers on the synthetic task: weights and biases.
@@ -505,6 +573,7 @@ pub fn render_markdown(r: &SchedBenchResult) -> String {
         ));
     }
     s.push_str(&format!("\n**p3_speedup = {:.3}**\n", p.p3_speedup));
+    s.push_str(&render_roles([("FIFO", &p.fifo), ("P3", &p.p3)]));
     s.push_str(&render_tsengine(&r.tsengine, r.quick));
     s
 }
@@ -551,6 +620,10 @@ fn render_tsengine(t: &TsResult, quick: bool) -> String {
         "\n**tsengine_speedup = {:.3}**\n",
         t.tsengine_speedup
     ));
+    s.push_str(&render_roles([
+        ("direct", &t.direct),
+        ("TSEngine", &t.tsengine),
+    ]));
     s
 }
 
@@ -632,6 +705,16 @@ mod tests {
                 p99_lateness_us: Some(250.0),
                 ..LabFidelity::default()
             },
+            role_splits: vec![RoleSplitRow {
+                role: "local_server".into(),
+                processes: 2,
+                split: RoleSplit {
+                    rounds: 12,
+                    wan_wait_ms: ms / 2.0,
+                    lan_wait_ms: ms / 2.0,
+                    ..RoleSplit::default()
+                },
+            }],
         };
         let r = SchedBenchResult {
             quick: true,
@@ -662,5 +745,13 @@ mod tests {
         assert!(md.contains("300.0 / 320.0"), "{md}");
         assert!(md.contains("250 µs"), "{md}");
         assert!(md.contains("256 KiB"), "{md}");
+        // The roles' table: medians over each mode's runs (FIFO 300 and 320 ms: the upper
+        // median, 160 ms each way).
+        assert!(
+            md.contains("| FIFO | local server | 0.0 | 0.0 | 160.0 | 160.0 | 0.0 |"),
+            "{md}"
+        );
+        assert!(md.contains("| TSEngine | local server | 0.0 | 0.0 | 300.0 | 300.0 | 0.0 |"));
+        assert!(render_roles([("a", &[]), ("b", &[])]).is_empty());
     }
 }

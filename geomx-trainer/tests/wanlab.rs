@@ -604,6 +604,23 @@ fn launch_in(mode: &str) -> serde_json::Value {
     r
 }
 
+/// The report's split sees the lab's 5 ms links: a local server's round includes waiting at least
+/// one round trip (10 ms) for the global server, and its workers wait for it at least as long.
+fn assert_split_sees_the_wan(r: &serde_json::Value) {
+    let rows = r["role_splits"].as_array().unwrap();
+    let ms = |role: &str, part: &str| {
+        rows.iter()
+            .find(|x| x["role"] == role)
+            .and_then(|x| x[part].as_f64())
+            .unwrap_or_else(|| panic!("{role} {part}: {rows:?}"))
+    };
+    // Every round's WAN wait is at least the round trip; 9 ms leaves the timer's rounding.
+    assert!(ms("local_server", "wan_wait_ms") >= 9.0, "{rows:?}");
+    assert!(ms("worker", "lan_wait_ms") >= 9.0, "{rows:?}");
+    assert_eq!(ms("worker", "wan_wait_ms"), 0.0, "{rows:?}");
+    assert!(ms("global_server", "wan_wait_ms") > 0.0, "{rows:?}");
+}
+
 /// A small launch inside the lab completes, reports `wan_mode = "netns"`, sends its WAN bytes
 /// through the delay relay and leaves no namespace behind.
 #[test]
@@ -626,6 +643,7 @@ fn launch_runs_inside_the_netns_lab() {
     println!("netns launch: WAN bytes {wan}, relayed {relayed} bytes");
     // Every WAN byte crossed the relay (plus IP/TCP headers and the control plane).
     assert!(relayed >= wan, "relayed {relayed} < WAN {wan}");
+    assert_split_sees_the_wan(&r);
     let prefix = lab["prefix"].as_str().unwrap();
     assert_eq!(leftovers(prefix), Vec::<String>::new());
 }
@@ -642,4 +660,5 @@ fn launch_runs_behind_userspace_relays() {
     let wan = r["wan_bytes"].as_u64().unwrap();
     println!("relay launch: WAN bytes {wan}, relayed {relayed} bytes");
     assert!(relayed >= wan * 9 / 10, "relayed {relayed}, WAN {wan}");
+    assert_split_sees_the_wan(&r);
 }
