@@ -86,8 +86,8 @@ fn a_client_that_never_reads_its_replies_holds_bounded_server_memory() {
             "{driver:?}: {answered} MiB of replies held for a client that reads nothing"
         );
         // Others are still served, while that reader is still blocked (both connections
-        // open). The handshake may take longer than its default 10 s on a machine stalled by
-        // other work (a CI run once hit that), never as long as the blocked write's 60 s.
+        // open): the accept loop never runs a handler (see the next test). 30 s is generous
+        // for the handshake and well under the blocked write's 60 s.
         let mut client = opts.clone();
         client.conn.handshake_timeout = Duration::from_secs(30);
         let c = KvClient::connect(server.local_addr(), 6, client).unwrap();
@@ -99,6 +99,58 @@ fn a_client_that_never_reads_its_replies_holds_bounded_server_memory() {
         assert_eq!(r.payload.len(), REPLY);
         assert_eq!(server.connections(), 2, "{driver:?}");
         drop(s);
+    }
+}
+
+/// Records the thread each request is handled on, and answers it.
+#[derive(Default)]
+struct Where {
+    threads: std::sync::Mutex<Vec<String>>,
+}
+
+impl Handler for Where {
+    fn on_request(&self, req: Request, reply: Responder) {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.threads.lock().unwrap().push(name);
+        let _ = reply.send(req.version, PayloadCodec::Raw, &[]);
+    }
+}
+
+#[test]
+fn requests_are_never_handled_on_the_accept_loop() {
+    // A client's Hello and first request in one write as soon as the connection is up: the
+    // server may decode them before its accept loop has finished starting the connection. Had
+    // the accept loop run the handler, a reply blocked on a peer that reads nothing would stop
+    // it accepting anyone (a CI run saw a second client's handshake time out so).
+    for driver in drivers() {
+        let opts = NetOptions {
+            driver,
+            ..NetOptions::default()
+        };
+        let seen = Arc::new(Where::default());
+        let server = KvServer::bind("127.0.0.1:0", seen.clone(), opts).unwrap();
+        let clients: Vec<TcpStream> = (0..200u64)
+            .map(|i| {
+                let mut s = TcpStream::connect(server.local_addr()).unwrap();
+                let mut bytes = frame(MsgKind::Hello, 0);
+                bytes.extend(frame(MsgKind::Pull, i + 1));
+                s.write_all(&bytes).unwrap();
+                s
+            })
+            .collect();
+        let t = Instant::now();
+        while seen.threads.lock().unwrap().len() < clients.len()
+            && t.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let threads = seen.threads.lock().unwrap().clone();
+        assert_eq!(threads.len(), clients.len(), "{driver:?}");
+        let on_accept = threads.iter().filter(|n| *n == "geomx-net-accept").count();
+        assert_eq!(
+            on_accept, 0,
+            "{driver:?}: {on_accept} requests handled on the accept loop"
+        );
     }
 }
 

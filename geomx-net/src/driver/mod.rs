@@ -288,12 +288,20 @@ impl Driver {
         stream.set_nodelay(true)?;
         self.socket_tuning().apply(&stream)?;
         let secure = SessionParts::from(session);
+        // Only an initiator has something to send before it reads (its Hello). An acceptor's
+        // events come from its input, and the thread that reads it dispatches them: flushing here
+        // could run the endpoint's callbacks on the caller's thread, a server's accept loop,
+        // which a reply blocked on a peer that reads nothing would then hold (no connection
+        // accepted meanwhile; seen in CI as a second client's handshake timing out).
+        let initiator = conn.side() == crate::conn::Side::Initiator;
         let link = match self {
             Driver::Portable(d) => d.attach(stream, conn, counters, dispatch, secure)?,
             #[cfg(target_os = "linux")]
             Driver::Uring(d) => d.attach(stream, conn, counters, dispatch, secure)?,
         };
-        link.flush();
+        if initiator {
+            link.flush();
+        }
         Ok(link)
     }
 
