@@ -64,6 +64,7 @@ pub use error::{NetError, Result};
 pub use kv::{Handler, KvClient, KvServer, PeerHandle, Pending, Request, Responder, Response};
 pub use owned::OwnedBytes;
 pub use stats::Counters;
+pub use tcp_state::TcpRate;
 pub use wire::{
     Frame, FrameDecoder, FrameHeader, MsgKind, PayloadCodec, WireError, HEADER_LEN, MAX_FRAME,
 };

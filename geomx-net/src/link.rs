@@ -46,6 +46,8 @@ pub(crate) trait LinkIo: Send + Sync {
     fn send_alert(&self, _description: u8) {}
     /// What the kernel knows of the socket's progress (`None` where it cannot be read).
     fn tcp_progress(&self) -> Option<TcpProgress>;
+    /// The connection's socket, for its options and its path figures.
+    fn socket(&self) -> socket2::SockRef<'_>;
     /// The driver that writes this connection (never `Auto`).
     fn driver(&self) -> crate::DriverKind;
 }
@@ -170,6 +172,25 @@ impl Link {
 
     pub(crate) fn counters(&self) -> &LiveCounters {
         &self.counters
+    }
+
+    /// What the kernel measured of the connection's path.
+    pub(crate) fn tcp_rate(&self) -> Option<crate::TcpRate> {
+        crate::TcpRate::of(&self.io.socket())
+    }
+
+    /// Sets the connection's send buffer (`SO_SNDBUF`).
+    pub(crate) fn set_send_buffer(&self, bytes: usize) -> Result<(), NetError> {
+        if let Some(reason) = self.close_reason() {
+            return Err(reason);
+        }
+        self.io.socket().set_send_buffer_size(bytes)?;
+        Ok(())
+    }
+
+    /// The connection's send buffer as the kernel reports it.
+    pub(crate) fn send_buffer(&self) -> Result<usize, NetError> {
+        Ok(self.io.socket().send_buffer_size()?)
     }
 
     fn check_len(&self, len: usize) -> Result<(), NetError> {

@@ -51,6 +51,32 @@ impl TcpProgress {
     }
 }
 
+/// What the kernel measured of a TCP connection's path (`TCP_INFO`, Linux ≥ 4.9): the figures
+/// that size a send buffer to the path ([`crate::sched::path_credit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpRate {
+    /// The lowest round-trip time seen (`tcpi_min_rtt`): the path's propagation delay.
+    pub min_rtt: Duration,
+    /// The most recent delivery-rate sample, bytes per second (`tcpi_delivery_rate`); 0 before
+    /// the first acknowledged data.
+    pub delivery_rate: u64,
+}
+
+impl TcpRate {
+    /// Reads `sock`'s path figures; `None` where the platform or the kernel has none.
+    pub fn read<'s, S>(sock: &'s S) -> Option<TcpRate>
+    where
+        socket2::SockRef<'s>: From<&'s S>,
+    {
+        Self::of(&socket2::SockRef::from(sock))
+    }
+
+    /// [`TcpRate::read`] of a socket2 socket.
+    pub(crate) fn of(sock: &socket2::Socket) -> Option<TcpRate> {
+        imp::read_rate(sock)
+    }
+}
+
 impl std::fmt::Display for TcpProgress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -77,14 +103,15 @@ mod imp {
     use std::os::fd::AsRawFd;
     use std::time::Duration;
 
-    use super::TcpProgress;
+    use super::{TcpProgress, TcpRate};
 
-    pub(super) fn read(sock: &socket2::Socket) -> Option<TcpProgress> {
+    /// The socket's `TCP_INFO` and how many bytes of it the kernel wrote (an older kernel
+    /// writes fewer: only the fields inside that length are valid).
+    fn info(sock: &socket2::Socket) -> Option<(libc::tcp_info, usize)> {
         // SAFETY: tcp_info is plain old data; all zeros is a valid value.
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: `info` is valid for `len` writable bytes; the kernel writes at most that many
-        // (an older kernel fewer: the fields read here are in every version's first part).
+        // SAFETY: `info` is valid for `len` writable bytes; the kernel writes at most that many.
         let rc = unsafe {
             libc::getsockopt(
                 sock.as_raw_fd(),
@@ -94,10 +121,22 @@ mod imp {
                 &mut len,
             )
         };
-        if rc != 0 {
-            return None;
-        }
-        let has = |end: usize| len as usize >= end;
+        (rc == 0).then_some((info, len as usize))
+    }
+
+    pub(super) fn read_rate(sock: &socket2::Socket) -> Option<TcpRate> {
+        let (info, len) = info(sock)?;
+        let end = std::mem::offset_of!(libc::tcp_info, tcpi_delivery_rate) + 8;
+        (len >= end).then(|| TcpRate {
+            min_rtt: Duration::from_micros(u64::from(info.tcpi_min_rtt)),
+            delivery_rate: info.tcpi_delivery_rate,
+        })
+    }
+
+    pub(super) fn read(sock: &socket2::Socket) -> Option<TcpProgress> {
+        // The fields read here are in every kernel version's first part.
+        let (info, len) = info(sock)?;
+        let has = |end: usize| len >= end;
         let wnd = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd);
         let ms = |v: u32| Duration::from_millis(u64::from(v));
         Some(TcpProgress {
@@ -115,9 +154,13 @@ mod imp {
 
 #[cfg(not(target_os = "linux"))]
 mod imp {
-    use super::TcpProgress;
+    use super::{TcpProgress, TcpRate};
 
     pub(super) fn read(_: &socket2::Socket) -> Option<TcpProgress> {
+        None
+    }
+
+    pub(super) fn read_rate(_: &socket2::Socket) -> Option<TcpRate> {
         None
     }
 }
@@ -147,5 +190,9 @@ mod tests {
         assert_eq!(p.backoff, 0, "{p}");
         assert_eq!(p.window_probes, 0, "{p}");
         assert!(p.to_string().starts_with("TCP: peer's last ack"), "{p}");
+        let r = TcpRate::read(&a).expect("TCP_INFO rate fields (Linux >= 4.9)");
+        // Loopback: a measured round trip well under a second, and a rate once data was acked.
+        assert!(r.min_rtt < Duration::from_secs(1), "{r:?}");
+        assert!(r.delivery_rate > 0, "{r:?}");
     }
 }

@@ -12,9 +12,8 @@
 //! then takes about as long on the WAN as the worker's forward and backward pass
 //! (`comm_to_compute` in the results). The same job runs first in first out (tensors as keys,
 //! replies applied at the end of the round) and with P3 (slices of [`P3_SLICE_ELEMS`], the layer
-//! next to the input first, the next forward pass gated per layer, a credit of
-//! [`P3_CREDIT_BYTES`], the link's bandwidth × round trip), both on
-//! the portable driver
+//! next to the input first, the next forward pass gated per layer, every connection's credit
+//! sized to its path as by default), both on the portable driver
 //! that P3 needs; runs alternate, and the tables show medians. The measure is the workers' mean
 //! round time without evaluation (`train_seconds / rounds` of the job report), with its split
 //! into compute (the emulated compute included), waiting for replies and applying them.
@@ -46,10 +45,6 @@ pub const P3_RATE_MBIT: f64 = 120.0;
 pub const P3_DELAY_MS: f64 = 5.0;
 /// Slice size of the P3 runs, elements (64 KiB of f32: four slices per 256 × 256 layer).
 pub const P3_SLICE_ELEMS: usize = 16_384;
-/// Credit (send buffer) of the P3 runs' connections, bytes: the link's bandwidth × round trip
-/// (120 Mbit/s × 2 × 5 ms), what a connection needs to keep the link busy; more only queues
-/// below the priority heap, ahead of urgent slices.
-pub const P3_CREDIT_BYTES: u32 = 150_000;
 
 /// The central site's link in the TSEngine comparison: (Mbit/s each way, one-way delay ms).
 pub const TS_CENTRAL: (f64, f64) = (25.0, 10.0);
@@ -150,8 +145,7 @@ pub fn p3_config(quick: bool, p3: bool) -> String {
          [train.optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
          [transport]\ndriver = \"portable\"\n\
          [wan]\nmode = \"auto\"\nrate_mbit = {P3_RATE_MBIT}\ndelay_ms = {P3_DELAY_MS}\n\
-         [scheduling.p3]\nenabled = {p3}\nslice_elems = {P3_SLICE_ELEMS}\n\
-         credit_bytes = {P3_CREDIT_BYTES}\n",
+         [scheduling.p3]\nenabled = {p3}\nslice_elems = {P3_SLICE_ELEMS}\n",
         list(&hidden),
         list(&delays),
         rounds(quick),
@@ -257,7 +251,8 @@ pub struct RoundRun {
     pub param_hash: String,
     /// WAN bytes of the run.
     pub wan_bytes: u64,
-    /// The P3 credits the workers and local servers tuned (`credit_bytes = "auto"`), bytes.
+    /// The P3 credits of the pushing connections (workers, local servers), bytes: sized to the
+    /// path (`credit_bytes = "path"`) or tuned from round times (`"auto"`).
     pub tuned_credits: Vec<u64>,
     /// The lab's fidelity.
     pub lab: LabFidelity,
@@ -535,11 +530,12 @@ pub fn render_markdown(r: &SchedBenchResult) -> String {
          2 DCs × 1 worker, one global server, portable driver; WAN links {P3_RATE_MBIT} Mbit/s, \
          {P3_DELAY_MS} ms one way. MLP hidden {P3_HIDDEN:?} on {P3_FEATURES} synthetic features \
          ({} parameters) with emulated compute {P3_LAYER_DELAY_MS:?} ms per layer forward (twice \
-         that backward), batch {BATCH_SIZE}, {} rounds{}; P3 slices of {} elements, credit {P3_CREDIT_BYTES} bytes (bandwidth × round trip). \
+         that backward), batch {BATCH_SIZE}, {} rounds{}; P3 slices of {} elements, each connection's credit sized to its path (the default; \
+         the pushing connections' credits in the table). \
          One round's \
          push takes {:.2}× the FIFO compute time on the wire. Medians of {runs} run(s) per mode, \
          runs alternating.\n\n\
-         | mode | round | compute | wait | apply | per run | tuned credits | lab p99 lateness | \
+         | mode | round | compute | wait | apply | per run | credits | lab p99 lateness | \
          same θ |\n|---|---|---|---|---|---|---|---|---|\n",
         p.params,
         r.rounds,
@@ -630,7 +626,7 @@ fn render_tsengine(t: &TsResult, quick: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, P3Config};
 
     #[test]
     fn both_jobs_are_valid_and_differ_only_in_p3() {
@@ -642,10 +638,15 @@ mod tests {
             same.scheduling.p3.enabled = false;
             assert_eq!(same, fifo);
             assert_eq!(p3.model.hidden.len() + 1, 8, "8 layers");
-            // The credit is the link's bandwidth-delay product.
-            let bdp = P3_RATE_MBIT * 1e6 / 8.0 * 2.0 * P3_DELAY_MS / 1e3;
-            assert_eq!(f64::from(P3_CREDIT_BYTES), bdp);
-            assert_eq!(p3.scheduling.p3.credit_bytes.initial(), P3_CREDIT_BYTES);
+            // The credit is the default, sized to each connection's path.
+            assert_eq!(
+                p3.scheduling.p3,
+                P3Config {
+                    enabled: true,
+                    slice_elems: P3_SLICE_ELEMS,
+                    ..P3Config::default()
+                }
+            );
         }
         let cfg = Config::from_toml_str(&p3_config(true, true)).unwrap();
         let model = crate::engine::build_model(&cfg.model, P3_FEATURES, 10).unwrap();

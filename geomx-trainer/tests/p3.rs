@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use geomx_trainer::config::Config;
+use geomx_trainer::config::{Config, Credit};
 use geomx_trainer::hips::JobSpec;
 use geomx_trainer::launch::threads;
 use geomx_trainer::report::Report;
@@ -41,11 +41,15 @@ fn run(name: &str, cfg: &Config) -> (JobSpec, Report) {
     );
     assert!(r.replicas_identical, "{name}");
     assert_eq!(r.param_hash, r.global_param_hash, "{name}");
-    // `credit_bytes = "auto"` settles within 15 rounds of the 20, on the workers' and the
-    // local servers' connections; a fixed credit is not tuned.
-    let auto = job.p3.as_ref().is_some_and(|p| p.credit_bytes.is_auto());
+    // The workers' and local servers' pushing connections: `credit_bytes = "auto"` settles
+    // within 15 rounds of the 20, `"path"` (the default) sizes them to the path; a fixed
+    // credit is neither.
+    let sized = job
+        .p3
+        .as_ref()
+        .is_some_and(|p| matches!(p.credit_bytes, Credit::Sized(_)));
     for p in &r.processes {
-        let tuned = auto && matches!(p.role.as_str(), "worker" | "local_server");
+        let tuned = sized && matches!(p.role.as_str(), "worker" | "local_server");
         assert_eq!(p.p3_credit.is_some(), tuned, "{name}: {p:?}");
     }
     assert_eq!(r.skipped_updates, 0, "{name}");
@@ -88,6 +92,10 @@ fn p3_works_with_compressed_tiers_mixed_sync_and_dgt() {
     // Appended to the [scheduling.p3] table.
     let auto = "credit_bytes = \"auto\"\n";
     run("p3 auto credit", &config(2, ADAM, auto, true));
+    run(
+        "p3 fixed credit",
+        &config(1, SGD, "credit_bytes = 262144\n", true),
+    );
     let (_, r) = run("p3 bisparse", &config(2, SGD, bisparse, true));
     // The WAN tier's bytes: Bi-Sparse selected per slice.
     assert!(r.codec_bytes.get("sparse").copied().unwrap_or(0) > 0);

@@ -228,6 +228,10 @@ impl LinkIo for StreamIo {
         TcpProgress::read(&self.ctl)
     }
 
+    fn socket(&self) -> socket2::SockRef<'_> {
+        socket2::SockRef::from(&self.ctl)
+    }
+
     fn driver(&self) -> super::DriverKind {
         super::DriverKind::Portable
     }

@@ -244,6 +244,11 @@ impl KvClient {
         })
     }
 
+    /// What the kernel measured of the connection's path (`None` where it cannot say).
+    pub fn tcp_rate(&self) -> Option<crate::TcpRate> {
+        crate::TcpRate::read(&self.inner.socket)
+    }
+
     /// Sets the connection's send buffer (`SO_SNDBUF`; Linux doubles it for its bookkeeping):
     /// what it may hold unacknowledged from now on (see [`crate::NetOptions::send_buffer`]).
     pub fn set_send_buffer(&self, bytes: usize) -> Result<(), NetError> {

@@ -142,6 +142,22 @@ impl PeerHandle {
         self.link.is_closed()
     }
 
+    /// What the kernel measured of the connection's path (`None` where it cannot say).
+    pub fn tcp_rate(&self) -> Option<crate::TcpRate> {
+        self.link.tcp_rate()
+    }
+
+    /// Sets the connection's send buffer (`SO_SNDBUF`; Linux doubles it for its bookkeeping),
+    /// like [`crate::KvClient::set_send_buffer`] on the accepting side.
+    pub fn set_send_buffer(&self, bytes: usize) -> Result<(), NetError> {
+        self.link.set_send_buffer(bytes)
+    }
+
+    /// The connection's send buffer as the kernel reports it (Linux: twice the value set).
+    pub fn send_buffer(&self) -> Result<usize, NetError> {
+        self.link.send_buffer()
+    }
+
     /// Closes the connection (pending requests of the peer fail with `PeerClosed`).
     pub fn close(&self) {
         self.link.close();

@@ -8,10 +8,13 @@
 //!   connection in priority order from a writer thread of that connection.
 //! * [`mod@credit`]: [`CreditTuner`](credit::CreditTuner), which picks a priority sender's credit
 //!   (its connection's send buffer) from measured round times.
+//! * [`mod@path_credit`]: [`PathCredit`](path_credit::PathCredit), which sizes a priority
+//!   connection's credit to the bandwidth × round trip the kernel measured of its path.
 //! * [`mod@tsengine`]: TSEngine's coordinator state machine (dynamic aggregation tree for push,
 //!   ε-greedy broadcast tree for pull, throughput table with expiry).
 
 pub mod credit;
+pub mod path_credit;
 pub mod priority;
 pub mod reply;
 pub mod tsengine;

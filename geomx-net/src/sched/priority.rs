@@ -12,12 +12,14 @@
 //!   the socket holds little unsent data, or the socket buffer turns back into a FIFO.
 
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use super::path_credit::{follow, PathCredit};
 use crate::error::NetError;
 use crate::kv::{KvClient, Pending, Response};
 use crate::wire::PayloadCodec;
@@ -249,6 +251,8 @@ pub(super) fn write_in_order<T>(shared: &Watched<Writer<T>>, mut write: impl FnM
 pub struct PrioritySender {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// The credit last sized to the path ([`PrioritySender::sized_by_path`]; 0: none yet).
+    credit: Arc<AtomicU32>,
 }
 
 /// A push queued in a [`PrioritySender`]: becomes a [`Pending`] request once written; or a
@@ -296,15 +300,34 @@ impl From<Pending> for Queued {
 impl PrioritySender {
     /// Starts the writer thread of `client` (named `name`).
     pub fn new(client: KvClient, name: &str) -> Result<Self, NetError> {
+        Self::start(client, name, None)
+    }
+
+    /// Like [`PrioritySender::new`], with the connection's send buffer (its credit) sized to
+    /// the bandwidth × round trip the kernel measures of its path
+    /// ([`super::path_credit::PathCredit`]); `unsent` is the connection's
+    /// `TCP_NOTSENT_LOWAT`.
+    pub fn sized_by_path(client: KvClient, name: &str, unsent: u32) -> Result<Self, NetError> {
+        Self::start(client, name, Some(PathCredit::new(unsent)))
+    }
+
+    fn start(client: KvClient, name: &str, path: Option<PathCredit>) -> Result<Self, NetError> {
         let shared = Arc::new(Writer::watched());
-        let s = shared.clone();
+        let credit = Arc::new(AtomicU32::new(0));
+        let (s, c) = (shared.clone(), credit.clone());
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || write_loop(&s, &client))?;
+            .spawn(move || write_loop(&s, &client, path, &c))?;
         Ok(Self {
             shared,
             thread: Some(thread),
+            credit,
         })
+    }
+
+    /// The credit last sized to the path (`None` before the first, or when not path-sized).
+    pub fn path_credit(&self) -> Option<u32> {
+        Some(self.credit.load(Ordering::Relaxed)).filter(|&c| c != 0)
     }
 
     /// Queues a push of `payload` for `key` at `version` (range `offset` of `total`) with
@@ -358,8 +381,14 @@ impl Drop for PrioritySender {
     }
 }
 
-/// The writer thread: takes the most urgent push when the previous one is written.
-fn write_loop(shared: &Shared, client: &KvClient) {
+/// The writer thread: takes the most urgent push when the previous one is written (and sizes
+/// the connection's credit after each, when `path` is given).
+fn write_loop(
+    shared: &Shared,
+    client: &KvClient,
+    mut path: Option<PathCredit>,
+    credit: &AtomicU32,
+) {
     write_in_order(shared, |job: Job| {
         let r = client.push(
             job.key,
@@ -370,6 +399,18 @@ fn write_loop(shared: &Shared, client: &KvClient) {
             &job.payload,
         );
         let _ = job.sent.send(r);
+        let sized = follow(
+            path.as_mut(),
+            job.payload.len(),
+            || client.tcp_rate(),
+            |c| {
+                client.set_send_buffer(c)?;
+                client.send_buffer()
+            },
+        );
+        if let Some(c) = sized {
+            credit.store(c, Ordering::Relaxed);
+        }
         true
     });
 }

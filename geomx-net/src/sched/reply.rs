@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::path_credit::{follow, PathCredit};
 use super::priority::{write_in_order, Priority, Watched, Writer};
 use crate::kv::Responder;
 use crate::wire::PayloadCodec;
@@ -39,6 +40,9 @@ type Conn = Watched<Writer<Reply>>;
 pub struct ReplyQueue {
     name: String,
     conns: Mutex<HashMap<usize, Arc<Conn>>>,
+    /// Size each connection's credit to its path ([`ReplyQueue::sized_by_path`]): the
+    /// connections' `TCP_NOTSENT_LOWAT`.
+    path_unsent: Option<u32>,
 }
 
 impl std::fmt::Debug for ReplyQueue {
@@ -55,6 +59,18 @@ impl ReplyQueue {
         Self {
             name: name.to_string(),
             conns: Mutex::new(HashMap::new()),
+            path_unsent: None,
+        }
+    }
+
+    /// Like [`ReplyQueue::new`], with each connection's send buffer (its credit) sized to the
+    /// bandwidth × round trip the kernel measures of its path
+    /// ([`super::path_credit::PathCredit`]); `unsent` is the connections' `TCP_NOTSENT_LOWAT`.
+    pub fn sized_by_path(name: &str, unsent: u32) -> Self {
+        Self {
+            name: name.to_string(),
+            conns: Mutex::new(HashMap::new()),
+            path_unsent: Some(unsent),
         }
     }
 
@@ -116,9 +132,10 @@ impl ReplyQueue {
         conns.retain(|_, c| !c.lock().closed);
         let conn: Arc<Conn> = Arc::new(Writer::watched());
         let c = conn.clone();
+        let path = self.path_unsent.map(PathCredit::new);
         let spawned = std::thread::Builder::new()
             .name(format!("{}.{}", self.name, conns.len()))
-            .spawn(move || write_loop(&c));
+            .spawn(move || write_loop(&c, path));
         match spawned {
             Ok(_) => {
                 conns.insert(peer.conn_id(), conn.clone());
@@ -142,25 +159,39 @@ impl Drop for ReplyQueue {
     }
 }
 
-/// Writes one reply (blocking); a failure means the connection is gone, which the peer sees.
-fn write(r: Reply) -> bool {
+/// Writes one reply (blocking) and returns its payload's size; `None`: the connection is gone,
+/// which the peer sees.
+fn write(r: Reply) -> Option<usize> {
     let bytes: &[u8] = (*r.payload).as_ref();
     match r.to.send(r.version, r.codec, bytes) {
-        Ok(()) => true,
+        Ok(()) => Some(bytes.len()),
         Err(e) => {
             tracing::debug!(error = %e, "reply not delivered");
-            false
+            None
         }
     }
 }
 
-/// A connection's writer: the most urgent queued reply, written whole, then the next. Ends when
-/// the queue is dropped and empty, or when the connection fails (the replies left are dropped,
-/// which answers their requests with an error on a connection that is gone anyway).
-fn write_loop(conn: &Conn) {
+/// A connection's writer: the most urgent queued reply, written whole, then the next (and the
+/// connection's credit sized after each, when `path` is given). Ends when the queue is dropped
+/// and empty, or when the connection fails (the replies left are dropped, which answers their
+/// requests with an error on a connection that is gone anyway).
+fn write_loop(conn: &Conn, mut path: Option<PathCredit>) {
     write_in_order(conn, |reply: Reply| {
         let peer = reply.to.peer();
-        write(reply) || !peer.is_closed()
+        let Some(bytes) = write(reply) else {
+            return !peer.is_closed();
+        };
+        follow(
+            path.as_mut(),
+            bytes,
+            || peer.tcp_rate(),
+            |c| {
+                peer.set_send_buffer(c)?;
+                peer.send_buffer()
+            },
+        );
+        true
     });
     let left: Vec<Reply> = {
         let mut st = conn.lock();

@@ -28,7 +28,7 @@ pub use checkpoint::{CheckpointConfig, DEFAULT_EVERY_ROUNDS, DEFAULT_KEEP};
 pub use resilience::{LostWorker, ResilienceConfig, Restart};
 pub use role::{Role, RoleSpec};
 pub use scheduling::{
-    AutoWord, Credit, P3Config, SchedulingConfig, TsEngineConfig, DEFAULT_CREDIT_BYTES,
+    Credit, CreditWord, P3Config, SchedulingConfig, TsEngineConfig, DEFAULT_CREDIT_BYTES,
     DEFAULT_SLICE_ELEMS, DEFAULT_UNSENT_BYTES, MIN_SLICE_ELEMS,
 };
 pub use security::{SecurityConfig, SecurityMode, SECURITY_DIR_ENV, SECURITY_MODE_ENV};

@@ -13,49 +13,68 @@ pub const DEFAULT_SLICE_ELEMS: usize = 50_000;
 pub const MIN_SLICE_ELEMS: usize = 1024;
 
 /// Default `TCP_NOTSENT_LOWAT` of P3 connections in bytes.
-pub const DEFAULT_UNSENT_BYTES: u32 = 64 << 10;
+pub const DEFAULT_UNSENT_BYTES: u32 = 16 << 10;
 
-/// Default send buffer (credit) of P3 connections in bytes; under `"auto"`, that of the
-/// connections that do not tune it (the servers' replies) and of every connection before its
-/// tuner's first candidate.
+/// Send buffer (credit) of P3 connections in bytes under `"auto"` before the tuner's first
+/// candidate.
 pub const DEFAULT_CREDIT_BYTES: u32 = 256 << 10;
 
-/// `scheduling.p3.credit_bytes`: a fixed send buffer, or `"auto"`.
+/// `scheduling.p3.credit_bytes`: sized to each connection's path (`"path"`, the default), tuned
+/// from round times (`"auto"`), or a fixed send buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Credit {
     /// This many bytes.
     Bytes(u32),
-    /// Tuned from measured round times within the first 15 rounds
-    /// (`geomx_net::sched::credit::CreditTuner`) by each worker for its push connection and by
-    /// each local server for its uplinks; the servers' reply connections keep
-    /// [`DEFAULT_CREDIT_BYTES`].
-    Auto(AutoWord),
+    /// A word: `"path"` or `"auto"`.
+    Sized(CreditWord),
 }
 
-/// The word `"auto"`.
+/// How a credit is sized when it is not a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum AutoWord {
-    /// `"auto"`.
+pub enum CreditWord {
+    /// `"path"`: every P3 connection (pushes and replies) keeps its send buffer at the
+    /// bandwidth × round trip the kernel measures of its path, with room for the unsent bytes
+    /// and one slice (`geomx_net::sched::path_credit::PathCredit`), starting at 4 MiB.
+    Path,
+    /// `"auto"`: tuned from measured round times within the first 15 rounds
+    /// (`geomx_net::sched::credit::CreditTuner`) by each worker for its push connection and by
+    /// each local server for its uplinks; the servers' reply connections are sized to their
+    /// path as under `"path"`.
     Auto,
 }
 
 impl Credit {
-    /// The tuned credit.
-    pub const AUTO: Credit = Credit::Auto(AutoWord::Auto);
+    /// The credit sized to the path (the default).
+    pub const PATH: Credit = Credit::Sized(CreditWord::Path);
+
+    /// The credit tuned from round times.
+    pub const AUTO: Credit = Credit::Sized(CreditWord::Auto);
 
     /// The send buffer a connection starts with.
     pub fn initial(self) -> u32 {
         match self {
             Credit::Bytes(b) => b,
-            Credit::Auto(_) => DEFAULT_CREDIT_BYTES,
+            Credit::Sized(CreditWord::Path) => geomx_net::sched::path_credit::INITIAL,
+            Credit::Sized(CreditWord::Auto) => DEFAULT_CREDIT_BYTES,
         }
     }
 
     /// True for `"auto"`.
     pub fn is_auto(self) -> bool {
-        matches!(self, Credit::Auto(_))
+        self == Self::AUTO
+    }
+
+    /// True where the pushing connections are sized to their path (`"path"`).
+    pub fn pushes_by_path(self) -> bool {
+        self == Self::PATH
+    }
+
+    /// True where the servers' reply connections are sized to their path (`"path"` and
+    /// `"auto"`, whose tuners only size the pushing connections).
+    pub fn replies_by_path(self) -> bool {
+        matches!(self, Credit::Sized(_))
     }
 }
 
@@ -114,7 +133,8 @@ pub struct P3Config {
     /// what it may hold unacknowledged, in flight or queued, ahead of a more urgent slice. It
     /// must cover the path's bandwidth × round-trip time, or it caps the throughput; much more
     /// and the queue below the priority heap is first come, first served again. Default
-    /// [`DEFAULT_CREDIT_BYTES`]; `"auto"`: tuned from measured round times.
+    /// `"path"`: sized to each connection's measured path; `"auto"`: tuned from measured round
+    /// times; or a number of bytes.
     pub credit_bytes: Credit,
 }
 
@@ -124,7 +144,7 @@ impl Default for P3Config {
             enabled: false,
             slice_elems: DEFAULT_SLICE_ELEMS,
             unsent_bytes: DEFAULT_UNSENT_BYTES,
-            credit_bytes: Credit::Bytes(DEFAULT_CREDIT_BYTES),
+            credit_bytes: Credit::PATH,
         }
     }
 }

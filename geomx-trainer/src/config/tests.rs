@@ -953,17 +953,23 @@ fn the_p3_example_parses_and_p3_settings_are_checked() {
     assert!(!d.enabled);
     assert_eq!(
         (d.slice_elems, d.unsent_bytes, d.credit_bytes),
-        (
-            DEFAULT_SLICE_ELEMS,
-            DEFAULT_UNSENT_BYTES,
-            Credit::Bytes(DEFAULT_CREDIT_BYTES)
-        )
+        (DEFAULT_SLICE_ELEMS, DEFAULT_UNSENT_BYTES, Credit::PATH)
     );
+    // The default sizes every P3 connection to its path, starting where the kernel's
+    // autotuning would end (4 MiB).
+    assert!(d.credit_bytes.pushes_by_path() && d.credit_bytes.replies_by_path());
+    assert_eq!(d.credit_bytes.initial(), 4 << 20);
     assert_eq!(Credit::AUTO.initial(), DEFAULT_CREDIT_BYTES);
     let fixed = Config::from_toml_str("[scheduling.p3]\ncredit_bytes = 131072\n").unwrap();
     assert_eq!(fixed.scheduling.p3.credit_bytes, Credit::Bytes(131072));
+    assert!(!fixed.scheduling.p3.credit_bytes.replies_by_path());
     let auto = Config::from_toml_str("[scheduling.p3]\ncredit_bytes = \"auto\"\n").unwrap();
     assert!(auto.scheduling.p3.credit_bytes.is_auto());
+    // "auto" tunes the pushing connections; the replies are sized to their path.
+    assert!(!auto.scheduling.p3.credit_bytes.pushes_by_path());
+    assert!(auto.scheduling.p3.credit_bytes.replies_by_path());
+    let path = Config::from_toml_str("[scheduling.p3]\ncredit_bytes = \"path\"\n").unwrap();
+    assert_eq!(path.scheduling.p3.credit_bytes, Credit::PATH);
     let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
     let e = err("[transport]\ndriver = \"io-uring\"\n[scheduling.p3]\nenabled = true\n");
     assert!(

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use geomx_net::sched::priority::PrioritySender;
 use geomx_net::NetOptions;
 
 use super::plan::ClusterPlan;
@@ -320,6 +321,25 @@ impl JobSpec {
         cfg.checkpoint_support("--resume")?;
         self.resume = Some(dir);
         Ok(())
+    }
+
+    /// P3's priority sender in front of `client` (its writer thread named `name`), sized to
+    /// the path under `credit_bytes = "path"`; `None` without P3.
+    pub fn p3_sender(
+        &self,
+        client: &geomx_net::KvClient,
+        name: &str,
+    ) -> Result<Option<PrioritySender>, RunError> {
+        let Some(p3) = self.p3.as_ref() else {
+            return Ok(None);
+        };
+        let client = client.clone();
+        match p3.credit_bytes.pushes_by_path() {
+            true => PrioritySender::sized_by_path(client, name, p3.unsent_bytes),
+            false => PrioritySender::new(client, name),
+        }
+        .map(Some)
+        .map_err(|e| RunError::Net("starting the P3 sender".into(), e))
     }
 
     /// How the global tier's answer for `key` travels to the workers.

@@ -1580,7 +1580,7 @@ pub fn run(
     }
     stats.client_bytes = wan;
     stats.p3_credit = match handler.p3_credit.load(Ordering::Relaxed) {
-        0 => None,
+        0 => upstream.path_credit().map(u64::from),
         c => Some(c),
     };
     stats.global_param_hash = Some(global_hash);

@@ -169,8 +169,9 @@ pub struct RoleStats {
     /// The incarnation of this process (0: never restarted).
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub incarnation: u32,
-    /// The P3 credit (send buffer, bytes) tuned from round times (workers: their push
-    /// connection; local servers: their uplinks), under `scheduling.p3.credit_bytes = "auto"`.
+    /// The P3 credit (send buffer, bytes) of the pushing connections (workers: their push
+    /// connection; local servers: their uplinks, the largest): tuned from round times under
+    /// `scheduling.p3.credit_bytes = "auto"`, last sized to the path under `"path"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p3_credit: Option<u64>,
 }

@@ -32,10 +32,13 @@ impl Replies {
             .p3
             .as_ref()
             .map(|_| keys.into_iter().map(|k| job.keys.priority(k)).collect());
-        Self {
-            queue: ReplyQueue::new(name),
-            p3,
-        }
+        let queue = match job.p3.as_ref() {
+            Some(p) if p.credit_bytes.replies_by_path() => {
+                ReplyQueue::sized_by_path(name, p.unsent_bytes)
+            }
+            _ => ReplyQueue::new(name),
+        };
+        Self { queue, p3 }
     }
 
     /// Answers `to` for entry `i` with `payload` at `version`. Inline, a failure means the

@@ -258,15 +258,11 @@ impl Upstream {
         dc: u32,
         rejoin: Option<Rejoin>,
     ) -> Result<Self, RunError> {
-        let prio = match job.p3 {
-            Some(_) => clients
-                .iter()
-                .enumerate()
-                .map(|(s, c)| PrioritySender::new(c.clone(), &format!("geomx-p3-l{dc}.{s}")))
-                .collect::<Result<_, _>>()
-                .map_err(|e| RunError::Net("starting the P3 senders".into(), e))?,
-            None => Vec::new(),
-        };
+        let prio = clients
+            .iter()
+            .enumerate()
+            .filter_map(|(s, c)| job.p3_sender(c, &format!("geomx-p3-l{dc}.{s}")).transpose())
+            .collect::<Result<_, _>>()?;
         let links = clients
             .into_iter()
             .enumerate()
@@ -301,6 +297,14 @@ impl Upstream {
                 .map_err(|e| format!("setting the P3 credit towards global server {s}: {e}"))?;
         }
         Ok(())
+    }
+
+    /// The largest credit the uplinks' senders sized to their paths (`credit_bytes = "path"`).
+    pub(super) fn path_credit(&self) -> Option<u32> {
+        self.prio
+            .iter()
+            .filter_map(PrioritySender::path_credit)
+            .max()
     }
 
     /// Bytes sent and received on every uplink connection, replaced ones included.

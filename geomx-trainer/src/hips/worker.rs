@@ -713,12 +713,7 @@ pub fn run(
     };
     let mut meter = ThroughputMeter::default();
     // P3: pushes go through a priority sender; replies are applied by the next forward pass.
-    let prio = job
-        .p3
-        .as_ref()
-        .map(|_| PrioritySender::new(client.clone(), &format!("geomx-p3-w{dc}.{rank}")))
-        .transpose()
-        .map_err(|e| RunError::Net("starting the P3 sender".into(), e))?;
+    let prio = job.p3_sender(&client, &format!("geomx-p3-w{dc}.{rank}"))?;
     let mut outstanding = Outstanding::default();
     // P3 with `credit_bytes = "auto"`: the push connection's credit from measured round times.
     let mut tuner = job
@@ -881,7 +876,10 @@ pub fn run(
         .throughput
         .as_ref()
         .map(super::time_split::RoleSplit::of_worker);
-    stats.p3_credit = tuner.and_then(|t| t.settled()).map(u64::from);
+    stats.p3_credit = tuner
+        .and_then(|t| t.settled())
+        .or_else(|| prio.as_ref().and_then(PrioritySender::path_credit))
+        .map(u64::from);
     stats.cast_overflows = overflows.snapshot();
     for a in &apply {
         if let KeyApply::Sparse(r) = a {

@@ -665,6 +665,10 @@ impl LinkIo for UringIo {
         TcpProgress::read(&*self.stream)
     }
 
+    fn socket(&self) -> socket2::SockRef<'_> {
+        socket2::SockRef::from(&*self.stream)
+    }
+
     fn driver(&self) -> super::DriverKind {
         super::DriverKind::IoUring
     }
