@@ -363,22 +363,14 @@ fn median_roles(runs: &[RoundRun]) -> Vec<(String, RoleSplit)> {
     }
     roles
         .into_iter()
-        .map(|role| {
+        .filter_map(|role| {
             let splits: Vec<RoleSplit> = runs
                 .iter()
                 .filter_map(|r| r.role_splits.iter().find(|x| x.role == role))
                 .map(|x| x.split)
                 .collect();
-            let med = |f: fn(&RoleSplit) -> f64| median(splits.iter().map(f).collect());
-            let split = RoleSplit {
-                rounds: splits.iter().map(|s| s.rounds).max().unwrap_or(0),
-                compute_ms: med(|s| s.compute_ms),
-                codec_ms: med(|s| s.codec_ms),
-                lan_wait_ms: med(|s| s.lan_wait_ms),
-                wan_wait_ms: med(|s| s.wan_wait_ms),
-                idle_ms: med(|s| s.idle_ms),
-            };
-            (role.to_string(), split)
+            // Every listed role has a split in some run.
+            RoleSplit::combine(&splits, median).map(|s| (role.to_string(), s))
         })
         .collect()
 }

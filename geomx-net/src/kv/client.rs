@@ -25,8 +25,6 @@ pub struct KvClient {
 
 struct ClientInner {
     link: Arc<Link>,
-    /// A second handle on the socket, for its options ([`KvClient::set_send_buffer`]).
-    socket: TcpStream,
     driver: Driver,
     counters: Arc<LiveCounters>,
     server_id: u32,
@@ -148,7 +146,6 @@ impl KvClient {
                 )?)
             }
         };
-        let socket = stream.try_clone()?;
         let driver = Driver::new(&opts, true)?;
         let counters = Arc::new(LiveCounters::default());
         let (state_tx, state_rx) = crossbeam_channel::unbounded();
@@ -179,7 +176,6 @@ impl KvClient {
         Ok(KvClient {
             inner: Arc::new(ClientInner {
                 link,
-                socket,
                 driver,
                 counters,
                 server_id,
@@ -246,22 +242,18 @@ impl KvClient {
 
     /// What the kernel measured of the connection's path (`None` where it cannot say).
     pub fn tcp_rate(&self) -> Option<crate::TcpRate> {
-        crate::TcpRate::read(&self.inner.socket)
+        self.inner.link.tcp_rate()
     }
 
     /// Sets the connection's send buffer (`SO_SNDBUF`; Linux doubles it for its bookkeeping):
     /// what it may hold unacknowledged from now on (see [`crate::NetOptions::send_buffer`]).
     pub fn set_send_buffer(&self, bytes: usize) -> Result<(), NetError> {
-        if let Some(reason) = self.inner.link.close_reason() {
-            return Err(reason);
-        }
-        socket2::SockRef::from(&self.inner.socket).set_send_buffer_size(bytes)?;
-        Ok(())
+        self.inner.link.set_send_buffer(bytes)
     }
 
     /// The connection's send buffer as the kernel reports it.
     pub fn send_buffer(&self) -> Result<usize, NetError> {
-        Ok(socket2::SockRef::from(&self.inner.socket).send_buffer_size()?)
+        self.inner.link.send_buffer()
     }
 
     /// The node id the server announced.

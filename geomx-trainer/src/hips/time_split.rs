@@ -68,22 +68,25 @@ impl RoleSplit {
 
     /// The mean of `splits` (`None` for none).
     pub fn mean(splits: &[RoleSplit]) -> Option<RoleSplit> {
+        let n = splits.len() as f64;
+        Self::combine(splits, |v| v.iter().fold(0.0, |m, x| m + x / n))
+    }
+
+    /// Each part of `splits` combined by `f` (a mean, a median) over their values of it, and
+    /// the most rounds of any (`None` for none).
+    pub fn combine(splits: &[RoleSplit], f: impl Fn(Vec<f64>) -> f64) -> Option<RoleSplit> {
         if splits.is_empty() {
             return None;
         }
-        let n = splits.len() as f64;
-        let mut m = RoleSplit {
+        let part = |g: fn(&RoleSplit) -> f64| f(splits.iter().map(g).collect());
+        Some(RoleSplit {
             rounds: splits.iter().map(|s| s.rounds).max().unwrap_or(0),
-            ..RoleSplit::default()
-        };
-        for s in splits {
-            m.compute_ms += s.compute_ms / n;
-            m.codec_ms += s.codec_ms / n;
-            m.lan_wait_ms += s.lan_wait_ms / n;
-            m.wan_wait_ms += s.wan_wait_ms / n;
-            m.idle_ms += s.idle_ms / n;
-        }
-        Some(m)
+            compute_ms: part(|s| s.compute_ms),
+            codec_ms: part(|s| s.codec_ms),
+            lan_wait_ms: part(|s| s.lan_wait_ms),
+            wan_wait_ms: part(|s| s.wan_wait_ms),
+            idle_ms: part(|s| s.idle_ms),
+        })
     }
 }
 
