@@ -82,7 +82,9 @@ fn run_cluster(lab: &DgtLab, job: &JobSpec) -> Vec<RoleStats> {
             let (j, c, f, p) = (job.clone(), coord.clone(), fatal.clone(), progress.clone());
             spawn(
                 true,
-                Box::new(move || worker::run(&j, d, r, &c, f, p).map_err(|e| e.to_string())),
+                Box::new(move || {
+                    worker::run(&j, d, r, &c, "127.0.0.1", f, p).map_err(|e| e.to_string())
+                }),
             );
         }
     }

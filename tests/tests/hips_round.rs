@@ -135,6 +135,7 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         keys: KeyMap::whole(&lens, &[0, 0]),
         p3: None,
         tsengine: None,
+        ts_intra: None,
         model: Arc::new(model),
         optimizer: OptimizerConfig::Sgd(SgdConfig {
             lr: 1.0,
@@ -281,7 +282,7 @@ fn run_roles(
             let c = worker_coord(d, r, &coord);
             let (j, f, p) = (job.clone(), fatal.clone(), progress.clone());
             spawn(Box::new(move || {
-                worker::run(&j, d, r, &c, f, p).map_err(|e| e.to_string())
+                worker::run(&j, d, r, &c, "127.0.0.1", f, p).map_err(|e| e.to_string())
             }));
         }
     }

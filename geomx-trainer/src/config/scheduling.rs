@@ -91,11 +91,14 @@ pub struct SchedulingConfig {
 /// `[scheduling.tsengine]`: TSEngine's adaptive overlay (scheduling.md, "TSEngine"). Under
 /// `inter`, the local servers' sums reach the global server through a dynamic aggregation tree
 /// (no in-cast at the global server) and the new parameters come back through an ε-greedy
-/// broadcast tree, both chosen per round from measured throughput.
+/// broadcast tree, both chosen per round from measured throughput; under `intra`, the same
+/// between each DC's workers and their local server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TsEngineConfig {
-    /// Workers ↔ local server. Not implemented: `true` is refused.
+    /// Workers ↔ local server: each DC's workers push through a dynamic aggregation tree and
+    /// pull through an ε-greedy broadcast tree rooted at their local server (every worker then
+    /// serves its DC's other workers on a port of its host).
     pub intra: bool,
     /// Local servers ↔ global server.
     pub inter: bool,
@@ -200,33 +203,29 @@ impl Config {
         self.validate_tsengine()
     }
 
-    /// `[scheduling.tsengine]`: the inter tier only, and only where one tree per round carries
-    /// every value (FSA, dense f32 over TCP, one global server) and every DC takes part.
+    /// `[scheduling.tsengine]`: on either tier, only where one tree per round carries every
+    /// value (FSA, dense f32 over TCP) and every worker and DC takes part; on the inter tier
+    /// with one global server.
     fn validate_tsengine(&self) -> Result<(), ConfigError> {
         let ts = &self.scheduling.tsengine;
-        let field = "scheduling.tsengine";
-        if ts.intra {
-            return Err(ConfigError::invalid(
-                "scheduling.tsengine.intra",
-                "TSEngine runs between the local servers and the global server (inter) only; \
-                 workers push to their local server directly",
-            ));
-        }
         if !(0.0..=1.0).contains(&ts.max_greed) {
             return Err(ConfigError::invalid(
                 "scheduling.tsengine.max_greed",
                 format!("{} must be in [0, 1]", ts.max_greed),
             ));
         }
-        if !ts.inter {
-            return Ok(());
-        }
+        // The field named: the inter tier's when it is on, else the intra tier's.
+        let field = match (ts.intra, ts.inter) {
+            (_, true) => "scheduling.tsengine.inter",
+            (true, false) => "scheduling.tsengine.intra",
+            (false, false) => return Ok(()),
+        };
         let r = &self.resilience;
         let why = if self.sync.algorithm != SyncAlgorithm::Fsa {
-            "TSEngine aggregates the DCs' gradient sums of fsa only (sync.algorithm)"
-        } else if self.cluster.global_servers != 1 {
+            "TSEngine aggregates the gradient sums of fsa only (sync.algorithm)"
+        } else if ts.inter && self.cluster.global_servers != 1 {
             "TSEngine needs one global server (cluster.global_servers = 1)"
-        } else if self.transport.inter == super::TransportKind::Dgt {
+        } else if ts.inter && self.transport.inter == super::TransportKind::Dgt {
             "TSEngine sends over TCP: set transport.inter to \"tcp\""
         } else if self.compression.inter != super::Codec::None
             || self.compression.intra != super::Codec::None
@@ -245,6 +244,6 @@ impl Config {
         } else {
             return Ok(());
         };
-        Err(ConfigError::invalid(format!("{field}.inter"), why))
+        Err(ConfigError::invalid(field, why))
     }
 }

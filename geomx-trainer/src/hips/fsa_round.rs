@@ -11,16 +11,18 @@
 
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Receiver;
 use geomx_net::sched::priority::{PrioritySender, Queued};
-use geomx_net::KvClient;
+use geomx_net::{KvClient, NetError, Response};
 
 use super::chaos::{Point, SelfFault};
 use super::node::Node;
 use super::throughput::{StepPart, StepSplit};
 use super::worker::{check_push, reply_of, slow_down, KeyApply};
+use super::worker_tree::WorkerTree;
 use super::{JobSpec, RunError};
 use crate::codec::clock::Mark;
-use crate::codec::{encode_values, poison_first, Encoded, KeyCounts};
+use crate::codec::{decode_values, encode_values, poison_first, Encoded, KeyCounts};
 use crate::data::Prefetcher;
 use crate::engine::{DenseEncoding, EngineError};
 
@@ -31,6 +33,8 @@ pub(super) struct FsaIo<'a> {
     pub client: &'a KvClient,
     /// P3: the priority sender in front of `client`.
     pub prio: Option<&'a PrioritySender>,
+    /// TSEngine on the intra tier: the trees that carry the pushes instead of `client`.
+    pub tree: Option<&'a WorkerTree>,
     pub overflows: &'a KeyCounts,
     /// This worker's emulated slowdown factor (`cluster.data_centers[].slowdown`).
     pub slowdown: f64,
@@ -38,11 +42,33 @@ pub(super) struct FsaIo<'a> {
     pub chaos: Option<&'a SelfFault>,
 }
 
+/// How a push's reply comes back.
+pub(super) enum Answer {
+    /// From the local server (directly, or through the P3 priority sender).
+    Net(Queued),
+    /// From the key's TSEngine tree ([`WorkerTree`]).
+    Tree(Receiver<Result<Response, NetError>>),
+}
+
+impl Answer {
+    /// Waits up to `timeout` for the reply.
+    fn wait(self, timeout: Duration) -> Result<Response, NetError> {
+        match self {
+            Answer::Net(q) => q.wait(timeout),
+            Answer::Tree(rx) => rx.recv_timeout(timeout).unwrap_or_else(|_| {
+                Err(NetError::Timeout(format!(
+                    "no θ from the TSEngine tree within {timeout:?}"
+                )))
+            }),
+        }
+    }
+}
+
 /// Replies to one round's pushes, by key, that the worker has not applied yet.
 #[derive(Default)]
 pub(super) struct Outstanding {
     round: u64,
-    replies: Vec<Option<Queued>>,
+    replies: Vec<Option<Answer>>,
 }
 
 impl Outstanding {
@@ -105,7 +131,7 @@ struct Pushes<'a> {
     job: &'a JobSpec,
     io: &'a FsaIo<'a>,
     round: u64,
-    replies: Vec<Option<Queued>>,
+    replies: Vec<Option<Answer>>,
     failed: Option<RunError>,
 }
 
@@ -119,6 +145,11 @@ impl Pushes<'_> {
         io.overflows.add(key, e.overflow);
         let sent =
             check_push(job, io.node, "gradient", key, round, e.codec, &e.bytes, n).and_then(|_| {
+                if let Some(t) = io.tree {
+                    let grad =
+                        decode_values(e.codec, &e.bytes, key, n).map_err(RunError::Protocol)?;
+                    return t.push(key, round, grad).map(Answer::Tree);
+                }
                 let r = match io.prio {
                     Some(s) => s.push(
                         job.keys.priority(key),
@@ -134,7 +165,8 @@ impl Pushes<'_> {
                         .push(key as u64, round, e.codec, 0, n as u64, &e.bytes)
                         .map(Queued::from),
                 };
-                r.map_err(|e| RunError::Net(format!("pushing key {key} round {round}"), e))
+                r.map(Answer::Net)
+                    .map_err(|e| RunError::Net(format!("pushing key {key} round {round}"), e))
             });
         if let Some(c) = io.chaos {
             c.at(round, Point::MidPush);

@@ -328,8 +328,13 @@ impl GlobalHandler {
     }
 
     fn on_push(&self, mut req: Request, reply: Responder) {
-        if let Some(op) = super::ts_msg::Op::of_key(req.key) {
-            return self.on_ts(op, req, reply);
+        match super::ts_msg::Op::of_key(req.key) {
+            Some((super::ts_msg::Tier::Inter, op)) => return self.on_ts(op, req, reply),
+            Some((super::ts_msg::Tier::Intra, op)) => {
+                let msg = format!("TSEngine {op:?} of the intra tier at a global server");
+                return self.admission.refuse(reply, msg);
+            }
+            None => {}
         }
         let id = req.key as usize;
         // A peer's bad request is refused, never fatal: a genuine local server fails on the

@@ -30,6 +30,9 @@ pub struct JobSpec {
     pub p3: Option<P3Config>,
     /// TSEngine on the inter tier (`[scheduling.tsengine] inter`), when enabled.
     pub tsengine: Option<geomx_net::sched::tsengine::TsConfig>,
+    /// TSEngine on the intra tier (`[scheduling.tsengine] intra`), when enabled: each DC's
+    /// workers push and pull through trees rooted at their local server.
+    pub ts_intra: Option<geomx_net::sched::tsengine::TsConfig>,
     /// The model every role builds (global servers initialise θ_0 from it).
     pub model: Arc<dyn Model>,
     /// Optimizer run by the global servers.
@@ -213,16 +216,16 @@ impl JobSpec {
         h.write(&plan.hash().to_le_bytes());
         h.write(&rounds.to_le_bytes());
         h.write(&super::msg::PAYLOAD_VERSION.to_le_bytes());
+        let ts = geomx_net::sched::tsengine::TsConfig {
+            max_greed: cfg.scheduling.tsengine.max_greed,
+            expiry_rounds: cfg.scheduling.tsengine.expiry_rounds,
+        };
         Ok(Self {
             plan,
             keys,
             p3,
-            tsengine: cfg.scheduling.tsengine.inter.then_some(
-                geomx_net::sched::tsengine::TsConfig {
-                    max_greed: cfg.scheduling.tsengine.max_greed,
-                    expiry_rounds: cfg.scheduling.tsengine.expiry_rounds,
-                },
-            ),
+            tsengine: cfg.scheduling.tsengine.inter.then_some(ts),
+            ts_intra: cfg.scheduling.tsengine.intra.then_some(ts),
             model,
             optimizer: cfg.train.optimizer.clone(),
             seed: cfg.model.seed,

@@ -51,6 +51,7 @@ use crate::codec::{
 use crate::placement::Range;
 
 mod ts;
+mod ts_intra;
 
 /// A completed lower-tier sum to send upward (`None`: the round is dropped).
 struct UpJob {
@@ -154,6 +155,8 @@ struct LocalHandler {
     chaos: Option<SelfFault>,
     /// `[scheduling.tsengine] inter`: what the other local servers send here.
     ts: Option<ts::TsLocal>,
+    /// `[scheduling.tsengine] intra`: the roots of the workers' trees.
+    ts_intra: Option<ts_intra::TsIntra>,
     /// Where this process's rounds went ([`super::time_split`]).
     split: PhaseClock,
 }
@@ -250,8 +253,10 @@ impl LocalHandler {
         if req.key == LOSS_KEY {
             return self.on_loss(&req, reply);
         }
-        if let Some(op) = super::ts_msg::Op::of_key(req.key) {
-            return self.on_ts(op, req, reply);
+        match super::ts_msg::Op::of_key(req.key) {
+            Some((super::ts_msg::Tier::Inter, op)) => return self.on_ts(op, req, reply),
+            Some((super::ts_msg::Tier::Intra, op)) => return self.on_ts_intra(op, req, reply),
+            None => {}
         }
         let key = req.key as usize;
         // A peer's bad request is refused, never fatal: a genuine worker fails on the error
@@ -329,6 +334,11 @@ impl LocalHandler {
             count,
             replies,
         };
+        self.to_uplink(key, job);
+    }
+
+    /// Hands a completed local sum to the key's uplink thread.
+    fn to_uplink(&self, key: usize, job: UpJob) {
         let tx = lock(&self.uplinks).get(key).cloned();
         match tx {
             Some(tx) => {
@@ -547,6 +557,10 @@ impl LocalHandler {
             }
         }
         drop(st);
+        if version > self.start {
+            // Under TSEngine on the intra tier θ goes to the workers through the pull tree.
+            self.ts_intra_theta(key, version - 1, codec, &bytes);
+        }
         for (r, state) in state_ready {
             let state: SharedBytes = state;
             self.replies
@@ -1292,6 +1306,7 @@ pub fn run(
         ts: job
             .tsengine
             .map(|_| ts::TsLocal::new(plan.key_lens.clone())),
+        ts_intra: ts_intra::TsIntra::new(job, dc, n_d).map_err(RunError::Protocol)?,
         split: PhaseClock::new(Waiting::Lan),
     });
     let (mut server, node) =
@@ -1454,13 +1469,14 @@ pub fn run(
         for k in 0..n_keys {
             let (tx, rx) = crossbeam_channel::unbounded();
             senders.push(tx);
-            let up = ts::TsUplink {
-                key: k,
-                handler: handler.clone(),
-                global: global.clone(),
-                peers: peers.clone(),
-                limit: job.wait_limit(),
-            };
+            let up = ts::TsUplink::new(
+                k,
+                handler.clone(),
+                global.clone(),
+                peers.clone(),
+                job.wait_limit(),
+            )
+            .map_err(RunError::Protocol)?;
             let t = std::thread::Builder::new()
                 .name(format!("geomx-tsengine-{k}"))
                 .spawn(move || up.run(rx))

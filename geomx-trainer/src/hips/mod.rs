@@ -30,9 +30,11 @@ pub mod slices;
 pub mod throughput;
 pub mod time_split;
 pub mod ts_msg;
+mod ts_node;
 mod ts_root;
 mod upstream;
 pub mod worker;
+mod worker_tree;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,15 +1,18 @@
-//! TSEngine's messages on the inter tier (`[scheduling.tsengine] inter`, scheduling.md,
-//! "TSEngine"; docs/wire-format.md, "TSEngine"). Every one is a geomx-net `Push` whose key is
-//! [`TS_KEYS`] plus an [`Op`], whose version is the round and whose offset is the model key (each
-//! key is a bundle of its own); the fields are little-endian. "bundle" below: the key's values.
+//! TSEngine's messages (`[scheduling.tsengine]`, scheduling.md, "TSEngine";
+//! docs/wire-format.md, "TSEngine"). Every one is a geomx-net `Push` whose key is its [`Tier`]'s
+//! first key ([`TS_KEYS`] on the inter tier, [`TS_INTRA_KEYS`] on the intra tier) plus an
+//! [`Op`], whose version is the round and whose offset is the model key (each key is a bundle of
+//! its own); the fields are little-endian. "bundle" below: the key's values. A participant is a
+//! local server on the inter tier (the global server is the root) and a worker on the intra tier
+//! (its local server is the root); a participant's id is its DC (inter) or its rank (intra).
 //!
 //! | Op | From → to | Payload | Answer |
 //! |---|---|---|---|
-//! | `Ready` | local → global | `merged` u8 | [`PushStep`] |
-//! | `Partial` | local → local or global | DCs u32, workers u32, f32 × bundle | empty |
-//! | `Await` | local → global | an optional [`Sent`] (the push's measurement) | [`PullStart`] |
-//! | `Next` | local → global | an optional [`Sent`] (the last send of θ) | [`PullStep`] |
-//! | `Theta` | local → local | f32 × bundle | empty |
+//! | `Ready` | participant → root | `merged` u8 | [`PushStep`] |
+//! | `Partial` | participant → participant or root | participants u32, workers u32, f32 × bundle | empty |
+//! | `Await` | participant → root | an optional [`Sent`] (the push's measurement) | [`PullStart`] |
+//! | `Next` | participant → root | an optional [`Sent`] (the last send of θ) | [`PullStep`] |
+//! | `Theta` | participant → participant | f32 × bundle | empty |
 //!
 //! Decoding checks every length and value: a peer's bad message is an error, never a panic.
 
@@ -17,8 +20,31 @@ use std::time::Duration;
 
 use geomx_net::sched::tsengine::{Measurement, NodeId};
 
-/// The first of the keys TSEngine's messages use (one per [`Op`]).
+/// The first of the keys TSEngine's messages use on the inter tier (one per [`Op`]).
 pub const TS_KEYS: u64 = u64::MAX - 32;
+
+/// The first of the keys TSEngine's messages use on the intra tier (one per [`Op`]).
+pub const TS_INTRA_KEYS: u64 = TS_KEYS - 16;
+
+/// Which tree a TSEngine message belongs to. Each tier has its own keys, so that a local server
+/// tells its workers' messages (it is their root) from the other local servers' (it is their
+/// peer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Local servers ↔ global server.
+    Inter,
+    /// Workers ↔ their local server.
+    Intra,
+}
+
+impl Tier {
+    fn first_key(self) -> u64 {
+        match self {
+            Tier::Inter => TS_KEYS,
+            Tier::Intra => TS_INTRA_KEYS,
+        }
+    }
+}
 
 /// The coordinator's id for the root (the global server); local servers are their DC index.
 pub const ROOT: NodeId = u32::MAX;
@@ -31,7 +57,7 @@ const MAX_REPORT: Duration = Duration::from_secs(3600);
 pub enum Op {
     /// A local server holds a partial sum (its own, or merged): where does it go?
     Ready,
-    /// A partial sum of some DCs' gradient sums.
+    /// A partial sum of some participants' gradient sums.
     Partial,
     /// A local server is done pushing and waits for the round's parameters.
     Await,
@@ -44,15 +70,17 @@ pub enum Op {
 impl Op {
     const ALL: [Op; 5] = [Op::Ready, Op::Partial, Op::Await, Op::Next, Op::Theta];
 
-    /// The request key of this op.
-    pub fn key(self) -> u64 {
-        TS_KEYS + self as u64
+    /// The request key of this op on `tier`.
+    pub fn key(self, tier: Tier) -> u64 {
+        tier.first_key() + self as u64
     }
 
-    /// The op of a request key, if it is one of TSEngine's.
-    pub fn of_key(key: u64) -> Option<Op> {
-        let i = key.checked_sub(TS_KEYS)?;
-        Op::ALL.get(usize::try_from(i).ok()?).copied()
+    /// The tier and op of a request key, if it is one of TSEngine's.
+    pub fn of_key(key: u64) -> Option<(Tier, Op)> {
+        [Tier::Inter, Tier::Intra].into_iter().find_map(|tier| {
+            let i = key.checked_sub(tier.first_key())?;
+            Some((tier, *Op::ALL.get(usize::try_from(i).ok()?)?))
+        })
     }
 }
 
@@ -141,11 +169,12 @@ pub fn decode_ready(b: &[u8]) -> Result<bool, String> {
 pub enum PushStep {
     /// Send the partial sum to `to` (a DC, or [`ROOT`]); then the push is done.
     SendTo(NodeId),
-    /// A partial of `dcs` DCs comes from DC `from`: merge it and report `Ready` again.
+    /// A partial of `dcs` participants (DCs, or workers on the intra tier) comes from `from`:
+    /// merge it and report `Ready` again.
     ReceiveFrom {
         /// The sender.
         from: NodeId,
-        /// DCs the incoming partial sums.
+        /// Participants the incoming partial sums.
         dcs: u32,
     },
 }
@@ -184,7 +213,8 @@ impl PushStep {
     }
 }
 
-/// `Partial`'s header: DCs and workers the sum counts, then f32 values.
+/// `Partial`'s header: participants (DCs, or workers on the intra tier) and workers the sum
+/// counts, then f32 values.
 pub fn encode_partial(dcs: u32, workers: u32, sum: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + sum.len() * 4);
     out.extend_from_slice(&dcs.to_le_bytes());
@@ -196,7 +226,7 @@ pub fn encode_partial(dcs: u32, workers: u32, sum: &[f32]) -> Vec<u8> {
 /// A decoded `Partial`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Partial {
-    /// DCs whose sums it holds.
+    /// Participants whose sums it holds (DCs, or workers on the intra tier).
     pub dcs: u32,
     /// Workers whose gradients it holds.
     pub workers: u32,
@@ -313,10 +343,15 @@ mod tests {
     #[test]
     fn ops_map_to_their_keys_and_nothing_else_does() {
         for op in Op::ALL {
-            assert_eq!(Op::of_key(op.key()), Some(op));
+            for tier in [Tier::Inter, Tier::Intra] {
+                assert_eq!(Op::of_key(op.key(tier)), Some((tier, op)));
+            }
         }
+        assert_ne!(Op::Ready.key(Tier::Inter), Op::Ready.key(Tier::Intra));
         assert_eq!(Op::of_key(TS_KEYS - 1), None);
         assert_eq!(Op::of_key(TS_KEYS + 5), None);
+        assert_eq!(Op::of_key(TS_INTRA_KEYS - 1), None);
+        assert_eq!(Op::of_key(TS_INTRA_KEYS + 5), None);
         assert_eq!(Op::of_key(0), None);
         assert_eq!(Op::of_key(super::super::msg::REJOIN_KEY), None);
         assert_eq!(Op::of_key(super::super::msg::LOSS_KEY), None);

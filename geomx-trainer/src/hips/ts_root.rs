@@ -24,7 +24,12 @@ use geomx_net::sched::tsengine::{
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::ts_msg::{encode_pull_from, encode_pull_theta, Partial, PullStep, PushStep, Sent, ROOT};
+use geomx_net::{PayloadCodec, Request, Responder};
+
+use super::admit::Admission;
+use super::ts_msg::{
+    self as msg, encode_pull_from, encode_pull_theta, Op, Partial, PullStep, PushStep, Sent, ROOT,
+};
 
 /// What the server does next.
 #[derive(Debug)]
@@ -44,6 +49,99 @@ pub(crate) enum Action<R> {
 
 /// A refused request: why, and its answerer when it was not consumed (to answer the error).
 pub(crate) type Refused<R> = (String, Option<R>);
+
+/// A participant's request to the root, decoded.
+pub(crate) enum RootRequest {
+    /// `Ready`: merged or not.
+    Ready(bool),
+    /// `Await`, with the push's measurement.
+    Await(Option<Sent>),
+    /// `Next`, with the last send's measurement.
+    Next(Option<Sent>),
+    /// A partial sum for the root.
+    Partial(Partial),
+}
+
+impl RootRequest {
+    /// Decodes the payload of `op` for a bundle of `len` values; the root takes no θ.
+    pub fn decode(op: Op, payload: &[u8], len: usize) -> Result<Self, String> {
+        match op {
+            Op::Ready => msg::decode_ready(payload).map(Self::Ready),
+            Op::Await => msg::decode_report(payload, "await").map(Self::Await),
+            Op::Next => msg::decode_report(payload, "next").map(Self::Next),
+            Op::Partial => msg::decode_partial(payload, len).map(Self::Partial),
+            Op::Theta => Err("the root takes no θ".into()),
+        }
+    }
+}
+
+/// What became of a participant's request that did not reach its root's actions: refused
+/// (answered with an error), or fatal (the trees cannot go on: the job must end).
+pub(crate) enum NotServed {
+    /// Refused, never fatal.
+    Refused,
+    /// A partial the root cannot take: a genuine participant never sends one.
+    Fatal(String),
+}
+
+/// Participant `from` (`who` in messages)'s TSEngine request `op` for the root of the key in
+/// its offset, among `roots` of keys of `lens` values: decoded before the connection may speak
+/// for the participant (admit.rs: a stranger borrowing its id with a malformed request claims
+/// nothing), then handed to the root. A partial is acknowledged on arrival (the sender measures
+/// the transfer). Returns the key, the round and the root's actions.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn serve(
+    roots: &[std::sync::Mutex<TsRoot<Responder>>],
+    lens: &[usize],
+    from: NodeId,
+    who: &str,
+    op: Op,
+    req: Request,
+    reply: Responder,
+    admission: &Admission,
+) -> Result<(usize, u64, Vec<Action<Responder>>), NotServed> {
+    let (round, now) = (req.version, Instant::now());
+    let key = req.offset as usize;
+    let refuse = |reply, msg| {
+        admission.refuse(reply, msg);
+        Err(NotServed::Refused)
+    };
+    let (Some(root), Some(&len)) = (roots.get(key), lens.get(key)) else {
+        return refuse(
+            reply,
+            format!("TSEngine {op:?} for unknown key {}", req.offset),
+        );
+    };
+    let parsed = match RootRequest::decode(op, &req.payload, len) {
+        Ok(p) => p,
+        Err(e) => return refuse(reply, format!("TSEngine {op:?} from {who}: {e}")),
+    };
+    if let Err(msg) = admission.bind(req.sender, &reply) {
+        return refuse(reply, msg);
+    }
+    let mut root = super::lock(root);
+    let res = match parsed {
+        RootRequest::Ready(merged) => root.ready(from, round, merged, reply),
+        RootRequest::Await(sent) => root.await_theta(from, round, sent, reply, now),
+        RootRequest::Next(last) => root.next(from, round, last, reply, now),
+        RootRequest::Partial(p) => {
+            let _ = reply.send(round, PayloadCodec::Raw, &[]);
+            root.partial(from, round, p).map_err(|e| (e, None))
+        }
+    };
+    drop(root);
+    res.map(|actions| (key, round, actions))
+        .map_err(|(e, reply)| {
+            let msg = format!("TSEngine {op:?} from {who}, key {key}, round {round}: {e}");
+            match reply {
+                Some(r) => {
+                    admission.refuse(r, msg);
+                    NotServed::Refused
+                }
+                None => NotServed::Fatal(msg),
+            }
+        })
+}
 
 /// Who sends a local server the round's θ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +191,7 @@ impl<R> TsRoot<R> {
         let engine = TsEngine::new(cfg).map_err(|e| e.to_string())?;
         let participants = (0..n_dcs as NodeId).collect::<Vec<_>>();
         if participants.is_empty() {
-            return Err("TSEngine needs a data center".into());
+            return Err("TSEngine needs a participant".into());
         }
         Ok(Self {
             engine,
@@ -108,7 +206,7 @@ impl<R> TsRoot<R> {
         if self.participants.contains(&dc) {
             Ok(())
         } else {
-            Err(format!("dc {dc} takes no part in the trees"))
+            Err(format!("participant {dc} takes no part in the trees"))
         }
     }
 

@@ -16,6 +16,7 @@ use super::fsa_round::{fsa_round, FsaIo, Outstanding};
 use super::node::{FatalHook, Identity, Node};
 use super::plan::roles;
 use super::throughput::{StepPart, StepSplit, ThroughputMeter};
+use super::worker_tree::{PeerInbox, WorkerTree};
 use super::{JobSpec, RoleStats, RunError};
 use crate::codec::clock::Mark;
 use crate::codec::down::{decode_dense_segments, split_segments, ReplyMode};
@@ -576,12 +577,14 @@ impl EsyncWorker {
 }
 
 /// Runs worker `rank` of DC `dc` for the job's rounds; returns its traffic, final parameter hash
-/// and (for dc 0 rank 0) final test accuracy.
+/// and (for dc 0 rank 0) final test accuracy. Under TSEngine on the intra tier the worker serves
+/// its DC's other workers at `host` (port chosen by the system); otherwise it serves nothing.
 pub fn run(
     job: &JobSpec,
     dc: u32,
     rank: u32,
     coord_addr: &str,
+    host: &str,
     fatal: FatalHook,
     progress: ProgressSink,
 ) -> Result<RoleStats, RunError> {
@@ -613,8 +616,21 @@ pub fn run(
     let chaos = super::chaos::SelfFault::from_env().map_err(RunError::Membership)?;
     let saver = super::ckpt::saver(job, &me);
 
-    let node = Node::join(coord_addr, me, String::new(), job, fatal)?;
+    // TSEngine on the intra tier: the other workers of the DC send partials and θ here.
+    let (node, peer_inbox) = match job.ts_intra {
+        Some(_) => {
+            let inbox = Arc::new(PeerInbox::new(job, dc, rank));
+            let bind = format!("{host}:0");
+            let (server, node) =
+                Node::serve_and_join(coord_addr, me, &bind, inbox.clone(), job, fatal)?;
+            (node, Some((inbox, server)))
+        }
+        None => (Node::join(coord_addr, me, String::new(), job, fatal)?, None),
+    };
     let client = node.connect_server(roles::LOCAL_SERVER, dc, 0, job)?;
+    let tree = peer_inbox
+        .map(|(inbox, server)| WorkerTree::start(&node, job, inbox, server, &client))
+        .transpose()?;
     // A restarted worker (incarnation > 0) joins the running job where its local server is,
     // with that round's batch and θ, instead of where it was lost or last saved.
     let incarnation = node.membership.incarnation;
@@ -757,6 +773,7 @@ pub fn run(
                 node: &node,
                 client: &client,
                 prio: prio.as_ref(),
+                tree: tree.as_ref(),
                 overflows: &overflows,
                 slowdown,
                 chaos: chaos.as_ref(),
@@ -862,8 +879,11 @@ pub fn run(
         evaluating_s = evaluating.as_secs_f64(),
         "worker finished"
     );
+    // The trees forward θ to the other workers until the last round's is everywhere.
+    let tree_refused = tree.map(WorkerTree::finish).transpose()?.unwrap_or(0);
     node.finish(job.wait_limit())?;
     let mut stats = RoleStats::new(&node.me, Default::default());
+    stats.refused_requests = tree_refused;
     stats.client_bytes = super::total_bytes(client.stats());
     stats.param_hash = Some(hash);
     stats.final_loss = Some(loss);

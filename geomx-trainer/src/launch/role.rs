@@ -195,6 +195,7 @@ pub fn run_role(cfg: &Config, args: &RoleArgs, fatal: FatalHook) -> Result<RoleS
             need("dc")?,
             need("rank")?,
             &coord_addr()?,
+            &host,
             fatal,
             stdout_progress(),
         )?,

@@ -91,7 +91,9 @@ pub fn run(
             let (j, c, f, p) = (job.clone(), coord.clone(), fatal.clone(), progress.clone());
             spawn(
                 format!("worker-{d}-{r}"),
-                Box::new(move || worker::run(&j, d, r, &c, f, p).map_err(|e| e.to_string())),
+                Box::new(move || {
+                    worker::run(&j, d, r, &c, "127.0.0.1", f, p).map_err(|e| e.to_string())
+                }),
             )?;
         }
     }

@@ -16,20 +16,12 @@ use geomx_net::{PayloadCodec, Request, Responder};
 use super::GlobalHandler;
 use crate::codec::count_nonfinite;
 use crate::hips::lock;
-use crate::hips::ts_msg::{self as msg, Op};
-use crate::hips::ts_root::{Action, TsRoot};
+use crate::hips::ts_msg::Op;
+use crate::hips::ts_root::{serve, Action, NotServed, TsRoot};
 use crate::hips::JobSpec;
 
 /// θ of (key, round)s being assembled from their completed ranges: bytes, ranges in.
 type Assembly = BTreeMap<(usize, u64), (Vec<u8>, usize)>;
-
-/// A local server's TSEngine request, decoded.
-enum Parsed {
-    Ready(bool),
-    Await(Option<msg::Sent>),
-    Next(Option<msg::Sent>),
-    Partial(msg::Partial),
-}
 
 /// TSEngine state of a global server.
 pub(super) struct TsGlobal {
@@ -74,51 +66,20 @@ impl GlobalHandler {
             Ok(dc) => dc as NodeId,
             Err(msg) => return self.admission.refuse(reply, msg),
         };
-        let (round, now) = (req.version, Instant::now());
-        let key = req.offset as usize;
-        let (Some(root), Some(&len)) = (ts.roots.get(key), ts.key_lens.get(key)) else {
-            let msg = format!("TSEngine {op:?} for unknown key {}", req.offset);
-            return self.admission.refuse(reply, msg);
-        };
-        // Decoded before the connection may speak for the local server (admit.rs): a stranger
-        // borrowing its id with a malformed request claims nothing.
-        let parsed = match op {
-            Op::Ready => msg::decode_ready(&req.payload).map(Parsed::Ready),
-            Op::Await => msg::decode_report(&req.payload, "await").map(Parsed::Await),
-            Op::Next => msg::decode_report(&req.payload, "next").map(Parsed::Next),
-            Op::Partial => msg::decode_partial(&req.payload, len).map(Parsed::Partial),
-            Op::Theta => Err("the global server takes no θ".into()),
-        };
-        let parsed = match parsed {
-            Ok(p) => p,
-            Err(e) => {
-                let msg = format!("TSEngine {op:?} from dc {dc}: {e}");
-                return self.admission.refuse(reply, msg);
-            }
-        };
-        if let Err(msg) = self.admission.bind(req.sender, &reply) {
-            return self.admission.refuse(reply, msg);
-        }
-        let res = match parsed {
-            Parsed::Ready(merged) => lock(root).ready(dc, round, merged, reply),
-            Parsed::Await(sent) => lock(root).await_theta(dc, round, sent, reply, now),
-            Parsed::Next(last) => lock(root).next(dc, round, last, reply, now),
-            Parsed::Partial(p) => {
-                // Acknowledged on arrival: the sender measures the transfer.
-                let _ = reply.send(round, PayloadCodec::Raw, &[]);
-                lock(root).partial(dc, round, p).map_err(|e| (e, None))
-            }
-        };
-        match res {
-            Ok(actions) => self.ts_act(key, round, actions),
-            Err((e, reply)) => {
-                let msg = format!("TSEngine {op:?} from dc {dc}, key {key}, round {round}: {e}");
-                match reply {
-                    Some(r) => self.admission.refuse(r, msg),
-                    // The trees cannot go on without it: a genuine local server never sends it.
-                    None => self.abort(msg),
-                }
-            }
+        let who = format!("dc {dc}");
+        match serve(
+            &ts.roots,
+            &ts.key_lens,
+            dc,
+            &who,
+            op,
+            req,
+            reply,
+            &self.admission,
+        ) {
+            Ok((key, round, actions)) => self.ts_act(key, round, actions),
+            Err(NotServed::Refused) => {}
+            Err(NotServed::Fatal(msg)) => self.abort(msg),
         }
     }
 
