@@ -20,8 +20,8 @@ pub struct Report {
     /// Bytes on the inter-DC tier (local ↔ global servers), sent + received, counted once at the
     /// local servers' client sockets, headers and heartbeats included.
     pub wan_bytes: u64,
-    /// Bytes inside the DCs (workers ↔ local server), counted once at the local servers' server
-    /// sockets.
+    /// Bytes inside the DCs (workers ↔ local server, and worker ↔ worker under TSEngine's intra
+    /// tier), counted once at the receiving server sockets (the local servers', the workers').
     pub lan_bytes: u64,
     /// `wan_bytes` divided by the rounds run (0 without rounds).
     pub wan_bytes_per_round: f64,
@@ -103,7 +103,9 @@ impl Report {
         let sum = |role: &str, f: fn(&RoleStats) -> u64| -> u64 {
             stats.iter().filter(|s| s.role == role).map(f).sum()
         };
-        let lan_bytes = sum(roles::LOCAL_SERVER, |s| s.served_bytes);
+        // Workers serve only their DC's other workers (TSEngine's intra tier).
+        let lan_bytes =
+            sum(roles::LOCAL_SERVER, |s| s.served_bytes) + sum(roles::WORKER, |s| s.served_bytes);
         let wan_bytes = sum(roles::LOCAL_SERVER, |s| s.client_bytes);
         let control_bytes = sum(roles::COORDINATOR, |s| s.served_bytes);
         let mut codec_bytes = crate::codec::CodecBytes::new();
@@ -311,10 +313,11 @@ mod tests {
             st("local_server", 0, 0, 100, 25, Some(9)),
             st("local_server", 1, 0, 200, 25, Some(9)),
             st("worker", 0, 0, 0, 50, Some(9)),
-            st("worker", 1, 0, 0, 50, Some(9)),
+            // It served another worker of its DC (TSEngine's intra tier).
+            st("worker", 1, 0, 40, 50, Some(9)),
         ];
         let r = Report::assemble(stats, vec![], 10, 1.5, vec![8, 8], serde_json::json!({}));
-        assert_eq!(r.lan_bytes, 300);
+        assert_eq!(r.lan_bytes, 340);
         assert_eq!(r.wan_bytes, 50);
         assert_eq!(r.control_bytes, 7);
         assert_eq!(r.per_global_server_bytes, vec![20, 30]);

@@ -88,6 +88,21 @@ fn with_more_workers_per_dc_tsengine_on_the_intra_tier_trains_as_the_direct_run_
         "tsengine intra, 4 + 1 workers",
         &config(&workers, SGD, INTRA),
     );
+    // The trees carried transfers between the workers of dc 0 (their servers' traffic), none in
+    // the direct run, where workers serve nothing.
+    let served = |r: &Report, dc: u32| -> u64 {
+        let w = r
+            .processes
+            .iter()
+            .filter(|p| p.role == "worker" && p.dc == dc);
+        w.map(|p| p.served_bytes).sum()
+    };
+    assert!(
+        served(&ts, 0) > 0,
+        "no worker of dc 0 received from another"
+    );
+    assert_eq!(served(&ts, 1), 0, "dc 1's one worker has no peer");
+    assert_eq!(served(&direct, 0), 0);
     // Four workers' gradients summed in the tree's order: rounding differs, training does not.
     let gap = (ts.final_test_accuracy - direct.final_test_accuracy).abs();
     assert!(

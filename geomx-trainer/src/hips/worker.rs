@@ -880,10 +880,13 @@ pub fn run(
         "worker finished"
     );
     // The trees forward θ to the other workers until the last round's is everywhere.
-    let tree_refused = tree.map(WorkerTree::finish).transpose()?.unwrap_or(0);
+    let (served, refused) = tree
+        .map(WorkerTree::finish)
+        .transpose()?
+        .unwrap_or_default();
     node.finish(job.wait_limit())?;
-    let mut stats = RoleStats::new(&node.me, Default::default());
-    stats.refused_requests = tree_refused;
+    let mut stats = RoleStats::new(&node.me, served);
+    stats.refused_requests = refused;
     stats.client_bytes = super::total_bytes(client.stats());
     stats.param_hash = Some(hash);
     stats.final_loss = Some(loss);

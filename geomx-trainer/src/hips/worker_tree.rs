@@ -128,7 +128,7 @@ pub(super) struct WorkerTree {
     jobs: Vec<Sender<TreeJob>>,
     threads: Vec<JoinHandle<Result<(), String>>>,
     inbox: Arc<PeerInbox>,
-    _server: KvServer,
+    server: KvServer,
 }
 
 impl WorkerTree {
@@ -178,7 +178,7 @@ impl WorkerTree {
             jobs,
             threads,
             inbox,
-            _server: server,
+            server,
         })
     }
 
@@ -204,9 +204,9 @@ impl WorkerTree {
         Ok(rx)
     }
 
-    /// Waits until every key's thread has forwarded its last θ; returns the first failure and
-    /// the requests the worker's server refused.
-    pub(super) fn finish(self) -> Result<u64, RunError> {
+    /// Waits until every key's thread has forwarded its last θ; returns the first failure, or
+    /// the traffic of the worker's server and the requests it refused.
+    pub(super) fn finish(self) -> Result<(geomx_net::Counters, u64), RunError> {
         drop(self.jobs);
         let mut first = None;
         for t in self.threads {
@@ -219,7 +219,7 @@ impl WorkerTree {
         }
         match first {
             Some(e) => Err(RunError::Protocol(e)),
-            None => Ok(self.inbox.refused()),
+            None => Ok((self.server.stats(), self.inbox.refused())),
         }
     }
 }
