@@ -46,6 +46,17 @@ fn run(name: &str, cfg: &Config) -> Report {
     r
 }
 
+/// `r` ended where the direct run ended, bit for bit.
+fn assert_bit_identical(r: &Report, direct: &Report, name: &str) {
+    assert_eq!(r.param_hash, direct.param_hash, "{name}");
+    assert_eq!(r.global_param_hash, direct.global_param_hash, "{name}");
+    assert_eq!(
+        r.final_test_accuracy.to_bits(),
+        direct.final_test_accuracy.to_bits(),
+        "{name}"
+    );
+}
+
 const SGD: &str = "[train.optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9";
 const ADAM: &str = "[train.optimizer]\nkind = \"adam\"\nlr = 0.01";
 const OFF: &str = "";
@@ -65,13 +76,7 @@ fn with_two_workers_per_dc_tsengine_on_the_intra_tier_is_bit_identical_to_the_di
         for (tier, ts) in tiers {
             let name = format!("tsengine {tier}, {opt_name}");
             let r = run(&name, &config(&[2, 2], opt, ts));
-            assert_eq!(r.param_hash, direct.param_hash, "{name}");
-            assert_eq!(r.global_param_hash, direct.global_param_hash, "{name}");
-            assert_eq!(
-                r.final_test_accuracy.to_bits(),
-                direct.final_test_accuracy.to_bits(),
-                "{name}"
-            );
+            assert_bit_identical(&r, &direct, &name);
         }
         assert!(
             direct.final_test_accuracy > 0.2,
@@ -122,13 +127,7 @@ fn with_two_dcs_tsengine_fsa_is_bit_identical_to_the_direct_run() {
             &format!("tsengine {opt_name}"),
             &config(&[2, 1], opt, INTER),
         );
-        assert_eq!(ts.param_hash, direct.param_hash, "{opt_name}");
-        assert_eq!(ts.global_param_hash, direct.global_param_hash, "{opt_name}");
-        assert_eq!(
-            ts.final_test_accuracy.to_bits(),
-            direct.final_test_accuracy.to_bits(),
-            "{opt_name}"
-        );
+        assert_bit_identical(&ts, &direct, opt_name);
         assert!(
             ts.final_test_accuracy > 0.2,
             "{opt_name}: training went nowhere"

@@ -22,7 +22,7 @@ use super::worker::{check_push, reply_of, slow_down, KeyApply};
 use super::worker_tree::WorkerTree;
 use super::{JobSpec, RunError};
 use crate::codec::clock::Mark;
-use crate::codec::{decode_values, encode_values, poison_first, Encoded, KeyCounts};
+use crate::codec::{encode_values, poison_first, Encoded, KeyCounts};
 use crate::data::Prefetcher;
 use crate::engine::{DenseEncoding, EngineError};
 
@@ -146,9 +146,7 @@ impl Pushes<'_> {
         let sent =
             check_push(job, io.node, "gradient", key, round, e.codec, &e.bytes, n).and_then(|_| {
                 if let Some(t) = io.tree {
-                    let grad =
-                        decode_values(e.codec, &e.bytes, key, n).map_err(RunError::Protocol)?;
-                    return t.push(key, round, grad).map(Answer::Tree);
+                    return t.push(key, round, e.codec, e.bytes).map(Answer::Tree);
                 }
                 let r = match io.prio {
                     Some(s) => s.push(

@@ -156,7 +156,7 @@ struct LocalHandler {
     /// `[scheduling.tsengine] inter`: what the other local servers send here.
     ts: Option<ts::TsLocal>,
     /// `[scheduling.tsengine] intra`: the roots of the workers' trees.
-    ts_intra: Option<ts_intra::TsIntra>,
+    ts_intra: Option<crate::hips::ts_root::Roots>,
     /// Where this process's rounds went ([`super::time_split`]).
     split: PhaseClock,
 }
@@ -1306,7 +1306,7 @@ pub fn run(
         ts: job
             .tsengine
             .map(|_| ts::TsLocal::new(plan.key_lens.clone())),
-        ts_intra: ts_intra::TsIntra::new(job, dc, n_d).map_err(RunError::Protocol)?,
+        ts_intra: ts_intra::roots(job, dc, n_d).map_err(RunError::Protocol)?,
         split: PhaseClock::new(Waiting::Lan),
     });
     let (mut server, node) =

@@ -51,7 +51,7 @@ pub(crate) enum Action<R> {
 pub(crate) type Refused<R> = (String, Option<R>);
 
 /// A participant's request to the root, decoded.
-pub(crate) enum RootRequest {
+enum RootRequest {
     /// `Ready`: merged or not.
     Ready(bool),
     /// `Await`, with the push's measurement.
@@ -64,7 +64,7 @@ pub(crate) enum RootRequest {
 
 impl RootRequest {
     /// Decodes the payload of `op` for a bundle of `len` values; the root takes no θ.
-    pub fn decode(op: Op, payload: &[u8], len: usize) -> Result<Self, String> {
+    fn decode(op: Op, payload: &[u8], len: usize) -> Result<Self, String> {
         match op {
             Op::Ready => msg::decode_ready(payload).map(Self::Ready),
             Op::Await => msg::decode_report(payload, "await").map(Self::Await),
@@ -75,72 +75,106 @@ impl RootRequest {
     }
 }
 
-/// What became of a participant's request that did not reach its root's actions: refused
-/// (answered with an error), or fatal (the trees cannot go on: the job must end).
-pub(crate) enum NotServed {
-    /// Refused, never fatal.
-    Refused,
-    /// A partial the root cannot take: a genuine participant never sends one.
-    Fatal(String),
+/// The roots of one server's trees, one per key (each key is a bundle of its own), with the
+/// keys' lengths.
+pub(crate) struct Roots {
+    roots: Vec<std::sync::Mutex<TsRoot<Responder>>>,
+    lens: Vec<usize>,
 }
 
-/// Participant `from` (`who` in messages)'s TSEngine request `op` for the root of the key in
-/// its offset, among `roots` of keys of `lens` values: decoded before the connection may speak
-/// for the participant (admit.rs: a stranger borrowing its id with a malformed request claims
-/// nothing), then handed to the root. A partial is acknowledged on arrival (the sender measures
-/// the transfer). Returns the key, the round and the root's actions.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn serve(
-    roots: &[std::sync::Mutex<TsRoot<Responder>>],
-    lens: &[usize],
-    from: NodeId,
-    who: &str,
-    op: Op,
-    req: Request,
-    reply: Responder,
-    admission: &Admission,
-) -> Result<(usize, u64, Vec<Action<Responder>>), NotServed> {
-    let (round, now) = (req.version, Instant::now());
-    let key = req.offset as usize;
-    let refuse = |reply, msg| {
-        admission.refuse(reply, msg);
-        Err(NotServed::Refused)
-    };
-    let (Some(root), Some(&len)) = (roots.get(key), lens.get(key)) else {
-        return refuse(
-            reply,
-            format!("TSEngine {op:?} for unknown key {}", req.offset),
-        );
-    };
-    let parsed = match RootRequest::decode(op, &req.payload, len) {
-        Ok(p) => p,
-        Err(e) => return refuse(reply, format!("TSEngine {op:?} from {who}: {e}")),
-    };
-    if let Err(msg) = admission.bind(req.sender, &reply) {
-        return refuse(reply, msg);
-    }
-    let mut root = super::lock(root);
-    let res = match parsed {
-        RootRequest::Ready(merged) => root.ready(from, round, merged, reply),
-        RootRequest::Await(sent) => root.await_theta(from, round, sent, reply, now),
-        RootRequest::Next(last) => root.next(from, round, last, reply, now),
-        RootRequest::Partial(p) => {
-            let _ = reply.send(round, PayloadCodec::Raw, &[]);
-            root.partial(from, round, p).map_err(|e| (e, None))
-        }
-    };
-    drop(root);
-    res.map(|actions| (key, round, actions))
-        .map_err(|(e, reply)| {
-            let msg = format!("TSEngine {op:?} from {who}, key {key}, round {round}: {e}");
-            match reply {
-                Some(r) => {
-                    admission.refuse(r, msg);
-                    NotServed::Refused
-                }
-                None => NotServed::Fatal(msg),
-            }
+impl Roots {
+    /// Roots over participants 0..`n` for keys of `lens` values; key k's pull tree draws from
+    /// `seed ^ k`.
+    pub fn new(cfg: TsConfig, n: usize, lens: &[usize], seed: u64) -> Result<Self, String> {
+        let roots = lens
+            .iter()
+            .enumerate()
+            .map(|(k, &len)| TsRoot::new(cfg, n, len, seed ^ k as u64).map(Into::into))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            roots,
+            lens: lens.to_vec(),
         })
+    }
+
+    /// Values of key `k`.
+    pub fn len_of(&self, k: usize) -> Option<usize> {
+        self.lens.get(k).copied()
+    }
+
+    /// Participant `from`'s TSEngine request `op` for the root of the key in its offset:
+    /// decoded before the connection may speak for the participant (admit.rs: a stranger
+    /// borrowing its id with a malformed request claims nothing), then handed to the root. A
+    /// partial is acknowledged on arrival (the sender measures the transfer). Returns the key,
+    /// the round and the root's actions; `None` when the request was refused (an error reply)
+    /// or, through `abort`, when it was a partial the trees cannot go on without (a genuine
+    /// participant never sends one). `who` names the participant in messages.
+    #[allow(clippy::too_many_arguments)]
+    pub fn serve(
+        &self,
+        from: NodeId,
+        who: impl Fn() -> String,
+        op: Op,
+        req: Request,
+        reply: Responder,
+        admission: &Admission,
+        abort: impl FnOnce(String),
+    ) -> Option<(usize, u64, Vec<Action<Responder>>)> {
+        let (round, now) = (req.version, Instant::now());
+        let key = req.offset as usize;
+        let (Some(root), Some(&len)) = (self.roots.get(key), self.lens.get(key)) else {
+            let msg = format!("TSEngine {op:?} for unknown key {}", req.offset);
+            admission.refuse(reply, msg);
+            return None;
+        };
+        let parsed = match RootRequest::decode(op, &req.payload, len) {
+            Ok(p) => p,
+            Err(e) => {
+                admission.refuse(reply, format!("TSEngine {op:?} from {}: {e}", who()));
+                return None;
+            }
+        };
+        if let Err(msg) = admission.bind(req.sender, &reply) {
+            admission.refuse(reply, msg);
+            return None;
+        }
+        let mut root = super::lock(root);
+        let res = match parsed {
+            RootRequest::Ready(merged) => root.ready(from, round, merged, reply),
+            RootRequest::Await(sent) => root.await_theta(from, round, sent, reply, now),
+            RootRequest::Next(last) => root.next(from, round, last, reply, now),
+            RootRequest::Partial(p) => {
+                let _ = reply.send(round, PayloadCodec::Raw, &[]);
+                root.partial(from, round, p).map_err(|e| (e, None))
+            }
+        };
+        drop(root);
+        match res {
+            Ok(actions) => Some((key, round, actions)),
+            Err((e, reply)) => {
+                let msg = format!(
+                    "TSEngine {op:?} from {}, key {key}, round {round}: {e}",
+                    who()
+                );
+                match reply {
+                    Some(r) => admission.refuse(r, msg),
+                    None => abort(msg),
+                }
+                None
+            }
+        }
+    }
+
+    /// Round `round`'s θ of key `k` (its f32 bytes) starts the key's pull tree.
+    pub fn theta(
+        &self,
+        k: usize,
+        round: u64,
+        theta: &[u8],
+    ) -> Result<Vec<Action<Responder>>, String> {
+        let root = self.roots.get(k).ok_or_else(|| format!("no key {k}"))?;
+        super::lock(root).theta(round, theta, Instant::now())
+    }
 }
 
 /// Who sends a local server the round's θ.

@@ -26,6 +26,7 @@ use super::plan::roles;
 use super::ts_msg::{Op, Tier};
 use super::ts_node::{receive, Inbox, TsNode};
 use super::{JobSpec, RunError};
+use crate::codec::decode_values;
 
 /// What a worker's server takes from the other workers of its DC.
 pub(super) struct PeerInbox {
@@ -116,10 +117,11 @@ impl Handler for PeerInbox {
     }
 }
 
-/// One round of a key for its thread: the gradient, and where θ goes.
+/// One round of a key for its thread: the gradient as pushed (codec, bytes), and where θ goes.
 struct TreeJob {
     round: u64,
-    grad: Vec<f32>,
+    codec: PayloadCodec,
+    grad: Vec<u8>,
     answer: Sender<Result<Response, NetError>>,
 }
 
@@ -182,13 +184,14 @@ impl WorkerTree {
         })
     }
 
-    /// Hands `key`'s gradient of `round` to its tree; the answer is θ of round + 1 as a dense
-    /// f32 reply.
+    /// Hands `key`'s gradient of `round` (encoded as for a push) to its tree, which decodes it
+    /// off the training thread; the answer is θ of round + 1 as a dense f32 reply.
     pub(super) fn push(
         &self,
         key: usize,
         round: u64,
-        grad: Vec<f32>,
+        codec: PayloadCodec,
+        grad: Vec<u8>,
     ) -> Result<Receiver<Result<Response, NetError>>, RunError> {
         let (answer, rx) = crossbeam_channel::bounded(1);
         let tx = self
@@ -197,6 +200,7 @@ impl WorkerTree {
             .ok_or_else(|| RunError::Protocol(format!("no TSEngine tree for key {key}")))?;
         tx.send(TreeJob {
             round,
+            codec,
             grad,
             answer,
         })
@@ -228,8 +232,8 @@ impl WorkerTree {
 fn run_key(node: &TsNode, jobs: Receiver<TreeJob>) -> Result<(), String> {
     for j in jobs {
         let key = node.key;
-        let got = node
-            .push(j.round, j.grad, 1)
+        let got = decode_values(j.codec, &j.grad, key, node.len)
+            .and_then(|grad| node.push(j.round, grad, 1))
             .and_then(|sent| node.pull(j.round, sent));
         let theta = match got {
             Ok((theta, _)) => theta,

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Instant;
 
 use geomx_net::sched::reply::SharedBytes;
 use geomx_net::sched::tsengine::{NodeId, TsConfig};
@@ -17,7 +16,7 @@ use super::GlobalHandler;
 use crate::codec::count_nonfinite;
 use crate::hips::lock;
 use crate::hips::ts_msg::Op;
-use crate::hips::ts_root::{serve, Action, NotServed, TsRoot};
+use crate::hips::ts_root::{Action, Roots};
 use crate::hips::JobSpec;
 
 /// θ of (key, round)s being assembled from their completed ranges: bytes, ranges in.
@@ -26,13 +25,11 @@ type Assembly = BTreeMap<(usize, u64), (Vec<u8>, usize)>;
 /// TSEngine state of a global server.
 pub(super) struct TsGlobal {
     /// One root per key.
-    roots: Vec<Mutex<TsRoot<Responder>>>,
+    roots: Roots,
     /// θ of a (key, round) being assembled from its completed ranges: bytes, ranges in.
     theta: Mutex<Assembly>,
     /// Each key's ranges: (range id, offset in the key, length).
     ranges: Vec<Vec<(usize, usize, usize)>>,
-    /// Values of each key.
-    key_lens: Vec<usize>,
 }
 
 impl TsGlobal {
@@ -42,16 +39,12 @@ impl TsGlobal {
             return Ok(None);
         };
         let plan = &job.plan;
-        let n = plan.key_lens.len();
-        let roots = (0..n)
-            .map(|k| TsRoot::new(cfg, plan.num_dcs(), plan.key_lens[k], job.seed ^ k as u64))
-            .map(|r| r.map(Mutex::new))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Self {
-            roots,
+            roots: Roots::new(cfg, plan.num_dcs(), &plan.key_lens, job.seed)?,
             theta: Mutex::new(BTreeMap::new()),
-            ranges: (0..n).map(|k| plan.key_parts(k)).collect(),
-            key_lens: plan.key_lens.clone(),
+            ranges: (0..plan.key_lens.len())
+                .map(|k| plan.key_parts(k))
+                .collect(),
         }))
     }
 }
@@ -66,20 +59,13 @@ impl GlobalHandler {
             Ok(dc) => dc as NodeId,
             Err(msg) => return self.admission.refuse(reply, msg),
         };
-        let who = format!("dc {dc}");
-        match serve(
-            &ts.roots,
-            &ts.key_lens,
-            dc,
-            &who,
-            op,
-            req,
-            reply,
-            &self.admission,
-        ) {
-            Ok((key, round, actions)) => self.ts_act(key, round, actions),
-            Err(NotServed::Refused) => {}
-            Err(NotServed::Fatal(msg)) => self.abort(msg),
+        let who = || format!("dc {dc}");
+        let abort = |msg| self.abort(msg);
+        if let Some((key, round, actions)) =
+            ts.roots
+                .serve(dc, who, op, req, reply, &self.admission, abort)
+        {
+            self.ts_act(key, round, actions);
         }
     }
 
@@ -142,9 +128,7 @@ impl GlobalHandler {
     pub(super) fn ts_range_done(&self, id: usize, round: u64, reply: &[u8]) {
         let Some(ts) = &self.ts else { return };
         let key = self.range_keys[id];
-        let (Some(ranges), Some(&key_len), Some(root)) =
-            (ts.ranges.get(key), ts.key_lens.get(key), ts.roots.get(key))
-        else {
+        let (Some(ranges), Some(key_len)) = (ts.ranges.get(key), ts.roots.len_of(key)) else {
             return self.abort(format!("TSEngine: range {id} of an unknown key"));
         };
         let Some(&(_, off, len)) = ranges.iter().find(|r| r.0 == id) else {
@@ -168,8 +152,7 @@ impl GlobalHandler {
             }
             t.remove(&(key, round)).map(|e| e.0).unwrap_or_default()
         };
-        let res = lock(root).theta(round, &theta, Instant::now());
-        match res {
+        match ts.roots.theta(key, round, &theta) {
             Ok(actions) => self.ts_act(key, round, actions),
             Err(e) => self.abort(format!("TSEngine key {key}, round {round}: {e}")),
         }

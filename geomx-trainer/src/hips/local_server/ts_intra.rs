@@ -2,7 +2,7 @@
 //! scheduling.md, "TSEngine"; messages in [`crate::hips::ts_msg`] on [`crate::hips::ts_msg::Tier::Intra`], the
 //! workers' side in [`crate::hips::worker_tree`]).
 //!
-//! One [`TsRoot`] per key (each key is a bundle, as on the inter tier, so that one key's pull
+//! One root per key ([`Roots`]) (each key is a bundle, as on the inter tier, so that one key's pull
 //! tree runs while the next key's push tree is under way). The workers' gradients reach the
 //! local server through the push tree instead of one push each (no in-cast at the local server
 //! when many workers finish at once): a tree's complete sum is the DC's sum of the round and goes
@@ -10,49 +10,29 @@
 //! through the pull tree: the local server sends it to one worker, which forwards it to the
 //! workers the root names, and so on.
 
-use std::sync::Mutex;
-use std::time::Instant;
-
 use geomx_net::sched::reply::SharedBytes;
 use geomx_net::sched::tsengine::NodeId;
 use geomx_net::{PayloadCodec, Request, Responder};
 
 use super::{LocalHandler, UpJob};
-use crate::hips::lock;
 use crate::hips::ts_msg::Op;
-use crate::hips::ts_root::{serve, Action, NotServed, TsRoot};
+use crate::hips::ts_root::{Action, Roots};
 use crate::hips::JobSpec;
 
-/// The roots of a local server's intra-tier trees, one per key.
-pub(super) struct TsIntra {
-    roots: Vec<Mutex<TsRoot<Responder>>>,
-}
-
-impl TsIntra {
-    /// The roots of DC `dc`'s `n_workers` workers for `job`; `None` when the intra tier has no
-    /// TSEngine.
-    pub(super) fn new(job: &JobSpec, dc: u32, n_workers: usize) -> Result<Option<Self>, String> {
-        let Some(cfg) = job.ts_intra else {
-            return Ok(None);
-        };
-        let roots = job
-            .plan
-            .key_lens
-            .iter()
-            .enumerate()
-            .map(|(k, &len)| {
-                let seed = job.seed ^ (u64::from(dc) << 32) ^ k as u64;
-                TsRoot::new(cfg, n_workers, len, seed).map(Mutex::new)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(Self { roots }))
-    }
+/// The roots of DC `dc`'s intra-tier trees over its `n_workers` workers, one per key; `None`
+/// when the intra tier has no TSEngine.
+pub(super) fn roots(job: &JobSpec, dc: u32, n_workers: usize) -> Result<Option<Roots>, String> {
+    let Some(cfg) = job.ts_intra else {
+        return Ok(None);
+    };
+    let seed = job.seed ^ (u64::from(dc) << 32);
+    Roots::new(cfg, n_workers, &job.plan.key_lens, seed).map(Some)
 }
 
 impl LocalHandler {
     /// A TSEngine request of one of this DC's workers (the intra tier).
     pub(super) fn on_ts_intra(&self, op: Op, req: Request, reply: Responder) {
-        let Some(ti) = &self.ts_intra else {
+        let Some(roots) = &self.ts_intra else {
             let msg = format!(
                 "dc {}: TSEngine is off between workers and their local server",
                 self.dc
@@ -63,22 +43,12 @@ impl LocalHandler {
             Ok(r) => r as NodeId,
             Err(msg) => return self.admission.refuse(reply, msg),
         };
-        let who = format!("worker (dc {}, rank {rank})", self.dc);
-        let roots = &ti.roots;
-        match serve(
-            roots,
-            &self.key_lens,
-            rank,
-            &who,
-            op,
-            req,
-            reply,
-            &self.admission,
-        ) {
-            Ok((key, round, actions)) => self.ts_intra_act(key, round, actions),
-            Err(NotServed::Refused) => {}
-            // The tree cannot go on without it: a genuine worker never sends it.
-            Err(NotServed::Fatal(msg)) => self.abort(msg),
+        let who = || format!("worker (dc {}, rank {rank})", self.dc);
+        let abort = |msg| self.abort(msg);
+        if let Some((key, round, actions)) =
+            roots.serve(rank, who, op, req, reply, &self.admission, abort)
+        {
+            self.ts_intra_act(key, round, actions);
         }
     }
 
@@ -115,7 +85,7 @@ impl LocalHandler {
     /// The global tier answered `key` of `round` with θ (`codec`, `bytes`): its pull tree starts
     /// here. Nothing to do without TSEngine on the intra tier.
     pub(super) fn ts_intra_theta(&self, key: usize, round: u64, codec: PayloadCodec, bytes: &[u8]) {
-        let Some(root) = self.ts_intra.as_ref().and_then(|ti| ti.roots.get(key)) else {
+        let Some(roots) = &self.ts_intra else {
             return;
         };
         if codec != PayloadCodec::DenseF32 {
@@ -124,8 +94,7 @@ impl LocalHandler {
                 self.dc
             ));
         }
-        let res = lock(root).theta(round, bytes, Instant::now());
-        match res {
+        match roots.theta(key, round, bytes) {
             Ok(actions) => self.ts_intra_act(key, round, actions),
             Err(e) => self.abort(format!(
                 "dc {}: TSEngine key {key}, round {round}: {e}",
