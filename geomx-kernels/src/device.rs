@@ -6,7 +6,7 @@
 //! feature or the machine has no usable GPU, driver or NVRTC.
 //!
 //! The CUDA variant copies its inputs to the device and its results back on every call; code that
-//! keeps tensors resident on the GPU uses [`crate::cuda::CudaDevice`] directly. Both variants give
+//! keeps tensors resident on the GPU uses `cuda::CudaDevice` (feature `cuda`) directly. Both variants give
 //! bit-identical results, except [`Device::block_mean_abs`] (f64 sums in a different order:
 //! relative difference ≤ 1e-12).
 

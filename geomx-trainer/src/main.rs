@@ -76,7 +76,7 @@ enum Cmd {
     /// Launch the cluster inside the emulated WAN (network namespaces when root, else userspace
     /// relays) and print the lab's figures.
     WanLab {
-        /// Topology file (TOML); its [wan] section sets rate, delay and loss (mode: auto).
+        /// Topology file (TOML); its wan section sets rate, delay and loss (mode: auto).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Write a JSON report here.
@@ -107,7 +107,7 @@ enum PkiCmd {
         #[arg(long)]
         dir: PathBuf,
         /// Validity of the CA and of the certificates it issues, in days.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = days())]
         days: u32,
     },
     /// Issue `<role>-dc<d>-rank<r>.pem` / `.key` for every process of the job in DIR (its CA
@@ -120,9 +120,14 @@ enum PkiCmd {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Validity of the certificates, in days.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = days())]
         days: u32,
     },
+}
+
+/// `--days`: 1 to the longest validity a job CA takes.
+fn days() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(geomx_net::tls::MAX_VALID_DAYS))
 }
 
 fn pki(what: PkiCmd) -> Result<(), String> {

@@ -390,6 +390,28 @@ fn run_without_role_or_dmlc_env_is_an_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("coordinator"));
 }
 
+/// `geomx pki --days` outside 1..=36,500 is a usage error naming the flag (2^32 − 1 days
+/// panicked in the date arithmetic before), and writes nothing.
+#[test]
+fn pki_validity_out_of_range_is_a_usage_error() {
+    let dir = std::env::temp_dir().join(format!("geomx-pki-days-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for cmd in ["init", "issue"] {
+        for days in ["0", "36501", "4294967295"] {
+            let out = Command::new(GEOMX)
+                .args(["pki", cmd, "--dir"])
+                .arg(&dir)
+                .args(["--days", days])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} --days {days}: {err}");
+            assert!(err.contains("--days"), "{cmd} --days {days}: {err}");
+        }
+    }
+    assert!(!dir.exists());
+}
+
 /// A worker that stops answering (SIGSTOP, connection still open) is declared dead after the
 /// configured peer timeout; the run fails naming it instead of hanging.
 #[test]

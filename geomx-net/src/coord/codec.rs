@@ -4,8 +4,7 @@ use crate::error::NetError;
 
 /// Longest string accepted in a coordinator payload.
 const MAX_STR: usize = 4096;
-/// Most nodes accepted in a membership table.
-const MAX_NODES: usize = 1 << 16;
+use super::MAX_NODES;
 
 #[derive(Default)]
 pub(crate) struct Writer(pub(crate) Vec<u8>);

@@ -21,6 +21,10 @@ use crate::driver::NetOptions;
 use crate::error::NetError;
 use codec::{Reader, Writer};
 
+/// Most processes one job's membership table holds: coordinator payloads listing more are
+/// refused, so a configuration naming more is refused before it starts.
+pub const MAX_NODES: usize = 1 << 16;
+
 /// Protocol version of the coordinator messages; a mismatch is rejected at registration.
 pub const PROTOCOL_VERSION: u32 = 4;
 

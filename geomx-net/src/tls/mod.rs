@@ -30,7 +30,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 pub use handshake::{handshake, HandshakeSide};
 pub use identity::{Identity, JOB_SERVER_NAME};
-pub use pki::{Credentials, JobCa};
+pub use pki::{Credentials, JobCa, MAX_VALID_DAYS};
 pub use record::{Opener, RecordAead, RecordKey, Sealer};
 
 /// Errors of authentication, key handling and the record layer.

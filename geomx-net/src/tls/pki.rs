@@ -45,7 +45,7 @@ impl JobCa {
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        set_validity(&mut params, valid_days);
+        set_validity(&mut params, valid_days)?;
         let cert = params
             .self_signed(&key)
             .map_err(pki_err("CA certificate"))?;
@@ -106,7 +106,7 @@ impl JobCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, self.valid_days);
+        set_validity(&mut params, self.valid_days)?;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(pki_err("member certificate"))?;
@@ -118,10 +118,20 @@ impl JobCa {
     }
 }
 
-fn set_validity(params: &mut CertificateParams, valid_days: u32) {
+/// Longest validity of a job CA and its certificates, in days (100 years; beyond it dates stop
+/// fitting a certificate long before the arithmetic does).
+pub const MAX_VALID_DAYS: u32 = 36_500;
+
+fn set_validity(params: &mut CertificateParams, valid_days: u32) -> Result<(), TlsError> {
+    if valid_days > MAX_VALID_DAYS {
+        return Err(TlsError::Pki(format!(
+            "a validity of {valid_days} days is more than {MAX_VALID_DAYS}"
+        )));
+    }
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - BACKDATE;
     params.not_after = now + time::Duration::days(i64::from(valid_days.max(1)));
+    Ok(())
 }
 
 /// What a member needs to join a job: the CA certificate, its own certificate and key (PEM).
@@ -314,6 +324,23 @@ mod tests {
         assert_eq!(c2.ca_pem, creds.ca_pem);
         assert!(Credentials::from_bundle(&creds.cert_pem).is_err());
         assert!(Credentials::from_bundle("junk").is_err());
+    }
+
+    #[test]
+    fn validities_beyond_the_bound_are_refused_not_a_panic() {
+        // 2^32 − 1 days overflowed the date arithmetic (a panic in `geomx pki init --days`).
+        for days in [MAX_VALID_DAYS + 1, u32::MAX] {
+            let e = JobCa::generate("t", days)
+                .map(drop)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("days"), "{e}");
+        }
+        let ca = JobCa::generate("t", MAX_VALID_DAYS).unwrap();
+        let id = Identity::new("worker", 0, 0).unwrap();
+        assert!(ca.issue(&id).is_ok());
+        let reloaded = JobCa::from_pem(ca.cert_pem(), &ca.key_pem(), u32::MAX).unwrap();
+        assert!(reloaded.issue(&id).is_err());
     }
 
     #[test]

@@ -80,11 +80,19 @@ fn check(p: &MatrixParams) -> Result<(), E2eError> {
             scenario::WanParams::MODES
         ));
     }
-    if !(p.wan.rate_mbit.is_finite() && p.wan.rate_mbit > 0.0) {
-        return bad(format!("--rate-mbit: must be > 0, got {}", p.wan.rate_mbit));
+    // The lab's bounds (`[wan]`), so that no scenario's configuration is refused later.
+    use crate::config::{MAX_DELAY_MS, MAX_RATE_MBIT, MIN_RATE_MBIT};
+    if !(MIN_RATE_MBIT..=MAX_RATE_MBIT).contains(&p.wan.rate_mbit) {
+        return bad(format!(
+            "--rate-mbit: must be in [{MIN_RATE_MBIT}, {MAX_RATE_MBIT}], got {}",
+            p.wan.rate_mbit
+        ));
     }
-    if !(p.wan.delay_ms.is_finite() && p.wan.delay_ms >= 0.0) {
-        return bad(format!("--delay-ms: must be >= 0, got {}", p.wan.delay_ms));
+    if !(0.0..=MAX_DELAY_MS).contains(&p.wan.delay_ms) {
+        return bad(format!(
+            "--delay-ms: must be in [0, {MAX_DELAY_MS}], got {}",
+            p.wan.delay_ms
+        ));
     }
     if !(0.0..1.0).contains(&p.wan.loss) {
         return bad(format!("--loss: must be in [0, 1), got {}", p.wan.loss));
@@ -104,8 +112,12 @@ fn check(p: &MatrixParams) -> Result<(), E2eError> {
             p.hfa_k1, p.hfa_k2
         ));
     }
-    if !(p.cap_s.is_finite() && p.cap_s > 0.0) {
-        return bad(format!("--cap-s: must be > 0, got {}", p.cap_s));
+    if !(p.cap_s > 0.0 && Duration::try_from_secs_f64(p.cap_s).is_ok()) {
+        return bad(format!(
+            "--cap-s: must be > 0 and at most {} s, got {}",
+            u64::MAX,
+            p.cap_s
+        ));
     }
     Ok(())
 }
@@ -331,7 +343,7 @@ mod tests {
         let ok = MatrixParams::quick();
         assert!(check(&ok).is_ok());
         type Edit = fn(&mut MatrixParams);
-        let cases: [(&str, Edit); 7] = [
+        let cases: [(&str, Edit); 10] = [
             ("--eval-every", |p| p.eval_every = 0),
             ("--hfa-k1", |p| p.hfa_k2 = 0),
             ("--wan", |p| p.wan.mode = "tunnel".into()),
@@ -339,6 +351,9 @@ mod tests {
             ("--delay-ms", |p| p.wan.delay_ms = -1.0),
             ("--loss", |p| p.wan.loss = 1.0),
             ("--cap-s", |p| p.cap_s = f64::NAN),
+            ("--cap-s", |p| p.cap_s = 1e300),
+            ("--rate-mbit", |p| p.wan.rate_mbit = 1e-300),
+            ("--delay-ms", |p| p.wan.delay_ms = 1e300),
         ];
         for (flag, f) in cases {
             let mut p = ok.clone();

@@ -1,7 +1,7 @@
 //! Checkpoints: every process saves its own state every `checkpoint.every_rounds` rounds and a
 //! resumed job loads it back (docs/architecture.md, "Checkpoints").
 //!
-//! [`format`] is the versioned, self-checking state file of one process; [`manifest`] the round
+//! [`format`](mod@format) is the versioned, self-checking state file of one process; [`manifest`] the round
 //! directories, their manifests, atomic writes and the choice of the newest complete round;
 //! [`Saver`] and [`load`] are what a role calls; [`RoundParts`] assembles a state that several
 //! threads of one process contribute to (ranges, keys) before it is written.

@@ -38,9 +38,13 @@ impl Vars<'_> {
             .transpose()
     }
 
+    /// A count of processes: at least 1, and no more than a job's membership holds (checked
+    /// before the data centers are listed).
     fn count(&self, var: &str) -> Result<Option<usize>, ConfigError> {
+        let max = geomx_net::coord::MAX_NODES;
         match self.num::<usize>(var)? {
             Some(0) => Err(env_err(var, "must be >= 1")),
+            Some(n) if n > max => Err(env_err(var, format!("{n} is more than {max}"))),
             other => Ok(other),
         }
     }

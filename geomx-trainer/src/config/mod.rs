@@ -38,6 +38,7 @@ pub use sync::{
 };
 pub use wan::{
     LinkFigures, Site, WanCentralConfig, WanConfig, WanLossScope, WanMode, WanSiteConfig,
+    MAX_DELAY_MS, MAX_RATE_MBIT, MIN_RATE_MBIT,
 };
 
 pub use data::{CifarConfig, ShardStrategy, SyntheticSpec, DIGITS_TRAIN_SAMPLES};

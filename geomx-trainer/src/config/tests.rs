@@ -64,6 +64,11 @@ fn data_center_shorthand_expands_to_named_dcs() {
             "cluster.workers_per_dc",
         ),
         ("[cluster]\ndata_centers = -1", "-1"),
+        // Refused before a list of a trillion data centers is built.
+        (
+            "[cluster]\ndata_centers = 1000000000000",
+            "cluster.data_centers: 1000000000000 data centers, at most 65536",
+        ),
         (
             "[cluster]\ndata_centers = \"two\"",
             "number of data centers",
@@ -218,6 +223,10 @@ fn every_bad_value_names_its_field() {
     };
     let cases: Vec<(String, &str)> = vec![
         ("[cluster]\nglobal_servers = 0".into(), "cluster.global_servers"),
+        // Beyond what a membership table holds (it overflowed, or took 32 GiB, before).
+        ("[cluster]\nglobal_servers = 65537".into(), "cluster.global_servers"),
+        ("[cluster]\ndata_centers = 2\nworkers_per_dc = 70000".into(), "cluster.data_centers[0].workers"),
+        ("[cluster]\ndata_centers = 3\nworkers_per_dc = 30000".into(), "cluster.data_centers"),
         ("[cluster]\ncentral_dc = \"\"".into(), "cluster.central_dc"),
         ("[cluster]\nhost = \" \"".into(), "cluster.host"),
         ("[cluster]\ncoordinator = \"nohost\"".into(), "cluster.coordinator"),
@@ -254,6 +263,9 @@ fn every_bad_value_names_its_field() {
         ("[data.synthetic]\nclasses = 1".into(), "data.synthetic.classes"),
         ("[data.synthetic]\ntrain_samples = 0".into(), "data.synthetic.train_samples"),
         ("[data.synthetic]\ntest_samples = 0".into(), "data.synthetic.test_samples"),
+        ("[data.synthetic]\nclasses = 4294967296".into(), "data.synthetic.classes"),
+        ("[data.synthetic]\ntrain_samples = 4294967296".into(), "data.synthetic.train_samples"),
+        ("[data.synthetic]\ntest_samples = 4294967296".into(), "data.synthetic.test_samples"),
         ("[train]\nrounds = 0".into(), "train.rounds"),
         ("[train]\nepochs = 0".into(), "train.epochs"),
         ("[train]\nrounds = 5\nepochs = 2".into(), "train.epochs"),
@@ -582,6 +594,15 @@ fn dmlc_env_mappings_and_errors() {
         (
             &[("DMLC_ROLE", "worker"), ("DMLC_NUM_WORKER", "0")],
             "DMLC_NUM_WORKER",
+        ),
+        // Refused before a trillion data centers are listed.
+        (
+            &[
+                ("DMLC_ROLE_GLOBAL", "global_server"),
+                ("DMLC_NUM_GLOBAL_WORKER", "1000000000000"),
+                ("DMLC_NUM_ALL_WORKER", "2"),
+            ],
+            "DMLC_NUM_GLOBAL_WORKER",
         ),
         (
             &[

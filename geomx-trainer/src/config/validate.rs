@@ -8,6 +8,10 @@ use super::{
 
 type Result = std::result::Result<(), ConfigError>;
 
+/// Most values one synthetic array may hold (the teacher, the training or the test features):
+/// 2^32, 16 GiB of f32.
+const MAX_SYNTHETIC_VALUES: usize = 1 << 32;
+
 fn check(ok: bool, field: impl FnOnce() -> String, message: impl FnOnce() -> String) -> Result {
     if ok {
         Ok(())
@@ -325,10 +329,16 @@ impl Config {
 
     fn validate_cluster(&self) -> Result {
         let c = &self.cluster;
+        let max = geomx_net::coord::MAX_NODES;
         check(
-            c.global_servers >= 1,
+            (1..=max).contains(&c.global_servers),
             || "cluster.global_servers".into(),
-            || "must be >= 1".into(),
+            || format!("{} must be between 1 and {max}", c.global_servers),
+        )?;
+        check(
+            c.data_centers.len() <= max,
+            || "cluster.data_centers".into(),
+            || format!("{} data centers, at most {max}", c.data_centers.len()),
         )?;
         check(
             valid_name(&c.central_dc),
@@ -384,7 +394,11 @@ impl Config {
                 || f("name"),
                 || format!("{:?} is used by an earlier data center", dc.name),
             )?;
-            check(dc.workers >= 1, || f("workers"), || "must be >= 1".into())?;
+            check(
+                (1..=max).contains(&dc.workers),
+                || f("workers"),
+                || format!("{} must be between 1 and {max}", dc.workers),
+            )?;
             check(
                 dc.slowdown.is_finite() && dc.slowdown >= 1.0,
                 || f("slowdown"),
@@ -408,7 +422,13 @@ impl Config {
                 check_addr(&format!("cluster.data_centers[{i}].worker_addrs[{r}]"), a)?;
             }
         }
-        Ok(())
+        // The coordinator, the global servers, a local server per DC and the workers.
+        let processes = 1 + c.global_servers + c.data_centers.len() + c.total_workers();
+        check(
+            processes <= max,
+            || "cluster.data_centers".into(),
+            || format!("{processes} processes in all, at most {max}"),
+        )
     }
 
     fn validate_model_and_data(&self) -> Result {
@@ -448,6 +468,33 @@ impl Config {
             || "data.synthetic.test_samples".into(),
             || "must be >= 1".into(),
         )?;
+        // The teacher and the samples are held whole: bounded products, never an overflow.
+        let values = |a: usize, b: usize| a.checked_mul(b).filter(|&n| n <= MAX_SYNTHETIC_VALUES);
+        check(
+            values(s.classes, s.features).is_some(),
+            || "data.synthetic.classes".into(),
+            || {
+                format!(
+                    "{} classes × {} features exceed {MAX_SYNTHETIC_VALUES} values",
+                    s.classes, s.features
+                )
+            },
+        )?;
+        for (name, n) in [
+            ("train_samples", s.train_samples),
+            ("test_samples", s.test_samples),
+        ] {
+            check(
+                values(n, s.features).is_some(),
+                || format!("data.synthetic.{name}"),
+                || {
+                    format!(
+                        "{n} samples × {} features exceed {MAX_SYNTHETIC_VALUES} values",
+                        s.features
+                    )
+                },
+            )?;
+        }
         let train_samples = match d.dataset {
             DatasetKind::Digits => Some(super::DIGITS_TRAIN_SAMPLES),
             DatasetKind::Synthetic => Some(s.train_samples),

@@ -21,6 +21,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{Config, ConfigError};
 
+/// Slowest WAN link the lab emulates, Mbit/s (8 kbit/s, where tc's rates start).
+pub const MIN_RATE_MBIT: f64 = 0.008;
+/// Fastest WAN link the lab emulates, Mbit/s (1 Tbit/s).
+pub const MAX_RATE_MBIT: f64 = 1e6;
+/// Longest one-way WAN delay the lab emulates, ms.
+pub const MAX_DELAY_MS: f64 = 10_000.0;
+
 /// Lab modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -205,23 +212,25 @@ impl Config {
             }
         }
         let w = &self.wan;
+        // From the 8 kbit/s tc's rates start at to 1 Tbit/s: the lab's pacing arithmetic (ns per
+        // byte, release times) stays in range.
         let rate = |f: &str, v: f64| {
-            if v.is_finite() && v > 0.0 {
+            if (MIN_RATE_MBIT..=MAX_RATE_MBIT).contains(&v) {
                 Ok(())
             } else {
                 bad(
                     f.into(),
-                    format!("{v} must be a finite number of Mbit/s > 0"),
+                    format!("{v} must be a number of Mbit/s in [{MIN_RATE_MBIT}, {MAX_RATE_MBIT}]"),
                 )
             }
         };
         let delay = |f: &str, v: f64| {
-            if v.is_finite() && (0.0..=10_000.0).contains(&v) {
+            if (0.0..=MAX_DELAY_MS).contains(&v) {
                 Ok(())
             } else {
                 bad(
                     f.into(),
-                    format!("{v} must be a number of ms in [0, 10000]"),
+                    format!("{v} must be a number of ms in [0, {MAX_DELAY_MS}]"),
                 )
             }
         };
@@ -354,6 +363,8 @@ mod tests {
         let cases = [
             ("[wan]\nmode = \"tunnel\"", "unknown variant `tunnel`"),
             ("[wan]\nrate_mbit = 0.0", "wan.rate_mbit"),
+            ("[wan]\nrate_mbit = 1e-300", "wan.rate_mbit"),
+            ("[wan]\nrate_mbit = 1e300", "wan.rate_mbit"),
             ("[wan]\ndelay_ms = -1.0", "wan.delay_ms"),
             ("[wan]\nloss = 1.0", "wan.loss"),
             ("[wan]\nlos = 0.1", "los"),

@@ -47,7 +47,7 @@ pub enum DeployCmd {
         /// Container image with geomx on its PATH.
         #[arg(long, default_value = concat!("geomx:", env!("CARGO_PKG_VERSION")))]
         image: String,
-        /// Resource name prefix (default: geomx-<file stem>).
+        /// Resource name prefix (default: `geomx-<file stem>`).
         #[arg(long)]
         name: Option<String>,
         /// Namespace of the resources.

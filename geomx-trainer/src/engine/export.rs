@@ -117,7 +117,7 @@ pub fn read(path: &Path) -> Result<Exported, ExportError> {
     Ok((out, meta.metadata().clone().unwrap_or_default()))
 }
 
-/// The parameters of `model` from a file [`write`] wrote: its tensors in key order, each checked
+/// The parameters of `model` from a file [`write`](fn@write) wrote: its tensors in key order, each checked
 /// for name and shape.
 pub fn read_params(path: &Path, model: &dyn Model) -> Result<Vec<Vec<f32>>, ExportError> {
     let (mut tensors, _) = read(path)?;

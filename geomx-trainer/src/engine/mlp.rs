@@ -11,6 +11,9 @@ use crate::data::{rng, Samples};
 
 /// Rows per chunk when evaluating large data sets.
 const EVAL_CHUNK: usize = 512;
+/// Most parameters of one MLP (2^32 − 1, 16 GiB of f32): a larger one is refused by name
+/// rather than overflowing a size or failing an allocation.
+pub const MAX_PARAMS: usize = u32::MAX as usize;
 
 /// A ReLU multi-layer perceptron.
 #[derive(Debug, Clone)]
@@ -35,6 +38,15 @@ impl Mlp {
         if classes < 2 {
             return Err(EngineError::Architecture(format!(
                 "{classes} classes; need at least 2"
+            )));
+        }
+        let params = sizes.windows(2).try_fold(0usize, |n, w| {
+            w[0].checked_add(1)?.checked_mul(w[1])?.checked_add(n)
+        });
+        if params.is_none_or(|n| n > MAX_PARAMS) {
+            return Err(EngineError::Architecture(format!(
+                "layer sizes {sizes:?} give more than {MAX_PARAMS} parameters, the most the \
+                 built-in MLP takes"
             )));
         }
         let specs = sizes
@@ -409,6 +421,18 @@ mod tests {
             .collect();
         let y = (0..n).map(|_| rng::below(&mut r, classes) as u32).collect();
         Dataset::new(x, y, features, classes).unwrap()
+    }
+
+    #[test]
+    fn more_parameters_than_the_bound_are_refused_without_overflow() {
+        // (64 + 1) * 66_076_419 = 4_294_967_235 <= 2^32 - 1; one more output is over.
+        let at = Mlp::new(64, &[], 66_076_419).unwrap();
+        assert_eq!(at.num_params(), 4_294_967_235);
+        for hidden in [vec![66_076_420], vec![usize::MAX], vec![1 << 40, 1 << 40]] {
+            let e = Mlp::new(64, &hidden, 10).map(drop).unwrap_err().to_string();
+            assert!(e.contains("parameters"), "{hidden:?}: {e}");
+        }
+        assert!(Mlp::new(64, &[], usize::MAX).is_err());
     }
 
     #[test]

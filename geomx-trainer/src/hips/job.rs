@@ -466,16 +466,24 @@ impl JobSpec {
 /// `rounds` must be a positive multiple of k1 · k2. The error names the nearest valid values
 /// (and, for `train.epochs`, the steps the epochs came to).
 fn check_hfa_rounds(rounds: u64, k1: u64, k2: u64, epochs: Option<u64>) -> Result<(), ConfigError> {
-    let period = k1.saturating_mul(k2).max(1);
+    // A count TOML can write (its integers are i64).
+    const MAX: u64 = i64::MAX as u64;
+    let Some(period) = k1.checked_mul(k2).filter(|&p| p <= MAX) else {
+        return Err(ConfigError::invalid(
+            "sync.hfa.k2",
+            format!("the HFA period k1 * k2 = {k1} * {k2} exceeds {MAX} rounds"),
+        ));
+    };
+    let period = period.max(1);
     if rounds % period == 0 && rounds > 0 {
         return Ok(());
     }
     let below = rounds - rounds % period;
-    let above = below.saturating_add(period);
-    let nearest = if below == 0 {
-        format!("{above}")
-    } else {
-        format!("{below} or {above}")
+    let above = below.checked_add(period).filter(|&a| a <= MAX);
+    let nearest = match (below, above) {
+        (0, Some(a)) => format!("{a}"),
+        (b, Some(a)) => format!("{b} or {a}"),
+        (b, None) => format!("{b}"),
     };
     let source = match epochs {
         Some(e) => format!("train.epochs = {e} comes to {rounds} steps"),
@@ -494,6 +502,28 @@ fn check_hfa_rounds(rounds: u64, k1: u64, k2: u64, epochs: Option<u64>) -> Resul
 mod tests {
     use super::*;
     use crate::config::DataCenterConfig;
+
+    #[test]
+    fn hfa_periods_beyond_toml_integers_are_refused_and_suggestions_stay_writable() {
+        let field = |r: Result<(), ConfigError>| match r {
+            Err(ConfigError::Invalid { field, message }) => (field, message),
+            other => panic!("{other:?}"),
+        };
+        let max = i64::MAX as u64;
+        let (f, m) = field(check_hfa_rounds(400, max, 2, None));
+        assert_eq!(f, "sync.hfa.k2", "{m}");
+        assert!(field(check_hfa_rounds(400, u64::MAX, u64::MAX, None))
+            .1
+            .contains("exceeds"));
+        // The nearest multiple above would not fit: only the one below is offered.
+        let (f, m) = field(check_hfa_rounds(max, 200, 1, None));
+        assert_eq!(f, "train.rounds");
+        assert!(
+            m.ends_with(&format!("use {} (train.rounds)", max - max % 200)),
+            "{m}"
+        );
+        assert!(check_hfa_rounds(max - max % 200, 200, 1, None).is_ok());
+    }
 
     #[test]
     fn default_config_resolves_to_the_built_in_job() {

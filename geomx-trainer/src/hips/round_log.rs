@@ -2,7 +2,7 @@
 //! rounds closed with fewer than all of the DC's workers (issue 16's round log).
 //!
 //! A round that is not listed summed every worker of the DC. With the log, a single process can
-//! replay the job ([`crate::engine::reference::fsa_replay`]) and must reach the same θ bit for
+//! replay the job ([`replay`]) and must reach the same θ bit for
 //! bit.
 
 use std::sync::Mutex;

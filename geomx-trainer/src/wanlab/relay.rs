@@ -84,8 +84,10 @@ impl ShapedPipe {
     /// Queues `data` offered at `now`; returns its release time.
     pub fn push(&mut self, data: Vec<u8>, now: u64) -> u64 {
         let start = self.link_free.max(now);
-        self.link_free = start + (data.len() as f64 * self.ns_per_byte).round() as u64;
-        let due = self.link_free + self.delay_ns;
+        // Saturating: a release time beyond u64 nanoseconds (584 years) is never.
+        let serialise = (data.len() as f64 * self.ns_per_byte).round() as u64;
+        self.link_free = start.saturating_add(serialise);
+        let due = self.link_free.saturating_add(self.delay_ns);
         self.in_flight += data.len();
         self.queue.push_back((due, data));
         due
