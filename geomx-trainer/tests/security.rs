@@ -44,13 +44,18 @@ fn config_with(ports: &[u16], security: &str) -> String {
     config(ports) + "[security]\n" + security
 }
 
+/// The job every test here attacks. Its emulated compute (10 ms per layer forward, twice that
+/// backward: 40 rounds take at least 2.4 s whatever the machine) keeps it running while the
+/// attackers act: on a fast machine the job alone took 0.4 s and could end before an intruder's
+/// request reached a server.
 fn config(ports: &[u16]) -> String {
     format!(
         "[cluster]\nglobal_servers = 1\ncoordinator = \"127.0.0.1:{}\"\n\
          global_server_addrs = [\"127.0.0.1:{}\"]\n\
          [[cluster.data_centers]]\nname = \"dc0\"\nworkers = 2\nlocal_server = \"127.0.0.1:{}\"\n\
          [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 2\nlocal_server = \"127.0.0.1:{}\"\n\
-         [train]\nrounds = 40\neval_every = 20\n",
+         [train]\nrounds = 40\neval_every = 20\n\
+         [model]\nlayer_delay_ms = [10.0, 10.0]\n",
         ports[0], ports[1], ports[2], ports[3]
     )
 }
