@@ -6,12 +6,11 @@
 //! Each run is a whole cluster on loopback threads (`launch::threads`): 2 DCs (2 + 1 workers), an
 //! MLP whose weight tensors are cut into several slices of 1024 elements.
 
-use std::time::Duration;
-
 use geomx_trainer::config::{Config, Credit};
 use geomx_trainer::hips::JobSpec;
-use geomx_trainer::launch::threads;
 use geomx_trainer::report::Report;
+
+mod support;
 
 /// digits (64 features, 10 classes), hidden [48, 32]: tensors of 3072, 48, 1536, 32, 320 and 10
 /// elements, which P3 with S = 1024 cuts into 3 + 1 + 2 + 1 + 1 + 1 = 9 keys.
@@ -29,18 +28,7 @@ fn config(servers: usize, optimizer: &str, extra: &str, p3: bool) -> Config {
 }
 
 fn run(name: &str, cfg: &Config) -> (JobSpec, Report) {
-    let job = JobSpec::from_config(cfg).unwrap();
-    let r = threads::run(&job, cfg.to_json(), Duration::from_secs(180))
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    eprintln!(
-        "{name}: keys {} param_hash {} global {} accuracy {:.3}",
-        job.plan.key_lens.len(),
-        r.param_hash,
-        r.global_param_hash,
-        r.final_test_accuracy
-    );
-    assert!(r.replicas_identical, "{name}");
-    assert_eq!(r.param_hash, r.global_param_hash, "{name}");
+    let (job, r) = support::run_in_threads(name, cfg);
     // The workers' and local servers' pushing connections: `credit_bytes = "auto"` settles
     // within 15 rounds of the 20, `"path"` (the default) sizes them to the path; a fixed
     // credit is neither.
@@ -69,13 +57,7 @@ fn p3_fsa_is_bit_identical_to_the_unsliced_run() {
             let (p3_job, p3) = run(&format!("p3 {name}"), &config(servers, opt, "", true));
             assert_eq!(plain_job.plan.key_lens.len(), 6);
             assert_eq!(p3_job.plan.key_lens.len(), 9, "{name}: slices are keys");
-            assert_eq!(p3.param_hash, plain.param_hash, "{name}");
-            assert_eq!(p3.global_param_hash, plain.global_param_hash, "{name}");
-            assert_eq!(
-                p3.final_test_accuracy.to_bits(),
-                plain.final_test_accuracy.to_bits(),
-                "{name}"
-            );
+            support::assert_bit_identical(&p3, &plain, &name);
             assert!(
                 p3.final_test_accuracy > 0.2,
                 "{name}: training went nowhere"

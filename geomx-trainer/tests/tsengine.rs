@@ -7,12 +7,10 @@
 //!
 //! Each run is a whole cluster on loopback threads (`launch::threads`).
 
-use std::time::Duration;
-
 use geomx_trainer::config::Config;
-use geomx_trainer::hips::JobSpec;
-use geomx_trainer::launch::threads;
 use geomx_trainer::report::Report;
+
+mod support;
 
 /// `ts`: the `[scheduling.tsengine]` lines.
 fn config(workers: &[usize], optimizer: &str, ts: &str) -> Config {
@@ -31,30 +29,11 @@ fn config(workers: &[usize], optimizer: &str, ts: &str) -> Config {
 }
 
 fn run(name: &str, cfg: &Config) -> Report {
-    let job = JobSpec::from_config(cfg).unwrap();
-    let r = threads::run(&job, cfg.to_json(), Duration::from_secs(180))
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    eprintln!(
-        "{name}: param_hash {} global {} accuracy {:.3}",
-        r.param_hash, r.global_param_hash, r.final_test_accuracy
-    );
-    assert!(r.replicas_identical, "{name}");
-    assert_eq!(r.param_hash, r.global_param_hash, "{name}");
+    let (_, r) = support::run_in_threads(name, cfg);
     for p in &r.processes {
         assert_eq!(p.refused_requests, 0, "{name}: {p:?}");
     }
     r
-}
-
-/// `r` ended where the direct run ended, bit for bit.
-fn assert_bit_identical(r: &Report, direct: &Report, name: &str) {
-    assert_eq!(r.param_hash, direct.param_hash, "{name}");
-    assert_eq!(r.global_param_hash, direct.global_param_hash, "{name}");
-    assert_eq!(
-        r.final_test_accuracy.to_bits(),
-        direct.final_test_accuracy.to_bits(),
-        "{name}"
-    );
 }
 
 const SGD: &str = "[train.optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9";
@@ -76,7 +55,7 @@ fn with_two_workers_per_dc_tsengine_on_the_intra_tier_is_bit_identical_to_the_di
         for (tier, ts) in tiers {
             let name = format!("tsengine {tier}, {opt_name}");
             let r = run(&name, &config(&[2, 2], opt, ts));
-            assert_bit_identical(&r, &direct, &name);
+            support::assert_bit_identical(&r, &direct, &name);
         }
         assert!(
             direct.final_test_accuracy > 0.2,
@@ -127,7 +106,7 @@ fn with_two_dcs_tsengine_fsa_is_bit_identical_to_the_direct_run() {
             &format!("tsengine {opt_name}"),
             &config(&[2, 1], opt, INTER),
         );
-        assert_bit_identical(&ts, &direct, opt_name);
+        support::assert_bit_identical(&ts, &direct, opt_name);
         assert!(
             ts.final_test_accuracy > 0.2,
             "{opt_name}: training went nowhere"

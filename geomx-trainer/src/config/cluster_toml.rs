@@ -98,17 +98,14 @@ impl TryFrom<RawCluster> for ClusterConfig {
             }
             (Some(DataCenters::List(list)), None) => list,
             (Some(DataCenters::Count(n)), per) => {
-                // Bounded before the list is built (validation bounds the processes in all).
-                let max = geomx_net::coord::MAX_NODES;
-                if n > max {
-                    return Err(format!(
-                        "cluster.data_centers: {n} data centers, at most {max}"
-                    ));
-                }
-                let per = per.unwrap_or(DEFAULT_WORKERS_PER_DC);
-                (0..n)
-                    .map(|i| DataCenterConfig::new(&format!("dc{i}"), per))
-                    .collect()
+                DataCenterConfig::numbered(n, per.unwrap_or(DEFAULT_WORKERS_PER_DC)).ok_or_else(
+                    || {
+                        format!(
+                            "cluster.data_centers: {n} data centers, at most {}",
+                            geomx_net::coord::MAX_NODES
+                        )
+                    },
+                )?
             }
         };
         Ok(ClusterConfig {

@@ -184,9 +184,8 @@ impl Config {
         let (d, n_d) = (d.unwrap_or(1), n_d.unwrap_or(1));
 
         cfg.cluster.global_servers = s;
-        cfg.cluster.data_centers = (0..d)
-            .map(|i| DataCenterConfig::new(&format!("dc{i}"), n_d))
-            .collect();
+        // `d` is bounded by `count`: the list is always built.
+        cfg.cluster.data_centers = DataCenterConfig::numbered(d, n_d).unwrap_or_default();
         if v.flag("DMLC_ENABLE_CENTRAL_WORKER")? {
             cfg.cluster.central_dc = "dc0".into();
         }

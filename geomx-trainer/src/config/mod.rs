@@ -245,6 +245,16 @@ impl DataCenterConfig {
             site: None,
         }
     }
+
+    /// `count` DCs `dc0`, `dc1`, … of `workers` workers each; `None` when `count` exceeds what a
+    /// job holds ([`geomx_net::coord::MAX_NODES`]), checked before anything is built.
+    pub fn numbered(count: usize, workers: usize) -> Option<Vec<Self>> {
+        (count <= geomx_net::coord::MAX_NODES).then(|| {
+            (0..count)
+                .map(|i| Self::new(&format!("dc{i}"), workers))
+                .collect()
+        })
+    }
 }
 
 /// Model back ends. Open: a libtorch back end joins later.

@@ -336,11 +336,6 @@ impl Config {
             || format!("{} must be between 1 and {max}", c.global_servers),
         )?;
         check(
-            c.data_centers.len() <= max,
-            || "cluster.data_centers".into(),
-            || format!("{} data centers, at most {max}", c.data_centers.len()),
-        )?;
-        check(
             valid_name(&c.central_dc),
             || "cluster.central_dc".into(),
             || {

@@ -156,3 +156,39 @@ pub fn assert_within_two_points_of_fsa(
         accuracy(fsa)
     );
 }
+
+/// Runs `cfg` in this process (`launch::threads`, 180 s at most) as job `name`: every replica
+/// and the global servers must end on the same θ. Returns the job and its report.
+pub fn run_in_threads(
+    name: &str,
+    cfg: &geomx_trainer::config::Config,
+) -> (geomx_trainer::hips::JobSpec, geomx_trainer::report::Report) {
+    let job = geomx_trainer::hips::JobSpec::from_config(cfg).unwrap();
+    let r = geomx_trainer::launch::threads::run(&job, cfg.to_json(), Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    eprintln!(
+        "{name}: keys {} param_hash {} global {} accuracy {:.3}",
+        job.plan.key_lens.len(),
+        r.param_hash,
+        r.global_param_hash,
+        r.final_test_accuracy
+    );
+    assert!(r.replicas_identical, "{name}");
+    assert_eq!(r.param_hash, r.global_param_hash, "{name}");
+    (job, r)
+}
+
+/// `r` ended where `base` ended, bit for bit (replicas, global θ, accuracy).
+pub fn assert_bit_identical(
+    r: &geomx_trainer::report::Report,
+    base: &geomx_trainer::report::Report,
+    name: &str,
+) {
+    assert_eq!(r.param_hash, base.param_hash, "{name}");
+    assert_eq!(r.global_param_hash, base.global_param_hash, "{name}");
+    assert_eq!(
+        r.final_test_accuracy.to_bits(),
+        base.final_test_accuracy.to_bits(),
+        "{name}"
+    );
+}
