@@ -55,35 +55,64 @@ pub struct IdxU8 {
     pub data: Vec<u8>,
 }
 
+/// The first two bytes of a gzip stream.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Payload bytes reserved before any are read: a header's claim alone never allocates more.
+const INITIAL_PAYLOAD_CAPACITY: usize = 1 << 20;
+
 /// Decodes an IDX `u8` tensor with `expected_dims` dimensions from bytes (gzip or raw).
+///
+/// A gzip stream is decompressed as it is read: the header first, then exactly the payload its
+/// dimensions ask for. Memory follows what the file holds, never what its header claims, and a
+/// stream longer than its dimensions say is counted, not kept.
 pub fn decode_u8(bytes: &[u8], expected_dims: u8) -> Result<IdxU8, IdxError> {
-    let raw: std::borrow::Cow<'_, [u8]> = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        GzDecoder::new(bytes).read_to_end(&mut out)?;
-        out.into()
+    if bytes.starts_with(&GZIP_MAGIC) {
+        read_u8(GzDecoder::new(bytes), expected_dims)
     } else {
-        bytes.into()
-    };
-    if raw.len() < 4 || raw[0] != 0 || raw[1] != 0 {
-        return Err(IdxError::BadMagic(raw[..raw.len().min(4)].to_vec()));
+        read_u8(bytes, expected_dims)
     }
-    if raw[2] != TYPE_U8 {
-        return Err(IdxError::ElementType(raw[2]));
+}
+
+/// Reads into `buf` until it is full or the stream ends; returns how many bytes it holds.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    if raw[3] != expected_dims {
+    Ok(n)
+}
+
+/// [`decode_u8`] of an uncompressed stream.
+fn read_u8(mut r: impl Read, expected_dims: u8) -> Result<IdxU8, IdxError> {
+    let mut magic = [0u8; 4];
+    let n = read_up_to(&mut r, &mut magic)?;
+    if n < 4 || magic[0] != 0 || magic[1] != 0 {
+        return Err(IdxError::BadMagic(magic[..n].to_vec()));
+    }
+    if magic[2] != TYPE_U8 {
+        return Err(IdxError::ElementType(magic[2]));
+    }
+    if magic[3] != expected_dims {
         return Err(IdxError::Dimensions {
-            found: raw[3],
+            found: magic[3],
             expected: expected_dims,
         });
     }
-    let header = 4 + 4 * expected_dims as usize;
-    if raw.len() < header {
+    let mut header = vec![0u8; 4 * expected_dims as usize];
+    let n = read_up_to(&mut r, &mut header)?;
+    if n < header.len() {
         return Err(IdxError::Length {
-            found: raw.len().saturating_sub(4),
-            expected: header - 4,
+            found: n,
+            expected: header.len(),
         });
     }
-    let dims: Vec<u32> = raw[4..header]
+    let dims: Vec<u32> = header
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
@@ -97,17 +126,22 @@ pub fn decode_u8(bytes: &[u8], expected_dims: u8) -> Result<IdxU8, IdxError> {
             }
         })
         .ok_or_else(|| IdxError::BadDims(dims.clone()))?;
-    let payload = &raw[header..];
-    if payload.len() != expected {
+    let mut data = Vec::with_capacity(expected.min(INITIAL_PAYLOAD_CAPACITY));
+    // One byte more than the payload tells a longer stream from an exact one.
+    let limit = u64::try_from(expected)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    (&mut r).take(limit).read_to_end(&mut data)?;
+    if data.len() != expected {
+        let rest = std::io::copy(&mut r, &mut std::io::sink())?;
         return Err(IdxError::Length {
-            found: payload.len(),
+            found: data
+                .len()
+                .saturating_add(usize::try_from(rest).unwrap_or(usize::MAX)),
             expected,
         });
     }
-    Ok(IdxU8 {
-        dims,
-        data: payload.to_vec(),
-    })
+    Ok(IdxU8 { dims, data })
 }
 
 fn read_file(path: &Path, expected_dims: u8) -> Result<IdxU8, DataError> {
@@ -255,6 +289,41 @@ mod tests {
         assert!(matches!(
             decode_u8(&encode_u8(&[0, 2, 2], &[]), 3),
             Err(IdxError::BadDims(_))
+        ));
+        // A longer payload is counted to its end, raw or compressed; a shorter one too.
+        let mut long = encode_u8(&[2, 2, 2], &[7; 8]);
+        long.extend(std::iter::repeat_n(0u8, 3 << 20));
+        for bytes in [long.clone(), gzip(&long)] {
+            match decode_u8(&bytes, 3) {
+                Err(IdxError::Length { found, expected }) => {
+                    assert_eq!((found, expected), (8 + (3 << 20), 8));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A header that claims 2^32 - 1 bytes over a short stream asks for no more memory
+        // than the stream holds.
+        let claim = encode_u8(&[u32::MAX], &[]);
+        let claim = [claim, vec![1u8; 5]].concat();
+        for bytes in [claim.clone(), gzip(&claim)] {
+            match decode_u8(&bytes, 1) {
+                Err(IdxError::Length { found, expected }) => {
+                    assert_eq!((found, expected), (5, u32::MAX as usize));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Cut inside the header: the dimensions' bytes present are counted.
+        assert!(matches!(
+            decode_u8(&gzip(&encode_u8(&[2, 2, 2], &[0; 8])[..9]), 3),
+            Err(IdxError::Length {
+                found: 5,
+                expected: 12
+            })
+        ));
+        assert!(matches!(
+            decode_u8(&gzip(&[0, 0]), 3),
+            Err(IdxError::BadMagic(m)) if m == [0, 0]
         ));
         std::fs::remove_dir_all(dir).unwrap();
     }
