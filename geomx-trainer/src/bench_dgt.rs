@@ -348,7 +348,8 @@ fn run_dgt(
     let data = data.clone();
     let client = lab
         .spawn_in(true, move || -> Result<Rounds, String> {
-            let link = crate::hips::dgt::connect(addr, 1, &d, &client_opts)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let link = crate::hips::dgt::connect(addr, 1, &d, &client_opts, deadline)?;
             let mut up = DgtUplink::new(&d, ValueType::F32)?;
             let n_b = link.num_blocks(n, ValueType::F32);
             let (mut ms, mut missing) = (Vec::new(), Vec::new());

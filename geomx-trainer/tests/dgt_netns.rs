@@ -7,10 +7,16 @@
 //! the same job as processes through `geomx launch` with `[wan] mode = "netns"` (router, delay).
 //! Root only: otherwise each test prints its SKIPPED line and returns.
 
+use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use geomx_trainer::config::Config;
+use geomx_net::dgt::link::{DgtServer, ServerTls, MAX_DGT_HANDSHAKES};
+use geomx_net::dgt::ValueType;
+use geomx_net::tls::{Identity, JobCa, Security, TlsContext, MAX_HANDSHAKES_PER_ADDR};
+use geomx_net::NetOptions;
+use geomx_trainer::config::{Config, DgtTransportConfig};
+use geomx_trainer::hips::dgt;
 use geomx_trainer::hips::dgt_lab::{self, DgtLab, LossScope, CENTRAL_ADDR};
 use geomx_trainer::hips::node::FatalHook;
 use geomx_trainer::hips::worker::ProgressSink;
@@ -216,4 +222,102 @@ fn dgt_launch_in_the_wan_lab() {
     assert!(n("unreliable_blocks") > 0 && n("lost_blocks") > 0, "{g}");
     assert!(n("lost_blocks") < n("unreliable_blocks") / 5, "{g}");
     assert_eq!(n("invalid"), 0, "{g}");
+}
+
+/// A local server's DGT link under mutual TLS, from the site namespace to the receiver at `addr`,
+/// retrying dropped handshakes until `within` has passed.
+fn member_link(
+    lab: &DgtLab,
+    ca: &Arc<JobCa>,
+    addr: SocketAddr,
+    within: Duration,
+) -> Result<(), String> {
+    let ca = ca.clone();
+    lab.spawn_in(true, move || {
+        let creds = ca
+            .issue(&Identity::new("local_server", 0, 0).unwrap())
+            .unwrap();
+        let net = NetOptions {
+            security: Security::Mtls(Arc::new(TlsContext::new(&creds).unwrap())),
+            ..NetOptions::default()
+        };
+        let d = DgtTransportConfig::default();
+        dgt::connect(addr, 1, &d, &net, Instant::now() + within).map(drop)
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+    .unwrap()
+}
+
+/// `n` silent connections to `addr` from the site (`site = true`) or central namespace: a
+/// stranger holding TLS handshakes open.
+fn silent_flood(lab: &DgtLab, site: bool, addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    lab.spawn_in(site, move || {
+        (0..n)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect::<Vec<_>>()
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+    .unwrap()
+}
+
+/// docs/security.md, "Bounds": a stranger who opens silent connections at the global server's
+/// DGT port holds at most a few handshake slots per address (before, one address could take all
+/// 16 and every local server's link was refused: the job ended), and a local server whose
+/// handshake was dropped tries again until its deadline.
+#[test]
+fn a_flood_of_silent_dgt_connections_does_not_keep_a_local_server_out() {
+    let name = "a_flood_of_silent_dgt_connections_does_not_keep_a_local_server_out";
+    if dgt_lab::root_available().is_err() {
+        println!("{}", dgt_lab::skip_line(name));
+        return;
+    }
+    let _one = serial();
+    let lab = DgtLab::build(None, 0.0, LossScope::Udp, 0.0).unwrap();
+    let ca = Arc::new(JobCa::generate("flood", 1).unwrap());
+    let server_ca = ca.clone();
+    let (addr, _serving) = lab
+        .serve_central(move || {
+            let creds = server_ca
+                .issue(&Identity::new("global_server", 2, 0).unwrap())
+                .unwrap();
+            let tls = ServerTls {
+                ctx: Arc::new(TlsContext::new(&creds).unwrap()),
+                roles: vec!["local_server".into()],
+            };
+            let (cfg, _) = dgt::link_config(&DgtTransportConfig::default());
+            let keys = [(0, 1024, ValueType::F32)];
+            let s = DgtServer::bind_secure(CENTRAL_ADDR.into(), cfg, &keys, None, Some(tls))
+                .map_err(|e| e.to_string())?;
+            let addr = s.local_addr();
+            Ok((s, addr))
+        })
+        .unwrap();
+    // A stranger at another address than the local server's (the central namespace's own,
+    // not loopback) opens more silent connections than the receiver has slots. The receiver
+    // accepts in arrival order, so they are all taken or closed before the member's.
+    let flood = silent_flood(&lab, false, addr, 3 * MAX_DGT_HANDSHAKES);
+    member_link(&lab, &ca, addr, Duration::ZERO).expect("a member from another address");
+    drop(flood);
+    // The same from the member's own address: its handshake is dropped (no retry: an error)…
+    let flood = silent_flood(&lab, true, addr, MAX_HANDSHAKES_PER_ADDR);
+    let e = member_link(&lab, &ca, addr, Duration::ZERO).unwrap_err();
+    assert!(e.contains("TLS"), "{e}");
+    // …and retried until the slots free up (the stranger leaves after a second; the receiver
+    // would close its connections after its 10 s handshake limit anyway).
+    let t = Instant::now();
+    let leave = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(flood);
+    });
+    member_link(&lab, &ca, addr, Duration::from_secs(30)).expect("retried until admitted");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    leave.join().unwrap();
 }

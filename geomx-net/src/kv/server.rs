@@ -1,7 +1,7 @@
 //! The key-value server endpoint.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -12,7 +12,7 @@ use crate::driver::{Driver, DriverKind, NetOptions};
 use crate::error::NetError;
 use crate::link::{Dispatch, Link};
 use crate::stats::{Counters, LiveCounters};
-use crate::tls::{handshake, HandshakeSide, Session, TlsContext};
+use crate::tls::{handshake, HandshakeSide, HandshakeSlots, Session, TlsContext};
 use crate::wire::Frame;
 
 use super::{Handler, PeerHandle, Request, Responder};
@@ -31,8 +31,8 @@ struct ServerInner {
     stop: AtomicBool,
     local_addr: SocketAddr,
     dispatch: Arc<ServerDispatch>,
-    /// Connections in their TLS handshake, per peer IP address.
-    handshaking: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections in their TLS handshake.
+    handshakes: HandshakeSlots,
 }
 
 struct ServerDispatch {
@@ -101,7 +101,7 @@ impl KvServer {
             stop: AtomicBool::new(false),
             local_addr,
             dispatch,
-            handshaking: Mutex::new(HashMap::new()),
+            handshakes: HandshakeSlots::new(),
         });
         let i2 = inner.clone();
         let accept = std::thread::Builder::new()
@@ -178,55 +178,6 @@ impl Drop for KvServer {
     }
 }
 
-/// At most this many connections may be in their TLS handshake at once (before authentication)…
-pub const MAX_HANDSHAKES: usize = 64;
-/// …and at most this many of them from one IP address other than loopback. Loopback peers are
-/// processes of this host: behind the WAN lab's userspace relays every process of a job
-/// connects from 127.0.0.1, and a whole cluster registering at once must not be refused.
-pub const MAX_HANDSHAKES_PER_ADDR: usize = 8;
-
-/// Whether one more handshake from `ip` fits, with `total` in flight and `mine` from `ip`.
-fn handshake_fits(total: usize, mine: usize, ip: IpAddr) -> bool {
-    total < MAX_HANDSHAKES && (ip.is_loopback() || mine < MAX_HANDSHAKES_PER_ADDR)
-}
-
-/// Counts a connection in the handshake bounds; `None` when a bound is reached.
-fn handshake_slot(inner: &Arc<ServerInner>, ip: IpAddr) -> Option<HandshakeSlot> {
-    let mut h = inner.handshaking.lock().unwrap_or_else(|p| p.into_inner());
-    let total: usize = h.values().sum();
-    let mine = h.entry(ip).or_insert(0);
-    if !handshake_fits(total, *mine, ip) {
-        return None;
-    }
-    *mine += 1;
-    Some(HandshakeSlot {
-        inner: inner.clone(),
-        ip,
-    })
-}
-
-/// A connection counted in the handshake bounds until dropped.
-struct HandshakeSlot {
-    inner: Arc<ServerInner>,
-    ip: IpAddr,
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut h = self
-            .inner
-            .handshaking
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = h.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                h.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Authenticates an accepted connection on its own short-lived thread (bounded in number, time
 /// and bytes), then admits it; a stranger is dropped before any frame is read.
 fn authenticate(
@@ -235,16 +186,17 @@ fn authenticate(
     peer: SocketAddr,
     ctx: Arc<TlsContext>,
 ) {
-    let Some(slot) = handshake_slot(inner, peer.ip()) else {
+    let Some(slot) = inner.handshakes.take(peer.ip()) else {
         tracing::warn!(%peer, "refused connection: too many unauthenticated connections");
         return;
     };
     let deadline = Instant::now() + inner.opts.conn.handshake_timeout;
+    let inner = inner.clone();
     let spawned = std::thread::Builder::new()
         .name("geomx-net-tls".into())
         .spawn(move || {
             match handshake(&mut stream, &ctx, HandshakeSide::Server, deadline) {
-                Ok(session) => admit(&slot.inner, stream, peer, Some(session)),
+                Ok(session) => admit(&inner, stream, peer, Some(session)),
                 Err(e) => tracing::warn!(%peer, error = %e, "refused connection: TLS"),
             }
             drop(slot);
@@ -317,24 +269,5 @@ fn accept_loop(inner: Arc<ServerInner>, listener: TcpListener) {
             None => admit(&inner, stream, peer, None),
             Some(ctx) => authenticate(&inner, stream, peer, ctx.clone()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn handshakes_are_bounded_per_remote_address_and_in_all() {
-        let remote: IpAddr = [198, 18, 1, 2].into();
-        let local: IpAddr = [127, 0, 0, 1].into();
-        assert!(handshake_fits(0, 0, remote));
-        assert!(handshake_fits(10, MAX_HANDSHAKES_PER_ADDR - 1, remote));
-        assert!(!handshake_fits(10, MAX_HANDSHAKES_PER_ADDR, remote));
-        // A one-host cluster behind the userspace relays connects from loopback only.
-        assert!(handshake_fits(20, 20, local));
-        assert!(handshake_fits(20, 20, std::net::Ipv6Addr::LOCALHOST.into()));
-        assert!(!handshake_fits(MAX_HANDSHAKES, 0, local));
-        assert!(!handshake_fits(MAX_HANDSHAKES, 0, remote));
     }
 }

@@ -133,9 +133,7 @@ fn set_timeouts(stream: &TcpStream, deadline: Instant) -> Result<(), TlsError> {
 fn io_err(e: std::io::Error) -> TlsError {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => TlsError::Timeout,
-        std::io::ErrorKind::UnexpectedEof => {
-            TlsError::Handshake("the peer closed the connection during the handshake".into())
-        }
+        std::io::ErrorKind::UnexpectedEof => TlsError::Dropped,
         _ => TlsError::Io(e.to_string()),
     }
 }

@@ -18,6 +18,7 @@ pub mod handshake;
 mod identity;
 pub mod pki;
 pub mod record;
+pub mod slots;
 
 use std::sync::Arc;
 
@@ -32,6 +33,7 @@ pub use handshake::{handshake, HandshakeSide};
 pub use identity::{Identity, JOB_SERVER_NAME};
 pub use pki::{Credentials, JobCa, MAX_VALID_DAYS};
 pub use record::{Opener, RecordAead, RecordKey, Sealer};
+pub use slots::{HandshakeSlot, HandshakeSlots, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDR};
 
 /// Errors of authentication, key handling and the record layer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -77,9 +79,19 @@ pub enum TlsError {
     /// Socket I/O failed during the handshake.
     #[error("i/o: {0}")]
     Io(String),
+    /// The peer closed the connection before the handshake finished.
+    #[error("the peer closed the connection during the handshake")]
+    Dropped,
 }
 
 impl TlsError {
+    /// Whether the peer ended the connection during the handshake without an answer (closed or
+    /// reset it). A server past its handshake bounds ([`slots`]) closes new connections at
+    /// once, so a member retries these, unlike a refusal of its certificate.
+    pub fn is_dropped(&self) -> bool {
+        matches!(self, TlsError::Dropped | TlsError::Io(_))
+    }
+
     pub(crate) fn io(path: &std::path::Path, e: std::io::Error) -> TlsError {
         TlsError::File {
             path: path.display().to_string(),

@@ -16,11 +16,11 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use geomx_kernels::dgt_score::{assign_channels, AdaptiveK, BlockScores};
 use geomx_net::dgt::link::{
-    ClientStats, DgtClient, DgtServer, LinkOptions, Pacing, ServerStats, ServerTls,
+    ClientStats, DgtClient, DgtServer, LinkError, LinkOptions, Pacing, ServerStats, ServerTls,
 };
 use geomx_net::dgt::{DgtConfig, ValueType};
 use serde::{Deserialize, Serialize};
@@ -166,17 +166,34 @@ pub fn bind_server(
     DgtServer::bind_secure(ip, cfg, &keys, None, tls).map_err(|e| e.to_string())
 }
 
-/// Connects a local server (node `node_id`) to the DGT receiver at `addr`.
+/// How often a local server tries again to connect its DGT link after the receiver dropped its
+/// handshake.
+const HANDSHAKE_RETRY: Duration = Duration::from_millis(50);
+
+/// Connects a local server (node `node_id`) to the DGT receiver at `addr`. A receiver closes
+/// connections past its handshake bounds at once ([`geomx_net::tls::slots`]: a stranger may be
+/// flooding it with silent connections); such a drop is retried until `deadline`, as the
+/// key-value connections are.
 pub fn connect(
     addr: SocketAddr,
     node_id: u32,
     d: &DgtTransportConfig,
     net: &geomx_net::NetOptions,
+    deadline: Instant,
 ) -> Result<DgtClient, String> {
     let (cfg, mut opts) = link_config(d);
     opts.congestion = net.congestion;
     let tls = net.security.context().map(|c| &**c);
-    DgtClient::connect_secure(addr, node_id, cfg, opts, tls).map_err(|e| e.to_string())
+    loop {
+        match DgtClient::connect_secure(addr, node_id, cfg.clone(), opts, tls) {
+            Ok(c) => return Ok(c),
+            Err(LinkError::Tls(e)) if e.is_dropped() && Instant::now() < deadline => {
+                tracing::info!(%addr, error = %e, "dgt handshake dropped; retrying");
+                std::thread::sleep(HANDSHAKE_RETRY);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 fn id_u32(v: usize) -> Result<u32, String> {
@@ -391,7 +408,7 @@ mod tests {
         let net = geomx_net::NetOptions::default();
         let n = 3000;
         let server = bind_server(lo, &d, &[(0, n)], ValueType::F16, &net).unwrap();
-        let link = connect(server.local_addr(), 1, &d, &net).unwrap();
+        let link = connect(server.local_addr(), 1, &d, &net, Instant::now()).unwrap();
         let mut up = DgtUplink::new(&d, ValueType::F16).unwrap();
         let mut x: Vec<f32> = (0..n).map(|i| (i as f32 - 1500.0) * 0.0137).collect();
         x[7] = 1.0e6;

@@ -1371,11 +1371,14 @@ pub fn run(
                     ))
                 })?;
             let addr = std::net::SocketAddr::new(c.peer_addr().ip(), port);
-            let link = super::dgt::connect(addr, node.id(), d, &node.net(job)?).map_err(|e| {
-                RunError::Protocol(format!(
-                    "dc {dc}: dgt link to global server {s} at {addr}: {e}"
-                ))
-            })?;
+            let deadline = std::time::Instant::now() + job.registration_timeout;
+            let link = super::dgt::connect(addr, node.id(), d, &node.net(job)?, deadline).map_err(
+                |e| {
+                    RunError::Protocol(format!(
+                        "dc {dc}: dgt link to global server {s} at {addr}: {e}"
+                    ))
+                },
+            )?;
             tracing::info!(%addr, block_bytes = link.block_bytes(), "dgt link up");
             links.push(link);
         }

@@ -282,7 +282,7 @@ impl Node {
 /// Whether `e` is a TLS handshake the server dropped at the socket (it bounds handshakes in
 /// flight per address), not one it refused on its merits (certificate, identity, alert).
 fn handshake_dropped(e: &NetError) -> bool {
-    matches!(e, NetError::Tls(geomx_net::tls::TlsError::Io(_)))
+    matches!(e, NetError::Tls(t) if t.is_dropped())
 }
 
 /// Asks the servers behind `clients` to count this restarted process again (a `Pull` of

@@ -2,7 +2,9 @@
 //! polls the TCP listener, the reliable connections and the UDP channel sockets.
 //!
 //! Admission and bounds (docs/security.md):
-//! * with TLS, at most [`MAX_DGT_HANDSHAKES`] handshakes run at once (10 s each); at most
+//! * with TLS, at most [`MAX_DGT_HANDSHAKES`] handshakes run at once (10 s each), and at most
+//!   [`crate::tls::MAX_HANDSHAKES_PER_ADDR`] from one remote address (the key-value servers'
+//!   bounds, [`crate::tls::slots`]); at most
 //!   [`MAX_PENDING_HELLOS`] connections may wait for their hello, which must come within 10 s,
 //!   and before it a connection can make the server buffer no more than one hello frame;
 //! * a sender id is held by one live connection: a second hello for a live id is refused and the
@@ -32,14 +34,16 @@ use crate::dgt::seal::{sealed_sender, DatagramOpener, Refusal};
 use crate::dgt::udp::DEFAULT_RECV_BUFFER;
 use crate::dgt::ChannelCounters;
 use crate::dgt::{Delivery, DgtConfig, DgtKind, DgtReceiver, UdpChannels, ValueType, MAX_CHANNELS};
-use crate::tls::{HandshakeSide, Identity, TlsContext};
+use crate::tls::{HandshakeSide, HandshakeSlots, Identity, TlsContext};
 use crate::wire::{Frame, FrameDecoder, MsgKind, DGT_HELLO_LEN, DGT_MAX_END_PAYLOAD, HEADER_LEN};
 
 const NCH: usize = MAX_CHANNELS as usize + 1;
 /// Writes of reports / hello answers may wait this long for room.
 const WRITE_LIMIT: Duration = Duration::from_secs(10);
-/// Reliable channels in their TLS handshake at once; more are closed at once.
-pub const MAX_DGT_HANDSHAKES: usize = 16;
+/// Reliable channels in their TLS handshake at once (the key-value servers' bound); more are
+/// closed at once, and so are more than [`crate::tls::MAX_HANDSHAKES_PER_ADDR`] from one remote
+/// address.
+pub const MAX_DGT_HANDSHAKES: usize = crate::tls::MAX_HANDSHAKES;
 /// Time a reliable channel has for its TLS handshake.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// Time an admitted reliable channel has to send its hello.
@@ -154,7 +158,8 @@ impl DgtServer {
 
     /// [`DgtServer::bind`] with mutual TLS on the reliable channels when `tls` is given: each
     /// accepted connection completes its handshake on a short-lived thread (at most
-    /// [`MAX_DGT_HANDSHAKES`] at once, 10 s each) before any frame is read, and a sender whose
+    /// [`MAX_DGT_HANDSHAKES`] at once and a few per remote address, 10 s each) before any frame
+    /// is read, and a sender whose
     /// certificate's role is not in `tls.roles` is refused at its hello.
     pub fn bind_secure(
         ip: IpAddr,
@@ -192,7 +197,7 @@ impl DgtServer {
         let (hs_tx, hs_rx) = crossbeam_channel::unbounded();
         let mut lp = Loop {
             tls,
-            handshakes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            handshakes: HandshakeSlots::new(),
             hs_tx,
             hs_rx,
             cfg,
@@ -330,7 +335,7 @@ impl Totals {
 struct Loop {
     tls: Option<ServerTls>,
     /// Handshakes in flight, and their results (a channel and the waker end the poll).
-    handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    handshakes: HandshakeSlots,
     hs_tx: Sender<Reliable>,
     hs_rx: Receiver<Reliable>,
     cfg: DgtConfig,
@@ -432,18 +437,20 @@ impl Loop {
     /// Starts the TLS handshake of an accepted connection on its own thread (bounded); the
     /// authenticated channel comes back through `hs_rx`.
     fn authenticate(&mut self, tcp: TcpStream, tls: &ServerTls) {
-        let n = self.handshakes.fetch_add(1, Ordering::AcqRel);
-        if n >= MAX_DGT_HANDSHAKES {
-            self.handshakes.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!("dgt: connection refused: too many handshakes in flight");
+        let peer = tcp.peer_addr().ok();
+        let slot = peer.and_then(|p| self.handshakes.take(p.ip()));
+        let Some(slot) = slot else {
+            tracing::warn!(
+                ?peer,
+                "dgt: connection refused: too many handshakes in flight"
+            );
             return;
-        }
-        let (ctx, count, out) = (tls.ctx.clone(), self.handshakes.clone(), self.hs_tx.clone());
+        };
+        let (ctx, out) = (tls.ctx.clone(), self.hs_tx.clone());
         let wake = self.waker.handle();
         let spawned = std::thread::Builder::new()
             .name("geomx-dgt-tls".into())
             .spawn(move || {
-                let peer = tcp.peer_addr().ok();
                 match Reliable::handshake(tcp, Some(&ctx), HandshakeSide::Server, HANDSHAKE_LIMIT) {
                     Ok(r) => {
                         let _ = out.send(r);
@@ -453,10 +460,10 @@ impl Loop {
                     }
                     Err(e) => tracing::warn!(?peer, error = %e, "dgt: connection refused"),
                 }
-                count.fetch_sub(1, Ordering::AcqRel);
+                drop(slot);
             });
-        if spawned.is_err() {
-            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+        if let Err(e) = spawned {
+            tracing::warn!(?peer, error = %e, "dgt: connection refused: no thread for its handshake");
         }
     }
 
