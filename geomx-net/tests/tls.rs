@@ -444,3 +444,84 @@ fn a_dgt_sender_id_belongs_to_the_certificate_that_holds_it() {
     b.push_f32(7, 0, vec![3.0; 100], vec![0]).unwrap();
     assert_eq!(server.recv_delivery(WAIT).unwrap().sender, 2);
 }
+
+/// `n` silent connections to `addr` from 127.0.0.2: a stranger holding TLS handshakes open. On
+/// loopback there is no bound per address, so enough of them fill the strangers' slots, as a
+/// stranger with many addresses could.
+fn silent_from_another_loopback(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+                .unwrap();
+            s.connect(&addr.into()).unwrap();
+            s.into()
+        })
+        .collect()
+}
+
+/// A member host (an address a member completed a handshake from) has handshake slots of its
+/// own (`geomx_net::tls::slots`): once strangers hold every other slot, a stranger's next
+/// connection is closed at once, and a member from a host this process has met is still
+/// admitted, at its key-value server and at the DGT receiver that shares its context.
+#[test]
+fn strangers_who_fill_their_handshake_slots_do_not_keep_a_member_host_out() {
+    use geomx_net::dgt::link::{DgtClient, DgtServer, LinkOptions, ServerTls};
+    use geomx_net::dgt::{DgtConfig, ValueType};
+    use geomx_net::tls::MAX_HANDSHAKES;
+    let ca = JobCa::generate("t", 1).unwrap();
+    let server_ctx = context(&ca, "global_server", 0, 0);
+    for d in drivers() {
+        let server = KvServer::bind_with_id(
+            "127.0.0.1:0",
+            9,
+            Arc::new(Echo::default()),
+            opts(d, Security::Mtls(server_ctx.clone())),
+        )
+        .unwrap();
+        let lo = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let cfg = DgtConfig {
+            rate_bps: Some(1_000_000_000),
+            ..DgtConfig::default()
+        };
+        let tls = ServerTls {
+            ctx: server_ctx.clone(),
+            roles: vec!["local_server".into()],
+        };
+        let keys = [(7, 100, ValueType::F32)];
+        let receiver = DgtServer::bind_secure(lo, cfg.clone(), &keys, None, Some(tls)).unwrap();
+        // The first member from 127.0.0.1 meets the process at its key-value server.
+        let member =
+            || KvClient::connect(server.local_addr(), 4, opts(d, member(&ca, "worker", 0, 1)));
+        let first = member().expect("before the flood");
+        // Strangers take every slot of theirs at both servers (accepted in arrival order,
+        // before the member's next connections), and one more is closed at once.
+        let flood = silent_from_another_loopback(server.local_addr(), MAX_HANDSHAKES);
+        let dgt_flood = silent_from_another_loopback(receiver.local_addr(), MAX_HANDSHAKES);
+        let mut extra = silent_from_another_loopback(server.local_addr(), 1).remove(0);
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(extra.read(&mut b), Ok(0) | Err(_)),
+            "{d:?}: a stranger past the bound is closed"
+        );
+        let again = member().expect("a member host past the strangers' flood");
+        let r = again
+            .push(2, 1, PayloadCodec::Raw, 0, 1, b"still here")
+            .unwrap()
+            .wait(WAIT)
+            .unwrap();
+        assert_eq!(r.payload, b"still here");
+        let opts = LinkOptions {
+            connect_timeout: Duration::from_secs(5),
+            ..LinkOptions::default()
+        };
+        let ls = context(&ca, "local_server", 0, 0);
+        DgtClient::connect_secure(receiver.local_addr(), 1, cfg, opts, Some(&ls))
+            .expect("the member host at the DGT receiver too");
+        drop((first, again, flood, dgt_flood));
+    }
+}

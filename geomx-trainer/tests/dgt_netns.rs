@@ -17,7 +17,7 @@ use geomx_net::tls::{Identity, JobCa, Security, TlsContext, MAX_HANDSHAKES_PER_A
 use geomx_net::NetOptions;
 use geomx_trainer::config::{Config, DgtTransportConfig};
 use geomx_trainer::hips::dgt;
-use geomx_trainer::hips::dgt_lab::{self, DgtLab, LossScope, CENTRAL_ADDR};
+use geomx_trainer::hips::dgt_lab::{self, DgtLab, LossScope, Serving, CENTRAL_ADDR};
 use geomx_trainer::hips::node::FatalHook;
 use geomx_trainer::hips::worker::ProgressSink;
 use geomx_trainer::hips::{coordinator, global_server, local_server, worker, JobSpec, RoleStats};
@@ -264,6 +264,28 @@ fn silent_flood(lab: &DgtLab, site: bool, addr: SocketAddr, n: usize) -> Vec<Tcp
     .unwrap()
 }
 
+/// A global server's DGT receiver for local servers under `ca`, in the central namespace: its
+/// address, and what keeps it there.
+fn receiver(lab: &DgtLab, ca: &Arc<JobCa>) -> (SocketAddr, Serving) {
+    let ca = ca.clone();
+    lab.serve_central(move || {
+        let creds = ca
+            .issue(&Identity::new("global_server", 2, 0).unwrap())
+            .unwrap();
+        let tls = ServerTls {
+            ctx: Arc::new(TlsContext::new(&creds).unwrap()),
+            roles: vec!["local_server".into()],
+        };
+        let (cfg, _) = dgt::link_config(&DgtTransportConfig::default());
+        let keys = [(0, 1024, ValueType::F32)];
+        let s = DgtServer::bind_secure(CENTRAL_ADDR.into(), cfg, &keys, None, Some(tls))
+            .map_err(|e| e.to_string())?;
+        let addr = s.local_addr();
+        Ok((s, addr))
+    })
+    .unwrap()
+}
+
 /// docs/security.md, "Bounds": a stranger who opens silent connections at the global server's
 /// DGT port holds at most a few handshake slots per address (before, one address could take all
 /// 16 and every local server's link was refused: the job ended), and a local server whose
@@ -278,31 +300,16 @@ fn a_flood_of_silent_dgt_connections_does_not_keep_a_local_server_out() {
     let _one = serial();
     let lab = DgtLab::build(None, 0.0, LossScope::Udp, 0.0).unwrap();
     let ca = Arc::new(JobCa::generate("flood", 1).unwrap());
-    let server_ca = ca.clone();
-    let (addr, _serving) = lab
-        .serve_central(move || {
-            let creds = server_ca
-                .issue(&Identity::new("global_server", 2, 0).unwrap())
-                .unwrap();
-            let tls = ServerTls {
-                ctx: Arc::new(TlsContext::new(&creds).unwrap()),
-                roles: vec!["local_server".into()],
-            };
-            let (cfg, _) = dgt::link_config(&DgtTransportConfig::default());
-            let keys = [(0, 1024, ValueType::F32)];
-            let s = DgtServer::bind_secure(CENTRAL_ADDR.into(), cfg, &keys, None, Some(tls))
-                .map_err(|e| e.to_string())?;
-            let addr = s.local_addr();
-            Ok((s, addr))
-        })
-        .unwrap();
     // A stranger at another address than the local server's (the central namespace's own,
     // not loopback) opens more silent connections than the receiver has slots. The receiver
     // accepts in arrival order, so they are all taken or closed before the member's.
+    let (addr, serving) = receiver(&lab, &ca);
     let flood = silent_flood(&lab, false, addr, 3 * MAX_DGT_HANDSHAKES);
     member_link(&lab, &ca, addr, Duration::ZERO).expect("a member from another address");
-    drop(flood);
-    // The same from the member's own address: its handshake is dropped (no retry: an error)…
+    drop((flood, serving));
+    // The same from the member's own address, at a receiver that has not met the member yet:
+    // its handshake is dropped (no retry: an error)…
+    let (addr, _serving) = receiver(&lab, &ca);
     let flood = silent_flood(&lab, true, addr, MAX_HANDSHAKES_PER_ADDR);
     let e = member_link(&lab, &ca, addr, Duration::ZERO).unwrap_err();
     assert!(e.contains("TLS"), "{e}");

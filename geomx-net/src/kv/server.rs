@@ -186,7 +186,8 @@ fn authenticate(
     peer: SocketAddr,
     ctx: Arc<TlsContext>,
 ) {
-    let Some(slot) = inner.handshakes.take(peer.ip()) else {
+    let member_host = ctx.member_hosts().contains(peer.ip());
+    let Some(slot) = inner.handshakes.take(peer.ip(), member_host) else {
         tracing::warn!(%peer, "refused connection: too many unauthenticated connections");
         return;
     };

@@ -98,6 +98,10 @@ pub fn handshake(
     };
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
+    // A member is at the other end: its host's next connections skip the strangers' queue.
+    if let (Ok(_), Ok(peer)) = (&res, stream.peer_addr()) {
+        ctx.member_hosts().note(peer.ip());
+    }
     res
 }
 

@@ -33,7 +33,9 @@ pub use handshake::{handshake, HandshakeSide};
 pub use identity::{Identity, JOB_SERVER_NAME};
 pub use pki::{Credentials, JobCa, MAX_VALID_DAYS};
 pub use record::{Opener, RecordAead, RecordKey, Sealer};
-pub use slots::{HandshakeSlot, HandshakeSlots, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDR};
+pub use slots::{
+    HandshakeSlot, HandshakeSlots, MemberHosts, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDR,
+};
 
 /// Errors of authentication, key handling and the record layer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -152,6 +154,8 @@ pub struct TlsContext {
     identity: Identity,
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
+    /// Addresses of the peers that completed a handshake under this context.
+    members: MemberHosts,
 }
 
 impl std::fmt::Debug for TlsContext {
@@ -221,12 +225,20 @@ impl TlsContext {
             identity,
             client: Arc::new(client),
             server: Arc::new(server),
+            members: MemberHosts::default(),
         })
     }
 
     /// This member's identity.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The hosts of the members that completed a handshake with this process under this
+    /// context, either side: their connections take handshake slots from a pool strangers
+    /// cannot fill ([`slots`]).
+    pub fn member_hosts(&self) -> &MemberHosts {
+        &self.members
     }
 }
 

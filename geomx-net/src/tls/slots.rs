@@ -1,11 +1,13 @@
 //! Bounds on connections in their TLS handshake, shared by every server that authenticates its
 //! peers (the key-value servers and the DGT receiver): a connection holds a [`HandshakeSlot`]
-//! from its acceptance until its handshake ends, and none is accepted past
-//! [`MAX_HANDSHAKES`] in all or [`MAX_HANDSHAKES_PER_ADDR`] from one remote address. A stranger
-//! who opens silent connections from one host therefore holds a few slots, each for the
-//! handshake timeout at most, and members from other hosts still get theirs.
+//! from its acceptance until its handshake ends. Connections from member hosts (addresses a
+//! member completed a handshake from, [`MemberHosts`]) have a pool of [`MAX_HANDSHAKES`] of
+//! their own; everyone else shares another as large, of which at most
+//! [`MAX_HANDSHAKES_PER_ADDR`] from one remote address. A stranger who opens silent connections
+//! from one host therefore holds a few slots, each for the handshake timeout at most; from many
+//! hosts it can fill the strangers' pool, but not the members'.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -17,15 +19,59 @@ pub const MAX_HANDSHAKES: usize = 64;
 /// connects from 127.0.0.1, and a whole cluster registering at once must not be refused.
 pub const MAX_HANDSHAKES_PER_ADDR: usize = 8;
 
-/// Whether one more handshake from `ip` fits, with `total` in flight and `mine` from `ip`.
+/// Most addresses a [`MemberHosts`] remembers: one per process of the largest job.
+pub const MAX_MEMBER_HOSTS: usize = crate::coord::MAX_NODES;
+
+/// Whether one more handshake from `ip`, a stranger's address, fits, with `total` strangers'
+/// handshakes in flight and `mine` from `ip`.
 fn fits(total: usize, mine: usize, ip: IpAddr) -> bool {
     total < MAX_HANDSHAKES && (ip.is_loopback() || mine < MAX_HANDSHAKES_PER_ADDR)
 }
 
-/// The handshakes in flight at one server, per remote address (cheap to clone: shared).
+/// The addresses of the peers that completed a mutual-TLS handshake (either side) under one
+/// [`super::TlsContext`], shared by every server and client of the process that uses it: the
+/// hosts of the job's members. Their new connections take handshake slots from a pool of their
+/// own, which strangers' connections cannot fill: once a member host has proven itself, a flood
+/// from any number of other addresses no longer delays its handshakes (a restarted process, a
+/// local server's DGT link after its key-value connections, a reconnect).
+#[derive(Debug, Default)]
+pub struct MemberHosts {
+    ips: Mutex<HashSet<IpAddr>>,
+}
+
+impl MemberHosts {
+    /// Remembers `ip` as a member host (at most [`MAX_MEMBER_HOSTS`] addresses).
+    pub fn note(&self, ip: IpAddr) {
+        let mut ips = self.ips.lock().unwrap_or_else(PoisonError::into_inner);
+        if ips.len() < MAX_MEMBER_HOSTS {
+            ips.insert(ip);
+        }
+    }
+
+    /// Whether a member completed a handshake from (or at) `ip`.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ips = self.ips.lock().unwrap_or_else(PoisonError::into_inner);
+        ips.contains(&ip)
+    }
+}
+
+/// The handshakes in flight, per pool and per stranger's address.
+#[derive(Debug, Default)]
+struct Counts {
+    /// Strangers' handshakes per remote address.
+    by_addr: HashMap<IpAddr, usize>,
+    /// Strangers' handshakes in all.
+    strangers: usize,
+    /// Member hosts' handshakes in all.
+    members: usize,
+}
+
+/// The handshakes in flight at one server (cheap to clone: shared): [`MAX_HANDSHAKES`] for
+/// member hosts ([`MemberHosts`]), and as many for strangers, of which at most
+/// [`MAX_HANDSHAKES_PER_ADDR`] from one address other than loopback.
 #[derive(Debug, Clone, Default)]
 pub struct HandshakeSlots {
-    by_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    counts: Arc<Mutex<Counts>>,
 }
 
 impl HandshakeSlots {
@@ -34,29 +80,34 @@ impl HandshakeSlots {
         Self::default()
     }
 
-    /// A slot for a connection from `ip`, or `None` when a bound is reached (the caller closes
-    /// the connection at once).
-    pub fn take(&self, ip: IpAddr) -> Option<HandshakeSlot> {
-        let mut h = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
-        let total: usize = h.values().sum();
-        let mine = h.entry(ip).or_insert(0);
-        if !fits(total, *mine, ip) {
-            if *mine == 0 {
-                h.remove(&ip);
+    /// A slot for a connection from `ip` (a member host's when `member_host`), or `None` when
+    /// its pool is full (the caller closes the connection at once).
+    pub fn take(&self, ip: IpAddr, member_host: bool) -> Option<HandshakeSlot> {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if member_host {
+            if c.members >= MAX_HANDSHAKES {
+                return None;
             }
-            return None;
+            c.members += 1;
+        } else {
+            let mine = c.by_addr.get(&ip).copied().unwrap_or(0);
+            if !fits(c.strangers, mine, ip) {
+                return None;
+            }
+            c.strangers += 1;
+            *c.by_addr.entry(ip).or_insert(0) += 1;
         }
-        *mine += 1;
         Some(HandshakeSlot {
             slots: self.clone(),
             ip,
+            member_host,
         })
     }
 
-    /// Handshakes in flight now.
+    /// Handshakes in flight now, in both pools.
     pub fn in_flight(&self) -> usize {
-        let h = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
-        h.values().sum()
+        let c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        c.strangers + c.members
     }
 }
 
@@ -65,19 +116,25 @@ impl HandshakeSlots {
 pub struct HandshakeSlot {
     slots: HandshakeSlots,
     ip: IpAddr,
+    member_host: bool,
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        let mut h = self
+        let mut c = self
             .slots
-            .by_addr
+            .counts
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = h.get_mut(&self.ip) {
+        if self.member_host {
+            c.members -= 1;
+            return;
+        }
+        c.strangers -= 1;
+        if let Some(n) = c.by_addr.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
-                h.remove(&self.ip);
+                c.by_addr.remove(&self.ip);
             }
         }
     }
@@ -105,26 +162,54 @@ mod tests {
     fn slots_are_counted_until_dropped() {
         let slots = HandshakeSlots::new();
         let stranger: IpAddr = [198, 18, 1, 2].into();
-        let member: IpAddr = [198, 18, 2, 2].into();
+        let other: IpAddr = [198, 18, 2, 2].into();
         let held: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES_PER_ADDR)
-            .map(|_| slots.take(stranger).expect("within the per-address bound"))
+            .map(|_| {
+                slots
+                    .take(stranger, false)
+                    .expect("within the bound per address")
+            })
             .collect();
-        assert!(slots.take(stranger).is_none(), "a ninth from one address");
-        let m = slots
-            .take(member)
+        assert!(
+            slots.take(stranger, false).is_none(),
+            "a ninth from one address"
+        );
+        let o = slots
+            .take(other, false)
             .expect("another address still gets a slot");
         assert_eq!(slots.in_flight(), MAX_HANDSHAKES_PER_ADDR + 1);
         drop(held);
         assert_eq!(slots.in_flight(), 1);
-        assert!(slots.take(stranger).is_some(), "freed when dropped");
-        drop(m);
-        // Loopback fills the whole bound, and then nothing else fits.
+        assert!(slots.take(stranger, false).is_some(), "freed when dropped");
+        drop(o);
+        // Strangers from loopback (or from many addresses) fill their whole pool; a member host
+        // still gets a slot from its own, which is bounded too.
         let local: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES)
-            .map(|_| slots.take([127, 0, 0, 1].into()).expect("loopback"))
+            .map(|_| slots.take([127, 0, 0, 2].into(), false).expect("loopback"))
             .collect();
-        assert!(slots.take(member).is_none());
-        drop(local);
+        assert!(slots.take(other, false).is_none());
+        let members: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES)
+            .map(|_| slots.take(other, true).expect("a member host's pool"))
+            .collect();
+        assert!(slots.take(other, true).is_none());
+        assert_eq!(slots.in_flight(), 2 * MAX_HANDSHAKES);
+        drop((local, members));
         assert_eq!(slots.in_flight(), 0);
-        assert!(slots.by_addr.lock().unwrap().is_empty(), "no empty entries");
+        let c = slots.counts.lock().unwrap();
+        assert!(c.by_addr.is_empty(), "no empty entries");
+    }
+
+    #[test]
+    fn member_hosts_are_remembered_up_to_a_bound() {
+        let hosts = MemberHosts::default();
+        let ip: IpAddr = [198, 18, 1, 2].into();
+        assert!(!hosts.contains(ip));
+        hosts.note(ip);
+        hosts.note(ip);
+        assert!(hosts.contains(ip));
+        for i in 0..MAX_MEMBER_HOSTS as u32 + 10 {
+            hosts.note(std::net::Ipv4Addr::from(i).into());
+        }
+        assert_eq!(hosts.ips.lock().unwrap().len(), MAX_MEMBER_HOSTS);
     }
 }
