@@ -177,23 +177,9 @@ fn strangers_and_floods_are_refused_and_members_are_still_served() {
         // A flood of silent connections from another loopback address: they hold handshake
         // slots only until the handshake timeout, and fewer than all of them (loopback has no
         // bound per address; a remote address's is tested in geomx-trainer's dgt_netns.rs).
-        let flood: Vec<TcpStream> = (0..40)
-            .filter_map(|_| {
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                    .ok()?;
-                s.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
-                    .ok()?;
-                s.connect(&addr.into()).ok()?;
-                Some(s.into())
-            })
-            .collect();
+        let flood = silent_from_another_loopback(addr, 40);
         let client = KvClient::connect(addr, 4, opts(d, member(&ca, "worker", 0, 1))).unwrap();
-        let r = client
-            .push(2, 1, PayloadCodec::Raw, 0, 1, b"still here")
-            .unwrap()
-            .wait(WAIT)
-            .unwrap();
-        assert_eq!(r.payload, b"still here");
+        assert_echoed(&client);
         assert_eq!(
             echo.seen.lock().unwrap().len(),
             1,
@@ -445,6 +431,16 @@ fn a_dgt_sender_id_belongs_to_the_certificate_that_holds_it() {
     assert_eq!(server.recv_delivery(WAIT).unwrap().sender, 2);
 }
 
+/// The echo server behind `client` answers a push with its payload.
+fn assert_echoed(client: &KvClient) {
+    let r = client
+        .push(2, 1, PayloadCodec::Raw, 0, 1, b"still here")
+        .unwrap()
+        .wait(WAIT)
+        .unwrap();
+    assert_eq!(r.payload, b"still here");
+}
+
 /// `n` silent connections to `addr` from 127.0.0.2: a stranger holding TLS handshakes open. On
 /// loopback there is no bound per address, so enough of them fill the strangers' slots, as a
 /// stranger with many addresses could.
@@ -509,12 +505,7 @@ fn strangers_who_fill_their_handshake_slots_do_not_keep_a_member_host_out() {
             "{d:?}: a stranger past the bound is closed"
         );
         let again = member().expect("a member host past the strangers' flood");
-        let r = again
-            .push(2, 1, PayloadCodec::Raw, 0, 1, b"still here")
-            .unwrap()
-            .wait(WAIT)
-            .unwrap();
-        assert_eq!(r.payload, b"still here");
+        assert_echoed(&again);
         let opts = LinkOptions {
             connect_timeout: Duration::from_secs(5),
             ..LinkOptions::default()
