@@ -153,6 +153,9 @@ impl Node {
                 }
             }
         };
+        if let geomx_net::tls::Security::Mtls(ctx) = &net.security {
+            note_member_hosts(ctx, &membership);
+        }
         let (tx, rx) = crossbeam_channel::bounded(1);
         spawn_watcher(coord.clone(), tx, fatal.clone(), me.to_string())?;
         Ok(Self {
@@ -279,6 +282,18 @@ impl Node {
     }
 }
 
+/// Notes the address of every member that advertises one (IP literals: a name would make
+/// registration wait on a resolver) as a member host of this process's TLS context: their
+/// first connections to its servers take handshake slots strangers cannot fill
+/// ([`geomx_net::tls::slots`]).
+fn note_member_hosts(ctx: &geomx_net::tls::TlsContext, m: &geomx_net::coord::Membership) {
+    for n in &m.nodes {
+        if let Ok(a) = n.addr.parse::<std::net::SocketAddr>() {
+            ctx.member_hosts().note(a.ip());
+        }
+    }
+}
+
 /// Whether `e` is a TLS handshake the server dropped at the socket (it bounds handshakes in
 /// flight per address), not one it refused on its merits (certificate, identity, alert).
 fn handshake_dropped(e: &NetError) -> bool {
@@ -386,6 +401,37 @@ fn spawn_watcher(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_advertised_addresses_are_member_hosts() {
+        use geomx_net::coord::{Membership, NodeInfo};
+        use geomx_net::tls::{Identity as TlsId, JobCa, TlsContext};
+        let ca = JobCa::generate("t", 1).unwrap();
+        let creds = ca.issue(&TlsId::new("worker", 0, 0).unwrap()).unwrap();
+        let ctx = TlsContext::new(&creds).unwrap();
+        let node = |id, addr: &str| NodeInfo {
+            id,
+            role: "local_server".into(),
+            dc: id,
+            rank: 0,
+            addr: addr.into(),
+        };
+        let m = Membership {
+            my_id: 1,
+            nodes: vec![
+                node(1, "198.18.1.2:5000"),
+                node(2, "[fd00::7]:80"),
+                node(3, "ls-0:80"),
+                node(4, ""),
+            ],
+            incarnation: 0,
+        };
+        note_member_hosts(&ctx, &m);
+        let hosts = ctx.member_hosts();
+        assert!(hosts.contains([198, 18, 1, 2].into()));
+        assert!(hosts.contains("fd00::7".parse().unwrap()));
+        assert!(!hosts.contains([198, 18, 2, 2].into()));
+    }
 
     #[test]
     fn wan_routes_parse() {
