@@ -516,3 +516,32 @@ fn strangers_who_fill_their_handshake_slots_do_not_keep_a_member_host_out() {
         drop((first, again, flood, dgt_flood));
     }
 }
+
+/// Strangers who hold every one of their handshake slots keep a newcomer out only while their
+/// handshakes are young: after `EVICT_AFTER` a member's first connection ends the oldest one
+/// and is served (`geomx_net::tls::slots`).
+#[test]
+fn a_first_contact_ends_the_oldest_strangers_handshake_once_it_is_old() {
+    use geomx_net::tls::slots::EVICT_AFTER;
+    use geomx_net::tls::MAX_HANDSHAKES;
+    let ca = JobCa::generate("t", 1).unwrap();
+    for d in drivers() {
+        let (server, _echo) = echo_server(&ca, d);
+        let addr = server.local_addr();
+        let flood = silent_from_another_loopback(addr, MAX_HANDSHAKES);
+        // (While they are young, a newcomer is refused: the unit tests check that with a
+        // clock of their own, which a loaded machine cannot disturb.)
+        std::thread::sleep(EVICT_AFTER + Duration::from_millis(200));
+        let client = KvClient::connect(addr, 4, opts(d, member(&ca, "worker", 0, 1)))
+            .expect("the oldest stranger's handshake made room");
+        assert_echoed(&client);
+        // The stranger whose handshake was ended reads the end of its stream.
+        let mut first = flood[0].try_clone().unwrap();
+        first
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(first.read(&mut b), Ok(0) | Err(_)));
+        drop(flood);
+    }
+}

@@ -187,7 +187,7 @@ fn authenticate(
     ctx: Arc<TlsContext>,
 ) {
     let member_host = ctx.member_hosts().contains(peer.ip());
-    let Some(slot) = inner.handshakes.take(peer.ip(), member_host) else {
+    let Some(slot) = inner.handshakes.take(peer.ip(), member_host, &stream) else {
         tracing::warn!(%peer, "refused connection: too many unauthenticated connections");
         return;
     };
@@ -196,11 +196,16 @@ fn authenticate(
     let spawned = std::thread::Builder::new()
         .name("geomx-net-tls".into())
         .spawn(move || {
-            match handshake(&mut stream, &ctx, HandshakeSide::Server, deadline) {
+            let done = handshake(&mut stream, &ctx, HandshakeSide::Server, deadline);
+            // Past this, the connection is ours; an eviction meanwhile has shut it down.
+            if !slot.release() {
+                tracing::warn!(%peer, "refused connection: its handshake was ended for a newcomer");
+                return;
+            }
+            match done {
                 Ok(session) => admit(&inner, stream, peer, Some(session)),
                 Err(e) => tracing::warn!(%peer, error = %e, "refused connection: TLS"),
             }
-            drop(slot);
         });
     if let Err(e) = spawned {
         tracing::warn!(%peer, error = %e, "refused connection: no thread for its handshake");

@@ -440,7 +440,7 @@ impl Loop {
         let peer = tcp.peer_addr().ok();
         let slot = peer.and_then(|p| {
             let member_host = tls.ctx.member_hosts().contains(p.ip());
-            self.handshakes.take(p.ip(), member_host)
+            self.handshakes.take(p.ip(), member_host, &tcp)
         });
         let Some(slot) = slot else {
             tracing::warn!(
@@ -454,7 +454,14 @@ impl Loop {
         let spawned = std::thread::Builder::new()
             .name("geomx-dgt-tls".into())
             .spawn(move || {
-                match Reliable::handshake(tcp, Some(&ctx), HandshakeSide::Server, HANDSHAKE_LIMIT) {
+                let done =
+                    Reliable::handshake(tcp, Some(&ctx), HandshakeSide::Server, HANDSHAKE_LIMIT);
+                // Past this, the channel is ours; an eviction meanwhile has shut it down.
+                if !slot.release() {
+                    tracing::warn!(?peer, "dgt: connection refused: ended for a newcomer");
+                    return;
+                }
+                match done {
                     Ok(r) => {
                         let _ = out.send(r);
                         if let Ok(w) = wake {
@@ -463,7 +470,6 @@ impl Loop {
                     }
                     Err(e) => tracing::warn!(?peer, error = %e, "dgt: connection refused"),
                 }
-                drop(slot);
             });
         if let Err(e) = spawned {
             tracing::warn!(?peer, error = %e, "dgt: connection refused: no thread for its handshake");
