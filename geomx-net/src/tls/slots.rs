@@ -204,7 +204,14 @@ impl HandshakeSlot {
     /// `false` when the slot was evicted meanwhile ([`HandshakeSlots`]), which shut it down.
     /// After this, the connection is the caller's and no eviction touches it.
     pub fn release(mut self) -> bool {
-        self.released = true;
+        self.end()
+    }
+
+    /// Stops counting this slot (once); whether it was still counted (not evicted).
+    fn end(&mut self) -> bool {
+        if std::mem::replace(&mut self.released, true) {
+            return false;
+        }
         let mut c = self
             .slots
             .counts
@@ -220,19 +227,7 @@ impl HandshakeSlot {
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        if self.released {
-            return;
-        }
-        let mut c = self
-            .slots
-            .counts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.member_host {
-            c.members -= 1;
-        } else {
-            c.forget(self.id);
-        }
+        self.end();
     }
 }
 
