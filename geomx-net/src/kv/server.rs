@@ -186,8 +186,7 @@ fn authenticate(
     peer: SocketAddr,
     ctx: Arc<TlsContext>,
 ) {
-    let member_host = ctx.member_hosts().contains(peer.ip());
-    let Some(slot) = inner.handshakes.take(peer.ip(), member_host, &stream) else {
+    let Some(slot) = inner.handshakes.take(peer.ip(), &ctx, &stream) else {
         tracing::warn!(%peer, "refused connection: too many unauthenticated connections");
         return;
     };

@@ -12,6 +12,8 @@ use std::net::{IpAddr, TcpStream};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::TlsContext;
+
 /// At most this many connections may be in their TLS handshake at once, per server…
 pub const MAX_HANDSHAKES: usize = 64;
 
@@ -131,9 +133,11 @@ impl HandshakeSlots {
         Self::default()
     }
 
-    /// A slot for connection `conn` from `ip` (a member host's when `member_host`), or `None`
-    /// when its pool is full (the caller closes the connection at once).
-    pub fn take(&self, ip: IpAddr, member_host: bool, conn: &TcpStream) -> Option<HandshakeSlot> {
+    /// A slot for connection `conn` from `ip`, about to be authenticated under `ctx` (from the
+    /// member hosts' pool when `ctx` has met `ip`), or `None` when its pool is full (the caller
+    /// closes the connection at once).
+    pub fn take(&self, ip: IpAddr, ctx: &TlsContext, conn: &TcpStream) -> Option<HandshakeSlot> {
+        let member_host = ctx.member_hosts().contains(ip);
         self.take_at(ip, member_host, conn, Instant::now())
     }
 
@@ -263,7 +267,7 @@ mod tests {
         let (conn, _peer) = pair();
         let stranger: IpAddr = [198, 18, 1, 2].into();
         let other: IpAddr = [198, 18, 2, 2].into();
-        let take = |ip, member| slots.take(ip, member, &conn);
+        let take = |ip, member| slots.take_at(ip, member, &conn, Instant::now());
         let held: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES_PER_ADDR)
             .map(|_| take(stranger, false).expect("within the bound per address"))
             .collect();

@@ -464,27 +464,18 @@ impl Config {
             || "must be >= 1".into(),
         )?;
         // The teacher and the samples are held whole: bounded products, never an overflow.
-        let values = |a: usize, b: usize| a.checked_mul(b).filter(|&n| n <= MAX_SYNTHETIC_VALUES);
-        check(
-            values(s.classes, s.features).is_some(),
-            || "data.synthetic.classes".into(),
-            || {
-                format!(
-                    "{} classes × {} features exceed {MAX_SYNTHETIC_VALUES} values",
-                    s.classes, s.features
-                )
-            },
-        )?;
-        for (name, n) in [
-            ("train_samples", s.train_samples),
-            ("test_samples", s.test_samples),
+        for (name, n, what) in [
+            ("classes", s.classes, "classes"),
+            ("train_samples", s.train_samples, "samples"),
+            ("test_samples", s.test_samples, "samples"),
         ] {
             check(
-                values(n, s.features).is_some(),
+                n.checked_mul(s.features)
+                    .is_some_and(|v| v <= MAX_SYNTHETIC_VALUES),
                 || format!("data.synthetic.{name}"),
                 || {
                     format!(
-                        "{n} samples × {} features exceed {MAX_SYNTHETIC_VALUES} values",
+                        "{n} {what} × {} features exceed {MAX_SYNTHETIC_VALUES} values",
                         s.features
                     )
                 },

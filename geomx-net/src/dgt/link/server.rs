@@ -438,10 +438,7 @@ impl Loop {
     /// authenticated channel comes back through `hs_rx`.
     fn authenticate(&mut self, tcp: TcpStream, tls: &ServerTls) {
         let peer = tcp.peer_addr().ok();
-        let slot = peer.and_then(|p| {
-            let member_host = tls.ctx.member_hosts().contains(p.ip());
-            self.handshakes.take(p.ip(), member_host, &tcp)
-        });
+        let slot = peer.and_then(|p| self.handshakes.take(p.ip(), &tls.ctx, &tcp));
         let Some(slot) = slot else {
             tracing::warn!(
                 ?peer,
