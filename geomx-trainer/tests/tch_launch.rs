@@ -53,10 +53,11 @@ fn write_band_idx(dir: &Path, prefix: &str, n: usize, seed: u32) -> (PathBuf, Pa
     (images, labs)
 }
 
-/// Runs the 2-DC CNN job on generated IDX files with `model.precision = precision`; returns
-/// the report after checking that it converged (test accuracy ≥ 0.9) with identical replicas.
-fn launch_cnn(precision: &str, overlap: bool) -> serde_json::Value {
-    let dir = scratch(&format!("cnn-{precision}-{overlap}"));
+/// Runs the 2-DC CNN job on generated IDX files with `model.precision = precision`, with P3
+/// (slices of 1,024 elements) when `p3`; returns the report after checking that it converged
+/// (test accuracy ≥ 0.9) with identical replicas.
+fn launch_cnn(precision: &str, overlap: bool, p3: bool) -> serde_json::Value {
+    let dir = scratch(&format!("cnn-{precision}-{overlap}-{p3}"));
     std::fs::create_dir_all(&dir).unwrap();
     let (tri, trl) = write_band_idx(&dir, "train", 256, 1);
     let (tei, tel) = write_band_idx(&dir, "t10k", 64, 2);
@@ -92,16 +93,21 @@ eval_every = 20
 kind = "sgd"
 lr = 0.05
 momentum = 0.9
+
+[scheduling.p3]
+enabled = {}
+slice_elems = 1024
 "#,
         precision,
         overlap,
         tri.display(),
         trl.display(),
         tei.display(),
-        tel.display()
+        tel.display(),
+        p3
     );
     // Several processes share the cores: one libtorch thread each.
-    let name = format!("cnn-{precision}-{overlap}");
+    let name = format!("cnn-{precision}-{overlap}-{p3}");
     let r = support::launch_with("tch-test", &name, &config, &[("OMP_NUM_THREADS", "1")]).report;
     let acc = support::accuracy(&r);
     assert!(acc >= 0.9, "{precision}: final test accuracy {acc}");
@@ -114,13 +120,17 @@ momentum = 0.9
 }
 
 /// The CNN converges, and FSA gives the same model whether the workers push each layer's
-/// gradients as the backward pass produces them (`model.overlap`, the default) or after it.
+/// gradients as the backward pass produces them (`model.overlap`, the default) or after it, and
+/// with P3, whose forward pass waits for each layer's slices just before the layer computes.
 #[test]
-fn two_dc_launch_with_the_tch_cnn_converges_with_and_without_overlap() {
-    let overlapped = launch_cnn("fp32", true);
-    let plain = launch_cnn("fp32", false);
+fn two_dc_launch_with_the_tch_cnn_converges_with_and_without_overlap_and_p3() {
+    let overlapped = launch_cnn("fp32", true, false);
+    let plain = launch_cnn("fp32", false, false);
+    let p3 = launch_cnn("fp32", true, true);
     assert_eq!(overlapped["param_hash"], plain["param_hash"]);
+    assert_eq!(p3["param_hash"], plain["param_hash"]);
     assert_eq!(overlapped["config"]["model"]["overlap"], true);
+    assert_eq!(p3["config"]["scheduling"]["p3"]["enabled"], true);
 }
 
 /// bf16 and fp16 with a loss scale train the CNN into the same accuracy band as fp32 (each
@@ -128,7 +138,7 @@ fn two_dc_launch_with_the_tch_cnn_converges_with_and_without_overlap() {
 #[test]
 fn mixed_precision_trains_the_cnn_as_well_as_fp32() {
     for precision in ["bf16", "fp16-amp"] {
-        let r = launch_cnn(precision, true);
+        let r = launch_cnn(precision, true, false);
         let loss = r["final_loss"].as_f64().unwrap_or(f64::NAN);
         assert!(loss.is_finite(), "{precision}: final loss {loss}");
     }

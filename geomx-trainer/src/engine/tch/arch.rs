@@ -295,7 +295,7 @@ impl Net {
         mode: BnMode<'_>,
         compute: Option<Kind>,
     ) -> Tensor {
-        self.forward_with(p, x, mode, compute, &mut |x, _| x)
+        self.forward_reaching(p, x, mode, compute, None, &mut |_| {})
     }
 
     /// [`Net::forward_in`] cut into stages for a backward pass stage by stage: at each stage
@@ -312,29 +312,36 @@ impl Net {
         compute: Option<Kind>,
         cuts: &mut Vec<(usize, Tensor, Tensor)>,
     ) -> Tensor {
-        self.forward_with(p, x, mode, compute, &mut |a, keys| {
-            let leaf = a.detach().set_requires_grad(true);
-            cuts.push((keys, a, leaf.shallow_clone()));
-            leaf
-        })
+        self.forward_reaching(p, x, mode, compute, Some(cuts), &mut |_| {})
     }
 
-    /// The input cast to `compute`, the layers with `cut` at the stage boundaries, and the
-    /// logits back in `f32`.
-    fn forward_with(
+    /// [`Net::forward_in`], or [`Net::forward_staged`] when `cuts` is given, calling `reach(k)`
+    /// just before key `k`'s tensor is first used (keys come in key order, a layer's after the
+    /// layers below it have been computed): a gated step ([`crate::engine::Model::backward_gated`])
+    /// brings a layer's parameters up to date there, in place.
+    pub fn forward_reaching(
         &self,
         p: &[Tensor],
         x: &Tensor,
         mode: BnMode<'_>,
         compute: Option<Kind>,
-        cut: &mut dyn FnMut(Tensor, usize) -> Tensor,
+        mut cuts: Option<&mut Vec<(usize, Tensor, Tensor)>>,
+        reach: &mut dyn FnMut(usize),
     ) -> Tensor {
+        let mut cut = |a: Tensor, keys: usize| match cuts.as_deref_mut() {
+            Some(cuts) => {
+                let leaf = a.detach().set_requires_grad(true);
+                cuts.push((keys, a, leaf.shallow_clone()));
+                leaf
+            }
+            None => a,
+        };
         let low = |t: &Tensor| match compute {
             Some(k) => t.to_kind(k),
             None => t.shallow_clone(),
         };
         let x = &low(x);
-        let logits = self.forward_cast(p, x, mode, &low, cut);
+        let logits = self.forward_cast(p, x, mode, &low, &mut cut, reach);
         match compute {
             Some(_) => logits.to_kind(Kind::Float),
             None => logits,
@@ -343,7 +350,8 @@ impl Net {
 
     /// The layers of [`Net::forward_in`]; `low` casts a convolution's or dense layer's parameter.
     /// `cut(x, keys)` is called at each stage boundary with the activation and the number of
-    /// parameters used before it; the forward pass continues from what it returns.
+    /// parameters used before it; the forward pass continues from what it returns. `reach(k)`
+    /// comes just before key `k` is taken for its first use.
     fn forward_cast(
         &self,
         p: &[Tensor],
@@ -351,11 +359,13 @@ impl Net {
         mode: BnMode<'_>,
         low: &dyn Fn(&Tensor) -> Tensor,
         cut: &mut dyn FnMut(Tensor, usize) -> Tensor,
+        reach: &mut dyn FnMut(usize),
     ) -> Tensor {
         let mut it = p.iter();
         let layer = std::cell::Cell::new(0usize);
         let used = std::cell::Cell::new(0usize);
         let mut next = || {
+            reach(used.get());
             used.set(used.get() + 1);
             it.next().expect("parameter count checked by the caller")
         };

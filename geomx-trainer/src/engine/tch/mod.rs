@@ -16,6 +16,7 @@
 
 pub mod amp;
 pub mod arch;
+mod gate;
 pub mod gpu;
 pub mod gpu_train;
 mod resident;
@@ -30,12 +31,13 @@ use tch::{Kind, Tensor};
 
 use super::{
     check_batch, check_params, encode_on_host, DenseEncoding, Device, EngineError, Evaluation,
-    Model, TensorSpec,
+    LayerGate, Model, TensorSpec,
 };
 use crate::codec::Encoded;
 use crate::config::Precision;
 use crate::data::Samples;
 pub use arch::{Arch, BnMode, BnStats, ImageShape, Net};
+use gate::Gate;
 use gpu::host_grads::HostGrads;
 use gpu::GpuCompressor;
 use resident::Resident;
@@ -113,9 +115,35 @@ impl<T> Opened<T> {
 }
 
 /// What [`TchModel::backward_stages`] calls once a stage's gradients are final: the stage's keys,
-/// the leaves, and the resident parameters when the leaves are theirs.
-type StageFn<'a> = dyn FnMut(std::ops::Range<usize>, &[Tensor], Option<&mut Resident>) -> Result<(), EngineError>
+/// the leaves, the resident parameters when the leaves are theirs, and the copy stream.
+type StageFn<'a> = dyn FnMut(
+        std::ops::Range<usize>,
+        &[Tensor],
+        Option<&mut Resident>,
+        Option<&mut HostGrads>,
+    ) -> Result<(), EngineError>
     + 'a;
+
+/// The parameters of a training step.
+enum Params<'a, 'g> {
+    /// Current: all loaded before the forward pass.
+    Given(&'a [Vec<f32>]),
+    /// Brought up to date layer by layer as the forward pass reaches them ([`gate`]).
+    Gated(Gate<'a, 'g>),
+}
+
+/// Hands the gradients of keys `first..first + grads.len()` to `on_grad`, last key first, as
+/// owned vectors ([`Model::backward_layerwise`]).
+fn hand_over(
+    on_grad: &mut dyn FnMut(usize, Vec<f32>),
+    first: usize,
+    grads: &[&[f32]],
+) -> Result<(), EngineError> {
+    for (i, g) in grads.iter().enumerate().rev() {
+        on_grad(first + i, g.to_vec());
+    }
+    Ok(())
+}
 
 /// What [`TchModel::backward_host`] calls with each stage's host gradients: the stage's first
 /// key, the gradients of its keys (key order), and the means to preload their next values.
@@ -431,10 +459,7 @@ impl TchModel {
         let started = std::time::Instant::now();
         let (p, resident) = match slot.as_deref_mut() {
             Some(r) => {
-                if r.is_none() {
-                    *r = Some(guarded(|| Resident::new(self.net.specs(), dev))?);
-                }
-                let r = r.as_mut().expect("made above");
+                let r = self.resident_in(r, dev)?;
                 guarded(|| r.load(params))?.map_err(EngineError::Backend)?;
                 let p: Vec<Tensor> = r.params().iter().map(Tensor::shallow_clone).collect();
                 (p, Some(r))
@@ -450,6 +475,18 @@ impl TchModel {
         f(&p, dev, resident)
     }
 
+    /// The resident parameters in `slot`, made on `dev` at the first step.
+    fn resident_in<'s>(
+        &self,
+        slot: &'s mut Option<Resident>,
+        dev: tch::Device,
+    ) -> Result<&'s mut Resident, EngineError> {
+        if slot.is_none() {
+            *slot = Some(guarded(|| Resident::new(self.net.specs(), dev))?);
+        }
+        Ok(slot.as_mut().expect("made above"))
+    }
+
     /// Mean loss over `batch` and the gradients (key order) on the model's device, handed to
     /// `consume` while they are valid (see [`TchModel::with_params`]).
     fn with_grads<R>(
@@ -459,18 +496,20 @@ impl TchModel {
         consume: impl FnOnce(f32, &[Tensor]) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         self.with_params(params, batch, |p, dev, _| {
-            let (loss, grads) = guarded(|| self.full_backward(p, batch, dev))?;
+            let (loss, grads) = guarded(|| self.full_backward(p, batch, dev, &mut |_| {}))?;
             consume(loss, &grads)
         })
     }
 
     /// One forward and backward pass over `batch` at parameters `p` in the model's precision
     /// (with the fp16 loss scale, recomputed on overflow); the loss and every key's gradient.
+    /// The forward passes call `reach` ([`Net::forward_reaching`]).
     fn full_backward(
         &self,
         p: &[Tensor],
         batch: &Samples<'_>,
         dev: tch::Device,
+        reach: &mut dyn FnMut(usize),
     ) -> (f32, Vec<Tensor>) {
         let (x, y) = self.batch_on(batch, Kind::Float, dev);
         let compute = amp::compute_kind(self.precision);
@@ -479,7 +518,8 @@ impl TchModel {
         let mut attempt = 0;
         let (loss, grads) = loop {
             let logits = self.with_bn(dev, true, |s| {
-                self.net.forward_in(p, &x, BnMode::Train(s), compute)
+                self.net
+                    .forward_reaching(p, &x, BnMode::Train(s), compute, None, &mut *reach)
             });
             let loss = arch::cross_entropy(&logits, &y, Kind::Float);
             let Some(s) = scaler.as_deref_mut() else {
@@ -517,49 +557,128 @@ impl TchModel {
     }
 
     /// Mean loss over `batch` and its gradients, announced stage by stage: once the kernels that
-    /// finish the gradients of keys `keys` are queued, `on_stage(keys, leaves, flat)` is called
-    /// (the leaves' `grad()` hold them; `flat` is the flat gradient buffer when the leaves are the
-    /// resident ones). Stages come last layer first and cover every key once. With
+    /// finish the gradients of keys `keys` are queued, `on_stage(keys, leaves, flat, copies)` is
+    /// called (the leaves' `grad()` hold them; `flat` is the flat gradient buffer when the leaves
+    /// are the resident ones). Stages come last layer first and cover every key once. With
     /// [`TchModel::staged`] the backward pass runs stage by stage ([`Net::forward_staged`]) and a
     /// stage is announced before the stage below it is differentiated; otherwise one backward
     /// pass ([`TchModel::full_backward`]) announces all keys at once. Either way the gradients
     /// are bit for bit those of one backward pass.
+    ///
+    /// [`Params::Gated`] parameters are loaded layer by layer as the forward pass reaches them
+    /// ([`gate`]), which needs the resident tensors, layers in key order and, on CUDA, the copy
+    /// stream `copies`; without those every layer is brought up to date first and the step runs
+    /// as with [`Params::Given`].
     fn backward_stages(
         &self,
-        params: &[Vec<f32>],
+        params: Params<'_, '_>,
         batch: &Samples<'_>,
+        copies: Option<&mut HostGrads>,
         on_stage: &mut StageFn<'_>,
     ) -> Result<f32, EngineError> {
-        self.with_params(params, batch, |p, dev, mut resident| {
-            if !self.staged() {
-                let (loss, _) = guarded(|| self.full_backward(p, batch, dev))?;
-                on_stage(0..p.len(), p, resident)?;
-                return Ok(loss);
+        let mut gate = match params {
+            Params::Given(params) => {
+                return self.with_params(params, batch, |p, dev, resident| {
+                    self.stages_on(p, dev, resident, copies, batch, None, on_stage)
+                })
             }
-            let mut cuts = Vec::new();
-            let loss = guarded(|| {
-                let (x, y) = self.batch_on(batch, Kind::Float, dev);
-                let compute = amp::compute_kind(self.precision);
-                let logits = self.with_bn(dev, true, |s| {
-                    self.net
-                        .forward_staged(p, &x, BnMode::Train(s), compute, &mut cuts)
-                });
-                let loss = arch::cross_entropy(&logits, &y, Kind::Float);
-                loss.backward();
-                loss
-            })?;
-            let mut hi = p.len();
-            for (keys, out, leaf) in cuts.iter().rev() {
-                on_stage(*keys..hi, p, resident.as_deref_mut())?;
-                hi = *keys;
-                // d/d out of sum(out · g) is exactly g: the stage's backward pass from the
-                // gradient its output received.
-                guarded(|| (out * leaf.grad()).sum(Kind::Float).backward())?;
+            Params::Gated(gate) => gate,
+        };
+        if self.check(gate.params(), batch)? == 0 {
+            return Err(EngineError::EmptyBatch);
+        }
+        self.ensure_device()?;
+        let gated = gate.layered() && (!self.device.is_cuda() || copies.is_some());
+        let mut slot = gated.then(|| self.resident.try_lock().ok()).flatten();
+        let Some(slot) = slot.as_deref_mut() else {
+            let params = gate.ready_all()?;
+            return self.with_params(params, batch, |p, dev, resident| {
+                self.stages_on(p, dev, resident, copies, batch, None, on_stage)
+            });
+        };
+        let dev = torch_device(self.device);
+        let r = self.resident_in(slot, dev)?;
+        guarded(|| r.begin())?.map_err(EngineError::Backend)?;
+        let p: Vec<Tensor> = r.params().iter().map(Tensor::shallow_clone).collect();
+        self.stages_on(&p, dev, Some(r), copies, batch, Some(&mut gate), on_stage)
+    }
+
+    /// The body of [`TchModel::backward_stages`] on parameters `p` on the device (`resident`
+    /// when they are the resident tensors); with `gate` the forward pass loads each layer's
+    /// parameters into `resident` as it reaches them, and the stages are announced only once
+    /// every layer was brought.
+    #[allow(clippy::too_many_arguments)]
+    fn stages_on(
+        &self,
+        p: &[Tensor],
+        dev: tch::Device,
+        mut resident: Option<&mut Resident>,
+        mut copies: Option<&mut HostGrads>,
+        batch: &Samples<'_>,
+        mut gate: Option<&mut Gate<'_, '_>>,
+        on_stage: &mut StageFn<'_>,
+    ) -> Result<f32, EngineError> {
+        let mut reach = |k: usize| {
+            if let (Some(g), Some(r)) = (gate.as_deref_mut(), resident.as_deref_mut()) {
+                g.reach(k, r, copies.as_deref());
             }
-            on_stage(0..hi, p, resident)?;
-            // Read last: reading the loss waits for the device.
-            guarded(|| loss.double_value(&[]) as f32)
-        })
+        };
+        if !self.staged() {
+            let (loss, _) = guarded(|| self.full_backward(p, batch, dev, &mut reach))?;
+            self.gate_done(gate, resident.as_deref_mut(), copies.as_deref())?;
+            on_stage(0..p.len(), p, resident, copies)?;
+            return Ok(loss);
+        }
+        let mut cuts = Vec::new();
+        let loss = guarded(|| {
+            let (x, y) = self.batch_on(batch, Kind::Float, dev);
+            let compute = amp::compute_kind(self.precision);
+            let logits = self.with_bn(dev, true, |s| {
+                self.net.forward_reaching(
+                    p,
+                    &x,
+                    BnMode::Train(s),
+                    compute,
+                    Some(&mut cuts),
+                    &mut reach,
+                )
+            });
+            let loss = arch::cross_entropy(&logits, &y, Kind::Float);
+            loss.backward();
+            loss
+        })?;
+        self.gate_done(gate, resident.as_deref_mut(), copies.as_deref())?;
+        let mut hi = p.len();
+        for (keys, out, leaf) in cuts.iter().rev() {
+            on_stage(*keys..hi, p, resident.as_deref_mut(), copies.as_deref_mut())?;
+            hi = *keys;
+            // d/d out of sum(out · g) is exactly g: the stage's backward pass from the
+            // gradient its output received.
+            guarded(|| (out * leaf.grad()).sum(Kind::Float).backward())?;
+        }
+        on_stage(0..hi, p, resident, copies)?;
+        // Read last: reading the loss waits for the device.
+        guarded(|| loss.double_value(&[]) as f32)
+    }
+
+    /// After a step's forward pass: the layers `gate` did not reach are brought and loaded, and
+    /// its failure, if any, ends the step (before any gradient is handed over).
+    fn gate_done(
+        &self,
+        gate: Option<&mut Gate<'_, '_>>,
+        resident: Option<&mut Resident>,
+        copies: Option<&HostGrads>,
+    ) -> Result<(), EngineError> {
+        let Some(gate) = gate else {
+            return Ok(());
+        };
+        let r = resident.ok_or_else(|| {
+            EngineError::Backend("a gated step without the resident parameters".into())
+        })?;
+        let load = gate.finish(r, copies)?;
+        self.load_s
+            .store(load.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Mean loss over `batch`; each key's gradient (on the model's device, `f32`, contiguous)
@@ -571,7 +690,7 @@ impl TchModel {
         batch: &Samples<'_>,
         on_grad: &mut dyn FnMut(usize, &Tensor) -> Result<(), EngineError>,
     ) -> Result<f32, EngineError> {
-        self.backward_stages(params, batch, &mut |keys, p, _| {
+        self.backward_stages(Params::Given(params), batch, None, &mut |keys, p, _, _| {
             for key in keys.rev() {
                 let g = guarded(|| p[key].grad().contiguous())?;
                 on_grad(key, &g)?;
@@ -604,7 +723,7 @@ impl TchModel {
     ///
     /// With the resident parameters the gradients leave the device from the flat gradient
     /// buffer: on CUDA each stage's span is copied into page-locked memory on a copy stream
-    /// queued behind the stage's backward kernels ([`HostGrads`]), so the copy of one stage
+    /// queued behind the stage's backward kernels (`HostGrads`), so the copy of one stage
     /// overlaps the backward pass of the next, and `on_stage` for a stage runs once its copy is
     /// done (this thread waits only after queueing the last stage), while the device works on the
     /// stages below; on the CPU they are read in place. Otherwise (clones sharing
@@ -615,16 +734,27 @@ impl TchModel {
         batch: Samples<'_>,
         on_stage: &mut HostStageFn<'_>,
     ) -> Result<f32, EngineError> {
+        self.host_stages(Params::Given(params), batch, on_stage)
+    }
+
+    /// [`TchModel::backward_host`] on `params`, gated or not ([`TchModel::backward_stages`]).
+    fn host_stages(
+        &self,
+        params: Params<'_, '_>,
+        batch: Samples<'_>,
+        on_stage: &mut HostStageFn<'_>,
+    ) -> Result<f32, EngineError> {
         let mut copier = self.copier();
+        let copies = copier.as_deref_mut().and_then(Opened::ready);
         let backend = |e: gpu::GpuCompressError| EngineError::Backend(e.to_string());
         // CUDA stages whose copies are queued, oldest first. A stage is handed over once its copy
         // is done; only after the last stage has been queued does this thread wait for them, so
         // the device has the rest of the backward pass queued while `on_stage` runs.
         let mut in_flight = std::collections::VecDeque::new();
         let cuda = self.device.is_cuda();
-        self.backward_stages(params, &batch, &mut |keys, p, resident| {
+        self.backward_stages(params, &batch, copies, &mut |keys, p, resident, copies| {
             let last = keys.start == 0;
-            match (resident, copier.as_deref_mut().and_then(Opened::ready)) {
+            match (resident, copies) {
                 (Some(r), Some(hg)) if cuda => {
                     let f = r.flat_grads();
                     let copied = hg
@@ -755,15 +885,31 @@ impl Model for TchModel {
         on_grad: &mut dyn FnMut(usize, Vec<f32>),
     ) -> Result<f32, EngineError> {
         self.backward_host(params, batch, &mut |first, grads, _| {
-            for (i, g) in grads.iter().enumerate().rev() {
-                on_grad(first + i, g.to_vec());
-            }
-            Ok(())
+            hand_over(on_grad, first, grads)
+        })
+    }
+
+    /// The forward pass waits for each layer's parameters just before that layer computes
+    /// (`engine/tch/gate.rs`), so P3's replies for the later layers arrive while the first layers compute;
+    /// the gradients come to the host as in [`Model::backward_layerwise`]. Every layer is
+    /// brought up to date first (as the default) when another thread holds the resident
+    /// parameters or a CUDA model has no copy stream.
+    fn backward_gated(
+        &self,
+        params: &mut [Vec<f32>],
+        batch: Samples<'_>,
+        ready: &mut LayerGate<'_>,
+        on_grad: &mut dyn FnMut(usize, Vec<f32>),
+    ) -> Result<f32, EngineError> {
+        let layers = self.tensor_layers();
+        let gate = Gate::new(params, ready, &layers);
+        self.host_stages(Params::Gated(gate), batch, &mut |first, grads, _| {
+            hand_over(on_grad, first, grads)
         })
     }
 
     /// Loads the values into the resident parameters now (on CUDA through the copy stream,
-    /// without waiting): see [`Resident`]'s `preload`. Nothing is loaded while another thread
+    /// without waiting): see `Resident`'s `preload`. Nothing is loaded while another thread
     /// holds the resident parameters or before the first step made them.
     fn preload(&self, first: usize, values: &[&[f32]]) -> Result<bool, EngineError> {
         let Ok(mut slot) = self.resident.try_lock() else {

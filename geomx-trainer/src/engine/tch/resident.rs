@@ -107,11 +107,7 @@ impl Resident {
     /// Keys preloaded with the same values ([`Resident::preload`]; compared byte for byte with
     /// the host copy they were loaded from, which costs less than loading them) are skipped.
     pub(super) fn load(&mut self, params: &[Vec<f32>]) -> Result<(), String> {
-        // Everything queued from here on (this load's copies, the forward pass) comes after the
-        // preloads' copies.
-        for c in self.in_flight.drain(..) {
-            c.order_default().map_err(|e| e.to_string())?;
-        }
+        self.begin()?;
         let stale = self.stale_keys(params);
         let keys: Vec<usize> = (0..params.len()).filter(|&k| stale[k]).collect();
         tch::no_grad(|| match &self.staging {
@@ -146,10 +142,40 @@ impl Resident {
             }
         });
         self.preloaded.fill(false);
+        Ok(())
+    }
+
+    /// Starts a training step: everything queued from here on (loads, the forward pass) comes
+    /// after the preloads' copies, and the gradients are cleared.
+    pub(super) fn begin(&mut self) -> Result<(), String> {
+        for c in self.in_flight.drain(..) {
+            c.order_default().map_err(|e| e.to_string())?;
+        }
         tch::no_grad(|| {
             let _ = self.grads.zero_();
         });
         Ok(())
+    }
+
+    /// Loads keys `first..first + values.len()` during a step begun with [`Resident::begin`],
+    /// before the forward pass first uses them, without touching the version counter that the
+    /// leaves share (the layers already computed keep what autograd saved of theirs): on the CPU
+    /// in place, on CUDA into the staging buffer and on `copies`' upload stream after the work
+    /// queued so far, with libtorch's queue waiting for the copy. Returns whether they were
+    /// loaded: not on CUDA without `copies`.
+    pub(super) fn load_keys(
+        &mut self,
+        first: usize,
+        values: &[&[f32]],
+        copies: Option<&HostGrads>,
+    ) -> Result<bool, String> {
+        if !self.preload(first, values, copies, true)? {
+            return Ok(false);
+        }
+        for c in self.in_flight.drain(..) {
+            c.order_default().map_err(|e| e.to_string())?;
+        }
+        Ok(true)
     }
 
     /// Writes `values` into key `key`'s span of a CPU `flat`, past libtorch: a preload during a

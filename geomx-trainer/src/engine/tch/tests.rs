@@ -729,3 +729,154 @@ fn preloading_too_early_is_an_error_and_changed_values_are_loaded_again() {
     p[2] = p[2].iter().map(|v| v * 0.5).collect();
     assert!(same(&m, &p));
 }
+
+/// Parameters `p` with every value of layer `layer`'s keys moved by `delta` times its index
+/// (what a P3 reply does to a layer between two steps).
+fn moved(p: &[Vec<f32>], layers: &[usize], layer: usize, delta: f32) -> Vec<Vec<f32>> {
+    p.iter()
+        .zip(layers)
+        .map(|(t, &l)| {
+            t.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    if l == layer {
+                        v + delta * (i % 7) as f32
+                    } else {
+                        *v
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A gated step ([`Model::backward_gated`]) whose gate brings each layer's new values when the
+/// forward pass reaches it computes bit for bit what a plain step on the new values computes,
+/// for both architectures with overlap on and off and in fp16 with a loss scale, step after
+/// step and mixed with plain steps on the same model; `ready` sees each layer once, in order.
+#[test]
+fn gated_steps_compute_what_plain_steps_on_the_new_values_compute() {
+    let cases = [
+        (Arch::Cnn, 1, 16, true, Precision::Fp32),
+        (Arch::Cnn, 1, 16, false, Precision::Fp32),
+        (Arch::Cnn, 1, 16, true, Precision::Fp16Amp),
+        (Arch::Resnet18, 3, 8, true, Precision::Fp32),
+        (Arch::Resnet18, 3, 8, false, Precision::Fp32),
+    ];
+    for (arch, channels, side, overlap, precision) in cases {
+        let name = format!("{arch:?} overlap {overlap} {precision:?}");
+        let data = band_images(6, channels, side, 4, 3);
+        let make = || {
+            TchModel::new(arch, channels * side * side, 4, Device::Cpu)
+                .unwrap()
+                .with_overlap(overlap)
+                .with_precision(precision)
+        };
+        let (gated, plain) = (make(), make());
+        let layers = gated.tensor_layers();
+        let count = layers.iter().max().unwrap() + 1;
+        let mut p = gated.init(4);
+        for step in 0..4 {
+            // The step starts from the previous values; the gate brings layer ℓ's new ones.
+            let fresh: Vec<Vec<f32>> = (0..count).fold(p.clone(), |q, l| {
+                moved(&q, &layers, l, 1e-3 * (step + 1) as f32)
+            });
+            let (lb, gb) = plain.loss_and_grad(&fresh, data.view()).unwrap();
+            let (la, ga) = if step == 2 {
+                // A plain step on the gated model in between.
+                p = fresh.clone();
+                gated.loss_and_grad(&p, data.view()).unwrap()
+            } else {
+                let mut seen = Vec::new();
+                let mut grads = vec![Vec::new(); p.len()];
+                let loss = gated
+                    .backward_gated(
+                        &mut p,
+                        data.view(),
+                        &mut |l, q| {
+                            seen.push(l);
+                            for (k, t) in q.iter_mut().enumerate() {
+                                if layers[k] == l {
+                                    t.clone_from(&fresh[k]);
+                                }
+                            }
+                            Ok(())
+                        },
+                        &mut |k, g| grads[k] = g,
+                    )
+                    .unwrap();
+                assert_eq!(seen, (0..count).collect::<Vec<_>>(), "{name}");
+                assert_eq!(p, fresh, "{name}: the gate's values are the step's");
+                (loss, grads)
+            };
+            assert_eq!(la.to_bits(), lb.to_bits(), "{name} step {step}: loss");
+            for (k, (a, b)) in ga.iter().zip(&gb).enumerate() {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{name} step {step}: key {k}'s gradient differs"
+                );
+            }
+        }
+    }
+}
+
+/// The forward pass really waits layer by layer: a gate that, when asked for layer 1, changes
+/// layer 0 (already computed) does not change the step, which computed layer 0 with the values
+/// it had when layer 0 was brought; waiting for every layer first would have used the change.
+/// A failing gate ends the step before any gradient is handed over, and the model goes on.
+#[test]
+fn a_layer_computes_with_the_values_it_had_when_the_forward_pass_reached_it() {
+    let data = band_images(6, 1, 16, 4, 3);
+    let m = TchModel::new(Arch::Cnn, 256, 4, Device::Cpu)
+        .unwrap()
+        .with_overlap(true);
+    let reference = TchModel::new(Arch::Cnn, 256, 4, Device::Cpu).unwrap();
+    let layers = m.tensor_layers();
+    let p0 = m.init(2);
+    let late = moved(&p0, &layers, 0, 0.05);
+    let mut p = p0.clone();
+    let mut grads = vec![Vec::new(); p.len()];
+    let loss = m
+        .backward_gated(
+            &mut p,
+            data.view(),
+            &mut |l, q| {
+                if l == 1 {
+                    q[..2].clone_from_slice(&late[..2]);
+                }
+                Ok(())
+            },
+            &mut |k, g| grads[k] = g,
+        )
+        .unwrap();
+    assert_eq!(p, late, "the gate's change stays in the host values");
+    let (at_reach, g_reach) = reference.loss_and_grad(&p0, data.view()).unwrap();
+    let (at_end, g_end) = reference.loss_and_grad(&late, data.view()).unwrap();
+    assert_eq!(loss.to_bits(), at_reach.to_bits());
+    assert_eq!(grads, g_reach);
+    assert_ne!(g_reach, g_end, "the test tells the two apart");
+    assert_ne!(at_reach.to_bits(), at_end.to_bits());
+    // The next step loads layer 0's changed values.
+    let (l_next, g_next) = m.loss_and_grad(&p, data.view()).unwrap();
+    assert_eq!((l_next.to_bits(), &g_next), (at_end.to_bits(), &g_end));
+
+    let mut handed = 0;
+    let e = m
+        .backward_gated(
+            &mut p,
+            data.view(),
+            &mut |l, _| match l {
+                2 => Err(EngineError::NotReady {
+                    layer: 2,
+                    message: "no reply".into(),
+                }),
+                _ => Ok(()),
+            },
+            &mut |_, _| handed += 1,
+        )
+        .unwrap_err();
+    assert!(matches!(e, EngineError::NotReady { layer: 2, .. }), "{e}");
+    assert_eq!(handed, 0, "no gradient of a failed step");
+    let (l_after, g_after) = m.loss_and_grad(&p, data.view()).unwrap();
+    assert_eq!((l_after.to_bits(), &g_after), (at_end.to_bits(), &g_end));
+}
