@@ -890,10 +890,10 @@ impl Model for TchModel {
     }
 
     /// The forward pass waits for each layer's parameters just before that layer computes
-    /// (`engine/tch/gate.rs`), so P3's replies for the later layers arrive while the first layers compute;
-    /// the gradients come to the host as in [`Model::backward_layerwise`]. Every layer is
-    /// brought up to date first (as the default) when another thread holds the resident
-    /// parameters or a CUDA model has no copy stream.
+    /// (`engine/tch/gate.rs`), so P3's replies for the later layers arrive while the first
+    /// layers compute; the gradients come to the host as in [`Model::backward_layerwise`].
+    /// Every layer is brought up to date first (as the default) when another thread holds the
+    /// resident parameters or a CUDA model has no copy stream.
     fn backward_gated(
         &self,
         params: &mut [Vec<f32>],
