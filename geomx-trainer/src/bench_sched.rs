@@ -11,10 +11,12 @@
 //! long) puts most of the compute in its first layers, as a CNN's convolutions do. A round's push
 //! then takes about as long on the WAN as the worker's forward and backward pass
 //! (`comm_to_compute` in the results). The same job runs first in first out (tensors as keys,
-//! replies applied at the end of the round) and with P3 (slices of [`P3_SLICE_ELEMS`], the layer
-//! next to the input first, the next forward pass gated per layer, every connection's credit
-//! sized to its path as by default), both on the portable driver
-//! that P3 needs; runs alternate, and the tables show medians. The measure is the workers' mean
+//! replies applied at the end of the round) and with P3 (the layer next to the input first, the
+//! next forward pass gated per layer, every connection's credit sized to its path as by default),
+//! both on the portable driver that P3 needs; runs alternate, and the tables show medians. The
+//! P3 job asks for `slice_elems = "auto"`: the benchmark first tunes the slice size once, as
+//! `geomx launch` does ([`crate::launch::slices`]: a 5-round probe of the job per candidate
+//! size), and every P3 run then uses the size chosen. The measure is the workers' mean
 //! round time without evaluation (`train_seconds / rounds` of the job report), with its split
 //! into compute (the emulated compute included), waiting for replies and applying them.
 //!
@@ -35,6 +37,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::hips::time_split::{RoleSplit, RoleSplitRow};
+use crate::launch::slices::{self, SliceTuning};
 use crate::launch::{launch, LaunchError, LaunchOptions};
 use crate::report::Report;
 use crate::wanlab::probe::median;
@@ -43,8 +46,6 @@ use crate::wanlab::probe::median;
 pub const P3_RATE_MBIT: f64 = 120.0;
 /// One-way delay of each DC's WAN link in the P3 comparison, ms.
 pub const P3_DELAY_MS: f64 = 5.0;
-/// Slice size of the P3 runs, elements (64 KiB of f32: four slices per 256 × 256 layer).
-pub const P3_SLICE_ELEMS: usize = 16_384;
 
 /// The central site's link in the TSEngine comparison: (Mbit/s each way, one-way delay ms).
 pub const TS_CENTRAL: (f64, f64) = (25.0, 10.0);
@@ -130,8 +131,10 @@ pub const P3_FEATURES: usize = 64;
 /// Emulated forward compute per layer of the P3 model, ms (`model.layer_delay_ms`).
 pub const P3_LAYER_DELAY_MS: [f64; 8] = [15.0, 15.0, 12.0, 12.0, 8.0, 4.0, 1.0, 0.0];
 
-/// The P3 comparison's job; `p3` switches P3 on.
-pub fn p3_config(quick: bool, p3: bool) -> String {
+/// The P3 comparison's job; `p3` switches P3 on, with slices of `slice_elems` (`None`:
+/// `"auto"`).
+pub fn p3_config(quick: bool, p3: bool, slice_elems: Option<usize>) -> String {
+    let slice = slice_elems.map_or_else(|| "\"auto\"".to_string(), |s| s.to_string());
     let list = |v: &[String]| v.join(", ");
     let hidden: Vec<String> = P3_HIDDEN.iter().map(ToString::to_string).collect();
     let delays: Vec<String> = P3_LAYER_DELAY_MS.iter().map(ToString::to_string).collect();
@@ -145,7 +148,7 @@ pub fn p3_config(quick: bool, p3: bool) -> String {
          [train.optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n\
          [transport]\ndriver = \"portable\"\n\
          [wan]\nmode = \"auto\"\nrate_mbit = {P3_RATE_MBIT}\ndelay_ms = {P3_DELAY_MS}\n\
-         [scheduling.p3]\nenabled = {p3}\nslice_elems = {P3_SLICE_ELEMS}\n",
+         [scheduling.p3]\nenabled = {p3}\nslice_elems = {slice}\n",
         list(&hidden),
         list(&delays),
         rounds(quick),
@@ -298,8 +301,10 @@ pub struct P3Result {
     pub p3: Vec<RoundRun>,
     /// Median FIFO round time / median P3 round time.
     pub p3_speedup: f64,
-    /// Slice size of the P3 runs, elements.
+    /// Slice size of the P3 runs, elements: the one the tuning chose.
     pub slice_elems: usize,
+    /// How the slice size was tuned (`slice_elems = "auto"`).
+    pub slice_tuning: SliceTuning,
     /// The wire time of one round's push at the link rate / FIFO's median compute time.
     pub comm_to_compute: f64,
     /// Model parameters.
@@ -423,8 +428,17 @@ fn p3_params() -> usize {
 
 /// Launches `toml` as run `name` in `out`; returns its report.
 fn launch_run(opts: &SchedBenchOptions, name: &str, toml: &str) -> Result<Report, SchedBenchError> {
+    launch_file(opts, name, toml).map_err(|source| SchedBenchError::Launch {
+        run: name.into(),
+        source,
+    })
+}
+
+/// [`launch_run`] with the launcher's own error.
+fn launch_file(opts: &SchedBenchOptions, name: &str, toml: &str) -> Result<Report, LaunchError> {
     let cfg = opts.out.join(format!("{name}.toml"));
-    std::fs::write(&cfg, toml).map_err(io_err(&cfg))?;
+    std::fs::write(&cfg, toml)
+        .map_err(|e| LaunchError::Io(format!("writing {}", cfg.display()), e))?;
     tracing::warn!(run = name, "launching");
     launch(&LaunchOptions {
         config: Some(cfg),
@@ -433,10 +447,37 @@ fn launch_run(opts: &SchedBenchOptions, name: &str, toml: &str) -> Result<Report
         quiet: true,
         ..LaunchOptions::default()
     })
-    .map_err(|source| SchedBenchError::Launch {
+}
+
+/// Tunes the P3 job's slice size as `geomx launch` does for `slice_elems = "auto"`: one probe of
+/// the job per candidate size (runs `p3-probe-<size>`).
+fn tune_p3(opts: &SchedBenchOptions) -> Result<SliceTuning, SchedBenchError> {
+    let name = "p3 slice tuning";
+    let launch_err = |source| SchedBenchError::Launch {
         run: name.into(),
         source,
+    };
+    let cfg = crate::config::Config::from_toml_str(&p3_config(opts.quick, true, None))
+        .map_err(|e| launch_err(e.into()))?;
+    let model = crate::engine::build_model(&cfg.model, P3_FEATURES, 10)
+        .map_err(|e| launch_err(crate::hips::RunError::Engine(e).into()))?;
+    let lens: Vec<usize> = model.tensors().iter().map(|t| t.len()).collect();
+    let tuning = slices::tune(&cfg, &lens, |probe| {
+        let s = probe.scheduling.p3.slice_elems.elems().unwrap_or_default();
+        let toml = probe.to_toml_string().map_err(|e| {
+            LaunchError::Io(
+                "writing a probe's configuration".into(),
+                std::io::Error::other(e),
+            )
+        })?;
+        launch_file(opts, &format!("p3-probe-{s}"), &toml)
     })
+    .map_err(launch_err)?;
+    eprintln!(
+        "bench sched: P3 slice size {} elements (probe rounds {:?} ms for {:?})",
+        tuning.chosen, tuning.round_ms, tuning.candidates
+    );
+    Ok(tuning)
 }
 
 /// Runs a comparison: `repeats` alternating runs of the baseline job (`config(false)`, runs
@@ -472,7 +513,10 @@ fn alternate(
 pub fn run(opts: &SchedBenchOptions) -> Result<SchedBenchResult, SchedBenchError> {
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let quick = opts.quick;
-    let (fifo, p3) = alternate(opts, ["fifo", "p3"], |on| p3_config(quick, on))?;
+    let tuning = tune_p3(opts)?;
+    let (fifo, p3) = alternate(opts, ["fifo", "p3"], |on| {
+        p3_config(quick, on, Some(tuning.chosen))
+    })?;
     let (direct, tsengine) = alternate(opts, ["direct", "tsengine"], |on| ts_config(quick, on))?;
     let params = p3_params();
     let wire_ms = 1e3 * (params * 4 * 8) as f64 / (P3_RATE_MBIT * 1e6);
@@ -481,7 +525,8 @@ pub fn run(opts: &SchedBenchOptions) -> Result<SchedBenchResult, SchedBenchError
         rounds: rounds(quick),
         p3: P3Result {
             p3_speedup: median_of(&fifo, |r| r.round_ms) / median_of(&p3, |r| r.round_ms),
-            slice_elems: P3_SLICE_ELEMS,
+            slice_elems: tuning.chosen,
+            slice_tuning: tuning.clone(),
             comm_to_compute: wire_ms / median_of(&fifo, |r| r.compute_ms),
             params,
             same_result: fifo.iter().chain(&p3).all(|r| {
@@ -490,7 +535,7 @@ pub fn run(opts: &SchedBenchOptions) -> Result<SchedBenchResult, SchedBenchError
             fifo,
             p3,
         },
-        p3_config: p3_config(quick, false),
+        p3_config: p3_config(quick, true, None),
         tsengine: TsResult {
             tsengine_speedup: median_of(&direct, |r| r.round_ms)
                 / median_of(&tsengine, |r| r.round_ms),
@@ -513,6 +558,24 @@ fn fmt_us(v: Option<f64>) -> String {
     v.map_or_else(|| "–".into(), |v| format!("{v:.0} µs"))
 }
 
+/// What the slice tuning measured, in words.
+fn tuning_text(t: &SliceTuning) -> String {
+    if t.round_ms.is_empty() {
+        return "`slice_elems = \"auto\"`: the only candidate".into();
+    }
+    let probes: Vec<String> = t
+        .candidates
+        .iter()
+        .zip(&t.round_ms)
+        .map(|(s, ms)| format!("{s}: {ms:.1} ms"))
+        .collect();
+    format!(
+        "`slice_elems = \"auto\"`, the fastest of {}-round probes: {}",
+        t.probe_rounds,
+        probes.join(", ")
+    )
+}
+
 /// The results as Markdown: one row per mode (medians) and the runs' figures.
 pub fn render_markdown(r: &SchedBenchResult) -> String {
     let p = &r.p3;
@@ -522,9 +585,9 @@ pub fn render_markdown(r: &SchedBenchResult) -> String {
          2 DCs × 1 worker, one global server, portable driver; WAN links {P3_RATE_MBIT} Mbit/s, \
          {P3_DELAY_MS} ms one way. MLP hidden {P3_HIDDEN:?} on {P3_FEATURES} synthetic features \
          ({} parameters) with emulated compute {P3_LAYER_DELAY_MS:?} ms per layer forward (twice \
-         that backward), batch {BATCH_SIZE}, {} rounds{}; P3 slices of {} elements, each connection's credit sized to its path (the default; \
-         the pushing connections' credits in the table). \
-         One round's \
+         that backward), batch {BATCH_SIZE}, {} rounds{}; P3 slices of {} elements ({}), each \
+         connection's credit sized to its path (the default; the pushing connections' credits \
+         in the table). One round's \
          push takes {:.2}× the FIFO compute time on the wire. Medians of {runs} run(s) per mode, \
          runs alternating.\n\n\
          | mode | round | compute | wait | apply | per run | credits | lab p99 lateness | \
@@ -533,6 +596,7 @@ pub fn render_markdown(r: &SchedBenchResult) -> String {
         r.rounds,
         if r.quick { ", --quick" } else { "" },
         p.slice_elems,
+        tuning_text(&p.slice_tuning),
         p.comm_to_compute,
     );
     for (name, rows) in [("FIFO", &p.fifo), ("P3", &p.p3)] {
@@ -618,13 +682,15 @@ fn render_tsengine(t: &TsResult, quick: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, P3Config};
+    use crate::config::{Config, P3Config, SliceElems};
 
     #[test]
     fn both_jobs_are_valid_and_differ_only_in_p3() {
         for quick in [false, true] {
-            let fifo = Config::from_toml_str(&p3_config(quick, false)).unwrap();
-            let p3 = Config::from_toml_str(&p3_config(quick, true)).unwrap();
+            let fifo = Config::from_toml_str(&p3_config(quick, false, Some(16_384))).unwrap();
+            let p3 = Config::from_toml_str(&p3_config(quick, true, Some(16_384))).unwrap();
+            let auto = Config::from_toml_str(&p3_config(quick, true, None)).unwrap();
+            assert_eq!(auto.scheduling.p3.slice_elems, SliceElems::Auto);
             assert!(!fifo.scheduling.p3.enabled && p3.scheduling.p3.enabled);
             let mut same = p3.clone();
             same.scheduling.p3.enabled = false;
@@ -635,12 +701,12 @@ mod tests {
                 p3.scheduling.p3,
                 P3Config {
                     enabled: true,
-                    slice_elems: P3_SLICE_ELEMS,
+                    slice_elems: SliceElems::Elems(16_384),
                     ..P3Config::default()
                 }
             );
         }
-        let cfg = Config::from_toml_str(&p3_config(true, true)).unwrap();
+        let cfg = Config::from_toml_str(&p3_config(true, true, None)).unwrap();
         let model = crate::engine::build_model(&cfg.model, P3_FEATURES, 10).unwrap();
         assert_eq!(p3_params(), model.num_params());
         // Most parameters in the last layers.
@@ -716,7 +782,13 @@ mod tests {
                 fifo: vec![run(300.0), run(320.0)],
                 p3: vec![run(240.0), run(250.0)],
                 p3_speedup: 1.25,
-                slice_elems: P3_SLICE_ELEMS,
+                slice_elems: 16_384,
+                slice_tuning: SliceTuning {
+                    probe_rounds: 5,
+                    candidates: vec![4_096, 16_384, 65_536],
+                    round_ms: vec![261.5, 255.25, 270.0],
+                    chosen: 16_384,
+                },
                 comm_to_compute: 1.1,
                 params: p3_params(),
                 same_result: true,

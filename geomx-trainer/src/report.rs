@@ -84,6 +84,9 @@ pub struct Report {
     /// Restarts by role (`resilience.restart = "on-failure"`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub restarts: std::collections::BTreeMap<String, u32>,
+    /// How `geomx launch` tuned `scheduling.p3.slice_elems = "auto"` before the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p3_tuning: Option<crate::launch::slices::SliceTuning>,
 }
 
 fn default_wan_mode() -> String {
@@ -188,6 +191,7 @@ impl Report {
             role_splits,
             faults: Vec::new(),
             restarts: Default::default(),
+            p3_tuning: None,
         }
     }
 

@@ -104,3 +104,72 @@ fn p3_refuses_model_averaging_and_tiny_slices() {
         .to_string();
     assert!(tiny.contains("scheduling.p3.slice_elems"), "{tiny}");
 }
+
+/// `slice_elems = "auto"`: `geomx launch` probes each candidate size for a few rounds, runs the
+/// job with the fastest, and the job ends with the θ of the run without P3 (FSA), so the probes
+/// left nothing behind. A process started on its own refuses "auto", naming the field.
+#[test]
+fn launch_tunes_an_auto_slice_size_before_the_job() {
+    // digits (64 features): the 64 × 320 weight (20,480 elements) makes all three candidates
+    // cut it differently.
+    let toml = |p3: &str| {
+        format!(
+            "[[cluster.data_centers]]\nname = \"dc0\"\nworkers = 1\n\
+             [[cluster.data_centers]]\nname = \"dc1\"\nworkers = 1\n\
+             [model]\nhidden = [320, 64]\n[data]\nbatch_size = 8\n\
+             [train]\nrounds = 8\neval_every = 0\n{SGD}\n[scheduling.p3]\n{p3}"
+        )
+    };
+    let auto = toml("enabled = true\nslice_elems = \"auto\"\n");
+    let tuned = support::launch_report("p3", "auto-slices", &auto);
+    let plain = support::launch_report("p3", "auto-slices-plain", &toml("enabled = false\n"));
+    let t = &tuned["p3_tuning"];
+    let candidates: Vec<u64> = serde_json::from_value(t["candidates"].clone()).unwrap();
+    let round_ms: Vec<f64> = serde_json::from_value(t["round_ms"].clone()).unwrap();
+    assert_eq!(candidates, [4_096, 16_384, 65_536], "{t}");
+    assert_eq!(t["probe_rounds"], 5);
+    assert_eq!(round_ms.len(), 3);
+    assert!(round_ms.iter().all(|&ms| ms > 0.0), "{t}");
+    let fastest = (0..3)
+        .min_by(|&a, &b| round_ms[a].total_cmp(&round_ms[b]))
+        .unwrap();
+    assert_eq!(t["chosen"], candidates[fastest]);
+    // The job itself ran with the chosen size, for its own rounds.
+    assert_eq!(
+        tuned["config"]["scheduling"]["p3"]["slice_elems"],
+        t["chosen"]
+    );
+    assert_eq!(tuned["rounds"], 8);
+    assert!(tuned["replicas_identical"].as_bool().unwrap());
+    assert_eq!(tuned["param_hash"], plain["param_hash"]);
+    assert!(plain.get("p3_tuning").is_none());
+
+    let cfg = Config::from_toml_str(&auto).unwrap();
+    let e = JobSpec::from_config(&cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("scheduling.p3.slice_elems") && e.contains("geomx launch"),
+        "{e}"
+    );
+    // A deployment has no launcher to run the probes: refused before anything is written.
+    let file = support::scratch("p3", "auto-slices-deploy.toml");
+    std::fs::write(&file, &auto).unwrap();
+    for target in ["slurm", "k8s"] {
+        let dir = support::scratch("p3", &format!("auto-slices-{target}"));
+        let out = support::output_within(
+            std::process::Command::new(support::GEOMX)
+                .args(["deploy", target])
+                .arg(&file)
+                .arg("--out")
+                .arg(&dir),
+            std::time::Duration::from_secs(60),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{target}: deployed \"auto\"");
+        assert!(
+            stderr.contains("scheduling.p3.slice_elems"),
+            "{target}: {stderr}"
+        );
+        assert!(!dir.exists(), "{target}: wrote {}", dir.display());
+    }
+    let _ = std::fs::remove_file(file);
+}

@@ -28,8 +28,8 @@ pub use checkpoint::{CheckpointConfig, DEFAULT_EVERY_ROUNDS, DEFAULT_KEEP};
 pub use resilience::{LostWorker, ResilienceConfig, Restart};
 pub use role::{Role, RoleSpec};
 pub use scheduling::{
-    Credit, CreditWord, P3Config, SchedulingConfig, TsEngineConfig, DEFAULT_CREDIT_BYTES,
-    DEFAULT_SLICE_ELEMS, DEFAULT_UNSENT_BYTES, MIN_SLICE_ELEMS,
+    Credit, CreditWord, P3Config, SchedulingConfig, SliceElems, TsEngineConfig,
+    DEFAULT_CREDIT_BYTES, DEFAULT_SLICE_ELEMS, DEFAULT_UNSENT_BYTES, MIN_SLICE_ELEMS,
 };
 pub use security::{SecurityConfig, SecurityMode, SECURITY_DIR_ENV, SECURITY_MODE_ENV};
 pub use sync::{

@@ -78,6 +78,65 @@ impl Credit {
     }
 }
 
+/// `scheduling.p3.slice_elems`: a slice size in elements, or `"auto"`, which `geomx launch`
+/// tunes before the job from measured round times (`crate::launch::slices`) and replaces by the
+/// size it chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SliceElems {
+    /// This many elements per slice.
+    Elems(usize),
+    /// Tuned by `geomx launch`.
+    Auto,
+}
+
+impl SliceElems {
+    /// The slice size, once it is a number.
+    pub fn elems(self) -> Option<usize> {
+        match self {
+            SliceElems::Elems(n) => Some(n),
+            SliceElems::Auto => None,
+        }
+    }
+}
+
+impl Serialize for SliceElems {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            SliceElems::Elems(n) => s.serialize_u64(*n as u64),
+            SliceElems::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SliceElems {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SliceElems;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of elements or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SliceElems, E> {
+                usize::try_from(v)
+                    .map(SliceElems::Elems)
+                    .map_err(|_| E::custom(format!("{v} elements is too many")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SliceElems, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is negative")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SliceElems, E> {
+                match v {
+                    "auto" => Ok(SliceElems::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// `[scheduling]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -127,8 +186,9 @@ pub struct P3Config {
     /// Slice tensors into keys of `slice_elems`, send them most urgent layer first on both tiers,
     /// and start the next forward pass of each layer as soon as its slices are back.
     pub enabled: bool,
-    /// Slice size S in elements: a tensor of n elements becomes ⌈n/S⌉ keys.
-    pub slice_elems: usize,
+    /// Slice size S in elements: a tensor of n elements becomes ⌈n/S⌉ keys. `"auto"`: tuned by
+    /// `geomx launch` before the job (`crate::launch::slices`).
+    pub slice_elems: SliceElems,
     /// Unsent bytes a P3 connection's socket may hold (`TCP_NOTSENT_LOWAT`): what a more urgent
     /// slice may find queued ahead of it besides the slice on the wire.
     pub unsent_bytes: u32,
@@ -145,7 +205,7 @@ impl Default for P3Config {
     fn default() -> Self {
         Self {
             enabled: false,
-            slice_elems: DEFAULT_SLICE_ELEMS,
+            slice_elems: SliceElems::Elems(DEFAULT_SLICE_ELEMS),
             unsent_bytes: DEFAULT_UNSENT_BYTES,
             credit_bytes: Credit::PATH,
         }
@@ -156,15 +216,16 @@ impl Config {
     /// `[scheduling]`: a slice size in range, and P3 only with the gradient-pushing algorithms.
     pub(crate) fn validate_scheduling(&self) -> Result<(), ConfigError> {
         let p3 = &self.scheduling.p3;
-        if p3.slice_elems < MIN_SLICE_ELEMS || p3.slice_elems > u32::MAX as usize {
-            return Err(ConfigError::invalid(
-                "scheduling.p3.slice_elems",
-                format!(
-                    "{} must be in {MIN_SLICE_ELEMS}..={}",
-                    p3.slice_elems,
-                    u32::MAX
-                ),
-            ));
+        if let SliceElems::Elems(n) = p3.slice_elems {
+            if !(MIN_SLICE_ELEMS..=u32::MAX as usize).contains(&n) {
+                return Err(ConfigError::invalid(
+                    "scheduling.p3.slice_elems",
+                    format!(
+                        "{n} must be in {MIN_SLICE_ELEMS}..={} or \"auto\"",
+                        u32::MAX
+                    ),
+                ));
+            }
         }
         for (field, v) in [
             ("scheduling.p3.unsent_bytes", p3.unsent_bytes),

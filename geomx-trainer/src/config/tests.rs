@@ -968,14 +968,31 @@ fn checkpoint_section_parses_and_bad_values_name_their_field() {
 fn the_p3_example_parses_and_p3_settings_are_checked() {
     let c = Config::from_toml_str(include_str!("../../../examples/p3.toml")).unwrap();
     assert!(c.scheduling.p3.enabled);
-    assert_eq!(c.scheduling.p3.slice_elems, 16_384);
+    assert_eq!(c.scheduling.p3.slice_elems, SliceElems::Auto);
     assert_eq!(c.model.layer_delay_ms.len(), c.model.hidden.len() + 1);
     let d = Config::default().scheduling.p3;
     assert!(!d.enabled);
     assert_eq!(
         (d.slice_elems, d.unsent_bytes, d.credit_bytes),
-        (DEFAULT_SLICE_ELEMS, DEFAULT_UNSENT_BYTES, Credit::PATH)
+        (
+            SliceElems::Elems(DEFAULT_SLICE_ELEMS),
+            DEFAULT_UNSENT_BYTES,
+            Credit::PATH
+        )
     );
+    // "auto" (tuned by `geomx launch`) parses and writes back as the word; anything else that
+    // is not a number is refused naming the field.
+    let auto = Config::from_toml_str("[scheduling.p3]\nslice_elems = \"auto\"\n").unwrap();
+    assert_eq!(auto.scheduling.p3.slice_elems, SliceElems::Auto);
+    assert_eq!(auto.scheduling.p3.slice_elems.elems(), None);
+    let again = Config::from_toml_str(&auto.to_toml_string().unwrap()).unwrap();
+    assert_eq!(again.scheduling.p3.slice_elems, SliceElems::Auto);
+    for bad in ["\"many\"", "-5", "1.5"] {
+        let e = Config::from_toml_str(&format!("[scheduling.p3]\nslice_elems = {bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("slice_elems"), "{bad}: {e}");
+    }
     // The default sizes every P3 connection to its path, starting where the kernel's
     // autotuning would end (4 MiB).
     assert!(d.credit_bytes.pushes_by_path() && d.credit_bytes.replies_by_path());

@@ -105,6 +105,22 @@ fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The job file `file`, refused when it leaves to `geomx launch` what a deployed job must fix:
+/// a P3 slice size of `"auto"`.
+fn deployable(file: &std::path::Path) -> Result<Config, DeployError> {
+    let cfg = Config::load(file)?;
+    if crate::launch::slices::wanted(&cfg) {
+        return Err(crate::config::ConfigError::invalid(
+            "scheduling.p3.slice_elems",
+            "\"auto\" is tuned by `geomx launch` on one machine; a deployed job needs a number \
+             of elements (a `geomx launch` of the job reports the size it chose as \
+             p3_tuning.chosen)",
+        )
+        .into());
+    }
+    Ok(cfg)
+}
+
 /// Runs one `geomx deploy` subcommand; prints what it wrote.
 pub fn run(cmd: DeployCmd) -> Result<(), DeployError> {
     match cmd {
@@ -117,7 +133,7 @@ pub fn run(cmd: DeployCmd) -> Result<(), DeployError> {
             time,
             port,
         } => {
-            let cfg = Config::load(&file)?;
+            let cfg = deployable(&file)?;
             let dir = absolute(&out)?;
             let geomx = match geomx {
                 Some(g) => g,
@@ -164,7 +180,7 @@ pub fn run(cmd: DeployCmd) -> Result<(), DeployError> {
             cpu,
             memory,
         } => {
-            let cfg = Config::load(&file)?;
+            let cfg = deployable(&file)?;
             let dir = absolute(&out)?;
             let o = K8sOptions {
                 name: name.unwrap_or_else(|| k8s::dns_label(&format!("geomx-{}", stem(&file)))),

@@ -155,7 +155,17 @@ impl JobSpec {
         let lens: Vec<usize> = model.tensors().iter().map(|t| t.len()).collect();
         let p3 = cfg.scheduling.p3.enabled.then(|| cfg.scheduling.p3.clone());
         let keys = match &p3 {
-            Some(p) => KeyMap::sliced(&lens, &model.tensor_layers(), p.slice_elems),
+            Some(p) => {
+                let s = p.slice_elems.elems().ok_or_else(|| {
+                    RunError::Config(ConfigError::invalid(
+                        "scheduling.p3.slice_elems",
+                        "\"auto\" is tuned by `geomx launch` before the job starts (its report's \
+                         p3_tuning has the size it chose); a process started on its own needs a \
+                         number of elements",
+                    ))
+                })?;
+                KeyMap::sliced(&lens, &model.tensor_layers(), s)
+            }
             None => KeyMap::whole(&lens, &model.tensor_layers()),
         };
         let key_lens = keys.key_lens();

@@ -99,7 +99,7 @@ impl RoundMs {
 }
 
 /// A worker's throughput over a run (the job report's `workers`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorkerThroughput {
     /// Data center.
     pub dc: u32,

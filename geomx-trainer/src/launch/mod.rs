@@ -8,6 +8,7 @@
 //! final stats into a [`Report`], and if any child fails kills the rest and returns its error.
 
 pub mod role;
+pub mod slices;
 pub mod supervise;
 pub mod threads;
 pub mod wan;
@@ -62,6 +63,9 @@ pub enum LaunchError {
     /// The coordinator did not come up.
     #[error("coordinator did not start: {0}")]
     Coordinator(String),
+    /// `scheduling.p3.slice_elems = "auto"` could not be tuned ([`slices`]).
+    #[error("tuning scheduling.p3.slice_elems: {0}")]
+    Tuning(String),
     /// The job aborted itself; the notice names the failed process and why.
     #[error("job aborted: {0}")]
     Aborted(String),
@@ -565,6 +569,71 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
     if opts.save.is_some() {
         cfg.checkpoint.export.clone_from(&opts.save);
     }
+    let tuning = tune_slices(&mut cfg, opts)?;
+    let mut report = launch_config(cfg, opts)?;
+    report.p3_tuning = tuning;
+    if let Some(path) = &opts.report {
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| LaunchError::Io("encoding the report".into(), std::io::Error::other(e)))?;
+        std::fs::write(path, json)
+            .map_err(|e| LaunchError::Io(format!("writing {}", path.display()), e))?;
+    }
+    Ok(report)
+}
+
+/// Under `scheduling.p3.slice_elems = "auto"`: runs the probes ([`slices`]) and sets the size
+/// they chose in `cfg`; what they measured.
+fn tune_slices(
+    cfg: &mut Config,
+    opts: &LaunchOptions,
+) -> Result<Option<slices::SliceTuning>, LaunchError> {
+    if !slices::wanted(cfg) {
+        return Ok(None);
+    }
+    if opts.resume.is_some() {
+        return Err(ConfigError::invalid(
+            "scheduling.p3.slice_elems",
+            "\"auto\" with --resume: set the size the first run chose (its report's \
+             p3_tuning.chosen), which its checkpoints' keys follow",
+        )
+        .into());
+    }
+    // The model's tensors, from the job with any slice size.
+    let lens: Vec<usize> = JobSpec::from_config(&slices::probe_config(cfg, slices::CANDIDATES[0]))?
+        .model
+        .tensors()
+        .iter()
+        .map(|t| t.len())
+        .collect();
+    let probe_opts = LaunchOptions {
+        exe: opts.exe.clone(),
+        quiet: true,
+        ..LaunchOptions::default()
+    };
+    let tuning = slices::tune(cfg, &lens, |probe| {
+        launch_config(probe.clone(), &probe_opts)
+    })?;
+    if !opts.quiet {
+        let measured: Vec<String> = (tuning.candidates.iter().zip(&tuning.round_ms))
+            .map(|(s, ms)| format!("{s}: {ms:.1} ms"))
+            .collect();
+        println!(
+            "P3 slice size: {} elements (rounds of the {}-round probes: {})",
+            tuning.chosen,
+            tuning.probe_rounds,
+            if measured.is_empty() {
+                "one candidate, none run".into()
+            } else {
+                measured.join(", ")
+            }
+        );
+    }
+    cfg.scheduling.p3.slice_elems = crate::config::SliceElems::Elems(tuning.chosen);
+    Ok(Some(tuning))
+}
+
+/// Launches the cluster of the resolved configuration `cfg` and waits for it.
+fn launch_config(mut cfg: Config, opts: &LaunchOptions) -> Result<Report, LaunchError> {
     let mut job = JobSpec::from_config(&cfg)?;
     if let Some(dir) = &opts.resume {
         // Checked here once; every child is then told the same directory.
@@ -908,12 +977,6 @@ pub fn launch_with(opts: &LaunchOptions, wan_mode: Option<WanMode>) -> Result<Re
             "done: {} rounds in {:.2} s, test accuracy {:.4}, {:.0} samples/s, WAN {} bytes, LAN {} bytes, per global server {:?}",
             report.rounds, report.wall_seconds, report.final_test_accuracy, report.samples_per_s, report.wan_bytes, report.lan_bytes, report.per_global_server_bytes
         );
-    }
-    if let Some(path) = &opts.report {
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| LaunchError::Io("encoding the report".into(), std::io::Error::other(e)))?;
-        std::fs::write(path, json)
-            .map_err(|e| LaunchError::Io(format!("writing {}", path.display()), e))?;
     }
     Ok(report)
 }
