@@ -518,7 +518,12 @@ fn killed_global_servers_and_coordinator_restart_and_the_job_is_bit_identical() 
         .collect();
     assert_eq!(incarnations, [1, 1], "{stderr}");
     assert_eq!(r["replicas_identical"], true, "{stderr}");
-    assert_eq!(r["global_param_hash"], clean["global_param_hash"]);
+    // With the run's log: this failed once under load (2 CPU hogs beside the whole suite), with
+    // every fault detected and restarted as expected.
+    assert_eq!(
+        r["global_param_hash"], clean["global_param_hash"],
+        "the global θ differs from the fault-free run's\n{stderr}"
+    );
     assert_eq!(accuracy(&r), accuracy(&clean));
 }
 
