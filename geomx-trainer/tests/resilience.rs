@@ -243,7 +243,7 @@ fn behind_the_wan_lab_a_killed_and_a_stopped_worker_rejoin() {
     assert_eq!(faults.len(), 2, "{faults:?}\n{stderr}");
     assert!(
         faults.iter().all(|f| f["rejoined_round"].is_u64()),
-        "{faults:?}"
+        "{faults:?}\n{stderr}"
     );
     assert!(
         faults[1]["detected_after_s"].as_f64().unwrap() <= 1.5,
@@ -667,9 +667,12 @@ fn behind_the_wan_lab_a_stopped_global_server_and_a_killed_worker_recover() {
         g["detected_after_s"].as_f64().unwrap() <= 1.5,
         "{g}\n{stderr}"
     );
-    assert!(g["rejoined_after_s"].as_f64().unwrap() >= 2.5, "{g}");
+    assert!(
+        g["rejoined_after_s"].as_f64().is_some_and(|s| s >= 2.5),
+        "{g}\n{stderr}"
+    );
     let w = fault_of(&r, "worker (dc 1, rank 0)");
-    assert!(w["rejoined_round"].is_u64(), "{w}");
+    assert!(w["rejoined_round"].is_u64(), "{w}\n{stderr}");
     // One restart for the stop. A second is survivable, and was seen once in a CI run with the
     // whole suite in parallel on 2 cores (the count only, 2026-12-06): with 1 s failure
     // detection, a restarted global server stalled that long while it reloads is dropped again
