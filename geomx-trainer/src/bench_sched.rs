@@ -267,18 +267,18 @@ pub struct RoundRun {
 impl RoundRun {
     /// From a job report (`run` names it in errors).
     pub fn from_report(run: &str, r: &Report) -> Result<Self, SchedBenchError> {
-        let n = r.workers.len();
-        if n == 0 {
+        let Some(round_ms) = slices::round_ms(r) else {
             return Err(SchedBenchError::Report {
                 run: run.into(),
                 what: "no worker throughput in the report".into(),
             });
-        }
+        };
+        let n = r.workers.len();
         let mean = |f: &dyn Fn(&crate::hips::throughput::WorkerThroughput) -> f64| {
             r.workers.iter().map(f).sum::<f64>() / n as f64
         };
         Ok(Self {
-            round_ms: mean(&|w| 1e3 * w.train_seconds / w.rounds.max(1) as f64),
+            round_ms,
             compute_ms: mean(&|w| w.split.compute_ms),
             wait_ms: mean(&|w| w.split.wait_ms),
             apply_ms: mean(&|w| w.split.apply_ms),
@@ -563,16 +563,10 @@ fn tuning_text(t: &SliceTuning) -> String {
     if t.round_ms.is_empty() {
         return "`slice_elems = \"auto\"`: the only candidate".into();
     }
-    let probes: Vec<String> = t
-        .candidates
-        .iter()
-        .zip(&t.round_ms)
-        .map(|(s, ms)| format!("{s}: {ms:.1} ms"))
-        .collect();
     format!(
         "`slice_elems = \"auto\"`, the fastest of {}-round probes: {}",
         t.probe_rounds,
-        probes.join(", ")
+        t.probes_text()
     )
 }
 

@@ -614,17 +614,14 @@ fn tune_slices(
         launch_config(probe.clone(), &probe_opts)
     })?;
     if !opts.quiet {
-        let measured: Vec<String> = (tuning.candidates.iter().zip(&tuning.round_ms))
-            .map(|(s, ms)| format!("{s}: {ms:.1} ms"))
-            .collect();
         println!(
             "P3 slice size: {} elements (rounds of the {}-round probes: {})",
             tuning.chosen,
             tuning.probe_rounds,
-            if measured.is_empty() {
+            if tuning.round_ms.is_empty() {
                 "one candidate, none run".into()
             } else {
-                measured.join(", ")
+                tuning.probes_text()
             }
         );
     }

@@ -39,6 +39,20 @@ pub struct SliceTuning {
     pub chosen: usize,
 }
 
+impl SliceTuning {
+    /// Each probe's size and round time, e.g. `4096: 268.6 ms, 16384: 268.2 ms` (empty when
+    /// nothing was measured).
+    pub fn probes_text(&self) -> String {
+        let probes: Vec<String> = self
+            .candidates
+            .iter()
+            .zip(&self.round_ms)
+            .map(|(s, ms)| format!("{s}: {ms:.1} ms"))
+            .collect();
+        probes.join(", ")
+    }
+}
+
 /// Whether `cfg` asks for the slice size to be tuned.
 pub fn wanted(cfg: &Config) -> bool {
     cfg.scheduling.p3.enabled && cfg.scheduling.p3.slice_elems == SliceElems::Auto
@@ -72,7 +86,8 @@ pub fn probe_config(cfg: &Config, s: usize) -> Config {
     c
 }
 
-/// The workers' mean round time of a run, ms (`None` without worker figures).
+/// The workers' mean round time of a run, ms (`None` without worker figures): their
+/// `train_seconds / rounds`, training only.
 pub fn round_ms(r: &Report) -> Option<f64> {
     let n = r.workers.len();
     (n > 0).then(|| {
