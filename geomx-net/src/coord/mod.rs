@@ -6,6 +6,7 @@
 mod client;
 mod codec;
 mod journal;
+mod persist;
 mod server;
 mod snapshot;
 pub mod state;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::persist::Persister;
 use super::state::{Action, CoordState, Phase};
 use super::{
     AbortNotice, CoordOptions, CoordSnapshot, Hello, Journal, JournalRecord, NodeInfo, NodeKey,
@@ -15,7 +16,7 @@ use crate::error::NetError;
 use crate::kv::{Handler, KvServer, PeerHandle, Request, Responder};
 use crate::wire::{MsgKind, PayloadCodec};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// How a coordinated job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +33,8 @@ pub struct Coordinator {
     server: KvServer,
     shared: Arc<Shared>,
     ticker: Option<JoinHandle<()>>,
+    /// Writes the snapshot file (with a state file).
+    writer: Option<JoinHandle<()>>,
 }
 
 struct Shared {
@@ -46,8 +49,8 @@ struct Shared {
     outcome: Mutex<Option<CoordOutcome>>,
     outcome_cv: Condvar,
     stop: AtomicBool,
-    /// `CoordOptions::state_file`: where the snapshot goes, and the newest one written.
-    persist: Option<Persist>,
+    /// `CoordOptions::state_file`: the snapshot file's writer and what waits for it.
+    persist: Option<Persister<Action<usize>>>,
     /// What members appended ([`CoordClient::journal`](super::CoordClient::journal)).
     journal: Mutex<Journal>,
     /// Records appended since the snapshot file last took the journal.
@@ -58,33 +61,6 @@ struct Shared {
 /// change writes it at once): records a member appended are on disk within about this long, so
 /// that they outlive both the member and this coordinator.
 const JOURNAL_PERSIST_EVERY: Duration = Duration::from_millis(100);
-
-/// The coordinator's snapshot file: written atomically when the membership changed, never an
-/// older snapshot over a newer one.
-struct Persist {
-    path: PathBuf,
-    /// Numbers the snapshots in the order the state produced them.
-    next: AtomicU64,
-    /// (number, bytes) of the newest snapshot written.
-    written: Mutex<(u64, Vec<u8>)>,
-    /// The newest snapshot's encoding without the journal (what decides a new write).
-    membership: Mutex<Vec<u8>>,
-}
-
-impl Persist {
-    fn save(&self, seq: u64, bytes: Vec<u8>) {
-        let mut w = lock(&self.written);
-        if seq < w.0 || bytes == w.1 {
-            return;
-        }
-        match write_atomic(&self.path, &bytes) {
-            Ok(()) => *w = (seq, bytes),
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "coordinator snapshot not written")
-            }
-        }
-    }
-}
 
 /// Writes `bytes` to `path` (creating its directory) through a temporary file, fsync and rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -130,36 +106,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     /// Runs `f` on the state, then carries out its actions in the order the state decided them.
-    /// No network I/O happens under the state lock: a peer that stops reading can delay a send,
-    /// never the coordinator's bookkeeping.
+    /// No network I/O, and no file I/O, happens under the state lock: a peer that stops reading
+    /// or a slow disk can delay a send, never the coordinator's bookkeeping.
     fn step(&self, f: impl FnOnce(&mut CoordState<usize>) -> Vec<Action<usize>>) {
         {
             let mut st = lock(&self.state);
             let actions = f(&mut st);
-            // On disk before anything the change decided can be sent: the snapshot is written
-            // (file I/O, never network I/O) before the actions reach the outbox, which another
-            // thread may be draining. Under the state lock, so snapshots and actions keep the
-            // state's order. Only a changed membership is written, with the journal as it is
-            // then (a member's loss is such a change, so its records are kept). Lock order:
-            // state, then journal.
-            if let Some(p) = &self.persist {
-                if let Some(mut snap) = st.snapshot() {
-                    let membership = snap.encode();
-                    let mut last = lock(&p.membership);
-                    if *last != membership {
-                        self.write_snapshot(p, &mut snap);
-                        *last = membership;
+            // On disk before anything the change decided can be sent: a changed membership's
+            // snapshot (with the journal as it is then: a member's loss is such a change, so
+            // its records are kept) goes to the writer thread, and the actions wait for it
+            // (`Persister`). Under the state lock, so snapshots and actions keep the state's
+            // order. Lock order: state, then journal, then the persister, then the outbox.
+            match &self.persist {
+                Some(p) => {
+                    if let Some(mut snap) = st.snapshot() {
+                        if p.membership_changed(snap.encode()) {
+                            self.hand_snapshot(p, &mut snap);
+                        }
                     }
+                    p.admit(actions, &self.outbox);
                 }
+                None => lock(&self.outbox).extend(actions),
             }
-            lock(&self.outbox).extend(actions);
         }
         self.drain();
     }
 
-    /// Writes the snapshot with the journal if records came since it was last written (the
-    /// ticker's job, at most every [`JOURNAL_PERSIST_EVERY`]). Under the state lock, as a write
-    /// for a membership change, so the two keep the state's order.
+    /// Hands the writer the snapshot with the journal if records came since it was last handed
+    /// (the ticker's job, at most every [`JOURNAL_PERSIST_EVERY`]). Under the state lock, as a
+    /// membership change's, so the two keep the state's order.
     fn persist_journal(&self) {
         let Some(p) = &self.persist else {
             return;
@@ -169,16 +144,16 @@ impl Shared {
         }
         let st = lock(&self.state);
         if let Some(mut snap) = st.snapshot() {
-            self.write_snapshot(p, &mut snap);
+            self.hand_snapshot(p, &mut snap);
         }
     }
 
-    /// Writes `snap` with the journal as it is now (the caller holds the state lock, which
-    /// orders the writes; lock order: state, then journal), which the file then holds.
-    fn write_snapshot(&self, p: &Persist, snap: &mut CoordSnapshot) {
+    /// Hands the writer `snap` with the journal as it is now (the caller holds the state lock,
+    /// which orders the hand-overs; lock order: state, then journal).
+    fn hand_snapshot(&self, p: &Persister<Action<usize>>, snap: &mut CoordSnapshot) {
         self.journal_dirty.store(false, Ordering::SeqCst);
         snap.journal = lock(&self.journal).records().to_vec();
-        p.save(p.next.fetch_add(1, Ordering::Relaxed), snap.encode());
+        p.hand(snap.encode());
     }
 
     /// Carries out queued actions. One thread at a time; a thread that finds another one doing
@@ -349,17 +324,20 @@ impl CoordHandler {
                 let t = sh.ticket(reply);
                 sh.step(|s| s.on_abort(conn, t, &reason));
             }
-            // Locate: where a member is now (answered at once, without network I/O under the
-            // state lock).
-            MsgKind::Pull => {
-                let answer = NodeKey::decode(&req.payload)
-                    .map_err(|e| e.to_string())
-                    .and_then(|key| lock(&sh.state).locate(conn, &key, Instant::now()));
-                let _ = match answer {
-                    Ok(l) => reply.send(0, PayloadCodec::Raw, &l.encode()),
-                    Err(m) => reply.error(&m),
-                };
-            }
+            // Locate: where a member is now. Answered like any request, after the snapshot of
+            // the state it reads (a member admitted is not shown before that is on disk).
+            MsgKind::Pull => match NodeKey::decode(&req.payload) {
+                Ok(key) => {
+                    let t = sh.ticket(reply);
+                    sh.step(|s| {
+                        let result = s.locate(conn, &key, Instant::now()).map(|l| l.encode());
+                        vec![Action::Reply { ticket: t, result }]
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.error(&e.to_string());
+                }
+            },
             // Journal: a member appends a record (bounded; members only).
             MsgKind::Push => {
                 let from = lock(&sh.state).member_of(conn).cloned();
@@ -444,12 +422,7 @@ impl Coordinator {
         let state = state
             .with_rejoinable(opts.rejoinable.iter().cloned())
             .with_reattach_window(opts.reattach_window);
-        let persist = opts.state_file.clone().map(|path| Persist {
-            path,
-            next: AtomicU64::new(1),
-            written: Mutex::new((0, Vec::new())),
-            membership: Mutex::new(Vec::new()),
-        });
+        let persist = opts.state_file.clone().map(Persister::new);
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             outbox: Mutex::new(VecDeque::new()),
@@ -467,6 +440,20 @@ impl Coordinator {
         // Events are served on a thread of their own (see `EventSender`); it ends when the
         // endpoint, and with it the sender, is gone. Bounded: a flood of requests waits in the
         // sockets (the driver blocks on a full queue), not in memory.
+        let writer = match shared.persist.is_some() {
+            true => {
+                let sh = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("geomx-coord-save".into())
+                    .spawn(move || {
+                        if let Some(p) = &sh.persist {
+                            p.run(write_atomic, &sh.outbox, || sh.drain());
+                        }
+                    })?;
+                Some(spawned)
+            }
+            false => None,
+        };
         let (events_tx, events) = crossbeam_channel::bounded(EVENT_QUEUE);
         let handler = CoordHandler(shared.clone());
         std::thread::Builder::new()
@@ -494,6 +481,7 @@ impl Coordinator {
             server,
             shared,
             ticker: Some(ticker),
+            writer,
         })
     }
 
@@ -548,6 +536,13 @@ impl Coordinator {
             let _ = t.join();
         }
         self.server.shutdown();
+        // The snapshots handed so far are written before it ends.
+        if let Some(p) = &self.shared.persist {
+            p.stop();
+        }
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
     }
 }
 
