@@ -11,7 +11,7 @@ use std::process::Command;
 use geomx_trainer::config::Config;
 use geomx_trainer::hips::round_log::{replay, PartialRound};
 use serde_json::Value;
-use support::{output_within, scratch, GEOMX, LAUNCH_LIMIT};
+use support::{ckpt_scratch, output_within, scratch, GEOMX, LAUNCH_LIMIT};
 
 /// 2 DCs × 2 workers, 1500 rounds, fast failure detection. Every training step sleeps at least
 /// 1.2 ms (`layer_delay_ms`, values unchanged), so the job lasts seconds however fast the machine
@@ -300,7 +300,7 @@ fn under_hfa_a_killed_coordinator_and_a_stopped_worker_recover() {
     // directory): the coordinator is killed early and restarted, every member reattaches, and a
     // worker stopped for 1.5 s while waiting for the reply to its model push (round 1499 ends a
     // period of k1 = 5) is dropped and rejoins at an averaging. Every replica agrees, within a point of the fault-free accuracy.
-    let dir = scratch("resilience", "hfa-coord-ckpt");
+    let dir = ckpt_scratch("resilience", "hfa-coord-ckpt");
     let _ = std::fs::remove_dir_all(&dir);
     let toml = job("on-failure").replace("rounds = 1500", "rounds = 3000")
         + &format!(
@@ -464,7 +464,7 @@ fn below_the_quorum_the_global_tier_waits_for_the_lost_data_center() {
 /// `job` with two global servers and a coordinator that may be lost (`lost_global_server`,
 /// `lost_coordinator = "continue"`), saving every 50 rounds into a fresh directory of `name`.
 fn global_job(name: &str) -> (String, std::path::PathBuf) {
-    let dir = scratch("resilience", &format!("{name}-ckpt"));
+    let dir = ckpt_scratch("resilience", &format!("{name}-ckpt"));
     let _ = std::fs::remove_dir_all(&dir);
     let toml = job("on-failure").replace(
         "workers_per_dc = 2\n",
@@ -807,7 +807,7 @@ fn a_long_cut_under_a_restartable_coordinator_still_loses_only_the_dc() {
     // itself, not the job (`lost_dc = "continue"`), so that its restart rejoins. With
     // `lost_global_server = "continue"` too, the global server must judge dc1 lost (the
     // coordinator lost it as well) rather than end itself as a server that was away.
-    let dir = scratch("resilience", "cut-coord-ckpt");
+    let dir = ckpt_scratch("resilience", "cut-coord-ckpt");
     let _ = std::fs::remove_dir_all(&dir);
     let toml = cut_job(1000)
         .replace("rounds = 600", "rounds = 1500")

@@ -130,6 +130,7 @@ impl Saver {
     /// `keep`.
     pub fn save(&self, state: &StateFile) -> Result<(), CheckpointError> {
         let p = &self.policy;
+        let started = std::time::Instant::now();
         manifest::write_round_file(
             &p.dir,
             state.round,
@@ -137,11 +138,21 @@ impl Saver {
             self.config_hash,
             &state.encode(),
         )?;
-        tracing::debug!(round = state.round, id = %self.id, "checkpoint written");
+        let took = started.elapsed();
+        // The process waits for its checkpoint (a server answers the round after it): a disk
+        // that takes seconds per fsync slows every round that saves.
+        if took >= SLOW_SAVE {
+            tracing::warn!(round = state.round, id = %self.id, ?took, "checkpoint written slowly");
+        } else {
+            tracing::debug!(round = state.round, id = %self.id, "checkpoint written");
+        }
         manifest::prune(&p.dir, state.round, p.every_rounds, p.keep, &self.id);
         Ok(())
     }
 }
+
+/// A checkpoint write that takes this long is reported (a warning naming the round and time).
+const SLOW_SAVE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Loads process `id`'s state from the newest round of `dir` that is complete for every process
 /// of `ids` and intact, for a job of `config_hash` that runs `rounds` rounds.

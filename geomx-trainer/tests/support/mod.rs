@@ -27,6 +27,31 @@ pub fn scratch(tag: &str, name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("geomx-{tag}-{}-{name}", std::process::id()))
 }
 
+/// A scratch directory path for a job's checkpoints (and the coordinator's snapshot file), in
+/// memory (`/dev/shm`) where this machine has one, else like [`scratch`]. These tests are about
+/// recovery, and their processes wait for each save's fsync: on the disk the build writes to,
+/// right after a build (its output still being written back), one worker's 5 KB checkpoint
+/// took 89.7 s and a coordinator snapshot up to 14 s (2026-12-07); a job waits for such saves,
+/// and its 120 s request timeouts ran out. A disk that slow is the deployment's concern (a save
+/// that takes a second or more is logged: "checkpoint written slowly"), not these tests'.
+pub fn ckpt_scratch(tag: &str, name: &str) -> PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() && can_create_in(shm, name) {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("geomx-{tag}-{}-{name}", std::process::id()))
+}
+
+/// Whether a file can be created (and removed) in `dir` (probed under `name`).
+fn can_create_in(dir: &std::path::Path, name: &str) -> bool {
+    let probe = dir.join(format!("geomx-probe-{}-{name}", std::process::id()));
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
 /// Longest a launch in a test may take before it is stopped and the test fails (a hang fails the
 /// test instead of blocking CI; a loaded 2-core machine needs far less than this).
 pub const LAUNCH_LIMIT: Duration = Duration::from_secs(600);
