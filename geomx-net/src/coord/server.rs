@@ -437,23 +437,25 @@ impl Coordinator {
             journal: Mutex::new(journal),
             journal_dirty: AtomicBool::new(false),
         });
+        // The snapshot file's writer (see `Persister`), with a state file.
+        let writer = if shared.persist.is_some() {
+            let sh = shared.clone();
+            let save = move || {
+                if let Some(p) = &sh.persist {
+                    p.run(write_atomic, &sh.outbox, || sh.drain());
+                }
+            };
+            Some(
+                std::thread::Builder::new()
+                    .name("geomx-coord-save".into())
+                    .spawn(save)?,
+            )
+        } else {
+            None
+        };
         // Events are served on a thread of their own (see `EventSender`); it ends when the
         // endpoint, and with it the sender, is gone. Bounded: a flood of requests waits in the
         // sockets (the driver blocks on a full queue), not in memory.
-        let writer = match shared.persist.is_some() {
-            true => {
-                let sh = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("geomx-coord-save".into())
-                    .spawn(move || {
-                        if let Some(p) = &sh.persist {
-                            p.run(write_atomic, &sh.outbox, || sh.drain());
-                        }
-                    })?;
-                Some(spawned)
-            }
-            false => None,
-        };
         let (events_tx, events) = crossbeam_channel::bounded(EVENT_QUEUE);
         let handler = CoordHandler(shared.clone());
         std::thread::Builder::new()
