@@ -480,16 +480,18 @@ fn global_job(name: &str) -> (String, std::path::PathBuf) {
 #[test]
 fn killed_global_servers_and_coordinator_restart_and_the_job_is_bit_identical() {
     // Global server 1 dies while a round collects pushes (restarting from round 100); global
-    // server 0 dies at a checkpoint round before saving it (restarting from round 650). The
+    // server 0 dies once round 700 is complete, before its replies. Checkpoints are written in
+    // the background: the replies go out before round 700's file is written, so the restart
+    // continues from round 650 (waiting for the disk, it would read round 700's θ back). The
     // local servers resend the rounds since those checkpoints, so nothing is lost: the job ends
     // with the fault-free θ, bit for bit. The coordinator is killed too, 300 ms into the run: its
     // restart continues from its snapshot and every member reattaches.
-    let (toml, dir) = global_job("gs-clean");
-    let (clean, _) = launch("gs-clean", &toml, None);
+    let (clean_toml, dir) = global_job("gs-clean");
+    let (clean, _) = launch("gs-clean", &clean_toml, None);
     let _ = std::fs::remove_dir_all(dir);
     let (toml, dir) = global_job("gs-killed");
-    let chaos = "kill:global-server:1@round=130:mid-push,kill:global-server:0@round=700,\
-                 kill:coordinator@after=300ms";
+    let chaos = "kill:global-server:1@round=130:mid-push,\
+                 kill:global-server:0@round=700:reply-wait,kill:coordinator@after=300ms";
     let (r, stderr) = launch("gs-killed", &toml, Some(chaos));
     let _ = std::fs::remove_dir_all(dir);
     for (process, lost) in [
@@ -506,6 +508,10 @@ fn killed_global_servers_and_coordinator_restart_and_the_job_is_bit_identical() 
         assert_eq!(f["rounds_reduced"], 0, "{f}");
     }
     assert_eq!(r["restarts"]["global_server"], 2);
+    for from in [100, 650] {
+        let restarted = format!("global server restarted from round {from}");
+        assert!(stderr.contains(&restarted), "{restarted}?\n{stderr}");
+    }
     assert_eq!(r["restarts"]["coordinator"], 1, "{stderr}");
     let c = fault_of(&r, "coordinator");
     assert!(c["rejoined_after_s"].as_f64().unwrap() < 30.0, "{c}");
@@ -518,29 +524,53 @@ fn killed_global_servers_and_coordinator_restart_and_the_job_is_bit_identical() 
         .collect();
     assert_eq!(incarnations, [1, 1], "{stderr}");
     assert_eq!(r["replicas_identical"], true, "{stderr}");
-    // With the run's log: this failed once under load (2 CPU hogs beside the whole suite), with
-    // every fault detected and restarted as expected.
-    assert_eq!(
-        r["global_param_hash"], clean["global_param_hash"],
-        "the global θ differs from the fault-free run's\n{stderr}"
+    // This once differed from the fault-free run under load (2 CPU hogs beside the whole
+    // suite), with every fault detected and restarted as expected; which workers each run's
+    // rounds summed was not known. A worker that a loaded machine holds past the detection
+    // time (1 s) is dropped and rejoins, in either run: then each run must equal the replay of
+    // its own round log instead.
+    let (partial, clean_partial) = (partial_rounds(&r), partial_rounds(&clean));
+    let why = format!(
+        "faults {}, partial rounds {partial:?}; the fault-free run's faults {}, partial rounds \
+         {clean_partial:?}",
+        r["faults"], clean["faults"]
     );
-    assert_eq!(accuracy(&r), accuracy(&clean));
+    if partial.is_empty() && clean_partial.is_empty() {
+        assert_eq!(
+            r["global_param_hash"], clean["global_param_hash"],
+            "the global θ differs from the fault-free run's ({why})\n{stderr}"
+        );
+        assert_eq!(accuracy(&r), accuracy(&clean));
+    } else {
+        eprintln!("workers were dropped ({why}): each run is checked against its replay");
+        assert_eq!(
+            r["global_param_hash"],
+            replayed_hash(&toml, &r),
+            "{why}\n{stderr}"
+        );
+        assert_eq!(
+            clean["global_param_hash"],
+            replayed_hash(&clean_toml, &clean),
+            "{why}"
+        );
+    }
 }
 
 #[test]
 fn under_hfa_killed_global_servers_restart_and_the_job_is_bit_identical() {
-    // HFA k1 = 5, k2 = 4 (a global round every 20 training rounds), checkpoints every 100.
-    // Global server 0 dies at round 600 once the round is complete and saved but before its
-    // replies go out: its restart has the increment the DCs never got in its checkpoint, and
-    // serves it. Global server 1 dies while round 1320 collects pushes and restarts from round
+    // HFA k1 = 5, k2 = 4 (a global round every 20 training rounds), checkpoints every 100,
+    // each on disk before its round's replies (`background = false`). Global server 0 dies at
+    // round 600 once the round is complete and saved but before its replies go out: its restart
+    // has the increment the DCs never got in its checkpoint, and serves it. Global server 1 dies while round 1320 collects pushes and restarts from round
     // 1300: the local servers resend their deltas since. Replies are increments that every
     // milestone adds, so any lost or doubled one would show: the job must end bit-identical.
     let hfa = "[sync]\nalgorithm = \"hfa\"\n[sync.hfa]\nk1 = 5\nk2 = 4\n";
     let job = |name: &str| {
         let (toml, dir) = global_job(name);
-        let toml = toml
-            .replace("rounds = 1500", "rounds = 3000")
-            .replace("every_rounds = 50", "every_rounds = 100");
+        let toml = toml.replace("rounds = 1500", "rounds = 3000").replace(
+            "every_rounds = 50",
+            "every_rounds = 100\nbackground = false",
+        );
         (toml + hfa, dir)
     };
     let (toml, dir) = job("gs-hfa-clean");

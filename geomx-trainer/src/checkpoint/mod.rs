@@ -4,15 +4,18 @@
 //! [`format`](mod@format) is the versioned, self-checking state file of one process; [`manifest`] the round
 //! directories, their manifests, atomic writes and the choice of the newest complete round;
 //! [`Saver`] and [`load`] are what a role calls; [`RoundParts`] assembles a state that several
-//! threads of one process contribute to (ranges, keys) before it is written.
+//! threads of one process contribute to (ranges, keys) before it is written; [`SaveQueue`]
+//! writes a process's files on a thread of its own while the rounds go on.
 
 pub mod format;
 pub mod manifest;
+pub mod queue;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use format::{Entry, FormatError, StateFile};
+pub use queue::{SaveQueue, When};
 
 /// Largest state file read (a safeguard against a wrong file; far above any model here).
 pub const MAX_STATE_BYTES: u64 = 16 << 30;
@@ -89,6 +92,9 @@ pub struct Policy {
     pub every_rounds: u64,
     /// Rounds kept (≥ 1).
     pub keep: usize,
+    /// Checkpoints are written beside the rounds (`checkpoint.background`): a global server
+    /// answers a due round before its file is on disk, once the previous checkpoint's is.
+    pub background: bool,
 }
 
 impl Policy {
@@ -121,6 +127,11 @@ impl Saver {
         self.policy.due(round)
     }
 
+    /// Whether checkpoints are written beside the rounds ([`Policy::background`]).
+    pub fn background(&self) -> bool {
+        self.policy.background
+    }
+
     /// An empty state of this job for `round`.
     pub fn state(&self, round: u64) -> StateFile {
         StateFile::new(self.config_hash, round)
@@ -139,8 +150,8 @@ impl Saver {
             &state.encode(),
         )?;
         let took = started.elapsed();
-        // The process waits for its checkpoint (a server answers the round after it): a disk
-        // that takes seconds per fsync slows every round that saves.
+        // Writes run beside the rounds ([`SaveQueue`]), but a disk that takes seconds per
+        // fsync still holds back whatever waits for the write (the next save, the final round).
         if took >= SLOW_SAVE {
             tracing::warn!(round = state.round, id = %self.id, ?took, "checkpoint written slowly");
         } else {

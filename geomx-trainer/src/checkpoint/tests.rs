@@ -23,6 +23,7 @@ fn saver(dir: &Path, id: &str, keep: usize) -> Saver {
         dir: dir.to_path_buf(),
         every_rounds: 5,
         keep,
+        background: true,
     };
     Saver::new(policy, id.to_string(), HASH)
 }
@@ -51,6 +52,7 @@ fn ids_policy_and_parts() {
         dir: "d".into(),
         every_rounds: 5,
         keep: 1,
+        background: true,
     };
     assert!(!p.due(0) && !p.due(4) && p.due(5) && p.due(10));
     let mut parts = RoundParts::new(2, HASH);

@@ -25,6 +25,11 @@ pub struct CheckpointConfig {
     pub keep: usize,
     /// Path of the final model as safetensors (like `--save PATH`); absent: not exported.
     pub export: Option<PathBuf>,
+    /// Write checkpoints beside the rounds (default): no round waits for a checkpoint's fsync,
+    /// and a global server's restart may continue from the checkpoint before its newest round,
+    /// so each local server keeps two intervals of pushes instead of one. `false`: every role
+    /// answers or continues a checkpoint round only once its file is on disk.
+    pub background: bool,
 }
 
 impl Default for CheckpointConfig {
@@ -34,6 +39,7 @@ impl Default for CheckpointConfig {
             every_rounds: DEFAULT_EVERY_ROUNDS,
             keep: DEFAULT_KEEP,
             export: None,
+            background: true,
         }
     }
 }

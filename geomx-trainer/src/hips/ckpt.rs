@@ -3,7 +3,8 @@
 
 use super::node::Identity;
 use super::{JobSpec, RunError};
-use crate::checkpoint::{self, FormatError, Saver, StateFile};
+use crate::checkpoint::queue::ErrorHook;
+use crate::checkpoint::{self, FormatError, SaveQueue, Saver, StateFile};
 use crate::engine::OptimState;
 
 /// Most tensors one optimizer state may hold (DC-ASGD: one backup per DC and two buffers).
@@ -19,6 +20,25 @@ pub(crate) fn saver(job: &JobSpec, me: &Identity) -> Option<Saver> {
     job.checkpoint
         .clone()
         .map(|p| Saver::new(p, id_of(me), job.config_hash))
+}
+
+/// The saver of role `me` and the thread that writes its checkpoints beside the rounds
+/// ([`SaveQueue`]), when the job checkpoints; `on_error` sees each failed write.
+pub(crate) fn save_queue(
+    job: &JobSpec,
+    me: &Identity,
+    on_error: Option<ErrorHook>,
+) -> Result<Option<(Saver, SaveQueue)>, RunError> {
+    let Some(saver) = saver(job, me) else {
+        return Ok(None);
+    };
+    let queue = SaveQueue::start(saver.clone(), "geomx-ckpt-save", on_error).map_err(|e| {
+        RunError::Io(
+            "starting the checkpoint writer thread".into(),
+            e.to_string(),
+        )
+    })?;
+    Ok(Some((saver, queue)))
 }
 
 /// The state role `me` continues from, when the job resumes: the newest round complete for

@@ -30,7 +30,8 @@ use super::{
     lock, AggError, GlobalAggregator, JobSpec, MixedAggregator, RoleStats, RoundDone, RunError,
     SkipCause,
 };
-use crate::checkpoint::{RoundParts, Saver, StateFile};
+use crate::checkpoint::queue::ErrorHook;
+use crate::checkpoint::{RoundParts, SaveQueue, Saver, StateFile, When};
 use crate::codec::clock::Mark;
 use crate::codec::{count_nonfinite, KeyCounts, TierCodec};
 use crate::config::{NonFinitePolicy, SyncAlgorithm};
@@ -108,6 +109,9 @@ struct GlobalHandler {
     dgt: Option<DgtJoin>,
     /// `[checkpoint]`: the saver and the state of the round being assembled, range by range.
     ckpt: Option<(Saver, Mutex<RoundParts>)>,
+    /// `[checkpoint]`: the thread that writes the checkpoints and then, or before, sends the
+    /// replies that wait for the disk (set once the handler is built).
+    writer: OnceLock<SaveQueue>,
     /// Training rounds per global round (HFA's k1 · k2, else 1): checkpoints count training
     /// rounds.
     per_global: u64,
@@ -538,26 +542,22 @@ impl GlobalHandler {
                 let _ = h.all_done.send(());
             }
         };
-        // The state is written before the replies go out: a worker that saw round r's reply can
-        // rely on the global tier's checkpoint of r being on disk. The write (fsync) happens on
-        // a thread of its own: this one may be the network driver's, and a slow disk must not
-        // silence every connection past the peers' detection time (seen in CI: 1 s).
-        let Some(state) = snapshot else {
+        // The replies of a checkpoint round wait for the disk on the writer thread: this one may
+        // be the network driver's, and a slow disk must not silence every connection past the
+        // peers' detection time (seen in CI: 1 s). In the background (`checkpoint.background`)
+        // they go out once the previous checkpoint is on disk, and this one is written while
+        // the next rounds run (the local servers keep their pushes since that previous one,
+        // `upstream::Rejoin::trim`); otherwise, and for the final round and a membership
+        // change's round, once this one is.
+        let Some((state, when)) = snapshot else {
             return answer(self);
         };
-        match self.this.get().and_then(std::sync::Weak::upgrade) {
-            Some(h) => {
-                let spawned = std::thread::Builder::new()
-                    .name("geomx-ckpt-write".into())
-                    .spawn(move || {
-                        h.save(&state);
-                        answer(&h);
-                    });
-                if let Err(e) = spawned {
-                    self.abort(format!("starting the checkpoint writer: {e}"));
-                }
-            }
-            None => {
+        match (
+            self.this.get().and_then(std::sync::Weak::upgrade),
+            self.writer.get(),
+        ) {
+            (Some(h), Some(q)) => q.hand_then(state, when, Box::new(move || answer(&h))),
+            _ => {
                 self.save(&state);
                 answer(self);
             }
@@ -576,17 +576,25 @@ impl GlobalHandler {
 
     /// Adds range `id` after round `done` to the checkpoint of that round when one is due (with
     /// the round's reply when [`keeps_replies`]); returns the round's state once every owned
-    /// range is in.
-    fn snapshot(&self, st: &State, id: usize, done: &RoundDone) -> Option<StateFile> {
+    /// range is in, and when the round's replies may go out: before its write in the
+    /// background, except for the final round and a membership change's, which a restart must
+    /// find.
+    fn snapshot(&self, st: &State, id: usize, done: &RoundDone) -> Option<(StateFile, When)> {
         let (saver, parts) = self.ckpt.as_ref()?;
         let version = done.version;
         let round = version * self.per_global;
         // A global server that may restart also saves the last round: a local server that
         // still pulls the final θ then finds it after a restart without any other DC's help.
         let last = self.restartable && version == self.rounds;
-        if !saver.due(round) && !last && !self.dcs.forced(version) {
+        let forced = self.dcs.forced(version);
+        if !saver.due(round) && !last && !forced {
             return None;
         }
+        let when = if saver.background() && !last && !forced {
+            When::BeforeWrite
+        } else {
+            When::AfterWrite
+        };
         let Some(super::RangeSnapshot {
             params: theta,
             opt: Some(opt),
@@ -618,7 +626,7 @@ impl GlobalHandler {
                 .map(|m| m.unwrap_or(u64::MAX))
                 .collect()
         });
-        lock(parts).add(round, |f| {
+        let state = lock(parts).add(round, |f| {
             if let Some(m) = members {
                 f.put_u64("dcs", m);
             }
@@ -628,7 +636,8 @@ impl GlobalHandler {
                 f.put_f32(format!("reply.{id}"), reply);
             }
             super::ckpt::put_optim(f, &format!("opt.{id}"), &opt);
-        })
+        })?;
+        Some((state, when))
     }
 
     /// Writes a checkpoint; a failure ends the job (it asked for checkpoints).
@@ -1251,6 +1260,7 @@ pub fn run(
         }),
         ckpt: super::ckpt::saver(job, &me)
             .map(|s| (s, Mutex::new(RoundParts::new(owned, job.config_hash)))),
+        writer: OnceLock::new(),
         per_global: job.rounds_per_global(),
         per_exchange: job.locals_per_global(),
         replies: Replies::new(
@@ -1275,6 +1285,21 @@ pub fn run(
         split: PhaseClock::new(Waiting::Wan),
     });
     let _ = handler.this.set(Arc::downgrade(&handler));
+    if let Some((saver, _)) = &handler.ckpt {
+        let h = Arc::downgrade(&handler);
+        let failed: ErrorHook = Box::new(move |e| {
+            if let Some(h) = h.upgrade() {
+                h.abort(format!("writing a checkpoint: {e}"));
+            }
+        });
+        let q = SaveQueue::start(saver.clone(), "geomx-ckpt-write", Some(failed)).map_err(|e| {
+            RunError::Io(
+                "starting the checkpoint writer thread".into(),
+                e.to_string(),
+            )
+        })?;
+        let _ = handler.writer.set(q);
+    }
     let consumer = dgt_server.as_ref().map(|s| {
         let (h, rx) = (handler.clone(), s.deliveries().clone());
         std::thread::spawn(move || {
@@ -1360,7 +1385,11 @@ pub fn run(
         // coordinator aborts the job (ending this process) if any peer dies meanwhile.
         let _ = done_rx.recv();
     }
-    // The round log is at the coordinator before it hears this server is done.
+    // The last checkpoint is on disk, and the round log at the coordinator, before it hears
+    // this server is done.
+    if let Some(q) = handler.writer.get() {
+        q.wait()?;
+    }
     handler.log.flush_journal(job.wait_limit());
     node.finish(job.wait_limit())?;
     let served = server.stats();

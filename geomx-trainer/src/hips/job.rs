@@ -272,6 +272,7 @@ impl JobSpec {
                     dir,
                     every_rounds: cfg.checkpoint.every_rounds,
                     keep: cfg.checkpoint.keep,
+                    background: cfg.checkpoint.background,
                 }),
             resume: None,
             export: cfg.checkpoint.export.clone(),

@@ -125,23 +125,26 @@ impl Rejoin {
     }
 
     /// The reply to range `id`'s push reached `version`. When the global tier saves round
-    /// `version - 1`, that checkpoint is on disk now and the pushes before it are no longer
-    /// needed: every range of the server had completed round `version - 1` (the workers pushed
-    /// round `version - 1` of this range with θ of all ranges at that version), and the range
-    /// that completed it last wrote the checkpoint before it answered. (A reply at a checkpoint
+    /// `version - 1`, every range of the server had completed round `version - 1` (the workers
+    /// pushed round `version - 1` of this range with θ of all ranges at that version), and the
+    /// range that completed it last answered once its checkpoint was on disk, or in the
+    /// background (`checkpoint.background`) once the checkpoint before it was. The pushes
+    /// before the checkpoint known to be on disk are no longer needed. (A reply at a checkpoint
     /// round itself proves nothing: other ranges may still be collecting that round.)
     fn trim(&self, id: u64, version: u64) {
         let Some(saved) = version.checked_sub(1) else {
             return;
         };
-        let due = self
+        let Some(p) = self
             .policy
             .as_ref()
-            .is_some_and(|p| p.due(saved * self.per_global));
-        if due {
-            if let Some(k) = lock(&self.kept).get_mut(&id) {
-                *k = k.split_off(&saved);
-            }
+            .filter(|p| p.due(saved * self.per_global))
+        else {
+            return;
+        };
+        let from = on_disk_after(p, self.per_global, saved);
+        if let Some(k) = lock(&self.kept).get_mut(&id) {
+            *k = k.split_off(&from);
         }
     }
 
@@ -172,6 +175,27 @@ impl Rejoin {
             ));
         }
         Ok(out)
+    }
+}
+
+/// The newest checkpoint version a global server holds on disk once it answered the round that
+/// its checkpoint of version `saved` closes (a due version; a version is `per_global` training
+/// rounds): `saved`, or in the background the due version before it (0: none, the job's start).
+fn on_disk_after(p: &Policy, per_global: u64, saved: u64) -> u64 {
+    if !p.background {
+        return saved;
+    }
+    // Versions v are due when v · per_global is a multiple of every_rounds: every `step`-th.
+    let g = gcd(p.every_rounds, per_global).max(1);
+    let step = (p.every_rounds / g).max(1);
+    saved.saturating_sub(step)
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -671,6 +695,28 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn in_the_background_the_pushes_since_the_checkpoint_before_the_newest_are_kept() {
+        let policy = |every_rounds, background| Policy {
+            dir: "d".into(),
+            every_rounds,
+            keep: 2,
+            background,
+        };
+        // Waiting for the disk: the newest checkpoint is on disk once its round is answered.
+        assert_eq!(on_disk_after(&policy(50, false), 1, 100), 100);
+        // In the background, the one before it: versions 50 and 0 (the start).
+        assert_eq!(on_disk_after(&policy(50, true), 1, 100), 50);
+        assert_eq!(on_disk_after(&policy(50, true), 1, 50), 0);
+        // HFA, 20 training rounds per version, a checkpoint every 100 training rounds: every
+        // 5th version is due.
+        assert_eq!(on_disk_after(&policy(100, true), 20, 30), 25);
+        // Every 6 training rounds at 4 per version: versions 3, 6, 9, … (12, 24, 36 rounds).
+        let p = policy(6, true);
+        assert!(p.due(9 * 4) && p.due(6 * 4) && !p.due(8 * 4) && !p.due(7 * 4));
+        assert_eq!(on_disk_after(&p, 4, 9), 6);
+    }
 
     #[test]
     fn a_global_server_that_dropped_too_is_waited_for_and_one_that_never_did_left_the_dc_out() {

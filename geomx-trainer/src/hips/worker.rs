@@ -614,7 +614,8 @@ pub fn run(
         batcher.seek(c[0], pos).map_err(|e| res.misfit(e))?;
     }
     let chaos = super::chaos::SelfFault::from_env().map_err(RunError::Membership)?;
-    let saver = super::ckpt::saver(job, &me);
+    // Checkpoints are written beside the rounds; at most one waits for the disk at a time.
+    let saver = super::ckpt::save_queue(job, &me, None)?;
 
     // TSEngine on the intra tier: the other workers of the DC send partials and θ here.
     let (node, peer_inbox) = match job.ts_intra {
@@ -806,7 +807,7 @@ pub fn run(
             }
         }
         let done = round + 1;
-        let saving = saver.as_ref().is_some_and(|s| s.due(done));
+        let saving = saver.as_ref().is_some_and(|(s, _)| s.due(done));
         let due = job.eval_every > 0 && done % job.eval_every == 0;
         if done == job.rounds || saving || (reporter && due) {
             // P3 leaves the replies to the next forward pass; whoever reads θ now needs them.
@@ -821,17 +822,22 @@ pub fn run(
                 .set_send_buffer(c as usize)
                 .map_err(|e| RunError::Net("setting the P3 credit".into(), e))?;
         }
-        if let Some(saver) = saver.as_ref().filter(|_| saving) {
+        if let Some((saver, queue)) = saver.as_ref().filter(|_| saving) {
             let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
             let variates = avg.as_ref().and_then(|a| a.variates.as_ref());
-            saver.save(&checkpoint_state(
+            // The previous checkpoint has had `every_rounds` rounds to reach the disk.
+            queue.wait()?;
+            queue.hand(checkpoint_state(
                 saver,
                 done,
                 &params,
                 &batcher,
                 (opts, variates),
                 &apply,
-            ))?;
+            ));
+            if !saver.background() {
+                queue.wait()?;
+            }
         }
         if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
             // The final pull: every replica adopts the global servers' final θ.
@@ -855,6 +861,10 @@ pub fn run(
             progress(&p);
             last_eval = Some(p);
         }
+    }
+    // The last checkpoint is on disk before this worker reports done.
+    if let Some((_, queue)) = saver {
+        queue.finish()?;
     }
     let hash = params_hash(&params);
     if let Some(path) = job.export.as_ref().filter(|_| reporter) {
