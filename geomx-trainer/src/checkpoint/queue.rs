@@ -63,6 +63,8 @@ pub struct SaveQueue {
     tx: Option<Sender<Job>>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// The saver's [`Saver::background`]: [`SaveQueue::save`] returns before the write.
+    background: bool,
 }
 
 impl SaveQueue {
@@ -70,6 +72,7 @@ impl SaveQueue {
     pub fn start(saver: Saver, name: &str, on_error: Option<ErrorHook>) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let shared = Arc::new(Shared::default());
+        let background = saver.background();
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(name.into())
@@ -104,7 +107,21 @@ impl SaveQueue {
             tx: Some(tx),
             shared,
             thread: Some(thread),
+            background,
         })
+    }
+
+    /// Saves `file` as a process that checkpoints every few rounds does: once every file handed
+    /// before is written (one copy in flight), and in the background without waiting for this
+    /// one (otherwise until it is written). The first failed write since the last check.
+    pub fn save(&self, file: StateFile) -> Result<(), CheckpointError> {
+        self.wait()?;
+        self.hand(file);
+        if self.background {
+            Ok(())
+        } else {
+            self.wait()
+        }
     }
 
     /// Hands `file` to the writer; never blocks.
@@ -185,11 +202,15 @@ mod tests {
     const HASH: u64 = 0x0bad_cafe;
 
     fn saver(dir: &Path) -> Saver {
+        saver_of(dir, true)
+    }
+
+    fn saver_of(dir: &Path, background: bool) -> Saver {
         let policy = Policy {
             dir: dir.to_path_buf(),
             every_rounds: 10,
             keep: 10,
-            background: true,
+            background,
         };
         Saver::new(policy, "worker-0-0".into(), HASH)
     }
@@ -243,6 +264,40 @@ mod tests {
             [("before 20", true, false), ("after 30", true, true)],
             "(callback, earlier file written, own file written)"
         );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn save_waits_for_the_previous_write_and_in_the_background_not_for_its_own() {
+        let dir = scratch("save");
+        let s = saver(&dir);
+        let q = SaveQueue::start(s.clone(), "test-ckpt", None).unwrap();
+        // Once round 10 is written, the writer is held until the test lets it go.
+        let (go, gate) = crossbeam_channel::bounded::<()>(0);
+        q.hand_then(
+            file(&s, 10),
+            When::AfterWrite,
+            Box::new(move || {
+                let _ = gate.recv();
+            }),
+        );
+        q.save(file(&s, 20)).unwrap();
+        // save returned after round 10's write, and round 20's cannot have started.
+        assert!(written(&dir, 10) && !written(&dir, 20));
+        go.send(()).unwrap();
+        q.finish().unwrap();
+        assert!(written(&dir, 20));
+        let _ = std::fs::remove_dir_all(dir);
+
+        // Waiting for the disk, save returns once its own file is written.
+        let dir = scratch("save-wait");
+        let s = saver_of(&dir, false);
+        let q = SaveQueue::start(s.clone(), "test-ckpt", None).unwrap();
+        for r in [10, 20] {
+            q.save(file(&s, r)).unwrap();
+            assert!(written(&dir, r));
+        }
+        q.finish().unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -39,7 +39,7 @@ use super::round_log::{MemberChange, RoundLog};
 use super::time_split::{Phase, PhaseClock, Waiting, WanWait};
 use super::upstream::{Rejoin, Upstream};
 use super::{lock, JobSpec, LocalAggregator, LocalSum, RoleStats, RunError};
-use crate::checkpoint::{RoundParts, Saver};
+use crate::checkpoint::{RoundParts, SaveQueue, Saver};
 use crate::codec::clock::Mark;
 use crate::codec::down::{
     decode_dense_segments, forward_dense, forward_sparse, join_segments, ReplyMode,
@@ -139,8 +139,9 @@ struct LocalHandler {
     start: u64,
     /// Training rounds per local round (HFA's k1, else 1): checkpoints count training rounds.
     per_local: u64,
-    /// `[checkpoint]`: the saver and the state of the round being assembled, key by key.
-    ckpt: Option<(Saver, Mutex<RoundParts>)>,
+    /// `[checkpoint]`: the saver, its writer thread and the state of the round being
+    /// assembled, key by key.
+    ckpt: Option<(Saver, SaveQueue, Mutex<RoundParts>)>,
     /// How workers' pushes are answered, by key: inline, or under P3 in priority order per
     /// worker connection.
     replies: Replies,
@@ -580,10 +581,10 @@ impl LocalHandler {
     /// the checkpoint once every key is in. Besides that, the local server's state is its round:
     /// the aggregator starts there, and θ_r (FSA) or the milestone (HFA, saved at global
     /// averagings only) comes from the global servers. Called before the round's reply is
-    /// published, so it is saved before the workers see it (they save their own state after).
-    /// A failed write ends the job (it asked for checkpoints).
+    /// published; the file is written while the next rounds run (`checkpoint.background`), or
+    /// before the reply goes out. A failed write ends the job (it asked for checkpoints).
     fn checkpoint(&self, version: u64, key: usize, compressors: &[RangeCompressor]) {
-        let Some((saver, parts)) = &self.ckpt else {
+        let Some((saver, queue, parts)) = &self.ckpt else {
             return;
         };
         let round = version * self.per_local;
@@ -599,11 +600,8 @@ impl LocalHandler {
         }) else {
             return;
         };
-        if let Err(e) = saver.save(&state) {
-            self.abort(format!(
-                "dc {}: writing the checkpoint of round {round}: {e}",
-                self.dc
-            ));
+        if let Err(e) = queue.save(state) {
+            self.abort(format!("dc {}: writing a checkpoint: {e}", self.dc));
         }
     }
 
@@ -1296,8 +1294,8 @@ pub fn run(
         admission: Admission::default(),
         start,
         per_local: job.rounds_per_local(),
-        ckpt: super::ckpt::saver(job, &me)
-            .map(|s| (s, Mutex::new(RoundParts::new(n_keys, job.config_hash)))),
+        ckpt: super::ckpt::save_queue(job, &me, None)?
+            .map(|(s, q)| (s, q, Mutex::new(RoundParts::new(n_keys, job.config_hash)))),
         replies: Replies::new(job, &format!("geomx-reply-l{dc}"), 0..n_keys),
         n_workers: n_d,
         elastic: job.workers_may_rejoin(),
@@ -1570,7 +1568,11 @@ pub fn run(
     }
     // Hashed per tensor, as the workers hash their replicas.
     let global_hash = crate::engine::params_hash(&job.keys.assemble(theta));
-    // The round log is at the coordinator before it hears this server is done.
+    // The last checkpoint is on disk, and the round log at the coordinator, before it hears
+    // this server is done.
+    if let Some((_, queue, _)) = &handler.ckpt {
+        queue.wait()?;
+    }
     handler.log.flush_journal(job.wait_limit());
     node.finish(job.wait_limit())?;
     let lan = server.stats();

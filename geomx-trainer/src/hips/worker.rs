@@ -826,18 +826,14 @@ pub fn run(
             let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
             let variates = avg.as_ref().and_then(|a| a.variates.as_ref());
             // The previous checkpoint has had `every_rounds` rounds to reach the disk.
-            queue.wait()?;
-            queue.hand(checkpoint_state(
+            queue.save(checkpoint_state(
                 saver,
                 done,
                 &params,
                 &batcher,
                 (opts, variates),
                 &apply,
-            ));
-            if !saver.background() {
-                queue.wait()?;
-            }
+            ))?;
         }
         if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
             // The final pull: every replica adopts the global servers' final θ.
