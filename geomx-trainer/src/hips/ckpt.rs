@@ -23,22 +23,27 @@ pub(crate) fn saver(job: &JobSpec, me: &Identity) -> Option<Saver> {
 }
 
 /// The saver of role `me` and the thread that writes its checkpoints beside the rounds
-/// ([`SaveQueue`]), when the job checkpoints; `on_error` sees each failed write.
+/// ([`SaveQueue`]), when the job checkpoints.
 pub(crate) fn save_queue(
     job: &JobSpec,
     me: &Identity,
-    on_error: Option<ErrorHook>,
 ) -> Result<Option<(Saver, SaveQueue)>, RunError> {
     let Some(saver) = saver(job, me) else {
         return Ok(None);
     };
-    let queue = SaveQueue::start(saver.clone(), "geomx-ckpt-save", on_error).map_err(|e| {
+    let queue = writer(&saver, None)?;
+    Ok(Some((saver, queue)))
+}
+
+/// Starts the thread that writes `saver`'s checkpoints (`geomx-ckpt-write`); `on_error` sees
+/// each failed write.
+pub(crate) fn writer(saver: &Saver, on_error: Option<ErrorHook>) -> Result<SaveQueue, RunError> {
+    SaveQueue::start(saver.clone(), "geomx-ckpt-write", on_error).map_err(|e| {
         RunError::Io(
             "starting the checkpoint writer thread".into(),
             e.to_string(),
         )
-    })?;
-    Ok(Some((saver, queue)))
+    })
 }
 
 /// The state role `me` continues from, when the job resumes: the newest round complete for

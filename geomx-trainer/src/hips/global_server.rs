@@ -1292,13 +1292,9 @@ pub fn run(
                 h.abort(format!("writing a checkpoint: {e}"));
             }
         });
-        let q = SaveQueue::start(saver.clone(), "geomx-ckpt-write", Some(failed)).map_err(|e| {
-            RunError::Io(
-                "starting the checkpoint writer thread".into(),
-                e.to_string(),
-            )
-        })?;
-        let _ = handler.writer.set(q);
+        let _ = handler
+            .writer
+            .set(super::ckpt::writer(saver, Some(failed))?);
     }
     let consumer = dgt_server.as_ref().map(|s| {
         let (h, rx) = (handler.clone(), s.deliveries().clone());

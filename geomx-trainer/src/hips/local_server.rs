@@ -1294,7 +1294,7 @@ pub fn run(
         admission: Admission::default(),
         start,
         per_local: job.rounds_per_local(),
-        ckpt: super::ckpt::save_queue(job, &me, None)?
+        ckpt: super::ckpt::save_queue(job, &me)?
             .map(|(s, q)| (s, q, Mutex::new(RoundParts::new(n_keys, job.config_hash)))),
         replies: Replies::new(job, &format!("geomx-reply-l{dc}"), 0..n_keys),
         n_workers: n_d,

@@ -615,7 +615,7 @@ pub fn run(
     }
     let chaos = super::chaos::SelfFault::from_env().map_err(RunError::Membership)?;
     // Checkpoints are written beside the rounds; at most one waits for the disk at a time.
-    let saver = super::ckpt::save_queue(job, &me, None)?;
+    let saver = super::ckpt::save_queue(job, &me)?;
 
     // TSEngine on the intra tier: the other workers of the DC send partials and θ here.
     let (node, peer_inbox) = match job.ts_intra {
