@@ -122,7 +122,8 @@ if [ -x "$bundle/bin/test-tch_gpu" ]; then
     tskip=$(grep -o -m1 'skipped: .*' "$work/tch.out" | tr '"\\' "'/" || true)
     tpass=$(grep -c 'test result: ok' "$work/tch.out")
     preload=$(grep -o -m1 'GPU_PRELOAD_CHECK .*' "$work/tch.out" | tr '"\\' "'/" || true)
-    tch_json="{\"rc\":$trc,\"passed\":$tpass,\"skipped\":\"$tskip\",\"preload_check\":\"$preload\",\"plain\":[${plain}],\"runs\":[${runs}]}"
+    wsparse=$(grep -o -m1 'GPU_WORKER_SPARSE .*' "$work/tch.out" | tr '"\\' "'/" || true)
+    tch_json="{\"rc\":$trc,\"passed\":$tpass,\"skipped\":\"$tskip\",\"preload_check\":\"$preload\",\"worker_sparse_check\":\"$wsparse\",\"plain\":[${plain}],\"runs\":[${runs}]}"
   fi
 fi
 

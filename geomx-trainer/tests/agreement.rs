@@ -1,7 +1,8 @@
 //! One source of truth per round: for every tier-codec combination the configuration accepts
-//! (none, fp16, bf16, bisparse, mpq on the WAN tier; none, fp16, bf16 on the LAN tier) under FSA
-//! and HFA, and the dense ones under MixedSync, every worker ends bit-identical to the global
-//! servers' θ (`replicas_identical` with its full meaning, `global_param_hash == param_hash`).
+//! (none, fp16, bf16, bisparse, mpq on the WAN tier; none, fp16, bf16 on the LAN tier, and
+//! the workers' own bisparse under FSA and MixedSync) under FSA and HFA, and the dense ones
+//! under MixedSync, every worker ends bit-identical to the global servers' θ
+//! (`replicas_identical` with its full meaning, `global_param_hash == param_hash`).
 //!
 //! Each run is a whole cluster on loopback threads (`launch::threads`): 2 DCs (2 + 1 workers), 2
 //! global servers and a small split bound, so that keys are cut into several ranges and replies
@@ -12,6 +13,7 @@ use std::time::Duration;
 mod support;
 
 use geomx_trainer::config::Config;
+use geomx_trainer::engine::reference::fsa_reference;
 use geomx_trainer::hips::JobSpec;
 use geomx_trainer::launch::threads;
 use geomx_trainer::report::Report;
@@ -32,17 +34,27 @@ const INTER: [(&str, &str); 5] = [
     ),
 ];
 
-/// The LAN codecs.
+/// The LAN codecs of both directions.
 const INTRA: [&str; 3] = ["none", "fp16", "bf16"];
 
+/// Worker-side Bi-Sparse as a `[compression] intra` table: the keys of ≥ 100 elements (1024 and
+/// 160) go as each worker's own top 10 %, `extra` adds settings.
+fn worker_sparse(extra: &str) -> String {
+    format!("{{ codec = \"bisparse\", density = 0.1, min_size = 100, warmup_rounds = 0{extra} }}")
+}
+
 /// A small job: digits, MLP hidden [16] (keys of 1024, 16, 160 and 10 elements), 2 global servers
-/// with ranges of about 64 elements.
+/// with ranges of about 64 elements. `intra` is a codec name, or an inline table (`{ … }`).
 fn config(sync: &str, rounds: u64, inter: &str, intra: &str) -> Config {
+    let intra = match intra.starts_with('{') {
+        true => intra.to_string(),
+        false => format!("{{ codec = \"{intra}\" }}"),
+    };
     let toml = format!(
         "{}[train]\nrounds = {rounds}\neval_every = 0\n\
          [placement]\nmin_range = 64\n\
          {sync}\n\
-         [compression]\nintra = {{ codec = \"{intra}\" }}\n[compression.inter]\n{inter}\n",
+         [compression]\nintra = {intra}\n[compression.inter]\n{inter}\n",
         support::SMALL_JOB
     );
     Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"))
@@ -90,13 +102,58 @@ fn assert_codec_used(name: &str, inter: &str, r: &Report) {
 
 #[test]
 fn fsa_replicas_equal_the_global_theta_for_every_codec_pair() {
+    let sparse = worker_sparse("");
     for (inter_name, inter) in INTER {
-        for intra in INTRA {
+        for intra in INTRA.iter().copied().chain([sparse.as_str()]) {
             let name = format!("fsa inter={inter_name} intra={intra}");
             let r = run(&name, &config("", 12, inter, intra));
             assert_agreement(&name, &r);
             assert_codec_used(&name, inter_name, &r);
         }
+    }
+}
+
+/// Worker-side Bi-Sparse (`compression.intra.codec = "bisparse"`): each worker sends its local
+/// server the top 10 % of its own error-feedback accumulator for the keys of ≥ 100 elements. The
+/// distributed FSA run (2 DCs of 2 + 1 workers, 2 global servers, keys cut into ranges) ends
+/// with the single-process reference's θ bit for bit, and every replica with it, for exact and
+/// sampled selection (each worker its own samples), FP16 values (their rounding error fed back)
+/// and DGC's momentum correction with momentum-free SGD. The pushes are smaller (LAN bytes), and
+/// the sparsification changes the run (the dense run ends elsewhere).
+#[test]
+fn worker_side_bisparse_equals_its_single_process_reference() {
+    let hash = |p: &[Vec<f32>]| format!("{:016x}", geomx_trainer::hash::params_hash(p));
+    let none = INTER[0].1;
+    let dense = run("fsa dense", &config("", 12, none, "none"));
+    let plain_sgd = "[train.optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.0";
+    let cases = [
+        ("exact", ", selection = \"exact\"", ""),
+        ("sampled fp16", ", values = \"fp16\"", ""),
+        (
+            "momentum",
+            ", selection = \"exact\", momentum = 0.9",
+            plain_sgd,
+        ),
+    ];
+    for (name, extra, sync) in cases {
+        let name = format!("worker bisparse {name}");
+        let cfg = config(sync, 12, none, &worker_sparse(extra));
+        let r = run(&name, &cfg);
+        assert_agreement(&name, &r);
+        let data = geomx_trainer::data::load(&cfg.data).unwrap();
+        let reference = fsa_reference(&cfg, &data, Some(12)).unwrap();
+        assert_eq!(r.global_param_hash, hash(&reference.params), "{name}");
+        assert_ne!(r.global_param_hash, dense.global_param_hash, "{name}");
+        eprintln!(
+            "{name}: lan_bytes {} (dense {})",
+            r.lan_bytes, dense.lan_bytes
+        );
+        assert!(
+            (r.lan_bytes as f64) < 0.8 * dense.lan_bytes as f64,
+            "{name}: lan_bytes {} against {}",
+            r.lan_bytes,
+            dense.lan_bytes
+        );
     }
 }
 
@@ -143,8 +200,9 @@ fn hfa_with_scaffold_equals_its_single_process_reference() {
 #[test]
 fn mixed_sync_replicas_equal_the_global_theta_after_the_final_pull() {
     let sync = "[sync]\nalgorithm = \"mixed\"";
+    let sparse = worker_sparse("");
     for (inter_name, inter) in &INTER[..3] {
-        for intra in INTRA {
+        for intra in INTRA.iter().copied().chain([sparse.as_str()]) {
             let name = format!("mixed inter={inter_name} intra={intra}");
             let r = run(&name, &config(sync, 12, inter, intra));
             assert_agreement(&name, &r);
@@ -188,7 +246,7 @@ fn replicas_agree_on_the_portable_driver_whose_replies_leave_from_writer_threads
 }
 
 /// The combinations the configuration refuses are exactly the ones left out above: sparse codecs
-/// under MixedSync, and sparse codecs on the LAN.
+/// on the WAN under MixedSync, and on the LAN mpq, and bisparse under HFA.
 #[test]
 fn the_matrix_covers_every_accepted_combination() {
     let accepted = |sync: &str, inter: &str, intra: &str| {
@@ -205,8 +263,9 @@ fn the_matrix_covers_every_accepted_combination() {
     for (sync_name, sync) in syncs {
         for (inter_name, inter) in INTER {
             for intra in ["none", "fp16", "bf16", "bisparse", "mpq"] {
-                let in_matrix = INTRA.contains(&intra)
-                    && (sync_name != "mixed" || !matches!(inter_name, "bisparse" | "mpq"));
+                let lan = INTRA.contains(&intra) || (intra == "bisparse" && sync_name != "hfa");
+                let in_matrix =
+                    lan && (sync_name != "mixed" || !matches!(inter_name, "bisparse" | "mpq"));
                 assert_eq!(
                     accepted(sync, inter, intra),
                     in_matrix,

@@ -215,6 +215,24 @@ fn bisparse_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     );
 }
 
+/// The oracle under worker-side Bi-Sparse (`compression.intra.codec = "bisparse"`, sampled
+/// selection, FP16 values): each worker's error-feedback residual, velocity and FP16 rounding
+/// carry are saved (`push.<key>.<j>`); resumed at 10 and at 5, the run ends bit-identical to an
+/// uninterrupted one (fresh residuals would send other values from the first resumed round on).
+#[test]
+fn worker_side_bisparse_resumes_bit_identical() {
+    let sparse = "[compression.intra]\ncodec = \"bisparse\"\ndensity = 0.1\nmin_size = 100\n\
+                  values = \"fp16\"\nwarmup_rounds = 0\n";
+    let dir = scratch("worker-bisparse");
+    assert_resumes_bit_identical(
+        "worker bisparse",
+        &config(None, 0.1, sparse),
+        &config(Some(&dir), 0.1, sparse),
+        &dir,
+        [10, 5],
+    );
+}
+
 /// The oracle with lossy dense tiers (FP16 on the WAN tier, BF16 on the LAN tier: increments
 /// with the global servers' rounding carry), with MPQ (Bi-Sparse large keys, FP16 small ones)
 /// and with Adam (moments and the bias-correction step): resumed at round 5, the run ends

@@ -157,6 +157,7 @@ fn job(workers: Vec<usize>, servers: usize, rounds: u64) -> JobSpec {
         registration_timeout: Duration::from_secs(20),
         config_hash: 77,
         intra: Default::default(),
+        worker_sparse: None,
         inter: Default::default(),
         slowdown: Vec::new(),
         sync: SyncAlgorithm::Fsa,

@@ -1,4 +1,5 @@
-//! The Bi-Sparse push of one range at a local server (error feedback, seeded selection, encoding).
+//! The Bi-Sparse push of one range at a local server, or of one key at a worker
+//! (`compression.intra.codec = "bisparse"`): error feedback, seeded selection, encoding.
 
 use geomx_kernels::{
     encode_dense, selection_seed, BiSparse, PushPayload, Scaling, SparseVec, Tier, ValueType,
@@ -6,8 +7,9 @@ use geomx_kernels::{
 
 use super::SparseSpec;
 
-/// The Bi-Sparse push of one range at a local server: error feedback and momentum state, seeded
-/// selection, and the encoded payload.
+/// The Bi-Sparse push of one range at a local server (or of one key at a worker,
+/// [`RangeCompressor::for_worker`]): error feedback and momentum state, seeded selection, and the
+/// encoded payload.
 ///
 /// With 16-bit values and m = 0 the rounding error of the sent values is fed back too: it is added
 /// to the next round's input, so what the global server decodes plus what stays behind is the
@@ -18,6 +20,7 @@ pub struct RangeCompressor {
     state: BiSparse,
     scaling: Scaling,
     run_seed: u64,
+    tier: Tier,
     dc: u32,
     range: u64,
     /// Rounding error of the last 16-bit push, per element (empty when not fed back).
@@ -35,12 +38,41 @@ impl RangeCompressor {
         range: usize,
         len: usize,
     ) -> Result<Self, String> {
+        Self::on_tier(spec, scaling, run_seed, Tier::Inter, dc, range, len)
+    }
+
+    /// State for key `key` (of `len` elements) of worker `rank` of DC `dc`, pushing to its local
+    /// server. Each worker draws its samples from a stream of its own, derived from the run seed
+    /// and its (dc, rank), so that the workers of a DC do not sample the same positions.
+    pub fn for_worker(
+        spec: &SparseSpec,
+        scaling: Scaling,
+        run_seed: u64,
+        dc: u32,
+        rank: u32,
+        key: usize,
+        len: usize,
+    ) -> Result<Self, String> {
+        let own = selection_seed(run_seed, Tier::Intra, dc, u64::from(rank), u64::MAX);
+        Self::on_tier(spec, scaling, own, Tier::Intra, dc, key, len)
+    }
+
+    fn on_tier(
+        spec: &SparseSpec,
+        scaling: Scaling,
+        run_seed: u64,
+        tier: Tier,
+        dc: u32,
+        range: usize,
+        len: usize,
+    ) -> Result<Self, String> {
         let b = &spec.bisparse;
         let feed_back = b.value_type != ValueType::F32 && b.momentum == 0.0;
         Ok(Self {
             state: BiSparse::new(*b, len).map_err(|e| e.to_string())?,
             scaling,
             run_seed,
+            tier,
             dc,
             range: range as u64,
             carry: if feed_back {
@@ -57,7 +89,7 @@ impl RangeCompressor {
     /// values overflowed to ±inf (16-bit values).
     pub fn push(&mut self, g: &[f32], round: u64) -> Result<(Vec<u8>, usize), String> {
         let _codec = super::clock::span();
-        let seed = selection_seed(self.run_seed, Tier::Inter, self.dc, self.range, round);
+        let seed = selection_seed(self.run_seed, self.tier, self.dc, self.range, round);
         let g = if self.carry.is_empty() {
             g
         } else {
@@ -97,6 +129,16 @@ impl RangeCompressor {
     /// The error-feedback residual v.
     pub fn residual(&self) -> &[f32] {
         self.state.residual()
+    }
+
+    /// The momentum velocity u (empty when the momentum is 0).
+    pub fn velocity(&self) -> &[f32] {
+        self.state.velocity()
+    }
+
+    /// The push settings (density and warm-up, momentum, clipping, selection, value type).
+    pub fn config(&self) -> &geomx_kernels::BiSparseConfig {
+        self.state.config()
     }
 
     /// Exact-top-k fallbacks of sampled selection so far.

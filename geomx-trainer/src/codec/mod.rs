@@ -12,6 +12,7 @@
 //! | `fp16` / `bf16` | dense 16-bit codec payload (`Raw`) | see [`down::ReplyMode`] |
 //! | `bisparse`/`mpq`, N < T | dense f32 (`bisparse`) or FP16 (`mpq`) | see [`down::ReplyMode`] |
 //! | `bisparse`/`mpq`, N ≥ T | count + sparse top-k payload | [`Update`]: sparse sum (+ dense θ every R rounds) |
+//! | intra `bisparse`, N ≥ T | the worker's own top-k ([`WorkerSparse`]) | as `none` |
 //!
 //! Pulls (start-up, the end of a run) always carry exact f32 θ.
 
@@ -21,6 +22,7 @@ pub mod compressor;
 pub mod down;
 pub mod nonfinite;
 pub mod update;
+pub mod worker_sparse;
 
 use geomx_kernels::{
     decode_dense, encode_dense, is_large, BiSparseConfig, Layout, SampledParams, Scaling,
@@ -37,6 +39,7 @@ pub use bytes::{count_dense, count_payload, count_update, CodecBytes};
 pub use compressor::RangeCompressor;
 pub use nonfinite::{count_nonfinite, payload_nonfinite, poison_first, KeyCounts};
 pub use update::Update;
+pub use worker_sparse::WorkerSparse;
 
 /// Little-endian f32 bytes of `v`: borrowed without a copy on little-endian machines.
 pub fn f32_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
@@ -154,6 +157,17 @@ impl TierCodec {
             _ => {}
         }
         t
+    }
+
+    /// Splits a worker tier's codec into what its replies travel in (this codec without its
+    /// sparse part: exact f32 for `bisparse`) and the sparse settings of the workers' own pushes
+    /// ([`WorkerSparse`]), if any.
+    pub fn split_pushes(mut self) -> (TierCodec, Option<SparseSpec>) {
+        let sparse = self.sparse.take();
+        if let Some(s) = &sparse {
+            self.dense = s.small;
+        }
+        (self, sparse)
     }
 
     /// True for plain dense f32 (the uncompressed wire).

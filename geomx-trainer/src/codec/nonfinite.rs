@@ -53,10 +53,10 @@ fn count_16(b: &[u8], mask: u16) -> usize {
         .count()
 }
 
-/// Replaces the first value of a dense payload (raw f32 or a dense codec payload) with NaN: the
-/// fault `train.inject_nan` injects. Payloads without values are left alone.
+/// Replaces the first value of a payload (raw f32, or a dense or sparse codec payload) with
+/// NaN: the fault `train.inject_nan` injects. Payloads without values are left alone.
 pub fn poison_first(codec: PayloadCodec, bytes: &mut [u8]) {
-    let (at, nan): (usize, &[u8]) = match (codec, bytes.get(1).copied()) {
+    let (values, nan): (usize, &[u8]) = match (codec, bytes.get(1).copied()) {
         (PayloadCodec::DenseF32, _) => (0, &[0x00, 0x00, 0xC0, 0x7F]),
         (PayloadCodec::Raw, Some(vt)) => match ValueType::from_u8(vt) {
             Some(ValueType::F32) => (HEADER_LEN, &[0x00, 0x00, 0xC0, 0x7F]),
@@ -65,6 +65,17 @@ pub fn poison_first(codec: PayloadCodec, bytes: &mut [u8]) {
             None => return,
         },
         _ => return,
+    };
+    // A sparse payload's values follow its `count` u32 indices (header bytes 8..12).
+    let at = match (codec, bytes.first(), bytes.get(8..12)) {
+        (PayloadCodec::Raw, Some(&l), Some(c)) if l == Layout::Sparse as u8 => {
+            let count = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
+            if count == 0 {
+                return;
+            }
+            values + 4 * count
+        }
+        _ => values,
     };
     if let Some(dst) = bytes.get_mut(at..at + nan.len()) {
         dst.copy_from_slice(nan);
@@ -156,6 +167,26 @@ mod tests {
         let mut short = vec![0u8; 2];
         poison_first(PayloadCodec::DenseF32, &mut short);
         assert_eq!(short, vec![0, 0]);
+        // Sparse payloads: the first value, not an index; an empty one stays as it is.
+        for (vt, values) in [
+            (ValueType::F32, vec![2.0f32, -5.0]),
+            (ValueType::F16, vec![2.0, -5.0]),
+        ] {
+            let s = geomx_kernels::SparseVec::new(8, vec![1, 6], values).unwrap();
+            let mut bytes = Vec::new();
+            s.encode(vt, Scaling::None, &mut bytes);
+            poison_first(PayloadCodec::Raw, &mut bytes);
+            let back = crate::codec::decode_any(&bytes, 0, 8).unwrap();
+            assert!(back[1].is_nan(), "{vt:?}");
+            assert_eq!(back[6], -5.0, "{vt:?}");
+            assert_eq!(back.iter().filter(|v| **v == 0.0).count(), 6, "{vt:?}");
+        }
+        let empty = geomx_kernels::SparseVec::new(8, vec![], vec![]).unwrap();
+        let mut bytes = Vec::new();
+        empty.encode(ValueType::F32, Scaling::None, &mut bytes);
+        let before = bytes.clone();
+        poison_first(PayloadCodec::Raw, &mut bytes);
+        assert_eq!(bytes, before);
     }
 
     #[test]

@@ -304,7 +304,38 @@ fn every_bad_value_names_its_field() {
              correction = \"scaffold\"\nisolated = true".into(),
             "sync.hfa.correction",
         ),
-        ("[compression]\nintra = { codec = \"bisparse\" }".into(), "compression.intra.codec"),
+        // Worker-side Bi-Sparse: FSA or MixedSync without P3, nothing to resynchronise, DGC's
+        // momentum correction on one tier only, the sparse settings' own checks.
+        (
+            "[sync]\nalgorithm = \"hfa\"\n[compression]\nintra = { codec = \"bisparse\" }".into(),
+            "compression.intra.codec",
+        ),
+        (
+            "[sync]\nalgorithm = \"esync\"\n[compression]\nintra = { codec = \"bisparse\" }".into(),
+            "compression.intra.codec",
+        ),
+        (
+            "[scheduling.p3]\nenabled = true\n[compression]\nintra = { codec = \"bisparse\" }".into(),
+            "compression.intra.codec",
+        ),
+        (
+            "[compression]\nintra = { codec = \"bisparse\", resync_every = 10 }".into(),
+            "compression.intra.resync_every",
+        ),
+        (
+            "[train.optimizer]\nkind = \"sgd\"\nmomentum = 0.0\n[compression]\n\
+             intra = { codec = \"bisparse\", momentum = 0.9 }\n\
+             inter = { codec = \"bisparse\", momentum = 0.9 }".into(),
+            "compression.intra.momentum",
+        ),
+        (
+            "[compression]\nintra = { codec = \"bisparse\", momentum = 0.9 }".into(),
+            "compression.intra.momentum",
+        ),
+        (
+            "[compression]\nintra = { codec = \"bisparse\", density = 0.0 }".into(),
+            "compression.intra.density",
+        ),
         ("[compression]\nintra = { codec = \"mpq\" }".into(), "compression.intra.codec"),
         // The Momentum rule: DGC momentum correction with the default SGD momentum 0.9.
         ("[compression.inter]\ncodec = \"bisparse\"\nmomentum = 0.9".into(), "compression.inter.momentum"),
@@ -862,6 +893,18 @@ fn sync_examples_parse() {
     let c = Config::from_toml_str(include_str!("../../../examples/hfa.toml")).unwrap();
     assert_eq!(c.sync.algorithm, SyncAlgorithm::Hfa);
     assert_eq!((c.sync.hfa.k1, c.sync.hfa.k2), (20, 10));
+}
+
+#[test]
+fn worker_bisparse_example_parses() {
+    let c = Config::from_toml_str(include_str!("../../../examples/worker-bisparse.toml")).unwrap();
+    let (Codec::Bisparse(intra), Codec::Bisparse(inter)) =
+        (&c.compression.intra, &c.compression.inter)
+    else {
+        panic!("{:?}", c.compression);
+    };
+    assert_eq!((intra.density, intra.min_size), (0.01, 1000));
+    assert_eq!((inter.density, inter.min_size), (0.01, 1000));
 }
 
 #[test]

@@ -277,26 +277,73 @@ impl Config {
     fn validate_compression(&self) -> Result {
         let c = &self.compression;
         check(
-            !matches!(c.intra, Codec::Bisparse(_) | Codec::Mpq(_)),
+            !matches!(c.intra, Codec::Mpq(_)),
             || "compression.intra.codec".into(),
-            || "bisparse and mpq are inter-tier codecs (local <-> global servers)".into(),
+            || "mpq is an inter-tier codec (local <-> global servers)".into(),
         )?;
+        if let Codec::Bisparse(s) = &c.intra {
+            self.validate_worker_sparse(s)?;
+        }
         match &c.inter {
-            Codec::Bisparse(s) => self.validate_sparse(s, "bisparse"),
+            Codec::Bisparse(s) => self.validate_sparse(s, "bisparse", "inter"),
             Codec::Mpq(s) => {
                 check(
                     s.values == SparseValues::F32,
                     || "compression.inter.values".into(),
                     || "mpq sends large tensors with f32 values (small ones go FP16)".into(),
                 )?;
-                self.validate_sparse(s, "mpq")
+                self.validate_sparse(s, "mpq", "inter")
             }
             _ => Ok(()),
         }
     }
 
-    fn validate_sparse(&self, s: &SparseCodec, name: &str) -> Result {
-        let f = |x: &str| format!("compression.inter.{x}");
+    /// `compression.intra.codec = "bisparse"`: workers sparsify their own gradient pushes (FSA or
+    /// MixedSync rounds, without P3's slices); replies stay exact f32, so there is nothing to
+    /// resynchronise, and DGC's momentum correction may run on one tier only.
+    fn validate_worker_sparse(&self, s: &SparseCodec) -> Result {
+        let field = || "compression.intra.codec".to_string();
+        check(
+            matches!(
+                self.sync.algorithm,
+                SyncAlgorithm::Fsa | SyncAlgorithm::Mixed
+            ),
+            field,
+            || {
+                format!(
+                    "bisparse on the intra tier sparsifies the workers' gradient pushes: it needs \
+                     sync.algorithm = \"fsa\" or \"mixed\", got \"{}\"",
+                    self.sync.algorithm.name()
+                )
+            },
+        )?;
+        check(!self.scheduling.p3.enabled, field, || {
+            "bisparse on the intra tier does not run with scheduling.p3 (its pushes are slices)"
+                .into()
+        })?;
+        check(
+            s.resync_every == 0,
+            || "compression.intra.resync_every".into(),
+            || "the intra tier's replies are exact f32: there is nothing to resynchronise".into(),
+        )?;
+        let inter_momentum = match &self.compression.inter {
+            Codec::Bisparse(i) | Codec::Mpq(i) => i.momentum,
+            _ => 0.0,
+        };
+        check(
+            s.momentum == 0.0 || inter_momentum == 0.0,
+            || "compression.intra.momentum".into(),
+            || {
+                "momentum correction on both tiers would apply momentum twice: set it on one \
+                 tier only"
+                    .into()
+            },
+        )?;
+        self.validate_sparse(s, "bisparse", "intra")
+    }
+
+    fn validate_sparse(&self, s: &SparseCodec, name: &str, tier: &str) -> Result {
+        let f = |x: &str| format!("compression.{tier}.{x}");
         for (field, d) in [("density", s.density), ("warmup_density", s.warmup_density)] {
             check(
                 d > 0.0 && d <= 1.0,

@@ -19,7 +19,7 @@ pub mod tch;
 use geomx_kernels::{Scaling, ValueType};
 use serde::Serialize;
 
-use crate::codec::Encoded;
+use crate::codec::{Encoded, WorkerSparse};
 
 use crate::config::{ModelConfig, ModelKind};
 use crate::data::Samples;
@@ -125,6 +125,14 @@ pub enum EngineError {
     /// The libtorch back end failed.
     #[error("libtorch: {0}")]
     Backend(String),
+    /// A worker's push of `key` could not be encoded ([`Model::backward_sparse`]).
+    #[error("encoding the push of key {key}: {message}")]
+    Encode {
+        /// The key.
+        key: usize,
+        /// What went wrong.
+        message: String,
+    },
     /// The caller's `ready` callback of [`Model::backward_gated`] failed (its message).
     #[error("waiting for layer {layer}'s parameters: {message}")]
     NotReady {
@@ -252,6 +260,52 @@ pub trait Model: Send + Sync {
     ) -> Result<f32, EngineError> {
         encode_on_host(self, params, batch, enc, on_payload)
     }
+
+    /// [`Model::backward_encoded`] for a worker that sparsifies its own pushes
+    /// (`compression.intra.codec = "bisparse"`): each key's gradient goes through `sparse`'s
+    /// error feedback for `round` and comes out as the key's push payload
+    /// (`on_payload(key, elements, payload)`, last layer first). The default encodes host
+    /// gradients ([`sparse_on_host`]); a back end that computes on a GPU may keep the error
+    /// feedback on its device (`engine::tch::TchModel`, feature `tch`).
+    fn backward_sparse(
+        &self,
+        params: &[Vec<f32>],
+        batch: Samples<'_>,
+        sparse: &mut WorkerSparse,
+        round: u64,
+        on_payload: &mut dyn FnMut(usize, usize, Encoded),
+    ) -> Result<f32, EngineError> {
+        sparse_on_host(self, params, batch, sparse, round, on_payload)
+    }
+
+    /// Copies the error feedback that [`Model::backward_sparse`] keeps on a device into
+    /// `sparse`'s host copy (before a checkpoint). Default: nothing is kept elsewhere.
+    fn sparse_to_host(&self, sparse: &mut WorkerSparse) -> Result<(), EngineError> {
+        let _ = sparse;
+        Ok(())
+    }
+}
+
+/// [`Model::backward_sparse`] on the host: [`Model::backward_layerwise`], then
+/// [`WorkerSparse::encode`] per key.
+pub fn sparse_on_host<M: Model + ?Sized>(
+    model: &M,
+    params: &[Vec<f32>],
+    batch: Samples<'_>,
+    sparse: &mut WorkerSparse,
+    round: u64,
+    on_payload: &mut dyn FnMut(usize, usize, Encoded),
+) -> Result<f32, EngineError> {
+    let mut failed = None;
+    let loss = model.backward_layerwise(params, batch, &mut |key, grad| match sparse
+        .encode(key, &grad, round)
+    {
+        Ok(e) => on_payload(key, grad.len(), e),
+        Err(message) => {
+            failed.get_or_insert(EngineError::Encode { key, message });
+        }
+    })?;
+    failed.map_or(Ok(loss), Err)
 }
 
 /// [`Model::backward_encoded`] on the host: [`Model::backward_layerwise`], then

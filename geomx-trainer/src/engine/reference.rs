@@ -4,11 +4,15 @@
 //! computes its mean gradient at θ_r; the gradients are summed in rank order within each DC, the DC
 //! sums in DC order, divided by W, and the optimizer steps every tensor: θ_{r+1} = opt(θ_r, ḡ).
 //! This is the order hips.md prescribes, so a distributed FSA run must match it bit for bit; it is
-//! also the check that the default configuration learns.
+//! also the check that the default configuration learns. With worker-side Bi-Sparse
+//! (`compression.intra.codec = "bisparse"`) each worker's gradient is what its own error
+//! feedback sends ([`WorkerSparse`]), decoded as its local server decodes it.
 
 use super::{build_model, EngineError, Evaluation, Optimizer};
+use crate::codec::{decode_any, decode_values, TierCodec, WorkerSparse};
 use crate::config::Config;
 use crate::data::{batcher_for, DataError, TrainTest};
+use geomx_net::PayloadCodec;
 
 /// Errors of a reference run.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +26,9 @@ pub enum ReferenceError {
     /// The configuration asks for something the reference does not model.
     #[error("{0}")]
     Unsupported(String),
+    /// A worker's push could not be encoded or decoded (worker-side Bi-Sparse).
+    #[error("worker push: {0}")]
+    Codec(String),
 }
 
 /// Result of [`fsa_reference`].
@@ -71,6 +78,7 @@ pub fn fsa_reference_with(
         rounds,
         theta0: mut params,
     } = start(cfg, data, rounds)?;
+    let mut sparse = worker_sparse(cfg, &batchers, &params)?;
     let mut opts: Vec<Optimizer> = params
         .iter()
         .map(|p| Optimizer::new(&cfg.train.optimizer, p.len()))
@@ -90,15 +98,19 @@ pub fn fsa_reference_with(
             let mut dc_sum: Vec<Option<Vec<f32>>> = vec![None; params.len()];
             for rank in 0..dc.workers {
                 let batch = batchers[w].next_batch(&data.train);
-                w += 1;
                 let (loss, grads) = model.loss_and_grad(&params, batch.view())?;
                 loss_sum += loss;
                 for (t, g) in grads.into_iter().enumerate() {
+                    let g = match sparse.get_mut(w) {
+                        Some(s) => pushed(s, t, &g, round - 1)?,
+                        None => g,
+                    };
                     if counts(d, rank, t, round - 1) {
                         accumulate(&mut dc_sum[t], g);
                         summed[t] += 1;
                     }
                 }
+                w += 1;
             }
             for (t, s) in dc_sum.into_iter().enumerate() {
                 if let Some(s) = s {
@@ -126,6 +138,46 @@ pub fn fsa_reference_with(
     }
     run.params = params;
     Ok(run)
+}
+
+/// Worker-side Bi-Sparse: one [`WorkerSparse`] per worker (global worker order), or none.
+fn worker_sparse(
+    cfg: &Config,
+    batchers: &[crate::data::Batcher],
+    theta0: &[Vec<f32>],
+) -> Result<Vec<WorkerSparse>, ReferenceError> {
+    let per_epoch = batchers.first().map_or(1, |b| b.batches_per_epoch());
+    let (intra, spec) = TierCodec::from_config(&cfg.compression.intra, per_epoch).split_pushes();
+    let Some(spec) = spec else {
+        return Ok(Vec::new());
+    };
+    let lens: Vec<usize> = theta0.iter().map(Vec::len).collect();
+    let mut out = Vec::new();
+    for (d, dc) in cfg.cluster.data_centers.iter().enumerate() {
+        for rank in 0..dc.workers {
+            let at = (d as u32, rank as u32);
+            let s = WorkerSparse::new(&spec, intra.scaling(), cfg.model.seed, at, &lens)
+                .map_err(ReferenceError::Codec)?;
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// What `sparse` pushes of tensor `t`'s gradient `g` in 0-based round `round`, decoded to dense
+/// values as a local server decodes it.
+fn pushed(
+    sparse: &mut WorkerSparse,
+    t: usize,
+    g: &[f32],
+    round: u64,
+) -> Result<Vec<f32>, ReferenceError> {
+    let e = sparse.encode(t, g, round).map_err(ReferenceError::Codec)?;
+    match e.codec {
+        PayloadCodec::Raw => decode_any(&e.bytes, t, g.len()),
+        codec => decode_values(codec, &e.bytes, t, g.len()),
+    }
+    .map_err(ReferenceError::Codec)
 }
 
 /// What every reference run starts from.

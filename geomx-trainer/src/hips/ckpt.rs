@@ -5,6 +5,7 @@ use super::node::Identity;
 use super::{JobSpec, RunError};
 use crate::checkpoint::queue::ErrorHook;
 use crate::checkpoint::{self, FormatError, SaveQueue, Saver, StateFile};
+use crate::codec::RangeCompressor;
 use crate::engine::OptimState;
 
 /// Most tensors one optimizer state may hold (DC-ASGD: one backup per DC and two buffers).
@@ -142,6 +143,22 @@ impl Resumed {
     pub fn optim(&mut self, prefix: &str) -> Result<OptimState, RunError> {
         let r = take_optim(&mut self.state, prefix);
         r.map_err(|e| self.misfit(e))
+    }
+
+    /// Restores into `c` the Bi-Sparse state saved under `prefix` ([`put_compressor`]).
+    pub fn compressor(&mut self, prefix: &str, c: &mut RangeCompressor) -> Result<(), RunError> {
+        let state = (0..3)
+            .map(|j| self.f32_any(&format!("{prefix}.{j}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        c.import_state(state).map_err(|e| self.misfit(e))
+    }
+}
+
+/// Saves a Bi-Sparse compressor's state under `prefix`: `<prefix>.{0,1,2}`, its velocity u,
+/// residual v and 16-bit carry (each empty where unused).
+pub(crate) fn put_compressor(state: &mut StateFile, prefix: &str, c: &RangeCompressor) {
+    for (j, t) in c.export_state().into_iter().enumerate() {
+        state.put_f32(format!("{prefix}.{j}"), t);
     }
 }
 

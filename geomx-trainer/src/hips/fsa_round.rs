@@ -22,7 +22,7 @@ use super::worker::{check_push, reply_of, slow_down, KeyApply};
 use super::worker_tree::WorkerTree;
 use super::{JobSpec, RunError};
 use crate::codec::clock::Mark;
-use crate::codec::{encode_values, poison_first, Encoded, KeyCounts};
+use crate::codec::{encode_values, poison_first, Encoded, KeyCounts, WorkerSparse};
 use crate::data::Prefetcher;
 use crate::engine::{DenseEncoding, EngineError};
 
@@ -184,11 +184,14 @@ impl Pushes<'_> {
 }
 
 /// One FSA / MixedSync round (see the module docs). `out` holds the previous round's replies
-/// under P3 and this round's on return; without P3 it is empty on return. Returns the loss.
+/// under P3 and this round's on return; without P3 it is empty on return. `sparse`: the
+/// worker's own Bi-Sparse pushes (`compression.intra.codec = "bisparse"`, never with P3).
+/// Returns the loss.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fsa_round(
     job: &JobSpec,
     io: &FsaIo<'_>,
+    sparse: Option<&mut WorkerSparse>,
     params: &mut [Vec<f32>],
     apply: &mut [KeyApply],
     out: &mut Outstanding,
@@ -234,6 +237,12 @@ pub(super) fn fsa_round(
             },
         );
         step.map_err(|e| gate_failure.take().unwrap_or(RunError::Engine(e)))?
+    } else if let Some(sparse) = sparse {
+        job.model
+            .backward_sparse(params, batch.view(), sparse, round, &mut |key, n, e| {
+                pushes.push(key, n, e)
+            })
+            .map_err(RunError::Engine)?
     } else {
         job.model
             // Gradients encoded per key by the model (on its GPU for a CUDA tch model).

@@ -53,8 +53,12 @@ pub struct JobSpec {
     pub registration_timeout: Duration,
     /// Hash of the resolved configuration (registration rejects mismatches).
     pub config_hash: u64,
-    /// Codec of the worker ↔ local server tier.
+    /// Codec of the worker ↔ local server tier's replies, and of its pushes unless
+    /// `worker_sparse` is set.
     pub intra: crate::codec::TierCodec,
+    /// `compression.intra.codec = "bisparse"`: the workers' own error-feedback top-k of the keys
+    /// of N ≥ T ([`crate::codec::WorkerSparse`]); the replies stay exact f32.
+    pub worker_sparse: Option<crate::codec::SparseSpec>,
     /// Codec of the local ↔ global server tier.
     pub inter: crate::codec::TierCodec,
     /// Synchronisation algorithm of the global tier (`fsa` or `mixed`).
@@ -230,6 +234,9 @@ impl JobSpec {
             max_greed: cfg.scheduling.tsengine.max_greed,
             expiry_rounds: cfg.scheduling.tsengine.expiry_rounds,
         };
+        let (intra, worker_sparse) =
+            crate::codec::TierCodec::from_config(&cfg.compression.intra, batches_per_epoch)
+                .split_pushes();
         Ok(Self {
             plan,
             keys,
@@ -246,7 +253,8 @@ impl JobSpec {
             net,
             registration_timeout: t.registration(),
             config_hash: h.finish(),
-            intra: crate::codec::TierCodec::from_config(&cfg.compression.intra, batches_per_epoch),
+            intra,
+            worker_sparse,
             inter: crate::codec::TierCodec::from_config(&cfg.compression.inter, batches_per_epoch)
                 .with_transport(&cfg.transport),
             slowdown: cfg

@@ -45,8 +45,8 @@ use crate::codec::down::{
     decode_dense_segments, forward_dense, forward_sparse, join_segments, ReplyMode,
 };
 use crate::codec::{
-    count_dense, count_nonfinite, count_payload, count_update, decode_values, CodecBytes,
-    KeyCounts, RangeCompressor, TierCodec, Update,
+    count_dense, count_nonfinite, count_payload, count_update, decode_any, decode_values,
+    CodecBytes, KeyCounts, RangeCompressor, TierCodec, Update,
 };
 use crate::placement::Range;
 
@@ -110,6 +110,8 @@ struct LocalHandler {
     /// W, the divisor of the global sum.
     total_workers: u32,
     intra: TierCodec,
+    /// Worker-side Bi-Sparse: the workers' pushes may be sparse codec payloads.
+    sparse_pushes: bool,
     inter: TierCodec,
     /// How each key's answer travels (see [`ReplyMode`]).
     modes: Vec<ReplyMode>,
@@ -270,7 +272,11 @@ impl LocalHandler {
             let msg = format!("dc {}: push of unknown key {key}", self.dc);
             return self.admission.refuse(reply, msg);
         };
-        let grad = match decode_values(req.codec, &req.payload, key, len) {
+        let decoded = match req.codec {
+            PayloadCodec::Raw if self.sparse_pushes => decode_any(&req.payload, key, len),
+            codec => decode_values(codec, &req.payload, key, len),
+        };
+        let grad = match decoded {
             Ok(g) => g,
             Err(e) => {
                 let msg = format!("worker (dc {}, rank {rank}): {e}", self.dc);
@@ -593,9 +599,7 @@ impl LocalHandler {
         }
         let Some(state) = lock(parts).add(round, |f| {
             for (i, c) in compressors.iter().enumerate() {
-                for (j, t) in c.export_state().into_iter().enumerate() {
-                    f.put_f32(format!("comp.{key}.{i}.{j}"), t);
-                }
+                super::ckpt::put_compressor(f, &format!("comp.{key}.{i}"), c);
             }
         }) else {
             return;
@@ -1279,6 +1283,7 @@ pub fn run(
         all_done: done_tx,
         total_workers: plan.total_workers() as u32,
         intra: job.intra.clone(),
+        sparse_pushes: job.worker_sparse.is_some(),
         inter: job.inter.clone(),
         modes: (0..n_keys).map(|k| job.reply_mode(k)).collect(),
         models: job.hfa_periods().is_some(),
@@ -1510,10 +1515,7 @@ pub fn run(
         };
         if let Some(res) = resumed.as_mut() {
             for (i, c) in compressors.iter_mut().enumerate() {
-                let state = (0..3)
-                    .map(|j| res.f32_any(&format!("comp.{k}.{i}.{j}")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                c.import_state(state).map_err(|e| res.misfit(e))?;
+                res.compressor(&format!("comp.{k}.{i}"), c)?;
             }
         }
         let up = Uplink {

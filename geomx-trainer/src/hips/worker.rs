@@ -22,8 +22,9 @@ use crate::codec::clock::Mark;
 use crate::codec::down::{decode_dense_segments, split_segments, ReplyMode};
 use crate::codec::{
     count_nonfinite, decode_values, payload_nonfinite, poison_first, KeyCounts, Update,
+    WorkerSparse,
 };
-use crate::config::{NonFinitePolicy, SyncAlgorithm};
+use crate::config::{ConfigError, NonFinitePolicy, SyncAlgorithm};
 use crate::data::{augment_for, batcher_for, Prefetcher};
 use crate::engine::scaffold::ControlVariates;
 use crate::engine::{params_hash, Optimizer};
@@ -689,6 +690,26 @@ pub fn run(
             }
         }
     }
+    // Worker-side Bi-Sparse: this worker's error feedback, continued from its checkpoint.
+    let mut sparse = job
+        .worker_sparse
+        .as_ref()
+        .map(|spec| {
+            WorkerSparse::new(
+                spec,
+                job.intra.scaling(),
+                job.seed,
+                (dc, rank),
+                &plan.key_lens,
+            )
+            .map_err(|e| RunError::Config(ConfigError::invalid("compression.intra", e)))
+        })
+        .transpose()?;
+    if let (Some(sp), Some(res)) = (sparse.as_mut(), resumed.as_mut()) {
+        for (k, c) in sp.compressors_mut() {
+            res.compressor(&format!("push.{k}"), c)?;
+        }
+    }
 
     let mut loss = f64::NAN;
     let mut last_eval = None;
@@ -782,6 +803,7 @@ pub fn run(
             loss = fsa_round(
                 job,
                 &io,
+                sparse.as_mut(),
                 &mut params,
                 &mut apply,
                 &mut outstanding,
@@ -823,6 +845,10 @@ pub fn run(
                 .map_err(|e| RunError::Net("setting the P3 credit".into(), e))?;
         }
         if let Some((saver, queue)) = saver.as_ref().filter(|_| saving) {
+            if let Some(sp) = sparse.as_mut() {
+                // Error feedback a GPU model keeps on its device comes back for the file.
+                job.model.sparse_to_host(sp).map_err(RunError::Engine)?;
+            }
             let opts = avg.as_ref().map_or(&[][..], |a| &a.opts[..]);
             let variates = avg.as_ref().and_then(|a| a.variates.as_ref());
             // The previous checkpoint has had `every_rounds` rounds to reach the disk.
@@ -832,7 +858,7 @@ pub fn run(
                 &params,
                 &batcher,
                 (opts, variates),
-                &apply,
+                (&apply, sparse.as_ref()),
             ))?;
         }
         if done == job.rounds && job.sync == SyncAlgorithm::Mixed {
@@ -910,6 +936,7 @@ pub fn run(
         .or_else(|| prio.as_ref().and_then(PrioritySender::path_credit))
         .map(u64::from);
     stats.cast_overflows = overflows.snapshot();
+    stats.topk_fallbacks = sparse.as_ref().map_or(0, WorkerSparse::fallbacks);
     for a in &apply {
         if let KeyApply::Sparse(r) = a {
             stats.resyncs += r.resyncs;
@@ -920,14 +947,15 @@ pub fn run(
 }
 
 /// A worker's state after `done` rounds: its replica (`params.<k>`), its batch cursor
-/// (`batcher`), under HFA its own optimizers (`opt.<k>`), and its Bi-Sparse replicas' optimizers.
+/// (`batcher`), under HFA its own optimizers (`opt.<k>`), its Bi-Sparse replicas' optimizers,
+/// and its own pushes' error feedback (`push.<k>.<j>`, worker-side Bi-Sparse).
 fn checkpoint_state(
     saver: &crate::checkpoint::Saver,
     done: u64,
     params: &[Vec<f32>],
     batcher: &Prefetcher,
     (opts, variates): (&[Optimizer], Option<&ControlVariates>),
-    apply: &[KeyApply],
+    (apply, sparse): (&[KeyApply], Option<&WorkerSparse>),
 ) -> crate::checkpoint::StateFile {
     let mut state = saver.state(done);
     for (k, p) in params.iter().enumerate() {
@@ -949,6 +977,9 @@ fn checkpoint_state(
         if let KeyApply::Sparse(r) = a {
             r.save(k, &mut state);
         }
+    }
+    for (k, c) in sparse.into_iter().flat_map(WorkerSparse::compressors) {
+        super::ckpt::put_compressor(&mut state, &format!("push.{k}"), c);
     }
     state
 }

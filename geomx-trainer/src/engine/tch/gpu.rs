@@ -15,8 +15,10 @@
 
 mod batch;
 pub(crate) mod host_grads;
+mod worker_sparse;
 
 pub use batch::BatchTimes;
+pub use worker_sparse::{sparse_payloads, sparse_state_to_host, DeviceFeedback};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -66,6 +68,9 @@ impl Drop for Borrowed {
         }
     }
 }
+
+/// Error-feedback state of one key copied to the host: velocity `u` and residual `v`.
+pub type HostState = (Vec<f32>, Vec<f32>);
 
 /// Error-feedback state of one key on the device: momentum `u` and residual `v`.
 struct Residual {
@@ -220,6 +225,37 @@ impl GpuCompressor {
         let (idx, val) = sel.to_host(&dev)?;
         drop(g);
         encode_sparse(n, idx, val, vt, scaling)
+    }
+
+    /// The error-feedback state (`u`, `v`) of `key` copied to the host, if the key has state.
+    pub fn ef_state(&self, key: usize) -> Result<Option<HostState>, GpuCompressError> {
+        match self.residuals.get(&key) {
+            Some(r) => Ok(Some((self.dev.download(&r.u)?, self.dev.download(&r.v)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets the error-feedback state of `key` on the device to `u` and `v` (equal lengths): the
+    /// next [`GpuCompressor::ef_topk_payload`] of the key continues from it.
+    pub fn set_ef_state(
+        &mut self,
+        key: usize,
+        u: &[f32],
+        v: &[f32],
+    ) -> Result<(), GpuCompressError> {
+        if u.len() != v.len() {
+            return Err(GpuCompressError::Encode(format!(
+                "key {key}: a state of u {} and v {} elements",
+                u.len(),
+                v.len()
+            )));
+        }
+        let r = Residual {
+            u: self.dev.upload(u)?,
+            v: self.dev.upload(v)?,
+        };
+        self.residuals.insert(key, r);
+        Ok(())
     }
 
     /// The residual `v` of `key` copied to the host (for checks), if the key has state.

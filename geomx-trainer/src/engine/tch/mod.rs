@@ -30,10 +30,10 @@ use geomx_net::PayloadCodec;
 use tch::{Kind, Tensor};
 
 use super::{
-    check_batch, check_params, encode_on_host, DenseEncoding, Device, EngineError, Evaluation,
-    LayerGate, Model, TensorSpec,
+    check_batch, check_params, encode_on_host, sparse_on_host, DenseEncoding, Device, EngineError,
+    Evaluation, LayerGate, Model, TensorSpec,
 };
-use crate::codec::Encoded;
+use crate::codec::{Encoded, WorkerSparse};
 use crate::config::Precision;
 use crate::data::Samples;
 pub use arch::{Arch, BnMode, BnStats, ImageShape, Net};
@@ -962,6 +962,45 @@ impl Model for TchModel {
             }
             Ok(loss)
         })
+    }
+
+    /// On a CUDA device the gradients stay on the device and each sparse key's error feedback
+    /// lives there too ([`gpu::sparse_payloads`]: exact top-k of f32 values without clipping;
+    /// other settings and the small keys are encoded on the host). Otherwise (CPU, CUDA kernels
+    /// unavailable) as the host default.
+    fn backward_sparse(
+        &self,
+        params: &[Vec<f32>],
+        batch: Samples<'_>,
+        sparse: &mut WorkerSparse,
+        round: u64,
+        on_payload: &mut dyn FnMut(usize, usize, Encoded),
+    ) -> Result<f32, EngineError> {
+        if !self.device.is_cuda() {
+            return sparse_on_host(self, params, batch, sparse, round, on_payload);
+        }
+        let mut state = self.gpu.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(comp) =
+            state.get_or_open("GPU-resident encoding", || GpuCompressor::new(self.device))
+        else {
+            return sparse_on_host(self, params, batch, sparse, round, on_payload);
+        };
+        self.with_grads(params, &batch, |loss, grads| {
+            gpu::sparse_payloads(comp, sparse, grads, round, on_payload)
+                .map_err(|e| EngineError::Backend(e.to_string()))?;
+            Ok(loss)
+        })
+    }
+
+    fn sparse_to_host(&self, sparse: &mut WorkerSparse) -> Result<(), EngineError> {
+        if sparse.device_keys().next().is_none() {
+            return Ok(());
+        }
+        let mut state = self.gpu.lock().unwrap_or_else(PoisonError::into_inner);
+        let comp = state.ready().ok_or_else(|| {
+            EngineError::Backend("error feedback on a device whose compressor is closed".into())
+        })?;
+        gpu::sparse_state_to_host(&*comp, sparse).map_err(|e| EngineError::Backend(e.to_string()))
     }
 
     fn evaluate(&self, params: &[Vec<f32>], data: Samples<'_>) -> Result<Evaluation, EngineError> {
