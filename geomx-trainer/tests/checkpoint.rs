@@ -198,39 +198,36 @@ fn hfa_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     }
 }
 
-/// The oracle under Bi-Sparse on the WAN tier: the local servers' error-feedback residuals and
-/// velocities and the workers' per-range replica optimizers are saved; resumed at 10 and at 5,
-/// the run ends bit-identical to an uninterrupted one.
+/// The oracle under Bi-Sparse: on the WAN tier the local servers' error-feedback residuals and
+/// velocities and the workers' per-range replica optimizers are saved; worker-side
+/// (`compression.intra.codec = "bisparse"`, sampled selection, FP16 values) each worker's own
+/// residual, velocity and FP16 rounding carry (`push.<key>.<j>`; fresh ones would send other
+/// values from the first resumed round on). Resumed at 10 and at 5, each run ends bit-identical
+/// to an uninterrupted one.
 #[test]
 fn bisparse_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
-    let bisparse = "[compression.inter]\ncodec = \"bisparse\"\ndensity = 0.1\nmin_size = 100\n\
-                    values = \"f32\"\nwarmup_rounds = 0\nselection = \"exact\"\nresync_every = 0\n";
-    let dir = scratch("bisparse");
-    assert_resumes_bit_identical(
-        "bisparse",
-        &config(None, 0.1, bisparse),
-        &config(Some(&dir), 0.1, bisparse),
-        &dir,
-        [10, 5],
-    );
-}
-
-/// The oracle under worker-side Bi-Sparse (`compression.intra.codec = "bisparse"`, sampled
-/// selection, FP16 values): each worker's error-feedback residual, velocity and FP16 rounding
-/// carry are saved (`push.<key>.<j>`); resumed at 10 and at 5, the run ends bit-identical to an
-/// uninterrupted one (fresh residuals would send other values from the first resumed round on).
-#[test]
-fn worker_side_bisparse_resumes_bit_identical() {
-    let sparse = "[compression.intra]\ncodec = \"bisparse\"\ndensity = 0.1\nmin_size = 100\n\
-                  values = \"fp16\"\nwarmup_rounds = 0\n";
-    let dir = scratch("worker-bisparse");
-    assert_resumes_bit_identical(
-        "worker bisparse",
-        &config(None, 0.1, sparse),
-        &config(Some(&dir), 0.1, sparse),
-        &dir,
-        [10, 5],
-    );
+    let cases = [
+        (
+            "bisparse",
+            "[compression.inter]\ncodec = \"bisparse\"\ndensity = 0.1\nmin_size = 100\n\
+             values = \"f32\"\nwarmup_rounds = 0\nselection = \"exact\"\nresync_every = 0\n",
+        ),
+        (
+            "worker-bisparse",
+            "[compression.intra]\ncodec = \"bisparse\"\ndensity = 0.1\nmin_size = 100\n\
+             values = \"fp16\"\nwarmup_rounds = 0\n",
+        ),
+    ];
+    for (name, extra) in cases {
+        let dir = scratch(name);
+        assert_resumes_bit_identical(
+            name,
+            &config(None, 0.1, extra),
+            &config(Some(&dir), 0.1, extra),
+            &dir,
+            [10, 5],
+        );
+    }
 }
 
 /// The oracle with lossy dense tiers (FP16 on the WAN tier, BF16 on the LAN tier: increments

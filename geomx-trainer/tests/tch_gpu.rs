@@ -70,17 +70,26 @@ fn precisions() -> Vec<Precision> {
         .collect()
 }
 
-#[test]
-fn models_train_on_the_gpu_with_gpu_resident_compression_or_report_skipped() {
+/// `cuda:0` when libtorch sees it and geomx's CUDA kernels load there; else prints
+/// `skipped: <reason>` and gives `None`.
+fn gpu_or_skip() -> Option<Device> {
     let device = Device::Cuda(0);
     if let Err(e) = check_device(device) {
         println!("skipped: libtorch: {e}");
-        return;
+        return None;
     }
     if let Some(reason) = unavailable_reason(device) {
         println!("skipped: {reason}");
-        return;
+        return None;
     }
+    Some(device)
+}
+
+#[test]
+fn models_train_on_the_gpu_with_gpu_resident_compression_or_report_skipped() {
+    let Some(device) = gpu_or_skip() else {
+        return;
+    };
     let steps = std::env::var("GEOMX_TCH_GPU_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -270,15 +279,9 @@ fn worker_side_bisparse_on_the_device_matches_the_host_or_report_skipped() {
     use geomx_trainer::codec::{TierCodec, WorkerSparse};
     use geomx_trainer::config::Config;
     use geomx_trainer::engine::tch::gpu::{sparse_payloads, sparse_state_to_host, GpuCompressor};
-    let device = Device::Cuda(0);
-    if let Err(e) = check_device(device) {
-        println!("skipped: libtorch: {e}");
+    let Some(device) = gpu_or_skip() else {
         return;
-    }
-    if let Some(reason) = unavailable_reason(device) {
-        println!("skipped: {reason}");
-        return;
-    }
+    };
     let lens = [20_000usize, 3_000, 10];
     for momentum in [0.0f32, 0.9] {
         let toml = format!(

@@ -184,7 +184,7 @@ impl RangeCompressor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::codec::{decode_any, TierCodec};
     use crate::config::{Codec, SelectionKind, SparseCodec};
@@ -194,7 +194,8 @@ mod tests {
         PayloadHeader::parse(payload, key as u64, n).ok()
     }
 
-    fn spec(density: f64, min_size: usize) -> SparseSpec {
+    /// Bi-Sparse settings with exact selection and no warm-up (also the worker tests').
+    pub(in crate::codec) fn spec(density: f64, min_size: usize) -> SparseSpec {
         let c = SparseCodec {
             density,
             min_size,

@@ -173,22 +173,16 @@ impl WorkerSparse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{decode_any, TierCodec};
-    use crate::config::{Codec, SelectionKind, SparseCodec};
+    use crate::codec::decode_any;
+    use crate::config::SelectionKind;
     use geomx_kernels::{Layout, PayloadHeader};
 
     fn spec(selection: SelectionKind) -> SparseSpec {
-        let c = SparseCodec {
-            density: 0.01,
-            min_size: 1000,
-            selection,
-            warmup_rounds: Some(0),
-            ..SparseCodec::default()
-        };
-        TierCodec::from_config(&Codec::Bisparse(c), 10)
-            .sparse()
-            .unwrap()
-            .clone()
+        let mut s = crate::codec::compressor::tests::spec(0.01, 1000);
+        if selection == SelectionKind::Sampled {
+            s.bisparse.selection = Selection::Sampled(geomx_kernels::SampledParams::default());
+        }
+        s
     }
 
     fn grad(n: usize, round: u64) -> Vec<f32> {
