@@ -86,8 +86,9 @@ fn by_role(r: &Report, role: &str) -> u64 {
         .sum()
 }
 
-/// FSA with lossy and sparse codecs: the NaN of worker (dc 1, rank 0) in key 0 at round 3 drops
-/// that round for every range of key 0 (key 0 is split over both servers), nothing else.
+/// FSA with lossy and sparse codecs (worker-side Bi-Sparse too: the NaN is a value of the
+/// worker's sparse push): the NaN of worker (dc 1, rank 0) in key 0 at round 3 drops that round
+/// for every range of key 0 (key 0 is split over both servers), nothing else.
 #[test]
 fn fsa_skip_drops_one_round_of_one_key_everywhere() {
     let n = ranges_of(0);
@@ -96,6 +97,8 @@ fn fsa_skip_drops_one_round_of_one_key_everywhere() {
         "[compression]\nintra = { codec = \"fp16\" }\ninter = { codec = \"bf16\" }",
         "[compression]\nintra = { codec = \"bf16\" }\n[compression.inter]\ncodec = \"bisparse\"\n\
          density = 0.1\nmin_size = 100\nwarmup_rounds = 0\nselection = \"exact\"",
+        "[compression]\nintra = { codec = \"bisparse\", density = 0.1, min_size = 100, \
+         warmup_rounds = 0 }",
         "",
     ] {
         let r = run_skip("", 8, (1, 0, 3, 0), codecs);

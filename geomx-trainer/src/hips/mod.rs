@@ -136,7 +136,8 @@ pub struct RoleStats {
     /// Resynchronisations where the replica differed from the global server's θ.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resync_mismatches: u64,
-    /// Sampled top-k selections that fell back to exact top-k (local servers).
+    /// Sampled top-k selections that fell back to exact top-k (local servers, and workers with
+    /// worker-side Bi-Sparse).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub topk_fallbacks: u64,
     /// MixedSync staleness of each DC's pushes, by DC (global servers).
