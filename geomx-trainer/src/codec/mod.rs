@@ -275,6 +275,21 @@ pub fn decode_values(
     }
 }
 
+/// Decodes a worker's push of a key of `n` elements: raw f32 or a dense codec payload, and where
+/// `sparse` (worker-side Bi-Sparse, [`WorkerSparse`]) a sparse codec payload too.
+pub fn decode_push(
+    codec: PayloadCodec,
+    bytes: &[u8],
+    key: usize,
+    n: usize,
+    sparse: bool,
+) -> Result<Vec<f32>, String> {
+    match codec {
+        PayloadCodec::Raw if sparse => decode_any(bytes, key, n),
+        codec => decode_values(codec, bytes, key, n),
+    }
+}
+
 /// Decodes a codec payload (dense or sparse) of `n` elements into dense values.
 pub fn decode_any(bytes: &[u8], key: usize, n: usize) -> Result<Vec<f32>, String> {
     let _codec = clock::span();

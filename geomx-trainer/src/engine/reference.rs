@@ -9,10 +9,9 @@
 //! feedback sends ([`WorkerSparse`]), decoded as its local server decodes it.
 
 use super::{build_model, EngineError, Evaluation, Optimizer};
-use crate::codec::{decode_any, decode_values, TierCodec, WorkerSparse};
+use crate::codec::{decode_push, TierCodec, WorkerSparse};
 use crate::config::Config;
 use crate::data::{batcher_for, DataError, TrainTest};
-use geomx_net::PayloadCodec;
 
 /// Errors of a reference run.
 #[derive(Debug, thiserror::Error)]
@@ -173,11 +172,7 @@ fn pushed(
     round: u64,
 ) -> Result<Vec<f32>, ReferenceError> {
     let e = sparse.encode(t, g, round).map_err(ReferenceError::Codec)?;
-    match e.codec {
-        PayloadCodec::Raw => decode_any(&e.bytes, t, g.len()),
-        codec => decode_values(codec, &e.bytes, t, g.len()),
-    }
-    .map_err(ReferenceError::Codec)
+    decode_push(e.codec, &e.bytes, t, g.len(), true).map_err(ReferenceError::Codec)
 }
 
 /// What every reference run starts from.

@@ -45,7 +45,7 @@ use crate::codec::down::{
     decode_dense_segments, forward_dense, forward_sparse, join_segments, ReplyMode,
 };
 use crate::codec::{
-    count_dense, count_nonfinite, count_payload, count_update, decode_any, decode_values,
+    count_dense, count_nonfinite, count_payload, count_update, decode_push, decode_values,
     CodecBytes, KeyCounts, RangeCompressor, TierCodec, Update,
 };
 use crate::placement::Range;
@@ -272,11 +272,7 @@ impl LocalHandler {
             let msg = format!("dc {}: push of unknown key {key}", self.dc);
             return self.admission.refuse(reply, msg);
         };
-        let decoded = match req.codec {
-            PayloadCodec::Raw if self.sparse_pushes => decode_any(&req.payload, key, len),
-            codec => decode_values(codec, &req.payload, key, len),
-        };
-        let grad = match decoded {
+        let grad = match decode_push(req.codec, &req.payload, key, len, self.sparse_pushes) {
             Ok(g) => g,
             Err(e) => {
                 let msg = format!("worker (dc {}, rank {rank}): {e}", self.dc);

@@ -487,6 +487,18 @@ impl TchModel {
         Ok(slot.as_mut().expect("made above"))
     }
 
+    /// `f` with the GPU compressor of a CUDA model (opened at the first call), or `None` on the
+    /// CPU and where the CUDA kernels cannot load (the caller encodes on the host).
+    fn with_compressor<R>(&self, f: impl FnOnce(&mut GpuCompressor) -> R) -> Option<R> {
+        if !self.device.is_cuda() {
+            return None;
+        }
+        let mut state = self.gpu.lock().unwrap_or_else(PoisonError::into_inner);
+        state
+            .get_or_open("GPU-resident encoding", || GpuCompressor::new(self.device))
+            .map(f)
+    }
+
     /// Mean loss over `batch` and the gradients (key order) on the model's device, handed to
     /// `consume` while they are valid (see [`TchModel::with_params`]).
     fn with_grads<R>(
@@ -933,35 +945,35 @@ impl Model for TchModel {
         enc: DenseEncoding,
         on_payload: &mut dyn FnMut(usize, usize, Encoded),
     ) -> Result<f32, EngineError> {
-        if !self.device.is_cuda() || enc.value_type != ValueType::F16 {
+        if enc.value_type != ValueType::F16 {
             return encode_on_host(self, params, batch, enc, on_payload);
         }
-        let mut state = self.gpu.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(comp) =
-            state.get_or_open("GPU-resident encoding", || GpuCompressor::new(self.device))
-        else {
-            return encode_on_host(self, params, batch, enc, on_payload);
-        };
-        self.with_grads(params, &batch, |loss, grads| {
-            let refs: Vec<&Tensor> = grads.iter().collect();
-            let (payloads, _) = comp
-                .fp16_payloads(&refs, enc.scaling)
-                .map_err(|e| EngineError::Backend(e.to_string()))?;
-            for (key, bytes) in payloads.into_iter().enumerate().rev() {
-                let g = &grads[key];
-                let overflow = fp16_overflows(g, enc.scaling)?;
-                on_payload(
-                    key,
-                    g.numel(),
-                    Encoded {
-                        codec: PayloadCodec::Raw,
-                        bytes,
-                        overflow,
-                    },
-                );
-            }
-            Ok(loss)
-        })
+        let on_gpu = self.with_compressor(|comp| {
+            self.with_grads(params, &batch, |loss, grads| {
+                let refs: Vec<&Tensor> = grads.iter().collect();
+                let (payloads, _) = comp
+                    .fp16_payloads(&refs, enc.scaling)
+                    .map_err(|e| EngineError::Backend(e.to_string()))?;
+                for (key, bytes) in payloads.into_iter().enumerate().rev() {
+                    let g = &grads[key];
+                    let overflow = fp16_overflows(g, enc.scaling)?;
+                    on_payload(
+                        key,
+                        g.numel(),
+                        Encoded {
+                            codec: PayloadCodec::Raw,
+                            bytes,
+                            overflow,
+                        },
+                    );
+                }
+                Ok(loss)
+            })
+        });
+        match on_gpu {
+            Some(r) => r,
+            None => encode_on_host(self, params, batch, enc, on_payload),
+        }
     }
 
     /// On a CUDA device the gradients stay on the device and each sparse key's error feedback
@@ -976,20 +988,17 @@ impl Model for TchModel {
         round: u64,
         on_payload: &mut dyn FnMut(usize, usize, Encoded),
     ) -> Result<f32, EngineError> {
-        if !self.device.is_cuda() {
-            return sparse_on_host(self, params, batch, sparse, round, on_payload);
+        let on_gpu = self.with_compressor(|comp| {
+            self.with_grads(params, &batch, |loss, grads| {
+                gpu::sparse_payloads(comp, sparse, grads, round, on_payload)
+                    .map_err(|e| EngineError::Backend(e.to_string()))?;
+                Ok(loss)
+            })
+        });
+        match on_gpu {
+            Some(r) => r,
+            None => sparse_on_host(self, params, batch, sparse, round, on_payload),
         }
-        let mut state = self.gpu.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(comp) =
-            state.get_or_open("GPU-resident encoding", || GpuCompressor::new(self.device))
-        else {
-            return sparse_on_host(self, params, batch, sparse, round, on_payload);
-        };
-        self.with_grads(params, &batch, |loss, grads| {
-            gpu::sparse_payloads(comp, sparse, grads, round, on_payload)
-                .map_err(|e| EngineError::Backend(e.to_string()))?;
-            Ok(loss)
-        })
     }
 
     fn sparse_to_host(&self, sparse: &mut WorkerSparse) -> Result<(), EngineError> {
