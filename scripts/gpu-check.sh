@@ -123,7 +123,8 @@ if [ -x "$bundle/bin/test-tch_gpu" ]; then
     tpass=$(grep -c 'test result: ok' "$work/tch.out")
     preload=$(grep -o -m1 'GPU_PRELOAD_CHECK .*' "$work/tch.out" | tr '"\\' "'/" || true)
     wsparse=$(grep -o -m1 'GPU_WORKER_SPARSE .*' "$work/tch.out" | tr '"\\' "'/" || true)
-    tch_json="{\"rc\":$trc,\"passed\":$tpass,\"skipped\":\"$tskip\",\"preload_check\":\"$preload\",\"worker_sparse_check\":\"$wsparse\",\"plain\":[${plain}],\"runs\":[${runs}]}"
+    staged=$(grep -o -m1 'GPU_STAGED_BATCH_CHECK .*' "$work/tch.out" | tr '"\\' "'/" || true)
+    tch_json="{\"rc\":$trc,\"passed\":$tpass,\"skipped\":\"$tskip\",\"preload_check\":\"$preload\",\"worker_sparse_check\":\"$wsparse\",\"staged_batch_check\":\"$staged\",\"plain\":[${plain}],\"runs\":[${runs}]}"
   fi
 fi
 

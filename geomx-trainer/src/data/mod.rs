@@ -11,6 +11,7 @@ pub mod idx;
 mod prefetch;
 pub mod rng;
 mod shard;
+mod staged;
 pub mod synthetic;
 pub mod transform;
 
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 pub use batch::Batcher;
 pub use prefetch::Prefetcher;
 pub use shard::{shard_indices, ShardStrategy};
+pub use staged::{Stage, Staged};
 pub use transform::{Augment, ImageAugment, Normalize};
 
 use crate::config::{DataConfig, DatasetKind};
@@ -89,6 +91,8 @@ pub struct Samples<'a> {
     pub labels: &'a [u32],
     /// Features per row.
     pub n_features: usize,
+    /// The same samples already copied for the model's device by its [`Stage`], if they were.
+    pub staged: Option<&'a Staged>,
 }
 
 impl Samples<'_> {
@@ -104,12 +108,24 @@ impl Samples<'_> {
 }
 
 /// An owned, validated labelled data set.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Dataset {
     features: Vec<f32>,
     labels: Vec<u32>,
     n_features: usize,
     n_classes: usize,
+    /// A model's copy of these samples for its device ([`Dataset::with_staged`]).
+    staged: Option<Staged>,
+}
+
+/// Data sets are equal when their samples and classes are: a staged copy is the same samples.
+impl PartialEq for Dataset {
+    fn eq(&self, other: &Dataset) -> bool {
+        self.features == other.features
+            && self.labels == other.labels
+            && self.n_features == other.n_features
+            && self.n_classes == other.n_classes
+    }
 }
 
 impl Dataset {
@@ -152,6 +168,7 @@ impl Dataset {
             labels,
             n_features,
             n_classes,
+            staged: None,
         })
     }
 
@@ -180,9 +197,22 @@ impl Dataset {
         &self.features
     }
 
-    /// Row-major features, to transform in place (the caller keeps them finite).
+    /// Row-major features, to transform in place (the caller keeps them finite). A staged copy
+    /// would no longer match them, so it is dropped.
     pub(crate) fn features_mut(&mut self) -> &mut [f32] {
+        self.staged = None;
         &mut self.features
+    }
+
+    /// These samples with `staged`, a model's copy of them for its device ([`Stage`]).
+    pub fn with_staged(mut self, staged: Staged) -> Dataset {
+        self.staged = Some(staged);
+        self
+    }
+
+    /// The model's copy of these samples for its device, if one was made.
+    pub fn staged(&self) -> Option<&Staged> {
+        self.staged.as_ref()
     }
 
     /// Labels.
@@ -201,6 +231,7 @@ impl Dataset {
             features: &self.features,
             labels: &self.labels,
             n_features: self.n_features,
+            staged: self.staged.as_ref(),
         }
     }
 
@@ -218,6 +249,7 @@ impl Dataset {
             labels,
             n_features: self.n_features,
             n_classes: self.n_classes,
+            staged: None,
         }
     }
 }

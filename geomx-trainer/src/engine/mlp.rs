@@ -668,6 +668,7 @@ mod tests {
             features: &[],
             labels: &[],
             n_features: 3,
+            staged: None,
         };
         assert_eq!(
             mlp.loss_and_grad(&params, empty).unwrap_err(),

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::codec::{Encoded, WorkerSparse};
 
 use crate::config::{ModelConfig, ModelKind};
-use crate::data::Samples;
+use crate::data::{Samples, Stage};
 
 pub use crate::config::device::{validate_model_config, Device};
 pub use crate::hash::{params_hash, Fnv1a};
@@ -244,6 +244,14 @@ pub trait Model: Send + Sync {
     fn preload(&self, first: usize, values: &[&[f32]]) -> Result<bool, EngineError> {
         let _ = (first, values);
         Ok(false)
+    }
+
+    /// What prepares this model's batches for its device on the worker's prefetch thread
+    /// ([`crate::data::Prefetcher`]): a back end that computes on a GPU copies each batch into
+    /// page-locked memory there and finds the copy in the step's [`Samples::staged`]. Default:
+    /// none (the model reads the host samples).
+    fn batch_stager(&self) -> Option<Stage> {
+        None
     }
 
     /// [`Model::backward_layerwise`] with each gradient already encoded as a dense push payload
@@ -541,6 +549,7 @@ mod tests {
             features: &features,
             labels: &[1, 0],
             n_features: 3,
+            staged: None,
         };
         let (loss, grads) = m.loss_and_grad(&p, batch).unwrap();
         let enc = DenseEncoding {

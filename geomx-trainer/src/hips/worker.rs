@@ -643,10 +643,17 @@ pub fn run(
         batcher.skip_to(start);
         tracing::warn!(%dc, %rank, incarnation, round = start, "worker rejoined the job");
     }
-    // The next batches are prepared on a thread while this one computes.
+    // The next batches are prepared on a thread while this one computes, and staged there for
+    // the model's device (page-locked copies on CUDA).
     let augment = augment_for(&job.data_config, w).map_err(RunError::Data)?;
-    let mut batcher =
-        Prefetcher::new(batcher, train, PREFETCH_DEPTH, augment).map_err(RunError::Data)?;
+    let mut batcher = Prefetcher::new(
+        batcher,
+        train,
+        PREFETCH_DEPTH,
+        augment,
+        job.model.batch_stager(),
+    )
+    .map_err(RunError::Data)?;
     // θ_0 from the local server (which has it from the global servers); θ_r when resuming,
     // which must be what this worker saved.
     // A worker rejoining HFA takes the model its DC's workers hold and their milestone.

@@ -12,7 +12,9 @@
 //!   the host parameters.
 //!
 //! [`train_plain`] is the baseline: a plain libtorch loop whose parameters and SGD step stay on
-//! the device, on the same batches.
+//! the device, on the same batches. Both loops stage each batch for the device
+//! ([`crate::engine::Model::batch_stager`]: page-locked on CUDA) before its timed step, as the
+//! worker's prefetch thread does.
 
 use std::time::Instant;
 
@@ -25,7 +27,7 @@ use super::gpu::{BatchTimes, GpuCompressError, GpuCompressor};
 use super::{amp, guarded, torch_device, TchModel};
 use crate::codec::decode_any;
 use crate::config::Precision;
-use crate::data::Dataset;
+use crate::data::{Dataset, Stage};
 use crate::engine::{EngineError, Model};
 use geomx_kernels::{decode_dense_into, Scaling, ValueType};
 
@@ -280,6 +282,27 @@ fn dense_step(
     Ok((loss, host_s, preload_s))
 }
 
+/// The batch of step `step` (`batch` samples of `data` from `step · batch`, wrapping), staged for
+/// the model's device by `stage` as a worker's prefetch thread stages it. Both loops do this
+/// before their timed step, as a PyTorch loop's `DataLoader(pin_memory=True)` pins its batches
+/// outside it.
+fn step_batch(
+    stage: &mut Option<Stage>,
+    data: &Dataset,
+    step: usize,
+    batch: usize,
+) -> Result<Dataset, GpuTrainError> {
+    let start = (step * batch) % (data.len() - batch + 1);
+    let idx: Vec<usize> = (start..start + batch).collect();
+    let b = data.gather(&idx);
+    match stage.as_mut() {
+        Some(st) => Ok(b
+            .clone()
+            .with_staged(st(&b).map_err(|e| GpuTrainError::Engine(EngineError::Backend(e)))?)),
+        None => Ok(b),
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -313,10 +336,9 @@ pub fn train_with_gpu_compression(
     let mut scratch = Scratch::default();
     let (mut loss_first, mut loss_last, mut payload_bytes) = (0f32, 0f32, 0usize);
     let mut next: Vec<Vec<f32>> = vec![Vec::new(); specs.len()];
+    let mut stage = model.batch_stager();
     for step in 0..opts.steps {
-        let start = (step * opts.batch) % (data.len() - opts.batch + 1);
-        let idx: Vec<usize> = (start..start + opts.batch).collect();
-        let batch = data.gather(&idx);
+        let batch = step_batch(&mut stage, data, step, opts.batch)?;
         let t0 = Instant::now();
         let mut times = BatchTimes::default();
         let (loss, update_s, preload_s) = if opts.codec == GpuCodec::Dense {
@@ -421,7 +443,8 @@ pub struct PlainReport {
 /// statistics stay on the device, each step copies the batch there, runs forward and backward (in
 /// the model's precision, with GradScaler's loss scale for fp16) and applies SGD (`p ← p − lr·g`)
 /// on the device, then reads the loss back. Batches are the same as
-/// [`train_with_gpu_compression`]'s for the same `steps` and `batch`.
+/// [`train_with_gpu_compression`]'s for the same `steps` and `batch`, staged the same way before
+/// each timed step.
 pub fn train_plain(
     model: &TchModel,
     data: &Dataset,
@@ -441,15 +464,14 @@ pub fn train_plain(
     let init = model.init(seed);
     let net = model.net();
     let (mut step_ms, mut loss_first, mut loss_last) = (Vec::new(), 0f32, 0f32);
-    guarded(|| {
+    let mut stage = model.batch_stager();
+    guarded(|| -> Result<(), GpuTrainError> {
         let p: Vec<Tensor> = model.params_on(&init, Kind::Float, dev, true);
         let bn = net.bn_stats(dev);
         let compute = amp::compute_kind(model.precision());
         let mut scaler = (model.precision() == Precision::Fp16Amp).then(amp::LossScaler::default);
         for step in 0..steps {
-            let start = (step * batch) % (data.len() - batch + 1);
-            let idx: Vec<usize> = (start..start + batch).collect();
-            let b = data.gather(&idx);
+            let b = step_batch(&mut stage, data, step, batch)?;
             let t0 = Instant::now();
             let (x, y) = model.batch_on(&b.view(), Kind::Float, dev);
             let logits = net.forward_in(&p, &x, BnMode::Train(&bn), compute);
@@ -485,7 +507,8 @@ pub fn train_plain(
             }
             loss_last = l;
         }
-    })?;
+        Ok(())
+    })??;
     Ok(PlainReport {
         steps,
         batch,

@@ -21,6 +21,7 @@ pub mod gpu;
 pub mod gpu_train;
 mod resident;
 mod split;
+mod staging;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -427,8 +428,12 @@ impl TchModel {
     }
 
     /// Input images `[n, c, s, s]` and int64 labels of `batch` on `dev`.
+    /// The batch's staged copy ([`TchModel::batch_stager`]) is sent when it has one.
     fn batch_on(&self, batch: &Samples<'_>, kind: Kind, dev: tch::Device) -> (Tensor, Tensor) {
         let img = self.net.image();
+        if let Some(staged) = staging::on_device(batch, img, kind, dev) {
+            return staged;
+        }
         let n = batch.labels.len();
         let x = tensor_of(
             batch.features,
@@ -935,6 +940,14 @@ impl Model for TchModel {
         guarded(|| r.preload(first, values, copies.as_deref(), true))?.map_err(EngineError::Backend)
     }
 
+    /// Builds each batch's input tensors on the prefetch thread: page-locked on a CUDA device,
+    /// so that the step sends them with one asynchronous copy (`engine/tch/staging.rs`). None when the
+    /// device is unusable (the step reports that).
+    fn batch_stager(&self) -> Option<crate::data::Stage> {
+        self.ensure_device().ok()?;
+        Some(staging::stager(self.net.image(), torch_device(self.device)))
+    }
+
     /// On a CUDA device with an FP16 tier, the gradients stay on the device and are encoded
     /// there ([`GpuCompressor::fp16_payload`]); only the payloads come to the host. Otherwise (CPU,
     /// f32 or BF16 tiers, CUDA kernels unavailable) as the host default.
@@ -1037,6 +1050,7 @@ impl Model for TchModel {
                         features: f,
                         labels: l,
                         n_features: inputs,
+                        staged: None,
                     };
                     let (x, y) = self.batch_on(&chunk, Kind::Float, dev);
                     let logits =

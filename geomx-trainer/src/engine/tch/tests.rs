@@ -880,3 +880,41 @@ fn a_layer_computes_with_the_values_it_had_when_the_forward_pass_reached_it() {
     let (l_after, g_after) = m.loss_and_grad(&p, data.view()).unwrap();
     assert_eq!((l_after.to_bits(), &g_after), (at_end.to_bits(), &g_end));
 }
+
+/// A batch staged as the prefetch thread stages it (`batch_stager`: plain host tensors on the
+/// CPU) gives the same loss and gradients, bit for bit, as the same batch unstaged, for both
+/// architectures. The staged copy is what the step reads (a batch carrying another batch's copy
+/// computes that batch's loss); a copy of another size is ignored; a batch of other features is
+/// not staged.
+#[test]
+fn staged_batches_compute_what_host_batches_compute() {
+    for (arch, channels, side) in [(Arch::Cnn, 1, 16), (Arch::Resnet18, 3, 8)] {
+        let per = channels * side * side;
+        let m = TchModel::new(arch, per, 4, Device::Cpu).unwrap();
+        let p = m.init(5);
+        let data = band_images(6, channels, side, 4, 2);
+        let other = band_images(6, channels, side, 4, 3);
+        let small = band_images(3, channels, side, 4, 4);
+        let mut stage = m
+            .batch_stager()
+            .expect("a usable CPU model stages its batches");
+        let staged = data.clone().with_staged(stage(&data).unwrap());
+        let (l0, g0) = m.loss_and_grad(&p, data.view()).unwrap();
+        let (l1, g1) = m.loss_and_grad(&p, staged.view()).unwrap();
+        assert_eq!(l0.to_bits(), l1.to_bits(), "{arch:?}");
+        assert_eq!(g0, g1, "{arch:?}");
+        // The step's input is the staged copy.
+        let crossed = data.clone().with_staged(stage(&other).unwrap());
+        let (lo, _) = m.loss_and_grad(&p, other.view()).unwrap();
+        let (lc, _) = m.loss_and_grad(&p, crossed.view()).unwrap();
+        assert_ne!(l0.to_bits(), lo.to_bits(), "{arch:?}: the batches differ");
+        assert_eq!(lc.to_bits(), lo.to_bits(), "{arch:?}");
+        // A copy of three images does not stand for six.
+        let misfit = data.clone().with_staged(stage(&small).unwrap());
+        let (lm, _) = m.loss_and_grad(&p, misfit.view()).unwrap();
+        assert_eq!(lm.to_bits(), l0.to_bits(), "{arch:?}");
+        let wrong = band_images(2, 1, side / 2, 4, 1);
+        let e = stage(&wrong).unwrap_err();
+        assert!(e.contains("features"), "{e}");
+    }
+}
