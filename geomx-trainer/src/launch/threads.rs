@@ -3,8 +3,10 @@
 //! spawning processes (the roles' code is the same; only the process boundary is missing).
 //!
 //! A fatal event (an abort broadcast, a lost coordinator) cannot end the process here; the first
-//! one is recorded and returned as the run's error once every role has returned or the wait
-//! limit passed.
+//! one is recorded and returned as the run's error. Once a role has failed or a fatal event was
+//! reported, the run waits at most [`AFTER_FAILURE`] for each further role, not the whole wait
+//! limit: roles that wait on a failed peer end only on their own timeouts, which are left to run
+//! out on their threads.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +15,12 @@ use crate::hips::node::FatalHook;
 use crate::hips::worker::{Progress, ProgressSink};
 use crate::hips::{coordinator, global_server, local_server, worker, JobSpec, RoleStats};
 use crate::report::Report;
+
+/// How long a failed run waits for each further role to return.
+pub const AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// How often a wait for a role checks whether the run has failed meanwhile.
+const POLL: Duration = Duration::from_millis(100);
 
 /// Why an in-process run failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +35,8 @@ pub enum ThreadsError {
 
 /// Runs every role of `job` on loopback threads (the coordinator on `127.0.0.1:0`, every server
 /// on an OS-assigned port) and assembles the report; `config` is the report's resolved
-/// configuration. Each role must return within `limit` of the previous one.
+/// configuration. Each role must return within `limit` of the previous one ([`AFTER_FAILURE`]
+/// once the run has failed).
 pub fn run(
     job: &JobSpec,
     config: serde_json::Value,
@@ -101,10 +110,13 @@ pub fn run(
     let mut stats = Vec::with_capacity(total);
     let mut errors = Vec::new();
     for _ in 0..total {
-        match res_rx.recv_timeout(limit) {
-            Ok(Ok(s)) => stats.push(s),
-            Ok(Err(e)) => errors.push(e),
-            Err(_) => {
+        let failed = || !errors.is_empty() || !crate::lock(&fatals).is_empty();
+        match next_result(&res_rx, limit, AFTER_FAILURE, failed) {
+            Some(Ok(s)) => stats.push(s),
+            Some(Err(e)) => errors.push(e),
+            // The roles still out wait on the failed one: the failure is the run's error.
+            None if failed() => break,
+            None => {
                 let f = crate::lock(&fatals).join("; ");
                 return Err(ThreadsError::Hung(limit, format!("{errors:?} {f}")));
             }
@@ -123,4 +135,80 @@ pub fn run(
         plan.placement.server_bytes.clone(),
         config,
     ))
+}
+
+/// The next role's result, or `None` when none came in time: within `limit`, or within `grace`
+/// of the moment `failed()` first held during the wait.
+fn next_result<T>(
+    rx: &crossbeam_channel::Receiver<T>,
+    limit: Duration,
+    grace: Duration,
+    failed: impl Fn() -> bool,
+) -> Option<T> {
+    let mut deadline = Instant::now() + limit;
+    let mut shortened = false;
+    loop {
+        if !shortened && failed() {
+            deadline = deadline.min(Instant::now() + grace);
+            shortened = true;
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        if left.is_zero() {
+            return None;
+        }
+        match rx.recv_timeout(left.min(POLL)) {
+            Ok(r) => return Some(r),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            // Every sender gone: no role is left to report.
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A wait returns a result that comes; without one it ends at the limit, or `grace` after
+    /// the run failed, whether it had failed before the wait or fails during it.
+    #[test]
+    fn a_wait_ends_soon_after_the_run_fails() {
+        let (tx, rx) = crossbeam_channel::unbounded::<u32>();
+        let long = Duration::from_secs(60);
+        let grace = Duration::from_millis(50);
+        tx.send(7).unwrap();
+        assert_eq!(next_result(&rx, long, grace, || true), Some(7));
+        let t = Instant::now();
+        assert_eq!(
+            next_result(&rx, Duration::from_millis(50), long, || false),
+            None
+        );
+        assert!(t.elapsed() < Duration::from_secs(30));
+        let t = Instant::now();
+        assert_eq!(next_result(&rx, long, grace, || true), None);
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        // The failure comes during the wait.
+        let flag = Arc::new(AtomicBool::new(false));
+        let f2 = flag.clone();
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            f2.store(true, Ordering::SeqCst);
+        });
+        let t = Instant::now();
+        assert_eq!(
+            next_result(&rx, long, grace, || flag.load(Ordering::SeqCst)),
+            None
+        );
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        assert!(waited < Duration::from_secs(30), "{waited:?}");
+        setter.join().unwrap();
+        drop(tx);
+        assert_eq!(
+            next_result(&rx, long, long, || false),
+            None,
+            "no sender left"
+        );
+    }
 }
