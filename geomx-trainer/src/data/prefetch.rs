@@ -34,7 +34,7 @@ impl Prefetcher {
         train: &Dataset,
         depth: usize,
         augment: Option<ImageAugment>,
-        stage: Option<Stage>,
+        mut stage: Option<Stage>,
     ) -> Result<Prefetcher, DataError> {
         let shard = batcher.shard();
         if let Some(&bad) = shard.iter().find(|&&i| i >= train.len()) {
@@ -52,7 +52,6 @@ impl Prefetcher {
         let cursor = batcher.cursor();
         let (tx, rx) = sync_channel::<Prepared>(depth.max(1) - 1);
         let mut batcher = batcher;
-        let mut stage = stage;
         let thread = std::thread::Builder::new()
             .name("geomx-prefetch".into())
             .spawn(move || {
@@ -143,6 +142,18 @@ mod tests {
         Dataset::new(features, (0..n as u32).map(|i| i % 3).collect(), per, 3).unwrap()
     }
 
+    /// Random crops (padding 1) and flips of `channels × side × side` images seeded by `seed`,
+    /// padding with `fill` (one value per channel).
+    fn crop_flip(seed: u64, channels: usize, side: usize, fill: Vec<f32>) -> ImageAugment {
+        ImageAugment::new(
+            crate::data::Augment::new(seed, 1, true),
+            channels,
+            side,
+            fill,
+        )
+        .unwrap()
+    }
+
     /// `reference`'s next batch of `train`, augmented by `aug` with the stream of the cursor
     /// before it (what the prefetcher should hand out), and the batch unaugmented.
     fn augmented(
@@ -194,13 +205,7 @@ mod tests {
     fn prefetched_batches_are_augmented_per_cursor() {
         let (channels, side, n) = (2, 4, 24);
         let train = images(n, channels, side, 97);
-        let aug = ImageAugment::new(
-            crate::data::Augment::new(11, 1, true),
-            channels,
-            side,
-            vec![-1.0, -2.0],
-        )
-        .unwrap();
+        let aug = crop_flip(11, channels, side, vec![-1.0, -2.0]);
         let b = Batcher::new((0..n).collect(), 5, 3, 1).unwrap();
         let mut reference = b.clone();
         let mut p = Prefetcher::new(b, &train, 2, Some(aug.clone()), None).unwrap();
@@ -220,13 +225,7 @@ mod tests {
     fn prefetched_batches_carry_their_staged_copy() {
         let (channels, side, n) = (1, 2, 20);
         let train = images(n, channels, side, 13);
-        let aug = ImageAugment::new(
-            crate::data::Augment::new(5, 1, true),
-            channels,
-            side,
-            vec![0.0],
-        )
-        .unwrap();
+        let aug = crop_flip(5, channels, side, vec![0.0]);
         let mut calls = 0u32;
         let stage: Stage = Box::new(move |b: &Dataset| {
             calls += 1;

@@ -146,13 +146,11 @@ fn next_result<T>(
     failed: impl Fn() -> bool,
 ) -> Option<T> {
     let mut deadline = Instant::now() + limit;
-    let mut shortened = false;
     loop {
-        if !shortened && failed() {
+        if failed() {
             deadline = deadline.min(Instant::now() + grace);
-            shortened = true;
         }
-        let left = deadline.checked_duration_since(Instant::now())?;
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return None;
         }

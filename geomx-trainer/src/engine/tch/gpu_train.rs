@@ -296,9 +296,10 @@ fn step_batch(
     let idx: Vec<usize> = (start..start + batch).collect();
     let b = data.gather(&idx);
     match stage.as_mut() {
-        Some(st) => Ok(b
-            .clone()
-            .with_staged(st(&b).map_err(|e| GpuTrainError::Engine(EngineError::Backend(e)))?)),
+        Some(st) => {
+            let staged = st(&b).map_err(|e| GpuTrainError::Engine(EngineError::Backend(e)))?;
+            Ok(b.with_staged(staged))
+        }
         None => Ok(b),
     }
 }

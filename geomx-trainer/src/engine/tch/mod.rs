@@ -427,22 +427,10 @@ impl TchModel {
             .collect()
     }
 
-    /// Input images `[n, c, s, s]` and int64 labels of `batch` on `dev`.
-    /// The batch's staged copy ([`TchModel::batch_stager`]) is sent when it has one.
+    /// Input images `[n, c, s, s]` and int64 labels of `batch` on `dev`: the batch's staged copy
+    /// ([`TchModel::batch_stager`]) is sent when it has one.
     fn batch_on(&self, batch: &Samples<'_>, kind: Kind, dev: tch::Device) -> (Tensor, Tensor) {
-        let img = self.net.image();
-        if let Some(staged) = staging::on_device(batch, img, kind, dev) {
-            return staged;
-        }
-        let n = batch.labels.len();
-        let x = tensor_of(
-            batch.features,
-            &[n, img.channels, img.side, img.side],
-            kind,
-            dev,
-        );
-        let labels: Vec<i64> = batch.labels.iter().map(|&l| i64::from(l)).collect();
-        (x, Tensor::from_slice(&labels).to_device(dev))
+        staging::on_device(batch, self.net.image(), kind, dev)
     }
 
     /// Runs `f` with `params` loaded as leaf tensors on the model's device: the model's

@@ -15,20 +15,32 @@ use tch::{Device as TorchDevice, Kind, Tensor};
 use super::{guarded, ImageShape};
 use crate::data::{Dataset, Samples, Stage, Staged};
 
-/// A staged batch: its images and labels, page-locked when `pinned`.
+/// A staged batch: its images and labels ([`build`]), page-locked when `pinned`.
 struct StagedBatch {
-    /// Images `[n, c, s, s]`, f32.
-    x: Mutex<Tensor>,
-    /// Labels `[n]`, int64.
-    y: Mutex<Tensor>,
+    tensors: Mutex<(Tensor, Tensor)>,
     /// Whether both are page-locked (staged for a CUDA device).
     pinned: bool,
+}
+
+/// The host tensors of `features` and `labels` (`n` samples): images `[n, c, s, s]` (f32) of
+/// `image`, and int64 labels.
+fn build(features: &[f32], labels: &[u32], image: ImageShape) -> (Tensor, Tensor) {
+    let shape = [
+        labels.len() as i64,
+        image.channels as i64,
+        image.side as i64,
+        image.side as i64,
+    ];
+    let labels: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+    (
+        Tensor::from_slice(features).reshape(shape),
+        Tensor::from_slice(&labels),
+    )
 }
 
 /// The stage of a model whose images are `image` and whose device is `dev`.
 pub(super) fn stager(image: ImageShape, dev: TorchDevice) -> Stage {
     Box::new(move |batch: &Dataset| {
-        let n = batch.len();
         if batch.n_features() != image.features() {
             return Err(format!(
                 "a batch of {} features for images of {}",
@@ -36,58 +48,48 @@ pub(super) fn stager(image: ImageShape, dev: TorchDevice) -> Stage {
                 image.features()
             ));
         }
-        let shape = [
-            n as i64,
-            image.channels as i64,
-            image.side as i64,
-            image.side as i64,
-        ];
-        let labels: Vec<i64> = batch.labels().iter().map(|&l| i64::from(l)).collect();
         let pinned = dev != TorchDevice::Cpu;
-        let (x, y) = guarded(|| {
-            let x = Tensor::from_slice(batch.features()).reshape(shape);
-            let y = Tensor::from_slice(&labels);
+        let tensors = guarded(|| {
+            let (x, y) = build(batch.features(), batch.labels(), image);
             if pinned {
                 (x.pin_memory(dev), y.pin_memory(dev))
             } else {
                 (x, y)
             }
         })
-        .map_err(|e| format!("staging a batch of {n} samples: {e}"))?;
+        .map_err(|e| format!("staging a batch of {} samples: {e}", batch.len()))?;
         Ok(Staged::new(StagedBatch {
-            x: Mutex::new(x),
-            y: Mutex::new(y),
+            tensors: Mutex::new(tensors),
             pinned,
         }))
     })
 }
 
-/// The images (in `kind`) and labels of `batch` on `dev` from its staged copy, if it has one of
-/// [`stager`]'s for `n` images of `image` (else the caller copies the host samples).
+/// The images (in `kind`) and labels of `batch` (images of `image`) on `dev`: sent from its
+/// staged copy when it has one of [`stager`]'s of the same size (asynchronously when
+/// page-locked: the step's kernels follow on the same stream), else built from the host samples
+/// and sent.
 pub(super) fn on_device(
     batch: &Samples<'_>,
     image: ImageShape,
     kind: Kind,
     dev: TorchDevice,
-) -> Option<(Tensor, Tensor)> {
-    let staged = batch.staged?.downcast_ref::<StagedBatch>()?;
+) -> (Tensor, Tensor) {
     let n = batch.labels.len() as i64;
-    let want = [
-        n,
-        image.channels as i64,
-        image.side as i64,
-        image.side as i64,
-    ];
-    let x = staged.x.lock().unwrap_or_else(PoisonError::into_inner);
-    let y = staged.y.lock().unwrap_or_else(PoisonError::into_inner);
-    if x.size() != want || y.size() != [n] {
-        return None;
-    }
-    // Asynchronous from page-locked memory: the step's kernels follow on the same stream.
-    let non_blocking = staged.pinned && dev != TorchDevice::Cpu;
-    Some((
+    let staged = batch
+        .staged
+        .and_then(|s| s.downcast_ref::<StagedBatch>())
+        .and_then(|s| {
+            let t = s.tensors.lock().unwrap_or_else(PoisonError::into_inner);
+            (t.1.size() == [n]).then(|| (t.0.shallow_clone(), t.1.shallow_clone(), s.pinned))
+        });
+    let (x, y, non_blocking) = staged.unwrap_or_else(|| {
+        let (x, y) = build(batch.features, batch.labels, image);
+        (x, y, false)
+    });
+    (
         x.to_device_(dev, Kind::Float, non_blocking, false)
             .to_kind(kind),
         y.to_device_(dev, Kind::Int64, non_blocking, false),
-    ))
+    )
 }
