@@ -128,7 +128,8 @@ impl KvServer {
         self.inner.counters.snapshot()
     }
 
-    /// Number of open connections.
+    /// Number of open connections. A connection is counted just after it starts, so one just
+    /// accepted may exchange its first frames a moment before it is counted.
     pub fn connections(&self) -> usize {
         self.inner
             .dispatch
