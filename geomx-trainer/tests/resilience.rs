@@ -230,16 +230,20 @@ fn lab_namespaces() -> Vec<String> {
 #[test]
 fn behind_the_wan_lab_a_killed_and_a_stopped_worker_rejoin() {
     // The WAN lab in auto mode: network namespaces as root, loopback relays otherwise. A restart
-    // runs in its site's namespace again. 3 DCs × 2 workers, 5 ms links.
+    // runs in its site's namespace again. 3 DCs × 2 workers, 5 ms links. 2000 rounds (about
+    // 25 s after the stop on an idle machine): with 600, a CI run once ended the job before the
+    // stopped worker's restart rejoined, the worker having exited 8 s after its stop (1.5 s on
+    // an idle machine).
     let toml = job("on-failure")
         .replace("data_centers = 2", "data_centers = 3")
-        .replace("rounds = 1500", "rounds = 600")
+        .replace("rounds = 1500", "rounds = 2000")
         + "[wan]\nmode = \"auto\"\nrate_mbit = 100\ndelay_ms = 5\n";
     let _lab = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let chaos = "kill:worker:dc1:0@round=50,stop=1500ms:worker:dc2:1@round=100:reply-wait";
     let (r, stderr) = launch("wan", &toml, Some(chaos));
     eprintln!("WAN lab mode {}", r["wan_mode"]);
     let faults = r["faults"].as_array().unwrap();
+    eprintln!("faults: {faults:?}; job wall time {} s", r["wall_seconds"]);
     assert_eq!(faults.len(), 2, "{faults:?}\n{stderr}");
     assert!(
         faults.iter().all(|f| f["rejoined_round"].is_u64()),
