@@ -11,6 +11,7 @@ pub mod bench_sched;
 pub mod bench_sync;
 pub mod bench_tls;
 pub mod checkpoint;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod data;

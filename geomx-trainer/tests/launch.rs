@@ -100,8 +100,11 @@ fn default_launch_reaches_093_on_digits() {
             + part("compute_ms")
             + part("wait_ms")
             + part("apply_ms")
-            + part("codec_ms");
+            + part("codec_ms")
+            + part("copy_ms");
         assert!(part("compute_ms") > 0.0 && part("wait_ms") > 0.0, "{w}");
+        // The built-in engine computes on the host vectors: nothing is copied.
+        assert_eq!(part("copy_ms"), 0.0, "{w}");
         assert!(parts <= secs * 1e3 / 400.0 + 1e-6, "{w}");
         total += sps;
     }

@@ -115,6 +115,19 @@ slice_elems = 1024
     assert!(r["replicas_identical"].as_bool().unwrap());
     assert_eq!(r["config"]["model"]["kind"], "cnn");
     assert_eq!(r["config"]["model"]["precision"], precision);
+    // Each step loads the parameters and the batch into libtorch tensors: the report books
+    // that as copy, apart from compute, and the parts fit in the round.
+    for w in r["workers"].as_array().unwrap() {
+        let ms = |k: &str| w[k].as_f64().unwrap();
+        assert!(ms("copy_ms") > 0.0 && ms("compute_ms") > 0.0, "{w}");
+        let parts: f64 = ["data_ms", "compute_ms", "wait_ms", "apply_ms", "codec_ms"]
+            .iter()
+            .map(|k| ms(k))
+            .sum::<f64>()
+            + ms("copy_ms");
+        let round_ms = ms("train_seconds") * 1e3 / ms("rounds");
+        assert!(parts <= round_ms + 1e-6, "{w}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
     r
 }

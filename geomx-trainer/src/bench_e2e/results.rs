@@ -347,22 +347,24 @@ pub fn render_markdown(r: &E2eResults) -> String {
              second of all workers together). Compute is forward and backward (HFA, ESync: the \
              local steps); wait is waiting for the replies (HFA, ESync: the averaging); apply is \
              writing them into the replica; codec is encoding the pushes and decoding the \
-             replies.\n"
+             replies; copy is moving parameters, gradients and batches between the host and the \
+             model's tensors.\n"
         );
         let _ = writeln!(
             s,
-            "| Scenario | Samples/s | Data | Compute | Codec | Wait | Apply | Other |"
+            "| Scenario | Samples/s | Data | Compute | Codec | Copy | Wait | Apply | Other |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (x, w) in split {
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 x.title,
                 w.samples_per_s,
                 w.split.data_ms,
                 w.split.compute_ms,
                 w.split.codec_ms,
+                w.split.copy_ms,
                 w.split.wait_ms,
                 w.split.apply_ms,
                 w.split.other_ms
@@ -477,6 +479,7 @@ mod tests {
                 wait_ms: 2.5,
                 apply_ms: 0.4,
                 codec_ms: 0.3,
+                copy_ms: 0.2,
                 other_ms: 0.05,
             },
         });
@@ -573,7 +576,7 @@ mod tests {
         assert_eq!(split.len(), 3, "header, separator, one row: {split:?}");
         assert_eq!(
             split[2],
-            "| HiPS + Bi-Sparse | 1000 | 0.10 | 5.00 | 0.30 | 2.50 | 0.40 | 0.05 |"
+            "| HiPS + Bi-Sparse | 1000 | 0.10 | 5.00 | 0.30 | 0.20 | 2.50 | 0.40 | 0.05 |"
         );
         // The role table: a row per role that reported, the round its parts add up to.
         let roles: Vec<&str> = md

@@ -88,7 +88,7 @@ impl RangeCompressor {
     /// top-k, or dense f32 where the sparse form would not be smaller) and how many of its finite
     /// values overflowed to ±inf (16-bit values).
     pub fn push(&mut self, g: &[f32], round: u64) -> Result<(Vec<u8>, usize), String> {
-        let _codec = super::clock::span();
+        let _codec = crate::clock::span();
         let seed = selection_seed(self.run_seed, self.tier, self.dc, self.range, round);
         let g = if self.carry.is_empty() {
             g

@@ -107,7 +107,7 @@ pub fn decode_dense_segments(
     parts: &[(usize, usize, usize)],
     mut decode: impl FnMut(&[u8], usize, usize) -> Result<Vec<f32>, String>,
 ) -> Result<Vec<f32>, String> {
-    let _codec = super::clock::span();
+    let _codec = crate::clock::span();
     let segs = split_segments(bytes, parts.len(), key)?;
     let mut out = vec![0.0f32; key_len];
     for (seg, &(id, offset, len)) in segs.into_iter().zip(parts) {
@@ -139,7 +139,7 @@ pub fn dense_step(
     intra: &TierCodec,
     range: usize,
 ) -> Result<DenseStep, String> {
-    let _codec = super::clock::span();
+    let _codec = crate::clock::span();
     let reply = inter.encode_dense(delta);
     let at_local = inter.decode_dense(&reply.bytes, range, delta.len())?;
     to_workers(reply, &at_local, intra, range)
@@ -177,7 +177,7 @@ pub fn sparse_step(
     intra: &TierCodec,
     range: usize,
 ) -> Result<DenseStep, String> {
-    let _codec = super::clock::span();
+    let _codec = crate::clock::span();
     let mut idx = Vec::new();
     topk_exact(delta, k, &mut TopkScratch::default(), &mut idx).map_err(|e| e.to_string())?;
     let values = idx.iter().map(|&i| delta[i as usize]).collect();
@@ -197,7 +197,7 @@ pub fn sparse_step(
 
 /// The local server's segment for a dense range it decoded (`y`): `y` in the intra codec.
 pub fn forward_dense(y: &[f32], intra: &TierCodec) -> Encoded {
-    let _codec = super::clock::span();
+    let _codec = crate::clock::span();
     intra.encode_dense(y)
 }
 
@@ -205,7 +205,7 @@ pub fn forward_dense(y: &[f32], intra: &TierCodec) -> Encoded {
 /// sum (as decoded from the inter tier) is `g`: values in the intra tier's type. Returns the
 /// payload and the number of finite values that overflowed.
 pub fn sparse_mean(g: &SparseVec, total_workers: u32, intra: &TierCodec) -> (Vec<u8>, usize) {
-    let _codec = super::clock::span();
+    let _codec = crate::clock::span();
     let mut mean = g.clone();
     mean.div_values(total_workers as f32);
     let mut out = Vec::new();
@@ -217,7 +217,7 @@ pub fn sparse_mean(g: &SparseVec, total_workers: u32, intra: &TierCodec) -> (Vec
 /// The local server's segment for a sparse range: the decoded inter-tier [`Update`] `up` with its
 /// sum turned into the intra-tier mean ([`sparse_mean`]), θ and the skip flag kept.
 pub fn forward_sparse(up: &Update, total_workers: u32, intra: &TierCodec) -> (Vec<u8>, usize) {
-    let _codec = super::clock::span();
+    let _codec = crate::clock::span();
     let (mean, overflow) = sparse_mean(&up.grad, total_workers, intra);
     (
         Update::encode_parts(&mean, up.theta.as_deref(), up.skipped),

@@ -17,7 +17,6 @@
 //! Pulls (start-up, the end of a run) always carry exact f32 θ.
 
 pub mod bytes;
-pub mod clock;
 pub mod compressor;
 pub mod down;
 pub mod nonfinite;
@@ -233,7 +232,7 @@ impl TierCodec {
 
 /// Encodes `x` densely as `vt`: f32 as raw `DenseF32` bytes, 16-bit as a codec payload (`Raw`).
 pub fn encode_values(x: &[f32], vt: ValueType, scaling: Scaling) -> Encoded {
-    let _codec = clock::span();
+    let _codec = crate::clock::span();
     if vt == ValueType::F32 {
         return Encoded {
             codec: PayloadCodec::DenseF32,
@@ -265,7 +264,7 @@ pub fn decode_values(
     key: usize,
     n: usize,
 ) -> Result<Vec<f32>, String> {
-    let _codec = clock::span();
+    let _codec = crate::clock::span();
     match codec {
         PayloadCodec::DenseF32 => f32_from_bytes(bytes)
             .filter(|v| v.len() == n)
@@ -292,7 +291,7 @@ pub fn decode_push(
 
 /// Decodes a codec payload (dense or sparse) of `n` elements into dense values.
 pub fn decode_any(bytes: &[u8], key: usize, n: usize) -> Result<Vec<f32>, String> {
-    let _codec = clock::span();
+    let _codec = crate::clock::span();
     match bytes.first() {
         Some(&b) if b == Layout::Sparse as u8 => SparseVec::decode(bytes, key as u64, n)
             .map(|s| s.to_dense())

@@ -30,7 +30,7 @@ pub struct Update {
 impl Update {
     /// Encodes an update from an already encoded sparse payload, optional θ and the skip flag.
     pub fn encode_parts(sparse: &[u8], theta: Option<&[f32]>, skipped: bool) -> Vec<u8> {
-        let _codec = super::clock::span();
+        let _codec = crate::clock::span();
         let mut out = Vec::with_capacity(5 + sparse.len());
         let flags = if theta.is_some() { HAS_THETA } else { 0 } | if skipped { SKIPPED } else { 0 };
         out.push(flags);
@@ -54,7 +54,7 @@ impl Update {
         theta: Option<&[f32]>,
         skipped: bool,
     ) -> Vec<u8> {
-        let _codec = super::clock::span();
+        let _codec = crate::clock::span();
         let mut sparse = Vec::new();
         grad.encode(vt, scaling, &mut sparse);
         Self::encode_parts(&sparse, theta, skipped)
@@ -86,7 +86,7 @@ impl Update {
 
     /// Decodes an update for a key (or range) of `n` elements; every part is validated.
     pub fn decode(b: &[u8], key: usize, n: usize) -> Result<Self, String> {
-        let _codec = super::clock::span();
+        let _codec = crate::clock::span();
         let (flags, sparse, theta) = Self::split_flags(b, key)?;
         let grad = SparseVec::decode(sparse, key as u64, n).map_err(|e| e.to_string())?;
         let skipped = flags & SKIPPED != 0;

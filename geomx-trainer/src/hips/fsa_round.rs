@@ -21,7 +21,7 @@ use super::throughput::{StepPart, StepSplit};
 use super::worker::{check_push, reply_of, slow_down, KeyApply};
 use super::worker_tree::WorkerTree;
 use super::{JobSpec, RunError};
-use crate::codec::clock::Mark;
+use crate::clock::Mark;
 use crate::codec::{encode_values, poison_first, Encoded, KeyCounts, WorkerSparse};
 use crate::data::Prefetcher;
 use crate::engine::{DenseEncoding, EngineError};
@@ -205,7 +205,7 @@ pub(super) fn fsa_round(
     split.samples += batch.len() as u64;
     let started = Mark::now();
     let booked_before = split.booked();
-    let codec_before = split.codec_s;
+    let (codec_before, copy_before) = (split.codec_s, split.copy_s);
     let mut pushes = Pushes {
         job,
         io,
@@ -255,19 +255,21 @@ pub(super) fn fsa_round(
             .map_err(RunError::Engine)?
     };
     // What the replies settled meanwhile (P3) booked themselves; the rest of the codec time is
-    // this round's encoding.
+    // this round's encoding, and the rest of the copy time its loads of the parameters and the
+    // batch and its gradients' copies.
     let booked = Duration::from_secs_f64(split.booked() - booked_before);
-    let (_, codec) = started.elapsed();
-    let encoding = codec.saturating_sub(Duration::from_secs_f64(split.codec_s - codec_before));
-    let compute = started.at.elapsed().saturating_sub(booked + encoding);
-    slow_down(io.slowdown, compute);
+    let spent = started.elapsed();
+    let since = |before: f64, now: f64| Duration::from_secs_f64(now - before);
+    let encoding = spent
+        .codec
+        .saturating_sub(since(codec_before, split.codec_s));
+    let copying = spent.copy.saturating_sub(since(copy_before, split.copy_s));
+    let own = booked + encoding + copying;
+    slow_down(io.slowdown, started.at.elapsed().saturating_sub(own));
     // The slow-down counts as compute, as it emulates a slower device.
     split.codec_s += encoding.as_secs_f64();
-    split.compute_s += started
-        .at
-        .elapsed()
-        .saturating_sub(booked + encoding)
-        .as_secs_f64();
+    split.copy_s += copying.as_secs_f64();
+    split.compute_s += started.at.elapsed().saturating_sub(own).as_secs_f64();
     if let Some(e) = pushes.failed {
         return Err(e);
     }

@@ -614,7 +614,7 @@ fn step_range(
             }
             res?;
             let theta = {
-                let _codec = crate::codec::clock::span();
+                let _codec = crate::clock::span();
                 f32_bytes(&r.params).into_owned()
             };
             Ok(Reply::Dense(PayloadCodec::DenseF32, theta))

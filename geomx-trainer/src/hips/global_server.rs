@@ -32,7 +32,7 @@ use super::{
 };
 use crate::checkpoint::queue::ErrorHook;
 use crate::checkpoint::{RoundParts, SaveQueue, Saver, StateFile, When};
-use crate::codec::clock::Mark;
+use crate::clock::Mark;
 use crate::codec::{count_nonfinite, KeyCounts, TierCodec};
 use crate::config::{NonFinitePolicy, SyncAlgorithm};
 use crate::engine::Optimizer;

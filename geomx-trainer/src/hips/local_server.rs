@@ -40,7 +40,7 @@ use super::time_split::{Phase, PhaseClock, Waiting, WanWait};
 use super::upstream::{Rejoin, Upstream};
 use super::{lock, JobSpec, LocalAggregator, LocalSum, RoleStats, RunError};
 use crate::checkpoint::{RoundParts, SaveQueue, Saver};
-use crate::codec::clock::Mark;
+use crate::clock::Mark;
 use crate::codec::down::{
     decode_dense_segments, forward_dense, forward_sparse, join_segments, ReplyMode,
 };

@@ -56,7 +56,7 @@ pub struct UpPush {
 impl UpPush {
     /// Encodes `count` (u32 LE) followed by the f32 values of `sum`, in one allocation.
     pub fn encode(count: u32, sum: &[f32]) -> Vec<u8> {
-        let _codec = crate::codec::clock::span();
+        let _codec = crate::clock::span();
         let mut out = Vec::with_capacity(4 + sum.len() * 4);
         out.extend_from_slice(&count.to_le_bytes());
         out.extend_from_slice(&f32_bytes(sum));
@@ -109,7 +109,7 @@ impl UpPush {
     /// Decodes a payload written by [`UpPush::encode`] (or [`UpPush::encode_skip`]) for a range
     /// of `expected` elements.
     pub fn decode(b: &[u8], range: usize, expected: usize) -> Result<Self, AggError> {
-        let _codec = crate::codec::clock::span();
+        let _codec = crate::clock::span();
         let bad = |got| AggError::LengthMismatch {
             key: range,
             expected,

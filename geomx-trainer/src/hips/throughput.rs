@@ -2,15 +2,18 @@
 //!
 //! Each round a worker records how long it waited for its batch (`data`), computed (forward and
 //! backward; the pushes are sent as each key's payload is ready: `compute`), waited for the
-//! servers' replies (`wait`), applied them to its replica (`apply`) and encoded its pushes and
-//! decoded the replies (`codec`, [`crate::codec::clock`]; a model that encodes on its GPU counts
-//! that as `compute`). Under HFA and ESync the local steps count as `compute` and the exchanges
+//! servers' replies (`wait`), applied them to its replica (`apply`), encoded its pushes and
+//! decoded the replies (`codec`, [`crate::clock::span`]; a model that encodes on its GPU counts
+//! that as `compute`) and copied parameters, gradients and batches between the host and the
+//! model's tensors (`copy`, [`crate::clock::copy_span`]: the host thread's part of a GPU model's
+//! transfers; none for the built-in engine, which computes on the host vectors). Under HFA and
+//! ESync the local steps count as `compute` and the exchanges
 //! with the coordinator and the averaging as `wait`. Evaluation and checkpoints are not part of
 //! a step.
 
 use std::time::Duration;
 
-use crate::codec::clock::Mark;
+use crate::clock::Mark;
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +32,8 @@ pub struct StepSplit {
     pub apply_s: f64,
     /// Encoding pushes and decoding replies.
     pub codec_s: f64,
+    /// Copying between the host and the model's tensors.
+    pub copy_s: f64,
 }
 
 /// A part of a worker's round that [`StepSplit::charge`] books time to.
@@ -43,12 +48,13 @@ pub enum StepPart {
 }
 
 impl StepSplit {
-    /// Books the time since `since` to `part`, less what this thread spent in codecs
-    /// meanwhile, which goes to `codec_s`.
+    /// Books the time since `since` to `part`, less what this thread spent in codecs and
+    /// copies meanwhile, which goes to `codec_s` and `copy_s`.
     pub fn charge(&mut self, part: StepPart, since: Mark) {
-        let (wall, codec) = since.elapsed();
-        self.codec_s += codec.as_secs_f64();
-        let rest = (wall - codec).as_secs_f64();
+        let spent = since.elapsed();
+        self.codec_s += spent.codec.as_secs_f64();
+        self.copy_s += spent.copy.as_secs_f64();
+        let rest = spent.rest().as_secs_f64();
         match part {
             StepPart::Compute => self.compute_s += rest,
             StepPart::Wait => self.wait_s += rest,
@@ -56,10 +62,10 @@ impl StepSplit {
         }
     }
 
-    /// Seconds booked to wait, apply and codec: what a part that contains those calls leaves
-    /// out of its own time.
+    /// Seconds booked to wait, apply, codec and copy: what a part that contains those calls
+    /// leaves out of its own time.
     pub fn booked(&self) -> f64 {
-        self.wait_s + self.apply_s + self.codec_s
+        self.wait_s + self.apply_s + self.codec_s + self.copy_s
     }
 }
 
@@ -77,6 +83,9 @@ pub struct RoundMs {
     /// Encoding pushes and decoding replies.
     #[serde(default)]
     pub codec_ms: f64,
+    /// Copying between the host and the model's tensors.
+    #[serde(default)]
+    pub copy_ms: f64,
     /// The rest of the round (bookkeeping, progress lines).
     pub other_ms: f64,
 }
@@ -92,6 +101,7 @@ impl RoundMs {
             m.wait_ms += p.wait_ms / n;
             m.apply_ms += p.apply_ms / n;
             m.codec_ms += p.codec_ms / n;
+            m.copy_ms += p.copy_ms / n;
             m.other_ms += p.other_ms / n;
         }
         m
@@ -162,6 +172,7 @@ impl ThroughputMeter {
         self.parts.wait_s += split.wait_s;
         self.parts.apply_s += split.apply_s;
         self.parts.codec_s += split.codec_s;
+        self.parts.copy_s += split.copy_s;
     }
 
     /// The summary of worker (`dc`, `rank`); `None` before any round.
@@ -171,7 +182,7 @@ impl ThroughputMeter {
         }
         let per_round = |s: f64| s * 1e3 / self.rounds as f64;
         let p = &self.parts;
-        let parts = p.data_s + p.compute_s + p.wait_s + p.apply_s + p.codec_s;
+        let parts = p.data_s + p.compute_s + p.wait_s + p.apply_s + p.codec_s + p.copy_s;
         Some(WorkerThroughput {
             dc,
             rank,
@@ -189,6 +200,7 @@ impl ThroughputMeter {
                 wait_ms: per_round(p.wait_s),
                 apply_ms: per_round(p.apply_s),
                 codec_ms: per_round(p.codec_s),
+                copy_ms: per_round(p.copy_s),
                 other_ms: per_round((self.wall_s - parts).max(0.0)),
             },
         })
@@ -211,7 +223,7 @@ mod tests {
         let m = Mark::now();
         spin(Duration::from_millis(10));
         {
-            let _c = crate::codec::clock::span();
+            let _c = crate::clock::span();
             spin(Duration::from_millis(20));
         }
         split.charge(StepPart::Wait, m);
@@ -226,6 +238,21 @@ mod tests {
         split.charge(StepPart::Compute, m);
         assert!(split.compute_s >= 0.005, "{split:?}");
         assert_eq!(split.codec_s, codec);
+        assert_eq!(split.copy_s, 0.0);
+        // Copies go to their own part.
+        let (compute, m) = (split.compute_s, Mark::now());
+        {
+            let _c = crate::clock::copy_span();
+            spin(Duration::from_millis(10));
+        }
+        split.charge(StepPart::Compute, m);
+        assert!(split.copy_s >= 0.010, "{split:?}");
+        assert!(split.compute_s - compute < 0.010, "{split:?}");
+        assert_eq!(split.codec_s, codec);
+        assert_eq!(
+            split.booked(),
+            split.wait_s + split.apply_s + split.codec_s + split.copy_s
+        );
     }
 
     #[test]
@@ -239,6 +266,7 @@ mod tests {
             wait_s: w,
             apply_s: a,
             codec_s: a / 2.0,
+            copy_s: a / 4.0,
         };
         m.record(Duration::from_millis(100), split(0.01, 0.05, 0.02, 0.01));
         m.record(Duration::from_millis(300), split(0.03, 0.15, 0.06, 0.03));
@@ -253,7 +281,8 @@ mod tests {
             "{s:?}"
         );
         assert!(close(p.wait_ms, 40.0) && close(p.apply_ms, 20.0), "{s:?}");
-        assert!(close(p.codec_ms, 10.0) && close(p.other_ms, 10.0), "{s:?}");
+        assert!(close(p.codec_ms, 10.0) && close(p.copy_ms, 5.0), "{s:?}");
+        assert!(close(p.other_ms, 5.0), "{s:?}");
         let mut t = s.clone();
         t.samples_per_s = 40.0;
         t.split.compute_ms = 300.0;

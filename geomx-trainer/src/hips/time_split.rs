@@ -3,7 +3,7 @@
 //! (docs/benchmarks.md, "Where each role's round went").
 //!
 //! - **Workers** (one training thread): compute is forward, backward, the local steps and
-//!   updating the replica; codec is encoding pushes and decoding replies; LAN wait is waiting for
+//!   updating the replica, and the copies between the host and the model's tensors; codec is encoding pushes and decoding replies; LAN wait is waiting for
 //!   the local server's replies or averagings (its only peer); idle is waiting for batches and
 //!   the rest of the round.
 //! - **Servers** are measured as processes, whatever their threads do at once: at every moment
@@ -28,7 +28,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::throughput::WorkerThroughput;
-use crate::codec::clock::Mark;
+use crate::clock::Mark;
 
 /// Milliseconds per training round by part (one process, or the mean of a role's processes).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -53,7 +53,7 @@ impl RoleSplit {
         let s = &t.split;
         RoleSplit {
             rounds: t.rounds,
-            compute_ms: s.compute_ms + s.apply_ms,
+            compute_ms: s.compute_ms + s.apply_ms + s.copy_ms,
             codec_ms: s.codec_ms,
             lan_wait_ms: s.wait_ms,
             wan_wait_ms: 0.0,
@@ -190,10 +190,10 @@ impl PhaseClock {
     /// A thread was busy since `since`, less `waited` on the WAN meanwhile: its codec part of
     /// that divides the process's busy time into codec and compute.
     pub fn thread_busy(&self, since: Mark, waited: Duration) {
-        let (wall, codec) = since.elapsed();
+        let spent = since.elapsed();
         self.with(|s| {
-            s.busy_threads += wall.saturating_sub(waited);
-            s.codec_threads += codec;
+            s.busy_threads += spent.wall.saturating_sub(waited);
+            s.codec_threads += spent.codec;
         });
     }
 
@@ -299,7 +299,7 @@ mod tests {
         g.enter(Phase::Busy);
         let m = Mark::now();
         {
-            let _c = crate::codec::clock::span();
+            let _c = crate::clock::span();
             pause();
         }
         pause();
@@ -335,6 +335,7 @@ mod tests {
                 wait_ms: 80.0,
                 apply_ms: 4.0,
                 codec_ms: 10.0,
+                copy_ms: 2.0,
                 other_ms: 5.0,
             },
         };
@@ -347,9 +348,9 @@ mod tests {
                 r.wan_wait_ms,
                 r.idle_ms
             ),
-            (104.0, 10.0, 80.0, 0.0, 6.0)
+            (106.0, 10.0, 80.0, 0.0, 6.0)
         );
-        assert_eq!(r.total_ms(), 200.0);
+        assert_eq!(r.total_ms(), 202.0);
         let m = RoleSplit::mean(&[r, RoleSplit { idle_ms: 16.0, ..r }]).unwrap();
         assert_eq!(m.idle_ms, 11.0);
         assert_eq!(RoleSplit::mean(&[]), None);

@@ -18,7 +18,7 @@ use super::plan::roles;
 use super::throughput::{StepPart, StepSplit, ThroughputMeter};
 use super::worker_tree::{PeerInbox, WorkerTree};
 use super::{JobSpec, RoleStats, RunError};
-use crate::codec::clock::Mark;
+use crate::clock::Mark;
 use crate::codec::down::{decode_dense_segments, split_segments, ReplyMode};
 use crate::codec::{
     count_nonfinite, decode_values, payload_nonfinite, poison_first, KeyCounts, Update,

@@ -104,6 +104,7 @@ impl<'a, 'g> Gate<'a, 'g> {
                 break;
             }
             let started = std::time::Instant::now();
+            let copy = crate::clock::copy_span();
             let values: Vec<&[f32]> = self.params[keys.clone()]
                 .iter()
                 .map(Vec::as_slice)
@@ -116,6 +117,7 @@ impl<'a, 'g> Gate<'a, 'g> {
                     ))),
                 }
             });
+            drop(copy);
             self.load_s += started.elapsed().as_secs_f64();
             if let Err(e) = loaded {
                 self.failed = Some(e);

@@ -188,6 +188,7 @@ impl<'a> Ahead<'a> {
         }
         match self.resident.as_deref_mut() {
             Some(r) => {
+                let _copy = crate::clock::copy_span();
                 // The keys' gradients have arrived, so nothing queued reads their old values.
                 guarded(|| r.preload(first, values, self.copies, false))?
                     .map_err(EngineError::Backend)
@@ -269,8 +270,10 @@ fn fp16_overflows(g: &Tensor, scaling: geomx_kernels::Scaling) -> Result<usize, 
     .map(|n| n.max(0) as usize)
 }
 
-/// Copies a host tensor of `shape` to a libtorch tensor of `kind` on `dev`.
+/// Copies a host tensor of `shape` to a libtorch tensor of `kind` on `dev` (a copy span,
+/// [`crate::clock::copy_span`]).
 fn tensor_of(data: &[f32], shape: &[usize], kind: Kind, dev: tch::Device) -> Tensor {
+    let _copy = crate::clock::copy_span();
     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     Tensor::from_slice(data)
         .reshape(&shape)
@@ -278,8 +281,9 @@ fn tensor_of(data: &[f32], shape: &[usize], kind: Kind, dev: tch::Device) -> Ten
         .to_device(dev)
 }
 
-/// Copies a float tensor (any device) into a host vector.
+/// Copies a float tensor (any device) into a host vector (a copy span).
 fn to_host(t: &Tensor) -> Vec<f32> {
+    let _copy = crate::clock::copy_span();
     let t = t
         .to_device(tch::Device::Cpu)
         .to_kind(Kind::Float)
@@ -428,8 +432,9 @@ impl TchModel {
     }
 
     /// Input images `[n, c, s, s]` and int64 labels of `batch` on `dev`: the batch's staged copy
-    /// ([`TchModel::batch_stager`]) is sent when it has one.
+    /// ([`TchModel::batch_stager`]) is sent when it has one. A copy span.
     fn batch_on(&self, batch: &Samples<'_>, kind: Kind, dev: tch::Device) -> (Tensor, Tensor) {
+        let _copy = crate::clock::copy_span();
         staging::on_device(batch, self.net.image(), kind, dev)
     }
 
@@ -450,6 +455,7 @@ impl TchModel {
         let dev = torch_device(self.device);
         let mut slot = self.resident.try_lock().ok();
         let started = std::time::Instant::now();
+        let copy = crate::clock::copy_span();
         let (p, resident) = match slot.as_deref_mut() {
             Some(r) => {
                 let r = self.resident_in(r, dev)?;
@@ -462,6 +468,7 @@ impl TchModel {
                 None,
             ),
         };
+        drop(copy);
         let load = started.elapsed().as_secs_f64();
         self.load_s
             .store(load.to_bits(), std::sync::atomic::Ordering::Relaxed);
@@ -925,6 +932,7 @@ impl Model for TchModel {
         };
         let mut copier = self.copier();
         let copies = copier.as_deref_mut().and_then(Opened::ready);
+        let _copy = crate::clock::copy_span();
         guarded(|| r.preload(first, values, copies.as_deref(), true))?.map_err(EngineError::Backend)
     }
 
