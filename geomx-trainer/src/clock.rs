@@ -31,8 +31,10 @@ thread_local! {
 /// An open span; its time is added to the thread's total of its kind when the outermost one
 /// drops.
 pub struct Span {
-    /// When the outermost span started, and its kind; `None` for a nested one.
-    start: Option<(Instant, Kind)>,
+    /// When the span started.
+    start: Instant,
+    /// Its kind when it is the outermost span; `None` for a nested one.
+    counts: Option<Kind>,
 }
 
 fn open(kind: Kind) -> Span {
@@ -42,7 +44,8 @@ fn open(kind: Kind) -> Span {
         v
     });
     Span {
-        start: (depth == 0).then(|| (Instant::now(), kind)),
+        start: Instant::now(),
+        counts: (depth == 0).then_some(kind),
     }
 }
 
@@ -56,11 +59,18 @@ pub fn copy_span() -> Span {
     open(Kind::Copy)
 }
 
+impl Span {
+    /// Closes the span; its duration (for a nested span too).
+    pub fn end(self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
 impl Drop for Span {
     fn drop(&mut self) {
         DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
-        if let Some((s, kind)) = self.start {
-            let spent = s.elapsed();
+        if let Some(kind) = self.counts {
+            let spent = self.start.elapsed();
             TOTAL.with(|t| {
                 let mut v = t.get();
                 v[kind as usize] += spent;
@@ -185,6 +195,10 @@ mod tests {
         }
         let s = m.elapsed();
         assert!(s.copy >= Duration::from_millis(15), "{s:?}");
+        // `end` gives the span's own duration.
+        let c = copy_span();
+        busy(Duration::from_millis(5));
+        assert!(c.end() >= Duration::from_millis(5));
         assert_eq!(s.codec, Duration::ZERO);
         // A copy opened inside a codec span adds nothing to the copy total: the codec span
         // has its time.

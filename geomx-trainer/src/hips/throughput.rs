@@ -7,9 +7,8 @@
 //! that as `compute`) and copied parameters, gradients and batches between the host and the
 //! model's tensors (`copy`, [`crate::clock::copy_span`]: the host thread's part of a GPU model's
 //! transfers; none for the built-in engine, which computes on the host vectors). Under HFA and
-//! ESync the local steps count as `compute` and the exchanges
-//! with the coordinator and the averaging as `wait`. Evaluation and checkpoints are not part of
-//! a step.
+//! ESync the local steps count as `compute` and the exchanges with the coordinator and the
+//! averaging as `wait`. Evaluation and checkpoints are not part of a step.
 
 use std::time::Duration;
 

@@ -2,10 +2,10 @@
 //! per training round, for the job report (`role_splits`) and the e2e results
 //! (docs/benchmarks.md, "Where each role's round went").
 //!
-//! - **Workers** (one training thread): compute is forward, backward, the local steps and
-//!   updating the replica, and the copies between the host and the model's tensors; codec is encoding pushes and decoding replies; LAN wait is waiting for
-//!   the local server's replies or averagings (its only peer); idle is waiting for batches and
-//!   the rest of the round.
+//! - **Workers** (one training thread): compute is forward, backward, the local steps, updating
+//!   the replica and the copies between the host and the model's tensors; codec is encoding
+//!   pushes and decoding replies; LAN wait is waiting for the local server's replies or
+//!   averagings (its only peer); idle is waiting for batches and the rest of the round.
 //! - **Servers** are measured as processes, whatever their threads do at once: at every moment
 //!   the process is in the most telling phase any of its threads is in. WAN wait while some
 //!   thread waits on the WAN (a local server's uplink waiting for the global tier's replies,

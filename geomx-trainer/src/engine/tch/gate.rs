@@ -103,7 +103,6 @@ impl<'a, 'g> Gate<'a, 'g> {
                 self.failed = Some(e);
                 break;
             }
-            let started = std::time::Instant::now();
             let copy = crate::clock::copy_span();
             let values: Vec<&[f32]> = self.params[keys.clone()]
                 .iter()
@@ -117,8 +116,7 @@ impl<'a, 'g> Gate<'a, 'g> {
                     ))),
                 }
             });
-            drop(copy);
-            self.load_s += started.elapsed().as_secs_f64();
+            self.load_s += copy.end().as_secs_f64();
             if let Err(e) = loaded {
                 self.failed = Some(e);
             }

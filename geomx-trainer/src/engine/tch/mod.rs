@@ -454,7 +454,6 @@ impl TchModel {
         self.ensure_device()?;
         let dev = torch_device(self.device);
         let mut slot = self.resident.try_lock().ok();
-        let started = std::time::Instant::now();
         let copy = crate::clock::copy_span();
         let (p, resident) = match slot.as_deref_mut() {
             Some(r) => {
@@ -468,8 +467,7 @@ impl TchModel {
                 None,
             ),
         };
-        drop(copy);
-        let load = started.elapsed().as_secs_f64();
+        let load = copy.end().as_secs_f64();
         self.load_s
             .store(load.to_bits(), std::sync::atomic::Ordering::Relaxed);
         f(&p, dev, resident)
